@@ -1,0 +1,217 @@
+"""The method: describe -> resynthesize what is missing -> embed -> compare in CLIP space -> rank."""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from engine.aggregate import aggregate
+from engine.describe import Captioner, clean_prompt
+from engine.embed import Embedder
+from engine.errors import UserError
+from engine.generate import DiffusersGenerator, GenerationParams
+from engine.images import read_image, save_png_atomic
+from index import vectors as vx
+from index.keys import cache_key, normalise_description, sha256_text
+from index.schema import Source
+from index.store import NewImage, Store
+
+
+@dataclass
+class Query:
+    image: Image.Image
+    file_hash: str
+    label: str
+    prompt: str | None = None
+
+    @classmethod
+    def from_path(cls, path: Path, prompt: str | None = None) -> "Query":
+        image, file_hash = read_image(path)
+        return cls(image, file_hash, str(path), clean_prompt(prompt))
+
+
+@dataclass
+class SourceScore:
+    source: str
+    score: float
+    resyntheses: int
+
+
+@dataclass
+class Attribution:
+    query: str
+    description: str
+    description_from: str  # "prompt", "store" (metadata of an identical image) or "caption"
+    predicted: str | None
+    margin: float | None
+    scores: list[SourceScore]
+    missing: list[str]  # sources with no resynthesis of this description (e.g. replay sources)
+    cached: int = 0
+    generated: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Stats:
+    """Counters and per-stage seconds, accumulated over an Attributor's life."""
+
+    cached: int = 0
+    generated: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+
+class Attributor:
+    """Attributes query images to the store's sources; generates only resyntheses not yet cached."""
+
+    def __init__(self, store: Store, embedder: Embedder, generators: dict[str, DiffusersGenerator],
+                 captioner: Captioner | None = None, per_source: int = 2, aggregation: str = "max",
+                 base_seed: int = 0, sources: list[str] | None = None, progress: bool = True):
+        if per_source < 1:
+            raise UserError("--per-source must be at least 1")
+        self.store = store
+        self.embedder = embedder
+        self.generators = generators
+        self.captioner = captioner
+        self.per_source = per_source
+        self.aggregation = aggregation
+        self.seeds = list(range(base_seed, base_seed + per_source))
+        self.progress = progress
+        known = {s.name: s for s in store.sources()}
+        if not known:
+            raise UserError("the store has no sources: add some with `resynth source add` or `resynth ingest`")
+        for name in sources or []:
+            if name not in known:
+                raise UserError(f"unknown source {name!r} (known: {', '.join(sorted(known))})")
+        self.sources: list[Source] = [known[n] for n in (sources or sorted(known))]
+        self.stats = Stats()
+
+    # ----- step 1: describe --------------------------------------------------------------------
+    def describe(self, queries: list[Query]) -> list[tuple[str, str]]:
+        started = time.perf_counter()
+        out: list[tuple[str, str] | None] = []
+        need_caption = []
+        for i, q in enumerate(queries):
+            if q.prompt:
+                out.append((q.prompt, "prompt"))
+            elif (stored := self.store.description_for_file(q.file_hash)) is not None:
+                out.append((stored, "store"))
+            else:
+                out.append(None)
+                need_caption.append(i)
+        if need_caption:
+            if self.captioner is None:
+                first = queries[need_caption[0]].label
+                raise UserError(f"no description for {first}: pass --prompt, or configure a captioner "
+                                "(`resynth init --captioner DIR` or `--captioner DIR`)")
+            captions = self.captioner.caption([queries[i].image for i in need_caption])
+            for i, text in zip(need_caption, captions):
+                out[i] = (text, "caption")
+        self.stats.seconds["describe"] += time.perf_counter() - started
+        return out  # type: ignore[return-value]
+
+    # ----- step 2: resynthesize what is missing ---------------------------------------------
+    def _key(self, source: Source, description_hash: str, seed: int) -> str:
+        return cache_key(description_hash, source.fingerprint, seed, _params_hash(source), self.embedder.identity)
+
+    def ensure_resyntheses(self, descriptions: list[str]) -> dict[str, tuple[int, int]]:
+        """Generate and store every missing (description, source, seed); returns (cached, generated) per text."""
+        counts: dict[str, tuple[int, int]] = {}
+        tasks = []
+        for text in dict.fromkeys(descriptions):
+            digest = sha256_text(normalise_description(text))
+            wanted = {self._key(s, digest, seed): (s, seed) for s in self.sources if s.kind != "replay"
+                      for seed in self.seeds}
+            have = self.store.existing_keys(list(wanted))
+            missing = [(key, *wanted[key]) for key in wanted if key not in have]
+            counts[text] = (len(have), len(missing))
+            by_source: dict[str, list] = defaultdict(list)
+            for key, source, seed in missing:
+                by_source[source.name].append((key, source, seed))
+            tasks += [(text, items) for items in by_source.values()]
+        bar = tqdm(tasks, desc="generating", unit="batch", disable=not self.progress or not tasks, leave=False)
+        for text, items in bar:
+            self._generate_and_store(text, items)
+        for text, (cached, generated) in counts.items():
+            self.stats.cached += cached
+            self.stats.generated += generated
+        return counts
+
+    def _generate_and_store(self, text: str, items: list) -> None:
+        source = items[0][1]
+        generator = self.generators.get(source.name)
+        if generator is None:
+            raise UserError(f"source {source.name!r} has no pipeline loaded")
+        started = time.perf_counter()
+        images = generator.generate(text, [seed for _, _, seed in items])
+        self.stats.seconds["generate"] += time.perf_counter() - started
+        started = time.perf_counter()
+        vectors = self.embedder.embed(images)
+        self.stats.seconds["embed"] += time.perf_counter() - started
+        description_id = self.store.description_id(text)
+        rows = []
+        for (key, _, seed), image, vector in zip(items, images, vectors):
+            relative = Path("images") / source.fingerprint[:16] / key[:2] / f"{key}.png"
+            file_hash = save_png_atomic(image, self.store.root / relative)
+            rows.append(NewImage(key=key, role="resynthesis", source_id=source.id, description_id=description_id,
+                                 file_hash=file_hash, path=relative.as_posix(), vector=vector, seed=seed,
+                                 params_hash=_params_hash(source)))
+        self.store.add_images(rows)
+
+    # ----- steps 3 and 4: embed the queries, compare, rank --------------------------------------
+    def candidates(self, text: str) -> dict[str, list]:
+        """Per source, the stored resyntheses of `text` that count (up to K each)."""
+        digest = sha256_text(normalise_description(text))
+        description_id = self.store.description_id(text)
+        per_source: dict[str, list] = defaultdict(list)
+        by_id = {s.id: s for s in self.sources}
+        rows = self.store.resyntheses(description_id, list(by_id))
+        expected = {self._key(s, digest, seed) for s in self.sources if s.kind != "replay" for seed in self.seeds}
+        for row in rows:
+            source = next(s for s in self.sources if s.name == row.source)
+            if source.kind != "replay" and row.key not in expected:
+                continue  # a stored resynthesis with another seed: not part of this request
+            if len(per_source[row.source]) < self.per_source:
+                per_source[row.source].append(row)
+        return per_source
+
+    def attribute(self, queries: list[Query]) -> list[Attribution]:
+        described = self.describe(queries)
+        counts = self.ensure_resyntheses([text for text, _ in described])
+        started = time.perf_counter()
+        query_vectors = self.embedder.embed([q.image for q in queries])
+        self.stats.seconds["embed"] += time.perf_counter() - started
+        started = time.perf_counter()
+        results = []
+        candidate_cache: dict[str, dict[str, list]] = {}
+        for q, (text, origin), vector in zip(queries, described, query_vectors):
+            if text not in candidate_cache:
+                candidate_cache[text] = self.candidates(text)
+            per_source = {name: [r for r in rows if r.file_hash != q.file_hash]  # an image is no evidence for itself
+                          for name, rows in candidate_cache[text].items()}
+            ids = np.array([r.vector_id for rows in per_source.values() for r in rows], np.int64)
+            sims, found = vx.search_among(self.store.index, vector[None, :], ids)
+            similarity = dict(zip(found[0].tolist(), sims[0].tolist()))
+            scores = [SourceScore(name, aggregate(np.array([similarity[r.vector_id] for r in rows]), self.aggregation),
+                                  len(rows))
+                      for name, rows in per_source.items() if rows]
+            scores.sort(key=lambda s: -s.score)
+            missing = sorted(s.name for s in self.sources if s.name not in {x.source for x in scores})
+            cached, generated = counts[text]
+            results.append(Attribution(
+                query=q.label, description=text, description_from=origin,
+                predicted=scores[0].source if scores else None,
+                margin=(scores[0].score - scores[1].score) if len(scores) > 1 else None,
+                scores=scores, missing=missing, cached=cached, generated=generated))
+        self.stats.seconds["search"] += time.perf_counter() - started
+        return results
+
+
+def _params_hash(source: Source) -> str:
+    return GenerationParams.from_json(source.params_json).hash() if source.kind != "replay" else ""

@@ -1,0 +1,245 @@
+"""`resynth` command line: a thin layer over engine.workspace, engine.ingest and engine.attribute."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from engine.errors import UserError
+
+EPILOG = "Store: --store DIR, else $RESYNTH_STORE, else ./resynth-store. Models are read from local paths only."
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args) or 0
+    except UserError as exc:
+        print(f"resynth: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("resynth: interrupted (everything committed so far is kept)", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--store", help="store directory (default: $RESYNTH_STORE or ./resynth-store)")
+    common.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    parser = argparse.ArgumentParser(
+        prog="resynth", epilog=EPILOG,
+        description="Attribute AI-generated images to the text-to-image generator that made them, by "
+                    "resynthesis: describe the image, regenerate it with every candidate generator, and "
+                    "compare in CLIP space. No training.")
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    p = sub.add_parser("init", parents=[common], help="create a store bound to one CLIP image encoder",
+                       description="Create a store bound to one open_clip image encoder, given as an architecture "
+                                   "name (e.g. ViT-B-32) or a model config JSON, plus a local checkpoint file.")
+    p.add_argument("--clip-model", metavar="ARCH", help="open_clip architecture name, e.g. ViT-L-14-336")
+    p.add_argument("--clip-config", metavar="JSON", help="open_clip model config for a custom architecture")
+    p.add_argument("--clip-checkpoint", metavar="FILE", required=True, help="checkpoint file, e.g. open_clip_pytorch_model.bin")
+    p.add_argument("--clip-layer", type=int, metavar="N",
+                   help="use the class token of transformer block N (1-based) instead of the final embedding")
+    p.add_argument("--captioner", metavar="DIR", help="image-to-text model folder (BLIP, GIT, VisionEncoderDecoder) "
+                                                      "used when a query comes without a prompt")
+    p.set_defaults(run=cmd_init)
+
+    p = sub.add_parser("source", help="add, list or remove candidate generators")
+    source_sub = p.add_subparsers(metavar="ACTION")
+    q = source_sub.add_parser("add", parents=[common], help="register a diffusers text-to-image pipeline folder",
+                              description="Register a diffusers pipeline folder (anything DiffusionPipeline."
+                                          "from_pretrained loads: SD 1.x, SDXL, PixArt, Flux ...) as a source.")
+    q.add_argument("name")
+    q.add_argument("pipeline_dir")
+    q.add_argument("--steps", type=int, default=30, help="inference steps (default 30)")
+    q.add_argument("--guidance", type=float, default=7.0, help="guidance scale (default 7.0)")
+    q.add_argument("--size", type=int, help="square image side in pixels (default: the pipeline's)")
+    q.add_argument("--scheduler", help="diffusers scheduler class name (default: the pipeline's own)")
+    q.add_argument("--negative-prompt", help="negative prompt, where the pipeline takes one")
+    q.set_defaults(run=cmd_source_add)
+    q = source_sub.add_parser("list", parents=[common], help="list sources")
+    q.set_defaults(run=cmd_source_list)
+    q = source_sub.add_parser("remove", parents=[common], help="remove a source with its resyntheses")
+    q.add_argument("name")
+    q.set_defaults(run=cmd_source_remove)
+
+    p = sub.add_parser("ingest", parents=[common], help="import a dataset manifest (CSV or JSONL)",
+                       description="Import originals and resyntheses. Columns: image (path relative to the "
+                                   "manifest), source, description, role (original|resynthesis), optional seed "
+                                   "and original (the original image a resynthesis was made from). Unknown "
+                                   "sources become replay sources. Re-running skips rows already stored.")
+    p.add_argument("manifest")
+    p.set_defaults(run=cmd_ingest)
+
+    p = sub.add_parser("attribute", parents=[common], help="attribute images to sources",
+                       description="Rank every source for each image. Resyntheses already in the store are "
+                                   "reused; missing ones are generated and cached.")
+    p.add_argument("images", nargs="*", metavar="IMAGE")
+    p.add_argument("--prompt", help="the description of the image(s); default: stored metadata, then the captioner")
+    p.add_argument("--queries", metavar="FILE.jsonl", help="rows of {\"image\": PATH, \"prompt\": TEXT}")
+    p.add_argument("--per-source", type=int, default=2, metavar="K", help="resyntheses per source (default 2)")
+    p.add_argument("--aggregation", default="max", choices=["max", "mean", "knn", "softmax"],
+                   help="how K similarities make a source's score (default max: best match)")
+    p.add_argument("--sources", help="comma-separated subset of sources to consider")
+    p.add_argument("--seed", type=int, default=0, help="first generation seed (default 0)")
+    p.add_argument("--captioner", metavar="DIR", help="captioner folder for this run (overrides the store's)")
+    p.set_defaults(run=cmd_attribute)
+
+    p = sub.add_parser("rebuild", parents=[common], help="recreate the FAISS index from stored vectors")
+    p.set_defaults(run=cmd_rebuild)
+    p = sub.add_parser("stats", parents=[common], help="what the store holds")
+    p.set_defaults(run=cmd_stats)
+    p = sub.add_parser("demo", parents=[common], help="run the whole method offline on a tiny model zoo",
+                       description="Build tiny random diffusers pipelines and a tiny CLIP, register them, make a "
+                                   "dataset, ingest it and attribute held-out images. Offline, a few minutes on CPU.")
+    p.add_argument("--workdir", default="resynth-demo", help="where models, dataset and store go (default ./resynth-demo)")
+    p.set_defaults(run=cmd_demo)
+    return parser
+
+
+def _emit(args, data, text: str) -> None:
+    print(json.dumps(data, indent=2, default=str) if args.json else text)
+
+
+def cmd_init(args) -> None:
+    from engine.embed import EmbedderSpec
+    from engine.workspace import init_store, store_path
+
+    if bool(args.clip_model) == bool(args.clip_config):
+        raise UserError("give exactly one of --clip-model ARCH or --clip-config JSON")
+    checkpoint = Path(args.clip_checkpoint).resolve()
+    config = str(Path(args.clip_config).resolve()) if args.clip_config else None
+    spec = EmbedderSpec(arch=args.clip_model or Path(args.clip_config).stem, checkpoint=str(checkpoint),
+                        config=config, layer=args.clip_layer)
+    with init_store(store_path(args.store), spec, args.captioner) as store:
+        _emit(args, store.config, f"store {store.root} bound to {store.embedder_identity} ({store.dim}-d)")
+
+
+def _open(args, writable: bool = True):
+    from engine.workspace import store_path
+    from index.store import Store
+
+    return Store.open(store_path(args.store), writable=writable)
+
+
+def cmd_source_add(args) -> None:
+    from engine.generate import GenerationParams
+    from engine.workspace import add_pipeline_source
+
+    params = GenerationParams(steps=args.steps, guidance=args.guidance, size=args.size, scheduler=args.scheduler,
+                              negative_prompt=args.negative_prompt)
+    with _open(args) as store:
+        info = add_pipeline_source(store, args.name, Path(args.pipeline_dir), params)
+    _emit(args, info, f"added source {info['name']} ({info['path']})")
+
+
+def cmd_source_list(args) -> None:
+    with _open(args, writable=False) as store:
+        rows = [{"name": s.name, "kind": s.kind, "path": s.path, "params": json.loads(s.params_json)}
+                for s in store.sources()]
+    text = "\n".join(f"{r['name']:24} {r['kind']:9} {r['path'] or ''}" for r in rows) or "no sources"
+    _emit(args, rows, text)
+
+
+def cmd_source_remove(args) -> None:
+    with _open(args) as store:
+        dropped = store.remove_source(args.name)
+    _emit(args, {"removed": args.name, "vectors": dropped}, f"removed {args.name} and {dropped} stored vectors")
+
+
+def cmd_ingest(args) -> None:
+    from dataclasses import asdict
+
+    from engine.ingest import ingest
+    from engine.workspace import load_embedder
+
+    with _open(args) as store:
+        report = ingest(store, load_embedder(store), Path(args.manifest), progress=not args.quiet)
+    _emit(args, asdict(report), f"ingested {report.added} images ({report.skipped} already stored) from "
+                                f"{report.rows} rows; new replay sources: {', '.join(report.new_sources) or 'none'}")
+
+
+def _read_queries(args) -> list:
+    from engine.attribute import Query
+
+    queries = [Query.from_path(Path(p), args.prompt) for p in args.images]
+    if args.queries:
+        path = Path(args.queries)
+        if not path.is_file():
+            raise UserError(f"queries file not found: {path}")
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                image = row["image"]
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{path}:{number}: expected {{\"image\": PATH, \"prompt\": TEXT}}") from None
+            prompt = row.get("prompt", row.get("description"))
+            queries.append(Query.from_path(path.parent / image, prompt if prompt is not None else args.prompt))
+    if not queries:
+        raise UserError("nothing to attribute: give IMAGE paths or --queries FILE.jsonl")
+    return queries
+
+
+def cmd_attribute(args) -> None:
+    from engine.attribute import Attributor
+    from engine.workspace import load_captioner, load_embedder, load_generators
+
+    queries = _read_queries(args)
+    with _open(args) as store:
+        attributor = Attributor(
+            store, load_embedder(store), load_generators(store), load_captioner(store, args.captioner),
+            per_source=args.per_source, aggregation=args.aggregation, base_seed=args.seed,
+            sources=[s.strip() for s in args.sources.split(",")] if args.sources else None,
+            progress=not args.quiet)
+        results = attributor.attribute(queries)
+    stats = attributor.stats
+    data = {"results": [r.to_dict() for r in results],
+            "cache": {"cached": stats.cached, "generated": stats.generated},
+            "seconds": {k: round(v, 4) for k, v in stats.seconds.items()}}
+    lines = []
+    for r in results:
+        margin = f", margin {r.margin:.4f}" if r.margin is not None else ""
+        lines.append(f"{r.query}: {r.predicted or 'no source could be scored'}{margin}  "
+                     f"[description from {r.description_from}: {r.description!r}]")
+        lines += [f"  {s.source:24} {s.score:.4f}  ({s.resyntheses} resyntheses)" for s in r.scores]
+        if r.missing:
+            lines.append(f"  not scored (no resynthesis of this description): {', '.join(r.missing)}")
+    lines.append(f"resyntheses: {stats.cached} cached, {stats.generated} generated")
+    _emit(args, data, "\n".join(lines))
+
+
+def cmd_rebuild(args) -> None:
+    with _open(args) as store:
+        count = store.rebuild()
+    _emit(args, {"vectors": count}, f"rebuilt the index from {count} stored vectors")
+
+
+def cmd_stats(args) -> None:
+    with _open(args, writable=False) as store:
+        data = store.stats()
+    lines = [f"store {data['store']}: {data['vectors']} vectors ({data['index_vectors']} in the index), "
+             f"{data['descriptions']} descriptions, embedder {data['embedder']}"]
+    lines += [f"  {name:24} {v['kind']:9} {v['originals']:6} originals {v['resyntheses']:6} resyntheses"
+              for name, v in data["sources"].items()]
+    _emit(args, data, "\n".join(lines))
+
+
+def cmd_demo(args) -> None:
+    from engine.demo import run_demo
+
+    report = run_demo(Path(args.workdir), progress=not args.quiet)
+    _emit(args, report, report["table"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Describers: where a query's text description comes from.
+
+Order of preference for each query: the prompt the caller gave, a description stored for an
+image with the same bytes, then a captioning model loaded from a local folder.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from engine.errors import UserError, first_line
+from index.keys import normalise_description
+
+# transformers model_type -> class that generates text from pixels
+_CAPTIONERS = {
+    "blip": "BlipForConditionalGeneration",
+    "git": "GitForCausalLM",
+    "vision-encoder-decoder": "VisionEncoderDecoderModel",
+}
+
+
+def clean_prompt(text: str | None) -> str | None:
+    """A caller's prompt, normalised; an empty one is a mistake, not "no prompt"."""
+    if text is None:
+        return None
+    normal = normalise_description(text)
+    if not normal:
+        raise UserError("empty prompt: give a description with words in it, or leave --prompt out")
+    return normal
+
+
+class Captioner:
+    """An image-to-text model (BLIP, GIT or VisionEncoderDecoder) from a local folder, loaded lazily."""
+
+    def __init__(self, folder: Path, device: str | None = None, max_new_tokens: int = 40):
+        self.folder = Path(folder)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.max_new_tokens = max_new_tokens
+        config_file = self.folder / "config.json"
+        if not config_file.is_file():
+            raise UserError(f"captioner folder not found or has no config.json: {self.folder}")
+        try:
+            self.model_type = json.loads(config_file.read_text())["model_type"]
+        except (ValueError, KeyError):
+            raise UserError(f"malformed captioner config: {config_file}") from None
+        if self.model_type not in _CAPTIONERS:
+            raise UserError(f"captioner type {self.model_type!r} is not supported "
+                            f"(supported: {', '.join(sorted(_CAPTIONERS))})")
+        self._model = None
+        self.calls = 0
+
+    def _load(self):
+        if self._model is None:
+            import transformers
+
+            try:
+                model_class = getattr(transformers, _CAPTIONERS[self.model_type])
+                self._model = model_class.from_pretrained(self.folder, local_files_only=True).to(self.device).eval()
+                if self.model_type == "vision-encoder-decoder":
+                    self._images = transformers.AutoImageProcessor.from_pretrained(self.folder, local_files_only=True)
+                    self._tokenizer = transformers.AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
+                else:
+                    processor = transformers.AutoProcessor.from_pretrained(self.folder, local_files_only=True)
+                    self._images, self._tokenizer = processor.image_processor, processor.tokenizer
+            except Exception as exc:
+                raise UserError(f"cannot load captioner {self.folder}: {first_line(exc)}") from None
+        return self._model
+
+    @torch.inference_mode()
+    def caption(self, images: list[Image.Image]) -> list[str]:
+        model = self._load()
+        pixels = self._images(images=images, return_tensors="pt")["pixel_values"].to(self.device)
+        tokens = model.generate(pixel_values=pixels, max_new_tokens=self.max_new_tokens, do_sample=False)
+        self.calls += len(images)
+        texts = self._tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        # A caption that decodes to nothing still has to be a usable description.
+        return [normalise_description(t) or "an image" for t in texts]

@@ -1,0 +1,106 @@
+"""CLIP image embedder: an open_clip model from a local checkpoint, final or intermediate layer."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engine.errors import UserError, first_line
+from index.keys import sha256_file
+
+
+@dataclass(frozen=True)
+class EmbedderSpec:
+    """How a user holds CLIP weights: architecture name (or config JSON) + checkpoint file.
+
+    `layer` None means the final projected embedding; an integer L means the class token of
+    transformer block L (1-based), which published work on this task found stronger.
+    """
+
+    arch: str
+    checkpoint: str
+    config: str | None = None
+    layer: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EmbedderSpec":
+        return cls(data["arch"], data["checkpoint"], data.get("config"), data.get("layer"))
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def checkpoint_hash(path: Path, known: dict | None = None) -> str:
+    """sha256 of the checkpoint, reusing `known` (hash, size, mtime) when the file is unchanged."""
+    stat = path.stat()
+    if known and known.get("size") == stat.st_size and known.get("mtime_ns") == stat.st_mtime_ns:
+        return known["sha256"]
+    return sha256_file(path)
+
+
+class Embedder:
+    """Batched, L2-normalised float32 image features; `identity` names model, weights and layer."""
+
+    def __init__(self, spec: EmbedderSpec, device: str | None = None, known_hash: dict | None = None,
+                 batch_size: int = 32):
+        import open_clip
+
+        self.spec = spec
+        self.device = device or default_device()
+        self.batch_size = batch_size
+        checkpoint = Path(spec.checkpoint)
+        if not checkpoint.is_file():
+            raise UserError(f"CLIP checkpoint not found: {checkpoint}")
+        arch = spec.arch
+        if spec.config:
+            config = Path(spec.config)
+            if not config.is_file():
+                raise UserError(f"CLIP model config not found: {config}")
+            try:
+                open_clip.add_model_config(config)
+            except Exception as exc:  # open_clip raises bare exceptions for bad JSON
+                raise UserError(f"malformed CLIP model config {config}: {first_line(exc)}") from None
+            arch = config.stem
+        if arch not in open_clip.list_models():
+            raise UserError(f"unknown CLIP architecture {arch!r} (pass --clip-config for a custom one)")
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                arch, pretrained=str(checkpoint), device=self.device, require_pretrained=True)
+        except Exception as exc:
+            raise UserError(f"cannot load CLIP checkpoint {checkpoint} as {arch}: {first_line(exc)}") from None
+        self.model = model.eval()
+        self.preprocess = preprocess
+        blocks = len(self.model.visual.transformer.resblocks) if hasattr(self.model.visual, "transformer") else None
+        if spec.layer is not None and (blocks is None or not 1 <= spec.layer <= blocks):
+            raise UserError(f"--clip-layer {spec.layer} is out of range for {arch} ({blocks or 0} blocks)")
+        stat = checkpoint.stat()
+        self.checkpoint_sha256 = checkpoint_hash(checkpoint, known_hash)
+        self.hash_record = {"sha256": self.checkpoint_sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        layer = "final" if spec.layer is None else f"block{spec.layer}"
+        self.identity = f"{arch}@{self.checkpoint_sha256[:16]}/{layer}"
+        self.dim = int(self.embed([Image.new("RGB", (8, 8))]).shape[1])
+
+    def describe(self) -> dict:
+        """What the store records about this embedder."""
+        return {**asdict(self.spec), "identity": self.identity, "checkpoint_hash": self.hash_record}
+
+    @torch.inference_mode()
+    def embed(self, images: list[Image.Image]) -> np.ndarray:
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            batch = torch.stack([self.preprocess(im) for im in images[start:start + self.batch_size]]).to(self.device)
+            if self.spec.layer is None:
+                features = self.model.encode_image(batch)
+            else:
+                result = self.model.visual.forward_intermediates(
+                    batch, indices=[self.spec.layer - 1], stop_early=True, intermediates_only=True,
+                    output_extra_tokens=True)
+                features = result["image_intermediates_prefix"][0][:, 0]
+            features = torch.nn.functional.normalize(features.float(), dim=-1)
+            out.append(features.cpu().numpy().astype(np.float32))
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+

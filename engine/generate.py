@@ -1,0 +1,155 @@
+"""Candidate sources: a diffusers text-to-image pipeline folder, or replay of resyntheses on disk."""
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from engine.errors import UserError, first_line
+from index.keys import canonical_json, sha256_text
+
+# Weight files are fingerprinted by name, size and their first and last MiB: reading whole
+# multi-GB checkpoints at every `source add` would be slow, and a changed file changes these.
+_PROBE = 1 << 20
+_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf"}
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Everything besides prompt and seed that changes a generated image (part of the cache key)."""
+
+    steps: int = 30
+    guidance: float = 7.0
+    size: int | None = None  # square side in pixels; None keeps the pipeline's default
+    scheduler: str | None = None  # a diffusers scheduler class name; None keeps the pipeline's own
+    negative_prompt: str | None = None
+
+    def hash(self) -> str:
+        return sha256_text(canonical_json(asdict(self)))
+
+    @classmethod
+    def from_json(cls, text: str) -> "GenerationParams":
+        return cls(**json.loads(text))
+
+
+def fingerprint_folder(folder: Path) -> str:
+    """A content fingerprint of a pipeline folder: configs in full, weights by name, size and ends."""
+    parts = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        rel = path.relative_to(folder).as_posix()
+        if path.suffix in _WEIGHT_SUFFIXES:
+            size = path.stat().st_size
+            with open(path, "rb") as handle:
+                head = handle.read(_PROBE)
+                handle.seek(max(0, size - _PROBE))
+                tail = handle.read(_PROBE)
+            parts.append([rel, size, sha256_text(head.hex() + tail.hex())])
+        elif path.suffix in {".json", ".txt", ".model"}:
+            parts.append([rel, sha256_text(path.read_bytes().hex())])
+    return sha256_text(canonical_json(parts))
+
+
+def source_fingerprint(kind: str, name: str, model_hash: str | None, params: GenerationParams | None) -> str:
+    if kind == "replay":
+        return sha256_text(canonical_json(["replay", name]))
+    return sha256_text(canonical_json([kind, model_hash, asdict(params)]))
+
+
+class DiffusersGenerator:
+    """Any diffusers text-to-image pipeline folder (SD 1.x, SDXL, PixArt, Flux ...), loaded lazily."""
+
+    def __init__(self, name: str, folder: Path, params: GenerationParams, device: str | None = None):
+        self.name = name
+        self.folder = Path(folder)
+        self.params = params
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._pipe = None
+        self.calls = 0  # images generated, counted so tests can prove cache hits
+
+    def load(self):
+        if self._pipe is None:
+            self._pipe = load_pipeline(self.folder, self.params, self.device)
+        return self._pipe
+
+    @torch.inference_mode()
+    def generate(self, prompt: str, seeds: list[int]) -> list[Image.Image]:
+        """One image per seed, each from its own torch.Generator so batching never changes a result."""
+        pipe = self.load()
+        kwargs = {"num_inference_steps": self.params.steps, "guidance_scale": self.params.guidance,
+                  "output_type": "pil"}
+        accepted = inspect.signature(pipe.__call__).parameters
+        if self.params.size:
+            kwargs["height"] = kwargs["width"] = self.params.size
+        if self.params.negative_prompt and "negative_prompt" in accepted:
+            kwargs["negative_prompt"] = [self.params.negative_prompt] * len(seeds)
+        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+        try:
+            images = pipe(prompt=[prompt] * len(seeds), generator=generators, **kwargs).images
+        except Exception as exc:
+            raise UserError(f"source {self.name!r} failed to generate: {first_line(exc)}") from None
+        self.calls += len(images)
+        return [im.convert("RGB") for im in images]
+
+
+def check_pipeline_folder(folder: Path) -> str:
+    """Validate a pipeline folder without loading weights (real ones can exceed RAM in float32).
+
+    Returns the pipeline class name; raises UserError for anything that is not text-to-image.
+    """
+    import diffusers
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"pipeline folder not found: {folder}")
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise UserError(f"not a diffusers pipeline folder (no model_index.json): {folder}")
+    try:
+        index = json.loads(index_file.read_text())
+        class_name = index["_class_name"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"malformed model_index.json in {folder}") from None
+    pipeline_class = getattr(diffusers, str(class_name), None)
+    if pipeline_class is None or not issubclass(pipeline_class, diffusers.DiffusionPipeline):
+        raise UserError(f"{folder}: {class_name!r} is not a diffusers pipeline class")
+    accepted = inspect.signature(pipeline_class.__call__).parameters
+    if "prompt" not in accepted or "image" in accepted:
+        raise UserError(f"{folder} holds a {class_name}, not a text-to-image pipeline")
+    for component, value in index.items():
+        if not component.startswith("_") and isinstance(value, list) and value[0] and not (folder / component).is_dir():
+            raise UserError(f"{folder}: component folder {component!r} is missing")
+    return class_name
+
+
+def load_pipeline(folder: Path, params: GenerationParams, device: str):
+    """Load a pipeline folder the way a user's real checkpoint is loaded; one-line errors if not."""
+    import diffusers
+    from diffusers import DiffusionPipeline
+
+    import transformers
+
+    check_pipeline_folder(folder)
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    try:
+        pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, dtype=dtype)
+    except Exception as exc:
+        raise UserError(f"cannot load pipeline {folder}: {first_line(exc)}") from None
+    check_scheduler(params.scheduler)
+    if params.scheduler:
+        pipe.scheduler = getattr(diffusers, params.scheduler).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def check_scheduler(name: str | None) -> None:
+    import diffusers
+
+    if name and not (name.endswith("Scheduler") and hasattr(getattr(diffusers, name, None), "from_config")):
+        raise UserError(f"unknown scheduler {name!r} (a diffusers class such as DDIMScheduler)")

@@ -1,0 +1,111 @@
+"""Reading dataset manifests (CSV with a header, or JSONL): validated up front, errors name the line."""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.errors import UserError
+from index.keys import normalise_description
+
+ROLES = ("original", "resynthesis")
+REQUIRED = ("image", "source", "description", "role")
+ALIASES = {"path": "image", "prompt": "description", "generator": "source"}
+
+
+@dataclass
+class ManifestRow:
+    line: int
+    image: Path  # resolved against the manifest's folder
+    source: str
+    description: str
+    role: str
+    seed: int | None = None
+    original: Path | None = None  # for a resynthesis: the original image it resynthesizes, if known
+
+
+def read_manifest(path: Path) -> list[ManifestRow]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"manifest not found: {path}")
+    raw = _read_jsonl(path) if path.suffix.lower() in {".jsonl", ".ndjson"} else _read_csv(path)
+    if not raw:
+        raise UserError(f"{path}: manifest has no rows")
+    base = path.parent
+    rows = [_parse(path, line, record, base) for line, record in raw]
+    originals = {r.image for r in rows if r.role == "original"}
+    for row in rows:
+        if row.original is not None and row.original not in originals and not row.original.is_file():
+            raise UserError(f"{path}:{row.line}: original {row.original} is neither in the manifest nor on disk")
+    return rows
+
+
+def _read_csv(path: Path) -> list[tuple[int, dict]]:
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None:
+                return []
+            _check_columns(path, reader.fieldnames)
+            return [(i + 2, row) for i, row in enumerate(reader)]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"{path}: not a readable CSV manifest ({exc})") from None
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    rows = []
+    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except ValueError:
+            raise UserError(f"{path}:{number}: not valid JSON") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{number}: each line must be a JSON object")
+        _check_columns(path, list(record), number)
+        rows.append((number, record))
+    return rows
+
+
+def _canonical(name: str) -> str:
+    name = name.strip().lower()
+    return ALIASES.get(name, name)
+
+
+def _check_columns(path: Path, names: list[str], line: int | None = None) -> None:
+    present = {_canonical(n) for n in names if n}
+    missing = [c for c in REQUIRED if c not in present]
+    if missing:
+        where = f"{path}:{line}" if line else str(path)
+        raise UserError(f"{where}: manifest is missing column(s) {', '.join(missing)} "
+                        f"(needs {', '.join(REQUIRED)}; optional seed, original)")
+
+
+def _parse(path: Path, line: int, record: dict, base: Path) -> ManifestRow:
+    fields = {_canonical(k): (v.strip() if isinstance(v, str) else v) for k, v in record.items() if k}
+    where = f"{path}:{line}"
+    for column in REQUIRED:
+        if fields.get(column) in (None, ""):
+            raise UserError(f"{where}: empty {column}")
+    role = str(fields["role"]).lower()
+    if role not in ROLES:
+        raise UserError(f"{where}: role must be original or resynthesis, not {fields['role']!r}")
+    description = normalise_description(str(fields["description"]))
+    if not description:
+        raise UserError(f"{where}: empty description")
+    seed = fields.get("seed")
+    if seed in (None, ""):
+        seed = None
+    else:
+        try:
+            seed = int(seed)
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: seed must be an integer, not {seed!r}") from None
+    image = (base / str(fields["image"])).resolve()
+    if not image.is_file():
+        raise UserError(f"{where}: image not found: {image}")
+    original = fields.get("original")
+    return ManifestRow(line=line, image=image, source=str(fields["source"]), description=description, role=role,
+                       seed=seed, original=(base / str(original)).resolve() if original else None)
