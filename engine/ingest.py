@@ -11,7 +11,7 @@ from engine.generate import GenerationParams
 from engine.images import read_image
 from engine.manifest import ManifestRow, read_manifest
 from engine.workspace import add_replay_source
-from index.keys import cache_key, canonical_json, normalise_description, sha256_text
+from index.keys import cache_key, canonical_json, normalise_description, sha256_file, sha256_text
 from index.store import NewImage, Store
 
 BATCH = 32  # rows embedded and committed together: a crash loses at most one batch, rerun resumes
@@ -51,39 +51,55 @@ def ingest(store: Store, embedder: Embedder, manifest: Path, progress: bool = Tr
         add_replay_source(store, name)
     sources = {s.name: s for s in store.sources()}
     report = IngestReport(rows=len(rows), new_sources=new_sources)
-    # Originals first, so that resyntheses can be linked to them.
-    ordered = sorted(rows, key=lambda r: (r.role != "original", r.line))
-    original_ids: dict[Path, int] = {}
-    bar = tqdm(total=len(ordered), desc="ingesting", unit="image", disable=not progress)
-    for start in range(0, len(ordered), BATCH):
-        batch = ordered[start:start + BATCH]
-        pending, images = [], []
-        for row in batch:
-            image, file_hash = read_image(row.image)
-            source = sources[row.source]
-            key = row_key(row, source, file_hash, embedder.identity)
-            existing = store.image_id_for_key(key)
-            if existing is not None:
-                report.skipped += 1
-                if row.role == "original":
-                    original_ids[row.image] = existing
-                continue
-            pending.append((row, source, key, file_hash))
-            images.append(image)
-        if pending:
-            vectors = embedder.embed(images)
-            new_rows = [NewImage(key=key, role=row.role, source_id=source.id,
-                                 description_id=store.description_id(row.description), file_hash=file_hash,
-                                 path=str(row.image), vector=vector, seed=row.seed,
-                                 params_hash=_params_hash(row, source),
-                                 original_id=original_ids.get(row.original) if row.original else None)
-                        for (row, source, key, file_hash), vector in zip(pending, vectors)]
-            ids = store.add_images(new_rows)
-            for (row, *_), image_id in zip(pending, ids):
-                if row.role == "original":
-                    original_ids[row.image] = image_id
-            report.added += len(pending)
-            store.save_index()
-        bar.update(len(batch))
+    ids_by_key: dict[str, int | None] = {}  # this run's keys; None while a row is pending in the batch
+    original_keys: dict[Path, str] = {}
+    bar = tqdm(total=len(rows), desc="ingesting", unit="image", disable=not progress)
+    # Originals first, in batches of their own, so that resyntheses can be linked to them.
+    for role in ("original", "resynthesis"):
+        of_role = [r for r in rows if r.role == role]
+        for start in range(0, len(of_role), BATCH):
+            batch = of_role[start:start + BATCH]
+            _ingest_batch(store, embedder, batch, sources, ids_by_key, original_keys, report)
+            bar.update(len(batch))
     bar.close()
     return report
+
+
+def _ingest_batch(store, embedder, batch, sources, ids_by_key, original_keys, report) -> None:
+    pending, images = [], []
+    for row in batch:
+        image, file_hash = read_image(row.image)
+        source = sources[row.source]
+        key = row_key(row, source, file_hash, embedder.identity)
+        if row.role == "original":
+            original_keys[row.image] = key
+        if key not in ids_by_key:
+            ids_by_key[key] = store.image_id_for_key(key)
+            if ids_by_key[key] is None:
+                pending.append((row, source, key, file_hash))
+                images.append(image)
+                continue
+        report.skipped += 1  # stored before, or a duplicate row of this manifest
+    if not pending:
+        return
+    vectors = embedder.embed(images)
+    new_rows = [NewImage(key=key, role=row.role, source_id=source.id,
+                         description_id=store.description_id(row.description), file_hash=file_hash,
+                         path=str(row.image), vector=vector, seed=row.seed, params_hash=_params_hash(row, source),
+                         original_id=_original_id(store, row, ids_by_key, original_keys))
+                for (row, source, key, file_hash), vector in zip(pending, vectors)]
+    for (_, _, key, _), image_id in zip(pending, store.add_images(new_rows)):
+        ids_by_key[key] = image_id
+    report.added += len(pending)
+    store.save_index()
+
+
+def _original_id(store: Store, row: ManifestRow, ids_by_key: dict, original_keys: dict) -> int | None:
+    """The stored original a resynthesis was made from: listed in this manifest, or stored before."""
+    if row.original is None:
+        return None
+    if row.original in original_keys:
+        return ids_by_key.get(original_keys[row.original])
+    if row.original.is_file():
+        return store.original_id_for_file(sha256_file(row.original))
+    return None

@@ -351,6 +351,10 @@ class Store:
         self._dirty = True
         return image_ids
 
+    def original_id_for_file(self, file_hash: str) -> int | None:
+        with self.session() as s:
+            return s.scalar(select(Image.id).where(Image.file_hash == file_hash, Image.role == "original").limit(1))
+
     def image_id_for_key(self, key: str) -> int | None:
         with self.session() as s:
             return s.scalar(select(Image.id).where(Image.key == key))

@@ -1,0 +1,125 @@
+"""Every user mistake gives one line on stderr, a non-zero exit code, and no traceback."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+
+def _fails(capsys, *argv, match: str) -> None:
+    capsys.readouterr()
+    assert run_cli(*argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    last = err.splitlines()[-1]
+    assert last.startswith("resynth: error:") and match in last, err
+
+
+@pytest.fixture
+def image_and_prompt(originals):
+    return originals[0]["image"], originals[0]["prompt"]
+
+
+def test_bad_query_inputs(store_dir, image_and_prompt, capsys, tmp_path):
+    image, prompt = image_and_prompt
+    s = ("--store", store_dir)
+    _fails(capsys, "attribute", tmp_path / "nope.png", "--prompt", "x", *s, match="image not found")
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"this is not a png")
+    _fails(capsys, "attribute", garbage, "--prompt", "x", *s, match="cannot decode image")
+    _fails(capsys, "attribute", image, "--prompt", "   ", *s, match="empty prompt")
+    _fails(capsys, "attribute", image, "--prompt", prompt, "--sources", "midjourney", *s, match="unknown source")
+    _fails(capsys, "attribute", image, *s, match="no description")
+    _fails(capsys, "attribute", *s, match="nothing to attribute")
+    bad_queries = tmp_path / "q.jsonl"
+    bad_queries.write_text('{"img": "a.png"}\n')
+    _fails(capsys, "attribute", "--queries", bad_queries, *s, match="q.jsonl:1")
+    _fails(capsys, "attribute", image, "--prompt", "x", "--per-source", "0", *s, match="--per-source")
+    _fails(capsys, "source", "remove", "midjourney", *s, match="unknown source")
+    _fails(capsys, "stats", "--store", tmp_path / "no-store", match="no store at")
+
+
+def test_bad_model_folders(store_dir, models, capsys, tmp_path, copy_of):
+    s = ("--store", store_dir)
+    _fails(capsys, "source", "add", "x", tmp_path / "missing", *s, match="pipeline folder not found")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _fails(capsys, "source", "add", "x", empty, *s, match="no model_index.json")
+    broken = copy_of(next(iter(models["pipelines"].values())), "broken")
+    (broken / "model_index.json").write_text("{not json")
+    _fails(capsys, "source", "add", "x", broken, *s, match="malformed model_index.json")
+    name, folder = next(iter(models["pipelines"].items()))
+    _fails(capsys, "source", "add", name, folder, *s, match="already exists")
+    _fails(capsys, "source", "add", "y", folder, "--scheduler", "NoSuchScheduler", *s, match="unknown scheduler")
+    # A folder that passes the structural check but whose weights are corrupt fails at generation time.
+    corrupt = copy_of(folder, "corrupt")
+    for weights in corrupt.rglob("*.safetensors"):
+        weights.write_bytes(b"\0" * 64)
+    assert run_cli("source", "add", "corrupt", corrupt, *s, "--steps", "2") == 0
+    image = tmp_path / "q.png"
+    from PIL import Image
+    Image.new("RGB", (32, 32)).save(image)
+    _fails(capsys, "attribute", image, "--prompt", "new words", "--sources", "corrupt", *s, match="cannot load pipeline")
+
+
+def test_bad_clip_and_store_binding(models, capsys, tmp_path, copy_of):
+    store = tmp_path / "store"
+    cfg, ckpt = models["clip_config"], models["clip_checkpoint"]
+    _fails(capsys, "init", "--store", store, "--clip-config", cfg, "--clip-checkpoint", tmp_path / "none.bin",
+           match="CLIP checkpoint not found")
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"not a checkpoint")
+    _fails(capsys, "init", "--store", store, "--clip-config", cfg, "--clip-checkpoint", junk,
+           match="cannot load CLIP checkpoint")
+    _fails(capsys, "init", "--store", store, "--clip-model", "NoSuchArch", "--clip-checkpoint", ckpt,
+           match="unknown CLIP architecture")
+    _fails(capsys, "init", "--store", store, "--clip-config", cfg, "--clip-checkpoint", ckpt, "--clip-layer", "99",
+           match="out of range")
+    _fails(capsys, "init", "--store", store, "--clip-checkpoint", ckpt, match="exactly one of")
+    assert run_cli("init", "--store", store, "--clip-config", cfg, "--clip-checkpoint", ckpt) == 0
+    # Same store, another embedder (intermediate layer): refused.
+    _fails(capsys, "init", "--store", store, "--clip-config", cfg, "--clip-checkpoint", ckpt, "--clip-layer", "2",
+           match="already bound")
+    # The checkpoint the store is bound to changes on disk: refused at use.
+    moved = copy_of(ckpt, "ckpt.bin")
+    other = tmp_path / "store2"
+    assert run_cli("init", "--store", other, "--clip-config", cfg, "--clip-checkpoint", moved) == 0
+    import torch
+    state = torch.load(moved)
+    next(iter(state.values())).add_(1.0)
+    torch.save(state, moved)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"image,source,description,role\n{moved},a,b,original\n")
+    _fails(capsys, "ingest", manifest, "--store", other, match="is bound to embedder")
+
+
+def test_bad_manifests(store_dir, originals, capsys, tmp_path):
+    s = ("--store", store_dir)
+    image = originals[0]["image"]
+    cases = {
+        "missing.csv": (f"image,source\n{image},a\n", "missing column(s) description, role"),
+        "role.csv": (f"image,source,description,role\n{image},a,b,copy\n", "role must be"),
+        "empty-desc.csv": (f"image,source,description,role\n{image},a,  ,original\n", "empty description"),
+        "seed.csv": (f"image,source,description,role,seed\n{image},a,b,original,x\n", "seed must be an integer"),
+        "noimage.csv": ("image,source,description,role\nnope.png,a,b,original\n", "image not found"),
+        "bad.jsonl": ('{"image": 1\n', "not valid JSON"),
+        "empty.csv": ("", "no rows"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        _fails(capsys, "ingest", tmp_path / name, *s, match=message)
+    _fails(capsys, "ingest", tmp_path / "none.csv", *s, match="manifest not found")
+
+
+def test_console_script_help_and_error_exit():
+    """The installed entry point: --help explains, a mistake exits non-zero with one line."""
+    out = subprocess.run([sys.executable, "-m", "engine.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "resynthesis" in out.stdout and "attribute" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "engine.cli", "stats", "--store", "/nonexistent/x", "--json"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "no store at" in out.stderr

@@ -1,0 +1,51 @@
+"""Small pieces of the method, checked on hand-computed examples."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.aggregate import aggregate
+from engine.embed import Embedder, EmbedderSpec
+from engine.generate import DiffusersGenerator, GenerationParams
+from index.keys import normalise_description
+
+
+def test_aggregations_by_hand():
+    sims = np.array([0.2, 0.9, 0.5, 0.4])
+    assert aggregate(sims, "max") == pytest.approx(0.9)
+    assert aggregate(sims, "mean") == pytest.approx(0.5)
+    assert aggregate(sims, "knn") == pytest.approx((0.9 + 0.5 + 0.4) / 3)
+    w = np.exp((sims - 0.9) / 0.05)
+    assert aggregate(sims, "softmax") == pytest.approx((w * sims).sum() / w.sum())
+    assert aggregate(np.array([0.3]), "knn") == pytest.approx(0.3)
+    with pytest.raises(ValueError):
+        aggregate(sims, "median")
+
+
+def test_description_normalisation():
+    assert normalise_description("  a  portrait\n of\tX ") == "a portrait of X"
+    assert normalise_description("Cafe\u0301") == normalise_description("Caf\u00e9")
+
+
+def test_embedder_final_and_intermediate_layer(models):
+    final = Embedder(EmbedderSpec("tiny-clip", str(models["clip_checkpoint"]), str(models["clip_config"])))
+    middle = Embedder(EmbedderSpec("tiny-clip", str(models["clip_checkpoint"]), str(models["clip_config"]), layer=2))
+    images = [Image.new("RGB", (64, 64), c) for c in ("red", "blue", "white")]
+    a, b = final.embed(images), middle.embed(images)
+    assert a.dtype == np.float32 and np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
+    assert np.allclose(np.linalg.norm(b, axis=1), 1, atol=1e-5)
+    assert final.identity != middle.identity and final.identity.endswith("/final")
+    assert b.shape[1] == 64 and not np.allclose(a, b)
+    assert np.allclose(final.embed(images[:1]), a[:1], atol=1e-5)  # batching does not change a vector
+
+
+def test_generation_is_seeded_and_batch_independent(models):
+    name, folder = next(iter(models["pipelines"].items()))
+    generator = DiffusersGenerator(name, folder, GenerationParams(steps=2))
+    batch = generator.generate("a portrait", [3, 4])
+    single = generator.generate("a portrait", [4])[0]
+    diff = np.abs(np.asarray(batch[1], np.int16) - np.asarray(single, np.int16)).max()
+    assert diff <= 1 and batch[0].size == (64, 64)
+    assert np.abs(np.asarray(batch[0], np.int16) - np.asarray(single, np.int16)).max() > 10
+    assert generator.calls == 3

@@ -1,0 +1,170 @@
+"""The store: round trips, rebuild, ingest idempotence, and agreement after crashes."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from index import vectors as vx
+from index.store import NewImage, Store
+from tests.conftest import run_cli
+
+DIM = 8
+
+
+def _store(tmp_path: Path) -> Store:
+    return Store.create(tmp_path / "s", {"identity": "test-embedder", "arch": "x", "checkpoint": "x"}, DIM)
+
+
+def _rows(store: Store, n: int, start: int = 0, seed: int = 0) -> list[NewImage]:
+    source = store.sources()[0] if store.sources() else store.add_source("a", "replay", "fp")
+    desc = store.description_id("a prompt")
+    rng = np.random.default_rng(seed)
+    vecs = rng.normal(size=(n, DIM)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    return [NewImage(key=f"k{start + i}", role="resynthesis", source_id=source.id, description_id=desc,
+                     file_hash=f"h{start + i}", path=f"p{start + i}", vector=v, seed=start + i)
+            for i, v in enumerate(vecs)]
+
+
+def _agree(store: Store) -> bool:
+    return np.array_equal(np.sort(vx.index_ids(store.index)), store._db_vector_ids())
+
+
+def test_round_trip_and_rebuild(tmp_path):
+    with _store(tmp_path) as store:
+        rows = _rows(store, 50)
+        store.add_images(rows)
+        ids = store._db_vector_ids()
+        sims, found = vx.search_among(store.index, rows[0].vector[None], ids[:10])
+    with Store.open(tmp_path / "s") as store:
+        assert store.open_report.added == 0 and not store.open_report.rebuilt
+        assert store.index.ntotal == 50 and _agree(store)
+        again = vx.search_among(store.index, rows[0].vector[None], ids[:10])
+        assert np.array_equal(found, again[1]) and np.allclose(sims, again[0])
+        assert found[0, 0] == ids[0] and np.isclose(sims[0, 0], 1.0, atol=1e-5)  # itself, first
+        assert set(found[0]) == set(ids[:10])  # the selector keeps exactly the candidates
+        before = vx.index_ids(store.index)
+        assert store.rebuild() == 50
+        assert np.array_equal(np.sort(before), np.sort(vx.index_ids(store.index)))
+        assert np.allclose(vx.search_among(store.index, rows[0].vector[None], ids[:10])[0], sims)
+
+
+def test_index_behind_database_is_repaired(tmp_path):
+    """Crash after the database commit, before the index file was saved."""
+    with _store(tmp_path) as store:
+        store.add_images(_rows(store, 20))
+    store = Store.open(tmp_path / "s")
+    store.add_images(_rows(store, 7, start=20, seed=1))
+    store._dirty = False  # simulate dying here: the committed rows never reach the FAISS file
+    store.close()
+    with Store.open(tmp_path / "s") as store:
+        assert store.open_report.added == 7 and store.index.ntotal == 27 and _agree(store)
+
+
+def test_index_ahead_of_database_is_repaired(tmp_path):
+    """Crash after a delete committed in the database, before the index was saved."""
+    with _store(tmp_path) as store:
+        store.add_images(_rows(store, 20))
+        store.save_index()
+        saved = (tmp_path / "s" / "vectors.faiss").read_bytes()
+        store.remove_source("a")
+    (tmp_path / "s" / "vectors.faiss").write_bytes(saved)  # the old, larger index survives the "crash"
+    with Store.open(tmp_path / "s") as store:
+        assert store.open_report.removed == 20 and store.index.ntotal == 0 and _agree(store)
+
+
+def test_torn_or_missing_index_file_is_rebuilt(tmp_path):
+    with _store(tmp_path) as store:
+        store.add_images(_rows(store, 30))
+    path = tmp_path / "s" / "vectors.faiss"
+    path.write_bytes(path.read_bytes()[:100])  # torn write (what atomic publish prevents)
+    with Store.open(tmp_path / "s") as store:
+        assert store.open_report.rebuilt and store.index.ntotal == 30 and _agree(store)
+    path.unlink()
+    with Store.open(tmp_path / "s", writable=False) as store:
+        assert store.open_report.rebuilt and store.index.ntotal == 30
+    assert not path.exists()  # a read-only open repairs in memory and writes nothing
+
+
+def test_deleted_ids_are_never_reused(tmp_path):
+    with _store(tmp_path) as store:
+        store.add_images(_rows(store, 5))
+        first = set(store._db_vector_ids().tolist())
+        store.remove_source("a")
+        store.add_images(_rows(store, 5, start=5))
+        assert not first & set(store._db_vector_ids().tolist())
+
+
+def test_ingest_is_idempotent_and_links_originals(models, originals, tmp_path):
+    store = tmp_path / "store"
+    assert run_cli("init", "--store", store, "--clip-config", models["clip_config"],
+                   "--clip-checkpoint", models["clip_checkpoint"]) == 0
+    lines = ["image,source,description,role,original"]
+    first, second = originals[0], originals[5]
+    lines.append(f"{first['image']},genA,{first['prompt']},original,")
+    lines.append(f"{second['image']},genB,{first['prompt']},resynthesis,{first['image']}")
+    lines.append(f"{second['image']},genB,{first['prompt']},resynthesis,{first['image']}")  # duplicate row
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    from engine.ingest import ingest
+    from engine.workspace import load_embedder
+    from index.schema import Image
+
+    with Store.open(store) as opened:
+        embedder = load_embedder(opened)
+        report = ingest(opened, embedder, manifest, progress=False)
+        assert (report.added, report.skipped, report.new_sources) == (2, 1, ["genA", "genB"])
+        again = ingest(opened, embedder, manifest, progress=False)
+        assert (again.added, again.skipped) == (0, 3)
+        with opened.session() as s:
+            images = {i.role: i for i in s.query(Image)}
+        assert images["resynthesis"].original_id == images["original"].id
+        assert opened.stats()["vectors"] == 2
+
+
+def _write_big_manifest(originals, tmp_path: Path, copies: int) -> Path:
+    from PIL import Image as PILImage
+
+    lines = ["image,source,description,role,seed"]
+    for c in range(copies):
+        for i, o in enumerate(originals):
+            path = tmp_path / "big" / f"{c}-{i}.png"
+            path.parent.mkdir(exist_ok=True)
+            image = PILImage.open(o["image"]).convert("RGB")
+            image.putpixel((0, 0), (c % 256, c // 256, i))  # distinct bytes per copy
+            image.save(path)
+            lines.append(f"big/{path.name},gen-{o['source']},{o['prompt']},resynthesis,{c}")
+    manifest = tmp_path / "big.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def test_kill_during_ingest_leaves_store_consistent(models, originals, tmp_path):
+    store = tmp_path / "store"
+    assert run_cli("init", "--store", store, "--clip-config", models["clip_config"],
+                   "--clip-checkpoint", models["clip_checkpoint"]) == 0
+    manifest = _write_big_manifest(originals, tmp_path, copies=40)  # 800 rows
+    cmd = [sys.executable, "-m", "engine.cli", "ingest", str(manifest), "--store", str(store), "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:  # wait for some committed batches, then kill -9
+        with Store.open(store, writable=False) as peek:
+            if peek.stats()["vectors"] >= 64:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, "ingest finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with Store.open(store) as opened:
+        assert _agree(opened)
+        partial = opened.stats()["vectors"]
+        assert 0 < partial < 800
+    assert run_cli("ingest", manifest, "--store", store, "--quiet") == 0  # resumes
+    with Store.open(store) as opened:
+        assert opened.stats()["vectors"] == 800 and _agree(opened)
