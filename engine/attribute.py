@@ -16,7 +16,6 @@ from engine.embed import Embedder
 from engine.errors import UserError
 from engine.generate import DiffusersGenerator, GenerationParams
 from engine.images import read_image, save_png_atomic
-from index import vectors as vx
 from index.keys import cache_key, normalise_description, sha256_text
 from index.schema import Source
 from index.store import NewImage, Store
@@ -196,7 +195,7 @@ class Attributor:
             per_source = {name: [r for r in rows if r.file_hash != q.file_hash]  # an image is no evidence for itself
                           for name, rows in candidate_cache[text].items()}
             ids = np.array([r.vector_id for rows in per_source.values() for r in rows], np.int64)
-            sims, found = vx.search_among(self.store.index, vector[None, :], ids)
+            sims, found = self.store.search(vector[None, :], ids)
             similarity = dict(zip(found[0].tolist(), sims[0].tolist()))
             scores = [SourceScore(name, aggregate(np.array([similarity[r.vector_id] for r in rows]), self.aggregation),
                                   len(rows))

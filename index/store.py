@@ -4,14 +4,17 @@ Write order: image file, then one database transaction (image + vector rows), th
 FAISS index, saved atomically at the end of each batch. A crash can therefore only leave the FAISS
 file *behind* the database (or ahead of it after a delete); `open` compares id sets and repairs
 the index from the stored vectors, so the two never disagree when anyone reads them.
+
+Several processes may use one store: SQLite serialises their writes, each keeps its own in-memory
+index, and a search that meets a vector another process committed loads it from the database.
+Within a process, a lock keeps FAISS searches apart from index mutation (FAISS is not safe there).
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
-import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,15 +96,14 @@ class Store:
         self.writable = writable
         self.embedder_identity: str = config["embedder"]["identity"]
         self.dim: int = int(config["dim"])
-        self._lock_handle = None
-        if writable:
-            self._acquire_lock()
+        self._index_lock = threading.RLock()
         self.engine = create_engine(f"sqlite:///{root / DB_NAME}")
         event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
         self.session_factory = sessionmaker(self.engine, expire_on_commit=False)
         self._dirty = False
         self.index, self.open_report = self._load_verified_index()
+        self._file_state = _file_state(self.index_path)
 
     # ----- lifecycle -------------------------------------------------------------------------
     @classmethod
@@ -138,23 +140,10 @@ class Store:
         self.config.update(changes)
         write_json_atomic(self.root / CONFIG_NAME, self.config)
 
-    def _acquire_lock(self) -> None:
-        """One writer per store: a second writing process waits here instead of racing the index file."""
-        self._lock_handle = open(self.root / ".lock", "w")
-        try:
-            fcntl.flock(self._lock_handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"resynth: waiting for another process writing to {self.root}", file=sys.stderr)
-            fcntl.flock(self._lock_handle, fcntl.LOCK_EX)
-
     def close(self) -> None:
         if self.writable and self._dirty:
             self.save_index()
         self.engine.dispose()
-        if self._lock_handle is not None:
-            fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
-            self._lock_handle.close()
-            self._lock_handle = None
 
     def __enter__(self) -> "Store":
         return self
@@ -177,18 +166,21 @@ class Store:
 
     def _stored_vectors(self, ids: np.ndarray | None = None, batch: int = 10000):
         """Yield (ids, matrix) batches from the database, for rebuilding without re-embedding."""
-        query = select(Vector.id, Vector.data).where(Vector.embedder == self.embedder_identity).order_by(Vector.id)
-        wanted = None if ids is None else set(ids.tolist())
+        base = select(Vector.id, Vector.data).where(Vector.embedder == self.embedder_identity).order_by(Vector.id)
+        if ids is None:
+            queries = [base]
+        else:
+            wanted = [int(i) for i in ids]
+            queries = [base.where(Vector.id.in_(wanted[k:k + 500])) for k in range(0, len(wanted), 500)]
         with self.session() as s:
             chunk_ids, chunk = [], []
-            for vid, data in s.execute(query).yield_per(batch):
-                if wanted is not None and vid not in wanted:
-                    continue
-                chunk_ids.append(vid)
-                chunk.append(np.frombuffer(data, dtype=np.float32))
-                if len(chunk) == batch:
-                    yield np.array(chunk_ids, np.int64), np.stack(chunk)
-                    chunk_ids, chunk = [], []
+            for query in queries:
+                for vid, data in s.execute(query).yield_per(batch):
+                    chunk_ids.append(vid)
+                    chunk.append(np.frombuffer(data, dtype=np.float32))
+                    if len(chunk) == batch:
+                        yield np.array(chunk_ids, np.int64), np.stack(chunk)
+                        chunk_ids, chunk = [], []
             if chunk:
                 yield np.array(chunk_ids, np.int64), np.stack(chunk)
 
@@ -226,16 +218,45 @@ class Store:
         return index
 
     def save_index(self) -> None:
-        vx.write_atomic(self.index, self.index_path)
-        self._dirty = False
+        with self._index_lock:
+            vx.write_atomic(self.index, self.index_path)
+            self._file_state = _file_state(self.index_path)
+            self._dirty = False
 
     def rebuild(self) -> int:
         """Recreate the FAISS index from stored vectors and swap it in atomically; returns its size."""
         fresh = self._rebuild_from_db()
-        vx.write_atomic(fresh, self.index_path)
-        self.index = fresh
-        self._dirty = False
+        with self._index_lock:
+            vx.write_atomic(fresh, self.index_path)
+            self.index = fresh
+            self._file_state = _file_state(self.index_path)
+            self._dirty = False
         return int(fresh.ntotal)
+
+    def refresh(self) -> bool:
+        """Swap in the index file if another process replaced it (e.g. `resynth rebuild`); True if so."""
+        state = _file_state(self.index_path)
+        if state is None or state == self._file_state:
+            return False
+        index, report = self._load_verified_index()
+        with self._index_lock:
+            self.index, self.open_report = index, report
+            self._file_state = state
+        return True
+
+    def search(self, queries: np.ndarray, candidate_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Similarities of each query to exactly the candidates; loads candidates committed elsewhere."""
+        with self._index_lock:
+            sims, found = vx.search_among(self.index, queries, candidate_ids)
+        absent = np.setdiff1d(candidate_ids, found[found >= 0]) if len(candidate_ids) else candidate_ids
+        if len(absent):  # committed by another process after this one loaded its index
+            for ids, matrix in self._stored_vectors(absent):
+                with self._index_lock:
+                    self.index.add_with_ids(matrix, ids)
+                    self._dirty = True
+            with self._index_lock:
+                sims, found = vx.search_among(self.index, queries, candidate_ids)
+        return sims, found
 
     # ----- sources ---------------------------------------------------------------------------
     def add_source(self, name: str, kind: str, fingerprint: str, path: str | None = None,
@@ -274,7 +295,8 @@ class Store:
             s.execute(delete(Source).where(Source.id == source.id))
             s.commit()
         if len(vector_ids):
-            self.index.remove_ids(vector_ids)
+            with self._index_lock:
+                self.index.remove_ids(vector_ids)
             self.save_index()
         shutil.rmtree(self.root / "images" / source.fingerprint[:16], ignore_errors=True)
         return len(vector_ids)
@@ -347,8 +369,9 @@ class Store:
             s.flush()
             ids = np.array([v.id for v in vectors], np.int64)
             s.commit()
-        self.index.add_with_ids(matrix, ids)
-        self._dirty = True
+        with self._index_lock:
+            self.index.add_with_ids(matrix, ids)
+            self._dirty = True
         return image_ids
 
     def original_id_for_file(self, file_hash: str) -> int | None:
@@ -382,3 +405,10 @@ class Store:
                 "sources": sources, "descriptions": descriptions, "vectors": vectors,
                 "index_vectors": int(self.index.ntotal)}
 
+
+def _file_state(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns

@@ -168,3 +168,22 @@ def test_kill_during_ingest_leaves_store_consistent(models, originals, tmp_path)
     assert run_cli("ingest", manifest, "--store", store, "--quiet") == 0  # resumes
     with Store.open(store) as opened:
         assert opened.stats()["vectors"] == 800 and _agree(opened)
+
+
+def test_two_processes_share_a_store(tmp_path):
+    """A vector committed by another process after this one opened is found by search, not lost."""
+    with _store(tmp_path) as first:
+        rows = _rows(first, 3)
+        first.add_images(rows)
+        with Store.open(tmp_path / "s") as second:
+            later = _rows(second, 4, start=3, seed=2)
+            second.add_images(later)
+            second.save_index()
+            assert first.refresh()  # the file changed under `first`: swapped in, verified
+            assert first.index.ntotal == 7
+        more = _rows(first, 2, start=7, seed=3)
+        with Store.open(tmp_path / "s") as third:
+            third.add_images(more)  # committed, but `first` never reloads
+        ids = first._db_vector_ids()
+        sims, found = first.search(more[0].vector[None], ids)
+        assert set(found[0]) == set(ids) and np.isclose(sims[0].max(), 1.0, atol=1e-5)
