@@ -11,6 +11,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from engine.aggregate import aggregate
+from engine.calibration import Calibration
 from engine.describe import Captioner, clean_prompt
 from engine.embed import Embedder
 from engine.errors import UserError
@@ -39,6 +40,7 @@ class SourceScore:
     source: str
     score: float
     resyntheses: int
+    probability: float = 0.0
 
 
 @dataclass
@@ -50,6 +52,8 @@ class Attribution:
     margin: float | None
     scores: list[SourceScore]
     missing: list[str]  # sources with no resynthesis of this description (e.g. replay sources)
+    unknown: bool = False  # best score below that source's calibrated acceptance threshold
+    calibrated: bool = False  # probabilities come from a fitted temperature
     cached: int = 0
     generated: int = 0
 
@@ -89,6 +93,7 @@ class Attributor:
             if name not in known:
                 raise UserError(f"unknown source {name!r} (known: {', '.join(sorted(known))})")
         self.sources: list[Source] = [known[n] for n in (sources or sorted(known))]
+        self.calibration = Calibration.from_dict(store.config.get("calibration"))
         self.stats = Stats()
 
     # ----- step 1: describe --------------------------------------------------------------------
@@ -180,36 +185,46 @@ class Attributor:
                 per_source[row.source].append(row)
         return per_source
 
+    def embed_queries(self, queries: list[Query]) -> np.ndarray:
+        started = time.perf_counter()
+        vectors = self.embedder.embed([q.image for q in queries])
+        self.stats.seconds["embed"] += time.perf_counter() - started
+        return vectors
+
+    def score(self, query: Query, text: str, origin: str, vector: np.ndarray,
+              counts: tuple[int, int] = (0, 0), candidates: dict[str, list] | None = None) -> Attribution:
+        """Rank the sources for one embedded query whose resyntheses are already stored."""
+        started = time.perf_counter()
+        per_source = {name: [r for r in rows if r.file_hash != query.file_hash]  # no image is evidence for itself
+                      for name, rows in (candidates if candidates is not None else self.candidates(text)).items()}
+        ids = np.array([r.vector_id for rows in per_source.values() for r in rows], np.int64)
+        sims, found = self.store.search(vector[None, :], ids)
+        similarity = dict(zip(found[0].tolist(), sims[0].tolist()))
+        scores = [SourceScore(name, aggregate(np.array([similarity[r.vector_id] for r in rows]), self.aggregation),
+                              len(rows))
+                  for name, rows in per_source.items() if rows]
+        scores.sort(key=lambda s: -s.score)
+        probabilities = self.calibration.probabilities({s.source: s.score for s in scores})
+        for s in scores:
+            s.probability = probabilities[s.source]
+        best = scores[0] if scores else None
+        self.stats.seconds["search"] += time.perf_counter() - started
+        return Attribution(
+            query=query.label, description=text, description_from=origin,
+            predicted=best.source if best else None,
+            margin=(scores[0].score - scores[1].score) if len(scores) > 1 else None,
+            scores=scores, missing=sorted({s.name for s in self.sources} - {x.source for x in scores}),
+            unknown=self.calibration.is_unknown(best.source if best else None, best.score if best else None),
+            calibrated=self.calibration.fitted, cached=counts[0], generated=counts[1])
+
     def attribute(self, queries: list[Query]) -> list[Attribution]:
+        """All four steps for a batch: queries sharing a description share its resyntheses."""
         described = self.describe(queries)
         counts = self.ensure_resyntheses([text for text, _ in described])
-        started = time.perf_counter()
-        query_vectors = self.embedder.embed([q.image for q in queries])
-        self.stats.seconds["embed"] += time.perf_counter() - started
-        started = time.perf_counter()
-        results = []
-        candidate_cache: dict[str, dict[str, list]] = {}
-        for q, (text, origin), vector in zip(queries, described, query_vectors):
-            if text not in candidate_cache:
-                candidate_cache[text] = self.candidates(text)
-            per_source = {name: [r for r in rows if r.file_hash != q.file_hash]  # an image is no evidence for itself
-                          for name, rows in candidate_cache[text].items()}
-            ids = np.array([r.vector_id for rows in per_source.values() for r in rows], np.int64)
-            sims, found = self.store.search(vector[None, :], ids)
-            similarity = dict(zip(found[0].tolist(), sims[0].tolist()))
-            scores = [SourceScore(name, aggregate(np.array([similarity[r.vector_id] for r in rows]), self.aggregation),
-                                  len(rows))
-                      for name, rows in per_source.items() if rows]
-            scores.sort(key=lambda s: -s.score)
-            missing = sorted(s.name for s in self.sources if s.name not in {x.source for x in scores})
-            cached, generated = counts[text]
-            results.append(Attribution(
-                query=q.label, description=text, description_from=origin,
-                predicted=scores[0].source if scores else None,
-                margin=(scores[0].score - scores[1].score) if len(scores) > 1 else None,
-                scores=scores, missing=missing, cached=cached, generated=generated))
-        self.stats.seconds["search"] += time.perf_counter() - started
-        return results
+        vectors = self.embed_queries(queries)
+        candidates = {text: self.candidates(text) for text in counts}
+        return [self.score(q, text, origin, vector, counts[text], candidates[text])
+                for q, (text, origin), vector in zip(queries, described, vectors)]
 
 
 def _params_hash(source: Source) -> str:

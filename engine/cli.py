@@ -102,7 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "dataset, ingest it and attribute held-out images. Offline, a few minutes on CPU.")
     p.add_argument("--workdir", default="resynth-demo", help="where models, dataset and store go (default ./resynth-demo)")
     p.set_defaults(run=cmd_demo)
+    for register in _extension_commands():
+        register(sub, common)
     return parser
+
+
+def _extension_commands():
+    """Command groups that live beside their code (evaluation, service): each adds its subparsers."""
+    from engine.evaluation.commands import register as evaluation
+    from engine.service.commands import register as service
+
+    return [evaluation, service]
 
 
 def _emit(args, data, text: str) -> None:
@@ -209,9 +219,13 @@ def cmd_attribute(args) -> None:
     lines = []
     for r in results:
         margin = f", margin {r.margin:.4f}" if r.margin is not None else ""
-        lines.append(f"{r.query}: {r.predicted or 'no source could be scored'}{margin}  "
+        verdict = r.predicted or "no source could be scored"
+        if r.unknown and r.predicted:
+            verdict = f"unknown source (closest: {r.predicted})"
+        lines.append(f"{r.query}: {verdict}{margin}  "
                      f"[description from {r.description_from}: {r.description!r}]")
-        lines += [f"  {s.source:24} {s.score:.4f}  ({s.resyntheses} resyntheses)" for s in r.scores]
+        lines += [f"  {s.source:24} {s.score:.4f}  p={s.probability:.3f}  ({s.resyntheses} resyntheses)"
+                  for s in r.scores]
         if r.missing:
             lines.append(f"  not scored (no resynthesis of this description): {', '.join(r.missing)}")
     lines.append(f"resyntheses: {stats.cached} cached, {stats.generated} generated")

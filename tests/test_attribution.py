@@ -70,7 +70,9 @@ def test_cli_attribute_json(store_dir, originals, capsys, tmp_path):
     data = json.loads(capsys.readouterr().out)
     assert len(data["results"]) == 3
     assert data["cache"]["generated"] == 4 * 3 and data["cache"]["cached"] == 0
-    assert set(data["results"][0]["scores"][0]) == {"source", "score", "resyntheses"}
+    assert set(data["results"][0]["scores"][0]) == {"source", "score", "resyntheses", "probability"}
+    assert abs(sum(s["probability"] for s in data["results"][0]["scores"]) - 1) < 1e-6
+    assert data["results"][0]["unknown"] is False and data["results"][0]["calibrated"] is False
     # Restricting the candidates
     assert run_cli("attribute", originals[0]["image"], "--prompt", originals[0]["prompt"], "--store", store_dir,
                    "--sources", "tiny-sd-ddim,tiny-sdxl-dpm", "--json", "--quiet", "--per-source", 1) == 0

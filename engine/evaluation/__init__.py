@@ -1,0 +1,1 @@
+"""Measuring the method: the paper protocol, baselines, variants, calibration, robustness."""
