@@ -110,9 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _extension_commands():
     """Command groups that live beside their code (evaluation, service): each adds its subparsers."""
     from engine.evaluation.commands import register as evaluation
+    from engine.published import register as published
     from engine.service.commands import register as service
 
-    return [evaluation, service]
+    return [evaluation, published, service]
 
 
 def _emit(args, data, text: str) -> None:
