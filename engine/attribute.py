@@ -75,7 +75,8 @@ class Attributor:
 
     def __init__(self, store: Store, embedder: Embedder, generators: dict[str, DiffusersGenerator],
                  captioner: Captioner | None = None, per_source: int = 2, aggregation: str = "max",
-                 base_seed: int = 0, sources: list[str] | None = None, progress: bool = True):
+                 base_seed: int = 0, sources: list[str] | None = None, progress: bool = True,
+                 max_loaded: int = 2):
         if per_source < 1:
             raise UserError("--per-source must be at least 1")
         self.store = store
@@ -86,6 +87,7 @@ class Attributor:
         self.aggregation = aggregation
         self.seeds = list(range(base_seed, base_seed + per_source))
         self.progress = progress
+        self.max_loaded = max(1, max_loaded)  # pipelines kept in memory at once (real ones take GBs)
         known = {s.name: s for s in store.sources()}
         if not known:
             raise UserError("the store has no sources: add some with `resynth source add` or `resynth ingest`")
@@ -139,8 +141,11 @@ class Attributor:
             for key, source, seed in missing:
                 by_source[source.name].append((key, source, seed))
             tasks += [(text, items) for items in by_source.values()]
+        # Source by source, so each pipeline loads once and at most `max_loaded` stay in memory.
+        tasks.sort(key=lambda task: task[1][0][1].name)
         bar = tqdm(tasks, desc="generating", unit="batch", disable=not self.progress or not tasks, leave=False)
         for text, items in bar:
+            bar.set_postfix_str(items[0][1].name, refresh=False)
             self._generate_and_store(text, items)
         for text, (cached, generated) in counts.items():
             self.stats.cached += cached
@@ -152,6 +157,7 @@ class Attributor:
         generator = self.generators.get(source.name)
         if generator is None:
             raise UserError(f"source {source.name!r} has no pipeline loaded")
+        self._make_room_for(generator)
         started = time.perf_counter()
         images = generator.generate(text, [seed for _, _, seed in items])
         self.stats.seconds["generate"] += time.perf_counter() - started
@@ -168,18 +174,26 @@ class Attributor:
                                  params_hash=_params_hash(source)))
         self.store.add_images(rows)
 
+    def _make_room_for(self, generator: DiffusersGenerator) -> None:
+        """Unload the least recently used pipelines so that at most `max_loaded` are resident."""
+        self._recent = [g for g in getattr(self, "_recent", []) if g is not generator] + [generator]
+        for stale in self._recent[:-self.max_loaded]:
+            stale.unload()
+        self._recent = self._recent[-self.max_loaded:]
+
     # ----- steps 3 and 4: embed the queries, compare, rank --------------------------------------
     def candidates(self, text: str) -> dict[str, list]:
         """Per source, the stored resyntheses of `text` that count (up to K each)."""
         digest = sha256_text(normalise_description(text))
-        description_id = self.store.description_id(text)
         per_source: dict[str, list] = defaultdict(list)
-        by_id = {s.id: s for s in self.sources}
-        rows = self.store.resyntheses(description_id, list(by_id))
+        description_id = self.store.find_description_id(text)
+        if description_id is None:
+            return per_source
+        by_name = {s.name: s for s in self.sources}
+        rows = self.store.resyntheses(description_id, [s.id for s in self.sources])
         expected = {self._key(s, digest, seed) for s in self.sources if s.kind != "replay" for seed in self.seeds}
         for row in rows:
-            source = next(s for s in self.sources if s.name == row.source)
-            if source.kind != "replay" and row.key not in expected:
+            if by_name[row.source].kind != "replay" and row.key not in expected:
                 continue  # a stored resynthesis with another seed: not part of this request
             if len(per_source[row.source]) < self.per_source:
                 per_source[row.source].append(row)

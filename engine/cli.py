@@ -178,10 +178,15 @@ def cmd_ingest(args) -> None:
                                 f"{report.rows} rows; new replay sources: {', '.join(report.new_sources) or 'none'}")
 
 
-def _read_queries(args) -> list:
-    from engine.attribute import Query
+QUERY_CHUNK = 64  # images decoded and attributed together: memory stays flat on long query lists
 
-    queries = [Query.from_path(Path(p), args.prompt) for p in args.images]
+
+def _query_specs(args) -> list[tuple[Path, str | None]]:
+    """(image path, prompt) pairs, all checked before any model loads."""
+    from engine.describe import clean_prompt
+
+    prompt = clean_prompt(args.prompt)
+    specs = [(Path(p), prompt) for p in args.images]
     if args.queries:
         path = Path(args.queries)
         if not path.is_file():
@@ -192,27 +197,36 @@ def _read_queries(args) -> list:
             try:
                 row = json.loads(line)
                 image = row["image"]
-            except (ValueError, KeyError, TypeError):
+                own = row.get("prompt", row.get("description"))
+            except (ValueError, KeyError, TypeError, AttributeError):
                 raise UserError(f"{path}:{number}: expected {{\"image\": PATH, \"prompt\": TEXT}}") from None
-            prompt = row.get("prompt", row.get("description"))
-            queries.append(Query.from_path(path.parent / image, prompt if prompt is not None else args.prompt))
-    if not queries:
+            specs.append((path.parent / str(image), clean_prompt(own) if own is not None else prompt))
+    if not specs:
         raise UserError("nothing to attribute: give IMAGE paths or --queries FILE.jsonl")
-    return queries
+    for image, _ in specs:
+        if not image.is_file():
+            raise UserError(f"image not found: {image}")
+    return specs
 
 
 def cmd_attribute(args) -> None:
-    from engine.attribute import Attributor
+    from tqdm import tqdm
+
+    from engine.attribute import Attributor, Query
     from engine.workspace import load_captioner, load_embedder, load_generators
 
-    queries = _read_queries(args)
+    specs = _query_specs(args)
+    results = []
     with _open(args) as store:
         attributor = Attributor(
             store, load_embedder(store), load_generators(store), load_captioner(store, args.captioner),
             per_source=args.per_source, aggregation=args.aggregation, base_seed=args.seed,
             sources=[s.strip() for s in args.sources.split(",")] if args.sources else None,
             progress=not args.quiet)
-        results = attributor.attribute(queries)
+        chunks = range(0, len(specs), QUERY_CHUNK)
+        for start in tqdm(chunks, desc="attributing", unit="chunk", disable=args.quiet or len(chunks) < 2):
+            queries = [Query.from_path(path, prompt) for path, prompt in specs[start:start + QUERY_CHUNK]]
+            results += attributor.attribute(queries)
     stats = attributor.stats
     data = {"results": [r.to_dict() for r in results],
             "cache": {"cached": stats.cached, "generated": stats.generated},

@@ -75,6 +75,13 @@ class DiffusersGenerator:
             self._pipe = load_pipeline(self.folder, self.params, self.device)
         return self._pipe
 
+    def unload(self) -> None:
+        """Free the pipeline's memory; it reloads on the next generation."""
+        if self._pipe is not None:
+            self._pipe = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
     @torch.inference_mode()
     def generate(self, prompt: str, seeds: list[int]) -> list[Image.Image]:
         """One image per seed, each from its own torch.Generator so batching never changes a result."""

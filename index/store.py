@@ -115,7 +115,10 @@ class Store:
             if existing["embedder"]["identity"] != embedder["identity"]:
                 raise UserError(f"store {root} is already bound to embedder {existing['embedder']['identity']}; "
                                 f"use another --store for {embedder['identity']}")
-            return cls.open(root)
+            store = cls.open(root)
+            if captioner and captioner != store.config.get("captioner"):
+                store.update_config(captioner=captioner)
+            return store
         root.mkdir(parents=True, exist_ok=True)
         config = {"format": FORMAT, "embedder": embedder, "dim": dim, "captioner": captioner}
         write_json_atomic(config_path, config)
@@ -314,6 +317,12 @@ class Store:
             s.add(row)
             s.commit()
             return row.id
+
+    def find_description_id(self, text: str) -> int | None:
+        """Id of a stored description, without creating it (lookups stay read-only)."""
+        with self.session() as s:
+            return s.scalar(select(Description.id).where(
+                Description.hash == sha256_text(normalise_description(text))))
 
     def description_for_file(self, file_hash: str) -> str | None:
         """A stored description of an image with these bytes (an ingested original), if any."""

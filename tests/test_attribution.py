@@ -55,9 +55,10 @@ def test_repeated_prompt_costs_no_generation(store_dir, originals):
 def test_one_batch_shares_generation_across_queries(store_dir, originals):
     same_prompt = [o for o in originals if o["prompt"] == originals[1]["prompt"]]
     with Store.open(store_dir) as store:
-        attributor = _attributor(store, per_source=1)
+        attributor = _attributor(store, per_source=1, max_loaded=1)
         attributor.attribute([Query.from_path(o["image"], o["prompt"]) for o in same_prompt])
         assert sum(g.calls for g in attributor.generators.values()) == 4  # one per source, not per query
+        assert sum(g._pipe is not None for g in attributor.generators.values()) == 1  # the rest unloaded
 
 
 def test_cli_attribute_json(store_dir, originals, capsys, tmp_path):
