@@ -83,6 +83,7 @@ class Embedder:
         layer = "final" if spec.layer is None else f"block{spec.layer}"
         self.identity = f"{arch}@{self.checkpoint_sha256[:16]}/{layer}"
         self.dim = int(self.embed([Image.new("RGB", (8, 8))]).shape[1])
+        self.images_embedded = 0  # counted so tests can prove a cache hit embeds no resynthesis
 
     def describe(self) -> dict:
         """What the store records about this embedder."""
@@ -102,5 +103,6 @@ class Embedder:
                 features = result["image_intermediates_prefix"][0][:, 0]
             features = torch.nn.functional.normalize(features.float(), dim=-1)
             out.append(features.cpu().numpy().astype(np.float32))
+        self.images_embedded = getattr(self, "images_embedded", 0) + len(images)
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 

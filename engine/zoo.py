@@ -134,28 +134,42 @@ def write_clip_checkpoint(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     return config_path, checkpoint
 
 
-def write_captioner(folder: Path, seed: int = 0) -> Path:
-    """Write a tiny BLIP image-captioning folder (model + processor) with a small word vocabulary."""
-    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
-                              BlipProcessor)
+CAPTION_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + (
+    "a an the portrait photo of man woman child old young smiling with red blue green hat glasses "
+    "beard hair long short in park studio light dark painting face looking at camera").split()
 
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + (
-        "a an the portrait photo of man woman child old young smiling with red blue green hat glasses "
-        "beard hair long short in park studio light dark painting face looking at camera").split()
+
+def write_captioner(folder: Path, kind: str = "blip", seed: int = 0) -> Path:
+    """Write a tiny image-captioning folder (model + processor): kind "blip", "git" or "vision-encoder-decoder"."""
+    import transformers as tf
+
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(words)}, bos_token="[CLS]", sep_token="[SEP]")
-    processor = BlipProcessor(
-        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
-    config = BlipConfig(
-        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
-                       "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
-        text_config={"vocab_size": len(words), "hidden_size": 32, "intermediate_size": 37,
-                     "num_hidden_layers": 2, "num_attention_heads": 4, "encoder_hidden_size": 32,
-                     "bos_token_id": 2, "sep_token_id": 3, "pad_token_id": 0, "eos_token_id": 3},
-        projection_dim=32,
-    )
+    tokenizer = tf.BertTokenizer(vocab={w: i for i, w in enumerate(CAPTION_WORDS)}, bos_token="[CLS]",
+                                 sep_token="[SEP]")
+    text = {"vocab_size": len(CAPTION_WORDS), "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "bos_token_id": 2, "sep_token_id": 3, "pad_token_id": 0, "eos_token_id": 3}
+    vision = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "image_size": 32, "patch_size": 8}
     torch.manual_seed(seed)
-    model = BlipForConditionalGeneration(config)
+    if kind == "blip":
+        model = tf.BlipForConditionalGeneration(tf.BlipConfig(
+            vision_config=vision, text_config={**text, "encoder_hidden_size": 32}, projection_dim=32))
+        processor = tf.BlipProcessor(image_processor=tf.BlipImageProcessor(size={"height": 32, "width": 32}),
+                                     tokenizer=tokenizer)
+    elif kind == "git":
+        model = tf.GitForCausalLM(tf.GitConfig(vision_config=vision, **text))
+        processor = tf.GitProcessor(
+            image_processor=tf.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+            tokenizer=tokenizer)
+    elif kind == "vision-encoder-decoder":
+        config = tf.VisionEncoderDecoderConfig.from_encoder_decoder_configs(
+            tf.ViTConfig(**vision), tf.BertConfig(**text, is_decoder=True, add_cross_attention=True))
+        config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = 2, 0, 3
+        model = tf.VisionEncoderDecoderModel(config)
+        processor = tf.ViTImageProcessor(size={"height": 32, "width": 32})
+        tokenizer.save_pretrained(folder)
+    else:
+        raise ValueError(f"unknown captioner kind {kind!r}")
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder

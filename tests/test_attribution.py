@@ -36,8 +36,10 @@ def test_repeated_prompt_costs_no_generation(store_dir, originals):
         calls = {name: g.calls for name, g in attributor.generators.items()}
         assert calls == {name: 2 for name in calls}  # K=2 per source, generated once
         assert (first.cached, first.generated) == (0, 8)
+        embedded = attributor.embedder.images_embedded
         again = attributor.attribute([Query.from_path(query["image"], query["prompt"])])[0]
         assert {name: g.calls for name, g in attributor.generators.items()} == calls
+        assert attributor.embedder.images_embedded == embedded + 1  # the query only, no resynthesis
         assert (again.cached, again.generated) == (8, 0)
         assert again.scores == first.scores
     # A new process (reopened store, fresh generators): still nothing generated, same answer.

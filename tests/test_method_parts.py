@@ -49,3 +49,16 @@ def test_generation_is_seeded_and_batch_independent(models):
     assert diff <= 1 and batch[0].size == (64, 64)
     assert np.abs(np.asarray(batch[0], np.int16) - np.asarray(single, np.int16)).max() > 10
     assert generator.calls == 3
+
+
+@pytest.mark.parametrize("kind", ["blip", "git", "vision-encoder-decoder"])
+def test_captioners_of_each_supported_architecture(kind, tmp_path):
+    from engine import zoo
+    from engine.describe import Captioner
+
+    captioner = Captioner(zoo.write_captioner(tmp_path / kind, kind=kind))
+    images = [Image.new("RGB", (40, 30), "red"), Image.new("RGB", (64, 64), "blue")]
+    captions = captioner.caption(images)
+    assert len(captions) == 2 and all(isinstance(c, str) and c for c in captions)
+    assert captioner.caption(images[:1]) == captions[:1]  # deterministic (greedy decoding)
+    assert all(w in zoo.CAPTION_WORDS for c in captions if c != "an image" for w in c.split())
