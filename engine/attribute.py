@@ -10,12 +10,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from engine.aggregate import aggregate
+from engine.aggregate import AGGREGATIONS, aggregate
 from engine.calibration import Calibration
 from engine.describe import Captioner, clean_prompt
 from engine.embed import Embedder
 from engine.errors import UserError
-from engine.generate import DiffusersGenerator, GenerationParams
+from engine.generate import DiffusersGenerator, source_params_hash
 from engine.images import read_image, save_png_atomic
 from index.keys import cache_key, normalise_description, sha256_text
 from index.schema import Source
@@ -79,6 +79,8 @@ class Attributor:
                  max_loaded: int = 2):
         if per_source < 1:
             raise UserError("--per-source must be at least 1")
+        if aggregation not in AGGREGATIONS:
+            raise UserError(f"unknown aggregation {aggregation!r} (choose from {', '.join(AGGREGATIONS)})")
         self.store = store
         self.embedder = embedder
         self.generators = generators
@@ -124,7 +126,8 @@ class Attributor:
 
     # ----- step 2: resynthesize what is missing ---------------------------------------------
     def _key(self, source: Source, description_hash: str, seed: int) -> str:
-        return cache_key(description_hash, source.fingerprint, seed, _params_hash(source), self.embedder.identity)
+        return cache_key(description_hash, source.fingerprint, seed, source_params_hash(source),
+                         self.embedder.identity)
 
     def ensure_resyntheses(self, descriptions: list[str]) -> dict[str, tuple[int, int]]:
         """Generate and store every missing (description, source, seed); returns (cached, generated) per text."""
@@ -171,7 +174,7 @@ class Attributor:
             file_hash = save_png_atomic(image, self.store.root / relative)
             rows.append(NewImage(key=key, role="resynthesis", source_id=source.id, description_id=description_id,
                                  file_hash=file_hash, path=relative.as_posix(), vector=vector, seed=seed,
-                                 params_hash=_params_hash(source)))
+                                 params_hash=source_params_hash(source)))
         self.store.add_images(rows)
 
     def _make_room_for(self, generator: DiffusersGenerator) -> None:
@@ -239,7 +242,3 @@ class Attributor:
         candidates = {text: self.candidates(text) for text in counts}
         return [self.score(q, text, origin, vector, counts[text], candidates[text])
                 for q, (text, origin), vector in zip(queries, described, vectors)]
-
-
-def _params_hash(source: Source) -> str:
-    return GenerationParams.from_json(source.params_json).hash() if source.kind != "replay" else ""

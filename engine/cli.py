@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from engine.aggregate import AGGREGATIONS
 from engine.errors import UserError
 
 EPILOG = "Store: --store DIR, else $RESYNTH_STORE, else ./resynth-store. Models are read from local paths only."
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="the description of the image(s); default: stored metadata, then the captioner")
     p.add_argument("--queries", metavar="FILE.jsonl", help="rows of {\"image\": PATH, \"prompt\": TEXT}")
     p.add_argument("--per-source", type=int, default=2, metavar="K", help="resyntheses per source (default 2)")
-    p.add_argument("--aggregation", default="max", choices=["max", "mean", "knn", "softmax"],
+    p.add_argument("--aggregation", default="max", choices=AGGREGATIONS,
                    help="how K similarities make a source's score (default max: best match)")
     p.add_argument("--sources", help="comma-separated subset of sources to consider")
     p.add_argument("--seed", type=int, default=0, help="first generation seed (default 0)")

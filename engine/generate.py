@@ -53,6 +53,11 @@ def fingerprint_folder(folder: Path) -> str:
     return sha256_text(canonical_json(parts))
 
 
+def source_params_hash(source) -> str | None:
+    """Hash of a stored source's generation parameters; None for replay sources (nothing to generate)."""
+    return None if source.kind == "replay" else GenerationParams.from_json(source.params_json).hash()
+
+
 def source_fingerprint(kind: str, name: str, model_hash: str | None, params: GenerationParams | None) -> str:
     if kind == "replay":
         return sha256_text(canonical_json(["replay", name]))

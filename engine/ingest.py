@@ -7,7 +7,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from engine.embed import Embedder
-from engine.generate import GenerationParams
+from engine.generate import source_params_hash
 from engine.images import read_image
 from engine.manifest import ManifestRow, read_manifest
 from engine.workspace import add_replay_source
@@ -38,9 +38,8 @@ def row_key(row: ManifestRow, source, file_hash: str, embedder: str) -> str:
 
 
 def _params_hash(row: ManifestRow, source) -> str | None:
-    if row.role == "original" or source.kind == "replay" or row.seed is None:
-        return None
-    return GenerationParams.from_json(source.params_json).hash()
+    """Only a seeded resynthesis of a pipeline source has a generation recipe."""
+    return None if row.role == "original" or row.seed is None else source_params_hash(source)
 
 
 def ingest(store: Store, embedder: Embedder, manifest: Path, progress: bool = True) -> IngestReport:
