@@ -6,7 +6,7 @@ import io
 import os
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from engine.errors import UserError
 
@@ -26,7 +26,7 @@ def read_image(path: Path) -> tuple[Image.Image, str]:
         with Image.open(io.BytesIO(data)) as opened:
             if opened.width * opened.height > MAX_PIXELS:
                 raise UserError(f"image too large ({opened.width}x{opened.height} pixels): {path}")
-            image = opened.convert("RGB")
+            image = ImageOps.exif_transpose(opened).convert("RGB")  # as a viewer shows it
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise UserError(f"cannot decode image {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
     return image, hashlib.sha256(data).hexdigest()

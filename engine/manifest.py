@@ -43,7 +43,7 @@ def read_manifest(path: Path) -> list[ManifestRow]:
 
 def _read_csv(path: Path) -> list[tuple[int, dict]]:
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # tolerate a BOM (Excel)
             reader = csv.DictReader(handle)
             if reader.fieldnames is None:
                 return []
@@ -55,7 +55,7 @@ def _read_csv(path: Path) -> list[tuple[int, dict]]:
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     rows = []
-    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, text in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not text.strip():
             continue
         try:

@@ -123,3 +123,14 @@ def test_console_script_help_and_error_exit():
     out = subprocess.run([sys.executable, "-m", "engine.cli", "stats", "--store", "/nonexistent/x", "--json"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "no store at" in out.stderr
+
+
+def test_manifest_with_bom_and_aliases_is_read(originals, tmp_path):
+    from engine.manifest import read_manifest
+
+    image = originals[0]["image"]
+    path = tmp_path / "excel.csv"
+    path.write_bytes("\ufeffPath,Generator,Prompt,Role,Seed,extra\n".encode() +
+                     f"{image},a,  some   text ,Original,3,x\n".encode())
+    [row] = read_manifest(path)
+    assert (row.image, row.source, row.description, row.role, row.seed) == (image, "a", "some text", "original", 3)
