@@ -97,6 +97,7 @@ class Attributor:
             if name not in known:
                 raise UserError(f"unknown source {name!r} (known: {', '.join(sorted(known))})")
         self.sources: list[Source] = [known[n] for n in (sources or sorted(known))]
+        self._params_hash = {s.id: source_params_hash(s) for s in self.sources}  # parsed once, not per key
         self.calibration = Calibration.from_dict(store.config.get("calibration"))
         self.stats = Stats()
 
@@ -126,13 +127,14 @@ class Attributor:
 
     # ----- step 2: resynthesize what is missing ---------------------------------------------
     def _key(self, source: Source, description_hash: str, seed: int) -> str:
-        return cache_key(description_hash, source.fingerprint, seed, source_params_hash(source),
+        return cache_key(description_hash, source.fingerprint, seed, self._params_hash[source.id],
                          self.embedder.identity)
 
     def ensure_resyntheses(self, descriptions: list[str]) -> dict[str, tuple[int, int]]:
         """Generate and store every missing (description, source, seed); returns (cached, generated) per text."""
         counts: dict[str, tuple[int, int]] = {}
         tasks = []
+        started = time.perf_counter()
         for text in dict.fromkeys(descriptions):
             digest = sha256_text(normalise_description(text))
             wanted = {self._key(s, digest, seed): (s, seed) for s in self.sources if s.kind != "replay"
@@ -144,6 +146,7 @@ class Attributor:
             for key, source, seed in missing:
                 by_source[source.name].append((key, source, seed))
             tasks += [(text, items) for items in by_source.values()]
+        self.stats.seconds["lookup"] += time.perf_counter() - started
         # Source by source, so each pipeline loads once and at most `max_loaded` stay in memory.
         tasks.sort(key=lambda task: task[1][0][1].name)
         bar = tqdm(tasks, desc="generating", unit="batch", disable=not self.progress or not tasks, leave=False)
@@ -174,7 +177,7 @@ class Attributor:
             file_hash = save_png_atomic(image, self.store.root / relative)
             rows.append(NewImage(key=key, role="resynthesis", source_id=source.id, description_id=description_id,
                                  file_hash=file_hash, path=relative.as_posix(), vector=vector, seed=seed,
-                                 params_hash=source_params_hash(source)))
+                                 params_hash=self._params_hash[source.id]))
         self.store.add_images(rows)
 
     def _make_room_for(self, generator: DiffusersGenerator) -> None:
@@ -187,6 +190,7 @@ class Attributor:
     # ----- steps 3 and 4: embed the queries, compare, rank --------------------------------------
     def candidates(self, text: str) -> dict[str, list]:
         """Per source, the stored resyntheses of `text` that count (up to K each)."""
+        started = time.perf_counter()
         digest = sha256_text(normalise_description(text))
         per_source: dict[str, list] = defaultdict(list)
         description_id = self.store.find_description_id(text)
@@ -200,6 +204,7 @@ class Attributor:
                 continue  # a stored resynthesis with another seed: not part of this request
             if len(per_source[row.source]) < self.per_source:
                 per_source[row.source].append(row)
+        self.stats.seconds["lookup"] += time.perf_counter() - started
         return per_source
 
     def embed_queries(self, queries: list[Query]) -> np.ndarray:

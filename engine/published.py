@@ -1,6 +1,299 @@
-"""Importer for the folder layout of the reference paper's public resynthesis dataset."""
+"""Importer for the folder layout of the reference paper's public resynthesis dataset.
+
+Layout (Kaggle "resynthesis-dataset"): originals at `images/<generator>/<NNNNN><suffix>`, the
+resynthesis of each original by every generator at `images/<generator>/images/<resynth>/<NNNNN><suffix>`;
+suffixes differ per generator (`.png`, `.jpg`, `-0.png`, `-chrome-0.png`), so files are matched by
+their leading number. The result is an ordinary manifest (engine/manifest.py) that `resynth ingest`
+reads; unknown generators become replay sources.
+
+Why every resynthesis row carries its *original's* description: the Attributor finds a replay
+source's references by description text, so a query described like its original must meet the
+resyntheses made from it. The alternative description the dataset actually generated from is kept
+in an extra `alt_description` column (provenance; ingest ignores it). Without a descriptions file the
+description is the placeholder `id:<NNNNN>`, shared by every generator's image of that person.
+"""
 from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import re
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from engine.errors import UserError
+from index.keys import normalise_description
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+ID_PATTERN = re.compile(r"^(\d+)")
+ID_COLUMNS = ("id", "image", "file", "filename", "name", "person")
+TEXT_COLUMNS = ("description", "prompt", "text", "caption")
+MANIFEST_COLUMNS = ("image", "source", "description", "role", "seed", "original", "id", "alt_description")
+
+
+@dataclass
+class Found:
+    """One image of the tree: its generator, person id and, for a resynthesis, the original's generator."""
+
+    path: Path
+    generator: str
+    number: int
+    of: str | None = None  # generator of the original this resynthesizes; None for an original
+
+
+@dataclass
+class ImportReport:
+    root: str
+    manifest: str
+    generators: list[str]
+    originals: int = 0
+    resyntheses: int = 0
+    linked: int = 0  # resyntheses whose original is in the tree
+    missing_resyntheses: int = 0  # (original, resynthesis generator) pairs with no file
+    missing_examples: list[str] = field(default_factory=list)
+    orphans: int = 0  # resyntheses of an original that is not in the tree (kept, unlinked)
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> files
+    descriptions: str = "placeholder"  # "file" or "placeholder"
+    placeholder_ids: int = 0  # ids that fell back to `id:<NNNNN>` although a file was given
+    ingest: dict | None = None
+
+    def warnings(self) -> list[str]:
+        out = []
+        if not self.resyntheses:
+            out.append("no resyntheses found (expected images/<generator>/images/<resynthesis generator>/<NNNNN>.png): "
+                       "is ROOT the dataset folder?")
+        if self.missing_resyntheses:
+            out.append(f"{self.missing_resyntheses} (original, generator) pairs have no resynthesis, "
+                       f"e.g. {', '.join(self.missing_examples[:3])}")
+        if self.orphans:
+            out.append(f"{self.orphans} resyntheses have no original in the tree (imported without a link)")
+        if self.skipped:
+            out.append("skipped files: " + ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())))
+        if self.descriptions == "placeholder":
+            out.append("no --descriptions: descriptions are placeholders id:<NNNNN> "
+                       "(attribute with --prompt id:<NNNNN>, or let the store find an ingested original's)")
+        elif self.placeholder_ids:
+            out.append(f"{self.placeholder_ids} ids are not in the descriptions file: placeholder id:<NNNNN> used")
+        return out
+
+
+def placeholder(number: int) -> str:
+    return f"id:{number:05d}"
+
+
+def image_number(path: Path) -> int | None:
+    """The person id a dataset file name starts with, or None for a file that is not a dataset image."""
+    if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
+        return None
+    match = ID_PATTERN.match(path.stem)
+    return int(match.group(1)) if match else None
+
+
+def images_folder(root: Path) -> Path:
+    """ROOT may be the dataset folder (holding `images/`) or that `images/` folder itself."""
+    if not root.is_dir():
+        raise UserError(f"dataset folder not found: {root}")
+    return root / "images" if (root / "images").is_dir() else root
+
+
+def _readable(path: Path) -> bool:
+    """Header check only (cheap): catches non-images named like images; ingest decodes the pixels later."""
+    try:
+        with Image.open(path):
+            return True
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return False
+
+
+def scan(root: Path, skipped: Counter, progress: bool = False) -> list[Found]:
+    """Every dataset image under ROOT; strays are counted in `skipped` by reason, never fatal."""
+    base = images_folder(root)
+    candidates: list[tuple[Path, str, str | None]] = []
+    for gen_dir in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        candidates += [(f, gen_dir.name, None) for f in sorted(gen_dir.iterdir()) if f.is_file()]
+        nested = gen_dir / "images"
+        if nested.is_dir():
+            for res_dir in sorted(p for p in nested.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                candidates += [(f, res_dir.name, gen_dir.name) for f in sorted(res_dir.iterdir()) if f.is_file()]
+    found: list[Found] = []
+    seen: set[tuple[str, str | None, int]] = set()
+    for path, generator, of in tqdm(candidates, desc="scanning", unit="file", disable=not progress, leave=False):
+        number = image_number(path)
+        if number is None:
+            skipped["not dataset images"] += 1
+        elif (generator, of, number) in seen:
+            skipped["duplicate ids (first file kept)"] += 1
+        elif not _readable(path):
+            skipped["unreadable images"] += 1
+        else:
+            seen.add((generator, of, number))
+            found.append(Found(path, generator, number, of))
+    if not found:
+        raise UserError(f"no dataset images under {base} (expected images/<generator>/<NNNNN>.png and "
+                        "images/<generator>/images/<resynthesis generator>/<NNNNN>.png)")
+    return found
+
+
+def read_descriptions(path: Path) -> dict[int, str]:
+    """id -> description from CSV/TSV (id and description/prompt columns, or the first two) or JSON/JSONL."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"descriptions file not found: {path}")
+    try:
+        pairs = _json_pairs(path) if path.suffix.lower() in {".json", ".jsonl", ".ndjson"} else _csv_pairs(path)
+    except (UnicodeDecodeError, ValueError, csv.Error) as exc:
+        raise UserError(f"{path}: not a readable descriptions file ({str(exc).splitlines()[0]})") from None
+    out: dict[int, str] = {}
+    for key, text in pairs:
+        match = ID_PATTERN.match(Path(str(key).strip()).stem)
+        text = normalise_description(str(text or ""))
+        if match and text:
+            out[int(match.group(1))] = text
+    if not out:
+        raise UserError(f"{path}: no `id -> description` entries found (ids must start with digits)")
+    return out
+
+
+def _json_pairs(path: Path) -> list[tuple]:
+    text = path.read_text(encoding="utf-8")
+    records = json.loads(text) if path.suffix.lower() == ".json" else [
+        json.loads(line) for line in text.splitlines() if line.strip()]
+    if isinstance(records, dict):
+        return list(records.items())
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ValueError("expected an object {id: description} or a list of objects")
+    return [(_pick(r, ID_COLUMNS), _pick(r, TEXT_COLUMNS)) for r in records]
+
+
+def _pick(record: dict, names: tuple[str, ...]):
+    lowered = {str(k).strip().lower(): v for k, v in record.items()}
+    return next((lowered[n] for n in names if n in lowered), None)
+
+
+def _csv_pairs(path: Path) -> list[tuple]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = [r for r in csv.reader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",") if r]
+    if not rows:
+        return []
+    header = [c.strip().lower() for c in rows[0]]
+    if ID_PATTERN.match(header[0]):  # no header: id, description
+        return [(r[0], r[1] if len(r) > 1 else "") for r in rows]
+    key = next((header.index(n) for n in ID_COLUMNS if n in header), 0)
+    value = next((header.index(n) for n in TEXT_COLUMNS if n in header), 1 if len(header) > 1 else None)
+    if value is None:
+        raise ValueError("needs an id column and a description column")
+    return [(r[key], r[value] if len(r) > value else "") for r in rows[1:]]
+
+
+def build_rows(found: list[Found], out_dir: Path, descriptions: dict[int, str] | None,
+               alternatives: dict[int, str] | None, report: ImportReport) -> list[dict]:
+    """Manifest rows: originals first, each resynthesis linked to its original and sharing its description."""
+    def describe(number: int) -> str:
+        if descriptions is None:
+            return placeholder(number)
+        if number not in descriptions:
+            report.placeholder_ids += 1
+        return descriptions.get(number, placeholder(number))
+
+    def rel(path: Path) -> str:
+        return Path(os.path.relpath(path.resolve(), out_dir.resolve())).as_posix()
+
+    originals = {(f.generator, f.number): f for f in found if f.of is None}
+    resyntheses = [f for f in found if f.of is not None]
+    text = {n: describe(n) for n in sorted({f.number for f in found})}
+    rows = [{"image": rel(f.path), "source": f.generator, "description": text[f.number], "role": "original",
+             "id": f"{f.number:05d}"} for f in originals.values()]
+    for f in resyntheses:
+        original = originals.get((f.of, f.number))
+        report.linked += original is not None
+        report.orphans += original is None
+        rows.append({"image": rel(f.path), "source": f.generator, "description": text[f.number],
+                     "role": "resynthesis", "original": rel(original.path) if original else "",
+                     "id": f"{f.number:05d}", "alt_description": (alternatives or {}).get(f.number, "")})
+    resynth_generators = sorted({f.generator for f in resyntheses})
+    have = {(f.of, f.number, f.generator) for f in resyntheses}
+    for (generator, number) in sorted(originals):
+        for other in resynth_generators:
+            if (generator, number, other) not in have:
+                report.missing_resyntheses += 1
+                if len(report.missing_examples) < 10:
+                    report.missing_examples.append(f"{generator}/{number:05d} by {other}")
+    report.originals, report.resyntheses = len(originals), len(resyntheses)
+    return rows
+
+
+def write_manifest(rows: list[dict], out: Path) -> None:
+    """CSV via a temporary name and rename: an interrupted import never leaves half a manifest."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, out)
+
+
+def import_published(root: Path, out: Path, descriptions: Path | None = None,
+                     alt_descriptions: Path | None = None, progress: bool = False) -> ImportReport:
+    """Scan the dataset tree and write its manifest; returns counts and warnings (nothing is ingested)."""
+    root, out = Path(root), Path(out)
+    texts = read_descriptions(descriptions) if descriptions else None
+    alternatives = read_descriptions(alt_descriptions) if alt_descriptions else None
+    skipped: Counter = Counter()
+    found = scan(root, skipped, progress)
+    report = ImportReport(root=str(root), manifest=str(out), generators=sorted({f.generator for f in found}),
+                          descriptions="file" if texts else "placeholder")
+    rows = build_rows(found, out.parent, texts, alternatives, report)
+    report.skipped = dict(skipped)
+    write_manifest(rows, out)
+    return report
 
 
 def register(sub, common) -> None:
     """Add this module's subparsers to `sub`; `common` is the parent parser with --store/--json/--quiet."""
+    p = sub.add_parser(
+        "import-published", parents=[common], help="manifest from the paper's published resynthesis dataset",
+        description="Write a manifest for a folder laid out like the reference paper's dataset "
+                    "(images/<generator>/<NNNNN>.png, images/<generator>/images/<resynthesis generator>/<NNNNN>.png), "
+                    "each resynthesis linked to its original and sharing its description; optionally ingest it. "
+                    "Without --descriptions the description of person NNNNN is the placeholder id:NNNNN.")
+    p.add_argument("root", metavar="ROOT", help="dataset folder (holding images/) or its images/ folder")
+    p.add_argument("--descriptions", metavar="FILE",
+                   help="CSV/TSV (id, description) or JSON ({id: description}) of the originals' descriptions")
+    p.add_argument("--alt-descriptions", metavar="FILE",
+                   help="same format: the alternative descriptions the resyntheses were generated from "
+                        "(recorded in the manifest's alt_description column)")
+    p.add_argument("--out", default="manifest.csv", help="manifest to write (default ./manifest.csv)")
+    p.add_argument("--ingest", action="store_true", help="then ingest the manifest into --store")
+    p.set_defaults(run=cmd_import_published)
+
+
+def cmd_import_published(args) -> None:
+    from engine.workspace import store_path
+    from index.store import Store
+
+    # The store is opened first so that a missing one fails before a long scan, not after it.
+    with Store.open(store_path(args.store)) if args.ingest else contextlib.nullcontext() as store:
+        report = import_published(Path(args.root), Path(args.out),
+                                  Path(args.descriptions) if args.descriptions else None,
+                                  Path(args.alt_descriptions) if args.alt_descriptions else None,
+                                  progress=not args.quiet)
+        for line in report.warnings():
+            print(f"resynth: warning: {line}", file=sys.stderr)
+        if store is not None:
+            from engine.ingest import ingest
+            from engine.workspace import load_embedder
+
+            report.ingest = asdict(ingest(store, load_embedder(store), Path(args.out), progress=not args.quiet))
+    text = (f"wrote {report.manifest}: {report.originals} originals and {report.resyntheses} resyntheses "
+            f"({report.linked} linked to their original) from {len(report.generators)} generators")
+    if report.ingest:
+        text += (f"\ningested {report.ingest['added']} images ({report.ingest['skipped']} already stored); "
+                 f"new replay sources: {', '.join(report.ingest['new_sources']) or 'none'}")
+    print(json.dumps(asdict(report), indent=2) if args.json else text)

@@ -247,19 +247,33 @@ class Store:
             self._file_state = state
         return True
 
-    def search(self, queries: np.ndarray, candidate_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Similarities of each query to exactly the candidates; loads candidates committed elsewhere."""
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """Stored vectors by id, from the in-memory index; ids another process committed load from SQLite."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if not len(ids):
+            return np.zeros((0, self.dim), np.float32)
         with self._index_lock:
-            sims, found = vx.search_among(self.index, queries, candidate_ids)
-        absent = np.setdiff1d(candidate_ids, found[found >= 0]) if len(candidate_ids) else candidate_ids
-        if len(absent):  # committed by another process after this one loaded its index
-            for ids, matrix in self._stored_vectors(absent):
-                with self._index_lock:
-                    self.index.add_with_ids(matrix, ids)
-                    self._dirty = True
+            try:
+                return self.index.reconstruct_batch(ids)
+            except RuntimeError:  # some id is not in this process's index yet
+                absent = np.setdiff1d(ids, vx.index_ids(self.index))
+        for batch_ids, matrix in self._stored_vectors(absent):
             with self._index_lock:
-                sims, found = vx.search_among(self.index, queries, candidate_ids)
-        return sims, found
+                self.index.add_with_ids(matrix, batch_ids)
+                self._dirty = True
+        with self._index_lock:
+            return self.index.reconstruct_batch(ids)
+
+    def search(self, queries: np.ndarray, candidate_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Inner products of each query with exactly the candidates, best first: (similarities, ids).
+
+        The candidates are few (sources x K), so they are scored directly: exact, and independent of
+        the store's size, where an ID-filtered FAISS scan grows with it (scripts/bench_lookup.py).
+        """
+        candidate_ids = np.asarray(candidate_ids, dtype=np.int64)
+        sims = np.asarray(queries, np.float32) @ self.vectors(candidate_ids).T
+        order = np.argsort(-sims, axis=1, kind="stable")
+        return np.take_along_axis(sims, order, axis=1), candidate_ids[order]
 
     # ----- sources ---------------------------------------------------------------------------
     def add_source(self, name: str, kind: str, fingerprint: str, path: str | None = None,

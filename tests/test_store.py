@@ -49,6 +49,8 @@ def test_round_trip_and_rebuild(tmp_path):
         assert np.array_equal(found, again[1]) and np.allclose(sims, again[0])
         assert found[0, 0] == ids[0] and np.isclose(sims[0, 0], 1.0, atol=1e-5)  # itself, first
         assert set(found[0]) == set(ids[:10])  # the selector keeps exactly the candidates
+        direct = store.search(rows[0].vector[None], ids[:10])  # what attribution uses: same answer
+        assert np.array_equal(direct[1], found) and np.allclose(direct[0], sims, atol=1e-6)
         before = vx.index_ids(store.index)
         assert store.rebuild() == 50
         assert np.array_equal(np.sort(before), np.sort(vx.index_ids(store.index)))
