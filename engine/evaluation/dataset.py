@@ -1,0 +1,154 @@
+"""A labelled evaluation set: originals (true source known) and the resyntheses that serve as references.
+
+Built from a manifest (the `resynth ingest` format) or from what a store already holds. Checks
+here turn a set the protocol cannot score into one `UserError` line instead of a silent nan.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import select
+
+from engine.errors import UserError
+from engine.manifest import ManifestRow, read_manifest
+from index.keys import sha256_file
+from index.schema import Image, Source, Vector
+from index.store import Store
+
+
+@dataclass
+class EvalSet:
+    """Integer-coded originals and resyntheses; `sources` are the candidates (sources with resyntheses)."""
+
+    sources: list[str]
+    orig_source: np.ndarray  # index into sources
+    orig_desc: np.ndarray  # index into descriptions
+    orig_hash: list[str]
+    orig_path: list[str]
+    res_source: np.ndarray
+    res_desc: np.ndarray
+    res_seed: np.ndarray  # -1 when unknown
+    res_original: np.ndarray  # index of the original it resynthesizes, -1 when only its description is known
+    res_hash: list[str]
+    res_path: list[str]
+    descriptions: list[str]
+    vectors: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # identity -> (orig, res)
+
+    @property
+    def n_originals(self) -> int:
+        return len(self.orig_hash)
+
+    def references(self) -> list[list[np.ndarray]]:
+        """For every original, per source, the indices of its candidate resyntheses in seed order.
+
+        Resyntheses linked to this very original win; else the unlinked resyntheses of its description.
+        A resynthesis with the query's own bytes never counts (an image is no evidence for itself).
+        """
+        by_original: dict[int, list[int]] = defaultdict(list)
+        by_desc: dict[int, list[int]] = defaultdict(list)
+        for j in range(len(self.res_hash)):
+            if self.res_original[j] >= 0:
+                by_original[int(self.res_original[j])].append(j)
+            else:
+                by_desc[int(self.res_desc[j])].append(j)
+        out = []
+        for i in range(self.n_originals):
+            pool = by_original.get(i) or by_desc.get(int(self.orig_desc[i]), [])
+            pool = [j for j in pool if self.res_hash[j] != self.orig_hash[i]]
+            pool.sort(key=lambda j: (self.res_seed[j] if self.res_seed[j] >= 0 else 1 << 30, j))
+            per_source = [np.array([j for j in pool if self.res_source[j] == c], np.int64)
+                          for c in range(len(self.sources))]
+            out.append(per_source)
+        return out
+
+    def max_per_source(self) -> int:
+        """Largest K that at least one (original, source) pair offers."""
+        return max((len(r) for refs in self.references() for r in refs), default=0)
+
+
+def from_rows(rows: list[ManifestRow], where: str) -> EvalSet:
+    """Validate and code manifest rows; file hashes identify images (and their cached features)."""
+    originals = [r for r in rows if r.role == "original"]
+    resyntheses = [r for r in rows if r.role == "resynthesis"]
+    if not originals:
+        raise UserError(f"{where}: no original rows: evaluation needs labelled originals to attribute")
+    if not resyntheses:
+        raise UserError(f"{where}: no resynthesis rows: evaluation needs resyntheses as references")
+    sources = sorted({r.source for r in resyntheses})
+    stray = sorted({r.source for r in originals} - set(sources))
+    if stray:
+        raise UserError(f"{where}: original source(s) {', '.join(stray)} have no resyntheses, so no method "
+                        f"could predict them (sources with resyntheses: {', '.join(sources)})")
+    descriptions = sorted({r.description for r in rows})
+    desc_index = {d: i for i, d in enumerate(descriptions)}
+    source_index = {s: i for i, s in enumerate(sources)}
+    orig_hash = [sha256_file(r.image) for r in originals]
+    orig_by_path = {r.image: i for i, r in enumerate(originals)}
+    linked = np.array([orig_by_path.get(r.original, -1) if r.original is not None else -1 for r in resyntheses])
+    have_desc = {r.description for r, link in zip(resyntheses, linked) if link < 0}
+    have_link = set(linked[linked >= 0].tolist())
+    for i, row in enumerate(originals):
+        if i not in have_link and row.description not in have_desc:
+            raise UserError(f"{where}:{row.line}: original {row.image.name} has no resyntheses "
+                            f"(none of its description and none linked to it)")
+    return EvalSet(
+        sources=sources,
+        orig_source=np.array([source_index[r.source] for r in originals]),
+        orig_desc=np.array([desc_index[r.description] for r in originals]),
+        orig_hash=orig_hash, orig_path=[str(r.image) for r in originals],
+        res_source=np.array([source_index[r.source] for r in resyntheses]),
+        res_desc=np.array([desc_index[r.description] for r in resyntheses]),
+        res_seed=np.array([r.seed if r.seed is not None else -1 for r in resyntheses]),
+        res_original=linked, res_hash=[sha256_file(r.image) for r in resyntheses],
+        res_path=[str(r.image) for r in resyntheses], descriptions=descriptions)
+
+
+def from_manifest(path: Path) -> EvalSet:
+    return from_rows(read_manifest(Path(path)), str(path))
+
+
+def from_store(store: Store) -> EvalSet:
+    """The store's own originals and resyntheses with their stored vectors: no embedding at all."""
+    query = (select(Image.id, Image.role, Source.name, Image.description_id, Image.seed, Image.original_id,
+                    Image.file_hash, Image.path, Vector.data)
+             .join(Source, Image.source_id == Source.id).join(Vector, Vector.image_id == Image.id)
+             .where(Vector.embedder == store.embedder_identity).order_by(Image.id))
+    with store.session() as s:
+        rows = s.execute(query).all()
+    originals = [r for r in rows if r.role == "original"]
+    resyntheses = [r for r in rows if r.role == "resynthesis"]
+    where = f"store {store.root}"
+    if not originals:
+        raise UserError(f"{where} holds no originals: ingest a manifest with labelled originals, or pass one")
+    if not resyntheses:
+        raise UserError(f"{where} holds no resyntheses")
+    sources = sorted({r.name for r in resyntheses})
+    stray = sorted({r.name for r in originals} - set(sources))
+    if stray:  # an enrolled-nowhere source cannot be scored closed-set; its originals are left out
+        originals = [r for r in originals if r.name in sources]
+    source_index = {s: i for i, s in enumerate(sources)}
+    desc_ids = sorted({r.description_id for r in rows})
+    desc_index = {d: i for i, d in enumerate(desc_ids)}
+    unlinked = {r.description_id for r in resyntheses if r.original_id is None}
+    linked = {r.original_id for r in resyntheses if r.original_id is not None}
+    originals = [r for r in originals if r.description_id in unlinked or r.id in linked]
+    orig_index = {r.id: i for i, r in enumerate(originals)}
+    if not originals:
+        raise UserError(f"{where}: no stored original has resyntheses of its description")
+    as_matrix = lambda items: np.stack([np.frombuffer(r.data, np.float32) for r in items])  # noqa: E731
+    evalset = EvalSet(
+        sources=sources,
+        orig_source=np.array([source_index[r.name] for r in originals]),
+        orig_desc=np.array([desc_index[r.description_id] for r in originals]),
+        orig_hash=[r.file_hash for r in originals], orig_path=[r.path for r in originals],
+        res_source=np.array([source_index[r.name] for r in resyntheses]),
+        res_desc=np.array([desc_index[r.description_id] for r in resyntheses]),
+        res_seed=np.array([r.seed if r.seed is not None else -1 for r in resyntheses]),
+        res_original=np.array([orig_index.get(r.original_id, -1) for r in resyntheses]),
+        res_hash=[r.file_hash for r in resyntheses], res_path=[r.path for r in resyntheses],
+        descriptions=[str(d) for d in desc_ids])
+    evalset.vectors[store.embedder_identity] = (as_matrix(originals), as_matrix(resyntheses))
+    return evalset

@@ -1,0 +1,145 @@
+"""PNG figures of a report (matplotlib, Agg backend: no display needed). Each reads report.json fields only."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def confusion(report: dict, path: Path) -> Path:
+    plt = _pyplot()
+    data = report["engine_default"]["confusion"]
+    matrix = np.array(data["matrix"], dtype=float)
+    names = data["labels"]
+    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = 2.5 + 0.6 * len(names)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted source")
+    ax.set_ylabel("true source")
+    for (i, j), count in np.ndenumerate(matrix):
+        ax.text(j, i, f"{int(count)}", ha="center", va="center", color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_title(f"confusion, {report['engine_default']['variant']}")
+    fig.colorbar(image, ax=ax, label="share of true source")
+    return _save(fig, path)
+
+
+def shots(report: dict, path: Path) -> Path:
+    plt = _pyplot()
+    fewshot = report["fewshot"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for method, per_k in fewshot["methods"].items():
+        ks = sorted(int(k) for k in per_k)
+        if not ks:
+            continue
+        mean = np.array([per_k[str(k)]["mean"] for k in ks])
+        std = np.array([per_k[str(k)]["std"] for k in ks])
+        style = "-o" if method.startswith("resynthesis") else "--s"
+        ax.plot(ks, mean, style, label=method)
+        ax.fill_between(ks, mean - std, mean + std, alpha=0.15)
+    ax.axhline(report["dataset"]["chance"], color="grey", lw=0.8, ls=":", label="chance")
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks(fewshot["shots"], [str(k) for k in fewshot["shots"]])
+    ax.set_xlabel("labelled originals per source (k)")
+    ax.set_ylabel(f"accuracy (mean ± std over {fewshot['draws']} draws)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("resynthesis vs few-shot baselines")
+    return _save(fig, path)
+
+
+def score_distributions(report: dict, path: Path) -> Path:
+    plt = _pyplot()
+    data = report["score_distributions"]
+    names = list(data)
+    cols = min(4, len(names))
+    rows = int(np.ceil(len(names) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        own, other = np.array(data[name]["own"]), np.array(data[name]["other"])
+        values = np.concatenate([own, other])
+        bins = np.linspace(values.min(), values.max(), 20) if values.size and np.ptp(values) > 0 else 10
+        ax.hist(other, bins=bins, alpha=0.6, label="other sources' originals", density=True)
+        ax.hist(own, bins=bins, alpha=0.6, label="own originals", density=True)
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"per-source scores ({report['engine_default']['variant']})")
+    return _save(fig, path)
+
+
+def reliability(report: dict, path: Path) -> Path:
+    plt = _pyplot()
+    calibration = report["calibration"]
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+    for key, label in (("reliability_default", f"T={calibration['default_temperature']:g} (default), "
+                                                f"ECE {calibration['ece_default']:.3f}"),
+                       ("reliability_calibrated", f"fitted T (cross-fitted), ECE {calibration['ece_calibrated']:.3f}")):
+        table = [row for row in calibration[key] if row["count"]]
+        ax.plot([r["confidence"] for r in table], [r["accuracy"] for r in table], "-o", label=label)
+    ax.set_xlabel("confidence (top probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title("reliability diagram")
+    return _save(fig, path)
+
+
+def robustness(report: dict, path: Path) -> Path:
+    plt = _pyplot()
+    conditions = report["robustness"]["conditions"]
+    kinds = sorted({c["kind"] for c in conditions.values() if c["kind"] != "clean"})
+    clean = conditions["clean"]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.4 * len(kinds), 3.2), squeeze=False)
+    for ax, kind in zip(axes.flat, kinds):
+        items = sorted(((c["strength"], c) for c in conditions.values() if c["kind"] == kind), key=lambda x: x[0])
+        xs = [s for s, _ in items]
+        ax.plot(xs, [c["resynthesis_all"] for _, c in items], "-o", label="resynthesis (all)")
+        ax.axhline(clean["resynthesis_all"], color="C0", lw=0.6, ls=":")
+        for i, method in enumerate((items[0][1].get("fewshot") or {})):
+            ax.plot(xs, [c["fewshot"][method] for _, c in items], "--s", ms=3, color=f"C{i + 1}",
+                    label=f"{method} (k={report['robustness']['shots']})")
+        ax.set_title(kind)
+        ax.set_xlabel("strength")
+        ax.set_ylim(0, 1.02)
+    axes.flat[0].set_ylabel("accuracy")
+    axes.flat[-1].legend(fontsize=6, loc="lower right")
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def write_all(report: dict, folder: Path) -> dict[str, str]:
+    """Every plot the report supports; returns name -> file name."""
+    folder = Path(folder)
+    made = {"confusion": confusion(report, folder / "confusion.png"),
+            "shots": shots(report, folder / "accuracy_vs_shots.png"),
+            "scores": score_distributions(report, folder / "score_distributions.png"),
+            "reliability": reliability(report, folder / "reliability.png")}
+    if report.get("robustness"):
+        made["robustness"] = robustness(report, folder / "robustness.png")
+    return {k: v.name for k, v in made.items()}

@@ -1,0 +1,134 @@
+"""The engine's rule as a score matrix: every original against its sources' resyntheses, per variant.
+
+Mirrors engine.attribute (same references, same aggregation rule) but on precomputed features: each
+variant gathers just the (query, reference) pairs that count, in float64, instead of a store round
+trip per query.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.aggregate import AGGREGATIONS, KNN_K, SOFTMAX_TEMPERATURE
+
+DISTANCES = ("cosine", "euclidean")
+MISSING = -np.inf  # a source with no reference for a query cannot win it
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of turning a query's resyntheses into per-source scores."""
+
+    layer: str = "final"
+    distance: str = "cosine"
+    aggregation: str = "max"
+    per_source: int = 2
+    fewshot: bool = False  # also use every *other* labelled original of a source as its reference
+
+    @property
+    def name(self) -> str:
+        text = f"{self.layer}/{self.distance}/{self.aggregation}/K={self.per_source}"
+        return text + ("+refs" if self.fewshot else "")
+
+
+def similarity(queries: np.ndarray, references: np.ndarray, distance: str) -> np.ndarray:
+    """Larger is closer: cosine similarity, or minus the euclidean distance."""
+    if distance == "cosine":
+        return queries @ references.T
+    if distance == "euclidean":
+        squared = (queries ** 2).sum(1)[:, None] + (references ** 2).sum(1)[None, :] - 2 * queries @ references.T
+        return -np.sqrt(np.maximum(squared, 0.0))
+    raise ValueError(f"unknown distance {distance!r} (choose from {', '.join(DISTANCES)})")
+
+
+def _paired(queries: np.ndarray, references: np.ndarray, distance: str) -> np.ndarray:
+    """queries (n, d) against references (n, sources, K, d), each query with its own references."""
+    dots = np.einsum("nd,nckd->nck", queries, references)
+    return _from_dots(dots, (queries ** 2).sum(1)[:, None, None], (references ** 2).sum(-1), distance)
+
+
+def _shared(queries: np.ndarray, references: np.ndarray, distance: str) -> np.ndarray:
+    """queries (n, d) against references (sources, W, d) shared by every query."""
+    dots = np.einsum("nd,cwd->ncw", queries, references)
+    return _from_dots(dots, (queries ** 2).sum(1)[:, None, None], (references ** 2).sum(-1)[None], distance)
+
+
+def _from_dots(dots: np.ndarray, q2: np.ndarray, r2: np.ndarray, distance: str) -> np.ndarray:
+    if distance == "cosine":
+        return dots
+    if distance == "euclidean":
+        return -np.sqrt(np.maximum(q2 + r2 - 2 * dots, 0.0))
+    raise ValueError(f"unknown distance {distance!r} (choose from {', '.join(DISTANCES)})")
+
+
+def aggregate_masked(values: np.ndarray, mask: np.ndarray, method: str) -> np.ndarray:
+    """engine.aggregate.aggregate over the last axis, vectorised; entries outside `mask` do not exist.
+
+    Rows with no entry get MISSING. Same constants as engine.aggregate (kNN k, softmax temperature).
+    """
+    count = mask.sum(axis=-1)
+    present = np.where(mask, values, -np.inf)
+    best = present.max(axis=-1, initial=-np.inf)
+    if method == "max":
+        out = best
+    elif method == "mean":
+        out = np.where(mask, values, 0.0).sum(axis=-1) / np.maximum(count, 1)
+    elif method == "knn":
+        top = -np.sort(-present, axis=-1)[..., :KNN_K]
+        kept = np.isfinite(top)
+        out = np.where(kept, top, 0.0).sum(axis=-1) / np.maximum(kept.sum(axis=-1), 1)
+    elif method == "softmax":
+        with np.errstate(invalid="ignore"):
+            weights = np.where(mask, np.exp((values - best[..., None]) / SOFTMAX_TEMPERATURE), 0.0)
+            out = (weights * np.where(mask, values, 0.0)).sum(axis=-1) / np.maximum(weights.sum(axis=-1), 1e-300)
+    else:
+        raise ValueError(f"unknown aggregation {method!r} (choose from {', '.join(AGGREGATIONS)})")
+    return np.where(count > 0, out, MISSING)
+
+
+def padded_references(references: list[list[np.ndarray]], per_source: int) -> np.ndarray:
+    """(originals, sources, K) resynthesis indices, -1 where a source offers fewer than K."""
+    sources = len(references[0]) if references else 0
+    out = np.full((len(references), sources, per_source), -1, dtype=np.int64)
+    for i, per in enumerate(references):
+        for c, idx in enumerate(per):
+            take = idx[:per_source]
+            out[i, c, :len(take)] = take
+    return out
+
+
+def score_matrix(originals: np.ndarray, resyntheses: np.ndarray, references: list[list[np.ndarray]],
+                 variant: Variant, orig_source: np.ndarray | None = None, train: np.ndarray | None = None,
+                 rows: np.ndarray | None = None, chunk: int = 256) -> np.ndarray:
+    """(len(rows), sources) scores. With `variant.fewshot`, the originals in `train` (default: all)
+    of each source join its references; a query never references itself (leave-one-out)."""
+    rows = np.arange(len(originals)) if rows is None else np.asarray(rows)
+    originals, resyntheses = np.asarray(originals, np.float64), np.asarray(resyntheses, np.float64)
+    sources = len(references[0]) if references else 0
+    padded = padded_references([references[i] for i in rows], variant.per_source)
+    if variant.fewshot:
+        pool = np.arange(len(originals)) if train is None else np.asarray(train)
+        members = [pool[orig_source[pool] == c] for c in range(sources)]
+        width = max((len(m) for m in members), default=0)
+        ref_index = np.full((sources, width), -1, dtype=np.int64)
+        for c, m in enumerate(members):
+            ref_index[c, :len(m)] = m
+    out = np.empty((len(rows), sources))
+    for start in range(0, len(rows), chunk):
+        block = rows[start:start + chunk]
+        idx = padded[start:start + chunk]
+        # only the pairs that count: (block, sources, K) gathered references, not a full query x set product
+        values = _paired(originals[block], resyntheses[np.maximum(idx, 0)], variant.distance)
+        mask = idx >= 0
+        if variant.fewshot and width:
+            extra = _shared(originals[block], originals[np.maximum(ref_index, 0)], variant.distance)
+            extra_mask = (ref_index[None] >= 0) & (ref_index[None] != block[:, None, None])
+            values = np.concatenate([values, extra], axis=2)
+            mask = np.concatenate([mask, extra_mask], axis=2)
+        out[start:start + chunk] = aggregate_masked(values, mask, variant.aggregation)
+    return out
+
+
+def predictions(scores: np.ndarray) -> np.ndarray:
+    return np.argmax(scores, axis=1)

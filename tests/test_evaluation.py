@@ -1,0 +1,198 @@
+"""`resynth evaluate` and `resynth calibrate` end to end on a small tiny-zoo dataset, and their errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.embed import Embedder, EmbedderSpec
+from engine.evaluation.baselines import BASELINES, available_shots, run_fewshot
+from engine.evaluation.dataset import from_manifest
+from engine.evaluation.runner import embed_evalset
+from engine.evaluation.scoring import Variant
+from engine.evaluation.synthetic import write_dataset
+from tests.conftest import run_cli
+
+UNREGISTERED = "tiny-sdxl-euler"  # left out of the calibrated store: its originals must come out unknown
+
+
+@pytest.fixture(scope="module")
+def dataset(models, tmp_path_factory) -> Path:
+    """4 sources x 8 descriptions: one original and 2 resyntheses (seeds 0, 1) per pair."""
+    return write_dataset(models["pipelines"], tmp_path_factory.mktemp("evalset"), seeds=(0, 1))
+
+
+def _rows(manifest: Path) -> list[dict]:
+    return [json.loads(line) for line in manifest.read_text().splitlines()]
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _clip(models) -> list[str]:
+    return ["--clip-config", str(models["clip_config"]), "--clip-checkpoint", str(models["clip_checkpoint"])]
+
+
+def test_evaluate_end_to_end(models, dataset, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "eval"
+    argv = ["evaluate", str(dataset), "--out", str(out), *_clip(models), "--layers", "final,mid",
+            "--perturb", "jpeg=50,resize=0.5", "--draws", "2", "--quiet"]
+    assert run_cli(*argv) == 0
+    printed = capsys.readouterr().out
+    assert "engine default final/cosine/max/K=2" in printed and "report.md" in printed
+    report = json.loads((out / "report.json").read_text())
+    data = report["dataset"]
+    assert (data["originals"], data["resyntheses"], data["max_per_source"]) == (32, 64, 2)
+    assert data["layers"] == ["final", "block2"]
+    default = report["engine_default"]
+    assert default["accuracy"] >= 0.75  # chance is 0.25
+    assert sum(map(sum, default["confusion"]["matrix"])) == 32
+    assert default["top3_accuracy"] >= default["accuracy"] and 0.5 < default["macro_auroc"] <= 1
+    # every distance x aggregation x K per layer, plus resynthesis with original references
+    assert len(report["variants"]) == 2 * (2 * 4 * 2 + 4)
+    assert report["best_variant"]["accuracy"] == max(v["accuracy"] for v in report["variants"])
+    fewshot = report["fewshot"]
+    assert fewshot["shots"] == [1, 2, 5] and fewshot["draws"] == 2
+    assert set(fewshot["methods"]) == {"resynthesis", "resynthesis+refs", *BASELINES}
+    assert all(0 <= v["mean"] <= 1 and v["runs"] == 2 for per_k in fewshot["methods"].values()
+               for v in per_k.values())
+    assert 0 <= report["open_set"]["auroc"] <= 1 and set(report["open_set"]["per_source"]) == set(data["sources"])
+    assert report["calibration"]["ece_calibrated"] is not None
+    conditions = report["robustness"]["conditions"]
+    assert set(conditions) == {"clean", "jpeg-50", "resize-0.5"}
+    assert conditions["clean"]["resynthesis_all"] == default["accuracy"]
+    for name in ("confusion", "accuracy_vs_shots", "score_distributions", "reliability", "robustness"):
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (out / "report.md").read_text()
+    assert "| nearest-centroid |" in markdown and "**default**" in markdown and "jpeg-50" in markdown
+
+    # Second run: every feature comes from the cache in --out (only the embedder's 1-image probe runs).
+    embedded = []
+    original_embed = Embedder.embed
+    monkeypatch.setattr(Embedder, "embed", lambda self, images: embedded.append(len(images)) or
+                        original_embed(self, images))
+    assert run_cli(*argv, "--json") == 0
+    assert set(embedded) == {1}
+    assert json.loads(capsys.readouterr().out)["engine_default"] == report["engine_default"]
+
+
+def test_baselines_beside_resynthesis(models, dataset):
+    evalset = from_manifest(dataset)
+    embedder = Embedder(EmbedderSpec("tiny-clip", str(models["clip_checkpoint"]), str(models["clip_config"])))
+    originals, resyntheses = embed_evalset(evalset, {"final": embedder}, None, progress=False)["final"]
+    labels = evalset.orig_source
+    assert available_shots(labels, 4) == [1, 2, 5]
+    result = run_fewshot(originals, resyntheses, evalset.references(), labels, 4, Variant(), draws=3,
+                         shots=[1, 5], progress=False)["clean"]
+    methods = result["methods"]
+    for name in BASELINES:
+        assert methods[name]["5"]["mean"] > 0.4  # real learners on real features beat chance (0.25)
+        assert methods[name]["5"]["runs"] == 3
+    # resynthesis needs no labelled originals: it is measured on the same test queries at every k
+    assert methods["resynthesis"]["1"]["mean"] >= 0.75
+    assert methods["nearest-centroid"]["1"]["std"] >= 0.0
+
+
+def test_calibrate_then_attribute_reports_probabilities_and_unknown(models, dataset, tmp_path, capsys):
+    store = tmp_path / "store"
+    assert run_cli("init", "--store", store, *_clip(models)) == 0
+    for name, folder in models["pipelines"].items():
+        if name != UNREGISTERED:
+            assert run_cli("source", "add", name, folder, "--store", store, "--steps", 2) == 0
+    rows = _rows(dataset)
+    known = _write(dataset.parent / "known.jsonl", [r for r in rows if r["source"] != UNREGISTERED])
+    assert run_cli("ingest", known, "--store", store, "--quiet") == 0
+    capsys.readouterr()
+    assert run_cli("calibrate", "--store", store, "--json") == 0
+    calibration = json.loads(capsys.readouterr().out)
+    assert calibration["fitted"] and set(calibration["thresholds"]) == {
+        n for n in models["pipelines"] if n != UNREGISTERED}
+    assert 0 < calibration["temperature"] < 10 and calibration["notes"]["originals"] == 24
+
+    def attribute(source: str) -> list[dict]:
+        queries = [{"image": str(dataset.parent / r["image"]), "prompt": r["description"]}
+                   for r in rows if r["source"] == source and r["role"] == "original"]
+        path = _write(tmp_path / f"{source}.jsonl", queries)
+        assert run_cli("attribute", "--queries", path, "--store", store, "--json", "--quiet") == 0
+        data = json.loads(capsys.readouterr().out)
+        assert data["cache"]["generated"] == 0  # the ingested resyntheses are the cache
+        return data["results"]
+
+    unknown_source = attribute(UNREGISTERED)
+    for result in unknown_source:
+        assert result["calibrated"] is True
+        probabilities = [s["probability"] for s in result["scores"]]
+        assert sum(probabilities) == pytest.approx(1.0) and max(probabilities) < 1.0
+    assert sum(r["unknown"] for r in unknown_source) >= len(unknown_source) / 2
+    enrolled = attribute("tiny-sd-ddim")
+    assert sum(r["unknown"] for r in enrolled) <= 2 and all(r["calibrated"] for r in enrolled)
+
+    # Fitting on a manifest (embedded with the store's embedder) works the same way.
+    assert run_cli("calibrate", known, "--store", store, "--aggregation", "mean", "--quiet") == 0
+    saved = json.loads((store / "store.json").read_text())["calibration"]
+    assert saved["notes"]["aggregation"] == "mean" and saved["notes"]["fitted_on"] == str(known)
+
+
+def test_evaluate_with_store_embedder_and_save_calibration(models, dataset, store_dir, tmp_path, capsys):
+    assert run_cli("evaluate", dataset, "--store", store_dir, "--out", tmp_path / "e", "--layers", "base",
+                   "--draws", "1", "--save-calibration", "--quiet") == 0
+    assert "calibration saved" in capsys.readouterr().out
+    saved = json.loads((store_dir / "store.json").read_text())["calibration"]
+    assert saved["fitted"] and len(saved["thresholds"]) == 4
+
+
+def _error(capsys, *argv) -> str:
+    assert run_cli(*argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("resynth: error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_bad_manifests_are_one_line_errors(models, dataset, tmp_path, capsys):
+    rows = _rows(dataset)
+    clip = _clip(models)
+    folder = dataset.parent
+    missing = folder / "missing.csv"
+    missing.write_text("image,source,role\nx.png,a,original\n")
+    assert "missing column(s) description" in _error(capsys, "evaluate", missing, *clip)
+    # an original of a source with no resyntheses: no method could predict it
+    stray = _write(folder / "stray.jsonl", [r for r in rows if not (r["source"] == UNREGISTERED
+                                                                     and r["role"] == "resynthesis")])
+    assert UNREGISTERED in _error(capsys, "evaluate", stray, *clip)
+    # an original whose description no resynthesis covers
+    first = next(r for r in rows if r["role"] == "original")
+    lonely = _write(folder / "lonely.jsonl", [r for r in rows if r["role"] == "original"
+                                              or r["description"] != first["description"]])
+    assert "has no resyntheses" in _error(capsys, "evaluate", lonely, *clip)
+    only_originals = _write(folder / "only.jsonl", [r for r in rows if r["role"] == "original"])
+    assert "no resynthesis rows" in _error(capsys, "evaluate", only_originals, *clip)
+    assert "no store at" in _error(capsys, "evaluate", dataset, "--store", tmp_path / "nowhere")
+    assert "--layers" in _error(capsys, "evaluate", dataset, *clip, "--layers", "penultimate", "--out", tmp_path)
+    assert "--perturb" in _error(capsys, "evaluate", dataset, *clip, "--perturb", "sharpen", "--out", tmp_path)
+    assert "--clip-checkpoint" in _error(capsys, "evaluate", dataset, "--clip-model", "ViT-B-32")
+
+
+def test_linked_resyntheses_are_preferred(dataset, tmp_path):
+    """A resynthesis linked to its original (the paper's dataset layout) is that original's reference."""
+    rows = _rows(dataset)
+    first = next(r for r in rows if r["role"] == "original")
+    linked = [dict(r, original=first["image"]) if r["role"] == "resynthesis" and r["description"] ==
+              first["description"] and r["source"] == first["source"] else r for r in rows]
+    evalset = from_manifest(_write(dataset.parent / "linked.jsonl", linked))
+    refs = evalset.references()
+    i = evalset.orig_path.index(str((dataset.parent / first["image"]).resolve()))
+    mine = [c for c, r in enumerate(refs[i]) if len(r)]
+    assert mine == [evalset.sources.index(first["source"])]  # only its own linked resyntheses
+    assert all(evalset.res_original[j] == i for j in refs[i][mine[0]])
+    other = next(k for k in range(evalset.n_originals) if k != i and evalset.orig_desc[k] == evalset.orig_desc[i])
+    assert sum(len(r) for r in refs[other]) == 2 * 3  # the unlinked resyntheses of the other three sources
+    assert np.all(evalset.res_seed >= 0)
+
+
+def test_calibrate_needs_labelled_originals(store_dir, capsys):
+    assert "holds no originals" in _error(capsys, "calibrate", "--store", store_dir)
+    assert "no store at" in _error(capsys, "calibrate", "--store", store_dir / "absent")
