@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from engine.aggregate import AGGREGATIONS, aggregate
+from engine.aggregate import AGGREGATIONS, DEFAULT_AGGREGATION, DEFAULT_PER_SOURCE, aggregate
 from engine.calibration import Calibration
 from engine.describe import Captioner, clean_prompt
 from engine.embed import Embedder
@@ -74,7 +74,8 @@ class Attributor:
     """Attributes query images to the store's sources; generates only resyntheses not yet cached."""
 
     def __init__(self, store: Store, embedder: Embedder, generators: dict[str, DiffusersGenerator],
-                 captioner: Captioner | None = None, per_source: int = 2, aggregation: str = "max",
+                 captioner: Captioner | None = None, per_source: int = DEFAULT_PER_SOURCE,
+                 aggregation: str = DEFAULT_AGGREGATION,
                  base_seed: int = 0, sources: list[str] | None = None, progress: bool = True,
                  max_loaded: int = 2):
         if per_source < 1:

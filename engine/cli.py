@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from engine.aggregate import AGGREGATIONS
+from engine.aggregate import AGGREGATIONS, DEFAULT_AGGREGATION, DEFAULT_PER_SOURCE
 from engine.errors import UserError
 
 EPILOG = "Store: --store DIR, else $RESYNTH_STORE, else ./resynth-store. Models are read from local paths only."
@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-model", metavar="ARCH", help="open_clip architecture name, e.g. ViT-L-14-336")
     p.add_argument("--clip-config", metavar="JSON", help="open_clip model config for a custom architecture")
     p.add_argument("--clip-checkpoint", metavar="FILE", required=True, help="checkpoint file, e.g. open_clip_pytorch_model.bin")
-    p.add_argument("--clip-layer", type=int, metavar="N",
-                   help="use the class token of transformer block N (1-based) instead of the final embedding")
+    p.add_argument("--clip-layer", default="middle", metavar="{middle,final,N}",
+                   help="features: the class token of the middle transformer block (default; published work "
+                        "and our measurements found it stronger), the final embedding, or block N (1-based)")
     p.add_argument("--captioner", metavar="DIR", help="image-to-text model folder (BLIP, GIT, VisionEncoderDecoder) "
                                                       "used when a query comes without a prompt")
     p.set_defaults(run=cmd_init)
@@ -86,9 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="*", metavar="IMAGE")
     p.add_argument("--prompt", help="the description of the image(s); default: stored metadata, then the captioner")
     p.add_argument("--queries", metavar="FILE.jsonl", help="rows of {\"image\": PATH, \"prompt\": TEXT}")
-    p.add_argument("--per-source", type=int, default=2, metavar="K", help="resyntheses per source (default 2)")
-    p.add_argument("--aggregation", default="max", choices=AGGREGATIONS,
-                   help="how K similarities make a source's score (default max: best match)")
+    p.add_argument("--per-source", type=int, default=DEFAULT_PER_SOURCE, metavar="K",
+                   help=f"resyntheses per source (default {DEFAULT_PER_SOURCE})")
+    p.add_argument("--aggregation", default=DEFAULT_AGGREGATION, choices=AGGREGATIONS,
+                   help=f"how K similarities make a source's score: max (best match), mean, knn (mean of the "
+                        f"top 3), softmax (default {DEFAULT_AGGREGATION})")
     p.add_argument("--sources", help="comma-separated subset of sources to consider")
     p.add_argument("--seed", type=int, default=0, help="first generation seed (default 0)")
     p.add_argument("--captioner", metavar="DIR", help="captioner folder for this run (overrides the store's)")
@@ -122,7 +125,7 @@ def _emit(args, data, text: str) -> None:
 
 
 def cmd_init(args) -> None:
-    from engine.embed import EmbedderSpec
+    from engine.embed import EmbedderSpec, parse_layer
     from engine.workspace import init_store, store_path
 
     if bool(args.clip_model) == bool(args.clip_config):
@@ -130,7 +133,7 @@ def cmd_init(args) -> None:
     checkpoint = Path(args.clip_checkpoint).resolve()
     config = str(Path(args.clip_config).resolve()) if args.clip_config else None
     spec = EmbedderSpec(arch=args.clip_model or Path(args.clip_config).stem, checkpoint=str(checkpoint),
-                        config=config, layer=args.clip_layer)
+                        config=config, layer=parse_layer(args.clip_layer))
     with init_store(store_path(args.store), spec, args.captioner) as store:
         _emit(args, store.config, f"store {store.root} bound to {store.embedder_identity} ({store.dim}-d)")
 

@@ -1,7 +1,7 @@
 """CLIP image embedder: an open_clip model from a local checkpoint, final or intermediate layer."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,17 +17,36 @@ class EmbedderSpec:
     """How a user holds CLIP weights: architecture name (or config JSON) + checkpoint file.
 
     `layer` None means the final projected embedding; an integer L means the class token of
-    transformer block L (1-based), which published work on this task found stronger.
+    transformer block L (1-based), and "middle" the middle block (resolved when the model loads),
+    which published work on this task (block 12 of 24) and our measurements found stronger.
     """
 
     arch: str
     checkpoint: str
     config: str | None = None
-    layer: int | None = None
+    layer: int | str | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> "EmbedderSpec":
         return cls(data["arch"], data["checkpoint"], data.get("config"), data.get("layer"))
+
+
+MIDDLE = "middle"
+
+
+def parse_layer(text: str | int | None) -> int | str | None:
+    """--clip-layer: "middle", "final" (None) or a block number."""
+    if text is None or isinstance(text, int):
+        return text
+    text = str(text).strip().lower()
+    if text in ("final", "last"):
+        return None
+    if text in (MIDDLE, "mid"):
+        return MIDDLE
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"--clip-layer must be middle, final or a block number, not {text!r}") from None
 
 
 def default_device() -> str:
@@ -75,6 +94,10 @@ class Embedder:
         self.model = model.eval()
         self.preprocess = preprocess
         blocks = len(self.model.visual.transformer.resblocks) if hasattr(self.model.visual, "transformer") else None
+        if spec.layer == MIDDLE:
+            if not blocks:
+                raise UserError(f"{arch} has no transformer blocks: use --clip-layer final")
+            spec = self.spec = replace(spec, layer=max(1, blocks // 2))
         if spec.layer is not None and (blocks is None or not 1 <= spec.layer <= blocks):
             raise UserError(f"--clip-layer {spec.layer} is out of range for {arch} ({blocks or 0} blocks)")
         stat = checkpoint.stat()

@@ -82,9 +82,12 @@ def test_bad_clip_and_store_binding(models, capsys, tmp_path, copy_of):
            match="out of range")
     _fails(capsys, "init", "--store", store, "--clip-checkpoint", ckpt, match="exactly one of")
     assert run_cli("init", "--store", store, "--clip-config", cfg, "--clip-checkpoint", ckpt) == 0
-    # Same store, another embedder (intermediate layer): refused.
-    _fails(capsys, "init", "--store", store, "--clip-config", cfg, "--clip-checkpoint", ckpt, "--clip-layer", "2",
+    _fails(capsys, "init", "--store", store, "--clip-config", cfg, "--clip-checkpoint", ckpt, "--clip-layer", "top",
+           match="--clip-layer must be")
+    # Same store, another embedder (the final layer instead of the default middle block): refused.
+    _fails(capsys, "init", "--store", store, "--clip-config", cfg, "--clip-checkpoint", ckpt, "--clip-layer", "final",
            match="already bound")
+    assert run_cli("init", "--store", store, "--clip-config", cfg, "--clip-checkpoint", ckpt, "--clip-layer", "2") == 0
     # The checkpoint the store is bound to changes on disk: refused at use.
     moved = copy_of(ckpt, "ckpt.bin")
     other = tmp_path / "store2"

@@ -43,11 +43,11 @@ def test_evaluate_end_to_end(models, dataset, tmp_path, capsys, monkeypatch):
             "--perturb", "jpeg=50,resize=0.5", "--draws", "2", "--quiet"]
     assert run_cli(*argv) == 0
     printed = capsys.readouterr().out
-    assert "engine default final/cosine/max/K=2" in printed and "report.md" in printed
+    assert "engine default block2/cosine/knn/K=2" in printed and "report.md" in printed  # middle of 4 blocks
     report = json.loads((out / "report.json").read_text())
     data = report["dataset"]
     assert (data["originals"], data["resyntheses"], data["max_per_source"]) == (32, 64, 2)
-    assert data["layers"] == ["final", "block2"]
+    assert sorted(data["layers"]) == ["block2", "final"]
     default = report["engine_default"]
     assert default["accuracy"] >= 0.75  # chance is 0.25
     assert sum(map(sum, default["confusion"]["matrix"])) == 32
@@ -107,7 +107,7 @@ def test_calibrate_then_attribute_reports_probabilities_and_unknown(models, data
     known = _write(dataset.parent / "known.jsonl", [r for r in rows if r["source"] != UNREGISTERED])
     assert run_cli("ingest", known, "--store", store, "--quiet") == 0
     capsys.readouterr()
-    assert run_cli("calibrate", "--store", store, "--json") == 0
+    assert run_cli("calibrate", "--store", store, "--json", "--per-source", 2) == 0
     calibration = json.loads(capsys.readouterr().out)
     assert calibration["fitted"] and set(calibration["thresholds"]) == {
         n for n in models["pipelines"] if n != UNREGISTERED}
@@ -117,7 +117,7 @@ def test_calibrate_then_attribute_reports_probabilities_and_unknown(models, data
         queries = [{"image": str(dataset.parent / r["image"]), "prompt": r["description"]}
                    for r in rows if r["source"] == source and r["role"] == "original"]
         path = _write(tmp_path / f"{source}.jsonl", queries)
-        assert run_cli("attribute", "--queries", path, "--store", store, "--json", "--quiet") == 0
+        assert run_cli("attribute", "--queries", path, "--store", store, "--json", "--quiet", "--per-source", 2) == 0
         data = json.loads(capsys.readouterr().out)
         assert data["cache"]["generated"] == 0  # the ingested resyntheses are the cache
         return data["results"]

@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from engine.aggregate import AGGREGATIONS, DEFAULT_AGGREGATION, DEFAULT_PER_SOURCE
 from engine.errors import UserError
 
-AGGREGATION_CHOICES = ["max", "mean", "knn", "softmax"]
 
 
 def register(sub, common) -> None:
@@ -39,10 +39,10 @@ def register(sub, common) -> None:
                     "`resynth attribute` then reports calibrated probabilities and `unknown: true` for a query "
                     "below its best source's threshold.")
     p.add_argument("manifest", nargs="?", help="labelled manifest (default: the originals stored in the store)")
-    p.add_argument("--per-source", type=int, default=2, metavar="K",
-                   help="resyntheses per source, as `resynth attribute` will use (default 2)")
-    p.add_argument("--aggregation", default="max", choices=AGGREGATION_CHOICES,
-                   help="aggregation, as `resynth attribute` will use (default max)")
+    p.add_argument("--per-source", type=int, default=DEFAULT_PER_SOURCE, metavar="K",
+                   help=f"resyntheses per source, as `resynth attribute` will use (default {DEFAULT_PER_SOURCE})")
+    p.add_argument("--aggregation", default=DEFAULT_AGGREGATION, choices=AGGREGATIONS,
+                   help=f"aggregation, as `resynth attribute` will use (default {DEFAULT_AGGREGATION})")
     p.add_argument("--false-reject", type=float, default=0.05, metavar="RATE",
                    help="share of genuine queries a threshold may reject (default 0.05)")
     p.set_defaults(run=cmd_calibrate)
@@ -52,7 +52,8 @@ def _clip_arguments(p) -> None:
     p.add_argument("--clip-model", metavar="ARCH", help="open_clip architecture (default: the store's embedder)")
     p.add_argument("--clip-config", metavar="JSON", help="open_clip model config for a custom architecture")
     p.add_argument("--clip-checkpoint", metavar="FILE", help="CLIP checkpoint file")
-    p.add_argument("--clip-layer", type=int, metavar="N", help="class token of block N instead of the final embedding")
+    p.add_argument("--clip-layer", default="middle", metavar="{middle,final,N}",
+                   help="features of the explicit embedder: middle block (default), final embedding or block N")
 
 
 def _store(args, required: bool):

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from engine.embed import Embedder, EmbedderSpec
+from engine.embed import Embedder, EmbedderSpec, parse_layer
 from engine.errors import UserError
 from engine.images import read_image
 
@@ -111,7 +111,7 @@ def layer_embedders(base: Embedder, layers: list[str]) -> dict[str, Embedder]:
 
 
 def spec_from_args(model: str | None, config: str | None, checkpoint: str | None,
-                   layer: int | None) -> EmbedderSpec | None:
+                   layer: int | str | None) -> EmbedderSpec | None:
     """An explicit --clip-model/--clip-config/--clip-checkpoint, as `resynth init` takes it."""
     if not (model or config or checkpoint):
         return None
@@ -120,4 +120,4 @@ def spec_from_args(model: str | None, config: str | None, checkpoint: str | None
     if bool(model) == bool(config):
         raise UserError("give exactly one of --clip-model ARCH or --clip-config JSON")
     return EmbedderSpec(arch=model or Path(config).stem, checkpoint=str(Path(checkpoint).resolve()),
-                        config=str(Path(config).resolve()) if config else None, layer=layer)
+                        config=str(Path(config).resolve()) if config else None, layer=parse_layer(layer))

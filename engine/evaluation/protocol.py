@@ -15,7 +15,7 @@ from engine.evaluation.metrics import accuracy, classification_report
 from engine.evaluation.openset import FALSE_REJECT, calibration_report, leave_one_source_out
 from engine.evaluation.scoring import DISTANCES, Variant, score_matrix
 
-ENGINE_DEFAULT = Variant()  # what `resynth attribute` does out of the box: cosine, max, K=2
+ENGINE_DEFAULT = Variant()  # what `resynth attribute` does out of the box (engine.aggregate defaults)
 K_VALUES = (1, 2, 3, 5, 10, 20)
 
 

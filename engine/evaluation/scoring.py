@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.aggregate import AGGREGATIONS, KNN_K, SOFTMAX_TEMPERATURE
+from engine.aggregate import AGGREGATIONS, DEFAULT_AGGREGATION, DEFAULT_PER_SOURCE, KNN_K, SOFTMAX_TEMPERATURE
 
 DISTANCES = ("cosine", "euclidean")
 MISSING = -np.inf  # a source with no reference for a query cannot win it
@@ -22,8 +22,8 @@ class Variant:
 
     layer: str = "final"
     distance: str = "cosine"
-    aggregation: str = "max"
-    per_source: int = 2
+    aggregation: str = DEFAULT_AGGREGATION
+    per_source: int = DEFAULT_PER_SOURCE
     fewshot: bool = False  # also use every *other* labelled original of a source as its reference
 
     @property
