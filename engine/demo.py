@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from engine import zoo
+from engine.aggregate import DEFAULT_PER_SOURCE
 from engine.errors import UserError
 
 DESCRIPTIONS = [
@@ -27,7 +28,7 @@ DESCRIPTIONS = [
     "an old fisherman with a weathered face",
 ]
 KNOWN = 8  # descriptions whose resyntheses are in the dataset; the rest are generated on demand
-PER_SOURCE = 2
+PER_SOURCE = DEFAULT_PER_SOURCE
 STEPS = 2
 MARKER = ".resynth-demo"
 
@@ -114,7 +115,7 @@ def run_demo(workdir: Path, progress: bool = True) -> dict:
     report: dict = {"workdir": str(workdir)}
     with Store.open(Path(store_dir)) as store:
         attributor = Attributor(store, load_embedder(store), load_generators(store), load_captioner(store),
-                                per_source=PER_SOURCE, progress=progress)
+                                progress=progress)  # the defaults a user gets
         clock = time.perf_counter()
         results = attributor.attribute([Query.from_path(Path(q["image"]), q["prompt"]) for q in queries])
         timings["attribute (first pass)"] = time.perf_counter() - clock

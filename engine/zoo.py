@@ -34,6 +34,8 @@ class TinyGenerator:
 
 DEFAULT_GENERATORS: tuple[TinyGenerator, ...] = (
     TinyGenerator("tiny-sd-ddim", "sd", 1, "DDIMScheduler"),
+    # The same weights as tiny-sd-ddim with another sampler: the hard case (one model, two services).
+    TinyGenerator("tiny-sd-euler", "sd", 1, "EulerDiscreteScheduler"),
     TinyGenerator("tiny-sd-euler-a", "sd", 2, "EulerAncestralDiscreteScheduler", (16, 32), (16, 32)),
     TinyGenerator("tiny-sdxl-euler", "sdxl", 3, "EulerDiscreteScheduler", (8, 16)),
     TinyGenerator("tiny-sdxl-dpm", "sdxl", 4, "DPMSolverMultistepScheduler", (8, 16), (16, 32)),

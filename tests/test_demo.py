@@ -18,7 +18,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert run_cli("rebuild", "--store", store, "--json") == 0
     assert json.loads(capsys.readouterr().out)["vectors"] == report["store"]["vectors"]
     assert run_cli("stats", "--store", store, "--json") == 0
-    assert len(json.loads(capsys.readouterr().out)["sources"]) == 4
+    assert len(json.loads(capsys.readouterr().out)["sources"]) == len(report["accuracy"]["per_source"]) == 5
     # Running it again on the same folder starts over cleanly; a foreign folder is refused.
     foreign = tmp_path / "mine"
     foreign.mkdir()

@@ -151,7 +151,8 @@ def test_kill_during_ingest_leaves_store_consistent(models, originals, tmp_path)
     store = tmp_path / "store"
     assert run_cli("init", "--store", store, "--clip-config", models["clip_config"],
                    "--clip-checkpoint", models["clip_checkpoint"]) == 0
-    manifest = _write_big_manifest(originals, tmp_path, copies=40)  # 800 rows
+    manifest = _write_big_manifest(originals, tmp_path, copies=40)
+    total = 40 * len(originals)
     cmd = [sys.executable, "-m", "engine.cli", "ingest", str(manifest), "--store", str(store), "--quiet"]
     proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], stderr=subprocess.PIPE)
     deadline = time.time() + 60
@@ -166,10 +167,10 @@ def test_kill_during_ingest_leaves_store_consistent(models, originals, tmp_path)
     with Store.open(store) as opened:
         assert _agree(opened)
         partial = opened.stats()["vectors"]
-        assert 0 < partial < 800
+        assert 0 < partial < total
     assert run_cli("ingest", manifest, "--store", store, "--quiet") == 0  # resumes
     with Store.open(store) as opened:
-        assert opened.stats()["vectors"] == 800 and _agree(opened)
+        assert opened.stats()["vectors"] == total and _agree(opened)
 
 
 def test_two_processes_share_a_store(tmp_path):
