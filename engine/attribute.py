@@ -77,7 +77,7 @@ class Attributor:
                  captioner: Captioner | None = None, per_source: int = DEFAULT_PER_SOURCE,
                  aggregation: str = DEFAULT_AGGREGATION,
                  base_seed: int = 0, sources: list[str] | None = None, progress: bool = True,
-                 max_loaded: int = 2):
+                 max_loaded: int = 2, original_refs: int = 0):
         if per_source < 1:
             raise UserError("--per-source must be at least 1")
         if aggregation not in AGGREGATIONS:
@@ -91,6 +91,9 @@ class Attributor:
         self.seeds = list(range(base_seed, base_seed + per_source))
         self.progress = progress
         self.max_loaded = max(1, max_loaded)  # pipelines kept in memory at once (real ones take GBs)
+        # Labelled originals per source used as extra references (few-shot + resynthesis, which
+        # measured best when labelled originals exist); 0 = resynthesis only, the paper's setting.
+        self.original_refs = max(0, original_refs)
         known = {s.name: s for s in store.sources()}
         if not known:
             raise UserError("the store has no sources: add some with `resynth source add` or `resynth ingest`")
@@ -195,15 +198,16 @@ class Attributor:
         digest = sha256_text(normalise_description(text))
         per_source: dict[str, list] = defaultdict(list)
         description_id = self.store.find_description_id(text)
-        if description_id is None:
-            return per_source
         by_name = {s.name: s for s in self.sources}
-        rows = self.store.resyntheses(description_id, [s.id for s in self.sources])
+        rows = self.store.resyntheses(description_id, [s.id for s in self.sources]) if description_id else []
         expected = {self._key(s, digest, seed) for s in self.sources if s.kind != "replay" for seed in self.seeds}
         for row in rows:
             if by_name[row.source].kind != "replay" and row.key not in expected:
                 continue  # a stored resynthesis with another seed: not part of this request
             if len(per_source[row.source]) < self.per_source:
+                per_source[row.source].append(row)
+        if self.original_refs:
+            for row in self.store.originals([s.id for s in self.sources], self.original_refs):
                 per_source[row.source].append(row)
         self.stats.seconds["lookup"] += time.perf_counter() - started
         return per_source

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"top 3), softmax (default {DEFAULT_AGGREGATION})")
     p.add_argument("--sources", help="comma-separated subset of sources to consider")
     p.add_argument("--seed", type=int, default=0, help="first generation seed (default 0)")
+    p.add_argument("--original-refs", type=int, default=0, metavar="N",
+                   help="also compare with up to N stored labelled originals per source (few-shot references; "
+                        "default 0: resynthesis only)")
     p.add_argument("--captioner", metavar="DIR", help="captioner folder for this run (overrides the store's)")
     p.set_defaults(run=cmd_attribute)
 
@@ -226,7 +229,7 @@ def cmd_attribute(args) -> None:
             store, load_embedder(store), load_generators(store), load_captioner(store, args.captioner),
             per_source=args.per_source, aggregation=args.aggregation, base_seed=args.seed,
             sources=[s.strip() for s in args.sources.split(",")] if args.sources else None,
-            progress=not args.quiet)
+            progress=not args.quiet, original_refs=args.original_refs)
         chunks = range(0, len(specs), QUERY_CHUNK)
         for start in tqdm(chunks, desc="attributing", unit="chunk", disable=args.quiet or len(chunks) < 2):
             queries = [Query.from_path(path, prompt) for path, prompt in specs[start:start + QUERY_CHUNK]]

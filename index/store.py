@@ -50,7 +50,9 @@ class NewImage:
 
 
 @dataclass
-class StoredResynthesis:
+class StoredReference:
+    """A stored vector a query can be compared with: a resynthesis, or a labelled original."""
+
     vector_id: int
     source: str
     seed: int | None
@@ -355,7 +357,7 @@ class Store:
                 found.update({key: vid for key, vid in rows})
         return found
 
-    def resyntheses(self, description_id: int, source_ids: list[int] | None = None) -> list[StoredResynthesis]:
+    def resyntheses(self, description_id: int, source_ids: list[int] | None = None) -> list[StoredReference]:
         """Every stored resynthesis vector of one description (optionally of some sources only)."""
         query = (select(Vector.id, Source.name, Image.seed, Image.file_hash, Image.key)
                  .join(Image, Vector.image_id == Image.id).join(Source, Image.source_id == Source.id)
@@ -365,7 +367,23 @@ class Store:
         if source_ids is not None:
             query = query.where(Image.source_id.in_(source_ids))
         with self.session() as s:
-            return [StoredResynthesis(*row) for row in s.execute(query)]
+            return [StoredReference(*row) for row in s.execute(query)]
+
+    def originals(self, source_ids: list[int], per_source: int) -> list[StoredReference]:
+        """Up to `per_source` stored labelled originals of each source (oldest first), any description."""
+        query = (select(Vector.id, Source.name, Image.seed, Image.file_hash, Image.key)
+                 .join(Image, Vector.image_id == Image.id).join(Source, Image.source_id == Source.id)
+                 .where(Image.role == "original", Image.source_id.in_(source_ids),
+                        Vector.embedder == self.embedder_identity)
+                 .order_by(Source.name, Image.id))
+        kept: dict[str, int] = {}
+        out = []
+        with self.session() as s:
+            for row in s.execute(query):
+                if kept.get(row[1], 0) < per_source:
+                    kept[row[1]] = kept.get(row[1], 0) + 1
+                    out.append(StoredReference(*row))
+        return out
 
     def add_images(self, rows: list[NewImage]) -> list[int]:
         """Record images and vectors in one transaction, then add them to the in-memory index.

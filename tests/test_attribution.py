@@ -132,3 +132,24 @@ def test_replay_sources_need_no_generation(models, originals, tmp_path):
     assert correct / len(queries) >= 0.75
     assert attributor.stats.generated == 0
     assert new[0].predicted is None and len(new[0].missing) == len(models["pipelines"])
+
+
+def test_original_references_join_resyntheses(store_dir, originals, models, tmp_path):
+    """Labelled originals in the store become extra references; the query itself never counts."""
+    manifest = tmp_path / "refs.csv"
+    rows = ["image,source,description,role"] + [f"{o['image']},{o['source']},{o['prompt']},original"
+                                                for o in originals if o["prompt"] != originals[0]["prompt"]]
+    manifest.write_text("\n".join(rows) + "\n")
+    assert run_cli("ingest", manifest, "--store", store_dir, "--quiet") == 0
+    queries = [o for o in originals if o["prompt"] == originals[0]["prompt"]]
+    with Store.open(store_dir) as store:
+        plain = _attributor(store, per_source=1).attribute([Query.from_path(o["image"], o["prompt"]) for o in queries])
+        mixed = _attributor(store, per_source=1, original_refs=2)
+        results = mixed.attribute([Query.from_path(o["image"], o["prompt"]) for o in queries])
+        assert mixed.stats.generated == 0  # the resyntheses were cached by the first pass
+        # Not a query's own file: an ingested original used as a query is not its own reference.
+        stored = mixed.attribute([Query.from_path(originals[1]["image"], originals[1]["prompt"])])[0]
+    assert all(s.resyntheses == 3 for r in results for s in r.scores)  # 1 resynthesis + 2 originals
+    assert all(s.resyntheses == (2 if s.source == originals[1]["source"] else 3) for s in stored.scores)
+    assert sum(r.predicted == o["source"] for r, o in zip(results, queries)) >= \
+        sum(r.predicted == o["source"] for r, o in zip(plain, queries)) - 1
