@@ -102,8 +102,12 @@ class Attributor:
                 raise UserError(f"unknown source {name!r} (known: {', '.join(sorted(known))})")
         self.sources: list[Source] = [known[n] for n in (sources or sorted(known))]
         self._params_hash = {s.id: source_params_hash(s) for s in self.sources}  # parsed once, not per key
-        self.calibration = Calibration.from_dict(store.config.get("calibration"))
         self.stats = Stats()
+
+    @property
+    def calibration(self) -> Calibration:
+        """Read from the store's config each time, so a `resynth calibrate` picked up by refresh() applies."""
+        return Calibration.from_dict(self.store.config.get("calibration"))
 
     # ----- step 1: describe --------------------------------------------------------------------
     def describe(self, queries: list[Query]) -> list[tuple[str, str]]:
@@ -231,7 +235,8 @@ class Attributor:
                               len(rows))
                   for name, rows in per_source.items() if rows]
         scores.sort(key=lambda s: -s.score)
-        probabilities = self.calibration.probabilities({s.source: s.score for s in scores})
+        calibration = self.calibration
+        probabilities = calibration.probabilities({s.source: s.score for s in scores})
         for s in scores:
             s.probability = probabilities[s.source]
         best = scores[0] if scores else None
@@ -241,8 +246,8 @@ class Attributor:
             predicted=best.source if best else None,
             margin=(scores[0].score - scores[1].score) if len(scores) > 1 else None,
             scores=scores, missing=sorted({s.name for s in self.sources} - {x.source for x in scores}),
-            unknown=self.calibration.is_unknown(best.source if best else None, best.score if best else None),
-            calibrated=self.calibration.fitted, cached=counts[0], generated=counts[1])
+            unknown=calibration.is_unknown(best.source if best else None, best.score if best else None),
+            calibrated=calibration.fitted, cached=counts[0], generated=counts[1])
 
     def attribute(self, queries: list[Query]) -> list[Attribution]:
         """All four steps for a batch: queries sharing a description share its resyntheses."""

@@ -239,7 +239,14 @@ class Store:
         return int(fresh.ntotal)
 
     def refresh(self) -> bool:
-        """Swap in the index file if another process replaced it (e.g. `resynth rebuild`); True if so."""
+        """Pick up what another process changed: store.json (e.g. `resynth calibrate`) and a replaced
+        index file (e.g. `resynth rebuild`), which is verified and swapped in; True if the index changed."""
+        try:
+            config = json.loads((self.root / CONFIG_NAME).read_text())
+            if config["embedder"]["identity"] == self.embedder_identity:
+                self.config = config
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # keep the config this process has
         state = _file_state(self.index_path)
         if state is None or state == self._file_state:
             return False

@@ -1,0 +1,429 @@
+"""`resynth serve`: API contract, single flight, bounded generation queue, limits, token, crash safety."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from index import vectors as vx
+from index.store import Store
+from tests.conftest import run_cli
+
+fastapi = pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from engine import zoo  # noqa: E402
+from engine.aggregate import DEFAULT_PER_SOURCE  # noqa: E402
+from engine.service.app import _label, create_app  # noqa: E402
+from engine.service.batching import MicroBatcher  # noqa: E402
+from engine.service.config import Limits  # noqa: E402
+from engine.service.core import Service  # noqa: E402
+from engine.service.process import ServerProcess  # noqa: E402
+
+REPO = Path(__file__).parents[1]
+CACHED_PROMPT = "portrait of an old man with a beard"
+SOURCES = len(zoo.DEFAULT_GENERATORS)  # every tiny pipeline is registered in the served store
+K = DEFAULT_PER_SOURCE
+
+
+# ----- fixtures and helpers ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def served_store(models, tmp_path_factory) -> Path:
+    """A store with every tiny pipeline registered; tests add resyntheses as they go."""
+    path = tmp_path_factory.mktemp("served") / "store"
+    assert run_cli("init", "--store", path, "--clip-config", models["clip_config"],
+                   "--clip-checkpoint", models["clip_checkpoint"]) == 0
+    for name, folder in models["pipelines"].items():
+        assert run_cli("source", "add", name, folder, "--store", path, "--steps", 2, "--quiet") == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def query_png(originals) -> bytes:
+    return Path(originals[0]["image"]).read_bytes()
+
+
+def _client(store: Path, token: str | None = None, **limits) -> TestClient:
+    service = Service.open(store, Limits(**limits))
+    return TestClient(create_app(service, token), raise_server_exceptions=False)
+
+
+def _post(client, png: bytes, prompt: str | None = CACHED_PROMPT, headers=None, **fields):
+    data = {k: str(v) for k, v in fields.items()}
+    if prompt is not None:
+        data["prompt"] = prompt
+    return client.post("/v1/attribute", files={"image": ("query.png", png, "image/png")}, data=data,
+                       headers=headers or {})
+
+
+def _gate(service: Service) -> threading.Event:
+    """Hold every generation until the returned event is set (the generator's own count still runs)."""
+    gate = threading.Event()
+    for generator in service.generators.values():
+        real = generator.generate
+
+        def held(prompt, seeds, _real=real):
+            assert gate.wait(60), "test gate never opened"
+            return _real(prompt, seeds)
+        generator.generate = held
+    return gate
+
+
+def _wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def _assert_error(response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    payload = response.json()
+    assert set(payload) == {"error"} and payload["error"]["code"] == code
+    message = payload["error"]["message"]
+    assert message and "\n" not in message and "Traceback" not in message
+
+
+def _ranking(body: dict) -> tuple:
+    """Sources in rank order with scores to 5 decimals: equal answers, whatever the batch size."""
+    return tuple((s["source"], round(s["score"], 5)) for s in body["results"][0]["scores"])
+
+
+def _calls(service: Service) -> int:
+    return sum(g.calls for g in service.generators.values())
+
+
+# ----- the API contract ----------------------------------------------------------------------------
+def test_attribute_matches_cli_json_and_caches(served_store, originals, query_png, capsys):
+    with _client(served_store) as client:
+        first = _post(client, query_png)
+        assert first.status_code == 200, first.text
+        body = first.json()
+        assert body["cache"]["generated"] in (0, SOURCES * K)  # another test may have generated it first
+        again = _post(client, query_png).json()
+        assert again["cache"] == {"cached": SOURCES * K, "generated": 0}
+        result = again["results"][0]
+        assert result["query"] == "query.png" and result["description_from"] == "prompt"
+        assert len(result["scores"]) == SOURCES and result["predicted"] == result["scores"][0]["source"]
+        assert result["margin"] == pytest.approx(result["scores"][0]["score"] - result["scores"][1]["score"])
+        assert abs(sum(s["probability"] for s in result["scores"]) - 1) < 1e-6
+        assert {"unknown", "calibrated", "cached", "generated", "missing"} <= set(result)
+
+        sources = client.get("/v1/sources").json()["sources"]
+        assert len(sources) == SOURCES and all("path" not in s for s in sources)
+        stats = client.get("/v1/stats").json()
+        assert stats["store"]["vectors"] >= SOURCES * K and stats["service"]["requests"] >= 2
+        assert client.get("/healthz").json() == {"status": "ok"}
+        assert client.get("/readyz").status_code == 200
+        schema = client.get("/openapi.json").json()
+        assert "multipart/form-data" in schema["paths"]["/v1/attribute"]["post"]["requestBody"]["content"]
+        # two images, one prompt each, a source subset and another aggregation
+        two = client.post("/v1/attribute", files=[("image", ("a.png", query_png, "image/png")),
+                                                  ("image", ("b.png", query_png, "image/png"))],
+                          data={"prompt": [CACHED_PROMPT, CACHED_PROMPT], "aggregation": "mean",
+                                "sources": "tiny-sd-ddim,tiny-sdxl-dpm"})
+        assert two.status_code == 200, two.text
+        assert [r["query"] for r in two.json()["results"]] == ["a.png", "b.png"]
+        assert {s["source"] for s in two.json()["results"][0]["scores"]} == {"tiny-sd-ddim", "tiny-sdxl-dpm"}
+
+    capsys.readouterr()
+    assert run_cli("attribute", originals[0]["image"], "--prompt", CACHED_PROMPT, "--store", served_store,
+                   "--json", "--quiet") == 0
+    cli = json.loads(capsys.readouterr().out)["results"][0]
+    assert _ranking({"results": [cli]}) == _ranking(again)
+    assert set(cli) == set(result)
+
+
+def test_concurrent_identical_requests_generate_once(served_store, query_png):
+    prompt, clients = "a lighthouse on a cliff at dusk", 6
+    with _client(served_store) as client:
+        service = _service_of(client)
+        gate = _gate(service)
+        with ThreadPoolExecutor(clients) as pool:
+            futures = [pool.submit(_post, client, query_png, prompt) for _ in range(clients)]
+            _wait_for(lambda: service.generation.stats()["joined"] == clients - 1)
+            gate.set()
+            responses = [f.result(timeout=60) for f in futures]
+        assert [r.status_code for r in responses] == [200] * clients
+        assert _calls(service) == SOURCES * K  # K per source, generated exactly once
+        assert service.generation.stats()["jobs"] == 1
+        # one answer for all (up to float noise: batched CLIP forward passes round differently)
+        assert len({_ranking(r.json()) for r in responses}) == 1
+        # a later request for the same description is a pure cache hit: no job at all
+        later = _post(client, query_png, prompt).json()
+        assert later["cache"] == {"cached": SOURCES * K, "generated": 0}
+        assert service.generation.stats()["jobs"] == 1 and _calls(service) == SOURCES * K
+
+
+def test_resident_pipelines_are_bounded_across_option_sets(served_store, query_png):
+    with _client(served_store, max_loaded=2) as client:
+        service = _service_of(client)
+        for sources in ("tiny-sd-ddim,tiny-sd-euler-a", "tiny-sdxl-euler,tiny-sdxl-dpm"):  # two Attributors
+            reply = _post(client, query_png, "a green door in a stone wall", per_source=1, sources=sources)
+            assert reply.status_code == 200 and reply.json()["cache"]["generated"] == 2
+        resident = [name for name, g in service.generators.items() if g._pipe is not None]
+        assert sorted(resident) == ["tiny-sdxl-dpm", "tiny-sdxl-euler"]  # the first two were unloaded
+
+
+def test_cached_lookups_do_not_wait_behind_generation(served_store, query_png):
+    with _client(served_store) as client:
+        service = _service_of(client)
+        assert _post(client, query_png).status_code == 200  # make sure CACHED_PROMPT is stored
+        gate = _gate(service)
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(_post, client, query_png, "a red bicycle leaning on a wall")
+            _wait_for(lambda: service.generation.stats()["running"] == 1)
+            started = time.perf_counter()
+            fast = _post(client, query_png)
+            elapsed = time.perf_counter() - started
+            assert fast.status_code == 200 and fast.json()["cache"]["generated"] == 0
+            assert not slow.done(), "the generation should still be held"
+            assert elapsed < 5
+            gate.set()
+            assert slow.result(timeout=60).status_code == 200
+
+
+def test_burst_beyond_the_queue_is_refused_not_crashed(served_store, query_png):
+    prompts = [f"a burst prompt number {word}" for word in ("one", "two", "three", "four", "five", "six")]
+    with _client(served_store, queue_size=1) as client:
+        service = _service_of(client)
+        gate = _gate(service)
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            futures = [pool.submit(_post, client, query_png, p, per_source=1) for p in prompts]
+            _wait_for(lambda: service.generation.stats()["refused"] == len(prompts) - 2)
+            gate.set()
+            responses = [f.result(timeout=60) for f in futures]
+        codes = sorted(r.status_code for r in responses)
+        assert codes == [200, 200] + [503] * (len(prompts) - 2)
+        for refused in (r for r in responses if r.status_code == 503):
+            _assert_error(refused, 503, "queue_full")
+            assert refused.headers["retry-after"]
+        assert client.get("/readyz").status_code == 200
+        assert _post(client, query_png, prompts[-1], per_source=1).status_code == 200  # serves again
+
+
+def _service_of(client: TestClient) -> Service:
+    return client.app.state.service
+
+
+# ----- bad input and limits ------------------------------------------------------------------------
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares a huge size but holds no pixel data: only the header may ever be read."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+def _encoded(fmt: str, size: int = 32) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (120, 30, 200)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_every_bad_input_gets_its_status(served_store, query_png):
+    with _client(served_store, max_body_bytes=400_000, max_image_bytes=200_000) as client:
+        _assert_error(_post(client, b"this is not an image"), 400, "undecodable_image")
+        _assert_error(_post(client, query_png[: len(query_png) // 2]), 400, "undecodable_image")  # truncated
+        _assert_error(_post(client, _encoded("ICO")), 400, "undecodable_image")  # a format not on the list
+        _assert_error(_post(client, b""), 400, "empty_image")
+        _assert_error(_post(client, _png_header_only(100_000, 100_000)), 400, "image_too_large")  # bomb
+        _assert_error(_post(client, b"\0" * 250_000), 400, "image_too_large")  # bytes over the image limit
+        _assert_error(_post(client, query_png, " \t \n "), 400, "empty_prompt")
+        _assert_error(_post(client, query_png, sources="tiny-sd-ddim,no-such-source"), 404, "unknown_source")
+        _assert_error(_post(client, query_png, per_source="many"), 400, "bad_option")
+        _assert_error(_post(client, query_png, per_source=0), 400, "bad_option")
+        _assert_error(_post(client, query_png, aggregation="median"), 400, "bad_option")
+        _assert_error(client.post("/v1/attribute", data={"prompt": "x"},
+                                  files={"other": ("a.txt", b"x")}), 400, "no_image")
+        _assert_error(client.post("/v1/attribute", json={"image": "a.png"}), 415, "unsupported_media_type")
+        _assert_error(client.post("/v1/attribute", files=[("image", ("a.png", query_png, "image/png"))] * 2,
+                                  data={"prompt": ["one", "two", "three"]}), 400, "bad_request")
+        # a body over the limit, declared (Content-Length) and undeclared (chunked)
+        _assert_error(_post(client, b"\0" * 500_000), 413, "body_too_large")
+
+        def chunks():
+            for _ in range(10):
+                yield b"\0" * 100_000
+        chunked = client.post("/v1/attribute", content=chunks(),
+                              headers={"content-type": "multipart/form-data; boundary=xyz"})
+        _assert_error(chunked, 413, "body_too_large")
+        _assert_error(client.get("/v1/nothing-here"), 404, "not_found")
+        _assert_error(client.delete("/v1/sources"), 405, "method_not_allowed")
+        # no client-supplied name reaches the filesystem: it is only echoed back as a label
+        named = client.post("/v1/attribute", data={"prompt": CACHED_PROMPT},
+                            files={"image": ("../../etc/passwd.png", query_png, "image/png")})
+        assert named.status_code == 200 and named.json()["results"][0]["query"] == "passwd.png"
+        assert _label("..\\..\\win\\x\x00y\x1b.png", 0) == "xy.png" and _label(None, 2) == "image-3"
+        assert client.get("/readyz").status_code == 200
+
+
+def test_a_library_failure_is_a_json_500_without_traceback(served_store, query_png):
+    with _client(served_store) as client:
+        service = _service_of(client)
+
+        async def broken(queries, options):
+            raise RuntimeError("boom\nTraceback (most recent call last): secret internals")
+        service.attribute = broken
+        response = _post(client, query_png)
+        _assert_error(response, 500, "internal_error")
+        assert "boom" not in response.text and "secret" not in response.text
+
+
+def test_token_is_required_except_for_health(served_store, query_png, monkeypatch):
+    token = "correct horse battery staple"
+    with _client(served_store, token=token) as client:
+        good = {"Authorization": f"Bearer {token}"}
+        assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": token}):
+            _assert_error(client.get("/v1/sources", headers=headers), 401, "unauthorized")
+            _assert_error(client.get("/v1/stats", headers=headers), 401, "unauthorized")
+            _assert_error(client.get("/openapi.json", headers=headers), 401, "unauthorized")
+            _assert_error(_post(client, query_png, headers=headers), 401, "unauthorized")
+        assert client.get("/v1/sources", headers=good).status_code == 200
+        assert _post(client, query_png, headers=good).status_code == 200
+    from engine.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert args.host == "127.0.0.1" and args.token is None
+
+
+def test_serve_command_refuses_bad_setup(tmp_path, capsys):
+    assert run_cli("serve", "--store", tmp_path / "missing") == 2
+    assert capsys.readouterr().err.strip().startswith("resynth: error: no store at")
+    assert run_cli("serve", "--store", tmp_path / "missing", "--queue-size", 0) == 2
+    assert "--queue-size must be positive" in capsys.readouterr().err
+
+
+def test_micro_batcher_shares_forward_passes_and_never_waits_alone():
+    calls: list[int] = []
+
+    def embed(images):
+        calls.append(len(images))
+        return np.array([[float(im.width)] for im in images], np.float32)
+
+    batcher = MicroBatcher(embed, window=2.0, max_images=64)
+    try:
+        started = time.perf_counter()
+        assert batcher.submit([Image.new("RGB", (5, 1))]).result(10).tolist() == [[5.0]]
+        assert time.perf_counter() - started < 1.0  # nobody else announced: no window to wait out
+        calls.clear()
+        barrier = threading.Barrier(8)
+
+        def one(i: int) -> np.ndarray:
+            with batcher.expect():
+                barrier.wait()
+                future = batcher.submit([Image.new("RGB", (i + 1, 1)), Image.new("RGB", (i + 1, 2))])
+            return future.result(10)
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(one, range(8)))
+        assert all(r[:, 0].tolist() == [i + 1, i + 1] for i, r in enumerate(results))  # each gets its own rows
+        assert calls == [16]  # one forward pass for all eight requests
+    finally:
+        batcher.close()
+
+
+def test_index_rebuilt_by_another_process_is_swapped_in_without_failures(served_store, query_png):
+    with _client(served_store, refresh_seconds=0.05) as client:
+        service = _service_of(client)
+        assert _post(client, query_png).status_code == 200
+        statuses: list[int] = []
+        stop = threading.Event()
+
+        def hammer():
+            while not stop.is_set():
+                statuses.append(_post(client, query_png).status_code)
+        worker = threading.Thread(target=hammer)
+        worker.start()
+        try:
+            for _ in range(2):
+                assert subprocess.run([sys.executable, "-m", "engine.cli", "rebuild", "--store", str(served_store),
+                                       "--quiet"], cwd=REPO, capture_output=True).returncode == 0
+                time.sleep(0.2)
+            _wait_for(lambda: service.counters["index_swaps"] >= 1, timeout=10)
+        finally:
+            stop.set()
+            worker.join()
+        assert statuses and set(statuses) == {200}
+
+
+def test_a_source_removed_by_the_cli_leaves_the_running_server(served_store, query_png, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(served_store, store)
+    with _client(store, refresh_seconds=0.05) as client:
+        service = _service_of(client)
+        assert len(_post(client, query_png).json()["results"][0]["scores"]) == SOURCES
+        assert run_cli("source", "remove", "tiny-sdxl-dpm", "--store", store, "--quiet") == 0
+        _wait_for(lambda: "tiny-sdxl-dpm" not in service.generators, timeout=10)
+        after = _post(client, query_png).json()["results"][0]
+        assert {s["source"] for s in after["scores"]} == {g.name for g in zoo.DEFAULT_GENERATORS} - {"tiny-sdxl-dpm"}
+        _assert_error(_post(client, query_png, sources="tiny-sdxl-dpm"), 404, "unknown_source")
+
+
+# ----- a real server process: kill -9 during generation, restart -----------------------------------
+def _vectors(store: Path) -> int:
+    import sqlite3
+
+    with sqlite3.connect(f"file:{store / 'metadata.sqlite'}?mode=ro", uri=True, timeout=30) as db:
+        return db.execute("SELECT count(*) FROM vectors").fetchone()[0]
+
+
+def test_kill_during_generation_then_restart_keeps_store_consistent(served_store, query_png, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(served_store, store)
+    acknowledged = "a sailing boat on a calm lake"
+    server = ServerProcess(store, "--refresh-seconds", "0.2")
+    try:
+        done = httpx.post(server.url + "/v1/attribute", files={"image": ("q.png", query_png, "image/png")},
+                          data={"prompt": acknowledged}, timeout=60)
+        assert done.status_code == 200 and done.json()["cache"]["generated"] == SOURCES * K
+        before = _vectors(store)
+        prompts = [f"an unfinished prompt number {w}" for w in ("one", "two", "three", "four")]
+
+        def slow_request():
+            try:
+                httpx.post(server.url + "/v1/attribute", timeout=60, data={"prompt": prompts},
+                           files=[("image", (f"{i}.png", query_png, "image/png")) for i in range(len(prompts))])
+            except httpx.HTTPError:
+                pass  # the server dies under it
+        requester = threading.Thread(target=slow_request)
+        requester.start()
+        _wait_for(lambda: _vectors(store) > before, timeout=60)  # some of it is committed ...
+        os.kill(server.proc.pid, signal.SIGKILL)  # ... and the rest never will be
+        server.proc.wait()
+        requester.join()
+    finally:
+        server.stop()
+    partial = _vectors(store)
+    assert before < partial < before + len(prompts) * SOURCES * K, "kill landed outside the generation"
+    with Store.open(store) as opened:
+        assert np.array_equal(np.sort(vx.index_ids(opened.index)), opened._db_vector_ids())
+        assert opened.stats()["vectors"] == partial
+        kept = opened.resyntheses(opened.description_id(acknowledged))
+        assert len(kept) == SOURCES * K  # the acknowledged answer's resyntheses survived the kill
+
+    server = ServerProcess(store)
+    try:
+        again = httpx.post(server.url + "/v1/attribute", files={"image": ("q.png", query_png, "image/png")},
+                           data={"prompt": acknowledged}, timeout=60).json()
+        assert again["cache"] == {"cached": SOURCES * K, "generated": 0}
+        assert _ranking(again) == _ranking(done.json())
+    finally:
+        server.stop()
+    with Store.open(store) as opened:
+        assert np.array_equal(np.sort(vx.index_ids(opened.index)), opened._db_vector_ids())
