@@ -53,26 +53,15 @@ def _prepare(workdir: Path) -> None:
 
 def _make_dataset(models: dict, root: Path) -> tuple[Path, list[dict]]:
     """Originals (the "unknown" images) and resyntheses of the known descriptions, as a manifest."""
-    from engine.generate import DiffusersGenerator, GenerationParams
-    from engine.images import save_png_atomic
+    from engine.evaluation.synthetic import write_dataset
 
-    manifest, queries = [], []
-    for name, folder in models["pipelines"].items():
-        generator = DiffusersGenerator(name, folder, GenerationParams(steps=STEPS))
-        for i, text in enumerate(DESCRIPTIONS):
-            original = generator.generate(text, [1000 + i])[0]  # seeds no resynthesis uses
-            path = root / "originals" / name / f"{i:03d}.png"
-            save_png_atomic(original, path)
-            queries.append({"image": str(path), "prompt": text, "source": name, "known": i < KNOWN})
-            if i < KNOWN:
-                seeds = list(range(PER_SOURCE))
-                for seed, image in zip(seeds, generator.generate(text, seeds)):
-                    rel = Path("resyntheses") / name / f"{i:03d}-{seed}.png"
-                    save_png_atomic(image, root / rel)
-                    manifest.append({"image": rel.as_posix(), "source": name, "description": text,
-                                     "role": "resynthesis", "seed": seed})
-    path = root / "manifest.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in manifest))
+    full = write_dataset(models["pipelines"], root, DESCRIPTIONS, seeds=tuple(range(PER_SOURCE)), steps=STEPS,
+                         resynthesized=KNOWN)
+    rows = [json.loads(line) for line in full.read_text().splitlines()]
+    queries = [{"image": str(root / r["image"]), "prompt": r["description"], "source": r["source"],
+                "known": DESCRIPTIONS.index(r["description"]) < KNOWN} for r in rows if r["role"] == "original"]
+    path = root / "resyntheses.jsonl"  # the originals stay out of the store: they are the queries
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["role"] == "resynthesis"))
     return path, queries
 
 

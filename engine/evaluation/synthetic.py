@@ -18,11 +18,13 @@ ORIGINAL_SEED = 1000  # originals use seeds no resynthesis uses, as in the demo
 
 
 def write_dataset(pipelines: dict[str, Path], root: Path, descriptions: list[str] | None = None,
-                  seeds: tuple[int, ...] = (0, 1), steps: int = 2, progress: bool = False) -> Path:
+                  seeds: tuple[int, ...] = (0, 1), steps: int = 2, progress: bool = False,
+                  resynthesized: int | None = None) -> Path:
     """Generate one original per (source, description) and `seeds` resyntheses per (source, description).
 
     Resyntheses are linked to their description only (each description has one original per
-    source, so none of them is "the" original). Returns the manifest path.
+    source, so none of them is "the" original). Only the first `resynthesized` descriptions get
+    resyntheses when given (the demo keeps the rest for generation on demand). Returns the manifest path.
     """
     descriptions = list(descriptions or DESCRIPTIONS[:8])
     root = Path(root)
@@ -33,6 +35,8 @@ def write_dataset(pipelines: dict[str, Path], root: Path, descriptions: list[str
             original = Path("originals") / name / f"{i:03d}.png"
             save_png_atomic(generator.generate(text, [ORIGINAL_SEED + i])[0], root / original)
             rows.append({"image": original.as_posix(), "source": name, "description": text, "role": "original"})
+            if resynthesized is not None and i >= resynthesized:
+                continue
             for seed, image in zip(seeds, generator.generate(text, list(seeds))):
                 rel = Path("resyntheses") / name / f"{i:03d}-{seed}.png"
                 save_png_atomic(image, root / rel)
