@@ -22,8 +22,8 @@ import numpy as np
 from sqlalchemy import create_engine, delete, event, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from engine.errors import UserError
 from index import vectors as vx
+from index.errors import StoreDamaged, StoreInputError, UnknownName
 from index.keys import normalise_description, sha256_text
 from index.schema import Base, Description, Image, Source, Vector
 
@@ -115,7 +115,7 @@ class Store:
         if config_path.exists():
             existing = json.loads(config_path.read_text())
             if existing["embedder"]["identity"] != embedder["identity"]:
-                raise UserError(f"store {root} is already bound to embedder {existing['embedder']['identity']}; "
+                raise StoreInputError(f"store {root} is already bound to embedder {existing['embedder']['identity']}; "
                                 f"use another --store for {embedder['identity']}")
             store = cls.open(root)
             if captioner and captioner != store.config.get("captioner"):
@@ -131,14 +131,14 @@ class Store:
         root = Path(root)
         config_path = root / CONFIG_NAME
         if not config_path.exists():
-            raise UserError(f"no store at {root} (create one with `resynth init`)")
+            raise StoreInputError(f"no store at {root} (create one with `resynth init`)")
         try:
             config = json.loads(config_path.read_text())
             config["embedder"]["identity"], config["dim"]
         except (ValueError, KeyError, TypeError):
-            raise UserError(f"store config {config_path} is malformed") from None
+            raise StoreDamaged(f"store config {config_path} is malformed") from None
         if config.get("format") != FORMAT:
-            raise UserError(f"store {root} has format {config.get('format')}, this resynth reads {FORMAT}")
+            raise StoreInputError(f"store {root} has format {config.get('format')}, this resynth reads {FORMAT}")
         return cls(root, config, writable)
 
     def update_config(self, **changes) -> None:
@@ -289,7 +289,7 @@ class Store:
                    params: dict | None = None) -> Source:
         with self.session() as s:
             if s.scalar(select(Source).where(Source.name == name)) is not None:
-                raise UserError(f"source {name!r} already exists (remove it first to change it)")
+                raise StoreInputError(f"source {name!r} already exists (remove it first to change it)")
             source = Source(name=name, kind=kind, path=path, params_json=json.dumps(params or {}, sort_keys=True),
                             fingerprint=fingerprint)
             s.add(source)
@@ -305,7 +305,7 @@ class Store:
             found = s.scalar(select(Source).where(Source.name == name))
         if found is None:
             known = ", ".join(x.name for x in self.sources()) or "none registered"
-            raise UserError(f"unknown source {name!r} (known: {known})")
+            raise UnknownName(f"unknown source {name!r} (known: {known})")
         return found
 
     def remove_source(self, name: str) -> int:
@@ -401,7 +401,7 @@ class Store:
             return []
         matrix = np.stack([np.asarray(r.vector, np.float32) for r in rows])
         if matrix.shape[1] != self.dim:
-            raise UserError(f"vector size {matrix.shape[1]} does not match the store's {self.dim}")
+            raise StoreInputError(f"vector size {matrix.shape[1]} does not match the store's {self.dim}")
         with self.session() as s:
             vectors, image_ids = [], []
             for row, vec in zip(rows, matrix):
