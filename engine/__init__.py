@@ -1,6 +1,33 @@
-"""resynth's method: describe, resynthesize, embed, attribute."""
-import os
+"""resynth: attribute AI-generated images to the generator that made them, by resynthesis.
 
-# Weights only ever come from local paths: an accidental hub download must fail at once, not hang.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+The library API is two calls; everything else is a method of the Workspace they return:
+
+    import engine
+    with engine.open("my-store") as ws:                 # or engine.init(...) to create a store
+        report = ws.attribute("image.png", prompt="portrait of an old man")
+        print(report.results[0].predicted)
+
+Importing this package loads no model, no torch, and changes no environment variable or logger.
+"""
+from __future__ import annotations
+
+from engine.errors import SourceError, UserError
+from engine.options import Options
+
+__all__ = ["open", "init", "Options", "UserError", "SourceError"]
+
+
+def open(store_dir=None, *, device=None, captioner=None, progress=False, writable=True):  # noqa: A001
+    """The store at `store_dir` (else $RESYNTH_STORE, else ./resynth-store) as a Workspace."""
+    from engine.workspace import open_workspace
+
+    return open_workspace(store_dir, device=device, captioner=captioner, progress=progress, writable=writable)
+
+
+def init(store_dir=None, *, clip_checkpoint, clip_model=None, clip_config=None, clip_layer="middle",
+         captioner=None, device=None, progress=False):
+    """Create a store bound to one open_clip image encoder and return it as a Workspace."""
+    from engine.workspace import init_workspace
+
+    return init_workspace(store_dir, clip_checkpoint=clip_checkpoint, clip_model=clip_model, clip_config=clip_config,
+                          clip_layer=clip_layer, captioner=captioner, device=device, progress=progress)

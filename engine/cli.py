@@ -3,29 +3,61 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 
-from engine.aggregate import AGGREGATIONS, DEFAULT_AGGREGATION, DEFAULT_PER_SOURCE
-from engine.errors import UserError
+from engine.errors import UserError, kind_of
+from engine.options import add_arguments
 
 EPILOG = "Store: --store DIR, else $RESYNTH_STORE, else ./resynth-store. Models are read from local paths only."
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Weights only ever come from local paths: an accidental hub download must fail at once, not hang.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="resynth: %(levelname)s: %(name)s: %(message)s")
     try:
         return args.run(args) or 0
-    except UserError as exc:
-        print(f"resynth: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("resynth: interrupted (everything committed so far is kept)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `resynth ... | head`: the reader left; end quietly
+        _silence_stdout()
+        return 0
+    except Exception as exc:
+        kind = kind_of(exc)
+        if kind is None:
+            raise  # a bug: the traceback is what a report needs
+        if args.debug:
+            traceback.print_exception(exc)
+        print(f"resynth: error: {one_line(exc)}", file=sys.stderr)
+        if kind.exit_code == 4:
+            print("resynth: the store needs attention: `resynth verify` says what is wrong, "
+                  "`resynth verify --repair` fixes what can be fixed", file=sys.stderr)
+        return kind.exit_code
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--store", help="store directory (default: $RESYNTH_STORE or ./resynth-store)")
     common.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
     common.add_argument("--quiet", action="store_true", help="no progress bars")
+    common.add_argument("--debug", action="store_true", help="on an error, also print its chained causes")
 
     parser = argparse.ArgumentParser(
         prog="resynth", epilog=EPILOG,
@@ -87,16 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="*", metavar="IMAGE")
     p.add_argument("--prompt", help="the description of the image(s); default: stored metadata, then the captioner")
     p.add_argument("--queries", metavar="FILE.jsonl", help="rows of {\"image\": PATH, \"prompt\": TEXT}")
-    p.add_argument("--per-source", type=int, default=DEFAULT_PER_SOURCE, metavar="K",
-                   help=f"resyntheses per source (default {DEFAULT_PER_SOURCE})")
-    p.add_argument("--aggregation", default=DEFAULT_AGGREGATION, choices=AGGREGATIONS,
-                   help=f"how K similarities make a source's score: max (best match), mean, knn (mean of the "
-                        f"top 3), softmax (default {DEFAULT_AGGREGATION})")
-    p.add_argument("--sources", help="comma-separated subset of sources to consider")
-    p.add_argument("--seed", type=int, default=0, help="first generation seed (default 0)")
-    p.add_argument("--original-refs", type=int, default=0, metavar="N",
-                   help="also compare with up to N stored labelled originals per source (few-shot references; "
-                        "default 0: resynthesis only)")
+    add_arguments(p)
     p.add_argument("--captioner", metavar="DIR", help="captioner folder for this run (overrides the store's)")
     p.set_defaults(run=cmd_attribute)
 
@@ -127,70 +151,54 @@ def _emit(args, data, text: str) -> None:
     print(json.dumps(data, indent=2, default=str) if args.json else text)
 
 
-def cmd_init(args) -> None:
-    from engine.embed import EmbedderSpec, parse_layer
-    from engine.workspace import init_store, store_path
+def _open(args, writable: bool = True, **kwargs):
+    import engine
 
-    if bool(args.clip_model) == bool(args.clip_config):
-        raise UserError("give exactly one of --clip-model ARCH or --clip-config JSON")
-    checkpoint = Path(args.clip_checkpoint).resolve()
-    config = str(Path(args.clip_config).resolve()) if args.clip_config else None
-    spec = EmbedderSpec(arch=args.clip_model or Path(args.clip_config).stem, checkpoint=str(checkpoint),
-                        config=config, layer=parse_layer(args.clip_layer))
-    with init_store(store_path(args.store), spec, args.captioner) as store:
+    return engine.open(args.store, writable=writable, progress=not args.quiet, **kwargs)
+
+
+def cmd_init(args) -> None:
+    import engine
+
+    with engine.init(args.store, clip_checkpoint=args.clip_checkpoint, clip_model=args.clip_model,
+                     clip_config=args.clip_config, clip_layer=args.clip_layer, captioner=args.captioner) as ws:
+        store = ws.store
         _emit(args, store.config, f"store {store.root} bound to {store.embedder_identity} ({store.dim}-d)")
 
 
-def _open(args, writable: bool = True):
-    from engine.workspace import store_path
-    from index.store import Store
-
-    return Store.open(store_path(args.store), writable=writable)
-
-
 def cmd_source_add(args) -> None:
-    from engine.generate import GenerationParams
-    from engine.workspace import add_pipeline_source
-
-    params = GenerationParams(steps=args.steps, guidance=args.guidance, size=args.size, scheduler=args.scheduler,
-                              negative_prompt=args.negative_prompt)
-    with _open(args) as store:
-        info = add_pipeline_source(store, args.name, Path(args.pipeline_dir), params)
+    with _open(args) as ws:
+        info = ws.add_source(args.name, args.pipeline_dir, steps=args.steps, guidance=args.guidance, size=args.size,
+                             scheduler=args.scheduler, negative_prompt=args.negative_prompt)
     _emit(args, info, f"added source {info['name']} ({info['path']})")
 
 
 def cmd_source_list(args) -> None:
-    with _open(args, writable=False) as store:
-        rows = [{"name": s.name, "kind": s.kind, "path": s.path, "params": json.loads(s.params_json)}
-                for s in store.sources()]
+    with _open(args, writable=False) as ws:
+        rows = ws.list_sources()
     text = "\n".join(f"{r['name']:24} {r['kind']:9} {r['path'] or ''}" for r in rows) or "no sources"
     _emit(args, rows, text)
 
 
 def cmd_source_remove(args) -> None:
-    with _open(args) as store:
-        dropped = store.remove_source(args.name)
+    with _open(args) as ws:
+        dropped = ws.remove_source(args.name)
     _emit(args, {"removed": args.name, "vectors": dropped}, f"removed {args.name} and {dropped} stored vectors")
 
 
 def cmd_ingest(args) -> None:
     from dataclasses import asdict
 
-    from engine.ingest import ingest
-    from engine.workspace import load_embedder
-
-    with _open(args) as store:
-        report = ingest(store, load_embedder(store), Path(args.manifest), progress=not args.quiet)
+    with _open(args) as ws:
+        report = ws.ingest(args.manifest)
     _emit(args, asdict(report), f"ingested {report.added} images ({report.skipped} already stored) from "
                                 f"{report.rows} rows; new replay sources: {', '.join(report.new_sources) or 'none'}")
 
 
-QUERY_CHUNK = 64  # images decoded and attributed together: memory stays flat on long query lists
-
-
 def _query_specs(args) -> list[tuple[Path, str | None]]:
-    """(image path, prompt) pairs, all checked before any model loads."""
+    """(image path, prompt) pairs, all checked (header only, no pixel decoded) before any model loads."""
     from engine.describe import clean_prompt
+    from engine.images import check_header
 
     prompt = clean_prompt(args.prompt)
     specs = [(Path(p), prompt) for p in args.images]
@@ -198,7 +206,7 @@ def _query_specs(args) -> list[tuple[Path, str | None]]:
         path = Path(args.queries)
         if not path.is_file():
             raise UserError(f"queries file not found: {path}")
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
+        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -211,58 +219,46 @@ def _query_specs(args) -> list[tuple[Path, str | None]]:
     if not specs:
         raise UserError("nothing to attribute: give IMAGE paths or --queries FILE.jsonl")
     for image, _ in specs:
-        if not image.is_file():
-            raise UserError(f"image not found: {image}")
+        check_header(image)
     return specs
 
 
 def cmd_attribute(args) -> None:
-    from tqdm import tqdm
+    from engine.options import from_args
 
-    from engine.attribute import Attributor, Query
-    from engine.workspace import load_captioner, load_embedder, load_generators
-
+    options = from_args(args)
     specs = _query_specs(args)
-    results = []
-    with _open(args) as store:
-        attributor = Attributor(
-            store, load_embedder(store), load_generators(store), load_captioner(store, args.captioner),
-            per_source=args.per_source, aggregation=args.aggregation, base_seed=args.seed,
-            sources=[s.strip() for s in args.sources.split(",")] if args.sources else None,
-            progress=not args.quiet, original_refs=args.original_refs)
-        chunks = range(0, len(specs), QUERY_CHUNK)
-        for start in tqdm(chunks, desc="attributing", unit="chunk", disable=args.quiet or len(chunks) < 2):
-            queries = [Query.from_path(path, prompt) for path, prompt in specs[start:start + QUERY_CHUNK]]
-            results += attributor.attribute(queries)
-    stats = attributor.stats
-    data = {"results": [r.to_dict() for r in results],
-            "cache": {"cached": stats.cached, "generated": stats.generated},
-            "seconds": {k: round(v, 4) for k, v in stats.seconds.items()}}
+    with _open(args, captioner=args.captioner) as ws:
+        ws.plan(options)  # an unknown source fails before any model loads
+        report = ws.attribute([path for path, _ in specs], [prompt for _, prompt in specs], options)
     lines = []
-    for r in results:
+    for r in report.results:
         margin = f", margin {r.margin:.4f}" if r.margin is not None else ""
         verdict = r.predicted or "no source could be scored"
         if r.unknown and r.predicted:
             verdict = f"unknown source (closest: {r.predicted})"
         lines.append(f"{r.query}: {verdict}{margin}  "
                      f"[description from {r.description_from}: {r.description!r}]")
-        lines += [f"  {s.source:24} {s.score:.4f}  p={s.probability:.3f}  ({s.resyntheses} resyntheses)"
+        lines += [f"  {s.source:24} {s.score:.4f}  p={s.probability:.3f}  ({s.resyntheses} references)"
                   for s in r.scores]
-        if r.missing:
-            lines.append(f"  not scored (no resynthesis of this description): {', '.join(r.missing)}")
-    lines.append(f"resyntheses: {stats.cached} cached, {stats.generated} generated")
-    _emit(args, data, "\n".join(lines))
+        unscored = [m for m in r.missing if m not in r.failed]
+        if unscored:
+            lines.append(f"  not scored (no resynthesis of this description): {', '.join(unscored)}")
+        for name, reason in r.failed.items():
+            lines.append(f"  not scored ({name} failed): {reason}")
+    lines.append(f"resyntheses: {report.cached} cached, {report.generated} generated")
+    _emit(args, report.to_dict(), "\n".join(lines))
 
 
 def cmd_rebuild(args) -> None:
-    with _open(args) as store:
-        count = store.rebuild()
+    with _open(args) as ws:
+        count = ws.rebuild()
     _emit(args, {"vectors": count}, f"rebuilt the index from {count} stored vectors")
 
 
 def cmd_stats(args) -> None:
-    with _open(args, writable=False) as store:
-        data = store.stats()
+    with _open(args, writable=False) as ws:
+        data = ws.stats()
     lines = [f"store {data['store']}: {data['vectors']} vectors ({data['index_vectors']} in the index), "
              f"{data['descriptions']} descriptions, embedder {data['embedder']}"]
     lines += [f"  {name:24} {v['kind']:9} {v['originals']:6} originals {v['resyntheses']:6} resyntheses"

@@ -1,46 +1,21 @@
 """`resynth demo`: the whole method, offline, on a tiny zoo of genuinely different random generators."""
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 from engine import zoo
+from engine.zoo import DESCRIPTIONS
 from engine.aggregate import DEFAULT_PER_SOURCE
 from engine.errors import UserError
 
-DESCRIPTIONS = [
-    "head and shoulders portrait of an old man with a grey beard",
-    "portrait photo of a young woman with red hair, studio light",
-    "a smiling child wearing a blue hat, outdoors",
-    "close-up portrait of a man with glasses in a dark room",
-    "portrait of a woman with short black hair, soft light",
-    "an elderly woman smiling, looking at the camera",
-    "a young man with long hair in a park",
-    "painting of a woman wearing a green scarf",
-    "a bald man with a moustache, black and white photo",
-    "portrait of a teenager with freckles and curly hair",
-    "a woman in a red dress against a white wall",
-    "an old fisherman with a weathered face",
-]
 KNOWN = 8  # descriptions whose resyntheses are in the dataset; the rest are generated on demand
 PER_SOURCE = DEFAULT_PER_SOURCE
 STEPS = 2
 MARKER = ".resynth-demo"
-
-
-def _resynth(*argv: str) -> None:
-    """Run a resynth command exactly as a user would type it; its output goes to stderr."""
-    from engine.cli import main
-
-    print("$ resynth " + " ".join(argv), file=sys.stderr)
-    with contextlib.redirect_stdout(sys.stderr):
-        if main(list(argv)) != 0:
-            raise UserError(f"demo step failed: resynth {' '.join(argv)}")
 
 
 def _prepare(workdir: Path) -> None:
@@ -76,50 +51,47 @@ def _accuracy_table(rows: list[tuple[str, str | None]]) -> tuple[str, dict]:
 
 
 def run_demo(workdir: Path, progress: bool = True) -> dict:
-    from engine.attribute import Attributor, Query
-    from engine.workspace import load_captioner, load_embedder, load_generators
-    from index.store import Store
+    """Every step through the library API a user has (engine.init / Workspace), with its defaults."""
+    import engine
 
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     _prepare(workdir)
     models = zoo.write_zoo(workdir / "models")
     timings["build tiny models"] = time.perf_counter() - clock
-    store_dir = str(workdir / "store")
+    store_dir = workdir / "store"
 
     clock = time.perf_counter()
-    _resynth("init", "--store", store_dir, "--clip-config", str(models["clip_config"]),
-             "--clip-checkpoint", str(models["clip_checkpoint"]), "--captioner", str(models["captioner"]))
-    for name, folder in models["pipelines"].items():
-        _resynth("source", "add", name, str(folder), "--store", store_dir, "--steps", str(STEPS))
-    timings["register"] = time.perf_counter() - clock
+    with engine.init(store_dir, clip_config=models["clip_config"], clip_checkpoint=models["clip_checkpoint"],
+                     captioner=models["captioner"], progress=progress) as ws:
+        for name, folder in models["pipelines"].items():
+            ws.add_source(name, folder, steps=STEPS)
+        timings["register"] = time.perf_counter() - clock
 
-    clock = time.perf_counter()
-    manifest, queries = _make_dataset(models, workdir / "dataset")
-    timings["make dataset"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    _resynth("ingest", str(manifest), "--store", store_dir, *([] if progress else ["--quiet"]))
-    timings["ingest"] = time.perf_counter() - clock
-
-    report: dict = {"workdir": str(workdir)}
-    with Store.open(Path(store_dir)) as store:
-        attributor = Attributor(store, load_embedder(store), load_generators(store), load_captioner(store),
-                                progress=progress)  # the defaults a user gets
         clock = time.perf_counter()
-        results = attributor.attribute([Query.from_path(Path(q["image"]), q["prompt"]) for q in queries])
+        manifest, queries = _make_dataset(models, workdir / "dataset")
+        timings["make dataset"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        ws.ingest(manifest)
+        timings["ingest"] = time.perf_counter() - clock
+
+        report: dict = {"workdir": str(workdir)}
+        clock = time.perf_counter()
+        first_report = ws.attribute([q["image"] for q in queries], [q["prompt"] for q in queries])  # defaults
+        results = first_report.results
         timings["attribute (first pass)"] = time.perf_counter() - clock
-        first = {"cached": attributor.stats.cached, "generated": attributor.stats.generated,
-                 "stage_seconds": dict(attributor.stats.seconds)}
+        first = {"cached": first_report.cached, "generated": first_report.generated,
+                 "stage_seconds": first_report.seconds}
         # Same queries again: every resynthesis is now cached, so nothing is generated.
-        attributor.stats = type(attributor.stats)()
         clock = time.perf_counter()
-        repeat = attributor.attribute([Query.from_path(Path(q["image"]), q["prompt"]) for q in queries])
+        again = ws.attribute([q["image"] for q in queries], [q["prompt"] for q in queries])
+        repeat = again.results
         timings["attribute (repeat)"] = time.perf_counter() - clock
-        second = {"cached": attributor.stats.cached, "generated": attributor.stats.generated}
+        second = {"cached": again.cached, "generated": again.generated}
         # Queries with no prompt: described by the captioner, then resynthesized from its caption.
         uncaptioned = [q for q in queries if not q["known"]][:: len(DESCRIPTIONS) - KNOWN]
-        captioned = attributor.attribute([Query.from_path(Path(q["image"])) for q in uncaptioned])
-        stats = store.stats()
+        captioned = ws.attribute([q["image"] for q in uncaptioned]).results
+        stats = ws.stats()
     labels = [(q["source"], r.predicted) for q, r in zip(queries, results)]
     assert [r.predicted for r in repeat] == [r.predicted for r in results], "cached answers must not change"
     table, accuracy = _accuracy_table(labels)

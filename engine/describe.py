@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from engine.errors import UserError, first_line
@@ -36,8 +35,10 @@ class Captioner:
     """An image-to-text model (BLIP, GIT or VisionEncoderDecoder) from a local folder, loaded lazily."""
 
     def __init__(self, folder: Path, device: str | None = None, max_new_tokens: int = 40):
+        from engine.embed import default_device
+
         self.folder = Path(folder)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device or default_device()
         self.max_new_tokens = max_new_tokens
         config_file = self.folder / "config.json"
         if not config_file.is_file():
@@ -69,8 +70,13 @@ class Captioner:
                 raise UserError(f"cannot load captioner {self.folder}: {first_line(exc)}") from None
         return self._model
 
-    @torch.inference_mode()
     def caption(self, images: list[Image.Image]) -> list[str]:
+        import torch
+
+        with torch.inference_mode():
+            return self._caption(images)
+
+    def _caption(self, images: list[Image.Image]) -> list[str]:
         model = self._load()
         pixels = self._images(images=images, return_tensors="pt")["pixel_values"].to(self.device)
         tokens = model.generate(pixel_values=pixels, max_new_tokens=self.max_new_tokens, do_sample=False)

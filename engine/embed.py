@@ -5,7 +5,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from engine.errors import UserError, first_line
@@ -50,6 +49,8 @@ def parse_layer(text: str | int | None) -> int | str | None:
 
 
 def default_device() -> str:
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -90,7 +91,7 @@ class Embedder:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 arch, pretrained=str(checkpoint), device=self.device, require_pretrained=True)
         except Exception as exc:
-            raise UserError(f"cannot load CLIP checkpoint {checkpoint} as {arch}: {first_line(exc)}") from None
+            raise UserError(f"cannot load CLIP checkpoint {checkpoint} as {arch}: {_load_reason(exc)}") from exc
         self.model = model.eval()
         self.preprocess = preprocess
         blocks = len(self.model.visual.transformer.resblocks) if hasattr(self.model.visual, "transformer") else None
@@ -112,8 +113,15 @@ class Embedder:
         """What the store records about this embedder."""
         return {**asdict(self.spec), "identity": self.identity, "checkpoint_hash": self.hash_record}
 
-    @torch.inference_mode()
     def embed(self, images: list[Image.Image]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self._embed(images)
+
+    def _embed(self, images: list[Image.Image]) -> np.ndarray:
+        import torch
+
         out = []
         for start in range(0, len(images), self.batch_size):
             batch = torch.stack([self.preprocess(im) for im in images[start:start + self.batch_size]]).to(self.device)
@@ -129,3 +137,10 @@ class Embedder:
         self.images_embedded = getattr(self, "images_embedded", 0) + len(images)
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
+
+def _load_reason(exc: BaseException) -> str:
+    """A checkpoint error in one line, without PyTorch's advice to disable safe loading."""
+    text = first_line(exc)
+    if "weights_only" in str(exc) or "unpickl" in text.lower():
+        return "not a readable checkpoint (expected a PyTorch state dict or safetensors file)"
+    return text

@@ -12,10 +12,18 @@ from index.errors import StoreDamaged, StoreError, StoreInputError, UnknownName
 
 
 class UserError(Exception):
-    """A mistake in the user's input: one line, never a traceback (exit 2, HTTP 400)."""
+    """A mistake in the user's input: one line, never a traceback (exit 2, HTTP 400).
+
+    `code` is the stable name an HTTP client branches on; subclasses set the status.
+    """
 
     status = 400
     code = "bad_request"
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        if code:
+            self.code = code
 
 
 class NotFoundError(UserError):
@@ -37,6 +45,12 @@ class UnsupportedError(UserError):
 
     status = 415
     code = "unsupported_media_type"
+
+
+class OptionError(UserError):
+    """An attribution option out of its bounds or choices."""
+
+    code = "bad_option"
 
 
 class SourceError(Exception):

@@ -6,10 +6,9 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from PIL import Image
 
-from engine.errors import UserError, first_line
+from engine.errors import SourceError, UserError, first_line
 from index.keys import canonical_json, sha256_text
 
 # Weight files are fingerprinted by name, size and their first and last MiB: reading whole
@@ -67,29 +66,39 @@ def source_fingerprint(kind: str, name: str, model_hash: str | None, params: Gen
 class DiffusersGenerator:
     """Any diffusers text-to-image pipeline folder (SD 1.x, SDXL, PixArt, Flux ...), loaded lazily."""
 
-    def __init__(self, name: str, folder: Path, params: GenerationParams, device: str | None = None):
+    def __init__(self, name: str, folder: Path, params: GenerationParams, device: str | None = None,
+                 fingerprint: str | None = None):
+        import torch
+
         self.name = name
         self.folder = Path(folder)
         self.params = params
+        self.fingerprint = fingerprint
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self._pipe = None
         self.calls = 0  # images generated, counted so tests can prove cache hits
 
     def load(self):
         if self._pipe is None:
-            self._pipe = load_pipeline(self.folder, self.params, self.device)
+            try:
+                self._pipe = load_pipeline(self.folder, self.params, self.device)
+            except UserError as exc:  # a registered source that no longer loads: the source's fault
+                raise SourceError(self.name, str(exc)) from exc
         return self._pipe
 
     def unload(self) -> None:
         """Free the pipeline's memory; it reloads on the next generation."""
         if self._pipe is not None:
+            import torch
+
             self._pipe = None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    @torch.inference_mode()
     def generate(self, prompt: str, seeds: list[int]) -> list[Image.Image]:
         """One image per seed, each from its own torch.Generator so batching never changes a result."""
+        import torch
+
         pipe = self.load()
         kwargs = {"num_inference_steps": self.params.steps, "guidance_scale": self.params.guidance,
                   "output_type": "pil"}
@@ -101,9 +110,10 @@ class DiffusersGenerator:
         generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
         kwargs = {k: v for k, v in kwargs.items() if k in accepted}
         try:
-            images = pipe(prompt=[prompt] * len(seeds), generator=generators, **kwargs).images
+            with torch.inference_mode():
+                images = pipe(prompt=[prompt] * len(seeds), generator=generators, **kwargs).images
         except Exception as exc:
-            raise UserError(f"source {self.name!r} failed to generate: {first_line(exc)}") from None
+            raise SourceError(self.name, f"failed to generate: {first_line(exc)}") from exc
         self.calls += len(images)
         return [im.convert("RGB") for im in images]
 
@@ -141,6 +151,7 @@ def check_pipeline_folder(folder: Path) -> str:
 def load_pipeline(folder: Path, params: GenerationParams, device: str):
     """Load a pipeline folder the way a user's real checkpoint is loaded; one-line errors if not."""
     import diffusers
+    import torch
     from diffusers import DiffusionPipeline
 
     import transformers
@@ -152,7 +163,7 @@ def load_pipeline(folder: Path, params: GenerationParams, device: str):
     try:
         pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, dtype=dtype)
     except Exception as exc:
-        raise UserError(f"cannot load pipeline {folder}: {first_line(exc)}") from None
+        raise UserError(f"cannot load pipeline {folder}: {first_line(exc)}") from exc
     check_scheduler(params.scheduler)
     if params.scheduler:
         pipe.scheduler = getattr(diffusers, params.scheduler).from_config(pipe.scheduler.config)

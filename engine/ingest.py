@@ -6,11 +6,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from engine.embed import Embedder
 from engine.generate import source_params_hash
 from engine.images import read_image
 from engine.manifest import ManifestRow, read_manifest
-from engine.workspace import add_replay_source
 from index.keys import cache_key, canonical_json, normalise_description, sha256_file, sha256_text
 from index.store import NewImage, Store
 
@@ -42,12 +40,18 @@ def _params_hash(row: ManifestRow, source) -> str | None:
     return None if row.role == "original" or row.seed is None else source_params_hash(source)
 
 
-def ingest(store: Store, embedder: Embedder, manifest: Path, progress: bool = True) -> IngestReport:
+def ingest(workspace, manifest: Path, progress: bool = True) -> IngestReport:
+    """Import a manifest through a Workspace (its store and embedder)."""
+    from engine.workspace import check_name
+
+    store, embedder = workspace.store, workspace.embedder
     rows = read_manifest(manifest)
     known = {s.name for s in store.sources()}
     new_sources = sorted({r.source for r in rows} - known)
     for name in new_sources:
-        add_replay_source(store, name)
+        check_name(name)
+    for name in new_sources:
+        workspace.add_replay_source(name)
     sources = {s.name: s for s in store.sources()}
     report = IngestReport(rows=len(rows), new_sources=new_sources)
     ids_by_key: dict[str, int | None] = {}  # this run's keys; None while a row is pending in the batch

@@ -275,22 +275,18 @@ def register(sub, common) -> None:
 
 
 def cmd_import_published(args) -> None:
-    from engine.workspace import store_path
-    from index.store import Store
+    import engine
 
     # The store is opened first so that a missing one fails before a long scan, not after it.
-    with Store.open(store_path(args.store)) if args.ingest else contextlib.nullcontext() as store:
+    with engine.open(args.store, progress=not args.quiet) if args.ingest else contextlib.nullcontext() as ws:
         report = import_published(Path(args.root), Path(args.out),
                                   Path(args.descriptions) if args.descriptions else None,
                                   Path(args.alt_descriptions) if args.alt_descriptions else None,
                                   progress=not args.quiet)
         for line in report.warnings():
             print(f"resynth: warning: {line}", file=sys.stderr)
-        if store is not None:
-            from engine.ingest import ingest
-            from engine.workspace import load_embedder
-
-            report.ingest = asdict(ingest(store, load_embedder(store), Path(args.out), progress=not args.quiet))
+        if ws is not None:
+            report.ingest = asdict(ws.ingest(args.out))
     text = (f"wrote {report.manifest}: {report.originals} originals and {report.resyntheses} resyntheses "
             f"({report.linked} linked to their original) from {len(report.generators)} generators")
     if report.ingest:

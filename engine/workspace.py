@@ -1,75 +1,493 @@
-"""Opening a store together with the models it is bound to: the library API the CLI is thin over."""
+"""The library's one way in: a Workspace holds a store and the models it is bound to.
+
+    import engine
+    with engine.open("my-store") as ws:
+        report = ws.attribute("suspicious.png", prompt="portrait of an old man")
+
+Models load lazily (a `stats` or `source list` never imports torch). The four steps are public
+(`plan`, `describe`, `resynthesize`, `candidates`, `embed`, `score`) so the service can arrange them
+around its micro-batcher and generation queue; `attribute` runs them in order. There is no other
+implementation of describe -> candidates -> score.
+"""
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import asdict
+import threading
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-from engine.describe import Captioner
-from engine.embed import Embedder, EmbedderSpec
-from engine.errors import UserError
-from engine.generate import (DiffusersGenerator, GenerationParams, check_pipeline_folder, check_scheduler,
-                             fingerprint_folder, source_fingerprint)
-from index.store import Store
+import numpy as np
 
+from engine.attribute import Attribution, Candidates, Plan, Query, Report, rank
+from engine.calibration import Calibration
+from engine.errors import SourceError, UserError
+from engine.images import ImageInput
+from engine.options import Options
+from index.keys import normalise_description, sha256_text
+from index.store import NewImage, Store
+
+if TYPE_CHECKING:  # heavy modules (torch) load only when a model is needed
+    from engine.describe import Captioner
+    from engine.embed import Embedder, EmbedderSpec
+    from engine.generate import DiffusersGenerator
+    from engine.ingest import IngestReport
+
+log = logging.getLogger("resynth.workspace")
 DEFAULT_STORE = "resynth-store"
+QUERY_CHUNK = 64  # images decoded and attributed together: memory stays flat on long query lists
 
 
-def store_path(explicit: str | None) -> Path:
+def store_path(explicit: str | os.PathLike | None) -> Path:
     """--store, else $RESYNTH_STORE, else ./resynth-store."""
     return Path(explicit or os.environ.get("RESYNTH_STORE") or DEFAULT_STORE)
 
 
-def init_store(root: Path, spec: EmbedderSpec, captioner: str | None = None) -> Store:
-    """Create a store bound to one embedder (loading it once, to validate it and learn its identity)."""
-    if captioner:
-        Captioner(Path(captioner))  # validates the folder now rather than at the first query
-    embedder = Embedder(spec)
-    store = Store.create(root, embedder.describe(), embedder.dim,
-                         captioner=str(Path(captioner).resolve()) if captioner else None)
-    return store
+@dataclass
+class Stats:
+    """Counters and per-stage seconds, accumulated over a Workspace's life."""
+
+    cached: int = 0
+    generated: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
-def load_embedder(store: Store, device: str | None = None) -> Embedder:
-    """The store's embedder; refuses weights that changed since the store was bound to them."""
-    config = store.config["embedder"]
-    embedder = Embedder(EmbedderSpec.from_dict(config), device=device, known_hash=config.get("checkpoint_hash"))
-    if embedder.identity != store.embedder_identity:
-        raise UserError(f"store {store.root} is bound to embedder {store.embedder_identity}, but "
-                        f"{config['checkpoint']} is now {embedder.identity}")
-    return embedder
+class Workspace:
+    """A store with its embedder, generators and captioner. Use `engine.open` / `engine.init`."""
+
+    def __init__(self, store: Store, device: str | None = None, captioner: str | os.PathLike | None = None,
+                 progress: bool = False, max_loaded: int = 2):
+        self.store = store
+        self.device = device
+        self.progress = progress
+        self.max_loaded = max(1, max_loaded)  # pipelines kept in memory at once (real ones take GBs)
+        self._captioner_folder = str(captioner) if captioner else None
+        self._embedder: Embedder | None = None
+        self._captioner: Captioner | None = None
+        self._generators: dict[str, DiffusersGenerator] = {}
+        self._resident: list[DiffusersGenerator] = []
+        self._plans: dict[tuple, Plan] = {}
+        self._lock = threading.RLock()  # guards lazy loading, the plan cache and the pipeline LRU
+        self.stats_counters = Stats()
+        self._local = threading.local()  # per-call stage seconds of `attribute`
+
+    # ----- lifecycle ---------------------------------------------------------------------------
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> "Workspace":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def root(self) -> Path:
+        return self.store.root
+
+    # ----- models, loaded on first use ---------------------------------------------------------
+    @property
+    def embedder(self) -> "Embedder":
+        """The store's embedder; refuses weights that changed since the store was bound to them."""
+        with self._lock:
+            if self._embedder is None:
+                from engine.embed import Embedder, EmbedderSpec
+
+                config = self.store.config["embedder"]
+                embedder = Embedder(EmbedderSpec.from_dict(config), device=self.device,
+                                    known_hash=config.get("checkpoint_hash"))
+                if embedder.identity != self.store.embedder_identity:
+                    raise UserError(f"store {self.root} is bound to embedder {self.store.embedder_identity}, but "
+                                    f"{config['checkpoint']} is now {embedder.identity}")
+                self._embedder = embedder
+            return self._embedder
+
+    @property
+    def captioner(self) -> "Captioner | None":
+        with self._lock:
+            folder = self._captioner_folder or self.store.config.get("captioner")
+            if folder and (self._captioner is None or str(self._captioner.folder) != str(folder)):
+                from engine.describe import Captioner
+
+                self._captioner = Captioner(Path(folder), device=self.device)
+            return self._captioner if folder else None
+
+    def generator(self, name: str) -> "DiffusersGenerator":
+        """The lazy generator of a pipeline source (its pipeline loads only when it must generate)."""
+        from engine.generate import DiffusersGenerator, GenerationParams
+
+        with self._lock:
+            source = next((s for s in self.sources() if s.name == name and s.kind == "diffusers"), None)
+            if source is None:
+                raise UserError(f"source {name!r} has no pipeline to generate with")
+            kept = self._generators.get(name)
+            if kept is None or kept.fingerprint != source.fingerprint:
+                kept = DiffusersGenerator(name, Path(source.path), GenerationParams.from_json(source.params_json),
+                                          self.device, fingerprint=source.fingerprint)
+                self._generators[name] = kept
+            return kept
+
+    @property
+    def generator_calls(self) -> dict[str, int]:
+        """Images generated per source by this workspace (tests and the service's stats count them)."""
+        return {name: g.calls for name, g in self._generators.items()}
+
+    def _make_room_for(self, generator: "DiffusersGenerator") -> None:
+        """Unload the least recently used pipelines so that at most `max_loaded` are resident."""
+        with self._lock:
+            self._resident = [g for g in self._resident if g is not generator] + [generator]
+            for stale in self._resident[:-self.max_loaded]:
+                stale.unload()
+            self._resident = self._resident[-self.max_loaded:]
+
+    # ----- step 0: what a request means against this store -------------------------------------
+    def sources(self):
+        return self.store.sources()
+
+    def plan(self, options: Options | None = None) -> Plan:
+        """Resolve options against the store's current sources (cached per option set and source set)."""
+        from engine.generate import source_params_hash
+
+        options = options or Options()
+        sources = self.store.sources()
+        signature = tuple((s.id, s.name, s.fingerprint) for s in sources)
+        with self._lock:
+            found = self._plans.get((options, signature))
+        if found is not None:
+            return found
+        if not sources:
+            raise UserError("the store has no sources: add some with `resynth source add` or `resynth ingest`")
+        known = {s.name: s for s in sources}
+        for name in options.sources or ():
+            if name not in known:
+                raise UserError(f"unknown source {name!r} (known: {', '.join(sorted(known))})", code="unknown_source")
+        chosen = tuple(known[n] for n in (options.sources or sorted(known)))
+        made = Plan(options, chosen, {s.id: source_params_hash(s) for s in chosen}, self.store.embedder_identity)
+        with self._lock:
+            if len(self._plans) > 256:
+                self._plans.clear()
+            self._plans[(options, signature)] = made
+        return made
+
+    # ----- step 1: describe --------------------------------------------------------------------
+    def describe(self, queries: Sequence[Query]) -> list[tuple[str, str]]:
+        """(description, where it came from) per query: its prompt, a stored description, or a caption."""
+        started = time.perf_counter()
+        out: list[tuple[str, str] | None] = []
+        need_caption = []
+        for i, q in enumerate(queries):
+            if q.prompt:
+                out.append((q.prompt, "prompt"))
+            elif (stored := self.store.description_for_file(q.file_hash)) is not None:
+                out.append((stored, "store"))
+            else:
+                out.append(None)
+                need_caption.append(i)
+        if need_caption:
+            captioner = self.captioner
+            if captioner is None:
+                first = queries[need_caption[0]].label
+                raise UserError(f"no description for {first}: pass --prompt, or configure a captioner "
+                                "(`resynth init --captioner DIR` or `--captioner DIR`)", code="no_description")
+            captions = captioner.caption([queries[i].image for i in need_caption])
+            for i, text in zip(need_caption, captions):
+                out[i] = (text, "caption")
+        self._time("describe", started)
+        return out  # type: ignore[return-value]
+
+    def needs_caption(self, queries: Sequence[Query]) -> bool:
+        """Whether `describe` would run the captioner (a model call) for these queries."""
+        return any(not q.prompt and self.store.description_for_file(q.file_hash) is None for q in queries)
+
+    # ----- step 2: resynthesize what is missing ------------------------------------------------
+    def missing(self, text: str, plan: Plan) -> tuple[int, dict[str, list[tuple[str, int]]]]:
+        """(how many of the plan's resyntheses are stored, the missing (key, seed) pairs per source)."""
+        started = time.perf_counter()
+        wanted = plan.wanted(sha256_text(normalise_description(text)))
+        have = self.store.existing_keys(list(wanted))
+        todo: dict[str, list[tuple[str, int]]] = defaultdict(list)
+        for key, (source, seed) in wanted.items():
+            if key not in have:
+                todo[source.name].append((key, seed))
+        self._time("lookup", started)
+        return len(have), dict(todo)
+
+    def resynthesize(self, texts: Iterable[str], plan: Plan) -> dict[str, tuple[int, int, dict[str, str]]]:
+        """Generate and store every missing (description, source, seed).
+
+        Returns (cached, generated, failed sources -> reason) per description. A source that cannot
+        load or generate is reported, not raised: the other sources are still scored.
+        """
+        from tqdm import tqdm
+
+        out: dict[str, tuple[int, int, dict[str, str]]] = {}
+        tasks = []
+        for text in dict.fromkeys(texts):
+            cached, todo = self.missing(text, plan)
+            out[text] = (cached, 0, {})
+            tasks += [(source, text, items) for source, items in todo.items()]
+        tasks.sort(key=lambda task: task[0])  # source by source: each pipeline loads once
+        broken: dict[str, str] = {}
+        bar = tqdm(tasks, desc="generating", unit="batch", disable=not self.progress or not tasks, leave=False)
+        for source, text, items in bar:
+            bar.set_postfix_str(source, refresh=False)
+            cached, generated, failed = out[text]
+            if source in broken:
+                failed[source] = broken[source]
+                continue
+            try:
+                generated += self._generate_and_store(plan, source, text, items)
+            except SourceError as exc:
+                broken[source] = failed[source] = str(exc)
+                log.warning("%s", exc)
+            out[text] = (cached, generated, failed)
+        with self._lock:
+            for cached, generated, _ in out.values():
+                self.stats_counters.cached += cached
+                self.stats_counters.generated += generated
+        return out
+
+    def _generate_and_store(self, plan: Plan, name: str, text: str, items: list[tuple[str, int]]) -> int:
+        from engine.images import save_png_atomic
+
+        generator = self.generator(name)
+        source = next(s for s in plan.sources if s.name == name)
+        self._make_room_for(generator)
+        started = time.perf_counter()
+        images = generator.generate(text, [seed for _, seed in items])
+        self._time("generate", started)
+        vectors = self.embed([im for im in images])
+        description_id = self.store.description_id(text)
+        params_hash = plan.params_hash[source.id]
+        rows = []
+        for (key, seed), image, vector in zip(items, images, vectors):
+            relative = Path("images") / source.fingerprint[:16] / key[:2] / f"{key}.png"
+            file_hash = save_png_atomic(image, self.store.root / relative)
+            rows.append(NewImage(key=key, role="resynthesis", source_id=source.id, description_id=description_id,
+                                 file_hash=file_hash, path=relative.as_posix(), vector=vector, seed=seed,
+                                 params_hash=params_hash))
+        self.store.add_images(rows)
+        return len(rows)
+
+    # ----- steps 3 and 4: embed, compare, rank -------------------------------------------------
+    def candidates(self, text: str, plan: Plan) -> Candidates:
+        """The stored references of `text` under `plan` (resyntheses, and labelled originals if asked)."""
+        started = time.perf_counter()
+        digest = sha256_text(normalise_description(text))
+        description_id = self.store.find_description_id(text)
+        ids = [s.id for s in plan.sources]
+        rows = self.store.resyntheses(description_id, ids) if description_id else []
+        found = Candidates(dict(plan.select(rows, digest)))
+        if plan.options.original_refs:
+            for row in self.store.originals(ids, plan.options.original_refs + 1):  # +1: the query may be one
+                found.originals.setdefault(row.source, []).append(row)
+        self._time("lookup", started)
+        return found
+
+    def embed(self, images: Sequence) -> np.ndarray:
+        started = time.perf_counter()
+        vectors = self.embedder.embed(list(images))
+        self._time("embed", started)
+        return vectors
+
+    def score(self, query: Query, text: str, origin: str, vector: np.ndarray, plan: Plan,
+              candidates: Candidates, counts: tuple[int, int, dict[str, str]] = (0, 0, {})) -> Attribution:
+        """Rank the sources for one embedded query against its candidates."""
+        started = time.perf_counter()
+        per_source = plan.references(candidates, query.file_hash)
+        ids = np.array([r.vector_id for rows in per_source.values() for r in rows], np.int64)
+        sims, found = self.store.search(np.asarray(vector, np.float32)[None, :], ids)
+        similarity = dict(zip(found[0].tolist(), sims[0].tolist()))
+        values = {name: np.array([similarity[r.vector_id] for r in rows]) for name, rows in per_source.items()}
+        calibration = self.calibration
+        scores, unknown = rank(values, {n: len(r) for n, r in per_source.items()}, plan.options.aggregation,
+                               calibration)
+        self._time("search", started)
+        cached, generated, failed = counts
+        return Attribution(
+            query=query.label, description=text, description_from=origin,
+            predicted=scores[0].source if scores else None,
+            margin=(scores[0].score - scores[1].score) if len(scores) > 1 else None,
+            scores=scores, missing=sorted({s.name for s in plan.sources} - {x.source for x in scores}),
+            unknown=unknown, calibrated=calibration.fitted, cached=cached, generated=generated,
+            failed={k: v for k, v in failed.items() if k not in {x.source for x in scores}})
+
+    @property
+    def calibration(self) -> Calibration:
+        """Read from the store's config each time, so a `resynth calibrate` picked up by refresh() applies."""
+        return Calibration.from_dict(self.store.config.get("calibration"))
+
+    # ----- the whole method --------------------------------------------------------------------
+    def attribute(self, images: ImageInput | Sequence[ImageInput] | Sequence[Query],
+                  prompt: str | Sequence[str | None] | None = None, options: Options | None = None,
+                  labels: Sequence[str] | None = None) -> Report:
+        """Attribute one image or several (paths, bytes, PIL images or Queries).
+
+        `prompt`: one description for all images, one per image, or None (stored metadata, then the
+        captioner). Queries sharing a description share its resyntheses.
+        """
+        from tqdm import tqdm
+
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not items:
+            raise UserError("nothing to attribute: give at least one image")
+        prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * len(items)
+        if len(prompts) != len(items):
+            raise UserError(f"{len(prompts)} prompts for {len(items)} images: give one, or one per image")
+        plan = self.plan(options)
+        seconds = self._local.seconds = defaultdict(float)
+        results: list[Attribution] = []
+        cached = generated = 0
+        chunks = range(0, len(items), QUERY_CHUNK)
+        for start in tqdm(chunks, desc="attributing", unit="chunk", disable=not self.progress or len(chunks) < 2):
+            queries = [item if isinstance(item, Query) else
+                       Query.read(item, p, labels[start + i] if labels else None)
+                       for i, (item, p) in enumerate(zip(items[start:start + QUERY_CHUNK],
+                                                         prompts[start:start + QUERY_CHUNK]))]
+            described = self.describe(queries)
+            counts = self.resynthesize([text for text, _ in described], plan)
+            vectors = self.embed([q.image for q in queries])
+            candidates = {text: self.candidates(text, plan) for text in counts}
+            results += [self.score(q, text, origin, vector, plan, candidates[text], counts[text])
+                        for q, (text, origin), vector in zip(queries, described, vectors)]
+            cached += sum(c for c, _, _ in counts.values())
+            generated += sum(g for _, g, _ in counts.values())
+        self._local.seconds = None
+        return Report(results, cached, generated, dict(seconds))
+
+    def _time(self, stage: str, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        with self._lock:
+            self.stats_counters.seconds[stage] += elapsed
+        per_call = getattr(self._local, "seconds", None)
+        if per_call is not None:
+            per_call[stage] += elapsed
+
+    # ----- sources -----------------------------------------------------------------------------
+    def add_source(self, name: str, pipeline_dir: str | os.PathLike, *, steps: int = 30, guidance: float = 7.0,
+                   size: int | None = None, scheduler: str | None = None,
+                   negative_prompt: str | None = None) -> dict:
+        """Register a diffusers text-to-image pipeline folder, checked without loading its weights."""
+        from engine.generate import (GenerationParams, check_pipeline_folder, check_scheduler, fingerprint_folder,
+                                     source_fingerprint)
+
+        check_name(name)
+        folder = Path(pipeline_dir).resolve()
+        check_pipeline_folder(folder)
+        check_scheduler(scheduler)
+        if steps < 1 or (size is not None and (size < 8 or size % 8)):
+            raise UserError("--steps must be >= 1 and --size a multiple of 8")
+        params = GenerationParams(steps=steps, guidance=guidance, size=size, scheduler=scheduler,
+                                  negative_prompt=negative_prompt)
+        fingerprint = source_fingerprint("diffusers", name, fingerprint_folder(folder), params)
+        twin = next((s for s in self.store.sources() if s.fingerprint == fingerprint), None)
+        if twin is not None:
+            raise UserError(f"source {twin.name!r} already uses this pipeline folder with the same parameters "
+                            f"(a second name would share its resyntheses)")
+        source = self.store.add_source(name, "diffusers", fingerprint, path=str(folder), params=asdict(params))
+        return {"name": source.name, "kind": source.kind, "path": source.path, "fingerprint": fingerprint}
+
+    def add_replay_source(self, name: str) -> None:
+        """A source whose resyntheses come from a dataset (nothing to generate with)."""
+        from engine.generate import source_fingerprint
+
+        check_name(name)
+        self.store.add_source(name, "replay", source_fingerprint("replay", name, None, None))
+
+    def list_sources(self) -> list[dict]:
+        import json
+
+        return [{"name": s.name, "kind": s.kind, "path": s.path, "params": json.loads(s.params_json)}
+                for s in self.store.sources()]
+
+    def remove_source(self, name: str) -> int:
+        """Delete a source with its resyntheses; returns how many stored vectors were dropped."""
+        with self._lock:
+            self._generators.pop(name, None)
+        return self.store.remove_source(name)
+
+    # ----- datasets, index, numbers ------------------------------------------------------------
+    def ingest(self, manifest: str | os.PathLike) -> "IngestReport":
+        from engine.ingest import ingest
+
+        return ingest(self, Path(manifest), progress=self.progress)
+
+    def rebuild(self) -> int:
+        return self.store.rebuild()
+
+    def stats(self) -> dict:
+        return self.store.stats()
+
+    def calibrate(self, manifest: str | os.PathLike | None = None, options: Options | None = None,
+                  false_reject: float = 0.05) -> Calibration:
+        """Fit a temperature and per-source thresholds on labelled originals (the store's own, or a
+        manifest's embedded with the store's embedder) and save them in the store."""
+        from engine.evaluation.dataset import from_manifest, from_store
+        from engine.evaluation.runner import embed_evalset, fit_calibration
+        from engine.evaluation.scoring import Variant
+
+        options = options or Options()
+        if not 0 < false_reject < 1:
+            raise UserError("--false-reject must be between 0 and 1")
+        if manifest is not None:
+            evalset, fitted_on = from_manifest(Path(manifest)), str(manifest)
+            features = embed_evalset(evalset, {"store": self.embedder}, None, progress=False)["store"]
+        else:
+            evalset, fitted_on = from_store(self.store), f"store {self.root}"
+            features = evalset.vectors[self.store.embedder_identity]
+        variant = Variant("store", "cosine", options.aggregation, options.per_source)
+        calibration = fit_calibration(evalset, features, variant, false_reject, fitted_on)
+        self.store.update_config(calibration=calibration.to_dict())
+        return calibration
+
+    def evaluate(self, manifest: str | os.PathLike, out: str | os.PathLike = "resynth-eval",
+                 layers: Sequence[str] = ("base", "final", "mid"), perturb: str | None = None, draws: int = 5,
+                 seed: int = 0) -> dict:
+        """The evaluation protocol on a labelled manifest with the store's embedder (report.json etc. in `out`)."""
+        from engine.evaluation.dataset import from_manifest
+        from engine.evaluation.runner import evaluate
+
+        return evaluate(from_manifest(Path(manifest)), self.embedder, Path(out), list(layers), perturb, draws, seed,
+                        progress=self.progress)
+
+    def refresh(self) -> bool:
+        """Pick up what another process changed (config, a rebuilt index)."""
+        return self.store.refresh()
 
 
-def load_generators(store: Store, device: str | None = None) -> dict[str, DiffusersGenerator]:
-    """Lazy generators for every pipeline source (a pipeline loads only when it must generate)."""
-    return {s.name: DiffusersGenerator(s.name, Path(s.path), GenerationParams.from_json(s.params_json), device)
-            for s in store.sources() if s.kind == "diffusers"}
-
-
-def load_captioner(store: Store, override: str | None = None) -> Captioner | None:
-    folder = override or store.config.get("captioner")
-    return Captioner(Path(folder)) if folder else None
-
-
-def add_pipeline_source(store: Store, name: str, folder: Path, params: GenerationParams) -> dict:
-    """Register a diffusers pipeline folder as a source, after checking it loads as text-to-image."""
-    _check_name(name)
-    folder = Path(folder).resolve()
-    check_pipeline_folder(folder)
-    check_scheduler(params.scheduler)
-    if params.steps < 1 or (params.size is not None and (params.size < 8 or params.size % 8)):
-        raise UserError("--steps must be >= 1 and --size a multiple of 8")
-    model_hash = fingerprint_folder(folder)
-    fingerprint = source_fingerprint("diffusers", name, model_hash, params)
-    source = store.add_source(name, "diffusers", fingerprint, path=str(folder), params=asdict(params))
-    return {"name": source.name, "kind": source.kind, "path": source.path, "fingerprint": fingerprint}
-
-
-def add_replay_source(store: Store, name: str) -> None:
-    _check_name(name)
-    store.add_source(name, "replay", source_fingerprint("replay", name, None, None))
-
-
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
     if not name or not name.strip() or len(name) > 200 or any(c in name for c in "/\\\0\n"):
         raise UserError(f"invalid source name {name!r}: use a short name without slashes")
+
+
+def open_workspace(store_dir: str | os.PathLike | None = None, *, device: str | None = None,
+                   captioner: str | os.PathLike | None = None, progress: bool = False,
+                   writable: bool = True) -> Workspace:
+    store = Store.open(store_path(store_dir), writable=writable)
+    return Workspace(store, device=device, captioner=captioner, progress=progress)
+
+
+def init_workspace(store_dir: str | os.PathLike | None = None, *, clip_checkpoint: str | os.PathLike,
+                   clip_model: str | None = None, clip_config: str | os.PathLike | None = None,
+                   clip_layer: str | int | None = "middle", captioner: str | os.PathLike | None = None,
+                   device: str | None = None, progress: bool = False) -> Workspace:
+    """Create a store bound to one open_clip image encoder (loaded once, to validate it and learn its identity)."""
+    from engine.describe import Captioner
+    from engine.embed import Embedder, EmbedderSpec, parse_layer
+
+    if bool(clip_model) == bool(clip_config):
+        raise UserError("give exactly one of --clip-model ARCH or --clip-config JSON")
+    config = str(Path(clip_config).resolve()) if clip_config else None
+    spec = EmbedderSpec(arch=clip_model or Path(str(clip_config)).stem, checkpoint=str(Path(clip_checkpoint).resolve()),
+                        config=config, layer=parse_layer(clip_layer))
+    if captioner:
+        Captioner(Path(captioner))  # validates the folder now rather than at the first query
+    embedder = Embedder(spec, device=device)
+    store = Store.create(store_path(store_dir), embedder.describe(), embedder.dim,
+                         captioner=str(Path(captioner).resolve()) if captioner else None)
+    ws = Workspace(store, device=device, progress=progress)
+    ws._embedder = embedder
+    return ws

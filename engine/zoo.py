@@ -19,6 +19,22 @@ import torch
 # enough to tokenize English words into a few pieces, small enough for tiny embeddings.
 TINY_BPE_MERGES = 2000
 
+# Portrait descriptions shared by the demo and the synthetic evaluation sets.
+DESCRIPTIONS = [
+    "head and shoulders portrait of an old man with a grey beard",
+    "portrait photo of a young woman with red hair, studio light",
+    "a smiling child wearing a blue hat, outdoors",
+    "close-up portrait of a man with glasses in a dark room",
+    "portrait of a woman with short black hair, soft light",
+    "an elderly woman smiling, looking at the camera",
+    "a young man with long hair in a park",
+    "painting of a woman wearing a green scarf",
+    "a bald man with a moustache, black and white photo",
+    "portrait of a teenager with freckles and curly hair",
+    "a woman in a red dress against a white wall",
+    "an old fisherman with a weathered face",
+]
+
 
 @dataclass(frozen=True)
 class TinyGenerator:
@@ -129,8 +145,13 @@ def write_clip_checkpoint(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     config_path.write_text(json.dumps(TINY_CLIP_CONFIG, indent=1))
     open_clip.add_model_config(config_path)
     torch.manual_seed(seed)
-    logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that random init is random
-    model = open_clip.create_model("tiny-clip", pretrained=None)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # open_clip warns that random init is random; restored below
+    try:
+        model = open_clip.create_model("tiny-clip", pretrained=None)
+    finally:
+        root.setLevel(level)
     checkpoint = folder / "open_clip_pytorch_model.bin"
     torch.save(model.state_dict(), checkpoint)
     return config_path, checkpoint

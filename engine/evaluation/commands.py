@@ -4,9 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.aggregate import AGGREGATIONS, DEFAULT_AGGREGATION, DEFAULT_PER_SOURCE
 from engine.errors import UserError
-
+from engine.options import add_arguments
 
 
 def register(sub, common) -> None:
@@ -39,10 +38,7 @@ def register(sub, common) -> None:
                     "`resynth attribute` then reports calibrated probabilities and `unknown: true` for a query "
                     "below its best source's threshold.")
     p.add_argument("manifest", nargs="?", help="labelled manifest (default: the originals stored in the store)")
-    p.add_argument("--per-source", type=int, default=DEFAULT_PER_SOURCE, metavar="K",
-                   help=f"resyntheses per source, as `resynth attribute` will use (default {DEFAULT_PER_SOURCE})")
-    p.add_argument("--aggregation", default=DEFAULT_AGGREGATION, choices=AGGREGATIONS,
-                   help=f"aggregation, as `resynth attribute` will use (default {DEFAULT_AGGREGATION})")
+    add_arguments(p)  # the attribution options `resynth attribute` will use
     p.add_argument("--false-reject", type=float, default=0.05, metavar="RATE",
                    help="share of genuine queries a threshold may reject (default 0.05)")
     p.set_defaults(run=cmd_calibrate)
@@ -56,28 +52,14 @@ def _clip_arguments(p) -> None:
                    help="features of the explicit embedder: middle block (default), final embedding or block N")
 
 
-def _store(args, required: bool):
+def _workspace(args, required: bool):
+    """The store's workspace; None when no store is named, none exists, and none is required."""
+    import engine
     from engine.workspace import store_path
-    from index.store import Store
 
-    path = store_path(args.store)
-    if not required and not args.store and not (path / "store.json").exists():
+    if not required and not args.store and not (store_path(None) / "store.json").exists():
         return None
-    return Store.open(path)
-
-
-def _embedder(args, store):
-    from engine.embed import Embedder
-    from engine.evaluation.features import spec_from_args
-    from engine.workspace import load_embedder
-
-    spec = spec_from_args(args.clip_model, args.clip_config, args.clip_checkpoint, args.clip_layer)
-    if spec is not None:
-        return Embedder(spec)
-    if store is None:
-        raise UserError("no embedder: pass --store DIR (its embedder) or --clip-model/--clip-config with "
-                        "--clip-checkpoint")
-    return load_embedder(store)
+    return engine.open(args.store, progress=not args.quiet)
 
 
 def _emit(args, data, text: str) -> None:
@@ -86,71 +68,48 @@ def _emit(args, data, text: str) -> None:
 
 def cmd_evaluate(args) -> None:
     from engine.evaluation.dataset import from_manifest
-    from engine.evaluation.openset import FALSE_REJECT
-    from engine.evaluation.protocol import ENGINE_DEFAULT
+    from engine.evaluation.features import spec_from_args
     from engine.evaluation.report import summary
     from engine.evaluation.runner import evaluate
 
-    evalset = from_manifest(Path(args.manifest))
-    explicit = bool(args.clip_model or args.clip_config or args.clip_checkpoint)
-    store = _store(args, required=args.save_calibration or not explicit)
+    evalset = from_manifest(Path(args.manifest))  # a bad manifest fails before any model loads
+    spec = spec_from_args(args.clip_model, args.clip_config, args.clip_checkpoint, args.clip_layer)
+    ws = _workspace(args, required=args.save_calibration or spec is None)
     try:
-        base = _embedder(args, store)
+        if spec is not None:
+            from engine.embed import Embedder
+
+            base = Embedder(spec)
+        elif ws is None:
+            raise UserError("no embedder: pass --store DIR (its embedder) or --clip-model/--clip-config with "
+                            "--clip-checkpoint")
+        else:
+            base = ws.embedder
         report = evaluate(evalset, base, Path(args.out), args.layers.split(","), args.perturb, args.draws,
                           args.seed, progress=not args.quiet)
         text = summary(report) + f"\nreport: {Path(args.out) / 'report.md'} (+ report.json, plots)"
         if args.save_calibration:
-            text += "\n" + _save_calibration(store, base, evalset, args.manifest, ENGINE_DEFAULT.aggregation,
-                                              ENGINE_DEFAULT.per_source, FALSE_REJECT,
-                                              Path(args.out) / "features")
+            if base.identity != ws.store.embedder_identity:
+                raise UserError(f"cannot calibrate store {ws.root} (bound to {ws.store.embedder_identity}) with "
+                                f"features of {base.identity}")
+            text += "\n" + _calibration_line(ws, ws.calibrate(args.manifest))
     finally:
-        if store is not None:
-            store.close()
+        if ws is not None:
+            ws.close()
     _emit(args, report, text)
 
 
-def _save_calibration(store, embedder, evalset, fitted_on: str, aggregation: str, per_source: int,
-                      frr: float, cache_dir: Path | None = None) -> str:
-    from engine.evaluation.runner import embed_evalset, fit_calibration
-    from engine.evaluation.scoring import Variant
-
-    if embedder.identity != store.embedder_identity:
-        raise UserError(f"cannot calibrate store {store.root} (bound to {store.embedder_identity}) with features "
-                        f"of {embedder.identity}")
-    if per_source < 1:
-        raise UserError("--per-source must be at least 1")
-    if not 0 < frr < 1:
-        raise UserError("--false-reject must be between 0 and 1")
-    features = embed_evalset(evalset, {"store": embedder}, cache_dir, progress=False)
-    calibration = fit_calibration(evalset, features["store"], Variant("store", "cosine", aggregation, per_source),
-                                  frr, fitted_on)
-    store.update_config(calibration=calibration.to_dict())
+def _calibration_line(ws, calibration) -> str:
     notes = calibration.notes
-    return (f"calibration saved to {store.root}: temperature {calibration.temperature:.3g}, thresholds for "
+    return (f"calibration saved to {ws.root}: temperature {calibration.temperature:.3g}, thresholds for "
             f"{len(calibration.thresholds)} sources; ECE {notes['ece_default']:.3f} -> {notes['ece_calibrated']:.3f}"
             + (f", unknown-source AUROC {notes['open_set_auroc']:.3f}" if notes.get("open_set_auroc") else ""))
 
 
 def cmd_calibrate(args) -> None:
-    from engine.calibration import Calibration
-    from engine.evaluation.dataset import from_manifest, from_store
+    from engine.options import from_args
 
-    with _store(args, required=True) as store:
-        if args.manifest:
-            from engine.workspace import load_embedder
-
-            evalset, embedder, fitted_on = from_manifest(Path(args.manifest)), load_embedder(store), args.manifest
-        else:
-            evalset, fitted_on = from_store(store), f"store {store.root}"
-            embedder = _StoredOnly(store.embedder_identity)
-        text = _save_calibration(store, embedder, evalset, fitted_on, args.aggregation, args.per_source,
-                                 args.false_reject)
-        data = Calibration.from_dict(store.config["calibration"]).to_dict()
-    _emit(args, data, text)
-
-
-class _StoredOnly:
-    """Stands in for an embedder when every vector comes from the store (nothing to embed)."""
-
-    def __init__(self, identity: str):
-        self.identity = identity
+    options = from_args(args)
+    with _workspace(args, required=True) as ws:
+        calibration = ws.calibrate(args.manifest, options, args.false_reject)
+        _emit(args, calibration.to_dict(), _calibration_line(ws, calibration))

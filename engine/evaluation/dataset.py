@@ -42,23 +42,19 @@ class EvalSet:
         return len(self.orig_hash)
 
     def references(self) -> list[list[np.ndarray]]:
-        """For every original, per source, the indices of its candidate resyntheses in seed order.
+        """For every original, per source, the indices of its candidate resyntheses, in the engine's order.
 
-        Resyntheses linked to this very original win; else the unlinked resyntheses of its description.
-        A resynthesis with the query's own bytes never counts (an image is no evidence for itself).
+        Exactly the engine's rule (engine.attribute.Plan): the resyntheses of the original's description,
+        unknown seeds first, then by seed, then in dataset order; never one with the query's own bytes.
         """
-        by_original: dict[int, list[int]] = defaultdict(list)
         by_desc: dict[int, list[int]] = defaultdict(list)
         for j in range(len(self.res_hash)):
-            if self.res_original[j] >= 0:
-                by_original[int(self.res_original[j])].append(j)
-            else:
-                by_desc[int(self.res_desc[j])].append(j)
+            by_desc[int(self.res_desc[j])].append(j)
+        for pool in by_desc.values():
+            pool.sort(key=lambda j: (int(self.res_seed[j]), j))
         out = []
         for i in range(self.n_originals):
-            pool = by_original.get(i) or by_desc.get(int(self.orig_desc[i]), [])
-            pool = [j for j in pool if self.res_hash[j] != self.orig_hash[i]]
-            pool.sort(key=lambda j: (self.res_seed[j] if self.res_seed[j] >= 0 else 1 << 30, j))
+            pool = [j for j in by_desc.get(int(self.orig_desc[i]), []) if self.res_hash[j] != self.orig_hash[i]]
             per_source = [np.array([j for j in pool if self.res_source[j] == c], np.int64)
                           for c in range(len(self.sources))]
             out.append(per_source)
@@ -88,12 +84,10 @@ def from_rows(rows: list[ManifestRow], where: str) -> EvalSet:
     orig_hash = [sha256_file(r.image) for r in originals]
     orig_by_path = {r.image: i for i, r in enumerate(originals)}
     linked = np.array([orig_by_path.get(r.original, -1) if r.original is not None else -1 for r in resyntheses])
-    have_desc = {r.description for r, link in zip(resyntheses, linked) if link < 0}
-    have_link = set(linked[linked >= 0].tolist())
-    for i, row in enumerate(originals):
-        if i not in have_link and row.description not in have_desc:
-            raise UserError(f"{where}:{row.line}: original {row.image.name} has no resyntheses "
-                            f"(none of its description and none linked to it)")
+    have_desc = {r.description for r in resyntheses}
+    for row in originals:
+        if row.description not in have_desc:
+            raise UserError(f"{where}:{row.line}: original {row.image.name} has no resyntheses of its description")
     return EvalSet(
         sources=sources,
         orig_source=np.array([source_index[r.source] for r in originals]),
@@ -132,9 +126,8 @@ def from_store(store: Store) -> EvalSet:
     source_index = {s: i for i, s in enumerate(sources)}
     desc_ids = sorted({r.description_id for r in rows})
     desc_index = {d: i for i, d in enumerate(desc_ids)}
-    unlinked = {r.description_id for r in resyntheses if r.original_id is None}
-    linked = {r.original_id for r in resyntheses if r.original_id is not None}
-    originals = [r for r in originals if r.description_id in unlinked or r.id in linked]
+    described = {r.description_id for r in resyntheses}
+    originals = [r for r in originals if r.description_id in described]
     orig_index = {r.id: i for i, r in enumerate(originals)}
     if not originals:
         raise UserError(f"{where}: no stored original has resyntheses of its description")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from engine.demo import DESCRIPTIONS
+from engine.zoo import DESCRIPTIONS
 from engine.generate import DiffusersGenerator, GenerationParams
 from engine.images import save_png_atomic
 

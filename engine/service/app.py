@@ -15,19 +15,18 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.attribute import Query
-from engine.errors import UserError
-from engine.aggregate import AGGREGATIONS, DEFAULT_AGGREGATION, DEFAULT_PER_SOURCE
-from engine.service.config import Options
+from engine.errors import kind_of
+from engine.images import FORMATS
+from engine.options import Options, schema
 from engine.service.core import Service
-from engine.service.decode import FORMATS, decode_upload
-from engine.service.errors import ServiceError, body, from_user_error
+from engine.service.errors import ServiceError, body, one_line
 from engine.service.generation import QueueFull
 from engine.service.guard import Guard
 from index.keys import normalise_description
 
 log = logging.getLogger("resynth.service")
 STATIC = Path(__file__).parent / "static"
-OPTION_FIELDS = ("per_source", "aggregation", "sources", "seed")
+OPTION_FIELDS = tuple(schema())  # the HTTP form fields are the options, declared once in engine.options
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
               413: "body_too_large", 415: "unsupported_media_type"}
 
@@ -39,10 +38,7 @@ ATTRIBUTE_BODY = {"requestBody": {"required": True, "content": {"multipart/form-
         "prompt": {"type": "array", "items": {"type": "string"},
                    "description": "the description: one for all images, or one per image in order; "
                                   "omit to use stored metadata or the captioner"},
-        "per_source": {"type": "integer", "default": DEFAULT_PER_SOURCE, "minimum": 1},
-        "aggregation": {"type": "string", "enum": list(AGGREGATIONS), "default": DEFAULT_AGGREGATION},
-        "sources": {"type": "string", "description": "comma-separated subset of sources"},
-        "seed": {"type": "integer", "default": 0, "minimum": 0}}}}}}}
+        **schema()}}}}}}
 
 
 def create_app(service: Service, token: str | None = None) -> FastAPI:
@@ -124,17 +120,14 @@ async def _read_request(request: Request, service: Service) -> tuple[list[Query]
                 raise ServiceError(400, "empty_prompt", f"prompt {number} is empty: give a description with "
                                                         "words in it, or leave the prompt field out")
         given = {name: form.get(name) for name in OPTION_FIELDS}
-        options = Options.parse({name: v for name, v in given.items() if isinstance(v, str)}, limits)
+        options = Options.from_strings({name: v for name, v in given.items() if isinstance(v, str)})
         data = [await u.read(limits.max_image_bytes + 1) for u in uploads]
         labels = [_label(u.filename, i) for i, u in enumerate(uploads)]
     per_image = prompts * len(uploads) if len(prompts) == 1 else prompts or [None] * len(uploads)
 
-    def decode() -> list[Query]:
-        out = []
-        for raw, label, prompt in zip(data, labels, per_image):
-            image, digest = decode_upload(raw, limits.max_image_bytes, limits.max_pixels, label)
-            out.append(Query(image, digest, label, normalise_description(prompt) if prompt else None))
-        return out
+    def decode() -> list[Query]:  # the one image reader: same limits, formats and EXIF rule as the CLI
+        return [Query.read(raw, prompt, label, max_bytes=limits.max_image_bytes, max_pixels=limits.max_pixels)
+                for raw, label, prompt in zip(data, labels, per_image)]
 
     return await asyncio.to_thread(decode), options
 
@@ -155,10 +148,6 @@ def _add_error_handlers(app: FastAPI, service: Service) -> None:
     async def service_error(_request, exc: ServiceError):
         return reply(exc.status, exc.code, exc.message, exc.headers)
 
-    @app.exception_handler(UserError)
-    async def user_error(_request, exc: UserError):
-        mapped = from_user_error(exc)
-        return reply(mapped.status, mapped.code, mapped.message)
 
     @app.exception_handler(QueueFull)
     async def queue_full(_request, exc: QueueFull):
@@ -173,7 +162,10 @@ def _add_error_handlers(app: FastAPI, service: Service) -> None:
         return reply(400, "bad_request", "malformed request")
 
     @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception):
+    async def any_error(request: Request, exc: Exception):
+        kind = kind_of(exc)  # by type, never by message text
+        if kind is not None:
+            return reply(kind.status, getattr(exc, "code", kind.code), one_line(str(exc)))
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return reply(500, "internal_error", "internal error (details are in the server log)")
 

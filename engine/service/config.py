@@ -1,11 +1,9 @@
-"""Limits and request options of the service, validated in one place."""
+"""Limits of the service (request options are engine.options.Options, shared with the CLI)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.aggregate import AGGREGATIONS, DEFAULT_AGGREGATION, DEFAULT_PER_SOURCE
 from engine.images import MAX_PIXELS
-from engine.service.errors import ServiceError
 
 MiB = 1 << 20
 
@@ -25,39 +23,3 @@ class Limits:
     max_batch: int = 32  # images per CLIP forward pass
     refresh_seconds: float = 1.0  # how often to look for a replaced index file
     save_seconds: float = 5.0  # how often newly generated vectors are saved to the index file
-
-
-@dataclass(frozen=True)
-class Options:
-    """The CLI's attribution options; hashable, so an Attributor can be kept per distinct set."""
-
-    per_source: int = DEFAULT_PER_SOURCE
-    aggregation: str = DEFAULT_AGGREGATION
-    sources: tuple[str, ...] | None = None
-    seed: int = 0
-
-    @classmethod
-    def parse(cls, fields: dict[str, str], limits: Limits) -> "Options":
-        """From form fields (all strings); a bad value is a 400 with the field's name."""
-        per_source = _integer(fields, "per_source", DEFAULT_PER_SOURCE, 1, limits.max_per_source)
-        seed = _integer(fields, "seed", 0, 0, 2**31 - 1)
-        aggregation = fields.get("aggregation", "").strip() or DEFAULT_AGGREGATION
-        if aggregation not in AGGREGATIONS:
-            raise ServiceError(400, "bad_option", f"aggregation must be one of {', '.join(AGGREGATIONS)}")
-        sources = None
-        if fields.get("sources", "").strip():
-            sources = tuple(sorted({s.strip() for s in fields["sources"].split(",") if s.strip()}))
-        return cls(per_source, aggregation, sources or None, seed)
-
-
-def _integer(fields: dict[str, str], name: str, default: int, low: int, high: int) -> int:
-    raw = fields.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ServiceError(400, "bad_option", f"{name} must be an integer, got {raw[:40]!r}") from None
-    if not low <= value <= high:
-        raise ServiceError(400, "bad_option", f"{name} must be between {low} and {high}")
-    return value

@@ -1,0 +1,111 @@
+"""Per-request attribution options, declared once: default, bounds and help of each.
+
+The CLI flags (`add_arguments`), the HTTP form fields (`Options.from_strings`) and the evaluation
+all derive from this one dataclass, so a new option reaches every entry point together.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Mapping
+
+from engine.aggregate import AGGREGATIONS, DEFAULT_AGGREGATION, DEFAULT_PER_SOURCE
+from engine.errors import OptionError
+
+MAX_SEED = 2**31 - 1
+
+
+def _option(default: Any, help: str, kind: type = int, low: int | None = None, high: int | None = None,
+            choices: tuple[str, ...] | None = None, metavar: str | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "kind": kind, "low": low, "high": high,
+                                            "choices": choices, "metavar": metavar})
+
+
+@dataclass(frozen=True)
+class Options:
+    """How one request is attributed. Hashable, so plans can be cached per distinct option set."""
+
+    per_source: int = _option(
+        DEFAULT_PER_SOURCE, "resyntheses per source, K: each one not yet stored costs a generation",
+        low=1, high=64, metavar="K")
+    aggregation: str = _option(
+        DEFAULT_AGGREGATION, "how a source's similarities become its score: max (best match), mean, knn "
+        "(mean of the top 3), softmax", kind=str, choices=AGGREGATIONS)
+    seed: int = _option(0, "first generation seed; seeds seed .. seed+K-1 are used", low=0, high=MAX_SEED)
+    sources: tuple[str, ...] | None = _option(
+        None, "comma-separated subset of sources to consider (default: all)", kind=tuple, metavar="A,B")
+    original_refs: int = _option(
+        0, "also compare with up to N stored labelled originals per source (few-shot references; "
+        "0: resynthesis only, the paper's setting)", low=0, high=100_000, metavar="N")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            meta, value = f.metadata, getattr(self, f.name)
+            name = f"{f.name} (--{f.name.replace('_', '-')})"
+            if meta["kind"] is int:
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise OptionError(f"{name} must be an integer, not {value!r:.40}")
+                if not meta["low"] <= value <= meta["high"]:
+                    raise OptionError(f"{name} must be between {meta['low']} and {meta['high']}, not {value}")
+            elif meta["choices"] and value not in meta["choices"]:
+                raise OptionError(f"{name} must be one of {', '.join(meta['choices'])}, not {value!r:.40}")
+        if self.sources is not None:
+            names = self.sources.split(",") if isinstance(self.sources, str) else list(self.sources)
+            cleaned = tuple(sorted({str(n).strip() for n in names if str(n).strip()}))
+            object.__setattr__(self, "sources", cleaned or None)
+
+    @classmethod
+    def from_strings(cls, given: Mapping[str, str]) -> "Options":
+        """From text fields (an HTTP form): empty fields keep their default; unknown names are ignored."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = given.get(f.name)
+            if raw is None or not str(raw).strip():
+                continue
+            raw = str(raw).strip()
+            if f.metadata["kind"] is int:
+                try:
+                    values[f.name] = int(raw)
+                except ValueError:
+                    raise OptionError(f"{f.name} must be an integer, not {raw[:40]!r}") from None
+            else:
+                values[f.name] = raw
+        return cls(**values)
+
+    def with_changes(self, **changes: Any) -> "Options":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One CLI flag per option, with its default and help (values are validated by Options itself)."""
+    for f in fields(Options):
+        meta = f.metadata
+        default = f" (default {f.default})" if f.default is not None else ""
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
+                            type=int if meta["kind"] is int else str, choices=meta["choices"],
+                            metavar=meta["metavar"], help=meta["help"] + default)
+
+
+def from_args(args: argparse.Namespace) -> Options:
+    return Options(**{f.name: getattr(args, f.name) for f in fields(Options) if getattr(args, f.name, None) is not None})
+
+
+def schema() -> dict:
+    """JSON-schema properties of the options, for the HTTP API's documentation."""
+    out = {}
+    for f in fields(Options):
+        meta = f.metadata
+        prop: dict[str, Any] = {"description": meta["help"]}
+        if meta["kind"] is int:
+            prop.update(type="integer", default=f.default, minimum=meta["low"], maximum=meta["high"])
+        else:
+            prop.update(type="string")
+            if f.default is not None:
+                prop["default"] = f.default
+            if meta["choices"]:
+                prop["enum"] = list(meta["choices"])
+        out[f.name] = prop
+    return out
