@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import ForeignKey, Index, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import Float, ForeignKey, Index, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -56,7 +56,11 @@ class Image(Base):
 
 
 class Vector(Base):
-    """A stored CLIP feature; `id` is its FAISS id. AUTOINCREMENT: a deleted id is never reused."""
+    """A stored CLIP feature; `id` is its FAISS id. AUTOINCREMENT: a deleted id is never reused.
+
+    `checksum` (vectors.checksum of `data`) lets the FAISS copy be verified; NULL on rows written by
+    an older resynth or a bulk loader (then `data` itself is the reference).
+    """
 
     __tablename__ = "vectors"
     __table_args__ = (UniqueConstraint("image_id", "embedder"), {"sqlite_autoincrement": True})
@@ -64,3 +68,36 @@ class Vector(Base):
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
     embedder: Mapped[str] = mapped_column(String(200))
     data: Mapped[bytes] = mapped_column(LargeBinary)
+    checksum: Mapped[str | None] = mapped_column(String(32))
+
+
+class DeletedVector(Base):
+    """Tombstone of a removed vector id: an id in the FAISS file that is neither stored nor here means
+    the database lost data (and the index must not be "repaired" from it)."""
+
+    __tablename__ = "deleted_vectors"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+    seq: Mapped[int] = mapped_column(primary_key=True)
+    vector_id: Mapped[int] = mapped_column(unique=True)
+    deleted_at: Mapped[float] = mapped_column(Float)
+
+
+class Claim(Base):
+    """A lease on a piece of work that must happen once (the generation of one cache key)."""
+
+    __tablename__ = "claims"
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    owner: Mapped[str] = mapped_column(Text)
+    expires_at: Mapped[float] = mapped_column(Float)
+
+
+class StoreMeta(Base):
+    """Small facts about the database itself (e.g. `tombstones_from`: ids up to it predate tombstones)."""
+
+    __tablename__ = "store_meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+CORE_TABLES = ("sources", "descriptions", "images", "vectors")
+ADDED_TABLES = (DeletedVector.__table__, Claim.__table__, StoreMeta.__table__)

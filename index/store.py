@@ -1,36 +1,60 @@
 """A store directory: SQLite metadata (the source of truth) + a FAISS index kept in agreement with it.
 
-Write order: image file, then one database transaction (image + vector rows), then the in-memory
-FAISS index, saved atomically at the end of each batch. A crash can therefore only leave the FAISS
-file *behind* the database (or ahead of it after a delete); `open` compares id sets and repairs
-the index from the stored vectors, so the two never disagree when anyone reads them.
+Trust rules:
+* The database is never created implicitly: only `Store.create` makes one. `open` first checks that
+  metadata.sqlite is there, non-empty, a SQLite file with the store's tables, and answers a probe;
+  otherwise it raises StoreDamaged and touches no file. A read-only open never writes a store file.
+* Write order: image file, then one database transaction (image + vector rows with a checksum each),
+  then the in-memory FAISS index, saved atomically (temp file, fsync, rename) under a cross-process
+  lock after merging whatever other processes committed or deleted. A crash can therefore only leave
+  the FAISS file *behind* the database, or ahead of it by ids the database records as deleted
+  (tombstones). An id in the file that the database neither holds nor records as deleted means the
+  database lost data: StoreDamaged, and the FAISS file is left as it is.
+* Content is verified, not only ids: at open a sample of index vectors is compared with their
+  checksums; any mismatch (or a file of another index type) is rebuilt from the database, never served.
+* Races are normal: unique rows are got-or-created in one statement, and a claim row with a lease
+  makes a generation happen once across processes (`claim` / `release` / `wait_for_keys`).
 
-Several processes may use one store: SQLite serialises their writes, each keeps its own in-memory
-index, and a search that meets a vector another process committed loads it from the database.
 Within a process, a lock keeps FAISS searches apart from index mutation (FAISS is not safe there).
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
-import shutil
+import re
+import sqlite3
 import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from sqlalchemy import create_engine, delete, event, func, select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import QueuePool
 
 from index import vectors as vx
-from index.errors import StoreDamaged, StoreInputError, UnknownName
-from index.keys import normalise_description, sha256_text
-from index.schema import Base, Description, Image, Source, Vector
+from index.errors import StoreDamaged, StoreError, StoreInputError, UnknownName
+from index.keys import normalise_description, sha256_file, sha256_text
+from index.schema import (ADDED_TABLES, CORE_TABLES, Base, Claim, DeletedVector, Description, Image, Source,
+                          StoreMeta, Vector)
+from index.schema import _now as _utcnow
 
 CONFIG_NAME = "store.json"
 DB_NAME = "metadata.sqlite"
 INDEX_NAME = "vectors.faiss"
+LOCK_NAME = "store.lock"
 FORMAT = 1
+SAMPLE = 256  # index vectors checked against their checksums at open (all of them up to FULL_CHECK)
+FULL_CHECK = 4096
+QUICK_CHECK_MAX_BYTES = 64 << 20  # PRAGMA quick_check at open only for databases up to this size
+ORPHAN_GRACE_S = 600.0  # an unreferenced image file younger than this may be a commit in flight
+RESTORE = "restore metadata.sqlite from a backup"
+TEMP_RE = re.compile(r"^\..+\.(\d+)\.tmp$")
+_CORRUPT = ("not a database", "malformed", "corrupt", "disk image")
 
 
 @dataclass
@@ -67,16 +91,74 @@ class OpenReport:
     rebuilt: bool = False
     added: int = 0
     removed: int = 0
+    checked: int = 0  # index vectors compared with their checksums
     notes: list[str] = field(default_factory=list)
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")  # readers run during a write
-    cursor.execute("PRAGMA synchronous=FULL")  # a committed (acknowledged) write survives a crash
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.close()
+def _sqlite_pragmas(writable: bool):
+    def apply(dbapi_connection, _record) -> None:
+        cursor = dbapi_connection.cursor()
+        if writable:
+            cursor.execute("PRAGMA journal_mode=WAL")  # readers run during a write
+        cursor.execute("PRAGMA synchronous=FULL")  # a committed (acknowledged) write survives a crash
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+    return apply
+
+
+def _corruption(exc: BaseException | None) -> str | None:
+    """The one-line reason if a database error means the file is damaged (not busy, not a bug)."""
+    if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.IntegrityError):
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if any(word in text.lower() for word in _CORRUPT):
+            return text
+    return None
+
+
+def _damaged(path: Path, what: str) -> StoreDamaged:
+    return StoreDamaged(f"{path} {what}: {RESTORE} (vectors.faiss cannot replace it)")
+
+
+def _make_engine(path: Path, mode: str):
+    """An engine on exactly this file: mode rwc (create), rw (must exist) or ro (never writes the file)."""
+    uri = path.resolve().as_uri() + f"?mode={mode}"
+
+    def connect():
+        return sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None, timeout=30)
+
+    engine = create_engine("sqlite://", creator=connect, poolclass=QueuePool)
+    event.listen(engine, "connect", _sqlite_pragmas(mode != "ro"))
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn) -> None:  # explicit transactions; writers take the write lock up front (no BUSY upgrade)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("immediate") else "BEGIN")
+
+    @event.listens_for(engine, "handle_error")
+    def _on_error(context) -> None:
+        reason = _corruption(context.original_exception)
+        if reason:
+            raise _damaged(path, f"is damaged ({reason})") from None
+
+    return engine
+
+
+def _dialect_insert(session: Session):
+    """The dialect's INSERT with ON CONFLICT support (SQLite now, PostgreSQL later)."""
+    name = session.get_bind().dialect.name
+    if name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    elif name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        raise StoreError(f"database dialect {name} has no get-or-create support here")
+    return insert
+
+
+def insert_ignore(session: Session, model, values: dict, conflict: list[str]):
+    """INSERT ... ON CONFLICT DO NOTHING; the result's rowcount says whether a row was made."""
+    insert = _dialect_insert(session)
+    return session.execute(insert(model.__table__).values(**values).on_conflict_do_nothing(index_elements=conflict))
 
 
 def write_json_atomic(path: Path, value: dict) -> None:
@@ -89,45 +171,103 @@ def write_json_atomic(path: Path, value: dict) -> None:
     vx.fsync_dir(path.parent)
 
 
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _drop_own_sidecars(paths: list[Path]) -> None:
+    """After a refused open: remove the empty -wal/-shm files SQLite made for this open (they did not
+    exist before it), so that a refused open leaves the store's folder as it found it."""
+    wal = next((p for p in paths if p.name.endswith("-wal")), None)
+    if wal is not None and wal.exists() and wal.stat().st_size:
+        return  # holds data someone wrote: not ours to remove
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def _check_database_file(path: Path) -> None:
+    """Before SQLite sees the file (its connect would create an empty one): there, non-empty, SQLite."""
+    if not path.is_file():
+        raise _damaged(path, "is missing")
+    size = path.stat().st_size
+    if size == 0:
+        raise _damaged(path, "is empty")
+    with open(path, "rb") as handle:
+        header = handle.read(100)
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
+        raise _damaged(path, "is not a SQLite database (damaged header)")
+
+
 class Store:
     """Open with `Store.create` (new) or `Store.open` (existing); use as a context manager."""
 
-    def __init__(self, root: Path, config: dict, writable: bool):
+    def __init__(self, root: Path, config: dict, writable: bool, *, create: bool = False, repair: bool = False):
         self.root = root
         self.config = config
         self.writable = writable
+        self.repair = repair
         self.embedder_identity: str = config["embedder"]["identity"]
         self.dim: int = int(config["dim"])
         self._index_lock = threading.RLock()
-        self.engine = create_engine(f"sqlite:///{root / DB_NAME}")
-        event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
-        self.session_factory = sessionmaker(self.engine, expire_on_commit=False)
         self._dirty = False
-        self.index, self.open_report = self._load_verified_index()
+        self._tomb_seq = 0
+        db_path = root / DB_NAME
+        if not create:
+            _check_database_file(db_path)
+        sidecars = [db_path.with_name(db_path.name + suffix) for suffix in ("-wal", "-shm")]
+        absent = [p for p in sidecars if not p.exists()]
+        self.engine = _make_engine(db_path, "rwc" if create else ("rw" if writable else "ro"))
+        self._write_engine = self.engine.execution_options(immediate=True)
+        self.session_factory = sessionmaker(self.engine, expire_on_commit=False)
+        self._write_factory = sessionmaker(self._write_engine, expire_on_commit=False)
+        try:
+            if create:
+                self._create_schema()
+            self._probe(db_path)
+            if writable:
+                self._migrate()
+                self.remove_stale_temp_files()
+            self.index, self.open_report = self._load_verified_index()
+        except BaseException as exc:
+            self.engine.dispose()
+            if isinstance(exc, StoreDamaged):
+                _drop_own_sidecars(absent)
+            raise
         self._file_state = _file_state(self.index_path)
 
     # ----- lifecycle -------------------------------------------------------------------------
     @classmethod
     def create(cls, root: Path, embedder: dict, dim: int, captioner: str | None = None) -> "Store":
+        """A new store (the only way a database is made), or the existing one at `root`."""
         root = Path(root)
         config_path = root / CONFIG_NAME
         if config_path.exists():
             existing = json.loads(config_path.read_text())
             if existing["embedder"]["identity"] != embedder["identity"]:
                 raise StoreInputError(f"store {root} is already bound to embedder {existing['embedder']['identity']}; "
-                                f"use another --store for {embedder['identity']}")
+                                      f"use another --store for {embedder['identity']}")
             store = cls.open(root)
             if captioner and captioner != store.config.get("captioner"):
                 store.update_config(captioner=captioner)
             return store
         root.mkdir(parents=True, exist_ok=True)
         config = {"format": FORMAT, "embedder": embedder, "dim": dim, "captioner": captioner}
-        write_json_atomic(config_path, config)
-        return cls(root, config, writable=True)
+        store = cls(root, config, writable=True, create=True)
+        write_json_atomic(config_path, config)  # last: store.json marks a complete store
+        return store
 
     @classmethod
-    def open(cls, root: Path, writable: bool = True) -> "Store":
+    def open(cls, root: Path, writable: bool = True, repair: bool = False) -> "Store":
+        """Open an existing store. `repair=True` accepts the database as it is when the index holds
+        vectors the database lost (the index is rebuilt from it) instead of raising StoreDamaged."""
         root = Path(root)
         config_path = root / CONFIG_NAME
         if not config_path.exists():
@@ -136,19 +276,22 @@ class Store:
             config = json.loads(config_path.read_text())
             config["embedder"]["identity"], config["dim"]
         except (ValueError, KeyError, TypeError):
-            raise StoreDamaged(f"store config {config_path} is malformed") from None
+            raise StoreDamaged(f"store config {config_path} is malformed: restore it from a backup") from None
         if config.get("format") != FORMAT:
             raise StoreInputError(f"store {root} has format {config.get('format')}, this resynth reads {FORMAT}")
-        return cls(root, config, writable)
+        return cls(root, config, writable, repair=repair)
 
     def update_config(self, **changes) -> None:
+        self._require_writable()
         self.config.update(changes)
         write_json_atomic(self.root / CONFIG_NAME, self.config)
 
     def close(self) -> None:
-        if self.writable and self._dirty:
-            self.save_index()
-        self.engine.dispose()
+        try:
+            if self.writable and self._dirty:
+                self.save_index()
+        finally:
+            self.engine.dispose()
 
     def __enter__(self) -> "Store":
         return self
@@ -157,19 +300,141 @@ class Store:
         self.close()
 
     def session(self) -> Session:
+        """A session for reads (and ORM writes that need no get-or-create)."""
         return self.session_factory()
+
+    def _write_session(self) -> Session:
+        """A session whose transaction takes SQLite's write lock at BEGIN (no lock-upgrade failures)."""
+        self._require_writable()
+        return self._write_factory()
+
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise StoreInputError(f"store {self.root} is open read-only")
+
+    # ----- the database: creation, probe, migration ------------------------------------------
+    def _create_schema(self) -> None:
+        with self._write_engine.begin() as conn:
+            Base.metadata.create_all(conn)
+            if conn.scalar(select(StoreMeta.value).where(StoreMeta.key == "tombstones_from")) is None:
+                conn.execute(StoreMeta.__table__.insert().values(key="tombstones_from", value="0"))
+
+    def _probe(self, db_path: Path) -> None:
+        """Cheap sanity of the source of truth: the store's tables, readable, and quick_check if small."""
+        try:
+            with self.engine.connect() as conn:
+                tables = set(conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='table'").scalars())
+                missing = [t for t in CORE_TABLES if t not in tables]
+                if missing:
+                    raise _damaged(db_path, f"lacks the store's tables ({', '.join(missing)})")
+                conn.exec_driver_sql("SELECT max(id), count(*) FROM vectors").all()
+                conn.exec_driver_sql("SELECT max(id) FROM images").all()
+                if db_path.stat().st_size <= QUICK_CHECK_MAX_BYTES:
+                    result = conn.exec_driver_sql("PRAGMA quick_check(1)").scalar()
+                    if result != "ok":
+                        raise _damaged(db_path, f"fails its integrity check ({str(result).splitlines()[0]})")
+                columns = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(vectors)")}
+            self._has_checksums = "checksum" in columns
+            self._has_tombstones = "deleted_vectors" in tables
+            self._has_claims = "claims" in tables
+        except DBAPIError as exc:
+            reason = str(exc.orig).splitlines()[0] if exc.orig is not None else type(exc).__name__
+            if "locked" in reason or "busy" in reason:
+                raise StoreError(f"{db_path} is locked by another process; try again") from None
+            raise _damaged(db_path, f"cannot be read ({reason})") from None
+
+    def _migrate(self) -> None:
+        """Bring a database made by an older resynth up to date (writable opens only): checksum column
+        (backfilled), tombstones, claims. Ids allocated before tombstones existed count as deleted."""
+        if self._has_checksums and self._has_tombstones and self._has_claims:
+            return
+        with self._write_engine.begin() as conn:
+            columns = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(vectors)")}
+            if "checksum" not in columns:
+                conn.exec_driver_sql("ALTER TABLE vectors ADD COLUMN checksum VARCHAR(32)")
+            tables = set(conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='table'").scalars())
+            Base.metadata.create_all(conn, tables=list(ADDED_TABLES))
+            if conn.scalar(select(StoreMeta.value).where(StoreMeta.key == "tombstones_from")) is None:
+                floor = 0
+                if "sqlite_sequence" in tables:
+                    floor = conn.exec_driver_sql("SELECT seq FROM sqlite_sequence WHERE name='vectors'").scalar() or 0
+                floor = max(int(floor), int(conn.scalar(select(func.max(Vector.id))) or 0))
+                conn.execute(StoreMeta.__table__.insert().values(key="tombstones_from", value=str(floor)))
+        self._has_checksums = self._has_tombstones = self._has_claims = True
+        self._backfill_checksums()
+
+    def _backfill_checksums(self, batch: int = 2000) -> int:
+        done = 0
+        while True:
+            with self._write_session() as s:
+                rows = s.execute(select(Vector.id, Vector.data).where(Vector.checksum.is_(None)).limit(batch)).all()
+                for vid, data in rows:
+                    s.execute(update(Vector).where(Vector.id == vid).values(checksum=vx.checksum(data)))
+                s.commit()
+            done += len(rows)
+            if len(rows) < batch:
+                return done
+
+    # ----- housekeeping ----------------------------------------------------------------------
+    def _temp_files(self, deep: bool = False) -> list[Path]:
+        found = [p for p in self.root.glob(".*.tmp") if TEMP_RE.match(p.name)]
+        if deep and (self.root / "images").is_dir():
+            found += [p for p in (self.root / "images").rglob(".*.tmp") if TEMP_RE.match(p.name)]
+        return found
+
+    def remove_stale_temp_files(self, deep: bool = False) -> list[str]:
+        """Remove `.NAME.<pid>.tmp` leftovers whose writer is dead (at the root; under images/ if deep)."""
+        removed = []
+        for path in self._temp_files(deep):
+            pid = int(TEMP_RE.match(path.name).group(1))
+            if pid != os.getpid() and not _pid_alive(pid):
+                path.unlink(missing_ok=True)
+                removed.append(str(path.relative_to(self.root)))
+        return removed
+
+    @contextmanager
+    def _file_lock(self):
+        """Cross-process lock for publishing vectors.faiss (flock on store.lock in the store folder)."""
+        self._require_writable()
+        fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     # ----- the FAISS index -------------------------------------------------------------------
     @property
     def index_path(self) -> Path:
         return self.root / INDEX_NAME
 
-    def _db_vector_ids(self) -> np.ndarray:
+    def _db_vector_ids(self, session: Session | None = None) -> np.ndarray:
+        query = select(Vector.id).where(Vector.embedder == self.embedder_identity)
+        if session is not None:
+            return np.array(sorted(session.scalars(query).all()), dtype=np.int64)
         with self.session() as s:
-            ids = s.scalars(select(Vector.id).where(Vector.embedder == self.embedder_identity)).all()
-        return np.array(sorted(ids), dtype=np.int64)
+            return np.array(sorted(s.scalars(query).all()), dtype=np.int64)
 
-    def _stored_vectors(self, ids: np.ndarray | None = None, batch: int = 10000):
+    def _tomb_state(self, s: Session) -> tuple[int, int]:
+        """(highest tombstone seq, tombstones_from floor) in this session's snapshot."""
+        if not self._has_tombstones:
+            return 0, 1 << 62  # an old database, opened read-only: every unknown id counts as deleted
+        seq = s.scalar(select(func.max(DeletedVector.seq))) or 0
+        floor = s.scalar(select(StoreMeta.value).where(StoreMeta.key == "tombstones_from"))
+        return int(seq), int(floor or 0)
+
+    def _deleted(self, s: Session, ids: np.ndarray, floor: int) -> np.ndarray:
+        """Which of `ids` the database records as deleted (tombstoned, or older than tombstones)."""
+        ids = np.asarray(ids, np.int64)
+        known = set(ids[ids <= floor].tolist())
+        rest = [int(i) for i in ids if i > floor]
+        if self._has_tombstones:
+            for k in range(0, len(rest), 500):
+                known.update(s.scalars(select(DeletedVector.vector_id)
+                                       .where(DeletedVector.vector_id.in_(rest[k:k + 500]))).all())
+        return np.array(sorted(known), np.int64)
+
+    def _stored_vectors(self, ids: np.ndarray | None = None, batch: int = 10000, session: Session | None = None):
         """Yield (ids, matrix) batches from the database, for rebuilding without re-embedding."""
         base = select(Vector.id, Vector.data).where(Vector.embedder == self.embedder_identity).order_by(Vector.id)
         if ids is None:
@@ -177,65 +442,152 @@ class Store:
         else:
             wanted = [int(i) for i in ids]
             queries = [base.where(Vector.id.in_(wanted[k:k + 500])) for k in range(0, len(wanted), 500)]
-        with self.session() as s:
+        s = session if session is not None else self.session()
+        try:
             chunk_ids, chunk = [], []
             for query in queries:
                 for vid, data in s.execute(query).yield_per(batch):
+                    vec = np.frombuffer(data, dtype=np.float32)
+                    if vec.shape != (self.dim,):
+                        raise _damaged(self.root / DB_NAME, f"holds vector {vid} of size {vec.size}, "
+                                                            f"not {self.dim}")
                     chunk_ids.append(vid)
-                    chunk.append(np.frombuffer(data, dtype=np.float32))
+                    chunk.append(vec)
                     if len(chunk) == batch:
                         yield np.array(chunk_ids, np.int64), np.stack(chunk)
                         chunk_ids, chunk = [], []
             if chunk:
                 yield np.array(chunk_ids, np.int64), np.stack(chunk)
+        finally:
+            if session is None:
+                s.close()
+
+    def _checksums(self, s: Session, ids: np.ndarray) -> dict[int, str]:
+        """Reference checksums of stored vectors (from `data` where the row has none)."""
+        out: dict[int, str] = {}
+        wanted = [int(i) for i in ids]
+        for k in range(0, len(wanted), 500):
+            part = wanted[k:k + 500]
+            if self._has_checksums:
+                rows = s.execute(select(Vector.id, Vector.checksum).where(Vector.id.in_(part))).all()
+                out.update({vid: c for vid, c in rows if c})
+            need = [i for i in part if i not in out]
+            if need:
+                rows = s.execute(select(Vector.id, Vector.data).where(Vector.id.in_(need))).all()
+                out.update({vid: vx.checksum(data) for vid, data in rows})
+        return out
+
+    def _content_problems(self, s: Session, index, ids: np.ndarray, batch: int = 4096) -> list[int]:
+        """Ids whose index vector is not finite or differs from its stored checksum."""
+        bad = []
+        for k in range(0, len(ids), batch):
+            part = np.asarray(ids[k:k + batch], np.int64)
+            matrix = index.reconstruct_batch(part)
+            reference = self._checksums(s, part)
+            finite = np.isfinite(matrix).all(axis=1)
+            for vid, row, ok in zip(part.tolist(), matrix, finite):
+                if not ok or reference.get(vid) not in (None, vx.checksum(row.tobytes())):
+                    bad.append(vid)
+        return bad
 
     def _load_verified_index(self):
+        """Read vectors.faiss, check it against the database (ids, then content), repair or refuse."""
         report = OpenReport()
-        db_ids = self._db_vector_ids()
-        index = vx.read_index(self.index_path)
-        if index is None or index.d != self.dim:
-            if index is not None or len(db_ids):
-                report.notes.append("index file missing or unreadable: rebuilt from stored vectors")
-            index = self._rebuild_from_db()
-            report.rebuilt = True
-            report.added = int(index.ntotal)
-        else:
-            have = vx.index_ids(index)
-            extra = np.setdiff1d(have, db_ids)
-            missing = np.setdiff1d(db_ids, have)
-            if len(extra):
-                index.remove_ids(extra)
-                report.removed = len(extra)
-            for ids, matrix in (self._stored_vectors(missing) if len(missing) else ()):
-                index.add_with_ids(matrix, ids)
-                report.added += len(ids)
-            if report.added or report.removed:
-                report.notes.append(f"index repaired from database: +{report.added} -{report.removed} vectors")
-        if (report.rebuilt and len(db_ids)) or report.added or report.removed:
-            if self.writable:
-                vx.write_atomic(index, self.index_path)
+        index, problem = vx.read_checked(self.index_path, self.dim)  # the file first: the database is ahead
+        with self.session() as s:
+            db_ids = self._db_vector_ids(s)
+            tomb_seq, floor = self._tomb_state(s)
+            if index is not None:
+                have = vx.index_ids(index)
+                extra = np.setdiff1d(have, db_ids)
+                lost = np.setdiff1d(extra, self._deleted(s, extra, floor)) if len(extra) else extra
+                if len(lost):
+                    if not self.repair:
+                        raise StoreDamaged(
+                            f"{self.index_path} holds {len(lost)} vectors that {DB_NAME} neither stores nor records "
+                            f"as deleted (the database lost data): {RESTORE}, or run `resynth verify --repair` "
+                            "to rebuild the index from the database as it is")
+                    report.notes.append(f"{len(lost)} vectors the database lost were dropped (repair)")
+                present = np.intersect1d(have, db_ids)
+                if len(present) > FULL_CHECK:
+                    present = np.sort(np.random.default_rng().choice(present, SAMPLE, replace=False))
+                bad = self._content_problems(s, index, present)
+                report.checked = len(present)
+                if bad:
+                    index, problem = None, f"{len(bad)} of {len(present)} checked vectors differ from the database"
+                elif len(extra):
+                    index.remove_ids(extra)
+                    report.removed = len(extra)
+            if index is None:
+                if problem:
+                    report.notes.append(f"index file {problem}: rebuilt from stored vectors")
+                index = vx.new_index(self.dim)
+                for ids, matrix in self._stored_vectors(session=s):
+                    index.add_with_ids(matrix, ids)
+                report.rebuilt = True
+                report.added = int(index.ntotal)
+            else:
+                missing = np.setdiff1d(db_ids, vx.index_ids(index))
+                for ids, matrix in (self._stored_vectors(missing, session=s) if len(missing) else ()):
+                    index.add_with_ids(matrix, ids)
+                    report.added += len(ids)
+                if report.added or report.removed:
+                    report.notes.append(f"index repaired from database: +{report.added} -{report.removed} vectors")
+        self._tomb_seq = tomb_seq
+        if self.writable and ((report.rebuilt and (problem or len(db_ids))) or report.added or report.removed):
+            self._publish(index)
         return index, report
+
+    def _merge_from_db(self, index) -> None:
+        """Bring `index` to the database's latest state: drop ids deleted since, add ids committed elsewhere."""
+        with self.session() as s:
+            tomb_seq, floor = self._tomb_state(s)
+            if self._has_tombstones and tomb_seq > self._tomb_seq:
+                gone = np.array(s.scalars(select(DeletedVector.vector_id)
+                                          .where(DeletedVector.seq > self._tomb_seq)).all(), np.int64)
+                gone = np.intersect1d(gone, vx.index_ids(index))
+                if len(gone):
+                    index.remove_ids(gone)
+            count = s.scalar(select(func.count(Vector.id)).where(Vector.embedder == self.embedder_identity))
+            if count != index.ntotal:
+                have = vx.index_ids(index)
+                missing = np.setdiff1d(self._db_vector_ids(s), have)
+                for ids, matrix in (self._stored_vectors(missing, session=s) if len(missing) else ()):
+                    index.add_with_ids(matrix, ids)
+        self._tomb_seq = max(self._tomb_seq, tomb_seq)
+
+    def _publish(self, index) -> None:
+        with self._file_lock():
+            with self._index_lock:
+                self._merge_from_db(index)
+                vx.write_atomic(index, self.index_path)
+                self._file_state = _file_state(self.index_path)
+
+    def save_index(self) -> None:
+        """Publish the in-memory index atomically, merged with what other processes committed/deleted."""
+        with self._index_lock:
+            self._publish(self.index)
+            self._dirty = False
 
     def _rebuild_from_db(self):
         index = vx.new_index(self.dim)
-        for ids, matrix in self._stored_vectors():
-            index.add_with_ids(matrix, ids)
-        return index
-
-    def save_index(self) -> None:
-        with self._index_lock:
-            vx.write_atomic(self.index, self.index_path)
-            self._file_state = _file_state(self.index_path)
-            self._dirty = False
+        with self.session() as s:
+            tomb_seq, _ = self._tomb_state(s)
+            for ids, matrix in self._stored_vectors(session=s):
+                index.add_with_ids(matrix, ids)
+        return index, tomb_seq
 
     def rebuild(self) -> int:
         """Recreate the FAISS index from stored vectors and swap it in atomically; returns its size."""
-        fresh = self._rebuild_from_db()
-        with self._index_lock:
-            vx.write_atomic(fresh, self.index_path)
-            self.index = fresh
-            self._file_state = _file_state(self.index_path)
-            self._dirty = False
+        self._require_writable()
+        with self._file_lock():
+            fresh, tomb_seq = self._rebuild_from_db()
+            with self._index_lock:
+                vx.write_atomic(fresh, self.index_path)
+                self.index = fresh
+                self._tomb_seq = tomb_seq
+                self._file_state = _file_state(self.index_path)
+                self._dirty = False
         return int(fresh.ntotal)
 
     def refresh(self) -> bool:
@@ -268,10 +620,18 @@ class Store:
                 absent = np.setdiff1d(ids, vx.index_ids(self.index))
         for batch_ids, matrix in self._stored_vectors(absent):
             with self._index_lock:
-                self.index.add_with_ids(matrix, batch_ids)
-                self._dirty = True
+                fresh = np.setdiff1d(batch_ids, vx.index_ids(self.index))
+                if len(fresh):
+                    keep = np.isin(batch_ids, fresh)
+                    self.index.add_with_ids(matrix[keep], batch_ids[keep])
+                    self._dirty = True
         with self._index_lock:
-            return self.index.reconstruct_batch(ids)
+            try:
+                return self.index.reconstruct_batch(ids)
+            except RuntimeError:
+                gone = np.setdiff1d(ids, vx.index_ids(self.index))
+                raise StoreInputError(f"{len(gone)} requested vectors are not in the store "
+                                      f"(removed meanwhile?), e.g. id {int(gone[0])}") from None
 
     def search(self, queries: np.ndarray, candidate_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Inner products of each query with exactly the candidates, best first: (similarities, ids).
@@ -287,14 +647,34 @@ class Store:
     # ----- sources ---------------------------------------------------------------------------
     def add_source(self, name: str, kind: str, fingerprint: str, path: str | None = None,
                    params: dict | None = None) -> Source:
-        with self.session() as s:
-            if s.scalar(select(Source).where(Source.name == name)) is not None:
-                raise StoreInputError(f"source {name!r} already exists (remove it first to change it)")
-            source = Source(name=name, kind=kind, path=path, params_json=json.dumps(params or {}, sort_keys=True),
-                            fingerprint=fingerprint)
-            s.add(source)
+        """Register a new source; StoreInputError if the name is taken (also when a race is lost)."""
+        taken = StoreInputError(f"source {name!r} already exists (remove it first to change it)")
+        try:
+            with self._write_session() as s:
+                if s.scalar(select(Source.id).where(Source.name == name)) is not None:
+                    raise taken
+                source = Source(name=name, kind=kind, path=path, params_json=json.dumps(params or {}, sort_keys=True),
+                                fingerprint=fingerprint)
+                s.add(source)
+                s.commit()
+                return source
+        except IntegrityError:
+            raise taken from None
+
+    def ensure_source(self, name: str, kind: str, fingerprint: str, path: str | None = None,
+                      params: dict | None = None) -> Source:
+        """Get-or-create a source in one statement (two processes registering the same replay source
+        both succeed). StoreInputError if the name exists with another kind or fingerprint."""
+        with self._write_session() as s:
+            insert_ignore(s, Source, {"name": name, "kind": kind, "path": path, "fingerprint": fingerprint,
+                                      "params_json": json.dumps(params or {}, sort_keys=True),
+                                      "created_at": _utcnow()}, ["name"])
+            source = s.scalar(select(Source).where(Source.name == name))
             s.commit()
-            return source
+        if source.kind != kind or source.fingerprint != fingerprint:
+            raise StoreInputError(f"source {name!r} already exists as another {source.kind} source "
+                                  "(remove it first to change it)")
+        return source
 
     def sources(self) -> list[Source]:
         with self.session() as s:
@@ -309,37 +689,81 @@ class Store:
         return found
 
     def remove_source(self, name: str) -> int:
-        """Delete a source with its images and vectors; returns how many vectors were dropped."""
+        """Delete a source with its images and vectors; returns how many vectors were dropped.
+
+        Its vector ids are tombstoned in the same transaction. After the commit, its own image files
+        inside the store (not referenced by any remaining row) are deleted, and folders left empty.
+        """
+        self._require_writable()
         source = self.source(name)
-        with self.session() as s:
+        with self._write_session() as s:
             image_ids = select(Image.id).where(Image.source_id == source.id)
+            paths = list(s.scalars(select(Image.path).where(Image.source_id == source.id)))
             vector_ids = np.array(s.scalars(select(Vector.id).where(Vector.image_id.in_(image_ids))).all(), np.int64)
             # resyntheses of other sources that pointed at these originals lose the link, not their rows
             s.execute(update(Image).where(Image.original_id.in_(image_ids)).values(original_id=None))
             s.execute(delete(Vector).where(Vector.image_id.in_(image_ids)))
             s.execute(delete(Image).where(Image.source_id == source.id))
             s.execute(delete(Source).where(Source.id == source.id))
+            now = time.time()
+            for vid in vector_ids.tolist():
+                insert_ignore(s, DeletedVector, {"vector_id": vid, "deleted_at": now}, ["vector_id"])
             s.commit()
         if len(vector_ids):
             with self._index_lock:
                 self.index.remove_ids(vector_ids)
             self.save_index()
-        shutil.rmtree(self.root / "images" / source.fingerprint[:16], ignore_errors=True)
+        self._remove_unreferenced_files(paths)
         return len(vector_ids)
+
+    def _file_path(self, stored: str) -> Path:
+        path = Path(stored)
+        return path if path.is_absolute() else self.root / path
+
+    def _own_file(self, stored: str) -> Path | None:
+        """The file a row points at if it lies inside the store (below a folder, not a store file)."""
+        root = self.root.resolve()
+        path = Path(os.path.abspath(self._file_path(stored)))
+        try:
+            relative = path.relative_to(root)
+        except ValueError:
+            return None
+        return path if len(relative.parts) >= 2 and ".." not in relative.parts else None
+
+    def _referenced(self, s: Session) -> set[Path]:
+        return {p for p in (self._own_file(x) for x in s.scalars(select(Image.path))) if p is not None}
+
+    def _remove_unreferenced_files(self, stored_paths: list[str]) -> None:
+        candidates = {p for p in (self._own_file(x) for x in stored_paths) if p is not None}
+        if not candidates:
+            return
+        with self.session() as s:
+            candidates -= self._referenced(s)
+        root = self.root.resolve()
+        for path in candidates:
+            path.unlink(missing_ok=True)
+            folder = path.parent
+            while folder != root and root in folder.parents:
+                try:
+                    folder.rmdir()  # only if empty
+                except OSError:
+                    break
+                folder = folder.parent
 
     # ----- descriptions and images -----------------------------------------------------------
     def description_id(self, text: str) -> int:
-        """Id of a normalised description, created on first use."""
+        """Id of a normalised description, created on first use (get-or-create in one statement)."""
         normal = normalise_description(text)
         digest = sha256_text(normal)
         with self.session() as s:
             found = s.scalar(select(Description.id).where(Description.hash == digest))
-            if found is not None:
-                return found
-            row = Description(text=normal, hash=digest)
-            s.add(row)
+        if found is not None:
+            return found
+        with self._write_session() as s:
+            insert_ignore(s, Description, {"text": normal, "hash": digest}, ["hash"])
+            found = s.scalar(select(Description.id).where(Description.hash == digest))
             s.commit()
-            return row.id
+        return found
 
     def find_description_id(self, text: str) -> int | None:
         """Id of a stored description, without creating it (lookups stay read-only)."""
@@ -355,6 +779,7 @@ class Store:
 
     def existing_keys(self, keys: list[str]) -> dict[str, int]:
         """Map of key -> vector id for the keys already stored (the cache lookup)."""
+        keys = list(keys)
         found: dict[str, int] = {}
         with self.session() as s:
             for start in range(0, len(keys), 500):
@@ -393,33 +818,41 @@ class Store:
         return out
 
     def add_images(self, rows: list[NewImage]) -> list[int]:
-        """Record images and vectors in one transaction, then add them to the in-memory index.
+        """Record images and vectors in one transaction, then add the new ones to the in-memory index.
 
-        Returns the new image ids.
+        Returns the image ids, in order: a key that is already stored (by this batch, an earlier one
+        or another process) yields the existing image's id and adds nothing.
         """
         if not rows:
             return []
-        matrix = np.stack([np.asarray(r.vector, np.float32) for r in rows])
+        matrix = np.stack([np.asarray(r.vector, np.float32).ravel() for r in rows])
         if matrix.shape[1] != self.dim:
             raise StoreInputError(f"vector size {matrix.shape[1]} does not match the store's {self.dim}")
-        with self.session() as s:
-            vectors, image_ids = [], []
-            for row, vec in zip(rows, matrix):
-                image = Image(key=row.key, role=row.role, source_id=row.source_id, description_id=row.description_id,
-                              seed=row.seed, params_hash=row.params_hash, file_hash=row.file_hash, path=row.path,
-                              original_id=row.original_id)
-                s.add(image)
-                s.flush()
-                image_ids.append(image.id)
-                vector = Vector(image_id=image.id, embedder=self.embedder_identity, data=vec.tobytes())
-                s.add(vector)
-                vectors.append(vector)
-            s.flush()
-            ids = np.array([v.id for v in vectors], np.int64)
+        if not np.isfinite(matrix).all():
+            raise StoreInputError("a vector to store is not finite (NaN or infinity)")
+        image_ids, new_ids, new_rows = [], [], []
+        with self._write_session() as s:
+            for i, (row, vec) in enumerate(zip(rows, matrix)):
+                made = insert_ignore(s, Image, {
+                    "key": row.key, "role": row.role, "source_id": row.source_id,
+                    "description_id": row.description_id, "seed": row.seed, "params_hash": row.params_hash,
+                    "file_hash": row.file_hash, "path": row.path, "original_id": row.original_id,
+                    "created_at": _utcnow()}, ["key"])
+                if made.rowcount != 1:
+                    image_ids.append(s.scalar(select(Image.id).where(Image.key == row.key)))
+                    continue
+                image_id = made.inserted_primary_key[0]
+                image_ids.append(image_id)
+                data = vec.tobytes()
+                vector = s.execute(Vector.__table__.insert().values(
+                    image_id=image_id, embedder=self.embedder_identity, data=data, checksum=vx.checksum(data)))
+                new_ids.append(vector.inserted_primary_key[0])
+                new_rows.append(i)
             s.commit()
-        with self._index_lock:
-            self.index.add_with_ids(matrix, ids)
-            self._dirty = True
+        if new_ids:
+            with self._index_lock:
+                self.index.add_with_ids(matrix[new_rows], np.array(new_ids, np.int64))
+                self._dirty = True
         return image_ids
 
     def original_id_for_file(self, file_hash: str) -> int | None:
@@ -430,9 +863,203 @@ class Store:
         with self.session() as s:
             return s.scalar(select(Image.id).where(Image.key == key))
 
-    def resolve_path(self, stored: str) -> Path:
-        path = Path(stored)
-        return path if path.is_absolute() else self.root / path
+    # ----- single-flight work across processes -----------------------------------------------
+    def claim(self, keys: list[str], owner: str, lease_seconds: float = 600.0) -> list[str]:
+        """Take (or renew) leases on `keys`; returns those `owner` now holds: free ones, expired ones
+        and its own. After claiming, check `existing_keys` again: a key may have been stored meanwhile."""
+        keys = list(dict.fromkeys(keys))
+        if not keys:
+            return []
+        now = time.time()
+        with self._write_session() as s:
+            insert = _dialect_insert(s)
+            table = Claim.__table__
+            for key in keys:
+                stmt = insert(table).values(key=key, owner=owner, expires_at=now + lease_seconds)
+                s.execute(stmt.on_conflict_do_update(
+                    index_elements=["key"], set_={"owner": stmt.excluded.owner, "expires_at": stmt.excluded.expires_at},
+                    where=(table.c.expires_at < now) | (table.c.owner == owner)))
+            held = set()
+            for k in range(0, len(keys), 500):
+                held.update(s.scalars(select(Claim.key).where(Claim.key.in_(keys[k:k + 500]), Claim.owner == owner)))
+            s.commit()
+        return [key for key in keys if key in held]
+
+    def release(self, keys: list[str], owner: str) -> int:
+        """Give up `owner`'s leases on `keys` (stored or abandoned work); returns how many were held."""
+        keys = list(dict.fromkeys(keys))
+        released = 0
+        with self._write_session() as s:
+            for k in range(0, len(keys), 500):
+                released += s.execute(delete(Claim).where(Claim.key.in_(keys[k:k + 500]),
+                                                          Claim.owner == owner)).rowcount
+            s.commit()
+        return released
+
+    def live_claims(self, keys: list[str]) -> dict[str, str]:
+        """key -> owner of the unexpired leases among `keys`."""
+        keys = list(dict.fromkeys(keys))
+        if not self._has_claims:
+            return {}
+        now = time.time()
+        out: dict[str, str] = {}
+        with self.session() as s:
+            for k in range(0, len(keys), 500):
+                out.update(dict(s.execute(select(Claim.key, Claim.owner).where(
+                    Claim.key.in_(keys[k:k + 500]), Claim.expires_at >= now)).all()))
+        return out
+
+    def wait_for_keys(self, keys: list[str], timeout: float = 600.0, poll: float = 0.25) -> dict[str, int]:
+        """Wait while other processes generate `keys`: returns key -> vector id of the stored ones as
+        soon as every key is stored, or none of the missing ones has a live claim (released, expired:
+        the caller claims and makes them), or `timeout` seconds passed (whatever is stored by then)."""
+        keys = list(dict.fromkeys(keys))
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.existing_keys(keys)
+            rest = [k for k in keys if k not in found]
+            if not rest or not self.live_claims(rest) or time.monotonic() >= deadline:
+                return found
+            time.sleep(max(0.0, min(poll, deadline - time.monotonic())))
+
+    # ----- verification ----------------------------------------------------------------------
+    def verify(self, repair: bool = False, files: bool = True) -> dict:
+        """Check everything; with `repair`, fix what can be fixed from the database. A JSON-able report.
+
+        Checks: the database's integrity_check; vectors.faiss (readable, type, dimension) against the
+        database: every id (missing, deleted, lost) and every vector against its checksum; the stored
+        vectors themselves (size, finite, checksum); with `files`, every image row's file (exists,
+        sha256 = file_hash); unreferenced image files under images/; leftover `.*.tmp` files; expired
+        claims. Repair (writable only): rebuild vectors.faiss from the database, backfill checksums,
+        remove unreferenced image files older than ORPHAN_GRACE_S, temp files of dead processes and
+        expired claims. What the database itself lacks cannot be repaired here (restore it from a backup).
+        """
+        if repair:
+            self._require_writable()
+        problems: list[str] = []
+        report: dict = {"store": str(self.root), "repair": repair, "problems": problems, "repaired": []}
+        db_path = self.root / DB_NAME
+        with self.engine.connect() as conn:
+            integrity = [r[0] for r in conn.exec_driver_sql("PRAGMA integrity_check(20)")]
+        report["database"] = {"integrity": "ok" if integrity == ["ok"] else integrity[:5]}
+        if integrity != ["ok"]:
+            problems.append(f"{db_path} fails its integrity check: {RESTORE}")
+
+        # the stored vectors themselves
+        bad_rows, unchecked = [], 0
+        with self.session() as s:
+            query = select(Vector.id, Vector.data, Vector.checksum if self._has_checksums else Vector.id)
+            for vid, data, check in s.execute(query.where(Vector.embedder == self.embedder_identity)).yield_per(5000):
+                vec = np.frombuffer(data, np.float32) if len(data) % 4 == 0 else np.zeros(0, np.float32)
+                if vec.shape != (self.dim,) or not np.isfinite(vec).all():
+                    bad_rows.append(vid)
+                elif not self._has_checksums or check is None:
+                    unchecked += 1
+                elif check != vx.checksum(data):
+                    bad_rows.append(vid)
+            db_ids = self._db_vector_ids(s)
+            _, floor = self._tomb_state(s)
+            image_rows = s.execute(select(Image.id, Image.path, Image.file_hash)).all()
+            without_vector = s.scalar(select(func.count(Image.id)).where(~Image.id.in_(
+                select(Vector.image_id).where(Vector.embedder == self.embedder_identity))))
+            expired = (s.scalar(select(func.count()).select_from(Claim).where(Claim.expires_at < time.time()))
+                       if self._has_claims else 0)
+            report["database"].update({"vectors": len(db_ids), "bad_vectors": len(bad_rows),
+                                       "bad_vector_ids": bad_rows[:10], "vectors_without_checksum": unchecked,
+                                       "images": len(image_rows), "images_without_vector": without_vector,
+                                       "expired_claims": expired})
+            if bad_rows:
+                problems.append(f"{len(bad_rows)} stored vectors are malformed or fail their checksum: {RESTORE}")
+            if without_vector:
+                problems.append(f"{without_vector} images have no vector (re-ingest them)")
+
+            # the index file on disk
+            index, why = vx.read_checked(self.index_path, self.dim)
+            entry: dict = {"path": str(self.index_path), "readable": index is not None,
+                           "problem": why if why else (None if index is not None else "missing")}
+            if index is not None:
+                have = vx.index_ids(index)
+                extra = np.setdiff1d(have, db_ids)
+                deleted = self._deleted(s, extra, floor) if len(extra) else extra
+                lost = np.setdiff1d(extra, deleted)
+                missing = np.setdiff1d(db_ids, have)
+                bad = self._content_problems(s, index, np.intersect1d(have, db_ids))
+                entry.update({"vectors": int(index.ntotal), "missing": len(missing), "deleted": len(deleted),
+                              "lost_from_database": len(lost), "lost_ids": lost[:10].tolist(),
+                              "bad_content": len(bad), "bad_ids": bad[:10]})
+                if len(lost):
+                    problems.append(f"{len(lost)} index vectors are not in the database (it lost data): {RESTORE}, "
+                                    "or repair to rebuild the index from the database as it is")
+                if bad:
+                    problems.append(f"{len(bad)} index vectors differ from the database")
+                if len(missing) or len(deleted):
+                    problems.append(f"index file lags the database (+{len(missing)} -{len(deleted)})")
+            elif why or len(db_ids):
+                problems.append(f"index file {entry['problem']}")
+            report["index"] = entry
+
+        if files:
+            report["files"] = self._verify_files(image_rows, problems)
+        referenced = {p for p in (self._own_file(x) for _, x, _ in image_rows) if p is not None}
+        orphans, recent = self._orphans(referenced)
+        temps = self._temp_files(deep=True)
+        report["orphans"] = {"count": len(orphans), "recent": len(recent),
+                             "examples": [str(p.relative_to(self.root.resolve())) for p in orphans[:10]]}
+        report["temp_files"] = {"count": len(temps), "examples": [str(p.relative_to(self.root)) for p in temps[:10]]}
+        if orphans:
+            problems.append(f"{len(orphans)} image files under images/ belong to no row")
+        if temps:
+            problems.append(f"{len(temps)} leftover temporary files")
+
+        if repair:
+            done = report["repaired"]
+            if self._has_checksums:
+                filled = self._backfill_checksums()
+                if filled:
+                    done.append(f"checksums computed for {filled} vectors")
+            done.append(f"index rebuilt from the database ({self.rebuild()} vectors)")
+            for path in orphans:
+                path.unlink(missing_ok=True)
+            if orphans:
+                done.append(f"removed {len(orphans)} unreferenced image files")
+            stale = self.remove_stale_temp_files(deep=True)
+            if stale:
+                done.append(f"removed {len(stale)} temporary files of dead processes")
+            if expired:
+                with self._write_session() as s:
+                    s.execute(delete(Claim).where(Claim.expires_at < time.time()))
+                    s.commit()
+                done.append(f"dropped {expired} expired claims")
+        report["ok"] = not problems
+        return report
+
+    def _verify_files(self, image_rows, problems: list[str]) -> dict:
+        missing, mismatched = [], []
+        for image_id, stored, file_hash in image_rows:
+            path = self._file_path(stored)
+            if not path.is_file():
+                missing.append(stored)
+            elif sha256_file(path) != file_hash:
+                mismatched.append(stored)
+        if missing:
+            problems.append(f"{len(missing)} image files are missing")
+        if mismatched:
+            problems.append(f"{len(mismatched)} image files differ from their recorded sha256")
+        return {"checked": len(image_rows), "missing": len(missing), "missing_examples": missing[:10],
+                "mismatched": len(mismatched), "mismatched_examples": mismatched[:10]}
+
+    def _orphans(self, referenced: set[Path]) -> tuple[list[Path], list[Path]]:
+        """Unreferenced files under images/: (old enough to remove, too recent to judge)."""
+        folder = self.root / "images"
+        if not folder.is_dir():
+            return [], []
+        old, recent = [], []
+        now = time.time()
+        for path in sorted(folder.resolve().rglob("*")):
+            if not path.is_file() or TEMP_RE.match(path.name) or path in referenced:
+                continue
+            (recent if now - path.stat().st_mtime < ORPHAN_GRACE_S else old).append(path)
+        return old, recent
 
     # ----- numbers ---------------------------------------------------------------------------
     def stats(self) -> dict:

@@ -1,6 +1,7 @@
 """The FAISS side of the store: an ID map over an exact inner-product index, saved atomically."""
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -17,11 +18,14 @@ def index_ids(index: faiss.Index) -> np.ndarray:
     return faiss.vector_to_array(index.id_map).astype(np.int64)
 
 
-def build_index(dim: int, ids: np.ndarray, vectors: np.ndarray) -> faiss.Index:
-    index = new_index(dim)
-    if len(ids):
-        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64))
-    return index
+def checksum(data: bytes) -> str:
+    """Checksum of one stored vector's float32 bytes (what the database keeps beside it)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def checksums(matrix: np.ndarray) -> list[str]:
+    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+    return [checksum(row.tobytes()) for row in matrix]
 
 
 def fsync_dir(folder: Path) -> None:
@@ -35,21 +39,45 @@ def fsync_dir(folder: Path) -> None:
 def write_atomic(index: faiss.Index, path: Path) -> None:
     """Write beside the target, fsync, rename: a reader sees the old file or the new one, never half."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    faiss.write_index(index, str(tmp))
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        faiss.write_index(index, str(tmp))
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
 def read_index(path: Path) -> faiss.Index | None:
     """The saved index, or None if it is missing or unreadable (the caller rebuilds from the database)."""
+    return read_checked(path, None)[0]
+
+
+def read_checked(path: Path, dim: int | None) -> tuple[faiss.Index | None, str | None]:
+    """(index, None) for a well-formed store index; (None, why) otherwise; (None, None) if absent.
+
+    Well-formed: an IndexIDMap2 over an inner-product flat index of `dim`, one id per vector, no
+    duplicate ids. Content (the vectors themselves) is checked by the store against its checksums.
+    """
     if not path.exists():
-        return None
+        return None, None
     try:
-        return faiss.read_index(str(path))
-    except RuntimeError:
-        return None
+        index = faiss.read_index(str(path))
+    except (RuntimeError, MemoryError, ValueError):
+        return None, "unreadable"
+    if not isinstance(index, faiss.IndexIDMap2):
+        return None, f"another index type ({type(index).__name__})"
+    inner = faiss.downcast_index(index.index)
+    if not isinstance(inner, faiss.IndexFlatIP) or index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        return None, f"another index type (IDMap2 over {type(inner).__name__})"
+    if dim is not None and index.d != dim:
+        return None, f"dimension {index.d}, expected {dim}"
+    ids = index_ids(index)
+    if len(ids) != index.ntotal or len(np.unique(ids)) != len(ids):
+        return None, "inconsistent id map"
+    return index, None
 
 
 def search_among(index: faiss.Index, queries: np.ndarray, candidate_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
