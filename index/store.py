@@ -556,18 +556,22 @@ class Store:
                     index.add_with_ids(matrix, ids)
         self._tomb_seq = max(self._tomb_seq, tomb_seq)
 
-    def _publish(self, index) -> None:
+    def _publish(self, index=None) -> None:
+        """Merge and write `index` (default: the live one) under the cross-process lock. Lock order is
+        always file lock, then index lock (never the other way: a save and a refresh would deadlock)."""
         with self._file_lock():
             with self._index_lock:
+                live = index is None
+                index = self.index if live else index
                 self._merge_from_db(index)
                 vx.write_atomic(index, self.index_path)
                 self._file_state = _file_state(self.index_path)
+                if live:
+                    self._dirty = False
 
     def save_index(self) -> None:
         """Publish the in-memory index atomically, merged with what other processes committed/deleted."""
-        with self._index_lock:
-            self._publish(self.index)
-            self._dirty = False
+        self._publish()
 
     def _rebuild_from_db(self):
         index = vx.new_index(self.dim)
