@@ -145,7 +145,32 @@ def check_pipeline_folder(folder: Path) -> str:
     for component, value in index.items():
         if not component.startswith("_") and isinstance(value, list) and value[0] and not (folder / component).is_dir():
             raise UserError(f"{folder}: component folder {component!r} is missing")
+    for weights in sorted(folder.rglob("*")):
+        if weights.is_file() and weights.suffix in _WEIGHT_SUFFIXES:
+            check_weight_file(weights)
     return class_name
+
+
+def check_weight_file(path: Path) -> None:
+    """Cheap structural check of a weight file, without loading it: a safetensors header must parse and
+    its tensors must end exactly at the end of the file; a PyTorch file must be a zip or a pickle."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if path.suffix == ".safetensors":
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < length <= min(size - 8, 100 << 20):
+                raise UserError(f"corrupt weight file {path}: not a safetensors file (bad header length)")
+            try:
+                header = json.loads(handle.read(length))
+                end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+                raise UserError(f"corrupt weight file {path}: unreadable safetensors header") from None
+            if 8 + length + end != size:
+                raise UserError(f"corrupt weight file {path}: {size} bytes, the header describes {8 + length + end} "
+                                "(truncated or padded)")
+        elif path.suffix in {".bin", ".pt", ".pth", ".ckpt"} and not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+            raise UserError(f"corrupt weight file {path}: neither a PyTorch zip nor a pickle")
 
 
 def load_pipeline(folder: Path, params: GenerationParams, device: str):

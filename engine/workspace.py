@@ -24,7 +24,7 @@ import numpy as np
 
 from engine.attribute import Attribution, Candidates, Plan, Query, Report, rank
 from engine.calibration import Calibration
-from engine.errors import SourceError, UserError
+from engine.errors import NotFoundError, SourceError, UserError
 from engine.images import ImageInput
 from engine.options import Options
 from index.keys import normalise_description, sha256_text
@@ -163,7 +163,8 @@ class Workspace:
         known = {s.name: s for s in sources}
         for name in options.sources or ():
             if name not in known:
-                raise UserError(f"unknown source {name!r} (known: {', '.join(sorted(known))})", code="unknown_source")
+                raise NotFoundError(f"unknown source {name!r} (known: {', '.join(sorted(known))})",
+                                    code="unknown_source")
         chosen = tuple(known[n] for n in (options.sources or sorted(known)))
         made = Plan(options, chosen, {s.id: source_params_hash(s) for s in chosen}, self.store.embedder_identity)
         with self._lock:
@@ -242,7 +243,7 @@ class Workspace:
                 generated += self._generate_and_store(plan, source, text, items)
             except SourceError as exc:
                 broken[source] = failed[source] = str(exc)
-                log.warning("%s", exc)
+                log.info("%s", exc)
             out[text] = (cached, generated, failed)
         with self._lock:
             for cached, generated, _ in out.values():
@@ -307,6 +308,8 @@ class Workspace:
                                calibration)
         self._time("search", started)
         cached, generated, failed = counts
+        if not scores and failed:  # nothing could be scored because sources failed: not an answer
+            raise SourceError(", ".join(sorted(failed)), "; ".join(sorted(set(failed.values()))))
         return Attribution(
             query=query.label, description=text, description_from=origin,
             predicted=scores[0].source if scores else None,

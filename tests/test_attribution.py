@@ -1,4 +1,4 @@
-"""The method end to end on the tiny zoo: accuracy, cache hits counted, describers."""
+"""The method end to end on the tiny zoo through the library API: accuracy, cache hits counted, describers."""
 from __future__ import annotations
 
 import json
@@ -6,21 +6,24 @@ from pathlib import Path
 
 import pytest
 
-from engine.attribute import Attributor, Query
+import engine
+from engine import Options
 from engine.errors import UserError
-from engine.workspace import load_captioner, load_embedder, load_generators
-from index.store import Store
 from tests.conftest import run_cli
 
 
-def _attributor(store: Store, **kwargs) -> Attributor:
-    return Attributor(store, load_embedder(store), load_generators(store), progress=False, **kwargs)
+def _paths(rows) -> list:
+    return [o["image"] for o in rows]
+
+
+def _prompts(rows) -> list:
+    return [o["prompt"] for o in rows]
 
 
 def test_attribution_accuracy_well_above_chance(store_dir, originals, models):
     n = len(models["pipelines"])
-    with Store.open(store_dir) as store:
-        results = _attributor(store).attribute([Query.from_path(o["image"], o["prompt"]) for o in originals])
+    with engine.open(store_dir) as ws:
+        results = ws.attribute(_paths(originals), _prompts(originals)).results
     correct = sum(r.predicted == o["source"] for r, o in zip(results, originals))
     accuracy = correct / len(originals)
     assert accuracy >= 0.75, f"accuracy {accuracy:.2f} (chance {1 / n:.2f})"
@@ -32,37 +35,49 @@ def test_attribution_accuracy_well_above_chance(store_dir, originals, models):
 def test_repeated_prompt_costs_no_generation(store_dir, originals, models):
     n = len(models["pipelines"])
     query = originals[0]
-    with Store.open(store_dir) as store:
-        attributor = _attributor(store, per_source=2)
-        first = attributor.attribute([Query.from_path(query["image"], query["prompt"])])[0]
-        calls = {name: g.calls for name, g in attributor.generators.items()}
-        assert calls == {name: 2 for name in calls}  # K=2 per source, generated once
+    two = Options(per_source=2)
+    with engine.open(store_dir) as ws:
+        first = ws.attribute(query["image"], query["prompt"], two)
+        calls = ws.generator_calls
+        assert calls == {name: 2 for name in models["pipelines"]}  # K=2 per source, generated once
         assert (first.cached, first.generated) == (0, 2 * n)
-        embedded = attributor.embedder.images_embedded
-        again = attributor.attribute([Query.from_path(query["image"], query["prompt"])])[0]
-        assert {name: g.calls for name, g in attributor.generators.items()} == calls
-        assert attributor.embedder.images_embedded == embedded + 1  # the query only, no resynthesis
+        embedded = ws.embedder.images_embedded
+        again = ws.attribute(query["image"], query["prompt"], two)
+        assert ws.generator_calls == calls
+        assert ws.embedder.images_embedded == embedded + 1  # the query only, no resynthesis
         assert (again.cached, again.generated) == (2 * n, 0)
-        assert again.scores == first.scores
+        assert again.results[0].scores == first.results[0].scores
     # A new process (reopened store, fresh generators): still nothing generated, same answer.
-    with Store.open(store_dir) as store:
-        attributor = _attributor(store, per_source=2)
-        third = attributor.attribute([Query.from_path(query["image"], " " + query["prompt"] + "  ")])[0]
-        assert sum(g.calls for g in attributor.generators.values()) == 0
-        assert third.predicted == first.predicted and third.generated == 0
+    with engine.open(store_dir) as ws:
+        third = ws.attribute(query["image"], " " + query["prompt"] + "  ", two)
+        assert sum(ws.generator_calls.values()) == 0
+        assert third.results[0].predicted == first.results[0].predicted and third.generated == 0
         # Asking for more resyntheses per source generates only the missing seed.
-        bigger = _attributor(store, per_source=3)
-        bigger.attribute([Query.from_path(query["image"], query["prompt"])])
-        assert {g.calls for g in bigger.generators.values()} == {1}
+        ws.attribute(query["image"], query["prompt"], Options(per_source=3))
+        assert set(ws.generator_calls.values()) == {1}
 
 
 def test_one_batch_shares_generation_across_queries(store_dir, originals, models):
     same_prompt = [o for o in originals if o["prompt"] == originals[1]["prompt"]]
-    with Store.open(store_dir) as store:
-        attributor = _attributor(store, per_source=1, max_loaded=1)
-        attributor.attribute([Query.from_path(o["image"], o["prompt"]) for o in same_prompt])
-        assert sum(g.calls for g in attributor.generators.values()) == len(models["pipelines"])  # one per source, not per query
-        assert sum(g._pipe is not None for g in attributor.generators.values()) == 1  # the rest unloaded
+    with engine.open(store_dir) as ws:
+        ws.max_loaded = 1
+        ws.attribute(_paths(same_prompt), _prompts(same_prompt), Options(per_source=1))
+        assert sum(ws.generator_calls.values()) == len(models["pipelines"])  # one per source, not per query
+        assert sum(g._pipe is not None for g in ws._generators.values()) == 1  # the rest unloaded
+
+
+def test_inputs_as_path_bytes_and_pil_give_one_answer(store_dir, originals):
+    from PIL import Image
+
+    query = originals[2]
+    with engine.open(store_dir) as ws:
+        one = Options(per_source=1)
+        by_path = ws.attribute(query["image"], query["prompt"], one).results[0]
+        by_bytes = ws.attribute(Path(query["image"]).read_bytes(), query["prompt"], one).results[0]
+        by_pil = ws.attribute(Image.open(query["image"]), query["prompt"], one).results[0]
+    for other in (by_bytes, by_pil):
+        assert [(s.source, round(s.score, 5)) for s in other.scores] == \
+            [(s.source, round(s.score, 5)) for s in by_path.scores]
 
 
 def test_cli_attribute_json(store_dir, originals, models, capsys, tmp_path):
@@ -90,17 +105,16 @@ def test_description_from_store_metadata_then_captioner(store_dir, originals, mo
     manifest.write_text("image,source,description,role\n" +
                         f"{originals[0]['image']},{originals[0]['source']},{originals[0]['prompt']},original\n")
     assert run_cli("ingest", manifest, "--store", store_dir, "--quiet") == 0
-    with Store.open(store_dir) as store:
-        attributor = _attributor(store, per_source=1)
-        stored = attributor.attribute([Query.from_path(originals[0]["image"])])[0]
+    one = Options(per_source=1)
+    with engine.open(store_dir) as ws:
+        stored = ws.attribute(originals[0]["image"], options=one).results[0]
         assert (stored.description_from, stored.description) == ("store", originals[0]["prompt"])
         with pytest.raises(UserError, match="no description"):
-            attributor.attribute([Query.from_path(originals[1]["image"])])
-        captioning = Attributor(store, load_embedder(store), load_generators(store),
-                                load_captioner(store, str(models["captioner"])), per_source=1, progress=False)
-        captioned = captioning.attribute([Query.from_path(originals[1]["image"])])[0]
+            ws.attribute(originals[1]["image"], options=one)
+    with engine.open(store_dir, captioner=models["captioner"]) as ws:
+        captioned = ws.attribute(originals[1]["image"], options=one).results[0]
         assert captioned.description_from == "caption" and captioned.description
-        assert captioning.captioner.calls == 1 and captioned.generated == len(models["pipelines"])
+        assert ws.captioner.calls == 1 and captioned.generated == len(models["pipelines"])
 
 
 def test_replay_sources_need_no_generation(models, originals, tmp_path):
@@ -122,16 +136,15 @@ def test_replay_sources_need_no_generation(models, originals, tmp_path):
     assert run_cli("init", "--store", store, "--clip-config", models["clip_config"],
                    "--clip-checkpoint", models["clip_checkpoint"]) == 0
     assert run_cli("ingest", tmp_path / "m.csv", "--store", store, "--quiet") == 0
-    with Store.open(store) as opened:
-        assert all(s.kind == "replay" for s in opened.sources())
-        attributor = Attributor(opened, load_embedder(opened), {}, progress=False)
+    with engine.open(store) as ws:
+        assert all(s.kind == "replay" for s in ws.sources())
         queries = [o for o in originals if o["prompt"] in {x["prompt"] for x in originals[:10]}]
-        results = attributor.attribute([Query.from_path(o["image"], o["prompt"]) for o in queries])
-        new = attributor.attribute([Query.from_path(originals[0]["image"], "a description nobody resynthesized")])
-    correct = sum(r.predicted == "published-" + o["source"] for r, o in zip(results, queries))
+        report = ws.attribute(_paths(queries), _prompts(queries))
+        new = ws.attribute(originals[0]["image"], "a description nobody resynthesized")
+    correct = sum(r.predicted == "published-" + o["source"] for r, o in zip(report.results, queries))
     assert correct / len(queries) >= 0.75
-    assert attributor.stats.generated == 0
-    assert new[0].predicted is None and len(new[0].missing) == len(models["pipelines"])
+    assert report.generated == new.generated == 0
+    assert new.results[0].predicted is None and len(new.results[0].missing) == len(models["pipelines"])
 
 
 def test_original_references_join_resyntheses(store_dir, originals, models, tmp_path):
@@ -142,14 +155,14 @@ def test_original_references_join_resyntheses(store_dir, originals, models, tmp_
     manifest.write_text("\n".join(rows) + "\n")
     assert run_cli("ingest", manifest, "--store", store_dir, "--quiet") == 0
     queries = [o for o in originals if o["prompt"] == originals[0]["prompt"]]
-    with Store.open(store_dir) as store:
-        plain = _attributor(store, per_source=1).attribute([Query.from_path(o["image"], o["prompt"]) for o in queries])
-        mixed = _attributor(store, per_source=1, original_refs=2)
-        results = mixed.attribute([Query.from_path(o["image"], o["prompt"]) for o in queries])
-        assert mixed.stats.generated == 0  # the resyntheses were cached by the first pass
+    with engine.open(store_dir) as ws:
+        plain = ws.attribute(_paths(queries), _prompts(queries), Options(per_source=1)).results
+        mixed = Options(per_source=1, original_refs=2)
+        report = ws.attribute(_paths(queries), _prompts(queries), mixed)
+        assert report.generated == 0  # the resyntheses were cached by the first pass
         # Not a query's own file: an ingested original used as a query is not its own reference.
-        stored = mixed.attribute([Query.from_path(originals[1]["image"], originals[1]["prompt"])])[0]
-    assert all(s.resyntheses == 3 for r in results for s in r.scores)  # 1 resynthesis + 2 originals
-    assert all(s.resyntheses == (2 if s.source == originals[1]["source"] else 3) for s in stored.scores)
-    assert sum(r.predicted == o["source"] for r, o in zip(results, queries)) >= \
+        stored = ws.attribute(originals[1]["image"], originals[1]["prompt"], mixed).results[0]
+    assert all(s.resyntheses == 3 for r in report.results for s in r.scores)  # 1 resynthesis + 2 originals
+    assert all(s.resyntheses == 3 for s in stored.scores)  # its own file skipped, the next original used
+    assert sum(r.predicted == o["source"] for r, o in zip(report.results, queries)) >= \
         sum(r.predicted == o["source"] for r, o in zip(plain, queries)) - 1

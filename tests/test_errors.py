@@ -56,15 +56,35 @@ def test_bad_model_folders(store_dir, models, capsys, tmp_path, copy_of):
     name, folder = next(iter(models["pipelines"].items()))
     _fails(capsys, "source", "add", name, folder, *s, match="already exists")
     _fails(capsys, "source", "add", "y", folder, "--scheduler", "NoSuchScheduler", *s, match="unknown scheduler")
-    # A folder that passes the structural check but whose weights are corrupt fails at generation time.
+    # Garbage or truncated weight files are refused at `source add`, without loading them.
     corrupt = copy_of(folder, "corrupt")
     for weights in corrupt.rglob("*.safetensors"):
         weights.write_bytes(b"\0" * 64)
-    assert run_cli("source", "add", "corrupt", corrupt, *s, "--steps", "2") == 0
-    image = tmp_path / "q.png"
-    from PIL import Image
-    Image.new("RGB", (32, 32)).save(image)
-    _fails(capsys, "attribute", image, "--prompt", "new words", "--sources", "corrupt", *s, match="cannot load pipeline")
+    _fails(capsys, "source", "add", "corrupt", corrupt, *s, match="corrupt weight file")
+    truncated = copy_of(folder, "truncated")
+    for weights in truncated.rglob("*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:-10])
+    _fails(capsys, "source", "add", "truncated", truncated, *s, match="truncated or padded")
+
+
+def test_a_source_that_breaks_later_is_reported_not_fatal(store_dir, models, originals, capsys, copy_of):
+    """Weights damaged after `source add`: that source is 'not scored' with its reason, the others are scored;
+    asking for it alone is a one-line error with exit 3."""
+    s = ("--store", store_dir)
+    name, folder = next(iter(models["pipelines"].items()))
+    fragile = copy_of(folder, "fragile")
+    assert run_cli("source", "add", "fragile", fragile, *s, "--steps", "2", "--guidance", "6") == 0
+    for weights in (fragile / "unet").glob("*.safetensors"):
+        weights.write_bytes(b"\0" * 64)
+    image, prompt = originals[0]["image"], "a brand new description for this test"
+    capsys.readouterr()
+    assert run_cli("attribute", image, "--prompt", prompt, "--per-source", 1, "--json", "--quiet", *s) == 0
+    result = json.loads(capsys.readouterr().out)["results"][0]
+    assert "fragile" in result["failed"] and "fragile" in result["missing"]
+    assert len(result["scores"]) == len(models["pipelines"])  # every other source scored
+    assert run_cli("attribute", image, "--prompt", prompt + " again", "--sources", "fragile", "--quiet", *s) == 3
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and "fragile" in err and len(err.splitlines()) == 1
 
 
 def test_bad_clip_and_store_binding(models, capsys, tmp_path, copy_of):

@@ -9,10 +9,11 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from engine.attribute import Attributor, Query
+import engine
+from engine import Options
+from engine.attribute import Query
 from engine.manifest import read_manifest
 from engine.published import image_number, read_descriptions
-from engine.workspace import load_embedder, load_generators
 from index.schema import Image as ImageRow
 from index.store import Store
 from tests.conftest import run_cli
@@ -137,14 +138,14 @@ def test_round_trip_ingest_links_and_replay_attribution(dataset, empty_store, tm
             assert r.description_id == original.description_id
             assert Path(r.path).parent.parent.parent == Path(original.path).parent
 
-        generators = load_generators(store)
-        assert generators == {}  # replay only: nothing can be generated, nothing needs to be
-        attributor = Attributor(store, load_embedder(store), generators, per_source=3, progress=False)
-        queries = [Query.from_path(dataset / "images" / name / f"{n:05d}{GENERATORS[name][0]}",
-                                   DESCRIPTIONS[n] if name != "gamma" else None)  # gamma: stored description
+        assert all(s.kind == "replay" for s in store.sources())  # nothing can be generated, nothing needs to be
+    with engine.open(empty_store) as ws:
+        queries = [Query.read(dataset / "images" / name / f"{n:05d}{GENERATORS[name][0]}",
+                              DESCRIPTIONS[n] if name != "gamma" else None)  # gamma: stored description
                    for name in GENERATORS for n in IDS]
-        results = attributor.attribute(queries)
-    assert attributor.stats.generated == 0
+        report = ws.attribute(queries, options=Options(per_source=3))
+        results = report.results
+    assert report.generated == 0 and ws.generator_calls == {}
     for query, result in zip(queries, results):
         true_source = Path(query.label).parent.name
         assert result.predicted == true_source, (query.label, result.scores)

@@ -74,13 +74,20 @@ def _post(client, png: bytes, prompt: str | None = CACHED_PROMPT, headers=None, 
 def _gate(service: Service) -> threading.Event:
     """Hold every generation until the returned event is set (the generator's own count still runs)."""
     gate = threading.Event()
-    for generator in service.generators.values():
-        real = generator.generate
+    workspace = service.ws
+    real_generator = workspace.generator
 
-        def held(prompt, seeds, _real=real):
-            assert gate.wait(60), "test gate never opened"
-            return _real(prompt, seeds)
-        generator.generate = held
+    def gated(name):
+        generator = real_generator(name)
+        if not getattr(generator, "gated", False):
+            real = generator.generate
+
+            def held(prompt, seeds, _real=real):
+                assert gate.wait(60), "test gate never opened"
+                return _real(prompt, seeds)
+            generator.generate, generator.gated = held, True
+        return generator
+    workspace.generator = gated
     return gate
 
 
@@ -105,7 +112,7 @@ def _ranking(body: dict) -> tuple:
 
 
 def _calls(service: Service) -> int:
-    return sum(g.calls for g in service.generators.values())
+    return sum(service.ws.generator_calls.values())
 
 
 # ----- the API contract ----------------------------------------------------------------------------
@@ -173,10 +180,10 @@ def test_concurrent_identical_requests_generate_once(served_store, query_png):
 def test_resident_pipelines_are_bounded_across_option_sets(served_store, query_png):
     with _client(served_store, max_loaded=2) as client:
         service = _service_of(client)
-        for sources in ("tiny-sd-ddim,tiny-sd-euler-a", "tiny-sdxl-euler,tiny-sdxl-dpm"):  # two Attributors
+        for sources in ("tiny-sd-ddim,tiny-sd-euler-a", "tiny-sdxl-euler,tiny-sdxl-dpm"):  # two option sets
             reply = _post(client, query_png, "a green door in a stone wall", per_source=1, sources=sources)
             assert reply.status_code == 200 and reply.json()["cache"]["generated"] == 2
-        resident = [name for name, g in service.generators.items() if g._pipe is not None]
+        resident = [name for name, g in service.ws._generators.items() if g._pipe is not None]
         assert sorted(resident) == ["tiny-sdxl-dpm", "tiny-sdxl-euler"]  # the first two were unloaded
 
 
@@ -240,10 +247,10 @@ def test_every_bad_input_gets_its_status(served_store, query_png):
     with _client(served_store, max_body_bytes=400_000, max_image_bytes=200_000) as client:
         _assert_error(_post(client, b"this is not an image"), 400, "undecodable_image")
         _assert_error(_post(client, query_png[: len(query_png) // 2]), 400, "undecodable_image")  # truncated
-        _assert_error(_post(client, _encoded("ICO")), 400, "undecodable_image")  # a format not on the list
+        _assert_error(_post(client, _encoded("ICO")), 415, "unsupported_image")  # a format not on the list
         _assert_error(_post(client, b""), 400, "empty_image")
-        _assert_error(_post(client, _png_header_only(100_000, 100_000)), 400, "image_too_large")  # bomb
-        _assert_error(_post(client, b"\0" * 250_000), 400, "image_too_large")  # bytes over the image limit
+        _assert_error(_post(client, _png_header_only(100_000, 100_000)), 413, "image_too_large")  # bomb
+        _assert_error(_post(client, b"\0" * 250_000), 413, "image_too_large")  # bytes over the image limit
         _assert_error(_post(client, query_png, " \t \n "), 400, "empty_prompt")
         _assert_error(_post(client, query_png, sources="tiny-sd-ddim,no-such-source"), 404, "unknown_source")
         _assert_error(_post(client, query_png, per_source="many"), 400, "bad_option")
@@ -369,7 +376,7 @@ def test_a_source_removed_by_the_cli_leaves_the_running_server(served_store, que
         service = _service_of(client)
         assert len(_post(client, query_png).json()["results"][0]["scores"]) == SOURCES
         assert run_cli("source", "remove", "tiny-sdxl-dpm", "--store", store, "--quiet") == 0
-        _wait_for(lambda: "tiny-sdxl-dpm" not in service.generators, timeout=10)
+        # no wait: every request resolves its sources against the store
         after = _post(client, query_png).json()["results"][0]
         assert {s["source"] for s in after["scores"]} == {g.name for g in zoo.DEFAULT_GENERATORS} - {"tiny-sdxl-dpm"}
         _assert_error(_post(client, query_png, sources="tiny-sdxl-dpm"), 404, "unknown_source")

@@ -114,15 +114,14 @@ def test_ingest_is_idempotent_and_links_originals(models, originals, tmp_path):
     lines.append(f"{second['image']},genB,{first['prompt']},resynthesis,{first['image']}")  # duplicate row
     manifest = tmp_path / "m.csv"
     manifest.write_text("\n".join(lines) + "\n")
-    from engine.ingest import ingest
-    from engine.workspace import load_embedder
+    import engine
     from index.schema import Image
 
-    with Store.open(store) as opened:
-        embedder = load_embedder(opened)
-        report = ingest(opened, embedder, manifest, progress=False)
+    with engine.open(store) as ws:
+        opened = ws.store
+        report = ws.ingest(manifest)
         assert (report.added, report.skipped, report.new_sources) == (2, 1, ["genA", "genB"])
-        again = ingest(opened, embedder, manifest, progress=False)
+        again = ws.ingest(manifest)
         assert (again.added, again.skipped) == (0, 3)
         with opened.session() as s:
             images = {i.role: i for i in s.query(Image)}
