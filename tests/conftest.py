@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental download fails loudly instead of hanging
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 from engine import zoo  # noqa: E402
 from engine.generate import DiffusersGenerator, GenerationParams  # noqa: E402
@@ -42,10 +43,7 @@ def originals(models, tmp_path_factory) -> list[dict]:
     return rows
 
 
-def run_cli(*argv: str) -> int:
-    from engine.cli import main
-
-    return main([str(a) for a in argv])
+from tests.helpers import run_cli  # noqa: E402,F401  (re-exported for older imports)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 import engine
 from engine import Options
 from engine.errors import UserError
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def _paths(rows) -> list:

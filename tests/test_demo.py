@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def test_demo_end_to_end(tmp_path, capsys):

@@ -16,7 +16,7 @@ from engine.manifest import read_manifest
 from engine.published import image_number, read_descriptions
 from index.schema import Image as ImageRow
 from index.store import Store
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 # generator -> (file suffix as in the published dataset, RGB tint): the tint is the generator's "style".
 GENERATORS = {"alpha": (".png", (220, 40, 40)), "beta": (".jpg", (40, 200, 60)),

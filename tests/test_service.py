@@ -21,7 +21,7 @@ from PIL import Image
 
 from index import vectors as vx
 from index.store import Store
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 fastapi = pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")

@@ -12,7 +12,7 @@ import numpy as np
 
 from index import vectors as vx
 from index.store import NewImage, Store
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 DIM = 8
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 sync_api = pytest.importorskip("playwright.sync_api")
 pytest.importorskip("fastapi")

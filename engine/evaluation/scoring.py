@@ -1,8 +1,8 @@
 """The engine's rule as a score matrix: every original against its sources' resyntheses, per variant.
 
-Mirrors engine.attribute (same references, same aggregation rule) but on precomputed features: each
-variant gathers just the (query, reference) pairs that count, in float64, instead of a store round
-trip per query.
+The engine's rule (engine.attribute.Plan: same references, same aggregation) on precomputed features:
+each variant gathers just the (query, reference) pairs that count, in float64, instead of a store round
+trip per query. tests/test_evaluation.py proves it reproduces Workspace.attribute prediction by prediction.
 """
 from __future__ import annotations
 
@@ -128,7 +128,3 @@ def score_matrix(originals: np.ndarray, resyntheses: np.ndarray, references: lis
             mask = np.concatenate([mask, extra_mask], axis=2)
         out[start:start + chunk] = aggregate_masked(values, mask, variant.aggregation)
     return out
-
-
-def predictions(scores: np.ndarray) -> np.ndarray:
-    return np.argmax(scores, axis=1)

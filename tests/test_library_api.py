@@ -1,0 +1,133 @@
+"""The library API is the one way in: the README's example runs, CLI and HTTP answer alike, imports are clean."""
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.helpers import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _readme_example() -> str:
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Python API", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_python_api_example_runs(models, originals, tmp_path, monkeypatch):
+    """The README's example, with its placeholder paths pointed at the tiny zoo, runs as written."""
+    code = _readme_example()
+    name, folder = next(iter(models["pipelines"].items()))
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("image,source,description,role\n" + "".join(
+        f"{o['image']},{o['source']},{o['prompt']},original\n" for o in originals[:3]))
+    substitutions = {
+        'clip_model="ViT-L-14-336"': f'clip_config="{models["clip_config"]}"',
+        '"~/models/open_clip_pytorch_model.bin"': f'"{models["clip_checkpoint"]}"',
+        '"~/models/stable-diffusion-xl-base-1.0"': f'"{folder}"',
+        "steps=30": "steps=2",
+        '"dataset/manifest.csv"': f'"{manifest}"',
+        '"suspicious.png"': f'"{originals[0]["image"]}"',
+    }
+    for placeholder, value in substitutions.items():
+        assert placeholder in code, f"README example changed: {placeholder} not found"
+        code = code.replace(placeholder, value)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    report = namespace["report"]
+    assert report.results[0].predicted is not None and report.to_dict()["results"][0]["scores"]
+    assert (tmp_path / "my-store" / "metadata.sqlite").is_file()
+
+
+def _rotated_jpeg(source: Path) -> bytes:
+    """The image stored sideways with an EXIF orientation tag (6: rotate 90 degrees to display)."""
+    image = Image.open(source).convert("RGB").rotate(90, expand=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95, exif=exif)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("rotated", [False, True])
+def test_cli_and_http_give_the_same_json(store_dir, originals, tmp_path, capsys, rotated):
+    from fastapi.testclient import TestClient
+
+    from engine.service.app import create_app
+    from engine.service.config import Limits
+    from engine.service.core import Service
+
+    query = originals[3]
+    data = _rotated_jpeg(query["image"]) if rotated else Path(query["image"]).read_bytes()
+    path = tmp_path / ("q.jpg" if rotated else "q.png")
+    path.write_bytes(data)
+    fields = {"per_source": "1", "aggregation": "max", "sources": "tiny-sd-ddim,tiny-sdxl-dpm,tiny-sd-euler"}
+    capsys.readouterr()
+    assert run_cli("attribute", path, "--prompt", query["prompt"], "--store", store_dir, "--json", "--quiet",
+                   "--per-source", 1, "--aggregation", "max", "--sources", fields["sources"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    with TestClient(create_app(Service.open(store_dir, Limits()))) as client:
+        reply = client.post("/v1/attribute", files={"image": (path.name, data, "image/jpeg")},
+                            data={"prompt": query["prompt"], **fields})
+        assert reply.status_code == 200, reply.text
+        http = reply.json()
+    assert http["cache"] == {"cached": cli["cache"]["generated"] + cli["cache"]["cached"], "generated": 0}
+    for payload in (cli, http):
+        payload.pop("seconds")
+        payload.pop("cache")  # the CLI generated what the server then found cached
+        payload["results"][0].pop("query")  # a path on the CLI, the upload's name over HTTP
+        for result in payload["results"]:
+            result.pop("cached"), result.pop("generated")
+            result["margin"] = round(result["margin"], 5)
+            for s in result["scores"]:
+                s["score"], s["probability"] = round(s["score"], 5), round(s["probability"], 4)
+    assert cli["results"] == http["results"]
+    if rotated:  # EXIF applied: the sideways file answers like the upright original
+        import engine
+        from engine.images import read_image
+
+        upright = Image.open(query["image"]).convert("RGB")
+        with engine.open(store_dir) as ws:
+            read, right, sideways = ws.embed([read_image(path)[0], upright, upright.rotate(90, expand=True)])
+        assert float(read @ right) > float(read @ sideways)
+
+
+def test_import_has_no_side_effects():
+    code = ("import os, logging, sys; before = dict(os.environ); root = logging.getLogger(); "
+            "state = (root.level, list(root.handlers)); import engine, index, index.store, engine.workspace, "
+            "engine.options, engine.attribute; "
+            "assert dict(os.environ) == before, set(os.environ) ^ set(before); "
+            "assert (root.level, list(root.handlers)) == state; assert 'torch' not in sys.modules; print('clean')")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
+    assert out.returncode == 0 and "clean" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["--help"], ["stats"], ["source", "list"], ["source", "remove", "nope"], ["attribute", "--help"],
+    ["attribute", "GARBAGE", "--prompt", "x"], ["attribute", "MISSING.png", "--prompt", "x"],
+])
+def test_cli_answers_without_importing_torch(store_dir, tmp_path, argv):
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"\x89PNG\r\n\x1a\n but not really")
+    argv = [str(garbage) if a == "GARBAGE" else str(tmp_path / a) if a == "MISSING.png" else a for a in argv]
+    store = [] if argv[0] == "--help" else ["--store", str(store_dir)]
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "engine.cli", *argv, *store],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode in (0, 2), out.stderr[-2000:]
+    imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" not in imported and "diffusers" not in imported and "open_clip" not in imported
+
+
+def test_index_imports_nothing_from_engine():
+    for path in (REPO / "index").glob("*.py"):
+        assert not re.search(r"^\s*(from|import) engine", path.read_text(), re.M), path
