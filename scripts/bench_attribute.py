@@ -1,13 +1,19 @@
 """Cold versus warm attribution on the tiny model zoo, with the time of every stage.
 
+Everything goes through the library API: `engine.init` makes the store, `Workspace.add_source`
+registers the zoo's pipelines, `Workspace.attribute` answers, and the stage seconds are the ones its
+Report carries.
+
 Cold: a fresh store, every resynthesis generated (the first query of a new description).
 Warm: the same queries again, everything cached, models already loaded.
-Reopened: a new store handle and Attributor (a new process, models not loaded): cached, and the
-generators are never even loaded. Captioned: queries without a prompt, described by the captioner.
+Reopened: `engine.open` again (a new process, models not loaded): cached, and the generators are
+never even loaded. Captioned: queries without a prompt, described by the captioner.
 
-Model loading is timed apart from the stages (the Attributor loads pipelines lazily inside
-`generate`, so here they are loaded up front). "untimed" is wall time that no stage counts: the
-cache-key lookup and the candidates query (SQL), and Python glue.
+Model loading is timed apart from the stages (the Workspace loads models lazily, pipelines inside
+`generate`, so here they are loaded up front, and it is allowed to keep them all resident: by
+default it keeps 2 and reloads the others when they are needed). "lookup" is the cache-key and
+candidates SQL; "untimed" is wall time that no stage counts (plan, Python glue). Query images are
+decoded before the clock starts.
 The tiny models are random and small, so absolute numbers say little about real generators (a real
 SDXL step costs seconds); the split between stages, and cold versus warm, is the point.
 
@@ -26,43 +32,48 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import engine  # noqa: E402
 from engine import zoo  # noqa: E402
-from engine.attribute import Attributor, Query  # noqa: E402
-from engine.embed import EmbedderSpec  # noqa: E402
-from engine.generate import DiffusersGenerator, GenerationParams  # noqa: E402
+from engine.attribute import Query, Report  # noqa: E402
 from engine.images import save_png_atomic  # noqa: E402
-from engine.workspace import (add_pipeline_source, init_store, load_captioner, load_embedder,  # noqa: E402
-                              load_generators)
-from index.store import Store  # noqa: E402
+from engine.options import Options  # noqa: E402
+from engine.workspace import Workspace  # noqa: E402
 
 TEXTS = ["portrait of an old man with a grey beard", "a young woman with red hair, studio light",
          "a smiling child wearing a blue hat", "a man with glasses in a dark room",
          "an elderly woman smiling at the camera", "a young man with long hair in a park",
          "painting of a woman wearing a green scarf", "a bald man with a moustache"]
-STAGES = ("describe", "generate", "embed", "search")
+STAGES = ("describe", "lookup", "generate", "embed", "search")
+STEPS = 2
 
 
-def make_originals(models: dict, folder: Path, count: int) -> list[tuple[Path, str, str]]:
-    """One image per (source, description) with seeds no resynthesis uses: the queries."""
+def make_originals(ws: Workspace, folder: Path, count: int) -> list[tuple[Path, str, str]]:
+    """One image per (source, description) with seeds no resynthesis uses, made by the store's own
+    generators (not stored): the queries."""
     out = []
-    for name, pipeline in models["pipelines"].items():
-        generator = DiffusersGenerator(name, pipeline, GenerationParams(steps=2))
+    for source in ws.sources():
+        generator = ws.generator(source.name)
         for i, text in enumerate(TEXTS[:count]):
-            path = folder / name / f"{i}.png"
+            path = folder / source.name / f"{i}.png"
             save_png_atomic(generator.generate(text, [1000 + i])[0], path)
-            out.append((path, text, name))
+            out.append((path, text, source.name))
+        generator.unload()
     return out
 
 
-def timed_pass(attributor: Attributor, queries: list[Query], truth: list[str]) -> dict:
-    attributor.stats = type(attributor.stats)()
+def figures(reports: list[Report], wall: float, truth: list[str] | None) -> dict:
+    stages = {k: sum(r.seconds.get(k, 0.0) for r in reports) for k in STAGES}
+    results = [a for r in reports for a in r.results]
+    return {"wall": wall, "stages": stages, "untimed": wall - sum(stages.values()), "queries": len(results),
+            "cached": sum(r.cached for r in reports), "generated": sum(r.generated for r in reports),
+            "accuracy": (sum(a.predicted == t for a, t in zip(results, truth)) / len(results)
+                         if truth is not None else None)}
+
+
+def timed_pass(ws: Workspace, queries: list[Query], truth: list[str], options: Options) -> dict:
     started = time.perf_counter()
-    results = attributor.attribute(queries)
-    wall = time.perf_counter() - started
-    stages = {k: attributor.stats.seconds.get(k, 0.0) for k in STAGES}
-    return {"wall": wall, "stages": stages, "untimed": wall - sum(stages.values()), "queries": len(queries),
-            "cached": attributor.stats.cached, "generated": attributor.stats.generated,
-            "accuracy": sum(r.predicted == t for r, t in zip(results, truth)) / len(queries)}
+    report = ws.attribute(queries, options=options)
+    return figures([report], time.perf_counter() - started, truth)
 
 
 def main() -> None:
@@ -78,62 +89,55 @@ def main() -> None:
     clock = time.perf_counter()
     models = zoo.write_zoo(workdir / "zoo")
     loads["build tiny zoo (not part of attribution)"] = time.perf_counter() - clock
-    originals = make_originals(models, workdir / "originals", min(args.descriptions, len(TEXTS)))
-    spec = EmbedderSpec(arch=Path(models["clip_config"]).stem, checkpoint=str(models["clip_checkpoint"]),
-                        config=str(models["clip_config"]))
-    with init_store(workdir / "store", spec, str(models["captioner"])) as store:
+    store_dir = workdir / "store"
+    with engine.init(store_dir, clip_config=models["clip_config"], clip_checkpoint=models["clip_checkpoint"],
+                     captioner=models["captioner"]) as ws:
         for name, folder in models["pipelines"].items():
-            add_pipeline_source(store, name, folder, GenerationParams(steps=2))
+            ws.add_source(name, folder, steps=STEPS)
+        originals = make_originals(ws, workdir / "originals", min(args.descriptions, len(TEXTS)))
+    options = Options(per_source=args.per_source)
 
-    def queries(prompted: bool = True) -> list[Query]:
-        return [Query.from_path(path, text if prompted else None) for path, text, _ in originals]
+    def queries(prompted: bool = True) -> list[Query]:  # decoded before the clock starts
+        return [Query.read(path, text if prompted else None) for path, text, _ in originals]
 
     truth = [source for _, _, source in originals]
     passes = {}
-    with Store.open(workdir / "store") as store:
+    with engine.open(store_dir) as ws:
         clock = time.perf_counter()
-        embedder = load_embedder(store)
+        _ = ws.embedder  # loads it
         loads["load CLIP embedder"] = time.perf_counter() - clock
-        generators = load_generators(store)
+        names = [s.name for s in ws.sources()]
+        ws.max_loaded = len(names)  # keep every pipeline resident: their loads stay out of `generate`
         clock = time.perf_counter()
-        for generator in generators.values():
-            generator.load()
-        loads[f"load {len(generators)} pipelines"] = time.perf_counter() - clock
-        captioner = load_captioner(store)
+        for name in names:
+            ws.generator(name).load()
+        loads[f"load {len(names)} pipelines"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        captioner._load()  # noqa: SLF001 - timed apart from the describe stage
+        ws.captioner._load()  # noqa: SLF001 - timed apart from the describe stage
         loads["load captioner"] = time.perf_counter() - clock
-        attributor = Attributor(store, embedder, generators, captioner, per_source=args.per_source, progress=False)
-        passes["cold (all generated)"] = timed_pass(attributor, queries(), truth)
-        passes["warm (all cached)"] = timed_pass(attributor, queries(), truth)
-        single = Attributor(store, embedder, generators, per_source=args.per_source, progress=False)
-        clock = time.perf_counter()
+        passes["cold (all generated)"] = timed_pass(ws, queries(), truth, options)
+        passes["warm (all cached)"] = timed_pass(ws, queries(), truth, options)
+        reports, clock = [], time.perf_counter()
         for q in queries():
-            single.attribute([q])  # one query per call, as a service answers them
-        wall = time.perf_counter() - clock
-        stages = {k: single.stats.seconds.get(k, 0.0) for k in STAGES}
-        passes["warm, one query per call"] = {"wall": wall, "stages": stages, "untimed": wall - sum(stages.values()),
-                                              "queries": len(originals), "cached": single.stats.cached,
-                                              "generated": single.stats.generated, "accuracy": None}
+            reports.append(ws.attribute(q, options=options))  # one query per call, as a service answers them
+        passes["warm, one query per call"] = figures(reports, time.perf_counter() - clock, None)
         captioned = queries(prompted=False)[:: max(1, len(originals) // args.captioned)][:args.captioned]
         captioned_truth = truth[:: max(1, len(originals) // args.captioned)][:args.captioned]
-        passes["captioned (cold)"] = timed_pass(attributor, captioned, captioned_truth)
-        passes["captioned (warm)"] = timed_pass(attributor, captioned, captioned_truth)
-    with Store.open(workdir / "store") as store:
-        clock = time.perf_counter()
-        fresh = Attributor(store, load_embedder(store), load_generators(store), per_source=args.per_source,
-                           progress=False)
-        reopen = time.perf_counter() - clock
-        passes["reopened store (cached)"] = timed_pass(fresh, queries(), truth)
-        assert sum(g.calls for g in fresh.generators.values()) == 0
-    loads["reopen: store + embedder + Attributor"] = reopen
+        passes["captioned (cold)"] = timed_pass(ws, captioned, captioned_truth, options)
+        passes["captioned (warm)"] = timed_pass(ws, captioned, captioned_truth, options)
+    clock = time.perf_counter()
+    with engine.open(store_dir) as fresh:
+        _ = fresh.embedder
+        loads["reopen: engine.open + embedder"] = time.perf_counter() - clock
+        passes["reopened store (cached)"] = timed_pass(fresh, queries(), truth, options)
+        assert sum(fresh.generator_calls.values()) == 0, fresh.generator_calls
 
     print(f"tiny zoo: {len(models['pipelines'])} sources, {len(originals)} queries, K={args.per_source}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     print("\n## one-off loads (s)")
     for name, seconds in loads.items():
         print(f"  {name:44} {seconds:7.2f}")
-    print("\n## per query (ms): stages from Attributor.stats.seconds")
+    print("\n## per query (ms): stages from the Workspace's Report.seconds")
     print(f"{'pass':28} {'queries':>7} {'wall':>8} " + " ".join(f"{s:>9}" for s in STAGES)
           + f" {'untimed':>8} {'cached':>7} {'generated':>9} {'accuracy':>9}")
     for name, p in passes.items():

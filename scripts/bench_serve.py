@@ -3,7 +3,8 @@
 Builds (or reuses) a demo store with `resynth demo --workdir` (tiny model zoo, every description's
 resyntheses stored), then:
 
-1. library: this process calls Attributor.attribute on one decoded query at a time for --seconds;
+1. library: this process opens the store with `engine.open` and calls `Workspace.attribute` on one
+   query at a time (the PNG bytes and prompt a request carries) for --seconds;
 2. server: starts `resynth serve` on loopback and, at each concurrency level, that many client
    threads post the same queries (multipart PNG + prompt) for --seconds each;
 3. library again: on a shared machine other load comes and goes (and a torch call made while
@@ -19,7 +20,6 @@ server figures include the client's own cost.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
@@ -32,13 +32,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
-from engine.attribute import Attributor, Query  # noqa: E402
+import engine  # noqa: E402
 from engine.demo import DESCRIPTIONS, MARKER, run_demo  # noqa: E402
 from engine.service.process import ServerProcess  # noqa: E402
-from engine.workspace import load_embedder, load_generators  # noqa: E402
-from index.store import Store  # noqa: E402
 
 
 def demo_queries(workdir: Path) -> list[tuple[bytes, str]]:
@@ -60,14 +57,12 @@ def summary(latencies: list[float], errors: int, elapsed: float) -> dict:
 
 def bench_library(store_dir: Path, queries: list[tuple[bytes, str]], seconds: float) -> dict:
     """The same work a request does (decode, describe, cache lookup, embed, score), one query per call."""
-    with Store.open(store_dir) as store:
-        attributor = Attributor(store, load_embedder(store), load_generators(store), progress=False)
+    with engine.open(store_dir) as ws:
 
         def one(i: int, warming: bool = False) -> None:
             data, prompt = queries[i % len(queries)]
-            image = Image.open(io.BytesIO(data)).convert("RGB")
-            result = attributor.attribute([Query(image, str(i), f"q{i}", prompt)])[0]
-            assert warming or result.generated == 0, "every resynthesis should be stored after warming up"
+            report = ws.attribute(data, prompt=prompt)  # the upload's bytes, decoded by the one image reader
+            assert warming or report.generated == 0, "every resynthesis should be stored after warming up"
 
         for i in range(len(queries)):  # warm up: generates whatever the demo did not store (e.g. a larger K)
             one(i, warming=True)
