@@ -279,7 +279,8 @@ def run_size(size: int, args, models: dict, workdir: Path) -> dict:
     result = {"vectors": info["vectors"], "descriptions": info["descriptions"], "bulk_load_s": info["bulk_load_s"],
               "open_rebuild_s": info["open_rebuild_s"], "reopen_s": info["reopen_s"],
               "reopen_checked": info["reopen_checked"], "rss_after_open_mb": rss_mb() - rss_before,
-              "sqlite_mb": (root / DB_NAME).stat().st_size / 2**20}
+              "sqlite_mb": (root / DB_NAME).stat().st_size / 2**20, "sources": len(info["sources"]),
+              "per_source": args.per_source, "candidates": info["per_description"]}
     embedder = StandInEmbedder(IDENTITY)
     queries, truth = make_queries(world, info, args.queries, embedder)
     ws = BenchWorkspace(store, embedder)
@@ -344,7 +345,9 @@ def run_size(size: int, args, models: dict, workdir: Path) -> dict:
 
 
 def print_tables(results: dict[int, dict]) -> None:
-    print("\n## cached attribution vs raw FAISS (per query, ms; 768-d, 4 sources x K=2 candidates)")
+    first = next(iter(results.values()))
+    print(f"\n## cached attribution vs raw FAISS (per query, ms; 768-d, {first['sources']} sources x "
+          f"K={first['per_source']} candidates)")
     print(f"{'vectors':>9} {'attribute':>10} {'batch':>8} {'describe':>9} {'lookup':>7} {'embed':>7} {'search':>7}"
           f" {'untimed':>8}"
           f" {'faiss top8':>11} {'filtered':>9} {'gather':>8} {'/top8':>7} {'/filt.':>8} {'acc':>5}")
@@ -358,7 +361,8 @@ def print_tables(results: dict[int, dict]) -> None:
               f" {r['attribute_ms'] / r['faiss_topk_ms']:>6.2f}x {r['attribute_ms'] / r['faiss_filtered_ms']:>7.1f}x"
               f" {r['accuracy']:>5.0%}")
     print("faiss top8 = unfiltered top-8 over all vectors, one query at a time; filtered = the store's IDSelector "
-          "search alone (vx.search_among); gather = numpy dot with the 8 candidate rows; /top8 and /filt. = "
+          f"search alone (vx.search_among); gather = numpy dot with the {first['candidates']} candidate rows; "
+          "/top8 and /filt. = "
           "attribute time over those")
     print("lookup = the Workspace's SQL stage (cache keys, candidates); search = scoring the candidates; "
           "untimed = Python glue no stage counts")
@@ -377,7 +381,7 @@ def print_tables(results: dict[int, dict]) -> None:
         if "indexes" not in r:
             continue
         print(f"\n## index families at {r['vectors']} vectors: ID-filtered search (IDSelector over "
-              "the 8 candidates)")
+              f"the {r['candidates']} candidates)")
         print(f"{'index':34} {'qps':>8} {'cand. recall':>13} {'accuracy':>9} {'= flat':>7} {'build s':>8}"
               f" {'mem MB':>7}")
         for row in r["indexes"]:
