@@ -10,23 +10,31 @@ from pathlib import Path, PurePath
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from engine.attribute import Query
-from engine.errors import kind_of
+from engine.errors import SourceError, TooLargeError, UserError, kind_of
 from engine.images import FORMATS
 from engine.options import Options, schema
+from engine.service.config import Access, Limits
 from engine.service.core import Service
 from engine.service.errors import ServiceError, body, one_line
 from engine.service.generation import QueueFull
-from engine.service.guard import Guard
+from engine.service.guard import Guard, PixelBudget
+from index.errors import StoreError
 from index.keys import normalise_description
 
 log = logging.getLogger("resynth.service")
 STATIC = Path(__file__).parent / "static"
 OPTION_FIELDS = tuple(schema())  # the HTTP form fields are the options, declared once in engine.options
+# The bases of every error engine.errors.kind_of maps. They get their own handlers, which answer
+# inside the app like ServiceError's; the catch-all Exception handler answers too but starlette then
+# re-raises to the server, which logs a traceback: right for a bug, noise for a user's mistake.
+MAPPED_ERRORS = (UserError, SourceError, StoreError)
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
               413: "body_too_large", 415: "unsupported_media_type"}
 
@@ -41,8 +49,26 @@ ATTRIBUTE_BODY = {"requestBody": {"required": True, "content": {"multipart/form-
         **schema()}}}}}}
 
 
-def create_app(service: Service, token: str | None = None) -> FastAPI:
-    """An app serving `service`; with `token`, every route but health and the page shell needs it."""
+class Admission:
+    """What bounds the memory of requests: decoded pixels held by all of them, decodes at once."""
+
+    def __init__(self, limits: Limits):
+        self.pixels = PixelBudget(limits.max_pixels_in_flight, limits.pixel_wait)
+        self.decodes = asyncio.Semaphore(limits.max_decodes)
+        self.decoding = 0
+
+    def stats(self) -> dict:
+        return {"pixels_in_flight": self.pixels.used, "pixels_in_flight_peak": self.pixels.peak,
+                "pixels_in_flight_limit": self.pixels.capacity, "decoding": self.decoding}
+
+
+def create_app(service: Service, token: str | None = None, access: Access | None = None) -> FastAPI:
+    """An app serving `service`; with `token`, every route but health and the page shell needs it.
+
+    `access` says who may call (`resynth serve` always passes one, with the Host and Origin checks
+    on); without it, only `token` applies and the Host and Origin headers are not checked.
+    """
+    access = access or Access(token=token, check=False)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -57,7 +83,8 @@ def create_app(service: Service, token: str | None = None) -> FastAPI:
                   description="Training-free attribution of AI-generated images to their generator, by "
                               "resynthesis. Errors are JSON: {\"error\": {\"code\", \"message\"}}.")
     app.state.service = service
-    app.add_middleware(Guard, token=token, max_body_bytes=service.limits.max_body_bytes)
+    app.state.admission = admission = Admission(service.limits)
+    app.add_middleware(Guard, access=access, limits=service.limits)
     _add_error_handlers(app, service)
     page = (STATIC / "index.html").read_text()
 
@@ -87,19 +114,30 @@ def create_app(service: Service, token: str | None = None) -> FastAPI:
     @app.get("/v1/stats", tags=["store"])
     async def stats() -> dict:
         """Store contents and service counters (requests, cache hits, queue, embedding batches)."""
-        return await asyncio.to_thread(service.stats)
+        return {**await asyncio.to_thread(service.stats), "admission": admission.stats()}
 
     @app.post("/v1/attribute", tags=["attribution"], openapi_extra=ATTRIBUTE_BODY)
     async def attribute(request: Request) -> JSONResponse:
         """Attribute one or several images; the JSON of `resynth attribute --json`."""
-        queries, options = await _read_request(request, service)
-        return JSONResponse(await service.attribute(queries, options))
+        queries, options, held = await _read_request(request, service, admission)
+        try:
+            return JSONResponse(await service.attribute(queries, options))
+        finally:
+            queries.clear()  # the decoded images go before their pixels are given back
+            admission.pixels.release(held)
 
     return app
 
 
-async def _read_request(request: Request, service: Service) -> tuple[list[Query], Options]:
-    """Multipart form -> decoded queries and options; every problem is a ServiceError."""
+async def _read_request(request: Request, service: Service,
+                        admission: Admission) -> tuple[list[Query], Options, int]:
+    """Multipart form -> decoded queries, options and the pixels held for them (the caller gives them
+    back); every problem is a ServiceError or a UserError.
+
+    Pixel counts come from the image headers before anything is decoded: a request over its budget
+    is refused, then it waits for room among the pixels all requests hold, then it decodes in one of
+    a few decode slots, one image at a time, reading each file's bytes only then.
+    """
     limits = service.limits
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise ServiceError(415, "unsupported_media_type", "send multipart/form-data with one or more `image` parts")
@@ -121,15 +159,64 @@ async def _read_request(request: Request, service: Service) -> tuple[list[Query]
                                                         "words in it, or leave the prompt field out")
         given = {name: form.get(name) for name in OPTION_FIELDS}
         options = Options.from_strings({name: v for name, v in given.items() if isinstance(v, str)})
-        data = [await u.read(limits.max_image_bytes + 1) for u in uploads]
         labels = [_label(u.filename, i) for i, u in enumerate(uploads)]
-    per_image = prompts * len(uploads) if len(prompts) == 1 else prompts or [None] * len(uploads)
+        per_image = prompts * len(uploads) if len(prompts) == 1 else prompts or [None] * len(uploads)
+        files = [u.file for u in uploads]
+        pixels = _charge(await asyncio.to_thread(_sizes, files), labels, limits)
 
-    def decode() -> list[Query]:  # the one image reader: same limits, formats and EXIF rule as the CLI
-        return [Query.read(raw, prompt, label, max_bytes=limits.max_image_bytes, max_pixels=limits.max_pixels)
-                for raw, label, prompt in zip(data, labels, per_image)]
+        def decode() -> list[Query]:  # the one image reader: same limits, formats and EXIF rule as the CLI
+            queries = []
+            for file, label, prompt in zip(files, labels, per_image):
+                file.seek(0)
+                raw = file.read(limits.max_image_bytes + 1)
+                queries.append(Query.read(raw, prompt, label, max_bytes=limits.max_image_bytes,
+                                          max_pixels=limits.max_pixels))
+                del raw
+            return queries
 
-    return await asyncio.to_thread(decode), options
+        await admission.pixels.acquire(pixels)
+        try:
+            async with admission.decodes:
+                admission.decoding += 1
+                try:
+                    queries = await asyncio.to_thread(decode)
+                finally:
+                    admission.decoding -= 1
+        except BaseException:
+            admission.pixels.release(pixels)
+            raise
+    return queries, options, pixels
+
+
+def _sizes(files) -> list[tuple[int, int] | None]:
+    """Width and height from each file's header (nothing decoded); None where it is not an accepted
+    image, which the image reader then reports."""
+    sizes = []
+    for file in files:
+        file.seek(0)
+        try:
+            with Image.open(file, formats=FORMATS) as opened:
+                sizes.append((opened.width, opened.height))
+        except Exception:  # noqa: BLE001 - any failure here is reported by the reader, by type
+            sizes.append(None)
+    return sizes
+
+
+def _charge(sizes: list[tuple[int, int] | None], labels: list[str], limits: Limits) -> int:
+    """Pixels of a request, refused (413) over the per-image or per-request limit."""
+    total = 0
+    for size, label in zip(sizes, labels):
+        if size is None:
+            continue
+        width, height = size
+        if width * height > limits.max_pixels:
+            raise TooLargeError(f"{label}: {width}x{height} pixels, the limit is {limits.max_pixels}",
+                                code="image_too_large")
+        total += width * height
+    if total > limits.max_request_pixels:
+        raise TooLargeError(f"{len(sizes)} images of {total} pixels in all: the limit per request is "
+                            f"{limits.max_request_pixels}", code="request_too_large")
+    return total
 
 
 def _label(filename: str | None, index: int) -> str:
@@ -149,6 +236,11 @@ def _add_error_handlers(app: FastAPI, service: Service) -> None:
         return reply(exc.status, exc.code, exc.message, exc.headers)
 
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_disconnected(request: Request, _exc: ClientDisconnect):
+        service.count("client_disconnected")  # not an error of ours: no traceback, no internal_error
+        log.info("client disconnected during %s %s", request.method, request.url.path)
+        return Response(status_code=400)  # nobody reads it: the server drops it
     @app.exception_handler(QueueFull)
     async def queue_full(_request, exc: QueueFull):
         return reply(503, "queue_full", f"{exc}; retry shortly", {"Retry-After": "2"})
@@ -161,13 +253,16 @@ def _add_error_handlers(app: FastAPI, service: Service) -> None:
     async def validation_error(_request, exc: RequestValidationError):
         return reply(400, "bad_request", "malformed request")
 
-    @app.exception_handler(Exception)
     async def any_error(request: Request, exc: Exception):
         kind = kind_of(exc)  # by type, never by message text
         if kind is not None:
             return reply(kind.status, getattr(exc, "code", kind.code), one_line(str(exc)))
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return reply(500, "internal_error", "internal error (details are in the server log)")
+
+    for mapped in MAPPED_ERRORS:
+        app.add_exception_handler(mapped, any_error)
+    app.add_exception_handler(Exception, any_error)
 
 
 async def _upkeep(service: Service) -> None:

@@ -1,4 +1,4 @@
-"""Limits of the service (request options are engine.options.Options, shared with the CLI)."""
+"""Limits of the service and who may call it (request options are engine.options.Options, shared with the CLI)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,12 +10,26 @@ MiB = 1 << 20
 
 @dataclass(frozen=True)
 class Limits:
-    """What one server accepts and how hard it works; the defaults suit a small team on one machine."""
+    """What one server accepts and how hard it works; the defaults suit a small team on one machine.
+
+    Memory: decoded images are what costs (3 bytes per pixel as RGB, whatever the file's size: a
+    one-bit PNG of 8000 x 8000 pixels is 17 KB on the wire and 192 MB decoded). Pixel counts are read
+    from image headers before anything is decoded; a request over `max_request_pixels` is refused
+    (413), at most `max_pixels_in_flight` decoded pixels are held by all requests together (a request
+    waits up to `pixel_wait` seconds for room, then 503), at most `max_decodes` decodes run at once,
+    and at most `max_requests` API requests are handled at once (503 beyond). `memory_bound()` is the
+    resulting worst-case growth of the server's resident memory.
+    """
 
     max_body_bytes: int = 64 * MiB
     max_image_bytes: int = 20 * MiB
-    max_pixels: int = MAX_PIXELS
+    max_pixels: int = MAX_PIXELS  # per image
     max_images: int = 16  # images per request
+    max_request_pixels: int = 64_000_000  # all images of one request together (e.g. 16 x 2000 x 2000)
+    max_pixels_in_flight: int = 128_000_000  # decoded pixels held by all requests at once
+    max_decodes: int = 2  # images decoded at once
+    pixel_wait: float = 30.0  # seconds a request waits for room among the pixels in flight (503 after)
+    max_requests: int = 32  # API requests handled at once (503 beyond); health checks are not counted
     max_per_source: int = 16  # K: each one may cost a generation per source
     queue_size: int = 16  # generation jobs waiting; more are refused with 503
     max_loaded: int = 2  # pipelines resident at once, whichever requests loaded them (real ones take GBs)
@@ -23,3 +37,57 @@ class Limits:
     max_batch: int = 32  # images per CLIP forward pass
     refresh_seconds: float = 1.0  # how often to look for a replaced index file
     save_seconds: float = 5.0  # how often newly generated vectors are saved to the index file
+    body_timeout: float = 30.0  # seconds from the end of the headers to the end of the body (408 after)
+    header_timeout: float = 10.0  # seconds from a connection's (or request's) first byte to its last header
+    keep_alive: float = 5.0  # seconds an idle keep-alive connection stays open
+    max_header_bytes: int = 32 * 1024  # request line and headers together (400/431 above)
+
+    def __post_init__(self) -> None:
+        if self.max_request_pixels > self.max_pixels_in_flight:
+            raise ValueError("max_request_pixels must not exceed max_pixels_in_flight: such a request "
+                             "could never be admitted")
+
+    def memory_bound(self) -> int:
+        """Worst-case growth in bytes of the server's resident memory from requests, past its start.
+
+        - decoded images held (RGB): 3 B x max_pixels_in_flight
+        - embedding: the CLIP preprocessing copies each image it converts (3 B), and one batch may
+          hold every image in flight: 3 B x max_pixels_in_flight
+        - decoding scratch: each running decode holds the file's own pixels (up to 4 B each) and a
+          copy made by EXIF orientation (4 B) besides its RGB result, plus the file's bytes:
+          max_decodes x (8 B x largest image + max_image_bytes)
+        - captioning (prompt-less requests, one at a time): the processor copies a request's images:
+          6 B x max_request_pixels
+        - uploads being received: starlette keeps each file part in memory up to 1 MiB before
+          spilling it to disk, plus up to 64 KiB per text field (32 fields):
+          max_requests x (max_images x 1 MiB + 2 MiB)
+        Model weights, threads and the interpreter are the baseline, not growth. This holds with
+        `resynth serve`, which makes glibc return freed images to the system at once (see
+        commands._return_large_frees_to_the_os); without that, per-thread heaps keep them and the
+        resident size creeps up burst after burst.
+        """
+        largest = min(self.max_pixels, self.max_request_pixels)
+        return (6 * self.max_pixels_in_flight
+                + self.max_decodes * (8 * largest + self.max_image_bytes)
+                + 6 * self.max_request_pixels
+                + self.max_requests * (self.max_images * MiB + 2 * MiB))
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may call the server.
+
+    With a bearer `token`, every route but health and the page shell needs it. Without one, any
+    local program may call, so browsers are kept out instead: the Host header must name this server
+    (a loopback name, the bound `host`, an IP address when bound to all interfaces, or one of
+    `allow_hosts`), which defeats DNS rebinding, and an Origin header, when a browser sends one, must
+    be this server's own (same port; loopback, the Host named, or allowed) or one of `allow_origins`
+    ("*": any), which defeats cross-site form posts. `check=False` turns both checks off (for an app
+    mounted behind a proxy that does its own).
+    """
+
+    token: str | None = None
+    host: str = "127.0.0.1"
+    allow_hosts: tuple[str, ...] = ()
+    allow_origins: tuple[str, ...] = ()
+    check: bool = True

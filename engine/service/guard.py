@@ -1,20 +1,43 @@
-"""ASGI middleware in front of every route: bearer token, then the request body size limit.
+"""Admission control in front of every route, before the application reads a byte of the body.
 
-Both run before the application reads a byte of the body, so an unauthenticated or oversized
-upload is refused without being spooled to disk.
+- `Guard` (ASGI middleware): Host and Origin checks when no token is set (DNS rebinding, cross-site
+  posts), the bearer token, CORS for allowed origins, the body size limit, a deadline for the whole
+  body, and a cap on API requests handled at once. An unauthenticated, foreign or oversized upload is
+  refused without being spooled to disk.
+- `PixelBudget`: decoded pixels held by all requests together.
+- `http_protocol`: uvicorn's h11 protocol with a deadline on the request line and headers.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
+import ipaddress
 import json
+import time
+from urllib.parse import urlsplit
 
-from engine.service.errors import body
+from engine.service.config import Access, Limits
+from engine.service.errors import ServiceError, body
 
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/", "/favicon.ico"})
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/", "/favicon.ico"})  # no token needed, not counted
+HEALTH_PATHS = frozenset({"/healthz", "/readyz"})  # answered whatever the Host or Origin
+LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost", "ip6-loopback"})
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-class BodyTooLarge(Exception):
+class BodyTooLarge(ServiceError):
     """Raised from `receive` when a body without (or lying about) Content-Length exceeds the limit."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
+
+
+class BodyTimeout(ServiceError):
+    """Raised from `receive` when the body has not fully arrived by its deadline; the connection closes."""
+
+    def __init__(self, seconds: float):
+        super().__init__(408, "body_timeout", f"the request body did not arrive within {seconds:g} seconds",
+                         {"Connection": "close"})
 
 
 async def send_error(send, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
@@ -25,53 +48,285 @@ async def send_error(send, status: int, code: str, message: str, headers: dict[s
     await send({"type": "http.response.body", "body": payload})
 
 
+def split_host(value: str) -> tuple[str, int | None] | None:
+    """'Name:port', '[v6]:port' or a bare name -> (lower-case name, port or None); None if malformed."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, bracket, rest = value[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            return None
+        port = rest[1:]
+    else:
+        name, _, port = value.partition(":")
+        if ":" in port:
+            return None
+    if port and not port.isdigit():
+        return None
+    name = name.rstrip(".")
+    return (name, int(port) if port else None) if name else None
+
+
+def split_origin(value: str) -> tuple[str, str, int] | None:
+    """'scheme://host[:port]' -> (scheme, lower-case host, port); None for 'null' or anything else."""
+    try:
+        parts = urlsplit(value.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS or not parts.hostname or parts.path not in ("", "/"):
+        return None
+    return scheme, parts.hostname.rstrip("."), port or DEFAULT_PORTS[scheme]
+
+
+def _ip(name: str):
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        return None
+
+
+def is_loopback(name: str) -> bool:
+    ip = _ip(name)
+    return ip.is_loopback if ip is not None else (name in LOOPBACK_NAMES or name.endswith(".localhost"))
+
+
 class Guard:
-    def __init__(self, app, token: str | None, max_body_bytes: int):
+    def __init__(self, app, access: Access, limits: Limits):
         self.app = app
-        self.token = token.encode() if token else None
-        self.max_body_bytes = max_body_bytes
+        self.access = access
+        self.limits = limits
+        self.token = access.token.encode() if access.token else None
+        bound = access.host.strip("[]").lower().rstrip(".")
+        self.bound_ip = _ip(bound)
+        self.wildcard = self.bound_ip is not None and self.bound_ip.is_unspecified
+        self.names = {bound, *(h.strip("[]").lower().rstrip(".") for h in access.allow_hosts)}
+        self.any_host = "*" in access.allow_hosts
+        self.origins = {o.strip().lower().rstrip("/") for o in access.allow_origins}
+        self.any_origin = "*" in self.origins
+        self.active = 0  # API requests being handled now
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
-        if self.token is not None and scope["path"] not in PUBLIC_PATHS and not self._authorised(headers):
-            await send_error(send, 401, "unauthorized", "missing or wrong bearer token",
-                             {"WWW-Authenticate": 'Bearer realm="resynth"'})
+        size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+        if size + sum(len(k) + len(v) + 4 for k, v in scope["headers"]) > self.limits.max_header_bytes:
+            # uvicorn's h11 limit only applies to headers still arriving; these came in one piece
+            await send_error(send, 431, "headers_too_large", f"request line and headers exceed "
+                                                             f"{self.limits.max_header_bytes} bytes",
+                             {"Connection": "close"})
             return
+        headers: dict[bytes, bytes] = {}
+        for name, value in scope["headers"]:
+            if name in (b"host", b"origin") and headers.get(name, value) != value:
+                await send_error(send, 400, "bad_request", f"conflicting {name.decode()} headers")
+                return
+            headers[name] = value
+        path = scope["path"]
+        origin = headers.get(b"origin", b"").decode("latin-1") or None
+        if self.token is None and self.access.check and path not in HEALTH_PATHS:
+            refusal = self._foreign(scope, headers, origin)
+            if refusal is not None:
+                await send_error(send, 403, *refusal)
+                return
+        cors = self._cors(origin)
+        if cors and scope["method"] == "OPTIONS" and b"access-control-request-method" in headers:
+            await self._preflight(send, cors)
+            return
+        extra = {"Access-Control-Allow-Origin": cors, "Vary": "Origin"} if cors else {}
+        if self.token is not None and path not in PUBLIC_PATHS and not self._authorised(headers):
+            await send_error(send, 401, "unauthorized", "missing or wrong bearer token",
+                             {"WWW-Authenticate": 'Bearer realm="resynth"', **extra})
+            return
+        limit = self.limits.max_body_bytes
         declared = headers.get(b"content-length")
         if declared is not None:
             if not declared.isdigit():
-                await send_error(send, 400, "bad_request", "malformed Content-Length header")
+                await send_error(send, 400, "bad_request", "malformed Content-Length header", extra)
                 return
-            if int(declared) > self.max_body_bytes:
+            if int(declared) > limit:
                 await send_error(send, 413, "body_too_large",
-                                 f"request body of {int(declared)} bytes exceeds the limit of {self.max_body_bytes}")
+                                 f"request body of {int(declared)} bytes exceeds the limit of {limit}", extra)
                 return
-        received = 0
-        started = False
+        counted = path not in PUBLIC_PATHS
+        if counted and self.active >= self.limits.max_requests:
+            await send_error(send, 503, "busy", f"the server is handling {self.active} requests, its limit; "
+                                                "retry shortly", {"Retry-After": "2", **extra})
+            return
+        received, started, body_done = 0, False, False
+        deadline = time.monotonic() + self.limits.body_timeout
 
-        async def counted_receive():
-            nonlocal received
-            message = await receive()
+        async def guarded_receive():
+            nonlocal received, body_done
+            if body_done:  # later calls only wait for a disconnect: no deadline
+                return await receive()
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeout(self.limits.body_timeout) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise BodyTooLarge(f"request body exceeds the limit of {self.max_body_bytes} bytes")
+                if received > limit:
+                    raise BodyTooLarge(limit)
+                body_done = not message.get("more_body", False)
+            else:
+                body_done = True
             return message
 
         async def tracked_send(message):
             nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                if extra:
+                    message = {**message, "headers": [*message.get("headers", []),
+                                                      *((k.lower().encode(), v.encode()) for k, v in extra.items())]}
             await send(message)
 
+        self.active += counted
         try:
-            await self.app(scope, counted_receive, tracked_send)
-        except BodyTooLarge as exc:  # only if no handler inside answered it already
+            await self.app(scope, guarded_receive, tracked_send)
+        except (BodyTooLarge, BodyTimeout) as exc:  # only if no handler inside answered it already
             if not started:
-                await send_error(send, 413, "body_too_large", str(exc))
+                await send_error(send, exc.status, exc.code, exc.message, {**exc.headers, **extra})
+        finally:
+            self.active -= counted
+
+    # ----- who may call ------------------------------------------------------------------------------
+    def host_allowed(self, name: str) -> bool:
+        """A name this server answers to; an IP address cannot be rebound, a domain name can."""
+        if self.any_host or name in self.names or is_loopback(name):
+            return True
+        ip = _ip(name)
+        return ip is not None and (self.wildcard or ip == self.bound_ip)
+
+    def _foreign(self, scope, headers: dict[bytes, bytes], origin: str | None) -> tuple[str, str] | None:
+        """(code, message) when the Host or Origin header is not this server's; None when both are."""
+        raw = headers.get(b"host", b"").decode("latin-1")
+        host = split_host(raw) if raw else ("", None)  # no Host at all (HTTP/1.0): not from a browser
+        if host is None or (raw and not self.host_allowed(host[0])):
+            shown = (host[0] if host else raw)[:100] or "(none)"
+            return ("forbidden_host", f"requests for host {shown!r} are refused (a page may be using DNS "
+                                      f"rebinding to reach this server): start the server with "
+                                      f"--allow-host {shown} or with a token to accept them")
+        if origin is None or self.any_origin or origin.strip().lower().rstrip("/") in self.origins:
+            return None
+        parsed = split_origin(origin)
+        if parsed is not None:
+            scheme, name, port = parsed
+            server_port = (scope.get("server") or (None, None))[1]
+            ports = {server_port, host[1] if host[1] is not None else DEFAULT_PORTS[scheme]}
+            if port in ports and ((host[0] and name == host[0]) or is_loopback(name) or name in self.names):
+                return None
+        return ("forbidden_origin", f"requests from pages at {origin[:100]!r} are refused (cross-site): start "
+                                    f"the server with --allow-origin {origin[:100]} to accept them")
+
+    def _cors(self, origin: str | None) -> str | None:
+        """The Origin to echo in Access-Control-Allow-Origin: only one allowed by --allow-origin."""
+        if origin is None or split_origin(origin) is None:
+            return None
+        if self.any_origin or origin.strip().lower().rstrip("/") in self.origins:
+            return origin.strip()
+        return None
+
+    async def _preflight(self, send, origin: str) -> None:
+        raw = [(b"access-control-allow-origin", origin.encode()), (b"vary", b"Origin"),
+               (b"access-control-allow-methods", b"GET, POST"),
+               (b"access-control-allow-headers", b"authorization, content-type"),
+               (b"access-control-max-age", b"600"), (b"content-length", b"0")]
+        await send({"type": "http.response.start", "status": 204, "headers": raw})
+        await send({"type": "http.response.body", "body": b""})
 
     def _authorised(self, headers: dict[bytes, bytes]) -> bool:
         scheme, _, credential = headers.get(b"authorization", b"").partition(b" ")
         return scheme.lower() == b"bearer" and hmac.compare_digest(credential.strip(), self.token or b"")
+
+
+class PixelBudget:
+    """Decoded pixels held by all requests together; a request waits for room up to `wait` seconds.
+
+    Used from the event loop only (no lock needed); `release` never waits, so it is safe in `finally`.
+    Waiters are woken on every release and re-check; no order among them is promised.
+    """
+
+    def __init__(self, capacity: int, wait: float):
+        self.capacity = capacity
+        self.wait = wait
+        self.used = 0
+        self.peak = 0
+        self._waiters: list[asyncio.Event] = []
+
+    async def acquire(self, pixels: int) -> None:
+        deadline = time.monotonic() + self.wait
+        while self.used + pixels > self.capacity:
+            event = asyncio.Event()
+            self._waiters.append(event)
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await event.wait()
+            except TimeoutError:
+                raise ServiceError(503, "busy", f"{self.used} decoded pixels are held by other requests; this "
+                                                f"one needs {pixels} more (the limit is {self.capacity}): "
+                                                "retry shortly", {"Retry-After": "2"}) from None
+            finally:
+                self._waiters.remove(event)
+        self.used += pixels
+        self.peak = max(self.peak, self.used)
+
+    def release(self, pixels: int) -> None:
+        self.used -= pixels
+        for event in self._waiters:
+            event.set()
+
+
+def http_protocol(limits: Limits):
+    """uvicorn's h11 protocol, plus a deadline from a request's first byte to its last header.
+
+    uvicorn itself only times out idle keep-alive connections: a client that connects and sends
+    nothing, or trickles its headers, would hold a connection for ever.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    timeout = limits.header_timeout
+    payload = json.dumps(body("header_timeout", f"the request headers did not arrive within {timeout:g} "
+                                                "seconds")).encode()
+    late = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            b"content-length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+
+    class HeaderDeadlineProtocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                if self._header_timer is None:
+                    self._arm()
+            else:
+                self._disarm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._header_timer = self.loop.call_later(timeout, self._headers_late)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            if (self.conn.their_state is h11.IDLE and self.conn.our_state is h11.IDLE
+                    and not self.transport.is_closing()):
+                self.transport.write(late)
+                self.transport.close()
+
+    return HeaderDeadlineProtocol

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +21,10 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """Starts the server and returns once /readyz answers 200; `stop()` shuts it down gracefully."""
+    """Starts the server and returns once /readyz answers 200; `stop()` shuts it down gracefully.
+
+    Its stderr is read all along (a full pipe would stall the server) and kept in `log`.
+    """
 
     def __init__(self, store: Path, *extra: str, timeout: float = 90.0):
         self.port = free_port()
@@ -29,10 +33,14 @@ class ServerProcess:
                                       "--port", str(self.port), "--quiet", *extra],
                                      cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        self._lines: list[str] = []
+        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._reader.start()
         deadline = time.time() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")
+                self._reader.join(5)
+                raise RuntimeError(f"server exited: {self.log[-2000:]}")
             if time.time() > deadline:
                 self.stop()
                 raise RuntimeError("server did not become ready in time")
@@ -43,6 +51,19 @@ class ServerProcess:
                 pass
             time.sleep(0.1)
 
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def log(self) -> str:
+        """What the server wrote to stderr so far (all of it once `stop()` has returned)."""
+        return "".join(self._lines)
+
+    def _read_stderr(self) -> None:
+        for line in iter(self.proc.stderr.readline, b""):
+            self._lines.append(line.decode(errors="replace"))
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -51,6 +72,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._reader.join(5)
 
     def __enter__(self) -> "ServerProcess":
         return self

@@ -1,0 +1,364 @@
+"""`resynth serve` under hostile or careless clients: memory bounded by pixel budgets, Host and Origin
+checks without a token, header and body deadlines, clients that leave mid-upload, a busy port."""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import run_cli
+
+fastapi = pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from engine.service.app import MAPPED_ERRORS, create_app  # noqa: E402
+from engine.service.config import Access, Limits  # noqa: E402
+from engine.service.core import Service  # noqa: E402
+from engine.service.errors import ServiceError  # noqa: E402
+from engine.service.guard import Guard, PixelBudget, split_host, split_origin  # noqa: E402
+from engine.service.process import REPO, ServerProcess, free_port  # noqa: E402
+
+PROMPT = "a lantern on a wooden table"
+SIDE = 7999  # 7999 x 7999 = 63,984,001 pixels: just under the per-image and per-request limits
+
+
+# ----- fixtures and helpers ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hard_store(models, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("hardening") / "store"
+    assert run_cli("init", "--store", path, "--clip-config", models["clip_config"],
+                   "--clip-checkpoint", models["clip_checkpoint"]) == 0
+    for name, folder in models["pipelines"].items():
+        assert run_cli("source", "add", name, folder, "--store", path, "--steps", 2, "--quiet") == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(hard_store):
+    """One server with the default limits, but short header and body deadlines."""
+    with ServerProcess(hard_store, "--body-timeout", "1.5", "--header-timeout", "1.5") as process:
+        yield process
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def one_bit_png() -> bytes:
+    """An 8 KB one-bit PNG that decodes to 64 megapixels (192 MB as RGB)."""
+    return _png(Image.new("1", (SIDE, SIDE)))
+
+
+@pytest.fixture(scope="module")
+def small_png() -> bytes:
+    return _png(Image.new("RGB", (64, 64), (90, 40, 160)))
+
+
+def _files(png: bytes, count: int = 1) -> list:
+    return [("image", (f"{i}.png", png, "image/png")) for i in range(count)]
+
+
+def _post(url: str, png: bytes, count: int = 1, headers: dict | None = None, **data) -> httpx.Response:
+    return httpx.post(url + "/v1/attribute", files=_files(png, count), timeout=120, headers=headers or {},
+                      data={"prompt": PROMPT, "per_source": "1", **data})
+
+
+def _assert_error(response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    payload = response.json()
+    assert set(payload) == {"error"} and payload["error"]["code"] == code, payload
+    assert "\n" not in payload["error"]["message"] and "Traceback" not in payload["error"]["message"]
+
+
+def _memory(pid: int) -> dict[str, int]:
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "VmRSS"):
+            values[key] = int(value.split()[0]) * 1024
+    return values
+
+
+def _raw(port: int, data: bytes, wait: float = 10.0) -> tuple[bytes, float]:
+    """Send `data`, then read until the server closes: (everything it sent, seconds it took)."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
+        if data:
+            sock.sendall(data)
+        received = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except (ConnectionResetError, socket.timeout):
+                break
+            if not chunk:
+                break
+            received += chunk
+    return received, time.monotonic() - started
+
+
+def _multipart(png: bytes, boundary: str = "hardening") -> bytes:
+    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\n{PROMPT}\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{boundary}--\r\n".encode()
+
+
+def _head(port: int, length: int, boundary: str = "hardening") -> bytes:
+    return (f"POST /v1/attribute HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {length}\r\n\r\n").encode()
+
+
+# ----- 1. memory ---------------------------------------------------------------------------------
+def test_peak_memory_is_bounded_under_bursts_of_huge_images(server, one_bit_png, small_png):
+    if not Path(f"/proc/{server.pid}/clear_refs").exists():
+        pytest.skip("needs Linux /proc to read the server's memory")
+    assert _post(server.url, small_png).status_code == 200  # models warm, this prompt's resyntheses stored
+    Path(f"/proc/{server.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+    base = _memory(server.pid)["VmRSS"]
+
+    # the reported attack: 16 images of 64 MP each (8 KB apiece on the wire), four requests at once;
+    # refused from the headers, nothing decoded
+    with ThreadPoolExecutor(4) as pool:
+        bombs = list(pool.map(lambda _: _post(server.url, one_bit_png, 16), range(4)))
+    for response in bombs:
+        _assert_error(response, 413, "request_too_large")
+    assert _memory(server.pid)["VmHWM"] - base < 64 << 20
+
+    # requests at the limit, more at once than the pixels in flight allow: they take turns
+    with ThreadPoolExecutor(6) as pool:
+        accepted = list(pool.map(lambda _: _post(server.url, one_bit_png), range(6)))
+    assert [r.status_code for r in accepted] == [200] * 6, [r.text[:200] for r in accepted]
+    peak = _memory(server.pid)["VmHWM"] - base
+    bound = Limits().memory_bound()
+    admission = httpx.get(server.url + "/v1/stats").json()["admission"]
+    print(f"\npeak RSS growth {peak / 2**20:.0f} MiB; bound {bound / 2**20:.0f} MiB; "
+          f"admission {json.dumps(admission)}")
+    assert peak < bound
+    assert admission["pixels_in_flight_peak"] <= Limits().max_pixels_in_flight
+    assert admission["pixels_in_flight"] == 0 and admission["decoding"] == 0
+
+
+def test_pixel_limits_are_checked_from_headers_before_decoding(hard_store, small_png):
+    limits = Limits(max_request_pixels=6000, max_pixels_in_flight=6000, max_pixels=5000)
+    with TestClient(create_app(Service.open(hard_store, limits)), raise_server_exceptions=False) as client:
+        def post(files):
+            return client.post("/v1/attribute", files=files, data={"prompt": PROMPT, "per_source": "1"})
+        _assert_error(post(_files(small_png, 2)), 413, "request_too_large")  # 2 x 4096 > 6000
+        huge = _png(Image.new("RGB", (100, 100)))  # 10,000 > 5000 per image
+        refused = post(_files(huge))
+        _assert_error(refused, 413, "image_too_large")
+        assert "100x100 pixels" in refused.json()["error"]["message"]
+        assert post(_files(small_png)).status_code == 200
+        assert client.get("/v1/stats").json()["admission"]["pixels_in_flight"] == 0
+
+
+def test_pixel_budget_makes_requests_wait_then_refuses_with_503():
+    async def scenario():
+        budget = PixelBudget(100, wait=0.2)
+        await budget.acquire(80)
+        waiter = asyncio.create_task(budget.acquire(50))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        budget.release(80)  # room again: the waiter gets in
+        await asyncio.wait_for(waiter, 1)
+        assert budget.used == 50 and budget.peak == 80
+        with pytest.raises(ServiceError) as refused:
+            await budget.acquire(60)  # 50 + 60 > 100 and nobody releases within 0.2 s
+        assert refused.value.status == 503 and refused.value.code == "busy"
+        assert budget.used == 50 and not budget._waiters
+    asyncio.run(scenario())
+
+
+def test_requests_at_once_are_capped_with_a_json_503():
+    release = asyncio.Event()
+
+    async def slow_app(scope, receive, send):
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def scenario():
+        guard = Guard(slow_app, Access(check=False), Limits(max_requests=1))
+        sent: list[list[dict]] = [[], [], []]
+
+        def call(path, index):
+            scope = {"type": "http", "path": path, "method": "GET", "headers": [], "server": ("127.0.0.1", 1)}
+
+            async def receive():
+                return {"type": "http.request", "body": b"", "more_body": False}
+
+            async def send(message):
+                sent[index].append(message)
+            return guard(scope, receive, send)
+        first = asyncio.create_task(call("/v1/stats", 0))
+        await asyncio.sleep(0.01)
+        await call("/v1/stats", 1)  # refused at once
+        health = asyncio.create_task(call("/healthz", 2))  # health checks are never counted
+        await asyncio.sleep(0.01)
+        release.set()
+        await first
+        await health
+        return sent
+    sent = asyncio.run(scenario())
+    assert sent[0][0]["status"] == 200 and sent[2][0]["status"] == 200
+    assert sent[1][0]["status"] == 503 and json.loads(sent[1][1]["body"])["error"]["code"] == "busy"
+
+
+# ----- 2. Host and Origin without a token -----------------------------------------------------------
+def test_foreign_hosts_and_origins_are_refused_without_a_token(server, small_png):
+    port, url = server.port, server.url
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}", "LOCALHOST."):
+        assert httpx.get(url + "/v1/sources", headers={"Host": host}).status_code == 200, host
+    # DNS rebinding: a page on evil.example whose name now resolves to 127.0.0.1
+    for path in ("/", "/v1/sources", "/v1/stats", "/openapi.json"):
+        _assert_error(httpx.get(url + path, headers={"Host": f"evil.example:{port}"}), 403, "forbidden_host")
+    _assert_error(_post(url, small_png, headers={"Host": "evil.example"}), 403, "forbidden_host")
+    _assert_error(_post(url, small_png, headers={"Host": "10.1.2.3"}), 403, "forbidden_host")  # not bound there
+    assert httpx.get(url + "/healthz", headers={"Host": "evil.example"}).status_code == 200  # probes stay open
+    answer, _ = _raw(port, b"GET /v1/sources HTTP/1.0\r\n\r\n")  # no Host at all: not from a browser
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+
+    # the page at / posts same-origin: allowed, whichever loopback name the browser used
+    page = httpx.get(url + "/")
+    assert page.status_code == 200 and "v1/attribute" in page.text
+    for origin in (f"http://127.0.0.1:{port}", f"http://localhost:{port}", f"http://[::1]:{port}"):
+        assert _post(url, small_png, headers={"Origin": origin}).status_code == 200, origin
+    # cross-site form posts: another site, another local port, a sandboxed page, a file
+    for origin in ("http://evil.example", f"https://evil.example:{port}", "http://localhost:3000", "null",
+                   "file://"):
+        refused = _post(url, small_png, headers={"Origin": origin})
+        _assert_error(refused, 403, "forbidden_origin")
+        assert "--allow-origin" in refused.json()["error"]["message"]
+    # the rebinding page's own origin, with its Host: both wrong
+    _assert_error(_post(url, small_png, headers={"Host": "evil.example", "Origin": "http://evil.example"}),
+                  403, "forbidden_host")
+    stats = httpx.get(url + "/v1/stats").json()["service"]
+    assert stats.get("error:internal_error", 0) == 0
+
+
+def test_allow_origin_and_allow_host_open_the_server_with_cors(hard_store, small_png):
+    tools = "https://tools.example.org"
+    access = Access(host="127.0.0.1", allow_hosts=("testserver",), allow_origins=(tools,))
+    with TestClient(create_app(Service.open(hard_store), access=access), raise_server_exceptions=False) as client:
+        def post(**headers):
+            return client.post("/v1/attribute", files=_files(small_png), headers=headers,
+                               data={"prompt": PROMPT, "per_source": "1"})
+        allowed = post(Origin=tools)
+        assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == tools
+        _assert_error(post(Origin="https://other.example.org"), 403, "forbidden_origin")
+        _assert_error(client.get("/v1/sources", headers={"Host": "evil.example"}), 403, "forbidden_host")
+        preflight = client.options("/v1/attribute", headers={
+            "Origin": tools, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization"})
+        assert preflight.status_code == 204 and preflight.headers["access-control-allow-origin"] == tools
+        assert "POST" in preflight.headers["access-control-allow-methods"]
+
+    # with a token the bearer is the protection: Host and Origin are not checked
+    token = Access(token="s3cret", host="127.0.0.1")
+    with TestClient(create_app(Service.open(hard_store), "s3cret", token),
+                    raise_server_exceptions=False) as client:
+        _assert_error(client.get("/v1/sources"), 401, "unauthorized")
+        assert client.get("/v1/sources", headers={"Authorization": "Bearer s3cret",
+                                                  "Origin": "http://evil.example"}).status_code == 200
+
+    from engine.cli import build_parser
+    from engine.service.commands import access_from_args
+
+    args = build_parser().parse_args(["serve", "--allow-origin", tools, "--allow-origin", "http://a:8080",
+                                      "--allow-host", "box.lan", "--host", "0.0.0.0"])
+    access = access_from_args(args, None)
+    assert access.allow_origins == (tools, "http://a:8080") and access.allow_hosts == ("box.lan",)
+    guard = Guard(None, access, Limits())
+    assert guard.host_allowed("box.lan") and guard.host_allowed("192.168.1.20")  # any address when bound to all
+    assert not guard.host_allowed("evil.example")
+    assert run_cli("serve", "--store", hard_store, "--allow-origin", "tools.example.org/path") == 2
+
+
+def test_host_and_origin_parsing():
+    assert split_host("Example.COM.:8080") == ("example.com", 8080)
+    assert split_host("[::1]:80") == ("::1", 80) and split_host("[::1]") == ("::1", None)
+    assert split_host("a:b:c") is None and split_host("[::1]x") is None and split_host("") is None
+    assert split_origin("http://localhost") == ("http", "localhost", 80)
+    assert split_origin("HTTPS://X.org:8443") == ("https", "x.org", 8443)
+    assert split_origin("null") is None and split_origin("ftp://x") is None and split_origin("http://x/p") is None
+
+
+# ----- 3. header and body deadlines -------------------------------------------------------------------
+def test_a_body_that_stalls_gets_408_and_the_connection_closed(server, small_png):
+    body = _multipart(small_png)
+    answer, took = _raw(server.port, _head(server.port, len(body)) + body[:100])
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b'"body_timeout"' in answer and b"connection: close" in answer.lower()
+    assert 1.0 < took < 6, took  # --body-timeout 1.5, then closed (not left to the client)
+
+
+def test_headers_that_stall_get_408_and_the_connection_closed(server):
+    answer, took = _raw(server.port, f"GET /v1/sources HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 408") and b'"header_timeout"' in answer, answer[:200]
+    assert 1.0 < took < 6, took
+    answer, took = _raw(server.port, b"")  # connects and says nothing
+    assert took < 6 and (answer == b"" or answer.startswith(b"HTTP/1.1 408"))
+    huge = f"GET /v1/sources HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: {'a' * 40_000}\r\n\r\n".encode()
+    answer, took = _raw(server.port, huge)  # h11 (still arriving) or the guard (arrived whole)
+    assert answer.startswith((b"HTTP/1.1 400", b"HTTP/1.1 431")) and took < 6, answer[:200]
+    # the deadlines leave ordinary keep-alive traffic alone
+    with httpx.Client(base_url=server.url) as client:
+        for _ in range(3):
+            assert client.get("/v1/sources").status_code == 200
+            time.sleep(0.6)
+
+
+# ----- 4. clients that leave mid-upload --------------------------------------------------------------
+def test_a_client_leaving_mid_upload_is_one_log_line_not_an_error(server, small_png):
+    before = httpx.get(server.url + "/v1/stats").json()["service"]
+    body = _multipart(small_png * 20)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(_head(server.port, len(body)) + body[: len(body) // 2])
+        time.sleep(0.2)
+    deadline = time.time() + 10
+    while True:
+        after = httpx.get(server.url + "/v1/stats").json()["service"]
+        if after.get("client_disconnected", 0) > before.get("client_disconnected", 0):
+            break
+        assert time.time() < deadline, after
+        time.sleep(0.05)
+    assert after.get("error:internal_error", 0) == before.get("error:internal_error", 0) == 0
+    time.sleep(0.2)
+    assert "Traceback" not in server.log and "Exception in ASGI" not in server.log, server.log[-3000:]
+    assert httpx.get(server.url + "/readyz").status_code == 200
+
+
+def test_mapped_errors_cover_every_kind():
+    from engine.errors import SourceError, UserError, kind_of
+    from index.errors import StoreDamaged, UnknownName
+
+    for exc in (UserError("x"), SourceError("s", "x"), StoreDamaged("x"), UnknownName("x")):
+        assert kind_of(exc) is not None and isinstance(exc, MAPPED_ERRORS)
+    assert kind_of(RuntimeError("x")) is None and not isinstance(RuntimeError("x"), MAPPED_ERRORS)
+
+
+# ----- 5. a busy port ------------------------------------------------------------------------------
+def test_a_busy_port_is_a_one_line_error_before_serving(hard_store):
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        done = subprocess.run([sys.executable, "-m", "engine.cli", "serve", "--store", str(hard_store),
+                               "--port", str(port)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines == [f"resynth: error: port {port} on 127.0.0.1 is in use (is another server running?): "
+                     "stop it or choose another --port"], done.stderr
