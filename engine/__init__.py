@@ -17,11 +17,15 @@ from engine.options import Options
 __all__ = ["open", "init", "Options", "UserError", "SourceError"]
 
 
-def open(store_dir=None, *, device=None, captioner=None, progress=False, writable=True):  # noqa: A001
-    """The store at `store_dir` (else $RESYNTH_STORE, else ./resynth-store) as a Workspace."""
+def open(store_dir=None, *, device=None, captioner=None, progress=False, writable=True, repair=False):  # noqa: A001
+    """The store at `store_dir` (else $RESYNTH_STORE, else ./resynth-store) as a Workspace.
+
+    `repair=True` accepts the database as it is when the index holds vectors it lacks (see `verify`).
+    """
     from engine.workspace import open_workspace
 
-    return open_workspace(store_dir, device=device, captioner=captioner, progress=progress, writable=writable)
+    return open_workspace(store_dir, device=device, captioner=captioner, progress=progress, writable=writable,
+                          repair=repair)
 
 
 def init(store_dir=None, *, clip_checkpoint, clip_model=None, clip_config=None, clip_layer="middle",

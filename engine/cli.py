@@ -41,9 +41,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exception(exc)
         print(f"resynth: error: {one_line(exc)}", file=sys.stderr)
-        if kind.exit_code == 4:
-            print("resynth: the store needs attention: `resynth verify` says what is wrong, "
-                  "`resynth verify --repair` fixes what can be fixed", file=sys.stderr)
         return kind.exit_code
 
 
@@ -112,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and original (the original image a resynthesis was made from). Unknown "
                                    "sources become replay sources. Re-running skips rows already stored.")
     p.add_argument("manifest")
+    p.add_argument("--allow-outside", action="store_true",
+                   help="accept image paths that resolve outside the manifest's folder (refused by default)")
     p.set_defaults(run=cmd_ingest)
 
     p = sub.add_parser("attribute", parents=[common], help="attribute images to sources",
@@ -128,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_rebuild)
     p = sub.add_parser("stats", parents=[common], help="what the store holds")
     p.set_defaults(run=cmd_stats)
+    p = sub.add_parser("verify", parents=[common], help="check database, index and image files against each other",
+                       description="Check every stored vector against its checksum, the index file against the "
+                                   "database, every image file against its hash, and look for orphan and leftover "
+                                   "temporary files. Exit 0 when all is well, 4 when a problem remains. With "
+                                   "--repair: rebuild the index from the database, remove orphans and temporary "
+                                   "files (the database itself is the source of truth and is never rewritten).")
+    p.add_argument("--repair", action="store_true", help="fix what can be fixed from the database")
+    p.add_argument("--no-files", action="store_true", help="skip hashing every image file (faster)")
+    p.set_defaults(run=cmd_verify)
     p = sub.add_parser("demo", parents=[common], help="run the whole method offline on a tiny model zoo",
                        description="Build tiny random diffusers pipelines and a tiny CLIP, register them, make a "
                                    "dataset, ingest it and attribute held-out images. Offline, a few minutes on CPU.")
@@ -190,7 +198,7 @@ def cmd_ingest(args) -> None:
     from dataclasses import asdict
 
     with _open(args) as ws:
-        report = ws.ingest(args.manifest)
+        report = ws.ingest(args.manifest, allow_outside=args.allow_outside)
     _emit(args, asdict(report), f"ingested {report.added} images ({report.skipped} already stored) from "
                                 f"{report.rows} rows; new replay sources: {', '.join(report.new_sources) or 'none'}")
 
@@ -254,6 +262,21 @@ def cmd_rebuild(args) -> None:
     with _open(args) as ws:
         count = ws.rebuild()
     _emit(args, {"vectors": count}, f"rebuilt the index from {count} stored vectors")
+
+
+def cmd_verify(args) -> int:
+    with _open(args, writable=args.repair, repair=args.repair) as ws:
+        report = ws.verify(repair=args.repair, files=not args.no_files)
+        if args.repair:  # what is left after the repair decides the exit code
+            report["after_repair"] = ws.verify(files=not args.no_files)
+    problems, repaired = report.get("problems", []), report.get("repaired", [])
+    left = report["after_repair"]["problems"] if args.repair else problems
+    lines = [f"store {report['store']}: " + ("ok" if not problems else f"{len(problems)} problem(s)")]
+    lines += [f"  problem: {p}" for p in problems] + [f"  repaired: {r}" for r in repaired]
+    if args.repair:
+        lines.append("after repair: " + ("ok" if not left else "; ".join(left)))
+    _emit(args, report, "\n".join(lines))
+    return 0 if not left else 4
 
 
 def cmd_stats(args) -> None:

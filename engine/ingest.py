@@ -6,6 +6,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from engine.errors import UserError
 from engine.generate import source_params_hash
 from engine.images import read_image
 from engine.manifest import ManifestRow, read_manifest
@@ -40,16 +41,27 @@ def _params_hash(row: ManifestRow, source) -> str | None:
     return None if row.role == "original" or row.seed is None else source_params_hash(source)
 
 
-def ingest(workspace, manifest: Path, progress: bool = True) -> IngestReport:
-    """Import a manifest through a Workspace (its store and embedder)."""
+def ingest(workspace, manifest: Path, progress: bool = True, allow_outside: bool = False) -> IngestReport:
+    """Import a manifest through a Workspace (its store and embedder).
+
+    The whole manifest is validated first (rows, paths, every image's header, source names), so a
+    manifest that fails changes nothing; then rows are embedded and committed in batches (resumable).
+    """
+    from engine.images import check_header
     from engine.workspace import check_name
 
-    store, embedder = workspace.store, workspace.embedder
-    rows = read_manifest(manifest)
+    store = workspace.store
+    rows = read_manifest(manifest, allow_outside=allow_outside)
     known = {s.name for s in store.sources()}
     new_sources = sorted({r.source for r in rows} - known)
     for name in new_sources:
         check_name(name)
+    for row in tqdm(rows, desc="checking", unit="image", disable=not progress or len(rows) < 1000, leave=False):
+        try:
+            check_header(row.image)
+        except UserError as exc:
+            raise UserError(f"{manifest}:{row.line}: {exc}") from None
+    embedder = workspace.embedder  # models load only once the manifest is known to be good
     for name in new_sources:
         workspace.add_replay_source(name)
     sources = {s.name: s for s in store.sources()}
@@ -93,7 +105,8 @@ def _ingest_batch(store, embedder, batch, sources, ids_by_key, original_keys, re
                 for (row, source, key, file_hash), vector in zip(pending, vectors)]
     for (_, _, key, _), image_id in zip(pending, store.add_images(new_rows)):
         ids_by_key[key] = image_id
-    report.added += len(pending)
+    report.added += store.last_inserted  # another process may have stored some of them meanwhile
+    report.skipped += len(pending) - store.last_inserted
     store.save_index()
 
 

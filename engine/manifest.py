@@ -25,7 +25,9 @@ class ManifestRow:
     original: Path | None = None  # for a resynthesis: the original image it resynthesizes, if known
 
 
-def read_manifest(path: Path) -> list[ManifestRow]:
+def read_manifest(path: Path, allow_outside: bool = True) -> list[ManifestRow]:
+    """Every row parsed and checked. Unless `allow_outside`, image paths must resolve (links followed)
+    inside the manifest's folder: a manifest from elsewhere cannot make resynth read /etc/passwd."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"manifest not found: {path}")
@@ -34,6 +36,13 @@ def read_manifest(path: Path) -> list[ManifestRow]:
         raise UserError(f"{path}: manifest has no rows")
     base = path.parent
     rows = [_parse(path, line, record, base) for line, record in raw]
+    if not allow_outside:
+        root = base.resolve()
+        for row in rows:
+            for target in (row.image, row.original):
+                if target is not None and not target.is_relative_to(root):
+                    raise UserError(f"{path}:{row.line}: {target} is outside the manifest's folder {root} "
+                                    "(pass --allow-outside to accept it)")
     originals = {r.image for r in rows if r.role == "original"}
     for row in rows:
         if row.original is not None and row.original not in originals and not row.original.is_file():
@@ -44,6 +53,7 @@ def read_manifest(path: Path) -> list[ManifestRow]:
 def _read_csv(path: Path) -> list[tuple[int, dict]]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:  # tolerate a BOM (Excel)
+            csv.field_size_limit(1 << 20)
             reader = csv.DictReader(handle)
             if reader.fieldnames is None:
                 return []
@@ -55,7 +65,11 @@ def _read_csv(path: Path) -> list[tuple[int, dict]]:
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     rows = []
-    for number, text in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 JSONL manifest") from None
+    for number, text in enumerate(lines, start=1):
         if not text.strip():
             continue
         try:
@@ -102,10 +116,22 @@ def _parse(path: Path, line: int, record: dict, base: Path) -> ManifestRow:
         try:
             seed = int(seed)
         except (TypeError, ValueError):
-            raise UserError(f"{where}: seed must be an integer, not {seed!r}") from None
-    image = (base / str(fields["image"])).resolve()
+            raise UserError(f"{where}: seed must be an integer, not {str(seed)[:40]!r}") from None
+        if not 0 <= seed < 2**63:
+            raise UserError(f"{where}: seed must be between 0 and 2^63-1")
+    image = _path(base, fields["image"], where)
     if not image.is_file():
         raise UserError(f"{where}: image not found: {image}")
     original = fields.get("original")
     return ManifestRow(line=line, image=image, source=str(fields["source"]), description=description, role=role,
-                       seed=seed, original=(base / str(original)).resolve() if original else None)
+                       seed=seed, original=_path(base, original, where) if original else None)
+
+
+def _path(base: Path, value, where: str) -> Path:
+    text = str(value)
+    if "\0" in text or len(text) > 4096:
+        raise UserError(f"{where}: not a usable path: {text[:60]!r}")
+    try:
+        return (base / text).resolve()
+    except (OSError, RuntimeError, ValueError):
+        raise UserError(f"{where}: not a usable path: {text[:60]!r}") from None

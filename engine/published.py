@@ -286,7 +286,7 @@ def cmd_import_published(args) -> None:
         for line in report.warnings():
             print(f"resynth: warning: {line}", file=sys.stderr)
         if ws is not None:
-            report.ingest = asdict(ws.ingest(args.out))
+            report.ingest = asdict(ws.ingest(args.out, allow_outside=True))  # the dataset the user named
     text = (f"wrote {report.manifest}: {report.originals} originals and {report.resyntheses} resyntheses "
             f"({report.linked} linked to their original) from {len(report.generators)} generators")
     if report.ingest:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
+import uuid
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -27,6 +29,7 @@ from engine.calibration import Calibration
 from engine.errors import NotFoundError, SourceError, UserError
 from engine.images import ImageInput
 from engine.options import Options
+from index.faults import crash_point
 from index.keys import normalise_description, sha256_text
 from index.store import NewImage, Store
 
@@ -39,6 +42,8 @@ if TYPE_CHECKING:  # heavy modules (torch) load only when a model is needed
 log = logging.getLogger("resynth.workspace")
 DEFAULT_STORE = "resynth-store"
 QUERY_CHUNK = 64  # images decoded and attributed together: memory stays flat on long query lists
+SOURCES_TTL = 1.0  # seconds a workspace trusts its list of sources (a cached lookup then costs no query for it)
+CLAIM_LEASE_SECONDS = 900.0  # a generation claim outlives any one batch; a dead claimant's expires
 
 
 def store_path(explicit: str | os.PathLike | None) -> Path:
@@ -70,9 +75,11 @@ class Workspace:
         self._generators: dict[str, DiffusersGenerator] = {}
         self._resident: list[DiffusersGenerator] = []
         self._plans: dict[tuple, Plan] = {}
+        self._sources: tuple[float, list] | None = None
         self._lock = threading.RLock()  # guards lazy loading, the plan cache and the pipeline LRU
         self.stats_counters = Stats()
         self._local = threading.local()  # per-call stage seconds of `attribute`
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # generation claims
 
     # ----- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
@@ -144,15 +151,27 @@ class Workspace:
             self._resident = self._resident[-self.max_loaded:]
 
     # ----- step 0: what a request means against this store -------------------------------------
-    def sources(self):
-        return self.store.sources()
+    def sources(self) -> list:
+        """The store's sources, re-read at most every SOURCES_TTL seconds (changes made through this
+        workspace apply at once; another process's within that delay)."""
+        with self._lock:
+            if self._sources is not None and time.monotonic() - self._sources[0] < SOURCES_TTL:
+                return self._sources[1]
+        found = self.store.sources()
+        with self._lock:
+            self._sources = (time.monotonic(), found)
+        return found
+
+    def _sources_changed(self) -> None:
+        with self._lock:
+            self._sources = None
 
     def plan(self, options: Options | None = None) -> Plan:
         """Resolve options against the store's current sources (cached per option set and source set)."""
         from engine.generate import source_params_hash
 
         options = options or Options()
-        sources = self.store.sources()
+        sources = self.sources()
         signature = tuple((s.id, s.name, s.fingerprint) for s in sources)
         with self._lock:
             found = self._plans.get((options, signature))
@@ -240,7 +259,9 @@ class Workspace:
                 failed[source] = broken[source]
                 continue
             try:
-                generated += self._generate_and_store(plan, source, text, items)
+                made = self._generate_once(plan, source, text, items)
+                generated += made
+                cached += len(items) - made  # made meanwhile by another process: reused
             except SourceError as exc:
                 broken[source] = failed[source] = str(exc)
                 log.info("%s", exc)
@@ -250,6 +271,47 @@ class Workspace:
                 self.stats_counters.cached += cached
                 self.stats_counters.generated += generated
         return out
+
+    def _generate_once(self, plan: Plan, name: str, text: str, items: list[tuple[str, int]]) -> int:
+        """Cross-process single flight: claim the keys (a lease row in the database), generate what this
+        process holds, and wait for what another process is making, then reuse it. A dead claimant's
+        lease expires and its keys are taken over. Returns how many images this process generated."""
+        seeds = dict(items)
+        pending = list(seeds)
+        generated = 0
+        while pending:
+            mine = self.store.claim(pending, self._owner, CLAIM_LEASE_SECONDS)
+            try:
+                stored = self.store.existing_keys(mine)  # made by someone else just before our claim
+                todo = [(key, seeds[key]) for key in mine if key not in stored]
+                if todo:
+                    generated += self._generate_and_store(plan, name, text, todo)
+            finally:
+                self.store.release(mine, self._owner)
+            theirs = [key for key in pending if key not in set(mine)]
+            if theirs:
+                theirs = self._wait_for_others(theirs)
+            pending = theirs  # released, expired or dead without a result: take them over
+        return generated
+
+    def _wait_for_others(self, keys: list[str], poll: float = 0.2) -> list[str]:
+        """Wait while other processes make `keys`; returns those still missing with no live claimant.
+
+        A claimant on this host whose process is gone (killed mid-generation) is released at once
+        rather than after its lease: its work is taken over now.
+        """
+        deadline = time.monotonic() + CLAIM_LEASE_SECONDS
+        while True:
+            found = self.store.existing_keys(keys)
+            rest = [key for key in keys if key not in found]
+            claims = self.store.live_claims(rest) if rest else {}
+            for owner in set(claims.values()):
+                if _dead_here(owner):
+                    self.store.release([k for k, o in claims.items() if o == owner], owner)
+                    claims = {k: o for k, o in claims.items() if o != owner}
+            if not rest or not claims or time.monotonic() > deadline:
+                return rest
+            time.sleep(poll)
 
     def _generate_and_store(self, plan: Plan, name: str, text: str, items: list[tuple[str, int]]) -> int:
         from engine.images import save_png_atomic
@@ -270,6 +332,7 @@ class Workspace:
             rows.append(NewImage(key=key, role="resynthesis", source_id=source.id, description_id=description_id,
                                  file_hash=file_hash, path=relative.as_posix(), vector=vector, seed=seed,
                                  params_hash=params_hash))
+        crash_point("generate:before-commit")  # images on disk, rows not yet committed
         self.store.add_images(rows)
         return len(rows)
 
@@ -386,11 +449,12 @@ class Workspace:
         params = GenerationParams(steps=steps, guidance=guidance, size=size, scheduler=scheduler,
                                   negative_prompt=negative_prompt)
         fingerprint = source_fingerprint("diffusers", name, fingerprint_folder(folder), params)
-        twin = next((s for s in self.store.sources() if s.fingerprint == fingerprint), None)
+        twin = next((s for s in self.store.sources() if s.fingerprint == fingerprint), None)  # fresh, not cached
         if twin is not None:
             raise UserError(f"source {twin.name!r} already uses this pipeline folder with the same parameters "
                             f"(a second name would share its resyntheses)")
         source = self.store.add_source(name, "diffusers", fingerprint, path=str(folder), params=asdict(params))
+        self._sources_changed()
         return {"name": source.name, "kind": source.kind, "path": source.path, "fingerprint": fingerprint}
 
     def add_replay_source(self, name: str) -> None:
@@ -398,7 +462,8 @@ class Workspace:
         from engine.generate import source_fingerprint
 
         check_name(name)
-        self.store.add_source(name, "replay", source_fingerprint("replay", name, None, None))
+        self.store.ensure_source(name, "replay", source_fingerprint("replay", name, None, None))
+        self._sources_changed()
 
     def list_sources(self) -> list[dict]:
         import json
@@ -410,13 +475,22 @@ class Workspace:
         """Delete a source with its resyntheses; returns how many stored vectors were dropped."""
         with self._lock:
             self._generators.pop(name, None)
-        return self.store.remove_source(name)
+        try:
+            return self.store.remove_source(name)
+        finally:
+            self._sources_changed()
 
     # ----- datasets, index, numbers ------------------------------------------------------------
-    def ingest(self, manifest: str | os.PathLike) -> "IngestReport":
+    def ingest(self, manifest: str | os.PathLike, allow_outside: bool = False) -> "IngestReport":
+        """Import a manifest, validated whole before anything is written; rows must resolve inside the
+        manifest's folder unless `allow_outside`."""
         from engine.ingest import ingest
 
-        return ingest(self, Path(manifest), progress=self.progress)
+        return ingest(self, Path(manifest), progress=self.progress, allow_outside=allow_outside)
+
+    def verify(self, repair: bool = False, files: bool = True) -> dict:
+        """Database, index and image files checked against each other; with `repair`, fixed where possible."""
+        return self.store.verify(repair=repair, files=files)
 
     def rebuild(self) -> int:
         return self.store.rebuild()
@@ -457,8 +531,24 @@ class Workspace:
                         progress=self.progress)
 
     def refresh(self) -> bool:
-        """Pick up what another process changed (config, a rebuilt index)."""
+        """Pick up what another process changed (config, a rebuilt index, sources)."""
+        self._sources_changed()
         return self.store.refresh()
+
+
+def _dead_here(owner: str) -> bool:
+    """Whether a claim owner ("host:pid:tag") is a process of this host that no longer runs."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def check_name(name: str) -> None:
@@ -468,8 +558,8 @@ def check_name(name: str) -> None:
 
 def open_workspace(store_dir: str | os.PathLike | None = None, *, device: str | None = None,
                    captioner: str | os.PathLike | None = None, progress: bool = False,
-                   writable: bool = True) -> Workspace:
-    store = Store.open(store_path(store_dir), writable=writable)
+                   writable: bool = True, repair: bool = False) -> Workspace:
+    store = Store.open(store_path(store_dir), writable=writable, repair=repair)
     return Workspace(store, device=device, captioner=captioner, progress=progress)
 
 

@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool
 
 from index import vectors as vx
+from index.faults import crash_point
 from index.errors import StoreDamaged, StoreError, StoreInputError, UnknownName
 from index.keys import normalise_description, sha256_file, sha256_text
 from index.schema import (ADDED_TABLES, CORE_TABLES, Base, Claim, DeletedVector, Description, Image, Source,
@@ -167,6 +168,7 @@ def write_json_atomic(path: Path, value: dict) -> None:
         json.dump(value, handle, indent=2, sort_keys=True)
         handle.flush()
         os.fsync(handle.fileno())
+    crash_point("config:before-replace")
     os.replace(tmp, path)
     vx.fsync_dir(path.parent)
 
@@ -713,6 +715,7 @@ class Store:
             for vid in vector_ids.tolist():
                 insert_ignore(s, DeletedVector, {"vector_id": vid, "deleted_at": now}, ["vector_id"])
             s.commit()
+        crash_point("remove:after-commit")
         if len(vector_ids):
             with self._index_lock:
                 self.index.remove_ids(vector_ids)
@@ -853,6 +856,8 @@ class Store:
                 new_ids.append(vector.inserted_primary_key[0])
                 new_rows.append(i)
             s.commit()
+        self.last_inserted = len(new_ids)  # how many of `rows` were new (the rest were stored already)
+        crash_point("images:after-commit")
         if new_ids:
             with self._index_lock:
                 self.index.add_with_ids(matrix[new_rows], np.array(new_ids, np.int64))

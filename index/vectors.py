@@ -8,6 +8,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from index.faults import crash_point
+
 
 def new_index(dim: int) -> faiss.Index:
     """Exact search (cosine on L2-normalised vectors), keyed by the database's vector ids."""
@@ -43,6 +45,7 @@ def write_atomic(index: faiss.Index, path: Path) -> None:
         faiss.write_index(index, str(tmp))
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        crash_point("index:before-replace")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
