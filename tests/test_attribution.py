@@ -104,7 +104,7 @@ def test_description_from_store_metadata_then_captioner(store_dir, originals, mo
     manifest = tmp_path / "m.csv"
     manifest.write_text("image,source,description,role\n" +
                         f"{originals[0]['image']},{originals[0]['source']},{originals[0]['prompt']},original\n")
-    assert run_cli("ingest", manifest, "--store", store_dir, "--quiet") == 0
+    assert run_cli("ingest", manifest, "--store", store_dir, "--quiet", "--allow-outside") == 0
     one = Options(per_source=1)
     with engine.open(store_dir) as ws:
         stored = ws.attribute(originals[0]["image"], options=one).results[0]
@@ -153,7 +153,7 @@ def test_original_references_join_resyntheses(store_dir, originals, models, tmp_
     rows = ["image,source,description,role"] + [f"{o['image']},{o['source']},{o['prompt']},original"
                                                 for o in originals if o["prompt"] != originals[0]["prompt"]]
     manifest.write_text("\n".join(rows) + "\n")
-    assert run_cli("ingest", manifest, "--store", store_dir, "--quiet") == 0
+    assert run_cli("ingest", manifest, "--store", store_dir, "--quiet", "--allow-outside") == 0
     queries = [o for o in originals if o["prompt"] == originals[0]["prompt"]]
     with engine.open(store_dir) as ws:
         plain = ws.attribute(_paths(queries), _prompts(queries), Options(per_source=1)).results

@@ -119,9 +119,9 @@ def test_ingest_is_idempotent_and_links_originals(models, originals, tmp_path):
 
     with engine.open(store) as ws:
         opened = ws.store
-        report = ws.ingest(manifest)
+        report = ws.ingest(manifest, allow_outside=True)
         assert (report.added, report.skipped, report.new_sources) == (2, 1, ["genA", "genB"])
-        again = ws.ingest(manifest)
+        again = ws.ingest(manifest, allow_outside=True)
         assert (again.added, again.skipped) == (0, 3)
         with opened.session() as s:
             images = {i.role: i for i in s.query(Image)}
@@ -152,7 +152,7 @@ def test_kill_during_ingest_leaves_store_consistent(models, originals, tmp_path)
                    "--clip-checkpoint", models["clip_checkpoint"]) == 0
     manifest = _write_big_manifest(originals, tmp_path, copies=40)
     total = 40 * len(originals)
-    cmd = [sys.executable, "-m", "engine.cli", "ingest", str(manifest), "--store", str(store), "--quiet"]
+    cmd = [sys.executable, "-m", "engine.cli", "ingest", str(manifest), "--store", str(store), "--quiet", "--allow-outside"]
     proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:  # wait for some committed batches, then kill -9
@@ -167,7 +167,7 @@ def test_kill_during_ingest_leaves_store_consistent(models, originals, tmp_path)
         assert _agree(opened)
         partial = opened.stats()["vectors"]
         assert 0 < partial < total
-    assert run_cli("ingest", manifest, "--store", store, "--quiet") == 0  # resumes
+    assert run_cli("ingest", manifest, "--store", store, "--quiet", "--allow-outside") == 0  # resumes
     with Store.open(store) as opened:
         assert opened.stats()["vectors"] == total and _agree(opened)
 
