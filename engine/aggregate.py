@@ -7,7 +7,8 @@ AGGREGATIONS = ("max", "mean", "knn", "softmax")
 # Defaults chosen by `resynth evaluate` on the tiny zoo (README, "Method variants"): more
 # resyntheses per source helped most (K=1/2/3: 92.9/97.8/99.2%), and mean-like aggregation beat max.
 DEFAULT_AGGREGATION = "knn"
-DEFAULT_PER_SOURCE = 3
+DEFAULT_PER_SOURCE = 3  # K: resyntheses generated per source for a new description (the cost)
+DEFAULT_REFERENCES = 64  # stored resyntheses compared per source (the evidence): generous, never K
 KNN_K = 3  # neighbours averaged by "knn"
 SOFTMAX_TEMPERATURE = 0.05  # on cosine similarities, which live in [-1, 1]
 

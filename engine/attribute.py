@@ -62,6 +62,21 @@ class Attribution:
     cached: int = 0
     generated: int = 0
     failed: dict[str, str] = field(default_factory=dict)  # source -> why it could not be scored
+    # "known" (calibrated, above the source's threshold), "unknown" (below it), "uncalibrated" (no
+    # fitted threshold for that source: no claim either way), or "none" (nothing could be scored)
+    verdict: str = "uncalibrated"
+    evidence: dict = field(default_factory=dict)  # score, threshold, references, why uncalibrated
+
+    @property
+    def verdict_text(self) -> str:
+        """The one-line answer a person reads (CLI, page)."""
+        if self.verdict == "none" or self.predicted is None:
+            return "no source could be scored"
+        if self.verdict == "unknown":
+            return f"unknown source (closest: {self.predicted})"
+        if self.verdict == "known":
+            return f"{self.predicted} (known source)"
+        return f"{self.predicted} (uncalibrated: {self.evidence.get('why', 'no acceptance threshold')})"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,29 +122,34 @@ class Plan:
         return {self.key(s, description_hash, seed): (s, seed) for s in self.pipelines for seed in self.seeds}
 
     def select(self, rows: list[StoredReference], description_hash: str) -> dict[str, list[StoredReference]]:
-        """The stored resyntheses that may count, per source, in order: this plan's seeds for pipeline
-        sources, every stored one for replay sources (`references` caps them per query)."""
-        expected = set(self.wanted(description_hash))
-        kinds = {s.name: s.kind for s in self.sources}
+        """The stored resyntheses that may count, per source: for a pipeline source every one made with
+        its current recipe (this plan's seeds first, then other stored seeds), for a replay source every
+        one stored. `references` caps them per query."""
+        kinds = {s.name: s for s in self.sources}
+        own_seeds = set(self.seeds)
         out: dict[str, list[StoredReference]] = defaultdict(list)
         for row in rows:
-            if kinds.get(row.source) is None:
+            source = kinds.get(row.source)
+            if source is None:
                 continue
-            if kinds[row.source] != "replay" and row.key not in expected:
-                continue  # a stored resynthesis with another seed: not part of this request
+            if source.kind != "replay" and (row.seed is None or row.key != self.key(source, description_hash, row.seed)):
+                continue  # another recipe (parameters, embedder): not comparable
             out[row.source].append(row)
+        for name, found in out.items():
+            if kinds[name].kind != "replay":
+                found.sort(key=lambda r: (r.seed not in own_seeds, r.seed))
         return out
 
     def references(self, candidates: "Candidates", file_hash: str) -> dict[str, list[StoredReference]]:
-        """What one query is compared with: up to K resyntheses per source, then the labelled originals;
+        """What one query is compared with: up to `references` resyntheses per source, then the labelled originals;
         never an image with the query's own bytes (no image is evidence for itself)."""
         out: dict[str, list[StoredReference]] = {}
         for name in [s.name for s in self.sources]:
             own = [r for r in candidates.resyntheses.get(name, ()) if r.file_hash != file_hash]
             extra = [r for r in candidates.originals.get(name, ()) if r.file_hash != file_hash]
             extra = extra[:self.options.original_refs]
-            if own[:self.options.per_source] or extra:
-                out[name] = own[:self.options.per_source] + extra
+            if own or extra:
+                out[name] = own[:self.options.references] + extra
         return out
 
 
@@ -156,3 +176,18 @@ def rank(similarities: dict[str, np.ndarray], counts: dict[str, int], aggregatio
     best = scores[0] if scores else None
     unknown = calibration.is_unknown(best.source if best else None, best.score if best else None)
     return scores, unknown
+
+
+def verdict(scores: list[SourceScore], calibration: Calibration, stale: str | None) -> tuple[str, dict]:
+    """Never a "known source" claim without a fitted threshold behind it."""
+    if not scores:
+        return "none", {}
+    best = scores[0]
+    evidence = {"score": round(best.score, 6), "references": best.resyntheses}
+    threshold = calibration.thresholds.get(best.source) if calibration.fitted and not stale else None
+    if threshold is None:
+        evidence["why"] = stale or ("no calibration: run `resynth calibrate`" if not calibration.fitted
+                                    else f"no acceptance threshold was fitted for {best.source}")
+        return "uncalibrated", evidence
+    evidence["threshold"] = round(threshold, 6)
+    return ("known" if best.score >= threshold else "unknown"), evidence

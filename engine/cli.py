@@ -242,10 +242,7 @@ def cmd_attribute(args) -> None:
     lines = []
     for r in report.results:
         margin = f", margin {r.margin:.4f}" if r.margin is not None else ""
-        verdict = r.predicted or "no source could be scored"
-        if r.unknown and r.predicted:
-            verdict = f"unknown source (closest: {r.predicted})"
-        lines.append(f"{r.query}: {verdict}{margin}  "
+        lines.append(f"{r.query}: {r.verdict_text}{margin}  "
                      f"[description from {r.description_from}: {r.description!r}]")
         lines += [f"  {s.source:24} {s.score:.4f}  p={s.probability:.3f}  ({s.resyntheses} references)"
                   for s in r.scores]

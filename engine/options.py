@@ -9,10 +9,13 @@ import argparse
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping
 
-from engine.aggregate import AGGREGATIONS, DEFAULT_AGGREGATION, DEFAULT_PER_SOURCE
+from engine.aggregate import AGGREGATIONS, DEFAULT_AGGREGATION, DEFAULT_PER_SOURCE, DEFAULT_REFERENCES
 from engine.errors import OptionError
 
 MAX_SEED = 2**31 - 1
+MODES = ("resynthesis", "dataset", "combined")
+DEFAULT_MODE = "resynthesis"
+DEFAULT_NEIGHBOURS = 32
 
 
 def _option(default: Any, help: str, kind: type = int, low: int | None = None, high: int | None = None,
@@ -31,6 +34,18 @@ class Options:
     aggregation: str = _option(
         DEFAULT_AGGREGATION, "how a source's similarities become its score: max (best match), mean, knn "
         "(mean of the top 3), softmax", kind=str, choices=AGGREGATIONS)
+    references: int = _option(
+        DEFAULT_REFERENCES, "most stored resyntheses of the description compared per source (every stored "
+        "one of the same recipe counts, whatever its seed: K caps generation, this caps evidence)",
+        low=1, high=100_000, metavar="N")
+    mode: str = _option(
+        DEFAULT_MODE, "resynthesis: compare with the description's resyntheses (generating what is missing); "
+        "dataset: no generation, rank sources by the query's nearest neighbours among every stored "
+        "resynthesis, whatever its description; combined: both sets of references together",
+        kind=str, choices=MODES)
+    neighbours: int = _option(
+        DEFAULT_NEIGHBOURS, "nearest stored references searched in dataset and combined modes", low=1, high=10_000,
+        metavar="N")
     seed: int = _option(0, "first generation seed; seeds seed .. seed+K-1 are used", low=0, high=MAX_SEED)
     sources: tuple[str, ...] | None = _option(
         None, "comma-separated subset of sources to consider (default: all)", kind=tuple, metavar="A,B")

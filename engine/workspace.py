@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
-from engine.attribute import Attribution, Candidates, Plan, Query, Report, rank
+from engine.attribute import Attribution, Candidates, Plan, Query, Report, rank, verdict
 from engine.calibration import Calibration
 from engine.errors import NotFoundError, SourceError, UserError
 from engine.images import ImageInput
@@ -361,14 +361,19 @@ class Workspace:
               candidates: Candidates, counts: tuple[int, int, dict[str, str]] = (0, 0, {})) -> Attribution:
         """Rank the sources for one embedded query against its candidates."""
         started = time.perf_counter()
-        per_source = plan.references(candidates, query.file_hash)
+        per_source = plan.references(candidates, query.file_hash) if plan.options.mode != "dataset" else {}
+        if plan.options.mode in ("dataset", "combined"):
+            for name, rows in self.neighbours(vector, plan, query.file_hash).items():
+                seen = {r.vector_id for r in per_source.get(name, ())}
+                per_source[name] = per_source.get(name, []) + [r for r in rows if r.vector_id not in seen]
         ids = np.array([r.vector_id for rows in per_source.values() for r in rows], np.int64)
         sims, found = self.store.search(np.asarray(vector, np.float32)[None, :], ids)
         similarity = dict(zip(found[0].tolist(), sims[0].tolist()))
         values = {name: np.array([similarity[r.vector_id] for r in rows]) for name, rows in per_source.items()}
-        calibration = self.calibration
+        calibration, stale = self.calibration, self.calibration_stale()
         scores, unknown = rank(values, {n: len(r) for n, r in per_source.items()}, plan.options.aggregation,
                                calibration)
+        answer, evidence = verdict(scores, calibration, stale)
         self._time("search", started)
         cached, generated, failed = counts
         if not scores and failed:  # nothing could be scored because sources failed: not an answer
@@ -378,8 +383,29 @@ class Workspace:
             predicted=scores[0].source if scores else None,
             margin=(scores[0].score - scores[1].score) if len(scores) > 1 else None,
             scores=scores, missing=sorted({s.name for s in plan.sources} - {x.source for x in scores}),
-            unknown=unknown, calibrated=calibration.fitted, cached=cached, generated=generated,
-            failed={k: v for k, v in failed.items() if k not in {x.source for x in scores}})
+            unknown=answer == "unknown", calibrated=calibration.fitted and not stale, cached=cached,
+            generated=generated, failed={k: v for k, v in failed.items() if k not in {x.source for x in scores}},
+            verdict=answer, evidence=evidence)
+
+    def calibration_stale(self) -> str | None:
+        """Why the stored calibration no longer applies (sources added or removed since), or None."""
+        calibration = self.calibration
+        fitted_on = calibration.notes.get("store_sources") if calibration.fitted else None
+        if fitted_on is None:
+            return None
+        if {s.name for s in self.sources()} != set(fitted_on):
+            return "calibration is stale (sources changed since `resynth calibrate`): run it again"
+        return None
+
+    def neighbours(self, vector: np.ndarray, plan: Plan, file_hash: str) -> dict[str, list]:
+        """Per source, its references among the query's nearest stored vectors (any description): the
+        zero-generation answer of the dataset search."""
+        roles = ("resynthesis", "original") if plan.options.original_refs else ("resynthesis",)
+        found = self.store.nearest(vector, plan.options.neighbours, [s.id for s in plan.sources], roles, file_hash)
+        out: dict[str, list] = {}
+        for ref, _ in found:
+            out.setdefault(ref.source, []).append(ref)
+        return out
 
     @property
     def calibration(self) -> Calibration:
@@ -413,10 +439,15 @@ class Workspace:
                        Query.read(item, p, labels[start + i] if labels else None)
                        for i, (item, p) in enumerate(zip(items[start:start + QUERY_CHUNK],
                                                          prompts[start:start + QUERY_CHUNK]))]
-            described = self.describe(queries)
-            counts = self.resynthesize([text for text, _ in described], plan)
+            if plan.options.mode == "dataset":  # no description, no generation
+                described = [(q.prompt or "", "prompt" if q.prompt else "none") for q in queries]
+                counts = {text: (0, 0, {}) for text, _ in described}
+            else:
+                described = self.describe(queries)
+                counts = self.resynthesize([text for text, _ in described], plan)
             vectors = self.embed([q.image for q in queries])
-            candidates = {text: self.candidates(text, plan) for text in counts}
+            candidates = {text: self.candidates(text, plan) if plan.options.mode != "dataset" else Candidates({})
+                          for text in counts}
             results += [self.score(q, text, origin, vector, plan, candidates[text], counts[text])
                         for q, (text, origin), vector in zip(queries, described, vectors)]
             cached += sum(c for c, _, _ in counts.values())
@@ -515,8 +546,9 @@ class Workspace:
         else:
             evalset, fitted_on = from_store(self.store), f"store {self.root}"
             features = evalset.vectors[self.store.embedder_identity]
-        variant = Variant("store", "cosine", options.aggregation, options.per_source)
+        variant = Variant("store", "cosine", options.aggregation, options.references)
         calibration = fit_calibration(evalset, features, variant, false_reject, fitted_on)
+        calibration.notes["store_sources"] = sorted(s.name for s in self.store.sources())  # to notice changes
         self.store.update_config(calibration=calibration.to_dict())
         return calibration
 

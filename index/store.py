@@ -650,6 +650,42 @@ class Store:
         order = np.argsort(-sims, axis=1, kind="stable")
         return np.take_along_axis(sims, order, axis=1), candidate_ids[order]
 
+    def nearest(self, query: np.ndarray, k: int, source_ids: list[int] | None = None,
+                roles: tuple[str, ...] = ("resynthesis",), exclude_file: str | None = None
+                ) -> list[tuple[StoredReference, float]]:
+        """The k stored vectors closest to `query` over the whole store (an exact FAISS search), keeping
+        only the given roles and sources and never an image with the bytes `exclude_file`: best first."""
+        query = np.ascontiguousarray(np.asarray(query, np.float32).reshape(1, -1))
+        with self._index_lock:
+            total = int(self.index.ntotal)
+        wanted = max(1, k)
+        while True:
+            depth = min(total, wanted * 4 + 16)
+            if depth == 0:
+                return []
+            with self._index_lock:
+                sims, ids = self.index.search(query, depth)
+            found = [(int(i), float(v)) for i, v in zip(ids[0], sims[0]) if i >= 0]
+            rows = self._references_by_id([i for i, _ in found], source_ids, roles)
+            kept = [(rows[i], v) for i, v in found if i in rows and rows[i].file_hash != exclude_file]
+            if len(kept) >= k or depth >= total:
+                return kept[:k]
+            wanted *= 4  # filtered out too many: look deeper
+
+    def _references_by_id(self, ids: list[int], source_ids: list[int] | None,
+                          roles: tuple[str, ...]) -> dict[int, StoredReference]:
+        query = (select(Vector.id, Source.name, Image.seed, Image.file_hash, Image.key)
+                 .join(Image, Vector.image_id == Image.id).join(Source, Image.source_id == Source.id)
+                 .where(Image.role.in_(roles), Vector.embedder == self.embedder_identity))
+        if source_ids is not None:
+            query = query.where(Image.source_id.in_(source_ids))
+        out: dict[int, StoredReference] = {}
+        with self.session() as s:
+            for start in range(0, len(ids), 500):
+                for row in s.execute(query.where(Vector.id.in_(ids[start:start + 500]))):
+                    out[row[0]] = StoredReference(*row)
+        return out
+
     # ----- sources ---------------------------------------------------------------------------
     def add_source(self, name: str, kind: str, fingerprint: str, path: str | None = None,
                    params: dict | None = None) -> Source:

@@ -93,6 +93,12 @@ def test_cli_attribute_json(store_dir, originals, models, capsys, tmp_path):
     assert set(data["results"][0]["scores"][0]) == {"source", "score", "resyntheses", "probability"}
     assert abs(sum(s["probability"] for s in data["results"][0]["scores"]) - 1) < 1e-6
     assert data["results"][0]["unknown"] is False and data["results"][0]["calibrated"] is False
+    # an uncalibrated store never claims "known source": it says so, and why
+    assert data["results"][0]["verdict"] == "uncalibrated" and "calibrate" in data["results"][0]["evidence"]["why"]
+    assert run_cli("attribute", originals[0]["image"], "--prompt", originals[0]["prompt"], "--store", store_dir,
+                   "--quiet", "--per-source", 1) == 0
+    text = capsys.readouterr().out
+    assert "(uncalibrated: no calibration" in text and "known source" not in text
     # Restricting the candidates
     assert run_cli("attribute", originals[0]["image"], "--prompt", originals[0]["prompt"], "--store", store_dir,
                    "--sources", "tiny-sd-ddim,tiny-sdxl-dpm", "--json", "--quiet", "--per-source", 1) == 0

@@ -132,6 +132,17 @@ def test_calibrate_then_attribute_reports_probabilities_and_unknown(models, data
     enrolled = attribute("tiny-sd-ddim")
     assert sum(r["unknown"] for r in enrolled) <= 2 and all(r["calibrated"] for r in enrolled)
 
+    assert {r["verdict"] for r in unknown_source + enrolled} <= {"known", "unknown"}
+    assert all("threshold" in r["evidence"] for r in enrolled)
+
+    # A source added after calibration makes the calibration stale: no claim either way until refit.
+    assert run_cli("source", "add", UNREGISTERED, models["pipelines"][UNREGISTERED], "--store", store,
+                   "--steps", 2, "--quiet") == 0
+    stale = attribute("tiny-sd-ddim")
+    assert all(r["verdict"] == "uncalibrated" and "stale" in r["evidence"]["why"] and not r["calibrated"]
+               and not r["unknown"] for r in stale)
+    assert run_cli("source", "remove", UNREGISTERED, "--store", store, "--quiet") == 0
+
     # Fitting on a manifest (embedded with the store's embedder) works the same way.
     assert run_cli("calibrate", known, "--store", store, "--aggregation", "mean", "--quiet") == 0
     saved = json.loads((store / "store.json").read_text())["calibration"]
@@ -203,7 +214,7 @@ def test_evaluation_reproduces_the_workspace_prediction_by_prediction(models, da
     import engine
     from engine import Options
     from engine.evaluation.dataset import from_store
-    from engine.evaluation.scoring import score_matrix
+    from engine.evaluation.scoring import dataset_score_matrix, score_matrix
 
     store = tmp_path / "store"
     with engine.init(store, clip_config=models["clip_config"], clip_checkpoint=models["clip_checkpoint"]) as ws:
@@ -216,15 +227,20 @@ def test_evaluation_reproduces_the_workspace_prediction_by_prediction(models, da
             from index.schema import Description
             text = {str(d.id): d.text for d in s.query(Description)}
         prompts = [text[p] for p in prompts]
-        variants = [(Variant("store", "cosine", a, k), Options(per_source=k, aggregation=a))
+        variants = [(Variant("store", "cosine", a, k), Options(per_source=k, references=k, aggregation=a))
                     for a in ("max", "mean", "knn", "softmax") for k in (1, 2)]
         variants.append((Variant("store", "cosine", "knn", 2, fewshot=True),
-                         Options(per_source=2, aggregation="knn", original_refs=10_000)))
-        variants.append((Variant("store", "cosine", Options().aggregation, min(Options().per_source, 2)), Options()))
+                         Options(references=2, aggregation="knn", original_refs=10_000)))
+        variants.append((Variant("store", "cosine", Options().aggregation), Options()))  # the defaults
+        for neighbours in (4, 12):  # dataset mode: a nearest-neighbour search over every stored resynthesis
+            scores = dataset_score_matrix(originals, resyntheses, evalset.res_source, evalset.orig_hash,
+                                          evalset.res_hash, len(evalset.sources), neighbours, "knn")
+            variants.append((scores, Options(mode="dataset", neighbours=neighbours)))
         for variant, options in variants:
-            scores = score_matrix(originals, resyntheses, references, variant, orig_source=evalset.orig_source)
+            scores = variant if isinstance(variant, np.ndarray) else \
+                score_matrix(originals, resyntheses, references, variant, orig_source=evalset.orig_source)
             expected = [evalset.sources[c] for c in scores.argmax(1)]
             report = ws.attribute(paths, prompts, options)
             assert report.generated == 0
             got = [r.predicted for r in report.results]
-            assert got == expected, (variant.name, sum(a != b for a, b in zip(got, expected)))
+            assert got == expected, (options, sum(a != b for a, b in zip(got, expected)))

@@ -57,7 +57,8 @@ def test_drop_an_image_and_see_ranked_sources(page, originals):
     widths = [float(bars.nth(i).locator(".fill").evaluate("e => parseFloat(e.style.width)")) for i in range(count)]
     assert widths == sorted(widths, reverse=True) and sum(widths) == pytest.approx(100.0, abs=0.5)  # probabilities
     verdict = page.text_content("#verdict")
-    assert names[0] in verdict and ("known source" in verdict or "unknown source" in verdict)
+    assert names[0] in verdict and "uncalibrated" in verdict  # never "known source" without a calibration
+    assert "known source" not in verdict
     meta = page.text_content("#meta")
     assert "margin 0." in meta and original["prompt"] in meta and "generated resyntheses" in meta
     assert page.is_hidden("#error")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.aggregate import AGGREGATIONS, DEFAULT_AGGREGATION, DEFAULT_PER_SOURCE, KNN_K, SOFTMAX_TEMPERATURE
+from engine.aggregate import AGGREGATIONS, DEFAULT_AGGREGATION, DEFAULT_REFERENCES, KNN_K, SOFTMAX_TEMPERATURE
 
 DISTANCES = ("cosine", "euclidean")
 MISSING = -np.inf  # a source with no reference for a query cannot win it
@@ -23,7 +23,7 @@ class Variant:
     layer: str = "final"
     distance: str = "cosine"
     aggregation: str = DEFAULT_AGGREGATION
-    per_source: int = DEFAULT_PER_SOURCE
+    per_source: int = DEFAULT_REFERENCES  # references compared per source (the engine's `references`)
     fewshot: bool = False  # also use every *other* labelled original of a source as its reference
 
     @property
@@ -127,4 +127,30 @@ def score_matrix(originals: np.ndarray, resyntheses: np.ndarray, references: lis
             values = np.concatenate([values, extra], axis=2)
             mask = np.concatenate([mask, extra_mask], axis=2)
         out[start:start + chunk] = aggregate_masked(values, mask, variant.aggregation)
+    return out
+
+
+def dataset_score_matrix(originals: np.ndarray, resyntheses: np.ndarray, res_source: np.ndarray,
+                         orig_hash: list[str], res_hash: list[str], sources: int, neighbours: int,
+                         aggregation: str, chunk: int = 256) -> np.ndarray:
+    """The engine's dataset mode (Workspace.neighbours): each original's `neighbours` nearest resyntheses of
+    any description (never its own bytes), aggregated per source; a source with none among them: MISSING."""
+    originals, resyntheses = np.asarray(originals, np.float64), np.asarray(resyntheses, np.float64)
+    same = np.array([[a == b for b in res_hash] for a in orig_hash]) if len(orig_hash) * len(res_hash) < 4e7 \
+        else None
+    out = np.empty((len(originals), sources))
+    for start in range(0, len(originals), chunk):
+        sims = originals[start:start + chunk] @ resyntheses.T
+        if same is not None:
+            sims[same[start:start + chunk]] = -np.inf
+        else:
+            for i in range(len(sims)):
+                sims[i, [j for j, h in enumerate(res_hash) if h == orig_hash[start + i]]] = -np.inf
+        k = min(neighbours, sims.shape[1])
+        top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        values = np.take_along_axis(sims, top, axis=1)
+        owner = res_source[top]
+        for c in range(sources):
+            mask = (owner == c) & np.isfinite(values)
+            out[start:start + chunk, c] = aggregate_masked(values, mask, aggregation)
     return out

@@ -69,7 +69,10 @@ class Service:
             raise OptionError(f"per_source must be at most {self.limits.max_per_source} on this server")
         with self.batcher.expect():  # a batch forming meanwhile waits for these images
             plan = await asyncio.to_thread(self.ws.plan, options)
-            described = await self._describe(queries)
+            if options.mode == "dataset":  # no description, no generation
+                described = [(q.prompt or "", "prompt" if q.prompt else "none") for q in queries]
+            else:
+                described = await self._describe(queries)
             embedded = asyncio.wrap_future(self.batcher.submit([q.image for q in queries]))
         seconds["describe"] = time.perf_counter() - started
         texts = list(dict.fromkeys(text for text, _ in described))
@@ -101,6 +104,8 @@ class Service:
 
     async def _resyntheses(self, plan: Plan, text: str) -> tuple[tuple[int, int, dict], Candidates]:
         """(cached, generated, failed) counts and scoring candidates of one description."""
+        if plan.options.mode == "dataset":
+            return (0, 0, {}), Candidates({})
         cached, todo = await asyncio.to_thread(self.ws.missing, text, plan)
         counts: tuple[int, int, dict] = (cached, 0, {})
         if todo:
