@@ -95,7 +95,10 @@ def test_bad_clip_and_store_binding(models, capsys, tmp_path, copy_of):
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"not a checkpoint")
     _fails(capsys, "init", "--store", store, "--clip-config", cfg, "--clip-checkpoint", junk,
-           match="cannot load CLIP checkpoint")
+           match="not a readable checkpoint")  # and never PyTorch's advice to load unsafely
+    capsys.readouterr()
+    run_cli("init", "--store", store, "--clip-config", cfg, "--clip-checkpoint", junk)
+    assert "weights_only" not in capsys.readouterr().err
     _fails(capsys, "init", "--store", store, "--clip-model", "NoSuchArch", "--clip-checkpoint", ckpt,
            match="unknown CLIP architecture")
     _fails(capsys, "init", "--store", store, "--clip-config", cfg, "--clip-checkpoint", ckpt, "--clip-layer", "99",
@@ -117,7 +120,9 @@ def test_bad_clip_and_store_binding(models, capsys, tmp_path, copy_of):
     next(iter(state.values())).add_(1.0)
     torch.save(state, moved)
     manifest = tmp_path / "m.csv"
-    manifest.write_text(f"image,source,description,role\n{moved},a,b,original\n")
+    from PIL import Image
+    Image.new("RGB", (16, 16)).save(tmp_path / "q.png")
+    manifest.write_text("image,source,description,role\nq.png,a,b,original\n")
     _fails(capsys, "ingest", manifest, "--store", other, match="is bound to embedder")
 
 

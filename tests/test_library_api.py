@@ -26,9 +26,14 @@ def test_readme_python_api_example_runs(models, originals, tmp_path, monkeypatch
     """The README's example, with its placeholder paths pointed at the tiny zoo, runs as written."""
     code = _readme_example()
     name, folder = next(iter(models["pipelines"].items()))
-    manifest = tmp_path / "manifest.csv"
+    import shutil
+
+    manifest = tmp_path / "dataset" / "manifest.csv"  # a dataset folder, its images inside it
+    manifest.parent.mkdir()
+    for i, o in enumerate(originals[:3]):
+        shutil.copy(o["image"], manifest.parent / f"{i}.png")
     manifest.write_text("image,source,description,role\n" + "".join(
-        f"{o['image']},{o['source']},{o['prompt']},original\n" for o in originals[:3]))
+        f"{i}.png,{o['source']},{o['prompt']},original\n" for i, o in enumerate(originals[:3])))
     substitutions = {
         'clip_model="ViT-L-14-336"': f'clip_config="{models["clip_config"]}"',
         '"~/models/open_clip_pytorch_model.bin"': f'"{models["clip_checkpoint"]}"',
