@@ -87,10 +87,14 @@ def reliability(report: dict, path: Path) -> Path:
     calibration = report["calibration"]
     fig, ax = plt.subplots(figsize=(4.6, 4.4))
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+    ece = lambda v: "not measured" if v is None else f"{v:.3f}"  # noqa: E731
     for key, label in (("reliability_default", f"T={calibration['default_temperature']:g} (default), "
-                                                f"ECE {calibration['ece_default']:.3f}"),
-                       ("reliability_calibrated", f"fitted T (cross-fitted), ECE {calibration['ece_calibrated']:.3f}")):
-        table = [row for row in calibration[key] if row["count"]]
+                                                f"ECE {ece(calibration['ece_default'])}"),
+                       ("reliability_calibrated",
+                        f"fitted T (cross-fitted), ECE {ece(calibration['ece_calibrated'])}")):
+        table = [row for row in calibration.get(key) or [] if row["count"]]
+        if not table:
+            continue
         ax.plot([r["confidence"] for r in table], [r["accuracy"] for r in table], "-o", label=label)
     ax.set_xlabel("confidence (top probability)")
     ax.set_ylabel("accuracy")
@@ -123,6 +127,25 @@ def robustness(report: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def open_set(report: dict, path: Path) -> Path:
+    """Mean unknown-source AUROC and unknowns rejected at the target false-reject rate, per open-set score."""
+    plt = _pyplot()
+    section = report["open_set"]
+    scores = {n: f for n, f in section["scores"].items() if f.get("auroc") is not None}
+    names = list(scores)
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * max(len(names), 1), 3.8))
+    ax.bar(x - 0.2, [scores[n]["auroc"] for n in names], 0.4, label="mean AUROC (unknown vs known)")
+    ax.bar(x + 0.2, [scores[n]["unknown_rejected_at_frr"] for n in names], 0.4,
+           label=f"unknowns rejected at {100 * section['target_false_reject']:.0f}% known false reject")
+    ax.set_xticks(x, [n + (" *" if n == section.get("default_score") else "") for n in names],
+                  rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("open-set scores, each source left out (* default)", fontsize=9)
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     path = Path(path)
     fig.tight_layout()
@@ -140,6 +163,9 @@ def write_all(report: dict, folder: Path) -> dict[str, str]:
             "shots": shots(report, folder / "accuracy_vs_shots.png"),
             "scores": score_distributions(report, folder / "score_distributions.png"),
             "reliability": reliability(report, folder / "reliability.png")}
+    section = report.get("open_set") or {}
+    if any(f.get("auroc") is not None for f in (section.get("scores") or {}).values()):
+        made["open_set"] = open_set(report, folder / "open_set.png")
     if report.get("robustness"):
         made["robustness"] = robustness(report, folder / "robustness.png")
     return {k: v.name for k, v in made.items()}

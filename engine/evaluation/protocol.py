@@ -12,8 +12,9 @@ from engine.aggregate import AGGREGATIONS
 from engine.evaluation.baselines import available_shots, run_fewshot
 from engine.evaluation.dataset import EvalSet
 from engine.evaluation.metrics import accuracy, classification_report
-from engine.evaluation.openset import FALSE_REJECT, calibration_report, leave_one_source_out
-from engine.evaluation.scoring import DISTANCES, Variant, score_matrix
+from engine.evaluation.openset import (DEFAULT_OPEN_SET_SCORE, FALSE_REJECT, FeatureContext, calibration_report,
+                                       feature_context, leave_one_source_out)
+from engine.evaluation.scoring import DISTANCES, Variant, padded_references, score_matrix
 
 ENGINE_DEFAULT = Variant()  # what `resynth attribute` does out of the box (engine.aggregate defaults)
 K_VALUES = (1, 2, 3, 5, 10, 20)
@@ -103,7 +104,10 @@ def run_protocol(evalset: EvalSet, features: dict[str, tuple[np.ndarray, np.ndar
         "factor_means": factor_means(rows),
         "variants": rows,
         "fewshot": fewshot,
-        "open_set": leave_one_source_out(default_scores, labels, groups, names, frr) if len(names) > 2 else None,
+        "open_set": leave_one_source_out(default_scores, labels, groups, names, frr,
+                                         context=open_set_context(evalset, originals, resyntheses, references,
+                                                                  default.per_source),
+                                         headline=DEFAULT_OPEN_SET_SCORE),
         "calibration": calibration_report(default_scores, labels, groups),
         "score_distributions": _score_distributions(default_scores, labels, names),
     }
@@ -111,6 +115,17 @@ def run_protocol(evalset: EvalSet, features: dict[str, tuple[np.ndarray, np.ndar
         report["robustness"] = robustness(evalset, originals, resyntheses, references, default, perturbed,
                                           draws, seed, progress)
     return report
+
+
+def open_set_context(evalset: EvalSet, originals: np.ndarray, resyntheses: np.ndarray, references,
+                     per_source: int) -> FeatureContext:
+    """The feature-based open-set scores' inputs: each original's similarity to its own candidate
+    references (the engine's K per source), and to the nearest of every source's references."""
+    ids: dict[str, int] = {}
+    orig_ids = np.array([ids.setdefault(h, len(ids)) for h in evalset.orig_hash], np.int64)
+    res_ids = np.array([ids.setdefault(h, len(ids)) for h in evalset.res_hash], np.int64)
+    return feature_context(originals, resyntheses, evalset.res_source, padded_references(references, per_source),
+                           orig_ids, res_ids, len(evalset.sources))
 
 
 def _score_distributions(scores: np.ndarray, labels: np.ndarray, names: list[str]) -> dict:

@@ -73,16 +73,83 @@ def confusion_table(section: dict) -> str:
     return "\n".join(lines)
 
 
+def _not_measured(section: dict) -> str:
+    return f"not measured ({section.get('not_measured') or 'no reason recorded'})"
+
+
+def _or_reason(value, section: dict, fmt=None) -> str:
+    """A figure, or why it could not be measured (never a stand-in number)."""
+    if value is None:
+        return _not_measured(section)
+    return (fmt or _num)(value)
+
+
+def _folds_text(info: dict | None) -> str:
+    if not info:
+        return "cross-fitted"
+    if info["by"] == "description":
+        return f"cross-fitted on two folds of descriptions ({info['descriptions']} descriptions)"
+    return (f"cross-fitted on two folds of images stratified by source, seed {info['seed']}, because "
+            f"{info['why']}; {info['caveat']}")
+
+
 def open_set_table(open_set: dict) -> str:
     lines = ["| left-out source | AUROC unknown vs known | unknowns rejected | known false-reject | "
              "known accuracy (accepted) |", "|---|---|---|---|---|"]
     for name, v in open_set["per_source"].items():
+        if v.get("auroc") is None:
+            lines.append(f"| {name} | {_not_measured(v)} | – | – | – |")
+            continue
         lines.append(f"| {name} | {_num(v['auroc'])} | {_pct(v['unknown_rejected'])} | "
                      f"{_pct(v['known_false_reject'])} | {_pct(v['known_accuracy_accepted'])} |")
-    lines.append(f"| **mean / pooled** | {_num(open_set['auroc'])} / {_num(open_set['pooled_auroc'])} | "
-                 f"{_pct(open_set['unknown_rejected'])} | {_pct(open_set['known_false_reject'])} | "
-                 f"{_pct(open_set['known_accuracy_accepted'])} |")
+    if open_set.get("auroc") is None:
+        lines.append(f"| **mean / pooled** | {_not_measured(open_set)} | – | – | – |")
+    else:
+        lines.append(f"| **mean / pooled** | {_num(open_set['auroc'])} / {_num(open_set.get('pooled_auroc'))} | "
+                     f"{_pct(open_set['unknown_rejected'])} | {_pct(open_set['known_false_reject'])} | "
+                     f"{_pct(open_set['known_accuracy_accepted'])} |")
     return "\n".join(lines)
+
+
+def open_set_scores_table(open_set: dict) -> str:
+    """Every open-set score side by side: the evidence for the default."""
+    frr = _pct(open_set["target_false_reject"])
+    lines = [f"| score | threshold | mean AUROC | pooled AUROC | unknowns rejected at {frr} known false reject | "
+             "cross-fitted: unknowns rejected / known false reject | |", "|---|---|---|---|---|---|---|"]
+    definitions = open_set.get("score_definitions", {})
+    for name, f in open_set.get("scores", {}).items():
+        marks = " ".join(m for m, on in (("**default**", name == open_set.get("default_score")),
+                                         ("**best measured**", name == open_set.get("best_measured_score"))) if on)
+        kind = f.get("threshold", "–")
+        if f.get("auroc") is None:
+            lines.append(f"| {name} | {kind} | {_not_measured(f)} | – | – | – | {marks} |")
+            continue
+        lines.append(f"| {name} | {kind} | {_num(f['auroc'])} | {_num(f.get('pooled_auroc'))} | "
+                     f"{_pct(f['unknown_rejected_at_frr'])} | {_pct(f['unknown_rejected'])} / "
+                     f"{_pct(f['known_false_reject'])} | {marks} |")
+    lines += ["", *[f"- **{n}**: {d}" for n, d in definitions.items() if n in open_set.get("scores", {})]]
+    return "\n".join(lines)
+
+
+def open_set_markdown(o: dict) -> list[str]:
+    headline = o.get("headline_score") or "–"
+    parts = [f"## Unknown sources (each source left out in turn; thresholds at {_pct(o['target_false_reject'])} "
+             f"false reject, {_folds_text(o.get('folds'))})"]
+    if o.get("auroc") is None and not o.get("per_source"):
+        return parts + [f"Unknown-source rejection: {_not_measured(o)}."]
+    parts += [f"Per left-out source, score **{headline}**:", open_set_table(o)]
+    x = o.get("at_exact_false_reject")
+    if x:
+        parts.append(f"With one shared offset so that exactly {_pct(o['target_false_reject'])} of known queries are "
+                     f"rejected: known accuracy {_pct(x['known_accuracy_accepted'])}, unknowns rejected "
+                     f"{_pct(x['unknown_rejected'])}.")
+    if o.get("scores"):
+        parts += ["Open-set scores compared (same folds, same left-out sources):", open_set_scores_table(o)]
+        best = o.get("best_measured_score")
+        if best and best != o.get("default_score"):
+            parts.append(f"On this dataset **{best}** measured best; the default stays "
+                         f"**{o.get('default_score')}** until the evidence holds across datasets.")
+    return parts
 
 
 def robustness_table(robust: dict) -> str:
@@ -120,17 +187,14 @@ def markdown(report: dict) -> str:
         fewshot_table(report["fewshot"]),
     ]
     if report.get("open_set"):
-        o = report["open_set"]
-        x = o["at_exact_false_reject"]
-        parts += [f"## Unknown sources (each source left out in turn; per-source thresholds at "
-                  f"{_pct(o['target_false_reject'])} false reject, cross-fitted over descriptions)", open_set_table(o),
-                  f"With one shared offset so that exactly {_pct(o['target_false_reject'])} of known queries are "
-                  f"rejected: known accuracy {_pct(x['known_accuracy_accepted'])}, unknowns rejected "
-                  f"{_pct(x['unknown_rejected'])}."]
+        parts += open_set_markdown(report["open_set"])
+    fitted_all = c.get("fitted_temperature_all")
     parts += ["## Calibration (temperature-scaled softmax over per-source scores)",
               f"ECE {_num(c['ece_default'])} at the default T={c['default_temperature']:g}; "
-              f"{_num(c['ece_calibrated'])} with T fitted on held-out descriptions (T on all data: "
-              f"{c['fitted_temperature_all']:.3g}). NLL {_num(c['nll_default'])} → {_num(c['nll_calibrated'])}."]
+              f"{_or_reason(c['ece_calibrated'], c)} with T fitted on the other fold "
+              f"({_folds_text(c.get('folds'))}; T on all data: "
+              f"{'–' if fitted_all is None else f'{fitted_all:.3g}'}). "
+              f"NLL {_num(c['nll_default'])} → {_or_reason(c['nll_calibrated'], c)}."]
     if report.get("robustness"):
         parts += ["## Robustness (queries post-processed; references clean)", robustness_table(report["robustness"])]
     if report.get("plots"):
@@ -157,12 +221,20 @@ def summary(report: dict) -> str:
                      f"{best_baseline[0]} {_pct(best_baseline[1])}")
     if report.get("open_set"):
         o = report["open_set"]
-        x = o["at_exact_false_reject"]
-        lines.append(f"unknown source: AUROC {_num(o['auroc'])}; at exactly {_pct(o['target_false_reject'])} known "
-                     f"false reject: known accuracy {_pct(x['known_accuracy_accepted'])}, unknowns rejected "
-                     f"{_pct(x['unknown_rejected'])}")
+        x = o.get("at_exact_false_reject")
+        if o.get("auroc") is None:
+            lines.append(f"unknown source: AUROC {_not_measured(o)}")
+        else:
+            line = (f"unknown source ({o.get('headline_score', 'margin')}): AUROC {_num(o['auroc'])}; at exactly "
+                    f"{_pct(o['target_false_reject'])} known false reject: known accuracy "
+                    f"{_pct(x['known_accuracy_accepted'])}, unknowns rejected {_pct(x['unknown_rejected'])}")
+            best = o.get("best_measured_score")
+            if best and best != o.get("headline_score"):
+                line += f"; best measured score {best}: AUROC {_num(o['scores'][best]['auroc'])}"
+            lines.append(line)
     c = report["calibration"]
-    lines.append(f"calibration: ECE {_num(c['ece_default'])} (default T) -> {_num(c['ece_calibrated'])} (fitted T)")
+    lines.append(f"calibration: ECE {_num(c['ece_default'])} (default T) -> {_or_reason(c['ece_calibrated'], c)} "
+                 f"(fitted T)")
     if report.get("robustness"):
         worst = min(report["robustness"]["conditions"].items(), key=lambda kv: kv[1]["resynthesis_all"])
         lines.append(f"robustness: worst condition {worst[0]}: resynthesis {_pct(worst[1]['resynthesis_all'])}")
