@@ -43,7 +43,8 @@ log = logging.getLogger("resynth.workspace")
 DEFAULT_STORE = "resynth-store"
 QUERY_CHUNK = 64  # images decoded and attributed together: memory stays flat on long query lists
 SOURCES_TTL = 1.0  # seconds a workspace trusts its list of sources (a cached lookup then costs no query for it)
-CLAIM_LEASE_SECONDS = 900.0  # a generation claim outlives any one batch; a dead claimant's expires
+CLAIM_LEASE_SECONDS = 900.0
+GENERATION_CHUNK = 48  # images generated, embedded and committed together (memory stays bounded)  # a generation claim outlives any one batch; a dead claimant's expires
 
 
 def store_path(explicit: str | os.PathLike | None) -> Path:
@@ -243,56 +244,65 @@ class Workspace:
         """
         from tqdm import tqdm
 
-        out: dict[str, tuple[int, int, dict[str, str]]] = {}
-        tasks = []
+        out: dict[str, list] = {}
+        by_source: dict[str, list[tuple[str, str, int]]] = defaultdict(list)  # source -> (text, key, seed)
         for text in dict.fromkeys(texts):
             cached, todo = self.missing(text, plan)
-            out[text] = (cached, 0, {})
-            tasks += [(source, text, items) for source, items in todo.items()]
-        tasks.sort(key=lambda task: task[0])  # source by source: each pipeline loads once
-        broken: dict[str, str] = {}
-        bar = tqdm(tasks, desc="generating", unit="batch", disable=not self.progress or not tasks, leave=False)
-        for source, text, items in bar:
+            out[text] = [cached, 0, {}]
+            for source, items in todo.items():
+                by_source[source] += [(text, key, seed) for key, seed in items]
+        # Source by source (each pipeline loads once), in batches across descriptions (GPU throughput).
+        bar = tqdm(total=sum(len(jobs) for jobs in by_source.values()), desc="generating", unit="image",
+                   disable=not self.progress or not by_source, leave=False)
+        for source, jobs in sorted(by_source.items()):
             bar.set_postfix_str(source, refresh=False)
-            cached, generated, failed = out[text]
-            if source in broken:
-                failed[source] = broken[source]
-                continue
-            try:
-                made = self._generate_once(plan, source, text, items)
-                generated += made
-                cached += len(items) - made  # made meanwhile by another process: reused
-            except SourceError as exc:
-                broken[source] = failed[source] = str(exc)
-                log.info("%s", exc)
-            out[text] = (cached, generated, failed)
+            for start in range(0, len(jobs), GENERATION_CHUNK):
+                chunk = jobs[start:start + GENERATION_CHUNK]
+                try:
+                    made = self._generate_once(plan, source, chunk)
+                except SourceError as exc:
+                    log.info("%s", exc)
+                    for text in {text for text, _, _ in jobs}:
+                        out[text][2][source] = str(exc)
+                    break
+                for text, _, _ in chunk:
+                    if made.get(text, 0) > 0:
+                        made[text] -= 1
+                        out[text][1] += 1
+                    else:
+                        out[text][0] += 1  # made meanwhile by another process: reused
+                bar.update(len(chunk))
+        bar.close()
+        result = {text: (c, g, f) for text, (c, g, f) in out.items()}
         with self._lock:
-            for cached, generated, _ in out.values():
+            for cached, generated, _ in result.values():
                 self.stats_counters.cached += cached
                 self.stats_counters.generated += generated
-        return out
+        return result
 
-    def _generate_once(self, plan: Plan, name: str, text: str, items: list[tuple[str, int]]) -> int:
+    def _generate_once(self, plan: Plan, name: str, jobs: list[tuple[str, str, int]]) -> dict[str, int]:
         """Cross-process single flight: claim the keys (a lease row in the database), generate what this
         process holds, and wait for what another process is making, then reuse it. A dead claimant's
-        lease expires and its keys are taken over. Returns how many images this process generated."""
-        seeds = dict(items)
-        pending = list(seeds)
-        generated = 0
+        lease expires and its keys are taken over. Returns how many images this process made per text."""
+        by_key = {key: (text, seed) for text, key, seed in jobs}
+        pending = list(by_key)
+        made: dict[str, int] = defaultdict(int)
         while pending:
             mine = self.store.claim(pending, self._owner, CLAIM_LEASE_SECONDS)
             try:
                 stored = self.store.existing_keys(mine)  # made by someone else just before our claim
-                todo = [(key, seeds[key]) for key in mine if key not in stored]
+                todo = [(by_key[key][0], key, by_key[key][1]) for key in mine if key not in stored]
                 if todo:
-                    generated += self._generate_and_store(plan, name, text, todo)
+                    self._generate_and_store(plan, name, todo)
+                    for text, _, _ in todo:
+                        made[text] += 1
             finally:
                 self.store.release(mine, self._owner)
             theirs = [key for key in pending if key not in set(mine)]
             if theirs:
                 theirs = self._wait_for_others(theirs)
             pending = theirs  # released, expired or dead without a result: take them over
-        return generated
+        return made
 
     def _wait_for_others(self, keys: list[str], poll: float = 0.2) -> list[str]:
         """Wait while other processes make `keys`; returns those still missing with no live claimant.
@@ -313,23 +323,24 @@ class Workspace:
                 return rest
             time.sleep(poll)
 
-    def _generate_and_store(self, plan: Plan, name: str, text: str, items: list[tuple[str, int]]) -> int:
+    def _generate_and_store(self, plan: Plan, name: str, jobs: list[tuple[str, str, int]]) -> int:
+        """Generate (text, key, seed) jobs of one source in batches, embed, and commit them together."""
         from engine.images import save_png_atomic
 
         generator = self.generator(name)
         source = next(s for s in plan.sources if s.name == name)
         self._make_room_for(generator)
         started = time.perf_counter()
-        images = generator.generate(text, [seed for _, seed in items])
+        images = generator.generate_many([(text, seed) for text, _, seed in jobs])
         self._time("generate", started)
-        vectors = self.embed([im for im in images])
-        description_id = self.store.description_id(text)
+        vectors = self.embed(images)
+        description_ids = {text: self.store.description_id(text) for text in dict.fromkeys(t for t, _, _ in jobs)}
         params_hash = plan.params_hash[source.id]
         rows = []
-        for (key, seed), image, vector in zip(items, images, vectors):
+        for (text, key, seed), image, vector in zip(jobs, images, vectors):
             relative = Path("images") / source.fingerprint[:16] / key[:2] / f"{key}.png"
             file_hash = save_png_atomic(image, self.store.root / relative)
-            rows.append(NewImage(key=key, role="resynthesis", source_id=source.id, description_id=description_id,
+            rows.append(NewImage(key=key, role="resynthesis", source_id=source.id, description_id=description_ids[text],
                                  file_hash=file_hash, path=relative.as_posix(), vector=vector, seed=seed,
                                  params_hash=params_hash))
         crash_point("generate:before-commit")  # images on disk, rows not yet committed

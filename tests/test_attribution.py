@@ -146,11 +146,14 @@ def test_replay_sources_need_no_generation(models, originals, tmp_path):
         assert all(s.kind == "replay" for s in ws.sources())
         queries = [o for o in originals if o["prompt"] in {x["prompt"] for x in originals[:10]}]
         report = ws.attribute(_paths(queries), _prompts(queries))
-        new = ws.attribute(originals[0]["image"], "a description nobody resynthesized")
+        unseen = "a description nobody resynthesized"
+        new = ws.attribute(originals[0]["image"], unseen, Options(mode="resynthesis"))
+        searched = ws.attribute(originals[0]["image"], unseen)  # default: combined with the dataset search
     correct = sum(r.predicted == "published-" + o["source"] for r, o in zip(report.results, queries))
     assert correct / len(queries) >= 0.75
-    assert report.generated == new.generated == 0
+    assert report.generated == new.generated == searched.generated == 0
     assert new.results[0].predicted is None and len(new.results[0].missing) == len(models["pipelines"])
+    assert searched.results[0].predicted == "published-" + originals[0]["source"]  # found by its neighbours
 
 
 def test_original_references_join_resyntheses(store_dir, originals, models, tmp_path):
@@ -162,8 +165,8 @@ def test_original_references_join_resyntheses(store_dir, originals, models, tmp_
     assert run_cli("ingest", manifest, "--store", store_dir, "--quiet", "--allow-outside") == 0
     queries = [o for o in originals if o["prompt"] == originals[0]["prompt"]]
     with engine.open(store_dir) as ws:
-        plain = ws.attribute(_paths(queries), _prompts(queries), Options(per_source=1)).results
-        mixed = Options(per_source=1, original_refs=2)
+        plain = ws.attribute(_paths(queries), _prompts(queries), Options(per_source=1, mode="resynthesis")).results
+        mixed = Options(per_source=1, original_refs=2, mode="resynthesis")  # counted references, no search
         report = ws.attribute(_paths(queries), _prompts(queries), mixed)
         assert report.generated == 0  # the resyntheses were cached by the first pass
         # Not a query's own file: an ingested original used as a query is not its own reference.

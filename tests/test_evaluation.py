@@ -114,13 +114,13 @@ def test_calibrate_then_attribute_reports_probabilities_and_unknown(models, data
         n for n in models["pipelines"] if n != UNREGISTERED}
     assert 0 < calibration["temperature"] < 10 and calibration["notes"]["originals"] == 8 * (len(models["pipelines"]) - 1)
 
-    def attribute(source: str) -> list[dict]:
+    def attribute(source: str, generated: int = 0) -> list[dict]:
         queries = [{"image": str(dataset.parent / r["image"]), "prompt": r["description"]}
                    for r in rows if r["source"] == source and r["role"] == "original"]
         path = _write(tmp_path / f"{source}.jsonl", queries)
         assert run_cli("attribute", "--queries", path, "--store", store, "--json", "--quiet", "--per-source", 2) == 0
         data = json.loads(capsys.readouterr().out)
-        assert data["cache"]["generated"] == 0  # the ingested resyntheses are the cache
+        assert data["cache"]["generated"] == generated  # the ingested resyntheses are the cache
         return data["results"]
 
     unknown_source = attribute(UNREGISTERED)
@@ -138,10 +138,12 @@ def test_calibrate_then_attribute_reports_probabilities_and_unknown(models, data
     # A source added after calibration makes the calibration stale: no claim either way until refit.
     assert run_cli("source", "add", UNREGISTERED, models["pipelines"][UNREGISTERED], "--store", store,
                    "--steps", 2, "--quiet") == 0
-    stale = attribute("tiny-sd-ddim")
+    capsys.readouterr()
+    stale = attribute("tiny-sd-ddim", generated=8 * 2)  # the new source resynthesizes each description
     assert all(r["verdict"] == "uncalibrated" and "stale" in r["evidence"]["why"] and not r["calibrated"]
                and not r["unknown"] for r in stale)
     assert run_cli("source", "remove", UNREGISTERED, "--store", store, "--quiet") == 0
+    capsys.readouterr()
 
     # Fitting on a manifest (embedded with the store's embedder) works the same way.
     assert run_cli("calibrate", known, "--store", store, "--aggregation", "mean", "--quiet") == 0
@@ -214,7 +216,7 @@ def test_evaluation_reproduces_the_workspace_prediction_by_prediction(models, da
     import engine
     from engine import Options
     from engine.evaluation.dataset import from_store
-    from engine.evaluation.scoring import dataset_score_matrix, score_matrix
+    from engine.evaluation.scoring import dataset_score_matrix, neighbour_score_matrix, score_matrix
 
     store = tmp_path / "store"
     with engine.init(store, clip_config=models["clip_config"], clip_checkpoint=models["clip_checkpoint"]) as ws:
@@ -227,11 +229,16 @@ def test_evaluation_reproduces_the_workspace_prediction_by_prediction(models, da
             from index.schema import Description
             text = {str(d.id): d.text for d in s.query(Description)}
         prompts = [text[p] for p in prompts]
-        variants = [(Variant("store", "cosine", a, k), Options(per_source=k, references=k, aggregation=a))
+        plain = "resynthesis"
+        variants = [(Variant("store", "cosine", a, k), Options(per_source=k, references=k, aggregation=a, mode=plain))
                     for a in ("max", "mean", "knn", "softmax") for k in (1, 2)]
         variants.append((Variant("store", "cosine", "knn", 2, fewshot=True),
-                         Options(references=2, aggregation="knn", original_refs=10_000)))
-        variants.append((Variant("store", "cosine", Options().aggregation), Options()))  # the defaults
+                         Options(references=2, aggregation="knn", original_refs=10_000, mode=plain)))
+        variants.append((Variant("store", "cosine", Options().aggregation), Options(mode=plain)))
+        defaults = Options()  # combined: the description's resyntheses joined with the dataset's neighbours
+        variants.append((neighbour_score_matrix(originals, resyntheses, evalset.res_source, evalset.orig_hash,
+                                                evalset.res_hash, len(evalset.sources), defaults.neighbours,
+                                                defaults.aggregation, references, defaults.references), defaults))
         for neighbours in (4, 12):  # dataset mode: a nearest-neighbour search over every stored resynthesis
             scores = dataset_score_matrix(originals, resyntheses, evalset.res_source, evalset.orig_hash,
                                           evalset.res_hash, len(evalset.sources), neighbours, "knn")

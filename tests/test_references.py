@@ -52,7 +52,7 @@ def test_every_stored_reference_counts_by_default(tmp_path):
         default = attribute(Options())
         assert Options().per_source == 3 and default.predicted == "A"
         assert {s.source: s.resyntheses for s in default.scores} == {"A": 16, "B": 16}
-        capped = attribute(Options(references=3))  # the old behaviour: K capped the evidence too
+        capped = attribute(Options(references=3, mode="resynthesis"))  # the old behaviour: K capped evidence
         assert capped.predicted == "B" and {s.resyntheses for s in capped.scores} == {3}
         for aggregation in ("max", "knn", "softmax"):
-            assert attribute(Options(aggregation=aggregation)).predicted == "A"
+            assert attribute(Options(aggregation=aggregation, mode="resynthesis")).predicted == "A"

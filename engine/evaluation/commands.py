@@ -101,9 +101,12 @@ def cmd_evaluate(args) -> None:
 
 def _calibration_line(ws, calibration) -> str:
     notes = calibration.notes
+
+    def figure(value) -> str:
+        return f"{value:.3f}" if isinstance(value, (int, float)) else "not measured"
     return (f"calibration saved to {ws.root}: temperature {calibration.temperature:.3g}, thresholds for "
-            f"{len(calibration.thresholds)} sources; ECE {notes['ece_default']:.3f} -> {notes['ece_calibrated']:.3f}"
-            + (f", unknown-source AUROC {notes['open_set_auroc']:.3f}" if notes.get("open_set_auroc") else ""))
+            f"{len(calibration.thresholds)} sources; ECE {figure(notes.get('ece_default'))} -> "
+            f"{figure(notes.get('ece_calibrated'))}; unknown-source AUROC {figure(notes.get('open_set_auroc'))}")
 
 
 def cmd_calibrate(args) -> None:

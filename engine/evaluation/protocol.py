@@ -14,7 +14,7 @@ from engine.evaluation.dataset import EvalSet
 from engine.evaluation.metrics import accuracy, classification_report
 from engine.evaluation.openset import (DEFAULT_OPEN_SET_SCORE, FALSE_REJECT, FeatureContext, calibration_report,
                                        feature_context, leave_one_source_out)
-from engine.evaluation.scoring import DISTANCES, Variant, padded_references, score_matrix
+from engine.evaluation.scoring import DISTANCES, Variant, neighbour_score_matrix, padded_references, score_matrix
 
 ENGINE_DEFAULT = Variant()  # what `resynth attribute` does out of the box (engine.aggregate defaults)
 K_VALUES = (1, 2, 3, 5, 10, 20)
@@ -101,6 +101,7 @@ def run_protocol(evalset: EvalSet, features: dict[str, tuple[np.ndarray, np.ndar
         "best_variant": {"variant": best.name, **best.__dict__,
                          **classification_report(labels, matrices[best], names)},
         "best_resynthesis_only": pick_best([r for r in rows if not r["fewshot"]], default.name)["variant"],
+        "modes": compare_modes(evalset, originals, resyntheses, references, default),
         "factor_means": factor_means(rows),
         "variants": rows,
         "fewshot": fewshot,
@@ -115,6 +116,26 @@ def run_protocol(evalset: EvalSet, features: dict[str, tuple[np.ndarray, np.ndar
         report["robustness"] = robustness(evalset, originals, resyntheses, references, default, perturbed,
                                           draws, seed, progress)
     return report
+
+
+def compare_modes(evalset: EvalSet, originals: np.ndarray, resyntheses: np.ndarray, references,
+                  variant: Variant) -> dict:
+    """The engine's three modes side by side on the primary layer, with the engine's defaults:
+    resynthesis (the description's references), dataset (nearest stored resyntheses of any description,
+    no generation) and combined (both, the default). Generations: what a new description costs."""
+    from engine.options import Options
+
+    options = Options()
+    labels, names = evalset.orig_source, evalset.sources
+    args = (originals, resyntheses, evalset.res_source, evalset.orig_hash, evalset.res_hash, len(names),
+            options.neighbours, variant.aggregation)
+    matrices = {"resynthesis": score_matrix(originals, resyntheses, references, variant),
+                "dataset": neighbour_score_matrix(*args),
+                "combined": neighbour_score_matrix(*args, references=references, per_source=variant.per_source)}
+    generations = {"resynthesis": options.per_source * len(names), "dataset": 0,
+                   "combined": options.per_source * len(names)}
+    return {mode: {"default": mode == options.mode, "generations_per_new_description": generations[mode],
+                   **_summary(classification_report(labels, scores, names))} for mode, scores in matrices.items()}
 
 
 def open_set_context(evalset: EvalSet, originals: np.ndarray, resyntheses: np.ndarray, references,

@@ -42,6 +42,13 @@ def variant_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def modes_table(modes: dict) -> str:
+    lines = ["| mode | accuracy | macro acc. | macro AUROC | generations per new description |", "|---|---|---|---|---|"]
+    lines += [f"| {mode}{' (default)' if m['default'] else ''} | {_pct(m['accuracy'])} | {_pct(m['macro_accuracy'])} "
+              f"| {_num(m['macro_auroc'])} | {m['generations_per_new_description']} |" for mode, m in modes.items()]
+    return "\n".join(lines)
+
+
 def factor_table(means: dict) -> str:
     lines = ["| factor | setting | mean accuracy | mean macro AUROC |", "|---|---|---|---|"]
     for factor, settings in means.items():
@@ -179,6 +186,7 @@ def markdown(report: dict) -> str:
         f"## Best measured variant: {b['variant']}",
         f"accuracy **{_pct(b['accuracy'])}**, macro accuracy {_pct(b['macro_accuracy'])}, macro AUROC "
         f"{_num(b['macro_auroc'])}",
+        "## Modes (engine defaults)", modes_table(report.get("modes") or {}),
         "## Variants", variant_table(report),
         f"Best without original references (what `resynth attribute` can run): "
         f"**{report['best_resynthesis_only']}**.",
@@ -210,6 +218,11 @@ def summary(report: dict) -> str:
              f"engine default {e['variant']}: accuracy {_pct(e['accuracy'])}, macro {_pct(e['macro_accuracy'])}, "
              f"top-3 {_pct(e['top3_accuracy'])}, macro AUROC {_num(e['macro_auroc'])}",
              f"best variant   {b['variant']}: accuracy {_pct(b['accuracy'])}, macro AUROC {_num(b['macro_auroc'])}"]
+    if report.get("modes"):
+        lines.append("modes (engine defaults): " + "; ".join(
+            f"{mode}{' (default)' if m['default'] else ''} {_pct(m['accuracy'])}, "
+            f"{m['generations_per_new_description']} generations per new description"
+            for mode, m in report["modes"].items()))
     fewshot = report["fewshot"]
     if fewshot["shots"]:
         k = max(fewshot["shots"])

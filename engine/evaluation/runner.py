@@ -13,8 +13,8 @@ from engine.evaluation import plots
 from engine.evaluation import report as rp
 from engine.evaluation.dataset import EvalSet
 from engine.evaluation.features import FeatureCache, embed_paths, layer_embedders
-from engine.evaluation.openset import (FALSE_REJECT, calibration_report, fit_temperature, fit_thresholds,
-                                       leave_one_source_out)
+from engine.evaluation.openset import (DEFAULT_OPEN_SET_SCORE, FALSE_REJECT, calibration_report,
+                                       fit_open_set_thresholds, fit_temperature, leave_one_source_out)
 from engine.evaluation.protocol import run_protocol
 from engine.evaluation.scoring import Variant, score_matrix
 
@@ -76,11 +76,14 @@ def fit_calibration(evalset: EvalSet, features: tuple[np.ndarray, np.ndarray], v
     originals, resyntheses = features
     labels, names = evalset.orig_source, evalset.sources
     scores = score_matrix(originals, resyntheses, evalset.references(), variant, orig_source=labels)
-    thresholds = {names[c]: t for c, t in fit_thresholds(scores, labels, frr).items()}
+    # the open-set score measured best (engine.evaluation.openset), applied through per-source thresholds
+    thresholds = fit_open_set_thresholds(scores, labels, names, DEFAULT_OPEN_SET_SCORE, frr)
     temperature = fit_temperature(scores, labels)
     measured = calibration_report(scores, labels, evalset.orig_desc)
-    open_set = leave_one_source_out(scores, labels, evalset.orig_desc, names, frr) if len(names) > 2 else None
+    open_set = leave_one_source_out(scores, labels, evalset.orig_desc, names, frr,
+                                    headline=DEFAULT_OPEN_SET_SCORE) if len(names) >= 2 else None
     notes = {"fitted_on": fitted_on, "originals": evalset.n_originals, "sources": names,
+             "open_set_score": DEFAULT_OPEN_SET_SCORE,
              "aggregation": variant.aggregation, "per_source": variant.per_source, "distance": variant.distance,
              "false_reject_target": frr,
              "accuracy": float((scores.argmax(1) == labels).mean()),

@@ -130,27 +130,42 @@ def score_matrix(originals: np.ndarray, resyntheses: np.ndarray, references: lis
     return out
 
 
-def dataset_score_matrix(originals: np.ndarray, resyntheses: np.ndarray, res_source: np.ndarray,
-                         orig_hash: list[str], res_hash: list[str], sources: int, neighbours: int,
-                         aggregation: str, chunk: int = 256) -> np.ndarray:
+def neighbour_score_matrix(originals: np.ndarray, resyntheses: np.ndarray, res_source: np.ndarray,
+                           orig_hash: list[str], res_hash: list[str], sources: int, neighbours: int,
+                           aggregation: str, references: list[list[np.ndarray]] | None = None,
+                           per_source: int = 0, chunk: int = 256) -> np.ndarray:
     """The engine's dataset mode (Workspace.neighbours): each original's `neighbours` nearest resyntheses of
-    any description (never its own bytes), aggregated per source; a source with none among them: MISSING."""
+    any description (never its own bytes), aggregated per source. With `references` (EvalSet.references())
+    it is the combined mode: those neighbours joined with the first `per_source` resyntheses of the
+    original's own description, each counted once. A source with none of either: MISSING."""
     originals, resyntheses = np.asarray(originals, np.float64), np.asarray(resyntheses, np.float64)
-    same = np.array([[a == b for b in res_hash] for a in orig_hash]) if len(orig_hash) * len(res_hash) < 4e7 \
-        else None
+    res_source = np.asarray(res_source)
+    by_hash: dict[str, list[int]] = {}
+    for j, h in enumerate(res_hash):
+        by_hash.setdefault(h, []).append(j)
     out = np.empty((len(originals), sources))
     for start in range(0, len(originals), chunk):
         sims = originals[start:start + chunk] @ resyntheses.T
-        if same is not None:
-            sims[same[start:start + chunk]] = -np.inf
-        else:
-            for i in range(len(sims)):
-                sims[i, [j for j, h in enumerate(res_hash) if h == orig_hash[start + i]]] = -np.inf
+        for i in range(len(sims)):
+            sims[i, by_hash.get(orig_hash[start + i], [])] = -np.inf
         k = min(neighbours, sims.shape[1])
         top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-        values = np.take_along_axis(sims, top, axis=1)
-        owner = res_source[top]
+        mask = np.zeros(sims.shape, bool)
+        np.put_along_axis(mask, top, True, axis=1)
+        if references is not None:
+            for i in range(len(sims)):
+                for idx in references[start + i]:
+                    mask[i, idx[:per_source]] = True
+        mask &= np.isfinite(sims)
         for c in range(sources):
-            mask = (owner == c) & np.isfinite(values)
-            out[start:start + chunk, c] = aggregate_masked(values, mask, aggregation)
+            columns = res_source == c
+            out[start:start + chunk, c] = aggregate_masked(sims[:, columns], mask[:, columns], aggregation)
     return out
+
+
+def dataset_score_matrix(originals: np.ndarray, resyntheses: np.ndarray, res_source: np.ndarray,
+                         orig_hash: list[str], res_hash: list[str], sources: int, neighbours: int,
+                         aggregation: str, chunk: int = 256) -> np.ndarray:
+    """The engine's dataset mode: see neighbour_score_matrix."""
+    return neighbour_score_matrix(originals, resyntheses, res_source, orig_hash, res_hash, sources, neighbours,
+                                  aggregation, chunk=chunk)

@@ -112,7 +112,10 @@ class Service:
             # single flight: one job per (description, pipeline sources, seeds), whoever asks
             key = ("resynthesize", normalise_description(text), tuple(s.name for s in plan.pipelines),
                    tuple(plan.seeds))
+            joined = self.generation.in_flight(key)
             counts = await self._queued(key, lambda: self.ws.resynthesize([text], plan)[text])
+            if joined:  # another request made these images: for this one they were cached
+                counts = (counts[0] + counts[1], 0, counts[2])
         return counts, await asyncio.to_thread(self.ws.candidates, text, plan)
 
     async def _queued(self, key: Any, job: Callable[[], Any]) -> Any:

@@ -45,6 +45,11 @@ class GenerationQueue:
         self._queue.put((key, job, future))
         return future
 
+    def in_flight(self, key: Hashable) -> bool:
+        """Whether a job with this key is queued or running (a submit now would join it)."""
+        with self._lock:
+            return key in self._inflight
+
     def depth(self) -> int:
         with self._lock:
             return self._waiting
