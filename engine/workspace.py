@@ -558,7 +558,8 @@ class Workspace:
             evalset, fitted_on = from_store(self.store), f"store {self.root}"
             features = evalset.vectors[self.store.embedder_identity]
         variant = Variant("store", "cosine", options.aggregation, options.references)
-        calibration = fit_calibration(evalset, features, variant, false_reject, fitted_on)
+        calibration = fit_calibration(evalset, features, variant, false_reject, fitted_on, options.mode,
+                                      options.neighbours)
         calibration.notes["store_sources"] = sorted(s.name for s in self.store.sources())  # to notice changes
         self.store.update_config(calibration=calibration.to_dict())
         return calibration

@@ -16,7 +16,7 @@ from engine.evaluation.features import FeatureCache, embed_paths, layer_embedder
 from engine.evaluation.openset import (DEFAULT_OPEN_SET_SCORE, FALSE_REJECT, calibration_report,
                                        fit_open_set_thresholds, fit_temperature, leave_one_source_out)
 from engine.evaluation.protocol import run_protocol
-from engine.evaluation.scoring import Variant, score_matrix
+from engine.evaluation.scoring import Variant, neighbour_score_matrix, score_matrix
 
 
 def embed_evalset(evalset: EvalSet, embedders: dict[str, Embedder], cache_dir: Path | None,
@@ -69,13 +69,24 @@ def evaluate(evalset: EvalSet, base: Embedder, out: Path, layers: list[str], per
     return rp.json_safe(report)
 
 
-def fit_calibration(evalset: EvalSet, features: tuple[np.ndarray, np.ndarray], variant: Variant,
-                    frr: float = FALSE_REJECT, fitted_on: str = "") -> Calibration:
-    """Temperature and per-source thresholds from every labelled original, with the measured figures
-    (cross-fitted ECE, leave-one-source-out AUROC) kept in `notes`."""
+def engine_scores(evalset: EvalSet, features: tuple[np.ndarray, np.ndarray], variant: Variant,
+                  mode: str = "resynthesis", neighbours: int = 32) -> np.ndarray:
+    """The score matrix the engine's rule gives in `mode` (resynthesis, dataset or combined)."""
     originals, resyntheses = features
+    if mode == "resynthesis":
+        return score_matrix(originals, resyntheses, evalset.references(), variant, orig_source=evalset.orig_source)
+    return neighbour_score_matrix(originals, resyntheses, evalset.res_source, evalset.orig_hash, evalset.res_hash,
+                                  len(evalset.sources), neighbours, variant.aggregation,
+                                  evalset.references() if mode == "combined" else None, variant.per_source)
+
+
+def fit_calibration(evalset: EvalSet, features: tuple[np.ndarray, np.ndarray], variant: Variant,
+                    frr: float = FALSE_REJECT, fitted_on: str = "", mode: str = "resynthesis",
+                    neighbours: int = 32) -> Calibration:
+    """Temperature and per-source thresholds from every labelled original, scored in the mode the engine
+    will attribute with, with the measured figures (cross-fitted ECE, leave-one-source-out AUROC) in `notes`."""
     labels, names = evalset.orig_source, evalset.sources
-    scores = score_matrix(originals, resyntheses, evalset.references(), variant, orig_source=labels)
+    scores = engine_scores(evalset, features, variant, mode, neighbours)
     # the open-set score measured best (engine.evaluation.openset), applied through per-source thresholds
     thresholds = fit_open_set_thresholds(scores, labels, names, DEFAULT_OPEN_SET_SCORE, frr)
     temperature = fit_temperature(scores, labels)
@@ -83,7 +94,7 @@ def fit_calibration(evalset: EvalSet, features: tuple[np.ndarray, np.ndarray], v
     open_set = leave_one_source_out(scores, labels, evalset.orig_desc, names, frr,
                                     headline=DEFAULT_OPEN_SET_SCORE) if len(names) >= 2 else None
     notes = {"fitted_on": fitted_on, "originals": evalset.n_originals, "sources": names,
-             "open_set_score": DEFAULT_OPEN_SET_SCORE,
+             "open_set_score": DEFAULT_OPEN_SET_SCORE, "mode": mode, "neighbours": neighbours,
              "aggregation": variant.aggregation, "per_source": variant.per_source, "distance": variant.distance,
              "false_reject_target": frr,
              "accuracy": float((scores.argmax(1) == labels).mean()),
