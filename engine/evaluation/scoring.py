@@ -169,3 +169,31 @@ def dataset_score_matrix(originals: np.ndarray, resyntheses: np.ndarray, res_sou
     """The engine's dataset mode: see neighbour_score_matrix."""
     return neighbour_score_matrix(originals, resyntheses, res_source, orig_hash, res_hash, sources, neighbours,
                                   aggregation, chunk=chunk)
+
+
+def adaptive_score_matrix(originals: np.ndarray, resyntheses: np.ndarray, references: list[list[np.ndarray]],
+                          variant: Variant, budget: int, margin: float) -> tuple[np.ndarray, np.ndarray]:
+    """The engine's adaptive resynthesis (Workspace.resynthesize_adaptive) on a set whose references are
+    ordered by seed: every source starts with its first reference; while more than one source scores
+    within `margin` of the best, each of those gets its next one, up to `budget` per source.
+    Returns the final scores and the generations each query cost (references used)."""
+    originals, resyntheses = np.asarray(originals, np.float64), np.asarray(resyntheses, np.float64)
+    sources = len(references[0]) if references else 0
+    out = np.full((len(originals), sources), MISSING)
+    cost = np.zeros(len(originals), np.int64)
+    for i, per_source in enumerate(references):
+        sims = [originals[i] @ resyntheses[idx[:budget]].T if len(idx) else np.zeros(0) for idx in per_source]
+        used = np.array([min(1, len(s)) for s in sims])
+        for _ in range(budget - 1):
+            scores = np.array([aggregate_masked(s[None, :u], np.ones((1, u), bool), variant.aggregation)[0]
+                               if u else MISSING for s, u in zip(sims, used)])
+            best = scores.max()
+            close = [c for c in range(sources) if np.isfinite(scores[c]) and best - scores[c] <= margin]
+            grow = [c for c in close if used[c] < len(sims[c])]
+            if len(close) <= 1 or not grow:
+                break
+            used[grow] += 1
+        out[i] = [aggregate_masked(s[None, :u], np.ones((1, u), bool), variant.aggregation)[0] if u else MISSING
+                  for s, u in zip(sims, used)]
+        cost[i] = used.sum()
+    return out, cost

@@ -76,8 +76,14 @@ class Service:
             embedded = asyncio.wrap_future(self.batcher.submit([q.image for q in queries]))
         seconds["describe"] = time.perf_counter() - started
         texts = list(dict.fromkeys(text for text, _ in described))
-        outcomes = await asyncio.gather(embedded, *(self._resyntheses(plan, t) for t in texts),
-                                        return_exceptions=True)
+        if options.adaptive and options.mode != "dataset":  # the query vectors decide what is generated
+            vectors = await embedded
+            outcomes = await asyncio.gather(*(self._adaptive(plan, t, queries, described, vectors) for t in texts),
+                                            return_exceptions=True)
+            outcomes = [vectors, *outcomes]
+        else:
+            outcomes = await asyncio.gather(embedded, *(self._resyntheses(plan, t) for t in texts),
+                                            return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -116,6 +122,19 @@ class Service:
             counts = await self._queued(key, lambda: self.ws.resynthesize([text], plan)[text])
             if joined:  # another request made these images: for this one they were cached
                 counts = (counts[0] + counts[1], 0, counts[2])
+        return counts, await asyncio.to_thread(self.ws.candidates, text, plan)
+
+    async def _adaptive(self, plan: Plan, text: str, queries: list[Query], described: list[tuple[str, str]],
+                        vectors) -> tuple[tuple[int, int, dict], Candidates]:
+        """Adaptive generation for one description, on the generation worker when anything is missing."""
+        cached, todo = await asyncio.to_thread(self.ws.missing, text, plan)
+        counts: tuple[int, int, dict] = (cached, 0, {})
+        if todo:
+            mine = [i for i, (t, _) in enumerate(described) if t == text]
+            key = ("adaptive", normalise_description(text), tuple(s.name for s in plan.pipelines), tuple(plan.seeds),
+                   tuple(queries[i].file_hash for i in mine))
+            counts = await self._queued(key, lambda: self.ws.resynthesize_adaptive(
+                [queries[i] for i in mine], [described[i] for i in mine], vectors[mine], plan)[text])
         return counts, await asyncio.to_thread(self.ws.candidates, text, plan)
 
     async def _queued(self, key: Any, job: Callable[[], Any]) -> Any:
