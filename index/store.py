@@ -16,6 +16,14 @@ Trust rules:
   makes a generation happen once across processes (`claim` / `release` / `wait_for_keys`).
 
 Within a process, a lock keeps FAISS searches apart from index mutation (FAISS is not safe there).
+
+Dataset search (`nearest`): vectors.faiss (IDMap2 over a flat index) stays the verified copy. `rebuild`
+also builds, offline, a search index chosen by vectors.choose_index from the vector count and a memory
+budget: "Flat" (the exact scan of vectors.faiss, no second file) up to FLAT_MAX vectors, IVF beyond it
+(search.faiss, with search.json: type, count, nprobe chosen for recall@32 >= 0.95, timings). At open it
+is checked cheaply (size, count and id digest against its infos, ids against the database, a sample of
+vectors that must find themselves); a stale or unreadable one is ignored, never served. Vectors added
+since the build are searched exactly and merged in; ids deleted since are skipped by an IDSelector.
 """
 from __future__ import annotations
 
@@ -47,6 +55,8 @@ from index.schema import _now as _utcnow
 CONFIG_NAME = "store.json"
 DB_NAME = "metadata.sqlite"
 INDEX_NAME = "vectors.faiss"
+SEARCH_NAME = "search.faiss"  # the search index (IVF) built by rebuild(); absent while exact search suffices
+SEARCH_INFOS = "search.json"  # what rebuild() chose and measured for it (type, count, nprobe, recall, timings)
 LOCK_NAME = "store.lock"
 FORMAT = 1
 SAMPLE = 256  # index vectors checked against their checksums at open (all of them up to FULL_CHECK)
@@ -83,6 +93,26 @@ class StoredReference:
     seed: int | None
     file_hash: str
     key: str
+
+
+@dataclass
+class _Search:
+    """A verified IVF search index: its FAISS index, the ids it holds (sorted), where each one is (inverted
+    list and offset, aligned with ids) and its infos."""
+
+    index: object
+    ids: np.ndarray
+    infos: dict
+    numbers: np.ndarray | None = None
+    offsets: np.ndarray | None = None
+
+    @property
+    def nprobe(self) -> int:
+        return int(self.infos["nprobe"])
+
+    @property
+    def rescored(self) -> bool:
+        return bool(self.infos.get("rerank"))
 
 
 @dataclass
@@ -162,13 +192,13 @@ def insert_ignore(session: Session, model, values: dict, conflict: list[str]):
     return session.execute(insert(model.__table__).values(**values).on_conflict_do_nothing(index_elements=conflict))
 
 
-def write_json_atomic(path: Path, value: dict) -> None:
+def write_json_atomic(path: Path, value: dict, point: str = "config:before-replace") -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as handle:
         json.dump(value, handle, indent=2, sort_keys=True)
         handle.flush()
         os.fsync(handle.fileno())
-    crash_point("config:before-replace")
+    crash_point(point)
     os.replace(tmp, path)
     vx.fsync_dir(path.parent)
 
@@ -221,6 +251,9 @@ class Store:
         self._index_lock = threading.RLock()
         self._dirty = False
         self._tomb_seq = 0
+        self._search: _Search | None = None  # the IVF search index when one is present and verified
+        self._delta: dict | None = None  # what the live index has that the search index lacks, and vice versa
+        self.search_state: dict = {"state": "absent"}
         db_path = root / DB_NAME
         if not create:
             _check_database_file(db_path)
@@ -238,6 +271,7 @@ class Store:
                 self._migrate()
                 self.remove_stale_temp_files()
             self.index, self.open_report = self._load_verified_index()
+            self._load_search()
         except BaseException as exc:
             self.engine.dispose()
             if isinstance(exc, StoreDamaged):
@@ -540,8 +574,10 @@ class Store:
             self._publish(index)
         return index, report
 
-    def _merge_from_db(self, index) -> None:
-        """Bring `index` to the database's latest state: drop ids deleted since, add ids committed elsewhere."""
+    def _merge_from_db(self, index) -> bool:
+        """Bring `index` to the database's latest state: drop ids deleted since, add ids committed elsewhere.
+        True if it changed."""
+        changed = False
         with self.session() as s:
             tomb_seq, floor = self._tomb_state(s)
             if self._has_tombstones and tomb_seq > self._tomb_seq:
@@ -550,13 +586,16 @@ class Store:
                 gone = np.intersect1d(gone, vx.index_ids(index))
                 if len(gone):
                     index.remove_ids(gone)
+                    changed = True
             count = s.scalar(select(func.count(Vector.id)).where(Vector.embedder == self.embedder_identity))
             if count != index.ntotal:
                 have = vx.index_ids(index)
                 missing = np.setdiff1d(self._db_vector_ids(s), have)
                 for ids, matrix in (self._stored_vectors(missing, session=s) if len(missing) else ()):
                     index.add_with_ids(matrix, ids)
+                    changed = True
         self._tomb_seq = max(self._tomb_seq, tomb_seq)
+        return changed
 
     def _publish(self, index=None) -> None:
         """Merge and write `index` (default: the live one) under the cross-process lock. Lock order is
@@ -565,7 +604,8 @@ class Store:
             with self._index_lock:
                 live = index is None
                 index = self.index if live else index
-                self._merge_from_db(index)
+                if self._merge_from_db(index) and live:
+                    self._delta = None
                 vx.write_atomic(index, self.index_path)
                 self._file_state = _file_state(self.index_path)
                 if live:
@@ -583,18 +623,188 @@ class Store:
                 index.add_with_ids(matrix, ids)
         return index, tomb_seq
 
-    def rebuild(self) -> int:
-        """Recreate the FAISS index from stored vectors and swap it in atomically; returns its size."""
+    def rebuild(self, search: bool = True, *, flat_max: int | None = None, memory_budget_bytes: int | None = None,
+                threads: int | None = None) -> int:
+        """Recreate the FAISS index from stored vectors and swap it in atomically; returns its size.
+
+        With `search`, also (re)build the search index offline (see `build_search`); the parameters
+        default to store.json's "search" entry, then to vectors.FLAT_MAX / MEMORY_BUDGET / BUILD_THREADS.
+        Everything happens under the cross-process lock (other writers' saves wait for it)."""
         self._require_writable()
         with self._file_lock():
             fresh, tomb_seq = self._rebuild_from_db()
+            vx.write_atomic(fresh, self.index_path)
+            built = self._build_search(fresh, flat_max, memory_budget_bytes, threads) if search else None
             with self._index_lock:
-                vx.write_atomic(fresh, self.index_path)
                 self.index = fresh
                 self._tomb_seq = tomb_seq
                 self._file_state = _file_state(self.index_path)
                 self._dirty = False
+                self._delta = None
+                if search:
+                    self._search, self.search_state = built
+                    self._search_files = self._search_file_state()
         return int(fresh.ntotal)
+
+    # ----- the search index (dataset search) -------------------------------------------------
+    @property
+    def search_path(self) -> Path:
+        return self.root / SEARCH_NAME
+
+    @property
+    def search_infos_path(self) -> Path:
+        return self.root / SEARCH_INFOS
+
+    def _search_file_state(self):
+        return _file_state(self.search_path), _file_state(self.search_infos_path)
+
+    def _search_settings(self, flat_max, memory_budget_bytes, threads) -> tuple[int, int, int]:
+        cfg = self.config.get("search") or {}
+        return (int(flat_max if flat_max is not None else cfg.get("flat_max", vx.FLAT_MAX)),
+                int(memory_budget_bytes if memory_budget_bytes is not None
+                    else cfg.get("memory_budget_bytes", vx.MEMORY_BUDGET)),
+                int(threads if threads is not None else cfg.get("threads", vx.BUILD_THREADS)))
+
+    def _build_search(self, fresh, flat_max, memory_budget_bytes, threads) -> tuple[_Search | None, dict]:
+        """Build the search index over `fresh` (a private flat index) and publish search.faiss, then its
+        infos (each atomically: a crash between leaves a pair whose digests disagree, which is ignored)."""
+        flat_max, budget, threads = self._search_settings(flat_max, memory_budget_bytes, threads)
+        spec = vx.choose_index(int(fresh.ntotal), self.dim, budget, flat_max)
+        ids, matrix = vx.flat_view(fresh)
+        index, infos = vx.build_search_index(ids, matrix, spec, threads=threads)
+        infos.update({"embedder": self.embedder_identity, "flat_max": flat_max, "memory_budget_bytes": budget,
+                      "built_at": _utcnow().isoformat()})
+        if index is None:
+            self.search_path.unlink(missing_ok=True)
+            vx.fsync_dir(self.root)
+            write_json_atomic(self.search_infos_path, infos, "search:before-replace")
+            return None, {"state": "flat", "type": "Flat", "count": infos["count"], "infos": infos}
+        vx.write_atomic(index, self.search_path, "search:before-replace")
+        infos["bytes"] = self.search_path.stat().st_size
+        write_json_atomic(self.search_infos_path, infos, "search:before-replace")
+        found = _Search(index, *self._layout(index, infos))
+        return found, self._search_summary("ok", found, None)
+
+    @staticmethod
+    def _layout(index, infos):
+        ids, numbers, offsets = vx.ivf_layout(index)
+        return ids, infos, numbers, offsets
+
+    def _search_summary(self, state: str, found: _Search | None, why: str | None, infos: dict | None = None) -> dict:
+        infos = found.infos if found is not None else (infos or {})
+        out = {"state": state, "problem": why, "type": infos.get("type"), "count": infos.get("count"),
+               "nprobe": infos.get("nprobe"), "recall": infos.get("recall"), "k": infos.get("k"),
+               "built_at": infos.get("built_at")}
+        return {k: v for k, v in out.items() if v is not None}
+
+    def _read_search(self, full: bool = False) -> tuple[_Search | None, dict]:
+        """The search index on disk, checked (see vectors.read_search_checked), then against the database:
+        every id it holds is stored or recorded as deleted, and its vectors agree with the flat copy (a
+        sample at open, all of them with `full`: `_search_content_problems`)."""
+        infos, why = None, None
+        if self.search_infos_path.exists():
+            try:
+                infos = json.loads(self.search_infos_path.read_text())
+                if not isinstance(infos, dict):
+                    infos, why = None, "infos unreadable"
+            except (OSError, ValueError):
+                why = "infos unreadable"
+        if infos and infos.get("embedder") not in (None, self.embedder_identity):
+            why, infos = f"built for embedder {infos.get('embedder')}", None
+        index, layout, problem = vx.read_search_checked(self.search_path, infos, self.dim)
+        if index is None:
+            problem = problem or (why if self.search_path.exists() else None)
+            if problem:
+                return None, self._search_summary("ignored", None, problem, infos)
+            if infos and infos.get("type") == "Flat":
+                return None, self._search_summary("flat", None, None, infos)
+            if infos and infos.get("type"):  # infos of an IVF index whose file is gone
+                return None, self._search_summary("ignored", None, "search.faiss is missing", infos)
+            return None, {"state": "absent"}
+        found = _Search(index, layout[0], infos, layout[1], layout[2])
+        with self.session() as s:
+            db_ids = self._db_vector_ids(s)
+            extra = np.setdiff1d(found.ids, db_ids)
+            if len(extra):
+                _, floor = self._tomb_state(s)
+                lost = np.setdiff1d(extra, self._deleted(s, extra, floor))
+                if len(lost):
+                    return None, self._search_summary(
+                        "ignored", None, f"holds {len(lost)} ids the database never stored", infos)
+        bad, checked = self._search_content_problems(found, full=full)
+        if bad:
+            return None, self._search_summary(
+                "ignored", None, f"{len(bad)} of {checked} checked vectors differ from vectors.faiss", infos)
+        state = self._search_summary("ok", found, None)
+        state["checked"] = checked
+        return found, state
+
+    def _search_content_problems(self, found: _Search, full: bool = False) -> tuple[list[int], int]:
+        """Ids whose search-index vector disagrees with the verified flat copy: (bad ids, how many checked).
+
+        IVF,Flat codes are the vectors' bytes: compared exactly, all of them up to FULL_CHECK (or with
+        `full`), else a sample of SAMPLE. PQ codes are lossy: each sampled vector, searched for, must find
+        itself in the first list probed (at most a quarter may miss, PQ ties)."""
+        with self._index_lock:
+            live = np.intersect1d(found.ids, vx.index_ids(self.index))
+            if not full and len(live) > FULL_CHECK:
+                live = np.sort(np.random.default_rng().choice(live, SAMPLE, replace=False))
+            if not vx.flat_codes(found.index) and len(live) > FULL_CHECK:
+                live = np.sort(np.random.default_rng().choice(live, FULL_CHECK, replace=False))
+            reference = self.index.reconstruct_batch(live) if len(live) else np.zeros((0, self.dim), np.float32)
+        if not len(live):
+            return [], 0
+        if vx.flat_codes(found.index):
+            at = np.searchsorted(found.ids, live)
+            codes = vx.ivf_codes(found.index, found.numbers[at], found.offsets[at])
+            differ = np.any(codes != reference.view(np.uint8).reshape(len(live), -1), axis=1)
+            return live[differ].tolist(), len(live)
+        _, hits = vx.search_ivf(found.index, reference, min(10, len(found.ids)), 1)
+        bad = [int(v) for v, hit in zip(live, hits) if v not in hit]
+        return (bad if len(bad) > len(live) // 4 else []), len(live)
+
+    def _load_search(self) -> None:
+        self._search_files = self._search_file_state()
+        found, state = self._read_search()
+        with self._index_lock:
+            self._search, self.search_state, self._delta = found, state, None
+
+    def _search_delta(self) -> dict:
+        """(Under the index lock.) What the live index holds that the search index lacks (added since the
+        build: ids with their vectors, searched exactly) and what the search index holds that the live
+        index does not (deleted since: skipped by an IDSelector)."""
+        if self._delta is None:
+            live = vx.index_ids(self.index)
+            missing = np.setdiff1d(live, self._search.ids)
+            gone = np.setdiff1d(self._search.ids, live)
+            matrix = self.index.reconstruct_batch(missing) if len(missing) else np.zeros((0, self.dim), np.float32)
+            self._delta = {"missing": missing, "matrix": matrix, "gone": gone,
+                           "params": vx.IVFParams(self._search.nprobe, gone)}
+        return self._delta
+
+    def _index_added(self, ids: np.ndarray, matrix: np.ndarray) -> None:
+        """(Under the index lock.) New ids reached the live index: the search delta gains those it lacks."""
+        if self._search is None or self._delta is None:
+            return
+        at = np.searchsorted(self._search.ids, ids).clip(0, max(0, len(self._search.ids) - 1))
+        new = self._search.ids[at] != ids if len(self._search.ids) else np.ones(len(ids), bool)
+        if np.any(~new):
+            self._delta = None  # an id the search index holds came back: recompute
+        elif np.any(new):
+            self._delta["missing"] = np.concatenate([self._delta["missing"], ids[new]])
+            self._delta["matrix"] = np.concatenate([self._delta["matrix"], matrix[new]])
+
+    def search_report(self) -> dict:
+        """The search index's state for `verify`/`stats`: what is on disk and what this process serves."""
+        entry = dict(self.search_state)
+        entry["path"] = str(self.search_path)
+        with self._index_lock:
+            entry["serving"] = "ivf" if self._search is not None else "exact"
+            if self._search is not None:
+                delta = self._search_delta()
+                entry.update({"added_since_build": len(delta["missing"]), "deleted_since_build": len(delta["gone"]),
+                              "meets_target": bool(self._search.infos.get("meets_target", True))})
+        return entry
 
     def refresh(self) -> bool:
         """Pick up what another process changed: store.json (e.g. `resynth calibrate`) and a replaced
@@ -606,13 +816,18 @@ class Store:
         except (OSError, ValueError, KeyError, TypeError):
             pass  # keep the config this process has
         state = _file_state(self.index_path)
-        if state is None or state == self._file_state:
-            return False
-        index, report = self._load_verified_index()
-        with self._index_lock:
-            self.index, self.open_report = index, report
-            self._file_state = state
-        return True
+        changed = False
+        if state is not None and state != self._file_state:
+            index, report = self._load_verified_index()
+            with self._index_lock:
+                self.index, self.open_report = index, report
+                self._file_state = state
+                self._delta = None
+            changed = True
+        if changed or self._search_file_state() != self._search_files:
+            self._load_search()
+            changed = True
+        return changed
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         """Stored vectors by id, from the in-memory index; ids another process committed load from SQLite."""
@@ -630,6 +845,7 @@ class Store:
                 if len(fresh):
                     keep = np.isin(batch_ids, fresh)
                     self.index.add_with_ids(matrix[keep], batch_ids[keep])
+                    self._index_added(batch_ids[keep], matrix[keep])
                     self._dirty = True
         with self._index_lock:
             try:
@@ -651,34 +867,70 @@ class Store:
         return np.take_along_axis(sims, order, axis=1), candidate_ids[order]
 
     def nearest(self, query: np.ndarray, k: int, source_ids: list[int] | None = None,
-                roles: tuple[str, ...] = ("resynthesis",), exclude_file: str | None = None
+                roles: tuple[str, ...] = ("resynthesis",), exclude_file: str | None = None, *, exact: bool = False
                 ) -> list[tuple[StoredReference, float]]:
-        """The k stored vectors closest to `query` over the whole store (an exact FAISS search), keeping
-        only the given roles and sources and never an image with the bytes `exclude_file`: best first."""
+        """The k stored vectors closest to `query` over the whole store, keeping only the given roles and
+        sources and never an image with the bytes `exclude_file`: best first.
+
+        With a verified search index (and not `exact`): its IVF answer (ids deleted since the build
+        skipped) merged with an exact scan of the vectors added since; an exact FAISS scan otherwise,
+        and also whenever the IVF probes run out before enough references survive the filters."""
         query = np.ascontiguousarray(np.asarray(query, np.float32).reshape(1, -1))
         with self._index_lock:
             total = int(self.index.ntotal)
+            search = None if exact else self._search
         wanted = max(1, k)
         while True:
             depth = min(total, wanted * 4 + 16)
             if depth == 0:
                 return []
             with self._index_lock:
-                sims, ids = self.index.search(query, depth)
-            found = [(int(i), float(v)) for i, v in zip(ids[0], sims[0]) if i >= 0]
+                if search is not None and search is not self._search:
+                    search = None  # swapped meanwhile (refresh, rebuild): answer exactly
+                if search is None:
+                    sims, ids = self.index.search(query, depth)
+                    sims, ids = sims[0], ids[0]
+                else:
+                    sims, ids = self._search_merged(search, query, depth)
+            found = [(int(i), float(v)) for i, v in zip(ids, sims) if i >= 0]
             rows = self._references_by_id([i for i, _ in found], source_ids, roles)
             kept = [(rows[i], v) for i, v in found if i in rows and rows[i].file_hash != exclude_file]
-            if len(kept) >= k or depth >= total:
+            if len(kept) >= k:
+                return kept[:k]
+            if search is not None and len(found) < depth:
+                search = None  # the IVF probes ran out: look again exactly
+                continue
+            if depth >= total:
                 return kept[:k]
             wanted *= 4  # filtered out too many: look deeper
 
+    def _search_merged(self, search: _Search, query: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """(Under the index lock.) The IVF search index's top `depth`, deleted ids skipped, merged with the
+        exact top of the vectors added since its build (exact scores for both when its codes are PQ)."""
+        delta = self._search_delta()
+        rescore = self.index.reconstruct_batch if search.rescored else None
+        sims, ids = vx.search_ivf(search.index, query, depth, delta["params"], rescore=rescore)
+        sims, ids = sims[0], ids[0]
+        if len(delta["missing"]):
+            extra = delta["matrix"] @ query[0]
+            top = np.argpartition(-extra, depth)[:depth] if len(extra) > depth else np.arange(len(extra))
+            top = top[np.argsort(-extra[top], kind="stable")]
+            sims = np.concatenate([sims, extra[top]])
+            ids = np.concatenate([ids, delta["missing"][top]])
+            order = np.argsort(-np.where(ids >= 0, sims, -np.inf), kind="stable")[:depth]
+            sims, ids = sims[order], ids[order]
+        return sims, ids
+
     def _references_by_id(self, ids: list[int], source_ids: list[int] | None,
                           roles: tuple[str, ...]) -> dict[int, StoredReference]:
+        # role and source are compared as expressions (`role || ''`, `source_id + 0`), not as indexed
+        # columns: otherwise SQLite plans from ix_images_lookup and scans every image of those roles per
+        # call (O(store) per dataset search); from the few vector ids by primary key it is O(ids)
         query = (select(Vector.id, Source.name, Image.seed, Image.file_hash, Image.key)
                  .join(Image, Vector.image_id == Image.id).join(Source, Image.source_id == Source.id)
-                 .where(Image.role.in_(roles), Vector.embedder == self.embedder_identity))
+                 .where((Image.role + "").in_(roles), Vector.embedder == self.embedder_identity))
         if source_ids is not None:
-            query = query.where(Image.source_id.in_(source_ids))
+            query = query.where((Image.source_id + 0).in_(source_ids))
         out: dict[int, StoredReference] = {}
         with self.session() as s:
             for start in range(0, len(ids), 500):
@@ -755,6 +1007,7 @@ class Store:
         if len(vector_ids):
             with self._index_lock:
                 self.index.remove_ids(vector_ids)
+                self._delta = None
             self.save_index()
         self._remove_unreferenced_files(paths)
         return len(vector_ids)
@@ -896,7 +1149,9 @@ class Store:
         crash_point("images:after-commit")
         if new_ids:
             with self._index_lock:
-                self.index.add_with_ids(matrix[new_rows], np.array(new_ids, np.int64))
+                added = np.array(new_ids, np.int64)
+                self.index.add_with_ids(matrix[new_rows], added)
+                self._index_added(added, matrix[new_rows])
                 self._dirty = True
         return image_ids
 
@@ -975,7 +1230,9 @@ class Store:
         database: every id (missing, deleted, lost) and every vector against its checksum; the stored
         vectors themselves (size, finite, checksum); with `files`, every image row's file (exists,
         sha256 = file_hash); unreferenced image files under images/; leftover `.*.tmp` files; expired
-        claims. Repair (writable only): rebuild vectors.faiss from the database, backfill checksums,
+        claims; the search index (search.faiss + search.json: stale or unreadable is a problem, it is
+        then ignored). Repair (writable only): rebuild vectors.faiss (and the search index) from the
+        database, backfill checksums,
         remove unreferenced image files older than ORPHAN_GRACE_S, temp files of dead processes and
         expired claims. What the database itself lacks cannot be repaired here (restore it from a backup).
         """
@@ -1042,6 +1299,20 @@ class Store:
             elif why or len(db_ids):
                 problems.append(f"index file {entry['problem']}")
             report["index"] = entry
+
+        # the search index on disk (read and checked again), and what this process serves
+        on_disk, state = self._read_search(full=True)
+        search_entry = self.search_report()
+        search_entry.update({"on_disk": state["state"], "problem": state.get("problem")})
+        search_entry = {k: v for k, v in search_entry.items() if v is not None}
+        report["search"] = search_entry
+        if state["state"] == "ignored":
+            problems.append(f"search index {state.get('problem')}: ignored, exact search serves "
+                            "(run `resynth rebuild`)")
+        elif on_disk is not None and not on_disk.infos.get("meets_target", True):
+            problems.append(f"search index recall@{on_disk.infos.get('k')} {on_disk.infos.get('recall'):.3f} is "
+                            f"below its target {on_disk.infos.get('recall_target')}")
+        del on_disk
 
         if files:
             report["files"] = self._verify_files(image_rows, problems)
@@ -1123,7 +1394,7 @@ class Store:
                 entry["resyntheses"] = count
         return {"store": str(self.root), "embedder": self.embedder_identity, "dim": self.dim,
                 "sources": sources, "descriptions": descriptions, "vectors": vectors,
-                "index_vectors": int(self.index.ntotal)}
+                "index_vectors": int(self.index.ntotal), "search": self.search_report()}
 
 
 def _file_state(path: Path) -> tuple[int, int] | None:

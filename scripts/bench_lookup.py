@@ -16,12 +16,19 @@ What is measured, and why this way:
   user's process would find it ("reopen": the index file is read and verified against the database,
   ids in full and a sample of vectors against their checksums), and that handle is the one measured.
 
+Dataset search ("what in the whole store is closest", Store.nearest): for each size the store's search
+index is built by Store.rebuild (`--search-flat-max 0`, the default here, forces the IVF choice at any
+size; the library's own threshold is vectors.FLAT_MAX) and the benchmark's queries are answered by the
+exact scan and by the search index: recall@32 against exact and ms per query, raw FAISS and through
+Store.nearest (which adds the SQL that turns ids into references). `--no-search` skips it.
+
 Memory: N x 768 float32 is 3.1 GB at 1M, held by the store's flat index, once more as the benchmark's
 own matrix, and again by each IVF/HNSW copy; SQLite holds another ~3.2 GB on disk. The default stops
 at 100k (about 3 minutes on 2 cores); `--max-vectors 1000000` needs ~14 GB RAM and ~4 GB disk, and
 HNSW construction at 1M takes tens of minutes on 2 cores, so `--ann-max` caps the index comparison.
 
     python scripts/bench_lookup.py [--max-vectors 100000] [--queries 200] [--ann-max 100000] [--profile]
+    python scripts/bench_lookup.py --sizes 100000,1000000 --ann-max 0   # dataset search only at 1M: ~14 GB
 """
 from __future__ import annotations
 
@@ -270,6 +277,37 @@ def compare_indexes(store: Store, info: dict, vectors: np.ndarray, candidates: l
     return rows
 
 
+def search_section(store: Store, vectors: np.ndarray, args, k: int = 32) -> dict:
+    """Build the store's search index (Store.rebuild) and compare it with the exact scan on the queries."""
+    started = time.perf_counter()
+    store.rebuild(flat_max=args.search_flat_max, memory_budget_bytes=args.search_budget)
+    rebuild_s = time.perf_counter() - started
+    infos = json.loads(store.search_infos_path.read_text())
+    out = {"type": infos["type"], "nprobe": infos.get("nprobe"), "build_s": infos["build_s"], "rebuild_s": rebuild_s,
+           "stored_query_recall": infos["recall"], "recall_by_nprobe": infos.get("recall_by_nprobe"),
+           "state": store.search_state["state"],
+           "search_mb": (store.search_path.stat().st_size / 2**20) if store.search_path.exists() else 0.0}
+    search = store._search
+    if search is None:
+        return out
+    exact_ids = np.stack([store.index.search(v[None, :], k)[1][0] for v in vectors])
+    ivf_ids = np.stack([vx.search_ivf(search.index, v[None, :], k, search.nprobe,
+                                      rescore=store.index.reconstruct_batch if search.rescored else None)[1][0]
+                        for v in vectors])
+    out["raw_recall"] = float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(ivf_ids, exact_ids)]))
+    out["exact_ms"] = per_query_seconds(lambda v: store.index.search(v[None, :], k), vectors) * 1e3
+    out["ivf_ms"] = per_query_seconds(lambda v: vx.search_ivf(
+        search.index, v[None, :], k, search.nprobe,
+        rescore=store.index.reconstruct_batch if search.rescored else None), vectors) * 1e3
+    near_exact = [[r.vector_id for r, _ in store.nearest(v, k, exact=True)] for v in vectors]
+    near_ivf = [[r.vector_id for r, _ in store.nearest(v, k)] for v in vectors]
+    out["nearest_recall"] = float(np.mean([len(set(a) & set(b)) / max(1, len(b))
+                                           for a, b in zip(near_ivf, near_exact)]))
+    out["nearest_exact_ms"] = per_query_seconds(lambda v: store.nearest(v, k, exact=True), vectors) * 1e3
+    out["nearest_ivf_ms"] = per_query_seconds(lambda v: store.nearest(v, k), vectors) * 1e3
+    return out
+
+
 def run_size(size: int, args, models: dict, workdir: Path) -> dict:
     world = World(args.dim, len(models["pipelines"]))
     root = workdir / f"store-{size}"
@@ -337,6 +375,8 @@ def run_size(size: int, args, models: dict, workdir: Path) -> dict:
     if size <= args.ann_max:
         source_of = {int(r.vector_id): name for c in found for name, rows in c.items() for r in rows}
         result["indexes"] = compare_indexes(store, info, vectors, candidates, truth, source_of)
+    if not args.no_search:
+        result["search"] = search_section(store, vectors, args)
     ws.close()
     del info, matrix, ws, store
     if not args.keep:
@@ -387,6 +427,26 @@ def print_tables(results: dict[int, dict]) -> None:
         for row in r["indexes"]:
             print(f"{row['index']:34} {row['qps']:>8.0f} {row['candidate_recall']:>13.1%} {row['accuracy']:>9.1%}"
                   f" {row['agrees_with_flat']:>7.1%} {row['build_s']:>8.1f} {row['memory_mb']:>7.0f}")
+    searched = [r for r in results.values() if "search" in r]
+    if searched:
+        print("\n## dataset search (Store.nearest, k=32): exact scan vs the search index built by Store.rebuild")
+        print(f"{'vectors':>9} {'type':>18} {'nprobe':>7} {'build s':>8} {'MB':>6} {'R@32 stored':>12}"
+              f" {'R@32 queries':>13} {'exact ms':>9} {'index ms':>9} {'ratio':>6}"
+              f" {'nearest R@32':>13} {'exact ms':>9} {'index ms':>9} {'ratio':>6}")
+        for r in searched:
+            x = r["search"]
+            if "exact_ms" not in x:
+                print(f"{r['vectors']:>9} {x['type']:>18}  (exact scan: no search index)")
+                continue
+            print(f"{r['vectors']:>9} {x['type']:>18} {x['nprobe']:>7} {x['build_s']:>8.1f} {x['search_mb']:>6.0f}"
+                  f" {x['stored_query_recall']:>12.3f} {x['raw_recall']:>13.3f} {x['exact_ms']:>9.2f}"
+                  f" {x['ivf_ms']:>9.3f} {x['exact_ms'] / x['ivf_ms']:>5.1f}x {x['nearest_recall']:>13.3f}"
+                  f" {x['nearest_exact_ms']:>9.2f} {x['nearest_ivf_ms']:>9.2f}"
+                  f" {x['nearest_exact_ms'] / x['nearest_ivf_ms']:>5.1f}x")
+        print("R@32 stored = recall@32 against exact with stored vectors as queries, measured by rebuild (nprobe "
+              "chosen for >= 0.95); R@32 queries = the same on this benchmark's queries; first ms pair = raw FAISS "
+              "top-32 one query at a time, second = Store.nearest(k=32) including its SQL; build s = search "
+              "index train+add+nprobe choice (vectors.BUILD_THREADS threads)")
     for r in results.values():
         if "profile" in r:
             print(f"\n## cProfile: cached single-query attribution at {r['vectors']} vectors")
@@ -408,6 +468,12 @@ def main() -> None:
                         help="FAISS OpenMP threads (default 1: one query at a time, steadier on a busy machine)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.add_argument("--sizes", help="comma-separated store sizes (default: 10k, 100k, 1M up to --max-vectors)")
+    parser.add_argument("--no-search", action="store_true", help="skip the dataset search index section")
+    parser.add_argument("--search-flat-max", type=int, default=0,
+                        help=f"choose_index's flat threshold for the section (default 0: IVF at every size; "
+                             f"the library's is {vx.FLAT_MAX})")
+    parser.add_argument("--search-budget", type=int, default=vx.MEMORY_BUDGET,
+                        help="memory budget in bytes for the search index (PQ codes beyond it)")
     args = parser.parse_args()
     args.sizes = ([int(x) for x in args.sizes.split(",")] if args.sizes
                   else [s for s in SIZES if s <= args.max_vectors])

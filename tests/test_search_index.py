@@ -1,0 +1,239 @@
+"""The dataset search index: exact up to a size, IVF beyond it (forced here with a small flat_max).
+
+Random unit vectors in clusters; recall is measured against the store's own exact scan."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from index import vectors as vx
+from index.store import SEARCH_INFOS, SEARCH_NAME, NewImage, Store
+
+DIM = 32
+N = 4000
+FLAT_MAX = 1000  # forces the IVF choice at N
+
+
+def _unit(matrix: np.ndarray) -> np.ndarray:
+    return (matrix / np.linalg.norm(matrix, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _clustered(n: int, seed: int, centres: int = 40) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    middle = _unit(np.random.default_rng(99).standard_normal((centres, DIM)))
+    return _unit(middle[rng.integers(0, centres, n)] + 0.45 * rng.standard_normal((n, DIM)).astype(np.float32))
+
+
+def _add(store: Store, vectors: np.ndarray, source: str, start: int) -> list[int]:
+    src = next((s for s in store.sources() if s.name == source), None) or store.add_source(source, "replay", source)
+    desc = store.description_id("a prompt")
+    rows = [NewImage(key=f"{source}-{start + i}", role="resynthesis", source_id=src.id, description_id=desc,
+                     file_hash=f"h-{source}-{start + i}", path=f"p/{source}/{start + i}", vector=v, seed=start + i)
+            for i, v in enumerate(vectors)]
+    store.add_images(rows)
+    found = store.existing_keys([r.key for r in rows])
+    return [found[r.key] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """A store of N clustered vectors in two sources, with an IVF search index built by rebuild()."""
+    root = tmp_path_factory.mktemp("search") / "s"
+    with Store.create(root, {"identity": "test-embedder", "arch": "x", "checkpoint": "x"}, DIM) as store:
+        data = _clustered(N, seed=1)
+        _add(store, data[: N // 2], "a", 0)
+        _add(store, data[N // 2:], "b", N // 2)
+        store.rebuild(flat_max=FLAT_MAX)
+    return root
+
+
+def _copy(root: Path, tmp_path: Path) -> Path:
+    import shutil
+    target = tmp_path / "copy"
+    shutil.copytree(root, target)
+    return target
+
+
+def _recall(store: Store, queries: np.ndarray, k: int = 32, **kw) -> float:
+    scores = []
+    for query in queries:
+        fast = {r.vector_id for r, _ in store.nearest(query, k, **kw)}
+        exact = {r.vector_id for r, _ in store.nearest(query, k, exact=True, **kw)}
+        scores.append(len(fast & exact) / max(1, len(exact)))
+    return float(np.mean(scores))
+
+
+# ----- the choice ----------------------------------------------------------------------------------
+def test_choose_index_by_size_and_budget():
+    assert vx.choose_index(0, 768) == "Flat"
+    assert vx.choose_index(1000, 768) == "Flat"
+    assert vx.choose_index(199_999, 768) == "Flat"  # below FLAT_MAX: the exact scan
+    assert vx.choose_index(1_000_000, 768, 8 << 30) == "IVF4000,Flat"  # nlist ~ 4 sqrt(n)
+    assert vx.choose_index(10_000_000, 768, 64 << 30) == "IVF12649,Flat"
+    assert vx.choose_index(5000, 32, flat_max=1000) == "IVF128,Flat"  # nlist capped: >= 39 points per list
+    assert vx.choose_index(100, 32, flat_max=0) == "Flat"  # too few to train any IVF
+    previous = None
+    for budget in (2 << 30, 1 << 30, 256 << 20, 64 << 20, 1 << 20):  # flat codes (3.1 GB) do not fit: PQ
+        spec = vx.choose_index(1_000_000, 768, budget)
+        m = int(re.fullmatch(r"IVF4000,PQ(\d+)", spec).group(1))
+        assert 768 % m == 0
+        if budget > 1 << 20:
+            assert vx.ivf_bytes(1_000_000, 768, 4000, m) <= budget
+        assert previous is None or m <= previous  # a smaller budget never gets bigger codes
+        previous = m
+    assert previous == min(vx.PQ_CHOICES)  # nothing fits: the smallest codes
+    assert vx.choose_index(1_000_000, 768, 2 << 30) == "IVF4000,PQ128"
+
+
+# ----- recall, infos, reopen -----------------------------------------------------------------------
+def test_ivf_recall_against_exact_and_infos(built):
+    infos = json.loads((built / SEARCH_INFOS).read_text())
+    assert infos["type"] == "IVF102,Flat" and infos["count"] == N and infos["k"] == 32
+    assert infos["recall"] >= 0.95 and infos["meets_target"] and infos["nprobe"] >= 1
+    assert infos["build_s"] > 0 and infos["threads"] == vx.BUILD_THREADS
+    assert (built / SEARCH_NAME).stat().st_size == infos["bytes"]
+    with Store.open(built, writable=False) as store:
+        assert store.search_state["state"] == "ok", store.search_state
+        queries = _clustered(60, seed=7)
+        assert _recall(store, queries) >= 0.95
+        assert _recall(store, queries[:20], k=5, roles=("resynthesis",), source_ids=[store.source("a").id]) >= 0.95
+        report = store.verify(files=False)
+        assert report["search"]["on_disk"] == "ok" and report["search"]["serving"] == "ivf"
+        assert not [p for p in report["problems"] if "search" in p]
+
+
+def test_rebuild_is_deterministic(built, tmp_path):
+    root = _copy(built, tmp_path)
+    before = (root / SEARCH_NAME).read_bytes()
+    with Store.open(root) as store:
+        store.rebuild(flat_max=FLAT_MAX)
+    assert (root / SEARCH_NAME).read_bytes() == before
+
+
+def test_flat_choice_writes_no_search_file(built, tmp_path):
+    root = _copy(built, tmp_path)
+    with Store.open(root) as store:
+        store.rebuild()  # N is far below FLAT_MAX's default: the exact scan serves
+        assert store.search_state["state"] == "flat" and not (root / SEARCH_NAME).exists()
+        assert json.loads((root / SEARCH_INFOS).read_text())["type"] == "Flat"
+        assert store.verify(files=False)["search"]["serving"] == "exact"
+        assert _recall(store, _clustered(5, seed=3)) == 1.0
+
+
+# ----- the store moves on after the build ---------------------------------------------------------
+def test_vectors_added_after_rebuild_are_found(built, tmp_path):
+    root = _copy(built, tmp_path)
+    queries = _clustered(20, seed=11)
+    rng = np.random.default_rng(5)
+    near = _unit(queries + 0.01 * rng.standard_normal(queries.shape).astype(np.float32))
+    with Store.open(root) as store:
+        assert store.search_state["state"] == "ok"
+        new_ids = _add(store, near, "a", 10_000)
+        for query, vid in zip(queries, new_ids):
+            assert store.nearest(query, 5)[0][0].vector_id == vid
+        assert _recall(store, queries) >= 0.95
+        assert store.search_report()["added_since_build"] == len(new_ids)
+    with Store.open(root) as store:  # another process: the search index lacks them, the store has them
+        assert store.search_state["state"] == "ok"
+        for query, vid in zip(queries, new_ids):
+            assert store.nearest(query, 5)[0][0].vector_id == vid
+        assert store.verify(files=False)["search"]["added_since_build"] == len(new_ids)
+
+
+def test_deleted_vectors_are_never_returned(built, tmp_path):
+    root = _copy(built, tmp_path)
+    queries = _clustered(30, seed=13)
+    with Store.open(root) as store:
+        gone = set(store._db_vector_ids().tolist())
+        store.remove_source("b")
+        gone -= set(store._db_vector_ids().tolist())
+        assert len(gone) == N // 2
+        for query in queries:
+            assert not {r.vector_id for r, _ in store.nearest(query, 32)} & gone
+        assert _recall(store, queries) >= 0.95
+        assert store.search_report()["deleted_since_build"] == len(gone)
+    with Store.open(root, writable=False) as store:
+        assert store.search_state["state"] == "ok"  # the deleted ids are tombstoned: not stale
+        for query in queries:
+            found = store.nearest(query, 32, roles=("resynthesis", "original"))
+            assert len(found) == 32 and not {r.vector_id for r, _ in found} & gone
+
+
+def test_refresh_picks_up_a_rebuild_by_another_process(built, tmp_path):
+    root = _copy(built, tmp_path)
+    with Store.open(root) as store:
+        store.rebuild(search=True)  # Flat: no search file
+        assert store.search_state["state"] == "flat"
+        with Store.open(root) as other:
+            other.rebuild(flat_max=FLAT_MAX)
+        assert store.refresh() and store.search_state["state"] == "ok"
+        assert _recall(store, _clustered(10, seed=17)) >= 0.95
+
+
+# ----- never served wrong --------------------------------------------------------------------------
+def test_garbage_search_file_is_ignored(built, tmp_path):
+    root = _copy(built, tmp_path)
+    (root / SEARCH_NAME).write_bytes(np.random.default_rng(0).bytes((root / SEARCH_NAME).stat().st_size))
+    queries = _clustered(10, seed=19)
+    with Store.open(root) as store:
+        assert store.search_state["state"] == "ignored", store.search_state
+        assert store.search_report()["serving"] == "exact"
+        assert _recall(store, queries) == 1.0
+        report = store.verify(files=False)
+        assert not report["ok"] and report["search"]["on_disk"] == "ignored"
+        assert any("search index" in p for p in report["problems"])
+        store.verify(repair=True, files=False)  # rebuild: with the default FLAT_MAX the exact scan serves
+        assert store.verify(files=False)["ok"] and not (root / SEARCH_NAME).exists()
+
+
+def test_stale_or_damaged_search_file_is_ignored(built, tmp_path):
+    root = _copy(built, tmp_path)
+    old = (root / SEARCH_NAME).read_bytes()
+    with Store.open(root) as store:
+        _add(store, _clustered(50, seed=23), "a", 20_000)
+        store.rebuild(flat_max=FLAT_MAX)
+    (root / SEARCH_NAME).write_bytes(old)  # an older build beside the new infos
+    with Store.open(root) as store:
+        assert store.search_state["state"] == "ignored" and "stale" in store.search_state["problem"]
+        assert _recall(store, _clustered(5, seed=29)) == 1.0
+    with Store.open(root) as store:
+        store.rebuild(flat_max=FLAT_MAX)
+    infos = json.loads((root / SEARCH_INFOS).read_text())
+    index = vx.faiss.read_index(str(root / SEARCH_NAME))
+    lists = vx.faiss.extract_index_ivf(index).invlists
+    number = max(range(lists.nlist), key=lists.list_size)
+    size = lists.list_size(number) * lists.code_size
+    codes = vx.faiss.rev_swig_ptr(lists.get_codes(number), size).tobytes()
+    data = bytearray((root / SEARCH_NAME).read_bytes())
+    at = data.find(codes)
+    assert at > 0
+    data[at:at + size] = codes[::-1]  # the vectors of one list garbled, same size, ids and counts intact
+    (root / SEARCH_NAME).write_bytes(bytes(data))
+    with Store.open(root, writable=False) as store:  # up to FULL_CHECK vectors: all compared at open
+        assert store.search_state["state"] == "ignored" and "differ" in store.search_state["problem"]
+        assert _recall(store, _clustered(5, seed=29)) == 1.0
+        assert store.verify(files=False)["search"]["on_disk"] == "ignored"
+    (root / SEARCH_INFOS).write_text("{not json")
+    with Store.open(root, writable=False) as store:
+        assert store.search_state["state"] == "ignored"
+        assert _recall(store, _clustered(5, seed=31)) == 1.0
+    assert infos["count"] == N + 50
+
+
+def test_pq_when_flat_codes_exceed_the_budget(built, tmp_path):
+    root = _copy(built, tmp_path)
+    with Store.open(root) as store:
+        store.rebuild(flat_max=FLAT_MAX, memory_budget_bytes=120_000, threads=1)  # PQ16 needs 141,824 bytes
+        infos = json.loads((root / SEARCH_INFOS).read_text())
+        assert infos["type"] == "IVF102,PQ8" and infos["rerank"] == vx.RERANK and infos["threads"] == 1
+        assert infos["recall"] >= 0.95 and store.search_state["state"] == "ok"
+        queries = _clustered(30, seed=37)
+        assert _recall(store, queries) >= 0.95
+        fast = store.nearest(queries[0], 5)
+        exact = store.nearest(queries[0], 5, exact=True)
+        assert fast[0][0].vector_id == exact[0][0].vector_id
+        assert abs(fast[0][1] - exact[0][1]) < 1e-5  # re-scored exactly from the flat copy
