@@ -14,7 +14,8 @@ from engine.evaluation.dataset import EvalSet
 from engine.evaluation.metrics import accuracy, classification_report
 from engine.evaluation.openset import (DEFAULT_OPEN_SET_SCORE, FALSE_REJECT, FeatureContext, calibration_report,
                                        feature_context, leave_one_source_out)
-from engine.evaluation.scoring import DISTANCES, Variant, neighbour_score_matrix, padded_references, score_matrix
+from engine.evaluation.scoring import (DISTANCES, Variant, adaptive_score_matrix, neighbour_score_matrix,
+                                      padded_references, score_matrix)
 
 ENGINE_DEFAULT = Variant()  # what `resynth attribute` does out of the box (engine.aggregate defaults)
 K_VALUES = (1, 2, 3, 5, 10, 20)
@@ -120,10 +121,11 @@ def run_protocol(evalset: EvalSet, features: dict[str, tuple[np.ndarray, np.ndar
 
 def compare_modes(evalset: EvalSet, originals: np.ndarray, resyntheses: np.ndarray, references,
                   variant: Variant) -> dict:
-    """The engine's three modes side by side on the primary layer, with the engine's defaults:
-    resynthesis (the description's references), dataset (nearest stored resyntheses of any description,
-    no generation) and combined (both, the default). Generations: what a new description costs."""
-    from engine.options import Options
+    """The engine's modes side by side on the primary layer, with the engine's defaults: resynthesis (the
+    description's references), dataset (nearest stored resyntheses of any description, no generation),
+    combined (both, the default), and adaptive resynthesis replayed in seed order. Generations: what a
+    new description costs per query."""
+    from engine.options import DECISIVE_MARGIN, Options
 
     options = Options()
     labels, names = evalset.orig_source, evalset.sources
@@ -134,6 +136,13 @@ def compare_modes(evalset: EvalSet, originals: np.ndarray, resyntheses: np.ndarr
                 "combined": neighbour_score_matrix(*args, references=references, per_source=variant.per_source)}
     generations = {"resynthesis": options.per_source * len(names), "dataset": 0,
                    "combined": options.per_source * len(names)}
+    budget = min(options.per_source, evalset.max_per_source())
+    adaptive, cost = adaptive_score_matrix(originals, resyntheses, references,
+                                           Variant(variant.layer, variant.distance, variant.aggregation, budget),
+                                           budget, DECISIVE_MARGIN)
+    matrices[f"resynthesis, adaptive K<={budget}"] = adaptive
+    generations[f"resynthesis, adaptive K<={budget}"] = round(float(cost.mean()), 2)
+    generations["resynthesis"] = generations["combined"] = budget * len(names)
     return {mode: {"default": mode == options.mode, "generations_per_new_description": generations[mode],
                    **_summary(classification_report(labels, scores, names))} for mode, scores in matrices.items()}
 
