@@ -427,6 +427,8 @@ class Workspace:
         ids = np.array([r.vector_id for rows in per_source.values() for r in rows], np.int64)
         sims, found = self.store.search(np.asarray(vector, np.float32)[None, :], ids)
         similarity = dict(zip(found[0].tolist(), sims[0].tolist()))
+        per_source = {name: [r for r in rows if r.vector_id in similarity]  # removed meanwhile: not evidence
+                      for name, rows in per_source.items()}
         values = {name: np.array([similarity[r.vector_id] for r in rows]) for name, rows in per_source.items()}
         calibration, stale = self.calibration, self.calibration_stale()
         scores, unknown = rank(values, {n: len(r) for n, r in per_source.items()}, plan.options.aggregation,

@@ -855,6 +855,17 @@ class Store:
                 raise StoreInputError(f"{len(gone)} requested vectors are not in the store "
                                       f"(removed meanwhile?), e.g. id {int(gone[0])}") from None
 
+    def present(self, ids: np.ndarray) -> np.ndarray:
+        """The ids among `ids` the store still holds (a source removed meanwhile takes its vectors along)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        with self._index_lock:
+            here = np.isin(ids, vx.index_ids(self.index))
+        if here.all():
+            return ids
+        with self.session() as s:
+            stored = set(s.scalars(select(Vector.id).where(Vector.id.in_(ids[~here].tolist()))))
+        return ids[here | np.isin(ids, list(stored))]
+
     def search(self, queries: np.ndarray, candidate_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Inner products of each query with exactly the candidates, best first: (similarities, ids).
 
@@ -862,7 +873,12 @@ class Store:
         the store's size, where an ID-filtered FAISS scan grows with it (scripts/bench_lookup.py).
         """
         candidate_ids = np.asarray(candidate_ids, dtype=np.int64)
-        sims = np.asarray(queries, np.float32) @ self.vectors(candidate_ids).T
+        try:
+            matrix = self.vectors(candidate_ids)
+        except StoreInputError:  # some were removed meanwhile (a source removed by another process)
+            candidate_ids = self.present(candidate_ids)
+            matrix = self.vectors(candidate_ids)
+        sims = np.asarray(queries, np.float32) @ matrix.T
         order = np.argsort(-sims, axis=1, kind="stable")
         return np.take_along_axis(sims, order, axis=1), candidate_ids[order]
 

@@ -56,3 +56,18 @@ def test_every_stored_reference_counts_by_default(tmp_path):
         assert capped.predicted == "B" and {s.resyntheses for s in capped.scores} == {3}
         for aggregation in ("max", "knn", "softmax"):
             assert attribute(Options(aggregation=aggregation, mode="resynthesis")).predicted == "A"
+
+
+def test_references_removed_meanwhile_are_not_evidence_and_not_an_error(tmp_path):
+    """A request that gathered its candidates just before another process removed a source is answered
+    as if it came after: the removed vectors drop out, no error."""
+    with _synthetic_store(tmp_path / "s") as ws:
+        plan = ws.plan(Options(mode="resynthesis"))
+        found = ws.candidates("a portrait", plan)  # gathered ...
+        other = Store.open(tmp_path / "s")
+        other.remove_source("B")  # ... then B goes, in another handle
+        other.close()
+        ws.store.refresh()
+        result = ws.score(Query(image=None, file_hash="q", label="q"), "a portrait", "prompt", _unit(1.0, 1),
+                          plan, found)
+        assert [s.source for s in result.scores] == ["A"] and result.predicted == "A"

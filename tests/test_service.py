@@ -377,7 +377,11 @@ def test_a_source_removed_by_the_cli_leaves_the_running_server(served_store, que
         service = _service_of(client)
         assert len(_post(client, query_png).json()["results"][0]["scores"]) == SOURCES
         assert run_cli("source", "remove", "tiny-sdxl-dpm", "--store", store, "--quiet") == 0
-        _wait_for(lambda: len(_post(client, query_png).json()["results"][0]["scores"]) == SOURCES - 1, timeout=10)
+        def removed() -> bool:
+            body = _post(client, query_png).json()
+            assert "results" in body, body
+            return len(body["results"][0]["scores"]) == SOURCES - 1
+        _wait_for(removed, timeout=10)
         after = _post(client, query_png).json()["results"][0]
         assert {s["source"] for s in after["scores"]} == {g.name for g in zoo.DEFAULT_GENERATORS} - {"tiny-sdxl-dpm"}
         _assert_error(_post(client, query_png, sources="tiny-sdxl-dpm"), 404, "unknown_source")
