@@ -402,7 +402,7 @@ def test_kill_during_generation_then_restart_keeps_store_consistent(served_store
     server = ServerProcess(store, "--refresh-seconds", "0.2")
     try:
         done = httpx.post(server.url + "/v1/attribute", files={"image": ("q.png", query_png, "image/png")},
-                          data={"prompt": acknowledged, "adaptive": "false"}, timeout=60)
+                          data={"prompt": acknowledged, "adaptive": "false", "mode": "resynthesis"}, timeout=60)
         assert done.status_code == 200 and done.json()["cache"]["generated"] == SOURCES * K
         before = _vectors(store)
         prompts = [f"an unfinished prompt number {w}" for w in ("one", "two", "three", "four")]
@@ -432,7 +432,7 @@ def test_kill_during_generation_then_restart_keeps_store_consistent(served_store
     server = ServerProcess(store)
     try:
         again = httpx.post(server.url + "/v1/attribute", files={"image": ("q.png", query_png, "image/png")},
-                           data={"prompt": acknowledged, "adaptive": "false"}, timeout=60).json()
+                           data={"prompt": acknowledged, "adaptive": "false", "mode": "resynthesis"}, timeout=60).json()
         assert again["cache"] == {"cached": SOURCES * K, "generated": 0}
         assert _ranking(again) == _ranking(done.json())
     finally:
