@@ -29,6 +29,7 @@ from engine.calibration import Calibration
 from engine.errors import NotFoundError, SourceError, UserError
 from engine.images import ImageInput
 from engine.options import Options
+from index.errors import StoreInputError
 from index.faults import crash_point
 from index.keys import normalise_description, sha256_text
 from index.store import NewImage, Store
@@ -128,8 +129,11 @@ class Workspace:
         from engine.generate import DiffusersGenerator, GenerationParams
 
         with self._lock:
-            source = next((s for s in self.sources() if s.name == name and s.kind == "diffusers"), None)
-            if source is None:
+            source = next((s for s in self.sources() if s.name == name), None)
+            if source is None:  # removed by another process since this request was planned
+                self._sources_changed()
+                raise SourceError(name, "was removed from the store during this request")
+            if source.kind != "diffusers":
                 raise UserError(f"source {name!r} has no pipeline to generate with")
             kept = self._generators.get(name)
             if kept is None or kept.fingerprint != source.fingerprint:
@@ -391,7 +395,13 @@ class Workspace:
                                  file_hash=file_hash, path=relative.as_posix(), vector=vector, seed=seed,
                                  params_hash=params_hash))
         crash_point("generate:before-commit")  # images on disk, rows not yet committed
-        self.store.add_images(rows)
+        try:
+            self.store.add_images(rows)
+        except StoreInputError as exc:
+            self._sources_changed()
+            if all(s.name != name for s in self.sources()):
+                raise SourceError(name, "was removed from the store during this request") from exc
+            raise
         return len(rows)
 
     # ----- steps 3 and 4: embed, compare, rank -------------------------------------------------

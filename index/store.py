@@ -1145,11 +1145,15 @@ class Store:
         image_ids, new_ids, new_rows = [], [], []
         with self._write_session() as s:
             for i, (row, vec) in enumerate(zip(rows, matrix)):
-                made = insert_ignore(s, Image, {
-                    "key": row.key, "role": row.role, "source_id": row.source_id,
-                    "description_id": row.description_id, "seed": row.seed, "params_hash": row.params_hash,
-                    "file_hash": row.file_hash, "path": row.path, "original_id": row.original_id,
-                    "created_at": _utcnow()}, ["key"])
+                try:
+                    made = insert_ignore(s, Image, {
+                        "key": row.key, "role": row.role, "source_id": row.source_id,
+                        "description_id": row.description_id, "seed": row.seed, "params_hash": row.params_hash,
+                        "file_hash": row.file_hash, "path": row.path, "original_id": row.original_id,
+                        "created_at": _utcnow()}, ["key"])
+                except IntegrityError as exc:  # a foreign key: the source was removed meanwhile
+                    raise StoreInputError("an image refers to a source or description that no longer "
+                                          "exists (removed by another process)") from exc
                 if made.rowcount != 1:
                     image_ids.append(s.scalar(select(Image.id).where(Image.key == row.key)))
                     continue

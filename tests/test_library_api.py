@@ -136,3 +136,34 @@ def test_cli_answers_without_importing_torch(store_dir, tmp_path, argv):
 def test_index_imports_nothing_from_engine():
     for path in (REPO / "index").glob("*.py"):
         assert not re.search(r"^\s*(from|import) engine", path.read_text(), re.M), path
+
+
+
+@pytest.mark.parametrize("listing", ["stale", "re-read"])
+def test_a_source_removed_by_another_process_mid_request_drops_out(store_dir, originals, listing, monkeypatch):
+    """Another process removes a source after this workspace planned a request: the request still ends,
+    the other sources are generated and stored, the removed one is reported as not scored. Both
+    orders: the listing still names the source when its images are stored (the database refuses
+    them), or it was re-read before its pipeline was looked up."""
+    import engine
+    import engine.workspace
+    from engine import Options
+
+    monkeypatch.setattr(engine.workspace, "SOURCES_TTL", 3600.0)
+    text = "a prompt nobody asked before"
+    with engine.open(store_dir) as ws:
+        plan = ws.plan(Options(adaptive=False, mode="resynthesis", per_source=1))
+        names = [s.name for s in plan.sources]
+        gone = names[-1]
+        with engine.open(store_dir) as other:
+            other.remove_source(gone)
+        if listing == "re-read":
+            ws._sources_changed()
+        cached, generated, failed = ws.resynthesize([text], plan)[text]
+        assert (cached, generated) == (0, len(names) - 1)
+        assert list(failed) == [gone] and "removed" in failed[gone]
+        ws._sources_changed()
+        report = ws.attribute([originals[0]["image"]], prompt=text,
+                              options=Options(adaptive=False, mode="resynthesis", per_source=1))
+        assert sorted(s.source for s in report.results[0].scores) == sorted(n for n in names if n != gone)
+        assert report.results[0].generated == 0
