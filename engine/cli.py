@@ -149,10 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _extension_commands():
     """Command groups that live beside their code (evaluation, service): each adds its subparsers."""
     from engine.evaluation.commands import register as evaluation
+    from engine.jobs import register as jobs
     from engine.published import register as published
     from engine.service.commands import register as service
 
-    return [evaluation, published, service]
+    return [evaluation, published, jobs, service]
 
 
 def _emit(args, data, text: str) -> None:

@@ -10,7 +10,7 @@ from engine.errors import UserError
 from engine.generate import source_params_hash
 from engine.images import read_image
 from engine.manifest import ManifestRow, read_manifest
-from index.keys import cache_key, canonical_json, normalise_description, sha256_file, sha256_text
+from index.keys import image_key, normalise_description, sha256_file, sha256_text
 from index.store import NewImage, Store
 
 BATCH = 32  # rows embedded and committed together: a crash loses at most one batch, rerun resumes
@@ -27,13 +27,8 @@ class IngestReport:
 def row_key(row: ManifestRow, source, file_hash: str, embedder: str) -> str:
     """Originals key on their bytes; resyntheses of pipeline sources on their recipe (the cache key)."""
     description_hash = sha256_text(normalise_description(row.description))
-    if row.role == "original":
-        return sha256_text(canonical_json(["original", file_hash, source.name, description_hash, embedder]))
-    if source.kind == "replay" or row.seed is None:
-        # No reproducible recipe: the image itself is the identity. It never stands in for a seed.
-        return cache_key(description_hash, source.fingerprint, row.seed if row.seed is not None else -1, "",
-                         embedder, file_hash)
-    return cache_key(description_hash, source.fingerprint, row.seed, _params_hash(row, source), embedder)
+    return image_key(row.role, description_hash, source.fingerprint, source.name, row.seed,
+                     _params_hash(row, source), file_hash, embedder)
 
 
 def _params_hash(row: ManifestRow, source) -> str | None:

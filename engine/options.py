@@ -109,9 +109,12 @@ class Options:
         return asdict(self)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One CLI flag per option, with its default and help (values are validated by Options itself)."""
+def add_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """One CLI flag per option (or per option named in `only`), with its default and help (values are
+    validated by Options itself)."""
     for f in fields(Options):
+        if only is not None and f.name not in only:
+            continue
         meta = f.metadata
         default = f" (default {f.default})" if f.default is not None else ""
         if meta["kind"] is bool:

@@ -601,6 +601,33 @@ class Workspace:
     def rebuild(self) -> int:
         return self.store.rebuild()
 
+    def resynthesize_dataset(self, descriptions: Sequence[str] | str | os.PathLike, options: Options | None = None,
+                             ray: str | None = None) -> dict:
+        """Precompute every resynthesis of a description list (or a file of them): in this process, or on
+        the Ray cluster at `ray` ("local" starts one). Resumable; see engine.jobs."""
+        from engine import jobs
+
+        if isinstance(descriptions, (str, os.PathLike)):
+            descriptions = jobs.read_descriptions(descriptions)
+        return jobs.resynthesize_dataset(self, descriptions, options, ray_address=ray, progress=self.progress)
+
+    def reembed(self, clip_checkpoint: str | os.PathLike, clip_model: str | None = None,
+                clip_config: str | os.PathLike | None = None, clip_layer: str | int | None = "middle",
+                ray: str | None = None) -> dict:
+        """Re-embed every stored image for a new encoder or layer and switch to it atomically (no image is
+        regenerated; the old vectors stay live until the new set is complete). See engine.jobs."""
+        from engine import jobs
+
+        spec = embedder_spec(clip_checkpoint, clip_model, clip_config, clip_layer)
+        return jobs.reembed(self, spec, ray_address=ray, progress=self.progress)
+
+    def use_embedder(self, embedder: "Embedder") -> None:
+        """Adopt the embedder the store was just switched to (plans made in the old space are dropped)."""
+        with self._lock:
+            self._embedder = embedder
+            self._plans.clear()
+        self._sources_changed()
+
     def stats(self) -> dict:
         return self.store.stats()
 
@@ -671,19 +698,27 @@ def open_workspace(store_dir: str | os.PathLike | None = None, *, device: str | 
     return Workspace(store, device=device, captioner=captioner, progress=progress)
 
 
+def embedder_spec(clip_checkpoint: str | os.PathLike, clip_model: str | None = None,
+                  clip_config: str | os.PathLike | None = None, clip_layer: str | int | None = "middle"):
+    """The EmbedderSpec of `init`'s and `reembed`'s --clip-* options (paths made absolute)."""
+    from engine.embed import EmbedderSpec, parse_layer
+
+    if bool(clip_model) == bool(clip_config):
+        raise UserError("give exactly one of --clip-model ARCH or --clip-config JSON")
+    config = str(Path(clip_config).resolve()) if clip_config else None
+    return EmbedderSpec(arch=clip_model or Path(str(clip_config)).stem, checkpoint=str(Path(clip_checkpoint).resolve()),
+                        config=config, layer=parse_layer(clip_layer))
+
+
 def init_workspace(store_dir: str | os.PathLike | None = None, *, clip_checkpoint: str | os.PathLike,
                    clip_model: str | None = None, clip_config: str | os.PathLike | None = None,
                    clip_layer: str | int | None = "middle", captioner: str | os.PathLike | None = None,
                    device: str | None = None, progress: bool = False) -> Workspace:
     """Create a store bound to one open_clip image encoder (loaded once, to validate it and learn its identity)."""
     from engine.describe import Captioner
-    from engine.embed import Embedder, EmbedderSpec, parse_layer
+    from engine.embed import Embedder
 
-    if bool(clip_model) == bool(clip_config):
-        raise UserError("give exactly one of --clip-model ARCH or --clip-config JSON")
-    config = str(Path(clip_config).resolve()) if clip_config else None
-    spec = EmbedderSpec(arch=clip_model or Path(str(clip_config)).stem, checkpoint=str(Path(clip_checkpoint).resolve()),
-                        config=config, layer=parse_layer(clip_layer))
+    spec = embedder_spec(clip_checkpoint, clip_model, clip_config, clip_layer)
     if captioner:
         Captioner(Path(captioner))  # validates the folder now rather than at the first query
     embedder = Embedder(spec, device=device)

@@ -34,3 +34,16 @@ def cache_key(description_hash: str, source_fingerprint: str, seed: int, params_
     """Identity of one resynthesis vector. `file_hash` only for replayed images (no generation recipe)."""
     return sha256_text(canonical_json([description_hash, source_fingerprint, seed, params_hash, embedder,
                                        file_hash]))
+
+
+def image_key(role: str, description_hash: str, source_fingerprint: str, source_name: str, seed: int | None,
+              params_hash: str | None, file_hash: str, embedder: str) -> str:
+    """The key of any stored image, from what its row records: an original keys on its bytes; a
+    resynthesis with a generation recipe (params_hash) on the recipe (the cache key); one without (a
+    replayed image) on its bytes. The one definition, used by ingest and by re-keying on `reembed`."""
+    if role == "original":
+        return sha256_text(canonical_json(["original", file_hash, source_name, description_hash, embedder]))
+    if params_hash is None:
+        return cache_key(description_hash, source_fingerprint, seed if seed is not None else -1, "", embedder,
+                         file_hash)
+    return cache_key(description_hash, source_fingerprint, seed, params_hash, embedder)

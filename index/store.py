@@ -47,7 +47,7 @@ from sqlalchemy.pool import QueuePool
 from index import vectors as vx
 from index.faults import crash_point
 from index.errors import StoreDamaged, StoreError, StoreInputError, UnknownName
-from index.keys import normalise_description, sha256_file, sha256_text
+from index.keys import image_key, normalise_description, sha256_file, sha256_text
 from index.schema import (ADDED_TABLES, CORE_TABLES, Base, Claim, DeletedVector, Description, Image, Source,
                           StoreMeta, Vector)
 from index.schema import _now as _utcnow
@@ -267,6 +267,7 @@ class Store:
             if create:
                 self._create_schema()
             self._probe(db_path)
+            self._adopt_switched_embedder()
             if writable:
                 self._migrate()
                 self.remove_stale_temp_files()
@@ -442,7 +443,9 @@ class Store:
     # ----- the FAISS index -------------------------------------------------------------------
     @property
     def index_path(self) -> Path:
-        return self.root / INDEX_NAME
+        """The index file store.json names (a re-embedded store names a new one, so the switch is one
+        atomic replace of store.json)."""
+        return self.root / self.config.get("index_file", INDEX_NAME)
 
     def _db_vector_ids(self, session: Session | None = None) -> np.ndarray:
         query = select(Vector.id).where(Vector.embedder == self.embedder_identity)
@@ -470,9 +473,12 @@ class Store:
                                        .where(DeletedVector.vector_id.in_(rest[k:k + 500]))).all())
         return np.array(sorted(known), np.int64)
 
-    def _stored_vectors(self, ids: np.ndarray | None = None, batch: int = 10000, session: Session | None = None):
-        """Yield (ids, matrix) batches from the database, for rebuilding without re-embedding."""
-        base = select(Vector.id, Vector.data).where(Vector.embedder == self.embedder_identity).order_by(Vector.id)
+    def _stored_vectors(self, ids: np.ndarray | None = None, batch: int = 10000, session: Session | None = None,
+                        embedder: tuple[str, int] | None = None):
+        """Yield (ids, matrix) batches from the database, for rebuilding without re-embedding (of the
+        live embedder, or of `embedder` = (identity, dim))."""
+        identity, dim = embedder or (self.embedder_identity, self.dim)
+        base = select(Vector.id, Vector.data).where(Vector.embedder == identity).order_by(Vector.id)
         if ids is None:
             queries = [base]
         else:
@@ -484,9 +490,9 @@ class Store:
             for query in queries:
                 for vid, data in s.execute(query).yield_per(batch):
                     vec = np.frombuffer(data, dtype=np.float32)
-                    if vec.shape != (self.dim,):
+                    if vec.shape != (dim,):
                         raise _damaged(self.root / DB_NAME, f"holds vector {vid} of size {vec.size}, "
-                                                            f"not {self.dim}")
+                                                            f"not {dim}")
                     chunk_ids.append(vid)
                     chunk.append(vec)
                     if len(chunk) == batch:
@@ -615,11 +621,11 @@ class Store:
         """Publish the in-memory index atomically, merged with what other processes committed/deleted."""
         self._publish()
 
-    def _rebuild_from_db(self):
-        index = vx.new_index(self.dim)
+    def _rebuild_from_db(self, embedder: tuple[str, int] | None = None):
+        index = vx.new_index(embedder[1] if embedder else self.dim)
         with self.session() as s:
             tomb_seq, _ = self._tomb_state(s)
-            for ids, matrix in self._stored_vectors(session=s):
+            for ids, matrix in self._stored_vectors(session=s, embedder=embedder):
                 index.add_with_ids(matrix, ids)
         return index, tomb_seq
 
@@ -1397,6 +1403,97 @@ class Store:
             (recent if now - path.stat().st_mtime < ORPHAN_GRACE_S else old).append(path)
         return old, recent
 
+    # ----- re-embedding: a second vector set beside the live one, then one atomic switch ------
+    def _adopt_switched_embedder(self) -> None:
+        """Finish a `reembed` switch that committed in the database but died before store.json followed."""
+        with self.session() as s:
+            recorded = s.scalar(select(StoreMeta.value).where(StoreMeta.key == "config")) if self._has_claims else None
+        if not recorded:
+            return
+        config = json.loads(recorded)
+        if config["embedder"]["identity"] == self.embedder_identity:
+            return
+        if not (self.root / config["index_file"]).exists():
+            raise _damaged(self.root / DB_NAME, f"records a switch to {config['embedder']['identity']} whose "
+                                                f"index {config['index_file']} is missing")
+        self.config, self.embedder_identity, self.dim = config, config["embedder"]["identity"], int(config["dim"])
+        if self.writable:
+            write_json_atomic(self.root / CONFIG_NAME, config)
+
+    def images_without_vector(self, embedder: str) -> list[tuple[int, Path]]:
+        """(image id, file) of every image that has no vector under `embedder` yet (resumable work)."""
+        have = select(Vector.image_id).where(Vector.embedder == embedder)
+        with self.session() as s:
+            rows = s.execute(select(Image.id, Image.path).where(Image.id.not_in(have)).order_by(Image.id)).all()
+        return [(image_id, self._file_path(path)) for image_id, path in rows]
+
+    def add_vectors(self, embedder: str, image_ids: list[int], matrix: np.ndarray) -> int:
+        """Store vectors of another embedder for existing images (idempotent); the live index is untouched."""
+        matrix = np.asarray(matrix, np.float32)
+        if len(image_ids) != len(matrix) or not np.isfinite(matrix).all():
+            raise StoreInputError("vectors to store must be finite, one per image")
+        if embedder == self.embedder_identity:
+            raise StoreInputError(f"the store already uses embedder {embedder}")
+        added = 0
+        with self._write_session() as s:
+            for image_id, row in zip(image_ids, matrix):
+                data = row.tobytes()
+                try:
+                    made = insert_ignore(s, Vector, {"image_id": int(image_id), "embedder": embedder, "data": data,
+                                                     "checksum": vx.checksum(data)}, ["image_id", "embedder"])
+                except IntegrityError:  # the image was removed meanwhile
+                    s.rollback()
+                    return added
+                added += made.rowcount
+            s.commit()
+        return added
+
+    def switch_embedder(self, embedder: dict, dim: int) -> int:
+        """Make `embedder`'s vectors the live set, atomically. The new index file is written first; then
+        one database transaction re-keys every image (keys name the embedder) and records the new
+        config: that commit is the switch (an open after a crash here adopts it, see
+        `_adopt_switched_embedder`); store.json follows, and only then are the old vectors, old index and
+        search files and the calibration (fitted in the old space) dropped. Refused while any image
+        lacks a new vector. Returns the new index size. Other processes must reopen the store."""
+        identity = embedder["identity"]
+        self._require_writable()
+        with self._file_lock():
+            left = self.images_without_vector(identity)
+            if left:
+                raise StoreInputError(f"{len(left)} stored images have no {identity} vector yet: "
+                                      "finish `resynth reembed` first")
+            old_index = self.index_path
+            index_file = f"vectors-{sha256_text(identity)[:16]}.faiss"
+            fresh, tomb_seq = self._rebuild_from_db((identity, int(dim)))
+            vx.write_atomic(fresh, self.root / index_file)
+            config = {k: v for k, v in self.config.items() if k != "calibration"}
+            config.update(embedder=embedder, dim=int(dim), index_file=index_file)
+            with self._write_session() as s:
+                rows = s.execute(select(Image.id, Image.role, Description.hash, Source.fingerprint, Source.name,
+                                        Image.seed, Image.params_hash, Image.file_hash)
+                                 .join(Description, Image.description_id == Description.id)
+                                 .join(Source, Image.source_id == Source.id)).all()
+                s.execute(update(Image), [{"id": row[0], "key": image_key(*row[1:], identity)} for row in rows])
+                s.execute(delete(StoreMeta).where(StoreMeta.key == "config"))
+                s.execute(StoreMeta.__table__.insert().values(key="config", value=json.dumps(config)))
+                crash_point("reembed:before-commit")
+                s.commit()  # the switch
+            crash_point("reembed:after-commit")
+            write_json_atomic(self.root / CONFIG_NAME, config)
+            with self._index_lock:
+                self.config, self.embedder_identity, self.dim = config, identity, int(dim)
+                self.index, self._tomb_seq, self._dirty, self._delta = fresh, tomb_seq, False, None
+                self._search, self.search_state = None, {"state": "absent"}
+                self._file_state = _file_state(self.index_path)
+            with self._write_session() as s:
+                s.execute(delete(Vector).where(Vector.embedder != identity))
+                s.commit()
+            for stale in (old_index, self.search_path, self.search_infos_path):
+                if stale != self.index_path:
+                    stale.unlink(missing_ok=True)
+            self._search_files = self._search_file_state()
+        return int(fresh.ntotal)
+
     # ----- numbers ---------------------------------------------------------------------------
     def stats(self) -> dict:
         with self.session() as s:
@@ -1404,7 +1501,7 @@ class Store:
                                    .join(Image, Image.source_id == Source.id, isouter=True)
                                    .group_by(Source.name, Source.kind, Image.role)).all()
             descriptions = s.scalar(select(func.count(Description.id)))
-            vectors = s.scalar(select(func.count(Vector.id)))
+            vectors = s.scalar(select(func.count(Vector.id)).where(Vector.embedder == self.embedder_identity))
         sources: dict[str, dict] = {}
         for name, kind, role, count in per_source:
             entry = sources.setdefault(name, {"kind": kind, "originals": 0, "resyntheses": 0})

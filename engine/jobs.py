@@ -1,0 +1,316 @@
+"""Offline jobs over a whole dataset: precompute resyntheses (`resynth resynthesize`) and re-embed a store
+for a new CLIP model or layer (`resynth reembed`).
+
+Both run in this process by default, or on a Ray cluster (`--ray ADDRESS`, or `--ray local` to start one
+here). On Ray, each source gets its own actor (one per GPU when the cluster has GPUs), which loads its
+pipeline once and generates in batches; every result is written through the store (claims make a key
+generated once even when two jobs overlap), so a job that stops is resumed by running it again: stored
+keys are skipped. The in-process and Ray paths store the same keys and vectors (tested).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from engine.errors import UserError, first_line
+from engine.options import Options
+
+log = logging.getLogger("resynth.jobs")
+
+DESCRIPTIONS_PER_TASK = 16  # one Ray task: a few batches of one source (small enough for a smooth progress bar)
+IMAGES_PER_EMBED_TASK = 256
+
+
+# ----- input -------------------------------------------------------------------------------------
+def read_descriptions(path: str | Path) -> list[str]:
+    """Descriptions from a text file (one per line, `#` comments) or a manifest (CSV with a
+    `description` column, or JSONL rows with `description` or `prompt`); duplicates kept once."""
+    from engine.describe import clean_prompt
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"descriptions file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {first_line(exc)}") from None
+    found: list[tuple[int, str]] = []
+    if path.suffix.lower() == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        if "description" not in (reader.fieldnames or []):
+            raise UserError(f"{path}: a manifest needs a 'description' column")
+        found = [(number, row.get("description") or "") for number, row in enumerate(reader, start=2)]
+    elif path.suffix.lower() == ".jsonl":
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    found.append((number, str(row.get("description", row.get("prompt")) or "")))
+                except (ValueError, AttributeError):
+                    raise UserError(f"{path}:{number}: expected a JSON object with a description") from None
+    else:
+        found = [(n, line) for n, line in enumerate(text.splitlines(), start=1)
+                 if line.strip() and not line.lstrip().startswith("#")]
+    out: dict[str, None] = {}
+    for number, raw in found:
+        try:
+            out[clean_prompt(raw)] = None
+        except UserError:
+            raise UserError(f"{path}:{number}: empty description") from None
+    if not out:
+        raise UserError(f"{path} holds no description")
+    return list(out)
+
+
+# ----- Ray ---------------------------------------------------------------------------------------
+@contextmanager
+def ray_cluster(address: str | None) -> Iterator[object | None]:
+    """The `ray` module connected to `address` ("local": a cluster in this process), or None without
+    one. A cluster the caller already initialised is used as it is and left running."""
+    if not address:
+        yield None
+        return
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--ray needs Ray: pip install 'resynth[ray]'") from None
+    started = not ray.is_initialized()
+    if started:
+        try:
+            ray.init(address=None if address == "local" else address, include_dashboard=False,
+                     log_to_driver=False, logging_level=logging.WARNING)
+        except Exception as exc:  # ConnectionError, ValueError ... for an unreachable address
+            raise UserError(f"cannot connect to the Ray cluster at {address}: {first_line(exc)}") from None
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _placement(ray, actors: int) -> tuple[dict, str]:
+    """Actor resources and device: one GPU each when there are enough, a share of the CPUs otherwise."""
+    resources = ray.cluster_resources()
+    gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
+    if gpus >= 1:
+        return {"num_gpus": min(1.0, gpus / actors), "num_cpus": min(1.0, cpus / actors)}, "cuda"
+    return {"num_cpus": min(1.0, cpus / actors)}, "cpu"
+
+
+class _SourceWorker:
+    """A Ray actor generating for one source: its pipeline loads once, on the first task."""
+
+    def __init__(self, store_dir: str, options: Options, device: str):
+        import engine
+
+        self.ws = engine.open(store_dir, device=device)
+        self.plan = self.ws.plan(options)
+
+    def run(self, texts: list[str]) -> tuple[int, int, dict[str, str]]:
+        cached = generated = 0
+        failed: dict[str, str] = {}
+        for c, g, f in self.ws.resynthesize(texts, self.plan).values():
+            cached, generated = cached + c, generated + g
+            failed.update(f)
+        self.ws.store.save_index()
+        return cached, generated, failed
+
+
+class _EmbedWorker:
+    """A Ray actor embedding image files with the new encoder (loaded once)."""
+
+    def __init__(self, spec, device: str):
+        from engine.embed import Embedder
+
+        self.embedder = Embedder(spec, device=device)
+
+    def run(self, jobs: list[tuple[int, str]]) -> tuple[list[int], np.ndarray, list[tuple[str, str]]]:
+        return _embed_files(self.embedder, jobs)
+
+
+# ----- resynthesize ------------------------------------------------------------------------------
+def resynthesize_dataset(ws, descriptions: Sequence[str], options: Options | None = None,
+                         ray_address: str | None = None, progress: bool = True) -> dict:
+    """Generate and store every missing resynthesis of `descriptions` by every pipeline source of
+    `options` (per_source seeds from options.seed). Returns counts and per-source failures."""
+    from tqdm import tqdm
+
+    options = (options or Options()).with_changes(mode="resynthesis", adaptive=False)
+    plan = ws.plan(options)
+    names = [s.name for s in plan.pipelines]
+    texts = list(dict.fromkeys(descriptions))
+    started = time.perf_counter()
+    totals = {"cached": 0, "generated": 0}
+    failed: dict[str, str] = {}
+    wanted = len(texts) * len(names) * options.per_source
+    bar = tqdm(total=wanted, desc="resynthesizing", unit="image", disable=not progress or not wanted)
+
+    def add(cached: int, generated: int, failures: dict[str, str]) -> None:
+        totals["cached"] += cached
+        totals["generated"] += generated
+        failed.update(failures)
+
+    chunks = [texts[i:i + DESCRIPTIONS_PER_TASK] for i in range(0, len(texts), DESCRIPTIONS_PER_TASK)]
+    with ray_cluster(ray_address) as ray:
+        if ray is None or not names:
+            for chunk in chunks:
+                for cached, generated, failures in ws.resynthesize(chunk, plan).values():
+                    add(cached, generated, failures)
+                bar.update(len(chunk) * len(names) * options.per_source)
+        else:
+            resources, device = _placement(ray, len(names))
+            worker = ray.remote(_SourceWorker)
+            actors = {name: worker.options(**resources).remote(str(ws.root), options.with_changes(sources=(name,)),
+                                                               device) for name in names}
+            pending = {actors[name].run.remote(chunk): (name, len(chunk)) for name in names for chunk in chunks}
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                name, size = pending.pop(done[0])
+                try:
+                    add(*ray.get(done[0]))
+                except Exception as exc:  # an actor that could not even open the store or load
+                    failed[name] = first_line(getattr(exc, "cause", None) or exc)
+                bar.update(size * options.per_source)
+            for actor in actors.values():
+                ray.kill(actor)
+            ws.store.refresh()
+    bar.close()
+    return {"descriptions": len(texts), "sources": names, "per_source": options.per_source, "wanted": wanted,
+            **totals, "failed": failed, "backend": "ray" if ray_address else "in-process",
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+# ----- reembed -----------------------------------------------------------------------------------
+def _embed_files(embedder, jobs: list[tuple[int, str]]) -> tuple[list[int], np.ndarray, list[tuple[str, str]]]:
+    from engine.images import read_image
+
+    ids, images, unreadable = [], [], []
+    for image_id, path in jobs:
+        try:
+            images.append(read_image(Path(path))[0])
+            ids.append(image_id)
+        except (UserError, OSError) as exc:
+            unreadable.append((str(path), first_line(exc)))
+    matrix = embedder.embed(images) if images else np.zeros((0, embedder.dim), np.float32)
+    return ids, matrix, unreadable
+
+
+def reembed(ws, spec, ray_address: str | None = None, progress: bool = True, batch: int = 64) -> dict:
+    """Embed every stored image with the encoder `spec`, beside the live vectors, then switch the store
+    to it atomically (index and search index rebuilt, calibration dropped: it was fitted in the old
+    space). Resumable: images that already have a new vector are skipped. No image is regenerated."""
+    from tqdm import tqdm
+
+    from engine.embed import Embedder
+
+    started = time.perf_counter()
+    embedder = Embedder(spec, device=ws.device)  # validates the weights before any work
+    store = ws.store
+    if embedder.identity == store.embedder_identity:
+        raise UserError(f"store {store.root} already uses {embedder.identity}: nothing to re-embed")
+    todo = [(image_id, str(path)) for image_id, path in store.images_without_vector(embedder.identity)]
+    unreadable: list[tuple[str, str]] = []
+    embedded = 0
+    bar = tqdm(total=len(todo), desc="re-embedding", unit="image", disable=not progress or not todo)
+    with ray_cluster(ray_address) as ray:
+        if ray is None:
+            for k in range(0, len(todo), batch):
+                ids, matrix, bad = _embed_files(embedder, todo[k:k + batch])
+                embedded += store.add_vectors(embedder.identity, ids, matrix)
+                unreadable += bad
+                bar.update(len(todo[k:k + batch]))
+        elif todo:
+            count = max(1, int(ray.cluster_resources().get("GPU", 0))) or 1
+            resources, device = _placement(ray, count)
+            worker = ray.remote(_EmbedWorker)
+            actors = [worker.options(**resources).remote(spec, device) for _ in range(count)]
+            parts = [todo[k:k + IMAGES_PER_EMBED_TASK] for k in range(0, len(todo), IMAGES_PER_EMBED_TASK)]
+            pending = {actors[i % count].run.remote(part): len(part) for i, part in enumerate(parts)}
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                size = pending.pop(done[0])
+                ids, matrix, bad = ray.get(done[0])
+                embedded += store.add_vectors(embedder.identity, ids, matrix)
+                unreadable += bad
+                bar.update(size)
+            for actor in actors:
+                ray.kill(actor)
+    bar.close()
+    if unreadable:
+        path, reason = unreadable[0]
+        raise UserError(f"{len(unreadable)} stored image(s) could not be read ({path}: {reason}); the store "
+                        f"still uses {store.embedder_identity} and keeps the {embedded} new vectors for the next "
+                        "run: restore the files or repair with `resynth verify`, then run reembed again")
+    old = store.embedder_identity
+    vectors = store.switch_embedder(embedder.describe(), embedder.dim)
+    ws.use_embedder(embedder)
+    ws.rebuild()  # the dataset-search index, in the new space
+    return {"embedder": embedder.identity, "previous": old, "dim": embedder.dim, "embedded": embedded,
+            "vectors": vectors, "backend": "ray" if ray_address else "in-process",
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+# ----- command line ------------------------------------------------------------------------------
+def register(sub, common) -> None:
+    """`resynth resynthesize` and `resynth reembed` (the offline jobs)."""
+    from engine.options import add_arguments
+
+    ray_help = ("run on the Ray cluster at ADDRESS (ray://host:10001, or 'local' to start one here); "
+                "default: in this process")
+    p = sub.add_parser("resynthesize", parents=[common], help="precompute the resyntheses of a description list",
+                       description="Generate and store, for every description of DESCRIPTIONS (a text file with "
+                                   "one per line, or a CSV/JSONL manifest with a description column), the "
+                                   "resyntheses of every pipeline source: the dataset queries then reuse. Stored "
+                                   "keys are skipped, so an interrupted run is resumed by running it again.")
+    p.add_argument("descriptions", metavar="DESCRIPTIONS")
+    add_arguments(p, only=("sources", "per_source", "seed"))
+    p.add_argument("--ray", metavar="ADDRESS", help=ray_help)
+    p.set_defaults(run=cmd_resynthesize)
+
+    p = sub.add_parser("reembed", parents=[common], help="switch the store to another CLIP model or layer",
+                       description="Embed every stored image with another open_clip encoder or block, beside the "
+                                   "live vectors, then switch the store to it in one step (index and search index "
+                                   "rebuilt, calibration dropped: refit it). No image is regenerated; until the "
+                                   "switch the store answers with its old vectors, and an interrupted run resumes. "
+                                   "Restart running servers afterwards.")
+    p.add_argument("--clip-model", metavar="ARCH", help="open_clip architecture name, e.g. ViT-L-14-336")
+    p.add_argument("--clip-config", metavar="JSON", help="open_clip model config for a custom architecture")
+    p.add_argument("--clip-checkpoint", metavar="FILE", required=True, help="checkpoint file")
+    p.add_argument("--clip-layer", default="middle", metavar="{middle,final,N}",
+                   help="class token of the middle block (default), the final embedding, or block N")
+    p.add_argument("--ray", metavar="ADDRESS", help=ray_help)
+    p.set_defaults(run=cmd_reembed)
+
+
+def cmd_resynthesize(args) -> None:
+    import engine
+    from engine.options import from_args
+
+    options = from_args(args)
+    descriptions = read_descriptions(args.descriptions)  # checked before any model loads
+    with engine.open(args.store, progress=not args.quiet) as ws:
+        report = ws.resynthesize_dataset(descriptions, options, ray=args.ray)
+    failed = "".join(f"\n  {name} failed: {reason}" for name, reason in report["failed"].items())
+    text = (f"{report['descriptions']} descriptions x {len(report['sources'])} sources x {report['per_source']} "
+            f"seeds: {report['generated']} generated, {report['cached']} already stored "
+            f"({report['backend']}, {report['seconds']:.1f} s){failed}")
+    print(json.dumps(report, indent=2) if args.json else text)
+
+
+def cmd_reembed(args) -> None:
+    import engine
+
+    with engine.open(args.store, progress=not args.quiet) as ws:
+        report = ws.reembed(args.clip_checkpoint, clip_model=args.clip_model, clip_config=args.clip_config,
+                            clip_layer=args.clip_layer, ray=args.ray)
+    text = (f"store now uses {report['embedder']} ({report['dim']}-d, was {report['previous']}): "
+            f"{report['embedded']} images embedded, {report['vectors']} vectors live "
+            f"({report['backend']}, {report['seconds']:.1f} s)")
+    print(json.dumps(report, indent=2) if args.json else text)

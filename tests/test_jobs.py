@@ -1,0 +1,123 @@
+"""Offline jobs: `resynthesize` a description list (in process and on a local Ray cluster, same keys and
+vectors, resumable) and `reembed` a store for another CLIP layer without regenerating an image, with
+the switch surviving a kill at each step."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+import engine
+from engine import Options
+from index.schema import Image, Vector
+from tests.conftest import PROMPTS
+from tests.helpers import run_cli
+from tests.test_store_cli_faults import one_line_error, resynth
+
+TEXTS = PROMPTS[:3]
+
+
+def _stored(store_dir) -> dict[str, np.ndarray]:
+    """key -> live vector of every stored image."""
+    with engine.open(store_dir, writable=False) as ws:
+        store = ws.store
+        with store.session() as s:
+            rows = s.execute(select(Image.key, Vector.data).join(Vector, Vector.image_id == Image.id)
+                             .where(Vector.embedder == store.embedder_identity)).all()
+    return {key: np.frombuffer(data, np.float32) for key, data in rows}
+
+
+@pytest.fixture
+def two_sources(store_dir) -> tuple[str, ...]:
+    with engine.open(store_dir, writable=False) as ws:
+        return tuple(s.name for s in ws.sources()[:2])
+
+
+def test_ray_and_in_process_store_the_same_keys_and_vectors(store_dir, two_sources, tmp_path):
+    ray = pytest.importorskip("ray")
+    other = tmp_path / "other"
+    shutil.copytree(store_dir, other)
+    listing = tmp_path / "descriptions.txt"
+    listing.write_text("# a dataset's descriptions\n" + "\n".join(TEXTS + [TEXTS[0]]) + "\n")
+    sources = ",".join(two_sources)
+    assert run_cli("resynthesize", listing, "--store", store_dir, "--sources", sources, "--per-source", 2,
+                   "--quiet") == 0
+    here = _stored(store_dir)
+    assert len(here) == len(TEXTS) * 2 * 2
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        with engine.open(other) as ws:
+            report = ws.resynthesize_dataset(listing, Options(sources=two_sources, per_source=2), ray="local")
+    finally:
+        ray.shutdown()
+    assert report["backend"] == "ray" and report["generated"] == len(here) and not report["failed"]
+    there = _stored(other)
+    assert set(there) == set(here)
+    for key, vector in here.items():
+        np.testing.assert_allclose(there[key], vector, atol=1e-4)
+    # resumable: everything is stored now, so a second run generates nothing
+    with engine.open(store_dir) as ws:
+        again = ws.resynthesize_dataset(TEXTS, Options(sources=two_sources, per_source=2))
+    assert (again["generated"], again["cached"]) == (0, len(here))
+
+
+def test_descriptions_input_errors_are_one_line(store_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n\n")
+    assert "holds no description" in one_line_error(resynth("resynthesize", empty, "--store", store_dir), 2)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image,source\nx.png,a\n")
+    assert "description" in one_line_error(resynth("resynthesize", manifest, "--store", store_dir), 2)
+    assert "not found" in one_line_error(resynth("resynthesize", tmp_path / "nope.txt", "--store", store_dir), 2)
+
+
+def _reembed_args(models, store_dir) -> list:
+    return ["reembed", "--store", store_dir, "--clip-config", models["clip_config"],
+            "--clip-checkpoint", models["clip_checkpoint"], "--clip-layer", "final"]
+
+
+def test_reembed_switches_without_regenerating(models, store_dir, originals, two_sources):
+    options = Options(sources=two_sources, per_source=1, adaptive=False, mode="resynthesis")
+    query = originals[0]
+    with engine.open(store_dir) as ws:
+        ws.resynthesize_dataset(TEXTS, options)
+        before = ws.store.embedder_identity
+        generated = ws.attribute([query["image"]], prompt=TEXTS[0], options=options).generated
+    keys_before = set(_stored(store_dir))
+    assert generated == 0 and len(keys_before) == len(TEXTS) * 2
+    assert run_cli(*_reembed_args(models, store_dir), "--quiet") == 0
+    with engine.open(store_dir) as ws:
+        assert ws.store.embedder_identity != before and ws.store.embedder_identity.endswith("/final")
+        assert ws.store.index_path.name != "vectors.faiss" and not (store_dir / "vectors.faiss").exists()
+        report = ws.attribute([query["image"]], prompt=TEXTS[0], options=options)
+        assert report.generated == 0 and report.cached == 2  # no image was made again
+        assert ws.verify()["problems"] == []
+        with ws.store.session() as s:
+            assert set(s.scalars(select(Vector.embedder))) == {ws.store.embedder_identity}  # old vectors gone
+    assert len(_stored(store_dir)) == len(keys_before)
+    again = resynth(*_reembed_args(models, store_dir))
+    assert "nothing to re-embed" in one_line_error(again, 2)
+
+
+@pytest.mark.parametrize("crash_at", ["reembed:before-commit", "reembed:after-commit"])
+def test_reembed_killed_at_the_switch(models, store_dir, two_sources, crash_at):
+    """Killed before the database commits the switch: the old embedder stays live and a rerun finishes
+    from the vectors already made. Killed after: the next open adopts the new embedder."""
+    with engine.open(store_dir) as ws:
+        ws.resynthesize_dataset(TEXTS[:2], Options(sources=two_sources, per_source=1))
+        before = ws.store.embedder_identity
+    killed = resynth(*_reembed_args(models, store_dir), "--quiet", crash_at=crash_at)
+    assert killed.returncode == -9
+    with engine.open(store_dir) as ws:
+        identity = ws.store.embedder_identity
+        assert (identity == before) == (crash_at == "reembed:before-commit")
+        assert json.loads((store_dir / "store.json").read_text())["embedder"]["identity"] == identity
+        assert ws.verify()["problems"] == []
+    if crash_at == "reembed:before-commit":
+        assert resynth(*_reembed_args(models, store_dir), "--quiet").returncode == 0
+    with engine.open(store_dir) as ws:
+        assert ws.store.embedder_identity != before and ws.stats()["vectors"] == len(TEXTS[:2]) * 2
+        assert ws.verify()["problems"] == []
