@@ -90,11 +90,15 @@ class Report:
     cached: int = 0
     generated: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    cost: dict | None = None  # with API sources: images bought, USD spent, USD the cache saved
 
     def to_dict(self) -> dict:
-        return {"results": [r.to_dict() for r in self.results],
-                "cache": {"cached": self.cached, "generated": self.generated},
-                "seconds": {k: round(v, 4) for k, v in self.seconds.items()}}
+        out = {"results": [r.to_dict() for r in self.results],
+               "cache": {"cached": self.cached, "generated": self.generated},
+               "seconds": {k: round(v, 4) for k, v in self.seconds.items()}}
+        if self.cost is not None:
+            out["cost"] = self.cost
+        return out
 
 
 @dataclass(frozen=True)

@@ -86,16 +86,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("source", help="add, list or remove candidate generators")
     source_sub = p.add_subparsers(metavar="ACTION")
-    q = source_sub.add_parser("add", parents=[common], help="register a diffusers text-to-image pipeline folder",
-                              description="Register a diffusers pipeline folder (anything DiffusionPipeline."
-                                          "from_pretrained loads: SD 1.x, SDXL, PixArt, Flux ...) as a source.")
+    q = source_sub.add_parser(
+        "add", parents=[common], help="register a diffusers pipeline folder, or a model behind an images API",
+        description="Register a diffusers pipeline folder (anything DiffusionPipeline.from_pretrained loads: SD 1.x, "
+                    "SDXL, PixArt, Flux ...), or with --api a model behind an OpenAI-compatible images endpoint "
+                    "(POST /v1/images/generations). API images are bought once per (description, slot) and "
+                    "stored like any resynthesis; the key is read from --api-key-env at run time, never stored.",
+        epilog="examples:\n  resynth source add sdxl ~/models/stable-diffusion-xl-base-1.0 --steps 30\n"
+               "  resynth source add dalle3 --api https://api.openai.com --model dall-e-3 --size 1024x1024 "
+               "--api-key-env OPENAI_API_KEY --price 0.04 --rate 5",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     q.add_argument("name")
-    q.add_argument("pipeline_dir")
+    q.add_argument("pipeline_dir", nargs="?", help="diffusers pipeline folder (not with --api)")
     q.add_argument("--steps", type=int, default=30, help="inference steps (default 30)")
     q.add_argument("--guidance", type=float, default=7.0, help="guidance scale (default 7.0)")
-    q.add_argument("--size", type=int, help="square image side in pixels (default: the pipeline's)")
+    q.add_argument("--size", help="image size: a square side in pixels for a pipeline (default: the pipeline's); "
+                                  "WxH for an API (default: the server's)")
     q.add_argument("--scheduler", help="diffusers scheduler class name (default: the pipeline's own)")
     q.add_argument("--negative-prompt", help="negative prompt, where the pipeline takes one")
+    api = q.add_argument_group("API sources")
+    api.add_argument("--api", metavar="URL", help="base URL of an OpenAI-compatible images API")
+    api.add_argument("--model", help="model name the API expects")
+    api.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key")
+    api.add_argument("--price", type=float, default=0.0, metavar="USD", help="price per image, for cost reports "
+                                                                             "and --max-cost (default 0)")
+    api.add_argument("--rate", metavar="N[/min]", help="most requests per minute, shared by this process")
+    api.add_argument("--concurrency", type=int, default=2, help="most requests in flight (default 2)")
+    api.add_argument("--extra", metavar="JSON", help="more request fields, e.g. '{\"quality\": \"hd\"}' "
+                                                     "(a value \"{seed}\" is replaced by the slot number)")
+    api.add_argument("--timeout", type=float, default=120.0, metavar="S", help="seconds per request (default 120)")
     q.set_defaults(run=cmd_source_add)
     q = source_sub.add_parser("list", parents=[common], help="list sources")
     q.set_defaults(run=cmd_source_list)
@@ -176,10 +195,57 @@ def cmd_init(args) -> None:
 
 
 def cmd_source_add(args) -> None:
-    with _open(args) as ws:
-        info = ws.add_source(args.name, args.pipeline_dir, steps=args.steps, guidance=args.guidance, size=args.size,
-                             scheduler=args.scheduler, negative_prompt=args.negative_prompt)
+    if bool(args.api) == bool(args.pipeline_dir):
+        raise UserError("give a PIPELINE_DIR, or --api URL --model MODEL (not both)")
+    if args.api:
+        if not args.model:
+            raise UserError("--api needs --model (the model name the API expects)")
+        extra = _json_object(args.extra, "--extra") if args.extra else {}
+        with _open(args) as ws:
+            info = ws.add_api_source(args.name, args.api, args.model, size=args.size, api_key_env=args.api_key_env,
+                                     price=args.price, rate=_rate(args.rate), concurrency=args.concurrency,
+                                     extra=extra, timeout=args.timeout)
+    else:
+        if args.model or args.api_key_env or args.extra or args.rate:
+            raise UserError("--model, --api-key-env, --rate and --extra are for --api sources")
+        size = None
+        if args.size is not None:
+            try:
+                size = int(args.size)
+            except ValueError:
+                raise UserError(f"--size of a pipeline is a square side in pixels, not {args.size!r}") from None
+        with _open(args) as ws:
+            info = ws.add_source(args.name, args.pipeline_dir, steps=args.steps, guidance=args.guidance, size=size,
+                                 scheduler=args.scheduler, negative_prompt=args.negative_prompt)
+    if "warning" in info:
+        print(f"resynth: warning: {info['warning']}", file=sys.stderr)
     _emit(args, info, f"added source {info['name']} ({info['path']})")
+
+
+def _json_object(text: str, flag: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise UserError(f"{flag} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{flag} must be a JSON object")
+    return value
+
+
+def _rate(text: str | None) -> float | None:
+    """--rate: requests per minute, as N, N/min or N/s."""
+    if text is None:
+        return None
+    number, _, unit = text.strip().lower().partition("/")
+    try:
+        value = float(number)
+    except ValueError:
+        raise UserError(f"--rate must look like 60 or 60/min or 2/s, not {text!r}") from None
+    if unit in ("", "min", "m", "minute"):
+        return value
+    if unit in ("s", "sec", "second"):
+        return value * 60
+    raise UserError(f"--rate must look like 60 or 60/min or 2/s, not {text!r}")
 
 
 def cmd_source_list(args) -> None:
@@ -253,6 +319,10 @@ def cmd_attribute(args) -> None:
         for name, reason in r.failed.items():
             lines.append(f"  not scored ({name} failed): {reason}")
     lines.append(f"resyntheses: {report.cached} cached, {report.generated} generated")
+    if report.cost is not None:
+        from engine.jobs import cost_line
+
+        lines.append(cost_line(report.cost))
     _emit(args, report.to_dict(), "\n".join(lines))
 
 
@@ -283,6 +353,7 @@ def cmd_stats(args) -> None:
     lines = [f"store {data['store']}: {data['vectors']} vectors ({data['index_vectors']} in the index), "
              f"{data['descriptions']} descriptions, embedder {data['embedder']}"]
     lines += [f"  {name:24} {v['kind']:9} {v['originals']:6} originals {v['resyntheses']:6} resyntheses"
+              + (f"  ({v['api']['spent_usd']:.4f} USD bought)" if "api" in v else "")
               for name, v in data["sources"].items()]
     _emit(args, data, "\n".join(lines))
 

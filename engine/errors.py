@@ -53,6 +53,12 @@ class OptionError(UserError):
     code = "bad_option"
 
 
+class BudgetExceeded(UserError):
+    """The next images would cost more than --max-cost allows: stopped before sending anything."""
+
+    code = "budget_exceeded"
+
+
 class SourceError(Exception):
     """A source's pipeline cannot load or generate (exit 3, HTTP 502)."""
 

@@ -54,12 +54,20 @@ def fingerprint_folder(folder: Path) -> str:
 
 def source_params_hash(source) -> str | None:
     """Hash of a stored source's generation parameters; None for replay sources (nothing to generate)."""
-    return None if source.kind == "replay" else GenerationParams.from_json(source.params_json).hash()
+    if source.kind == "replay":
+        return None
+    if source.kind == "api":
+        from engine.api_source import ApiParams
+
+        return ApiParams.from_json(source.params_json).cache_hash()
+    return GenerationParams.from_json(source.params_json).hash()
 
 
 def source_fingerprint(kind: str, name: str, model_hash: str | None, params: GenerationParams | None) -> str:
     if kind == "replay":
         return sha256_text(canonical_json(["replay", name]))
+    if kind == "api":  # model_hash: the API parameters' cache hash (endpoint, model, size, extra)
+        return sha256_text(canonical_json(["api", model_hash]))
     return sha256_text(canonical_json([kind, model_hash, asdict(params)]))
 
 
@@ -99,7 +107,8 @@ class DiffusersGenerator:
         """One image per seed, each from its own torch.Generator so batching never changes a result."""
         return self.generate_many([(prompt, seed) for seed in seeds])
 
-    def generate_many(self, jobs: list[tuple[str, int]], batch_size: int | None = None) -> list[Image.Image]:
+    def generate_many(self, jobs: list[tuple[str, int]], batch_size: int | None = None,
+                      budget=None) -> list[Image.Image]:
         """One image per (prompt, seed) job, in order, batched across prompts as well as seeds.
 
         Each image comes from its own CPU torch.Generator seeded with its seed, so which jobs share a
@@ -107,6 +116,7 @@ class DiffusersGenerator:
         is 1, so every image is bit-identical to `generate(prompt, [seed])` whatever the grouping (CPU
         BLAS kernels round differently for another batch size: up to one pixel level); on CUDA it is as
         many as fit, where batching is where the throughput is (fp16 results then agree to rounding).
+        `budget` is for API sources: local generation costs nothing.
         """
         jobs = [(str(prompt), int(seed)) for prompt, seed in jobs]
         if not jobs:

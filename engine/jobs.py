@@ -138,15 +138,21 @@ class _EmbedWorker:
 # ----- resynthesize ------------------------------------------------------------------------------
 def resynthesize_dataset(ws, descriptions: Sequence[str], options: Options | None = None,
                          ray_address: str | None = None, progress: bool = True) -> dict:
-    """Generate and store every missing resynthesis of `descriptions` by every pipeline source of
-    `options` (per_source seeds from options.seed). Returns counts and per-source failures."""
+    """Generate and store every missing resynthesis of `descriptions` by every pipeline and API source
+    of `options` (per_source seeds from options.seed). On Ray, pipeline sources run in actors; API
+    sources are called from this process (they need no GPU, and share one --max-cost budget)."""
     from tqdm import tqdm
+
+    from engine.api_source import Budget
 
     options = (options or Options()).with_changes(mode="resynthesis", adaptive=False)
     plan = ws.plan(options)
     names = [s.name for s in plan.pipelines]
+    remote = [s.name for s in plan.pipelines if ray_address and s.kind != "api"]
+    local = [name for name in names if name not in remote]
     texts = list(dict.fromkeys(descriptions))
     started = time.perf_counter()
+    budget = Budget(options.max_cost)
     totals = {"cached": 0, "generated": 0}
     failed: dict[str, str] = {}
     wanted = len(texts) * len(names) * options.per_source
@@ -158,33 +164,39 @@ def resynthesize_dataset(ws, descriptions: Sequence[str], options: Options | Non
         failed.update(failures)
 
     chunks = [texts[i:i + DESCRIPTIONS_PER_TASK] for i in range(0, len(texts), DESCRIPTIONS_PER_TASK)]
-    with ray_cluster(ray_address) as ray:
-        if ray is None or not names:
-            for chunk in chunks:
-                for cached, generated, failures in ws.resynthesize(chunk, plan).values():
-                    add(cached, generated, failures)
-                bar.update(len(chunk) * len(names) * options.per_source)
-        else:
-            resources, device = _placement(ray, len(names))
+    with ray_cluster(ray_address if remote else None) as ray:
+        pending, actors = {}, {}
+        if ray is not None:
+            resources, device = _placement(ray, len(remote))
             worker = ray.remote(_SourceWorker)
             actors = {name: worker.options(**resources).remote(str(ws.root), options.with_changes(sources=(name,)),
-                                                               device) for name in names}
-            pending = {actors[name].run.remote(chunk): (name, len(chunk)) for name in names for chunk in chunks}
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                name, size = pending.pop(done[0])
-                try:
-                    add(*ray.get(done[0]))
-                except Exception as exc:  # an actor that could not even open the store or load
-                    failed[name] = first_line(getattr(exc, "cause", None) or exc)
-                bar.update(size * options.per_source)
-            for actor in actors.values():
-                ray.kill(actor)
+                                                               device) for name in remote}
+            pending = {actors[name].run.remote(chunk): (name, len(chunk)) for name in remote for chunk in chunks}
+        if local:
+            here = ws.plan(options.with_changes(sources=tuple(local)))
+            for chunk in chunks:
+                for cached, generated, failures in ws.resynthesize(chunk, here, budget).values():
+                    add(cached, generated, failures)
+                bar.update(len(chunk) * len(local) * options.per_source)
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            name, size = pending.pop(done[0])
+            try:
+                add(*ray.get(done[0]))
+            except Exception as exc:  # an actor that could not even open the store or load
+                failed[name] = first_line(getattr(exc, "cause", None) or exc)
+            bar.update(size * options.per_source)
+        for actor in actors.values():
+            ray.kill(actor)
+        if actors:
             ws.store.refresh()
     bar.close()
-    return {"descriptions": len(texts), "sources": names, "per_source": options.per_source, "wanted": wanted,
-            **totals, "failed": failed, "backend": "ray" if ray_address else "in-process",
-            "seconds": round(time.perf_counter() - started, 3)}
+    report = {"descriptions": len(texts), "sources": names, "per_source": options.per_source, "wanted": wanted,
+              **totals, "failed": failed, "backend": "ray" if remote else "in-process",
+              "seconds": round(time.perf_counter() - started, 3)}
+    if any(s.kind == "api" for s in plan.pipelines):
+        report["cost"] = budget.to_dict()
+    return report
 
 
 # ----- reembed -----------------------------------------------------------------------------------
@@ -257,6 +269,12 @@ def reembed(ws, spec, ray_address: str | None = None, progress: bool = True, bat
             "seconds": round(time.perf_counter() - started, 3)}
 
 
+def cost_line(cost: dict) -> str:
+    limit = f" of --max-cost {cost['max_cost_usd']:.4f}" if cost.get("max_cost_usd") is not None else ""
+    return (f"API images: {cost['images_bought']} bought for {cost['spent_usd']:.4f} USD{limit}; "
+            f"the cache saved {cost['saved_by_cache_usd']:.4f} USD")
+
+
 # ----- command line ------------------------------------------------------------------------------
 def register(sub, common) -> None:
     """`resynth resynthesize` and `resynth reembed` (the offline jobs)."""
@@ -270,7 +288,7 @@ def register(sub, common) -> None:
                                    "resyntheses of every pipeline source: the dataset queries then reuse. Stored "
                                    "keys are skipped, so an interrupted run is resumed by running it again.")
     p.add_argument("descriptions", metavar="DESCRIPTIONS")
-    add_arguments(p, only=("sources", "per_source", "seed"))
+    add_arguments(p, only=("sources", "per_source", "seed", "max_cost"))
     p.add_argument("--ray", metavar="ADDRESS", help=ray_help)
     p.set_defaults(run=cmd_resynthesize)
 
@@ -298,6 +316,8 @@ def cmd_resynthesize(args) -> None:
     with engine.open(args.store, progress=not args.quiet) as ws:
         report = ws.resynthesize_dataset(descriptions, options, ray=args.ray)
     failed = "".join(f"\n  {name} failed: {reason}" for name, reason in report["failed"].items())
+    if "cost" in report:
+        failed += "\n" + cost_line(report["cost"])
     text = (f"{report['descriptions']} descriptions x {len(report['sources'])} sources x {report['per_source']} "
             f"seeds: {report['generated']} generated, {report['cached']} already stored "
             f"({report['backend']}, {report['seconds']:.1f} s){failed}")

@@ -60,6 +60,9 @@ class Options:
     original_refs: int = _option(
         0, "also compare with up to N stored labelled originals per source (few-shot references; "
         "0: resynthesis only, the paper's setting)", low=0, high=100_000, metavar="N")
+    max_cost: float | None = _option(
+        None, "most USD this request may spend on API sources' images (default: no limit); a source whose "
+        "next images would exceed it is not scored, with the reason", kind=float, low=0, high=1e9, metavar="USD")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -73,6 +76,11 @@ class Options:
                     raise OptionError(f"{name} must be an integer, not {value!r:.40}")
                 if not meta["low"] <= value <= meta["high"]:
                     raise OptionError(f"{name} must be between {meta['low']} and {meta['high']}, not {value}")
+            elif meta["kind"] is float and value is not None:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                    raise OptionError(f"{name} must be a number, not {value!r:.40}")
+                if not meta["low"] <= value <= meta["high"]:
+                    raise OptionError(f"{name} must be between {meta['low']} and {meta['high']:g}, not {value}")
             elif meta["choices"] and value not in meta["choices"]:
                 raise OptionError(f"{name} must be one of {', '.join(meta['choices'])}, not {value!r:.40}")
         if self.sources is not None:
@@ -93,11 +101,12 @@ class Options:
                 if raw.lower() not in TRUE + FALSE:
                     raise OptionError(f"{f.name} must be true or false, not {raw[:40]!r}")
                 values[f.name] = raw.lower() in TRUE
-            elif f.metadata["kind"] is int:
+            elif f.metadata["kind"] in (int, float):
                 try:
-                    values[f.name] = int(raw)
+                    values[f.name] = f.metadata["kind"](raw)
                 except ValueError:
-                    raise OptionError(f"{f.name} must be an integer, not {raw[:40]!r}") from None
+                    kind = "an integer" if f.metadata["kind"] is int else "a number"
+                    raise OptionError(f"{f.name} must be {kind}, not {raw[:40]!r}") from None
             else:
                 values[f.name] = raw
         return cls(**values)
@@ -122,7 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None 
                                 action=argparse.BooleanOptionalAction, help=meta["help"] + default)
             continue
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
-                            type=int if meta["kind"] is int else str, choices=meta["choices"],
+                            type=meta["kind"] if meta["kind"] in (int, float) else str, choices=meta["choices"],
                             metavar=meta["metavar"], help=meta["help"] + default)
 
 
@@ -140,6 +149,8 @@ def schema() -> dict:
             prop.update(type="boolean", default=f.default)
         elif meta["kind"] is int:
             prop.update(type="integer", default=f.default, minimum=meta["low"], maximum=meta["high"])
+        elif meta["kind"] is float:
+            prop.update(type="number", default=f.default, minimum=meta["low"], maximum=meta["high"])
         else:
             prop.update(type="string")
             if f.default is not None:

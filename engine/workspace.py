@@ -26,6 +26,7 @@ import numpy as np
 
 from engine.attribute import Attribution, Candidates, Plan, Query, Report, rank, verdict
 from engine.calibration import Calibration
+from engine.api_source import PartialResult
 from engine.errors import NotFoundError, SourceError, UserError
 from engine.images import ImageInput
 from engine.options import Options
@@ -35,6 +36,7 @@ from index.keys import normalise_description, sha256_text
 from index.store import NewImage, Store
 
 if TYPE_CHECKING:  # heavy modules (torch) load only when a model is needed
+    from engine.api_source import ApiGenerator, Budget
     from engine.describe import Captioner
     from engine.embed import Embedder, EmbedderSpec
     from engine.generate import DiffusersGenerator
@@ -124,8 +126,8 @@ class Workspace:
                 self._captioner = Captioner(Path(folder), device=self.device)
             return self._captioner if folder else None
 
-    def generator(self, name: str) -> "DiffusersGenerator":
-        """The lazy generator of a pipeline source (its pipeline loads only when it must generate)."""
+    def generator(self, name: str) -> "DiffusersGenerator | ApiGenerator":
+        """The lazy generator of a pipeline or API source (a pipeline loads only when it must generate)."""
         from engine.generate import DiffusersGenerator, GenerationParams
 
         with self._lock:
@@ -133,12 +135,17 @@ class Workspace:
             if source is None:  # removed by another process since this request was planned
                 self._sources_changed()
                 raise SourceError(name, "was removed from the store during this request")
-            if source.kind != "diffusers":
+            if source.kind not in ("diffusers", "api"):
                 raise UserError(f"source {name!r} has no pipeline to generate with")
             kept = self._generators.get(name)
             if kept is None or kept.fingerprint != source.fingerprint:
-                kept = DiffusersGenerator(name, Path(source.path), GenerationParams.from_json(source.params_json),
-                                          self.device, fingerprint=source.fingerprint)
+                if source.kind == "api":
+                    from engine.api_source import ApiGenerator, ApiParams
+
+                    kept = ApiGenerator(name, ApiParams.from_json(source.params_json), source.fingerprint)
+                else:
+                    kept = DiffusersGenerator(name, Path(source.path), GenerationParams.from_json(source.params_json),
+                                              self.device, fingerprint=source.fingerprint)
                 self._generators[name] = kept
             return kept
 
@@ -240,13 +247,18 @@ class Workspace:
         self._time("lookup", started)
         return len(have), dict(todo)
 
-    def resynthesize(self, texts: Iterable[str], plan: Plan) -> dict[str, tuple[int, int, dict[str, str]]]:
+    def resynthesize(self, texts: Iterable[str], plan: Plan,
+                     budget: "Budget | None" = None) -> dict[str, tuple[int, int, dict[str, str]]]:
         """Generate and store every missing (description, source, seed).
 
         Returns (cached, generated, failed sources -> reason) per description. A source that cannot
-        load or generate is reported, not raised: the other sources are still scored.
+        load or generate, or whose images would exceed `budget` (API sources), is reported, not
+        raised: the other sources are still scored. `budget` also records what was bought and what
+        the cache saved.
         """
         from tqdm import tqdm
+
+        from engine.errors import BudgetExceeded
 
         out: dict[str, list] = {}
         by_source: dict[str, list[tuple[str, str, int]]] = defaultdict(list)  # source -> (text, key, seed)
@@ -255,6 +267,7 @@ class Workspace:
             out[text] = [cached, 0, {}]
             for source, items in todo.items():
                 by_source[source] += [(text, key, seed) for key, seed in items]
+            note_cached(plan, todo, budget)
         # Source by source (each pipeline loads once), in batches across descriptions (GPU throughput).
         bar = tqdm(total=sum(len(jobs) for jobs in by_source.values()), desc="generating", unit="image",
                    disable=not self.progress or not by_source, leave=False)
@@ -263,9 +276,11 @@ class Workspace:
             for start in range(0, len(jobs), GENERATION_CHUNK):
                 chunk = jobs[start:start + GENERATION_CHUNK]
                 try:
-                    made = self._generate_once(plan, source, chunk)
-                except SourceError as exc:
+                    made = self._generate_once(plan, source, chunk, budget)
+                except (SourceError, BudgetExceeded) as exc:
                     log.info("%s", exc)
+                    for text, count in getattr(exc, "made", {}).items():
+                        out[text][1] += count
                     for text in {text for text, _, _ in jobs}:
                         out[text][2][source] = str(exc)
                     break
@@ -285,7 +300,8 @@ class Workspace:
         return result
 
     def resynthesize_adaptive(self, queries: Sequence[Query], described: Sequence[tuple[str, str]],
-                              vectors: np.ndarray, plan: Plan) -> dict[str, tuple[int, int, dict[str, str]]]:
+                              vectors: np.ndarray, plan: Plan,
+                              budget: "Budget | None" = None) -> dict[str, tuple[int, int, dict[str, str]]]:
         """Adaptive generation: one seed per source first; then, round by round, the next seed only for
         the sources still in contention (scoring within DECISIVE_MARGIN of the best for some query of
         that description), up to K. Same return as `resynthesize`."""
@@ -305,7 +321,7 @@ class Workspace:
             for names, texts in groups.items():
                 one = self.plan(options.with_changes(sources=names, seed=options.seed + step, per_source=1,
                                                      adaptive=False, mode="resynthesis"))
-                for text, (cached, generated, failed) in self.resynthesize(texts, one).items():
+                for text, (cached, generated, failed) in self.resynthesize(texts, one, budget).items():
                     totals[text][0] += cached
                     totals[text][1] += generated
                     totals[text][2].update(failed)
@@ -331,7 +347,8 @@ class Workspace:
                 contenders[text] = tuple(n for n in contenders[text] if n in close and n not in totals[text][2])
         return {text: (cached, generated, failed) for text, (cached, generated, failed) in totals.items()}
 
-    def _generate_once(self, plan: Plan, name: str, jobs: list[tuple[str, str, int]]) -> dict[str, int]:
+    def _generate_once(self, plan: Plan, name: str, jobs: list[tuple[str, str, int]],
+                       budget: "Budget | None" = None) -> dict[str, int]:
         """Cross-process single flight: claim the keys (a lease row in the database), generate what this
         process holds, and wait for what another process is making, then reuse it. A dead claimant's
         lease expires and its keys are taken over. Returns how many images this process made per text."""
@@ -344,7 +361,13 @@ class Workspace:
                 stored = self.store.existing_keys(mine)  # made by someone else just before our claim
                 todo = [(by_key[key][0], key, by_key[key][1]) for key in mine if key not in stored]
                 if todo:
-                    self._generate_and_store(plan, name, todo)
+                    try:
+                        self._generate_and_store(plan, name, todo, budget)
+                    except PartialResult as partial:  # the images made before the failure count
+                        for text, _, _ in partial.stored:
+                            made[text] += 1
+                        partial.made = dict(made)
+                        raise
                     for text, _, _ in todo:
                         made[text] += 1
             finally:
@@ -374,16 +397,29 @@ class Workspace:
                 return rest
             time.sleep(poll)
 
-    def _generate_and_store(self, plan: Plan, name: str, jobs: list[tuple[str, str, int]]) -> int:
-        """Generate (text, key, seed) jobs of one source in batches, embed, and commit them together."""
-        from engine.images import save_png_atomic
-
+    def _generate_and_store(self, plan: Plan, name: str, jobs: list[tuple[str, str, int]],
+                            budget: "Budget | None" = None) -> int:
+        """Generate (text, key, seed) jobs of one source in batches, embed, and commit them together.
+        When an API source answers only some jobs, those are stored before its error is raised: an
+        image paid for is never thrown away."""
         generator = self.generator(name)
-        source = next(s for s in plan.sources if s.name == name)
         self._make_room_for(generator)
         started = time.perf_counter()
-        images = generator.generate_many([(text, seed) for text, _, seed in jobs])
+        try:
+            images = generator.generate_many([(text, seed) for text, _, seed in jobs], budget=budget)
+        except PartialResult as partial:
+            kept = [(job, image) for job, image in zip(jobs, partial.images) if image is not None]
+            self._generate_and_store_images(plan, name, [j for j, _ in kept], [i for _, i in kept])
+            partial.stored = [job for job, _ in kept]
+            raise
         self._time("generate", started)
+        return self._generate_and_store_images(plan, name, jobs, images)
+
+    def _generate_and_store_images(self, plan: Plan, name: str, jobs: list[tuple[str, str, int]],
+                                   images: list) -> int:
+        from engine.images import save_png_atomic
+
+        source = next(s for s in plan.sources if s.name == name)
         vectors = self.embed(images)
         description_ids = {text: self.store.description_id(text) for text in dict.fromkeys(t for t, _, _ in jobs)}
         params_hash = plan.params_hash[source.id]
@@ -499,7 +535,10 @@ class Workspace:
         prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * len(items)
         if len(prompts) != len(items):
             raise UserError(f"{len(prompts)} prompts for {len(items)} images: give one, or one per image")
+        from engine.api_source import Budget
+
         plan = self.plan(options)
+        budget = Budget(plan.options.max_cost)
         seconds = self._local.seconds = defaultdict(float)
         results: list[Attribution] = []
         cached = generated = 0
@@ -515,10 +554,10 @@ class Workspace:
             elif plan.options.adaptive:  # the queries' vectors decide which sources get more seeds
                 described = self.describe(queries)
                 vectors = self.embed([q.image for q in queries])
-                counts = self.resynthesize_adaptive(queries, described, vectors, plan)
+                counts = self.resynthesize_adaptive(queries, described, vectors, plan, budget)
             else:
                 described = self.describe(queries)
-                counts = self.resynthesize([text for text, _ in described], plan)
+                counts = self.resynthesize([text for text, _ in described], plan, budget)
             if not plan.options.adaptive or plan.options.mode == "dataset":
                 vectors = self.embed([q.image for q in queries])
             candidates = {text: self.candidates(text, plan) if plan.options.mode != "dataset" else Candidates({})
@@ -528,7 +567,7 @@ class Workspace:
             cached += sum(c for c, _, _ in counts.values())
             generated += sum(g for _, g, _ in counts.values())
         self._local.seconds = None
-        return Report(results, cached, generated, dict(seconds))
+        return Report(results, cached, generated, dict(seconds), budget.to_dict() if _api_prices(plan) else None)
 
     def _time(self, stage: str, started: float) -> None:
         elapsed = time.perf_counter() - started
@@ -562,6 +601,29 @@ class Workspace:
         source = self.store.add_source(name, "diffusers", fingerprint, path=str(folder), params=asdict(params))
         self._sources_changed()
         return {"name": source.name, "kind": source.kind, "path": source.path, "fingerprint": fingerprint}
+
+    def add_api_source(self, name: str, url: str, model: str, *, size: str | None = None,
+                       api_key_env: str | None = None, price: float = 0.0, rate: float | None = None,
+                       concurrency: int = 2, extra: dict | None = None, timeout: float = 120.0) -> dict:
+        """Register a model behind an OpenAI-compatible images API. Only the *name* of the environment
+        variable holding the key is stored; the key is read at each run and never written anywhere."""
+        from engine.api_source import ApiParams, endpoint_url
+        from engine.generate import source_fingerprint
+
+        check_name(name)
+        params = ApiParams(url=url, model=model, size=size, api_key_env=api_key_env, price=price, rate=rate,
+                           concurrency=concurrency, extra=dict(extra or {}), timeout=timeout).validate()
+        fingerprint = source_fingerprint("api", name, params.cache_hash(), None)
+        twin = next((s for s in self.store.sources() if s.fingerprint == fingerprint), None)
+        if twin is not None:
+            raise UserError(f"source {twin.name!r} already calls this endpoint and model with the same parameters "
+                            f"(a second name would share its resyntheses)")
+        source = self.store.add_source(name, "api", fingerprint, path=endpoint_url(url), params=asdict(params))
+        self._sources_changed()
+        info = {"name": source.name, "kind": source.kind, "path": source.path, "fingerprint": fingerprint}
+        if api_key_env and not os.environ.get(api_key_env):
+            info["warning"] = f"environment variable {api_key_env} is not set here: set it where resynth runs"
+        return info
 
     def add_replay_source(self, name: str) -> None:
         """A source whose resyntheses come from a dataset (nothing to generate with)."""
@@ -629,7 +691,17 @@ class Workspace:
         self._sources_changed()
 
     def stats(self) -> dict:
-        return self.store.stats()
+        """The store's numbers; API sources also say what their stored images cost (each bought once)."""
+        import json
+
+        data = self.store.stats()
+        for source in self.store.sources():
+            if source.kind == "api" and source.name in data["sources"]:
+                entry = data["sources"][source.name]
+                price = float(json.loads(source.params_json).get("price") or 0.0)
+                entry["api"] = {"price_usd": price, "images_bought": entry["resyntheses"],
+                                "spent_usd": round(entry["resyntheses"] * price, 6)}
+        return data
 
     def calibrate(self, manifest: str | os.PathLike | None = None, options: Options | None = None,
                   false_reject: float = 0.05) -> Calibration:
@@ -696,6 +768,20 @@ def open_workspace(store_dir: str | os.PathLike | None = None, *, device: str | 
                    writable: bool = True, repair: bool = False) -> Workspace:
     store = Store.open(store_path(store_dir), writable=writable, repair=repair)
     return Workspace(store, device=device, captioner=captioner, progress=progress)
+
+
+def note_cached(plan: Plan, todo: dict[str, list], budget: "Budget | None") -> None:
+    """Record in `budget` what the API images of one description found in the cache would have cost."""
+    if budget is not None:
+        for source, price in _api_prices(plan).items():
+            budget.cached(plan.options.per_source - len(todo.get(source, ())), price)
+
+
+def _api_prices(plan: Plan) -> dict[str, float]:
+    """Price per image of the plan's API sources (for the cost report)."""
+    import json
+
+    return {s.name: float(json.loads(s.params_json).get("price") or 0.0) for s in plan.sources if s.kind == "api"}
 
 
 def embedder_spec(clip_checkpoint: str | os.PathLike, clip_model: str | None = None,

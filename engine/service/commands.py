@@ -65,6 +65,9 @@ def register(sub, common) -> None:
                    help="time for a request's headers to arrive, 408 after (default %(default)s)")
     p.add_argument("--max-per-source", type=int, default=16,
                    help="largest per_source a request may ask for (default %(default)s)")
+    p.add_argument("--max-cost", type=float, metavar="USD",
+                   help="most USD one request may spend on API sources' images (a request's own max_cost may "
+                        "only lower it; default: no server limit)")
     p.add_argument("--queue-size", type=int, default=16,
                    help="generation jobs allowed to wait (503 beyond) (default %(default)s)")
     p.add_argument("--max-loaded-pipelines", type=int, default=2,
@@ -95,6 +98,8 @@ def limits_from_args(args):
             raise UserError(f"{flag} must be positive")
     if args.batch_ms < 0:
         raise UserError("--batch-ms must not be negative")
+    if args.max_cost is not None and not args.max_cost >= 0:
+        raise UserError("--max-cost must be a number of USD >= 0")
     if args.max_request_pixels > args.max_pixels_in_flight:
         raise UserError("--max-request-pixels must not exceed --max-pixels-in-flight")
     return Limits(max_body_bytes=int(args.max_body_mb * MiB), max_image_bytes=int(args.max_image_mb * MiB),
@@ -103,7 +108,7 @@ def limits_from_args(args):
                   max_decodes=args.max_decodes, max_requests=args.max_requests, body_timeout=args.body_timeout,
                   header_timeout=args.header_timeout, queue_size=args.queue_size,
                   max_loaded=args.max_loaded_pipelines, batch_window=args.batch_ms / 1000,
-                  max_batch=args.max_batch, refresh_seconds=args.refresh_seconds)
+                  max_batch=args.max_batch, refresh_seconds=args.refresh_seconds, max_cost=args.max_cost)
 
 
 def access_from_args(args, token: str | None):

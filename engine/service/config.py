@@ -31,6 +31,7 @@ class Limits:
     pixel_wait: float = 30.0  # seconds a request waits for room among the pixels in flight (503 after)
     max_requests: int = 32  # API requests handled at once (503 beyond); health checks are not counted
     max_per_source: int = 16  # K: each one may cost a generation per source
+    max_cost: float | None = None  # USD one request may spend on API sources (None: only the request's own max_cost)
     queue_size: int = 16  # generation jobs waiting; more are refused with 503
     max_loaded: int = 2  # pipelines resident at once, whichever requests loaded them (real ones take GBs)
     batch_window: float = 0.004  # seconds the embedder waits to fill a batch

@@ -22,7 +22,7 @@ from engine.options import Options
 from engine.service.batching import MicroBatcher
 from engine.service.config import Limits
 from engine.service.generation import GenerationQueue
-from engine.workspace import Workspace, open_workspace
+from engine.workspace import Workspace, note_cached, open_workspace
 from index.keys import normalise_description
 
 log = logging.getLogger("resynth.service")
@@ -67,6 +67,10 @@ class Service:
             from engine.errors import OptionError
 
             raise OptionError(f"per_source must be at most {self.limits.max_per_source} on this server")
+        from engine.api_source import Budget
+
+        limits = [x for x in (options.max_cost, self.limits.max_cost) if x is not None]
+        budget = Budget(min(limits) if limits else None)
         with self.batcher.expect():  # a batch forming meanwhile waits for these images
             plan = await asyncio.to_thread(self.ws.plan, options)
             if options.mode == "dataset":  # no description, no generation
@@ -78,11 +82,12 @@ class Service:
         texts = list(dict.fromkeys(text for text, _ in described))
         if options.adaptive and options.mode != "dataset":  # the query vectors decide what is generated
             vectors = await embedded
-            outcomes = await asyncio.gather(*(self._adaptive(plan, t, queries, described, vectors) for t in texts),
+            outcomes = await asyncio.gather(*(self._adaptive(plan, t, queries, described, vectors, budget)
+                                              for t in texts),
                                             return_exceptions=True)
             outcomes = [vectors, *outcomes]
         else:
-            outcomes = await asyncio.gather(embedded, *(self._resyntheses(plan, t) for t in texts),
+            outcomes = await asyncio.gather(embedded, *(self._resyntheses(plan, t, budget) for t in texts),
                                             return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
@@ -97,7 +102,8 @@ class Service:
         with self._lock:
             self.counters.update(requests=1, queries=len(queries), cached=cached, generated=generated)
         seconds["total"] = time.perf_counter() - started
-        return Report(results, cached, generated, seconds).to_dict()
+        priced = any(s.kind == "api" for s in plan.pipelines)
+        return Report(results, cached, generated, seconds, budget.to_dict() if priced else None).to_dict()
 
     async def _describe(self, queries: list[Query]) -> list[tuple[str, str]]:
         """Prompts and stored descriptions inline; a caption (a model call) waits in the generation queue."""
@@ -108,33 +114,37 @@ class Service:
             return await self._queued(key, lambda: self.ws.describe(queries))
         return await asyncio.to_thread(self.ws.describe, queries)
 
-    async def _resyntheses(self, plan: Plan, text: str) -> tuple[tuple[int, int, dict], Candidates]:
+    async def _resyntheses(self, plan: Plan, text: str, budget=None) -> tuple[tuple[int, int, dict], Candidates]:
         """(cached, generated, failed) counts and scoring candidates of one description."""
         if plan.options.mode == "dataset":
             return (0, 0, {}), Candidates({})
         cached, todo = await asyncio.to_thread(self.ws.missing, text, plan)
         counts: tuple[int, int, dict] = (cached, 0, {})
+        if not todo:
+            note_cached(plan, todo, budget)
         if todo:
             # single flight: one job per (description, pipeline sources, seeds), whoever asks
             key = ("resynthesize", normalise_description(text), tuple(s.name for s in plan.pipelines),
                    tuple(plan.seeds))
             joined = self.generation.in_flight(key)
-            counts = await self._queued(key, lambda: self.ws.resynthesize([text], plan)[text])
+            counts = await self._queued(key, lambda: self.ws.resynthesize([text], plan, budget)[text])
             if joined:  # another request made these images: for this one they were cached
                 counts = (counts[0] + counts[1], 0, counts[2])
         return counts, await asyncio.to_thread(self.ws.candidates, text, plan)
 
     async def _adaptive(self, plan: Plan, text: str, queries: list[Query], described: list[tuple[str, str]],
-                        vectors) -> tuple[tuple[int, int, dict], Candidates]:
+                        vectors, budget=None) -> tuple[tuple[int, int, dict], Candidates]:
         """Adaptive generation for one description, on the generation worker when anything is missing."""
         cached, todo = await asyncio.to_thread(self.ws.missing, text, plan)
         counts: tuple[int, int, dict] = (cached, 0, {})
+        if not todo:
+            note_cached(plan, todo, budget)
         if todo:
             mine = [i for i, (t, _) in enumerate(described) if t == text]
             key = ("adaptive", normalise_description(text), tuple(s.name for s in plan.pipelines), tuple(plan.seeds),
                    tuple(queries[i].file_hash for i in mine))
             counts = await self._queued(key, lambda: self.ws.resynthesize_adaptive(
-                [queries[i] for i in mine], [described[i] for i in mine], vectors[mine], plan)[text])
+                [queries[i] for i in mine], [described[i] for i in mine], vectors[mine], plan, budget)[text])
         return counts, await asyncio.to_thread(self.ws.candidates, text, plan)
 
     async def _queued(self, key: Any, job: Callable[[], Any]) -> Any:
