@@ -19,6 +19,9 @@ class Calibration:
     thresholds: dict[str, float] = field(default_factory=dict)  # accept source s only if its score >= this
     fitted: bool = False
     notes: dict = field(default_factory=dict)  # what it was fitted on, and its measured figures
+    # A feature-based open-set score, when one is applied instead of `thresholds`: {"score": "mahalanobis",
+    # "threshold": float, "precision_file": name of the .npy of shared_precision in the store}. Empty: none.
+    open_set: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "Calibration":
@@ -26,7 +29,7 @@ class Calibration:
             return cls()
         return cls(float(data.get("temperature", DEFAULT_TEMPERATURE)),
                    {k: float(v) for k, v in data.get("thresholds", {}).items()},
-                   bool(data.get("fitted", False)), dict(data.get("notes", {})))
+                   bool(data.get("fitted", False)), dict(data.get("notes", {})), dict(data.get("open_set", {})))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -46,3 +49,73 @@ class Calibration:
             return True
         threshold = self.thresholds.get(source)
         return threshold is not None and score < threshold
+
+    def is_unknown_value(self, value: float | None) -> bool | None:
+        """With a feature-based open-set score fitted (`open_set`), True when the query's value of it (e.g.
+        mahalanobis_open_set) falls below its threshold; None when no such score is fitted."""
+        threshold = self.open_set.get("threshold") if self.fitted else None
+        if threshold is None:
+            return None
+        return value is None or not np.isfinite(value) or value < float(threshold)
+
+
+# --------------------------------------------------------------- the "mahalanobis" open-set score
+# Measured best on leave-one-source-out (engine.evaluation.openset): reference sets differ in spread and in
+# which directions they vary, so a cosine to the nearest source rewards an unknown that sits in a diffuse
+# source's cloud; one covariance of the references around their own (source, description) means weighs a
+# query's offset by how references of one source and description actually vary.
+
+def shared_precision(groups: list[np.ndarray]) -> np.ndarray:
+    """Inverse of one Ledoit-Wolf-shrunk covariance of every reference around its group's mean.
+
+    `groups`: (members, dim) L2-normalised reference vectors of one (source, description) each; groups
+    of one vector carry no spread and are skipped. Without any spread at all, the identity (the score
+    is then the squared Euclidean distance to the nearest group mean)."""
+    from sklearn.covariance import LedoitWolf
+
+    groups = [np.asarray(g, np.float64) for g in groups if len(g)]
+    if not groups:
+        raise ValueError("no reference vectors to fit a covariance on")
+    deviations = [g - g.mean(0) for g in groups if len(g) > 1]
+    if not deviations:
+        return np.eye(groups[0].shape[1])
+    covariance = LedoitWolf(assume_centered=True).fit(np.concatenate(deviations)).covariance_
+    return np.linalg.pinv(covariance, hermitian=True)
+
+
+def whitening(precision: np.ndarray) -> np.ndarray:
+    """L with L @ L.T == precision (symmetric, PSD): (x @ L) - (m @ L) has the Mahalanobis norm of x - m,
+    so many queries against many means cost one matrix product each, not one per pair."""
+    w, v = np.linalg.eigh((precision + precision.T) / 2)
+    return v * np.sqrt(np.clip(w, 0.0, None))
+
+
+def mahalanobis_values(queries: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """(n, groups) minus the squared Mahalanobis distance of each L2-normalised query to each group mean
+    (larger = more like that source); NaN means (a source with no reference) give -inf."""
+    lower = whitening(precision)
+    qw = np.asarray(queries, np.float64) @ lower
+    mw = np.asarray(means, np.float64) @ lower
+    values = -((qw[:, None, :] - mw[None]) ** 2).sum(-1)
+    return np.where(np.isfinite(values), values, -np.inf)
+
+
+def mahalanobis_open_set(query: np.ndarray, references: dict[str, np.ndarray],
+                         precision: np.ndarray) -> tuple[float, str | None]:
+    """The open-set value of one query and the source that gives it: the best over sources of minus the
+    squared Mahalanobis distance to the mean of the (L2-normalised) references the engine compared the
+    query with for that source. Compare the value with Calibration.open_set["threshold"]."""
+    names = [n for n, r in references.items() if len(r)]
+    if not names:
+        return -np.inf, None
+    q = np.asarray(query, np.float64)
+    q = q / max(float(np.linalg.norm(q)), 1e-12)
+    means = np.stack([_unit(references[n]).mean(0) for n in names])
+    values = mahalanobis_values(q[None], means, precision)[0]
+    best = int(values.argmax())
+    return float(values[best]), names[best]
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64).reshape(len(x), -1)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)

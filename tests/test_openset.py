@@ -236,3 +236,101 @@ def _minimal_report(open_set: dict, calibration: dict | None = None) -> dict:
                       "engine_default": engine, "best_variant": engine, "best_resynthesis_only": engine["variant"],
                       "variants": [], "factor_means": {}, "fewshot": {"shots": [], "methods": {}, "draws": 1},
                       "open_set": open_set, "calibration": calibration})
+
+
+# ------------------------------------------------------------------------------ the "mahalanobis" score
+
+def nuisance_set(per_source: int = 30, refs: int = 16, dim: int = 24, nuisance: int = 6, seed: int = 0,
+                 twin: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One description, four sources whose images vary most along shared nuisance directions, each
+    source with its own spread there (0.5x to 3x), and differ only slightly elsewhere (the fingerprint).
+
+    A cosine to the nearest source is dominated by the nuisance, so an unknown sits inside a diffuse
+    source's cloud (the failure of "best-score" on the real-weight GAN sets); `twin`: source a has
+    source b's fingerprint, so with a left out nothing can tell its originals from b's."""
+    rng = np.random.default_rng(seed)
+    content = rng.normal(size=dim) * 6.0
+    prints = np.zeros((4, dim))
+    prints[:, nuisance:] = rng.normal(size=(4, dim - nuisance)) * 0.6
+    if twin:
+        prints[0] = prints[1]
+    spread = np.array([0.5, 1.0, 2.0, 3.0])
+
+    def draw(source: np.ndarray) -> np.ndarray:
+        x = content + prints[source] + rng.normal(size=(len(source), dim)) * 0.25
+        x[:, :nuisance] += rng.normal(size=(len(source), nuisance)) * spread[source, None]
+        return _unit(x)
+
+    orig_source, res_source = np.repeat(np.arange(4), per_source), np.repeat(np.arange(4), refs)
+    return draw(orig_source), draw(res_source), orig_source, res_source
+
+
+def _nuisance_open_set(twin: bool = False) -> dict:
+    originals, resyntheses, orig_source, res_source = nuisance_set(twin=twin)
+    references = [[np.flatnonzero(res_source == c) for c in range(4)] for _ in orig_source]
+    scores = score_matrix(originals, resyntheses, references, Variant("final", "cosine", "knn", 16))
+    context = feature_context(originals, resyntheses, res_source, padded_references(references, 16))
+    return leave_one_source_out(scores, orig_source, np.zeros(len(orig_source), int), NAMES, context=context)
+
+
+def test_mahalanobis_measured_and_high_where_best_score_fails():
+    o = _nuisance_open_set()
+    maha, best = o["scores"]["mahalanobis"], o["scores"]["best-score"]
+    assert o["folds"]["by"] == "image"  # one description
+    assert maha["auroc"] is not None and maha["auroc"] > 0.9
+    assert all(v["auroc"] > 0.8 for v in maha["per_source"].values())
+    assert best["auroc"] < 0.7 and maha["auroc"] - best["auroc"] > 0.2  # not a set any score passes
+    assert maha["unknown_rejected_at_frr"] > best["unknown_rejected_at_frr"]
+    assert o["best_measured_score"] == "mahalanobis"
+
+
+def test_mahalanobis_cannot_tell_a_twin_source():
+    """Control: with a left out, its originals are b's in distribution; a score that saw a's references
+    (or its labels) would still flag them. Its round must not."""
+    o = _nuisance_open_set(twin=True)
+    per_source = o["scores"]["mahalanobis"]["per_source"]
+    assert per_source["a"]["auroc"] < 0.6
+    assert per_source["d"]["auroc"] > 0.9  # the distinct sources are still told apart
+
+
+def test_mahalanobis_never_sees_the_left_out_source():
+    from engine.evaluation.openset import mahalanobis_scores
+
+    originals, resyntheses, orig_source, res_source = nuisance_set()
+    candidates = padded_references([[np.flatnonzero(res_source == c) for c in range(4)]] * len(orig_source), 16)
+    before = mahalanobis_scores(feature_context(originals, resyntheses, res_source, candidates), [1, 2, 3])
+    moved = resyntheses.copy()
+    moved[res_source == 0] = _unit(np.random.default_rng(5).normal(size=((res_source == 0).sum(), moved.shape[1])))
+    after = mahalanobis_scores(feature_context(originals, moved, res_source, candidates), [1, 2, 3])
+    assert after == pytest.approx(before)
+    with_a = mahalanobis_scores(feature_context(originals, moved, res_source, candidates), [0, 1, 2, 3])
+    assert not np.allclose(with_a, before)
+
+
+def test_mahalanobis_at_attribute_time_equals_the_evaluation():
+    """engine.calibration's per-query function (what the engine would apply) gives the evaluation's value,
+    and a Calibration carrying its threshold decides with it."""
+    from engine.calibration import Calibration, mahalanobis_open_set
+    from engine.evaluation.openset import fit_mahalanobis
+
+    originals, resyntheses, orig_source, res_source = nuisance_set()
+    references = [[np.flatnonzero(res_source == c) for c in range(4)] for _ in orig_source]
+    scores = score_matrix(originals, resyntheses, references, Variant("final", "cosine", "knn", 16))
+    context = feature_context(originals, resyntheses, res_source, padded_references(references, 16))
+    precision, threshold = fit_mahalanobis(context, scores, orig_source, frr=0.05)
+    correct = scores.argmax(1) == orig_source
+    for i in (0, 45, 119):
+        value, source = mahalanobis_open_set(originals[i] * 3.0, {n: resyntheses[res_source == c]
+                                                                  for c, n in enumerate(NAMES)}, precision)
+        evaluated = -min(((originals[i] - resyntheses[res_source == c].mean(0)) @ precision
+                          @ (originals[i] - resyntheses[res_source == c].mean(0))) for c in range(4))
+        assert value == pytest.approx(evaluated) and source in NAMES
+    values = np.array([mahalanobis_open_set(q, {n: resyntheses[res_source == c] for c, n in enumerate(NAMES)},
+                                            precision)[0] for q in originals])
+    assert (values[correct] < threshold).mean() == pytest.approx(0.05, abs=0.02)
+    calibration = Calibration.from_dict({"fitted": True, "open_set": {"score": "mahalanobis", "threshold": threshold}})
+    assert Calibration.from_dict(calibration.to_dict()) == calibration
+    assert calibration.is_unknown_value(threshold - 1.0) and not calibration.is_unknown_value(threshold + 1.0)
+    assert calibration.is_unknown_value(None) and calibration.is_unknown_value(-np.inf)
+    assert Calibration().is_unknown_value(-1e9) is None  # uncalibrated: never a verdict from this score
+    assert mahalanobis_open_set(originals[0], {}, precision) == (-np.inf, None)
