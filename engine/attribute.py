@@ -182,12 +182,19 @@ def rank(similarities: dict[str, np.ndarray], counts: dict[str, int], aggregatio
     return scores, unknown
 
 
-def verdict(scores: list[SourceScore], calibration: Calibration, stale: str | None) -> tuple[str, dict]:
-    """Never a "known source" claim without a fitted threshold behind it."""
+def verdict(scores: list[SourceScore], calibration: Calibration, stale: str | None,
+            open_set: float | None = None) -> tuple[str, dict]:
+    """Never a "known source" claim without a fitted threshold behind it. With a calibrated feature-based
+    open-set score (`open_set`: the query's value of it), that decides; else the best score's threshold."""
     if not scores:
         return "none", {}
     best = scores[0]
     evidence = {"score": round(best.score, 6), "references": best.resyntheses}
+    decided = calibration.is_unknown_value(open_set) if open_set is not None and not stale else None
+    if decided is not None:
+        evidence.update(open_set_score=calibration.open_set["score"], value=round(float(open_set), 6),
+                        threshold=round(float(calibration.open_set["threshold"]), 6))
+        return ("unknown" if decided else "known"), evidence
     threshold = calibration.thresholds.get(best.source) if calibration.fitted and not stale else None
     if threshold is None:
         evidence["why"] = stale or ("no calibration: run `resynth calibrate`" if not calibration.fitted

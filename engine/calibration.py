@@ -59,6 +59,31 @@ class Calibration:
         return value is None or not np.isfinite(value) or value < float(threshold)
 
 
+def content_name(matrix: np.ndarray) -> str:
+    """File name of an array named by its content: a config that names it can tell it was altered."""
+    import hashlib
+
+    data = np.ascontiguousarray(matrix, np.float32)
+    return f"open-set-{hashlib.sha256(data.tobytes()).hexdigest()[:16]}.npy"
+
+
+def save_array_atomic(folder, matrix: np.ndarray) -> str:
+    """Write `matrix` (float32) under its content name in `folder`, atomically; returns the name."""
+    import os
+    from pathlib import Path
+
+    data = np.ascontiguousarray(matrix, np.float32)
+    name = content_name(data)
+    target = Path(folder) / name
+    tmp = target.with_name(f".{name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        np.save(handle, data, allow_pickle=False)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, target)
+    return name
+
+
 # --------------------------------------------------------------- the "mahalanobis" open-set score
 # Measured best on leave-one-source-out (engine.evaluation.openset): reference sets differ in spread and in
 # which directions they vary, so a cosine to the nearest source rewards an unknown that sits in a diffuse

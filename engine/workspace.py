@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import numpy as np
 
 from engine.attribute import Attribution, Candidates, Plan, Query, Report, rank, verdict
-from engine.calibration import Calibration
+from engine.calibration import Calibration, content_name, save_array_atomic
 from engine.api_source import PartialResult
 from engine.errors import NotFoundError, SourceError, UserError
 from engine.images import ImageInput
@@ -77,6 +77,7 @@ class Workspace:
         self._embedder: Embedder | None = None
         self._captioner: Captioner | None = None
         self._generators: dict[str, DiffusersGenerator] = {}
+        self._open_set_precision: tuple[str | None, np.ndarray | None] = (None, None)  # (file, matrix)
         self._resident: list[DiffusersGenerator] = []
         self._plans: dict[tuple, Plan] = {}
         self._sources: tuple[float, list] | None = None
@@ -466,6 +467,7 @@ class Workspace:
         """Rank the sources for one embedded query against its candidates."""
         started = time.perf_counter()
         per_source = plan.references(candidates, query.file_hash) if plan.options.mode != "dataset" else {}
+        description_refs = dict(per_source)
         if plan.options.mode in ("dataset", "combined"):
             for name, rows in self.neighbours(vector, plan, query.file_hash).items():
                 seen = {r.vector_id for r in per_source.get(name, ())}
@@ -479,7 +481,10 @@ class Workspace:
         calibration, stale = self.calibration, self.calibration_stale()
         scores, unknown = rank(values, {n: len(r) for n, r in per_source.items()}, plan.options.aggregation,
                                calibration)
-        answer, evidence = verdict(scores, calibration, stale)
+        open_set = (self._open_set_value(vector, {n: r for n, r in per_source.items() if r}, calibration,
+                                         description_refs)
+                    if calibration.fitted and calibration.open_set and not stale and scores else None)
+        answer, evidence = verdict(scores, calibration, stale, open_set)
         self._time("search", started)
         cached, generated, failed = counts
         if not scores and failed:  # nothing could be scored because sources failed: not an answer
@@ -721,11 +726,52 @@ class Workspace:
             evalset, fitted_on = from_store(self.store), f"store {self.root}"
             features = evalset.vectors[self.store.embedder_identity]
         variant = Variant("store", "cosine", options.aggregation, options.references)
-        calibration = fit_calibration(evalset, features, variant, false_reject, fitted_on, options.mode,
-                                      options.neighbours)
+        calibration, precision = fit_calibration(evalset, features, variant, false_reject, fitted_on,
+                                                 options.mode, options.neighbours)
         calibration.notes["store_sources"] = sorted(s.name for s in self.store.sources())  # to notice changes
+        if precision is not None:  # dim x dim: a file beside store.json, named by its content
+            calibration.open_set["precision_file"] = save_array_atomic(self.root, precision)
         self.store.update_config(calibration=calibration.to_dict())
         return calibration
+
+    def _precision(self, name: str) -> np.ndarray | None:
+        """The open-set precision matrix a calibration names (cached; None if the file is gone or altered)."""
+        with self._lock:
+            if self._open_set_precision[0] == name:
+                return self._open_set_precision[1]
+        path = self.root / name
+        try:
+            matrix = np.load(path, allow_pickle=False)
+            ok = path.name == content_name(matrix) and matrix.shape == (self.store.dim, self.store.dim)
+        except (OSError, ValueError):
+            ok, matrix = False, None
+        matrix = matrix if ok else None
+        with self._lock:
+            self._open_set_precision = (name, matrix)
+        return matrix
+
+    def _open_set_value(self, vector: np.ndarray, per_source: dict[str, list], calibration: Calibration,
+                        description_refs: dict[str, list]) -> float | None:
+        """The calibrated feature-based open-set value of a query ("mahalanobis"), or None without one.
+        Means are taken over the description's own references where there are any (what the calibration
+        was fitted on), else over the source's dataset neighbours."""
+        from engine.calibration import mahalanobis_open_set
+
+        name = calibration.open_set.get("precision_file") if calibration.open_set.get("score") == "mahalanobis" else None
+        precision = self._precision(name) if name else None
+        if precision is None:
+            return None
+        refs = {source: description_refs.get(source) or rows for source, rows in per_source.items()}
+        ids = np.array([r.vector_id for rows in refs.values() for r in rows], np.int64)
+        try:
+            matrix = dict(zip(ids.tolist(), self.store.vectors(ids)))
+        except StoreInputError:  # removed meanwhile
+            present = self.store.present(ids)
+            matrix = dict(zip(present.tolist(), self.store.vectors(present)))
+        vectors = {source: np.array([matrix[r.vector_id] for r in rows if r.vector_id in matrix])
+                   for source, rows in refs.items()}
+        value, _ = mahalanobis_open_set(np.asarray(vector, np.float32), vectors, precision)
+        return value
 
     def evaluate(self, manifest: str | os.PathLike, out: str | os.PathLike = "resynth-eval",
                  layers: Sequence[str] = ("base", "final", "mid"), perturb: str | None = None, draws: int = 5,

@@ -134,6 +134,13 @@ def test_calibrate_then_attribute_reports_probabilities_and_unknown(models, data
 
     assert {r["verdict"] for r in unknown_source + enrolled} <= {"known", "unknown"}
     assert all("threshold" in r["evidence"] for r in enrolled)
+    # the default open-set score decides, from the precision matrix the calibration stored beside store.json
+    assert all(r["evidence"]["open_set_score"] == "mahalanobis" for r in unknown_source + enrolled)
+    precision = store / calibration["open_set"]["precision_file"]
+    assert precision.is_file() and calibration["notes"]["open_set_score"] == "mahalanobis"
+    precision.write_bytes(precision.read_bytes()[:-8] + b"\0" * 8)  # altered: not trusted, the fallback decides
+    fallback = attribute("tiny-sd-ddim")
+    assert all("open_set_score" not in r["evidence"] and r["verdict"] in {"known", "unknown"} for r in fallback)
 
     # A source added after calibration makes the calibration stale: no claim either way until refit.
     assert run_cli("source", "add", UNREGISTERED, models["pipelines"][UNREGISTERED], "--store", store,

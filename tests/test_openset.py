@@ -214,8 +214,8 @@ def test_open_set_thresholds_for_a_calibration():
         {"a": 0.5, "b": 0.5})
     with pytest.raises(ValueError):
         fit_open_set_thresholds(scores, labels, ["a", "b"], "knn-density")
-    assert fit_open_set_thresholds(scores, labels, ["a", "b"]) == fit_open_set_thresholds(
-        scores, labels, ["a", "b"], DEFAULT_OPEN_SET_SCORE)
+    with pytest.raises(ValueError):  # the default is feature-based: a Calibration applies it itself
+        fit_open_set_thresholds(scores, labels, ["a", "b"], DEFAULT_OPEN_SET_SCORE)
 
 
 def test_padded_candidates_follow_the_engine_k():

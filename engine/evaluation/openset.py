@@ -53,14 +53,11 @@ OPEN_SET_SCORES = {
 #   0.798 against 0.594 / 0.587 / 0.701; the zoo sets 0.970-0.992 against 0.938-0.988. "mahalanobis" is the
 #   best or within 0.001 of it in every cell, and better by a paired bootstrap 95% interval with DINOv2 on
 #   all three sets (+0.06 to +0.10); it never reaches 0.8 on the one-description set (0.784 at best).
-# The default stays "best-score" because it is what a Calibration applies today: a threshold on the
-# engine's best score (fit_open_set_thresholds). "mahalanobis" needs the query's vector and a precision
-# matrix at attribute time (engine.calibration.mahalanobis_open_set, Calibration.open_set); make it the
-# default once engine/evaluation/runner.py fits and engine/workspace.py applies it.
-# Earlier evidence for "best-score" over "margin": its single threshold, fitted on every source's
-# originals at once, held its false-reject rate near the target on held-out folds (5-9%) where
-# per-source 5% quantiles of a handful of originals rejected 11-25%.
-DEFAULT_OPEN_SET_SCORE = "best-score"
+# "mahalanobis" is therefore the default: `resynth calibrate` fits its precision matrix and threshold
+# (runner.fit_calibration, fit_mahalanobis) and the engine applies it to the query's vector and the
+# references it compared it with (engine.calibration.mahalanobis_open_set), with "best-score"
+# thresholds kept as the fallback of an older calibration.
+DEFAULT_OPEN_SET_SCORE = "mahalanobis"
 
 
 def fit_thresholds(scores: np.ndarray, labels: np.ndarray, frr: float = FALSE_REJECT) -> dict[int, float]:
@@ -75,7 +72,7 @@ def fit_thresholds(scores: np.ndarray, labels: np.ndarray, frr: float = FALSE_RE
 
 
 def fit_open_set_thresholds(scores: np.ndarray, labels: np.ndarray, names: list[str],
-                            score: str = DEFAULT_OPEN_SET_SCORE, frr: float = FALSE_REJECT) -> dict[str, float]:
+                            score: str = "best-score", frr: float = FALSE_REJECT) -> dict[str, float]:
     """Per source name, the threshold on its best score that applies `score` through
     engine.calibration.Calibration.thresholds (accept source s only if its score >= thresholds[s]).
 

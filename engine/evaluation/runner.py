@@ -82,23 +82,36 @@ def engine_scores(evalset: EvalSet, features: tuple[np.ndarray, np.ndarray], var
 
 def fit_calibration(evalset: EvalSet, features: tuple[np.ndarray, np.ndarray], variant: Variant,
                     frr: float = FALSE_REJECT, fitted_on: str = "", mode: str = "resynthesis",
-                    neighbours: int = 32) -> Calibration:
-    """Temperature and per-source thresholds from every labelled original, scored in the mode the engine
-    will attribute with, with the measured figures (cross-fitted ECE, leave-one-source-out AUROC) in `notes`."""
+                    neighbours: int = 32) -> tuple[Calibration, np.ndarray | None]:
+    """Temperature, the open-set decision and per-source thresholds from every labelled original, scored in
+    the mode the engine will attribute with, with the measured figures (cross-fitted ECE,
+    leave-one-source-out AUROC) in `notes`. Returns the calibration and, when the open-set score is
+    "mahalanobis", its precision matrix (dim x dim: the store keeps it in a file beside its config)."""
+    from engine.evaluation.openset import OPEN_SET_SCORES, fit_mahalanobis
+    from engine.evaluation.protocol import open_set_context
+
     labels, names = evalset.orig_source, evalset.sources
     scores = engine_scores(evalset, features, variant, mode, neighbours)
-    # the open-set score measured best (engine.evaluation.openset), applied through per-source thresholds
-    thresholds = fit_open_set_thresholds(scores, labels, names, DEFAULT_OPEN_SET_SCORE, frr)
+    # per-source thresholds on the best score: the fallback where the feature-based score has no value
+    thresholds = fit_open_set_thresholds(scores, labels, names, "best-score", frr)
     temperature = fit_temperature(scores, labels)
     measured = calibration_report(scores, labels, evalset.orig_desc)
-    open_set = leave_one_source_out(scores, labels, evalset.orig_desc, names, frr,
+    context = (open_set_context(evalset, *features, evalset.references(), variant.per_source)
+               if OPEN_SET_SCORES[DEFAULT_OPEN_SET_SCORE][0] else None)
+    open_set = leave_one_source_out(scores, labels, evalset.orig_desc, names, frr, context=context,
                                     headline=DEFAULT_OPEN_SET_SCORE) if len(names) >= 2 else None
+    precision, open_set_fit = None, {}
+    if DEFAULT_OPEN_SET_SCORE == "mahalanobis":
+        precision, threshold = fit_mahalanobis(context, scores, labels, frr)
+        if threshold is not None:
+            open_set_fit = {"score": "mahalanobis", "threshold": threshold}
     notes = {"fitted_on": fitted_on, "originals": evalset.n_originals, "sources": names,
-             "open_set_score": DEFAULT_OPEN_SET_SCORE, "mode": mode, "neighbours": neighbours,
+             "open_set_score": open_set_fit.get("score", "best-score"), "mode": mode, "neighbours": neighbours,
              "aggregation": variant.aggregation, "per_source": variant.per_source, "distance": variant.distance,
              "false_reject_target": frr,
              "accuracy": float((scores.argmax(1) == labels).mean()),
              "ece_default": measured["ece_default"], "ece_calibrated": measured["ece_calibrated"],
              "open_set_auroc": open_set["auroc"] if open_set else None,
              "without_threshold": sorted(set(names) - set(thresholds))}
-    return Calibration(temperature=temperature, thresholds=thresholds, fitted=True, notes=rp.json_safe(notes))
+    return Calibration(temperature=temperature, thresholds=thresholds, fitted=True, notes=rp.json_safe(notes),
+                       open_set=open_set_fit), (precision if open_set_fit else None)
