@@ -225,7 +225,10 @@ def _pg_error(exc: BaseException | None, label: str) -> StoreError | None:
     except ImportError:  # pragma: no cover - no driver, no PostgreSQL errors
         return None
     if isinstance(exc, psycopg.OperationalError):
-        return StoreError(f"cannot use {label}: {_pg_reason(exc)}")
+        state = getattr(exc, "sqlstate", None) or ""
+        if not state or state.startswith(("08", "57P", "3D", "28")):  # no connection, shut down, no db, no login
+            return StoreError(f"cannot reach {label}: {_pg_reason(exc)}")
+        return StoreError(f"{label}: {_pg_reason(exc)}")
     if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
         return StoreInputError(f"{label} is open read-only")
     return None
@@ -542,7 +545,7 @@ class Store:
         except DBAPIError as exc:
             reason = str(exc.orig).splitlines()[0] if exc.orig is not None else type(exc).__name__
             if not self.is_sqlite:
-                raise StoreError(f"cannot use {self.db_label}: {reason}") from None
+                raise StoreError(f"cannot reach {self.db_label}: {reason}") from None
             if "locked" in reason or "busy" in reason:
                 raise StoreError(f"{db_path} is locked by another process; try again") from None
             raise _damaged(db_path, f"cannot be read ({reason})") from None
@@ -566,6 +569,9 @@ class Store:
                         "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM vectors_id_seq").scalar() or 0
                 floor = max(int(floor), int(conn.scalar(select(func.max(Vector.id))) or 0))
                 conn.execute(StoreMeta.__table__.insert().values(key="tombstones_from", value=str(floor)))
+            if not self.is_sqlite and conn.scalar(select(StoreMeta.value).where(StoreMeta.key == "embedder")) is None:
+                conn.execute(StoreMeta.__table__.insert().values(key="embedder", value=self.embedder_identity))
+                conn.execute(StoreMeta.__table__.insert().values(key="dim", value=str(self.dim)))
         self._has_checksums = self._has_tombstones = self._has_claims = True
         self._backfill_checksums()
 

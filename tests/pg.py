@@ -169,3 +169,10 @@ def sql(url: str, *statements: str) -> list:
             cursor = conn.execute(statement)
             out.append(cursor.fetchall() if cursor.description else [])
     return out
+
+
+def database_on(server_url: str) -> str:
+    """A new database on another server (e.g. a private `start_server()`), as `create_database` makes."""
+    name = f"rs_{uuid.uuid4().hex[:16]}"
+    _admin(f'CREATE DATABASE "{name}"', server_url)
+    return _with_database(server_url, name)
