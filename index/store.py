@@ -184,7 +184,6 @@ def _make_engine(path: Path, mode: str):
     return engine
 
 
-
 def parse_db_url(text: str) -> URL:
     """A PostgreSQL URL as store.json records it: driver psycopg, no password (StoreInputError otherwise).
 
@@ -240,11 +239,11 @@ def _make_pg_engine(url: URL, mode: str, label: str):
     password = os.environ.get(PASSWORD_ENV)
     if password:
         url = url.set(password=password)
-    connect_args: dict = {"connect_timeout": 10, "application_name": "resynth"}
-    if mode == "ro":
-        connect_args["options"] = "-c default_transaction_read_only=on"
+    # lock_timeout: a writer waits for the write lock as long as SQLite's busy_timeout lets it (30 s)
+    options = "-c lock_timeout=30000" + (" -c default_transaction_read_only=on" if mode == "ro" else "")
+    connect_args: dict = {"connect_timeout": 10, "application_name": "resynth", "options": options}
     try:
-        engine = create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=8, connect_args=connect_args,
+        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, connect_args=connect_args,
                                isolation_level="REPEATABLE READ")
     except ModuleNotFoundError:
         raise StoreInputError("PostgreSQL metadata needs the psycopg driver: pip install 'resynth[postgres]'") \
@@ -421,11 +420,17 @@ class Store:
             if captioner and captioner != store.config.get("captioner"):
                 store.update_config(captioner=captioner)
             return store
+        made = not root.exists()
         root.mkdir(parents=True, exist_ok=True)
         config = {"format": FORMAT, "embedder": embedder, "dim": dim, "captioner": captioner}
         if url is not None:
             config["db"] = url.render_as_string(hide_password=False)  # parse_db_url refused any password
-        store = cls(root, config, writable=True, create=True)
+        try:
+            store = cls(root, config, writable=True, create=True)
+        except BaseException:
+            if made and root.is_dir() and not any(root.iterdir()):
+                root.rmdir()  # e.g. the server refused: leave no empty store folder behind
+            raise
         write_json_atomic(config_path, config)  # last: store.json marks a complete store
         return store
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +99,7 @@ def test_init_with_a_bad_url_or_no_server_fails_in_one_line(tmp_path, models, ur
         code = run_cli(*init, "--store", root, "--db", bad)
         line = _one_line_error(capsys.readouterr().err)
         assert code != 0 and expected in line and SECRET not in line, line
-        assert not (root / "store.json").exists() and not (root / "metadata.sqlite").exists()
+        assert not root.exists()  # no store folder left behind, not even an empty one
     assert run_cli(*init, "--store", tmp_path / "good", "--db", url) == 0
     assert json.loads((tmp_path / "good" / "store.json").read_text())["db"] == url
 
@@ -181,3 +182,34 @@ def test_read_only_open_is_read_only_at_the_server(tmp_path, url):
             s.execute(text("INSERT INTO store_meta (key, value) VALUES ('x', 'y')"))
             s.commit()
     assert pg.sql(url, "SELECT count(*) FROM store_meta WHERE key = 'x'") == [[(0,)]]
+
+
+def test_generation_happens_once_across_processes_and_survives_kill(tmp_path, models, originals, url):
+    """Through the real CLI on a PostgreSQL store: a `kill -9` before the commit leaves no rows, then two
+    processes attributing one new prompt at once generate each resynthesis exactly once between them."""
+    root = tmp_path / "s"
+    assert run_cli("init", "--store", root, "--clip-config", models["clip_config"],
+                   "--clip-checkpoint", models["clip_checkpoint"], "--db", url) == 0
+    for name, folder in models["pipelines"].items():
+        assert run_cli("source", "add", name, folder, "--store", root, "--steps", 2, "--quiet") == 0
+    n = len(models["pipelines"])
+    argv = ["attribute", originals[1]["image"], "--prompt", "a lighthouse keeper raced on postgres",
+            "--per-source", 2, "--no-adaptive", "--store", root, "--json", "--quiet"]
+    count = "SELECT count(*) FROM vectors"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RESYNTH_CRASH_AT": "generate:before-commit"}
+    killed = subprocess.run([sys.executable, "-m", "engine.cli", *map(str, argv)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert killed.returncode == -9 and pg.sql(url, count) == [[(0,)]]
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda _: _cli(*argv), range(2)))
+    for out in outs:
+        assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    answers = [json.loads(o.stdout) for o in outs]
+    assert sum(a["cache"]["generated"] for a in answers) == 2 * n  # each image made once, by one of them
+    assert pg.sql(url, count) == [[(2 * n,)]]
+    assert answers[0]["results"][0]["predicted"] == answers[1]["results"][0]["predicted"]
+    done = _cli("verify", "--store", root, "--json")
+    assert done.returncode in (0, 4), done.stderr
+    report = json.loads(done.stdout)
+    assert report["index"]["bad_content"] == 0 and report["index"]["lost_from_database"] == 0
+    assert report["database"]["vectors"] == 2 * n and not report["orphans"]["count"]
