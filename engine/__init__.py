@@ -29,9 +29,11 @@ def open(store_dir=None, *, device=None, captioner=None, progress=False, writabl
 
 
 def init(store_dir=None, *, clip_checkpoint, clip_model=None, clip_config=None, clip_layer="middle",
-         captioner=None, device=None, progress=False):
-    """Create a store bound to one open_clip image encoder and return it as a Workspace."""
+         captioner=None, device=None, progress=False, db=None):
+    """Create a store bound to one open_clip image encoder and return it as a Workspace.
+
+    `db`: a PostgreSQL URL (postgresql+psycopg://USER@HOST:PORT/DBNAME, no password) for the metadata."""
     from engine.workspace import init_workspace
 
     return init_workspace(store_dir, clip_checkpoint=clip_checkpoint, clip_model=clip_model, clip_config=clip_config,
-                          clip_layer=clip_layer, captioner=captioner, device=device, progress=progress)
+                          clip_layer=clip_layer, captioner=captioner, device=device, progress=progress, db=db)

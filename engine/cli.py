@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "and our measurements found it stronger), the final embedding, or block N (1-based)")
     p.add_argument("--captioner", metavar="DIR", help="image-to-text model folder (BLIP, GIT, VisionEncoderDecoder) "
                                                       "used when a query comes without a prompt")
+    p.add_argument("--db", metavar="URL", help="keep metadata and vectors in PostgreSQL (postgresql+psycopg://USER@HOST"
+                                              ":PORT/DBNAME; password from $PGPASSWORD) instead of metadata.sqlite")
     p.set_defaults(run=cmd_init)
 
     p = sub.add_parser("source", help="add, list or remove candidate generators")
@@ -189,7 +191,8 @@ def cmd_init(args) -> None:
     import engine
 
     with engine.init(args.store, clip_checkpoint=args.clip_checkpoint, clip_model=args.clip_model,
-                     clip_config=args.clip_config, clip_layer=args.clip_layer, captioner=args.captioner) as ws:
+                     clip_config=args.clip_config, clip_layer=args.clip_layer, captioner=args.captioner,
+                     db=args.db) as ws:
         store = ws.store
         _emit(args, store.config, f"store {store.root} bound to {store.embedder_identity} ({store.dim}-d)")
 

@@ -845,7 +845,7 @@ def embedder_spec(clip_checkpoint: str | os.PathLike, clip_model: str | None = N
 def init_workspace(store_dir: str | os.PathLike | None = None, *, clip_checkpoint: str | os.PathLike,
                    clip_model: str | None = None, clip_config: str | os.PathLike | None = None,
                    clip_layer: str | int | None = "middle", captioner: str | os.PathLike | None = None,
-                   device: str | None = None, progress: bool = False) -> Workspace:
+                   device: str | None = None, progress: bool = False, db: str | None = None) -> Workspace:
     """Create a store bound to one open_clip image encoder (loaded once, to validate it and learn its identity)."""
     from engine.describe import Captioner
     from engine.embed import Embedder
@@ -855,7 +855,7 @@ def init_workspace(store_dir: str | os.PathLike | None = None, *, clip_checkpoin
         Captioner(Path(captioner))  # validates the folder now rather than at the first query
     embedder = Embedder(spec, device=device)
     store = Store.create(store_path(store_dir), embedder.describe(), embedder.dim,
-                         captioner=str(Path(captioner).resolve()) if captioner else None)
+                         captioner=str(Path(captioner).resolve()) if captioner else None, db_url=db)
     ws = Workspace(store, device=device, progress=progress)
     ws._embedder = embedder
     return ws

@@ -1,5 +1,11 @@
 """A store directory: SQLite metadata (the source of truth) + a FAISS index kept in agreement with it.
 
+The metadata may instead live in PostgreSQL (`Store.create(..., db_url="postgresql+psycopg://user@host/db")`,
+recorded in store.json without any password: libpq reads PGPASSWORD, resynth also RESYNTH_DB_PASSWORD).
+The guarantees are the same: every write transaction first takes a transaction-scoped advisory lock (the
+single writer SQLite's BEGIN IMMEDIATE gives), reads run in REPEATABLE READ snapshots (what a WAL read
+transaction gives), unique rows are got-or-created with ON CONFLICT, and one database holds one store.
+
 Trust rules:
 * The database is never created implicitly: only `Store.create` makes one. `open` first checks that
   metadata.sqlite is there, non-empty, a SQLite file with the store's tables, and answers a probe;
@@ -40,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 from sqlalchemy import create_engine, delete, event, func, select, update
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool
@@ -66,6 +73,9 @@ ORPHAN_GRACE_S = 600.0  # an unreferenced image file younger than this may be a 
 RESTORE = "restore metadata.sqlite from a backup"
 TEMP_RE = re.compile(r"^\..+\.(\d+)\.tmp$")
 _CORRUPT = ("not a database", "malformed", "corrupt", "disk image")
+PG_WRITE_LOCK = 0x7265_7379_6E74_6801  # pg_advisory_xact_lock key of a store's single writer ("resynth")
+PG_DRIVERS = ("postgresql", "postgresql+psycopg")
+PASSWORD_ENV = "RESYNTH_DB_PASSWORD"
 
 
 @dataclass
@@ -174,6 +184,87 @@ def _make_engine(path: Path, mode: str):
     return engine
 
 
+def parse_db_url(text: str) -> URL:
+    """A PostgreSQL URL as store.json records it: driver psycopg, no password (StoreInputError otherwise).
+
+    Messages never repeat the URL text: it may hold the very password they refuse."""
+    try:
+        url = make_url(str(text).strip())
+    except Exception:
+        raise StoreInputError("--db is not a database URL (expected postgresql+psycopg://USER@HOST:PORT/DBNAME)") \
+            from None
+    if url.drivername not in PG_DRIVERS:
+        hint = " (SQLite is the default: leave --db out)" if url.drivername.startswith("sqlite") else ""
+        raise StoreInputError(f"--db must be a PostgreSQL URL (postgresql+psycopg://USER@HOST:PORT/DBNAME), "
+                              f"not {url.drivername}{hint}")
+    if url.password is not None or "password" in url.query:
+        raise StoreInputError("--db must not contain a password (it would be written to store.json): "
+                              f"set PGPASSWORD or {PASSWORD_ENV} in the environment instead")
+    if not url.database:
+        raise StoreInputError("--db names no database (expected postgresql+psycopg://USER@HOST:PORT/DBNAME)")
+    return url.set(drivername="postgresql+psycopg")
+
+
+def db_label(url: URL) -> str:
+    """How messages name a PostgreSQL store database: host, port and name, never a password."""
+    return f"PostgreSQL database {url.database!r} at {url.host or 'localhost'}:{url.port or 5432}"
+
+
+def _pg_reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _pg_error(exc: BaseException | None, label: str) -> StoreError | None:
+    """A PostgreSQL error that is not a bug in resynth, as a one-line StoreError (never "file damaged":
+    the server owns its files). Connection failures, timeouts, an unknown database or role."""
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - no driver, no PostgreSQL errors
+        return None
+    if isinstance(exc, psycopg.OperationalError):
+        state = getattr(exc, "sqlstate", None) or ""
+        if not state or state.startswith(("08", "57P", "3D", "28")):  # no connection, shut down, no db, no login
+            return StoreError(f"cannot reach {label}: {_pg_reason(exc)}")
+        return StoreError(f"{label}: {_pg_reason(exc)}")
+    if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
+        return StoreInputError(f"{label} is open read-only")
+    return None
+
+
+def _make_pg_engine(url: URL, mode: str, label: str):
+    """An engine on a PostgreSQL database: pooled with pre-ping (several machines, server restarts),
+    REPEATABLE READ snapshots for reads, and read-only sessions for a read-only open (`mode` "ro")."""
+    password = os.environ.get(PASSWORD_ENV)
+    if password:
+        url = url.set(password=password)
+    # lock_timeout: a writer waits for the write lock as long as SQLite's busy_timeout lets it (30 s)
+    options = "-c lock_timeout=30000" + (" -c default_transaction_read_only=on" if mode == "ro" else "")
+    connect_args: dict = {"connect_timeout": 10, "application_name": "resynth", "options": options}
+    try:
+        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, connect_args=connect_args,
+                               isolation_level="REPEATABLE READ")
+    except ModuleNotFoundError:
+        raise StoreInputError("PostgreSQL metadata needs the psycopg driver: pip install 'resynth[postgres]'") \
+            from None
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn) -> None:  # a writer holds the store's write lock until its commit (one writer at a time)
+        if conn.get_execution_options().get("immediate"):
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_WRITE_LOCK})")
+
+    @event.listens_for(engine, "handle_error")
+    def _on_error(context) -> None:
+        if getattr(context, "is_pre_ping", False):
+            return  # the pool reconnects on its own
+        problem = _pg_error(context.original_exception, label)
+        if problem is not None:
+            raise problem from None
+
+    return engine
+
+
 def _dialect_insert(session: Session):
     """The dialect's INSERT with ON CONFLICT support (SQLite now, PostgreSQL later)."""
     name = session.get_bind().dialect.name
@@ -187,9 +278,18 @@ def _dialect_insert(session: Session):
 
 
 def insert_ignore(session: Session, model, values: dict, conflict: list[str]):
-    """INSERT ... ON CONFLICT DO NOTHING; the result's rowcount says whether a row was made."""
+    """INSERT ... ON CONFLICT DO NOTHING; `made(result)` says whether a row was made."""
     insert = _dialect_insert(session)
     return session.execute(insert(model.__table__).values(**values).on_conflict_do_nothing(index_elements=conflict))
+
+
+def made(result) -> bool:
+    """Whether an `insert_ignore` made its row. SQLite reports it in rowcount; PostgreSQL fetches the new
+    key with RETURNING (rowcount -1 then), which comes back empty when the conflict skipped the row."""
+    if result.rowcount >= 0:
+        return result.rowcount == 1
+    key = result.inserted_primary_key
+    return key is not None and key[0] is not None
 
 
 def write_json_atomic(path: Path, value: dict, point: str = "config:before-replace") -> None:
@@ -255,12 +355,29 @@ class Store:
         self._delta: dict | None = None  # what the live index has that the search index lacks, and vice versa
         self.search_state: dict = {"state": "absent"}
         db_path = root / DB_NAME
-        if not create:
-            _check_database_file(db_path)
-        sidecars = [db_path.with_name(db_path.name + suffix) for suffix in ("-wal", "-shm")]
-        absent = [p for p in sidecars if not p.exists()]
-        self.engine = _make_engine(db_path, "rwc" if create else ("rw" if writable else "ro"))
-        self._write_engine = self.engine.execution_options(immediate=True)
+        mode = "rwc" if create else ("rw" if writable else "ro")
+        absent: list[Path] = []
+        self.db_url: URL | None = None
+        if config.get("db"):
+            try:
+                self.db_url = parse_db_url(config["db"])
+            except StoreInputError:
+                raise StoreDamaged(f"store config {root / CONFIG_NAME} has an unusable database URL: "
+                                   "restore it from a backup") from None
+            self.db_label = db_label(self.db_url)
+            self.restore_hint = f"restore {self.db_label} from a backup"
+            self.engine = _make_pg_engine(self.db_url, mode, self.db_label)
+            # writers see each statement's latest committed state once they hold the write lock
+            self._write_engine = self.engine.execution_options(immediate=True, isolation_level="READ COMMITTED")
+        else:
+            self.db_label, self.restore_hint = str(db_path), RESTORE
+            if not create:
+                _check_database_file(db_path)
+            sidecars = [db_path.with_name(db_path.name + suffix) for suffix in ("-wal", "-shm")]
+            absent = [p for p in sidecars if not p.exists()]
+            self.engine = _make_engine(db_path, mode)
+            self._write_engine = self.engine.execution_options(immediate=True)
+        self.is_sqlite = self.db_url is None
         self.session_factory = sessionmaker(self.engine, expire_on_commit=False)
         self._write_factory = sessionmaker(self._write_engine, expire_on_commit=False)
         try:
@@ -282,22 +399,39 @@ class Store:
 
     # ----- lifecycle -------------------------------------------------------------------------
     @classmethod
-    def create(cls, root: Path, embedder: dict, dim: int, captioner: str | None = None) -> "Store":
-        """A new store (the only way a database is made), or the existing one at `root`."""
+    def create(cls, root: Path, embedder: dict, dim: int, captioner: str | None = None,
+               db_url: str | None = None) -> "Store":
+        """A new store (the only way a database is made), or the existing one at `root`.
+
+        `db_url` (postgresql+psycopg://USER@HOST:PORT/DBNAME, no password) puts the metadata and vectors in
+        that PostgreSQL database instead of metadata.sqlite; a database holds one store: joining one bound
+        to another embedder is refused."""
         root = Path(root)
         config_path = root / CONFIG_NAME
+        url = parse_db_url(db_url) if db_url else None
         if config_path.exists():
             existing = json.loads(config_path.read_text())
             if existing["embedder"]["identity"] != embedder["identity"]:
                 raise StoreInputError(f"store {root} is already bound to embedder {existing['embedder']['identity']}; "
                                       f"use another --store for {embedder['identity']}")
+            if url is not None and existing.get("db") != url.render_as_string(hide_password=False):
+                where = db_label(parse_db_url(existing["db"])) if existing.get("db") else "metadata.sqlite"
+                raise StoreInputError(f"store {root} already keeps its metadata in {where}; use another --store")
             store = cls.open(root)
             if captioner and captioner != store.config.get("captioner"):
                 store.update_config(captioner=captioner)
             return store
+        made = not root.exists()
         root.mkdir(parents=True, exist_ok=True)
         config = {"format": FORMAT, "embedder": embedder, "dim": dim, "captioner": captioner}
-        store = cls(root, config, writable=True, create=True)
+        if url is not None:
+            config["db"] = url.render_as_string(hide_password=False)  # parse_db_url refused any password
+        try:
+            store = cls(root, config, writable=True, create=True)
+        except BaseException:
+            if made and root.is_dir() and not any(root.iterdir()):
+                root.rmdir()  # e.g. the server refused: leave no empty store folder behind
+            raise
         write_json_atomic(config_path, config)  # last: store.json marks a complete store
         return store
 
@@ -345,6 +479,10 @@ class Store:
         self._require_writable()
         return self._write_factory()
 
+    @property
+    def _db_name(self) -> str:
+        return DB_NAME if self.is_sqlite else self.db_label
+
     def _require_writable(self) -> None:
         if not self.writable:
             raise StoreInputError(f"store {self.root} is open read-only")
@@ -355,27 +493,65 @@ class Store:
             Base.metadata.create_all(conn)
             if conn.scalar(select(StoreMeta.value).where(StoreMeta.key == "tombstones_from")) is None:
                 conn.execute(StoreMeta.__table__.insert().values(key="tombstones_from", value="0"))
+            if not self.is_sqlite:  # one store per database: a second folder may join it, same embedder only
+                bound = conn.scalar(select(StoreMeta.value).where(StoreMeta.key == "embedder"))
+                if bound is None:
+                    conn.execute(StoreMeta.__table__.insert().values(key="embedder", value=self.embedder_identity))
+                    conn.execute(StoreMeta.__table__.insert().values(key="dim", value=str(self.dim)))
+                elif bound != self.embedder_identity:
+                    raise StoreInputError(f"{self.db_label} already holds a store bound to embedder {bound}; "
+                                          "use another database for another embedder")
+
+    def _check_binding(self, conn) -> None:
+        """(PostgreSQL) The database's store must be the one store.json describes."""
+        rows = dict(conn.execute(select(StoreMeta.key, StoreMeta.value)
+                                 .where(StoreMeta.key.in_(["embedder", "dim"]))).all())
+        if rows.get("embedder") not in (None, self.embedder_identity) or rows.get("dim") not in (None, str(self.dim)):
+            raise StoreInputError(f"{self.db_label} holds a store bound to embedder {rows.get('embedder')} "
+                                  f"({rows.get('dim')}-d), not this store's {self.embedder_identity}")
+
+    def _damaged(self, what: str) -> StoreDamaged:
+        if self.is_sqlite:
+            return _damaged(self.root / DB_NAME, what)
+        return StoreDamaged(f"{self.db_label} {what}: {self.restore_hint} (vectors.faiss cannot replace it)")
+
+    def _tables(self, conn) -> set[str]:
+        if self.is_sqlite:
+            return set(conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='table'").scalars())
+        return set(conn.exec_driver_sql("SELECT table_name FROM information_schema.tables "
+                                        "WHERE table_schema = current_schema()").scalars())
+
+    def _columns(self, conn, table: str) -> set[str]:
+        if self.is_sqlite:
+            return {row[1] for row in conn.exec_driver_sql(f"PRAGMA table_info({table})")}
+        return set(conn.exec_driver_sql("SELECT column_name FROM information_schema.columns WHERE table_schema = "
+                                        f"current_schema() AND table_name = '{table}'").scalars())
 
     def _probe(self, db_path: Path) -> None:
-        """Cheap sanity of the source of truth: the store's tables, readable, and quick_check if small."""
+        """Cheap sanity of the source of truth: the store's tables, readable, and (SQLite) quick_check if
+        small. PostgreSQL checks its own pages; there the store's binding (embedder) is checked instead."""
         try:
             with self.engine.connect() as conn:
-                tables = set(conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='table'").scalars())
+                tables = self._tables(conn)
                 missing = [t for t in CORE_TABLES if t not in tables]
                 if missing:
-                    raise _damaged(db_path, f"lacks the store's tables ({', '.join(missing)})")
+                    raise self._damaged(f"lacks the store's tables ({', '.join(missing)})")
                 conn.exec_driver_sql("SELECT max(id), count(*) FROM vectors").all()
                 conn.exec_driver_sql("SELECT max(id) FROM images").all()
-                if db_path.stat().st_size <= QUICK_CHECK_MAX_BYTES:
+                if self.is_sqlite and db_path.stat().st_size <= QUICK_CHECK_MAX_BYTES:
                     result = conn.exec_driver_sql("PRAGMA quick_check(1)").scalar()
                     if result != "ok":
                         raise _damaged(db_path, f"fails its integrity check ({str(result).splitlines()[0]})")
-                columns = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(vectors)")}
+                columns = self._columns(conn, "vectors")
+                if not self.is_sqlite and "store_meta" in tables:
+                    self._check_binding(conn)
             self._has_checksums = "checksum" in columns
             self._has_tombstones = "deleted_vectors" in tables
             self._has_claims = "claims" in tables
         except DBAPIError as exc:
             reason = str(exc.orig).splitlines()[0] if exc.orig is not None else type(exc).__name__
+            if not self.is_sqlite:
+                raise StoreError(f"cannot reach {self.db_label}: {reason}") from None
             if "locked" in reason or "busy" in reason:
                 raise StoreError(f"{db_path} is locked by another process; try again") from None
             raise _damaged(db_path, f"cannot be read ({reason})") from None
@@ -386,17 +562,22 @@ class Store:
         if self._has_checksums and self._has_tombstones and self._has_claims:
             return
         with self._write_engine.begin() as conn:
-            columns = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(vectors)")}
-            if "checksum" not in columns:
+            if "checksum" not in self._columns(conn, "vectors"):
                 conn.exec_driver_sql("ALTER TABLE vectors ADD COLUMN checksum VARCHAR(32)")
-            tables = set(conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='table'").scalars())
+            tables = self._tables(conn)
             Base.metadata.create_all(conn, tables=list(ADDED_TABLES))
             if conn.scalar(select(StoreMeta.value).where(StoreMeta.key == "tombstones_from")) is None:
                 floor = 0
                 if "sqlite_sequence" in tables:
                     floor = conn.exec_driver_sql("SELECT seq FROM sqlite_sequence WHERE name='vectors'").scalar() or 0
+                elif not self.is_sqlite:  # the highest id the sequence ever handed out (deleted ones included)
+                    floor = conn.exec_driver_sql(
+                        "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM vectors_id_seq").scalar() or 0
                 floor = max(int(floor), int(conn.scalar(select(func.max(Vector.id))) or 0))
                 conn.execute(StoreMeta.__table__.insert().values(key="tombstones_from", value=str(floor)))
+            if not self.is_sqlite and conn.scalar(select(StoreMeta.value).where(StoreMeta.key == "embedder")) is None:
+                conn.execute(StoreMeta.__table__.insert().values(key="embedder", value=self.embedder_identity))
+                conn.execute(StoreMeta.__table__.insert().values(key="dim", value=str(self.dim)))
         self._has_checksums = self._has_tombstones = self._has_claims = True
         self._backfill_checksums()
 
@@ -491,8 +672,7 @@ class Store:
                 for vid, data in s.execute(query).yield_per(batch):
                     vec = np.frombuffer(data, dtype=np.float32)
                     if vec.shape != (dim,):
-                        raise _damaged(self.root / DB_NAME, f"holds vector {vid} of size {vec.size}, "
-                                                            f"not {dim}")
+                        raise self._damaged(f"holds vector {vid} of size {vec.size}, not {dim}")
                     chunk_ids.append(vid)
                     chunk.append(vec)
                     if len(chunk) == batch:
@@ -546,8 +726,8 @@ class Store:
                 if len(lost):
                     if not self.repair:
                         raise StoreDamaged(
-                            f"{self.index_path} holds {len(lost)} vectors that {DB_NAME} neither stores nor records "
-                            f"as deleted (the database lost data): {RESTORE}, or run `resynth verify --repair` "
+                            f"{self.index_path} holds {len(lost)} vectors that {self._db_name} neither stores nor "
+                            f"records as deleted (the database lost data): {self.restore_hint}, or run `resynth verify --repair` "
                             "to rebuild the index from the database as it is")
                     report.notes.append(f"{len(lost)} vectors the database lost were dropped (repair)")
                 present = np.intersect1d(have, db_ids)
@@ -1152,7 +1332,7 @@ class Store:
         with self._write_session() as s:
             for i, (row, vec) in enumerate(zip(rows, matrix)):
                 try:
-                    made = insert_ignore(s, Image, {
+                    result = insert_ignore(s, Image, {
                         "key": row.key, "role": row.role, "source_id": row.source_id,
                         "description_id": row.description_id, "seed": row.seed, "params_hash": row.params_hash,
                         "file_hash": row.file_hash, "path": row.path, "original_id": row.original_id,
@@ -1160,10 +1340,10 @@ class Store:
                 except IntegrityError as exc:  # a foreign key: the source was removed meanwhile
                     raise StoreInputError("an image refers to a source or description that no longer "
                                           "exists (removed by another process)") from exc
-                if made.rowcount != 1:
+                if not made(result):
                     image_ids.append(s.scalar(select(Image.id).where(Image.key == row.key)))
                     continue
-                image_id = made.inserted_primary_key[0]
+                image_id = result.inserted_primary_key[0]
                 image_ids.append(image_id)
                 data = vec.tobytes()
                 vector = s.execute(Vector.__table__.insert().values(
@@ -1266,12 +1446,15 @@ class Store:
             self._require_writable()
         problems: list[str] = []
         report: dict = {"store": str(self.root), "repair": repair, "problems": problems, "repaired": []}
-        db_path = self.root / DB_NAME
-        with self.engine.connect() as conn:
-            integrity = [r[0] for r in conn.exec_driver_sql("PRAGMA integrity_check(20)")]
-        report["database"] = {"integrity": "ok" if integrity == ["ok"] else integrity[:5]}
-        if integrity != ["ok"]:
-            problems.append(f"{db_path} fails its integrity check: {RESTORE}")
+        report["database"] = {"backend": "sqlite" if self.is_sqlite else "postgresql", "location": self.db_label}
+        if self.is_sqlite:
+            with self.engine.connect() as conn:
+                integrity = [r[0] for r in conn.exec_driver_sql("PRAGMA integrity_check(20)")]
+            report["database"]["integrity"] = "ok" if integrity == ["ok"] else integrity[:5]
+            if integrity != ["ok"]:
+                problems.append(f"{self.db_label} fails its integrity check: {RESTORE}")
+        else:
+            report["database"]["integrity"] = "ok"  # the server checks its own pages; the rows are checked below
 
         # the stored vectors themselves
         bad_rows, unchecked = [], 0
@@ -1297,7 +1480,7 @@ class Store:
                                        "images": len(image_rows), "images_without_vector": without_vector,
                                        "expired_claims": expired})
             if bad_rows:
-                problems.append(f"{len(bad_rows)} stored vectors are malformed or fail their checksum: {RESTORE}")
+                problems.append(f"{len(bad_rows)} stored vectors are malformed or fail their checksum: {self.restore_hint}")
             if without_vector:
                 problems.append(f"{without_vector} images have no vector (re-ingest them)")
 
@@ -1316,7 +1499,7 @@ class Store:
                               "lost_from_database": len(lost), "lost_ids": lost[:10].tolist(),
                               "bad_content": len(bad), "bad_ids": bad[:10]})
                 if len(lost):
-                    problems.append(f"{len(lost)} index vectors are not in the database (it lost data): {RESTORE}, "
+                    problems.append(f"{len(lost)} index vectors are not in the database (it lost data): {self.restore_hint}, "
                                     "or repair to rebuild the index from the database as it is")
                 if bad:
                     problems.append(f"{len(bad)} index vectors differ from the database")
@@ -1414,8 +1597,8 @@ class Store:
         if config["embedder"]["identity"] == self.embedder_identity:
             return
         if not (self.root / config["index_file"]).exists():
-            raise _damaged(self.root / DB_NAME, f"records a switch to {config['embedder']['identity']} whose "
-                                                f"index {config['index_file']} is missing")
+            raise self._damaged(f"records a switch to {config['embedder']['identity']} whose "
+                                f"index {config['index_file']} is missing")
         self.config, self.embedder_identity, self.dim = config, config["embedder"]["identity"], int(config["dim"])
         if self.writable:
             write_json_atomic(self.root / CONFIG_NAME, config)

@@ -57,6 +57,24 @@ def store_dir(models, tmp_path) -> Path:
     return path
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request):
+    """The store's metadata backend: None (metadata.sqlite) or the URL of a fresh PostgreSQL database on a
+    real server (tests/pg.py), dropped after the test. Skipped, with the reason, only if no server can be had."""
+    if request.param == "sqlite":
+        yield None
+        return
+    from tests import pg
+
+    if not pg.admin_url():
+        pytest.skip(pg.why())
+    url = pg.create_database()
+    try:
+        yield url
+    finally:
+        pg.drop_database(url)
+
+
 @pytest.fixture
 def copy_of(tmp_path):
     def copy(path: Path, name: str) -> Path:

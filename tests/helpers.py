@@ -7,3 +7,8 @@ def run_cli(*argv) -> int:
     from engine.cli import main
 
     return main([str(a) for a in argv])
+
+
+def db_args(db) -> list:
+    """`resynth init` arguments for the backend `db` (the `db` fixture: nothing for SQLite)."""
+    return ["--db", db] if db else []

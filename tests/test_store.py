@@ -12,13 +12,14 @@ import numpy as np
 
 from index import vectors as vx
 from index.store import NewImage, Store
-from tests.helpers import run_cli
+from tests.helpers import db_args, run_cli
 
 DIM = 8
 
 
-def _store(tmp_path: Path) -> Store:
-    return Store.create(tmp_path / "s", {"identity": "test-embedder", "arch": "x", "checkpoint": "x"}, DIM)
+def _store(tmp_path: Path, db: str | None = None) -> Store:
+    return Store.create(tmp_path / "s", {"identity": "test-embedder", "arch": "x", "checkpoint": "x"}, DIM,
+                        db_url=db)
 
 
 def _rows(store: Store, n: int, start: int = 0, seed: int = 0) -> list[NewImage]:
@@ -36,8 +37,8 @@ def _agree(store: Store) -> bool:
     return np.array_equal(np.sort(vx.index_ids(store.index)), store._db_vector_ids())
 
 
-def test_round_trip_and_rebuild(tmp_path):
-    with _store(tmp_path) as store:
+def test_round_trip_and_rebuild(tmp_path, db):
+    with _store(tmp_path, db) as store:
         rows = _rows(store, 50)
         store.add_images(rows)
         ids = store._db_vector_ids()
@@ -57,9 +58,9 @@ def test_round_trip_and_rebuild(tmp_path):
         assert np.allclose(vx.search_among(store.index, rows[0].vector[None], ids[:10])[0], sims)
 
 
-def test_index_behind_database_is_repaired(tmp_path):
+def test_index_behind_database_is_repaired(tmp_path, db):
     """Crash after the database commit, before the index file was saved."""
-    with _store(tmp_path) as store:
+    with _store(tmp_path, db) as store:
         store.add_images(_rows(store, 20))
     store = Store.open(tmp_path / "s")
     store.add_images(_rows(store, 7, start=20, seed=1))
@@ -69,9 +70,9 @@ def test_index_behind_database_is_repaired(tmp_path):
         assert store.open_report.added == 7 and store.index.ntotal == 27 and _agree(store)
 
 
-def test_index_ahead_of_database_is_repaired(tmp_path):
+def test_index_ahead_of_database_is_repaired(tmp_path, db):
     """Crash after a delete committed in the database, before the index was saved."""
-    with _store(tmp_path) as store:
+    with _store(tmp_path, db) as store:
         store.add_images(_rows(store, 20))
         store.save_index()
         saved = (tmp_path / "s" / "vectors.faiss").read_bytes()
@@ -81,8 +82,8 @@ def test_index_ahead_of_database_is_repaired(tmp_path):
         assert store.open_report.removed == 20 and store.index.ntotal == 0 and _agree(store)
 
 
-def test_torn_or_missing_index_file_is_rebuilt(tmp_path):
-    with _store(tmp_path) as store:
+def test_torn_or_missing_index_file_is_rebuilt(tmp_path, db):
+    with _store(tmp_path, db) as store:
         store.add_images(_rows(store, 30))
     path = tmp_path / "s" / "vectors.faiss"
     path.write_bytes(path.read_bytes()[:100])  # torn write (what atomic publish prevents)
@@ -94,19 +95,24 @@ def test_torn_or_missing_index_file_is_rebuilt(tmp_path):
     assert not path.exists()  # a read-only open repairs in memory and writes nothing
 
 
-def test_deleted_ids_are_never_reused(tmp_path):
-    with _store(tmp_path) as store:
+def test_deleted_ids_are_never_reused(tmp_path, db):
+    with _store(tmp_path, db) as store:
         store.add_images(_rows(store, 5))
         first = set(store._db_vector_ids().tolist())
         store.remove_source("a")
         store.add_images(_rows(store, 5, start=5))
-        assert not first & set(store._db_vector_ids().tolist())
+        assert len(first) == 5 and not first & set(store._db_vector_ids().tolist())
+    with Store.open(tmp_path / "s") as store:  # not even after a reopen (a new connection, a new process)
+        seen = set(store._db_vector_ids().tolist())
+        store.remove_source("a")
+        store.add_images(_rows(store, 3, start=10))
+        assert len(seen) == 5 and not (first | seen) & set(store._db_vector_ids().tolist())
 
 
-def test_ingest_is_idempotent_and_links_originals(models, originals, tmp_path):
+def test_ingest_is_idempotent_and_links_originals(models, originals, tmp_path, db):
     store = tmp_path / "store"
     assert run_cli("init", "--store", store, "--clip-config", models["clip_config"],
-                   "--clip-checkpoint", models["clip_checkpoint"]) == 0
+                   "--clip-checkpoint", models["clip_checkpoint"], *db_args(db)) == 0
     lines = ["image,source,description,role,original"]
     first, second = originals[0], originals[5]
     lines.append(f"{first['image']},genA,{first['prompt']},original,")
@@ -146,10 +152,10 @@ def _write_big_manifest(originals, tmp_path: Path, copies: int) -> Path:
     return manifest
 
 
-def test_kill_during_ingest_leaves_store_consistent(models, originals, tmp_path):
+def test_kill_during_ingest_leaves_store_consistent(models, originals, tmp_path, db):
     store = tmp_path / "store"
     assert run_cli("init", "--store", store, "--clip-config", models["clip_config"],
-                   "--clip-checkpoint", models["clip_checkpoint"]) == 0
+                   "--clip-checkpoint", models["clip_checkpoint"], *db_args(db)) == 0
     manifest = _write_big_manifest(originals, tmp_path, copies=40)
     total = 40 * len(originals)
     cmd = [sys.executable, "-m", "engine.cli", "ingest", str(manifest), "--store", str(store), "--quiet", "--allow-outside"]
@@ -172,9 +178,9 @@ def test_kill_during_ingest_leaves_store_consistent(models, originals, tmp_path)
         assert opened.stats()["vectors"] == total and _agree(opened)
 
 
-def test_two_processes_share_a_store(tmp_path):
+def test_two_processes_share_a_store(tmp_path, db):
     """A vector committed by another process after this one opened is found by search, not lost."""
-    with _store(tmp_path) as first:
+    with _store(tmp_path, db) as first:
         rows = _rows(first, 3)
         first.add_images(rows)
         with Store.open(tmp_path / "s") as second:

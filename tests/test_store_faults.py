@@ -1,6 +1,7 @@
 """The store under faults: damaged files, lost data, races between real processes, kills mid-save.
 
-No models: vectors are deterministic random unit vectors of size 16, derived from their keys.
+No models: vectors are deterministic random unit vectors of size 16, derived from their keys. Tests taking
+the `db` fixture run twice: on metadata.sqlite and on a fresh database of a real PostgreSQL server.
 """
 from __future__ import annotations
 
@@ -45,9 +46,9 @@ def _keys(n: int, start: int = 0, prefix: str = "k") -> list[str]:
     return [f"{prefix}{i}" for i in range(start, start + n)]
 
 
-def _make(tmp_path: Path, n: int = 40) -> Path:
+def _make(tmp_path: Path, n: int = 40, db: str | None = None) -> Path:
     root = tmp_path / "s"
-    with Store.create(root, EMBEDDER, DIM) as store:
+    with Store.create(root, EMBEDDER, DIM, db_url=db) as store:
         if n:
             store.add_images(_rows(store, _keys(n)))
     return root
@@ -81,8 +82,18 @@ def _sql(path: Path, *statements: str) -> list:
         db.close()
 
 
+def _query(root: Path, *statements: str) -> list:
+    """Run statements on a store's database, whichever backend its store.json names."""
+    url = json.loads((root / "store.json").read_text()).get("db")
+    if url:
+        from tests import pg
+
+        return pg.sql(url, *statements)
+    return _sql(root / "metadata.sqlite", *statements)
+
+
 def _db_ids(root: Path) -> np.ndarray:
-    return np.array(sorted(r[0] for r in _sql(root / "metadata.sqlite", "SELECT id FROM vectors")[0]), np.int64)
+    return np.array(sorted(r[0] for r in _query(root, "SELECT id FROM vectors")[0]), np.int64)
 
 
 # A small worker process driven line by line over stdin (answers "ok ..." per command).
@@ -216,8 +227,8 @@ def test_damaged_database_is_refused_and_nothing_is_touched(tmp_path, damage):
     assert result.returncode != 0 and "StoreDamaged" in result.stderr
 
 
-def test_read_only_open_writes_nothing(tmp_path):
-    root = _make(tmp_path)
+def test_read_only_open_writes_nothing(tmp_path, db):
+    root = _make(tmp_path, db=db)
     path = root / "vectors.faiss"
     data = bytearray(path.read_bytes())
     data[-100:-50] = b"\x00" * 50  # damage the index too: repaired in memory only
@@ -233,8 +244,8 @@ def test_read_only_open_writes_nothing(tmp_path):
 
 
 # ----- the index: content verified, rebuilt from the database, never served wrong ---------------
-def test_random_bytes_over_vector_data_are_detected(tmp_path):
-    root = _make(tmp_path)
+def test_random_bytes_over_vector_data_are_detected(tmp_path, db):
+    root = _make(tmp_path, db=db)
     path = root / "vectors.faiss"
     data = bytearray(path.read_bytes())
     start = data.find(vec_for("k0").tobytes())
@@ -253,8 +264,8 @@ def test_random_bytes_over_vector_data_are_detected(tmp_path):
         assert store.verify(files=False)["ok"]
 
 
-def test_right_ids_wrong_vectors_are_detected(tmp_path):
-    root = _make(tmp_path)
+def test_right_ids_wrong_vectors_are_detected(tmp_path, db):
+    root = _make(tmp_path, db=db)
     ids = _file_ids(root)
     fake = vx.new_index(DIM)
     wrong = np.random.default_rng(5).normal(size=(len(ids), DIM)).astype(np.float32)
@@ -266,8 +277,8 @@ def test_right_ids_wrong_vectors_are_detected(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["flat", "idmap", "l2", "dim", "nan"])
-def test_index_of_another_kind_is_rebuilt(tmp_path, kind):
-    root = _make(tmp_path)
+def test_index_of_another_kind_is_rebuilt(tmp_path, kind, db):
+    root = _make(tmp_path, db=db)
     ids = _file_ids(root)
     vecs = np.stack([vec_for(k) for k in _keys(40)])
     if kind == "flat":
@@ -296,18 +307,24 @@ def test_index_of_another_kind_is_rebuilt(tmp_path, kind):
     assert np.array_equal(_file_ids(root), _db_ids(root))
 
 
-def test_database_that_lost_rows_is_refused(tmp_path):
-    root = _make(tmp_path)
-    backup = (root / "metadata.sqlite").read_bytes()
+def test_database_that_lost_rows_is_refused(tmp_path, db):
+    root = _make(tmp_path, db=db)
+    backup = (root / "metadata.sqlite").read_bytes() if db is None else None
     with Store.open(root) as store:
         store.add_images(_rows(store, _keys(10, start=40)))
     # rows vanish without a tombstone
-    _sql(root / "metadata.sqlite", "DELETE FROM vectors WHERE id IN (SELECT id FROM vectors ORDER BY id LIMIT 5)")
+    _query(root, "DELETE FROM vectors WHERE id IN (SELECT id FROM vectors ORDER BY id LIMIT 5)")
     before = (root / "vectors.faiss").read_bytes()
+    restore = "restore metadata.sqlite from a backup" if db is None else "restore PostgreSQL database .* from a backup"
     for writable in (False, True):
-        with pytest.raises(StoreDamaged, match="lost data.*restore metadata.sqlite from a backup"):
+        with pytest.raises(StoreDamaged, match=f"lost data.*{restore}"):
             Store.open(root, writable=writable)
         assert (root / "vectors.faiss").read_bytes() == before
+    if db is not None:  # the explicit way out: the database as it is
+        with Store.open(root, repair=True) as store:
+            assert store.index.ntotal == 45 and "lost" in " ".join(store.open_report.notes)
+        assert np.array_equal(_file_ids(root), _db_ids(root))
+        return
     # an older copy of the database (restored from a stale backup) is caught the same way
     (root / "metadata.sqlite").write_bytes(backup)
     with pytest.raises(StoreDamaged, match="10 vectors"):
@@ -319,8 +336,8 @@ def test_database_that_lost_rows_is_refused(tmp_path):
         assert store.index.ntotal == 40 and _search_is_right(store, _keys(40))
 
 
-def test_deleted_source_is_not_lost_data_and_removes_only_its_files(tmp_path):
-    root = _make(tmp_path, n=0)
+def test_deleted_source_is_not_lost_data_and_removes_only_its_files(tmp_path, db):
+    root = _make(tmp_path, n=0, db=db)
     with Store.open(root) as store:
         for source in ("a", "b"):
             rows = _rows(store, _keys(3, prefix=source), source=source)
@@ -345,8 +362,8 @@ def test_deleted_source_is_not_lost_data_and_removes_only_its_files(tmp_path):
 
 
 # ----- races between processes ----------------------------------------------------------------
-def test_racing_get_or_create_makes_one_row(tmp_path):
-    root = _make(tmp_path, n=0)
+def test_racing_get_or_create_makes_one_row(tmp_path, db):
+    root = _make(tmp_path, n=0, db=db)
     start_at = time.time() + 2.0
     workers = [Worker(tmp_path, root, start_at) for _ in range(3)]
     for w in workers:
@@ -357,7 +374,7 @@ def test_racing_get_or_create_makes_one_row(tmp_path):
         assert w.ask("save") == "ok"
         w.quit()
     tables = ("sources", "descriptions", "images", "vectors")
-    counts = _sql(root / "metadata.sqlite", *(f"SELECT count(*) FROM {t}" for t in tables))
+    counts = _query(root, *(f"SELECT count(*) FROM {t}" for t in tables))
     count = {t: c[0][0] for t, c in zip(tables, counts)}
     assert count == {"sources": 1, "descriptions": 1, "images": 30, "vectors": 30}
     assert np.array_equal(_file_ids(root), _db_ids(root))
@@ -371,8 +388,8 @@ def test_racing_get_or_create_makes_one_row(tmp_path):
         w.quit()
 
 
-def test_claims_single_flight_and_dead_claimant(tmp_path):
-    root = _make(tmp_path, n=0)
+def test_claims_single_flight_and_dead_claimant(tmp_path, db):
+    root = _make(tmp_path, n=0, db=db)
     keys = _keys(4, prefix="C")
     maker = Worker(tmp_path, root)
     assert maker.ask(f"claim maker 30 {' '.join(keys)}") == "ok " + " ".join(keys)
@@ -401,8 +418,29 @@ def test_claims_single_flight_and_dead_claimant(tmp_path):
         assert store.claim(more, "me", 60) == more  # renewal by the owner
 
 
-def test_stale_save_never_drops_vectors_of_another_process(tmp_path):
-    root = _make(tmp_path, n=0)
+def test_two_processes_claim_the_same_keys_at_once(tmp_path, db):
+    """Single flight: two processes claim the same keys at the same moment (in opposite orders, which
+    would deadlock row locks taken one by one): every key goes to exactly one of them."""
+    root = _make(tmp_path, n=0, db=db)
+    keys = _keys(40, prefix="R")
+    start_at = time.time() + 2.5
+    first, second = Worker(tmp_path, root, start_at), Worker(tmp_path, root, start_at)
+    first.send(f"claim A 30 {' '.join(keys)}")
+    second.send(f"claim B 30 {' '.join(reversed(keys))}")
+    answers = [first.read(), second.read()]
+    assert all(a.split()[0] == "ok" for a in answers), answers
+    got_a, got_b = (set(a.split()[1:]) for a in answers)
+    assert got_a | got_b == set(keys) and not got_a & got_b
+    with Store.open(root, writable=False) as store:
+        owners = store.live_claims(keys)
+    assert {k for k, o in owners.items() if o == "A"} == got_a and {k for k, o in owners.items() if o == "B"} == got_b
+    assert second.ask(f"claim B 30 {' '.join(keys)}").split()[1:] == [k for k in keys if k in got_b]  # renewal
+    first.quit()
+    second.quit()
+
+
+def test_stale_save_never_drops_vectors_of_another_process(tmp_path, db):
+    root = _make(tmp_path, n=0, db=db)
     first, second = Worker(tmp_path, root), Worker(tmp_path, root)
     assert first.ask("add A 0 10") == "ok 10"
     assert second.ask("add B 0 10") == "ok 10"
@@ -432,8 +470,8 @@ def test_stale_save_never_drops_vectors_of_another_process(tmp_path):
     second.quit()
 
 
-def test_kill_during_save_loop_loses_nothing_committed(tmp_path):
-    root = _make(tmp_path, n=0)
+def test_kill_during_save_loop_loses_nothing_committed(tmp_path, db):
+    root = _make(tmp_path, n=0, db=db)
     worker = Worker(tmp_path, root)
     worker.send("loop")
     committed = 0
@@ -473,8 +511,8 @@ def test_temp_files_of_dead_processes_are_removed(tmp_path):
 
 
 # ----- verify ---------------------------------------------------------------------------------
-def test_verify_reports_and_repairs(tmp_path):
-    root = _make(tmp_path, n=0)
+def test_verify_reports_and_repairs(tmp_path, db):
+    root = _make(tmp_path, n=0, db=db)
     with Store.open(root) as store:
         rows = _rows(store, _keys(6))
         for row in rows:
@@ -525,18 +563,18 @@ def test_verify_reports_and_repairs(tmp_path):
         assert _search_is_right(store, _keys(6))
 
 
-def test_store_made_before_checksums_and_tombstones_is_upgraded(tmp_path):
-    root = _make(tmp_path)
-    _sql(root / "metadata.sqlite", "ALTER TABLE vectors DROP COLUMN checksum", "DROP TABLE deleted_vectors",
-         "DROP TABLE claims", "DROP TABLE store_meta", "PRAGMA foreign_keys=ON",
-         "DELETE FROM images WHERE id IN (SELECT image_id FROM vectors WHERE id <= 2)")  # deleted by an old resynth: no tombstones then
+def test_store_made_before_checksums_and_tombstones_is_upgraded(tmp_path, db):
+    root = _make(tmp_path, db=db)
+    _query(root, "ALTER TABLE vectors DROP COLUMN checksum", "DROP TABLE deleted_vectors",
+           "DROP TABLE claims", "DROP TABLE store_meta", *(["PRAGMA foreign_keys=ON"] if db is None else []),
+           "DELETE FROM images WHERE id IN (SELECT image_id FROM vectors WHERE id <= 2)")  # deleted by an old resynth: no tombstones then
     with Store.open(root, writable=False) as store:  # read-only: nothing changed, still served
         assert store.index.ntotal == 38 and _search_is_right(store, _keys(38, start=2))
     with Store.open(root) as store:
         assert store.index.ntotal == 38
         assert store.verify(files=False)["database"]["vectors_without_checksum"] == 0
         store.add_images(_rows(store, _keys(2, start=100)))
-    assert _sql(root / "metadata.sqlite", "SELECT count(*) FROM vectors WHERE checksum IS NULL") == [[(0,)]]
+    assert _query(root, "SELECT count(*) FROM vectors WHERE checksum IS NULL") == [[(0,)]]
     with Store.open(root) as store:
         report = store.verify(files=False)
         assert store.index.ntotal == 40 and report["ok"], report["problems"]
