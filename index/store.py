@@ -505,7 +505,10 @@ class Store:
     def _check_binding(self, conn) -> None:
         """(PostgreSQL) The database's store must be the one store.json describes."""
         rows = dict(conn.execute(select(StoreMeta.key, StoreMeta.value)
-                                 .where(StoreMeta.key.in_(["embedder", "dim"]))).all())
+                                 .where(StoreMeta.key.in_(["embedder", "dim", "config"]))).all())
+        switched = json.loads(rows["config"])["embedder"]["identity"] if rows.get("config") else None
+        if switched is not None and switched == rows.get("embedder"):
+            return  # a `reembed` switch store.json has not caught up with yet: adopted right after the probe
         if rows.get("embedder") not in (None, self.embedder_identity) or rows.get("dim") not in (None, str(self.dim)):
             raise StoreInputError(f"{self.db_label} holds a store bound to embedder {rows.get('embedder')} "
                                   f"({rows.get('dim')}-d), not this store's {self.embedder_identity}")
@@ -1618,16 +1621,15 @@ class Store:
         if embedder == self.embedder_identity:
             raise StoreInputError(f"the store already uses embedder {embedder}")
         added = 0
-        with self._write_session() as s:
+        with self._write_session() as s:  # holds the write lock: no image is removed meanwhile
+            alive = set(s.scalars(select(Image.id).where(Image.id.in_([int(i) for i in image_ids]))))
             for image_id, row in zip(image_ids, matrix):
+                if int(image_id) not in alive:  # removed since it was listed: nothing to embed for
+                    continue
                 data = row.tobytes()
-                try:
-                    made = insert_ignore(s, Vector, {"image_id": int(image_id), "embedder": embedder, "data": data,
-                                                     "checksum": vx.checksum(data)}, ["image_id", "embedder"])
-                except IntegrityError:  # the image was removed meanwhile
-                    s.rollback()
-                    return added
-                added += made.rowcount
+                result = insert_ignore(s, Vector, {"image_id": int(image_id), "embedder": embedder, "data": data,
+                                                   "checksum": vx.checksum(data)}, ["image_id", "embedder"])
+                added += made(result)
             s.commit()
         return added
 
@@ -1657,8 +1659,11 @@ class Store:
                                  .join(Description, Image.description_id == Description.id)
                                  .join(Source, Image.source_id == Source.id)).all()
                 s.execute(update(Image), [{"id": row[0], "key": image_key(*row[1:], identity)} for row in rows])
-                s.execute(delete(StoreMeta).where(StoreMeta.key == "config"))
-                s.execute(StoreMeta.__table__.insert().values(key="config", value=json.dumps(config)))
+                recorded = {"config": json.dumps(config)}
+                if not self.is_sqlite:  # the database's own binding (one store per database) moves too
+                    recorded.update(embedder=identity, dim=str(int(dim)))
+                s.execute(delete(StoreMeta).where(StoreMeta.key.in_(list(recorded))))
+                s.execute(StoreMeta.__table__.insert(), [{"key": k, "value": v} for k, v in recorded.items()])
                 crash_point("reembed:before-commit")
                 s.commit()  # the switch
             crash_point("reembed:after-commit")

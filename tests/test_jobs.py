@@ -79,7 +79,21 @@ def _reembed_args(models, store_dir) -> list:
             "--clip-checkpoint", models["clip_checkpoint"], "--clip-layer", "final"]
 
 
-def test_reembed_switches_without_regenerating(models, store_dir, originals, two_sources):
+@pytest.fixture
+def db_store(models, tmp_path, db) -> tuple:
+    """A store with two of the tiny pipelines, its metadata in SQLite or in a real PostgreSQL database."""
+    store = tmp_path / "db-store"
+    assert run_cli("init", "--store", store, "--clip-config", models["clip_config"], "--clip-checkpoint",
+                   models["clip_checkpoint"], *(["--db", db] if db else []), "--quiet") == 0
+    names = tuple(list(models["pipelines"])[:2])
+    for name in names:
+        assert run_cli("source", "add", name, models["pipelines"][name], "--store", store, "--steps", 2,
+                       "--quiet") == 0
+    return store, names
+
+
+def test_reembed_switches_without_regenerating(models, db_store, originals):
+    store_dir, two_sources = db_store
     options = Options(sources=two_sources, per_source=1, adaptive=False, mode="resynthesis")
     query = originals[0]
     with engine.open(store_dir) as ws:
