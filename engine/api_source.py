@@ -55,7 +55,10 @@ def endpoint_url(url: str) -> str:
     """The generations endpoint for a base URL (scheme and host lower-cased, no trailing slash)."""
     parts = urlsplit(url.strip())
     base = f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path}".rstrip("/")
-    return base + ("/images/generations" if base.endswith("/v1") else "/v1/images/generations")
+    query = f"?{parts.query}" if parts.query else ""  # e.g. Azure's ?api-version=...
+    if base.endswith("/images/generations"):  # the endpoint itself was given
+        return base + query
+    return base + ("/images/generations" if base.endswith("/v1") else "/v1/images/generations") + query
 
 
 @dataclass(frozen=True)
@@ -99,8 +102,9 @@ class ApiParams:
             raise UserError(f"API image size must look like 1024x1024, not {self.size!r}")
         env = self.api_key_env
         if env is not None and not (isinstance(env, str) and _ENV_NAME.match(env)):
-            raise UserError(f"API key variable must be an environment variable name, not {self.api_key_env!r}")
-        if not _number(self.price) or self.price < 0:
+            raise UserError("--api-key-env takes the NAME of an environment variable (letters, digits, _), "
+                            "not the key itself")
+        if not _number(self.price) or not 0 <= self.price < 1e6:
             raise UserError(f"API price must be a number >= 0 USD per image, not {self.price!r}")
         if self.rate is not None and (not _number(self.rate) or self.rate <= 0):
             raise UserError(f"API rate must be a number > 0 requests per minute, not {self.rate!r}")
@@ -259,23 +263,23 @@ class ApiGenerator:
     def generate_many(self, jobs: list[tuple[str, int]], batch_size: int | None = None,
                       budget: Budget | None = None) -> list[Image.Image]:
         """One image per job, in job order, up to `concurrency` requests at once (`batch_size` is unused:
-        an API has no batches). The whole run's cost is reserved first (from `budget`, else the
-        generator's own), so an over-budget run sends nothing. When some jobs fail after others were
-        answered, PartialResult carries the answered images (they are paid for)."""
+        an API has no batches). The cost is reserved before sending (from `budget`, else the generator's
+        own): when the limit pays for none of the jobs, nothing is sent (BudgetExceeded); when it pays for
+        some, those are bought and PartialResult stops the rest. When some jobs fail after others were
+        answered, or the run is interrupted, PartialResult carries the answered images (paid for)."""
         jobs = [(str(prompt), int(seed)) for prompt, seed in jobs]
         if not jobs:
             return []
         key = self._api_key()
         price = self.params.price
         budget = budget if budget is not None else self.budget
-        if budget is not None and 0 < budget.affordable(len(jobs), price) < len(jobs):
+        affordable = budget.affordable(len(jobs), price) if budget is not None else len(jobs)
+        if 0 < affordable < len(jobs):
             # buy what the limit pays for, then stop with the reason (the bought images are kept)
-            n = budget.affordable(len(jobs), price)
-            images = self.generate_many(jobs[:n], budget=budget)
-            try:
-                budget.charge(len(jobs) - n, price)
-            except BudgetExceeded as exc:
-                raise PartialResult(SourceError(self.name, str(exc)), images + [None] * (len(jobs) - n)) from None
+            images = self.generate_many(jobs[:affordable], budget=budget)
+            reason = (f"spending {price * (len(jobs) - affordable):.4f} USD more would exceed --max-cost "
+                      f"{budget.limit_usd:.4f} USD (spent {budget.spent:.4f} so far)")
+            raise PartialResult(SourceError(self.name, reason), images + [None] * (len(jobs) - affordable))
         reserved = budget.charge(len(jobs), price) if budget is not None else 0.0
         done = 0
         stop = threading.Event()  # after a failure, jobs not yet sent are not sent
@@ -285,18 +289,37 @@ class ApiGenerator:
                 return None
             try:
                 return self._one(client, key, prompt, seed)
+            except SourceError:
+                stop.set()
+                raise
+            except Exception as exc:  # anything unforeseen in a hostile answer is this source's failure
+                stop.set()
+                raise SourceError(self.name, f"unusable answer: {_redact(first_line(exc), key)}") from None
             except BaseException:
                 stop.set()
                 raise
 
         try:
-            with httpx.Client(follow_redirects=False, timeout=httpx.Timeout(self.params.timeout)) as client, \
+            with httpx.Client(follow_redirects=False, timeout=httpx.Timeout(self.params.timeout),
+                              trust_env=False) as client, \
                     ThreadPoolExecutor(self.params.concurrency, thread_name_prefix=f"api-{self.name}") as pool:
                 futures = [pool.submit(run, client, prompt, seed) for prompt, seed in jobs]
-                wait(futures, return_when=FIRST_EXCEPTION)
+                try:
+                    wait(futures, return_when=FIRST_EXCEPTION)
+                except BaseException:  # Ctrl-C: send nothing more, keep (and pay for) what came back
+                    stop.set()
+                    for future in futures:
+                        future.cancel()
+                    wait(futures)
+                    got = [f.result() if f.done() and not f.cancelled() and f.exception() is None else None
+                           for f in futures]
+                    done = sum(1 for image in got if image is not None)
+                    if done:
+                        raise PartialResult(SourceError(self.name, "interrupted"), got) from None
+                    raise
                 if stop.is_set():
                     wait(futures)  # those already sending finish; count what they cost
-                    got = [f.result() if f.exception() is None else None for f in futures]
+                    got = [f.result() if not f.cancelled() and f.exception() is None else None for f in futures]
                     done = sum(1 for image in got if image is not None)
                     error = next(f.exception() for f in futures if f.exception() is not None)
                     if done and isinstance(error, SourceError):
@@ -312,9 +335,12 @@ class ApiGenerator:
     def _api_key(self) -> str | None:
         if not self.params.api_key_env:
             return None
-        key = os.environ.get(self.params.api_key_env)
+        key = (os.environ.get(self.params.api_key_env) or "").strip()
         if not key:
             raise SourceError(self.name, f"environment variable {self.params.api_key_env} is not set")
+        if any(ord(c) < 32 or ord(c) == 127 for c in key):
+            raise SourceError(self.name, f"environment variable {self.params.api_key_env} holds control "
+                                         "characters (a line break?): not a usable key")
         return key
 
     def _one(self, client: httpx.Client, key: str | None, prompt: str, seed: int) -> Image.Image:
@@ -465,7 +491,12 @@ def _error_message(raw: bytes, key: str | None) -> str:
 
 def _redact(text: str, key: str | None) -> str:
     """Servers echo keys back ("Incorrect API key provided: sk-..."): never let one into a message."""
-    return text.replace(key, "***") if key else text
+    if not key:
+        return text
+    for form in (key, repr(key)[1:-1], key.strip()):
+        if form:
+            text = text.replace(form, "***")
+    return text
 
 
 def _retry_after(headers: httpx.Headers) -> float | None:

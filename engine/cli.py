@@ -203,14 +203,24 @@ def cmd_source_add(args) -> None:
     if args.api:
         if not args.model:
             raise UserError("--api needs --model (the model name the API expects)")
+        pipeline_only = [flag for flag, value, default in (
+            ("--steps", args.steps, 30), ("--guidance", args.guidance, 7.0), ("--scheduler", args.scheduler, None),
+            ("--negative-prompt", args.negative_prompt, None)) if value != default]
+        if pipeline_only:
+            raise UserError(f"{', '.join(pipeline_only)} apply to pipeline sources, not to --api sources "
+                            "(pass API fields with --extra)")
         extra = _json_object(args.extra, "--extra") if args.extra else {}
         with _open(args) as ws:
             info = ws.add_api_source(args.name, args.api, args.model, size=args.size, api_key_env=args.api_key_env,
                                      price=args.price, rate=_rate(args.rate), concurrency=args.concurrency,
                                      extra=extra, timeout=args.timeout)
     else:
-        if args.model or args.api_key_env or args.extra or args.rate:
-            raise UserError("--model, --api-key-env, --rate and --extra are for --api sources")
+        api_only = [flag for flag, value, default in (
+            ("--model", args.model, None), ("--api-key-env", args.api_key_env, None), ("--extra", args.extra, None),
+            ("--rate", args.rate, None), ("--price", args.price, 0.0), ("--concurrency", args.concurrency, 2),
+            ("--timeout", args.timeout, 120.0)) if value != default]
+        if api_only:
+            raise UserError(f"{', '.join(api_only)} apply to --api sources only")
         size = None
         if args.size is not None:
             try:

@@ -404,7 +404,8 @@ class Workspace:
         When an API source answers only some jobs, those are stored before its error is raised: an
         image paid for is never thrown away."""
         generator = self.generator(name)
-        self._make_room_for(generator)
+        if source_kind(plan, name) != "api":  # an API holds no GPU memory: no pipeline is unloaded for it
+            self._make_room_for(generator)
         started = time.perf_counter()
         try:
             images = generator.generate_many([(text, seed) for text, _, seed in jobs], budget=budget)
@@ -483,7 +484,8 @@ class Workspace:
                                calibration)
         open_set = (self._open_set_value(vector, {n: r for n, r in per_source.items() if r}, calibration,
                                          description_refs)
-                    if calibration.fitted and calibration.open_set and not stale and scores else None)
+                    if calibration.fitted and calibration.open_set and not stale and scores
+                    and not plan.options.original_refs else None)  # fitted on resyntheses alone
         answer, evidence = verdict(scores, calibration, stale, open_set)
         self._time("search", started)
         cached, generated, failed = counts
@@ -504,7 +506,11 @@ class Workspace:
         fitted_on = calibration.notes.get("store_sources") if calibration.fitted else None
         if fitted_on is None:
             return None
-        if {s.name for s in self.sources()} != set(fitted_on):
+        now = {s.name: s.fingerprint for s in self.sources()}
+        # a list of names (older calibrations), or name -> fingerprint: a source re-added under the same
+        # name with another model is a change too
+        same = set(now) == set(fitted_on) if isinstance(fitted_on, list) else now == fitted_on
+        if not same:
             return "calibration is stale (sources changed since `resynth calibrate`): run it again"
         return None
 
@@ -728,7 +734,7 @@ class Workspace:
         variant = Variant("store", "cosine", options.aggregation, options.references)
         calibration, precision = fit_calibration(evalset, features, variant, false_reject, fitted_on,
                                                  options.mode, options.neighbours)
-        calibration.notes["store_sources"] = sorted(s.name for s in self.store.sources())  # to notice changes
+        calibration.notes["store_sources"] = {s.name: s.fingerprint for s in self.store.sources()}  # to notice changes
         if precision is not None:  # dim x dim: a file beside store.json, named by its content
             calibration.open_set["precision_file"] = save_array_atomic(self.root, precision)
         self.store.update_config(calibration=calibration.to_dict())
@@ -743,7 +749,7 @@ class Workspace:
         try:
             matrix = np.load(path, allow_pickle=False)
             ok = path.name == content_name(matrix) and matrix.shape == (self.store.dim, self.store.dim)
-        except (OSError, ValueError):
+        except Exception:  # missing, empty, truncated, not an array: untrusted, the fallback decides
             ok, matrix = False, None
         matrix = matrix if ok else None
         with self._lock:
@@ -753,15 +759,18 @@ class Workspace:
     def _open_set_value(self, vector: np.ndarray, per_source: dict[str, list], calibration: Calibration,
                         description_refs: dict[str, list]) -> float | None:
         """The calibrated feature-based open-set value of a query ("mahalanobis"), or None without one.
-        Means are taken over the description's own references where there are any (what the calibration
-        was fitted on), else over the source's dataset neighbours."""
+        Means are taken over each source's resyntheses of the query's description, what the calibration
+        was fitted on; sources with none (dataset neighbours only, chosen for being close to the query,
+        would flatter it) are left out, and with none at all there is no value."""
         from engine.calibration import mahalanobis_open_set
 
         name = calibration.open_set.get("precision_file") if calibration.open_set.get("score") == "mahalanobis" else None
         precision = self._precision(name) if name else None
         if precision is None:
             return None
-        refs = {source: description_refs.get(source) or rows for source, rows in per_source.items()}
+        refs = {source: rows for source, rows in description_refs.items() if rows and source in per_source}
+        if not refs:
+            return None
         ids = np.array([r.vector_id for rows in refs.values() for r in rows], np.int64)
         try:
             matrix = dict(zip(ids.tolist(), self.store.vectors(ids)))
@@ -814,6 +823,10 @@ def open_workspace(store_dir: str | os.PathLike | None = None, *, device: str | 
                    writable: bool = True, repair: bool = False) -> Workspace:
     store = Store.open(store_path(store_dir), writable=writable, repair=repair)
     return Workspace(store, device=device, captioner=captioner, progress=progress)
+
+
+def source_kind(plan: Plan, name: str) -> str | None:
+    return next((s.kind for s in plan.sources if s.name == name), None)
 
 
 def note_cached(plan: Plan, todo: dict[str, list], budget: "Budget | None") -> None:

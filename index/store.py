@@ -1653,7 +1653,12 @@ class Store:
             vx.write_atomic(fresh, self.root / index_file)
             config = {k: v for k, v in self.config.items() if k != "calibration"}
             config.update(embedder=embedder, dim=int(dim), index_file=index_file)
-            with self._write_session() as s:
+            with self._write_session() as s:  # the write lock: no image can be added until the switch commits
+                have = select(Vector.image_id).where(Vector.embedder == identity)
+                late = s.scalar(select(func.count(Image.id)).where(Image.id.not_in(have)))
+                if late:  # added by another process since the index was built: run reembed again
+                    raise StoreInputError(f"{late} image(s) were added during the switch and have no {identity} "
+                                          "vector yet: run `resynth reembed` again to embed them and switch")
                 rows = s.execute(select(Image.id, Image.role, Description.hash, Source.fingerprint, Source.name,
                                         Image.seed, Image.params_hash, Image.file_hash)
                                  .join(Description, Image.description_id == Description.id)

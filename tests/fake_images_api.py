@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse,
 from PIL import Image
 
 BEHAVIOURS = {"ok", "429", "500", "hang", "malformed", "empty", "undecodable", "bad-b64", "oversized", "url",
-              "url-private", "redirect-private", "redirect-loop", "401", "content-policy"}
+              "url-private", "url-bad-port", "redirect-private", "redirect-loop", "401", "content-policy"}
 
 
 def default_make(prompt: str, index: int, size: tuple[int, int] = (32, 32)) -> Image.Image:
@@ -174,6 +174,8 @@ class FakeImagesApi:
                 return JSONResponse({"data": [{"b64_json": base64.b64encode(self._oversized).decode()}]})
             if behaviour == "url-private":
                 return JSONResponse({"data": [{"url": "http://10.0.0.1/image.png"}]})
+            if behaviour == "url-bad-port":  # a URL no parser accepts
+                return JSONResponse({"data": [{"url": "https://img.example.com:99999/x.png"}]})
             if behaviour == "redirect-private":
                 return JSONResponse({"data": [{"url": f"{self.url}/redirect/private"}]})
             if behaviour == "redirect-loop":

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from engine import api_source
-from engine.api_source import ApiGenerator, ApiParams, Budget, BudgetExceeded, endpoint_url
+from engine.api_source import ApiGenerator, ApiParams, Budget, BudgetExceeded, PartialResult, endpoint_url
 from engine.errors import SourceError, UserError
 from tests.fake_images_api import FakeImagesApi, default_make
 
@@ -225,16 +225,15 @@ def test_key_never_in_repr_messages_or_logs(api, caplog, monkeypatch):
     assert not any(KEY in repr(value) for value in vars(gen).values())
 
 
-def test_budget_is_reserved_before_sending_and_refunded_on_failure(api):
+def test_budget_buys_what_fits_then_stops_and_refunds_on_failure(api):
     budget = Budget(limit_usd=0.05)
     gen = generator(api, price=0.02, budget=budget, concurrency=1)
-    with pytest.raises(BudgetExceeded, match=r"spending 0\.0600 USD more would exceed --max-cost 0\.0500 USD "
-                                             r"\(spent 0\.0000 so far\)"):
-        gen.generate("p", [0, 1, 2])
-    assert api.log == [] and budget.spent == 0
-    gen.generate("p", [0, 1])
-    assert gen.spent == pytest.approx(0.04) and budget.spent == pytest.approx(0.04)
-    with pytest.raises(BudgetExceeded):
+    with pytest.raises(PartialResult, match=r"spending 0\.0200 USD more would exceed --max-cost 0\.0500 USD "
+                                            r"\(spent 0\.0400 so far\)") as partial:
+        gen.generate("p", [0, 1, 2])  # two fit: bought and returned, the third is not sent
+    assert [image is not None for image in partial.value.images] == [True, True, False]
+    assert len(api.generation_log()) == 2 and budget.spent == pytest.approx(0.04) and budget.images == 2
+    with pytest.raises(BudgetExceeded):  # nothing fits any more: nothing is sent
         gen.generate("p", [2])
     assert len(api.generation_log()) == 2
     budget.limit_usd = 1.0
@@ -243,6 +242,25 @@ def test_budget_is_reserved_before_sending_and_refunded_on_failure(api):
         gen.generate("p", [3, 4, 5])
     assert gen.calls == 3 and budget.spent == pytest.approx(0.06) and gen.spent == pytest.approx(0.06)
     assert budget.images == 3
+
+
+def test_a_key_with_a_line_break_is_refused_before_sending_and_never_echoed(api, monkeypatch):
+    monkeypatch.setenv(ENV, KEY + "\nX")
+    with pytest.raises(SourceError) as failure:
+        generator(api).generate("p", [0])
+    assert "control characters" in str(failure.value) and KEY not in str(failure.value)
+    assert api.log == []
+    monkeypatch.setenv(ENV, KEY + "\n")  # a trailing newline (a key file read whole) is stripped
+    assert len(generator(api).generate("p", [0])) == 1
+    assert api.generation_log()[-1]["authorization"] == f"Bearer {KEY}"
+
+
+def test_an_unforeseen_error_in_one_answer_is_that_sources_failure(api):
+    api.queue("ok", "url-bad-port")
+    gen = generator(api, concurrency=1)
+    with pytest.raises(PartialResult) as partial:  # the first image is kept, the second job failed cleanly
+        gen.generate("p", [0, 1])
+    assert partial.value.images[0] is not None and partial.value.images[1] is None
 
 
 def test_cache_hash_covers_only_what_changes_the_image():

@@ -135,3 +135,29 @@ def test_reembed_killed_at_the_switch(models, store_dir, two_sources, crash_at):
     with engine.open(store_dir) as ws:
         assert ws.store.embedder_identity != before and ws.stats()["vectors"] == len(TEXTS[:2]) * 2
         assert ws.verify()["problems"] == []
+
+
+def test_switch_refuses_an_image_added_after_the_new_vectors_were_made(tmp_path):
+    """An image committed by another process between re-embedding and the switch would lose its only
+    vector: the switch refuses, and the store keeps answering with the old embedder."""
+    from index.keys import sha256_text
+    from index.store import NewImage, Store
+
+    old = {"identity": "old/block1", "arch": "none", "checkpoint": "none"}
+    new = {"identity": "new/block1", "arch": "none", "checkpoint": "none"}
+    store = Store.create(tmp_path / "s", old, 4)
+    source = store.add_source("A", "replay", sha256_text("A"))
+    description = store.description_id("a portrait")
+
+    def image(n: int) -> NewImage:
+        key = sha256_text(str(n))
+        return NewImage(key=key, role="resynthesis", source_id=source.id, description_id=description,
+                        file_hash=key, path=f"{key}.png", vector=np.eye(4, dtype=np.float32)[n % 4])
+
+    ids = store.add_images([image(0), image(1)])
+    assert store.add_vectors(new["identity"], ids, np.eye(4, dtype=np.float32)[:2]) == 2
+    store.add_images([image(2)])  # arrives after re-embedding listed the images
+    with pytest.raises(Exception, match="added during the switch|no new/block1 vector"):
+        store.switch_embedder(new, 4)
+    assert store.embedder_identity == "old/block1" and store.stats()["vectors"] == 3
+    store.close()

@@ -125,7 +125,7 @@ class Service:
         if todo:
             # single flight: one job per (description, pipeline sources, seeds), whoever asks
             key = ("resynthesize", normalise_description(text), tuple(s.name for s in plan.pipelines),
-                   tuple(plan.seeds))
+                   tuple(plan.seeds), budget.limit_usd if budget is not None else None)  # a spend limit is per request
             joined = self.generation.in_flight(key)
             counts = await self._queued(key, lambda: self.ws.resynthesize([text], plan, budget)[text])
             if joined:  # another request made these images: for this one they were cached
@@ -142,7 +142,7 @@ class Service:
         if todo:
             mine = [i for i, (t, _) in enumerate(described) if t == text]
             key = ("adaptive", normalise_description(text), tuple(s.name for s in plan.pipelines), tuple(plan.seeds),
-                   tuple(queries[i].file_hash for i in mine))
+                   tuple(queries[i].file_hash for i in mine), budget.limit_usd if budget is not None else None)
             counts = await self._queued(key, lambda: self.ws.resynthesize_adaptive(
                 [queries[i] for i in mine], [described[i] for i in mine], vectors[mine], plan, budget)[text])
         return counts, await asyncio.to_thread(self.ws.candidates, text, plan)
