@@ -64,6 +64,28 @@ def test_ray_and_in_process_store_the_same_keys_and_vectors(store_dir, two_sourc
     assert (again["generated"], again["cached"]) == (0, len(here))
 
 
+def test_reembed_on_ray_stores_the_same_vectors(models, store_dir, two_sources, tmp_path):
+    ray = pytest.importorskip("ray")
+    with engine.open(store_dir) as ws:
+        ws.resynthesize_dataset(TEXTS[:2], Options(sources=two_sources, per_source=1))
+    other = tmp_path / "other"
+    shutil.copytree(store_dir, other)
+    clip = {"clip_config": models["clip_config"], "clip_layer": "final"}
+    with engine.open(store_dir) as ws:
+        here = ws.reembed(models["clip_checkpoint"], **clip)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        with engine.open(other) as ws:
+            there = ws.reembed(models["clip_checkpoint"], ray="local", **clip)
+    finally:
+        ray.shutdown()
+    assert there["backend"] == "ray" and there["embedded"] == here["embedded"] == len(TEXTS[:2]) * 2
+    a, b = _stored(store_dir), _stored(other)
+    assert set(a) == set(b)
+    for key, vector in a.items():
+        np.testing.assert_allclose(b[key], vector, atol=1e-5)
+
+
 def test_descriptions_input_errors_are_one_line(store_dir, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing\n\n")
