@@ -718,7 +718,7 @@ class Store:
     def _load_verified_index(self):
         """Read vectors.faiss, check it against the database (ids, then content), repair or refuse."""
         report = OpenReport()
-        index, problem = vx.read_checked(self.index_path, self.dim)  # the file first: the database is ahead
+        index, problem = vx.read_checked(self.index_path, self.dim, mapped=True)  # the file first: the db is ahead
         with self.session() as s:
             db_ids = self._db_vector_ids(s)
             tomb_seq, floor = self._tomb_state(s)

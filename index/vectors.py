@@ -41,11 +41,47 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+class MappedIndex:
+    """The saved exact index, memory-mapped from its file rather than read: a process that only answers
+    cached queries touches the pages of the vectors it scores (shared with every process mapping the same
+    file, and reclaimable), not a private copy of every vector. The first mutation (add, remove) makes a
+    private copy first: FAISS aborts the process on a mutation of a mapped index. The file is only ever
+    replaced (never rewritten in place), so the mapped inode stays valid until this object goes."""
+
+    def __init__(self, mapped: faiss.Index, path: Path):
+        self._index, self.mapped, self.path = mapped, True, path
+
+    def own(self) -> faiss.Index:
+        """The index as a private, mutable copy (made once)."""
+        if self.mapped:
+            mapped, copy = self._index, new_index(self._index.d)
+            ids = index_ids(mapped)
+            for start in range(0, len(ids), 65536):
+                part = ids[start:start + 65536]
+                copy.add_with_ids(mapped.reconstruct_batch(part), part)
+            self._index, self.mapped = copy, False
+        return self._index
+
+    def add_with_ids(self, x, ids) -> None:
+        self.own().add_with_ids(x, ids)
+
+    def remove_ids(self, ids) -> int:
+        return self.own().remove_ids(ids)
+
+    def __getattr__(self, name: str):  # search, reconstruct_batch, ntotal, d, id_map ...: read-only use
+        return getattr(self._index, name)
+
+
+def raw(index) -> faiss.Index:
+    """The FAISS object behind `index` (a MappedIndex or already one), for FAISS's own functions."""
+    return index._index if isinstance(index, MappedIndex) else index
+
+
 def write_atomic(index: faiss.Index, path: Path, point: str = "index:before-replace") -> None:
     """Write beside the target, fsync, rename: a reader sees the old file or the new one, never half."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        faiss.write_index(index, str(tmp))
+        faiss.write_index(raw(index), str(tmp))
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         crash_point(point)
@@ -61,8 +97,9 @@ def read_index(path: Path) -> faiss.Index | None:
     return read_checked(path, None)[0]
 
 
-def read_checked(path: Path, dim: int | None) -> tuple[faiss.Index | None, str | None]:
+def read_checked(path: Path, dim: int | None, mapped: bool = False) -> tuple[faiss.Index | None, str | None]:
     """(index, None) for a well-formed store index; (None, why) otherwise; (None, None) if absent.
+    `mapped`: a MappedIndex over the file instead of a copy in memory.
 
     Well-formed: an IndexIDMap2 over an inner-product flat index of `dim`, one id per vector, no
     duplicate ids. Content (the vectors themselves) is checked by the store against its checksums.
@@ -70,7 +107,7 @@ def read_checked(path: Path, dim: int | None) -> tuple[faiss.Index | None, str |
     if not path.exists():
         return None, None
     try:
-        index = faiss.read_index(str(path))
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC if mapped else 0)
     except (RuntimeError, MemoryError, ValueError):
         return None, "unreadable"
     if not isinstance(index, faiss.IndexIDMap2):
@@ -83,7 +120,9 @@ def read_checked(path: Path, dim: int | None) -> tuple[faiss.Index | None, str |
     ids = index_ids(index)
     if len(ids) != index.ntotal or len(np.unique(ids)) != len(ids):
         return None, "inconsistent id map"
-    return index, None
+    if mapped and index.ntotal * index.d * 4 + 8 * index.ntotal > path.stat().st_size:
+        return None, "shorter than its vectors"  # never map past the end of the file
+    return (MappedIndex(index, path) if mapped else index), None
 
 
 def search_among(index: faiss.Index, queries: np.ndarray, candidate_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -195,3 +195,24 @@ def test_two_processes_share_a_store(tmp_path, db):
         ids = first._db_vector_ids()
         sims, found = first.search(more[0].vector[None], ids)
         assert set(found[0]) == set(ids) and np.isclose(sims[0].max(), 1.0, atol=1e-5)
+
+
+def test_the_index_is_mapped_until_the_first_write(tmp_path):
+    """A process that only reads scores from the mapped file (no private copy of every vector); its first
+    write makes a private copy, and what it wrote is in the index and in the next process's."""
+    import index.vectors as vx
+
+    store = _store(tmp_path)
+    store.add_images(_rows(store, 20))
+    store.close()
+    store = Store.open(tmp_path / "s")
+    assert isinstance(store.index, vx.MappedIndex) and store.index.mapped
+    before = store.search(np.ones((1, store.dim), np.float32), np.arange(1, 21))
+    assert len(before[1][0]) == 20 and _agree(store) and store.index.mapped  # reads never copy
+    store.add_images(_rows(store, 5, start=20))
+    assert not store.index.mapped and store.index.ntotal == 25 and _agree(store)
+    after = store.search(np.ones((1, store.dim), np.float32), np.arange(1, 21))
+    np.testing.assert_allclose(after[0], before[0], rtol=1e-6)
+    store.close()
+    with Store.open(tmp_path / "s") as again:
+        assert again.index.ntotal == 25 and again.index.mapped and _agree(again)
