@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import Float, ForeignKey, Index, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Float, ForeignKey, Index, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -99,5 +99,18 @@ class StoreMeta(Base):
     value: Mapped[str] = mapped_column(Text)
 
 
+class VectorSet(Base):
+    """Per embedder, an order-independent digest of the stored vector ids (index.vectors.id_digest),
+    kept by database triggers on every insert, delete and update of `vectors`, so an open compares
+    the index file with the database in O(1) instead of reading every id. Never trusted blindly: a
+    mismatch only sends the open to the full comparison."""
+
+    __tablename__ = "vector_sets"
+    embedder: Mapped[str] = mapped_column(String(200), primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger)
+    id_sum: Mapped[int] = mapped_column(BigInteger)
+    id_mix: Mapped[int] = mapped_column(BigInteger)
+
+
 CORE_TABLES = ("sources", "descriptions", "images", "vectors")
-ADDED_TABLES = (DeletedVector.__table__, Claim.__table__, StoreMeta.__table__)
+ADDED_TABLES = (DeletedVector.__table__, Claim.__table__, StoreMeta.__table__, VectorSet.__table__)

@@ -56,7 +56,7 @@ from index.faults import crash_point
 from index.errors import StoreDamaged, StoreError, StoreInputError, UnknownName
 from index.keys import image_key, normalise_description, sha256_file, sha256_text
 from index.schema import (ADDED_TABLES, CORE_TABLES, Base, Claim, DeletedVector, Description, Image, Source,
-                          StoreMeta, Vector)
+                          StoreMeta, Vector, VectorSet)
 from index.schema import _now as _utcnow
 
 CONFIG_NAME = "store.json"
@@ -125,6 +125,37 @@ class _Search:
         return bool(self.infos.get("rerank"))
 
 
+VECTOR_SET_TRIGGERS = {True: ("vector_sets_insert", "vector_sets_delete", "vector_sets_update"),
+                       False: ("resynth_vector_sets",)}
+
+
+def _vector_set_ddl(sqlite: bool) -> list[str]:
+    """Triggers that keep vector_sets (count, id sum, id mix sum: index.vectors.id_digest) in step with
+    every change to `vectors`, cascades and other tools' writes included."""
+    m, mix = vx.DIGEST_MOD, lambda v: f"((({v}.id % {vx.MIX_MOD}) * {vx.MIX_MUL} + {vx.MIX_ADD}) % {vx.MIX_MOD})"
+    def add(v: str) -> str:
+        return (f"UPDATE vector_sets SET n = n + 1, id_sum = (id_sum + {v}.id % {m}) % {m}, "
+                f"id_mix = (id_mix + {mix(v)}) % {m} WHERE embedder = {v}.embedder;")
+    def drop(v: str) -> str:
+        return (f"UPDATE vector_sets SET n = n - 1, id_sum = (id_sum + {m} - {v}.id % {m}) % {m}, "
+                f"id_mix = (id_mix + {m} - {mix(v)}) % {m} WHERE embedder = {v}.embedder;")
+    if sqlite:
+        ensure = "INSERT OR IGNORE INTO vector_sets (embedder, n, id_sum, id_mix) VALUES (NEW.embedder, 0, 0, 0);"
+        return [f"DROP TRIGGER IF EXISTS {name}" for name in VECTOR_SET_TRIGGERS[True]] + [
+            f"CREATE TRIGGER vector_sets_insert AFTER INSERT ON vectors BEGIN {ensure} {add('NEW')} END",
+            f"CREATE TRIGGER vector_sets_delete AFTER DELETE ON vectors BEGIN {drop('OLD')} END",
+            f"CREATE TRIGGER vector_sets_update AFTER UPDATE OF id, embedder ON vectors "
+            f"BEGIN {drop('OLD')} {ensure} {add('NEW')} END"]
+    ensure = ("INSERT INTO vector_sets (embedder, n, id_sum, id_mix) VALUES (NEW.embedder, 0, 0, 0) "
+              "ON CONFLICT (embedder) DO NOTHING;")
+    return ["DROP TRIGGER IF EXISTS resynth_vector_sets ON vectors",
+            "CREATE OR REPLACE FUNCTION resynth_vector_sets() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"IF TG_OP <> 'INSERT' THEN {drop('OLD')} END IF; "
+            f"IF TG_OP <> 'DELETE' THEN {ensure} {add('NEW')} END IF; RETURN NULL; END $$",
+            "CREATE TRIGGER resynth_vector_sets AFTER INSERT OR DELETE OR UPDATE OF id, embedder ON vectors "
+            "FOR EACH ROW EXECUTE FUNCTION resynth_vector_sets()"]
+
+
 @dataclass
 class OpenReport:
     """What `open` found: how far the FAISS file was from the database and what was done about it."""
@@ -133,6 +164,7 @@ class OpenReport:
     added: int = 0
     removed: int = 0
     checked: int = 0  # index vectors compared with their checksums
+    digest: bool = False  # ids compared by the database's id digest, not read one by one
     notes: list[str] = field(default_factory=list)
 
 
@@ -539,18 +571,20 @@ class Store:
                 missing = [t for t in CORE_TABLES if t not in tables]
                 if missing:
                     raise self._damaged(f"lacks the store's tables ({', '.join(missing)})")
-                conn.exec_driver_sql("SELECT max(id), count(*) FROM vectors").all()
+                conn.exec_driver_sql("SELECT max(id) FROM vectors").all()
                 conn.exec_driver_sql("SELECT max(id) FROM images").all()
                 if self.is_sqlite and db_path.stat().st_size <= QUICK_CHECK_MAX_BYTES:
                     result = conn.exec_driver_sql("PRAGMA quick_check(1)").scalar()
                     if result != "ok":
                         raise _damaged(db_path, f"fails its integrity check ({str(result).splitlines()[0]})")
                 columns = self._columns(conn, "vectors")
+                triggers = self._vector_set_triggers(conn)
                 if not self.is_sqlite and "store_meta" in tables:
                     self._check_binding(conn)
             self._has_checksums = "checksum" in columns
             self._has_tombstones = "deleted_vectors" in tables
             self._has_claims = "claims" in tables
+            self._has_vector_sets = "vector_sets" in tables and triggers
         except DBAPIError as exc:
             reason = str(exc.orig).splitlines()[0] if exc.orig is not None else type(exc).__name__
             if not self.is_sqlite:
@@ -562,7 +596,7 @@ class Store:
     def _migrate(self) -> None:
         """Bring a database made by an older resynth up to date (writable opens only): checksum column
         (backfilled), tombstones, claims. Ids allocated before tombstones existed count as deleted."""
-        if self._has_checksums and self._has_tombstones and self._has_claims:
+        if self._has_checksums and self._has_tombstones and self._has_claims and self._has_vector_sets:
             return
         with self._write_engine.begin() as conn:
             if "checksum" not in self._columns(conn, "vectors"):
@@ -581,8 +615,35 @@ class Store:
             if not self.is_sqlite and conn.scalar(select(StoreMeta.value).where(StoreMeta.key == "embedder")) is None:
                 conn.execute(StoreMeta.__table__.insert().values(key="embedder", value=self.embedder_identity))
                 conn.execute(StoreMeta.__table__.insert().values(key="dim", value=str(self.dim)))
-        self._has_checksums = self._has_tombstones = self._has_claims = True
+            if not self._vector_set_triggers(conn):  # in the same transaction: no insert slips past the count
+                for statement in _vector_set_ddl(self.is_sqlite):
+                    self._raw_sql(conn, statement)
+                self._recount_vector_sets(conn)
+        self._has_checksums = self._has_tombstones = self._has_claims = self._has_vector_sets = True
         self._backfill_checksums()
+
+    def _vector_set_triggers(self, conn) -> bool:
+        """Whether the triggers that keep vector_sets are installed (all of them)."""
+        if self.is_sqlite:
+            names = set(conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='trigger'").scalars())
+        else:
+            names = set(conn.exec_driver_sql("SELECT tgname FROM pg_trigger WHERE tgrelid = "
+                                             "to_regclass('vectors') AND NOT tgisinternal").scalars())
+        return set(VECTOR_SET_TRIGGERS[self.is_sqlite]) <= names
+
+    def _recount_vector_sets(self, conn=None) -> None:
+        """Recompute vector_sets from the vectors table (one scan, under the write lock)."""
+        if conn is None:
+            with self._write_engine.begin() as conn:
+                return self._recount_vector_sets(conn)
+        conn.execute(delete(VectorSet))
+        mix = f"(((id % {vx.MIX_MOD}) * {vx.MIX_MUL} + {vx.MIX_ADD}) % {vx.MIX_MOD})"
+        self._raw_sql(conn, f"INSERT INTO vector_sets (embedder, n, id_sum, id_mix) SELECT embedder, count(*), "
+                            f"sum(id) % {vx.DIGEST_MOD}, sum({mix}) % {vx.DIGEST_MOD} FROM vectors GROUP BY embedder")
+
+    def _raw_sql(self, conn, statement: str) -> None:
+        """A literal statement (no parameters): psycopg's paramstyle needs its '%' operators doubled."""
+        conn.exec_driver_sql(statement if self.is_sqlite else statement.replace("%", "%%"))
 
     def _backfill_checksums(self, batch: int = 2000) -> int:
         done = 0
@@ -716,14 +777,36 @@ class Store:
         return bad
 
     def _load_verified_index(self):
-        """Read vectors.faiss, check it against the database (ids, then content), repair or refuse."""
+        """Read vectors.faiss, check it against the database (ids, then content), repair or refuse.
+
+        Ids are compared in O(1) first (`_behind_by`: the database's id digest against the file's, the
+        file possibly behind by vectors committed since it was written); only when that fails is every
+        id read and compared. Content is always checked on a sample (all of it for small stores)."""
         report = OpenReport()
         index, problem = vx.read_checked(self.index_path, self.dim, mapped=True)  # the file first: the db is ahead
         with self.session() as s:
-            db_ids = self._db_vector_ids(s)
             tomb_seq, floor = self._tomb_state(s)
+            have = vx.index_ids(index) if index is not None else None
+            newer = self._behind_by(s, have) if index is not None else None
+            if newer is not None:  # ids agree, up to vectors committed after the file was written
+                report.digest = True
+                present = have if len(have) <= FULL_CHECK else np.sort(
+                    np.random.default_rng().choice(have, SAMPLE, replace=False))
+                bad = self._content_problems(s, index, present)
+                report.checked = len(present)
+                if not bad:
+                    for ids, matrix in (self._stored_vectors(newer, session=s) if len(newer) else ()):
+                        index.add_with_ids(matrix, ids)
+                        report.added += len(ids)
+                    if report.added:
+                        report.notes.append(f"index caught up with the database: +{report.added} vectors")
+                    self._tomb_seq = tomb_seq
+                    if self.writable and report.added:
+                        self._publish(index)
+                    return index, report
+                report.digest = False  # the full comparison below finds and handles the bad vectors
+            db_ids = self._db_vector_ids(s)
             if index is not None:
-                have = vx.index_ids(index)
                 extra = np.setdiff1d(have, db_ids)
                 lost = np.setdiff1d(extra, self._deleted(s, extra, floor)) if len(extra) else extra
                 if len(lost):
@@ -758,10 +841,49 @@ class Store:
                     report.added += len(ids)
                 if report.added or report.removed:
                     report.notes.append(f"index repaired from database: +{report.added} -{report.removed} vectors")
+            drift = self._digest_drift(s, db_ids)
+        if drift:
+            report.notes.append(drift)
         self._tomb_seq = tomb_seq
         if self.writable and ((report.rebuilt and (problem or len(db_ids))) or report.added or report.removed):
             self._publish(index)
         return index, report
+
+    def _db_digest(self, s: Session, embedder: str | None = None) -> tuple[int, int, int] | None:
+        """The database's id digest of an embedder's vectors (vector_sets), None where it keeps none."""
+        if not self._has_vector_sets:
+            return None
+        row = s.execute(select(VectorSet.n, VectorSet.id_sum, VectorSet.id_mix)
+                        .where(VectorSet.embedder == (embedder or self.embedder_identity))).first()
+        return tuple(int(v) for v in row) if row else (0, 0, 0)
+
+    def _behind_by(self, s: Session, have: np.ndarray) -> np.ndarray | None:
+        """The watermark check: the ids the database holds beyond the index's highest one, when the index
+        holds exactly the database's ids up to that point (digests add up), else None. O(1) plus a range
+        read of what is newer; None (the full comparison) after deletions the file has not seen."""
+        db = self._db_digest(s)
+        if db is None:
+            return None
+        mine = vx.id_digest(have)
+        if mine == db:
+            return np.zeros(0, np.int64)
+        top = int(have.max()) if len(have) else 0
+        newer = np.array(s.scalars(select(Vector.id).where(Vector.id > top, Vector.embedder == self.embedder_identity)
+                                   .order_by(Vector.id)).all(), np.int64)
+        extra = vx.id_digest(newer)
+        total = (mine[0] + extra[0], (mine[1] + extra[1]) % vx.DIGEST_MOD, (mine[2] + extra[2]) % vx.DIGEST_MOD)
+        return newer if len(newer) and total == db else None
+
+    def _digest_drift(self, s: Session, db_ids: np.ndarray) -> str | None:
+        """After a full comparison: whether vector_sets disagrees with the ids the database really holds
+        (triggers bypassed, a hand-edited row); a writable open recomputes it, so the next open is fast."""
+        db = self._db_digest(s)
+        if db is None or db == vx.id_digest(db_ids):
+            return None
+        if self.writable:
+            self._recount_vector_sets()
+            return "the database's id digest (vector_sets) disagreed with its vectors: recomputed"
+        return "the database's id digest (vector_sets) disagrees with its vectors: every open reads all ids until a writable open recomputes it"
 
     def _merge_from_db(self, index) -> bool:
         """Bring `index` to the database's latest state: drop ids deleted since, add ids committed elsewhere.
@@ -776,13 +898,13 @@ class Store:
                 if len(gone):
                     index.remove_ids(gone)
                     changed = True
-            count = s.scalar(select(func.count(Vector.id)).where(Vector.embedder == self.embedder_identity))
-            if count != index.ntotal:
-                have = vx.index_ids(index)
+            have = vx.index_ids(index)
+            missing = self._behind_by(s, have)  # O(1) when the digests agree, a range read when only behind
+            if missing is None:
                 missing = np.setdiff1d(self._db_vector_ids(s), have)
-                for ids, matrix in (self._stored_vectors(missing, session=s) if len(missing) else ()):
-                    index.add_with_ids(matrix, ids)
-                    changed = True
+            for ids, matrix in (self._stored_vectors(missing, session=s) if len(missing) else ()):
+                index.add_with_ids(matrix, ids)
+                changed = True
         self._tomb_seq = max(self._tomb_seq, tomb_seq)
         return changed
 
@@ -911,9 +1033,11 @@ class Store:
                 return None, self._search_summary("ignored", None, "search.faiss is missing", infos)
             return None, {"state": "absent"}
         found = _Search(index, layout[0], infos, layout[1], layout[2])
-        with self.session() as s:
-            db_ids = self._db_vector_ids(s)
-            extra = np.setdiff1d(found.ids, db_ids)
+        with self.session() as s:  # the id digest first (built from what is stored, perhaps behind it)
+            if not full and self._behind_by(s, found.ids) is not None:
+                extra = np.zeros(0, np.int64)
+            else:
+                extra = np.setdiff1d(found.ids, self._db_vector_ids(s))
             if len(extra):
                 _, floor = self._tomb_state(s)
                 lost = np.setdiff1d(extra, self._deleted(s, extra, floor))
@@ -1486,6 +1610,12 @@ class Store:
                 problems.append(f"{len(bad_rows)} stored vectors are malformed or fail their checksum: {self.restore_hint}")
             if without_vector:
                 problems.append(f"{without_vector} images have no vector (re-ingest them)")
+            digest = self._db_digest(s)
+            report["database"]["id_digest"] = ("absent" if digest is None else
+                                               "ok" if digest == vx.id_digest(db_ids) else "stale")
+            if report["database"]["id_digest"] != "ok":
+                problems.append(f"the database's id digest (vector_sets) is {report['database']['id_digest']}: "
+                                "every open reads all ids (repair recomputes it)")
 
             # the index file on disk
             index, why = vx.read_checked(self.index_path, self.dim)
@@ -1545,6 +1675,9 @@ class Store:
                 filled = self._backfill_checksums()
                 if filled:
                     done.append(f"checksums computed for {filled} vectors")
+            if report["database"]["id_digest"] != "ok":
+                self._recount_vector_sets()  # a writable open installed vector_sets: it is only stale
+                done.append("the database's id digest recomputed")
             done.append(f"index rebuilt from the database ({self.rebuild()} vectors)")
             for path in orphans:
                 path.unlink(missing_ok=True)
@@ -1694,7 +1827,9 @@ class Store:
                                    .join(Image, Image.source_id == Source.id, isouter=True)
                                    .group_by(Source.name, Source.kind, Image.role)).all()
             descriptions = s.scalar(select(func.count(Description.id)))
-            vectors = s.scalar(select(func.count(Vector.id)).where(Vector.embedder == self.embedder_identity))
+            digest = self._db_digest(s)  # the count the triggers keep, else a count of every row
+            vectors = digest[0] if digest else s.scalar(select(func.count(Vector.id))
+                                                        .where(Vector.embedder == self.embedder_identity))
         sources: dict[str, dict] = {}
         for name, kind, role, count in per_source:
             entry = sources.setdefault(name, {"kind": kind, "originals": 0, "resyntheses": 0})

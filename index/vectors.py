@@ -23,6 +23,21 @@ def index_ids(index: faiss.Index) -> np.ndarray:
     return faiss.vector_to_array(index.id_map).astype(np.int64)
 
 
+DIGEST_MOD = 1 << 62  # id_sum and id_mix are kept modulo this (no 64-bit overflow in SQL or numpy)
+MIX_MUL, MIX_ADD, MIX_MOD = 1103515245, 12345, 1 << 32  # mix(id) = ((id mod 2^32) * MUL + ADD) mod 2^32
+
+
+def id_digest(ids: np.ndarray) -> tuple[int, int, int]:
+    """(count, sum of ids, sum of mix(id)) modulo DIGEST_MOD: what the database's `vector_sets`
+    triggers maintain for its stored ids, computed here for an index file's ids. Order-independent,
+    so a set is compared in O(1) on the database side and one pass over the file's id map here."""
+    ids = np.asarray(ids, np.int64)
+    mixed = ((ids % MIX_MOD) * MIX_MUL + MIX_ADD) % MIX_MOD
+    # unsigned sums wrap modulo 2^64, of which DIGEST_MOD is a divisor: exact for any count
+    return (int(len(ids)), int(ids.astype(np.uint64).sum(dtype=np.uint64)) % DIGEST_MOD,
+            int(mixed.astype(np.uint64).sum(dtype=np.uint64)) % DIGEST_MOD)
+
+
 def checksum(data: bytes) -> str:
     """Checksum of one stored vector's float32 bytes (what the database keeps beside it)."""
     return hashlib.blake2b(data, digest_size=16).hexdigest()
@@ -92,6 +107,14 @@ def write_atomic(index: faiss.Index, path: Path, point: str = "index:before-repl
     fsync_dir(path.parent)
 
 
+def _distinct(ids: np.ndarray) -> bool:
+    """No id twice: one pass when ascending (how the store writes them), else a sort."""
+    if len(ids) < 2 or bool((ids[1:] > ids[:-1]).all()):
+        return True
+    ordered = np.sort(ids)
+    return bool((ordered[1:] != ordered[:-1]).all())
+
+
 def read_index(path: Path) -> faiss.Index | None:
     """The saved index, or None if it is missing or unreadable (the caller rebuilds from the database)."""
     return read_checked(path, None)[0]
@@ -118,7 +141,7 @@ def read_checked(path: Path, dim: int | None, mapped: bool = False) -> tuple[fai
     if dim is not None and index.d != dim:
         return None, f"dimension {index.d}, expected {dim}"
     ids = index_ids(index)
-    if len(ids) != index.ntotal or len(np.unique(ids)) != len(ids):
+    if len(ids) != index.ntotal or not _distinct(ids):
         return None, "inconsistent id map"
     if mapped and index.ntotal * index.d * 4 + 8 * index.ntotal > path.stat().st_size:
         return None, "shorter than its vectors"  # never map past the end of the file

@@ -1,13 +1,18 @@
-"""Opening a store and answering cached queries: the index file mapped (today) against read into memory
-(the baseline, as before), each in a fresh process, on the same store in the same run.
+"""Opening a store and answering cached queries, at several sizes: today's open against the baseline
+(as before), each in a fresh process, on the same store in the same run.
 
-What is measured, per mode: seconds to open (index file checked against the database, a sample of its
-vectors against their checksums), the process's private memory (RssAnon: what each serving process costs
-on its own; file-backed pages of a mapped index are shared by every process and reclaimable) after the
-open and after 200 cached scorings (10 candidates each, by id), and ms per scoring. The store is built as
-scripts/bench_lookup.py builds its own (768-d synthetic vectors, the tiny zoo's sources).
+  after    the index file memory-mapped; ids compared with the database by its trigger-kept digest
+           (O(1), plus a range read of ids newer than the file: the watermark)
+  before   the index file read into memory; every id read from the database and compared
 
-    python scripts/bench_open.py [--vectors 100000] [--repeats 2]
+Both check a sample of vectors against their checksums. Measured per mode: seconds to open, the
+process's private memory (RssAnon: what each serving process costs on its own; file-backed pages of a
+mapped index are shared by every process and reclaimable) after the open and after 200 cached scorings
+(10 candidates each, by id), and ms per scoring. Then a linear fit of `after` against the size,
+projected to 100M vectors. Stores are built as scripts/bench_lookup.py builds its own (768-d synthetic
+vectors, the tiny zoo's sources; about 2 minutes and 7.5 GB of disk per million), kept under --stores.
+
+    python scripts/bench_open.py [--sizes 10000,100000,1000000] [--repeats 2] [--stores DIR]
 """
 from __future__ import annotations
 
@@ -33,14 +38,15 @@ def _private_mb() -> float:
     return float("nan")
 
 
-def measure(store_dir: str, mapped: bool) -> dict:
+def measure(store_dir: str, mode: str) -> dict:
     """One process: open, score, report (run as a child so each mode starts from a clean heap)."""
     import index.vectors as vx
     from index.store import Store
 
-    if not mapped:  # the baseline: the whole index read into this process's memory
+    if mode == "before":  # the baseline: the whole index read into memory, every id compared
         read = vx.read_checked
         vx.read_checked = lambda path, dim, mapped=False: read(path, dim, False)
+        Store._behind_by = lambda self, s, have: None
     base = _private_mb()
     started = time.perf_counter()
     store = Store.open(Path(store_dir), writable=False)
@@ -54,44 +60,59 @@ def measure(store_dir: str, mapped: bool) -> dict:
         store.search(query, ids[k:k + 10])
     per = (time.perf_counter() - started) / 200 * 1000
     result = {"open_s": opened, "private_after_open_mb": after_open, "private_after_scoring_mb": _private_mb() - base,
-              "ms_per_scoring": per, "vectors": total}
+              "ms_per_scoring": per, "vectors": total, "digest": store.open_report.digest}
     store.close()
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vectors", type=int, default=100_000)
+    parser.add_argument("--sizes", default="10000,100000", help="comma-separated vector counts")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--stores", type=Path, help="keep (and reuse) the built stores here")
     parser.add_argument("--child", nargs=2, metavar=("STORE", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child[0], args.child[1] == "mapped")))
+        print(json.dumps(measure(args.child[0], args.child[1])))
         return
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench_lookup as bl
     from engine import zoo
 
     with tempfile.TemporaryDirectory() as tmp:
-        models = zoo.write_zoo(Path(tmp) / "zoo")
-        store, _ = bl.build_store(Path(tmp) / "store", models, args.vectors, 768, 2, bl.World(768, len(models["pipelines"])))
-        store.close()
-        rows: dict[str, list[dict]] = {"copied": [], "mapped": []}
-        for _ in range(args.repeats):
-            for mode in rows:
-                out = subprocess.run([sys.executable, __file__, "--child", str(Path(tmp) / "store"), mode],
-                                     capture_output=True, text=True, check=True, cwd=ROOT)
-                rows[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    best = {mode: {k: min(r[k] for r in runs) for k in runs[0]} for mode, runs in rows.items()}
-    print(f"{best['mapped']['vectors']} stored 768-d vectors, best of {args.repeats} fresh processes per mode")
-    print(f"{'mode':>8} {'open s':>7} {'private MB after open':>22} {'after 200 scorings':>19} {'ms/scoring':>11}")
-    for mode, r in best.items():
-        print(f"{mode:>8} {r['open_s']:>7.2f} {r['private_after_open_mb']:>22.0f} {r['private_after_scoring_mb']:>19.0f}"
-              f" {r['ms_per_scoring']:>11.3f}")
-    c, m = best["copied"], best["mapped"]
-    print(f"ratios mapped/copied: open {m['open_s'] / c['open_s']:.2f}x, private memory "
-          f"{m['private_after_scoring_mb'] / max(c['private_after_scoring_mb'], 1e-9):.2f}x, "
-          f"scoring {m['ms_per_scoring'] / c['ms_per_scoring']:.2f}x")
+        folder = args.stores or Path(tmp)
+        models = zoo.write_zoo(folder / "zoo")
+        table = {}
+        for size in [int(x) for x in args.sizes.split(",")]:
+            root = folder / f"s{size}"
+            if not (root / "store.json").is_file():
+                store, _ = bl.build_store(root, models, size, 768, 2, bl.World(768, len(models["pipelines"])))
+                store.close()
+            from index.store import Store
+            Store.open(root).close()  # a writable open first: an older store gets its id digest here
+            rows: dict[str, list[dict]] = {"before": [], "after": []}
+            for _ in range(args.repeats):
+                for mode in rows:
+                    out = subprocess.run([sys.executable, __file__, "--child", str(root), mode],
+                                         capture_output=True, text=True, check=True, cwd=ROOT)
+                    rows[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            table[size] = {mode: {k: min(r[k] for r in runs) for k in runs[0]} for mode, runs in rows.items()}
+    print(f"768-d vectors, best of {args.repeats} fresh processes per mode and size")
+    print(f"{'vectors':>9} {'mode':>7} {'open s':>7} {'private MB after open':>22} {'after 200 scorings':>19}"
+          f" {'ms/scoring':>11}")
+    for size, best in table.items():
+        for mode, r in best.items():
+            print(f"{size:>9} {mode:>7} {r['open_s']:>7.2f} {r['private_after_open_mb']:>22.0f}"
+                  f" {r['private_after_scoring_mb']:>19.0f} {r['ms_per_scoring']:>11.3f}")
+        b, a = best["before"], best["after"]
+        print(f"{size:>9} ratios after/before: open {a['open_s'] / b['open_s']:.2f}x, private memory "
+              f"{a['private_after_scoring_mb'] / max(b['private_after_scoring_mb'], 1e-9):.2f}x, "
+              f"scoring {a['ms_per_scoring'] / b['ms_per_scoring']:.2f}x")
+    if len(table) >= 2:
+        sizes = np.array(list(table), float)
+        for key, unit in (("open_s", "s to open"), ("private_after_scoring_mb", "MB private")):
+            slope, intercept = np.polyfit(sizes, [table[int(n)]["after"][key] for n in sizes], 1)
+            print(f"projection of `after` to 100M vectors (linear fit): {slope * 1e8 + intercept:.1f} {unit}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+import pytest
+
 from index import vectors as vx
+from index.errors import StoreDamaged
 from index.store import NewImage, Store
 from tests.helpers import db_args, run_cli
 
@@ -216,3 +219,49 @@ def test_the_index_is_mapped_until_the_first_write(tmp_path):
     store.close()
     with Store.open(tmp_path / "s") as again:
         assert again.index.ntotal == 25 and again.index.mapped and _agree(again)
+
+
+def _sql(store: Store, statement: str) -> None:
+    """A hand edit of the database, behind the store's back (what another tool could do)."""
+    with store._write_engine.begin() as conn:
+        conn.exec_driver_sql(statement)
+
+
+def test_open_compares_ids_by_the_database_digest(tmp_path, db, monkeypatch):
+    """An open reads no id list when the database's trigger-kept digest matches the file's ids, or
+    when the file is only behind by newer ids (the watermark); anything else falls back to the full
+    comparison, which still catches lost rows; a hand-edited digest is recomputed, never trusted."""
+    with _store(tmp_path, db) as store:
+        store.add_images(_rows(store, 20))
+    full_reads = []
+    real = Store._db_vector_ids
+    monkeypatch.setattr(Store, "_db_vector_ids", lambda self, *a, **k: full_reads.append(1) or real(self, *a, **k))
+    with Store.open(tmp_path / "s") as store:
+        assert store.open_report.digest and store.open_report.checked == 20 and not full_reads
+        store.add_images(_rows(store, 7, start=20, seed=1))
+        store._dirty = False  # dies before publishing: the file is 7 vectors behind
+    with Store.open(tmp_path / "s", writable=False) as store:
+        assert store.open_report.digest and store.open_report.added == 7 and not full_reads
+    with Store.open(tmp_path / "s") as store:
+        assert store.open_report.digest and store.index.ntotal == 27 and not full_reads
+        store.remove_source("a")  # cascaded deletes keep the digest too
+        store.add_images(_rows(store, 4, start=40, seed=2))
+        assert store.verify(files=False)["database"]["id_digest"] == "ok" and _agree(store)
+    full_reads.clear()  # verify and _agree read every id on purpose
+    with Store.open(tmp_path / "s") as store:
+        assert store.open_report.digest and store.index.ntotal == 4 and not full_reads
+        _sql(store, "UPDATE vector_sets SET n = n + 1")  # a hand edit: never trusted
+    with Store.open(tmp_path / "s", writable=False) as store:
+        assert not store.open_report.digest and full_reads and "vector_sets" in " ".join(store.open_report.notes)
+        assert store.verify(files=False)["database"]["id_digest"] == "stale"
+    with Store.open(tmp_path / "s") as store:  # a writable open recomputes it
+        assert any("recomputed" in n for n in store.open_report.notes)
+    full_reads.clear()
+    with Store.open(tmp_path / "s") as store:
+        assert store.open_report.digest and not full_reads
+        lost = int(vx.index_ids(store.index).max())
+        _sql(store, f"DELETE FROM vectors WHERE id = {lost}")  # a row lost with no tombstone
+        store._dirty = False
+    with pytest.raises(StoreDamaged, match="database lost data"):
+        Store.open(tmp_path / "s")
+    assert full_reads
