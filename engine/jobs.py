@@ -135,6 +135,26 @@ class _EmbedWorker:
         return _embed_files(self.embedder, jobs)
 
 
+def ray_shard_map(ray):
+    """A search-index shard filler (index.vectors.ShardMap) running each shard as a Ray task: the trained
+    index and the shard's vectors travel through the object store, the filled shard comes back to be
+    merged on disk here. Results are yielded in shard order as they finish (bounded in flight)."""
+    from index import vectors as vx
+
+    fill = ray.remote(num_cpus=1)(vx.fill_shard)
+
+    def run(trained: bytes, shards, threads: int):
+        blob = ray.put(trained)
+        pending = [fill.remote(blob, ids, matrix, 1) for ids, matrix in shards[:2]]
+        for k in range(len(shards)):
+            if k + 2 < len(shards):
+                pending.append(fill.remote(blob, *shards[k + 2], 1))
+            yield ray.get(pending[k])
+            pending[k] = None  # its result is on disk now: let the object store drop it
+
+    return run
+
+
 # ----- resynthesize ------------------------------------------------------------------------------
 def resynthesize_dataset(ws, descriptions: Sequence[str], options: Options | None = None,
                          ray_address: str | None = None, progress: bool = True) -> dict:

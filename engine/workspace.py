@@ -671,8 +671,15 @@ class Workspace:
         """Database, index and image files checked against each other; with `repair`, fixed where possible."""
         return self.store.verify(repair=repair, files=files)
 
-    def rebuild(self) -> int:
-        return self.store.rebuild()
+    def rebuild(self, ray: str | None = None) -> int:
+        """Recreate the index files from stored vectors (offline); with `ray`, the search index's shards
+        are filled on that Ray cluster ("local" starts one) and merged on disk here."""
+        if not ray:
+            return self.store.rebuild()
+        from engine import jobs
+
+        with jobs.ray_cluster(ray) as cluster:
+            return self.store.rebuild(shard_map=jobs.ray_shard_map(cluster))
 
     def resynthesize_dataset(self, descriptions: Sequence[str] | str | os.PathLike, options: Options | None = None,
                              ray: str | None = None) -> dict:

@@ -34,6 +34,7 @@ since the build are searched exactly and merged in; ids deleted since are skippe
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -322,6 +323,14 @@ def made(result) -> bool:
         return result.rowcount == 1
     key = result.inserted_primary_key
     return key is not None and key[0] is not None
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json_atomic(path: Path, value: dict, point: str = "config:before-replace") -> None:
@@ -935,17 +944,18 @@ class Store:
         return index, tomb_seq
 
     def rebuild(self, search: bool = True, *, flat_max: int | None = None, memory_budget_bytes: int | None = None,
-                threads: int | None = None) -> int:
+                threads: int | None = None, shard_map: vx.ShardMap | None = None) -> int:
         """Recreate the FAISS index from stored vectors and swap it in atomically; returns its size.
 
-        With `search`, also (re)build the search index offline (see `build_search`); the parameters
-        default to store.json's "search" entry, then to vectors.FLAT_MAX / MEMORY_BUDGET / BUILD_THREADS.
+        With `search`, also (re)build the search index offline (see `_build_search`; `shard_map` fills
+        its shards elsewhere, e.g. on Ray); the parameters default to store.json's "search" entry, then
+        to vectors.FLAT_MAX / MEMORY_BUDGET / BUILD_THREADS / SHARD_SIZE.
         Everything happens under the cross-process lock (other writers' saves wait for it)."""
         self._require_writable()
         with self._file_lock():
             fresh, tomb_seq = self._rebuild_from_db()
             vx.write_atomic(fresh, self.index_path)
-            built = self._build_search(fresh, flat_max, memory_budget_bytes, threads) if search else None
+            built = self._build_search(fresh, flat_max, memory_budget_bytes, threads, shard_map) if search else None
             with self._index_lock:
                 self.index = fresh
                 self._tomb_seq = tomb_seq
@@ -976,25 +986,51 @@ class Store:
                     else cfg.get("memory_budget_bytes", vx.MEMORY_BUDGET)),
                 int(threads if threads is not None else cfg.get("threads", vx.BUILD_THREADS)))
 
-    def _build_search(self, fresh, flat_max, memory_budget_bytes, threads) -> tuple[_Search | None, dict]:
-        """Build the search index over `fresh` (a private flat index) and publish search.faiss, then its
-        infos (each atomically: a crash between leaves a pair whose digests disagree, which is ignored)."""
+    def _build_search(self, fresh, flat_max, memory_budget_bytes, threads,
+                      shard_map: vx.ShardMap | None = None) -> tuple[_Search | None, dict]:
+        """Build the search index over `fresh` (a private flat index) in shards merged on disk, and publish
+        it: its inverted lists under a content name (search-<digest>.ivfdata), then search.faiss, then
+        its infos, each atomically (a crash between leaves files whose infos disagree: ignored, never
+        served); lists files no longer named are removed last."""
         flat_max, budget, threads = self._search_settings(flat_max, memory_budget_bytes, threads)
         spec = vx.choose_index(int(fresh.ntotal), self.dim, budget, flat_max)
         ids, matrix = vx.flat_view(fresh)
-        index, infos = vx.build_search_index(ids, matrix, spec, threads=threads)
-        infos.update({"embedder": self.embedder_identity, "flat_max": flat_max, "memory_budget_bytes": budget,
-                      "built_at": _utcnow().isoformat()})
-        if index is None:
-            self.search_path.unlink(missing_ok=True)
+        shard_size = int((self.config.get("search") or {}).get("shard_size", vx.SHARD_SIZE))
+        building = self.root / f".search.ivfdata.{os.getpid()}.tmp"
+        try:
+            index, infos = vx.build_search_index(ids, matrix, spec, threads=threads, data_path=building,
+                                                 shard_size=shard_size, shard_map=shard_map)
+            infos.update({"embedder": self.embedder_identity, "flat_max": flat_max, "memory_budget_bytes": budget,
+                          "built_at": _utcnow().isoformat()})
+            if index is None:
+                self.search_path.unlink(missing_ok=True)
+                vx.fsync_dir(self.root)
+                write_json_atomic(self.search_infos_path, infos, "search:before-replace")
+                self._drop_search_data(keep=None)
+                return None, {"state": "flat", "type": "Flat", "count": infos["count"], "infos": infos}
+            with open(building, "rb") as handle:
+                os.fsync(handle.fileno())
+            data = self.root / f"search-{_file_digest(building)}.ivfdata"
+            faiss_lists = vx.faiss.downcast_InvertedLists(vx.faiss.extract_index_ivf(index).invlists)
+            faiss_lists.filename = data.name  # what search.faiss records: read beside it, wherever the store is
+            os.replace(building, data)
             vx.fsync_dir(self.root)
-            write_json_atomic(self.search_infos_path, infos, "search:before-replace")
-            return None, {"state": "flat", "type": "Flat", "count": infos["count"], "infos": infos}
+            crash_point("search:lists-published")
+        finally:
+            building.unlink(missing_ok=True)
         vx.write_atomic(index, self.search_path, "search:before-replace")
-        infos["bytes"] = self.search_path.stat().st_size
-        write_json_atomic(self.search_infos_path, infos, "search:before-replace")
+        infos.update({"bytes": self.search_path.stat().st_size, "ivfdata": data.name,
+                      "ivfdata_bytes": data.stat().st_size})
+        write_json_atomic(self.search_infos_path, infos, "search:infos-before-replace")
+        self._drop_search_data(keep=data.name)
         found = _Search(index, *self._layout(index, infos))
         return found, self._search_summary("ok", found, None)
+
+    def _drop_search_data(self, keep: str | None) -> None:
+        """Remove inverted-list files of earlier builds (a process still mapping one keeps its pages)."""
+        for path in self.root.glob("search-*.ivfdata"):
+            if path.name != keep:
+                path.unlink(missing_ok=True)
 
     @staticmethod
     def _layout(index, infos):
@@ -1817,6 +1853,7 @@ class Store:
             for stale in (old_index, self.search_path, self.search_infos_path):
                 if stale != self.index_path:
                     stale.unlink(missing_ok=True)
+            self._drop_search_data(keep=None)
             self._search_files = self._search_file_state()
         return int(fresh.ntotal)
 

@@ -2,9 +2,13 @@
 search index (exact up to a size, IVF beyond it) that answers "what in the store is closest"."""
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
+import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -304,20 +308,37 @@ def search_ivf(index: faiss.Index, queries: np.ndarray, k: int, params: IVFParam
     return out_s, out_i
 
 
-def build_search_index(ids: np.ndarray, matrix: np.ndarray, spec: str, *, seed: int = BUILD_SEED,
-                       threads: int = BUILD_THREADS, k: int = RECALL_K, target: float = RECALL_TARGET,
-                       recall_queries: int = 1000) -> tuple[faiss.Index | None, dict]:
-    """Build the search index `spec` over (ids, matrix) offline: fixed seed and thread count, trained on a
-    sample, then nprobe chosen as the smallest on NPROBE_LADDER whose recall@k against the exact answer,
-    measured with stored vectors as queries, reaches `target`. Returns (index or None for "Flat", infos)."""
-    started = time.perf_counter()
+SHARD_SIZE = 250_000  # vectors per shard of the search-index build (each shard is filled on its own)
+ShardMap = Callable[[bytes, list[tuple[np.ndarray, np.ndarray]], int], Iterator[bytes]]
+
+
+@contextmanager
+def quiet_stdout():
+    """FAISS's on-disk inverted lists printf to stdout (C stdio) on every merge and read: keep that out
+    of what the process prints (JSON output included). Serialised: it redirects the process's fd 1."""
+    with _QUIET:
+        libc = ctypes.CDLL(None)
+        sys.stdout.flush()
+        libc.fflush(None)
+        saved, sink = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+        os.dup2(sink, 1)
+        try:
+            yield
+        finally:
+            libc.fflush(None)
+            os.dup2(saved, 1)
+            os.close(saved)
+            os.close(sink)
+
+
+_QUIET = threading.Lock()
+
+
+def train_search_index(matrix: np.ndarray, spec: str, seed: int = BUILD_SEED, threads: int = BUILD_THREADS,
+                       rng: np.random.Generator | None = None) -> tuple[faiss.Index, int]:
+    """The empty IVF index `spec`, trained once on a fixed-seed sample of `matrix`; (index, sample size)."""
+    rng = rng or np.random.default_rng(seed)
     n, dim = matrix.shape
-    infos = {"type": spec, "count": int(n), "dim": int(dim), "k": k, "recall_target": target, "seed": seed,
-             "threads": threads, "faiss": faiss.__version__}
-    if spec == "Flat":
-        infos.update({"nprobe": None, "recall": 1.0, "build_s": time.perf_counter() - started})
-        return None, infos
-    rng = np.random.default_rng(seed)
     with omp_threads(threads):
         index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
         ivf = faiss.extract_index_ivf(index)
@@ -329,9 +350,75 @@ def build_search_index(ids: np.ndarray, matrix: np.ndarray, spec: str, *, seed: 
         train_n = min(n, max(ivf.nlist * TRAIN_PER_LIST, 256 * MIN_PER_LIST))
         sample = np.sort(rng.choice(n, train_n, replace=False))
         index.train(np.ascontiguousarray(matrix[sample]))
-        for start in range(0, n, 65536):
-            index.add_with_ids(np.ascontiguousarray(matrix[start:start + 65536]),
+    return index, int(train_n)
+
+
+def fill_shard(trained: bytes, ids: np.ndarray, matrix: np.ndarray, threads: int = BUILD_THREADS) -> bytes:
+    """One shard: the trained (serialised) index with these vectors added, serialised. Runs anywhere
+    (in process, or as a Ray task: everything it needs travels with it)."""
+    index = faiss.deserialize_index(np.frombuffer(trained, np.uint8))
+    with omp_threads(threads):
+        for start in range(0, len(ids), 65536):
+            index.add_with_ids(np.ascontiguousarray(matrix[start:start + 65536], dtype=np.float32),
                                np.ascontiguousarray(ids[start:start + 65536], dtype=np.int64))
+    return faiss.serialize_index(index).tobytes()
+
+
+def _fill_here(trained: bytes, shards: list[tuple[np.ndarray, np.ndarray]], threads: int) -> Iterator[bytes]:
+    for ids, matrix in shards:
+        yield fill_shard(trained, ids, matrix, threads)
+
+
+def merge_on_disk(trained: faiss.Index, shard_files: list[Path], data_path: Path) -> faiss.Index:
+    """`trained` with the shards' inverted lists merged into one on-disk file (FAISS's OnDiskInvertedLists,
+    memory-mapped, so no shard and no merged list set is ever held in memory)."""
+    ivf = faiss.extract_index_ivf(trained)
+    shards = [faiss.read_index(str(path), faiss.IO_FLAG_MMAP) for path in shard_files]
+    lists = faiss.InvertedListsPtrVector()
+    for shard in shards:
+        lists.push_back(faiss.extract_index_ivf(shard).invlists)
+    with quiet_stdout():
+        on_disk = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(data_path))
+        total = on_disk.merge_from_multiple(lists.data(), lists.size(), False, False)
+    ivf.replace_invlists(on_disk, True)
+    on_disk.this.disown()  # owned by the index now
+    ivf.ntotal = trained.ntotal = int(total)
+    del shards
+    return trained
+
+
+def build_search_index(ids: np.ndarray, matrix: np.ndarray, spec: str, *, seed: int = BUILD_SEED,
+                       threads: int = BUILD_THREADS, k: int = RECALL_K, target: float = RECALL_TARGET,
+                       recall_queries: int = 1000, data_path: Path | None = None, shard_size: int = SHARD_SIZE,
+                       shard_map: ShardMap | None = None) -> tuple[faiss.Index | None, dict]:
+    """Build the search index `spec` over (ids, matrix) offline: fixed seed and thread count, trained once
+    on a sample; vectors added in shards of `shard_size` (by `shard_map`, e.g. on Ray; in this process by
+    default), each written next to `data_path` and merged there on disk; then nprobe chosen as the
+    smallest on NPROBE_LADDER whose recall@k against the exact answer, measured with stored vectors as
+    queries, reaches `target`. Returns (index or None for "Flat", infos); the index's inverted lists
+    live in `data_path`, which the caller publishes."""
+    started = time.perf_counter()
+    n, dim = matrix.shape
+    infos = {"type": spec, "count": int(n), "dim": int(dim), "k": k, "recall_target": target, "seed": seed,
+             "threads": threads, "faiss": faiss.__version__}
+    if spec == "Flat":
+        infos.update({"nprobe": None, "recall": 1.0, "build_s": time.perf_counter() - started})
+        return None, infos
+    rng = np.random.default_rng(seed)
+    index, train_n = train_search_index(matrix, spec, seed, threads, rng)
+    trained = faiss.serialize_index(index).tobytes()
+    bounds = [(a, min(a + shard_size, n)) for a in range(0, n, max(1, shard_size))]
+    shards = [(ids[a:b], matrix[a:b]) for a, b in bounds]
+    files = [data_path.with_name(f".search-shard{k}.{os.getpid()}.tmp") for k in range(len(shards))]
+    try:
+        for path, blob in zip(files, (shard_map or _fill_here)(trained, shards, threads)):
+            path.write_bytes(blob)
+        index = merge_on_disk(index, files, data_path)
+    finally:
+        for path in files:
+            path.unlink(missing_ok=True)
+    ivf = faiss.extract_index_ivf(index)
+    with omp_threads(threads):
         trained_s = time.perf_counter() - started
         queries = np.ascontiguousarray(matrix[np.sort(rng.choice(n, min(n, recall_queries), replace=False))])
         kk = min(k, n)
@@ -359,6 +446,7 @@ def build_search_index(ids: np.ndarray, matrix: np.ndarray, spec: str, *, seed: 
         for query in single:
             faiss.knn(query[None], matrix, kk, metric=faiss.METRIC_INNER_PRODUCT)
         exact_ms = (time.perf_counter() - clock) / len(single) * 1e3
+    infos["shards"] = len(shards)
     infos.update({"nlist": int(ivf.nlist), "nprobe": int(chosen), "recall": recall, "recall_by_nprobe": tried,
                   "recall_queries": len(queries), "meets_target": recall >= target, "train_vectors": int(train_n),
                   "rerank": RERANK if rescore is not None else None, "train_add_s": trained_s,
@@ -378,10 +466,16 @@ def read_search_checked(path: Path, infos: dict | None, dim: int) -> tuple[faiss
         return None, None, "no infos for it (stale)"
     if infos.get("bytes") is not None and path.stat().st_size != infos["bytes"]:
         return None, None, f"{path.stat().st_size} bytes, its infos say {infos['bytes']} (stale or damaged)"
+    data = path.with_name(str(infos.get("ivfdata", "")))
+    if not infos.get("ivfdata") or not data.is_file():
+        return None, None, f"its inverted lists ({infos.get('ivfdata') or 'no file named'}) are missing"
+    if infos.get("ivfdata_bytes") is not None and data.stat().st_size != infos["ivfdata_bytes"]:
+        return None, None, f"{data.name} has {data.stat().st_size} bytes, its infos say {infos['ivfdata_bytes']}"
     try:
-        index = faiss.read_index(str(path))
+        with quiet_stdout():  # the lists file is found beside search.faiss wherever the store has moved
+            index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
     except (RuntimeError, MemoryError, ValueError):
-        return None, None, "unreadable"
+        return None, None, "unreadable, or the inverted lists it names are gone (stale)"
     try:
         ivf = faiss.extract_index_ivf(index)
     except RuntimeError:
@@ -390,6 +484,9 @@ def read_search_checked(path: Path, infos: dict | None, dim: int) -> tuple[faiss
         return None, None, "another metric or dimension, or untrained"
     if int(index.ntotal) != infos.get("count") or ivf.nlist != infos.get("nlist"):
         return None, None, f"holds {index.ntotal} vectors, its infos say {infos.get('count')} (stale)"
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    if not isinstance(lists, faiss.OnDiskInvertedLists) or Path(lists.filename).name != infos["ivfdata"]:
+        return None, None, "its inverted lists are not the file its infos name (stale)"
     layout = ivf_layout(index)
     ids = layout[0]
     if len(ids) != index.ntotal or len(np.unique(ids)) != len(ids) or ids_digest(ids) != infos.get("ids_digest"):

@@ -12,6 +12,7 @@ import pytest
 
 from index import vectors as vx
 from index.store import SEARCH_INFOS, SEARCH_NAME, NewImage, Store
+from tests.helpers import run_cli
 
 DIM = 32
 N = 4000
@@ -106,12 +107,21 @@ def test_ivf_recall_against_exact_and_infos(built):
         assert not [p for p in report["problems"] if "search" in p]
 
 
+def _search_files(root) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in [root / SEARCH_NAME, *root.glob("search-*.ivfdata")]}
+
+
 def test_rebuild_is_deterministic(built, tmp_path):
     root = _copy(built, tmp_path)
-    before = (root / SEARCH_NAME).read_bytes()
+    before = _search_files(root)
+    assert len(before) == 2  # search.faiss and the inverted lists it names, merged on disk
     with Store.open(root) as store:
-        store.rebuild(flat_max=FLAT_MAX)
-    assert (root / SEARCH_NAME).read_bytes() == before
+        store.rebuild(flat_max=FLAT_MAX, shard_map=None)
+        with_shards = dict(store.config.get("search") or {}, shard_size=N // 3)
+        store.update_config(search=with_shards)
+        store.rebuild(flat_max=FLAT_MAX)  # 4 shards merged on disk: the same files, byte for byte
+        assert json.loads((root / SEARCH_INFOS).read_text())["shards"] == 4
+    assert _search_files(root) == before
 
 
 def test_flat_choice_writes_no_search_file(built, tmp_path):
@@ -203,16 +213,17 @@ def test_stale_or_damaged_search_file_is_ignored(built, tmp_path):
     with Store.open(root) as store:
         store.rebuild(flat_max=FLAT_MAX)
     infos = json.loads((root / SEARCH_INFOS).read_text())
-    index = vx.faiss.read_index(str(root / SEARCH_NAME))
+    index = vx.faiss.read_index(str(root / SEARCH_NAME), vx.faiss.IO_FLAG_ONDISK_SAME_DIR)
     lists = vx.faiss.extract_index_ivf(index).invlists
     number = max(range(lists.nlist), key=lists.list_size)
     size = lists.list_size(number) * lists.code_size
     codes = vx.faiss.rev_swig_ptr(lists.get_codes(number), size).tobytes()
-    data = bytearray((root / SEARCH_NAME).read_bytes())
+    del index, lists
+    data = bytearray((root / infos["ivfdata"]).read_bytes())
     at = data.find(codes)
-    assert at > 0
+    assert at >= 0
     data[at:at + size] = codes[::-1]  # the vectors of one list garbled, same size, ids and counts intact
-    (root / SEARCH_NAME).write_bytes(bytes(data))
+    (root / infos["ivfdata"]).write_bytes(bytes(data))
     with Store.open(root, writable=False) as store:  # up to FULL_CHECK vectors: all compared at open
         assert store.search_state["state"] == "ignored" and "differ" in store.search_state["problem"]
         assert _recall(store, _clustered(5, seed=29)) == 1.0
@@ -237,3 +248,49 @@ def test_pq_when_flat_codes_exceed_the_budget(built, tmp_path):
         exact = store.nearest(queries[0], 5, exact=True)
         assert fast[0][0].vector_id == exact[0][0].vector_id
         assert abs(fast[0][1] - exact[0][1]) < 1e-5  # re-scored exactly from the flat copy
+
+
+def test_shards_filled_on_ray_merge_into_the_same_index(built, tmp_path, capfd):
+    """`resynth rebuild --ray local`: shards filled as Ray tasks, merged on disk here, give the very files
+    the in-process build gives; the old lists file is gone and the store serves the new index."""
+    pytest.importorskip("ray")
+    here, there = _copy(built, tmp_path / "a"), _copy(built, tmp_path / "b")
+    for root in (here, there):
+        with Store.open(root) as store:
+            store.update_config(search={"flat_max": FLAT_MAX, "shard_size": N // 3 + 1})
+    with Store.open(here) as store:
+        store.rebuild()
+    capfd.readouterr()
+    code = run_cli("rebuild", "--store", there, "--ray", "local", "--json")
+    out = json.loads(capfd.readouterr().out)  # the whole of stdout (FAISS's own printf kept out of it)
+    assert code == 0 and out["vectors"] == N and out["search"]["type"] == json.loads(
+        (here / SEARCH_INFOS).read_text())["type"]
+    assert json.loads((there / SEARCH_INFOS).read_text())["shards"] == 3
+    assert _search_files(there) == _search_files(here)
+    with Store.open(there, writable=False) as store:
+        assert store.search_state["state"] == "ok" and _recall(store, _clustered(5, seed=41)) >= 0.95
+
+
+@pytest.mark.parametrize("crash_at", ["search:lists-published", "search:before-replace",
+                                      "search:infos-before-replace"])
+def test_rebuild_killed_while_publishing_never_serves_a_wrong_index(built, tmp_path, crash_at):
+    """A real `resynth rebuild` killed at each step of publishing the search index (new lists file,
+    search.faiss, search.json): the store opens, answers exactly (the old index where it still agrees,
+    else exact search), and the next rebuild leaves one lists file and no temporary file."""
+    from tests.test_store_cli_faults import resynth
+
+    root = _copy(built, tmp_path)
+    with Store.open(root) as store:
+        _add(store, _clustered(50, seed=43), "a", 30_000)  # the next build differs from the one on disk
+        store.update_config(search={"flat_max": FLAT_MAX, "shard_size": N // 2})
+    killed = resynth("rebuild", "--store", root, "--quiet", crash_at=crash_at)
+    assert killed.returncode == -9, killed.stderr[-1000:]
+    with Store.open(root, writable=False) as store:
+        state = store.search_state["state"]
+        assert state in ("ok", "ignored"), store.search_state
+        assert _recall(store, _clustered(5, seed=47)) >= (1.0 if state == "ignored" else 0.9)
+        assert store.verify(files=False)["index"]["readable"]
+    assert resynth("rebuild", "--store", root, "--quiet").returncode == 0
+    assert len(list(root.glob("search-*.ivfdata"))) == 1 and not list(root.glob(".*.tmp"))
+    with Store.open(root, writable=False) as store:
+        assert store.search_state["state"] == "ok" and store.search_state["count"] == N + 50
