@@ -1690,6 +1690,11 @@ class Store:
         elif on_disk is not None and not on_disk.infos.get("meets_target", True):
             problems.append(f"search index recall@{on_disk.infos.get('k')} {on_disk.infos.get('recall'):.3f} is "
                             f"below its target {on_disk.infos.get('recall_target')}")
+        named = on_disk.infos.get("ivfdata") if on_disk is not None else None
+        leftover = sorted(p.name for p in self.root.glob("search-*.ivfdata") if p.name != named)
+        if leftover:
+            search_entry["leftover_lists_files"] = leftover
+            problems.append(f"{len(leftover)} search lists files no search index names (a rebuild removes them)")
         del on_disk
 
         if files:
