@@ -811,7 +811,7 @@ class Store:
                         report.notes.append(f"index caught up with the database: +{report.added} vectors")
                     self._tomb_seq = tomb_seq
                     if self.writable and report.added:
-                        self._publish(index)
+                        index = self._publish(index)
                     return index, report
                 report.digest = False  # the full comparison below finds and handles the bad vectors
             db_ids = self._db_vector_ids(s)
@@ -855,7 +855,7 @@ class Store:
             report.notes.append(drift)
         self._tomb_seq = tomb_seq
         if self.writable and ((report.rebuilt and (problem or len(db_ids))) or report.added or report.removed):
-            self._publish(index)
+            index = self._publish(index)
         return index, report
 
     def _db_digest(self, s: Session, embedder: str | None = None) -> tuple[int, int, int] | None:
@@ -917,9 +917,11 @@ class Store:
         self._tomb_seq = max(self._tomb_seq, tomb_seq)
         return changed
 
-    def _publish(self, index=None) -> None:
-        """Merge and write `index` (default: the live one) under the cross-process lock. Lock order is
-        always file lock, then index lock (never the other way: a save and a refresh would deadlock)."""
+    def _publish(self, index=None):
+        """Merge and write `index` (default: the live one) under the cross-process lock; returns the index
+        to go on with: the file just written, mapped (so no process keeps a private copy of every vector
+        past a save). Lock order is always file lock, then index lock (never the other way: a save and a
+        refresh would deadlock)."""
         with self._file_lock():
             with self._index_lock:
                 live = index is None
@@ -928,8 +930,12 @@ class Store:
                     self._delta = None
                 vx.write_atomic(index, self.index_path)
                 self._file_state = _file_state(self.index_path)
+                mapped, _ = vx.read_checked(self.index_path, self.dim, mapped=True)
+                if mapped is not None:
+                    index = mapped
                 if live:
-                    self._dirty = False
+                    self.index, self._dirty = index, False
+                return index
 
     def save_index(self) -> None:
         """Publish the in-memory index atomically, merged with what other processes committed/deleted."""

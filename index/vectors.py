@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import struct
 import sys
 import threading
 import time
@@ -24,6 +25,8 @@ def new_index(dim: int) -> faiss.Index:
 
 
 def index_ids(index: faiss.Index) -> np.ndarray:
+    if isinstance(index, MappedIndex):
+        return index.ids()
     return faiss.vector_to_array(index.id_map).astype(np.int64)
 
 
@@ -61,48 +64,113 @@ def fsync_dir(folder: Path) -> None:
 
 
 class MappedIndex:
-    """The saved exact index, memory-mapped from its file rather than read: a process that only answers
-    cached queries touches the pages of the vectors it scores (shared with every process mapping the same
-    file, and reclaimable), not a private copy of every vector. The first mutation (add, remove) makes a
-    private copy first: FAISS aborts the process on a mutation of a mapped index. The file is only ever
-    replaced (never rewritten in place), so the mapped inode stays valid until this object goes."""
+    """The saved exact index, memory-mapped from its file rather than read: a process touches the pages
+    of the vectors it scores (shared with every process mapping the same file, and reclaimable), never a
+    private copy of every vector, not even when it writes. Vectors added since the file live in a small
+    in-memory `delta`; ids removed from the file are kept in `removed` and filtered out of every search
+    (FAISS aborts on a mutation of a mapped index). `write_atomic` streams the file's rows (less the
+    removed) and the delta's into the next file, which the store then maps in place of this one. The
+    file is only ever replaced, never rewritten in place, so the mapped inode stays valid."""
 
-    def __init__(self, mapped: faiss.Index, path: Path):
-        self._index, self.mapped, self.path = mapped, True, path
+    mapped = True
 
-    def own(self) -> faiss.Index:
-        """The index as a private, mutable copy (made once)."""
-        if self.mapped:
-            mapped, copy = self._index, new_index(self._index.d)
-            ids = index_ids(mapped)
-            for start in range(0, len(ids), 65536):
-                part = ids[start:start + 65536]
-                copy.add_with_ids(mapped.reconstruct_batch(part), part)
-            self._index, self.mapped = copy, False
-        return self._index
+    def __init__(self, base: faiss.Index, path: Path):
+        self.base, self.path = base, path
+        self.delta = new_index(base.d)
+        self.removed = np.zeros(0, np.int64)
+        self.base_ids = faiss.vector_to_array(base.id_map).astype(np.int64)
+
+    @property
+    def d(self) -> int:
+        return int(self.base.d)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.base.ntotal) - len(self.removed) + int(self.delta.ntotal)
+
+    def ids(self) -> np.ndarray:
+        kept = self.base_ids[~np.isin(self.base_ids, self.removed)] if len(self.removed) else self.base_ids
+        return np.concatenate([kept, faiss.vector_to_array(self.delta.id_map).astype(np.int64)])
+
+    def _in_delta(self, ids: np.ndarray) -> np.ndarray:
+        if not self.delta.ntotal:
+            return np.zeros(len(ids), bool)
+        return np.isin(ids, faiss.vector_to_array(self.delta.id_map))
+
+    def reconstruct_batch(self, ids) -> np.ndarray:
+        """Vectors by id (RuntimeError for an id the index does not hold, as FAISS)."""
+        ids = np.asarray(ids, np.int64)
+        out = np.empty((len(ids), self.d), np.float32)
+        new = self._in_delta(ids)
+        old = ids[~new]
+        if len(self.removed) and np.isin(old, self.removed).any():
+            raise RuntimeError("id not in the index (removed)")
+        if new.any():
+            out[new] = self.delta.reconstruct_batch(ids[new])
+        if len(old):
+            out[~new] = self.base.reconstruct_batch(old)
+        return out
+
+    def search(self, x, k: int, params=None):
+        """The k best over the file (less removed ids) and the delta, each under `params`' selector."""
+        selector = params.sel if params is not None else None
+        keep = []
+        if len(self.removed):
+            keep = [faiss.IDSelectorBatch(self.removed)]
+            keep.append(faiss.IDSelectorNot(keep[0]))
+            keep.append(faiss.IDSelectorAnd(selector, keep[1]) if selector is not None else keep[1])
+            base_params = faiss.SearchParameters(sel=keep[-1])
+        else:
+            base_params = params
+        scores, found = self.base.search(x, k, params=base_params)
+        if not self.delta.ntotal:
+            return scores, found
+        more_scores, more_found = self.delta.search(x, k, params=params)
+        scores, found = np.hstack([scores, more_scores]), np.hstack([found, more_found])
+        order = np.argsort(-np.where(found >= 0, scores, -np.inf), axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, order, 1), np.take_along_axis(found, order, 1)
 
     def add_with_ids(self, x, ids) -> None:
-        self.own().add_with_ids(x, ids)
+        self.delta.add_with_ids(x, ids)
 
     def remove_ids(self, ids) -> int:
-        return self.own().remove_ids(ids)
+        ids = np.asarray(ids, np.int64)
+        count = int(self.delta.remove_ids(ids)) if self.delta.ntotal else 0
+        gone = np.setdiff1d(ids[np.isin(ids, self.base_ids)], self.removed)
+        self.removed = np.union1d(self.removed, gone)
+        return count + len(gone)
 
-    def __getattr__(self, name: str):  # search, reconstruct_batch, ntotal, d, id_map ...: read-only use
-        return getattr(self._index, name)
-
-
-def raw(index) -> faiss.Index:
-    """The FAISS object behind `index` (a MappedIndex or already one), for FAISS's own functions."""
-    return index._index if isinstance(index, MappedIndex) else index
+    def stream_to(self, handle) -> None:
+        """Write the index this object stands for in FAISS's IndexIDMap2(IndexFlatIP) format, chunk by
+        chunk from the mapped file (the bytes faiss.write_index would give; a test holds them equal)."""
+        n, d = self.ntotal, self.d
+        header = struct.pack("<iqqq?i", d, n, 1 << 20, 1 << 20, True, faiss.METRIC_INNER_PRODUCT)
+        handle.write(b"IxM2" + header + b"IxFI" + header + struct.pack("<Q", n * d))
+        _, matrix = flat_view(self.base)
+        keep = ~np.isin(self.base_ids, self.removed) if len(self.removed) else None
+        for start in range(0, len(self.base_ids), 65536):
+            rows = matrix[start:start + 65536]
+            handle.write((rows if keep is None else rows[keep[start:start + 65536]]).tobytes())
+        if self.delta.ntotal:
+            handle.write(flat_view(self.delta)[1].tobytes())
+        handle.write(struct.pack("<Q", n))
+        handle.write((self.base_ids if keep is None else self.base_ids[keep]).tobytes())
+        handle.write(faiss.vector_to_array(self.delta.id_map).astype(np.int64).tobytes())
 
 
 def write_atomic(index: faiss.Index, path: Path, point: str = "index:before-replace") -> None:
     """Write beside the target, fsync, rename: a reader sees the old file or the new one, never half."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        faiss.write_index(raw(index), str(tmp))
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
+        if isinstance(index, MappedIndex):  # streamed from the mapped file: no copy of every vector
+            with open(tmp, "wb") as handle:
+                index.stream_to(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+        else:
+            faiss.write_index(index, str(tmp))
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
         crash_point(point)
         os.replace(tmp, path)
     except BaseException:

@@ -200,25 +200,62 @@ def test_two_processes_share_a_store(tmp_path, db):
         assert set(found[0]) == set(ids) and np.isclose(sims[0].max(), 1.0, atol=1e-5)
 
 
-def test_the_index_is_mapped_until_the_first_write(tmp_path):
-    """A process that only reads scores from the mapped file (no private copy of every vector); its first
-    write makes a private copy, and what it wrote is in the index and in the next process's."""
-    import index.vectors as vx
-
+def test_the_index_stays_mapped_through_writes(tmp_path):
+    """A process scores from the mapped file (no private copy of every vector), and writes without
+    copying it either: added vectors go to a small delta, removed ids are filtered out; a save streams
+    the next file and maps it; what it wrote is in the next process's index."""
     store = _store(tmp_path)
     store.add_images(_rows(store, 20))
     store.close()
     store = Store.open(tmp_path / "s")
-    assert isinstance(store.index, vx.MappedIndex) and store.index.mapped
+    assert isinstance(store.index, vx.MappedIndex)
     before = store.search(np.ones((1, store.dim), np.float32), np.arange(1, 21))
-    assert len(before[1][0]) == 20 and _agree(store) and store.index.mapped  # reads never copy
+    assert len(before[1][0]) == 20 and _agree(store)
     store.add_images(_rows(store, 5, start=20))
-    assert not store.index.mapped and store.index.ntotal == 25 and _agree(store)
+    assert isinstance(store.index, vx.MappedIndex) and store.index.delta.ntotal == 5
+    assert store.index.ntotal == 25 and _agree(store)
     after = store.search(np.ones((1, store.dim), np.float32), np.arange(1, 21))
     np.testing.assert_allclose(after[0], before[0], rtol=1e-6)
+    store.save_index()  # streamed from the mapping, then mapped: the delta is empty again
+    assert isinstance(store.index, vx.MappedIndex) and store.index.delta.ntotal == 0 and _agree(store)
     store.close()
     with Store.open(tmp_path / "s") as again:
-        assert again.index.ntotal == 25 and again.index.mapped and _agree(again)
+        assert again.index.ntotal == 25 and _agree(again) and again.open_report.digest
+
+
+def test_mapped_index_behaves_as_the_faiss_index_it_stands_for(tmp_path):
+    """Adds, removes, filtered and unfiltered searches, reconstruction and the saved bytes of a mapped
+    index with a delta equal those of the plain FAISS index with the same changes."""
+    rng = np.random.default_rng(5)
+    def unit(n):
+        x = rng.normal(size=(n, DIM)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+    plain = vx.new_index(DIM)
+    plain.add_with_ids(unit(300), np.arange(1, 301))
+    vx.write_atomic(plain, tmp_path / "a.faiss")
+    mapped, problem = vx.read_checked(tmp_path / "a.faiss", DIM, mapped=True)
+    assert problem is None and isinstance(mapped, vx.MappedIndex)
+    extra = unit(40)
+    for index in (plain, mapped):
+        index.add_with_ids(extra, np.arange(301, 341))
+    gone = np.array([3, 50, 301, 333, 999])
+    assert plain.remove_ids(gone) == mapped.remove_ids(gone) == 4
+    assert plain.ntotal == mapped.ntotal == 336
+    np.testing.assert_array_equal(np.sort(vx.index_ids(plain)), np.sort(vx.index_ids(mapped)))
+    queries = unit(6)
+    for k in (1, 10, 400):
+        np.testing.assert_allclose(plain.search(queries, k)[0], mapped.search(queries, k)[0], atol=1e-6)
+    wanted = np.array([1, 3, 7, 50, 200, 301, 302, 333, 340])
+    a, b = vx.search_among(plain, queries, wanted), vx.search_among(mapped, queries, wanted)
+    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_allclose(a[0], b[0], atol=1e-6)
+    np.testing.assert_array_equal(plain.reconstruct_batch(np.array([340, 2, 302])),
+                                  mapped.reconstruct_batch(np.array([340, 2, 302])))
+    with pytest.raises(RuntimeError):
+        mapped.reconstruct_batch(np.array([50]))
+    vx.write_atomic(plain, tmp_path / "plain.faiss")
+    vx.write_atomic(mapped, tmp_path / "streamed.faiss")
+    assert (tmp_path / "plain.faiss").read_bytes() == (tmp_path / "streamed.faiss").read_bytes()
 
 
 def _sql(store: Store, statement: str) -> None:
