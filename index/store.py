@@ -892,7 +892,8 @@ class Store:
         if self.writable:
             self._recount_vector_sets()
             return "the database's id digest (vector_sets) disagreed with its vectors: recomputed"
-        return "the database's id digest (vector_sets) disagrees with its vectors: every open reads all ids until a writable open recomputes it"
+        return ("the database's id digest (vector_sets) disagrees with its vectors: every open reads all ids "
+                "until a writable open recomputes it")
 
     def _merge_from_db(self, index) -> bool:
         """Bring `index` to the database's latest state: drop ids deleted since, add ids committed elsewhere.

@@ -11,9 +11,10 @@ Both check a sample of vectors against their checksums. Measured per mode: secon
 process's private memory (RssAnon: what each serving process costs on its own; file-backed pages of a
 mapped index are shared by every process and reclaimable) after the open and after 200 cached scorings
 (10 candidates each, by id), and ms per scoring; for a writing process (once per mode), the private
-memory after storing 1000 new vectors and after saving the index, and the save's time. Then a linear fit of `after` against the size,
-projected to 100M vectors. Stores are built as scripts/bench_lookup.py builds its own (768-d synthetic
-vectors, the tiny zoo's sources; about 2 minutes and 7.5 GB of disk per million), kept under --stores.
+memory after storing 1000 new vectors and after saving the index, and the save's time. Then a linear
+fit of `after` against the size, projected to 100M vectors. Stores are built as scripts/bench_lookup.py
+builds its own (768-d synthetic vectors, the tiny zoo's sources; about 2 minutes and 7.5 GB of disk per
+million), kept under --stores.
 
     python scripts/bench_open.py [--sizes 10000,100000,1000000] [--repeats 2] [--stores DIR]
 """

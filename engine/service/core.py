@@ -41,6 +41,7 @@ class Service:
         self._lock = threading.Lock()  # guards counters and the unsaved flag
         self._unsaved = False
         self._last_save = time.monotonic()
+        self._save_cost = 0.0  # seconds the last save took (a save rewrites the whole index file)
         self.started = time.time()
         self.counters: Counter[str] = Counter()
         self.closed = False
@@ -158,13 +159,17 @@ class Service:
             with self._lock:
                 self.counters["index_swaps"] += 1
             log.info("index file replaced by another process: swapped in")
-        with self._lock:
-            due = self._unsaved and time.monotonic() - self._last_save >= self.limits.save_seconds
+        with self._lock:  # at most 10% of the time saving: new vectors are in the database already, and
+            # other processes catch an index file that lags up by reading only the newer ids
+            interval = max(self.limits.save_seconds, 10 * self._save_cost)
+            due = self._unsaved and time.monotonic() - self._last_save >= interval
             if due:
                 self._unsaved = False
                 self._last_save = time.monotonic()
         if due:
+            started = time.monotonic()
             self.store.save_index()
+            self._save_cost = time.monotonic() - started
 
     def _mark_unsaved(self) -> None:
         with self._lock:
