@@ -534,9 +534,11 @@ def read_search_checked(path: Path, infos: dict | None, dim: int) -> tuple[faiss
         return None, None, "no infos for it (stale)"
     if infos.get("bytes") is not None and path.stat().st_size != infos["bytes"]:
         return None, None, f"{path.stat().st_size} bytes, its infos say {infos['bytes']} (stale or damaged)"
-    data = path.with_name(str(infos.get("ivfdata", "")))
-    if not infos.get("ivfdata") or not data.is_file():
-        return None, None, f"its inverted lists ({infos.get('ivfdata') or 'no file named'}) are missing"
+    if not infos.get("ivfdata"):
+        return None, None, "built by an older resynth, with its lists inside it (run `resynth rebuild`)"
+    data = path.with_name(str(infos["ivfdata"]))
+    if not data.is_file():
+        return None, None, f"its inverted lists ({data.name}) are missing"
     if infos.get("ivfdata_bytes") is not None and data.stat().st_size != infos["ivfdata_bytes"]:
         return None, None, f"{data.name} has {data.stat().st_size} bytes, its infos say {infos['ivfdata_bytes']}"
     try:

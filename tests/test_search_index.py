@@ -297,3 +297,23 @@ def test_rebuild_killed_while_publishing_never_serves_a_wrong_index(built, tmp_p
     assert len(list(root.glob("search-*.ivfdata"))) == 1 and not list(root.glob(".*.tmp"))
     with Store.open(root, writable=False) as store:
         assert store.search_state["state"] == "ok" and store.search_state["count"] == N + 50
+
+
+def test_missing_or_foreign_lists_file_is_ignored(built, tmp_path):
+    """The lists file search.faiss names deleted, or swapped for another build's: ignored, exact search
+    answers, verify says so; a rebuild serves again."""
+    root = _copy(built, tmp_path)
+    lists = next(root.glob("search-*.ivfdata"))
+    saved = lists.read_bytes()
+    lists.unlink()
+    with Store.open(root, writable=False) as store:
+        assert store.search_state["state"] == "ignored" and "missing" in store.search_state["problem"]
+        assert _recall(store, _clustered(5, seed=53)) == 1.0
+        assert not store.verify(files=False)["ok"]
+    lists.write_bytes(saved[:len(saved) // 2] + bytes(len(saved) - len(saved) // 2))  # same size, zeroed half
+    with Store.open(root, writable=False) as store:
+        assert store.search_state["state"] == "ignored"
+        assert _recall(store, _clustered(5, seed=53)) == 1.0
+    with Store.open(root) as store:
+        store.rebuild(flat_max=FLAT_MAX)
+        assert store.search_state["state"] == "ok"
