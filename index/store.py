@@ -963,8 +963,9 @@ class Store:
             fresh, tomb_seq = self._rebuild_from_db()
             vx.write_atomic(fresh, self.index_path)
             built = self._build_search(fresh, flat_max, memory_budget_bytes, threads, shard_map) if search else None
+            mapped, _ = vx.read_checked(self.index_path, self.dim, mapped=True)  # the private copy goes
             with self._index_lock:
-                self.index = fresh
+                self.index = fresh if mapped is None else mapped
                 self._tomb_seq = tomb_seq
                 self._file_state = _file_state(self.index_path)
                 self._dirty = False
