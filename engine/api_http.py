@@ -35,9 +35,9 @@ _local = threading.local()
 class Deadline:
     """One exchange's end in `time.monotonic()` seconds; `expired` and `received` say how it went."""
 
-    def __init__(self, seconds: float, parent: "Deadline | None" = None):
-        self.seconds = float(seconds)
-        self.at = time.monotonic() + self.seconds
+    def __init__(self, seconds: float, parent: "Deadline | None" = None, shown: float | None = None):
+        self.seconds = float(seconds if shown is None else shown)  # as messages name it
+        self.at = time.monotonic() + float(seconds)
         if parent is not None and parent.at < self.at:  # nested: the tighter end wins
             self.at, self.seconds = parent.at, parent.seconds
         self.expired = False
@@ -64,10 +64,11 @@ def current() -> Deadline | None:
 
 
 @contextmanager
-def deadline(seconds: float) -> Iterator[Deadline]:
-    """Every network operation of this thread inside the block ends by `seconds` from now."""
+def deadline(seconds: float, shown: float | None = None) -> Iterator[Deadline]:
+    """Every network operation of this thread inside the block ends by `seconds` from now (`shown`: the
+    deadline messages name, when `seconds` is what is left of a longer one)."""
     parent = current()
-    state = Deadline(seconds, parent)
+    state = Deadline(seconds, parent, shown)
     _local.deadline = state
     try:
         yield state

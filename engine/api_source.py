@@ -427,7 +427,7 @@ class ApiGenerator:
                                                  f"{' (' + problem + ')' if problem else ''}")
             if submission and not self._limiter.pace(abort):
                 raise _Interrupted()
-            with api_http.deadline(limit) as exchange:
+            with api_http.deadline(limit, shown=self.params.timeout) as exchange:
                 try:
                     with client.stream(method, url, json=json_body, content=content, headers=dict(headers)) as resp:
                         if 200 <= resp.status_code < 300:

@@ -9,6 +9,10 @@ JSON), "empty" (no data), "undecodable" (base64 of garbage), "bad-b64" (not base
 (5000x5000 PNG), "url" (an image URL on this server), "url-private" (an image URL on 10.0.0.1),
 "redirect-private" (a URL here that redirects to 169.254.169.254), "redirect-loop", "401"
 (echoing the key it was given, as real servers do), "content-policy" (400).
+
+`FakeProviderApi` adds stand-ins of the other provider protocols on the same server (Black Forest
+Labs, Replicate, Stability, Google Imagen and Gemini), and `DripServer` is a raw socket server that
+sends its answers' headers or body one byte at a time (for the total deadlines).
 """
 from __future__ import annotations
 
@@ -120,7 +124,8 @@ class FakeImagesApi:
         @app.middleware("http")
         async def record(request: Request, call_next):
             body = await request.body()
-            entry = {"time": time.monotonic(), "end": None, "path": request.url.path,
+            entry = {"time": time.monotonic(), "end": None, "path": request.url.path, "method": request.method,
+                     "query": request.url.query, "raw": body,
                      "headers": dict(request.headers), "authorization": request.headers.get("authorization"),
                      "body": _json_or_none(body), "status": None}
             with self._lock:
@@ -226,3 +231,339 @@ def _json_or_none(body: bytes):
         return json.loads(body) if body else None
     except ValueError:
         return None
+
+
+# -- other provider protocols ------------------------------------------------------------------------
+
+PROVIDER_BEHAVIOURS = {"ok", "429", "500", "401", "malformed", "moderated", "url-private", "poll-private",
+                       "json"}
+
+
+class FakeProviderApi(FakeImagesApi):
+    """Stand-ins of the non-OpenAI provider protocols, on the same loopback server:
+
+    - Black Forest Labs: `POST /v1/{model}` (x-key) -> `{id, polling_url}`; `GET /v1/get_result?id=`
+      answers `Pending` `pending_polls` times, then `Ready` with `result.sample` (a URL here).
+    - Replicate: `POST /v1/models/{owner}/{name}/predictions` or `/v1/predictions` (Bearer) -> a
+      `starting` prediction with `urls.get` (or `succeeded` at once when `replicate_sync`);
+      `GET /v1/predictions/{id}` answers `processing`, then `succeeded` with `output` (a list of URLs).
+    - Stability: multipart `POST /v2beta/stable-image/generate/{route}` (Bearer) -> PNG bytes with a
+      `finish-reason` header (or JSON when asked with `Accept: application/json`).
+    - Google: `POST /v1beta/models/{model}:predict` and `:generateContent` (x-goog-api-key).
+
+    Submissions take the next queued behaviour (`queue`): "429", "500", "401" (echoing the key),
+    "malformed" (not JSON), "moderated" (the service's refusal: BFL `Content Moderated` at the poll,
+    Replicate `failed`, Stability `CONTENT_FILTERED`, Imagen `raiFilteredReason`, Gemini
+    `blockReason`), "url-private" (the image URL on 10.0.0.1), "poll-private" (the polling URL on
+    10.0.0.1). Polls take `poll_queue` behaviours ("429", "500"), else answer normally. Every request
+    is in `log` (method, path, query, headers, body, raw bytes, form for multipart); `form_log` holds
+    the multipart fields received.
+    """
+
+    def __init__(self, *args, pending_polls: int = 1, replicate_sync: bool = False, **kwargs):
+        self.pending_polls = pending_polls
+        self.replicate_sync = replicate_sync
+        self.poll_queue: deque[str] = deque()
+        self.tasks: dict[str, dict] = {}
+        self.form_log: list[dict] = []
+        super().__init__(*args, **kwargs)
+
+    def queue(self, *behaviours: str) -> None:
+        for behaviour in behaviours:
+            assert behaviour in BEHAVIOURS | PROVIDER_BEHAVIOURS, behaviour
+        with self._lock:
+            self._queue.extend(behaviours)
+
+    def submissions(self) -> list[dict]:
+        with self._lock:
+            return [e for e in self.log if e["method"] == "POST"]
+
+    def polls(self) -> list[dict]:
+        with self._lock:
+            return [e for e in self.log if e["method"] == "GET" and not e["path"].startswith("/files/")]
+
+    def downloads(self) -> list[dict]:
+        with self._lock:
+            return [e for e in self.log if e["path"].startswith("/files/")]
+
+    def _refusal(self, given: str | None):
+        shown = (given or "").removeprefix("Bearer ")
+        return JSONResponse({"detail": f"Invalid API key: {shown}"}, 401)
+
+    def _submission(self, request: Request, header: str, expected: str | None):
+        """(behaviour, early response or None) for a submission, after the key check."""
+        given = request.headers.get(header)
+        behaviour = self._next_behaviour()
+        if behaviour == "401" or (self.key is not None and given != expected):
+            return behaviour, self._refusal(given)
+        if behaviour == "429":
+            return behaviour, JSONResponse({"detail": "Too many requests"}, 429,
+                                           headers={"Retry-After": self.retry_after})
+        if behaviour == "500":
+            return behaviour, JSONResponse({"detail": "Internal error"}, 500)
+        if behaviour == "malformed":
+            return behaviour, PlainTextResponse("<html>502 Bad Gateway</html>")
+        return behaviour, None
+
+    def _poll_failure(self):
+        with self._lock:
+            behaviour = self.poll_queue.popleft() if self.poll_queue else "ok"
+        if behaviour == "429":
+            return JSONResponse({"detail": "slow down"}, 429, headers={"Retry-After": "0.2"})
+        if behaviour == "500":
+            return JSONResponse({"detail": "poll failed"}, 500)
+        return None
+
+    async def _image(self, prompt: str, size: tuple[int, int] | None) -> bytes:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        image = await asyncio.to_thread(self._call_make, prompt, size or (24, 24))
+        return png_bytes(image)
+
+    def _task(self, behaviour: str, data: bytes) -> str:
+        task = f"t{next(self._ids)}"
+        url = "http://10.0.0.1/image.png" if behaviour == "url-private" else f"{self.url}/files/{self._store(data)}"
+        with self._lock:
+            self.tasks[task] = {"polls": 0, "behaviour": behaviour, "url": url}
+        return task
+
+    def _advance(self, task: str) -> dict | None:
+        with self._lock:
+            state = self.tasks.get(task)
+            if state is not None:
+                state["polls"] += 1
+            return state
+
+    def _build_app(self) -> FastAPI:
+        app = super()._build_app()
+        bearer = lambda: f"Bearer {self.key}"  # noqa: E731
+
+        # Replicate (registered before BFL's /v1/{model}, which would take /v1/predictions)
+        async def replicate_submit(request: Request):
+            behaviour, early = self._submission(request, "authorization", bearer())
+            if early is not None:
+                return early
+            body = await request.json()
+            inputs = body.get("input") or {}
+            size = (inputs["width"], inputs["height"]) if "width" in inputs else None
+            task = self._task(behaviour, await self._image(str(inputs.get("prompt", "")), size))
+            poll = "http://10.0.0.1/v1/predictions/x" if behaviour == "poll-private" else \
+                f"{self.url}/v1/predictions/{task}"
+            prediction = {"id": task, "status": "starting", "input": inputs,
+                          "urls": {"get": poll, "cancel": f"{poll}/cancel"}}
+            if self.replicate_sync and request.headers.get("prefer", "").startswith("wait") \
+                    and behaviour not in ("moderated", "poll-private"):
+                prediction.update(status="succeeded", output=self.tasks[task]["url"])
+            return JSONResponse(prediction, 201)
+
+        app.post("/v1/predictions")(replicate_submit)
+        app.post("/v1/models/{owner}/{name}/predictions")(replicate_submit)
+
+        @app.get("/v1/predictions/{task}")
+        async def replicate_get(task: str, request: Request):
+            if self.key is not None and request.headers.get("authorization") != bearer():
+                return self._refusal(request.headers.get("authorization"))
+            failure = self._poll_failure()
+            if failure is not None:
+                return failure
+            state = self._advance(task)
+            if state is None:
+                return JSONResponse({"detail": "Not found."}, 404)
+            if state["polls"] <= self.pending_polls:
+                return JSONResponse({"id": task, "status": "processing", "output": None})
+            if state["behaviour"] == "moderated":
+                return JSONResponse({"id": task, "status": "failed", "output": None,
+                                     "error": "NSFW content detected. Try running it again.\nsecond line"})
+            return JSONResponse({"id": task, "status": "succeeded", "output": [state["url"]]})
+
+        # Black Forest Labs
+        @app.get("/v1/get_result")
+        async def bfl_result(id: str, request: Request):
+            if self.key is not None and request.headers.get("x-key") != self.key:
+                return self._refusal(request.headers.get("x-key"))
+            failure = self._poll_failure()
+            if failure is not None:
+                return failure
+            state = self._advance(id)
+            if state is None:
+                return JSONResponse({"id": id, "status": "Task not found"})
+            if state["polls"] <= self.pending_polls:
+                return JSONResponse({"id": id, "status": "Pending", "result": None})
+            if state["behaviour"] == "moderated":
+                return JSONResponse({"id": id, "status": "Content Moderated", "result": None,
+                                     "details": {"Moderation Reasons": ["Derivative Works Filter"]}})
+            return JSONResponse({"id": id, "status": "Ready",
+                                 "result": {"sample": state["url"], "prompt": "...", "seed": 1}})
+
+        @app.post("/v1/{model}")
+        async def bfl_submit(model: str, request: Request):
+            behaviour, early = self._submission(request, "x-key", self.key)
+            if early is not None:
+                return early
+            body = await request.json()
+            size = (body["width"], body["height"]) if "width" in body else None
+            task = self._task(behaviour, await self._image(str(body.get("prompt", "")), size))
+            polling = "http://10.0.0.1/v1/get_result?id=x" if behaviour == "poll-private" else \
+                f"{self.url}/v1/get_result?id={task}"
+            return JSONResponse({"id": task, "polling_url": polling})
+
+        # Stability
+        @app.post("/v2beta/stable-image/generate/{route}")
+        async def stability(route: str, request: Request):
+            behaviour, early = self._submission(request, "authorization", bearer())
+            if early is not None:
+                return early
+            form = {k: v for k, v in (await request.form()).items()}
+            with self._lock:
+                self.form_log.append({"route": route, **form})
+            data = await self._image(str(form.get("prompt", "")), _ratio_size(form.get("aspect_ratio")))
+            finish = "CONTENT_FILTERED" if behaviour == "moderated" else "SUCCESS"
+            if behaviour == "json" or "application/json" in request.headers.get("accept", ""):
+                return JSONResponse({"image": base64.b64encode(data).decode(), "finish_reason": finish, "seed": 3})
+            return Response(data, media_type="image/png", headers={"finish-reason": finish, "seed": "3"})
+
+        # Google
+        @app.post("/v1beta/models/{target}")
+        async def google(target: str, request: Request):
+            behaviour, early = self._submission(request, "x-goog-api-key", self.key)
+            if early is not None:
+                return early
+            model, _, method = target.partition(":")
+            body = await request.json()
+            if method == "predict":
+                prompt = body["instances"][0]["prompt"]
+                if behaviour == "moderated":
+                    return JSONResponse({"predictions": [{"raiFilteredReason": "It may violate our policies."}]})
+                data = await self._image(prompt, _ratio_size(body.get("parameters", {}).get("aspectRatio")))
+                return JSONResponse({"predictions": [{"mimeType": "image/png",
+                                                      "bytesBase64Encoded": base64.b64encode(data).decode()}]})
+            if method == "generateContent":
+                prompt = body["contents"][0]["parts"][0]["text"]
+                if behaviour == "moderated":
+                    return JSONResponse({"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"}})
+                ratio = (body.get("generationConfig", {}).get("imageConfig") or {}).get("aspectRatio")
+                data = await self._image(prompt, _ratio_size(ratio))
+                return JSONResponse({"candidates": [{"content": {"role": "model", "parts": [
+                    {"text": "Here is your image."},
+                    {"inlineData": {"mimeType": "image/png", "data": base64.b64encode(data).decode()}}]},
+                    "finishReason": "STOP"}], "modelVersion": model})
+            return JSONResponse({"error": {"message": f"unknown method {method}"}}, 404)
+
+        return app
+
+
+def _ratio_size(ratio) -> tuple[int, int] | None:
+    """A small image of an aspect ratio 'W:H' (8 pixels per unit)."""
+    try:
+        width, height = str(ratio).split(":")
+        return int(width) * 8, int(height) * 8
+    except ValueError:
+        return None
+
+
+# -- a server that drips -----------------------------------------------------------------------------
+
+class DripServer:
+    """A raw HTTP/1.1 server on 127.0.0.1 (a thread per connection) for the total deadlines.
+
+        with DripServer({"/v1/images/generations": (200, {"content-type": "application/json"}, body)},
+                        drip={"/v1/images/generations": "headers"}, interval=0.05) as server:
+            server.url; server.log
+
+    `routes` maps a path to (status, headers, body) or to a callable(server, method, path, body)
+    returning that. `drip` maps a path to "headers" (the status line and headers go out one byte
+    every `interval` seconds, then the body) or "body" (headers at once with Content-Length, the body
+    one byte at a time); other paths answer at once. Every connection is closed after one answer.
+    `log` lists (method, path, start, end) per request; `end` is when the server stopped sending
+    (the client hung up, or all was sent)."""
+
+    def __init__(self, routes: dict, drip: dict | None = None, interval: float = 0.05, padding: int = 2000):
+        self.routes = routes
+        self.drip = drip or {}
+        self.interval = interval
+        self.padding = padding  # bytes of an extra header, so a dripped answer takes long
+        self.log: list[dict] = []
+        self._closing = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def __enter__(self) -> "DripServer":
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self._sock.settimeout(0.1)
+        self.port = self._sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._closing.set()
+        self._acceptor.join(timeout=5)
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._sock.close()
+
+    def _accept(self) -> None:
+        while not self._closing.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            try:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                head, body = data.split(b"\r\n\r\n", 1)
+                lines = head.decode("latin-1").split("\r\n")
+                method, target, _ = lines[0].split(" ", 2)
+                length = next((int(line.split(":", 1)[1]) for line in lines[1:]
+                               if line.lower().startswith("content-length:")), 0)
+                while len(body) < length:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    body += chunk
+            except (OSError, ValueError):
+                return
+            path = target.split("?", 1)[0]
+            entry = {"method": method, "path": path, "start": time.monotonic(), "end": None}
+            self.log.append(entry)
+            answer = self.routes.get(path, (404, {}, b"not found"))
+            status, headers, payload = answer(self, method, path, body) if callable(answer) else answer
+            head = f"HTTP/1.1 {status} X\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            head += f"content-length: {len(payload)}\r\nconnection: close\r\n"
+            head += f"x-padding: {'p' * self.padding}\r\n\r\n"
+            mode = self.drip.get(path)
+            try:
+                if mode == "headers":
+                    self._drip(conn, head.encode())
+                    conn.sendall(payload)
+                elif mode == "body":
+                    conn.sendall(head.encode())
+                    self._drip(conn, payload)
+                else:
+                    conn.sendall(head.encode() + payload)
+            except OSError:
+                pass
+            entry["end"] = time.monotonic()
+
+    def _drip(self, conn: socket.socket, data: bytes) -> None:
+        for i in range(len(data)):
+            if self._closing.is_set():
+                return
+            conn.sendall(data[i:i + 1])
+            time.sleep(self.interval)
