@@ -9,8 +9,10 @@ import sys
 import traceback
 from pathlib import Path
 
-from engine.errors import UserError, kind_of
+from engine.errors import UserError, kind_of, message_of
+from engine.flags import Parser, add_clip_arguments, add_global_options, check_device, clip_kwargs, common_parent
 from engine.options import add_arguments
+from engine.paths import expand_path, path_argument
 
 EPILOG = "Store: --store DIR, else $RESYNTH_STORE, else ./resynth-store. Models are read from local paths only."
 
@@ -19,14 +21,21 @@ def main(argv: list[str] | None = None) -> int:
     # Weights only ever come from local paths: an accidental hub download must fail at once, not hang.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    Parser.json_errors = "--json" in argv[: argv.index("--") if "--" in argv else len(argv)]
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # the usage of the command the flag was given to, not the top level's
+        getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extras)}")
     if not hasattr(args, "run"):
-        parser.print_help()
+        getattr(args, "_parser", parser).print_help()
         return 2
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="resynth: %(levelname)s: %(name)s: %(message)s")
+    if args.quiet:
+        quiet_libraries()
     try:
+        args.device = check_device(args.device)
         return args.run(args) or 0
     except KeyboardInterrupt:
         print("resynth: interrupted (everything committed so far is kept)", file=sys.stderr)
@@ -40,8 +49,58 @@ def main(argv: list[str] | None = None) -> int:
             raise  # a bug: the traceback is what a report needs
         if args.debug:
             traceback.print_exception(exc)
-        print(f"resynth: error: {one_line(exc)}", file=sys.stderr)
+        message = message_of(exc)
+        if args.json:
+            print(json.dumps({"error": message, "kind": getattr(exc, "code", None) or kind.code,
+                              "exit_code": kind.exit_code}), file=sys.stderr)
+        else:
+            print(f"resynth: error: {message}", file=sys.stderr)
         return kind.exit_code
+
+
+def quiet_libraries() -> None:
+    """--quiet: no progress bar from the model libraries either (diffusers, transformers and
+    huggingface_hub show their own while loading weights). huggingface_hub and transformers read
+    the environment variable when imported; diffusers has only a switch, thrown as soon as its
+    logging module is imported (importing it now would load torch for `stats` too)."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66: any other bar a library opens
+    for name, switch in (("diffusers.utils.logging", "disable_progress_bar"),
+                         ("transformers.utils.logging", "disable_progress_bar"),
+                         ("huggingface_hub.utils", "disable_progress_bars")):
+        after_import(name, lambda module, switch=switch: getattr(module, switch)())
+
+
+def after_import(name: str, call) -> None:
+    """Run `call(module)` once module `name` is imported (now, if it already is)."""
+    import importlib.abc
+    import importlib.util
+
+    if name in sys.modules:
+        call(sys.modules[name])
+        return
+
+    class Hook(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname, path, target=None):
+            if fullname != name:
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(fullname)
+            if spec is None or spec.loader is None:
+                return spec
+            original = spec.loader.exec_module
+
+            def exec_module(module):
+                original(module)
+                try:
+                    call(module)
+                except Exception:  # noqa: BLE001 - a changed library API must not break the command
+                    logging.getLogger("resynth").debug("could not silence %s", name, exc_info=True)
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, Hook())
 
 
 def one_line(exc: BaseException) -> str:
@@ -58,35 +117,26 @@ def _silence_stdout() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--store", help="store directory (default: $RESYNTH_STORE or ./resynth-store)")
-    common.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
-    common.add_argument("--quiet", action="store_true", help="no progress bars")
-    common.add_argument("--debug", action="store_true", help="on an error, also print its chained causes")
-
-    parser = argparse.ArgumentParser(
+    common = common_parent()  # the global options, also accepted after the command
+    parser = Parser(
         prog="resynth", epilog=EPILOG,
         description="Attribute AI-generated images to the text-to-image generator that made them, by "
                     "resynthesis: describe the image, regenerate it with every candidate generator, and "
                     "compare in CLIP space. No training.")
+    add_global_options(parser, top=True)
     sub = parser.add_subparsers(metavar="COMMAND")
 
     p = sub.add_parser("init", parents=[common], help="create a store bound to one CLIP image encoder",
                        description="Create a store bound to one open_clip image encoder, given as an architecture "
                                    "name (e.g. ViT-B-32) or a model config JSON, plus a local checkpoint file.")
-    p.add_argument("--clip-model", metavar="ARCH", help="open_clip architecture name, e.g. ViT-L-14-336")
-    p.add_argument("--clip-config", metavar="JSON", help="open_clip model config for a custom architecture")
-    p.add_argument("--clip-checkpoint", metavar="FILE", required=True, help="checkpoint file, e.g. open_clip_pytorch_model.bin")
-    p.add_argument("--clip-layer", default="middle", metavar="{middle,final,N}",
-                   help="features: the class token of the middle transformer block (default; published work "
-                        "and our measurements found it stronger), the final embedding, or block N (1-based)")
-    p.add_argument("--captioner", metavar="DIR", help="image-to-text model folder (BLIP, GIT, VisionEncoderDecoder) "
+    add_clip_arguments(p)
+    p.add_argument("--captioner", metavar="DIR", type=path_argument, help="image-to-text model folder (BLIP, GIT, VisionEncoderDecoder) "
                                                       "used when a query comes without a prompt")
     p.add_argument("--db", metavar="URL", help="keep metadata and vectors in PostgreSQL (postgresql+psycopg://USER@HOST"
                                               ":PORT/DBNAME; password from $PGPASSWORD) instead of metadata.sqlite")
     p.set_defaults(run=cmd_init)
 
-    p = sub.add_parser("source", help="add, list or remove candidate generators")
+    p = sub.add_parser("source", parents=[common], help="add, list or remove candidate generators")
     source_sub = p.add_subparsers(metavar="ACTION")
     q = source_sub.add_parser(
         "add", parents=[common], help="register a diffusers pipeline folder, or a model behind an images API",
@@ -99,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                "--api-key-env OPENAI_API_KEY --price 0.04 --rate 5",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     q.add_argument("name")
-    q.add_argument("pipeline_dir", nargs="?", help="diffusers pipeline folder (not with --api)")
+    q.add_argument("pipeline_dir", nargs="?", type=path_argument, help="diffusers pipeline folder (not with --api)")
     q.add_argument("--steps", type=int, default=30, help="inference steps (default 30)")
     q.add_argument("--guidance", type=float, default=7.0, help="guidance scale (default 7.0)")
     q.add_argument("--size", help="image size: a square side in pixels for a pipeline (default: the pipeline's); "
@@ -129,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "manifest), source, description, role (original|resynthesis), optional seed "
                                    "and original (the original image a resynthesis was made from). Unknown "
                                    "sources become replay sources. Re-running skips rows already stored.")
-    p.add_argument("manifest")
+    p.add_argument("manifest", type=path_argument)
     p.add_argument("--allow-outside", action="store_true",
                    help="accept image paths that resolve outside the manifest's folder (refused by default)")
     p.set_defaults(run=cmd_ingest)
@@ -137,11 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("attribute", parents=[common], help="attribute images to sources",
                        description="Rank every source for each image. Resyntheses already in the store are "
                                    "reused; missing ones are generated and cached.")
-    p.add_argument("images", nargs="*", metavar="IMAGE")
+    p.add_argument("images", nargs="*", metavar="IMAGE", type=path_argument)
     p.add_argument("--prompt", help="the description of the image(s); default: stored metadata, then the captioner")
-    p.add_argument("--queries", metavar="FILE.jsonl", help="rows of {\"image\": PATH, \"prompt\": TEXT}")
+    p.add_argument("--queries", metavar="FILE.jsonl", type=path_argument, help="rows of {\"image\": PATH, \"prompt\": TEXT}")
     add_arguments(p)
-    p.add_argument("--captioner", metavar="DIR", help="captioner folder for this run (overrides the store's)")
+    p.add_argument("--captioner", metavar="DIR", type=path_argument, help="captioner folder for this run (overrides the store's)")
     p.set_defaults(run=cmd_attribute)
 
     p = sub.add_parser("rebuild", parents=[common], help="recreate the FAISS index from stored vectors",
@@ -166,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", parents=[common], help="run the whole method offline on a tiny model zoo",
                        description="Build tiny random diffusers pipelines and a tiny CLIP, register them, make a "
                                    "dataset, ingest it and attribute held-out images. Offline, a few minutes on CPU.")
-    p.add_argument("--workdir", default="resynth-demo", help="where models, dataset and store go (default ./resynth-demo)")
+    p.add_argument("--workdir", default="resynth-demo", type=path_argument, help="where models, dataset and store go (default ./resynth-demo)")
     p.set_defaults(run=cmd_demo)
     for register in _extension_commands():
         register(sub, common)
@@ -190,15 +240,14 @@ def _emit(args, data, text: str) -> None:
 def _open(args, writable: bool = True, **kwargs):
     import engine
 
-    return engine.open(args.store, writable=writable, progress=not args.quiet, **kwargs)
+    return engine.open(args.store, writable=writable, progress=not args.quiet, device=args.device, **kwargs)
 
 
 def cmd_init(args) -> None:
     import engine
 
-    with engine.init(args.store, clip_checkpoint=args.clip_checkpoint, clip_model=args.clip_model,
-                     clip_config=args.clip_config, clip_layer=args.clip_layer, captioner=args.captioner,
-                     db=args.db) as ws:
+    with engine.init(args.store, **clip_kwargs(args), captioner=args.captioner, db=args.db, device=args.device,
+                     progress=not args.quiet) as ws:
         store = ws.store
         _emit(args, store.config, f"store {store.root} bound to {store.embedder_identity} ({store.dim}-d)")
 
@@ -298,9 +347,12 @@ def _query_specs(args) -> list[tuple[Path, str | None]]:
     specs = [(Path(p), prompt) for p in args.images]
     if args.queries:
         path = Path(args.queries)
+        if path.is_dir():
+            raise UserError(f"--queries {path} is a folder: give a JSONL file with one {{\"image\": PATH, "
+                            "\"prompt\": TEXT} per line")
         if not path.is_file():
             raise UserError(f"queries file not found: {path}")
-        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        for number, line in _text_lines(path):
             if not line.strip():
                 continue
             try:
@@ -309,12 +361,33 @@ def _query_specs(args) -> list[tuple[Path, str | None]]:
                 own = row.get("prompt", row.get("description"))
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise UserError(f"{path}:{number}: expected {{\"image\": PATH, \"prompt\": TEXT}}") from None
-            specs.append((path.parent / str(image), clean_prompt(own) if own is not None else prompt))
+            if not isinstance(image, str) or not image.strip() or not (own is None or isinstance(own, str)):
+                raise UserError(f"{path}:{number}: \"image\" must be a path and \"prompt\" a text")
+            specs.append((path.parent / expand_path(image), clean_prompt(own) if own is not None else prompt))
     if not specs:
         raise UserError("nothing to attribute: give IMAGE paths or --queries FILE.jsonl")
     for image, _ in specs:
         check_header(image)
     return specs
+
+
+def _text_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, text) of a UTF-8 text file (a BOM tolerated); one line naming the file and line
+    where it is not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or type(exc).__name__}") from None
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    lines = []
+    for number, raw in enumerate(data.splitlines(), start=1):
+        try:
+            lines.append((number, raw.decode("utf-8")))
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{path}:{number}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                            f"{exc.start + 1}): save the file as UTF-8", code="not_utf8") from None
+    return lines
 
 
 def cmd_attribute(args) -> None:

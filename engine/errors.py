@@ -3,9 +3,13 @@
 - input mistakes (bad path, image, prompt, option, unknown source): exit 2, HTTP 400/404/413/415
 - a source that cannot load or generate: exit 3, HTTP 502, naming the source
 - store damage: exit 4, HTTP 503, naming the recovery command
+- what the machine refuses (full disk, read-only mount, permission, a lock held elsewhere, I/O error):
+  exit 5, HTTP 503 (507 for a full disk), naming the path and the way out
+- a folder given for a file, a file that is not UTF-8: input mistakes (exit 2, HTTP 400)
 """
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
 from index.errors import StoreDamaged, StoreError, StoreInputError, UnknownName
@@ -74,6 +78,51 @@ class Kind:
     code: str
 
 
+# What the machine refuses, whoever asks: a full disk, a read-only mount, a permission, a lock held by
+# another program, a failing device. Not the input's fault and not a bug: exit 5, HTTP 503 (507 for a
+# full disk), with one line naming the cause and the way out.
+ENVIRONMENT_EXIT = 5
+_FULL, _READ_ONLY, _PERMISSION, _LOCKED, _IO, _FILES = (
+    "storage_full", "read_only", "permission_denied", "store_locked", "io_error", "too_many_open_files")
+_ERRNO = {errno.ENOSPC: _FULL, errno.EDQUOT: _FULL, errno.EFBIG: _FULL, errno.EROFS: _READ_ONLY,
+          errno.EACCES: _PERMISSION, errno.EPERM: _PERMISSION, errno.EIO: _IO, errno.EMFILE: _FILES,
+          errno.ENFILE: _FILES}
+# SQLite's primary result codes (sqlite3 exceptions carry them as `sqlite_errorcode` since Python 3.11)
+_SQLITE = {13: _FULL, 8: _READ_ONLY, 3: _PERMISSION, 23: _PERMISSION, 5: _LOCKED, 6: _LOCKED, 10: _IO}
+# PostgreSQL SQLSTATEs (psycopg exceptions carry them as `sqlstate`)
+_SQLSTATE = {"53100": _FULL, "25006": _READ_ONLY, "42501": _PERMISSION, "55P03": _LOCKED, "40P01": _LOCKED,
+             "58030": _IO}
+_STATUS = {_FULL: 507}
+_ADVICE = {
+    _FULL: "the disk is full: free some space and run the command again (everything committed before is kept)",
+    _READ_ONLY: "the filesystem or database is read-only: commands that only read (stats, source list, verify, "
+                "cached attribute) still work; for this one, make it writable or copy the store elsewhere",
+    _PERMISSION: "permission denied: check the owner and mode of the path (or run as the user who owns the store)",
+    _LOCKED: "another program holds the database's lock: retry when it has finished",
+    _IO: "the device reported an I/O error: check the disk before retrying",
+    _FILES: "too many open files: raise the limit (ulimit -n) or run fewer processes at once",
+}
+
+
+def environment_code(exc: BaseException) -> str | None:
+    """The stable code of what the machine refused, for `exc` or the error that caused it; else None."""
+    seen = 0
+    while exc is not None and seen < 8:
+        code = None
+        if isinstance(exc, OSError) and exc.errno in _ERRNO:
+            code = _ERRNO[exc.errno]
+        elif isinstance(exc, PermissionError):
+            code = _PERMISSION
+        elif isinstance(getattr(exc, "sqlite_errorcode", None), int):
+            code = _SQLITE.get(exc.sqlite_errorcode & 0xFF)
+        elif isinstance(getattr(exc, "sqlstate", None), str):
+            code = _SQLSTATE.get(exc.sqlstate) or ("storage_full" if exc.sqlstate.startswith("53") else None)
+        if code:
+            return code
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
 def kind_of(exc: BaseException) -> Kind | None:
     """How an exception is shown to a user; None for a bug (a traceback is then the right thing)."""
     if isinstance(exc, UserError):
@@ -84,9 +133,71 @@ def kind_of(exc: BaseException) -> Kind | None:
         return Kind(2, 400, "bad_request")
     if isinstance(exc, SourceError):
         return Kind(3, 502, "source_failed")
+    environment = environment_code(exc)
+    if environment is not None and (isinstance(exc, StoreError) or _is_os_level(exc)):
+        return Kind(ENVIRONMENT_EXIT, _STATUS.get(environment, 503), getattr(exc, "code", None) or environment)
     if isinstance(exc, (StoreDamaged, StoreError)):
-        return Kind(4, 503, "store_damaged")
+        return Kind(4, 503, getattr(exc, "code", None) or "store_damaged")
+    if isinstance(exc, IsADirectoryError):
+        return Kind(2, 400, "is_a_directory")
+    if isinstance(exc, NotADirectoryError):
+        return Kind(2, 400, "not_a_directory")
+    if isinstance(exc, FileNotFoundError) and exc.filename is not None:
+        return Kind(2, 404, "not_found")
+    if isinstance(exc, UnicodeDecodeError):
+        return Kind(2, 400, "not_utf8")
     return None
+
+
+def _is_os_level(exc: BaseException) -> bool:
+    """An OSError, or a database driver's error (sqlite3, psycopg), as opposed to a Python bug."""
+    return isinstance(exc, OSError) or hasattr(exc, "sqlite_errorcode") or hasattr(exc, "sqlstate")
+
+
+def message_of(exc: BaseException) -> str:
+    """The one line a user reads: the error's own text for resynth's errors; for what the machine
+    refused, the path and the way out; for a file that is not UTF-8, where."""
+    if isinstance(exc, (UserError, SourceError, StoreError)):
+        text = _one_line(str(exc)) or type(exc).__name__
+        environment = environment_code(exc) if isinstance(exc, StoreError) else None
+        if environment and _ADVICE[environment].split(":")[0] not in text:
+            text = f"{text} ({_ADVICE[environment]})"
+        return _bounded(text)
+    environment = environment_code(exc)
+    if environment is not None:
+        where = _where(exc)
+        return _bounded(f"{where}: {_ADVICE[environment]}" if where else _ADVICE[environment])
+    if isinstance(exc, IsADirectoryError):
+        return _bounded(f"expected a file, got a folder: {exc.filename}")
+    if isinstance(exc, NotADirectoryError):
+        return _bounded(f"expected a folder, got a file: {exc.filename}")
+    if isinstance(exc, FileNotFoundError) and exc.filename is not None:
+        return _bounded(f"not found: {exc.filename}")
+    if isinstance(exc, UnicodeDecodeError):
+        return _bounded(f"text is not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): "
+                        "save the file as UTF-8")
+    return _bounded(_one_line(str(exc)) or type(exc).__name__)
+
+
+def _where(exc: BaseException) -> str:
+    """The file an OS error names (searching its causes), else the operation's own first line."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.filename:
+            target = f" -> {exc.filename2}" if exc.filename2 else ""
+            return f"{exc.strerror or 'error'}: {exc.filename}{target}"
+        if not isinstance(exc, OSError) and str(exc).strip():
+            return _one_line(str(exc))
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return ""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _bounded(text: str, limit: int = 500) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def first_line(exc: BaseException) -> str:

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import numbers
 import os
 from pathlib import Path
 from typing import Union
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from engine.errors import TooLargeError, UnsupportedError, UserError
 
@@ -21,6 +22,15 @@ MAX_BYTES = 64 << 20
 # Formats Pillow reads that generators and browsers actually produce; anything else (PSD, EPS through
 # Ghostscript, ICO, ...) is refused before its plugin parses more than the header.
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+# Longest side over shortest side. CLIP preprocessing scales the *short* side to the model's input
+# side (224 to 336 px) and keeps the ratio, so a few-KB PNG of 60000 x 1 pixels, inside every pixel
+# limit, would become 60000*S x S pixels before the centre crop (measured: +1.1 GB of server memory
+# for one request). Far beyond any generator's output (21:9 is 2.3) and ordinary panoramas (<= 10).
+MAX_ASPECT = 20
+# EXIF orientation -> the transpose a viewer applies (as PIL.ImageOps.exif_transpose maps it)
+_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 
 ImageInput = Union[str, Path, bytes, bytearray, Image.Image]
 
@@ -55,7 +65,8 @@ def _read_file(path: Path, max_bytes: int) -> bytes:
     except OSError as exc:
         raise UserError(f"cannot read image {path}: {exc.strerror or type(exc).__name__}") from None
     if path.is_dir():
-        raise UserError(f"expected an image file, got a folder: {path}")
+        raise UserError(f"{path} is a folder, not an image file: give the image files in it (e.g. {path}/*.png)",
+                        code="is_a_directory")
     if size > max_bytes:  # checked before reading a byte
         raise TooLargeError(f"{path}: {size} bytes, the limit is {max_bytes}", code="image_too_large")
     try:
@@ -66,8 +77,42 @@ def _read_file(path: Path, max_bytes: int) -> bytes:
 
 
 def _check_pixels(width: int, height: int, max_pixels: int, label: str) -> None:
+    """Pixel count and geometry, from the header: what decoding and preprocessing will allocate."""
     if width * height > max_pixels:
         raise TooLargeError(f"{label}: {width}x{height} pixels, the limit is {max_pixels}", code="image_too_large")
+    check_aspect(width, height, label)
+
+
+def check_aspect(width: int, height: int, label: str) -> None:
+    """Refuse a long thin image: preprocessing would scale its short side up, and its long side with it."""
+    if width <= 0 or height <= 0:
+        raise UserError(f"cannot decode image {label}: {width}x{height} pixels", code="undecodable_image")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise TooLargeError(f"{label}: {width}x{height} pixels, a side ratio of {max(width, height) / min(width, height):.0f}:1; "
+                            f"the limit is {MAX_ASPECT}:1 (crop it to the part to attribute)", code="extreme_aspect_ratio")
+
+
+def orientation(opened: Image.Image) -> Image.Transpose | None:
+    """The transpose the image's EXIF orientation asks for; None when there is none, or when the EXIF
+    block or the tag is malformed (a viewer ignores it too, and so do we, rather than refuse the image)."""
+    try:
+        value = opened.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - any damage in the metadata: the pixels are still the image
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # IFDRational is a Real, not a float
+        return None
+    try:
+        whole = int(value)
+    except (ValueError, OverflowError, ZeroDivisionError):  # nan, inf, x/0
+        return None
+    return _ORIENTATION.get(whole) if whole == value else None
+
+
+def upright(opened: Image.Image) -> Image.Image:
+    """The image as a viewer shows it (EXIF orientation applied), without rewriting its metadata: unlike
+    ImageOps.exif_transpose, which re-serialises the EXIF block and fails on a tag of the wrong type."""
+    method = orientation(opened)
+    return opened.transpose(method) if method is not None else opened
 
 
 def decode(data: bytes, label: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -77,15 +122,18 @@ def decode(data: bytes, label: str, max_pixels: int = MAX_PIXELS) -> Image.Image
                 raise UnsupportedError(f"{label}: {opened.format} images are not accepted "
                                        f"(accepted: {', '.join(FORMATS)})", code="unsupported_image")
             _check_pixels(opened.width, opened.height, max_pixels, label)  # header only: nothing decoded yet
-            return ImageOps.exif_transpose(opened).convert("RGB")
+            return upright(opened).convert("RGB")
     except UserError:
+        raise
+    except MemoryError:
         raise
     except Image.DecompressionBombError:  # Pillow's own hard stop
         raise TooLargeError(f"{label}: too many pixels (the limit is {max_pixels})", code="image_too_large") from None
     except UnidentifiedImageError:  # its own text names a BytesIO object: useless to a user
         raise UserError(f"cannot decode image {label}: not a {', '.join(FORMATS)} image",
                         code="undecodable_image") from None
-    except (OSError, SyntaxError, ValueError, EOFError, TypeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a decoder fails on the file's bytes in many ways (OSError,
+        # struct.error, IndexError, ...): each is the file's fault, said in one line, never a traceback
         reason = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot decode image {label}: {reason}", code="undecodable_image") from None
 
@@ -93,6 +141,9 @@ def decode(data: bytes, label: str, max_pixels: int = MAX_PIXELS) -> Image.Image
 def check_header(path: Path, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS) -> None:
     """Cheap early check (no pixel decoded): the file exists, is an accepted format and within limits."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not an image file: give the image files in it (e.g. {path}/*.png) "
+                        "or a --queries file", code="is_a_directory")
     if not path.is_file():
         raise UserError(f"image not found: {path}", code="not_found")
     if path.stat().st_size > max_bytes:
@@ -106,8 +157,10 @@ def check_header(path: Path, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_P
         raise
     except Image.DecompressionBombError:
         raise TooLargeError(f"{path}: too many pixels (the limit is {max_pixels})", code="image_too_large") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        reason = "not an image" if isinstance(exc, UnidentifiedImageError) else (str(exc).splitlines() or ["?"])[0]
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - as in decode: the file's fault, in one line
+        reason = "not an image" if isinstance(exc, UnidentifiedImageError) else (str(exc).splitlines() or [type(exc).__name__])[0]
         raise UserError(f"cannot decode image {path}: {reason}", code="undecodable_image") from None
 
 

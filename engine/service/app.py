@@ -18,7 +18,7 @@ from starlette.requests import ClientDisconnect
 
 from engine.attribute import Query
 from engine.errors import SourceError, TooLargeError, UserError, kind_of
-from engine.images import FORMATS
+from engine.images import FORMATS, check_aspect
 from engine.options import Options, schema
 from engine.service.config import Access, Limits
 from engine.service.core import Service
@@ -212,6 +212,7 @@ def _charge(sizes: list[tuple[int, int] | None], labels: list[str], limits: Limi
         if width * height > limits.max_pixels:
             raise TooLargeError(f"{label}: {width}x{height} pixels, the limit is {limits.max_pixels}",
                                 code="image_too_large")
+        check_aspect(width, height, label)  # what preprocessing would scale up: refused before decoding
         total += width * height
     if total > limits.max_request_pixels:
         raise TooLargeError(f"{len(sizes)} images of {total} pixels in all: the limit per request is "
