@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import ssl
 import threading
 import time
 from contextlib import contextmanager
@@ -202,19 +203,20 @@ class DeadlineTransport(httpx.HTTPTransport):
     """httpx's own transport over `_Backend` (no proxies from the environment, verified TLS)."""
 
     def __init__(self, limits: httpx.Limits = httpx.Limits(max_connections=100, max_keepalive_connections=20,
-                                                            keepalive_expiry=5.0)):
+                                                            keepalive_expiry=5.0), verify: ssl.SSLContext | None = None):
         super().__init__(trust_env=False, limits=limits)
         # httpx builds its pool in __init__ without a way to pass a network backend: rebuild it with ours
         self._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=False),
+            ssl_context=verify if verify is not None else httpx.create_ssl_context(trust_env=False),
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
             network_backend=_Backend())
 
 
-def client(timeout: float) -> httpx.Client:
+def client(timeout: float, verify: ssl.SSLContext | None = None) -> httpx.Client:
     """A client for API sources: no redirects followed, no environment proxies, per-operation
-    `timeout`, and every operation capped by the calling thread's `deadline(...)`."""
-    return httpx.Client(transport=DeadlineTransport(), follow_redirects=False, timeout=httpx.Timeout(timeout),
-                        trust_env=False)
+    `timeout`, and every operation capped by the calling thread's `deadline(...)` (`verify`: the TLS
+    context, certifi's roots by default)."""
+    return httpx.Client(transport=DeadlineTransport(verify=verify), follow_redirects=False,
+                        timeout=httpx.Timeout(timeout), trust_env=False)

@@ -524,7 +524,7 @@ class ApiGenerator:
         if not isinstance(url, str):
             raise SourceError(self.name, f"malformed answer: the {what} is not a string")
         try:
-            self._check_host(url)
+            self._check_host(url, what)
         except ValueError:  # a port out of range, an unparsable netloc
             raise SourceError(self.name, f"malformed answer: the {what} is not a URL") from None
 
@@ -546,11 +546,11 @@ class ApiGenerator:
         labels = self._host.split(".")
         return len(labels) >= 3 and host.endswith("." + ".".join(labels[1:]))
 
-    def _check_host(self, url: str) -> None:
+    def _check_host(self, url: str, what: str = "image URL") -> None:
         parts = urlsplit(url)
         host = (parts.hostname or "").lower()
         if parts.scheme.lower() not in ("http", "https") or not host:
-            raise SourceError(self.name, f"refused image URL scheme {parts.scheme!r}")
+            raise SourceError(self.name, f"refused {what} scheme {parts.scheme!r}")
         if host == self._host:
             return  # the API's own host serves its own files, wherever it lives
         exchange = api_http.current()
@@ -558,14 +558,14 @@ class ApiGenerator:
         try:
             infos = api_http.resolve(host, parts.port or 443, wait_for)
         except (OSError, UnicodeError):
-            raise SourceError(self.name, f"cannot resolve image host {host!r}") from None
+            raise SourceError(self.name, f"cannot resolve the {what}'s host {host!r}") from None
         for info in infos:
             address = ipaddress.ip_address(info[4][0].split("%")[0])
             if address.version == 6 and address.ipv4_mapped:
                 address = address.ipv4_mapped
             if (not address.is_global or address.is_private or address.is_loopback or address.is_link_local
                     or address.is_multicast or address.is_reserved or address.is_unspecified):
-                raise SourceError(self.name, f"refused image URL on a non-public address ({host} -> {address})")
+                raise SourceError(self.name, f"refused {what} on a non-public address ({host} -> {address})")
 
     def _decode(self, data: bytes) -> Image.Image:
         try:

@@ -477,7 +477,9 @@ class DripServer:
     `log` lists (method, path, start, end) per request; `end` is when the server stopped sending
     (the client hung up, or all was sent)."""
 
-    def __init__(self, routes: dict, drip: dict | None = None, interval: float = 0.05, padding: int = 2000):
+    def __init__(self, routes: dict, drip: dict | None = None, interval: float = 0.05, padding: int = 2000,
+                 tls=None):
+        self.tls = tls  # an ssl.SSLContext for the server side: https
         self.routes = routes
         self.drip = drip or {}
         self.interval = interval
@@ -493,7 +495,7 @@ class DripServer:
         self._sock.listen(16)
         self._sock.settimeout(0.1)
         self.port = self._sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
         self._acceptor = threading.Thread(target=self._accept, daemon=True)
         self._acceptor.start()
         return self
@@ -518,6 +520,13 @@ class DripServer:
             thread.start()
 
     def _serve(self, conn: socket.socket) -> None:
+        if self.tls is not None:
+            try:
+                conn.settimeout(5)
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            except OSError:
+                conn.close()
+                return
         with conn:
             conn.settimeout(5)
             try:

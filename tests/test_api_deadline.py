@@ -157,3 +157,42 @@ def test_ctrl_c_stops_a_polling_job_at_once(monkeypatch):
         with api_http.client(30) as client, pytest.raises(api_source._Interrupted):
             gen._one(client, None, "p", 0, abort)
         assert time.monotonic() - start < 0.4 + MARGIN
+
+
+@pytest.fixture(scope="module")
+def tls_pair(tmp_path_factory):
+    """A self-signed certificate for `localhost` (openssl), as server and client TLS contexts."""
+    import shutil
+    import ssl
+    import subprocess
+
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    client = ssl.create_default_context(cafile=str(cert))
+    return server, client
+
+
+def test_the_deadline_holds_over_tls_with_the_name_verified(tls_pair):
+    """Names are resolved by the backend itself: TLS must still verify the host name, not the address."""
+    server_tls, client_tls = tls_pair
+    path = "/x"
+    with DripServer({path: (200, JSON, b'{"ok": 1}')}, tls=server_tls, drip={"/drip": "headers"}) as server, \
+            api_http.client(30, verify=client_tls) as client:
+        server.routes["/drip"] = (200, JSON, b"{}")
+        base = f"https://localhost:{server.port}"
+        with api_http.deadline(5):
+            assert client.get(base + path).json() == {"ok": 1}
+        with pytest.raises(httpx.ConnectError, match="certificate|hostname|match"):  # the name is checked
+            with api_http.deadline(5):
+                client.get(f"https://127.0.0.1:{server.port}{path}")
+        start = time.monotonic()
+        with api_http.deadline(DEADLINE), pytest.raises(httpx.ReadTimeout, match="deadline"):
+            client.get(base + "/drip")
+        assert time.monotonic() - start < DEADLINE + MARGIN

@@ -4,15 +4,16 @@ body shape), the images returned, retries on 429/5xx at submission and polling, 
 refusals as one line, hostile answers refused, budgets, and the key never echoed."""
 from __future__ import annotations
 
+import base64
 import logging
 
 import numpy as np
 import pytest
 
-from engine import api_source, providers
+from engine import api_http, api_source, providers
 from engine.api_source import ApiGenerator, ApiParams, Budget, PartialResult
 from engine.errors import SourceError, UserError
-from tests.fake_images_api import FakeProviderApi, default_make
+from tests.fake_images_api import FakeProviderApi, default_make, png_bytes
 
 KEY = "sk-proto-5a4b3c2d1e0f99887766"
 ENV = "RESYNTH_TEST_PROTO_KEY"
@@ -189,7 +190,7 @@ def test_malformed_answers_are_refused(api, protocol):
 @pytest.mark.parametrize("protocol", ASYNC)
 @pytest.mark.parametrize("behaviour, message", [
     ("url-private", r"refused image URL on a non-public address \(10\.0\.0\.1"),
-    ("poll-private", r"refused image URL on a non-public address \(10\.0\.0\.1"),
+    ("poll-private", r"refused status URL on a non-public address \(10\.0\.0\.1"),
 ])
 def test_urls_into_private_networks_are_refused(api, protocol, behaviour, message):
     api.queue(behaviour)
@@ -290,3 +291,14 @@ def test_cache_keys_of_stored_openai_sources_are_unchanged_and_protocols_have_th
     assert len(hashes) == 4
     bfl = ApiParams("https://api.bfl.ai", "flux-dev", protocol="bfl")
     assert ApiParams.from_json(bfl.to_json()) == bfl
+
+
+def test_data_uris_and_hostile_output_urls(api):
+    gen = generator(api, "replicate")
+    data = png_bytes(default_make("inline", 0, (4, 4)))
+    with api_http.client(5) as client:
+        assert gen._fetch_any(client, "data:image/png;base64," + base64.b64encode(data).decode()) == data
+        for bad, message in ((42, "not a string"), ("data:image/png;base64,!!!", "not base64"),
+                             ("file:///etc/passwd", "scheme 'file'"), ("gopher://x.org/", "scheme 'gopher'")):
+            with pytest.raises(SourceError, match=message):
+                gen._fetch_any(client, bad)
