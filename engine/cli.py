@@ -12,7 +12,7 @@ from pathlib import Path
 from engine.errors import UserError, kind_of, message_of
 from engine.flags import Parser, add_clip_arguments, add_global_options, check_device, clip_kwargs, common_parent
 from engine.options import add_arguments
-from engine.paths import expand_path, path_argument
+from engine.paths import expand_optional, expand_path, path_argument
 
 EPILOG = "Store: --store DIR, else $RESYNTH_STORE, else ./resynth-store. Models are read from local paths only."
 
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="resynth: %(levelname)s: %(name)s: %(message)s")
     if args.quiet:
         quiet_libraries()
+    # $RESYNTH_STORE="~/stores/x" means what a shell would make of it, for every command
+    args.store = args.store or expand_optional(os.environ.get("RESYNTH_STORE")) or None
     try:
         args.device = check_device(args.device)
         return args.run(args) or 0
@@ -215,8 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_verify)
     p = sub.add_parser("demo", parents=[common], help="run the whole method offline on a tiny model zoo",
                        description="Build tiny random diffusers pipelines and a tiny CLIP, register them, make a "
-                                   "dataset, ingest it and attribute held-out images. Offline, a few minutes on CPU.")
-    p.add_argument("--workdir", default="resynth-demo", type=path_argument, help="where models, dataset and store go (default ./resynth-demo)")
+                                   "dataset, ingest it and attribute held-out images, then print the recipes it "
+                                   "used, where its models are, the commands that reuse them and what to run "
+                                   "next. Offline, on CPU: DEMO_TIME (it ends with the time of each step).")
+    p.add_argument("--workdir", "--out", default="resynth-demo", type=path_argument, metavar="DIR",
+                   help="where models, dataset and store go (default ./resynth-demo)")
     p.set_defaults(run=cmd_demo)
     for register in _extension_commands():
         register(sub, common)
@@ -319,8 +324,9 @@ def _rate(text: str | None) -> float | None:
 def cmd_source_list(args) -> None:
     with _open(args, writable=False) as ws:
         rows = ws.list_sources()
-    text = "\n".join(f"{r['name']:24} {r['kind']:9} {r['path'] or ''}" for r in rows) or "no sources"
-    _emit(args, rows, text)
+    from engine.recipes import table
+
+    _emit(args, rows, table(rows))
 
 
 def cmd_source_remove(args) -> None:
@@ -390,6 +396,34 @@ def _text_lines(path: Path) -> list[tuple[int, str]]:
     return lines
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def verdict_line(r) -> str:
+    """The verdict with its evidence: the score against the threshold that decided it, and on how many
+    references, so that "unknown source" beside a high probability explains itself."""
+    ev = r.evidence or {}
+    if r.verdict == "none" or r.predicted is None:
+        return "no source could be scored"
+    refs = plural(ev["references"], "reference") if "references" in ev else None
+    if "open_set_score" in ev:  # decided by the feature-based open-set score, not the best similarity
+        sign = "<" if r.verdict == "unknown" else ">="
+        test = f"{ev['open_set_score']} {ev['value']:.2f} {sign} threshold {ev['threshold']:.2f}"
+    elif "threshold" in ev:
+        sign = "<" if r.verdict == "unknown" else ">="
+        test = f"score {ev['score']:.2f} {sign} threshold {ev['threshold']:.2f}"
+    else:
+        test = f"score {ev['score']:.2f}" if "score" in ev else None
+    evidence = ", ".join(part for part in (test, refs) if part)
+    if r.verdict == "unknown":
+        return f"unknown source (closest: {r.predicted}, {evidence})"
+    if r.verdict == "known":
+        return f"{r.predicted} (known source: {evidence})"
+    why = ev.get("why", "no acceptance threshold")
+    return f"{r.predicted} (uncalibrated: {why}; {evidence})"
+
+
 def cmd_attribute(args) -> None:
     from engine.options import from_args
 
@@ -401,9 +435,9 @@ def cmd_attribute(args) -> None:
     lines = []
     for r in report.results:
         margin = f", margin {r.margin:.4f}" if r.margin is not None else ""
-        lines.append(f"{r.query}: {r.verdict_text}{margin}  "
+        lines.append(f"{r.query}: {verdict_line(r)}{margin}  "
                      f"[description from {r.description_from}: {r.description!r}]")
-        lines += [f"  {s.source:24} {s.score:.4f}  p={s.probability:.3f}  ({s.resyntheses} references)"
+        lines += [f"  {s.source:24} {s.score:.4f}  p={s.probability:.3f}  ({plural(s.resyntheses, 'reference')})"
                   for s in r.scores]
         unscored = [m for m in r.missing if m not in r.failed]
         if unscored:

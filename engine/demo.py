@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import time
 from collections import Counter
@@ -50,6 +51,35 @@ def _accuracy_table(rows: list[tuple[str, str | None]]) -> tuple[str, dict]:
     return "\n".join(lines), {"overall": overall, "per_source": per_source, "chance": 1 / len(totals)}
 
 
+def reuse_lines(models: dict, sources: list[dict], store_dir: Path, queries: list[dict],
+                manifest: Path | None = None) -> list[str]:
+    """Where the demo left its models, the recipe of each source, the commands that reuse them with the
+    same recipe, and what to run next. A pipeline added with another recipe (the default 30 steps,
+    say) makes other images than these queries were made with, and its answers are wrong."""
+    from engine.recipes import add_command, recipe
+
+    q = shlex.quote
+    clip = f"--clip-config {q(str(models['clip_config']))} --clip-checkpoint {q(str(models['clip_checkpoint']))}"
+    example = next((x for x in queries if not x["known"]), queries[0])
+    lines = [f"models (kept in {q(str(Path(models['captioner']).parent))}):",
+             f"  CLIP image encoder: {clip}",
+             f"  captioner:          {models['captioner']}"]
+    width = max(len(s["name"]) for s in sources)
+    lines += [f"  {s['name']:{width}}  {s['path']}  (recipe: {recipe(s['kind'], s['params'], s['path'])})"
+              for s in sources]
+    lines += ["", "reuse them with the same recipes (the recipe is part of a source: the demo's images were made "
+                  "with these settings):",
+              f"  resynth init --store my-store {clip} --captioner {q(str(models['captioner']))}"]
+    lines += [f"  {add_command(s['name'], s['path'], s['params'], 'my-store')}" for s in sources if s["path"]]
+    lines += ["", "next:",
+              f"  resynth source list --store {q(str(store_dir))}            # the sources and their recipes",
+              f"  resynth attribute {q(example['image'])} --prompt {q(example['prompt'])} --store {q(str(store_dir))}",
+              f"  resynth calibrate {q(str(manifest)) + ' ' if manifest else ''}--store {q(str(store_dir))}"
+              "   # then attribute says known / unknown source",
+              f"  resynth serve --store {q(str(store_dir))}                  # web page and HTTP API"]
+    return lines
+
+
 def run_demo(workdir: Path, progress: bool = True) -> dict:
     """Every step through the library API a user has (engine.init / Workspace), with its defaults."""
     import engine
@@ -92,6 +122,7 @@ def run_demo(workdir: Path, progress: bool = True) -> dict:
         uncaptioned = [q for q in queries if not q["known"]][:: len(DESCRIPTIONS) - KNOWN]
         captioned = ws.attribute([q["image"] for q in uncaptioned]).results
         stats = ws.stats()
+        sources = ws.list_sources()  # the recipes as stored, not as this file meant them
     labels = [(q["source"], r.predicted) for q, r in zip(queries, results)]
     assert [r.predicted for r in repeat] == [r.predicted for r in results], "cached answers must not change"
     table, accuracy = _accuracy_table(labels)
@@ -105,9 +136,14 @@ def run_demo(workdir: Path, progress: bool = True) -> dict:
              f"first pass: {first['cached']} resyntheses cached, {first['generated']} generated; "
              f"repeat: {second['cached']} cached, {second['generated']} generated",
              "stage seconds (first pass): " + ", ".join(f"{k} {v:.2f}" for k, v in first["stage_seconds"].items()),
-             "timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()),
-             f"store: {stats['vectors']} vectors in {store_dir}"]
-    report.update({"table": "\n".join(lines), "accuracy": accuracy, "accuracy_known": known_acc,
+             "timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
+             + f" (total {sum(timings.values()):.0f}s)",
+             f"store: {stats['vectors']} vectors in {store_dir}", "",
+             *reuse_lines(models, sources, store_dir, queries, manifest.parent / "manifest.jsonl")]
+    report.update({"models": {"clip_config": str(models["clip_config"]), "clip_checkpoint": str(models["clip_checkpoint"]),
+                              "captioner": str(models["captioner"]),
+                              "pipelines": {k: str(v) for k, v in models["pipelines"].items()}},
+                   "sources": sources, "table": "\n".join(lines), "accuracy": accuracy, "accuracy_known": known_acc,
                    "accuracy_new": new_acc, "accuracy_captioned": caption_acc, "first_pass": first,
                    "repeat": second, "timings": timings, "store": stats,
                    "results": [r.to_dict() for r in results]})

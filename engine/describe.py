@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from engine.errors import UserError, first_line
+from engine.paths import expand_path
 from index.keys import normalise_description
 
 # transformers model_type -> class that generates text from pixels
@@ -37,7 +38,7 @@ class Captioner:
     def __init__(self, folder: Path, device: str | None = None, max_new_tokens: int = 40):
         from engine.embed import default_device
 
-        self.folder = Path(folder)
+        self.folder = expand_path(folder)
         self.device = device or default_device()
         self.max_new_tokens = max_new_tokens
         config_file = self.folder / "config.json"

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from engine.errors import UserError, first_line
+from engine.paths import expand_path
 from index.keys import sha256_file
 
 
@@ -78,12 +79,18 @@ class Embedder:
                  batch_size: int = 32):
         import open_clip
 
-        checkpoint = Path(spec.checkpoint)
+        checkpoint = expand_path(spec.checkpoint)
+        if checkpoint.is_dir():
+            raise UserError(f"--clip-checkpoint {checkpoint} is a folder: give the checkpoint file in it "
+                            "(e.g. open_clip_pytorch_model.bin)")
         if not checkpoint.is_file():
             raise UserError(f"CLIP checkpoint not found: {checkpoint}")
+        if not _checkpoint_format(checkpoint):
+            raise UserError(f"cannot load CLIP checkpoint {checkpoint}: not a readable checkpoint (expected a "
+                            "PyTorch state dict or safetensors file)")
         arch = spec.arch
         if spec.config:
-            config = Path(spec.config)
+            config = expand_path(spec.config)
             if not config.is_file():
                 raise UserError(f"CLIP model config not found: {config}")
             try:
@@ -98,7 +105,15 @@ class Embedder:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 arch, pretrained=str(checkpoint), device=device, require_pretrained=True)
         except Exception as exc:
-            raise UserError(f"cannot load CLIP checkpoint {checkpoint} as {arch}: {_load_reason(exc)}") from exc
+            if _unreadable(exc):
+                raise UserError(f"cannot load CLIP checkpoint {checkpoint} as {arch}: {_load_reason(exc)}") from exc
+            # The file reads, but its tensors are not this architecture's (open_clip says so with a
+            # state-dict error or a bare assertion, e.g. "text pos_embed width changed!").
+            how = ("pass the config it was trained with as --clip-config FILE" if spec.config else
+                   "pass the architecture it was trained with as --clip-model ARCH, or for an architecture "
+                   "open_clip does not list its open_clip config JSON as --clip-config FILE")
+            raise UserError(f"CLIP checkpoint {checkpoint} does not match the architecture {arch} ({_short(exc)}): "
+                            f"{how}", code="clip_mismatch") from exc
         stat = checkpoint.stat()
         sha256 = checkpoint_hash(checkpoint, known_hash)
         self.hash_record = {"sha256": sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
@@ -368,6 +383,30 @@ class DeviceTransform:
             std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
             self._constants[device] = ((1.0 / (255.0 * std)).to(device), (mean / std).to(device))
         return self._constants[device]
+
+
+def _checkpoint_format(path: Path) -> bool:
+    """The file starts as a PyTorch zip, a pickle or a safetensors file does (nothing else loads)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+    except OSError as exc:
+        raise UserError(f"cannot read CLIP checkpoint {path}: {exc.strerror or type(exc).__name__}") from None
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or (len(head) == 9 and head[8:9] == b"{")
+
+
+def _unreadable(exc: BaseException) -> bool:
+    """The checkpoint file itself cannot be read (not a state dict), as opposed to one of another model."""
+    text = str(exc)
+    return (isinstance(exc, (OSError, EOFError)) or "weights_only" in text or "unpickl" in text.lower()
+            or "safetensors" in type(exc).__module__ or "invalid load key" in text or "zip archive" in text)
+
+
+def _short(exc: BaseException, limit: int = 120) -> str:
+    text = first_line(exc).rstrip(":! ")
+    if "state_dict" in text:
+        text = "its tensors have other shapes or names"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _load_reason(exc: BaseException) -> str:

@@ -154,9 +154,10 @@ def _is_os_level(exc: BaseException) -> bool:
     return isinstance(exc, OSError) or hasattr(exc, "sqlite_errorcode") or hasattr(exc, "sqlstate")
 
 
-def message_of(exc: BaseException) -> str:
+def message_of(exc: BaseException, paths: bool = True) -> str:
     """The one line a user reads: the error's own text for resynth's errors; for what the machine
-    refused, the path and the way out; for a file that is not UTF-8, where."""
+    refused, the path and the way out; for a file that is not UTF-8, where. `paths=False` (HTTP
+    answers) leaves out the paths an OS error names: a client is not told the server's file layout."""
     if isinstance(exc, (UserError, SourceError, StoreError)):
         text = _one_line(str(exc)) or type(exc).__name__
         environment = environment_code(exc) if isinstance(exc, StoreError) else None
@@ -165,14 +166,15 @@ def message_of(exc: BaseException) -> str:
         return _bounded(text)
     environment = environment_code(exc)
     if environment is not None:
-        where = _where(exc)
+        where = _where(exc) if paths else ""
         return _bounded(f"{where}: {_ADVICE[environment]}" if where else _ADVICE[environment])
+    name = exc.filename if paths and isinstance(exc, OSError) else "(path withheld)"
     if isinstance(exc, IsADirectoryError):
-        return _bounded(f"expected a file, got a folder: {exc.filename}")
+        return _bounded(f"expected a file, got a folder: {name}")
     if isinstance(exc, NotADirectoryError):
-        return _bounded(f"expected a folder, got a file: {exc.filename}")
+        return _bounded(f"expected a folder, got a file: {name}")
     if isinstance(exc, FileNotFoundError) and exc.filename is not None:
-        return _bounded(f"not found: {exc.filename}")
+        return _bounded(f"not found: {name}")
     if isinstance(exc, UnicodeDecodeError):
         return _bounded(f"text is not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): "
                         "save the file as UTF-8")

@@ -17,14 +17,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from engine.attribute import Query
-from engine.errors import SourceError, TooLargeError, UserError, kind_of
+from engine.errors import SourceError, TooLargeError, UserError, kind_of, message_of
 from engine.images import FORMATS, check_aspect
 from engine.options import Options, schema
 from engine.service.config import Access, Limits
 from engine.service.core import Service
 from engine.service.errors import ServiceError, body, one_line
 from engine.service.generation import QueueFull
-from engine.service.guard import Guard, PixelBudget
+from engine.service.guard import PUBLIC_PATHS, Guard, PixelBudget
 from index.errors import StoreError
 from index.keys import normalise_description
 
@@ -34,7 +34,7 @@ OPTION_FIELDS = tuple(schema())  # the HTTP form fields are the options, declare
 # The bases of every error engine.errors.kind_of maps. They get their own handlers, which answer
 # inside the app like ServiceError's; the catch-all Exception handler answers too but starlette then
 # re-raises to the server, which logs a traceback: right for a bug, noise for a user's mistake.
-MAPPED_ERRORS = (UserError, SourceError, StoreError)
+MAPPED_ERRORS = (UserError, SourceError, StoreError, OSError, UnicodeError)
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
               413: "body_too_large", 415: "unsupported_media_type"}
 
@@ -82,6 +82,7 @@ def create_app(service: Service, token: str | None = None, access: Access | None
     app = FastAPI(title="resynth", version="0.1.0", lifespan=lifespan,
                   description="Training-free attribution of AI-generated images to their generator, by "
                               "resynthesis. Errors are JSON: {\"error\": {\"code\", \"message\"}}.")
+    _document_security(app, access.token is not None)
     app.state.service = service
     app.state.admission = admission = Admission(service.limits)
     app.add_middleware(Guard, access=access, limits=service.limits)
@@ -227,6 +228,29 @@ def _label(filename: str | None, index: int) -> str:
     return name or f"image-{index + 1}"
 
 
+def _document_security(app: FastAPI, token: bool) -> None:
+    """With a token, the OpenAPI schema declares bearer authentication (the /docs page then has an
+    "Authorize" button that sends it); health routes are marked as needing none."""
+    if not token:
+        return
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer",
+                           "description": "the server's token (--token or $RESYNTH_TOKEN)"}}
+            schema["security"] = [{"bearer": []}]
+            for path in PUBLIC_PATHS:
+                for operation in schema.get("paths", {}).get(path, {}).values():
+                    operation["security"] = []
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def _add_error_handlers(app: FastAPI, service: Service) -> None:
     def reply(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
         service.count(f"error:{code}")
@@ -256,8 +280,8 @@ def _add_error_handlers(app: FastAPI, service: Service) -> None:
 
     async def any_error(request: Request, exc: Exception):
         kind = kind_of(exc)  # by type, never by message text
-        if kind is not None:
-            return reply(kind.status, getattr(exc, "code", kind.code), one_line(str(exc)))
+        if kind is not None:  # what the machine refused is said without the server's paths
+            return reply(kind.status, kind.code, message_of(exc, paths=False))
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return reply(500, "internal_error", "internal error (details are in the server log)")
 

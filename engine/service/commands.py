@@ -11,6 +11,7 @@ import sys
 from engine.errors import UserError
 from engine.options import Options
 from engine.images import MAX_PIXELS
+from engine.paths import expand_path, path_argument
 from engine.service.config import Limits
 
 OPTION_NAMES = [f.name for f in fields(Options)]  # the HTTP fields are the options, declared once
@@ -41,7 +42,7 @@ def register(sub, common) -> None:
                    help="web pages at ORIGIN (e.g. https://tools.example.org) may call the API (CORS); "
                         "without a token, requests from pages of any other site are refused (403); "
                         "repeatable ('*': any)")
-    p.add_argument("--captioner", metavar="DIR", help="captioner folder (overrides the store's)")
+    p.add_argument("--captioner", metavar="DIR", type=path_argument, help="captioner folder (overrides the store's)")
     p.add_argument("--max-body-mb", type=float, default=64.0,
                    help="largest request body (413 above) (default %(default)s)")
     p.add_argument("--max-image-mb", type=float, default=20.0,
@@ -137,7 +138,7 @@ def cmd_serve(args) -> None:
     limits = limits_from_args(args)
     token = args.token or os.environ.get("RESYNTH_TOKEN") or None
     access = access_from_args(args, token)
-    root = store_path(args.store)
+    root = store_path(expand_path(args.store or os.environ.get("RESYNTH_STORE")))
     if not (root / CONFIG_NAME).exists():
         Store.open(root)  # no store there: its own error, before the port is taken
     sock = listen(args.host, args.port)  # before the models load: a busy port is a one-line error at once

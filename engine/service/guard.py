@@ -19,7 +19,11 @@ from urllib.parse import urlsplit
 from engine.service.config import Access, Limits
 from engine.service.errors import ServiceError, body
 
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/", "/favicon.ico"})  # no token needed, not counted
+# The API's documentation, readable in a browser without the token (a browser cannot add an
+# Authorization header to a page it navigates to): the schema is the same for every server and holds no
+# data. Its "Authorize" button takes the token for the calls made from it, which still need it.
+DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/", "/favicon.ico", *DOCS_PATHS})  # no token needed, not counted
 HEALTH_PATHS = frozenset({"/healthz", "/readyz"})  # answered whatever the Host or Origin
 LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost", "ip6-loopback"})
 DEFAULT_PORTS = {"http": 80, "https": 443}
