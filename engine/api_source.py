@@ -657,7 +657,8 @@ def _read_capped(resp: httpx.Response, cap: int, deadline: float, name: str, tru
 
 
 def _error_message(raw: bytes, key: str | None) -> str:
-    """': <the server's message>' from an OpenAI-style error body (or FastAPI's detail), one line."""
+    """': <the server's message>' from an error body (OpenAI's and Google's error.message, FastAPI's,
+    BFL's and Replicate's detail, Stability's errors[0]), one line."""
     try:
         body = json.loads(raw)
     except ValueError:
@@ -666,6 +667,9 @@ def _error_message(raw: bytes, key: str | None) -> str:
     message = error.get("message") if isinstance(error, dict) else error
     if not isinstance(message, str) and isinstance(body, dict):
         message = body.get("detail") if isinstance(body.get("detail"), str) else body.get("message")
+        errors = body.get("errors")  # Stability: {"name": ..., "errors": ["..."]}
+        if not isinstance(message, str) and isinstance(errors, list) and errors and isinstance(errors[0], str):
+            message = errors[0]
     if not isinstance(message, str) or not message.strip():
         return ""
     return ": " + _redact(message.strip().splitlines()[0][:300], key)

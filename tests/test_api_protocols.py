@@ -302,3 +302,12 @@ def test_data_uris_and_hostile_output_urls(api):
                              ("file:///etc/passwd", "scheme 'file'"), ("gopher://x.org/", "scheme 'gopher'")):
             with pytest.raises(SourceError, match=message):
                 gen._fetch_any(client, bad)
+
+
+def test_error_messages_of_each_service_are_read():
+    read = api_source._error_message
+    assert read(b'{"error": {"code": 400, "message": "API key not valid."}}', None) == ": API key not valid."
+    assert read(b'{"detail": "Invalid authentication token"}', None) == ": Invalid authentication token"
+    assert read(b'{"name": "bad_request", "errors": ["prompt: is required"]}', None) == ": prompt: is required"
+    assert read(b'{"title": "x", "detail": "key sk-abc is wrong\\nmore"}', "sk-abc") == ": key *** is wrong"
+    assert read(b"<html>", None) == ""
