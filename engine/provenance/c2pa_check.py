@@ -1,0 +1,105 @@
+"""C2PA manifests through c2pa-python (optional), offline: remote manifests are never fetched and
+trust anchors come only from a local PEM file (argument, or $RESYNTH_C2PA_TRUST_ANCHORS).
+
+States: valid (signature and hashes check out and the signer chains to a configured anchor),
+untrusted (cryptographically intact, signer not anchored: typical for camera makers until their
+roots are configured), invalid (tampered, broken or unreadable manifest), none (no manifest),
+unavailable (c2pa-python not installed or not working).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+from engine.provenance.containers import source_type_term
+
+TRUST_ENV = "RESYNTH_C2PA_TRUST_ANCHORS"
+_TRUST_ONLY = {"signingCredential.untrusted"}  # failures that only say "signer not anchored"
+MAX_ANCHORS = 4 << 20
+
+
+def check(data: bytes, trust_anchors: str | os.PathLike | None = None) -> dict:
+    try:
+        import c2pa
+    except Exception as e:  # ImportError, or a native library that fails to load
+        return {"state": "unavailable", "reason": f"not available: pip install c2pa-python ({type(e).__name__})"}
+    anchors_path = trust_anchors if trust_anchors is not None else os.environ.get(TRUST_ENV) or None
+    settings: dict = {"verify": {"remote_manifest_fetch": False, "verify_trust": True}}
+    out: dict = {"state": "none", "trust_anchors": str(anchors_path) if anchors_path else None}
+    if anchors_path:
+        try:
+            pem = Path(anchors_path).read_bytes()[:MAX_ANCHORS].decode("ascii")
+        except (OSError, UnicodeDecodeError) as e:
+            return {**out, "state": "unavailable", "reason": f"trust anchors not readable: {type(e).__name__}: {e}"}
+        settings["trust"] = {"trust_anchors": pem}
+    try:
+        context = c2pa.Context(settings=c2pa.Settings.from_dict(settings))
+        reader = c2pa.Reader.try_create(None, io.BytesIO(data), None, context)
+    except c2pa.C2paError as e:
+        text = str(e)[:300]
+        if "NotSupported" in type(e).__name__ or "not supported" in text.lower():
+            return {**out, "state": "none", "reason": f"format not supported by c2pa: {text}"}
+        return {**out, "state": "invalid", "reason": text}
+    except Exception as e:  # a misbehaving native binding must not take the request down
+        return {**out, "state": "unavailable", "reason": f"c2pa failed: {type(e).__name__}: {str(e)[:300]}"}
+    if reader is None:
+        return out
+    try:
+        with reader:
+            store = json.loads(reader.json())
+    except Exception as e:
+        return {**out, "state": "invalid", "reason": f"manifest not readable: {type(e).__name__}: {str(e)[:300]}"}
+    return {**out, **summarize(store)}
+
+
+def summarize(store: dict) -> dict:
+    """State plus a small, stable summary of the active manifest (not the whole store)."""
+    state = store.get("validation_state")
+    results = store.get("validation_results") or {}
+    active_results = (results.get("activeManifest") or {}) if isinstance(results, dict) else {}
+    failures = [f.get("code") for f in (active_results.get("failure") or []) if isinstance(f, dict)]
+    failures += [f.get("code") for f in (store.get("validation_status") or []) if isinstance(f, dict)
+                 and f.get("code") not in failures]
+    failures = [str(c)[:100] for c in failures if c][:20]
+    if state == "Trusted":
+        verdict = "valid"
+    elif state == "Valid" or (state == "Invalid" and failures and set(failures) <= _TRUST_ONLY):
+        verdict = "untrusted"
+    else:
+        verdict = "invalid"
+    manifests = store.get("manifests") if isinstance(store.get("manifests"), dict) else {}
+    active = manifests.get(store.get("active_manifest")) or {}
+    return {"state": verdict, "validation_state": state, "failures": failures,
+            "manifests": len(manifests), **_manifest_summary(active)}
+
+
+def _manifest_summary(m: dict) -> dict:
+    gen = m.get("claim_generator")
+    info = m.get("claim_generator_info")
+    if not gen and isinstance(info, list) and info and isinstance(info[0], dict):
+        gen = " ".join(str(info[0].get(k)) for k in ("name", "version") if info[0].get(k))
+    actions, dst = [], None
+    for a in m.get("assertions") or []:
+        if not isinstance(a, dict) or not str(a.get("label", "")).startswith("c2pa.actions"):
+            continue
+        for act in ((a.get("data") or {}).get("actions") or [])[:20]:
+            if not isinstance(act, dict):
+                continue
+            agent = act.get("softwareAgent")
+            agent = agent.get("name") if isinstance(agent, dict) else agent
+            term = act.get("digitalSourceType")
+            term = source_type_term(term) if isinstance(term, str) else None
+            dst = dst or term
+            actions.append({"action": str(act.get("action", ""))[:100],
+                            "software_agent": str(agent)[:200] if agent else None,
+                            "digital_source_type": term})
+    sig = m.get("signature_info") if isinstance(m.get("signature_info"), dict) else {}
+    return {"claim_generator": str(gen)[:200] if gen else None,
+            "title": str(m["title"])[:300] if m.get("title") else None,
+            "actions": actions, "digital_source_type": dst,
+            "signer": {k: str(sig[k])[:200] for k in ("issuer", "common_name", "time") if sig.get(k)} or None,
+            "ingredients": len(m.get("ingredients") or [])}
+
+
