@@ -1,7 +1,7 @@
 """What an attribution is: the query, the plan of one request, the per-source scores and the result.
 
-The steps that produce these live in engine.workspace (one implementation, used by CLI, service,
-evaluation, demo and benchmarks); this module holds the data and the pure scoring rule.
+The steps that produce these are engine.request's (one implementation, used by the library, CLI,
+service, demo and benchmarks); this module holds the data and the pure scoring rule.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from engine.aggregate import aggregate
 from engine.calibration import Calibration
 from engine.images import ImageInput, read_image
 from engine.options import Options
+from engine.sources import kind_of
 from index.keys import cache_key
 from index.schema import Source
 from index.store import StoredReference
@@ -116,7 +117,8 @@ class Plan:
 
     @property
     def pipelines(self) -> list[Source]:
-        return [s for s in self.sources if s.kind != "replay"]
+        """The sources that generate (the others' references come from a dataset)."""
+        return [s for s in self.sources if kind_of(s).generates]
 
     def key(self, source: Source, description_hash: str, seed: int) -> str:
         return cache_key(description_hash, source.fingerprint, seed, self.params_hash[source.id], self.embedder)
@@ -136,11 +138,11 @@ class Plan:
             source = kinds.get(row.source)
             if source is None:
                 continue
-            if source.kind != "replay" and (row.seed is None or row.key != self.key(source, description_hash, row.seed)):
+            if kind_of(source).generates and (row.seed is None or row.key != self.key(source, description_hash, row.seed)):
                 continue  # another recipe (parameters, embedder): not comparable
             out[row.source].append(row)
         for name, found in out.items():
-            if kinds[name].kind != "replay":
+            if kind_of(kinds[name]).generates:
                 found.sort(key=lambda r: (r.seed not in own_seeds, r.seed))
         return out
 

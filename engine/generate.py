@@ -1,4 +1,4 @@
-"""Candidate sources: a diffusers text-to-image pipeline folder, or replay of resyntheses on disk."""
+"""Generation with a diffusers text-to-image pipeline folder (the "diffusers" source kind, engine.sources)."""
 from __future__ import annotations
 
 import inspect
@@ -53,22 +53,25 @@ def fingerprint_folder(folder: Path) -> str:
 
 
 def source_params_hash(source) -> str | None:
-    """Hash of a stored source's generation parameters; None for replay sources (nothing to generate)."""
-    if source.kind == "replay":
-        return None
-    if source.kind == "api":
-        from engine.api_source import ApiParams
+    """Hash of a stored source's generation parameters; None for kinds with nothing to generate."""
+    from engine import sources
 
-        return ApiParams.from_json(source.params_json).cache_hash()
-    return GenerationParams.from_json(source.params_json).hash()
+    return sources.kind_of(source).params_hash(source)
 
 
 def source_fingerprint(kind: str, name: str, model_hash: str | None, params: GenerationParams | None) -> str:
-    if kind == "replay":
-        return sha256_text(canonical_json(["replay", name]))
-    if kind == "api":  # model_hash: the API parameters' cache hash (endpoint, model, size, extra)
-        return sha256_text(canonical_json(["api", model_hash]))
-    return sha256_text(canonical_json([kind, model_hash, asdict(params)]))
+    """The fingerprint `source add` stores for a kind (engine.sources prepares it; kept for callers)."""
+    from engine import sources
+
+    if not sources.get(kind).generates:
+        return sources.fingerprint(kind, name)
+    if sources.get(kind).costs_money:
+        from engine.sources.api import api_fingerprint
+
+        return api_fingerprint(model_hash)
+    from engine.sources.pipeline import recipe_fingerprint
+
+    return recipe_fingerprint(kind, model_hash, params)
 
 
 class DiffusersGenerator:

@@ -10,6 +10,7 @@ from engine.errors import UserError
 from engine.generate import source_params_hash
 from engine.images import read_image
 from engine.manifest import ManifestRow, read_manifest
+from engine.sources import check_name
 from index.keys import image_key, normalise_description, sha256_file, sha256_text
 from index.store import NewImage, Store
 
@@ -39,11 +40,11 @@ def _params_hash(row: ManifestRow, source) -> str | None:
 def ingest(workspace, manifest: Path, progress: bool = True, allow_outside: bool = False) -> IngestReport:
     """Import a manifest through a Workspace (its store and embedder).
 
-    The whole manifest is validated first (rows, paths, every image's header, source names), so a
-    manifest that fails changes nothing; then rows are embedded and committed in batches (resumable).
+    The whole manifest is validated first (rows, paths, source names, every image's header, then every
+    image decoded in full), so a manifest that fails changes nothing, not even a new source; then rows
+    are embedded and committed in batches (resumable).
     """
     from engine.images import check_header
-    from engine.workspace import check_name
 
     store = workspace.store
     rows = read_manifest(manifest, allow_outside=allow_outside)
@@ -54,6 +55,13 @@ def ingest(workspace, manifest: Path, progress: bool = True, allow_outside: bool
     for row in tqdm(rows, desc="checking", unit="image", disable=not progress or len(rows) < 1000, leave=False):
         try:
             check_header(row.image)
+        except UserError as exc:
+            raise UserError(f"{manifest}:{row.line}: {exc}") from None
+    # A valid header does not make a whole image (a cut body decodes to an error): decoded here, before
+    # any write, at the cost of a second decode when its batch is embedded (holding them all would not fit).
+    for row in tqdm(rows, desc="decoding", unit="image", disable=not progress or len(rows) < 1000, leave=False):
+        try:
+            read_image(row.image)
         except UserError as exc:
             raise UserError(f"{manifest}:{row.line}: {exc}") from None
     embedder = workspace.embedder  # models load only once the manifest is known to be good
@@ -98,10 +106,13 @@ def _ingest_batch(store, embedder, batch, sources, ids_by_key, original_keys, re
                          path=str(row.image), vector=vector, seed=row.seed, params_hash=_params_hash(row, source),
                          original_id=_original_id(store, row, ids_by_key, original_keys))
                 for (row, source, key, file_hash), vector in zip(pending, vectors)]
-    for (_, _, key, _), image_id in zip(pending, store.add_images(new_rows)):
+    added = store.add_images(new_rows)
+    inserted = getattr(added, "inserted", None)  # the store's answer; older stores left it on an attribute
+    inserted = store.last_inserted if inserted is None else inserted
+    for (_, _, key, _), image_id in zip(pending, added):
         ids_by_key[key] = image_id
-    report.added += store.last_inserted  # another process may have stored some of them meanwhile
-    report.skipped += len(pending) - store.last_inserted
+    report.added += inserted  # another process may have stored some of them meanwhile
+    report.skipped += len(pending) - inserted
     store.save_index()
 
 

@@ -158,17 +158,20 @@ def ray_shard_map(ray):
 # ----- resynthesize ------------------------------------------------------------------------------
 def resynthesize_dataset(ws, descriptions: Sequence[str], options: Options | None = None,
                          ray_address: str | None = None, progress: bool = True) -> dict:
-    """Generate and store every missing resynthesis of `descriptions` by every pipeline and API source
-    of `options` (per_source seeds from options.seed). On Ray, pipeline sources run in actors; API
-    sources are called from this process (they need no GPU, and share one --max-cost budget)."""
+    """Generate and store every missing resynthesis of `descriptions` by every generating source of
+    `options` (per_source seeds from options.seed): the request path's resynthesis step
+    (engine.resynthesis) over a description list. On Ray, sources that need a GPU run in actors; the
+    others (API sources) are called from this process (they share one --max-cost budget)."""
     from tqdm import tqdm
 
+    from engine import sources
     from engine.api_source import Budget
+    from engine.resynthesis import prices
 
     options = (options or Options()).with_changes(mode="resynthesis", adaptive=False)
     plan = ws.plan(options)
     names = [s.name for s in plan.pipelines]
-    remote = [s.name for s in plan.pipelines if ray_address and s.kind != "api"]
+    remote = [s.name for s in plan.pipelines if ray_address and sources.kind_of(s).needs_gpu]
     local = [name for name in names if name not in remote]
     texts = list(dict.fromkeys(descriptions))
     started = time.perf_counter()
@@ -214,7 +217,7 @@ def resynthesize_dataset(ws, descriptions: Sequence[str], options: Options | Non
     report = {"descriptions": len(texts), "sources": names, "per_source": options.per_source, "wanted": wanted,
               **totals, "failed": failed, "backend": "ray" if remote else "in-process",
               "seconds": round(time.perf_counter() - started, 3)}
-    if any(s.kind == "api" for s in plan.pipelines):
+    if prices(plan):
         report["cost"] = budget.to_dict()
     return report
 

@@ -1,10 +1,10 @@
-"""The attribution service: the Workspace's public steps arranged so cached lookups stay fast.
+"""The attribution service: the one request path (engine.request) with its steps placed so cached
+lookups stay fast.
 
-Per request: describe (prompt / stored metadata; captioning goes through the generation queue), then
-concurrently (a) embed the query images through the micro-batcher and (b) for each description, look
-up its stored resyntheses and, only if some are missing, wait for the single generation worker;
-finally score against exactly those candidates. A request whose resyntheses are all stored never
-touches the generation queue.
+The service decides only where each step runs (`Placement`): the query images go to the
+micro-batcher (shared CLIP forward passes) as soon as they are described, while each description's
+stored resyntheses are looked up; a caption or a missing resynthesis is a single-flight job on the one
+generation worker. A request whose resyntheses are all stored never touches the generation queue.
 """
 from __future__ import annotations
 
@@ -13,19 +13,40 @@ import logging
 import threading
 import time
 from collections import Counter
-from concurrent.futures import Future
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager, Hashable
 
-from engine.attribute import Attribution, Candidates, Plan, Query, Report
+from engine.attribute import Query, Report
 from engine.options import Options
+from engine.request import Request, Waiter
+from engine.resynthesis import prices
 from engine.service.batching import MicroBatcher
 from engine.service.config import Limits
 from engine.service.generation import GenerationQueue
-from engine.workspace import Workspace, note_cached, open_workspace
-from index.keys import normalise_description
+from engine.workspace import Workspace, open_workspace
 
 log = logging.getLogger("resynth.service")
+
+
+class Placement:
+    """engine.request's runner for the service: batched embedding, model calls on the generation worker."""
+
+    shared = True  # one single-flight job per description (and per caption), joined by concurrent requests
+
+    def __init__(self, batcher: MicroBatcher, generation: GenerationQueue):
+        self.batcher, self.generation = batcher, generation
+
+    def announce(self) -> ContextManager:
+        return self.batcher.expect()
+
+    def embed(self, ws: Workspace, images: list) -> Waiter:
+        return self.batcher.submit(images).result
+
+    def heavy(self, key: Hashable, job: Callable[[], Any]) -> Waiter:
+        joined = self.generation.in_flight(key)
+        future = self.generation.submit(key, job)  # QueueFull propagates: the caller answers 503
+        return lambda: (future.result(), joined)
 
 
 class Service:
@@ -38,6 +59,9 @@ class Service:
         workspace.max_loaded = limits.max_loaded
         self.batcher = MicroBatcher(workspace.embed, limits.batch_window, limits.max_batch)
         self.generation = GenerationQueue(limits.queue_size, after_job=self._mark_unsaved)
+        self.placement = Placement(self.batcher, self.generation)
+        # a request's path runs on one of these threads (it waits there for its embedding and jobs)
+        self.requests = ThreadPoolExecutor(max(4, limits.max_requests), thread_name_prefix="resynth-request")
         self._lock = threading.Lock()  # guards counters and the unsaved flag
         self._unsaved = False
         self._last_save = time.monotonic()
@@ -63,7 +87,6 @@ class Service:
     async def attribute(self, queries: list[Query], options: Options) -> dict:
         """Same JSON as `resynth attribute --json`, plus per-stage seconds of this request."""
         started = time.perf_counter()
-        seconds: dict[str, float] = {}
         if options.per_source > self.limits.max_per_source:
             from engine.errors import OptionError
 
@@ -71,86 +94,20 @@ class Service:
         from engine.api_source import Budget
 
         limits = [x for x in (options.max_cost, self.limits.max_cost) if x is not None]
-        budget = Budget(min(limits) if limits else None)
-        with self.batcher.expect():  # a batch forming meanwhile waits for these images
-            plan = await asyncio.to_thread(self.ws.plan, options)
-            if options.mode == "dataset":  # no description, no generation
-                described = [(q.prompt or "", "prompt" if q.prompt else "none") for q in queries]
-            else:
-                described = await self._describe(queries)
-            embedded = asyncio.wrap_future(self.batcher.submit([q.image for q in queries]))
-        seconds["describe"] = time.perf_counter() - started
-        texts = list(dict.fromkeys(text for text, _ in described))
-        if options.adaptive and options.mode != "dataset":  # the query vectors decide what is generated
-            vectors = await embedded
-            outcomes = await asyncio.gather(*(self._adaptive(plan, t, queries, described, vectors, budget)
-                                              for t in texts),
-                                            return_exceptions=True)
-            outcomes = [vectors, *outcomes]
-        else:
-            outcomes = await asyncio.gather(embedded, *(self._resyntheses(plan, t, budget) for t in texts),
-                                            return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
-        vectors, ready = outcomes[0], dict(zip(texts, outcomes[1:]))
-        seconds["resyntheses_and_embed"] = time.perf_counter() - started - seconds["describe"]
-        results: list[Attribution] = await asyncio.to_thread(
-            lambda: [self.ws.score(q, text, origin, vector, plan, ready[text][1], ready[text][0])
-                     for q, (text, origin), vector in zip(queries, described, vectors)])
-        cached = sum(ready[t][0][0] for t in texts)
-        generated = sum(ready[t][0][1] for t in texts)
+        request = Request(self.ws, options, Budget(min(limits) if limits else None), self.placement)
+        loop = asyncio.get_running_loop()
+        results, counts = await loop.run_in_executor(self.requests, request.run, queries)
+        marks = request.marks
+        seconds = {"describe": marks["described"] - started,
+                   "resyntheses_and_embed": marks["resynthesized"] - marks["described"]}
+        cached = sum(c for c, _, _ in counts.values())
+        generated = sum(g for _, g, _ in counts.values())
         with self._lock:
             self.counters.update(requests=1, queries=len(queries), cached=cached, generated=generated)
         seconds["total"] = time.perf_counter() - started
-        priced = any(s.kind == "api" for s in plan.pipelines)
-        return Report(results, cached, generated, seconds, budget.to_dict() if priced else None).to_dict()
-
-    async def _describe(self, queries: list[Query]) -> list[tuple[str, str]]:
-        """Prompts and stored descriptions inline; a caption (a model call) waits in the generation queue."""
-        if all(q.prompt for q in queries):
-            return self.ws.describe(queries)  # prompts only: no database, no model, no thread hop
-        if self.ws.captioner is not None and await asyncio.to_thread(self.ws.needs_caption, queries):
-            key = ("caption", tuple(q.file_hash for q in queries), tuple(bool(q.prompt) for q in queries))
-            return await self._queued(key, lambda: self.ws.describe(queries))
-        return await asyncio.to_thread(self.ws.describe, queries)
-
-    async def _resyntheses(self, plan: Plan, text: str, budget=None) -> tuple[tuple[int, int, dict], Candidates]:
-        """(cached, generated, failed) counts and scoring candidates of one description."""
-        if plan.options.mode == "dataset":
-            return (0, 0, {}), Candidates({})
-        cached, todo = await asyncio.to_thread(self.ws.missing, text, plan)
-        counts: tuple[int, int, dict] = (cached, 0, {})
-        if not todo:
-            note_cached(plan, todo, budget)
-        if todo:
-            # single flight: one job per (description, pipeline sources, seeds), whoever asks
-            key = ("resynthesize", normalise_description(text), tuple(s.name for s in plan.pipelines),
-                   tuple(plan.seeds), budget.limit_usd if budget is not None else None)  # a spend limit is per request
-            joined = self.generation.in_flight(key)
-            counts = await self._queued(key, lambda: self.ws.resynthesize([text], plan, budget)[text])
-            if joined:  # another request made these images: for this one they were cached
-                counts = (counts[0] + counts[1], 0, counts[2])
-        return counts, await asyncio.to_thread(self.ws.candidates, text, plan)
-
-    async def _adaptive(self, plan: Plan, text: str, queries: list[Query], described: list[tuple[str, str]],
-                        vectors, budget=None) -> tuple[tuple[int, int, dict], Candidates]:
-        """Adaptive generation for one description, on the generation worker when anything is missing."""
-        cached, todo = await asyncio.to_thread(self.ws.missing, text, plan)
-        counts: tuple[int, int, dict] = (cached, 0, {})
-        if not todo:
-            note_cached(plan, todo, budget)
-        if todo:
-            mine = [i for i, (t, _) in enumerate(described) if t == text]
-            key = ("adaptive", normalise_description(text), tuple(s.name for s in plan.pipelines), tuple(plan.seeds),
-                   tuple(queries[i].file_hash for i in mine), budget.limit_usd if budget is not None else None)
-            counts = await self._queued(key, lambda: self.ws.resynthesize_adaptive(
-                [queries[i] for i in mine], [described[i] for i in mine], vectors[mine], plan, budget)[text])
-        return counts, await asyncio.to_thread(self.ws.candidates, text, plan)
-
-    async def _queued(self, key: Any, job: Callable[[], Any]) -> Any:
-        future: Future = self.generation.submit(key, job)  # QueueFull propagates: the caller answers 503
-        return await asyncio.shield(asyncio.wrap_future(future))
+        budget = request.budget
+        return Report(results, cached, generated, seconds,
+                      budget.to_dict() if prices(request.plan) else None).to_dict()
 
     # ----- upkeep --------------------------------------------------------------------------------
     def maintain(self) -> None:
@@ -198,4 +155,5 @@ class Service:
         self.closed = True
         self.generation.close()
         self.batcher.close()
+        self.requests.shutdown(wait=False)
         self.ws.close()

@@ -1,0 +1,85 @@
+"""The models a Workspace is bound to, loaded on first use: its embedder, captioner and generators.
+
+At most `max_loaded` generators that hold device memory stay resident (least recently used unloaded).
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from engine import sources
+from engine.errors import SourceError, UserError
+
+if TYPE_CHECKING:
+    from engine.describe import Captioner
+    from engine.embed import Embedder
+    from engine.workspace import Workspace
+
+
+class Models:
+    def __init__(self, ws: "Workspace", captioner: str | None, embedder: "Embedder | None"):
+        self.ws = ws  # its store, device, sources and max_loaded (the service sets that)
+        self.captioner_folder = captioner
+        self._embedder = embedder
+        self._captioner: Captioner | None = None
+        self.generators: dict = {}
+        self._resident: list = []
+        self._lock = threading.RLock()
+
+    def embedder(self) -> "Embedder":
+        """The store's embedder; refuses weights that changed since the store was bound to them."""
+        with self._lock:
+            if self._embedder is None:
+                from engine.embed import Embedder, EmbedderSpec
+
+                store = self.ws.store
+                config = store.config["embedder"]
+                embedder = Embedder(EmbedderSpec.from_dict(config), device=self.ws.device,
+                                    known_hash=config.get("checkpoint_hash"))
+                if embedder.identity != store.embedder_identity:
+                    raise UserError(f"store {store.root} is bound to embedder {store.embedder_identity}, but "
+                                    f"{config['checkpoint']} is now {embedder.identity}")
+                self._embedder = embedder
+            return self._embedder
+
+    def use_embedder(self, embedder: "Embedder") -> None:
+        with self._lock:
+            self._embedder = embedder
+
+    def captioner(self) -> "Captioner | None":
+        with self._lock:
+            folder = self.captioner_folder or self.ws.store.config.get("captioner")
+            if folder and (self._captioner is None or str(self._captioner.folder) != str(folder)):
+                from engine.describe import Captioner
+
+                self._captioner = Captioner(Path(folder), device=self.ws.device)
+            return self._captioner if folder else None
+
+    def generator(self, name: str):
+        """The lazy generator of a source that generates (a pipeline loads only when it must generate)."""
+        with self._lock:
+            source = next((s for s in self.ws.sources() if s.name == name), None)
+            if source is None:  # removed by another process since this request was planned
+                self.ws.sources_changed()
+                raise SourceError(name, "was removed from the store during this request")
+            kind = sources.kind_of(source)
+            if not kind.generates:
+                raise UserError(f"source {name!r} has no pipeline to generate with")
+            kept = self.generators.get(name)
+            if kept is None or kept.fingerprint != source.fingerprint:
+                kept = self.generators[name] = kind.load(source, self.ws.device)
+            return kept
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self.generators.pop(name, None)
+
+    def make_room_for(self, generator) -> None:
+        """Unload the least recently used pipelines so that at most `max_loaded` are resident."""
+        with self._lock:
+            keep = max(1, self.ws.max_loaded)
+            self._resident = [g for g in self._resident if g is not generator] + [generator]
+            for stale in self._resident[:-keep]:
+                stale.unload()
+            self._resident = self._resident[-keep:]

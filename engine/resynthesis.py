@@ -1,0 +1,265 @@
+"""Step 2 of a request: resynthesize what is missing, once across processes, and store it.
+
+Functions of a Workspace (its store, generators and embedder). `engine.request` drives them for a
+request, `engine.jobs` for a whole description list.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+import numpy as np
+
+from engine import sources
+from engine.api_source import PartialResult
+from engine.attribute import Candidates, Plan, Query
+from engine.errors import SourceError
+from index.errors import StoreInputError
+from index.faults import crash_point
+from index.keys import normalise_description, sha256_text
+from index.store import NewImage
+
+if TYPE_CHECKING:
+    from engine.api_source import Budget
+    from engine.workspace import Workspace
+
+log = logging.getLogger("resynth.workspace")
+CLAIM_LEASE_SECONDS = 900.0  # a generation claim outlives any one batch; a dead claimant's expires
+GENERATION_CHUNK = 48  # images generated, embedded and committed together (memory stays bounded)
+Counts = tuple[int, int, dict[str, str]]  # (cached, generated, failed source -> reason)
+
+
+def missing(ws: "Workspace", text: str, plan: Plan) -> tuple[int, dict[str, list[tuple[str, int]]]]:
+    """(how many of the plan's resyntheses are stored, the missing (key, seed) pairs per source)."""
+    started = time.perf_counter()
+    wanted = plan.wanted(sha256_text(normalise_description(text)))
+    have = ws.store.existing_keys(list(wanted))
+    todo: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    for key, (source, seed) in wanted.items():
+        if key not in have:
+            todo[source.name].append((key, seed))
+    ws._time("lookup", started)
+    return len(have), dict(todo)
+
+
+def resynthesize(ws: "Workspace", texts: Iterable[str], plan: Plan, budget: "Budget | None" = None) -> dict[str, Counts]:
+    """Generate and store every missing (description, source, seed); see Workspace.resynthesize."""
+    from tqdm import tqdm
+
+    from engine.errors import BudgetExceeded
+
+    out: dict[str, list] = {}
+    by_source: dict[str, list[tuple[str, str, int]]] = defaultdict(list)  # source -> (text, key, seed)
+    for text in dict.fromkeys(texts):
+        cached, todo = missing(ws, text, plan)
+        out[text] = [cached, 0, {}]
+        for source, items in todo.items():
+            by_source[source] += [(text, key, seed) for key, seed in items]
+        note_cached(plan, todo, budget)
+    # Source by source (each pipeline loads once), in batches across descriptions (GPU throughput).
+    bar = tqdm(total=sum(len(jobs) for jobs in by_source.values()), desc="generating", unit="image",
+               disable=not ws.progress or not by_source, leave=False)
+    for source, jobs in sorted(by_source.items()):
+        bar.set_postfix_str(source, refresh=False)
+        for start in range(0, len(jobs), GENERATION_CHUNK):
+            chunk = jobs[start:start + GENERATION_CHUNK]
+            try:
+                made = generate_once(ws, plan, source, chunk, budget)
+            except (SourceError, BudgetExceeded) as exc:
+                log.info("%s", exc)
+                for text, count in getattr(exc, "made", {}).items():
+                    out[text][1] += count
+                for text in {text for text, _, _ in jobs}:
+                    out[text][2][source] = str(exc)
+                break
+            for text, _, _ in chunk:
+                if made.get(text, 0) > 0:
+                    made[text] -= 1
+                    out[text][1] += 1
+                else:
+                    out[text][0] += 1  # made meanwhile by another process: reused
+            bar.update(len(chunk))
+    bar.close()
+    result = {text: (c, g, f) for text, (c, g, f) in out.items()}
+    ws.tally(result.values())
+    return result
+
+
+def resynthesize_adaptive(ws: "Workspace", queries: Sequence[Query], described: Sequence[tuple[str, str]],
+                          vectors: np.ndarray, plan: Plan, budget: "Budget | None" = None) -> dict[str, Counts]:
+    """Adaptive generation: one seed per source first; then, round by round, the next seed only for
+    the sources still in contention (scoring within DECISIVE_MARGIN of the best for some query of
+    that description), up to K. Same return as `resynthesize`."""
+    from engine.options import DECISIVE_MARGIN
+
+    options = plan.options
+    by_text: dict[str, list] = defaultdict(list)
+    for query, (text, _), vector in zip(queries, described, vectors):
+        by_text[text].append((query, vector))
+    totals = {text: [0, 0, {}] for text in by_text}
+    contenders = {text: tuple(s.name for s in plan.pipelines) for text in by_text}
+    for step in range(options.per_source):
+        groups: dict[tuple, list[str]] = defaultdict(list)
+        for text, names in contenders.items():
+            if names:
+                groups[names].append(text)
+        for names, texts in groups.items():
+            one = ws.plan(options.with_changes(sources=names, seed=options.seed + step, per_source=1,
+                                               adaptive=False, mode="resynthesis"))
+            for text, (cached, generated, failed) in resynthesize(ws, texts, one, budget).items():
+                totals[text][0] += cached
+                totals[text][1] += generated
+                totals[text][2].update(failed)
+        if step == options.per_source - 1:
+            break
+        # Decided on this request's seeds so far only (not on whatever else is stored), so the same
+        # query and description always take the same path: a repeat finds everything cached.
+        decide = ws.plan(options.with_changes(mode="resynthesis", adaptive=False))
+        allowed = set(range(options.seed, options.seed + step + 1))
+        generates = {s.name: sources.kind_of(s).generates for s in decide.sources}
+        for text, pairs in by_text.items():
+            if not contenders[text]:
+                continue
+            stored = ws.candidates(text, decide)
+            found = Candidates({name: [r for r in rows if not generates[name] or r.seed in allowed]
+                                for name, rows in stored.resyntheses.items()})
+            close: set[str] = set()
+            for query, vector in pairs:
+                scores = ws.score(query, text, "prompt", vector, decide, found).scores
+                near = [s.source for s in scores if scores[0].score - s.score <= DECISIVE_MARGIN]
+                if len(near) > 1:
+                    close.update(near)
+            contenders[text] = tuple(n for n in contenders[text] if n in close and n not in totals[text][2])
+    return {text: (cached, generated, failed) for text, (cached, generated, failed) in totals.items()}
+
+
+def generate_once(ws: "Workspace", plan: Plan, name: str, jobs: list[tuple[str, str, int]],
+                  budget: "Budget | None" = None) -> dict[str, int]:
+    """Cross-process single flight: claim the keys (a lease row in the database), generate what this
+    process holds, and wait for what another process is making, then reuse it. A dead claimant's
+    lease expires and its keys are taken over. Returns how many images this process made per text."""
+    store = ws.store
+    by_key = {key: (text, seed) for text, key, seed in jobs}
+    pending = list(by_key)
+    made: dict[str, int] = defaultdict(int)
+    while pending:
+        mine = store.claim(pending, ws.owner, CLAIM_LEASE_SECONDS)
+        try:
+            stored = store.existing_keys(mine)  # made by someone else just before our claim
+            todo = [(by_key[key][0], key, by_key[key][1]) for key in mine if key not in stored]
+            if todo:
+                try:
+                    generate_and_store(ws, plan, name, todo, budget)
+                except PartialResult as partial:  # the images made before the failure count
+                    for text, _, _ in partial.stored:
+                        made[text] += 1
+                    partial.made = dict(made)
+                    raise
+                for text, _, _ in todo:
+                    made[text] += 1
+        finally:
+            store.release(mine, ws.owner)
+        theirs = [key for key in pending if key not in set(mine)]
+        if theirs:
+            theirs = wait_for_others(store, theirs)
+        pending = theirs  # released, expired or dead without a result: take them over
+    return made
+
+
+def wait_for_others(store, keys: list[str], poll: float = 0.2, slice_seconds: float = 1.0) -> list[str]:
+    """Wait (Store.wait_for_keys) while other processes make `keys`; returns those still missing with
+    no live claimant. Between slices of a second, a claimant on this host whose process is gone (killed
+    mid-generation) is released rather than waited for until its lease ends: its work is taken over now."""
+    deadline = time.monotonic() + CLAIM_LEASE_SECONDS
+    while True:
+        release_dead(store, keys)
+        found = store.wait_for_keys(keys, timeout=max(0.0, min(slice_seconds, deadline - time.monotonic())),
+                                    poll=poll)
+        rest = [key for key in keys if key not in found]
+        if not rest or time.monotonic() >= deadline or not store.live_claims(rest):
+            return rest
+
+
+def release_dead(store, keys: list[str]) -> None:
+    claims = store.live_claims(keys)
+    for owner in set(claims.values()):
+        if dead_here(owner):
+            store.release([k for k, o in claims.items() if o == owner], owner)
+
+
+def dead_here(owner: str) -> bool:
+    """Whether a claim owner ("host:pid:tag", Workspace.owner) is a process of this host that no longer runs."""
+    from index.layout import pid_alive
+
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    return host == socket.gethostname() and pid.isdigit() and int(pid) > 0 and not pid_alive(int(pid))
+
+
+def generate_and_store(ws: "Workspace", plan: Plan, name: str, jobs: list[tuple[str, str, int]],
+                       budget: "Budget | None" = None) -> int:
+    """Generate (text, key, seed) jobs of one source in batches, embed, and commit them together.
+    When an API source answers only some jobs, those are stored before its error is raised: an
+    image paid for is never thrown away."""
+    generator = ws.generator(name)
+    source = next(s for s in plan.sources if s.name == name)
+    if sources.kind_of(source).needs_gpu:  # a source holding no device memory unloads no pipeline
+        ws.make_room_for(generator)
+    started = time.perf_counter()
+    try:
+        images = generator.generate_many([(text, seed) for text, _, seed in jobs], budget=budget)
+    except PartialResult as partial:
+        kept = [(job, image) for job, image in zip(jobs, partial.images) if image is not None]
+        store_generated(ws, plan, name, [j for j, _ in kept], [i for _, i in kept])
+        partial.stored = [job for job, _ in kept]
+        raise
+    ws._time("generate", started)
+    return store_generated(ws, plan, name, jobs, images)
+
+
+def image_path(fingerprint: str, key: str) -> Path:
+    """Where a generated image lives inside the store."""
+    return Path("images") / fingerprint[:16] / key[:2] / f"{key}.png"
+
+
+def store_generated(ws: "Workspace", plan: Plan, name: str, jobs: list[tuple[str, str, int]], images: list) -> int:
+    from engine.images import save_png_atomic
+
+    store = ws.store
+    source = next(s for s in plan.sources if s.name == name)
+    vectors = ws.embed(images)
+    description_ids = {text: store.description_id(text) for text in dict.fromkeys(t for t, _, _ in jobs)}
+    params_hash = plan.params_hash[source.id]
+    rows = []
+    for (text, key, seed), image, vector in zip(jobs, images, vectors):
+        relative = image_path(source.fingerprint, key)
+        file_hash = save_png_atomic(image, store.root / relative)
+        rows.append(NewImage(key=key, role="resynthesis", source_id=source.id, description_id=description_ids[text],
+                             file_hash=file_hash, path=relative.as_posix(), vector=vector, seed=seed,
+                             params_hash=params_hash))
+    crash_point("generate:before-commit")  # images on disk, rows not yet committed
+    try:
+        store.add_images(rows)
+    except StoreInputError as exc:
+        ws.sources_changed()
+        if all(s.name != name for s in ws.sources()):
+            raise SourceError(name, "was removed from the store during this request") from exc
+        raise
+    return len(rows)
+
+
+def note_cached(plan: Plan, todo: dict[str, list], budget: "Budget | None") -> None:
+    """Record in `budget` what the bought images of one description found in the cache would have cost."""
+    if budget is not None:
+        for source, price in prices(plan).items():
+            budget.cached(plan.options.per_source - len(todo.get(source, ())), price)
+
+
+def prices(plan: Plan) -> dict[str, float]:
+    """Price per image of the plan's sources that cost money (for the cost report)."""
+    kinds = {s.name: sources.kind_of(s) for s in plan.sources}
+    return {s.name: kinds[s.name].price(s) for s in plan.sources if kinds[s.name].costs_money}

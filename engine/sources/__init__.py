@@ -1,0 +1,161 @@
+"""Candidate source kinds: one protocol (`SourceKind`) and one registry.
+
+A source kind is what a stored `Source.kind` names: how a source of that kind is declared (its
+parameters, validated into the stored params dict), fingerprinted (the cache key's model part), loaded
+(the generator object the engine calls) and what it needs (`generates`, `needs_gpu`, `costs_money`).
+The engine asks the registry; it never compares kind strings.
+
+Adding a kind is one module and one registry entry:
+
+    # engine/sources/lora.py
+    from engine.sources import Param, Recipe, SourceKind
+
+    class Lora(SourceKind):
+        name = "lora"                      # stored in Source.kind: never rename
+        params = (Param("path", str, None, "base pipeline folder", positional=True, required=True),
+                  Param("lora", str, None, "adapter file", required=True))
+
+        def prepare(self, name, path, lora):            # validate; nothing is loaded here
+            return Recipe(path=path, params={"lora": lora}, fingerprint=..., twin="...")
+
+        def params_hash(self, source): ...             # the recipe part of a cache key
+        def load(self, source, device): ...            # an object with generate_many(jobs, budget=...)
+
+    # engine/sources/__init__.py, in _builtin():
+    from engine.sources.lora import Lora
+    register(Lora())
+
+`Workspace.add_source(name, kind="lora", path=..., lora=...)` then enrols it, and the CLI and HTTP
+build `source add` flags from `params`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.errors import UserError
+from index.keys import canonical_json, sha256_text
+
+DEFAULT_KIND = "diffusers"  # `source add NAME FOLDER` without a kind
+
+
+@dataclass(frozen=True)
+class Param:
+    """One declared parameter of a kind: enough for a CLI flag or an HTTP field."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    positional: bool = False  # the CLI takes it as an argument, not a flag
+    required: bool = False
+    metavar: str | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated declaration, ready to store."""
+
+    path: str | None
+    params: dict | None
+    fingerprint: str
+    twin: str = ""  # why a second name for the same fingerprint is refused
+    warning: str | None = None
+
+
+class SourceKind:
+    """The protocol every kind implements (defaults: a kind that generates locally and is free)."""
+
+    name: str = ""
+    params: tuple[Param, ...] = ()
+    generates = True  # False: its references come from a dataset, nothing is ever generated
+    needs_gpu = True  # holds device memory while loaded (pipelines are unloaded to make room for it)
+    costs_money = False  # each image is bought (cost reports, --max-cost)
+    reenrol = False  # adding it again with the same fingerprint is a no-op (ingest creates these)
+
+    def prepare(self, name: str, **params) -> Recipe:
+        raise NotImplementedError
+
+    def params_hash(self, source) -> str | None:
+        """The generation recipe's hash, part of every cache key of this source (None: no recipe)."""
+        return None
+
+    def load(self, source, device: str | None):
+        raise UserError(f"source {source.name!r} has no pipeline to generate with")
+
+    def price(self, source) -> float:
+        """USD per image (only kinds that cost money)."""
+        return float(json.loads(source.params_json).get("price") or 0.0) if self.costs_money else 0.0
+
+
+_KINDS: dict[str, SourceKind] = {}
+
+
+def register(kind: SourceKind) -> SourceKind:
+    if not kind.name:
+        raise ValueError("a source kind needs a name")
+    _KINDS[kind.name] = kind
+    return kind
+
+
+def kinds() -> list[SourceKind]:
+    _builtin()
+    return list(_KINDS.values())
+
+
+def get(name: str) -> SourceKind:
+    _builtin()
+    found = _KINDS.get(name)
+    if found is None:
+        raise UserError(f"unknown source kind {name!r} (known: {', '.join(sorted(_KINDS))})")
+    return found
+
+
+def kind_of(source) -> SourceKind:
+    """The kind of a stored source row."""
+    return get(source.kind)
+
+
+def fingerprint(*parts: Any) -> str:
+    return sha256_text(canonical_json(list(parts)))
+
+
+def check_name(name: str) -> None:
+    if not name or not name.strip() or len(name) > 200 or any(c in name for c in "/\\\0\n"):
+        raise UserError(f"invalid source name {name!r}: use a short name without slashes")
+
+
+def enrol(store, name: str, kind: str = DEFAULT_KIND, **params) -> dict:
+    """Validate and store a source of `kind`: the one path every `source add` and ingest takes."""
+    check_name(name)
+    found = get(kind)
+    recipe = found.prepare(name, **params)
+    if found.reenrol:
+        source = store.ensure_source(name, kind, recipe.fingerprint, path=recipe.path, params=recipe.params)
+    else:
+        twin = next((s for s in store.sources() if s.fingerprint == recipe.fingerprint), None)  # fresh, not cached
+        if twin is not None:
+            raise UserError(f"source {twin.name!r} {recipe.twin} (a second name would share its resyntheses)")
+        source = store.add_source(name, kind, recipe.fingerprint, path=recipe.path, params=recipe.params)
+    info = {"name": source.name, "kind": source.kind, "path": source.path, "fingerprint": recipe.fingerprint}
+    if recipe.warning:
+        info["warning"] = recipe.warning
+    return info
+
+
+_loaded = False
+
+
+def _builtin() -> None:
+    """The kinds shipped with resynth, registered on first use (their modules import no torch)."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    from engine.sources.api import Api
+    from engine.sources.pipeline import Pipeline
+    from engine.sources.replay import Replay
+
+    for kind in (Pipeline(), Api(), Replay()):
+        _KINDS.setdefault(kind.name, kind)

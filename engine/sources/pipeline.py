@@ -1,0 +1,52 @@
+"""A diffusers text-to-image pipeline folder (SD 1.x, SDXL, PixArt, Flux ...), stored as kind "diffusers"."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from engine.errors import UserError
+from engine.sources import Param, Recipe, SourceKind, fingerprint
+
+
+class Pipeline(SourceKind):
+    name = "diffusers"
+    params = (
+        Param("path", str, None, "diffusers pipeline folder", positional=True, required=True, metavar="DIR"),
+        Param("steps", int, 30, "inference steps (default 30)"),
+        Param("guidance", float, 7.0, "guidance scale (default 7.0)"),
+        Param("size", int, None, "square image side in pixels (default: the pipeline's)"),
+        Param("scheduler", str, None, "diffusers scheduler class name (default: the pipeline's own)"),
+        Param("negative_prompt", str, None, "negative prompt, where the pipeline takes one"),
+    )
+
+    def prepare(self, name: str, path, steps: int = 30, guidance: float = 7.0, size: int | None = None,
+                scheduler: str | None = None, negative_prompt: str | None = None) -> Recipe:
+        """Checked without loading its weights (real ones can exceed RAM in float32)."""
+        from engine.generate import GenerationParams, check_pipeline_folder, check_scheduler, fingerprint_folder
+
+        folder = Path(path).resolve()
+        check_pipeline_folder(folder)
+        check_scheduler(scheduler)
+        if steps < 1 or (size is not None and (size < 8 or size % 8)):
+            raise UserError("--steps must be >= 1 and --size a multiple of 8")
+        params = GenerationParams(steps=steps, guidance=guidance, size=size, scheduler=scheduler,
+                                  negative_prompt=negative_prompt)
+        return Recipe(path=str(folder), params=asdict(params),
+                      fingerprint=recipe_fingerprint(self.name, fingerprint_folder(folder), params),
+                      twin="already uses this pipeline folder with the same parameters")
+
+    def params_hash(self, source) -> str:
+        from engine.generate import GenerationParams
+
+        return GenerationParams.from_json(source.params_json).hash()
+
+    def load(self, source, device: str | None):
+        from engine.generate import DiffusersGenerator, GenerationParams
+
+        return DiffusersGenerator(source.name, Path(source.path), GenerationParams.from_json(source.params_json),
+                                  device, fingerprint=source.fingerprint)
+
+
+def recipe_fingerprint(kind: str, model_hash: str | None, params) -> str:
+    """A pipeline source's fingerprint: its folder's content and its generation parameters."""
+    return fingerprint(kind, model_hash, asdict(params))
