@@ -24,7 +24,6 @@ import logging
 import os
 import random
 import re
-import socket
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -40,7 +39,7 @@ from PIL import Image
 from engine import api_http, providers
 from engine.errors import BudgetExceeded, SourceError, UserError, first_line
 from engine.providers import Reply
-from engine.providers.openai import endpoint_url
+from engine.providers.openai import endpoint_url  # noqa: F401  (re-exported: engine.workspace uses it)
 from index.keys import canonical_json, sha256_text
 
 log = logging.getLogger(__name__)
