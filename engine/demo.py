@@ -65,7 +65,7 @@ def reuse_lines(models: dict, sources: list[dict], store_dir: Path, queries: lis
              f"  CLIP image encoder: {clip}",
              f"  captioner:          {models['captioner']}"]
     width = max(len(s["name"]) for s in sources)
-    lines += [f"  {s['name']:{width}}  {s['path']}  (recipe: {recipe(s['kind'], s['params'], s['path'])})"
+    lines += [f"  {s['name']:{width}}  {s['path']}; recipe: {recipe(s['kind'], s['params'], s['path'])}"
               for s in sources]
     lines += ["", "reuse them with the same recipes (the recipe is part of a source: the demo's images were made "
                   "with these settings):",
@@ -81,7 +81,22 @@ def reuse_lines(models: dict, sources: list[dict], store_dir: Path, queries: lis
 
 
 def run_demo(workdir: Path, progress: bool = True) -> dict:
-    """Every step through the library API a user has (engine.init / Workspace), with its defaults."""
+    """Every step through the library API a user has (engine.init / Workspace), with its defaults.
+
+    PyTorch runs on one thread meanwhile: the zoo's models are too small to gain from more, and on a
+    machine busy with other work its threads spin waiting for each other (measured on 2 cores at load
+    7-8: 9 min with PyTorch's default 2 threads, 42 s with one)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_demo(workdir, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(workdir: Path, progress: bool) -> dict:
     import engine
 
     timings: dict[str, float] = {}

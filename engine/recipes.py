@@ -44,7 +44,7 @@ def recipe(kind: str, params: dict, path: str | None = None) -> str:
             if value is None or value == "":
                 own = pipeline_scheduler(path) if key == "scheduler" else None
                 if own:
-                    parts.append(f"scheduler {own} (pipeline's)")
+                    parts.append(f"scheduler {own} (the pipeline's own)")
                 elif unset:
                     parts.append(f"{key} {unset}")
                 continue

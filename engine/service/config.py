@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.images import MAX_PIXELS
+from engine.images import MAX_ASPECT, MAX_PIXELS
 
 MiB = 1 << 20
 
@@ -42,6 +42,12 @@ class Limits:
     header_timeout: float = 10.0  # seconds from a connection's (or request's) first byte to its last header
     keep_alive: float = 5.0  # seconds an idle keep-alive connection stays open
     max_header_bytes: int = 32 * 1024  # request line and headers together (400/431 above)
+    # CLIP preprocessing scales an image's short side to the model's input side S and keeps its ratio:
+    # an image thinner than S grows to (S x ratio) x S pixels before the centre crop. The bound assumes
+    # S up to `preprocess_side` (ViT-L/14-336 has 336; 448 covers the larger open_clip towers) and up to
+    # `preprocess_threads` images preprocessed at once (the embedder's pool on CUDA; one on CPU).
+    preprocess_side: int = 448
+    preprocess_threads: int = 8
 
     def __post_init__(self) -> None:
         if self.max_request_pixels > self.max_pixels_in_flight:
@@ -62,6 +68,12 @@ class Limits:
         - uploads being received: starlette keeps each file part in memory up to 1 MiB before
           spilling it to disk, plus up to 64 KiB per text field (32 fields):
           max_requests x (max_images x 1 MiB + 2 MiB)
+        - preprocessing geometry: an image whose short side is below the model's input side S is scaled
+          up, long side too, before the centre crop; PIL holds RGB at 4 B a pixel, in two resampling
+          passes. With sides at most MAX_ASPECT:1 (images.MAX_ASPECT, refused beyond from the header),
+          each pass holds at most MAX_ASPECT x S^2 pixels:
+          preprocess_threads x 8 B x MAX_ASPECT x preprocess_side^2
+          (without the ratio limit a few-KB PNG of 60000 x 1 pixels grew a server by 1.1 GB)
         Model weights, threads and the interpreter are the baseline, not growth. This holds with
         `resynth serve`, which makes glibc return freed images to the system at once (see
         commands._return_large_frees_to_the_os); without that, per-thread heaps keep them and the
@@ -71,7 +83,12 @@ class Limits:
         return (6 * self.max_pixels_in_flight
                 + self.max_decodes * (8 * largest + self.max_image_bytes)
                 + 6 * self.max_request_pixels
-                + self.max_requests * (self.max_images * MiB + 2 * MiB))
+                + self.max_requests * (self.max_images * MiB + 2 * MiB)
+                + self.preprocess_threads * self.upscale_bytes())
+
+    def upscale_bytes(self) -> int:
+        """The most one image's preprocessing may allocate by scaling a thin image up (see memory_bound)."""
+        return 8 * MAX_ASPECT * self.preprocess_side ** 2
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,168 @@
+"""The command line as a newcomer meets it: global options anywhere, errors in the form asked for, the
+usage of the command that was wrong, paths as a shell would expand them, every OS refusal in one line."""
+from __future__ import annotations
+
+import errno
+import json
+import sqlite3
+
+import pytest
+
+from engine.errors import ENVIRONMENT_EXIT, kind_of, message_of
+from engine.flags import GLOBAL_OPTIONS
+from engine.paths import expand_path
+from tests.helpers import run_cli
+
+
+def _err(capsys) -> str:
+    return capsys.readouterr().err.strip()
+
+
+def test_global_options_before_or_after_the_command(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    for argv in (("--store", missing, "stats"), ("stats", "--store", missing),
+                 ("--store", missing, "source", "list"), ("source", "--store", missing, "list"),
+                 ("source", "list", "--store", missing), ("--json", "stats", "--store", missing)):
+        assert run_cli(*argv) == 2, argv
+        err = _err(capsys)
+        assert "invalid choice" not in err and f"no store at {missing}" in err, (argv, err)
+    # an option after the command wins over none before it, and a value before it is kept
+    from engine.cli import build_parser
+
+    args, _ = build_parser().parse_known_args(["--store", "A", "--quiet", "stats"])
+    assert args.store == "A" and args.quiet and not args.json
+    args, _ = build_parser().parse_known_args(["stats", "--store", "B", "--json"])
+    assert args.store == "B" and args.json and not args.quiet
+    capsys.readouterr()
+    _help_of("stats")
+    sub = capsys.readouterr().out
+    assert all(flag in build_parser().format_help() and flag in sub for flag, _ in GLOBAL_OPTIONS)
+
+
+def _help_of(*command: str) -> str:
+    from engine.cli import main
+
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    return ""
+
+
+def test_json_errors_are_one_object_on_stderr(tmp_path, capsys):
+    assert run_cli("stats", "--store", tmp_path / "none", "--json") == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    error = json.loads(captured.err)
+    assert set(error) == {"error", "kind", "exit_code"} and error["exit_code"] == 2
+    assert error["error"].startswith("no store at")
+    # a usage mistake too: JSON, with the command's own name
+    with pytest.raises(SystemExit) as stop:
+        run_cli("source", "list", "--bogus", "--json")
+    assert stop.value.code == 2
+    error = json.loads(capsys.readouterr().err)
+    assert error["kind"] == "usage" and "--bogus" in error["error"] and "resynth source list" in error["error"]
+
+
+def test_a_bad_flag_prints_the_usage_of_its_subcommand(capsys):
+    for argv, usage in ((("stats", "--bogus"), "usage: resynth stats"),
+                        (("source", "add", "x", "--stepz", "3"), "usage: resynth source add"),
+                        (("attribute", "--per-source", "many"), "usage: resynth attribute")):
+        with pytest.raises(SystemExit) as stop:
+            run_cli(*argv)
+        assert stop.value.code == 2
+        err = _err(capsys)
+        assert err.startswith(usage) and "invalid choice" not in err, err
+
+
+def test_paths_are_expanded_like_a_shell_would(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("RESYNTH_TEST_DIR", str(tmp_path / "sub"))
+    assert expand_path("~/x") == tmp_path / "x"
+    assert expand_path("$RESYNTH_TEST_DIR/y") == tmp_path / "sub" / "y"
+    assert expand_path("${RESYNTH_TEST_DIR}/y") == tmp_path / "sub" / "y"
+    assert expand_path(None) is None and str(expand_path("rel/z")) == "rel/z"
+    # quoted on the command line (the shell left it alone), and in $RESYNTH_STORE
+    assert run_cli("stats", "--store", "~/my-store") == 2
+    assert f"no store at {tmp_path / 'my-store'}" in _err(capsys)
+    assert run_cli("stats", "--store=$RESYNTH_TEST_DIR/s") == 2
+    assert f"no store at {tmp_path / 'sub' / 's'}" in _err(capsys)
+    monkeypatch.setenv("RESYNTH_STORE", "~/env-store")
+    assert run_cli("stats") == 2
+    assert f"no store at {tmp_path / 'env-store'}" in _err(capsys)
+    assert run_cli("init", "--clip-model", "ViT-B-32", "--clip-checkpoint", "~/ckpt.bin", "--store", "~/s") == 2
+    assert f"CLIP checkpoint not found: {tmp_path / 'ckpt.bin'}" in _err(capsys)
+
+
+def test_the_device_flag_is_checked_before_anything_loads(tmp_path, capsys):
+    assert run_cli("stats", "--store", tmp_path, "--device", "gpu0") == 2
+    assert "--device must be cpu, cuda, cuda:N or mps" in _err(capsys)
+
+
+def _os_error(code: int, path: str = "/srv/store/metadata.sqlite") -> OSError:
+    return OSError(code, __import__("os").strerror(code), path)
+
+
+@pytest.mark.parametrize("exc, exit_code, status, code", [
+    (_os_error(errno.ENOSPC), ENVIRONMENT_EXIT, 507, "storage_full"),
+    (_os_error(errno.EDQUOT), ENVIRONMENT_EXIT, 507, "storage_full"),
+    (_os_error(errno.EROFS), ENVIRONMENT_EXIT, 503, "read_only"),
+    (PermissionError(errno.EACCES, "Permission denied", "/srv/store"), ENVIRONMENT_EXIT, 503, "permission_denied"),
+    (_os_error(errno.EIO), ENVIRONMENT_EXIT, 503, "io_error"),
+    (_os_error(errno.EMFILE), ENVIRONMENT_EXIT, 503, "too_many_open_files"),
+    (IsADirectoryError(errno.EISDIR, "Is a directory", "/tmp"), 2, 400, "is_a_directory"),
+    (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/etc/passwd/x"), 2, 400, "not_a_directory"),
+    (FileNotFoundError(errno.ENOENT, "No such file or directory", "/gone"), 2, 404, "not_found"),
+    (UnicodeDecodeError("utf-8", b"caf\xe9", 3, 4, "invalid continuation byte"), 2, 400, "not_utf8"),
+])
+def test_every_os_refusal_is_one_line_with_a_kind(exc, exit_code, status, code):
+    kind = kind_of(exc)
+    assert kind is not None and (kind.exit_code, kind.status, kind.code) == (exit_code, status, code)
+    text = message_of(exc)
+    assert "\n" not in text and "Errno" not in text and text
+    if exit_code == ENVIRONMENT_EXIT:
+        assert getattr(exc, "filename", "") in text  # the CLI names the path ...
+        assert "/srv" not in message_of(exc, paths=False)  # ... an HTTP client is not told the server's
+
+
+def test_database_refusals_and_wrapped_causes_are_classified():
+    from index.errors import StoreDamaged, StoreError
+
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorcode, full.sqlite_errorname = 13, "SQLITE_FULL"
+    assert kind_of(full).code == "storage_full"
+    locked = sqlite3.OperationalError("database is locked")
+    locked.sqlite_errorcode = 5
+    assert kind_of(locked).code == "store_locked" and "lock" in message_of(locked)
+    readonly = sqlite3.OperationalError("attempt to write a readonly database")
+    readonly.sqlite_errorcode = 8 | (1 << 8)  # an extended code: SQLITE_READONLY_RECOVERY
+    assert kind_of(readonly).code == "read_only"
+
+    class DiskFull(Exception):  # as psycopg's errors carry their SQLSTATE
+        sqlstate = "53100"
+    assert kind_of(DiskFull("could not extend file")).code == "storage_full"
+    # a store error caused by what the machine refused is that, not "damaged"
+    try:
+        try:
+            raise _os_error(errno.EROFS)
+        except OSError as cause:
+            raise StoreError("cannot write the store") from cause
+    except StoreError as wrapped:
+        assert kind_of(wrapped).code == "read_only" and kind_of(wrapped).exit_code == ENVIRONMENT_EXIT
+        assert "read-only" in message_of(wrapped)
+    assert kind_of(StoreDamaged("x")).code == "store_damaged"
+    # bugs keep their traceback
+    for bug in (RuntimeError("x"), KeyError("k"), OSError("no errno"), sqlite3.ProgrammingError("x")):
+        assert kind_of(bug) is None, bug
+
+
+def test_an_os_refusal_ends_the_cli_in_one_line_with_exit_5(monkeypatch, tmp_path, capsys):
+    import engine.cli as cli
+
+    def full(args):
+        raise _os_error(errno.ENOSPC, str(tmp_path / "vectors.faiss"))
+    monkeypatch.setattr(cli, "cmd_stats", full)
+    assert cli.main(["stats", "--store", str(tmp_path)]) == ENVIRONMENT_EXIT
+    err = _err(capsys)
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert err.startswith("resynth: error: No space left on device: ") and "free some space" in err
+    assert cli.main(["stats", "--json", "--store", str(tmp_path)]) == ENVIRONMENT_EXIT
+    assert json.loads(_err(capsys))["kind"] == "storage_full"
