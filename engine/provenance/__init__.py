@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from engine.provenance.containers import (Container, parse_exif, read_container, source_type_term,
@@ -163,12 +163,9 @@ def _metadata(box: Container, exif: dict[str, str], notes: list[str]) -> Generat
              if exif.get(tag, "").startswith(key + ":")}
     if comfy and (got := from_texts(comfy, "exif", notes)):
         return got
-    if exif.get("user_comment") and (got := from_texts({"parameters": exif["user_comment"]}, "exif:UserComment",
-                                                       notes)):
-        return got
-    if box.texts.get("comment") and (got := from_texts({"parameters": box.texts["comment"]}, f"{fmt}:comment",
-                                                       notes)):
-        return got
+    for text, label in ((exif.get("user_comment"), "exif:UserComment"), (box.texts.get("comment"), f"{fmt}:comment")):
+        if text and (got := from_texts({"parameters": text}, label, notes)):
+            return replace(got, source=label)  # A1111 text (or Fooocus JSON) outside a named field
     return None
 
 

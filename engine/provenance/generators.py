@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 MAX_PROMPT = 64 << 10  # a prompt longer than this is cut (with a note)
 MAX_SETTINGS = 64  # raw key/value settings kept
@@ -125,7 +125,7 @@ def from_texts(texts: dict[str, str], where: str, notes: list[str]) -> Generatio
                else a1111(params, f"{where}:parameters", notes))
         if got:
             if "prompt" in texts or "workflow" in texts:  # ComfyUI savers that also write A1111 text
-                return _replace(got, tool="comfyui")
+                return replace(got, tool="comfyui")
             return got
     if "prompt" in texts:
         got = comfyui(texts["prompt"], f"{where}:prompt", notes)
@@ -146,12 +146,6 @@ def from_texts(texts: dict[str, str], where: str, notes: list[str]) -> Generatio
                          "its prompt is not read")
             return GenerationMetadata(tool="comfyui", source=f"{where}:workflow")
     return None
-
-
-def _replace(m: GenerationMetadata, **kw) -> GenerationMetadata:
-    d = {f.name: getattr(m, f.name) for f in fields(m)}
-    d.update(kw)
-    return GenerationMetadata(**d)
 
 
 # --- AUTOMATIC1111 / Forge -------------------------------------------------------------------
