@@ -151,6 +151,46 @@ def test_peak_memory_is_bounded_under_bursts_of_huge_images(server, one_bit_png,
     assert admission["pixels_in_flight"] == 0 and admission["decoding"] == 0
 
 
+def test_thin_images_are_refused_and_the_bound_holds_for_the_thinnest_accepted(server, small_png):
+    """The reported case: a few-KB PNG of 60000 x 1 pixels, inside every pixel limit, that CLIP
+    preprocessing would scale to 60000*S x S pixels (it grew a server by 1.1 GB). Refused from its
+    header; the thinnest images accepted, scaled up for real, stay within memory_bound()."""
+    if not Path(f"/proc/{server.pid}/clear_refs").exists():
+        pytest.skip("needs Linux /proc to read the server's memory")
+    from engine.images import MAX_ASPECT
+
+    assert _post(server.url, small_png).status_code == 200  # warm
+    Path(f"/proc/{server.pid}/clear_refs").write_text("5")
+    base = _memory(server.pid)["VmRSS"]
+    thin = _png(Image.new("1", (60000, 1)))
+    assert len(thin) < 10_000
+    with ThreadPoolExecutor(4) as pool:
+        refused = list(pool.map(lambda _: _post(server.url, thin, 16), range(4)))
+    for response in refused:
+        _assert_error(response, 413, "extreme_aspect_ratio")
+        assert "20:1" in response.json()["error"]["message"]
+    assert _memory(server.pid)["VmHWM"] - base < 64 << 20
+
+    # the thinnest accepted, both ways round, short side below the tiny CLIP's input: scaled up
+    thinnest = [_png(Image.new("RGB", size, (20, 90, 200))) for size in ((MAX_ASPECT * 15, 15), (15, MAX_ASPECT * 15))]
+    with ThreadPoolExecutor(4) as pool:
+        accepted = list(pool.map(lambda i: _post(server.url, thinnest[i % 2], 16), range(4)))
+    assert [r.status_code for r in accepted] == [200] * 4, [r.text[:200] for r in accepted]
+    peak = _memory(server.pid)["VmHWM"] - base
+    print(f"\nthin images: peak RSS growth {peak / 2**20:.0f} MiB; bound {Limits().memory_bound() / 2**20:.0f} MiB")
+    assert peak < Limits().memory_bound()
+    assert "Traceback" not in server.log and "Exception in ASGI" not in server.log, server.log[-3000:]
+
+
+def test_memory_bound_counts_what_preprocessing_scales_up():
+    from engine.images import MAX_ASPECT
+
+    small, large = Limits(preprocess_side=224), Limits(preprocess_side=448)
+    assert large.memory_bound() - small.memory_bound() == large.preprocess_threads * (8 * MAX_ASPECT + 16) * (
+        448 ** 2 - 224 ** 2)
+    assert Limits(preprocess_threads=1).memory_bound() < Limits().memory_bound()
+
+
 def test_pixel_limits_are_checked_from_headers_before_decoding(hard_store, small_png):
     limits = Limits(max_request_pixels=6000, max_pixels_in_flight=6000, max_pixels=5000)
     with TestClient(create_app(Service.open(hard_store, limits)), raise_server_exceptions=False) as client:
@@ -345,7 +385,11 @@ def test_mapped_errors_cover_every_kind():
     from engine.errors import SourceError, UserError, kind_of
     from index.errors import StoreDamaged, UnknownName
 
-    for exc in (UserError("x"), SourceError("s", "x"), StoreDamaged("x"), UnknownName("x")):
+    import errno
+
+    for exc in (UserError("x"), SourceError("s", "x"), StoreDamaged("x"), UnknownName("x"),
+                OSError(errno.ENOSPC, "No space left on device", "/x"), PermissionError(errno.EACCES, "denied"),
+                UnicodeDecodeError("utf-8", b"\xe9", 0, 1, "invalid")):
         assert kind_of(exc) is not None and isinstance(exc, MAPPED_ERRORS)
     assert kind_of(RuntimeError("x")) is None and not isinstance(RuntimeError("x"), MAPPED_ERRORS)
 

@@ -72,8 +72,9 @@ class Limits:
           up, long side too, before the centre crop; PIL holds RGB at 4 B a pixel, in two resampling
           passes. With sides at most MAX_ASPECT:1 (images.MAX_ASPECT, refused beyond from the header),
           each pass holds at most MAX_ASPECT x S^2 pixels:
-          preprocess_threads x 8 B x MAX_ASPECT x preprocess_side^2
-          (without the ratio limit a few-KB PNG of 60000 x 1 pixels grew a server by 1.1 GB)
+          preprocess_threads x (8 B x MAX_ASPECT + 16 B) x preprocess_side^2
+          (measured at S = 448: 30.6 MiB for one image at the ratio limit; without the limit, 1.5 GB
+          for a 2000 x 1 image, and a few-KB PNG of 60000 x 1 pixels grew a server by 1.1 GB)
         Model weights, threads and the interpreter are the baseline, not growth. This holds with
         `resynth serve`, which makes glibc return freed images to the system at once (see
         commands._return_large_frees_to_the_os); without that, per-thread heaps keep them and the
@@ -88,7 +89,8 @@ class Limits:
 
     def upscale_bytes(self) -> int:
         """The most one image's preprocessing may allocate by scaling a thin image up (see memory_bound)."""
-        return 8 * MAX_ASPECT * self.preprocess_side ** 2
+        # two resampling passes at 4 B a pixel, then the S x S crop (4 B) and its float tensor (12 B)
+        return (8 * MAX_ASPECT + 16) * self.preprocess_side ** 2
 
 
 @dataclass(frozen=True)

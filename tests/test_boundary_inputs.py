@@ -1,0 +1,184 @@
+"""Inputs a user's machine produces, at the boundary: odd EXIF blocks, long thin images, query files in
+another encoding, folders where files belong, a CLIP checkpoint of another architecture. Each is decoded
+or refused in one line, on the CLI and over HTTP, never with a traceback or an HTTP 500."""
+from __future__ import annotations
+
+import io
+import json
+import struct
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageOps
+
+from engine.images import MAX_ASPECT, check_header, read_image
+from tests.helpers import run_cli
+
+ORIENTATION = 0x0112
+
+
+def _tiff(entries: list[tuple[int, int, int, bytes]], tail: bytes = b"") -> bytes:
+    """A big-endian EXIF (TIFF) block with the given (tag, type, count, 4-byte value or offset) entries."""
+    out = b"MM\x00\x2a" + struct.pack(">I", 8) + struct.pack(">H", len(entries))
+    for tag, kind, count, value in entries:
+        out += struct.pack(">HHI", tag, kind, count) + value
+    return out + b"\x00\x00\x00\x00" + tail
+
+
+def _jpeg(exif: bytes, size=(40, 20)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buffer, "JPEG", exif=b"Exif\x00\x00" + exif)
+    return buffer.getvalue()
+
+
+SHORT_6 = (ORIENTATION, 3, 1, struct.pack(">HH", 6, 0))
+EXIF_CASES = {
+    # the reported case: a valid orientation beside a tag of the wrong type; Pillow's exif_transpose
+    # re-serialises the block and fails with struct.error
+    "wrong-type-tag": (_tiff([(0x0100, 2, 4, b"abc\x00"), SHORT_6]), (20, 40)),
+    "orientation-as-text": (_tiff([(ORIENTATION, 2, 2, b"6\x00\x00\x00")]), (40, 20)),
+    "orientation-out-of-range": (_tiff([(ORIENTATION, 3, 1, struct.pack(">HH", 60000, 0))]), (40, 20)),
+    "orientation-negative": (_tiff([(ORIENTATION, 8, 1, struct.pack(">hh", -6, 0))]), (40, 20)),
+    "orientation-as-rational": (_tiff([(ORIENTATION, 5, 1, struct.pack(">I", 26))], struct.pack(">II", 6, 1)), (20, 40)),
+    "orientation-x-over-zero": (_tiff([(ORIENTATION, 5, 1, struct.pack(">I", 26))], struct.pack(">II", 6, 0)), (40, 20)),
+    "truncated-block": (b"MM\x00\x2a" + struct.pack(">I", 8) + struct.pack(">H", 40) + b"\x01\x12\x00\x03", (40, 20)),
+    "offset-past-the-end": (b"MM\x00\x2a" + struct.pack(">I", 99999), (40, 20)),
+    "not-tiff": (b"XX\x00\x2a\x00\x00", (40, 20)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:.*(EXIF|entries).*:UserWarning")
+@pytest.mark.parametrize("name", sorted(EXIF_CASES))
+def test_a_damaged_exif_block_is_ignored_and_a_valid_orientation_applied(name):
+    exif, size = EXIF_CASES[name]
+    data = _jpeg(exif)
+    image, _ = read_image(data, label=name)
+    assert image.size == size and image.mode == "RGB"
+
+
+@pytest.mark.parametrize("value", range(1, 9))
+def test_orientation_matches_what_a_viewer_shows(value):
+    """Same pixels as Pillow's exif_transpose wherever that works: stored vectors keep their meaning."""
+    exif = Image.Exif()
+    exif[ORIENTATION] = value
+    buffer = io.BytesIO()
+    source = Image.new("RGB", (30, 17))
+    source.putdata([(x * 8 % 256, y * 15 % 256, (x * y) % 256) for y in range(17) for x in range(30)])
+    source.save(buffer, "PNG", exif=exif.tobytes())
+    ours, _ = read_image(buffer.getvalue())
+    with Image.open(io.BytesIO(buffer.getvalue())) as opened:
+        theirs = ImageOps.exif_transpose(opened).convert("RGB")
+    assert ours.size == theirs.size and ours.tobytes() == theirs.tobytes()
+
+
+def _thin_png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("1", (width, height)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_long_thin_images_are_refused_from_the_header(tmp_path):
+    data = _thin_png(60000, 1)
+    assert len(data) < 10_000  # a few KB on the wire; CLIP preprocessing would make it 60000*S x S
+    with pytest.raises(Exception) as refused:
+        read_image(data, label="thin.png")
+    assert getattr(refused.value, "code", None) == "extreme_aspect_ratio" and getattr(refused.value, "status", 0) == 413
+    assert f"the limit is {MAX_ASPECT}:1" in str(refused.value) and "\n" not in str(refused.value)
+    path = tmp_path / "thin.png"
+    path.write_bytes(data)
+    with pytest.raises(Exception, match="side ratio of 60000:1"):
+        check_header(path)  # before any model loads
+    for width, height in ((MAX_ASPECT * 16, 16), (16, MAX_ASPECT * 16)):  # at the limit: accepted
+        assert read_image(_thin_png(width, height))[0].size == (width, height)
+
+
+def test_preprocessing_memory_stays_within_the_bound_at_the_ratio_limit():
+    """What CLIP preprocessing allocates for the thinnest accepted image, at the largest input side the
+    bound assumes, measured in a fresh process, against Limits.upscale_bytes()."""
+    import subprocess
+    import sys
+
+    from engine.service.config import Limits
+
+    limits = Limits()
+    side = limits.preprocess_side
+    script = f"""
+import resource
+from open_clip.transform import image_transform
+from PIL import Image
+transform = image_transform({side}, is_train=False)
+transform(Image.new("RGB", (64, 64)))  # warm: lazy imports, first tensors
+image = Image.new("RGB", ({MAX_ASPECT} * ({side} - 1), {side} - 1), (10, 20, 30))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+transform(image)  # scaled up to about {MAX_ASPECT} * {side} x {side} pixels before the centre crop
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+    grown = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                               timeout=300).stdout.split()[-1])
+    assert grown <= limits.upscale_bytes(), (grown, limits.upscale_bytes())
+
+
+@pytest.mark.filterwarnings("ignore:.*(EXIF|entries).*:UserWarning")
+def test_query_files_and_folders(store_dir, originals, tmp_path, capsys):
+    image, prompt = originals[0]["image"], originals[0]["prompt"]
+    s = ("--store", store_dir)
+
+    def fails(*argv, match):
+        capsys.readouterr()
+        assert run_cli(*argv, *s) == 2
+        err = capsys.readouterr().err.strip()
+        assert "Traceback" not in err and len(err.splitlines()) == 1 and match in err, err
+
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(json.dumps({"image": str(image), "prompt": "x"}).encode() + b"\n"
+                       + b'{"image": "a.png", "prompt": "caf\xe9"}\n')
+    fails("attribute", "--queries", latin1, match=f"{latin1}:2: not UTF-8 text (byte 0xe9")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({"image": str(image)}) + "\n{not json\n")
+    fails("attribute", "--queries", broken, match=f"{broken}:2:")
+    fails("attribute", "--queries", tmp_path, match="is a folder")
+    fails("attribute", tmp_path, "--prompt", prompt, match=f"{tmp_path} is a folder, not an image file")
+    thin = tmp_path / "thin.png"
+    thin.write_bytes(_thin_png(60000, 1))
+    fails("attribute", thin, "--prompt", prompt, match="the limit is 20:1")
+    bad_exif = tmp_path / "exif.jpg"
+    bad_exif.write_bytes(_jpeg(EXIF_CASES["wrong-type-tag"][0]))
+    assert run_cli("attribute", bad_exif, "--prompt", prompt, "--per-source", 1, "--json", "--quiet", *s) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["predicted"]
+
+
+@pytest.mark.filterwarnings("ignore:.*(EXIF|entries).*:UserWarning")  # Pillow's own, about the damaged block
+def test_bad_exif_and_thin_images_over_http(store_dir, originals):
+    from fastapi.testclient import TestClient
+
+    from engine.service.app import create_app
+    from engine.service.config import Limits
+    from engine.service.core import Service
+
+    prompt = originals[0]["prompt"]
+    with TestClient(create_app(Service.open(store_dir, Limits()))) as client:
+        def post(data: bytes, name: str):
+            return client.post("/v1/attribute", files={"image": (name, data, "image/jpeg")},
+                               data={"prompt": prompt, "per_source": "1"})
+
+        for case in ("wrong-type-tag", "truncated-block", "orientation-as-text"):
+            answer = post(_jpeg(EXIF_CASES[case][0]), f"{case}.jpg")
+            assert answer.status_code == 200, (case, answer.text)
+        refused = post(_thin_png(60000, 1), "thin.png")
+        assert refused.status_code == 413 and refused.json()["error"]["code"] == "extreme_aspect_ratio"
+
+
+def test_a_checkpoint_of_another_architecture_says_so_in_one_line(models, tmp_path, capsys):
+    assert run_cli("init", "--store", tmp_path / "s", "--clip-model", "ViT-B-32",
+                   "--clip-checkpoint", models["clip_checkpoint"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "does not match the architecture ViT-B-32" in err and "--clip-config" in err, err
+    not_a_checkpoint = tmp_path / "x.bin"
+    not_a_checkpoint.write_bytes(b"hello")
+    assert run_cli("init", "--store", tmp_path / "t", "--clip-model", "ViT-B-32",
+                   "--clip-checkpoint", not_a_checkpoint) == 2
+    assert "not a readable checkpoint" in capsys.readouterr().err
+    assert run_cli("init", "--store", tmp_path / "u", "--clip-config", models["clip_config"],
+                   "--clip-checkpoint", Path(models["clip_checkpoint"]).parent) == 2
+    assert "is a folder" in capsys.readouterr().err
