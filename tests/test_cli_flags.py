@@ -166,3 +166,77 @@ def test_an_os_refusal_ends_the_cli_in_one_line_with_exit_5(monkeypatch, tmp_pat
     assert err.startswith("resynth: error: No space left on device: ") and "free some space" in err
     assert cli.main(["stats", "--json", "--store", str(tmp_path)]) == ENVIRONMENT_EXIT
     assert json.loads(_err(capsys))["kind"] == "storage_full"
+
+
+def test_quiet_silences_the_model_libraries_bars_without_importing_them():
+    """--quiet reaches diffusers', transformers' and huggingface_hub's own bars (weights loading), and
+    `stats --quiet` still imports none of them (nor torch)."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+from engine.cli import quiet_libraries
+quiet_libraries()
+assert not any(m in sys.modules for m in ("torch", "diffusers", "transformers")), "imported too early"
+import diffusers.utils.logging, transformers.utils.logging, huggingface_hub.utils
+from tqdm.auto import tqdm
+print(diffusers.utils.logging.is_progress_bar_enabled(), transformers.utils.logging.is_progress_bar_enabled(),
+      huggingface_hub.utils.are_progress_bars_disabled(), tqdm(range(3)).disable)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "False", "True", "True"], out.stdout
+    assert out.stderr == "", out.stderr
+
+
+def test_the_verdict_line_shows_its_evidence():
+    from engine.attribute import Attribution, SourceScore
+    from engine.cli import plural, verdict_line
+
+    def result(verdict, evidence):
+        return Attribution(query="q.png", description="d", description_from="prompt", predicted="sdxl",
+                           margin=0.1, scores=[SourceScore("sdxl", 0.41, 3, 0.99)], missing=[],
+                           verdict=verdict, evidence=evidence)
+
+    assert verdict_line(result("unknown", {"score": 0.41, "threshold": 0.55, "references": 3})) == \
+        "unknown source (closest: sdxl, score 0.41 < threshold 0.55, 3 references)"
+    assert verdict_line(result("known", {"score": 0.61, "threshold": 0.55, "references": 1})) == \
+        "sdxl (known source: score 0.61 >= threshold 0.55, 1 reference)"
+    line = verdict_line(result("uncalibrated", {"score": 0.61, "references": 2, "why": "no calibration: run `resynth calibrate`"}))
+    assert line == "sdxl (uncalibrated: no calibration: run `resynth calibrate`; score 0.61, 2 references)"
+    line = verdict_line(result("unknown", {"score": 0.9, "references": 4, "open_set_score": "mahalanobis_open_set",
+                                           "value": -3.2, "threshold": -1.5}))
+    assert line == "unknown source (closest: sdxl, mahalanobis_open_set -3.20 < threshold -1.50, 4 references)"
+    assert verdict_line(result("none", {})) == "no source could be scored"
+    assert (plural(1, "reference"), plural(0, "reference"), plural(2, "reference")) == (
+        "1 reference", "0 references", "2 references")
+
+
+def test_source_list_shows_each_recipe_and_the_demo_the_commands_to_reuse_it(tmp_path):
+    from engine.demo import reuse_lines
+    from engine.recipes import add_command, table
+
+    folder = tmp_path / "my pipe"
+    (folder / "scheduler").mkdir(parents=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text('{"_class_name": "DDIMScheduler"}')
+    rows = [{"name": "sd", "kind": "diffusers", "path": str(folder),
+             "params": {"steps": 2, "guidance": 7.0, "size": None, "scheduler": None, "negative_prompt": None}},
+            {"name": "dalle3", "kind": "api", "path": None,
+             "params": {"url": "https://api.example", "model": "dall-e-3", "size": "1024x1024", "price": 0.04,
+                        "api_key_env": "KEY", "concurrency": 2, "timeout": 120.0, "extra": {}}},
+            {"name": "published", "kind": "replay", "path": None, "params": {}}]
+    text = table(rows).splitlines()
+    assert text[0].split() == ["name", "kind", "recipe", "model"]
+    assert "steps 2, guidance 7, size pipeline's, scheduler DDIMScheduler (the pipeline's own)" in text[1]
+    assert "size 1024x1024, price 0.04" in text[2] and "dall-e-3 at https://api.example" in text[2]
+    assert "KEY" not in text[2] and "replays stored images" in text[3]
+    command = add_command("sd", str(folder), rows[0]["params"], "my-store")
+    assert command == f"resynth source add sd '{folder}' --steps 2 --guidance 7 --store my-store"
+    models = {"clip_config": tmp_path / "clip" / "c.json", "clip_checkpoint": tmp_path / "clip" / "w.bin",
+              "captioner": tmp_path / "captioner", "pipelines": {"sd": folder}}
+    lines = "\n".join(reuse_lines(models, rows[:1], tmp_path / "store",
+                                  [{"image": "a.png", "prompt": "a cat", "known": False}], tmp_path / "m.jsonl"))
+    assert command in lines and "resynth init --store my-store --clip-config" in lines
+    assert f"resynth attribute a.png --prompt 'a cat' --store {tmp_path / 'store'}" in lines
+    assert f"resynth calibrate {tmp_path / 'm.jsonl'}" in lines and "resynth serve" in lines
