@@ -538,3 +538,66 @@ def test_core_does_not_import_torch():
         f.flush()
         out = subprocess.run([sys.executable, "-c", code, f.name], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_hostile_text_stays_cheap():
+    """Pattern matching on long hostile values is linear: a few MB of crafted text, well under seconds."""
+    import time
+
+    cases = [png([("parameters", "a" * (2 << 20))]), png([("parameters", "k: v, " * (300_000))]),
+             png(itxt=[("XML:com.adobe.xmp", "a" * (2 << 20))]),
+             png(itxt=[("XML:com.adobe.xmp", "<x:DigitalSourceType " * 100_000)]),
+             png(itxt=[("XML:com.adobe.xmp", "x:DigitalSourceType=" * 100_000)]),
+             png([("prompt", json.dumps({str(i): {"class_type": "KSampler", "inputs": {"positive": [str(i + 1), 0]}}
+                                         for i in range(4000)}))])]
+    for data in cases:
+        started = time.perf_counter()
+        clean(read_provenance(data, c2pa=False, watermark=False))
+        assert time.perf_counter() - started < 3.0
+
+
+def test_c2pa_remote_manifest_is_never_fetched(tmp_path):
+    """A file whose manifest lives at a URL: reported as `remote`, and no connection is made."""
+    import socket
+    import threading
+
+    c2pa = pytest.importorskip("c2pa")
+    pytest.importorskip("cryptography")
+    chain, key, _ = _test_ca(tmp_path)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(5)
+    server.settimeout(0.1)
+    hits = []
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+                hits.append(1)
+                conn.close()
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/manifest.c2pa"
+    manifest = {"claim_generator_info": [{"name": "resynth-tests"}], "title": "remote.png",
+                "assertions": [{"label": "c2pa.actions", "data": {"actions": [{
+                    "action": "c2pa.created",
+                    "digitalSourceType": "http://cv.iptc.org/newscodes/digitalsourcetype/digitalCapture"}]}}]}
+    out = io.BytesIO()
+    try:
+        with c2pa.Builder(manifest) as builder:
+            builder.set_no_embed()
+            builder.set_remote_url(url)
+            builder.sign(c2pa.Signer.from_info(c2pa.C2paSignerInfo(b"es256", chain, key, None)), "image/png",
+                         io.BytesIO(png()), out)
+        c = read_provenance(out.getvalue(), watermark=False).c2pa
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+    assert c["state"] == "remote" and c["remote_url"] == url, c
+    assert hits == []

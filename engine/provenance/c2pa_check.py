@@ -4,13 +4,15 @@ trust anchors come only from a local PEM file (argument, or $RESYNTH_C2PA_TRUST_
 States: valid (signature and hashes check out and the signer chains to a configured anchor),
 untrusted (cryptographically intact, signer not anchored: typical for camera makers until their
 roots are configured), invalid (tampered, broken or unreadable manifest), none (no manifest),
-unavailable (c2pa-python not installed or not working).
+remote (the file only points to a manifest URL, which is never fetched), unavailable (c2pa-python
+not installed or not working), skipped (not asked for).
 """
 from __future__ import annotations
 
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 from engine.provenance.containers import source_type_term
@@ -26,7 +28,7 @@ def check(data: bytes, trust_anchors: str | os.PathLike | None = None) -> dict:
     except Exception as e:  # ImportError, or a native library that fails to load
         return {"state": "unavailable", "reason": f"not available: pip install c2pa-python ({type(e).__name__})"}
     anchors_path = trust_anchors if trust_anchors is not None else os.environ.get(TRUST_ENV) or None
-    settings: dict = {"verify": {"remote_manifest_fetch": False, "verify_trust": True}}
+    settings: dict = {"verify": {"remote_manifest_fetch": False, "ocsp_fetch": False, "verify_trust": True}}
     out: dict = {"state": "none", "trust_anchors": str(anchors_path) if anchors_path else None}
     if anchors_path:
         try:
@@ -39,6 +41,10 @@ def check(data: bytes, trust_anchors: str | os.PathLike | None = None) -> dict:
         reader = c2pa.Reader.try_create(None, io.BytesIO(data), None, context)
     except c2pa.C2paError as e:
         text = str(e)[:300]
+        if text.startswith("Remote"):  # only a URL in the file; fetching it would leave the machine
+            url = re.search(r"url (\S+)", text)
+            return {**out, "state": "remote", "remote_url": url.group(1)[:500] if url else None,
+                    "reason": "the manifest is stored remotely and remote fetching is off"}
         if "NotSupported" in type(e).__name__ or "not supported" in text.lower():
             return {**out, "state": "none", "reason": f"format not supported by c2pa: {text}"}
         return {**out, "state": "invalid", "reason": text}

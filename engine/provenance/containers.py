@@ -331,21 +331,30 @@ def user_comment(raw: bytes) -> str:
 # --- XMP -----------------------------------------------------------------------------------
 
 # Matched with patterns, not an XML parser: XMP from hostile files is not fed to expat at all.
-_DST_ATTR = re.compile(r"""[\w.-]+:DigitalSourceType\s*=\s*["']([^"'<>]{1,500})["']""")
-_DST_ELEM = re.compile(r"""<[\w.-]+:DigitalSourceType\b([^>]{0,1000})>([^<]{0,500})<""")
+# Each pattern is anchored at an occurrence of the literal name, so a long hostile XMP packet
+# costs one linear scan (an unanchored `[\w]+:Name` pattern would be quadratic).
+_DST_NAME = ":DigitalSourceType"
+_DST_ATTR = re.compile(r"""\s*=\s*["']([^"'<>]{1,500})["']""")
+_DST_ELEM = re.compile(r"""\b([^<>]{0,1000})>([^<]{0,500})<""")
 _RESOURCE = re.compile(r"""rdf:resource\s*=\s*["']([^"'<>]{1,500})["']""")
 
 
 def xmp_digital_source_type(xmp: str) -> str | None:
     """The IPTC DigitalSourceType URI (or bare term) as written, from attribute or element form."""
-    m = _DST_ATTR.search(xmp)
-    if m:
-        return m.group(1).strip()
-    m = _DST_ELEM.search(xmp)
-    if m:
-        res = _RESOURCE.search(m.group(1))
-        value = res.group(1) if res else m.group(2)
-        return value.strip() or None
+    at = xmp.find(_DST_NAME)
+    for _ in range(20):
+        if at < 0:
+            return None
+        end = at + len(_DST_NAME)
+        if m := _DST_ATTR.match(xmp, end, end + 600):
+            return m.group(1).strip()
+        tag_open = xmp.rfind("<", max(0, at - 60), at)
+        if tag_open >= 0 and xmp[tag_open + 1:tag_open + 2] != "/" and (m := _DST_ELEM.match(xmp, end, end + 1600)):
+            res = _RESOURCE.search(m.group(1))
+            value = (res.group(1) if res else m.group(2)).strip()
+            if value:
+                return value
+        at = xmp.find(_DST_NAME, end)
     return None
 
 

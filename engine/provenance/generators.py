@@ -16,6 +16,7 @@ MAX_SETTINGS = 64  # raw key/value settings kept
 MAX_VALUE = 2000  # chars per raw setting value
 MAX_GRAPH_NODES = 5000  # ComfyUI graphs larger than this are not walked
 MAX_DEPTH = 64  # ComfyUI link hops followed from a sampler
+MAX_PARAMS_LINE = 32 << 10  # A1111's settings line (with LoRA/TI hash lists) is far shorter
 
 
 @dataclass(frozen=True)
@@ -158,8 +159,10 @@ def a1111(text: str, where: str, notes: list[str]) -> GenerationMetadata | None:
     """`prompt\\nNegative prompt: ...\\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, ...`"""
     lines = text.strip().split("\n")
     settings: dict[str, str] = {}
-    if lines and (items := _A1111_ITEM.findall(lines[-1])) and len(items) >= 3 and lines[-1].lstrip().startswith(
-            tuple(k for k, _ in items[:1])):
+    if len(lines[-1]) > MAX_PARAMS_LINE:  # bounded so the item pattern stays cheap on hostile text
+        notes.append(f"{where}: last line of {len(lines[-1])} characters is not read as settings")
+    elif (items := _A1111_ITEM.findall(lines[-1])) and len(items) >= 3 and lines[-1].lstrip().startswith(
+            items[0][0]):
         for k, v in items:
             v = v.strip()
             if v.startswith('"') and v.endswith('"') and len(v) >= 2:
