@@ -13,18 +13,38 @@ KNN_K = 3  # neighbours averaged by "knn"
 SOFTMAX_TEMPERATURE = 0.05  # on cosine similarities, which live in [-1, 1]
 
 
+MISSING = -np.inf  # a source with no reference for a query cannot win it
+
+
 def aggregate(similarities: np.ndarray, method: str = "max") -> float:
-    """Max (best match), mean, mean of the top-3 (kNN), or a softmax-weighted mean."""
-    sims = np.asarray(similarities, dtype=np.float64)
+    """Max (best match), mean, mean of the top-3 (kNN), or a softmax-weighted mean: `aggregate_masked`
+    on one row, so the engine and the score matrices share one implementation."""
+    sims = np.asarray(similarities, dtype=np.float64).ravel()
     if sims.size == 0:
         raise ValueError("no similarities to aggregate")
+    return float(aggregate_masked(sims[None], np.ones((1, sims.size), bool), method)[0])
+
+
+def aggregate_masked(values: np.ndarray, mask: np.ndarray, method: str) -> np.ndarray:
+    """The aggregation over the last axis, vectorised; entries outside `mask` do not exist.
+
+    Rows with no entry get MISSING.
+    """
+    count = mask.sum(axis=-1)
+    present = np.where(mask, values, -np.inf)
+    best = present.max(axis=-1, initial=-np.inf)
     if method == "max":
-        return float(sims.max())
-    if method == "mean":
-        return float(sims.mean())
-    if method == "knn":
-        return float(np.sort(sims)[::-1][:KNN_K].mean())
-    if method == "softmax":
-        weights = np.exp((sims - sims.max()) / SOFTMAX_TEMPERATURE)
-        return float((weights * sims).sum() / weights.sum())
-    raise ValueError(f"unknown aggregation {method!r} (choose from {', '.join(AGGREGATIONS)})")
+        out = best
+    elif method == "mean":
+        out = np.where(mask, values, 0.0).sum(axis=-1) / np.maximum(count, 1)
+    elif method == "knn":
+        top = -np.sort(-present, axis=-1)[..., :KNN_K]
+        kept = np.isfinite(top)
+        out = np.where(kept, top, 0.0).sum(axis=-1) / np.maximum(kept.sum(axis=-1), 1)
+    elif method == "softmax":
+        with np.errstate(invalid="ignore"):
+            weights = np.where(mask, np.exp((values - best[..., None]) / SOFTMAX_TEMPERATURE), 0.0)
+            out = (weights * np.where(mask, values, 0.0)).sum(axis=-1) / np.maximum(weights.sum(axis=-1), 1e-300)
+    else:
+        raise ValueError(f"unknown aggregation {method!r} (choose from {', '.join(AGGREGATIONS)})")
+    return np.where(count > 0, out, MISSING)

@@ -10,12 +10,13 @@ from tqdm import tqdm
 
 from engine.aggregate import AGGREGATIONS
 from engine.evaluation.baselines import available_shots, run_fewshot
-from engine.evaluation.dataset import EvalSet
-from engine.evaluation.metrics import accuracy, classification_report
-from engine.evaluation.openset import (DEFAULT_OPEN_SET_SCORE, FALSE_REJECT, FeatureContext, calibration_report,
-                                       feature_context, leave_one_source_out)
-from engine.evaluation.scoring import (DISTANCES, Variant, adaptive_score_matrix, neighbour_score_matrix,
-                                      padded_references, score_matrix)
+from engine.fitting import open_set_context  # noqa: F401  (the method's, used here too)
+from engine.labelled import EvalSet
+from engine.metrics import accuracy, classification_report
+from engine.openset import (DEFAULT_OPEN_SET_SCORE, FALSE_REJECT, calibration_report,
+                                       leave_one_source_out)
+from engine.scoring import (DISTANCES, Variant, adaptive_score_matrix, neighbour_score_matrix,
+                                      score_matrix)
 
 ENGINE_DEFAULT = Variant()  # what `resynth attribute` does out of the box (engine.aggregate defaults)
 K_VALUES = (1, 2, 3, 5, 10, 20)
@@ -145,17 +146,6 @@ def compare_modes(evalset: EvalSet, originals: np.ndarray, resyntheses: np.ndarr
     generations["resynthesis"] = generations["combined"] = budget * len(names)
     return {mode: {"default": mode == options.mode, "generations_per_new_description": generations[mode],
                    **_summary(classification_report(labels, scores, names))} for mode, scores in matrices.items()}
-
-
-def open_set_context(evalset: EvalSet, originals: np.ndarray, resyntheses: np.ndarray, references,
-                     per_source: int) -> FeatureContext:
-    """The feature-based open-set scores' inputs: each original's similarity to its own candidate
-    references (the engine's K per source), and to the nearest of every source's references."""
-    ids: dict[str, int] = {}
-    orig_ids = np.array([ids.setdefault(h, len(ids)) for h in evalset.orig_hash], np.int64)
-    res_ids = np.array([ids.setdefault(h, len(ids)) for h in evalset.res_hash], np.int64)
-    return feature_context(originals, resyntheses, evalset.res_source, padded_references(references, per_source),
-                           orig_ids, res_ids, len(evalset.sources))
 
 
 def _score_distributions(scores: np.ndarray, labels: np.ndarray, names: list[str]) -> dict:

@@ -2,21 +2,9 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-
-def json_safe(value):
-    """nan/inf become None (JSON has no nan); numpy scalars become Python numbers."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+from engine.metrics import json_safe  # noqa: F401  (the report's figures as JSON)
 
 
 def _pct(value) -> str:

@@ -31,7 +31,7 @@ build `source add` flags from `params`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from engine.errors import UserError

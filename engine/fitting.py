@@ -1,0 +1,121 @@
+"""Calibration: a temperature, the open-set decision and per-source thresholds, fitted on labelled
+originals scored by the engine's own rule (engine.scoring) in the mode it will attribute with.
+
+`calibrate` fits on a workspace's store (or a manifest embedded with its embedder) and saves the
+result in the store; the evaluation protocol (engine.evaluation) measures with the same functions.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from engine.calibration import Calibration, save_array_atomic
+from engine.errors import UserError
+from engine.labelled import EvalSet, FeatureCache, embed_paths, from_manifest, from_store
+from engine.metrics import json_safe
+from engine.openset import (DEFAULT_OPEN_SET_SCORE, FALSE_REJECT, OPEN_SET_SCORES, FeatureContext,
+                            calibration_report, feature_context, fit_mahalanobis, fit_open_set_thresholds,
+                            fit_temperature, leave_one_source_out)
+from engine.options import Options
+from engine.scoring import Variant, neighbour_score_matrix, padded_references, score_matrix
+
+if TYPE_CHECKING:
+    from engine.embed import Embedder
+    from engine.workspace import Workspace
+
+
+def calibrate(ws: "Workspace", manifest: str | os.PathLike | None = None, options: Options | None = None,
+              false_reject: float = 0.05) -> Calibration:
+    """Fit on labelled originals (the store's own, or a manifest's embedded with the store's embedder)
+    and save the calibration in the store."""
+    options = options or Options()
+    if not 0 < false_reject < 1:
+        raise UserError("--false-reject must be between 0 and 1")
+    if manifest is not None:
+        evalset, fitted_on = from_manifest(Path(manifest)), str(manifest)
+        features = embed_evalset(evalset, {"store": ws.embedder}, None, progress=False)["store"]
+    else:
+        evalset, fitted_on = from_store(ws.store), f"store {ws.root}"
+        features = evalset.vectors[ws.store.embedder_identity]
+    variant = Variant("store", "cosine", options.aggregation, options.references)
+    calibration, precision = fit_calibration(evalset, features, variant, false_reject, fitted_on,
+                                             options.mode, options.neighbours)
+    calibration.notes["store_sources"] = {s.name: s.fingerprint for s in ws.store.sources()}  # to notice changes
+    if precision is not None:  # dim x dim: a file beside store.json, named by its content
+        calibration.open_set["precision_file"] = save_array_atomic(ws.root, precision)
+    ws.store.update_config(calibration=calibration.to_dict())
+    return calibration
+
+
+def embed_evalset(evalset: EvalSet, embedders: dict[str, Embedder], cache_dir: Path | None,
+                  progress: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(originals, resyntheses) vectors per layer label; each image embedded once per layer, cached."""
+    out = {}
+    for label, embedder in embedders.items():
+        if embedder.identity in evalset.vectors:
+            out[label] = evalset.vectors[embedder.identity]
+            continue
+        cache = FeatureCache(cache_dir, embedder.identity)
+        paths, hashes = evalset.orig_path + evalset.res_path, evalset.orig_hash + evalset.res_hash
+        vectors = embed_paths(embedder, paths, hashes, cache, label=f"embedding ({label})", progress=progress)
+        out[label] = (vectors[:evalset.n_originals], vectors[evalset.n_originals:])
+    return out
+
+
+def open_set_context(evalset: EvalSet, originals: np.ndarray, resyntheses: np.ndarray, references,
+                     per_source: int) -> FeatureContext:
+    """The feature-based open-set scores' inputs: each original's similarity to its own candidate
+    references (the engine's K per source), and to the nearest of every source's references."""
+    ids: dict[str, int] = {}
+    orig_ids = np.array([ids.setdefault(h, len(ids)) for h in evalset.orig_hash], np.int64)
+    res_ids = np.array([ids.setdefault(h, len(ids)) for h in evalset.res_hash], np.int64)
+    return feature_context(originals, resyntheses, evalset.res_source, padded_references(references, per_source),
+                           orig_ids, res_ids, len(evalset.sources))
+
+
+def engine_scores(evalset: EvalSet, features: tuple[np.ndarray, np.ndarray], variant: Variant,
+                  mode: str = "resynthesis", neighbours: int = 32) -> np.ndarray:
+    """The score matrix the engine's rule gives in `mode` (resynthesis, dataset or combined)."""
+    originals, resyntheses = features
+    if mode == "resynthesis":
+        return score_matrix(originals, resyntheses, evalset.references(), variant, orig_source=evalset.orig_source)
+    return neighbour_score_matrix(originals, resyntheses, evalset.res_source, evalset.orig_hash, evalset.res_hash,
+                                  len(evalset.sources), neighbours, variant.aggregation,
+                                  evalset.references() if mode == "combined" else None, variant.per_source)
+
+
+def fit_calibration(evalset: EvalSet, features: tuple[np.ndarray, np.ndarray], variant: Variant,
+                    frr: float = FALSE_REJECT, fitted_on: str = "", mode: str = "resynthesis",
+                    neighbours: int = 32) -> tuple[Calibration, np.ndarray | None]:
+    """Temperature, the open-set decision and per-source thresholds from every labelled original, scored in
+    the mode the engine will attribute with, with the measured figures (cross-fitted ECE,
+    leave-one-source-out AUROC) in `notes`. Returns the calibration and, when the open-set score is
+    "mahalanobis", its precision matrix (dim x dim: the store keeps it in a file beside its config)."""
+    labels, names = evalset.orig_source, evalset.sources
+    scores = engine_scores(evalset, features, variant, mode, neighbours)
+    # per-source thresholds on the best score: the fallback where the feature-based score has no value
+    thresholds = fit_open_set_thresholds(scores, labels, names, "best-score", frr)
+    temperature = fit_temperature(scores, labels)
+    measured = calibration_report(scores, labels, evalset.orig_desc)
+    context = (open_set_context(evalset, *features, evalset.references(), variant.per_source)
+               if OPEN_SET_SCORES[DEFAULT_OPEN_SET_SCORE][0] else None)
+    open_set = leave_one_source_out(scores, labels, evalset.orig_desc, names, frr, context=context,
+                                    headline=DEFAULT_OPEN_SET_SCORE) if len(names) >= 2 else None
+    precision, open_set_fit = None, {}
+    if DEFAULT_OPEN_SET_SCORE == "mahalanobis":
+        precision, threshold = fit_mahalanobis(context, scores, labels, frr)
+        if threshold is not None:
+            open_set_fit = {"score": "mahalanobis", "threshold": threshold}
+    notes = {"fitted_on": fitted_on, "originals": evalset.n_originals, "sources": names,
+             "open_set_score": open_set_fit.get("score", "best-score"), "mode": mode, "neighbours": neighbours,
+             "aggregation": variant.aggregation, "per_source": variant.per_source, "distance": variant.distance,
+             "false_reject_target": frr,
+             "accuracy": float((scores.argmax(1) == labels).mean()),
+             "ece_default": measured["ece_default"], "ece_calibrated": measured["ece_calibrated"],
+             "open_set_auroc": open_set["auroc"] if open_set else None,
+             "without_threshold": sorted(set(names) - set(thresholds))}
+    return Calibration(temperature=temperature, thresholds=thresholds, fitted=True, notes=json_safe(notes),
+                       open_set=open_set_fit), (precision if open_set_fit else None)

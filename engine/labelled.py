@@ -1,0 +1,204 @@
+"""A labelled set: originals (true source known) and the resyntheses that serve as references.
+
+Built from a manifest (the `resynth ingest` format) or from what a store already holds; calibration
+(engine.fitting) fits on one and the evaluation protocol measures on one. Checks here turn a set that
+cannot be scored into one `UserError` line instead of a silent nan.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+from engine.errors import UserError
+from engine.manifest import ManifestRow, read_manifest
+from index.keys import sha256_file
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from engine.embed import Embedder
+    from index.store import Store
+
+BATCH = 32  # images embedded together
+
+
+@dataclass
+class EvalSet:
+    """Integer-coded originals and resyntheses; `sources` are the candidates (sources with resyntheses)."""
+
+    sources: list[str]
+    orig_source: np.ndarray  # index into sources
+    orig_desc: np.ndarray  # index into descriptions
+    orig_hash: list[str]
+    orig_path: list[str]
+    res_source: np.ndarray
+    res_desc: np.ndarray
+    res_seed: np.ndarray  # -1 when unknown
+    res_original: np.ndarray  # index of the original it resynthesizes, -1 when only its description is known
+    res_hash: list[str]
+    res_path: list[str]
+    descriptions: list[str]
+    vectors: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # identity -> (orig, res)
+
+    @property
+    def n_originals(self) -> int:
+        return len(self.orig_hash)
+
+    def references(self) -> list[list[np.ndarray]]:
+        """For every original, per source, the indices of its candidate resyntheses, in the engine's order.
+
+        Exactly the engine's rule (engine.attribute.Plan): the resyntheses of the original's description,
+        unknown seeds first, then by seed, then in dataset order; never one with the query's own bytes.
+        """
+        by_desc: dict[int, list[int]] = defaultdict(list)
+        for j in range(len(self.res_hash)):
+            by_desc[int(self.res_desc[j])].append(j)
+        for pool in by_desc.values():
+            pool.sort(key=lambda j: (int(self.res_seed[j]), j))
+        out = []
+        for i in range(self.n_originals):
+            pool = [j for j in by_desc.get(int(self.orig_desc[i]), []) if self.res_hash[j] != self.orig_hash[i]]
+            per_source = [np.array([j for j in pool if self.res_source[j] == c], np.int64)
+                          for c in range(len(self.sources))]
+            out.append(per_source)
+        return out
+
+    def max_per_source(self) -> int:
+        """Largest K that at least one (original, source) pair offers."""
+        return max((len(r) for refs in self.references() for r in refs), default=0)
+
+
+def from_rows(rows: list[ManifestRow], where: str) -> EvalSet:
+    """Validate and code manifest rows; file hashes identify images (and their cached features)."""
+    originals = [r for r in rows if r.role == "original"]
+    resyntheses = [r for r in rows if r.role == "resynthesis"]
+    if not originals:
+        raise UserError(f"{where}: no original rows: evaluation needs labelled originals to attribute")
+    if not resyntheses:
+        raise UserError(f"{where}: no resynthesis rows: evaluation needs resyntheses as references")
+    sources = sorted({r.source for r in resyntheses})
+    stray = sorted({r.source for r in originals} - set(sources))
+    if stray:
+        raise UserError(f"{where}: original source(s) {', '.join(stray)} have no resyntheses, so no method "
+                        f"could predict them (sources with resyntheses: {', '.join(sources)})")
+    descriptions = sorted({r.description for r in rows})
+    desc_index = {d: i for i, d in enumerate(descriptions)}
+    source_index = {s: i for i, s in enumerate(sources)}
+    orig_hash = [sha256_file(r.image) for r in originals]
+    orig_by_path = {r.image: i for i, r in enumerate(originals)}
+    linked = np.array([orig_by_path.get(r.original, -1) if r.original is not None else -1 for r in resyntheses])
+    have_desc = {r.description for r in resyntheses}
+    for row in originals:
+        if row.description not in have_desc:
+            raise UserError(f"{where}:{row.line}: original {row.image.name} has no resyntheses of its description")
+    return EvalSet(
+        sources=sources,
+        orig_source=np.array([source_index[r.source] for r in originals]),
+        orig_desc=np.array([desc_index[r.description] for r in originals]),
+        orig_hash=orig_hash, orig_path=[str(r.image) for r in originals],
+        res_source=np.array([source_index[r.source] for r in resyntheses]),
+        res_desc=np.array([desc_index[r.description] for r in resyntheses]),
+        res_seed=np.array([r.seed if r.seed is not None else -1 for r in resyntheses]),
+        res_original=linked, res_hash=[sha256_file(r.image) for r in resyntheses],
+        res_path=[str(r.image) for r in resyntheses], descriptions=descriptions)
+
+
+def from_manifest(path: Path) -> EvalSet:
+    return from_rows(read_manifest(Path(path)), str(path))
+
+
+def from_store(store: "Store") -> EvalSet:
+    """The store's own originals and resyntheses with their stored vectors: no embedding at all."""
+    rows = store.labelled_vectors()
+    originals = [r for r in rows if r.role == "original"]
+    resyntheses = [r for r in rows if r.role == "resynthesis"]
+    where = f"store {store.root}"
+    if not originals:
+        raise UserError(f"{where} holds no originals: ingest a manifest with labelled originals, or pass one")
+    if not resyntheses:
+        raise UserError(f"{where} holds no resyntheses")
+    sources = sorted({r.source for r in resyntheses})
+    stray = sorted({r.source for r in originals} - set(sources))
+    if stray:  # an enrolled-nowhere source cannot be scored closed-set; its originals are left out
+        originals = [r for r in originals if r.source in sources]
+    source_index = {s: i for i, s in enumerate(sources)}
+    desc_ids = sorted({r.description_id for r in rows})
+    desc_index = {d: i for i, d in enumerate(desc_ids)}
+    described = {r.description_id for r in resyntheses}
+    originals = [r for r in originals if r.description_id in described]
+    orig_index = {r.id: i for i, r in enumerate(originals)}
+    if not originals:
+        raise UserError(f"{where}: no stored original has resyntheses of its description")
+    evalset = EvalSet(
+        sources=sources,
+        orig_source=np.array([source_index[r.source] for r in originals]),
+        orig_desc=np.array([desc_index[r.description_id] for r in originals]),
+        orig_hash=[r.file_hash for r in originals], orig_path=[r.path for r in originals],
+        res_source=np.array([source_index[r.source] for r in resyntheses]),
+        res_desc=np.array([desc_index[r.description_id] for r in resyntheses]),
+        res_seed=np.array([r.seed if r.seed is not None else -1 for r in resyntheses]),
+        res_original=np.array([orig_index.get(r.original_id, -1) for r in resyntheses]),
+        res_hash=[r.file_hash for r in resyntheses], res_path=[r.path for r in resyntheses],
+        descriptions=[str(d) for d in desc_ids])
+    evalset.vectors[store.embedder_identity] = (np.stack([r.vector for r in originals]),
+                                                np.stack([r.vector for r in resyntheses]))
+    return evalset
+
+
+class FeatureCache:
+    """Vectors by file hash for one embedder identity and one perturbation, stored as an .npz."""
+
+    def __init__(self, folder: Path | None, identity: str, variant: str = "clean"):
+        self.path = None
+        if folder is not None:
+            tag = re.sub(r"[^A-Za-z0-9.-]+", "_", identity)[:60]
+            digest = hashlib.sha256(f"{identity}|{variant}".encode()).hexdigest()[:12]
+            self.path = Path(folder) / f"{tag}-{variant}-{digest}.npz"
+        self.vectors: dict[str, np.ndarray] = {}
+        if self.path is not None and self.path.is_file():
+            with np.load(self.path) as data:
+                self.vectors = dict(zip(data["hashes"].tolist(), data["vectors"]))
+        self._dirty = False
+
+    def save(self) -> None:
+        if self.path is None or not self._dirty or not self.vectors:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.stem + ".tmp.npz")
+        np.savez(tmp, hashes=np.array(list(self.vectors)), vectors=np.stack(list(self.vectors.values())))
+        tmp.replace(self.path)
+        self._dirty = False
+
+    def add(self, hashes: list[str], vectors: np.ndarray) -> None:
+        self.vectors.update(zip(hashes, vectors))
+        self._dirty = True
+
+
+def embed_paths(embedder: "Embedder", paths: list[str], hashes: list[str], cache: FeatureCache,
+                transform: "Callable[[Image.Image], Image.Image] | None" = None, label: str = "embedding",
+                progress: bool = True) -> np.ndarray:
+    """Vectors for `paths` in order; only images whose hash the cache lacks are read and embedded."""
+    from tqdm import tqdm
+
+    from engine.images import read_image
+
+    todo = list(dict.fromkeys(h for h in hashes if h not in cache.vectors))
+    first_path = {h: p for p, h in zip(paths, hashes)}
+    bar = tqdm(total=len(todo), desc=label, unit="image", disable=not progress or not todo, leave=False)
+    for start in range(0, len(todo), BATCH):
+        batch = todo[start:start + BATCH]
+        images = [read_image(Path(first_path[h]))[0] for h in batch]
+        if transform is not None:
+            images = [transform(im) for im in images]
+        cache.add(batch, embedder.embed(images))
+        cache.save()  # an interrupted run keeps what it embedded
+        bar.update(len(batch))
+    bar.close()
+    if not hashes:
+        return np.zeros((0, embedder.dim), np.float32)
+    return np.stack([cache.vectors[h] for h in hashes]).astype(np.float32)
