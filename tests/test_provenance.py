@@ -483,6 +483,11 @@ def test_c2pa_tampered_and_absent(signed, tmp_path):
     missing = read_provenance(png(), trust_anchors=tmp_path / "absent.pem", watermark=False).c2pa
     assert missing["state"] == "unavailable" and "not readable" in missing["reason"]
     assert read_provenance(data, c2pa=False, watermark=False).c2pa == {"state": "skipped"}
+    # a broken file with no manifest is "none"; a broken manifest is "invalid"
+    assert read_provenance(png()[:200], watermark=False).c2pa["state"] == "none"
+    jumbf_at = data.index(b"jumb")
+    broken = data[:jumbf_at + 40] + bytes(64) + data[jumbf_at + 104:]
+    assert read_provenance(broken, trust_anchors=anchors, watermark=False).c2pa["state"] == "invalid"
 
 
 # --- invisible watermarks ------------------------------------------------------------------
@@ -601,3 +606,17 @@ def test_c2pa_remote_manifest_is_never_fetched(tmp_path):
         server.close()
     assert c["state"] == "remote" and c["remote_url"] == url, c
     assert hits == []
+
+
+def test_mutated_signed_files_never_raise(signed):
+    data, anchors = signed
+    rng = random.Random(99)
+    states = set()
+    for _ in range(40):
+        mutated = bytearray(data)
+        for _ in range(rng.randint(1, 8)):
+            mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+        p = read_provenance(bytes(mutated), trust_anchors=anchors, watermark=False)
+        clean(p)
+        states.add(p.c2pa["state"])
+    assert states <= {"valid", "untrusted", "invalid", "none"} and "invalid" in states

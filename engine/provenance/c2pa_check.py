@@ -29,12 +29,12 @@ def check(data: bytes, trust_anchors: str | os.PathLike | None = None) -> dict:
         return {"state": "unavailable", "reason": f"not available: pip install c2pa-python ({type(e).__name__})"}
     anchors_path = trust_anchors if trust_anchors is not None else os.environ.get(TRUST_ENV) or None
     settings: dict = {"verify": {"remote_manifest_fetch": False, "ocsp_fetch": False, "verify_trust": True}}
-    out: dict = {"state": "none", "trust_anchors": str(anchors_path) if anchors_path else None}
+    out: dict = {"state": "none", "trust_anchors_configured": bool(anchors_path)}  # no server path in answers
     if anchors_path:
         try:
             pem = Path(anchors_path).read_bytes()[:MAX_ANCHORS].decode("ascii")
         except (OSError, UnicodeDecodeError) as e:
-            return {**out, "state": "unavailable", "reason": f"trust anchors not readable: {type(e).__name__}: {e}"}
+            return {**out, "state": "unavailable", "reason": f"trust anchors file not readable ({type(e).__name__})"}
         settings["trust"] = {"trust_anchors": pem}
     try:
         context = c2pa.Context(settings=c2pa.Settings.from_dict(settings))
@@ -47,6 +47,8 @@ def check(data: bytes, trust_anchors: str | os.PathLike | None = None) -> dict:
                     "reason": "the manifest is stored remotely and remote fetching is off"}
         if "NotSupported" in type(e).__name__ or "not supported" in text.lower():
             return {**out, "state": "none", "reason": f"format not supported by c2pa: {text}"}
+        if b"jumb" not in data and b"c2pa" not in data:  # a broken file with no trace of a manifest
+            return {**out, "state": "none", "reason": f"file not parsable by c2pa, no manifest seen: {text}"}
         return {**out, "state": "invalid", "reason": text}
     except Exception as e:  # a misbehaving native binding must not take the request down
         return {**out, "state": "unavailable", "reason": f"c2pa failed: {type(e).__name__}: {str(e)[:300]}"}
