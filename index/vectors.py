@@ -16,7 +16,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from index.faults import crash_point
+from index.layout import atomic_write, fsync_dir  # noqa: F401 - fsync_dir: vx.fsync_dir for callers
 
 
 def new_index(dim: int) -> faiss.Index:
@@ -53,14 +53,6 @@ def checksum(data: bytes) -> str:
 def checksums(matrix: np.ndarray) -> list[str]:
     matrix = np.ascontiguousarray(matrix, dtype=np.float32)
     return [checksum(row.tobytes()) for row in matrix]
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class MappedIndex:
@@ -159,24 +151,16 @@ class MappedIndex:
 
 
 def write_atomic(index: faiss.Index, path: Path, point: str = "index:before-replace") -> None:
-    """Write beside the target, fsync, rename: a reader sees the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    """Write beside the target, fsync, rename (layout.atomic_write): a reader sees the old file or the
+    new one, never half."""
+    def write(handle) -> None:
         if isinstance(index, MappedIndex):  # streamed from the mapped file: no copy of every vector
-            with open(tmp, "wb") as handle:
-                index.stream_to(handle)
-                handle.flush()
-                os.fsync(handle.fileno())
+            index.stream_to(handle)
         else:
-            faiss.write_index(index, str(tmp))
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-        crash_point(point)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+            writer = faiss.PyCallbackIOWriter(handle.write)
+            faiss.write_index(index, writer)
+            del writer  # flushes its buffer
+    atomic_write(path, write, point)
 
 
 def _distinct(ids: np.ndarray) -> bool:

@@ -158,9 +158,9 @@ def test_deleted_vectors_are_never_returned(built, tmp_path):
     root = _copy(built, tmp_path)
     queries = _clustered(30, seed=13)
     with Store.open(root) as store:
-        gone = set(store._db_vector_ids().tolist())
+        gone = set(store.vector_ids().tolist())
         store.remove_source("b")
-        gone -= set(store._db_vector_ids().tolist())
+        gone -= set(store.vector_ids().tolist())
         assert len(gone) == N // 2
         for query in queries:
             assert not {r.vector_id for r, _ in store.nearest(query, 32)} & gone

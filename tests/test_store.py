@@ -12,6 +12,7 @@ import numpy as np
 
 import pytest
 
+from index import faults
 from index import vectors as vx
 from index.errors import StoreDamaged
 from index.store import NewImage, Store
@@ -37,14 +38,14 @@ def _rows(store: Store, n: int, start: int = 0, seed: int = 0) -> list[NewImage]
 
 
 def _agree(store: Store) -> bool:
-    return np.array_equal(np.sort(vx.index_ids(store.index)), store._db_vector_ids())
+    return np.array_equal(np.sort(vx.index_ids(store.index)), store.vector_ids())
 
 
 def test_round_trip_and_rebuild(tmp_path, db):
     with _store(tmp_path, db) as store:
         rows = _rows(store, 50)
         store.add_images(rows)
-        ids = store._db_vector_ids()
+        ids = store.vector_ids()
         sims, found = vx.search_among(store.index, rows[0].vector[None], ids[:10])
     with Store.open(tmp_path / "s") as store:
         assert store.open_report.added == 0 and not store.open_report.rebuilt
@@ -67,8 +68,8 @@ def test_index_behind_database_is_repaired(tmp_path, db):
         store.add_images(_rows(store, 20))
     store = Store.open(tmp_path / "s")
     store.add_images(_rows(store, 7, start=20, seed=1))
-    store._dirty = False  # simulate dying here: the committed rows never reach the FAISS file
-    store.close()
+    with faults.skipping("close:publish"):  # dies here: the committed rows never reach the FAISS file
+        store.close()
     with Store.open(tmp_path / "s") as store:
         assert store.open_report.added == 7 and store.index.ntotal == 27 and _agree(store)
 
@@ -101,15 +102,15 @@ def test_torn_or_missing_index_file_is_rebuilt(tmp_path, db):
 def test_deleted_ids_are_never_reused(tmp_path, db):
     with _store(tmp_path, db) as store:
         store.add_images(_rows(store, 5))
-        first = set(store._db_vector_ids().tolist())
+        first = set(store.vector_ids().tolist())
         store.remove_source("a")
         store.add_images(_rows(store, 5, start=5))
-        assert len(first) == 5 and not first & set(store._db_vector_ids().tolist())
+        assert len(first) == 5 and not first & set(store.vector_ids().tolist())
     with Store.open(tmp_path / "s") as store:  # not even after a reopen (a new connection, a new process)
-        seen = set(store._db_vector_ids().tolist())
+        seen = set(store.vector_ids().tolist())
         store.remove_source("a")
         store.add_images(_rows(store, 3, start=10))
-        assert len(seen) == 5 and not (first | seen) & set(store._db_vector_ids().tolist())
+        assert len(seen) == 5 and not (first | seen) & set(store.vector_ids().tolist())
 
 
 def test_ingest_is_idempotent_and_links_originals(models, originals, tmp_path, db):
@@ -195,7 +196,7 @@ def test_two_processes_share_a_store(tmp_path, db):
         more = _rows(first, 2, start=7, seed=3)
         with Store.open(tmp_path / "s") as third:
             third.add_images(more)  # committed, but `first` never reloads
-        ids = first._db_vector_ids()
+        ids = first.vector_ids()
         sims, found = first.search(more[0].vector[None], ids)
         assert set(found[0]) == set(ids) and np.isclose(sims[0].max(), 1.0, atol=1e-5)
 
@@ -260,23 +261,24 @@ def test_mapped_index_behaves_as_the_faiss_index_it_stands_for(tmp_path):
 
 def _sql(store: Store, statement: str) -> None:
     """A hand edit of the database, behind the store's back (what another tool could do)."""
-    with store._write_engine.begin() as conn:
+    with store.db.write_engine.begin() as conn:
         conn.exec_driver_sql(statement)
 
 
-def test_open_compares_ids_by_the_database_digest(tmp_path, db, monkeypatch):
+def test_open_compares_ids_by_the_database_digest(tmp_path, db):
     """An open reads no id list when the database's trigger-kept digest matches the file's ids, or
     when the file is only behind by newer ids (the watermark); anything else falls back to the full
     comparison, which still catches lost rows; a hand-edited digest is recomputed, never trusted."""
     with _store(tmp_path, db) as store:
         store.add_images(_rows(store, 20))
-    full_reads = []
-    real = Store._db_vector_ids
-    monkeypatch.setattr(Store, "_db_vector_ids", lambda self, *a, **k: full_reads.append(1) or real(self, *a, **k))
-    with Store.open(tmp_path / "s") as store:
+    with faults.observing("ids:full-read") as full_reads:
+        _digest_checks(tmp_path, full_reads)
+
+
+def _digest_checks(tmp_path: Path, full_reads: list) -> None:
+    with faults.skipping("close:publish"), Store.open(tmp_path / "s") as store:  # dies before publishing:
         assert store.open_report.digest and store.open_report.checked == 20 and not full_reads
-        store.add_images(_rows(store, 7, start=20, seed=1))
-        store._dirty = False  # dies before publishing: the file is 7 vectors behind
+        store.add_images(_rows(store, 7, start=20, seed=1))  # the file is 7 vectors behind
     with Store.open(tmp_path / "s", writable=False) as store:
         assert store.open_report.digest and store.open_report.added == 7 and not full_reads
     with Store.open(tmp_path / "s") as store:
@@ -294,11 +296,10 @@ def test_open_compares_ids_by_the_database_digest(tmp_path, db, monkeypatch):
     with Store.open(tmp_path / "s") as store:  # a writable open recomputes it
         assert any("recomputed" in n for n in store.open_report.notes)
     full_reads.clear()
-    with Store.open(tmp_path / "s") as store:
+    with faults.skipping("close:publish"), Store.open(tmp_path / "s") as store:
         assert store.open_report.digest and not full_reads
         lost = int(vx.index_ids(store.index).max())
         _sql(store, f"DELETE FROM vectors WHERE id = {lost}")  # a row lost with no tombstone
-        store._dirty = False
     with pytest.raises(StoreDamaged, match="database lost data"):
         Store.open(tmp_path / "s")
     assert full_reads

@@ -1,0 +1,307 @@
+"""The catalog: sources, descriptions, images and the references a query is compared with.
+
+Races are normal: unique rows are got-or-created in one statement (`insert_ignore`). Every method
+answers from the database and returns its result; the live index is the store's business.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from index import vectors as vx
+from index.db import Database, insert_ignore, made
+from index.errors import StoreInputError, UnknownName
+from index.keys import normalise_description, sha256_text
+from index.layout import Layout
+from index.schema import DeletedVector, Description, Image, Source, Vector
+from index.schema import _now as _utcnow
+from index.search import StoredReference
+
+
+@dataclass
+class NewImage:
+    """One image to record, with its CLIP vector."""
+
+    key: str
+    role: str
+    source_id: int
+    description_id: int
+    file_hash: str
+    path: str
+    vector: np.ndarray
+    seed: int | None = None
+    params_hash: str | None = None
+    original_id: int | None = None
+
+
+@dataclass(frozen=True)
+class LabelledVector:
+    """A stored image with its vector under the store's embedder (`Store.labelled_vectors`)."""
+
+    id: int
+    role: str
+    source: str
+    description_id: int
+    seed: int | None
+    original_id: int | None
+    file_hash: str
+    path: str
+    vector: np.ndarray
+
+
+class AddedImages(list):
+    """What `Store.add_images` returns: the image id of every row, in order (a list), and `inserted`,
+    how many rows were new (the rest were stored already, perhaps by another process meanwhile)."""
+
+    def __init__(self, image_ids: list[int], inserted: int):
+        super().__init__(image_ids)
+        self.inserted = inserted
+
+
+@dataclass
+class Recorded:
+    """What `Catalog.add_images` recorded: every row's image id, and the new vectors' ids with the rows
+    (indices into the batch) they came from."""
+
+    image_ids: list[int]
+    vector_ids: list[int]
+    rows: list[int]
+
+
+class Catalog:
+    def __init__(self, db: Database, layout: Layout):
+        self.db, self.layout = db, layout
+
+    @property
+    def embedder(self) -> str:
+        return self.layout.embedder_identity
+
+    # ----- sources ----------------------------------------------------------------------------
+    def add_source(self, name: str, kind: str, fingerprint: str, path: str | None = None,
+                   params: dict | None = None) -> Source:
+        """Register a new source; StoreInputError if the name is taken (also when a race is lost)."""
+        taken = StoreInputError(f"source {name!r} already exists (remove it first to change it)")
+        try:
+            with self.db.write_session() as s:
+                if s.scalar(select(Source.id).where(Source.name == name)) is not None:
+                    raise taken
+                source = Source(name=name, kind=kind, path=path, params_json=json.dumps(params or {}, sort_keys=True),
+                                fingerprint=fingerprint)
+                s.add(source)
+                s.commit()
+                return source
+        except IntegrityError:
+            raise taken from None
+
+    def ensure_source(self, name: str, kind: str, fingerprint: str, path: str | None = None,
+                      params: dict | None = None) -> Source:
+        """Get-or-create a source in one statement (two processes registering the same replay source
+        both succeed). StoreInputError if the name exists with another kind or fingerprint."""
+        with self.db.write_session() as s:
+            insert_ignore(s, Source, {"name": name, "kind": kind, "path": path, "fingerprint": fingerprint,
+                                      "params_json": json.dumps(params or {}, sort_keys=True),
+                                      "created_at": _utcnow()}, ["name"])
+            source = s.scalar(select(Source).where(Source.name == name))
+            s.commit()
+        if source.kind != kind or source.fingerprint != fingerprint:
+            raise StoreInputError(f"source {name!r} already exists as another {source.kind} source "
+                                  "(remove it first to change it)")
+        return source
+
+    def sources(self) -> list[Source]:
+        with self.db.session() as s:
+            return list(s.scalars(select(Source).order_by(Source.name)))
+
+    def source(self, name: str) -> Source:
+        with self.db.session() as s:
+            found = s.scalar(select(Source).where(Source.name == name))
+        if found is None:
+            known = ", ".join(x.name for x in self.sources()) or "none registered"
+            raise UnknownName(f"unknown source {name!r} (known: {known})")
+        return found
+
+    def delete_source(self, source: Source) -> tuple[np.ndarray, list[str]]:
+        """Delete a source's rows, tombstoning its vector ids in the same transaction: (vector ids,
+        the stored paths of its images)."""
+        with self.db.write_session() as s:
+            image_ids = select(Image.id).where(Image.source_id == source.id)
+            paths = list(s.scalars(select(Image.path).where(Image.source_id == source.id)))
+            vector_ids = np.array(s.scalars(select(Vector.id).where(Vector.image_id.in_(image_ids))).all(), np.int64)
+            # resyntheses of other sources that pointed at these originals lose the link, not their rows
+            s.execute(update(Image).where(Image.original_id.in_(image_ids)).values(original_id=None))
+            s.execute(delete(Vector).where(Vector.image_id.in_(image_ids)))
+            s.execute(delete(Image).where(Image.source_id == source.id))
+            s.execute(delete(Source).where(Source.id == source.id))
+            now = time.time()
+            for vid in vector_ids.tolist():
+                insert_ignore(s, DeletedVector, {"vector_id": vid, "deleted_at": now}, ["vector_id"])
+            s.commit()
+        return vector_ids, paths
+
+    def remove_unreferenced_files(self, stored_paths: list[str]) -> None:
+        """Delete the store's own files among `stored_paths` that no remaining row points at."""
+        candidates = {p for p in (self.layout.own_file(x) for x in stored_paths) if p is not None}
+        if not candidates:
+            return
+        with self.db.session() as s:
+            candidates -= {p for p in (self.layout.own_file(x) for x in s.scalars(select(Image.path)))
+                           if p is not None}
+        self.layout.remove_files(candidates)
+
+    # ----- descriptions -----------------------------------------------------------------------
+    def description_id(self, text: str) -> int:
+        """Id of a normalised description, created on first use (get-or-create in one statement)."""
+        normal = normalise_description(text)
+        digest = sha256_text(normal)
+        with self.db.session() as s:
+            found = s.scalar(select(Description.id).where(Description.hash == digest))
+        if found is not None:
+            return found
+        with self.db.write_session() as s:
+            insert_ignore(s, Description, {"text": normal, "hash": digest}, ["hash"])
+            found = s.scalar(select(Description.id).where(Description.hash == digest))
+            s.commit()
+        return found
+
+    def find_description_id(self, text: str) -> int | None:
+        """Id of a stored description, without creating it (lookups stay read-only)."""
+        with self.db.session() as s:
+            return s.scalar(select(Description.id).where(
+                Description.hash == sha256_text(normalise_description(text))))
+
+    def description_for_file(self, file_hash: str) -> str | None:
+        """A stored description of an image with these bytes (an ingested original), if any."""
+        with self.db.session() as s:
+            return s.scalar(select(Description.text).join(Image, Image.description_id == Description.id)
+                            .where(Image.file_hash == file_hash).order_by(Image.role).limit(1))
+
+    # ----- images -----------------------------------------------------------------------------
+    def existing_keys(self, keys: list[str]) -> dict[str, int]:
+        """Map of key -> vector id for the keys already stored (the cache lookup)."""
+        keys = list(keys)
+        found: dict[str, int] = {}
+        with self.db.session() as s:
+            for start in range(0, len(keys), 500):
+                rows = s.execute(select(Image.key, Vector.id).join(Vector, Vector.image_id == Image.id)
+                                 .where(Image.key.in_(keys[start:start + 500]), Vector.embedder == self.embedder))
+                found.update({key: vid for key, vid in rows})
+        return found
+
+    def record_images(self, rows: list[NewImage], matrix: np.ndarray) -> Recorded:
+        """Record images and vectors in one transaction; a key already stored (by this batch, an earlier
+        one or another process) yields the existing image's id and adds nothing."""
+        out = Recorded([], [], [])
+        with self.db.write_session() as s:
+            for i, (row, vec) in enumerate(zip(rows, matrix)):
+                try:
+                    result = insert_ignore(s, Image, {
+                        "key": row.key, "role": row.role, "source_id": row.source_id,
+                        "description_id": row.description_id, "seed": row.seed, "params_hash": row.params_hash,
+                        "file_hash": row.file_hash, "path": row.path, "original_id": row.original_id,
+                        "created_at": _utcnow()}, ["key"])
+                except IntegrityError as exc:  # a foreign key: the source was removed meanwhile
+                    raise StoreInputError("an image refers to a source or description that no longer "
+                                          "exists (removed by another process)") from exc
+                if not made(result):
+                    out.image_ids.append(s.scalar(select(Image.id).where(Image.key == row.key)))
+                    continue
+                image_id = result.inserted_primary_key[0]
+                out.image_ids.append(image_id)
+                data = vec.tobytes()
+                vector = s.execute(Vector.__table__.insert().values(
+                    image_id=image_id, embedder=self.embedder, data=data, checksum=vx.checksum(data)))
+                out.vector_ids.append(vector.inserted_primary_key[0])
+                out.rows.append(i)
+            s.commit()
+        return out
+
+    def original_id_for_file(self, file_hash: str) -> int | None:
+        with self.db.session() as s:
+            return s.scalar(select(Image.id).where(Image.file_hash == file_hash, Image.role == "original").limit(1))
+
+    def image_id_for_key(self, key: str) -> int | None:
+        with self.db.session() as s:
+            return s.scalar(select(Image.id).where(Image.key == key))
+
+    def labelled_vectors(self) -> list[LabelledVector]:
+        """Every image with a vector under the store's embedder, with its labels, by image id."""
+        query = (select(Image.id, Image.role, Source.name, Image.description_id, Image.seed, Image.original_id,
+                        Image.file_hash, Image.path, Vector.data)
+                 .join(Source, Image.source_id == Source.id).join(Vector, Vector.image_id == Image.id)
+                 .where(Vector.embedder == self.embedder).order_by(Image.id))
+        with self.db.session() as s:
+            return [LabelledVector(*row[:8], vector=np.frombuffer(row[8], np.float32).copy())
+                    for row in s.execute(query)]
+
+    # ----- references -------------------------------------------------------------------------
+    def _references(self):
+        return (select(Vector.id, Source.name, Image.seed, Image.file_hash, Image.key)
+                .join(Image, Vector.image_id == Image.id).join(Source, Image.source_id == Source.id))
+
+    def resyntheses(self, description_id: int, source_ids: list[int] | None = None) -> list[StoredReference]:
+        """Every stored resynthesis vector of one description (optionally of some sources only)."""
+        query = (self._references()
+                 .where(Image.role == "resynthesis", Image.description_id == description_id,
+                        Vector.embedder == self.embedder)
+                 .order_by(Source.name, Image.seed, Image.id))
+        if source_ids is not None:
+            query = query.where(Image.source_id.in_(source_ids))
+        with self.db.session() as s:
+            return [StoredReference(*row) for row in s.execute(query)]
+
+    def originals(self, source_ids: list[int], per_source: int) -> list[StoredReference]:
+        """Up to `per_source` stored labelled originals of each source (oldest first), any description."""
+        query = (self._references()
+                 .where(Image.role == "original", Image.source_id.in_(source_ids), Vector.embedder == self.embedder)
+                 .order_by(Source.name, Image.id))
+        kept: dict[str, int] = {}
+        out = []
+        with self.db.session() as s:
+            for row in s.execute(query):
+                if kept.get(row[1], 0) < per_source:
+                    kept[row[1]] = kept.get(row[1], 0) + 1
+                    out.append(StoredReference(*row))
+        return out
+
+    def references_by_id(self, ids: list[int], source_ids: list[int] | None,
+                         roles: tuple[str, ...]) -> dict[int, StoredReference]:
+        # role and source are compared as expressions (`role || ''`, `source_id + 0`), not as indexed
+        # columns: otherwise SQLite plans from ix_images_lookup and scans every image of those roles per
+        # call (O(store) per dataset search); from the few vector ids by primary key it is O(ids)
+        query = self._references().where((Image.role + "").in_(roles), Vector.embedder == self.embedder)
+        if source_ids is not None:
+            query = query.where((Image.source_id + 0).in_(source_ids))
+        out: dict[int, StoredReference] = {}
+        with self.db.session() as s:
+            for start in range(0, len(ids), 500):
+                for row in s.execute(query.where(Vector.id.in_(ids[start:start + 500]))):
+                    out[row[0]] = StoredReference(*row)
+        return out
+
+    # ----- numbers ----------------------------------------------------------------------------
+    def counts(self, digest_of: Callable[[Session], tuple[int, int, int] | None]) -> dict:
+        """Per source (kind, originals, resyntheses), descriptions, vectors (the count the id digest keeps,
+        else a count of every row)."""
+        with self.db.session() as s:
+            per_source = s.execute(select(Source.name, Source.kind, Image.role, func.count(Image.id))
+                                   .join(Image, Image.source_id == Source.id, isouter=True)
+                                   .group_by(Source.name, Source.kind, Image.role)).all()
+            descriptions = s.scalar(select(func.count(Description.id)))
+            digest = digest_of(s)
+            vectors = digest[0] if digest else s.scalar(select(func.count(Vector.id))
+                                                        .where(Vector.embedder == self.embedder))
+        sources: dict[str, dict] = {}
+        for name, kind, role, count in per_source:
+            entry = sources.setdefault(name, {"kind": kind, "originals": 0, "resyntheses": 0})
+            if role == "original":
+                entry["originals"] = count
+            elif role == "resynthesis":
+                entry["resyntheses"] = count
+        return {"sources": sources, "descriptions": descriptions, "vectors": vectors}

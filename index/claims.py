@@ -1,0 +1,83 @@
+"""Single-flight work across processes: a claim row with a lease per piece of work that must happen
+once (the generation of one cache key), so a second process waits and reuses rather than repeats."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from sqlalchemy import delete, func, select
+
+from index.db import Database, upsert
+from index.schema import Claim
+
+
+class Claims:
+    def __init__(self, db: Database, existing_keys: Callable[[list[str]], dict[str, int]]):
+        self.db = db
+        self.existing_keys = existing_keys
+
+    def claim(self, keys: list[str], owner: str, lease_seconds: float = 600.0) -> list[str]:
+        """Take (or renew) leases on `keys`; returns those `owner` now holds: free ones, expired ones
+        and its own. After claiming, check `existing_keys` again: a key may have been stored meanwhile."""
+        keys = list(dict.fromkeys(keys))
+        if not keys:
+            return []
+        now = time.time()
+        table = Claim.__table__
+        with self.db.write_session() as s:
+            for key in keys:
+                upsert(s, Claim, {"key": key, "owner": owner, "expires_at": now + lease_seconds}, ["key"],
+                       ["owner", "expires_at"], (table.c.expires_at < now) | (table.c.owner == owner))
+            held = set()
+            for k in range(0, len(keys), 500):
+                held.update(s.scalars(select(Claim.key).where(Claim.key.in_(keys[k:k + 500]), Claim.owner == owner)))
+            s.commit()
+        return [key for key in keys if key in held]
+
+    def release(self, keys: list[str], owner: str) -> int:
+        """Give up `owner`'s leases on `keys` (stored or abandoned work); returns how many were held."""
+        keys = list(dict.fromkeys(keys))
+        released = 0
+        with self.db.write_session() as s:
+            for k in range(0, len(keys), 500):
+                released += s.execute(delete(Claim).where(Claim.key.in_(keys[k:k + 500]),
+                                                          Claim.owner == owner)).rowcount
+            s.commit()
+        return released
+
+    def live_claims(self, keys: list[str]) -> dict[str, str]:
+        """key -> owner of the unexpired leases among `keys`."""
+        keys = list(dict.fromkeys(keys))
+        if not self.db.has_claims:
+            return {}
+        now = time.time()
+        out: dict[str, str] = {}
+        with self.db.session() as s:
+            for k in range(0, len(keys), 500):
+                out.update(dict(s.execute(select(Claim.key, Claim.owner).where(
+                    Claim.key.in_(keys[k:k + 500]), Claim.expires_at >= now)).all()))
+        return out
+
+    def wait_for_keys(self, keys: list[str], timeout: float = 600.0, poll: float = 0.25) -> dict[str, int]:
+        """Wait while other processes generate `keys`: returns key -> vector id of the stored ones as
+        soon as every key is stored, or none of the missing ones has a live claim (released, expired:
+        the caller claims and makes them), or `timeout` seconds passed (whatever is stored by then)."""
+        keys = list(dict.fromkeys(keys))
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.existing_keys(keys)
+            rest = [k for k in keys if k not in found]
+            if not rest or not self.live_claims(rest) or time.monotonic() >= deadline:
+                return found
+            time.sleep(max(0.0, min(poll, deadline - time.monotonic())))
+
+    def expired(self, s) -> int:
+        """How many leases have expired (in session `s`)."""
+        if not self.db.has_claims:
+            return 0
+        return s.scalar(select(func.count()).select_from(Claim).where(Claim.expires_at < time.time()))
+
+    def drop_expired(self) -> None:
+        with self.db.write_session() as s:
+            s.execute(delete(Claim).where(Claim.expires_at < time.time()))
+            s.commit()

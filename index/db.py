@@ -1,0 +1,379 @@
+"""The store's database: engines, sessions and a `Dialect` holding every SQLite/PostgreSQL difference.
+
+The rest of the store speaks SQLAlchemy and asks the dialect whenever SQLite and PostgreSQL differ
+(catalog queries of tables and triggers, the trigger language, get-or-create, integrity checks), so no
+other module branches on the backend.
+
+PostgreSQL guarantees match SQLite's: every write transaction first takes a transaction-scoped advisory
+lock (the single writer SQLite's BEGIN IMMEDIATE gives), reads run in REPEATABLE READ snapshots (what a
+WAL read transaction gives), and one database holds one store.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+from typing import Callable
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import QueuePool
+
+from index.errors import StoreDamaged, StoreError, StoreInputError
+
+RESTORE = "restore metadata.sqlite from a backup"
+_CORRUPT = ("not a database", "malformed", "corrupt", "disk image")
+PG_WRITE_LOCK = 0x7265_7379_6E74_6801  # pg_advisory_xact_lock key of a store's single writer ("resynth")
+PG_DRIVERS = ("postgresql", "postgresql+psycopg")
+PASSWORD_ENV = "RESYNTH_DB_PASSWORD"
+QUICK_CHECK_MAX_BYTES = 64 << 20  # PRAGMA quick_check at open only for databases up to this size
+
+
+# ----- PostgreSQL URLs ---------------------------------------------------------------------------
+def parse_db_url(text: str) -> URL:
+    """A PostgreSQL URL as store.json records it: driver psycopg, no password (StoreInputError otherwise).
+
+    Messages never repeat the URL text: it may hold the very password they refuse."""
+    try:
+        url = make_url(str(text).strip())
+    except Exception:
+        raise StoreInputError("--db is not a database URL (expected postgresql+psycopg://USER@HOST:PORT/DBNAME)") \
+            from None
+    if url.drivername not in PG_DRIVERS:
+        hint = " (SQLite is the default: leave --db out)" if url.drivername.startswith("sqlite") else ""
+        raise StoreInputError(f"--db must be a PostgreSQL URL (postgresql+psycopg://USER@HOST:PORT/DBNAME), "
+                              f"not {url.drivername}{hint}")
+    if url.password is not None or "password" in url.query:
+        raise StoreInputError("--db must not contain a password (it would be written to store.json): "
+                              f"set PGPASSWORD or {PASSWORD_ENV} in the environment instead")
+    if not url.database:
+        raise StoreInputError("--db names no database (expected postgresql+psycopg://USER@HOST:PORT/DBNAME)")
+    return url.set(drivername="postgresql+psycopg")
+
+
+def db_label(url: URL) -> str:
+    """How messages name a PostgreSQL store database: host, port and name, never a password."""
+    return f"PostgreSQL database {url.database!r} at {url.host or 'localhost'}:{url.port or 5432}"
+
+
+# ----- get-or-create -----------------------------------------------------------------------------
+def _dialect_insert(session: Session):
+    """The backend's INSERT with ON CONFLICT support."""
+    name = session.get_bind().dialect.name
+    if name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    elif name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        raise StoreError(f"database dialect {name} has no get-or-create support here")
+    return insert
+
+
+def insert_ignore(session: Session, model, values: dict, conflict: list[str]):
+    """INSERT ... ON CONFLICT DO NOTHING; `made(result)` says whether a row was made."""
+    insert = _dialect_insert(session)
+    return session.execute(insert(model.__table__).values(**values).on_conflict_do_nothing(index_elements=conflict))
+
+
+def upsert(session: Session, model, values: dict, conflict: list[str], update: list[str], where):
+    """INSERT ... ON CONFLICT DO UPDATE SET `update` columns WHERE `where` (of the existing row)."""
+    stmt = _dialect_insert(session)(model.__table__).values(**values)
+    return session.execute(stmt.on_conflict_do_update(
+        index_elements=conflict, set_={c: getattr(stmt.excluded, c) for c in update}, where=where))
+
+
+def made(result) -> bool:
+    """Whether an `insert_ignore` made its row. SQLite reports it in rowcount; PostgreSQL fetches the new
+    key with RETURNING (rowcount -1 then), which comes back empty when the conflict skipped the row."""
+    if result.rowcount >= 0:
+        return result.rowcount == 1
+    key = result.inserted_primary_key
+    return key is not None and key[0] is not None
+
+
+# ----- SQLite ------------------------------------------------------------------------------------
+def _corruption(exc: BaseException | None) -> str | None:
+    """The one-line reason if a database error means the file is damaged (not busy, not a bug)."""
+    if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.IntegrityError):
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if any(word in text.lower() for word in _CORRUPT):
+            return text
+    return None
+
+
+def damaged_file(path: Path, what: str) -> StoreDamaged:
+    return StoreDamaged(f"{path} {what}: {RESTORE} (vectors.faiss cannot replace it)")
+
+
+def check_database_file(path: Path) -> None:
+    """Before SQLite sees the file (its connect would create an empty one): there, non-empty, SQLite."""
+    if not path.is_file():
+        raise damaged_file(path, "is missing")
+    if path.stat().st_size == 0:
+        raise damaged_file(path, "is empty")
+    with open(path, "rb") as handle:
+        header = handle.read(100)
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
+        raise damaged_file(path, "is not a SQLite database (damaged header)")
+
+
+def drop_own_sidecars(paths: list[Path]) -> None:
+    """After a refused open: remove the empty -wal/-shm files SQLite made for this open (they did not
+    exist before it), so that a refused open leaves the store's folder as it found it."""
+    wal = next((p for p in paths if p.name.endswith("-wal")), None)
+    if wal is not None and wal.exists() and wal.stat().st_size:
+        return  # holds data someone wrote: not ours to remove
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def _sqlite_pragmas(writable: bool):
+    def apply(dbapi_connection, _record) -> None:
+        cursor = dbapi_connection.cursor()
+        if writable:
+            cursor.execute("PRAGMA journal_mode=WAL")  # readers run during a write
+        cursor.execute("PRAGMA synchronous=FULL")  # a committed (acknowledged) write survives a crash
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+    return apply
+
+
+def _sqlite_engine(path: Path, mode: str) -> Engine:
+    """An engine on exactly this file: mode rwc (create), rw (must exist) or ro (never writes the file)."""
+    uri = path.resolve().as_uri() + f"?mode={mode}"
+
+    def connect():
+        return sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None, timeout=30)
+
+    engine = create_engine("sqlite://", creator=connect, poolclass=QueuePool)
+    event.listen(engine, "connect", _sqlite_pragmas(mode != "ro"))
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn) -> None:  # explicit transactions; writers take the write lock up front (no BUSY upgrade)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("immediate") else "BEGIN")
+
+    @event.listens_for(engine, "handle_error")
+    def _on_error(context) -> None:
+        reason = _corruption(context.original_exception)
+        if reason:
+            raise damaged_file(path, f"is damaged ({reason})") from None
+
+    return engine
+
+
+# ----- PostgreSQL --------------------------------------------------------------------------------
+def _pg_reason(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _pg_error(exc: BaseException | None, label: str) -> StoreError | None:
+    """A PostgreSQL error that is not a bug in resynth, as a one-line StoreError (never "file damaged":
+    the server owns its files). Connection failures, timeouts, an unknown database or role."""
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - no driver, no PostgreSQL errors
+        return None
+    if isinstance(exc, psycopg.OperationalError):
+        state = getattr(exc, "sqlstate", None) or ""
+        if not state or state.startswith(("08", "57P", "3D", "28")):  # no connection, shut down, no db, no login
+            return StoreError(f"cannot reach {label}: {_pg_reason(exc)}")
+        return StoreError(f"{label}: {_pg_reason(exc)}")
+    if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
+        return StoreInputError(f"{label} is open read-only")
+    return None
+
+
+def _pg_engine(url: URL, mode: str, label: str) -> Engine:
+    """An engine on a PostgreSQL database: pooled with pre-ping (several machines, server restarts),
+    REPEATABLE READ snapshots for reads, and read-only sessions for a read-only open (`mode` "ro")."""
+    password = os.environ.get(PASSWORD_ENV)
+    if password:
+        url = url.set(password=password)
+    # lock_timeout: a writer waits for the write lock as long as SQLite's busy_timeout lets it (30 s)
+    options = "-c lock_timeout=30000" + (" -c default_transaction_read_only=on" if mode == "ro" else "")
+    connect_args: dict = {"connect_timeout": 10, "application_name": "resynth", "options": options}
+    try:
+        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, connect_args=connect_args,
+                               isolation_level="REPEATABLE READ")
+    except ModuleNotFoundError:
+        raise StoreInputError("PostgreSQL metadata needs the psycopg driver: pip install 'resynth[postgres]'") \
+            from None
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn) -> None:  # a writer holds the store's write lock until its commit (one writer at a time)
+        if conn.get_execution_options().get("immediate"):
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_WRITE_LOCK})")
+
+    @event.listens_for(engine, "handle_error")
+    def _on_error(context) -> None:
+        if getattr(context, "is_pre_ping", False):
+            return  # the pool reconnects on its own
+        problem = _pg_error(context.original_exception, label)
+        if problem is not None:
+            raise problem from None
+
+    return engine
+
+
+# ----- dialects ----------------------------------------------------------------------------------
+class Dialect:
+    """What differs between the backends; one instance per store, chosen once at open."""
+
+    backend: str
+    trigger_names: tuple[str, ...]
+    binds_database: bool  # whether the database records which store (embedder) it holds
+
+    def tables(self, conn) -> set[str]:
+        raise NotImplementedError
+
+    def columns(self, conn, table: str) -> set[str]:
+        raise NotImplementedError
+
+    def triggers(self, conn) -> set[str]:
+        raise NotImplementedError
+
+    def vector_set_ddl(self, add: Callable[[str], str], drop: Callable[[str], str]) -> list[str]:
+        """Triggers that run `add("NEW")` on insert, `drop("OLD")` on delete and both on update."""
+        raise NotImplementedError
+
+    def raw_sql(self, conn, statement: str) -> None:
+        conn.exec_driver_sql(statement)
+
+    def id_floor(self, conn, tables: set[str]) -> int:
+        """The highest vector id the database ever handed out (deleted ones included), 0 if unknown."""
+        return 0
+
+    def integrity(self, conn, quick: bool = False) -> list[str]:
+        """The database's own integrity check: ["ok"] or its first complaints."""
+        return ["ok"]
+
+
+class SqliteDialect(Dialect):
+    backend = "sqlite"
+    trigger_names = ("vector_sets_insert", "vector_sets_delete", "vector_sets_update")
+    binds_database = False
+
+    def tables(self, conn) -> set[str]:
+        return set(conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='table'").scalars())
+
+    def columns(self, conn, table: str) -> set[str]:
+        return {row[1] for row in conn.exec_driver_sql(f"PRAGMA table_info({table})")}
+
+    def triggers(self, conn) -> set[str]:
+        return set(conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='trigger'").scalars())
+
+    def vector_set_ddl(self, add, drop) -> list[str]:
+        ensure = "INSERT OR IGNORE INTO vector_sets (embedder, n, id_sum, id_mix) VALUES (NEW.embedder, 0, 0, 0);"
+        return [f"DROP TRIGGER IF EXISTS {name}" for name in self.trigger_names] + [
+            f"CREATE TRIGGER vector_sets_insert AFTER INSERT ON vectors BEGIN {ensure} {add('NEW')} END",
+            f"CREATE TRIGGER vector_sets_delete AFTER DELETE ON vectors BEGIN {drop('OLD')} END",
+            f"CREATE TRIGGER vector_sets_update AFTER UPDATE OF id, embedder ON vectors "
+            f"BEGIN {drop('OLD')} {ensure} {add('NEW')} END"]
+
+    def id_floor(self, conn, tables: set[str]) -> int:
+        if "sqlite_sequence" not in tables:
+            return 0
+        return int(conn.exec_driver_sql("SELECT seq FROM sqlite_sequence WHERE name='vectors'").scalar() or 0)
+
+    def integrity(self, conn, quick: bool = False) -> list[str]:
+        pragma = "PRAGMA quick_check(1)" if quick else "PRAGMA integrity_check(20)"
+        return [str(r[0]) for r in conn.exec_driver_sql(pragma)]
+
+
+class PostgresDialect(Dialect):
+    backend = "postgresql"
+    trigger_names = ("resynth_vector_sets",)
+    binds_database = True
+
+    def tables(self, conn) -> set[str]:
+        return set(conn.exec_driver_sql("SELECT table_name FROM information_schema.tables "
+                                        "WHERE table_schema = current_schema()").scalars())
+
+    def columns(self, conn, table: str) -> set[str]:
+        return set(conn.exec_driver_sql("SELECT column_name FROM information_schema.columns WHERE table_schema = "
+                                        f"current_schema() AND table_name = '{table}'").scalars())
+
+    def triggers(self, conn) -> set[str]:
+        return set(conn.exec_driver_sql("SELECT tgname FROM pg_trigger WHERE tgrelid = "
+                                        "to_regclass('vectors') AND NOT tgisinternal").scalars())
+
+    def vector_set_ddl(self, add, drop) -> list[str]:
+        ensure = ("INSERT INTO vector_sets (embedder, n, id_sum, id_mix) VALUES (NEW.embedder, 0, 0, 0) "
+                  "ON CONFLICT (embedder) DO NOTHING;")
+        return ["DROP TRIGGER IF EXISTS resynth_vector_sets ON vectors",
+                "CREATE OR REPLACE FUNCTION resynth_vector_sets() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                f"IF TG_OP <> 'INSERT' THEN {drop('OLD')} END IF; "
+                f"IF TG_OP <> 'DELETE' THEN {ensure} {add('NEW')} END IF; RETURN NULL; END $$",
+                "CREATE TRIGGER resynth_vector_sets AFTER INSERT OR DELETE OR UPDATE OF id, embedder ON vectors "
+                "FOR EACH ROW EXECUTE FUNCTION resynth_vector_sets()"]
+
+    def raw_sql(self, conn, statement: str) -> None:
+        conn.exec_driver_sql(statement.replace("%", "%%"))  # psycopg's paramstyle: '%' operators doubled
+
+    def id_floor(self, conn, tables: set[str]) -> int:
+        return int(conn.exec_driver_sql(
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM vectors_id_seq").scalar() or 0)
+
+
+class Database:
+    """The store's engines and sessions, its dialect, and how messages name it.
+
+    `mode`: "rwc" (create), "rw" or "ro" (a read-only open never writes)."""
+
+    def __init__(self, root: Path, config: dict, mode: str, writable: bool):
+        self.writable = writable
+        self.root = root
+        self.url: URL | None = None
+        self.new_sidecars: list[Path] = []  # -wal/-shm files absent before this open
+        if config.get("db"):
+            try:
+                self.url = parse_db_url(config["db"])
+            except StoreInputError:
+                raise StoreDamaged(f"store config {root / 'store.json'} has an unusable database URL: "
+                                   "restore it from a backup") from None
+            self.dialect: Dialect = PostgresDialect()
+            self.label = db_label(self.url)
+            self.restore_hint = f"restore {self.label} from a backup"
+            self.short_name = self.label
+            self.engine = _pg_engine(self.url, mode, self.label)
+            # writers see each statement's latest committed state once they hold the write lock
+            self.write_engine = self.engine.execution_options(immediate=True, isolation_level="READ COMMITTED")
+        else:
+            self.path = root / "metadata.sqlite"
+            self.dialect = SqliteDialect()
+            self.label, self.restore_hint, self.short_name = str(self.path), RESTORE, self.path.name
+            if mode != "rwc":
+                check_database_file(self.path)
+            sidecars = [self.path.with_name(self.path.name + suffix) for suffix in ("-wal", "-shm")]
+            self.new_sidecars = [p for p in sidecars if not p.exists()]
+            self.engine = _sqlite_engine(self.path, mode)
+            self.write_engine = self.engine.execution_options(immediate=True)
+        self._read_factory = sessionmaker(self.engine, expire_on_commit=False)
+        self._write_factory = sessionmaker(self.write_engine, expire_on_commit=False)
+        # what an older database lacks (set by migrations.probe; all True once migrated)
+        self.has_checksums = self.has_tombstones = self.has_claims = self.has_vector_sets = True
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.url is None
+
+    def session(self) -> Session:
+        return self._read_factory()
+
+    def write_session(self) -> Session:
+        """A session whose transaction takes the store's write lock at BEGIN (no lock-upgrade failures)."""
+        if not self.writable:
+            raise StoreInputError(f"store {self.root} is open read-only")
+        return self._write_factory()
+
+    def damaged(self, what: str) -> StoreDamaged:
+        return StoreDamaged(f"{self.label} {what}: {self.restore_hint} (vectors.faiss cannot replace it)")
+
+    def dispose(self, refused: bool = False) -> None:
+        """Close every connection; after a refused open, also the sidecar files this open made."""
+        self.engine.dispose()
+        if refused:
+            drop_own_sidecars(self.new_sidecars)

@@ -1,0 +1,221 @@
+"""A store folder on disk: the names of its files, the one atomic-write helper every file write uses,
+the cross-process publish lock and the housekeeping of temporary and image files.
+
+Shared by the store's parts as their view of the store itself: `Layout` also holds the config
+(store.json, which names the live index file and the embedder) and whether this process may write.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Callable, Iterator
+
+from index.errors import StoreInputError
+from index.faults import crash_point
+
+CONFIG_NAME = "store.json"
+DB_NAME = "metadata.sqlite"
+INDEX_NAME = "vectors.faiss"
+SEARCH_NAME = "search.faiss"  # the search index (IVF) built by rebuild(); absent while exact search suffices
+SEARCH_INFOS = "search.json"  # what rebuild() chose and measured for it (type, count, nprobe, recall, timings)
+LOCK_NAME = "store.lock"
+FORMAT = 1
+ORPHAN_GRACE_S = 600.0  # an unreferenced image file younger than this may be a commit in flight
+TEMP_RE = re.compile(r"^\..+\.(\d+)\.tmp$")
+
+
+def temp_path(path: Path) -> Path:
+    """Where a write of `path` is prepared: beside it (same filesystem, so the rename is atomic), named
+    by this process so that leftovers of dead writers can be told apart and removed."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None], point: str) -> None:
+    """Write beside the target, fsync, rename, fsync the folder: a reader sees the old file or the new
+    one, never half. `point` names the crash point between the fsync and the rename. A failed write
+    leaves no temporary file behind."""
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+        publish(tmp, path, point)  # fsyncs it
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def publish(prepared: Path, path: Path, point: str | None = None) -> None:
+    """The second half of `atomic_write`, for a file another library wrote (FAISS's on-disk lists):
+    fsync it, rename it over `path`, fsync the folder."""
+    with open(prepared, "rb") as handle:
+        os.fsync(handle.fileno())
+    if point:
+        crash_point(point)
+    os.replace(prepared, path)
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, value: dict, point: str = "config:before-replace") -> None:
+    text = json.dumps(value, indent=2, sort_keys=True)
+    atomic_write(path, lambda handle: handle.write(text.encode()), point)
+
+
+def file_state(path: Path) -> tuple[int, int] | None:
+    """(inode, mtime): changes whenever another process replaces the file."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Layout:
+    """The store folder, its config and whether this process writes to it."""
+
+    def __init__(self, root: Path, config: dict, writable: bool):
+        self.root = root
+        self.config = config
+        self.writable = writable
+
+    @property
+    def embedder_identity(self) -> str:
+        return self.config["embedder"]["identity"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.config["dim"])
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / CONFIG_NAME
+
+    @property
+    def db_path(self) -> Path:
+        return self.root / DB_NAME
+
+    @property
+    def index_path(self) -> Path:
+        """The index file store.json names (a re-embedded store names a new one, so the switch is one
+        atomic replace of store.json)."""
+        return self.root / self.config.get("index_file", INDEX_NAME)
+
+    @property
+    def search_path(self) -> Path:
+        return self.root / SEARCH_NAME
+
+    @property
+    def search_infos_path(self) -> Path:
+        return self.root / SEARCH_INFOS
+
+    def require_writable(self) -> None:
+        if not self.writable:
+            raise StoreInputError(f"store {self.root} is open read-only")
+
+    def save_config(self, config: dict | None = None) -> None:
+        """Write store.json (atomically); then `config`, if given, is this store's config."""
+        write_json_atomic(self.config_path, self.config if config is None else config)
+        if config is not None:
+            self.config = config
+
+    @contextmanager
+    def file_lock(self) -> Iterator[None]:
+        """Cross-process lock for publishing vectors.faiss (flock on store.lock in the store folder)."""
+        self.require_writable()
+        fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    # ----- image files and leftovers ---------------------------------------------------------
+    def file_path(self, stored: str) -> Path:
+        path = Path(stored)
+        return path if path.is_absolute() else self.root / path
+
+    def own_file(self, stored: str) -> Path | None:
+        """The file a row points at if it lies inside the store (below a folder, not a store file)."""
+        root = self.root.resolve()
+        path = Path(os.path.abspath(self.file_path(stored)))
+        try:
+            relative = path.relative_to(root)
+        except ValueError:
+            return None
+        return path if len(relative.parts) >= 2 and ".." not in relative.parts else None
+
+    def remove_files(self, paths: set[Path]) -> None:
+        """Delete image files, and the folders they leave empty (up to the store folder)."""
+        root = self.root.resolve()
+        for path in paths:
+            path.unlink(missing_ok=True)
+            folder = path.parent
+            while folder != root and root in folder.parents:
+                try:
+                    folder.rmdir()  # only if empty
+                except OSError:
+                    break
+                folder = folder.parent
+
+    def temp_files(self, deep: bool = False) -> list[Path]:
+        found = [p for p in self.root.glob(".*.tmp") if TEMP_RE.match(p.name)]
+        if deep and (self.root / "images").is_dir():
+            found += [p for p in (self.root / "images").rglob(".*.tmp") if TEMP_RE.match(p.name)]
+        return found
+
+    def remove_stale_temp_files(self, deep: bool = False) -> list[str]:
+        """Remove `.NAME.<pid>.tmp` leftovers whose writer is dead (at the root; under images/ if deep)."""
+        removed = []
+        for path in self.temp_files(deep):
+            match = TEMP_RE.match(path.name)
+            pid = int(match.group(1)) if match else 0
+            if pid != os.getpid() and not pid_alive(pid):
+                path.unlink(missing_ok=True)
+                removed.append(str(path.relative_to(self.root)))
+        return removed
+
+    def orphans(self, referenced: set[Path]) -> tuple[list[Path], list[Path]]:
+        """Unreferenced files under images/: (old enough to remove, too recent to judge)."""
+        folder = self.root / "images"
+        if not folder.is_dir():
+            return [], []
+        old, recent = [], []
+        now = time.time()
+        for path in sorted(folder.resolve().rglob("*")):
+            if not path.is_file() or TEMP_RE.match(path.name) or path in referenced:
+                continue
+            (recent if now - path.stat().st_mtime < ORPHAN_GRACE_S else old).append(path)
+        return old, recent

@@ -1,0 +1,424 @@
+"""The live vector index (vectors.faiss, IDMap2 over a flat index): verified against the database at
+open, merged with what other processes committed or deleted, published atomically.
+
+Write order elsewhere guarantees the file can only be *behind* the database, or ahead of it by ids the
+database records as deleted (tombstones). An id in the file that the database neither holds nor records
+as deleted means the database lost data: StoreDamaged, and the file is left as it is. Content is
+verified, not only ids: a sample of index vectors is compared with their checksums; any mismatch (or a
+file of another index type) is rebuilt from the database, never served.
+
+Within a process, `lock` keeps FAISS searches apart from index mutation (FAISS is not safe there).
+Lock order is always the cross-process file lock, then `lock` (never the other way: a save and a
+refresh would deadlock).
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from index import vectors as vx
+from index.db import Database
+from index.errors import StoreDamaged, StoreInputError
+from index.faults import observe, skipped
+from index.layout import Layout, file_state
+from index.migrations import recount_vector_sets
+from index.schema import DeletedVector, StoreMeta, Vector, VectorSet
+
+SAMPLE = 256  # index vectors checked against their checksums at open (all of them up to FULL_CHECK)
+FULL_CHECK = 4096
+
+
+@dataclass
+class OpenReport:
+    """What `open` found: how far the FAISS file was from the database and what was done about it."""
+
+    rebuilt: bool = False
+    added: int = 0
+    removed: int = 0
+    checked: int = 0  # index vectors compared with their checksums
+    digest: bool = False  # ids compared by the database's id digest, not read one by one
+    notes: list[str] = field(default_factory=list)
+
+
+def _sample(ids: np.ndarray, size: int) -> np.ndarray:
+    return np.sort(np.random.default_rng().choice(ids, size, replace=False))
+
+
+class StoredVectors:
+    """The database side of the vectors: ids, tombstones, stored vectors, checksums and the id digest."""
+
+    def __init__(self, db: Database, layout: Layout):
+        self.db, self.layout = db, layout
+
+    @property
+    def dim(self) -> int:
+        return self.layout.dim
+
+    @property
+    def embedder(self) -> str:
+        return self.layout.embedder_identity
+
+    def db_vector_ids(self, session: Session | None = None) -> np.ndarray:
+        """Every id the database stores for the live embedder, sorted (a full read: O(store))."""
+        observe("ids:full-read")
+        query = select(Vector.id).where(Vector.embedder == self.embedder)
+        if session is not None:
+            return np.array(sorted(session.scalars(query).all()), dtype=np.int64)
+        with self.db.session() as s:
+            return np.array(sorted(s.scalars(query).all()), dtype=np.int64)
+
+    def tomb_state(self, s: Session) -> tuple[int, int]:
+        """(highest tombstone seq, tombstones_from floor) in this session's snapshot."""
+        if not self.db.has_tombstones:
+            return 0, 1 << 62  # an old database, opened read-only: every unknown id counts as deleted
+        seq = s.scalar(select(func.max(DeletedVector.seq))) or 0
+        floor = s.scalar(select(StoreMeta.value).where(StoreMeta.key == "tombstones_from"))
+        return int(seq), int(floor or 0)
+
+    def deleted(self, s: Session, ids: np.ndarray, floor: int) -> np.ndarray:
+        """Which of `ids` the database records as deleted (tombstoned, or older than tombstones)."""
+        ids = np.asarray(ids, np.int64)
+        known = set(ids[ids <= floor].tolist())
+        rest = [int(i) for i in ids if i > floor]
+        if self.db.has_tombstones:
+            for k in range(0, len(rest), 500):
+                known.update(s.scalars(select(DeletedVector.vector_id)
+                                       .where(DeletedVector.vector_id.in_(rest[k:k + 500]))).all())
+        return np.array(sorted(known), np.int64)
+
+    def stored_vectors(self, ids: np.ndarray | None = None, batch: int = 10000, session: Session | None = None,
+                       embedder: tuple[str, int] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (ids, matrix) batches from the database, for rebuilding without re-embedding (of the
+        live embedder, or of `embedder` = (identity, dim))."""
+        identity, dim = embedder or (self.embedder, self.dim)
+        base = select(Vector.id, Vector.data).where(Vector.embedder == identity).order_by(Vector.id)
+        if ids is None:
+            queries = [base]
+        else:
+            wanted = [int(i) for i in ids]
+            queries = [base.where(Vector.id.in_(wanted[k:k + 500])) for k in range(0, len(wanted), 500)]
+        s = session if session is not None else self.db.session()
+        try:
+            chunk_ids, chunk = [], []
+            for query in queries:
+                for vid, data in s.execute(query).yield_per(batch):
+                    vec = np.frombuffer(data, dtype=np.float32)
+                    if vec.shape != (dim,):
+                        raise self.db.damaged(f"holds vector {vid} of size {vec.size}, not {dim}")
+                    chunk_ids.append(vid)
+                    chunk.append(vec)
+                    if len(chunk) == batch:
+                        yield np.array(chunk_ids, np.int64), np.stack(chunk)
+                        chunk_ids, chunk = [], []
+            if chunk:
+                yield np.array(chunk_ids, np.int64), np.stack(chunk)
+        finally:
+            if session is None:
+                s.close()
+
+    def _checksums(self, s: Session, ids: np.ndarray) -> dict[int, str]:
+        """Reference checksums of stored vectors (from `data` where the row has none)."""
+        out: dict[int, str] = {}
+        wanted = [int(i) for i in ids]
+        for k in range(0, len(wanted), 500):
+            part = wanted[k:k + 500]
+            if self.db.has_checksums:
+                rows = s.execute(select(Vector.id, Vector.checksum).where(Vector.id.in_(part))).all()
+                out.update({vid: c for vid, c in rows if c})
+            need = [i for i in part if i not in out]
+            if need:
+                rows = s.execute(select(Vector.id, Vector.data).where(Vector.id.in_(need))).all()
+                out.update({vid: vx.checksum(data) for vid, data in rows})
+        return out
+
+    def content_problems(self, s: Session, index, ids: np.ndarray, batch: int = 4096) -> list[int]:
+        """Ids whose index vector is not finite or differs from its stored checksum."""
+        bad = []
+        for k in range(0, len(ids), batch):
+            part = np.asarray(ids[k:k + batch], np.int64)
+            matrix = index.reconstruct_batch(part)
+            reference = self._checksums(s, part)
+            finite = np.isfinite(matrix).all(axis=1)
+            for vid, row, ok in zip(part.tolist(), matrix, finite):
+                if not ok or reference.get(vid) not in (None, vx.checksum(row.tobytes())):
+                    bad.append(vid)
+        return bad
+
+    def db_digest(self, s: Session, embedder: str | None = None) -> tuple[int, int, int] | None:
+        """The database's id digest of an embedder's vectors (vector_sets), None where it keeps none."""
+        if not self.db.has_vector_sets:
+            return None
+        row = s.execute(select(VectorSet.n, VectorSet.id_sum, VectorSet.id_mix)
+                        .where(VectorSet.embedder == (embedder or self.embedder))).first()
+        return (int(row[0]), int(row[1]), int(row[2])) if row else (0, 0, 0)
+
+    def behind_by(self, s: Session, have: np.ndarray) -> np.ndarray | None:
+        """The watermark check: the ids the database holds beyond the index's highest one, when the index
+        holds exactly the database's ids up to that point (digests add up), else None. O(1) plus a range
+        read of what is newer; None (the full comparison) after deletions the file has not seen."""
+        db = None if skipped("ids:digest") else self.db_digest(s)
+        if db is None:
+            return None
+        mine = vx.id_digest(have)
+        if mine == db:
+            return np.zeros(0, np.int64)
+        top = int(have.max()) if len(have) else 0
+        newer = np.array(s.scalars(select(Vector.id).where(Vector.id > top, Vector.embedder == self.embedder)
+                                   .order_by(Vector.id)).all(), np.int64)
+        extra = vx.id_digest(newer)
+        total = (mine[0] + extra[0], (mine[1] + extra[1]) % vx.DIGEST_MOD, (mine[2] + extra[2]) % vx.DIGEST_MOD)
+        return newer if len(newer) and total == db else None
+
+
+class LiveIndex:
+    """The index this process serves, and the database reads that keep it honest."""
+
+    def __init__(self, db: Database, layout: Layout, repair: bool = False):
+        self.db, self.layout, self.repair = db, layout, repair
+        self.stored = StoredVectors(db, layout)
+        self.lock = threading.RLock()
+        self.index = None
+        self.report = OpenReport()
+        self.dirty = False  # holds vectors its file lacks
+        self.tomb_seq = 0  # the highest tombstone this index has applied
+        self.file_state: tuple[int, int] | None = None
+        # what the dataset-search index wants to hear (set by the store): ids added, and "recompute"
+        self.on_added: Callable[[np.ndarray, np.ndarray], None] = lambda ids, matrix: None
+        self.on_reset: Callable[[], None] = lambda: None
+
+    @property
+    def dim(self) -> int:
+        return self.layout.dim
+
+    def load(self) -> None:
+        self.index, self.report = self.load_verified()
+        self.file_state = file_state(self.layout.index_path)
+
+    def _digest_drift(self, s: Session, db_ids: np.ndarray) -> str | None:
+        """After a full comparison: whether vector_sets disagrees with the ids the database really holds
+        (triggers bypassed, a hand-edited row); a writable open recomputes it, so the next open is fast."""
+        db = self.stored.db_digest(s)
+        if db is None or db == vx.id_digest(db_ids):
+            return None
+        if self.layout.writable:
+            recount_vector_sets(self.db)
+            return "the database's id digest (vector_sets) disagreed with its vectors: recomputed"
+        return ("the database's id digest (vector_sets) disagrees with its vectors: every open reads all ids "
+                "until a writable open recomputes it")
+
+    # ----- open: verify, repair ---------------------------------------------------------------
+    def load_verified(self):
+        """Read vectors.faiss, check it against the database (ids, then content), repair or refuse.
+
+        Ids are compared in O(1) first (`behind_by`: the database's id digest against the file's, the
+        file possibly behind by vectors committed since it was written); only when that fails is every
+        id read and compared. Content is always checked on a sample (all of it for small stores)."""
+        report = OpenReport()
+        index, problem = vx.read_checked(self.layout.index_path, self.dim, mapped=True)  # the file first
+        with self.db.session() as s:
+            tomb_seq, floor = self.stored.tomb_state(s)
+            have = vx.index_ids(index) if index is not None else None
+            newer = self.stored.behind_by(s, have) if index is not None else None
+            if newer is not None:  # ids agree, up to vectors committed after the file was written
+                report.digest = True
+                present = have if len(have) <= FULL_CHECK else _sample(have, SAMPLE)
+                bad = self.stored.content_problems(s, index, present)
+                report.checked = len(present)
+                if not bad:
+                    for ids, matrix in (self.stored.stored_vectors(newer, session=s) if len(newer) else ()):
+                        index.add_with_ids(matrix, ids)
+                        report.added += len(ids)
+                    if report.added:
+                        report.notes.append(f"index caught up with the database: +{report.added} vectors")
+                    self.tomb_seq = tomb_seq
+                    if self.layout.writable and report.added:
+                        index = self.publish(index)
+                    return index, report
+                report.digest = False  # the full comparison below finds and handles the bad vectors
+            db_ids = self.stored.db_vector_ids(s)
+            if index is not None:
+                index, problem = self._compare(s, index, have, db_ids, floor, report)
+            if index is None:
+                if problem:
+                    report.notes.append(f"index file {problem}: rebuilt from stored vectors")
+                index = vx.new_index(self.dim)
+                for ids, matrix in self.stored.stored_vectors(session=s):
+                    index.add_with_ids(matrix, ids)
+                report.rebuilt = True
+                report.added = int(index.ntotal)
+            else:
+                missing = np.setdiff1d(db_ids, vx.index_ids(index))
+                for ids, matrix in (self.stored.stored_vectors(missing, session=s) if len(missing) else ()):
+                    index.add_with_ids(matrix, ids)
+                    report.added += len(ids)
+                if report.added or report.removed:
+                    report.notes.append(f"index repaired from database: +{report.added} -{report.removed} vectors")
+            drift = self._digest_drift(s, db_ids)
+        if drift:
+            report.notes.append(drift)
+        self.tomb_seq = tomb_seq
+        if self.layout.writable and ((report.rebuilt and (problem or len(db_ids))) or report.added or report.removed):
+            index = self.publish(index)
+        return index, report
+
+    def _compare(self, s: Session, index, have: np.ndarray, db_ids: np.ndarray, floor: int, report: OpenReport):
+        """The full comparison of the file's ids and a sample of its content with the database: (index
+        with deleted ids removed, None) or (None, why it must be rebuilt)."""
+        extra = np.setdiff1d(have, db_ids)
+        lost = np.setdiff1d(extra, self.stored.deleted(s, extra, floor)) if len(extra) else extra
+        if len(lost):
+            if not self.repair:
+                raise StoreDamaged(
+                    f"{self.layout.index_path} holds {len(lost)} vectors that {self.db.short_name} neither stores "
+                    f"nor records as deleted (the database lost data): {self.db.restore_hint}, or run "
+                    "`resynth verify --repair` to rebuild the index from the database as it is")
+            report.notes.append(f"{len(lost)} vectors the database lost were dropped (repair)")
+        present = np.intersect1d(have, db_ids)
+        if len(present) > FULL_CHECK:
+            present = _sample(present, SAMPLE)
+        bad = self.stored.content_problems(s, index, present)
+        report.checked = len(present)
+        if bad:
+            return None, f"{len(bad)} of {len(present)} checked vectors differ from the database"
+        if len(extra):
+            index.remove_ids(extra)
+            report.removed = len(extra)
+        return index, None
+
+    # ----- keeping up with other processes, publishing ---------------------------------------
+    def merge_from_db(self, index) -> bool:
+        """Bring `index` to the database's latest state: drop ids deleted since, add ids committed elsewhere.
+        True if it changed."""
+        changed = False
+        with self.db.session() as s:
+            tomb_seq, floor = self.stored.tomb_state(s)
+            if self.db.has_tombstones and tomb_seq > self.tomb_seq:
+                gone = np.array(s.scalars(select(DeletedVector.vector_id)
+                                          .where(DeletedVector.seq > self.tomb_seq)).all(), np.int64)
+                gone = np.intersect1d(gone, vx.index_ids(index))
+                if len(gone):
+                    index.remove_ids(gone)
+                    changed = True
+            have = vx.index_ids(index)
+            missing = self.stored.behind_by(s, have)  # O(1) when the digests agree, a range read when only behind
+            if missing is None:
+                missing = np.setdiff1d(self.stored.db_vector_ids(s), have)
+            for ids, matrix in (self.stored.stored_vectors(missing, session=s) if len(missing) else ()):
+                index.add_with_ids(matrix, ids)
+                changed = True
+        self.tomb_seq = max(self.tomb_seq, tomb_seq)
+        return changed
+
+    def publish(self, index=None):
+        """Merge and write `index` (default: the live one) under the cross-process lock; returns the index
+        to go on with: the file just written, mapped (so no process keeps a private copy of every vector
+        past a save)."""
+        with self.layout.file_lock():
+            with self.lock:
+                live = index is None
+                index = self.index if live else index
+                if self.merge_from_db(index) and live:
+                    self.on_reset()
+                vx.write_atomic(index, self.layout.index_path)
+                self.file_state = file_state(self.layout.index_path)
+                mapped, _ = vx.read_checked(self.layout.index_path, self.dim, mapped=True)
+                if mapped is not None:
+                    index = mapped
+                if live:
+                    self.index, self.dirty = index, False
+                return index
+
+    def rebuild_from_db(self, embedder: tuple[str, int] | None = None):
+        """A fresh flat index of every stored vector (of `embedder`), and the tombstone seq it reflects."""
+        index = vx.new_index(embedder[1] if embedder else self.dim)
+        with self.db.session() as s:
+            tomb_seq, _ = self.stored.tomb_state(s)
+            for ids, matrix in self.stored.stored_vectors(session=s, embedder=embedder):
+                index.add_with_ids(matrix, ids)
+        return index, tomb_seq
+
+    def swap(self, index, tomb_seq: int) -> None:
+        """(Under `lock`.) Serve `index`, just written to the index file, from now on."""
+        self.index, self.tomb_seq, self.dirty = index, tomb_seq, False
+        self.file_state = file_state(self.layout.index_path)
+        self.on_reset()
+
+    def reload_if_replaced(self) -> bool:
+        """If another process replaced the index file, verify and serve the new one."""
+        state = file_state(self.layout.index_path)
+        if state is None or state == self.file_state:
+            return False
+        index, report = self.load_verified()
+        with self.lock:
+            self.index, self.report, self.file_state = index, report, state
+            self.on_reset()
+        return True
+
+    # ----- changes made by this process -------------------------------------------------------
+    def add(self, ids: np.ndarray, matrix: np.ndarray) -> None:
+        with self.lock:
+            self.index.add_with_ids(matrix, ids)
+            self.on_added(ids, matrix)
+            self.dirty = True
+
+    def remove(self, ids: np.ndarray) -> None:
+        with self.lock:
+            self.index.remove_ids(ids)
+            self.on_reset()
+
+    # ----- reads ------------------------------------------------------------------------------
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """Stored vectors by id, from the in-memory index; ids another process committed load from the db."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if not len(ids):
+            return np.zeros((0, self.dim), np.float32)
+        with self.lock:
+            try:
+                return self.index.reconstruct_batch(ids)
+            except RuntimeError:  # some id is not in this process's index yet
+                absent = np.setdiff1d(ids, vx.index_ids(self.index))
+        for batch_ids, matrix in self.stored.stored_vectors(absent):
+            with self.lock:
+                fresh = np.setdiff1d(batch_ids, vx.index_ids(self.index))
+                if len(fresh):
+                    keep = np.isin(batch_ids, fresh)
+                    self.add(batch_ids[keep], matrix[keep])
+        with self.lock:
+            try:
+                return self.index.reconstruct_batch(ids)
+            except RuntimeError:
+                gone = np.setdiff1d(ids, vx.index_ids(self.index))
+                raise StoreInputError(f"{len(gone)} requested vectors are not in the store "
+                                      f"(removed meanwhile?), e.g. id {int(gone[0])}") from None
+
+    def present(self, ids: np.ndarray) -> np.ndarray:
+        """The ids among `ids` the store still holds (a source removed meanwhile takes its vectors along)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        with self.lock:
+            here = np.isin(ids, vx.index_ids(self.index))
+        if here.all():
+            return ids
+        with self.db.session() as s:
+            stored = set(s.scalars(select(Vector.id).where(Vector.id.in_(ids[~here].tolist()))))
+        return ids[here | np.isin(ids, list(stored))]
+
+    def search(self, queries: np.ndarray, candidate_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Inner products of each query with exactly the candidates, best first: (similarities, ids).
+
+        The candidates are few (sources x K), so they are scored directly: exact, and independent of
+        the store's size, where an ID-filtered FAISS scan grows with it (scripts/bench_lookup.py).
+        """
+        candidate_ids = np.asarray(candidate_ids, dtype=np.int64)
+        try:
+            matrix = self.vectors(candidate_ids)
+        except StoreInputError:  # some were removed meanwhile (a source removed by another process)
+            candidate_ids = self.present(candidate_ids)
+            matrix = self.vectors(candidate_ids)
+        sims = np.asarray(queries, np.float32) @ matrix.T
+        order = np.argsort(-sims, axis=1, kind="stable")
+        return np.take_along_axis(sims, order, axis=1), candidate_ids[order]

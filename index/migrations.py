@@ -1,0 +1,155 @@
+"""Making, probing and upgrading the store's database schema (both backends, through `db.Dialect`).
+
+Steps of an older database's upgrade, each idempotent: the `checksum` column (backfilled), tombstones
+(ids allocated before them count as deleted), claims, and the trigger-kept id digest (`vector_sets`).
+"""
+from __future__ import annotations
+
+import json
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import DBAPIError
+
+from index import vectors as vx
+from index.db import QUICK_CHECK_MAX_BYTES, Database, damaged_file
+from index.errors import StoreError, StoreInputError
+from index.schema import ADDED_TABLES, CORE_TABLES, Base, StoreMeta, Vector, VectorSet
+
+
+def _mix(v: str) -> str:
+    return f"((({v}.id % {vx.MIX_MOD}) * {vx.MIX_MUL} + {vx.MIX_ADD}) % {vx.MIX_MOD})"
+
+
+def _add(v: str) -> str:
+    m = vx.DIGEST_MOD
+    return (f"UPDATE vector_sets SET n = n + 1, id_sum = (id_sum + {v}.id % {m}) % {m}, "
+            f"id_mix = (id_mix + {_mix(v)}) % {m} WHERE embedder = {v}.embedder;")
+
+
+def _drop(v: str) -> str:
+    m = vx.DIGEST_MOD
+    return (f"UPDATE vector_sets SET n = n - 1, id_sum = (id_sum + {m} - {v}.id % {m}) % {m}, "
+            f"id_mix = (id_mix + {m} - {_mix(v)}) % {m} WHERE embedder = {v}.embedder;")
+
+
+def vector_set_ddl(db: Database) -> list[str]:
+    """Triggers that keep vector_sets (count, id sum, id mix sum: index.vectors.id_digest) in step with
+    every change to `vectors`, cascades and other tools' writes included."""
+    return db.dialect.vector_set_ddl(_add, _drop)
+
+
+def _bind(conn, embedder: str, dim: int) -> None:
+    conn.execute(StoreMeta.__table__.insert().values(key="embedder", value=embedder))
+    conn.execute(StoreMeta.__table__.insert().values(key="dim", value=str(dim)))
+
+
+def create_schema(db: Database, embedder: str, dim: int) -> None:
+    with db.write_engine.begin() as conn:
+        Base.metadata.create_all(conn)
+        if conn.scalar(select(StoreMeta.value).where(StoreMeta.key == "tombstones_from")) is None:
+            conn.execute(StoreMeta.__table__.insert().values(key="tombstones_from", value="0"))
+        if db.dialect.binds_database:  # one store per database: a second folder may join it, same embedder only
+            bound = conn.scalar(select(StoreMeta.value).where(StoreMeta.key == "embedder"))
+            if bound is None:
+                _bind(conn, embedder, dim)
+            elif bound != embedder:
+                raise StoreInputError(f"{db.label} already holds a store bound to embedder {bound}; "
+                                      "use another database for another embedder")
+
+
+def _check_binding(db: Database, conn, embedder: str, dim: int) -> None:
+    """The database's store must be the one store.json describes."""
+    rows = dict(conn.execute(select(StoreMeta.key, StoreMeta.value)
+                             .where(StoreMeta.key.in_(["embedder", "dim", "config"]))).all())
+    switched = json.loads(rows["config"])["embedder"]["identity"] if rows.get("config") else None
+    if switched is not None and switched == rows.get("embedder"):
+        return  # a `reembed` switch store.json has not caught up with yet: adopted right after the probe
+    if rows.get("embedder") not in (None, embedder) or rows.get("dim") not in (None, str(dim)):
+        raise StoreInputError(f"{db.label} holds a store bound to embedder {rows.get('embedder')} "
+                              f"({rows.get('dim')}-d), not this store's {embedder}")
+
+
+def has_vector_set_triggers(db: Database, conn) -> bool:
+    """Whether the triggers that keep vector_sets are installed (all of them)."""
+    return set(db.dialect.trigger_names) <= db.dialect.triggers(conn)
+
+
+def probe(db: Database, embedder: str, dim: int) -> None:
+    """Cheap sanity of the source of truth: the store's tables, readable, and (SQLite) quick_check if
+    small. PostgreSQL checks its own pages; there the store's binding (embedder) is checked instead.
+    Records on `db` which of the later additions the database has."""
+    try:
+        with db.engine.connect() as conn:
+            tables = db.dialect.tables(conn)
+            missing = [t for t in CORE_TABLES if t not in tables]
+            if missing:
+                raise db.damaged(f"lacks the store's tables ({', '.join(missing)})")
+            conn.exec_driver_sql("SELECT max(id) FROM vectors").all()
+            conn.exec_driver_sql("SELECT max(id) FROM images").all()
+            if db.is_sqlite and db.path.stat().st_size <= QUICK_CHECK_MAX_BYTES:
+                result = db.dialect.integrity(conn, quick=True)[0]
+                if result != "ok":
+                    raise damaged_file(db.path, f"fails its integrity check ({str(result).splitlines()[0]})")
+            columns = db.dialect.columns(conn, "vectors")
+            triggers = has_vector_set_triggers(db, conn)
+            if db.dialect.binds_database and "store_meta" in tables:
+                _check_binding(db, conn, embedder, dim)
+        db.has_checksums = "checksum" in columns
+        db.has_tombstones = "deleted_vectors" in tables
+        db.has_claims = "claims" in tables
+        db.has_vector_sets = "vector_sets" in tables and triggers
+    except DBAPIError as exc:
+        reason = str(exc.orig).splitlines()[0] if exc.orig is not None else type(exc).__name__
+        if not db.is_sqlite:
+            raise StoreError(f"cannot reach {db.label}: {reason}") from None
+        if "locked" in reason or "busy" in reason:
+            raise StoreError(f"{db.path} is locked by another process; try again") from None
+        raise damaged_file(db.path, f"cannot be read ({reason})") from None
+
+
+def migrate(db: Database, embedder: str, dim: int) -> None:
+    """Bring a database made by an older resynth up to date (writable opens only): checksum column
+    (backfilled), tombstones, claims. Ids allocated before tombstones existed count as deleted."""
+    if db.has_checksums and db.has_tombstones and db.has_claims and db.has_vector_sets:
+        return
+    with db.write_engine.begin() as conn:
+        if "checksum" not in db.dialect.columns(conn, "vectors"):
+            conn.exec_driver_sql("ALTER TABLE vectors ADD COLUMN checksum VARCHAR(32)")
+        tables = db.dialect.tables(conn)
+        Base.metadata.create_all(conn, tables=list(ADDED_TABLES))
+        if conn.scalar(select(StoreMeta.value).where(StoreMeta.key == "tombstones_from")) is None:
+            floor = max(db.dialect.id_floor(conn, tables), int(conn.scalar(select(func.max(Vector.id))) or 0))
+            conn.execute(StoreMeta.__table__.insert().values(key="tombstones_from", value=str(floor)))
+        if db.dialect.binds_database and \
+                conn.scalar(select(StoreMeta.value).where(StoreMeta.key == "embedder")) is None:
+            _bind(conn, embedder, dim)
+        if not has_vector_set_triggers(db, conn):  # in the same transaction: no insert slips past the count
+            for statement in vector_set_ddl(db):
+                db.dialect.raw_sql(conn, statement)
+            recount_vector_sets(db, conn)
+    db.has_checksums = db.has_tombstones = db.has_claims = db.has_vector_sets = True
+    backfill_checksums(db)
+
+
+def recount_vector_sets(db: Database, conn=None) -> None:
+    """Recompute vector_sets from the vectors table (one scan, under the write lock)."""
+    if conn is None:
+        with db.write_engine.begin() as conn:
+            return recount_vector_sets(db, conn)
+    conn.execute(delete(VectorSet))
+    mix = f"(((id % {vx.MIX_MOD}) * {vx.MIX_MUL} + {vx.MIX_ADD}) % {vx.MIX_MOD})"
+    db.dialect.raw_sql(conn, f"INSERT INTO vector_sets (embedder, n, id_sum, id_mix) SELECT embedder, count(*), "
+                             f"sum(id) % {vx.DIGEST_MOD}, sum({mix}) % {vx.DIGEST_MOD} FROM vectors GROUP BY embedder")
+
+
+def backfill_checksums(db: Database, batch: int = 2000) -> int:
+    done = 0
+    while True:
+        with db.write_session() as s:
+            rows = s.execute(select(Vector.id, Vector.data).where(Vector.checksum.is_(None)).limit(batch)).all()
+            for vid, data in rows:
+                s.execute(update(Vector).where(Vector.id == vid).values(checksum=vx.checksum(data)))
+            s.commit()
+        done += len(rows)
+        if len(rows) < batch:
+            return done

@@ -1,0 +1,119 @@
+"""Re-embedding: a second vector set beside the live one, then one atomic switch."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from sqlalchemy import delete, func, select, update
+
+from index import vectors as vx
+from index.db import Database, insert_ignore, made
+from index.errors import StoreInputError
+from index.faults import crash_point
+from index.keys import image_key, sha256_text
+from index.layout import Layout
+from index.schema import Description, Image, Source, StoreMeta, Vector
+
+if TYPE_CHECKING:
+    from index.store import Store
+
+
+def adopt_switched_embedder(db: Database, layout: Layout) -> None:
+    """Finish a `reembed` switch that committed in the database but died before store.json followed."""
+    with db.session() as s:
+        recorded = s.scalar(select(StoreMeta.value).where(StoreMeta.key == "config")) if db.has_claims else None
+    if not recorded:
+        return
+    config = json.loads(recorded)
+    if config["embedder"]["identity"] == layout.embedder_identity:
+        return
+    if not (layout.root / config["index_file"]).exists():
+        raise db.damaged(f"records a switch to {config['embedder']['identity']} whose "
+                         f"index {config['index_file']} is missing")
+    layout.config = config
+    if layout.writable:
+        layout.save_config()
+
+
+def images_without_vector(db: Database, layout: Layout, embedder: str) -> list[tuple[int, Path]]:
+    """(image id, file) of every image that has no vector under `embedder` yet (resumable work)."""
+    have = select(Vector.image_id).where(Vector.embedder == embedder)
+    with db.session() as s:
+        rows = s.execute(select(Image.id, Image.path).where(Image.id.not_in(have)).order_by(Image.id)).all()
+    return [(image_id, layout.file_path(path)) for image_id, path in rows]
+
+
+def add_vectors(db: Database, layout: Layout, embedder: str, image_ids: list[int], matrix: np.ndarray) -> int:
+    """Store vectors of another embedder for existing images (idempotent); the live index is untouched."""
+    matrix = np.asarray(matrix, np.float32)
+    if len(image_ids) != len(matrix) or not np.isfinite(matrix).all():
+        raise StoreInputError("vectors to store must be finite, one per image")
+    if embedder == layout.embedder_identity:
+        raise StoreInputError(f"the store already uses embedder {embedder}")
+    added = 0
+    with db.write_session() as s:  # holds the write lock: no image is removed meanwhile
+        alive = set(s.scalars(select(Image.id).where(Image.id.in_([int(i) for i in image_ids]))))
+        for image_id, row in zip(image_ids, matrix):
+            if int(image_id) not in alive:  # removed since it was listed: nothing to embed for
+                continue
+            data = row.tobytes()
+            result = insert_ignore(s, Vector, {"image_id": int(image_id), "embedder": embedder, "data": data,
+                                               "checksum": vx.checksum(data)}, ["image_id", "embedder"])
+            added += made(result)
+        s.commit()
+    return added
+
+
+def switch_embedder(store: "Store", embedder: dict, dim: int) -> int:
+    """Make `embedder`'s vectors the live set, atomically. The new index file is written first; then
+    one database transaction re-keys every image (keys name the embedder) and records the new
+    config: that commit is the switch (an open after a crash here adopts it, see
+    `adopt_switched_embedder`); store.json follows, and only then are the old vectors, old index and
+    search files and the calibration (fitted in the old space) dropped. Refused while any image
+    lacks a new vector. Returns the new index size. Other processes must reopen the store."""
+    db, layout, live = store.db, store.layout, store.live
+    identity = embedder["identity"]
+    layout.require_writable()
+    with layout.file_lock():
+        left = images_without_vector(db, layout, identity)
+        if left:
+            raise StoreInputError(f"{len(left)} stored images have no {identity} vector yet: "
+                                  "finish `resynth reembed` first")
+        old_index = layout.index_path
+        index_file = f"vectors-{sha256_text(identity)[:16]}.faiss"
+        fresh, tomb_seq = live.rebuild_from_db((identity, int(dim)))
+        vx.write_atomic(fresh, layout.root / index_file)
+        config = {k: v for k, v in layout.config.items() if k != "calibration"}
+        config.update(embedder=embedder, dim=int(dim), index_file=index_file)
+        with db.write_session() as s:  # the write lock: no image can be added until the switch commits
+            have = select(Vector.image_id).where(Vector.embedder == identity)
+            late = s.scalar(select(func.count(Image.id)).where(Image.id.not_in(have)))
+            if late:  # added by another process since the index was built: run reembed again
+                raise StoreInputError(f"{late} image(s) were added during the switch and have no {identity} "
+                                      "vector yet: run `resynth reembed` again to embed them and switch")
+            rows = s.execute(select(Image.id, Image.role, Description.hash, Source.fingerprint, Source.name,
+                                    Image.seed, Image.params_hash, Image.file_hash)
+                             .join(Description, Image.description_id == Description.id)
+                             .join(Source, Image.source_id == Source.id)).all()
+            s.execute(update(Image), [{"id": row[0], "key": image_key(*row[1:], identity)} for row in rows])
+            recorded = {"config": json.dumps(config)}
+            if db.dialect.binds_database:  # the database's own binding (one store per database) moves too
+                recorded.update(embedder=identity, dim=str(int(dim)))
+            s.execute(delete(StoreMeta).where(StoreMeta.key.in_(list(recorded))))
+            s.execute(StoreMeta.__table__.insert(), [{"key": k, "value": v} for k, v in recorded.items()])
+            crash_point("reembed:before-commit")
+            s.commit()  # the switch
+        crash_point("reembed:after-commit")
+        layout.save_config(config)  # now layout names the new embedder, dim and index file
+        with live.lock:
+            live.swap(fresh, tomb_seq)
+            store.search_index.drop()
+        with db.write_session() as s:
+            s.execute(delete(Vector).where(Vector.embedder != identity))
+            s.commit()
+        if old_index != layout.index_path:
+            old_index.unlink(missing_ok=True)
+        store.search_index.remove_files()
+    return int(fresh.ntotal)

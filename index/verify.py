@@ -1,0 +1,183 @@
+"""`verify`: check everything the store holds against everything else; `repair` what the database can fix."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from sqlalchemy import func, select
+
+from index import vectors as vx
+from index.db import RESTORE
+from index.keys import sha256_file
+from index.migrations import backfill_checksums, recount_vector_sets
+from index.schema import Image, Vector
+
+if TYPE_CHECKING:
+    from index.store import Store
+
+
+def verify(store: "Store", repair: bool = False, files: bool = True) -> dict:
+    """Check everything; with `repair`, fix what can be fixed from the database. A JSON-able report.
+
+    Checks: the database's integrity_check; vectors.faiss (readable, type, dimension) against the
+    database: every id (missing, deleted, lost) and every vector against its checksum; the stored
+    vectors themselves (size, finite, checksum); with `files`, every image row's file (exists,
+    sha256 = file_hash); unreferenced image files under images/; leftover `.*.tmp` files; expired
+    claims; the search index (search.faiss + search.json: stale or unreadable is a problem, it is
+    then ignored). Repair (writable only): rebuild vectors.faiss (and the search index) from the
+    database, backfill checksums,
+    remove unreferenced image files older than ORPHAN_GRACE_S, temp files of dead processes and
+    expired claims. What the database itself lacks cannot be repaired here (restore it from a backup).
+    """
+    db, layout = store.db, store.layout
+    if repair:
+        layout.require_writable()
+    problems: list[str] = []
+    report: dict = {"store": str(layout.root), "repair": repair, "problems": problems, "repaired": []}
+    report["database"] = {"backend": db.dialect.backend, "location": db.label}
+    with db.engine.connect() as conn:
+        integrity = db.dialect.integrity(conn)
+    # PostgreSQL checks its own pages ("ok" here); the rows are checked below on both
+    report["database"]["integrity"] = "ok" if integrity == ["ok"] else integrity[:5]
+    if integrity != ["ok"]:
+        problems.append(f"{db.label} fails its integrity check: {RESTORE}")
+
+    with db.session() as s:
+        db_ids, floor, image_rows, expired = _check_rows(store, s, report, problems)
+        report["index"] = _check_index_file(store, s, db_ids, floor, problems)
+
+    # the search index on disk (read and checked again), and what this process serves
+    on_disk, state = store.search_index.read(full=True)
+    search_entry = store.search_report()
+    search_entry.update({"on_disk": state["state"], "problem": state.get("problem")})
+    search_entry = {k: v for k, v in search_entry.items() if v is not None}
+    report["search"] = search_entry
+    if state["state"] == "ignored":
+        problems.append(f"search index {state.get('problem')}: ignored, exact search serves "
+                        "(run `resynth rebuild`)")
+    elif on_disk is not None and not on_disk.infos.get("meets_target", True):
+        problems.append(f"search index recall@{on_disk.infos.get('k')} {on_disk.infos.get('recall'):.3f} is "
+                        f"below its target {on_disk.infos.get('recall_target')}")
+    named = on_disk.infos.get("ivfdata") if on_disk is not None else None
+    leftover = sorted(p.name for p in layout.root.glob("search-*.ivfdata") if p.name != named)
+    if leftover:
+        search_entry["leftover_lists_files"] = leftover
+        problems.append(f"{len(leftover)} search lists files no search index names (a rebuild removes them)")
+    del on_disk
+
+    if files:
+        report["files"] = _verify_files(store, image_rows, problems)
+    referenced = {p for p in (layout.own_file(x) for _, x, _ in image_rows) if p is not None}
+    orphans, recent = layout.orphans(referenced)
+    temps = layout.temp_files(deep=True)
+    report["orphans"] = {"count": len(orphans), "recent": len(recent),
+                         "examples": [str(p.relative_to(layout.root.resolve())) for p in orphans[:10]]}
+    report["temp_files"] = {"count": len(temps), "examples": [str(p.relative_to(layout.root)) for p in temps[:10]]}
+    if orphans:
+        problems.append(f"{len(orphans)} image files under images/ belong to no row")
+    if temps:
+        problems.append(f"{len(temps)} leftover temporary files")
+
+    if repair:
+        done = report["repaired"]
+        if db.has_checksums:
+            filled = backfill_checksums(db)
+            if filled:
+                done.append(f"checksums computed for {filled} vectors")
+        if report["database"]["id_digest"] != "ok":
+            recount_vector_sets(db)  # a writable open installed vector_sets: it is only stale
+            done.append("the database's id digest recomputed")
+        done.append(f"index rebuilt from the database ({store.rebuild()} vectors)")
+        for path in orphans:
+            path.unlink(missing_ok=True)
+        if orphans:
+            done.append(f"removed {len(orphans)} unreferenced image files")
+        stale = layout.remove_stale_temp_files(deep=True)
+        if stale:
+            done.append(f"removed {len(stale)} temporary files of dead processes")
+        if expired:
+            store.claims.drop_expired()
+            done.append(f"dropped {expired} expired claims")
+    report["ok"] = not problems
+    return report
+
+
+def _check_rows(store: "Store", s, report: dict, problems: list[str]):
+    """The stored vectors themselves (size, finite, checksum) and the counts of the database."""
+    db, live = store.db, store.live
+    embedder, dim = store.embedder_identity, store.dim
+    bad_rows, unchecked = [], 0
+    query = select(Vector.id, Vector.data, Vector.checksum if db.has_checksums else Vector.id)
+    for vid, data, check in s.execute(query.where(Vector.embedder == embedder)).yield_per(5000):
+        vec = np.frombuffer(data, np.float32) if len(data) % 4 == 0 else np.zeros(0, np.float32)
+        if vec.shape != (dim,) or not np.isfinite(vec).all():
+            bad_rows.append(vid)
+        elif not db.has_checksums or check is None:
+            unchecked += 1
+        elif check != vx.checksum(data):
+            bad_rows.append(vid)
+    db_ids = live.stored.db_vector_ids(s)
+    _, floor = live.stored.tomb_state(s)
+    image_rows = s.execute(select(Image.id, Image.path, Image.file_hash)).all()
+    without_vector = s.scalar(select(func.count(Image.id)).where(~Image.id.in_(
+        select(Vector.image_id).where(Vector.embedder == embedder))))
+    expired = store.claims.expired(s)
+    report["database"].update({"vectors": len(db_ids), "bad_vectors": len(bad_rows),
+                               "bad_vector_ids": bad_rows[:10], "vectors_without_checksum": unchecked,
+                               "images": len(image_rows), "images_without_vector": without_vector,
+                               "expired_claims": expired})
+    if bad_rows:
+        problems.append(f"{len(bad_rows)} stored vectors are malformed or fail their checksum: {db.restore_hint}")
+    if without_vector:
+        problems.append(f"{without_vector} images have no vector (re-ingest them)")
+    digest = live.stored.db_digest(s)
+    report["database"]["id_digest"] = ("absent" if digest is None else
+                                       "ok" if digest == vx.id_digest(db_ids) else "stale")
+    if report["database"]["id_digest"] != "ok":
+        problems.append(f"the database's id digest (vector_sets) is {report['database']['id_digest']}: "
+                        "every open reads all ids (repair recomputes it)")
+    return db_ids, floor, image_rows, expired
+
+
+def _check_index_file(store: "Store", s, db_ids: np.ndarray, floor: int, problems: list[str]) -> dict:
+    """The index file on disk against the database: ids (missing, deleted, lost) and content."""
+    live = store.live
+    index, why = vx.read_checked(store.index_path, store.dim)
+    entry: dict = {"path": str(store.index_path), "readable": index is not None,
+                   "problem": why if why else (None if index is not None else "missing")}
+    if index is not None:
+        have = vx.index_ids(index)
+        extra = np.setdiff1d(have, db_ids)
+        deleted = live.stored.deleted(s, extra, floor) if len(extra) else extra
+        lost = np.setdiff1d(extra, deleted)
+        missing = np.setdiff1d(db_ids, have)
+        bad = live.stored.content_problems(s, index, np.intersect1d(have, db_ids))
+        entry.update({"vectors": int(index.ntotal), "missing": len(missing), "deleted": len(deleted),
+                      "lost_from_database": len(lost), "lost_ids": lost[:10].tolist(),
+                      "bad_content": len(bad), "bad_ids": bad[:10]})
+        if len(lost):
+            problems.append(f"{len(lost)} index vectors are not in the database (it lost data): "
+                            f"{store.db.restore_hint}, or repair to rebuild the index from the database as it is")
+        if bad:
+            problems.append(f"{len(bad)} index vectors differ from the database")
+        if len(missing) or len(deleted):
+            problems.append(f"index file lags the database (+{len(missing)} -{len(deleted)})")
+    elif why or len(db_ids):
+        problems.append(f"index file {entry['problem']}")
+    return entry
+
+
+def _verify_files(store: "Store", image_rows, problems: list[str]) -> dict:
+    missing, mismatched = [], []
+    for image_id, stored, file_hash in image_rows:
+        path = store.layout.file_path(stored)
+        if not path.is_file():
+            missing.append(stored)
+        elif sha256_file(path) != file_hash:
+            mismatched.append(stored)
+    if missing:
+        problems.append(f"{len(missing)} image files are missing")
+    if mismatched:
+        problems.append(f"{len(mismatched)} image files differ from their recorded sha256")
+    return {"checked": len(image_rows), "missing": len(missing), "missing_examples": missing[:10],
+            "mismatched": len(mismatched), "mismatched_examples": mismatched[:10]}
