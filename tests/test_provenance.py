@@ -74,7 +74,7 @@ def tiff(ifd0: list, exif_ifd: list | None = None, big_endian: bool = False) -> 
     heap = b""
     out = []
     offsets = [8, 8 + sizes[0]]
-    for ti, table in enumerate(tables):
+    for table in tables:
         raw = struct.pack(e + "H", len(table))
         for tag, typ, count, payload in table:
             if payload is None:  # the Exif IFD pointer
@@ -130,7 +130,8 @@ def test_a1111_png(how):
 
 
 def test_a1111_forge_and_no_negative(tmp_path):
-    text = "a cat\nSteps: 4, Sampler: Euler, CFG scale: 1, Seed: 7, Size: 1024x1024, Model: flux1-dev, Version: f2.0.1v1.10.1"
+    text = ("a cat\nSteps: 4, Sampler: Euler, CFG scale: 1, Seed: 7, Size: 1024x1024, Model: flux1-dev, "
+            "Version: f2.0.1v1.10.1")
     path = tmp_path / "forge.png"
     path.write_bytes(png([("parameters", text)]))
     m = read_provenance(path, watermark=False).metadata
@@ -290,7 +291,8 @@ def test_xmp_jpeg_trained_algorithmic_media():
      "digitalCapture", "no"),
 ])
 def test_xmp_png_element_forms(form, term, generative):
-    xmp = f'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF><rdf:Description>{form}</rdf:Description></rdf:RDF></x:xmpmeta>'
+    xmp = (f'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF><rdf:Description>{form}</rdf:Description>'
+           '</rdf:RDF></x:xmpmeta>')
     p = read_provenance(png(itxt=[("XML:com.adobe.xmp", xmp)]), watermark=False)
     clean(p)
     assert (p.digital_source_type["term"], p.digital_source_type["generative_ai"]) == (term, generative)
@@ -298,7 +300,8 @@ def test_xmp_png_element_forms(form, term, generative):
 
 
 def test_exif_camera_fields():
-    exif = tiff([ascii_entry(0x010F, "Canon"), ascii_entry(0x0110, "Canon EOS R5"), ascii_entry(0x0131, "Firmware 1.8")])
+    exif = tiff([ascii_entry(0x010F, "Canon"), ascii_entry(0x0110, "Canon EOS R5"),
+                 ascii_entry(0x0131, "Firmware 1.8")])
     p = read_provenance(jpeg(exif=exif), watermark=False)
     clean(p)
     assert p.exif == {"make": "Canon", "model": "Canon EOS R5", "software": "Firmware 1.8"}
@@ -356,7 +359,8 @@ def test_hostile_comfy_graphs():
                                                          "model": ["3", 0], "steps": "many", "cfg": float("nan")}},
               "2": {"class_type": "ConditioningCombine", "inputs": {"a": ["2", 0], "b": ["1", 0], "text": 5}},
               "3": {"class_type": "LoraLoader", "inputs": {"model": ["3", 0]}}}
-    for graph in (cyclic, {"1": "not a node"}, {"1": {"inputs": []}}, [1, 2], "text", {"1": {"inputs": {"positive": 7}}}):
+    odd = ({"1": "not a node"}, {"1": {"inputs": []}}, [1, 2], "text", {"1": {"inputs": {"positive": 7}}})
+    for graph in (cyclic, *odd):
         text = json.dumps(graph, allow_nan=True)
         clean(read_provenance(png([("prompt", text)]), watermark=False))
     m = read_provenance(png([("prompt", json.dumps(cyclic))]), watermark=False).metadata

@@ -114,9 +114,9 @@ def read_provenance(source: str | os.PathLike | bytes | bytearray | memoryview, 
             notes.append(f"exif: internal error {type(e).__name__}: {e}")
 
     metadata = _safe(lambda: _metadata(box, exif_fields, notes), "metadata", notes)
-    camera = {k: v[:256] for k, v in exif_fields.items() if k in ("make", "model", "software") and v}
     # ComfyUI's WebP saver stores its graphs as "prompt:{...}" / "workflow:{...}" in Model / Make
-    camera = {k: v for k, v in camera.items() if not v.startswith(("prompt:", "workflow:"))} or None
+    camera = {k: v[:256] for k, v in exif_fields.items()
+              if k in ("make", "model", "software") and v and not v.startswith(("prompt:", "workflow:"))} or None
 
     c2pa_state = _safe(lambda: _c2pa(data, trust_anchors), "c2pa", notes) if c2pa else None
     c2pa_state = c2pa_state or {"state": "skipped" if not c2pa else "unavailable"}
@@ -184,4 +184,4 @@ def _digital_source_type(box: Container, c2pa_state: dict) -> dict | None:
     if not uri:
         return None
     term = source_type_term(uri)
-    return {"term": term, "uri": uri[:500], "source": source, "generative_ai": _GENERATIVE.get(term)}
+    return {"term": term, "uri": uri[:500], "source": source, "generative_ai": _GENERATIVE.get(term or "")}

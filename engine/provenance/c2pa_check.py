@@ -62,23 +62,22 @@ def check(data: bytes, trust_anchors: str | os.PathLike | None = None) -> dict:
     return {**out, **summarize(store)}
 
 
-def summarize(store: dict) -> dict:
+def summarize(store) -> dict:
     """State plus a small, stable summary of the active manifest (not the whole store)."""
+    store = _dict(store)
     state = store.get("validation_state")
-    results = store.get("validation_results") or {}
-    active_results = (results.get("activeManifest") or {}) if isinstance(results, dict) else {}
-    failures = [f.get("code") for f in (active_results.get("failure") or []) if isinstance(f, dict)]
-    failures += [f.get("code") for f in (store.get("validation_status") or []) if isinstance(f, dict)
-                 and f.get("code") not in failures]
-    failures = [str(c)[:100] for c in failures if c][:20]
+    active_results = _dict(_dict(store.get("validation_results")).get("activeManifest"))
+    codes = [f.get("code") for f in _list(active_results.get("failure")) if isinstance(f, dict)]
+    codes += [f.get("code") for f in _list(store.get("validation_status")) if isinstance(f, dict)]
+    failures = list(dict.fromkeys(str(c)[:100] for c in codes if c))[:20]
     if state == "Trusted":
         verdict = "valid"
     elif state == "Valid" or (state == "Invalid" and failures and set(failures) <= _TRUST_ONLY):
         verdict = "untrusted"
     else:
         verdict = "invalid"
-    manifests = store.get("manifests") if isinstance(store.get("manifests"), dict) else {}
-    active = manifests.get(store.get("active_manifest")) or {}
+    manifests = _dict(store.get("manifests"))
+    active = _dict(manifests.get(str(store.get("active_manifest"))))
     return {"state": verdict, "validation_state": state, "failures": failures,
             "manifests": len(manifests), **_manifest_summary(active)}
 
@@ -89,10 +88,10 @@ def _manifest_summary(m: dict) -> dict:
     if not gen and isinstance(info, list) and info and isinstance(info[0], dict):
         gen = " ".join(str(info[0].get(k)) for k in ("name", "version") if info[0].get(k))
     actions, dst = [], None
-    for a in m.get("assertions") or []:
+    for a in _list(m.get("assertions")):
         if not isinstance(a, dict) or not str(a.get("label", "")).startswith("c2pa.actions"):
             continue
-        for act in ((a.get("data") or {}).get("actions") or [])[:20]:
+        for act in _list(_dict(a.get("data")).get("actions"))[:20]:
             if not isinstance(act, dict):
                 continue
             agent = act.get("softwareAgent")
@@ -103,11 +102,19 @@ def _manifest_summary(m: dict) -> dict:
             actions.append({"action": str(act.get("action", ""))[:100],
                             "software_agent": str(agent)[:200] if agent else None,
                             "digital_source_type": term})
-    sig = m.get("signature_info") if isinstance(m.get("signature_info"), dict) else {}
+    sig = _dict(m.get("signature_info"))
     return {"claim_generator": str(gen)[:200] if gen else None,
             "title": str(m["title"])[:300] if m.get("title") else None,
             "actions": actions, "digital_source_type": dst,
             "signer": {k: str(sig[k])[:200] for k in ("issuer", "common_name", "time") if sig.get(k)} or None,
-            "ingredients": len(m.get("ingredients") or [])}
+            "ingredients": len(_list(m.get("ingredients")))}
+
+
+def _dict(x) -> dict:
+    return x if isinstance(x, dict) else {}
+
+
+def _list(x) -> list:
+    return x if isinstance(x, list) else []
 
 

@@ -174,7 +174,9 @@ def a1111(text: str, where: str, notes: list[str]) -> GenerationMetadata | None:
         lines = lines[:-1]
     if "Steps" not in settings and not any(line.startswith("Negative prompt:") for line in lines):
         return None  # not A1111 text (or nothing we can use from it)
-    prompt_lines, negative_lines, into_negative = [], [], False
+    prompt_lines: list[str] = []
+    negative_lines: list[str] = []
+    into_negative = False
     for line in lines:
         if line.startswith("Negative prompt:"):
             into_negative = True
@@ -203,6 +205,8 @@ def a1111(text: str, where: str, notes: list[str]) -> GenerationMetadata | None:
 
 # --- ComfyUI ---------------------------------------------------------------------------------
 
+_NOT_CONDITIONING = ("clip", "model", "vae", "image", "control_net", "mask", "clip_vision", "style_model",
+                     "upscale_model")
 _TEXT_INPUTS = ("text", "text_g", "text_l", "prompt", "string", "value", "text_positive", "text_negative")
 
 
@@ -295,8 +299,7 @@ def _texts(nodes: dict, link, avoid: str) -> list[str]:
             if k in _TEXT_INPUTS and isinstance(x, str):
                 if x.strip() and x.strip() not in out:
                     out.append(x.strip())
-            elif isinstance(x, list) and k != avoid and k not in ("clip", "model", "vae", "image", "control_net", "mask",
-                                                   "clip_vision", "style_model", "upscale_model"):
+            elif isinstance(x, list) and k != avoid and k not in _NOT_CONDITIONING:
                 pending.append((x, depth + 1))
         stack.extend(reversed(pending))
     return out
@@ -333,7 +336,7 @@ def invokeai(text: str, where: str, notes: list[str]) -> GenerationMetadata | No
     d = _json(text, where, notes)
     if not isinstance(d, dict):
         return None
-    model = d.get("model") if isinstance(d.get("model"), dict) else {}
+    model: dict = d["model"] if isinstance(d.get("model"), dict) else {}
     return GenerationMetadata(
         tool="invokeai", source=where,
         prompt=_prompt(d.get("positive_prompt"), notes, f"{where} prompt"),
@@ -358,7 +361,7 @@ def invokeai_v2(text: str, where: str, notes: list[str]) -> GenerationMetadata |
     img = d["image"]
     prompt = img.get("prompt")
     if isinstance(prompt, list):  # [{"prompt": "...", "weight": 1.0}, ...]
-        prompt = " ".join(p.get("prompt", "") for p in prompt if isinstance(p, dict) and isinstance(p.get("prompt"), str))
+        prompt = " ".join(p["prompt"] for p in prompt if isinstance(p, dict) and isinstance(p.get("prompt"), str))
     return GenerationMetadata(
         tool="invokeai", source=where, prompt=_prompt(prompt, notes, f"{where} prompt"),
         steps=_int(img.get("steps"), *_STEPS), sampler=_str(img.get("sampler")),

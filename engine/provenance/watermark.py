@@ -19,7 +19,8 @@ SD1_BYTES = b"StableDiffusionV1"
 SD1_BITS = [(byte >> (7 - i)) & 1 for byte in SD1_BYTES for i in range(8)]
 MIN_AGREEMENT = 0.9  # share of bits that must match (random pixels match about half)
 MAX_PIXELS = 40_000_000
-NOTE = "resizing, cropping, rotation and recompression erase these watermarks: not found is not evidence of a real image"
+NOTE = ("resizing, cropping, rotation and recompression erase these watermarks: "
+        "not found is not evidence of a real image")
 KNOWN = (("sdxl", SDXL_BITS), ("sd1", SD1_BITS))
 
 _decoder_class = None
@@ -68,13 +69,15 @@ def check(data: bytes) -> tuple[dict | None, dict]:
     except Exception as e:  # undecodable pixels: the other evidence still stands
         return None, {"state": "skipped", "reason": f"pixels not decodable: {type(e).__name__}", "note": NOTE}
     try:
-        found = None
+        found, best = None, 0.0
         for name, expected in KNOWN:
             bits = [int(b) for b in codec(watermarks=[], wmLen=len(expected)).decode(bgr)]
             matched = sum(a == b for a, b in zip(bits, expected))
-            if matched >= MIN_AGREEMENT * len(expected) and (found is None or matched / len(expected) > found["agreement"]):
+            agreement = matched / len(expected)
+            if agreement >= MIN_AGREEMENT and agreement > best:
+                best = agreement
                 found = {"name": name, "method": "dwtDct", "bits": len(expected), "matched": matched,
-                         "agreement": round(matched / len(expected), 4), "note": NOTE}
+                         "agreement": round(agreement, 4), "note": NOTE}
         return found, {"state": "checked", "note": NOTE}
     except Exception as e:
         return None, {"state": "skipped", "reason": f"decoder failed: {type(e).__name__}: {str(e)[:200]}", "note": NOTE}
