@@ -198,6 +198,7 @@ def test_comfyui_png():
     assert (m.seed, m.steps, m.cfg_scale, m.sampler, m.scheduler) == (987654321, 30, 5.5, "dpmpp_2m", "karras")
     assert (m.width, m.height, m.model_name) == (832, 1216, "sd_xl_base_1.0.safetensors")
     assert p.description() == ("a red fox in the snow, photo", "metadata")
+    assert not [n for n in p.notes if "sampler nodes" in n]  # the ControlNet applier is no sampler
 
 
 def test_comfyui_custom_sampler_and_workflow_only():

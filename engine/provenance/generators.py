@@ -227,8 +227,7 @@ def comfyui(text: str, where: str, notes: list[str]) -> GenerationMetadata | Non
     nodes = {str(k): v for k, v in graph.items() if isinstance(v, dict) and isinstance(v.get("inputs"), dict)}
     if not nodes:
         return None
-    samplers = [k for k, v in sorted(nodes.items(), key=lambda kv: _node_order(kv[0]))
-                if "positive" in v["inputs"] or "guider" in v["inputs"]]
+    samplers = [k for k, v in sorted(nodes.items(), key=lambda kv: _node_order(kv[0])) if _is_sampler(v["inputs"])]
     if not samplers:
         notes.append(f"{where}: no sampler node with a positive input; prompt not read")
         return GenerationMetadata(tool="comfyui", source=where, settings=_comfy_summary(nodes))
@@ -255,6 +254,12 @@ def comfyui(text: str, where: str, notes: list[str]) -> GenerationMetadata | Non
         model_name=model,
         settings=_comfy_summary(nodes, samplers[0]),
     )
+
+
+def _is_sampler(inputs: dict) -> bool:
+    """A node that denoises a latent from conditioning (ControlNet appliers also take `positive`)."""
+    denoises = "latent_image" in inputs or "steps" in inputs
+    return denoises and ("positive" in inputs or "guider" in inputs)
 
 
 def _node_order(key: str):
