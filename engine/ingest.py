@@ -106,12 +106,11 @@ def _ingest_batch(store, embedder, batch, sources, ids_by_key, original_keys, re
                          path=str(row.image), vector=vector, seed=row.seed, params_hash=_params_hash(row, source),
                          original_id=_original_id(store, row, ids_by_key, original_keys))
                 for (row, source, key, file_hash), vector in zip(pending, vectors)]
-    added = store.add_images(new_rows)
-    inserted = getattr(added, "inserted", None)  # the store's answer; older stores left it on an attribute
-    inserted = store.last_inserted if inserted is None else inserted
+    added = store.add_images(new_rows)  # the image ids, and how many rows were new
+    inserted = added.inserted  # another process may have stored some of them meanwhile
     for (_, _, key, _), image_id in zip(pending, added):
         ids_by_key[key] = image_id
-    report.added += inserted  # another process may have stored some of them meanwhile
+    report.added += inserted
     report.skipped += len(pending) - inserted
     store.save_index()
 

@@ -199,3 +199,26 @@ def test_adaptive_generates_less_for_the_same_answers(store_dir, models, origina
     assert again.generated == 0  # decisions depend on the query and its seeds only: a repeat is all cached
     agree = sum(a.predicted == b.predicted for a, b in zip(fixed.results, adaptive.results))
     assert agree >= len(queries) - 1
+
+
+def test_ingest_of_a_cut_image_writes_nothing(store_dir, originals, tmp_path, capsys):
+    """Issue 20: a late image with a valid header and a cut body fails the whole manifest before any
+    write: no row, no vector and no new source are left behind, and the error names the manifest line."""
+    cut = tmp_path / "cut.png"
+    data = Path(originals[0]["image"]).read_bytes()
+    cut.write_bytes(data[:len(data) // 2])  # the header (size, mode) intact, half the pixel data gone
+    rows = ["image,source,description,role"]
+    rows += [f"{o['image']},new-source,{o['prompt']},original" for o in originals[:3]]
+    rows.append(f"{cut},new-source,{originals[0]['prompt']},original")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    with engine.open(store_dir) as ws:
+        before = ws.stats()
+    assert run_cli("ingest", manifest, "--store", store_dir, "--quiet", "--allow-outside") == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"resynth: error: {manifest}:5: ") and "\n" not in error, error
+    with engine.open(store_dir) as ws:
+        assert "new-source" not in {s.name for s in ws.sources()}
+        after = ws.stats()
+    assert (after["sources"], after["descriptions"], after["vectors"]) == \
+        (before["sources"], before["descriptions"], before["vectors"])
