@@ -62,3 +62,43 @@ def test_captioners_of_each_supported_architecture(kind, tmp_path):
     assert len(captions) == 2 and all(isinstance(c, str) and c for c in captions)
     assert captioner.caption(images[:1]) == captions[:1]  # deterministic (greedy decoding)
     assert all(w in zoo.CAPTION_WORDS for c in captions if c != "an image" for w in c.split())
+
+
+def test_source_kinds_registry(models, tmp_path):
+    """Each kind is looked up by its stored name and says what it needs; a new kind is one class and
+    one `register` call, enrolled and planned through the same generic path as the built-in ones."""
+    import engine
+    from engine import sources
+    from engine.errors import UserError
+    from index.keys import canonical_json, sha256_text
+
+    assert {k.name for k in sources.kinds()} >= {"diffusers", "api", "replay"}
+    pipeline, api, replay = sources.get("diffusers"), sources.get("api"), sources.get("replay")
+    assert (pipeline.generates, pipeline.needs_gpu, pipeline.costs_money) == (True, True, False)
+    assert (api.generates, api.needs_gpu, api.costs_money) == (True, False, True)
+    assert (replay.generates, replay.needs_gpu, replay.costs_money) == (False, False, False)
+    assert "steps" in {p.name for p in pipeline.params} and "url" in {p.name for p in api.params}
+    with pytest.raises(UserError, match="unknown source kind 'lora'"):
+        sources.get("lora")
+    # the stored fingerprints are the ones stores already hold
+    assert replay.prepare("x").fingerprint == sha256_text(canonical_json(["replay", "x"]))
+
+    class Dataset(sources.SourceKind):  # a second dataset-only kind, as a plugin would add one
+        name = "test-dataset"
+        generates = needs_gpu = False
+        reenrol = True
+
+        def prepare(self, name: str, note: str = "") -> sources.Recipe:
+            return sources.Recipe(path=None, params={"note": note}, fingerprint=sources.fingerprint(self.name, name))
+
+    sources.register(Dataset())
+    with engine.init(tmp_path / "store", clip_config=models["clip_config"],
+                     clip_checkpoint=models["clip_checkpoint"]) as ws:
+        info = ws.add_source("mine", kind="test-dataset", note="from a paper")
+        assert info["kind"] == "test-dataset" and ws.add_source("mine", kind="test-dataset", note="from a paper")
+        (stored,) = ws.sources()
+        assert sources.kind_of(stored) is sources.get("test-dataset")
+        plan = ws.plan()
+        assert plan.pipelines == [] and plan.params_hash == {stored.id: None}
+        with pytest.raises(UserError, match="no pipeline to generate with"):
+            ws.generator("mine")
