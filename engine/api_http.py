@@ -203,7 +203,8 @@ class DeadlineTransport(httpx.HTTPTransport):
     """httpx's own transport over `_Backend` (no proxies from the environment, verified TLS)."""
 
     def __init__(self, limits: httpx.Limits = httpx.Limits(max_connections=100, max_keepalive_connections=20,
-                                                            keepalive_expiry=5.0), verify: ssl.SSLContext | None = None):
+                                                            keepalive_expiry=5.0),
+                 verify: ssl.SSLContext | None = None):
         super().__init__(trust_env=False, limits=limits)
         # httpx builds its pool in __init__ without a way to pass a network backend: rebuild it with ours
         self._pool = httpcore.ConnectionPool(

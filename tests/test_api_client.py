@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine import api_source
+from engine import api_answers, api_source
 from engine.api_source import ApiGenerator, ApiParams, Budget, BudgetExceeded, PartialResult, endpoint_url
 from engine.errors import SourceError, UserError
 from tests.fake_images_api import FakeImagesApi, default_make
@@ -145,7 +145,7 @@ def test_bad_answers_are_source_errors(api, behaviour, message):
 
 @pytest.mark.parametrize("behaviour", ["ok", "url"])
 def test_byte_cap(api, monkeypatch, behaviour):
-    monkeypatch.setattr(api_source, "MAX_IMAGE_BYTES", 500)  # a 16x16 noise PNG is ~800 bytes
+    monkeypatch.setattr(api_answers, "MAX_IMAGE_BYTES", 500)  # a 16x16 noise PNG is ~800 bytes
     api.queue(behaviour)
     with pytest.raises(SourceError, match="cap"):
         generator(api).generate("p", [0])

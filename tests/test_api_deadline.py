@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from engine import api_http, api_source
+from engine import api_exchange, api_http, api_source
 from engine.api_source import ApiGenerator, ApiParams
 from engine.errors import SourceError
 from tests.fake_images_api import DripServer, FakeProviderApi, default_make, png_bytes
@@ -79,7 +79,7 @@ def test_a_dripped_status_poll_ends_at_the_deadline(drip):
 
 @pytest.mark.parametrize("protocol, model", [("bfl", "flux-dev"), ("replicate", "owner/model")])
 def test_a_result_that_never_gets_ready_ends_the_polling_loop_at_the_deadline(monkeypatch, protocol, model):
-    monkeypatch.setattr(api_source, "POLL_FIRST", 0.05)
+    monkeypatch.setattr(api_exchange, "POLL_FIRST", 0.05)
     with FakeProviderApi(pending_polls=10 ** 6) as api:
         message, elapsed = timed_failure(generator(api.url, protocol=protocol, model=model))
         assert elapsed < DEADLINE + MARGIN, elapsed
@@ -88,8 +88,8 @@ def test_a_result_that_never_gets_ready_ends_the_polling_loop_at_the_deadline(mo
 
 
 def test_polls_back_off_between_answers(monkeypatch):
-    monkeypatch.setattr(api_source, "POLL_FIRST", 0.05)
-    monkeypatch.setattr(api_source, "POLL_GROWTH", 2.0)
+    monkeypatch.setattr(api_exchange, "POLL_FIRST", 0.05)
+    monkeypatch.setattr(api_exchange, "POLL_GROWTH", 2.0)
     with FakeProviderApi(pending_polls=3) as api:
         generator(api.url, protocol="bfl", model="flux-dev", timeout=5).generate("p", [0])
         times = [entry["time"] for entry in api.polls()]
@@ -148,7 +148,7 @@ def test_name_lookups_are_bounded(monkeypatch):
 
 
 def test_ctrl_c_stops_a_polling_job_at_once(monkeypatch):
-    monkeypatch.setattr(api_source, "POLL_FIRST", 0.05)
+    monkeypatch.setattr(api_exchange, "POLL_FIRST", 0.05)
     with FakeProviderApi(pending_polls=10 ** 6) as api:
         gen = generator(api.url, protocol="bfl", model="flux-dev", timeout=30)
         abort = threading.Event()

@@ -12,6 +12,7 @@ from dataclasses import asdict
 import pytest
 
 import engine
+import engine.api_exchange
 import engine.api_source
 from engine.api_source import ApiParams
 from engine.generate import DiffusersGenerator, GenerationParams, source_fingerprint
@@ -50,8 +51,8 @@ PROTOCOLS = {  # protocol: (model, submission path, key header, key value, moder
 @pytest.fixture(params=list(PROTOCOLS))
 def protocol_store(models, tmp_path, monkeypatch, request):
     monkeypatch.setenv(ENV, KEY)
-    monkeypatch.setattr(engine.api_source, "BACKOFF_BASE", 0.01)
-    monkeypatch.setattr(engine.api_source, "POLL_FIRST", 0.02)
+    monkeypatch.setattr(engine.api_exchange, "BACKOFF_BASE", 0.01)
+    monkeypatch.setattr(engine.api_exchange, "POLL_FIRST", 0.02)
     (hidden, folder), *local = models["pipelines"].items()
     pipeline = DiffusersGenerator(hidden, folder, GenerationParams(steps=2))
     seeds = itertools.count(9000)

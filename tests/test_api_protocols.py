@@ -10,7 +10,7 @@ import logging
 import numpy as np
 import pytest
 
-from engine import api_http, api_source, providers
+from engine import api_exchange, api_http, api_source, providers
 from engine.api_source import ApiGenerator, ApiParams, Budget, PartialResult
 from engine.errors import SourceError, UserError
 from tests.fake_images_api import FakeProviderApi, default_make, png_bytes
@@ -37,7 +37,7 @@ ASYNC = ("bfl", "replicate")
 @pytest.fixture
 def api(monkeypatch):
     monkeypatch.setenv(ENV, KEY)
-    monkeypatch.setattr(api_source, "POLL_FIRST", 0.02)
+    monkeypatch.setattr(api_exchange, "POLL_FIRST", 0.02)
     with FakeProviderApi(key=KEY, retry_after="0.2") as fake:
         yield fake
 

@@ -11,6 +11,7 @@ import logging
 import pytest
 
 import engine
+import engine.api_exchange
 import engine.api_source
 from engine import Options
 from engine.generate import DiffusersGenerator, GenerationParams
@@ -28,7 +29,7 @@ OPTIONS = ["--per-source", "2", "--no-adaptive", "--mode", "resynthesis"]
 def api_store(models, tmp_path, monkeypatch):
     """A store with every tiny pipeline but the first as local sources, and the first behind a fake API."""
     monkeypatch.setenv(ENV, KEY)
-    monkeypatch.setattr(engine.api_source, "BACKOFF_BASE", 0.01)
+    monkeypatch.setattr(engine.api_exchange, "BACKOFF_BASE", 0.01)
     (hidden, folder), *local = models["pipelines"].items()
     pipeline = DiffusersGenerator(hidden, folder, GenerationParams(steps=2))
     seeds = itertools.count(7000)  # an API draws a fresh image per call; it takes no seed

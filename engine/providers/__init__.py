@@ -15,15 +15,15 @@ image decoding and the one-line errors. A protocol only says:
 
 Protocols (the `protocol` parameter of an API source; `openai` is the default):
 
-| name        | module        | request                                              | answer                                |
-|-------------|---------------|------------------------------------------------------|---------------------------------------|
-| `openai`    | `openai`      | `POST /v1/images/generations`, Bearer                | `data[0].b64_json` or `.url`          |
-| `bfl`       | `bfl`         | `POST /v1/{model}`, `x-key`; poll `polling_url`      | `Ready` -> `result.sample` URL        |
-| `replicate` | `replicate`   | `POST /v1/models/{owner}/{name}/predictions`, Bearer | `succeeded` -> `output` URL(s)        |
-| `stability` | `stability`   | multipart `POST /v2beta/stable-image/generate/{m}`   | image bytes (`Accept: image/*`)       |
-| `imagen`    | `google`      | `POST /v1beta/models/{model}:predict`, x-goog-api-key| `predictions[0].bytesBase64Encoded`   |
-| `gemini`    | `google`      | `POST /v1beta/models/{model}:generateContent`        | `candidates[0]...parts[].inlineData`  |
-| `google`    | `google`      | `gemini` for a model named gemini-*, else `imagen`   |                                       |
+| name (module)     | request                                               | answer                               |
+|-------------------|-------------------------------------------------------|--------------------------------------|
+| `openai`          | `POST /v1/images/generations`, Bearer                 | `data[0].b64_json` or `.url`         |
+| `bfl`             | `POST /v1/{model}`, `x-key`; poll `polling_url`       | `Ready` -> `result.sample` URL       |
+| `replicate`       | `POST /v1/models/{owner}/{name}/predictions`, Bearer  | `succeeded` -> `output` URL(s)       |
+| `stability`       | multipart `POST /v2beta/stable-image/generate/{m}`    | image bytes (`Accept: image/*`)      |
+| `imagen` (google) | `POST /v1beta/models/{model}:predict`, x-goog-api-key | `predictions[0].bytesBase64Encoded`  |
+| `gemini` (google) | `POST /v1beta/models/{model}:generateContent`         | `candidates[0]...parts[].inlineData` |
+| `google`          | `gemini` for a model named gemini-*, else `imagen`    |                                      |
 
 The registry maps names to protocol objects; adding a protocol is one module and one line in
 `_MODULES` below. Nothing outside this package branches on protocol names.
@@ -57,7 +57,7 @@ class Reply:
 
 
 class Call(_Typing):
-    """What a protocol may do for one image (implemented by `engine.api_source`)."""
+    """What a protocol may do for one image (implemented by `engine.api_exchange._Call`)."""
 
     name: str       # the source's name, for messages
     params: Any     # the source's `ApiParams`

@@ -1,0 +1,98 @@
+"""The parameters of an API source (`ApiParams`): what is stored, what keys the cache, and their checks.
+
+Owns the parameter dataclass, its JSON form, its cache hash and its validation (one-line `UserError`s);
+nothing here touches the network. Re-exported by `engine.api_source`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from engine import providers
+from engine.errors import UserError, first_line
+from index.keys import canonical_json, sha256_text
+
+SEED_PLACEHOLDER = "{seed}"        # an `extra` value equal to this is replaced by the slot's seed
+
+_SIZE = re.compile(r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class ApiParams:
+    """How to reach one model behind an images API; `cache_hash` covers only what changes an image."""
+
+    url: str
+    model: str
+    size: str | None = None        # "WxH"; None leaves it to the server
+    api_key_env: str | None = None  # the *name* of the environment variable holding the key
+    price: float = 0.0              # USD per image, for --max-cost
+    rate: float | None = None       # requests per minute, shared by every generator of (url, model)
+    concurrency: int = 2
+    extra: dict = field(default_factory=dict)  # merged into the request body
+    timeout: float = 120.0          # seconds: total deadline of each network call, and of each polling loop
+    protocol: str = providers.DEFAULT  # engine.providers: openai, bfl, replicate, stability, imagen, gemini, google
+
+    def to_json(self) -> str:
+        return canonical_json(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "ApiParams":
+        try:
+            params = cls(**json.loads(text))
+        except (ValueError, TypeError) as exc:
+            raise UserError(f"malformed API source parameters: {first_line(exc)}") from None
+        params.validate()
+        return params
+
+    def cache_hash(self) -> str:
+        """Endpoint, model, size, extra, and the protocol unless it is the default (so that sources stored
+        before protocols existed keep their keys): not the key, price, rate, concurrency or timeout."""
+        fields = {"url": self.endpoint(), "model": self.model, "size": self.size, "extra": self.extra}
+        if self.protocol != providers.DEFAULT:
+            fields["protocol"] = self.protocol
+        return sha256_text(canonical_json(fields))
+
+    def endpoint(self) -> str:
+        """The protocol's submission URL (for `openai`, `endpoint_url(url)`)."""
+        return providers.get(self.protocol).endpoint(self.url, self.model)
+
+    def validate(self) -> "ApiParams":
+        protocol = providers.get(self.protocol)  # an unknown name is a one-line UserError
+        parts = urlsplit(self.url.strip()) if isinstance(self.url, str) else None
+        if parts is None or parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise UserError(f"API URL must be http:// or https:// with a host, not {self.url!r}")
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise UserError("API model must be a non-empty string")
+        if self.size is not None and not (isinstance(self.size, str) and _SIZE.match(self.size)):
+            raise UserError(f"API image size must look like 1024x1024, not {self.size!r}")
+        env = self.api_key_env
+        if env is not None and not (isinstance(env, str) and _ENV_NAME.match(env)):
+            raise UserError("--api-key-env takes the NAME of an environment variable (letters, digits, _), "
+                            "not the key itself")
+        if not _number(self.price) or not 0 <= self.price < 1e6:
+            raise UserError(f"API price must be a number >= 0 USD per image, not {self.price!r}")
+        if self.rate is not None and (not _number(self.rate) or self.rate <= 0):
+            raise UserError(f"API rate must be a number > 0 requests per minute, not {self.rate!r}")
+        if isinstance(self.concurrency, bool) or not isinstance(self.concurrency, int) or self.concurrency < 1:
+            raise UserError(f"API concurrency must be an integer >= 1, not {self.concurrency!r}")
+        if not _number(self.timeout) or self.timeout <= 0:
+            raise UserError(f"API timeout must be a number > 0 seconds, not {self.timeout!r}")
+        if not isinstance(self.extra, dict):
+            raise UserError("API extra parameters must be a JSON object")
+        try:
+            json.dumps(self.extra, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"API extra parameters are not JSON: {first_line(exc)}") from None
+        reserved = protocol.reserved_for(self.model) & set(self.extra)
+        if reserved:
+            raise UserError(f"API extra parameters may not set {sorted(reserved)}")
+        protocol.validate(self)
+        return self
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
