@@ -19,6 +19,7 @@ import re
 import threading
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from engine.errors import SourceError, UserError, first_line
 from engine.generate import DiffusersGenerator
@@ -201,16 +202,17 @@ def _resnet(rest: str) -> str:
 
 def unet_to_ldm(state: dict, config: dict) -> dict:
     """A diffusers UNet2DConditionModel state dict in the original layout (without the model prefix)."""
-    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING as MAPPING
 
+    mapping: Any = MAPPING
     lpb = config["layers_per_block"]
     if not isinstance(lpb, int):
         raise UserError("cannot export a UNet with per-block layer counts to a single file")
-    direct = dict(DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"])
+    direct = dict(mapping["unet"]["layers"])
     if config.get("addition_embed_type") == "text_time":
-        direct.update(DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"])
+        direct.update(mapping["unet"]["addition_embed_type"])
     if config.get("class_embed_type") in ("timestep", "projection"):
-        direct.update(DIFFUSERS_TO_LDM_MAPPING["unet"]["class_embed_type"])
+        direct.update(mapping["unet"]["class_embed_type"])
     with_attention = {int(m.group(1)) for k in state if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
     out = {}
     for key, value in state.items():
@@ -241,9 +243,10 @@ def unet_to_ldm(state: dict, config: dict) -> dict:
 
 def vae_to_ldm(state: dict, config: dict) -> dict:
     """A diffusers AutoencoderKL state dict in the original layout (without the first_stage_model prefix)."""
-    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING as MAPPING
 
-    direct = dict(DIFFUSERS_TO_LDM_MAPPING["vae"])
+    mapping: Any = MAPPING
+    direct = dict(mapping["vae"])
     ups = len(config["up_block_types"])
     attention = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
     out = {}
@@ -251,7 +254,8 @@ def vae_to_ldm(state: dict, config: dict) -> dict:
         if key in direct:
             out[direct[key]] = value
         elif m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-            out[f"encoder.down.{m.group(1)}.block.{m.group(2)}.{m.group(3).replace('conv_shortcut', 'nin_shortcut')}"] = value
+            rest = m.group(3).replace("conv_shortcut", "nin_shortcut")
+            out[f"encoder.down.{m.group(1)}.block.{m.group(2)}.{rest}"] = value
         elif m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
             out[f"encoder.down.{m.group(1)}.downsample.conv.{m.group(2)}"] = value
         elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
@@ -262,7 +266,8 @@ def vae_to_ldm(state: dict, config: dict) -> dict:
         elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
             rest = m.group(3).replace("conv_shortcut", "nin_shortcut")
             out[f"{m.group(1)}.mid.block_{int(m.group(2)) + 1}.{rest}"] = value
-        elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(.+)", key):
+        elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\."
+                               r"(group_norm|to_q|to_k|to_v|to_out\.0)\.(.+)", key):
             if m.group(2) != "group_norm" and m.group(3) == "weight":
                 value = value[:, :, None, None]  # 1x1 convolutions in the original layout
             out[f"{m.group(1)}.mid.attn_1.{attention[m.group(2)]}.{m.group(3)}"] = value
@@ -286,7 +291,8 @@ def open_clip_to_ldm(state: dict, prefix: str) -> dict:
     out = {}
     names = {"text_model.embeddings.position_embedding.weight": "positional_embedding",
              "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-             "text_model.final_layer_norm.weight": "ln_final.weight", "text_model.final_layer_norm.bias": "ln_final.bias"}
+             "text_model.final_layer_norm.weight": "ln_final.weight",
+             "text_model.final_layer_norm.bias": "ln_final.bias"}
     layers = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
               "self_attn.out_proj": "attn.out_proj"}
     for key, value in state.items():
@@ -319,19 +325,20 @@ def export_single_file(folder, target) -> Path:
 
     folder, target = Path(folder), Path(target)
     pipe = diffusers.DiffusionPipeline.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
-    unet, vae = pipe.unet.state_dict(), pipe.vae.state_dict()
-    tensors = {"model.diffusion_model." + k: v for k, v in unet_to_ldm(unet, dict(pipe.unet.config)).items()}
-    tensors.update({"first_stage_model." + k: v for k, v in vae_to_ldm(vae, dict(pipe.vae.config)).items()})
+    parts: Any = pipe  # components are attributes set at run time
+    unet, vae = parts.unet.state_dict(), parts.vae.state_dict()
+    tensors = {"model.diffusion_model." + k: v for k, v in unet_to_ldm(unet, dict(parts.unet.config)).items()}
+    tensors.update({"first_stage_model." + k: v for k, v in vae_to_ldm(vae, dict(parts.vae.config)).items()})
     if isinstance(pipe, diffusers.StableDiffusionXLPipeline):
-        tensors.update(clip_to_ldm(pipe.text_encoder.state_dict(), "conditioner.embedders.0.transformer."))
-        tensors.update(open_clip_to_ldm(pipe.text_encoder_2.state_dict(), "conditioner.embedders.1.model."))
+        tensors.update(clip_to_ldm(parts.text_encoder.state_dict(), "conditioner.embedders.0.transformer."))
+        tensors.update(open_clip_to_ldm(parts.text_encoder_2.state_dict(), "conditioner.embedders.1.model."))
     elif isinstance(pipe, diffusers.StableDiffusionPipeline):
-        tensors.update(clip_to_ldm(pipe.text_encoder.state_dict(), "cond_stage_model.transformer."))
+        tensors.update(clip_to_ldm(parts.text_encoder.state_dict(), "cond_stage_model.transformer."))
     else:
         raise UserError(f"exporting a {type(pipe).__name__} to a single file is not supported (SD 1.x and SDXL are)")
     for name, original, back in (
-            ("UNet", unet, convert_ldm_unet_checkpoint(tensors, dict(pipe.unet.config))),
-            ("VAE", vae, convert_ldm_vae_checkpoint(tensors, dict(pipe.vae.config)))):
+            ("UNet", unet, convert_ldm_unet_checkpoint(tensors, dict(parts.unet.config))),
+            ("VAE", vae, convert_ldm_vae_checkpoint(tensors, dict(parts.vae.config)))):
         if set(back) != set(original) or any(not torch.equal(back[k].reshape(original[k].shape), original[k])
                                              for k in original):
             raise UserError(f"exporting {folder}: the {name} does not convert back to itself "

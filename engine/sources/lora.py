@@ -1,0 +1,336 @@
+"""LoRA adapters on a diffusers pipeline folder, stored as kind "lora".
+
+`source add NAME PIPELINE_DIR --lora FILE[:SCALE][,FILE[:SCALE]...]` enrols the base folder with one or
+more adapter files (diffusers, kohya or A1111 LoRA `.safetensors`, whatever diffusers' `load_lora_weights`
+reads) at their scales (default 1.0), with the recipe parameters of the "diffusers" kind. Each combination
+is its own source: the fingerprint is the base folder's fingerprint, each adapter file's full SHA-256 with
+its scale (in a canonical order: adapters add up, so their order does not change a source), and the recipe.
+
+Sources of one base share one pipeline in memory: `_BaseCache` keeps one per (base folder fingerprint,
+device); each adapter is loaded once into it under a name derived from its content
+(`load_lora_weights(..., adapter_name=...)`) and every batch first selects its source's adapters and
+scales with `set_adapters` and its scheduler, under the base's lock. The base is never reloaded to switch.
+When the engine unloads a LoRA generator its adapters leave the base (if no other source uses them); the
+base itself is freed when its last source unloads, except that one idle base is kept until another base
+is loaded (so switching between LoRAs of one base never reloads it, even with one pipeline resident).
+
+Loading adapters needs `peft` (diffusers' LoRA backend).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import threading
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from engine.errors import SourceError, UserError, first_line
+from engine.generate import DiffusersGenerator
+from engine.sources import Param, Recipe, SourceKind, fingerprint
+from engine.sources.single_file import (RECIPE_PARAMS, check_safetensors, file_sha256, generation_params,
+                                        safetensors_keys, stored_recipe)
+
+
+def parse_loras(value) -> list[tuple[str, float]]:
+    """`A.safetensors:0.8,B.safetensors` (or a list of such strings, or of (file, scale) pairs) -> pairs.
+
+    A trailing `:SCALE` is read only when it parses as a number, so a path with a colon still works."""
+    if value is None or value == "" or value == []:
+        raise UserError("a LoRA source needs --lora FILE[:SCALE] (comma-separated or repeated for several)")
+    items: list[tuple[str, Any]] = []
+    for item in ([value] if isinstance(value, (str, tuple)) else list(value)):
+        if isinstance(item, tuple):
+            items.append((str(item[0]), item[1]))
+            continue
+        for part in str(item).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            path, colon, tail = part.rpartition(":")
+            try:
+                items.append((path, float(tail)) if colon and path else (part, 1.0))
+            except ValueError:
+                items.append((part, 1.0))
+    pairs: list[tuple[str, float]] = []
+    for path, given in items:
+        try:
+            scale = float(given)
+        except (TypeError, ValueError):
+            raise UserError(f"LoRA scale of {path} must be a number, not {given!r}") from None
+        if not math.isfinite(scale):
+            raise UserError(f"LoRA scale of {path} must be finite, not {scale}")
+        pairs.append((path, scale))
+    if not pairs:
+        raise UserError("a LoRA source needs --lora FILE[:SCALE]")
+    return pairs
+
+
+def adapter_name(sha256: str) -> str:
+    """The name an adapter file is loaded under: its content, so one file is loaded once per base."""
+    return "lora_" + sha256[:20]
+
+
+class Lora(SourceKind):
+    name = "lora"
+    params = (
+        Param("path", str, None, "base diffusers pipeline folder", positional=True, required=True, metavar="DIR"),
+        Param("lora", str, None, "LoRA adapter file with an optional scale (default 1.0); several comma-separated",
+              required=True, metavar="FILE[:SCALE]"),
+    ) + RECIPE_PARAMS
+
+    def prepare(self, name: str, path, lora=None, steps: int = 30, guidance: float = 7.0, size: int | None = None,
+                scheduler: str | None = None, negative_prompt: str | None = None) -> Recipe:
+        from engine.generate import check_pipeline_folder, fingerprint_folder
+
+        folder = Path(path).expanduser().resolve()
+        check_pipeline_folder(folder)
+        adapters = []
+        for given, scale in parse_loras(lora):
+            file = check_safetensors(given, "LoRA file")
+            if not any("lora" in k.lower() or "hada_" in k or "lokr_" in k for k in safetensors_keys(file)):
+                raise UserError(f"{file} holds no LoRA weights (no *lora* tensors): a full checkpoint is a "
+                                "single-file source, not an adapter")
+            adapters.append({"file": str(file), "scale": scale, "sha256": file_sha256(file)})
+        adapters.sort(key=lambda a: (a["sha256"], a["scale"]))
+        seen = [a["sha256"] for a in adapters]
+        if len(set(seen)) != len(seen):
+            raise UserError("the same LoRA file is given twice: give it once with the summed scale")
+        recipe = generation_params(steps, guidance, size, scheduler, negative_prompt)
+        return Recipe(path=str(folder), params={**asdict(recipe), "loras": adapters},
+                      fingerprint=fingerprint(self.name, fingerprint_folder(folder),
+                                              [[a["sha256"], a["scale"]] for a in adapters], asdict(recipe)),
+                      twin="already uses this base with the same adapters, scales and parameters")
+
+    def params_hash(self, source) -> str:
+        from index.keys import canonical_json, sha256_text
+
+        loras = json.loads(source.params_json)["loras"]
+        return sha256_text(canonical_json([asdict(stored_recipe(source.params_json)),
+                                           [[a["sha256"], a["scale"]] for a in loras]]))
+
+    def load(self, source, device: str | None):
+        stored = json.loads(source.params_json)
+        return LoraGenerator(source.name, Path(source.path), stored_recipe(source.params_json), stored["loras"],
+                             device, fingerprint=source.fingerprint)
+
+
+class _Base:
+    """One loaded base pipeline shared by the LoRA sources of that base."""
+
+    def __init__(self, key, pipe):
+        self.key = key
+        self.pipe = pipe
+        self.lock = threading.RLock()  # held while adapters are switched and a batch runs
+        self.users: dict[int, set[str]] = {}  # id(generator) -> its adapter names
+        self.adapters: set[str] = set()  # loaded into pipe
+
+
+class _BaseCache:
+    """Per-process base pipelines, keyed by (base folder fingerprint, device, dtype)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._bases: dict[tuple, _Base] = {}
+        self._idle: tuple | None = None  # the one base kept with no user
+        self.loads: dict[str, int] = {}  # base folder fingerprint -> times loaded (tests and benchmarks)
+
+    def acquire(self, generator: "LoraGenerator") -> _Base:
+        from engine.generate import fingerprint_folder, load_pipeline
+        from engine.sources.single_file import generation_params
+
+        key = (fingerprint_folder(generator.folder), str(generator.device))
+        with self._lock:
+            base = self._bases.get(key)
+            if base is None:
+                if self._idle is not None and self._idle != key:  # room for this one: drop the idle base
+                    self._drop(self._idle)
+                pipe = load_pipeline(generator.folder, generation_params(), generator.device)
+                base = self._bases[key] = _Base(key, pipe)
+                self.loads[key[0]] = self.loads.get(key[0], 0) + 1
+            if self._idle == key:
+                self._idle = None
+            base.users[id(generator)] = set()
+            return base
+
+    def release(self, generator: "LoraGenerator", base: _Base) -> None:
+        with self._lock, base.lock:
+            base.users.pop(id(generator), None)
+            still = set().union(*base.users.values()) if base.users else set()
+            unused = sorted(base.adapters - still)
+            if unused:
+                try:
+                    base.pipe.delete_adapters(unused)
+                except Exception:  # a half-loaded adapter: forget the whole base rather than keep a bad one
+                    self._drop(base.key)
+                    return
+                base.adapters -= set(unused)
+            if not base.users:
+                if self._idle is not None and self._idle != base.key:
+                    self._drop(self._idle)
+                self._idle = base.key
+
+    def _drop(self, key) -> None:
+        self._bases.pop(key, None)
+        if self._idle == key:
+            self._idle = None
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def clear(self) -> None:
+        with self._lock:
+            for key in list(self._bases):
+                self._drop(key)
+            self.loads.clear()
+
+
+BASES = _BaseCache()
+
+
+def base_loads(folder) -> int:
+    """How many times this process loaded the base pipeline of `folder` (0: never)."""
+    from engine.generate import fingerprint_folder
+
+    return BASES.loads.get(fingerprint_folder(Path(folder)), 0)
+
+
+@contextlib.contextmanager
+def _quiet():
+    import diffusers
+
+    level = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        diffusers.utils.logging.set_verbosity(level)
+
+
+class LoraGenerator(DiffusersGenerator):
+    """A base pipeline folder with adapters at their scales: generates like the same adapters fused in."""
+
+    def __init__(self, name: str, folder: Path, params, loras: list[dict], device: str | None = None,
+                 fingerprint: str | None = None):
+        super().__init__(name, folder, params, device, fingerprint=fingerprint)
+        self.loras = [dict(a) for a in loras]
+        self._base: _Base | None = None
+        self._scheduler = None
+
+    def load(self):
+        if self._base is None:
+            try:
+                base = BASES.acquire(self)
+            except UserError as exc:
+                raise SourceError(self.name, str(exc)) from exc
+            try:
+                self._attach(base)
+            except BaseException:
+                BASES.release(self, base)
+                raise
+            self._base = base
+        return self._base.pipe
+
+    def _attach(self, base: _Base) -> None:
+        import diffusers
+        from safetensors.torch import load_file
+
+        names = []
+        with base.lock:
+            for adapter in self.loras:
+                file = Path(adapter["file"])
+                try:
+                    if file_sha256(file) != adapter["sha256"]:
+                        raise SourceError(self.name, f"LoRA file {file} changed since the source was added "
+                                                     "(add it again under a new name)")
+                except OSError as exc:
+                    raise SourceError(self.name, f"LoRA file {file} is unreadable: {first_line(exc)}") from exc
+                name = adapter_name(adapter["sha256"])
+                if name not in base.adapters:
+                    try:
+                        with _quiet():  # "no LoRA keys for the text encoder" and the like, once per adapter
+                            base.pipe.load_lora_weights(load_file(str(file)), adapter_name=name)
+                    except ImportError as exc:
+                        raise SourceError(self.name, f"LoRA sources need peft installed ({first_line(exc)})") from exc
+                    except Exception as exc:
+                        raise SourceError(self.name, f"cannot load LoRA {file.name}: {first_line(exc)}") from exc
+                    base.adapters.add(name)
+                names.append(name)
+            base.users[id(self)] = set(names)
+            scheduler = base.pipe.scheduler
+            if self.params.scheduler:
+                scheduler = getattr(diffusers, self.params.scheduler).from_config(scheduler.config)
+            self._scheduler = scheduler
+
+    def _select(self, pipe) -> None:
+        names = [adapter_name(a["sha256"]) for a in self.loras]
+        pipe.set_adapters(names, adapter_weights=[float(a["scale"]) for a in self.loras])
+        pipe.scheduler = self._scheduler
+
+    def _run_batch(self, pipe, jobs):
+        base = self._base
+        with base.lock:  # siblings share the pipeline: select ours for the whole batch
+            original = pipe.scheduler
+            try:
+                self._select(pipe)
+                return super()._run_batch(pipe, jobs)
+            finally:
+                pipe.scheduler = original
+
+    def unload(self) -> None:
+        if self._base is not None:
+            base, self._base = self._base, None
+            BASES.release(self, base)
+
+    @property
+    def _pipe(self):  # DiffusersGenerator reads self._pipe (default batch size): the shared base's
+        return self._base.pipe if getattr(self, "_base", None) is not None else None
+
+    @_pipe.setter
+    def _pipe(self, value) -> None:  # set to None by DiffusersGenerator.__init__; the base is ours to manage
+        pass
+
+
+# ----- adapters for tests and benchmarks ----------------------------------------------------------------
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def write_random_lora(base_folder, target, seed: int, rank: int = 4, alpha: int | None = None) -> Path:
+    """Write a random (non-zero) diffusers-format LoRA on the UNet attention layers of a base folder.
+
+    peft's default init leaves B = 0 (an adapter with no effect); `init_lora_weights=False` keeps both
+    factors random, seeded by `seed`, so each file is a distinct small fine-tune of the base."""
+    import diffusers
+    import torch
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    target = Path(target)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(base_folder, local_files_only=True)
+    torch.manual_seed(seed)
+    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
+                                     init_lora_weights=False, target_modules=list(LORA_TARGETS)))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    type(pipe).save_lora_weights(str(target.parent), unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+                                 weight_name=target.name, safe_serialization=True)
+    return target
+
+
+def write_fused_folder(base_folder, loras, target) -> Path:
+    """The base folder with adapters fused into its weights (`fuse_lora`) and saved as a plain diffusers
+    folder: what a LoRA source must generate like."""
+    import diffusers
+    from safetensors.torch import load_file
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(base_folder, local_files_only=True)
+    for i, (file, scale) in enumerate(parse_loras(loras)):  # one at a time: each fused at its own scale
+        pipe.load_lora_weights(load_file(str(file)), adapter_name=f"fused{i}")
+        pipe.fuse_lora(adapter_names=[f"fused{i}"], lora_scale=scale)
+        pipe.unload_lora_weights()  # keeps the fused weights, drops the adapter layers
+    pipe.save_pretrained(target)
+    return Path(target)
