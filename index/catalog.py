@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from index import vectors as vx
 from index.db import Database, insert_ignore, made
 from index.errors import StoreInputError, UnknownName
-from index.keys import normalise_description, sha256_text
+from index.keys import check_text, normalise_description, sha256_text
 from index.layout import Layout
 from index.schema import DeletedVector, Description, Image, Source, Vector
 from index.schema import _now as _utcnow
@@ -75,6 +75,13 @@ class Recorded:
     rows: list[int]
 
 
+def _check_source(name: str, kind: str, fingerprint: str, path: str | None) -> None:
+    """Text a source row takes in: the same refused on both backends (keys.check_text)."""
+    check_text(name, "source name", controls=True)
+    for what, value in (("source kind", kind), ("source fingerprint", fingerprint), ("source path", path)):
+        check_text(value, what)
+
+
 class Catalog:
     def __init__(self, db: Database, layout: Layout):
         self.db, self.layout = db, layout
@@ -87,6 +94,7 @@ class Catalog:
     def add_source(self, name: str, kind: str, fingerprint: str, path: str | None = None,
                    params: dict | None = None) -> Source:
         """Register a new source; StoreInputError if the name is taken (also when a race is lost)."""
+        _check_source(name, kind, fingerprint, path)
         taken = StoreInputError(f"source {name!r} already exists (remove it first to change it)")
         try:
             with self.db.write_session() as s:
@@ -104,6 +112,7 @@ class Catalog:
                       params: dict | None = None) -> Source:
         """Get-or-create a source in one statement (two processes registering the same replay source
         both succeed). StoreInputError if the name exists with another kind or fingerprint."""
+        _check_source(name, kind, fingerprint, path)
         with self.db.write_session() as s:
             insert_ignore(s, Source, {"name": name, "kind": kind, "path": path, "fingerprint": fingerprint,
                                       "params_json": json.dumps(params or {}, sort_keys=True),
@@ -120,6 +129,7 @@ class Catalog:
             return list(s.scalars(select(Source).order_by(Source.name)))
 
     def source(self, name: str) -> Source:
+        check_text(name, "source name", controls=True)
         with self.db.session() as s:
             found = s.scalar(select(Source).where(Source.name == name))
         if found is None:
@@ -197,6 +207,10 @@ class Catalog:
     def record_images(self, rows: list[NewImage], matrix: np.ndarray) -> Recorded:
         """Record images and vectors in one transaction; a key already stored (by this batch, an earlier
         one or another process) yields the existing image's id and adds nothing."""
+        for row in rows:  # before anything is written: a refused row refuses the batch
+            for what, value in (("image key", row.key), ("image path", row.path), ("file hash", row.file_hash),
+                                ("image role", row.role), ("params hash", row.params_hash)):
+                check_text(value, what)
         out = Recorded([], [], [])
         with self.db.write_session() as s:
             for i, (row, vec) in enumerate(zip(rows, matrix)):

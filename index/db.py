@@ -20,7 +20,8 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool
 
-from index.errors import StoreDamaged, StoreError, StoreInputError
+from index.errors import StoreBusy, StoreDamaged, StoreError, StoreInputError, StoreReadOnly, StoreUnavailable
+from index.failures import busy_timeout_s, pg_failure, refuse_write, sqlite_failure, sqlite_file_damage
 
 RESTORE = "restore metadata.sqlite from a backup"
 _CORRUPT = ("not a database", "malformed", "corrupt", "disk image")
@@ -135,17 +136,20 @@ def _sqlite_pragmas(writable: bool):
             cursor.execute("PRAGMA journal_mode=WAL")  # readers run during a write
         cursor.execute("PRAGMA synchronous=FULL")  # a committed (acknowledged) write survives a crash
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s() * 1000)}")
         cursor.close()
     return apply
 
 
-def _sqlite_engine(path: Path, mode: str) -> Engine:
-    """An engine on exactly this file: mode rwc (create), rw (must exist) or ro (never writes the file)."""
-    uri = path.resolve().as_uri() + f"?mode={mode}"
+def _sqlite_engine(path: Path, mode: str, immutable: bool = False, read_only_why: str | None = None) -> Engine:
+    """An engine on exactly this file: mode rwc (create), rw (must exist) or ro (never writes the file).
+
+    `immutable` (a folder nobody can write, with no write-ahead log in it: no writer can exist) reads
+    without locks, so SQLite creates no -wal/-shm file where it could not anyway."""
+    uri = path.resolve().as_uri() + f"?mode={mode}" + ("&immutable=1" if immutable else "")
 
     def connect():
-        return sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None, timeout=30)
+        return sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None, timeout=busy_timeout_s())
 
     engine = create_engine("sqlite://", creator=connect, poolclass=QueuePool)
     event.listen(engine, "connect", _sqlite_pragmas(mode != "ro"))
@@ -159,6 +163,9 @@ def _sqlite_engine(path: Path, mode: str) -> Engine:
         reason = _corruption(context.original_exception)
         if reason:
             raise damaged_file(path, f"is damaged ({reason})") from None
+        problem = sqlite_failure(context.original_exception, path, read_only_why)
+        if problem is not None:
+            raise problem from None
 
     return engine
 
@@ -176,13 +183,18 @@ def _pg_error(exc: BaseException | None, label: str) -> StoreError | None:
         import psycopg
     except ImportError:  # pragma: no cover - no driver, no PostgreSQL errors
         return None
+    problem = pg_failure(exc, label)
+    if problem is not None:
+        return problem
     if isinstance(exc, psycopg.OperationalError):
         state = getattr(exc, "sqlstate", None) or ""
         if not state or state.startswith(("08", "57P", "3D", "28")):  # no connection, shut down, no db, no login
             return StoreError(f"cannot reach {label}: {_pg_reason(exc)}")
         return StoreError(f"{label}: {_pg_reason(exc)}")
     if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
-        return StoreInputError(f"{label} is open read-only")
+        return StoreReadOnly(f"{label} is open read-only")
+    if isinstance(exc, psycopg.DataError) and "NUL" in str(exc):  # a safety net: keys.check_text refuses first
+        return StoreInputError("text with a NUL character cannot be stored (PostgreSQL refuses it): remove it")
     return None
 
 
@@ -193,7 +205,7 @@ def _pg_engine(url: URL, mode: str, label: str) -> Engine:
     if password:
         url = url.set(password=password)
     # lock_timeout: a writer waits for the write lock as long as SQLite's busy_timeout lets it (30 s)
-    options = "-c lock_timeout=30000" + (" -c default_transaction_read_only=on" if mode == "ro" else "")
+    options = f"-c lock_timeout={int(busy_timeout_s() * 1000)}" + (" -c default_transaction_read_only=on" if mode == "ro" else "")
     connect_args: dict = {"connect_timeout": 10, "application_name": "resynth", "options": options}
     try:
         engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, connect_args=connect_args,
@@ -250,6 +262,14 @@ class Dialect:
         """The database's own integrity check: ["ok"] or its first complaints."""
         return ["ok"]
 
+    def probe_integrity(self, conn, db: "Database") -> str:
+        """The check an open affords: "ok" or the first complaint (PostgreSQL checks its own pages)."""
+        return "ok"
+
+    def unreadable(self, db: "Database", reason: str) -> StoreError:
+        """The error for a database the open probe could not read (`reason`: the driver's first line)."""
+        return StoreError(f"cannot reach {db.label}: {reason}")
+
 
 class SqliteDialect(Dialect):
     backend = "sqlite"
@@ -281,6 +301,20 @@ class SqliteDialect(Dialect):
     def integrity(self, conn, quick: bool = False) -> list[str]:
         pragma = "PRAGMA quick_check(1)" if quick else "PRAGMA integrity_check(20)"
         return [str(r[0]) for r in conn.exec_driver_sql(pragma)]
+
+    def probe_integrity(self, conn, db: "Database") -> str:
+        if db.path.stat().st_size > QUICK_CHECK_MAX_BYTES:
+            return "ok"  # too large to check at every open; `verify` checks it whole
+        return self.integrity(conn, quick=True)[0]
+
+    def unreadable(self, db: "Database", reason: str) -> StoreError:
+        if "locked" in reason or "busy" in reason:
+            return StoreBusy(f"{db.path} is locked by another process; try again")
+        damage = sqlite_file_damage(db.path)  # restore advice only for a file that really is damaged
+        if damage:
+            return damaged_file(db.path, f"cannot be read ({reason}; {damage})")
+        return StoreUnavailable(f"{db.path} cannot be opened ({reason}), though the file itself checks out: "
+                                "check the store folder's permissions and disk, then try again")
 
 
 class PostgresDialect(Dialect):
@@ -323,8 +357,9 @@ class Database:
 
     `mode`: "rwc" (create), "rw" or "ro" (a read-only open never writes)."""
 
-    def __init__(self, root: Path, config: dict, mode: str, writable: bool):
+    def __init__(self, root: Path, config: dict, mode: str, writable: bool, read_only_why: str | None = None):
         self.writable = writable
+        self.read_only_why = read_only_why  # why this process cannot write the store folder, if it cannot
         self.root = root
         self.url: URL | None = None
         self.new_sidecars: list[Path] = []  # -wal/-shm files absent before this open
@@ -349,16 +384,13 @@ class Database:
                 check_database_file(self.path)
             sidecars = [self.path.with_name(self.path.name + suffix) for suffix in ("-wal", "-shm")]
             self.new_sidecars = [p for p in sidecars if not p.exists()]
-            self.engine = _sqlite_engine(self.path, mode)
+            immutable = mode == "ro" and read_only_why is not None and not sidecars[0].exists()
+            self.engine = _sqlite_engine(self.path, mode, immutable, read_only_why)
             self.write_engine = self.engine.execution_options(immediate=True)
         self._read_factory = sessionmaker(self.engine, expire_on_commit=False)
         self._write_factory = sessionmaker(self.write_engine, expire_on_commit=False)
         # what an older database lacks (set by migrations.probe; all True once migrated)
         self.has_checksums = self.has_tombstones = self.has_claims = self.has_vector_sets = True
-
-    @property
-    def is_sqlite(self) -> bool:
-        return self.url is None
 
     def session(self) -> Session:
         return self._read_factory()
@@ -366,7 +398,7 @@ class Database:
     def write_session(self) -> Session:
         """A session whose transaction takes the store's write lock at BEGIN (no lock-upgrade failures)."""
         if not self.writable:
-            raise StoreInputError(f"store {self.root} is open read-only")
+            raise refuse_write(self.root, self.read_only_why)
         return self._write_factory()
 
     def damaged(self, what: str) -> StoreDamaged:

@@ -1,6 +1,7 @@
 """The store's own error types. The layers above map them to exit codes and HTTP statuses by type.
 
 `index/` knows nothing of the engine; these say what went wrong with the store, not how to show it.
+Every message is one line that names the cause and the way out.
 """
 
 
@@ -16,5 +17,28 @@ class UnknownName(StoreInputError):
     """A named thing (a source) is not in the store."""
 
 
+class StoreReadOnly(StoreInputError):
+    """A write asked of a store that cannot be written: opened read-only, on a read-only filesystem, or
+    in a folder this user may not write. Nothing was written."""
+
+
 class StoreDamaged(StoreError):
     """A file the store owns is missing, unreadable or inconsistent; the message names the way out."""
+
+
+class StoreUnavailable(StoreError):
+    """The machine refused a store operation for now (the disk is full, another program holds the
+    database's write lock, permission denied): nothing acknowledged was lost, the store stays openable,
+    and the same command succeeds once the cause is gone. The files are not damaged."""
+
+
+class StoreFull(StoreUnavailable):
+    """No space left on the device (ENOSPC, EDQUOT, SQLITE_FULL, PostgreSQL disk full)."""
+
+
+class StoreBusy(StoreUnavailable):
+    """Another program held the database's write lock past the busy timeout."""
+
+
+class StoreDenied(StoreUnavailable):
+    """The operating system or the database server denied access to a store file or table."""

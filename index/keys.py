@@ -7,10 +7,33 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
+from index.errors import StoreInputError
+
 
 def normalise_description(text: str) -> str:
-    """Unicode-normalise, collapse whitespace; case is kept (prompts are case-sensitive to encoders)."""
-    return " ".join(unicodedata.normalize("NFC", text).split())
+    """Unicode-normalise, collapse whitespace; case is kept (prompts are case-sensitive to encoders).
+
+    Control characters (Unicode category Cc: NUL and the other C0 codes, DEL, C1) count as whitespace,
+    like tab and newline: PostgreSQL refuses NUL in text where SQLite stores it, so both backends store
+    "a\x00b" as "a b". This is where every description and prompt enters the store."""
+    text = unicodedata.normalize("NFC", text)
+    if any(unicodedata.category(c) == "Cc" for c in text):
+        text = "".join(" " if unicodedata.category(c) == "Cc" else c for c in text)
+    return " ".join(text.split())
+
+
+def check_text(value: str | None, what: str, controls: bool = False) -> None:
+    """Refuse text the store cannot keep identically on both backends (StoreInputError, one line).
+
+    NUL is refused everywhere (PostgreSQL cannot store it; no file name holds it); with `controls`,
+    every control character (names: a source name is shown in tables and messages). Descriptions are
+    normalised instead (`normalise_description`)."""
+    if value is None:
+        return
+    bad = next((c for c in value if c == "\x00" or (controls and unicodedata.category(c) == "Cc")), None)
+    if bad is not None:
+        shown = "".join(f"\\x{ord(c):02x}" if unicodedata.category(c) == "Cc" else c for c in value[:80])
+        raise StoreInputError(f"{what} '{shown}' contains the control character U+{ord(bad):04X}: remove it")
 
 
 def sha256_text(text: str) -> str:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
-from index.errors import StoreInputError
+from index.failures import os_failure, refuse_write
 from index.faults import crash_point
 
 CONFIG_NAME = "store.json"
@@ -53,9 +53,23 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None], point: str) -> 
         with open(tmp, "wb") as handle:
             write(handle)
         publish(tmp, path, point)  # fsyncs it
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # e.g. a read-only filesystem: then there is no temporary file either
+        problem = os_failure(_os_cause(exc), path, f"writing {path.name}")
+        if problem is not None:
+            raise problem from exc
         raise
+
+
+def _os_cause(exc: BaseException) -> BaseException:
+    """The OSError behind `exc`: FAISS reports a failed write of its writer callback as RuntimeError."""
+    seen = exc
+    while seen is not None and not isinstance(seen, OSError):
+        seen = seen.__cause__ or seen.__context__
+    return seen if seen is not None else exc
 
 
 def publish(prepared: Path, path: Path, point: str | None = None) -> None:
@@ -106,10 +120,11 @@ def pid_alive(pid: int) -> bool:
 class Layout:
     """The store folder, its config and whether this process writes to it."""
 
-    def __init__(self, root: Path, config: dict, writable: bool):
+    def __init__(self, root: Path, config: dict, writable: bool, read_only_why: str | None = None):
         self.root = root
         self.config = config
         self.writable = writable
+        self.read_only_why = read_only_why  # why this process cannot write the folder, if it cannot
 
     @property
     def embedder_identity(self) -> str:
@@ -143,7 +158,7 @@ class Layout:
 
     def require_writable(self) -> None:
         if not self.writable:
-            raise StoreInputError(f"store {self.root} is open read-only")
+            raise refuse_write(self.root, self.read_only_why)
 
     def save_config(self, config: dict | None = None) -> None:
         """Write store.json (atomically); then `config`, if given, is this store's config."""
@@ -155,7 +170,13 @@ class Layout:
     def file_lock(self) -> Iterator[None]:
         """Cross-process lock for publishing vectors.faiss (flock on store.lock in the store folder)."""
         self.require_writable()
-        fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            problem = os_failure(exc, self.root / LOCK_NAME, "taking the store's publish lock")
+            if problem is None:
+                raise
+            raise problem from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

@@ -11,8 +11,8 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import DBAPIError
 
 from index import vectors as vx
-from index.db import QUICK_CHECK_MAX_BYTES, Database, damaged_file
-from index.errors import StoreError, StoreInputError
+from index.db import Database
+from index.errors import StoreInputError
 from index.schema import ADDED_TABLES, CORE_TABLES, Base, StoreMeta, Vector, VectorSet
 
 
@@ -86,10 +86,9 @@ def probe(db: Database, embedder: str, dim: int) -> None:
                 raise db.damaged(f"lacks the store's tables ({', '.join(missing)})")
             conn.exec_driver_sql("SELECT max(id) FROM vectors").all()
             conn.exec_driver_sql("SELECT max(id) FROM images").all()
-            if db.is_sqlite and db.path.stat().st_size <= QUICK_CHECK_MAX_BYTES:
-                result = db.dialect.integrity(conn, quick=True)[0]
-                if result != "ok":
-                    raise damaged_file(db.path, f"fails its integrity check ({str(result).splitlines()[0]})")
+            result = db.dialect.probe_integrity(conn, db)
+            if result != "ok":
+                raise db.damaged(f"fails its integrity check ({result.splitlines()[0]})")
             columns = db.dialect.columns(conn, "vectors")
             triggers = has_vector_set_triggers(db, conn)
             if db.dialect.binds_database and "store_meta" in tables:
@@ -100,11 +99,7 @@ def probe(db: Database, embedder: str, dim: int) -> None:
         db.has_vector_sets = "vector_sets" in tables and triggers
     except DBAPIError as exc:
         reason = str(exc.orig).splitlines()[0] if exc.orig is not None else type(exc).__name__
-        if not db.is_sqlite:
-            raise StoreError(f"cannot reach {db.label}: {reason}") from None
-        if "locked" in reason or "busy" in reason:
-            raise StoreError(f"{db.path} is locked by another process; try again") from None
-        raise damaged_file(db.path, f"cannot be read ({reason})") from None
+        raise db.dialect.unreadable(db, reason) from None
 
 
 def migrate(db: Database, embedder: str, dim: int) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 from index import vectors as vx
 from index.layout import Layout, file_digest, file_state, fsync_dir, publish, write_json_atomic
 from index.live import FULL_CHECK, SAMPLE, LiveIndex
+from index.failures import full, os_failure
 from index.faults import crash_point
 from index.schema import _now as _utcnow
 
@@ -63,6 +64,14 @@ def _summary(state: str, found: BuiltSearch | None, why: str | None, infos: dict
     return {k: v for k, v in out.items() if v is not None}
 
 
+def _require_space(root, needed: int, doing: str) -> None:
+    """FAISS grows its on-disk lists through a memory mapping: on a full disk that is a SIGBUS, not an
+    error, so the space is checked first (shards plus lists, at most about twice the vectors)."""
+    stat = os.statvfs(root)
+    if stat.f_bavail * stat.f_frsize < needed:
+        raise full(root / "search.faiss", f"{doing} needs about {needed / 2**20:.0f} MiB")
+
+
 def _sample(ids: np.ndarray, size: int) -> np.ndarray:
     return np.sort(np.random.default_rng().choice(ids, size, replace=False))
 
@@ -102,11 +111,19 @@ class SearchIndex:
         flat_max, budget, threads = self.settings(flat_max, memory_budget_bytes, threads)
         spec = vx.choose_index(int(fresh.ntotal), dim, budget, flat_max)
         ids, matrix = vx.flat_view(fresh)
+        if spec != "Flat":
+            _require_space(root, 2 * matrix.nbytes + 8 * len(ids), "building the search index")
         shard_size = int((self.layout.config.get("search") or {}).get("shard_size", vx.SHARD_SIZE))
         building = root / f".search.ivfdata.{os.getpid()}.tmp"
         try:
-            index, infos = vx.build_search_index(ids, matrix, spec, threads=threads, data_path=building,
-                                                 shard_size=shard_size, shard_map=shard_map)
+            try:
+                index, infos = vx.build_search_index(ids, matrix, spec, threads=threads, data_path=building,
+                                                     shard_size=shard_size, shard_map=shard_map)
+            except OSError as exc:  # its shard files: a full disk, a lost permission
+                problem = os_failure(exc, building, "building the search index")
+                if problem is None:
+                    raise
+                raise problem from exc
             infos.update({"embedder": self.layout.embedder_identity, "flat_max": flat_max,
                           "memory_budget_bytes": budget, "built_at": _utcnow().isoformat()})
             if index is None:

@@ -40,6 +40,7 @@ from index.catalog import AddedImages, Catalog, LabelledVector, NewImage
 from index.claims import Claims
 from index.db import RESTORE, Database, db_label, insert_ignore, made, parse_db_url  # noqa: F401 - re-exported
 from index.errors import StoreDamaged, StoreInputError
+from index.failures import os_failure, read_only_reason
 from index.faults import crash_point, skipped
 from index.layout import (CONFIG_NAME, DB_NAME, FORMAT, INDEX_NAME, LOCK_NAME, SEARCH_INFOS,  # noqa: F401
                           SEARCH_NAME, Layout, write_json_atomic)
@@ -56,9 +57,13 @@ class Store:
     """Open with `Store.create` (new) or `Store.open` (existing); use as a context manager."""
 
     def __init__(self, root: Path, config: dict, writable: bool, *, create: bool = False, repair: bool = False):
+        # a folder this process cannot write (read-only mount, permissions) opens read-only: reads answer,
+        # writes are refused in one line naming why (failures.read_only)
+        why = None if create else read_only_reason(root)
+        writable = writable and why is None
         self.root, self.writable, self.repair = root, writable, repair
-        self.layout = Layout(root, config, writable)
-        self.db = Database(root, config, "rwc" if create else ("rw" if writable else "ro"), writable)
+        self.layout = Layout(root, config, writable, why)
+        self.db = Database(root, config, "rwc" if create else ("rw" if writable else "ro"), writable, why)
         self.catalog = Catalog(self.db, self.layout)
         self.claims = Claims(self.db, self.catalog.existing_keys)
         self.live = LiveIndex(self.db, self.layout, repair)
@@ -103,7 +108,13 @@ class Store:
                 store.update_config(captioner=captioner)
             return store
         new_folder = not root.exists()
-        root.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            problem = os_failure(exc, root, "creating the store folder")
+            if problem is None:
+                raise
+            raise problem from exc
         config = {"format": FORMAT, "embedder": embedder, "dim": dim, "captioner": captioner}
         if url is not None:
             config["db"] = url.render_as_string(hide_password=False)  # parse_db_url refused any password

@@ -303,3 +303,29 @@ def _digest_checks(tmp_path: Path, full_reads: list) -> None:
     with pytest.raises(StoreDamaged, match="database lost data"):
         Store.open(tmp_path / "s")
     assert full_reads
+
+
+def test_labelled_vectors_and_added_images(tmp_path, db):
+    """`labelled_vectors` lists every image with a vector of the store's embedder, with its labels, by
+    image id (what evaluation reads); `add_images` returns the image ids and how many were new."""
+    with _store(tmp_path, db) as store:
+        first = store.add_images(_rows(store, 3))
+        assert first.inserted == 3 and store.last_inserted == 3
+        other = store.add_source("b", "replay", "fp-b")
+        desc = store.description_id("another prompt")
+        vec = np.full(DIM, 0.5, np.float32)
+        again = store.add_images(_rows(store, 2, start=2) + [NewImage(
+            key="o1", role="original", source_id=other.id, description_id=desc, file_hash="ho", path="images/o.png",
+            vector=vec)])
+        assert again.inserted == 2 and list(again[:1]) == [first[2]]
+        store.add_vectors("other-embedder", [first[0]], vec[None])  # another embedder's: not listed
+        rows = store.labelled_vectors()
+        assert [r.id for r in rows] == sorted(first) + list(again[1:])
+        last = rows[-1]
+        assert (last.role, last.source, last.description_id, last.seed, last.original_id, last.file_hash,
+                last.path) == ("original", "b", desc, None, None, "ho", "images/o.png")
+        assert last.vector.dtype == np.float32 and np.array_equal(last.vector, vec)
+        assert rows[0].role == "resynthesis" and rows[0].source == "a" and rows[0].seed == 0
+        with pytest.raises(AttributeError):
+            rows[0].role = "original"  # frozen
+        assert store.add_images([]).inserted == 0
