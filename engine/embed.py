@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -145,18 +146,18 @@ class Embedder:
             if not blocks:
                 raise UserError(f"{arch} has no transformer blocks: use --clip-layer final")
             spec = self.spec = replace(spec, layer=max(1, blocks // 2))
-        if spec.layer is not None and (blocks is None or not 1 <= spec.layer <= blocks):
+        if isinstance(spec.layer, int) and (blocks is None or not 1 <= spec.layer <= blocks):
             raise UserError(f"--clip-layer {spec.layer} is out of range for {arch} ({blocks or 0} blocks)")
         self.checkpoint_sha256 = sha256
         layer = "final" if spec.layer is None else f"block{spec.layer}"
         self.identity = f"{arch}@{sha256[:16]}/{layer}"
         self.cuda = torch.device(device).type == "cuda"
         self.autocast_dtype = None
-        self.device_transform = None
+        self.device_transform: DeviceTransform | None = None
         if self.cuda:
             self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
             self.device_transform = DeviceTransform.from_preprocess(preprocess)
-        self._pool = None
+        self._pool: Any = None  # a ThreadPoolExecutor, made on first use
         self.dim = int(self.embed([Image.new("RGB", (8, 8))]).shape[1])
         self.images_embedded = 0  # counted so tests can prove a cache hit embeds no resynthesis
 
@@ -229,15 +230,17 @@ class Embedder:
         open_clip's PIL preprocess (PIL resizes RGBA premultiplied and palettes by nearest)."""
         import torch
 
+        transform = self.device_transform
+        assert transform is not None, "only called when the preprocess has a device form"
         rgb = [i for i, im in enumerate(chunk) if im.mode == "RGB"]
         if len(rgb) == len(chunk):
-            return self.device_transform(_pixels_to_device(chunk, self.device))
+            return transform(_pixels_to_device(chunk, self.device))
         other = [i for i, im in enumerate(chunk) if im.mode != "RGB"]
         exact = torch.stack([self.preprocess(chunk[i]) for i in other]).to(self.device)
         batch = torch.empty((len(chunk), *exact.shape[1:]), dtype=exact.dtype, device=self.device)
         batch[other] = exact
         if rgb:
-            batch[rgb] = self.device_transform(_pixels_to_device([chunk[i] for i in rgb], self.device))
+            batch[rgb] = transform(_pixels_to_device([chunk[i] for i in rgb], self.device))
         return batch
 
     def _embed_pooled(self, images: list[Image.Image]) -> np.ndarray:
@@ -272,7 +275,7 @@ def _pixels_to_device(images: list[Image.Image], device: str) -> list:
     groups: dict[tuple, list[int]] = {}
     for i, array in enumerate(arrays):
         groups.setdefault(array.shape, []).append(i)
-    out = [None] * len(arrays)
+    out: list[Any] = [None] * len(arrays)
     pin = torch.device(device).type == "cuda"
     for shape, members in groups.items():
         host = torch.empty((len(members), *shape), dtype=torch.uint8, pin_memory=pin)
@@ -295,13 +298,13 @@ class DeviceTransform:
     RGB images only: PIL resizes other modes differently (premultiplied alpha, nearest for palettes).
     """
 
-    def __init__(self, resize: tuple[int, ...], interpolation: str, crop: tuple[int, int], mean, std):
+    def __init__(self, resize: tuple[int, ...], interpolation: str, crop: tuple[int, ...], mean, std):
         self.resize = resize  # (short side,) or (height, width)
         self.interpolation = interpolation
         self.crop = crop
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
-        self._constants = {}
+        self._constants: dict[Any, Any] = {}
 
     @classmethod
     def from_preprocess(cls, preprocess) -> "DeviceTransform | None":
@@ -344,7 +347,7 @@ class DeviceTransform:
         groups: dict[tuple, list[int]] = {}
         for i, tensor in enumerate(pixels):
             groups.setdefault(tuple(tensor.shape[1:3]), []).append(i)
-        out = [None] * len(pixels)
+        out: list[Any] = [None] * len(pixels)
         for (height, width), members in groups.items():
             x = torch.cat([pixels[i] for i in members]).permute(0, 3, 1, 2).float()
             size = self.output_size(height, width)

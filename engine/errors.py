@@ -104,7 +104,7 @@ _ADVICE = {
 }
 
 
-def environment_code(exc: BaseException) -> str | None:
+def environment_code(exc: BaseException | None) -> str | None:
     """The stable code of what the machine refused, for `exc` or the error that caused it; else None."""
     seen = 0
     while exc is not None and seen < 8:
@@ -113,10 +113,10 @@ def environment_code(exc: BaseException) -> str | None:
             code = _ERRNO[exc.errno]
         elif isinstance(exc, PermissionError):
             code = _PERMISSION
-        elif isinstance(getattr(exc, "sqlite_errorcode", None), int):
-            code = _SQLITE.get(exc.sqlite_errorcode & 0xFF)
-        elif isinstance(getattr(exc, "sqlstate", None), str):
-            code = _SQLSTATE.get(exc.sqlstate) or ("storage_full" if exc.sqlstate.startswith("53") else None)
+        elif isinstance(sqlite_code := getattr(exc, "sqlite_errorcode", None), int):
+            code = _SQLITE.get(sqlite_code & 0xFF)
+        elif isinstance(sqlstate := getattr(exc, "sqlstate", None), str):
+            code = _SQLSTATE.get(sqlstate) or ("storage_full" if sqlstate.startswith("53") else None)
         if code:
             return code
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
@@ -181,7 +181,7 @@ def message_of(exc: BaseException, paths: bool = True) -> str:
     return _bounded(_one_line(str(exc)) or type(exc).__name__)
 
 
-def _where(exc: BaseException) -> str:
+def _where(exc: BaseException | None) -> str:
     """The file an OS error names (searching its causes), else the operation's own first line."""
     seen = 0
     while exc is not None and seen < 8:

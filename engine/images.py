@@ -88,8 +88,9 @@ def check_aspect(width: int, height: int, label: str) -> None:
     if width <= 0 or height <= 0:
         raise UserError(f"cannot decode image {label}: {width}x{height} pixels", code="undecodable_image")
     if max(width, height) > MAX_ASPECT * min(width, height):
-        raise TooLargeError(f"{label}: {width}x{height} pixels, a side ratio of {max(width, height) / min(width, height):.0f}:1; "
-                            f"the limit is {MAX_ASPECT}:1 (crop it to the part to attribute)", code="extreme_aspect_ratio")
+        ratio = max(width, height) / min(width, height)
+        raise TooLargeError(f"{label}: {width}x{height} pixels, a side ratio of {ratio:.0f}:1; the limit is "
+                            f"{MAX_ASPECT}:1 (crop it to the part to attribute)", code="extreme_aspect_ratio")
 
 
 def orientation(opened: Image.Image) -> Image.Transpose | None:
@@ -102,7 +103,7 @@ def orientation(opened: Image.Image) -> Image.Transpose | None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):  # IFDRational is a Real, not a float
         return None
     try:
-        whole = int(value)
+        whole = int(float(value))
     except (ValueError, OverflowError, ZeroDivisionError):  # nan, inf, x/0
         return None
     return _ORIENTATION.get(whole) if whole == value else None
@@ -160,7 +161,8 @@ def check_header(path: Path, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_P
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - as in decode: the file's fault, in one line
-        reason = "not an image" if isinstance(exc, UnidentifiedImageError) else (str(exc).splitlines() or [type(exc).__name__])[0]
+        lines = str(exc).splitlines() or [type(exc).__name__]
+        reason = "not an image" if isinstance(exc, UnidentifiedImageError) else lines[0]
         raise UserError(f"cannot decode image {path}: {reason}", code="undecodable_image") from None
 
 

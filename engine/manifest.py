@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def _canonical(name: str) -> str:
     return ALIASES.get(name, name)
 
 
-def _check_columns(path: Path, names: list[str], line: int | None = None) -> None:
+def _check_columns(path: Path, names: Sequence[str], line: int | None = None) -> None:
     present = {_canonical(n) for n in names if n}
     missing = [c for c in REQUIRED if c not in present]
     if missing:

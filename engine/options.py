@@ -23,7 +23,7 @@ DECISIVE_MARGIN = 0.02  # adaptive: a source more than this below the best is ou
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
-def _option(default: Any, help: str, kind: type = int, low: int | None = None, high: int | None = None,
+def _option(default: Any, help: str, kind: type = int, low: float | None = None, high: float | None = None,
             choices: tuple[str, ...] | None = None, metavar: str | None = None) -> Any:
     return field(default=default, metadata={"help": help, "kind": kind, "low": low, "high": high,
                                             "choices": choices, "metavar": metavar})
@@ -136,7 +136,8 @@ def add_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None 
 
 
 def from_args(args: argparse.Namespace) -> Options:
-    return Options(**{f.name: getattr(args, f.name) for f in fields(Options) if getattr(args, f.name, None) is not None})
+    given = {f.name: getattr(args, f.name, None) for f in fields(Options)}
+    return Options(**{name: value for name, value in given.items() if value is not None})
 
 
 def schema() -> dict:

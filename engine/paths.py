@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
+from typing import Union, overload
 
 PathLike = Union[str, os.PathLike]
 
@@ -17,6 +17,18 @@ def expand(text: str) -> str:
     """`~`/`~user` and environment variables expanded; an undefined variable stays as written (as in
     a shell's `set -u`-free behaviour, so the resulting "not found" message shows the `$NAME`)."""
     return os.path.expanduser(os.path.expandvars(text))
+
+
+@overload
+def expand_path(path: PathLike) -> Path: ...
+@overload
+def expand_path(path: None) -> None: ...
+@overload
+def expand_path(path: PathLike) -> Path: ...
+
+
+@overload
+def expand_path(path: None) -> None: ...
 
 
 def expand_path(path: PathLike | None) -> Path | None:

@@ -12,6 +12,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -169,11 +170,14 @@ def write_captioner(folder: Path, kind: str = "blip", seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = tf.BertTokenizer(vocab={w: i for i, w in enumerate(CAPTION_WORDS)}, bos_token="[CLS]",
                                  sep_token="[SEP]")
-    text = {"vocab_size": len(CAPTION_WORDS), "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "bos_token_id": 2, "sep_token_id": 3, "pad_token_id": 0, "eos_token_id": 3}
-    vision = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "image_size": 32, "patch_size": 8}
+    text: dict[str, Any] = {
+        "vocab_size": len(CAPTION_WORDS), "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "bos_token_id": 2, "sep_token_id": 3, "pad_token_id": 0, "eos_token_id": 3}
+    vision: dict[str, Any] = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+                              "num_attention_heads": 4, "image_size": 32, "patch_size": 8}
     torch.manual_seed(seed)
+    model: Any
+    processor: Any
     if kind == "blip":
         model = tf.BlipForConditionalGeneration(tf.BlipConfig(
             vision_config=vision, text_config={**text, "encoder_hidden_size": 32}, projection_dim=32))

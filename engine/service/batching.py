@@ -85,7 +85,8 @@ class MicroBatcher:
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            batch, count = [], 0
+            batch: list = []
+            count = 0
             while self._waiting and (not batch or count + len(self._waiting[0][0]) <= self.max_images):
                 item = self._waiting.pop(0)
                 batch.append(item)

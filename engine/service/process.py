@@ -61,6 +61,7 @@ class ServerProcess:
         return "".join(self._lines)
 
     def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None  # started with stderr=PIPE
         for line in iter(self.proc.stderr.readline, b""):
             self._lines.append(line.decode(errors="replace"))
 
