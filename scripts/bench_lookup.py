@@ -346,13 +346,15 @@ def run_size(size: int, args, models: dict, workdir: Path) -> dict:
     found = [ws.candidates(q.prompt, plan).resyntheses for q in queries]
     candidates = [np.array([r.vector_id for rows in c.values() for r in rows], np.int64) for c in found]
     matrix = info["matrix"]
-    raw_topk = per_query_seconds(lambda v: store.index.search(v[None, :], 8), vectors)
+    # the lambdas bind what they use as defaults: the names are deleted below to free the store
+    raw_topk = per_query_seconds(lambda v, index=store.index: index.search(v[None, :], 8), vectors)
     started = time.perf_counter()
     store.index.search(vectors, 8)
     raw_topk_batch = (time.perf_counter() - started) / len(vectors)
     pairs = list(zip(vectors, candidates))
-    raw_filtered = per_query_seconds(lambda p: vx.search_among(store.index, p[0][None, :], p[1]), pairs)
-    gather = per_query_seconds(lambda p: matrix[p[1] - 1] @ p[0], pairs)
+    raw_filtered = per_query_seconds(lambda p, index=store.index: vx.search_among(index, p[0][None, :], p[1]),
+                                     pairs)
+    gather = per_query_seconds(lambda p, rows=matrix: rows[p[1] - 1] @ p[0], pairs)
     result.update({
         "attribute_ms": single * 1e3, "attribute_batch_ms": batched * 1e3,
         "stage_ms": {k: v * 1e3 for k, v in stage.items()},
@@ -391,7 +393,7 @@ def print_tables(results: dict[int, dict]) -> None:
     print(f"{'vectors':>9} {'attribute':>10} {'batch':>8} {'describe':>9} {'lookup':>7} {'embed':>7} {'search':>7}"
           f" {'untimed':>8}"
           f" {'faiss top8':>11} {'filtered':>9} {'gather':>8} {'/top8':>7} {'/filt.':>8} {'acc':>5}")
-    for size, r in results.items():
+    for r in results.values():
         s = r["stage_ms"]
         print(f"{r['vectors']:>9} {r['attribute_ms']:>10.2f} {r['attribute_batch_ms']:>8.2f}"
               f" {s.get('describe', 0):>9.3f} {s.get('lookup', 0):>7.2f} {s.get('embed', 0):>7.3f}"
@@ -408,7 +410,7 @@ def print_tables(results: dict[int, dict]) -> None:
           "untimed = Python glue no stage counts")
     print(f"\n{'vectors':>9} {'sqlite MB':>10} {'bulk load s':>12} {'open+rebuild s':>15} {'reopen s':>9} {'RSS MB':>8}"
           f" {'qps single':>11} {'qps batch':>10} {'faiss qps (batch top8)':>23}")
-    for size, r in results.items():
+    for r in results.values():
         print(f"{r['vectors']:>9} {r['sqlite_mb']:>10.0f} {r['bulk_load_s']:>12.1f} {r['open_rebuild_s']:>15.1f}"
               f" {r['reopen_s']:>9.2f}"
               f" {r['rss_after_open_mb']:>8.0f} {1e3 / r['attribute_ms']:>11.0f} {1e3 / r['attribute_batch_ms']:>10.0f}"
@@ -417,7 +419,7 @@ def print_tables(results: dict[int, dict]) -> None:
           "the next open: index file read, its ids checked against the database and a sample of its vectors "
           "against their checksums (" + ", ".join(f"{r['reopen_checked']}" for r in results.values())
           + " checked)")
-    for size, r in results.items():
+    for r in results.values():
         if "indexes" not in r:
             continue
         print(f"\n## index families at {r['vectors']} vectors: ID-filtered search (IDSelector over "

@@ -491,7 +491,8 @@ def main(argv: list[str] | None = None) -> None:
     if budget_rows:
         print("| **mean** | " + " | ".join(
             f"{100 * np.mean([rows[i]['accuracy'] for rows in budget_rows.values()]):.1f} / "
-            f"{np.mean([rows[i]['generations'] for rows in budget_rows.values()]):.1f}" for i in range(len(rules))) + " |")
+            f"{np.mean([rows[i]['generations'] for rows in budget_rows.values()]):.1f}"
+            for i in range(len(rules))) + " |")
     print(f"\n({time.perf_counter() - started:.0f}s)")
     if args.json:
         args.json.write_text(json.dumps({"sets": info, "cells": cells, "summary": summary_rows,

@@ -62,7 +62,8 @@ def convert(hf: dict[str, np.ndarray], model, config: dict) -> dict:
         return torch.from_numpy(np.array(hf[name], np.float32))
 
     def attention(i: int, part: str, what: str) -> torch.Tensor:
-        for name in (f"encoder.layer.{i}.attention.attention.{part}.{what}", f"encoder.layer.{i}.attention.{part[0]}_proj.{what}"):
+        for name in (f"encoder.layer.{i}.attention.attention.{part}.{what}",
+                     f"encoder.layer.{i}.attention.{part[0]}_proj.{what}"):
             if name in hf:
                 return t(name)
         raise KeyError(f"no {part} {what} for layer {i}")
@@ -92,7 +93,8 @@ def convert(hf: dict[str, np.ndarray], model, config: dict) -> dict:
         for ours, theirs in (("ln_1", "norm1"), ("ln_2", "norm2"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
             state[f"{block}.{ours}.weight"], state[f"{block}.{ours}.bias"] = (t(f"{src}.{theirs}.weight"),
                                                                             t(f"{src}.{theirs}.bias"))
-        state[f"{block}.attn.in_proj_weight"] = torch.cat([attention(i, p, "weight") for p in ("query", "key", "value")])
+        qkv = ("query", "key", "value")
+        state[f"{block}.attn.in_proj_weight"] = torch.cat([attention(i, p, "weight") for p in qkv])
         state[f"{block}.attn.in_proj_bias"] = torch.cat([attention(i, p, "bias") for p in ("query", "key", "value")])
         dense = "attention.output.dense" if f"{src}.attention.output.dense.weight" in hf else "attention.o_proj"
         state[f"{block}.attn.out_proj.weight"], state[f"{block}.attn.out_proj.bias"] = (t(f"{src}.{dense}.weight"),
@@ -104,7 +106,8 @@ def convert(hf: dict[str, np.ndarray], model, config: dict) -> dict:
     return state
 
 
-def write_model(hf: dict[str, np.ndarray], out: Path, name: str, heads: int, image_size: int = 224) -> tuple[Path, Path]:
+def write_model(hf: dict[str, np.ndarray], out: Path, name: str, heads: int,
+                image_size: int = 224) -> tuple[Path, Path]:
     """Write `name`.json and open_clip_pytorch_model.bin under `out`; returns their paths."""
     import logging
 
