@@ -23,14 +23,6 @@ def expand(text: str) -> str:
 def expand_path(path: PathLike) -> Path: ...
 @overload
 def expand_path(path: None) -> None: ...
-@overload
-def expand_path(path: PathLike) -> Path: ...
-
-
-@overload
-def expand_path(path: None) -> None: ...
-
-
 def expand_path(path: PathLike | None) -> Path | None:
     """`path` as a Path with `~` and `$VAR` expanded (not resolved: relative stays relative); None stays None."""
     if path is None:
