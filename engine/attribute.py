@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -20,6 +21,9 @@ from index.keys import cache_key
 from index.schema import Source
 from index.store import StoredReference
 
+if TYPE_CHECKING:
+    from engine.provenance import Provenance
+
 
 @dataclass
 class Query:
@@ -27,18 +31,43 @@ class Query:
     file_hash: str
     label: str
     prompt: str | None = None
+    provenance: "Provenance | None" = None  # what the file says about itself (None: no file was read)
 
     @classmethod
     def read(cls, source: ImageInput, prompt: str | None = None, label: str | None = None, **limits) -> "Query":
-        """Any accepted input (path, bytes, PIL image) through the one image reader."""
+        """Any accepted input (path, bytes, PIL image) through the one image reader; the file's own
+        provenance (engine.provenance) is read beside it while its bytes are at hand."""
         from engine.describe import clean_prompt
 
         if label is None:
             label = "image" if isinstance(source, (bytes, bytearray, Image.Image)) else str(source)
         image, file_hash = read_image(source, label, **limits)
-        return cls(image, file_hash, label, clean_prompt(prompt))
+        return cls(image, file_hash, label, clean_prompt(prompt), provenance_of(source))
 
     from_path = read  # the name earlier code used
+
+    @property
+    def embedded_prompt(self) -> str | None:
+        """The prompt the file's generation metadata names (normalised), or None."""
+        from index.keys import normalise_description
+
+        text, _ = self.provenance.description() if self.provenance is not None else (None, None)
+        return (normalise_description(text) or None) if text else None
+
+
+def provenance_of(source: ImageInput) -> "Provenance":
+    """The provenance of an input, as `Query.read` takes it. Metadata and C2PA only: they cost about a
+    millisecond for a 512 px PNG, where the invisible-watermark check decodes the pixels again (about
+    130 ms, several times the image decode), so it is left to `read_provenance` callers who ask.
+    A PIL image carries no file: its provenance is empty, with a note saying why."""
+    from engine.provenance import Provenance, read_provenance
+
+    if isinstance(source, Image.Image):
+        return Provenance(notes=("a decoded image was given, not its file: nothing the file carries was read",))
+    try:
+        return read_provenance(source, watermark=False)
+    except (OSError, TypeError) as exc:  # the image was read a moment ago: gone or replaced since
+        return Provenance(notes=(f"file not readable for provenance: {type(exc).__name__}",))
 
 
 @dataclass
@@ -53,12 +82,16 @@ class SourceScore:
 class Attribution:
     query: str
     description: str
-    description_from: str  # "prompt", "store" (metadata of an identical image) or "caption"
+    # "prompt" (the caller's), "metadata" (the prompt the file's generation metadata names), "store"
+    # (the description stored for an identical image), "caption", or "none" (dataset mode, no prompt)
+    description_from: str
     predicted: str | None
     margin: float | None
     scores: list[SourceScore]
     missing: list[str]  # sources not scored for this query (no resynthesis of this description, or failed)
-    unknown: bool = False  # best score below that source's calibrated acceptance threshold
+    # True: verdict "unknown" (below the calibrated threshold); False: verdict "known"; None when no
+    # claim is made either way (verdict "uncalibrated" or "none"), so it never contradicts `verdict`
+    unknown: bool | None = None
     calibrated: bool = False  # probabilities come from a fitted temperature
     cached: int = 0
     generated: int = 0
@@ -66,7 +99,13 @@ class Attribution:
     # "known" (calibrated, above the source's threshold), "unknown" (below it), "uncalibrated" (no
     # fitted threshold for that source: no claim either way), or "none" (nothing could be scored)
     verdict: str = "uncalibrated"
-    evidence: dict = field(default_factory=dict)  # score, threshold, references, why uncalibrated
+    # score, threshold, references, why uncalibrated; "provenance" ({claims, enrolled, by, agrees}) when
+    # the file's metadata names a model: stated beside the ranking, never overriding it
+    evidence: dict = field(default_factory=dict)
+    provenance: dict | None = None  # engine.provenance's Provenance.to_dict() of the query's file
+    # per scored source, its up to CLOSEST references best first: [{"image_id", "similarity"}]; the
+    # image ids are the store's (engine.compare.reference_file gives their files)
+    closest: dict = field(default_factory=dict)
 
     @property
     def verdict_text(self) -> str:

@@ -7,18 +7,26 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING
 
 import numpy as np
+from sqlalchemy import select
 
 from engine.attribute import Attribution, Candidates, Plan, Query, rank, verdict
 from engine.calibration import Calibration, content_name, mahalanobis_open_set
 from engine.errors import SourceError
 from index.errors import StoreInputError
 from index.keys import normalise_description, sha256_text
+from index.schema import Image as ImageRow
+from index.schema import Vector as VectorRow
 
 if TYPE_CHECKING:
+    from engine.provenance import Provenance
     from engine.workspace import Workspace
+
+CLOSEST = 3  # stored references listed per scored source (`closest`), best first
+MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft")
 
 
 def candidates(ws: "Workspace", text: str, plan: Plan) -> Candidates:
@@ -71,18 +79,122 @@ def score(ws: "Workspace", query: Query, text: str, origin: str, vector: np.ndar
                 if calibration.fitted and calibration.open_set and not stale and scores
                 and not plan.options.original_refs else None)  # fitted on resyntheses alone
     answer, evidence = verdict(scores, calibration, stale, open_set)
-    ws._time("search", started)
     cached, generated, failed = counts
     if not scores and failed:  # nothing could be scored because sources failed: not an answer
         raise SourceError(", ".join(sorted(failed)), "; ".join(sorted(set(failed.values()))))
+    predicted = scores[0].source if scores else None
+    claim = provenance_claim(ws, query.provenance, predicted, {s.source for s in scores})
+    if claim is not None:
+        evidence["provenance"] = claim
+    near = closest(store, {s.source: [(similarity[r.vector_id], r.vector_id) for r in per_source[s.source]]
+                           for s in scores})
+    ws._time("search", started)
     return Attribution(
         query=query.label, description=text, description_from=origin,
-        predicted=scores[0].source if scores else None,
+        predicted=predicted,
         margin=(scores[0].score - scores[1].score) if len(scores) > 1 else None,
         scores=scores, missing=sorted({s.name for s in plan.sources} - {x.source for x in scores}),
-        unknown=answer == "unknown", calibrated=calibration.fitted and not stale, cached=cached,
-        generated=generated, failed={k: v for k, v in failed.items() if k not in {x.source for x in scores}},
-        verdict=answer, evidence=evidence)
+        unknown={"unknown": True, "known": False}.get(answer), calibrated=calibration.fitted and not stale,
+        cached=cached, generated=generated,
+        failed={k: v for k, v in failed.items() if k not in {x.source for x in scores}},
+        verdict=answer, evidence=evidence, provenance=provenance_dict(query.provenance), closest=near)
+
+
+def provenance_dict(provenance: "Provenance | None") -> dict:
+    """The query's provenance in its stable shape; for a query built without reading a file, the empty one."""
+    from engine.provenance import Provenance
+
+    if provenance is None:
+        provenance = Provenance(notes=("no file was read for this query",))
+    return provenance.to_dict()
+
+
+def closest(store, similarities: dict[str, list[tuple[float, int]]], n: int = CLOSEST) -> dict[str, list[dict]]:
+    """Per source, its n most similar scored references as {image_id, similarity}, best first, from the
+    similarities scoring computed (no search): one catalog read maps their vector ids to image ids."""
+    best = {name: sorted(pairs, key=lambda p: (-p[0], p[1]))[:n] for name, pairs in similarities.items()}
+    wanted = sorted({vid for pairs in best.values() for _, vid in pairs})
+    images: dict[int, int] = {}
+    if wanted:
+        with store.session() as s:
+            images = dict(s.execute(select(VectorRow.id, VectorRow.image_id).where(VectorRow.id.in_(wanted))).all())
+    return {name: [{"image_id": int(images[vid]), "similarity": round(float(sim), 6)}
+                   for sim, vid in pairs if vid in images]  # a vector removed meanwhile is left out
+            for name, pairs in best.items()}
+
+
+def reference_file(store, image_id: int) -> Path | None:
+    """The file of a stored image (a resynthesis or a labelled original) by its image id, or None when
+    there is no such image or its file is gone. The path comes from the catalog, never from the caller:
+    an HTTP client names an id, and only files the store records can be answered."""
+    if isinstance(image_id, bool) or not isinstance(image_id, (int, np.integer)) or not 0 < int(image_id) < 2 ** 63:
+        return None
+    with store.session() as s:
+        stored = s.scalar(select(ImageRow.path).where(ImageRow.id == int(image_id)))
+    if stored is None:
+        return None
+    path = Path(stored) if Path(stored).is_absolute() else Path(store.root) / stored
+    return path if path.is_file() else None
+
+
+def provenance_claim(ws: "Workspace", provenance: "Provenance | None", predicted: str | None,
+                     scored: set[str]) -> dict | None:
+    """What the file's metadata claims about its model, matched against the enrolled sources:
+    {claims, enrolled, by, agrees}, or None when the metadata names no model. `agrees` compares the
+    claimed source with the resynthesis ranking's best (null when the claim names no enrolled source,
+    or one this request did not score); the ranking is never changed by it."""
+    meta = provenance.metadata if provenance is not None else None
+    if meta is None or not (meta.model_name or meta.model_hash):
+        return None
+    enrolled, by = match_source(ws.sources(), meta.model_name, meta.model_hash)
+    agrees = None if enrolled is None or predicted is None or enrolled not in scored else enrolled == predicted
+    return {"claims": meta.model_name or meta.model_hash, "enrolled": enrolled, "by": by, "agrees": agrees}
+
+
+def model_stem(model_name: str) -> str:
+    """A metadata model name without folders and weight-file suffix, lower case ("SDXL/base.safetensors" -> "base")."""
+    name = PureWindowsPath(PurePosixPath(model_name.strip()).name).name.lower()
+    for suffix in MODEL_SUFFIXES:
+        if name.endswith(suffix):
+            return name[:-len(suffix)]
+    return name
+
+
+def match_source(sources, model_name: str | None, model_hash: str | None) -> tuple[str | None, str | None]:
+    """(enrolled source name, "name" or "hash") the metadata's model names, or (None, None).
+
+    By name (case-insensitive): a source named as the model (with or without folders and suffix), else
+    the longest source name contained in the model's name, else a source whose name contains the model's
+    (at least 4 characters). By hash, when no name matches: the A1111 short hash (the first 10 hex digits
+    of the weight file's SHA-256, AutoV2) equal to the prefix of a source's fingerprint or, for a
+    single-file checkpoint source, of its file's SHA-256 (hashed once per process)."""
+    if model_name:
+        full, stem = model_name.strip().lower(), model_stem(model_name)
+        names = {s.name.lower(): s.name for s in sources}
+        for key in (full, stem):
+            if key in names:
+                return names[key], "name"
+        inside = sorted((n for n in names if n and n in stem), key=len, reverse=True)
+        if inside:
+            return names[inside[0]], "name"
+        around = sorted((n for n in names if len(stem) >= 4 and stem in n), key=len)
+        if around:
+            return names[around[0]], "name"
+    digest = (model_hash or "").strip().lower()
+    if len(digest) >= 8 and all(c in "0123456789abcdef" for c in digest):
+        for s in sources:
+            if s.fingerprint.lower().startswith(digest):
+                return s.name, "hash"
+        from engine.sources.single_file import file_sha256
+
+        for s in sources:
+            if s.kind == "single-file" and s.path:
+                try:
+                    if file_sha256(Path(s.path)).startswith(digest):
+                        return s.name, "hash"
+                except OSError:
+                    continue
+    return None, None
 
 
 def calibration_stale(ws: "Workspace") -> str | None:

@@ -91,8 +91,9 @@ class Request:
         if self.plan.options.mode == "dataset":  # no description, no generation
             return [(q.prompt or "", "prompt" if q.prompt else "none") for q in queries]
         ws = self.ws
-        if (self.runner.shared and not all(q.prompt for q in queries) and ws.captioner is not None
-                and ws.needs_caption(queries)):  # a caption is a model call: it takes the heavy lane
+        undescribed = [q for q in queries if not (q.prompt or q.embedded_prompt)]
+        if (self.runner.shared and undescribed and ws.captioner is not None
+                and ws.needs_caption(undescribed)):  # a caption is a model call: it takes the heavy lane
             key = ("caption", tuple(q.file_hash for q in queries), tuple(bool(q.prompt) for q in queries))
             return self.runner.heavy(key, lambda: ws.describe(queries))()[0]
         return ws.describe(queries)
@@ -153,13 +154,17 @@ class Request:
 
 
 def describe(ws: "Workspace", queries: Sequence[Query]) -> list[tuple[str, str]]:
-    """Step 1: (description, where it came from) per query: its prompt, a stored description, or a caption."""
+    """Step 1: (description, where it came from) per query, first found of: the caller's prompt, the
+    prompt the file's own generation metadata names ("metadata"), a description stored for an image with
+    the same bytes ("store"), a caption."""
     started = time.perf_counter()
     out: list[tuple[str, str] | None] = []
     need_caption = []
     for i, q in enumerate(queries):
         if q.prompt:
             out.append((q.prompt, "prompt"))
+        elif (embedded := q.embedded_prompt) is not None:
+            out.append((embedded, "metadata"))
         elif (stored := ws.store.description_for_file(q.file_hash)) is not None:
             out.append((stored, "store"))
         else:

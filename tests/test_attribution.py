@@ -92,9 +92,14 @@ def test_cli_attribute_json(store_dir, originals, models, capsys, tmp_path):
     assert data["cache"]["generated"] == len(models["pipelines"]) * 3 and data["cache"]["cached"] == 0
     assert set(data["results"][0]["scores"][0]) == {"source", "score", "resyntheses", "probability"}
     assert abs(sum(s["probability"] for s in data["results"][0]["scores"]) - 1) < 1e-6
-    assert data["results"][0]["unknown"] is False and data["results"][0]["calibrated"] is False
-    # an uncalibrated store never claims "known source": it says so, and why
+    assert data["results"][0]["calibrated"] is False
+    # an uncalibrated store never claims "known source": it says so, and why; and no field contradicts it
+    # (`unknown` is null, not false, when no claim is made either way)
     assert data["results"][0]["verdict"] == "uncalibrated" and "calibrate" in data["results"][0]["evidence"]["why"]
+    assert all(r["unknown"] is None and r["verdict"] == "uncalibrated" for r in data["results"])
+    # the new fields are always there: the file's provenance (stable shape) and each source's closest references
+    assert all(set(r["provenance"]) >= {"schema", "metadata", "c2pa", "watermark"} for r in data["results"])
+    assert all(set(r["closest"]) == {s["source"] for s in r["scores"]} for r in data["results"])
     assert run_cli("attribute", originals[0]["image"], "--prompt", originals[0]["prompt"], "--store", store_dir,
                    "--quiet", "--per-source", 1) == 0
     text = capsys.readouterr().out
