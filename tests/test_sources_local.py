@@ -144,3 +144,30 @@ def test_lora_sources_attribute_end_to_end_and_refusals(models, local, tmp_path)
         with pytest.raises(UserError, match="LoRA file not found"):
             kind.prepare("x", base, lora=str(tmp_path / "missing.safetensors:0.5"))
         assert kind.prepare("x", base, lora=f"{a}:0.25").params["loras"][0]["scale"] == 0.25
+
+
+def test_vision_language_captioner_describes_a_query_end_to_end(models, local, tmp_path):
+    """A tiny random LLaVA folder (AutoModelForImageTextToText + AutoProcessor) with an instruction describes
+    a query that came without a prompt, through the workspace's describe step."""
+    from engine.captioners import VisionLanguageCaptioner, is_vision_language, write_tiny_llava
+    from engine.images import save_png_atomic
+    from engine.options import Options
+
+    folder = write_tiny_llava(tmp_path / "llava")
+    assert is_vision_language(folder)
+    query = tmp_path / "query.png"
+    save_png_atomic(DiffusersGenerator("q", local["base"], GenerationParams(steps=2)).generate(PROMPT, [1000])[0],
+                    query)
+    captioner = VisionLanguageCaptioner(folder, device="cpu", instruction="Describe this image.", max_new_tokens=6)
+    assert captioner.prompt().count("<image>") == 1 and "Describe this image." in captioner.prompt()
+    from PIL import Image
+
+    expected = captioner.caption([Image.open(query)])[0]
+    assert expected and captioner.caption([Image.open(query)]) == [expected]  # greedy: deterministic
+    with workspace(models, tmp_path / "store") as ws:
+        ws.add_source("base", local["base"], steps=2)
+        ws.models.captioner_folder, ws.models._captioner = str(captioner.folder), captioner  # as describe.py would
+        (result,) = ws.attribute([query], options=Options(per_source=1, adaptive=False)).results
+    assert result.description_from == "caption" and result.description == expected and result.predicted == "base"
+    with pytest.raises(UserError, match="not an image-text-to-text"):
+        VisionLanguageCaptioner(local["config"] / "unet")
