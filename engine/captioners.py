@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -60,7 +61,7 @@ class VisionLanguageCaptioner:
                             "model transformers knows")
         self.model_type = _model_type(self.folder)
         self._model = None
-        self._processor = None
+        self._processor: Any = None
         self.calls = 0
 
     def _load(self):
