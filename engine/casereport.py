@@ -1,0 +1,306 @@
+"""The case report: one self-contained HTML file an analyst can file and someone else can check later.
+
+A header names what the answer depends on (store, embedder, every source with its fingerprint and
+recipe, the options, the exact command, versions, time); then, per query, its thumbnail, the verdict,
+margin, the scores as bars, each source's closest stored resyntheses as thumbnails with their
+similarities, and the provenance found in the file when there is some.
+
+Nothing in the file is fetched from elsewhere: images are re-encoded by Pillow (bounded to THUMB
+pixels a side) and embedded as data: URIs; there is no script. Every text is escaped: paths,
+prompts, captions and source names are hostile input. The file is written streamed (one query at a
+time) and atomically, so a report over a large folder holds one query's images in memory at once.
+
+Used by `resynth triage`, `resynth attribute --report FILE` and the page's download (POST /v1/report).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+import platform
+import shlex
+from collections import OrderedDict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any, Iterable, Iterator
+
+from PIL import Image
+
+THUMB = 160  # longest side of an embedded thumbnail, in pixels
+CACHED_THUMBS = 512  # evidence thumbnails kept between queries (resyntheses recur across a folder)
+
+
+# ----- what the report depends on -------------------------------------------------------------------
+def versions() -> dict[str, str]:
+    """resynth, Python and (read from the installed metadata, not imported) torch, open_clip, diffusers."""
+    from importlib import metadata
+
+    out = {"resynth": _version("resynth", metadata), "python": platform.python_version()}
+    for name in ("torch", "open_clip_torch", "diffusers", "Pillow"):
+        found = _version(name, metadata)
+        if found:
+            out[name] = found
+    return out
+
+
+def _version(name: str, metadata) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+def header(ws, command: str | None = None, options=None, store_label: str | None = None) -> dict:
+    """Everything the answers depend on. `store_label` replaces the store's path (the service does not
+    disclose its filesystem)."""
+    from engine.recipes import recipe
+
+    store = ws.store
+    calibration = store.config.get("calibration")
+    rows = []
+    for s in ws.sources():
+        params = _json(s.params_json)
+        rows.append({"name": s.name, "kind": s.kind, "fingerprint": s.fingerprint,
+                     "recipe": recipe(s.kind, params, None)})
+    return {"store": store_label if store_label is not None else str(Path(store.root).resolve()),
+            "embedder": store.embedder_identity, "sources": rows,
+            "calibration": "fitted" if calibration else "none (verdicts are uncalibrated)",
+            "options": options.to_dict() if options is not None and hasattr(options, "to_dict") else options,
+            "command": command, "versions": versions(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _json(text: str | None) -> dict:
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def command_line(words: Iterable[Any]) -> str:
+    """A shell-quoted command line (what a reader pastes to reproduce the report)."""
+    return shlex.join(str(w) for w in words)
+
+
+# ----- images ------------------------------------------------------------------------------------------
+def thumbnail(image: Any, size: int = THUMB) -> str | None:
+    """A data: URI of `image` (a path, bytes or PIL image) re-encoded within size x size pixels: PNG
+    when it has transparency, else JPEG. None when it cannot be read (the report says so instead)."""
+    try:
+        if isinstance(image, Image.Image):
+            picture = image.copy()
+        else:
+            from engine.images import decode, read_image
+
+            picture = decode(bytes(image), "image") if isinstance(image, (bytes, bytearray)) else read_image(image)[0]
+        picture.thumbnail((size, size))
+        alpha = picture.mode in ("RGBA", "LA", "PA")
+        picture = picture.convert("RGBA" if alpha else "RGB")
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG" if alpha else "JPEG", quality=85)
+    except Exception:  # noqa: BLE001 - an unreadable image is shown as missing, never a failed report
+        return None
+    kind = "png" if alpha else "jpeg"
+    return f"data:image/{kind};base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class Evidence:
+    """Thumbnails of stored images by id (engine.compare.reference_file), kept for reuse."""
+
+    def __init__(self, store):
+        self.store = store
+        self.kept: OrderedDict[int, str | None] = OrderedDict()
+        from engine import compare
+
+        self.find = getattr(compare, "reference_file", None)  # absent: no evidence thumbnails
+
+    def uri(self, image_id: Any) -> str | None:
+        if self.find is None or not isinstance(image_id, int) or isinstance(image_id, bool):
+            return None
+        if image_id in self.kept:
+            self.kept.move_to_end(image_id)
+            return self.kept[image_id]
+        try:
+            path = self.find(self.store, image_id)
+        except Exception:  # noqa: BLE001 - a row removed meanwhile: no thumbnail
+            path = None
+        found = thumbnail(path) if path is not None else None
+        self.kept[image_id] = found
+        if len(self.kept) > CACHED_THUMBS:
+            self.kept.popitem(last=False)
+        return found
+
+
+# ----- the HTML ----------------------------------------------------------------------------------------
+STYLE = """
+body{font:14px/1.45 system-ui,sans-serif;color:#1d2330;max-width:1100px;margin:1.5rem auto;padding:0 1rem}
+h1{font-size:1.3rem;margin:.2rem 0}h2{font-size:1.05rem;margin:0 0 .3rem;word-break:break-all}
+table.meta{border-collapse:collapse;margin:.5rem 0 1rem}table.meta td,table.meta th{border:1px solid #d0d5dd;
+padding:.2rem .5rem;text-align:left;vertical-align:top;font-size:.85rem}code{word-break:break-all}
+section.case{border:1px solid #d0d5dd;border-radius:8px;padding:.8rem;margin:1rem 0;break-inside:avoid}
+.top{display:flex;gap:1rem;flex-wrap:wrap}.top img,.thumbs img{border-radius:4px;background:#eef1f6}
+.badge{display:inline-block;padding:0 .5rem;border-radius:999px;font-size:.8rem;font-weight:600}
+.known{background:#dcfae6;color:#067647}.unknown{background:#fef0c7;color:#b54708}
+.uncalibrated,.none{background:#eaecf0;color:#344054}.error{background:#fee4e2;color:#b42318}
+.bar{display:grid;grid-template-columns:11rem 1fr 9rem;gap:.5rem;align-items:center;margin:.2rem 0}
+.track{background:#eef1f6;border-radius:3px;height:.9rem;overflow:hidden}.fill{background:#2f6fed;height:100%}
+.num{font-variant-numeric:tabular-nums;font-size:.8rem;text-align:right}.muted{color:#667085;font-size:.85rem}
+.source{margin:.5rem 0}.thumbs{display:flex;gap:.4rem;flex-wrap:wrap}figure{margin:0;text-align:center}
+figcaption{font-size:.75rem;color:#667085}.missing{width:80px;height:80px;display:flex;align-items:center;
+justify-content:center;background:#eef1f6;color:#667085;font-size:.7rem}
+pre{white-space:pre-wrap;word-break:break-all;font-size:.8rem;background:#f7f8fa;padding:.4rem}
+"""
+
+
+def e(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _number(value: Any, digits: int = 4) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
+
+
+def render_header(head: dict, title: str = "resynth case report") -> str:
+    rows = [("store", head.get("store")), ("embedder", head.get("embedder")),
+            ("calibration", head.get("calibration")), ("command", head.get("command")),
+            ("options", json.dumps(head.get("options"), sort_keys=True) if head.get("options") else None),
+            ("versions", ", ".join(f"{k} {v}" for k, v in (head.get("versions") or {}).items())),
+            ("created (UTC)", head.get("created"))]
+    out = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+           f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
+           f"<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; img-src data:; "
+           f"style-src 'unsafe-inline'\"><title>{e(title)}</title><style>{STYLE}</style></head><body>",
+           f"<h1>{e(title)}</h1><table class='meta'>"]
+    out += [f"<tr><th>{e(k)}</th><td><code>{e(v)}</code></td></tr>" for k, v in rows if v not in (None, "")]
+    out.append("</table><table class='meta'><tr><th>source</th><th>kind</th><th>fingerprint</th><th>recipe</th></tr>")
+    out += [f"<tr><td>{e(s.get('name'))}</td><td>{e(s.get('kind'))}</td><td><code>{e(s.get('fingerprint'))}</code>"
+            f"</td><td>{e(s.get('recipe'))}</td></tr>" for s in head.get("sources") or ()]
+    out.append("</table>")
+    return "".join(out)
+
+
+def _verdict(result: dict) -> str:
+    verdict = result.get("verdict") or "none"
+    predicted = result.get("predicted")
+    ev = result.get("evidence") or {}
+    if verdict == "none" or not predicted:
+        words = "no source could be scored"
+    elif verdict == "known":
+        words = f"{predicted} (known source)"
+    elif verdict == "unknown":
+        words = f"unknown source (closest: {predicted})"
+    else:
+        words = f"{predicted} (uncalibrated: {ev.get('why', 'no acceptance threshold')})"
+    test = ""
+    if "threshold" in ev and "score" in ev:
+        test = f" · score {_number(ev['score'])} vs threshold {_number(ev['threshold'])}"
+    return f"<span class='badge {e(verdict)}'>{e(verdict)}</span> <strong>{e(words)}</strong>{e(test)}"
+
+
+def render_case(number: int, entry: dict, evidence: Evidence | None) -> str:
+    """One query: `entry` holds "label", optional "sha256", "thumb" (data URI) and "result" or "error"."""
+    label, result = entry.get("label"), entry.get("result")
+    thumb = entry.get("thumb")
+    out = [f"<section class='case' id='q{number}'><div class='top'>",
+           f"<figure><img src='{e(thumb)}' alt='query {number}'><figcaption>query</figcaption></figure>" if thumb
+           else "<div class='missing'>no image</div>", f"<div><h2>{number}. {e(label)}</h2>"]
+    if entry.get("sha256"):
+        out.append(f"<div class='muted'>sha256 <code>{e(entry['sha256'])}</code></div>")
+    if result is None:
+        out.append(f"<p><span class='badge error'>error</span> {e(entry.get('error'))}</p></div></div></section>")
+        return "".join(out)
+    out.append(f"<p>{_verdict(result)}</p><div class='muted'>margin {_number(result.get('margin'))} · description "
+               f"from {e(result.get('description_from'))}: “{e(result.get('description'))}” · "
+               f"{e(result.get('cached', 0))} cached, {e(result.get('generated', 0))} generated</div></div></div>")
+    scores = [s for s in result.get("scores") or () if isinstance(s, dict)]
+    for i, s in enumerate(scores):
+        width = max(0.0, min(100.0, 100 * float(s.get("probability") or 0)))
+        out.append(f"<div class='bar'><span>{e(s.get('source'))}</span><div class='track'><div class='fill' "
+                   f"style='width:{width:.1f}%{';background:#12b76a' if i == 0 else ''}'></div></div><span "
+                   f"class='num'>{_number(s.get('score'))} · p {_number(s.get('probability'), 2)}</span></div>")
+    missing = result.get("missing") or []
+    if missing:
+        out.append(f"<div class='muted'>not scored: {e(', '.join(map(str, missing)))}</div>")
+    closest = result.get("closest") if isinstance(result.get("closest"), dict) else {}
+    for s in scores:
+        rows = closest.get(s.get("source")) or []
+        if not rows:
+            continue
+        out.append(f"<div class='source'><div class='muted'>closest resyntheses of {e(s.get('source'))}</div>"
+                   "<div class='thumbs'>")
+        for row in rows:
+            uri = evidence.uri(row.get("image_id")) if evidence is not None and isinstance(row, dict) else None
+            sim = _number(row.get("similarity") if isinstance(row, dict) else None)
+            picture = (f"<img src='{e(uri)}' alt='{e(s.get('source'))} resynthesis'>" if uri
+                       else "<div class='missing'>not shown</div>")
+            out.append(f"<figure>{picture}<figcaption>sim {sim} · #{e(row.get('image_id') if isinstance(row, dict) else '')}"
+                       "</figcaption></figure>")
+        out.append("</div></div>")
+    found = provenance(result)
+    if found:
+        out.append(f"<details open><summary>provenance</summary><pre>"
+                   f"{e(json.dumps(found, indent=1, sort_keys=True, default=str))}</pre></details>")
+    out.append("</section>")
+    return "".join(out)
+
+
+def provenance(result: dict) -> dict:
+    """What the file says about itself and what that claims, without the empty fields."""
+    found = result.get("provenance") if isinstance(result.get("provenance"), dict) else {}
+    out = {k: v for k, v in found.items() if k != "schema" and v not in (None, "", [], {})}
+    claim = (result.get("evidence") or {}).get("provenance")
+    if claim:
+        out["claim"] = claim
+    return out
+
+
+def render(head: dict, entries: Iterable[dict], store=None, title: str = "resynth case report") -> Iterator[str]:
+    """The report in pieces (header, one per query, end): write them as they come."""
+    evidence = Evidence(store) if store is not None else None
+    yield render_header(head, title)
+    count = 0
+    for count, entry in enumerate(entries, start=1):
+        yield render_case(count, entry, evidence)
+    yield f"<p class='muted'>{count} quer{'y' if count == 1 else 'ies'}.</p></body></html>\n"
+
+
+def write(path: str | os.PathLike, head: dict, entries: Iterable[dict], store=None,
+          title: str = "resynth case report") -> Path:
+    """Write the report atomically (a temporary file beside it, then renamed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            _write_all(handle, render(head, entries, store, title))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _write_all(handle: IO[str], pieces: Iterable[str]) -> None:
+    for piece in pieces:
+        handle.write(piece)
+
+
+def to_string(head: dict, entries: Iterable[dict], store=None, title: str = "resynth case report") -> str:
+    return "".join(render(head, entries, store, title))
+
+
+def entries_of(report: dict, images: Iterable[Any]) -> Iterator[dict]:
+    """Report entries from an attribution's JSON (`Report.to_dict()`) and its query images, in order."""
+    for result, image in zip(report.get("results") or [], images):
+        yield {"label": result.get("query"), "thumb": thumbnail(image), "result": result}
+
+
+def write_attribution(path: str | os.PathLike, ws, report, images: list, options=None,
+                      command: str | None = None) -> Path:
+    """`resynth attribute --report FILE`: the report of one attribution (a Report or its JSON)."""
+    data = report.to_dict() if hasattr(report, "to_dict") else report
+    return write(path, header(ws, command, options), entries_of(data, images), ws.store)

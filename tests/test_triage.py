@@ -1,0 +1,183 @@
+"""`resynth triage` and the case report: a nested folder in, CSV + JSONL + one self-contained HTML out;
+resumable without generating; bad input answered in one line."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import engine
+from engine import casereport, triage
+from engine.options import Options
+from tests.helpers import run_cli
+
+PROMPT = "portrait of an old man with a beard"
+FAST = Options(per_source=1, adaptive=False)
+HOSTILE = "<img src=x onerror=alert(1)>.png"
+
+
+@pytest.fixture
+def folder(originals, tmp_path) -> Path:
+    """Nested images (one under a hostile name, one duplicate), a text file and an undecodable image."""
+    root = tmp_path / "case"
+    picks = [originals[0], originals[6], originals[12]]
+    (root / "a" / "b").mkdir(parents=True)
+    shutil.copy(picks[0]["image"], root / "top.png")
+    shutil.copy(picks[1]["image"], root / "a" / "one.png")
+    shutil.copy(picks[2]["image"], root / "a" / "b" / HOSTILE)
+    shutil.copy(picks[0]["image"], root / "a" / "b" / "same-bytes.png")
+    (root / "a" / "notes.txt").write_text("not an image")
+    (root / "a" / "broken.png").write_bytes(b"these bytes are not a picture")
+    return root
+
+
+@pytest.fixture
+def cli_triage(monkeypatch):
+    """`resynth triage` on the parser, whether or not engine.cli registers it yet."""
+    import engine.cli as cli
+
+    original = cli._extension_commands
+    monkeypatch.setattr(cli, "_extension_commands",
+                        lambda: [r for r in original() if r is not triage.register] + [triage.register])
+
+
+def _generated(ws) -> int:
+    return sum(ws.generator_calls.values())
+
+
+def test_triage_writes_a_row_per_image_and_a_self_contained_report(store_dir, folder, tmp_path):
+    out = tmp_path / "out"
+    with engine.open(store_dir) as ws:
+        summary = triage.run(ws, folder, out, PROMPT, FAST, batch=2, progress=False, command="resynth triage X")
+        assert _generated(ws) > 0
+    assert (summary.images, summary.non_images, summary.errors, summary.duplicates) == (5, 1, 1, 1)
+    assert summary.answered == 3 and summary.generated > 0
+    rows = list(csv.DictReader((out / "results.csv").open(encoding="utf-8")))
+    paths = sorted(r["path"] for r in rows)
+    assert paths == sorted(["top.png", "a/one.png", f"a/b/{HOSTILE}", "a/b/same-bytes.png", "a/broken.png"])
+    by_path = {r["path"]: r for r in rows}
+    assert by_path["a/broken.png"]["verdict"] == "error" and "decode" in by_path["a/broken.png"]["error"]
+    good = by_path["top.png"]
+    assert good["verdict"] == "uncalibrated" and good["predicted"] and float(good["score"]) > 0
+    assert good["description"] == PROMPT and good["description_from"] == "prompt" and len(good["sha256"]) == 64
+    assert by_path["a/b/same-bytes.png"]["predicted"] == good["predicted"]
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == 5 and all(x["run"] == lines[0]["run"] for x in lines)
+    answer = next(x for x in lines if x["path"] == "top.png")["result"]
+    assert answer["scores"] and answer["closest"]  # the full answer, evidence ids included
+
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert HOSTILE not in page and html_escaped(HOSTILE) in page  # hostile names are text
+    assert not re.search(r"""(src|href)\s*=\s*['"]?(https?:|//)""", page)  # nothing fetched from elsewhere
+    assert "<script" not in page.replace(html_escaped("<script"), "")
+    query_thumbs = page.count("alt='query ")
+    assert query_thumbs == 4  # every decodable query is embedded
+    evidence = page.count("resynthesis'>")
+    assert evidence >= 3 * len(answer["scores"]) - 2  # each scored source's closest resyntheses, as images
+    assert page.count("src='data:image/") == query_thumbs + evidence
+    for name in ws_sources(store_dir):
+        assert name["fingerprint"] in page
+    assert "resynth triage X" in page and "embedder" in page and "created (UTC)" in page
+
+
+def html_escaped(text: str) -> str:
+    import html
+
+    return html.escape(text, quote=True)
+
+
+def ws_sources(store_dir) -> list[dict]:
+    with engine.open(store_dir, writable=False) as ws:
+        return [{"name": s.name, "fingerprint": s.fingerprint} for s in ws.sources()]
+
+
+def test_a_rerun_generates_nothing_and_resumes_an_interrupted_run(store_dir, folder, tmp_path):
+    out = tmp_path / "out"
+    later = folder / "a" / "b" / HOSTILE
+    held = tmp_path / "held.png"
+    shutil.move(later, held)  # the first run sees part of the folder, as an interrupted one would
+    with engine.open(store_dir) as ws:
+        first = triage.run(ws, folder, out, PROMPT, FAST, progress=False)
+    assert first.answered == 2
+    with open(out / "results.jsonl", "ab") as handle:
+        handle.write(b'{"run": "torn line of a crash')  # no newline: killed mid-write
+    shutil.move(held, later)
+    with engine.open(store_dir) as ws:
+        second = triage.run(ws, folder, out, PROMPT, FAST, progress=False)
+        generated = _generated(ws)
+    assert (second.resumed, second.answered, second.duplicates) == (3, 1, 0)  # broken.png is tried again
+    assert generated == second.generated  # only the new image's description could need generating
+    with engine.open(store_dir) as ws:
+        third = triage.run(ws, folder, out, PROMPT, FAST, progress=False)
+        assert _generated(ws) == 0 and third.generated == 0
+    assert (third.resumed, third.answered) == (4, 0)
+    rows = list(csv.DictReader((out / "results.csv").open(encoding="utf-8")))
+    assert len(rows) == 5  # one row per image, whatever the number of runs
+    with engine.open(store_dir) as ws:  # other options: another key, answered again (from the cache)
+        other = triage.run(ws, folder, out, PROMPT, FAST.with_changes(aggregation="mean"), progress=False)
+    assert other.answered == 3 and other.resumed == 0
+
+
+def test_bad_input_is_one_line(store_dir, folder, tmp_path, cli_triage, capsys):
+    assert run_cli("triage", tmp_path / "nowhere", "--out", tmp_path / "o", "--store", store_dir) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "folder not found" in err
+    afile = tmp_path / "file.txt"
+    afile.write_text("x")
+    assert run_cli("triage", folder, "--out", afile, "--store", store_dir, "--quiet") == 2
+    assert "is a file" in capsys.readouterr().err
+    code = run_cli("triage", folder, "--out", tmp_path / "o", "--store", store_dir, "--sources", "nope", "--json")
+    assert code != 0 and json.loads(capsys.readouterr().err)["kind"] == "unknown_source"
+
+
+def test_the_command_prints_a_json_summary(store_dir, folder, tmp_path, cli_triage, capsys):
+    out = tmp_path / "out"
+    code = run_cli("triage", folder, "--out", out, "--store", store_dir, "--prompt", PROMPT, "--per-source", 1,
+                   "--no-adaptive", "--json", "--quiet")
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == 5 and summary["errors"] == 1 and Path(summary["files"]["report"]).is_file()
+    page = (out / "report.html").read_text()
+    assert "resynth triage " in page and "--per-source 1" in page and "--no-adaptive" in page
+
+
+def test_csv_cells_cannot_run_in_a_spreadsheet(tmp_path):
+    rows = [{"path": "=cmd|' /C calc'!A0.png", "sha256": "0" * 64,
+             "result": {"verdict": "known", "predicted": "@sum", "scores": [{"score": 0.5}], "margin": -0.1,
+                        "description": "+1 trick", "description_from": "prompt"}}]
+    triage.write_csv(tmp_path / "r.csv", rows)
+    row = next(csv.DictReader((tmp_path / "r.csv").open()))
+    assert row["path"].startswith("'=") and row["predicted"] == "'@sum" and row["description"] == "'+1 trick"
+    assert row["margin"] == "-0.100000"  # a number stays a number
+
+
+def test_attribute_report_for_one_image(store_dir, originals, tmp_path):
+    image = originals[3]["image"]
+    with engine.open(store_dir) as ws:
+        report = ws.attribute([image], PROMPT, FAST)
+        path = casereport.write_attribution(tmp_path / "case.html", ws, report, [image], FAST,
+                                            command="resynth attribute x.png")
+    page = path.read_text()
+    assert page.count("alt='query ") == 1 and page.count("resynthesis'>") >= 1
+    assert "resynth attribute x.png" in page and json.dumps(FAST.to_dict(), sort_keys=True)[:20] in page.replace(
+        "&quot;", '"')
+
+
+def test_the_command_runs_as_a_user_types_it(store_dir, folder, tmp_path):
+    """A real process, once engine.cli registers the command."""
+    import engine.cli as cli
+
+    if triage.register not in cli._extension_commands() and "triage" not in cli.build_parser().format_help():
+        pytest.skip("engine.cli does not register `triage` yet")
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "engine.cli", "triage", str(folder), "--out", str(out), "--store",
+                           str(store_dir), "--prompt", PROMPT, "--per-source", "1", "--quiet"],
+                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+    assert "triaged 5 images" in done.stdout and (out / "report.html").is_file()
