@@ -4,6 +4,7 @@ Each must generate what its folder form generates: the single file exactly (same
 a LoRA source like the same adapters fused into a folder (float rounding only)."""
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from engine.generate import DiffusersGenerator, GenerationParams
 from engine.sources.lora import BASES, Lora, base_loads, write_fused_folder, write_random_lora
 from engine.sources.single_file import SingleFile, export_single_file
 
+HAVE_PEFT = importlib.util.find_spec("peft") is not None  # diffusers' LoRA backend (a dependency of LoRA sources)
+needs_peft = pytest.mark.skipif(not HAVE_PEFT, reason="LoRA sources need peft (pip install peft)")
 PROMPT = "portrait of an old man with a beard"
 SEEDS = [7, 8]
 
@@ -44,9 +47,12 @@ def local(models, tmp_path_factory) -> dict:
     base = models["pipelines"]["tiny-sd-ddim"]
     config = root / "config"  # configs, tokenizer, scheduler: no weights, so they can only come from the file
     shutil.copytree(base, config, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
-    return {"base": base, "config": config, "file": export_single_file(base, root / "tiny-sd.safetensors"),
-            "a": write_random_lora(base, root / "a.safetensors", seed=1, rank=4),
-            "b": write_random_lora(base, root / "b.safetensors", seed=2, rank=8), "root": root}
+    made = {"base": base, "config": config, "root": root,
+            "file": export_single_file(base, root / "tiny-sd.safetensors")}
+    if HAVE_PEFT:
+        made["a"] = write_random_lora(base, root / "a.safetensors", seed=1, rank=4)
+        made["b"] = write_random_lora(base, root / "b.safetensors", seed=2, rank=8)
+    return made
 
 
 def test_single_file_generates_what_its_folder_does(models, local, tmp_path):
@@ -89,6 +95,7 @@ def test_single_file_fingerprint_and_refusals(local, tmp_path):
         kind.prepare("x", truncated, config=local["config"])
 
 
+@needs_peft
 def test_lora_sources_generate_like_fused_folders_sharing_one_base(models, local, tmp_path):
     a, b, base = local["a"], local["b"], local["base"]
     fused_a = write_fused_folder(base, f"{a}:0.7", tmp_path / "fused-a")
@@ -118,6 +125,7 @@ def test_lora_sources_generate_like_fused_folders_sharing_one_base(models, local
     assert np.abs(got_a - plain).mean() > 1 and np.abs(got_ab - got_a).mean() > 1  # the adapters do something
 
 
+@needs_peft
 def test_lora_sources_attribute_end_to_end_and_refusals(models, local, tmp_path):
     """The engine's own path (plan, generate, store, score) with LoRA sources, and the declaration checks."""
     from engine.images import save_png_atomic
