@@ -18,14 +18,15 @@ __all__ = ["open", "init", "Options", "UserError", "SourceError"]
 
 
 def open(store_dir=None, *, device=None, captioner=None, progress=False, writable=True, repair=False):  # noqa: A001
-    """The store at `store_dir` (else $RESYNTH_STORE, else ./resynth-store) as a Workspace.
+    """The store at `store_dir` (else $RESYNTH_STORE, else ./resynth-store) as a Workspace. Every path
+    argument, here and in the Workspace's methods, may start with `~` or hold `$VAR`s.
 
     `repair=True` accepts the database as it is when the index holds vectors it lacks (see `verify`).
     """
     from engine.workspace import open_workspace
 
-    return open_workspace(store_dir, device=device, captioner=captioner, progress=progress, writable=writable,
-                          repair=repair)
+    return open_workspace(_path(store_dir), device=device, captioner=_path(captioner), progress=progress,
+                          writable=writable, repair=repair)
 
 
 def init(store_dir=None, *, clip_checkpoint, clip_model=None, clip_config=None, clip_layer="middle",
@@ -35,5 +36,13 @@ def init(store_dir=None, *, clip_checkpoint, clip_model=None, clip_config=None, 
     `db`: a PostgreSQL URL (postgresql+psycopg://USER@HOST:PORT/DBNAME, no password) for the metadata."""
     from engine.workspace import init_workspace
 
-    return init_workspace(store_dir, clip_checkpoint=clip_checkpoint, clip_model=clip_model, clip_config=clip_config,
-                          clip_layer=clip_layer, captioner=captioner, device=device, progress=progress, db=db)
+    return init_workspace(_path(store_dir), clip_checkpoint=_path(clip_checkpoint), clip_model=clip_model,
+                          clip_config=_path(clip_config), clip_layer=clip_layer, captioner=_path(captioner),
+                          device=device, progress=progress, db=db)
+
+
+def _path(path):
+    """`~` and `$VAR` expanded (engine.paths); None and "" stay as they are ("not given")."""
+    from engine.paths import expand_path
+
+    return expand_path(path) if path else path

@@ -10,7 +10,8 @@ import traceback
 from pathlib import Path
 
 from engine.errors import UserError, kind_of, message_of
-from engine.flags import Parser, add_clip_arguments, add_global_options, check_device, clip_kwargs, common_parent
+from engine.flags import (Parser, add_clip_arguments, add_global_options, add_source_arguments, check_device,
+                          clip_kwargs, common_parent, json_object, source_kind_and_params)
 from engine.options import add_arguments
 from engine.paths import expand_optional, expand_path, path_argument
 
@@ -141,34 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("source", parents=[common], help="add, list or remove candidate generators")
     source_sub = p.add_subparsers(metavar="ACTION")
     q = source_sub.add_parser(
-        "add", parents=[common], help="register a diffusers pipeline folder, or a model behind an images API",
-        description="Register a diffusers pipeline folder (anything DiffusionPipeline.from_pretrained loads: SD 1.x, "
-                    "SDXL, PixArt, Flux ...), or with --api a model behind an OpenAI-compatible images endpoint "
-                    "(POST /v1/images/generations). API images are bought once per (description, slot) and "
-                    "stored like any resynthesis; the key is read from --api-key-env at run time, never stored.",
-        epilog="examples:\n  resynth source add sdxl ~/models/stable-diffusion-xl-base-1.0 --steps 30\n"
-               "  resynth source add dalle3 --api https://api.openai.com --model dall-e-3 --size 1024x1024 "
-               "--api-key-env OPENAI_API_KEY --price 0.04 --rate 5",
+        "add", parents=[common], help="register a candidate generator (a diffusers pipeline folder, a model behind "
+                                      "an images API, or another registered kind)",
+        description=_source_add_description(), epilog=_source_add_examples(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    q.add_argument("name")
-    q.add_argument("pipeline_dir", nargs="?", type=path_argument, help="diffusers pipeline folder (not with --api)")
-    q.add_argument("--steps", type=int, default=30, help="inference steps (default 30)")
-    q.add_argument("--guidance", type=float, default=7.0, help="guidance scale (default 7.0)")
-    q.add_argument("--size", help="image size: a square side in pixels for a pipeline (default: the pipeline's); "
-                                  "WxH for an API (default: the server's)")
-    q.add_argument("--scheduler", help="diffusers scheduler class name (default: the pipeline's own)")
-    q.add_argument("--negative-prompt", help="negative prompt, where the pipeline takes one")
-    api = q.add_argument_group("API sources")
-    api.add_argument("--api", metavar="URL", help="base URL of an OpenAI-compatible images API")
-    api.add_argument("--model", help="model name the API expects")
-    api.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key")
-    api.add_argument("--price", type=float, default=0.0, metavar="USD", help="price per image, for cost reports "
-                                                                             "and --max-cost (default 0)")
-    api.add_argument("--rate", metavar="N[/min]", help="most requests per minute, shared by this process")
-    api.add_argument("--concurrency", type=int, default=2, help="most requests in flight (default 2)")
-    api.add_argument("--extra", metavar="JSON", help="more request fields, e.g. '{\"quality\": \"hd\"}' "
-                                                     "(a value \"{seed}\" is replaced by the slot number)")
-    api.add_argument("--timeout", type=float, default=120.0, metavar="S", help="seconds per request (default 120)")
+    add_source_arguments(q)
     q.set_defaults(run=cmd_source_add)
     q = source_sub.add_parser("list", parents=[common], help="list sources")
     q.set_defaults(run=cmd_source_list)
@@ -258,52 +236,37 @@ def cmd_init(args) -> None:
         _emit(args, store.config, f"store {store.root} bound to {store.embedder_identity} ({store.dim}-d)")
 
 
+def _source_add_description() -> str:
+    """What `source add` registers, one paragraph per registered kind (engine.sources)."""
+    import textwrap
+
+    from engine import sources
+
+    lines = ["Register a candidate source. Its kind is --kind KIND, else the kind its arguments fit (a folder "
+             f"alone: {sources.DEFAULT_KIND}; --api URL: api). Kinds:"]
+    for kind in sources.kinds():
+        lines.append(textwrap.fill(f"{kind.name}: {kind.describe()}", 100, initial_indent="  ",
+                                   subsequent_indent="    "))
+    return "\n".join(lines)
+
+
+def _source_add_examples() -> str:
+    from engine import sources
+
+    examples = [line for kind in sources.kinds() for line in kind.examples]
+    return "examples:\n" + "\n".join(f"  {line}" for line in examples) if examples else ""
+
+
 def cmd_source_add(args) -> None:
-    if bool(args.api) == bool(args.pipeline_dir):
-        raise UserError("give a PIPELINE_DIR, or --api URL --model MODEL (not both)")
-    if args.api:
-        if not args.model:
-            raise UserError("--api needs --model (the model name the API expects)")
-        pipeline_only = [flag for flag, value, default in (
-            ("--steps", args.steps, 30), ("--guidance", args.guidance, 7.0), ("--scheduler", args.scheduler, None),
-            ("--negative-prompt", args.negative_prompt, None)) if value != default]
-        if pipeline_only:
-            raise UserError(f"{', '.join(pipeline_only)} apply to pipeline sources, not to --api sources "
-                            "(pass API fields with --extra)")
-        extra = _json_object(args.extra, "--extra") if args.extra else {}
-        with _open(args) as ws:
-            info = ws.add_api_source(args.name, args.api, args.model, size=args.size, api_key_env=args.api_key_env,
-                                     price=args.price, rate=_rate(args.rate), concurrency=args.concurrency,
-                                     extra=extra, timeout=args.timeout)
-    else:
-        api_only = [flag for flag, value, default in (
-            ("--model", args.model, None), ("--api-key-env", args.api_key_env, None), ("--extra", args.extra, None),
-            ("--rate", args.rate, None), ("--price", args.price, 0.0), ("--concurrency", args.concurrency, 2),
-            ("--timeout", args.timeout, 120.0)) if value != default]
-        if api_only:
-            raise UserError(f"{', '.join(api_only)} apply to --api sources only")
-        size = None
-        if args.size is not None:
-            try:
-                size = int(args.size)
-            except ValueError:
-                raise UserError(f"--size of a pipeline is a square side in pixels, not {args.size!r}") from None
-        with _open(args) as ws:
-            info = ws.add_source(args.name, args.pipeline_dir, steps=args.steps, guidance=args.guidance, size=size,
-                                 scheduler=args.scheduler, negative_prompt=args.negative_prompt)
+    kind, params = source_kind_and_params(args, parsers={"rate": _rate})  # checked before the store opens
+    with _open(args) as ws:
+        info = ws.add_source(args.name, kind=kind, **params)
     if "warning" in info:
         print(f"resynth: warning: {info['warning']}", file=sys.stderr)
     _emit(args, info, f"added source {info['name']} ({info['path']})")
 
 
-def _json_object(text: str, flag: str) -> dict:
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise UserError(f"{flag} is not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{flag} must be a JSON object")
-    return value
+_json_object = json_object  # the name this module had for it
 
 
 def _rate(text: str | None) -> float | None:

@@ -16,6 +16,7 @@ import argparse
 import json
 import re
 import sys
+import textwrap
 from typing import Any, NoReturn
 
 from engine.paths import path_argument
@@ -109,3 +110,177 @@ class Parser(argparse.ArgumentParser):
             sys.exit(2)
         self.print_usage(sys.stderr)
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# ----- `source add`: flags built from the source-kind registry (engine.sources) ----------------------
+RESERVED_FLAGS = {"--kind", "--help", "-h"} | {flag for flag, _ in GLOBAL_OPTIONS}
+POSITIONAL_DEST = "kind_positional"
+
+
+def _dest(flag: str) -> str:
+    return "kind_flag_" + flag.lstrip("-").replace("-", "_")
+
+
+def _metavar(param) -> str:
+    return param.metavar or param.name.upper()
+
+
+def _declared(kinds) -> tuple[dict[str, list], list]:
+    """flag -> [(kind, Param)] in registry order, and the [(kind, Param)] positional ones."""
+    flags: dict[str, list] = {}
+    positional: list = []
+    for kind in kinds:
+        for param in kind.params:
+            if param.positional:
+                positional.append((kind, param))
+                continue
+            if param.cli_flag in RESERVED_FLAGS:
+                raise ValueError(f"source kind {kind.name!r}: {param.cli_flag} is taken by resynth itself")
+            flags.setdefault(param.cli_flag, []).append((kind, param))
+    return flags, positional
+
+
+def _joined_help(declarations) -> str:
+    """One help, or "kind, kind: help; kind: help" when kinds mean different things by one flag."""
+    by_help: dict[str, list[str]] = {}
+    for kind, param in declarations:
+        by_help.setdefault(param.help, []).append(kind.name)
+    if len(by_help) == 1:
+        (text, names), = by_help.items()
+        return text if len(declarations) == 1 else f"{text} ({', '.join(names)})"
+    return "; ".join(f"{', '.join(names)}: {text}" for text, names in by_help.items())
+
+
+def _unique(values) -> list:
+    return list(dict.fromkeys(values))
+
+
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """`source add NAME [PATH] --kind K ...`: one flag per declared Param of every registered kind
+    (a flag several kinds declare is one flag, read as the chosen kind's type), grouped by kind."""
+    from engine import sources
+
+    kinds = sources.kinds()
+    flags, positional = _declared(kinds)
+    parser.add_argument("name", help="the source's name (its label in every answer)")
+    if positional:
+        parser.add_argument(POSITIONAL_DEST, nargs="?", default=None,
+                            metavar="|".join(_unique(_metavar(p) for _, p in positional)),
+                            help=_joined_help(positional))
+    parser.add_argument("--kind", choices=[k.name for k in kinds],
+                        help=f"the source's kind (default: the kind its arguments name; a folder alone: "
+                             f"{sources.DEFAULT_KIND})")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for kind in kinds:
+        own = [f for f, decl in flags.items() if decl[0][0] is kind]
+        shared = [f for f, decl in flags.items() if decl[0][0] is not kind and any(k is kind for k, _ in decl)]
+        if not own and not shared and not kind.params:
+            continue
+        text = kind.describe().rstrip(".")
+        if shared:
+            text += f"; also takes {', '.join(shared)}"
+        groups[kind.name] = parser.add_argument_group(f"{kind.name} sources", textwrap.fill(text, 100))
+    for flag, declarations in flags.items():
+        group = groups[declarations[0][0].name]
+        keywords: dict[str, Any] = dict(dest=_dest(flag), default=argparse.SUPPRESS, help=_joined_help(declarations))
+        if all(p.type is bool for _, p in declarations):
+            keywords["action"] = "store_true"
+        else:
+            keywords["metavar"] = "|".join(_unique(_metavar(p) for _, p in declarations))
+            choices = _unique(tuple(p.allowed() or ()) for _, p in declarations)
+            if len(choices) == 1 and choices[0]:
+                keywords["choices"] = list(choices[0])
+                keywords.pop("metavar")
+        group.add_argument(flag, **keywords)
+
+
+def source_kind_and_params(args: argparse.Namespace, parsers: dict[str, Any] | None = None):
+    """The kind `source add` names (`--kind`, else the one its arguments fit) and its parameters, each
+    converted to its Param's type; `parsers` maps a parameter name to the CLI's own parser of its text
+    (`--rate 2/s`). One-line UserErrors for arguments no kind, or not this kind, takes."""
+    from engine import sources
+    from engine.errors import UserError
+
+    kinds = sources.kinds()
+    flags, _ = _declared(kinds)
+    given = [flag for flag in flags if hasattr(args, _dest(flag))]
+    path = getattr(args, POSITIONAL_DEST, None)
+
+    def fit(kind):
+        accepted = {p.cli_flag for p in kind.params if not p.positional}
+        takes_path = any(p.positional for p in kind.params)
+        foreign = [f for f in given if f not in accepted]
+        if path is not None and not takes_path:
+            foreign.insert(0, f"the argument {path!r}")
+        missing = [p for p in kind.params if p.required and
+                   (path is None if p.positional else p.cli_flag not in given)]
+        required = sum(p.required for p in kind.params) - len(missing)
+        matched = len(given) - len(foreign) + (path is not None and takes_path)
+        return foreign, missing, (not foreign, not missing, required, matched, kind.name == sources.DEFAULT_KIND)
+
+    if args.kind:
+        kind = sources.get(args.kind)
+    elif not given and path is None:
+        ways = [" ".join(_metavar(p) if p.positional else f"{p.cli_flag} {_metavar(p)}"
+                         for p in k.params if p.required) + f" (kind {k.name})"
+                for k in kinds if any(p.required for p in k.params)]
+        raise UserError(f"give {', or '.join(ways)}, or --kind KIND (see `resynth source add --help`)")
+    else:
+        scored = sorted(((fit(k)[2], i, k) for i, k in enumerate(kinds) if fit(k)[2][3]), key=lambda t: t[:2],
+                        reverse=True)
+        best = [k for score, _, k in scored if score == scored[0][0]]
+        if len(best) > 1:
+            raise UserError(f"these arguments fit the kinds {', '.join(k.name for k in best)}: give --kind")
+        kind = best[0]
+    foreign, missing, _ = fit(kind)
+    if foreign:
+        takers = {f: [k.name for k, _ in flags[f]] for f in foreign if f in flags}
+        where = "; ".join(f"{f}: {', '.join(names)}" for f, names in takers.items())
+        raise UserError(f"{', '.join(foreign)} {'does' if len(foreign) == 1 else 'do'} not apply to {kind.name} "
+                        f"sources" + (f" ({where})" if where else ""))
+    if missing:
+        raise UserError(f"{kind.name} sources need " + ", ".join(
+            _metavar(p) if p.positional else f"{p.cli_flag} {_metavar(p)}" for p in missing))
+    params: dict[str, Any] = {}
+    for param in kind.params:
+        if param.positional:
+            if path is not None:
+                params[param.name] = path
+            continue
+        if param.cli_flag in given:
+            params[param.name] = _convert(kind, param, getattr(args, _dest(param.cli_flag)), parsers or {})
+    return kind.name, params
+
+
+def _convert(kind, param, value: Any, parsers: dict[str, Any]) -> Any:
+    from engine.errors import UserError
+
+    flag = param.cli_flag
+    if param.type is bool or not isinstance(value, str):
+        return value
+    allowed = param.allowed()
+    if allowed and value not in allowed:
+        raise UserError(f"{flag} of a {kind.name} source must be one of {', '.join(allowed)}, not {value!r}")
+    if param.name in parsers:
+        return parsers[param.name](value)
+    if param.type is dict:
+        return json_object(value, flag)
+    if param.type in (int, float):
+        try:
+            return param.type(value)
+        except ValueError:
+            what = "an integer" if param.type is int else "a number"
+            raise UserError(f"{flag} of a {kind.name} source must be {what} ({param.help}), not {value!r}") from None
+    return value
+
+
+def json_object(text: str, flag: str) -> dict:
+    from engine.errors import UserError
+
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise UserError(f"{flag} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{flag} must be a JSON object")
+    return value

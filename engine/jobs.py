@@ -301,6 +301,7 @@ def cost_line(cost: dict) -> str:
 # ----- command line ------------------------------------------------------------------------------
 def register(sub, common) -> None:
     """`resynth resynthesize` and `resynth reembed` (the offline jobs)."""
+    from engine.flags import add_clip_arguments
     from engine.options import add_arguments
 
     ray_help = ("run on the Ray cluster at ADDRESS (ray://host:10001, or 'local' to start one here); "
@@ -321,11 +322,7 @@ def register(sub, common) -> None:
                                    "rebuilt, calibration dropped: refit it). No image is regenerated; until the "
                                    "switch the store answers with its old vectors, and an interrupted run resumes. "
                                    "Restart running servers afterwards.")
-    p.add_argument("--clip-model", metavar="ARCH", help="open_clip architecture name, e.g. ViT-L-14-336")
-    p.add_argument("--clip-config", metavar="JSON", help="open_clip model config for a custom architecture")
-    p.add_argument("--clip-checkpoint", metavar="FILE", required=True, help="checkpoint file")
-    p.add_argument("--clip-layer", default="middle", metavar="{middle,final,N}",
-                   help="class token of the middle block (default), the final embedding, or block N")
+    add_clip_arguments(p)
     p.add_argument("--ray", metavar="ADDRESS", help=ray_help)
     p.set_defaults(run=cmd_reembed)
 
@@ -336,7 +333,7 @@ def cmd_resynthesize(args) -> None:
 
     options = from_args(args)
     descriptions = read_descriptions(args.descriptions)  # checked before any model loads
-    with engine.open(args.store, progress=not args.quiet) as ws:
+    with engine.open(args.store, progress=not args.quiet, device=args.device) as ws:
         report = ws.resynthesize_dataset(descriptions, options, ray=args.ray)
     failed = "".join(f"\n  {name} failed: {reason}" for name, reason in report["failed"].items())
     if "cost" in report:
@@ -350,9 +347,10 @@ def cmd_resynthesize(args) -> None:
 def cmd_reembed(args) -> None:
     import engine
 
-    with engine.open(args.store, progress=not args.quiet) as ws:
-        report = ws.reembed(args.clip_checkpoint, clip_model=args.clip_model, clip_config=args.clip_config,
-                            clip_layer=args.clip_layer, ray=args.ray)
+    from engine.flags import clip_kwargs
+
+    with engine.open(args.store, progress=not args.quiet, device=args.device) as ws:
+        report = ws.reembed(**clip_kwargs(args), ray=args.ray)
     text = (f"store now uses {report['embedder']} ({report['dim']}-d, was {report['previous']}): "
             f"{report['embedded']} images embedded, {report['vectors']} vectors live "
             f"({report['backend']}, {report['seconds']:.1f} s)")

@@ -278,7 +278,8 @@ def cmd_import_published(args) -> None:
     import engine
 
     # The store is opened first so that a missing one fails before a long scan, not after it.
-    with engine.open(args.store, progress=not args.quiet) if args.ingest else contextlib.nullcontext() as ws:
+    opened = engine.open(args.store, progress=not args.quiet, device=args.device) if args.ingest else None
+    with opened if opened is not None else contextlib.nullcontext() as ws:
         report = import_published(Path(args.root), Path(args.out),
                                   Path(args.descriptions) if args.descriptions else None,
                                   Path(args.alt_descriptions) if args.alt_descriptions else None,

@@ -33,12 +33,23 @@ def pipeline_scheduler(path: str | None) -> str | None:
 
 
 def recipe(kind: str, params: dict, path: str | None = None) -> str:
-    """"steps 2, guidance 7, size pipeline's, scheduler pipeline's" (pipelines); the stored fields of
-    any other kind, in their stored order, unset ones left out."""
+    """A stored source's recipe in words, as its kind describes it (`SourceKind.describe_recipe`); a kind
+    this installation does not know is shown by its stored fields."""
+    from engine import sources
+    from engine.errors import UserError
+
+    try:
+        found = sources.get(kind)
+    except UserError:
+        return describe(params, path)
+    return found.describe_recipe(params, path)
+
+
+def describe(params: dict, path: str | None = None) -> str:
+    """"steps 2, guidance 7, size pipeline's, scheduler pipeline's" (a pipeline recipe: params with steps);
+    then the other stored fields, in their stored order, unset ones left out."""
     parts = []
-    if kind == "replay":
-        return "replays stored images (never generates)"
-    if kind in ("diffusers", "pipeline") or "steps" in params:
+    if "steps" in params:
         for key, unset in PIPELINE:
             value = params.get(key)
             if value is None or value == "":
@@ -48,7 +59,8 @@ def recipe(kind: str, params: dict, path: str | None = None) -> str:
                 elif unset:
                     parts.append(f"{key} {unset}")
                 continue
-            parts.append(f"{key.replace('_', ' ')} {value!r}" if key == "negative_prompt" else f"{key} {_number(value)}")
+            parts.append(f"{key.replace('_', ' ')} {value!r}" if key == "negative_prompt"
+                         else f"{key} {_number(value)}")
         known = {k for k, _ in PIPELINE}
     else:
         known = set()

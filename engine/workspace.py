@@ -31,6 +31,7 @@ from engine.errors import NotFoundError, UserError
 from engine.images import ImageInput
 from engine.models import Models
 from engine.options import Options
+from engine.paths import expand_path
 from engine.sources import DEFAULT_KIND, check_name  # noqa: F401  (check_name: imported from here before)
 from index.store import Store
 
@@ -45,8 +46,8 @@ SOURCES_TTL = 1.0  # seconds a workspace trusts its list of sources (a cached lo
 
 
 def store_path(explicit: str | os.PathLike | None) -> Path:
-    """--store, else $RESYNTH_STORE, else ./resynth-store."""
-    return Path(explicit or os.environ.get("RESYNTH_STORE") or DEFAULT_STORE)
+    """--store, else $RESYNTH_STORE, else ./resynth-store (`~` and `$VAR` expanded)."""
+    return expand_path(explicit or os.environ.get("RESYNTH_STORE") or DEFAULT_STORE)
 
 
 @dataclass
@@ -67,7 +68,7 @@ class Workspace:
         self.device = device
         self.progress = progress
         self.max_loaded = max(1, max_loaded)  # pipelines kept in memory at once (real ones take GBs)
-        self.models = Models(self, str(captioner) if captioner else None, embedder)
+        self.models = Models(self, str(expand_path(captioner)) if captioner else None, embedder)
         self._plans: dict[tuple, Plan] = {}
         self._sources: tuple[float, list] | None = None
         self._lock = threading.RLock()  # guards the plan and sources caches and the counters
@@ -254,7 +255,8 @@ class Workspace:
     def add_source(self, name: str, pipeline_dir: str | os.PathLike | None = None, *,
                    kind: str = DEFAULT_KIND, **params) -> dict:
         """Register a source of any kind (engine.sources) with that kind's parameters; for the default
-        kind, a diffusers pipeline folder (`pipeline_dir`), checked without loading its weights."""
+        kind, a diffusers pipeline folder (`pipeline_dir`), checked without loading its weights. Paths
+        may start with `~` or hold `$VAR`s."""
         if pipeline_dir is not None:
             params["path"] = pipeline_dir
         try:
@@ -262,9 +264,10 @@ class Workspace:
         finally:
             self.sources_changed()
 
-    def add_api_source(self, name: str, url: str, model: str, **params) -> dict:
-        """Register a model behind an OpenAI-compatible images API (engine.sources.api)."""
-        return self.add_source(name, kind="api", url=url, model=model, **params)
+    def add_api_source(self, name: str, url: str, model: str, *, protocol: str = "openai", **params) -> dict:
+        """Register a model behind an images API (engine.sources.api): `protocol` names the service's
+        (engine.providers: openai, the default, bfl, replicate, stability, imagen, gemini, google)."""
+        return self.add_source(name, kind="api", url=url, model=model, protocol=protocol, **params)
 
     def add_replay_source(self, name: str) -> None:
         """A source whose resyntheses come from a dataset (nothing to generate with)."""
@@ -290,7 +293,7 @@ class Workspace:
         manifest's folder unless `allow_outside`."""
         from engine.ingest import ingest
 
-        return ingest(self, Path(manifest), progress=self.progress, allow_outside=allow_outside)
+        return ingest(self, expand_path(manifest), progress=self.progress, allow_outside=allow_outside)
 
     def verify(self, repair: bool = False, files: bool = True) -> dict:
         """Database, index and image files checked against each other; with `repair`, fixed where possible."""
@@ -373,9 +376,10 @@ def embedder_spec(clip_checkpoint: str | os.PathLike, clip_model: str | None = N
 
     if bool(clip_model) == bool(clip_config):
         raise UserError("give exactly one of --clip-model ARCH or --clip-config JSON")
-    config = str(Path(clip_config).resolve()) if clip_config else None
-    return EmbedderSpec(arch=clip_model or Path(str(clip_config)).stem, checkpoint=str(Path(clip_checkpoint).resolve()),
-                        config=config, layer=parse_layer(clip_layer))
+    config = str(expand_path(clip_config).resolve()) if clip_config else None
+    return EmbedderSpec(arch=clip_model or Path(str(clip_config)).stem,
+                        checkpoint=str(expand_path(clip_checkpoint).resolve()), config=config,
+                        layer=parse_layer(clip_layer))
 
 
 def init_workspace(store_dir: str | os.PathLike | None = None, *, clip_checkpoint: str | os.PathLike,
@@ -387,8 +391,9 @@ def init_workspace(store_dir: str | os.PathLike | None = None, *, clip_checkpoin
     from engine.embed import Embedder
 
     spec = embedder_spec(clip_checkpoint, clip_model, clip_config, clip_layer)
+    captioner = expand_path(captioner) if captioner else None
     if captioner:
-        Captioner(Path(captioner))  # validates the folder now rather than at the first query
+        Captioner(captioner)  # validates the folder now rather than at the first query
     embedder = Embedder(spec, device=device)
     store = Store.create(store_path(store_dir), embedder.describe(), embedder.dim,
                          captioner=str(Path(captioner).resolve()) if captioner else None, db_url=db)

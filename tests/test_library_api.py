@@ -23,34 +23,48 @@ def _readme_example() -> str:
 
 
 def test_readme_python_api_example_runs(models, originals, tmp_path, monkeypatch):
-    """The README's example, with its placeholder paths pointed at the tiny zoo, runs as written."""
+    """The README's example runs as written, its `~/models/...` paths included: HOME is a folder holding
+    the tiny zoo under those names, the dataset and the image sit where the example looks for them. Only
+    the CLIP is named by its config (the tiny one is not an open_clip architecture) and steps cut to 2."""
     code = _readme_example()
     name, folder = next(iter(models["pipelines"].items()))
     import shutil
 
-    manifest = tmp_path / "dataset" / "manifest.csv"  # a dataset folder, its images inside it
-    manifest.parent.mkdir()
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    config = Path(models["clip_config"])
+    for link, target in (("open_clip_pytorch_model.bin", models["clip_checkpoint"]),
+                         ("stable-diffusion-xl-base-1.0", folder), (config.name, config)):
+        (home / "models" / link).symlink_to(Path(target).resolve())
+    monkeypatch.setenv("HOME", str(home))
+    work = tmp_path / "work"
+    manifest = work / "dataset" / "manifest.csv"  # a dataset folder, its images inside it
+    manifest.parent.mkdir(parents=True)
     for i, o in enumerate(originals[:3]):
         shutil.copy(o["image"], manifest.parent / f"{i}.png")
     manifest.write_text("image,source,description,role\n" + "".join(
         f"{i}.png,{o['source']},{o['prompt']},original\n" for i, o in enumerate(originals[:3])))
+    shutil.copy(originals[0]["image"], work / "suspicious.png")
     substitutions = {
-        'clip_model="ViT-L-14-336"': f'clip_config="{models["clip_config"]}"',
-        '"~/models/open_clip_pytorch_model.bin"': f'"{models["clip_checkpoint"]}"',
-        '"~/models/stable-diffusion-xl-base-1.0"': f'"{folder}"',
+        'clip_model="ViT-L-14-336"': f'clip_config="~/models/{config.name}"',
         "steps=30": "steps=2",
-        '"dataset/manifest.csv"': f'"{manifest}"',
-        '"suspicious.png"': f'"{originals[0]["image"]}"',
     }
-    for placeholder, value in substitutions.items():
+    for placeholder in ('"~/models/open_clip_pytorch_model.bin"', '"~/models/stable-diffusion-xl-base-1.0"',
+                        '"dataset/manifest.csv"', '"suspicious.png"', *substitutions):
         assert placeholder in code, f"README example changed: {placeholder} not found"
+    for placeholder, value in substitutions.items():
         code = code.replace(placeholder, value)
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(work)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
     report = namespace["report"]
     assert report.results[0].predicted is not None and report.to_dict()["results"][0]["scores"]
-    assert (tmp_path / "my-store" / "metadata.sqlite").is_file()
+    assert (work / "my-store" / "metadata.sqlite").is_file()
+    import engine
+
+    with engine.open("~/../work/my-store", writable=False) as ws:  # `~` in the store path too
+        (source,) = [s for s in ws.list_sources() if s["name"] == "sdxl"]
+        assert source["path"] == str(Path(folder).resolve()) and "~" not in ws.store.config["embedder"]["checkpoint"]
 
 
 def _rotated_jpeg(source: Path) -> bytes:

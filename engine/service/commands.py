@@ -147,7 +147,7 @@ def cmd_serve(args) -> None:
         if not _is_loopback(args.host) and token is None:
             print(f"resynth: warning: serving on {args.host} without a token: anyone who can reach it may use "
                   "it (requests must still name this server in Host: see --allow-host)", file=sys.stderr)
-        service = Service.open(root, limits, captioner=args.captioner)
+        service = Service.open(root, limits, captioner=args.captioner, device=args.device)
         app = create_app(service, token, access)
         config = uvicorn.Config(
             app, host=args.host, port=args.port, http=http_protocol(limits), ws="none", lifespan="on",

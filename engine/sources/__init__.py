@@ -25,16 +25,23 @@ Adding a kind is one module and one registry entry:
     from engine.sources.lora import Lora
     register(Lora())
 
-`Workspace.add_source(name, kind="lora", path=..., lora=...)` then enrols it, and the CLI and HTTP
-build `source add` flags from `params`.
+`Workspace.add_source(name, kind="lora", path=..., lora=...)` then enrols it, and `resynth source add`
+builds its flags from `params` (engine.cli): one flag per Param (`--name-with-dashes`, or `Param.flag`),
+the positional one as the command's second argument; the kind is `--kind K`, else the kind whose
+declared flags and required parameters the given ones match (so `source add NAME DIR` is the default
+kind and `source add NAME --api URL --model M` the api kind, and a new kind needs no CLI edit).
+Paths (`Param.path`, any parameter named `path`, or one whose metavar is DIR or FILE) have `~` and
+`$VAR` expanded by `enrol`, whichever way they come in.
 """
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from engine.errors import UserError
+from engine.paths import expand_optional, expand_path
 from index.keys import canonical_json, sha256_text
 
 DEFAULT_KIND = "diffusers"  # `source add NAME FOLDER` without a kind
@@ -48,9 +55,23 @@ class Param:
     type: type
     default: Any
     help: str
-    positional: bool = False  # the CLI takes it as an argument, not a flag
+    positional: bool = False  # the CLI takes it as an argument, not a flag (at most one per kind)
     required: bool = False
     metavar: str | None = None
+    flag: str | None = None  # the CLI flag, when not `--name-with-dashes` (the api kind's url is `--api`)
+    choices: Sequence[str] | Callable[[], Sequence[str]] | None = None  # allowed values (or a call listing them)
+    path: bool = False  # a filesystem path: `~` and `$VAR` expanded wherever it enters
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    @property
+    def is_path(self) -> bool:
+        return self.path or self.name == "path" or self.metavar in ("DIR", "FILE")
+
+    def allowed(self) -> list[str] | None:
+        return list(self.choices() if callable(self.choices) else self.choices) if self.choices else None
 
 
 @dataclass(frozen=True)
@@ -69,6 +90,8 @@ class SourceKind:
 
     name: str = ""
     params: tuple[Param, ...] = ()
+    summary: str = ""  # one line for `source add --help` (default: the class docstring's first line)
+    examples: tuple[str, ...] = ()  # `resynth source add ...` lines shown in its help
     generates = True  # False: its references come from a dataset, nothing is ever generated
     needs_gpu = True  # holds device memory while loaded (pipelines are unloaded to make room for it)
     costs_money = False  # each image is bought (cost reports, --max-cost)
@@ -88,6 +111,15 @@ class SourceKind:
         """USD per image (only kinds that cost money)."""
         return float(json.loads(source.params_json).get("price") or 0.0) if self.costs_money else 0.0
 
+    def describe_recipe(self, params: dict, path: str | None) -> str:
+        """The stored recipe in words, for `source list` and the demo (engine.recipes)."""
+        from engine.recipes import describe
+
+        return describe(params, path)
+
+    def describe(self) -> str:
+        return self.summary or ((type(self).__doc__ or "").strip().splitlines() or [""])[0]
+
 
 _KINDS: dict[str, SourceKind] = {}
 
@@ -95,6 +127,8 @@ _KINDS: dict[str, SourceKind] = {}
 def register(kind: SourceKind) -> SourceKind:
     if not kind.name:
         raise ValueError("a source kind needs a name")
+    if sum(p.positional for p in kind.params) > 1:
+        raise ValueError(f"source kind {kind.name!r}: at most one positional parameter")
     _KINDS[kind.name] = kind
     return kind
 
@@ -130,6 +164,10 @@ def enrol(store, name: str, kind: str = DEFAULT_KIND, **params) -> dict:
     """Validate and store a source of `kind`: the one path every `source add` and ingest takes."""
     check_name(name)
     found = get(kind)
+    for param in found.params:
+        value = params.get(param.name)
+        if param.is_path and isinstance(value, (str, os.PathLike)):  # a Path stays a Path
+            params[param.name] = expand_path(value) if isinstance(value, os.PathLike) else expand_optional(value)
     recipe = found.prepare(name, **params)
     if found.reenrol:
         source = store.ensure_source(name, kind, recipe.fingerprint, path=recipe.path, params=recipe.params)

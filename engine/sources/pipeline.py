@@ -10,6 +10,9 @@ from engine.sources import Param, Recipe, SourceKind, fingerprint
 
 class Pipeline(SourceKind):
     name = "diffusers"
+    summary = ("a diffusers pipeline folder (anything DiffusionPipeline.from_pretrained loads: SD 1.x, SDXL, "
+               "PixArt, Flux ...), checked without loading its weights")
+    examples = ("resynth source add sdxl ~/models/stable-diffusion-xl-base-1.0 --steps 30",)
     params = (
         Param("path", str, None, "diffusers pipeline folder", positional=True, required=True, metavar="DIR"),
         Param("steps", int, 30, "inference steps (default 30)"),

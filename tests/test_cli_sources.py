@@ -1,0 +1,119 @@
+"""`resynth source add` is built from the source-kind registry: a kind's declared parameters are its flags,
+the kind is `--kind` or the one the arguments fit, and a new kind needs no CLI edit."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from engine import providers, sources
+from engine.sources import Param, Recipe, SourceKind, fingerprint
+from index.store import Store
+from tests.helpers import run_cli
+
+
+class Toy(SourceKind):
+    """a toy kind (tests only): a file of precomputed images"""
+
+    name = "toy"
+    needs_gpu = False
+    params = (Param("path", str, None, "the toy's image file", positional=True, required=True, metavar="FILE"),
+              Param("toy_level", int, 1, "how toy it is (default 1)", required=True, metavar="N"),
+              Param("shiny", bool, False, "polish it"))
+
+    def prepare(self, name: str, path, toy_level: int = 1, shiny: bool = False) -> Recipe:
+        assert isinstance(toy_level, int) and isinstance(shiny, bool)
+        return Recipe(path=str(path), params={"toy_level": toy_level, "shiny": shiny},
+                      fingerprint=fingerprint("toy", str(path), toy_level, shiny))
+
+
+@pytest.fixture
+def toy():
+    sources.kinds()  # the built-in kinds first
+    sources.register(Toy())
+    try:
+        yield
+    finally:
+        sources._KINDS.pop("toy", None)  # the registry's own dict: no public unregister (not needed outside tests)
+
+
+@pytest.fixture
+def store(tmp_path) -> Path:
+    root = tmp_path / "store"
+    Store.create(root, {"identity": "test-embedder", "arch": "x", "checkpoint": "x"}, 8).close()
+    return root
+
+
+def _listed(capsys, store) -> dict:
+    capsys.readouterr()
+    assert run_cli("source", "list", "--store", store, "--json") == 0
+    return {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+
+
+def test_a_registered_kind_gets_its_flags_and_enrols_through_the_cli(toy, store, tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit):
+        run_cli("source", "add", "--help")
+    help_text = capsys.readouterr().out
+    assert "toy sources" in help_text and "--toy-level N" in help_text and "--shiny" in help_text
+    assert "a toy kind (tests only)" in help_text and "{diffusers,api,replay,toy}" in help_text
+    monkeypatch.setenv("HOME", str(tmp_path))
+    # chosen by its flag, the text converted to the Param's type, the path's `~` expanded
+    assert run_cli("source", "add", "t1", "~/images.bin", "--toy-level", "3", "--shiny", "--store", store) == 0
+    # or named; a flag of another kind is refused in one line, naming the kinds that take it
+    assert run_cli("source", "add", "t2", "x.bin", "--kind", "toy", "--toy-level", "4", "--steps", "2",
+                   "--store", store) == 2
+    assert "--steps does not apply to toy sources (--steps: diffusers" in capsys.readouterr().err
+    assert run_cli("source", "add", "t3", "x.bin", "--toy-level", "many", "--store", store) == 2
+    assert "--toy-level of a toy source must be an integer" in capsys.readouterr().err
+    listed = _listed(capsys, store)
+    assert listed["t1"]["kind"] == "toy" and listed["t1"]["path"] == str(tmp_path / "images.bin")
+    assert listed["t1"]["params"] == {"toy_level": 3, "shiny": True} and set(listed) == {"t1"}
+
+
+def test_the_kind_is_the_one_the_arguments_fit(capsys):
+    """Refusals come before the store is opened (none is given here)."""
+    cases = [
+        ((), "give DIR (kind diffusers), or --api URL --model MODEL (kind api), or --kind KIND"),
+        (("/x", "--model", "m"), "--model does not apply to diffusers sources (--model: api)"),
+        (("/x", "--api", "http://h", "--model", "m"), "the argument '/x' does not apply to api sources"),
+        (("--api", "http://h"), "api sources need --model MODEL"),
+        (("--api", "http://h", "--model", "m", "--steps", "3"), "--steps does not apply to api sources"),
+        (("/x", "--size", "1024x1024"), "--size of a diffusers source must be an integer"),
+        (("--api", "http://h", "--model", "m", "--rate", "2/x"), "--rate must look like 60 or 60/min or 2/s"),
+        (("--api", "http://h", "--model", "m", "--extra", "[1]"), "--extra must be a JSON object"),
+        (("--kind", "replay", "--guidance", "3"), "--guidance does not apply to replay sources"),
+    ]
+    for argv, message in cases:
+        assert run_cli("source", "add", "x", *argv, "--store", "/nonexistent/store") == 2, argv
+        assert message in capsys.readouterr().err, argv
+    with pytest.raises(SystemExit):
+        run_cli("source", "add", "x", "--api", "http://h", "--model", "m", "--protocol", "nope")
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_api_flags_protocol_and_size_pass_through(store, capsys, monkeypatch):
+    monkeypatch.setenv("FLUX_KEY", "secret")
+    assert run_cli("source", "add", "flux", "--api", "https://api.example.org", "--protocol", "bfl", "--model",
+                   "flux-pro-1.1", "--size", "1024x768", "--api-key-env", "FLUX_KEY", "--price", "0.04",
+                   "--rate", "2/s", "--extra", '{"safety_tolerance": 2}', "--store", store) == 0
+    assert run_cli("source", "add", "dalle", "--api", "https://api.example.org", "--model", "dall-e-3",
+                   "--store", store) == 0
+    listed = _listed(capsys, store)
+    flux, dalle = listed["flux"], listed["dalle"]
+    assert flux["kind"] == "api" and flux["params"]["protocol"] == "bfl" and flux["params"]["size"] == "1024x768"
+    assert flux["params"]["rate"] == 120.0 and flux["params"]["extra"] == {"safety_tolerance": 2}
+    assert flux["path"] == providers.get("bfl").endpoint("https://api.example.org", "flux-pro-1.1")
+    assert dalle["params"]["protocol"] == "openai" and dalle["path"] == "https://api.example.org/v1/images/generations"
+    assert "secret" not in json.dumps(listed)
+    capsys.readouterr()
+    assert run_cli("source", "list", "--store", store) == 0
+    text = capsys.readouterr().out
+    assert "protocol bfl" in text and "protocol openai" not in text  # the default is not a recipe detail
+
+
+def test_a_diffusers_path_is_expanded_before_it_is_checked(store, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert run_cli("source", "add", "x", "~/no-such-pipeline", "--steps", "2", "--store", store) == 2
+    err = capsys.readouterr().err
+    assert "pipeline folder not found" in err and str(tmp_path / "no-such-pipeline") in err
