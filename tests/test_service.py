@@ -319,6 +319,51 @@ def test_token_is_required_except_for_health(served_store, query_png, monkeypatc
     assert args.host == "127.0.0.1" and args.token is None
 
 
+def test_evidence_thumbnails_by_id_only_cached_and_behind_the_token(served_store, query_png):
+    token = "thumbs need the token too"
+    good = {"Authorization": f"Bearer {token}"}
+    with _client(served_store, token=token) as client:
+        result = _post(client, query_png, headers=good).json()["results"][0]
+        closest = result["closest"]
+        assert set(closest) == {s["source"] for s in result["scores"]}
+        image_id = closest[result["predicted"]][0]["image_id"]
+        url = f"/v1/images/{image_id}/thumb"
+        _assert_error(client.get(url), 401, "unauthorized")
+        first = client.get(url, headers=good)
+        assert first.status_code == 200 and first.headers["content-type"] == "image/jpeg"
+        picture = Image.open(io.BytesIO(first.content))
+        assert picture.format == "JPEG" and max(picture.size) <= 256
+        etag = first.headers["etag"]
+        assert "max-age" in first.headers["cache-control"] and "private" in first.headers["cache-control"]
+        again = client.get(url, headers={**good, "If-None-Match": etag})
+        assert again.status_code == 304 and not again.content
+        assert client.get(url, headers=good).content == first.content
+        for bad in ("../../metadata.sqlite", "1.5", "%2e%2e%2fstore.json", "-1"):
+            response = client.get(f"/v1/images/{bad}/thumb", headers=good)
+            assert response.status_code in (400, 404), (bad, response.status_code)
+            assert response.headers["content-type"].startswith("application/json")
+        for missing in (0, 10 ** 9, 2 ** 70):
+            _assert_error(client.get(f"/v1/images/{missing}/thumb", headers=good), 404, "not_found")
+
+
+def test_case_report_download_is_self_contained(served_store, query_png):
+    hostile = "<img src=x onerror=alert(1)>.png"
+    with _client(served_store) as client:
+        response = client.post("/v1/report", files={"image": (hostile, query_png, "image/png")},
+                               data={"prompt": CACHED_PROMPT + " <b>bold</b>", "adaptive": "false"})
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"].startswith("text/html")
+        assert "attachment" in response.headers["content-disposition"]
+        page = response.text
+        assert "<script" not in page and "<img src=x" not in page and "&lt;img src=x onerror" in page
+        assert "&lt;b&gt;bold" in page
+        assert page.count("alt='query ") == 1 and page.count("resynthesis'>") >= SOURCES
+        assert str(served_store) not in page  # the server's paths stay on the server
+        for source in client.get("/v1/sources").json()["sources"]:
+            assert source["fingerprint"] in page
+        _assert_error(client.post("/v1/report", data={"prompt": "x"}), 415, "unsupported_media_type")
+
+
 def test_serve_command_refuses_bad_setup(tmp_path, capsys):
     assert run_cli("serve", "--store", tmp_path / "missing") == 2
     assert capsys.readouterr().err.strip().startswith("resynth: error: no store at")

@@ -1,6 +1,7 @@
 """The web page at `/`, end to end: a real `resynth serve` process driven by headless Chromium."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from engine.service.process import ServerProcess  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)")
+SHOTS = Path(os.environ["RESYNTH_SHOTS"]) if os.environ.get("RESYNTH_SHOTS") else None  # screenshots to look at
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -35,7 +37,7 @@ def page(server):
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            tab = browser.new_page()
+            tab = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
             tab.set_default_timeout(60_000)
             tab.goto(server.url + "/")
             yield tab
@@ -73,3 +75,94 @@ def test_an_undecodable_upload_shows_the_error(page):
     message = page.text_content("#error")
     assert "broken.png" in message and "undecodable_image" in message
     assert page.is_hidden("#result")
+
+
+def _shot(page, name: str) -> None:
+    if SHOTS is not None:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / name), full_page=True)
+
+
+def _loaded(page, selector: str) -> int:
+    """How many images matching `selector` have loaded (naturalWidth > 0)."""
+    return page.eval_on_selector_all(selector, "els => els.filter(e => e.complete && e.naturalWidth > 0).length")
+
+
+def test_the_evidence_images_load(page, originals):
+    """After an answer: the query beside each scored source's closest stored resyntheses, as images."""
+    original = originals[7]
+    page.set_input_files("#file", str(original["image"]))
+    page.fill("#prompt", original["prompt"])
+    page.click("#submit")
+    page.wait_for_selector("#result:not([hidden]) .bar")
+    sources = page.locator("#bars .bar").count()
+    page.wait_for_function("n => [...document.querySelectorAll('#closest img.evidence-thumb')]"
+                           ".filter(e => e.complete && e.naturalWidth > 0).length >= n", arg=sources)
+    rows = page.locator("#closest .source-row")
+    assert rows.count() == sources
+    for i in range(sources):  # every scored source shows at least one of its resyntheses
+        assert _loaded(page, f"#closest .source-row:nth-child({i + 1}) img") >= 1
+    assert _loaded(page, "#query-img") == 1
+    ids = page.eval_on_selector_all("#closest img", "els => els.map(e => e.dataset.imageId)")
+    assert all(i.isdigit() for i in ids)
+    assert page.is_hidden("#table")  # one image: no table
+    _shot(page, "page-desktop.png")
+
+
+def test_several_images_give_a_sortable_table_that_opens_each_answer(page, originals):
+    picks = [originals[1], originals[8], originals[15]]
+    page.set_input_files("#file", [str(o["image"]) for o in picks])
+    page.fill("#prompt", picks[0]["prompt"])
+    page.click("#submit")
+    page.wait_for_selector("#table:not([hidden]) #answers tbody tr")
+    rows = page.locator("#answers tbody tr")
+    assert rows.count() == 3
+
+    def margins() -> list[float]:
+        cells = page.eval_on_selector_all("#answers tbody tr td:nth-child(6)", "els => els.map(e => e.textContent)")
+        return [float(c) for c in cells]
+    page.click("#answers th[data-key=margin]")
+    assert margins() == sorted(margins(), reverse=True)
+    page.click("#answers th[data-key=margin]")
+    assert margins() == sorted(margins())
+    page.click("#answers th[data-key=file]")
+    names = page.eval_on_selector_all("#answers tbody tr td:nth-child(2)", "els => els.map(e => e.textContent)")
+    assert names == sorted(names)
+    target = rows.nth(2)
+    name = target.locator("td:nth-child(2)").text_content()
+    target.click()
+    assert name in page.text_content("#meta")
+    assert "open" in (target.get_attribute("class") or "")
+    page.wait_for_function("() => [...document.querySelectorAll('#closest img')]"
+                           ".some(e => e.complete && e.naturalWidth > 0)")
+    _shot(page, "page-table.png")
+
+
+def test_the_case_report_downloads_and_opens(page, tmp_path):
+    with page.expect_download() as info:
+        page.click("#download")
+    saved = tmp_path / "report.html"
+    info.value.save_as(saved)
+    text = saved.read_text(encoding="utf-8")
+    assert "resynth case report" in text and text.count("alt='query ") == 1 and "resynthesis'>" in text
+    report = page.context.browser.new_page()
+    try:
+        report.goto(saved.as_uri())
+        report.wait_for_load_state("load")
+        assert report.eval_on_selector_all("img", "els => els.length") >= 2
+        assert _loaded(report, "img") == report.eval_on_selector_all("img", "els => els.length")
+        if SHOTS is not None:
+            report.screenshot(path=str(SHOTS / "report.png"), full_page=True)
+    finally:
+        report.close()
+
+
+def test_the_layout_fits_a_phone(page):
+    page.set_viewport_size({"width": 390, "height": 844})
+    try:
+        overflow = page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 1
+        assert page.is_visible("#closest img") and page.is_visible("#answers")
+        _shot(page, "page-phone.png")
+    finally:
+        page.set_viewport_size({"width": 1280, "height": 900})

@@ -86,6 +86,7 @@ def create_app(service: Service, token: str | None = None, access: Access | None
     app.state.service = service
     app.state.admission = admission = Admission(service.limits)
     app.add_middleware(Guard, access=access, limits=service.limits)
+    thumbs = Thumbnails(service)
     _add_error_handlers(app, service)
     page = (STATIC / "index.html").read_text()
 
@@ -127,7 +128,101 @@ def create_app(service: Service, token: str | None = None, access: Access | None
             queries.clear()  # the decoded images go before their pixels are given back
             admission.pixels.release(held)
 
+    @app.post("/v1/report", tags=["attribution"], openapi_extra=ATTRIBUTE_BODY, response_class=HTMLResponse)
+    async def case_report(request: Request) -> Response:
+        """The same request as /v1/attribute, answered as a self-contained HTML case report (a download):
+        the queries, their evidence images, scores and verdicts, and the store's sources, embedder,
+        options and versions. Resyntheses made by an earlier /v1/attribute are reused, not regenerated."""
+        queries, options, held = await _read_request(request, service, admission)
+        try:
+            data = await service.attribute(queries, options)
+            page = await asyncio.to_thread(_case_report, service, data, queries, options)
+        finally:
+            queries.clear()
+            admission.pixels.release(held)
+        return Response(page, media_type="text/html; charset=utf-8",
+                        headers={"Content-Disposition": 'attachment; filename="resynth-report.html"',
+                                 "Cache-Control": "no-store"})
+
+    @app.get("/v1/images/{image_id}/thumb", tags=["store"],
+             responses={200: {"content": {"image/jpeg": {}}}, 304: {"description": "not modified"}})
+    async def thumb(image_id: int, request: Request) -> Response:
+        """A stored image (a resynthesis or an original, by the id an answer's `closest` gives) as a JPEG
+        of at most THUMB_SIDE pixels a side. Only ids reach the store: the file is the catalog's."""
+        found = await asyncio.to_thread(thumbs.get, image_id)
+        if found is None:
+            raise ServiceError(404, "not_found", f"no stored image {image_id}")
+        data, etag = found
+        headers = {"ETag": etag, "Cache-Control": "private, max-age=86400"}
+        if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+            return Response(status_code=304, headers=headers)
+        return Response(data, media_type="image/jpeg", headers=headers)
+
     return app
+
+
+THUMB_SIDE = 256  # longest side of a thumbnail the server makes
+THUMBS_KEPT = 1024  # thumbnails kept in memory (about 10 kB each)
+
+
+class Thumbnails:
+    """Thumbnails of stored images by id, made once and kept (least recently used first out)."""
+
+    def __init__(self, service: Service):
+        import threading
+        from collections import OrderedDict
+
+        self.service = service
+        self.kept: OrderedDict[tuple, tuple[bytes, str]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, image_id: int) -> tuple[bytes, str] | None:
+        """(JPEG bytes, ETag), or None: no such image, its file is gone, or it cannot be read. The catalog
+        is asked every time (an id whose image was removed is not answered from memory); the rendering
+        is kept per (id, file, size, mtime)."""
+        import hashlib
+        import io
+
+        from engine import compare
+        from engine.images import read_image
+
+        find = getattr(compare, "reference_file", None)
+        path = find(self.service.store, image_id) if find is not None else None
+        if path is None:
+            return None
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        key = (image_id, str(path), stat.st_size, stat.st_mtime_ns)
+        with self.lock:
+            if key in self.kept:
+                self.kept.move_to_end(key)
+                return self.kept[key]
+        try:
+            image, _ = read_image(path)
+            image.thumbnail((THUMB_SIDE, THUMB_SIDE))
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=85)
+        except Exception:  # noqa: BLE001 - a damaged stored file: no thumbnail, not a 500
+            log.warning("stored image %s could not be read for a thumbnail", image_id)
+            return None
+        data = buffer.getvalue()
+        found = (data, '"' + hashlib.sha256(data).hexdigest()[:32] + '"')
+        with self.lock:
+            self.kept[key] = found
+            if len(self.kept) > THUMBS_KEPT:
+                self.kept.popitem(last=False)
+        return found
+
+
+def _case_report(service: Service, data: dict, queries: list[Query], options: Options) -> str:
+    from engine import casereport
+
+    command = "POST /v1/report " + json.dumps({k: v for k, v in options.to_dict().items() if v is not None},
+                                              sort_keys=True)
+    head = casereport.header(service.ws, command, options, store_label=service.store.root.name)
+    return casereport.to_string(head, casereport.entries_of(data, [q.image for q in queries]), service.store)
 
 
 async def _read_request(request: Request, service: Service,
