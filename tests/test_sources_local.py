@@ -179,3 +179,28 @@ def test_vision_language_captioner_describes_a_query_end_to_end(models, local, t
     assert result.description_from == "caption" and result.description == expected and result.predicted == "base"
     with pytest.raises(UserError, match="not an image-text-to-text"):
         VisionLanguageCaptioner(local["config"] / "unet")
+
+
+@needs_peft
+def test_cli_source_add_infers_the_local_kinds(models, local, tmp_path):
+    """`source add` flags come from the kinds' params: a file with --config is a single file, a folder
+    with --lora a LoRA source, a folder alone the default kind; `source list` shows their recipes."""
+    import json
+
+    from tests.helpers import run_cli
+
+    store = tmp_path / "store"
+    assert run_cli("init", "--store", store, "--clip-config", models["clip_config"],
+                   "--clip-checkpoint", models["clip_checkpoint"]) == 0
+    assert run_cli("source", "add", "one-file", local["file"], "--config", local["config"], "--steps", 2,
+                   "--store", store) == 0
+    assert run_cli("source", "add", "lora-ab", local["base"], "--lora", f"{local['a']}:0.7,{local['b']}",
+                   "--steps", 2, "--store", store) == 0
+    assert run_cli("source", "add", "base", local["base"], "--steps", 2, "--store", store) == 0
+    assert run_cli("source", "add", "bad", local["base"], "--lora", f"{local['a']}:x", "--store", store) != 0
+    with engine.open(store) as ws:
+        rows = {r["name"]: r for r in ws.list_sources()}
+    assert {n: r["kind"] for n, r in rows.items()} == {"one-file": "single-file", "lora-ab": "lora",
+                                                        "base": "diffusers"}
+    assert [a["scale"] for a in rows["lora-ab"]["params"]["loras"]] and json.dumps(rows["lora-ab"]["params"])
+    assert sources.get("lora").describe_recipe(rows["lora-ab"]["params"], rows["lora-ab"]["path"]).count("LoRA") == 1

@@ -75,6 +75,10 @@ def adapter_name(sha256: str) -> str:
 
 class Lora(SourceKind):
     name = "lora"
+    summary = ("LoRA adapters on a diffusers pipeline folder (each combination of files and scales its own "
+               "source; sources of one base share its pipeline in memory)")
+    examples = ("resynth source add anime-v2 ~/models/sd15 --lora ~/loras/anime-v2.safetensors:0.8",
+                "resynth source add two ~/models/sd15 --lora a.safetensors:0.6,b.safetensors")
     params = (
         Param("path", str, None, "base diffusers pipeline folder", positional=True, required=True, metavar="DIR"),
         Param("lora", str, None, "LoRA adapter file with an optional scale (default 1.0); several comma-separated",
@@ -110,6 +114,12 @@ class Lora(SourceKind):
         loras = json.loads(source.params_json)["loras"]
         return sha256_text(canonical_json([asdict(stored_recipe(source.params_json)),
                                            [[a["sha256"], a["scale"]] for a in loras]]))
+
+    def describe_recipe(self, params: dict, path: str | None) -> str:
+        from engine.recipes import describe
+
+        adapters = ", ".join(f"{Path(a['file']).name} x{a['scale']:g}" for a in params.get("loras", []))
+        return describe({k: v for k, v in params.items() if k != "loras"}, path) + f", LoRA {adapters}"
 
     def load(self, source, device: str | None):
         stored = json.loads(source.params_json)

@@ -119,6 +119,9 @@ def check_config_folder(config) -> tuple[Path, str]:
 
 class SingleFile(SourceKind):
     name = "single-file"
+    summary = ("a single-file checkpoint (.safetensors, SD 1.x or SDXL layout) loaded offline with diffusers' "
+               "from_single_file as the layout of a local diffusers folder (--config)")
+    examples = ("resynth source add my-merge ~/models/merge.safetensors --config ~/models/sd15-configs --steps 30",)
     params = (
         Param("path", str, None, "single-file checkpoint (.safetensors, SD 1.x or SDXL layout)", positional=True,
               required=True, metavar="FILE"),
@@ -146,6 +149,12 @@ class SingleFile(SourceKind):
 
     def params_hash(self, source) -> str:
         return stored_recipe(source.params_json).hash()
+
+    def describe_recipe(self, params: dict, path: str | None) -> str:
+        from engine.recipes import describe
+
+        return describe({k: v for k, v in params.items() if k != "config"}, params.get("config")) + \
+            f", config {Path(str(params.get('config'))).name}"
 
     def load(self, source, device: str | None):
         config = json.loads(source.params_json)["config"]
