@@ -85,6 +85,38 @@ def command_line(words: Iterable[Any]) -> str:
     return shlex.join(str(w) for w in words)
 
 
+def option_words(args) -> list[str]:
+    """The attribution options given on a command line (engine.options flags), as flags again."""
+    from dataclasses import fields
+
+    from engine.options import Options
+
+    words: list[str] = []
+    for f in fields(Options):
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        flag = f.name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            words += [f"--{flag}", str(value)]
+    return words
+
+
+def attribute_command(args, images: Iterable[Any]) -> str:
+    """The `resynth attribute` line that reproduces a report: absolute paths, every option given."""
+    from engine.workspace import store_path
+
+    words: list[Any] = ["resynth", "attribute", *(Path(i).resolve() for i in images),
+                        "--store", store_path(args.store).resolve()]
+    if getattr(args, "prompt", None):
+        words += ["--prompt", args.prompt]
+    if getattr(args, "captioner", None):
+        words += ["--captioner", Path(args.captioner).resolve()]
+    return command_line(words + option_words(args))
+
+
 # ----- images ------------------------------------------------------------------------------------------
 def thumbnail(image: Any, size: int = THUMB) -> str | None:
     """A data: URI of `image` (a path, bytes or PIL image) re-encoded within size x size pixels: PNG
@@ -236,8 +268,8 @@ def render_case(number: int, entry: dict, evidence: Evidence | None) -> str:
             sim = _number(row.get("similarity") if isinstance(row, dict) else None)
             picture = (f"<img src='{e(uri)}' alt='{e(s.get('source'))} resynthesis'>" if uri
                        else "<div class='missing'>not shown</div>")
-            out.append(f"<figure>{picture}<figcaption>sim {sim} · #{e(row.get('image_id') if isinstance(row, dict) else '')}"
-                       "</figcaption></figure>")
+            ident = row.get("image_id") if isinstance(row, dict) else ""
+            out.append(f"<figure>{picture}<figcaption>sim {sim} · #{e(ident)}</figcaption></figure>")
         out.append("</div></div>")
     found = provenance(result)
     if found:
@@ -249,7 +281,9 @@ def render_case(number: int, entry: dict, evidence: Evidence | None) -> str:
 
 def provenance(result: dict) -> dict:
     """What the file says about itself and what that claims, without the empty fields."""
-    found = result.get("provenance") if isinstance(result.get("provenance"), dict) else {}
+    found = result.get("provenance")
+    if not isinstance(found, dict):
+        found = {}
     out = {k: v for k, v in found.items() if k != "schema" and v not in (None, "", [], {})}
     claim = (result.get("evidence") or {}).get("provenance")
     if claim:

@@ -212,9 +212,9 @@ def run(ws, folder: str | os.PathLike, out: str | os.PathLike, prompt: str | Non
         for path in tqdm(images, desc="triage", unit="image", disable=not progress, file=sys.stderr):
             rel = path.relative_to(folder).as_posix()
             data, sha256, problem = _read(path)
-            if problem is not None:
+            if problem is not None or data is None or sha256 is None:
                 summary.errors += 1
-                results.append([_error_row(rel, sha256, problem)])
+                results.append([_error_row(rel, sha256, problem or "unreadable")])
                 continue
             if results.done.get(rel) == sha256:
                 summary.resumed += 1
@@ -370,9 +370,7 @@ def register(sub, common) -> None:
 
 def command_of(args) -> str:
     """The command that reproduces this run: absolute paths, and every option that was given."""
-    from dataclasses import fields
-
-    from engine.casereport import command_line
+    from engine.casereport import command_line, option_words
     from engine.workspace import store_path
 
     words = ["resynth", "triage", Path(args.folder).resolve(), "--out", Path(args.out).resolve(),
@@ -381,16 +379,9 @@ def command_of(args) -> str:
         words += ["--prompt", args.prompt]
     if getattr(args, "captioner", None):
         words += ["--captioner", Path(args.captioner).resolve()]
-    for f in fields(Options):
-        value = getattr(args, f.name, None)
-        if value is None:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            words.append(flag if value else "--no-" + f.name.replace("_", "-"))
-        else:
-            words += [flag, value]
-    return command_line(words)
+    if args.batch != BATCH:
+        words += ["--batch", args.batch]
+    return command_line(words + option_words(args))
 
 
 def cmd_triage(args) -> None:

@@ -309,8 +309,8 @@ def test_token_is_required_except_for_health(served_store, query_png, monkeypatc
         page = client.get("/docs")
         assert page.status_code == 200 and "openapi.json" in page.text
         schema = client.get("/openapi.json").json()
-        assert schema["components"]["securitySchemes"]["bearer"] == {
-            "type": "http", "scheme": "bearer", "description": schema["components"]["securitySchemes"]["bearer"]["description"]}
+        bearer = schema["components"]["securitySchemes"]["bearer"]
+        assert bearer == {"type": "http", "scheme": "bearer", "description": bearer["description"]}
         assert schema["security"] == [{"bearer": []}] and schema["paths"]["/healthz"]["get"]["security"] == []
         _assert_error(client.get("/v1/sources", params={"token": token}), 401, "unauthorized")  # no token in URLs
     from engine.cli import build_parser
@@ -427,7 +427,7 @@ def test_a_source_removed_by_the_cli_leaves_the_running_server(served_store, que
     store = tmp_path / "store"
     shutil.copytree(served_store, store)
     with _client(store, refresh_seconds=0.05) as client:
-        service = _service_of(client)
+        _service_of(client)
         assert len(_post(client, query_png).json()["results"][0]["scores"]) == SOURCES
         assert run_cli("source", "remove", "tiny-sdxl-dpm", "--store", store, "--quiet") == 0
         def removed() -> bool:

@@ -181,3 +181,18 @@ def test_the_command_runs_as_a_user_types_it(store_dir, folder, tmp_path):
                           capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stderr
     assert "triaged 5 images" in done.stdout and (out / "report.html").is_file()
+
+
+def test_attribute_report_flag(store_dir, originals, tmp_path, capsys):
+    """`resynth attribute --report FILE`, once engine.cli has the flag."""
+    from engine.cli import build_parser
+
+    if "--report" not in build_parser()._subparsers._group_actions[0].choices["attribute"].format_help():
+        pytest.skip("engine.cli's attribute has no --report yet")
+    image = originals[4]["image"]
+    target = tmp_path / "case.html"
+    assert run_cli("attribute", image, "--store", store_dir, "--prompt", PROMPT, "--per-source", 1,
+                   "--report", target, "--quiet") == 0
+    page = target.read_text()
+    assert page.count("alt='query ") == 1 and "resynthesis'>" in page
+    assert "resynth attribute " + str(Path(image).resolve()) in page and "--per-source 1" in page

@@ -22,7 +22,7 @@ from engine.images import FORMATS, check_aspect
 from engine.options import Options, schema
 from engine.service.config import Access, Limits
 from engine.service.core import Service
-from engine.service.errors import ServiceError, body, one_line
+from engine.service.errors import ServiceError, body
 from engine.service.generation import QueueFull
 from engine.service.guard import PUBLIC_PATHS, Guard, PixelBudget
 from index.errors import StoreError
@@ -287,7 +287,7 @@ async def _read_request(request: Request, service: Service,
 def _sizes(files) -> list[tuple[int, int] | None]:
     """Width and height from each file's header (nothing decoded); None where it is not an accepted
     image, which the image reader then reports."""
-    sizes = []
+    sizes: list[tuple[int, int] | None] = []
     for file in files:
         file.seek(0)
         try:
@@ -343,7 +343,7 @@ def _document_security(app: FastAPI, token: bool) -> None:
             app.openapi_schema = schema
         return app.openapi_schema
 
-    app.openapi = openapi
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _add_error_handlers(app: FastAPI, service: Service) -> None:
