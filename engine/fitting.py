@@ -16,9 +16,9 @@ from engine.calibration import Calibration, save_array_atomic
 from engine.errors import UserError
 from engine.labelled import EvalSet, FeatureCache, embed_paths, from_manifest, from_store
 from engine.metrics import json_safe
-from engine.openset import (DEFAULT_OPEN_SET_SCORE, FALSE_REJECT, OPEN_SET_SCORES, FeatureContext,
-                            calibration_report, feature_context, fit_mahalanobis, fit_open_set_thresholds,
-                            fit_temperature, leave_one_source_out)
+from engine.openset import (CALIBRATE_FALLBACK_SCORE, DEFAULT_OPEN_SET_SCORE, FALSE_REJECT, OPEN_SET_SCORES,
+                            FeatureContext, calibration_report, feature_context, fit_mahalanobis,
+                            fit_open_set_thresholds, fit_temperature, leave_one_source_out)
 from engine.options import Options
 from engine.scoring import Variant, neighbour_score_matrix, padded_references, score_matrix
 
@@ -28,26 +28,44 @@ if TYPE_CHECKING:
 
 
 def calibrate(ws: "Workspace", manifest: str | os.PathLike | None = None, options: Options | None = None,
-              false_reject: float = 0.05) -> Calibration:
+              false_reject: float = 0.05, strict: bool = False) -> Calibration:
     """Fit on labelled originals (the store's own, or a manifest's embedded with the store's embedder)
-    and save the calibration in the store."""
+    and save the calibration in the store.
+
+    A manifest's sources must all be the store's (a threshold for a source the store does not have
+    would never apply, and its originals would shape the others'): otherwise one UserError naming them.
+    Originals that cannot be scored are skipped, or refused with `strict`; `notes["used"]` says what
+    was used and what was skipped, and why."""
     options = options or Options()
     if not 0 < false_reject < 1:
         raise UserError("--false-reject must be between 0 and 1")
+    store_names = {s.name for s in ws.store.sources()}
     if manifest is not None:
-        evalset, fitted_on = from_manifest(Path(manifest)), str(manifest)
+        evalset, fitted_on = from_manifest(Path(manifest), strict), str(manifest)
+        check_sources(evalset, store_names, str(manifest), ws.root)  # before any embedding
         features = embed_evalset(evalset, {"store": ws.embedder}, None, progress=False)["store"]
     else:
-        evalset, fitted_on = from_store(ws.store), f"store {ws.root}"
+        evalset, fitted_on = from_store(ws.store, strict), f"store {ws.root}"
         features = evalset.vectors[ws.store.embedder_identity]
     variant = Variant("store", "cosine", options.aggregation, options.references)
     calibration, precision = fit_calibration(evalset, features, variant, false_reject, fitted_on,
                                              options.mode, options.neighbours)
     calibration.notes["store_sources"] = {s.name: s.fingerprint for s in ws.store.sources()}  # to notice changes
+    calibration.notes["used"] = json_safe({**evalset.usage(), "text": evalset.usage_text(),
+                                           "store_sources_not_fitted": sorted(store_names - set(evalset.sources))})
     if precision is not None:  # dim x dim: a file beside store.json, named by its content
         calibration.open_set["precision_file"] = save_array_atomic(ws.root, precision)
     ws.store.update_config(calibration=calibration.to_dict())
     return calibration
+
+
+def check_sources(evalset: EvalSet, store_names: set[str], where: str, store_root) -> None:
+    """One UserError line naming the labelled set's sources that the store does not have."""
+    foreign = sorted(set(evalset.sources) - store_names)
+    if foreign:
+        raise UserError(f"{where}: source(s) {', '.join(foreign)} are not in store {store_root} (it has "
+                        f"{', '.join(sorted(store_names)) or 'no sources'}): calibrate on a manifest of the "
+                        f"store's own sources, or add them with `resynth source add`")
 
 
 def embed_evalset(evalset: EvalSet, embedders: dict[str, Embedder], cache_dir: Path | None,
@@ -97,7 +115,7 @@ def fit_calibration(evalset: EvalSet, features: tuple[np.ndarray, np.ndarray], v
     labels, names = evalset.orig_source, evalset.sources
     scores = engine_scores(evalset, features, variant, mode, neighbours)
     # per-source thresholds on the best score: the fallback where the feature-based score has no value
-    thresholds = fit_open_set_thresholds(scores, labels, names, "best-score", frr)
+    thresholds = fit_open_set_thresholds(scores, labels, names, CALIBRATE_FALLBACK_SCORE, frr)
     temperature = fit_temperature(scores, labels)
     measured = calibration_report(scores, labels, evalset.orig_desc)
     context = (open_set_context(evalset, *features, evalset.references(), variant.per_source)
@@ -108,9 +126,10 @@ def fit_calibration(evalset: EvalSet, features: tuple[np.ndarray, np.ndarray], v
     if DEFAULT_OPEN_SET_SCORE == "mahalanobis":
         precision, threshold = fit_mahalanobis(context, scores, labels, frr)
         if threshold is not None:
-            open_set_fit = {"score": "mahalanobis", "threshold": threshold}
+            open_set_fit = {"score": DEFAULT_OPEN_SET_SCORE, "threshold": threshold}
     notes = {"fitted_on": fitted_on, "originals": evalset.n_originals, "sources": names,
-             "open_set_score": open_set_fit.get("score", "best-score"), "mode": mode, "neighbours": neighbours,
+             "open_set_score": open_set_fit.get("score", CALIBRATE_FALLBACK_SCORE), "mode": mode,
+             "neighbours": neighbours,
              "aggregation": variant.aggregation, "per_source": variant.per_source, "distance": variant.distance,
              "false_reject_target": frr,
              "accuracy": float((scores.argmax(1) == labels).mean()),

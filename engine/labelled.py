@@ -44,10 +44,28 @@ class EvalSet:
     res_path: list[str]
     descriptions: list[str]
     vectors: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # identity -> (orig, res)
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> the originals left out for it
 
     @property
     def n_originals(self) -> int:
         return len(self.orig_hash)
+
+    def usage(self) -> dict:
+        """What the set uses and what it left out, and why: the same figures in text and JSON."""
+        return {"originals": self.n_originals, "sources": len(self.sources),
+                "skipped": sum(len(v) for v in self.skipped.values()),
+                "skipped_by_reason": {reason: len(names) for reason, names in self.skipped.items()},
+                "skipped_examples": {reason: names[:3] for reason, names in self.skipped.items()}}
+
+    def usage_text(self) -> str:
+        """One line: how many originals of how many sources, and how many were skipped for which reason."""
+        used = self.usage()
+        text = f"used {used['originals']} originals of {used['sources']} sources"
+        if not used["skipped"]:
+            return text + "; none skipped"
+        reasons = "; ".join(f"{len(names)} because {reason} (e.g. {', '.join(names[:3])})"
+                            for reason, names in self.skipped.items())
+        return f"{text}; skipped {used['skipped']}: {reasons}"
 
     def references(self) -> list[list[np.ndarray]]:
         """For every original, per source, the indices of its candidate resyntheses, in the engine's order.
@@ -73,8 +91,16 @@ class EvalSet:
         return max((len(r) for refs in self.references() for r in refs), default=0)
 
 
-def from_rows(rows: list[ManifestRow], where: str) -> EvalSet:
-    """Validate and code manifest rows; file hashes identify images (and their cached features)."""
+NO_RESYNTHESES = "their description has no resyntheses"  # the reason an original is skipped
+NO_SOURCE_RESYNTHESES = "their source has no resyntheses"
+
+
+def from_rows(rows: list[ManifestRow], where: str, strict: bool = False) -> EvalSet:
+    """Validate and code manifest rows; file hashes identify images (and their cached features).
+
+    An original whose description has no resyntheses cannot be scored: it is skipped and counted in
+    `EvalSet.skipped` (a manifest such as the demo's keeps such originals as queries for generation on
+    demand), or, with `strict`, refused."""
     originals = [r for r in rows if r.role == "original"]
     resyntheses = [r for r in rows if r.role == "resynthesis"]
     if not originals:
@@ -86,16 +112,23 @@ def from_rows(rows: list[ManifestRow], where: str) -> EvalSet:
     if stray:
         raise UserError(f"{where}: original source(s) {', '.join(stray)} have no resyntheses, so no method "
                         f"could predict them (sources with resyntheses: {', '.join(sources)})")
+    have_desc = {r.description for r in resyntheses}
+    lonely = [r for r in originals if r.description not in have_desc]
+    if lonely and strict:
+        row = lonely[0]
+        raise UserError(f"{where}:{row.line}: original {row.image.name} has no resyntheses of its description"
+                        f"{f' ({len(lonely)} originals have none)' if len(lonely) > 1 else ''}; without "
+                        f"--strict such originals are skipped")
+    originals = [r for r in originals if r.description in have_desc]
+    if not originals:
+        raise UserError(f"{where}: no original has resyntheses of its description ({len(lonely)} originals, "
+                        f"none scorable): add resyntheses of their descriptions")
     descriptions = sorted({r.description for r in rows})
     desc_index = {d: i for i, d in enumerate(descriptions)}
     source_index = {s: i for i, s in enumerate(sources)}
     orig_hash = [sha256_file(r.image) for r in originals]
     orig_by_path = {r.image: i for i, r in enumerate(originals)}
     linked = np.array([orig_by_path.get(r.original, -1) if r.original is not None else -1 for r in resyntheses])
-    have_desc = {r.description for r in resyntheses}
-    for row in originals:
-        if row.description not in have_desc:
-            raise UserError(f"{where}:{row.line}: original {row.image.name} has no resyntheses of its description")
     return EvalSet(
         sources=sources,
         orig_source=np.array([source_index[r.source] for r in originals]),
@@ -105,15 +138,19 @@ def from_rows(rows: list[ManifestRow], where: str) -> EvalSet:
         res_desc=np.array([desc_index[r.description] for r in resyntheses]),
         res_seed=np.array([r.seed if r.seed is not None else -1 for r in resyntheses]),
         res_original=linked, res_hash=[sha256_file(r.image) for r in resyntheses],
-        res_path=[str(r.image) for r in resyntheses], descriptions=descriptions)
+        res_path=[str(r.image) for r in resyntheses], descriptions=descriptions,
+        skipped={NO_RESYNTHESES: [r.image.name for r in lonely]} if lonely else {})
 
 
-def from_manifest(path: Path) -> EvalSet:
-    return from_rows(read_manifest(Path(path)), str(path))
+def from_manifest(path: Path, strict: bool = False) -> EvalSet:
+    return from_rows(read_manifest(Path(path)), str(path), strict)
 
 
-def from_store(store: "Store") -> EvalSet:
-    """The store's own originals and resyntheses with their stored vectors: no embedding at all."""
+def from_store(store: "Store", strict: bool = False) -> EvalSet:
+    """The store's own originals and resyntheses with their stored vectors: no embedding at all.
+
+    Originals that cannot be scored (their source or their description has no stored resyntheses) are
+    skipped and counted in `EvalSet.skipped`, or, with `strict`, refused."""
     rows = store.labelled_vectors()
     originals = [r for r in rows if r.role == "original"]
     resyntheses = [r for r in rows if r.role == "resynthesis"]
@@ -123,13 +160,24 @@ def from_store(store: "Store") -> EvalSet:
     if not resyntheses:
         raise UserError(f"{where} holds no resyntheses")
     sources = sorted({r.source for r in resyntheses})
-    stray = sorted({r.source for r in originals} - set(sources))
-    if stray:  # an enrolled-nowhere source cannot be scored closed-set; its originals are left out
-        originals = [r for r in originals if r.source in sources]
+    skipped: dict[str, list[str]] = {}
+    # an enrolled-nowhere source cannot be scored closed-set; its originals are left out
+    stray = [r for r in originals if r.source not in sources]
+    if stray:
+        skipped[NO_SOURCE_RESYNTHESES] = [Path(r.path).name for r in stray]
+    originals = [r for r in originals if r.source in sources]
     source_index = {s: i for i, s in enumerate(sources)}
     desc_ids = sorted({r.description_id for r in rows})
     desc_index = {d: i for i, d in enumerate(desc_ids)}
     described = {r.description_id for r in resyntheses}
+    lonely = [r for r in originals if r.description_id not in described]
+    if lonely:
+        skipped[NO_RESYNTHESES] = [Path(r.path).name for r in lonely]
+    if skipped and strict:
+        reason, names = next(iter(skipped.items()))
+        total = sum(map(len, skipped.values()))
+        raise UserError(f"{where}: {total} stored original(s) cannot be scored, e.g. {names[0]}: {reason}; "
+                        f"without --strict they are skipped")
     originals = [r for r in originals if r.description_id in described]
     orig_index = {r.id: i for i, r in enumerate(originals)}
     if not originals:
@@ -144,7 +192,7 @@ def from_store(store: "Store") -> EvalSet:
         res_seed=np.array([r.seed if r.seed is not None else -1 for r in resyntheses]),
         res_original=np.array([orig_index.get(r.original_id, -1) for r in resyntheses]),
         res_hash=[r.file_hash for r in resyntheses], res_path=[r.path for r in resyntheses],
-        descriptions=[str(d) for d in desc_ids])
+        descriptions=[str(d) for d in desc_ids], skipped=skipped)
     evalset.vectors[store.embedder_identity] = (np.stack([r.vector for r in originals]),
                                                 np.stack([r.vector for r in resyntheses]))
     return evalset

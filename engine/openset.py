@@ -31,7 +31,7 @@ DENSITY_K = 5  # neighbours of the kNN density over a source's references
 # name -> (needs the features, threshold per predicted source, what it is)
 OPEN_SET_SCORES = {
     "margin": (False, True, "best per-source score (the engine's aggregation) against the predicted "
-                            "source's own threshold; what `resynth calibrate` fits"),
+                            "source's own threshold"),
     "best-score": (False, False, "best per-source score against one threshold for every source"),
     "max-similarity": (True, False, "best similarity to any single remaining reference of the query, "
                                     "one threshold"),
@@ -58,6 +58,18 @@ OPEN_SET_SCORES = {
 # references it compared it with (engine.calibration.mahalanobis_open_set), with "best-score"
 # thresholds kept as the fallback of an older calibration.
 DEFAULT_OPEN_SET_SCORE = "mahalanobis"
+# the thresholds `resynth calibrate` keeps in Calibration.thresholds, applied where the default score has
+# no value (an older calibration, an unreadable precision file): engine.fitting.fit_calibration
+CALIBRATE_FALLBACK_SCORE = "best-score"
+
+
+def score_definitions() -> dict[str, str]:
+    """What each open-set score is, and which of them `resynth calibrate` fits (from the constants above,
+    so the report cannot name another)."""
+    role = {DEFAULT_OPEN_SET_SCORE: "the default: what `resynth calibrate` fits and `resynth attribute` applies",
+            CALIBRATE_FALLBACK_SCORE: "`resynth calibrate` also fits it as the fallback where the default has "
+                                      "no value"}
+    return {n: v[2] + (f" ({role[n]})" if n in role else "") for n, v in OPEN_SET_SCORES.items()}
 
 
 def fit_thresholds(scores: np.ndarray, labels: np.ndarray, frr: float = FALSE_REJECT) -> dict[int, float]:
@@ -393,7 +405,7 @@ def leave_one_source_out(scores: np.ndarray, labels: np.ndarray, groups: np.ndar
     scores, labels = np.asarray(scores, np.float64), np.asarray(labels, int)
     folds, fold_info = make_folds(labels, groups, seed)
     base = {"target_false_reject": frr, "folds": fold_info, "default_score": DEFAULT_OPEN_SET_SCORE,
-            "score_definitions": {n: v[2] for n, v in OPEN_SET_SCORES.items()}}
+            "score_definitions": score_definitions()}
     if len(names) < 2:
         return {**base, "auroc": None, "per_source": {}, "scores": {}, "headline_score": None,
                 "best_measured_score": None,

@@ -43,13 +43,14 @@ def test_evaluate_end_to_end(models, dataset, tmp_path, capsys, monkeypatch):
             "--perturb", "jpeg=50,resize=0.5", "--draws", "2", "--quiet"]
     assert run_cli(*argv) == 0
     printed = capsys.readouterr().out
-    assert "engine default block2/cosine/knn/K=2" in printed and "report.md" in printed  # middle of 4 blocks
+    assert "resynthesis mode, same aggregation and K (block2/cosine/knn/K=2" in printed  # middle of 4 blocks
+    assert printed.count("engine default") == 1 and "report.md" in printed
     report = json.loads((out / "report.json").read_text())
     data = report["dataset"]
     n = len(models["pipelines"])
     assert (data["originals"], data["resyntheses"], data["max_per_source"]) == (8 * n, 16 * n, 2)
     assert sorted(data["layers"]) == ["block2", "final"]
-    default = report["engine_default"]
+    default = report["resynthesis_default"]
     assert default["accuracy"] >= 0.75  # chance is 0.25
     assert sum(map(sum, default["confusion"]["matrix"])) == 8 * n
     assert default["top3_accuracy"] >= default["accuracy"] and 0.5 < default["macro_auroc"] <= 1
@@ -78,7 +79,9 @@ def test_evaluate_end_to_end(models, dataset, tmp_path, capsys, monkeypatch):
                         original_embed(self, images))
     assert run_cli(*argv, "--json") == 0
     assert set(embedded) == {1}
-    assert json.loads(capsys.readouterr().out)["engine_default"] == report["engine_default"]
+    again = json.loads(capsys.readouterr().out)
+    assert (again["engine_default"], again["resynthesis_default"]) == (report["engine_default"],
+                                                                       report["resynthesis_default"])
 
 
 def test_baselines_beside_resynthesis(models, dataset):
@@ -184,11 +187,16 @@ def test_bad_manifests_are_one_line_errors(models, dataset, tmp_path, capsys):
     stray = _write(folder / "stray.jsonl", [r for r in rows if not (r["source"] == UNREGISTERED
                                                                      and r["role"] == "resynthesis")])
     assert UNREGISTERED in _error(capsys, "evaluate", stray, *clip)
-    # an original whose description no resynthesis covers
+    # an original whose description no resynthesis covers: skipped by default (tests/test_calibrate_manifest.py),
+    # refused with --strict
     first = next(r for r in rows if r["role"] == "original")
     lonely = _write(folder / "lonely.jsonl", [r for r in rows if r["role"] == "original"
                                               or r["description"] != first["description"]])
-    assert "has no resyntheses" in _error(capsys, "evaluate", lonely, *clip)
+    assert "has no resyntheses" in _error(capsys, "evaluate", lonely, *clip, "--strict")
+    # nothing scorable at all is refused whatever the flag
+    none = _write(folder / "none.jsonl", [r if r["role"] == "original" else dict(r, description="another")
+                                          for r in rows])
+    assert "no original has resyntheses" in _error(capsys, "evaluate", none, *clip)
     only_originals = _write(folder / "only.jsonl", [r for r in rows if r["role"] == "original"])
     assert "no resynthesis rows" in _error(capsys, "evaluate", only_originals, *clip)
     assert "no store at" in _error(capsys, "evaluate", dataset, "--store", tmp_path / "nowhere")

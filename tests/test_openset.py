@@ -233,7 +233,7 @@ def _minimal_report(open_set: dict, calibration: dict | None = None) -> dict:
                                                     np.array([0, 1, 0]), np.zeros(3, int))
     return json_safe({"dataset": {"originals": 2, "resyntheses": 2, "descriptions": 1, "sources": ["a"],
                                   "max_per_source": 1, "layers": ["final"], "primary_layer": "final", "chance": 1.0},
-                      "engine_default": engine, "best_variant": engine, "best_resynthesis_only": engine["variant"],
+                      "resynthesis_default": engine, "best_variant": engine, "best_resynthesis_only": engine["variant"],
                       "variants": [], "factor_means": {}, "fewshot": {"shots": [], "methods": {}, "draws": 1},
                       "open_set": open_set, "calibration": calibration})
 

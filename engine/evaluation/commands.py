@@ -5,7 +5,11 @@ import json
 from pathlib import Path
 
 from engine.errors import UserError
+from engine.flags import add_clip_arguments
 from engine.options import add_arguments
+
+STRICT_HELP = ("refuse the whole manifest when an original cannot be scored (its description has no "
+               "resyntheses); by default such originals are skipped and counted in the output")
 
 
 def register(sub, common) -> None:
@@ -18,7 +22,7 @@ def register(sub, common) -> None:
                     "report.md and PNG plots to --out. Generates nothing; features are cached in --out.")
     p.add_argument("manifest")
     p.add_argument("--out", default="resynth-eval", help="output folder (default ./resynth-eval)")
-    _clip_arguments(p)
+    add_clip_arguments(p, required=False, default_from_store=True)
     p.add_argument("--layers", default="base,final,mid",
                    help="feature layers to compare: final, mid (middle block), block numbers, base (the "
                         "embedder's own); comma-separated (default base,final,mid)")
@@ -29,6 +33,7 @@ def register(sub, common) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the few-shot draws (default 0)")
     p.add_argument("--save-calibration", action="store_true",
                    help="also fit the engine default's calibration and write it to --store")
+    p.add_argument("--strict", action="store_true", help=STRICT_HELP)
     p.set_defaults(run=cmd_evaluate)
 
     p = sub.add_parser(
@@ -36,20 +41,13 @@ def register(sub, common) -> None:
         description="Fit a softmax temperature and per-source acceptance thresholds on labelled originals (the "
                     "store's own, or MANIFEST's, embedded with the store's embedder) and save them in the store: "
                     "`resynth attribute` then reports calibrated probabilities and `unknown: true` for a query "
-                    "below its best source's threshold.")
+                    "below its best source's threshold. A manifest's sources must all be in the store.")
     p.add_argument("manifest", nargs="?", help="labelled manifest (default: the originals stored in the store)")
     add_arguments(p)  # the attribution options `resynth attribute` will use
     p.add_argument("--false-reject", type=float, default=0.05, metavar="RATE",
                    help="share of genuine queries a threshold may reject (default 0.05)")
+    p.add_argument("--strict", action="store_true", help=STRICT_HELP.replace("manifest", "manifest (or store)"))
     p.set_defaults(run=cmd_calibrate)
-
-
-def _clip_arguments(p) -> None:
-    p.add_argument("--clip-model", metavar="ARCH", help="open_clip architecture (default: the store's embedder)")
-    p.add_argument("--clip-config", metavar="JSON", help="open_clip model config for a custom architecture")
-    p.add_argument("--clip-checkpoint", metavar="FILE", help="CLIP checkpoint file")
-    p.add_argument("--clip-layer", default="middle", metavar="{middle,final,N}",
-                   help="features of the explicit embedder: middle block (default), final embedding or block N")
 
 
 def _workspace(args, required: bool):
@@ -72,7 +70,7 @@ def cmd_evaluate(args) -> None:
     from engine.evaluation.report import summary
     from engine.evaluation.runner import evaluate
 
-    evalset = from_manifest(Path(args.manifest))  # a bad manifest fails before any model loads
+    evalset = from_manifest(Path(args.manifest), args.strict)  # a bad manifest fails before any model loads
     spec = spec_from_args(args.clip_model, args.clip_config, args.clip_checkpoint, args.clip_layer)
     ws = _workspace(args, required=args.save_calibration or spec is None)
     try:
@@ -92,7 +90,9 @@ def cmd_evaluate(args) -> None:
             if base.identity != ws.store.embedder_identity:
                 raise UserError(f"cannot calibrate store {ws.root} (bound to {ws.store.embedder_identity}) with "
                                 f"features of {base.identity}")
-            text += "\n" + _calibration_line(ws, ws.calibrate(args.manifest))
+            from engine.fitting import calibrate
+
+            text += "\n" + _calibration_line(ws, calibrate(ws, args.manifest, strict=args.strict))
     finally:
         if ws is not None:
             ws.close()
@@ -104,15 +104,23 @@ def _calibration_line(ws, calibration) -> str:
 
     def figure(value) -> str:
         return f"{value:.3f}" if isinstance(value, (int, float)) else "not measured"
-    return (f"calibration saved to {ws.root}: temperature {calibration.temperature:.3g}, thresholds for "
+    used = notes.get("used") or {}
+    line = (f"calibration saved to {ws.root}: temperature {calibration.temperature:.3g}, thresholds for "
             f"{len(calibration.thresholds)} sources; ECE {figure(notes.get('ece_default'))} -> "
             f"{figure(notes.get('ece_calibrated'))}; unknown-source AUROC {figure(notes.get('open_set_auroc'))}")
+    if used.get("text"):
+        line += f"\nfitted on {notes.get('fitted_on')}: {used['text']}"
+    if used.get("store_sources_not_fitted"):
+        line += (f"\nno labelled originals for store source(s) {', '.join(used['store_sources_not_fitted'])}: "
+                 f"no threshold of their own")
+    return line
 
 
 def cmd_calibrate(args) -> None:
+    from engine.fitting import calibrate
     from engine.options import from_args
 
     options = from_args(args)
     with _workspace(args, required=True) as ws:
-        calibration = ws.calibrate(args.manifest, options, args.false_reject)
+        calibration = calibrate(ws, args.manifest, options, args.false_reject, strict=args.strict)
         _emit(args, calibration.to_dict(), _calibration_line(ws, calibration))

@@ -17,7 +17,7 @@ def _pyplot():
 
 def confusion(report: dict, path: Path) -> Path:
     plt = _pyplot()
-    data = report["engine_default"]["confusion"]
+    data = report["resynthesis_default"]["confusion"]
     matrix = np.array(data["matrix"], dtype=float)
     names = data["labels"]
     rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
@@ -30,7 +30,7 @@ def confusion(report: dict, path: Path) -> Path:
     ax.set_ylabel("true source")
     for (i, j), count in np.ndenumerate(matrix):
         ax.text(j, i, f"{int(count)}", ha="center", va="center", color="white" if rates[i, j] > 0.5 else "black")
-    ax.set_title(f"confusion, {report['engine_default']['variant']}")
+    ax.set_title(f"confusion, {report['resynthesis_default']['variant']}")
     fig.colorbar(image, ax=ax, label="share of true source")
     return _save(fig, path)
 
@@ -78,7 +78,7 @@ def score_distributions(report: dict, path: Path) -> Path:
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle(f"per-source scores ({report['engine_default']['variant']})")
+    fig.suptitle(f"per-source scores ({report['resynthesis_default']['variant']})")
     return _save(fig, path)
 
 

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from engine.aggregate import AGGREGATIONS
 from engine.evaluation.baselines import available_shots, run_fewshot
+from engine.options import Options
 from engine.fitting import open_set_context  # noqa: F401  (the method's, used here too)
 from engine.labelled import EvalSet
 from engine.metrics import accuracy, classification_report
@@ -18,7 +19,11 @@ from engine.openset import (DEFAULT_OPEN_SET_SCORE, FALSE_REJECT, calibration_re
 from engine.scoring import (DISTANCES, Variant, adaptive_score_matrix, neighbour_score_matrix,
                                       score_matrix)
 
-ENGINE_DEFAULT = Variant()  # what `resynth attribute` does out of the box (engine.aggregate defaults)
+# The engine's default options (engine.options.Options): its mode, aggregation and references per source.
+# ENGINE_DEFAULT is their scoring rule in resynthesis mode, the reference row of the variant grid; the
+# engine's actual default (Options().mode) is measured beside the other modes (compare_modes).
+ENGINE_OPTIONS = Options()
+ENGINE_DEFAULT = Variant(aggregation=ENGINE_OPTIONS.aggregation, per_source=ENGINE_OPTIONS.references)
 K_VALUES = (1, 2, 3, 5, 10, 20)
 
 
@@ -92,18 +97,21 @@ def run_protocol(evalset: EvalSet, features: dict[str, tuple[np.ndarray, np.ndar
     fewshot = run_fewshot(originals, resyntheses, references, labels, len(names), default, draws=draws,
                           seed=seed, progress=progress)["clean"]
     groups = evalset.orig_desc
+    modes = compare_modes(evalset, originals, resyntheses, references, default)
     report = {
         "dataset": {"originals": evalset.n_originals, "resyntheses": len(evalset.res_hash),
                     "descriptions": len(evalset.descriptions), "sources": names,
                     "originals_per_source": {n: int((labels == c).sum()) for c, n in enumerate(names)},
                     "max_per_source": max_k, "layers": layers, "primary_layer": primary,
-                    "chance": 1 / len(names)},
-        "engine_default": {"variant": default.name, **default.__dict__,
-                           **classification_report(labels, default_scores, names)},
+                    "chance": 1 / len(names),
+                    **{k: v for k, v in evalset.usage().items() if k.startswith("skipped")}},
+        "engine_default": engine_default(default, modes),
+        "resynthesis_default": {"variant": default.name, "mode": "resynthesis", **default.__dict__,
+                                **classification_report(labels, default_scores, names)},
         "best_variant": {"variant": best.name, **best.__dict__,
                          **classification_report(labels, matrices[best], names)},
         "best_resynthesis_only": pick_best([r for r in rows if not r["fewshot"]], default.name)["variant"],
-        "modes": compare_modes(evalset, originals, resyntheses, references, default),
+        "modes": modes,
         "factor_means": factor_means(rows),
         "variants": rows,
         "fewshot": fewshot,
@@ -120,15 +128,24 @@ def run_protocol(evalset: EvalSet, features: dict[str, tuple[np.ndarray, np.ndar
     return report
 
 
+def engine_default(variant: Variant, modes: dict) -> dict:
+    """What `resynth attribute` does with no option given (engine.options.Options), and its figures: those
+    of its mode in the modes comparison, at the variant's references per source (K, capped by the data)."""
+    options = ENGINE_OPTIONS
+    return {"from": "engine.options.Options", "mode": options.mode, "aggregation": options.aggregation,
+            "references": variant.per_source, "neighbours": options.neighbours, "layer": variant.layer,
+            "distance": variant.distance, **modes[options.mode]}
+
+
 def compare_modes(evalset: EvalSet, originals: np.ndarray, resyntheses: np.ndarray, references,
                   variant: Variant) -> dict:
     """The engine's modes side by side on the primary layer, with the engine's defaults: resynthesis (the
     description's references), dataset (nearest stored resyntheses of any description, no generation),
     combined (both, the default), and adaptive resynthesis replayed in seed order. Generations: what a
     new description costs per query."""
-    from engine.options import DECISIVE_MARGIN, Options
+    from engine.options import DECISIVE_MARGIN
 
-    options = Options()
+    options = ENGINE_OPTIONS
     labels, names = evalset.orig_source, evalset.sources
     args = (originals, resyntheses, evalset.res_source, evalset.orig_hash, evalset.res_hash, len(names),
             options.neighbours, variant.aggregation)

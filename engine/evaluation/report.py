@@ -17,7 +17,7 @@ def _num(value, digits: int = 3) -> str:
 
 def variant_table(report: dict) -> str:
     """One row per variant, best accuracy first; the engine default and the chosen best are marked."""
-    default, best = report["engine_default"]["variant"], report["best_variant"]["variant"]
+    default, best = report["resynthesis_default"]["variant"], report["best_variant"]["variant"]
     rows = sorted(report["variants"], key=lambda r: (-r["accuracy"], -(r["macro_auroc"] or 0), r["variant"]))
     lines = ["| layer | distance | aggregation | K | + original refs | accuracy | macro acc. | top-3 | macro AUROC | |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -31,7 +31,8 @@ def variant_table(report: dict) -> str:
 
 
 def modes_table(modes: dict) -> str:
-    lines = ["| mode | accuracy | macro acc. | macro AUROC | generations per new description |", "|---|---|---|---|---|"]
+    lines = ["| mode | accuracy | macro acc. | macro AUROC | generations per new description |",
+             "|---|---|---|---|---|"]
     lines += [f"| {mode}{' (default)' if m['default'] else ''} | {_pct(m['accuracy'])} | {_pct(m['macro_accuracy'])} "
               f"| {_num(m['macro_auroc'])} | {m['generations_per_new_description']} |" for mode, m in modes.items()]
     return "\n".join(lines)
@@ -159,25 +160,52 @@ def robustness_table(robust: dict) -> str:
     return "\n".join(lines)
 
 
+def skipped_text(d: dict) -> str:
+    """How many originals were left out, and why ("" when none was)."""
+    if not d.get("skipped"):
+        return ""
+    reasons = "; ".join(f"{n} because {reason} (e.g. {', '.join(d.get('skipped_examples', {}).get(reason, []))})"
+                        for reason, n in d.get("skipped_by_reason", {}).items())
+    return f"skipped {d['skipped']} original(s) that cannot be scored: {reasons}"
+
+
+def default_text(e: dict | None) -> str:
+    """The engine's default, named once, from the settings the report recorded (engine.options)."""
+    if not e or "mode" not in e:
+        return "engine default: not measured"
+    return (f"engine default ({e['from']}: mode {e['mode']}, aggregation {e['aggregation']}, "
+            f"K={e['references']} references per source, {e['neighbours']} neighbours)")
+
+
 def markdown(report: dict) -> str:
-    d, e, b, c = report["dataset"], report["engine_default"], report["best_variant"], report["calibration"]
+    d, r, b, c = report["dataset"], report["resynthesis_default"], report["best_variant"], report["calibration"]
+    e = report.get("engine_default")
+    skipped = skipped_text(d)
     parts = [
         "# resynth evaluation",
         f"{d['originals']} originals of {len(d['sources'])} sources ({d['descriptions']} descriptions), "
         f"{d['resyntheses']} resyntheses (up to K={d['max_per_source']} per source and original); every original "
         f"attributed leave-one-out. Feature layers: {', '.join(d['layers'])} (primary: {d['primary_layer']}). "
-        f"Chance: {_pct(d['chance'])}.",
-        f"## Engine default ({e['variant']})",
-        f"accuracy **{_pct(e['accuracy'])}**, macro accuracy {_pct(e['macro_accuracy'])}, top-3 "
-        f"{_pct(e['top3_accuracy'])}, macro one-vs-rest AUROC {_num(e['macro_auroc'])}",
-        per_source_table(e), "", confusion_table(e),
+        f"Chance: {_pct(d['chance'])}." + (f" {skipped[0].upper()}{skipped[1:]}." if skipped else ""),
+    ]
+    if e and "mode" in e:
+        parts += [f"## {default_text(e)[0].upper()}{default_text(e)[1:]}",
+                  f"accuracy **{_pct(e['accuracy'])}**, macro accuracy {_pct(e['macro_accuracy'])}, top-3 "
+                  f"{_pct(e['top3_accuracy'])}, macro one-vs-rest AUROC {_num(e['macro_auroc'])}"]
+    parts += [
+        f"## Resynthesis mode at the default aggregation and K ({r['variant']})",
+        "The variant grid's reference row; the few-shot, unknown-source, calibration and robustness figures "
+        "below score with it.",
+        f"accuracy **{_pct(r['accuracy'])}**, macro accuracy {_pct(r['macro_accuracy'])}, top-3 "
+        f"{_pct(r['top3_accuracy'])}, macro one-vs-rest AUROC {_num(r['macro_auroc'])}",
+        per_source_table(r), "", confusion_table(r),
         f"## Best measured variant: {b['variant']}",
         f"accuracy **{_pct(b['accuracy'])}**, macro accuracy {_pct(b['macro_accuracy'])}, macro AUROC "
         f"{_num(b['macro_auroc'])}",
         "## Modes (engine defaults)", modes_table(report.get("modes") or {}),
         "## Variants", variant_table(report),
-        f"Best without original references (what `resynth attribute` can run): "
-        f"**{report['best_resynthesis_only']}**.",
+        f"Best without original references (resynthesis only, as `resynth attribute` runs by default; "
+        f"`--original-refs N` adds labelled originals as references): **{report['best_resynthesis_only']}**.",
         "Mean over all other factors (resynthesis only):", factor_table(report["factor_means"]),
         "## Resynthesis vs few-shot baselines (accuracy %, mean ± std over draws; paired test splits)",
         fewshot_table(report["fewshot"]),
@@ -199,18 +227,24 @@ def markdown(report: dict) -> str:
 
 
 def summary(report: dict) -> str:
-    """The few lines printed on the terminal."""
-    e, b, d = report["engine_default"], report["best_variant"], report["dataset"]
+    """The few lines printed on the terminal: the engine's default is named once, on the first figures line."""
+    r, b, d = report["resynthesis_default"], report["best_variant"], report["dataset"]
+    e = report.get("engine_default")
     lines = [f"{d['originals']} originals, {len(d['sources'])} sources, {d['resyntheses']} resyntheses "
-             f"(chance {_pct(d['chance'])})",
-             f"engine default {e['variant']}: accuracy {_pct(e['accuracy'])}, macro {_pct(e['macro_accuracy'])}, "
-             f"top-3 {_pct(e['top3_accuracy'])}, macro AUROC {_num(e['macro_auroc'])}",
-             f"best variant   {b['variant']}: accuracy {_pct(b['accuracy'])}, macro AUROC {_num(b['macro_auroc'])}"]
+             f"(chance {_pct(d['chance'])})"]
+    if d.get("skipped"):
+        lines.append(skipped_text(d))
+    if e and "mode" in e:
+        lines.append(f"{default_text(e)}: accuracy {_pct(e['accuracy'])}, macro {_pct(e['macro_accuracy'])}, "
+                     f"top-3 {_pct(e['top3_accuracy'])}, macro AUROC {_num(e['macro_auroc'])}")
+    lines += [f"resynthesis mode, same aggregation and K ({r['variant']}; the figures below use it): accuracy "
+              f"{_pct(r['accuracy'])}, macro {_pct(r['macro_accuracy'])}, top-3 {_pct(r['top3_accuracy'])}, "
+              f"macro AUROC {_num(r['macro_auroc'])}",
+              f"best variant {b['variant']}: accuracy {_pct(b['accuracy'])}, macro AUROC {_num(b['macro_auroc'])}"]
     if report.get("modes"):
-        lines.append("modes (engine defaults): " + "; ".join(
-            f"{mode}{' (default)' if m['default'] else ''} {_pct(m['accuracy'])}, "
-            f"{m['generations_per_new_description']} generations per new description"
-            for mode, m in report["modes"].items()))
+        lines.append("other modes: " + "; ".join(
+            f"{mode} {_pct(m['accuracy'])}, {m['generations_per_new_description']} generations per new description"
+            for mode, m in report["modes"].items() if not m["default"]))
     fewshot = report["fewshot"]
     if fewshot["shots"]:
         k = max(fewshot["shots"])
@@ -226,7 +260,7 @@ def summary(report: dict) -> str:
         if o.get("auroc") is None:
             lines.append(f"unknown source: AUROC {_not_measured(o)}")
         else:
-            line = (f"unknown source ({o.get('headline_score', 'margin')}): AUROC {_num(o['auroc'])}; at exactly "
+            line = (f"unknown source ({o.get('headline_score') or '–'}): AUROC {_num(o['auroc'])}; at exactly "
                     f"{_pct(o['target_false_reject'])} known false reject: known accuracy "
                     f"{_pct(x['known_accuracy_accepted'])}, unknowns rejected {_pct(x['unknown_rejected'])}")
             best = o.get("best_measured_score")

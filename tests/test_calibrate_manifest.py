@@ -1,0 +1,127 @@
+"""`calibrate` and `evaluate` against what they are given (issue 21): a manifest's sources must be the
+store's, originals that cannot be scored are skipped with a count and a reason (refused with --strict),
+and every text names the engine's one default, derived from the code."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from engine.evaluation.synthetic import write_dataset
+from engine.openset import CALIBRATE_FALLBACK_SCORE, DEFAULT_OPEN_SET_SCORE
+from engine.options import Options
+from tests.helpers import run_cli
+
+FOREIGN = "tiny-sdxl-euler"  # a zoo source left out of the store
+DESCRIBED = 3  # descriptions with resyntheses, as the demo's manifest has (the rest are queries only)
+DESCRIPTIONS = 5
+
+
+@pytest.fixture(scope="module")
+def demo_manifest(models, tmp_path_factory) -> Path:
+    """Like `resynth demo`'s: one original per (source, description), resyntheses for the first few only."""
+    from engine.zoo import DESCRIPTIONS as TEXTS
+
+    return write_dataset(models["pipelines"], tmp_path_factory.mktemp("demo-set"), list(TEXTS[:DESCRIPTIONS]),
+                         seeds=(0, 1), resynthesized=DESCRIBED)
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _clip(models) -> list:
+    return ["--clip-config", models["clip_config"], "--clip-checkpoint", models["clip_checkpoint"]]
+
+
+def _error(capsys, *argv) -> str:
+    assert run_cli(*argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    return err
+
+
+@pytest.fixture
+def three_source_store(models, tmp_path) -> Path:
+    path = tmp_path / "store"
+    assert run_cli("init", "--store", path, *_clip(models), "--quiet") == 0
+    for name, folder in models["pipelines"].items():
+        if name != FOREIGN:
+            assert run_cli("source", "add", name, folder, "--store", path, "--steps", 2, "--quiet") == 0
+    return path
+
+
+def test_calibrate_refuses_a_manifest_of_sources_the_store_lacks(models, demo_manifest, three_source_store,
+                                                                 capsys):
+    capsys.readouterr()
+    err = _error(capsys, "calibrate", demo_manifest, "--store", three_source_store)
+    assert FOREIGN in err and "not in store" in err
+    assert "calibration" not in json.loads((three_source_store / "store.json").read_text()) or not json.loads(
+        (three_source_store / "store.json").read_text())["calibration"].get("fitted")
+
+    # the store's own sources: fitted, and it says what it used and what it skipped, in text and JSON
+    own = _write(demo_manifest.parent / "own.jsonl", [r for r in _rows(demo_manifest) if r["source"] != FOREIGN])
+    sources = len(models["pipelines"]) - 1
+    assert run_cli("calibrate", own, "--store", three_source_store, "--quiet") == 0
+    text = capsys.readouterr().out
+    assert f"thresholds for {sources} sources" in text
+    skipped = (DESCRIPTIONS - DESCRIBED) * sources
+    assert f"used {DESCRIBED * sources} originals of {sources} sources; skipped {skipped}" in text
+    assert "description has no resyntheses" in text
+    assert run_cli("calibrate", own, "--store", three_source_store, "--json", "--quiet") == 0
+    used = json.loads(capsys.readouterr().out)["notes"]["used"]
+    assert (used["originals"], used["sources"], used["skipped"]) == (DESCRIBED * sources, sources, skipped)
+    assert list(used["skipped_by_reason"].values()) == [skipped]
+    assert "has no resyntheses" in _error(capsys, "calibrate", own, "--store", three_source_store, "--strict")
+
+
+def test_calibrate_on_the_store_says_what_it_used(models, demo_manifest, store_dir, capsys):
+    assert run_cli("ingest", demo_manifest, "--store", store_dir, "--quiet") == 0
+    capsys.readouterr()
+    sources = len(models["pipelines"])
+    assert run_cli("calibrate", "--store", store_dir, "--json", "--quiet") == 0
+    calibration = json.loads(capsys.readouterr().out)
+    used = calibration["notes"]["used"]
+    assert (used["originals"], used["skipped"]) == (DESCRIBED * sources, (DESCRIPTIONS - DESCRIBED) * sources)
+    assert calibration["notes"]["open_set_score"] == DEFAULT_OPEN_SET_SCORE
+    assert run_cli("calibrate", "--store", store_dir, "--quiet") == 0
+    assert f"skipped {(DESCRIPTIONS - DESCRIBED) * sources}" in capsys.readouterr().out
+    assert "cannot be scored" in _error(capsys, "calibrate", "--store", store_dir, "--strict")
+
+
+def test_evaluate_skips_originals_without_resyntheses_and_names_one_default(models, demo_manifest, tmp_path,
+                                                                           capsys):
+    out = tmp_path / "eval"
+    argv = ["evaluate", demo_manifest, *_clip(models), "--out", out, "--layers", "final", "--draws", "1", "--quiet"]
+    assert run_cli(*argv) == 0
+    printed = capsys.readouterr().out
+    sources = len(models["pipelines"])
+    skipped = (DESCRIPTIONS - DESCRIBED) * sources
+    assert f"skipped {skipped} original(s)" in printed and "description has no resyntheses" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert (report["dataset"]["originals"], report["dataset"]["skipped"]) == (DESCRIBED * sources, skipped)
+
+    # one default, the engine's own (engine.options), in the summary and in report.md alike
+    options = Options()
+    named = f"mode {options.mode}, aggregation {options.aggregation}"
+    assert printed.count("engine default") == 1 and named in printed
+    default = report["engine_default"]
+    assert (default["mode"], default["aggregation"]) == (options.mode, options.aggregation)
+    assert default["accuracy"] == report["modes"][options.mode]["accuracy"]
+    assert [m for m, v in report["modes"].items() if v["default"]] == [options.mode]
+    markdown = (out / "report.md").read_text()
+    assert named in markdown and markdown.lower().count("engine default (") == 1
+    # what `calibrate` fits, from its constants; no other score claims it
+    definitions = report["open_set"]["score_definitions"]
+    claims = [n for n, d in definitions.items() if "what `resynth calibrate` fits" in d]
+    assert claims == [DEFAULT_OPEN_SET_SCORE] and "fallback" in definitions[CALIBRATE_FALLBACK_SCORE]
+    assert f"**{DEFAULT_OPEN_SET_SCORE}**: " in markdown and "what `resynth attribute` can run" not in markdown
+    assert "--original-refs" in markdown
+
+    assert "has no resyntheses" in _error(capsys, *argv, "--strict")
