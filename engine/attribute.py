@@ -177,7 +177,8 @@ class Plan:
             source = kinds.get(row.source)
             if source is None:
                 continue
-            if kind_of(source).generates and (row.seed is None or row.key != self.key(source, description_hash, row.seed)):
+            if kind_of(source).generates and (row.seed is None
+                                               or row.key != self.key(source, description_hash, row.seed)):
                 continue  # another recipe (parameters, embedder): not comparable
             out[row.source].append(row)
         for name, found in out.items():

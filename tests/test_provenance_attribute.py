@@ -4,12 +4,10 @@ result lists every scored source's closest stored references. Every file is buil
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 from PIL import Image, PngImagePlugin
 from sqlalchemy import select
 
