@@ -178,7 +178,7 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         text = kind.describe().rstrip(".")
         if shared:
-            text += f"; also takes {', '.join(shared)}"
+            text += ("; a" if text else "A") + f"lso takes {', '.join(shared)}"
         groups[kind.name] = parser.add_argument_group(f"{kind.name} sources", textwrap.fill(text, 100))
     for flag, declarations in flags.items():
         group = groups[declarations[0][0].name]

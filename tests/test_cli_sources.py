@@ -56,7 +56,8 @@ def test_a_registered_kind_gets_its_flags_and_enrols_through_the_cli(toy, store,
         run_cli("source", "add", "--help")
     help_text = capsys.readouterr().out
     assert "toy sources" in help_text and "--toy-level N" in help_text and "--shiny" in help_text
-    assert "a toy kind (tests only)" in help_text and "{diffusers,api,replay,toy}" in help_text
+    assert "a toy kind (tests only)" in help_text and "--kind {diffusers,api,replay," in help_text
+    assert ",toy}" in help_text
     monkeypatch.setenv("HOME", str(tmp_path))
     # chosen by its flag, the text converted to the Param's type, the path's `~` expanded
     assert run_cli("source", "add", "t1", "~/images.bin", "--toy-level", "3", "--shiny", "--store", store) == 0
@@ -74,7 +75,8 @@ def test_a_registered_kind_gets_its_flags_and_enrols_through_the_cli(toy, store,
 def test_the_kind_is_the_one_the_arguments_fit(capsys):
     """Refusals come before the store is opened (none is given here)."""
     cases = [
-        ((), "give DIR (kind diffusers), or --api URL --model MODEL (kind api), or --kind KIND"),
+        ((), "give DIR (kind diffusers), or --api URL --model MODEL (kind api), or "),
+        ((), "or --kind KIND (see `resynth source add --help`)"),
         (("/x", "--model", "m"), "--model does not apply to diffusers sources (--model: api)"),
         (("/x", "--api", "http://h", "--model", "m"), "the argument '/x' does not apply to api sources"),
         (("--api", "http://h"), "api sources need --model MODEL"),

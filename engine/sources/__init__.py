@@ -118,7 +118,14 @@ class SourceKind:
         return describe(params, path)
 
     def describe(self) -> str:
-        return self.summary or ((type(self).__doc__ or "").strip().splitlines() or [""])[0]
+        """`summary`, else the first line of the class's docstring, else of its module's."""
+        import sys
+
+        module = sys.modules.get(type(self).__module__)
+        for text in (self.summary, type(self).__doc__, getattr(module, "__doc__", None)):
+            if text and text.strip():
+                return text.strip().splitlines()[0]
+        return ""
 
 
 _KINDS: dict[str, SourceKind] = {}
@@ -192,8 +199,10 @@ def _builtin() -> None:
         return
     _loaded = True
     from engine.sources.api import Api
+    from engine.sources.lora import Lora
     from engine.sources.pipeline import Pipeline
     from engine.sources.replay import Replay
+    from engine.sources.single_file import SingleFile
 
-    for kind in (Pipeline(), Api(), Replay()):
+    for kind in (Pipeline(), Api(), Replay(), SingleFile(), Lora()):
         _KINDS.setdefault(kind.name, kind)
