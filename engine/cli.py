@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Create a store bound to one open_clip image encoder, given as an architecture "
                                    "name (e.g. ViT-B-32) or a model config JSON, plus a local checkpoint file.")
     add_clip_arguments(p)
-    p.add_argument("--captioner", metavar="DIR", type=path_argument, help="image-to-text model folder (BLIP, GIT, VisionEncoderDecoder) "
+    p.add_argument("--captioner", metavar="DIR", type=path_argument,
+                   help="image-to-text model folder (BLIP, GIT, VisionEncoderDecoder) "
                                                       "used when a query comes without a prompt")
     p.add_argument("--db", metavar="URL", help="keep metadata and vectors in PostgreSQL (postgresql+psycopg://USER@HOST"
                                               ":PORT/DBNAME; password from $PGPASSWORD) instead of metadata.sqlite")
@@ -169,9 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "reused; missing ones are generated and cached.")
     p.add_argument("images", nargs="*", metavar="IMAGE", type=path_argument)
     p.add_argument("--prompt", help="the description of the image(s); default: stored metadata, then the captioner")
-    p.add_argument("--queries", metavar="FILE.jsonl", type=path_argument, help="rows of {\"image\": PATH, \"prompt\": TEXT}")
+    p.add_argument("--queries", metavar="FILE.jsonl", type=path_argument,
+                   help="rows of {\"image\": PATH, \"prompt\": TEXT}")
     add_arguments(p)
-    p.add_argument("--captioner", metavar="DIR", type=path_argument, help="captioner folder for this run (overrides the store's)")
+    p.add_argument("--captioner", metavar="DIR", type=path_argument,
+                   help="captioner folder for this run (overrides the store's)")
+    p.add_argument("--report", metavar="FILE.html", type=path_argument,
+                   help="also write a self-contained HTML case report (queries, evidence images, store, versions)")
     p.set_defaults(run=cmd_attribute)
 
     p = sub.add_parser("rebuild", parents=[common], help="recreate the FAISS index from stored vectors",
@@ -197,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build tiny random diffusers pipelines and a tiny CLIP, register them, make a "
                                    "dataset, ingest it and attribute held-out images, then print the recipes it "
                                    "used, where its models are, the commands that reuse them and what to run "
-                                   "next. Offline, on CPU: about 40 seconds on 2 cores (42 s measured on a machine busy "
-                                   "with other work); it ends with the time of each step.")
+                                   "next. Offline, on CPU: about 40 seconds on 2 cores (42 s measured on a machine "
+                                   "busy with other work); it ends with the time of each step.")
     p.add_argument("--workdir", "--out", default="resynth-demo", type=path_argument, metavar="DIR",
                    help="where models, dataset and store go (default ./resynth-demo)")
     p.set_defaults(run=cmd_demo)
@@ -213,8 +218,9 @@ def _extension_commands():
     from engine.jobs import register as jobs
     from engine.published import register as published
     from engine.service.commands import register as service
+    from engine.triage import register as triage
 
-    return [evaluation, published, jobs, service]
+    return [evaluation, published, jobs, service, triage]
 
 
 def _emit(args, data, text: str) -> None:
@@ -396,6 +402,12 @@ def cmd_attribute(args) -> None:
     with _open(args, captioner=args.captioner) as ws:
         ws.plan(options)  # an unknown source fails before any model loads
         report = ws.attribute([path for path, _ in specs], [prompt for _, prompt in specs], options)
+        if args.report:
+            from engine import casereport
+
+            images = [path for path, _ in specs]
+            casereport.write_attribution(args.report, ws, report, images, options,
+                                         command=casereport.attribute_command(args, images))
     lines = []
     for r in report.results:
         margin = f", margin {r.margin:.4f}" if r.margin is not None else ""

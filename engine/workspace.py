@@ -349,12 +349,17 @@ class Workspace:
         return data
 
     def calibrate(self, manifest: str | os.PathLike | None = None, options: Options | None = None,
-                  false_reject: float = 0.05) -> Calibration:
+                  false_reject: float = 0.05, strict: bool = False) -> Calibration:
         """Fit a temperature and per-source thresholds on labelled originals (the store's own, or a
-        manifest's embedded with the store's embedder) and save them in the store (engine.fitting)."""
+        manifest's embedded with the store's embedder) and save them in the store (engine.fitting).
+        `strict`: refuse originals that cannot be scored instead of skipping them with a count."""
         from engine.fitting import calibrate
 
-        return calibrate(self, manifest, options, false_reject)
+        return calibrate(self, manifest, options, false_reject, strict=strict)
+
+    def image_file(self, image_id: int) -> Path | None:
+        """A stored image's file by its catalog id (evidence thumbnails, case reports); None if unknown."""
+        return compare.reference_file(self.store, image_id)
 
     def refresh(self) -> bool:
         """Pick up what another process changed (config, a rebuilt index, sources)."""
