@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from index import vectors as vx
-from index.db import Database, insert_ignore, made
+from index.db import Database, execute, insert_ignore, made, table
 from index.errors import StoreInputError, UnknownName
 from index.keys import check_text, normalise_description, sha256_text
 from index.layout import Layout
@@ -75,6 +75,13 @@ class Recorded:
     rows: list[int]
 
 
+def _new_key(result) -> int:
+    """The primary key an INSERT just made."""
+    key = result.inserted_primary_key
+    assert key is not None and key[0] is not None
+    return int(key[0])
+
+
 def _check_source(name: str, kind: str, fingerprint: str, path: str | None) -> None:
     """Text a source row takes in: the same refused on both backends (keys.check_text)."""
     check_text(name, "source name", controls=True)
@@ -119,6 +126,7 @@ class Catalog:
                                       "created_at": _utcnow()}, ["name"])
             source = s.scalar(select(Source).where(Source.name == name))
             s.commit()
+        assert source is not None  # just got-or-created under the write lock
         if source.kind != kind or source.fingerprint != fingerprint:
             raise StoreInputError(f"source {name!r} already exists as another {source.kind} source "
                                   "(remove it first to change it)")
@@ -176,9 +184,10 @@ class Catalog:
             return found
         with self.db.write_session() as s:
             insert_ignore(s, Description, {"text": normal, "hash": digest}, ["hash"])
-            found = s.scalar(select(Description.id).where(Description.hash == digest))
+            made_id = s.scalar(select(Description.id).where(Description.hash == digest))
             s.commit()
-        return found
+        assert made_id is not None  # just got-or-created under the write lock
+        return made_id
 
     def find_description_id(self, text: str) -> int | None:
         """Id of a stored description, without creating it (lookups stay read-only)."""
@@ -224,14 +233,16 @@ class Catalog:
                     raise StoreInputError("an image refers to a source or description that no longer "
                                           "exists (removed by another process)") from exc
                 if not made(result):
-                    out.image_ids.append(s.scalar(select(Image.id).where(Image.key == row.key)))
+                    existing = s.scalar(select(Image.id).where(Image.key == row.key))
+                    assert existing is not None  # the conflict was this key's row
+                    out.image_ids.append(existing)
                     continue
-                image_id = result.inserted_primary_key[0]
+                image_id = _new_key(result)
                 out.image_ids.append(image_id)
                 data = vec.tobytes()
-                vector = s.execute(Vector.__table__.insert().values(
+                vector = execute(s, table(Vector).insert().values(
                     image_id=image_id, embedder=self.embedder, data=data, checksum=vx.checksum(data)))
-                out.vector_ids.append(vector.inserted_primary_key[0])
+                out.vector_ids.append(_new_key(vector))
                 out.rows.append(i)
             s.commit()
         return out

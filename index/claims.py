@@ -2,13 +2,27 @@
 once (the generation of one cache key), so a second process waits and reuses rather than repeats."""
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable
 
 from sqlalchemy import delete, func, select
 
-from index.db import Database, upsert
+from index.db import Database, execute, upsert
 from index.schema import Claim
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (a lease holder, the writer of a temporary file)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, someone else's
+    return True
 
 
 class Claims:
@@ -28,7 +42,7 @@ class Claims:
             for key in keys:
                 upsert(s, Claim, {"key": key, "owner": owner, "expires_at": now + lease_seconds}, ["key"],
                        ["owner", "expires_at"], (table.c.expires_at < now) | (table.c.owner == owner))
-            held = set()
+            held: set[str] = set()
             for k in range(0, len(keys), 500):
                 held.update(s.scalars(select(Claim.key).where(Claim.key.in_(keys[k:k + 500]), Claim.owner == owner)))
             s.commit()
@@ -40,8 +54,8 @@ class Claims:
         released = 0
         with self.db.write_session() as s:
             for k in range(0, len(keys), 500):
-                released += s.execute(delete(Claim).where(Claim.key.in_(keys[k:k + 500]),
-                                                          Claim.owner == owner)).rowcount
+                released += execute(s, delete(Claim).where(Claim.key.in_(keys[k:k + 500]),
+                                                           Claim.owner == owner)).rowcount
             s.commit()
         return released
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 import sqlite3
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, cast
 
-from sqlalchemy import create_engine, event
-from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy import Table, create_engine, event
+from sqlalchemy.engine import URL, CursorResult, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool
 
@@ -59,27 +59,37 @@ def db_label(url: URL) -> str:
 
 
 # ----- get-or-create -----------------------------------------------------------------------------
-def _dialect_insert(session: Session):
+def table(model) -> Table:
+    """A mapped class's table (typed: `__table__` is declared as a FromClause)."""
+    return cast(Table, model.__table__)
+
+
+def _dialect_insert(session: Session) -> Any:
     """The backend's INSERT with ON CONFLICT support."""
     name = session.get_bind().dialect.name
     if name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    elif name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        raise StoreError(f"database dialect {name} has no get-or-create support here")
-    return insert
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+        return sqlite_insert
+    if name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+        return pg_insert
+    raise StoreError(f"database dialect {name} has no get-or-create support here")
 
 
-def insert_ignore(session: Session, model, values: dict, conflict: list[str]):
+def insert_ignore(session: Session, model, values: dict, conflict: list[str]) -> CursorResult:
     """INSERT ... ON CONFLICT DO NOTHING; `made(result)` says whether a row was made."""
     insert = _dialect_insert(session)
-    return session.execute(insert(model.__table__).values(**values).on_conflict_do_nothing(index_elements=conflict))
+    return execute(session, insert(table(model)).values(**values).on_conflict_do_nothing(index_elements=conflict))
+
+
+def execute(session: Session, statement) -> CursorResult:
+    """`session.execute` of a DML statement, typed as what it returns (rowcount, inserted_primary_key)."""
+    return cast(CursorResult, session.execute(statement))
 
 
 def upsert(session: Session, model, values: dict, conflict: list[str], update: list[str], where):
     """INSERT ... ON CONFLICT DO UPDATE SET `update` columns WHERE `where` (of the existing row)."""
-    stmt = _dialect_insert(session)(model.__table__).values(**values)
+    stmt = _dialect_insert(session)(table(model)).values(**values)
     return session.execute(stmt.on_conflict_do_update(
         index_elements=conflict, set_={c: getattr(stmt.excluded, c) for c in update}, where=where))
 
@@ -205,7 +215,9 @@ def _pg_engine(url: URL, mode: str, label: str) -> Engine:
     if password:
         url = url.set(password=password)
     # lock_timeout: a writer waits for the write lock as long as SQLite's busy_timeout lets it (30 s)
-    options = f"-c lock_timeout={int(busy_timeout_s() * 1000)}" + (" -c default_transaction_read_only=on" if mode == "ro" else "")
+    options = f"-c lock_timeout={int(busy_timeout_s() * 1000)}"
+    if mode == "ro":
+        options += " -c default_transaction_read_only=on"
     connect_args: dict = {"connect_timeout": 10, "application_name": "resynth", "options": options}
     try:
         engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, connect_args=connect_args,

@@ -5,7 +5,7 @@ import hashlib
 import json
 import unicodedata
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from index.errors import StoreInputError
 
@@ -69,4 +69,4 @@ def image_key(role: str, description_hash: str, source_fingerprint: str, source_
     if params_hash is None:
         return cache_key(description_hash, source_fingerprint, seed if seed is not None else -1, "", embedder,
                          file_hash)
-    return cache_key(description_hash, source_fingerprint, seed, params_hash, embedder)
+    return cache_key(description_hash, source_fingerprint, cast(int, seed), params_hash, embedder)

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
+from index.claims import pid_alive
 from index.failures import os_failure, refuse_write
 from index.faults import crash_point
 
@@ -66,7 +67,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None], point: str) -> 
 
 def _os_cause(exc: BaseException) -> BaseException:
     """The OSError behind `exc`: FAISS reports a failed write of its writer callback as RuntimeError."""
-    seen = exc
+    seen: BaseException | None = exc
     while seen is not None and not isinstance(seen, OSError):
         seen = seen.__cause__ or seen.__context__
     return seen if seen is not None else exc
@@ -84,8 +85,11 @@ def publish(prepared: Path, path: Path, point: str | None = None) -> None:
 
 
 def write_json_atomic(path: Path, value: dict, point: str = "config:before-replace") -> None:
-    text = json.dumps(value, indent=2, sort_keys=True)
-    atomic_write(path, lambda handle: handle.write(text.encode()), point)
+    data = json.dumps(value, indent=2, sort_keys=True).encode()
+
+    def write(handle: IO[bytes]) -> None:
+        handle.write(data)
+    atomic_write(path, write, point)
 
 
 def file_state(path: Path) -> tuple[int, int] | None:
@@ -103,18 +107,6 @@ def file_digest(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Layout:
@@ -233,7 +225,8 @@ class Layout:
         folder = self.root / "images"
         if not folder.is_dir():
             return [], []
-        old, recent = [], []
+        old: list[Path] = []
+        recent: list[Path] = []
         now = time.time()
         for path in sorted(folder.resolve().rglob("*")):
             if not path.is_file() or TEMP_RE.match(path.name) or path in referenced:

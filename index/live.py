@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from sqlalchemy import func, select
@@ -132,8 +132,8 @@ class StoredVectors:
                 out.update({vid: c for vid, c in rows if c})
             need = [i for i in part if i not in out]
             if need:
-                rows = s.execute(select(Vector.id, Vector.data).where(Vector.id.in_(need))).all()
-                out.update({vid: vx.checksum(data) for vid, data in rows})
+                stored = s.execute(select(Vector.id, Vector.data).where(Vector.id.in_(need))).all()
+                out.update({vid: vx.checksum(data) for vid, data in stored})
         return out
 
     def content_problems(self, s: Session, index, ids: np.ndarray, batch: int = 4096) -> list[int]:
@@ -182,7 +182,7 @@ class LiveIndex:
         self.db, self.layout, self.repair = db, layout, repair
         self.stored = StoredVectors(db, layout)
         self.lock = threading.RLock()
-        self.index = None
+        self.index: Any = None  # a FAISS IndexIDMap2, or the mapped file (vectors.MappedIndex)
         self.report = OpenReport()
         self.dirty = False  # holds vectors its file lacks
         self.tomb_seq = 0  # the highest tombstone this index has applied

@@ -6,12 +6,13 @@ Steps of an older database's upgrade, each idempotent: the `checksum` column (ba
 from __future__ import annotations
 
 import json
+from typing import cast
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Table, delete, func, select, update
 from sqlalchemy.exc import DBAPIError
 
 from index import vectors as vx
-from index.db import Database
+from index.db import Database, table
 from index.errors import StoreInputError
 from index.schema import ADDED_TABLES, CORE_TABLES, Base, StoreMeta, Vector, VectorSet
 
@@ -39,15 +40,15 @@ def vector_set_ddl(db: Database) -> list[str]:
 
 
 def _bind(conn, embedder: str, dim: int) -> None:
-    conn.execute(StoreMeta.__table__.insert().values(key="embedder", value=embedder))
-    conn.execute(StoreMeta.__table__.insert().values(key="dim", value=str(dim)))
+    conn.execute(table(StoreMeta).insert().values(key="embedder", value=embedder))
+    conn.execute(table(StoreMeta).insert().values(key="dim", value=str(dim)))
 
 
 def create_schema(db: Database, embedder: str, dim: int) -> None:
     with db.write_engine.begin() as conn:
         Base.metadata.create_all(conn)
         if conn.scalar(select(StoreMeta.value).where(StoreMeta.key == "tombstones_from")) is None:
-            conn.execute(StoreMeta.__table__.insert().values(key="tombstones_from", value="0"))
+            conn.execute(table(StoreMeta).insert().values(key="tombstones_from", value="0"))
         if db.dialect.binds_database:  # one store per database: a second folder may join it, same embedder only
             bound = conn.scalar(select(StoreMeta.value).where(StoreMeta.key == "embedder"))
             if bound is None:
@@ -111,10 +112,10 @@ def migrate(db: Database, embedder: str, dim: int) -> None:
         if "checksum" not in db.dialect.columns(conn, "vectors"):
             conn.exec_driver_sql("ALTER TABLE vectors ADD COLUMN checksum VARCHAR(32)")
         tables = db.dialect.tables(conn)
-        Base.metadata.create_all(conn, tables=list(ADDED_TABLES))
+        Base.metadata.create_all(conn, tables=[cast(Table, t) for t in ADDED_TABLES])
         if conn.scalar(select(StoreMeta.value).where(StoreMeta.key == "tombstones_from")) is None:
             floor = max(db.dialect.id_floor(conn, tables), int(conn.scalar(select(func.max(Vector.id))) or 0))
-            conn.execute(StoreMeta.__table__.insert().values(key="tombstones_from", value=str(floor)))
+            conn.execute(table(StoreMeta).insert().values(key="tombstones_from", value=str(floor)))
         if db.dialect.binds_database and \
                 conn.scalar(select(StoreMeta.value).where(StoreMeta.key == "embedder")) is None:
             _bind(conn, embedder, dim)

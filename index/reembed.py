@@ -9,7 +9,7 @@ import numpy as np
 from sqlalchemy import delete, func, select, update
 
 from index import vectors as vx
-from index.db import Database, insert_ignore, made
+from index.db import Database, insert_ignore, made, table
 from index.errors import StoreInputError
 from index.faults import crash_point
 from index.keys import image_key, sha256_text
@@ -102,7 +102,7 @@ def switch_embedder(store: "Store", embedder: dict, dim: int) -> int:
             if db.dialect.binds_database:  # the database's own binding (one store per database) moves too
                 recorded.update(embedder=identity, dim=str(int(dim)))
             s.execute(delete(StoreMeta).where(StoreMeta.key.in_(list(recorded))))
-            s.execute(StoreMeta.__table__.insert(), [{"key": k, "value": v} for k, v in recorded.items()])
+            s.execute(table(StoreMeta).insert(), [{"key": k, "value": v} for k, v in recorded.items()])
             crash_point("reembed:before-commit")
             s.commit()  # the switch
         crash_point("reembed:after-commit")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -41,7 +41,7 @@ class BuiltSearch:
     """A verified IVF search index: its FAISS index, the ids it holds (sorted), where each one is (inverted
     list and offset, aligned with ids) and its infos."""
 
-    index: object
+    index: Any  # a FAISS IndexIVF (faiss's stubs know too little of it to type it)
     ids: np.ndarray
     infos: dict
     numbers: np.ndarray | None = None
@@ -133,7 +133,8 @@ class SearchIndex:
                 self.drop_data(keep=None)
                 return None, {"state": "flat", "type": "Flat", "count": infos["count"], "infos": infos}
             data = root / f"search-{file_digest(building)}.ivfdata"
-            faiss_lists = vx.faiss.downcast_InvertedLists(vx.faiss.extract_index_ivf(index).invlists)
+            faiss: Any = vx.faiss  # its stubs know neither the on-disk lists nor their filename
+            faiss_lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
             faiss_lists.filename = data.name  # what search.faiss records: read beside it, wherever the store is
             publish(building, data)
             crash_point("search:lists-published")
@@ -195,6 +196,7 @@ class SearchIndex:
             if infos and infos.get("type"):  # infos of an IVF index whose file is gone
                 return None, _summary("ignored", None, "search.faiss is missing", infos)
             return None, {"state": "absent"}
+        assert layout is not None and infos is not None  # read_search_checked answers both with an index
         found = BuiltSearch(index, layout[0], infos, layout[1], layout[2])
         live = self.live
         with live.db.session() as s:  # the id digest first (built from what is stored, perhaps behind it)
@@ -232,6 +234,7 @@ class SearchIndex:
         if not len(live):
             return [], 0
         if vx.flat_codes(found.index):
+            assert found.numbers is not None and found.offsets is not None  # read with its layout
             at = np.searchsorted(found.ids, live)
             codes = vx.ivf_codes(found.index, found.numbers[at], found.offsets[at])
             differ = np.any(codes != reference.view(np.uint8).reshape(len(live), -1), axis=1)
@@ -257,14 +260,16 @@ class SearchIndex:
         """(Under the live lock.) What the live index holds that the search index lacks (added since the
         build: ids with their vectors, searched exactly) and what the search index holds that the live
         index does not (deleted since: skipped by an IDSelector)."""
+        built = self.built
+        assert built is not None  # asked only while a search index is served
         if self.delta is None:
             index = self.live.index
             live = vx.index_ids(index)
-            missing = np.setdiff1d(live, self.built.ids)
-            gone = np.setdiff1d(self.built.ids, live)
+            missing = np.setdiff1d(live, built.ids)
+            gone = np.setdiff1d(built.ids, live)
             matrix = index.reconstruct_batch(missing) if len(missing) else np.zeros((0, self.layout.dim), np.float32)
             self.delta = {"missing": missing, "matrix": matrix, "gone": gone,
-                          "params": vx.IVFParams(self.built.nprobe, gone)}
+                          "params": vx.IVFParams(built.nprobe, gone)}
         return self.delta
 
     def index_added(self, ids: np.ndarray, matrix: np.ndarray) -> None:

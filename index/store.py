@@ -14,6 +14,8 @@ The guarantees are the same (index/db.py says how).
   claims.py      leases on work that must happen once across processes
   verify.py      verify / repair
   reembed.py     vectors of another embedder and the atomic switch to them
+  failures.py    what the machine's refusals (full disk, held locks, read-only, denied) mean, as typed errors
+  faults.py      named crash, skip and observation points for the fault tests
 
 Trust rules:
 * The database is never created implicitly: only `Store.create` makes one. `open` first checks that
@@ -25,6 +27,12 @@ Trust rules:
   a file left behind or ahead).
 * Races are normal: unique rows are got-or-created in one statement, and a claim row with a lease
   makes a generation happen once across processes (`claim` / `release` / `wait_for_keys`).
+* Storage that refuses: a folder this process cannot write (read-only mount, permissions) opens
+  read-only and writes nothing (SQLite reads it immutable when no write-ahead log is there); a full
+  disk, a write lock held past RESYNTH_BUSY_TIMEOUT_S (30 s) or a denied permission is one typed line
+  (index.errors.StoreUnavailable and subclasses); nothing acknowledged is lost and the store reopens.
+* Text is kept alike on both backends: control characters in descriptions become spaces
+  (keys.normalise_description); in source names they are refused, NUL anywhere else too (keys.check_text).
 """
 from __future__ import annotations
 
@@ -49,8 +57,8 @@ from index.schema import Source
 from index.search import SearchIndex, StoredReference
 from index.verify import verify
 
-__all__ = ["Store", "NewImage", "AddedImages", "StoredReference", "LabelledVector", "OpenReport", "CONFIG_NAME", "DB_NAME",
-           "INDEX_NAME", "SEARCH_NAME", "SEARCH_INFOS"]
+__all__ = ["Store", "NewImage", "AddedImages", "StoredReference", "LabelledVector", "OpenReport", "CONFIG_NAME",
+           "DB_NAME", "INDEX_NAME", "SEARCH_NAME", "SEARCH_INFOS"]
 
 
 class Store:

@@ -12,19 +12,25 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-import faiss
+import faiss as _faiss
 import numpy as np
 
 from index.layout import atomic_write, fsync_dir  # noqa: F401 - fsync_dir: vx.fsync_dir for callers
 
+# faiss's stubs describe the SWIG base classes only (no IDMap id_map, no sel=/nprobe= keywords, no
+# PyCallbackIOWriter, Optional invlists): calls into faiss go untyped here rather than cast at each one
+faiss: Any = _faiss
+Index = Any  # a FAISS index (or a MappedIndex, which answers the same calls)
 
-def new_index(dim: int) -> faiss.Index:
+
+def new_index(dim: int) -> Index:
     """Exact search (cosine on L2-normalised vectors), keyed by the database's vector ids."""
     return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
 
 
-def index_ids(index: faiss.Index) -> np.ndarray:
+def index_ids(index: Index) -> np.ndarray:
     if isinstance(index, MappedIndex):
         return index.ids()
     return faiss.vector_to_array(index.id_map).astype(np.int64)
@@ -66,7 +72,7 @@ class MappedIndex:
 
     mapped = True
 
-    def __init__(self, base: faiss.Index, path: Path):
+    def __init__(self, base: Index, path: Path):
         self.base, self.path = base, path
         self.delta = new_index(base.d)
         self.removed = np.zeros(0, np.int64)
@@ -150,7 +156,7 @@ class MappedIndex:
         handle.write(faiss.vector_to_array(self.delta.id_map).astype(np.int64).tobytes())
 
 
-def write_atomic(index: faiss.Index, path: Path, point: str = "index:before-replace") -> None:
+def write_atomic(index: Index, path: Path, point: str = "index:before-replace") -> None:
     """Write beside the target, fsync, rename (layout.atomic_write): a reader sees the old file or the
     new one, never half."""
     def write(handle) -> None:
@@ -171,12 +177,12 @@ def _distinct(ids: np.ndarray) -> bool:
     return bool((ordered[1:] != ordered[:-1]).all())
 
 
-def read_index(path: Path) -> faiss.Index | None:
+def read_index(path: Path) -> Index | None:
     """The saved index, or None if it is missing or unreadable (the caller rebuilds from the database)."""
     return read_checked(path, None)[0]
 
 
-def read_checked(path: Path, dim: int | None, mapped: bool = False) -> tuple[faiss.Index | None, str | None]:
+def read_checked(path: Path, dim: int | None, mapped: bool = False) -> tuple[Index | None, str | None]:
     """(index, None) for a well-formed store index; (None, why) otherwise; (None, None) if absent.
     `mapped`: a MappedIndex over the file instead of a copy in memory.
 
@@ -204,7 +210,7 @@ def read_checked(path: Path, dim: int | None, mapped: bool = False) -> tuple[fai
     return (MappedIndex(index, path) if mapped else index), None
 
 
-def search_among(index: faiss.Index, queries: np.ndarray, candidate_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def search_among(index: Index, queries: np.ndarray, candidate_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Inner products of each query with exactly the candidate ids (FAISS IDSelector, not post-filtering)."""
     k = len(candidate_ids)
     if k == 0:
@@ -254,28 +260,29 @@ def choose_index(n_vectors: int, dim: int, memory_budget_bytes: int = MEMORY_BUD
     return f"IVF{nlist},PQ{choices[-1]}"
 
 
-def ivf_layout(index: faiss.Index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def ivf_layout(index: Index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, list numbers, offsets) of every vector an IVF index holds, sorted by id (read from its
     inverted lists, no codes copied)."""
     ivf = faiss.extract_index_ivf(index)
     lists = ivf.invlists
-    ids, numbers, offsets = [], [], []
+    id_parts: list[np.ndarray] = []
+    number_parts: list[np.ndarray] = []
+    offset_parts: list[np.ndarray] = []
     for number in range(ivf.nlist):
         size = lists.list_size(number)
         if size:
-            ids.append(faiss.rev_swig_ptr(lists.get_ids(number), size).copy())
-            numbers.append(np.full(size, number, np.int64))
-            offsets.append(np.arange(size, dtype=np.int64))
-    if not ids:
+            id_parts.append(faiss.rev_swig_ptr(lists.get_ids(number), size).copy())
+            number_parts.append(np.full(size, number, np.int64))
+            offset_parts.append(np.arange(size, dtype=np.int64))
+    if not id_parts:
         empty = np.zeros(0, np.int64)
         return empty, empty, empty
-    ids, numbers, offsets = (np.concatenate(ids).astype(np.int64), np.concatenate(numbers),
-                             np.concatenate(offsets))
+    ids = np.concatenate(id_parts).astype(np.int64)
     order = np.argsort(ids, kind="stable")
-    return ids[order], numbers[order], offsets[order]
+    return ids[order], np.concatenate(number_parts)[order], np.concatenate(offset_parts)[order]
 
 
-def ivf_codes(index: faiss.Index, numbers: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+def ivf_codes(index: Index, numbers: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """The stored codes at (list, offset) positions, one row each (for IVF,Flat: the vectors' bytes)."""
     lists = faiss.extract_index_ivf(index).invlists
     size = lists.code_size
@@ -286,7 +293,7 @@ def ivf_codes(index: faiss.Index, numbers: np.ndarray, offsets: np.ndarray) -> n
     return out
 
 
-def flat_codes(index: faiss.Index) -> bool:
+def flat_codes(index: Index) -> bool:
     """Whether an IVF index stores the float32 vectors themselves (IVF,Flat) rather than PQ codes."""
     return isinstance(faiss.downcast_index(faiss.extract_index_ivf(index)), faiss.IndexIVFFlat)
 
@@ -295,7 +302,7 @@ def ids_digest(ids: np.ndarray) -> str:
     return hashlib.blake2b(np.sort(np.asarray(ids, np.int64)).tobytes(), digest_size=16).hexdigest()
 
 
-def flat_view(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
+def flat_view(index: Index) -> tuple[np.ndarray, np.ndarray]:
     """(ids, matrix) of the store's IDMap2(FlatIP) without copying the vectors (a read-only view)."""
     inner = faiss.downcast_index(index.index)
     matrix = faiss.rev_swig_ptr(inner.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
@@ -333,7 +340,7 @@ class IVFParams:
         self.params = faiss.SearchParametersIVF(nprobe=int(nprobe), sel=self.sel)
 
 
-def search_ivf(index: faiss.Index, queries: np.ndarray, k: int, params: IVFParams | int,
+def search_ivf(index: Index, queries: np.ndarray, k: int, params: IVFParams | int,
                rescore=None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of an IVF search index under `params` (or an nprobe). With `rescore(ids) -> vectors` (PQ
     codes), RERANK*k hits are re-scored exactly and the best k kept."""
@@ -387,7 +394,7 @@ _QUIET = threading.Lock()
 
 
 def train_search_index(matrix: np.ndarray, spec: str, seed: int = BUILD_SEED, threads: int = BUILD_THREADS,
-                       rng: np.random.Generator | None = None) -> tuple[faiss.Index, int]:
+                       rng: np.random.Generator | None = None) -> tuple[Index, int]:
     """The empty IVF index `spec`, trained once on a fixed-seed sample of `matrix`; (index, sample size)."""
     rng = rng or np.random.default_rng(seed)
     n, dim = matrix.shape
@@ -421,7 +428,7 @@ def _fill_here(trained: bytes, shards: list[tuple[np.ndarray, np.ndarray]], thre
         yield fill_shard(trained, ids, matrix, threads)
 
 
-def merge_on_disk(trained: faiss.Index, shard_files: list[Path], data_path: Path) -> faiss.Index:
+def merge_on_disk(trained: Index, shard_files: list[Path], data_path: Path) -> Index:
     """`trained` with the shards' inverted lists merged into one on-disk file (FAISS's OnDiskInvertedLists,
     memory-mapped, so no shard and no merged list set is ever held in memory)."""
     ivf = faiss.extract_index_ivf(trained)
@@ -442,7 +449,7 @@ def merge_on_disk(trained: faiss.Index, shard_files: list[Path], data_path: Path
 def build_search_index(ids: np.ndarray, matrix: np.ndarray, spec: str, *, seed: int = BUILD_SEED,
                        threads: int = BUILD_THREADS, k: int = RECALL_K, target: float = RECALL_TARGET,
                        recall_queries: int = 1000, data_path: Path | None = None, shard_size: int = SHARD_SIZE,
-                       shard_map: ShardMap | None = None) -> tuple[faiss.Index | None, dict]:
+                       shard_map: ShardMap | None = None) -> tuple[Index | None, dict]:
     """Build the search index `spec` over (ids, matrix) offline: fixed seed and thread count, trained once
     on a sample; vectors added in shards of `shard_size` (by `shard_map`, e.g. on Ray; in this process by
     default), each written next to `data_path` and merged there on disk; then nprobe chosen as the
@@ -456,6 +463,8 @@ def build_search_index(ids: np.ndarray, matrix: np.ndarray, spec: str, *, seed: 
     if spec == "Flat":
         infos.update({"nprobe": None, "recall": 1.0, "build_s": time.perf_counter() - started})
         return None, infos
+    if data_path is None:
+        raise ValueError("an IVF search index needs data_path (where its inverted lists go)")
     rng = np.random.default_rng(seed)
     index, train_n = train_search_index(matrix, spec, seed, threads, rng)
     trained = faiss.serialize_index(index).tobytes()
@@ -507,7 +516,7 @@ def build_search_index(ids: np.ndarray, matrix: np.ndarray, spec: str, *, seed: 
     return index, infos
 
 
-def read_search_checked(path: Path, infos: dict | None, dim: int) -> tuple[faiss.Index | None, tuple | None,
+def read_search_checked(path: Path, infos: dict | None, dim: int) -> tuple[Index | None, tuple | None,
                                                                              str | None]:
     """(index, ivf_layout, None) for a search file that agrees with its infos; (None, None, why) otherwise;
     (None, None, None) when there is none. Checks: readable, IVF over inner product of `dim`, trained,

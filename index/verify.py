@@ -169,7 +169,7 @@ def _check_index_file(store: "Store", s, db_ids: np.ndarray, floor: int, problem
 
 def _verify_files(store: "Store", image_rows, problems: list[str]) -> dict:
     missing, mismatched = [], []
-    for image_id, stored, file_hash in image_rows:
+    for _, stored, file_hash in image_rows:
         path = store.layout.file_path(stored)
         if not path.is_file():
             missing.append(stored)

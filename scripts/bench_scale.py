@@ -132,7 +132,8 @@ def backends(tmp: Path, vectors: int) -> None:
         print(f"  {name:>10} {r['ingest_s']:>9.2f} {vectors / r['ingest_s']:>10.0f} {r['open_s']:>7.3f}"
               f" {r['lookup_ms']:>10.2f}")
     s, p = rows["sqlite"], rows["postgresql"]
-    print(f"  ratios PostgreSQL/SQLite: ingest {p['ingest_s'] / s['ingest_s']:.2f}x, open {p['open_s'] / s['open_s']:.2f}x,"
+    print(f"  ratios PostgreSQL/SQLite: ingest {p['ingest_s'] / s['ingest_s']:.2f}x, "
+          f"open {p['open_s'] / s['open_s']:.2f}x,"
           f" lookup {p['lookup_ms'] / s['lookup_ms']:.2f}x")
 
 

@@ -162,7 +162,8 @@ def test_kill_during_ingest_leaves_store_consistent(models, originals, tmp_path,
                    "--clip-checkpoint", models["clip_checkpoint"], *db_args(db)) == 0
     manifest = _write_big_manifest(originals, tmp_path, copies=40)
     total = 40 * len(originals)
-    cmd = [sys.executable, "-m", "engine.cli", "ingest", str(manifest), "--store", str(store), "--quiet", "--allow-outside"]
+    cmd = [sys.executable, "-m", "engine.cli", "ingest", str(manifest), "--store", str(store), "--quiet",
+           "--allow-outside"]
     proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:  # wait for some committed batches, then kill -9

@@ -125,7 +125,8 @@ def test_kill_during_ingest_rebuild_and_calibrate(store, originals, tmp_path):
 def test_kill_during_source_remove_leaves_orphans_that_repair_removes(store, models):
     name = next(iter(models["pipelines"]))
     own = [p for p in (store / "images").rglob("*.png")]
-    assert resynth("source", "remove", name, "--store", store, "--quiet", crash_at="remove:after-commit").returncode == -9
+    killed = resynth("source", "remove", name, "--store", store, "--quiet", crash_at="remove:after-commit")
+    assert killed.returncode == -9
     listed = json.loads(resynth("source", "list", "--store", store, "--json").stdout)
     assert name not in {s["name"] for s in listed}  # committed
     orphans = [p for p in own if p.exists()]

@@ -559,7 +559,8 @@ def test_verify_reports_and_repairs(tmp_path, db):
         after = store.verify()
         assert after["index"]["bad_content"] == 0 and after["orphans"]["count"] == 0
         assert after["temp_files"]["count"] == 0
-        assert sorted(after["problems"]) == ["1 image files are missing", "1 image files differ from their recorded sha256"]
+        assert sorted(after["problems"]) == ["1 image files are missing",
+                                             "1 image files differ from their recorded sha256"]
         assert _search_is_right(store, _keys(6))
 
 
@@ -567,7 +568,8 @@ def test_store_made_before_checksums_and_tombstones_is_upgraded(tmp_path, db):
     root = _make(tmp_path, db=db)
     _query(root, "ALTER TABLE vectors DROP COLUMN checksum", "DROP TABLE deleted_vectors",
            "DROP TABLE claims", "DROP TABLE store_meta", *(["PRAGMA foreign_keys=ON"] if db is None else []),
-           "DELETE FROM images WHERE id IN (SELECT image_id FROM vectors WHERE id <= 2)")  # deleted by an old resynth: no tombstones then
+           # deleted by an old resynth: no tombstones then
+           "DELETE FROM images WHERE id IN (SELECT image_id FROM vectors WHERE id <= 2)")
     with Store.open(root, writable=False) as store:  # read-only: nothing changed, still served
         assert store.index.ntotal == 38 and _search_is_right(store, _keys(38, start=2))
     with Store.open(root) as store:
