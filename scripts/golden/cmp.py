@@ -1,5 +1,8 @@
 """Compare golden outputs: python cmp.py BEFORE AFTER. Paths normalised, timings and new keys dropped."""
-import json, sys, pathlib, re
+import json
+import sys
+import pathlib
+import re
 before, after = map(pathlib.Path, sys.argv[1:3])
 NEW = {"provenance", "closest"}
 TIME = re.compile(r"(seconds|elapsed|_s$|_ms$|time|created)")
@@ -19,7 +22,7 @@ for f in sorted(before.glob("*.json")) + sorted(before.glob("*.err")):
         try:
             a = json.dumps(norm(json.loads(a), before), indent=1, sort_keys=True) if a.strip() else ""
             b = json.dumps(norm(json.loads(b), after), indent=1, sort_keys=True) if b.strip() else ""
-        except json.JSONDecodeError as e:
+        except json.JSONDecodeError:
             a, b = a.replace(str(before), "$O"), b.replace(str(after), "$O")
     else:
         a, b = a.replace(str(before), "$O"), b.replace(str(after), "$O")
