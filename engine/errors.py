@@ -12,7 +12,8 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass
 
-from index.errors import StoreDamaged, StoreError, StoreInputError, UnknownName
+from index.errors import (StoreBusy, StoreDamaged, StoreDenied, StoreError, StoreFull, StoreInputError, StoreReadOnly,
+                          StoreUnavailable, UnknownName)
 
 
 class UserError(Exception):
@@ -93,6 +94,8 @@ _SQLITE = {13: _FULL, 8: _READ_ONLY, 3: _PERMISSION, 23: _PERMISSION, 5: _LOCKED
 _SQLSTATE = {"53100": _FULL, "25006": _READ_ONLY, "42501": _PERMISSION, "55P03": _LOCKED, "40P01": _LOCKED,
              "58030": _IO}
 _STATUS = {_FULL: 507}
+_STORE_REFUSALS = ((StoreReadOnly, _READ_ONLY), (StoreFull, _FULL), (StoreBusy, _LOCKED), (StoreDenied, _PERMISSION),
+                   (StoreUnavailable, "store_unavailable"))
 _ADVICE = {
     _FULL: "the disk is full: free some space and run the command again (everything committed before is kept)",
     _READ_ONLY: "the filesystem or database is read-only: commands that only read (stats, source list, verify, "
@@ -129,6 +132,9 @@ def kind_of(exc: BaseException) -> Kind | None:
         return Kind(2, exc.status, exc.code)
     if isinstance(exc, UnknownName):
         return Kind(2, 404, "unknown_source")
+    for refused, code in _STORE_REFUSALS:  # the store's own words for what the machine refused
+        if isinstance(exc, refused):
+            return Kind(ENVIRONMENT_EXIT, _STATUS.get(code, 503), code)
     if isinstance(exc, StoreInputError):
         return Kind(2, 400, "bad_request")
     if isinstance(exc, SourceError):

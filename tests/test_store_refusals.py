@@ -193,7 +193,7 @@ def test_read_only_mount_reads_the_log_a_killed_writer_left(tmp_path, mounts):
 
 def test_commands_on_a_read_only_mount(tmp_path, models, mounts):
     """The CLI on a read-only mount: stats, source list and verify answer (exit 0); a command that
-    writes says so in one line (exit 2), never a traceback."""
+    writes says so in one line (exit 5: the machine refused), never a traceback."""
     source = tmp_path / "src"
     done = _run([sys.executable, "-m", "engine.cli", "init", "--store", str(source / "s"),
                  "--clip-config", str(models["clip_config"]), "--clip-checkpoint", str(models["clip_checkpoint"])])
@@ -207,7 +207,7 @@ def test_commands_on_a_read_only_mount(tmp_path, models, mounts):
     for argv in (["source", "remove", "nothing-here"], ["rebuild"], ["verify", "--repair"]):
         done = _run([sys.executable, "-m", "engine.cli", *argv, "--store", store])
         err = done.stderr.strip()
-        assert done.returncode == 2 and "Traceback" not in err and len(err.splitlines()) == 1, (argv, err)
+        assert done.returncode == 5 and "Traceback" not in err and len(err.splitlines()) == 1, (argv, err)
         assert "read-only" in err and "backup" not in err, err
     assert _snapshot(source) == before
 
@@ -237,7 +237,7 @@ def test_cached_attribution_on_a_read_only_mount(tmp_path, models, originals, mo
     new = [*query[:3], originals[0]["prompt"] + " never asked before", *query[4:]]
     fresh = subprocess.run([*cli, *new, "--store", str(view / "s")], capture_output=True, text=True, timeout=300)
     err = fresh.stderr.strip()
-    assert fresh.returncode == 2 and len(err.splitlines()) == 1 and "read-only" in err, err
+    assert fresh.returncode == 5 and len(err.splitlines()) == 1 and "read-only" in err, err
     assert _snapshot(source) == before
 
 
