@@ -132,9 +132,9 @@ def kind_of(exc: BaseException) -> Kind | None:
         return Kind(2, exc.status, exc.code)
     if isinstance(exc, UnknownName):
         return Kind(2, 404, "unknown_source")
-    for refused, code in _STORE_REFUSALS:  # the store's own words for what the machine refused
-        if isinstance(exc, refused):
-            return Kind(ENVIRONMENT_EXIT, _STATUS.get(code, 503), code)
+    refusal = _refusal_code(exc)  # the store's own word for what the machine refused beats its causes
+    if refusal is not None:
+        return Kind(ENVIRONMENT_EXIT, _STATUS.get(refusal, 503), refusal)
     if isinstance(exc, StoreInputError):
         return Kind(2, 400, "bad_request")
     if isinstance(exc, SourceError):
@@ -155,6 +155,10 @@ def kind_of(exc: BaseException) -> Kind | None:
     return None
 
 
+def _refusal_code(exc: BaseException) -> str | None:
+    return next((code for refused, code in _STORE_REFUSALS if isinstance(exc, refused)), None)
+
+
 def _is_os_level(exc: BaseException) -> bool:
     """An OSError, or a database driver's error (sqlite3, psycopg), as opposed to a Python bug."""
     return isinstance(exc, OSError) or hasattr(exc, "sqlite_errorcode") or hasattr(exc, "sqlstate")
@@ -166,9 +170,10 @@ def message_of(exc: BaseException, paths: bool = True) -> str:
     answers) leaves out the paths an OS error names: a client is not told the server's file layout."""
     if isinstance(exc, (UserError, SourceError, StoreError)):
         text = _one_line(str(exc)) or type(exc).__name__
-        environment = environment_code(exc) if isinstance(exc, StoreError) else None
-        if environment and _ADVICE[environment].split(":")[0] not in text:
-            text = f"{text} ({_ADVICE[environment]})"
+        environment = _refusal_code(exc) or (environment_code(exc) if isinstance(exc, StoreError) else None)
+        advice = _ADVICE.get(environment or "")
+        if advice and advice.split(":")[0] not in text:
+            text = f"{text} ({advice})"
         return _bounded(text)
     environment = environment_code(exc)
     if environment is not None:
