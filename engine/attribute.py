@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from PIL import Image
@@ -160,7 +160,10 @@ class Plan:
         return [s for s in self.sources if kind_of(s).generates]
 
     def key(self, source: Source, description_hash: str, seed: int) -> str:
-        return cache_key(description_hash, source.fingerprint, seed, self.params_hash[source.id], self.embedder)
+        # asked only for generating sources, whose kinds hash a recipe (a kind without one gives None, which
+        # the key encodes as null, as it always has)
+        params_hash = cast(str, self.params_hash[source.id])
+        return cache_key(description_hash, source.fingerprint, seed, params_hash, self.embedder)
 
     def wanted(self, description_hash: str) -> dict[str, tuple[Source, int]]:
         """Cache key -> (source, seed) of every resynthesis this plan asks for."""
@@ -231,9 +234,9 @@ def verdict(scores: list[SourceScore], calibration: Calibration, stale: str | No
     if not scores:
         return "none", {}
     best = scores[0]
-    evidence = {"score": round(best.score, 6), "references": best.resyntheses}
+    evidence: dict[str, Any] = {"score": round(best.score, 6), "references": best.resyntheses}
     decided = calibration.is_unknown_value(open_set) if open_set is not None and not stale else None
-    if decided is not None:
+    if decided is not None and open_set is not None:  # decided only when open_set is given
         evidence.update(open_set_score=calibration.open_set["score"], value=round(float(open_set), 6),
                         threshold=round(float(calibration.open_set["threshold"]), 6))
         return ("unknown" if decided else "known"), evidence

@@ -124,6 +124,7 @@ def fit_calibration(evalset: EvalSet, features: tuple[np.ndarray, np.ndarray], v
                                     headline=DEFAULT_OPEN_SET_SCORE) if len(names) >= 2 else None
     precision, open_set_fit = None, {}
     if DEFAULT_OPEN_SET_SCORE == "mahalanobis":
+        assert context is not None  # "mahalanobis" needs the features: OPEN_SET_SCORES says so
         precision, threshold = fit_mahalanobis(context, scores, labels, frr)
         if threshold is not None:
             open_set_fit = {"score": DEFAULT_OPEN_SET_SCORE, "threshold": threshold}

@@ -190,7 +190,8 @@ def from_store(store: "Store", strict: bool = False) -> EvalSet:
         res_source=np.array([source_index[r.source] for r in resyntheses]),
         res_desc=np.array([desc_index[r.description_id] for r in resyntheses]),
         res_seed=np.array([r.seed if r.seed is not None else -1 for r in resyntheses]),
-        res_original=np.array([orig_index.get(r.original_id, -1) for r in resyntheses]),
+        res_original=np.array([-1 if r.original_id is None else orig_index.get(r.original_id, -1)
+                               for r in resyntheses]),
         res_hash=[r.file_hash for r in resyntheses], res_path=[r.path for r in resyntheses],
         descriptions=[str(d) for d in desc_ids], skipped=skipped)
     evalset.vectors[store.embedder_identity] = (np.stack([r.vector for r in originals]),

@@ -15,6 +15,7 @@ fallback number such as an AUROC of 0.5.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -106,7 +107,8 @@ def fit_mahalanobis(context: FeatureContext, scores: np.ndarray, labels: np.ndar
     every enrolled source's references, and one threshold, the `frr` quantile of the value over the
     correctly attributed labelled originals (None when none is), as "best-score" fits its own."""
     keep = list(range(scores.shape[1]))
-    precision = shared_precision([members for _, members in context.groups])
+    _, _, groups = _mahalanobis_parts(context)
+    precision = shared_precision([members for _, members in groups])
     values = mahalanobis_scores(context, keep)
     hits = values[(np.asarray(scores).argmax(1) == np.asarray(labels)) & np.isfinite(values)]
     return precision, float(np.quantile(hits, frr)) if hits.size else None
@@ -180,7 +182,15 @@ class FeatureContext:
     # "mahalanobis": unit query vectors, and per source the distinct candidate sets (reference groups)
     queries: np.ndarray | None = None  # (n, dim)
     group_of: np.ndarray | None = None  # (n, sources) index into groups of the query's candidates, -1 none
-    groups: list | None = None  # (source, (members, dim) unit reference vectors) per distinct candidate set
+    groups: list[tuple[int, np.ndarray]] | None = None  # (source, (members, dim) unit reference vectors) per
+    # distinct candidate set
+
+
+def _mahalanobis_parts(context: FeatureContext) -> tuple[np.ndarray, np.ndarray, list[tuple[int, np.ndarray]]]:
+    """The context's queries, group_of and groups, which the "mahalanobis" score needs."""
+    if context.queries is None or context.group_of is None or context.groups is None:
+        raise ValueError("the mahalanobis score needs a FeatureContext from feature_context()")
+    return context.queries, context.group_of, context.groups
 
 
 def feature_context(originals: np.ndarray, resyntheses: np.ndarray, res_source: np.ndarray,
@@ -219,12 +229,14 @@ def feature_context(originals: np.ndarray, resyntheses: np.ndarray, res_source: 
     return FeatureContext(cand, density, q, group_of, groups)
 
 
-def reference_groups(candidates: np.ndarray, references: np.ndarray) -> tuple[np.ndarray, list]:
+def reference_groups(candidates: np.ndarray,
+                     references: np.ndarray) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
     """Per source, the distinct sets of references the queries are compared with (a description's
     resyntheses), and which set is each query's: what the "mahalanobis" score takes means over."""
     n, sources = candidates.shape[:2]
     group_of = np.full((n, sources), -1, dtype=np.int64)
-    groups, seen = [], {}
+    groups: list[tuple[int, np.ndarray]] = []
+    seen: dict[tuple[int, tuple[int, ...]], int] = {}
     for c in range(sources):
         for i in range(n):
             members = tuple(sorted(int(j) for j in candidates[i, c] if j >= 0))
@@ -240,16 +252,17 @@ def reference_groups(candidates: np.ndarray, references: np.ndarray) -> tuple[np
 def mahalanobis_scores(context: FeatureContext, keep: list[int]) -> np.ndarray:
     """(n,) the "mahalanobis" value with only `keep` enrolled: the covariance is fitted on the kept
     sources' references alone, so a left-out source never shapes it."""
-    kept = [g for g, (c, _) in enumerate(context.groups) if c in keep]
+    unit_queries, group_of, groups = _mahalanobis_parts(context)
+    kept = [g for g, (c, _) in enumerate(groups) if c in keep]
     if not kept:
-        return np.full(len(context.queries), -np.inf)
-    lower = whitening(shared_precision([context.groups[g][1] for g in kept]))
-    queries = context.queries @ lower
-    means = np.stack([g[1].mean(0) for g in context.groups]) @ lower
+        return np.full(len(unit_queries), -np.inf)
+    lower = whitening(shared_precision([groups[g][1] for g in kept]))
+    queries = unit_queries @ lower
+    means = np.stack([g[1].mean(0) for g in groups]) @ lower
     out = np.full(len(queries), -np.inf)
     for c in keep:
-        rows = np.flatnonzero(context.group_of[:, c] >= 0)
-        distance = ((queries[rows] - means[context.group_of[rows, c]]) ** 2).sum(1)
+        rows = np.flatnonzero(group_of[:, c] >= 0)
+        distance = ((queries[rows] - means[group_of[rows, c]]) ** 2).sum(1)
         out[rows] = np.maximum(out[rows], -distance)
     return out
 
@@ -258,13 +271,16 @@ def _base_values(name: str, sub: np.ndarray, keep: list[int], context: FeatureCo
     """The raw value of score `name` per query with only the `keep` sources enrolled."""
     if name in ("margin", "best-score"):
         return sub.max(1)
+    # the feature-based scores are only asked for with a context (_score_figures)
     if name == "max-similarity":
+        assert context is not None
         return context.candidate_sims[:, keep].reshape(len(sub), -1).max(1, initial=-np.inf)
     if name in ("knn-density", "knn-density-margin"):
+        assert context is not None
         predicted = np.asarray(keep)[sub.argmax(1)]
         return context.density[np.arange(len(sub)), predicted]
     if name == "mahalanobis":
-        if context.groups is None:
+        if context is None or context.groups is None:
             raise ValueError("the mahalanobis score needs a FeatureContext from feature_context()")
         return mahalanobis_scores(context, keep)
     raise ValueError(f"unknown open-set score {name!r} (choose from {', '.join(OPEN_SET_SCORES)})")
@@ -319,7 +335,7 @@ def _round(name: str, scores: np.ndarray, labels: np.ndarray, folds: np.ndarray,
         decision[apply] = values[apply] - floors[predicted[apply]]
     auroc = binary_auroc(unknown, -decision)
     ok = known & (decision >= 0)
-    out = {
+    out: dict[str, Any] = {
         "auroc": None if not np.isfinite(auroc) else auroc,
         "unknown_rejected": float((decision[unknown] < 0).mean()),
         "known_false_reject": float((decision[known] < 0).mean()),
@@ -449,7 +465,7 @@ def calibration_report(scores: np.ndarray, labels: np.ndarray, groups: np.ndarra
     labels = np.asarray(labels, int)
     folds, fold_info = make_folds(labels, groups, seed)
     default = softmax(scores, DEFAULT_TEMPERATURE)
-    out = {
+    out: dict[str, Any] = {
         "default_temperature": DEFAULT_TEMPERATURE,
         "folds": fold_info,
         "cross_fitted_temperatures": [],

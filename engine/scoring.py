@@ -83,6 +83,7 @@ def score_matrix(originals: np.ndarray, resyntheses: np.ndarray, references: lis
     sources = len(references[0]) if references else 0
     padded = padded_references([references[i] for i in rows], variant.per_source)
     if variant.fewshot:
+        assert orig_source is not None, "variant.fewshot needs orig_source"
         pool = np.arange(len(originals)) if train is None else np.asarray(train)
         members = [pool[orig_source[pool] == c] for c in range(sources)]
         width = max((len(m) for m in members), default=0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 
 from engine.embed import Embedder, EmbedderSpec, parse_layer
@@ -62,5 +63,6 @@ def spec_from_args(model: str | None, config: str | None, checkpoint: str | None
         raise UserError("--clip-checkpoint is required with --clip-model or --clip-config")
     if bool(model) == bool(config):
         raise UserError("give exactly one of --clip-model ARCH or --clip-config JSON")
-    return EmbedderSpec(arch=model or Path(config).stem, checkpoint=str(Path(checkpoint).resolve()),
+    # exactly one of model and config is given (checked above)
+    return EmbedderSpec(arch=model or Path(cast(str, config)).stem, checkpoint=str(Path(checkpoint).resolve()),
                         config=str(Path(config).resolve()) if config else None, layer=parse_layer(layer))

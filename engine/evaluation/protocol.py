@@ -5,6 +5,8 @@ and every figure of report.json comes from exactly one place.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from tqdm import tqdm
 
@@ -152,7 +154,7 @@ def compare_modes(evalset: EvalSet, originals: np.ndarray, resyntheses: np.ndarr
     matrices = {"resynthesis": score_matrix(originals, resyntheses, references, variant),
                 "dataset": neighbour_score_matrix(*args),
                 "combined": neighbour_score_matrix(*args, references=references, per_source=variant.per_source)}
-    generations = {"resynthesis": options.per_source * len(names), "dataset": 0,
+    generations: dict[str, float] = {"resynthesis": options.per_source * len(names), "dataset": 0,
                    "combined": options.per_source * len(names)}
     budget = min(options.per_source, evalset.max_per_source())
     adaptive, cost = adaptive_score_matrix(originals, resyntheses, references,
@@ -189,7 +191,7 @@ def robustness(evalset: EvalSet, originals: np.ndarray, resyntheses: np.ndarray,
         rows = np.arange(len(originals), len(stacked))
         scores = score_matrix(stacked, resyntheses, list(references) * 2, variant, rows=rows)
         kind, _, strength = name.partition("-")
-        entry = {"kind": kind, "strength": float(strength) if strength else None,
+        entry: dict[str, Any] = {"kind": kind, "strength": float(strength) if strength else None,
                  "resynthesis_all": accuracy(labels, scores.argmax(1))}
         if name in fewshot:
             entry["fewshot"] = {m: v[str(k)]["mean"] for m, v in fewshot[name]["methods"].items()}
