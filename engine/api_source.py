@@ -47,6 +47,10 @@ class PartialResult(SourceError):
     """Some jobs failed after others were answered: the answered images (None where a job failed, in
     job order) are paid for and must be kept."""
 
+    # set by engine.resynthesis on the way up: the (text, key, seed) jobs it stored, images made per text
+    stored: list[tuple[str, str, int]]
+    made: dict[str, int]
+
     def __init__(self, cause: SourceError, images: list):
         super().__init__(cause.source, str(cause).split(": ", 1)[-1])
         self.images = images

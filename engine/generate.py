@@ -245,7 +245,8 @@ def check_weight_file(path: Path) -> None:
             if 8 + length + end != size:
                 raise UserError(f"corrupt weight file {path}: {size} bytes, the header describes {8 + length + end} "
                                 "(truncated or padded)")
-        elif path.suffix in {".bin", ".pt", ".pth", ".ckpt"} and not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        elif (path.suffix in {".bin", ".pt", ".pth", ".ckpt"}
+              and not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80")):
             raise UserError(f"corrupt weight file {path}: neither a PyTorch zip nor a pickle")
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Hashable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Hashable, Protocol, Sequence, cast
 
 import numpy as np
 
@@ -32,6 +32,18 @@ if TYPE_CHECKING:
 
 QUERY_CHUNK = 64  # images decoded and attributed together: memory stays flat on long query lists
 Waiter = Callable[[], Any]
+
+
+class Runner(Protocol):
+    """Where a request's steps run: `Inline`, or the service's `Placement` (engine.service.core)."""
+
+    shared: bool  # True: steps are single-flight jobs shared with concurrent requests, one per description
+
+    def announce(self) -> ContextManager: ...
+
+    def embed(self, ws: "Workspace", images: list) -> Waiter: ...
+
+    def heavy(self, key: Hashable, job: Callable[[], Any]) -> Waiter: ...
 
 
 class Inline:
@@ -56,9 +68,9 @@ class Request:
     """The path for one batch of queries under one option set (or one resolved plan)."""
 
     def __init__(self, ws: "Workspace", options: Options | None = None, budget: "Budget | None" = None,
-                 runner: Inline | None = None, plan: Plan | None = None):
+                 runner: Runner | None = None, plan: Plan | None = None):
         self.ws, self.options, self.budget = ws, options, budget
-        self.runner = runner or Inline()
+        self.runner: Runner = runner or Inline()
         self.plan = plan
         self.marks: dict[str, float] = {}  # perf_counter when describing, and resynthesizing, ended
 
@@ -87,8 +99,13 @@ class Request:
                    for q, (text, origin), vector in zip(queries, described, vectors)]
         return results, counts
 
+    def _plan(self) -> Plan:
+        """The resolved plan (`run` resolves it first)."""
+        assert self.plan is not None, "Request.run resolves the plan first"
+        return self.plan
+
     def describe(self, queries: Sequence[Query]) -> list[tuple[str, str]]:
-        if self.plan.options.mode == "dataset":  # no description, no generation
+        if self._plan().options.mode == "dataset":  # no description, no generation
             return [(q.prompt or "", "prompt" if q.prompt else "none") for q in queries]
         ws = self.ws
         undescribed = [q for q in queries if not (q.prompt or q.embedded_prompt)]
@@ -102,13 +119,14 @@ class Request:
                      vectors: np.ndarray | None) -> tuple[dict[str, Counts], BaseException | None]:
         """Counts per description, and the first failure (raised once the query vectors are in, so an
         embedding failure is reported first)."""
-        ws, plan, budget = self.ws, self.plan, self.budget
+        ws, plan, budget = self.ws, self._plan(), self.budget
         texts = list(dict.fromkeys(text for text, _ in described))
         adaptive = plan.options.adaptive
         if plan.options.mode == "dataset":
             return {text: (0, 0, {}) for text in texts}, None
         if not self.runner.shared:  # one job for every description
             if adaptive:
+                assert vectors is not None  # adaptive generation is decided on the query vectors (run)
                 return ws.resynthesize_adaptive(queries, described, vectors, plan, budget), None
             return ws.resynthesize(texts, plan, budget), None
         outcomes: dict[str, Any] = {}
@@ -142,11 +160,12 @@ class Request:
              vectors: np.ndarray | None) -> tuple[Hashable, Callable[[], Counts]]:
         """The single-flight key and the job of one description: one job per (description, generating
         sources, seeds, spend limit), and for adaptive generation per set of queries too."""
-        ws, plan, budget = self.ws, self.plan, self.budget
+        ws, plan, budget = self.ws, self._plan(), self.budget
         common = (normalise_description(text), tuple(s.name for s in plan.pipelines), tuple(plan.seeds))
         limit = budget.limit_usd if budget is not None else None  # a spend limit is per request
         if not plan.options.adaptive:
             return ("resynthesize", *common, limit), lambda: ws.resynthesize([text], plan, budget)[text]
+        assert vectors is not None  # adaptive generation is decided on the query vectors (run)
         mine = [i for i, (t, _) in enumerate(described) if t == text]
         key = ("adaptive", *common, tuple(queries[i].file_hash for i in mine), limit)
         return key, lambda: ws.resynthesize_adaptive([queries[i] for i in mine], [described[i] for i in mine],
@@ -189,10 +208,13 @@ def attribute(ws: "Workspace", images: ImageInput | Sequence[ImageInput] | Seque
     """Workspace.attribute: the queries in chunks of QUERY_CHUNK, each chunk one Request."""
     from tqdm import tqdm
 
-    items = list(images) if isinstance(images, (list, tuple)) else [images]
+    # a list or tuple is many queries; anything else is one image
+    items: list[ImageInput | Query] = (list(images) if isinstance(images, (list, tuple))
+                                       else [cast(ImageInput, images)])
     if not items:
         raise UserError("nothing to attribute: give at least one image")
-    prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * len(items)
+    prompts: list[str | None] = (list(prompt) if isinstance(prompt, (list, tuple))
+                                 else [cast("str | None", prompt)] * len(items))
     if len(prompts) != len(items):
         raise UserError(f"{len(prompts)} prompts for {len(items)} images: give one, or one per image")
     from engine.api_source import Budget

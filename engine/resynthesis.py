@@ -10,7 +10,7 @@ import socket
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
@@ -46,7 +46,8 @@ def missing(ws: "Workspace", text: str, plan: Plan) -> tuple[int, dict[str, list
     return len(have), dict(todo)
 
 
-def resynthesize(ws: "Workspace", texts: Iterable[str], plan: Plan, budget: "Budget | None" = None) -> dict[str, Counts]:
+def resynthesize(ws: "Workspace", texts: Iterable[str], plan: Plan,
+                 budget: "Budget | None" = None) -> dict[str, Counts]:
     """Generate and store every missing (description, source, seed); see Workspace.resynthesize."""
     from tqdm import tqdm
 
@@ -100,7 +101,7 @@ def resynthesize_adaptive(ws: "Workspace", queries: Sequence[Query], described: 
     by_text: dict[str, list] = defaultdict(list)
     for query, (text, _), vector in zip(queries, described, vectors):
         by_text[text].append((query, vector))
-    totals = {text: [0, 0, {}] for text in by_text}
+    totals: dict[str, list[Any]] = {text: [0, 0, {}] for text in by_text}  # [cached, generated, failed]
     contenders = {text: tuple(s.name for s in plan.pipelines) for text in by_text}
     for step in range(options.per_source):
         groups: dict[tuple, list[str]] = defaultdict(list)
