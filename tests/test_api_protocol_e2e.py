@@ -1,7 +1,7 @@
 """Sources behind non-OpenAI protocols (Black Forest Labs' submit-and-poll, Stability's multipart
-bytes, Gemini's generateContent), end to end: a loopback stand-in serves a tiny pipeline's images; attribution beside local pipelines wins that pipeline's
-originals, a repeat costs 0 submissions, a moderated prompt leaves the other sources' answer, and the
-key never reaches the store or the output."""
+bytes, Gemini's generateContent), end to end: a loopback stand-in serves a tiny pipeline's images;
+attribution beside local pipelines wins that pipeline's originals, a repeat costs 0 submissions, a
+moderated prompt leaves the other sources' answer, and the key never reaches the store or the output."""
 from __future__ import annotations
 
 import inspect

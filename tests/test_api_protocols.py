@@ -104,8 +104,8 @@ def test_replicate_may_answer_at_once_and_takes_versions_and_list_or_string_outp
     assert np.array_equal(np.asarray(image), np.asarray(default_make("at once", 0, (16, 16))))
     assert api.polls() == []  # the prediction came back succeeded: nothing to poll
     api.replicate_sync = False
-    versioned = ApiGenerator("v", ApiParams(api.url, "owner/name:5c7d5dc6dd8bf75c1acaa8565735e7986bc5b66206b55cca93cb72c9bf15ccaa",
-                                            protocol="replicate", api_key_env=ENV, timeout=5))
+    version = "owner/name:5c7d5dc6dd8bf75c1acaa8565735e7986bc5b66206b55cca93cb72c9bf15ccaa"
+    versioned = ApiGenerator("v", ApiParams(api.url, version, protocol="replicate", api_key_env=ENV, timeout=5))
     assert len(versioned.generate("versioned", [0])) == 1
     entry = api.submissions()[-1]
     assert entry["path"] == "/v1/predictions"

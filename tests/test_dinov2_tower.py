@@ -33,7 +33,8 @@ def test_a_dinov2_tower_gives_transformers_features_through_the_engine(tmp_path)
     config_path, checkpoint = _script().write_model(hf, tmp_path / "model", "tiny-dinov2", heads=2, image_size=28)
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)) for _ in range(3)]
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     pixels = torch.stack([torch.from_numpy(np.asarray(im, np.float32)) for im in images]).permute(0, 3, 1, 2) / 255
     with torch.inference_mode():
         out = reference(pixel_values=(pixels - mean) / std, output_hidden_states=True)

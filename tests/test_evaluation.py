@@ -115,7 +115,8 @@ def test_calibrate_then_attribute_reports_probabilities_and_unknown(models, data
     calibration = json.loads(capsys.readouterr().out)
     assert calibration["fitted"] and set(calibration["thresholds"]) == {
         n for n in models["pipelines"] if n != UNREGISTERED}
-    assert 0 < calibration["temperature"] < 10 and calibration["notes"]["originals"] == 8 * (len(models["pipelines"]) - 1)
+    assert 0 < calibration["temperature"] < 10
+    assert calibration["notes"]["originals"] == 8 * (len(models["pipelines"]) - 1)
 
     def attribute(source: str, generated: int = 0) -> list[dict]:
         queries = [{"image": str(dataset.parent / r["image"]), "prompt": r["description"]}
