@@ -377,6 +377,7 @@ def verdict_line(r) -> str:
     if r.verdict == "none" or r.predicted is None:
         return "no source could be scored"
     refs = plural(ev["references"], "reference") if "references" in ev else None
+    test: str | None
     if "open_set_score" in ev:  # decided by the feature-based open-set score, not the best similarity
         sign = "<" if r.verdict == "unknown" else ">="
         test = f"{ev['open_set_score']} {ev['value']:.2f} {sign} threshold {ev['threshold']:.2f}"

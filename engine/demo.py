@@ -155,7 +155,8 @@ def _run_demo(workdir: Path, progress: bool) -> dict:
              + f" (total {sum(timings.values()):.0f}s)",
              f"store: {stats['vectors']} vectors in {store_dir}", "",
              *reuse_lines(models, sources, store_dir, queries, manifest.parent / "manifest.jsonl")]
-    report.update({"models": {"clip_config": str(models["clip_config"]), "clip_checkpoint": str(models["clip_checkpoint"]),
+    report.update({"models": {"clip_config": str(models["clip_config"]),
+                              "clip_checkpoint": str(models["clip_checkpoint"]),
                               "captioner": str(models["captioner"]),
                               "pipelines": {k: str(v) for k, v in models["pipelines"].items()}},
                    "sources": sources, "table": "\n".join(lines), "accuracy": accuracy, "accuracy_known": known_acc,

@@ -49,9 +49,9 @@ def add_global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
         group.add_argument(flag, **keywords)
 
 
-def common_parent() -> argparse.ArgumentParser:
+def common_parent() -> "Parser":
     """The parent parser every subcommand takes (`parents=[common]`)."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     add_global_options(common, top=False)
     return common
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import logging
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -29,7 +30,7 @@ IMAGES_PER_EMBED_TASK = 256
 
 
 # ----- input -------------------------------------------------------------------------------------
-def read_descriptions(path: str | Path) -> list[str]:
+def read_descriptions(path: str | os.PathLike) -> list[str]:
     """Descriptions from a text file (one per line, `#` comments) or a manifest (CSV with a
     `description` column, or JSONL rows with `description` or `prompt`); duplicates kept once."""
     from engine.describe import clean_prompt
@@ -61,7 +62,7 @@ def read_descriptions(path: str | Path) -> list[str]:
     out: dict[str, None] = {}
     for number, raw in found:
         try:
-            out[clean_prompt(raw)] = None
+            out[clean_prompt(raw) or ""] = None  # clean_prompt refuses an empty description
         except UserError:
             raise UserError(f"{path}:{number}: empty description") from None
     if not out:
@@ -71,7 +72,7 @@ def read_descriptions(path: str | Path) -> list[str]:
 
 # ----- Ray ---------------------------------------------------------------------------------------
 @contextmanager
-def ray_cluster(address: str | None) -> Iterator[object | None]:
+def ray_cluster(address: str | None) -> Iterator[Any]:
     """The `ray` module connected to `address` ("local": a cluster in this process), or None without
     one. A cluster the caller already initialised is used as it is and left running."""
     if not address:

@@ -210,7 +210,7 @@ def build_rows(found: list[Found], out_dir: Path, descriptions: dict[int, str] |
     rows = [{"image": rel(f.path), "source": f.generator, "description": text[f.number], "role": "original",
              "id": f"{f.number:05d}"} for f in originals.values()]
     for f in resyntheses:
-        original = originals.get((f.of, f.number))
+        original = originals.get((f.of or "", f.number))  # resyntheses have an `of`
         report.linked += original is not None
         report.orphans += original is None
         rows.append({"image": rel(f.path), "source": f.generator, "description": text[f.number],

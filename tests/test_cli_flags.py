@@ -203,7 +203,8 @@ def test_the_verdict_line_shows_its_evidence():
         "unknown source (closest: sdxl, score 0.41 < threshold 0.55, 3 references)"
     assert verdict_line(result("known", {"score": 0.61, "threshold": 0.55, "references": 1})) == \
         "sdxl (known source: score 0.61 >= threshold 0.55, 1 reference)"
-    line = verdict_line(result("uncalibrated", {"score": 0.61, "references": 2, "why": "no calibration: run `resynth calibrate`"}))
+    why = "no calibration: run `resynth calibrate`"
+    line = verdict_line(result("uncalibrated", {"score": 0.61, "references": 2, "why": why}))
     assert line == "sdxl (uncalibrated: no calibration: run `resynth calibrate`; score 0.61, 2 references)"
     line = verdict_line(result("unknown", {"score": 0.9, "references": 4, "open_set_score": "mahalanobis_open_set",
                                            "value": -3.2, "threshold": -1.5}))

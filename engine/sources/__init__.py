@@ -97,7 +97,7 @@ class SourceKind:
     costs_money = False  # each image is bought (cost reports, --max-cost)
     reenrol = False  # adding it again with the same fingerprint is a no-op (ingest creates these)
 
-    def prepare(self, name: str, **params) -> Recipe:
+    def prepare(self, *args: Any, **params: Any) -> Recipe:  # each kind names its own: (name, ...declared params)
         raise NotImplementedError
 
     def params_hash(self, source) -> str | None:
