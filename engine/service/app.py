@@ -7,6 +7,7 @@ import logging
 import unicodedata
 from contextlib import asynccontextmanager
 from pathlib import Path, PurePath
+from typing import Sequence, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -238,14 +239,16 @@ async def _read_request(request: Request, service: Service,
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise ServiceError(415, "unsupported_media_type", "send multipart/form-data with one or more `image` parts")
     async with request.form(max_files=limits.max_images, max_fields=32, max_part_size=64 * 1024) as form:
-        uploads = form.getlist("image")
-        if not uploads:
+        image_parts = form.getlist("image")
+        if not image_parts:
             raise ServiceError(400, "no_image", "send at least one `image` file part")
-        if not all(isinstance(u, UploadFile) for u in uploads):
+        if not all(isinstance(u, UploadFile) for u in image_parts):
             raise ServiceError(400, "bad_request", "`image` must be a file part, not a text field")
-        prompts = form.getlist("prompt")
-        if not all(isinstance(p, str) for p in prompts):
+        uploads = cast(list[UploadFile], image_parts)  # every one checked just above
+        prompt_parts = form.getlist("prompt")
+        if not all(isinstance(p, str) for p in prompt_parts):
             raise ServiceError(400, "bad_request", "`prompt` must be a text field")
+        prompts = cast(list[str], prompt_parts)  # every one checked just above
         if len(prompts) not in (0, 1, len(uploads)):
             raise ServiceError(400, "bad_request",
                                f"{len(prompts)} prompts for {len(uploads)} images: give one, or one per image")
@@ -256,7 +259,8 @@ async def _read_request(request: Request, service: Service,
         given = {name: form.get(name) for name in OPTION_FIELDS}
         options = Options.from_strings({name: v for name, v in given.items() if isinstance(v, str)})
         labels = [_label(u.filename, i) for i, u in enumerate(uploads)]
-        per_image = prompts * len(uploads) if len(prompts) == 1 else prompts or [None] * len(uploads)
+        per_image: Sequence[str | None] = (prompts * len(uploads) if len(prompts) == 1
+                                           else prompts or [None] * len(uploads))
         files = [u.file for u in uploads]
         pixels = _charge(await asyncio.to_thread(_sizes, files), labels, limits)
 

@@ -76,8 +76,8 @@ class Service:
         """Open a store with the models it is bound to (errors if anything does not match)."""
         ws = open_workspace(root, device=device, captioner=captioner)
         try:
-            ws.embedder  # loaded now: ready means ready
-            ws.captioner
+            _ = ws.embedder  # loaded now: ready means ready
+            _ = ws.captioner
             return cls(ws, limits)
         except BaseException:
             ws.close()
@@ -94,7 +94,8 @@ class Service:
         from engine.api_source import Budget
 
         limits = [x for x in (options.max_cost, self.limits.max_cost) if x is not None]
-        request = Request(self.ws, options, Budget(min(limits) if limits else None), self.placement)
+        budget = Budget(min(limits) if limits else None)
+        request = Request(self.ws, options, budget, self.placement)
         loop = asyncio.get_running_loop()
         results, counts = await loop.run_in_executor(self.requests, request.run, queries)
         marks = request.marks
@@ -105,7 +106,7 @@ class Service:
         with self._lock:
             self.counters.update(requests=1, queries=len(queries), cached=cached, generated=generated)
         seconds["total"] = time.perf_counter() - started
-        budget = request.budget
+        assert request.plan is not None  # run() resolved it
         return Report(results, cached, generated, seconds,
                       budget.to_dict() if prices(request.plan) else None).to_dict()
 
