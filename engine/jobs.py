@@ -137,12 +137,12 @@ class _EmbedWorker:
 
 
 def ray_shard_map(ray):
-    """A search-index shard filler (index.vectors.ShardMap) running each shard as a Ray task: the trained
+    """A search-index shard filler (index.ivf.ShardMap) running each shard as a Ray task: the trained
     index and the shard's vectors travel through the object store, the filled shard comes back to be
     merged on disk here. Results are yielded in shard order as they finish (bounded in flight)."""
-    from index import vectors as vx
+    from index import ivf
 
-    fill = ray.remote(num_cpus=1)(vx.fill_shard)
+    fill = ray.remote(num_cpus=1)(ivf.fill_shard)
 
     def run(trained: bytes, shards, threads: int):
         blob = ray.put(trained)

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from index import ivf
 from index import vectors as vx
 from index.layout import Layout, file_digest, file_state, fsync_dir, publish, write_json_atomic
 from index.live import FULL_CHECK, SAMPLE, LiveIndex
@@ -96,28 +97,28 @@ class SearchIndex:
     # ----- build --------------------------------------------------------------------------------
     def settings(self, flat_max, memory_budget_bytes, threads) -> tuple[int, int, int]:
         cfg = self.layout.config.get("search") or {}
-        return (int(flat_max if flat_max is not None else cfg.get("flat_max", vx.FLAT_MAX)),
+        return (int(flat_max if flat_max is not None else cfg.get("flat_max", ivf.FLAT_MAX)),
                 int(memory_budget_bytes if memory_budget_bytes is not None
-                    else cfg.get("memory_budget_bytes", vx.MEMORY_BUDGET)),
-                int(threads if threads is not None else cfg.get("threads", vx.BUILD_THREADS)))
+                    else cfg.get("memory_budget_bytes", ivf.MEMORY_BUDGET)),
+                int(threads if threads is not None else cfg.get("threads", ivf.BUILD_THREADS)))
 
     def build(self, fresh, flat_max, memory_budget_bytes, threads,
-              shard_map: vx.ShardMap | None = None) -> tuple[BuiltSearch | None, dict]:
+              shard_map: ivf.ShardMap | None = None) -> tuple[BuiltSearch | None, dict]:
         """Build the search index over `fresh` (a private flat index) in shards merged on disk, and publish
         it: its inverted lists under a content name (search-<digest>.ivfdata), then search.faiss, then
         its infos, each atomically (a crash between leaves files whose infos disagree: ignored, never
         served); lists files no longer named are removed last."""
         root, dim = self.layout.root, self.layout.dim
         flat_max, budget, threads = self.settings(flat_max, memory_budget_bytes, threads)
-        spec = vx.choose_index(int(fresh.ntotal), dim, budget, flat_max)
+        spec = ivf.choose_index(int(fresh.ntotal), dim, budget, flat_max)
         ids, matrix = vx.flat_view(fresh)
         if spec != "Flat":
             _require_space(root, 2 * matrix.nbytes + 8 * len(ids), "building the search index")
-        shard_size = int((self.layout.config.get("search") or {}).get("shard_size", vx.SHARD_SIZE))
+        shard_size = int((self.layout.config.get("search") or {}).get("shard_size", ivf.SHARD_SIZE))
         building = root / f".search.ivfdata.{os.getpid()}.tmp"
         try:
             try:
-                index, infos = vx.build_search_index(ids, matrix, spec, threads=threads, data_path=building,
+                index, infos = ivf.build_search_index(ids, matrix, spec, threads=threads, data_path=building,
                                                      shard_size=shard_size, shard_map=shard_map)
             except OSError as exc:  # its shard files: a full disk, a lost permission
                 problem = os_failure(exc, building, "building the search index")
@@ -145,7 +146,7 @@ class SearchIndex:
                       "ivfdata_bytes": data.stat().st_size})
         write_json_atomic(self.layout.search_infos_path, infos, "search:infos-before-replace")
         self.drop_data(keep=data.name)
-        ids, numbers, offsets = vx.ivf_layout(index)
+        ids, numbers, offsets = ivf.ivf_layout(index)
         found = BuiltSearch(index, ids, infos, numbers, offsets)
         return found, _summary("ok", found, None)
 
@@ -186,7 +187,7 @@ class SearchIndex:
                 why = "infos unreadable"
         if infos and infos.get("embedder") not in (None, self.layout.embedder_identity):
             why, infos = f"built for embedder {infos.get('embedder')}", None
-        index, layout, problem = vx.read_search_checked(self.layout.search_path, infos, self.layout.dim)
+        index, layout, problem = ivf.read_search_checked(self.layout.search_path, infos, self.layout.dim)
         if index is None:
             problem = problem or (why if self.layout.search_path.exists() else None)
             if problem:
@@ -227,19 +228,19 @@ class SearchIndex:
             live = np.intersect1d(found.ids, vx.index_ids(self.live.index))
             if not full and len(live) > FULL_CHECK:
                 live = _sample(live, SAMPLE)
-            if not vx.flat_codes(found.index) and len(live) > FULL_CHECK:
+            if not ivf.flat_codes(found.index) and len(live) > FULL_CHECK:
                 live = _sample(live, FULL_CHECK)
             reference = (self.live.index.reconstruct_batch(live) if len(live)
                          else np.zeros((0, self.layout.dim), np.float32))
         if not len(live):
             return [], 0
-        if vx.flat_codes(found.index):
+        if ivf.flat_codes(found.index):
             assert found.numbers is not None and found.offsets is not None  # read with its layout
             at = np.searchsorted(found.ids, live)
-            codes = vx.ivf_codes(found.index, found.numbers[at], found.offsets[at])
+            codes = ivf.ivf_codes(found.index, found.numbers[at], found.offsets[at])
             differ = np.any(codes != reference.view(np.uint8).reshape(len(live), -1), axis=1)
             return live[differ].tolist(), len(live)
-        _, hits = vx.search_ivf(found.index, reference, min(10, len(found.ids)), 1)
+        _, hits = ivf.search_ivf(found.index, reference, min(10, len(found.ids)), 1)
         bad = [int(v) for v, hit in zip(live, hits) if v not in hit]
         return (bad if len(bad) > len(live) // 4 else []), len(live)
 
@@ -269,7 +270,7 @@ class SearchIndex:
             gone = np.setdiff1d(built.ids, live)
             matrix = index.reconstruct_batch(missing) if len(missing) else np.zeros((0, self.layout.dim), np.float32)
             self.delta = {"missing": missing, "matrix": matrix, "gone": gone,
-                          "params": vx.IVFParams(built.nprobe, gone)}
+                          "params": ivf.IVFParams(built.nprobe, gone)}
         return self.delta
 
     def index_added(self, ids: np.ndarray, matrix: np.ndarray) -> None:
@@ -340,7 +341,7 @@ class SearchIndex:
         exact top of the vectors added since its build (exact scores for both when its codes are PQ)."""
         delta = self._delta()
         rescore = self.live.index.reconstruct_batch if search.rescored else None
-        sims, ids = vx.search_ivf(search.index, query, depth, delta["params"], rescore=rescore)
+        sims, ids = ivf.search_ivf(search.index, query, depth, delta["params"], rescore=rescore)
         sims, ids = sims[0], ids[0]
         if len(delta["missing"]):
             extra = delta["matrix"] @ query[0]

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy.orm import Session
 
-from index import migrations, reembed
+from index import ivf, migrations, reembed
 from index import vectors as vx
 from index.catalog import AddedImages, Catalog, LabelledVector, NewImage
 from index.claims import Claims
@@ -232,7 +232,7 @@ class Store:
         self.live.publish()
 
     def rebuild(self, search: bool = True, *, flat_max: int | None = None, memory_budget_bytes: int | None = None,
-                threads: int | None = None, shard_map: vx.ShardMap | None = None) -> int:
+                threads: int | None = None, shard_map: ivf.ShardMap | None = None) -> int:
         """Recreate the FAISS index from stored vectors and swap it in atomically; returns its size.
 
         With `search`, also (re)build the search index offline (see `SearchIndex.build`; `shard_map` fills

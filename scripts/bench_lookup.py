@@ -58,6 +58,7 @@ from engine.attribute import Query  # noqa: E402
 from engine.generate import source_params_hash  # noqa: E402
 from engine.options import Options  # noqa: E402
 from engine.workspace import Workspace  # noqa: E402
+from index import ivf  # noqa: E402
 from index import vectors as vx  # noqa: E402
 from index.keys import cache_key, normalise_description, sha256_text  # noqa: E402
 from index.store import DB_NAME, Store  # noqa: E402
@@ -291,12 +292,12 @@ def search_section(store: Store, vectors: np.ndarray, args, k: int = 32) -> dict
     if search is None:
         return out
     exact_ids = np.stack([store.index.search(v[None, :], k)[1][0] for v in vectors])
-    ivf_ids = np.stack([vx.search_ivf(search.index, v[None, :], k, search.nprobe,
+    ivf_ids = np.stack([ivf.search_ivf(search.index, v[None, :], k, search.nprobe,
                                       rescore=store.index.reconstruct_batch if search.rescored else None)[1][0]
                         for v in vectors])
     out["raw_recall"] = float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(ivf_ids, exact_ids)]))
     out["exact_ms"] = per_query_seconds(lambda v: store.index.search(v[None, :], k), vectors) * 1e3
-    out["ivf_ms"] = per_query_seconds(lambda v: vx.search_ivf(
+    out["ivf_ms"] = per_query_seconds(lambda v: ivf.search_ivf(
         search.index, v[None, :], k, search.nprobe,
         rescore=store.index.reconstruct_batch if search.rescored else None), vectors) * 1e3
     near_exact = [[r.vector_id for r, _ in store.nearest(v, k, exact=True)] for v in vectors]
@@ -473,8 +474,8 @@ def main() -> None:
     parser.add_argument("--no-search", action="store_true", help="skip the dataset search index section")
     parser.add_argument("--search-flat-max", type=int, default=0,
                         help=f"choose_index's flat threshold for the section (default 0: IVF at every size; "
-                             f"the library's is {vx.FLAT_MAX})")
-    parser.add_argument("--search-budget", type=int, default=vx.MEMORY_BUDGET,
+                             f"the library's is {ivf.FLAT_MAX})")
+    parser.add_argument("--search-budget", type=int, default=ivf.MEMORY_BUDGET,
                         help="memory budget in bytes for the search index (PQ codes beyond it)")
     args = parser.parse_args()
     args.sizes = ([int(x) for x in args.sizes.split(",")] if args.sizes

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from index import ivf
 from index import vectors as vx
 from index.store import SEARCH_INFOS, SEARCH_NAME, NewImage, Store
 from tests.helpers import run_cli
@@ -70,24 +71,24 @@ def _recall(store: Store, queries: np.ndarray, k: int = 32, **kw) -> float:
 
 # ----- the choice ----------------------------------------------------------------------------------
 def test_choose_index_by_size_and_budget():
-    assert vx.choose_index(0, 768) == "Flat"
-    assert vx.choose_index(1000, 768) == "Flat"
-    assert vx.choose_index(199_999, 768) == "Flat"  # below FLAT_MAX: the exact scan
-    assert vx.choose_index(1_000_000, 768, 8 << 30) == "IVF4000,Flat"  # nlist ~ 4 sqrt(n)
-    assert vx.choose_index(10_000_000, 768, 64 << 30) == "IVF12649,Flat"
-    assert vx.choose_index(5000, 32, flat_max=1000) == "IVF128,Flat"  # nlist capped: >= 39 points per list
-    assert vx.choose_index(100, 32, flat_max=0) == "Flat"  # too few to train any IVF
+    assert ivf.choose_index(0, 768) == "Flat"
+    assert ivf.choose_index(1000, 768) == "Flat"
+    assert ivf.choose_index(199_999, 768) == "Flat"  # below FLAT_MAX: the exact scan
+    assert ivf.choose_index(1_000_000, 768, 8 << 30) == "IVF4000,Flat"  # nlist ~ 4 sqrt(n)
+    assert ivf.choose_index(10_000_000, 768, 64 << 30) == "IVF12649,Flat"
+    assert ivf.choose_index(5000, 32, flat_max=1000) == "IVF128,Flat"  # nlist capped: >= 39 points per list
+    assert ivf.choose_index(100, 32, flat_max=0) == "Flat"  # too few to train any IVF
     previous = None
     for budget in (2 << 30, 1 << 30, 256 << 20, 64 << 20, 1 << 20):  # flat codes (3.1 GB) do not fit: PQ
-        spec = vx.choose_index(1_000_000, 768, budget)
+        spec = ivf.choose_index(1_000_000, 768, budget)
         m = int(re.fullmatch(r"IVF4000,PQ(\d+)", spec).group(1))
         assert 768 % m == 0
         if budget > 1 << 20:
-            assert vx.ivf_bytes(1_000_000, 768, 4000, m) <= budget
+            assert ivf.ivf_bytes(1_000_000, 768, 4000, m) <= budget
         assert previous is None or m <= previous  # a smaller budget never gets bigger codes
         previous = m
-    assert previous == min(vx.PQ_CHOICES)  # nothing fits: the smallest codes
-    assert vx.choose_index(1_000_000, 768, 2 << 30) == "IVF4000,PQ128"
+    assert previous == min(ivf.PQ_CHOICES)  # nothing fits: the smallest codes
+    assert ivf.choose_index(1_000_000, 768, 2 << 30) == "IVF4000,PQ128"
 
 
 # ----- recall, infos, reopen -----------------------------------------------------------------------
@@ -95,7 +96,7 @@ def test_ivf_recall_against_exact_and_infos(built):
     infos = json.loads((built / SEARCH_INFOS).read_text())
     assert infos["type"] == "IVF102,Flat" and infos["count"] == N and infos["k"] == 32
     assert infos["recall"] >= 0.95 and infos["meets_target"] and infos["nprobe"] >= 1
-    assert infos["build_s"] > 0 and infos["threads"] == vx.BUILD_THREADS
+    assert infos["build_s"] > 0 and infos["threads"] == ivf.BUILD_THREADS
     assert (built / SEARCH_NAME).stat().st_size == infos["bytes"]
     with Store.open(built, writable=False) as store:
         assert store.search_state["state"] == "ok", store.search_state
@@ -240,7 +241,7 @@ def test_pq_when_flat_codes_exceed_the_budget(built, tmp_path):
     with Store.open(root) as store:
         store.rebuild(flat_max=FLAT_MAX, memory_budget_bytes=120_000, threads=1)  # PQ16 needs 141,824 bytes
         infos = json.loads((root / SEARCH_INFOS).read_text())
-        assert infos["type"] == "IVF102,PQ8" and infos["rerank"] == vx.RERANK and infos["threads"] == 1
+        assert infos["type"] == "IVF102,PQ8" and infos["rerank"] == ivf.RERANK and infos["threads"] == 1
         assert infos["recall"] >= 0.95 and store.search_state["state"] == "ok"
         queries = _clustered(30, seed=37)
         assert _recall(store, queries) >= 0.95
