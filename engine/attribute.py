@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -160,10 +160,8 @@ class Plan:
         return [s for s in self.sources if kind_of(s).generates]
 
     def key(self, source: Source, description_hash: str, seed: int) -> str:
-        # asked only for generating sources, whose kinds hash a recipe (a kind without one gives None, which
-        # the key encodes as null, as it always has)
-        params_hash = cast(str, self.params_hash[source.id])
-        return cache_key(description_hash, source.fingerprint, seed, params_hash, self.embedder)
+        # a kind without a recipe hash gives None, which the key encodes as null, as it always has
+        return cache_key(description_hash, source.fingerprint, seed, self.params_hash[source.id], self.embedder)
 
     def wanted(self, description_hash: str) -> dict[str, tuple[Source, int]]:
         """Cache key -> (source, seed) of every resynthesis this plan asks for."""

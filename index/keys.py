@@ -52,7 +52,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def cache_key(description_hash: str, source_fingerprint: str, seed: int, params_hash: str, embedder: str,
+def cache_key(description_hash: str, source_fingerprint: str, seed: int, params_hash: str | None, embedder: str,
               file_hash: str | None = None) -> str:
     """Identity of one resynthesis vector. `file_hash` only for replayed images (no generation recipe)."""
     return sha256_text(canonical_json([description_hash, source_fingerprint, seed, params_hash, embedder,
