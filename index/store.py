@@ -76,7 +76,6 @@ class Store:
         self.claims = Claims(self.db, self.catalog.existing_keys)
         self.live = LiveIndex(self.db, self.layout, repair)
         self.search_index = SearchIndex(self.live, self.layout)
-        self.last_inserted = 0  # deprecated: add_images returns it; kept until engine/ingest.py reads the return
         try:
             if create:
                 migrations.create_schema(self.db, self.embedder_identity, self.dim)
@@ -213,15 +212,9 @@ class Store:
     def search_state(self) -> dict:
         return self.search_index.state
 
-    @property
-    def _search(self):  # deprecated: scripts/bench_lookup.py reads it; use search_index.built
-        return self.search_index.built
-
     def vector_ids(self) -> np.ndarray:
         """Every vector id the database stores for the live embedder, sorted (reads them all)."""
         return self.live.stored.db_vector_ids()
-
-    _db_vector_ids = vector_ids  # deprecated name (tests/test_service.py)
 
     # ----- the live index and the search index -----------------------------------------------
     def remove_stale_temp_files(self, deep: bool = False) -> list[str]:
@@ -353,7 +346,6 @@ class Store:
         that is already stored (by this batch, an earlier one or another process) yields the existing
         image's id and adds nothing."""
         if not rows:
-            self.last_inserted = 0
             return AddedImages([], 0)
         matrix = np.stack([np.asarray(r.vector, np.float32).ravel() for r in rows])
         if matrix.shape[1] != self.dim:
@@ -361,7 +353,6 @@ class Store:
         if not np.isfinite(matrix).all():
             raise StoreInputError("a vector to store is not finite (NaN or infinity)")
         recorded = self.catalog.record_images(rows, matrix)
-        self.last_inserted = len(recorded.vector_ids)  # deprecated (not thread-safe): read `.inserted`
         crash_point("images:after-commit")
         if recorded.vector_ids:
             self.live.add(np.array(recorded.vector_ids, np.int64), matrix[recorded.rows])

@@ -288,7 +288,7 @@ def search_section(store: Store, vectors: np.ndarray, args, k: int = 32) -> dict
            "stored_query_recall": infos["recall"], "recall_by_nprobe": infos.get("recall_by_nprobe"),
            "state": store.search_state["state"],
            "search_mb": (store.search_path.stat().st_size / 2**20) if store.search_path.exists() else 0.0}
-    search = store._search
+    search = store.search_index.built
     if search is None:
         return out
     exact_ids = np.stack([store.index.search(v[None, :], k)[1][0] for v in vectors])

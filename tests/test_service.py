@@ -477,7 +477,7 @@ def test_kill_during_generation_then_restart_keeps_store_consistent(served_store
     partial = _vectors(store)
     assert before < partial < before + len(prompts) * SOURCES * K, "kill landed outside the generation"
     with Store.open(store) as opened:
-        assert np.array_equal(np.sort(vx.index_ids(opened.index)), opened._db_vector_ids())
+        assert np.array_equal(np.sort(vx.index_ids(opened.index)), opened.vector_ids())
         assert opened.stats()["vectors"] == partial
         kept = opened.resyntheses(opened.description_id(acknowledged))
         assert len(kept) == SOURCES * K  # the acknowledged answer's resyntheses survived the kill
@@ -491,4 +491,4 @@ def test_kill_during_generation_then_restart_keeps_store_consistent(served_store
     finally:
         server.stop()
     with Store.open(store) as opened:
-        assert np.array_equal(np.sort(vx.index_ids(opened.index)), opened._db_vector_ids())
+        assert np.array_equal(np.sort(vx.index_ids(opened.index)), opened.vector_ids())
