@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Protocol
 
 from PIL import Image
 
@@ -32,6 +33,34 @@ def clean_prompt(text: str | None) -> str | None:
     return normal
 
 
+class Describer(Protocol):
+    """What the request asks of a captioner: its folder, and a description per image."""
+
+    folder: Path
+
+    def caption(self, images: list[Image.Image]) -> list[str]: ...
+
+
+def make_captioner(folder: str | Path, device: str | None = None) -> Describer:
+    """The captioner a folder holds: BLIP, GIT or VisionEncoderDecoder as an image-to-text model, else
+    any image-text-to-text (vision-language) model asked for a description; the instruction comes from
+    $RESYNTH_CAPTION_INSTRUCTION when set (engine.captioners.DEFAULT_INSTRUCTION otherwise)."""
+    import os
+
+    from engine.captioners import DEFAULT_INSTRUCTION, VisionLanguageCaptioner, is_vision_language
+
+    path = expand_path(folder)
+    config = path / "config.json"
+    try:
+        model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    except (ValueError, OSError, AttributeError):
+        model_type = None
+    if model_type not in _CAPTIONERS and is_vision_language(path):
+        instruction = os.environ.get("RESYNTH_CAPTION_INSTRUCTION") or DEFAULT_INSTRUCTION
+        return VisionLanguageCaptioner(path, device, instruction=instruction)
+    return Captioner(path, device)
+
+
 class Captioner:
     """An image-to-text model (BLIP, GIT or VisionEncoderDecoder) from a local folder, loaded lazily."""
 
@@ -49,8 +78,8 @@ class Captioner:
         except (ValueError, KeyError):
             raise UserError(f"malformed captioner config: {config_file}") from None
         if self.model_type not in _CAPTIONERS:
-            raise UserError(f"captioner type {self.model_type!r} is not supported "
-                            f"(supported: {', '.join(sorted(_CAPTIONERS))})")
+            raise UserError(f"captioner type {self.model_type!r} is not supported (supported: "
+                            f"{', '.join(sorted(_CAPTIONERS))}, or an image-text-to-text model such as LLaVA)")
         self._model = None
         self.calls = 0
 

@@ -12,7 +12,7 @@ from engine import sources
 from engine.errors import SourceError, UserError
 
 if TYPE_CHECKING:
-    from engine.describe import Captioner
+    from engine.describe import Describer
     from engine.embed import Embedder
     from engine.workspace import Workspace
 
@@ -22,7 +22,7 @@ class Models:
         self.ws = ws  # its store, device, sources and max_loaded (the service sets that)
         self.captioner_folder = captioner
         self._embedder = embedder
-        self._captioner: Captioner | None = None
+        self._captioner: Describer | None = None
         self.generators: dict = {}
         self._resident: list = []
         self._lock = threading.RLock()
@@ -47,13 +47,13 @@ class Models:
         with self._lock:
             self._embedder = embedder
 
-    def captioner(self) -> "Captioner | None":
+    def captioner(self) -> "Describer | None":
         with self._lock:
             folder = self.captioner_folder or self.ws.store.config.get("captioner")
-            if folder and (self._captioner is None or str(self._captioner.folder) != str(folder)):
-                from engine.describe import Captioner
+            if folder and (self._captioner is None or not _same_folder(self._captioner.folder, folder)):
+                from engine.describe import make_captioner
 
-                self._captioner = Captioner(Path(folder), device=self.ws.device)
+                self._captioner = make_captioner(Path(folder), device=self.ws.device)
             return self._captioner if folder else None
 
     def generator(self, name: str):
@@ -83,3 +83,7 @@ class Models:
             for stale in self._resident[:-keep]:
                 stale.unload()
             self._resident = self._resident[-keep:]
+
+
+def _same_folder(a: str | Path, b: str | Path) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()

@@ -37,7 +37,7 @@ from index.store import Store
 
 if TYPE_CHECKING:  # heavy modules (torch) load only when a model is needed
     from engine.api_source import Budget
-    from engine.describe import Captioner
+    from engine.describe import Describer
     from engine.embed import Embedder
     from engine.ingest import IngestReport
 
@@ -98,7 +98,7 @@ class Workspace:
         return self.models.embedder()
 
     @property
-    def captioner(self) -> "Captioner | None":
+    def captioner(self) -> "Describer | None":
         return self.models.captioner()
 
     def generator(self, name: str):
@@ -392,13 +392,13 @@ def init_workspace(store_dir: str | os.PathLike | None = None, *, clip_checkpoin
                    clip_layer: str | int | None = "middle", captioner: str | os.PathLike | None = None,
                    device: str | None = None, progress: bool = False, db: str | None = None) -> Workspace:
     """Create a store bound to one open_clip image encoder (loaded once, to validate it and learn its identity)."""
-    from engine.describe import Captioner
+    from engine.describe import make_captioner
     from engine.embed import Embedder
 
     spec = embedder_spec(clip_checkpoint, clip_model, clip_config, clip_layer)
     captioner = expand_path(captioner) if captioner else None
     if captioner:
-        Captioner(captioner)  # validates the folder now rather than at the first query
+        make_captioner(captioner)  # validates the folder now rather than at the first query
     embedder = Embedder(spec, device=device)
     store = Store.create(store_path(store_dir), embedder.describe(), embedder.dim,
                          captioner=str(Path(captioner).resolve()) if captioner else None, db_url=db)

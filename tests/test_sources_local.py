@@ -159,7 +159,7 @@ def test_lora_sources_attribute_end_to_end_and_refusals(models, local, tmp_path)
         assert kind.prepare("x", base, lora=f"{a}:0.25").params["loras"][0]["scale"] == 0.25
 
 
-def test_vision_language_captioner_describes_a_query_end_to_end(models, local, tmp_path):
+def test_vision_language_captioner_describes_a_query_end_to_end(models, local, tmp_path, monkeypatch):
     """A tiny random LLaVA folder (AutoModelForImageTextToText + AutoProcessor) with an instruction describes
     a query that came without a prompt, through the workspace's describe step."""
     from engine.captioners import VisionLanguageCaptioner, is_vision_language, write_tiny_llava
@@ -175,11 +175,14 @@ def test_vision_language_captioner_describes_a_query_end_to_end(models, local, t
     assert captioner.prompt().count("<image>") == 1 and "Describe this image." in captioner.prompt()
     from PIL import Image
 
-    expected = captioner.caption([Image.open(query)])[0]
-    assert expected and captioner.caption([Image.open(query)]) == [expected]  # greedy: deterministic
-    with workspace(models, tmp_path / "store") as ws:
+    assert captioner.caption([Image.open(query)]) == captioner.caption([Image.open(query)])  # greedy
+    # through the engine: a store whose captioner folder is the VLM, chosen by describe.make_captioner
+    monkeypatch.setenv("RESYNTH_CAPTION_INSTRUCTION", "Describe this image.")
+    expected = VisionLanguageCaptioner(folder, device="cpu", instruction="Describe this image.").caption(
+        [Image.open(query)])[0]
+    with engine.init(tmp_path / "store", clip_config=models["clip_config"], clip_checkpoint=models["clip_checkpoint"],
+                     captioner=folder) as ws:
         ws.add_source("base", local["base"], steps=2)
-        ws.models.captioner_folder, ws.models._captioner = str(captioner.folder), captioner  # as describe.py would
         (result,) = ws.attribute([query], options=Options(per_source=1, adaptive=False)).results
     assert result.description_from == "caption" and result.description == expected and result.predicted == "base"
     with pytest.raises(UserError, match="not an image-text-to-text"):
