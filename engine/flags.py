@@ -186,6 +186,8 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
         if all(p.type is bool for _, p in declarations):
             keywords["action"] = "store_true"
         else:
+            if all(p.repeatable for _, p in declarations):
+                keywords["action"] = "append"
             keywords["metavar"] = "|".join(_unique(_metavar(p) for _, p in declarations))
             choices = _unique(tuple(p.allowed() or ()) for _, p in declarations)
             if len(choices) == 1 and choices[0]:

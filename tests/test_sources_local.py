@@ -190,7 +190,7 @@ def test_vision_language_captioner_describes_a_query_end_to_end(models, local, t
 
 
 @needs_peft
-def test_cli_source_add_infers_the_local_kinds(models, local, tmp_path):
+def test_cli_source_add_infers_the_local_kinds(models, local, tmp_path, capsys):
     """`source add` flags come from the kinds' params: a file with --config is a single file, a folder
     with --lora a LoRA source, a folder alone the default kind; `source list` shows their recipes."""
     import json
@@ -204,6 +204,10 @@ def test_cli_source_add_infers_the_local_kinds(models, local, tmp_path):
                    "--store", store) == 0
     assert run_cli("source", "add", "lora-ab", local["base"], "--lora", f"{local['a']}:0.7,{local['b']}",
                    "--steps", 2, "--store", store) == 0
+    # the flag repeated names the same adapters as the comma form (in any order): the same source, refused as a twin
+    assert run_cli("source", "add", "lora-ba", local["base"], "--lora", str(local["b"]), "--lora",
+                   f"{local['a']}:0.7", "--steps", 2, "--store", store) == 2
+    assert "'lora-ab'" in capsys.readouterr().err
     assert run_cli("source", "add", "base", local["base"], "--steps", 2, "--store", store) == 0
     assert run_cli("source", "add", "bad", local["base"], "--lora", f"{local['a']}:x", "--store", store) != 0
     with engine.open(store) as ws:

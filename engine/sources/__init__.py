@@ -61,6 +61,7 @@ class Param:
     flag: str | None = None  # the CLI flag, when not `--name-with-dashes` (the api kind's url is `--api`)
     choices: Sequence[str] | Callable[[], Sequence[str]] | None = None  # allowed values (or a call listing them)
     path: bool = False  # a filesystem path: `~` and `$VAR` expanded wherever it enters
+    repeatable: bool = False  # the CLI flag may be given several times (the kind receives a list)
 
     @property
     def cli_flag(self) -> str:

@@ -78,11 +78,11 @@ class Lora(SourceKind):
     summary = ("LoRA adapters on a diffusers pipeline folder (each combination of files and scales its own "
                "source; sources of one base share its pipeline in memory)")
     examples = ("resynth source add anime-v2 ~/models/sd15 --lora ~/loras/anime-v2.safetensors:0.8",
-                "resynth source add two ~/models/sd15 --lora a.safetensors:0.6,b.safetensors")
+                "resynth source add two ~/models/sd15 --lora a.safetensors:0.6 --lora b.safetensors")
     params = (
         Param("path", str, None, "base diffusers pipeline folder", positional=True, required=True, metavar="DIR"),
-        Param("lora", str, None, "LoRA adapter file with an optional scale (default 1.0); several comma-separated",
-              required=True, metavar="FILE[:SCALE]"),
+        Param("lora", str, None, "LoRA adapter file with an optional scale (default 1.0); repeat the flag (or "
+              "separate by commas) for several", required=True, metavar="FILE[:SCALE]", repeatable=True),
     ) + RECIPE_PARAMS
 
     def prepare(self, name: str, path, lora=None, steps: int = 30, guidance: float = 7.0, size: int | None = None,
