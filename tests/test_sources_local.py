@@ -209,6 +209,8 @@ def test_cli_source_add_infers_the_local_kinds(models, local, tmp_path, capsys):
                    f"{local['a']}:0.7", "--steps", 2, "--store", store) == 2
     assert "'lora-ab'" in capsys.readouterr().err
     assert run_cli("source", "add", "base", local["base"], "--steps", 2, "--store", store) == 0
+    assert run_cli("source", "add", "no-config", local["file"], "--store", store) == 2  # a file needs --config
+    assert "single-file source with --config DIR" in capsys.readouterr().err
     assert run_cli("source", "add", "bad", local["base"], "--lora", f"{local['a']}:x", "--store", store) != 0
     with engine.open(store) as ws:
         rows = {r["name"]: r for r in ws.list_sources()}

@@ -28,6 +28,9 @@ class Pipeline(SourceKind):
         from engine.generate import GenerationParams, check_pipeline_folder, check_scheduler, fingerprint_folder
 
         folder = Path(path).resolve()
+        if folder.is_file() and folder.suffix in (".safetensors", ".ckpt", ".pt", ".bin"):
+            raise UserError(f"{path} is a single checkpoint file: add it as a single-file source with --config DIR "
+                            "(a diffusers folder of the same architecture, for its configs; nothing is downloaded)")
         check_pipeline_folder(folder)
         check_scheduler(scheduler)
         if steps < 1 or (size is not None and (size < 8 or size % 8)):
