@@ -97,6 +97,11 @@ class DiffusersGenerator:
                 raise SourceError(self.name, str(exc)) from exc
         return self._pipe
 
+    @property
+    def loaded(self) -> bool:
+        """Whether the pipeline is in memory now (the service bounds how many are)."""
+        return self._pipe is not None
+
     def unload(self) -> None:
         """Free the pipeline's memory; it reloads on the next generation."""
         if self._pipe is not None:

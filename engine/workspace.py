@@ -110,9 +110,9 @@ class Workspace:
         """Images generated per source by this workspace (tests and the service's stats count them)."""
         return {name: g.calls for name, g in self.models.generators.items()}
 
-    @property
-    def _generators(self) -> dict:  # tests read which pipelines are resident
-        return self.models.generators
+    def loaded_pipelines(self) -> list[str]:
+        """The sources whose pipeline is in memory now (at most `max_loaded` of them)."""
+        return [name for name, g in self.models.generators.items() if getattr(g, "loaded", False)]
 
     def make_room_for(self, generator) -> None:
         self.models.make_room_for(generator)

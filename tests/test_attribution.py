@@ -63,7 +63,7 @@ def test_one_batch_shares_generation_across_queries(store_dir, originals, models
         ws.max_loaded = 1
         ws.attribute(_paths(same_prompt), _prompts(same_prompt), Options(per_source=1))
         assert sum(ws.generator_calls.values()) == len(models["pipelines"])  # one per source, not per query
-        assert sum(g._pipe is not None for g in ws._generators.values()) == 1  # the rest unloaded
+        assert len(ws.loaded_pipelines()) == 1  # the rest unloaded
 
 
 def test_inputs_as_path_bytes_and_pil_give_one_answer(store_dir, originals):

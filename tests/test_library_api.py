@@ -172,11 +172,11 @@ def test_a_source_removed_by_another_process_mid_request_drops_out(store_dir, or
         with engine.open(store_dir) as other:
             other.remove_source(gone)
         if listing == "re-read":
-            ws._sources_changed()
+            ws.sources_changed()
         cached, generated, failed = ws.resynthesize([text], plan)[text]
         assert (cached, generated) == (0, len(names) - 1)
         assert list(failed) == [gone] and "removed" in failed[gone]
-        ws._sources_changed()
+        ws.sources_changed()
         report = ws.attribute([originals[0]["image"]], prompt=text,
                               options=Options(adaptive=False, mode="resynthesis", per_source=1))
         assert sorted(s.source for s in report.results[0].scores) == sorted(n for n in names if n != gone)

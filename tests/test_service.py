@@ -184,7 +184,7 @@ def test_resident_pipelines_are_bounded_across_option_sets(served_store, query_p
         for sources in ("tiny-sd-ddim,tiny-sd-euler-a", "tiny-sdxl-euler,tiny-sdxl-dpm"):  # two option sets
             reply = _post(client, query_png, "a green door in a stone wall", per_source=1, sources=sources)
             assert reply.status_code == 200 and reply.json()["cache"]["generated"] == 2
-        resident = [name for name, g in service.ws._generators.items() if g._pipe is not None]
+        resident = service.ws.loaded_pipelines()
         assert sorted(resident) == ["tiny-sdxl-dpm", "tiny-sdxl-euler"]  # the first two were unloaded
 
 
