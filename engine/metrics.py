@@ -76,6 +76,89 @@ def one_vs_rest_auroc(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return np.array([binary_auroc(labels == c, scores[:, c]) for c in range(scores.shape[1])])
 
 
+# ------------------------------------------------------------------ open-set figures (known vs unknown)
+# Scores: larger = more "known". A threshold t accepts every query with score >= t, so queries tied at t
+# are accepted or rejected together; the thresholds swept are "above every score" (accept nothing) and
+# every distinct score value. nan scores count as -inf (accepted only when everything is); +-inf are
+# ordinary values.
+
+def _open_set_sweep(known_correct: np.ndarray, known_scores: np.ndarray,
+                    unknown_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per threshold, highest first ("above every score", then every distinct score): how many knowns,
+    correctly classified knowns and unknowns have a score >= it."""
+    known = np.nan_to_num(np.asarray(known_scores, np.float64), nan=-np.inf, posinf=np.inf, neginf=-np.inf)
+    unknown = np.nan_to_num(np.asarray(unknown_scores, np.float64), nan=-np.inf, posinf=np.inf, neginf=-np.inf)
+    correct = np.asarray(known_correct, bool)
+    if correct.shape != known.shape:
+        raise ValueError("known_correct and known_scores must have the same length")
+    values, where = np.unique(np.concatenate([known, unknown]), return_inverse=True)
+    where = where.reshape(-1)
+    n = len(values)
+    k_at = np.bincount(where[:len(known)], minlength=n)[::-1]
+    c_at = np.bincount(where[:len(known)], weights=correct.astype(np.float64), minlength=n)[::-1]
+    u_at = np.bincount(where[len(known):], minlength=n)[::-1]
+    zero = np.zeros(1)
+    return (np.concatenate([zero, np.cumsum(k_at)]), np.concatenate([zero, np.cumsum(c_at)]),
+            np.concatenate([zero, np.cumsum(u_at)]))
+
+
+def oscr(known_correct: np.ndarray, known_scores: np.ndarray, unknown_scores: np.ndarray) -> float:
+    """Open-Set Classification Rate (Dhamija, Guenther & Boult, NeurIPS 2018): the area under the curve of
+    the correct classification rate (knowns correctly classified *and* accepted, over all knowns) against
+    the false positive rate (unknowns accepted, over all unknowns), sweeping the threshold from +inf down.
+    Consecutive points are joined by straight lines (trapezoids), so a known tied with an unknown counts
+    half, as in binary_auroc: with every known correctly classified OSCR equals the known-vs-unknown AUROC;
+    its maximum is the closed-set accuracy of the knowns. nan when there are no knowns or no unknowns."""
+    known_scores = np.asarray(known_scores)
+    n_known, n_unknown = known_scores.size, np.asarray(unknown_scores).size
+    if n_known == 0 or n_unknown == 0:
+        return float("nan")
+    _, correct, unknown = _open_set_sweep(known_correct, known_scores, unknown_scores)
+    ccr, fpr = correct / n_known, unknown / n_unknown
+    return float(np.sum(np.diff(fpr) * (ccr[1:] + ccr[:-1]) / 2))
+
+
+def _needed(rate: float, n: int, at_least: bool) -> int:
+    """How many of n a rate asks for: at least ceil(rate*n), or at most floor(rate*n) (float-safe)."""
+    if not 0 <= rate <= 1:
+        raise ValueError(f"a rate must be within 0..1, not {rate}")
+    return int(math.ceil(rate * n - 1e-9)) if at_least else int(math.floor(rate * n + 1e-9))
+
+
+def tnr_at_tpr(known_scores: np.ndarray, unknown_scores: np.ndarray, tpr: float = 0.95) -> float:
+    """True negative rate on the unknowns (share with score < t) at the highest threshold t that accepts at
+    least `tpr` of the knowns (score >= t). Unknowns tied with t are accepted (false positives): ties never
+    flatter the figure. 1 - the FPR@95TPR of OpenOOD and scikit-learn's roc_curve. nan when either side is
+    empty."""
+    known, unknown = np.asarray(known_scores), np.asarray(unknown_scores)
+    if known.size == 0 or unknown.size == 0:
+        return float("nan")
+    accepted, _, false_pos = _open_set_sweep(np.zeros(known.size, bool), known, unknown)
+    i = int(np.argmax(accepted >= _needed(tpr, known.size, at_least=True)))  # the first (highest) such t
+    return float((unknown.size - false_pos[i]) / unknown.size)
+
+
+def ccr_at_fpr(known_correct: np.ndarray, known_scores: np.ndarray, unknown_scores: np.ndarray,
+               fpr: float = 0.05) -> float:
+    """Correct classification rate of the knowns (correctly classified and score >= t, over all knowns) at
+    the lowest threshold t that accepts at most `fpr` of the unknowns. Unknowns tied with t are accepted,
+    so a tie can keep t above a known (never flatters the figure); with fewer than 1/fpr unknowns only
+    t above every unknown qualifies. nan when either side is empty."""
+    known, unknown = np.asarray(known_scores), np.asarray(unknown_scores)
+    if known.size == 0 or unknown.size == 0:
+        return float("nan")
+    _, correct, false_pos = _open_set_sweep(known_correct, known, unknown)
+    i = int(np.nonzero(false_pos <= _needed(fpr, unknown.size, at_least=False))[0][-1])  # the last (lowest)
+    return float(correct[i] / known.size)
+
+
+def open_set_figures(known_correct: np.ndarray, known_scores: np.ndarray, unknown_scores: np.ndarray) -> dict:
+    """OSCR, TNR at 95% TPR and CCR at 5% FPR of one known/unknown split (None where not defined)."""
+    return {"oscr": _clean(oscr(known_correct, known_scores, unknown_scores)),
+            "tnr_at_tpr95": _clean(tnr_at_tpr(known_scores, unknown_scores, 0.95)),
+            "ccr_at_fpr5": _clean(ccr_at_fpr(known_correct, known_scores, unknown_scores, 0.05))}
+
+
 def softmax(scores: np.ndarray, temperature: float) -> np.ndarray:
     """Row-wise softmax of scores / temperature; -inf scores get probability 0."""
     logits = np.asarray(scores, np.float64) / temperature

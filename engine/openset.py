@@ -20,10 +20,13 @@ from typing import Any
 import numpy as np
 
 from engine.calibration import DEFAULT_TEMPERATURE, shared_precision, whitening
-from engine.metrics import (accuracy, binary_auroc, expected_calibration_error,
-                                       negative_log_likelihood, reliability_table, softmax)
+from engine.metrics import (accuracy, binary_auroc, expected_calibration_error, negative_log_likelihood,
+                            open_set_figures, reliability_table, softmax)
 
 FALSE_REJECT = 0.05
+# Reported beside AUROC per open-set score, per left-out source and as their mean (engine.metrics):
+# OSCR, true-negative rate on unknowns at 95% of knowns accepted, correct classification at 5% FPR.
+LITERATURE_FIGURES = ("oscr", "tnr_at_tpr95", "ccr_at_fpr5")
 TEMPERATURES = np.exp(np.linspace(np.log(1e-6), np.log(10.0), 500))
 MIN_DESCRIPTION_FOLDS = 4  # fewer distinct descriptions than this: folds by image instead
 FOLD_SEED = 0
@@ -341,6 +344,8 @@ def _round(name: str, scores: np.ndarray, labels: np.ndarray, folds: np.ndarray,
         "known_false_reject": float((decision[known] < 0).mean()),
         "known_accuracy_accepted": accuracy(mapped[ok], predicted[ok]) if ok.any() else None,
         "unknown_rejected_at_frr": float((decision[unknown] < np.quantile(decision[known], frr)).mean()),
+        # the open-set literature's figures over the same cross-fitted decision values (engine.metrics)
+        **open_set_figures(correct[known], decision[known], decision[unknown]),
     }
     if pooled_for:
         out["pooled_threshold_for"] = pooled_for  # no correctly attributed original of theirs to fit one
@@ -385,11 +390,18 @@ def _score_figures(name: str, scores: np.ndarray, labels: np.ndarray, folds: np.
         "known_accuracy_accepted": float(correct[accepted].sum() / accepted.sum()) if accepted.any() else None,
         "known_accuracy_overall": float(correct[accepted].sum() / known.sum()),
         "unknown_rejected": float(np.mean([v["unknown_rejected"] for v in rounds])),
+        **{k: _mean_measured([v.get(k) for v in rounds]) for k in LITERATURE_FIGURES},
         "per_source": per_source,
     }
     if len(measured) < len(per_source):
         out["partial"] = f"mean over {len(measured)} of {len(per_source)} left-out sources (others not measured)"
     return out
+
+
+def _mean_measured(values: list) -> float | None:
+    """Mean over the rounds that have the figure; None when none has it."""
+    kept = [v for v in values if v is not None]
+    return float(np.mean(kept)) if kept else None
 
 
 def _finite(value: float) -> float | None:

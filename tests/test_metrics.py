@@ -166,3 +166,77 @@ def test_exact_false_reject_operating_point():
     exact = result["at_exact_false_reject"]
     assert 0 < exact["unknown_rejected"] <= 1 and 0 < exact["known_accuracy_accepted"] <= 1
     assert 0.5 < result["pooled_auroc"] <= 1
+
+
+# ------------------------------------------------------------------- open-set figures (OSCR, TNR, CCR)
+# Knowns 0.9 (correct), 0.8 (misclassified), 0.6, 0.4 (correct); unknowns 0.7, 0.5. Sweeping the threshold
+# down: (FPR, CCR) = (0, 0) (0, .25) (0, .25) (.5, .25) (.5, .5) (1, .5) (1, .75).
+KNOWN = np.array([0.9, 0.8, 0.6, 0.4])
+CORRECT = np.array([True, False, True, True])
+UNKNOWN = np.array([0.7, 0.5])
+
+
+def test_oscr_by_hand():
+    # area: 0.5 wide at CCR 0.25, then 0.5 wide at CCR 0.5
+    assert m.oscr(CORRECT, KNOWN, UNKNOWN) == pytest.approx(0.5 * 0.25 + 0.5 * 0.5)
+    # every known correct: OSCR is the known-vs-unknown AUROC (5 of 8 pairs won: .9 and .8 beat both
+    # unknowns, .6 beats .5)
+    assert m.oscr(np.ones(4, bool), KNOWN, UNKNOWN) == pytest.approx(5 / 8)
+    # perfect separation: OSCR is the closed-set accuracy of the knowns
+    assert m.oscr(CORRECT, KNOWN + 1, UNKNOWN) == pytest.approx(0.75)
+    # order of the inputs does not matter
+    order = np.array([2, 0, 3, 1])
+    assert m.oscr(CORRECT[order], KNOWN[order], UNKNOWN[::-1]) == pytest.approx(0.375)
+
+
+def test_oscr_ties_count_half_like_auroc():
+    # one known tied with one unknown: the curve goes (0,0) -> (1,1), area 1/2
+    assert m.oscr(np.array([True]), np.array([0.5]), np.array([0.5])) == pytest.approx(0.5)
+    # knowns 1, .5; unknowns .5, 0: (0,0) (0,.5) (.5,1) (1,1) -> 0.875 = AUROC with the tie at half
+    known, unknown = np.array([1.0, 0.5]), np.array([0.5, 0.0])
+    assert m.oscr(np.ones(2, bool), known, unknown) == pytest.approx(0.875)
+    positive = np.r_[np.ones(2, bool), np.zeros(2, bool)]
+    assert m.binary_auroc(positive, np.r_[known, unknown]) == pytest.approx(0.875)
+    rng = np.random.default_rng(0)  # heavily tied integer scores: still equal to the AUROC
+    k, u = rng.integers(0, 5, 30).astype(float), rng.integers(0, 5, 20).astype(float)
+    assert m.oscr(np.ones(30, bool), k, u) == pytest.approx(
+        m.binary_auroc(np.r_[np.ones(30, bool), np.zeros(20, bool)], np.r_[k, u]))
+
+
+def test_tnr_at_tpr_by_hand():
+    # 95% of 4 knowns = all 4: threshold 0.4 accepts both unknowns
+    assert m.tnr_at_tpr(KNOWN, UNKNOWN, 0.95) == 0.0
+    assert m.tnr_at_tpr(KNOWN, UNKNOWN, 0.75) == pytest.approx(0.5)  # threshold 0.6 rejects 0.5 only
+    assert m.tnr_at_tpr(KNOWN, UNKNOWN, 0.5) == pytest.approx(1.0)   # threshold 0.8
+    # knowns 1..20: 95% = 19 accepted at threshold 2; unknowns 0.5..19.5 below 2: 0.5 and 1.5
+    assert m.tnr_at_tpr(np.arange(1, 21), np.arange(20) + 0.5) == pytest.approx(2 / 20)
+    # an unknown tied with the threshold is accepted (a false positive)
+    assert m.tnr_at_tpr(np.array([1.0, 0.5]), np.array([0.5, 0.0]), 1.0) == pytest.approx(0.5)
+
+
+def test_ccr_at_fpr_by_hand():
+    # 5% of 2 unknowns = none: the lowest threshold above 0.7 is 0.8; correct knowns >= 0.8: one of four
+    assert m.ccr_at_fpr(CORRECT, KNOWN, UNKNOWN, 0.05) == pytest.approx(0.25)
+    assert m.ccr_at_fpr(CORRECT, KNOWN, UNKNOWN, 0.5) == pytest.approx(0.5)  # threshold 0.6, one unknown in
+    assert m.ccr_at_fpr(CORRECT, KNOWN, UNKNOWN, 1.0) == pytest.approx(0.75)  # everything: closed-set accuracy
+    # 20 unknowns 0.5..19.5, 5% = one may pass: lowest threshold above 18.5 is 19 -> knowns 19, 20
+    assert m.ccr_at_fpr(np.ones(20, bool), np.arange(1, 21), np.arange(20) + 0.5) == pytest.approx(2 / 20)
+    # ties: the unknown tied at 0.5 is accepted with the known there
+    known, unknown = np.array([1.0, 0.5]), np.array([0.5, 0.0])
+    assert m.ccr_at_fpr(np.ones(2, bool), known, unknown, 0.5) == pytest.approx(1.0)
+    assert m.ccr_at_fpr(np.ones(2, bool), known, unknown, 0.0) == pytest.approx(0.5)
+
+
+def test_open_set_figures_edge_cases():
+    assert np.isnan(m.oscr(np.array([], bool), np.array([]), UNKNOWN))
+    assert np.isnan(m.tnr_at_tpr(KNOWN, np.array([])))
+    assert np.isnan(m.ccr_at_fpr(CORRECT, KNOWN, np.array([])))
+    assert m.open_set_figures(CORRECT, KNOWN, np.array([])) == {"oscr": None, "tnr_at_tpr95": None,
+                                                                "ccr_at_fpr5": None}
+    # nan counts as -inf, infinities are ordinary values
+    assert m.tnr_at_tpr(np.array([np.inf, 1.0]), np.array([np.nan, -np.inf]), 1.0) == 1.0
+    assert m.oscr(np.ones(2, bool), np.array([np.inf, 1.0]), np.array([np.nan, 2.0])) == pytest.approx(0.75)
+    with pytest.raises(ValueError):
+        m.oscr(np.ones(3, bool), KNOWN, UNKNOWN)
+    with pytest.raises(ValueError):
+        m.tnr_at_tpr(KNOWN, UNKNOWN, 1.5)

@@ -334,3 +334,51 @@ def test_mahalanobis_at_attribute_time_equals_the_evaluation():
     assert calibration.is_unknown_value(None) and calibration.is_unknown_value(-np.inf)
     assert Calibration().is_unknown_value(-1e9) is None  # uncalibrated: never a verdict from this score
     assert mahalanobis_open_set(originals[0], {}, precision) == (-np.inf, None)
+
+
+# ------------------------------------------------------------ the open-set literature's figures per score
+
+def test_literature_figures_per_score_and_round():
+    """OSCR, TNR@TPR95 and CCR@FPR5 beside the AUROC: per left-out source, their mean per score, the
+    headline's at the top, and in report.md and the summary."""
+    from engine.openset import LITERATURE_FIGURES
+
+    evalset, features = one_description_set(per_source=16)
+    report = run_protocol(evalset, {"final": features}, "final", draws=1, progress=False)
+    o = report["open_set"]
+    for name, figures in o["scores"].items():
+        rounds = [v for v in figures["per_source"].values() if v.get("auroc") is not None]
+        for key in LITERATURE_FIGURES:
+            values = [v[key] for v in rounds]
+            assert all(0 <= x <= 1 for x in values), (name, key)
+            assert figures[key] == pytest.approx(np.mean(values)), (name, key)
+        for v in rounds:  # OSCR never beats the AUROC when some knowns are misclassified
+            assert v["oscr"] <= v["auroc"] + 1e-12, name
+    assert all(o[k] == o["scores"][o["headline_score"]][k] for k in LITERATURE_FIGURES)
+    text, short = markdown(json_safe(report)), summary(json_safe(report))
+    assert "OSCR | TNR@TPR95 | CCR@FPR5" in text and "Dhamija" in text
+    assert f"OSCR {o['oscr']:.3f}" in short and "TNR@TPR95 " in short and "CCR@FPR5 " in short
+
+
+def test_oscr_equals_auroc_when_every_known_is_correct():
+    """A score matrix whose true column is always the best: in each round every known is correctly
+    attributed, so its OSCR is its known-vs-unknown AUROC, and both are below 1 (the unknowns overlap)."""
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(4), 20)
+    scores = rng.uniform(0, 1, (len(labels), 4))
+    scores[np.arange(len(labels)), labels] = scores.max(1) + rng.uniform(0, 0.3, len(labels))
+    result = leave_one_source_out(scores, labels, np.zeros(len(labels), int), NAMES, score_names=["best-score"])
+    rounds = result["scores"]["best-score"]["per_source"].values()
+    assert all(v["oscr"] == pytest.approx(v["auroc"]) for v in rounds)
+    assert all(v["auroc"] < 1 for v in rounds) and result["oscr"] == pytest.approx(result["auroc"])
+
+
+def test_literature_figures_absent_when_not_measured():
+    result = leave_one_source_out(np.array([[0.5], [0.6]]), np.array([0, 0]), np.zeros(2, int), ["a"])
+    assert result.get("oscr") is None
+    evalset, features = one_description_set(with_originals=["a", "b", "c"])
+    scores, context = _scores(evalset, features)
+    result = leave_one_source_out(scores, evalset.orig_source, evalset.orig_desc, NAMES, context=context)
+    assert "oscr" not in result["per_source"]["d"] and result["oscr"] is not None
+    text = markdown(_minimal_report(result))
+    assert "| d | not measured (no originals of d to act as unknowns) | – | – | – | – | – | – |" in text

@@ -28,7 +28,8 @@ def register(sub, common) -> None:
                         "embedder's own); comma-separated (default base,final,mid)")
     p.add_argument("--perturb", nargs="?", const="all", metavar="LIST",
                    help="post-process the queries: all (default when given), or e.g. jpeg,resize=0.5,blur "
-                        "(kinds: jpeg, webp, resize, crop, blur)")
+                        "(kinds: jpeg, webp, resize, crop, blur, social, median, rotate, grey, noise; "
+                        "docs/evaluation.md)")
     p.add_argument("--draws", type=int, default=5, help="random draws per k for the few-shot baselines (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the few-shot draws (default 0)")
     p.add_argument("--save-calibration", action="store_true",

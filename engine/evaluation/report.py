@@ -89,41 +89,60 @@ def _folds_text(info: dict | None) -> str:
             f"{info['why']}; {info['caveat']}")
 
 
+LITERATURE_HEAD = "OSCR | TNR@TPR95 | CCR@FPR5"
+
+
+def literature_cells(figures: dict) -> str:
+    """OSCR, TNR at 95% TPR and CCR at 5% FPR as table cells (– where not measured)."""
+    return (f"{_num(figures.get('oscr'))} | {_pct(figures.get('tnr_at_tpr95'))} | "
+            f"{_pct(figures.get('ccr_at_fpr5'))}")
+
+
 def open_set_table(open_set: dict) -> str:
     lines = ["| left-out source | AUROC unknown vs known | unknowns rejected | known false-reject | "
-             "known accuracy (accepted) |", "|---|---|---|---|---|"]
+             f"known accuracy (accepted) | {LITERATURE_HEAD} |", "|---|---|---|---|---|---|---|---|"]
     for name, v in open_set["per_source"].items():
         if v.get("auroc") is None:
-            lines.append(f"| {name} | {_not_measured(v)} | – | – | – |")
+            lines.append(f"| {name} | {_not_measured(v)} | – | – | – | – | – | – |")
             continue
         lines.append(f"| {name} | {_num(v['auroc'])} | {_pct(v['unknown_rejected'])} | "
-                     f"{_pct(v['known_false_reject'])} | {_pct(v['known_accuracy_accepted'])} |")
+                     f"{_pct(v['known_false_reject'])} | {_pct(v['known_accuracy_accepted'])} | "
+                     f"{literature_cells(v)} |")
     if open_set.get("auroc") is None:
-        lines.append(f"| **mean / pooled** | {_not_measured(open_set)} | – | – | – |")
+        lines.append(f"| **mean / pooled** | {_not_measured(open_set)} | – | – | – | – | – | – |")
     else:
         lines.append(f"| **mean / pooled** | {_num(open_set['auroc'])} / {_num(open_set.get('pooled_auroc'))} | "
                      f"{_pct(open_set['unknown_rejected'])} | {_pct(open_set['known_false_reject'])} | "
-                     f"{_pct(open_set['known_accuracy_accepted'])} |")
+                     f"{_pct(open_set['known_accuracy_accepted'])} | {literature_cells(open_set)} (means) |")
     return "\n".join(lines)
+
+
+LITERATURE_NOTE = ("OSCR: area under correct classification of knowns against false positives on unknowns "
+                   "(Dhamija et al. 2018; at most the known accuracy). TNR@TPR95: unknowns rejected at the "
+                   "threshold accepting 95% of knowns. CCR@FPR5: knowns correctly classified and accepted at the "
+                   "threshold accepting 5% of unknowns. Each per left-out source on the cross-fitted decision "
+                   "values, then averaged like the AUROC.")
 
 
 def open_set_scores_table(open_set: dict) -> str:
     """Every open-set score side by side: the evidence for the default."""
     frr = _pct(open_set["target_false_reject"])
     lines = [f"| score | threshold | mean AUROC | pooled AUROC | unknowns rejected at {frr} known false reject | "
-             "cross-fitted: unknowns rejected / known false reject | |", "|---|---|---|---|---|---|---|"]
+             f"cross-fitted: unknowns rejected / known false reject | mean {LITERATURE_HEAD} | |",
+             "|---|---|---|---|---|---|---|---|---|"]
     definitions = open_set.get("score_definitions", {})
     for name, f in open_set.get("scores", {}).items():
         marks = " ".join(m for m, on in (("**default**", name == open_set.get("default_score")),
                                          ("**best measured**", name == open_set.get("best_measured_score"))) if on)
         kind = f.get("threshold", "–")
         if f.get("auroc") is None:
-            lines.append(f"| {name} | {kind} | {_not_measured(f)} | – | – | – | {marks} |")
+            lines.append(f"| {name} | {kind} | {_not_measured(f)} | – | – | – | – | – | – | {marks} |")
             continue
         lines.append(f"| {name} | {kind} | {_num(f['auroc'])} | {_num(f.get('pooled_auroc'))} | "
                      f"{_pct(f['unknown_rejected_at_frr'])} | {_pct(f['unknown_rejected'])} / "
-                     f"{_pct(f['known_false_reject'])} | {marks} |")
-    lines += ["", *[f"- **{n}**: {d}" for n, d in definitions.items() if n in open_set.get("scores", {})]]
+                     f"{_pct(f['known_false_reject'])} | {literature_cells(f)} | {marks} |")
+    lines += ["", *[f"- **{n}**: {d}" for n, d in definitions.items() if n in open_set.get("scores", {})],
+              "", LITERATURE_NOTE]
     return "\n".join(lines)
 
 
@@ -263,6 +282,8 @@ def summary(report: dict) -> str:
             line = (f"unknown source ({o.get('headline_score') or '–'}): AUROC {_num(o['auroc'])}; at exactly "
                     f"{_pct(o['target_false_reject'])} known false reject: known accuracy "
                     f"{_pct(x['known_accuracy_accepted'])}, unknowns rejected {_pct(x['unknown_rejected'])}")
+            line += (f"; OSCR {_num(o.get('oscr'))}, TNR@TPR95 {_pct(o.get('tnr_at_tpr95'))}, "
+                     f"CCR@FPR5 {_pct(o.get('ccr_at_fpr5'))}")
             best = o.get("best_measured_score")
             if best and best != o.get("headline_score"):
                 line += f"; best measured score {best}: AUROC {_num(o['scores'][best]['auroc'])}"
