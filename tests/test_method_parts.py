@@ -78,8 +78,8 @@ def test_source_kinds_registry(models, tmp_path):
     assert (api.generates, api.needs_gpu, api.costs_money) == (True, False, True)
     assert (replay.generates, replay.needs_gpu, replay.costs_money) == (False, False, False)
     assert "steps" in {p.name for p in pipeline.params} and "url" in {p.name for p in api.params}
-    with pytest.raises(UserError, match="unknown source kind 'lora'"):
-        sources.get("lora")
+    with pytest.raises(UserError, match="unknown source kind 'no-such-kind'"):
+        sources.get("no-such-kind")
     # the stored fingerprints are the ones stores already hold
     assert replay.prepare("x").fingerprint == sha256_text(canonical_json(["replay", "x"]))
 
