@@ -18,8 +18,7 @@ from engine.images import ImageInput, read_image
 from engine.options import Options
 from engine.sources import kind_of
 from index.keys import cache_key
-from index.schema import Source
-from index.store import StoredReference
+from index.store import Source, StoredReference
 
 if TYPE_CHECKING:
     from engine.provenance import Provenance

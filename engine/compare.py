@@ -11,15 +11,12 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING
 
 import numpy as np
-from sqlalchemy import select
 
 from engine.attribute import Attribution, Candidates, Plan, Query, rank, verdict
 from engine.calibration import Calibration, content_name, mahalanobis_open_set
 from engine.errors import SourceError
 from index.errors import StoreInputError
 from index.keys import normalise_description, sha256_text
-from index.schema import Image as ImageRow
-from index.schema import Vector as VectorRow
 
 if TYPE_CHECKING:
     from engine.provenance import Provenance
@@ -114,10 +111,7 @@ def closest(store, similarities: dict[str, list[tuple[float, int]]], n: int = CL
     similarities scoring computed (no search): one catalog read maps their vector ids to image ids."""
     best = {name: sorted(pairs, key=lambda p: (-p[0], p[1]))[:n] for name, pairs in similarities.items()}
     wanted = sorted({vid for pairs in best.values() for _, vid in pairs})
-    images: dict[int, int] = {}
-    if wanted:
-        with store.session() as s:
-            images = dict(s.execute(select(VectorRow.id, VectorRow.image_id).where(VectorRow.id.in_(wanted))).all())
+    images = store.image_ids_of_vectors(wanted)
     return {name: [{"image_id": int(images[vid]), "similarity": round(float(sim), 6)}
                    for sim, vid in pairs if vid in images]  # a vector removed meanwhile is left out
             for name, pairs in best.items()}
@@ -129,12 +123,7 @@ def reference_file(store, image_id: int) -> Path | None:
     an HTTP client names an id, and only files the store records can be answered."""
     if isinstance(image_id, bool) or not isinstance(image_id, (int, np.integer)) or not 0 < int(image_id) < 2 ** 63:
         return None
-    with store.session() as s:
-        stored = s.scalar(select(ImageRow.path).where(ImageRow.id == int(image_id)))
-    if stored is None:
-        return None
-    path = Path(stored) if Path(stored).is_absolute() else Path(store.root) / stored
-    return path if path.is_file() else None
+    return store.image_file(int(image_id))
 
 
 def provenance_claim(ws: "Workspace", provenance: "Provenance | None", predicted: str | None,

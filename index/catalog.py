@@ -265,6 +265,19 @@ class Catalog:
             return [LabelledVector(*row[:8], vector=np.frombuffer(row[8], np.float32).copy())
                     for row in s.execute(query)]
 
+    def image_path(self, image_id: int) -> str | None:
+        """The stored path of one image (relative to the store, or absolute for ingested files)."""
+        with self.db.session() as s:
+            return s.scalar(select(Image.path).where(Image.id == image_id))
+
+    def image_ids_of_vectors(self, vector_ids: list[int]) -> dict[int, int]:
+        """vector id -> image id, for the ids that are stored (any embedder)."""
+        if not vector_ids:
+            return {}
+        with self.db.session() as s:
+            rows = s.execute(select(Vector.id, Vector.image_id).where(Vector.id.in_(vector_ids))).all()
+        return {int(v): int(i) for v, i in rows}
+
     # ----- references -------------------------------------------------------------------------
     def _references(self):
         return (select(Vector.id, Source.name, Image.seed, Image.file_hash, Image.key)

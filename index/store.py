@@ -53,7 +53,7 @@ from index.faults import crash_point, skipped
 from index.layout import (CONFIG_NAME, DB_NAME, FORMAT, INDEX_NAME, LOCK_NAME, SEARCH_INFOS,  # noqa: F401
                           SEARCH_NAME, Layout, write_json_atomic)
 from index.live import LiveIndex, OpenReport  # noqa: F401 - re-exported
-from index.schema import Source
+from index.schema import Source  # noqa: F401 - re-exported: the row type sources() returns
 from index.search import SearchIndex, StoredReference
 from index.verify import verify
 
@@ -333,6 +333,19 @@ class Store:
 
     def image_id_for_key(self, key: str) -> int | None:
         return self.catalog.image_id_for_key(key)
+
+    def image_file(self, image_id: int) -> Path | None:
+        """An image's file by its id (a path the catalog records, never one a caller gives), or None when
+        there is no such image or its file is gone."""
+        stored = self.catalog.image_path(image_id)
+        if stored is None:
+            return None
+        path = Path(stored) if Path(stored).is_absolute() else self.root / stored
+        return path if path.is_file() else None
+
+    def image_ids_of_vectors(self, vector_ids: list[int]) -> dict[int, int]:
+        """vector id -> image id, for those stored."""
+        return self.catalog.image_ids_of_vectors(vector_ids)
 
     def labelled_vectors(self) -> list[LabelledVector]:
         """Every image with a vector under the store's embedder: id, role, source name, description id,
