@@ -202,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build tiny random diffusers pipelines and a tiny CLIP, register them, make a "
                                    "dataset, ingest it and attribute held-out images, then print the recipes it "
                                    "used, where its models are, the commands that reuse them and what to run "
-                                   "next. Offline, on CPU: about 40 seconds on 2 cores (42 s measured on a machine "
-                                   "busy with other work); it ends with the time of each step.")
+                                   "next. Offline, on CPU: about 20 seconds on 2 idle cores (22 s measured; 42 s on "
+                                   "a machine busy with other work); it ends with the time of each step.")
     p.add_argument("--workdir", "--out", default="resynth-demo", type=path_argument, metavar="DIR",
                    help="where models, dataset and store go (default ./resynth-demo)")
     p.set_defaults(run=cmd_demo)
