@@ -421,6 +421,8 @@ def cmd_attribute(args) -> None:
             lines.append(f"  not scored (no resynthesis of this description): {', '.join(unscored)}")
         for name, reason in r.failed.items():
             lines.append(f"  not scored ({name} failed): {reason}")
+        if (r.evidence or {}).get("provenance", {}).get("conclusion"):  # the file's own claim, beside the ranking
+            lines.append(f"  provenance: {r.evidence['provenance']['conclusion']}")
     lines.append(f"resyntheses: {report.cached} cached, {report.generated} generated")
     if report.cost is not None:
         from engine.jobs import cost_line

@@ -82,6 +82,10 @@ def score(ws: "Workspace", query: Query, text: str, origin: str, vector: np.ndar
     predicted = scores[0].source if scores else None
     claim = provenance_claim(ws, query.provenance, predicted, {s.source for s in scores})
     if claim is not None:
+        from engine.provenance import reproduce
+
+        claim["reproduction"] = reproduce.check(ws, query, claim, vector, plan)
+        claim["conclusion"] = reproduce.conclusion(claim, predicted)
         evidence["provenance"] = claim
     near = closest(store, {s.source: [(similarity[r.vector_id], r.vector_id) for r in per_source[s.source]]
                            for s in scores})
@@ -129,7 +133,8 @@ def reference_file(store, image_id: int) -> Path | None:
 def provenance_claim(ws: "Workspace", provenance: "Provenance | None", predicted: str | None,
                      scored: set[str]) -> dict | None:
     """What the file's metadata claims about its model, matched against the enrolled sources:
-    {claims, enrolled, by, agrees}, or None when the metadata names no model. `agrees` compares the
+    {claims, enrolled, by, agrees}, or None when the metadata names no model (`score` adds the redraw
+    from the file's recipe, `reproduction`, and a one-sentence `conclusion`). `agrees` compares the
     claimed source with the resynthesis ranking's best (null when the claim names no enrolled source,
     or one this request did not score); the ranking is never changed by it."""
     meta = provenance.metadata if provenance is not None else None
