@@ -21,11 +21,12 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from index import segments
 from index import vectors as vx
 from index.db import Database
 from index.errors import StoreDamaged, StoreInputError
-from index.faults import observe, skipped
-from index.layout import Layout, file_state
+from index.faults import crash_point, observe, skipped
+from index.layout import Layout
 from index.migrations import recount_vector_sets
 from index.schema import DeletedVector, StoreMeta, Vector, VectorSet
 
@@ -186,7 +187,7 @@ class LiveIndex:
         self.report = OpenReport()
         self.dirty = False  # holds vectors its file lacks
         self.tomb_seq = 0  # the highest tombstone this index has applied
-        self.file_state: tuple[int, int] | None = None
+        self.file_state: tuple | None = None  # segments.state: of the base file and of its manifest
         # what the dataset-search index wants to hear (set by the store): ids added, and "recompute"
         self.on_added: Callable[[np.ndarray, np.ndarray], None] = lambda ids, matrix: None
         self.on_reset: Callable[[], None] = lambda: None
@@ -197,7 +198,7 @@ class LiveIndex:
 
     def load(self) -> None:
         self.index, self.report = self.load_verified()
-        self.file_state = file_state(self.layout.index_path)
+        self.file_state = segments.state(self.layout.index_path)
 
     def _digest_drift(self, s: Session, db_ids: np.ndarray) -> str | None:
         """After a full comparison: whether vector_sets disagrees with the ids the database really holds
@@ -219,7 +220,10 @@ class LiveIndex:
         file possibly behind by vectors committed since it was written); only when that fails is every
         id read and compared. Content is always checked on a sample (all of it for small stores)."""
         report = OpenReport()
-        index, problem = vx.read_checked(self.layout.index_path, self.dim, mapped=True)  # the file first
+        index, problem = vx.read_checked(self.layout.index_path, self.dim, mapped=True)  # the files first
+        if index is not None and index.problem:
+            report.notes.append(f"index segments left out ({index.problem}): what they held is read from the "
+                                "database")
         with self.db.session() as s:
             tomb_seq, floor = self.stored.tomb_state(s)
             have = vx.index_ids(index) if index is not None else None
@@ -316,22 +320,71 @@ class LiveIndex:
 
     def publish(self, index=None):
         """Merge and write `index` (default: the live one) under the cross-process lock; returns the index
-        to go on with: the file just written, mapped (so no process keeps a private copy of every vector
-        past a save)."""
+        to go on with: the files just written, mapped (so no process keeps a private copy of every vector
+        past a save). What changed since the files on disk is published as a segment (index.segments);
+        a new base is written when there are no files yet, when the segments have grown past a share
+        of the base, or when the files on disk cannot be read."""
         with self.layout.file_lock():
             with self.lock:
                 live = index is None
                 index = self.index if live else index
                 if self.merge_from_db(index) and live:
                     self.on_reset()
-                vx.write_atomic(index, self.layout.index_path)
-                self.file_state = file_state(self.layout.index_path)
-                mapped, _ = vx.read_checked(self.layout.index_path, self.dim, mapped=True)
-                if mapped is not None:
-                    index = mapped
+                path = self.layout.index_path
+                saved = self._append(index, path)
+                if saved is None:
+                    vx.write_atomic(index, path)
+                    crash_point(segments.REWRITE_POINTS[1])
+                    segments.remove_orphans(path)  # the old manifest names another base now
+                    saved, _ = vx.read_checked(path, self.dim, mapped=True)
+                else:
+                    segments.remove_orphans(path)  # what a crash between the steps of a save left
+                self.file_state = segments.state(path)
+                if saved is not None:
+                    index = saved
                 if live:
                     self.index, self.dirty = index, False
                 return index
+
+    def _append(self, index, path) -> Any:
+        """(Under the file lock.) Publish what `index` holds beyond the files on disk as one segment and
+        return the index mapping them all; None where a whole new base must be written instead."""
+        if not isinstance(index, vx.MappedIndex) or index.path != path or index.problem:
+            return None
+        identity = segments.base_identity(path)
+        current, problem = segments.read_manifest(path, identity)
+        if problem or identity != index.identity:
+            return None  # a rebuild or another writer's rewrite replaced the base: rewrite from this index
+        disk: Any = index
+        if segments.key(current) != segments.key(index.manifest):  # another writer published a segment
+            disk, _ = vx.read_checked(path, self.dim, mapped=True)
+            if disk is None or disk.problem or segments.key(disk.manifest) != segments.key(current):
+                return None
+            ours, theirs = vx.index_ids(index), vx.index_ids(disk)
+            new, gone = np.setdiff1d(ours, theirs), np.setdiff1d(theirs, ours)
+            for k in range(0, len(new), 65536):
+                disk.add_with_ids(index.reconstruct_batch(new[k:k + 65536]), new[k:k + 65536])
+            if len(gone):
+                disk.remove_ids(gone)
+        if not disk.unsaved():
+            return disk
+        added = int(disk.delta.ntotal)
+        rows = sum(int(part.ntotal) for part in disk.segments) + added
+        if segments.should_compact(int(disk.base.ntotal), rows, len(disk.removed)):
+            return None
+        merged = len(disk.segments) + 1 > segments.MAX_SEGMENTS  # one segment of them all (not the base)
+        removed = disk.removed[np.isin(disk.removed, disk.base_ids)] if merged else disk.removed
+        changed = merged or len(disk.removed) != disk.saved_removed
+        first = 1 if merged else 1 + len(disk.segments)
+        count = rows - (len(disk.removed) - len(removed)) if merged else added
+        manifest = segments.append(path, disk.manifest, lambda handle: disk.stream_to(handle, first), count,
+                                   removed if changed else None, merged)
+        segment = None
+        if count:
+            segment, why = vx.read_part(segments.part_path(path, manifest["segments"][-1]), self.dim, True)
+            if segment is None:
+                raise StoreDamaged(f"the segment just written over {path} reads back {why}")
+        return disk.saved(manifest, segment, merged)
 
     def rebuild_from_db(self, embedder: tuple[str, int] | None = None):
         """A fresh flat index of every stored vector (of `embedder`), and the tombstone seq it reflects."""
@@ -343,15 +396,17 @@ class LiveIndex:
         return index, tomb_seq
 
     def swap(self, index, tomb_seq: int) -> None:
-        """(Under `lock`.) Serve `index`, just written to the index file, from now on."""
+        """(Under `lock` and the file lock.) Serve `index`, just written to the index file, from now on;
+        the segments of the base it replaced go."""
         self.index, self.tomb_seq, self.dirty = index, tomb_seq, False
-        self.file_state = file_state(self.layout.index_path)
+        segments.remove_orphans(self.layout.index_path)
+        self.file_state = segments.state(self.layout.index_path)
         self.on_reset()
 
     def reload_if_replaced(self) -> bool:
         """If another process replaced the index file, verify and serve the new one."""
-        state = file_state(self.layout.index_path)
-        if state is None or state == self.file_state:
+        state = segments.state(self.layout.index_path)
+        if state[0] is None or state == self.file_state:
             return False
         index, report = self.load_verified()
         with self.lock:

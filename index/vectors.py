@@ -10,6 +10,7 @@ from typing import Any
 import faiss as _faiss
 import numpy as np
 
+from index import segments
 from index.layout import atomic_write, fsync_dir  # noqa: F401 - fsync_dir: vx.fsync_dir for callers
 
 # faiss's stubs describe the SWIG base classes only (no IDMap id_map, no sel=/nprobe= keywords, no
@@ -62,33 +63,48 @@ def flat_view(index: Index) -> tuple[np.ndarray, np.ndarray]:
 
 
 class MappedIndex:
-    """The saved exact index, memory-mapped from its file rather than read: a process touches the pages
-    of the vectors it scores (shared with every process mapping the same file, and reclaimable), never a
-    private copy of every vector, not even when it writes. Vectors added since the file live in a small
-    in-memory `delta`; ids removed from the file are kept in `removed` and filtered out of every search
-    (FAISS aborts on a mutation of a mapped index). `write_atomic` streams the file's rows (less the
-    removed) and the delta's into the next file, which the store then maps in place of this one. The
-    file is only ever replaced, never rewritten in place, so the mapped inode stays valid."""
+    """The saved exact index, memory-mapped from its files rather than read: a process touches the pages
+    of the vectors it scores (shared with every process mapping the same files, and reclaimable), never a
+    private copy of every vector, not even when it writes. The files are the base and the segments its
+    manifest names (index.segments); ids removed from them are kept in `removed` and filtered out of
+    every search (FAISS aborts on a mutation of a mapped index). Vectors added since live in a small
+    in-memory `delta`. A save publishes the delta and `removed` as a segment, or streams every kept row
+    into a new base (`write_atomic`); the store then maps the result in place of this object. Files are
+    only ever replaced or added, never rewritten in place, so every mapped inode stays valid."""
 
     mapped = True
 
-    def __init__(self, base: Index, path: Path):
+    def __init__(self, base: Index, path: Path, segments: list[Index] | None = None,
+                 removed: np.ndarray | None = None, manifest: dict | None = None):
         self.base, self.path = base, path
+        self.segments = list(segments or [])
+        self.manifest = manifest  # the manifest these files are (None: the base alone)
         self.delta = new_index(base.d)
-        self.removed = np.zeros(0, np.int64)
+        self.removed = np.zeros(0, np.int64) if removed is None else np.asarray(removed, np.int64)
+        self.saved_removed = len(self.removed)  # `removed` as published (it only grows until a rewrite)
         self.base_ids = faiss.vector_to_array(base.id_map).astype(np.int64)
+        self.segment_ids = [faiss.vector_to_array(s.id_map).astype(np.int64) for s in self.segments]
+        self.problem: str | None = None  # why the manifest's segments were left out, if they were
+        self.identity: dict | None = None  # the base file's identity when it was read (segments.base_identity)
 
     @property
     def d(self) -> int:
         return int(self.base.d)
 
     @property
+    def mapped_rows(self) -> int:
+        return int(self.base.ntotal) + sum(int(s.ntotal) for s in self.segments)
+
+    @property
     def ntotal(self) -> int:
-        return int(self.base.ntotal) - len(self.removed) + int(self.delta.ntotal)
+        return self.mapped_rows - len(self.removed) + int(self.delta.ntotal)
+
+    def _parts(self) -> list[tuple[Index, np.ndarray]]:
+        return [(self.base, self.base_ids)] + list(zip(self.segments, self.segment_ids))
 
     def ids(self) -> np.ndarray:
-        kept = self.base_ids[~np.isin(self.base_ids, self.removed)] if len(self.removed) else self.base_ids
-        return np.concatenate([kept, faiss.vector_to_array(self.delta.id_map).astype(np.int64)])
+        parts = [ids[~np.isin(ids, self.removed)] if len(self.removed) else ids for _, ids in self._parts()]
+        return np.concatenate(parts + [faiss.vector_to_array(self.delta.id_map).astype(np.int64)])
 
     def _in_delta(self, ids: np.ndarray) -> np.ndarray:
         if not self.delta.ntotal:
@@ -99,32 +115,37 @@ class MappedIndex:
         """Vectors by id (RuntimeError for an id the index does not hold, as FAISS)."""
         ids = np.asarray(ids, np.int64)
         out = np.empty((len(ids), self.d), np.float32)
-        new = self._in_delta(ids)
-        old = ids[~new]
-        if len(self.removed) and np.isin(old, self.removed).any():
+        left = ~self._in_delta(ids)
+        if len(self.removed) and np.isin(ids[left], self.removed).any():
             raise RuntimeError("id not in the index (removed)")
-        if new.any():
-            out[new] = self.delta.reconstruct_batch(ids[new])
-        if len(old):
-            out[~new] = self.base.reconstruct_batch(old)
+        if not left.all():
+            out[~left] = self.delta.reconstruct_batch(ids[~left])
+        for segment, segment_ids in zip(self.segments, self.segment_ids):
+            here = left & np.isin(ids, segment_ids)
+            if here.any():
+                out[here] = segment.reconstruct_batch(ids[here])
+                left &= ~here
+        if left.any():
+            out[left] = self.base.reconstruct_batch(ids[left])
         return out
 
     def search(self, x, k: int, params=None):
-        """The k best over the file (less removed ids) and the delta, each under `params`' selector."""
+        """The k best over the files (less removed ids) and the delta, each under `params`' selector."""
         selector = params.sel if params is not None else None
         keep = []
         if len(self.removed):
             keep = [faiss.IDSelectorBatch(self.removed)]
             keep.append(faiss.IDSelectorNot(keep[0]))
             keep.append(faiss.IDSelectorAnd(selector, keep[1]) if selector is not None else keep[1])
-            base_params = faiss.SearchParameters(sel=keep[-1])
+            mapped_params = faiss.SearchParameters(sel=keep[-1])
         else:
-            base_params = params
-        scores, found = self.base.search(x, k, params=base_params)
-        if not self.delta.ntotal:
-            return scores, found
-        more_scores, more_found = self.delta.search(x, k, params=params)
-        scores, found = np.hstack([scores, more_scores]), np.hstack([found, more_found])
+            mapped_params = params
+        results = [part.search(x, k, params=mapped_params) for part in [self.base] + self.segments]
+        if self.delta.ntotal:
+            results.append(self.delta.search(x, k, params=params))
+        if len(results) == 1:
+            return results[0]
+        scores, found = np.hstack([r[0] for r in results]), np.hstack([r[1] for r in results])
         order = np.argsort(-np.where(found >= 0, scores, -np.inf), axis=1, kind="stable")[:, :k]
         return np.take_along_axis(scores, order, 1), np.take_along_axis(found, order, 1)
 
@@ -134,33 +155,71 @@ class MappedIndex:
     def remove_ids(self, ids) -> int:
         ids = np.asarray(ids, np.int64)
         count = int(self.delta.remove_ids(ids)) if self.delta.ntotal else 0
-        gone = np.setdiff1d(ids[np.isin(ids, self.base_ids)], self.removed)
-        self.removed = np.union1d(self.removed, gone)
+        mapped = np.zeros(len(ids), bool)
+        for _, part_ids in self._parts():
+            mapped |= np.isin(ids, part_ids)
+        gone = np.setdiff1d(ids[mapped], self.removed)
+        if len(gone):
+            self.removed = np.union1d(self.removed, gone)
         return count + len(gone)
 
-    def stream_to(self, handle) -> None:
+    def unsaved(self) -> bool:
+        return bool(self.delta.ntotal) or len(self.removed) != self.saved_removed
+
+    def stream_to(self, handle, first: int = 0) -> None:
         """Write the index this object stands for in FAISS's IndexIDMap2(IndexFlatIP) format, chunk by
-        chunk from the mapped file (the bytes faiss.write_index would give; a test holds them equal)."""
-        n, d = self.ntotal, self.d
+        chunk from the mapped files (the bytes faiss.write_index would give; a test holds them equal).
+        From the `first` file on: 1 leaves the base out (one segment merging the segments and the delta),
+        1 + len(segments) writes the delta alone (a new segment)."""
+        parts = self._parts()[first:]
+        keeps = [~np.isin(ids, self.removed) if len(self.removed) else None for _, ids in parts]
+        n = sum(len(ids) if keep is None else int(keep.sum()) for (_, ids), keep in zip(parts, keeps))
+        n, d = n + int(self.delta.ntotal), self.d
         header = struct.pack("<iqqq?i", d, n, 1 << 20, 1 << 20, True, faiss.METRIC_INNER_PRODUCT)
         handle.write(b"IxM2" + header + b"IxFI" + header + struct.pack("<Q", n * d))
-        _, matrix = flat_view(self.base)
-        keep = ~np.isin(self.base_ids, self.removed) if len(self.removed) else None
-        for start in range(0, len(self.base_ids), 65536):
-            rows = matrix[start:start + 65536]
-            handle.write((rows if keep is None else rows[keep[start:start + 65536]]).tobytes())
+        for (part, part_ids), keep in zip(parts, keeps):
+            _, matrix = flat_view(part)
+            for start in range(0, len(part_ids), 65536):
+                rows = matrix[start:start + 65536]
+                handle.write((rows if keep is None else rows[keep[start:start + 65536]]).tobytes())
         if self.delta.ntotal:
             handle.write(flat_view(self.delta)[1].tobytes())
         handle.write(struct.pack("<Q", n))
-        handle.write((self.base_ids if keep is None else self.base_ids[keep]).tobytes())
+        for (_, part_ids), keep in zip(parts, keeps):
+            handle.write((part_ids if keep is None else part_ids[keep]).tobytes())
         handle.write(faiss.vector_to_array(self.delta.id_map).astype(np.int64).tobytes())
+
+    def saved(self, manifest: dict, segment: Index | None, merged: bool) -> "MappedIndex":
+        """This index once `manifest` published its unsaved rows as `segment` (mapped from its file;
+        `merged`: in place of every segment): the same mapped base, no delta, nothing unsaved."""
+        kept = [] if merged else list(zip(self.segments, self.segment_ids))
+        if segment is not None:
+            kept.append((segment, faiss.vector_to_array(segment.id_map).astype(np.int64)))
+        removed = self.removed[np.isin(self.removed, self.base_ids)] if merged else self.removed
+        fresh = MappedIndex.__new__(MappedIndex)
+        fresh.base, fresh.path, fresh.manifest, fresh.base_ids = self.base, self.path, manifest, self.base_ids
+        fresh.segments, fresh.segment_ids = [p for p, _ in kept], [i for _, i in kept]
+        fresh.delta, fresh.removed, fresh.saved_removed = new_index(self.d), removed, len(removed)
+        fresh.problem, fresh.identity = None, self.identity
+        return fresh
+
+    def in_memory(self) -> Index:
+        """A private IndexIDMap2 of what this stands for (a copy of every vector: for verify and tests)."""
+        index = new_index(self.d)
+        for part, part_ids in self._parts() + [(self.delta, faiss.vector_to_array(self.delta.id_map))]:
+            if not part.ntotal:
+                continue
+            _, matrix = flat_view(part)
+            keep = ~np.isin(part_ids, self.removed) if len(self.removed) else slice(None)
+            index.add_with_ids(np.ascontiguousarray(matrix[keep]), np.asarray(part_ids, np.int64)[keep])
+        return index
 
 
 def write_atomic(index: Index, path: Path, point: str = "index:before-replace") -> None:
     """Write beside the target, fsync, rename (layout.atomic_write): a reader sees the old file or the
-    new one, never half."""
+    new one, never half. A live index's segments are then stale (index.segments: they name another base)."""
     def write(handle) -> None:
-        if isinstance(index, MappedIndex):  # streamed from the mapped file: no copy of every vector
+        if isinstance(index, MappedIndex):  # streamed from the mapped files: no copy of every vector
             index.stream_to(handle)
         else:
             writer = faiss.PyCallbackIOWriter(handle.write)
@@ -182,15 +241,8 @@ def read_index(path: Path) -> Index | None:
     return read_checked(path, None)[0]
 
 
-def read_checked(path: Path, dim: int | None, mapped: bool = False) -> tuple[Index | None, str | None]:
-    """(index, None) for a well-formed store index; (None, why) otherwise; (None, None) if absent.
-    `mapped`: a MappedIndex over the file instead of a copy in memory.
-
-    Well-formed: an IndexIDMap2 over an inner-product flat index of `dim`, one id per vector, no
-    duplicate ids. Content (the vectors themselves) is checked by the store against its checksums.
-    """
-    if not path.exists():
-        return None, None
+def read_part(path: Path, dim: int | None, mapped: bool) -> tuple[Index | None, str | None]:
+    """One well-formed IDMap2(FlatIP) file: (index, None) or (None, why)."""
     try:
         index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC if mapped else 0)
     except (RuntimeError, MemoryError, ValueError):
@@ -207,7 +259,65 @@ def read_checked(path: Path, dim: int | None, mapped: bool = False) -> tuple[Ind
         return None, "inconsistent id map"
     if mapped and index.ntotal * index.d * 4 + 8 * index.ntotal > path.stat().st_size:
         return None, "shorter than its vectors"  # never map past the end of the file
-    return (MappedIndex(index, path) if mapped else index), None
+    return index, None
+
+
+def _read_segments(path: Path, base: Index, manifest: dict) -> tuple[list[Index], np.ndarray]:
+    """The mapped segments and removed ids a manifest names (FileNotFoundError when a rewrite removed
+    one meanwhile; ValueError when one is not what the manifest says)."""
+    found = []
+    for entry in manifest["segments"]:
+        part = segments.part_path(path, entry)
+        if part.stat().st_size != entry["size"]:
+            raise ValueError(f"segment {part.name} is {part.stat().st_size} bytes, the manifest says {entry['size']}")
+        segment, why = read_part(part, int(base.d), True)
+        if segment is None or segment.ntotal != entry["n"]:
+            raise ValueError(f"segment {part.name} {why or 'holds another number of vectors'}")
+        found.append(segment)
+    removed = segments.read_removed(path, manifest["removed"])
+    return found, removed
+
+
+def read_checked(path: Path, dim: int | None, mapped: bool = False) -> tuple[Index | None, str | None]:
+    """(index, None) for a well-formed store index; (None, why) otherwise; (None, None) if absent.
+    `mapped`: a MappedIndex over the files instead of a copy in memory. The index is the base file
+    and the segments its manifest names (index.segments), less the removed ids.
+
+    Well-formed: IndexIDMap2s over inner-product flat indexes of `dim`, one id per vector, no duplicate
+    ids. Content (the vectors themselves) is checked by the store against its checksums. Segments the
+    manifest names but that are missing or malformed are left out (`problem` says why): the store
+    reads what the base lacks from the database.
+    """
+    for _attempt in range(5):  # a save or a rewrite by another process may replace files meanwhile
+        identity = segments.base_identity(path)
+        if identity is None:
+            return None, None
+        base, why = read_part(path, dim, True)
+        if base is None:
+            return None, why
+        manifest, problem = segments.read_manifest(path, identity)
+        parts: list[Index] = []
+        removed = None
+        if manifest is not None:
+            try:
+                parts, removed = _read_segments(path, base, manifest)
+            except FileNotFoundError:
+                if segments.base_identity(path) != identity or segments.key(
+                        segments.read_manifest(path, identity)[0]) != segments.key(manifest):
+                    continue
+                manifest, problem = None, "a file its manifest names is missing"
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                manifest, problem = None, str(exc)
+        if segments.base_identity(path) != identity:
+            continue
+        index = MappedIndex(base, path, parts, removed, manifest)
+        if manifest is not None and ((len(index.removed) and len(np.setdiff1d(index.removed, np.concatenate(
+                [index.base_ids] + index.segment_ids)))) or not _distinct(index.ids())):
+            index = MappedIndex(base, path)
+            problem = "its segments repeat ids or remove absent ones"
+        index.problem, index.identity = problem, identity
+        return (index if mapped else index.in_memory()), None
+    return None, "replaced again and again while being read"
 
 
 def search_among(index: Index, queries: np.ndarray, candidate_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

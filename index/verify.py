@@ -6,10 +6,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 from sqlalchemy import func, select
 
+from index import segments
 from index import vectors as vx
 from index.db import RESTORE
-from index.keys import sha256_file
 from index.migrations import backfill_checksums, recount_vector_sets
+from index.objects import sha256_bytes
 from index.schema import Image, Vector
 
 if TYPE_CHECKING:
@@ -19,7 +20,8 @@ if TYPE_CHECKING:
 def verify(store: "Store", repair: bool = False, files: bool = True) -> dict:
     """Check everything; with `repair`, fix what can be fixed from the database. A JSON-able report.
 
-    Checks: the database's integrity_check; vectors.faiss (readable, type, dimension) against the
+    Checks: the database's integrity_check; vectors.faiss and the segments its manifest names
+    (readable, type, dimension; segment files no manifest names) against the
     database: every id (missing, deleted, lost) and every vector against its checksum; the stored
     vectors themselves (size, finite, checksum); with `files`, every image row's file (exists,
     sha256 = file_hash); unreferenced image files under images/; leftover `.*.tmp` files; expired
@@ -87,7 +89,9 @@ def verify(store: "Store", repair: bool = False, files: bool = True) -> dict:
         if report["database"]["id_digest"] != "ok":
             recount_vector_sets(db)  # a writable open installed vector_sets: it is only stale
             done.append("the database's id digest recomputed")
-        done.append(f"index rebuilt from the database ({store.rebuild()} vectors)")
+        done.append(f"index rebuilt from the database ({store.rebuild()} vectors)")  # one base, no segments
+        if report["index"]["segments"]["leftover_files"]:
+            done.append(f"removed {len(report['index']['segments']['leftover_files'])} index segment files")
         for path in orphans:
             path.unlink(missing_ok=True)
         if orphans:
@@ -142,9 +146,18 @@ def _check_rows(store: "Store", s, report: dict, problems: list[str]):
 def _check_index_file(store: "Store", s, db_ids: np.ndarray, floor: int, problems: list[str]) -> dict:
     """The index file on disk against the database: ids (missing, deleted, lost) and content."""
     live = store.live
-    index, why = vx.read_checked(store.index_path, store.dim)
+    index, why = vx.read_checked(store.index_path, store.dim, mapped=True)
     entry: dict = {"path": str(store.index_path), "readable": index is not None,
                    "problem": why if why else (None if index is not None else "missing")}
+    parts = segments.summary(store.index_path)
+    parts["leftover_files"] = [p.name for p in segments.leftovers(store.index_path)]
+    entry["segments"] = parts
+    if index is not None and index.problem:
+        parts["manifest"] = index.problem
+        problems.append(f"index segments unusable ({index.problem}): left out, the next save writes a new base")
+    if parts["leftover_files"]:
+        problems.append(f"{len(parts['leftover_files'])} index segment files no manifest names "
+                        "(the next save or a repair removes them)")
     if index is not None:
         have = vx.index_ids(index)
         extra = np.setdiff1d(have, db_ids)
@@ -169,11 +182,12 @@ def _check_index_file(store: "Store", s, db_ids: np.ndarray, floor: int, problem
 
 def _verify_files(store: "Store", image_rows, problems: list[str]) -> dict:
     missing, mismatched = [], []
+    files = store.layout.images  # the store folder, or its object store (objects.py)
     for _, stored, file_hash in image_rows:
-        path = store.layout.file_path(stored)
-        if not path.is_file():
+        data = files.read(stored)
+        if data is None:
             missing.append(stored)
-        elif sha256_file(path) != file_hash:
+        elif sha256_bytes(data) != file_hash:
             mismatched.append(stored)
     if missing:
         problems.append(f"{len(missing)} image files are missing")

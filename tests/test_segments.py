@@ -1,0 +1,310 @@
+"""Saves proportional to what changed: the live index as a base file plus segments named by a manifest
+(index/segments.py). A save adds a segment and leaves the base alone; removals persist as a removed-ids
+file; segments merge past MAX_SEGMENTS and fold into a new base past COMPACT_FRACTION; other processes
+see each publication; a kill -9 at every publishing step loses nothing and leaves nothing half-read.
+
+No models: vectors are deterministic random unit vectors of size 16, derived from their keys.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from index import segments
+from index import vectors as vx
+from index.faults import ENV
+from index.store import NewImage, Store
+
+DIM = 16
+REPO = Path(__file__).resolve().parents[1]
+EMBEDDER = {"identity": "test-embedder", "arch": "x", "checkpoint": "x"}
+
+
+def vec_for(key: str) -> np.ndarray:
+    v = np.random.default_rng(zlib.crc32(key.encode())).normal(size=DIM).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def _rows(store: Store, keys: list[str], source: str = "a") -> list[NewImage]:
+    src = store.ensure_source(source, "replay", f"fp-{source}")
+    desc = store.description_id("a prompt")
+    return [NewImage(key=k, role="resynthesis", source_id=src.id, description_id=desc, file_hash=f"h-{k}",
+                     path=f"images/{source}/{k}.png", vector=vec_for(k), seed=i) for i, k in enumerate(keys)]
+
+
+def _keys(n: int, start: int = 0, prefix: str = "k") -> list[str]:
+    return [f"{prefix}{i}" for i in range(start, start + n)]
+
+
+def _make(tmp_path: Path, n: int = 200) -> Path:
+    """A store whose base file holds `n` vectors (source a) and 10 of source b."""
+    root = tmp_path / "s"
+    with Store.create(root, EMBEDDER, DIM) as store:
+        store.add_images(_rows(store, _keys(n)))
+        store.add_images(_rows(store, _keys(10, prefix="b"), source="b"))
+    return root
+
+
+def _parts(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if segments.PART_RE.match(p.name))
+
+
+def _agrees(store: Store) -> bool:
+    """The served index holds exactly the database's ids, each with its own vector."""
+    ids = store.vector_ids()
+    if not np.array_equal(np.sort(vx.index_ids(store.index)), ids):
+        return False
+    found = store.existing_keys([k for k in _all_keys(store)])
+    keys = {v: k for k, v in found.items()}
+    matrix = store.vectors(ids)
+    return all(np.allclose(row, vec_for(keys[int(i)]), atol=1e-6) for i, row in zip(ids, matrix))
+
+
+def _all_keys(store: Store) -> list[str]:
+    from sqlalchemy import select
+
+    from index.schema import Image
+
+    with store.session() as s:
+        return list(s.scalars(select(Image.key)))
+
+
+def test_a_save_adds_a_segment_and_leaves_the_base_alone(tmp_path):
+    root = _make(tmp_path)
+    base = root / "vectors.faiss"
+    before = (base.stat().st_ino, base.read_bytes())
+    with Store.open(root) as store:
+        store.add_images(_rows(store, _keys(5, start=500)))
+        store.save_index()
+        assert isinstance(store.index, vx.MappedIndex) and store.index.delta.ntotal == 0
+        assert len(store.index.segments) == 1 and _agrees(store)
+        store.add_images(_rows(store, _keys(3, start=600)))
+    assert (base.stat().st_ino, base.read_bytes()) == before  # never rewritten
+    assert len(_parts(root)) == 2 and segments.manifest_path(base).exists()
+    with Store.open(root) as again:  # the base and both segments, verified by digest
+        assert again.open_report.digest and again.open_report.added == 0 and not again.open_report.notes
+        assert again.index.ntotal == 218 and _agrees(again)
+        assert again.verify(files=False)["ok"]
+    index, why = vx.read_checked(base, DIM)  # the in-memory form holds the segments too
+    assert why is None and index.ntotal == 218
+
+
+def test_removals_persist_as_a_removed_ids_file(tmp_path):
+    root = _make(tmp_path)
+    base = root / "vectors.faiss"
+    before = base.stat().st_ino
+    with Store.open(root) as store:
+        store.add_images(_rows(store, _keys(4, prefix="c"), source="c"))
+        store.save_index()
+        assert store.remove_source("b") == 10 and store.remove_source("c") == 4  # base rows, segment rows
+        assert _agrees(store)
+    assert base.stat().st_ino == before
+    assert len([p for p in _parts(root) if ".del-" in p]) == 1  # the superseded removed-ids file went
+    with Store.open(root) as again:
+        assert again.open_report.digest and again.open_report.removed == 0
+        assert again.index.ntotal == 200 and _agrees(again) and again.verify(files=False)["ok"]
+
+
+def test_segments_merge_then_fold_into_a_new_base(tmp_path, monkeypatch):
+    root = _make(tmp_path)
+    base = root / "vectors.faiss"
+    monkeypatch.setattr(segments, "MAX_SEGMENTS", 3)
+    with Store.open(root) as store:
+        for k in range(4):
+            store.add_images(_rows(store, _keys(2, start=1000 + 10 * k)))
+            store.save_index()
+        assert len(store.index.segments) == 1 and store.index.segments[0].ntotal == 8  # merged at the 4th
+        store.remove_source("b")
+        assert _agrees(store)
+        inode = base.stat().st_ino
+        store.add_images(_rows(store, _keys(60, start=2000)))  # past COMPACT_FRACTION of the base
+        store.save_index()
+        assert base.stat().st_ino != inode and not store.index.segments and not len(store.index.removed)
+        assert _agrees(store)
+    assert _parts(root) == [] and not segments.manifest_path(base).exists()
+    with Store.open(root) as again:
+        assert again.open_report.digest and again.index.ntotal == 268 and _agrees(again)
+
+
+def test_other_processes_see_each_publication(tmp_path):
+    """A reader's refresh notices a segment (the manifest changed, the base did not); two writers that
+    publish in turn add segments over each other's, never a whole new base."""
+    root = _make(tmp_path)
+    base = root / "vectors.faiss"
+    inode = base.stat().st_ino
+    reader = Store.open(root, writable=False)
+    first, second = Store.open(root), Store.open(root)
+    try:
+        first.add_images(_rows(first, _keys(5, start=500)))
+        first.save_index()
+        # `second` did not refresh: its save finds the disk's manifest moved on and adds over it
+        second.add_images(_rows(second, _keys(5, start=600)))
+        second.save_index()
+        first.add_images(_rows(first, _keys(5, start=700)))
+        first.save_index()
+        assert reader.refresh() and reader.index.ntotal == 225 and _agrees(reader)
+        assert not reader.refresh()
+        for store in (first, second):
+            store.refresh()
+            assert _agrees(store)
+    finally:
+        for store in (reader, first, second):
+            store.close()
+    assert base.stat().st_ino == inode and len(_parts(root)) == 3
+
+
+def test_a_store_with_a_single_index_file_still_opens(tmp_path):
+    """Before segments a store had vectors.faiss alone; so does one whose manifest is lost or stale."""
+    root = _make(tmp_path)
+    with Store.open(root) as store:
+        store.add_images(_rows(store, _keys(5, start=500)))
+    segments.manifest_path(root / "vectors.faiss").unlink()  # the segments are now unnamed
+    with Store.open(root) as store:
+        assert store.open_report.added == 5 and store.index.ntotal == 215 and _agrees(store)
+        report = store.verify(files=False)
+    with Store.open(root) as store:
+        assert store.open_report.digest and _agrees(store)
+    assert report["index"]["segments"]["manifest"] in ("ok", "absent")
+
+
+def test_a_broken_segment_is_left_out_and_read_from_the_database(tmp_path):
+    root = _make(tmp_path)
+    with Store.open(root) as store:
+        store.add_images(_rows(store, _keys(5, start=500)))
+    segment = root / next(p for p in _parts(root) if ".seg-" in p)
+    segment.write_bytes(segment.read_bytes()[:-8])  # torn (a manifest never names a torn file: hand damage)
+    with Store.open(root) as store:
+        assert store.open_report.added == 5 and _agrees(store)
+        assert any("segments left out" in note for note in store.open_report.notes)
+    with Store.open(root) as store:  # the open above rewrote one base from what it verified
+        assert not store.open_report.notes and _agrees(store)
+    assert _parts(root) == []
+
+
+def test_verify_reports_and_repair_removes_unnamed_segment_files(tmp_path):
+    root = _make(tmp_path)
+    with Store.open(root) as store:
+        store.add_images(_rows(store, _keys(5, start=500)))
+    stray = root / "vectors.faiss.seg-000099-0123abcd"
+    stray.write_bytes(b"left by a save that died before its manifest")
+    with Store.open(root) as store:
+        report = store.verify(files=False)
+        assert not report["ok"] and report["index"]["segments"]["leftover_files"] == [stray.name]
+        assert report["index"]["segments"]["segments"] == 1
+        store.verify(repair=True, files=False)
+        assert store.verify(files=False)["ok"] and _agrees(store)
+    assert not stray.exists()
+
+
+# ----- kill -9 at each publishing step -------------------------------------------------------------
+CHILD = r'''
+import os, sys, zlib
+import numpy as np
+from pathlib import Path
+sys.path.insert(0, os.environ["REPO"])
+from index.store import Store, NewImage
+
+def vec_for(key):
+    v = np.random.default_rng(zlib.crc32(key.encode())).normal(size=16).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+root, action, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+store = Store.open(root)
+if action == "add":
+    src = store.ensure_source("a", "replay", "fp-a")
+    desc = store.description_id("a prompt")
+    store.add_images([NewImage(key=f"new{i}", role="resynthesis", source_id=src.id, description_id=desc,
+                               file_hash="h", path=f"images/a/new{i}.png", vector=vec_for(f"new{i}"))
+                      for i in range(n)])
+    print("committed", flush=True)
+    store.save_index()
+else:
+    store.remove_source("b")  # commits, then saves
+store.close()
+print("done", flush=True)
+'''
+
+
+def _child(tmp_path: Path, root: Path, crash_at: str, action: str, n: int = 0) -> subprocess.CompletedProcess:
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = {**os.environ, "REPO": str(REPO), ENV: crash_at}
+    return subprocess.run([sys.executable, str(script), str(root), action, str(n)], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=120)
+
+
+@pytest.mark.parametrize("crash_at,action,n", [
+    ("index:segment-before-replace", "add", 5), ("index:removed-before-replace", "remove", 0),
+    ("index:manifest-before-replace", "add", 5), ("index:manifest-before-replace", "remove", 0),
+    ("index:manifest-replaced", "add", 5),
+    ("index:before-replace", "add", 80), ("index:base-replaced", "add", 80)])
+def test_kill_at_each_publishing_step_loses_nothing(tmp_path, crash_at, action, n):
+    root = _make(tmp_path)
+    with Store.open(root) as store:  # a segment and a removed-ids file already published
+        store.add_images(_rows(store, _keys(4, prefix="c"), source="c"))
+        store.save_index()
+        store.remove_source("c")
+    out = _child(tmp_path, root, crash_at, action, n)
+    assert out.returncode == -9, out.stderr[-2000:]
+    assert "committed" in out.stdout or action == "remove"
+    index, why = vx.read_checked(root / "vectors.faiss", DIM)  # what is published is whole
+    assert index is not None and why is None
+    with Store.open(root) as store:
+        assert _agrees(store) and store.index.ntotal == (210 + n if action == "add" else 200)
+        assert store.open_report.digest or store.open_report.removed or store.open_report.added
+        store.add_images(_rows(store, _keys(1, prefix="z")))  # the next save clears what the kill left
+    assert not segments.leftovers(root / "vectors.faiss")
+    assert not list(root.glob(".*.tmp"))  # the killed save's temporary file went at the open
+    with Store.open(root) as store:
+        assert _agrees(store) and store.verify(files=False)["ok"]
+
+
+def test_a_mapped_index_with_segments_behaves_as_the_faiss_index_it_stands_for(tmp_path):
+    """Base + segments + removed ids + delta answer searches, filtered searches and reconstruction as
+    the plain FAISS index with the same changes, and stream the same bytes faiss.write_index gives."""
+    rng = np.random.default_rng(7)
+
+    def unit(n):
+        x = rng.normal(size=(n, DIM)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+    path = tmp_path / "a.faiss"
+    plain = vx.new_index(DIM)
+    plain.add_with_ids(unit(300), np.arange(1, 301))
+    vx.write_atomic(plain, path)
+    manifest = None
+    for start in (301, 341):  # two segments published over the base
+        mapped, _ = vx.read_checked(path, DIM, mapped=True)
+        extra = unit(40)
+        plain.add_with_ids(extra, np.arange(start, start + 40))
+        mapped.add_with_ids(extra, np.arange(start, start + 40))
+        gone = np.array([start - 5, 7])
+        plain.remove_ids(gone)
+        mapped.remove_ids(gone)
+        manifest = segments.append(path, mapped.manifest, lambda h, m=mapped: m.stream_to(h, 1 + len(m.segments)),
+                                   40, mapped.removed, False)
+    mapped, problem = vx.read_checked(path, DIM, mapped=True)
+    assert problem is None and mapped.manifest == manifest and len(mapped.segments) == 2
+    extra = unit(10)
+    for index in (plain, mapped):
+        index.add_with_ids(extra, np.arange(400, 410))
+        assert index.remove_ids(np.array([3, 320, 350, 405, 9999])) == 4
+    assert plain.ntotal == mapped.ntotal == 300 + 80 + 10 - 3 - 4
+    queries = unit(5)
+    for params in (None, vx.faiss.SearchParameters(sel=vx.faiss.IDSelectorBatch(np.arange(1, 410, 3)))):
+        want, got = plain.search(queries, 20, params=params), mapped.search(queries, 20, params=params)
+        np.testing.assert_array_equal(want[1], got[1])
+        np.testing.assert_allclose(want[0], got[0], rtol=1e-6)
+    some = np.array([1, 301, 345, 380, 409])
+    np.testing.assert_array_equal(plain.reconstruct_batch(some), mapped.reconstruct_batch(some))
+    with pytest.raises(RuntimeError):
+        mapped.reconstruct_batch(np.array([320]))
+    streamed = tmp_path / "streamed"
+    with open(streamed, "wb") as handle:
+        mapped.stream_to(handle)
+    assert streamed.read_bytes() == vx.faiss.serialize_index(plain).tobytes()
