@@ -15,7 +15,7 @@ import re
 import threading
 import time
 from typing import Any, Callable, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import httpx
 
@@ -116,10 +116,11 @@ class ApiExchanges:
         raise SourceError(self.name, f"{prefix}gave up after {self.retries + 1} attempts: {problem}")
 
     def _poll(self, client: httpx.Client, url: str, check: Callable[[Any], Any], key: str | None,
-              abort: threading.Event) -> Any:
-        """GET `url` until `check(answer)` is not None, backing off; the loop ends within `timeout`."""
+              abort: threading.Event, extra_headers: Mapping[str, str] | None = None) -> Any:
+        """GET `url` until `check(answer)` is not None, backing off; the loop ends within `timeout`.
+        The key's header and `extra_headers` (credentials too) go only where the key may go."""
         self._check_url(url, "status URL")
-        headers = self._protocol.auth(key) if self._key_allowed(url) else {}
+        headers = {**(extra_headers or {}), **self._protocol.auth(key)} if self._key_allowed(url) else {}
         until = time.monotonic() + self.params.timeout
         interval = POLL_FIRST
         status = None
@@ -244,8 +245,14 @@ class _Call:
     def json(self, reply: Reply) -> Any:
         return _parse_json(reply, self.name)
 
-    def poll(self, url: str, check: Callable[[Any], Any]) -> Any:
-        return self._generator._poll(self._client, url, check, self.key, self._abort)
+    def poll(self, url: str, check: Callable[[Any], Any], headers: Mapping[str, str] | None = None) -> Any:
+        return self._generator._poll(self._client, url, check, self.key, self._abort, headers)
+
+    def post_form(self, url: str, fields: Mapping[str, str], what: str) -> Reply:
+        return self._generator._request(self._client, "POST", url,
+                                        {"Content-Type": "application/x-www-form-urlencoded"}, self.key,
+                                        self._abort, content=urlencode(dict(fields)).encode(), submission=False,
+                                        what=what)
 
     def fetch(self, url: str) -> bytes:
         return self._generator._fetch_any(self._client, url)

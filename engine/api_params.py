@@ -34,10 +34,21 @@ class ApiParams:
     concurrency: int = 2
     extra: dict = field(default_factory=dict)  # merged into the request body
     timeout: float = 120.0          # seconds: total deadline of each network call, and of each polling loop
-    protocol: str = providers.DEFAULT  # engine.providers: openai, bfl, replicate, stability, imagen, gemini, google
+    protocol: str = providers.DEFAULT  # engine.providers: openai (the default), bfl, replicate, fal, ...
+    client_id_env: str | None = None  # OAuth protocols (firefly): the NAME of the variable holding the client id
+    token_url: str | None = None      # OAuth protocols (firefly): the token endpoint (default: the provider's)
 
     def to_json(self) -> str:
-        return canonical_json(asdict(self))
+        return canonical_json(self.stored())
+
+    def stored(self) -> dict:
+        """The fields as stored: the OAuth settings only when set (sources of other protocols keep the
+        stored form they had before those existed)."""
+        fields = asdict(self)
+        for name in ("client_id_env", "token_url"):
+            if fields[name] is None:
+                del fields[name]
+        return fields
 
     @classmethod
     def from_json(cls, text: str) -> "ApiParams":
@@ -87,6 +98,16 @@ class ApiParams:
             json.dumps(self.extra, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise UserError(f"API extra parameters are not JSON: {first_line(exc)}") from None
+        for name in ("client_id_env", "token_url"):
+            if getattr(self, name) is not None and name not in protocol.settings:
+                raise UserError(f"--{name.replace('_', '-')} is for OAuth protocols (firefly), not {self.protocol}")
+        if self.client_id_env is not None and not (isinstance(self.client_id_env, str)
+                                                   and _ENV_NAME.match(self.client_id_env)):
+            raise UserError("--client-id-env takes the NAME of an environment variable (letters, digits, _)")
+        if self.token_url is not None:
+            token = urlsplit(self.token_url.strip()) if isinstance(self.token_url, str) else None
+            if token is None or token.scheme.lower() not in ("http", "https") or not token.hostname:
+                raise UserError(f"--token-url must be http:// or https:// with a host, not {self.token_url!r}")
         reserved = protocol.reserved_for(self.model) & set(self.extra)
         if reserved:
             raise UserError(f"API extra parameters may not set {sorted(reserved)}")

@@ -11,7 +11,8 @@ JSON), "empty" (no data), "undecodable" (base64 of garbage), "bad-b64" (not base
 (echoing the key it was given, as real servers do), "content-policy" (400).
 
 `FakeProviderApi` adds stand-ins of the other provider protocols on the same server (Black Forest
-Labs, Replicate, Stability, Google Imagen and Gemini), and `DripServer` is a raw socket server that
+Labs, Replicate, Stability, Google Imagen and Gemini, fal.ai, Ideogram, Adobe Firefly with its IMS
+token endpoint), and `DripServer` is a raw socket server that
 sends its answers' headers or body one byte at a time (for the total deadlines).
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import base64
 import hashlib
 import io
 import itertools
+import secrets
 import socket
 import threading
 import time
@@ -251,19 +253,35 @@ class FakeProviderApi(FakeImagesApi):
       `finish-reason` header (or JSON when asked with `Accept: application/json`).
     - Google: `POST /v1beta/models/{model}:predict` and `:generateContent` (x-goog-api-key).
 
+    - fal.ai: `POST /fal-ai/{app}/...` (`Authorization: Key`) -> `{request_id, status_url, response_url}`;
+      `GET .../requests/{id}/status` answers `IN_QUEUE` `pending_polls` times, then `COMPLETED`;
+      `GET .../requests/{id}` the result `{images: [{url}], has_nsfw_concepts}`.
+    - Ideogram: multipart `POST /v1/ideogram-v3/generate`, JSON `POST /v2/image/generate/{model}` and
+      legacy `POST /generate` (`Api-Key`) -> `{data: [{url, seed, prompt, resolution, is_image_safe}]}`.
+    - Adobe Firefly: `POST /ims/token/v3` (a form with client_id `FIREFLY_CLIENT_ID` and the key as
+      client_secret) -> `{access_token, expires_in}`; `POST /v3/images/generate-async` (`x-api-key`
+      client id, `Authorization: Bearer` an issued token) -> `{jobId, statusUrl}`; `GET /v3/status/{id}`
+      answers `running`, then `succeeded` with `result.outputs[0].image.url`. `token_queue` takes
+      "429"/"500" for the token endpoint; `token_requests()` lists its requests (not submissions).
+
     Submissions take the next queued behaviour (`queue`): "429", "500", "401" (echoing the key),
     "malformed" (not JSON), "moderated" (the service's refusal: BFL `Content Moderated` at the poll,
     Replicate `failed`, Stability `CONTENT_FILTERED`, Imagen `raiFilteredReason`, Gemini
-    `blockReason`), "url-private" (the image URL on 10.0.0.1), "poll-private" (the polling URL on
+    `blockReason`, fal `has_nsfw_concepts`, Ideogram `is_image_safe: false`, Firefly `failed`),
+    "url-private" (the image URL on 10.0.0.1), "poll-private" (the polling URL on
     10.0.0.1). Polls take `poll_queue` behaviours ("429", "500"), else answer normally. Every request
     is in `log` (method, path, query, headers, body, raw bytes, form for multipart); `form_log` holds
     the multipart fields received.
     """
 
+    FIREFLY_CLIENT_ID = "ff-client-7e6d5c4b3a29"
+
     def __init__(self, *args, pending_polls: int = 1, replicate_sync: bool = False, **kwargs):
         self.pending_polls = pending_polls
         self.replicate_sync = replicate_sync
         self.poll_queue: deque[str] = deque()
+        self.token_queue: deque[str] = deque()
+        self.issued: list[str] = []  # Firefly access tokens handed out
         self.tasks: dict[str, dict] = {}
         self.form_log: list[dict] = []
         super().__init__(*args, **kwargs)
@@ -276,7 +294,11 @@ class FakeProviderApi(FakeImagesApi):
 
     def submissions(self) -> list[dict]:
         with self._lock:
-            return [e for e in self.log if e["method"] == "POST"]
+            return [e for e in self.log if e["method"] == "POST" and e["path"] != "/ims/token/v3"]
+
+    def token_requests(self) -> list[dict]:
+        with self._lock:
+            return [e for e in self.log if e["path"] == "/ims/token/v3"]
 
     def polls(self) -> list[dict]:
         with self._lock:
@@ -449,7 +471,161 @@ class FakeProviderApi(FakeImagesApi):
                     "finishReason": "STOP"}], "modelVersion": model})
             return JSONResponse({"error": {"message": f"unknown method {method}"}}, 404)
 
+        self._other_routes(app)
         return app
+
+    def _other_routes(self, app: FastAPI) -> None:
+        """fal.ai, Ideogram and Adobe Firefly."""
+        def completed(state: dict, prompt: str = "") -> dict:
+            flagged = state["behaviour"] == "moderated"
+            return {"images": [{"url": state["url"], "width": 16, "height": 16, "content_type": "image/png"}],
+                    "has_nsfw_concepts": [flagged], "seed": 7, "prompt": prompt}
+
+        # fal.ai
+        def fal_key(request: Request):
+            given = request.headers.get("authorization")
+            return None if self.key is None or given == f"Key {self.key}" else self._refusal(given)
+
+        @app.get("/fal-ai/{app_id}/requests/{task}/status")
+        async def fal_status(app_id: str, task: str, request: Request):
+            failure = fal_key(request) or self._poll_failure()
+            if failure is not None:
+                return failure
+            state = self._advance(task)
+            if state is None:
+                return JSONResponse({"detail": "Request not found"}, 404)
+            if state["polls"] <= self.pending_polls:
+                return JSONResponse({"status": "IN_QUEUE", "queue_position": 0,
+                                     "response_url": f"{self.url}/fal-ai/{app_id}/requests/{task}"}, 202)
+            return JSONResponse({"status": "COMPLETED", "response_url": f"{self.url}/fal-ai/{app_id}/requests/{task}"})
+
+        @app.get("/fal-ai/{app_id}/requests/{task}")
+        async def fal_result(app_id: str, task: str, request: Request):
+            failure = fal_key(request) or self._poll_failure()
+            if failure is not None:
+                return failure
+            with self._lock:
+                state = self.tasks.get(task)
+            if state is None:
+                return JSONResponse({"detail": "Request not found"}, 404)
+            return JSONResponse(completed(state))
+
+        @app.post("/fal-ai/{rest:path}")
+        async def fal_submit(rest: str, request: Request):
+            behaviour, early = self._submission(request, "authorization", f"Key {self.key}")
+            if early is not None:
+                return early
+            body = await request.json()
+            size = body.get("image_size")
+            dims = (size["width"], size["height"]) if isinstance(size, dict) else None
+            task = self._task(behaviour, await self._image(str(body.get("prompt", "")), dims))
+            queue = "http://10.0.0.1" if behaviour == "poll-private" else self.url
+            app_id = rest.split("/")[0]
+            return JSONResponse({"request_id": task, "status_url": f"{queue}/fal-ai/{app_id}/requests/{task}/status",
+                                 "response_url": f"{queue}/fal-ai/{app_id}/requests/{task}",
+                                 "cancel_url": f"{queue}/fal-ai/{app_id}/requests/{task}/cancel"})
+
+        # Ideogram
+        async def ideogram(request: Request, prompt: str, resolution: str | None):
+            behaviour = request.state.behaviour
+            dims = _size(resolution) if resolution and "x" in resolution else None
+            if resolution and resolution.startswith("RESOLUTION_"):
+                dims = tuple(int(v) for v in resolution.split("_")[1:3])  # type: ignore[assignment]
+            if behaviour == "moderated":
+                return JSONResponse({"created": "2026-01-01T00:00:00Z", "data": [
+                    {"prompt": prompt, "resolution": resolution, "seed": 5, "is_image_safe": False}]})
+            data = await self._image(prompt, dims)
+            url = "http://10.0.0.1/image.png" if behaviour == "url-private" else \
+                f"{self.url}/files/{self._store(data)}"
+            return JSONResponse({"created": "2026-01-01T00:00:00Z", "data": [
+                {"url": url, "prompt": prompt, "resolution": resolution, "seed": 5, "is_image_safe": True,
+                 "style_type": "GENERAL"}]})
+
+        @app.post("/v1/ideogram-v3/generate")
+        async def ideogram_v3(request: Request):
+            behaviour, early = self._submission(request, "api-key", self.key)
+            if early is not None:
+                return early
+            form = {k: v for k, v in (await request.form()).items()}
+            with self._lock:
+                self.form_log.append({"route": "ideogram-v3", **form})
+            request.state.behaviour = behaviour
+            return await ideogram(request, str(form.get("prompt", "")), form.get("resolution"))
+
+        @app.post("/v2/image/generate/{model}")
+        async def ideogram_v2(model: str, request: Request):
+            behaviour, early = self._submission(request, "api-key", self.key)
+            if early is not None:
+                return early
+            body = await request.json()
+            request.state.behaviour = behaviour
+            return await ideogram(request, str(body.get("prompt", "")), body.get("resolution"))
+
+        @app.post("/generate")
+        async def ideogram_legacy(request: Request):
+            behaviour, early = self._submission(request, "api-key", self.key)
+            if early is not None:
+                return early
+            body = (await request.json()).get("image_request") or {}
+            request.state.behaviour = behaviour
+            return await ideogram(request, str(body.get("prompt", "")), body.get("resolution"))
+
+        # Adobe Firefly and its token endpoint (Adobe IMS)
+        @app.post("/ims/token/v3")
+        async def ims_token(request: Request):
+            with self._lock:
+                behaviour = self.token_queue.popleft() if self.token_queue else "ok"
+            if behaviour == "429":
+                return JSONResponse({"error": "too_many_requests"}, 429, headers={"Retry-After": self.retry_after})
+            if behaviour == "500":
+                return JSONResponse({"error": "server_error"}, 500)
+            form = {k: v for k, v in (await request.form()).items()}
+            secret, client = form.get("client_secret"), form.get("client_id")
+            if form.get("grant_type") != "client_credentials" or client != self.FIREFLY_CLIENT_ID or \
+                    (self.key is not None and secret != self.key):
+                return JSONResponse({"error": "invalid_client",
+                                     "error_description": f"invalid client_secret parameter {secret}"}, 401)
+            token = "eyJ-ff-" + secrets.token_hex(16)
+            with self._lock:
+                self.issued.append(token)
+            return JSONResponse({"access_token": token, "token_type": "bearer", "expires_in": 86399})
+
+        def firefly_credentials(request: Request):
+            token = (request.headers.get("authorization") or "").removeprefix("Bearer ")
+            if request.headers.get("x-api-key") != self.FIREFLY_CLIENT_ID or token not in self.issued:
+                return JSONResponse({"error_code": "401013", "message": "Oauth token is not valid"}, 401)
+            return None
+
+        @app.post("/v3/images/generate-async")
+        async def firefly_submit(request: Request):
+            behaviour, early = self._submission(request, "x-api-key", self.FIREFLY_CLIENT_ID)
+            early = early or firefly_credentials(request)
+            if early is not None:
+                return early
+            body = await request.json()
+            size = body.get("size")
+            dims = (size["width"], size["height"]) if isinstance(size, dict) else None
+            task = self._task(behaviour, await self._image(str(body.get("prompt", "")), dims))
+            status = "http://10.0.0.1" if behaviour == "poll-private" else self.url
+            return JSONResponse({"jobId": task, "statusUrl": f"{status}/v3/status/{task}",
+                                 "cancelUrl": f"{status}/v3/cancel/{task}"}, 202)
+
+        @app.get("/v3/status/{task}")
+        async def firefly_status(task: str, request: Request):
+            failure = firefly_credentials(request) or self._poll_failure()
+            if failure is not None:
+                return failure
+            state = self._advance(task)
+            if state is None:
+                return JSONResponse({"error_code": "not_found", "message": "job not found"}, 404)
+            if state["polls"] <= self.pending_polls:
+                return JSONResponse({"jobId": task, "status": "running"})
+            if state["behaviour"] == "moderated":
+                return JSONResponse({"jobId": task, "status": "failed",
+                                     "message": "The input text contains content which is not allowed.\nmore"})
+            return JSONResponse({"jobId": task, "status": "succeeded", "result": {
+                "size": {"width": 16, "height": 16}, "outputs": [{"seed": 3, "image": {"url": state["url"]}}],
+                "contentClass": "art"}})
 
 
 def _ratio_size(ratio) -> tuple[int, int] | None:

@@ -1,5 +1,6 @@
 """Sources behind non-OpenAI protocols (Black Forest Labs' submit-and-poll, Stability's multipart
-bytes, Gemini's generateContent), end to end: a loopback stand-in serves a tiny pipeline's images;
+bytes, Gemini's generateContent, fal.ai's queue, Ideogram's URLs, Adobe Firefly's OAuth and jobs), end to
+end: a loopback stand-in serves a tiny pipeline's images;
 attribution beside local pipelines wins that pipeline's originals, a repeat costs 0 submissions, a
 moderated prompt leaves the other sources' answer, and the key never reaches the store or the output."""
 from __future__ import annotations
@@ -17,18 +18,27 @@ import engine.api_source
 from engine.api_source import ApiParams
 from engine.generate import DiffusersGenerator, GenerationParams, source_fingerprint
 from tests.conftest import PROMPTS
+from engine.providers import firefly
 from tests.fake_images_api import FakeProviderApi
 from tests.helpers import run_cli
 
 KEY = "bfl-test-0a1b2c3d4e5f-NEVER-STORED"
 ENV = "RESYNTH_TEST_BFL_KEY"
+CLIENT_ENV = "RESYNTH_TEST_FIREFLY_CLIENT"
 PRICE = 0.04
 OPTIONS = ["--per-source", "2", "--no-adaptive", "--mode", "resynthesis"]
 
 
 def add_protocol_source(store, name: str, params: ApiParams) -> None:
     """`resynth source add NAME --api URL --protocol P ...` (through the workspace when it takes a
-    protocol, else the way it stores an API source)."""
+    protocol, else the way it stores an API source; the OAuth protocol through the CLI itself)."""
+    if params.protocol == "firefly":
+        assert run_cli("source", "add", name, "--api", params.url, "--protocol", "firefly", "--model", params.model,
+                       "--api-key-env", params.api_key_env, "--client-id-env", params.client_id_env,
+                       "--token-url", params.token_url, "--price", params.price, "--rate", params.rate,
+                       "--concurrency", params.concurrency, "--timeout", params.timeout,
+                       "--store", store, "--quiet") == 0
+        return
     with engine.open(store) as ws:
         if "protocol" in inspect.signature(ws.add_api_source).parameters:
             ws.add_api_source(name, params.url, params.model, size=params.size, api_key_env=params.api_key_env,
@@ -45,12 +55,19 @@ PROTOCOLS = {  # protocol: (model, submission path, key header, key value, moder
                   "CONTENT_FILTERED"),
     "gemini": ("gemini-2.5-flash-image", "/v1beta/models/gemini-2.5-flash-image:generateContent",
                "x-goog-api-key", KEY, "PROHIBITED_CONTENT"),
+    "fal": ("fal-ai/flux/dev", "/fal-ai/flux/dev", "authorization", f"Key {KEY}", "has_nsfw_concepts"),
+    "ideogram": ("ideogram-v3", "/v1/ideogram-v3/generate", "api-key", KEY, "is_image_safe is false"),
+    "firefly": ("image4_standard", "/v3/images/generate-async", "x-api-key", FakeProviderApi.FIREFLY_CLIENT_ID,
+                "The input text contains content which is not allowed"),
 }
+URL_ANSWERS = {"bfl", "fal", "ideogram", "firefly"}  # the image is fetched from a URL the answer names
 
 
 @pytest.fixture(params=list(PROTOCOLS))
 def protocol_store(models, tmp_path, monkeypatch, request):
     monkeypatch.setenv(ENV, KEY)
+    monkeypatch.setenv(CLIENT_ENV, FakeProviderApi.FIREFLY_CLIENT_ID)
+    firefly.PROTOCOLS[0].forget_tokens()
     monkeypatch.setattr(engine.api_exchange, "BACKOFF_BASE", 0.01)
     monkeypatch.setattr(engine.api_exchange, "POLL_FIRST", 0.02)
     (hidden, folder), *local = models["pipelines"].items()
@@ -62,9 +79,11 @@ def protocol_store(models, tmp_path, monkeypatch, request):
     for name, path in local:
         assert run_cli("source", "add", name, path, "--store", store, "--steps", 2, "--quiet") == 0
     with FakeProviderApi(make=lambda prompt, _: pipeline.generate(prompt, [next(seeds)])[0], key=KEY) as api:
+        oauth = {"client_id_env": CLIENT_ENV, "token_url": f"{api.url}/ims/token/v3"} \
+            if request.param == "firefly" else {}
         add_protocol_source(store, "flux-api", ApiParams(api.url, PROTOCOLS[request.param][0], api_key_env=ENV,
                                                          price=PRICE, rate=600, concurrency=2, timeout=10,
-                                                         protocol=request.param))
+                                                         protocol=request.param, **oauth))
         yield store, api, hidden, request.param
 
 
@@ -89,7 +108,8 @@ def test_protocol_source_attributes_pays_once_and_reports_moderation(protocol_st
     right = sum(r["predicted"] == truth[row["source"]] for r, row in zip(first["results"], rows))
     assert right >= len(rows) - 1, [r["predicted"] for r in first["results"]]
     bought = len(PROMPTS) * 2
-    assert len(api.submissions()) == bought and len(api.downloads()) == (bought if protocol == "bfl" else 0)
+    assert len(api.submissions()) == bought
+    assert len(api.downloads()) == (bought if protocol in URL_ANSWERS else 0)
     assert all(e["path"] == path and e["headers"][header] == value for e in api.submissions())
     assert first["cost"]["images_bought"] == bought and first["cost"]["spent_usd"] == pytest.approx(bought * PRICE)
 
@@ -105,3 +125,6 @@ def test_protocol_source_attributes_pays_once_and_reports_moderation(protocol_st
     assert moderation in refused["failed"]["flux-api"] and refused["scores"]
     everything = b"".join(p.read_bytes() for p in store.rglob("*") if p.is_file())
     assert KEY.encode() not in everything
+    assert not any(token.encode() in everything for token in api.issued)  # firefly's tokens: memory only
+    if protocol == "firefly":
+        assert FakeProviderApi.FIREFLY_CLIENT_ID.encode() not in everything and len(api.issued) == 1

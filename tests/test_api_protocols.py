@@ -13,10 +13,13 @@ import pytest
 from engine import api_exchange, api_http, api_source, providers
 from engine.api_source import ApiGenerator, ApiParams, Budget, PartialResult
 from engine.errors import SourceError, UserError
+from engine.providers import firefly
 from tests.fake_images_api import FakeProviderApi, default_make, png_bytes
 
 KEY = "sk-proto-5a4b3c2d1e0f99887766"
 ENV = "RESYNTH_TEST_PROTO_KEY"
+CLIENT = FakeProviderApi.FIREFLY_CLIENT_ID
+CLIENT_ENV = "RESYNTH_TEST_PROTO_CLIENT"
 
 # protocol, model, size, submission path, auth header, its value, expected image size
 CASES = {
@@ -30,21 +33,34 @@ CASES = {
                "x-goog-api-key", KEY, (32, 24)),
     "gemini": ("gemini-2.5-flash-image", "768x1024",
                "/v1beta/models/gemini-2.5-flash-image:generateContent", "x-goog-api-key", KEY, (24, 32)),
+    "fal": ("fal-ai/flux/dev", "16x16", "/fal-ai/flux/dev", "authorization", f"Key {KEY}", (16, 16)),
+    "ideogram": ("ideogram-v3", "16x16", "/v1/ideogram-v3/generate", "api-key", KEY, (16, 16)),
+    "firefly": ("image4_standard", "16x16", "/v3/images/generate-async", "x-api-key", CLIENT, (16, 16)),
 }
-ASYNC = ("bfl", "replicate")
+ASYNC = ("bfl", "replicate", "fal", "firefly")
+POLLS = {"bfl": 2, "replicate": 2, "fal": 3, "firefly": 2}  # per image: pending, ready (fal: then the result)
 
 
 @pytest.fixture
 def api(monkeypatch):
     monkeypatch.setenv(ENV, KEY)
+    monkeypatch.setenv(CLIENT_ENV, CLIENT)
     monkeypatch.setattr(api_exchange, "POLL_FIRST", 0.02)
+    firefly.PROTOCOLS[0].forget_tokens()
     with FakeProviderApi(key=KEY, retry_after="0.2") as fake:
         yield fake
+    firefly.PROTOCOLS[0].forget_tokens()
+
+
+def oauth(api, protocol: str) -> dict:
+    """Firefly's client id variable and the stand-in's token endpoint."""
+    return {"client_id_env": CLIENT_ENV, "token_url": f"{api.url}/ims/token/v3"} if protocol == "firefly" else {}
 
 
 def generator(api, protocol: str, retries: int = 4, budget=None, **params) -> ApiGenerator:
     model, size = CASES[protocol][:2]
-    params = {"size": size, "api_key_env": ENV, "timeout": 5, **params}
+    model = params.pop("model", model)
+    params = {"size": size, "api_key_env": ENV, "timeout": 5, **oauth(api, protocol), **params}
     return ApiGenerator("remote", ApiParams(api.url, model, protocol=protocol, **params), retries=retries,
                         backoff_base=0.01, budget=budget)
 
@@ -66,6 +82,16 @@ def assert_request_shape(protocol: str, entry: dict, prompt: str, api) -> None:
         assert body == {"contents": [{"parts": [{"text": prompt}]}],
                         "generationConfig": {"responseModalities": ["TEXT", "IMAGE"],
                                              "imageConfig": {"aspectRatio": "3:4"}}}
+    elif protocol == "fal":
+        assert body == {"prompt": prompt, "num_images": 1, "image_size": {"width": 16, "height": 16}}
+    elif protocol == "ideogram":
+        assert entry["headers"]["content-type"].startswith("multipart/form-data; boundary=")
+        assert body is None and entry["headers"].get("authorization") is None
+    elif protocol == "firefly":
+        assert body == {"prompt": prompt, "numVariations": 1, "size": {"width": 16, "height": 16}}
+        assert entry["headers"]["x-model-version"] == "image4_standard"
+        assert entry["headers"]["authorization"] in (f"Bearer {t}" for t in api.issued)
+        assert KEY not in entry["raw"].decode() and KEY not in str(entry["headers"])  # the secret: IMS only
 
 
 @pytest.mark.parametrize("protocol", list(CASES))
@@ -81,7 +107,7 @@ def test_images_come_back_in_order_from_the_documented_requests(api, protocol):
     submissions = api.submissions()
     assert [e["path"] for e in submissions] == [path] * 3
     assert all(e["headers"].get(header) == value for e in submissions)
-    assert all(e["status"] in (200, 201) for e in submissions)
+    assert all(e["status"] in (200, 201, 202) for e in submissions)
     for entry in submissions:
         prompt = next(p for p, _ in jobs if p in entry["raw"].decode())
         assert_request_shape(protocol, entry, prompt, api)
@@ -89,9 +115,18 @@ def test_images_come_back_in_order_from_the_documented_requests(api, protocol):
         assert sorted(f["prompt"] for f in api.form_log) == sorted(p for p, _ in jobs)
         assert all(f == {"route": "core", "prompt": f["prompt"], "output_format": "png", "aspect_ratio": "1:1"}
                    for f in api.form_log)
+    if protocol == "ideogram":
+        assert sorted(f["prompt"] for f in api.form_log) == sorted(p for p, _ in jobs)
+        assert all(f == {"route": "ideogram-v3", "prompt": f["prompt"], "num_images": "1", "resolution": "16x16"}
+                   for f in api.form_log)
+        assert len(api.downloads()) == 3
+    if protocol == "firefly":  # one token for the three images, asked for with the secret in a form
+        [token] = api.token_requests()
+        assert token["headers"]["content-type"] == "application/x-www-form-urlencoded"
+        assert f"client_id={CLIENT}" in token["raw"].decode() and len(api.issued) == 1
     if protocol in ASYNC:
         polls = api.polls()
-        assert len(polls) == 2 * 3  # one pending answer, then the result
+        assert len(polls) == POLLS[protocol] * 3
         assert all(e["headers"].get(header) == value for e in polls)  # polling needs the key too
         assert all(e["headers"].get(header) is None and e["authorization"] is None for e in api.downloads())
         assert len(api.downloads()) == 3
@@ -140,7 +175,7 @@ def test_429_and_500_on_submission_are_retried(api, protocol):
     api.queue("429", "500")
     assert len(generator(api, protocol).generate("p", [0])) == 1
     assert [e["status"] for e in api.submissions()][:2] == [429, 500]
-    assert api.submissions()[-1]["status"] in (200, 201)
+    assert api.submissions()[-1]["status"] in (200, 201, 202)
 
 
 @pytest.mark.parametrize("protocol", ASYNC)
@@ -158,6 +193,10 @@ def test_429_and_500_on_polls_are_retried(api, protocol):
     ("stability", r"the API refused the request: finish reason CONTENT_FILTERED$"),
     ("imagen", r"the API refused the request: It may violate our policies\.$"),
     ("gemini", r"the API refused the request: prompt blocked: PROHIBITED_CONTENT$"),
+    ("fal", r"the API refused the request: has_nsfw_concepts: the provider's safety checker flagged the image$"),
+    ("ideogram", r"the API refused the request: is_image_safe is false: .* withheld the image$"),
+    ("firefly", r"the API refused the request: job failed: The input text contains content which is not "
+                r"allowed\.$"),
 ])
 def test_moderation_is_the_sources_one_line_failure(api, protocol, message):
     api.queue("moderated")
@@ -175,9 +214,13 @@ def test_a_bad_key_is_refused_at_once_and_never_echoed(api, protocol, monkeypatc
     with pytest.raises(SourceError) as failure:
         generator(api, protocol).generate("p", [0])
     message = str(failure.value)
-    assert "HTTP 401" in message and "Invalid API key" in message and f"${ENV}" in message
+    assert "HTTP 401" in message and f"${ENV}" in message
     assert wrong not in message and "\n" not in message and wrong not in caplog.text
-    assert len(api.submissions()) == 1
+    if protocol == "firefly":  # the secret goes to the token endpoint only, which refuses it
+        assert "token: the API refused the request: HTTP 401: invalid_client" in message
+        assert len(api.token_requests()) == 1 and api.submissions() == []
+    else:
+        assert "Invalid API key" in message and len(api.submissions()) == 1
 
 
 @pytest.mark.parametrize("protocol", list(CASES))
@@ -233,8 +276,9 @@ def test_key_never_in_logs_reprs_or_stored_parameters(api, caplog):
         gen = generator(api, protocol)
         gen.generate("p", [0])
         for text in (repr(gen), gen.params.to_json()):
-            assert KEY not in text
+            assert KEY not in text and CLIENT not in text
     assert "retry 1/4" in caplog.text and KEY not in caplog.text
+    assert api.issued and not any(token in caplog.text for token in api.issued)
 
 
 def test_endpoints_of_each_protocol():
@@ -257,12 +301,30 @@ def test_endpoints_of_each_protocol():
     assert endpoint(google + "/v1beta", "models/gemini-2.5-flash-image", "google") == \
         f"{google}/v1beta/models/gemini-2.5-flash-image:generateContent"
     assert endpoint("https://api.openai.com", "dall-e-3", "openai") == "https://api.openai.com/v1/images/generations"
+    assert endpoint("https://queue.fal.run/", "fal-ai/flux-pro/v1.1", "fal") == "https://queue.fal.run/fal-ai/flux-pro/v1.1"
+    ideogram = "https://api.ideogram.ai"
+    assert endpoint(ideogram, "ideogram-v3", "ideogram") == f"{ideogram}/v1/ideogram-v3/generate"
+    assert endpoint(ideogram, "V_2_TURBO", "ideogram") == f"{ideogram}/generate"
+    assert endpoint(ideogram, "ideogram-4-5", "ideogram") == f"{ideogram}/v2/image/generate/ideogram-4-5"
+    assert ApiParams("https://firefly-api.adobe.io", "image4_standard", protocol="firefly", api_key_env="S",
+                     client_id_env="C").endpoint() == "https://firefly-api.adobe.io/v3/images/generate-async"
 
 
 def test_protocol_parameters_are_validated_in_one_line():
     for fields, message in (
-            ({"protocol": "midjourney"}, "unknown API protocol 'midjourney': use one of bfl, gemini, google, imagen, "
-                                         "openai, replicate, stability"),
+            ({"protocol": "midjourney"}, "unknown API protocol 'midjourney': use one of bfl, fal, firefly, gemini, "
+                                         "google, ideogram, imagen, openai, replicate, stability"),
+            ({"protocol": "fal", "model": "flux"}, "endpoint id such as fal-ai/flux/dev"),
+            ({"protocol": "fal", "model": "fal-ai/flux/dev", "extra": {"num_images": 4}}, "may not set"),
+            ({"protocol": "ideogram", "model": "ideogram-v3", "extra": {"num_images": 2}}, "may not set"),
+            ({"protocol": "firefly", "model": "image4_standard", "api_key_env": "S"}, "needs --client-id-env"),
+            ({"protocol": "firefly", "model": "image4_standard", "client_id_env": "C"}, "needs --api-key-env"),
+            ({"protocol": "firefly", "model": "image4", "api_key_env": "S", "client_id_env": "C",
+              "token_url": "ftp://x"}, "--token-url must be http"),
+            ({"protocol": "firefly", "model": "image4", "api_key_env": "S", "client_id_env": "the id itself"},
+             "NAME of an environment variable"),
+            ({"protocol": "openai", "model": "m", "token_url": "https://ims.example.com/t"},
+             "--token-url is for OAuth protocols"),
             ({"protocol": "replicate", "model": "flux"}, "owner/name"),
             ({"protocol": "stability", "model": "core", "size": "1000x700"}, "ratio"),
             ({"protocol": "imagen", "model": "imagen-4", "size": "512x1024"}, "ratio"),
@@ -275,7 +337,8 @@ def test_protocol_parameters_are_validated_in_one_line():
         with pytest.raises(UserError, match=message) as failure:
             ApiParams(**{"url": "https://api.example.com", "model": "m", **fields}).validate()
         assert "\n" not in str(failure.value)
-    assert providers.names() == ["bfl", "gemini", "google", "imagen", "openai", "replicate", "stability"]
+    assert providers.names() == ["bfl", "fal", "firefly", "gemini", "google", "ideogram", "imagen", "openai",
+                                 "replicate", "stability"]
 
 
 def test_cache_keys_of_stored_openai_sources_are_unchanged_and_protocols_have_their_own():
@@ -311,3 +374,38 @@ def test_error_messages_of_each_service_are_read():
     assert read(b'{"name": "bad_request", "errors": ["prompt: is required"]}', None) == ": prompt: is required"
     assert read(b'{"title": "x", "detail": "key sk-abc is wrong\\nmore"}', "sk-abc") == ": key *** is wrong"
     assert read(b"<html>", None) == ""
+
+
+def test_ideogram_routes_by_model_and_refuses_private_urls(api):
+    for model, path, body in (
+            ("ideogram-4-5", "/v2/image/generate/ideogram-4-5",
+             {"prompt": "p", "num_images": 1, "resolution": "16x16", "seed": 9}),
+            ("V_2_TURBO", "/generate", {"image_request": {"prompt": "p", "num_images": 1, "model": "V_2_TURBO",
+                                                          "resolution": "RESOLUTION_16_16", "seed": 9}})):
+        [image] = generator(api, "ideogram", model=model, extra={"seed": "{seed}"}).generate("p", [9])
+        assert image.size == (16, 16)
+        assert api.submissions()[-1]["path"] == path and api.submissions()[-1]["body"] == body
+    api.queue("url-private")
+    with pytest.raises(SourceError, match=r"refused image URL on a non-public address \(10\.0\.0\.1"):
+        generator(api, "ideogram").generate("p", [0])
+
+
+def test_firefly_token_is_reused_retried_and_never_shown(api, caplog):
+    caplog.set_level(logging.DEBUG)
+    api.token_queue.extend(["429", "500"])
+    gen = generator(api, "firefly", extra={"seed": "{seed}", "contentClass": "photo"})
+    gen.generate("p", [5])
+    generator(api, "firefly").generate("q", [6])  # another generator, same credentials: the same token
+    assert [e["status"] for e in api.token_requests()] == [429, 500, 200] and len(api.issued) == 1
+    first = api.submissions()[0]["body"]
+    assert first["seeds"] == [5] and first["contentClass"] == "photo" and "seed" not in first
+    polls = api.polls()
+    assert all(e["headers"]["authorization"] == f"Bearer {api.issued[0]}" for e in polls)
+    assert all(e["headers"].get("authorization") is None for e in api.downloads())  # pre-signed: no credentials
+    api.issued.clear()  # the service revokes the token: the held one is refused in one line, then dropped
+    with pytest.raises(SourceError, match=r"HTTP 401: Oauth token is not valid") as refused:
+        generator(api, "firefly").generate("r", [0])
+    assert "\n" not in str(refused.value)
+    generator(api, "firefly").generate("r", [0])  # a fresh token is asked for
+    assert len(api.token_requests()) == 4 and len(api.issued) == 1
+    assert not any(token in caplog.text for token in api.issued) and KEY not in caplog.text

@@ -40,7 +40,8 @@ from urllib.parse import urlsplit
 from engine.errors import SourceError, UserError
 
 DEFAULT = "openai"
-_MODULES = ("openai", "bfl", "replicate", "stability", "google")  # each defines PROTOCOLS: a tuple of objects
+# each defines PROTOCOLS: a tuple of objects
+_MODULES = ("openai", "bfl", "replicate", "stability", "google", "fal", "ideogram", "firefly")
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,15 @@ class Call(_Typing):
     def json(self, reply: Reply) -> Any:
         """The reply's JSON, or 'malformed answer: not JSON'."""
 
-    def poll(self, url: str, check: Callable[[Any], Any]) -> Any:
-        """GET `url` (the key sent only to the endpoint's own site) until `check(answer)` returns something
-        other than None, backing off between polls; the whole loop under one total deadline."""
+    def poll(self, url: str, check: Callable[[Any], Any], headers: Mapping[str, str] | None = None) -> Any:
+        """GET `url` (the key, and `headers`, sent only to the endpoint's own site) until `check(answer)`
+        returns something other than None, backing off between polls; the whole loop under one total
+        deadline."""
+
+    def post_form(self, url: str, fields: Mapping[str, str], what: str) -> Reply:
+        """POST a urlencoded form to a URL the source was configured with (an OAuth token endpoint),
+        without the key's header: retried like a submission but not paced by the rate; `what`
+        prefixes its messages."""
 
     def fetch(self, url: str) -> bytes:
         """An image URL's bytes (no key; redirects re-checked; private addresses refused) or a data: URI's."""
@@ -97,6 +104,7 @@ class ImageProtocol:
 
     name = ""
     reserved: frozenset[str] = frozenset({"prompt"})
+    settings: frozenset[str] = frozenset()  # optional ApiParams fields it reads (client_id_env, token_url)
 
     def auth(self, key: str | None) -> dict[str, str]:
         return {"Authorization": f"Bearer {key}"} if key else {}

@@ -3,15 +3,16 @@ each image bought."""
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
 
 from engine import providers
 from engine.sources import Param, Recipe, SourceKind, fingerprint
 
 PROTOCOL_HELP = ("the API's protocol: openai (OpenAI-compatible images API, the default), bfl (Black Forest Labs), "
                  "replicate (MODEL is owner/name[:version]), stability (MODEL is core, ultra, sd3 or an sd3 "
-                 "variant), imagen, gemini, or google (gemini for gemini-* models, else imagen); URL is the "
-                 "provider's base URL")
+                 "variant), imagen, gemini, google (gemini for gemini-* models, else imagen), fal (MODEL is a "
+                 "fal endpoint id such as fal-ai/flux/dev), ideogram (MODEL ideogram-v3, V_2, ...) or firefly "
+                 "(Adobe Firefly Services: MODEL is the x-model-version, the key is the OAuth client secret, "
+                 "--client-id-env names the client id); URL is the provider's base URL")
 
 
 class Api(SourceKind):
@@ -38,22 +39,28 @@ class Api(SourceKind):
         Param("extra", dict, None, "more request fields, e.g. '{\"quality\": \"hd\"}' (a value \"{seed}\" is "
                                    "replaced by the slot number)", metavar="JSON"),
         Param("timeout", float, 120.0, "seconds per request (default 120)", metavar="S"),
+        Param("client_id_env", str, None, "OAuth protocols (firefly): environment variable holding the client id",
+              metavar="VAR"),
+        Param("token_url", str, None, "OAuth protocols (firefly): the token endpoint (default: Adobe IMS)",
+              metavar="URL"),
     )
 
     def prepare(self, name: str, url: str, model: str, size: str | None = None, api_key_env: str | None = None,
                 price: float = 0.0, rate: float | None = None, concurrency: int = 2, extra: dict | None = None,
-                timeout: float = 120.0, protocol: str = providers.DEFAULT) -> Recipe:
+                timeout: float = 120.0, protocol: str = providers.DEFAULT, client_id_env: str | None = None,
+                token_url: str | None = None) -> Recipe:
         """Only the *name* of the environment variable holding the key is stored; the key is read at
         each run and never written anywhere."""
         from engine.api_source import ApiParams
 
         params = ApiParams(url=url, model=model, size=size, api_key_env=api_key_env, price=price, rate=rate,
                            concurrency=concurrency, extra=dict(extra or {}), timeout=timeout,
-                           protocol=protocol).validate()
+                           protocol=protocol, client_id_env=client_id_env, token_url=token_url).validate()
         warning = None
-        if api_key_env and not os.environ.get(api_key_env):
-            warning = f"environment variable {api_key_env} is not set here: set it where resynth runs"
-        return Recipe(path=params.endpoint(), params=asdict(params), fingerprint=api_fingerprint(params.cache_hash()),
+        unset = [env for env in (api_key_env, client_id_env) if env and not os.environ.get(env)]
+        if unset:
+            warning = f"environment variable {' and '.join(unset)} is not set here: set it where resynth runs"
+        return Recipe(path=params.endpoint(), params=params.stored(), fingerprint=api_fingerprint(params.cache_hash()),
                       twin="already calls this endpoint and model with the same parameters", warning=warning)
 
     def params_hash(self, source) -> str:
