@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "used when a query comes without a prompt")
     p.add_argument("--db", metavar="URL", help="keep metadata and vectors in PostgreSQL (postgresql+psycopg://USER@HOST"
                                               ":PORT/DBNAME; password from $PGPASSWORD) instead of metadata.sqlite")
+    p.add_argument("--images", metavar="URL", help="keep generated image files in object storage (s3://BUCKET/PREFIX, "
+                                                  "gs://...; endpoint and keys from $AWS_ENDPOINT_URL, "
+                                                  "$AWS_ACCESS_KEY_ID ...) instead of the store folder")
     p.set_defaults(run=cmd_init)
 
     p = sub.add_parser("source", parents=[common], help="add, list or remove candidate generators")
@@ -236,8 +239,8 @@ def _open(args, writable: bool = True, **kwargs):
 def cmd_init(args) -> None:
     import engine
 
-    with engine.init(args.store, **clip_kwargs(args), captioner=args.captioner, db=args.db, device=args.device,
-                     progress=not args.quiet) as ws:
+    with engine.init(args.store, **clip_kwargs(args), captioner=args.captioner, db=args.db, images=args.images,
+                     device=args.device, progress=not args.quiet) as ws:
         store = ws.store
         _emit(args, store.config, f"store {store.root} bound to {store.embedder_identity} ({store.dim}-d)")
 

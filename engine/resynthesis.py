@@ -5,6 +5,7 @@ request, `engine.jobs` for a whole description list.
 """
 from __future__ import annotations
 
+import io
 import logging
 import socket
 import time
@@ -227,9 +228,13 @@ def image_path(fingerprint: str, key: str) -> Path:
     return Path("images") / fingerprint[:16] / key[:2] / f"{key}.png"
 
 
-def store_generated(ws: "Workspace", plan: Plan, name: str, jobs: list[tuple[str, str, int]], images: list) -> int:
-    from engine.images import save_png_atomic
+def png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
+
+def store_generated(ws: "Workspace", plan: Plan, name: str, jobs: list[tuple[str, str, int]], images: list) -> int:
     store = ws.store
     source = next(s for s in plan.sources if s.name == name)
     vectors = ws.embed(images)
@@ -238,7 +243,7 @@ def store_generated(ws: "Workspace", plan: Plan, name: str, jobs: list[tuple[str
     rows = []
     for (text, key, seed), image, vector in zip(jobs, images, vectors):
         relative = image_path(source.fingerprint, key)
-        file_hash = save_png_atomic(image, store.root / relative)
+        file_hash = store.write_image(relative.as_posix(), png_bytes(image))  # the folder or its object store
         rows.append(NewImage(key=key, role="resynthesis", source_id=source.id, description_id=description_ids[text],
                              file_hash=file_hash, path=relative.as_posix(), vector=vector, seed=seed,
                              params_hash=params_hash))

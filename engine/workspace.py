@@ -390,16 +390,22 @@ def embedder_spec(clip_checkpoint: str | os.PathLike, clip_model: str | None = N
 def init_workspace(store_dir: str | os.PathLike | None = None, *, clip_checkpoint: str | os.PathLike,
                    clip_model: str | None = None, clip_config: str | os.PathLike | None = None,
                    clip_layer: str | int | None = "middle", captioner: str | os.PathLike | None = None,
-                   device: str | None = None, progress: bool = False, db: str | None = None) -> Workspace:
+                   device: str | None = None, progress: bool = False, db: str | None = None,
+                   images: str | None = None) -> Workspace:
     """Create a store bound to one open_clip image encoder (loaded once, to validate it and learn its identity)."""
     from engine.describe import make_captioner
     from engine.embed import Embedder
 
+    if images:
+        from index.objects import parse_images_url
+
+        parse_images_url(images)  # a wrong URL or a missing backend is one line before any model loads
     spec = embedder_spec(clip_checkpoint, clip_model, clip_config, clip_layer)
     captioner = expand_path(captioner) if captioner else None
     if captioner:
         make_captioner(captioner)  # validates the folder now rather than at the first query
     embedder = Embedder(spec, device=device)
     store = Store.create(store_path(store_dir), embedder.describe(), embedder.dim,
-                         captioner=str(Path(captioner).resolve()) if captioner else None, db_url=db)
+                         captioner=str(Path(captioner).resolve()) if captioner else None, db_url=db,
+                         images=images)
     return Workspace(store, device=device, progress=progress, embedder=embedder)

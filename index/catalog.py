@@ -165,13 +165,13 @@ class Catalog:
 
     def remove_unreferenced_files(self, stored_paths: list[str]) -> None:
         """Delete the store's own files among `stored_paths` that no remaining row points at."""
-        candidates = {p for p in (self.layout.own_file(x) for x in stored_paths) if p is not None}
+        files = self.layout.images  # the store folder, or its object store
+        candidates = {p for p in (files.own(x) for x in stored_paths) if p is not None}
         if not candidates:
             return
         with self.db.session() as s:
-            candidates -= {p for p in (self.layout.own_file(x) for x in s.scalars(select(Image.path)))
-                           if p is not None}
-        self.layout.remove_files(candidates)
+            candidates -= {p for p in (files.own(x) for x in s.scalars(select(Image.path))) if p is not None}
+        files.remove(candidates)
 
     # ----- descriptions -----------------------------------------------------------------------
     def description_id(self, text: str) -> int:
@@ -269,6 +269,12 @@ class Catalog:
         """The stored path of one image (relative to the store, or absolute for ingested files)."""
         with self.db.session() as s:
             return s.scalar(select(Image.path).where(Image.id == image_id))
+
+    def image_file_row(self, image_id: int) -> tuple[str, str] | None:
+        """(stored path, sha256) of one image, or None when there is no such image."""
+        with self.db.session() as s:
+            row = s.execute(select(Image.path, Image.file_hash).where(Image.id == image_id)).first()
+        return (row[0], row[1]) if row is not None else None
 
     def image_ids_of_vectors(self, vector_ids: list[int]) -> dict[int, int]:
         """vector id -> image id, for the ids that are stored (any embedder)."""

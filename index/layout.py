@@ -19,6 +19,7 @@ from typing import IO, Callable, Iterator
 from index.claims import pid_alive
 from index.failures import os_failure, refuse_write
 from index.faults import crash_point
+from index.objects import ImageFiles, image_files
 
 CONFIG_NAME = "store.json"
 DB_NAME = "metadata.sqlite"
@@ -117,6 +118,14 @@ class Layout:
         self.config = config
         self.writable = writable
         self.read_only_why = read_only_why  # why this process cannot write the folder, if it cannot
+        self._images: ImageFiles | None = None
+
+    @property
+    def images(self) -> ImageFiles:
+        """Where the image files live: this folder, or the object store config["images"] names (objects.py)."""
+        if self._images is None:
+            self._images = image_files(self)
+        return self._images
 
     @property
     def embedder_identity(self) -> str:
@@ -175,7 +184,7 @@ class Layout:
         finally:
             os.close(fd)  # releases the lock
 
-    # ----- image files and leftovers ---------------------------------------------------------
+    # ----- image files and leftovers (in this folder; objects.py for the object-store side) ------
     def file_path(self, stored: str) -> Path:
         path = Path(stored)
         return path if path.is_absolute() else self.root / path

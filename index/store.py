@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy.orm import Session
 
-from index import ivf, migrations, reembed
+from index import ivf, migrations, objects, reembed
 from index import vectors as vx
 from index.catalog import AddedImages, Catalog, LabelledVector, NewImage
 from index.claims import Claims
@@ -93,15 +93,17 @@ class Store:
     # ----- lifecycle -------------------------------------------------------------------------
     @classmethod
     def create(cls, root: Path, embedder: dict, dim: int, captioner: str | None = None,
-               db_url: str | None = None) -> "Store":
+               db_url: str | None = None, images: str | None = None) -> "Store":
         """A new store (the only way a database is made), or the existing one at `root`.
 
         `db_url` (postgresql+psycopg://USER@HOST:PORT/DBNAME, no password) puts the metadata and vectors in
         that PostgreSQL database instead of metadata.sqlite; a database holds one store: joining one bound
-        to another embedder is refused."""
+        to another embedder is refused. `images` (s3://BUCKET/PREFIX, gs://...: index/objects.py) keeps the
+        generated image files in that object store instead of the store folder."""
         root = Path(root)
         config_path = root / CONFIG_NAME
         url = parse_db_url(db_url) if db_url else None
+        images = objects.parse_images_url(images) if images else None
         if config_path.exists():
             existing = json.loads(config_path.read_text())
             if existing["embedder"]["identity"] != embedder["identity"]:
@@ -110,10 +112,15 @@ class Store:
             if url is not None and existing.get("db") != url.render_as_string(hide_password=False):
                 where = db_label(parse_db_url(existing["db"])) if existing.get("db") else "metadata.sqlite"
                 raise StoreInputError(f"store {root} already keeps its metadata in {where}; use another --store")
+            if images is not None and existing.get("images") != images:
+                raise StoreInputError(f"store {root} already keeps its images in "
+                                      f"{existing.get('images') or 'its folder'}; use another --store")
             store = cls.open(root)
             if captioner and captioner != store.config.get("captioner"):
                 store.update_config(captioner=captioner)
             return store
+        if images is not None:
+            objects.ObjectImages(images).check()  # before anything is made: a wrong bucket or key is one line
         new_folder = not root.exists()
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -125,6 +132,8 @@ class Store:
         config = {"format": FORMAT, "embedder": embedder, "dim": dim, "captioner": captioner}
         if url is not None:
             config["db"] = url.render_as_string(hide_password=False)  # parse_db_url refused any password
+        if images is not None:
+            config["images"] = images  # the URL only: credentials come from the environment
         try:
             store = cls(root, config, writable=True, create=True)
         except BaseException:
@@ -335,13 +344,25 @@ class Store:
         return self.catalog.image_id_for_key(key)
 
     def image_file(self, image_id: int) -> Path | None:
-        """An image's file by its id (a path the catalog records, never one a caller gives), or None when
-        there is no such image or its file is gone."""
+        """An image's local file by its id (a path the catalog records, never one a caller gives), or None
+        when there is no such image, its file is gone, or it lives in object storage (see image_bytes)."""
         stored = self.catalog.image_path(image_id)
-        if stored is None:
+        if stored is None or (not Path(stored).is_absolute() and self.config.get("images")):
             return None
-        path = Path(stored) if Path(stored).is_absolute() else self.root / stored
+        path = self.layout.file_path(stored)
         return path if path.is_file() else None
+
+    def image_bytes(self, image_id: int) -> bytes | None:
+        """An image's bytes by its id, wherever they live, checked against the sha256 the catalog keeps:
+        None when there is no such image, its file is gone or its bytes differ (verify says which)."""
+        row = self.catalog.image_file_row(image_id)
+        return objects.read_checked(self.layout.images, *row) if row is not None else None
+
+    def write_image(self, relative: str, data: bytes) -> str:
+        """Write a generated image's file atomically at `relative` (inside the store, or under its object
+        store's prefix) before its row is recorded; returns its sha256, the row's file_hash."""
+        self.layout.require_writable()
+        return self.layout.images.write(relative, data)
 
     def image_ids_of_vectors(self, vector_ids: list[int]) -> dict[int, int]:
         """vector id -> image id, for those stored."""

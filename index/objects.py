@@ -1,0 +1,229 @@
+"""Where a store's image files live: its own folder (the default), or an object store named by an fsspec
+URL (`resynth init --images s3://bucket/prefix`; also gs://, gcs://, az://, abfs://).
+
+Why object storage: machines that share one PostgreSQL catalog need one place for the images they
+generate; a bucket is that place without a shared filesystem. Only the URL is kept in store.json; the
+endpoint and credentials come from the backend's standard environment (AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE ...; GOOGLE_APPLICATION_CREDENTIALS; AZURE_...).
+A URL that carries credentials (`s3://KEY:SECRET@bucket`) is refused.
+
+Writes are atomic in both places. A folder writes beside the target, fsyncs and renames
+(layout.atomic_write). An object store needs no temporary key: a PUT is atomic on S3, GCS and Azure
+Blob (the object appears with its whole body or not at all, and a multipart upload appears only when
+it completes), so an image is written under its final key in one PUT; a temporary key and a copy
+would double the traffic and add no guarantee. On S3 the PUT carries Content-MD5, so a body damaged
+in transit is refused by the server. The write order is the store's (image, then its database row):
+an object whose row never committed is an orphan, never a row without its image.
+
+Reads are checked: the catalog keeps every image's sha256, and `read_checked` answers only bytes that
+match it (verify reads every file and compares the same way).
+
+fsspec and s3fs are the optional `objects` extra: a store in a folder never imports them.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from index.errors import StoreInputError, StoreUnavailable
+from index.failures import NOTHING_LOST, os_failure
+
+PROTOCOLS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
+             "abfss": "adlfs"}  # object stores whose PUT is atomic, and the package fsspec needs for each
+EXTRA = "pip install 'resynth[objects]'"
+
+
+class ImageFiles(Protocol):
+    """What the store asks of the place its image files live. `stored` is a row's path: relative to the
+    store (a generated image, kept here) or absolute (an ingested file, read where it lies)."""
+
+    label: str
+
+    def write(self, relative: str, data: bytes) -> str: ...
+
+    def read(self, stored: str) -> bytes | None: ...
+
+    def own(self, stored: str) -> Any: ...
+
+    def remove(self, owned: set) -> None: ...
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_checked(files: ImageFiles, stored: str, file_hash: str) -> bytes | None:
+    """The bytes of one stored image if they are there and match the sha256 the catalog recorded."""
+    data = files.read(stored)
+    return data if data is not None and sha256_bytes(data) == file_hash else None
+
+
+def read_local(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+
+
+def check_relative(relative: str) -> PurePosixPath:
+    """A generated image's place inside the store: relative, below a folder, never climbing out."""
+    path = PurePosixPath(relative)
+    if path.is_absolute() or len(path.parts) < 2 or ".." in path.parts:
+        raise StoreInputError(f"image path {relative!r} must be relative to the store, below a folder")
+    return path
+
+
+class LocalImages:
+    """Image files in the store folder (the default): each written atomically beside its target."""
+
+    def __init__(self, layout):
+        self.layout = layout
+        self.label = str(layout.root)
+
+    def write(self, relative: str, data: bytes) -> str:
+        from index.layout import atomic_write
+
+        path = self.layout.root / check_relative(relative)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            problem = os_failure(exc, path, "creating an image folder")
+            if problem is None:
+                raise
+            raise problem from exc
+        atomic_write(path, lambda handle: handle.write(data), "image:before-replace")
+        return sha256_bytes(data)
+
+    def read(self, stored: str) -> bytes | None:
+        return read_local(self.layout.file_path(stored))
+
+    def own(self, stored: str) -> Path | None:
+        return self.layout.own_file(stored)
+
+    def remove(self, owned: set) -> None:
+        self.layout.remove_files(owned)
+
+
+def parse_images_url(url: str) -> str:
+    """The URL as store.json keeps it (no trailing slash); a one-line StoreInputError if it is not an
+    object-store URL without credentials, or if the package its backend needs is not installed."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in PROTOCOLS:
+        known = ", ".join(f"{p}://" for p in PROTOCOLS)
+        raise StoreInputError(f"--images {url!r}: not an object-store URL (one of {known}); a local folder "
+                              "needs no flag: images then live in the store folder")
+    if "@" in parts.netloc or parts.query or parts.fragment:
+        raise StoreInputError(f"--images: the URL may not carry credentials or options ({scheme}://BUCKET/PREFIX); "
+                              "give them through the environment (e.g. AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL)")
+    if not parts.netloc:
+        raise StoreInputError(f"--images {url!r}: name a bucket ({scheme}://BUCKET/PREFIX)")
+    _filesystem_class(scheme)
+    return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+
+
+def _filesystem_class(scheme: str):
+    try:
+        import fsspec
+
+        return fsspec.get_filesystem_class(scheme)
+    except ImportError:
+        raise StoreInputError(f"image files at {scheme}:// need fsspec and {PROTOCOLS[scheme]}: {EXTRA}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+class ObjectImages:
+    """Image files under one prefix of a bucket. Generated images are kept at PREFIX/<relative path>."""
+
+    def __init__(self, url: str):
+        self.url = parse_images_url(url)
+        self.label = self.url
+        self.scheme, _, rest = self.url.partition("://")
+        self.base = rest  # bucket/prefix, as fsspec names paths
+        self._fs = None
+
+    @property
+    def fs(self):
+        if self._fs is None:
+            # one client per process and URL (fsspec caches instances); the environment supplies the
+            # endpoint and credentials at the first use
+            self._fs = _filesystem_class(self.scheme)()
+        return self._fs
+
+    def key(self, relative: str) -> str:
+        return f"{self.base}/{check_relative(relative)}"
+
+    def unavailable(self, exc: BaseException, doing: str) -> StoreUnavailable:
+        return StoreUnavailable(f"image storage {self.url} failed {doing} ({_first_line(exc)}): {NOTHING_LOST}; "
+                                "the same command succeeds once it answers")
+
+    def check(self) -> None:
+        """That the bucket answers and takes a write (at `init`): a wrong endpoint, bucket or key is one line
+        now rather than at the first generated image."""
+        bucket = self.base.split("/")[0]
+        probe = f"{self.base}/.resynth-probe-{os.getpid()}"
+        try:
+            self.fs.info(bucket)
+        except FileNotFoundError:
+            raise StoreInputError(f"--images {self.url}: bucket {bucket!r} does not exist, or these credentials "
+                                  "cannot see it: create it first") from None
+        except Exception as exc:  # noqa: BLE001 - every backend failure (network, refusal) is one line
+            raise self.unavailable(exc, "finding its bucket") from None
+        try:
+            self.fs.pipe_file(probe, b"resynth")
+            self.fs.rm_file(probe)
+        except Exception as exc:  # noqa: BLE001 - every backend failure (network, refusal, no bucket) is one line
+            raise self.unavailable(exc, "a test write") from None
+
+    def write(self, relative: str, data: bytes) -> str:
+        key = self.key(relative)
+        extra = {}
+        if self.scheme in ("s3", "s3a"):  # the server refuses a body that does not match
+            extra["ContentMD5"] = base64.b64encode(hashlib.md5(data).digest()).decode()
+        try:
+            self.fs.pipe_file(key, data, **extra)
+        except Exception as exc:  # noqa: BLE001 - as in check
+            raise self.unavailable(exc, f"writing {relative}") from None
+        return sha256_bytes(data)
+
+    def read(self, stored: str) -> bytes | None:
+        if Path(stored).is_absolute():  # an ingested file, referenced where it lies
+            return read_local(Path(stored))
+        try:
+            return self.fs.cat_file(self.key(stored))
+        except FileNotFoundError:
+            return None
+        except StoreInputError:
+            return None
+        except Exception as exc:  # noqa: BLE001 - as in check
+            raise self.unavailable(exc, f"reading {stored}") from None
+
+    def own(self, stored: str) -> str | None:
+        try:
+            return self.key(stored)
+        except StoreInputError:
+            return None
+
+    def remove(self, owned: set) -> None:
+        if not owned:
+            return
+        try:
+            self.fs.rm(sorted(owned))
+        except FileNotFoundError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - as in check; the rows are gone, the objects stay as orphans
+            raise self.unavailable(exc, f"removing {len(owned)} images") from None
+
+
+def image_files(layout) -> ImageFiles:
+    """The place `layout`'s config names for its image files."""
+    url = layout.config.get("images")
+    return ObjectImages(url) if url else LocalImages(layout)
