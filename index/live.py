@@ -386,6 +386,14 @@ class LiveIndex:
                 raise StoreDamaged(f"the segment just written over {path} reads back {why}")
         return disk.saved(manifest, segment, merged)
 
+    def remove_stale_segments(self) -> list[str]:
+        """Segment files no manifest names (a save killed between its steps), removed under the publish
+        lock so no save is between its steps (nothing for a read-only process)."""
+        if not self.layout.writable:
+            return []
+        with self.layout.file_lock():
+            return segments.remove_orphans(self.layout.index_path)
+
     def rebuild_from_db(self, embedder: tuple[str, int] | None = None):
         """A fresh flat index of every stored vector (of `embedder`), and the tombstone seq it reflects."""
         index = vx.new_index(embedder[1] if embedder else self.dim)

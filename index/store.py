@@ -227,7 +227,7 @@ class Store:
 
     # ----- the live index and the search index -----------------------------------------------
     def remove_stale_temp_files(self, deep: bool = False) -> list[str]:
-        return self.layout.remove_stale_temp_files(deep)
+        return self.layout.remove_stale_temp_files(deep) + self.live.remove_stale_segments()
 
     def save_index(self) -> None:
         """Publish the in-memory index atomically, merged with what other processes committed/deleted."""
