@@ -21,6 +21,8 @@ Scoring is the project's own (engine/evaluation/scoring.py), cosine similarity t
                K resyntheses per source
   dataset-nN   dataset_score_matrix(..., neighbours=N): the N nearest resyntheses of any description
                (never the query's own bytes), aggregated per source; a source with none scores -inf
+  fused-nN     the mean of resynthesis and dataset-nN scores per source (a source absent from the N
+               nearest takes the N-th neighbour's similarity): an alternative measured and not chosen
   combined-nN  exactly Workspace.score's union: per source, the description's K references plus the
                source's members among the N nearest (deduplicated), aggregated together; computed as a
                score_matrix over per-original reference lists (self-checked: with no description
@@ -311,6 +313,17 @@ def combined_references(refs, near: np.ndarray, res_source: np.ndarray, sources:
     return out
 
 
+def fused(resynthesis: np.ndarray, dataset: np.ndarray, originals, resyntheses, near: np.ndarray) -> np.ndarray:
+    """The mean of the two modes' scores per source. A source with no member among the N nearest gets, as
+    its dataset score, the N-th neighbour's similarity (an upper bound of what it would score); a source
+    with no description reference keeps its dataset score alone."""
+    sims = np.einsum("id,ijd->ij", np.asarray(originals, np.float64),
+                     np.asarray(resyntheses, np.float64)[np.maximum(near, 0)])
+    floor = np.where(near >= 0, sims, np.inf).min(axis=1, keepdims=True)
+    data = np.where(np.isfinite(dataset), dataset, np.broadcast_to(floor, dataset.shape))
+    return np.where(np.isfinite(resynthesis), (resynthesis + data) / 2, data)
+
+
 def evaluate(evalset: EvalSet, orig: np.ndarray, res: np.ndarray, label: str) -> tuple[list[dict], dict]:
     references = evalset.references()
     sources, labels = len(evalset.sources), evalset.orig_source
@@ -329,6 +342,8 @@ def evaluate(evalset: EvalSet, orig: np.ndarray, res: np.ndarray, label: str) ->
                 width = max(len(r) for row in union for r in row)
                 matrices[f"combined-n{n}"] = score_matrix(orig, res_k, union,
                                                           Variant(label, "cosine", aggregation, width))
+                matrices[f"fused-n{n}"] = fused(matrices["resynthesis"], matrices[f"dataset-n{n}"],
+                                                orig, res_k, near[n])
             if aggregation == "knn" and k == max_k:  # self-checks of the combined emulation
                 empty = [[np.zeros(0, np.int64)] * sources for _ in refs]
                 alone = combined_references(empty, near[8], res_source, sources)
@@ -394,7 +409,7 @@ def unknown_source(evalset: EvalSet, orig: np.ndarray, res: np.ndarray, referenc
 
 # ------------------------------------------------------------------------------------------ report
 
-MODES = ["resynthesis"] + [f"{m}-n{n}" for m in ("dataset", "combined") for n in NEIGHBOURS]
+MODES = ["resynthesis"] + [f"{m}-n{n}" for m in ("dataset", "combined", "fused") for n in NEIGHBOURS]
 
 
 def cell_table(rows: list[dict]) -> str:

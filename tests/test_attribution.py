@@ -97,6 +97,7 @@ def test_cli_attribute_json(store_dir, originals, models, capsys, tmp_path):
     # (`unknown` is null, not false, when no claim is made either way)
     assert data["results"][0]["verdict"] == "uncalibrated" and "calibrate" in data["results"][0]["evidence"]["why"]
     assert all(r["unknown"] is None and r["verdict"] == "uncalibrated" for r in data["results"])
+    assert all(r["evidence"]["mode"] == "combined" for r in data["results"])  # the default, as run
     # the new fields are always there: the file's provenance (stable shape) and each source's closest references
     assert all(set(r["provenance"]) >= {"schema", "metadata", "c2pa", "watermark"} for r in data["results"])
     assert all(set(r["closest"]) == {s["source"] for s in r["scores"]} for r in data["results"])

@@ -147,6 +147,17 @@ def test_lora_sources_attribute_end_to_end_and_refusals(models, local, tmp_path)
         (result,) = report.results
         assert {s.source for s in result.scores} == {"lora-a", "lora-b"} and not result.failed
         assert report.generated == 4 and result.predicted in {"lora-a", "lora-b"}
+        # LoRAs of one base: combined mode (the default) compares only resyntheses of the query's description,
+        # even with another description's resyntheses stored among its nearest neighbours
+        ws.attribute([query], prompt=PROMPT + ", at night", options=Options(per_source=2, adaptive=False))
+        combined = ws.attribute([query], prompt=PROMPT, options=Options(per_source=2, adaptive=False)).results[0]
+        alone = ws.attribute([query], prompt=PROMPT, options=Options(mode="resynthesis", per_source=2,
+                                                                     adaptive=False)).results[0]
+        assert combined.evidence["mode"] == "resynthesis" and alone.evidence["mode"] == "resynthesis"
+        assert [(s.source, s.score) for s in combined.scores] == [(s.source, s.score) for s in alone.scores]
+        dataset = ws.attribute([query], prompt=PROMPT, options=Options(mode="dataset")).results[0]
+        assert dataset.evidence["mode"] == "dataset"
+        assert [(s.source, s.score) for s in dataset.scores] != [(s.source, s.score) for s in alone.scores]
         kind = Lora()
         with pytest.raises(UserError, match="needs --lora"):
             kind.prepare("x", base)
