@@ -158,17 +158,21 @@ class StoredVectors:
                         .where(VectorSet.embedder == (embedder or self.embedder))).first()
         return (int(row[0]), int(row[1]), int(row[2])) if row else (0, 0, 0)
 
-    def behind_by(self, s: Session, have: np.ndarray) -> np.ndarray | None:
+    def behind_by(self, s: Session, have: np.ndarray | None,
+                  known: tuple[tuple[int, int, int], int] | None = None) -> np.ndarray | None:
         """The watermark check: the ids the database holds beyond the index's highest one, when the index
         holds exactly the database's ids up to that point (digests add up), else None. O(1) plus a range
-        read of what is newer; None (the full comparison) after deletions the file has not seen."""
+        read of what is newer; None (the full comparison) after deletions the file has not seen.
+        `known`: the index's (digest, highest id) in place of its ids `have` (vectors.index_digest)."""
         db = None if skipped("ids:digest") else self.db_digest(s)
         if db is None:
             return None
-        mine = vx.id_digest(have)
+        if known is None:
+            assert have is not None
+            known = vx.id_digest(have), int(have.max()) if len(have) else 0
+        mine, top = known
         if mine == db:
             return np.zeros(0, np.int64)
-        top = int(have.max()) if len(have) else 0
         newer = np.array(s.scalars(select(Vector.id).where(Vector.id > top, Vector.embedder == self.embedder)
                                    .order_by(Vector.id)).all(), np.int64)
         extra = vx.id_digest(newer)
@@ -304,14 +308,12 @@ class LiveIndex:
             if self.db.has_tombstones and tomb_seq > self.tomb_seq:
                 gone = np.array(s.scalars(select(DeletedVector.vector_id)
                                           .where(DeletedVector.seq > self.tomb_seq)).all(), np.int64)
-                gone = np.intersect1d(gone, vx.index_ids(index))
-                if len(gone):
-                    index.remove_ids(gone)
+                if len(gone) and index.remove_ids(gone):  # ids it does not hold are left alone
                     changed = True
-            have = vx.index_ids(index)
-            missing = self.stored.behind_by(s, have)  # O(1) when the digests agree, a range read when only behind
+            # O(1) when the digests agree (the files' digests are cached), a range read when only behind
+            missing = self.stored.behind_by(s, None, vx.index_digest(index))
             if missing is None:
-                missing = np.setdiff1d(self.stored.db_vector_ids(s), have)
+                missing = np.setdiff1d(self.stored.db_vector_ids(s), vx.index_ids(index))
             for ids, matrix in (self.stored.stored_vectors(missing, session=s) if len(missing) else ()):
                 index.add_with_ids(matrix, ids)
                 changed = True

@@ -30,6 +30,28 @@ def index_ids(index: Index) -> np.ndarray:
     return faiss.vector_to_array(index.id_map).astype(np.int64)
 
 
+def index_digest(index: Index) -> tuple[tuple[int, int, int], int]:
+    """(id_digest of the index's ids, its highest id): O(what changed since the files) for a MappedIndex,
+    whose files' digests are computed once, so a save at 1M does not re-hash a million ids."""
+    if isinstance(index, MappedIndex):
+        return index.digest()
+    ids = index_ids(index)
+    return id_digest(ids), int(ids.max()) if len(ids) else 0
+
+
+def _ascending(ids: np.ndarray) -> bool:
+    return len(ids) < 2 or bool((ids[1:] > ids[:-1]).all())
+
+
+def _member(ids: np.ndarray, among: np.ndarray, ascending: bool) -> np.ndarray:
+    """Which of `ids` are in `among`: a binary search when `among` is ascending (as the store writes
+    ids), O(k log n) where np.isin sorts both (tens of ms for a few ids against 1M)."""
+    if not ascending or not len(among):
+        return np.isin(ids, among)
+    pos = np.minimum(np.searchsorted(among, ids), len(among) - 1)
+    return among[pos] == ids
+
+
 DIGEST_MOD = 1 << 62  # id_sum and id_mix are kept modulo this (no 64-bit overflow in SQL or numpy)
 MIX_MUL, MIX_ADD, MIX_MOD = 1103515245, 12345, 1 << 32  # mix(id) = ((id mod 2^32) * MUL + ADD) mod 2^32
 
@@ -84,6 +106,8 @@ class MappedIndex:
         self.saved_removed = len(self.removed)  # `removed` as published (it only grows until a rewrite)
         self.base_ids = faiss.vector_to_array(base.id_map).astype(np.int64)
         self.segment_ids = [faiss.vector_to_array(s.id_map).astype(np.int64) for s in self.segments]
+        self.sorted = [_ascending(ids) for ids in [self.base_ids] + self.segment_ids]  # per file
+        self.digests: list[tuple[tuple[int, int, int], int] | None] = [None] * (1 + len(self.segments))
         self.problem: str | None = None  # why the manifest's segments were left out, if they were
         self.identity: dict | None = None  # the base file's identity when it was read (segments.base_identity)
 
@@ -102,9 +126,44 @@ class MappedIndex:
     def _parts(self) -> list[tuple[Index, np.ndarray]]:
         return [(self.base, self.base_ids)] + list(zip(self.segments, self.segment_ids))
 
+    def _kept(self, k: int) -> np.ndarray | None:
+        """Which rows of file `k` are not removed (None: all of them)."""
+        ids = self._parts()[k][1]
+        if not len(self.removed):
+            return None
+        if not self.sorted[k]:
+            return ~np.isin(ids, self.removed)
+        here = self.removed[_member(self.removed, ids, True)]
+        if not len(here):
+            return None
+        keep = np.ones(len(ids), bool)
+        keep[np.searchsorted(ids, here)] = False
+        return keep
+
+    def _has(self, k: int, ids: np.ndarray) -> np.ndarray:
+        return _member(ids, self._parts()[k][1], self.sorted[k])
+
     def ids(self) -> np.ndarray:
-        parts = [ids[~np.isin(ids, self.removed)] if len(self.removed) else ids for _, ids in self._parts()]
+        parts = []
+        for k, (_, ids) in enumerate(self._parts()):
+            keep = self._kept(k)
+            parts.append(ids if keep is None else ids[keep])
         return np.concatenate(parts + [faiss.vector_to_array(self.delta.id_map).astype(np.int64)])
+
+    def digest(self) -> tuple[tuple[int, int, int], int]:
+        """`index_digest`: the files' digests (cached) less the removed ids' plus the delta's."""
+        total, top = [0, 0, 0], 0
+        for k, (_, ids) in enumerate(self._parts()):
+            if self.digests[k] is None:
+                self.digests[k] = id_digest(ids), int(ids.max()) if len(ids) else 0
+            part, part_top = self.digests[k]  # type: ignore[misc]
+            total, top = [a + b for a, b in zip(total, part)], max(top, part_top)
+        gone = id_digest(self.removed)
+        delta = faiss.vector_to_array(self.delta.id_map).astype(np.int64)
+        more = id_digest(delta)
+        total = [a - b + c for a, b, c in zip(total, gone, more)]
+        top = max(top, int(delta.max()) if len(delta) else 0)
+        return (total[0], total[1] % DIGEST_MOD, total[2] % DIGEST_MOD), top
 
     def _in_delta(self, ids: np.ndarray) -> np.ndarray:
         if not self.delta.ntotal:
@@ -120,8 +179,8 @@ class MappedIndex:
             raise RuntimeError("id not in the index (removed)")
         if not left.all():
             out[~left] = self.delta.reconstruct_batch(ids[~left])
-        for segment, segment_ids in zip(self.segments, self.segment_ids):
-            here = left & np.isin(ids, segment_ids)
+        for k, segment in enumerate(self.segments, 1):
+            here = left & self._has(k, ids)
             if here.any():
                 out[here] = segment.reconstruct_batch(ids[here])
                 left &= ~here
@@ -156,8 +215,8 @@ class MappedIndex:
         ids = np.asarray(ids, np.int64)
         count = int(self.delta.remove_ids(ids)) if self.delta.ntotal else 0
         mapped = np.zeros(len(ids), bool)
-        for _, part_ids in self._parts():
-            mapped |= np.isin(ids, part_ids)
+        for k in range(len(self._parts())):
+            mapped |= self._has(k, ids)
         gone = np.setdiff1d(ids[mapped], self.removed)
         if len(gone):
             self.removed = np.union1d(self.removed, gone)
@@ -172,7 +231,7 @@ class MappedIndex:
         From the `first` file on: 1 leaves the base out (one segment merging the segments and the delta),
         1 + len(segments) writes the delta alone (a new segment)."""
         parts = self._parts()[first:]
-        keeps = [~np.isin(ids, self.removed) if len(self.removed) else None for _, ids in parts]
+        keeps = [self._kept(k) for k in range(first, first + len(parts))]
         n = sum(len(ids) if keep is None else int(keep.sum()) for (_, ids), keep in zip(parts, keeps))
         n, d = n + int(self.delta.ntotal), self.d
         header = struct.pack("<iqqq?i", d, n, 1 << 20, 1 << 20, True, faiss.METRIC_INNER_PRODUCT)
@@ -195,10 +254,13 @@ class MappedIndex:
         kept = [] if merged else list(zip(self.segments, self.segment_ids))
         if segment is not None:
             kept.append((segment, faiss.vector_to_array(segment.id_map).astype(np.int64)))
-        removed = self.removed[np.isin(self.removed, self.base_ids)] if merged else self.removed
+        removed = self.removed[self._has(0, self.removed)] if merged else self.removed
         fresh = MappedIndex.__new__(MappedIndex)
         fresh.base, fresh.path, fresh.manifest, fresh.base_ids = self.base, self.path, manifest, self.base_ids
         fresh.segments, fresh.segment_ids = [p for p, _ in kept], [i for _, i in kept]
+        carried = [(self.sorted[k], self.digests[k]) for k in range(1 if merged else len(self.sorted))]
+        carried += [(_ascending(ids), None) for ids in fresh.segment_ids[len(carried) - 1:]]
+        fresh.sorted, fresh.digests = [a for a, _ in carried], [d for _, d in carried]
         fresh.delta, fresh.removed, fresh.saved_removed = new_index(self.d), removed, len(removed)
         fresh.problem, fresh.identity = None, self.identity
         return fresh
@@ -206,11 +268,13 @@ class MappedIndex:
     def in_memory(self) -> Index:
         """A private IndexIDMap2 of what this stands for (a copy of every vector: for verify and tests)."""
         index = new_index(self.d)
-        for part, part_ids in self._parts() + [(self.delta, faiss.vector_to_array(self.delta.id_map))]:
+        parts = self._parts() + [(self.delta, faiss.vector_to_array(self.delta.id_map))]
+        for k, (part, part_ids) in enumerate(parts):
             if not part.ntotal:
                 continue
             _, matrix = flat_view(part)
-            keep = ~np.isin(part_ids, self.removed) if len(self.removed) else slice(None)
+            kept = self._kept(k) if k < len(parts) - 1 else None
+            keep: Any = slice(None) if kept is None else kept
             index.add_with_ids(np.ascontiguousarray(matrix[keep]), np.asarray(part_ids, np.int64)[keep])
         return index
 

@@ -18,7 +18,7 @@ import pytest
 
 from index import segments
 from index import vectors as vx
-from index.faults import ENV
+from index.faults import ENV, observing
 from index.store import NewImage, Store
 
 DIM = 16
@@ -102,13 +102,17 @@ def test_removals_persist_as_a_removed_ids_file(tmp_path):
     with Store.open(root) as store:
         store.add_images(_rows(store, _keys(4, prefix="c"), source="c"))
         store.save_index()
-        assert store.remove_source("b") == 10 and store.remove_source("c") == 4  # base rows, segment rows
-        assert _agrees(store)
+        with observing("ids:full-read") as full_reads:
+            assert store.remove_source("b") == 10 and store.remove_source("c") == 4  # base rows, segment rows
+            store.add_images(_rows(store, _keys(2, start=900)))
+            store.save_index()
+        assert not full_reads  # each save compared ids by the cached digests, never read them all
+        assert vx.index_digest(store.index)[0] == vx.id_digest(store.vector_ids()) and _agrees(store)
     assert base.stat().st_ino == before
     assert len([p for p in _parts(root) if ".del-" in p]) == 1  # the superseded removed-ids file went
     with Store.open(root) as again:
         assert again.open_report.digest and again.open_report.removed == 0
-        assert again.index.ntotal == 200 and _agrees(again) and again.verify(files=False)["ok"]
+        assert again.index.ntotal == 202 and _agrees(again) and again.verify(files=False)["ok"]
 
 
 def test_segments_merge_then_fold_into_a_new_base(tmp_path, monkeypatch):
@@ -275,7 +279,7 @@ def test_a_mapped_index_with_segments_behaves_as_the_faiss_index_it_stands_for(t
         return x / np.linalg.norm(x, axis=1, keepdims=True)
     path = tmp_path / "a.faiss"
     plain = vx.new_index(DIM)
-    plain.add_with_ids(unit(300), np.arange(1, 301))
+    plain.add_with_ids(unit(300), rng.permutation(np.arange(1, 301)))  # out of order: no binary search
     vx.write_atomic(plain, path)
     manifest = None
     for start in (301, 341):  # two segments published over the base
@@ -295,6 +299,7 @@ def test_a_mapped_index_with_segments_behaves_as_the_faiss_index_it_stands_for(t
         index.add_with_ids(extra, np.arange(400, 410))
         assert index.remove_ids(np.array([3, 320, 350, 405, 9999])) == 4
     assert plain.ntotal == mapped.ntotal == 300 + 80 + 10 - 3 - 4
+    assert vx.index_digest(mapped) == vx.index_digest(plain)
     queries = unit(5)
     for params in (None, vx.faiss.SearchParameters(sel=vx.faiss.IDSelectorBatch(np.arange(1, 410, 3)))):
         want, got = plain.search(queries, 20, params=params), mapped.search(queries, 20, params=params)
@@ -308,3 +313,15 @@ def test_a_mapped_index_with_segments_behaves_as_the_faiss_index_it_stands_for(t
     with open(streamed, "wb") as handle:
         mapped.stream_to(handle)
     assert streamed.read_bytes() == vx.faiss.serialize_index(plain).tobytes()
+
+
+def test_remove_stale_temp_files_takes_unnamed_segment_files(tmp_path):
+    root = _make(tmp_path)
+    with Store.open(root) as store:
+        store.add_images(_rows(store, _keys(5, start=500)))
+        store.save_index()
+        named = _parts(root)
+        stray = root / "vectors.faiss.del-000042-89abcdef"
+        stray.write_bytes(np.arange(3, dtype="<i8").tobytes())
+        assert store.remove_stale_temp_files() == [stray.name] and _parts(root) == named
+        assert _agrees(store)
