@@ -26,6 +26,8 @@ from engine.service.core import Service
 from engine.service.errors import ServiceError, body
 from engine.service.generation import QueueFull
 from engine.service.guard import PUBLIC_PATHS, Guard, PixelBudget
+from engine.service.sources import MAX_BODY, SourcePolicy
+from engine.service import sources as source_changes
 from index.errors import StoreError
 from index.keys import normalise_description
 
@@ -63,13 +65,16 @@ class Admission:
                 "pixels_in_flight_limit": self.pixels.capacity, "decoding": self.decoding}
 
 
-def create_app(service: Service, token: str | None = None, access: Access | None = None) -> FastAPI:
+def create_app(service: Service, token: str | None = None, access: Access | None = None,
+               source_policy: SourcePolicy | None = None) -> FastAPI:
     """An app serving `service`; with `token`, every route but health and the page shell needs it.
 
     `access` says who may call (`resynth serve` always passes one, with the Host and Origin checks
     on); without it, only `token` applies and the Host and Origin headers are not checked.
+    `source_policy` bounds what POST/DELETE /v1/sources may do (default: paths under the store's folder).
     """
     access = access or Access(token=token, check=False)
+    policy = source_policy or SourcePolicy()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -113,6 +118,30 @@ def create_app(service: Service, token: str | None = None, access: Access | None
         rows = await asyncio.to_thread(service.store.sources)
         return {"sources": [{"name": s.name, "kind": s.kind, "fingerprint": s.fingerprint,
                              "params": json.loads(s.params_json)} for s in rows]}
+
+    @app.post("/v1/sources", tags=["store"], status_code=201, openapi_extra={"requestBody": {
+        "required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["name"],
+            "properties": {"name": {"type": "string"}, "kind": {"type": "string"},
+                           "params": {"type": "object", "description": "the kind's parameters, named as in "
+                                                                       "`resynth source add --help`"}}}}}}})
+    async def add_source(request: Request) -> JSONResponse:
+        """Add a source like `resynth source add`: the same kinds, checks and one-line errors (422), within
+        the server's policy: paths only under its sources folder, API keys only from the environment
+        variables it lists, API URLs only on public addresses (403 otherwise)."""
+        if not request.headers.get("content-type", "").startswith("application/json"):
+            raise ServiceError(415, "unsupported_media_type", "send application/json")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > MAX_BODY:
+                raise ServiceError(413, "body_too_large", f"a source declaration is at most {MAX_BODY} bytes")
+        return JSONResponse(await source_changes.add(service, policy, bytes(raw)), status_code=201)
+
+    @app.delete("/v1/sources/{name}", tags=["store"])
+    async def remove_source(name: str) -> dict:
+        """Remove a source with its resyntheses, like `resynth source remove` (404 for an unknown name)."""
+        return await source_changes.remove(service, policy, name)
 
     @app.get("/v1/stats", tags=["store"])
     async def stats() -> dict:
