@@ -95,8 +95,10 @@ class Attribution:
     cached: int = 0
     generated: int = 0
     failed: dict[str, str] = field(default_factory=dict)  # source -> why it could not be scored
-    # "known" (calibrated, above the source's threshold), "unknown" (below it), "uncalibrated" (no
-    # fitted threshold for that source: no claim either way), or "none" (nothing could be scored)
+    # "known" (calibrated, above the source's threshold), "unknown" (below it), "real" (calibrated with
+    # real images, and nearer them than any generated image by the fitted rule: evidence["real"], the
+    # known/unknown decision kept in evidence["open_set_verdict"]), "uncalibrated" (no fitted threshold
+    # for that source: no claim either way), or "none" (nothing could be scored)
     verdict: str = "uncalibrated"
     # score, threshold, references, why uncalibrated; "provenance" ({claims, enrolled, by, agrees}) when
     # the file's metadata names a model: stated beside the ranking, never overriding it
@@ -115,6 +117,8 @@ class Attribution:
             return f"unknown source (closest: {self.predicted})"
         if self.verdict == "known":
             return f"{self.predicted} (known source)"
+        if self.verdict == "real":
+            return f"real: no sign of generation (nearer the real references; closest source: {self.predicted})"
         return f"{self.predicted} (uncalibrated: {self.evidence.get('why', 'no acceptance threshold')})"
 
     def to_dict(self) -> dict:

@@ -22,6 +22,9 @@ class Calibration:
     # A feature-based open-set score, when one is applied instead of `thresholds`: {"score": "mahalanobis",
     # "threshold": float, "precision_file": name of the .npy of shared_precision in the store}. Empty: none.
     open_set: dict = field(default_factory=dict)
+    # The "real" (not generated) rule, when real camera images were given to `resynth calibrate`:
+    # {"threshold", "k", "references_file" (their vectors, a .npy in the store), "references", "measured"}.
+    real: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "Calibration":
@@ -29,7 +32,8 @@ class Calibration:
             return cls()
         return cls(float(data.get("temperature", DEFAULT_TEMPERATURE)),
                    {k: float(v) for k, v in data.get("thresholds", {}).items()},
-                   bool(data.get("fitted", False)), dict(data.get("notes", {})), dict(data.get("open_set", {})))
+                   bool(data.get("fitted", False)), dict(data.get("notes", {})), dict(data.get("open_set", {})),
+                   dict(data.get("real", {})))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,6 +61,14 @@ class Calibration:
         if threshold is None:
             return None
         return value is None or not np.isfinite(value) or value < float(threshold)
+
+
+    def is_real(self, value: float | None) -> bool | None:
+        """With a fitted "real" rule, True when the query's real_value exceeds its threshold; None without one."""
+        threshold = self.real.get("threshold") if self.fitted else None
+        if threshold is None or value is None or not np.isfinite(value):
+            return None
+        return bool(value > float(threshold))
 
 
 def content_name(matrix: np.ndarray) -> str:
@@ -144,3 +156,52 @@ def mahalanobis_open_set(query: np.ndarray, references: dict[str, np.ndarray],
 def _unit(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float64).reshape(len(x), -1)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+# --------------------------------------------------------------- the "real" (not generated) rule
+# A query is "real" when it is nearer the real references than the generated ones: the mean cosine to its
+# REAL_K nearest real images minus the mean cosine to its REAL_K nearest stored generated images (any
+# source, any description: resyntheses and labelled originals), above a threshold fitted so that at most
+# `false_reject` of the labelled generated originals would be called real.
+REAL_K = 3
+SELF = 1 - 1e-6  # a reference this similar is the query's own image: no image is evidence for itself
+
+
+def nearest_mean(queries: np.ndarray, references: np.ndarray, k: int = REAL_K,
+                 exclude: np.ndarray | None = None) -> np.ndarray:
+    """Per query, the mean cosine to its k nearest references (fewer when fewer remain), leaving out the
+    pairs `exclude` marks (n, m) and any reference identical to the query; -inf with none left."""
+    q, r = _unit(queries), _unit(references)
+    if not len(r):
+        return np.full(len(q), -np.inf)
+    sims = q @ r.T
+    mask = sims >= SELF if exclude is None else (exclude | (sims >= SELF))
+    sims = np.where(mask, -np.inf, sims)
+    top = -np.sort(-sims, axis=1)[:, :min(k, sims.shape[1])]
+    finite = np.isfinite(top)
+    count = finite.sum(1)
+    total = np.where(finite, top, 0.0).sum(1)
+    return np.where(count > 0, total / np.maximum(count, 1), -np.inf)
+
+
+def real_values(queries: np.ndarray, real: np.ndarray, generated: np.ndarray, k: int = REAL_K,
+                exclude_generated: np.ndarray | None = None) -> np.ndarray:
+    """How much nearer each query is to the real references than to the generated ones (larger = more real)."""
+    return nearest_mean(queries, real, k) - nearest_mean(queries, generated, k, exclude_generated)
+
+
+def fit_real_threshold(generated_values: np.ndarray, real_values_: np.ndarray,
+                       false_reject: float = 0.05) -> dict:
+    """The threshold above which a query is called real: the (1 - false_reject) quantile of the labelled
+    generated originals' values; with the measured shares (real images leave-one-out, in-sample for the
+    generated ones, whose quantile it is)."""
+    gen = np.asarray(generated_values, np.float64)
+    gen = gen[np.isfinite(gen)]
+    real = np.asarray(real_values_, np.float64)
+    if not len(gen) or not len(real):
+        raise ValueError("the real rule needs generated and real values")
+    threshold = float(np.quantile(gen, 1 - false_reject, method="higher"))
+    return {"threshold": threshold, "measured": {
+        "real_images": int(len(real)), "generated_images": int(len(gen)),
+        "real_called_real": float(np.mean(real > threshold)),
+        "generated_called_real": float(np.mean(gen > threshold))}}

@@ -394,6 +394,10 @@ def verdict_line(r) -> str:
         return f"unknown source (closest: {r.predicted}, {evidence})"
     if r.verdict == "known":
         return f"{r.predicted} (known source: {evidence})"
+    if r.verdict == "real" and "real" in ev:  # nearer the real references than any generated image
+        real = ev["real"]
+        return (f"real: no sign of generation (value {real['value']:.3f} > threshold {real['threshold']:.3f}; "
+                f"closest source {r.predicted}, {evidence})")
     why = ev.get("why", "no acceptance threshold")
     return f"{r.predicted} (uncalibrated: {why}; {evidence})"
 

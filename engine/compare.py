@@ -88,6 +88,12 @@ def score(ws: "Workspace", query: Query, text: str, origin: str, vector: np.ndar
                 and not plan.options.original_refs else None)  # fitted on resyntheses alone
     answer, evidence = verdict(scores, calibration, stale, open_set)
     evidence["mode"] = mode_of(plan)
+    real = (real_evidence(ws, vector, query.file_hash, plan, calibration)
+            if scores and calibration.fitted and calibration.real and not stale else None)
+    if real is not None:  # the known/unknown decision stays stated beside it
+        evidence["real"] = real
+        if real["real"]:
+            evidence["open_set_verdict"], answer = answer, "real"
     cached, generated, failed = counts
     if not scores and failed:  # nothing could be scored because sources failed: not an answer
         raise SourceError(", ".join(sorted(failed)), "; ".join(sorted(set(failed.values()))))
@@ -201,6 +207,50 @@ def match_source(sources, model_name: str | None, model_hash: str | None) -> tup
                 except OSError:
                     continue
     return None, None
+
+
+_REAL_FILES: dict[tuple[str, str], np.ndarray | None] = {}
+_REAL_LOCK = threading.Lock()
+
+
+def real_references(store, name: str) -> np.ndarray | None:
+    """The real references' vectors a calibration names (read once per store and name); None if the file is
+    gone, altered (its name is its content's hash) or of another dimension."""
+    key = (str(store.root), name)
+    with _REAL_LOCK:
+        if key in _REAL_FILES:
+            return _REAL_FILES[key]
+    try:
+        matrix = np.load(store.root / PurePosixPath(name).name, allow_pickle=False)
+        ok = content_name(matrix) == PurePosixPath(name).name and matrix.ndim == 2 and matrix.shape[1] == store.dim
+    except Exception:  # missing, truncated, not an array: no real verdict
+        ok, matrix = False, None
+    with _REAL_LOCK:
+        _REAL_FILES[key] = matrix if ok else None
+    return _REAL_FILES[key]
+
+
+def real_evidence(ws: "Workspace", vector: np.ndarray, file_hash: str, plan: Plan,
+                  calibration: Calibration) -> dict | None:
+    """The calibrated "real" rule for one query (engine.calibration): {real, value, threshold, nearest_real,
+    nearest_generated, k}, or None when its references file is unusable or nothing generated is stored."""
+    from engine.calibration import REAL_K, nearest_mean
+
+    rule = calibration.real
+    real = real_references(ws.store, str(rule.get("references_file", "")))
+    if real is None:
+        return None
+    k = int(rule.get("k", REAL_K))
+    found = ws.store.nearest(np.asarray(vector, np.float32), k, [s.id for s in plan.sources],
+                             ("resynthesis", "original"), file_hash)
+    if not found:
+        return None
+    generated = float(np.mean([sim for _, sim in found]))
+    nearest_real = float(nearest_mean(np.asarray(vector, np.float64)[None], real, k)[0])
+    value = nearest_real - generated
+    return {"real": bool(calibration.is_real(value)), "value": round(value, 6),
+            "threshold": round(float(rule["threshold"]), 6), "nearest_real": round(nearest_real, 6),
+            "nearest_generated": round(generated, 6), "k": k}
 
 
 def calibration_stale(ws: "Workspace") -> str | None:

@@ -55,8 +55,34 @@ def calibrate(ws: "Workspace", manifest: str | os.PathLike | None = None, option
                                            "store_sources_not_fitted": sorted(store_names - set(evalset.sources))})
     if precision is not None:  # dim x dim: a file beside store.json, named by its content
         calibration.open_set["precision_file"] = save_array_atomic(ws.root, precision)
+    if manifest is not None:  # its camera images (role "real"), if any, fit the "real" verdict
+        fit_real(ws, Path(manifest), features, calibration, false_reject)
     ws.store.update_config(calibration=calibration.to_dict())
     return calibration
+
+
+def fit_real(ws: "Workspace", manifest: Path, features: tuple[np.ndarray, np.ndarray], calibration: Calibration,
+             false_reject: float) -> None:
+    """The "real" rule from the manifest's real rows, against its generated images (engine.calibration):
+    their vectors go to a content-named file in the store, the threshold and measured shares to
+    `calibration.real`. Nothing when the manifest has no real rows."""
+    from engine.calibration import REAL_K, fit_real_threshold, real_values
+    from engine.manifest import real_rows
+    from index.keys import sha256_file
+
+    rows = real_rows(manifest)
+    if not rows:
+        return
+    if len(rows) < 2:
+        raise UserError(f"{manifest}: one real image cannot be measured leave-one-out: give at least 2")
+    cache = FeatureCache(None, ws.embedder.identity)
+    real = embed_paths(ws.embedder, [str(r.image) for r in rows], [sha256_file(r.image) for r in rows], cache,
+                       label="embedding (real)", progress=False)
+    generated = np.concatenate(features)
+    fitted = fit_real_threshold(real_values(features[0], real, generated), real_values(real, real, generated),
+                                false_reject)
+    calibration.real = json_safe({**fitted, "k": REAL_K, "references": len(rows),
+                                  "references_file": save_array_atomic(ws.root, real)})
 
 
 def check_sources(evalset: EvalSet, store_names: set[str], where: str, store_root) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 from engine.errors import UserError
 from index.keys import normalise_description
 
-ROLES = ("original", "resynthesis")
+ROLES = ("original", "resynthesis", "real")
+REAL = "real"  # a camera image, made by no generator: a reference for the "real" verdict (resynth calibrate)
 REQUIRED = ("image", "source", "description", "role")
 ALIASES = {"path": "image", "prompt": "description", "generator": "source"}
 
@@ -26,9 +27,11 @@ class ManifestRow:
     original: Path | None = None  # for a resynthesis: the original image it resynthesizes, if known
 
 
-def read_manifest(path: Path, allow_outside: bool = True) -> list[ManifestRow]:
+def read_manifest(path: Path, allow_outside: bool = True, real: bool = False) -> list[ManifestRow]:
     """Every row parsed and checked. Unless `allow_outside`, image paths must resolve (links followed)
-    inside the manifest's folder: a manifest from elsewhere cannot make resynth read /etc/passwd."""
+    inside the manifest's folder: a manifest from elsewhere cannot make resynth read /etc/passwd.
+    Rows of role "real" (camera images; their source column may be empty) are checked too, but returned
+    only with `real` (`real_rows`): they are no source's images, so ingest and the labelled sets skip them."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"manifest not found: {path}")
@@ -48,7 +51,12 @@ def read_manifest(path: Path, allow_outside: bool = True) -> list[ManifestRow]:
     for row in rows:
         if row.original is not None and row.original not in originals and not row.original.is_file():
             raise UserError(f"{path}:{row.line}: original {row.original} is neither in the manifest nor on disk")
-    return rows
+    return rows if real else [r for r in rows if r.role != REAL]
+
+
+def real_rows(path: Path, allow_outside: bool = True) -> list[ManifestRow]:
+    """The manifest's rows of role "real" (camera images), checked like every row; [] when it has none."""
+    return [r for r in read_manifest(path, allow_outside, real=True) if r.role == REAL]
 
 
 def _read_csv(path: Path) -> list[tuple[int, dict]]:
@@ -101,12 +109,15 @@ def _check_columns(path: Path, names: Sequence[str], line: int | None = None) ->
 def _parse(path: Path, line: int, record: dict, base: Path) -> ManifestRow:
     fields = {_canonical(k): (v.strip() if isinstance(v, str) else v) for k, v in record.items() if k}
     where = f"{path}:{line}"
+    role = str(fields.get("role") or "").lower()
+    if role == REAL:  # no generator made it, and no description need be known
+        fields["source"] = fields.get("source") or REAL
+        fields["description"] = fields.get("description") or "a photograph"
     for column in REQUIRED:
         if fields.get(column) in (None, ""):
             raise UserError(f"{where}: empty {column}")
-    role = str(fields["role"]).lower()
     if role not in ROLES:
-        raise UserError(f"{where}: role must be original or resynthesis, not {fields['role']!r}")
+        raise UserError(f"{where}: role must be original, resynthesis or real, not {fields['role']!r}")
     description = normalise_description(str(fields["description"]))
     if not description:
         raise UserError(f"{where}: empty description")
