@@ -116,6 +116,9 @@ def test_paths_stay_inside_the_sources_folder(served):
     for path in (served["outside"], "../../", "escape", "pipelines/../../"):
         message = error(api.post("/v1/sources", json={"name": "sneak", "path": path}), 403, "path_not_allowed")
         assert served["outside"] not in message and str(served["store"]) not in message
+    lora = {"name": "sneak", "kind": "lora", "path": "pipelines/second"}
+    for files in ("/etc/passwd", "pipelines/../../x.safetensors:0.5", ["ok.safetensors", "/etc/hostname:1"]):
+        error(api.post("/v1/sources", json={**lora, "lora": files}), 403, "path_not_allowed")
     for path in ("$HOME/models", "~/models", "${RESYNTH_STORE}"):
         assert "not expanded over HTTP" in error(api.post("/v1/sources", json={"name": "sneak", "path": path}),
                                                  422, "invalid_source")

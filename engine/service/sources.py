@@ -9,8 +9,9 @@ inference, conversions and one-line errors, which name the CLI flags) and enroll
 An HTTP client is not the server's operator, so what it may make the server touch is bounded
 (`SourcePolicy`, from `resynth serve` flags):
 
-- paths (every `Param.is_path`) must resolve, symlinks followed, under one of the sources roots (the
-  store's folder unless `--sources-root DIR` is given); a relative path is taken from the first root;
+- paths (every `Param.is_path`, and a LoRA's adapter files) must resolve, symlinks followed, under one
+  of the sources roots (the store's folder unless `--sources-root DIR` is given); a relative path is
+  taken from the first root;
   `~` and `$VAR` are refused, not expanded (expanding would read the server's environment for the client);
 - an API source may name as its key (and OAuth client id) only the environment variables the server
   lists with `--sources-key-env VAR`: otherwise a client could have the server send any of its secrets
@@ -108,12 +109,13 @@ def kind_and_params(kind: str | None, fields: dict[str, Any]) -> tuple[str, dict
         value = params.get(param.name)
         if value is None:
             continue
-        ok = (isinstance(value, list) and all(isinstance(v, str) for v in value)) if param.repeatable else \
+        ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)) \
+            if param.repeatable else \
             isinstance(value, param.type) and not (isinstance(value, bool) and param.type is not bool)
         if param.type is float and isinstance(value, int) and not isinstance(value, bool):
             ok = True
         if not ok:
-            what = "a list of strings" if param.repeatable else _TYPES.get(param.type, param.type.__name__)
+            what = "a string or a list of strings" if param.repeatable else _TYPES.get(param.type, param.type.__name__)
             raise UserError(f"{param.name} of a {name} source must be {what}, not {type(value).__name__}")
     return name, params
 
@@ -130,11 +132,14 @@ def police(kind: str, params: dict[str, Any], policy: SourcePolicy, store_root: 
         value = checked.get(param.name)
         if value is None:
             continue
-        if param.is_path:
-            for item in value if isinstance(value, list) else [value]:
-                if "$" in item or item.startswith("~") or "\0" in item:
-                    raise UserError(f"{param.name}: `~` and `$VAR` are not expanded over HTTP: give the path itself")
-            resolved = [_inside(item, roots, policy.anywhere, param.name)
+        if (param.metavar or "").startswith("FILE["):  # files with a suffix (a LoRA's FILE[:SCALE], listed)
+            from engine.sources.lora import parse_loras
+
+            pairs = parse_loras(value)
+            checked[param.name] = [f"{_inside(_plain(path, param.name), roots, policy.anywhere, param.name)}:{scale!r}"
+                                   for path, scale in pairs]
+        elif param.is_path:
+            resolved = [_inside(_plain(item, param.name), roots, policy.anywhere, param.name)
                         for item in (value if isinstance(value, list) else [value])]
             checked[param.name] = resolved if isinstance(value, list) else resolved[0]
         elif param.name.endswith("_env") and not policy.anywhere and value not in policy.key_envs:
@@ -154,6 +159,13 @@ def police(kind: str, params: dict[str, Any], policy: SourcePolicy, store_root: 
                     raise _refused("address_not_allowed", f"{param.name}: {host[:80]} is a non-public address; "
                                                           "this server lets HTTP clients name public APIs only")
     return checked
+
+
+def _plain(value: str, field: str) -> str:
+    """A path as given: `~` and `$VAR` are refused over HTTP (expanding them reads the server's environment)."""
+    if "$" in value or value.startswith("~") or "\0" in value:
+        raise UserError(f"{field}: `~` and `$VAR` are not expanded over HTTP: give the path itself")
+    return value
 
 
 def _inside(value: str, roots: tuple[Path, ...], anywhere: bool, field: str) -> str:
