@@ -231,7 +231,7 @@ class LiveIndex:
         with self.db.session() as s:
             tomb_seq, floor = self.stored.tomb_state(s)
             have = vx.index_ids(index) if index is not None else None
-            newer = self.stored.behind_by(s, have) if index is not None else None
+            newer = self.stored.behind_by(s, have, vx.index_digest(index)) if index is not None else None
             if newer is not None:  # ids agree, up to vectors committed after the file was written
                 report.digest = True
                 present = have if len(have) <= FULL_CHECK else _sample(have, SAMPLE)
@@ -340,7 +340,7 @@ class LiveIndex:
                     segments.remove_orphans(path)  # the old manifest names another base now
                     saved, _ = vx.read_checked(path, self.dim, mapped=True)
                 else:
-                    segments.remove_orphans(path)  # what a crash between the steps of a save left
+                    segments.remove_orphans(path, saved.manifest)  # what a crash between a save's steps left
                 self.file_state = segments.state(path)
                 if saved is not None:
                     index = saved

@@ -161,11 +161,14 @@ def named_files(index_path: Path, manifest: dict | None) -> set[str]:
     return names
 
 
-def leftovers(index_path: Path) -> list[Path]:
+def leftovers(index_path: Path, manifest: dict | None | bool = False) -> list[Path]:
     """Segment and removed-ids files the current manifest does not name (of this index or of an index
     file no longer live), and manifests of other index files or stale ones: a crash between writing a
-    part and publishing the manifest, or a rewrite that died before its cleanup."""
-    manifest, _ = read_manifest(index_path, base_identity(index_path))
+    part and publishing the manifest, or a rewrite that died before its cleanup. `manifest`: the
+    current one, when the caller just published it (else it is read)."""
+    if manifest is False:
+        manifest, _ = read_manifest(index_path, base_identity(index_path))
+    assert manifest is None or isinstance(manifest, dict)
     keep = named_files(index_path, manifest) | ({manifest_path(index_path).name} if manifest else set())
     found = []
     for path in sorted(index_path.parent.iterdir()):
@@ -177,10 +180,10 @@ def leftovers(index_path: Path) -> list[Path]:
     return found
 
 
-def remove_orphans(index_path: Path) -> list[str]:
+def remove_orphans(index_path: Path, manifest: dict | None | bool = False) -> list[str]:
     """Delete `leftovers` (the caller holds the publish lock, so no save is between its steps)."""
     gone = []
-    for path in leftovers(index_path):
+    for path in leftovers(index_path, manifest):
         path.unlink(missing_ok=True)
         gone.append(path.name)
     return gone
