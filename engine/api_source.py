@@ -1,6 +1,7 @@
 """Sources behind an image generation API: OpenAI-compatible (`POST {base}/v1/images/generations`,
 the default) or another provider protocol (`engine.providers`: Black Forest Labs, Replicate,
-Stability, Google Imagen and Gemini), chosen by the source's `protocol` parameter.
+Stability, Google Imagen and Gemini, fal.ai, Ideogram, Adobe Firefly), chosen by the source's `protocol`
+parameter.
 
 An API source looks like a `DiffusersGenerator` to the rest of resynth (`generate_many`, `calls`,
 `load`/`unload`), but every image is a paid, rate-limited network request to a server we do not

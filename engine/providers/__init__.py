@@ -8,6 +8,7 @@ image decoding and the one-line errors. A protocol only says:
 
 - `endpoint(url, model)`: the submission URL for the provider's base URL and model name;
 - `auth(key)`: the header that carries the key;
+- `settings`: the optional `ApiParams` fields it reads (`client_id_env`, `token_url`: refused elsewhere);
 - `reserved_for(model)`: request fields `extra` may not set (the prompt, the image count);
 - `validate(params)`: protocol-specific checks of the parameters (model form, size), as `UserError`;
 - `generate(call, prompt, seed)`: the image file's bytes, using the `Call` it is given to submit,
@@ -24,6 +25,9 @@ Protocols (the `protocol` parameter of an API source; `openai` is the default):
 | `imagen` (google) | `POST /v1beta/models/{model}:predict`, x-goog-api-key | `predictions[0].bytesBase64Encoded`  |
 | `gemini` (google) | `POST /v1beta/models/{model}:generateContent`         | `candidates[0]...parts[].inlineData` |
 | `google`          | `gemini` for a model named gemini-*, else `imagen`    |                                      |
+| `fal`             | `POST /{model}` (queue.fal.run), `Key`; poll status   | `COMPLETED` -> `images[0].url`       |
+| `ideogram`        | `POST /v1/ideogram-v3/generate` (multipart), ...      | `data[0].url`                        |
+| `firefly` (Adobe) | OAuth token, then `POST /v3/images/generate-async`    | `succeeded` -> `outputs[0].image.url`|
 
 The registry maps names to protocol objects; adding a protocol is one module and one line in
 `_MODULES` below. Nothing outside this package branches on protocol names.
