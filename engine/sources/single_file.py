@@ -1,17 +1,21 @@
 """A single-file checkpoint (the A1111 / ComfyUI / model-sharing-site layout), stored as kind "single-file".
 
-`source add NAME FILE.safetensors --config DIR` enrols one `.safetensors` checkpoint (SD 1.x or SDXL
-layout) loaded with diffusers' `from_single_file`; DIR is a diffusers folder of the matching layout (its
-`model_index.json` and component configs; its weights are not needed) and is what keeps the load offline:
-nothing is ever fetched (`local_files_only=True`). The fingerprint is the file's full SHA-256 (hashed
-once per process for an unchanged file), the config folder's fingerprint and the generation recipe.
+`source add NAME FILE.safetensors --config DIR` enrols one `.safetensors` checkpoint, loaded offline as the
+layout of DIR, a local diffusers folder (nothing is ever fetched: `local_files_only=True`). The file's layout
+is read from its tensor names and must match DIR's pipeline class (refused in one line otherwise):
+- SD 1.x / SDXL: the whole pipeline in the original (LDM / SGM) layout, loaded with diffusers'
+  `from_single_file`; DIR gives the configs and tokenizers (its weights are not needed).
+- Flux: the transformer alone in Black Forest Labs' layout (as `flux1-dev.safetensors`; engine/sources/flux_file.py);
+  DIR is a diffusers Flux folder giving the text encoders, tokenizers, VAE, scheduler and the transformer's config.
+The fingerprint is the file's full SHA-256 (hashed once per process for an unchanged file), the config
+folder's fingerprint and the generation recipe.
 
-`export_single_file` writes a diffusers SD 1.x / SDXL folder as such a file (UNet, VAE and text encoders
-in the original key layout): the tests and demos make their single-file checkpoints with it, and it
-checks its UNet and VAE against diffusers' converters before writing. SD 1.x files load back pixel-identical
-(tests/test_sources_local.py). SDXL files are written but not verified: diffusers tells SDXL's two text
-encoders apart by their width, and the tiny zoo's two are equally wide, so its SDXL file loads the first
-encoder's weights into both. Flux single files are not handled here.
+`export_single_file` writes a diffusers SD 1.x / SDXL folder as such a file (and a Flux folder's transformer
+in BFL's layout); the tests make their single files with it. It converts each part back with diffusers'
+own converters and compares before writing. SD 1.x, SDXL and Flux files generate pixel-identical images to
+their folders on the CPU (tests/test_sources_local.py, tests/test_single_file_layouts.py). diffusers tells
+SDXL's two text encoders apart by their width, so an SDXL folder whose encoders are equally wide (unlike any
+real SDXL) cannot round-trip and is refused by the exporter.
 """
 from __future__ import annotations
 
@@ -96,12 +100,49 @@ def check_safetensors(path, what: str) -> Path:
     return path
 
 
-def safetensors_keys(path: Path) -> list[str]:
-    """The tensor names of a safetensors file, read from its header only."""
+def safetensors_header(path: Path) -> dict:
+    """A safetensors file's header (tensor name -> dtype, shape, offsets), read without its tensors."""
     with open(path, "rb") as handle:
         length = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(length))
-    return [k for k in header if k != "__metadata__"]
+        return json.loads(handle.read(length))
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    """The tensor names of a safetensors file, read from its header only."""
+    return [k for k in safetensors_header(path) if k != "__metadata__"]
+
+
+# layout of a single file -> the diffusers pipeline class its --config folder must be
+LAYOUTS = {"SD 1.x": "StableDiffusionPipeline", "SDXL": "StableDiffusionXLPipeline", "Flux": "FluxPipeline"}
+
+
+def file_layout(keys) -> str | None:
+    """Which original layout a checkpoint's tensor names are in: "SD 1.x", "SDXL", "Flux", or None."""
+    from engine.sources.flux_file import is_flux
+
+    if is_flux(keys):
+        return "Flux"
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        return None
+    return "SDXL" if any(k.startswith("conditioner.embedders.") for k in keys) else "SD 1.x"
+
+
+def check_layout(file: Path, folder: Path, class_name: str) -> str:
+    """The file's layout, refused in one line unless it is what `folder` (a `class_name` folder) describes."""
+    header = safetensors_header(file)
+    layout = file_layout([k for k in header if k != "__metadata__"])
+    if layout is None:
+        raise UserError(f"{file.name} is not a single-file checkpoint in the original layout (no "
+                        "model.diffusion_model.* nor Flux double_blocks.* tensors); a diffusers folder is added "
+                        "without --config")
+    if LAYOUTS[layout] != class_name:
+        raise UserError(f"{file.name} is a {layout} checkpoint but {folder} holds a {class_name}: --config must be "
+                        f"a diffusers folder of the same layout (a {LAYOUTS[layout]})")
+    if layout == "Flux":
+        from engine.sources.flux_file import check_flux_file
+
+        check_flux_file(file.name, header, folder)
+    return layout
 
 
 def check_config_folder(config) -> tuple[Path, str]:
@@ -119,14 +160,19 @@ def check_config_folder(config) -> tuple[Path, str]:
 
 class SingleFile(SourceKind):
     name = "single-file"
-    summary = ("a single-file checkpoint (.safetensors, SD 1.x or SDXL layout) loaded offline with diffusers' "
-               "from_single_file as the layout of a local diffusers folder (--config)")
-    examples = ("resynth source add my-merge ~/models/merge.safetensors --config ~/models/sd15-configs --steps 30",)
+    summary = ("a single-file checkpoint (.safetensors: a whole SD 1.x or SDXL pipeline, or a Flux transformer in "
+               "BFL's layout) loaded offline as the layout of a local diffusers folder (--config)")
+    examples = ("resynth source add my-merge ~/models/merge.safetensors --config ~/models/sd15-configs --steps 30",
+                "resynth source add my-flux ~/models/flux1-dev.safetensors --config ~/models/FLUX.1-dev --steps 28 "
+                "--guidance 3.5")
     params = (
-        Param("path", str, None, "single-file checkpoint (.safetensors, SD 1.x or SDXL layout)", positional=True,
-              required=True, metavar="FILE"),
-        Param("config", str, None, "diffusers folder of the matching layout (its configs; weights not needed): "
-                                   "what the file is loaded as, offline", required=True, metavar="DIR"),
+        Param("path", str, None, "single-file checkpoint (.safetensors): a whole SD 1.x or SDXL pipeline in the "
+                                 "original layout, or a Flux transformer in BFL's layout (as flux1-dev.safetensors)",
+              positional=True, required=True, metavar="FILE"),
+        Param("config", str, None, "diffusers folder of the same layout, what the file is loaded as, offline: for "
+                                   "SD 1.x / SDXL its configs and tokenizers (weights not needed); for Flux its text "
+                                   "encoders, tokenizers, VAE, scheduler and transformer config",
+              required=True, metavar="DIR"),
     ) + RECIPE_PARAMS
 
     def prepare(self, name: str, path, config=None, steps: int = 30, guidance: float = 7.0,
@@ -135,13 +181,10 @@ class SingleFile(SourceKind):
 
         if not config:
             raise UserError("a single-file checkpoint needs --config DIR: a diffusers folder of the same layout "
-                            "(SD 1.x or SDXL), used for its configs so that nothing is fetched")
+                            "(SD 1.x, SDXL or Flux), used for its configs so that nothing is fetched")
         file = check_safetensors(path, "checkpoint file")
-        folder, _ = check_config_folder(config)
-        keys = safetensors_keys(file)
-        if not any(k.startswith("model.diffusion_model.") for k in keys):
-            raise UserError(f"{file.name} is not a single-file checkpoint in the original layout (no "
-                            "model.diffusion_model.* tensors); a diffusers folder is added without --config")
+        folder, class_name = check_config_folder(config)
+        check_layout(file, folder, class_name)
         recipe = generation_params(steps, guidance, size, scheduler, negative_prompt)
         return Recipe(path=str(file), params={"config": str(folder), **asdict(recipe)},
                       fingerprint=fingerprint(self.name, file_sha256(file), fingerprint_folder(folder), asdict(recipe)),
@@ -187,13 +230,22 @@ def load_single_file(file: Path, config: Path, params, device: str):
 
     file = check_safetensors(file, "checkpoint file")
     folder, class_name = check_config_folder(config)
+    layout = check_layout(file, folder, class_name)
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-    # float32 is the default: passing it only makes diffusers warn about casting
+    # float32 is the default: passing it only makes diffusers warn about casting. float16 on CUDA, as a
+    # pipeline folder is loaded (engine.generate.load_pipeline), so both forms of one model agree there too.
     dtype = {"torch_dtype": torch.float16} if str(device).startswith("cuda") else {}
     try:
-        pipe = getattr(diffusers, class_name).from_single_file(str(file), config=str(folder), local_files_only=True,
-                                                                **dtype)
+        if layout == "Flux":
+            from engine.sources.flux_file import load_flux_pipeline
+
+            pipe = load_flux_pipeline(file, folder, dtype)
+        else:
+            pipe = getattr(diffusers, class_name).from_single_file(str(file), config=str(folder),
+                                                                    local_files_only=True, **dtype)
+    except UserError:
+        raise
     except Exception as exc:
         raise UserError(f"cannot load checkpoint {file} as a {class_name}: {first_line(exc)}") from exc
     if params.scheduler:
@@ -325,34 +377,63 @@ def open_clip_to_ldm(state: dict, prefix: str) -> dict:
     return out
 
 
+def _same(original: dict, back: dict) -> bool:
+    """Whether converted-back tensors equal the originals (text encoders compared without "text_model.")."""
+    import torch
+
+    def plain(state: dict) -> dict:
+        return {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
+
+    original, back = plain(original), plain(back)
+    return set(back) == set(original) and all(torch.equal(back[k].reshape(original[k].shape), original[k])
+                                              for k in original)
+
+
 def export_single_file(folder, target) -> Path:
-    """Write a diffusers SD 1.x (StableDiffusionPipeline) or SDXL folder as one original-layout .safetensors.
+    """Write a diffusers SD 1.x (StableDiffusionPipeline) or SDXL folder as one original-layout .safetensors,
+    or a Flux folder's transformer alone in BFL's layout (engine.sources.flux_file).
 
     Each converted part is converted back with diffusers' own single-file converters and compared before
     anything is written, so a file this writes loads as the folder it came from."""
     import diffusers
     import torch
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                     convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
     from safetensors.torch import save_file
 
+    from engine.generate import check_pipeline_folder
+
     folder, target = Path(folder), Path(target)
+    if check_pipeline_folder(folder) == "FluxPipeline":
+        from engine.sources.flux_file import export_flux_transformer
+
+        return export_flux_transformer(folder, target)
     pipe = diffusers.DiffusionPipeline.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
     parts: Any = pipe  # components are attributes set at run time
-    unet, vae = parts.unet.state_dict(), parts.vae.state_dict()
+    unet, vae, text = parts.unet.state_dict(), parts.vae.state_dict(), parts.text_encoder.state_dict()
     tensors = {"model.diffusion_model." + k: v for k, v in unet_to_ldm(unet, dict(parts.unet.config)).items()}
     tensors.update({"first_stage_model." + k: v for k, v in vae_to_ldm(vae, dict(parts.vae.config)).items()})
+    checks = [("UNet", unet, convert_ldm_unet_checkpoint(tensors, dict(parts.unet.config))),
+              ("VAE", vae, convert_ldm_vae_checkpoint(tensors, dict(parts.vae.config)))]
     if isinstance(pipe, diffusers.StableDiffusionXLPipeline):
-        tensors.update(clip_to_ldm(parts.text_encoder.state_dict(), "conditioner.embedders.0.transformer."))
-        tensors.update(open_clip_to_ldm(parts.text_encoder_2.state_dict(), "conditioner.embedders.1.model."))
+        widths = parts.text_encoder.config.hidden_size, parts.text_encoder_2.config.hidden_size
+        if widths[0] == widths[1]:
+            raise UserError(f"exporting {folder}: its two text encoders are equally wide ({widths[0]}), and diffusers "
+                            "tells SDXL's encoders apart by width, so the file would not load as this folder")
+        tensors.update(clip_to_ldm(text, "conditioner.embedders.0.transformer."))
+        second = parts.text_encoder_2.state_dict()
+        tensors.update(open_clip_to_ldm(second, "conditioner.embedders.1.model."))
+        checks += [("text encoder", text, convert_ldm_clip_checkpoint(tensors)),
+                   ("second text encoder", second, convert_open_clip_checkpoint(
+                       parts.text_encoder_2, tensors, prefix="conditioner.embedders.1.model."))]
     elif isinstance(pipe, diffusers.StableDiffusionPipeline):
-        tensors.update(clip_to_ldm(parts.text_encoder.state_dict(), "cond_stage_model.transformer."))
+        tensors.update(clip_to_ldm(text, "cond_stage_model.transformer."))
+        checks.append(("text encoder", text, convert_ldm_clip_checkpoint(tensors)))
     else:
-        raise UserError(f"exporting a {type(pipe).__name__} to a single file is not supported (SD 1.x and SDXL are)")
-    for name, original, back in (
-            ("UNet", unet, convert_ldm_unet_checkpoint(tensors, dict(parts.unet.config))),
-            ("VAE", vae, convert_ldm_vae_checkpoint(tensors, dict(parts.vae.config)))):
-        if set(back) != set(original) or any(not torch.equal(back[k].reshape(original[k].shape), original[k])
-                                             for k in original):
+        raise UserError(f"exporting a {type(pipe).__name__} to a single file is not supported "
+                        "(SD 1.x, SDXL and Flux are)")
+    for name, original, back in checks:
+        if not _same(original, back):
             raise UserError(f"exporting {folder}: the {name} does not convert back to itself "
                             f"({sorted(set(original) ^ set(back))[:3]})")
     target.parent.mkdir(parents=True, exist_ok=True)
