@@ -266,7 +266,8 @@ class Workspace:
 
     def add_api_source(self, name: str, url: str, model: str, *, protocol: str = "openai", **params) -> dict:
         """Register a model behind an images API (engine.sources.api): `protocol` names the service's
-        (engine.providers: openai, the default, bfl, replicate, stability, imagen, gemini, google)."""
+        (engine.providers: openai, the default, bfl, replicate, stability, imagen, gemini,
+        google, fal, ideogram, firefly)."""
         return self.add_source(name, kind="api", url=url, model=model, protocol=protocol, **params)
 
     def add_replay_source(self, name: str) -> None:
