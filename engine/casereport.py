@@ -157,6 +157,8 @@ class Evidence:
             return self.kept[image_id]
         try:
             path = self.find(self.store, image_id)
+            if path is None:  # no local file: an image in object storage, read and checked by its hash
+                path = self.store.image_bytes(image_id)
         except Exception:  # noqa: BLE001 - a row removed meanwhile: no thumbnail
             path = None
         found = thumbnail(path) if path is not None else None

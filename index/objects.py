@@ -26,7 +26,7 @@ import base64
 import hashlib
 import os
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 from urllib.parse import urlsplit
 
 from index.errors import StoreInputError, StoreUnavailable
@@ -95,7 +95,9 @@ class LocalImages:
             if problem is None:
                 raise
             raise problem from exc
-        atomic_write(path, lambda handle: handle.write(data), "image:before-replace")
+        def write(handle: IO[bytes]) -> None:
+            handle.write(data)
+        atomic_write(path, write, "image:before-replace")
         return sha256_bytes(data)
 
     def read(self, stored: str) -> bytes | None:

@@ -218,19 +218,26 @@ class Thumbnails:
 
         find = getattr(compare, "reference_file", None)
         path = find(self.service.store, image_id) if find is not None else None
-        if path is None:
-            return None
-        try:
-            stat = path.stat()
-        except OSError:
-            return None
-        key = (image_id, str(path), stat.st_size, stat.st_mtime_ns)
+        source: Path | bytes
+        key: tuple
+        if path is None:  # no local file: an image in object storage, read and checked by its hash
+            stored = self.service.store.image_bytes(image_id) if find is not None else None
+            if stored is None:
+                return None
+            source, key = stored, (image_id, hashlib.sha256(stored).hexdigest())
+        else:
+            source = path
+            try:
+                stat = path.stat()
+            except OSError:
+                return None
+            key = (image_id, str(path), stat.st_size, stat.st_mtime_ns)
         with self.lock:
             if key in self.kept:
                 self.kept.move_to_end(key)
                 return self.kept[key]
         try:
-            image, _ = read_image(path)
+            image, _ = read_image(source)
             image.thumbnail((THUMB_SIDE, THUMB_SIDE))
             buffer = io.BytesIO()
             image.save(buffer, format="JPEG", quality=85)
