@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -107,3 +108,30 @@ def test_a_real_row_needs_no_source_or_description_but_a_known_role(tmp_path):
     path.write_text(json.dumps({"image": "a.png", "source": "x", "description": "d", "role": "camera"}) + "\n")
     with pytest.raises(engine.UserError, match="role must be original, resynthesis or real"):
         read_manifest(path)
+
+
+def test_evaluate_reports_the_real_image_false_positive_rate(labelled, models, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert run_cli("evaluate", labelled, "--clip-config", models["clip_config"], "--clip-checkpoint",
+                   models["clip_checkpoint"], "--out", out, "--layers", "final", "--draws", "1", "--quiet") == 0
+    real = json.loads((out / "report.json").read_text())["real_images"]
+    assert real["real_images"] == 12 and real["generated_originals"] == 15 and real["folds"] == 2
+    assert real["false_positive_rate"] + real["real_called_real"] == pytest.approx(1)
+    assert "Real (camera) images" in (out / "report.md").read_text()
+    assert "real images (12, 2-fold" in capsys.readouterr().out
+
+
+def test_real_image_figures_by_hand():
+    from engine.evaluation.realimages import real_image_figures
+
+    rng = np.random.default_rng(0)
+    gen_dir, real_dir = np.eye(8)[0], np.eye(8)[1]
+    originals = gen_dir + 0.05 * rng.standard_normal((20, 8))
+    resyntheses = gen_dir + 0.05 * rng.standard_normal((40, 8))
+    real = real_dir + 0.05 * rng.standard_normal((10, 8))
+    got = real_image_figures(originals, resyntheses, real, 0.05)
+    assert got["false_positive_rate"] == 0 and got["auroc"] == 1 and got["generated_called_real"] <= 0.1
+    # real photos that look like the generated ones: all mistaken
+    got = real_image_figures(originals, resyntheses, gen_dir + 0.05 * rng.standard_normal((10, 8)), 0.05)
+    assert got["false_positive_rate"] > 0.5
+    assert "not_measured" in real_image_figures(originals, resyntheses, real[:1], 0.05)

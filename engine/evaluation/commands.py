@@ -72,6 +72,9 @@ def cmd_evaluate(args) -> None:
     from engine.evaluation.runner import evaluate
 
     evalset = from_manifest(Path(args.manifest), args.strict)  # a bad manifest fails before any model loads
+    from engine.manifest import real_rows
+
+    real = [str(r.image) for r in real_rows(Path(args.manifest))]
     spec = spec_from_args(args.clip_model, args.clip_config, args.clip_checkpoint, args.clip_layer)
     ws = _workspace(args, required=args.save_calibration or spec is None)
     try:
@@ -85,7 +88,7 @@ def cmd_evaluate(args) -> None:
         else:
             base = ws.embedder
         report = evaluate(evalset, base, Path(args.out), args.layers.split(","), args.perturb, args.draws,
-                          args.seed, progress=not args.quiet)
+                          args.seed, progress=not args.quiet, real=real)
         text = summary(report) + f"\nreport: {Path(args.out) / 'report.md'} (+ report.json, plots)"
         if args.save_calibration:
             if base.identity != ws.store.embedder_identity:

@@ -196,6 +196,16 @@ def default_text(e: dict | None) -> str:
             f"K={e['references']} references per source, {e['neighbours']} neighbours)")
 
 
+def real_text(r: dict) -> str:
+    """One line on the real images (engine.evaluation.realimages)."""
+    if "not_measured" in r:
+        return f"real images ({r['real_images']}): not measured ({r['not_measured']})"
+    return (f"real images ({r['real_images']}, {r['folds']}-fold cross-fitted \"real\" rule): false-positive rate "
+            f"{_pct(r['false_positive_rate'])} (real photos not called real), generated originals called real "
+            f"{_pct(r['generated_called_real'])} (target {_pct(r['target_generated_called_real'])}), AUROC "
+            f"{_num(r['auroc'])}")
+
+
 def markdown(report: dict) -> str:
     d, r, b, c = report["dataset"], report["resynthesis_default"], report["best_variant"], report["calibration"]
     e = report.get("engine_default")
@@ -231,6 +241,9 @@ def markdown(report: dict) -> str:
     ]
     if report.get("open_set"):
         parts += open_set_markdown(report["open_set"])
+    if report.get("real_images"):
+        parts += ["## Real (camera) images: how often one is mistaken for a generated image",
+                  real_text(report["real_images"])]
     fitted_all = c.get("fitted_temperature_all")
     parts += ["## Calibration (temperature-scaled softmax over per-source scores)",
               f"ECE {_num(c['ece_default'])} at the default T={c['default_temperature']:g}; "
@@ -288,6 +301,8 @@ def summary(report: dict) -> str:
             if best and best != o.get("headline_score"):
                 line += f"; best measured score {best}: AUROC {_num(o['scores'][best]['auroc'])}"
             lines.append(line)
+    if report.get("real_images"):
+        lines.append(real_text(report["real_images"]))
     c = report["calibration"]
     lines.append(f"calibration: ECE {_num(c['ece_default'])} (default T) -> {_or_reason(c['ece_calibrated'], c)} "
                  f"(fitted T)")

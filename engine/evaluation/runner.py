@@ -29,8 +29,9 @@ def embed_perturbed(evalset: EvalSet, embedder: Embedder, perturbations: list[tu
 
 
 def evaluate(evalset: EvalSet, base: Embedder, out: Path, layers: list[str], perturb: str | None = None,
-             draws: int = 5, seed: int = 0, progress: bool = True) -> dict:
-    """Embed, run the protocol, write report.json, report.md and the plots into `out`."""
+             draws: int = 5, seed: int = 0, progress: bool = True, real: list[str] | None = None) -> dict:
+    """Embed, run the protocol, write report.json, report.md and the plots into `out`. `real`: paths of
+    camera images (a manifest's rows of role "real"): their false-positive rate is reported."""
     if draws < 1:
         raise UserError("--draws must be at least 1")
     perturbations = px.parse_perturbations(perturb)  # a bad spec fails before any embedding
@@ -42,6 +43,8 @@ def evaluate(evalset: EvalSet, base: Embedder, out: Path, layers: list[str], per
     features = embed_evalset(evalset, embedders, cache_dir, progress)
     perturbed = embed_perturbed(evalset, base, perturbations, cache_dir, progress)
     report = run_protocol(evalset, features, primary, perturbed or None, draws=draws, seed=seed, progress=progress)
+    if real:
+        report["real_images"] = real_section(features[primary], base, real, cache_dir, seed, progress)
     report["embedder"] = {label: e.identity for label, e in embedders.items()}
     report["notes"] = ["figures come from the data evaluated; on the tiny random model zoo they show the "
                        "machinery works, not how real generators separate"]
@@ -51,11 +54,25 @@ def evaluate(evalset: EvalSet, base: Embedder, out: Path, layers: list[str], per
     return rp.json_safe(report)
 
 
+def real_section(features: tuple[np.ndarray, np.ndarray], base: Embedder, real: list[str], cache_dir: Path,
+                 seed: int, progress: bool) -> dict:
+    """The real-image figures (engine.evaluation.realimages) on the primary layer."""
+    from engine.evaluation.realimages import real_image_figures
+    from engine.openset import FALSE_REJECT
+    from index.keys import sha256_file
+
+    cache = FeatureCache(cache_dir, base.identity)
+    vectors = embed_paths(base, real, [sha256_file(Path(p)) for p in real], cache, label="embedding (real)",
+                          progress=progress)
+    return real_image_figures(*features, vectors, FALSE_REJECT, seed)
+
+
 def evaluate_workspace(ws, manifest, out="resynth-eval", layers=("base", "final", "mid"), perturb: str | None = None,
                        draws: int = 5, seed: int = 0) -> dict:
     """The evaluation protocol on a labelled manifest with a workspace's embedder (what
     `Workspace.evaluate` was): report.json etc. in `out`."""
     from engine.labelled import from_manifest
+    from engine.manifest import real_rows
 
     return evaluate(from_manifest(Path(manifest)), ws.embedder, Path(out), list(layers), perturb, draws, seed,
-                    progress=ws.progress)
+                    progress=ws.progress, real=[str(r.image) for r in real_rows(Path(manifest))])
