@@ -30,16 +30,18 @@ def open(store_dir=None, *, device=None, captioner=None, progress=False, writabl
 
 
 def init(store_dir=None, *, clip_checkpoint, clip_model=None, clip_config=None, clip_layer="middle",
-         captioner=None, device=None, progress=False, db=None, images=None):
+         captioner=None, device=None, progress=False, db=None, images=None, caption_instruction=None):
     """Create a store bound to one open_clip image encoder and return it as a Workspace.
 
     `db`: a PostgreSQL URL (postgresql+psycopg://USER@HOST:PORT/DBNAME, no password) for the metadata.
-    `images`: an object-store URL (s3://BUCKET/PREFIX, gs://...) for the generated image files."""
+    `images`: an object-store URL (s3://BUCKET/PREFIX, gs://...) for the generated image files.
+    `caption_instruction`: what a vision-language captioner is asked about each image (kept in the store)."""
     from engine.workspace import init_workspace
 
     return init_workspace(_path(store_dir), clip_checkpoint=_path(clip_checkpoint), clip_model=clip_model,
                           clip_config=_path(clip_config), clip_layer=clip_layer, captioner=_path(captioner),
-                          device=device, progress=progress, db=db, images=images)
+                          device=device, progress=progress, db=db, images=images,
+                          caption_instruction=caption_instruction)
 
 
 def _path(path):

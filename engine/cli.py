@@ -134,8 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "name (e.g. ViT-B-32) or a model config JSON, plus a local checkpoint file.")
     add_clip_arguments(p)
     p.add_argument("--captioner", metavar="DIR", type=path_argument,
-                   help="image-to-text model folder (BLIP, GIT, VisionEncoderDecoder) "
-                                                      "used when a query comes without a prompt")
+                   help="captioner folder used when a query comes without a prompt: an image-to-text model (BLIP, "
+                        "GIT, VisionEncoderDecoder) or any image-text-to-text (vision-language) model such as "
+                        "LLaVA, Qwen-VL, Idefics, SmolVLM")
+    p.add_argument("--caption-instruction", metavar="TEXT",
+                   help="what a vision-language captioner is asked about each image (kept in the store; "
+                        "$RESYNTH_CAPTION_INSTRUCTION overrides it for one run; default: a one-sentence "
+                        "text-to-image prompt of the subject, setting, style and lighting)")
     p.add_argument("--db", metavar="URL", help="keep metadata and vectors in PostgreSQL (postgresql+psycopg://USER@HOST"
                                               ":PORT/DBNAME; password from $PGPASSWORD) instead of metadata.sqlite")
     p.add_argument("--images", metavar="URL", help="keep generated image files in object storage (s3://BUCKET/PREFIX, "
@@ -240,7 +245,8 @@ def cmd_init(args) -> None:
     import engine
 
     with engine.init(args.store, **clip_kwargs(args), captioner=args.captioner, db=args.db, images=args.images,
-                     device=args.device, progress=not args.quiet) as ws:
+                     device=args.device, progress=not args.quiet,
+                     caption_instruction=args.caption_instruction) as ws:
         store = ws.store
         _emit(args, store.config, f"store {store.root} bound to {store.embedder_identity} ({store.dim}-d)")
 

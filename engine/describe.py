@@ -41,10 +41,12 @@ class Describer(Protocol):
     def caption(self, images: list[Image.Image]) -> list[str]: ...
 
 
-def make_captioner(folder: str | Path, device: str | None = None) -> Describer:
+def make_captioner(folder: str | Path, device: str | None = None, instruction: str | None = None) -> Describer:
     """The captioner a folder holds: BLIP, GIT or VisionEncoderDecoder as an image-to-text model, else
-    any image-text-to-text (vision-language) model asked for a description; the instruction comes from
-    $RESYNTH_CAPTION_INSTRUCTION when set (engine.captioners.DEFAULT_INSTRUCTION otherwise)."""
+    any image-text-to-text (vision-language) model asked for a description. A vision-language model's
+    instruction: $RESYNTH_CAPTION_INSTRUCTION when set (a per-run override), else `instruction` (the
+    store's, from `init --caption-instruction`), else engine.captioners.DEFAULT_INSTRUCTION; a classic
+    captioner takes none, and refuses one given explicitly."""
     import os
 
     from engine.captioners import DEFAULT_INSTRUCTION, VisionLanguageCaptioner, is_vision_language
@@ -56,8 +58,11 @@ def make_captioner(folder: str | Path, device: str | None = None) -> Describer:
     except (ValueError, OSError, AttributeError):
         model_type = None
     if model_type not in _CAPTIONERS and is_vision_language(path):
-        instruction = os.environ.get("RESYNTH_CAPTION_INSTRUCTION") or DEFAULT_INSTRUCTION
-        return VisionLanguageCaptioner(path, device, instruction=instruction)
+        chosen = os.environ.get("RESYNTH_CAPTION_INSTRUCTION") or instruction or DEFAULT_INSTRUCTION
+        return VisionLanguageCaptioner(path, device, instruction=chosen)
+    if instruction:
+        raise UserError(f"--caption-instruction applies to vision-language captioners; {path} holds a "
+                        f"{model_type or 'non-captioner'} model, which takes no instruction")
     return Captioner(path, device)
 
 

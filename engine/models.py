@@ -53,7 +53,8 @@ class Models:
             if folder and (self._captioner is None or not _same_folder(self._captioner.folder, folder)):
                 from engine.describe import make_captioner
 
-                self._captioner = make_captioner(Path(folder), device=self.ws.device)
+                self._captioner = make_captioner(Path(folder), device=self.ws.device,
+                                                 instruction=self.ws.store.config.get("caption_instruction"))
             return self._captioner if folder else None
 
     def generator(self, name: str):

@@ -392,7 +392,7 @@ def init_workspace(store_dir: str | os.PathLike | None = None, *, clip_checkpoin
                    clip_model: str | None = None, clip_config: str | os.PathLike | None = None,
                    clip_layer: str | int | None = "middle", captioner: str | os.PathLike | None = None,
                    device: str | None = None, progress: bool = False, db: str | None = None,
-                   images: str | None = None) -> Workspace:
+                   images: str | None = None, caption_instruction: str | None = None) -> Workspace:
     """Create a store bound to one open_clip image encoder (loaded once, to validate it and learn its identity)."""
     from engine.describe import make_captioner
     from engine.embed import Embedder
@@ -403,10 +403,16 @@ def init_workspace(store_dir: str | os.PathLike | None = None, *, clip_checkpoin
         parse_images_url(images)  # a wrong URL or a missing backend is one line before any model loads
     spec = embedder_spec(clip_checkpoint, clip_model, clip_config, clip_layer)
     captioner = expand_path(captioner) if captioner else None
+    if caption_instruction is not None and not caption_instruction.strip():
+        raise UserError("--caption-instruction must not be empty")
+    if caption_instruction is not None and not captioner:
+        raise UserError("--caption-instruction needs --captioner DIR (a vision-language model folder)")
     if captioner:
-        make_captioner(captioner)  # validates the folder now rather than at the first query
+        make_captioner(captioner, instruction=caption_instruction)  # checked now, not at the first query
     embedder = Embedder(spec, device=device)
     store = Store.create(store_path(store_dir), embedder.describe(), embedder.dim,
                          captioner=str(Path(captioner).resolve()) if captioner else None, db_url=db,
                          images=images)
+    if caption_instruction:
+        store.update_config(caption_instruction=" ".join(caption_instruction.split()))
     return Workspace(store, device=device, progress=progress, embedder=embedder)

@@ -196,6 +196,24 @@ def test_vision_language_captioner_describes_a_query_end_to_end(models, local, t
         ws.add_source("base", local["base"], steps=2)
         (result,) = ws.attribute([query], options=Options(per_source=1, adaptive=False)).results
     assert result.description_from == "caption" and result.description == expected and result.predicted == "base"
+    # the instruction kept in the store (init --caption-instruction), which the environment overrides per run
+    from tests.helpers import run_cli
+
+    monkeypatch.delenv("RESYNTH_CAPTION_INSTRUCTION")
+    assert run_cli("init", "--store", tmp_path / "s2", "--clip-config", models["clip_config"], "--clip-checkpoint",
+                   models["clip_checkpoint"], "--captioner", folder, "--caption-instruction", "Name  the colours.",
+                   "--quiet") == 0
+    with engine.open(tmp_path / "s2") as ws:
+        assert ws.store.config["caption_instruction"] == "Name the colours."
+        assert ws.captioner.instruction == "Name the colours."
+    monkeypatch.setenv("RESYNTH_CAPTION_INSTRUCTION", "Describe this image.")
+    with engine.open(tmp_path / "s2") as ws:
+        assert ws.captioner.instruction == "Describe this image."
+    for captioner, why in ((models["captioner"], "applies to vision-language captioners"),  # BLIP: no instruction
+                           (None, "needs --captioner"), (folder, "must not be empty")):
+        with pytest.raises(UserError, match=why):
+            engine.init(tmp_path / "s3", clip_config=models["clip_config"], clip_checkpoint=models["clip_checkpoint"],
+                        captioner=captioner, caption_instruction="  " if why == "must not be empty" else "Say hi.")
     with pytest.raises(UserError, match="not an image-text-to-text"):
         VisionLanguageCaptioner(local["config"] / "unet")
 
