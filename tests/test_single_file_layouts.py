@@ -215,3 +215,28 @@ def test_cli_enrols_a_flux_file_with_its_config(models, made, tmp_path, capsys):
     with engine.open(store) as ws:
         rows = {r["name"]: r for r in ws.list_sources()}
     assert rows["my-flux"]["kind"] == "single-file" and rows["my-flux"]["params"]["guidance"] == 3.5
+
+
+def test_flux1_dev_widths_convert_through_diffusers_unpadded(tmp_path):
+    """At FLUX.1-dev's real config (19 + 38 blocks, width 3072; shapes only, on the meta device) the exported
+    names and shapes are what diffusers' converter takes as is, and what the header check accepts."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from engine.sources.flux_file import check_flux_file
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(guidance_embeds=True)
+    state = model.state_dict()
+    bfl = diffusers_to_bfl(state)
+    assert bfl["single_blocks.37.linear1.weight"].shape == (3 * 3072 + 12288, 3072)
+    assert bfl["double_blocks.18.img_attn.qkv.weight"].shape == (3 * 3072, 3072)
+    back = bfl_to_diffusers(bfl)
+    assert set(back) == set(state) and all(back[k].shape == state[k].shape for k in state)
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps(dict(model.config)))
+    header = {k: {"dtype": "BF16", "shape": list(v.shape)} for k, v in bfl.items()}
+    check_flux_file("flux1-dev.safetensors", header, tmp_path)
+    schnell = {k: v for k, v in header.items() if not k.startswith("guidance_in.")}
+    with pytest.raises(UserError, match="guidance embedding False"):
+        check_flux_file("flux1-schnell.safetensors", schnell, tmp_path)

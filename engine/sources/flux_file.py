@@ -57,7 +57,8 @@ def check_flux_file(name: str, header: dict, folder: Path) -> None:
         "guidance embedding": "guidance_in.in_layer.weight" in shapes,
     }
     wanted = {"double blocks": int(config.get("num_layers", 19)),
-              "single blocks": int(config.get("num_single_layers", 38)), "width": inner, "guidance embedding": bool(config.get("guidance_embeds", False))}
+              "single blocks": int(config.get("num_single_layers", 38)), "width": inner,
+              "guidance embedding": bool(config.get("guidance_embeds", False))}
     wrong = [f"{what} {found[what]} (the config says {wanted[what]})" for what in wanted if found[what] != wanted[what]]
     if wrong:
         hint = "" if found["guidance embedding"] == wanted["guidance embedding"] else \
