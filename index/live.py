@@ -335,10 +335,13 @@ class LiveIndex:
                 path = self.layout.index_path
                 saved = self._append(index, path)
                 if saved is None:
+                    known = vx.index_digest(index)  # of the base about to be written: the next save reuses it
                     vx.write_atomic(index, path)
                     crash_point(segments.REWRITE_POINTS[1])
                     segments.remove_orphans(path)  # the old manifest names another base now
                     saved, _ = vx.read_checked(path, self.dim, mapped=True)
+                    if saved is not None and not saved.segments and len(saved.base_ids):
+                        saved.digests[0] = known[0], int(saved.base_ids.max())
                 else:
                     segments.remove_orphans(path, saved.manifest)  # what a crash between a save's steps left
                 self.file_state = segments.state(path)
@@ -409,6 +412,7 @@ class LiveIndex:
         """(Under `lock` and the file lock.) Serve `index`, just written to the index file, from now on;
         the segments of the base it replaced go."""
         self.index, self.tomb_seq, self.dirty = index, tomb_seq, False
+        vx.index_digest(index)  # computed now, in a rebuild, rather than in the next save
         segments.remove_orphans(self.layout.index_path)
         self.file_state = segments.state(self.layout.index_path)
         self.on_reset()
