@@ -10,27 +10,24 @@ is read from its tensor names and must match DIR's pipeline class (refused in on
 The fingerprint is the file's full SHA-256 (hashed once per process for an unchanged file), the config
 folder's fingerprint and the generation recipe.
 
-`export_single_file` writes a diffusers SD 1.x / SDXL folder as such a file (and a Flux folder's transformer
-in BFL's layout); the tests make their single files with it. It converts each part back with diffusers'
-own converters and compares before writing. SD 1.x, SDXL and Flux files generate pixel-identical images to
-their folders on the CPU (tests/test_sources_local.py, tests/test_single_file_layouts.py). diffusers tells
-SDXL's two text encoders apart by their width, so an SDXL folder whose encoders are equally wide (unlike any
-real SDXL) cannot round-trip and is refused by the exporter.
+`export_single_file` (engine/sources/ldm_export.py) writes a diffusers SD 1.x / SDXL folder as such a file
+(and a Flux folder's transformer in BFL's layout), checked against diffusers' own converters. Files of all
+three layouts generate pixel-identical images to their folders on the CPU (tests/test_sources_local.py,
+tests/test_single_file_layouts.py). diffusers tells SDXL's two text encoders apart by their width, so an SDXL
+folder whose encoders are equally wide (unlike any real SDXL) cannot round-trip: the exporter refuses it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
 import threading
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from engine.errors import SourceError, UserError, first_line
 from engine.generate import DiffusersGenerator
 from engine.sources import Param, Recipe, SourceKind, fingerprint
+from engine.sources.ldm_export import export_single_file  # noqa: F401  (imported from here by callers)
 
 # The recipe parameters every local pipeline kind takes (the "diffusers" kind's, after its folder).
 RECIPE_PARAMS = (
@@ -252,192 +249,3 @@ def load_single_file(file: Path, config: Path, params, device: str):
         pipe.scheduler = getattr(diffusers, params.scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
-
-
-# ----- writing a diffusers folder as one file in the original (LDM / SGM) key layout -----------------
-_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
-           ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
-
-
-def _resnet(rest: str) -> str:
-    head, _, tail = rest.partition(".")
-    return dict(_RESNET).get(head, head) + "." + tail
-
-
-def unet_to_ldm(state: dict, config: dict) -> dict:
-    """A diffusers UNet2DConditionModel state dict in the original layout (without the model prefix)."""
-    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING as MAPPING
-
-    mapping: Any = MAPPING
-    lpb = config["layers_per_block"]
-    if not isinstance(lpb, int):
-        raise UserError("cannot export a UNet with per-block layer counts to a single file")
-    direct = dict(mapping["unet"]["layers"])
-    if config.get("addition_embed_type") == "text_time":
-        direct.update(mapping["unet"]["addition_embed_type"])
-    if config.get("class_embed_type") in ("timestep", "projection"):
-        direct.update(mapping["unet"]["class_embed_type"])
-    with_attention = {int(m.group(1)) for k in state if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
-    out = {}
-    for key, value in state.items():
-        if key in direct:
-            out[direct[key]] = value
-        elif m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-            i = 1 + int(m.group(1)) * (lpb + 1) + int(m.group(3))
-            out[f"input_blocks.{i}.0.{_resnet(m.group(4))}" if m.group(2) == "resnets"
-                else f"input_blocks.{i}.1.{m.group(4)}"] = value
-        elif m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(weight|bias)", key):
-            out[f"input_blocks.{(int(m.group(1)) + 1) * (lpb + 1)}.0.op.{m.group(2)}"] = value
-        elif m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
-            out[f"middle_block.{2 * int(m.group(1))}.{_resnet(m.group(2))}"] = value
-        elif m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
-            out[f"middle_block.1.{m.group(1)}"] = value
-        elif m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-            i = int(m.group(1)) * (lpb + 1) + int(m.group(3))
-            out[f"output_blocks.{i}.0.{_resnet(m.group(4))}" if m.group(2) == "resnets"
-                else f"output_blocks.{i}.1.{m.group(4)}"] = value
-        elif m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(weight|bias)", key):
-            block = int(m.group(1))
-            i = block * (lpb + 1) + lpb
-            out[f"output_blocks.{i}.{2 if block in with_attention else 1}.conv.{m.group(2)}"] = value
-        else:
-            raise UserError(f"cannot export UNet weight {key!r} to the single-file layout")
-    return out
-
-
-def vae_to_ldm(state: dict, config: dict) -> dict:
-    """A diffusers AutoencoderKL state dict in the original layout (without the first_stage_model prefix)."""
-    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING as MAPPING
-
-    mapping: Any = MAPPING
-    direct = dict(mapping["vae"])
-    ups = len(config["up_block_types"])
-    attention = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-    out = {}
-    for key, value in state.items():
-        if key in direct:
-            out[direct[key]] = value
-        elif m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-            rest = m.group(3).replace("conv_shortcut", "nin_shortcut")
-            out[f"encoder.down.{m.group(1)}.block.{m.group(2)}.{rest}"] = value
-        elif m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
-            out[f"encoder.down.{m.group(1)}.downsample.conv.{m.group(2)}"] = value
-        elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-            block = ups - 1 - int(m.group(1))
-            out[f"decoder.up.{block}.block.{m.group(2)}.{m.group(3).replace('conv_shortcut', 'nin_shortcut')}"] = value
-        elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
-            out[f"decoder.up.{ups - 1 - int(m.group(1))}.upsample.conv.{m.group(2)}"] = value
-        elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
-            rest = m.group(3).replace("conv_shortcut", "nin_shortcut")
-            out[f"{m.group(1)}.mid.block_{int(m.group(2)) + 1}.{rest}"] = value
-        elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\."
-                               r"(group_norm|to_q|to_k|to_v|to_out\.0)\.(.+)", key):
-            if m.group(2) != "group_norm" and m.group(3) == "weight":
-                value = value[:, :, None, None]  # 1x1 convolutions in the original layout
-            out[f"{m.group(1)}.mid.attn_1.{attention[m.group(2)]}.{m.group(3)}"] = value
-        else:
-            raise UserError(f"cannot export VAE weight {key!r} to the single-file layout")
-    return out
-
-
-def clip_to_ldm(state: dict, prefix: str) -> dict:
-    """A transformers CLIPTextModel state dict under an original-layout prefix (text_model.* keys)."""
-    return {prefix + (k if k.startswith("text_model.") else "text_model." + k): v for k, v in state.items()
-            if not k.endswith("position_ids")}
-
-
-def open_clip_to_ldm(state: dict, prefix: str) -> dict:
-    """A transformers CLIPTextModelWithProjection state dict in open_clip's layout (SDXL's second encoder)."""
-    import torch
-
-    state = {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v
-             for k, v in state.items() if not k.endswith("position_ids")}
-    out = {}
-    names = {"text_model.embeddings.position_embedding.weight": "positional_embedding",
-             "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-             "text_model.final_layer_norm.weight": "ln_final.weight",
-             "text_model.final_layer_norm.bias": "ln_final.bias"}
-    layers = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
-              "self_attn.out_proj": "attn.out_proj"}
-    for key, value in state.items():
-        if key in names:
-            out[prefix + names[key]] = value
-        elif key == "text_projection.weight":
-            out[prefix + "text_projection"] = value.T.contiguous()
-        elif m := re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)", key):
-            if m.group(2) == "q":
-                base = f"text_model.encoder.layers.{m.group(1)}.self_attn"
-                parts = [state[f"{base}.{p}_proj.{m.group(3)}"] for p in "qkv"]
-                out[f"{prefix}transformer.resblocks.{m.group(1)}.attn.in_proj_{m.group(3)}"] = torch.cat(parts)
-        elif m := re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(layer_norm1|layer_norm2|mlp\.fc1|mlp\.fc2|"
-                               r"self_attn\.out_proj)\.(weight|bias)", key):
-            out[f"{prefix}transformer.resblocks.{m.group(1)}.{layers[m.group(2)]}.{m.group(3)}"] = value
-        else:
-            raise UserError(f"cannot export text encoder weight {key!r} to open_clip's layout")
-    return out
-
-
-def _same(original: dict, back: dict) -> bool:
-    """Whether converted-back tensors equal the originals (text encoders compared without "text_model.")."""
-    import torch
-
-    def plain(state: dict) -> dict:
-        return {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
-
-    original, back = plain(original), plain(back)
-    return set(back) == set(original) and all(torch.equal(back[k].reshape(original[k].shape), original[k])
-                                              for k in original)
-
-
-def export_single_file(folder, target) -> Path:
-    """Write a diffusers SD 1.x (StableDiffusionPipeline) or SDXL folder as one original-layout .safetensors,
-    or a Flux folder's transformer alone in BFL's layout (engine.sources.flux_file).
-
-    Each converted part is converted back with diffusers' own single-file converters and compared before
-    anything is written, so a file this writes loads as the folder it came from."""
-    import diffusers
-    import torch
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
-    from safetensors.torch import save_file
-
-    from engine.generate import check_pipeline_folder
-
-    folder, target = Path(folder), Path(target)
-    if check_pipeline_folder(folder) == "FluxPipeline":
-        from engine.sources.flux_file import export_flux_transformer
-
-        return export_flux_transformer(folder, target)
-    pipe = diffusers.DiffusionPipeline.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
-    parts: Any = pipe  # components are attributes set at run time
-    unet, vae, text = parts.unet.state_dict(), parts.vae.state_dict(), parts.text_encoder.state_dict()
-    tensors = {"model.diffusion_model." + k: v for k, v in unet_to_ldm(unet, dict(parts.unet.config)).items()}
-    tensors.update({"first_stage_model." + k: v for k, v in vae_to_ldm(vae, dict(parts.vae.config)).items()})
-    checks = [("UNet", unet, convert_ldm_unet_checkpoint(tensors, dict(parts.unet.config))),
-              ("VAE", vae, convert_ldm_vae_checkpoint(tensors, dict(parts.vae.config)))]
-    if isinstance(pipe, diffusers.StableDiffusionXLPipeline):
-        widths = parts.text_encoder.config.hidden_size, parts.text_encoder_2.config.hidden_size
-        if widths[0] == widths[1]:
-            raise UserError(f"exporting {folder}: its two text encoders are equally wide ({widths[0]}), and diffusers "
-                            "tells SDXL's encoders apart by width, so the file would not load as this folder")
-        tensors.update(clip_to_ldm(text, "conditioner.embedders.0.transformer."))
-        second = parts.text_encoder_2.state_dict()
-        tensors.update(open_clip_to_ldm(second, "conditioner.embedders.1.model."))
-        checks += [("text encoder", text, convert_ldm_clip_checkpoint(tensors)),
-                   ("second text encoder", second, convert_open_clip_checkpoint(
-                       parts.text_encoder_2, tensors, prefix="conditioner.embedders.1.model."))]
-    elif isinstance(pipe, diffusers.StableDiffusionPipeline):
-        tensors.update(clip_to_ldm(text, "cond_stage_model.transformer."))
-        checks.append(("text encoder", text, convert_ldm_clip_checkpoint(tensors)))
-    else:
-        raise UserError(f"exporting a {type(pipe).__name__} to a single file is not supported "
-                        "(SD 1.x, SDXL and Flux are)")
-    for name, original, back in checks:
-        if not _same(original, back):
-            raise UserError(f"exporting {folder}: the {name} does not convert back to itself "
-                            f"({sorted(set(original) ^ set(back))[:3]})")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial))
-    os.replace(partial, target)
-    return target
