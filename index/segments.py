@@ -39,7 +39,8 @@ TAIL = 1 << 16  # bytes of the base's end (its id map) hashed into its identity
 # the crash points of a segment save, in order (tests stop a real process at each one)
 POINTS = ("index:segment-before-replace", "index:removed-before-replace", "index:manifest-before-replace",
           "index:manifest-replaced")
-# and of a rewrite: the base (vectors.atomic_write's point), then the old manifest dropped
+# and of a rewrite: the base (vectors.atomic_write's point), then the old manifest dropped; a segment
+# save passes "index:before-replace" too, just before its manifest is written
 REWRITE_POINTS = ("index:before-replace", "index:base-replaced")
 
 
@@ -145,6 +146,7 @@ def append(index_path: Path, manifest: dict | None, write_segment: Any, added: i
             removed_entry = {"file": name, "n": len(data) // 8, "size": len(data)}
     new = {"format": 1, "base": identity, "generation": generation, "token": token, "segments": segments,
            "removed": removed_entry}
+    crash_point(REWRITE_POINTS[0])  # "before a save commits", whichever way it publishes (the CLI tests')
     write_json_atomic(manifest_path(index_path), new, POINTS[2])
     crash_point(POINTS[3])
     for entry in superseded:  # a reader still holding the old manifest retries (vectors.read_checked)

@@ -246,7 +246,7 @@ def _child(tmp_path: Path, root: Path, crash_at: str, action: str, n: int = 0) -
 @pytest.mark.parametrize("crash_at,action,n", [
     ("index:segment-before-replace", "add", 5), ("index:removed-before-replace", "remove", 0),
     ("index:manifest-before-replace", "add", 5), ("index:manifest-before-replace", "remove", 0),
-    ("index:manifest-replaced", "add", 5),
+    ("index:manifest-replaced", "add", 5), ("index:before-replace", "add", 5),
     ("index:before-replace", "add", 80), ("index:base-replaced", "add", 80)])
 def test_kill_at_each_publishing_step_loses_nothing(tmp_path, crash_at, action, n):
     root = _make(tmp_path)
