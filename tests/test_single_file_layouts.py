@@ -164,6 +164,10 @@ def test_flux_file_is_bfl_layout_and_converts_back_through_diffusers(made):
         back = bfl_to_diffusers(layout)
         assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
     assert set(diffusers_to_bfl(state)) == set(tensors)
+    with pytest.raises(UserError, match="not a complete Flux transformer"):
+        bfl_to_diffusers({k: v for k, v in tensors.items() if k != "final_layer.linear.bias"})
+    with pytest.raises(UserError, match="unexpected tensors"):  # e.g. a scaled-fp8 file's per-tensor scales
+        bfl_to_diffusers({**tensors, "double_blocks.0.img_attn.qkv.scale_weight": torch.ones(1)})
 
 
 def _flux_config_with(made, tmp_path, **changes) -> Path:

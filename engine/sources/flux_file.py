@@ -73,22 +73,22 @@ def bfl_to_diffusers(tensors: dict) -> dict:
 
     tensors = {_strip(k): v for k, v in tensors.items()}
     singles = sorted({int(k.split(".")[1]) for k in tensors if k.startswith("single_blocks.")})
-    inner = tensors[f"single_blocks.{singles[0]}.linear2.weight"].shape[0] if singles else _DIFFUSERS_INNER
-    mlp = tensors[f"single_blocks.{singles[0]}.linear1.weight"].shape[0] - 3 * inner if singles else _DIFFUSERS_MLP
-    if inner > _DIFFUSERS_INNER or mlp > _DIFFUSERS_MLP:
-        raise UserError(f"a Flux transformer wider than FLUX.1 ({inner}, MLP {mlp}) cannot be converted")
-    padded = (inner, mlp) != (_DIFFUSERS_INNER, _DIFFUSERS_MLP)
-    if padded:
-        for i in singles:
+    try:
+        inner, mlp = _DIFFUSERS_INNER, _DIFFUSERS_MLP
+        if singles:
+            inner = int(tensors[f"single_blocks.{singles[0]}.linear2.weight"].shape[0])
+            mlp = int(tensors[f"single_blocks.{singles[0]}.linear1.weight"].shape[0]) - 3 * inner
+        if inner > _DIFFUSERS_INNER or mlp > _DIFFUSERS_MLP:
+            raise UserError(f"a Flux transformer wider than FLUX.1 ({inner}, MLP {mlp}) cannot be converted")
+        padded = (inner, mlp) != (_DIFFUSERS_INNER, _DIFFUSERS_MLP)
+        for i in singles if padded else ():
             for part in ("weight", "bias"):
-                fused = tensors[f"single_blocks.{i}.linear1.{part}"]
-                chunks = torch.split(fused, [int(inner)] * 3 + [int(mlp)])
+                chunks = torch.split(tensors[f"single_blocks.{i}.linear1.{part}"], [inner] * 3 + [mlp])
                 tensors[f"single_blocks.{i}.linear1.{part}"] = torch.cat([
                     torch.cat([c, c.new_zeros((width - c.shape[0], *c.shape[1:]))])
                     for c, width in zip(chunks, (_DIFFUSERS_INNER,) * 3 + (_DIFFUSERS_MLP,))])
-    try:
         out = convert_flux_transformer_checkpoint_to_diffusers(tensors)
-    except (KeyError, IndexError, RuntimeError) as exc:
+    except (KeyError, IndexError, RuntimeError, ValueError) as exc:
         raise UserError(f"not a complete Flux transformer in BFL's layout: {first_line(exc)}") from None
     if tensors:
         raise UserError(f"unexpected tensors in a Flux transformer file: {sorted(tensors)[:3]}")
