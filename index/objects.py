@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import time
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Protocol
 from urllib.parse import urlsplit
@@ -50,6 +51,12 @@ class ImageFiles(Protocol):
     def own(self, stored: str) -> Any: ...
 
     def remove(self, owned: set) -> None: ...
+
+    def orphans(self, referenced: set) -> tuple[list, list]: ...
+
+    def name(self, owned: Any) -> str: ...
+
+    def delete(self, owned: list) -> None: ...
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -108,6 +115,16 @@ class LocalImages:
 
     def remove(self, owned: set) -> None:
         self.layout.remove_files(owned)
+
+    def orphans(self, referenced: set) -> tuple[list, list]:
+        return self.layout.orphans(referenced)
+
+    def name(self, owned: Path) -> str:
+        return str(owned.relative_to(self.layout.root.resolve()))
+
+    def delete(self, owned: list) -> None:
+        for path in owned:
+            path.unlink(missing_ok=True)
 
 
 def parse_images_url(url: str) -> str:
@@ -214,6 +231,33 @@ class ObjectImages:
         except StoreInputError:
             return None
 
+    def orphans(self, referenced: set) -> tuple[list, list]:
+        """Objects under PREFIX/images/ that no row names: (old enough to remove, too recent to judge: a
+        PUT whose row is being committed). An object of unknown age counts as recent."""
+        from index.layout import ORPHAN_GRACE_S
+
+        try:
+            self.fs.invalidate_cache()
+            listed = self.fs.find(f"{self.base}/images", detail=True)
+        except FileNotFoundError:
+            return [], []
+        except Exception as exc:  # noqa: BLE001 - as in check
+            raise self.unavailable(exc, "listing its images") from None
+        old: list[str] = []
+        recent: list[str] = []
+        for key, entry in sorted(listed.items()):
+            if entry.get("type") != "file" or key.endswith("/") or key in referenced:
+                continue  # (SeaweedFS lists a folder as a key of its own)
+            age = _age_s(entry)
+            (old if age is not None and age >= ORPHAN_GRACE_S else recent).append(key)
+        return old, recent
+
+    def name(self, owned: str) -> str:
+        return owned[len(self.base) + 1:]
+
+    def delete(self, owned: list) -> None:
+        self.remove(set(owned))
+
     def remove(self, owned: set) -> None:
         if not owned:
             return
@@ -223,6 +267,14 @@ class ObjectImages:
             pass
         except Exception as exc:  # noqa: BLE001 - as in check; the rows are gone, the objects stay as orphans
             raise self.unavailable(exc, f"removing {len(owned)} images") from None
+
+
+def _age_s(entry: dict) -> float | None:
+    modified = entry.get("LastModified") or entry.get("mtime") or entry.get("last_modified")
+    if modified is None:
+        return None
+    stamp = modified.timestamp() if hasattr(modified, "timestamp") else float(modified)
+    return time.time() - stamp
 
 
 def image_files(layout) -> ImageFiles:

@@ -69,11 +69,12 @@ def verify(store: "Store", repair: bool = False, files: bool = True) -> dict:
 
     if files:
         report["files"] = _verify_files(store, image_rows, problems)
-    referenced = {p for p in (layout.own_file(x) for _, x, _ in image_rows) if p is not None}
-    orphans, recent = layout.orphans(referenced)
+    images = layout.images  # the store folder, or its object store (objects.py)
+    referenced = {p for p in (images.own(x) for _, x, _ in image_rows) if p is not None}
+    orphans, recent = images.orphans(referenced)
     temps = layout.temp_files(deep=True)
     report["orphans"] = {"count": len(orphans), "recent": len(recent),
-                         "examples": [str(p.relative_to(layout.root.resolve())) for p in orphans[:10]]}
+                         "examples": [images.name(p) for p in orphans[:10]]}
     report["temp_files"] = {"count": len(temps), "examples": [str(p.relative_to(layout.root)) for p in temps[:10]]}
     if orphans:
         problems.append(f"{len(orphans)} image files under images/ belong to no row")
@@ -92,8 +93,7 @@ def verify(store: "Store", repair: bool = False, files: bool = True) -> dict:
         done.append(f"index rebuilt from the database ({store.rebuild()} vectors)")  # one base, no segments
         if report["index"]["segments"]["leftover_files"]:
             done.append(f"removed {len(report['index']['segments']['leftover_files'])} index segment files")
-        for path in orphans:
-            path.unlink(missing_ok=True)
+        images.delete(orphans)
         if orphans:
             done.append(f"removed {len(orphans)} unreferenced image files")
         stale = layout.remove_stale_temp_files(deep=True)

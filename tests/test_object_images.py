@@ -167,39 +167,56 @@ def test_attribution_through_the_engine(server, models, originals, tmp_path, cap
         assert all((Evidence(store).uri(i) or "").startswith("data:image/") for i in closest)
 
 
-def test_server_killed_mid_ingest_loses_nothing(server, tmp_path):
-    """kill -9 of the object server between two images of a batch (the first in the bucket, no row yet),
-    restarted at once on the same folder and ports: the ingest either waits it out (the client retries for
-    a few seconds) or fails in one line, and then the same command completes; verify is clean."""
-    store = Store.create(tmp_path / "s", EMBEDDER, DIM, images=_url("crash"))
-    with store:
-        _ingest(store, 4)
-        store.write_image("images/fp/04/k4.png", _png(4))
-        server.kill()
-        restart = threading.Thread(target=server.start)
+def _ingest_through_a_kill(server, store: Store, start: int, restart_at_once: bool) -> tuple[list[int], str]:
+    """kill -9 of the object server between two images of a batch (the first in the bucket, its row not
+    committed); restarted on the same folder and ports at once (the client may wait it out) or only once
+    the ingest has failed. Then the same command again, if it failed. (image ids, "waited" or "failed")"""
+    store.write_image(f"images/fp/{start:02d}/k{start}.png", _png(start))
+    server.kill()
+    restart = threading.Thread(target=server.start)
+    if restart_at_once:
         restart.start()
+    try:
         try:
-            try:
-                ids = _ingest(store, 4, start=4)
-                outcome = "waited"
-            except StoreUnavailable as exc:  # what the user sees: one line, naming the storage and the way out
-                message = str(exc)
-                assert "\n" not in message and message.startswith(f"image storage {_url('crash')} failed writing")
-                assert "nothing acknowledged was lost" in message
-                outcome = "failed"
-        finally:
-            restart.join()
-        if outcome == "failed":
-            ids = _ingest(store, 8)[4:]  # the retry is the same command: what was stored is kept
-        assert ids == [5, 6, 7, 8]
-        report = store.verify()
-        assert report["ok"], report["problems"]
-        assert report["files"]["checked"] == 8 and report["database"]["images"] == 8
-        assert all(store.image_bytes(i) == _png(i - 1) for i in range(1, 9))
+            return _ingest(store, 4, start=start), "waited"
+        except StoreUnavailable as exc:  # what the user sees: one line, naming the storage and the way out
+            message = str(exc)
+            assert "\n" not in message and message.startswith(f"image storage {store.config['images']} failed writing")
+            assert "nothing acknowledged was lost" in message
+    finally:
+        if not restart_at_once:
+            restart.start()
+        restart.join()
+    return _ingest(store, 4, start=start), "failed"  # the same command: what was stored is kept
 
 
-def test_verify_finds_an_altered_object(server, tmp_path):
+def test_server_killed_mid_ingest_loses_nothing(server, tmp_path, monkeypatch):
     import s3fs
+
+    with Store.create(tmp_path / "s", EMBEDDER, DIM, images=_url("crash")) as store:
+        _ingest(store, 4)
+        ids, _ = _ingest_through_a_kill(server, store, 4, restart_at_once=True)  # either outcome is right
+        assert ids == [5, 6, 7, 8]
+    # a client told not to retry (AWS_MAX_ATTEMPTS=1, the standard variable) fails at once, in one line
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        with Store.open(tmp_path / "s") as store:
+            ids, outcome = _ingest_through_a_kill(server, store, 8, restart_at_once=False)
+            assert outcome == "failed" and ids == [9, 10, 11, 12]
+            report = store.verify()
+            assert report["ok"], report["problems"]
+            assert report["files"]["checked"] == 12 and report["database"]["images"] == 12
+            assert report["orphans"] == {"count": 0, "recent": 0, "examples": []}
+            assert all(store.image_bytes(i) == _png(i - 1) for i in range(1, 13))
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_verify_finds_an_altered_object(server, tmp_path, monkeypatch):
+    import s3fs
+
+    from index import layout
 
     with Store.create(tmp_path / "s", EMBEDDER, DIM, images=_url("altered")) as store:
         ids = _ingest(store, 3)
@@ -213,6 +230,14 @@ def test_verify_finds_an_altered_object(server, tmp_path):
         assert "1 image files differ from their recorded sha256" in report["problems"]
         assert store.image_bytes(ids[1]) is None and store.image_bytes(ids[2]) is None  # never the wrong bytes
         assert store.image_bytes(ids[0]) == _png(0)
+        # an object no row names (a PUT whose commit never came): recent, then old enough to remove
+        store.write_image("images/fp/09/k9.png", _png(9))
+        assert store.verify()["orphans"] == {"count": 0, "recent": 1, "examples": []}
+        monkeypatch.setattr(layout, "ORPHAN_GRACE_S", 0.0)
+        report = store.verify(repair=True)
+        assert report["orphans"] == {"count": 1, "recent": 0, "examples": ["images/fp/09/k9.png"]}
+        assert "removed 1 unreferenced image files" in report["repaired"]
+        assert store.verify()["orphans"]["count"] == 0 and not fs.exists(f"{BUCKET}/altered/images/fp/09/k9.png")
 
 
 def test_folder_store_writes_atomically_in_place(tmp_path):
