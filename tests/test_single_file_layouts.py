@@ -181,9 +181,11 @@ def test_layout_mismatches_are_refused_in_one_line(models, made, tmp_path):
     kind = sources.get("single-file")
     sd_config = config_only(models["pipelines"]["tiny-sd-ddim"], tmp_path / "sd-config")
     cases = [
-        (made["flux-file"], sd_config, "is a Flux checkpoint but .* holds a StableDiffusionPipeline"),
-        (made["sdxl-file"], made["flux-config"], "is a SDXL checkpoint but .* holds a FluxPipeline"),
-        (made["sdxl-file"], sd_config, "is a SDXL checkpoint but .* holds a StableDiffusionPipeline"),
+        (made["flux-file"], sd_config, "is in the Flux layout but .* holds a StableDiffusionPipeline"),
+        (made["sdxl-file"], made["flux-config"], "is in the SDXL layout but .* holds a FluxPipeline"),
+        (made["sdxl-file"], sd_config, "is in the SDXL layout but .* holds a StableDiffusionPipeline"),
+        (export_single_file(models["pipelines"]["tiny-sd-ddim"], tmp_path / "sd.safetensors"), made["sdxl-config"],
+         "is in the SD 1.x layout but .* holds a StableDiffusionXLPipeline"),
         (made["flux-file"], _flux_config_with(made, tmp_path, guidance_embeds=False),
          "guidance embedding True .* schnell"),
         (made["flux-file"], _flux_config_with(made, tmp_path / "b", num_single_layers=3), "single blocks 2"),
@@ -215,7 +217,7 @@ def test_cli_enrols_a_flux_file_with_its_config(models, made, tmp_path, capsys):
                    "--guidance", 3.5, "--store", store) == 0
     assert run_cli("source", "add", "wrong", made["flux-file"], "--config", made["sdxl-config"],
                    "--store", store) == 2
-    assert "is a Flux checkpoint but" in capsys.readouterr().err
+    assert "is in the Flux layout but" in capsys.readouterr().err
     with engine.open(store) as ws:
         rows = {r["name"]: r for r in ws.list_sources()}
     assert rows["my-flux"]["kind"] == "single-file" and rows["my-flux"]["params"]["guidance"] == 3.5

@@ -133,7 +133,7 @@ def check_layout(file: Path, folder: Path, class_name: str) -> str:
                         "model.diffusion_model.* nor Flux double_blocks.* tensors); a diffusers folder is added "
                         "without --config")
     if LAYOUTS[layout] != class_name:
-        raise UserError(f"{file.name} is a {layout} checkpoint but {folder} holds a {class_name}: --config must be "
+        raise UserError(f"{file.name} is in the {layout} layout but {folder} holds a {class_name}: --config must be "
                         f"a diffusers folder of the same layout (a {LAYOUTS[layout]})")
     if layout == "Flux":
         from engine.sources.flux_file import check_flux_file
