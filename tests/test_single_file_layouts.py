@@ -134,6 +134,8 @@ def folder_pixels(folder: Path) -> np.ndarray:
 @pytest.mark.parametrize("layout", ["sdxl", "flux"])
 def test_single_file_generates_what_its_folder_does(models, made, layout, tmp_path):
     file, config = made[f"{layout}-file"], made[f"{layout}-config"]
+    denoiser = config / ("unet" if layout == "sdxl" else "transformer")
+    assert not list(denoiser.glob("*.safetensors"))  # the denoiser's weights can only come from the file
     with engine.init(tmp_path / "store", clip_config=models["clip_config"],
                      clip_checkpoint=models["clip_checkpoint"]) as ws:
         info = ws.add_source("one-file", kind="single-file", path=file, config=config, **RECIPE)
