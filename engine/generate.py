@@ -263,10 +263,10 @@ def load_pipeline(folder: Path, params: GenerationParams, device: str):
 
     import transformers
 
-    check_pipeline_folder(folder)
+    class_name = check_pipeline_folder(folder)
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    dtype = pipeline_dtype(class_name, device) or torch.float32
     try:
         pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, dtype=dtype)
     except Exception as exc:
@@ -276,6 +276,22 @@ def load_pipeline(folder: Path, params: GenerationParams, device: str):
         pipe.scheduler = getattr(diffusers, params.scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+# Pipelines whose activations overflow float16 (black or NaN images): run in bfloat16 on a GPU that has it.
+BF16_PIPELINES = ("Flux", "StableDiffusion3", "Sana", "HunyuanDiT", "Lumina", "CogView")
+
+
+def pipeline_dtype(class_name: str, device: str | None):
+    """The dtype a pipeline runs in on `device`: None (float32) on the CPU; on CUDA float16, except
+    bfloat16 for the transformer families that overflow float16, where the GPU supports it."""
+    import torch
+
+    if not str(device or "").startswith("cuda"):
+        return None
+    if class_name.startswith(BF16_PIPELINES) and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
 
 
 def check_scheduler(name: str | None) -> None:

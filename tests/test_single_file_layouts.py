@@ -248,3 +248,19 @@ def test_flux1_dev_widths_convert_through_diffusers_unpadded(tmp_path):
     schnell = {k: v for k, v in header.items() if not k.startswith("guidance_in.")}
     with pytest.raises(UserError, match="guidance embedding False"):
         check_flux_file("flux1-schnell.safetensors", schnell, tmp_path)
+
+
+def test_gpu_dtype_is_bfloat16_for_the_families_that_overflow_float16(monkeypatch):
+    """Flux (and SD3, ...) make black or NaN images in float16: on a GPU with bfloat16 they run in it, folder
+    or single file alike; the UNet families keep float16; the CPU stays float32 (None)."""
+    import torch
+
+    from engine.generate import pipeline_dtype
+
+    assert pipeline_dtype("FluxPipeline", "cpu") is None and pipeline_dtype("FluxPipeline", None) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert pipeline_dtype("FluxPipeline", "cuda") is torch.bfloat16
+    assert pipeline_dtype("StableDiffusion3Pipeline", "cuda:1") is torch.bfloat16
+    assert pipeline_dtype("StableDiffusionXLPipeline", "cuda") is torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert pipeline_dtype("FluxPipeline", "cuda") is torch.float16

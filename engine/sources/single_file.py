@@ -25,7 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from engine.errors import SourceError, UserError, first_line
-from engine.generate import DiffusersGenerator
+from engine.generate import DiffusersGenerator, pipeline_dtype
 from engine.sources import Param, Recipe, SourceKind, fingerprint
 from engine.sources.ldm_export import export_single_file  # noqa: F401  (imported from here by callers)
 
@@ -222,7 +222,6 @@ class SingleFileGenerator(DiffusersGenerator):
 def load_single_file(file: Path, config: Path, params, device: str):
     """Load a checkpoint file as the pipeline class of `config`, offline; one-line errors if not."""
     import diffusers
-    import torch
     import transformers
 
     file = check_safetensors(file, "checkpoint file")
@@ -230,9 +229,10 @@ def load_single_file(file: Path, config: Path, params, device: str):
     layout = check_layout(file, folder, class_name)
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-    # float32 is the default: passing it only makes diffusers warn about casting. float16 on CUDA, as a
-    # pipeline folder is loaded (engine.generate.load_pipeline), so both forms of one model agree there too.
-    dtype = {"torch_dtype": torch.float16} if str(device).startswith("cuda") else {}
+    # float32 is the default: passing it only makes diffusers warn about casting. On CUDA the dtype a pipeline
+    # folder of the same class gets (engine.generate.pipeline_dtype), so both forms of one model agree there too.
+    chosen = pipeline_dtype(class_name, device)
+    dtype = {"torch_dtype": chosen} if chosen is not None else {}
     try:
         if layout == "Flux":
             from engine.sources.flux_file import load_flux_pipeline
