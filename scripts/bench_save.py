@@ -8,12 +8,13 @@ by a first open, as scripts/bench_lookup.py builds its stores), one writing proc
   old   the same call with the segment path switched off, so every save streams the whole index into
         a new file and maps it (what every save did before segments)
 
-each after storing 1 and 1,000 new vectors (Store.add_images, not timed), `--repeats` times, medians.
+each after storing 1 and 1,000 new vectors (Store.add_images, not timed): `--new-per-old` segment saves
+of each count, then one rewrite of each, `--repeats` times; medians (and the slowest segment save).
 Also timed: writing the 1,000 vectors' bytes (3 MB) to a new file with fsync on the same disk, the
 floor any save of them pays. Needs about 2.5x N x 3 KB of disk (SQLite + index) and N x 3 KB of page
 cache: 1M is ~8 GB on disk.
 
-    python scripts/bench_save.py [--sizes 100000,1000000] [--repeats 3] [--stores DIR]
+    python scripts/bench_save.py [--sizes 100000,1000000] [--repeats 2] [--new-per-old 5] [--stores DIR]
 """
 from __future__ import annotations
 
@@ -111,32 +112,30 @@ def bytes_floor(folder: Path, count: int) -> float:
     return took
 
 
-def measure(root: Path, repeats: int) -> dict:
+def measure(root: Path, repeats: int, new_per_old: int) -> dict:
     rng = np.random.default_rng(1)
     times: dict[str, list[float]] = {f"{mode}_{n}": [] for mode in ("new", "old") for n in (1, 1000)}
     floor = []
     with Store.open(root) as store:
         for r in range(repeats):
-            for mode in ("new", "old"):
+            for k in range(new_per_old):  # segments pile up between two rewrites, as they do in use
                 for count in (1, 1000):
-                    tag = f"{mode}-{count}-{r}"
-                    if mode == "new":
-                        times[f"new_{count}"].append(save_after(store, count, tag, rng))
-                    else:
-                        with full_rewrite():
-                            times[f"old_{count}"].append(save_after(store, count, tag, rng))
-            floor.append(bytes_floor(root, 1000))
-        segments_after = len(store.index.segments)
-    out = {k: statistics.median(v) for k, v in times.items()}
+                    times[f"new_{count}"].append(save_after(store, count, f"new-{count}-{r}-{k}", rng))
+                floor.append(bytes_floor(root, 1000))
+            with full_rewrite():
+                for count in (1, 1000):
+                    times[f"old_{count}"].append(save_after(store, count, f"old-{count}-{r}", rng))
+    out: dict = {k: statistics.median(v) for k, v in times.items()}
+    out.update({f"{k}_max": max(v) for k, v in times.items() if k.startswith("new")})
     out["floor_1000"] = statistics.median(floor)
-    out["segments"] = segments_after
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100000,1000000")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2, help="whole-file rewrites per count")
+    parser.add_argument("--new-per-old", type=int, default=5, help="segment saves per count between two rewrites")
     parser.add_argument("--stores", type=Path, help="keep (and reuse) the built stores here")
     args = parser.parse_args()
     rows = {}
@@ -147,15 +146,17 @@ def main() -> None:
                 started = time.perf_counter()
                 build(root, size)
                 print(f"built {size} vectors in {time.perf_counter() - started:.0f} s", flush=True)
-            rows[size] = measure(root, args.repeats)
+            rows[size] = measure(root, args.repeats, args.new_per_old)
             print(size, {k: round(v, 4) for k, v in rows[size].items()}, flush=True)
-    print(f"\nsave of the live index, medians of {args.repeats}; old = whole file rewritten, new = a segment")
-    print(f"{'vectors':>9} {'after':>6} {'old s':>8} {'new ms':>8} {'old/new':>8} {'3 MB fsync ms':>14}")
+    print(f"\nsave of the live index: old = whole file rewritten (median of {args.repeats}), new = a segment "
+          f"(median and max of {args.repeats * args.new_per_old}); floor = 3 MB written and fsync'd")
+    print(f"{'vectors':>9} {'after':>6} {'old s':>8} {'new ms':>8} {'new max ms':>11} {'old/new':>8} {'floor ms':>9}")
     for size, r in rows.items():
         for count in (1, 1000):
             old, new = r[f"old_{count}"], r[f"new_{count}"]
-            floor = f"{r['floor_1000'] * 1000:>14.1f}" if count == 1000 else f"{'':>14}"
-            print(f"{size:>9} {count:>6} {old:>8.2f} {new * 1000:>8.1f} {old / new:>7.0f}x {floor}")
+            floor = f"{r['floor_1000'] * 1000:>9.1f}" if count == 1000 else f"{'':>9}"
+            print(f"{size:>9} {count:>6} {old:>8.2f} {new * 1000:>8.1f} {r[f'new_{count}_max'] * 1000:>11.1f}"
+                  f" {old / new:>7.0f}x {floor}")
 
 
 if __name__ == "__main__":
