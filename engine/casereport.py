@@ -177,7 +177,7 @@ padding:.2rem .5rem;text-align:left;vertical-align:top;font-size:.85rem}code{wor
 section.case{border:1px solid #d0d5dd;border-radius:8px;padding:.8rem;margin:1rem 0;break-inside:avoid}
 .top{display:flex;gap:1rem;flex-wrap:wrap}.top img,.thumbs img{border-radius:4px;background:#eef1f6}
 .badge{display:inline-block;padding:0 .5rem;border-radius:999px;font-size:.8rem;font-weight:600}
-.known{background:#dcfae6;color:#067647}.unknown{background:#fef0c7;color:#b54708}
+.known{background:#dcfae6;color:#067647}.unknown{background:#fef0c7;color:#b54708}.real{background:#d1e9ff;color:#175cd3}
 .uncalibrated,.none{background:#eaecf0;color:#344054}.error{background:#fee4e2;color:#b42318}
 .bar{display:grid;grid-template-columns:11rem 1fr 9rem;gap:.5rem;align-items:center;margin:.2rem 0}
 .track{background:#eef1f6;border-radius:3px;height:.9rem;overflow:hidden}.fill{background:#2f6fed;height:100%}
@@ -226,11 +226,19 @@ def _verdict(result: dict) -> str:
         words = f"{predicted} (known source)"
     elif verdict == "unknown":
         words = f"unknown source (closest: {predicted})"
+    elif verdict == "real":
+        words = f"real: no sign of generation (closest source: {predicted})"
     else:
         words = f"{predicted} (uncalibrated: {ev.get('why', 'no acceptance threshold')})"
     test = ""
     if "threshold" in ev and "score" in ev:
         test = f" · score {_number(ev['score'])} vs threshold {_number(ev['threshold'])}"
+    real = ev.get("real") if isinstance(ev.get("real"), dict) else None
+    if real:  # the "real" rule's value, stated for every query of a store calibrated with photographs
+        test += f" · real rule {_number(real.get('value'))} vs threshold {_number(real.get('threshold'))}"
+    claim = ev.get("provenance") if isinstance(ev.get("provenance"), dict) else None
+    if claim and claim.get("conclusion"):  # what the file's own recipe says, beside the ranking
+        test += f" · provenance: {claim['conclusion']}"
     return f"<span class='badge {e(verdict)}'>{e(verdict)}</span> <strong>{e(words)}</strong>{e(test)}"
 
 

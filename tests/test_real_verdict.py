@@ -94,9 +94,11 @@ def test_a_store_calibrated_with_real_images_answers_real_for_held_out_photograp
         assert all(r.evidence["real"]["real"] is False for r in results)
 
     capsys.readouterr()
+    page = tmp_path / "case.html"
     assert run_cli("attribute", held_out[0], "--prompt", "a photograph", "--store", store_dir, "--quiet",
-                   "--per-source", 1) == 0
+                   "--per-source", 1, "--report", page) == 0
     assert "real: no sign of generation" in capsys.readouterr().out
+    assert "<span class='badge real'>real</span> <strong>real: no sign of generation" in page.read_text()
 
 
 def test_a_real_row_needs_no_source_or_description_but_a_known_role(tmp_path):

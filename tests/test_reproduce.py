@@ -86,8 +86,10 @@ def test_a_recipe_redraws_its_image_on_the_source_that_made_it_and_not_on_anothe
     assert run_cli("attribute", right, "--store", store_dir, "--json", "--quiet", "--per-source", 1) == 0
     data = json.loads(capsys.readouterr().out)["results"][0]
     assert data["evidence"]["provenance"]["reproduction"]["state"] == "reproduced"
-    assert run_cli("attribute", wrong, "--store", store_dir, "--quiet", "--per-source", 1) == 0
+    page = tmp_path / "case.html"
+    assert run_cli("attribute", wrong, "--store", store_dir, "--quiet", "--per-source", 1, "--report", page) == 0
     assert "not reproduced" in capsys.readouterr().out
+    assert "provenance: conflict: the file claims tiny-sdxl-dpm" in page.read_text()
 
 
 @pytest.mark.parametrize("sampler, schedule, expected", [

@@ -131,12 +131,15 @@ def recipe_of(meta: "GenerationMetadata", source, image_size: tuple[int, int]) -
         return found
     steps, guidance = meta.steps, meta.cfg_scale
     if steps is None:
-        steps, _ = int(params.get("steps") or 30), filled.append("steps")
+        steps = int(params.get("steps") or 30)
+        filled.append("steps")
     if guidance is None:
-        guidance, _ = float(params.get("guidance") or 7.0), filled.append("guidance")
+        guidance = float(params.get("guidance") or 7.0)
+        filled.append("guidance")
     width, height = meta.width, meta.height
     if width is None or height is None:
-        (width, height), _ = image_size, filled.append("size (the image's)")
+        width, height = image_size
+        filled.append("size (the image's)")
     if width % 8 or height % 8 or not 8 <= width <= MAX_SIDE or not 8 <= height <= MAX_SIDE:
         return f"size {width}x{height} cannot be drawn (a multiple of 8 up to {MAX_SIDE} per side)"
     return Recipe(prompt=meta.prompt, negative_prompt=meta.negative_prompt or None, steps=int(steps),
@@ -223,7 +226,8 @@ def check(ws: "Workspace", query, claim: dict, vector: np.ndarray, plan: "Plan")
     similarity = pixel_similarity(query.image, made)
     q = np.asarray(vector, np.float64).ravel()
     m = np.asarray(made_vector, np.float64).ravel()
-    similarity["clip_cosine"] = round(float(q @ m / max(np.linalg.norm(q) * np.linalg.norm(m), 1e-12)), 6)
+    norms = float(np.linalg.norm(q) * np.linalg.norm(m))
+    similarity["clip_cosine"] = round(float(q @ m) / max(norms, 1e-12), 6)
     reproduced = similarity["psnr_db"] >= REPRODUCED_PSNR
     return {"state": "reproduced" if reproduced else "not reproduced", **out, "similarity": similarity,
             "cached": cached}
