@@ -226,11 +226,12 @@ def resynthesize_dataset(ws, descriptions: Sequence[str], options: Options | Non
 # ----- reembed -----------------------------------------------------------------------------------
 def _embed_files(embedder, jobs: list[tuple[int, str]]) -> tuple[list[int], np.ndarray, list[tuple[str, str]]]:
     from engine.images import read_image
+    from index.objects import read_location
 
     ids, images, unreadable = [], [], []
     for image_id, path in jobs:
-        try:
-            images.append(read_image(Path(path))[0])
+        try:  # a file, or an object of a store with its images in object storage
+            images.append(read_image(read_location(path) if "://" in path else Path(path))[0])
             ids.append(image_id)
         except (UserError, OSError) as exc:
             unreadable.append((str(path), first_line(exc)))

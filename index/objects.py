@@ -58,6 +58,8 @@ class ImageFiles(Protocol):
 
     def delete(self, owned: list) -> None: ...
 
+    def locator(self, stored: str) -> str: ...
+
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -125,6 +127,9 @@ class LocalImages:
     def delete(self, owned: list) -> None:
         for path in owned:
             path.unlink(missing_ok=True)
+
+    def locator(self, stored: str) -> str:
+        return str(self.layout.file_path(stored))
 
 
 def parse_images_url(url: str) -> str:
@@ -258,6 +263,9 @@ class ObjectImages:
     def delete(self, owned: list) -> None:
         self.remove(set(owned))
 
+    def locator(self, stored: str) -> str:
+        return stored if Path(stored).is_absolute() else f"{self.scheme}://{self.key(stored)}"
+
     def remove(self, owned: set) -> None:
         if not owned:
             return
@@ -275,6 +283,22 @@ def _age_s(entry: dict) -> float | None:
         return None
     stamp = modified.timestamp() if hasattr(modified, "timestamp") else float(modified)
     return time.time() - stamp
+
+
+def read_location(location: str) -> bytes:
+    """The bytes at a `locator` (a file path, or an object's URL: what a worker on another machine can
+    read, e.g. for `reembed --ray`). FileNotFoundError when it is gone; StoreUnavailable when the object
+    store does not answer."""
+    scheme, found, rest = location.partition("://")
+    if not found:
+        return Path(location).read_bytes()
+    images = ObjectImages(f"{scheme}://{rest.split('/')[0]}")
+    try:
+        return images.fs.cat_file(rest)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - as in ObjectImages.check
+        raise images.unavailable(exc, f"reading {rest}") from None
 
 
 def image_files(layout) -> ImageFiles:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -37,12 +36,13 @@ def adopt_switched_embedder(db: Database, layout: Layout) -> None:
         layout.save_config()
 
 
-def images_without_vector(db: Database, layout: Layout, embedder: str) -> list[tuple[int, Path]]:
-    """(image id, file) of every image that has no vector under `embedder` yet (resumable work)."""
+def images_without_vector(db: Database, layout: Layout, embedder: str) -> list[tuple[int, str]]:
+    """(image id, file) of every image that has no vector under `embedder` yet (resumable work): a path,
+    or an object's URL for a store with its images in object storage (objects.read_location reads both)."""
     have = select(Vector.image_id).where(Vector.embedder == embedder)
     with db.session() as s:
         rows = s.execute(select(Image.id, Image.path).where(Image.id.not_in(have)).order_by(Image.id)).all()
-    return [(image_id, layout.file_path(path)) for image_id, path in rows]
+    return [(image_id, layout.images.locator(path)) for image_id, path in rows]
 
 
 def add_vectors(db: Database, layout: Layout, embedder: str, image_ids: list[int], matrix: np.ndarray) -> int:

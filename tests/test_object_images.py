@@ -165,6 +165,13 @@ def test_attribution_through_the_engine(server, models, originals, tmp_path, cap
         closest = [entry["image_id"] for entries in answers["objects"]["closest"].values() for entry in entries]
         assert closest and store.image_file(closest[0]) is None
         assert all((Evidence(store).uri(i) or "").startswith("data:image/") for i in closest)
+        before = store.embedder_identity
+    # re-embedding reads every image from the bucket (no image is regenerated)
+    assert run_cli("reembed", "--store", tmp_path / "objects", "--clip-config", models["clip_config"],
+                   "--clip-checkpoint", models["clip_checkpoint"], "--clip-layer", "final", "--quiet") == 0
+    with Store.open(tmp_path / "objects") as store:
+        assert store.embedder_identity != before and store.embedder_identity.endswith("/final")
+        assert store.stats()["vectors"] == 2 and store.verify()["ok"]
 
 
 def _ingest_through_a_kill(server, store: Store, start: int, restart_at_once: bool) -> tuple[list[int], str]:
