@@ -58,7 +58,8 @@ class Weed:
                  "-volume.max=64", "-metricsPort=0",
                  # HashiCorp raft: a restart on the same folder elects its leader before the volume server's
                  # first heartbeat (3 s here, against 15-20 s with the default raft, which retries 5 s later)
-                 "-master.raftHashicorp"]
+                 "-master.raftHashicorp", "-master.telemetry=false",  # and no call home from a test
+                 f"-filer.localSocket={self.folder / 'filer.sock'}", f"-s3.localSocket={self.folder / 's3.sock'}"]
         flags += [f"-{name}={port}" for name, port in p.items() if "." in name]
         (self.folder / "data").mkdir(exist_ok=True)
         log = open(self.folder / "weed.log", "ab")
@@ -116,7 +117,11 @@ class Weed:
             self.process.wait()
 
     def stop(self) -> None:
+        """Kill it and remove the gRPC sockets it leaves in /tmp (named by port)."""
         self.kill()
+        for port in self.ports.values():
+            for leftover in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                leftover.unlink(missing_ok=True)
 
     def log_tail(self) -> str:
         try:
