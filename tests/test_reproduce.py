@@ -91,6 +91,22 @@ def test_a_recipe_redraws_its_image_on_the_source_that_made_it_and_not_on_anothe
     assert "not reproduced" in capsys.readouterr().out
     assert "provenance: conflict: the file claims tiny-sdxl-dpm" in page.read_text()
 
+    # The HTTP answer is the same dict (the redraw is stored by now: no generation).
+    fastapi = pytest.importorskip("fastapi")  # noqa: F841
+    from fastapi.testclient import TestClient
+
+    from engine.service.app import create_app
+    from engine.service.config import Limits
+    from engine.service.core import Service
+
+    with TestClient(create_app(Service.open(store_dir, Limits()), None), raise_server_exceptions=False) as client:
+        with open(right, "rb") as handle:
+            answer = client.post("/v1/attribute", files={"image": ("right.png", handle.read(), "image/png")},
+                                 data={"per_source": "1", "adaptive": "false"})
+    assert answer.status_code == 200, answer.text
+    got = answer.json()["results"][0]["evidence"]["provenance"]
+    assert got["reproduction"] == {**done, "cached": True} and got["conclusion"] == claim["conclusion"]
+
 
 @pytest.mark.parametrize("sampler, schedule, expected", [
     ("Euler a", None, ("EulerAncestralDiscreteScheduler", {})),

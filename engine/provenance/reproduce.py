@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -237,6 +238,9 @@ class _NotDrawable(Exception):
     pass
 
 
+_DRAW_LOCK = threading.Lock()
+
+
 def _cached_or_drawn(ws: "Workspace", source, recipe: Recipe, embedder: str,
                      plain) -> tuple[Image.Image, np.ndarray, bool]:
     """(redrawn image, its vector, whether it came from the store): stored under the role "reproduction"
@@ -262,7 +266,8 @@ def _cached_or_drawn(ws: "Workspace", source, recipe: Recipe, embedder: str,
 
     if kind_of(source).needs_gpu:
         ws.make_room_for(generator)
-    image = draw(generator, recipe)
+    with _DRAW_LOCK:  # one redraw at a time per process (in the service it runs in a request's scoring step)
+        image = draw(generator, recipe)
     vector = ws.embed([image])[0]
     relative = image_path(source.fingerprint, key)
     if hasattr(store, "write_image"):  # the store folder or its object store
