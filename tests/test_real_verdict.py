@@ -70,7 +70,9 @@ def test_a_store_calibrated_with_real_images_answers_real_for_held_out_photograp
     # The manifest role: read only where asked, so ingest and the labelled sets never see a "real" source.
     assert len(real_rows(labelled)) == 12 and all(r.role != "real" for r in read_manifest(labelled))
     assert run_cli("ingest", labelled, "--store", store_dir, "--quiet") == 0
+    capsys.readouterr()
     assert run_cli("calibrate", labelled, "--store", store_dir, "--quiet") == 0
+    assert "real verdict: 12 real references" in capsys.readouterr().out
     with engine.open(store_dir) as ws:
         assert "real" not in {s.name for s in ws.sources()}
         rule = ws.calibration.real

@@ -117,6 +117,13 @@ def _calibration_line(ws, calibration) -> str:
     if used.get("store_sources_not_fitted"):
         line += (f"\nno labelled originals for store source(s) {', '.join(used['store_sources_not_fitted'])}: "
                  f"no threshold of their own")
+    real = calibration.real
+    if real:  # the manifest's camera images fit the "real" verdict
+        m = real.get("measured") or {}
+        line += (f"\nreal verdict: {real.get('references')} real references, threshold "
+                 f"{figure(real.get('threshold'))}; on the fitting images {figure(m.get('real_called_real'))} of "
+                 f"real images called real (each leave-one-out), {figure(m.get('generated_called_real'))} of "
+                 f"generated originals")
     return line
 
 
