@@ -37,9 +37,12 @@ def server(tmp_path_factory):
     running = weed.Weed(tmp_path_factory.mktemp("weed"))
     try:
         running.start()
-    except (OSError, RuntimeError) as exc:
+    except weed.CannotRun as exc:
         running.stop()
         pytest.skip(f"the weed binary cannot run here: {str(exc).splitlines()[0]}")
+    except BaseException:
+        running.stop()
+        raise
     running.make_bucket(BUCKET)
     saved = {k: os.environ.get(k) for k in running.environment()}
     os.environ.update(running.environment())

@@ -29,6 +29,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+class CannotRun(RuntimeError):
+    """The binary does not run on this machine (it exited at once): the tests are skipped, with this."""
+
+
 class Weed:
     def __init__(self, folder: Path):
         self.folder = folder
@@ -63,9 +67,13 @@ class Weed:
         flags += [f"-{name}={port}" for name, port in p.items() if "." in name]
         (self.folder / "data").mkdir(exist_ok=True)
         log = open(self.folder / "weed.log", "ab")
-        self.process = subprocess.Popen([exe, "server", *flags], stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-        log.close()
+        try:
+            self.process = subprocess.Popen([exe, "server", *flags], stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        except OSError as exc:  # not executable here (another architecture, noexec mount)
+            raise CannotRun(f"{exe}: {exc}") from None
+        finally:
+            log.close()
         self.wait_ready(timeout)
 
     def wait_ready(self, timeout: float) -> None:
@@ -78,10 +86,11 @@ class Weed:
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
-                raise RuntimeError(f"weed exited with {self.process.returncode}: {self.log_tail()}")
+                raise CannotRun(f"weed exited with {self.process.returncode}: {self.log_tail()}")
             try:
                 fs = s3fs.S3FileSystem(key=ACCESS_KEY, secret=SECRET_KEY, endpoint_url=self.endpoint,
-                                       skip_instance_cache=True)
+                                       skip_instance_cache=True,  # poll here, not in the client's retries
+                                       config_kwargs={"retries": {"max_attempts": 1}})
                 if not fs.exists("ready"):
                     fs.mkdir("ready")
                 fs.pipe_file("ready/probe", b"ok")
