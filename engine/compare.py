@@ -53,6 +53,19 @@ def neighbours(ws: "Workspace", vector: np.ndarray, plan: Plan, file_hash: str) 
     return out
 
 
+def neighbours_many(ws: "Workspace", vectors: np.ndarray, plan: Plan, file_hashes: list[str]) -> list[dict]:
+    """`neighbours` of queries arriving together, found by one search call (Store.nearest_many)."""
+    roles = ("resynthesis", "original") if plan.options.original_refs else ("resynthesis",)
+    found = ws.store.nearest_many(np.asarray(vectors, np.float32), plan.options.neighbours,
+                                  [s.id for s in plan.sources], roles, list(file_hashes))
+    out: list[dict[str, list]] = []
+    for hits in found:
+        out.append({})
+        for ref, _ in hits:
+            out[-1].setdefault(ref.source, []).append(ref)
+    return out
+
+
 def mode_of(plan: Plan) -> str:
     """The mode a request runs in: the one asked for, except that combined mode over LoRAs of one base (with
     or without the base itself) runs as resynthesis. Such sources differ only in how they render a given
@@ -65,14 +78,16 @@ def mode_of(plan: Plan) -> str:
 
 
 def score(ws: "Workspace", query: Query, text: str, origin: str, vector: np.ndarray, plan: Plan,
-          found: Candidates, counts: tuple[int, int, dict[str, str]] = (0, 0, {})) -> Attribution:
-    """Rank the sources for one embedded query against its candidates."""
+          found: Candidates, counts: tuple[int, int, dict[str, str]] = (0, 0, {}),
+          near: dict[str, list] | None = None) -> Attribution:
+    """Rank the sources for one embedded query against its candidates (`near`: its `neighbours`, when
+    the caller searched for a batch at once)."""
     started = time.perf_counter()
     store = ws.store
     per_source = plan.references(found, query.file_hash) if plan.options.mode != "dataset" else {}
     description_refs = dict(per_source)
     if mode_of(plan) != "resynthesis":
-        for name, rows in neighbours(ws, vector, plan, query.file_hash).items():
+        for name, rows in (near if near is not None else neighbours(ws, vector, plan, query.file_hash)).items():
             seen = {r.vector_id for r in per_source.get(name, ())}
             per_source[name] = per_source.get(name, []) + [r for r in rows if r.vector_id not in seen]
     ids = np.array([r.vector_id for rows in per_source.values() for r in rows], np.int64)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Hashable, Proto
 
 import numpy as np
 
+from engine import compare
 from engine.attribute import Attribution, Candidates, Plan, Query, Report
 from engine.errors import UserError
 from engine.images import ImageInput
@@ -95,8 +96,11 @@ class Request:
         found = {text: ws.candidates(text, plan) if plan.options.mode != "dataset" else Candidates({})
                  for text in counts}
         self.marks["resynthesized"] = time.perf_counter()
-        results = [ws.score(q, text, origin, vector, plan, found[text], counts[text])
-                   for q, (text, origin), vector in zip(queries, described, vectors)]
+        near: list = [None] * len(queries)
+        if compare.mode_of(plan) != "resynthesis" and len(queries) > 1:  # one dataset search for the batch
+            near = compare.neighbours_many(ws, vectors, plan, [q.file_hash for q in queries])
+        results = [compare.score(ws, q, text, origin, vector, plan, found[text], counts[text], near=n)
+                   for q, (text, origin), vector, n in zip(queries, described, vectors, near)]
         return results, counts
 
     def _plan(self) -> Plan:

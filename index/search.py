@@ -324,6 +324,7 @@ class SearchIndex:
                     sims, ids = sims[0], ids[0]
                 else:
                     sims, ids = self._merged(search, query, depth)
+                    sims, ids = sims[0], ids[0]
             found = [(int(i), float(v)) for i, v in zip(ids, sims) if i >= 0]
             rows = references([i for i, _ in found])
             kept = [(rows[i], v) for i, v in found if i in rows and rows[i].file_hash != exclude_file]
@@ -336,19 +337,58 @@ class SearchIndex:
                 return kept[:k]
             wanted *= 4  # filtered out too many: look deeper
 
-    def _merged(self, search: BuiltSearch, query: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
-        """(Under the live lock.) The IVF search index's top `depth`, deleted ids skipped, merged with the
-        exact top of the vectors added since its build (exact scores for both when its codes are PQ)."""
+    def nearest_many(self, queries: np.ndarray, k: int,
+                     references: Callable[[list[int]], dict[int, StoredReference]],
+                     exclude_files: list[str | None], *, exact: bool = False
+                     ) -> list[list[tuple[StoredReference, float]]]:
+        """`nearest` for several queries at once: one search call (IVF or exact) for all of them and one
+        `references` call for every id found, so queries arriving together share FAISS's batched scan
+        and one SQL round trip. A query whose first look does not settle its answer (too many hits
+        filtered out, or the IVF probes ran out) is answered by `nearest` on its own; every answer is
+        the one `nearest` gives."""
+        queries = np.ascontiguousarray(np.asarray(queries, np.float32).reshape(len(exclude_files), self.layout.dim))
+        lock = self.live.lock
+        with lock:
+            total = int(self.live.index.ntotal)
+            search = None if exact else self.built
+        depth = min(total, max(1, k) * 4 + 16)
+        if depth == 0 or not len(queries):
+            return [[] for _ in exclude_files]
+        with lock:
+            if search is not None and search is not self.built:
+                search = None
+            if search is None:
+                sims, ids = self.live.index.search(queries, depth)
+            else:
+                sims, ids = self._merged(search, queries, depth)
+        found = [[(int(i), float(v)) for i, v in zip(row_ids, row_sims) if i >= 0]
+                 for row_ids, row_sims in zip(ids, sims)]
+        rows = references(sorted({i for hits in found for i, _ in hits}))
+        out = []
+        for query, hits, exclude in zip(queries, found, exclude_files):
+            kept = [(rows[i], v) for i, v in hits if i in rows and rows[i].file_hash != exclude]
+            settled = len(kept) >= k or (depth >= total and (search is None or len(hits) >= depth))
+            out.append(kept[:k] if settled else self.nearest(query, k, references, exclude, exact=exact))
+        return out
+
+    def _merged(self, search: BuiltSearch, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """(Under the live lock.) Per query, the IVF search index's top `depth`, deleted ids skipped, merged
+        with the exact top of the vectors added since its build (exact scores for both when its codes are
+        PQ): (queries, depth) arrays."""
         delta = self._delta()
         rescore = self.live.index.reconstruct_batch if search.rescored else None
-        sims, ids = ivf.search_ivf(search.index, query, depth, delta["params"], rescore=rescore)
-        sims, ids = sims[0], ids[0]
-        if len(delta["missing"]):
-            extra = delta["matrix"] @ query[0]
-            top = np.argpartition(-extra, depth)[:depth] if len(extra) > depth else np.arange(len(extra))
-            top = top[np.argsort(-extra[top], kind="stable")]
-            sims = np.concatenate([sims, extra[top]])
-            ids = np.concatenate([ids, delta["missing"][top]])
-            order = np.argsort(-np.where(ids >= 0, sims, -np.inf), kind="stable")[:depth]
-            sims, ids = sims[order], ids[order]
-        return sims, ids
+        sims, ids = ivf.search_ivf(search.index, queries, depth, delta["params"], rescore=rescore)
+        if not len(delta["missing"]):
+            return sims, ids
+        extra = queries @ delta["matrix"].T  # (queries, added since the build)
+        if extra.shape[1] > depth:
+            top = np.argpartition(-extra, depth, axis=1)[:, :depth]
+        else:
+            top = np.broadcast_to(np.arange(extra.shape[1]), extra.shape)
+        extra_sims = np.take_along_axis(extra, top, axis=1)
+        best = np.argsort(-extra_sims, axis=1, kind="stable")  # as `nearest` always merged: each side best first
+        top, extra_sims = np.take_along_axis(top, best, axis=1), np.take_along_axis(extra_sims, best, axis=1)
+        sims = np.concatenate([sims, extra_sims], axis=1)
+        ids = np.concatenate([ids, delta["missing"][top]], axis=1)
+        order = np.argsort(-np.where(ids >= 0, sims, -np.inf), axis=1, kind="stable")[:, :depth]
+        return np.take_along_axis(sims, order, axis=1), np.take_along_axis(ids, order, axis=1)

@@ -289,6 +289,15 @@ class Store:
             return self.catalog.references_by_id(ids, source_ids, roles)
         return self.search_index.nearest(query, k, references, exclude_file, exact=exact)
 
+    def nearest_many(self, queries: np.ndarray, k: int, source_ids: list[int] | None = None,
+                     roles: tuple[str, ...] = ("resynthesis",), exclude_files: list[str | None] | None = None, *,
+                     exact: bool = False) -> list[list[tuple[StoredReference, float]]]:
+        """`nearest` for each row of `queries` in one search call (see SearchIndex.nearest_many)."""
+        def references(ids: list[int]) -> dict[int, StoredReference]:
+            return self.catalog.references_by_id(ids, source_ids, roles)
+        excluded: list[str | None] = list(exclude_files) if exclude_files is not None else [None] * len(queries)
+        return self.search_index.nearest_many(queries, k, references, excluded, exact=exact)
+
     # ----- the catalog -----------------------------------------------------------------------
     def add_source(self, name: str, kind: str, fingerprint: str, path: str | None = None,
                    params: dict | None = None) -> Source:
