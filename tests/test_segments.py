@@ -228,6 +228,14 @@ if action == "add":
                       for i in range(n)])
     print("committed", flush=True)
     store.save_index()
+elif action == "loop":  # n saves of 3 new vectors each: segments, merges and rewrites
+    src = store.ensure_source("a", "replay", "fp-a")
+    desc = store.description_id("a prompt")
+    for k in range(n):
+        store.add_images([NewImage(key=f"loop{k}-{i}", role="resynthesis", source_id=src.id, description_id=desc,
+                                   file_hash="h", path=f"images/a/loop{k}-{i}.png", vector=vec_for(f"loop{k}-{i}"))
+                          for i in range(3)])
+        store.save_index()
 else:
     store.remove_source("b")  # commits, then saves
 store.close()
@@ -325,3 +333,23 @@ def test_remove_stale_temp_files_takes_unnamed_segment_files(tmp_path):
         stray.write_bytes(np.arange(3, dtype="<i8").tobytes())
         assert store.remove_stale_temp_files() == [stray.name] and _parts(root) == named
         assert _agrees(store)
+
+
+def test_readers_see_whole_states_while_a_writer_publishes(tmp_path):
+    """Another process adds and saves in a loop (segments, then a rewrite past a quarter of the base);
+    every read of the index in the meantime is whole: readable, no id twice, never fewer vectors."""
+    root = _make(tmp_path)
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    writer = subprocess.Popen([sys.executable, str(script), str(root), "loop", "30"], cwd=REPO,
+                              env={**os.environ, "REPO": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen, reads = 0, 0
+    while writer.poll() is None or not reads:
+        index, why = vx.read_checked(root / "vectors.faiss", DIM, mapped=True)
+        assert index is not None and why is None and not index.problem
+        ids = vx.index_ids(index)
+        assert len(np.unique(ids)) == len(ids) >= seen
+        seen, reads = len(ids), reads + 1
+    assert writer.returncode == 0, writer.stderr.read()
+    with Store.open(root) as store:
+        assert store.index.ntotal == 300 and _agrees(store)
