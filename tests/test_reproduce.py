@@ -30,6 +30,22 @@ def a1111_png(image_path, out, prompt: str, model: str, seed: int = 500, sampler
     return str(out)
 
 
+def comfy_graph(prompt: str, checkpoint: str, side: int = 64) -> dict:
+    """A ComfyUI executed prompt graph: checkpoint -> text encoders -> KSampler -> decode -> save."""
+    return {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": side, "height": side, "batch_size": 1}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+        "3": {"class_type": "KSampler", "inputs": {"seed": 500, "steps": 2, "cfg": 7.0, "sampler_name": "euler",
+                                                    "scheduler": "normal", "denoise": 1.0, "model": ["4", 0],
+                                                    "positive": ["6", 0], "negative": ["7", 0],
+                                                    "latent_image": ["5", 0]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
+    }
+
+
 def test_a_recipe_redraws_its_image_on_the_source_that_made_it_and_not_on_another(store_dir, originals, tmp_path,
                                                                                   capsys):
     # originals[0] was drawn by tiny-sd-ddim at seed 500 with 2 steps, guidance 7 (tests/conftest.py)
@@ -78,6 +94,16 @@ def test_a_recipe_redraws_its_image_on_the_source_that_made_it_and_not_on_anothe
         forged = a1111_png(query["image"], tmp_path / "forged.png", query["prompt"], "tiny-sd-ddim", seed=77)
         assert ws.attribute(forged, options=ONE).results[0].evidence["provenance"]["reproduction"]["state"] \
             == "not reproduced"
+
+        # A ComfyUI prompt graph gives the recipe too (sampler "euler", scheduler "normal").
+        euler = next(o for o in originals if o["source"] == "tiny-sd-euler" and o["prompt"] == query["prompt"])
+        comfy = tmp_path / "comfy.png"
+        info = PngImagePlugin.PngInfo()
+        info.add_text("prompt", json.dumps(comfy_graph(query["prompt"], "tiny-sd-euler.safetensors")))
+        Image.open(euler["image"]).convert("RGB").save(comfy, "PNG", pnginfo=info)
+        got = ws.attribute(comfy, options=ONE).results[0].evidence["provenance"]
+        assert got["enrolled"] == "tiny-sd-euler" and got["reproduction"]["state"] == "reproduced", got
+        assert got["reproduction"]["recipe"]["sampler"] == "EulerDiscreteScheduler"
 
         # A sampler with no diffusers counterpart, and a hires-fix recipe: said, nothing drawn.
         calls = sum(ws.generator_calls.values())
