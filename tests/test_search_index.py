@@ -383,3 +383,44 @@ def test_default_index_meets_recall_on_realistic_vectors(tmp_path):
     _, found = ivf.search_ivf(index, queries, 32, infos["nprobe"])
     _, truth = vx.faiss.knn(queries, stored, 32, metric=vx.faiss.METRIC_INNER_PRODUCT)
     assert np.mean([len(np.intersect1d(f, t)) / 32 for f, t in zip(found, truth)]) >= 0.95
+
+
+class _Vectors:
+    """The query vectors themselves as the embedder (each image names its row): the request path, scoring
+    and the store are the library's own; only CLIP is left out."""
+
+    identity = "test-embedder"
+
+    def __init__(self, rows: np.ndarray):
+        self.rows = rows
+
+    def embed(self, images) -> np.ndarray:
+        return np.stack([self.rows[image.info["row"]] for image in images])
+
+
+def test_a_batch_in_dataset_mode_is_one_search_call(built, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from engine.attribute import Query
+    from engine.options import Options
+    from engine.workspace import Workspace
+
+    root = _copy(built, tmp_path)
+    rows = _clustered(5, seed=43)
+    queries = []
+    for i in range(len(rows)):
+        image = Image.new("RGB", (1, 1))
+        image.info["row"] = i
+        queries.append(Query(image, f"q{i}", f"q{i}", "a prompt"))
+    with Workspace(Store.open(root)) as ws:
+        monkeypatch.setattr(Workspace, "embedder", property(lambda self: _Vectors(rows)))
+        calls = []
+        search_many = ws.store.nearest_many
+        monkeypatch.setattr(ws.store, "nearest_many", lambda *a, **kw: calls.append(len(a[0])) or search_many(*a, **kw))
+        together = ws.attribute(queries, options=Options(mode="dataset")).results
+        assert calls == [len(queries)]  # one search for the whole batch
+        alone = [ws.attribute([q], options=Options(mode="dataset")).results[0] for q in queries]
+        assert calls == [len(queries)]  # a single query keeps the single search
+    assert [[(s.source, s.score) for s in r.scores] for r in together] == \
+        [[(s.source, s.score) for s in r.scores] for r in alone]
+    assert all(r.scores for r in together)
