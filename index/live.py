@@ -358,12 +358,15 @@ class LiveIndex:
             return None
         identity = segments.base_identity(path)
         current, problem = segments.read_manifest(path, identity)
-        if problem or identity != index.identity:
-            return None  # a rebuild or another writer's rewrite replaced the base: rewrite from this index
+        if problem or identity is None:
+            return None
         disk: Any = index
-        if segments.key(current) != segments.key(index.manifest):  # another writer published a segment
+        if identity != index.identity or segments.key(current) != segments.key(index.manifest):
+            # another process published since this index was read (a segment, a new base): add this
+            # index's difference from those files as a segment over them
             disk, _ = vx.read_checked(path, self.dim, mapped=True)
-            if disk is None or disk.problem or segments.key(disk.manifest) != segments.key(current):
+            if disk is None or disk.problem or disk.identity != identity or segments.key(disk.manifest) != segments.key(
+                    current):
                 return None
             ours, theirs = vx.index_ids(index), vx.index_ids(disk)
             new, gone = np.setdiff1d(ours, theirs), np.setdiff1d(theirs, ours)

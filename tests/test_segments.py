@@ -158,10 +158,17 @@ def test_other_processes_see_each_publication(tmp_path):
         for store in (first, second):
             store.refresh()
             assert _agrees(store)
+        assert base.stat().st_ino == inode and len(_parts(root)) == 3
+        first.rebuild(search=False)  # a new base, under second's feet: its next save adds over that one
+        assert _parts(root) == []
+        inode = base.stat().st_ino
+        second.add_images(_rows(second, _keys(5, start=800)))
+        second.save_index()
+        assert base.stat().st_ino == inode and len(_parts(root)) == 1 and _agrees(second)
+        assert reader.refresh() and reader.index.ntotal == 230 and _agrees(reader)
     finally:
         for store in (reader, first, second):
             store.close()
-    assert base.stat().st_ino == inode and len(_parts(root)) == 3
 
 
 def test_a_store_with_a_single_index_file_still_opens(tmp_path):
