@@ -10,7 +10,9 @@ what changed since the last one, not every vector (8.4 s at 1M vectors before; m
 Publishing order (each write is layout.atomic_write: temporary file, fsync, rename, fsync the folder):
 the new segment, then the new removed-ids file, then the manifest, then superseded files are
 deleted. The manifest's rename is the commit: a crash before it leaves an unnamed file (removed under
-the publish lock: `remove_orphans`), never a half state. A rewrite (compaction) replaces the base first,
+the publish lock: `remove_orphans`), never a half state. Past MAX_SEGMENTS a save writes one segment
+of them all (a merge: the same order, the old segments superseded). A rewrite (compaction, when the
+segments or removed ids pass COMPACT_FRACTION of the base, and every rebuild) replaces the base first,
 which makes the old manifest stale (it names another base), then drops it and its files. A stale or
 broken manifest is ignored: the base alone is served and whatever it lacks is read from the database,
 which is the truth, as after a crash before any save (live.py). Names are never reused (a generation
@@ -33,7 +35,7 @@ from index.faults import crash_point
 MANIFEST_SUFFIX = ".manifest.json"
 PART_RE = re.compile(r"^(?P<base>.+)\.(?P<kind>seg|del)-(?P<gen>\d{6,})-(?P<token>[0-9a-f]{8})$")
 COMPACT_FRACTION = 0.25  # segments (or removed ids) beyond this share of the base: rewrite one base
-MAX_SEGMENTS = 32  # every search visits each segment: past this many, rewrite one base
+MAX_SEGMENTS = 32  # every search visits each segment: past this many, a save merges them into one
 TAIL = 1 << 16  # bytes of the base's end (its id map) hashed into its identity
 
 # the crash points of a segment save, in order (tests stop a real process at each one)
