@@ -255,6 +255,14 @@ def merge_on_disk(trained: Index, shard_files: list[Path], data_path: Path) -> I
     return trained
 
 
+def _without_self(found: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
+    """Each row's first k ids other than its own (the row's own id dropped wherever it ranks)."""
+    out = np.empty((len(found), k), np.int64)
+    for row, (hits, me) in enumerate(zip(found, own)):
+        out[row] = hits[hits != me][:k]
+    return out
+
+
 def build_search_index(ids: np.ndarray, matrix: np.ndarray, spec: str, *, seed: int = BUILD_SEED,
                        threads: int = BUILD_THREADS, k: int = RECALL_K, target: float = RECALL_TARGET,
                        recall_queries: int = 1000, data_path: Path | None = None, shard_size: int = SHARD_SIZE,
@@ -290,18 +298,21 @@ def build_search_index(ids: np.ndarray, matrix: np.ndarray, spec: str, *, seed: 
     ivf = faiss.extract_index_ivf(index)
     with omp_threads(threads):
         trained_s = time.perf_counter() - started
-        queries = np.ascontiguousarray(matrix[np.sort(rng.choice(n, min(n, recall_queries), replace=False))])
-        kk = min(k, n)
-        _, truth_rows = faiss.knn(queries, np.ascontiguousarray(matrix), kk, metric=faiss.METRIC_INNER_PRODUCT)
-        truth = ids[truth_rows]
+        picked = np.sort(rng.choice(n, min(n, recall_queries), replace=False))
+        queries = np.ascontiguousarray(matrix[picked])
+        kk = min(k, n - 1)
+        # a stored vector always finds itself: recall is over its k other neighbours, as for a new query
+        _, truth_rows = faiss.knn(queries, np.ascontiguousarray(matrix), kk + 1, metric=faiss.METRIC_INNER_PRODUCT)
+        truth = _without_self(ids[truth_rows], ids[picked], kk)
         rows = _exact_rows(ids)
         rescore = (lambda found: matrix[rows(found)]) if "PQ" in spec else None
         ladder = sorted({p for p in NPROBE_LADDER if p < ivf.nlist} | {ivf.nlist})
         tried = {}
         chosen, recall = ladder[-1], 0.0
         for nprobe in ladder:
-            _, found = search_ivf(index, queries, kk, nprobe, rescore=rescore)
-            recall = float(np.mean([len(np.intersect1d(f, t)) / kk for f, t in zip(found, truth)]))
+            _, found = search_ivf(index, queries, kk + 1, nprobe, rescore=rescore)
+            found = _without_self(found, ids[picked], kk)
+            recall = float(np.mean([len(np.intersect1d(f[f >= 0], t)) / kk for f, t in zip(found, truth)]))
             tried[nprobe] = round(recall, 4)
             if recall >= target:
                 chosen = nprobe

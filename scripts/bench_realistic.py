@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--hnsw-max", type=int, default=300_000, help="largest size HNSW is built at")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--store-only", action="store_true", help="exact and the store's default index only")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.step == "measure":

@@ -56,7 +56,7 @@ def row(name: str, params: str, ids: np.ndarray, truth: np.ndarray, single: floa
 
 
 def bench_size(n: int, dim: int, structure: rv.Structure, queries: int, hnsw_max: int, seed: int,
-               work: Path) -> dict:
+               work: Path, store_only: bool = False) -> dict:
     faiss.omp_set_num_threads(2)
     clock = time.perf_counter()
     stored, q, layout = rv.generate(n, dim, structure, queries=queries, seed=seed)
@@ -71,7 +71,8 @@ def bench_size(n: int, dim: int, structure: rv.Structure, queries: int, hnsw_max
     half = queries // 2
     nlist = ivf.nlist_for(n)
     # IVF-Flat and IVF-PQ trained on the same fixed-seed sample the store's build uses
-    specs = [f"IVF{nlist},Flat"] + [f"IVF{nlist},PQ{m}" for m in (dim // 16, dim // 8) if m in ivf.PQ_CHOICES]
+    specs = [] if store_only else [f"IVF{nlist},Flat"] + [f"IVF{nlist},PQ{m}" for m in (dim // 16, dim // 8)
+                                    if m in ivf.PQ_CHOICES and not store_only]
     for spec in specs:
         clock = time.perf_counter()
         index, _ = ivf.train_search_index(stored, spec)
@@ -95,7 +96,7 @@ def bench_size(n: int, dim: int, structure: rv.Structure, queries: int, hnsw_max
                                 recall_new=round(recall(ids[half:], truth[half:]), 4),
                                 scanned=round(nprobe * n / nlist)))
         index = None  # its memory back before the next one
-    if n <= hnsw_max:
+    if n <= hnsw_max and not store_only:
         clock = time.perf_counter()
         hnsw = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
         hnsw.hnsw.efConstruction = 40
@@ -136,9 +137,11 @@ def bench(args) -> None:
     report = json.loads((args.out / "check.json").read_text())
     structure = rv.Structure(**report["structure"])
     for n in (int(s) for s in args.sizes.split(",")):
-        result = bench_size(n, args.dim, structure, args.queries, args.hnsw_max, args.seed, args.out)
+        result = bench_size(n, args.dim, structure, args.queries, args.hnsw_max, args.seed, args.out,
+                            args.store_only)
         result["structure"] = structure.to_dict()
-        (args.out / f"bench-{n}-{args.dim}.json").write_text(json.dumps(result, indent=1))
+        name = f"bench-{n}-{args.dim}{'-store' if args.store_only else ''}.json"
+        (args.out / name).write_text(json.dumps(result, indent=1))
         print(table(result))
 
 
