@@ -89,7 +89,8 @@ def test_a_store_calibrated_with_real_images_answers_real_for_held_out_photograp
             assert result.verdict_text.startswith("real: no sign of generation")
 
         # Held-out generated images (seeds no labelled image used): not called real.
-        generated = [o for o in originals][:10]
+        generated = [o for o in originals if o["prompt"] in {originals[0]["prompt"], originals[1]["prompt"]}]
+        assert len({o["source"] for o in generated}) == 5  # every source, two descriptions
         results = ws.attribute([o["image"] for o in generated], [o["prompt"] for o in generated], ONE).results
         called_real = [r.query for r in results if r.verdict == "real"]
         assert not called_real, called_real
