@@ -166,8 +166,9 @@ def draw(generator, recipe: Recipe) -> Image.Image:
     scheduler = getattr(diffusers, recipe.scheduler).from_config(pipe.scheduler.config, **dict(recipe.scheduler_config))
     components = {**pipe.components, "scheduler": scheduler}
     accepted = inspect.signature(type(pipe).__init__).parameters
-    if "requires_safety_checker" in accepted:  # the source's pipeline was loaded with what it ships
-        components["requires_safety_checker"] = getattr(pipe.config, "requires_safety_checker", False)
+    for name in accepted:  # the loaded pipeline's own settings (requires_safety_checker, force_zeros_for_empty_prompt)
+        if name not in components and name in pipe.config and not name.startswith("_"):
+            components[name] = pipe.config[name]
     own = type(pipe)(**{k: v for k, v in components.items() if k in accepted})
     own.set_progress_bar_config(disable=True)
     call = inspect.signature(own.__call__).parameters
