@@ -260,8 +260,7 @@ def _cached_or_drawn(ws: "Workspace", source, recipe: Recipe, embedder: str,
                      plain) -> tuple[Image.Image, np.ndarray, bool]:
     """(redrawn image, its vector, whether it came from the store): stored under the role "reproduction"
     with the cache key of (prompt, source, seed, recipe), so the same claim is redrawn once."""
-    from engine.images import save_png_atomic
-    from engine.resynthesis import image_path
+    from engine.resynthesis import image_path, png_bytes
     from index.store import NewImage
 
     store = ws.store
@@ -285,12 +284,7 @@ def _cached_or_drawn(ws: "Workspace", source, recipe: Recipe, embedder: str,
         image = draw(generator, recipe)
     vector = ws.embed([image])[0]
     relative = image_path(source.fingerprint, key)
-    if hasattr(store, "write_image"):  # the store folder or its object store
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        file_hash = store.write_image(relative.as_posix(), buffer.getvalue())
-    else:
-        file_hash = save_png_atomic(image, store.root / relative)
+    file_hash = store.write_image(relative.as_posix(), png_bytes(image))  # the store folder or its object store
     store.add_images([NewImage(key=key, role=ROLE, source_id=source.id,
                                description_id=store.description_id(recipe.prompt), file_hash=file_hash,
                                path=relative.as_posix(), vector=vector, seed=recipe.seed,
@@ -301,13 +295,7 @@ def _cached_or_drawn(ws: "Workspace", source, recipe: Recipe, embedder: str,
 def _stored_bytes(store, image_id: int | None) -> bytes | None:
     if image_id is None:
         return None
-    if hasattr(store, "image_bytes"):  # checked against the catalog's sha256, wherever the file lives
-        return store.image_bytes(image_id)
-    path = store.image_file(image_id)
-    try:
-        return path.read_bytes() if path is not None else None
-    except OSError:
-        return None
+    return store.image_bytes(image_id)  # checked against the catalog's sha256, wherever the file lives
 
 
 def conclusion(claim: dict, predicted: str | None) -> str:
