@@ -9,7 +9,8 @@ as the prompt. Nothing is ever generated; every figure is lookup + decode + embe
                preprocessed tensors on the device, batches of --max-batch, bf16 autocast on CUDA: the
                ceiling every other row is divided by
   library      `Workspace.attribute` in this process: one query per call (c=1), and --max-batch per call
-  server c=N   `resynth serve` on loopback, N client threads posting one multipart query each at a time
+  server c=N   `resynth serve` on loopback (--max-requests set to the highest level, so no request is
+               shed with a 503), N client threads posting one multipart query each at a time
 
 Each row gives queries per second, p50 and p99 latency (per call: a batched library call's latency is the
 whole batch's), errors, and the ratio to the model's rate. Client, server and model share this machine.
@@ -222,13 +223,16 @@ def main(argv: list[str] | None = None) -> int:
     rows["library c=1"] = bench_library(store, queries, args.device, 1, args.seconds)
     rows[f"library batch {args.max_batch}"] = bench_library(store, queries, args.device, args.max_batch,
                                                             args.seconds)
-    extra = ["--max-batch", str(args.max_batch)] + (["--device", args.device] if args.device else [])
+    levels = [int(x) for x in args.levels.split(",")]
+    # a deployment sized for the highest level: admits that many requests at once instead of shedding them
+    extra = ["--max-batch", str(args.max_batch), "--max-requests", str(max(levels))]
+    extra += ["--device", args.device] if args.device else []
     with ServerProcess(store, *extra) as server:
         for data, prompt in queries:  # warm-up: every query once
             reply = httpx.post(server.url + "/v1/attribute", files={"image": ("q.png", data, "image/png")},
                                data={"prompt": prompt}, timeout=120)
             assert reply.status_code == 200 and reply.json()["cache"]["generated"] == 0, reply.text[:300]
-        for level in (int(x) for x in args.levels.split(",")):
+        for level in levels:
             rows[f"server c={level}"] = bench_server(server.url, queries, level, args.seconds)
         batches = httpx.get(server.url + "/v1/stats", timeout=30).json()["embed_batches"]
     ceiling = rows["model"]["qps"]
