@@ -189,9 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("rebuild", parents=[common], help="recreate the FAISS index from stored vectors",
                        description="Recreate vectors.faiss and the dataset-search index from the database and "
-                                   "swap them in atomically. Beyond 200k vectors the search index is IVF (IVF-PQ "
+                                   "swap them in atomically. Beyond 10k vectors the search index is IVF-Flat (IVF-PQ "
                                    "beyond the memory budget): trained once, filled in shards of 250k vectors, "
-                                   "merged on disk, nprobe tuned for recall@32 >= 0.95.")
+                                   "merged on disk, nprobe tuned for recall@32 >= 0.95 (+0.02 margin).")
     p.add_argument("--ray", metavar="ADDRESS", help="fill the search index's shards on this Ray cluster "
                                                      "(`local` starts one here)")
     p.set_defaults(run=cmd_rebuild)
