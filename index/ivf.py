@@ -59,11 +59,11 @@ def choose_index(n_vectors: int, dim: int, memory_budget_bytes: int = MEMORY_BUD
     * "Flat" up to `flat_max` vectors: the exact scan of the store's own flat index (no second copy);
       FLAT_MAX is where that scan reaches about 10 ms per query at 1024-d on 2 cores;
     * "IVF{nlist},Flat" beyond, nlist ~ sqrt(n) (nlist_for), when the float32 codes fit
-      `memory_budget_bytes`: on realistic vectors it reaches recall@32 >= 0.95 scanning under 3% of
-      the lists, where IVF-PQ (even re-ranked exactly) plateaus far below;
-    * "IVF{nlist},PQ{m}" otherwise, m the largest sub-quantizer count dividing dim that fits the budget
-      (the smallest if none does; more bytes per code is what PQ's recall needs), its answers re-scored
-      exactly from the flat copy (RERANK x k candidates).
+      `memory_budget_bytes`: on realistic vectors it reaches recall@32 >= 0.95 scanning about 1% of
+      the vectors at 1M, where HNSW (M=32) plateaued at 0.925;
+    * "IVF{nlist},PQ{m}" (under L2: metric_for) otherwise, m the largest sub-quantizer count dividing
+      dim that fits the budget (the smallest if none does; more bytes per code is what PQ's recall
+      needs), its answers re-scored exactly from the flat copy (RERANK x k candidates).
     """
     if n_vectors <= max(flat_max, MIN_PER_LIST * 4):
         return "Flat"
@@ -160,6 +160,8 @@ def search_ivf(index: Index, queries: np.ndarray, k: int, params: IVFParams | in
     params = params.params
     depth = k * RERANK if rescore is not None else k
     sims, ids = index.search(queries, depth, params=params)
+    if index.metric_type == faiss.METRIC_L2:  # PQ codes (metric_for): squared distance of unit vectors
+        sims = np.where(ids >= 0, 1.0 - sims / 2.0, -np.inf).astype(np.float32)
     if rescore is None:
         return sims, ids
     out_s = np.full((len(queries), k), -np.inf, np.float32)
@@ -203,13 +205,21 @@ def quiet_stdout():
 _QUIET = threading.Lock()
 
 
+def metric_for(spec: str) -> int:
+    """Inner product for flat codes; L2 for PQ codes. The store's vectors are unit length, so both rank
+    alike, but FAISS's IVF-PQ by residual under inner product lost most of the neighbours on realistic
+    vectors (recall@32 0.18, re-ranked 0.45 at 100k, nprobe 16) where under L2 it kept them (0.58,
+    re-ranked 0.94): docs/measurements.md, "Dataset search on realistic vectors"."""
+    return faiss.METRIC_L2 if "PQ" in spec else faiss.METRIC_INNER_PRODUCT
+
+
 def train_search_index(matrix: np.ndarray, spec: str, seed: int = BUILD_SEED, threads: int = BUILD_THREADS,
                        rng: np.random.Generator | None = None) -> tuple[Index, int]:
     """The empty IVF index `spec`, trained once on a fixed-seed sample of `matrix`; (index, sample size)."""
     rng = rng or np.random.default_rng(seed)
     n, dim = matrix.shape
     with omp_threads(threads):
-        index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(dim, spec, metric_for(spec))
         ivf = faiss.extract_index_ivf(index)
         ivf.cp.seed = seed
         concrete = faiss.downcast_index(ivf)
@@ -340,7 +350,7 @@ def build_search_index(ids: np.ndarray, matrix: np.ndarray, spec: str, *, seed: 
 def read_search_checked(path: Path, infos: dict | None, dim: int) -> tuple[Index | None, tuple | None,
                                                                              str | None]:
     """(index, ivf_layout, None) for a search file that agrees with its infos; (None, None, why) otherwise;
-    (None, None, None) when there is none. Checks: readable, IVF over inner product of `dim`, trained,
+    (None, None, None) when there is none. Checks: readable, IVF of `dim` under its metric (metric_for), trained,
     ntotal = infos count, digest of its ids = the infos' digest (a file from another build never passes)."""
     if not path.exists():
         return None, None, None
@@ -364,7 +374,8 @@ def read_search_checked(path: Path, infos: dict | None, dim: int) -> tuple[Index
         ivf = faiss.extract_index_ivf(index)
     except RuntimeError:
         return None, None, f"not an IVF index ({type(index).__name__})"
-    if index.metric_type != faiss.METRIC_INNER_PRODUCT or index.d != dim or not index.is_trained:
+    wanted = faiss.METRIC_INNER_PRODUCT if flat_codes(index) else faiss.METRIC_L2  # see metric_for
+    if index.metric_type != wanted or index.d != dim or not index.is_trained:
         return None, None, "another metric or dimension, or untrained"
     if int(index.ntotal) != infos.get("count") or ivf.nlist != infos.get("nlist"):
         return None, None, f"holds {index.ntotal} vectors, its infos say {infos.get('count')} (stale)"
