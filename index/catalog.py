@@ -267,11 +267,15 @@ class Catalog:
 
     def image_path(self, image_id: int) -> str | None:
         """The stored path of one image (relative to the store, or absolute for ingested files)."""
+        if not _row_id(image_id):
+            return None
         with self.db.session() as s:
             return s.scalar(select(Image.path).where(Image.id == image_id))
 
     def image_file_row(self, image_id: int) -> tuple[str, str] | None:
         """(stored path, sha256) of one image, or None when there is no such image."""
+        if not _row_id(image_id):
+            return None
         with self.db.session() as s:
             row = s.execute(select(Image.path, Image.file_hash).where(Image.id == image_id)).first()
         return (row[0], row[1]) if row is not None else None
@@ -349,3 +353,8 @@ class Catalog:
             elif role == "resynthesis":
                 entry["resyntheses"] = count
         return {"sources": sources, "descriptions": descriptions, "vectors": vectors}
+
+
+def _row_id(value) -> bool:
+    """An id a row can have: a positive integer that fits a 64-bit column (a caller's id may be anything)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2 ** 63
