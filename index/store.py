@@ -10,6 +10,8 @@ The guarantees are the same (index/db.py says how).
   migrations.py  schema creation, the open probe, upgrades of older databases
   catalog.py     sources, descriptions, images, references
   live.py        the live vector index: verified at open, merged from the database, published
+  segments.py    its files: a base never rewritten, append-only segments and removed ids, named by a manifest
+  objects.py     image files in the store folder or in object storage (s3://, gs://), hash-checked reads
   search.py      the dataset-search index (IVF) lifecycle and `nearest`
   claims.py      leases on work that must happen once across processes
   verify.py      verify / repair
@@ -22,9 +24,10 @@ Trust rules:
   metadata.sqlite is there, non-empty, a SQLite file with the store's tables, and answers a probe;
   otherwise it raises StoreDamaged and touches no file. A read-only open never writes a store file.
 * Write order: image file, then one database transaction (image + vector rows with a checksum each),
-  then the in-memory FAISS index, saved atomically (temp file, fsync, rename) under a cross-process
-  lock after merging whatever other processes committed or deleted (live.py says what an open makes of
-  a file left behind or ahead).
+  then the in-memory FAISS index, saved under a cross-process lock after merging whatever other processes
+  committed or deleted: what a save adds is a new segment file, and the manifest naming the files is
+  replaced atomically (temp file, fsync, rename) last (live.py says what an open makes of files left
+  behind or ahead).
 * Races are normal: unique rows are got-or-created in one statement, and a claim row with a lease
   makes a generation happen once across processes (`claim` / `release` / `wait_for_keys`).
 * Storage that refuses: a folder this process cannot write (read-only mount, permissions) opens
