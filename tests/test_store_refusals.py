@@ -212,21 +212,24 @@ def test_commands_on_a_read_only_mount(tmp_path, models, mounts):
     assert _snapshot(source) == before
 
 
-def test_cached_attribution_on_a_read_only_mount(tmp_path, models, originals, mounts):
+def test_cached_attribution_on_a_read_only_mount(tmp_path, models, originals, mounts, capsys):
     """A query whose resyntheses are stored is answered from a read-only mount, identically and
-    writing nothing; one that needs a generation says in one line that the store is read-only."""
+    writing nothing; one that needs a generation says in one line that the store is read-only.
+    The store is made in this process; the read-only runs are the CLI in processes of their own."""
+    from tests.helpers import run_cli
+
     source = tmp_path / "src"
     store = source / "s"
     cli = [sys.executable, "-m", "engine.cli"]
-    done = _run([*cli, "init", "--store", str(store), "--clip-config", str(models["clip_config"]),
-                 "--clip-checkpoint", str(models["clip_checkpoint"])])
-    assert done.returncode == 0, done.stderr
+    assert run_cli("init", "--store", store, "--clip-config", models["clip_config"],
+                   "--clip-checkpoint", models["clip_checkpoint"], "--quiet") == 0
     name, folder = next(iter(models["pipelines"].items()))
-    assert _run([*cli, "source", "add", name, str(folder), "--store", str(store), "--steps", "2"]).returncode == 0
+    assert run_cli("source", "add", name, folder, "--store", store, "--steps", 2, "--quiet") == 0
     query = ["attribute", str(originals[0]["image"]), "--prompt", originals[0]["prompt"], "--per-source", "1",
              "--json", "--quiet"]
-    first = subprocess.run([*cli, *query, "--store", str(store)], capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr
+    capsys.readouterr()
+    assert run_cli(*query, "--store", store) == 0
+    first = subprocess.CompletedProcess([], 0, capsys.readouterr().out, "")
     before = _snapshot(source)
     view = mounts("ro", source)
     again = subprocess.run([*cli, *query, "--store", str(view / "s")], capture_output=True, text=True, timeout=300)
