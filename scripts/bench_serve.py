@@ -211,11 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sources", type=int, default=4)
     parser.add_argument("--descriptions", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=32, help="the server's and the batched rows' batch")
-    parser.add_argument("--quick", action="store_true", help="CI: 0.5 s rows, levels 1 and 8, a small store")
+    parser.add_argument("--quick", action="store_true", help="CI: 0.3 s rows, levels 1 and 8, a small store")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
     args = parser.parse_args(argv)
     if args.quick:
-        args.seconds, args.levels, args.descriptions, args.sources = 0.5, "1,8", 8, 4
+        args.seconds, args.levels, args.descriptions, args.sources = 0.3, "1,8", 4, 4
     workdir = args.workdir or Path(f"/tmp/resynth-bench-serve-{args.size}")
     queries = build(workdir, args.size, args.device, args.sources, args.descriptions)
     store = workdir / "store"
