@@ -66,6 +66,29 @@ def test_drop_an_image_and_see_ranked_sources(page, originals):
     assert page.is_hidden("#error")
 
 
+def test_a_real_verdict_and_a_provenance_conflict_read_as_such(page, originals):
+    """A `real` answer is not shown as "uncalibrated", and the redraw's conclusion is one line under the verdict
+    (the server's answer for a dropped image, given the real rule's evidence and a conflicting claim, in the
+    shapes engine.compare.real_evidence and engine.provenance.reproduce write)."""
+    page.set_input_files("#file", str(originals[2]["image"]))
+    page.fill("#prompt", originals[2]["prompt"])
+    page.click("#submit")
+    page.wait_for_selector("#result:not([hidden]) .bar")
+    page.evaluate("""() => {
+        const r = answers[0].r;
+        r.evidence = {...r.evidence, open_set_verdict: "unknown", real: {real: true, value: 0.042, threshold: 0.011,
+                      nearest_real: 0.953, nearest_generated: 0.911, k: 3},
+                      provenance: {conclusion: "conflict: the metadata names another source",
+                                   reproduction: {state: "not reproduced", similarity: {psnr_lowpass_db: 19.4}}}};
+        r.verdict = "real";
+        show(0);
+    }""")
+    verdict = page.text_content("#verdict")
+    assert "No sign of generation" in verdict and "real: nearer the real photographs" in verdict
+    assert "uncalibrated" not in verdict and "threshold 0.011" in verdict and "without the real rule" in verdict
+    assert "Provenance: conflict" in verdict and "not reproduced, 19.4 dB" in verdict
+
+
 def test_an_undecodable_upload_shows_the_error(page):
     page.set_input_files("#file", files=[{"name": "broken.png", "mimeType": "image/png",
                                           "buffer": b"these bytes are not a picture"}])
