@@ -613,6 +613,27 @@ def test_c2pa_remote_manifest_is_never_fetched(tmp_path):
     assert hits == []
 
 
+def test_a_file_without_manifest_markers_skips_the_native_reader(signed, monkeypatch):
+    """The fast path: no JUMBF box type or label in the bytes and no provenance URL in the XMP means no
+    manifest, without the native reader; a signed file, and a plain one with a provenance XMP, still go
+    to the reader."""
+    c2pa = pytest.importorskip("c2pa")
+    from engine.provenance import c2pa_check
+
+    calls = []
+    real = c2pa.Reader.try_create
+    monkeypatch.setattr(c2pa.Reader, "try_create", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert read_provenance(png([("parameters", "a cat\nSteps: 20")]), watermark=False).c2pa["state"] == "none"
+    assert calls == []
+    data, anchors = signed
+    assert read_provenance(data, trust_anchors=anchors, watermark=False).c2pa["state"] == "valid"
+    assert calls == [1]
+    xmp = '<x:xmpmeta><rdf:Description dcterms:provenance="https://example.org/m.c2pa"/></x:xmpmeta>'
+    read_provenance(png(itxt=[("XML:com.adobe.xmp", xmp)]), watermark=False)
+    assert calls == [1, 1]
+    assert not c2pa_check.may_carry_manifest(png(), None)
+
+
 def test_mutated_signed_files_never_raise(signed):
     data, anchors = signed
     rng = random.Random(99)

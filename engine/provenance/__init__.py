@@ -118,7 +118,7 @@ def read_provenance(source: str | os.PathLike | bytes | bytearray | memoryview, 
     camera = {k: v[:256] for k, v in exif_fields.items()
               if k in ("make", "model", "software") and v and not v.startswith(("prompt:", "workflow:"))} or None
 
-    c2pa_state = _safe(lambda: _c2pa(data, trust_anchors), "c2pa", notes) if c2pa else None
+    c2pa_state = _safe(lambda: _c2pa(data, trust_anchors, box.xmp), "c2pa", notes) if c2pa else None
     c2pa_state = c2pa_state or {"state": "skipped" if not c2pa else "unavailable"}
     mark, mark_state = None, {"state": "skipped"}
     if watermark:
@@ -169,10 +169,10 @@ def _metadata(box: Container, exif: dict[str, str], notes: list[str]) -> Generat
     return None
 
 
-def _c2pa(data: bytes, trust_anchors) -> dict:
+def _c2pa(data: bytes, trust_anchors, xmp: str | None) -> dict:
     from engine.provenance import c2pa_check
 
-    return c2pa_check.check(data, trust_anchors)
+    return c2pa_check.check(data, trust_anchors, xmp)
 
 
 def _digital_source_type(box: Container, c2pa_state: dict) -> dict | None:
