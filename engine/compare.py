@@ -120,8 +120,8 @@ def score(ws: "Workspace", query: Query, text: str, origin: str, vector: np.ndar
         claim["reproduction"] = reproduce.check(ws, query, claim, vector, plan)
         claim["conclusion"] = reproduce.conclusion(claim, predicted)
         evidence["provenance"] = claim
-    near = closest(store, {s.source: [(similarity[r.vector_id], r.vector_id) for r in per_source[s.source]]
-                           for s in scores})
+    near = closest({s.source: [(similarity[r.vector_id], r.image_id) for r in per_source[s.source]]
+                    for s in scores})
     ws._time("search", started)
     return Attribution(
         query=query.label, description=text, description_from=origin,
@@ -143,15 +143,13 @@ def provenance_dict(provenance: "Provenance | None") -> dict:
     return provenance.to_dict()
 
 
-def closest(store, similarities: dict[str, list[tuple[float, int]]], n: int = CLOSEST) -> dict[str, list[dict]]:
+def closest(similarities: dict[str, list[tuple[float, int]]], n: int = CLOSEST) -> dict[str, list[dict]]:
     """Per source, its n most similar scored references as {image_id, similarity}, best first, from the
-    similarities scoring computed (no search): one catalog read maps their vector ids to image ids."""
-    best = {name: sorted(pairs, key=lambda p: (-p[0], p[1]))[:n] for name, pairs in similarities.items()}
-    wanted = sorted({vid for pairs in best.values() for _, vid in pairs})
-    images = store.image_ids_of_vectors(wanted)
-    return {name: [{"image_id": int(images[vid]), "similarity": round(float(sim), 6)}
-                   for sim, vid in pairs if vid in images]  # a vector removed meanwhile is left out
-            for name, pairs in best.items()}
+    (similarity, image id) pairs scoring computed: no search and no catalog read (the references carry
+    their image ids)."""
+    return {name: [{"image_id": int(image_id), "similarity": round(float(sim), 6)}
+                   for sim, image_id in sorted(pairs, key=lambda p: (-p[0], p[1]))[:n]]
+            for name, pairs in similarities.items()}
 
 
 def reference_file(store, image_id: int) -> Path | None:

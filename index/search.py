@@ -35,6 +35,7 @@ class StoredReference:
     seed: int | None
     file_hash: str
     key: str
+    image_id: int = 0  # the catalog's image row (its file, its thumbnail); 0 when not read
 
 
 @dataclass
