@@ -150,6 +150,16 @@ class StoredVectors:
                     bad.append(vid)
         return bad
 
+    def misnumbered(self, s: Session, index, lost: np.ndarray, missing: np.ndarray) -> bool:
+        """Whether the index's vectors under `lost` ids (ones the database neither holds nor deleted) are
+        stored vectors the index lacks (`missing`) under damaged ids: then the index file's id map is
+        damaged, not the database, and the index is rebuilt rather than the database called incomplete.
+        Only asked when some ids are lost (rare): reads the checksums of the missing ids."""
+        if not len(missing) or len(lost) > len(missing):
+            return False
+        found = {vx.checksum(row.tobytes()) for row in index.reconstruct_batch(np.asarray(lost, np.int64))}
+        return found <= set(self._checksums(s, missing).values())
+
     def db_digest(self, s: Session, embedder: str | None = None) -> tuple[int, int, int] | None:
         """The database's id digest of an embedder's vectors (vector_sets), None where it keeps none."""
         if not self.db.has_vector_sets:
@@ -279,12 +289,14 @@ class LiveIndex:
         with deleted ids removed, None) or (None, why it must be rebuilt)."""
         extra = np.setdiff1d(have, db_ids)
         lost = np.setdiff1d(extra, self.stored.deleted(s, extra, floor)) if len(extra) else extra
+        if len(lost) and self.stored.misnumbered(s, index, lost, np.setdiff1d(db_ids, have)):
+            return None, f"{len(lost)} vectors under ids the database never gave them (its id map is damaged)"
         if len(lost):
             if not self.repair:
                 raise StoreDamaged(
                     f"{self.layout.index_path} holds {len(lost)} vectors that {self.db.short_name} neither stores "
-                    f"nor records as deleted (the database lost data): {self.db.restore_hint}, or run "
-                    "`resynth verify --repair` to rebuild the index from the database as it is")
+                    f"nor records as deleted (the database lost data): {self.db.restore_hint}, or, if it is whole and "
+                    "the index file damaged, run `resynth verify --repair` to rebuild the index from the database")
             report.notes.append(f"{len(lost)} vectors the database lost were dropped (repair)")
         present = np.intersect1d(have, db_ids)
         if len(present) > FULL_CHECK:
@@ -376,6 +388,8 @@ class LiveIndex:
                 disk.remove_ids(gone)
         if not disk.unsaved():
             return disk
+        if len(disk.removed) and np.isin(vx.index_ids(disk.delta), disk.removed).any():
+            return None  # an id removed from the files and added again (a repair): only a new base holds it
         added = int(disk.delta.ntotal)
         rows = sum(int(part.ntotal) for part in disk.segments) + added
         if segments.should_compact(int(disk.base.ntotal), rows, len(disk.removed)):

@@ -82,7 +82,47 @@ def read_manifest(index_path: Path, identity: dict | None) -> tuple[dict | None,
         return None, "manifest of an unknown format"
     if identity is None or manifest.get("base") != identity:
         return None, None
+    why = malformed(index_path, manifest)
+    if why:
+        return None, f"manifest malformed ({why})"
     return manifest, None
+
+
+def _entry_problem(index_path: Path, entry: Any, kind: str) -> str | None:
+    """Why one file entry of a manifest is not {"file": a part of this index of `kind`, "n", "size"}."""
+    if not isinstance(entry, dict):
+        return f"a {kind} entry is not an object"
+    name = entry.get("file")
+    match = PART_RE.match(name) if isinstance(name, str) else None
+    if match is None or match.group("base") != index_path.name or match.group("kind") != kind:
+        return f"names {name!r}, not a {kind} file of {index_path.name}"
+    for field in ("n", "size"):
+        value = entry.get(field)
+        if type(value) is not int or value < 0:
+            return f"{name}: {field} {value!r}"
+    return None
+
+
+def malformed(index_path: Path, manifest: dict) -> str | None:
+    """Why a manifest over this base is not one a save writes (every field of the right type, every file
+    a distinct part of this index of the right kind), or None. Checked once when it is read, so the
+    code that uses it (loading, saving, leftovers, verify) never meets a missing key or a wrong type."""
+    if type(manifest.get("generation")) is not int or not isinstance(manifest.get("token"), str):
+        return "generation or token"
+    entries = manifest.get("segments")
+    if not isinstance(entries, list):
+        return "segments is not a list"
+    removed = manifest.get("removed", False)
+    if removed is False:
+        return "no removed entry"
+    for entry, kind in [(e, "seg") for e in entries] + ([(removed, "del")] if removed is not None else []):
+        why = _entry_problem(index_path, entry, kind)
+        if why:
+            return why
+    names = [e["file"] for e in entries]
+    if len(set(names)) != len(names):
+        return "a segment named twice"
+    return None
 
 
 def key(manifest: dict | None) -> tuple | None:
@@ -105,7 +145,8 @@ def read_removed(index_path: Path, entry: dict | None) -> np.ndarray:
     path = part_path(index_path, entry)
     data = path.read_bytes()
     if len(data) != entry["size"] or len(data) != 8 * entry["n"]:
-        raise ValueError(f"{path.name}: {len(data)} bytes, the manifest says {entry['size']}")
+        raise ValueError(f"{path.name}: {len(data)} bytes, the manifest says {entry['size']} bytes for "
+                         f"{entry['n']} ids")
     return np.frombuffer(data, "<i8").astype(np.int64)
 
 

@@ -165,10 +165,15 @@ def _check_index_file(store: "Store", s, db_ids: np.ndarray, floor: int, problem
         lost = np.setdiff1d(extra, deleted)
         missing = np.setdiff1d(db_ids, have)
         bad = live.stored.content_problems(s, index, np.intersect1d(have, db_ids))
+        misnumbered = bool(len(lost)) and live.stored.misnumbered(s, index, lost, missing)
         entry.update({"vectors": int(index.ntotal), "missing": len(missing), "deleted": len(deleted),
-                      "lost_from_database": len(lost), "lost_ids": lost[:10].tolist(),
+                      "lost_from_database": 0 if misnumbered else len(lost), "lost_ids": lost[:10].tolist(),
+                      "misnumbered": len(lost) if misnumbered else 0,
                       "bad_content": len(bad), "bad_ids": bad[:10]})
-        if len(lost):
+        if misnumbered:
+            problems.append(f"{len(lost)} index vectors carry ids the database never gave them (the index file's id "
+                            "map is damaged): repair rebuilds the index from the database")
+        elif len(lost):
             problems.append(f"{len(lost)} index vectors are not in the database (it lost data): "
                             f"{store.db.restore_hint}, or repair to rebuild the index from the database as it is")
         if bad:

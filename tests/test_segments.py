@@ -361,3 +361,86 @@ def test_readers_see_whole_states_while_a_writer_publishes(tmp_path):
     assert writer.returncode == 0, writer.stderr.read()
     with Store.open(root) as store:
         assert store.index.ntotal == 300 and _agrees(store)
+
+
+# ----- damaged parts: never a traceback, never a wrong answer ------------------------------------
+def _segmented(tmp_path: Path) -> Path:
+    """_make's store with two segments and a removed-ids file published (source b removed)."""
+    root = _make(tmp_path)
+    with Store.open(root) as store:
+        store.add_images(_rows(store, _keys(4, prefix="c"), source="c"))
+        store.save_index()
+        store.add_images(_rows(store, _keys(5, start=500)))
+        store.save_index()
+        store.remove_source("b")
+    return root
+
+
+def _manifest(root: Path) -> dict:
+    import json
+
+    return json.loads(segments.manifest_path(root / "vectors.faiss").read_text())
+
+
+def test_a_malformed_manifest_is_left_out_never_a_traceback(tmp_path):
+    """A manifest over the right base whose fields are missing or of the wrong type (hand-edited, or
+    written by a foreign tool) is left out as a whole at read: verify, open and save never meet a
+    missing key or a wrong type."""
+    import json
+    import shutil
+
+    source = _segmented(tmp_path)
+    good = _manifest(source)
+    damage = {"no generation": lambda m: m.pop("generation"), "segments a string": lambda m: m.update(segments="x"),
+              "n a string": lambda m: m["segments"][0].update(n="4"),
+              "removed without file": lambda m: m["removed"].pop("file")}
+    for k, (what, change) in enumerate(damage.items()):
+        root = tmp_path / f"copy{k}"
+        shutil.copytree(source, root)  # (copy2: the base keeps its mtime, so the manifest still names it)
+        manifest = json.loads(json.dumps(good))
+        change(manifest)
+        segments.manifest_path(root / "vectors.faiss").write_text(json.dumps(manifest))
+        with Store.open(root, writable=False) as reader:
+            report = reader.verify(files=False)
+            assert _agrees(reader), what
+        assert "malformed" in report["index"]["segments"]["manifest"] and not report["ok"], what
+    with Store.open(root) as store:  # the writable open writes one base over what it verified
+        assert any("malformed" in note for note in store.open_report.notes) and _agrees(store)
+    with Store.open(root, writable=False) as again:
+        assert again.verify(files=False)["ok"]
+
+
+def test_a_removed_id_added_back_by_a_repair_is_saved_in_a_new_base(tmp_path):
+    """A removed-ids file damaged to name a live vector: the open adds that vector back from the
+    database; its save must not publish it as a segment (the removed ids hide every file's rows, so it
+    would vanish from the served index) but write a new base."""
+    root = _segmented(tmp_path)
+    removed = root / _manifest(root)["removed"]["file"]
+    data = bytearray(removed.read_bytes())
+    data[8 * 5] ^= 0xFF  # the 6th removed id (a row of b) becomes a low id of a live row of a
+    removed.write_bytes(bytes(data))
+    with Store.open(root) as store:
+        assert store.open_report.added == 1 and store.open_report.removed == 1
+        assert _agrees(store) and store.index.ntotal == 209
+    with Store.open(root, writable=False) as again:
+        assert not again.open_report.notes and _agrees(again)
+
+
+def test_a_damaged_id_in_a_segment_is_rebuilt_not_called_lost_data(tmp_path):
+    """A segment whose id map got a flipped byte holds a stored vector under an id the database never
+    gave: the file is damaged, not the database, so the open rebuilds from the database rather than
+    refusing with advice to restore a healthy database from a backup; verify says which it is."""
+    root = _segmented(tmp_path)
+    segment = root / _manifest(root)["segments"][-1]["file"]
+    data = bytearray(segment.read_bytes())
+    data[-3] ^= 0xFF  # a high byte of the last id
+    segment.write_bytes(bytes(data))
+    with Store.open(root, writable=False) as reader:
+        assert reader.open_report.rebuilt and _agrees(reader)
+        report = reader.verify(files=False)
+    assert report["index"]["misnumbered"] == 1 and report["index"]["lost_from_database"] == 0
+    assert any("id map is damaged" in p for p in report["problems"])
+    with Store.open(root) as store:
+        assert _agrees(store)
+    with Store.open(root) as store:
+        assert not store.open_report.notes and store.verify(files=False)["ok"]
