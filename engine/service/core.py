@@ -140,6 +140,7 @@ class Service:
     def stats(self) -> dict:
         store = self.ws.stats()
         store.pop("store", None)  # the server's filesystem layout is not the client's business
+        (store.get("search") or {}).pop("path", None)  # nor is where its search index lies (hardening)
         with self._lock:
             counters = dict(self.counters)
         return {"store": store, "service": {"uptime_seconds": round(time.time() - self.started, 1), **counters},
