@@ -26,6 +26,9 @@ from index.faults import crash_point
 from index.schema import _now as _utcnow
 
 
+FIRST_READ = 8  # hits read beyond k on the first read of their rows: enough when few are filtered out
+
+
 @dataclass
 class StoredReference:
     """A stored vector a query can be compared with: a resynthesis, or a labelled original."""
@@ -327,10 +330,9 @@ class SearchIndex:
                     sims, ids = self._merged(search, query, depth)
                     sims, ids = sims[0], ids[0]
             found = [(int(i), float(v)) for i, v in zip(ids, sims) if i >= 0]
-            rows = references([i for i, _ in found])
-            kept = [(rows[i], v) for i, v in found if i in rows and rows[i].file_hash != exclude_file]
+            kept = _kept(found, k, references, exclude_file)
             if len(kept) >= k:
-                return kept[:k]
+                return kept
             if search is not None and len(found) < depth:
                 search = None  # the IVF probes ran out: look again exactly
                 continue
@@ -364,12 +366,17 @@ class SearchIndex:
                 sims, ids = self._merged(search, queries, depth)
         found = [[(int(i), float(v)) for i, v in zip(row_ids, row_sims) if i >= 0]
                  for row_ids, row_sims in zip(ids, sims)]
-        rows = references(sorted({i for hits in found for i, _ in hits}))
+        # the rows of every query's first hits in one read (the common case needs no more), then the rest
+        rows = references(sorted({i for hits in found for i, _ in hits[:k + FIRST_READ]}))
+        rest = sorted({i for hits, exclude in zip(found, exclude_files)
+                       if len(_kept(hits[:k + FIRST_READ], k, lambda _: rows, exclude)) < k
+                       for i, _ in hits[k + FIRST_READ:]})
+        rows = {**rows, **references(rest)} if rest else rows
         out = []
         for query, hits, exclude in zip(queries, found, exclude_files):
-            kept = [(rows[i], v) for i, v in hits if i in rows and rows[i].file_hash != exclude]
+            kept = _kept(hits, k, lambda _: rows, exclude)
             settled = len(kept) >= k or (depth >= total and (search is None or len(hits) >= depth))
-            out.append(kept[:k] if settled else self.nearest(query, k, references, exclude, exact=exact))
+            out.append(kept if settled else self.nearest(query, k, references, exclude, exact=exact))
         return out
 
     def _merged(self, search: BuiltSearch, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
@@ -393,3 +400,18 @@ class SearchIndex:
         ids = np.concatenate([ids, delta["missing"][top]], axis=1)
         order = np.argsort(-np.where(ids >= 0, sims, -np.inf), axis=1, kind="stable")[:, :depth]
         return np.take_along_axis(sims, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+
+def _kept(hits: list[tuple[int, float]], k: int, read: Callable[[list[int]], dict[int, StoredReference]],
+          exclude: str | None) -> list[tuple[StoredReference, float]]:
+    """The first k hits that `read` gives rows for (it applies the store's filters: roles, sources) and
+    that are not of the excluded file. Rows are read for the first k + FIRST_READ hits, and for the rest
+    only when too few of those survive: a dataset search reads about k rows, not its whole depth."""
+    kept: list[tuple[StoredReference, float]] = []
+    start, end = 0, k + FIRST_READ
+    while start < len(hits) and len(kept) < k:
+        chunk = hits[start:end]
+        rows = read([i for i, _ in chunk])
+        kept += [(rows[i], v) for i, v in chunk if i in rows and rows[i].file_hash != exclude]
+        start, end = end, len(hits)
+    return kept[:k]

@@ -14,6 +14,7 @@ import pytest
 from index import ivf
 from index import vectors as vx
 from index.store import SEARCH_INFOS, SEARCH_NAME, NewImage, Store
+from index.search import FIRST_READ
 from tests.helpers import run_cli
 
 DIM = 32
@@ -342,6 +343,13 @@ def test_nearest_many_equals_nearest_per_query(built, tmp_path):
         found = store.nearest_many(queries[:6], 1)
         assert [hits[0][0].vector_id for hits in found] == new_ids  # the delta is searched too
         assert store.nearest_many(queries[:0], 5) == []
+        read: list[int] = []
+        by_id = store.catalog.references_by_id
+        store.catalog.references_by_id = lambda ids, *a: read.append(len(ids)) or by_id(ids, *a)  # type: ignore
+        store.nearest(queries[7], 12)
+        store.nearest_many(queries[7:9], 12)
+        assert read[0] == 12 + FIRST_READ and len(read) == 2 and read[1] <= 2 * (12 + FIRST_READ)  # not the depth
+        store.catalog.references_by_id = by_id  # type: ignore
         deep = store.nearest_many(queries[:3], 3000)  # more than the first look holds: answered one by one
         assert [len(hits) for hits in deep] == [N // 2 + 6] * 3
 
