@@ -85,6 +85,17 @@ def publish(prepared: Path, path: Path, point: str | None = None) -> None:
     fsync_dir(path.parent)
 
 
+def unlink_quietly(path: Path) -> bool:
+    """Delete a leftover (a dead writer's temporary file, a superseded segment): whether it is gone. A
+    refusal (read-only, permission, I/O) leaves it for later rather than failing a command whose work is
+    done: leftovers are reported by verify and removed by the next save or repair."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        return False
+    return True
+
+
 def write_json_atomic(path: Path, value: dict, point: str = "config:before-replace") -> None:
     data = json.dumps(value, indent=2, sort_keys=True).encode()
 
@@ -219,13 +230,16 @@ class Layout:
         return found
 
     def remove_stale_temp_files(self, deep: bool = False) -> list[str]:
-        """Remove `.NAME.<pid>.tmp` leftovers whose writer is dead (at the root; under images/ if deep)."""
+        """Remove `.NAME.<pid>.tmp` leftovers whose writer is dead (at the root; under images/ if deep).
+        Housekeeping, never a reason to fail: nothing on a read-only store, and a leftover the machine
+        will not let go stays (verify reports it)."""
+        if not self.writable:
+            return []
         removed = []
         for path in self.temp_files(deep):
             match = TEMP_RE.match(path.name)
             pid = int(match.group(1)) if match else 0
-            if pid != os.getpid() and not pid_alive(pid):
-                path.unlink(missing_ok=True)
+            if pid != os.getpid() and not pid_alive(pid) and unlink_quietly(path):
                 removed.append(str(path.relative_to(self.root)))
         return removed
 

@@ -29,7 +29,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from index.layout import atomic_write, file_state, write_json_atomic
+from index.layout import atomic_write, file_state, unlink_quietly, write_json_atomic
 from index.faults import crash_point
 
 MANIFEST_SUFFIX = ".manifest.json"
@@ -193,7 +193,7 @@ def append(index_path: Path, manifest: dict | None, write_segment: Any, added: i
     write_json_atomic(manifest_path(index_path), new, POINTS[2])
     crash_point(POINTS[3])
     for entry in superseded:  # a reader still holding the old manifest retries (vectors.read_checked)
-        part_path(index_path, entry).unlink(missing_ok=True)
+        unlink_quietly(part_path(index_path, entry))  # after the commit: one left is a leftover, not a failure
     return new
 
 
@@ -227,11 +227,7 @@ def leftovers(index_path: Path, manifest: dict | None | bool = False) -> list[Pa
 
 def remove_orphans(index_path: Path, manifest: dict | None | bool = False) -> list[str]:
     """Delete `leftovers` (the caller holds the publish lock, so no save is between its steps)."""
-    gone = []
-    for path in leftovers(index_path, manifest):
-        path.unlink(missing_ok=True)
-        gone.append(path.name)
-    return gone
+    return [path.name for path in leftovers(index_path, manifest) if unlink_quietly(path)]
 
 
 def summary(index_path: Path) -> dict:

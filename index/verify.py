@@ -91,8 +91,10 @@ def verify(store: "Store", repair: bool = False, files: bool = True) -> dict:
             recount_vector_sets(db)  # a writable open installed vector_sets: it is only stale
             done.append("the database's id digest recomputed")
         done.append(f"index rebuilt from the database ({store.rebuild()} vectors)")  # one base, no segments
-        if report["index"]["segments"]["leftover_files"]:
-            done.append(f"removed {len(report['index']['segments']['leftover_files'])} index segment files")
+        before = set(report["index"]["segments"]["leftover_files"])
+        gone = before - {p.name for p in segments.leftovers(store.index_path)}  # the rebuild removed them
+        if gone:
+            done.append(f"removed {len(gone)} index segment files")
         images.delete(orphans)
         if orphans:
             done.append(f"removed {len(orphans)} unreferenced image files")

@@ -444,3 +444,24 @@ def test_a_damaged_id_in_a_segment_is_rebuilt_not_called_lost_data(tmp_path):
         assert _agrees(store)
     with Store.open(root) as store:
         assert not store.open_report.notes and store.verify(files=False)["ok"]
+
+
+def test_leftovers_the_machine_will_not_remove_never_fail_a_save_and_a_read_only_store_keeps_them(tmp_path):
+    """Removing leftovers is housekeeping: a save whose commit is done does not fail over one that cannot
+    be deleted (here a folder under a segment's name), verify keeps reporting it; a store opened
+    read-only deletes nothing, not even a dead writer's temporary file."""
+    root = _make(tmp_path)
+    stuck = root / "vectors.faiss.seg-000099-0123abcd"
+    stuck.mkdir()
+    temp = root / ".vectors.faiss.999999.tmp"  # pid 999999: no such process
+    temp.write_bytes(b"left by a writer that died")
+    with Store.open(root, writable=False) as reader:
+        assert reader.remove_stale_temp_files() == [] and temp.exists()
+    with Store.open(root) as store:
+        store.add_images(_rows(store, _keys(5, start=500)))
+        store.save_index()
+        assert _agrees(store) and len(store.index.segments) == 1
+        report = store.verify(repair=True, files=False)
+        assert not any("segment files" in line for line in report["repaired"])
+        assert store.verify(files=False)["index"]["segments"]["leftover_files"] == [stuck.name]
+    assert stuck.is_dir() and not temp.exists()
