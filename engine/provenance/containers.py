@@ -95,13 +95,13 @@ def decode_text(raw: bytes, where: str, notes: list[str], utf8_first: bool = Tru
         return raw.decode("utf-8", errors="replace")
 
 
-def inflate(raw: bytes, where: str, notes: list[str]) -> bytes | None:
+def inflate(raw: bytes, where: str, notes: list[str], limit: int = MAX_TEXT) -> bytes | None:
     """zlib with an output cap: a decompression bomb yields a note, not gigabytes."""
     try:
         d = zlib.decompressobj()
-        out = d.decompress(raw, MAX_TEXT)
+        out = d.decompress(raw, limit)
         if d.unconsumed_tail:
-            notes.append(f"{where}: compressed text expands past {MAX_TEXT} bytes; cut")
+            notes.append(f"{where}: compressed text expands past {limit} bytes; cut")
         return out
     except zlib.error as e:
         notes.append(f"{where}: compressed text is corrupt ({e}); not read")
@@ -148,13 +148,17 @@ def _png_text(ctype: bytes, body: bytes, box: Container) -> None:
         return
     key = key_raw.decode("latin-1")
     where = f"png:{name} {key!r}"
+    room = min(MAX_TEXT, MAX_TEXT_TOTAL - box._text_bytes)  # what inflating may still produce in this file
+    if room <= 0 and ctype != b"tEXt":  # without this, 256 small bombs cost 256 x MAX_TEXT of inflating
+        box.notes.append(f"{where}: not read: the file's text exceeds {MAX_TEXT_TOTAL} bytes")
+        return
     if ctype == b"tEXt":
         text = decode_text(rest, where, box.notes)
     elif ctype == b"zTXt":
         if rest[:1] != b"\x00":
             box.notes.append(f"{where}: unknown compression method; not read")
             return
-        raw = inflate(rest[1:], where, box.notes)
+        raw = inflate(rest[1:], where, box.notes, room)
         if raw is None:
             return
         text = decode_text(raw, where, box.notes)
@@ -172,7 +176,7 @@ def _png_text(ctype: bytes, body: bytes, box: Container) -> None:
             if method != 0:
                 box.notes.append(f"{where}: unknown compression method; not read")
                 return
-            raw = inflate(raw, where, box.notes)
+            raw = inflate(raw, where, box.notes, room)
             if raw is None:
                 return
         text = decode_text(raw, where, box.notes, utf8_first=False)

@@ -13,7 +13,9 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import sys
 import time
+from http import HTTPStatus
 from urllib.parse import urlsplit
 
 from engine.service.config import Access, Limits
@@ -325,6 +327,32 @@ def http_protocol(limits: Limits):
             if self._header_timer is not None:
                 self._header_timer.cancel()
                 self._header_timer = None
+
+        def send_400_response(self, msg: str) -> None:
+            """uvicorn's answer to a request h11 cannot parse (a malformed request line, conflicting
+            Content-Length, headers over the size limit) is plain text; ours is the one-line JSON error
+            of every other refusal. Called from uvicorn's `except h11.RemoteProtocolError`, whose
+            status hint (431: headers too large, 501: an unknown Transfer-Encoding) it keeps."""
+            exc = sys.exc_info()[1]
+            status = getattr(exc, "error_status_hint", 400) if isinstance(exc, h11.RemoteProtocolError) else 400
+            if status == 431:
+                code, text = "headers_too_large", f"request line and headers exceed {limits.max_header_bytes} bytes"
+            elif status == 501:
+                code, text = "not_implemented", "unsupported Transfer-Encoding (only chunked is accepted)"
+            else:
+                status, code, text = 400, "bad_request", "malformed HTTP request (the request line or a header "\
+                                                         "could not be parsed)"
+            payload = json.dumps(body(code, text)).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                       (b"connection", b"close")]
+            try:
+                for event in (h11.Response(status_code=status, headers=headers,
+                                                   reason=HTTPStatus(status).phrase), h11.Data(data=payload),
+                              h11.EndOfMessage()):
+                    self.transport.write(self.conn.send(event) or b"")
+            except h11.LocalProtocolError:  # a response was already under way: nothing more can be said
+                pass
+            self.transport.close()
 
         def _headers_late(self) -> None:
             self._header_timer = None

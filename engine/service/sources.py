@@ -22,14 +22,24 @@ An HTTP client is not the server's operator, so what it may make the server touc
   server); `--sources-read-only` turns both routes off (403).
 
 Changes run on the generation worker, between generations, so a removal never pulls a pipeline out
-from under a running job.
+from under a running job. Each change is its own job (never joined with another request's, as generations
+are): an add and a remove of one name at once are two changes, run one after the other.
+
+A name given over HTTP is stricter than the CLI's: 1-64 ASCII letters, digits and `._+-`, starting with a
+letter or digit, and not a case-insensitive twin of a registered name. It is shown in every answer and in
+the web page, so no look-alike letters, invisible or right-to-left characters, `.`/`..`.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import ipaddress
+import itertools
 import json
+import math
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +49,16 @@ from engine.errors import UserError
 from engine.service.errors import ServiceError
 
 MAX_BODY = 64 * 1024  # a source declaration is a few hundred bytes
+MAX_PATH = 1024  # characters of a path given over HTTP (the OS's own limits are 4096 and 255 a component)
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")  # a source name given over HTTP
+_PATH_ERRNOS = {errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR, errno.ENOENT, errno.EISDIR, errno.EINVAL}
+_CHANGES = itertools.count()  # each change its own job key: a change is never joined to another request's
+# Numbers an HTTP client may give (inclusive; floats must also be finite): the CLI's operator may ask a
+# generator for 10**30 steps or 10**9-pixel images, a client may not (one attribution would hold the
+# worker for ever, or allocate the latents of a billion-pixel image).
+BOUNDS: dict[str, tuple[float, float]] = {"steps": (1, 1000), "size": (8, 4096), "guidance": (0.0, 100.0),
+                                          "price": (0.0, 1000.0), "rate": (0.0, 100_000.0), "concurrency": (1, 64),
+                                          "timeout": (0.0, 3600.0)}
 _TYPES = {str: "a string", int: "an integer", float: "a number", dict: "a JSON object", bool: "true or false"}
 
 
@@ -65,10 +85,11 @@ def parse_body(raw: bytes) -> tuple[str, str | None, dict[str, Any]]:
         raise ServiceError(413, "body_too_large", f"a source declaration is at most {MAX_BODY} bytes")
     try:
         body = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested thousands of levels deep
         raise ServiceError(400, "bad_request", "send a JSON object: {\"name\", \"kind\"?, \"params\"?}") from None
     if not isinstance(body, dict):
         raise ServiceError(400, "bad_request", "send a JSON object: {\"name\", \"kind\"?, \"params\"?}")
+    _check_strings(body)
     name, kind, nested = body.pop("name", None), body.pop("kind", None), body.pop("params", None) or {}
     if not isinstance(name, str):
         raise ServiceError(422, "bad_request", "`name` (a string) is required")
@@ -80,6 +101,40 @@ def parse_body(raw: bytes) -> tuple[str, str | None, dict[str, Any]]:
     if twice:
         raise ServiceError(422, "bad_request", f"{', '.join(twice)} given both in `params` and at the top level")
     return name, kind, {**body, **nested}
+
+
+def _check_strings(value: Any) -> None:
+    """400 for a string no file system, database or log can hold: JSON's `\\ud800` escapes decode to lone
+    surrogates, which fail only later, deep inside the store (a 500). Iterative: the nesting is the client's."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ServiceError(400, "bad_request", "a string in the body is not valid Unicode (a lone "
+                                                       "surrogate escape such as \\ud800)") from None
+
+
+def check_name(name: str) -> None:
+    """422 for a name HTTP clients may not give (see the module's docstring)."""
+    if not NAME.fullmatch(name):
+        raise UserError(f"invalid source name {name[:80]!r}: over HTTP a name is 1 to 64 ASCII letters, digits "
+                        "and . _ + - starting with a letter or digit", code="invalid_source")
+
+
+def _no_twin(name: str, names: list[str]) -> None:
+    """A name differing from a registered one only by case reads as that source in every answer."""
+    twin = next((n for n in names if n != name and n.casefold() == name.casefold()), None)
+    if twin is not None:
+        raise UserError(f"invalid source name {name!r}: source {twin!r} is already registered; names that differ "
+                        "only by case are refused over HTTP", code="invalid_source")
 
 
 def kind_and_params(kind: str | None, fields: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -117,7 +172,20 @@ def kind_and_params(kind: str | None, fields: dict[str, Any]) -> tuple[str, dict
         if not ok:
             what = "a string or a list of strings" if param.repeatable else _TYPES.get(param.type, param.type.__name__)
             raise UserError(f"{param.name} of a {name} source must be {what}, not {type(value).__name__}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            _check_number(name, param.name, value)
     return name, params
+
+
+def _check_number(kind: str, field: str, value: int | float) -> None:
+    """A number within BOUNDS (a float also finite); an int is compared exactly, never made a float."""
+    bounds = BOUNDS.get(field)
+    finite = isinstance(value, int) or math.isfinite(value)
+    if finite and (bounds is None or bounds[0] <= value <= bounds[1]):
+        return
+    shown = str(value)[:24] if isinstance(value, int) else f"{value:g}"
+    within = f"between {bounds[0]:g} and {bounds[1]:g}" if bounds else "a finite number"
+    raise UserError(f"{field} of a {kind} source must be {within} over HTTP, not {shown}")
 
 
 def police(kind: str, params: dict[str, Any], policy: SourcePolicy, store_root: Path) -> dict[str, Any]:
@@ -170,7 +238,12 @@ def _plain(value: str, field: str) -> str:
 
 def _inside(value: str, roots: tuple[Path, ...], anywhere: bool, field: str) -> str:
     path = Path(value)
-    resolved = (path if path.is_absolute() else roots[0] / path).resolve()
+    if len(value) > MAX_PATH or any(len(os.fsencode(part)) > 255 for part in path.parts):
+        raise UserError(f"{field}: the path is too long (at most {MAX_PATH} characters, 255 bytes a folder name)")
+    try:
+        resolved = (path if path.is_absolute() else roots[0] / path).resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python 3.11); its text names the path
+        raise UserError(f"{field}: the path cannot be resolved (a symlink loop?)") from None
     if not anywhere and not any(resolved == root or resolved.is_relative_to(root) for root in roots):
         raise _refused("path_not_allowed", f"{field}: over HTTP, paths must lie inside this server's sources "
                                            "folder (give one relative to it; the operator sets it with "
@@ -183,18 +256,39 @@ async def add(service, policy: SourcePolicy, raw: bytes) -> dict:
     if policy.read_only:
         raise _refused("read_only", "this server does not change its sources over HTTP (--sources-read-only)")
     name, kind, fields = parse_body(raw)
+    hidden = (*policy.resolved_roots(service.store.root), Path(service.store.root).resolve())
+
+    def enrol() -> dict:
+        _no_twin(name, [s.name for s in service.store.sources()])  # on the worker: no change in between
+        return service.ws.add_source(name, kind=kind, **params)
+
     try:
+        check_name(name)
         kind, params = kind_and_params(kind, fields)
         params = await asyncio.to_thread(police, kind, params, policy, service.store.root)
-        future = service.generation.submit(("source", name), lambda: service.ws.add_source(name, kind=kind, **params))
-        info = await asyncio.wrap_future(future)
+        info = await asyncio.wrap_future(service.generation.submit(("source-change", next(_CHANGES)), enrol))
     except UserError as exc:
-        raise ServiceError(422, exc.code if exc.code != "bad_request" else "invalid_source", str(exc)) from None
+        code = exc.code if exc.code != "bad_request" else "invalid_source"
+        raise ServiceError(422, code, private(str(exc), hidden)) from None
+    except OSError as exc:  # a client's path the OS refuses to look at (too long, a loop): said without paths
+        if exc.errno not in _PATH_ERRNOS:
+            raise  # the machine's trouble (disk, permissions): the app maps it by type
+        raise ServiceError(422, "invalid_source", f"the source's files cannot be read: "
+                                                  f"{exc.strerror or type(exc).__name__}") from None
     return {k: v for k, v in info.items() if k != "path"}  # the server's folders are not disclosed
+
+
+def private(text: str, roots: tuple[Path, ...]) -> str:
+    """`text` with the server's folders written relative to them: a client gave paths relative to the
+    sources folder and reads them back that way, never learning where the folder is."""
+    for root in sorted({str(r) for r in roots if str(r) != os.sep}, key=len, reverse=True):
+        at_root = re.compile(re.escape(root) + r"(?:(/)|(?=[\s'\"),:;]|$))")
+        text = at_root.sub(lambda m: "" if m.group(1) else ".", text)
+    return text
 
 
 async def remove(service, policy: SourcePolicy, name: str) -> dict:
     if policy.read_only:
         raise _refused("read_only", "this server does not change its sources over HTTP (--sources-read-only)")
-    future = service.generation.submit(("source", name), lambda: service.ws.remove_source(name))
+    future = service.generation.submit(("source-change", next(_CHANGES)), lambda: service.ws.remove_source(name))
     return {"removed": name, "vectors": await asyncio.wrap_future(future)}
