@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from index import segments
 from index import vectors as vx
 from index.db import Database
-from index.errors import StoreDamaged, StoreInputError
+from index.errors import StoreDamaged, StoreInputError, StoreReadOnly, StoreUnavailable
 from index.faults import crash_point, observe, skipped
 from index.layout import Layout
 from index.migrations import recount_vector_sets
@@ -255,7 +255,7 @@ class LiveIndex:
                         report.notes.append(f"index caught up with the database: +{report.added} vectors")
                     self.tomb_seq = tomb_seq
                     if self.layout.writable and report.added:
-                        index = self.publish(index)
+                        index = self._save_at_open(index, report)
                     return index, report
                 report.digest = False  # the full comparison below finds and handles the bad vectors
             db_ids = self.stored.db_vector_ids(s)
@@ -281,8 +281,19 @@ class LiveIndex:
             report.notes.append(drift)
         self.tomb_seq = tomb_seq
         if self.layout.writable and ((report.rebuilt and (problem or len(db_ids))) or report.added or report.removed):
-            index = self.publish(index)
+            index = self._save_at_open(index, report)
         return index, report
+
+    def _save_at_open(self, index, report: OpenReport):
+        """Publish what an open verified and repaired. A save the machine refuses (a full disk, a held
+        lock, denied permission) does not refuse the open: the repaired index is served from memory, the
+        files stay as they were (behind the database, which holds everything), and the next save or
+        open writes them."""
+        try:
+            return self.publish(index)
+        except (StoreUnavailable, StoreReadOnly) as exc:
+            report.notes.append(f"the repaired index was not saved ({exc}): served from memory")
+            return index
 
     def _compare(self, s: Session, index, have: np.ndarray, db_ids: np.ndarray, floor: int, report: OpenReport):
         """The full comparison of the file's ids and a sample of its content with the database: (index

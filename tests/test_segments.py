@@ -465,3 +465,50 @@ def test_leftovers_the_machine_will_not_remove_never_fail_a_save_and_a_read_only
         assert not any("segment files" in line for line in report["repaired"])
         assert store.verify(files=False)["index"]["segments"]["leftover_files"] == [stuck.name]
     assert stuck.is_dir() and not temp.exists()
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A small real tmpfs (a disk that fills up); skipped where mounting is refused (not root)."""
+    target = tmp_path / "disk"
+    target.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("a tmpfs mount needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(target)], capture_output=True,
+                          text=True)
+    if done.returncode:
+        pytest.skip(f"this machine refuses a tmpfs mount: {done.stderr.strip()[:200]}")
+    yield target
+    subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+def test_an_open_whose_repair_cannot_be_saved_on_a_full_disk_still_serves(tmp_path, tmpfs):
+    """A writable open repairs a damaged index from the database and saves it; when the disk is full that
+    save fails, but the open does not: the repaired index is served from memory, the files are left as
+    they were, and the first open after space is freed saves it."""
+    root, dim = tmpfs / "s", 512
+    matrix = np.random.default_rng(0).normal(size=(300, dim)).astype(np.float32)  # an index of ~600 KB
+    with Store.create(root, EMBEDDER, dim) as store:
+        src, desc = store.ensure_source("a", "replay", "fp-a"), store.description_id("a prompt")
+        store.add_images([NewImage(key=f"k{i}", role="resynthesis", source_id=src.id, description_id=desc,
+                                   file_hash=f"h{i}", path=f"images/a/{i}.png", vector=row)
+                          for i, row in enumerate(matrix)])
+    base = root / "vectors.faiss"
+    base.write_bytes(b"garbage")
+    filler = tmpfs / "filler"
+    stat = os.statvfs(tmpfs)
+    filler.write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - (160 << 10)))  # room for SQLite, not the index
+
+    def serves(store: Store) -> bool:
+        ids = store.vector_ids()
+        return len(ids) == 300 and np.array_equal(np.sort(vx.index_ids(store.index)), ids) and np.array_equal(
+            store.vectors(ids), matrix)
+    with Store.open(root) as store:
+        assert store.writable and store.open_report.rebuilt and serves(store)
+        assert any("not saved" in note and "no space left" in note for note in store.open_report.notes)
+    assert base.read_bytes() == b"garbage" and not list(root.glob(".*.tmp"))
+    filler.unlink()
+    with Store.open(root) as store:
+        assert store.open_report.rebuilt and serves(store)
+    with Store.open(root) as store:
+        assert not store.open_report.notes and serves(store)
