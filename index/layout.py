@@ -6,6 +6,7 @@ Shared by the store's parts as their view of the store itself: `Layout` also hol
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -17,7 +18,8 @@ from pathlib import Path
 from typing import IO, Callable, Iterator
 
 from index.claims import pid_alive
-from index.failures import os_failure, refuse_write
+from index.errors import StoreDamaged, StoreError, StoreUnavailable
+from index.failures import NOTHING_LOST, os_failure, refuse_write
 from index.faults import crash_point
 from index.objects import ImageFiles, image_files
 
@@ -60,10 +62,23 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None], point: str) -> 
             tmp.unlink(missing_ok=True)
         except OSError:
             pass  # e.g. a read-only filesystem: then there is no temporary file either
-        problem = os_failure(_os_cause(exc), path, f"writing {path.name}")
+        problem = os_failure(_os_cause(exc), path, f"writing {path.name}") or _unclassified(_os_cause(exc), path)
         if problem is not None:
             raise problem from exc
         raise
+
+
+def _unclassified(exc: BaseException, path: Path) -> StoreError | None:
+    """Any other OSError of a store file write, still one line: something that is not a file in the file's
+    place (a folder, a link loop), or a refusal failures.py does not name."""
+    if not isinstance(exc, OSError):
+        return None
+    why = exc.strerror or type(exc).__name__
+    if exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.ELOOP, errno.ENOTEMPTY, errno.EEXIST):
+        return StoreDamaged(f"cannot write {path} ({why}): something that is not the store's file is in its place; "
+                            "move it away and run the command again")
+    return StoreUnavailable(f"cannot write {path} ({why}): {NOTHING_LOST}; the same command succeeds once the "
+                            "cause is gone")
 
 
 def _os_cause(exc: BaseException) -> BaseException:
@@ -108,7 +123,7 @@ def file_state(path: Path) -> tuple[int, int] | None:
     """(inode, mtime): changes whenever another process replaces the file."""
     try:
         stat = path.stat()
-    except FileNotFoundError:
+    except OSError:  # absent, or not a file that can be read (a link loop): as good as absent
         return None
     return stat.st_ino, stat.st_mtime_ns
 

@@ -76,7 +76,9 @@ def read_manifest(index_path: Path, identity: dict | None) -> tuple[dict | None,
         manifest = json.loads(path.read_bytes())
     except FileNotFoundError:
         return None, None
-    except (OSError, ValueError):
+    except OSError as exc:  # a folder or a link loop in its place, denied: a save cannot replace it either
+        return None, f"manifest unreadable ({exc.strerror or type(exc).__name__}: move it away)"
+    except ValueError:
         return None, "manifest unreadable"
     if not isinstance(manifest, dict) or manifest.get("format") != 1:
         return None, "manifest of an unknown format"
@@ -218,7 +220,7 @@ def leftovers(index_path: Path, manifest: dict | None | bool = False) -> list[Pa
     found = []
     for path in sorted(index_path.parent.iterdir()):
         name = path.name
-        if name in keep:
+        if name in keep or (path.is_dir() and not path.is_symlink()):  # a folder is nothing a save made
             continue
         if PART_RE.match(name) or (name.endswith(MANIFEST_SUFFIX) and name.endswith(".faiss" + MANIFEST_SUFFIX)):
             found.append(path)

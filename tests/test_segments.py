@@ -448,23 +448,55 @@ def test_a_damaged_id_in_a_segment_is_rebuilt_not_called_lost_data(tmp_path):
 
 def test_leftovers_the_machine_will_not_remove_never_fail_a_save_and_a_read_only_store_keeps_them(tmp_path):
     """Removing leftovers is housekeeping: a save whose commit is done does not fail over one that cannot
-    be deleted (here a folder under a segment's name), verify keeps reporting it; a store opened
+    be deleted (an immutable file: not even root may), verify keeps reporting it; a store opened
     read-only deletes nothing, not even a dead writer's temporary file."""
     root = _make(tmp_path)
     stuck = root / "vectors.faiss.seg-000099-0123abcd"
-    stuck.mkdir()
+    stuck.write_bytes(b"left by a save that died before its manifest")
+    if subprocess.run(["chattr", "+i", str(stuck)], capture_output=True).returncode:
+        pytest.skip("chattr +i is refused here")
     temp = root / ".vectors.faiss.999999.tmp"  # pid 999999: no such process
     temp.write_bytes(b"left by a writer that died")
-    with Store.open(root, writable=False) as reader:
-        assert reader.remove_stale_temp_files() == [] and temp.exists()
-    with Store.open(root) as store:
-        store.add_images(_rows(store, _keys(5, start=500)))
-        store.save_index()
-        assert _agrees(store) and len(store.index.segments) == 1
-        report = store.verify(repair=True, files=False)
-        assert not any("segment files" in line for line in report["repaired"])
-        assert store.verify(files=False)["index"]["segments"]["leftover_files"] == [stuck.name]
-    assert stuck.is_dir() and not temp.exists()
+    try:
+        with Store.open(root, writable=False) as reader:
+            assert reader.remove_stale_temp_files() == [] and temp.exists()
+        with Store.open(root) as store:
+            store.add_images(_rows(store, _keys(5, start=500)))
+            store.save_index()
+            assert _agrees(store) and len(store.index.segments) == 1
+            report = store.verify(repair=True, files=False)
+            assert not any("segment files" in line for line in report["repaired"])
+            assert store.verify(files=False)["index"]["segments"]["leftover_files"] == [stuck.name]
+        assert stuck.exists() and not temp.exists()
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], capture_output=True)
+
+
+def test_something_else_in_a_files_place_is_one_line_or_served_around(tmp_path):
+    """A folder where the base belongs cannot be replaced by a save: one line naming it, never an
+    IsADirectoryError traceback; a link loop where the manifest belongs is read as no manifest."""
+    import shutil
+
+    from index.errors import StoreDamaged
+
+    source = _segmented(tmp_path)
+    folder, loop = tmp_path / "folder", tmp_path / "loop"
+    for root in (folder, loop):
+        shutil.copytree(source, root)
+    (folder / "vectors.faiss").unlink()
+    (folder / "vectors.faiss").mkdir()
+    with pytest.raises(StoreDamaged, match=r"vectors.faiss \(Is a directory\).*move it away") as caught:
+        Store.open(folder)
+    assert "\n" not in str(caught.value)
+    manifest = segments.manifest_path(loop / "vectors.faiss")
+    manifest.unlink()
+    manifest.symlink_to(manifest.name)
+    with Store.open(loop, writable=False) as reader:
+        assert _agrees(reader)
+        assert "move it away" in reader.verify(files=False)["index"]["segments"]["manifest"]
+    with Store.open(loop) as store:  # the save replaces the link with a manifest
+        assert _agrees(store)
+    assert not manifest.is_symlink()
 
 
 @pytest.fixture
