@@ -180,3 +180,52 @@ def test_serve_flags_set_the_policy_and_the_token_guards_the_routes(served, tmp_
     inside_store = api.post("/v1/sources", headers=auth, json={"name": "q", "path": str(served["store"] / "pipelines")})
     error(inside_store, 403, "path_not_allowed")  # the roots given replace the default
     assert api.delete("/v1/sources/p", headers=auth).json() == {"removed": "p", "vectors": 0}
+
+
+def test_names_over_http_are_plain_ascii_and_never_a_case_twin(served):
+    """Look-alike, invisible, right-to-left and dot names would read as another source in every answer."""
+    api = client(served)
+    for name in (".", "..", "-rf", "ѕource", "ｓｏｕｒｃｅ", "a\u202eb", "src\u200b", "💥", "a b", "n" * 65):
+        assert "ASCII letters" in error(api.post("/v1/sources", json={"name": name, "kind": "replay"}), 422,
+                                        "invalid_source"), name
+    twin = served["first"].upper()
+    assert "only by case" in error(api.post("/v1/sources", json={"name": twin, "kind": "replay"}), 422,
+                                   "invalid_source")
+    raw = {"content-type": "application/json"}
+    error(api.post("/v1/sources", content=b'{"name": "\\ud800", "kind": "replay"}', headers=raw), 400, "bad_request")
+    error(api.post("/v1/sources", content=b"[" * 30_000 + b"]" * 30_000, headers=raw), 400, "bad_request")
+    assert {s["name"] for s in api.get("/v1/sources").json()["sources"]}.isdisjoint({twin, ".", ".."})
+
+
+def test_numbers_and_paths_from_http_are_bounded_and_errors_hide_the_servers_folders(served):
+    api = client(served)
+    second = {"name": "big", "path": "pipelines/second"}
+    for fields in ({"steps": 10**30}, {"steps": 10**400}, {"size": 10**9}, {"guidance": 1e308}):
+        assert "over HTTP" in error(api.post("/v1/sources", json={**second, **fields}), 422, "invalid_source")
+    nan = b'{"name": "big", "path": "pipelines/second", "guidance": NaN}'
+    error(api.post("/v1/sources", content=nan, headers={"content-type": "application/json"}), 422, "invalid_source")
+    for path in ("a" * 300, "a/" * 600):  # the OS's ENAMETOOLONG was a 500
+        assert "too long" in error(api.post("/v1/sources", json={"name": "big", "path": path}), 422, "invalid_source")
+    missing = error(api.post("/v1/sources", json={"name": "big", "path": "no-such-folder"}), 422, "invalid_source")
+    assert "no-such-folder" in missing and str(served["store"]) not in missing
+    assert str(served["store"]) not in api.get("/v1/stats").text
+
+
+def test_an_add_and_a_remove_of_one_name_at_once_are_two_changes(served):
+    """They shared one single-flight key: the add was answered with the remove's vector count (a 500) or
+    its unknown-source error (a 404), and the remove with the add's source."""
+    import asyncio
+
+    from engine.service import sources as changes
+
+    policy, body = SourcePolicy(), json.dumps({"name": "race", "kind": "replay"}).encode()
+
+    async def both():
+        return await asyncio.gather(changes.add(served["service"], policy, body),
+                                    changes.remove(served["service"], policy, "race"), return_exceptions=True)
+
+    for _ in range(3):
+        added, removed = asyncio.run(both())
+        assert isinstance(added, dict) and added["name"] == "race", added
+        assert removed == {"removed": "race", "vectors": 0} or "unknown source 'race'" in str(removed), removed
+    assert client(served).delete("/v1/sources/race").status_code in (200, 404)
