@@ -191,13 +191,13 @@ class Catalog:
 
     def find_description_id(self, text: str) -> int | None:
         """Id of a stored description, without creating it (lookups stay read-only)."""
-        with self.db.session() as s:
+        with self.db.reads() as s:
             return s.scalar(select(Description.id).where(
                 Description.hash == sha256_text(normalise_description(text))))
 
     def description_for_file(self, file_hash: str) -> str | None:
         """A stored description of an image with these bytes (an ingested original), if any."""
-        with self.db.session() as s:
+        with self.db.reads() as s:
             return s.scalar(select(Description.text).join(Image, Image.description_id == Description.id)
                             .where(Image.file_hash == file_hash).order_by(Image.role).limit(1))
 
@@ -206,7 +206,7 @@ class Catalog:
         """Map of key -> vector id for the keys already stored (the cache lookup)."""
         keys = list(keys)
         found: dict[str, int] = {}
-        with self.db.session() as s:
+        with self.db.reads() as s:
             for start in range(0, len(keys), 500):
                 rows = s.execute(select(Image.key, Vector.id).join(Vector, Vector.image_id == Image.id)
                                  .where(Image.key.in_(keys[start:start + 500]), Vector.embedder == self.embedder))
@@ -301,7 +301,7 @@ class Catalog:
                  .order_by(Source.name, Image.seed, Image.id))
         if source_ids is not None:
             query = query.where(Image.source_id.in_(source_ids))
-        with self.db.session() as s:
+        with self.db.reads() as s:
             return [StoredReference(*row) for row in s.execute(query)]
 
     def originals(self, source_ids: list[int], per_source: int) -> list[StoredReference]:
@@ -327,7 +327,7 @@ class Catalog:
         if source_ids is not None:
             query = query.where((Image.source_id + 0).in_(source_ids))
         out: dict[int, StoredReference] = {}
-        with self.db.session() as s:
+        with self.db.reads() as s:
             for start in range(0, len(ids), 500):
                 for row in s.execute(query.where(Vector.id.in_(ids[start:start + 500]))):
                     out[row[0]] = StoredReference(*row)
