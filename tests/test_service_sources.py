@@ -195,6 +195,11 @@ def test_names_over_http_are_plain_ascii_and_never_a_case_twin(served):
     error(api.post("/v1/sources", content=b'{"name": "\\ud800", "kind": "replay"}', headers=raw), 400, "bad_request")
     error(api.post("/v1/sources", content=b"[" * 30_000 + b"]" * 30_000, headers=raw), 400, "bad_request")
     assert {s["name"] for s in api.get("/v1/sources").json()["sources"]}.isdisjoint({twin, ".", ".."})
+    # a name taken by another recipe is a conflict (it was a 400 bad_request)
+    assert api.post("/v1/sources", json={"name": "clash", "kind": "replay"}).status_code == 201
+    assert "already exists" in error(api.post("/v1/sources", json={"name": "clash", "path": "pipelines/second",
+                                                                  "steps": 5}), 409, "source_exists")
+    assert api.delete("/v1/sources/clash").status_code == 200
 
 
 def test_numbers_and_paths_from_http_are_bounded_and_errors_hide_the_servers_folders(served):

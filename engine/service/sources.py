@@ -47,6 +47,7 @@ from urllib.parse import urlsplit
 
 from engine.errors import UserError
 from engine.service.errors import ServiceError
+from index.errors import StoreInputError, StoreReadOnly, UnknownName
 
 MAX_BODY = 64 * 1024  # a source declaration is a few hundred bytes
 MAX_PATH = 1024  # characters of a path given over HTTP (the OS's own limits are 4096 and 255 a component)
@@ -260,7 +261,12 @@ async def add(service, policy: SourcePolicy, raw: bytes) -> dict:
 
     def enrol() -> dict:
         _no_twin(name, [s.name for s in service.store.sources()])  # on the worker: no change in between
-        return service.ws.add_source(name, kind=kind, **params)
+        try:
+            return service.ws.add_source(name, kind=kind, **params)
+        except StoreInputError as exc:  # the name is taken by another recipe: a conflict, not a malformed body
+            if isinstance(exc, (UnknownName, StoreReadOnly)):
+                raise
+            raise ServiceError(409, "source_exists", str(exc)) from None
 
     try:
         check_name(name)
