@@ -157,10 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_arguments(q)
     q.set_defaults(run=cmd_source_add)
-    q = source_sub.add_parser("list", parents=[common], help="list sources")
+    q = source_sub.add_parser("list", parents=[common], help="list sources with their recipes",
+                              description="List every source: its kind, its recipe (the settings its images are "
+                                          "generated with, which must match how the images you attribute were "
+                                          "made) and where its model is. --json gives every stored parameter.")
     q.set_defaults(run=cmd_source_list)
-    q = source_sub.add_parser("remove", parents=[common], help="remove a source with its resyntheses")
-    q.add_argument("name")
+    q = source_sub.add_parser("remove", parents=[common], help="remove a source with its resyntheses",
+                              description="Remove a source with every image and vector stored for it (its "
+                                          "resyntheses and labelled originals). A calibration fitted with it "
+                                          "becomes stale: rerun `resynth calibrate`.")
+    q.add_argument("name", help="the source's name, as `resynth source list` shows it")
     q.set_defaults(run=cmd_source_remove)
 
     p = sub.add_parser("ingest", parents=[common], help="import a dataset manifest (CSV or JSONL)",
@@ -168,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "manifest), source, description, role (original|resynthesis), optional seed "
                                    "and original (the original image a resynthesis was made from). Unknown "
                                    "sources become replay sources. Re-running skips rows already stored.")
-    p.add_argument("manifest", type=path_argument)
+    p.add_argument("manifest", type=path_argument, help="the manifest file (.csv or .jsonl), not its folder")
     p.add_argument("--allow-outside", action="store_true",
                    help="accept image paths that resolve outside the manifest's folder (refused by default)")
     p.set_defaults(run=cmd_ingest)
@@ -176,8 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("attribute", parents=[common], help="attribute images to sources",
                        description="Rank every source for each image. Resyntheses already in the store are "
                                    "reused; missing ones are generated and cached.")
-    p.add_argument("images", nargs="*", metavar="IMAGE", type=path_argument)
-    p.add_argument("--prompt", help="the description of the image(s); default: stored metadata, then the captioner")
+    p.add_argument("images", nargs="*", metavar="IMAGE", type=path_argument,
+                   help="image files (PNG, JPEG, WebP ...); a folder: use `resynth triage`")
+    p.add_argument("--prompt", help="the description of the image(s), the more exact the better (the prompt it was "
+                                    "made with, if known); default: a prompt embedded in the file, then the "
+                                    "description stored for an identical image, then the store's captioner")
     p.add_argument("--queries", metavar="FILE.jsonl", type=path_argument,
                    help="rows of {\"image\": PATH, \"prompt\": TEXT}")
     add_arguments(p)
@@ -210,8 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build tiny random diffusers pipelines and a tiny CLIP, register them, make a "
                                    "dataset, ingest it and attribute held-out images, then print the recipes it "
                                    "used, where its models are, the commands that reuse them and what to run "
-                                   "next. Offline, on CPU: about 20 seconds on 2 idle cores (22 s measured; 42 s on "
-                                   "a machine busy with other work); it ends with the time of each step.")
+                                   "next. Offline, on CPU: about 25 seconds on 2 quiet cores (22 to 26 s measured; "
+                                   "42 s on cores busy with other work); it ends with the time of each step. Its "
+                                   "random-weight models show that the machinery works, not how accurate resynth "
+                                   "is on real generators. Its store is DIR/store (--store and $RESYNTH_STORE "
+                                   "are not used).")
     p.add_argument("--workdir", "--out", default="resynth-demo", type=path_argument, metavar="DIR",
                    help="where models, dataset and store go (default ./resynth-demo)")
     p.set_defaults(run=cmd_demo)
@@ -257,8 +269,12 @@ def _source_add_description() -> str:
 
     from engine import sources
 
-    lines = ["Register a candidate source. Its kind is --kind KIND, else the kind its arguments fit (a folder "
-             f"alone: {sources.DEFAULT_KIND}; --api URL: api). Kinds:"]
+    lines = [textwrap.fill(
+        "Register a candidate source. Its kind is --kind KIND, else the kind its arguments fit (a folder "
+        f"alone: {sources.DEFAULT_KIND}; --api URL: api). A pipeline source regenerates every description "
+        "with its recipe (--steps, --guidance, --size, --scheduler, --negative-prompt): give the settings the "
+        "images you will attribute were made with, since the defaults are only guesses and a mismatch makes "
+        "wrong answers look confident. Kinds:", 100)]
     for kind in sources.kinds():
         lines.append(textwrap.fill(f"{kind.name}: {kind.describe()}", 100, initial_indent="  ",
                                    subsequent_indent="    "))
@@ -276,9 +292,25 @@ def cmd_source_add(args) -> None:
     kind, params = source_kind_and_params(args, parsers={"rate": _rate})  # checked before the store opens
     with _open(args) as ws:
         info = ws.add_source(args.name, kind=kind, **params)
+        row = next((r for r in ws.list_sources() if r["name"] == info["name"]), None)
     if "warning" in info:
         print(f"resynth: warning: {info['warning']}", file=sys.stderr)
-    _emit(args, info, f"added source {info['name']} ({info['path']})")
+    text = f"added source {info['name']} ({info['path'] or info['kind']})"
+    if row is not None:
+        from engine.recipes import recipe
+
+        stored = row.get("params") or {}
+        text += f"\n  recipe: {recipe(row['kind'], stored, row.get('path'))}"
+        defaulted = [f"--{name} {stored[name]:g}" for name in RECIPE_FLAGS
+                     if isinstance(stored.get(name), (int, float)) and name not in params]
+        if defaulted:
+            print(f"resynth: warning: {info['name']} uses the default {' and '.join(defaulted)}: a recipe must match "
+                  f"how the images you attribute were made (to change it: `resynth source remove {info['name']}`, "
+                  "then add it again)", file=sys.stderr)
+    _emit(args, info, text)
+
+
+RECIPE_FLAGS = ("steps", "guidance")  # a pipeline recipe's settings that no pipeline folder records
 
 
 _json_object = json_object  # the name this module had for it
@@ -317,6 +349,11 @@ def cmd_source_remove(args) -> None:
 def cmd_ingest(args) -> None:
     from dataclasses import asdict
 
+    folder = Path(args.manifest)
+    if folder.is_dir():
+        found = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in (".csv", ".jsonl") and p.is_file())
+        hint = f" ({', '.join(found[:3])} there)" if found else ""
+        raise UserError(f"{folder} is a folder: give the manifest file in it (.csv or .jsonl){hint}")
     with _open(args) as ws:
         report = ws.ingest(args.manifest, allow_outside=args.allow_outside)
     _emit(args, asdict(report), f"ingested {report.added} images ({report.skipped} already stored) from "
@@ -390,11 +427,11 @@ def verdict_line(r) -> str:
     if "open_set_score" in ev:  # decided by the feature-based open-set score, not the best similarity
         sign = "<" if r.verdict == "unknown" else ">="
         test = f"{ev['open_set_score']} {ev['value']:.2f} {sign} threshold {ev['threshold']:.2f}"
-    elif "threshold" in ev:
+    elif "threshold" in ev:  # similarities crowd near 1: 4 decimals, as the ranking shows them
         sign = "<" if r.verdict == "unknown" else ">="
-        test = f"score {ev['score']:.2f} {sign} threshold {ev['threshold']:.2f}"
+        test = f"score {ev['score']:.4f} {sign} threshold {ev['threshold']:.4f}"
     else:
-        test = f"score {ev['score']:.2f}" if "score" in ev else None
+        test = f"score {ev['score']:.4f}" if "score" in ev else None
     evidence = ", ".join(part for part in (test, refs) if part)
     if r.verdict == "unknown":
         return f"unknown source (closest: {r.predicted}, {evidence})"
@@ -406,6 +443,19 @@ def verdict_line(r) -> str:
                 f"closest source {r.predicted}, {evidence})")
     why = ev.get("why", "no acceptance threshold")
     return f"{r.predicted} (uncalibrated: {why}; {evidence})"
+
+
+def caveats(r) -> list[str]:
+    """What the ranking cannot show by itself, for a person reading the text answer (not in --json: the
+    fields `scores`, `description_from` and `verdict` already say it)."""
+    notes = []
+    if len(r.scores) == 1:
+        notes.append(f"one source was scored ({r.scores[0].source}), so it is named whatever made the image: enrol "
+                     "the other candidate generators, and calibrate for an unknown-source verdict")
+    if r.description_from == "caption":
+        notes.append("the description is the captioner's (no prompt was given, embedded or stored): the "
+                     "answer is only as good as the caption; give --prompt when the prompt is known")
+    return notes
 
 
 def cmd_attribute(args) -> None:
@@ -426,16 +476,22 @@ def cmd_attribute(args) -> None:
     for r in report.results:
         margin = f", margin {r.margin:.4f}" if r.margin is not None else ""
         lines.append(f"{r.query}: {verdict_line(r)}{margin}  "
-                     f"[description from {r.description_from}: {r.description!r}]")
+                     + (f"[description from {r.description_from}: {r.description!r}]" if r.description_from != "none"
+                        else "[no description: nearest stored references only]"))
         lines += [f"  {s.source:24} {s.score:.4f}  p={s.probability:.3f}  ({plural(s.resyntheses, 'reference')})"
                   for s in r.scores]
         unscored = [m for m in r.missing if m not in r.failed]
         if unscored:
-            lines.append(f"  not scored (no resynthesis of this description): {', '.join(unscored)}")
+            why = ("none among the nearest stored references" if (r.evidence or {}).get("mode") == "dataset"
+                   else "no resynthesis of this description")
+            lines.append(f"  not scored ({why}): {', '.join(unscored)}")
         for name, reason in r.failed.items():
             lines.append(f"  not scored ({name} failed): {reason}")
         if (r.evidence or {}).get("provenance", {}).get("conclusion"):  # the file's own claim, beside the ranking
             lines.append(f"  provenance: {r.evidence['provenance']['conclusion']}")
+        lines += [f"  note: {note}" for note in caveats(r)]
+    if any(r.scores and not r.calibrated for r in report.results):
+        lines.append("p: a softmax at the default temperature, not a calibrated probability (`resynth calibrate`)")
     lines.append(f"resyntheses: {report.cached} cached, {report.generated} generated")
     if report.cost is not None:
         from engine.jobs import cost_line
@@ -472,7 +528,7 @@ def cmd_stats(args) -> None:
         data = ws.stats()
     lines = [f"store {data['store']}: {data['vectors']} vectors ({data['index_vectors']} in the index), "
              f"{data['descriptions']} descriptions, embedder {data['embedder']}"]
-    lines += [f"  {name:24} {v['kind']:9} {v['originals']:6} originals {v['resyntheses']:6} resyntheses"
+    lines += [f"  {name:24} {v['kind']:11} {v['originals']:6} originals {v['resyntheses']:6} resyntheses"
               + (f"  ({v['api']['spent_usd']:.4f} USD bought)" if "api" in v else "")
               for name, v in data["sources"].items()]
     _emit(args, data, "\n".join(lines))

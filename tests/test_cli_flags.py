@@ -192,20 +192,29 @@ print(diffusers.utils.logging.is_progress_bar_enabled(), transformers.utils.logg
 
 def test_the_verdict_line_shows_its_evidence():
     from engine.attribute import Attribution, SourceScore
-    from engine.cli import plural, verdict_line
+    from engine.cli import caveats, plural, verdict_line
 
     def result(verdict, evidence):
         return Attribution(query="q.png", description="d", description_from="prompt", predicted="sdxl",
                            margin=0.1, scores=[SourceScore("sdxl", 0.41, 3, 0.99)], missing=[],
                            verdict=verdict, evidence=evidence)
 
-    assert verdict_line(result("unknown", {"score": 0.41, "threshold": 0.55, "references": 3})) == \
-        "unknown source (closest: sdxl, score 0.41 < threshold 0.55, 3 references)"
+    # similarities crowd near 1: shown to 4 decimals, so a score and its threshold never both read "1.00"
+    assert verdict_line(result("unknown", {"score": 0.99481, "threshold": 0.99512, "references": 3})) == \
+        "unknown source (closest: sdxl, score 0.9948 < threshold 0.9951, 3 references)"
     assert verdict_line(result("known", {"score": 0.61, "threshold": 0.55, "references": 1})) == \
-        "sdxl (known source: score 0.61 >= threshold 0.55, 1 reference)"
+        "sdxl (known source: score 0.6100 >= threshold 0.5500, 1 reference)"
     why = "no calibration: run `resynth calibrate`"
     line = verdict_line(result("uncalibrated", {"score": 0.61, "references": 2, "why": why}))
-    assert line == "sdxl (uncalibrated: no calibration: run `resynth calibrate`; score 0.61, 2 references)"
+    assert line == "sdxl (uncalibrated: no calibration: run `resynth calibrate`; score 0.6100, 2 references)"
+    # the text answer says what the ranking cannot: a lone source is always named, a caption may be wrong
+    alone = result("uncalibrated", {})
+    alone.description_from = "caption"
+    assert [note.split(" (")[0] for note in caveats(alone)] == ["one source was scored",
+                                                                 "the description is the captioner's"]
+    alone.scores.append(SourceScore("flux", 0.3, 3, 0.01))
+    alone.description_from = "prompt"
+    assert caveats(alone) == []
     line = verdict_line(result("unknown", {"score": 0.9, "references": 4, "open_set_score": "mahalanobis_open_set",
                                            "value": -3.2, "threshold": -1.5}))
     assert line == "unknown source (closest: sdxl, mahalanobis_open_set -3.20 < threshold -1.50, 4 references)"

@@ -55,6 +55,10 @@ def test_bad_model_folders(store_dir, models, capsys, tmp_path, copy_of):
     name, folder = next(iter(models["pipelines"].items()))
     _fails(capsys, "source", "add", name, folder, *s, match="already exists")
     _fails(capsys, "source", "add", "y", folder, "--scheduler", "NoSuchScheduler", *s, match="unknown scheduler")
+    # a recipe left at a default is added, with the recipe shown and a warning that it must match the images
+    assert run_cli("source", "add", "y", folder, "--steps", 3, *s) == 0
+    out = capsys.readouterr()
+    assert "recipe: steps 3, guidance 7" in out.out and "y uses the default --guidance 7" in out.err
     # Garbage or truncated weight files are refused at `source add`, without loading them.
     corrupt = copy_of(folder, "corrupt")
     for weights in corrupt.rglob("*.safetensors"):
@@ -141,6 +145,7 @@ def test_bad_manifests(store_dir, originals, capsys, tmp_path):
         (tmp_path / name).write_text(text)
         _fails(capsys, "ingest", tmp_path / name, *s, match=message)
     _fails(capsys, "ingest", tmp_path / "none.csv", *s, match="manifest not found")
+    _fails(capsys, "ingest", tmp_path, *s, match="is a folder: give the manifest file in it (.csv or .jsonl) (")
 
 
 def test_console_script_help_and_error_exit():
