@@ -135,6 +135,8 @@ class LocalImages:
 def parse_images_url(url: str) -> str:
     """The URL as store.json keeps it (no trailing slash); a one-line StoreInputError if it is not an
     object-store URL without credentials, or if the package its backend needs is not installed."""
+    if not isinstance(url, str):
+        raise StoreInputError(f"--images {url!r}: not an object-store URL (s3://BUCKET/PREFIX)")
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in PROTOCOLS:
@@ -302,6 +304,14 @@ def read_location(location: str) -> bytes:
 
 
 def image_files(layout) -> ImageFiles:
-    """The place `layout`'s config names for its image files."""
+    """The place `layout`'s config names for its image files. A store.json whose entry is not a usable
+    URL (edited by hand, or the backend's package missing here) is one line naming store.json."""
     url = layout.config.get("images")
-    return ObjectImages(url) if url else LocalImages(layout)
+    if not url:
+        return LocalImages(layout)
+    try:
+        return ObjectImages(url)
+    except StoreInputError as exc:
+        reason = str(exc).split(": ", 1)[-1]
+        raise StoreInputError(f"{layout.config_path} names image storage {url!r} that cannot be used ({reason}); "
+                              "correct its \"images\" entry or install what it needs") from None

@@ -584,3 +584,16 @@ def test_store_made_before_checksums_and_tombstones_is_upgraded(tmp_path, db):
 
 def test_hash_helper_matches():
     assert vx.checksum(b"abc") == hashlib.blake2b(b"abc", digest_size=16).hexdigest()
+
+
+def test_an_unusable_images_entry_in_store_json_is_one_line_naming_it(tmp_path):
+    """store.json's "images" edited into something that is not an object-store URL (a list, a number, an
+    http URL) is one line naming store.json when the images are first needed, never a TypeError."""
+    root = _make(tmp_path, n=3)
+    config = json.loads((root / "store.json").read_text())
+    for value in (["s3://bucket"], 5, "http://example.invalid/x"):
+        (root / "store.json").write_text(json.dumps({**config, "images": value}))
+        with Store.open(root, writable=False) as store:
+            with pytest.raises(StoreInputError, match=r"store\.json names image storage .* correct its") as caught:
+                store.verify()
+        assert "\n" not in str(caught.value)
