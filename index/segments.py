@@ -149,7 +149,10 @@ def read_removed(index_path: Path, entry: dict | None) -> np.ndarray:
     if len(data) != entry["size"] or len(data) != 8 * entry["n"]:
         raise ValueError(f"{path.name}: {len(data)} bytes, the manifest says {entry['size']} bytes for "
                          f"{entry['n']} ids")
-    return np.frombuffer(data, "<i8").astype(np.int64)
+    ids = np.frombuffer(data, "<i8").astype(np.int64)
+    if len(ids) > 1 and not bool((ids[1:] > ids[:-1]).all()):  # a save writes them sorted and distinct
+        raise ValueError(f"{path.name}: its ids are not sorted and distinct")
+    return ids
 
 
 def should_compact(base_rows: int, segment_rows: int, removed: int) -> bool:

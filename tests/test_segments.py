@@ -426,6 +426,19 @@ def test_a_removed_id_added_back_by_a_repair_is_saved_in_a_new_base(tmp_path):
         assert not again.open_report.notes and _agrees(again)
 
 
+def test_a_removed_ids_file_with_an_id_twice_is_left_out_and_the_repair_persists(tmp_path):
+    """A removed-ids file naming one id twice (and so missing another) was taken at its count: the open
+    repaired the index in memory, but its save saw nothing unsaved, so every open repaired it again."""
+    root = _segmented(tmp_path)
+    removed = root / _manifest(root)["removed"]["file"]
+    data = removed.read_bytes()
+    removed.write_bytes(data[:8] + data[:8] + data[16:])
+    with Store.open(root) as store:
+        assert any("not sorted and distinct" in note for note in store.open_report.notes) and _agrees(store)
+    with Store.open(root, writable=False) as again:
+        assert not again.open_report.notes and _agrees(again)
+
+
 def test_a_damaged_id_in_a_segment_is_rebuilt_not_called_lost_data(tmp_path):
     """A segment whose id map got a flipped byte holds a stored vector under an id the database never
     gave: the file is damaged, not the database, so the open rebuilds from the database rather than
