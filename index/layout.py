@@ -62,17 +62,15 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None], point: str) -> 
             tmp.unlink(missing_ok=True)
         except OSError:
             pass  # e.g. a read-only filesystem: then there is no temporary file either
-        problem = os_failure(_os_cause(exc), path, f"writing {path.name}") or _unclassified(_os_cause(exc), path)
-        if problem is not None:
-            raise problem from exc
+        cause = _os_cause(exc)
+        if isinstance(cause, OSError):
+            raise (os_failure(cause, path, f"writing {path.name}") or _unclassified(cause, path)) from exc
         raise
 
 
-def _unclassified(exc: BaseException, path: Path) -> StoreError | None:
+def _unclassified(exc: OSError, path: Path) -> StoreError:
     """Any other OSError of a store file write, still one line: something that is not a file in the file's
     place (a folder, a link loop), or a refusal failures.py does not name."""
-    if not isinstance(exc, OSError):
-        return None
     why = exc.strerror or type(exc).__name__
     if exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.ELOOP, errno.ENOTEMPTY, errno.EEXIST):
         return StoreDamaged(f"cannot write {path} ({why}): something that is not the store's file is in its place; "
@@ -200,10 +198,8 @@ class Layout:
         try:
             fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            problem = os_failure(exc, self.root / LOCK_NAME, "taking the store's publish lock")
-            if problem is None:
-                raise
-            raise problem from exc
+            lock = self.root / LOCK_NAME
+            raise (os_failure(exc, lock, "taking the store's publish lock") or _unclassified(exc, lock)) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

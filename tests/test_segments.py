@@ -486,8 +486,8 @@ def test_leftovers_the_machine_will_not_remove_never_fail_a_save_and_a_read_only
 
 
 def test_something_else_in_a_files_place_is_one_line_or_served_around(tmp_path):
-    """A folder where the base belongs cannot be replaced by a save: one line naming it, never an
-    IsADirectoryError traceback; a link loop where the manifest belongs is read as no manifest."""
+    """A folder where the base (or the publish lock) belongs cannot be replaced by a save: one line naming
+    it, never an IsADirectoryError traceback; a link loop where the manifest belongs is read as none."""
     import shutil
 
     from index.errors import StoreDamaged
@@ -510,6 +510,15 @@ def test_something_else_in_a_files_place_is_one_line_or_served_around(tmp_path):
     with Store.open(loop) as store:  # the save replaces the link with a manifest
         assert _agrees(store)
     assert not manifest.is_symlink()
+    (loop / "store.lock").unlink()
+    (loop / "store.lock").mkdir()
+    store = Store.open(loop)
+    store.add_images(_rows(store, _keys(2, start=700)))
+    with pytest.raises(StoreDamaged, match=r"store.lock \(Is a directory\)"):
+        store.save_index()
+    assert _agrees(store)
+    with pytest.raises(StoreDamaged, match="store.lock"):
+        store.close()  # which tries the same save (and lets the database go)
 
 
 @pytest.fixture
