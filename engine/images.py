@@ -9,8 +9,9 @@ import hashlib
 import io
 import numbers
 import os
+import struct
 from pathlib import Path
-from typing import Union
+from typing import IO, Union
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
@@ -32,6 +33,11 @@ ALIASES = {"MPO": "JPEG"}
 # this the image is refused (413), from its header, before any pixel. Provenance reads the text itself.
 MAX_PNG_TEXT = 4 << 20
 PngImagePlugin.MAX_TEXT_MEMORY = min(PngImagePlugin.MAX_TEXT_MEMORY, MAX_PNG_TEXT)
+# Blocks of a file's container that Pillow walks one by one in Python at every open, before (and, for
+# PNG, after) the pixel data: PNG chunks, JPEG markers and fill bytes before the first scan, GIF blocks
+# before the first frame. Encoders write tens (PNG: one IDAT chunk per 8-64 KB of pixels); a 17 MB file
+# of empty chunks or markers cost 5-6 s of CPU per open, twice per request (measured). Refused beyond.
+MAX_BLOCKS = 20_000
 # Longest side over shortest side. CLIP preprocessing scales the *short* side to the model's input
 # side (224 to 336 px) and keeps the ratio, so a few-KB PNG of 60000 x 1 pixels, inside every pixel
 # limit, would become 60000*S x S pixels before the centre crop (measured: +1.1 GB of server memory
@@ -143,6 +149,7 @@ def _too_much_text(label: str) -> TooLargeError:
 
 
 def decode(data: bytes, label: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    check_structure(data, label)
     try:
         with Image.open(io.BytesIO(data)) as opened:
             if not accepted(opened):
@@ -194,6 +201,75 @@ def check_header(path: Path, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_P
         lines = str(exc).splitlines() or [type(exc).__name__]
         reason = "not an image" if isinstance(exc, UnidentifiedImageError) else lines[0]
         raise UserError(f"cannot decode image {path}: {reason}", code="undecodable_image") from None
+
+
+def check_structure(source: bytes | IO[bytes], label: str = "image") -> None:
+    """400 for a file with more container blocks than MAX_BLOCKS, found by a walk of at most that many
+    steps (headers read, bodies skipped); a file object is left where it was. Other formats pass."""
+    handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+    start = handle.tell()
+    try:
+        head = handle.read(16)
+        walk = _png_blocks if head.startswith(b"\x89PNG\r\n\x1a\n") else _jpeg_blocks if head.startswith(b"\xff\xd8") \
+            else _gif_blocks if head[:6] in (b"GIF87a", b"GIF89a") else None
+        if walk is not None:
+            handle.seek(start)
+            kind = walk(handle)
+            if kind is not None:
+                raise UserError(f"cannot decode image {label}: more than {MAX_BLOCKS} {kind} (no encoder writes "
+                                "that many)", code="undecodable_image")
+    finally:
+        handle.seek(start)
+
+
+def _png_blocks(handle: IO[bytes]) -> str | None:
+    handle.seek(8, io.SEEK_CUR)
+    for _ in range(MAX_BLOCKS):
+        header = handle.read(8)
+        if len(header) < 8 or header[4:] == b"IEND":
+            return None
+        handle.seek(struct.unpack(">I", header[:4])[0] + 4, io.SEEK_CUR)
+    header = handle.read(8)
+    return "PNG chunks" if len(header) == 8 and header[4:] != b"IEND" else None
+
+
+def _jpeg_blocks(handle: IO[bytes]) -> str | None:
+    handle.seek(2, io.SEEK_CUR)
+    for _ in range(MAX_BLOCKS):
+        byte = handle.read(1)
+        if byte != b"\xff":  # the end, or not a marker: Pillow stops there too
+            return None
+        marker = handle.read(1)
+        if marker in (b"", b"\xda", b"\xd9"):  # start of scan (libjpeg's C from here) or end of image
+            return None
+        if marker == b"\xff":  # a fill byte: step one byte back and read the next marker from it
+            handle.seek(-1, io.SEEK_CUR)
+        elif marker not in (b"\x01", *(bytes([m]) for m in range(0xD0, 0xD8))):  # marker with a length
+            size = handle.read(2)
+            if len(size) < 2:
+                return None
+            handle.seek(struct.unpack(">H", size)[0] - 2, io.SEEK_CUR)
+    return "JPEG markers before the image data"
+
+
+def _gif_blocks(handle: IO[bytes]) -> str | None:
+    header = handle.read(13)
+    if len(header) < 13:
+        return None
+    if header[10] & 0x80:
+        handle.seek(3 << ((header[10] & 7) + 1), io.SEEK_CUR)  # the global colour table
+    budget = MAX_BLOCKS  # extensions and their sub-blocks together: Pillow reads each in Python
+    while budget > 0:
+        if handle.read(1) != b"\x21":  # an image (its frame is decoded in C), the trailer, or the end
+            return None
+        handle.seek(1, io.SEEK_CUR)  # the extension's label
+        while budget > 0:
+            budget -= 1
+            size = handle.read(1)
+            if not size or size == b"\x00":
+                break
+            handle.seek(size[0], io.SEEK_CUR)
+    return "GIF blocks before the first frame"
 
 
 def save_png_atomic(image: Image.Image, path: Path) -> str:

@@ -15,6 +15,7 @@ MAX_CHUNK = 8 << 20  # a single metadata chunk/segment larger than this is not r
 MAX_TEXT = 2 << 20  # a text value (after decompression) is cut here
 MAX_TEXT_TOTAL = 16 << 20  # all text values of one file together
 MAX_ITEMS = 256  # chunks with text, IFD entries, ...
+MAX_CHUNKS = 65536  # PNG chunks of any kind walked (encoders write one IDAT per 8-64 KB of pixels)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 XMP_JPEG = b"http://ns.adobe.com/xap/1.0/\x00"
@@ -112,7 +113,9 @@ def inflate(raw: bytes, where: str, notes: list[str], limit: int = MAX_TEXT) -> 
 
 def _read_png(data: bytes, box: Container) -> None:
     pos, n = 8, 0
-    while pos + 8 <= len(data):
+    for _ in range(MAX_CHUNKS):
+        if pos + 8 > len(data):
+            break
         length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
         body_start, body_end = pos + 8, pos + 8 + length
         name = ctype.decode("latin-1")
@@ -137,6 +140,9 @@ def _read_png(data: bytes, box: Container) -> None:
                 box.exif = body
             continue
         _png_text(ctype, body, box)
+    else:
+        box.notes.append(f"png: more than {MAX_CHUNKS} chunks; the rest are not read")
+        return
     box.notes.append("png: no IEND chunk (truncated file?)")
 
 

@@ -19,7 +19,7 @@ from starlette.requests import ClientDisconnect
 
 from engine.attribute import Query
 from engine.errors import SourceError, TooLargeError, UserError, kind_of, message_of
-from engine.images import FORMATS, check_aspect
+from engine.images import FORMATS, check_aspect, check_structure
 from engine.options import Options, schema
 from engine.service.config import Access, Limits
 from engine.service.core import Service
@@ -331,6 +331,7 @@ def _sizes(files) -> list[tuple[int, int] | None]:
     for file in files:
         file.seek(0)
         try:
+            check_structure(file)  # hardening: Pillow walks a file's blocks in Python; too many cost seconds
             with Image.open(file, formats=FORMATS) as opened:
                 sizes.append((opened.width, opened.height))
         except Exception:  # noqa: BLE001 - any failure here is reported by the reader, by type
