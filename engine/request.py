@@ -14,6 +14,7 @@ The offline jobs (engine.jobs) run its resynthesis step (engine.resynthesis) ove
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Hashable, Protocol, Sequence, cast
 
@@ -63,6 +64,17 @@ class Inline:
         """Run a model call (captioning, generation); the waiter gives (result, joined another's job)."""
         result = job()
         return lambda: (result, False)
+
+
+class Embedded(Inline):
+    """Inline, with the query vectors computed ahead (`attribute` embeds a chunk while the one before it
+    is scored)."""
+
+    def __init__(self, vectors: np.ndarray):
+        self.vectors = vectors
+
+    def embed(self, ws: "Workspace", images: list) -> Waiter:
+        return lambda: self.vectors
 
 
 class Request:
@@ -227,14 +239,33 @@ def attribute(ws: "Workspace", images: ImageInput | Sequence[ImageInput] | Seque
     budget = Budget(plan.options.max_cost)
     results: list[Attribution] = []
     cached = generated = 0
-    chunks = range(0, len(items), QUERY_CHUNK)
-    with ws.stage_seconds() as seconds:
-        for start in tqdm(chunks, desc="attributing", unit="chunk", disable=not ws.progress or len(chunks) < 2):
-            queries = [item if isinstance(item, Query) else
-                       Query.read(item, p, labels[start + i] if labels else None)
-                       for i, (item, p) in enumerate(zip(items[start:start + QUERY_CHUNK],
-                                                         prompts[start:start + QUERY_CHUNK]))]
-            found, counts = Request(ws, budget=budget, plan=plan).run(queries)
+    chunks = [range(start, min(start + QUERY_CHUNK, len(items))) for start in range(0, len(items), QUERY_CHUNK)]
+
+    def read(chunk: range) -> list[Query]:
+        return [item if isinstance(item, Query) else Query.read(item, prompts[i], labels[i] if labels else None)
+                for i, item in ((i, items[i]) for i in chunk)]
+
+    def ahead(chunk: range) -> tuple[list[Query], np.ndarray, dict[str, float]]:
+        """The next chunk read and embedded on a worker thread while this one is scored: decoding, metadata
+        and the CLIP forward overlap the store lookups and scoring (a GPU's forward, and a second core)."""
+        with ws.stage_seconds() as spent:
+            queries = read(chunk)
+            return queries, ws.embed([q.image for q in queries]), dict(spent)
+
+    with ws.stage_seconds() as seconds, ThreadPoolExecutor(1, thread_name_prefix="resynth-ahead") as worker:
+        coming = worker.submit(ahead, chunks[0]) if len(chunks) > 1 else None
+        for n, chunk in enumerate(tqdm(chunks, desc="attributing", unit="chunk",
+                                       disable=not ws.progress or len(chunks) < 2)):
+            runner: Runner = Inline()
+            if coming is None:  # one chunk: read here, embedded when the scores need it (after any generation)
+                queries = read(chunk)
+            else:
+                queries, vectors, spent = coming.result()
+                for stage, value in spent.items():
+                    seconds[stage] += value
+                runner = Embedded(vectors)
+                coming = worker.submit(ahead, chunks[n + 1]) if n + 1 < len(chunks) else None
+            found, counts = Request(ws, budget=budget, plan=plan, runner=runner).run(queries)
             results += found
             cached += sum(c for c, _, _ in counts.values())
             generated += sum(g for _, g, _ in counts.values())

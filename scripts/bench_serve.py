@@ -8,7 +8,9 @@ as the prompt. Nothing is ever generated; every figure is lookup + decode + embe
   model        the store's own embedder (the engine's feature: middle-block class token) on ready,
                preprocessed tensors on the device, batches of --max-batch, bf16 autocast on CUDA: the
                ceiling every other row is divided by
-  library      `Workspace.attribute` in this process: one query per call (c=1), and --max-batch per call
+  library      `Workspace.attribute` in this process: one query per call (c=1), --max-batch per call, and a
+               long list per call (--list, several chunks: the next chunk is read and embedded while one
+               is scored)
   server c=N   `resynth serve` on loopback (--max-requests set to the highest level, so no request is
                shed with a 503), N client threads posting one multipart query each at a time
 
@@ -211,11 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sources", type=int, default=4)
     parser.add_argument("--descriptions", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=32, help="the server's and the batched rows' batch")
+    parser.add_argument("--list", type=int, default=512, help="queries per call of the long-list library row")
     parser.add_argument("--quick", action="store_true", help="CI: 0.3 s rows, levels 1 and 8, a small store")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
     args = parser.parse_args(argv)
     if args.quick:
-        args.seconds, args.levels, args.descriptions, args.sources = 0.3, "1,8", 4, 4
+        args.seconds, args.levels, args.descriptions, args.sources, args.list = 0.3, "1,8", 4, 4, 130
     workdir = args.workdir or Path(f"/tmp/resynth-bench-serve-{args.size}")
     queries = build(workdir, args.size, args.device, args.sources, args.descriptions)
     store = workdir / "store"
@@ -223,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     rows["library c=1"] = bench_library(store, queries, args.device, 1, args.seconds)
     rows[f"library batch {args.max_batch}"] = bench_library(store, queries, args.device, args.max_batch,
                                                             args.seconds)
+    rows[f"library list {args.list}"] = bench_library(store, queries, args.device, args.list, args.seconds)
     levels = [int(x) for x in args.levels.split(",")]
     # a deployment sized for the highest level: admits that many requests at once instead of shedding them
     extra = ["--max-batch", str(args.max_batch), "--max-requests", str(max(levels))]
