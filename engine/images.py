@@ -38,6 +38,11 @@ PngImagePlugin.MAX_TEXT_MEMORY = min(PngImagePlugin.MAX_TEXT_MEMORY, MAX_PNG_TEX
 # before the first frame. Encoders write tens (PNG: one IDAT chunk per 8-64 KB of pixels); a 17 MB file
 # of empty chunks or markers cost 5-6 s of CPU per open, twice per request (measured). Refused beyond.
 MAX_BLOCKS = 20_000
+# Scans of a JPEG: libjpeg decodes each over the whole image, so a 110 KB progressive JPEG of 16 MP with
+# its last scan repeated 500 times took 6 s (measured); 20 MB of repeats would take hours. Encoders
+# write 1 (baseline) or about 10 (progressive). Per request, pixels x scans is then at most 64 MP x 100
+# (about 5 s of CPU).
+MAX_SCANS = 100
 # Longest side over shortest side. CLIP preprocessing scales the *short* side to the model's input
 # side (224 to 336 px) and keeps the ratio, so a few-KB PNG of 60000 x 1 pixels, inside every pixel
 # limit, would become 60000*S x S pixels before the centre crop (measured: +1.1 GB of server memory
@@ -205,7 +210,8 @@ def check_header(path: Path, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_P
 
 def check_structure(source: bytes | IO[bytes], label: str = "image") -> None:
     """400 for a file with more container blocks than MAX_BLOCKS, found by a walk of at most that many
-    steps (headers read, bodies skipped); a file object is left where it was. Other formats pass."""
+    steps (headers read, bodies skipped), or a JPEG of more than MAX_SCANS scans; a file object is left
+    where it was. Other formats pass."""
     handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
     start = handle.tell()
     try:
@@ -216,8 +222,8 @@ def check_structure(source: bytes | IO[bytes], label: str = "image") -> None:
             handle.seek(start)
             kind = walk(handle)
             if kind is not None:
-                raise UserError(f"cannot decode image {label}: more than {MAX_BLOCKS} {kind} (no encoder writes "
-                                "that many)", code="undecodable_image")
+                raise UserError(f"cannot decode image {label}: {kind} (no encoder writes that many)",
+                                code="undecodable_image")
     finally:
         handle.seek(start)
 
@@ -230,7 +236,7 @@ def _png_blocks(handle: IO[bytes]) -> str | None:
             return None
         handle.seek(struct.unpack(">I", header[:4])[0] + 4, io.SEEK_CUR)
     header = handle.read(8)
-    return "PNG chunks" if len(header) == 8 and header[4:] != b"IEND" else None
+    return f"more than {MAX_BLOCKS} PNG chunks" if len(header) == 8 and header[4:] != b"IEND" else None
 
 
 def _jpeg_blocks(handle: IO[bytes]) -> str | None:
@@ -240,7 +246,9 @@ def _jpeg_blocks(handle: IO[bytes]) -> str | None:
         if byte != b"\xff":  # the end, or not a marker: Pillow stops there too
             return None
         marker = handle.read(1)
-        if marker in (b"", b"\xda", b"\xd9"):  # start of scan (libjpeg's C from here) or end of image
+        if marker == b"\xda":  # the first scan: libjpeg's C from here, but each further scan is a pass
+            return _jpeg_scans(handle)
+        if marker in (b"", b"\xd9"):
             return None
         if marker == b"\xff":  # a fill byte: step one byte back and read the next marker from it
             handle.seek(-1, io.SEEK_CUR)
@@ -249,7 +257,23 @@ def _jpeg_blocks(handle: IO[bytes]) -> str | None:
             if len(size) < 2:
                 return None
             handle.seek(struct.unpack(">H", size)[0] - 2, io.SEEK_CUR)
-    return "JPEG markers before the image data"
+    return f"more than {MAX_BLOCKS} JPEG markers before the image data"
+
+
+def _jpeg_scans(handle: IO[bytes]) -> str | None:
+    """Scans up to the first end of image, counted at C speed: in entropy-coded data a 0xFF byte is
+    always followed by 0x00 or a marker, so `FF DA` is a scan there and `FF D9` the end."""
+    scans, tail = 1, b""
+    while block := handle.read(1 << 20):
+        data = tail + block
+        end = data.find(b"\xff\xd9")
+        scans += data.count(b"\xff\xda", 0, len(data) if end < 0 else end)  # the 1-byte tail holds none
+        if scans > MAX_SCANS:
+            return f"more than {MAX_SCANS} JPEG scans, each a pass over every pixel"
+        if end >= 0:
+            return None
+        tail = data[-1:]
+    return None
 
 
 def _gif_blocks(handle: IO[bytes]) -> str | None:
@@ -269,7 +293,7 @@ def _gif_blocks(handle: IO[bytes]) -> str | None:
             if not size or size == b"\x00":
                 break
             handle.seek(size[0], io.SEEK_CUR)
-    return "GIF blocks before the first frame"
+    return f"more than {MAX_BLOCKS} GIF blocks before the first frame"
 
 
 def save_png_atomic(image: Image.Image, path: Path) -> str:
