@@ -131,7 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init", parents=[common], help="create a store bound to one CLIP image encoder",
                        description="Create a store bound to one open_clip image encoder, given as an architecture "
-                                   "name (e.g. ViT-B-32) or a model config JSON, plus a local checkpoint file.")
+                                   "name (e.g. ViT-B-32) or a model config JSON, plus a local checkpoint file. "
+                                   "Run again on an existing store with the same encoder flags, it changes "
+                                   "nothing but the captioner (and its instruction) when --captioner is given; a "
+                                   "store moves to another encoder with `resynth reembed`.")
     add_clip_arguments(p)
     p.add_argument("--captioner", metavar="DIR", type=path_argument,
                    help="captioner folder used when a query comes without a prompt: an image-to-text model (BLIP, "
@@ -181,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("attribute", parents=[common], help="attribute images to sources",
                        description="Rank every source for each image. Resyntheses already in the store are "
-                                   "reused; missing ones are generated and cached.")
+                                   "reused; missing ones are generated and cached. The answer names the closest "
+                                   "enrolled source; it says `known` or `unknown source` only once `resynth "
+                                   "calibrate` has fitted thresholds (before, the verdict is `uncalibrated`).")
     p.add_argument("images", nargs="*", metavar="IMAGE", type=path_argument,
                    help="image files (PNG, JPEG, WebP ...); a folder: use `resynth triage`")
     p.add_argument("--prompt", help="the description of the image(s), the more exact the better (the prompt it was "
