@@ -221,8 +221,12 @@ class LiveIndex:
         if db is None or db == vx.id_digest(db_ids):
             return None
         if self.layout.writable:
-            recount_vector_sets(self.db)
-            return "the database's id digest (vector_sets) disagreed with its vectors: recomputed"
+            try:
+                recount_vector_sets(self.db)
+                return "the database's id digest (vector_sets) disagreed with its vectors: recomputed"
+            except (StoreUnavailable, StoreReadOnly) as exc:  # a held lock, a full disk: not a reason to refuse
+                return (f"the database's id digest (vector_sets) disagrees with its vectors and could not be "
+                        f"recomputed now ({exc}): every open reads all ids until one can")
         return ("the database's id digest (vector_sets) disagrees with its vectors: every open reads all ids "
                 "until a writable open recomputes it")
 

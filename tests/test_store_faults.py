@@ -597,3 +597,24 @@ def test_an_unusable_images_entry_in_store_json_is_one_line_naming_it(tmp_path):
             with pytest.raises(StoreInputError, match=r"store\.json names image storage .* correct its") as caught:
                 store.verify()
         assert "\n" not in str(caught.value)
+
+
+def test_a_stale_id_digest_under_a_held_write_lock_does_not_refuse_the_open(tmp_path, monkeypatch):
+    """A writable open recomputes a stale id digest; when another program holds the database's write
+    lock that recount waits out the busy timeout and fails, but the open goes on (ids compared one by
+    one, as they must be with a stale digest) instead of refusing the store."""
+    root = _make(tmp_path, n=20)
+    _sql(root / "metadata.sqlite", "UPDATE vector_sets SET id_sum = id_sum + 1")
+    monkeypatch.setenv("RESYNTH_BUSY_TIMEOUT_S", "0.2")
+    holder = sqlite3.connect(root / "metadata.sqlite", isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        with Store.open(root) as store:
+            assert any("could not be recomputed now" in note for note in store.open_report.notes)
+            assert _search_is_right(store, _keys(20))
+    finally:
+        holder.close()
+    with Store.open(root) as store:
+        assert any("recomputed" in note for note in store.open_report.notes)
+    with Store.open(root) as store:
+        assert not store.open_report.notes
