@@ -408,9 +408,9 @@ def test_provenance_stops_inflating_once_a_files_text_budget_is_spent():
 
 def test_files_of_countless_tiny_blocks_are_refused_before_pillow_walks_them(server, small_png):
     """17 MB of empty PNG chunks (or JPEG markers, GIF blocks) cost Pillow 5-6 s of CPU per open, twice per
-    image, and every repeated JPEG scan a pass over all pixels: a request of such images held the server
-    for minutes. The walk stops at MAX_BLOCKS, the scan count at MAX_SCANS."""
-    from engine.images import MAX_BLOCKS, MAX_SCANS, check_structure
+    image, every repeated JPEG scan a pass over all pixels, every TIFF strip a tuple: a request of such
+    images held the server for minutes. Bounded by MAX_BLOCKS, MAX_SCANS and MAX_TIFF_VALUES."""
+    from engine.images import MAX_BLOCKS, MAX_SCANS, MAX_TIFF_VALUES, check_structure
     from engine.errors import UserError
 
     png = small_png[:33] + _chunk(b"abCd", b"") * (MAX_BLOCKS + 1) + small_png[33:]
@@ -421,7 +421,9 @@ def test_files_of_countless_tiny_blocks_are_refused_before_pillow_walks_them(ser
     for hostile in (jpeg.getvalue()[:-2] + last_scan * (MAX_SCANS + 1) + b"\xff\xd9",
                     jpeg.getvalue()[:2] + b"\xff\xfe\x00\x02" * (MAX_BLOCKS + 1) + jpeg.getvalue()[2:],
                     jpeg.getvalue()[:2] + b"\xff" * (MAX_BLOCKS + 5) + jpeg.getvalue()[2:],
-                    b"GIF89a\x08\x00\x08\x00\x00\x00\x00" + b"\x21\xfe\x00" * (MAX_BLOCKS + 1) + b"\x3b"):
+                    b"GIF89a\x08\x00\x08\x00\x00\x00\x00" + b"\x21\xfe\x00" * (MAX_BLOCKS + 1) + b"\x3b",
+                    # 2 million strip offsets for a 64 x 64 image: 11 s and 550 MB inside Pillow
+                    b"II*\x00\x08\x00\x00\x00\x01\x00" + struct.pack("<HHI", 273, 4, MAX_TIFF_VALUES + 1) + bytes(8)):
         with pytest.raises(UserError, match="more than .* [(]no encoder writes that many"):
             check_structure(hostile)
     check_structure(io.BytesIO(small_png))  # an ordinary file passes
