@@ -429,6 +429,17 @@ def test_files_of_countless_tiny_blocks_are_refused_before_pillow_walks_them(ser
     check_structure(io.BytesIO(small_png))  # an ordinary file passes
 
 
+def test_an_oversized_exif_block_is_not_unpacked_for_its_orientation():
+    """An 11 MB eXIf chunk whose orientation tag listed 3 million values: Pillow unpacked them all (72 MB)."""
+    from engine.images import MAX_EXIF, read_image
+
+    png = _png(Image.new("RGB", (64, 32)))
+    tiff = b"II*\x00\x08\x00\x00\x00\x01\x00" + struct.pack("<HHIHH", 0x0112, 3, 1, 6, 0) + bytes(4)
+    for exif, size in ((tiff, (32, 64)), (tiff + bytes(MAX_EXIF), (64, 32))):  # rotated; too large: as stored
+        image, _ = read_image(png[:33] + _chunk(b"eXIf", exif) + png[33:])
+        assert image.size == size
+
+
 def test_camera_jpegs_with_a_multi_picture_index_are_read_as_jpegs():
     from engine.images import read_image
 
