@@ -496,7 +496,8 @@ def cmd_attribute(args) -> None:
             lines.append(f"  provenance: {r.evidence['provenance']['conclusion']}")
         lines += [f"  note: {note}" for note in caveats(r)]
     if any(r.scores and not r.calibrated for r in report.results):
-        lines.append("p: a softmax at the default temperature, not a calibrated probability (`resynth calibrate`)")
+        lines.append("p: a softmax of the scores, not a calibrated probability (no current calibration: "
+                     "`resynth calibrate`)")
     lines.append(f"resyntheses: {report.cached} cached, {report.generated} generated")
     if report.cost is not None:
         from engine.jobs import cost_line
