@@ -455,8 +455,8 @@ def caveats(r) -> list[str]:
     fields `scores`, `description_from` and `verdict` already say it)."""
     notes = []
     if len(r.scores) == 1:
-        notes.append(f"one source was scored ({r.scores[0].source}), so it is named whatever made the image: enrol "
-                     "the other candidate generators, and calibrate for an unknown-source verdict")
+        notes.append(f"one source was scored ({r.scores[0].source}), so it is named whatever made the image: score "
+                     "the other candidate generators too, and calibrate for an unknown-source verdict")
     if r.description_from == "caption":
         notes.append("the description is the captioner's (no prompt was given, embedded or stored): the "
                      "answer is only as good as the caption; give --prompt when the prompt is known")
