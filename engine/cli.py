@@ -209,7 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray", metavar="ADDRESS", help="fill the search index's shards on this Ray cluster "
                                                      "(`local` starts one here)")
     p.set_defaults(run=cmd_rebuild)
-    p = sub.add_parser("stats", parents=[common], help="what the store holds")
+    p = sub.add_parser("stats", parents=[common], help="what the store holds",
+                       description="What the store holds: its vectors, descriptions and embedder, and per source "
+                                   "its kind, labelled originals and resyntheses (and what an API source has "
+                                   "bought). Loads no model.")
     p.set_defaults(run=cmd_stats)
     p = sub.add_parser("verify", parents=[common], help="check database, index and image files against each other",
                        description="Check every stored vector against its checksum, the index file against the "
