@@ -10,6 +10,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import numbers
 import os
 import re
 import time
@@ -32,6 +33,7 @@ LOCK_NAME = "store.lock"
 FORMAT = 1
 ORPHAN_GRACE_S = 600.0  # an unreferenced image file younger than this may be a commit in flight
 TEMP_RE = re.compile(r"^\..+\.(\d+)\.tmp$")
+INDEX_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*\.faiss$")  # a bare name in the folder: vectors[-<hash>].faiss
 
 
 def temp_path(path: Path) -> Path:
@@ -143,6 +145,11 @@ class Layout:
         self.writable = writable
         self.read_only_why = read_only_why  # why this process cannot write the folder, if it cannot
         self._images: ImageFiles | None = None
+        self.index_path  # noqa: B018 - checked now: a store.json naming another file is refused at open
+        dim = config.get("dim")
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim <= 0:
+            raise StoreDamaged(f"{self.config_path} gives the vector size as {config.get('dim')!r}, not a positive "
+                               "whole number: restore store.json from a backup")
 
     @property
     def images(self) -> ImageFiles:
@@ -170,8 +177,14 @@ class Layout:
     @property
     def index_path(self) -> Path:
         """The index file store.json names (a re-embedded store names a new one, so the switch is one
-        atomic replace of store.json)."""
-        return self.root / self.config.get("index_file", INDEX_NAME)
+        atomic replace of store.json). Only a bare `*.faiss` name other than the search index's: a
+        store.json edited to name metadata.sqlite, store.json or a path outside the folder would have the
+        next save replace that file with an index."""
+        name = self.config.get("index_file", INDEX_NAME)
+        if not isinstance(name, str) or not INDEX_FILE_RE.match(name) or name == SEARCH_NAME:
+            raise StoreDamaged(f"{self.config_path} names {name!r} as its index file, not a vectors file of this "
+                               f"store: restore store.json from a backup (or set \"index_file\" to \"{INDEX_NAME}\")")
+        return self.root / name
 
     @property
     def search_path(self) -> Path:

@@ -618,3 +618,21 @@ def test_a_stale_id_digest_under_a_held_write_lock_does_not_refuse_the_open(tmp_
         assert any("recomputed" in note for note in store.open_report.notes)
     with Store.open(root) as store:
         assert not store.open_report.notes
+
+
+def test_store_json_naming_another_file_as_its_index_is_refused(tmp_path):
+    """A store.json edited to name the database, itself or a path outside the folder as its index file
+    is refused in one line at open: a writable open used to replace metadata.sqlite (or store.json)
+    with a FAISS index, losing the store. A vector size that is not a positive whole number too."""
+    root = _make(tmp_path, n=3)
+    config = json.loads((root / "store.json").read_text())
+    before = _snapshot(root)
+    for change in ({"index_file": "metadata.sqlite"}, {"index_file": "store.json"}, {"index_file": "../x.faiss"},
+                   {"index_file": 5}, {"dim": "sixteen"}):
+        (root / "store.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(StoreDamaged, match="store.json .* restore store.json from a backup") as caught:
+            Store.open(root)
+        assert "\n" not in str(caught.value)
+        assert {k: v for k, v in _snapshot(root).items() if k != "store.json"} == {
+            k: v for k, v in before.items() if k != "store.json"}
+    assert not (tmp_path / "x.faiss").exists()
