@@ -492,3 +492,47 @@ def test_kill_during_generation_then_restart_keeps_store_consistent(served_store
         server.stop()
     with Store.open(store) as opened:
         assert np.array_equal(np.sort(vx.index_ids(opened.index)), opened.vector_ids())
+
+
+def test_workers_share_the_port_are_restarted_and_stop_together(tmp_path):
+    """`serve --workers 2`: both workers answer on the one port (stats name which), a worker killed with
+    SIGKILL is restarted while the other keeps answering, and SIGTERM to the supervisor stops them all."""
+    import httpx
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_serve
+
+    queries = bench_serve.build(tmp_path / "bench", "tiny", "cpu", 2, 2)
+    with ServerProcess(tmp_path / "bench" / "store", "--workers", "2", "--device", "cpu") as server:
+        def worker_seen() -> str:
+            with httpx.Client(base_url=server.url, timeout=30) as http:  # a new connection each time
+                return http.get("/v1/stats").json()["service"]["worker"]
+
+        assert {worker_seen() for _ in range(40)} == {"1/2", "2/2"}
+        children = [int(p) for p in subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True,
+                                                   text=True).stdout.split()]
+        assert len(children) == 2
+        os.kill(children[0], signal.SIGKILL)
+        for data, prompt in queries:  # the other worker answers meanwhile
+            reply = httpx.post(server.url + "/v1/attribute", files={"image": ("q.png", data, "image/png")},
+                               data={"prompt": prompt}, timeout=60)
+            assert reply.status_code == 200 and reply.json()["cache"]["generated"] == 0
+        deadline = time.monotonic() + 60
+        while "restarting it" not in server.log and time.monotonic() < deadline:
+            time.sleep(0.2)
+        while {worker_seen() for _ in range(20)} != {"1/2", "2/2"} and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert {worker_seen() for _ in range(40)} == {"1/2", "2/2"}, server.log[-2000:]
+        survivors = [int(p) for p in subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True,
+                                                    text=True).stdout.split()]
+    assert server.proc.returncode == 0, server.log[-2000:]
+    assert not [p for p in survivors if Path(f"/proc/{p}").exists() and "Z" not in _proc_state(p)]
+    assert "worker 1 of 2 exited with code -9: restarting it" in server.log
+    assert "Traceback" not in server.log
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

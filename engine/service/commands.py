@@ -7,13 +7,16 @@ from dataclasses import fields
 import os
 import socket
 import sys
+from typing import Callable
 
 from engine.errors import UserError
 from engine.options import Options
 from engine.images import MAX_PIXELS
 from engine.paths import expand_path, path_argument
+from engine.service import workers
 from engine.service.config import Limits
 
+MAX_WORKERS = 64
 OPTION_NAMES = [f.name for f in fields(Options)]  # the HTTP fields are the options, declared once
 LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
 
@@ -91,6 +94,11 @@ def register(sub, common) -> None:
                         "(only for a server whose every client is trusted, behind a token)")
     p.add_argument("--sources-read-only", action="store_true",
                    help="refuse POST and DELETE /v1/sources (403): sources change only through the CLI")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="server processes on the one port (default %(default)s). One process answers on one core "
+                        "at a time; where the GPU outruns a core, N workers answer cached lookups up to N times "
+                        "faster. Each holds its own models (a CLIP copy, and any generator it loads, on the GPU "
+                        "each) and counters; they share the store")
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.set_defaults(run=cmd_serve)
 
@@ -173,22 +181,34 @@ def cmd_serve(args) -> None:
     if not (root / CONFIG_NAME).exists():
         Store.open(root)  # no store there: its own error, before the port is taken
     policy = sources_from_args(args, root)
-    sock = listen(args.host, args.port)  # before the models load: a busy port is a one-line error at once
+    worker = workers.this_worker()
+    if worker is None and not 1 <= args.workers <= MAX_WORKERS:
+        raise UserError(f"--workers must be between 1 and {MAX_WORKERS}")
+    # before the models load: a busy port is a one-line error at once
+    sock = worker.sock if worker is not None else listen(args.host, args.port)
+    banner = (f"resynth: serving {root} on http://{_url_host(args.host)}:{args.port}/ "
+              f"(token {'required' if token else 'off'}" + (f", {args.workers} workers)" if args.workers > 1 else ")"))
+    if worker is None and args.workers > 1:
+        try:
+            return workers.supervise(sock, args.workers, banner)
+        finally:
+            sock.close()
     _return_large_frees_to_the_os()
     try:
-        if not _is_loopback(args.host) and token is None:
+        if worker is None and not _is_loopback(args.host) and token is None:
             print(f"resynth: warning: serving on {args.host} without a token: anyone who can reach it may use "
                   "it (requests must still name this server in Host: see --allow-host)", file=sys.stderr)
         service = Service.open(root, limits, captioner=args.captioner, device=args.device)
+        service.worker = worker.label if worker is not None else None
         app = create_app(service, token, access, policy)
         config = uvicorn.Config(
             app, host=args.host, port=args.port, http=http_protocol(limits), ws="none", lifespan="on",
             access_log=args.access_log, log_level="warning" if args.quiet else "info",
             timeout_graceful_shutdown=30, timeout_keep_alive=limits.keep_alive,
             h11_max_incomplete_event_size=limits.max_header_bytes)
-        server = uvicorn.Server(config)
-        print(f"resynth: serving {service.store.root} on http://{_url_host(args.host)}:{args.port}/ "
-              f"(token {'required' if token else 'off'})", file=sys.stderr, flush=True)
+        server = _server(config, worker.ready if worker is not None else None)
+        if worker is None:
+            print(banner, file=sys.stderr, flush=True)
         try:
             server.run(sockets=[sock])
         except SystemExit:  # uvicorn's own startup failure: it has logged why
@@ -197,6 +217,19 @@ def cmd_serve(args) -> None:
             raise UserError(f"the server on {args.host} port {args.port} stopped before it started serving")
     finally:
         sock.close()
+
+
+def _server(config, on_started: Callable[[], None] | None):
+    """uvicorn's server, telling its supervisor (`--workers`) once it accepts connections."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and on_started is not None:
+                on_started()
+
+    return Server(config)
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -69,6 +69,7 @@ class Service:
         self.started = time.time()
         self.counters: Counter[str] = Counter()
         self.closed = False
+        self.worker: str | None = None  # "2/4" under `resynth serve --workers 4`: these counters are that worker's
 
     @classmethod
     def open(cls, root: Path, limits: Limits = Limits(), captioner: str | None = None,
@@ -143,7 +144,9 @@ class Service:
         (store.get("search") or {}).pop("path", None)  # nor is where its search index lies (hardening)
         with self._lock:
             counters = dict(self.counters)
-        return {"store": store, "service": {"uptime_seconds": round(time.time() - self.started, 1), **counters},
+        service = {"uptime_seconds": round(time.time() - self.started, 1),
+                   **({"worker": self.worker} if self.worker else {}), **counters}
+        return {"store": store, "service": service,
                 "generation_queue": self.generation.stats(), "embed_batches": self.batcher.stats(),
                 "generator_images": self.ws.generator_calls}
 

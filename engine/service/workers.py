@@ -1,0 +1,165 @@
+"""`resynth serve --workers N`: N server processes answering on one listening socket.
+
+A server process runs Python on one core at a time, so where the GPU outruns a core a cached lookup is
+bound by the CPU work of each request (upload parsing, decoding, lookups, scoring): about 5 ms on this
+project's CPU (scripts/bench_serve.py, "server CPU ms"). Workers multiply that. This supervisor binds the
+socket once; each worker inherits it and the kernel spreads connections among those accepting. A worker
+is a whole server (its own CLIP copy and micro-batcher, its own generation worker and counters, which
+/v1/stats labels); the store they share is built for several processes.
+
+The supervisor starts the workers, prints the serving line once all are ready, forwards SIGTERM and
+SIGINT as one SIGTERM each (a graceful stop: every worker finishes its requests and saves), restarts a
+worker that dies after it was ready, and stops them all with a one-line error when one fails before.
+"""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from engine.errors import UserError
+
+WORKER_ENV = "RESYNTH_SERVE_WORKER"  # in a worker: "INDEX/COUNT:SOCKET_FD:READY_FD"
+MAX_RESTARTS = 5  # per worker within RESTART_WINDOW seconds; more means it cannot stay up
+RESTART_WINDOW = 60.0
+STOP_SECONDS = 40.0  # a worker's graceful stop (uvicorn allows 30 s for open requests) before it is killed
+
+
+@dataclass
+class Worker:
+    """What a worker process knows of itself (from WORKER_ENV)."""
+
+    label: str  # "2/4"
+    sock: socket.socket
+    ready_fd: int
+
+    def ready(self) -> None:
+        """Tell the supervisor this worker is serving (once)."""
+        if self.ready_fd >= 0:
+            try:
+                os.write(self.ready_fd, b"r")
+                os.close(self.ready_fd)
+            except OSError:
+                pass
+            self.ready_fd = -1
+
+
+def this_worker() -> Worker | None:
+    """The worker this process is, or None for a plain server (or the supervisor)."""
+    value = os.environ.pop(WORKER_ENV, None)  # not inherited by anything this worker starts
+    if not value:
+        return None
+    label, sock_fd, ready_fd = value.split(":")
+    _die_with_parent()
+    return Worker(label, socket.socket(fileno=int(sock_fd)), int(ready_fd))
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this worker when the supervisor dies (even by SIGKILL), so none serves orphaned."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the supervisor was gone before the call
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class Supervisor:
+    def __init__(self, sock: socket.socket, count: int, argv: list[str], banner: str):
+        self.sock, self.count, self.argv, self.banner = sock, count, argv, banner
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.pipes: dict[int, int] = {}  # worker index -> read end of its ready pipe
+        self.ever_ready: set[int] = set()
+        self.restarts: dict[int, list[float]] = {i: [] for i in range(count)}
+        self.stopping = False
+
+    def start(self, index: int) -> None:
+        read_fd, write_fd = os.pipe()
+        env = {**os.environ, WORKER_ENV: f"{index + 1}/{self.count}:{self.sock.fileno()}:{write_fd}"}
+        try:
+            self.procs[index] = subprocess.Popen(
+                [sys.executable, "-m", "engine.cli", *self.argv], env=env,
+                pass_fds=(self.sock.fileno(), write_fd), start_new_session=True)  # Ctrl-C reaches the supervisor only
+        finally:
+            os.close(write_fd)
+        self.pipes[index] = read_fd
+
+    def run(self) -> None:
+        previous = {s: signal.signal(s, self._stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            for index in range(self.count):
+                self.start(index)
+            announced = False
+            while not self.stopping:
+                self._collect_ready(0.5)
+                if not announced and len(self.ever_ready) == self.count:
+                    print(self.banner, file=sys.stderr, flush=True)
+                    announced = True
+                self._reap()
+        finally:
+            self._stop_all()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            for fd in self.pipes.values():
+                os.close(fd)
+
+    def _collect_ready(self, timeout: float) -> None:
+        by_fd = {fd: i for i, fd in self.pipes.items()}
+        try:
+            readable, _, _ = select.select(list(by_fd), [], [], timeout)
+        except InterruptedError:
+            return
+        for fd in readable:
+            if os.read(fd, 1):
+                self.ever_ready.add(by_fd[fd])
+
+    def _reap(self) -> None:
+        for index, proc in list(self.procs.items()):
+            code = proc.poll()
+            if code is None or self.stopping:
+                continue
+            os.close(self.pipes.pop(index))
+            del self.procs[index]
+            label = f"worker {index + 1} of {self.count}"
+            if index not in self.ever_ready:
+                raise UserError(f"{label} exited with code {code} before it was serving (its error is above)")
+            now = time.monotonic()
+            recent = [t for t in self.restarts[index] if now - t < RESTART_WINDOW] + [now]
+            self.restarts[index] = recent
+            if len(recent) > MAX_RESTARTS:
+                raise UserError(f"{label} exited {len(recent)} times within {RESTART_WINDOW:.0f} s (last code "
+                                f"{code}): stopping")
+            print(f"resynth: warning: {label} exited with code {code}: restarting it", file=sys.stderr, flush=True)
+            self.ever_ready.discard(index)
+            self.start(index)
+
+    def _stop(self, signum, frame) -> None:
+        self.stopping = True
+
+    def _stop_all(self) -> None:
+        """One SIGTERM each (a graceful stop), then kill what is still running after STOP_SECONDS."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_SECONDS
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def supervise(sock: socket.socket, count: int, banner: str) -> None:
+    """Run `count` workers of the `resynth serve` command this process was started as, on `sock`."""
+    argv = sys.argv[1:]
+    if "serve" not in argv:
+        raise UserError("--workers needs `resynth serve` started as a command (it starts that command again)")
+    Supervisor(sock, count, argv, banner).run()
