@@ -265,7 +265,7 @@ def _jpeg_blocks(handle: IO[bytes]) -> str | None:
             handle.seek(-1, io.SEEK_CUR)
         elif marker not in (b"\x01", *(bytes([m]) for m in range(0xD0, 0xD8))):  # marker with a length
             size = handle.read(2)
-            if len(size) < 2:
+            if len(size) < 2 or size < b"\x00\x02":  # cut short, or a length that counts backwards
                 return None
             handle.seek(struct.unpack(">H", size)[0] - 2, io.SEEK_CUR)
     return f"more than {MAX_BLOCKS} JPEG markers before the image data"
