@@ -12,7 +12,9 @@ as the prompt. Nothing is ever generated; every figure is lookup + decode + embe
                long list per call (--list, several chunks: the next chunk is read and embedded while one
                is scored)
   server c=N   `resynth serve` on loopback (--max-requests set to the highest level, so no request is
-               shed with a 503), N client threads posting one multipart query each at a time
+               shed with a 503), N client threads posting one multipart query each at a time; with
+               --workers 1,4 also `serve --workers 4` (rows "server w4 c=N"); "server CPU ms" is the
+               CPU time the server's processes spent per answered request
 
 Each row gives queries per second, p50 and p99 latency (per call: a batched library call's latency is the
 whole batch's), errors, and the ratio to the model's rate. Client, server and model share this machine.
@@ -167,6 +169,24 @@ def bench_library(store: Path, queries: list[tuple[bytes, str]], device: str | N
         return summary(latencies, per_call, 0, time.perf_counter() - started)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` started (a --workers supervisor's workers)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
 def bench_server(url: str, queries: list[tuple[bytes, str]], concurrency: int, seconds: float) -> dict:
     latencies: list[float] = []
     errors = [0]
@@ -213,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sources", type=int, default=4)
     parser.add_argument("--descriptions", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=32, help="the server's and the batched rows' batch")
+    parser.add_argument("--workers", default="1", help="server worker counts to measure, e.g. 1,4 (`serve --workers`)")
     parser.add_argument("--list", type=int, default=512, help="queries per call of the long-list library row")
     parser.add_argument("--quick", action="store_true", help="CI: 0.3 s rows, levels 1 and 8, a small store")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
@@ -228,29 +249,41 @@ def main(argv: list[str] | None = None) -> int:
                                                             args.seconds)
     rows[f"library list {args.list}"] = bench_library(store, queries, args.device, args.list, args.seconds)
     levels = [int(x) for x in args.levels.split(",")]
-    # a deployment sized for the highest level: admits that many requests at once instead of shedding them
-    extra = ["--max-batch", str(args.max_batch), "--max-requests", str(max(levels))]
-    extra += ["--device", args.device] if args.device else []
-    with ServerProcess(store, *extra) as server:
-        for data, prompt in queries:  # warm-up: every query once
-            reply = httpx.post(server.url + "/v1/attribute", files={"image": ("q.png", data, "image/png")},
-                               data={"prompt": prompt}, timeout=120)
-            assert reply.status_code == 200 and reply.json()["cache"]["generated"] == 0, reply.text[:300]
-        for level in levels:
-            rows[f"server c={level}"] = bench_server(server.url, queries, level, args.seconds)
-        batches = httpx.get(server.url + "/v1/stats", timeout=30).json()["embed_batches"]
+    batches: dict = {}
+    for count in [int(x) for x in args.workers.split(",")]:
+        prefix = "server" if count == 1 else f"server w{count}"
+        # a deployment sized for the highest level: admits that many requests at once instead of shedding them
+        extra = ["--max-batch", str(args.max_batch), "--max-requests", str(max(levels)), "--workers", str(count)]
+        extra += ["--device", args.device] if args.device else []
+        with ServerProcess(store, *extra) as server:
+            for data, prompt in queries:  # warm-up: every query once
+                reply = httpx.post(server.url + "/v1/attribute", files={"image": ("q.png", data, "image/png")},
+                                   data={"prompt": prompt}, timeout=120)
+                assert reply.status_code == 200 and reply.json()["cache"]["generated"] == 0, reply.text[:300]
+            pids = [server.pid] + children(server.pid)
+            for level in levels:
+                cpu = sum(cpu_seconds(p) for p in pids)
+                row = rows[f"{prefix} c={level}"] = bench_server(server.url, queries, level, args.seconds)
+                # what one request costs the server's CPU: where the GPU outruns the cores, this (in one
+                # process, the share of it that holds Python's lock) bounds the server's rate
+                row["server_cpu_ms"] = round((sum(cpu_seconds(p) for p in pids) - cpu) / max(1, row["calls"])
+                                             * 1000, 2)
+            if count == 1:
+                batches = httpx.get(server.url + "/v1/stats", timeout=30).json()["embed_batches"]
     ceiling = rows["model"]["qps"]
     for row in rows.values():
         row["vs_model"] = round(row["qps"] / ceiling, 3) if ceiling else None
     print(f"cached attributions, --size {args.size} on {rows['model']['device']}: {len(queries)} distinct queries "
           f"({args.sources} replay sources x {args.descriptions} descriptions, 4 stored each), {args.seconds:g} s "
           f"per row; {os.cpu_count()} CPU cores shared by client, server and model")
-    print(f"{'':18} {'queries/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'vs model':>9}")
+    print(f"{'':18} {'queries/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'vs model':>9} {'server CPU ms':>14}")
     for name, row in rows.items():
         p99 = "" if row["p99_ms"] is None else row["p99_ms"]
-        print(f"{name:18} {row['qps']:>10} {row['p50_ms']:>8} {p99:>8} {row['errors']:>7} {row['vs_model']:>9}")
-    print(f"server CLIP forward passes: {batches['batches']} for {batches['images']} images "
-          f"(mean batch {batches['mean_batch']})")
+        print(f"{name:18} {row['qps']:>10} {row['p50_ms']:>8} {p99:>8} {row['errors']:>7} {row['vs_model']:>9} "
+              f"{row.get('server_cpu_ms', ''):>14}")
+    if batches:
+        print(f"server CLIP forward passes: {batches['batches']} for {batches['images']} images "
+              f"(mean batch {batches['mean_batch']}, one worker)")
     if args.json:
         args.json.write_text(json.dumps({"size": args.size, "rows": rows, "embed_batches": batches}, indent=2))
     return 0
