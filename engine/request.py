@@ -252,21 +252,25 @@ def attribute(ws: "Workspace", images: ImageInput | Sequence[ImageInput] | Seque
             queries = read(chunk)
             return queries, ws.embed([q.image for q in queries]), dict(spent)
 
-    with ws.stage_seconds() as seconds, ThreadPoolExecutor(1, thread_name_prefix="resynth-ahead") as worker:
-        coming = worker.submit(ahead, chunks[0]) if len(chunks) > 1 else None
-        for n, chunk in enumerate(tqdm(chunks, desc="attributing", unit="chunk",
-                                       disable=not ws.progress or len(chunks) < 2)):
-            runner: Runner = Inline()
-            if coming is None:  # one chunk: read here, embedded when the scores need it (after any generation)
-                queries = read(chunk)
-            else:
-                queries, vectors, spent = coming.result()
-                for stage, value in spent.items():
-                    seconds[stage] += value
-                runner = Embedded(vectors)
-                coming = worker.submit(ahead, chunks[n + 1]) if n + 1 < len(chunks) else None
-            found, counts = Request(ws, budget=budget, plan=plan, runner=runner).run(queries)
-            results += found
-            cached += sum(c for c, _, _ in counts.values())
-            generated += sum(g for _, g, _ in counts.values())
+    worker = ThreadPoolExecutor(1, thread_name_prefix="resynth-ahead")
+    try:
+        with ws.stage_seconds() as seconds:
+            coming = worker.submit(ahead, chunks[0]) if len(chunks) > 1 else None
+            for n, chunk in enumerate(tqdm(chunks, desc="attributing", unit="chunk",
+                                           disable=not ws.progress or len(chunks) < 2)):
+                runner: Runner = Inline()
+                if coming is None:  # one chunk: read here, embedded when the scores need it (after any generation)
+                    queries = read(chunk)
+                else:
+                    queries, vectors, spent = coming.result()
+                    for stage, value in spent.items():
+                        seconds[stage] += value
+                    runner = Embedded(vectors)
+                    coming = worker.submit(ahead, chunks[n + 1]) if n + 1 < len(chunks) else None
+                found, counts = Request(ws, budget=budget, plan=plan, runner=runner).run(queries)
+                results += found
+                cached += sum(c for c, _, _ in counts.values())
+                generated += sum(g for _, g, _ in counts.values())
+    finally:  # a failure or an interrupt returns at once: a chunk being read ahead is not waited for
+        worker.shutdown(wait=False, cancel_futures=True)
     return Report(results, cached, generated, dict(seconds), budget.to_dict() if prices(plan) else None)
