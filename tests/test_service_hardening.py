@@ -429,6 +429,19 @@ def test_files_of_countless_tiny_blocks_are_refused_before_pillow_walks_them(ser
     check_structure(io.BytesIO(small_png))  # an ordinary file passes
 
 
+def test_a_hostile_a1111_settings_line_is_read_in_one_pass():
+    """32 KB of `aaa...a: "` repeats: the item pattern's findall backtracked for 3.8 s per text field."""
+    from engine.provenance.generators import MAX_PARAMS_LINE, from_texts
+
+    hostile = "a prompt\n" + ("a" * 59 + ': "') * (MAX_PARAMS_LINE // 62)
+    started = time.monotonic()
+    assert from_texts({"parameters": hostile}, "png", []) is None
+    assert time.monotonic() - started < 1.0
+    line = 'a cat\nSteps: 20, Sampler: Euler a, Lora hashes: "x: 1, y: 2", Seed: 7'
+    got = from_texts({"parameters": line}, "png", [])
+    assert got is not None and got.seed == 7 and dict(got.settings)["Lora hashes"] == "x: 1, y: 2"
+
+
 def test_an_oversized_exif_block_is_not_unpacked_for_its_orientation():
     """An 11 MB eXIf chunk whose orientation tag listed 3 million values: Pillow unpacked them all (72 MB)."""
     from engine.images import MAX_EXIF, read_image

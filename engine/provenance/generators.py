@@ -151,8 +151,34 @@ def from_texts(texts: dict[str, str], where: str, notes: list[str]) -> Generatio
 
 # --- AUTOMATIC1111 / Forge -------------------------------------------------------------------
 
-# one "Key: value" item of the last line; values may be JSON-quoted when they contain commas
-_A1111_ITEM = re.compile(r'\s*([\w][\w \-/()+.]{0,60}?):\s*("(?:\\.|[^\\"]){0,4000}"|[^,]{0,4000})(?:,|$)')
+# the "Key: " of one item of the last line, and a JSON-quoted value (values with commas are quoted)
+_A1111_KEY = re.compile(r'\s*([\w][\w \-/()+.]{0,60}?):\s*')
+_A1111_QUOTED = re.compile(r'"(?:\\.|[^\\"]){0,4000}"(?=\s*(?:,|$))')
+MAX_ITEMS = 256  # items of the settings line read (each costs at most one quoted-value scan of 4000)
+
+
+def _a1111_items(line: str) -> list[tuple[str, str]]:
+    """The `Key: value` items of a settings line, left to right in one pass; text that is not an item is
+    skipped to the next comma. (A findall of one item pattern backtracked for 4 s on a hostile 32 KB line.)"""
+    items: list[tuple[str, str]] = []
+    pos, end = 0, len(line)
+    while pos < end and len(items) < MAX_ITEMS:
+        key = _A1111_KEY.match(line, pos)
+        if key is None:
+            comma = line.find(",", pos)
+            pos = end if comma < 0 else comma + 1
+            continue
+        pos = key.end()
+        quoted = _A1111_QUOTED.match(line, pos) if line.startswith('"', pos) else None
+        if quoted is not None:
+            value, pos = quoted.group(0), quoted.end()
+            comma = line.find(",", pos)
+            pos = end if comma < 0 else comma + 1
+        else:
+            comma = line.find(",", pos)
+            value, pos = line[pos:end if comma < 0 else comma], end if comma < 0 else comma + 1
+        items.append((key.group(1), value[:4000]))
+    return items
 
 
 def a1111(text: str, where: str, notes: list[str]) -> GenerationMetadata | None:
@@ -161,7 +187,7 @@ def a1111(text: str, where: str, notes: list[str]) -> GenerationMetadata | None:
     settings: dict[str, str] = {}
     if len(lines[-1]) > MAX_PARAMS_LINE:  # bounded so the item pattern stays cheap on hostile text
         notes.append(f"{where}: last line of {len(lines[-1])} characters is not read as settings")
-    elif (items := _A1111_ITEM.findall(lines[-1])) and len(items) >= 3 and lines[-1].lstrip().startswith(
+    elif (items := _a1111_items(lines[-1])) and len(items) >= 3 and lines[-1].lstrip().startswith(
             items[0][0]):
         for k, v in items:
             v = v.strip()
