@@ -46,6 +46,13 @@ class OpenReport:
     notes: list[str] = field(default_factory=list)
 
 
+def impossible_ids(index) -> int:
+    """How many of an index's ids no database gives out: vector ids count up from 1, and the id digest
+    (vectors.id_digest) is taken modulo 2^62, so an id with a flipped sign or top bit would pass it."""
+    ids = vx.index_ids(index)
+    return int(((ids < 1) | (ids >= vx.DIGEST_MOD)).sum()) if len(ids) else 0
+
+
 def _sample(ids: np.ndarray, size: int) -> np.ndarray:
     return np.sort(np.random.default_rng().choice(ids, size, replace=False))
 
@@ -146,7 +153,7 @@ class StoredVectors:
             reference = self._checksums(s, part)
             finite = np.isfinite(matrix).all(axis=1)
             for vid, row, ok in zip(part.tolist(), matrix, finite):
-                if not ok or reference.get(vid) not in (None, vx.checksum(row.tobytes())):
+                if not ok or reference.get(vid) != vx.checksum(row.tobytes()):  # (None: no such stored vector)
                     bad.append(vid)
         return bad
 
@@ -242,6 +249,9 @@ class LiveIndex:
         if index is not None and index.problem:
             report.notes.append(f"index segments left out ({index.problem}): what they held is read from the "
                                 "database")
+        impossible = impossible_ids(index) if index is not None else 0
+        if impossible:  # the id digest works modulo 2^62: such ids must never reach it
+            index, problem = None, f"holds {impossible} ids no database gives (its id map is damaged)"
         with self.db.session() as s:
             tomb_seq, floor = self.stored.tomb_state(s)
             have = vx.index_ids(index) if index is not None else None

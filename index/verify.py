@@ -9,6 +9,7 @@ from sqlalchemy import func, select
 from index import segments
 from index import vectors as vx
 from index.db import RESTORE
+from index.live import impossible_ids
 from index.migrations import backfill_checksums, recount_vector_sets
 from index.objects import sha256_bytes
 from index.schema import Image, Vector
@@ -160,8 +161,13 @@ def _check_index_file(store: "Store", s, db_ids: np.ndarray, floor: int, problem
     if parts["leftover_files"]:
         problems.append(f"{len(parts['leftover_files'])} index segment files no manifest names "
                         "(the next save or a repair removes them)")
+    impossible = impossible_ids(index) if index is not None else 0
+    if impossible:
+        problems.append(f"{impossible} index ids are ones no database gives (the index file's id map is damaged): "
+                        "repair rebuilds the index from the database")
     if index is not None:
         have = vx.index_ids(index)
+        have = have[(have >= 1) & (have < vx.DIGEST_MOD)]
         extra = np.setdiff1d(have, db_ids)
         deleted = live.stored.deleted(s, extra, floor) if len(extra) else extra
         lost = np.setdiff1d(extra, deleted)
@@ -170,7 +176,7 @@ def _check_index_file(store: "Store", s, db_ids: np.ndarray, floor: int, problem
         misnumbered = bool(len(lost)) and live.stored.misnumbered(s, index, lost, missing)
         entry.update({"vectors": int(index.ntotal), "missing": len(missing), "deleted": len(deleted),
                       "lost_from_database": 0 if misnumbered else len(lost), "lost_ids": lost[:10].tolist(),
-                      "misnumbered": len(lost) if misnumbered else 0,
+                      "misnumbered": len(lost) if misnumbered else 0, "impossible_ids": impossible,
                       "bad_content": len(bad), "bad_ids": bad[:10]})
         if misnumbered:
             problems.append(f"{len(lost)} index vectors carry ids the database never gave them (the index file's id "
