@@ -455,13 +455,15 @@ def test_an_id_with_its_top_bit_flipped_is_caught_though_the_digest_agrees(tmp_p
 
 
 def test_a_damaged_id_in_a_segment_is_rebuilt_not_called_lost_data(tmp_path):
-    """A segment whose id map got a flipped byte holds a stored vector under an id the database never
-    gave: the file is damaged, not the database, so the open rebuilds from the database rather than
-    refusing with advice to restore a healthy database from a backup; verify says which it is."""
+    """A segment whose id map got a flipped byte (and its vector one too) holds a stored vector under an
+    id the database never gave: the file is damaged, not the database, so the open rebuilds from the
+    database rather than refusing with advice to restore a healthy database from a backup; verify says
+    which it is."""
     root = _segmented(tmp_path)
     segment = root / _manifest(root)["segments"][-1]["file"]
     data = bytearray(segment.read_bytes())
     data[-3] ^= 0xFF  # a high byte of the last id
+    data[-8 * 5 - 8 - 60] ^= 0x01  # and a byte of its vector (the last of the 5 rows, before the id map)
     segment.write_bytes(bytes(data))
     with Store.open(root, writable=False) as reader:
         assert reader.open_report.rebuilt and _agrees(reader)
