@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import time
+from functools import cached_property
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -192,8 +193,7 @@ class Catalog:
     def find_description_id(self, text: str) -> int | None:
         """Id of a stored description, without creating it (lookups stay read-only)."""
         with self.db.reads() as s:
-            return s.scalar(select(Description.id).where(
-                Description.hash == sha256_text(normalise_description(text))))
+            return s.scalar(self._lookups["description"], {"hash": sha256_text(normalise_description(text))})
 
     def description_for_file(self, file_hash: str) -> str | None:
         """A stored description of an image with these bytes (an ingested original), if any."""
@@ -208,8 +208,7 @@ class Catalog:
         found: dict[str, int] = {}
         with self.db.reads() as s:
             for start in range(0, len(keys), 500):
-                rows = s.execute(select(Image.key, Vector.id).join(Vector, Vector.image_id == Image.id)
-                                 .where(Image.key.in_(keys[start:start + 500]), Vector.embedder == self.embedder))
+                rows = s.execute(self._lookups["keys"], {"keys": keys[start:start + 500], "embedder": self.embedder})
                 found.update({key: vid for key, vid in rows})
         return found
 
@@ -295,14 +294,10 @@ class Catalog:
 
     def resyntheses(self, description_id: int, source_ids: list[int] | None = None) -> list[StoredReference]:
         """Every stored resynthesis vector of one description (optionally of some sources only)."""
-        query = (self._references()
-                 .where(Image.role == "resynthesis", Image.description_id == description_id,
-                        Vector.embedder == self.embedder)
-                 .order_by(Source.name, Image.seed, Image.id))
-        if source_ids is not None:
-            query = query.where(Image.source_id.in_(source_ids))
+        params = {"description": description_id, "embedder": self.embedder, "sources": source_ids}
         with self.db.reads() as s:
-            return [StoredReference(*row) for row in s.execute(query)]
+            query = self._lookups["resyntheses" if source_ids is None else "resyntheses of sources"]
+            return [StoredReference(*row) for row in s.execute(query, params).all()]
 
     def originals(self, source_ids: list[int], per_source: int) -> list[StoredReference]:
         """Up to `per_source` stored labelled originals of each source (oldest first), any description."""
@@ -320,18 +315,39 @@ class Catalog:
 
     def references_by_id(self, ids: list[int], source_ids: list[int] | None,
                          roles: tuple[str, ...]) -> dict[int, StoredReference]:
-        # role and source are compared as expressions (`role || ''`, `source_id + 0`), not as indexed
-        # columns: otherwise SQLite plans from ix_images_lookup and scans every image of those roles per
-        # call (O(store) per dataset search); from the few vector ids by primary key it is O(ids)
-        query = self._references().where((Image.role + "").in_(roles), Vector.embedder == self.embedder)
-        if source_ids is not None:
-            query = query.where((Image.source_id + 0).in_(source_ids))
+        """Rows of these vector ids, of the given roles (and sources), for this embedder."""
+        query = self._lookups["by id" if source_ids is None else "by id of sources"]
+        params = {"roles": list(roles), "embedder": self.embedder, "sources": source_ids}
         out: dict[int, StoredReference] = {}
         with self.db.reads() as s:
             for start in range(0, len(ids), 500):
-                for row in s.execute(query.where(Vector.id.in_(ids[start:start + 500]))):
+                for row in s.execute(query, {**params, "ids": ids[start:start + 500]}).all():
                     out[row[0]] = StoredReference(*row)
         return out
+
+    @cached_property
+    def _lookups(self) -> dict:
+        """The statements of a cached query's lookups, built once with bound parameters (building one
+        per call cost about as much as running it)."""
+        def listed(name: str):
+            return bindparam(name, expanding=True)
+
+        embedder = Vector.embedder == bindparam("embedder")
+        resyntheses = (self._references()
+                       .where(Image.role == "resynthesis", Image.description_id == bindparam("description"), embedder)
+                       .order_by(Source.name, Image.seed, Image.id))
+        # role and source are compared as expressions (`role || ''`, `source_id + 0`), not as indexed
+        # columns: otherwise SQLite plans from ix_images_lookup and scans every image of those roles per
+        # call (O(store) per dataset search); from the few vector ids by primary key it is O(ids)
+        by_id = self._references().where((Image.role + "").in_(listed("roles")), embedder,
+                                         Vector.id.in_(listed("ids")))
+        return {"description": select(Description.id).where(Description.hash == bindparam("hash")),
+                "keys": (select(Image.key, Vector.id).join(Vector, Vector.image_id == Image.id)
+                         .where(Image.key.in_(listed("keys")), embedder)),
+                "resyntheses": resyntheses,
+                "resyntheses of sources": resyntheses.where(Image.source_id.in_(listed("sources"))),
+                "by id": by_id,
+                "by id of sources": by_id.where((Image.source_id + 0).in_(listed("sources")))}
 
     # ----- numbers ----------------------------------------------------------------------------
     def counts(self, digest_of: Callable[[Session], tuple[int, int, int] | None]) -> dict:
