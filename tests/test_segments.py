@@ -583,3 +583,34 @@ def test_an_open_whose_repair_cannot_be_saved_on_a_full_disk_still_serves(tmp_pa
         assert store.open_report.rebuilt and serves(store)
     with Store.open(root) as store:
         assert not store.open_report.notes and serves(store)
+
+
+def test_a_segment_save_that_fails_on_a_full_disk_keeps_the_old_manifest_and_serves(tmp_path, tmpfs):
+    """The disk fills between a save's steps (room for its segment, none for its manifest): one
+    StoreFull line; the manifest in force is the old one, the process serves everything it added, and
+    the same save succeeds once space is freed (the unnamed segment is then removed)."""
+    root = tmpfs / "s"
+    with Store.create(root, EMBEDDER, DIM) as store:
+        store.add_images(_rows(store, _keys(200)))
+    from index.errors import StoreFull
+
+    store = Store.open(root)
+    try:
+        store.add_images(_rows(store, _keys(5, start=500)))
+        store.save_index()
+        manifest = segments.manifest_path(root / "vectors.faiss")
+        before = manifest.read_bytes()
+        store.add_images(_rows(store, _keys(5, start=600)))
+        filler = tmpfs / "filler"
+        stat = os.statvfs(tmpfs)
+        filler.write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - 4096))  # one page: the segment, no manifest
+        with pytest.raises(StoreFull, match="no space left"):
+            store.save_index()
+        assert manifest.read_bytes() == before and len(_parts(root)) == 2 and _agrees(store)
+        filler.unlink()
+        store.save_index()
+        assert manifest.read_bytes() != before and len(_parts(root)) == 2 and _agrees(store)
+    finally:
+        store.close()
+    with Store.open(root, writable=False) as again:
+        assert again.open_report.digest and _agrees(again) and again.verify(files=False)["ok"]
