@@ -83,6 +83,8 @@ class Supervisor:
     def start(self, index: int) -> None:
         read_fd, write_fd = os.pipe()
         env = {**os.environ, WORKER_ENV: f"{index + 1}/{self.count}:{self.sock.fileno()}:{write_fd}"}
+        # the cores shared out: N workers each running PyTorch on every core stall one another
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.count)))
         try:
             self.procs[index] = subprocess.Popen(
                 [sys.executable, "-m", "engine.cli", *self.argv], env=env,
