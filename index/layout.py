@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, Callable, Iterator
 
 from index.claims import pid_alive
-from index.errors import StoreDamaged, StoreError, StoreUnavailable
+from index.errors import StoreBusy, StoreDamaged, StoreError, StoreUnavailable
 from index.failures import NOTHING_LOST, os_failure, refuse_write
 from index.faults import crash_point
 from index.objects import ImageFiles, image_files
@@ -30,6 +30,7 @@ INDEX_NAME = "vectors.faiss"
 SEARCH_NAME = "search.faiss"  # the search index (IVF) built by rebuild(); absent while exact search suffices
 SEARCH_INFOS = "search.json"  # what rebuild() chose and measured for it (type, count, nprobe, recall, timings)
 LOCK_NAME = "store.lock"
+LOCK_ENV, LOCK_TIMEOUT_S = "RESYNTH_LOCK_TIMEOUT_S", 600.0  # the publish lock's wait (a rebuild at 1M holds it)
 FORMAT = 1
 ORPHAN_GRACE_S = 600.0  # an unreferenced image file younger than this may be a commit in flight
 TEMP_RE = re.compile(r"^\..+\.(\d+)\.tmp$")
@@ -109,6 +110,30 @@ def unlink_quietly(path: Path) -> bool:
     except OSError:
         return False
     return True
+
+
+def lock_timeout_s() -> float:
+    """How long a save waits for another process's publish lock (RESYNTH_LOCK_TIMEOUT_S): long enough for
+    a rebuild of a large store, but a lock held by a hung program ends in one line, never a hang."""
+    try:
+        value = float(os.environ.get(LOCK_ENV, LOCK_TIMEOUT_S))
+    except ValueError:
+        return LOCK_TIMEOUT_S
+    return value if value >= 0 else LOCK_TIMEOUT_S
+
+
+def _wait_for_lock(fd: int, path: Path) -> None:
+    deadline = time.monotonic() + lock_timeout_s()
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise StoreBusy(f"{path} is held by another process (waited {lock_timeout_s():g} s for the store's "
+                                f"publish lock; {LOCK_ENV} sets how long): let it finish or stop it, then run the "
+                                f"command again; {NOTHING_LOST}") from None
+            time.sleep(0.02)
 
 
 def write_json_atomic(path: Path, value: dict, point: str = "config:before-replace") -> None:
@@ -214,7 +239,7 @@ class Layout:
             lock = self.root / LOCK_NAME
             raise (os_failure(exc, lock, "taking the store's publish lock") or _unclassified(exc, lock)) from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            _wait_for_lock(fd, self.root / LOCK_NAME)
             yield
         finally:
             os.close(fd)  # releases the lock

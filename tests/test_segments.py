@@ -614,3 +614,33 @@ def test_a_segment_save_that_fails_on_a_full_disk_keeps_the_old_manifest_and_ser
         store.close()
     with Store.open(root, writable=False) as again:
         assert again.open_report.digest and _agrees(again) and again.verify(files=False)["ok"]
+
+
+def test_a_publish_lock_held_by_a_hung_process_is_one_line_not_a_hang(tmp_path, monkeypatch):
+    """Another process holding store.lock (a hung save, `flock store.lock ...`) made every save wait
+    forever. A save now waits RESYNTH_LOCK_TIMEOUT_S, then one StoreBusy line; it serves meanwhile and
+    saves once the lock is let go. An open that would save its catch-up opens anyway."""
+    import fcntl
+
+    from index.errors import StoreBusy
+    from index.faults import skipping
+
+    root = _make(tmp_path)
+    with skipping("close:publish"), Store.open(root) as store:
+        store.add_images(_rows(store, _keys(3, start=900)))  # committed, not published: the index lags
+    monkeypatch.setenv("RESYNTH_LOCK_TIMEOUT_S", "0.1")
+    holder = os.open(root / "store.lock", os.O_RDWR)  # its own open file: a lock apart from the store's
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        store = Store.open(root)
+        assert any("was not saved" in note and "store.lock" in note for note in store.open_report.notes)
+        store.add_images(_rows(store, _keys(2, start=950)))
+        with pytest.raises(StoreBusy, match="store.lock is held by another process") as caught:
+            store.save_index()
+        assert "\n" not in str(caught.value) and _agrees(store)
+    finally:
+        os.close(holder)
+    store.save_index()
+    store.close()
+    with Store.open(root, writable=False) as again:
+        assert not again.open_report.notes and again.index.ntotal == 215 and _agrees(again)
