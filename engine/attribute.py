@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from engine.aggregate import aggregate
-from engine.calibration import Calibration
+from engine.calibration import DEFAULT_TEMPERATURE, Calibration
 from engine.images import ImageInput, read_image
 from engine.options import Options
 from engine.sources import kind_of
@@ -216,7 +216,9 @@ class Candidates:
 
 def rank(similarities: dict[str, np.ndarray], counts: dict[str, int], aggregation: str,
          calibration: Calibration) -> tuple[list[SourceScore], bool]:
-    """Per-source scores, best first, with probabilities; and whether the best is below its threshold."""
+    """Per-source scores, best first, with probabilities; and whether the best is below its threshold.
+    `calibration` is the one that applies to this query (Calibration.applying): a stale one, or one fitted
+    in another mode, gives the default temperature's softmax, never its old temperature's."""
     scores = [SourceScore(name, aggregate(values, aggregation), counts[name])
               for name, values in similarities.items() if len(values)]
     scores.sort(key=lambda s: -s.score)
@@ -226,6 +228,10 @@ def rank(similarities: dict[str, np.ndarray], counts: dict[str, int], aggregatio
     best = scores[0] if scores else None
     unknown = calibration.is_unknown(best.source if best else None, best.score if best else None)
     return scores, unknown
+
+
+UNCALIBRATED_P = (f"a softmax of the scores at the default temperature {DEFAULT_TEMPERATURE:g}, not calibrated "
+                  "probabilities")
 
 
 def verdict(scores: list[SourceScore], calibration: Calibration, stale: str | None,
@@ -243,8 +249,11 @@ def verdict(scores: list[SourceScore], calibration: Calibration, stale: str | No
         return ("unknown" if decided else "known"), evidence
     threshold = calibration.thresholds.get(best.source) if calibration.fitted and not stale else None
     if threshold is None:
-        evidence["why"] = stale or ("no calibration: run `resynth calibrate`" if not calibration.fitted
-                                    else f"no acceptance threshold was fitted for {best.source}")
+        evidence["why"] = stale or calibration.why_not or (
+            "no calibration: run `resynth calibrate`" if not calibration.fitted
+            else f"no acceptance threshold was fitted for {best.source}")
+        if not calibration.fitted or stale:
+            evidence["probabilities"] = UNCALIBRATED_P
         return "uncalibrated", evidence
     evidence["threshold"] = round(threshold, 6)
     return ("known" if best.score >= threshold else "unknown"), evidence

@@ -2,15 +2,24 @@
 
 A store may carry a calibration (fitted on held-out data by `resynth calibrate`): a softmax
 temperature and per-source acceptance thresholds. Without one, probabilities use a default
-temperature and are marked uncalibrated, and no query is ever called unknown.
+temperature and are marked uncalibrated, and no query is ever called unknown. A calibration that does
+not apply to a query (stale, or fitted with another mode or aggregation) is treated as none (`applying`).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from engine.options import Options
+
 DEFAULT_TEMPERATURE = 0.01  # cosine scores differ in the second decimal; 1.0 would be near-uniform
+# Options a calibration is fitted with (its notes) that change the scores it thresholds: a query run with
+# another value is scored on another scale, so the fitted temperature and thresholds do not apply to it.
+# (notes key, the flag that sets it, how a sentence names a value)
+FITTED_WITH = (("mode", "--mode", "in {} mode"), ("aggregation", "--aggregation", "with --aggregation {}"))
 
 
 @dataclass
@@ -25,6 +34,9 @@ class Calibration:
     # The "real" (not generated) rule, when real camera images were given to `resynth calibrate`:
     # {"threshold", "k", "references_file" (their vectors, a .npy in the store), "references", "measured"}.
     real: dict = field(default_factory=dict)
+    # Why a fitted calibration does not apply to this query (set by `applying`, never stored): the
+    # probabilities then come from the default temperature and no threshold is applied.
+    why_not: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "Calibration":
@@ -36,7 +48,25 @@ class Calibration:
                    dict(data.get("real", {})))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("why_not")  # per query, not part of what was fitted
+        return out
+
+    def applying(self, stale: str | None, options: "Options | None" = None) -> "Calibration":
+        """This calibration, for a query run with `options`, if it applies to it;
+        else the uncalibrated rule (default temperature, no threshold, `fitted` False) saying why in
+        `why_not`: a stale calibration, or one fitted with another mode or aggregation, whose temperature
+        and thresholds were measured on another scale of scores."""
+        if not self.fitted:
+            return self
+        why = stale
+        for key, flag, text in FITTED_WITH if why is None and options is not None else ():
+            fitted, asked = self.notes.get(key), getattr(options, key, None)
+            if fitted is not None and asked is not None and fitted != asked:
+                why = (f"calibrated {text.format(fitted)}; this query ran {text.format(asked)}: run "
+                       f"`resynth calibrate` with {flag} {asked}")
+                break
+        return Calibration(why_not=why) if why else self
 
     def probabilities(self, scores: dict[str, float]) -> dict[str, float]:
         """Temperature-scaled softmax over the scored sources."""

@@ -97,7 +97,8 @@ def score(ws: "Workspace", query: Query, text: str, origin: str, vector: np.ndar
                   for name, rows in per_source.items()}
     values = {name: np.array([similarity[r.vector_id] for r in rows]) for name, rows in per_source.items()}
     calibration, stale = ws.calibration, calibration_stale(ws)
-    scores, unknown = rank(values, {n: len(r) for n, r in per_source.items()}, plan.options.aggregation, calibration)
+    scores, unknown = rank(values, {n: len(r) for n, r in per_source.items()}, plan.options.aggregation,
+                           calibration := calibration.applying(stale, plan.options))  # stale, other mode: none
     open_set = (open_set_value(ws, vector, {n: r for n, r in per_source.items() if r}, calibration, description_refs)
                 if calibration.fitted and calibration.open_set and not stale and scores
                 and not plan.options.original_refs else None)  # fitted on resyntheses alone

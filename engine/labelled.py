@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 import hashlib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from index.store import Store
 
 BATCH = 32  # images embedded together
+FEW_ORIGINALS = 5  # fewer labelled originals of a source than this: its acceptance test rests on few values
 
 
 @dataclass
@@ -50,9 +52,20 @@ class EvalSet:
     def n_originals(self) -> int:
         return len(self.orig_hash)
 
+    def originals_per_source(self) -> dict[str, int]:
+        """Per candidate source, how many of its originals are used (0 for a source with resyntheses only)."""
+        counts = np.bincount(np.asarray(self.orig_source, np.int64), minlength=len(self.sources))
+        return {name: int(n) for name, n in zip(self.sources, counts)}
+
     def usage(self) -> dict:
-        """What the set uses and what it left out, and why: the same figures in text and JSON."""
+        """What the set uses and what it left out, and why: the same figures in text and JSON. `sources` are
+        the candidates (sources with resyntheses), `sources_with_originals` those the originals come from;
+        `few_originals` names the sources with fewer than FEW_ORIGINALS, on which a threshold rests weakly."""
+        per_source = self.originals_per_source()
         return {"originals": self.n_originals, "sources": len(self.sources),
+                "sources_with_originals": sum(1 for n in per_source.values() if n),
+                "originals_per_source": per_source,
+                "few_originals": {name: n for name, n in per_source.items() if 0 < n < FEW_ORIGINALS},
                 "skipped": sum(len(v) for v in self.skipped.values()),
                 "skipped_by_reason": {reason: len(names) for reason, names in self.skipped.items()},
                 "skipped_examples": {reason: names[:3] for reason, names in self.skipped.items()}}
@@ -60,7 +73,10 @@ class EvalSet:
     def usage_text(self) -> str:
         """One line: how many originals of how many sources, and how many were skipped for which reason."""
         used = self.usage()
-        text = f"used {used['originals']} originals of {used['sources']} sources"
+        text = f"used {used['originals']} originals of {used['sources_with_originals']} sources"
+        if used["sources_with_originals"] < used["sources"]:
+            none = [name for name, n in used["originals_per_source"].items() if not n]
+            text += f" (of {used['sources']} candidate sources; none of {', '.join(none)})"
         if not used["skipped"]:
             return text + "; none skipped"
         reasons = "; ".join(f"{len(names)} because {reason} (e.g. {', '.join(names[:3])})"
@@ -114,9 +130,10 @@ def from_rows(rows: list[ManifestRow], where: str, strict: bool = False) -> Eval
                         f"could predict them (sources with resyntheses: {', '.join(sources)})")
     have_desc = {r.description for r in resyntheses}
     lonely = [r for r in originals if r.description not in have_desc]
+    folder = Path(where).resolve().parent  # examples are named as the manifest names them
     if lonely and strict:
         row = lonely[0]
-        raise UserError(f"{where}:{row.line}: original {row.image.name} has no resyntheses of its description"
+        raise UserError(f"{where}:{row.line}: original {shown(row.image, folder)} has no resyntheses of its description"
                         f"{f' ({len(lonely)} originals have none)' if len(lonely) > 1 else ''}; without "
                         f"--strict such originals are skipped")
     originals = [r for r in originals if r.description in have_desc]
@@ -139,7 +156,41 @@ def from_rows(rows: list[ManifestRow], where: str, strict: bool = False) -> Eval
         res_seed=np.array([r.seed if r.seed is not None else -1 for r in resyntheses]),
         res_original=linked, res_hash=[sha256_file(r.image) for r in resyntheses],
         res_path=[str(r.image) for r in resyntheses], descriptions=descriptions,
-        skipped={NO_RESYNTHESES: [r.image.name for r in lonely]} if lonely else {})
+        skipped={NO_RESYNTHESES: [shown(r.image, folder) for r in lonely]} if lonely else {})
+
+
+def few_originals_text(usage: dict) -> str:
+    """A warning naming the sources with fewer than FEW_ORIGINALS labelled originals, from `EvalSet.usage()`
+    ("" when none has, or for a usage recorded before it counted them)."""
+    few = usage.get("few_originals") or {}
+    if not few:
+        return ""
+    named = ", ".join(f"{name} ({n})" for name, n in few.items())
+    return (f"warning: fewer than {FEW_ORIGINALS} labelled originals of {named}: the acceptance thresholds are "
+            f"measured on few of their images, so they may accept or reject queries of those sources wrongly; "
+            f"give each source more labelled originals")
+
+
+def shown(path, folder: Path | None) -> str:
+    """A file's path as a person finds it: relative to `folder` when inside it, else as given. A bare
+    name is ambiguous when every source's folder holds a 008.png."""
+    if folder is not None:
+        try:
+            return Path(path).relative_to(folder).as_posix()
+        except ValueError:
+            pass
+    return str(path)
+
+
+def common_folder(paths: list[str]) -> Path | None:
+    """The deepest folder holding every one of `paths` (absolute ones), or None."""
+    absolute = [Path(p).parent for p in paths if Path(p).is_absolute()]
+    if not absolute or len(absolute) < len(paths):
+        return None
+    try:
+        return Path(os.path.commonpath(absolute))
+    except ValueError:  # different drives
+        return None
 
 
 def from_manifest(path: Path, strict: bool = False) -> EvalSet:
@@ -161,10 +212,11 @@ def from_store(store: "Store", strict: bool = False) -> EvalSet:
         raise UserError(f"{where} holds no resyntheses")
     sources = sorted({r.source for r in resyntheses})
     skipped: dict[str, list[str]] = {}
+    folder = common_folder([r.path for r in originals])  # examples named from there: unambiguous, short
     # an enrolled-nowhere source cannot be scored closed-set; its originals are left out
     stray = [r for r in originals if r.source not in sources]
     if stray:
-        skipped[NO_SOURCE_RESYNTHESES] = [Path(r.path).name for r in stray]
+        skipped[NO_SOURCE_RESYNTHESES] = [shown(r.path, folder) for r in stray]
     originals = [r for r in originals if r.source in sources]
     source_index = {s: i for i, s in enumerate(sources)}
     desc_ids = sorted({r.description_id for r in rows})
@@ -172,7 +224,7 @@ def from_store(store: "Store", strict: bool = False) -> EvalSet:
     described = {r.description_id for r in resyntheses}
     lonely = [r for r in originals if r.description_id not in described]
     if lonely:
-        skipped[NO_RESYNTHESES] = [Path(r.path).name for r in lonely]
+        skipped[NO_RESYNTHESES] = [shown(r.path, folder) for r in lonely]
     if skipped and strict:
         reason, names = next(iter(skipped.items()))
         total = sum(map(len, skipped.values()))

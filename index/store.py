@@ -111,7 +111,8 @@ class Store:
             existing = json.loads(config_path.read_text())
             if existing["embedder"]["identity"] != embedder["identity"]:
                 raise StoreInputError(f"store {root} is already bound to embedder {existing['embedder']['identity']}; "
-                                      f"use another --store for {embedder['identity']}")
+                                      f"use another --store for {embedder['identity']}, or move this store to it "
+                                      "with `resynth reembed`")
             if url is not None and existing.get("db") != url.render_as_string(hide_password=False):
                 where = db_label(parse_db_url(existing["db"])) if existing.get("db") else "metadata.sqlite"
                 raise StoreInputError(f"store {root} already keeps its metadata in {where}; use another --store")

@@ -74,11 +74,33 @@ def test_calibrate_refuses_a_manifest_of_sources_the_store_lacks(models, demo_ma
     skipped = (DESCRIPTIONS - DESCRIBED) * sources
     assert f"used {DESCRIBED * sources} originals of {sources} sources; skipped {skipped}" in text
     assert "description has no resyntheses" in text
+    # examples named as the manifest names them (every source's folder holds a 003.png), and a warning for
+    # sources with too few originals (DESCRIBED each) to measure a threshold on
+    own_names = [n for n in models["pipelines"] if n != FOREIGN]
+    assert f"(e.g. originals/{own_names[0]}/00{DESCRIBED}.png" in text
+    assert f"warning: fewer than 5 labelled originals of {min(own_names)} ({DESCRIBED})" in text
     assert run_cli("calibrate", own, "--store", three_source_store, "--json", "--quiet") == 0
     used = json.loads(capsys.readouterr().out)["notes"]["used"]
     assert (used["originals"], used["sources"], used["skipped"]) == (DESCRIBED * sources, sources, skipped)
     assert list(used["skipped_by_reason"].values()) == [skipped]
     assert "has no resyntheses" in _error(capsys, "calibrate", own, "--store", three_source_store, "--strict")
+
+
+def test_usage_counts_the_sources_that_had_originals(demo_manifest):
+    """`used N originals of M sources` counts the sources the originals come from; the candidates without
+    any are named (no embedding: the labelled set alone)."""
+    from engine.labelled import from_manifest
+
+    rows = _rows(demo_manifest)
+    without = sorted({r["source"] for r in rows})[-1]
+    kept = _write(demo_manifest.parent / "no-originals-of-one.jsonl",
+                  [r for r in rows if not (r["source"] == without and r["role"] == "original")])
+    evalset = from_manifest(kept)
+    sources = len({r["source"] for r in rows})
+    assert evalset.usage_text().startswith(f"used {DESCRIBED * (sources - 1)} originals of {sources - 1} sources "
+                                           f"(of {sources} candidate sources; none of {without}); skipped")
+    used = evalset.usage()
+    assert used["originals_per_source"][without] == 0 and without not in used["few_originals"]
 
 
 def test_calibrate_on_the_store_says_what_it_used(models, demo_manifest, store_dir, capsys):
@@ -91,7 +113,9 @@ def test_calibrate_on_the_store_says_what_it_used(models, demo_manifest, store_d
     assert (used["originals"], used["skipped"]) == (DESCRIBED * sources, (DESCRIPTIONS - DESCRIBED) * sources)
     assert calibration["notes"]["open_set_score"] == DEFAULT_OPEN_SET_SCORE
     assert run_cli("calibrate", "--store", store_dir, "--quiet") == 0
-    assert f"skipped {(DESCRIPTIONS - DESCRIBED) * sources}" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert f"skipped {(DESCRIPTIONS - DESCRIBED) * sources}" in text
+    assert f"(e.g. {next(iter(models['pipelines']))}/00{DESCRIBED}.png" in text  # from the originals' common folder
     assert "cannot be scored" in _error(capsys, "calibrate", "--store", store_dir, "--strict")
 
 
@@ -109,8 +133,8 @@ def test_evaluate_skips_originals_without_resyntheses_and_names_one_default(mode
 
     # one default, the engine's own (engine.options), in the summary and in report.md alike
     options = Options()
-    named = f"mode {options.mode}, aggregation {options.aggregation}"
-    assert printed.count("engine default") == 1 and named in printed
+    named = f"--mode {options.mode}, --aggregation {options.aggregation}, --references {options.references}"
+    assert printed.count("engine default") == 1 and named in printed and "engine.options" not in printed
     default = report["engine_default"]
     assert (default["mode"], default["aggregation"]) == (options.mode, options.aggregation)
     assert default["accuracy"] == report["modes"][options.mode]["accuracy"]

@@ -112,7 +112,7 @@ def test_bad_clip_and_store_binding(models, capsys, tmp_path, copy_of):
            match="--clip-layer must be")
     # Same store, another embedder (the final layer instead of the default middle block): refused.
     _fails(capsys, "init", "--store", store, "--clip-config", cfg, "--clip-checkpoint", ckpt, "--clip-layer", "final",
-           match="already bound")
+           match="or move this store to it with `resynth reembed`")  # "already bound ...; use another --store"
     assert run_cli("init", "--store", store, "--clip-config", cfg, "--clip-checkpoint", ckpt, "--clip-layer", "2") == 0
     # The checkpoint the store is bound to changes on disk: refused at use.
     moved = copy_of(ckpt, "ckpt.bin")

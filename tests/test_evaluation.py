@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine.calibration import DEFAULT_TEMPERATURE
 from engine.embed import Embedder, EmbedderSpec
 from engine.evaluation.baselines import BASELINES, available_shots, run_fewshot
 from engine.evaluation.dataset import from_manifest
@@ -118,11 +119,12 @@ def test_calibrate_then_attribute_reports_probabilities_and_unknown(models, data
     assert 0 < calibration["temperature"] < 10
     assert calibration["notes"]["originals"] == 8 * (len(models["pipelines"]) - 1)
 
-    def attribute(source: str, generated: int = 0) -> list[dict]:
+    def attribute(source: str, generated: int = 0, *flags) -> list[dict]:
         queries = [{"image": str(dataset.parent / r["image"]), "prompt": r["description"]}
                    for r in rows if r["source"] == source and r["role"] == "original"]
         path = _write(tmp_path / f"{source}.jsonl", queries)
-        assert run_cli("attribute", "--queries", path, "--store", store, "--json", "--quiet", "--per-source", 2) == 0
+        assert run_cli("attribute", "--queries", path, "--store", store, "--json", "--quiet", "--per-source", 2,
+                       *flags) == 0
         data = json.loads(capsys.readouterr().out)
         assert data["cache"]["generated"] == generated  # the ingested resyntheses are the cache
         return data["results"]
@@ -146,13 +148,25 @@ def test_calibrate_then_attribute_reports_probabilities_and_unknown(models, data
     fallback = attribute("tiny-sd-ddim")
     assert all("open_set_score" not in r["evidence"] and r["verdict"] in {"known", "unknown"} for r in fallback)
 
+    def uncalibrated_p(result: dict) -> bool:  # the default temperature's softmax, never the fitted one's
+        scores = np.array([s["score"] for s in result["scores"]]) / DEFAULT_TEMPERATURE
+        expected = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
+        return np.allclose([s["probability"] for s in result["scores"]], expected) and \
+            "not calibrated" in result["evidence"]["probabilities"]
+
+    # Fitted in combined mode, asked in dataset mode: another scale of scores, so no claim either way.
+    other_mode = attribute("tiny-sd-ddim", 0, "--mode", "dataset")
+    assert all(r["verdict"] == "uncalibrated" and not r["calibrated"] and r["unknown"] is None
+               and "calibrated in combined mode; this query ran in dataset mode" in r["evidence"]["why"]
+               and "--mode dataset" in r["evidence"]["why"] and uncalibrated_p(r) for r in other_mode)
+
     # A source added after calibration makes the calibration stale: no claim either way until refit.
     assert run_cli("source", "add", UNREGISTERED, models["pipelines"][UNREGISTERED], "--store", store,
                    "--steps", 2, "--quiet") == 0
     capsys.readouterr()
     stale = attribute("tiny-sd-ddim", generated=8 * 2)  # the new source resynthesizes each description
     assert all(r["verdict"] == "uncalibrated" and "stale" in r["evidence"]["why"] and not r["calibrated"]
-               and not r["unknown"] for r in stale)
+               and not r["unknown"] and uncalibrated_p(r) for r in stale)
     assert run_cli("source", "remove", UNREGISTERED, "--store", store, "--quiet") == 0
     capsys.readouterr()
 

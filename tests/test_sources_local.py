@@ -240,6 +240,12 @@ def test_cli_source_add_infers_the_local_kinds(models, local, tmp_path, capsys):
     assert run_cli("source", "add", "base", local["base"], "--steps", 2, "--store", store) == 0
     assert run_cli("source", "add", "no-config", local["file"], "--store", store) == 2  # a file needs --config
     assert "single-file source with --config DIR" in capsys.readouterr().err
+    # a LoRA file is no checkpoint: the hint names --lora on its base, with or without --config
+    assert run_cli("source", "add", "a-lora", local["a"], "--store", store) == 2
+    err = capsys.readouterr().err
+    assert f"{local['a'].name} is a LoRA" in err and "--lora " in err and "single-file" not in err
+    with pytest.raises(UserError, match=r"is a LoRA .* --lora "):
+        SingleFile().prepare("x", local["a"], config=local["config"])
     assert run_cli("source", "add", "bad", local["base"], "--lora", f"{local['a']}:x", "--store", store) != 0
     with engine.open(store) as ws:
         rows = {r["name"]: r for r in ws.list_sources()}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,11 @@ def test_drop_an_image_and_see_ranked_sources(page, originals):
     assert widths == sorted(widths, reverse=True) and sum(widths) == pytest.approx(100.0, abs=0.5)  # probabilities
     verdict = page.text_content("#verdict")
     assert names[0] in verdict and "uncalibrated" in verdict  # never "known source" without a calibration
-    assert "known source" not in verdict
+    assert "known source" not in verdict and re.search(r"\(score -?\d\.\d{4}, \d+ references?\)", verdict)
+    notes = page.text_content("#notes")  # the CLI's caveats: p is no probability before `resynth calibrate`
+    assert "note: p: a softmax of the scores, not a calibrated probability" in notes
+    assert "one source was scored" not in notes and "captioner" not in notes
+    assert re.fullmatch(r"-?\d\.\d{4} · p [01]\.\d{3}", bars.nth(0).locator(".num").text_content())
     meta = page.text_content("#meta")
     assert "margin 0." in meta and original["prompt"] in meta and "generated resyntheses" in meta
     assert page.is_hidden("#error")
@@ -87,6 +92,26 @@ def test_a_real_verdict_and_a_provenance_conflict_read_as_such(page, originals):
     assert "No sign of generation" in verdict and "real: nearer the real photographs" in verdict
     assert "uncalibrated" not in verdict and "threshold 0.011" in verdict and "without the real rule" in verdict
     assert "Provenance: conflict" in verdict and "not reproduced, 19.4 dB" in verdict
+
+    # a calibrated "known" answer near its threshold, one source scored, described by the captioner: the
+    # score reads to 4 decimals beside its threshold, and the CLI's notes are on the page
+    page.evaluate("""() => {
+        const r = answers[0].r;
+        r.scores = r.scores.slice(0, 1);
+        r.scores[0].score = 0.99712;
+        r.description_from = "caption";
+        r.calibrated = true;
+        r.verdict = "known";
+        r.evidence = {score: 0.99712, threshold: 0.9966, references: 2};
+        show(0);
+    }""")
+    verdict = page.text_content("#verdict")
+    assert "known source" in verdict and "score 0.9971 ≥ threshold 0.9966, 2 references" in verdict
+    notes = page.text_content("#notes")
+    source = page.locator("#bars .bar").nth(0).get_attribute("data-source")
+    assert f"note: one source was scored ({source}), so it is named whatever made the image" in notes
+    assert "note: the description is the captioner's" in notes and "calibrated probability" not in notes
+    _shot(page, "page-notes.png")
 
 
 def test_an_undecodable_upload_shows_the_error(page):

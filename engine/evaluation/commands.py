@@ -6,6 +6,7 @@ from pathlib import Path
 
 from engine.errors import UserError
 from engine.flags import add_clip_arguments
+from engine.labelled import few_originals_text
 from engine.options import add_arguments
 
 STRICT_HELP = ("refuse the whole manifest when an original cannot be scored (its description has no "
@@ -114,6 +115,8 @@ def _calibration_line(ws, calibration) -> str:
             f"{figure(notes.get('ece_calibrated'))}; unknown-source AUROC {figure(notes.get('open_set_auroc'))}")
     if used.get("text"):
         line += f"\nfitted on {notes.get('fitted_on')}: {used['text']}"
+    if few_originals_text(used):
+        line += "\n" + few_originals_text(used)
     if used.get("store_sources_not_fitted"):
         line += (f"\nno labelled originals for store source(s) {', '.join(used['store_sources_not_fitted'])}: "
                  f"no threshold of their own")

@@ -134,8 +134,9 @@ def engine_default(variant: Variant, modes: dict) -> dict:
     """What `resynth attribute` does with no option given (engine.options.Options), and its figures: those
     of its mode in the modes comparison, at the variant's references per source (K, capped by the data)."""
     options = ENGINE_OPTIONS
-    return {"from": "engine.options.Options", "mode": options.mode, "aggregation": options.aggregation,
-            "references": variant.per_source, "neighbours": options.neighbours, "layer": variant.layer,
+    return {"from": "`resynth attribute` with no option", "mode": options.mode, "aggregation": options.aggregation,
+            "references": variant.per_source, "references_option": options.references,
+            "neighbours": options.neighbours, "layer": variant.layer,
             "distance": variant.distance, **modes[options.mode]}
 
 

@@ -192,8 +192,10 @@ def default_text(e: dict | None) -> str:
     """The engine's default, named once, from the settings the report recorded (engine.options)."""
     if not e or "mode" not in e:
         return "engine default: not measured"
-    return (f"engine default ({e['from']}: mode {e['mode']}, aggregation {e['aggregation']}, "
-            f"K={e['references']} references per source, {e['neighbours']} neighbours)")
+    asked = e.get("references_option", e["references"])  # the flag's value; the data may offer fewer
+    capped = f" (here up to {e['references']} per source)" if asked != e["references"] else ""
+    return (f"engine default (`resynth attribute` with no option: --mode {e['mode']}, --aggregation "
+            f"{e['aggregation']}, --references {asked}{capped}, --neighbours {e['neighbours']})")
 
 
 def real_text(r: dict) -> str:

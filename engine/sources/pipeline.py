@@ -29,6 +29,11 @@ class Pipeline(SourceKind):
 
         folder = Path(path).resolve()
         if folder.is_file() and folder.suffix in (".safetensors", ".ckpt", ".pt", ".bin"):
+            from engine.sources.single_file import lora_hint
+
+            hint = lora_hint(folder) if folder.suffix == ".safetensors" else None
+            if hint:
+                raise UserError(hint)
             raise UserError(f"{path} is a single checkpoint file: add it as a single-file source with --config DIR "
                             "(a diffusers folder of the same architecture, for its configs; nothing is downloaded)")
         check_pipeline_folder(folder)

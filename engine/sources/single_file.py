@@ -109,6 +109,28 @@ def safetensors_keys(path: Path) -> list[str]:
     return [k for k in safetensors_header(path) if k != "__metadata__"]
 
 
+LORA_MARKS = ("lora_up", "lora_down", "lora_A", "lora_B", "lora.up", "lora.down")  # kohya, peft, diffusers
+
+
+def is_lora(keys) -> bool:
+    """Whether tensor names are a LoRA adapter's (low-rank up/down or A/B pairs), not a whole model's."""
+    return any(mark in key for key in keys for mark in LORA_MARKS)
+
+
+def lora_hint(path) -> str | None:
+    """For a .safetensors file that holds a LoRA, one sentence saying how it is enrolled; else None (also
+    for a file whose header cannot be read: its own check says why)."""
+    try:
+        keys = safetensors_keys(Path(path))
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not a mapping
+        return None
+    if not is_lora(keys):
+        return None
+    return (f"{Path(path).name} is a LoRA (its tensors are low-rank adapters: lora_up/lora_down or lora_A/lora_B), "
+            f"not a whole model: add its base model's diffusers folder with --lora {path}, e.g. `resynth source "
+            f"add NAME BASE_DIR --lora {path}:0.8`")
+
+
 # layout of a single file -> the diffusers pipeline class its --config folder must be
 LAYOUTS = {"SD 1.x": "StableDiffusionPipeline", "SDXL": "StableDiffusionXLPipeline", "Flux": "FluxPipeline"}
 
@@ -128,6 +150,8 @@ def check_layout(file: Path, folder: Path, class_name: str) -> str:
     """The file's layout, refused in one line unless it is what `folder` (a `class_name` folder) describes."""
     header = safetensors_header(file)
     layout = file_layout([k for k in header if k != "__metadata__"])
+    if layout is None and is_lora(header):
+        raise UserError(lora_hint(file) or f"{file.name} is a LoRA")
     if layout is None:
         raise UserError(f"{file.name} is not a single-file checkpoint in the original layout (no "
                         "model.diffusion_model.* nor Flux double_blocks.* tensors); a diffusers folder is added "
