@@ -420,52 +420,6 @@ def _text_lines(path: Path) -> list[tuple[int, str]]:
     return lines
 
 
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" + ("" if count == 1 else "s")
-
-
-def verdict_line(r) -> str:
-    """The verdict with its evidence: the score against the threshold that decided it, and on how many
-    references, so that "unknown source" beside a high probability explains itself."""
-    ev = r.evidence or {}
-    if r.verdict == "none" or r.predicted is None:
-        return "no source could be scored"
-    refs = plural(ev["references"], "reference") if "references" in ev else None
-    test: str | None
-    if "open_set_score" in ev:  # decided by the feature-based open-set score, not the best similarity
-        sign = "<" if r.verdict == "unknown" else ">="
-        test = f"{ev['open_set_score']} {ev['value']:.2f} {sign} threshold {ev['threshold']:.2f}"
-    elif "threshold" in ev:  # similarities crowd near 1: 4 decimals, as the ranking shows them
-        sign = "<" if r.verdict == "unknown" else ">="
-        test = f"score {ev['score']:.4f} {sign} threshold {ev['threshold']:.4f}"
-    else:
-        test = f"score {ev['score']:.4f}" if "score" in ev else None
-    evidence = ", ".join(part for part in (test, refs) if part)
-    if r.verdict == "unknown":
-        return f"unknown source (closest: {r.predicted}, {evidence})"
-    if r.verdict == "known":
-        return f"{r.predicted} (known source: {evidence})"
-    if r.verdict == "real" and "real" in ev:  # nearer the real references than any generated image
-        real = ev["real"]
-        return (f"real: no sign of generation (value {real['value']:.3f} > threshold {real['threshold']:.3f}; "
-                f"closest source {r.predicted}, {evidence})")
-    why = ev.get("why", "no acceptance threshold")
-    return f"{r.predicted} (uncalibrated: {why}; {evidence})"
-
-
-def caveats(r) -> list[str]:
-    """What the ranking cannot show by itself, for a person reading the text answer (not in --json: the
-    fields `scores`, `description_from` and `verdict` already say it)."""
-    notes = []
-    if len(r.scores) == 1:
-        notes.append(f"one source was scored ({r.scores[0].source}), so it is named whatever made the image: score "
-                     "the other candidate generators too, and calibrate for an unknown-source verdict")
-    if r.description_from == "caption":
-        notes.append("the description is the captioner's (no prompt was given, embedded or stored): the "
-                     "answer is only as good as the caption; give --prompt when the prompt is known")
-    return notes
-
-
 def cmd_attribute(args) -> None:
     from engine.options import from_args
 
@@ -480,33 +434,9 @@ def cmd_attribute(args) -> None:
             images = [path for path, _ in specs]
             casereport.write_attribution(args.report, ws, report, images, options,
                                          command=casereport.attribute_command(args, images))
-    lines = []
-    for r in report.results:
-        margin = f", margin {r.margin:.4f}" if r.margin is not None else ""
-        lines.append(f"{r.query}: {verdict_line(r)}{margin}  "
-                     + (f"[description from {r.description_from}: {r.description!r}]" if r.description_from != "none"
-                        else "[no description: nearest stored references only]"))
-        lines += [f"  {s.source:24} {s.score:.4f}  p={s.probability:.3f}  ({plural(s.resyntheses, 'reference')})"
-                  for s in r.scores]
-        unscored = [m for m in r.missing if m not in r.failed]
-        if unscored:
-            why = ("none among the nearest stored references" if (r.evidence or {}).get("mode") == "dataset"
-                   else "no resynthesis of this description")
-            lines.append(f"  not scored ({why}): {', '.join(unscored)}")
-        for name, reason in r.failed.items():
-            lines.append(f"  not scored ({name} failed): {reason}")
-        if (r.evidence or {}).get("provenance", {}).get("conclusion"):  # the file's own claim, beside the ranking
-            lines.append(f"  provenance: {r.evidence['provenance']['conclusion']}")
-        lines += [f"  note: {note}" for note in caveats(r)]
-    if any(r.scores and not r.calibrated for r in report.results):
-        lines.append("p: a softmax of the scores, not a calibrated probability (no current calibration: "
-                     "`resynth calibrate`)")
-    lines.append(f"resyntheses: {report.cached} cached, {report.generated} generated")
-    if report.cost is not None:
-        from engine.jobs import cost_line
+    from engine.textanswer import text_answer
 
-        lines.append(cost_line(report.cost))
-    _emit(args, report.to_dict(), "\n".join(lines))
+    _emit(args, report.to_dict(), text_answer(report))
 
 
 def cmd_rebuild(args) -> None:

@@ -192,7 +192,7 @@ print(diffusers.utils.logging.is_progress_bar_enabled(), transformers.utils.logg
 
 def test_the_verdict_line_shows_its_evidence():
     from engine.attribute import Attribution, SourceScore
-    from engine.cli import caveats, plural, verdict_line
+    from engine.textanswer import caveats, plural, verdict_line
 
     def result(verdict, evidence):
         return Attribution(query="q.png", description="d", description_from="prompt", predicted="sdxl",

@@ -1,0 +1,82 @@
+"""The text answer of `resynth attribute`: per query the verdict with the evidence that decided it, the
+ranking, what was not scored and why, and the caveats a reader needs (the --json answer is the report)."""
+from __future__ import annotations
+
+from engine.attribute import Attribution, Report
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def verdict_line(r: Attribution) -> str:
+    """The verdict with its evidence: the score against the threshold that decided it, and on how many
+    references, so that "unknown source" beside a high probability explains itself."""
+    ev = r.evidence or {}
+    if r.verdict == "none" or r.predicted is None:
+        return "no source could be scored"
+    refs = plural(ev["references"], "reference") if "references" in ev else None
+    test: str | None
+    if "open_set_score" in ev:  # decided by the feature-based open-set score, not the best similarity
+        sign = "<" if r.verdict == "unknown" else ">="
+        test = f"{ev['open_set_score']} {ev['value']:.2f} {sign} threshold {ev['threshold']:.2f}"
+    elif "threshold" in ev:  # similarities crowd near 1: 4 decimals, as the ranking shows them
+        sign = "<" if r.verdict == "unknown" else ">="
+        test = f"score {ev['score']:.4f} {sign} threshold {ev['threshold']:.4f}"
+    else:
+        test = f"score {ev['score']:.4f}" if "score" in ev else None
+    evidence = ", ".join(part for part in (test, refs) if part)
+    if r.verdict == "unknown":
+        return f"unknown source (closest: {r.predicted}, {evidence})"
+    if r.verdict == "known":
+        return f"{r.predicted} (known source: {evidence})"
+    if r.verdict == "real" and "real" in ev:  # nearer the real references than any generated image
+        real = ev["real"]
+        return (f"real: no sign of generation (value {real['value']:.3f} > threshold {real['threshold']:.3f}; "
+                f"closest source {r.predicted}, {evidence})")
+    why = ev.get("why", "no acceptance threshold")
+    return f"{r.predicted} (uncalibrated: {why}; {evidence})"
+
+
+def caveats(r: Attribution) -> list[str]:
+    """What the ranking cannot show by itself, for a person reading the text answer (not in --json: the
+    fields `scores`, `description_from` and `verdict` already say it)."""
+    notes = []
+    if len(r.scores) == 1:
+        notes.append(f"one source was scored ({r.scores[0].source}), so it is named whatever made the image: score "
+                     "the other candidate generators too, and calibrate for an unknown-source verdict")
+    if r.description_from == "caption":
+        notes.append("the description is the captioner's (no prompt was given, embedded or stored): the "
+                     "answer is only as good as the caption; give --prompt when the prompt is known")
+    return notes
+
+
+def text_answer(report: Report) -> str:
+    """What `resynth attribute` prints without --json."""
+    lines = []
+    for r in report.results:
+        margin = f", margin {r.margin:.4f}" if r.margin is not None else ""
+        lines.append(f"{r.query}: {verdict_line(r)}{margin}  "
+                     + (f"[description from {r.description_from}: {r.description!r}]" if r.description_from != "none"
+                        else "[no description: nearest stored references only]"))
+        lines += [f"  {s.source:24} {s.score:.4f}  p={s.probability:.3f}  ({plural(s.resyntheses, 'reference')})"
+                  for s in r.scores]
+        unscored = [m for m in r.missing if m not in r.failed]
+        if unscored:
+            why = ("none among the nearest stored references" if (r.evidence or {}).get("mode") == "dataset"
+                   else "no resynthesis of this description")
+            lines.append(f"  not scored ({why}): {', '.join(unscored)}")
+        for name, reason in r.failed.items():
+            lines.append(f"  not scored ({name} failed): {reason}")
+        if (r.evidence or {}).get("provenance", {}).get("conclusion"):  # the file's own claim, beside the ranking
+            lines.append(f"  provenance: {r.evidence['provenance']['conclusion']}")
+        lines += [f"  note: {note}" for note in caveats(r)]
+    if any(r.scores and not r.calibrated for r in report.results):
+        lines.append("p: a softmax of the scores, not a calibrated probability (no current calibration: "
+                     "`resynth calibrate`)")
+    lines.append(f"resyntheses: {report.cached} cached, {report.generated} generated")
+    if report.cost is not None:
+        from engine.jobs import cost_line
+
+        lines.append(cost_line(report.cost))
+    return "\n".join(lines)
