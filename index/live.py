@@ -47,10 +47,9 @@ class OpenReport:
     notes: list[str] = field(default_factory=list)
 
 
-def impossible_ids(index) -> int:
+def impossible_ids(ids: np.ndarray) -> int:
     """How many of an index's ids no database gives out: vector ids count up from 1, and the id digest
     (vectors.id_digest) is taken modulo 2^62, so an id with a flipped sign or top bit would pass it."""
-    ids = vx.index_ids(index)
     return int(((ids < 1) | (ids >= vx.DIGEST_MOD)).sum()) if len(ids) else 0
 
 
@@ -261,12 +260,12 @@ class LiveIndex:
         if index is not None and index.problem:
             report.notes.append(f"index segments left out ({index.problem}): what they held is read from the "
                                 "database")
-        impossible = impossible_ids(index) if index is not None else 0
+        have = vx.index_ids(index) if index is not None else None
+        impossible = impossible_ids(have) if have is not None else 0
         if impossible:  # the id digest works modulo 2^62: such ids must never reach it
-            index, problem = None, f"holds {impossible} ids no database gives (its id map is damaged)"
+            index, have, problem = None, None, f"holds {impossible} ids no database gives (its id map is damaged)"
         with self.db.session() as s:
             tomb_seq, floor = self.stored.tomb_state(s)
-            have = vx.index_ids(index) if index is not None else None
             newer = self.stored.behind_by(s, have, vx.index_digest(index)) if index is not None else None
             if newer is not None:  # ids agree, up to vectors committed after the file was written
                 report.digest = True

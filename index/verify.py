@@ -161,7 +161,7 @@ def _check_index_file(store: "Store", s, db_ids: np.ndarray, floor: int, problem
     if parts["leftover_files"]:
         problems.append(f"{len(parts['leftover_files'])} index segment files no manifest names "
                         "(the next save or a repair removes them)")
-    impossible = impossible_ids(index) if index is not None else 0
+    impossible = impossible_ids(vx.index_ids(index)) if index is not None else 0
     if impossible:
         problems.append(f"{impossible} index ids are ones no database gives (the index file's id map is damaged): "
                         "repair rebuilds the index from the database")
