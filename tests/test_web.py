@@ -78,6 +78,7 @@ def test_a_real_verdict_and_a_provenance_conflict_read_as_such(page, originals):
     page.set_input_files("#file", str(originals[2]["image"]))
     page.fill("#prompt", originals[2]["prompt"])
     page.click("#submit")
+    page.wait_for_selector("#submit:not([disabled])")  # this answer, not the last one's still on the page
     page.wait_for_selector("#result:not([hidden]) .bar")
     page.evaluate("""() => {
         const r = answers[0].r;
@@ -142,6 +143,7 @@ def test_the_evidence_images_load(page, originals):
     page.set_input_files("#file", str(original["image"]))
     page.fill("#prompt", original["prompt"])
     page.click("#submit")
+    page.wait_for_selector("#submit:not([disabled])")
     page.wait_for_selector("#result:not([hidden]) .bar")
     sources = page.locator("#bars .bar").count()
     page.wait_for_function("n => [...document.querySelectorAll('#closest img.evidence-thumb')]"
