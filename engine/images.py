@@ -231,7 +231,10 @@ def check_structure(source: bytes | IO[bytes], label: str = "image") -> None:
             else _tiff_values if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+") else None
         if walk is not None:
             handle.seek(start)
-            kind = walk(handle)
+            try:
+                kind = walk(handle)
+            except (struct.error, ValueError, OverflowError, OSError):  # malformed: the decoder reports it
+                kind = None
             if kind is not None:
                 raise UserError(f"cannot decode image {label}: {kind} (no encoder writes that many)",
                                 code="undecodable_image")
@@ -298,6 +301,8 @@ def _tiff_values(handle: IO[bytes]) -> str | None:
     head = handle.read(16)
     order = "<" if head[:2] == b"II" else ">"
     big = head[2:4] in (b"+\x00", b"\x00+")  # BigTIFF: 8-byte offsets and counts
+    if len(head) < (16 if big else 8):
+        return None  # cut short: Pillow says so
     offset = struct.unpack(order + ("Q" if big else "I"), head[8:16] if big else head[4:8])[0]
     handle.seek(base + offset)
     raw = handle.read(8 if big else 2)
