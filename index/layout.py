@@ -260,10 +260,12 @@ class Layout:
         return path if len(relative.parts) >= 2 and ".." not in relative.parts else None
 
     def remove_files(self, paths: set[Path]) -> None:
-        """Delete image files, and the folders they leave empty (up to the store folder)."""
+        """Delete image files, and the folders they leave empty (up to the store folder). After the commit
+        that dropped their rows: one the machine will not delete stays an orphan (verify reports it,
+        repair removes it), never a failed command."""
         root = self.root.resolve()
         for path in paths:
-            path.unlink(missing_ok=True)
+            unlink_quietly(path)
             folder = path.parent
             while folder != root and root in folder.parents:
                 try:

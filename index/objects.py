@@ -125,8 +125,10 @@ class LocalImages:
         return str(owned.relative_to(self.layout.root.resolve()))
 
     def delete(self, owned: list) -> None:
+        from index.layout import unlink_quietly
+
         for path in owned:
-            path.unlink(missing_ok=True)
+            unlink_quietly(path)  # one the machine keeps is still an orphan: the report after the repair says so
 
     def locator(self, stored: str) -> str:
         return str(self.layout.file_path(stored))
@@ -263,19 +265,29 @@ class ObjectImages:
         return owned[len(self.base) + 1:]
 
     def delete(self, owned: list) -> None:
-        self.remove(set(owned))
+        """Orphans `verify --repair` removes: that is the command's work, so a failure is its one line."""
+        self._remove(set(owned))
 
     def locator(self, stored: str) -> str:
         return stored if Path(stored).is_absolute() else f"{self.scheme}://{self.key(stored)}"
 
     def remove(self, owned: set) -> None:
+        """Objects whose rows a commit just dropped (`source remove`): the command's work is done, so an
+        object store that does not answer leaves them as orphans (verify reports them, repair removes
+        them) rather than failing a command that cannot be run again (its source is gone)."""
+        try:
+            self._remove(owned)
+        except StoreUnavailable:
+            pass
+
+    def _remove(self, owned: set) -> None:
         if not owned:
             return
         try:
             self.fs.rm(sorted(owned))
         except FileNotFoundError:
             pass
-        except Exception as exc:  # noqa: BLE001 - as in check; the rows are gone, the objects stay as orphans
+        except Exception as exc:  # noqa: BLE001 - as in check
             raise self.unavailable(exc, f"removing {len(owned)} images") from None
 
 
