@@ -277,6 +277,13 @@ def test_every_bad_input_gets_its_status(served_store, query_png):
         named = client.post("/v1/attribute", data={"prompt": CACHED_PROMPT},
                             files={"image": ("../../etc/passwd.png", query_png, "image/png")})
         assert named.status_code == 200 and named.json()["results"][0]["query"] == "passwd.png"
+        import httpx  # a media type's name is case-insensitive (RFC 9110)
+
+        form = httpx.Request("POST", "http://x/", files={"image": ("q.png", query_png, "image/png")},
+                             data={"prompt": CACHED_PROMPT})
+        shouted = client.post("/v1/attribute", content=form.read(), headers={
+            "content-type": form.headers["content-type"].replace("multipart/form-data", "Multipart/Form-Data")})
+        assert shouted.status_code == 200, shouted.text
         assert _label("..\\..\\win\\x\x00y\x1b.png", 0) == "xy.png" and _label(None, 2) == "image-3"
         assert client.get("/readyz").status_code == 200
 

@@ -272,7 +272,7 @@ async def _read_request(request: Request, service: Service,
     a few decode slots, one image at a time, reading each file's bytes only then.
     """
     limits = service.limits
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         raise ServiceError(415, "unsupported_media_type", "send multipart/form-data with one or more `image` parts")
     async with request.form(max_files=limits.max_images, max_fields=32, max_part_size=64 * 1024) as form:
         image_parts = form.getlist("image")
