@@ -71,9 +71,10 @@ def text_answer(report: Report) -> str:
         if (r.evidence or {}).get("provenance", {}).get("conclusion"):  # the file's own claim, beside the ranking
             lines.append(f"  provenance: {r.evidence['provenance']['conclusion']}")
         lines += [f"  note: {note}" for note in caveats(r)]
-    if any(r.scores and not r.calibrated for r in report.results):
-        lines.append("p: a softmax of the scores, not a calibrated probability (no current calibration: "
-                     "`resynth calibrate`)")
+    uncalibrated = [r for r in report.results if r.scores and not r.calibrated]
+    if uncalibrated:  # why: none fitted, stale, or fitted for another mode or aggregation
+        why = (uncalibrated[0].evidence or {}).get("why") or "no current calibration: `resynth calibrate`"
+        lines.append(f"p: a softmax of the scores, not a calibrated probability ({why})")
     lines.append(f"resyntheses: {report.cached} cached, {report.generated} generated")
     if report.cost is not None:
         from engine.jobs import cost_line

@@ -221,6 +221,13 @@ def test_the_verdict_line_shows_its_evidence():
     assert verdict_line(result("none", {})) == "no source could be scored"
     assert (plural(1, "reference"), plural(0, "reference"), plural(2, "reference")) == (
         "1 reference", "0 references", "2 references")
+    # the p line says why no calibration applies (here: fitted for another mode)
+    from engine.attribute import Report
+    from engine.textanswer import text_answer
+
+    other = "calibrated in combined mode; this query ran in dataset mode: run `resynth calibrate` with --mode dataset"
+    answer = text_answer(Report([result("uncalibrated", {"score": 0.61, "references": 2, "why": other})]))
+    assert f"p: a softmax of the scores, not a calibrated probability ({other})" in answer.splitlines()
 
 
 def test_source_list_shows_each_recipe_and_the_demo_the_commands_to_reuse_it(tmp_path):
