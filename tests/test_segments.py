@@ -391,8 +391,7 @@ def test_a_malformed_manifest_is_left_out_never_a_traceback(tmp_path):
 
     source = _segmented(tmp_path)
     good = _manifest(source)
-    damage = {"no generation": lambda m: m.pop("generation"), "segments a string": lambda m: m.update(segments="x"),
-              "n a string": lambda m: m["segments"][0].update(n="4"),
+    damage = {"no generation": lambda m: m.pop("generation"), "n a string": lambda m: m["segments"][0].update(n="4"),
               "removed without file": lambda m: m["removed"].pop("file")}
     for k, (what, change) in enumerate(damage.items()):
         root = tmp_path / f"copy{k}"
