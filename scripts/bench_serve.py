@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     for count in [int(x) for x in args.workers.split(",")]:
         prefix = "server" if count == 1 else f"server w{count}"
         # a deployment sized for the highest level: admits that many requests at once instead of shedding them
-        extra = ["--max-batch", str(args.max_batch), "--max-requests", str(max(levels)), "--workers", str(count)]
+        extra = ["--max-batch", str(args.max_batch), "--max-requests", str(max(levels))]
+        extra += ["--workers", str(count)] if count > 1 else []
         extra += ["--device", args.device] if args.device else []
         with ServerProcess(store, *extra) as server:
             for data, prompt in queries:  # warm-up: every query once
