@@ -114,20 +114,26 @@ class Supervisor:
 
     def _collect_ready(self, timeout: float) -> None:
         by_fd = {fd: i for i, fd in self.pipes.items()}
+        if not by_fd:
+            time.sleep(timeout)
+            return
         try:
             readable, _, _ = select.select(list(by_fd), [], [], timeout)
         except InterruptedError:
             return
-        for fd in readable:
+        for fd in readable:  # the ready byte, or the end of a pipe whose worker exited: read once, closed
+            index = by_fd[fd]
             if os.read(fd, 1):
-                self.ever_ready.add(by_fd[fd])
+                self.ever_ready.add(index)
+            os.close(self.pipes.pop(index))
 
     def _reap(self) -> None:
         for index, proc in list(self.procs.items()):
             code = proc.poll()
             if code is None or self.stopping:
                 continue
-            os.close(self.pipes.pop(index))
+            if index in self.pipes:
+                os.close(self.pipes.pop(index))
             del self.procs[index]
             label = f"worker {index + 1} of {self.count}"
             if index not in self.ever_ready:
