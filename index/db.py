@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool
 
 from index.errors import StoreBusy, StoreDamaged, StoreError, StoreInputError, StoreReadOnly, StoreUnavailable
-from index.failures import busy_timeout_s, pg_failure, refuse_write, sqlite_failure, sqlite_file_damage
+from index.failures import DISK_FULL, busy_timeout_s, pg_failure, refuse_write, sqlite_failure, sqlite_file_damage
 
 RESTORE = "restore metadata.sqlite from a backup"
 _CORRUPT = ("not a database", "malformed", "corrupt", "disk image")
@@ -137,6 +137,17 @@ def drop_own_sidecars(paths: list[Path]) -> None:
         return  # holds data someone wrote: not ours to remove
     for path in paths:
         path.unlink(missing_ok=True)
+
+
+def _no_log(wal: Path, read_only_why: str) -> bool:
+    """Whether an open that cannot write may read the file immutable (no locks, no sidecars): only with
+    no write-ahead log, whose rows immutable would miss. On a full disk an empty log counts as none: a
+    writer that could use it would have sized the -shm file, and then the plain read-only open works."""
+    try:
+        size = wal.stat().st_size
+    except FileNotFoundError:
+        return True
+    return read_only_why == DISK_FULL and size == 0
 
 
 def _sqlite_pragmas(writable: bool):
@@ -396,7 +407,7 @@ class Database:
                 check_database_file(self.path)
             sidecars = [self.path.with_name(self.path.name + suffix) for suffix in ("-wal", "-shm")]
             self.new_sidecars = [p for p in sidecars if not p.exists()]
-            immutable = mode == "ro" and read_only_why is not None and not sidecars[0].exists()
+            immutable = mode == "ro" and read_only_why is not None and _no_log(sidecars[0], read_only_why)
             self.engine = _sqlite_engine(self.path, mode, immutable, read_only_why)
             self.write_engine = self.engine.execution_options(immediate=True)
         self._read_factory = sessionmaker(self.engine, expire_on_commit=False)

@@ -17,6 +17,7 @@ from index.errors import StoreBusy, StoreDenied, StoreError, StoreFull, StoreRea
 BUSY_ENV = "RESYNTH_BUSY_TIMEOUT_S"
 BUSY_TIMEOUT_S = 30.0
 NOTHING_LOST = "nothing acknowledged was lost"
+DISK_FULL = "no space left on the device"  # why an open on a full disk reads without writing (store.Store)
 
 
 def busy_timeout_s() -> float:
@@ -46,8 +47,11 @@ def read_only(root: Path, reason: str, doing: str = "this command writes to it")
                          "can be written (read-only commands such as stats, source list and verify work here)")
 
 
-def refuse_write(root: Path, read_only_why: str | None) -> StoreReadOnly:
-    """The error for a write asked of a read-only store: opened so, or unable to write its folder."""
+def refuse_write(root: Path, read_only_why: str | None) -> StoreReadOnly | StoreFull:
+    """The error for a write asked of a read-only store: opened so, unable to write its folder, or opened
+    on a full disk (then the write is refused as the full disk it would meet)."""
+    if read_only_why == DISK_FULL:
+        return full(root, "this command writes to the store")
     if read_only_why:
         return read_only(root, read_only_why)
     return StoreReadOnly(f"store {root} is open read-only")
@@ -118,6 +122,8 @@ def sqlite_failure(exc: BaseException | None, path: Path, read_only_why: str | N
     if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "database is locked" in text:
         return StoreBusy(f"{path} is locked by another program (waited {busy_timeout_s():g} s for its write lock): "
                          f"close that program or try again later; {NOTHING_LOST}")
+    if read_only_why == DISK_FULL and (name.startswith("SQLITE_READONLY") or "readonly database" in text):
+        return full(path.parent, f"writing {path.name}")
     if name.startswith("SQLITE_READONLY") or "readonly database" in text:
         return read_only(path.parent, read_only_why or "the database file cannot be written")
     if name in ("SQLITE_PERM", "SQLITE_AUTH"):
@@ -131,6 +137,8 @@ def sqlite_failure(exc: BaseException | None, path: Path, read_only_why: str | N
     if name.startswith("SQLITE_CANTOPEN") or "unable to open database file" in text:
         if not os.access(path, os.R_OK):
             return StoreDenied(f"permission denied reading {path}: give this user access to the store folder")
+        if read_only_why == DISK_FULL:
+            return full(path.parent, f"opening {path.name}'s write-ahead log")
         if read_only_why:
             return StoreReadOnly(f"the store at {path.parent} is read-only ({read_only_why}) and its database "
                                  "has a write-ahead log SQLite cannot open without writing: open the store once "

@@ -161,6 +161,34 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_config(path: Path, config: object) -> None:
+    """StoreDamaged unless `config` (store.json at `path`) is usable: an embedder identity, a positive
+    whole vector size and an index file that is a vectors file of this store (`index_file_name`)."""
+    try:
+        identity = config["embedder"]["identity"]  # type: ignore[index]
+    except (KeyError, TypeError):
+        identity = None
+    if not isinstance(config, dict) or not isinstance(identity, str) or not identity:
+        raise StoreDamaged(f"store config {path} is malformed: restore it from a backup")
+    dim = config.get("dim")
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim <= 0:
+        raise StoreDamaged(f"{path} gives the vector size as {dim!r}, not a positive whole number: restore "
+                           "store.json from a backup")
+    index_file_name(path, config)
+
+
+def index_file_name(path: Path, config: dict) -> str:
+    """The index file store.json (at `path`) names (a re-embedded store names a new one, so the switch is
+    one atomic replace of store.json). Only a bare `*.faiss` name other than the search index's: a
+    store.json edited to name metadata.sqlite, store.json or a path outside the folder would have the
+    next save replace that file with an index."""
+    name = config.get("index_file", INDEX_NAME)
+    if not isinstance(name, str) or not INDEX_FILE_RE.match(name) or name == SEARCH_NAME:
+        raise StoreDamaged(f"{path} names {name!r} as its index file, not a vectors file of this store: restore "
+                           f"store.json from a backup (or set \"index_file\" to \"{INDEX_NAME}\")")
+    return name
+
+
 class Layout:
     """The store folder, its config and whether this process writes to it."""
 
@@ -170,11 +198,20 @@ class Layout:
         self.writable = writable
         self.read_only_why = read_only_why  # why this process cannot write the folder, if it cannot
         self._images: ImageFiles | None = None
-        self.index_path  # noqa: B018 - checked now: a store.json naming another file is refused at open
-        dim = config.get("dim")
-        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim <= 0:
-            raise StoreDamaged(f"{self.config_path} gives the vector size as {config.get('dim')!r}, not a positive "
-                               "whole number: restore store.json from a backup")
+        check_config(self.config_path, config)  # a store.json naming another file is refused at open
+
+    def adoptable(self, config: object) -> bool:
+        """Whether store.json as re-read from disk (`config`) may replace this store's config: False for
+        another embedder's (a switch is picked up by reopening, as before); StoreDamaged for a file an
+        open would refuse, or one giving this embedder another vector size."""
+        check_config(self.config_path, config)
+        assert isinstance(config, dict)  # check_config says so
+        if config["embedder"]["identity"] != self.embedder_identity:
+            return False
+        if config["dim"] != self.dim:
+            raise StoreDamaged(f"{self.config_path} gives {self.embedder_identity} the vector size {config['dim']}, "
+                               f"not {self.dim}: restore store.json from a backup")
+        return True
 
     @property
     def images(self) -> ImageFiles:
@@ -201,15 +238,8 @@ class Layout:
 
     @property
     def index_path(self) -> Path:
-        """The index file store.json names (a re-embedded store names a new one, so the switch is one
-        atomic replace of store.json). Only a bare `*.faiss` name other than the search index's: a
-        store.json edited to name metadata.sqlite, store.json or a path outside the folder would have the
-        next save replace that file with an index."""
-        name = self.config.get("index_file", INDEX_NAME)
-        if not isinstance(name, str) or not INDEX_FILE_RE.match(name) or name == SEARCH_NAME:
-            raise StoreDamaged(f"{self.config_path} names {name!r} as its index file, not a vectors file of this "
-                               f"store: restore store.json from a backup (or set \"index_file\" to \"{INDEX_NAME}\")")
-        return self.root / name
+        """The index file store.json names (`index_file_name` says which names are taken)."""
+        return self.root / index_file_name(self.config_path, self.config)
 
     @property
     def search_path(self) -> Path:

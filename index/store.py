@@ -40,6 +40,7 @@ Trust rules:
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +51,8 @@ from index import vectors as vx
 from index.catalog import AddedImages, Catalog, LabelledVector, NewImage
 from index.claims import Claims
 from index.db import RESTORE, Database, db_label, insert_ignore, made, parse_db_url  # noqa: F401 - re-exported
-from index.errors import StoreDamaged, StoreInputError
-from index.failures import os_failure, read_only_reason
+from index.errors import StoreDamaged, StoreFull, StoreInputError
+from index.failures import DISK_FULL, os_failure, read_only_reason
 from index.faults import crash_point, skipped
 from index.layout import (CONFIG_NAME, DB_NAME, FORMAT, INDEX_NAME, LOCK_NAME, SEARCH_INFOS,  # noqa: F401
                           SEARCH_NAME, Layout, write_json_atomic)
@@ -59,6 +60,8 @@ from index.live import LiveIndex, OpenReport  # noqa: F401 - re-exported
 from index.schema import Source  # noqa: F401 - re-exported: the row type sources() returns
 from index.search import SearchIndex, StoredReference
 from index.verify import verify
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Store", "NewImage", "AddedImages", "StoredReference", "LabelledVector", "OpenReport", "CONFIG_NAME",
            "DB_NAME", "INDEX_NAME", "SEARCH_NAME", "SEARCH_INFOS"]
@@ -71,8 +74,20 @@ class Store:
         # a folder this process cannot write (read-only mount, permissions) opens read-only: reads answer,
         # writes are refused in one line naming why (failures.read_only)
         why = None if create else read_only_reason(root)
+        try:
+            self._open_parts(root, config, writable, why, create, repair)
+        except StoreFull:
+            # a full disk refuses even a reader's -shm file (SQLite sizes it before the first read): open
+            # as on a read-only mount instead, which writes nothing; writes are then refused as StoreFull
+            if create or why is not None or config.get("db"):
+                raise
+            self._open_parts(root, config, False, DISK_FULL, create, repair)
+
+    def _open_parts(self, root: Path, config: dict, writable: bool, why: str | None, create: bool,
+                    repair: bool) -> None:
         writable = writable and why is None
         self.root, self.writable, self.repair = root, writable, repair
+        self._config_problem: str | None = None  # the bad store.json refresh last reported
         self.layout = Layout(root, config, writable, why)
         self.db = Database(root, config, "rwc" if create else ("rw" if writable else "ro"), writable, why)
         self.catalog = Catalog(self.db, self.layout)
@@ -90,7 +105,8 @@ class Store:
             self.live.load()
             self.search_index.load()
         except BaseException as exc:
-            self.db.dispose(refused=isinstance(exc, StoreDamaged))
+            # a refused open leaves the folder as it found it: no empty -wal/-shm of its own behind
+            self.db.dispose(refused=isinstance(exc, (StoreDamaged, StoreFull)))
             raise
 
     # ----- lifecycle -------------------------------------------------------------------------
@@ -264,12 +280,23 @@ class Store:
     def refresh(self) -> bool:
         """Pick up what another process changed: store.json (e.g. `resynth calibrate`) and a replaced
         index file (e.g. `resynth rebuild`), which is verified and swapped in; True if the index changed."""
+        path = self.layout.config_path
         try:
-            config = json.loads(self.layout.config_path.read_text())
-            if config["embedder"]["identity"] == self.embedder_identity:
+            try:
+                config = json.loads(path.read_text())
+            except ValueError:
+                raise StoreDamaged(f"store config {path} is malformed: restore it from a backup") from None
+            if self.layout.adoptable(config):
                 self.layout.config = config
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # keep the config this process has
+            self._config_problem = None
+        except OSError:
+            pass  # keep the config this process has (a file unreadable for now)
+        except StoreDamaged as exc:
+            # a bad store.json written by someone else: keep serving what this process has, say so once
+            # (not one StoreDamaged per request); the next open refuses it in one line
+            if str(exc) != self._config_problem:
+                log.warning("keeping the store config in use: %s", exc)
+                self._config_problem = str(exc)
         changed = self.live.reload_if_replaced()
         if changed:
             self.search_index.load()

@@ -5,6 +5,7 @@ the `db` fixture run twice: on metadata.sqlite and on a fresh database of a real
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ from index import vectors as vx
 from index.errors import StoreDamaged, StoreInputError
 from index.keys import sha256_file
 from index.store import NewImage, Store
+from tests.test_store_refusals import _child, mounts  # noqa: F401, F811 - real tmpfs mounts, a child process
 
 DIM = 16
 REPO = Path(__file__).resolve().parents[1]
@@ -658,3 +660,122 @@ def test_source_remove_whose_image_file_cannot_be_deleted_still_succeeds(tmp_pat
             assert store.verify(files=False)["orphans"]["recent"] == 1
         finally:
             subprocess.run(["chattr", "-i", str(stuck)], capture_output=True)
+
+
+# ----- a full disk: reads answer without writing ------------------------------------------------
+FULL_DISK_READS = r"""
+import contextlib, io, zlib
+from pathlib import Path
+import numpy as np
+from index.store import Store
+from index.errors import StoreError
+from engine.cli import main
+root = sys.argv[1]
+
+def vec(key):
+    v = np.random.default_rng(zlib.crc32(key.encode())).normal(size=16).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+def folder():  # the -shm file is the readers' and writers' shared memory, not data: readers write it
+    return {p.name: b"" if p.name.endswith("-shm") else p.read_bytes() for p in Path(root).iterdir() if p.is_file()}
+
+def reads(writable):  # `attribute` opens writable: a cached one must answer too
+    with Store.open(root, writable=writable) as store:
+        keys = [f"k{i}" for i in range(40)]
+        found = store.existing_keys(keys)
+        ids = np.array([found[k] for k in keys], np.int64)
+        sims, best = store.search(np.stack([vec(k) for k in keys]), ids)
+        say(stats=store.stats(), sources=[s.name for s in store.sources()], verify=store.verify(files=False)["ok"],
+            right=bool((best[:, 0] == ids).all()), known=store.find_description_id("a prompt"),
+            near=store.nearest(vec("k3"), 1)[0][0].key)
+
+def cli(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([*argv, "--store", root, "--quiet"])
+    say(argv=argv, code=code, out=out.getvalue(), err=err.getvalue())
+
+start = folder()
+reads(False)
+cli("stats", "--json")
+cli("source", "list", "--json")
+cli("verify", "--json", "--no-files")
+say(read_only_wrote=folder() != start)
+reads(True)
+cli("source", "add", "new", "--kind", "replay")
+with Store.open(root) as store:
+    try:
+        store.add_source("other", "replay", "fp-other")
+        say(wrote=True)
+    except StoreError as exc:
+        say(error=type(exc).__name__, message=str(exc))
+"""
+
+KILLED_WRITER = r"""
+import os, sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA journal_mode=WAL")
+db.execute(sys.argv[2])
+os._exit(0)  # killed after its commit: what it wrote is only in the -wal (and the -shm is sized)
+"""
+
+
+def _killed_writer(root: Path, statement: str) -> None:
+    subprocess.run([sys.executable, "-c", KILLED_WRITER, str(root / "metadata.sqlite"), statement], check=True)
+    assert (root / "metadata.sqlite-wal").stat().st_size > 0
+
+
+def _here(code: str, *args) -> list[dict]:
+    """`code` written for `_child`, run in this process: its `say` lines, as the child would print them."""
+    lines: list[dict] = []
+
+    def say(**kw) -> None:
+        lines.append(json.loads(json.dumps(kw, default=str)))
+    exec(code, {"say": say, "sys": type("argv", (), {"argv": ["-c", *map(str, args)]})})
+    return lines
+
+
+def _fill_up(disk: Path) -> None:
+    """Write until the filesystem refuses another byte (ENOSPC), as `dd if=/dev/zero` would."""
+    with open(disk / "fill", "wb", buffering=0) as handle:
+        for block in (1 << 16, 512, 1):
+            try:
+                while True:
+                    handle.write(b"\0" * block)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+    assert os.statvfs(disk).f_bavail == 0
+
+
+def test_read_only_commands_answer_on_a_full_disk(tmp_path, mounts):  # noqa: F811 - the imported fixture
+    """On a filesystem with no byte left SQLite cannot size even a reader's -shm file: stats, source
+    list, verify and a cached lookup used to die with "no space left ... writing metadata.sqlite". They
+    answer identically and write nothing (the database is read as on a read-only mount); a write is one
+    StoreFull line, exit 5. Rows a killed writer left in the write-ahead log are still read."""
+    disk = mounts("tmpfs", tmp_path, "3m")
+    root = _make(disk)
+    before = _here(FULL_DISK_READS, root)  # in this process: cheaper, and the same code
+    assert [line["code"] for line in before if "code" in line] == [0, 0, 0, 0] and before[-1] == {"wrote": True}
+    _killed_writer(root, "DELETE FROM sources WHERE name IN ('new', 'other')")  # back to what `before` read
+    _sql(root / "metadata.sqlite", "PRAGMA wal_checkpoint(TRUNCATE)")  # its close removes -wal and -shm
+    assert sorted(p.name for p in root.iterdir()) == ["metadata.sqlite", "store.json", "store.lock", "vectors.faiss"]
+    _fill_up(disk)
+    snapshot = _snapshot(root)
+    after = _child(FULL_DISK_READS, root)
+    assert _snapshot(root) == snapshot  # not one byte written, no sidecar left, by any of the opens
+    assert after[4] == {"read_only_wrote": False}
+    assert after[:4] + after[5:6] == before[:4] + before[5:6]  # the same answers
+    add, write = after[6:]
+    assert add["code"] == 5 and not add["out"] and len(add["err"].strip().splitlines()) == 1, add
+    assert "no space left" in add["err"] and "backup" not in add["err"], add
+    assert write["error"] == "StoreFull" and "no space left" in write["message"], write
+    (disk / "fill").unlink()
+
+    # a killed writer's log: read through it (immutable would miss its row); only the -shm is written
+    _killed_writer(root, "INSERT INTO sources (name, kind, params_json, fingerprint, created_at) "
+                         "VALUES ('in-log', 'replay', '{}', 'fp', '2026-01-01 00:00:00')")
+    _fill_up(disk)
+    snapshot = {k: v for k, v in _snapshot(root).items() if not k.endswith("-shm")}
+    with Store.open(root, writable=False) as store:
+        assert "in-log" in [s.name for s in store.sources()] and _search_is_right(store, _keys(40))
+    assert {k: v for k, v in _snapshot(root).items() if not k.endswith("-shm")} == snapshot
