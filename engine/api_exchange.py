@@ -59,6 +59,14 @@ class ApiExchanges:
         self._scheme = parts.scheme.lower()
         self._host = (parts.hostname or "").lower()
         self._limiter = limiter_for(params)
+        token = urlsplit(params.token_url).hostname if params.token_url else None
+        self._own_hosts = frozenset(h.lower() for h in (self._host, token) if h)
+
+    def _restricted(self, host: str) -> bool:
+        """Whether a connection to `host` must go to public addresses (checked by `api_http` at each
+        connection): every host for a source added under the public-only policy, else every host but
+        the ones its operator named (the endpoint's, the token URL's): status and image URLs elsewhere."""
+        return self.params.public_only or host.lower().strip("[]") not in self._own_hosts
 
     def _request(self, client: httpx.Client, method: str, url: str, headers: Mapping[str, str],
                  key: str | None, abort: threading.Event, *, json_body: Any = None, content: bytes | None = None,
@@ -94,6 +102,8 @@ class ApiExchanges:
                                 hint = f" (check the key in ${env})" if env else " (no api_key_env is configured)"
                             raise SourceError(self.name, f"{prefix}the API refused the request: {problem}{hint}")
                         delay = _retry_after(resp.headers)
+                except api_http.AddressRefused as exc:
+                    raise SourceError(self.name, f"{prefix}{exc}") from None
                 except httpx.TimeoutException as exc:
                     if exchange.expired and exchange.received:  # a drip, not a loss: no second helping
                         raise SourceError(self.name, f"{prefix or 'submission: '}{exchange.message()}") from None
@@ -156,6 +166,8 @@ class ApiExchanges:
                         if resp.status_code != 200:
                             raise SourceError(self.name, f"image URL answered HTTP {resp.status_code}")
                         return _read_capped(resp, api_answers.MAX_IMAGE_BYTES, download.at, self.name)
+            except api_http.AddressRefused as exc:
+                raise SourceError(self.name, f"image URL: {exc}") from None
             except httpx.TimeoutException as exc:
                 if download.expired:
                     raise SourceError(self.name, f"image download: {download.message()}") from None
@@ -213,11 +225,8 @@ class ApiExchanges:
         except (OSError, UnicodeError):
             raise SourceError(self.name, f"cannot resolve the {what}'s host {host!r}") from None
         for info in infos:
-            address = ipaddress.ip_address(info[4][0].split("%")[0])
-            if address.version == 6 and address.ipv4_mapped:
-                address = address.ipv4_mapped
-            if (not address.is_global or address.is_private or address.is_loopback or address.is_link_local
-                    or address.is_multicast or address.is_reserved or address.is_unspecified):
+            if not api_http.is_public(info[4][0]):
+                address = info[4][0]
                 raise SourceError(self.name, f"refused {what} on a non-public address ({host} -> {address})")
 
 

@@ -14,6 +14,12 @@ network backend whose every operation is capped by what is left of it:
 
 An exchange therefore returns or fails within its deadline plus one scheduling tick, whatever the
 peer does. Requests made outside `deadline(...)` keep plain per-operation timeouts.
+
+Addresses are checked where they are used: a client built with `restricted` (a predicate on host
+names) refuses, with `AddressRefused`, to open a connection to a restricted host unless every address
+the name resolves to is public (`is_public`), and connects to the very address it checked (TLS still
+verifies the name). A check made earlier, when a source was added or before a redirect was followed,
+cannot be undone by a DNS answer that changes in between (rebinding).
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ import ssl
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import httpcore
 import httpx
@@ -58,6 +64,22 @@ class Deadline:
             self.expired = True
             raise error(self.message())
         return left if timeout is None else min(timeout, left)
+
+
+class AddressRefused(Exception):
+    """A connection the client may not open: the host resolves to a non-public address. Not an httpx
+    error, so that nothing retries it as a lost connection."""
+
+
+def is_public(address: str) -> bool:
+    """Whether an IP address is on the public internet: not loopback, private, link-local (cloud
+    metadata), shared, multicast, reserved or unspecified; an IPv4-mapped IPv6 address counts as its IPv4.
+    Looked up at call time by the checks, so tests may stand a loopback address in for a public one."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
+                                 or ip.is_reserved or ip.is_unspecified)
 
 
 def current() -> Deadline | None:
@@ -162,10 +184,12 @@ class _Stream(httpcore.NetworkStream):
 
 
 class _Backend(httpcore.NetworkBackend):
-    """httpcore's synchronous backend with bounded name resolution and deadline-capped streams."""
+    """httpcore's synchronous backend with bounded name resolution and deadline-capped streams; hosts
+    for which `restricted(host)` is true are connected to only when all their addresses are public."""
 
-    def __init__(self) -> None:
+    def __init__(self, restricted: Callable[[str], bool] | None = None) -> None:
         self._inner = httpcore.SyncBackend()
+        self._restricted = restricted
 
     def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
                     socket_options=None) -> httpcore.NetworkStream:
@@ -175,6 +199,10 @@ class _Backend(httpcore.NetworkBackend):
             raise _expired_now(httpcore.ConnectTimeout, httpcore.ConnectTimeout(str(exc))) from None
         except OSError as exc:
             raise httpcore.ConnectError(f"cannot resolve {host!r}: {exc}") from None
+        if self._restricted is not None and self._restricted(host):
+            for info in infos:  # all of them, as when the source was added: none is tried if one is refused
+                if not is_public(info[4][0]):
+                    raise AddressRefused(f"refused: {host} resolves to a non-public address {info[4][0]}")
         error: Exception = httpcore.ConnectError(f"no address for {host!r}")
         for info in infos:  # every address in turn, as socket.create_connection would
             address = info[4][0]
@@ -200,11 +228,12 @@ class _Backend(httpcore.NetworkBackend):
 
 
 class DeadlineTransport(httpx.HTTPTransport):
-    """httpx's own transport over `_Backend` (no proxies from the environment, verified TLS)."""
+    """httpx's own transport over `_Backend` (no proxies from the environment, verified TLS; `restricted`:
+    the hosts that must resolve to public addresses, checked at each connection)."""
 
     def __init__(self, limits: httpx.Limits = httpx.Limits(max_connections=100, max_keepalive_connections=20,
                                                             keepalive_expiry=5.0),
-                 verify: ssl.SSLContext | None = None):
+                 verify: ssl.SSLContext | None = None, restricted: Callable[[str], bool] | None = None):
         super().__init__(trust_env=False, limits=limits)
         # httpx builds its pool in __init__ without a way to pass a network backend: rebuild it with ours
         self._pool = httpcore.ConnectionPool(
@@ -212,12 +241,14 @@ class DeadlineTransport(httpx.HTTPTransport):
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
-            network_backend=_Backend())
+            network_backend=_Backend(restricted))
 
 
-def client(timeout: float, verify: ssl.SSLContext | None = None) -> httpx.Client:
+def client(timeout: float, verify: ssl.SSLContext | None = None,
+           restricted: Callable[[str], bool] | None = None) -> httpx.Client:
     """A client for API sources: no redirects followed, no environment proxies, per-operation
     `timeout`, and every operation capped by the calling thread's `deadline(...)` (`verify`: the TLS
-    context, certifi's roots by default)."""
-    return httpx.Client(transport=DeadlineTransport(verify=verify), follow_redirects=False,
+    context, certifi's roots by default; `restricted(host)`: whether connections to `host` must go to
+    public addresses, raising `AddressRefused` otherwise)."""
+    return httpx.Client(transport=DeadlineTransport(verify=verify, restricted=restricted), follow_redirects=False,
                         timeout=httpx.Timeout(timeout), trust_env=False)

@@ -37,6 +37,7 @@ class ApiParams:
     protocol: str = providers.DEFAULT  # engine.providers: openai (the default), bfl, replicate, fal, ...
     client_id_env: str | None = None  # OAuth protocols (firefly): the NAME of the variable holding the client id
     token_url: str | None = None      # OAuth protocols (firefly): the token endpoint (default: the provider's)
+    public_only: bool = False         # added over HTTP under the public-only policy: every connection checked
 
     def to_json(self) -> str:
         return canonical_json(self.stored())
@@ -48,6 +49,8 @@ class ApiParams:
         for name in ("client_id_env", "token_url"):
             if fields[name] is None:
                 del fields[name]
+        if not fields["public_only"]:  # stored only when set, like the OAuth settings
+            del fields["public_only"]
         return fields
 
     @classmethod
@@ -108,6 +111,8 @@ class ApiParams:
             token = urlsplit(self.token_url.strip()) if isinstance(self.token_url, str) else None
             if token is None or token.scheme.lower() not in ("http", "https") or not token.hostname:
                 raise UserError(f"--token-url must be http:// or https:// with a host, not {self.token_url!r}")
+        if not isinstance(self.public_only, bool):
+            raise UserError("API public_only must be true or false")
         reserved = protocol.reserved_for(self.model) & set(self.extra)
         if reserved:
             raise UserError(f"API extra parameters may not set {sorted(reserved)}")

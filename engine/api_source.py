@@ -131,7 +131,7 @@ class ApiGenerator(ApiExchanges):
                 raise
 
         try:
-            with api_http.client(self.params.timeout) as client, \
+            with api_http.client(self.params.timeout, restricted=self._restricted) as client, \
                     ThreadPoolExecutor(self.params.concurrency, thread_name_prefix=f"api-{self.name}") as pool:
                 futures = [pool.submit(run, client, prompt, seed) for prompt, seed in jobs]
                 try:

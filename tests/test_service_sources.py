@@ -234,3 +234,47 @@ def test_an_add_and_a_remove_of_one_name_at_once_are_two_changes(served):
         assert isinstance(added, dict) and added["name"] == "race", added
         assert removed == {"removed": "race", "vectors": 0} or "unknown source 'race'" in str(removed), removed
     assert client(served).delete("/v1/sources/race").status_code in (200, 404)
+
+
+def test_api_sources_added_over_http_are_checked_again_at_each_connection(served, monkeypatch):
+    """DNS rebinding: the name is public when the source is added, loopback when the server connects. The
+    source is stored public_only and the address actually connected to is checked: that source fails for the
+    request in one line and nothing reaches the loopback API; one added with --sources-anywhere reaches it."""
+    from engine import api_http
+    from tests.fake_images_api import FakeImagesApi
+
+    real = api_http.socket.getaddrinfo
+    answers = ["93.184.216.34"]  # the first lookup (the policy's, at registration), then loopback for ever
+
+    def rebinding(host, port, *args, **kwargs):
+        if host != "api.rebind.test":
+            return real(host, port, *args, **kwargs)
+        address = answers.pop(0) if answers else "127.0.0.1"
+        return real(address, port, *args, **kwargs)
+
+    monkeypatch.setattr(api_http.socket, "getaddrinfo", rebinding)
+    query = {"image": ("q.png", png_bytes(default_make("q", 0, (64, 64))), "image/png")}
+    form = {"prompt": "a red house", "per_source": "1", "adaptive": "false"}
+    with FakeImagesApi() as fake:
+        api, trusting = client(served), client(served, anywhere=True)
+        fields = {"url": f"http://api.rebind.test:{fake.port}", "model": "m", "size": "64x64"}
+        assert "unknown field 'public_only'" in error(api.post("/v1/sources", json={
+            "name": "rebind", **fields, "public_only": False}), 422, "invalid_source")  # not the client's to say
+        assert api.post("/v1/sources", json={"name": "rebind", **fields}).status_code == 201, answers
+        assert trusting.post("/v1/sources", json={"name": "local", "url": fake.url, "model": "m",
+                                                  "size": "64x64"}).status_code == 201
+        stored = {s["name"]: s["params"] for s in api.get("/v1/sources").json()["sources"]}
+        assert stored["rebind"]["public_only"] is True and "public_only" not in stored["local"]
+        try:
+            answer = api.post("/v1/attribute", files=query, data={**form, "sources": f"{served['first']},rebind"})
+            assert answer.status_code == 200, answer.text
+            result = answer.json()["results"][0]
+            assert result["failed"] == {"rebind": "source 'rebind': refused: api.rebind.test resolves to a "
+                                                  "non-public address 127.0.0.1"}, result
+            assert fake.generation_log() == []  # refused before connecting: the loopback API saw nothing
+            answer = api.post("/v1/attribute", files=query, data={**form, "sources": f"{served['first']},local"})
+            assert {s["source"] for s in answer.json()["results"][0]["scores"]} == {served["first"], "local"}
+            assert len(fake.generation_log()) == 1
+        finally:
+            for name in ("rebind", "local"):
+                assert api.delete(f"/v1/sources/{name}").status_code == 200

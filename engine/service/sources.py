@@ -17,7 +17,10 @@ An HTTP client is not the server's operator, so what it may make the server touc
   lists with `--sources-key-env VAR`: otherwise a client could have the server send any of its secrets
   to a URL of the client's choosing;
 - an API source's URLs (`url`, `token_url`) must resolve to public addresses (no loopback, private,
-  link-local or metadata addresses: no requests into the server's own network);
+  link-local or metadata addresses: no requests into the server's own network); the source is stored
+  `public_only`, so every connection it makes later (status and image URLs and their redirects too) is
+  checked again on the address actually connected to (`engine.api_http`): a DNS answer that changes
+  after the check (rebinding) fails that source for that request in one line;
 - `--sources-anywhere` lifts the path, address and variable checks (a trusted, token-protected
   server); `--sources-read-only` turns both routes off (403).
 
@@ -34,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
-import ipaddress
 import itertools
 import json
 import math
@@ -192,7 +194,7 @@ def _check_number(kind: str, field: str, value: int | float) -> None:
 def police(kind: str, params: dict[str, Any], policy: SourcePolicy, store_root: Path) -> dict[str, Any]:
     """`params` with every path resolved inside the sources roots; 403 for what the policy refuses."""
     from engine import sources
-    from engine.api_http import resolve
+    from engine.api_http import is_public, resolve
 
     found = sources.get(kind)
     checked = dict(params)
@@ -221,12 +223,11 @@ def police(kind: str, params: dict[str, Any], policy: SourcePolicy, store_root: 
             except OSError:
                 raise UserError(f"{param.name}: cannot resolve the host {host[:80]!r}") from None
             for text in addresses:
-                address = ipaddress.ip_address(text.split("%")[0])
-                if address.version == 6 and address.ipv4_mapped:
-                    address = address.ipv4_mapped
-                if not address.is_global:
+                if not is_public(text):
                     raise _refused("address_not_allowed", f"{param.name}: {host[:80]} is a non-public address; "
                                                           "this server lets HTTP clients name public APIs only")
+    if kind == "api" and not policy.anywhere:
+        checked["public_only"] = True  # stored: every later connection is checked again, on the address used
     return checked
 
 

@@ -48,14 +48,16 @@ class Api(SourceKind):
     def prepare(self, name: str, url: str, model: str, size: str | None = None, api_key_env: str | None = None,
                 price: float = 0.0, rate: float | None = None, concurrency: int = 2, extra: dict | None = None,
                 timeout: float = 120.0, protocol: str = providers.DEFAULT, client_id_env: str | None = None,
-                token_url: str | None = None) -> Recipe:
+                token_url: str | None = None, public_only: bool = False) -> Recipe:
         """Only the *name* of the environment variable holding the key is stored; the key is read at
-        each run and never written anywhere."""
+        each run and never written anywhere. `public_only` is no Param (no flag, no HTTP field): the
+        HTTP sources policy sets it, so that every connection the source makes goes to public addresses."""
         from engine.api_source import ApiParams
 
         params = ApiParams(url=url, model=model, size=size, api_key_env=api_key_env, price=price, rate=rate,
                            concurrency=concurrency, extra=dict(extra or {}), timeout=timeout,
-                           protocol=protocol, client_id_env=client_id_env, token_url=token_url).validate()
+                           protocol=protocol, client_id_env=client_id_env, token_url=token_url,
+                           public_only=public_only).validate()
         warning = None
         unset = [env for env in (api_key_env, client_id_env) if env and not os.environ.get(env)]
         if unset:
