@@ -640,6 +640,28 @@ def test_store_json_naming_another_file_as_its_index_is_refused(tmp_path):
     assert not (tmp_path / "x.faiss").exists()
 
 
+def test_refresh_keeps_serving_when_store_json_goes_bad(tmp_path, caplog):
+    """A serving process re-reads store.json at each refresh; one rewritten by someone else to name
+    another file as the index (or garbage, or another vector size) used to be adopted unchecked, so every
+    later request died with StoreDamaged. Now it is checked as an open checks it: the process keeps what
+    it has, warns once per bad content, and adopts a good store.json again."""
+    root = _make(tmp_path, n=3)
+    config = json.loads((root / "store.json").read_text())
+    with Store.open(root, writable=False) as store, caplog.at_level("WARNING", logger="index.store"):
+        for change in ({"index_file": "metadata.sqlite"}, {"dim": 8}):
+            (root / "store.json").write_text(json.dumps({**config, **change}))
+            for _ in range(3):
+                assert store.refresh() is False and store.index_path == root / "vectors.faiss"
+                assert _search_is_right(store, _keys(3))
+        (root / "store.json").write_text("{not json")
+        store.refresh()
+        assert [r.getMessage().split(":")[0] for r in caplog.records] == ["keeping the store config in use"] * 3
+        assert "metadata.sqlite" in caplog.records[0].getMessage()
+        (root / "store.json").write_text(json.dumps({**config, "calibration": {"t": 1}}))
+        store.refresh()
+        assert store.config["calibration"] == {"t": 1} and len(caplog.records) == 3
+
+
 def test_source_remove_whose_image_file_cannot_be_deleted_still_succeeds(tmp_path):
     """`source remove` deletes a source's own image files after its commit; one the machine will not
     delete (an immutable file: not even root may) stays as an orphan instead of turning the finished
