@@ -530,12 +530,20 @@ def test_workers_share_the_port_are_restarted_and_stop_together(tmp_path):
         while {worker_seen() for _ in range(20)} != {"1/2", "2/2"} and time.monotonic() < deadline:
             time.sleep(0.5)
         assert {worker_seen() for _ in range(40)} == {"1/2", "2/2"}, server.log[-2000:]
+        idle = _cpu_ticks(server.pid)
+        time.sleep(1.0)
+        assert _cpu_ticks(server.pid) - idle <= 5  # the supervisor waits, it does not spin
         survivors = [int(p) for p in subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True,
                                                     text=True).stdout.split()]
     assert server.proc.returncode == 0, server.log[-2000:]
     assert not [p for p in survivors if Path(f"/proc/{p}").exists() and "Z" not in _proc_state(p)]
     assert "worker 1 of 2 exited with code -9: restarting it" in server.log
     assert "Traceback" not in server.log
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
 
 
 def _proc_state(pid: int) -> str:
