@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import replace
 import time
 from email.utils import formatdate
 
@@ -179,6 +180,85 @@ def test_only_the_apis_own_host_may_be_local(api):
             gen._check_host(url)
     with pytest.raises(SourceError, match="scheme"):
         gen._check_host("file:///etc/passwd")
+
+
+def _stand_in(host: str, port: int, answer: tuple[int, dict]) -> tuple:
+    """A plain HTTP server on `host:port` in a thread answering every request `answer` (status, headers);
+    `hits` records the paths asked for."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    hits: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            status, headers = answer
+            self.send_response(status)
+            for name, value in {"Content-Length": "0", **headers}.items():
+                self.send_header(name, value)
+            self.end_headers()
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return server, hits
+
+
+def test_addresses_are_checked_on_the_connection_itself_rebinding_and_redirects(api, monkeypatch):
+    """127.0.0.1 stands in for the public internet (the fake API), 127.0.0.2 for the server's own network (an
+    "internal" service on the fake's port). Names first resolve to the former, then to the latter (rebinding):
+    a public_only source (added over HTTP) is refused at the connection, on the address it would connect to,
+    without retries; so are image URLs on other hosts of any source, after a redirect too; the API's own
+    host, named by the CLI's operator, stays unrestricted."""
+    from engine import api_http
+
+    monkeypatch.setattr(api_http, "is_public", lambda address: address == "127.0.0.1")
+    real, answers = api_http.socket.getaddrinfo, {}
+
+    def rebinding(host, port, *args, **kwargs):  # each name: its list of answers, the last one for ever
+        given = answers.get(host)
+        address = (given.pop(0) if len(given) > 1 else given[0]) if given else host
+        return real(address, port, *args, **kwargs)
+
+    monkeypatch.setattr(api_http.socket, "getaddrinfo", rebinding)
+    internal, reached = _stand_in("127.0.0.2", api.port, (200, {}))
+    inside = f"http://meta.rebind.test:{api.port}/latest/meta-data/"
+    redirector, _ = _stand_in("127.0.0.1", 0, (307, {"Location": inside}))
+    elsewhere = f"http://127.0.0.1:{redirector.server_address[1]}"
+    try:
+        answers["api.rebind.test"] = ["127.0.0.1", "127.0.0.2"]
+        params = ApiParams(f"http://api.rebind.test:{api.port}", "tiny", size="16x16", api_key_env=ENV, timeout=0.5,
+                           public_only=True)
+        remote = ApiGenerator("remote", params, backoff_base=0.01)
+        assert len(remote.generate("p", [0])) == 1  # connected to the address it checked, under the name
+        assert api.generation_log()[-1]["headers"]["host"] == f"api.rebind.test:{api.port}"
+        start = time.monotonic()
+        with pytest.raises(SourceError, match=r"^source 'remote': refused: api.rebind.test resolves to a "
+                                              r"non-public address 127\.0\.0\.2$"):
+            remote.generate("p", [1])
+        assert time.monotonic() - start < 0.5 and len(api.generation_log()) == 1 and reached == []  # no retry
+        local = ApiGenerator("local", replace(remote.params, public_only=False), backoff_base=0.01)
+        with pytest.raises(SourceError, match="malformed"):  # the operator's: it reached the "internal" service
+            local.generate("p", [0])
+        assert reached == ["/v1/images/generations"]
+        # a submission's redirect is never followed; an image URL's is, to public addresses only
+        with pytest.raises(SourceError, match="refused the request: HTTP 307"):
+            ApiGenerator("remote", replace(remote.params, url=elsewhere)).generate("p", [0])
+        for gen in (remote, local):
+            answers["meta.rebind.test"] = ["127.0.0.1", "127.0.0.2"]  # public for the hop's check, not after
+            with api_http.client(1.0, restricted=gen._restricted) as client, \
+                    pytest.raises(SourceError, match=r"image URL: refused: meta.rebind.test resolves to a "
+                                                     r"non-public address 127\.0\.0\.2$"):
+                gen._fetch(client, f"{elsewhere}/image.png")
+        assert reached == ["/v1/images/generations"]
+    finally:
+        for server in (internal, redirector):
+            server.shutdown()
+            server.server_close()
 
 
 def test_rate_limit_is_shared_by_every_generator_of_an_endpoint_and_model(api):
