@@ -1,7 +1,8 @@
 """The network side of an API source, for every protocol: one exchange with retries and backoff
 (429/5xx/lost connections, Retry-After honoured) under the total deadline of `engine.api_http`, status
 polling, image-URL downloads that re-check every redirect hop, the rules for where the key may go and
-which hosts may be contacted (no private networks), and `_Call`, the `engine.providers.Call` a protocol
+which hosts may be contacted (no private networks: `_restricted` tells `api_http`'s client which hosts
+it must check at each connection), and `_Call`, the `engine.providers.Call` a protocol
 is handed for one image. `ApiGenerator` (`engine.api_source`) builds on `ApiExchanges`.
 
 The tunables below are read at call time from this module, so tests may lower them here.
