@@ -172,7 +172,8 @@ def message_of(exc: BaseException, paths: bool = True) -> str:
         text = _one_line(str(exc)) or type(exc).__name__
         environment = _refusal_code(exc) or (environment_code(exc) if isinstance(exc, StoreError) else None)
         advice = _ADVICE.get(environment or "")
-        if advice and advice.split(":")[0] not in text:
+        head, _, remedy = (advice or "").partition(": ")
+        if advice and head not in text and remedy.split(" (")[0].split(";")[0] not in text:  # not said twice
             text = f"{text} ({advice})"
         return _bounded(text)
     environment = environment_code(exc)

@@ -148,6 +148,12 @@ def test_database_refusals_and_wrapped_causes_are_classified():
     except StoreError as wrapped:
         assert kind_of(wrapped).code == "read_only" and kind_of(wrapped).exit_code == ENVIRONMENT_EXIT
         assert "read-only" in message_of(wrapped)
+    # the store's own full-disk line already says the way out: not said twice
+    from pathlib import Path
+
+    from index.failures import full as full_disk
+    line = message_of(full_disk(Path("/srv/store"), "writing metadata.sqlite"))
+    assert line.count("free some space") == 1 and "no space left" in line
     assert kind_of(StoreDamaged("x")).code == "store_damaged"
     # bugs keep their traceback
     for bug in (RuntimeError("x"), KeyError("k"), OSError("no errno"), sqlite3.ProgrammingError("x")):
