@@ -281,3 +281,12 @@ def test_evaluation_reproduces_the_workspace_prediction_by_prediction(models, da
             assert report.generated == 0
             got = [r.predicted for r in report.results]
             assert got == expected, (options, sum(a != b for a, b in zip(got, expected)))
+
+
+def test_the_report_counts_the_sources_that_had_originals():
+    """report.md's "N originals of M sources" counts sources with originals, naming the candidates apart."""
+    from engine.evaluation.report import _sources_text
+
+    assert _sources_text({"sources": ["a", "b", "c"], "originals_per_source": {"a": 3, "b": 0, "c": 2}}) == \
+        "2 sources (of 3 candidate sources)"
+    assert _sources_text({"sources": ["a", "b"], "originals_per_source": {"a": 3, "b": 1}}) == "2 sources"

@@ -208,13 +208,20 @@ def real_text(r: dict) -> str:
             f"{_num(r['auroc'])}")
 
 
+def _sources_text(d: dict) -> str:
+    """"N sources": those that had originals (of M candidates, when some had none)."""
+    per = d.get("originals_per_source") or {}
+    having = sum(1 for count in per.values() if count) if per else len(d["sources"])
+    return f"{having} sources" + (f" (of {len(d['sources'])} candidate sources)" if having != len(d["sources"]) else "")
+
+
 def markdown(report: dict) -> str:
     d, r, b, c = report["dataset"], report["resynthesis_default"], report["best_variant"], report["calibration"]
     e = report.get("engine_default")
     skipped = skipped_text(d)
     parts = [
         "# resynth evaluation",
-        f"{d['originals']} originals of {len(d['sources'])} sources ({d['descriptions']} descriptions), "
+        f"{d['originals']} originals of {_sources_text(d)} ({d['descriptions']} descriptions), "
         f"{d['resyntheses']} resyntheses (up to K={d['max_per_source']} per source and original); every original "
         f"attributed leave-one-out. Feature layers: {', '.join(d['layers'])} (primary: {d['primary_layer']}). "
         f"Chance: {_pct(d['chance'])}." + (f" {skipped[0].upper()}{skipped[1:]}." if skipped else ""),
