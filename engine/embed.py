@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -12,6 +13,8 @@ from PIL import Image
 from engine.errors import UserError, first_line
 from engine.paths import expand_path
 from index.keys import sha256_file
+
+_POOL_LOCK = threading.Lock()  # guards the lazy creation of an Embedder's preprocessing pool
 
 
 @dataclass(frozen=True)
@@ -248,10 +251,11 @@ class Embedder:
         thread pool (PIL releases the GIL while resizing) ahead of the autocast forward passes."""
         import torch
 
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
+        with _POOL_LOCK:  # the service's batcher and a generation (or a chunk read ahead) may embed at once
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
 
-            self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="clip-pre")
+                self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="clip-pre")
         tensors = self._pool.map(self.preprocess, images)  # lazy, in order, computed ahead
         out = []
         for start in range(0, len(images), self.batch_size):

@@ -13,8 +13,9 @@ The offline jobs (engine.jobs) run its resynthesis step (engine.resynthesis) ove
 """
 from __future__ import annotations
 
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Hashable, Protocol, Sequence, cast
 
@@ -241,15 +242,25 @@ def attribute(ws: "Workspace", images: ImageInput | Sequence[ImageInput] | Seque
     cached = generated = 0
     chunks = [range(start, min(start + QUERY_CHUNK, len(items))) for start in range(0, len(items), QUERY_CHUNK)]
 
+    stop = threading.Event()  # the call ended (a failure, an interrupt): the chunk read ahead stops too
+
     def read(chunk: range) -> list[Query]:
-        return [item if isinstance(item, Query) else Query.read(item, prompts[i], labels[i] if labels else None)
-                for i, item in ((i, items[i]) for i in chunk)]
+        queries = []
+        for i in chunk:
+            if stop.is_set():
+                raise CancelledError
+            item = items[i]
+            queries.append(item if isinstance(item, Query)
+                           else Query.read(item, prompts[i], labels[i] if labels else None))
+        return queries
 
     def ahead(chunk: range) -> tuple[list[Query], np.ndarray, dict[str, float]]:
         """The next chunk read and embedded on a worker thread while this one is scored: decoding, metadata
         and the CLIP forward overlap the store lookups and scoring (a GPU's forward, and a second core)."""
         with ws.stage_seconds() as spent:
             queries = read(chunk)
+            if stop.is_set():
+                raise CancelledError
             return queries, ws.embed([q.image for q in queries]), dict(spent)
 
     worker = ThreadPoolExecutor(1, thread_name_prefix="resynth-ahead")
@@ -271,6 +282,7 @@ def attribute(ws: "Workspace", images: ImageInput | Sequence[ImageInput] | Seque
                 results += found
                 cached += sum(c for c, _, _ in counts.values())
                 generated += sum(g for _, g, _ in counts.values())
-    finally:  # a failure or an interrupt returns at once: a chunk being read ahead is not waited for
+    finally:  # a failure or an interrupt returns at once: the chunk being read ahead stops at its next image
+        stop.set()
         worker.shutdown(wait=False, cancel_futures=True)
     return Report(results, cached, generated, dict(seconds), budget.to_dict() if prices(plan) else None)

@@ -632,6 +632,9 @@ def test_a_file_without_manifest_markers_skips_the_native_reader(signed, monkeyp
     read_provenance(png(itxt=[("XML:com.adobe.xmp", xmp)]), watermark=False)
     assert calls == [1, 1]
     assert not c2pa_check.may_carry_manifest(png(), None)
+    tiff = io.BytesIO()  # an XMP the container reader does not parse (TIFF tag 700): seen in the raw bytes
+    Image.new("RGB", (8, 8)).save(tiff, "TIFF", tiffinfo={700: xmp.encode()})
+    assert read_provenance(tiff.getvalue(), watermark=False).c2pa["state"] == "remote" and calls == [1, 1, 1]
 
 
 def test_mutated_signed_files_never_raise(signed):

@@ -25,9 +25,11 @@ MAX_ANCHORS = 4 << 20
 def may_carry_manifest(data: bytes, xmp: str | None) -> bool:
     """False only when the file cannot hold a manifest c2pa would find: an embedded manifest is a JUMBF
     box, never compressed, so its box type ("jumb") or its label ("c2pa") is in the raw bytes; a remote
-    one is an XMP `dcterms:provenance` URL (`xmp`: the container reader's XMP, decompressed). Most
-    queries carry none, and this skips the native reader, the costliest part of reading a query file."""
-    return b"jumb" in data or b"c2pa" in data or (xmp is not None and "provenance" in xmp)
+    one is an XMP `dcterms:provenance` URL, found in the raw bytes or in `xmp` (the container reader's
+    XMP, decompressed). Most queries carry none, and this skips the native reader, the costliest part
+    of reading a query file."""
+    return (b"jumb" in data or b"c2pa" in data or b"provenance" in data  # XMP as stored (TIFF, HEIC ...)
+            or (xmp is not None and "provenance" in xmp))
 
 
 def check(data: bytes, trust_anchors: str | os.PathLike | None = None, xmp: str | None = "") -> dict:

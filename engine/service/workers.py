@@ -21,10 +21,12 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from engine.errors import UserError
 
-WORKER_ENV = "RESYNTH_SERVE_WORKER"  # in a worker: "INDEX/COUNT:SOCKET_FD:READY_FD"
+WORKER_ENV = "RESYNTH_SERVE_WORKER"  # in a worker: "INDEX/COUNT:SOCKET_FD:READY_FD:SUPERVISOR_PID"
+CODE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding this engine package
 MAX_RESTARTS = 5  # per worker within RESTART_WINDOW seconds; more means it cannot stay up
 RESTART_WINDOW = 60.0
 STOP_SECONDS = 40.0  # a worker's graceful stop (uvicorn allows 30 s for open requests) before it is killed
@@ -54,12 +56,12 @@ def this_worker() -> Worker | None:
     value = os.environ.pop(WORKER_ENV, None)  # not inherited by anything this worker starts
     if not value:
         return None
-    label, sock_fd, ready_fd = value.split(":")
-    _die_with_parent()
+    label, sock_fd, ready_fd, supervisor = value.split(":")
+    _die_with_parent(int(supervisor))
     return Worker(label, socket.socket(fileno=int(sock_fd)), int(ready_fd))
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(supervisor: int) -> None:
     """Linux: SIGTERM this worker when the supervisor dies (even by SIGKILL), so none serves orphaned."""
     try:
         import ctypes
@@ -67,7 +69,7 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if os.getppid() == 1:  # the supervisor was gone before the call
+    if os.getppid() != supervisor:  # it was gone before the call (reparented to init or a subreaper)
         os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -76,19 +78,27 @@ class Supervisor:
         self.sock, self.count, self.argv, self.banner = sock, count, argv, banner
         self.procs: dict[int, subprocess.Popen] = {}
         self.pipes: dict[int, int] = {}  # worker index -> read end of its ready pipe
-        self.ever_ready: set[int] = set()
+        self.ready: set[int] = set()  # serving now
+        self.served: set[int] = set()  # were serving once: a later failure, even at a restart, is restarted
         self.restarts: dict[int, list[float]] = {i: [] for i in range(count)}
         self.stopping = False
 
     def start(self, index: int) -> None:
         read_fd, write_fd = os.pipe()
-        env = {**os.environ, WORKER_ENV: f"{index + 1}/{self.count}:{self.sock.fileno()}:{write_fd}"}
+        os.set_blocking(read_fd, False)
+        env = {**os.environ,
+               WORKER_ENV: f"{index + 1}/{self.count}:{self.sock.fileno()}:{write_fd}:{os.getpid()}",
+               # this process's own engine package, never one in the current folder (python -P)
+               "PYTHONPATH": os.pathsep.join([CODE_ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])}
         # the cores shared out: N workers each running PyTorch on every core stall one another
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.count)))
         try:
             self.procs[index] = subprocess.Popen(
-                [sys.executable, "-m", "engine.cli", *self.argv], env=env,
+                [sys.executable, "-P", "-m", "engine.cli", *self.argv], env=env,
                 pass_fds=(self.sock.fileno(), write_fd), start_new_session=True)  # Ctrl-C reaches the supervisor only
+        except BaseException:
+            os.close(read_fd)
+            raise
         finally:
             os.close(write_fd)
         self.pipes[index] = read_fd
@@ -101,7 +111,7 @@ class Supervisor:
             announced = False
             while not self.stopping:
                 self._collect_ready(0.5)
-                if not announced and len(self.ever_ready) == self.count:
+                if not announced and len(self.ready) == self.count:
                     print(self.banner, file=sys.stderr, flush=True)
                     announced = True
                 self._reap()
@@ -113,30 +123,40 @@ class Supervisor:
                 os.close(fd)
 
     def _collect_ready(self, timeout: float) -> None:
-        by_fd = {fd: i for i, fd in self.pipes.items()}
-        if not by_fd:
+        if not self.pipes:
             time.sleep(timeout)
             return
         try:
-            readable, _, _ = select.select(list(by_fd), [], [], timeout)
+            readable, _, _ = select.select(list(self.pipes.values()), [], [], timeout)
         except InterruptedError:
             return
-        for fd in readable:  # the ready byte, or the end of a pipe whose worker exited: read once, closed
-            index = by_fd[fd]
-            if os.read(fd, 1):
-                self.ever_ready.add(index)
-            os.close(self.pipes.pop(index))
+        for index in [i for i, fd in self.pipes.items() if fd in readable]:
+            self._read_pipe(index)
+
+    def _read_pipe(self, index: int) -> None:
+        """The ready byte, or the end of a pipe whose worker exited: read once, then closed."""
+        try:
+            byte = os.read(self.pipes[index], 1)
+        except BlockingIOError:  # nothing yet
+            return
+        if byte:
+            self.ready.add(index)
+            self.served.add(index)
+        os.close(self.pipes.pop(index))
 
     def _reap(self) -> None:
         for index, proc in list(self.procs.items()):
             code = proc.poll()
             if code is None or self.stopping:
                 continue
+            if index in self.pipes:  # it may have said ready just before it exited
+                self._read_pipe(index)
             if index in self.pipes:
                 os.close(self.pipes.pop(index))
             del self.procs[index]
+            self.ready.discard(index)
             label = f"worker {index + 1} of {self.count}"
-            if index not in self.ever_ready:
+            if index not in self.served:
                 raise UserError(f"{label} exited with code {code} before it was serving (its error is above)")
             now = time.monotonic()
             recent = [t for t in self.restarts[index] if now - t < RESTART_WINDOW] + [now]
@@ -145,7 +165,6 @@ class Supervisor:
                 raise UserError(f"{label} exited {len(recent)} times within {RESTART_WINDOW:.0f} s (last code "
                                 f"{code}): stopping")
             print(f"resynth: warning: {label} exited with code {code}: restarting it", file=sys.stderr, flush=True)
-            self.ever_ready.discard(index)
             self.start(index)
 
     def _stop(self, signum, frame) -> None:
@@ -168,6 +187,6 @@ class Supervisor:
 def supervise(sock: socket.socket, count: int, banner: str) -> None:
     """Run `count` workers of the `resynth serve` command this process was started as, on `sock`."""
     argv = sys.argv[1:]
-    if "serve" not in argv:
+    if next((a for a in argv if not a.startswith("-")), None) != "serve":
         raise UserError("--workers needs `resynth serve` started as a command (it starts that command again)")
     Supervisor(sock, count, argv, banner).run()
