@@ -8,8 +8,9 @@ is a whole server (its own CLIP copy and micro-batcher, its own generation worke
 /v1/stats labels); the store they share is built for several processes.
 
 The supervisor starts the workers, prints the serving line once all are ready, forwards SIGTERM and
-SIGINT as one SIGTERM each (a graceful stop: every worker finishes its requests and saves), restarts a
-worker that dies after it was ready, and stops them all with a one-line error when one fails before.
+SIGINT as one SIGTERM each (a graceful stop: every worker finishes its requests and saves; a second
+signal kills them), restarts a worker that dies after it was ready, and stops them all with a one-line
+error when one fails before.
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ class Supervisor:
         self.ready: set[int] = set()  # serving now
         self.served: set[int] = set()  # were serving once: a later failure, even at a restart, is restarted
         self.restarts: dict[int, list[float]] = {i: [] for i in range(count)}
-        self.stopping = False
+        self.stopping = self.forced = False
 
     def start(self, index: int) -> None:
         read_fd, write_fd = os.pipe()
@@ -168,20 +169,22 @@ class Supervisor:
             self.start(index)
 
     def _stop(self, signum, frame) -> None:
+        self.forced = self.stopping  # a second signal: stop now, not gracefully
         self.stopping = True
 
     def _stop_all(self) -> None:
-        """One SIGTERM each (a graceful stop), then kill what is still running after STOP_SECONDS."""
+        """One SIGTERM each (a graceful stop), then kill what is still running after STOP_SECONDS, or at
+        once on a second SIGTERM or Ctrl-C."""
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_SECONDS
+        while any(p.poll() is None for p in self.procs.values()) and time.monotonic() < deadline and not self.forced:
+            time.sleep(0.1)
         for proc in self.procs.values():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            if proc.poll() is None:
                 proc.kill()
-                proc.wait()
+            proc.wait()
 
 
 def supervise(sock: socket.socket, count: int, banner: str) -> None:
