@@ -20,6 +20,7 @@ import io
 import json
 import os
 import platform
+import re
 import shlex
 from collections import OrderedDict
 from datetime import datetime, timezone
@@ -30,6 +31,12 @@ from PIL import Image
 
 THUMB = 160  # longest side of an embedded thumbnail, in pixels
 CACHED_THUMBS = 512  # evidence thumbnails kept between queries (resyntheses recur across a folder)
+SHOWN_TEXT = 2000  # characters of a description shown in a case's line (the provenance block keeps it whole)
+OPEN_PROVENANCE = 20_000  # characters of provenance JSON shown unfolded; a larger block starts folded
+# Explicit bidirectional overrides and isolates, and control characters other than tab and newline: a
+# hostile prompt or file name with U+202E ("...\u202egnp.exe") would otherwise display reversed and make
+# the text after it read backwards (a score, a verdict). Shown as visible escapes instead.
+_INVISIBLE = re.compile("[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]")
 
 
 # ----- what the report depends on -------------------------------------------------------------------
@@ -170,16 +177,19 @@ class Evidence:
 
 # ----- the HTML ----------------------------------------------------------------------------------------
 STYLE = """
-body{font:14px/1.45 system-ui,sans-serif;color:#1d2330;max-width:1100px;margin:1.5rem auto;padding:0 1rem}
+body{font:14px/1.45 system-ui,sans-serif;color:#1d2330;max-width:1100px;margin:1.5rem auto;padding:0 1rem;
+overflow-wrap:anywhere}
 h1{font-size:1.3rem;margin:.2rem 0}h2{font-size:1.05rem;margin:0 0 .3rem;word-break:break-all}
 table.meta{border-collapse:collapse;margin:.5rem 0 1rem}table.meta td,table.meta th{border:1px solid #d0d5dd;
-padding:.2rem .5rem;text-align:left;vertical-align:top;font-size:.85rem}code{word-break:break-all}
+padding:.2rem .5rem;text-align:left;vertical-align:top;font-size:.85rem}
+table.meta th{overflow-wrap:normal}code{word-break:break-all}
 section.case{border:1px solid #d0d5dd;border-radius:8px;padding:.8rem;margin:1rem 0;break-inside:avoid}
-.top{display:flex;gap:1rem;flex-wrap:wrap}.top img,.thumbs img{border-radius:4px;background:#eef1f6}
+.top{display:flex;gap:1rem;flex-wrap:wrap}.top>div{min-width:0;flex:1}
+.top img,.thumbs img{border-radius:4px;background:#eef1f6}
 .badge{display:inline-block;padding:0 .5rem;border-radius:999px;font-size:.8rem;font-weight:600}
 .known{background:#dcfae6;color:#067647}.unknown{background:#fef0c7;color:#b54708}.real{background:#d1e9ff;color:#175cd3}
 .uncalibrated,.none{background:#eaecf0;color:#344054}.error{background:#fee4e2;color:#b42318}
-.bar{display:grid;grid-template-columns:11rem 1fr 9rem;gap:.5rem;align-items:center;margin:.2rem 0}
+.bar{display:grid;grid-template-columns:minmax(0,11rem) 1fr 9rem;gap:.5rem;align-items:center;margin:.2rem 0}
 .track{background:#eef1f6;border-radius:3px;height:.9rem;overflow:hidden}.fill{background:#2f6fed;height:100%}
 .num{font-variant-numeric:tabular-nums;font-size:.8rem;text-align:right}.muted{color:#667085;font-size:.85rem}
 .source{margin:.5rem 0}.thumbs{display:flex;gap:.4rem;flex-wrap:wrap}figure{margin:0;text-align:center}
@@ -190,7 +200,24 @@ pre{white-space:pre-wrap;word-break:break-all;font-size:.8rem;background:#f7f8fa
 
 
 def e(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
+    """HTML-escaped text, with bidi overrides and control characters made visible (`_INVISIBLE`)."""
+    text = "" if value is None else str(value)
+    return html.escape(_INVISIBLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text), quote=True)
+
+
+def _shown(text: Any, limit: int = SHOWN_TEXT) -> str:
+    """`text` cut to `limit` characters, saying how many were left out."""
+    text = "" if text is None else str(text)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"
+
+
+def _fraction(value: Any) -> float:
+    """A probability as a bar width in [0, 1]; anything else (None, NaN, text) is an empty bar."""
+    try:
+        number = float(value or 0)
+    except (TypeError, ValueError):
+        return 0.0
+    return max(0.0, min(1.0, number)) if number == number else 0.0
 
 
 def _number(value: Any, digits: int = 4) -> str:
@@ -255,11 +282,11 @@ def render_case(number: int, entry: dict, evidence: Evidence | None) -> str:
         out.append(f"<p><span class='badge error'>error</span> {e(entry.get('error'))}</p></div></div></section>")
         return "".join(out)
     out.append(f"<p>{_verdict(result)}</p><div class='muted'>margin {_number(result.get('margin'))} · description "
-               f"from {e(result.get('description_from'))}: “{e(result.get('description'))}” · "
+               f"from {e(result.get('description_from'))}: “{e(_shown(result.get('description')))}” · "
                f"{e(result.get('cached', 0))} cached, {e(result.get('generated', 0))} generated</div></div></div>")
     scores = [s for s in result.get("scores") or () if isinstance(s, dict)]
     for i, s in enumerate(scores):
-        width = max(0.0, min(100.0, 100 * float(s.get("probability") or 0)))
+        width = 100 * _fraction(s.get("probability"))
         out.append(f"<div class='bar'><span>{e(s.get('source'))}</span><div class='track'><div class='fill' "
                    f"style='width:{width:.1f}%{';background:#12b76a' if i == 0 else ''}'></div></div><span "
                    f"class='num'>{_number(s.get('score'))} · p {_number(s.get('probability'), 2)}</span></div>")
@@ -282,9 +309,11 @@ def render_case(number: int, entry: dict, evidence: Evidence | None) -> str:
             out.append(f"<figure>{picture}<figcaption>sim {sim} · #{e(ident)}</figcaption></figure>")
         out.append("</div></div>")
     found = provenance(result)
-    if found:
-        out.append(f"<details open><summary>provenance</summary><pre>"
-                   f"{e(json.dumps(found, indent=1, sort_keys=True, default=str))}</pre></details>")
+    if found:  # as written (not \\u-escaped: a prompt in another script stays readable)
+        text = json.dumps(found, indent=1, sort_keys=True, default=str, ensure_ascii=False)
+        unfold = " open" if len(text) <= OPEN_PROVENANCE else ""
+        out.append(f"<details{unfold}><summary>provenance ({len(text)} characters)</summary><pre>{e(text)}</pre>"
+                   "</details>")
     out.append("</section>")
     return "".join(out)
 
