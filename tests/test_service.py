@@ -501,10 +501,13 @@ def test_kill_during_generation_then_restart_keeps_store_consistent(served_store
         assert np.array_equal(np.sort(vx.index_ids(opened.index)), opened.vector_ids())
 
 
-def test_workers_share_the_port_are_restarted_and_stop_together(tmp_path):
+def test_workers_share_the_port_are_restarted_and_stop_together(tmp_path, monkeypatch):
     """`serve --workers 2`: both workers answer on the one port (stats name which), a worker killed with
-    SIGKILL is restarted while the other keeps answering, and SIGTERM to the supervisor stops them all."""
+    SIGKILL is restarted while the other keeps answering, and SIGTERM to the supervisor stops them all.
+    A worker slow to start is named once (the limit set near zero here, so every start counts as slow)."""
     import httpx
+
+    monkeypatch.setenv("RESYNTH_WORKER_SLOW_START_S", "0.01")
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import bench_serve
@@ -538,6 +541,7 @@ def test_workers_share_the_port_are_restarted_and_stop_together(tmp_path):
     assert server.proc.returncode == 0, server.log[-2000:]
     assert not [p for p in survivors if Path(f"/proc/{p}").exists() and "Z" not in _proc_state(p)]
     assert "worker 1 of 2 exited with code -9: restarting it" in server.log
+    assert server.log.count("worker 2 of 2 is not serving") == 1  # once, not at every poll
     assert "Traceback" not in server.log
 
 

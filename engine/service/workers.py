@@ -30,6 +30,7 @@ WORKER_ENV = "RESYNTH_SERVE_WORKER"  # in a worker: "INDEX/COUNT:SOCKET_FD:READY
 CODE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding this engine package
 MAX_RESTARTS = 5  # per worker within RESTART_WINDOW seconds; more means it cannot stay up
 RESTART_WINDOW = 60.0
+SLOW_START_SECONDS = float(os.environ.get("RESYNTH_WORKER_SLOW_START_S", "180"))  # then a warning: stuck?
 STOP_SECONDS = 40.0  # a worker's graceful stop (uvicorn allows 30 s for open requests) before it is killed
 
 
@@ -82,6 +83,7 @@ class Supervisor:
         self.ready: set[int] = set()  # serving now
         self.served: set[int] = set()  # were serving once: a later failure, even at a restart, is restarted
         self.restarts: dict[int, list[float]] = {i: [] for i in range(count)}
+        self.started: dict[int, float] = {}  # worker index -> when its current process started (not yet ready)
         self.stopping = self.forced = False
 
     def start(self, index: int) -> None:
@@ -103,6 +105,7 @@ class Supervisor:
         finally:
             os.close(write_fd)
         self.pipes[index] = read_fd
+        self.started[index] = time.monotonic()
 
     def run(self) -> None:
         previous = {s: signal.signal(s, self._stop) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -116,6 +119,7 @@ class Supervisor:
                     print(self.banner, file=sys.stderr, flush=True)
                     announced = True
                 self._reap()
+                self._warn_slow()
         finally:
             self._stop_all()
             for s, handler in previous.items():
@@ -133,6 +137,16 @@ class Supervisor:
             return
         for index in [i for i, fd in self.pipes.items() if fd in readable]:
             self._read_pipe(index)
+
+    def _warn_slow(self) -> None:
+        """A worker that neither serves nor exits (a model load hung on a lock, a full GPU) is named once,
+        so the operator is not left waiting on a silent server."""
+        now = time.monotonic()
+        for index, since in list(self.started.items()):
+            if index in self.pipes and now - since > SLOW_START_SECONDS:
+                print(f"resynth: warning: worker {index + 1} of {self.count} is not serving "
+                      f"{now - since:.0f} s after its start; still waiting (Ctrl-C stops)", file=sys.stderr, flush=True)
+                del self.started[index]
 
     def _read_pipe(self, index: int) -> None:
         """The ready byte, or the end of a pipe whose worker exited: read once, then closed."""
