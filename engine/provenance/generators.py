@@ -36,10 +36,14 @@ class GenerationMetadata:
     model_name: str | None = None
     model_hash: str | None = None
     settings: tuple[tuple[str, str], ...] = field(default=())  # raw key/values as written
+    # recipe fields the file wrote with a value out of range or not a number (absent above): a redraw must
+    # not fill them from the source as if the file had left them out
+    invalid: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "settings"}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("settings", "invalid")}
         out["settings"] = dict(self.settings)
+        out["invalid"] = list(self.invalid)
         return out
 
 
@@ -68,6 +72,24 @@ def _float(v) -> float | None:
     return None
 
 
+class _Checked:
+    """Coerces recipe fields like _int/_float, remembering the names of those written but unusable."""
+
+    def __init__(self) -> None:
+        self.invalid: list[str] = []
+
+    def int(self, name: str, v, lo: int, hi: int) -> int | None:
+        return self._note(name, v, _int(v, lo, hi))
+
+    def float(self, name: str, v) -> float | None:
+        return self._note(name, v, _float(v))
+
+    def _note(self, name: str, v, got):
+        if got is None and v is not None and v != "" and name not in self.invalid:
+            self.invalid.append(name)
+        return got
+
+
 def _str(v, limit: int = 1000) -> str | None:
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         v = str(v)
@@ -87,7 +109,7 @@ def _prompt(v, notes: list[str], what: str) -> str | None:
     return v or None
 
 
-_SEED = (-(2 ** 63), 2 ** 64)
+_SEED = (-(2 ** 63), 2 ** 64 - 1)  # ComfyUI draws seeds up to 2^64-1
 _STEPS = (1, 10_000)
 _SIDE = (1, 100_000)
 
@@ -209,23 +231,26 @@ def a1111(text: str, where: str, notes: list[str]) -> GenerationMetadata | None:
             line = line[len("Negative prompt:"):].lstrip()
         (negative_lines if into_negative else prompt_lines).append(line)
     width = height = None
+    checked = _Checked()
     if m := re.fullmatch(r"\s*(\d{1,6})\s*x\s*(\d{1,6})\s*", settings.get("Size", "")):
-        width, height = _int(m.group(1), *_SIDE), _int(m.group(2), *_SIDE)
+        width, height = checked.int("width", m.group(1), *_SIDE), checked.int("height", m.group(2), *_SIDE)
+    elif settings.get("Size"):
+        checked.invalid.append("size")
     version = settings.get("Version", "")
     tool = "fooocus" if "Fooocus" in version else "forge" if re.match(r"f\d", version) else "automatic1111"
     return GenerationMetadata(
         tool=tool, source=where,
         prompt=_prompt("\n".join(prompt_lines), notes, f"{where} prompt"),
         negative_prompt=_prompt("\n".join(negative_lines), notes, f"{where} negative prompt"),
-        steps=_int(settings.get("Steps"), *_STEPS),
+        steps=checked.int("steps", settings.get("Steps"), *_STEPS),
         sampler=_str(settings.get("Sampler")),
         scheduler=_str(settings.get("Schedule type")),
-        cfg_scale=_float(settings.get("CFG scale")),
-        seed=_int(settings.get("Seed"), *_SEED),
+        cfg_scale=checked.float("cfg_scale", settings.get("CFG scale")),
+        seed=checked.int("seed", settings.get("Seed"), *_SEED),
         width=width, height=height,
         model_name=_str(settings.get("Model")),
         model_hash=_str(settings.get("Model hash"), 100),
-        settings=_settings(settings),
+        settings=_settings(settings), invalid=tuple(checked.invalid),
     )
 
 
@@ -266,19 +291,20 @@ def comfyui(text: str, where: str, notes: list[str]) -> GenerationMetadata | Non
     negative = _texts(nodes, cond.get("negative"), avoid="positive")
     latent = nodes.get(_follow(nodes, s.get("latent_image")) or "", {}).get("inputs", {})
     model = _model(nodes, s.get("model", (guider and cond.get("model"))))
+    checked = _Checked()
     return GenerationMetadata(
         tool="comfyui", source=where,
         prompt=_prompt("\n".join(positive), notes, f"{where} prompt") if positive else None,
         negative_prompt=_prompt("\n".join(negative), notes, f"{where} negative prompt") if negative else None,
-        steps=_int(_value(nodes, s.get("steps")), *_STEPS),
+        steps=checked.int("steps", _value(nodes, s.get("steps")), *_STEPS),
         sampler=_str(_value(nodes, s.get("sampler_name"))),
         scheduler=_str(_value(nodes, s.get("scheduler"))),
-        cfg_scale=_float(_value(nodes, s.get("cfg", cond.get("cfg")))),
-        seed=_int(_value(nodes, s.get("seed", s.get("noise_seed"))), *_SEED),
-        width=_int(_value(nodes, latent.get("width")), *_SIDE),
-        height=_int(_value(nodes, latent.get("height")), *_SIDE),
+        cfg_scale=checked.float("cfg_scale", _value(nodes, s.get("cfg", cond.get("cfg")))),
+        seed=checked.int("seed", _value(nodes, s.get("seed", s.get("noise_seed"))), *_SEED),
+        width=checked.int("width", _value(nodes, latent.get("width")), *_SIDE),
+        height=checked.int("height", _value(nodes, latent.get("height")), *_SIDE),
         model_name=model,
-        settings=_comfy_summary(nodes, samplers[0]),
+        settings=_comfy_summary(nodes, samplers[0]), invalid=tuple(checked.invalid),
     )
 
 
@@ -368,19 +394,21 @@ def invokeai(text: str, where: str, notes: list[str]) -> GenerationMetadata | No
     if not isinstance(d, dict):
         return None
     model: dict = d["model"] if isinstance(d.get("model"), dict) else {}
+    checked = _Checked()
     return GenerationMetadata(
         tool="invokeai", source=where,
         prompt=_prompt(d.get("positive_prompt"), notes, f"{where} prompt"),
         negative_prompt=_prompt(d.get("negative_prompt"), notes, f"{where} negative prompt"),
-        steps=_int(d.get("steps"), *_STEPS),
+        steps=checked.int("steps", d.get("steps"), *_STEPS),
         scheduler=_str(d.get("scheduler")),
         sampler=_str(d.get("scheduler")),  # InvokeAI names its sampler "scheduler"
-        cfg_scale=_float(d.get("cfg_scale")),
-        seed=_int(d.get("seed"), *_SEED),
-        width=_int(d.get("width"), *_SIDE), height=_int(d.get("height"), *_SIDE),
+        cfg_scale=checked.float("cfg_scale", d.get("cfg_scale")),
+        seed=checked.int("seed", d.get("seed"), *_SEED),
+        width=checked.int("width", d.get("width"), *_SIDE), height=checked.int("height", d.get("height"), *_SIDE),
         model_name=_str(model.get("name", model.get("model_name"))) or _str(d.get("model")),
         model_hash=_str(model.get("hash"), 200),
         settings=_settings({k: v for k, v in d.items() if k not in ("positive_prompt", "negative_prompt")}),
+        invalid=tuple(checked.invalid),
     )
 
 
@@ -393,12 +421,14 @@ def invokeai_v2(text: str, where: str, notes: list[str]) -> GenerationMetadata |
     prompt = img.get("prompt")
     if isinstance(prompt, list):  # [{"prompt": "...", "weight": 1.0}, ...]
         prompt = " ".join(p["prompt"] for p in prompt if isinstance(p, dict) and isinstance(p.get("prompt"), str))
+    checked = _Checked()
     return GenerationMetadata(
         tool="invokeai", source=where, prompt=_prompt(prompt, notes, f"{where} prompt"),
-        steps=_int(img.get("steps"), *_STEPS), sampler=_str(img.get("sampler")),
-        cfg_scale=_float(img.get("cfg_scale")), seed=_int(img.get("seed"), *_SEED),
-        width=_int(img.get("width"), *_SIDE), height=_int(img.get("height"), *_SIDE),
+        steps=checked.int("steps", img.get("steps"), *_STEPS), sampler=_str(img.get("sampler")),
+        cfg_scale=checked.float("cfg_scale", img.get("cfg_scale")), seed=checked.int("seed", img.get("seed"), *_SEED),
+        width=checked.int("width", img.get("width"), *_SIDE), height=checked.int("height", img.get("height"), *_SIDE),
         model_name=_str(d.get("model_weights")), model_hash=_str(d.get("model_hash"), 200),
+        invalid=tuple(checked.invalid),
     )
 
 
@@ -413,16 +443,17 @@ def novelai(texts: dict[str, str], where: str, notes: list[str]) -> GenerationMe
     model_hash = None
     if source and (m := re.search(r"\b([0-9A-Fa-f]{8})$", source)):
         model_hash = m.group(1)
+    checked = _Checked()
     return GenerationMetadata(
         tool="novelai", source=f"{where}:Comment",
         prompt=_prompt(texts.get("Description") or d.get("prompt"), notes, f"{where} prompt"),
         negative_prompt=_prompt(d.get("uc"), notes, f"{where} negative prompt"),
-        steps=_int(d.get("steps"), *_STEPS), sampler=_str(d.get("sampler")),
-        scheduler=_str(d.get("noise_schedule")), cfg_scale=_float(d.get("scale")),
-        seed=_int(d.get("seed"), *_SEED),
-        width=_int(d.get("width"), *_SIDE), height=_int(d.get("height"), *_SIDE),
+        steps=checked.int("steps", d.get("steps"), *_STEPS), sampler=_str(d.get("sampler")),
+        scheduler=_str(d.get("noise_schedule")), cfg_scale=checked.float("cfg_scale", d.get("scale")),
+        seed=checked.int("seed", d.get("seed"), *_SEED),
+        width=checked.int("width", d.get("width"), *_SIDE), height=checked.int("height", d.get("height"), *_SIDE),
         model_name=source, model_hash=model_hash,
-        settings=_settings({k: v for k, v in d.items() if k not in ("prompt", "uc")}),
+        settings=_settings({k: v for k, v in d.items() if k not in ("prompt", "uc")}), invalid=tuple(checked.invalid),
     )
 
 
@@ -435,19 +466,25 @@ def fooocus(text: str, where: str, notes: list[str]) -> GenerationMetadata | Non
         return None
     k = {str(key).strip().lower().replace(" ", "_"): v for key, v in d.items()}
     width = height = None
+    checked = _Checked()
     res = k.get("resolution")
     if isinstance(res, str) and (m := re.search(r"(\d{1,6})\D{1,4}(\d{1,6})", res)):
-        width, height = _int(m.group(1), *_SIDE), _int(m.group(2), *_SIDE)
+        width, height = checked.int("width", m.group(1), *_SIDE), checked.int("height", m.group(2), *_SIDE)
     elif isinstance(res, list) and len(res) == 2:
-        width, height = _int(res[0], *_SIDE), _int(res[1], *_SIDE)
+        width, height = checked.int("width", res[0], *_SIDE), checked.int("height", res[1], *_SIDE)
+    elif res not in (None, ""):
+        checked.invalid.append("size")
     return GenerationMetadata(
         tool="fooocus", source=where,
         prompt=_prompt(k.get("prompt"), notes, f"{where} prompt"),
         negative_prompt=_prompt(k.get("negative_prompt"), notes, f"{where} negative prompt"),
-        steps=_int(k.get("steps"), *_STEPS), sampler=_str(k.get("sampler")), scheduler=_str(k.get("scheduler")),
-        cfg_scale=_float(k.get("guidance_scale", k.get("cfg_scale"))), seed=_int(k.get("seed"), *_SEED),
+        steps=checked.int("steps", k.get("steps"), *_STEPS), sampler=_str(k.get("sampler")),
+        scheduler=_str(k.get("scheduler")),
+        cfg_scale=checked.float("cfg_scale", k.get("guidance_scale", k.get("cfg_scale"))),
+        seed=checked.int("seed", k.get("seed"), *_SEED),
         width=width, height=height,
         model_name=_str(k.get("base_model")), model_hash=_str(k.get("base_model_hash"), 200),
         settings=_settings({key: v for key, v in k.items() if key not in ("prompt", "negative_prompt", "full_prompt",
                                                                           "full_negative_prompt")}),
+        invalid=tuple(checked.invalid),
     )

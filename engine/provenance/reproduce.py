@@ -35,6 +35,12 @@ REPRODUCED_PSNR = 28.0
 LOWPASS = 4
 PSNR_CAP = 100.0  # identical images (an infinite PSNR is not JSON)
 MAX_SIDE = 4096  # a recipe larger than this is not redrawn (memory), whatever the file claims
+# A file's recipe is the attacker's text: a redraw runs inside an attribution (a request, in the service), so
+# its cost is bounded whatever the file says. 150 is AUTOMATIC1111's steps slider; ComfyUI allows 10000.
+MAX_STEPS = 150
+MAX_GUIDANCE = 100.0
+SEEDS = 2 ** 64  # torch generators take seeds in [0, 2^64); ComfyUI draws from all of it
+STORED_SEED = 2 ** 31 - 1  # the largest seed the store's seed column holds on every backend (engine.options)
 
 # Front-end sampler names (AUTOMATIC1111/Forge, ComfyUI, InvokeAI; lower case) -> diffusers scheduler
 # class and config overrides. Only names with a faithful diffusers counterpart; others are "unknown".
@@ -118,8 +124,12 @@ def recipe_of(meta: "GenerationMetadata", source, image_size: tuple[int, int]) -
 
     from engine.recipes import pipeline_scheduler
 
+    if meta.invalid:  # written but unusable: never filled from the source as if the file had left it out
+        return f"the file's {', '.join(meta.invalid)} out of range or not a number"
     if meta.seed is None:
         return "no seed in the metadata"
+    if not 0 <= meta.seed < SEEDS:
+        return f"seed {meta.seed} is not one a generator draws with (0 to 2^64-1)"
     if not meta.prompt:
         return "no prompt in the metadata"
     settings = dict(meta.settings)
@@ -142,6 +152,10 @@ def recipe_of(meta: "GenerationMetadata", source, image_size: tuple[int, int]) -
     if guidance is None:
         guidance = float(params.get("guidance") or 7.0)
         filled.append("guidance")
+    if not 1 <= steps <= MAX_STEPS:
+        return f"{steps} steps: a redraw takes at most {MAX_STEPS}"
+    if not 0 <= guidance <= MAX_GUIDANCE:
+        return f"guidance {guidance:g} is outside 0 to {MAX_GUIDANCE:g}"
     width, height = meta.width, meta.height
     if width is None or height is None:
         width, height = image_size
@@ -287,7 +301,8 @@ def _cached_or_drawn(ws: "Workspace", source, recipe: Recipe, embedder: str,
     file_hash = store.write_image(relative.as_posix(), png_bytes(image))  # the store folder or its object store
     store.add_images([NewImage(key=key, role=ROLE, source_id=source.id,
                                description_id=store.description_id(recipe.prompt), file_hash=file_hash,
-                               path=relative.as_posix(), vector=vector, seed=recipe.seed,
+                               path=relative.as_posix(), vector=vector,
+                               seed=recipe.seed if recipe.seed <= STORED_SEED else None,  # the key holds it
                                params_hash=recipe.hash())])
     return image, vector, False
 
