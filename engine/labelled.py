@@ -109,6 +109,27 @@ class EvalSet:
 
 NO_RESYNTHESES = "their description has no resyntheses"  # the reason an original is skipped
 NO_SOURCE_RESYNTHESES = "their source has no resyntheses"
+LISTED_TWICE = "the manifest lists them twice"
+
+
+def unique_rows(rows: list[ManifestRow], where: str) -> tuple[list[ManifestRow], list[ManifestRow]]:
+    """(rows without repeats, the originals dropped as repeats). A row repeated exactly would count its original
+    twice in every measurement (or its resynthesis twice among the references); an original listed under two
+    sources contradicts itself and is refused."""
+    seen: dict[tuple, ManifestRow] = {}
+    kept, repeated = [], []
+    for row in rows:
+        key = (row.image, row.role)
+        first = seen.get(key)
+        if first is None:
+            seen[key] = row
+            kept.append(row)
+        elif row.role == "original" and first.source != row.source:
+            raise UserError(f"{where}:{row.line}: original {row.image} is listed as {row.source!r} here and as "
+                            f"{first.source!r} on line {first.line}")
+        elif row.role == "original":
+            repeated.append(row)
+    return kept, repeated
 
 
 def from_rows(rows: list[ManifestRow], where: str, strict: bool = False) -> EvalSet:
@@ -116,7 +137,9 @@ def from_rows(rows: list[ManifestRow], where: str, strict: bool = False) -> Eval
 
     An original whose description has no resyntheses cannot be scored: it is skipped and counted in
     `EvalSet.skipped` (a manifest such as the demo's keeps such originals as queries for generation on
-    demand), or, with `strict`, refused."""
+    demand), or, with `strict`, refused. Repeated rows are used once (originals counted in `skipped`)."""
+    rows, repeated = unique_rows(rows, where)
+    _check_sizes(rows, where)
     originals = [r for r in rows if r.role == "original"]
     resyntheses = [r for r in rows if r.role == "resynthesis"]
     if not originals:
@@ -156,7 +179,23 @@ def from_rows(rows: list[ManifestRow], where: str, strict: bool = False) -> Eval
         res_seed=np.array([r.seed if r.seed is not None else -1 for r in resyntheses]),
         res_original=linked, res_hash=[sha256_file(r.image) for r in resyntheses],
         res_path=[str(r.image) for r in resyntheses], descriptions=descriptions,
-        skipped={NO_RESYNTHESES: [shown(r.image, folder) for r in lonely]} if lonely else {})
+        skipped={reason: [shown(r.image, folder) for r in left] for reason, left in
+                 ((NO_RESYNTHESES, lonely), (LISTED_TWICE, repeated)) if left})
+
+
+def _check_sizes(rows: list[ManifestRow], where: str) -> None:
+    """Every file is hashed before it is decoded: one over the image reader's limit is refused first, by its
+    size, so a manifest naming a huge file is not read whole only to be refused."""
+    from engine.images import MAX_BYTES
+
+    for row in rows:
+        try:
+            size = row.image.stat().st_size
+        except OSError as exc:
+            raise UserError(f"{where}:{row.line}: cannot read {row.image}: {exc.strerror or type(exc).__name__}") \
+                from None
+        if size > MAX_BYTES:
+            raise UserError(f"{where}:{row.line}: {row.image}: {size} bytes, the limit is {MAX_BYTES}")
 
 
 def few_originals_text(usage: dict) -> str:

@@ -111,16 +111,51 @@ def _readable(path: Path) -> bool:
         return False
 
 
+LINKED_OUT = "links to outside the dataset folder"
+NOT_UTF8 = "names that are not UTF-8"
+
+
+def _entries(folder: Path, root: Path, skipped: Counter, dirs: bool) -> list[Path]:
+    """The folders (or files) in `folder`, sorted. A downloaded tree is hostile input: a link resolving outside
+    the images folder (`root`, resolved) is skipped, never followed, and so is a name that is not UTF-8 (it could not be
+    written to the manifest); both are counted in `skipped`."""
+    try:
+        listed = sorted(folder.iterdir())
+    except OSError as exc:
+        skipped[f"unreadable folders ({exc.strerror or type(exc).__name__})"] += 1
+        return []
+    out = []
+    for entry in listed:
+        if not (entry.is_dir() and not entry.name.startswith(".") if dirs else entry.is_file()):
+            continue  # (a hidden file is counted below, as no dataset image)
+        try:
+            entry.name.encode("utf-8")
+        except UnicodeEncodeError:
+            skipped[NOT_UTF8] += 1
+            continue
+        if entry.is_symlink() or dirs:
+            try:
+                inside = entry.resolve().is_relative_to(root)
+            except (OSError, RuntimeError):
+                inside = False
+            if not inside:
+                skipped[LINKED_OUT] += 1
+                continue
+        out.append(entry)
+    return out
+
+
 def scan(root: Path, skipped: Counter, progress: bool = False) -> list[Found]:
     """Every dataset image under ROOT; strays are counted in `skipped` by reason, never fatal."""
     base = images_folder(root)
+    inside = base.resolve()  # the tree the user named (its images/ folder may itself be a link to a disk)
     candidates: list[tuple[Path, str, str | None]] = []
-    for gen_dir in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        candidates += [(f, gen_dir.name, None) for f in sorted(gen_dir.iterdir()) if f.is_file()]
+    for gen_dir in _entries(base, inside, skipped, dirs=True):
+        candidates += [(f, gen_dir.name, None) for f in _entries(gen_dir, inside, skipped, dirs=False)]
         nested = gen_dir / "images"
         if nested.is_dir():
-            for res_dir in sorted(p for p in nested.iterdir() if p.is_dir() and not p.name.startswith(".")):
-                candidates += [(f, res_dir.name, gen_dir.name) for f in sorted(res_dir.iterdir()) if f.is_file()]
+            for res_dir in _entries(nested, inside, skipped, dirs=True):
+                candidates += [(f, res_dir.name, gen_dir.name) for f in _entries(res_dir, inside, skipped, dirs=False)]
     found: list[Found] = []
     seen: set[tuple[str, str | None, int]] = set()
     for path, generator, of in tqdm(candidates, desc="scanning", unit="file", disable=not progress, leave=False):
@@ -147,8 +182,9 @@ def read_descriptions(path: Path) -> dict[int, str]:
         raise UserError(f"descriptions file not found: {path}")
     try:
         pairs = _json_pairs(path) if path.suffix.lower() in {".json", ".jsonl", ".ndjson"} else _csv_pairs(path)
-    except (UnicodeDecodeError, ValueError, csv.Error) as exc:
-        raise UserError(f"{path}: not a readable descriptions file ({str(exc).splitlines()[0]})") from None
+    except (UnicodeDecodeError, ValueError, csv.Error, RecursionError) as exc:
+        why = (str(exc) or type(exc).__name__).splitlines()[0]
+        raise UserError(f"{path}: not a readable descriptions file ({why})") from None
     out: dict[int, str] = {}
     for key, text in pairs:
         match = ID_PATTERN.match(Path(str(key).strip()).stem)
@@ -232,11 +268,14 @@ def write_manifest(rows: list[dict], out: Path) -> None:
     """CSV via a temporary name and rename: an interrupted import never leaves half a manifest."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, out)
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def import_published(root: Path, out: Path, descriptions: Path | None = None,
