@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from engine.aggregate import AGGREGATIONS, DEFAULT_AGGREGATION, DEFAULT_PER_SOURCE, DEFAULT_REFERENCES
 from engine.errors import OptionError
@@ -110,6 +110,23 @@ class Options:
             else:
                 values[f.name] = raw
         return cls(**values)
+
+    @classmethod
+    def check_fields(cls, names: Iterable[str], others: tuple[str, ...] = ("image", "prompt")) -> None:
+        """Refuse a form field that is neither an option nor one of `others`, as the CLI refuses an unknown
+        flag: an HTTP client that sent `max-cost` (the flag's spelling) ran with no cost limit at all."""
+        options = [f.name for f in fields(cls)]
+        for name in names:
+            if name in options or name in others:
+                continue
+            spelt = str(name).strip().lstrip("-").replace("-", "_")
+            hint = ""
+            if spelt in options:
+                hint = f" (the field is {spelt})"
+            elif spelt.startswith("no_") and spelt[3:] in options:
+                hint = f" (send {spelt[3:]}=false)"
+            raise OptionError(f"unknown field {str(name)[:40]!r}{hint}; the fields are {', '.join(others)} and "
+                              f"the options {', '.join(options)}")
 
     def with_changes(self, **changes: Any) -> "Options":
         return replace(self, **changes)

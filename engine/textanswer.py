@@ -38,13 +38,29 @@ def verdict_line(r: Attribution) -> str:
     return f"{r.predicted} (uncalibrated: {why}; {evidence})"
 
 
+# A calibrated best source with p below this, and a runner-up at least half as likely: "known" accepts an
+# enrolled source, but which one is uncertain (the demo's captioned queries read "known" at p 0.52 against 0.41).
+CLOSE_CALL = 0.8
+
+
 def caveats(r: Attribution) -> list[str]:
     """What the ranking cannot show by itself, for a person reading the text answer (not in --json: the
     fields `scores`, `description_from` and `verdict` already say it)."""
     notes = []
     if len(r.scores) == 1:
         notes.append(f"one source was scored ({r.scores[0].source}), so it is named whatever made the image: score "
-                     "the other candidate generators too, and calibrate for an unknown-source verdict")
+                     "the other candidate generators too"
+                     + ("; its p is 1 by construction, only the verdict's threshold tests it" if r.calibrated
+                        else ", and calibrate for an unknown-source verdict"))
+    elif r.calibrated and r.verdict == "unknown":
+        notes.append("p is shared among the enrolled sources only: it ranks them, and says nothing of a generator "
+                     "nobody enrolled, which the verdict suggests made this image")
+    elif (r.calibrated and r.verdict == "known" and r.scores[0].probability < CLOSE_CALL
+          and r.scores[1].probability >= r.scores[0].probability / 2):
+        best, second = r.scores[0], r.scores[1]
+        notes.append(f"close call: {second.source} is nearly as likely as {best.source} (p {second.probability:.3f} "
+                     f"against {best.probability:.3f}): the image is like an enrolled source's, but which one is "
+                     "uncertain")
     if r.description_from == "caption":
         notes.append("the description is the captioner's (no prompt was given, embedded or stored): the "
                      "answer is only as good as the caption; give --prompt when the prompt is known")

@@ -218,8 +218,18 @@ def test_the_verdict_line_shows_its_evidence():
     alone.description_from = "caption"
     assert [note.split(" (")[0] for note in caveats(alone)] == ["one source was scored",
                                                                  "the description is the captioner's"]
+    alone.calibrated, alone.verdict = True, "unknown"  # calibrated: the note no longer asks to calibrate
+    assert "p is 1 by construction" in caveats(alone)[0] and "calibrate for" not in caveats(alone)[0]
     alone.scores.append(SourceScore("flux", 0.3, 3, 0.01))
     alone.description_from = "prompt"
+    # calibrated "unknown" beside p 0.99: p ranks the enrolled sources only
+    assert [n.split(":")[0] for n in caveats(alone)] == ["p is shared among the enrolled sources only"]
+    # calibrated "known" with a runner-up nearly as likely: a close call, not an attribution to trust
+    alone.verdict, alone.scores[0].probability, alone.scores[1].probability = "known", 0.52, 0.41
+    assert caveats(alone) and caveats(alone)[0].startswith("close call: flux is nearly as likely as sdxl")
+    alone.scores[0].probability, alone.scores[1].probability = 0.95, 0.05
+    assert caveats(alone) == []
+    alone.calibrated, alone.verdict = False, "uncalibrated"
     assert caveats(alone) == []
     line = verdict_line(result("unknown", {"score": 0.9, "references": 4, "open_set_score": "mahalanobis_open_set",
                                            "value": -3.2, "threshold": -1.5}))
@@ -263,3 +273,23 @@ def test_source_list_shows_each_recipe_and_the_demo_the_commands_to_reuse_it(tmp
     assert command in lines and "resynth init --store my-store --clip-config" in lines
     assert f"resynth attribute a.png --prompt 'a cat' --store {tmp_path / 'store'}" in lines
     assert f"resynth calibrate {tmp_path / 'm.jsonl'}" in lines and "resynth serve" in lines
+
+
+def test_the_calibration_line_names_its_rule_and_warns_of_a_single_source():
+    """The default fits one shared threshold (not one per source, as the line used to say), and a calibration
+    of one source measures nothing: p is always 1 and no source can be left out."""
+    from types import SimpleNamespace
+
+    from engine.calibration import Calibration
+    from engine.evaluation.commands import _calibration_line
+
+    ws = SimpleNamespace(root="s")
+    shared = Calibration(0.002, {"a": 0.99, "b": 0.98}, True, {"sources": ["a", "b"], "open_set_auroc": 0.9},
+                         {"score": "mahalanobis", "threshold": -1604.3})
+    line = _calibration_line(ws, shared)
+    assert "unknown-source threshold mahalanobis -1604.30 (one for every source; fallback score thresholds for " \
+           "2 sources)" in line and "AUROC 0.900" in line and "warning" not in line
+    one = Calibration(1e-6, {"a": 0.99}, True, {"sources": ["a"]}, {})
+    line = _calibration_line(ws, one)
+    assert "score thresholds for 1 source;" in line and "AUROC not measured" in line
+    assert "warning: one source: its p is 1 whatever the image" in line

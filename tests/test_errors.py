@@ -166,3 +166,33 @@ def test_manifest_with_bom_and_aliases_is_read(originals, tmp_path):
                      f"{image},a,  some   text ,Original,3,x\n".encode())
     [row] = read_manifest(path)
     assert (row.image, row.source, row.description, row.role, row.seed) == (image, "a", "some text", "original", 3)
+
+
+def test_http_refuses_a_form_field_it_does_not_know(models, tmp_path):
+    """The CLI refuses an unknown flag; the HTTP form used to ignore an unknown field, so `max-cost` (the flag's
+    spelling) ran with no cost limit at all. It is now 400 bad_option naming the field to send."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    import engine
+    from engine.errors import OptionError
+    from engine.options import Options
+    from engine.service.app import create_app
+    from engine.service.config import Limits
+    from engine.service.core import Service
+
+    Options.check_fields(["image", "prompt", "per_source", "max_cost"])
+    with pytest.raises(OptionError, match="send adaptive=false"):
+        Options.check_fields(["--no-adaptive"])
+    engine.init(tmp_path / "s", clip_config=models["clip_config"], clip_checkpoint=models["clip_checkpoint"]).close()
+    client = TestClient(create_app(Service.open(tmp_path / "s", Limits()), None), raise_server_exceptions=False)
+    png = tmp_path / "q.png"
+    Image.new("RGB", (16, 16)).save(png)
+    for field, hint in (("max-cost", "the field is max_cost"), ("promt", "the fields are image, prompt")):
+        answer = client.post("/v1/attribute", files={"image": ("q.png", png.read_bytes(), "image/png")},
+                             data={"prompt": "a cat", field: "0"})
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        assert error["code"] == "bad_option" and f"unknown field {field!r}" in error["message"], error
+        assert hint in error["message"]

@@ -8,6 +8,7 @@ from engine.errors import UserError
 from engine.flags import add_clip_arguments
 from engine.labelled import few_originals_text
 from engine.options import add_arguments
+from engine.textanswer import plural
 
 STRICT_HELP = ("refuse the whole manifest when an original cannot be scored (its description has no "
                "resyntheses); by default such originals are skipped and counted in the output")
@@ -40,10 +41,12 @@ def register(sub, common) -> None:
 
     p = sub.add_parser(
         "calibrate", parents=[common], help="fit probabilities and unknown-source thresholds for a store",
-        description="Fit a softmax temperature and per-source acceptance thresholds on labelled originals (the "
+        description="Fit a softmax temperature and an unknown-source threshold on labelled originals (the "
                     "store's own, or MANIFEST's, embedded with the store's embedder) and save them in the store: "
-                    "`resynth attribute` then reports calibrated probabilities and `unknown: true` for a query "
-                    "below its best source's threshold. A manifest's sources must all be in the store.")
+                    "`resynth attribute` then reports calibrated probabilities and the verdict `known` or "
+                    "`unknown source` (and `real`, with camera images of role `real` in MANIFEST). Fit it with the "
+                    "options you attribute with (--mode, --aggregation). A manifest's sources must all be in the "
+                    "store; give originals of every source.")
     p.add_argument("manifest", nargs="?", help="labelled manifest (default: the originals stored in the store)")
     add_arguments(p)  # the attribution options `resynth attribute` will use
     p.add_argument("--false-reject", type=float, default=0.05, metavar="RATE",
@@ -110,11 +113,21 @@ def _calibration_line(ws, calibration) -> str:
     def figure(value) -> str:
         return f"{value:.3f}" if isinstance(value, (int, float)) else "not measured"
     used = notes.get("used") or {}
-    line = (f"calibration saved to {ws.root}: temperature {calibration.temperature:.3g}, thresholds for "
-            f"{len(calibration.thresholds)} sources; ECE {figure(notes.get('ece_default'))} -> "
-            f"{figure(notes.get('ece_calibrated'))}; unknown-source AUROC {figure(notes.get('open_set_auroc'))}")
+    thresholds = f"thresholds for {plural(len(calibration.thresholds), 'source')}"
+    if calibration.open_set.get("threshold") is not None:  # the default: one threshold shared by every source
+        rule = (f"unknown-source threshold {calibration.open_set.get('score')} {calibration.open_set['threshold']:.2f}"
+                f" (one for every source; fallback score {thresholds})")
+    else:
+        rule = f"score {thresholds}"
+    line = (f"calibration saved to {ws.root}: temperature {calibration.temperature:.3g}, {rule}; ECE "
+            f"{figure(notes.get('ece_default'))} -> {figure(notes.get('ece_calibrated'))}; unknown-source AUROC "
+            f"{figure(notes.get('open_set_auroc'))}")
     if used.get("text"):
         line += f"\nfitted on {notes.get('fitted_on')}: {used['text']}"
+    if len(notes.get("sources") or ()) == 1:  # nothing to compare with, nothing to leave out
+        line += ("\nwarning: one source: its p is 1 whatever the image (the temperature and ECE mean nothing) and "
+                 "no other source could be left out to measure unknown-source rejection; the threshold rests on "
+                 "its own originals only. Enrol and calibrate the other candidate generators too")
     if few_originals_text(used):
         line += "\n" + few_originals_text(used)
     if used.get("store_sources_not_fitted"):

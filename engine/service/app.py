@@ -292,6 +292,7 @@ async def _read_request(request: Request, service: Service,
             if not normalise_description(prompt):
                 raise ServiceError(400, "empty_prompt", f"prompt {number} is empty: give a description with "
                                                         "words in it, or leave the prompt field out")
+        Options.check_fields(form.keys())  # a misspelt option is refused, not ignored (engine.options)
         given = {name: form.get(name) for name in OPTION_FIELDS}
         options = Options.from_strings({name: v for name, v in given.items() if isinstance(v, str)})
         labels = [_label(u.filename, i) for i, u in enumerate(uploads)]
