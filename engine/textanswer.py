@@ -17,11 +17,13 @@ def verdict_line(r: Attribution) -> str:
         return "no source could be scored"
     refs = plural(ev["references"], "reference") if "references" in ev else None
     test: str | None
+    # a "real" verdict keeps the known/unknown decision apart (evidence.open_set_verdict): the sign is its
+    rejected = (ev.get("open_set_verdict") if r.verdict == "real" else r.verdict) == "unknown"
     if "open_set_score" in ev:  # decided by the feature-based open-set score, not the best similarity
-        sign = "<" if r.verdict == "unknown" else ">="
+        sign = "<" if rejected else ">="
         test = f"{ev['open_set_score']} {ev['value']:.2f} {sign} threshold {ev['threshold']:.2f}"
     elif "threshold" in ev:  # similarities crowd near 1: 4 decimals, as the ranking shows them
-        sign = "<" if r.verdict == "unknown" else ">="
+        sign = "<" if rejected else ">="
         test = f"score {ev['score']:.4f} {sign} threshold {ev['threshold']:.4f}"
     else:
         test = f"score {ev['score']:.4f}" if "score" in ev else None

@@ -235,6 +235,10 @@ def test_the_verdict_line_shows_its_evidence():
                                            "value": -3.2, "threshold": -1.5}))
     assert line == "unknown source (closest: sdxl, mahalanobis_open_set -3.20 < threshold -1.50, 4 references)"
     assert verdict_line(result("none", {})) == "no source could be scored"
+    # "real" keeps the open-set decision apart: a rejected closest source reads "<", not ">="
+    real = {"score": 0.99, "references": 29, "open_set_score": "mahalanobis", "value": -4782.4, "threshold": -1604.3,
+            "real": {"value": 0.008, "threshold": -0.009}, "open_set_verdict": "unknown"}
+    assert "closest source sdxl, mahalanobis -4782.40 < threshold -1604.30" in verdict_line(result("real", real))
     assert (plural(1, "reference"), plural(0, "reference"), plural(2, "reference")) == (
         "1 reference", "0 references", "2 references")
     # the p line says why no calibration applies (here: fitted for another mode)
@@ -289,6 +293,9 @@ def test_the_calibration_line_names_its_rule_and_warns_of_a_single_source():
     line = _calibration_line(ws, shared)
     assert "unknown-source threshold mahalanobis -1604.30 (one for every source; fallback score thresholds for " \
            "2 sources)" in line and "AUROC 0.900" in line and "warning" not in line
+    shared.real = {"references": 4, "threshold": -0.009, "measured": {"real_called_real": 1.0,
+                                                                       "generated_called_real": 0.025}}
+    assert "100.0% of real images called real (each leave-one-out), 2.5% of generated" in _calibration_line(ws, shared)
     one = Calibration(1e-6, {"a": 0.99}, True, {"sources": ["a"]}, {})
     line = _calibration_line(ws, one)
     assert "score thresholds for 1 source;" in line and "AUROC not measured" in line

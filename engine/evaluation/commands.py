@@ -136,9 +136,11 @@ def _calibration_line(ws, calibration) -> str:
     real = calibration.real
     if real:  # the manifest's camera images fit the "real" verdict
         m = real.get("measured") or {}
+        def share(value) -> str:
+            return f"{100 * value:.1f}%" if isinstance(value, (int, float)) else "not measured"
         line += (f"\nreal verdict: {real.get('references')} real references, threshold "
-                 f"{figure(real.get('threshold'))}; on the fitting images {figure(m.get('real_called_real'))} of "
-                 f"real images called real (each leave-one-out), {figure(m.get('generated_called_real'))} of "
+                 f"{figure(real.get('threshold'))}; on the fitting images {share(m.get('real_called_real'))} of "
+                 f"real images called real (each leave-one-out), {share(m.get('generated_called_real'))} of "
                  f"generated originals")
     return line
 
