@@ -106,7 +106,8 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         if Parser.json_errors:
-            print(json.dumps({"error": f"{message} (see `{self.prog} --help`)", "kind": "usage"}), file=sys.stderr)
+            print(json.dumps({"error": f"{message} (see `{self.prog} --help`)", "kind": "usage", "exit_code": 2}),
+                  file=sys.stderr)
             sys.exit(2)
         self.print_usage(sys.stderr)
         self.exit(2, f"{self.prog}: error: {message}\n")

@@ -60,6 +60,7 @@ def test_json_errors_are_one_object_on_stderr(tmp_path, capsys):
     assert stop.value.code == 2
     error = json.loads(capsys.readouterr().err)
     assert error["kind"] == "usage" and "--bogus" in error["error"] and "resynth source list" in error["error"]
+    assert set(error) == {"error", "kind", "exit_code"} and error["exit_code"] == 2  # the same three keys
 
 
 def test_a_bad_flag_prints_the_usage_of_its_subcommand(capsys):
