@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,9 @@ ALIASES = {"path": "image", "prompt": "description", "generator": "source"}
 # from elsewhere naming 10^7 files would take minutes and gigabytes before its first error. Far above the
 # reference paper's dataset (about 11,000 images); a larger set is ingested as several manifests.
 MAX_ROWS = 1_000_000
+# In a source name (it becomes a store's source and is printed on terminals and pages): control characters
+# (an ANSI escape rewrites a terminal) and bidi overrides (U+202E shows a name backwards)
+_UNPRINTABLE = re.compile("[\u0000-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]")
 
 
 @dataclass
@@ -133,6 +137,10 @@ def _parse(path: Path, line: int, record: dict, base: Path) -> ManifestRow:
     for column in REQUIRED:
         if fields.get(column) in (None, ""):
             raise UserError(f"{where}: empty {column}")
+        _check_text(fields, column, where)
+    _check_text(fields, "original", where)
+    if _UNPRINTABLE.search(str(fields["source"])):
+        raise UserError(f"{where}: source {str(fields['source'])[:60]!r} has control or bidi-override characters")
     if role not in ROLES:
         raise UserError(f"{where}: role must be original, resynthesis or real, not {fields['role']!r}")
     description = normalise_description(str(fields["description"]))
@@ -143,8 +151,10 @@ def _parse(path: Path, line: int, record: dict, base: Path) -> ManifestRow:
         seed = None
     else:
         try:
+            if isinstance(seed, bool):
+                raise TypeError("a boolean")
             seed = int(seed)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's Infinity
             raise UserError(f"{where}: seed must be an integer, not {str(seed)[:40]!r}") from None
         if not 0 <= seed < 2**63:
             raise UserError(f"{where}: seed must be between 0 and 2^63-1")
@@ -154,6 +164,19 @@ def _parse(path: Path, line: int, record: dict, base: Path) -> ManifestRow:
     original = fields.get("original")
     return ManifestRow(line=line, image=image, source=str(fields["source"]), description=description, role=role,
                        seed=seed, original=_path(base, original, where) if original else None)
+
+
+def _check_text(fields: dict, column: str, where: str) -> None:
+    """A JSONL value that is an object or a list, or text that is not valid Unicode (a lone surrogate from a
+    JSON escape, which no database stores), is refused here rather than failing mid-ingest."""
+    value = fields.get(column)
+    if isinstance(value, (dict, list)):
+        raise UserError(f"{where}: {column} must be text, not a JSON {type(value).__name__}")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"{where}: {column} is not valid Unicode (a lone surrogate): {value[:60]!r}") from None
 
 
 def _path(base: Path, value, where: str) -> Path:

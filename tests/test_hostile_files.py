@@ -203,6 +203,11 @@ def test_import_published_skips_links_out_and_odd_names_with_counts(tmp_path):
     ("bytes.csv", b"image,source,description,role\na.png,s\xff,d,original\n", "not a readable CSV"),
     ("many.csv", "image,source,description,role\n" + "a.png,s,d,original\n" * 4, "more than 3 rows"),
     ("many.jsonl", '{"image": "a.png", "source": "s", "description": "d", "role": "original"}\n' * 4, "more than 3"),
+    ("lone.jsonl", '{"image": "a.png", "source": "s", "description": "\\ud800", "role": "original"}\n', "surrogate"),
+    ("ansi.jsonl", '{"image": "a.png", "source": "\\u001b]0;x\\u0007", "description": "d", "role": "original"}\n',
+     "control or bidi-override"),
+    ("inf.jsonl", '{"image": "a.png", "source": "s", "description": "d", "role": "original", "seed": Infinity}\n',
+     "seed must be an integer"),
 ])
 def test_a_hostile_manifest_is_one_line(tmp_path, monkeypatch, name, text, why):
     monkeypatch.setattr("engine.manifest.MAX_ROWS", 3)  # stands for 1,000,000 (10^7 rows: minutes, gigabytes)
