@@ -50,7 +50,7 @@ def register(sub, common) -> None:
     p.add_argument("--max-body-mb", type=float, default=64.0,
                    help="largest request body (413 above) (default %(default)s)")
     p.add_argument("--max-image-mb", type=float, default=20.0,
-                   help="largest single image upload (400 above) (default %(default)s)")
+                   help="largest single image upload (413 above) (default %(default)s)")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
                    help="decompression-bomb guard per image (default %(default)s)")
     p.add_argument("--max-images", type=int, default=16, help="images per request (default %(default)s)")
