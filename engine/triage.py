@@ -357,9 +357,12 @@ def register(sub, common) -> None:
                     "appended as they come), OUT/results.csv (a row per image) and OUT/report.html (one "
                     "self-contained file with each query, its evidence and the store's identity). Resumable: a "
                     "rerun with the same options skips what is answered and generates nothing for it.")
-    p.add_argument("folder", metavar="DIR", type=path_argument)
+    p.add_argument("folder", metavar="DIR", type=path_argument,
+                   help="folder of images, searched recursively (files not named as images are skipped and counted)")
     p.add_argument("--out", metavar="OUT", required=True, type=path_argument, help="output folder (created)")
-    p.add_argument("--prompt", help="one description for every image (default: stored metadata, then the captioner)")
+    p.add_argument("--prompt", help="one description for every image (default, per image: a prompt embedded in "
+                                    "the file, then the description stored for an identical image, then the store's "
+                                    "captioner)")
     p.add_argument("--batch", type=int, default=BATCH, metavar="N",
                    help=f"images attributed together (default {BATCH})")
     p.add_argument("--captioner", metavar="DIR", type=path_argument,

@@ -22,7 +22,8 @@ def register(sub, common) -> None:
                     "against the manifest's resyntheses, with every method variant, the few-shot baselines, "
                     "unknown-source rejection, calibration and (with --perturb) robustness. Writes report.json, "
                     "report.md and PNG plots to --out. Generates nothing; features are cached in --out.")
-    p.add_argument("manifest")
+    p.add_argument("manifest", help="labelled manifest, CSV or JSONL in the `resynth ingest` format (originals and "
+                                    "resyntheses; rows of role `real` measure the real verdict)")
     p.add_argument("--out", default="resynth-eval", help="output folder (default ./resynth-eval)")
     add_clip_arguments(p, required=False, default_from_store=True)
     p.add_argument("--layers", default="base,final,mid",
