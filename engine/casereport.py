@@ -31,8 +31,12 @@ from PIL import Image
 
 THUMB = 160  # longest side of an embedded thumbnail, in pixels
 CACHED_THUMBS = 512  # evidence thumbnails kept between queries (resyntheses recur across a folder)
-SHOWN_TEXT = 2000  # characters of a description shown in a case's line (the provenance block keeps it whole)
-OPEN_PROVENANCE = 20_000  # characters of provenance JSON shown unfolded; a larger block starts folded
+SHOWN_TEXT = 2000  # characters of a description, or of one provenance value, shown in a case
+# Characters of one case's provenance JSON: a file's text is bounded on reading (a 64 K prompt, 64 settings
+# of 2000), but a 3 KB zTXt of quotes inflates to that and escapes 7-fold (\&quot;): 1.8 MB of report per
+# 3 KB file before. The answer's JSON (results.jsonl, --json, /v1/attribute) keeps every value whole.
+MAX_PROVENANCE = 20_000
+OPEN_PROVENANCE = 8000  # a larger block starts folded
 # Explicit bidirectional overrides and isolates, and control characters other than tab and newline: a
 # hostile prompt or file name with U+202E ("...\u202egnp.exe") would otherwise display reversed and make
 # the text after it read backwards (a score, a verdict). Shown as visible escapes instead.
@@ -184,7 +188,7 @@ table.meta{border-collapse:collapse;margin:.5rem 0 1rem}table.meta td,table.meta
 padding:.2rem .5rem;text-align:left;vertical-align:top;font-size:.85rem}
 table.meta th{overflow-wrap:normal}code{word-break:break-all}
 section.case{border:1px solid #d0d5dd;border-radius:8px;padding:.8rem;margin:1rem 0;break-inside:avoid}
-.top{display:flex;gap:1rem;flex-wrap:wrap}.top>div{min-width:0;flex:1}
+.top{display:flex;gap:1rem;flex-wrap:wrap}.top>div:not(.missing){min-width:0;flex:1}
 .top img,.thumbs img{border-radius:4px;background:#eef1f6}
 .badge{display:inline-block;padding:0 .5rem;border-radius:999px;font-size:.8rem;font-weight:600}
 .known{background:#dcfae6;color:#067647}.unknown{background:#fef0c7;color:#b54708}.real{background:#d1e9ff;color:#175cd3}
@@ -310,12 +314,27 @@ def render_case(number: int, entry: dict, evidence: Evidence | None) -> str:
         out.append("</div></div>")
     found = provenance(result)
     if found:  # as written (not \\u-escaped: a prompt in another script stays readable)
-        text = json.dumps(found, indent=1, sort_keys=True, default=str, ensure_ascii=False)
+        text = json.dumps(_cut(found), indent=1, sort_keys=True, default=str, ensure_ascii=False)
+        if len(text) > MAX_PROVENANCE:
+            text = f"{text[:MAX_PROVENANCE]}\n… ({len(text) - MAX_PROVENANCE} more characters in the JSON answer)"
         unfold = " open" if len(text) <= OPEN_PROVENANCE else ""
         out.append(f"<details{unfold}><summary>provenance ({len(text)} characters)</summary><pre>{e(text)}</pre>"
                    "</details>")
     out.append("</section>")
     return "".join(out)
+
+
+def _cut(value: Any, depth: int = 0) -> Any:
+    """`value` with every string over SHOWN_TEXT characters cut (saying how much), at any depth."""
+    if isinstance(value, str):
+        return _shown(value)
+    if depth > 20:
+        return "…"
+    if isinstance(value, dict):
+        return {k: _cut(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_cut(v, depth + 1) for v in value]
+    return value
 
 
 def provenance(result: dict) -> dict:
