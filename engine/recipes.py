@@ -95,6 +95,8 @@ def table(rows: list[dict]) -> str:
 
 def _where(row: dict) -> str:
     params = row.get("params") or {}
+    if params.get("url") and params.get("model"):  # an API source: its model, at the endpoint it calls
+        return f"{params['model']} at {row.get('path') or params['url']}"
     if row.get("path"):
         return str(row["path"])
     if params.get("url"):

@@ -260,14 +260,15 @@ def test_source_list_shows_each_recipe_and_the_demo_the_commands_to_reuse_it(tmp
     (folder / "scheduler" / "scheduler_config.json").write_text('{"_class_name": "DDIMScheduler"}')
     rows = [{"name": "sd", "kind": "diffusers", "path": str(folder),
              "params": {"steps": 2, "guidance": 7.0, "size": None, "scheduler": None, "negative_prompt": None}},
-            {"name": "dalle3", "kind": "api", "path": None,
+            {"name": "dalle3", "kind": "api", "path": "https://api.example/v1/images/generations",  # as stored
              "params": {"url": "https://api.example", "model": "dall-e-3", "size": "1024x1024", "price": 0.04,
                         "api_key_env": "KEY", "concurrency": 2, "timeout": 120.0, "extra": {}}},
             {"name": "published", "kind": "replay", "path": None, "params": {}}]
     text = table(rows).splitlines()
     assert text[0].split() == ["name", "kind", "recipe", "model"]
     assert "steps 2, guidance 7, size pipeline's, scheduler DDIMScheduler (the pipeline's own)" in text[1]
-    assert "size 1024x1024, price 0.04" in text[2] and "dall-e-3 at https://api.example" in text[2]
+    assert "size 1024x1024, price 0.04" in text[2]
+    assert text[2].endswith("dall-e-3 at https://api.example/v1/images/generations")  # the model, not only the URL
     assert "KEY" not in text[2] and "replays stored images" in text[3]
     command = add_command("sd", str(folder), rows[0]["params"], "my-store")
     assert command == f"resynth source add sd '{folder}' --steps 2 --guidance 7 --store my-store"
