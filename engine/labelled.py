@@ -112,21 +112,17 @@ NO_SOURCE_RESYNTHESES = "their source has no resyntheses"
 LISTED_TWICE = "the manifest lists them twice"
 
 
-def unique_rows(rows: list[ManifestRow], where: str) -> tuple[list[ManifestRow], list[ManifestRow]]:
-    """(rows without repeats, the originals dropped as repeats). A row repeated exactly would count its original
-    twice in every measurement (or its resynthesis twice among the references); an original listed under two
-    sources contradicts itself and is refused."""
-    seen: dict[tuple, ManifestRow] = {}
+def unique_rows(rows: list[ManifestRow]) -> tuple[list[ManifestRow], list[ManifestRow]]:
+    """(rows without repeats, the originals dropped as repeats). A row repeated would count its original twice
+    in every measurement (or its resynthesis twice among the references); read_manifest already refused an
+    original listed under two sources."""
+    seen: set[tuple] = set()
     kept, repeated = [], []
     for row in rows:
         key = (row.image, row.role)
-        first = seen.get(key)
-        if first is None:
-            seen[key] = row
+        if key not in seen:
+            seen.add(key)
             kept.append(row)
-        elif row.role == "original" and first.source != row.source:
-            raise UserError(f"{where}:{row.line}: original {row.image} is listed as {row.source!r} here and as "
-                            f"{first.source!r} on line {first.line}")
         elif row.role == "original":
             repeated.append(row)
     return kept, repeated
@@ -138,7 +134,7 @@ def from_rows(rows: list[ManifestRow], where: str, strict: bool = False) -> Eval
     An original whose description has no resyntheses cannot be scored: it is skipped and counted in
     `EvalSet.skipped` (a manifest such as the demo's keeps such originals as queries for generation on
     demand), or, with `strict`, refused. Repeated rows are used once (originals counted in `skipped`)."""
-    rows, repeated = unique_rows(rows, where)
+    rows, repeated = unique_rows(rows)
     _check_sizes(rows, where)
     originals = [r for r in rows if r.role == "original"]
     resyntheses = [r for r in rows if r.role == "resynthesis"]

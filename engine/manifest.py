@@ -55,6 +55,12 @@ def read_manifest(path: Path, allow_outside: bool = True, real: bool = False) ->
                 if target is not None and not target.is_relative_to(root):
                     raise UserError(f"{path}:{row.line}: {target} is outside the manifest's folder {root} "
                                     "(pass --allow-outside to accept it)")
+    labels: dict[Path, ManifestRow] = {}
+    for row in rows:  # one image, two true sources: every measurement on it would be wrong one way or the other
+        first = labels.setdefault(row.image, row) if row.role == "original" else row
+        if first.source != row.source:
+            raise UserError(f"{path}:{row.line}: original {row.image} is listed as {row.source!r} here and as "
+                            f"{first.source!r} on line {first.line}")
     originals = {r.image for r in rows if r.role == "original"}
     for row in rows:
         if row.original is not None and row.original not in originals and not row.original.is_file():
