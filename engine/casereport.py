@@ -204,8 +204,13 @@ pre{white-space:pre-wrap;word-break:break-all;font-size:.8rem;background:#f7f8fa
 
 
 def e(value: Any) -> str:
-    """HTML-escaped text, with bidi overrides and control characters made visible (`_INVISIBLE`)."""
+    """HTML-escaped text, with bidi overrides and control characters made visible (`_INVISIBLE`), and the
+    lone surrogates of a file name that is not UTF-8 (which no UTF-8 writer accepts) as \\udcNN."""
     text = "" if value is None else str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return html.escape(_INVISIBLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text), quote=True)
 
 

@@ -70,7 +70,7 @@ def _hostile_report() -> str:
     head = {"store": "store", "embedder": "clip", "created": "now", "command": "resynth attribute x.png",
             "sources": [{"name": name, "kind": "replay", "fingerprint": "ab" * 32, "recipe": "replay"}]}
     entries = [{"label": result["query"], "thumb": casereport.thumbnail(data), "sha256": "0" * 64,
-                "result": result}, {"label": XSS + RLO, "error": XSS}]
+                "result": result}, {"label": f"{XSS}{RLO}\udcff.png", "error": XSS}]  # a name that is not UTF-8
     return casereport.to_string(head, entries)
 
 
@@ -85,6 +85,7 @@ def test_case_report_holds_hostile_text_as_bounded_inert_text(tmp_path):
     assert not [a for a in parsed.attributes if a.startswith("on")]
     assert RLO not in page and "\\u202e" in page  # shown as an escape, never reversing what follows
     assert page.count("more characters)") >= 2  # the description line and the prompt in the provenance block
+    page.encode("utf-8")  # a file name that is not UTF-8 failed the report's write
     if not CHROMIUM.exists():
         return
     (tmp_path / "report.html").write_text(page, encoding="utf-8")
