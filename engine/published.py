@@ -170,8 +170,9 @@ def scan(root: Path, skipped: Counter, progress: bool = False) -> list[Found]:
             seen.add((generator, of, number))
             found.append(Found(path, generator, number, of))
     if not found:
+        strays = "; skipped " + ", ".join(f"{n} {why}" for why, n in sorted(skipped.items())) if skipped else ""
         raise UserError(f"no dataset images under {base} (expected images/<generator>/<NNNNN>.png and "
-                        "images/<generator>/images/<resynthesis generator>/<NNNNN>.png)")
+                        f"images/<generator>/images/<resynthesis generator>/<NNNNN>.png){strays}")
     return found
 
 

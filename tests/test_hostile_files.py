@@ -211,6 +211,12 @@ def test_import_published_skips_links_out_and_odd_names_with_counts(tmp_path):
                               "duplicate ids (first file kept)": 1}
     rows = read_manifest(out, allow_outside=False)  # every path the manifest names is inside the dataset
     assert len(rows) == 4 and not list(root.glob(".*.tmp"))
+    empty = tmp_path / "empty" / "images" / "g"  # a folder of zero-byte and non-image files: counted, one line
+    empty.mkdir(parents=True)
+    for name in ("00001.png", "00002.jpg", "notes.txt"):
+        (empty / name).write_bytes(b"")
+    with pytest.raises(UserError, match="skipped 1 not dataset images, 2 unreadable images$"):
+        import_published(tmp_path / "empty", tmp_path / "empty.csv")
 
 
 @pytest.mark.parametrize("name, text, why", [
