@@ -153,6 +153,7 @@ A1111 = "a portrait\nSteps: {steps}, Sampler: DDIM, CFG scale: {cfg}, Seed: {see
     (20, 7, -5, "64x64", "seed -5 is not one a generator draws with"),
     (MAX_STEPS + 1, 7, 1, "64x64", f"a redraw takes at most {MAX_STEPS}"),
     (20, 99999, 1, "64x64", "guidance 99999 is outside"),
+    (MAX_STEPS, 7, 1, "4096x4096", "more than a redraw may cost"),
 ])
 def test_an_absurd_recipe_is_refused_in_one_line_not_filled_from_the_source(steps, cfg, seed, size, why):
     notes: list[str] = []

@@ -38,6 +38,7 @@ MAX_SIDE = 4096  # a recipe larger than this is not redrawn (memory), whatever t
 # A file's recipe is the attacker's text: a redraw runs inside an attribution (a request, in the service), so
 # its cost is bounded whatever the file says. 150 is AUTOMATIC1111's steps slider; ComfyUI allows 10000.
 MAX_STEPS = 150
+MAX_WORK = 150 * 2048 * 2048  # steps x pixels: 150 steps at 2048 x 2048, 37 at 4096 x 4096 (SDXL's own is 30 x 1 MP)
 MAX_GUIDANCE = 100.0
 SEEDS = 2 ** 64  # torch generators take seeds in [0, 2^64); ComfyUI draws from all of it
 STORED_SEED = 2 ** 31 - 1  # the largest seed the store's seed column holds on every backend (engine.options)
@@ -162,6 +163,8 @@ def recipe_of(meta: "GenerationMetadata", source, image_size: tuple[int, int]) -
         filled.append("size (the image's)")
     if width % 8 or height % 8 or not 8 <= width <= MAX_SIDE or not 8 <= height <= MAX_SIDE:
         return f"size {width}x{height} cannot be drawn (a multiple of 8 up to {MAX_SIDE} per side)"
+    if steps * width * height > MAX_WORK:
+        return f"{steps} steps at {width}x{height} is more than a redraw may cost (steps x pixels <= {MAX_WORK})"
     return Recipe(prompt=meta.prompt, negative_prompt=meta.negative_prompt or None, steps=int(steps),
                   guidance=float(guidance), width=int(width), height=int(height), seed=int(meta.seed),
                   scheduler=found[0], scheduler_config=tuple(sorted(found[1].items())), filled=tuple(filled))
