@@ -52,10 +52,12 @@ class Summary:
         return dict(self.__dict__)
 
     def line(self) -> str:
-        return (f"triaged {self.images} images under {self.folder}: {self.answered} answered, {self.resumed} "
-                f"already answered, {self.duplicates} duplicates, {self.errors} errors; {self.non_images} "
-                f"other files skipped; resyntheses: {self.cached} cached, {self.generated} generated; "
-                f"report: {self.files.get('report')}")
+        from engine.textanswer import plural
+
+        return (f"triaged {plural(self.images, 'image')} under {self.folder}: {self.answered} answered, "
+                f"{self.resumed} already answered, {plural(self.duplicates, 'duplicate')}, "
+                f"{plural(self.errors, 'error')}; {plural(self.non_images, 'other file')} skipped; resyntheses: "
+                f"{self.cached} cached, {self.generated} generated; report: {self.files.get('report')}")
 
 
 def walk(folder: Path, skip: Path | None = None) -> tuple[list[Path], int]:

@@ -302,3 +302,11 @@ def test_the_calibration_line_names_its_rule_and_warns_of_a_single_source():
     line = _calibration_line(ws, one)
     assert "score thresholds for 1 source;" in line and "AUROC not measured" in line
     assert "warning: one source: its p is 1 whatever the image" in line
+
+
+def test_the_triage_line_counts_in_words():
+    from engine.triage import Summary
+
+    line = Summary("case", "out", images=6, non_images=1, answered=4, duplicates=1, errors=1).line()
+    assert line.startswith("triaged 6 images under case: 4 answered, 0 already answered, 1 duplicate, 1 error; "
+                           "1 other file skipped"), line
