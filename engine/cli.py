@@ -465,8 +465,10 @@ def cmd_verify(args) -> int:
 def cmd_stats(args) -> None:
     with _open(args, writable=False) as ws:
         data = ws.stats()
-    lines = [f"store {data['store']}: {data['vectors']} vectors ({data['index_vectors']} in the index), "
-             f"{data['descriptions']} descriptions, embedder {data['embedder']}"]
+    from engine.textanswer import plural
+
+    lines = [f"store {data['store']}: {plural(data['vectors'], 'vector')} ({data['index_vectors']} in the index), "
+             f"{plural(data['descriptions'], 'description')}, embedder {data['embedder']}"]
     lines += [f"  {name:24} {v['kind']:11} {v['originals']:6} originals {v['resyntheses']:6} resyntheses"
               + (f"  ({v['api']['spent_usd']:.4f} USD bought)" if "api" in v else "")
               for name, v in data["sources"].items()]
