@@ -21,7 +21,7 @@ ALIASES = {"path": "image", "prompt": "description", "generator": "source"}
 MAX_ROWS = 1_000_000
 # In a source name (it becomes a store's source and is printed on terminals and pages): control characters
 # (an ANSI escape rewrites a terminal) and bidi overrides (U+202E shows a name backwards)
-_UNPRINTABLE = re.compile("[\u0000-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]")
+UNPRINTABLE = re.compile("[\u0000-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]")
 
 
 @dataclass
@@ -145,7 +145,7 @@ def _parse(path: Path, line: int, record: dict, base: Path) -> ManifestRow:
             raise UserError(f"{where}: empty {column}")
         _check_text(fields, column, where)
     _check_text(fields, "original", where)
-    if _UNPRINTABLE.search(str(fields["source"])):
+    if UNPRINTABLE.search(str(fields["source"])):
         raise UserError(f"{where}: source {str(fields['source'])[:60]!r} has control or bidi-override characters")
     if role not in ROLES:
         raise UserError(f"{where}: role must be original, resynthesis or real, not {fields['role']!r}")

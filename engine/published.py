@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from engine.errors import UserError
+from engine.manifest import UNPRINTABLE
 from index.keys import normalise_description
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -113,6 +114,7 @@ def _readable(path: Path) -> bool:
 
 LINKED_OUT = "links to outside the dataset folder"
 NOT_UTF8 = "names that are not UTF-8"
+UNPRINTABLE_NAME = "folder names with control or bidi-override characters"
 
 
 def _entries(folder: Path, root: Path, skipped: Counter, dirs: bool) -> list[Path]:
@@ -132,6 +134,9 @@ def _entries(folder: Path, root: Path, skipped: Counter, dirs: bool) -> list[Pat
             entry.name.encode("utf-8")
         except UnicodeEncodeError:
             skipped[NOT_UTF8] += 1
+            continue
+        if dirs and UNPRINTABLE.search(entry.name):  # it would name a source (printed on terminals and pages)
+            skipped[UNPRINTABLE_NAME] += 1
             continue
         if entry.is_symlink() or dirs:
             try:

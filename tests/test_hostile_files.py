@@ -20,7 +20,7 @@ from engine.manifest import read_manifest
 from engine.provenance import read_provenance
 from engine.provenance.generators import from_texts
 from engine.provenance.reproduce import MAX_STEPS, recipe_of
-from engine.published import LINKED_OUT, NOT_UTF8, import_published
+from engine.published import LINKED_OUT, NOT_UTF8, UNPRINTABLE_NAME, import_published
 
 XSS = "<script>alert(1)</script>\"'><img src=x onerror=alert(2)>&amp;"
 RLO = "\u202e"  # right-to-left override: "\u202egnp.exe" displays as "exe.png"
@@ -200,6 +200,8 @@ def _tree(root: Path) -> Path:
     (images / "a" / "00001-again.png").write_bytes(_png(colour="green"))
     with open(os.fsencode(images / "a") + b"/00006-\xff.png", "wb") as handle:
         handle.write(_png())
+    (images / "d\x1b[2J").mkdir()  # a generator folder whose name clears the terminal it is printed on
+    (images / "d\x1b[2J" / "00001.png").write_bytes(_png())
     return root
 
 
@@ -208,7 +210,7 @@ def test_import_published_skips_links_out_and_odd_names_with_counts(tmp_path):
     out = root / "manifest.csv"
     report = import_published(root, out)
     assert (report.originals, report.resyntheses, report.generators) == (2, 2, ["a", "b"])
-    assert report.skipped == {LINKED_OUT: 3, NOT_UTF8: 1, "unreadable images": 2,
+    assert report.skipped == {LINKED_OUT: 3, NOT_UTF8: 1, UNPRINTABLE_NAME: 1, "unreadable images": 2,
                               "duplicate ids (first file kept)": 1}
     rows = read_manifest(out, allow_outside=False)  # every path the manifest names is inside the dataset
     assert len(rows) == 4 and not list(root.glob(".*.tmp"))
