@@ -132,7 +132,7 @@ class _EmbedWorker:
 
         self.embedder = Embedder(spec, device=device)
 
-    def run(self, jobs: list[tuple[int, str]]) -> tuple[list[int], np.ndarray, list[tuple[str, str]]]:
+    def run(self, jobs: list[tuple[int, str, str]]) -> tuple[list[int], np.ndarray, list[tuple[str, str]]]:
         return _embed_files(self.embedder, jobs)
 
 
@@ -224,14 +224,18 @@ def resynthesize_dataset(ws, descriptions: Sequence[str], options: Options | Non
 
 
 # ----- reembed -----------------------------------------------------------------------------------
-def _embed_files(embedder, jobs: list[tuple[int, str]]) -> tuple[list[int], np.ndarray, list[tuple[str, str]]]:
+def _embed_files(embedder, jobs: list[tuple[int, str, str]]) -> tuple[list[int], np.ndarray, list[tuple[str, str]]]:
     from engine.images import read_image
-    from index.objects import read_location
+    from index.objects import read_location, sha256_bytes
 
     ids, images, unreadable = [], [], []
-    for image_id, path in jobs:
+    for image_id, path, file_hash in jobs:
         try:  # a file, or an object of a store with its images in object storage
-            images.append(read_image(read_location(path) if "://" in path else Path(path))[0])
+            data = read_location(path)
+            if sha256_bytes(data) != file_hash:  # a cut or replaced file decodes too, as another image
+                unreadable.append((str(path), "differs from its recorded sha256 (altered or cut)"))
+                continue
+            images.append(read_image(data, str(path))[0])
             ids.append(image_id)
         except (UserError, OSError) as exc:
             unreadable.append((str(path), first_line(exc)))
@@ -252,7 +256,7 @@ def reembed(ws, spec, ray_address: str | None = None, progress: bool = True, bat
     store = ws.store
     if embedder.identity == store.embedder_identity:
         raise UserError(f"store {store.root} already uses {embedder.identity}: nothing to re-embed")
-    todo = [(image_id, str(path)) for image_id, path in store.images_without_vector(embedder.identity)]
+    todo = store.images_without_vector(embedder.identity)
     unreadable: list[tuple[str, str]] = []
     embedded = 0
     bar = tqdm(total=len(todo), desc="re-embedding", unit="image", disable=not progress or not todo)

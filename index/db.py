@@ -20,7 +20,8 @@ from sqlalchemy.engine import URL, Connection, CursorResult, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool
 
-from index.errors import StoreBusy, StoreDamaged, StoreError, StoreInputError, StoreReadOnly, StoreUnavailable
+from index.errors import (StoreBusy, StoreDamaged, StoreError, StoreInputError, StoreReadOnly, StoreUnavailable,
+                          unreachable)
 from index.failures import DISK_FULL, busy_timeout_s, pg_failure, refuse_write, sqlite_failure, sqlite_file_damage
 
 RESTORE = "restore metadata.sqlite from a backup"
@@ -210,7 +211,7 @@ def _pg_error(exc: BaseException | None, label: str) -> StoreError | None:
     if isinstance(exc, psycopg.OperationalError):
         state = getattr(exc, "sqlstate", None) or ""
         if not state or state.startswith(("08", "57P", "3D", "28")):  # no connection, shut down, no db, no login
-            return StoreError(f"cannot reach {label}: {_pg_reason(exc)}")
+            return unreachable(f"cannot reach {label}: {_pg_reason(exc)}")
         return StoreError(f"{label}: {_pg_reason(exc)}")
     if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
         return StoreReadOnly(f"{label} is open read-only")
@@ -291,7 +292,7 @@ class Dialect:
 
     def unreadable(self, db: "Database", reason: str) -> StoreError:
         """The error for a database the open probe could not read (`reason`: the driver's first line)."""
-        return StoreError(f"cannot reach {db.label}: {reason}")
+        return unreachable(f"cannot reach {db.label}: {reason}")
 
 
 class SqliteDialect(Dialect):

@@ -8,6 +8,16 @@ Every message is one line that names the cause and the way out.
 class StoreError(Exception):
     """Base of every error the store raises on purpose."""
 
+    code: str | None = None  # the word an HTTP client reads, where the type alone does not say it
+
+
+def unreachable(message: str) -> StoreError:
+    """The database server cannot be reached (stopped, restarting, refusing logins): exit 4 as before, but
+    told apart from a damaged store for HTTP clients, which should retry rather than restore a backup."""
+    error = StoreError(message)
+    error.code = "database_unreachable"
+    return error
+
 
 class StoreInputError(StoreError):
     """The caller asked for something the store cannot do as asked (no store there, duplicate name ...)."""

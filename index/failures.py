@@ -147,6 +147,12 @@ def sqlite_failure(exc: BaseException | None, path: Path, read_only_why: str | N
     return None
 
 
+# what a server out of connection slots answers a login (the role's or database's CONNECTION LIMIT,
+# max_connections), which reaches the driver as a bare OperationalError
+TOO_MANY_CONNECTIONS = ("too many connections for", "sorry, too many clients already",
+                        "remaining connection slots are reserved")
+
+
 def pg_failure(exc: BaseException | None, label: str) -> StoreError | None:
     """A PostgreSQL refusal a machine causes (lock timeout, disk full, permission denied) as a typed error."""
     try:
@@ -163,6 +169,8 @@ def pg_failure(exc: BaseException | None, label: str) -> StoreError | None:
     if state == "53100":  # disk_full
         return StoreFull(f"{label} has no space left ({reason}): free space on the database server and run "
                          f"the command again; {NOTHING_LOST}")
+    if not state and any(said in str(exc) for said in TOO_MANY_CONNECTIONS):  # refused at login: libpq gives no state
+        state = "53300"
     if state.startswith("53"):  # insufficient resources (memory, connections)
         return StoreUnavailable(f"{label} is out of resources ({reason}): try again later; {NOTHING_LOST}")
     if state == "42501":  # insufficient_privilege

@@ -36,13 +36,15 @@ def adopt_switched_embedder(db: Database, layout: Layout) -> None:
         layout.save_config()
 
 
-def images_without_vector(db: Database, layout: Layout, embedder: str) -> list[tuple[int, str]]:
-    """(image id, file) of every image that has no vector under `embedder` yet (resumable work): a path,
-    or an object's URL for a store with its images in object storage (objects.read_location reads both)."""
+def images_without_vector(db: Database, layout: Layout, embedder: str) -> list[tuple[int, str, str]]:
+    """(image id, file, sha256) of every image that has no vector under `embedder` yet (resumable work): a
+    path, or an object's URL for a store with its images in object storage (objects.read_location reads
+    both); the hash, so that a file altered or cut since it was stored is refused, never embedded."""
     have = select(Vector.image_id).where(Vector.embedder == embedder)
     with db.session() as s:
-        rows = s.execute(select(Image.id, Image.path).where(Image.id.not_in(have)).order_by(Image.id)).all()
-    return [(image_id, layout.images.locator(path)) for image_id, path in rows]
+        rows = s.execute(select(Image.id, Image.path, Image.file_hash).where(Image.id.not_in(have))
+                         .order_by(Image.id)).all()
+    return [(image_id, layout.images.locator(path), file_hash) for image_id, path, file_hash in rows]
 
 
 def add_vectors(db: Database, layout: Layout, embedder: str, image_ids: list[int], matrix: np.ndarray) -> int:

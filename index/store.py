@@ -448,7 +448,7 @@ class Store:
     def verify(self, repair: bool = False, files: bool = True) -> dict:
         return verify(self, repair, files)
 
-    def images_without_vector(self, embedder: str) -> list[tuple[int, str]]:
+    def images_without_vector(self, embedder: str) -> list[tuple[int, str, str]]:
         return reembed.images_without_vector(self.db, self.layout, embedder)
 
     def add_vectors(self, embedder: str, image_ids: list[int], matrix: np.ndarray) -> int:

@@ -23,7 +23,8 @@ def verify(store: "Store", repair: bool = False, files: bool = True) -> dict:
 
     Checks: the database's integrity_check; vectors.faiss and the segments its manifest names
     (readable, type, dimension; segment files no manifest names) against the
-    database: every id (missing, deleted, lost) and every vector against its checksum; the stored
+    database: every id (missing, deleted, lost) and every vector against its checksum (a file that only
+    lags, by ids committed or deleted since the last save, is a note: writers save after they commit); the stored
     vectors themselves (size, finite, checksum); with `files`, every image row's file (exists,
     sha256 = file_hash); unreferenced image files under images/; leftover `.*.tmp` files; expired
     claims; the search index (search.faiss + search.json: stale or unreadable is a problem, it is
@@ -36,7 +37,7 @@ def verify(store: "Store", repair: bool = False, files: bool = True) -> dict:
     if repair:
         layout.require_writable()
     problems: list[str] = []
-    report: dict = {"store": str(layout.root), "repair": repair, "problems": problems, "repaired": []}
+    report: dict = {"store": str(layout.root), "repair": repair, "problems": problems, "repaired": [], "notes": []}
     report["database"] = {"backend": db.dialect.backend, "location": db.label}
     with db.engine.connect() as conn:
         integrity = db.dialect.integrity(conn)
@@ -47,7 +48,7 @@ def verify(store: "Store", repair: bool = False, files: bool = True) -> dict:
 
     with db.session() as s:
         db_ids, floor, image_rows, expired = _check_rows(store, s, report, problems)
-        report["index"] = _check_index_file(store, s, db_ids, floor, problems)
+        report["index"] = _check_index_file(store, s, db_ids, floor, problems, report["notes"])
 
     # the search index on disk (read and checked again), and what this process serves
     on_disk, state = store.search_index.read(full=True)
@@ -146,7 +147,8 @@ def _check_rows(store: "Store", s, report: dict, problems: list[str]):
     return db_ids, floor, image_rows, expired
 
 
-def _check_index_file(store: "Store", s, db_ids: np.ndarray, floor: int, problems: list[str]) -> dict:
+def _check_index_file(store: "Store", s, db_ids: np.ndarray, floor: int, problems: list[str],
+                      notes: list[str]) -> dict:
     """The index file on disk against the database: ids (missing, deleted, lost) and content."""
     live = store.live
     index, why = vx.read_checked(store.index_path, store.dim, mapped=True)
@@ -187,7 +189,11 @@ def _check_index_file(store: "Store", s, db_ids: np.ndarray, floor: int, problem
         if bad:
             problems.append(f"{len(bad)} index vectors differ from the database")
         if len(missing) or len(deleted):
-            problems.append(f"index file lags the database (+{len(missing)} -{len(deleted)})")
+            # not damage: a writer commits rows before it publishes the file (a server saves every few
+            # seconds, a killed one never did), and every open and save catches up from the database
+            entry["lag"] = {"missing": len(missing), "deleted": len(deleted)}
+            notes.append(f"index file lags the database (+{len(missing)} -{len(deleted)}): vectors committed "
+                         "since the last save; the next open or save adds them")
     elif why or len(db_ids):
         problems.append(f"index file {entry['problem']}")
     return entry

@@ -1,0 +1,160 @@
+"""Third round of attacks on the store (docs/guarantees.md), each defect it found pinned by a cheap test:
+`verify` while a writer has not saved yet, images bought before a failing embedder load, `reembed` of an
+altered or cut image, and a PostgreSQL server that is down or out of connection slots."""
+from __future__ import annotations
+
+import io
+import json
+import uuid
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import engine
+from engine.cli import main
+from engine.errors import UserError, kind_of
+from engine.options import Options
+from index.errors import StoreUnavailable
+from index.faults import skipping
+from index.store import NewImage, Store
+from tests import pg
+
+EMBEDDER = {"identity": "test-embedder", "arch": "x", "checkpoint": "x"}
+DIM = 8
+
+
+@pytest.fixture
+def clip(models):
+    """The tiny zoo's CLIP (the session's zoo: nothing more to build in a whole-suite run)."""
+    return models["clip_config"], models["clip_checkpoint"]
+
+
+def _png(i: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (i * 40 % 256, 80, 200 - i)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _add(store: Store, start: int, count: int) -> None:
+    source = store.sources()[0] if store.sources() else store.add_source("a", "replay", "fp")
+    desc = store.description_id("a prompt")
+    rows = []
+    for i in range(start, start + count):
+        vector = np.random.default_rng(i).normal(size=DIM).astype(np.float32)
+        rows.append(NewImage(key=f"k{i}", role="resynthesis", source_id=source.id, description_id=desc,
+                             file_hash=store.write_image(f"images/fp/k{i}.png", _png(i)), path=f"images/fp/k{i}.png",
+                             vector=vector / np.linalg.norm(vector), seed=i))
+    store.add_images(rows)
+
+
+def test_verify_notes_an_index_that_only_lags_and_still_reports_damage(tmp_path):
+    """`resynth verify` beside `serve --workers 2` answered exit 4 "index file lags the database" between two
+    periodic saves, and after every kill -9 of a writer: not damage (each open and save catches up), so a
+    note; a vector that differs from the database is still a problem."""
+    root = tmp_path / "s"
+    with Store.create(root, EMBEDDER, DIM) as store:
+        _add(store, 0, 4)
+    with skipping("close:publish"), Store.open(root) as store:  # a writer killed after its commit
+        _add(store, 4, 3)
+    with Store.open(root, writable=False) as store:
+        report = store.verify()
+        assert report["ok"], report["problems"]
+        assert report["index"]["lag"] == {"missing": 3, "deleted": 0}
+        assert any("lags the database (+3 -0)" in note for note in report["notes"])
+    with Store.open(root) as store:  # a writable open saves the catch-up
+        report = store.verify()
+        assert report["ok"] and not report["notes"] and "lag" not in report["index"]
+
+
+def test_api_images_are_bought_only_after_the_embedder_loads(tmp_path, clip):
+    """The embedder loaded after the first batch of API images was bought: a kill -9 during its load
+    (seconds, measured) or a load that fails (here: changed weights) threw paid images away."""
+    from tests.fake_images_api import FakeImagesApi
+
+    config, checkpoint = clip
+    moved = tmp_path / "clip"
+    moved.mkdir()
+    (moved / config.name).write_bytes(config.read_bytes())
+    (moved / checkpoint.name).write_bytes(checkpoint.read_bytes())
+    with FakeImagesApi() as fake:
+        with engine.init(tmp_path / "s", clip_config=moved / config.name, clip_checkpoint=moved / checkpoint.name,
+                         device="cpu") as ws:
+            ws.add_source("api", kind="api", url=fake.url, model="m", size="32x32")
+        data = bytearray((moved / checkpoint.name).read_bytes())
+        data[-64:] = bytes(64)  # other weights under the bound name
+        (moved / checkpoint.name).write_bytes(bytes(data))
+        with engine.open(tmp_path / "s", device="cpu") as ws:
+            with pytest.raises(UserError):
+                ws.resynthesize_dataset(["a red house"], Options(per_source=2))
+        assert fake.generation_log() == []
+
+
+def test_reembed_refuses_an_altered_or_cut_image(tmp_path, clip):
+    """`reembed` embedded whatever bytes an image file held: a file replaced by another image since it was
+    stored, or cut (a cut PNG can still decode), became a wrong vector of the new space, silently."""
+    config, checkpoint = clip
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = []
+    for i in range(3):
+        (data / f"{i}.png").write_bytes(_png(i))
+        rows.append({"image": f"{i}.png", "source": "a", "description": "a prompt", "role": "resynthesis", "seed": i})
+    (data / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with engine.init(tmp_path / "s", clip_config=config, clip_checkpoint=checkpoint, device="cpu") as ws:
+        ws.ingest(data / "m.jsonl")
+        before = ws.store.embedder_identity
+    (data / "1.png").write_bytes(_png(7))  # another valid image under the stored name
+    with engine.open(tmp_path / "s", device="cpu") as ws:
+        with pytest.raises(UserError, match=r"1 stored image\(s\) could not be read .*1\.png: differs from its "
+                                            r"recorded sha256"):
+            ws.reembed(checkpoint, clip_config=config, clip_layer="final")
+        assert ws.store.embedder_identity == before  # not switched
+    (data / "1.png").write_bytes(_png(1))  # restored: the rerun completes with the missing vector only
+    with engine.open(tmp_path / "s", device="cpu") as ws:
+        done = ws.reembed(checkpoint, clip_config=config, clip_layer="final")
+        assert done["embedded"] == 1 and done["vectors"] == 3
+
+
+def test_postgresql_down_or_out_of_connections_is_told_apart_from_damage(tmp_path, capsys, clip):
+    """A stopped server was answered with the HTTP code `store_damaged` (exit 4 is right; a client should
+    retry, not restore a backup), and a server out of connection slots (a role's CONNECTION LIMIT) came out
+    as "cannot reach": libpq reports it with no SQLSTATE, so the existing out-of-resources rule missed it."""
+    from engine.service.process import free_port
+
+    config, checkpoint = clip
+    dead = f"postgresql+psycopg://resynth@127.0.0.1:{free_port()}/nothing"
+    assert main(["init", "--store", str(tmp_path / "dead"), "--db", dead, "--clip-config", str(config),
+                 "--clip-checkpoint", str(checkpoint), "--json"]) == 4
+    error = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert error["kind"] == "database_unreachable" and "cannot reach" in error["error"], error
+
+    admin = pg.admin_url()
+    if not admin:
+        pytest.skip(pg.why())
+    role = f"lim_{uuid.uuid4().hex[:8]}"
+    url = pg.create_database()
+    name = url.rsplit("/", 1)[1]
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    server = make_url(admin)
+    pg.sql(admin, f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 1')
+    pg.sql(admin, f'ALTER DATABASE "{name}" OWNER TO "{role}"')
+    limited = make_url(url).set(username=role).render_as_string(hide_password=False)
+    hog = None
+    try:
+        Store.create(tmp_path / "s", EMBEDDER, DIM, db_url=limited).close()
+        hog = psycopg.connect(host=server.host, port=server.port, user=role, dbname=name, autocommit=True)
+        with pytest.raises(StoreUnavailable, match="out of resources .*too many connections") as caught:
+            Store.open(tmp_path / "s")
+        assert "\n" not in str(caught.value) and kind_of(caught.value).exit_code == 5
+        hog.close()
+        hog = None
+        with Store.open(tmp_path / "s") as store:  # the slot is free again: the same command succeeds
+            assert store.stats()["vectors"] == 0
+    finally:
+        if hog is not None:
+            hog.close()
+        pg.drop_database(url)
+        pg.sql(admin, f'DROP ROLE IF EXISTS "{role}"')
