@@ -146,6 +146,11 @@ def test_bad_manifests(store_dir, originals, capsys, tmp_path):
         _fails(capsys, "ingest", tmp_path / name, *s, match=message)
     _fails(capsys, "ingest", tmp_path / "none.csv", *s, match="manifest not found")
     _fails(capsys, "ingest", tmp_path, *s, match="is a folder: give the manifest file in it (.csv or .jsonl) (")
+    # evaluate on one source: nothing to tell apart (sklearn's baselines raised a traceback); refused before any model
+    a, b = originals[0]["image"], originals[1]["image"]
+    (tmp_path / "one.csv").write_text(f"image,source,description,role,seed\n{a},a,d,original,\n{b},a,d,resynthesis,0\n")
+    _fails(capsys, "evaluate", tmp_path / "one.csv", "--out", tmp_path / "eval", *s,
+           match="evaluate needs scorable originals of at least 2 sources, it has 1 (a)")
 
 
 def test_console_script_help_and_error_exit():

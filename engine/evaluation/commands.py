@@ -77,6 +77,11 @@ def cmd_evaluate(args) -> None:
     from engine.evaluation.runner import evaluate
 
     evalset = from_manifest(Path(args.manifest), args.strict)  # a bad manifest fails before any model loads
+    labelled = [name for name, n in evalset.originals_per_source().items() if n]
+    if len(labelled) < 2:  # nothing to tell apart: the few-shot baselines and leave-one-source-out cannot run
+        raise UserError(f"{args.manifest}: evaluate needs scorable originals of at least 2 sources, it has "
+                        f"{len(labelled)} ({', '.join(labelled) or 'none'}): add the other candidate generators' "
+                        f"originals and resyntheses")
     from engine.manifest import real_rows
 
     real = [str(r.image) for r in real_rows(Path(args.manifest))]
