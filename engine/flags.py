@@ -80,7 +80,9 @@ def add_clip_arguments(parser: argparse.ArgumentParser, *, required: bool = True
                             "(its file name, without .json, becomes the architecture name)")
     group.add_argument("--clip-checkpoint", metavar="FILE", type=path_argument, required=required,
                        help="checkpoint file, e.g. open_clip_pytorch_model.bin")
-    group.add_argument("--clip-layer", default="middle", metavar="{middle,final,N}", help=LAYER_HELP)
+    # evaluate: None tells "not given" apart, since with the store's embedder a layer would be ignored
+    group.add_argument("--clip-layer", default=None if default_from_store else "middle", metavar="{middle,final,N}",
+                       help=LAYER_HELP)
 
 
 def clip_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -151,6 +151,11 @@ def test_bad_manifests(store_dir, originals, capsys, tmp_path):
     (tmp_path / "one.csv").write_text(f"image,source,description,role,seed\n{a},a,d,original,\n{b},a,d,resynthesis,0\n")
     _fails(capsys, "evaluate", tmp_path / "one.csv", "--out", tmp_path / "eval", *s,
            match="evaluate needs scorable originals of at least 2 sources, it has 1 (a)")
+    # --clip-layer with the store's embedder was ignored without a word
+    with (tmp_path / "one.csv").open("a") as rows:
+        rows.write(f"{originals[2]['image']},b,d,original,\n{originals[3]['image']},b,d,resynthesis,1\n")
+    _fails(capsys, "evaluate", tmp_path / "one.csv", "--out", tmp_path / "eval", "--clip-layer", "4", *s,
+           match="--clip-layer applies to --clip-model or --clip-config")
 
 
 def test_console_script_help_and_error_exit():

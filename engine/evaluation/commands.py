@@ -85,7 +85,11 @@ def cmd_evaluate(args) -> None:
     from engine.manifest import real_rows
 
     real = [str(r.image) for r in real_rows(Path(args.manifest))]
-    spec = spec_from_args(args.clip_model, args.clip_config, args.clip_checkpoint, args.clip_layer)
+    if args.clip_layer is not None and not (args.clip_model or args.clip_config):
+        raise UserError("--clip-layer applies to --clip-model or --clip-config with --clip-checkpoint; the store's "
+                        "embedder keeps its own layer: compare its layers with --layers (e.g. --layers base,final,4)")
+    spec = spec_from_args(args.clip_model, args.clip_config, args.clip_checkpoint,
+                          "middle" if args.clip_layer is None else args.clip_layer)
     ws = _workspace(args, required=args.save_calibration or spec is None)
     try:
         if spec is not None:
