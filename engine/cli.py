@@ -436,7 +436,8 @@ def cmd_attribute(args) -> None:
                                          command=casereport.attribute_command(args, images))
     from engine.textanswer import text_answer
 
-    _emit(args, report.to_dict(), text_answer(report))
+    text = text_answer(report) + (f"\ncase report: {args.report}" if args.report else "")  # as triage names its own
+    _emit(args, report.to_dict(), text)
 
 
 def cmd_rebuild(args) -> None:
