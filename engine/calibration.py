@@ -1,7 +1,8 @@
 """Turning per-source scores into probabilities and an "unknown source" decision.
 
 A store may carry a calibration (fitted on held-out data by `resynth calibrate`): a softmax
-temperature and per-source acceptance thresholds. Without one, probabilities use a default
+temperature, one open-set threshold shared by every source (`open_set`, the default) and per-source score
+thresholds as its fallback. Without one, probabilities use a default
 temperature and are marked uncalibrated, and no query is ever called unknown. A calibration that does
 not apply to a query (stale, or fitted with another mode or aggregation) is treated as none (`applying`).
 """
