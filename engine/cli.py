@@ -268,7 +268,10 @@ def cmd_init(args) -> None:
                      device=args.device, progress=not args.quiet,
                      caption_instruction=args.caption_instruction) as ws:
         store = ws.store
-        _emit(args, store.config, f"store {store.root} bound to {store.embedder_identity} ({store.dim}-d)")
+        captioner = store.config.get("captioner")  # an init run again with --captioner sets it: say so
+        _emit(args, store.config, f"store {store.root} bound to {store.embedder_identity} ({store.dim}-d); captioner: "
+                                  + (str(captioner.get("path", captioner)) if isinstance(captioner, dict)
+                                     else str(captioner or "none")))
 
 
 def _source_add_description() -> str:
