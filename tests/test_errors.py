@@ -107,7 +107,9 @@ def test_bad_clip_and_store_binding(models, capsys, tmp_path, copy_of):
     _fails(capsys, "init", "--store", store, "--clip-config", cfg, "--clip-checkpoint", ckpt, "--clip-layer", "99",
            match="out of range")
     _fails(capsys, "init", "--store", store, "--clip-checkpoint", ckpt, match="exactly one of")
+    capsys.readouterr()
     assert run_cli("init", "--store", store, "--clip-config", cfg, "--clip-checkpoint", ckpt) == 0
+    assert capsys.readouterr().out.strip().endswith("(64-d); captioner: none")  # the line says what it bound
     _fails(capsys, "init", "--store", store, "--clip-config", cfg, "--clip-checkpoint", ckpt, "--clip-layer", "top",
            match="--clip-layer must be")
     # Same store, another embedder (the final layer instead of the default middle block): refused.
