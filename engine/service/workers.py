@@ -30,7 +30,7 @@ WORKER_ENV = "RESYNTH_SERVE_WORKER"  # in a worker: "INDEX/COUNT:SOCKET_FD:READY
 CODE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding this engine package
 MAX_RESTARTS = 5  # per worker within RESTART_WINDOW seconds; more means it cannot stay up
 RESTART_WINDOW = 60.0
-SLOW_START_SECONDS = float(os.environ.get("RESYNTH_WORKER_SLOW_START_S", "180"))  # then a warning: stuck?
+SLOW_START_ENV, SLOW_START_SECONDS = "RESYNTH_WORKER_SLOW_START_S", 180.0  # not serving by then: a warning
 STOP_SECONDS = 40.0  # a worker's graceful stop (uvicorn allows 30 s for open requests) before it is killed
 
 
@@ -75,6 +75,18 @@ def _die_with_parent(supervisor: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _seconds(name: str, default: float) -> float:
+    """A duration from the environment; a value that is not a number of seconds is a one-line error."""
+    raw = os.environ.get(name)
+    try:
+        value = default if raw is None else float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise UserError(f"{name}={raw!r} is not a number of seconds")
+    return value
+
+
 class Supervisor:
     def __init__(self, sock: socket.socket, count: int, argv: list[str], banner: str):
         self.sock, self.count, self.argv, self.banner = sock, count, argv, banner
@@ -85,6 +97,7 @@ class Supervisor:
         self.restarts: dict[int, list[float]] = {i: [] for i in range(count)}
         self.started: dict[int, float] = {}  # worker index -> when its current process started (not yet ready)
         self.stopping = self.forced = False
+        self.slow_start = _seconds(SLOW_START_ENV, SLOW_START_SECONDS)
 
     def start(self, index: int) -> None:
         read_fd, write_fd = os.pipe()
@@ -143,7 +156,7 @@ class Supervisor:
         so the operator is not left waiting on a silent server."""
         now = time.monotonic()
         for index, since in list(self.started.items()):
-            if index in self.pipes and now - since > SLOW_START_SECONDS:
+            if index in self.pipes and now - since > self.slow_start:
                 print(f"resynth: warning: worker {index + 1} of {self.count} is not serving "
                       f"{now - since:.0f} s after its start; still waiting (Ctrl-C stops)", file=sys.stderr, flush=True)
                 del self.started[index]
