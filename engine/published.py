@@ -112,15 +112,17 @@ def _readable(path: Path) -> bool:
         return False
 
 
-LINKED_OUT = "links to outside the dataset folder"
+BROKEN_LINK = "links to no file or folder (dangling, a loop, or a device)"
 NOT_UTF8 = "names that are not UTF-8"
 UNPRINTABLE_NAME = "folder names with control or bidi-override characters"
 
 
-def _entries(folder: Path, root: Path, skipped: Counter, dirs: bool) -> list[Path]:
-    """The folders (or files) in `folder`, sorted. A downloaded tree is hostile input: a link resolving outside
-    the images folder (`root`, resolved) is skipped, never followed, and so is a name that is not UTF-8 (it could not be
-    written to the manifest); both are counted in `skipped`."""
+def _entries(folder: Path, skipped: Counter, dirs: bool) -> list[Path]:
+    """The folders (or files) in `folder`, sorted. Links are followed wherever they lead: the user named this
+    dataset, and a Hugging Face cache snapshot, git-annex or DVC checkout stores every image as a link into a
+    store beside it. A link to nothing (dangling, a loop) or to neither a file nor a folder (a device, a fifo)
+    is skipped, and so is a name that is not UTF-8 (it could not be written to the manifest); both are counted
+    in `skipped`."""
     try:
         listed = sorted(folder.iterdir())
     except OSError as exc:
@@ -128,6 +130,9 @@ def _entries(folder: Path, root: Path, skipped: Counter, dirs: bool) -> list[Pat
         return []
     out = []
     for entry in listed:
+        if entry.is_symlink() and not (entry.is_file() or entry.is_dir()):  # is_file/is_dir follow the link
+            skipped[BROKEN_LINK] += 1
+            continue
         if not (entry.is_dir() and not entry.name.startswith(".") if dirs else entry.is_file()):
             continue  # (a hidden file is counted below, as no dataset image)
         try:
@@ -138,14 +143,6 @@ def _entries(folder: Path, root: Path, skipped: Counter, dirs: bool) -> list[Pat
         if dirs and UNPRINTABLE.search(entry.name):  # it would name a source (printed on terminals and pages)
             skipped[UNPRINTABLE_NAME] += 1
             continue
-        if entry.is_symlink() or dirs:
-            try:
-                inside = entry.resolve().is_relative_to(root)
-            except (OSError, RuntimeError):
-                inside = False
-            if not inside:
-                skipped[LINKED_OUT] += 1
-                continue
         out.append(entry)
     return out
 
@@ -153,14 +150,13 @@ def _entries(folder: Path, root: Path, skipped: Counter, dirs: bool) -> list[Pat
 def scan(root: Path, skipped: Counter, progress: bool = False) -> list[Found]:
     """Every dataset image under ROOT; strays are counted in `skipped` by reason, never fatal."""
     base = images_folder(root)
-    inside = base.resolve()  # the tree the user named (its images/ folder may itself be a link to a disk)
     candidates: list[tuple[Path, str, str | None]] = []
-    for gen_dir in _entries(base, inside, skipped, dirs=True):
-        candidates += [(f, gen_dir.name, None) for f in _entries(gen_dir, inside, skipped, dirs=False)]
+    for gen_dir in _entries(base, skipped, dirs=True):
+        candidates += [(f, gen_dir.name, None) for f in _entries(gen_dir, skipped, dirs=False)]
         nested = gen_dir / "images"
         if nested.is_dir():
-            for res_dir in _entries(nested, inside, skipped, dirs=True):
-                candidates += [(f, res_dir.name, gen_dir.name) for f in _entries(res_dir, inside, skipped, dirs=False)]
+            for res_dir in _entries(nested, skipped, dirs=True):
+                candidates += [(f, res_dir.name, gen_dir.name) for f in _entries(res_dir, skipped, dirs=False)]
     found: list[Found] = []
     seen: set[tuple[str, str | None, int]] = set()
     for path, generator, of in tqdm(candidates, desc="scanning", unit="file", disable=not progress, leave=False):

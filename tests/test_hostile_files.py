@@ -20,7 +20,7 @@ from engine.manifest import read_manifest
 from engine.provenance import read_provenance
 from engine.provenance.generators import from_texts
 from engine.provenance.reproduce import MAX_STEPS, recipe_of
-from engine.published import LINKED_OUT, NOT_UTF8, UNPRINTABLE_NAME, import_published
+from engine.published import BROKEN_LINK, NOT_UTF8, UNPRINTABLE_NAME, import_published
 
 XSS = "<script>alert(1)</script>\"'><img src=x onerror=alert(2)>&amp;"
 RLO = "\u202e"  # right-to-left override: "\u202egnp.exe" displays as "exe.png"
@@ -182,19 +182,25 @@ def test_comfy_graphs_that_are_not_graphs_stay_notes():
 
 
 def _tree(root: Path) -> Path:
-    """A published-dataset tree with the strays a download can hold: links leading out, names that are not
-    UTF-8, empty and non-image files named like images, a second file of one id."""
+    """A published-dataset tree with the strays a download can hold: links leading out (as a Hugging Face cache
+    snapshot's do, into its blobs), broken links, names that are not UTF-8, empty and non-image files named like
+    images, a second file of one id."""
     images = root / "images"
     for rel, colour in (("a/00001.png", "red"), ("b/00001.png", "blue"), ("a/images/b/00001.png", "navy"),
                         ("b/images/a/00001-0.png", "pink")):
         (images / rel).parent.mkdir(parents=True, exist_ok=True)
         (images / rel).write_bytes(_png(colour=colour))
-    outside = root.parent / "private"
+    outside = root.parent / "blobs"
     outside.mkdir()
     (outside / "00002.png").write_bytes(_png())
-    os.symlink(outside / "00002.png", images / "a" / "00002.png")  # a file link leading out
-    os.symlink(outside, images / "c")  # a generator folder leading out
-    os.symlink("/etc/passwd", images / "b" / "00003.png")
+    os.symlink("../../../blobs/00002.png", images / "a" / "00002.png")  # a file link leading out (relative)
+    (root.parent / "disk").mkdir()
+    (root.parent / "disk" / "00002.png").write_bytes(_png(colour="teal"))
+    os.symlink(root.parent / "disk", images / "c")  # a generator folder on another disk
+    os.symlink("/etc/passwd", images / "b" / "00003.png")  # followed: a regular file, but no image
+    os.symlink(outside / "gone.png", images / "b" / "00007.png")  # dangling
+    os.symlink("00008.png", images / "b" / "00008.png")  # a loop
+    os.symlink("/dev/null", images / "b" / "00009.png")  # a device
     (images / "a" / "00004.png").write_bytes(b"")
     (images / "a" / "00005.png").write_text("not an image")
     (images / "a" / "00001-again.png").write_bytes(_png(colour="green"))
@@ -205,15 +211,19 @@ def _tree(root: Path) -> Path:
     return root
 
 
-def test_import_published_skips_links_out_and_odd_names_with_counts(tmp_path):
+def test_import_published_follows_links_and_counts_broken_links_and_odd_names(tmp_path):
+    """The user named the dataset: its links are followed (4eb2e3d skipped every file of a Hugging Face cache
+    snapshot, whose images are links into ../../blobs); links to nothing or to a device are counted."""
     root = _tree(tmp_path / "dataset")
     out = root / "manifest.csv"
     report = import_published(root, out)
-    assert (report.originals, report.resyntheses, report.generators) == (2, 2, ["a", "b"])
-    assert report.skipped == {LINKED_OUT: 3, NOT_UTF8: 1, UNPRINTABLE_NAME: 1, "unreadable images": 2,
+    assert (report.originals, report.resyntheses, report.generators) == (4, 2, ["a", "b", "c"])
+    assert report.skipped == {BROKEN_LINK: 3, NOT_UTF8: 1, UNPRINTABLE_NAME: 1, "unreadable images": 3,
                               "duplicate ids (first file kept)": 1}
-    rows = read_manifest(out, allow_outside=False)  # every path the manifest names is inside the dataset
-    assert len(rows) == 4 and not list(root.glob(".*.tmp"))
+    rows = read_manifest(out, allow_outside=True)  # as `--ingest` reads it: the links' targets
+    assert len(rows) == 6 and not list(root.glob(".*.tmp"))
+    assert {r.image for r in rows if not r.image.is_relative_to(root)} == {
+        tmp_path / "blobs" / "00002.png", tmp_path / "disk" / "00002.png"}
     empty = tmp_path / "empty" / "images" / "g"  # a folder of zero-byte and non-image files: counted, one line
     empty.mkdir(parents=True)
     for name in ("00001.png", "00002.jpg", "notes.txt"):
