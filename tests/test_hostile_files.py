@@ -172,13 +172,43 @@ def test_comfy_graphs_that_are_not_graphs_stay_notes():
              "absurd": json.dumps({"1": {"class_type": "KSampler", "inputs": {
                  "positive": ["2", 0], "steps": 10 ** 12, "seed": ["1", 0], "cfg": 1e308,
                  "latent_image": ["3", 0]}}, "2": {"inputs": {"text": "x"}},
-                 "3": {"inputs": {"width": 10 ** 9, "height": "tall"}}})}
+                 "3": {"inputs": {"width": 10 ** 9, "height": -8}}})}
     for name, text in cases.items():
         found = read_provenance(_png({"prompt": text}), c2pa=False, watermark=False)
         assert not [n for n in found.notes if "internal error" in n], (name, found.notes)
     meta = read_provenance(_png({"prompt": cases["absurd"]}), c2pa=False, watermark=False).metadata
     assert meta is not None and set(meta.invalid) == {"steps", "cfg_scale", "width", "height"}
     assert (meta.steps, meta.width) == (None, None) and meta.to_dict()["invalid"] == list(meta.invalid)
+
+
+def test_a_computed_size_is_absent_not_invalid_and_invokeai_recipes_redraw():
+    """A ComfyUI size computed by a node (an expression string) or behind an unresolved link is absent, filled
+    from the image (e6635b3 refused it as 'out of range'); InvokeAI's sampler, which it writes as `scheduler`,
+    is redrawable (it was read as both sampler and schedule type: 'unknown schedule type'); a guidance per step
+    is refused as such."""
+    source = SimpleNamespace(params_json=json.dumps({"steps": 2, "guidance": 7}), path=None)
+    graph = {"3": {"class_type": "KSampler", "inputs": {"seed": 5, "steps": 20, "cfg": 7, "sampler_name": "euler",
+                                                        "positive": ["6", 0], "latent_image": ["5", 0]}},
+             "5": {"class_type": "EmptyLatentImage", "inputs": {"width": ["11", 0], "height": ["99", 0]}},
+             "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat"}},
+             "11": {"class_type": "SimpleMath+", "inputs": {"value": "a*8", "a": ["12", 0]}},
+             "12": {"class_type": "PrimitiveInt", "inputs": {"value": 8}}}
+    meta = from_texts({"prompt": json.dumps(graph)}, "png", [])
+    assert meta is not None and meta.invalid == () and (meta.width, meta.height) == (None, None)
+    recipe = recipe_of(meta, source, (64, 64))
+    assert not isinstance(recipe, str) and recipe.filled == ("size (the image's)",), recipe
+    invoke = {"positive_prompt": "a cat", "width": 64, "height": 64, "seed": 3, "steps": 20, "cfg_scale": 7}
+    for name, cls in (("euler", "EulerDiscrete"), ("euler_a", "EulerAncestralDiscrete"), ("ddim", "DDIM"),
+                      ("dpmpp_2m", "DPMSolverMultistep"), ("dpmpp_2m_k", "DPMSolverMultistep")):
+        meta = from_texts({"invokeai_metadata": json.dumps({**invoke, "scheduler": name})}, "png", [])
+        assert meta is not None
+        recipe = recipe_of(meta, source, (64, 64))
+        assert not isinstance(recipe, str) and recipe.scheduler == f"{cls}Scheduler" and not recipe.filled, recipe
+        assert dict(recipe.scheduler_config).get("use_karras_sigmas", False) == name.endswith("_k")
+    meta = from_texts({"invokeai_metadata": json.dumps({**invoke, "scheduler": "euler", "cfg_scale": [7, 6.5]})},
+                      "png", [])
+    assert meta is not None and meta.invalid == () and meta.to_dict()["per_step"] == ["cfg_scale"]
+    assert recipe_of(meta, source, (64, 64)) == "guidance per step (a list) cannot be redrawn"
 
 
 def _tree(root: Path) -> Path:

@@ -2,7 +2,7 @@
 NovelAI and Fooocus, each read from the text fields a container gave.
 
 Every parser takes untrusted text and returns a GenerationMetadata or None; wrong types and
-out-of-range numbers become absent fields with a note, never exceptions.
+out-of-range numbers become absent fields (the latter listed in `invalid`), never exceptions.
 """
 from __future__ import annotations
 
@@ -36,14 +36,20 @@ class GenerationMetadata:
     model_name: str | None = None
     model_hash: str | None = None
     settings: tuple[tuple[str, str], ...] = field(default=())  # raw key/values as written
-    # recipe fields the file wrote with a value out of range or not a number (absent above): a redraw must
-    # not fill them from the source as if the file had left them out
+    # recipe fields the file wrote as a number out of range, or NaN (absent above): a redraw must not fill them
+    # from the source as if the file had left them out. A value that is no number (a ComfyUI expression, an
+    # unresolved link) is only absent: the file did not say it.
     invalid: tuple[str, ...] = ()
+    # recipe fields written as one value per step (InvokeAI's cfg_scale may be a list): absent above, and a
+    # redraw, which takes one value, refuses them
+    per_step: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("settings", "invalid")}
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in ("settings", "invalid", "per_step")}
         out["settings"] = dict(self.settings)
         out["invalid"] = list(self.invalid)
+        out["per_step"] = list(self.per_step)
         return out
 
 
@@ -72,8 +78,21 @@ def _float(v) -> float | None:
     return None
 
 
+def _is_number(v) -> bool:
+    """A number as the file wrote it (`7`, `"1e12"`, `"NaN"`); not an expression, a link or a list."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, str):
+        try:
+            float(v)
+        except ValueError:
+            return False
+        return True
+    return isinstance(v, (int, float))
+
+
 class _Checked:
-    """Coerces recipe fields like _int/_float, remembering the names of those written but unusable."""
+    """Coerces recipe fields like _int/_float, remembering the names of those written as a number out of range."""
 
     def __init__(self) -> None:
         self.invalid: list[str] = []
@@ -85,7 +104,7 @@ class _Checked:
         return self._note(name, v, _float(v))
 
     def _note(self, name: str, v, got):
-        if got is None and v is not None and v != "" and name not in self.invalid:
+        if got is None and _is_number(v) and name not in self.invalid:
             self.invalid.append(name)
         return got
 
@@ -400,15 +419,14 @@ def invokeai(text: str, where: str, notes: list[str]) -> GenerationMetadata | No
         prompt=_prompt(d.get("positive_prompt"), notes, f"{where} prompt"),
         negative_prompt=_prompt(d.get("negative_prompt"), notes, f"{where} negative prompt"),
         steps=checked.int("steps", d.get("steps"), *_STEPS),
-        scheduler=_str(d.get("scheduler")),
-        sampler=_str(d.get("scheduler")),  # InvokeAI names its sampler "scheduler"
+        sampler=_str(d.get("scheduler")),  # InvokeAI names its sampler "scheduler" ("euler", "dpmpp_2m_k")
         cfg_scale=checked.float("cfg_scale", d.get("cfg_scale")),
         seed=checked.int("seed", d.get("seed"), *_SEED),
         width=checked.int("width", d.get("width"), *_SIDE), height=checked.int("height", d.get("height"), *_SIDE),
         model_name=_str(model.get("name", model.get("model_name"))) or _str(d.get("model")),
         model_hash=_str(model.get("hash"), 200),
         settings=_settings({k: v for k, v in d.items() if k not in ("positive_prompt", "negative_prompt")}),
-        invalid=tuple(checked.invalid),
+        invalid=tuple(checked.invalid), per_step=("cfg_scale",) if isinstance(d.get("cfg_scale"), list) else (),
     )
 
 

@@ -45,6 +45,7 @@ STORED_SEED = 2 ** 31 - 1  # the largest seed the store's seed column holds on e
 
 # Front-end sampler names (AUTOMATIC1111/Forge, ComfyUI, InvokeAI; lower case) -> diffusers scheduler
 # class and config overrides. Only names with a faithful diffusers counterpart; others are "unknown".
+# InvokeAI writes its sampler as `scheduler` with a `_k` suffix for Karras ("euler", "dpmpp_2m_k", "kdpm_2_a").
 _DPM_SDE = {"algorithm_type": "sde-dpmsolver++"}
 SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "euler a": ("EulerAncestralDiscreteScheduler", {}), "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
@@ -58,6 +59,7 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "heun": ("HeunDiscreteScheduler", {}),
     "dpm2": ("KDPM2DiscreteScheduler", {}), "dpm_2": ("KDPM2DiscreteScheduler", {}),
     "dpm2 a": ("KDPM2AncestralDiscreteScheduler", {}), "dpm_2_ancestral": ("KDPM2AncestralDiscreteScheduler", {}),
+    "kdpm_2": ("KDPM2DiscreteScheduler", {}), "kdpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
     "plms": ("PNDMScheduler", {}), "pndm": ("PNDMScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}), "uni_pc": ("UniPCMultistepScheduler", {}),
 }
@@ -127,6 +129,9 @@ def recipe_of(meta: "GenerationMetadata", source, image_size: tuple[int, int]) -
 
     if meta.invalid:  # written but unusable: never filled from the source as if the file had left it out
         return f"the file's {', '.join(meta.invalid)} out of range or not a number"
+    if meta.per_step:
+        named = ", ".join("guidance" if f == "cfg_scale" else f for f in meta.per_step)
+        return f"{named} per step (a list) cannot be redrawn"
     if meta.seed is None:
         return "no seed in the metadata"
     if not 0 <= meta.seed < SEEDS:
