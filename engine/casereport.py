@@ -319,12 +319,13 @@ def render_case(number: int, entry: dict, evidence: Evidence | None) -> str:
         out.append("</div></div>")
     found = provenance(result)
     if found:  # as written (not \\u-escaped: a prompt in another script stays readable)
+        whole = len(json.dumps(found, indent=1, sort_keys=True, default=str, ensure_ascii=False))
         text = json.dumps(_cut(found), indent=1, sort_keys=True, default=str, ensure_ascii=False)
         if len(text) > MAX_PROVENANCE:
             text = f"{text[:MAX_PROVENANCE]}\n… ({len(text) - MAX_PROVENANCE} more characters in the JSON answer)"
         unfold = " open" if len(text) <= OPEN_PROVENANCE else ""
-        out.append(f"<details{unfold}><summary>provenance ({len(text)} characters)</summary><pre>{e(text)}</pre>"
-                   "</details>")
+        size = f"{whole} characters" + (f", cut to {len(text)}" if whole != len(text) else "")
+        out.append(f"<details{unfold}><summary>provenance ({size})</summary><pre>{e(text)}</pre></details>")
     out.append("</section>")
     return "".join(out)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
@@ -127,6 +128,11 @@ def test_a_small_file_of_compressed_quotes_makes_a_small_case():
               "verdict": "uncalibrated", "predicted": "s", "scores": [], "provenance": found.to_dict()}
     page = casereport.to_string({"sources": []}, [{"label": "q.png", "result": result}])
     assert len(page) < 150_000 and "more characters in the JSON answer" in page
+    whole, shown = map(int, re.search(r"provenance \((\d+) characters, cut to (\d+)\)", page).groups())
+    assert whole > 300_000 and shown < casereport.MAX_PROVENANCE + 100  # the summary counted the cut text
+    small = casereport.to_string({"sources": []}, [{"label": "q.png", "result": {**result, "provenance": {
+        "metadata": {"prompt": "a cat"}}}}])
+    assert re.search(r"provenance \(\d+ characters\)", small)
 
 
 def _answer() -> dict:
