@@ -20,7 +20,6 @@ import io
 import json
 import os
 import platform
-import re
 import shlex
 from collections import OrderedDict
 from datetime import datetime, timezone
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
 from PIL import Image
+
+from index.keys import UNPRINTABLE
 
 THUMB = 160  # longest side of an embedded thumbnail, in pixels
 CACHED_THUMBS = 512  # evidence thumbnails kept between queries (resyntheses recur across a folder)
@@ -37,10 +38,11 @@ SHOWN_TEXT = 2000  # characters of a description, or of one provenance value, sh
 # 3 KB file before. The answer's JSON (results.jsonl, --json, /v1/attribute) keeps every value whole.
 MAX_PROVENANCE = 20_000
 OPEN_PROVENANCE = 8000  # a larger block starts folded
-# Explicit bidirectional overrides and isolates, and control characters other than tab and newline: a
-# hostile prompt or file name with U+202E ("...\u202egnp.exe") would otherwise display reversed and make
-# the text after it read backwards (a score, a verdict). Shown as visible escapes instead.
-_INVISIBLE = re.compile("[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]")
+# index.keys.UNPRINTABLE (bidi overrides and isolates, control and invisible characters) other than tab, newline
+# and carriage return, which show as whitespace: a hostile prompt or file name with U+202E ("...\u202egnp.exe")
+# would otherwise display reversed and make the text after it read backwards (a score, a verdict). Shown as
+# visible escapes instead.
+_WHITESPACE = "\t\n\r"
 
 
 # ----- what the report depends on -------------------------------------------------------------------
@@ -204,14 +206,15 @@ pre{white-space:pre-wrap;word-break:break-all;font-size:.8rem;background:#f7f8fa
 
 
 def e(value: Any) -> str:
-    """HTML-escaped text, with bidi overrides and control characters made visible (`_INVISIBLE`), and the
+    """HTML-escaped text, with bidi overrides, control and invisible characters made visible (`UNPRINTABLE`), and the
     lone surrogates of a file name that is not UTF-8 (which no UTF-8 writer accepts) as \\udcNN."""
     text = "" if value is None else str(value)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return html.escape(_INVISIBLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text), quote=True)
+    shown = UNPRINTABLE.sub(lambda m: m.group() if m.group() in _WHITESPACE else f"\\u{ord(m.group()):04x}", text)
+    return html.escape(shown, quote=True)
 
 
 def _shown(text: Any, limit: int = SHOWN_TEXT) -> str:

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import UserError
-from index.keys import normalise_description
+from index.keys import UNPRINTABLE, normalise_description
 
 ROLES = ("original", "resynthesis", "real")
 REAL = "real"  # a camera image, made by no generator: a reference for the "real" verdict (resynth calibrate)
@@ -19,9 +18,6 @@ ALIASES = {"path": "image", "prompt": "description", "generator": "source"}
 # from elsewhere naming 10^7 files would take minutes and gigabytes before its first error. Far above the
 # reference paper's dataset (about 11,000 images); a larger set is ingested as several manifests.
 MAX_ROWS = 1_000_000
-# In a source name (it becomes a store's source and is printed on terminals and pages): control characters
-# (an ANSI escape rewrites a terminal) and bidi overrides (U+202E shows a name backwards)
-UNPRINTABLE = re.compile("[\u0000-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]")
 
 
 @dataclass
@@ -145,8 +141,8 @@ def _parse(path: Path, line: int, record: dict, base: Path) -> ManifestRow:
             raise UserError(f"{where}: empty {column}")
         _check_text(fields, column, where)
     _check_text(fields, "original", where)
-    if UNPRINTABLE.search(str(fields["source"])):
-        raise UserError(f"{where}: source {str(fields['source'])[:60]!r} has control or bidi-override characters")
+    if UNPRINTABLE.search(str(fields["source"])):  # it names a store's source (terminals, pages): as `source add`
+        raise UserError(f"{where}: source {str(fields['source'])[:60]!r} has control, bidi or invisible characters")
     if role not in ROLES:
         raise UserError(f"{where}: role must be original, resynthesis or real, not {fields['role']!r}")
     description = normalise_description(str(fields["description"]))

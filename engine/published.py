@@ -28,8 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from engine.errors import UserError
-from engine.manifest import UNPRINTABLE
-from index.keys import normalise_description
+from index.keys import UNPRINTABLE, normalise_description
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 ID_PATTERN = re.compile(r"^(\d+)")
@@ -114,7 +113,7 @@ def _readable(path: Path) -> bool:
 
 BROKEN_LINK = "links to no file or folder (dangling, a loop, or a device)"
 NOT_UTF8 = "names that are not UTF-8"
-UNPRINTABLE_NAME = "folder names with control or bidi-override characters"
+UNPRINTABLE_NAME = "folder names with control, bidi or invisible characters"
 
 
 def _entries(folder: Path, skipped: Counter, dirs: bool) -> list[Path]:

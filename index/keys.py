@@ -3,11 +3,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import unicodedata
 from pathlib import Path
 from typing import Any, cast
 
 from index.errors import StoreInputError
+
+# Characters that show as nothing or change how the text around them shows, the one definition (manifests and
+# the case report use it too): control characters (Cc: an ANSI escape rewrites a terminal), bidi marks,
+# embeddings, overrides and isolates (U+202E shows a name backwards), zero-width space, word joiner, invisible
+# operators and BOM ("sd\u200bxl" looks like "sdxl"), line and paragraph separators, and tag characters
+# (invisible text). The zero-width (non-)joiners U+200C/U+200D are kept: Persian, Indic scripts and emoji need them.
+UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b\u200e\u200f\u2028-\u202e\u2060-\u2064\u2066-\u2069"
+                         "\ufeff\U000e0000-\U000e007f]")
 
 
 def normalise_description(text: str) -> str:
@@ -26,14 +35,16 @@ def check_text(value: str | None, what: str, controls: bool = False) -> None:
     """Refuse text the store cannot keep identically on both backends (StoreInputError, one line).
 
     NUL is refused everywhere (PostgreSQL cannot store it; no file name holds it); with `controls`,
-    every control character (names: a source name is shown in tables and messages). Descriptions are
-    normalised instead (`normalise_description`)."""
+    every UNPRINTABLE character (names: a source name is shown in tables and messages, and a manifest
+    refuses the same). Descriptions are normalised instead (`normalise_description`)."""
     if value is None:
         return
-    bad = next((c for c in value if c == "\x00" or (controls and unicodedata.category(c) == "Cc")), None)
+    bad = next((c for c in value if c == "\x00" or (controls and UNPRINTABLE.match(c))), None)
     if bad is not None:
-        shown = "".join(f"\\x{ord(c):02x}" if unicodedata.category(c) == "Cc" else c for c in value[:80])
-        raise StoreInputError(f"{what} '{shown}' contains the control character U+{ord(bad):04X}: remove it")
+        shown = "".join(f"\\x{ord(c):02x}" if unicodedata.category(c) == "Cc" else f"\\u{ord(c):04x}"
+                        if UNPRINTABLE.match(c) else c for c in value[:80])
+        kind = "control" if unicodedata.category(bad) == "Cc" else "invisible or bidi"
+        raise StoreInputError(f"{what} '{shown}' contains the {kind} character U+{ord(bad):04X}: remove it")
 
 
 def sha256_text(text: str) -> str:

@@ -22,6 +22,8 @@ from engine.provenance import read_provenance
 from engine.provenance.generators import from_texts
 from engine.provenance.reproduce import MAX_STEPS, recipe_of
 from engine.published import BROKEN_LINK, NOT_UTF8, UNPRINTABLE_NAME, import_published
+from index.errors import StoreInputError
+from index.keys import check_text
 
 XSS = "<script>alert(1)</script>\"'><img src=x onerror=alert(2)>&amp;"
 RLO = "\u202e"  # right-to-left override: "\u202egnp.exe" displays as "exe.png"
@@ -278,7 +280,7 @@ def test_import_published_follows_links_and_counts_broken_links_and_odd_names(tm
     ("many.jsonl", '{"image": "a.png", "source": "s", "description": "d", "role": "original"}\n' * 4, "more than 3"),
     ("lone.jsonl", '{"image": "a.png", "source": "s", "description": "\\ud800", "role": "original"}\n', "surrogate"),
     ("ansi.jsonl", '{"image": "a.png", "source": "\\u001b]0;x\\u0007", "description": "d", "role": "original"}\n',
-     "control or bidi-override"),
+     "control, bidi or invisible"),
     ("inf.jsonl", '{"image": "a.png", "source": "s", "description": "d", "role": "original", "seed": Infinity}\n',
      "seed must be an integer"),
 ])
@@ -292,6 +294,25 @@ def test_a_hostile_manifest_is_one_line(tmp_path, monkeypatch, name, text, why):
     with pytest.raises(UserError) as error:
         read_manifest(path, allow_outside=False)
     assert why in str(error.value) and "\n" not in str(error.value)
+
+
+def test_source_names_follow_one_rule_in_the_store_and_in_manifests_and_the_report_shows_them(tmp_path):
+    """The store took 'sdxl\u202etxt' (it refused only control characters) which its own manifests refuse;
+    the case report showed a carriage return in a prompt as \\u000d."""
+    (tmp_path / "a.png").write_bytes(_png())
+    for name, refused in (("sdxl\u202etxt", True), ("a\u200bb", True), ("a\x1bb", True), ("x\u2066y", True),
+                          ("a\ufeffb", True), ("\u0645\u200c\u0627", False), ("\U0001f468\u200d\U0001f467", False)):
+        path = tmp_path / "m.jsonl"
+        path.write_text(json.dumps({"image": "a.png", "source": name, "description": "d", "role": "original"}))
+        if refused:
+            with pytest.raises(StoreInputError, match=r"character U\+[0-9A-F]{4}: remove it$"):
+                check_text(name, "source name", controls=True)
+            with pytest.raises(UserError, match="control, bidi or invisible"):
+                read_manifest(path)
+        else:
+            check_text(name, "source name", controls=True)
+            assert read_manifest(path)[0].source == name
+    assert casereport.e("a\rb\tc\nd\u202ee\u200bf\x1b") == "a\rb\tc\nd\\u202ee\\u200bf\\u001b"
 
 
 def test_calibration_sets_use_a_repeated_row_once_and_refuse_contradictions(tmp_path):
