@@ -121,8 +121,38 @@ class Attribution:
             return f"real: no sign of generation (nearer the real references; closest source: {self.predicted})"
         return f"{self.predicted} (uncalibrated: {self.evidence.get('why', 'no acceptance threshold')})"
 
+    @property
+    def notes(self) -> list[str]:
+        """What the ranking cannot show by itself, for the person reading it. One wording for every reader:
+        the text answer prints them as `note:` lines, the JSON answer carries them, the web page shows them."""
+        notes = []
+        scores = self.scores
+        if len(scores) == 1:
+            notes.append(f"one source was scored ({scores[0].source}), so it is named whatever made the image: "
+                         "score the other candidate generators too"
+                         + ("; its p is 1 by construction, only the verdict's threshold tests it" if self.calibrated
+                            else ", and calibrate for an unknown-source verdict"))
+        elif self.calibrated and self.verdict == "unknown":
+            notes.append("p is shared among the enrolled sources only: it ranks them, and says nothing of a "
+                         "generator nobody enrolled, which the verdict suggests made this image")
+        elif (self.calibrated and self.verdict == "known" and scores[0].probability < CLOSE_CALL
+              and scores[1].probability >= scores[0].probability / 2):
+            best, second = scores[0], scores[1]
+            notes.append(f"close call: {second.source} is nearly as likely as {best.source} (p "
+                         f"{second.probability:.3f} against {best.probability:.3f}): the image is like an enrolled "
+                         "source's, but which one is uncertain")
+        if self.description_from == "caption":
+            notes.append("the description is the captioner's (no prompt was given, embedded or stored): the "
+                         "answer is only as good as the caption; give the prompt when it is known")
+        return notes
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "notes": self.notes}
+
+
+# A calibrated best source with p below this, and a runner-up at least half as likely: "known" accepts an
+# enrolled source, but which one is uncertain (the demo's captioned queries read "known" at p 0.52 against 0.41).
+CLOSE_CALL = 0.8
 
 
 @dataclass

@@ -40,35 +40,6 @@ def verdict_line(r: Attribution) -> str:
     return f"{r.predicted} (uncalibrated: {why}; {evidence})"
 
 
-# A calibrated best source with p below this, and a runner-up at least half as likely: "known" accepts an
-# enrolled source, but which one is uncertain (the demo's captioned queries read "known" at p 0.52 against 0.41).
-CLOSE_CALL = 0.8
-
-
-def caveats(r: Attribution) -> list[str]:
-    """What the ranking cannot show by itself, for a person reading the text answer (not in --json: the
-    fields `scores`, `description_from` and `verdict` already say it)."""
-    notes = []
-    if len(r.scores) == 1:
-        notes.append(f"one source was scored ({r.scores[0].source}), so it is named whatever made the image: score "
-                     "the other candidate generators too"
-                     + ("; its p is 1 by construction, only the verdict's threshold tests it" if r.calibrated
-                        else ", and calibrate for an unknown-source verdict"))
-    elif r.calibrated and r.verdict == "unknown":
-        notes.append("p is shared among the enrolled sources only: it ranks them, and says nothing of a generator "
-                     "nobody enrolled, which the verdict suggests made this image")
-    elif (r.calibrated and r.verdict == "known" and r.scores[0].probability < CLOSE_CALL
-          and r.scores[1].probability >= r.scores[0].probability / 2):
-        best, second = r.scores[0], r.scores[1]
-        notes.append(f"close call: {second.source} is nearly as likely as {best.source} (p {second.probability:.3f} "
-                     f"against {best.probability:.3f}): the image is like an enrolled source's, but which one is "
-                     "uncertain")
-    if r.description_from == "caption":
-        notes.append("the description is the captioner's (no prompt was given, embedded or stored): the "
-                     "answer is only as good as the caption; give --prompt when the prompt is known")
-    return notes
-
-
 def text_answer(report: Report) -> str:
     """What `resynth attribute` prints without --json."""
     lines = []
@@ -88,7 +59,7 @@ def text_answer(report: Report) -> str:
             lines.append(f"  not scored ({name} failed): {reason}")
         if (r.evidence or {}).get("provenance", {}).get("conclusion"):  # the file's own claim, beside the ranking
             lines.append(f"  provenance: {r.evidence['provenance']['conclusion']}")
-        lines += [f"  note: {note}" for note in caveats(r)]
+        lines += [f"  note: {note}" for note in r.notes]
     uncalibrated = [r for r in report.results if r.scores and not r.calibrated]
     if uncalibrated:  # why: none fitted, stale, or fitted for another mode or aggregation
         why = (uncalibrated[0].evidence or {}).get("why") or "no current calibration: `resynth calibrate`"

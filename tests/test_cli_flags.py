@@ -199,7 +199,7 @@ print(diffusers.utils.logging.is_progress_bar_enabled(), transformers.utils.logg
 
 def test_the_verdict_line_shows_its_evidence():
     from engine.attribute import Attribution, SourceScore
-    from engine.textanswer import caveats, plural, verdict_line
+    from engine.textanswer import plural, verdict_line
 
     def result(verdict, evidence):
         return Attribution(query="q.png", description="d", description_from="prompt", predicted="sdxl",
@@ -217,21 +217,22 @@ def test_the_verdict_line_shows_its_evidence():
     # the text answer says what the ranking cannot: a lone source is always named, a caption may be wrong
     alone = result("uncalibrated", {})
     alone.description_from = "caption"
-    assert [note.split(" (")[0] for note in caveats(alone)] == ["one source was scored",
-                                                                 "the description is the captioner's"]
+    assert [note.split(" (")[0] for note in alone.notes] == ["one source was scored",
+                                                              "the description is the captioner's"]
+    assert alone.to_dict()["notes"] == alone.notes  # the JSON answer (CLI, HTTP, the page) carries the same
     alone.calibrated, alone.verdict = True, "unknown"  # calibrated: the note no longer asks to calibrate
-    assert "p is 1 by construction" in caveats(alone)[0] and "calibrate for" not in caveats(alone)[0]
+    assert "p is 1 by construction" in alone.notes[0] and "calibrate for" not in alone.notes[0]
     alone.scores.append(SourceScore("flux", 0.3, 3, 0.01))
     alone.description_from = "prompt"
     # calibrated "unknown" beside p 0.99: p ranks the enrolled sources only
-    assert [n.split(":")[0] for n in caveats(alone)] == ["p is shared among the enrolled sources only"]
+    assert [n.split(":")[0] for n in alone.notes] == ["p is shared among the enrolled sources only"]
     # calibrated "known" with a runner-up nearly as likely: a close call, not an attribution to trust
     alone.verdict, alone.scores[0].probability, alone.scores[1].probability = "known", 0.52, 0.41
-    assert caveats(alone) and caveats(alone)[0].startswith("close call: flux is nearly as likely as sdxl")
+    assert alone.notes and alone.notes[0].startswith("close call: flux is nearly as likely as sdxl")
     alone.scores[0].probability, alone.scores[1].probability = 0.95, 0.05
-    assert caveats(alone) == []
+    assert alone.notes == []
     alone.calibrated, alone.verdict = False, "uncalibrated"
-    assert caveats(alone) == []
+    assert alone.notes == []
     line = verdict_line(result("unknown", {"score": 0.9, "references": 4, "open_set_score": "mahalanobis_open_set",
                                            "value": -3.2, "threshold": -1.5}))
     assert line == "unknown source (closest: sdxl, mahalanobis_open_set -3.20 < threshold -1.50, 4 references)"

@@ -95,21 +95,20 @@ def test_a_real_verdict_and_a_provenance_conflict_read_as_such(page, originals):
     assert "Provenance: conflict" in verdict and "not reproduced, 19.4 dB" in verdict
 
     # a calibrated "known" answer near its threshold, one source scored, described by the captioner: the
-    # score reads to 4 decimals beside its threshold, and the CLI's notes are on the page
-    page.evaluate("""() => {
-        const r = answers[0].r;
-        r.scores = r.scores.slice(0, 1);
-        r.scores[0].score = 0.99712;
-        r.description_from = "caption";
-        r.calibrated = true;
-        r.verdict = "known";
-        r.evidence = {score: 0.99712, threshold: 0.9966, references: 2};
+    # score reads to 4 decimals beside its threshold, and the engine's notes (the CLI's) are on the page
+    from engine.attribute import Attribution, SourceScore
+
+    source = page.locator("#bars .bar").nth(0).get_attribute("data-source")
+    answer = Attribution(query="q", description="d", description_from="caption", predicted=source, margin=None,
+                         scores=[SourceScore(source, 0.99712, 2, 1.0)], missing=[], calibrated=True,
+                         verdict="known", evidence={"score": 0.99712, "threshold": 0.9966, "references": 2})
+    page.evaluate("""(answer) => {
+        answers[0].r = answer;
         show(0);
-    }""")
+    }""", answer.to_dict())
     verdict = page.text_content("#verdict")
     assert "known source" in verdict and "score 0.9971 ≥ threshold 0.9966, 2 references" in verdict
     notes = page.text_content("#notes")
-    source = page.locator("#bars .bar").nth(0).get_attribute("data-source")
     assert f"note: one source was scored ({source}), so it is named whatever made the image" in notes
     assert "note: the description is the captioner's" in notes and "calibrated probability" not in notes
     _shot(page, "page-notes.png")
