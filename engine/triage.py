@@ -313,7 +313,8 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
         writer.writerow({k: _cell(v) for k, v in csv_row(row).items()})
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8", newline="") as handle:
+        # a file name that is not UTF-8 (kept by Python as surrogates) is written as \udcNN, as the report shows it
+        with open(tmp, "w", encoding="utf-8", errors="backslashreplace", newline="") as handle:
             handle.write(buffer.getvalue())
             handle.flush()
             os.fsync(handle.fileno())

@@ -155,6 +155,9 @@ def test_csv_cells_cannot_run_in_a_spreadsheet(tmp_path):
     row = next(csv.DictReader((tmp_path / "r.csv").open()))
     assert row["path"].startswith("'=") and row["predicted"] == "'@sum" and row["description"] == "'+1 trick"
     assert row["margin"] == "-0.100000"  # a number stays a number
+    rows[0]["path"] = "caf\udce9.png"  # a file name that is not UTF-8, as os.listdir gives it: a traceback before
+    triage.write_csv(tmp_path / "r.csv", rows)
+    assert next(csv.DictReader((tmp_path / "r.csv").open()))["path"] == "caf\\udce9.png"
 
 
 def test_attribute_report_for_one_image(store_dir, originals, tmp_path):
