@@ -135,14 +135,14 @@ def test_replay_sources_need_no_generation(models, originals, tmp_path):
     from engine.images import save_png_atomic
 
     rows = ["image,source,description,role,seed"]
+    prompts = list(dict.fromkeys(o["prompt"] for o in originals[:10]))  # each description once
     for name, folder in models["pipelines"].items():
         generator = DiffusersGenerator(name, folder, GenerationParams(steps=2))
-        for o in originals[:10]:
-            for seed, image in enumerate(generator.generate(o["prompt"], [0, 1])):
-                path = tmp_path / "data" / f"{name}-{Path(o['image']).stem}-{o['source']}-{seed}.png"
-                if not path.exists():
-                    save_png_atomic(image, path)
-                    rows.append(f"data/{path.name},published-{name},{o['prompt']},resynthesis,{seed}")
+        for i, prompt in enumerate(prompts):
+            for seed, image in enumerate(generator.generate(prompt, [0, 1])):
+                path = tmp_path / "data" / f"{name}-{i}-{seed}.png"
+                save_png_atomic(image, path)
+                rows.append(f"data/{path.name},published-{name},{prompt},resynthesis,{seed}")
     (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
     store = tmp_path / "store"
     assert run_cli("init", "--store", store, "--clip-config", models["clip_config"],
@@ -150,7 +150,7 @@ def test_replay_sources_need_no_generation(models, originals, tmp_path):
     assert run_cli("ingest", tmp_path / "m.csv", "--store", store, "--quiet") == 0
     with engine.open(store) as ws:
         assert all(s.kind == "replay" for s in ws.sources())
-        queries = [o for o in originals if o["prompt"] in {x["prompt"] for x in originals[:10]}]
+        queries = [o for o in originals if o["prompt"] in prompts]
         report = ws.attribute(_paths(queries), _prompts(queries))
         unseen = "a description nobody resynthesized"
         new = ws.attribute(originals[0]["image"], unseen, Options(mode="resynthesis"))
