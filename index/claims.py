@@ -2,14 +2,21 @@
 once (the generation of one cache key), so a second process waits and reuses rather than repeats."""
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
 from typing import Callable
 
 from sqlalchemy import delete, func, select
 
 from index.db import Database, execute, upsert
+from index.errors import StoreError
 from index.schema import Claim
+
+log = logging.getLogger("resynth.store")
+RELEASE_RETRY_S = 1.0  # between tries of a release the database refused (it restarts, its lock is held)
+RELEASE_RETRY_FOR_S = 3600.0  # past this, the leases have expired (claims last 900 s) and others take over
 
 
 def pid_alive(pid: int) -> bool:
@@ -29,6 +36,9 @@ class Claims:
     def __init__(self, db: Database, existing_keys: Callable[[list[str]], dict[str, int]]):
         self.db = db
         self.existing_keys = existing_keys
+        self._pending: dict[str, set[str]] = {}  # owner -> keys whose release failed (retried in the background)
+        self._pending_lock = threading.Lock()
+        self._retrier: threading.Thread | None = None
 
     def claim(self, keys: list[str], owner: str, lease_seconds: float = 600.0) -> list[str]:
         """Take (or renew) leases on `keys`; returns those `owner` now holds: free ones, expired ones
@@ -36,6 +46,9 @@ class Claims:
         keys = list(dict.fromkeys(keys))
         if not keys:
             return []
+        with self._pending_lock:  # taken back: a release still pending must not drop the new lease
+            if owner in self._pending:
+                self._pending[owner] -= set(keys)
         now = time.time()
         table = Claim.__table__
         with self.db.write_session() as s:
@@ -49,8 +62,20 @@ class Claims:
         return [key for key in keys if key in held]
 
     def release(self, keys: list[str], owner: str) -> int:
-        """Give up `owner`'s leases on `keys` (stored or abandoned work); returns how many were held."""
+        """Give up `owner`'s leases on `keys` (stored or abandoned work); returns how many were held.
+
+        A release the database refuses (a PostgreSQL restart during a generation, a held write lock) is
+        retried in the background until it goes through, and the error raised: otherwise the claims of
+        this live process held its keys for their whole lease, and another process asking for them
+        (the other workers of `serve --workers`) waited that long (15 minutes, measured)."""
         keys = list(dict.fromkeys(keys))
+        try:
+            return self._delete(keys, owner)
+        except StoreError:
+            self._retry_later(keys, owner)
+            raise
+
+    def _delete(self, keys: list[str], owner: str) -> int:
         released = 0
         with self.db.write_session() as s:
             for k in range(0, len(keys), 500):
@@ -58,6 +83,37 @@ class Claims:
                                                            Claim.owner == owner)).rowcount
             s.commit()
         return released
+
+    def _retry_later(self, keys: list[str], owner: str) -> None:
+        with self._pending_lock:
+            self._pending.setdefault(owner, set()).update(keys)
+            if self._retrier is not None and self._retrier.is_alive():
+                return
+            self._retrier = threading.Thread(target=self._retry, name="resynth-claims-release", daemon=True)
+            self._retrier.start()
+
+    def _retry(self) -> None:
+        deadline = time.monotonic() + RELEASE_RETRY_FOR_S
+        while time.monotonic() < deadline:
+            time.sleep(RELEASE_RETRY_S)
+            with self._pending_lock:  # held while deleting: a claim() taking the keys back waits
+                try:
+                    for owner in list(self._pending):
+                        self._delete(sorted(self._pending[owner]), owner)
+                        del self._pending[owner]
+                except StoreError:
+                    continue  # not yet: try again
+                except Exception:  # noqa: BLE001 - a bug must not kill the process from a background thread
+                    log.exception("releasing claims")
+                    return
+                if not self._pending:
+                    self._retrier = None
+                    return
+
+    def pending_releases(self) -> int:
+        """Keys whose release the database refused and a background thread still retries."""
+        with self._pending_lock:
+            return sum(len(keys) for keys in self._pending.values())
 
     def live_claims(self, keys: list[str]) -> dict[str, str]:
         """key -> owner of the unexpired leases among `keys`."""

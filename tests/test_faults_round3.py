@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import sqlite3
+import time
 import uuid
 
 import numpy as np
@@ -15,7 +17,7 @@ import engine
 from engine.cli import main
 from engine.errors import UserError, kind_of
 from engine.options import Options
-from index.errors import StoreUnavailable
+from index.errors import StoreBusy, StoreUnavailable
 from index.faults import skipping
 from index.store import NewImage, Store
 from tests import pg
@@ -65,6 +67,31 @@ def test_verify_notes_an_index_that_only_lags_and_still_reports_damage(tmp_path)
     with Store.open(root) as store:  # a writable open saves the catch-up
         report = store.verify()
         assert report["ok"] and not report["notes"] and "lag" not in report["index"]
+
+
+def test_a_claim_release_the_database_refused_is_retried(tmp_path, monkeypatch):
+    """PostgreSQL restarted during a generation of `serve --workers 2`: the commit failed, and so did the
+    release of the claim, so the live worker held the key for its whole lease and the other worker's
+    request for the same prompt waited 15 minutes (measured, past a 120 s client timeout). A refused
+    release is now retried in the background; here the database's write lock is held instead."""
+    root = tmp_path / "s"
+    Store.create(root, EMBEDDER, DIM).close()
+    monkeypatch.setenv("RESYNTH_BUSY_TIMEOUT_S", "0.2")
+    with Store.open(root) as store:
+        assert store.claim(["a", "b", "c"], "me") == ["a", "b", "c"]
+        holder = sqlite3.connect(root / "metadata.sqlite", isolation_level=None)
+        try:
+            holder.execute("BEGIN EXCLUSIVE")
+            with pytest.raises(StoreBusy):
+                store.release(["a", "b"], "me")
+        finally:
+            holder.close()
+        assert store.claims.pending_releases() == 2
+        assert store.claim(["b"], "me") == ["b"]  # taken back meanwhile: its new lease is kept
+        deadline = time.monotonic() + 10
+        while store.claims.pending_releases() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert store.live_claims(["a", "b", "c"]) == {"b": "me", "c": "me"}
 
 
 def test_api_images_are_bought_only_after_the_embedder_loads(tmp_path, clip):
