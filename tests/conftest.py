@@ -43,6 +43,15 @@ def originals(models, tmp_path_factory) -> list[dict]:
     return rows
 
 
+@pytest.fixture(scope="session")
+def zoo_dataset(models, tmp_path_factory) -> Path:
+    """Every zoo source x 8 descriptions: one original and 2 resyntheses (seeds 0, 1) per pair, generated
+    once per session; a module takes its own copy of the part it needs (tests.helpers.dataset_subset)."""
+    from engine.evaluation.synthetic import write_dataset
+
+    return write_dataset(models["pipelines"], tmp_path_factory.mktemp("zoo-set"), seeds=(0, 1))
+
+
 from tests.helpers import run_cli  # noqa: E402,F401  (re-exported for older imports)
 
 

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.evaluation.synthetic import write_dataset
 from engine.openset import CALIBRATE_FALLBACK_SCORE, DEFAULT_OPEN_SET_SCORE
 from engine.options import Options
-from tests.helpers import run_cli
+from tests.helpers import dataset_subset, run_cli
 
 FOREIGN = "tiny-sdxl-euler"  # a zoo source left out of the store
 DESCRIBED = 3  # descriptions with resyntheses, as the demo's manifest has (the rest are queries only)
@@ -19,12 +18,9 @@ DESCRIPTIONS = 5
 
 
 @pytest.fixture(scope="module")
-def demo_manifest(models, tmp_path_factory) -> Path:
+def demo_manifest(zoo_dataset, tmp_path_factory) -> Path:
     """Like `resynth demo`'s: one original per (source, description), resyntheses for the first few only."""
-    from engine.zoo import DESCRIPTIONS as TEXTS
-
-    return write_dataset(models["pipelines"], tmp_path_factory.mktemp("demo-set"), list(TEXTS[:DESCRIPTIONS]),
-                         seeds=(0, 1), resynthesized=DESCRIBED)
+    return dataset_subset(zoo_dataset, tmp_path_factory.mktemp("demo-set"), DESCRIPTIONS, resynthesized=DESCRIBED)
 
 
 def _rows(path: Path) -> list[dict]:

@@ -13,16 +13,15 @@ from engine.evaluation.baselines import BASELINES, available_shots, run_fewshot
 from engine.evaluation.dataset import from_manifest
 from engine.evaluation.runner import embed_evalset
 from engine.evaluation.scoring import Variant
-from engine.evaluation.synthetic import write_dataset
-from tests.helpers import run_cli
+from tests.helpers import dataset_subset, run_cli
 
 UNREGISTERED = "tiny-sdxl-euler"  # left out of the calibrated store: its originals must come out unknown
 
 
 @pytest.fixture(scope="module")
-def dataset(models, tmp_path_factory) -> Path:
+def dataset(zoo_dataset, tmp_path_factory) -> Path:
     """Every zoo source x 8 descriptions: one original and 2 resyntheses (seeds 0, 1) per pair."""
-    return write_dataset(models["pipelines"], tmp_path_factory.mktemp("evalset"), seeds=(0, 1))
+    return dataset_subset(zoo_dataset, tmp_path_factory.mktemp("evalset"), 8)
 
 
 def _rows(manifest: Path) -> list[dict]:

@@ -12,9 +12,8 @@ from PIL import Image
 
 import engine
 from engine import Options
-from engine.evaluation.synthetic import write_dataset
 from engine.manifest import read_manifest, real_rows
-from tests.helpers import run_cli
+from tests.helpers import dataset_subset, run_cli
 
 ONE = Options(per_source=1, adaptive=False)
 
@@ -49,12 +48,10 @@ def crops(photo: Path, folder: Path, n: int, tag: str) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def labelled(models, tmp_path_factory) -> Path:
+def labelled(zoo_dataset, tmp_path_factory) -> Path:
     """The zoo's labelled set (3 descriptions) plus 12 camera crops of role "real" (empty source column)."""
-    from engine.zoo import DESCRIPTIONS
-
     root = tmp_path_factory.mktemp("real-set")
-    manifest = write_dataset(models["pipelines"], root, list(DESCRIPTIONS[:3]), seeds=(0, 1))
+    manifest = dataset_subset(zoo_dataset, root, 3)
     photos = photographs()
     (root / "real").mkdir()
     real = crops(photos["china"], root / "real", 6, "china") + crops(photos["flower"], root / "real", 6, "flower")
