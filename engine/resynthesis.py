@@ -8,10 +8,12 @@ from __future__ import annotations
 import io
 import logging
 import socket
+import threading
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -19,7 +21,7 @@ from engine import sources
 from engine.api_source import PartialResult
 from engine.attribute import Candidates, Plan, Query
 from engine.errors import SourceError
-from index.errors import StoreInputError
+from index.errors import StoreError, StoreInputError
 from index.faults import crash_point
 from index.keys import normalise_description, sha256_text
 from index.store import NewImage
@@ -155,7 +157,8 @@ def generate_once(ws: "Workspace", plan: Plan, name: str, jobs: list[tuple[str, 
             todo = [(by_key[key][0], key, by_key[key][1]) for key in mine if key not in stored]
             if todo:
                 try:
-                    generate_and_store(ws, plan, name, todo, budget)
+                    with renewing(store, mine, ws.owner, CLAIM_LEASE_SECONDS):
+                        generate_and_store(ws, plan, name, todo, budget)
                 except PartialResult as partial:  # the images made before the failure count
                     for text, _, _ in partial.stored:
                         made[text] += 1
@@ -170,6 +173,29 @@ def generate_once(ws: "Workspace", plan: Plan, name: str, jobs: list[tuple[str, 
             theirs = wait_for_others(store, theirs)
         pending = theirs  # released, expired or dead without a result: take them over
     return made
+
+
+@contextmanager
+def renewing(store, keys: list[str], owner: str, lease: float) -> Iterator[None]:
+    """Renew `owner`'s leases on `keys` every third of a lease while the block runs. A batch can outlast
+    one lease (48 images of a rate-limited API, or of a large model on a slow GPU, take more than 15
+    minutes): its keys were then taken over by another process, which bought every image again."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(lease / 3):
+            try:
+                store.claim(keys, owner, lease)
+            except StoreError as exc:  # the database is away for now: the next round tries again
+                log.info("cannot renew %d claims now: %s", len(keys), exc)
+
+    thread = threading.Thread(target=renew, name="resynth-claim-renewal", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def wait_for_others(store, keys: list[str], poll: float = 0.2, slice_seconds: float = 1.0) -> list[str]:

@@ -94,6 +94,35 @@ def test_a_claim_release_the_database_refused_is_retried(tmp_path, monkeypatch):
         assert store.live_claims(["a", "b", "c"]) == {"b": "me", "c": "me"}
 
 
+def test_a_generation_longer_than_its_lease_keeps_its_claims(tmp_path, clip, monkeypatch):
+    """A batch that outlasted its claim's lease (48 images of a rate-limited API or of a large model on a
+    slow GPU take more than the 15 minutes) had its keys taken over by a second process, which bought
+    every image again: 8 images bought for 4 keys, measured with the lease shortened as here."""
+    import threading
+
+    from engine import resynthesis
+    from tests.fake_images_api import FakeImagesApi
+
+    monkeypatch.setattr(resynthesis, "CLAIM_LEASE_SECONDS", 0.5)
+    config, checkpoint = clip
+    with FakeImagesApi(delay=0.4) as fake:
+        with engine.init(tmp_path / "s", clip_config=config, clip_checkpoint=checkpoint, device="cpu") as ws:
+            ws.add_source("api", kind="api", url=fake.url, model="m", size="32x32", concurrency=1)
+        with engine.open(tmp_path / "s", device="cpu") as first, engine.open(tmp_path / "s", device="cpu") as second:
+            second.embedder  # noqa: B018 - loaded now, so that it asks while the first one generates
+            done: dict = {}
+            slow = threading.Thread(target=lambda: done.update(
+                first=first.resynthesize_dataset(["a slow prompt"], Options(per_source=3))))
+            slow.start()
+            while not fake.generation_log():
+                time.sleep(0.05)
+            time.sleep(0.6)  # past one lease: only a renewed claim still holds the keys
+            done["second"] = second.resynthesize_dataset(["a slow prompt"], Options(per_source=3))
+            slow.join()
+    assert len(fake.generation_log()) == 3
+    assert (done["first"]["generated"], done["second"]["generated"], done["second"]["cached"]) == (3, 0, 3)
+
+
 def test_api_images_are_bought_only_after_the_embedder_loads(tmp_path, clip):
     """The embedder loaded after the first batch of API images was bought: a kill -9 during its load
     (seconds, measured) or a load that fails (here: changed weights) threw paid images away."""
