@@ -18,10 +18,10 @@ from sqlalchemy.orm import Session
 
 from index import vectors as vx
 from index.db import Database, execute, insert_ignore, made, table
-from index.errors import StoreInputError, UnknownName
+from index.errors import StoreInputError, UnknownName, switched_embedder
 from index.keys import check_text, normalise_description, sha256_text
 from index.layout import Layout
-from index.schema import DeletedVector, Description, Image, Source, Vector
+from index.schema import DeletedVector, Description, Image, Source, StoreMeta, Vector
 from index.schema import _now as _utcnow
 from index.search import StoredReference
 
@@ -221,6 +221,11 @@ class Catalog:
                 check_text(value, what)
         out = Recorded([], [], [])
         with self.db.write_session() as s:
+            if self.db.has_claims:  # in the transaction: a `reembed` switch commits before or after it whole
+                recorded = s.scalar(select(StoreMeta.value).where(StoreMeta.key == "config"))
+                identity = json.loads(recorded)["embedder"]["identity"] if recorded else self.embedder
+                if identity != self.embedder:  # vectors of the old space would have no vector of the live one
+                    raise switched_embedder(identity)
             for i, (row, vec) in enumerate(zip(rows, matrix)):
                 try:
                     result = insert_ignore(s, Image, {

@@ -52,3 +52,12 @@ class StoreBusy(StoreUnavailable):
 
 class StoreDenied(StoreUnavailable):
     """The operating system or the database server denied access to a store file or table."""
+
+
+def switched_embedder(identity: str) -> StoreError:
+    """Another process switched the store to another embedder (`resynth reembed`) since this one opened it:
+    its vectors and keys are of the old space, so it must not write, save or answer from them."""
+    error = StoreError(f"the store switched to embedder {identity} (`resynth reembed`) since this process "
+                       "opened it: restart this process; it writes nothing meanwhile")
+    error.code = "store_switched"
+    return error

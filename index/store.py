@@ -51,7 +51,7 @@ from index import vectors as vx
 from index.catalog import AddedImages, Catalog, LabelledVector, NewImage
 from index.claims import Claims
 from index.db import RESTORE, Database, db_label, insert_ignore, made, parse_db_url  # noqa: F401 - re-exported
-from index.errors import StoreDamaged, StoreFull, StoreInputError
+from index.errors import StoreDamaged, StoreFull, StoreInputError, switched_embedder
 from index.failures import DISK_FULL, os_failure, read_only_reason
 from index.faults import crash_point, skipped
 from index.layout import (CONFIG_NAME, DB_NAME, FORMAT, INDEX_NAME, LOCK_NAME, SEARCH_INFOS,  # noqa: F401
@@ -88,6 +88,7 @@ class Store:
         writable = writable and why is None
         self.root, self.writable, self.repair = root, writable, repair
         self._config_problem: str | None = None  # the bad store.json refresh last reported
+        self._switched: str | None = None  # the embedder another process's `reembed` switched the store to
         self.layout = Layout(root, config, writable, why)
         self.db = Database(root, config, "rwc" if create else ("rw" if writable else "ro"), writable, why)
         self.catalog = Catalog(self.db, self.layout)
@@ -188,7 +189,7 @@ class Store:
         """Publish what this process added to the index (unless the "close:publish" fault point skips
         it, as a process that dies here would), then let go of the database."""
         try:
-            if self.writable and self.live.dirty and not skipped("close:publish"):
+            if self.writable and self.live.dirty and not self._switched and not skipped("close:publish"):
                 self.save_index()
         finally:
             self.db.dispose()
@@ -250,8 +251,17 @@ class Store:
         return self.layout.remove_stale_temp_files(deep) + self.live.remove_stale_segments()
 
     def save_index(self) -> None:
-        """Publish the in-memory index atomically, merged with what other processes committed/deleted."""
-        self.live.publish()
+        """Publish the in-memory index atomically, merged with what other processes committed/deleted
+        (nothing once the store switched embedder under this process: its index is of the old space)."""
+        if not self._switched:
+            self.live.publish()
+
+    def _current(self) -> None:
+        """Refuse work in the space of an embedder the store no longer uses. A server left running across
+        a `reembed` bought every image again (its keys name the old embedder), stored vectors of the old
+        space, wrote the old index file back and then reported the database as having lost data."""
+        if self._switched:
+            raise switched_embedder(self._switched)
 
     def rebuild(self, search: bool = True, *, flat_max: int | None = None, memory_budget_bytes: int | None = None,
                 threads: int | None = None, shard_map: ivf.ShardMap | None = None) -> int:
@@ -288,6 +298,9 @@ class Store:
                 raise StoreDamaged(f"store config {path} is malformed: restore it from a backup") from None
             if self.layout.adoptable(config):
                 self.layout.config = config
+            elif not self._switched:  # another embedder's: a `reembed` switched the store
+                self._switched = config["embedder"]["identity"]
+                log.warning("%s", switched_embedder(self._switched))
             self._config_problem = None
         except OSError:
             pass  # keep the config this process has (a file unreadable for now)
@@ -297,6 +310,8 @@ class Store:
             if str(exc) != self._config_problem:
                 log.warning("keeping the store config in use: %s", exc)
                 self._config_problem = str(exc)
+        if self._switched:
+            return False  # its index file holds the new space's vectors: nothing this process may serve
         changed = self.live.reload_if_replaced()
         if changed:
             self.search_index.load()
@@ -309,6 +324,7 @@ class Store:
         return self.live.present(ids)
 
     def search(self, queries: np.ndarray, candidate_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self._current()
         return self.live.search(queries, candidate_ids)
 
     def nearest(self, query: np.ndarray, k: int, source_ids: list[int] | None = None,
@@ -316,6 +332,8 @@ class Store:
                 ) -> list[tuple[StoredReference, float]]:
         """The k stored vectors closest to `query` over the whole store, of the given roles and sources,
         never an image with the bytes `exclude_file`: best first (see SearchIndex.nearest)."""
+        self._current()
+
         def references(ids: list[int]) -> dict[int, StoredReference]:
             return self.catalog.references_by_id(ids, source_ids, roles)
         return self.search_index.nearest(query, k, references, exclude_file, exact=exact)
@@ -324,6 +342,8 @@ class Store:
                      roles: tuple[str, ...] = ("resynthesis",), exclude_files: list[str | None] | None = None, *,
                      exact: bool = False) -> list[list[tuple[StoredReference, float]]]:
         """`nearest` for each row of `queries` in one search call (see SearchIndex.nearest_many)."""
+        self._current()
+
         def references(ids: list[int]) -> dict[int, StoredReference]:
             return self.catalog.references_by_id(ids, source_ids, roles)
         excluded: list[str | None] = list(exclude_files) if exclude_files is not None else [None] * len(queries)
@@ -434,6 +454,7 @@ class Store:
 
     # ----- claims, verify, re-embedding, numbers ---------------------------------------------
     def claim(self, keys: list[str], owner: str, lease_seconds: float = 600.0) -> list[str]:
+        self._current()
         return self.claims.claim(keys, owner, lease_seconds)
 
     def release(self, keys: list[str], owner: str) -> int:

@@ -17,7 +17,7 @@ import engine
 from engine.cli import main
 from engine.errors import UserError, kind_of
 from engine.options import Options
-from index.errors import StoreBusy, StoreUnavailable
+from index.errors import StoreBusy, StoreError, StoreUnavailable
 from index.faults import skipping
 from index.store import NewImage, Store
 from tests import pg
@@ -67,6 +67,36 @@ def test_verify_notes_an_index_that_only_lags_and_still_reports_damage(tmp_path)
     with Store.open(root) as store:  # a writable open saves the catch-up
         report = store.verify()
         assert report["ok"] and not report["notes"] and "lag" not in report["index"]
+
+
+def test_a_process_left_running_across_a_reembed_writes_nothing(tmp_path):
+    """A server not restarted after `resynth reembed` (the docs ask for it; a user forgets) kept going in
+    the old space: it bought every image again (keys name the embedder), stored old-space vectors (then
+    "images have no vector" in verify), wrote the old index file back and logged that the database had lost
+    data. It is now refused, in one line, from the database at its next write and from store.json at its
+    next refresh."""
+    root = tmp_path / "s"
+    with Store.create(root, EMBEDDER, DIM) as store:
+        _add(store, 0, 3)
+    old = Store.open(root)
+    try:
+        other = {"identity": "other-embedder", "arch": "y", "checkpoint": "y"}
+        with Store.open(root) as switching:
+            ids = [image_id for image_id, _, _ in switching.images_without_vector(other["identity"])]
+            switching.add_vectors(other["identity"], ids, np.eye(len(ids), DIM, dtype=np.float32))
+            switching.switch_embedder(other, DIM)
+        with pytest.raises(StoreError, match="switched to embedder other-embedder") as caught:
+            _add(old, 10, 1)  # before any refresh: the database refuses it in the write's transaction
+        assert kind_of(caught.value).code == "store_switched" and "\n" not in str(caught.value)
+        assert old.refresh() is False
+        with pytest.raises(StoreError, match="restart this process"):
+            old.search(np.zeros((1, DIM), np.float32), np.array([1], np.int64))
+    finally:
+        old.close()  # saves nothing: no index file of the old space comes back
+    assert not (root / "vectors.faiss").exists()
+    with Store.open(root, writable=False) as store:
+        report = store.verify()
+        assert report["ok"], report["problems"]
 
 
 def test_a_claim_release_the_database_refused_is_retried(tmp_path, monkeypatch):
