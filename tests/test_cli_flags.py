@@ -263,14 +263,22 @@ def test_source_list_shows_each_recipe_and_the_demo_the_commands_to_reuse_it(tmp
              "params": {"steps": 2, "guidance": 7.0, "size": None, "scheduler": None, "negative_prompt": None}},
             {"name": "dalle3", "kind": "api", "path": "https://api.example/v1/images/generations",  # as stored
              "params": {"url": "https://api.example", "model": "dall-e-3", "size": "1024x1024", "price": 0.04,
-                        "api_key_env": "KEY", "concurrency": 2, "timeout": 120.0, "extra": {}}},
+                        "rate": 5.0, "api_key_env": "KEY", "concurrency": 2, "timeout": 120.0, "extra": {}}},
             {"name": "published", "kind": "replay", "path": None, "params": {}}]
     text = table(rows).splitlines()
     assert text[0].split() == ["name", "kind", "recipe", "model"]
     assert "steps 2, guidance 7, size pipeline's, scheduler DDIMScheduler (the pipeline's own)" in text[1]
-    assert "size 1024x1024, price 0.04" in text[2]
+    assert "size 1024x1024, price 0.04, rate 5/min" in text[2]  # the rate with its unit
     assert text[2].endswith("dall-e-3 at https://api.example/v1/images/generations")  # the model, not only the URL
     assert "KEY" not in text[2] and "replays stored images" in text[3]
+    from engine.sources.api import Api  # the warning for unset key variables agrees in number
+
+    one = Api().prepare("x", "https://api.example", "m", api_key_env="RESYNTH_UNSET_A").warning
+    two = Api().prepare("x", "https://api.example", "m", api_key_env="RESYNTH_UNSET_A",
+                        client_id_env="RESYNTH_UNSET_B", protocol="firefly").warning
+    assert one == "environment variable RESYNTH_UNSET_A is not set here: set it where resynth runs"
+    assert two == ("environment variables RESYNTH_UNSET_A and RESYNTH_UNSET_B are not set here: set them where "
+                   "resynth runs")
     command = add_command("sd", str(folder), rows[0]["params"], "my-store")
     assert command == f"resynth source add sd '{folder}' --steps 2 --guidance 7 --store my-store"
     models = {"clip_config": tmp_path / "clip" / "c.json", "clip_checkpoint": tmp_path / "clip" / "w.bin",
@@ -311,3 +319,14 @@ def test_the_triage_line_counts_in_words():
     line = Summary("case", "out", images=6, non_images=1, answered=4, duplicates=1, errors=1).line()
     assert line.startswith("triaged 6 images under case: 4 answered, 0 already answered, 1 duplicate, 1 error; "
                            "1 other file skipped"), line
+    # the labelled set's usage line and the evaluation report agree in number too ("of 1 sources" before)
+    import numpy as np
+
+    from engine.evaluation.report import _sources_text
+    from engine.labelled import EvalSet
+
+    empty = np.zeros(0, np.int64)
+    one = EvalSet(["a", "b"], np.array([0]), np.array([0]), ["h"], ["a.png"], empty, empty, empty, empty, [], [], ["d"])
+    assert one.usage_text() == "used 1 original of 1 source (of 2 candidate sources; none of b); none skipped"
+    assert _sources_text({"sources": ["a", "b"], "originals_per_source": {"a": 1, "b": 0}}) == \
+        "1 source (of 2 candidate sources)"

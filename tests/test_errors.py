@@ -160,6 +160,12 @@ def test_bad_manifests(store_dir, originals, capsys, tmp_path):
         rows.write(f"{originals[2]['image']},b,d,original,\n{originals[3]['image']},b,d,resynthesis,1\n")
     _fails(capsys, "evaluate", tmp_path / "one.csv", "--out", tmp_path / "eval", "--clip-layer", "4", *s,
            match="--clip-layer applies to --clip-model or --clip-config")
+    # --layers names itself (not --clip-layer) and every value it takes, before any embedding
+    for layers, message in (("99", "--layers 99 is out of range: expected base (or store), final, mid or a block "
+                                   "number from 1 to"),
+                            ("foo", "--layers: expected base (or store), final, mid or a block number from 1 to")):
+        _fails(capsys, "evaluate", tmp_path / "one.csv", "--out", tmp_path / "eval", "--layers", layers, *s,
+               match=message)
 
 
 def test_console_script_help_and_error_exit():

@@ -28,6 +28,8 @@ def layer_embedders(base: Embedder, layers: list[str]) -> dict[str, Embedder]:
     Reuses `base` for its own layer and its checkpoint hash for the others (no second sha256).
     """
     blocks = block_count(base)
+    accepted = ("base (or store), final, mid or a block number"
+                + (f" from 1 to {blocks}" if blocks else " (this CLIP has none)"))
     out: dict[str, Embedder] = {}
     for name in layers:
         name = name.strip().lower()
@@ -37,13 +39,15 @@ def layer_embedders(base: Embedder, layers: list[str]) -> dict[str, Embedder]:
             layer = None
         elif name == "mid":
             if not blocks:
-                raise UserError("this CLIP architecture has no transformer blocks to take a middle layer from")
+                raise UserError(f"--layers mid: this CLIP architecture has no transformer blocks: expected {accepted}")
             layer = max(1, blocks // 2)
         else:
             try:
                 layer = int(name)
             except ValueError:
-                raise UserError(f"--layers: expected final, mid or a block number, not {name!r}") from None
+                raise UserError(f"--layers: expected {accepted}, not {name!r}") from None
+            if not 1 <= layer <= blocks:  # checked here: the embedder would name --clip-layer, after loading
+                raise UserError(f"--layers {layer} is out of range: expected {accepted}")
         label = "final" if layer is None else f"block{layer}"
         if label in out:
             continue

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.textanswer import plural
+
 
 def _pyplot():
     import matplotlib
@@ -53,7 +55,7 @@ def shots(report: dict, path: Path) -> Path:
     ax.minorticks_off()
     ax.set_xticks(fewshot["shots"], [str(k) for k in fewshot["shots"]])
     ax.set_xlabel("labelled originals per source (k)")
-    ax.set_ylabel(f"accuracy (mean ± std over {fewshot['draws']} draws)")
+    ax.set_ylabel(f"accuracy (mean ± std over {plural(fewshot['draws'], 'draw')})")
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title("resynthesis vs few-shot baselines")

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from engine.metrics import json_safe  # noqa: F401  (the report's figures as JSON)
+from engine.textanswer import plural
 
 
 def _pct(value) -> str:
@@ -212,7 +213,8 @@ def _sources_text(d: dict) -> str:
     """"N sources": those that had originals (of M candidates, when some had none)."""
     per = d.get("originals_per_source") or {}
     having = sum(1 for count in per.values() if count) if per else len(d["sources"])
-    return f"{having} sources" + (f" (of {len(d['sources'])} candidate sources)" if having != len(d["sources"]) else "")
+    return plural(having, "source") + (f" (of {plural(len(d['sources']), 'candidate source')})"
+                                       if having != len(d["sources"]) else "")
 
 
 def markdown(report: dict) -> str:
@@ -221,7 +223,7 @@ def markdown(report: dict) -> str:
     skipped = skipped_text(d)
     parts = [
         "# resynth evaluation",
-        f"{d['originals']} originals of {_sources_text(d)} ({d['descriptions']} descriptions), "
+        f"{d['originals']} originals of {_sources_text(d)} ({plural(d['descriptions'], 'description')}), "
         f"{d['resyntheses']} resyntheses (up to K={d['max_per_source']} per source and original); every original "
         f"attributed leave-one-out. Feature layers: {', '.join(d['layers'])} (primary: {d['primary_layer']}). "
         f"Chance: {_pct(d['chance'])}." + (f" {skipped[0].upper()}{skipped[1:]}." if skipped else ""),
@@ -284,7 +286,8 @@ def summary(report: dict) -> str:
               f"best variant {b['variant']}: accuracy {_pct(b['accuracy'])}, macro AUROC {_num(b['macro_auroc'])}"]
     if report.get("modes"):
         lines.append("other modes: " + "; ".join(
-            f"{mode} {_pct(m['accuracy'])}, {m['generations_per_new_description']} generations per new description"
+            f"{mode} {_pct(m['accuracy'])}, {plural(m['generations_per_new_description'], 'generation')} per new "
+            "description"
             for mode, m in report["modes"].items() if not m["default"]))
     fewshot = report["fewshot"]
     if fewshot["shots"]:

@@ -61,7 +61,9 @@ class Api(SourceKind):
         warning = None
         unset = [env for env in (api_key_env, client_id_env) if env and not os.environ.get(env)]
         if unset:
-            warning = f"environment variable {' and '.join(unset)} is not set here: set it where resynth runs"
+            names, are, it = (unset[0], "is", "it") if len(unset) == 1 else (" and ".join(unset), "are", "them")
+            warning = (f"environment variable{'s' if len(unset) > 1 else ''} {names} {are} not set here: set {it} "
+                       "where resynth runs")
         return Recipe(path=params.endpoint(), params=params.stored(), fingerprint=api_fingerprint(params.cache_hash()),
                       twin="already calls this endpoint and model with the same parameters", warning=warning)
 
@@ -76,9 +78,12 @@ class Api(SourceKind):
         return ApiGenerator(source.name, ApiParams.from_json(source.params_json), source.fingerprint)
 
     def describe_recipe(self, params: dict, path: str | None) -> str:
-        """The stored fields; the protocol only when it is not the default (as in the cache key)."""
+        """The stored fields; the protocol only when it is not the default (as in the cache key); the rate
+        with its unit (stored in requests per minute, as `--rate` reads N and N/min)."""
         if params.get("protocol") == providers.DEFAULT:
             params = {k: v for k, v in params.items() if k != "protocol"}
+        if isinstance(params.get("rate"), (int, float)):
+            params = {**params, "rate": f"{params['rate']:g}/min"}
         return super().describe_recipe(params, path)
 
 

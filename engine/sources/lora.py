@@ -37,7 +37,8 @@ from engine.sources.single_file import (RECIPE_PARAMS, check_safetensors, file_s
 def parse_loras(value) -> list[tuple[str, float]]:
     """`A.safetensors:0.8,B.safetensors` (or a list of such strings, or of (file, scale) pairs) -> pairs.
 
-    A trailing `:SCALE` is read only when it parses as a number, so a path with a colon still works."""
+    A trailing `:SCALE` that is no number is read as part of the path when it looks like one (a colon in a
+    folder or file name, `C:\\...`); otherwise it is a mistyped scale, refused by name."""
     if value is None or value == "" or value == []:
         raise UserError("a LoRA source needs --lora FILE[:SCALE] (comma-separated or repeated for several)")
     items: list[tuple[str, Any]] = []
@@ -53,6 +54,8 @@ def parse_loras(value) -> list[tuple[str, float]]:
             try:
                 items.append((path, float(tail)) if colon and path else (part, 1.0))
             except ValueError:
+                if _scale_typo(tail):
+                    raise UserError(f"--lora FILE:SCALE: {tail!r} is not a number (in {part})") from None
                 items.append((part, 1.0))
     pairs: list[tuple[str, float]] = []
     for path, given in items:
@@ -66,6 +69,12 @@ def parse_loras(value) -> list[tuple[str, float]]:
     if not pairs:
         raise UserError("a LoRA source needs --lora FILE[:SCALE]")
     return pairs
+
+
+def _scale_typo(tail: str) -> bool:
+    """`FILE:x`: a tail that is no number and no path (an adapter file ends in .safetensors), read without
+    touching the disk (the service parses before it checks where a path may point)."""
+    return not any(sep in tail for sep in "/\\") and not tail.lower().endswith(".safetensors")
 
 
 def adapter_name(sha256: str) -> str:
