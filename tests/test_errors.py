@@ -70,6 +70,11 @@ def test_bad_model_folders(store_dir, models, capsys, tmp_path, copy_of):
     for weights in truncated.rglob("*.safetensors"):
         weights.write_bytes(weights.read_bytes()[:-10])
     _fails(capsys, "source", "add", "truncated", truncated, *s, match="truncated or padded")
+    # configs without weights (a single-file source's --config folder): refused at `source add`, not first use
+    configs = copy_of(folder, "configs-only")
+    for weights in (configs / "unet").glob("*.safetensors"):
+        weights.unlink()
+    _fails(capsys, "source", "add", "configs", configs, *s, match="no weight files (*.safetensors, *.bin) in unet:")
 
 
 def test_a_source_that_breaks_later_is_reported_not_fatal(store_dir, models, originals, capsys, copy_of):

@@ -247,6 +247,11 @@ def test_cli_source_add_infers_the_local_kinds(models, local, tmp_path, capsys):
     with pytest.raises(UserError, match=r"is a LoRA .* --lora "):
         SingleFile().prepare("x", local["a"], config=local["config"])
     assert run_cli("source", "add", "bad", local["base"], "--lora", f"{local['a']}:x", "--store", store) != 0
+    err = capsys.readouterr().err  # the scale is named, not "LoRA file not found: FILE:x"
+    assert "--lora FILE:SCALE: 'x' is not a number" in err and "not found" not in err and err.count("\n") == 1
+    # a configs-only folder is no base: refused at `source add` (it used to fail at its first generation)
+    assert run_cli("source", "add", "no-weights", local["config"], "--lora", local["a"], "--store", store) == 2
+    assert "no weight files (*.safetensors, *.bin) in text_encoder, unet, vae:" in capsys.readouterr().err
     with engine.open(store) as ws:
         rows = {r["name"]: r for r in ws.list_sources()}
     assert {n: r["kind"] for n, r in rows.items()} == {"one-file": "single-file", "lora-ab": "lora",

@@ -98,8 +98,11 @@ class Lora(SourceKind):
                 scheduler: str | None = None, negative_prompt: str | None = None) -> Recipe:
         from engine.generate import check_pipeline_folder, fingerprint_folder
 
+        from engine.sources.pipeline import check_weights_present
+
         folder = Path(path).expanduser().resolve()
         check_pipeline_folder(folder)
+        check_weights_present(folder)  # the base's own weights (a configs-only folder fails at first generation)
         adapters = []
         for given, scale in parse_loras(lora):
             file = check_safetensors(given, "LoRA file")

@@ -37,6 +37,7 @@ class Pipeline(SourceKind):
             raise UserError(f"{path} is a single checkpoint file: add it as a single-file source with --config DIR "
                             "(a diffusers folder of the same architecture, for its configs; nothing is downloaded)")
         check_pipeline_folder(folder)
+        check_weights_present(folder)
         check_scheduler(scheduler)
         if steps < 1 or (size is not None and (size < 8 or size % 8)):
             raise UserError("--steps must be >= 1 and --size a multiple of 8")
@@ -56,6 +57,27 @@ class Pipeline(SourceKind):
 
         return DiffusersGenerator(source.name, Path(source.path), GenerationParams.from_json(source.params_json),
                                   device, fingerprint=source.fingerprint)
+
+
+# components that hold weights, so a folder of their configs alone cannot generate
+WEIGHTED = ("unet", "transformer", "vae", "text_encoder")
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+
+
+def check_weights_present(folder: Path) -> None:
+    """Refuse a folder whose weighted components (model_index.json names them) hold no weight file: a config-only
+    folder (a single-file source's --config, say) would otherwise be added and fail only at its first generation.
+    Globs, loads nothing; check_pipeline_folder has read model_index.json and checked the component folders."""
+    import json
+
+    index = json.loads((folder / "model_index.json").read_text())
+    empty = [name for name, value in index.items()
+             if name.startswith(WEIGHTED) and isinstance(value, list) and value and value[0]
+             and not any(next((folder / name).glob(pattern), None) for pattern in WEIGHT_PATTERNS)]
+    if empty:
+        raise UserError(f"{folder}: no weight files (*.safetensors, *.bin) in {', '.join(empty)}: the folder holds "
+                        "configs only (download the weights, or add a checkpoint file as a single-file source with "
+                        "--config DIR)")
 
 
 def recipe_fingerprint(kind: str, model_hash: str | None, params) -> str:
