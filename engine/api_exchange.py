@@ -124,7 +124,8 @@ class ApiExchanges:
                       self.retries, delay)
             if abort.wait(delay):
                 raise _Interrupted()
-        raise SourceError(self.name, f"{prefix}gave up after {self.retries + 1} attempts: {problem}")
+        attempts = f"{self.retries + 1} attempt{'s' * (self.retries != 0)}"
+        raise SourceError(self.name, f"{prefix}gave up after {attempts}: {problem}")
 
     def _poll(self, client: httpx.Client, url: str, check: Callable[[Any], Any], key: str | None,
               abort: threading.Event, extra_headers: Mapping[str, str] | None = None) -> Any:

@@ -368,9 +368,11 @@ def cmd_ingest(args) -> None:
         raise UserError(f"{folder} is a folder: give the manifest file in it (.csv or .jsonl){hint}")
     with _open(args) as ws:
         report = ws.ingest(args.manifest, allow_outside=args.allow_outside)
-    _emit(args, asdict(report), f"ingested {report.added} images ({report.skipped} skipped: stored before, or a "
-                                f"duplicate row of this manifest) from {report.rows} rows; new replay sources: "
-                                f"{', '.join(report.new_sources) or 'none'}")
+    from engine.textanswer import plural
+
+    _emit(args, asdict(report), f"ingested {plural(report.added, 'image')} ({report.skipped} skipped: stored before, "
+                                f"or a duplicate row of this manifest) from {plural(report.rows, 'row')}; new replay "
+                                f"sources: {', '.join(report.new_sources) or 'none'}")
 
 
 def _query_specs(args) -> list[tuple[Path, str | None]]:

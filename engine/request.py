@@ -233,7 +233,8 @@ def attribute(ws: "Workspace", images: ImageInput | Sequence[ImageInput] | Seque
     prompts: list[str | None] = (list(prompt) if isinstance(prompt, (list, tuple))
                                  else [cast("str | None", prompt)] * len(items))
     if len(prompts) != len(items):
-        raise UserError(f"{len(prompts)} prompts for {len(items)} images: give one, or one per image")
+        raise UserError(f"{len(prompts)} prompt{'s' * (len(prompts) != 1)} for {len(items)} "
+                        f"image{'s' * (len(items) != 1)}: give one, or one per image")
     from engine.api_source import Budget
 
     plan = ws.plan(options)

@@ -35,6 +35,11 @@ def test_bad_query_inputs(store_dir, image_and_prompt, capsys, tmp_path):
     _fails(capsys, "attribute", image, "--prompt", prompt, "--sources", "midjourney", *s, match="unknown source")
     _fails(capsys, "attribute", image, *s, match="no description")
     _fails(capsys, "attribute", *s, match="nothing to attribute")
+    from engine.errors import UserError
+    from engine.request import attribute  # refused before the workspace is used: the counts agree in number
+
+    with pytest.raises(UserError, match=r"^2 prompts for 1 image: give one, or one per image$"):
+        attribute(None, [image], ["a", "b"])
     bad_queries = tmp_path / "q.jsonl"
     bad_queries.write_text('{"img": "a.png"}\n')
     _fails(capsys, "attribute", "--queries", bad_queries, *s, match="q.jsonl:1")

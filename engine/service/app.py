@@ -287,7 +287,8 @@ async def _read_request(request: Request, service: Service,
         prompts = cast(list[str], prompt_parts)  # every one checked just above
         if len(prompts) not in (0, 1, len(uploads)):
             raise ServiceError(400, "bad_request",
-                               f"{len(prompts)} prompts for {len(uploads)} images: give one, or one per image")
+                               f"{len(prompts)} prompts for {len(uploads)} image{'s' * (len(uploads) != 1)}: "
+                               "give one, or one per image")
         for number, prompt in enumerate(prompts, start=1):
             if not normalise_description(prompt):
                 raise ServiceError(400, "empty_prompt", f"prompt {number} is empty: give a description with "
@@ -353,8 +354,8 @@ def _charge(sizes: list[tuple[int, int] | None], labels: list[str], limits: Limi
         check_aspect(width, height, label)  # what preprocessing would scale up: refused before decoding
         total += width * height
     if total > limits.max_request_pixels:
-        raise TooLargeError(f"{len(sizes)} images of {total} pixels in all: the limit per request is "
-                            f"{limits.max_request_pixels}", code="request_too_large")
+        raise TooLargeError(f"{len(sizes)} image{'s' * (len(sizes) != 1)} of {total} pixels in all: the limit per "
+                            f"request is {limits.max_request_pixels}", code="request_too_large")
     return total
 
 

@@ -37,7 +37,7 @@ class GenerationQueue:
                 return running
             if self._waiting >= self.limit:
                 self.counters["refused"] += 1
-                raise QueueFull(f"generation queue full ({self.limit} jobs waiting)")
+                raise QueueFull(f"generation queue full ({self.limit} job{'s' * (self.limit != 1)} waiting)")
             future: Future = Future()
             self._inflight[key] = future
             self._waiting += 1
