@@ -150,7 +150,8 @@ class Embedder:
                 raise UserError(f"{arch} has no transformer blocks: use --clip-layer final")
             spec = self.spec = replace(spec, layer=max(1, blocks // 2))
         if isinstance(spec.layer, int) and (blocks is None or not 1 <= spec.layer <= blocks):
-            raise UserError(f"--clip-layer {spec.layer} is out of range for {arch} ({blocks or 0} blocks)")
+            raise UserError(f"--clip-layer {spec.layer} is out of range for {arch} ({blocks or 0} "
+                            f"block{'s' * ((blocks or 0) != 1)})")
         self.checkpoint_sha256 = sha256
         layer = "final" if spec.layer is None else f"block{spec.layer}"
         self.identity = f"{arch}@{sha256[:16]}/{layer}"

@@ -328,8 +328,10 @@ def cmd_import_published(args) -> None:
             print(f"resynth: warning: {line}", file=sys.stderr)
         if ws is not None:
             report.ingest = asdict(ws.ingest(args.out, allow_outside=True))  # the dataset the user named
-    text = (f"wrote {report.manifest}: {report.originals} originals and {report.resyntheses} resyntheses "
-            f"({report.linked} linked to their original) from {len(report.generators)} generators")
+    from engine.textanswer import plural
+
+    text = (f"wrote {report.manifest}: {plural(report.originals, 'original')} and {report.resyntheses} resyntheses "
+            f"({report.linked} linked to their original) from {plural(len(report.generators), 'generator')}")
     if report.ingest:
         text += (f"\ningested {report.ingest['added']} images ({report.ingest['skipped']} already stored); "
                  f"new replay sources: {', '.join(report.ingest['new_sources']) or 'none'}")

@@ -157,8 +157,9 @@ class Guard:
                 return
         counted = path not in PUBLIC_PATHS
         if counted and self.active >= self.limits.max_requests:
-            await send_error(send, 503, "busy", f"the server is handling {self.active} requests, its limit; "
-                                                "retry shortly", {"Retry-After": "2", **extra})
+            handling = f"{self.active} request{'s' * (self.active != 1)}"
+            await send_error(send, 503, "busy", f"the server is handling {handling}, its limit; retry shortly",
+                             {"Retry-After": "2", **extra})
             return
         received, started, body_done = 0, False, False
         deadline = time.monotonic() + self.limits.body_timeout
