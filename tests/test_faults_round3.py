@@ -244,3 +244,27 @@ def test_postgresql_down_or_out_of_connections_is_told_apart_from_damage(tmp_pat
             hog.close()
         pg.drop_database(url)
         pg.sql(admin, f'DROP ROLE IF EXISTS "{role}"')
+
+
+def test_readiness_says_when_the_database_is_gone(tmp_path, clip):
+    """/readyz answered 200 while PostgreSQL was down and every lookup 503: a balancer kept sending requests."""
+    from fastapi.testclient import TestClient
+
+    from engine.service.app import create_app
+    from engine.service.config import Limits
+    from engine.service.core import Service
+
+    if not pg.admin_url():
+        pytest.skip(pg.why())
+    config, checkpoint = clip
+    url = pg.create_database()
+    try:
+        assert main(["init", "--store", str(tmp_path / "s"), "--db", url, "--clip-config", str(config),
+                     "--clip-checkpoint", str(checkpoint), "--quiet"]) == 0
+        with TestClient(create_app(Service.open(tmp_path / "s", Limits()))) as client:
+            assert client.get("/readyz").json()["status"] == "ready"
+            pg.drop_database(url)  # WITH (FORCE): its connections are cut, new ones refused
+            reply = client.get("/readyz")
+            assert reply.status_code == 503 and reply.json()["error"]["code"] == "database_unreachable", reply.text
+    finally:
+        pg.drop_database(url)

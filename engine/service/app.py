@@ -34,6 +34,7 @@ from index.keys import normalise_description
 log = logging.getLogger("resynth.service")
 STATIC = Path(__file__).parent / "static"
 OPTION_FIELDS = tuple(schema())  # the HTTP form fields are the options, declared once in engine.options
+READY_DB_SECONDS = 2.0  # /readyz waits this long for the store's database before it answers "not ready"
 # The bases of every error engine.errors.kind_of maps. They get their own handlers, which answer
 # inside the app like ServiceError's; the catch-all Exception handler answers too but starlette then
 # re-raises to the server, which logs a traceback: right for a bug, noise for a user's mistake.
@@ -107,10 +108,18 @@ def create_app(service: Service, token: str | None = None, access: Access | None
 
     @app.get("/readyz", tags=["health"])
     async def readyz() -> JSONResponse:
-        """Readiness: models loaded, worker threads alive."""
-        if service.ready():
-            return JSONResponse({"status": "ready", "queue": service.generation.depth()})
-        return JSONResponse(body("not_ready", "the service is starting or stopping"), status_code=503)
+        """Readiness: models loaded, worker threads alive, the store's database answering (within
+        READY_DB_SECONDS: a probe must not hang on a database that does not answer)."""
+        if not service.ready():
+            return JSONResponse(body("not_ready", "the service is starting or stopping"), status_code=503)
+        try:
+            reachable = await asyncio.wait_for(asyncio.to_thread(service.store_reachable), READY_DB_SECONDS)
+        except asyncio.TimeoutError:
+            reachable = False
+        if not reachable:
+            return JSONResponse(body("database_unreachable", "the store's database does not answer"),
+                                status_code=503)
+        return JSONResponse({"status": "ready", "queue": service.generation.depth()})
 
     @app.get("/v1/sources", tags=["store"])
     async def sources() -> dict:
