@@ -83,6 +83,9 @@ def _new_key(result) -> int:
     return int(key[0])
 
 
+SEED_LIMIT = 2 ** 63  # images.seed is a signed 64-bit column on both backends
+
+
 def _check_source(name: str, kind: str, fingerprint: str, path: str | None) -> None:
     """Text a source row takes in: the same refused on both backends (keys.check_text)."""
     check_text(name, "source name", controls=True)
@@ -138,7 +141,9 @@ class Catalog:
             return list(s.scalars(select(Source).order_by(Source.name)))
 
     def source(self, name: str) -> Source:
-        check_text(name, "source name", controls=True)
+        """The source named `name`. Any stored name is found (one added before the invisible and bidi
+        characters were refused can still be looked up and removed); only new names get the full check."""
+        check_text(name, "source name")  # NUL: no backend stores it
         with self.db.session() as s:
             found = s.scalar(select(Source).where(Source.name == name))
         if found is None:
@@ -219,6 +224,9 @@ class Catalog:
             for what, value in (("image key", row.key), ("image path", row.path), ("file hash", row.file_hash),
                                 ("image role", row.role), ("params hash", row.params_hash)):
                 check_text(value, what)
+            if row.seed is not None and not -SEED_LIMIT <= row.seed < SEED_LIMIT:
+                raise StoreInputError(f"seed {row.seed} does not fit the store's seed column "
+                                      "(-2^63 to 2^63-1): record it as None (the image key can hold it)")
         out = Recorded([], [], [])
         with self.db.write_session() as s:
             if self.db.has_claims:  # in the transaction: a `reembed` switch commits before or after it whole

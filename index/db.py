@@ -282,6 +282,10 @@ class Dialect:
         """The highest vector id the database ever handed out (deleted ones included), 0 if unknown."""
         return 0
 
+    def narrow_seeds(self, conn) -> bool:
+        """Whether images.seed is a 32-bit column (made by an older resynth), too small for 64-bit seeds."""
+        return False  # SQLite: every INTEGER column holds 64 bits
+
     def integrity(self, conn, quick: bool = False) -> list[str]:
         """The database's own integrity check: ["ok"] or its first complaints."""
         return ["ok"]
@@ -375,6 +379,11 @@ class PostgresDialect(Dialect):
         return int(conn.exec_driver_sql(
             "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM vectors_id_seq").scalar() or 0)
 
+    def narrow_seeds(self, conn) -> bool:
+        return conn.exec_driver_sql("SELECT data_type FROM information_schema.columns WHERE table_schema = "
+                                    "current_schema() AND table_name = 'images' AND column_name = 'seed'"
+                                    ).scalar() == "integer"
+
 
 class Database:
     """The store's engines and sessions, its dialect, and how messages name it.
@@ -415,6 +424,7 @@ class Database:
         self._write_factory = sessionmaker(self.write_engine, expire_on_commit=False)
         # what an older database lacks (set by migrations.probe; all True once migrated)
         self.has_checksums = self.has_tombstones = self.has_claims = self.has_vector_sets = True
+        self.has_wide_seeds = True
 
     def session(self) -> Session:
         return self._read_factory()

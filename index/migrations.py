@@ -1,7 +1,8 @@
 """Making, probing and upgrading the store's database schema (both backends, through `db.Dialect`).
 
 Steps of an older database's upgrade, each idempotent: the `checksum` column (backfilled), tombstones
-(ids allocated before them count as deleted), claims, and the trigger-kept id digest (`vector_sets`).
+(ids allocated before them count as deleted), claims, the trigger-kept id digest (`vector_sets`), and
+(PostgreSQL) a 64-bit `images.seed` (it was INTEGER: 32 bits, short of the seeds manifests carry).
 """
 from __future__ import annotations
 
@@ -92,12 +93,14 @@ def probe(db: Database, embedder: str, dim: int) -> None:
                 raise db.damaged(f"fails its integrity check ({result.splitlines()[0]})")
             columns = db.dialect.columns(conn, "vectors")
             triggers = has_vector_set_triggers(db, conn)
+            narrow = db.dialect.narrow_seeds(conn)
             if db.dialect.binds_database and "store_meta" in tables:
                 _check_binding(db, conn, embedder, dim)
         db.has_checksums = "checksum" in columns
         db.has_tombstones = "deleted_vectors" in tables
         db.has_claims = "claims" in tables
         db.has_vector_sets = "vector_sets" in tables and triggers
+        db.has_wide_seeds = not narrow
     except DBAPIError as exc:
         reason = str(exc.orig).splitlines()[0] if exc.orig is not None else type(exc).__name__
         raise db.dialect.unreadable(db, reason) from None
@@ -105,12 +108,15 @@ def probe(db: Database, embedder: str, dim: int) -> None:
 
 def migrate(db: Database, embedder: str, dim: int) -> None:
     """Bring a database made by an older resynth up to date (writable opens only): checksum column
-    (backfilled), tombstones, claims. Ids allocated before tombstones existed count as deleted."""
-    if db.has_checksums and db.has_tombstones and db.has_claims and db.has_vector_sets:
+    (backfilled), tombstones, claims, vector_sets, 64-bit seeds. Ids allocated before tombstones existed
+    count as deleted. A read-only open keeps the old shape: it reads the same."""
+    if db.has_checksums and db.has_tombstones and db.has_claims and db.has_vector_sets and db.has_wide_seeds:
         return
     with db.write_engine.begin() as conn:
         if "checksum" not in db.dialect.columns(conn, "vectors"):
             conn.exec_driver_sql("ALTER TABLE vectors ADD COLUMN checksum VARCHAR(32)")
+        if db.dialect.narrow_seeds(conn):  # checked again under the write lock: another open may have done it
+            conn.exec_driver_sql("ALTER TABLE images ALTER COLUMN seed TYPE BIGINT")
         tables = db.dialect.tables(conn)
         Base.metadata.create_all(conn, tables=[cast(Table, t) for t in ADDED_TABLES])
         if conn.scalar(select(StoreMeta.value).where(StoreMeta.key == "tombstones_from")) is None:
@@ -123,7 +129,7 @@ def migrate(db: Database, embedder: str, dim: int) -> None:
             for statement in vector_set_ddl(db):
                 db.dialect.raw_sql(conn, statement)
             recount_vector_sets(db, conn)
-    db.has_checksums = db.has_tombstones = db.has_claims = db.has_vector_sets = True
+    db.has_checksums = db.has_tombstones = db.has_claims = db.has_vector_sets = db.has_wide_seeds = True
     backfill_checksums(db)
 
 

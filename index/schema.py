@@ -45,7 +45,7 @@ class Image(Base):
     role: Mapped[str] = mapped_column(String(20))
     source_id: Mapped[int] = mapped_column(ForeignKey("sources.id", ondelete="CASCADE"))
     description_id: Mapped[int] = mapped_column(ForeignKey("descriptions.id"))
-    seed: Mapped[int | None]
+    seed: Mapped[int | None] = mapped_column(BigInteger)  # 64-bit: manifests and A1111 carry seeds past 2^31
     params_hash: Mapped[str | None] = mapped_column(String(64))
     file_hash: Mapped[str] = mapped_column(String(64), index=True)
     path: Mapped[str] = mapped_column(Text)

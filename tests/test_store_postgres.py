@@ -213,3 +213,36 @@ def test_generation_happens_once_across_processes_and_survives_kill(tmp_path, mo
     report = json.loads(done.stdout)
     assert report["index"]["bad_content"] == 0 and report["index"]["lost_from_database"] == 0
     assert report["database"]["vectors"] == 2 * n and not report["orphans"]["count"]
+
+
+def test_64_bit_seeds_are_stored_and_an_older_32_bit_column_is_widened_at_a_writable_open(tmp_path, url):
+    """PostgreSQL's INTEGER holds 32 bits; manifests carry seeds up to 2^63-1 (A1111 often past 2^31), and
+    an ingest failed mid-way on them. New stores make images.seed BIGINT; an older store's column is
+    widened by the next writable open (a read-only open reads it as it is)."""
+    root = tmp_path / "s"
+    seeds = {"big": 3_000_000_000, "max": 2 ** 63 - 1, "big2": 3_000_000_001, "max2": 2 ** 63 - 2}
+
+    def add(store: Store, keys: list[str]) -> None:
+        src, desc = store.ensure_source("replay", "replay", "fp"), store.description_id("a prompt")
+        store.add_images([NewImage(key=k, role="resynthesis", source_id=src.id, description_id=desc, seed=seeds[k],
+                                   file_hash=f"h-{k}", path=f"images/{k}.png", vector=_vec(k)) for k in keys])
+
+    def stored(store: Store) -> dict[str, int | None]:
+        return {Path(v.path).stem: v.seed for v in store.labelled_vectors()}
+
+    column = "SELECT data_type FROM information_schema.columns WHERE table_name = 'images' AND column_name = 'seed'"
+    with Store.create(root, EMBEDDER, DIM, db_url=url) as store:
+        add(store, ["big", "max"])
+        assert stored(store) == {"big": seeds["big"], "max": seeds["max"]}
+    assert pg.sql(url, column) == [[("bigint",)]]
+    # the shape an older resynth made (its seeds fitted 32 bits)
+    pg.sql(url, "UPDATE images SET seed = 7", "ALTER TABLE images ALTER COLUMN seed TYPE INTEGER")
+    with Store.open(root, writable=False) as old:
+        assert stored(old) == {"big": 7, "max": 7} and not old.db.has_wide_seeds
+    assert pg.sql(url, column) == [[("integer",)]]
+    with Store.open(root) as store:
+        assert pg.sql(url, column) == [[("bigint",)]]
+        add(store, ["big2", "max2"])
+    with Store.open(root) as store:  # idempotent: nothing left to do
+        assert stored(store) == {**seeds, "big": 7, "max": 7} and store.db.has_wide_seeds
+        assert store.verify(files=False)["ok"]

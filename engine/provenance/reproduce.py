@@ -41,7 +41,7 @@ MAX_STEPS = 150
 MAX_WORK = 150 * 2048 * 2048  # steps x pixels: 150 steps at 2048 x 2048, 37 at 4096 x 4096 (SDXL's own is 30 x 1 MP)
 MAX_GUIDANCE = 100.0
 SEEDS = 2 ** 64  # torch generators take seeds in [0, 2^64); ComfyUI draws from all of it
-STORED_SEED = 2 ** 31 - 1  # the largest seed the store's seed column holds on every backend (engine.options)
+STORED_SEED = 2 ** 63 - 1  # the largest seed the store's seed column (BIGINT) holds on every backend
 
 # Front-end sampler names (AUTOMATIC1111/Forge, ComfyUI, InvokeAI; lower case) -> diffusers scheduler
 # class and config overrides. Only names with a faithful diffusers counterpart; others are "unknown".
