@@ -545,6 +545,23 @@ def test_workers_share_the_port_are_restarted_and_stop_together(tmp_path, monkey
     assert "Traceback" not in server.log
 
 
+def test_workers_that_cannot_start_exit_with_their_code(models, tmp_path):
+    """A store that cannot be opened stops `serve --workers 2` with the exit code `serve` alone gives (4 for a
+    damaged database; it was 2, a usage error, whatever the cause)."""
+    from engine.service.process import free_port
+
+    store = tmp_path / "s"
+    assert run_cli("init", "--store", store, "--clip-config", models["clip_config"],
+                   "--clip-checkpoint", models["clip_checkpoint"], "--quiet") == 0
+    (store / "metadata.sqlite").write_bytes(b"\x00garbage" * 400)
+    out = subprocess.run([sys.executable, "-m", "engine.cli", "serve", "--store", str(store), "--workers", "2",
+                          "--port", str(free_port())], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 4, out.stderr[-2000:]
+    assert "not a SQLite database" in out.stderr and "before it was serving: stopping" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def _cpu_ticks(pid: int) -> int:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])

@@ -97,6 +97,7 @@ class Supervisor:
         self.restarts: dict[int, list[float]] = {i: [] for i in range(count)}
         self.started: dict[int, float] = {}  # worker index -> when its current process started (not yet ready)
         self.stopping = self.forced = False
+        self.exit_code = 0
         self.slow_start = _seconds(SLOW_START_ENV, SLOW_START_SECONDS)
 
     def start(self, index: int) -> None:
@@ -120,7 +121,7 @@ class Supervisor:
         self.pipes[index] = read_fd
         self.started[index] = time.monotonic()
 
-    def run(self) -> None:
+    def run(self) -> int:
         previous = {s: signal.signal(s, self._stop) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             for index in range(self.count):
@@ -139,6 +140,7 @@ class Supervisor:
                 signal.signal(s, handler)
             for fd in self.pipes.values():
                 os.close(fd)
+        return self.exit_code
 
     def _collect_ready(self, timeout: float) -> None:
         if not self.pipes:
@@ -184,8 +186,13 @@ class Supervisor:
             del self.procs[index]
             self.ready.discard(index)
             label = f"worker {index + 1} of {self.count}"
-            if index not in self.served:
-                raise UserError(f"{label} exited with code {code} before it was serving (its error is above)")
+            if index not in self.served:  # its own error is above; the server exits with its code (a store
+                # that is down exits 4 with workers as without), after stopping the others
+                print(f"resynth: {label} exited with code {code} before it was serving: stopping", file=sys.stderr,
+                      flush=True)
+                self.exit_code = code if 0 < code < 126 else 1
+                self.stopping = True
+                return
             now = time.monotonic()
             recent = [t for t in self.restarts[index] if now - t < RESTART_WINDOW] + [now]
             self.restarts[index] = recent
@@ -214,9 +221,9 @@ class Supervisor:
             proc.wait()
 
 
-def supervise(sock: socket.socket, count: int, banner: str) -> None:
+def supervise(sock: socket.socket, count: int, banner: str) -> int:
     """Run `count` workers of the `resynth serve` command this process was started as, on `sock`."""
     argv = sys.argv[1:]
     if next((a for a in argv if not a.startswith("-")), None) != "serve":
         raise UserError("--workers needs `resynth serve` started as a command (it starts that command again)")
-    Supervisor(sock, count, argv, banner).run()
+    return Supervisor(sock, count, argv, banner).run()
