@@ -163,7 +163,7 @@ def sources_from_args(args, store_root):
                         read_only=args.sources_read_only)
 
 
-def cmd_serve(args) -> None:
+def cmd_serve(args) -> int | None:
     import uvicorn
 
     from engine.service.app import create_app
