@@ -217,6 +217,7 @@ def cmd_serve(args) -> int | None:
             raise UserError(f"the server on {args.host} port {args.port} stopped before it started serving")
     finally:
         sock.close()
+    return None
 
 
 def _server(config, on_started: Callable[[], None] | None):
