@@ -112,7 +112,8 @@ def score(ws: "Workspace", query: Query, text: str, origin: str, vector: np.ndar
             evidence["open_set_verdict"], answer = answer, "real"
     cached, generated, failed = counts
     if not scores and failed:  # nothing could be scored because sources failed: not an answer
-        raise SourceError(", ".join(sorted(failed)), "; ".join(sorted(set(failed.values()))))
+        why = {message.removeprefix(f"source {name!r}: ") for name, message in failed.items()}  # said once
+        raise SourceError(", ".join(sorted(failed)), "; ".join(sorted(why)))
     predicted = scores[0].source if scores else None
     claim = provenance_claim(ws, query.provenance, predicted, {s.source for s in scores})
     if claim is not None:

@@ -100,6 +100,7 @@ def test_a_source_that_breaks_later_is_reported_not_fatal(store_dir, models, ori
     assert run_cli("attribute", image, "--prompt", prompt + " again", "--sources", "fragile", "--quiet", *s) == 3
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and "fragile" in err and len(err.splitlines()) == 1
+    assert err.count("source 'fragile'") == 1, err  # said once, not "source 'fragile': source 'fragile': ..."
 
 
 def test_bad_clip_and_store_binding(models, capsys, tmp_path, copy_of):
