@@ -478,6 +478,17 @@ class Store:
     def switch_embedder(self, embedder: dict, dim: int) -> int:
         return reembed.switch_embedder(self, embedder, dim)
 
+    def reachable(self) -> bool:
+        """Whether the database answers a trivial query now (a readiness probe: PostgreSQL may be down)."""
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            with self.db.reads() as conn:
+                conn.exec_driver_sql("SELECT 1")
+        except (SQLAlchemyError, OSError):
+            return False
+        return True
+
     def stats(self) -> dict:
         counts = self.catalog.counts(self.live.stored.db_digest)
         return {"store": str(self.root), "embedder": self.embedder_identity, "dim": self.dim, **counts,

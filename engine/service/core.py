@@ -156,14 +156,7 @@ class Service:
     def store_reachable(self) -> bool:
         """Whether the store's database answers a trivial query: a server whose database is down answers
         every lookup 503, so readiness says so and a balancer sends its requests to another server."""
-        from sqlalchemy.exc import SQLAlchemyError
-
-        try:
-            with self.store.db.reads() as conn:
-                conn.exec_driver_sql("SELECT 1")
-        except (SQLAlchemyError, OSError):
-            return False
-        return True
+        return self.store.reachable()
 
     def close(self) -> None:
         """Finish the running job, stop the workers, save the index."""
