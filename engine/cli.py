@@ -368,7 +368,7 @@ def cmd_ingest(args) -> None:
         raise UserError(f"{folder} is a folder: give the manifest file in it (.csv or .jsonl){hint}")
     with _open(args) as ws:
         report = ws.ingest(args.manifest, allow_outside=args.allow_outside)
-    from engine.textanswer import plural
+    from engine.errors import plural
 
     _emit(args, asdict(report), f"ingested {plural(report.added, 'image')} ({report.skipped} skipped: stored before, "
                                 f"or a duplicate row of this manifest) from {plural(report.rows, 'row')}; new replay "
@@ -464,6 +464,7 @@ def cmd_verify(args) -> int:
     left = report["after_repair"]["problems"] if args.repair else problems
     lines = [f"store {report['store']}: " + ("ok" if not problems else f"{len(problems)} problem(s)")]
     lines += [f"  problem: {p}" for p in problems] + [f"  repaired: {r}" for r in repaired]
+    lines += [f"  note: {n}" for n in report.get("notes", [])]  # not problems: an index a server has yet to save
     if args.repair:
         lines.append("after repair: " + ("ok" if not left else "; ".join(left)))
     _emit(args, report, "\n".join(lines))
@@ -473,7 +474,7 @@ def cmd_verify(args) -> int:
 def cmd_stats(args) -> None:
     with _open(args, writable=False) as ws:
         data = ws.stats()
-    from engine.textanswer import plural
+    from engine.errors import plural
 
     lines = [f"store {data['store']}: {plural(data['vectors'], 'vector')} ({data['index_vectors']} in the index), "
              f"{plural(data['descriptions'], 'description')}, embedder {data['embedder']}"]

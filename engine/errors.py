@@ -214,6 +214,11 @@ def _bounded(text: str, limit: int = 500) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def plural(count: int, noun: str) -> str:
+    """"1 source", "2 sources": every count a message shows, in one place for every layer."""
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of a library exception, for wrapping it in a UserError."""
     text = str(exc).strip()

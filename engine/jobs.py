@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from engine.errors import UserError, first_line
+from engine.errors import UserError, first_line, plural
 from engine.options import Options
 
 log = logging.getLogger("resynth.jobs")
@@ -344,9 +344,9 @@ def cmd_resynthesize(args) -> None:
     failed = "".join(f"\n  {name} failed: {reason}" for name, reason in report["failed"].items())
     if "cost" in report:
         failed += "\n" + cost_line(report["cost"])
-    text = (f"{report['descriptions']} descriptions x {len(report['sources'])} sources x {report['per_source']} "
-            f"seeds: {report['generated']} generated, {report['cached']} already stored "
-            f"({report['backend']}, {report['seconds']:.1f} s){failed}")
+    text = (f"{plural(report['descriptions'], 'description')} x {plural(len(report['sources']), 'source')} x "
+            f"{plural(report['per_source'], 'seed')}: {report['generated']} generated, {report['cached']} already "
+            f"stored ({report['backend']}, {report['seconds']:.1f} s){failed}")
     print(json.dumps(report, indent=2) if args.json else text)
 
 
@@ -354,10 +354,9 @@ def cmd_reembed(args) -> None:
     import engine
 
     from engine.flags import clip_kwargs
-
     with engine.open(args.store, progress=not args.quiet, device=args.device) as ws:
         report = ws.reembed(**clip_kwargs(args), ray=args.ray)
     text = (f"store now uses {report['embedder']} ({report['dim']}-d, was {report['previous']}): "
-            f"{report['embedded']} images embedded, {report['vectors']} vectors live "
+            f"{plural(report['embedded'], 'image')} embedded, {plural(report['vectors'], 'vector')} live "
             f"({report['backend']}, {report['seconds']:.1f} s)")
     print(json.dumps(report, indent=2) if args.json else text)

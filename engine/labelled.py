@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-from engine.errors import UserError
+from engine.errors import UserError, plural
 from engine.manifest import ManifestRow, read_manifest
 from index.keys import sha256_file
 
@@ -73,10 +73,10 @@ class EvalSet:
     def usage_text(self) -> str:
         """One line: how many originals of how many sources, and how many were skipped for which reason."""
         used = self.usage()
-        text = f"used {_count(used['originals'], 'original')} of {_count(used['sources_with_originals'], 'source')}"
+        text = f"used {plural(used['originals'], 'original')} of {plural(used['sources_with_originals'], 'source')}"
         if used["sources_with_originals"] < used["sources"]:
             none = [name for name, n in used["originals_per_source"].items() if not n]
-            text += f" (of {_count(used['sources'], 'candidate source')}; none of {', '.join(none)})"
+            text += f" (of {plural(used['sources'], 'candidate source')}; none of {', '.join(none)})"
         if not used["skipped"]:
             return text + "; none skipped"
         reasons = "; ".join(f"{len(names)} because {reason} (e.g. {', '.join(names[:3])})"
@@ -111,10 +111,6 @@ NO_RESYNTHESES = "their description has no resyntheses"  # the reason an origina
 NO_SOURCE_RESYNTHESES = "their source has no resyntheses"
 LISTED_TWICE = "the manifest lists them twice"
 
-
-def _count(n: int, noun: str) -> str:
-    """"1 source", "2 sources" (engine.textanswer.plural sits in a layer above this one)."""
-    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def unique_rows(rows: list[ManifestRow]) -> tuple[list[ManifestRow], list[ManifestRow]]:
@@ -162,7 +158,7 @@ def from_rows(rows: list[ManifestRow], where: str, strict: bool = False) -> Eval
                         f"--strict such originals are skipped")
     originals = [r for r in originals if r.description in have_desc]
     if not originals:
-        raise UserError(f"{where}: no original has resyntheses of its description ({_count(len(lonely), 'original')}, "
+        raise UserError(f"{where}: no original has resyntheses of its description ({plural(len(lonely), 'original')}, "
                         f"none scorable): add resyntheses of their descriptions")
     descriptions = sorted({r.description for r in rows})
     desc_index = {d: i for i, d in enumerate(descriptions)}

@@ -328,7 +328,7 @@ def cmd_import_published(args) -> None:
             print(f"resynth: warning: {line}", file=sys.stderr)
         if ws is not None:
             report.ingest = asdict(ws.ingest(args.out, allow_outside=True))  # the dataset the user named
-    from engine.textanswer import plural
+    from engine.errors import plural
 
     text = (f"wrote {report.manifest}: {plural(report.originals, 'original')} and {report.resyntheses} resyntheses "
             f"({report.linked} linked to their original) from {plural(len(report.generators), 'generator')}")

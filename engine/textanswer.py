@@ -3,10 +3,7 @@ ranking, what was not scored and why, and the caveats a reader needs (the --json
 from __future__ import annotations
 
 from engine.attribute import Attribution, Report
-
-
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" + ("" if count == 1 else "s")
+from engine.errors import plural
 
 
 def verdict_line(r: Attribution) -> str:

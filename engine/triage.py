@@ -52,7 +52,7 @@ class Summary:
         return dict(self.__dict__)
 
     def line(self) -> str:
-        from engine.textanswer import plural
+        from engine.errors import plural
 
         return (f"triaged {plural(self.images, 'image')} under {self.folder}: {self.answered} answered, "
                 f"{self.resumed} already answered, {plural(self.duplicates, 'duplicate')}, "

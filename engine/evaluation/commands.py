@@ -8,7 +8,7 @@ from engine.errors import UserError
 from engine.flags import add_clip_arguments
 from engine.labelled import few_originals_text
 from engine.options import add_arguments
-from engine.textanswer import plural
+from engine.errors import plural
 
 STRICT_HELP = ("refuse the whole manifest when an original cannot be scored (its description has no "
                "resyntheses); by default such originals are skipped and counted in the output")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.textanswer import plural
+from engine.errors import plural
 
 
 def _pyplot():

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from engine.metrics import json_safe  # noqa: F401  (the report's figures as JSON)
-from engine.textanswer import plural
+from engine.errors import plural
 
 
 def _pct(value) -> str:
