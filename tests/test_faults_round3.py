@@ -133,9 +133,11 @@ def test_a_generation_longer_than_its_lease_keeps_its_claims(tmp_path, clip, mon
     from engine import resynthesis
     from tests.fake_images_api import FakeImagesApi
 
-    monkeypatch.setattr(resynthesis, "CLAIM_LEASE_SECONDS", 0.5)
+    # renewed every 0.4 s: a renewal may wait on the first process's own store writes, so the lease leaves
+    # room for one late renewal (a 0.5 s lease failed under load)
+    monkeypatch.setattr(resynthesis, "CLAIM_LEASE_SECONDS", 1.2)
     config, checkpoint = clip
-    with FakeImagesApi(delay=0.4) as fake:
+    with FakeImagesApi(delay=0.8) as fake:
         with engine.init(tmp_path / "s", clip_config=config, clip_checkpoint=checkpoint, device="cpu") as ws:
             ws.add_source("api", kind="api", url=fake.url, model="m", size="32x32", concurrency=1)
         with engine.open(tmp_path / "s", device="cpu") as first, engine.open(tmp_path / "s", device="cpu") as second:
@@ -146,7 +148,7 @@ def test_a_generation_longer_than_its_lease_keeps_its_claims(tmp_path, clip, mon
             slow.start()
             while not fake.generation_log():
                 time.sleep(0.05)
-            time.sleep(0.6)  # past one lease: only a renewed claim still holds the keys
+            time.sleep(1.4)  # past one lease, inside the 2.4 s batch: only a renewed claim still holds the keys
             done["second"] = second.resynthesize_dataset(["a slow prompt"], Options(per_source=3))
             slow.join()
     assert len(fake.generation_log()) == 3
