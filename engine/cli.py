@@ -304,25 +304,14 @@ def cmd_source_add(args) -> None:
     with _open(args) as ws:
         info = ws.add_source(args.name, kind=kind, **params)
         row = next((r for r in ws.list_sources() if r["name"] == info["name"]), None)
-    warnings = [info["warning"]] if "warning" in info else []
     text = f"added source {info['name']} ({info['path'] or info['kind']})"
     if row is not None:
         from engine.recipes import recipe
 
-        stored = row.get("params") or {}
-        text += f"\n  recipe: {recipe(row['kind'], stored, row.get('path'))}"
-        defaulted = [f"--{name} {stored[name]:g}" for name in RECIPE_FLAGS
-                     if isinstance(stored.get(name), (int, float)) and name not in params]
-        if defaulted:
-            warnings.append(f"{info['name']} uses the default {' and '.join(defaulted)}: a recipe must match how the "
-                            f"images you attribute were made (to change it: `resynth source remove {info['name']}`, "
-                            "then add it again)")
-    for warning in warnings:
+        text += f"\n  recipe: {recipe(row['kind'], row.get('params') or {}, row.get('path'))}"
+    for warning in info.get("warnings", []):  # the answer's own (engine.sources.enrol): --json carries them too
         print(f"resynth: warning: {warning}", file=sys.stderr)
-    _emit(args, {**info, "warnings": warnings} if warnings else info, text)  # --json carries them too
-
-
-RECIPE_FLAGS = ("steps", "guidance")  # a pipeline recipe's settings that no pipeline folder records
+    _emit(args, info, text)
 
 
 _json_object = json_object  # the name this module had for it

@@ -63,9 +63,14 @@ def test_bad_model_folders(store_dir, models, capsys, tmp_path, copy_of):
     # a recipe left at a default is added, with the recipe shown and a warning that it must match the images
     assert run_cli("source", "add", "y", folder, "--steps", 3, *s) == 0
     out = capsys.readouterr()
-    assert "recipe: steps 3, guidance 7" in out.out and "y uses the default --guidance 7" in out.err
+    assert "recipe: steps 3, guidance 7" in out.out and "y uses the default guidance 7" in out.err
     assert run_cli("source", "add", "y2", folder, "--guidance", 5, "--json", *s) == 0  # --json carries it too
-    assert json.loads(capsys.readouterr().out)["warnings"][0].startswith("y2 uses the default --steps 30")
+    assert json.loads(capsys.readouterr().out)["warnings"][0].startswith("y2 uses the default steps 30")
+    import engine
+
+    with engine.open(store_dir) as ws:  # the library answers the same warning (HTTP returns this answer)
+        assert ws.add_source("y3", folder, guidance=4)["warnings"][0].startswith("y3 uses the default steps 30")
+        assert "warnings" not in ws.add_source("y4", folder, steps=4, guidance=6)
     # Garbage or truncated weight files are refused at `source add`, without loading them.
     corrupt = copy_of(folder, "corrupt")
     for weights in corrupt.rglob("*.safetensors"):

@@ -150,7 +150,7 @@ def test_api_sources_name_only_listed_variables_and_public_addresses(served, mon
                                         "token_url": "http://127.0.0.1:1/ims"}), 403, "address_not_allowed")
     added = api.post("/v1/sources", json={"name": "flux", **flux, "api_key_env": "RESYNTH_OK_KEY", "price": 0.04})
     assert added.status_code == 201, added.text
-    assert "RESYNTH_OK_KEY is not set" in added.json()["warning"]
+    assert "RESYNTH_OK_KEY is not set" in added.json()["warnings"][0]
     assert api.delete("/v1/sources/flux").status_code == 200
     read_only = client(served, read_only=True)
     error(read_only.post("/v1/sources", json={"name": "flux", **flux}), 403, "read_only")

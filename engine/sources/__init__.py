@@ -185,9 +185,20 @@ def enrol(store, name: str, kind: str = DEFAULT_KIND, **params) -> dict:
             raise UserError(f"source {twin.name!r} {recipe.twin} (a second name would share its resyntheses)")
         source = store.add_source(name, kind, recipe.fingerprint, path=recipe.path, params=recipe.params)
     info = {"name": source.name, "kind": source.kind, "path": source.path, "fingerprint": recipe.fingerprint}
-    if recipe.warning:
-        info["warning"] = recipe.warning
+    warnings = [recipe.warning] if recipe.warning else []
+    stored = recipe.params or {}
+    defaulted = [f"{setting} {stored[setting]:g}" for setting in GUESSED_SETTINGS
+                 if isinstance(stored.get(setting), (int, float)) and params.get(setting) is None]
+    if defaulted:  # the same words from the CLI, Python and HTTP
+        warnings.append(f"{source.name} uses the default {' and '.join(defaulted)}: a recipe must match how the "
+                        "images you attribute were made (to change it, remove the source and add it again)")
+    if warnings:
+        info["warnings"] = warnings
     return info
+
+
+# A pipeline recipe's settings that no pipeline folder records: left out, they are guesses
+GUESSED_SETTINGS = ("steps", "guidance")
 
 
 _loaded = False
