@@ -152,6 +152,9 @@ def test_a_recipe_redraws_its_image_on_the_source_that_made_it_and_not_on_anothe
     ("DPM++ 2M", "Karras", ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True})),
     ("dpmpp_2m_sde", "normal", ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"})),
     ("DDIMScheduler", None, ("DDIMScheduler", {})),
+    ("dpmpp_2m_sde_gpu", "karras", ("DPMSolverMultistepScheduler",  # Fooocus, ComfyUI
+                                    {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True})),
+    ("k_euler_ancestral", None, ("EulerAncestralDiscreteScheduler", {})),  # NovelAI
     ("Euler a", "exponential", "unknown schedule type 'exponential' for sampler 'Euler a'"),
     ("Restart", None, "unknown sampler 'Restart'"),
 ])

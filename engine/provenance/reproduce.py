@@ -106,6 +106,8 @@ def scheduler_for(sampler: str | None, schedule: str | None = None) -> tuple[str
     key = name.lower()
     karras = key.endswith(" karras") or key.endswith("_k")
     key = key.removesuffix(" karras").removesuffix("_k").strip()
+    # ComfyUI's "_gpu" variants draw their noise on the GPU, the same algorithm; NovelAI writes "k_euler"
+    key = key.removesuffix("_gpu").removeprefix("k_")
     if key not in SAMPLERS:
         return f"unknown sampler {name!r}"
     cls, config = SAMPLERS[key]
