@@ -545,6 +545,32 @@ def test_workers_share_the_port_are_restarted_and_stop_together(tmp_path, monkey
     assert "Traceback" not in server.log
 
 
+def test_readiness_probes_of_a_hung_database_share_one_thread(served_store, monkeypatch):
+    """A database that hangs held one executor thread per /readyz call (threads the app's other background
+    calls need); probes now join the one in flight, and a store error reads as not reachable."""
+    import engine.service.app as service_app
+    from index.errors import StoreError
+
+    monkeypatch.setattr(service_app, "READY_DB_SECONDS", 0.2)
+    release, calls = threading.Event(), []
+
+    def hung() -> bool:
+        calls.append(1)
+        release.wait(10)
+        raise StoreError("cannot reach the database")
+
+    with _client(served_store) as client:
+        monkeypatch.setattr(client.app.state.service.store, "reachable", hung)
+        for _ in range(3):
+            reply = client.get("/readyz")
+            assert reply.status_code == 503 and reply.json()["error"]["code"] == "database_unreachable"
+        assert len(calls) == 1  # the later probes joined the first
+        release.set()
+        time.sleep(0.1)
+        assert client.app.state.service.probe_store().result(5) is False  # a new probe: the error is False
+        assert len(calls) == 2
+
+
 def test_workers_that_cannot_start_exit_with_their_code(models, tmp_path):
     """A store that cannot be opened stops `serve --workers 2` with the exit code `serve` alone gives (4 for a
     damaged database; it was 2, a usage error, whatever the cause)."""

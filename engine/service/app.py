@@ -113,7 +113,8 @@ def create_app(service: Service, token: str | None = None, access: Access | None
         if not service.ready():
             return JSONResponse(body("not_ready", "the service is starting or stopping"), status_code=503)
         try:
-            reachable = await asyncio.wait_for(asyncio.to_thread(service.store_reachable), READY_DB_SECONDS)
+            reachable = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(service.probe_store())),
+                                               READY_DB_SECONDS)
         except asyncio.TimeoutError:
             reachable = False
         if not reachable:

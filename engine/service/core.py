@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Hashable
 
@@ -25,6 +25,7 @@ from engine.service.batching import MicroBatcher
 from engine.service.config import Limits
 from engine.service.generation import GenerationQueue
 from engine.workspace import Workspace, open_workspace
+from index.errors import StoreError
 
 log = logging.getLogger("resynth.service")
 
@@ -70,6 +71,9 @@ class Service:
         self.counters: Counter[str] = Counter()
         self.closed = False
         self.worker: str | None = None  # "2/4" under `resynth serve --workers 4`: these counters are that worker's
+        # the readiness probe of the database: one at a time, on its own thread (see probe_store)
+        self._probes = ThreadPoolExecutor(1, thread_name_prefix="resynth-ready")
+        self._probe: Future | None = None
 
     @classmethod
     def open(cls, root: Path, limits: Limits = Limits(), captioner: str | None = None,
@@ -156,7 +160,18 @@ class Service:
     def store_reachable(self) -> bool:
         """Whether the store's database answers a trivial query: a server whose database is down answers
         every lookup 503, so readiness says so and a balancer sends its requests to another server."""
-        return self.store.reachable()
+        try:
+            return self.store.reachable()
+        except StoreError:  # the store's own translation of a driver error: not reachable either
+            return False
+
+    def probe_store(self) -> Future:
+        """The probe in flight, or a new one. A database that hangs (a network black hole, a paused VM) holds
+        a probe for as long as the driver waits: later probes join it instead of taking more threads."""
+        with self._lock:
+            if self._probe is None or self._probe.done():
+                self._probe = self._probes.submit(self.store_reachable)
+            return self._probe
 
     def close(self) -> None:
         """Finish the running job, stop the workers, save the index."""
@@ -166,4 +181,5 @@ class Service:
         self.generation.close()
         self.batcher.close()
         self.requests.shutdown(wait=False)
+        self._probes.shutdown(wait=False)
         self.ws.close()
