@@ -19,13 +19,19 @@ if TYPE_CHECKING:
     from index.store import Store
 
 
-def adopt_switched_embedder(db: Database, layout: Layout) -> None:
-    """Finish a `reembed` switch that committed in the database but died before store.json followed."""
+def recorded_config(db: Database) -> dict | None:
+    """The config the last `reembed` switch committed in the database (None if none did): it, not
+    store.json (written after the commit), says which embedder the store uses."""
     with db.session() as s:
         recorded = s.scalar(select(StoreMeta.value).where(StoreMeta.key == "config")) if db.has_claims else None
-    if not recorded:
+    return json.loads(recorded) if recorded else None
+
+
+def adopt_switched_embedder(db: Database, layout: Layout) -> None:
+    """Finish a `reembed` switch that committed in the database but died before store.json followed."""
+    config = recorded_config(db)
+    if config is None:
         return
-    config = json.loads(recorded)
     if config["embedder"]["identity"] == layout.embedder_identity:
         return
     if not (layout.root / config["index_file"]).exists():

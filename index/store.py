@@ -298,7 +298,7 @@ class Store:
                 raise StoreDamaged(f"store config {path} is malformed: restore it from a backup") from None
             if self.layout.adoptable(config):
                 self.layout.config = config
-            elif not self._switched:  # another embedder's: a `reembed` switched the store
+            elif not self._switched and self._store_json_is_current():  # a `reembed` switched the store
                 self._switched = config["embedder"]["identity"]
                 log.warning("%s", switched_embedder(self._switched))
             self._config_problem = None
@@ -316,6 +316,13 @@ class Store:
         if changed:
             self.search_index.load()
         return self.search_index.reload_if_replaced() or changed
+
+    def _store_json_is_current(self) -> bool:
+        """Whether a store.json naming another embedder reflects a switch away from this process's one:
+        not when the database records this process's embedder (a `reembed` killed after its commit left
+        store.json naming the old one; this process adopted the new one at open)."""
+        recorded = reembed.recorded_config(self.db)
+        return recorded is None or recorded["embedder"]["identity"] != self.embedder_identity
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         return self.live.vectors(ids)

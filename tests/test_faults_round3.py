@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -270,3 +274,25 @@ def test_readiness_says_when_the_database_is_gone(tmp_path, clip):
             assert reply.status_code == 503 and reply.json()["error"]["code"] == "database_unreachable", reply.text
     finally:
         pg.drop_database(url)
+
+
+def test_a_read_only_process_after_a_reembed_killed_after_its_commit_keeps_searching(tmp_path):
+    """`reembed` killed after its commit leaves store.json naming the old embedder: a read-only open adopts
+    the database's new one, and its first refresh() took the lagging store.json for a second switch and
+    refused every search (store_switched) until a writable open rewrote store.json."""
+    root = tmp_path / "s"
+    with Store.create(root, EMBEDDER, DIM) as store:
+        _add(store, 0, 3)
+    switch = ("import sys, numpy as np\nfrom index.store import Store\n"
+              "with Store.open(sys.argv[1]) as st:\n"
+              "    ids = [i for i, _, _ in st.images_without_vector('other-embedder')]\n"
+              "    st.add_vectors('other-embedder', ids, np.eye(len(ids), 8, dtype=np.float32))\n"
+              "    st.switch_embedder({'identity': 'other-embedder', 'arch': 'y', 'checkpoint': 'y'}, 8)\n")
+    killed = subprocess.run([sys.executable, "-c", switch, str(root)], cwd=Path(__file__).parents[1],
+                            env={**os.environ, "RESYNTH_CRASH_AT": "reembed:after-commit"}, timeout=60)
+    assert killed.returncode == -9
+    assert json.loads((root / "store.json").read_text())["embedder"]["identity"] == EMBEDDER["identity"]
+    with Store.open(root, writable=False) as store:
+        assert store.embedder_identity == "other-embedder"
+        assert store.refresh() is False
+        assert len(store.nearest(np.eye(1, DIM, dtype=np.float32)[0], 3)) == 3
