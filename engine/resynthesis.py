@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("resynth.workspace")
 CLAIM_LEASE_SECONDS = 900.0  # a generation claim outlives any one batch; a dead claimant's expires
+RENEW_FOR = 4  # leases a batch's renewals may add (an hour): a generation hung longer releases its keys to others
 GENERATION_CHUNK = 48  # images generated, embedded and committed together (memory stays bounded)
 Counts = tuple[int, int, dict[str, str]]  # (cached, generated, failed source -> reason)
 
@@ -177,17 +178,21 @@ def generate_once(ws: "Workspace", plan: Plan, name: str, jobs: list[tuple[str, 
 
 @contextmanager
 def renewing(store, keys: list[str], owner: str, lease: float) -> Iterator[None]:
-    """Renew `owner`'s leases on `keys` every third of a lease while the block runs. A batch can outlast
+    """Renew `owner`'s leases on `keys` every third of a lease while the block runs (for at most RENEW_FOR
+    leases: a generation hung on a dead GPU or API must not hold its keys forever). A batch can outlast
     one lease (48 images of a rate-limited API, or of a large model on a slow GPU, take more than 15
     minutes): its keys were then taken over by another process, which bought every image again."""
     stop = threading.Event()
+    until = time.monotonic() + RENEW_FOR * lease  # past this the batch is presumed stuck: others may take over
 
     def renew() -> None:
-        while not stop.wait(lease / 3):
+        while not stop.wait(lease / 3) and time.monotonic() < until:
             try:
                 store.claim(keys, owner, lease)
             except StoreError as exc:  # the database is away for now: the next round tries again
                 log.info("cannot renew %d claims now: %s", len(keys), exc)
+            except Exception:  # noqa: BLE001 - a renewal thread that died would end renewals silently
+                log.exception("cannot renew %d claims now", len(keys))
 
     thread = threading.Thread(target=renew, name="resynth-claim-renewal", daemon=True)
     thread.start()
