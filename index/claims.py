@@ -2,6 +2,7 @@
 once (the generation of one cache key), so a second process waits and reuses rather than repeats."""
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -36,7 +37,10 @@ class Claims:
     def __init__(self, db: Database, existing_keys: Callable[[list[str]], dict[str, int]]):
         self.db = db
         self.existing_keys = existing_keys
-        self._pending: dict[str, set[str]] = {}  # owner -> keys whose release failed (retried in the background)
+        # owner -> {key: generation} of keys whose release failed (retried in the background); a key taken
+        # back and refused again gets a new generation, so the retrier drops only what it released
+        self._pending: dict[str, dict[str, int]] = {}
+        self._generation = itertools.count()
         self._pending_lock = threading.Lock()
         self._retrier: threading.Thread | None = None
 
@@ -47,18 +51,26 @@ class Claims:
         if not keys:
             return []
         with self._pending_lock:  # taken back: a release still pending must not drop the new lease
-            if owner in self._pending:
-                self._pending[owner] -= set(keys)
+            pending = self._pending.get(owner, {})
+            taken = [key for key in keys if pending.pop(key, None) is not None]
+            if not pending:
+                self._pending.pop(owner, None)
         now = time.time()
         table = Claim.__table__
-        with self.db.write_session() as s:
-            for key in keys:
-                upsert(s, Claim, {"key": key, "owner": owner, "expires_at": now + lease_seconds}, ["key"],
-                       ["owner", "expires_at"], (table.c.expires_at < now) | (table.c.owner == owner))
-            held: set[str] = set()
-            for k in range(0, len(keys), 500):
-                held.update(s.scalars(select(Claim.key).where(Claim.key.in_(keys[k:k + 500]), Claim.owner == owner)))
-            s.commit()
+        try:
+            with self.db.write_session() as s:
+                for key in keys:
+                    upsert(s, Claim, {"key": key, "owner": owner, "expires_at": now + lease_seconds}, ["key"],
+                           ["owner", "expires_at"], (table.c.expires_at < now) | (table.c.owner == owner))
+                held: set[str] = set()
+                for k in range(0, len(keys), 500):
+                    held.update(s.scalars(select(Claim.key).where(Claim.key.in_(keys[k:k + 500]),
+                                                                  Claim.owner == owner)))
+                s.commit()
+        except BaseException:
+            if taken:  # refused (StoreBusy): the old leases stand, so their release is retried as before
+                self._retry_later(taken, owner)
+            raise
         return [key for key in keys if key in held]
 
     def release(self, keys: list[str], owner: str) -> int:
@@ -86,7 +98,9 @@ class Claims:
 
     def _retry_later(self, keys: list[str], owner: str) -> None:
         with self._pending_lock:
-            self._pending.setdefault(owner, set()).update(keys)
+            pending = self._pending.setdefault(owner, {})
+            for key in keys:
+                pending[key] = next(self._generation)
             if self._retrier is not None and self._retrier.is_alive():
                 return
             self._retrier = threading.Thread(target=self._retry, name="resynth-claims-release", daemon=True)
@@ -96,19 +110,46 @@ class Claims:
         deadline = time.monotonic() + RELEASE_RETRY_FOR_S
         while time.monotonic() < deadline:
             time.sleep(RELEASE_RETRY_S)
-            with self._pending_lock:  # held while deleting: a claim() taking the keys back waits
-                try:
-                    for owner in list(self._pending):
-                        self._delete(sorted(self._pending[owner]), owner)
-                        del self._pending[owner]
-                except StoreError:
-                    continue  # not yet: try again
-                except Exception:  # noqa: BLE001 - a bug must not kill the process from a background thread
-                    log.exception("releasing claims")
-                    return
+            with self._pending_lock:  # a copy: the lock is not held while the database waits
+                todo = {owner: dict(keys) for owner, keys in self._pending.items()}
+            try:
+                for owner, keys in todo.items():
+                    self._release_pending(owner, keys)
+            except StoreError:
+                continue  # not yet: try again
+            except Exception:  # noqa: BLE001 - a bug must not kill the process from a background thread
+                log.exception("releasing claims")
+                return
+            with self._pending_lock:
                 if not self._pending:
                     self._retrier = None
                     return
+
+    def _release_pending(self, owner: str, keys: dict[str, int]) -> None:
+        """Delete the leases of `keys` (key -> generation) still pending, then drop them from the list.
+        A key that claim() took back since the copy keeps its new lease: it is skipped once off the list,
+        and the delete matches only the lease as read here (a renewal committed meanwhile changed it)."""
+        names = sorted(keys)
+        with self.db.write_session() as s:
+            seen: dict[str, float] = {}
+            for k in range(0, len(names), 500):
+                seen.update((key, expires) for key, expires in s.execute(select(Claim.key, Claim.expires_at).where(
+                    Claim.key.in_(names[k:k + 500]), Claim.owner == owner)))
+            with self._pending_lock:
+                now_pending = self._pending.get(owner, {})
+                due = [key for key in names if now_pending.get(key) == keys[key]]
+            for key in due:
+                if key in seen:
+                    execute(s, delete(Claim).where(Claim.key == key, Claim.owner == owner,
+                                                   Claim.expires_at == seen[key]))
+            s.commit()
+        with self._pending_lock:
+            now_pending = self._pending.get(owner, {})
+            for key in due:
+                if now_pending.get(key) == keys[key]:
+                    del now_pending[key]
+            if not now_pending:
+                self._pending.pop(owner, None)
 
     def pending_releases(self) -> int:
         """Keys whose release the database refused and a background thread still retries."""

@@ -296,3 +296,36 @@ def test_a_read_only_process_after_a_reembed_killed_after_its_commit_keeps_searc
         assert store.embedder_identity == "other-embedder"
         assert store.refresh() is False
         assert len(store.nearest(np.eye(1, DIM, dtype=np.float32)[0], 3)) == 3
+
+
+def test_a_refused_claim_keeps_the_release_pending_and_the_retrier_does_not_block_claims(tmp_path, monkeypatch):
+    """Two faults of the release retry: a claim() of a pending key took it off the retry list before its
+    upsert, so when that upsert was refused too the key was never released (locked for its whole lease);
+    and the retrier held its list's lock through its database wait, so every claim, renewal and
+    pending_releases() of the process waited behind it (up to the busy timeout, 60 s by default)."""
+    from index import claims
+
+    root = tmp_path / "s"
+    Store.create(root, EMBEDDER, DIM).close()
+    monkeypatch.setenv("RESYNTH_BUSY_TIMEOUT_S", "0.6")
+    monkeypatch.setattr(claims, "RELEASE_RETRY_S", 0.05)
+    with Store.open(root) as store:
+        store.claim(["a"], "me")
+        holder = sqlite3.connect(root / "metadata.sqlite", isolation_level=None)
+        try:
+            holder.execute("BEGIN EXCLUSIVE")
+            with pytest.raises(StoreBusy):
+                store.release(["a"], "me")
+            time.sleep(0.15)  # the retrier is now inside its own wait for the write lock
+            started = time.monotonic()
+            assert store.claims.pending_releases() == 1
+            assert time.monotonic() - started < 0.25
+            with pytest.raises(StoreBusy):
+                store.claim(["a"], "me")  # the next job for the key, refused too
+            assert store.claims.pending_releases() == 1  # still to release
+        finally:
+            holder.close()
+        deadline = time.monotonic() + 10
+        while store.claims.pending_releases() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert store.live_claims(["a"]) == {} and store.claim(["a"], "other") == ["a"]
