@@ -32,6 +32,17 @@ def resynth(*argv, crash_at: str | None = None, timeout: float = 120) -> subproc
                           cwd=REPO, env=env, timeout=timeout)
 
 
+def in_process(*argv) -> subprocess.CompletedProcess:
+    """`resynth ...` in this process, its output captured: for refusals, which need no process of their own."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = run_cli(*argv)
+    return subprocess.CompletedProcess(list(argv), code, out.getvalue(), err.getvalue())
+
+
 def one_line_error(out: subprocess.CompletedProcess, code: int) -> str:
     assert out.returncode == code, (out.returncode, out.stderr[-2000:])
     err = out.stderr.strip()
@@ -40,7 +51,7 @@ def one_line_error(out: subprocess.CompletedProcess, code: int) -> str:
 
 
 def verify(store: Path, *extra: str) -> dict:
-    out = resynth("verify", "--store", store, "--json", *extra)
+    out = in_process("verify", "--store", store, "--json", *extra)
     assert out.returncode in (0, 4), out.stderr[-2000:]
     return json.loads(out.stdout)
 
@@ -146,7 +157,7 @@ def test_missing_database_is_one_line_and_touches_nothing(store, originals):
     (store / "metadata.sqlite").unlink()
     for argv in (["stats"], ["source", "list"], ["attribute", originals[0]["image"], "--prompt", "x"],
                  ["rebuild"], ["verify"]):
-        one_line_error(resynth(*argv, "--store", store), 4)
+        one_line_error(in_process(*argv, "--store", store), 4)
     assert (store / "vectors.faiss").read_bytes() == index_bytes
     assert not (store / "metadata.sqlite").exists()
 
@@ -154,14 +165,14 @@ def test_missing_database_is_one_line_and_touches_nothing(store, originals):
 def test_garbled_index_is_detected_rebuilt_never_served(store, originals):
     query = ["attribute", originals[0]["image"], "--prompt", originals[0]["prompt"], "--per-source", 1,
              "--store", store, "--json", "--quiet"]
-    good = json.loads(resynth(*query).stdout)["results"][0]
+    good = json.loads(in_process(*query).stdout)["results"][0]
     data = bytearray((store / "vectors.faiss").read_bytes())
     middle = len(data) // 2
     data[middle:middle + 4096] = os.urandom(min(4096, len(data) - middle))
     (store / "vectors.faiss").write_bytes(bytes(data))
     report = verify(store)
     assert not report["ok"]
-    answer = json.loads(resynth(*query).stdout)["results"][0]  # a writable open rebuilt it first
+    answer = json.loads(in_process(*query).stdout)["results"][0]  # a writable open rebuilt it first
     assert answer["predicted"] == good["predicted"]
     assert [round(s["score"], 5) for s in answer["scores"]] == [round(s["score"], 5) for s in good["scores"]]
     assert verify(store)["ok"]
@@ -204,17 +215,17 @@ def test_manifest_rows_stay_inside_its_folder(store, originals, tmp_path):
     shutil.copy(originals[0]["image"], folder / "inside.png")
     (folder / "link.png").symlink_to(originals[1]["image"])
     outside = Path(originals[2]["image"])
-    before = (vectors(store), resynth("source", "list", "--store", store, "--json").stdout)
+    before = (vectors(store), in_process("source", "list", "--store", store, "--json").stdout)
     for row in (f"../{os.path.relpath(outside, tmp_path)}", str(outside), "link.png", "/etc/passwd"):
         manifest = folder / "m.csv"
         manifest.write_text(f"image,source,description,role\ninside.png,fresh,a,original\n{row},fresh,b,original\n")
-        err = one_line_error(resynth("ingest", manifest, "--store", store, "--quiet"), 2)
+        err = one_line_error(in_process("ingest", manifest, "--store", store, "--quiet"), 2)
         assert "outside the manifest" in err or "cannot decode" in err
     # a bad image at the end: nothing written, not even the new replay source
     shutil.copy(__file__, folder / "not-an-image.png")
     manifest.write_text("image,source,description,role\ninside.png,fresh,a,original\nnot-an-image.png,fresh,b,original\n")
-    one_line_error(resynth("ingest", manifest, "--store", store, "--quiet"), 2)
-    assert (vectors(store), resynth("source", "list", "--store", store, "--json").stdout) == before
+    one_line_error(in_process("ingest", manifest, "--store", store, "--quiet"), 2)
+    assert (vectors(store), in_process("source", "list", "--store", store, "--json").stdout) == before
     manifest.write_text(f"image,source,description,role\ninside.png,fresh,a,original\n{outside},fresh,b,original\n")
     assert resynth("ingest", manifest, "--store", store, "--quiet", "--allow-outside").returncode == 0
 
