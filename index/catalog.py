@@ -84,6 +84,15 @@ def _new_key(result) -> int:
 
 
 SEED_LIMIT = 2 ** 63  # images.seed is a signed 64-bit column on both backends
+NARROW_SEED_LIMIT = 2 ** 31  # ... but 32 bits in an older PostgreSQL store this role could not upgrade
+
+
+def seed_refused(seed: int, wide: bool) -> StoreInputError:
+    if wide:
+        return StoreInputError(f"seed {seed} does not fit the store's seed column "
+                               "(-2^63 to 2^63-1): record it as None (the image key can hold it)")
+    return StoreInputError(f"seed {seed} does not fit this older store's 32-bit seed column: the store's owner "
+                           "must open it writable once (any resynth command that writes) to widen it")
 
 
 def _check_source(name: str, kind: str, fingerprint: str, path: str | None) -> None:
@@ -220,13 +229,13 @@ class Catalog:
     def record_images(self, rows: list[NewImage], matrix: np.ndarray) -> Recorded:
         """Record images and vectors in one transaction; a key already stored (by this batch, an earlier
         one or another process) yields the existing image's id and adds nothing."""
+        limit = SEED_LIMIT if self.db.has_wide_seeds else NARROW_SEED_LIMIT
         for row in rows:  # before anything is written: a refused row refuses the batch
             for what, value in (("image key", row.key), ("image path", row.path), ("file hash", row.file_hash),
                                 ("image role", row.role), ("params hash", row.params_hash)):
                 check_text(value, what)
-            if row.seed is not None and not -SEED_LIMIT <= row.seed < SEED_LIMIT:
-                raise StoreInputError(f"seed {row.seed} does not fit the store's seed column "
-                                      "(-2^63 to 2^63-1): record it as None (the image key can hold it)")
+            if row.seed is not None and not -limit <= row.seed < limit:
+                raise seed_refused(row.seed, self.db.has_wide_seeds)
         out = Recorded([], [], [])
         with self.db.write_session() as s:
             if self.db.has_claims:  # in the transaction: a `reembed` switch commits before or after it whole

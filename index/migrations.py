@@ -7,6 +7,7 @@ Steps of an older database's upgrade, each idempotent: the `checksum` column (ba
 from __future__ import annotations
 
 import json
+import logging
 from typing import cast
 
 from sqlalchemy import Table, delete, func, select, update
@@ -14,8 +15,10 @@ from sqlalchemy.exc import DBAPIError
 
 from index import vectors as vx
 from index.db import Database, table
-from index.errors import StoreInputError
+from index.errors import StoreDenied, StoreInputError
 from index.schema import ADDED_TABLES, CORE_TABLES, Base, StoreMeta, Vector, VectorSet
+
+log = logging.getLogger("resynth.store")
 
 
 def _mix(v: str) -> str:
@@ -112,11 +115,12 @@ def migrate(db: Database, embedder: str, dim: int) -> None:
     count as deleted. A read-only open keeps the old shape: it reads the same."""
     if db.has_checksums and db.has_tombstones and db.has_claims and db.has_vector_sets and db.has_wide_seeds:
         return
+    wide = True
     with db.write_engine.begin() as conn:
         if "checksum" not in db.dialect.columns(conn, "vectors"):
             conn.exec_driver_sql("ALTER TABLE vectors ADD COLUMN checksum VARCHAR(32)")
         if db.dialect.narrow_seeds(conn):  # checked again under the write lock: another open may have done it
-            conn.exec_driver_sql("ALTER TABLE images ALTER COLUMN seed TYPE BIGINT")
+            wide = _widen_seeds(conn)
         tables = db.dialect.tables(conn)
         Base.metadata.create_all(conn, tables=[cast(Table, t) for t in ADDED_TABLES])
         if conn.scalar(select(StoreMeta.value).where(StoreMeta.key == "tombstones_from")) is None:
@@ -129,8 +133,23 @@ def migrate(db: Database, embedder: str, dim: int) -> None:
             for statement in vector_set_ddl(db):
                 db.dialect.raw_sql(conn, statement)
             recount_vector_sets(db, conn)
-    db.has_checksums = db.has_tombstones = db.has_claims = db.has_vector_sets = db.has_wide_seeds = True
+    db.has_checksums = db.has_tombstones = db.has_claims = db.has_vector_sets = True
+    db.has_wide_seeds = wide
     backfill_checksums(db)
+
+
+def _widen_seeds(conn) -> bool:
+    """ALTER images.seed to BIGINT; False (the store keeps working with 32-bit seeds, see
+    catalog.record_images) when this role may write the tables but does not own them."""
+    log.warning("upgrading images.seed to 64 bits (one time; the table is locked while it runs)")
+    try:
+        with conn.begin_nested():  # a refused ALTER must not abort the upgrade's other steps
+            conn.exec_driver_sql("ALTER TABLE images ALTER COLUMN seed TYPE BIGINT")
+    except StoreDenied:  # "must be owner of table images" (db.py's handle_error names it so)
+        log.warning("images.seed stays 32 bits: this role does not own the table (the store's owner widens it "
+                    "by opening the store writable once)")
+        return False
+    return True
 
 
 def recount_vector_sets(db: Database, conn=None) -> None:

@@ -329,3 +329,44 @@ def test_a_refused_claim_keeps_the_release_pending_and_the_retrier_does_not_bloc
         while store.claims.pending_releases() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert store.live_claims(["a"]) == {} and store.claim(["a"], "other") == ["a"]
+
+
+def test_a_role_that_does_not_own_an_older_store_still_opens_it_writable(tmp_path, caplog):
+    """The 64-bit seed upgrade (ALTER TABLE) needs the table's owner: a role granted only SELECT, INSERT,
+    UPDATE and DELETE could no longer open an older store writable ("must be owner of table images",
+    "grant this role access"). It now keeps the 32-bit column and refuses only seeds past it, in one line."""
+    from sqlalchemy.engine import make_url
+
+    from index.errors import StoreInputError
+
+    admin = pg.admin_url()
+    if not admin:
+        pytest.skip(pg.why())
+    role = f"dml_{uuid.uuid4().hex[:8]}"
+    url = pg.create_database()
+    root = tmp_path / "s"
+    try:
+        Store.create(root, EMBEDDER, DIM, db_url=url).close()
+        pg.sql(url, "ALTER TABLE images ALTER COLUMN seed TYPE INTEGER", f'CREATE ROLE "{role}" LOGIN',
+               f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "{role}"',
+               f'GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO "{role}"')
+        config = json.loads((root / "store.json").read_text())
+        config["db"] = make_url(url).set(username=role).render_as_string(hide_password=False)
+        (root / "store.json").write_text(json.dumps(config))
+        with caplog.at_level("WARNING", "resynth.store"), Store.open(root) as store:
+            assert not store.db.has_wide_seeds
+            _add(store, 0, 1)  # a seed that fits 32 bits
+            source, desc = store.sources()[0], store.description_id("a prompt")
+            with pytest.raises(StoreInputError, match="32-bit seed column: the store's owner must open it") as caught:
+                store.add_images([NewImage(key="big", role="resynthesis", source_id=source.id, description_id=desc,
+                                           file_hash="h", path="images/big.png", seed=3_000_000_000,
+                                           vector=np.eye(1, DIM, dtype=np.float32)[0])])
+            assert "\n" not in str(caught.value)
+        assert "upgrading images.seed to 64 bits (one time; the table is locked while it runs)" in caplog.text
+        config["db"] = url
+        (root / "store.json").write_text(json.dumps(config))
+        with Store.open(root) as store:  # the owner widens it
+            assert store.db.has_wide_seeds and len(store.labelled_vectors()) == 1
+    finally:
+        pg.drop_database(url)
+        pg.sql(admin, f'DROP ROLE IF EXISTS "{role}"')
