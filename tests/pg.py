@@ -120,6 +120,13 @@ def admin_url() -> str | None:
     return _state["url"]
 
 
+def superuser() -> bool:
+    """Whether the admin role may create roles and hand them databases (the tests of other roles' grants)."""
+    if not admin_url():
+        return False
+    return bool(sql(_state["url"], "SELECT rolsuper FROM pg_roles WHERE rolname = current_user")[0][0][0])
+
+
 def why() -> str:
     admin_url()
     return _state.get("why") or ""
