@@ -128,7 +128,7 @@ def save_array_atomic(folder, matrix: np.ndarray) -> str:
 
 
 # --------------------------------------------------------------- the "mahalanobis" open-set score
-# Measured best on leave-one-source-out (engine.evaluation.openset): reference sets differ in spread and in
+# Measured best on leave-one-source-out (engine.crossfit): reference sets differ in spread and in
 # which directions they vary, so a cosine to the nearest source rewards an unknown that sits in a diffuse
 # source's cloud; one covariance of the references around their own (source, description) means weighs a
 # query's offset by how references of one source and description actually vary.

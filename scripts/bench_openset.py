@@ -3,7 +3,7 @@
 The sets and features are scripts/bench_modes.py's (tiny random zoo; four real-weight GANs with one
 description or 8 labels; the zoo's tiny CLIP, and a trained DINOv2-small at its final and middle
 block). Each cell runs exactly what `evaluate` reports as `open_set`: the engine's default variant,
-each source left out in turn, cross-fitted (engine.evaluation.openset.leave_one_source_out with the
+each source left out in turn, cross-fitted (engine.crossfit.leave_one_source_out with the
 protocol's feature context). Printed: AUROC / unknowns rejected at 5% false reject per score, the
 mean over each set's cells and over sets, and which score is best per cell.
 
@@ -22,10 +22,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.evaluation.dataset import from_manifest  # noqa: E402
-from engine.evaluation.openset import DEFAULT_OPEN_SET_SCORE, OPEN_SET_SCORES, leave_one_source_out  # noqa: E402
+from engine.crossfit import leave_one_source_out  # noqa: E402
 from engine.evaluation.protocol import default_variant, open_set_context  # noqa: E402
-from engine.evaluation.scoring import score_matrix  # noqa: E402
+from engine.labelled import from_manifest  # noqa: E402
+from engine.openset import DEFAULT_OPEN_SET_SCORE, OPEN_SET_SCORES  # noqa: E402
+from engine.scoring import score_matrix  # noqa: E402
 
 
 def _bench_modes():

@@ -10,9 +10,9 @@ import pytest
 from engine.calibration import DEFAULT_TEMPERATURE
 from engine.embed import Embedder, EmbedderSpec
 from engine.evaluation.baselines import BASELINES, available_shots, run_fewshot
-from engine.evaluation.dataset import from_manifest
+from engine.labelled import from_manifest
 from engine.evaluation.runner import embed_evalset
-from engine.evaluation.scoring import Variant
+from engine.scoring import Variant
 from tests.helpers import dataset_subset, run_cli
 
 UNREGISTERED = "tiny-sdxl-euler"  # left out of the calibrated store: its originals must come out unknown
@@ -244,8 +244,8 @@ def test_evaluation_reproduces_the_workspace_prediction_by_prediction(models, da
     whole dataset equals what `Workspace.attribute` returns for that original."""
     import engine
     from engine import Options
-    from engine.evaluation.dataset import from_store
-    from engine.evaluation.scoring import dataset_score_matrix, neighbour_score_matrix, score_matrix
+    from engine.labelled import from_store
+    from engine.scoring import dataset_score_matrix, neighbour_score_matrix, score_matrix
 
     store = tmp_path / "store"
     with engine.init(store, clip_config=models["clip_config"], clip_checkpoint=models["clip_checkpoint"]) as ws:

@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.aggregate import AGGREGATIONS, aggregate
-from engine.evaluation import metrics as m
-from engine.evaluation.openset import (acceptance_margin, calibration_report, fit_temperature, fit_thresholds,
-                                       leave_one_source_out)
-from engine.evaluation.scoring import Variant, aggregate_masked, score_matrix, similarity
+from engine import metrics as m
+from engine.aggregate import AGGREGATIONS, aggregate, aggregate_masked
+from engine.crossfit import calibration_report, leave_one_source_out
+from engine.openset import acceptance_margin, fit_temperature, fit_thresholds
+from engine.scoring import Variant, score_matrix, similarity
 
 LABELS = np.array([0, 0, 0, 1, 1, 2])
 PREDICTED = np.array([0, 0, 1, 1, 0, 2])

@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 
 from engine.calibration import DEFAULT_TEMPERATURE
-from engine.evaluation.dataset import EvalSet
-from engine.evaluation.openset import (DEFAULT_OPEN_SET_SCORE, OPEN_SET_SCORES, calibration_report,
-                                       choose_open_set_score, feature_context, fit_open_set_thresholds,
-                                       leave_one_source_out, make_folds)
+from engine.crossfit import calibration_report, choose_open_set_score, leave_one_source_out, make_folds
 from engine.evaluation.protocol import open_set_context, run_protocol
 from engine.evaluation.report import json_safe, markdown, summary
-from engine.evaluation.scoring import Variant, padded_references, score_matrix
+from engine.labelled import EvalSet
+from engine.openset import DEFAULT_OPEN_SET_SCORE, OPEN_SET_SCORES, feature_context, fit_open_set_thresholds
+from engine.scoring import Variant, padded_references, score_matrix
 
 NAMES = ["a", "b", "c", "d"]
 
@@ -294,7 +293,7 @@ def test_mahalanobis_cannot_tell_a_twin_source():
 
 
 def test_mahalanobis_never_sees_the_left_out_source():
-    from engine.evaluation.openset import mahalanobis_scores
+    from engine.openset import mahalanobis_scores
 
     originals, resyntheses, orig_source, res_source = nuisance_set()
     candidates = padded_references([[np.flatnonzero(res_source == c) for c in range(4)]] * len(orig_source), 16)
@@ -311,7 +310,7 @@ def test_mahalanobis_at_attribute_time_equals_the_evaluation():
     """engine.calibration's per-query function (what the engine would apply) gives the evaluation's value,
     and a Calibration carrying its threshold decides with it."""
     from engine.calibration import Calibration, mahalanobis_open_set
-    from engine.evaluation.openset import fit_mahalanobis
+    from engine.openset import fit_mahalanobis
 
     originals, resyntheses, orig_source, res_source = nuisance_set()
     references = [[np.flatnonzero(res_source == c) for c in range(4)] for _ in orig_source]
@@ -341,7 +340,7 @@ def test_mahalanobis_at_attribute_time_equals_the_evaluation():
 def test_literature_figures_per_score_and_round():
     """OSCR, TNR@TPR95 and CCR@FPR5 beside the AUROC: per left-out source, their mean per score, the
     headline's at the top, and in report.md and the summary."""
-    from engine.openset import LITERATURE_FIGURES
+    from engine.crossfit import LITERATURE_FIGURES
 
     evalset, features = one_description_set(per_source=16)
     report = run_protocol(evalset, {"final": features}, "final", draws=1, progress=False)

@@ -11,8 +11,8 @@ import warnings
 import numpy as np
 from tqdm import tqdm
 
-from engine.evaluation.metrics import accuracy
-from engine.evaluation.scoring import Variant, score_matrix
+from engine.metrics import accuracy
+from engine.scoring import Variant, score_matrix
 
 SHOTS = (1, 2, 5, 10, 20)
 BASELINES = ("nearest-centroid", "knn", "linear-svm", "logistic-regression")

@@ -71,7 +71,7 @@ def _emit(args, data, text: str) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from engine.evaluation.dataset import from_manifest
+    from engine.labelled import from_manifest
     from engine.evaluation.features import spec_from_args
     from engine.evaluation.report import summary
     from engine.evaluation.runner import evaluate

@@ -11,15 +11,14 @@ import numpy as np
 from tqdm import tqdm
 
 from engine.aggregate import AGGREGATIONS
+from engine.crossfit import calibration_report, leave_one_source_out
 from engine.evaluation.baselines import available_shots, run_fewshot
-from engine.options import Options
 from engine.fitting import open_set_context  # noqa: F401  (the method's, used here too)
 from engine.labelled import EvalSet
 from engine.metrics import accuracy, classification_report
-from engine.openset import (DEFAULT_OPEN_SET_SCORE, FALSE_REJECT, calibration_report,
-                                       leave_one_source_out)
-from engine.scoring import (DISTANCES, Variant, adaptive_score_matrix, neighbour_score_matrix,
-                                      score_matrix)
+from engine.openset import DEFAULT_OPEN_SET_SCORE, FALSE_REJECT
+from engine.options import Options
+from engine.scoring import DISTANCES, Variant, adaptive_score_matrix, neighbour_score_matrix, score_matrix
 
 # The engine's default options (engine.options.Options): its mode, aggregation and references per source.
 # ENGINE_DEFAULT is their scoring rule in resynthesis mode, the reference row of the variant grid; the
