@@ -24,6 +24,7 @@ from engine.options import Options, schema
 from engine.service.config import Access, Limits
 from engine.service.core import Service
 from engine.service.errors import ServiceError, body
+from engine.service.forms import media_type, read_form
 from engine.service.generation import QueueFull
 from engine.service.guard import PUBLIC_PATHS, Guard, PixelBudget
 from engine.service.sources import MAX_BODY, SourcePolicy
@@ -139,7 +140,7 @@ def create_app(service: Service, token: str | None = None, access: Access | None
         """Add a source like `resynth source add`: the same kinds, checks and one-line errors (422), within
         the server's policy: paths only under its sources folder, API keys only from the environment
         variables it lists, API URLs only on public addresses (403 otherwise)."""
-        if not request.headers.get("content-type", "").startswith("application/json"):
+        if media_type(request) != "application/json":
             raise ServiceError(415, "unsupported_media_type", "send application/json")
         raw = bytearray()
         async for chunk in request.stream():
@@ -282,9 +283,9 @@ async def _read_request(request: Request, service: Service,
     a few decode slots, one image at a time, reading each file's bytes only then.
     """
     limits = service.limits
-    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+    if media_type(request) != "multipart/form-data":
         raise ServiceError(415, "unsupported_media_type", "send multipart/form-data with one or more `image` parts")
-    async with request.form(max_files=limits.max_images, max_fields=32, max_part_size=64 * 1024) as form:
+    async with read_form(request, limits) as form:
         image_parts = form.getlist("image")
         if not image_parts:
             raise ServiceError(400, "no_image", "send at least one `image` file part")
@@ -414,13 +415,15 @@ def _add_error_handlers(app: FastAPI, service: Service) -> None:
         service.count("client_disconnected")  # not an error of ours: no traceback, no internal_error
         log.info("client disconnected during %s %s", request.method, request.url.path)
         return Response(status_code=400)  # nobody reads it: the server drops it
+
     @app.exception_handler(QueueFull)
     async def queue_full(_request, exc: QueueFull):
         return reply(503, "queue_full", f"{exc}; retry shortly", {"Retry-After": "2"})
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request, exc: StarletteHTTPException):
-        return reply(exc.status_code, HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail))
+    async def http_error(_request, exc: StarletteHTTPException):  # a 405 keeps its Allow header
+        return reply(exc.status_code, HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail),
+                     dict(exc.headers or {}))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request, exc: RequestValidationError):

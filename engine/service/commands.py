@@ -64,6 +64,10 @@ def register(sub, common) -> None:
                    help="images decoded at once (default %(default)s)")
     p.add_argument("--max-requests", type=int, default=Limits.max_requests,
                    help="API requests handled at once, 503 beyond (default %(default)s)")
+    p.add_argument("--max-uploads", type=int, default=Limits.max_uploads,
+                   help="requests whose body is still arriving, received at once; when full, the slowest under "
+                        f"{Limits.min_upload_rate // 1024} KiB/s gives way to a new one (408 for it), else 503 "
+                        "(default %(default)s)")
     p.add_argument("--body-timeout", type=float, default=Limits.body_timeout, metavar="SECONDS",
                    help="time for a request's whole body to arrive, 408 after (default %(default)s)")
     p.add_argument("--header-timeout", type=float, default=Limits.header_timeout, metavar="SECONDS",
@@ -110,7 +114,8 @@ def limits_from_args(args):
                "--max-pixels": args.max_pixels, "--max-images": args.max_images,
                "--max-request-pixels": args.max_request_pixels,
                "--max-pixels-in-flight": args.max_pixels_in_flight, "--max-decodes": args.max_decodes,
-               "--max-requests": args.max_requests, "--body-timeout": args.body_timeout,
+               "--max-requests": args.max_requests, "--max-uploads": args.max_uploads,
+               "--body-timeout": args.body_timeout,
                "--header-timeout": args.header_timeout,
                "--max-per-source": args.max_per_source, "--queue-size": args.queue_size,
                "--max-batch": args.max_batch, "--refresh-seconds": args.refresh_seconds,
@@ -127,7 +132,8 @@ def limits_from_args(args):
     return Limits(max_body_bytes=int(args.max_body_mb * MiB), max_image_bytes=int(args.max_image_mb * MiB),
                   max_pixels=args.max_pixels, max_images=args.max_images, max_per_source=args.max_per_source,
                   max_request_pixels=args.max_request_pixels, max_pixels_in_flight=args.max_pixels_in_flight,
-                  max_decodes=args.max_decodes, max_requests=args.max_requests, body_timeout=args.body_timeout,
+                  max_decodes=args.max_decodes, max_requests=args.max_requests, max_uploads=args.max_uploads,
+                  body_timeout=args.body_timeout,
                   header_timeout=args.header_timeout, queue_size=args.queue_size,
                   max_loaded=args.max_loaded_pipelines, batch_window=args.batch_ms / 1000,
                   max_batch=args.max_batch, refresh_seconds=args.refresh_seconds, max_cost=args.max_cost)
@@ -164,6 +170,16 @@ def sources_from_args(args, store_root):
 
 
 def cmd_serve(args) -> int | None:
+    worker = workers.this_worker()
+    try:
+        return _serve(args, worker)
+    except Exception as exc:
+        if worker is not None:  # not serving yet: one line, printed by the supervisor (SystemExit here)
+            worker.failed(exc)
+        raise
+
+
+def _serve(args, worker: workers.Worker | None) -> int | None:
     import uvicorn
 
     from engine.service.app import create_app
@@ -181,7 +197,6 @@ def cmd_serve(args) -> int | None:
     if not (root / CONFIG_NAME).exists():
         Store.open(root)  # no store there: its own error, before the port is taken
     policy = sources_from_args(args, root)
-    worker = workers.this_worker()
     if worker is None and not 1 <= args.workers <= MAX_WORKERS:
         raise UserError(f"--workers must be between 1 and {MAX_WORKERS}")
     # before the models load: a busy port is a one-line error at once
@@ -190,10 +205,11 @@ def cmd_serve(args) -> int | None:
               f"(token {'required' if token else 'off'}" + (f", {args.workers} workers)" if args.workers > 1 else ")"))
     if worker is None and args.workers > 1:
         try:
-            return workers.supervise(sock, args.workers, banner)
+            return workers.supervise(sock, args.workers, banner, json_errors=args.json)
         finally:
             sock.close()
     _return_large_frees_to_the_os()
+    _raise_open_files_limit()
     try:
         if worker is None and not _is_loopback(args.host) and token is None:
             print(f"resynth: warning: serving on {args.host} without a token: anyone who can reach it may use "
@@ -266,6 +282,21 @@ def _return_large_frees_to_the_os(threshold: int = 4 << 20) -> None:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD; setting it also turns off the dynamic rise
     except (OSError, AttributeError):  # not glibc (macOS, musl without mallopt): nothing to tune
+        pass
+
+
+def _raise_open_files_limit(wanted: int = 65536) -> None:
+    """Raise this process's soft limit on open files towards its hard limit: every connection is a file,
+    and at a soft limit of 1024 (common) about a thousand idle connections stopped the server from
+    accepting any other until its header deadline closed them (measured: every request refused)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, OSError, ValueError):  # not POSIX, or not allowed: keep the limit as it is
         pass
 
 

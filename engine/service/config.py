@@ -17,7 +17,10 @@ class Limits:
     from image headers before anything is decoded; a request over `max_request_pixels` is refused
     (413), at most `max_pixels_in_flight` decoded pixels are held by all requests together (a request
     waits up to `pixel_wait` seconds for room, then 503), at most `max_decodes` decodes run at once,
-    and at most `max_requests` API requests are handled at once (503 beyond). `memory_bound()` is the
+    and at most `max_requests` API requests are handled at once (503 beyond). A request whose body is
+    still arriving is not handled yet: up to `max_uploads` of those are received at once (503 beyond), so
+    slow or stalled uploads cannot take the handling slots from everyone else; when that many arrive, the
+    slowest under `min_upload_rate` gives way to a new one (408), else the new one gets 503. `memory_bound()` is the
     resulting worst-case growth of the server's resident memory.
     """
 
@@ -30,6 +33,11 @@ class Limits:
     max_decodes: int = 2  # images decoded at once
     pixel_wait: float = 30.0  # seconds a request waits for room among the pixels in flight (503 after)
     max_requests: int = 32  # API requests handled at once (503 beyond); health checks are not counted
+    max_uploads: int = 128  # requests whose body is still arriving; not yet handled
+    min_upload_rate: int = 32 * 1024  # bytes/s: slower uploads give way to new ones when max_uploads arrive
+    spool_bytes: int = 256 * 1024  # an uploaded file part kept in memory up to this, then on disk
+    max_fields: int = 32  # text fields of a form
+    max_field_bytes: int = 64 * 1024  # one text field of a form
     max_per_source: int = 16  # K: each one may cost a generation per source
     max_cost: float | None = None  # USD one request may spend on API sources (None: only the request's own max_cost)
     queue_size: int = 16  # generation jobs waiting; more are refused with 503
@@ -65,9 +73,9 @@ class Limits:
           max_decodes x (8 B x largest image + max_image_bytes)
         - captioning (prompt-less requests, one at a time): the processor copies a request's images:
           6 B x max_request_pixels
-        - uploads being received: starlette keeps each file part in memory up to 1 MiB before
-          spilling it to disk, plus up to 64 KiB per text field (32 fields):
-          max_requests x (max_images x 1 MiB + 2 MiB)
+        - uploads being received or handled: each file part is kept in memory up to spool_bytes
+          before it spills to disk, plus the text fields:
+          (max_requests + max_uploads) x (max_images x spool_bytes + max_fields x max_field_bytes)
         - preprocessing geometry: an image whose short side is below the model's input side S is scaled
           up, long side too, before the centre crop; PIL holds RGB at 4 B a pixel, in two resampling
           passes. With sides at most MAX_ASPECT:1 (images.MAX_ASPECT, refused beyond from the header),
@@ -84,8 +92,12 @@ class Limits:
         return (6 * self.max_pixels_in_flight
                 + self.max_decodes * (8 * largest + self.max_image_bytes)
                 + 6 * self.max_request_pixels
-                + self.max_requests * (self.max_images * MiB + 2 * MiB)
+                + (self.max_requests + self.max_uploads) * self.form_bytes()
                 + self.preprocess_threads * self.upscale_bytes())
+
+    def form_bytes(self) -> int:
+        """The most one request's form holds in memory while it arrives and is handled (see memory_bound)."""
+        return self.max_images * self.spool_bytes + self.max_fields * self.max_field_bytes
 
     def upscale_bytes(self) -> int:
         """The most one image's preprocessing may allocate by scaling a thin image up (see memory_bound)."""

@@ -2,8 +2,8 @@
 
 - `Guard` (ASGI middleware): Host and Origin checks when no token is set (DNS rebinding, cross-site
   posts), the bearer token, CORS for allowed origins, the body size limit, a deadline for the whole
-  body, and a cap on API requests handled at once. An unauthenticated, foreign or oversized upload is
-  refused without being spooled to disk.
+  body, a cap on uploads being received and another on API requests handled at once, HEAD for every
+  GET route. An unauthenticated, foreign or oversized upload is refused without being spooled to disk.
 - `PixelBudget`: decoded pixels held by all requests together.
 - `http_protocol`: uvicorn's h11 protocol with a deadline on the request line and headers.
 """
@@ -27,6 +27,11 @@ from engine.service.errors import ServiceError, body
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/", "/favicon.ico", *DOCS_PATHS})  # no token needed, not counted
 HEALTH_PATHS = frozenset({"/healthz", "/readyz"})  # answered whatever the Host or Origin
+# After a refusal sent before its body was read, the server reads (and drops) the rest for up to this long:
+# closing a socket with unread data sends a reset, and clients that send the whole body before reading
+# (urllib, requests) then saw "connection reset by peer" instead of the JSON error.
+DRAIN_SECONDS = 2.0
+EVICT_AFTER = 1.0  # seconds an upload runs before its rate counts (see Uploads)
 LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost", "ip6-loopback"})
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -36,6 +41,69 @@ class BodyTooLarge(ServiceError):
 
     def __init__(self, limit: int):
         super().__init__(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
+
+
+class Busy(ServiceError):
+    """503: more requests at once than the server's limit of `what`."""
+
+    def __init__(self, count: int, what: str):
+        super().__init__(503, "busy", f"the server is {what} {count} request{'s' * (count != 1)}, its limit; "
+                                      "retry shortly", {"Retry-After": "2"})
+
+
+class BodyTooSlow(ServiceError):
+    """408 for an upload evicted to make room (see Uploads); the connection closes."""
+
+    def __init__(self, rate: float, floor: int):
+        super().__init__(408, "body_too_slow", f"the request body arrived at {rate:.0f} bytes/s while the server "
+                                               f"was full of uploads (it keeps those above {floor} bytes/s)",
+                         {"Connection": "close"})
+
+
+class Upload:
+    """One request whose body is still arriving."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.received = 0
+        self.evicted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def rate(self, now: float) -> float:
+        return self.received / max(now - self.started, 1e-3)
+
+
+class Uploads:
+    """Requests whose body is still arriving, at most `limits.max_uploads`. When they are that many, a
+    new one takes the place of the slowest below `limits.min_upload_rate` (after its first EVICT_AFTER
+    seconds), which gets 408: stalled or trickling uploads (slowloris) then cost their sender real
+    bandwidth, and cannot keep others out. When none is that slow, the new one gets 503."""
+
+    def __init__(self, limits: Limits):
+        self.limit = limits.max_uploads
+        self.floor = limits.min_upload_rate
+        self.open: set[Upload] = set()
+        self.evicted = 0
+
+    def enter(self) -> Upload | None:
+        if len(self.open) >= self.limit and not self._evict_slowest():
+            return None
+        upload = Upload()
+        self.open.add(upload)
+        return upload
+
+    def leave(self, upload: Upload | None) -> None:
+        self.open.discard(upload)  # type: ignore[arg-type]
+
+    def _evict_slowest(self) -> bool:
+        now = time.monotonic()
+        slow = [u for u in self.open if now - u.started >= EVICT_AFTER and u.rate(now) < self.floor]
+        if not slow:
+            return False
+        upload = min(slow, key=lambda u: u.rate(now))
+        self.open.discard(upload)
+        upload.evicted.set_result(None)
+        self.evicted += 1
+        return True
 
 
 class BodyTimeout(ServiceError):
@@ -111,6 +179,7 @@ class Guard:
         self.origins = {o.strip().lower().rstrip("/") for o in access.allow_origins}
         self.any_origin = "*" in self.origins
         self.active = 0  # API requests being handled now
+        self.uploads = Uploads(limits)  # API requests whose body is still arriving (not handled yet)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -156,49 +225,123 @@ class Guard:
                                  f"request body of {int(declared)} bytes exceeds the limit of {limit}", extra)
                 return
         counted = path not in PUBLIC_PATHS
-        if counted and self.active >= self.limits.max_requests:
-            handling = f"{self.active} request{'s' * (self.active != 1)}"
-            await send_error(send, 503, "busy", f"the server is handling {handling}, its limit; retry shortly",
-                             {"Retry-After": "2", **extra})
+        # A request with a body waits among the uploads until its last byte, then among the requests
+        # handled: slow or stalled uploads (slowloris) cannot take the handling slots from everyone else.
+        upload: Upload | None = None
+        if counted and (declared not in (None, b"0") or b"transfer-encoding" in headers):
+            upload = self.uploads.enter()
+            if upload is None:
+                busy = Busy(len(self.uploads.open), "receiving")
+                await send_error(send, 503, busy.code, busy.message, {**busy.headers, **extra})
+                return
+        elif counted and self.active >= self.limits.max_requests:
+            busy = Busy(self.active, "handling")
+            await send_error(send, 503, busy.code, busy.message, {**busy.headers, **extra})
             return
-        received, started, body_done = 0, False, False
+        head = scope["method"] == "HEAD"  # answered as the GET of the same path, without the body
+        if head:
+            scope = {**scope, "method": "GET"}
+        received, started, body_done, read, refused = 0, False, False, False, False
         deadline = time.monotonic() + self.limits.body_timeout
+        handling = counted and upload is None
+
+        def admit() -> None:
+            """The whole body is in: the request leaves the uploads and is handled (or refused, busy)."""
+            nonlocal upload, handling
+            if upload is not None:
+                self.uploads.leave(upload)
+                upload = None
+                if self.active >= self.limits.max_requests:
+                    raise Busy(self.active, "handling")
+                handling = True
+                self.active += 1
+
+        async def next_message():
+            """receive(), unless this upload is evicted first (BodyTooSlow)."""
+            if upload is None:
+                return await receive()
+            waiter = asyncio.ensure_future(receive())
+            try:
+                await asyncio.wait((waiter, upload.evicted), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+            if upload.evicted.done():
+                raise BodyTooSlow(upload.rate(time.monotonic()), self.uploads.floor)
+            return waiter.result()
 
         async def guarded_receive():
-            nonlocal received, body_done
+            nonlocal received, body_done, read, refused
+            read = True
             if body_done:  # later calls only wait for a disconnect: no deadline
                 return await receive()
             try:
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                    message = await receive()
+                    message = await next_message()
             except TimeoutError:
+                refused = True
                 raise BodyTimeout(self.limits.body_timeout) from None
+            except BodyTooSlow:
+                refused = True
+                raise
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                if upload is not None:
+                    upload.received = received
                 if received > limit:
+                    refused = True
                     raise BodyTooLarge(limit)
                 body_done = not message.get("more_body", False)
+                if body_done:
+                    admit()
             else:
                 body_done = True
             return message
+
+        async def drain() -> None:
+            """Read and drop what is left of a refused request's body (bounded), so that the answer is read
+            before the connection closes. Not when the client waits for `100 Continue`, which reading
+            would send, nor after a timeout or an oversized body."""
+            nonlocal body_done
+            if body_done or refused or (not read and headers.get(b"expect", b"").lower() == b"100-continue"):
+                return
+            until = min(deadline, time.monotonic() + DRAIN_SECONDS)
+            drained = received
+            while drained <= limit:
+                try:
+                    async with asyncio.timeout(max(0.0, until - time.monotonic())):
+                        message = await receive()
+                except TimeoutError:
+                    return
+                if message["type"] != "http.request":
+                    return
+                drained += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    body_done = True
+                    return
 
         async def tracked_send(message):
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                if message["status"] >= 400:
+                    await drain()
                 if extra:
                     message = {**message, "headers": [*message.get("headers", []),
                                                       *((k.lower().encode(), v.encode()) for k, v in extra.items())]}
+            elif head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
             await send(message)
 
-        self.active += counted
+        self.active += handling
         try:
             await self.app(scope, guarded_receive, tracked_send)
-        except (BodyTooLarge, BodyTimeout) as exc:  # only if no handler inside answered it already
+        except (BodyTooLarge, BodyTimeout, BodyTooSlow, Busy) as exc:  # if no handler inside answered it already
             if not started:
                 await send_error(send, exc.status, exc.code, exc.message, {**exc.headers, **extra})
         finally:
-            self.active -= counted
+            self.uploads.leave(upload)
+            self.active -= handling
 
     # ----- who may call ------------------------------------------------------------------------------
     def host_allowed(self, name: str) -> bool:

@@ -14,6 +14,7 @@ error when one fails before.
 """
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -24,13 +25,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.errors import UserError
+from engine.errors import UserError, kind_of, message_of
 
 WORKER_ENV = "RESYNTH_SERVE_WORKER"  # in a worker: "INDEX/COUNT:SOCKET_FD:READY_FD:SUPERVISOR_PID"
 CODE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding this engine package
 MAX_RESTARTS = 5  # per worker within RESTART_WINDOW seconds; more means it cannot stay up
 RESTART_WINDOW = 60.0
 SLOW_START_ENV, SLOW_START_SECONDS = "RESYNTH_WORKER_SLOW_START_S", 180.0  # not serving by then: a warning
+PIPE_MESSAGE = 4000  # a worker's start error, in one atomic pipe write (PIPE_BUF is 4096 on Linux)
 STOP_SECONDS = 40.0  # a worker's graceful stop (uvicorn allows 30 s for open requests) before it is killed
 
 
@@ -44,9 +46,24 @@ class Worker:
 
     def ready(self) -> None:
         """Tell the supervisor this worker is serving (once)."""
+        self._say(b"r")
+
+    def failed(self, exc: BaseException) -> None:
+        """Before serving: hand a user's error (a damaged store, a missing model) to the supervisor, which
+        prints it once for all workers, and exit with its code (SystemExit) without printing it here.
+        A bug (no kind) is left to raise: its traceback is what a report needs."""
+        kind = kind_of(exc)
+        if self.ready_fd < 0 or kind is None:
+            return
+        said = {"message": message_of(exc), "kind": getattr(exc, "code", None) or kind.code,
+                "exit_code": kind.exit_code}
+        self._say(b"e" + json.dumps(said).encode()[:PIPE_MESSAGE])
+        raise SystemExit(kind.exit_code)
+
+    def _say(self, data: bytes) -> None:
         if self.ready_fd >= 0:
             try:
-                os.write(self.ready_fd, b"r")
+                os.write(self.ready_fd, data)  # one write under PIPE_BUF: read whole by the supervisor
                 os.close(self.ready_fd)
             except OSError:
                 pass
@@ -88,8 +105,10 @@ def _seconds(name: str, default: float) -> float:
 
 
 class Supervisor:
-    def __init__(self, sock: socket.socket, count: int, argv: list[str], banner: str):
+    def __init__(self, sock: socket.socket, count: int, argv: list[str], banner: str, json_errors: bool = False):
         self.sock, self.count, self.argv, self.banner = sock, count, argv, banner
+        self.json_errors = json_errors
+        self.errors: dict[int, dict] = {}  # worker index -> the start error it handed over
         self.procs: dict[int, subprocess.Popen] = {}
         self.pipes: dict[int, int] = {}  # worker index -> read end of its ready pipe
         self.ready: set[int] = set()  # serving now
@@ -166,12 +185,17 @@ class Supervisor:
     def _read_pipe(self, index: int) -> None:
         """The ready byte, or the end of a pipe whose worker exited: read once, then closed."""
         try:
-            byte = os.read(self.pipes[index], 1)
+            data = os.read(self.pipes[index], PIPE_MESSAGE + 1)
         except BlockingIOError:  # nothing yet
             return
-        if byte:
+        if data == b"r":
             self.ready.add(index)
             self.served.add(index)
+        elif data.startswith(b"e"):
+            try:
+                self.errors[index] = json.loads(data[1:])
+            except ValueError:
+                pass
         os.close(self.pipes.pop(index))
 
     def _reap(self) -> None:
@@ -186,10 +210,10 @@ class Supervisor:
             del self.procs[index]
             self.ready.discard(index)
             label = f"worker {index + 1} of {self.count}"
-            if index not in self.served:  # its own error is above; the server exits with its code (a store
-                # that is down exits 4 with workers as without), after stopping the others
-                print(f"resynth: {label} exited with code {code} before it was serving: stopping", file=sys.stderr,
-                      flush=True)
+            if index not in self.served:  # the server exits with its code (a store that is down exits 4
+                # with workers as without), after stopping the others; its error, if it handed one over,
+                # is printed here once, not by every worker
+                self._say_failed(index, label, code)
                 self.exit_code = code if 0 < code < 126 else 1
                 self.stopping = True
                 return
@@ -201,6 +225,17 @@ class Supervisor:
                                 f"{code}): stopping")
             print(f"resynth: warning: {label} exited with code {code}: restarting it", file=sys.stderr, flush=True)
             self.start(index)
+
+    def _say_failed(self, index: int, label: str, code: int) -> None:
+        said = self.errors.get(index)
+        stopped = f"{label} exited with code {code} before it was serving: stopping"
+        if said is None:  # killed, or a bug whose traceback is above
+            print(f"resynth: {stopped}", file=sys.stderr, flush=True)
+        elif self.json_errors:
+            print(json.dumps({"error": said.get("message"), "kind": said.get("kind"), "exit_code": code,
+                              "worker": label}), file=sys.stderr, flush=True)
+        else:
+            print(f"resynth: error: {said.get('message')} ({stopped})", file=sys.stderr, flush=True)
 
     def _stop(self, signum, frame) -> None:
         self.forced = self.stopping  # a second signal: stop now, not gracefully
@@ -221,9 +256,9 @@ class Supervisor:
             proc.wait()
 
 
-def supervise(sock: socket.socket, count: int, banner: str) -> int:
+def supervise(sock: socket.socket, count: int, banner: str, json_errors: bool = False) -> int:
     """Run `count` workers of the `resynth serve` command this process was started as, on `sock`."""
     argv = sys.argv[1:]
     if next((a for a in argv if not a.startswith("-")), None) != "serve":
         raise UserError("--workers needs `resynth serve` started as a command (it starts that command again)")
-    return Supervisor(sock, count, argv, banner).run()
+    return Supervisor(sock, count, argv, banner, json_errors).run()

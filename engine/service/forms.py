@@ -1,0 +1,64 @@
+"""Reading a request's multipart form within the service's limits, each refusal with its own code.
+
+starlette's parser reports every limit as one 400 with free text; a client needs to tell "too many
+images" (413, send fewer) from a malformed body (400, a bug of its own). Its file parts also stay in
+memory up to 1 MiB each before spilling to disk; ours spill at `Limits.spool_bytes`, which
+`Limits.memory_bound` counts for every upload being received.
+"""
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from starlette.datastructures import FormData
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+
+from engine.service.config import Limits
+from engine.service.errors import ServiceError
+
+
+def media_type(request: Request) -> str:
+    """The Content-Type's media type alone, lower case ('multipart/form-data'): a type merely starting
+    with the right name ('multipart/form-dataX', 'application/jsonx') is another type."""
+    return request.headers.get("content-type", "").partition(";")[0].strip().lower()
+
+
+@asynccontextmanager
+async def read_form(request: Request, limits: Limits) -> AsyncIterator[FormData]:
+    """The form of a multipart request; its files are closed (and removed from disk) on exit."""
+
+    class Parser(MultiPartParser):
+        spool_max_size = limits.spool_bytes
+        ended = False
+
+        def on_end(self) -> None:  # the closing boundary was read
+            self.ended = True
+
+    parser = Parser(request.headers, request.stream(), max_files=limits.max_images, max_fields=limits.max_fields,
+                    max_part_size=limits.max_field_bytes)
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise refusal(exc.message, limits) from None
+    if not parser.ended:  # a body cut short (a Content-Length too small): its last part may be half a file
+        await form.close()
+        raise ServiceError(400, "bad_multipart", "the multipart body ended before its closing boundary "
+                                                 "(a truncated upload, or a Content-Length too small)")
+    try:
+        yield form
+    finally:
+        await form.close()
+
+
+def refusal(message: str, limits: Limits) -> ServiceError:
+    """starlette's parser error as a ServiceError; its only distinction is the text (pinned by a test)."""
+    if message.startswith("Too many files"):
+        return ServiceError(413, "too_many_images", f"more than {limits.max_images} file parts: send at most "
+                                                    f"{limits.max_images} images per request")
+    if message.startswith("Too many fields"):
+        return ServiceError(413, "too_many_fields", f"more than {limits.max_fields} text fields: send a prompt "
+                                                    "(or one per image) and the options you need")
+    if message.startswith(("Part exceeded", "Field exceeded")):
+        return ServiceError(413, "field_too_large", f"a text field is over {limits.max_field_bytes // 1024} KiB")
+    return ServiceError(400, "bad_multipart", f"malformed multipart body: {message}")
