@@ -286,6 +286,11 @@ class Catalog:
             return [LabelledVector(*row[:8], vector=np.frombuffer(row[8], np.float32).copy())
                     for row in s.execute(query)]
 
+    def path_recorded(self, stored: str) -> bool:
+        """Whether an image row names the file `stored` (a scan: asked only when that file exists already)."""
+        with self.db.session() as s:
+            return s.scalar(select(Image.id).where(Image.path == stored).limit(1)) is not None
+
     def image_path(self, image_id: int) -> str | None:
         """The stored path of one image (relative to the store, or absolute for ingested files)."""
         if not _row_id(image_id):

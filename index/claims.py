@@ -55,10 +55,10 @@ class Claims:
             taken = [key for key in keys if pending.pop(key, None) is not None]
             if not pending:
                 self._pending.pop(owner, None)
-        now = time.time()
         table = Claim.__table__
         try:
             with self.db.write_session() as s:
+                now = self.db.dialect.clock(s)  # the database's clock (PostgreSQL: the server's), not this process's
                 for key in keys:
                     upsert(s, Claim, {"key": key, "owner": owner, "expires_at": now + lease_seconds}, ["key"],
                            ["owner", "expires_at"], (table.c.expires_at < now) | (table.c.owner == owner))
@@ -161,9 +161,9 @@ class Claims:
         keys = list(dict.fromkeys(keys))
         if not self.db.has_claims:
             return {}
-        now = time.time()
         out: dict[str, str] = {}
         with self.db.session() as s:
+            now = self.db.dialect.clock(s)
             for k in range(0, len(keys), 500):
                 out.update(dict(s.execute(select(Claim.key, Claim.owner).where(
                     Claim.key.in_(keys[k:k + 500]), Claim.expires_at >= now)).all()))
@@ -186,9 +186,9 @@ class Claims:
         """How many leases have expired (in session `s`)."""
         if not self.db.has_claims:
             return 0
-        return s.scalar(select(func.count()).select_from(Claim).where(Claim.expires_at < time.time()))
+        return s.scalar(select(func.count()).select_from(Claim).where(Claim.expires_at < self.db.dialect.clock(s)))
 
     def drop_expired(self) -> None:
         with self.db.write_session() as s:
-            s.execute(delete(Claim).where(Claim.expires_at < time.time()))
+            s.execute(delete(Claim).where(Claim.expires_at < self.db.dialect.clock(s)))
             s.commit()

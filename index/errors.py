@@ -61,3 +61,12 @@ def switched_embedder(identity: str) -> StoreError:
                        "opened it: restart this process; it writes nothing meanwhile")
     error.code = "store_switched"
     return error
+
+
+def moved_store(root: object) -> StoreError:
+    """The store folder this process opened is no longer at `root` (moved, renamed, replaced)."""
+    error = StoreError(f"the store folder {root} was moved, renamed or replaced since this process opened it: "
+                       "restart this process (with --store naming where the store is now); it writes nothing "
+                       "meanwhile, and nothing acknowledged was lost")
+    error.code = "store_moved"
+    return error

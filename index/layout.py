@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, Callable, Iterator
 
 from index.claims import pid_alive
-from index.errors import StoreBusy, StoreDamaged, StoreError, StoreUnavailable
+from index.errors import StoreBusy, StoreDamaged, StoreError, StoreInputError, StoreUnavailable, moved_store
 from index.failures import NOTHING_LOST, os_failure, refuse_write
 from index.faults import crash_point
 from index.objects import ImageFiles, image_files
@@ -134,6 +134,23 @@ def _wait_for_lock(fd: int, path: Path) -> None:
                                 f"publish lock; {LOCK_ENV} sets how long): let it finish or stop it, then run the "
                                 f"command again; {NOTHING_LOST}") from None
             time.sleep(0.02)
+        except OSError as exc:
+            raise _lock_refused(exc, path) from exc
+
+
+NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+def _lock_refused(exc: OSError, path: Path) -> StoreError:
+    """A publish lock the file system will not give (NFS without its lock daemon, some FUSE and network
+    file systems: ENOLCK, ENOTSUP): one line, never a traceback, and never a save without the lock (two
+    processes would publish over each other)."""
+    if exc.errno in NO_LOCKS:
+        return StoreUnavailable(f"the file system holding {path} does not support file locks "
+                                f"({exc.strerror or errno.errorcode.get(exc.errno or 0, 'refused')}), which the "
+                                f"store needs to publish its index: keep the store on a local file system (or "
+                                f"enable locking there); {NOTHING_LOST}")
+    return os_failure(exc, path, "taking the store's publish lock") or _unclassified(exc, path)
 
 
 def write_json_atomic(path: Path, value: dict, point: str = "config:before-replace") -> None:
@@ -177,6 +194,27 @@ def check_config(path: Path, config: object) -> None:
     index_file_name(path, config)
 
 
+def read_config(root: Path) -> dict:
+    """store.json, refused in one line when it is not one this resynth reads (Layout checks the rest)."""
+    path = root / CONFIG_NAME
+    try:
+        config = json.loads(path.read_text())
+        config["embedder"]["identity"], config["dim"]
+    except (ValueError, KeyError, TypeError):
+        raise StoreDamaged(f"store config {path} is malformed: restore it from a backup") from None
+    except OSError as exc:
+        raise StoreDamaged(f"store config {path} cannot be read ({exc.strerror or type(exc).__name__}): make it "
+                           "readable or restore it from a backup") from None
+    version = config.get("format")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT:
+        raise StoreInputError(f"store {root} was made by a newer resynth (store format {version}; this resynth "
+                              f"reads format {FORMAT}): upgrade resynth to open it")
+    if version != FORMAT or isinstance(version, bool):
+        raise StoreDamaged(f"{path} gives the store format as {version!r}, not one this resynth writes ({FORMAT}): "
+                           "restore store.json from a backup")
+    return config
+
+
 def index_file_name(path: Path, config: dict) -> str:
     """The index file store.json (at `path`) names (a re-embedded store names a new one, so the switch is
     one atomic replace of store.json). Only a bare `*.faiss` name other than the search index's: a
@@ -199,6 +237,7 @@ class Layout:
         self.read_only_why = read_only_why  # why this process cannot write the folder, if it cannot
         self._images: ImageFiles | None = None
         check_config(self.config_path, config)  # a store.json naming another file is refused at open
+        self._place = _folder_identity(root)  # which folder `root` named at open (check_in_place)
 
     def adoptable(self, config: object) -> bool:
         """Whether store.json as re-read from disk (`config`) may replace this store's config: False for
@@ -252,6 +291,15 @@ class Layout:
     def require_writable(self) -> None:
         if not self.writable:
             raise refuse_write(self.root, self.read_only_why)
+        self.check_in_place()
+
+    def check_in_place(self) -> None:
+        """Refuse work once the store folder was moved, renamed or replaced under this process (a link
+        retargeted, a backup restored in its place). Its open database file moved with the folder, but
+        paths did not: a server kept writing images, vectors.faiss and store.lock into a new folder at
+        the old path while the rows went to the moved database, whose images were then missing."""
+        if self._place is not None and _folder_identity(self.root) != self._place:
+            raise moved_store(self.root)
 
     def save_config(self, config: dict | None = None) -> None:
         """Write store.json (atomically); then `config`, if given, is this store's config."""
@@ -279,15 +327,34 @@ class Layout:
         path = Path(stored)
         return path if path.is_absolute() else self.root / path
 
-    def own_file(self, stored: str) -> Path | None:
-        """The file a row points at if it lies inside the store (below a folder, not a store file)."""
-        root = self.root.resolve()
-        path = Path(os.path.abspath(self.file_path(stored)))
+    def inside(self, path: Path) -> Path | None:
+        """`path` with every link followed, if that lies below a folder of the store (not a store file);
+        None when a link leads out of it. Paths are compared only in this form: a store opened through a
+        link (or a path with one) named its rows' files by the link and listed images/ by the real path,
+        so `verify` took every image for an orphan and `--repair` deleted them all."""
+        root = Path(os.path.realpath(self.root))
+        real = Path(os.path.realpath(path))
         try:
-            relative = path.relative_to(root)
+            relative = real.relative_to(root)
         except ValueError:
             return None
-        return path if len(relative.parts) >= 2 and ".." not in relative.parts else None
+        return real if len(relative.parts) >= 2 else None
+
+    def own_file(self, stored: str) -> Path | None:
+        """The file a row points at if it lies inside the store (below a folder, not a store file)."""
+        return self.inside(self.file_path(stored))
+
+    def images_folder(self) -> Path | None:
+        """images/ (links followed) when it is a folder inside the store; None when there is none, or when
+        it leads outside (a link to another disk): files there are not the store's to list or delete."""
+        folder = Path(os.path.realpath(self.root / "images"))
+        root = Path(os.path.realpath(self.root))
+        return folder if root in folder.parents and folder.is_dir() else None
+
+    def images_elsewhere(self) -> Path | None:
+        """Where images/ leads when a link takes it outside the store (verify notes it)."""
+        folder = self.root / "images"
+        return Path(os.path.realpath(folder)) if folder.is_dir() and self.images_folder() is None else None
 
     def remove_files(self, paths: set[Path]) -> None:
         """Delete image files, and the folders they leave empty (up to the store folder). After the commit
@@ -306,8 +373,9 @@ class Layout:
 
     def temp_files(self, deep: bool = False) -> list[Path]:
         found = [p for p in self.root.glob(".*.tmp") if TEMP_RE.match(p.name)]
-        if deep and (self.root / "images").is_dir():
-            found += [p for p in (self.root / "images").rglob(".*.tmp") if TEMP_RE.match(p.name)]
+        folder = self.images_folder() if deep else None
+        if folder is not None:
+            found += [p for p in _files_below(folder) if TEMP_RE.match(p.name)]
         return found
 
     def remove_stale_temp_files(self, deep: bool = False) -> list[str]:
@@ -326,14 +394,35 @@ class Layout:
 
     def orphans(self, referenced: set[Path]) -> tuple[list[Path], list[Path]]:
         """Unreferenced files under images/: (old enough to remove, too recent to judge)."""
-        folder = self.root / "images"
-        if not folder.is_dir():
+        folder = self.images_folder()
+        if folder is None:
             return [], []
         old: list[Path] = []
         recent: list[Path] = []
         now = time.time()
-        for path in sorted(folder.resolve().rglob("*")):
-            if not path.is_file() or TEMP_RE.match(path.name) or path in referenced:
+        for path in sorted(_files_below(folder)):
+            if TEMP_RE.match(path.name) or path in referenced:
                 continue
-            (recent if now - path.stat().st_mtime < ORPHAN_GRACE_S else old).append(path)
+            try:
+                mtime = path.stat().st_mtime
+            except OSError:
+                continue  # removed meanwhile
+            (recent if now - mtime < ORPHAN_GRACE_S else old).append(path)
         return old, recent
+
+
+def _files_below(folder: Path) -> Iterator[Path]:
+    """Plain files under `folder`, never through a link (a linked folder or file may lead out of the store)."""
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            path = Path(parent) / name
+            if not path.is_symlink() and path.is_file():
+                yield path
+
+
+def _folder_identity(root: Path) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(root)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino

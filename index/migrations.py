@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import cast
 
 from sqlalchemy import Table, delete, func, select, update
@@ -15,10 +16,11 @@ from sqlalchemy.exc import DBAPIError
 
 from index import vectors as vx
 from index.db import Database, table
-from index.errors import StoreDenied, StoreInputError
+from index.errors import StoreDamaged, StoreDenied, StoreInputError
 from index.schema import ADDED_TABLES, CORE_TABLES, Base, StoreMeta, Vector, VectorSet
 
 log = logging.getLogger("resynth.store")
+SCHEMA = 1  # store_meta "schema": a database a newer resynth changed in a way this one cannot read says more
 
 
 def _mix(v: str) -> str:
@@ -53,6 +55,8 @@ def create_schema(db: Database, embedder: str, dim: int) -> None:
         Base.metadata.create_all(conn)
         if conn.scalar(select(StoreMeta.value).where(StoreMeta.key == "tombstones_from")) is None:
             conn.execute(table(StoreMeta).insert().values(key="tombstones_from", value="0"))
+        if conn.scalar(select(StoreMeta.value).where(StoreMeta.key == "schema")) is None:
+            conn.execute(table(StoreMeta).insert().values(key="schema", value=str(SCHEMA)))
         if db.dialect.binds_database:  # one store per database: a second folder may join it, same embedder only
             bound = conn.scalar(select(StoreMeta.value).where(StoreMeta.key == "embedder"))
             if bound is None:
@@ -72,6 +76,43 @@ def _check_binding(db: Database, conn, embedder: str, dim: int) -> None:
     if rows.get("embedder") not in (None, embedder) or rows.get("dim") not in (None, str(dim)):
         raise StoreInputError(f"{db.label} holds a store bound to embedder {rows.get('embedder')} "
                               f"({rows.get('dim')}-d), not this store's {embedder}")
+
+
+def _check_schema(db: Database, conn) -> None:
+    """Refuse a database a newer resynth has changed (store_meta "schema" above SCHEMA): read by this one,
+    its rows would be misread and its writes would miss what the newer schema keeps (none: schema 1)."""
+    value = conn.scalar(select(StoreMeta.value).where(StoreMeta.key == "schema"))
+    if value is None:
+        return
+    try:
+        version = int(value)
+    except ValueError:
+        raise db.damaged(f"gives its schema version as {value!r}, not a number") from None
+    if version > SCHEMA:
+        raise StoreInputError(f"{db.label} was written by a newer resynth (schema version {version}; this resynth "
+                              f"reads schema version {SCHEMA} and older): upgrade resynth to open this store")
+
+
+def check_store_json(db: Database, config_path: Path, embedder: str, dim: int) -> None:
+    """store.json must describe the database's vectors: one edited by hand (another embedder, another vector
+    size) was refused as a database that lost data, with advice to restore metadata.sqlite from a backup, or
+    as a damaged vector; and `verify --repair` rebuilt an empty index for an embedder the database lacks.
+    Cheap: the trigger-kept per-embedder counts, and the newest vector's size (a reembed in progress stores
+    another embedder's vectors: then that one says nothing here)."""
+    if not db.has_vector_sets:
+        return
+    with db.session() as s:
+        counts = {name: n for name, n in s.execute(select(VectorSet.embedder, VectorSet.n)) if n > 0}
+        newest = s.execute(select(Vector.embedder, Vector.data).order_by(Vector.id.desc()).limit(1)).first()
+    if counts and embedder not in counts:
+        others = ", ".join(sorted(counts))
+        raise StoreDamaged(f"{config_path} names embedder {embedder}, of which {db.label} holds no vector (it holds "
+                           f"vectors of {others}): store.json was edited or belongs to another store; restore it "
+                           "from a backup (`resynth reembed` moves a store to another embedder)")
+    if newest is not None and newest[0] == embedder and len(newest[1]) != 4 * dim:
+        raise StoreDamaged(f"{config_path} gives the vector size {dim}, but the vectors {db.label} holds for "
+                           f"{embedder} have {len(newest[1]) // 4} components: store.json was edited; set \"dim\" "
+                           f"back to {len(newest[1]) // 4} or restore it from a backup")
 
 
 def has_vector_set_triggers(db: Database, conn) -> bool:
@@ -97,6 +138,8 @@ def probe(db: Database, embedder: str, dim: int) -> None:
             columns = db.dialect.columns(conn, "vectors")
             triggers = has_vector_set_triggers(db, conn)
             narrow = db.dialect.narrow_seeds(conn)
+            if "store_meta" in tables:
+                _check_schema(db, conn)
             if db.dialect.binds_database and "store_meta" in tables:
                 _check_binding(db, conn, embedder, dim)
         db.has_checksums = "checksum" in columns

@@ -55,7 +55,7 @@ from index.errors import StoreDamaged, StoreFull, StoreInputError, switched_embe
 from index.failures import DISK_FULL, os_failure, read_only_reason
 from index.faults import crash_point, skipped
 from index.layout import (CONFIG_NAME, DB_NAME, FORMAT, INDEX_NAME, LOCK_NAME, SEARCH_INFOS,  # noqa: F401
-                          SEARCH_NAME, Layout, write_json_atomic)
+                          SEARCH_NAME, Layout, read_config, write_json_atomic)
 from index.live import LiveIndex, OpenReport  # noqa: F401 - re-exported
 from index.schema import Source  # noqa: F401 - re-exported: the row type sources() returns
 from index.search import SearchIndex, StoredReference
@@ -100,6 +100,7 @@ class Store:
                 migrations.create_schema(self.db, self.embedder_identity, self.dim)
             migrations.probe(self.db, self.embedder_identity, self.dim)
             reembed.adopt_switched_embedder(self.db, self.layout)
+            migrations.check_store_json(self.db, self.layout.config_path, self.embedder_identity, self.dim)
             if writable:
                 migrations.migrate(self.db, self.embedder_identity, self.dim)
                 self.layout.remove_stale_temp_files()
@@ -125,7 +126,7 @@ class Store:
         url = parse_db_url(db_url) if db_url else None
         images = objects.parse_images_url(images) if images else None
         if config_path.exists():
-            existing = json.loads(config_path.read_text())
+            existing = read_config(root)
             if existing["embedder"]["identity"] != embedder["identity"]:
                 raise StoreInputError(f"store {root} is already bound to embedder {existing['embedder']['identity']}; "
                                       f"use another --store for {embedder['identity']}, or move this store to it "
@@ -169,17 +170,9 @@ class Store:
         """Open an existing store. `repair=True` accepts the database as it is when the index holds
         vectors the database lost (the index is rebuilt from it) instead of raising StoreDamaged."""
         root = Path(root)
-        config_path = root / CONFIG_NAME
-        if not config_path.exists():
+        if not (root / CONFIG_NAME).exists():
             raise StoreInputError(f"no store at {root} (create one with `resynth init`)")
-        try:
-            config = json.loads(config_path.read_text())
-            config["embedder"]["identity"], config["dim"]
-        except (ValueError, KeyError, TypeError):
-            raise StoreDamaged(f"store config {config_path} is malformed: restore it from a backup") from None
-        if config.get("format") != FORMAT:
-            raise StoreInputError(f"store {root} has format {config.get('format')}, this resynth reads {FORMAT}")
-        return cls(root, config, writable, repair=repair)
+        return cls(root, read_config(root), writable, repair=repair)
 
     def update_config(self, **changes) -> None:
         self.layout.require_writable()
@@ -262,6 +255,7 @@ class Store:
         space, wrote the old index file back and then reported the database as having lost data."""
         if self._switched:
             raise switched_embedder(self._switched)
+        self.layout.check_in_place()
 
     def rebuild(self, search: bool = True, *, flat_max: int | None = None, memory_budget_bytes: int | None = None,
                 threads: int | None = None, shard_map: ivf.ShardMap | None = None) -> int:
@@ -429,7 +423,19 @@ class Store:
         """Write a generated image's file atomically at `relative` (inside the store, or under its object
         store's prefix) before its row is recorded; returns its sha256, the row's file_hash."""
         self.layout.require_writable()
+        if self._kept(relative, data):
+            return objects.sha256_bytes(data)
         return self.layout.images.write(relative, data)
+
+    def _kept(self, relative: str, data: bytes) -> bool:
+        """Whether the file at `relative` must stay as it is: other bytes another process committed a row for.
+        A generation that outlived its claim (hung past its renewals, stopped, its clock off) had its key
+        taken over and stored by another process, then wrote its own image over that one when it went on:
+        the row's sha256 and vector then described a file that was gone. Its row is dropped as a duplicate key."""
+        if not isinstance(self.layout.images, objects.LocalImages):
+            return False
+        old = objects.read_local(self.layout.file_path(relative))
+        return old is not None and old != data and self.catalog.path_recorded(relative)
 
     def image_ids_of_vectors(self, vector_ids: list[int]) -> dict[int, int]:
         """vector id -> image id, for those stored."""
@@ -453,6 +459,7 @@ class Store:
             raise StoreInputError(f"vector size {matrix.shape[1]} does not match the store's {self.dim}")
         if not np.isfinite(matrix).all():
             raise StoreInputError("a vector to store is not finite (NaN or infinity)")
+        self.layout.check_in_place()  # rows naming files in a folder this process no longer has in hand
         recorded = self.catalog.record_images(rows, matrix)
         crash_point("images:after-commit")
         if recorded.vector_ids:

@@ -34,6 +34,7 @@ def verify(store: "Store", repair: bool = False, files: bool = True) -> dict:
     expired claims. What the database itself lacks cannot be repaired here (restore it from a backup).
     """
     db, layout = store.db, store.layout
+    layout.check_in_place()
     if repair:
         layout.require_writable()
     problems: list[str] = []
@@ -80,6 +81,10 @@ def verify(store: "Store", repair: bool = False, files: bool = True) -> dict:
     report["temp_files"] = {"count": len(temps), "examples": [str(p.relative_to(layout.root)) for p in temps[:10]]}
     if orphans:
         problems.append(f"{len(orphans)} image files under images/ belong to no row")
+    elsewhere = layout.images_elsewhere()
+    if elsewhere is not None:
+        report["notes"].append(f"images/ leads outside the store (to {elsewhere}): files there that no row names "
+                               "are neither reported nor removed")
     if temps:
         problems.append(f"{len(temps)} leftover temporary files")
 
