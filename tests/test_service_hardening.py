@@ -508,3 +508,124 @@ def test_a_busy_port_is_a_one_line_error_before_serving(hard_store):
     lines = done.stderr.strip().splitlines()
     assert lines == [f"resynth: error: port {port} on 127.0.0.1 is in use (is another server running?): "
                      "stop it or choose another --port"], done.stderr
+
+
+# ----- 7. round 4: slow uploads, multipart limits, methods, many connections --------------------------
+def _stall(port: int, count: int) -> list[socket.socket]:
+    """`count` uploads that send their headers and the first bytes of a 1 MB body, then nothing."""
+    stalled = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(_head(port, 1_000_000) + b"--hardening\r\n")
+        stalled.append(sock)
+    return stalled
+
+
+def test_stalled_uploads_do_not_take_the_handling_slots(server, small_png):
+    """40 uploads stalled mid-body (more than --max-requests, 32) held every handling slot until their body
+    deadline: every other API request got 503 for 30 s, again as soon as the sender reconnected. A body
+    still arriving now waits among the uploads (--max-uploads, 128), not among the requests handled."""
+    stalled = _stall(server.port, 40)
+    try:
+        time.sleep(0.2)
+        assert httpx.get(server.url + "/v1/stats").json()["admission"]["uploads_receiving"] == 40
+        started = time.monotonic()
+        assert [httpx.get(server.url + "/v1/sources").status_code for _ in range(5)] == [200] * 5
+        assert _post(server.url, small_png).status_code == 200
+        print(f"\n40 stalled uploads: 5 GETs and an attribution in {time.monotonic() - started:.2f} s")
+    finally:
+        for sock in stalled:
+            sock.close()
+    if Path(f"/proc/{server.pid}/limits").exists():  # every connection is a file: soft limit raised
+        import resource
+
+        line = next(x for x in Path(f"/proc/{server.pid}/limits").read_text().splitlines() if "open files" in x)
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        assert int(line.split()[3]) >= min(65536, hard if hard != resource.RLIM_INFINITY else 65536)
+
+
+def test_a_full_house_of_slow_uploads_gives_way_to_a_new_one(monkeypatch):
+    """When --max-uploads bodies are arriving, a new upload takes the place of the slowest one under
+    min_upload_rate (408 body_too_slow for it); when none is that slow, the new one gets 503."""
+    import engine.service.guard as guard_module
+
+    async def read_all(scope, receive, send):
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def scenario(limits: Limits) -> list[int]:
+        guard, statuses = Guard(read_all, Access(check=False), limits), []
+        forever = asyncio.Event()
+
+        async def call(stalls: bool) -> int:
+            scope = {"type": "http", "path": "/v1/attribute", "method": "POST", "server": ("127.0.0.1", 1),
+                     "headers": [(b"content-length", b"5")]}
+            sent: list[dict] = []
+
+            async def receive():
+                if stalls:
+                    await forever.wait()
+                return {"type": "http.request", "body": b"hello", "more_body": False}
+
+            async def send(message):
+                sent.append(message)
+            await guard(scope, receive, send)
+            return sent[0]["status"]
+        stalled = [asyncio.create_task(call(True)) for _ in range(2)]
+        await asyncio.sleep(0.15)
+        statuses.append(await call(False))  # the house is full
+        await asyncio.sleep(0.05)
+        statuses += [t.result() for t in stalled if t.done()]
+        forever.set()
+        await asyncio.gather(*stalled)
+        return statuses
+    monkeypatch.setattr(guard_module, "EVICT_AFTER", 0.1)
+    assert asyncio.run(scenario(Limits(max_uploads=2))) == [200, 408]  # one stalled upload gave way
+    monkeypatch.setattr(guard_module, "EVICT_AFTER", 30.0)
+    assert asyncio.run(scenario(Limits(max_uploads=2))) == [503]  # none old enough to judge: busy
+
+
+def test_multipart_limits_have_codes_and_clients_that_send_first_read_the_refusal(server, small_png):
+    """starlette's parser answered every limit as 400 bad_request, and closed the socket on the unread rest:
+    urllib (and requests), which send the whole body before reading, saw "connection reset by peer"
+    instead of the answer. The refusal now waits for the rest of the body (up to 2 s) before closing."""
+    import urllib.error
+    import urllib.request
+
+    fields = b"".join(b'--b\r\nContent-Disposition: form-data; name="f%d"\r\n\r\nx\r\n' % i for i in range(100_000))
+    sent = urllib.request.Request(server.url + "/v1/attribute", data=fields + b"--b--\r\n",
+                                  headers={"Content-Type": "multipart/form-data; boundary=b"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(sent, timeout=30)
+    assert refused.value.code == 413 and json.loads(refused.value.read())["error"]["code"] == "too_many_fields"
+
+    url = server.url + "/v1/attribute"
+    _assert_error(_post(server.url, small_png, 17), 413, "too_many_images")
+    _assert_error(httpx.post(url, files=_files(small_png), data={"prompt": "x" * 70_000}), 413, "field_too_large")
+    body = _multipart(small_png)
+    short = _head(server.port, len(body) - 40).replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+    answer, _ = _raw(server.port, short + body[:-40])  # a Content-Length too short: the closing boundary cut
+    assert answer.startswith(b"HTTP/1.1 400") and b'"bad_multipart"' in answer, answer[:300]
+    for kind in ("multipart/form-dataX; boundary=hardening", "multipart/mixed; boundary=hardening"):
+        _assert_error(httpx.post(url, content=body, headers={"Content-Type": kind}), 415, "unsupported_media_type")
+    _assert_error(httpx.post(server.url + "/v1/sources", content=b'{"name": "x"}',
+                             headers={"Content-Type": "application/jsonx"}), 415, "unsupported_media_type")
+    _assert_error(httpx.post(url, content=body, headers={"Content-Type": "multipart/form-data"}), 400,
+                  "bad_multipart")  # no boundary
+
+
+def test_head_answers_every_get_route_and_405_says_what_is_allowed(server):
+    """HEAD (uptime monitors, load balancers) got 405 from every route; a 405 carried no Allow header."""
+    for path in ("/healthz", "/", "/v1/sources"):
+        head, get = httpx.head(server.url + path), httpx.get(server.url + path)
+        assert head.status_code == 200 and head.content == b"", path
+        assert head.headers["content-type"] == get.headers["content-type"]
+    for method, path, allowed in (("OPTIONS", "/v1/attribute", "POST"), ("PUT", "/healthz", "GET"),
+                                  ("HEAD", "/v1/attribute", "POST"), ("FOO", "/v1/stats", "GET")):
+        answer = httpx.request(method, server.url + path)
+        assert answer.status_code == 405 and answer.headers["allow"] == allowed, (method, path)
+        if method != "HEAD":
+            _assert_error(answer, 405, "method_not_allowed")
+    assert "Traceback" not in server.log and "Exception in ASGI" not in server.log, server.log[-3000:]

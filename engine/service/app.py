@@ -26,7 +26,7 @@ from engine.service.core import Service
 from engine.service.errors import ServiceError, body
 from engine.service.forms import media_type, read_form
 from engine.service.generation import QueueFull
-from engine.service.guard import PUBLIC_PATHS, Guard, PixelBudget
+from engine.service.guard import PUBLIC_PATHS, Guard, PixelBudget, Uploads
 from engine.service.sources import MAX_BODY, SourcePolicy
 from engine.service import sources as source_changes
 from index.errors import StoreError
@@ -61,10 +61,12 @@ class Admission:
         self.pixels = PixelBudget(limits.max_pixels_in_flight, limits.pixel_wait)
         self.decodes = asyncio.Semaphore(limits.max_decodes)
         self.decoding = 0
+        self.uploads = Uploads(limits)  # bodies still arriving, kept by the Guard
 
     def stats(self) -> dict:
         return {"pixels_in_flight": self.pixels.used, "pixels_in_flight_peak": self.pixels.peak,
-                "pixels_in_flight_limit": self.pixels.capacity, "decoding": self.decoding}
+                "pixels_in_flight_limit": self.pixels.capacity, "decoding": self.decoding,
+                "uploads_receiving": len(self.uploads.open), "uploads_evicted": self.uploads.evicted}
 
 
 def create_app(service: Service, token: str | None = None, access: Access | None = None,
@@ -93,7 +95,7 @@ def create_app(service: Service, token: str | None = None, access: Access | None
     _document_security(app, access.token is not None)
     app.state.service = service
     app.state.admission = admission = Admission(service.limits)
-    app.add_middleware(Guard, access=access, limits=service.limits)
+    app.add_middleware(Guard, access=access, limits=service.limits, uploads=admission.uploads)
     thumbs = Thumbnails(service)
     _add_error_handlers(app, service)
     page = (STATIC / "index.html").read_text()

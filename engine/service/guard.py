@@ -166,7 +166,7 @@ def is_loopback(name: str) -> bool:
 
 
 class Guard:
-    def __init__(self, app, access: Access, limits: Limits):
+    def __init__(self, app, access: Access, limits: Limits, uploads: Uploads | None = None):
         self.app = app
         self.access = access
         self.limits = limits
@@ -179,7 +179,7 @@ class Guard:
         self.origins = {o.strip().lower().rstrip("/") for o in access.allow_origins}
         self.any_origin = "*" in self.origins
         self.active = 0  # API requests being handled now
-        self.uploads = Uploads(limits)  # API requests whose body is still arriving (not handled yet)
+        self.uploads = uploads or Uploads(limits)  # API requests whose body is still arriving (not handled yet)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
