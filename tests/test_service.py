@@ -586,6 +586,7 @@ def test_workers_that_cannot_start_exit_with_their_code(models, tmp_path):
     assert out.returncode == 4, out.stderr[-2000:]
     assert "not a SQLite database" in out.stderr and "before it was serving: stopping" in out.stderr
     assert "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr  # once, by the supervisor: not once per worker
 
 
 def _cpu_ticks(pid: int) -> int:
