@@ -13,9 +13,12 @@ from engine.errors import UserError, kind_of, message_of
 from engine.flags import (Parser, add_clip_arguments, add_global_options, add_source_arguments, check_device,
                           clip_kwargs, common_parent, json_object, source_kind_and_params)
 from engine.options import add_arguments
-from engine.paths import expand_optional, expand_path, path_argument
+from engine.paths import expand_optional, expand_path, not_a_file, path_argument, shown
 
 EPILOG = "Store: --store DIR, else $RESYNTH_STORE, else ./resynth-store. Models are read from local paths only."
+
+
+INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command ended by Ctrl-C
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,41 +27,56 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     argv = sys.argv[1:] if argv is None else list(argv)
     Parser.json_errors = "--json" in argv[: argv.index("--") if "--" in argv else len(argv)]
+    try:  # Ctrl-C while the parser imports the source kinds (a third of a second) is one line too
+        return _main(argv)
+    except KeyboardInterrupt:
+        _report("interrupted (everything committed so far is kept)", "interrupted", INTERRUPTED, Parser.json_errors)
+        return INTERRUPTED
+    except BrokenPipeError:  # `resynth ... | head`: the reader left; end quietly
+        _silence_stdout()
+        return 0
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     if extras:  # the usage of the command the flag was given to, not the top level's
         getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extras)}")
     if not hasattr(args, "run"):
+        if args.json:  # a script asked for JSON: the usage mistake as the one object it parses
+            getattr(args, "_parser", parser).error("give a command")
         getattr(args, "_parser", parser).print_help()
         return 2
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="resynth: %(levelname)s: %(name)s: %(message)s")
     if args.quiet:
         quiet_libraries()
-    # $RESYNTH_STORE="~/stores/x" means what a shell would make of it, for every command
+    if args.store == "":  # `--store "$UNSET"`: the default folder (init would create a store there) is not meant
+        getattr(args, "_parser", parser).error("--store is empty (an unset variable?): give a store folder")
+    # $RESYNTH_STORE="~/stores/x" means what a shell would make of it, for every command; set but empty, it
+    # is unset, as a shell's ${RESYNTH_STORE:-...} reads it
     args.store = args.store or expand_optional(os.environ.get("RESYNTH_STORE")) or None
     try:
         args.device = check_device(args.device)
         return args.run(args) or 0
-    except KeyboardInterrupt:
-        print("resynth: interrupted (everything committed so far is kept)", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `resynth ... | head`: the reader left; end quietly
-        _silence_stdout()
-        return 0
+    except (KeyboardInterrupt, BrokenPipeError):
+        raise
     except Exception as exc:
         kind = kind_of(exc)
         if kind is None:
             raise  # a bug: the traceback is what a report needs
         if args.debug:
             traceback.print_exception(exc)
-        message = message_of(exc)
-        if args.json:
-            print(json.dumps({"error": message, "kind": getattr(exc, "code", None) or kind.code,
-                              "exit_code": kind.exit_code}), file=sys.stderr)
-        else:
-            print(f"resynth: error: {message}", file=sys.stderr)
+        _report(message_of(exc), getattr(exc, "code", None) or kind.code, kind.exit_code, args.json)
         return kind.exit_code
+
+
+def _report(message: str, code: str, exit_code: int, as_json: bool) -> None:
+    """The one line of a failure on stderr: text, or with --json one object a script parses."""
+    if as_json:
+        print(json.dumps({"error": message, "kind": code, "exit_code": exit_code}), file=sys.stderr)
+    else:
+        print(f"resynth: error: {message}" if exit_code != INTERRUPTED else f"resynth: {message}", file=sys.stderr)
 
 
 def quiet_libraries() -> None:
@@ -373,11 +391,14 @@ def _query_specs(args) -> list[tuple[Path, str | None]]:
     specs = [(Path(p), prompt) for p in args.images]
     if args.queries:
         path = Path(args.queries)
-        if path.is_dir():
-            raise UserError(f"--queries {path} is a folder: give a JSONL file with one {{\"image\": PATH, "
-                            "\"prompt\": TEXT} per line")
-        if not path.is_file():
-            raise UserError(f"queries file not found: {path}")
+        why = not_a_file(path)
+        if why == "a folder":
+            raise UserError(f"--queries {shown(path)} is a folder: give a JSONL file with one {{\"image\": PATH, "
+                            "\"prompt\": TEXT} per line", code="is_a_directory")
+        if why is not None:
+            raise UserError(f"queries file not found: {shown(path)}" if why == "not found" else
+                            f"--queries {shown(path)} is {why}, not a JSONL file", code="not_found"
+                            if why == "not found" else "not_a_file")
         for number, line in _text_lines(path):
             if not line.strip():
                 continue
@@ -387,8 +408,9 @@ def _query_specs(args) -> list[tuple[Path, str | None]]:
                 own = row.get("prompt", row.get("description"))
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise UserError(f"{path}:{number}: expected {{\"image\": PATH, \"prompt\": TEXT}}") from None
-            if not isinstance(image, str) or not image.strip() or not (own is None or isinstance(own, str)):
-                raise UserError(f"{path}:{number}: \"image\" must be a path and \"prompt\" a text")
+            if not isinstance(image, str) or not image.strip() or "\0" in image or \
+                    not (own is None or isinstance(own, str)):
+                raise UserError(f"{shown(path)}:{number}: \"image\" must be a path and \"prompt\" a text")
             specs.append((path.parent / expand_path(image), clean_prompt(own) if own is not None else prompt))
     if not specs:
         raise UserError("nothing to attribute: give IMAGE paths or --queries FILE.jsonl")
@@ -400,14 +422,24 @@ def _query_specs(args) -> list[tuple[Path, str | None]]:
 def _text_lines(path: Path) -> list[tuple[int, str]]:
     """(line number, text) of a UTF-8 text file (a BOM tolerated); one line naming the file and line
     where it is not UTF-8."""
+    from engine.manifest import MAX_LINE, MAX_ROWS
+
+    raws: list[bytes] = []
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as handle:  # line by line, each bounded: a 2 GB file of one line is not read whole
+            while raw := handle.readline(MAX_LINE + 1):
+                if len(raws) >= MAX_ROWS:
+                    raise UserError(f"{shown(path)}: more than {MAX_ROWS} lines: split it", code="too_many_rows")
+                if len(raw) > MAX_LINE:
+                    raise UserError(f"{shown(path)}:{len(raws) + 1}: a line longer than {MAX_LINE} bytes",
+                                    code="line_too_long")
+                raws.append(raw.rstrip(b"\r\n"))
     except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror or type(exc).__name__}") from None
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
+        raise UserError(f"cannot read {shown(path)}: {exc.strerror or type(exc).__name__}") from None
+    if raws and raws[0].startswith(b"\xef\xbb\xbf"):
+        raws[0] = raws[0][3:]
     lines = []
-    for number, raw in enumerate(data.splitlines(), start=1):
+    for number, raw in enumerate(raws, start=1):
         try:
             lines.append((number, raw.decode("utf-8")))
         except UnicodeDecodeError as exc:

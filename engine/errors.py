@@ -52,6 +52,14 @@ class UnsupportedError(UserError):
     code = "unsupported_media_type"
 
 
+class ArgumentTypeError(UserError, TypeError):
+    """A library call given a value of the wrong type (an int for a path, a str for a list of names): a
+    UserError, so one `except engine.UserError` catches every input mistake, and a TypeError, as Python
+    code expects of it; raised at the call, in one line, not as an AttributeError deep inside."""
+
+    code = "bad_argument"
+
+
 class OptionError(UserError):
     """An attribution option out of its bounds or choices."""
 

@@ -9,6 +9,7 @@ import hashlib
 import io
 import numbers
 import os
+import stat
 import struct
 from pathlib import Path
 from typing import IO, Union
@@ -16,6 +17,7 @@ from typing import IO, Union
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from engine.errors import TooLargeError, UnsupportedError, UserError
+from engine.paths import as_text, not_a_file, shown
 
 # Decompression-bomb guard: far above any generator's output (e.g. 4096 x 4096 = 16.8 MP).
 MAX_PIXELS = 64_000_000
@@ -75,8 +77,8 @@ def read_image(source: ImageInput, label: str | None = None, max_bytes: int = MA
         data = bytes(source)
         label = label or "image"
     else:
-        path = Path(source)
-        label = label or str(path)
+        path = source if isinstance(source, Path) else Path(as_text(source, "an image"))  # bytes: the contents
+        label = label or shown(path)
         data = _read_file(path, max_bytes)
     if not data:
         raise UserError(f"{label}: the image is empty", code="empty_image")
@@ -86,22 +88,40 @@ def read_image(source: ImageInput, label: str | None = None, max_bytes: int = MA
 
 
 def _read_file(path: Path, max_bytes: int) -> bytes:
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise UserError(f"image not found: {path}", code="not_found") from None
-    except OSError as exc:
-        raise UserError(f"cannot read image {path}: {exc.strerror or type(exc).__name__}") from None
-    if path.is_dir():
-        raise UserError(f"{path} is a folder, not an image file: give the image files in it (e.g. {path}/*.png)",
-                        code="is_a_directory")
-    if size > max_bytes:  # checked before reading a byte
-        raise TooLargeError(f"{path}: {size} bytes, the limit is {max_bytes}", code="image_too_large")
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(max_bytes + 1)
-    except OSError as exc:
-        raise UserError(f"cannot read image {path}: {exc.strerror or type(exc).__name__}") from None
+    with open_regular(path) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size > max_bytes:  # checked before reading a byte
+            raise TooLargeError(f"{shown(path)}: {size} bytes, the limit is {max_bytes}", code="image_too_large")
+        try:
+            return handle.read(max_bytes + 1)  # a file that grows while read stops one byte past the limit
+        except OSError as exc:
+            raise UserError(f"cannot read image {shown(path)}: {exc.strerror or type(exc).__name__}") from None
+
+
+def open_regular(path: Path, what: str = "image") -> IO[bytes]:
+    """`path` opened for reading only if it is a regular file (links followed): a folder, a FIFO nobody
+    writes to (open would wait forever), /dev/zero (endless), a socket or a device is refused in one line
+    naming what it is. Checked before opening (opening some devices acts on them) and again on the open
+    descriptor, which O_NONBLOCK keeps from blocking on a FIFO swapped in between."""
+    why = not_a_file(path)
+    if why is None:
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            why = not_a_file(path) or "not found"
+        except OSError as exc:
+            raise UserError(f"cannot read {what} {shown(path)}: {exc.strerror or type(exc).__name__}") from None
+        else:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                return os.fdopen(fd, "rb")
+            os.close(fd)
+            why = "not a regular file"
+    if why == "not found":
+        raise UserError(f"{what} not found: {shown(path)}", code="not_found")
+    if why == "a folder":
+        raise UserError(f"{shown(path)} is a folder, not an {what} file: give the {what} files in it (e.g. "
+                        f"{shown(path)}/*.png)", code="is_a_directory")
+    raise UserError(f"{shown(path)} is {why}, not an {what} file", code="not_a_file")
 
 
 def _check_pixels(width: int, height: int, max_pixels: int, label: str) -> None:
@@ -192,30 +212,34 @@ def decode(data: bytes, label: str, max_pixels: int = MAX_PIXELS) -> Image.Image
 def check_header(path: Path, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS) -> None:
     """Cheap early check (no pixel decoded): the file exists, is an accepted format and within limits."""
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path} is a folder, not an image file: give the image files in it (e.g. {path}/*.png) "
-                        "or a --queries file", code="is_a_directory")
-    if not path.is_file():
-        raise UserError(f"image not found: {path}", code="not_found")
-    if path.stat().st_size > max_bytes:
-        raise TooLargeError(f"{path}: {path.stat().st_size} bytes, the limit is {max_bytes}", code="image_too_large")
+    if not_a_file(path) == "a folder":
+        raise UserError(f"{shown(path)} is a folder, not an image file: give the image files in it (e.g. "
+                        f"{shown(path)}/*.png) or a --queries file", code="is_a_directory")
+    with open_regular(path) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size > max_bytes:
+            raise TooLargeError(f"{shown(path)}: {size} bytes, the limit is {max_bytes}", code="image_too_large")
+        _check_opened_header(handle, shown(path), max_pixels)
+
+
+def _check_opened_header(handle: IO[bytes], label: str, max_pixels: int) -> None:
     try:
-        with Image.open(path) as opened:
+        with Image.open(handle) as opened:
             if not accepted(opened):
-                raise UnsupportedError(f"{path}: {opened.format} images are not accepted", code="unsupported_image")
-            _check_pixels(opened.width, opened.height, max_pixels, str(path))
+                raise UnsupportedError(f"{label}: {opened.format} images are not accepted", code="unsupported_image")
+            _check_pixels(opened.width, opened.height, max_pixels, label)
     except UserError:
         raise
     except Image.DecompressionBombError:
-        raise TooLargeError(f"{path}: too many pixels (the limit is {max_pixels})", code="image_too_large") from None
+        raise TooLargeError(f"{label}: too many pixels (the limit is {max_pixels})", code="image_too_large") from None
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - as in decode: the file's fault, in one line
         if _text_bomb(exc):
-            raise _too_much_text(str(path)) from None
+            raise _too_much_text(label) from None
         lines = str(exc).splitlines() or [type(exc).__name__]
         reason = "not an image" if isinstance(exc, UnidentifiedImageError) else lines[0]
-        raise UserError(f"cannot decode image {path}: {reason}", code="undecodable_image") from None
+        raise UserError(f"cannot decode image {label}: {reason}", code="undecodable_image") from None
 
 
 def check_structure(source: bytes | IO[bytes], label: str = "image") -> None:

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from engine.errors import UserError
+from engine.paths import not_a_file, shown
 from index.keys import UNPRINTABLE, normalise_description
 
 ROLES = ("original", "resynthesis", "real")
@@ -18,6 +20,9 @@ ALIASES = {"path": "image", "prompt": "description", "generator": "source"}
 # from elsewhere naming 10^7 files would take minutes and gigabytes before its first error. Far above the
 # reference paper's dataset (about 11,000 images); a larger set is ingested as several manifests.
 MAX_ROWS = 1_000_000
+# Characters of one line (and of one CSV field): a row names a file, a source and a description, a few
+# hundred characters; a description is cut far below this when stored.
+MAX_LINE = 1 << 20
 
 
 @dataclass
@@ -37,8 +42,12 @@ def read_manifest(path: Path, allow_outside: bool = True, real: bool = False) ->
     Rows of role "real" (camera images; their source column may be empty) are checked too, but returned
     only with `real` (`real_rows`): they are no source's images, so ingest and the labelled sets skip them."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"manifest not found: {path}")
+    why = not_a_file(path)
+    if why == "not found":
+        raise UserError(f"manifest not found: {shown(path)}", code="not_found")
+    if why is not None:  # a FIFO would block, /dev/zero never end: both are refused before a byte is read
+        raise UserError(f"{shown(path)} is {why}, not a manifest file (.csv or .jsonl)",
+                        code="is_a_directory" if why == "a folder" else "not_a_file")
     raw = _read_jsonl(path) if path.suffix.lower() in {".jsonl", ".ndjson"} else _read_csv(path)
     if not raw:
         raise UserError(f"{path}: manifest has no rows")
@@ -69,11 +78,24 @@ def real_rows(path: Path, allow_outside: bool = True) -> list[ManifestRow]:
     return [r for r in read_manifest(path, allow_outside, real=True) if r.role == REAL]
 
 
+def _lines(path: Path, handle: TextIO) -> Iterator[str]:
+    """The file's lines, each read at most MAX_LINE characters at a time: a file of one 2 GB line (a
+    sparse file, a dump with no newline) is refused at its first MAX_LINE characters instead of being
+    read whole into memory (it took 4.3 GB and 7 s, then said "not valid JSON")."""
+    number = 0
+    while line := handle.readline(MAX_LINE + 1):
+        number += 1
+        if len(line) > MAX_LINE:
+            raise UserError(f"{shown(path)}:{number}: a line longer than {MAX_LINE} characters: not a manifest "
+                            "(one row per line)", code="line_too_long")
+        yield line
+
+
 def _read_csv(path: Path) -> list[tuple[int, dict]]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:  # tolerate a BOM (Excel)
-            csv.field_size_limit(1 << 20)
-            reader = csv.DictReader(handle)
+            csv.field_size_limit(MAX_LINE)
+            reader = csv.DictReader(_lines(path, handle))
             if reader.fieldnames is None:
                 return []
             _check_columns(path, reader.fieldnames)
@@ -95,7 +117,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     rows: list[tuple[int, dict]] = []
     with open(path, encoding="utf-8-sig") as handle:  # line by line: a huge file fails at MAX_ROWS, not in memory
         try:
-            for number, text in enumerate(handle, start=1):
+            for number, text in enumerate(_lines(path, handle), start=1):
                 if text.strip():
                     _count(path, len(rows))
                     rows.append((number, _record(path, number, text)))

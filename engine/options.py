@@ -6,8 +6,10 @@ all derive from this one dataclass, so a new option reaches every entry point to
 from __future__ import annotations
 
 import argparse
+import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from engine.aggregate import AGGREGATIONS, DEFAULT_AGGREGATION, DEFAULT_PER_SOURCE, DEFAULT_REFERENCES
 from engine.errors import OptionError
@@ -72,25 +74,35 @@ class Options:
                 if not isinstance(value, bool):
                     raise OptionError(f"{name} must be true or false, not {value!r:.40}")
             elif meta["kind"] is int:
-                if isinstance(value, bool) or not isinstance(value, int):
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                     raise OptionError(f"{name} must be an integer, not {value!r:.40}")
+                value = int(value)  # a numpy integer is an integer; stored as Python's, for hashing and JSON
+                object.__setattr__(self, f.name, value)
                 if not meta["low"] <= value <= meta["high"]:
                     raise OptionError(f"{name} must be between {meta['low']} and {meta['high']}, not {value}")
             elif meta["kind"] is float and value is not None:
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
                     raise OptionError(f"{name} must be a number, not {value!r:.40}")
+                value = float(value) if not isinstance(value, int) else value
+                object.__setattr__(self, f.name, value)
                 if not meta["low"] <= value <= meta["high"]:
                     raise OptionError(f"{name} must be between {meta['low']} and {meta['high']:g}, not {value}")
             elif meta["choices"] and value not in meta["choices"]:
                 raise OptionError(f"{name} must be one of {', '.join(meta['choices'])}, not {value!r:.40}")
         if self.sources is not None:
-            names = self.sources.split(",") if isinstance(self.sources, str) else list(self.sources)
+            given: Any = self.sources.split(",") if isinstance(self.sources, str) else self.sources
+            names = list(given) if isinstance(given, Iterable) and not isinstance(given, (bytes, Mapping)) else [None]
+            if not all(isinstance(n, str) for n in names):
+                raise OptionError(f"sources (--sources) must be source names: a str \"A,B\" or a list of str, not "
+                                  f"{self.sources!r:.60}")
             cleaned = tuple(sorted({str(n).strip() for n in names if str(n).strip()}))
             object.__setattr__(self, "sources", cleaned or None)
 
     @classmethod
     def from_strings(cls, given: Mapping[str, str]) -> "Options":
         """From text fields (an HTTP form): empty fields keep their default; unknown names are ignored."""
+        if not isinstance(given, Mapping):
+            raise OptionError(f"options must be given as a mapping of names to texts, not {type(given).__name__}")
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = given.get(f.name)
@@ -129,6 +141,10 @@ class Options:
                               f"the options {', '.join(options)}")
 
     def with_changes(self, **changes: Any) -> "Options":
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise OptionError(f"unknown option(s) {', '.join(unknown)}; the options are "
+                              f"{', '.join(f.name for f in fields(self))}")
         return replace(self, **changes)
 
     def to_dict(self) -> dict:

@@ -3,14 +3,21 @@
 A shell expands `~` only when it is unquoted and at the start of a word (`--clip-checkpoint=~/x` and
 `"~/x"` reach resynth as they are), and Python never does: so every entry point (CLI arguments, the
 Python API, the service's configuration, paths stored in a store's config) goes through `expand_path`.
+It also takes a bytes path (as `os` functions do; pathlib refuses them) and refuses, in one line, what is
+no path at all (an int, a list, None where a path is required) or a path holding a NUL byte, which no
+system call accepts and which Python reports only deep inside, as a bare ValueError.
 """
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 from typing import Union, overload
 
-PathLike = Union[str, os.PathLike]
+from engine.errors import ArgumentTypeError, UserError
+
+PathLike = Union[str, bytes, os.PathLike]
 
 
 def expand(text: str) -> str:
@@ -19,18 +26,37 @@ def expand(text: str) -> str:
     return os.path.expanduser(os.path.expandvars(text))
 
 
+def as_text(path: object, what: str = "path") -> str:
+    """The text of a path given as str, bytes or os.PathLike (bytes decoded as the OS does); an
+    ArgumentTypeError for anything else, a UserError for a NUL byte."""
+    if isinstance(path, (str, bytes, os.PathLike)) and not isinstance(path, bytearray):
+        try:
+            text = os.fsdecode(path)
+        except TypeError:  # a PathLike whose __fspath__ returns something else
+            text = None
+        if isinstance(text, str):
+            if "\0" in text:
+                raise UserError(f"{what} holds a NUL byte: {shown(text)}", code="bad_path")
+            return text
+    subject = "a path" if what == "path" else what
+    raise ArgumentTypeError(f"{subject} must be a str, bytes or os.PathLike, not {type(path).__name__}"
+                            + (f" {path!r:.60}" if isinstance(path, (int, float)) else ""))
+
+
 @overload
-def expand_path(path: PathLike) -> Path: ...
+def expand_path(path: PathLike, what: str = ...) -> Path: ...
 @overload
-def expand_path(path: None) -> None: ...
-def expand_path(path: PathLike | None) -> Path | None:
+def expand_path(path: None, what: str = ...) -> None: ...
+def expand_path(path: PathLike | None, what: str = "path") -> Path | None:
     """`path` as a Path with `~` and `$VAR` expanded (not resolved: relative stays relative); None stays None."""
     if path is None:
         return None
     if isinstance(path, Path):
         text = str(path)
+        if "\0" in text:
+            raise UserError(f"{what} holds a NUL byte: {shown(text)}", code="bad_path")
         return path if "~" not in text and "$" not in text else Path(expand(text))
-    return Path(expand(os.fspath(path)))
+    return Path(expand(as_text(path, what)))
 
 
 def expand_optional(path: PathLike | None) -> str | None:
@@ -43,3 +69,42 @@ def expand_optional(path: PathLike | None) -> str | None:
 def path_argument(text: str) -> str:
     """argparse `type=` for path options: the expanded text (quoted `~/x` and `--flag=~/x` included)."""
     return expand(text)
+
+
+def shown(path: object) -> str:
+    """A path as one line can show it: control characters (a newline in a file name) and bytes that are
+    not UTF-8 (kept by Python as lone surrogates) escaped, so a message names the file that exists."""
+    text = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else str(path)
+    if text.isprintable():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes of the name: show them as \xNN, as `ls -b` does
+        text = os.fsencode(text).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def not_a_file(path: Path) -> str | None:
+    """Why `path` cannot be read as an ordinary file (missing, a dangling link, a link loop, a folder, a
+    FIFO, a device, a socket), in words; None when it is a regular file (links followed)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        try:
+            os.lstat(path)
+        except OSError:
+            return "not found"
+        try:
+            return f"a symbolic link to a missing file ({shown(os.readlink(path))})"
+        except OSError:
+            return "not found"
+    except OSError as exc:  # ELOOP, ENAMETOOLONG, EACCES on a parent ...
+        if exc.errno == errno.ELOOP:
+            return "a loop of symbolic links"
+        return f"unreadable ({(exc.strerror or type(exc).__name__).lower()})"
+    mode = info.st_mode
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((words for test, words in kinds if test(mode)), "not a regular file")

@@ -11,6 +11,7 @@ sources are engine.sources kinds, calibration is engine.fitting. The steps stay 
 """
 from __future__ import annotations
 
+import numbers
 import os
 import socket
 import threading
@@ -24,15 +25,16 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from engine import compare, request, resynthesis, sources
+from engine import arguments, compare, request, resynthesis, sources
 from engine.attribute import Attribution, Candidates, Plan, Query, Report
 from engine.calibration import Calibration
-from engine.errors import NotFoundError, UserError
+from engine.errors import ArgumentTypeError, NotFoundError, UserError
 from engine.images import ImageInput
 from engine.models import Models
 from engine.options import Options
 from engine.paths import expand_path
 from engine.sources import DEFAULT_KIND, check_name  # noqa: F401  (check_name: imported from here before)
+from index.layout import CONFIG_NAME, DB_NAME, INDEX_NAME, LOCK_NAME
 from index.store import Store
 
 if TYPE_CHECKING:  # heavy modules (torch) load only when a model is needed
@@ -46,8 +48,13 @@ SOURCES_TTL = 1.0  # seconds a workspace trusts its list of sources (a cached lo
 
 
 def store_path(explicit: str | os.PathLike | None) -> Path:
-    """--store, else $RESYNTH_STORE, else ./resynth-store (`~` and `$VAR` expanded)."""
-    return expand_path(explicit or os.environ.get("RESYNTH_STORE") or DEFAULT_STORE)
+    """--store, else $RESYNTH_STORE, else ./resynth-store (`~` and `$VAR` expanded), made absolute once: a
+    relative $RESYNTH_STORE would otherwise name another folder for anything that runs elsewhere (a Ray
+    worker, a later chdir). An empty path is refused: it is an unset variable's, not the current folder."""
+    if isinstance(explicit, (str, bytes)) and not explicit:
+        raise UserError("the store path is empty: give a store folder, or None for $RESYNTH_STORE or "
+                        f"./{DEFAULT_STORE}", code="bad_path")
+    return Path(os.path.abspath(expand_path(explicit or os.environ.get("RESYNTH_STORE") or DEFAULT_STORE, "store")))
 
 
 @dataclass
@@ -138,7 +145,7 @@ class Workspace:
 
     def plan(self, options: Options | None = None) -> Plan:
         """Resolve options against the store's current sources (cached per option set and source set)."""
-        options = options or Options()
+        options = arguments.options(options) or Options()
         found_sources = self.sources()
         signature = tuple((s.id, s.name, s.fingerprint) for s in found_sources)
         with self._lock:
@@ -226,7 +233,9 @@ class Workspace:
         `prompt`: one description for all images, one per image, or None (stored metadata, then the
         captioner). Queries sharing a description share its resyntheses.
         """
-        return request.attribute(self, images, prompt, options, labels)
+        items = arguments.image_items(images)
+        return request.attribute(self, items, arguments.prompts(prompt, len(items)), arguments.options(options),
+                                 arguments.labels(labels, len(items)))
 
     @contextmanager
     def stage_seconds(self) -> Iterator[dict[str, float]]:
@@ -259,6 +268,11 @@ class Workspace:
         may start with `~` or hold `$VAR`s."""
         if pipeline_dir is not None:
             params["path"] = pipeline_dir
+        if not isinstance(name, str):
+            raise ArgumentTypeError(f"a source name must be a str, not {type(name).__name__}")
+        if not isinstance(kind, str):
+            raise ArgumentTypeError(f"kind must be a str naming a source kind, not {type(kind).__name__}")
+        params = arguments.source_params(sources.get(kind), params)
         try:
             return sources.enrol(self.store, name, kind, **params)
         finally:
@@ -282,6 +296,8 @@ class Workspace:
 
     def remove_source(self, name: str) -> int:
         """Delete a source with its resyntheses; returns how many stored vectors were dropped."""
+        if not isinstance(name, str):
+            raise ArgumentTypeError(f"a source name must be a str, not {type(name).__name__}")
         self.models.forget(name)
         try:
             return self.store.remove_source(name)
@@ -294,7 +310,8 @@ class Workspace:
         manifest's folder unless `allow_outside`."""
         from engine.ingest import ingest
 
-        return ingest(self, expand_path(manifest), progress=self.progress, allow_outside=allow_outside)
+        return ingest(self, arguments.required_path(manifest, "manifest"), progress=self.progress,
+                      allow_outside=allow_outside)
 
     def verify(self, repair: bool = False, files: bool = True) -> dict:
         """Database, index and image files checked against each other; with `repair`, fixed where possible."""
@@ -316,8 +333,11 @@ class Workspace:
         the Ray cluster at `ray` ("local" starts one). Resumable; see engine.jobs."""
         from engine import jobs
 
-        if isinstance(descriptions, (str, os.PathLike)):
-            descriptions = jobs.read_descriptions(descriptions)
+        options = arguments.options(options)
+        if isinstance(descriptions, (str, bytes, os.PathLike)):
+            descriptions = jobs.read_descriptions(arguments.required_path(descriptions, "descriptions file"))
+        else:
+            descriptions = arguments.texts(descriptions, "descriptions")
         return jobs.resynthesize_dataset(self, descriptions, options, ray_address=ray, progress=self.progress)
 
     def reembed(self, clip_checkpoint: str | os.PathLike, clip_model: str | None = None,
@@ -356,7 +376,10 @@ class Workspace:
         `strict`: refuse originals that cannot be scored instead of skipping them with a count."""
         from engine.fitting import calibrate
 
-        return calibrate(self, manifest, options, false_reject, strict=strict)
+        if isinstance(false_reject, bool) or not isinstance(false_reject, numbers.Real):
+            raise ArgumentTypeError(f"false_reject must be a number between 0 and 1, not {type(false_reject).__name__}")
+        manifest = arguments.required_path(manifest, "manifest") if manifest is not None else None
+        return calibrate(self, manifest, arguments.options(options), float(false_reject), strict=strict)
 
     def image_file(self, image_id: int) -> Path | None:
         """A stored image's file by its catalog id (evidence thumbnails, case reports); None if unknown."""
@@ -371,7 +394,10 @@ class Workspace:
 def open_workspace(store_dir: str | os.PathLike | None = None, *, device: str | None = None,
                    captioner: str | os.PathLike | None = None, progress: bool = False,
                    writable: bool = True, repair: bool = False) -> Workspace:
-    store = Store.open(store_path(store_dir), writable=writable, repair=repair)
+    root = store_path(store_dir)
+    writable, repair = arguments.flag(writable, "writable"), arguments.flag(repair, "repair")
+    device, captioner = arguments.device(device), arguments.optional_path(captioner, "captioner")
+    store = Store.open(root, writable=writable, repair=repair)
     return Workspace(store, device=device, captioner=captioner, progress=progress)
 
 
@@ -380,11 +406,14 @@ def embedder_spec(clip_checkpoint: str | os.PathLike, clip_model: str | None = N
     """The EmbedderSpec of `init`'s and `reembed`'s --clip-* options (paths made absolute)."""
     from engine.embed import EmbedderSpec, parse_layer
 
+    arguments.text(clip_model, "clip_model")
     if bool(clip_model) == bool(clip_config):
         raise UserError("give exactly one of --clip-model ARCH or --clip-config JSON")
-    config = str(expand_path(clip_config).resolve()) if clip_config else None
-    return EmbedderSpec(arch=clip_model or Path(str(clip_config)).stem,
-                        checkpoint=str(expand_path(clip_checkpoint).resolve()), config=config,
+    checkpoint = arguments.required_path(clip_checkpoint, "clip_checkpoint (--clip-checkpoint)")
+    given = arguments.required_path(clip_config, "clip_config") if clip_config else None
+    config = str(given.resolve()) if given else None
+    return EmbedderSpec(arch=clip_model or Path(str(given)).stem,
+                        checkpoint=str(checkpoint.resolve()), config=config,
                         layer=parse_layer(clip_layer))
 
 
@@ -397,12 +426,16 @@ def init_workspace(store_dir: str | os.PathLike | None = None, *, clip_checkpoin
     from engine.describe import make_captioner
     from engine.embed import Embedder
 
+    for value, what in ((db, "db"), (images, "images"), (caption_instruction, "caption_instruction")):
+        arguments.text(value, what)
+    device, root = arguments.device(device), store_path(store_dir)
+    check_new_store(root)
     if images:
         from index.objects import parse_images_url
 
         parse_images_url(images)  # a wrong URL or a missing backend is one line before any model loads
     spec = embedder_spec(clip_checkpoint, clip_model, clip_config, clip_layer)
-    captioner = expand_path(captioner) if captioner else None
+    captioner = arguments.optional_path(captioner, "captioner")
     if caption_instruction is not None and not caption_instruction.strip():
         raise UserError("--caption-instruction must not be empty")
     if caption_instruction is not None and not captioner:
@@ -410,9 +443,39 @@ def init_workspace(store_dir: str | os.PathLike | None = None, *, clip_checkpoin
     if captioner:
         make_captioner(captioner, instruction=caption_instruction)  # checked now, not at the first query
     embedder = Embedder(spec, device=device)
-    store = Store.create(store_path(store_dir), embedder.describe(), embedder.dim,
+    store = Store.create(root, embedder.describe(), embedder.dim,
                          captioner=str(Path(captioner).resolve()) if captioner else None, db_url=db,
                          images=images)
     if caption_instruction:
         store.update_config(caption_instruction=" ".join(caption_instruction.split()))
     return Workspace(store, device=device, progress=progress, embedder=embedder)
+
+
+# What a store folder holds before its store.json (written last) marks it complete: a folder with these is
+# a store an earlier init left half made, and init completes it.
+STORE_FILES = (CONFIG_NAME, DB_NAME, INDEX_NAME, LOCK_NAME)
+
+
+def check_new_store(root: Path) -> None:
+    """Where `init` may create a store: a new or empty folder, a store, or one an interrupted init left.
+    `init --store /` (or ~, or a project folder, as root or not) wrote metadata.sqlite and store.json among
+    the user's own files; a file, a FIFO or a dangling link ended in a FileExistsError traceback."""
+    from itertools import islice
+
+    from engine.paths import not_a_file, shown
+
+    if not os.path.lexists(root):
+        return
+    why = not_a_file(root)
+    if why != "a folder":
+        raise UserError(f"cannot create a store at {shown(root)}: it is {why or 'a file'}, not a folder",
+                        code="not_a_directory")
+    try:
+        names = [entry.name for entry in islice(os.scandir(root), 1000)]
+    except OSError:
+        return  # the store's own open names what the machine refused
+    if names and not any(name.startswith(STORE_FILES) for name in names):
+        listed = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+        raise UserError(f"cannot create a store in {shown(root)}: the folder holds other files ({listed}) and no "
+                        f"store; give a new or empty folder, e.g. {shown(root / DEFAULT_STORE)}",
+                        code="folder_not_empty")

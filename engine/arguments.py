@@ -1,0 +1,180 @@
+"""The library's arguments checked where they enter (`engine.open`, `engine.init`, the Workspace's methods).
+
+A value of the wrong type used to travel until something deep inside tripped on it: an AttributeError in
+the plan cache for a dict of options, a TypeError from unicodedata for a prompt given as bytes, a source
+stored with `steps=True` or `guidance=nan` that failed only at its first generation. Each is refused here,
+at the call, with one line naming the argument: an `ArgumentTypeError` (a UserError and a TypeError) for a
+wrong type, a UserError for a value out of its bounds.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from engine.errors import ArgumentTypeError, UserError
+from engine.options import Options
+from engine.paths import expand_path
+
+DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+# A recipe's numbers, whatever the kind that declares them: beyond these no generator runs (10,000 steps is
+# ComfyUI's own limit; 16384 px is past any pipeline's memory; guidance beyond 100 is noise). Every other
+# integer parameter stays within 32 bits and every number is finite: `--guidance nan` or `--timeout inf`
+# was stored, and failed (or hung) only when the source first generated.
+RECIPE_BOUNDS = {"steps": (1, 10_000), "size": (8, 16_384), "guidance": (0.0, 100.0)}
+INT_LIMIT = 2**31 - 1
+
+
+def _type(value: Any) -> str:
+    return type(value).__name__
+
+
+def required_path(value: Any, what: str) -> Path:
+    """A path argument that must be given: str, bytes or os.PathLike, `~` and `$VAR` expanded."""
+    if value is None or (isinstance(value, (str, bytes)) and not value):
+        raise ArgumentTypeError(f"{what} is required: give a path") if value is None else \
+            UserError(f"{what} is empty: give a path", code="bad_path")
+    return expand_path(value, what)
+
+
+def optional_path(value: Any, what: str) -> Path | None:
+    """A path argument that may be left out (None); "" is refused rather than read as the current folder."""
+    return None if value is None else required_path(value, what)
+
+
+def flag(value: Any, what: str) -> bool:
+    """A yes/no argument: `writable="no"` is truthy, and opened a store for writing."""
+    if not isinstance(value, bool):
+        raise ArgumentTypeError(f"{what} must be True or False, not {_type(value)} {value!r:.40}")
+    return value
+
+
+def device(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not DEVICE.match(value.strip()):
+        raise UserError(f"device must be cpu, cuda, cuda:N or mps, not {value!r:.40}", code="bad_device")
+    return value.strip()
+
+
+def text(value: Any, what: str) -> str | None:
+    """An optional text argument (a prompt, an instruction)."""
+    if value is not None and not isinstance(value, str):
+        raise ArgumentTypeError(f"{what} must be a str, not {_type(value)}")
+    return value
+
+
+def texts(values: Any, what: str) -> list[str]:
+    """A list of texts: a lone str (a common slip for [str]) and non-text items are refused."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable) or isinstance(values, Mapping):
+        raise ArgumentTypeError(f"{what} must be a list of str, not {_type(values)}")
+    out = list(values)
+    for i, value in enumerate(out):
+        if not isinstance(value, str):
+            raise ArgumentTypeError(f"{what}[{i}] must be a str, not {_type(value)}")
+    return out
+
+
+def options(value: Any) -> Options | None:
+    if value is None or isinstance(value, Options):
+        return value
+    hint = " (e.g. engine.Options(**that_dict))" if isinstance(value, Mapping) else ""
+    raise ArgumentTypeError(f"options must be an engine.Options{hint}, not {_type(value)}")
+
+
+def image_items(images: Any) -> list:
+    """What `attribute` reads: one image (a path, bytes, a PIL image, a Query) or a list of them; an
+    iterator is read into a list. A path is `~`/`$VAR`-expanded, as every path of the library is."""
+    from PIL import Image
+
+    from engine.attribute import Query
+
+    single = (str, bytes, bytearray, os.PathLike, Image.Image, Query)
+    if isinstance(images, single):
+        items = [images]
+    elif isinstance(images, Iterable) and not isinstance(images, Mapping) and not hasattr(images, "__array__"):
+        items = list(images)
+    else:
+        hint = " (an array: pass PIL.Image.fromarray(it))" if hasattr(images, "__array__") else ""
+        raise ArgumentTypeError(f"images must be a path, bytes, a PIL image or a list of them{hint}, not "
+                                f"{_type(images)}")
+    for i, item in enumerate(items):
+        if isinstance(item, (str, os.PathLike)):
+            items[i] = expand_path(item, f"images[{i}]")
+        elif not isinstance(item, single):
+            raise ArgumentTypeError(f"images[{i}] must be a path, bytes or a PIL image, not {_type(item)}")
+    return items
+
+
+def prompts(prompt: Any, count: int) -> Any:
+    """None, one str for every image, or a list of one str (or None) per image."""
+    if prompt is None or isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, (bytes, Mapping)) or not isinstance(prompt, Iterable):
+        raise ArgumentTypeError(f"prompt must be a str, a list of str (one per image) or None, not {_type(prompt)}")
+    values = list(prompt)
+    for i, value in enumerate(values):
+        if value is not None and not isinstance(value, str):
+            raise ArgumentTypeError(f"prompt[{i}] must be a str or None, not {_type(value)}")
+    return values
+
+
+def labels(values: Any, count: int) -> list[str] | None:
+    if values is None:
+        return None
+    found = texts(values, "labels")
+    if len(found) != count:
+        raise UserError(f"{len(found)} labels for {count} images: give one per image")
+    return found
+
+
+def source_params(kind, params: dict[str, Any]) -> dict[str, Any]:
+    """`add_source`'s keyword arguments checked against the kind's declared parameters: names, types,
+    finite numbers and the recipe bounds. Values come back converted (a numpy integer to an int)."""
+    declared = {p.name: p for p in kind.params}
+    unknown = [name for name in params if name not in declared]
+    if unknown:
+        raise UserError(f"{kind.name} sources take no {', '.join(map(repr, unknown))} (their parameters: "
+                        f"{', '.join(declared) or 'none'})", code="bad_argument")
+    out = dict(params)
+    for name, value in params.items():
+        if value is not None:
+            out[name] = _param(kind, declared[name], value)
+    return out
+
+
+def _param(kind, param, value: Any) -> Any:
+    article = "an" if kind.name[:1] in tuple("aeiou") else "a"
+    what = f"{param.name}{'' if param.positional else f' ({param.cli_flag})'} of {article} {kind.name} source"
+    if param.is_path and isinstance(value, (str, bytes, os.PathLike)):
+        return expand_path(value, what) if not isinstance(value, str) else value  # a str stays text
+    if param.type is bool:
+        return flag(value, what)
+    if param.type is int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ArgumentTypeError(f"{what} must be an integer, not {_type(value)} {value!r:.40}")
+        value = int(value)
+    elif param.type is float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ArgumentTypeError(f"{what} must be a number, not {_type(value)} {value!r:.40}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise UserError(f"{what} must be a finite number, not {value}", code="bad_argument")
+    elif param.type is dict:
+        if not isinstance(value, Mapping):
+            raise ArgumentTypeError(f"{what} must be a dict, not {_type(value)}")
+        return value
+    elif param.type is str:
+        if param.repeatable and isinstance(value, (list, tuple)):
+            return texts(value, what)
+        if not isinstance(value, str):
+            raise ArgumentTypeError(f"{what} must be a str, not {_type(value)}")
+        return value
+    low, high = RECIPE_BOUNDS.get(param.name, (-INT_LIMIT, INT_LIMIT) if param.type is int else (None, None))
+    if low is not None and not low <= value <= high:
+        raise UserError(f"{what} must be between {low} and {high}, not {value}", code="bad_argument")
+    return value
