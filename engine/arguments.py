@@ -168,11 +168,12 @@ def _param(kind, param, value: Any) -> Any:
         if not isinstance(value, Mapping):
             raise ArgumentTypeError(f"{what} must be a dict, not {_type(value)}")
         return value
-    elif param.type is str:
-        if param.repeatable and isinstance(value, (list, tuple)):
-            return texts(value, what)
-        if not isinstance(value, str):
-            raise ArgumentTypeError(f"{what} must be a str, not {_type(value)}")
+    elif param.type is str:  # a file named by a Path is text too (a LoRA file, a config folder)
+        items = value if param.repeatable and isinstance(value, (list, tuple)) else [value]
+        for item in items:
+            if not isinstance(item, (str, os.PathLike)):
+                raise ArgumentTypeError(f"{what} must be a str{' or a list of str' * param.repeatable}, not "
+                                        f"{_type(item)}")
         return value
     low, high = RECIPE_BOUNDS.get(param.name, (-INT_LIMIT, INT_LIMIT) if param.type is int else (None, None))
     if low is not None and not low <= value <= high:

@@ -13,7 +13,7 @@ from engine.errors import UserError, kind_of, message_of
 from engine.flags import (Parser, add_clip_arguments, add_global_options, add_source_arguments, check_device,
                           clip_kwargs, common_parent, json_object, source_kind_and_params)
 from engine.options import add_arguments
-from engine.paths import expand_optional, expand_path, not_a_file, path_argument, shown
+from engine.paths import check_output_file, expand_optional, expand_path, not_a_file, path_argument, shown
 
 EPILOG = "Store: --store DIR, else $RESYNTH_STORE, else ./resynth-store. Models are read from local paths only."
 
@@ -452,6 +452,8 @@ def cmd_attribute(args) -> None:
     from engine.options import from_args
 
     options = from_args(args)
+    if args.report:  # before the work, not after it
+        check_output_file(args.report, "--report")
     specs = _query_specs(args)
     with _open(args, captioner=args.captioner) as ws:
         ws.plan(options)  # an unknown source fails before any model loads

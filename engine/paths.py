@@ -108,3 +108,19 @@ def not_a_file(path: Path) -> str | None:
     kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
              (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
     return next((words for test, words in kinds if test(mode)), "not a regular file")
+
+
+def check_output_file(path: PathLike, what: str) -> None:
+    """Refuse, before any work, an output path that an atomic write (a temporary file, then a rename over
+    the path) would fail on after the work or, worse, replace: `--report /dev/null` run as root renamed an
+    HTML file over the device node. A missing file (or a dangling link) is fine; so is a regular one."""
+    target = Path(as_text(path, what))
+    why = not_a_file(target) if os.path.lexists(target) else None
+    if why is not None and why != "not found" and not why.startswith("a symbolic link to a missing"):
+        raise UserError(f"{what} {shown(target)} is {why}: give the path of a file to write", code="not_a_file")
+    folder = target.parent
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    if not os.path.isdir(folder):
+        raise UserError(f"{what} {shown(target)} cannot be written: {shown(folder)} is not a folder",
+                        code="not_a_directory")

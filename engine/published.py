@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from engine.errors import UserError
+from engine.paths import check_output_file
 from index.keys import UNPRINTABLE, normalise_description
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -283,6 +284,7 @@ def import_published(root: Path, out: Path, descriptions: Path | None = None,
                      alt_descriptions: Path | None = None, progress: bool = False) -> ImportReport:
     """Scan the dataset tree and write its manifest; returns counts and warnings (nothing is ingested)."""
     root, out = Path(root), Path(out)
+    check_output_file(out, "--out")  # a folder or a device is refused before the scan, not renamed over after it
     texts = read_descriptions(descriptions) if descriptions else None
     alternatives = read_descriptions(alt_descriptions) if alt_descriptions else None
     skipped: Counter = Counter()
