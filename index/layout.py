@@ -298,8 +298,11 @@ class Layout:
         retargeted, a backup restored in its place). Its open database file moved with the folder, but
         paths did not: a server kept writing images, vectors.faiss and store.lock into a new folder at
         the old path while the rows went to the moved database, whose images were then missing."""
-        if self._place is not None and _folder_identity(self.root) != self._place:
+        if self.moved():
             raise moved_store(self.root)
+
+    def moved(self) -> bool:
+        return self._place is not None and _folder_identity(self.root) != self._place
 
     def save_config(self, config: dict | None = None) -> None:
         """Write store.json (atomically); then `config`, if given, is this store's config."""

@@ -51,7 +51,7 @@ from index import vectors as vx
 from index.catalog import AddedImages, Catalog, LabelledVector, NewImage
 from index.claims import Claims
 from index.db import RESTORE, Database, db_label, insert_ignore, made, parse_db_url  # noqa: F401 - re-exported
-from index.errors import StoreDamaged, StoreFull, StoreInputError, switched_embedder
+from index.errors import StoreDamaged, StoreFull, StoreInputError, moved_store, switched_embedder
 from index.failures import DISK_FULL, os_failure, read_only_reason
 from index.faults import crash_point, skipped
 from index.layout import (CONFIG_NAME, DB_NAME, FORMAT, INDEX_NAME, LOCK_NAME, SEARCH_INFOS,  # noqa: F401
@@ -245,8 +245,11 @@ class Store:
 
     def save_index(self) -> None:
         """Publish the in-memory index atomically, merged with what other processes committed/deleted
-        (nothing once the store switched embedder under this process: its index is of the old space)."""
-        if not self._switched:
+        (nothing once the store switched embedder under this process: its index is of the old space; nor once
+        its folder moved: logged, not raised, so a server's upkeep and shutdown stay one line)."""
+        if self.layout.moved():  # the files at the old path are another store's, or none (check_in_place)
+            log.warning("%s", moved_store(self.root))
+        elif not self._switched:
             self.live.publish()
 
     def _current(self) -> None:

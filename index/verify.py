@@ -199,8 +199,14 @@ def _check_index_file(store: "Store", s, db_ids: np.ndarray, floor: int, problem
             entry["lag"] = {"missing": len(missing), "deleted": len(deleted)}
             notes.append(f"index file lags the database (+{len(missing)} -{len(deleted)}): vectors committed "
                          "since the last save; the next open or save adds them")
-    elif why or len(db_ids):
+    elif why:
         problems.append(f"index file {entry['problem']}")
+    elif len(db_ids):
+        # absent, not damaged: a store's first writer killed (or its folder moved) before its first save; the
+        # next open builds it from the database (it was exit 4, "index file missing", after every such kill)
+        entry["lag"] = {"missing": len(db_ids), "deleted": 0}
+        notes.append(f"index file not written yet (+{len(db_ids)} vectors committed): the next open builds it "
+                     "from the database")
     return entry
 
 

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from engine.errors import kind_of
-from index.errors import StoreDamaged, StoreError, StoreInputError
+from index.errors import StoreDamaged, StoreError, StoreInputError, StoreUnavailable
 from index.store import NewImage, Store
 from tests.helpers import run_cli
 
@@ -96,14 +96,12 @@ def test_a_store_folder_moved_under_a_running_process_takes_no_writes(small_stor
     try:
         _add(store, 3, 1)  # unsaved: close() would publish it
         os.rename(small_store, moved)
-        for attempt in (lambda: _add(store, 4, 1), store.save_index, store.verify,
-                        lambda: store.nearest(np.ones(DIM, np.float32), 1)):
+        for attempt in (lambda: _add(store, 4, 1), store.verify, lambda: store.nearest(np.ones(DIM, np.float32), 1)):
             with pytest.raises(StoreError, match="was moved, renamed or replaced") as caught:
                 attempt()
             assert kind_of(caught.value).exit_code == 4 and kind_of(caught.value).code == "store_moved"
     finally:
-        with pytest.raises(StoreError, match="was moved"):
-            store.close()
+        store.close()  # saves nothing (a server's shutdown was a traceback): logged once
     assert not small_store.exists()  # no ghost folder
     with Store.open(moved) as store:
         report = store.verify()
@@ -237,23 +235,26 @@ def test_a_file_system_without_locks_is_one_line(small_store, shim):
     """flock() refused with ENOLCK (NFS without its lock daemon, some network and FUSE file systems) escaped
     as a traceback from every save; it is one line, exit 5, and the rows committed before it are kept."""
     code = f"""
-        from engine.errors import kind_of, message_of
-        from index.store import Store
-        from tests.test_faults_round4 import _add
+        import numpy as np
+        from index.store import NewImage, Store
         store = Store.open({str(small_store)!r})
-        _add(store, 3, 2)
+        source, desc = store.sources()[0], store.description_id("a prompt")
+        store.add_images([NewImage(key=f"n{{i}}", role="original", source_id=source.id, description_id=desc,
+                                   file_hash="0" * 64, path=f"/elsewhere/{{i}}.png", vector=np.eye(1, {DIM}, i)[0])
+                          for i in range(2)])
         try:
             store.save_index()
         except Exception as exc:
-            print(kind_of(exc).exit_code, type(exc).__name__, message_of(exc))
+            print(type(exc).__name__, exc)
         store.db.dispose()
     """
     done = _child(code, shim, SHIM_NO_FLOCK="1")
     assert done.returncode == 0, done.stderr
-    exit_code, name, line = done.stdout.strip().split(" ", 2)
-    assert (exit_code, name) == ("5", "StoreUnavailable") and "does not support file locks" in line
+    name, line = done.stdout.strip().split(" ", 1)
+    assert name == "StoreUnavailable" and "does not support file locks" in line and "\n" not in line
+    assert kind_of(StoreUnavailable(line)).exit_code == 5
     with Store.open(small_store) as store:
-        assert len(store.vector_ids()) == 5 and store.verify()["ok"]
+        assert len(store.vector_ids()) == 5 and store.verify(files=False)["ok"]  # their files are made up
 
 
 def test_a_client_whose_clock_is_off_does_not_take_live_claims(shim):
