@@ -50,7 +50,7 @@ def _bind(conn, embedder: str, dim: int) -> None:
     conn.execute(table(StoreMeta).insert().values(key="dim", value=str(dim)))
 
 
-def create_schema(db: Database, embedder: str, dim: int) -> None:
+def create_schema(db: Database, embedder: str, dim: int, images: str | None = None) -> None:
     with db.write_engine.begin() as conn:
         Base.metadata.create_all(conn)
         if conn.scalar(select(StoreMeta.value).where(StoreMeta.key == "tombstones_from")) is None:
@@ -61,9 +61,24 @@ def create_schema(db: Database, embedder: str, dim: int) -> None:
             bound = conn.scalar(select(StoreMeta.value).where(StoreMeta.key == "embedder"))
             if bound is None:
                 _bind(conn, embedder, dim)
+                conn.execute(table(StoreMeta).insert().values(key="images", value=images or ""))
             elif bound != embedder:
                 raise StoreInputError(f"{db.label} already holds a store bound to embedder {bound}; "
                                       "use another database for another embedder")
+            else:
+                _check_images(db, conn, images)
+
+
+def _check_images(db: Database, conn, images: str | None) -> None:
+    """A folder joining a database's store keeps its images where the store does: rows name images by a
+    path relative to the store folder or its object store, so a join that keeps them elsewhere (its own
+    folder beside a bucket, another bucket) read none of the store's images and wrote images no other
+    folder of the store could read."""
+    recorded = conn.scalar(select(StoreMeta.value).where(StoreMeta.key == "images"))
+    if recorded is not None and recorded != (images or ""):
+        raise StoreInputError(f"{db.label} holds a store whose images are in {recorded or 'its store folders'}, "
+                              f"not {images or 'this folder'}: init this folder with the same --images, or use "
+                              "another database")
 
 
 def _check_binding(db: Database, conn, embedder: str, dim: int) -> None:

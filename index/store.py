@@ -97,7 +97,7 @@ class Store:
         self.search_index = SearchIndex(self.live, self.layout)
         try:
             if create:
-                migrations.create_schema(self.db, self.embedder_identity, self.dim)
+                migrations.create_schema(self.db, self.embedder_identity, self.dim, config.get("images"))
             migrations.probe(self.db, self.embedder_identity, self.dim)
             reembed.adopt_switched_embedder(self.db, self.layout)
             migrations.check_store_json(self.db, self.layout.config_path, self.embedder_identity, self.dim)

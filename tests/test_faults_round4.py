@@ -260,8 +260,14 @@ def test_a_file_system_without_locks_is_one_line(small_store, shim):
 def test_a_client_whose_clock_is_off_does_not_take_live_claims(shim):
     """Leases were written and compared on each process's own clock: a client of a shared PostgreSQL store whose
     clock ran an hour ahead (another host, an NTP step) took over every live claim and generated (bought) the
-    images again. They are now on the server's clock."""
+    images again. They are now on the server's clock. And a second folder joins a database's store only with
+    its images where the store keeps them."""
+    from sqlalchemy import create_engine
+
     from tests import pg
+
+    def pg_engine(url: str):
+        return create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
 
     if not pg.admin_url():
         pytest.skip(pg.why())
@@ -284,5 +290,14 @@ def test_a_client_whose_clock_is_off_does_not_take_live_claims(shim):
                     assert done.returncode == 0, done.stderr
                     assert done.stdout.split() == ["['c']", "['a',", "'b']"], (shift, done.stdout)
                 assert store.live_claims(["a", "b", "c"]) == {"a": "here", "b": "here", "c": "ahead"}
+            # a folder joining the database's store must keep its images where the store does (rows name them
+            # relative to it): as if the store had been made with --images s3://bucket/prefix
+            engine = pg_engine(url)
+            with engine.begin() as conn:
+                conn.exec_driver_sql("UPDATE store_meta SET value = 's3://bucket/prefix' WHERE key = 'images'")
+            engine.dispose()
+            with pytest.raises(StoreInputError, match="images are in s3://bucket/prefix, not this folder"):
+                Store.create(Path(folder) / "joins", EMBEDDER, DIM, db_url=url)
+            assert not (Path(folder) / "joins" / "store.json").exists()
     finally:
         pg.drop_database(url)
