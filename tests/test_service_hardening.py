@@ -629,3 +629,40 @@ def test_head_answers_every_get_route_and_405_says_what_is_allowed(server):
         if method != "HEAD":
             _assert_error(answer, 405, "method_not_allowed")
     assert "Traceback" not in server.log and "Exception in ASGI" not in server.log, server.log[-3000:]
+
+
+def test_a_worker_start_error_is_handed_to_the_supervisor_and_printed_once(capsys):
+    """`serve --workers 2` on a damaged store printed the error once per worker, then the supervisor's line:
+    the worker now hands it over its ready pipe and exits with its code; the supervisor prints one line
+    (one JSON object with --json). The whole path, with real processes: tests/test_service.py."""
+    import os
+
+    from engine.errors import UserError
+    from engine.service.workers import Supervisor, Worker
+
+    read_fd, write_fd = os.pipe()
+    with pytest.raises(SystemExit) as exited:
+        Worker("1/2", socket.socket(), write_fd).failed(UserError("no such captioner\nsecond line"))
+    assert exited.value.code == 2
+    for json_errors in (False, True):
+        supervisor = Supervisor(socket.socket(), 2, ["serve"], "banner", json_errors=json_errors)
+        supervisor.pipes[0] = read_fd if not json_errors else _pipe_with(b'e{"message": "m", "kind": "k"}')
+        supervisor._read_pipe(0)
+        supervisor._say_failed(0, "worker 1 of 2", 2)
+        printed = capsys.readouterr().err.strip().splitlines()
+        assert len(printed) == 1, printed
+        if json_errors:
+            assert json.loads(printed[0]) == {"error": "m", "kind": "k", "exit_code": 2, "worker": "worker 1 of 2"}
+        else:
+            assert printed[0] == ("resynth: error: no such captioner second line (worker 1 of 2 exited with code 2 "
+                                  "before it was serving: stopping)")
+    Worker("2/2", socket.socket(), -1).failed(RuntimeError("a bug"))  # no kind: left to raise, with its traceback
+
+
+def _pipe_with(data: bytes) -> int:
+    import os
+
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, data)
+    os.close(write_fd)
+    return read_fd
