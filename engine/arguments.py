@@ -18,7 +18,7 @@ from typing import Any
 
 from engine.errors import ArgumentTypeError, UserError
 from engine.options import Options
-from engine.paths import expand_path
+from engine.paths import expand_path, not_a_file, shown
 
 DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
 # A recipe's numbers, whatever the kind that declares them: beyond these no generator runs (10,000 steps is
@@ -38,7 +38,17 @@ def required_path(value: Any, what: str) -> Path:
     if value is None or (isinstance(value, (str, bytes)) and not value):
         raise ArgumentTypeError(f"{what} is required: give a path") if value is None else \
             UserError(f"{what} is empty: give a path", code="bad_path")
-    return expand_path(value, what)
+    return not_special(expand_path(value, what), what)
+
+
+def not_special(path: Path, what: str) -> Path:
+    """`path` unless it names a FIFO, a device, a socket or a link loop. The model readers open what they
+    are given: a FIFO as a checkpoint or a config waited forever for a writer (after the error line, when
+    a worker thread had opened it), /dev/zero as a LoRA file was hashed forever."""
+    why = not_a_file(path)
+    if why is None or why in ("not found", "a folder") or why.startswith("a symbolic link to a missing"):
+        return path
+    raise UserError(f"{what}: {shown(path)} is {why}, not a file or folder", code="not_a_file")
 
 
 def optional_path(value: Any, what: str) -> Path | None:
@@ -151,6 +161,7 @@ def _param(kind, param, value: Any) -> Any:
     article = "an" if kind.name[:1] in tuple("aeiou") else "a"
     what = f"{param.name}{'' if param.positional else f' ({param.cli_flag})'} of {article} {kind.name} source"
     if param.is_path and isinstance(value, (str, bytes, os.PathLike)):
+        not_special(expand_path(value, what), what)
         return expand_path(value, what) if not isinstance(value, str) else value  # a str stays text
     if param.type is bool:
         return flag(value, what)
@@ -174,8 +185,21 @@ def _param(kind, param, value: Any) -> Any:
             if not isinstance(item, (str, os.PathLike)):
                 raise ArgumentTypeError(f"{what} must be a str{' or a list of str' * param.repeatable}, not "
                                         f"{_type(item)}")
+            _no_special_file_named(item, what)
         return value
     low, high = RECIPE_BOUNDS.get(param.name, (-INT_LIMIT, INT_LIMIT) if param.type is int else (None, None))
     if low is not None and not low <= value <= high:
         raise UserError(f"{what} must be between {low} and {high}, not {value}", code="bad_argument")
     return value
+
+
+def _no_special_file_named(value: str | os.PathLike, what: str) -> None:
+    """A text parameter that names a file, the kinds' own syntax included (`--lora FILE:0.8`), must not
+    name a FIFO or a device; a text that names nothing (a model name, a URL) passes."""
+    text = os.fspath(value)
+    if not isinstance(text, str) or "\0" in text or not text or len(text) > 4096:
+        return
+    for candidate in {text, text.rpartition(":")[0]} - {""}:
+        path = expand_path(candidate)
+        if os.path.lexists(path):
+            not_special(path, what)

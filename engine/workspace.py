@@ -396,7 +396,7 @@ def open_workspace(store_dir: str | os.PathLike | None = None, *, device: str | 
                    writable: bool = True, repair: bool = False) -> Workspace:
     root = store_path(store_dir)
     writable, repair = arguments.flag(writable, "writable"), arguments.flag(repair, "repair")
-    device, captioner = arguments.device(device), arguments.optional_path(captioner, "captioner")
+    device, captioner = arguments.device(device), arguments.optional_path(captioner, "--captioner")
     store = Store.open(root, writable=writable, repair=repair)
     return Workspace(store, device=device, captioner=captioner, progress=progress)
 
@@ -410,7 +410,7 @@ def embedder_spec(clip_checkpoint: str | os.PathLike, clip_model: str | None = N
     if bool(clip_model) == bool(clip_config):
         raise UserError("give exactly one of --clip-model ARCH or --clip-config JSON")
     checkpoint = arguments.required_path(clip_checkpoint, "clip_checkpoint (--clip-checkpoint)")
-    given = arguments.required_path(clip_config, "clip_config") if clip_config else None
+    given = arguments.required_path(clip_config, "clip_config (--clip-config)") if clip_config else None
     config = str(given.resolve()) if given else None
     return EmbedderSpec(arch=clip_model or Path(str(given)).stem,
                         checkpoint=str(checkpoint.resolve()), config=config,
@@ -435,7 +435,7 @@ def init_workspace(store_dir: str | os.PathLike | None = None, *, clip_checkpoin
 
         parse_images_url(images)  # a wrong URL or a missing backend is one line before any model loads
     spec = embedder_spec(clip_checkpoint, clip_model, clip_config, clip_layer)
-    captioner = arguments.optional_path(captioner, "captioner")
+    captioner = arguments.optional_path(captioner, "--captioner")
     if caption_instruction is not None and not caption_instruction.strip():
         raise UserError("--caption-instruction must not be empty")
     if caption_instruction is not None and not captioner:

@@ -85,6 +85,18 @@ def test_special_files_are_refused_in_one_line_and_never_block(specials, tmp_pat
     for name, shown in (("a\nb.png", "a\\nb.png"), (os.fsdecode(b"\xff.png"), "\\xff.png")):
         assert run_cli("attribute", tmp_path / name, "--prompt", "x", "--store", tmp_path / "none") == 2
         assert f"image not found: {tmp_path}/{shown}" == _err(capsys).removeprefix("resynth: error: ")
+    # a model file or folder that is a FIFO or a device: refused before any reader opens (or hashes) it
+    Store.create(tmp_path / "s", EMBEDDER, 8).close()
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(tmp_path / "q.png")
+    fifo = specials["a named pipe (FIFO)"]
+    for argv in (("source", "add", "a", fifo, "--config", tmp_path), ("source", "add", "b", tmp_path, "--lora",
+                 "/dev/zero:0.5"), ("init", "--clip-model", "ViT-B-32", "--clip-checkpoint", fifo),
+                 ("attribute", tmp_path / "q.png", "--prompt", "x", "--captioner", fifo)):
+        assert run_cli(*argv, "--store", tmp_path / "s") == 2
+        err = _err(capsys)
+        assert f"{fifo} is a named pipe (FIFO), not a file" in err or "/dev/zero is a character device" in err, err
     # an output the atomic rename would replace (a device as root) or fail on after the work
     for report, why in ((specials["a named pipe (FIFO)"], "is a named pipe"), ("/dev/null", "is a character device"),
                         (tmp_path, "is a folder"), (tmp_path / "fifo" / "r.html", "is not a folder")):
