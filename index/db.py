@@ -28,6 +28,7 @@ from index.failures import DISK_FULL, busy_timeout_s, pg_failure, refuse_write, 
 RESTORE = "restore metadata.sqlite from a backup"
 _CORRUPT = ("not a database", "malformed", "corrupt", "disk image")
 PG_WRITE_LOCK = 0x7265_7379_6E74_6801  # pg_advisory_xact_lock key of a store's single writer ("resynth")
+PG_IDLE_WRITER_S = 120.0  # a write transaction idle this long is ended by the server (its client is stopped)
 PG_DRIVERS = ("postgresql", "postgresql+psycopg")
 PASSWORD_ENV = "RESYNTH_DB_PASSWORD"
 QUICK_CHECK_MAX_BYTES = 64 << 20  # PRAGMA quick_check at open only for databases up to this size
@@ -215,6 +216,9 @@ def _pg_error(exc: BaseException | None, label: str) -> StoreError | None:
     problem = pg_failure(exc, label)
     if problem is not None:
         return problem
+    if getattr(exc, "sqlstate", None) == "25P03":  # idle_in_transaction_session_timeout (PG_IDLE_WRITER_S)
+        return StoreUnavailable(f"{label} ended this process's write transaction, idle for {PG_IDLE_WRITER_S:g} s "
+                                "(was the process stopped?): nothing of it was committed; run the command again")
     if isinstance(exc, psycopg.OperationalError):
         state = getattr(exc, "sqlstate", None) or ""
         if not state or state.startswith(("08", "57P", "3D", "28")):  # no connection, shut down, no db, no login
@@ -248,6 +252,10 @@ def _pg_engine(url: URL, mode: str, label: str) -> Engine:
     @event.listens_for(engine, "begin")
     def _begin(conn) -> None:  # a writer holds the store's write lock until its commit (one writer at a time)
         if conn.get_execution_options().get("immediate"):
+            # a writer stopped (SIGSTOP, a frozen machine, a cut network) mid-transaction held the lock, and
+            # every other writer of the store was refused, for as long as it stayed stopped: the server now
+            # ends a write transaction left idle this long (the write lock goes with it; nothing committed)
+            conn.exec_driver_sql(f"SET LOCAL idle_in_transaction_session_timeout = {int(PG_IDLE_WRITER_S * 1000)}")
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_WRITE_LOCK})")
 
     @event.listens_for(engine, "handle_error")

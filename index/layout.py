@@ -238,6 +238,7 @@ class Layout:
         self._images: ImageFiles | None = None
         check_config(self.config_path, config)  # a store.json naming another file is refused at open
         self._place = _folder_identity(root)  # which folder `root` named at open (check_in_place)
+        self._real_root = Path(os.path.realpath(root))  # every link followed (inside)
 
     def adoptable(self, config: object) -> bool:
         """Whether store.json as re-read from disk (`config`) may replace this store's config: False for
@@ -335,10 +336,9 @@ class Layout:
         None when a link leads out of it. Paths are compared only in this form: a store opened through a
         link (or a path with one) named its rows' files by the link and listed images/ by the real path,
         so `verify` took every image for an orphan and `--repair` deleted them all."""
-        root = Path(os.path.realpath(self.root))
         real = Path(os.path.realpath(path))
         try:
-            relative = real.relative_to(root)
+            relative = real.relative_to(self._real_root)
         except ValueError:
             return None
         return real if len(relative.parts) >= 2 else None
@@ -351,8 +351,7 @@ class Layout:
         """images/ (links followed) when it is a folder inside the store; None when there is none, or when
         it leads outside (a link to another disk): files there are not the store's to list or delete."""
         folder = Path(os.path.realpath(self.root / "images"))
-        root = Path(os.path.realpath(self.root))
-        return folder if root in folder.parents and folder.is_dir() else None
+        return folder if self._real_root in folder.parents and folder.is_dir() else None
 
     def images_elsewhere(self) -> Path | None:
         """Where images/ leads when a link takes it outside the store (verify notes it)."""

@@ -301,3 +301,41 @@ def test_a_client_whose_clock_is_off_does_not_take_live_claims(shim):
             assert not (Path(folder) / "joins" / "store.json").exists()
     finally:
         pg.drop_database(url)
+
+
+def test_a_stopped_postgresql_writer_does_not_lock_the_store_forever(tmp_path, monkeypatch):
+    """A writer SIGSTOPped (or frozen, or cut off) inside its write transaction held the store's write lock on
+    PostgreSQL for as long as it stayed stopped: every other writer was refused. The server now ends a write
+    transaction left idle for PG_IDLE_WRITER_S (120 s; 1 s here), and the lock goes with it. To the server a
+    stopped client is one that sends nothing: here a session left open (measured with SIGSTOP too)."""
+    import time
+
+    import index.db
+    from index.errors import StoreBusy
+    from tests import pg
+
+    if not pg.admin_url():
+        pytest.skip(pg.why())
+    url = pg.create_database()
+    monkeypatch.setattr(index.db, "PG_IDLE_WRITER_S", 1.0)
+    monkeypatch.setenv("RESYNTH_BUSY_TIMEOUT_S", "0.3")
+    try:
+        root = tmp_path / "s"
+        Store.create(root, EMBEDDER, DIM, db_url=url).close()
+        with Store.open(root) as stopped, Store.open(root) as other:
+            stalled = stopped.db.write_session()
+            stalled.connection()  # BEGIN: the write lock is taken, then nothing more is sent
+            with pytest.raises(StoreBusy):
+                other.claim(["k"], "me")
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    assert other.claim(["k"], "me") == ["k"]
+                    break
+                except StoreBusy:
+                    assert time.monotonic() < deadline, "the stalled writer still holds the lock"
+            with pytest.raises(StoreUnavailable, match="ended this process's write transaction, idle for 1 s"):
+                stalled.commit()  # its transaction was ended: nothing of it is committed, one line
+            stalled.close()
+    finally:
+        pg.drop_database(url)
