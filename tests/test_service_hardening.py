@@ -614,6 +614,12 @@ def test_multipart_limits_have_codes_and_clients_that_send_first_read_the_refusa
                              headers={"Content-Type": "application/jsonx"}), 415, "unsupported_media_type")
     _assert_error(httpx.post(url, content=body, headers={"Content-Type": "multipart/form-data"}), 400,
                   "bad_multipart")  # no boundary
+    # options where they were silently ignored: in the URL, or a field given twice (only the last counted)
+    _assert_error(httpx.post(url + "?sources=tiny-sd-ddim", files=_files(small_png), data={"prompt": PROMPT}), 400,
+                  "unexpected_query")
+    _assert_error(httpx.post(url, files=_files(small_png), data={"prompt": PROMPT,
+                                                                 "sources": ["tiny-sd-ddim", "tiny-sd-euler"]}),
+                  400, "bad_option")
 
 
 def test_head_answers_every_get_route_and_405_says_what_is_allowed(server):

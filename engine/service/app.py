@@ -285,6 +285,9 @@ async def _read_request(request: Request, service: Service,
     a few decode slots, one image at a time, reading each file's bytes only then.
     """
     limits = service.limits
+    if request.url.query:  # options in the URL were ignored: an answer over sources the client had excluded
+        raise ServiceError(400, "unexpected_query", "options are fields of the multipart form, not query "
+                                                    f"parameters: move {request.url.query[:80]!r} into the form")
     if media_type(request) != "multipart/form-data":
         raise ServiceError(415, "unsupported_media_type", "send multipart/form-data with one or more `image` parts")
     async with read_form(request, limits) as form:
@@ -307,6 +310,10 @@ async def _read_request(request: Request, service: Service,
                 raise ServiceError(400, "empty_prompt", f"prompt {number} is empty: give a description with "
                                                         "words in it, or leave the prompt field out")
         Options.check_fields(form.keys())  # a misspelt option is refused, not ignored (engine.options)
+        twice = [name for name in OPTION_FIELDS if len(form.getlist(name)) > 1]
+        if twice:  # only the last would count: a client's list of sources silently cut to one
+            raise ServiceError(400, "bad_option", f"option {twice[0]!r} given {len(form.getlist(twice[0]))} times: "
+                                                  "give each option once (sources as one comma-separated list)")
         given = {name: form.get(name) for name in OPTION_FIELDS}
         options = Options.from_strings({name: v for name, v in given.items() if isinstance(v, str)})
         labels = [_label(u.filename, i) for i, u in enumerate(uploads)]
