@@ -67,6 +67,15 @@ __all__ = ["Store", "NewImage", "AddedImages", "StoredReference", "LabelledVecto
            "DB_NAME", "INDEX_NAME", "SEARCH_NAME", "SEARCH_INFOS"]
 
 
+def _has_config(root: Path) -> bool:
+    """Whether `root` holds a store.json; a path the system cannot even look up (a name past 255 bytes) is one
+    line (it was a traceback from `resynth stats` and `init`)."""
+    try:
+        return (root / CONFIG_NAME).exists()
+    except OSError as exc:
+        raise StoreInputError(f"cannot look for a store at {root}: {exc.strerror or exc}") from None
+
+
 class Store:
     """Open with `Store.create` (new) or `Store.open` (existing); use as a context manager."""
 
@@ -125,7 +134,7 @@ class Store:
         config_path = root / CONFIG_NAME
         url = parse_db_url(db_url) if db_url else None
         images = objects.parse_images_url(images) if images else None
-        if config_path.exists():
+        if _has_config(root):
             existing = read_config(root)
             if existing["embedder"]["identity"] != embedder["identity"]:
                 raise StoreInputError(f"store {root} is already bound to embedder {existing['embedder']['identity']}; "
@@ -148,8 +157,8 @@ class Store:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             problem = os_failure(exc, root, "creating the store folder")
-            if problem is None:
-                raise
+            if problem is None:  # a name too long (255 bytes a name, 4096 a path), a file where a folder goes
+                raise StoreInputError(f"cannot create a store folder at {root}: {exc.strerror or exc}") from None
             raise problem from exc
         config = {"format": FORMAT, "embedder": embedder, "dim": dim, "captioner": captioner}
         if url is not None:
@@ -170,7 +179,7 @@ class Store:
         """Open an existing store. `repair=True` accepts the database as it is when the index holds
         vectors the database lost (the index is rebuilt from it) instead of raising StoreDamaged."""
         root = Path(root)
-        if not (root / CONFIG_NAME).exists():
+        if not _has_config(root):
             raise StoreInputError(f"no store at {root} (create one with `resynth init`)")
         return cls(root, read_config(root), writable, repair=repair)
 

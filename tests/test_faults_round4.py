@@ -173,6 +173,19 @@ def test_extra_keys_in_store_json_are_kept_and_a_newer_schema_is_refused(small_s
     assert "schema version 2" in capsys.readouterr().err
 
 
+def test_a_store_name_past_the_file_system_limit_is_one_line(tmp_path, capsys):
+    """A --store whose name passes 255 bytes was a traceback (ENAMETOOLONG) from `resynth stats` and `init`.
+    The store's own names stay short (an image's temporary name: about 90 bytes), so a folder name of 250 works."""
+    too_long = tmp_path / ("x" * 300)
+    assert run_cli("stats", "--store", too_long) == 2
+    assert "File name too long" in capsys.readouterr().err
+    with pytest.raises(StoreInputError, match="a store .*at .*: File name too long"):
+        Store.create(too_long, EMBEDDER, DIM)
+    with Store.create(tmp_path / ("y" * 250), EMBEDDER, DIM) as store:
+        _add(store, 0, 1)
+        assert store.verify()["ok"]
+
+
 @pytest.mark.parametrize("cut", ["delete", "truncate"])
 def test_a_wal_file_deleted_under_open_processes_loses_nothing(small_store, cut):
     """Deleting or cutting metadata.sqlite-wal while a writer and a reader had the store open lost every row
