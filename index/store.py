@@ -180,6 +180,10 @@ class Store:
         vectors the database lost (the index is rebuilt from it) instead of raising StoreDamaged."""
         root = Path(root)
         if not _has_config(root):
+            if (root / DB_NAME).is_file():  # store.json deleted: "create one" read as "start over"
+                raise StoreDamaged(f"{root} has a {DB_NAME} but no {CONFIG_NAME}: restore {CONFIG_NAME} from a "
+                                   "backup, or run `resynth init` there with the store's embedder to write it again "
+                                   "(the rows are kept; another embedder or vector size is refused)")
             raise StoreInputError(f"no store at {root} (create one with `resynth init`)")
         return cls(root, read_config(root), writable, repair=repair)
 

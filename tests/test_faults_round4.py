@@ -171,6 +171,14 @@ def test_extra_keys_in_store_json_are_kept_and_a_newer_schema_is_refused(small_s
         Store.open(small_store, writable=False)
     assert run_cli("stats", "--store", small_store) == 2
     assert "schema version 2" in capsys.readouterr().err
+    with sqlite3.connect(small_store / "metadata.sqlite") as conn:
+        conn.execute("UPDATE store_meta SET value = '1' WHERE key = 'schema'")
+    conn.close()
+    (small_store / "store.json").unlink()  # "no store here (create one)" read as "start over"
+    with pytest.raises(StoreDamaged, match="has a metadata.sqlite but no store.json: restore store.json"):
+        Store.open(small_store)
+    with Store.create(small_store, EMBEDDER, DIM) as store:  # written again, the rows kept
+        assert len(store.vector_ids()) == 3
 
 
 def test_a_store_name_past_the_file_system_limit_is_one_line(tmp_path, capsys):
