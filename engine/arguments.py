@@ -72,9 +72,21 @@ def device(value: Any) -> str | None:
 
 
 def text(value: Any, what: str) -> str | None:
-    """An optional text argument (a prompt, an instruction)."""
+    """An optional text argument (a prompt, an instruction, a name)."""
     if value is not None and not isinstance(value, str):
         raise ArgumentTypeError(f"{what} must be a str, not {_type(value)}")
+    return unicode(value, what) if value is not None else None
+
+
+def unicode(value: str, what: str) -> str:
+    """`value` unless it holds lone surrogates: what Python makes of command-line bytes that are not UTF-8
+    (a prompt typed in a Latin-1 terminal). No database stores them: the store's key hash and the SQL
+    driver raised UnicodeEncodeError, a traceback, after the models had loaded."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{what} is not valid UTF-8 text ({shown(value)[:80]}): set the terminal or file "
+                        "encoding to UTF-8", code="not_utf8") from None
     return value
 
 
@@ -86,6 +98,7 @@ def texts(values: Any, what: str) -> list[str]:
     for i, value in enumerate(out):
         if not isinstance(value, str):
             raise ArgumentTypeError(f"{what}[{i}] must be a str, not {_type(value)}")
+        unicode(value, f"{what}[{i}]")
     return out
 
 
@@ -123,13 +136,12 @@ def image_items(images: Any) -> list:
 def prompts(prompt: Any, count: int) -> Any:
     """None, one str for every image, or a list of one str (or None) per image."""
     if prompt is None or isinstance(prompt, str):
-        return prompt
+        return text(prompt, "prompt")
     if isinstance(prompt, (bytes, Mapping)) or not isinstance(prompt, Iterable):
         raise ArgumentTypeError(f"prompt must be a str, a list of str (one per image) or None, not {_type(prompt)}")
     values = list(prompt)
     for i, value in enumerate(values):
-        if value is not None and not isinstance(value, str):
-            raise ArgumentTypeError(f"prompt[{i}] must be a str or None, not {_type(value)}")
+        text(value, f"prompt[{i}]")
     return values
 
 
@@ -186,6 +198,8 @@ def _param(kind, param, value: Any) -> Any:
                 raise ArgumentTypeError(f"{what} must be a str{' or a list of str' * param.repeatable}, not "
                                         f"{_type(item)}")
             _no_special_file_named(item, what)
+            if isinstance(item, str):
+                unicode(item, what)
         return value
     low, high = RECIPE_BOUNDS.get(param.name, (-INT_LIMIT, INT_LIMIT) if param.type is int else (None, None))
     if low is not None and not low <= value <= high:

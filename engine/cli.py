@@ -387,7 +387,9 @@ def _query_specs(args) -> list[tuple[Path, str | None]]:
     from engine.describe import clean_prompt
     from engine.images import check_header
 
-    prompt = clean_prompt(args.prompt)
+    from engine.arguments import text
+
+    prompt = clean_prompt(text(args.prompt, "--prompt"))  # bytes a Latin-1 terminal typed: one line, not later
     specs = [(Path(p), prompt) for p in args.images]
     if args.queries:
         path = Path(args.queries)

@@ -95,6 +95,8 @@ class Options:
             if not all(isinstance(n, str) for n in names):
                 raise OptionError(f"sources (--sources) must be source names: a str \"A,B\" or a list of str, not "
                                   f"{self.sources!r:.60}")
+            if not all(str(n).encode("utf-8", "replace") == str(n).encode("utf-8", "surrogatepass") for n in names):
+                raise OptionError("sources (--sources) holds bytes that are not UTF-8: set the terminal to UTF-8")
             cleaned = tuple(sorted({str(n).strip() for n in names if str(n).strip()}))
             object.__setattr__(self, "sources", cleaned or None)
 

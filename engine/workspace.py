@@ -268,6 +268,7 @@ class Workspace:
         may start with `~` or hold `$VAR`s."""
         if pipeline_dir is not None:
             params["path"] = pipeline_dir
+        arguments.text(name, "a source name")
         if not isinstance(name, str):
             raise ArgumentTypeError(f"a source name must be a str, not {type(name).__name__}")
         if not isinstance(kind, str):
@@ -298,6 +299,7 @@ class Workspace:
         """Delete a source with its resyntheses; returns how many stored vectors were dropped."""
         if not isinstance(name, str):
             raise ArgumentTypeError(f"a source name must be a str, not {type(name).__name__}")
+        arguments.text(name, "a source name")
         self.models.forget(name)
         try:
             return self.store.remove_source(name)

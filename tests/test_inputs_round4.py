@@ -173,6 +173,9 @@ def test_library_arguments_of_the_wrong_type_fail_at_the_call(tmp_path):
             "descriptions must be a list of str": lambda: ws.resynthesize_dataset(5),
             "false_reject must be a number": lambda: ws.calibrate(false_reject="5%"),
             "images[0] holds a NUL byte": lambda: ws.attribute(f"{image}\0", "x"),
+            # what Python makes of argv bytes that are not UTF-8: the key hash and the SQL driver raised
+            "prompt is not valid UTF-8 text (caf\\xe9)": lambda: ws.attribute(image, "caf\udce9"),
+            "a source name is not valid UTF-8": lambda: ws.add_source("\udcff", image),
         }
         for words, call in calls.items():
             with pytest.raises(UserError) as raised:
