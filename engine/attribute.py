@@ -95,6 +95,9 @@ class Attribution:
     cached: int = 0
     generated: int = 0
     failed: dict[str, str] = field(default_factory=dict)  # source -> why it could not be scored
+    # source -> why generating its resyntheses of this description failed, for a source scored anyway (on the
+    # stored neighbours of combined mode, or on the part of its seeds that was made): its score rests on less
+    degraded: dict[str, str] = field(default_factory=dict)
     # "known" (calibrated, above the source's threshold), "unknown" (below it), "real" (calibrated with
     # real images, and nearer them than any generated image by the fitted rule: evidence["real"], the
     # known/unknown decision kept in evidence["open_set_verdict"]), "uncalibrated" (no fitted threshold
@@ -141,6 +144,9 @@ class Attribution:
             notes.append(f"close call: {second.source} is nearly as likely as {best.source} (p "
                          f"{second.probability:.3f} against {best.probability:.3f}): the image is like an enrolled "
                          "source's, but which one is uncertain")
+        for name, why in self.degraded.items():
+            notes.append(f"{name} was scored without its resyntheses of this description, or only some of them "
+                         f"(generating them failed: {why}): its score rests on fewer or other references")
         if self.description_from == "caption":
             notes.append("the description is the captioner's (no prompt was given, embedded or stored): the "
                          "answer is only as good as the caption; give the prompt when it is known")

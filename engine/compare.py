@@ -133,6 +133,7 @@ def score(ws: "Workspace", query: Query, text: str, origin: str, vector: np.ndar
         unknown={"unknown": True, "known": False}.get(answer), calibrated=calibration.fitted and not stale,
         cached=cached, generated=generated,
         failed={k: v for k, v in failed.items() if k not in {x.source for x in scores}},
+        degraded={k: v.removeprefix(f"source {k!r}: ") for k, v in failed.items() if k in {x.source for x in scores}},
         verdict=answer, evidence=evidence, provenance=provenance_dict(query.provenance), closest=near)
 
 

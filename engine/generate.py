@@ -5,6 +5,7 @@ import inspect
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image
 
@@ -78,19 +79,35 @@ class DiffusersGenerator:
     """Any diffusers text-to-image pipeline folder (SD 1.x, SDXL, PixArt, Flux ...), loaded lazily."""
 
     def __init__(self, name: str, folder: Path, params: GenerationParams, device: str | None = None,
-                 fingerprint: str | None = None):
+                 fingerprint: str | None = None, recheck: Callable[[], str] | None = None):
         import torch
 
         self.name = name
         self.folder = Path(folder)
         self.params = params
         self.fingerprint = fingerprint
+        self.recheck = recheck  # the fingerprint its files give now (SourceKind.current_fingerprint)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self._pipe = None
         self.calls = 0  # images generated, counted so tests can prove cache hits
 
+    def check_unchanged(self) -> None:
+        """Refuse to load files that changed since `source add`: a fine-tune saved over a folder would
+        otherwise generate new images under the old fingerprint, mixed with the old weights' images."""
+        if self.recheck is None or self.fingerprint is None:
+            return
+        try:
+            now = self.recheck()
+        except OSError as exc:
+            raise SourceError(self.name, f"its model files are unreadable: {first_line(exc)}") from exc
+        if now != self.fingerprint:
+            raise SourceError(self.name, "its model files changed since the source was added (weights or configs "
+                                         "saved over them): add it again under a new name; its stored images "
+                                         "stay those of the old files")
+
     def load(self):
         if self._pipe is None:
+            self.check_unchanged()
             try:
                 self._pipe = load_pipeline(self.folder, self.params, self.device)
             except UserError as exc:  # a registered source that no longer loads: the source's fault
@@ -224,7 +241,8 @@ def check_pipeline_folder(folder: Path) -> str:
     if "prompt" not in accepted or "image" in accepted:
         raise UserError(f"{folder} holds a {class_name}, not a text-to-image pipeline")
     for component, value in index.items():
-        if not component.startswith("_") and isinstance(value, list) and value[0] and not (folder / component).is_dir():
+        named = not component.startswith("_") and isinstance(value, list) and value and value[0]
+        if named and not (folder / component).is_dir():
             raise UserError(f"{folder}: component folder {component!r} is missing")
     for weights in sorted(folder.rglob("*")):
         if weights.is_file() and weights.suffix in _WEIGHT_SUFFIXES:

@@ -258,3 +258,50 @@ def test_cli_source_add_infers_the_local_kinds(models, local, tmp_path, capsys):
                                                         "base": "diffusers"}
     assert [a["scale"] for a in rows["lora-ab"]["params"]["loras"]] and json.dumps(rows["lora-ab"]["params"])
     assert sources.get("lora").describe_recipe(rows["lora-ab"]["params"], rows["lora-ab"]["path"]).count("LoRA") == 1
+
+
+@needs_peft
+def test_changed_or_foreign_model_files_fail_their_source_only(models, local, tmp_path):
+    """Weights saved over a source's folder after `source add` (a fine-tune) and a LoRA made for another base:
+    each fails its own source in one line (never the request, never new images under the old fingerprint);
+    a LyCORIS file is refused at `source add`; a source scored without its fresh resyntheses says so."""
+    from engine.images import save_png_atomic
+    from engine.options import Options
+    from engine.sources.pipeline import Pipeline
+    from safetensors.torch import save_file
+    import torch
+
+    base = local["base"]
+    copy = tmp_path / "copy"
+    shutil.copytree(base, copy)
+    foreign = write_random_lora(models["pipelines"]["tiny-sd-euler-a"], tmp_path / "foreign.safetensors", seed=3)
+    nowhere = tmp_path / "flux-keys.safetensors"  # tensor names of a Flux transformer: no layer of an SD UNet
+    save_file({"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.ones(4, 32),
+               "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": torch.ones(32, 4)}, str(nowhere))
+    loha = tmp_path / "loha.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": torch.ones(4, 4)}, str(loha))
+    query = tmp_path / "query.png"
+    save_png_atomic(DiffusersGenerator("q", base, GenerationParams(steps=2)).generate(PROMPT, [1000])[0], query)
+    resynthesis = Options(mode="resynthesis", per_source=1, adaptive=False)
+    with workspace(models, tmp_path / "store") as ws:
+        ws.add_source("copy", copy, steps=2)
+        ws.add_source("foreign", base, kind="lora", lora=str(foreign), steps=2)
+        ws.add_source("nowhere", base, kind="lora", lora=str(nowhere), steps=2)
+        with pytest.raises(UserError, match="LoHa/LoKr"):
+            ws.add_source("loha", base, kind="lora", lora=str(loha), steps=2)
+        first = ws.attribute([query], prompt=PROMPT, options=Options(per_source=1, adaptive=False)).results[0]
+        assert [s.source for s in first.scores] == ["copy"] and not first.degraded
+        assert "another base model" in first.failed["foreign"] and "matches no layer" in first.failed["nowhere"]
+        assert all("\n" not in why for why in first.failed.values())
+        unet = next(copy.glob("unet/*.safetensors"))
+        data = bytearray(unet.read_bytes())
+        data[-1] ^= 1  # a fine-tune saved over the folder: same names, same sizes, other weights
+        unet.write_bytes(bytes(data))
+        # combined mode scores "copy" on its stored neighbours, and says that its fresh resyntheses are missing
+        second = ws.attribute([query], prompt=PROMPT + ", at dusk", options=Options(per_source=1, adaptive=False))
+        (result,) = second.results
+        assert second.generated == 0 and [s.source for s in result.scores] == ["copy"]
+        assert "changed since the source was added" in result.degraded["copy"]
+        assert any(n.startswith("copy was scored without") for n in result.notes)
+    # one recipe, one fingerprint, whichever type its numbers came in (Python 7 and the CLI's 7.0)
+    assert Pipeline().prepare("x", base, guidance=7).fingerprint == Pipeline().prepare("x", base, guidance=7.0).fingerprint

@@ -108,6 +108,11 @@ class SourceKind:
     def load(self, source, device: str | None):
         raise UserError(f"source {source.name!r} has no pipeline to generate with")
 
+    def current_fingerprint(self, source) -> str:
+        """The fingerprint `prepare` would give the source's files now, from its stored params; a generator
+        compares it with the stored one before it loads (kinds with files to re-check define it)."""
+        raise NotImplementedError
+
     def price(self, source) -> float:
         """USD per image (only kinds that cost money)."""
         return float(json.loads(source.params_json).get("price") or 0.0) if self.costs_money else 0.0

@@ -106,7 +106,11 @@ class Lora(SourceKind):
         adapters = []
         for given, scale in parse_loras(lora):
             file = check_safetensors(given, "LoRA file")
-            if not any("lora" in k.lower() or "hada_" in k or "lokr_" in k for k in safetensors_keys(file)):
+            keys = safetensors_keys(file)
+            if any("hada_" in k or "lokr_" in k for k in keys):
+                raise UserError(f"{file} is a LyCORIS LoHa/LoKr adapter, which diffusers cannot load: only LoRA "
+                                "adapters are supported")
+            if not any("lora" in k.lower() for k in keys):
                 raise UserError(f"{file} holds no LoRA weights (no *lora* tensors): a full checkpoint is a "
                                 "single-file source, not an adapter")
             adapters.append({"file": str(file), "scale": scale, "sha256": file_sha256(file)})
@@ -136,7 +140,16 @@ class Lora(SourceKind):
     def load(self, source, device: str | None):
         stored = json.loads(source.params_json)
         return LoraGenerator(source.name, Path(source.path), stored_recipe(source.params_json), stored["loras"],
-                             device, fingerprint=source.fingerprint)
+                             device, fingerprint=source.fingerprint, recheck=lambda: self.current_fingerprint(source))
+
+    def current_fingerprint(self, source) -> str:
+        """The base folder as it is now, with the adapters as recorded (their files are re-hashed at attach)."""
+        from engine.generate import fingerprint_folder
+
+        params = json.loads(source.params_json)
+        recipe = {k: v for k, v in params.items() if k != "loras"}
+        return fingerprint(self.name, fingerprint_folder(Path(source.path)),
+                           [[a["sha256"], a["scale"]] for a in params["loras"]], recipe)
 
 
 class _Base:
@@ -225,7 +238,8 @@ def _quiet():
     import diffusers
 
     level = diffusers.utils.logging.get_verbosity()
-    diffusers.utils.logging.set_verbosity_error()
+    # CRITICAL, not ERROR: a LoRA for another base logs one "size mismatch" line per tensor before it raises
+    diffusers.utils.logging.set_verbosity(diffusers.utils.logging.CRITICAL)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -234,18 +248,28 @@ def _quiet():
         diffusers.utils.logging.set_verbosity(level)
 
 
+def _forget_adapter(pipe, name: str) -> None:
+    """Remove what a failed load left of adapter `name`, so that a later load may use the name again."""
+    try:
+        if any(name in found for found in pipe.get_list_adapters().values()):
+            pipe.delete_adapters([name])
+    except Exception:  # nothing more to do: a later load of this file fails in one line again
+        pass
+
+
 class LoraGenerator(DiffusersGenerator):
     """A base pipeline folder with adapters at their scales: generates like the same adapters fused in."""
 
     def __init__(self, name: str, folder: Path, params, loras: list[dict], device: str | None = None,
-                 fingerprint: str | None = None):
-        super().__init__(name, folder, params, device, fingerprint=fingerprint)
+                 fingerprint: str | None = None, recheck=None):
+        super().__init__(name, folder, params, device, fingerprint=fingerprint, recheck=recheck)
         self.loras = [dict(a) for a in loras]
         self._base: _Base | None = None
         self._scheduler = None
 
     def load(self):
         if self._base is None:
+            self.check_unchanged()
             try:
                 base = BASES.acquire(self)
             except UserError as exc:
@@ -280,7 +304,14 @@ class LoraGenerator(DiffusersGenerator):
                     except ImportError as exc:
                         raise SourceError(self.name, f"LoRA sources need peft installed ({first_line(exc)})") from exc
                     except Exception as exc:
-                        raise SourceError(self.name, f"cannot load LoRA {file.name}: {first_line(exc)}") from exc
+                        _forget_adapter(base.pipe, name)  # half loaded (UNet yes, text encoder no): name stays taken
+                        why = ("its tensor shapes differ from the model's" if "size mismatch" in str(exc)
+                               else first_line(exc))
+                        raise SourceError(self.name, f"cannot load LoRA {file.name} on {self.folder.name} (made for "
+                                                     f"another base model?): {why}") from exc
+                    if not any(name in found for found in base.pipe.get_list_adapters().values()):
+                        raise SourceError(self.name, f"LoRA {file.name} matches no layer of {self.folder.name}: it "
+                                                     "was made for another base model")
                     base.adapters.add(name)
                 names.append(name)
             base.users[id(self)] = set(names)
@@ -291,7 +322,10 @@ class LoraGenerator(DiffusersGenerator):
 
     def _select(self, pipe) -> None:
         names = [adapter_name(a["sha256"]) for a in self.loras]
-        pipe.set_adapters(names, adapter_weights=[float(a["scale"]) for a in self.loras])
+        try:  # a failure here is this source's, never the whole request's
+            pipe.set_adapters(names, adapter_weights=[float(a["scale"]) for a in self.loras])
+        except Exception as exc:
+            raise SourceError(self.name, f"cannot select its LoRA adapters: {first_line(exc)}") from exc
         pipe.scheduler = self._scheduler
 
     def _run_batch(self, pipe, jobs):

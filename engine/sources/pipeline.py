@@ -1,11 +1,49 @@
 """A diffusers text-to-image pipeline folder (SD 1.x, SDXL, PixArt, Flux ...), stored as kind "diffusers"."""
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
 from engine.errors import UserError
 from engine.sources import Param, Recipe, SourceKind, fingerprint
+
+# The recipe parameters every local pipeline kind takes (this kind's, after its folder; single-file and LoRA too).
+RECIPE_PARAMS = (
+    Param("steps", int, 30, "inference steps (default 30)"),
+    Param("guidance", float, 7.0, "guidance scale (default 7.0)"),
+    Param("size", int, None, "square image side in pixels (default: the pipeline's)"),
+    Param("scheduler", str, None, "diffusers scheduler class name (default: the pipeline's own)"),
+    Param("negative_prompt", str, None, "negative prompt, where the pipeline takes one"),
+)
+_RECIPE_FIELDS = tuple(p.name for p in RECIPE_PARAMS)
+
+
+def generation_params(steps: int = 30, guidance: float = 7.0, size: int | None = None,
+                      scheduler: str | None = None, negative_prompt: str | None = None):
+    """The validated recipe (engine.generate.GenerationParams), checked as the "diffusers" kind checks it."""
+    from engine.generate import GenerationParams, check_scheduler
+
+    check_scheduler(scheduler)
+    try:  # numbers cast once here, so guidance 7 (Python, JSON) and 7.0 (the CLI) are one recipe, one fingerprint
+        steps, guidance, size = int(steps), float(guidance), None if size is None else int(size)
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"steps, guidance and size must be numbers (got {steps!r}, {guidance!r}, {size!r})") from None
+    if steps < 1 or (size is not None and (size < 8 or size % 8)):
+        raise UserError("--steps must be >= 1 and --size a multiple of 8")
+    if not math.isfinite(guidance):
+        raise UserError(f"--guidance must be a finite number (got {guidance})")
+    return GenerationParams(steps=steps, guidance=guidance, size=size, scheduler=scheduler,
+                            negative_prompt=negative_prompt)
+
+
+def stored_recipe(params_json: str):
+    """The GenerationParams part of a stored params dict that holds more fields."""
+    from engine.generate import GenerationParams
+
+    stored = json.loads(params_json)
+    return GenerationParams(**{k: stored[k] for k in _RECIPE_FIELDS if k in stored})
 
 
 class Pipeline(SourceKind):
@@ -15,17 +53,12 @@ class Pipeline(SourceKind):
     examples = ("resynth source add sdxl ~/models/stable-diffusion-xl-base-1.0 --steps 30",)
     params = (
         Param("path", str, None, "diffusers pipeline folder", positional=True, required=True, metavar="DIR"),
-        Param("steps", int, 30, "inference steps (default 30)"),
-        Param("guidance", float, 7.0, "guidance scale (default 7.0)"),
-        Param("size", int, None, "square image side in pixels (default: the pipeline's)"),
-        Param("scheduler", str, None, "diffusers scheduler class name (default: the pipeline's own)"),
-        Param("negative_prompt", str, None, "negative prompt, where the pipeline takes one"),
-    )
+    ) + RECIPE_PARAMS
 
     def prepare(self, name: str, path, steps: int = 30, guidance: float = 7.0, size: int | None = None,
                 scheduler: str | None = None, negative_prompt: str | None = None) -> Recipe:
         """Checked without loading its weights (real ones can exceed RAM in float32)."""
-        from engine.generate import GenerationParams, check_pipeline_folder, check_scheduler, fingerprint_folder
+        from engine.generate import check_pipeline_folder, fingerprint_folder
 
         folder = Path(path).resolve()
         if folder.is_file() and folder.suffix in (".safetensors", ".ckpt", ".pt", ".bin"):
@@ -38,11 +71,7 @@ class Pipeline(SourceKind):
                             "(a diffusers folder of the same architecture, for its configs; nothing is downloaded)")
         check_pipeline_folder(folder)
         check_weights_present(folder)
-        check_scheduler(scheduler)
-        if steps < 1 or (size is not None and (size < 8 or size % 8)):
-            raise UserError("--steps must be >= 1 and --size a multiple of 8")
-        params = GenerationParams(steps=steps, guidance=guidance, size=size, scheduler=scheduler,
-                                  negative_prompt=negative_prompt)
+        params = generation_params(steps, guidance, size, scheduler, negative_prompt)
         return Recipe(path=str(folder), params=asdict(params),
                       fingerprint=recipe_fingerprint(self.name, fingerprint_folder(folder), params),
                       twin="already uses this pipeline folder with the same parameters")
@@ -56,7 +85,13 @@ class Pipeline(SourceKind):
         from engine.generate import DiffusersGenerator, GenerationParams
 
         return DiffusersGenerator(source.name, Path(source.path), GenerationParams.from_json(source.params_json),
-                                  device, fingerprint=source.fingerprint)
+                                  device, fingerprint=source.fingerprint,
+                                  recheck=lambda: self.current_fingerprint(source))
+
+    def current_fingerprint(self, source) -> str:
+        from engine.generate import fingerprint_folder
+
+        return fingerprint(self.name, fingerprint_folder(Path(source.path)), json.loads(source.params_json))
 
 
 # components that hold weights, so a folder of their configs alone cannot generate

@@ -27,38 +27,8 @@ from pathlib import Path
 from engine.errors import SourceError, UserError, first_line
 from engine.generate import DiffusersGenerator, pipeline_dtype
 from engine.sources import Param, Recipe, SourceKind, fingerprint
+from engine.sources.pipeline import RECIPE_PARAMS, generation_params, stored_recipe  # noqa: F401  (lora imports them here)
 from engine.sources.ldm_export import export_single_file  # noqa: F401  (imported from here by callers)
-
-# The recipe parameters every local pipeline kind takes (the "diffusers" kind's, after its folder).
-RECIPE_PARAMS = (
-    Param("steps", int, 30, "inference steps (default 30)"),
-    Param("guidance", float, 7.0, "guidance scale (default 7.0)"),
-    Param("size", int, None, "square image side in pixels (default: the pipeline's)"),
-    Param("scheduler", str, None, "diffusers scheduler class name (default: the pipeline's own)"),
-    Param("negative_prompt", str, None, "negative prompt, where the pipeline takes one"),
-)
-_RECIPE_FIELDS = tuple(p.name for p in RECIPE_PARAMS)
-
-
-def generation_params(steps: int = 30, guidance: float = 7.0, size: int | None = None,
-                      scheduler: str | None = None, negative_prompt: str | None = None):
-    """The validated recipe (engine.generate.GenerationParams), checked as the "diffusers" kind checks it."""
-    from engine.generate import GenerationParams, check_scheduler
-
-    check_scheduler(scheduler)
-    if int(steps) < 1 or (size is not None and (int(size) < 8 or int(size) % 8)):
-        raise UserError("--steps must be >= 1 and --size a multiple of 8")
-    return GenerationParams(steps=int(steps), guidance=float(guidance), size=None if size is None else int(size),
-                            scheduler=scheduler, negative_prompt=negative_prompt)
-
-
-def stored_recipe(params_json: str):
-    """The GenerationParams part of a stored params dict that holds more fields."""
-    from engine.generate import GenerationParams
-
-    stored = json.loads(params_json)
-    return GenerationParams(**{k: stored[k] for k in _RECIPE_FIELDS if k in stored})
-
 
 # ----- whole-file content hashes, once per process per unchanged file ----------------------------------
 _HASHES: dict[tuple, str] = {}
@@ -223,19 +193,29 @@ class SingleFile(SourceKind):
     def load(self, source, device: str | None):
         config = json.loads(source.params_json)["config"]
         return SingleFileGenerator(source.name, Path(source.path), Path(config), stored_recipe(source.params_json),
-                                   device, fingerprint=source.fingerprint)
+                                   device, fingerprint=source.fingerprint,
+                                   recheck=lambda: self.current_fingerprint(source))
+
+    def current_fingerprint(self, source) -> str:
+        from engine.generate import fingerprint_folder
+
+        params = json.loads(source.params_json)
+        recipe = {k: v for k, v in params.items() if k != "config"}
+        return fingerprint(self.name, file_sha256(Path(source.path)), fingerprint_folder(Path(params["config"])),
+                           recipe)
 
 
 class SingleFileGenerator(DiffusersGenerator):
     """A DiffusersGenerator whose pipeline comes from one checkpoint file and a config folder."""
 
     def __init__(self, name: str, file: Path, config: Path, params, device: str | None = None,
-                 fingerprint: str | None = None):
-        super().__init__(name, config, params, device, fingerprint=fingerprint)
+                 fingerprint: str | None = None, recheck=None):
+        super().__init__(name, config, params, device, fingerprint=fingerprint, recheck=recheck)
         self.file = Path(file)
 
     def load(self):
         if self._pipe is None:
+            self.check_unchanged()
             try:
                 self._pipe = load_single_file(self.file, self.folder, self.params, self.device)
             except UserError as exc:
