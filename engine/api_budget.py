@@ -23,6 +23,7 @@ class Budget:
         self.spent = 0.0
         self.images = 0
         self.saved = 0.0
+        self.uncertain = 0.0  # of `spent`: failed attempts the provider may have charged for (maybe_charged)
         self._lock = threading.Lock()
 
     def charge(self, n_images: int, price: float) -> float:
@@ -33,6 +34,15 @@ class Budget:
                                      f"USD (spent {self.spent:.4f} so far)")
             self.spent += cost
         return cost
+
+    def maybe_charged(self, price: float) -> bool:
+        """A failed attempt the provider may have charged for (it was sent whole): counted as spent, never
+        given back, since it may have happened. True while the total stays within the limit, so that the
+        job's retry, paid by the job's reservation, may go."""
+        with self._lock:
+            self.spent += price
+            self.uncertain += price
+            return self.limit_usd is None or self.spent <= self.limit_usd + 1e-9
 
     def affordable(self, n_images: int, price: float) -> int:
         """How many of `n_images` the rest of the limit pays for."""
@@ -52,8 +62,11 @@ class Budget:
 
     def to_dict(self) -> dict:
         with self._lock:
-            return {"max_cost_usd": self.limit_usd, "images_bought": self.images,
-                    "spent_usd": round(self.spent, 6), "saved_by_cache_usd": round(self.saved, 6)}
+            out = {"max_cost_usd": self.limit_usd, "images_bought": self.images,
+                   "spent_usd": round(self.spent, 6), "saved_by_cache_usd": round(self.saved, 6)}
+            if self.uncertain:  # counted as spent: the provider may have charged for those attempts
+                out["maybe_charged_usd"] = round(self.uncertain, 6)
+            return out
 
 
 class _Limiter:

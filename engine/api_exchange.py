@@ -32,6 +32,10 @@ log = logging.getLogger("engine.api_source")  # one logger for API sources, as b
 # Read at call time, so tests may lower them.
 MAX_REDIRECTS = 3                  # hops when fetching an image URL, each re-checked
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+# A submission that failed with one of these, or whose connection was lost or timed out after it was sent,
+# may still have been generated and charged: a retry may buy a second image (429/503 and failures to
+# connect are refusals before any work). Such an attempt is counted as spent (`maybe_charged`).
+MAYBE_CHARGED_STATUSES = frozenset({500, 502, 504})
 BACKOFF_BASE = 1.0                 # seconds; attempt k waits uniform(0, base * 2**k), capped
 BACKOFF_CAP = 30.0
 RETRIES = 4
@@ -44,6 +48,23 @@ _DATA_URI = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?(;[\w-]+=[^;,]*)*;base64,", r
 
 class _Interrupted(Exception):
     """Ctrl-C in the caller's thread: a job stops waiting (retry backoff, polling, its turn)."""
+
+
+class Refused(SourceError):
+    """The API refused this one request (HTTP 400/422 to a submission, a moderation or safety answer): that
+    job fails and the source goes on with its other prompts (engine.api_source)."""
+
+
+# Statuses that refuse one submission for what it asks (its prompt), not the source as a whole
+REFUSED_STATUSES = frozenset({400, 422})
+
+
+class _Retryable(Exception):
+    """An image URL's answer worth another try (429/5xx), with the wait its Retry-After asks."""
+
+    def __init__(self, problem: str, delay: float | None):
+        super().__init__(problem)
+        self.problem, self.delay = problem, delay
 
 
 class ApiExchanges:
@@ -71,14 +92,18 @@ class ApiExchanges:
 
     def _request(self, client: httpx.Client, method: str, url: str, headers: Mapping[str, str],
                  key: str | None, abort: threading.Event, *, json_body: Any = None, content: bytes | None = None,
-                 submission: bool = True, until: float | None = None, what: str = "") -> Reply:
+                 submission: bool = True, until: float | None = None, what: str = "",
+                 maybe_charged: Callable[[str], None] | None = None) -> Reply:
         """One exchange with retries on 429/5xx/transport errors (Retry-After honoured), each attempt
         under the total deadline (`timeout`, and what is left before `until`); a 2xx reply read whole.
-        Submissions take their turn in the rate; `what` prefixes messages of non-submissions."""
+        Submissions take their turn in the rate; `what` prefixes messages of non-submissions. A submission
+        attempt the provider may have charged for is reported to `maybe_charged(problem)`, which counts it
+        and raises to stop retrying."""
         prefix = f"{what}: " if what else ""
         problem = ""
         for attempt in range(self.retries + 1):
             delay = None
+            charged = False  # this attempt may have been generated and charged
             limit = self.params.timeout
             if until is not None:
                 limit = min(limit, until - time.monotonic())
@@ -101,18 +126,24 @@ class ApiExchanges:
                             if resp.status_code in (401, 403):
                                 env = self.params.api_key_env
                                 hint = f" (check the key in ${env})" if env else " (no api_key_env is configured)"
-                            raise SourceError(self.name, f"{prefix}the API refused the request: {problem}{hint}")
+                            refusal = Refused if submission and resp.status_code in REFUSED_STATUSES else SourceError
+                            raise refusal(self.name, f"{prefix}the API refused the request: {problem}{hint}")
                         delay = _retry_after(resp.headers)
+                        charged = resp.status_code in MAYBE_CHARGED_STATUSES
                 except api_http.AddressRefused as exc:
                     raise SourceError(self.name, f"{prefix}{exc}") from None
                 except httpx.TimeoutException as exc:
                     if exchange.expired and exchange.received:  # a drip, not a loss: no second helping
                         raise SourceError(self.name, f"{prefix or 'submission: '}{exchange.message()}") from None
                     problem = f"{type(exc).__name__}: {_redact(first_line(exc), key)}"
+                    charged = isinstance(exc, httpx.ReadTimeout)  # sent whole, no answer yet
                 except httpx.TransportError as exc:  # connection lost or refused: worth another try
                     problem = f"{type(exc).__name__}: {_redact(first_line(exc), key)}"
+                    charged = isinstance(exc, (httpx.ReadError, httpx.RemoteProtocolError))  # lost after sending
                 except httpx.HTTPError as exc:
                     raise SourceError(self.name, f"{prefix}request failed: {type(exc).__name__}") from None
+            if submission and charged and maybe_charged is not None:
+                maybe_charged(problem)
             if attempt == self.retries:
                 break
             if delay is None:
@@ -154,38 +185,65 @@ class ApiExchanges:
                 raise _Interrupted()
             interval = min(POLL_CAP, interval * POLL_GROWTH)
 
-    def _fetch(self, client: httpx.Client, url: str) -> bytes:
-        """GET an answer's image URL without the key, re-checking every redirect hop's host; the whole
-        chain (name lookups included) under one total deadline."""
-        with api_http.deadline(self.params.timeout) as download:
-            try:
-                for _ in range(MAX_REDIRECTS + 1):
-                    self._check_host(url)
-                    with client.stream("GET", url) as resp:
-                        if resp.is_redirect and resp.headers.get("location"):
-                            url = str(resp.url.join(resp.headers["location"]))
-                            continue
-                        if resp.status_code != 200:
-                            raise SourceError(self.name, f"image URL answered HTTP {resp.status_code}")
-                        return _read_capped(resp, api_answers.MAX_IMAGE_BYTES, download.at, self.name)
-            except api_http.AddressRefused as exc:
-                raise SourceError(self.name, f"image URL: {exc}") from None
-            except httpx.TimeoutException as exc:
-                if download.expired:
-                    raise SourceError(self.name, f"image download: {download.message()}") from None
-                raise SourceError(self.name, f"cannot fetch the image URL: {type(exc).__name__}") from None
-            except httpx.HTTPError as exc:
-                raise SourceError(self.name, f"cannot fetch the image URL: {type(exc).__name__}") from None
+    def _fetch(self, client: httpx.Client, url: str, abort: threading.Event | None = None) -> bytes:
+        """GET an answer's image URL without the key, re-checking every redirect hop's host. The image is
+        paid for by now, so a lost connection or a 429/5xx is retried (a GET is safe to repeat), with the
+        submission's backoff; every attempt and wait (name lookups included) under one total deadline."""
+        until = time.monotonic() + self.params.timeout
+        problem = ""
+        for attempt in range(self.retries + 1):
+            delay = None
+            with api_http.deadline(max(0.0, until - time.monotonic()), shown=self.params.timeout) as download:
+                try:
+                    return self._fetch_once(client, url, download)
+                except _Retryable as exc:
+                    problem, delay = exc.problem, exc.delay
+                except api_http.AddressRefused as exc:
+                    raise SourceError(self.name, f"image URL: {exc}") from None
+                except httpx.TimeoutException as exc:
+                    if download.expired:
+                        raise SourceError(self.name, f"image download: {download.message()}") from None
+                    problem = type(exc).__name__
+                except httpx.TransportError as exc:  # connection lost or refused
+                    problem = type(exc).__name__
+                except httpx.HTTPError as exc:
+                    raise SourceError(self.name, f"cannot fetch the image URL: {type(exc).__name__}") from None
+            if attempt == self.retries:
+                break
+            if delay is None:
+                delay = random.uniform(0.0, min(BACKOFF_CAP, self.backoff_base * 2 ** attempt))
+            if time.monotonic() + delay >= until:
+                raise SourceError(self.name, f"image download not done within the {self.params.timeout:g} s "
+                                             f"deadline ({problem})")
+            log.debug("source %r: image URL: %s; retry %d/%d in %.2f s", self.name, problem, attempt + 1,
+                      self.retries, delay)
+            if (abort or threading.Event()).wait(delay):
+                raise _Interrupted()
+        attempts = f"{self.retries + 1} attempt{'s' * (self.retries != 0)}"
+        raise SourceError(self.name, f"cannot fetch the image URL after {attempts}: {problem}")
+
+    def _fetch_once(self, client: httpx.Client, url: str, download) -> bytes:
+        for _ in range(MAX_REDIRECTS + 1):
+            self._check_host(url)
+            with client.stream("GET", url) as resp:
+                if resp.is_redirect and resp.headers.get("location"):
+                    url = str(resp.url.join(resp.headers["location"]))
+                    continue
+                if resp.status_code in RETRY_STATUSES:
+                    raise _Retryable(f"image URL answered HTTP {resp.status_code}", _retry_after(resp.headers))
+                if resp.status_code != 200:
+                    raise SourceError(self.name, f"image URL answered HTTP {resp.status_code}")
+                return _read_capped(resp, api_answers.MAX_IMAGE_BYTES, download.at, self.name)
         raise SourceError(self.name, f"image URL redirects more than {MAX_REDIRECTS} times")
 
-    def _fetch_any(self, client: httpx.Client, url: Any) -> bytes:
+    def _fetch_any(self, client: httpx.Client, url: Any, abort: threading.Event | None = None) -> bytes:
         """An image URL's bytes, or a `data:...;base64,` URI's."""
         if not isinstance(url, str):
             raise SourceError(self.name, "malformed answer: the image URL is not a string")
         match = _DATA_URI.match(url[:300])
         if match:
             return _b64(url[match.end():], "data URI", self.name)
-        return self._fetch(client, url)
+        return self._fetch(client, url, abort)
 
     def _check_url(self, url: Any, what: str) -> None:
         if not isinstance(url, str):
@@ -235,8 +293,10 @@ class ApiExchanges:
 class _Call:
     """What a protocol module may do for one image (`engine.providers.Call`)."""
 
-    def __init__(self, generator: ApiExchanges, client: httpx.Client, key: str | None, abort: threading.Event):
+    def __init__(self, generator: ApiExchanges, client: httpx.Client, key: str | None, abort: threading.Event,
+                 maybe_charged: Callable[[str], None] | None = None):
         self.name = generator.name
+        self._maybe_charged = maybe_charged
         self.params = generator.params
         self.endpoint = generator._endpoint
         self.key = key
@@ -251,7 +311,8 @@ class _Call:
                headers: Mapping[str, str] | None = None) -> Reply:
         gen = self._generator
         return gen._request(self._client, "POST", self.endpoint, {**(headers or {}), **gen._protocol.auth(self.key)},
-                            self.key, self._abort, json_body=json, content=content)
+                            self.key, self._abort, json_body=json, content=content,
+                            maybe_charged=self._maybe_charged)
 
     def json(self, reply: Reply) -> Any:
         return _parse_json(reply, self.name)
@@ -266,7 +327,7 @@ class _Call:
                                         what=what)
 
     def fetch(self, url: str) -> bytes:
-        return self._generator._fetch_any(self._client, url)
+        return self._generator._fetch_any(self._client, url, self._abort)
 
     def b64(self, text: Any, what: str) -> bytes:
         return _b64(text, what, self.name)
@@ -275,4 +336,4 @@ class _Call:
         return SourceError(self.name, _redact(message, self.key))
 
     def refused(self, reason: str) -> SourceError:
-        return SourceError(self.name, f"the API refused the request: {_redact(reason, self.key)}")
+        return Refused(self.name, f"the API refused the request: {_redact(reason, self.key)}")

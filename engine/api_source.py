@@ -23,10 +23,11 @@ defines them (`api_exchange.POLL_FIRST`, `api_answers.MAX_IMAGE_BYTES`, ...).
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from typing import cast
+from typing import Callable, cast
 
 import httpx
 from PIL import Image
@@ -38,15 +39,20 @@ from engine.api_answers import (  # noqa: F401  (re-exported)
 from engine.api_budget import Budget, _Limiter, limiter_for  # noqa: F401  (re-exported)
 from engine.api_exchange import (  # noqa: F401  (re-exported)
     BACKOFF_BASE, BACKOFF_CAP, MAX_REDIRECTS, POLL_CAP, POLL_FIRST, POLL_GROWTH, RETRIES, RETRY_STATUSES, ApiExchanges,
-    _Call, _Interrupted)
+    Refused, _Call, _Interrupted)
 from engine.api_params import SEED_PLACEHOLDER, ApiParams  # noqa: F401  (re-exported)
 from engine.errors import BudgetExceeded, SourceError, first_line  # noqa: F401  (BudgetExceeded re-exported)
 from engine.providers.openai import endpoint_url  # noqa: F401  (re-exported: engine.workspace uses it)
 
+log = logging.getLogger(__name__)
+
 
 class PartialResult(SourceError):
     """Some jobs failed after others were answered: the answered images (None where a job failed, in
-    job order) are paid for and must be kept."""
+    job order) are paid for and must be kept. `per_job`: only the refused jobs failed (their prompts), the
+    source is sound and its other jobs go on; else the source stopped at the failure."""
+
+    per_job = False
 
     # set by engine.resynthesis on the way up: the (text, key, seed) jobs it stored, images made per text
     stored: list[tuple[str, str, int]]
@@ -109,14 +115,37 @@ class ApiGenerator(ApiExchanges):
             raise PartialResult(SourceError(self.name, reason), images + [None] * (len(jobs) - affordable))
         reserved = budget.charge(len(jobs), price) if budget is not None else 0.0
         done = 0
+
+        def maybe_charged(problem: str) -> None:
+            """An attempt the provider may have charged for: counted, and no retry past the limit."""
+            log.warning("source %r: a submission failed after it was sent (%s): the provider may have charged "
+                        "for it", self.name, problem)
+            if budget is not None and not budget.maybe_charged(price):
+                raise SourceError(self.name, f"{problem}; not retried: the provider may have charged for that "
+                                             f"attempt, and another would exceed --max-cost "
+                                             f"{budget.limit_usd:.4f} USD")
         stop = threading.Event()   # after a failure, jobs not yet sent are not sent
         abort = threading.Event()  # Ctrl-C: jobs stop waiting too
+        refusals: list[Refused] = []  # jobs the API refused for their prompt (the source goes on)
+        answered = [0]
+        tally = threading.Lock()
 
         def run(client: httpx.Client, prompt: str, seed: int) -> Image.Image | None:
             if stop.is_set():
                 return None
             try:
-                return self._one(client, key, prompt, seed, abort)
+                image = self._one(client, key, prompt, seed, abort, maybe_charged)
+                with tally:
+                    answered[0] += 1
+                return image
+            except Refused as exc:  # this prompt's refusal; two before any answer: the source's (a bad model)
+                with tally:
+                    refusals.append(exc)
+                    systematic = len(refusals) >= 2 and not answered[0]
+                if systematic:
+                    stop.set()
+                    raise
+                return None
             except _Interrupted:
                 stop.set()
                 return None
@@ -156,9 +185,13 @@ class ApiGenerator(ApiExchanges):
                     if done and isinstance(error, SourceError):
                         raise PartialResult(error, got) from error
                     raise error
-                images = cast(list[Image.Image], [f.result() for f in futures])  # none is None: no stop
-                done = len(images)
-                return images
+                got = [f.result() for f in futures]
+                done = sum(1 for image in got if image is not None)
+                if refusals:  # only refused jobs lack an image
+                    partial = PartialResult(refusals[0], got)
+                    partial.per_job = True
+                    raise partial
+                return cast(list[Image.Image], got)  # none is None: nothing refused, no stop
         finally:
             if budget is not None:
                 budget.settle(reserved, done, price)
@@ -175,8 +208,9 @@ class ApiGenerator(ApiExchanges):
         return key
 
     def _one(self, client: httpx.Client, key: str | None, prompt: str, seed: int,
-             abort: threading.Event | None = None) -> Image.Image:
-        call = _Call(self, client, key, abort or threading.Event())
+             abort: threading.Event | None = None,
+             maybe_charged: Callable[[str], None] | None = None) -> Image.Image:
+        call = _Call(self, client, key, abort or threading.Event(), maybe_charged)
         with self._limiter.job():
             data = self._protocol.generate(call, prompt, seed)
         if not isinstance(data, (bytes, bytearray)):

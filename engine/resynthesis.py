@@ -10,7 +10,7 @@ import logging
 import socket
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
@@ -76,10 +76,17 @@ def resynthesize(ws: "Workspace", texts: Iterable[str], plan: Plan,
                 made = generate_once(ws, plan, source, chunk, budget)
             except (SourceError, BudgetExceeded) as exc:
                 log.info("%s", exc)
-                for text, count in getattr(exc, "made", {}).items():
+                made = getattr(exc, "made", {})
+                for text, count in made.items():
                     out[text][1] += count
-                for text in {text for text, _, _ in jobs}:
-                    out[text][2][source] = str(exc)
+                per_job = getattr(exc, "per_job", False)  # only some prompts refused: the source goes on
+                wanted = Counter(text for text, _, _ in (chunk if per_job else jobs[start:]))
+                for text, count in wanted.items():
+                    if made.get(text, 0) < count:  # a text whose images were all made has not failed
+                        out[text][2][source] = str(exc)
+                bar.update(len(chunk))
+                if per_job:
+                    continue
                 break
             for text, _, _ in chunk:
                 if made.get(text, 0) > 0:

@@ -61,6 +61,7 @@ class FakeImagesApi:
         self.hang_seconds = hang_seconds
         self.delay = delay                # seconds every generation request takes (to observe concurrency)
         self.mode: str | None = None
+        self.download_failures = 0        # the next image-URL downloads answered 503 (a CDN hiccup)
         self.log: list[dict] = []         # one entry per request: time, end, path, headers, body, status
         self.max_in_flight = 0
         self._queue: deque[str] = deque()
@@ -199,6 +200,10 @@ class FakeImagesApi:
 
         @app.get("/files/{name}")
         async def files(name: str):
+            with self._lock:
+                hiccup, self.download_failures = self.download_failures > 0, max(0, self.download_failures - 1)
+            if hiccup:
+                return Response(status_code=503)
             data = self._files.get(name)
             return Response(data, media_type="image/png") if data is not None else Response(status_code=404)
 

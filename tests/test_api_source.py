@@ -124,6 +124,35 @@ def test_failing_api_or_budget_leaves_the_other_sources_answer(api_store, origin
     assert not any(r["failed"] for r in fine["results"])
     statuses = [e["status"] for e in api.generation_log()[calls:]]
     assert statuses[:2] == [429, 500] and statuses.count(200) == len(rows) * 2
+    assert fine["cost"]["maybe_charged_usd"] == pytest.approx(PRICE)  # the 500 may have been charged: counted
+
+    def fresh(suffix: str, *extra) -> dict:
+        fresh_queries, _ = _queries([o for o in originals if o["prompt"] in night], tmp_path, {hidden},
+                                    prompts={p: p + suffix for p in night})
+        return _attribute(store, fresh_queries, capsys, *scope, *extra)
+
+    # one prompt refused (moderation, HTTP 400) fails that job only: the source goes on with the others
+    calls = len(api.generation_log())
+    api.queue("content-policy")
+    moderated = fresh(", in rain")
+    assert len(api.generation_log()) - calls == len(rows) * 2  # every job sent, the refused one too
+    assert all(r["scores"][0]["source"] in ("remote", local) and len(r["scores"]) == 2 for r in moderated["results"])
+    hit = [r for r in moderated["results"] if "remote" in r["degraded"]]
+    assert len(hit) == 1 and "safety system" in hit[0]["degraded"]["remote"] and hit[0]["notes"]
+    # a 500 after the request was sent may have been charged: its retry must fit the limit beside it
+    limit = len(night) * 2 * PRICE + PRICE / 2  # pays for every job, not for a second try of one
+    api.queue("500")
+    tight = fresh(", in snow", "--max-cost", str(limit))
+    why = [{**r["failed"], **r["degraded"]}.get("remote", "") for r in tight["results"]]
+    assert any("not retried" in w and "--max-cost" in w for w in why), why
+    assert tight["cost"]["maybe_charged_usd"] == pytest.approx(PRICE) and tight["cost"]["spent_usd"] <= limit
+    # an image URL that fails once after the image was bought is fetched again, never bought again
+    api.mode, api.download_failures = "url", 1
+    calls = len(api.generation_log())
+    fetched = fresh(", in fog")
+    api.mode = None
+    assert not any(r["failed"] or r["degraded"] for r in fetched["results"])
+    assert len(api.generation_log()) - calls == len(rows) * 2 and api.download_failures == 0
 
 
 def test_api_source_over_http_and_in_resynthesize(api_store, originals, tmp_path, capsys):
