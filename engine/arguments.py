@@ -158,15 +158,26 @@ def source_params(kind, params: dict[str, Any]) -> dict[str, Any]:
     """`add_source`'s keyword arguments checked against the kind's declared parameters: names, types,
     finite numbers and the recipe bounds. Values come back converted (a numpy integer to an int)."""
     declared = {p.name: p for p in kind.params}
-    unknown = [name for name in params if name not in declared]
+    unknown = [name for name in params if name not in declared and not _takes(kind.prepare, name)]
     if unknown:
         raise UserError(f"{kind.name} sources take no {', '.join(map(repr, unknown))} (their parameters: "
                         f"{', '.join(declared) or 'none'})", code="bad_argument")
     out = dict(params)
     for name, value in params.items():
-        if value is not None:
+        if value is not None and name in declared:  # a plugin kind's undeclared keyword is its own to check
             out[name] = _param(kind, declared[name], value)
     return out
+
+
+def _takes(prepare, name: str) -> bool:
+    """Whether a kind's `prepare` takes keyword `name` (a plugin kind may leave its params undeclared)."""
+    import inspect
+
+    try:
+        accepted = inspect.signature(prepare).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in accepted or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
 
 
 def _param(kind, param, value: Any) -> Any:

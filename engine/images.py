@@ -372,9 +372,12 @@ def save_png_atomic(image: Image.Image, path: Path) -> str:
     data = buffer.getvalue()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:  # a full disk or Ctrl-C mid-write leaves no temporary file beside the images
+        tmp.unlink(missing_ok=True)
     return hashlib.sha256(data).hexdigest()
