@@ -547,7 +547,7 @@ def test_stalled_uploads_do_not_take_the_handling_slots(server, small_png):
 def test_a_full_house_of_slow_uploads_gives_way_to_a_new_one(monkeypatch):
     """When --max-uploads bodies are arriving, a new upload takes the place of the slowest one under
     min_upload_rate (408 body_too_slow for it); when none is that slow, the new one gets 503."""
-    import engine.service.guard as guard_module
+    import engine.service.uploads as uploads_module
 
     async def read_all(scope, receive, send):
         while (await receive()).get("more_body"):
@@ -581,9 +581,9 @@ def test_a_full_house_of_slow_uploads_gives_way_to_a_new_one(monkeypatch):
         forever.set()
         await asyncio.gather(*stalled)
         return statuses
-    monkeypatch.setattr(guard_module, "EVICT_AFTER", 0.1)
+    monkeypatch.setattr(uploads_module, "EVICT_AFTER", 0.1)
     assert asyncio.run(scenario(Limits(max_uploads=2))) == [200, 408]  # one stalled upload gave way
-    monkeypatch.setattr(guard_module, "EVICT_AFTER", 30.0)
+    monkeypatch.setattr(uploads_module, "EVICT_AFTER", 30.0)
     assert asyncio.run(scenario(Limits(max_uploads=2))) == [503]  # none old enough to judge: busy
 
 
@@ -600,6 +600,12 @@ def test_multipart_limits_have_codes_and_clients_that_send_first_read_the_refusa
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(sent, timeout=30)
     assert refused.value.code == 413 and json.loads(refused.value.read())["error"]["code"] == "too_many_fields"
+    for _ in range(3):  # refused by the guard before the app runs (here: a foreign Host), the body unread
+        foreign = urllib.request.Request(server.url + "/v1/attribute", data=bytes(3 << 20), headers={
+            "Content-Type": "multipart/form-data; boundary=b", "Host": "evil.example"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(foreign, timeout=30)
+        assert refused.value.code == 403, refused.value
 
     url = server.url + "/v1/attribute"
     _assert_error(_post(server.url, small_png, 17), 413, "too_many_images")

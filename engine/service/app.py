@@ -26,7 +26,8 @@ from engine.service.core import Service
 from engine.service.errors import ServiceError, body
 from engine.service.forms import media_type, read_form
 from engine.service.generation import QueueFull
-from engine.service.guard import PUBLIC_PATHS, Guard, PixelBudget, Uploads
+from engine.service.guard import PUBLIC_PATHS, Guard, PixelBudget
+from engine.service.uploads import Uploads
 from engine.service.sources import MAX_BODY, SourcePolicy
 from engine.service import sources as source_changes
 from index.errors import StoreError

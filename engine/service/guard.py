@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 
 from engine.service.config import Access, Limits
 from engine.service.errors import ServiceError, body
+from engine.service.uploads import (DRAIN_SECONDS, BodyTimeout, BodyTooLarge, BodyTooSlow, Busy, Upload, Uploads,
+                                    discard_body, expects_continue)
 
 # The API's documentation, readable in a browser without the token (a browser cannot add an
 # Authorization header to a page it navigates to): the schema is the same for every server and holds no
@@ -27,91 +29,8 @@ from engine.service.errors import ServiceError, body
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/", "/favicon.ico", *DOCS_PATHS})  # no token needed, not counted
 HEALTH_PATHS = frozenset({"/healthz", "/readyz"})  # answered whatever the Host or Origin
-# After a refusal sent before its body was read, the server reads (and drops) the rest for up to this long:
-# closing a socket with unread data sends a reset, and clients that send the whole body before reading
-# (urllib, requests) then saw "connection reset by peer" instead of the JSON error.
-DRAIN_SECONDS = 2.0
-EVICT_AFTER = 1.0  # seconds an upload runs before its rate counts (see Uploads)
 LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost", "ip6-loopback"})
 DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-class BodyTooLarge(ServiceError):
-    """Raised from `receive` when a body without (or lying about) Content-Length exceeds the limit."""
-
-    def __init__(self, limit: int):
-        super().__init__(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
-
-
-class Busy(ServiceError):
-    """503: more requests at once than the server's limit of `what`."""
-
-    def __init__(self, count: int, what: str):
-        super().__init__(503, "busy", f"the server is {what} {count} request{'s' * (count != 1)}, its limit; "
-                                      "retry shortly", {"Retry-After": "2"})
-
-
-class BodyTooSlow(ServiceError):
-    """408 for an upload evicted to make room (see Uploads); the connection closes."""
-
-    def __init__(self, rate: float, floor: int):
-        super().__init__(408, "body_too_slow", f"the request body arrived at {rate:.0f} bytes/s while the server "
-                                               f"was full of uploads (it keeps those above {floor} bytes/s)",
-                         {"Connection": "close"})
-
-
-class Upload:
-    """One request whose body is still arriving."""
-
-    def __init__(self) -> None:
-        self.started = time.monotonic()
-        self.received = 0
-        self.evicted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def rate(self, now: float) -> float:
-        return self.received / max(now - self.started, 1e-3)
-
-
-class Uploads:
-    """Requests whose body is still arriving, at most `limits.max_uploads`. When they are that many, a
-    new one takes the place of the slowest below `limits.min_upload_rate` (after its first EVICT_AFTER
-    seconds), which gets 408: stalled or trickling uploads (slowloris) then cost their sender real
-    bandwidth, and cannot keep others out. When none is that slow, the new one gets 503."""
-
-    def __init__(self, limits: Limits):
-        self.limit = limits.max_uploads
-        self.floor = limits.min_upload_rate
-        self.open: set[Upload] = set()
-        self.evicted = 0
-
-    def enter(self) -> Upload | None:
-        if len(self.open) >= self.limit and not self._evict_slowest():
-            return None
-        upload = Upload()
-        self.open.add(upload)
-        return upload
-
-    def leave(self, upload: Upload | None) -> None:
-        self.open.discard(upload)  # type: ignore[arg-type]
-
-    def _evict_slowest(self) -> bool:
-        now = time.monotonic()
-        slow = [u for u in self.open if now - u.started >= EVICT_AFTER and u.rate(now) < self.floor]
-        if not slow:
-            return False
-        upload = min(slow, key=lambda u: u.rate(now))
-        self.open.discard(upload)
-        upload.evicted.set_result(None)
-        self.evicted += 1
-        return True
-
-
-class BodyTimeout(ServiceError):
-    """Raised from `receive` when the body has not fully arrived by its deadline; the connection closes."""
-
-    def __init__(self, seconds: float):
-        super().__init__(408, "body_timeout", f"the request body did not arrive within {seconds:g} seconds",
-                         {"Connection": "close"})
 
 
 async def send_error(send, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
@@ -203,7 +122,7 @@ class Guard:
         if self.token is None and self.access.check and path not in HEALTH_PATHS:
             refusal = self._foreign(scope, headers, origin)
             if refusal is not None:
-                await send_error(send, 403, *refusal)
+                await self._refuse(send, receive, headers, 403, *refusal)
                 return
         cors = self._cors(origin)
         if cors and scope["method"] == "OPTIONS" and b"access-control-request-method" in headers:
@@ -211,8 +130,8 @@ class Guard:
             return
         extra = {"Access-Control-Allow-Origin": cors, "Vary": "Origin"} if cors else {}
         if self.token is not None and path not in PUBLIC_PATHS and not self._authorised(headers):
-            await send_error(send, 401, "unauthorized", "missing or wrong bearer token",
-                             {"WWW-Authenticate": 'Bearer realm="resynth"', **extra})
+            await self._refuse(send, receive, headers, 401, "unauthorized", "missing or wrong bearer token",
+                               {"WWW-Authenticate": 'Bearer realm="resynth"', **extra})
             return
         limit = self.limits.max_body_bytes
         declared = headers.get(b"content-length")
@@ -221,7 +140,7 @@ class Guard:
                 await send_error(send, 400, "bad_request", "malformed Content-Length header", extra)
                 return
             if int(declared) > limit:
-                await send_error(send, 413, "body_too_large",
+                await send_error(send, 413, "body_too_large",  # not drained: it could not be read to its end
                                  f"request body of {int(declared)} bytes exceeds the limit of {limit}", extra)
                 return
         counted = path not in PUBLIC_PATHS
@@ -232,7 +151,7 @@ class Guard:
             upload = self.uploads.enter()
             if upload is None:
                 busy = Busy(len(self.uploads.open), "receiving")
-                await send_error(send, 503, busy.code, busy.message, {**busy.headers, **extra})
+                await self._refuse(send, receive, headers, 503, busy.code, busy.message, {**busy.headers, **extra})
                 return
         elif counted and self.active >= self.limits.max_requests:
             busy = Busy(self.active, "handling")
@@ -299,26 +218,12 @@ class Guard:
             return message
 
         async def drain() -> None:
-            """Read and drop what is left of a refused request's body (bounded), so that the answer is read
-            before the connection closes. Not when the client waits for `100 Continue`, which reading
-            would send, nor after a timeout or an oversized body."""
+            """Before a refusal's answer, what is left of its body (see discard_body); not after a timeout or an
+            oversized body, nor when the client waits for `100 Continue`, which reading would send."""
             nonlocal body_done
-            if body_done or refused or (not read and headers.get(b"expect", b"").lower() == b"100-continue"):
+            if body_done or refused or (not read and expects_continue(headers)):
                 return
-            until = min(deadline, time.monotonic() + DRAIN_SECONDS)
-            drained = received
-            while drained <= limit:
-                try:
-                    async with asyncio.timeout(max(0.0, until - time.monotonic())):
-                        message = await receive()
-                except TimeoutError:
-                    return
-                if message["type"] != "http.request":
-                    return
-                drained += len(message.get("body", b""))
-                if not message.get("more_body", False):
-                    body_done = True
-                    return
+            body_done = await discard_body(receive, min(deadline, time.monotonic() + DRAIN_SECONDS), limit - received)
 
         async def tracked_send(message):
             nonlocal started
@@ -342,6 +247,15 @@ class Guard:
         finally:
             self.uploads.leave(upload)
             self.active -= handling
+
+    async def _refuse(self, send, receive, headers: dict[bytes, bytes], status: int, code: str, message: str,
+                      extra: dict[str, str] | None = None) -> None:
+        """A refusal before the app runs; what the client already sends of a body is read and dropped first
+        (DRAIN_SECONDS, max_body_bytes), unless it waits for `100 Continue`."""
+        if not expects_continue(headers) and (headers.get(b"content-length", b"0") != b"0"
+                                              or b"transfer-encoding" in headers):
+            await discard_body(receive, time.monotonic() + DRAIN_SECONDS, self.limits.max_body_bytes)
+        await send_error(send, status, code, message, extra)
 
     # ----- who may call ------------------------------------------------------------------------------
     def host_allowed(self, name: str) -> bool:
