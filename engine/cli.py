@@ -369,7 +369,7 @@ def cmd_ingest(args) -> None:
     from dataclasses import asdict
 
     folder = Path(args.manifest)
-    if folder.is_dir():
+    if not_a_file(folder) == "a folder":
         found = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in (".csv", ".jsonl") and p.is_file())
         hint = f" ({', '.join(found[:3])} there)" if found else ""
         raise UserError(f"{folder} is a folder: give the manifest file in it (.csv or .jsonl){hint}")

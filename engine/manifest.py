@@ -68,8 +68,9 @@ def read_manifest(path: Path, allow_outside: bool = True, real: bool = False) ->
                             f"{first.source!r} on line {first.line}")
     originals = {r.image for r in rows if r.role == "original"}
     for row in rows:
-        if row.original is not None and row.original not in originals and not row.original.is_file():
-            raise UserError(f"{path}:{row.line}: original {row.original} is neither in the manifest nor on disk")
+        if row.original is not None and row.original not in originals and not_a_file(row.original) is not None:
+            raise UserError(f"{path}:{row.line}: original {shown(row.original)} is neither in the manifest nor on "
+                            "disk (as a file)")
     return rows if real else [r for r in rows if r.role != REAL]
 
 
@@ -183,8 +184,11 @@ def _parse(path: Path, line: int, record: dict, base: Path) -> ManifestRow:
         if not 0 <= seed < 2**63:
             raise UserError(f"{where}: seed must be between 0 and 2^63-1")
     image = _path(base, fields["image"], where)
-    if not image.is_file():
-        raise UserError(f"{where}: image not found: {image}")
+    why = not_a_file(image)  # a name past 255 bytes made is_file() raise, a traceback
+    if why == "not found":
+        raise UserError(f"{where}: image not found: {shown(image)}")
+    if why is not None:
+        raise UserError(f"{where}: {shown(image)} is {why}, not an image file")
     original = fields.get("original")
     return ManifestRow(line=line, image=image, source=str(fields["source"]), description=description, role=role,
                        seed=seed, original=_path(base, original, where) if original else None)

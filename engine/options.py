@@ -98,6 +98,8 @@ class Options:
             if not all(str(n).encode("utf-8", "replace") == str(n).encode("utf-8", "surrogatepass") for n in names):
                 raise OptionError("sources (--sources) holds bytes that are not UTF-8: set the terminal to UTF-8")
             cleaned = tuple(sorted({str(n).strip() for n in names if str(n).strip()}))
+            if not cleaned and isinstance(self.sources, str):  # `--sources "$UNSET"` meant a subset, not all
+                raise OptionError("sources (--sources) names no source: give A,B or leave it out for all")
             object.__setattr__(self, "sources", cleaned or None)
 
     @classmethod

@@ -18,6 +18,7 @@ from typing import Union, overload
 from engine.errors import ArgumentTypeError, UserError
 
 PathLike = Union[str, bytes, os.PathLike]
+SHOWN = 160  # characters of a path a message shows: its start and its end
 
 
 def expand(text: str) -> str:
@@ -75,13 +76,14 @@ def shown(path: object) -> str:
     """A path as one line can show it: control characters (a newline in a file name) and bytes that are
     not UTF-8 (kept by Python as lone surrogates) escaped, so a message names the file that exists."""
     text = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else str(path)
-    if text.isprintable():
-        return text
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # undecodable bytes of the name: show them as \xNN, as `ls -b` does
-        text = os.fsencode(text).decode("utf-8", "backslashreplace")
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    if not text.isprintable():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes of the name: show them as \xNN, as `ls -b` does
+            text = os.fsencode(text).decode("utf-8", "backslashreplace")
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    # a path of thousands of characters would push what is wrong with it out of a bounded message
+    return text if len(text) <= SHOWN else f"{text[:SHOWN // 2 - 2]}...{text[-(SHOWN // 2 - 1):]}"
 
 
 def not_a_file(path: Path) -> str | None:
@@ -98,9 +100,11 @@ def not_a_file(path: Path) -> str | None:
             return f"a symbolic link to a missing file ({shown(os.readlink(path))})"
         except OSError:
             return "not found"
-    except OSError as exc:  # ELOOP, ENAMETOOLONG, EACCES on a parent ...
+    except OSError as exc:  # ELOOP, ENOTDIR (a file where a folder is named), ENAMETOOLONG, EACCES ...
         if exc.errno == errno.ELOOP:
             return "a loop of symbolic links"
+        if exc.errno == errno.ENOTDIR:
+            return "not found"
         return f"unreadable ({(exc.strerror or type(exc).__name__).lower()})"
     mode = info.st_mode
     if stat.S_ISREG(mode):

@@ -97,6 +97,13 @@ def test_special_files_are_refused_in_one_line_and_never_block(specials, tmp_pat
         assert run_cli(*argv, "--store", tmp_path / "s") == 2
         err = _err(capsys)
         assert f"{fifo} is a named pipe (FIFO), not a file" in err or "/dev/zero is a character device" in err, err
+    # a file name past 255 bytes, in a manifest row and as the manifest: is_file() raised, a traceback
+    (tmp_path / "long.jsonl").write_text(json.dumps({"image": "a" * 300 + ".png", "source": "s", "description": "d",
+                                                     "role": "original"}) + "\n")
+    for manifest in (tmp_path / "long.jsonl", tmp_path / ("b" * 300) / "m.csv"):
+        assert run_cli("ingest", manifest, "--store", tmp_path / "s") == 2
+        err = _err(capsys)
+        assert "(file name too long)" in err and "..." in err and len(err) < 400, err
     # an output the atomic rename would replace (a device as root) or fail on after the work
     for report, why in ((specials["a named pipe (FIFO)"], "is a named pipe"), ("/dev/null", "is a character device"),
                         (tmp_path, "is a folder"), (tmp_path / "fifo" / "r.html", "is not a folder")):
@@ -194,7 +201,7 @@ def test_library_arguments_of_the_wrong_type_fail_at_the_call(tmp_path):
     import numpy as np
 
     assert engine.Options(per_source=np.int64(3)).per_source == 3  # numpy integers are integers
-    for bad in ({"sources": 5}, {"sources": [1, None]}, {"sources": b"a,b"}):
+    for bad in ({"sources": 5}, {"sources": [1, None]}, {"sources": b"a,b"}, {"sources": " , "}):
         with pytest.raises(OptionError, match="sources"):
             engine.Options(**bad)
     with pytest.raises(OptionError, match="unknown option"):
