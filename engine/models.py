@@ -78,12 +78,16 @@ class Models:
 
     def make_room_for(self, generator) -> None:
         """Unload the least recently used pipelines so that at most `max_loaded` are resident."""
+        from engine.sources.lora import BASES
+
         with self._lock:
             keep = max(1, self.ws.max_loaded)
             self._resident = [g for g in self._resident if g is not generator] + [generator]
             for stale in self._resident[:-keep]:
                 stale.unload()
             self._resident = self._resident[-keep:]
+            if len(self._resident) >= keep:  # no room for a LoRA base kept idle beside them
+                BASES.drop_idle(keep_for=generator)
 
 
 def _same_folder(a: str | Path, b: str | Path) -> bool:

@@ -76,7 +76,10 @@ def test_single_file_generates_what_its_folder_does(models, local, tmp_path):
     assert np.array_equal(pixels(single), pixels(folder))  # same weights, same seeds: the same pixels
 
 
-def test_single_file_fingerprint_and_refusals(local, tmp_path):
+def test_single_file_fingerprint_and_refusals(models, local, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
     kind = SingleFile()
     first = kind.prepare("x", local["file"], config=local["config"], steps=2).fingerprint
     changed = tmp_path / "changed.safetensors"
@@ -94,6 +97,12 @@ def test_single_file_fingerprint_and_refusals(local, tmp_path):
         kind.prepare("x", next(local["base"].glob("unet/*.safetensors")), config=local["config"])
     with pytest.raises(UserError, match="model_index.json"):
         kind.prepare("x", local["file"], config=tmp_path)
+    with pytest.raises(UserError, match="does not fit tiny-sd-euler-a: its unet is 32 wide"):  # another family
+        kind.prepare("x", local["file"], config=models["pipelines"]["tiny-sd-euler-a"])
+    sd3 = tmp_path / "sd3.safetensors"
+    save_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.ones(96, 32)}, str(sd3))
+    with pytest.raises(UserError, match="SD3"):
+        kind.prepare("x", sd3, config=local["config"])
     truncated = tmp_path / "cut.safetensors"
     truncated.write_bytes(local["file"].read_bytes()[:-10])
     with pytest.raises(UserError, match="truncated"):
@@ -293,6 +302,12 @@ def test_changed_or_foreign_model_files_fail_their_source_only(models, local, tm
         assert [s.source for s in first.scores] == ["copy"] and not first.degraded
         assert "another base model" in first.failed["foreign"] and "matches no layer" in first.failed["nowhere"]
         assert all("\n" not in why for why in first.failed.values())
+        # the failed LoRAs' base stays loaded, idle, for the next LoRA of that base, but it counts as a
+        # pipeline: with room for one, making room for another source drops it
+        assert BASES._idle is not None
+        ws.max_loaded = 1
+        ws.make_room_for(ws.generator("copy"))
+        assert BASES._idle is None
         unet = next(copy.glob("unet/*.safetensors"))
         data = bytearray(unet.read_bytes())
         data[-1] ^= 1  # a fine-tune saved over the folder: same names, same sizes, other weights

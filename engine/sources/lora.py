@@ -207,14 +207,26 @@ class _BaseCache:
                     self._drop(self._idle)
                 self._idle = base.key
 
+    def drop_idle(self, keep_for=None) -> None:
+        """Drop the base kept with no user (it counts against `max_loaded` like any pipeline), unless it is
+        the base of `keep_for`, the LoRA generator about to load."""
+        with self._lock:
+            if self._idle is None:
+                return
+            if isinstance(keep_for, LoraGenerator):
+                from engine.generate import fingerprint_folder
+
+                if (fingerprint_folder(keep_for.folder), str(keep_for.device)) == self._idle:
+                    return
+            self._drop(self._idle)
+
     def _drop(self, key) -> None:
         self._bases.pop(key, None)
         if self._idle == key:
             self._idle = None
-        import torch
+        from engine.generate import free_device_memory
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_device_memory()
 
     def clear(self) -> None:
         with self._lock:

@@ -113,6 +113,9 @@ def file_layout(keys) -> str | None:
         return "Flux"
     if not any(k.startswith("model.diffusion_model.") for k in keys):
         return None
+    if any(k.startswith("model.diffusion_model.joint_blocks.") for k in keys):
+        raise UserError("an SD3 (MMDiT) single file cannot be enrolled: add its diffusers folder instead "
+                        "(resynth source add NAME DIR)")
     return "SDXL" if any(k.startswith("conditioner.embedders.") for k in keys) else "SD 1.x"
 
 
@@ -133,7 +136,37 @@ def check_layout(file: Path, folder: Path, class_name: str) -> str:
         from engine.sources.flux_file import check_flux_file
 
         check_flux_file(file.name, header, folder)
+    else:
+        check_widths(file.name, header, folder)
     return layout
+
+
+# (tensor in the original layout, its axis, the config folder's component, config field): the widths a file must
+# share with its --config folder (an SD 2.x file has 1024-wide text features where SD 1.x has 768)
+_WIDTHS = (
+    ("model.diffusion_model.input_blocks.0.0.weight", 0, "unet", "block_out_channels"),
+    ("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight", 1, "text_encoder", "hidden_size"),
+    ("cond_stage_model.model.token_embedding.weight", 1, "text_encoder", "hidden_size"),
+    ("conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight", 1, "text_encoder",
+     "hidden_size"),
+    ("conditioner.embedders.1.model.token_embedding.weight", 1, "text_encoder_2", "hidden_size"),
+)
+
+
+def check_widths(name: str, header: dict, folder: Path) -> None:
+    """Refuse, before anything loads, a file whose UNet or text encoder widths differ from the --config
+    folder's (an SD 2.x file with an SD 1.x folder): diffusers would fail only at the first generation."""
+    for tensor, axis, component, field in _WIDTHS:
+        shape = (header.get(tensor) or {}).get("shape")
+        try:
+            value = json.loads((folder / component / "config.json").read_text()).get(field)
+        except (OSError, ValueError):
+            continue
+        wanted = value[0] if isinstance(value, list) and value else value
+        if shape and len(shape) > axis and isinstance(wanted, int) and shape[axis] != wanted:
+            raise UserError(f"{name} does not fit {folder.name}: its {component} is {shape[axis]} wide where the "
+                            f"folder's is {wanted} (a checkpoint of another model family, such as SD 2.x against "
+                            "SD 1.x?): --config must be a diffusers folder of the file's own model")
 
 
 def check_config_folder(config) -> tuple[Path, str]:
