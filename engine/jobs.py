@@ -14,6 +14,7 @@ import json
 import os
 import logging
 import time
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -97,11 +98,13 @@ def ray_cluster(address: str | None) -> Iterator[Any]:
 
 
 def _placement(ray, actors: int) -> tuple[dict, str]:
-    """Actor resources and device: one GPU each when there are enough, a share of the CPUs otherwise."""
+    """Actor resources and device: a whole GPU each on a cluster with GPUs (a pipeline sizes its batches
+    by the free memory of its device: two on one GPU would run out of it); with fewer GPUs than sources,
+    an actor waits for a GPU that a finished source's actor gives back. A share of the CPUs otherwise."""
     resources = ray.cluster_resources()
     gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
     if gpus >= 1:
-        return {"num_gpus": min(1.0, gpus / actors), "num_cpus": min(1.0, cpus / actors)}, "cuda"
+        return {"num_gpus": 1.0, "num_cpus": min(1.0, cpus / max(1, min(actors, int(gpus))))}, "cuda"
     return {"num_cpus": min(1.0, cpus / actors)}, "cpu"
 
 
@@ -202,17 +205,23 @@ def resynthesize_dataset(ws, descriptions: Sequence[str], options: Options | Non
                 for cached, generated, failures in ws.resynthesize(chunk, here, budget).values():
                     add(cached, generated, failures)
                 bar.update(len(chunk) * len(local) * options.per_source)
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            name, size = pending.pop(done[0])
-            try:
-                add(*ray.get(done[0]))
-            except Exception as exc:  # an actor that could not even open the store or load
-                failed[name] = first_line(getattr(exc, "cause", None) or exc)
-            bar.update(size * options.per_source)
-        for actor in actors.values():
-            ray.kill(actor)
-        if actors:
+        tasks_left = Counter(name for name, _ in pending.values())
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                name, size = pending.pop(done[0])
+                try:
+                    add(*ray.get(done[0]))
+                except Exception as exc:  # an actor that could not even open the store or load
+                    failed[name] = first_line(getattr(exc, "cause", None) or exc)
+                bar.update(size * options.per_source)
+                tasks_left[name] -= 1
+                if not tasks_left[name]:  # its GPU goes to a source still waiting for one
+                    ray.kill(actors.pop(name))
+        finally:
+            for actor in actors.values():
+                ray.kill(actor)
+        if remote:
             ws.store.refresh()
     bar.close()
     report = {"descriptions": len(texts), "sources": names, "per_source": options.per_source, "wanted": wanted,

@@ -183,3 +183,20 @@ def test_switch_refuses_an_image_added_after_the_new_vectors_were_made(tmp_path)
         store.switch_embedder(new, 4)
     assert store.embedder_identity == "old/block1" and store.stats()["vectors"] == 3
     store.close()
+
+
+def test_placement_gives_each_source_a_whole_gpu():
+    """Five sources, one GPU: one actor at a time holds the whole GPU (a share each loaded five pipelines on it
+    at once, each sizing its batches by the same free memory); without GPUs, the CPUs are shared."""
+    from engine.jobs import _placement
+
+    class Cluster:
+        def __init__(self, resources: dict):
+            self.resources = resources
+
+        def cluster_resources(self) -> dict:
+            return self.resources
+
+    assert _placement(Cluster({"GPU": 1.0, "CPU": 16.0}), 5) == ({"num_gpus": 1.0, "num_cpus": 1.0}, "cuda")
+    assert _placement(Cluster({"GPU": 8.0, "CPU": 4.0}), 5) == ({"num_gpus": 1.0, "num_cpus": 0.8}, "cuda")
+    assert _placement(Cluster({"CPU": 2.0}), 4) == ({"num_cpus": 0.5}, "cpu")
