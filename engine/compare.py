@@ -79,9 +79,11 @@ def mode_of(plan: Plan) -> str:
 
 def score(ws: "Workspace", query: Query, text: str, origin: str, vector: np.ndarray, plan: Plan,
           found: Candidates, counts: tuple[int, int, dict[str, str]] = (0, 0, {}),
-          near: dict[str, list] | None = None) -> Attribution:
+          near: dict[str, list] | None = None, evidence_checks: bool = True) -> Attribution:
     """Rank the sources for one embedded query against its candidates (`near`: its `neighbours`, when
-    the caller searched for a batch at once)."""
+    the caller searched for a batch at once). `evidence_checks` False: the ranking alone, without the real
+    verdict and the redraw of a file's recipe (adaptive generation's rounds only need the ranking, and a
+    redraw there made the final answer report its own redraw as cached)."""
     started = time.perf_counter()
     store = ws.store
     per_source = plan.references(found, query.file_hash) if plan.options.mode != "dataset" else {}
@@ -105,7 +107,7 @@ def score(ws: "Workspace", query: Query, text: str, origin: str, vector: np.ndar
     answer, evidence = verdict(scores, calibration, stale, open_set)
     evidence["mode"] = mode_of(plan)
     real = (real_evidence(ws, vector, query.file_hash, plan, calibration)
-            if scores and calibration.fitted and calibration.real and not stale else None)
+            if evidence_checks and scores and calibration.fitted and calibration.real and not stale else None)
     if real is not None:  # the known/unknown decision stays stated beside it
         evidence["real"] = real
         if real["real"]:
@@ -115,7 +117,7 @@ def score(ws: "Workspace", query: Query, text: str, origin: str, vector: np.ndar
         why = {message.removeprefix(f"source {name!r}: ") for name, message in failed.items()}  # said once
         raise SourceError(", ".join(sorted(failed)), "; ".join(sorted(why)))
     predicted = scores[0].source if scores else None
-    claim = provenance_claim(ws, query.provenance, predicted, {s.source for s in scores})
+    claim = provenance_claim(ws, query.provenance, predicted, {s.source for s in scores}) if evidence_checks else None
     if claim is not None:
         from engine.provenance import reproduce
 

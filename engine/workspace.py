@@ -210,8 +210,9 @@ class Workspace:
 
     def score(self, query: Query, text: str, origin: str, vector: np.ndarray, plan: Plan,
               candidates: Candidates, counts: tuple[int, int, dict[str, str]] = (0, 0, {})) -> Attribution:
-        """Rank the sources for one embedded query against its candidates."""
-        return compare.score(self, query, text, origin, vector, plan, candidates, counts)
+        """Rank the sources for one embedded query against its candidates (the ranking alone: no real
+        verdict, no redraw of the file's recipe; `attribute` gives the whole answer)."""
+        return compare.score(self, query, text, origin, vector, plan, candidates, counts, evidence_checks=False)
 
     def neighbours(self, vector: np.ndarray, plan: Plan, file_hash: str) -> dict[str, list]:
         return compare.neighbours(self, vector, plan, file_hash)
