@@ -128,6 +128,9 @@ def image_items(images: Any) -> list:
     for i, item in enumerate(items):
         if isinstance(item, (str, os.PathLike)):
             items[i] = expand_path(item, f"images[{i}]")
+        elif isinstance(item, bytes) and len(item) < 4096 and b"\0" not in item and os.path.isfile(item):
+            raise ArgumentTypeError(f"images[{i}] is bytes naming a file ({shown(item)}): bytes are read as an "
+                                    "image's contents; give the path as a str or a Path")
         elif not isinstance(item, single):
             raise ArgumentTypeError(f"images[{i}] must be a path, bytes or a PIL image, not {_type(item)}")
     return items

@@ -314,16 +314,16 @@ class Workspace:
         from engine.ingest import ingest
 
         return ingest(self, arguments.required_path(manifest, "manifest"), progress=self.progress,
-                      allow_outside=allow_outside)
+                      allow_outside=arguments.flag(allow_outside, "allow_outside"))
 
     def verify(self, repair: bool = False, files: bool = True) -> dict:
         """Database, index and image files checked against each other; with `repair`, fixed where possible."""
-        return self.store.verify(repair=repair, files=files)
+        return self.store.verify(repair=arguments.flag(repair, "repair"), files=arguments.flag(files, "files"))
 
     def rebuild(self, ray: str | None = None) -> int:
         """Recreate the index files from stored vectors (offline); with `ray`, the search index's shards
         are filled on that Ray cluster ("local" starts one) and merged on disk here."""
-        if not ray:
+        if not arguments.text(ray, "ray"):
             return self.store.rebuild()
         from engine import jobs
 
@@ -337,6 +337,7 @@ class Workspace:
         from engine import jobs
 
         options = arguments.options(options)
+        arguments.text(ray, "ray")
         if isinstance(descriptions, (str, bytes, os.PathLike)):
             descriptions = jobs.read_descriptions(arguments.required_path(descriptions, "descriptions file"))
         else:
@@ -382,7 +383,8 @@ class Workspace:
         if isinstance(false_reject, bool) or not isinstance(false_reject, numbers.Real):
             raise ArgumentTypeError(f"false_reject must be a number between 0 and 1, not {type(false_reject).__name__}")
         manifest = arguments.required_path(manifest, "manifest") if manifest is not None else None
-        return calibrate(self, manifest, arguments.options(options), float(false_reject), strict=strict)
+        return calibrate(self, manifest, arguments.options(options), float(false_reject),
+                         strict=arguments.flag(strict, "strict"))
 
     def image_file(self, image_id: int) -> Path | None:
         """A stored image's file by its catalog id (evidence thumbnails, case reports); None if unknown."""
