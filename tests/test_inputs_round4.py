@@ -183,6 +183,9 @@ def test_library_arguments_of_the_wrong_type_fail_at_the_call(tmp_path):
             # what Python makes of argv bytes that are not UTF-8: the key hash and the SQL driver raised
             "prompt is not valid UTF-8 text (caf\\xe9)": lambda: ws.attribute(image, "caf\udce9"),
             "a source name is not valid UTF-8": lambda: ws.add_source("\udcff", image),
+            "repair must be True or False": lambda: ws.verify(repair="no"),  # truthy: it repaired
+            "allow_outside must be True or False": lambda: ws.ingest(image, allow_outside="no"),
+            "bytes naming a file": lambda: ws.attribute(os.fsencode(image), "x"),
         }
         for words, call in calls.items():
             with pytest.raises(UserError) as raised:
