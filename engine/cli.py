@@ -421,6 +421,23 @@ def _query_specs(args) -> list[tuple[Path, str | None]]:
     return specs
 
 
+def _not_over_inputs(report: Path, images: list[Path], store: str | None) -> None:
+    """`--report` must not name a query image (`--report q.png` renamed the HTML over the evidence) nor a
+    file of the store (`--report store/metadata.sqlite` over the database)."""
+    from engine.workspace import store_path
+
+    try:
+        target = report.resolve()
+        images = [image.resolve() for image in images]
+    except (OSError, RuntimeError):  # a link loop on the way: the write names it
+        return
+    if target in images:
+        raise UserError(f"--report {shown(report)} is one of the images to attribute: give a new .html path")
+    root = store_path(store).resolve()
+    if target == root or target.is_relative_to(root):
+        raise UserError(f"--report {shown(report)} is inside the store {shown(root)}: give a path outside it")
+
+
 def _text_lines(path: Path) -> list[tuple[int, str]]:
     """(line number, text) of a UTF-8 text file (a BOM tolerated); one line naming the file and line
     where it is not UTF-8."""
@@ -457,6 +474,8 @@ def cmd_attribute(args) -> None:
     if args.report:  # before the work, not after it
         check_output_file(args.report, "--report")
     specs = _query_specs(args)
+    if args.report:
+        _not_over_inputs(Path(args.report), [path for path, _ in specs], args.store)
     with _open(args, captioner=args.captioner) as ws:
         ws.plan(options)  # an unknown source fails before any model loads
         report = ws.attribute([path for path, _ in specs], [prompt for _, prompt in specs], options)

@@ -97,6 +97,11 @@ def test_special_files_are_refused_in_one_line_and_never_block(specials, tmp_pat
         assert run_cli(*argv, "--store", tmp_path / "s") == 2
         err = _err(capsys)
         assert f"{fifo} is a named pipe (FIFO), not a file" in err or "/dev/zero is a character device" in err, err
+    # --report over the evidence or the store's database: refused before the work
+    query = tmp_path / "q.png"
+    for report, why in ((query, "one of the images"), (tmp_path / "s" / "metadata.sqlite", "inside the store")):
+        assert run_cli("attribute", query, "--prompt", "x", "--report", report, "--store", tmp_path / "s") == 2
+        assert why in _err(capsys)
     # a file name past 255 bytes, in a manifest row and as the manifest: is_file() raised, a traceback
     (tmp_path / "long.jsonl").write_text(json.dumps({"image": "a" * 300 + ".png", "source": "s", "description": "d",
                                                      "role": "original"}) + "\n")
