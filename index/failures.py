@@ -12,7 +12,8 @@ import os
 import sqlite3
 from pathlib import Path
 
-from index.errors import StoreBusy, StoreDenied, StoreError, StoreFull, StoreReadOnly, StoreUnavailable
+from index.errors import (StoreBusy, StoreDenied, StoreError, StoreFull, StoreInputError, StoreReadOnly,
+                          StoreUnavailable)
 
 BUSY_ENV = "RESYNTH_BUSY_TIMEOUT_S"
 BUSY_TIMEOUT_S = 30.0
@@ -20,13 +21,25 @@ NOTHING_LOST = "nothing acknowledged was lost"
 DISK_FULL = "no space left on the device"  # why an open on a full disk reads without writing (store.Store)
 
 
+def env_seconds(name: str, default: float) -> float:
+    """A duration from the environment variable `name`, `default` when unset or empty; anything but a
+    number >= 0 is one line (a typo silently waiting 30 s instead of the 300 asked for would hide)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0:  # NaN too
+        raise StoreInputError(f"{name}={raw[:40]!r} is not a number of seconds >= 0 (unset it for the default "
+                              f"{default:g} s)")
+    return value
+
+
 def busy_timeout_s() -> float:
     """How long a writer waits for another's write lock (SQLite busy_timeout, PostgreSQL lock_timeout)."""
-    try:
-        value = float(os.environ.get(BUSY_ENV, BUSY_TIMEOUT_S))
-    except ValueError:
-        return BUSY_TIMEOUT_S
-    return value if value >= 0 else BUSY_TIMEOUT_S
+    return env_seconds(BUSY_ENV, BUSY_TIMEOUT_S)
 
 
 def read_only_reason(root: Path) -> str | None:

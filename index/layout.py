@@ -115,11 +115,9 @@ def unlink_quietly(path: Path) -> bool:
 def lock_timeout_s() -> float:
     """How long a save waits for another process's publish lock (RESYNTH_LOCK_TIMEOUT_S): long enough for
     a rebuild of a large store, but a lock held by a hung program ends in one line, never a hang."""
-    try:
-        value = float(os.environ.get(LOCK_ENV, LOCK_TIMEOUT_S))
-    except ValueError:
-        return LOCK_TIMEOUT_S
-    return value if value >= 0 else LOCK_TIMEOUT_S
+    from index.failures import env_seconds
+
+    return env_seconds(LOCK_ENV, LOCK_TIMEOUT_S)
 
 
 def _wait_for_lock(fd: int, path: Path) -> None:

@@ -201,6 +201,10 @@ def _check_index_file(store: "Store", s, db_ids: np.ndarray, floor: int, problem
                          "since the last save; the next open or save adds them")
     elif why:
         problems.append(f"index file {entry['problem']}")
+    elif store.index_path.exists() or store.index_path.is_symlink():  # a folder, a device, a dangling link
+        entry["problem"] = "not a file"
+        problems.append(f"{store.index_path} is not a file (a folder or a broken link?): every save fails until "
+                        "it is moved away")
     elif len(db_ids):
         # absent, not damaged: a store's first writer killed (or its folder moved) before its first save; the
         # next open builds it from the database (it was exit 4, "index file missing", after every such kill)

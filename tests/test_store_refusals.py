@@ -467,3 +467,29 @@ def test_healthy_database_behind_a_log_it_cannot_open_is_not_called_damaged(tmp_
     assert lines[0]["error"] in ("StoreReadOnly", "StoreUnavailable"), lines
     _one_line(lines[0]["message"])
     assert "backup" not in lines[0]["message"] and "damaged" not in lines[0]["message"]
+
+
+@pytest.mark.parametrize("raw", ["abc", "-1", "nan"])
+def test_a_wait_from_the_environment_that_is_no_duration_is_one_line(raw, monkeypatch):
+    """RESYNTH_BUSY_TIMEOUT_S=abc silently waited the default 30 s; every such variable is checked alike."""
+    from index.failures import BUSY_ENV, busy_timeout_s
+    from index.layout import LOCK_ENV, lock_timeout_s
+
+    for name, read in ((BUSY_ENV, busy_timeout_s), (LOCK_ENV, lock_timeout_s)):
+        monkeypatch.setenv(name, raw)
+        with pytest.raises(StoreInputError, match=f"{name}=.* is not a number of seconds"):
+            read()
+        monkeypatch.setenv(name, "2.5")
+        assert read() == 2.5
+        monkeypatch.delenv(name)
+
+
+def test_verify_calls_a_folder_where_the_index_file_belongs_a_problem(tmp_path):
+    """verify said ok ("index file not written yet") while every save failed on the folder there."""
+    root = _make(tmp_path / "s", n=3)
+    for leftover in root.glob("vectors.faiss*"):
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    (root / "vectors.faiss").mkdir()
+    with Store.open(root, writable=False) as store:
+        report = store.verify(files=False)
+    assert not report["ok"] and any("is not a file" in p for p in report["problems"]), report
