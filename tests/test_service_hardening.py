@@ -545,8 +545,8 @@ def test_stalled_uploads_do_not_take_the_handling_slots(server, small_png):
 
 
 def test_a_full_house_of_slow_uploads_gives_way_to_a_new_one(monkeypatch):
-    """When --max-uploads bodies are arriving, a new upload takes the place of the slowest one under
-    min_upload_rate (408 body_too_slow for it); when none is that slow, the new one gets 503."""
+    """When --max-uploads bodies are arriving (or they hold max_upload_bytes), a new upload takes the place
+    of the slowest one under min_upload_rate (408 body_too_slow for it); when none is that slow, it gets 503."""
     import engine.service.uploads as uploads_module
 
     async def read_all(scope, receive, send):
@@ -564,10 +564,13 @@ def test_a_full_house_of_slow_uploads_gives_way_to_a_new_one(monkeypatch):
                      "headers": [(b"content-length", b"5")]}
             sent: list[dict] = []
 
-            async def receive():
-                if stalls:
+            calls = [0]
+
+            async def receive():  # a stalled upload sends its first 5 bytes, then nothing
+                calls[0] += 1
+                if stalls and calls[0] > 1:
                     await forever.wait()
-                return {"type": "http.request", "body": b"hello", "more_body": False}
+                return {"type": "http.request", "body": b"hello", "more_body": stalls and calls[0] == 1}
 
             async def send(message):
                 sent.append(message)
@@ -585,6 +588,10 @@ def test_a_full_house_of_slow_uploads_gives_way_to_a_new_one(monkeypatch):
     assert asyncio.run(scenario(Limits(max_uploads=2))) == [200, 408]  # one stalled upload gave way
     monkeypatch.setattr(uploads_module, "EVICT_AFTER", 30.0)
     assert asyncio.run(scenario(Limits(max_uploads=2))) == [503]  # none old enough to judge: busy
+    # the bytes all uploads hold are bounded too (spooled to disk; on a tmpfs /tmp, memory): 10 held + 5 > 12
+    assert asyncio.run(scenario(Limits(max_uploads=10, max_upload_bytes=12))) == [503]
+    monkeypatch.setattr(uploads_module, "EVICT_AFTER", 0.1)
+    assert asyncio.run(scenario(Limits(max_uploads=10, max_upload_bytes=12))) == [200, 408]
 
 
 def test_multipart_limits_have_codes_and_clients_that_send_first_read_the_refusal(server, small_png):

@@ -35,6 +35,7 @@ class Limits:
     max_requests: int = 32  # API requests handled at once (503 beyond); health checks are not counted
     max_uploads: int = 128  # requests whose body is still arriving; not yet handled
     min_upload_rate: int = 32 * 1024  # bytes/s: slower uploads give way to new ones when max_uploads arrive
+    max_upload_bytes: int = 1024 * MiB  # bytes held by all uploads still arriving (spooled to disk mostly)
     spool_bytes: int = 256 * 1024  # an uploaded file part kept in memory up to this, then on disk
     max_fields: int = 32  # text fields of a form
     max_field_bytes: int = 64 * 1024  # one text field of a form

@@ -150,11 +150,11 @@ class Guard:
         if counted and (declared not in (None, b"0") or b"transfer-encoding" in headers):
             upload = self.uploads.enter()
             if upload is None:
-                busy = Busy(len(self.uploads.open), "receiving")
+                busy = Busy.requests(len(self.uploads.open), "receiving")
                 await self._refuse(send, receive, headers, 503, busy.code, busy.message, {**busy.headers, **extra})
                 return
         elif counted and self.active >= self.limits.max_requests:
-            busy = Busy(self.active, "handling")
+            busy = Busy.requests(self.active, "handling")
             await send_error(send, 503, busy.code, busy.message, {**busy.headers, **extra})
             return
         head = scope["method"] == "HEAD"  # answered as the GET of the same path, without the body
@@ -171,7 +171,7 @@ class Guard:
                 self.uploads.leave(upload)
                 upload = None
                 if self.active >= self.limits.max_requests:
-                    raise Busy(self.active, "handling")
+                    raise Busy.requests(self.active, "handling")
                 handling = True
                 self.active += 1
 
@@ -206,7 +206,11 @@ class Guard:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if upload is not None:
-                    upload.received = received
+                    try:
+                        self.uploads.grow(upload, received)
+                    except Busy:
+                        refused = True
+                        raise
                 if received > limit:
                     refused = True
                     raise BodyTooLarge(limit)

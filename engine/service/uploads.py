@@ -24,11 +24,14 @@ class BodyTooLarge(ServiceError):
 
 
 class Busy(ServiceError):
-    """503: more requests at once than the server's limit of `what`."""
+    """503: the server is at one of its limits (`what` it is at: requests handled, uploads, their bytes)."""
 
-    def __init__(self, count: int, what: str):
-        super().__init__(503, "busy", f"the server is {what} {count} request{'s' * (count != 1)}, its limit; "
-                                      "retry shortly", {"Retry-After": "2"})
+    def __init__(self, what: str):
+        super().__init__(503, "busy", f"the server is {what}, its limit; retry shortly", {"Retry-After": "2"})
+
+    @classmethod
+    def requests(cls, count: int, doing: str) -> "Busy":
+        return cls(f"{doing} {count} request{'s' * (count != 1)}")
 
 
 class BodyTooSlow(ServiceError):
@@ -56,12 +59,19 @@ class Uploads:
     """Requests whose body is still arriving, at most `limits.max_uploads`. When they are that many, a
     new one takes the place of the slowest below `limits.min_upload_rate` (after its first EVICT_AFTER
     seconds), which gets 408: stalled or trickling uploads (slowloris) then cost their sender real
-    bandwidth, and cannot keep others out. When none is that slow, the new one gets 503."""
+    bandwidth, and cannot keep others out. When none is that slow, the new one gets 503.
+
+    The bytes they hold (spooled to disk past `Limits.spool_bytes`: on a tmpfs /tmp, memory) are bounded
+    too, by `limits.max_upload_bytes`: past it the slowest upload gives way, or the one growing gets 503.
+    Without that bound, uploads sent fast up to their last bytes and then stalled held up to
+    max_uploads x max_body_bytes (8 GiB at the defaults) until their deadline."""
 
     def __init__(self, limits: Limits):
         self.limit = limits.max_uploads
         self.floor = limits.min_upload_rate
+        self.capacity = limits.max_upload_bytes
         self.open: set[Upload] = set()
+        self.held = 0  # bytes received by the open uploads
         self.evicted = 0
 
     def enter(self) -> Upload | None:
@@ -72,15 +82,30 @@ class Uploads:
         return upload
 
     def leave(self, upload: Upload | None) -> None:
-        self.open.discard(upload)  # type: ignore[arg-type]
+        if upload is not None and upload in self.open:
+            self.open.discard(upload)
+            self.held -= upload.received
 
-    def _evict_slowest(self) -> bool:
+    def grow(self, upload: Upload, received: int) -> None:
+        """`upload` has now received `received` bytes; past the bytes budget, a slower one gives way or this
+        one is refused (Busy, 503)."""
+        if upload in self.open:
+            self.held += received - upload.received
+        upload.received = received
+        while self.held > self.capacity and upload in self.open:
+            if not self._evict_slowest(spare=upload):
+                held = self.held
+                self.leave(upload)
+                raise Busy(f"holding {held} bytes of uploads still arriving, over {self.capacity}")
+
+    def _evict_slowest(self, spare: Upload | None = None) -> bool:
         now = time.monotonic()
-        slow = [u for u in self.open if now - u.started >= EVICT_AFTER and u.rate(now) < self.floor]
+        slow = [u for u in self.open
+                if u is not spare and now - u.started >= EVICT_AFTER and u.rate(now) < self.floor]
         if not slow:
             return False
         upload = min(slow, key=lambda u: u.rate(now))
-        self.open.discard(upload)
+        self.leave(upload)
         upload.evicted.set_result(None)
         self.evicted += 1
         return True
