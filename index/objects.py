@@ -36,6 +36,11 @@ from index.failures import NOTHING_LOST, os_failure
 PROTOCOLS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
              "abfss": "adlfs"}  # object stores whose PUT is atomic, and the package fsspec needs for each
 EXTRA = "pip install 'resynth[objects]'"
+# what a backend says when the credentials are missing or wrong: no wait makes those answer
+_CREDENTIAL_MARKS = ("Credentials", "credentials", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                     "Forbidden", "403", "Unauthorized", "401")
+_CREDENTIAL_VARIABLES = {"s3fs": "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)",
+                         "gcsfs": "GOOGLE_APPLICATION_CREDENTIALS", "adlfs": "AZURE_STORAGE_CONNECTION_STRING"}
 
 
 class ImageFiles(Protocol):
@@ -190,7 +195,12 @@ class ObjectImages:
         return f"{self.base}/{check_relative(relative)}"
 
     def unavailable(self, exc: BaseException, doing: str) -> StoreUnavailable:
-        return StoreUnavailable(f"image storage {self.url} failed {doing} ({_first_line(exc)}): {NOTHING_LOST}; "
+        said = _first_line(exc)
+        if isinstance(exc, PermissionError) or any(m in f"{type(exc).__name__} {said}" for m in _CREDENTIAL_MARKS):
+            where = _CREDENTIAL_VARIABLES.get(PROTOCOLS.get(self.scheme, ""), "the storage's credentials")
+            return StoreUnavailable(f"image storage {self.url} refused or found no credentials {doing} ({said}): "
+                                    f"{NOTHING_LOST}; set {where} for this process (waiting will not help)")
+        return StoreUnavailable(f"image storage {self.url} failed {doing} ({said}): {NOTHING_LOST}; "
                                 "the same command succeeds once it answers")
 
     def check(self) -> None:

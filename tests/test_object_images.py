@@ -103,6 +103,22 @@ def test_refusals_without_a_server(tmp_path):
     assert len(lines) == 1 and "s3fs" in lines[0] and "resynth[objects]" in lines[0], done.stderr
 
 
+def test_missing_credentials_are_named_not_waited_for():
+    """No credentials is no outage: the line names the variables to set instead of "succeeds once it answers"."""
+    from index.objects import ObjectImages
+
+    class NoCredentialsError(Exception):  # what botocore raises without credentials
+        pass
+
+    images = ObjectImages("s3://bucket/prefix")
+    said = str(images.unavailable(NoCredentialsError("Unable to locate credentials"), "finding its bucket"))
+    assert "AWS_ACCESS_KEY_ID" in said and "succeeds once" not in said, said
+    said = str(images.unavailable(PermissionError("Access Denied"), "a test write"))
+    assert "AWS_ACCESS_KEY_ID" in said
+    said = str(images.unavailable(ConnectionError("Connect timeout on endpoint URL"), "a test write"))
+    assert "succeeds once it answers" in said and "AWS_" not in said
+
+
 def test_object_store_answers_as_disk(server, tmp_path):
     disk = Store.create(tmp_path / "disk", EMBEDDER, DIM)
     objects = Store.create(tmp_path / "objects", EMBEDDER, DIM, images=_url("same"))
