@@ -213,11 +213,16 @@ class ApiGenerator(ApiExchanges):
         call = _Call(self, client, key, abort or threading.Event(), maybe_charged)
         with self._limiter.job():
             data = self._protocol.generate(call, prompt, seed)
-        if not isinstance(data, (bytes, bytearray)):
-            raise SourceError(self.name, "malformed answer: no image")
-        if len(data) > api_answers.MAX_IMAGE_BYTES:
-            raise SourceError(self.name, f"answer image is over the {api_answers.MAX_IMAGE_BYTES}-byte cap")
-        image = _decode(bytes(data), self.name)
+        try:
+            if not isinstance(data, (bytes, bytearray)):
+                raise SourceError(self.name, "malformed answer: no image")
+            if len(data) > api_answers.MAX_IMAGE_BYTES:
+                raise SourceError(self.name, f"answer image is over the {api_answers.MAX_IMAGE_BYTES}-byte cap")
+            image = _decode(bytes(data), self.name)
+        except SourceError as exc:  # an answer came back, so the image was billed: counted, though unusable
+            if maybe_charged is not None:
+                maybe_charged(str(exc).removeprefix(f"source {self.name!r}: "))
+            raise
         with self._lock:
             self.calls += 1
             self.spent += self.params.price

@@ -139,9 +139,13 @@ def test_hang_times_out_retries_then_fails(api):
 ])
 def test_bad_answers_are_source_errors(api, behaviour, message):
     api.queue(behaviour)
+    budget = Budget()
     with pytest.raises(SourceError, match=message):
-        generator(api).generate("p", [0])
+        generator(api, price=0.03, budget=budget).generate("p", [0])
     assert len(api.generation_log()) == 1
+    # an image that came back was billed, usable or not: counted (a malformed answer had no image)
+    billed = behaviour in ("undecodable", "oversized")
+    assert budget.to_dict().get("maybe_charged_usd", 0) == (0.03 if billed else 0)
 
 
 @pytest.mark.parametrize("behaviour", ["ok", "url"])
