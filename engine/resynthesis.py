@@ -34,6 +34,8 @@ log = logging.getLogger("resynth.workspace")
 CLAIM_LEASE_SECONDS = 900.0  # a generation claim outlives any one batch; a dead claimant's expires
 RENEW_FOR = 4  # leases a batch's renewals may add (an hour): a generation hung longer releases its keys to others
 GENERATION_CHUNK = 48  # images generated, embedded and committed together (memory stays bounded)
+# a paid source's images are committed in smaller batches: what a kill can lose is bought but not committed
+PAID_CHUNK = 16  # a whole chunk in flight at the highest concurrency most services allow
 Counts = tuple[int, int, dict[str, str]]  # (cached, generated, failed source -> reason)
 
 
@@ -68,10 +70,12 @@ def resynthesize(ws: "Workspace", texts: Iterable[str], plan: Plan,
     # Source by source (each pipeline loads once), in batches across descriptions (GPU throughput).
     bar = tqdm(total=sum(len(jobs) for jobs in by_source.values()), desc="generating", unit="image",
                disable=not ws.progress or not by_source, leave=False)
+    paid = set(prices(plan))
     for source, jobs in sorted(by_source.items()):
         bar.set_postfix_str(source, refresh=False)
-        for start in range(0, len(jobs), GENERATION_CHUNK):
-            chunk = jobs[start:start + GENERATION_CHUNK]
+        size = PAID_CHUNK if source in paid else GENERATION_CHUNK
+        for start in range(0, len(jobs), size):
+            chunk = jobs[start:start + size]
             try:
                 made = generate_once(ws, plan, source, chunk, budget)
             except (SourceError, BudgetExceeded) as exc:
