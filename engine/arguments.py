@@ -11,16 +11,15 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from engine.errors import ArgumentTypeError, UserError
+from engine.flags import DEVICE
 from engine.options import Options
 from engine.paths import expand_path, not_a_file, shown
 
-DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
 # A recipe's numbers, whatever the kind that declares them: beyond these no generator runs (10,000 steps is
 # ComfyUI's own limit; 16384 px is past any pipeline's memory; guidance beyond 100 is noise). Every other
 # integer parameter stays within 32 bits and every number is finite: `--guidance nan` or `--timeout inf`
