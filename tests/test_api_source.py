@@ -155,7 +155,7 @@ def test_failing_api_or_budget_leaves_the_other_sources_answer(api_store, origin
     assert len(api.generation_log()) - calls == len(rows) * 2 and api.download_failures == 0
 
 
-def test_api_source_over_http_and_in_resynthesize(api_store, originals, tmp_path, capsys):
+def test_api_source_over_http_and_in_resynthesize(api_store, originals, tmp_path, capsys, monkeypatch):
     from fastapi.testclient import TestClient
 
     from engine.service.app import create_app
@@ -187,4 +187,17 @@ def test_api_source_over_http_and_in_resynthesize(api_store, originals, tmp_path
         bought = post("a red bicycle")
         assert bought["cost"]["images_bought"] == 1 and not bought["results"][0]["failed"]
     assert len(api.generation_log()) == 2
+
+    # a paid source commits in small batches (PAID_CHUNK; 1 here): a kill loses at most one batch bought
+    import engine.resynthesis
+    from index.store import Store
+
+    commits = []
+    monkeypatch.setattr(engine.resynthesis, "PAID_CHUNK", 1)
+    real = Store.add_images
+    monkeypatch.setattr(Store, "add_images", lambda self, rows: commits.append(len(rows)) or real(self, rows))
+    listing.write_text("a kite over dunes\na lamp in fog\n")
+    assert run_cli("resynthesize", listing, "--store", store, "--per-source", 1, "--sources", "remote",
+                   "--json", "--quiet") == 0
+    assert json.loads(capsys.readouterr().out)["generated"] == 2 and commits == [1, 1]
     assert Options().max_cost is None
