@@ -291,7 +291,6 @@ def test_changed_or_foreign_model_files_fail_their_source_only(models, local, tm
     save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": torch.ones(4, 4)}, str(loha))
     query = tmp_path / "query.png"
     save_png_atomic(DiffusersGenerator("q", base, GenerationParams(steps=2)).generate(PROMPT, [1000])[0], query)
-    resynthesis = Options(mode="resynthesis", per_source=1, adaptive=False)
     with workspace(models, tmp_path / "store") as ws:
         ws.add_source("copy", copy, steps=2)
         ws.add_source("foreign", base, kind="lora", lora=str(foreign), steps=2)
@@ -319,4 +318,5 @@ def test_changed_or_foreign_model_files_fail_their_source_only(models, local, tm
         assert "changed since the source was added" in result.degraded["copy"]
         assert any(n.startswith("copy was scored without") for n in result.notes)
     # one recipe, one fingerprint, whichever type its numbers came in (Python 7 and the CLI's 7.0)
-    assert Pipeline().prepare("x", base, guidance=7).fingerprint == Pipeline().prepare("x", base, guidance=7.0).fingerprint
+    kind = Pipeline()
+    assert kind.prepare("x", base, guidance=7).fingerprint == kind.prepare("x", base, guidance=7.0).fingerprint
