@@ -19,8 +19,10 @@ if TYPE_CHECKING:
 DEFAULT_TEMPERATURE = 0.01  # cosine scores differ in the second decimal; 1.0 would be near-uniform
 # Options a calibration is fitted with (its notes) that change the scores it thresholds: a query run with
 # another value is scored on another scale, so the fitted temperature and thresholds do not apply to it.
-# (notes key, the flag that sets it, how a sentence names a value)
-FITTED_WITH = (("mode", "--mode", "in {} mode"), ("aggregation", "--aggregation", "with --aggregation {}"))
+# (notes key, the flag that sets it, how a sentence names a value, the value of a calibration that does not
+# record it: calibrate has always fitted on resyntheses alone, so original_refs 0)
+FITTED_WITH = (("mode", "--mode", "in {} mode", None), ("aggregation", "--aggregation", "with --aggregation {}", None),
+               ("original_refs", "--original-refs", "with --original-refs {}", 0))
 
 
 @dataclass
@@ -61,11 +63,12 @@ class Calibration:
         if not self.fitted:
             return self
         why = stale
-        for key, flag, text in FITTED_WITH if why is None and options is not None else ():
-            fitted, asked = self.notes.get(key), getattr(options, key, None)
+        for key, flag, text, unrecorded in FITTED_WITH if why is None and options is not None else ():
+            fitted, asked = self.notes.get(key, unrecorded), getattr(options, key, None)
             if fitted is not None and asked is not None and fitted != asked:
-                why = (f"calibrated {text.format(fitted)}; this query ran {text.format(asked)}: run "
-                       f"`resynth calibrate` with {flag} {asked}")
+                why = (f"calibrated {text.format(fitted)}; this query ran {text.format(asked)}: "
+                       + (f"run `resynth calibrate` with {flag} {asked}" if key != "original_refs" else
+                          "calibrate fits on resyntheses alone, so its thresholds do not apply here"))
                 break
         return Calibration(why_not=why) if why else self
 

@@ -145,19 +145,22 @@ def fit_calibration(evalset: EvalSet, features: tuple[np.ndarray, np.ndarray], v
     thresholds = fit_open_set_thresholds(scores, labels, names, CALIBRATE_FALLBACK_SCORE, frr)
     temperature = fit_temperature(scores, labels)
     measured = calibration_report(scores, labels, evalset.orig_desc)
+    # dataset mode compares no resyntheses of the query's description, which "mahalanobis" takes its means
+    # over (engine.compare.open_set_value): it never applies there, so the fallback is fitted and reported
+    headline = CALIBRATE_FALLBACK_SCORE if mode == "dataset" else DEFAULT_OPEN_SET_SCORE
     context = (open_set_context(evalset, *features, evalset.references(), variant.per_source)
-               if OPEN_SET_SCORES[DEFAULT_OPEN_SET_SCORE][0] else None)
+               if OPEN_SET_SCORES[headline][0] else None)
     open_set = leave_one_source_out(scores, labels, evalset.orig_desc, names, frr, context=context,
-                                    headline=DEFAULT_OPEN_SET_SCORE) if len(names) >= 2 else None
+                                    headline=headline) if len(names) >= 2 else None
     precision, open_set_fit = None, {}
-    if DEFAULT_OPEN_SET_SCORE == "mahalanobis":
+    if headline == "mahalanobis":
         assert context is not None  # "mahalanobis" needs the features: OPEN_SET_SCORES says so
         precision, threshold = fit_mahalanobis(context, scores, labels, frr)
         if threshold is not None:
             open_set_fit = {"score": DEFAULT_OPEN_SET_SCORE, "threshold": threshold}
     notes = {"fitted_on": fitted_on, "originals": evalset.n_originals, "sources": names,
              "open_set_score": open_set_fit.get("score", CALIBRATE_FALLBACK_SCORE), "mode": mode,
-             "neighbours": neighbours,
+             "neighbours": neighbours, "original_refs": 0,
              "aggregation": variant.aggregation, "per_source": variant.per_source, "distance": variant.distance,
              "false_reject_target": frr,
              "accuracy": float((scores.argmax(1) == labels).mean()),

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import engine
+
 from engine.openset import CALIBRATE_FALLBACK_SCORE, DEFAULT_OPEN_SET_SCORE
 from engine.options import Options
 from tests.helpers import dataset_subset, run_cli
@@ -113,6 +115,15 @@ def test_calibrate_on_the_store_says_what_it_used(models, demo_manifest, store_d
     assert f"skipped {(DESCRIPTIONS - DESCRIBED) * sources}" in text
     assert f"(e.g. {next(iter(models['pipelines']))}/00{DESCRIBED}.png" in text  # from the originals' common folder
     assert "cannot be scored" in _error(capsys, "calibrate", "--store", store_dir, "--strict")
+    # original references change the scores' scale: a calibration fitted on resyntheses alone does not apply
+    with engine.open(store_dir, writable=False) as ws:
+        why = ws.calibration.applying(None, Options(original_refs=2)).why_not
+    assert why and "--original-refs 0" in why, why
+    # dataset mode compares no resyntheses of the description, which "mahalanobis" needs: calibrate fits and
+    # reports the rule attribute applies there (it said mahalanobis, and attribute used the fallback)
+    assert run_cli("calibrate", "--store", store_dir, "--mode", "dataset", "--json", "--quiet") == 0
+    dataset = json.loads(capsys.readouterr().out)
+    assert dataset["notes"]["open_set_score"] == CALIBRATE_FALLBACK_SCORE and not dataset["open_set"], dataset
 
 
 def test_evaluate_skips_originals_without_resyntheses_and_names_one_default(models, demo_manifest, tmp_path,
