@@ -39,8 +39,8 @@ def top_k_accuracy(labels: np.ndarray, scores: np.ndarray, k: int) -> float:
     """Share of queries whose true class is among the k best scores (ties broken against the truth)."""
     labels, scores = np.asarray(labels, int), np.asarray(scores, np.float64)
     true = scores[np.arange(len(labels)), labels]
-    better = (scores > true[:, None]).sum(axis=1)
-    return float((better < k).mean()) if len(labels) else float("nan")
+    ahead = (scores >= true[:, None]).sum(axis=1) - 1  # every other class at least as good ranks before it
+    return float((ahead < k).mean()) if len(labels) else float("nan")
 
 
 def _average_ranks(values: np.ndarray) -> np.ndarray:

@@ -34,6 +34,8 @@ def test_top_k_by_hand():
     assert m.top_k_accuracy(labels, scores, 1) == pytest.approx(2 / 4)
     assert m.top_k_accuracy(labels, scores, 2) == pytest.approx(3 / 4)
     assert m.top_k_accuracy(labels, scores, 3) == 1.0
+    # a tie counts against the truth, as the docstring says (it counted for it)
+    assert m.top_k_accuracy(np.array([1, 0]), np.array([[0.5, 0.5], [0.9, 0.1]]), 1) == pytest.approx(0.5)
 
 
 def test_binary_auroc_by_hand_and_against_sklearn():
