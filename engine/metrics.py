@@ -36,11 +36,13 @@ def macro_accuracy(matrix: np.ndarray) -> float:
 
 
 def top_k_accuracy(labels: np.ndarray, scores: np.ndarray, k: int) -> float:
-    """Share of queries whose true class is among the k best scores (ties broken against the truth)."""
+    """Share of queries whose true class is among the k best scores, ties broken as argmax breaks them (the
+    lower class index first), so that top-1 equals `accuracy` of the argmax."""
     labels, scores = np.asarray(labels, int), np.asarray(scores, np.float64)
     true = scores[np.arange(len(labels)), labels]
-    ahead = (scores >= true[:, None]).sum(axis=1) - 1  # every other class at least as good ranks before it
-    return float((ahead < k).mean()) if len(labels) else float("nan")
+    index = np.arange(scores.shape[1])[None, :]
+    ahead = (scores > true[:, None]) | ((scores == true[:, None]) & (index < labels[:, None]))
+    return float((ahead.sum(axis=1) < k).mean()) if len(labels) else float("nan")
 
 
 def _average_ranks(values: np.ndarray) -> np.ndarray:
