@@ -289,3 +289,26 @@ def test_the_report_counts_the_sources_that_had_originals():
     assert _sources_text({"sources": ["a", "b", "c"], "originals_per_source": {"a": 3, "b": 0, "c": 2}}) == \
         "2 sources (of 3 candidate sources)"
     assert _sources_text({"sources": ["a", "b"], "originals_per_source": {"a": 3, "b": 1}}) == "2 sources"
+
+
+def test_from_store_leaves_out_what_attribute_never_compares(tmp_path):
+    """A pipeline source's resynthesis stored without a seed is never a reference of `attribute` (its plan
+    keeps the current recipe's seeds only): calibrate fitted on scores the engine never computes."""
+    from engine.labelled import from_store
+    from index.store import NewImage, Store
+
+    def unit(i: int) -> np.ndarray:
+        v = np.random.default_rng(i).normal(size=8).astype(np.float32)
+        return v / np.linalg.norm(v)
+
+    with Store.create(tmp_path / "s", {"identity": "e", "arch": "x", "checkpoint": "x"}, 8) as store:
+        pipe, replay = store.ensure_source("pipe", "diffusers", "fp-p"), store.ensure_source("old", "replay", "fp-r")
+        desc = store.description_id("a prompt")
+        rows = [NewImage(f"o{i}", "original", src.id, desc, f"ho{i}", f"o{i}.png", unit(i))
+                for i, src in enumerate((pipe, replay))]
+        rows += [NewImage(f"r{i}", "resynthesis", src.id, desc, f"hr{i}", f"r{i}.png", unit(10 + i), seed=seed)
+                 for i, (src, seed) in enumerate(((pipe, 0), (pipe, None), (replay, None)))]
+        store.add_images(rows)
+        evalset = from_store(store)
+    kept = sorted((evalset.sources[c], int(s)) for c, s in zip(evalset.res_source, evalset.res_seed))
+    assert kept == [("old", -1), ("pipe", 0)]  # the seedless replay image stays: replay has no seeds
