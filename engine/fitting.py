@@ -15,7 +15,7 @@ import numpy as np
 from engine.calibration import Calibration, save_array_atomic
 from engine.crossfit import calibration_report, leave_one_source_out
 from engine.errors import UserError
-from engine.labelled import EvalSet, FeatureCache, embed_paths, from_manifest, from_store
+from engine.labelled import EvalSet, FeatureCache, against_store, embed_paths, from_manifest, from_store
 from engine.metrics import json_safe
 from engine.openset import (CALIBRATE_FALLBACK_SCORE, DEFAULT_OPEN_SET_SCORE, FALSE_REJECT, OPEN_SET_SCORES,
                             FeatureContext, feature_context, fit_mahalanobis, fit_open_set_thresholds,
@@ -42,16 +42,31 @@ def calibrate(ws: "Workspace", manifest: str | os.PathLike | None = None, option
         raise UserError("--false-reject must be between 0 and 1")
     store_names = {s.name for s in ws.store.sources()}
     if manifest is not None:
-        evalset, fitted_on = from_manifest(Path(manifest), strict), str(manifest)
+        # originals without resyntheses in the manifest are kept: the store may have theirs
+        evalset, fitted_on = from_manifest(Path(manifest), strict=False, keep_lonely=True), str(manifest)
         check_sources(evalset, store_names, str(manifest), ws.root)  # before any embedding
-        features = embed_evalset(evalset, {"store": ws.embedder}, None, progress=False)["store"]
+        embedder = ws.embedder
+        originals = embed_paths(embedder, evalset.orig_path, evalset.orig_hash, FeatureCache(None, embedder.identity),
+                                progress=False)
+        # scored against the store's resyntheses, what attribute compares with (in combined and dataset modes
+        # the whole pool shapes every score); the manifest's own only when the store has none of its descriptions
+        pooled = against_store(evalset, originals, ws.store, strict)
+        if pooled is not None:
+            evalset, features = pooled
+            references = "store"
+        else:  # the manifest's own pool: its originals without resyntheses there are skipped (or refused)
+            evalset = from_manifest(Path(manifest), strict)
+            features = embed_evalset(evalset, {"store": embedder}, None, progress=False)["store"]
+            references = "manifest"
     else:
         evalset, fitted_on = from_store(ws.store, strict), f"store {ws.root}"
         features = evalset.vectors[ws.store.embedder_identity]
+        references = "store"
     variant = Variant("store", "cosine", options.aggregation, options.references)
     calibration, precision = fit_calibration(evalset, features, variant, false_reject, fitted_on,
                                              options.mode, options.neighbours)
     calibration.notes["store_sources"] = {s.name: s.fingerprint for s in ws.store.sources()}  # to notice changes
+    calibration.notes["references_from"] = references  # whose resyntheses the originals were scored against
     calibration.notes["used"] = json_safe({**evalset.usage(), "text": evalset.usage_text(),
                                            "store_sources_not_fitted": sorted(store_names - set(evalset.sources))})
     if precision is not None:  # dim x dim: a file beside store.json, named by its content

@@ -129,12 +129,13 @@ def unique_rows(rows: list[ManifestRow]) -> tuple[list[ManifestRow], list[Manife
     return kept, repeated
 
 
-def from_rows(rows: list[ManifestRow], where: str, strict: bool = False) -> EvalSet:
+def from_rows(rows: list[ManifestRow], where: str, strict: bool = False, keep_lonely: bool = False) -> EvalSet:
     """Validate and code manifest rows; file hashes identify images (and their cached features).
 
     An original whose description has no resyntheses cannot be scored: it is skipped and counted in
     `EvalSet.skipped` (a manifest such as the demo's keeps such originals as queries for generation on
-    demand), or, with `strict`, refused. Repeated rows are used once (originals counted in `skipped`)."""
+    demand), or, with `strict`, refused; with `keep_lonely` it is kept (the store may have its resyntheses:
+    `against_store`). Repeated rows are used once (originals counted in `skipped`)."""
     rows, repeated = unique_rows(rows)
     _check_sizes(rows, where)
     originals = [r for r in rows if r.role == "original"]
@@ -149,14 +150,14 @@ def from_rows(rows: list[ManifestRow], where: str, strict: bool = False) -> Eval
         raise UserError(f"{where}: original source(s) {', '.join(stray)} have no resyntheses, so no method "
                         f"could predict them (sources with resyntheses: {', '.join(sources)})")
     have_desc = {r.description for r in resyntheses}
-    lonely = [r for r in originals if r.description not in have_desc]
+    lonely = [] if keep_lonely else [r for r in originals if r.description not in have_desc]
     folder = Path(where).resolve().parent  # examples are named as the manifest names them
     if lonely and strict:
         row = lonely[0]
         raise UserError(f"{where}:{row.line}: original {shown(row.image, folder)} has no resyntheses of its description"
                         f"{f' ({len(lonely)} originals have none)' if len(lonely) > 1 else ''}; without "
                         f"--strict such originals are skipped")
-    originals = [r for r in originals if r.description in have_desc]
+    originals = [r for r in originals if keep_lonely or r.description in have_desc]
     if not originals:
         raise UserError(f"{where}: no original has resyntheses of its description ({plural(len(lonely), 'original')}, "
                         f"none scorable): add resyntheses of their descriptions")
@@ -229,8 +230,8 @@ def common_folder(paths: list[str]) -> Path | None:
         return None
 
 
-def from_manifest(path: Path, strict: bool = False) -> EvalSet:
-    return from_rows(read_manifest(Path(path)), str(path), strict)
+def from_manifest(path: Path, strict: bool = False, keep_lonely: bool = False) -> EvalSet:
+    return from_rows(read_manifest(Path(path)), str(path), strict, keep_lonely)
 
 
 def _generating(store: "Store") -> set[str]:
@@ -245,6 +246,51 @@ def _generating(store: "Store") -> set[str]:
         except UserError:  # a kind this resynth does not know: counted as it is stored
             continue
     return out
+
+
+def against_store(evalset: EvalSet, originals: np.ndarray, store: "Store",
+                  strict: bool = False) -> tuple[EvalSet, tuple[np.ndarray, np.ndarray]] | None:
+    """A manifest's originals (`evalset`, their vectors `originals`) scored against the store's
+    resyntheses, the pool `attribute` compares with (in combined and dataset modes every stored
+    resynthesis shapes the scores, not only the manifest's). Originals whose description the store has no
+    resyntheses of are skipped (`NO_RESYNTHESES`). None when the store holds none of the descriptions:
+    the caller then keeps the manifest's own resyntheses."""
+    unseeded = _generating(store)
+    rows = [r for r in store.labelled_vectors()
+            if r.role == "resynthesis" and not (r.seed is None and r.source in unseeded)]
+    stored_desc = {d: store.find_description_id(d) for d in evalset.descriptions}
+    described = {r.description_id for r in rows}
+    keep = [i for i in range(evalset.n_originals)
+            if stored_desc[evalset.descriptions[int(evalset.orig_desc[i])]] in described]
+    if not keep or not rows:
+        return None
+    sources = sorted({r.source for r in rows} | set(evalset.sources))
+    source_index = {s: i for i, s in enumerate(sources)}
+    desc_ids = sorted({r.description_id for r in rows})
+    desc_index = {d: i for i, d in enumerate(desc_ids)}
+    kept = set(keep)
+    if strict and len(keep) < evalset.n_originals:
+        first = next(i for i in range(evalset.n_originals) if i not in kept)
+        raise UserError(f"original {evalset.orig_path[first]} has no resyntheses of its description in store "
+                        f"{store.root} ({evalset.n_originals - len(keep)} originals have none); without --strict such "
+                        "originals are skipped")
+    kept_desc = [stored_desc[evalset.descriptions[int(evalset.orig_desc[i])]] for i in keep]
+    lonely = [evalset.orig_path[i] for i in range(evalset.n_originals) if i not in kept]
+    skipped = dict(evalset.skipped)
+    if lonely:
+        folder = common_folder(lonely)
+        skipped[NO_RESYNTHESES] = skipped.get(NO_RESYNTHESES, []) + [shown(p, folder) for p in lonely]
+    hybrid = EvalSet(
+        sources=sources,
+        orig_source=np.array([source_index[evalset.sources[int(evalset.orig_source[i])]] for i in keep]),
+        orig_desc=np.array([desc_index[d] for d in kept_desc if d is not None]),  # none is None: kept
+        orig_hash=[evalset.orig_hash[i] for i in keep], orig_path=[evalset.orig_path[i] for i in keep],
+        res_source=np.array([source_index[r.source] for r in rows]),
+        res_desc=np.array([desc_index[r.description_id] for r in rows]),
+        res_seed=np.array([r.seed if r.seed is not None else -1 for r in rows]),
+        res_original=np.full(len(rows), -1), res_hash=[r.file_hash for r in rows], res_path=[r.path for r in rows],
+        descriptions=[str(d) for d in desc_ids], skipped=skipped)
+    return hybrid, (originals[keep], np.stack([r.vector for r in rows]))
 
 
 def from_store(store: "Store", strict: bool = False) -> EvalSet:

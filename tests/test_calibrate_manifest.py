@@ -68,7 +68,7 @@ def test_calibrate_refuses_a_manifest_of_sources_the_store_lacks(models, demo_ma
     sources = len(models["pipelines"]) - 1
     assert run_cli("calibrate", own, "--store", three_source_store, "--quiet") == 0
     text = capsys.readouterr().out
-    assert f"thresholds for {sources} sources" in text
+    assert f"thresholds for {sources} sources" in text and "against its own resyntheses" in text  # none stored
     skipped = (DESCRIPTIONS - DESCRIBED) * sources
     assert f"used {DESCRIBED * sources} originals of {sources} sources; skipped {skipped}" in text
     assert "description has no resyntheses" in text
@@ -78,8 +78,10 @@ def test_calibrate_refuses_a_manifest_of_sources_the_store_lacks(models, demo_ma
     assert f"(e.g. originals/{own_names[0]}/00{DESCRIBED}.png" in text
     assert f"warning: fewer than 5 labelled originals of {min(own_names)} ({DESCRIBED})" in text
     assert run_cli("calibrate", own, "--store", three_source_store, "--json", "--quiet") == 0
-    used = json.loads(capsys.readouterr().out)["notes"]["used"]
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    used = notes["used"]
     assert (used["originals"], used["sources"], used["skipped"]) == (DESCRIBED * sources, sources, skipped)
+    assert notes["references_from"] == "manifest"  # this store has none of its descriptions
     assert list(used["skipped_by_reason"].values()) == [skipped]
     assert "has no resyntheses" in _error(capsys, "calibrate", own, "--store", three_source_store, "--strict")
 
@@ -110,6 +112,13 @@ def test_calibrate_on_the_store_says_what_it_used(models, demo_manifest, store_d
     used = calibration["notes"]["used"]
     assert (used["originals"], used["skipped"]) == (DESCRIBED * sources, (DESCRIPTIONS - DESCRIBED) * sources)
     assert calibration["notes"]["open_set_score"] == DEFAULT_OPEN_SET_SCORE
+    # the manifest once ingested: its originals are scored against the store's resyntheses, what attribute
+    # compares with (the manifest's own pool gave other scores in combined mode), and fit as the store's do
+    assert run_cli("calibrate", demo_manifest, "--store", store_dir, "--json", "--quiet") == 0
+    pooled = json.loads(capsys.readouterr().out)
+    assert pooled["notes"]["references_from"] == "store"
+    assert pooled["notes"]["used"]["originals"] == used["originals"]
+    assert pooled["open_set"]["threshold"] == pytest.approx(calibration["open_set"]["threshold"])
     assert run_cli("calibrate", "--store", store_dir, "--quiet") == 0
     text = capsys.readouterr().out
     assert f"skipped {(DESCRIPTIONS - DESCRIBED) * sources}" in text

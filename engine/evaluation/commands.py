@@ -133,7 +133,10 @@ def _calibration_line(ws, calibration) -> str:
             f"{figure(notes.get('ece_default'))} -> {figure(notes.get('ece_calibrated'))}; unknown-source AUROC "
             f"{figure(notes.get('open_set_auroc'))}")
     if used.get("text"):
-        line += f"\nfitted on {notes.get('fitted_on')}: {used['text']}"
+        against = {"store": " against the store's resyntheses", "manifest": " against its own resyntheses (the store "
+                   "has none of its descriptions)"}.get(notes.get("references_from"), "") \
+            if not str(notes.get("fitted_on", "")).startswith("store ") else ""
+        line += f"\nfitted on {notes.get('fitted_on')}{against}: {used['text']}"
     if len(notes.get("sources") or ()) == 1:  # nothing to compare with, nothing to leave out
         line += ("\nwarning: one source: its p is 1 whatever the image (the temperature and ECE mean nothing) and "
                  "no other source could be left out to measure unknown-source rejection; the threshold rests on "
