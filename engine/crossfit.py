@@ -2,7 +2,7 @@
 
 Open-set scores (engine.openset) are measured by leaving each source out in turn: its column goes, its
 originals are the unknowns, and its references shape nothing (not even the "mahalanobis" covariance,
-refitted per round). Temperatures are measured by ECE.
+refitted per round, nor, in dataset and combined modes, the nearest-neighbour slots: `Rescore`). Temperatures are measured by ECE.
 
 Both are cross-fitted on two folds (`make_folds`): by description when there are enough descriptions
 (a description's originals never straddle folds, since they share references), else by image,
@@ -11,7 +11,7 @@ fallback number such as an AUROC of 0.5.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -26,6 +26,10 @@ from engine.openset import (DEFAULT_OPEN_SET_SCORE, FALSE_REJECT, OPEN_SET_SCORE
 LITERATURE_FIGURES = ("oscr", "tnr_at_tpr95", "ccr_at_fpr5")
 MIN_DESCRIPTION_FOLDS = 4  # fewer distinct descriptions than this: folds by image instead
 FOLD_SEED = 0
+# The score matrix with only the sources `keep` enrolled (columns in that order). Where a source's references
+# also shape the others' scores (dataset and combined modes: its resyntheses fill nearest-neighbour slots),
+# the caller recomputes it, so that a left-out source shapes nothing; else the columns are taken as they are.
+Rescore = Callable[[list[int]], np.ndarray]
 
 # ---------------------------------------------------------------------------------------------- folds
 
@@ -118,11 +122,12 @@ def _floors(values: np.ndarray, predicted: np.ndarray, correct: np.ndarray, clas
 
 
 def _round(name: str, scores: np.ndarray, labels: np.ndarray, folds: np.ndarray, s: int, names: list[str],
-           frr: float, context: FeatureContext | None) -> tuple[dict, np.ndarray | None, np.ndarray | None]:
+           frr: float, context: FeatureContext | None,
+           rescore: Rescore | None = None) -> tuple[dict, np.ndarray | None, np.ndarray | None]:
     """Source s left out: the round's figures, cross-fitted decision values (< 0: unknown) and which
     known originals the remaining sources attribute correctly (None, None when not measured)."""
     keep = [c for c in range(len(names)) if c != s]
-    sub = scores[:, keep]
+    sub = rescore(keep) if rescore is not None else scores[:, keep]
     known, unknown = labels != s, labels == s
     if not unknown.any():
         return {"auroc": None, "not_measured": f"no originals of {names[s]} to act as unknowns"}, None, None
@@ -160,14 +165,14 @@ def _round(name: str, scores: np.ndarray, labels: np.ndarray, folds: np.ndarray,
 
 
 def _score_figures(name: str, scores: np.ndarray, labels: np.ndarray, folds: np.ndarray, names: list[str],
-                   frr: float, context: FeatureContext | None) -> dict:
+                   frr: float, context: FeatureContext | None, rescore: Rescore | None = None) -> dict:
     kind = {"threshold": "per source" if OPEN_SET_SCORES[name][1] else "one for all"}
     if OPEN_SET_SCORES[name][0] and context is None:
         return {**kind, "auroc": None, "not_measured": "needs the features (CLIP vectors), not only the score matrix",
                 "per_source": {}}
     per_source, pooled = {}, []
     for s, source in enumerate(names):
-        figures, decision, correct = _round(name, scores, labels, folds, s, names, frr, context)
+        figures, decision, correct = _round(name, scores, labels, folds, s, names, frr, context, rescore)
         per_source[source] = figures
         if decision is not None:
             pooled.append((decision, labels == s, correct))
@@ -229,13 +234,14 @@ def choose_open_set_score(figures: dict[str, dict], preference: tuple[str, ...] 
 def leave_one_source_out(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, names: list[str],
                          frr: float = FALSE_REJECT, context: FeatureContext | None = None,
                          score_names: list[str] | None = None, seed: int = FOLD_SEED,
-                         headline: str = "margin") -> dict:
+                         headline: str = "margin", rescore: Rescore | None = None) -> dict:
     """Every open-set score, each source left out in turn, cross-fitted over `make_folds`.
 
     The top-level figures are those of `headline` (default "margin": per-source thresholds, what
     fit_thresholds gives a Calibration; the evaluation report passes DEFAULT_OPEN_SET_SCORE), or of
     "margin" when `headline` needs features and no `context` is given. `scores[name]` holds every
-    score's figures; `best_measured_score` names the best measured here.
+    score's figures; `best_measured_score` names the best measured here. `rescore` (see Rescore) gives
+    each round's matrix where the left-out source's references shape the others' scores.
     """
     scores, labels = np.asarray(scores, np.float64), np.asarray(labels, int)
     folds, fold_info = make_folds(labels, groups, seed)
@@ -246,7 +252,14 @@ def leave_one_source_out(scores: np.ndarray, labels: np.ndarray, groups: np.ndar
                 "best_measured_score": None,
                 "not_measured": f"{len(names)} source(s): leaving one out needs at least 2"}
     chosen = score_names or list(OPEN_SET_SCORES)
-    figures = {n: _score_figures(n, scores, labels, folds, names, frr, context) for n in chosen}
+    cached = {}
+
+    def once(keep: list[int]) -> np.ndarray:  # each round's matrix computed once for every score
+        if tuple(keep) not in cached:
+            cached[tuple(keep)] = rescore(keep) if rescore is not None else scores[:, keep]
+        return cached[tuple(keep)]
+
+    figures = {n: _score_figures(n, scores, labels, folds, names, frr, context, once) for n in chosen}
     if headline not in figures or (OPEN_SET_SCORES[headline][0] and context is None):
         headline = "margin" if "margin" in figures else chosen[0]
     return {**base, **figures[headline], "headline_score": headline,

@@ -147,6 +147,25 @@ def engine_scores(evalset: EvalSet, features: tuple[np.ndarray, np.ndarray], var
                                   evalset.references() if mode == "combined" else None, variant.per_source)
 
 
+def without_sources(evalset: EvalSet, features: tuple[np.ndarray, np.ndarray],
+                    keep: list[int]) -> tuple[EvalSet, tuple[np.ndarray, np.ndarray]]:
+    """The labelled set with only the sources `keep` enrolled (in that order): the others' resyntheses gone,
+    so that they fill no nearest-neighbour slot; every original stays, the left-out source's too."""
+    from dataclasses import replace
+
+    rows = np.flatnonzero(np.isin(evalset.res_source, keep))
+    column = {c: k for k, c in enumerate(keep)}
+    position = np.full(len(evalset.res_hash), -1)
+    position[rows] = np.arange(len(rows))
+    subset = replace(evalset, sources=[evalset.sources[c] for c in keep],
+                     orig_source=np.array([column.get(int(c), -1) for c in evalset.orig_source]),
+                     res_source=np.array([column[int(c)] for c in evalset.res_source[rows]], np.int64),
+                     res_desc=evalset.res_desc[rows], res_seed=evalset.res_seed[rows],
+                     res_original=evalset.res_original[rows], res_hash=[evalset.res_hash[j] for j in rows],
+                     res_path=[evalset.res_path[j] for j in rows], vectors={})
+    return subset, (features[0], features[1][rows])
+
+
 def fit_calibration(evalset: EvalSet, features: tuple[np.ndarray, np.ndarray], variant: Variant,
                     frr: float = FALSE_REJECT, fitted_on: str = "", mode: str = "resynthesis",
                     neighbours: int = 32) -> tuple[Calibration, np.ndarray | None]:
@@ -165,8 +184,10 @@ def fit_calibration(evalset: EvalSet, features: tuple[np.ndarray, np.ndarray], v
     headline = CALIBRATE_FALLBACK_SCORE if mode == "dataset" else DEFAULT_OPEN_SET_SCORE
     context = (open_set_context(evalset, *features, evalset.references(), variant.per_source)
                if OPEN_SET_SCORES[headline][0] else None)
+    rescore = (None if mode == "resynthesis" else
+               lambda keep: engine_scores(*without_sources(evalset, features, keep), variant, mode, neighbours))
     open_set = leave_one_source_out(scores, labels, evalset.orig_desc, names, frr, context=context,
-                                    headline=headline) if len(names) >= 2 else None
+                                    headline=headline, rescore=rescore) if len(names) >= 2 else None
     precision, open_set_fit = None, {}
     if headline == "mahalanobis":
         assert context is not None  # "mahalanobis" needs the features: OPEN_SET_SCORES says so

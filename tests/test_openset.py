@@ -381,3 +381,29 @@ def test_literature_figures_absent_when_not_measured():
     assert "oscr" not in result["per_source"]["d"] and result["oscr"] is not None
     text = markdown(_minimal_report(result))
     assert "| d | not measured (no originals of d to act as unknowns) | – | – | – | – | – | – |" in text
+
+
+def test_a_left_out_source_fills_no_neighbour_slot():
+    """In dataset and combined modes a source's resyntheses take nearest-neighbour slots from the others: left
+    out, it must shape nothing, so each round rescores without it (its columns alone were dropped)."""
+    from engine.fitting import engine_scores, fit_calibration, without_sources
+
+    evalset, features = one_description_set(per_source=8, refs=6)
+    variant = Variant("store", "cosine", "knn", 3)
+    everyone = list(range(len(NAMES)))
+    for mode in ("dataset", "combined"):
+        scores = engine_scores(evalset, features, variant, mode, neighbours=6)
+        assert np.array_equal(engine_scores(*without_sources(evalset, features, everyone), variant, mode, 6), scores)
+        alone = engine_scores(*without_sources(evalset, features, [1, 2, 3]), variant, mode, 6)
+        assert not np.allclose(alone, scores[:, 1:])  # "a" took slots the others now fill
+        moved = (features[0], features[1].copy())
+        moved[1][evalset.res_source == 0] *= -1  # "a" moved away: nothing of a round without it may change
+        assert np.array_equal(engine_scores(*without_sources(evalset, moved, [1, 2, 3]), variant, mode, 6), alone)
+    # calibrate's figure is the rescored one (on this set 0.893; dropping columns alone said 0.802)
+    scores = engine_scores(evalset, features, variant, "dataset", 6)
+    rescored = leave_one_source_out(scores, evalset.orig_source, evalset.orig_desc, NAMES, headline="best-score",
+                                    rescore=lambda keep: engine_scores(*without_sources(evalset, features, keep),
+                                                                       variant, "dataset", 6))
+    sliced = leave_one_source_out(scores, evalset.orig_source, evalset.orig_desc, NAMES, headline="best-score")
+    calibration, _ = fit_calibration(evalset, features, variant, mode="dataset", neighbours=6)
+    assert calibration.notes["open_set_auroc"] == pytest.approx(rescored["auroc"]) != pytest.approx(sliced["auroc"])
