@@ -321,12 +321,7 @@ def cmd_source_add(args) -> None:
     kind, params = source_kind_and_params(args, parsers={"rate": _rate})  # checked before the store opens
     with _open(args) as ws:
         info = ws.add_source(args.name, kind=kind, **params)
-        row = next((r for r in ws.list_sources() if r["name"] == info["name"]), None)
-    text = f"added source {info['name']} ({info['path'] or info['kind']})"
-    if row is not None:
-        from engine.recipes import recipe
-
-        text += f"\n  recipe: {recipe(row['kind'], row.get('params') or {}, row.get('path'))}"
+    text = f"added source {info['name']} ({info['path'] or info['kind']})\n  recipe: {info['recipe']}"
     for warning in info.get("warnings", []):  # the answer's own (engine.sources.enrol): --json carries them too
         print(f"resynth: warning: {warning}", file=sys.stderr)
     _emit(args, info, text)

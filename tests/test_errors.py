@@ -65,7 +65,9 @@ def test_bad_model_folders(store_dir, models, capsys, tmp_path, copy_of):
     out = capsys.readouterr()
     assert "recipe: steps 3, guidance 7" in out.out and "y uses the default guidance 7" in out.err
     assert run_cli("source", "add", "y2", folder, "--guidance", 5, "--json", *s) == 0  # --json carries it too
-    assert json.loads(capsys.readouterr().out)["warnings"][0].startswith("y2 uses the default steps 30")
+    added = json.loads(capsys.readouterr().out)
+    assert added["warnings"][0].startswith("y2 uses the default steps 30")
+    assert added["params"]["guidance"] == 5.0 and added["recipe"].startswith("steps 30, guidance 5")  # as text
     import engine
 
     with engine.open(store_dir) as ws:  # the library answers the same warning (HTTP returns this answer)

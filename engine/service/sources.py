@@ -282,7 +282,7 @@ async def add(service, policy: SourcePolicy, raw: bytes) -> dict:
             raise  # the machine's trouble (disk, permissions): the app maps it by type
         raise ServiceError(422, "invalid_source", f"the source's files cannot be read: "
                                                   f"{exc.strerror or type(exc).__name__}") from None
-    return {k: v for k, v in info.items() if k != "path"}  # the server's folders are not disclosed
+    return {k: v for k, v in info.items() if k not in ("path", "params")}  # nor the server's folders in params
 
 
 def private(text: str, roots: tuple[Path, ...]) -> str:

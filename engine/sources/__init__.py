@@ -189,9 +189,12 @@ def enrol(store, name: str, kind: str = DEFAULT_KIND, **params) -> dict:
         if twin is not None:
             raise UserError(f"source {twin.name!r} {recipe.twin} (a second name would share its resyntheses)")
         source = store.add_source(name, kind, recipe.fingerprint, path=recipe.path, params=recipe.params)
-    info = {"name": source.name, "kind": source.kind, "path": source.path, "fingerprint": recipe.fingerprint}
-    warnings = [recipe.warning] if recipe.warning else []
+    from engine.recipes import recipe as in_words
+
     stored = recipe.params or {}
+    info = {"name": source.name, "kind": source.kind, "path": source.path, "fingerprint": recipe.fingerprint,
+            "params": stored, "recipe": in_words(source.kind, stored, source.path)}  # as `source list` shows it
+    warnings = [recipe.warning] if recipe.warning else []
     defaulted = [f"{setting} {stored[setting]:g}" for setting in GUESSED_SETTINGS
                  if isinstance(stored.get(setting), (int, float)) and params.get(setting) is None]
     if defaulted:  # the same words from the CLI, Python and HTTP
