@@ -213,8 +213,9 @@ def check_header(path: Path, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_P
     """Cheap early check (no pixel decoded): the file exists, is an accepted format and within limits."""
     path = Path(path)
     if not_a_file(path) == "a folder":
-        raise UserError(f"{shown(path)} is a folder, not an image file: give the image files in it (e.g. "
-                        f"{shown(path)}/*.png) or a --queries file", code="is_a_directory")
+        raise UserError(f"{shown(path)} is a folder, not an image file: `resynth triage {shown(path)}` attributes "
+                        f"every image under it, or give the files (e.g. {shown(path)}/*.png) or a --queries file",
+                        code="is_a_directory")
     with open_regular(path) as handle:
         size = os.fstat(handle.fileno()).st_size
         if size > max_bytes:
