@@ -2,7 +2,8 @@
 
 Open-set scores (engine.openset) are measured by leaving each source out in turn: its column goes, its
 originals are the unknowns, and its references shape nothing (not even the "mahalanobis" covariance,
-refitted per round, nor, in dataset and combined modes, the nearest-neighbour slots: `Rescore`). Temperatures are measured by ECE.
+refitted per round, nor, in dataset and combined modes, the nearest-neighbour slots: `Rescore`).
+Temperatures are measured by ECE.
 
 Both are cross-fitted on two folds (`make_folds`): by description when there are enough descriptions
 (a description's originals never straddle folds, since they share references), else by image,
