@@ -291,6 +291,7 @@ def test_changed_or_foreign_model_files_fail_their_source_only(models, local, tm
     save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": torch.ones(4, 4)}, str(loha))
     query = tmp_path / "query.png"
     save_png_atomic(DiffusersGenerator("q", base, GenerationParams(steps=2)).generate(PROMPT, [1000])[0], query)
+    BASES.clear()  # bases earlier tests' generators still hold would not go idle here
     with workspace(models, tmp_path / "store") as ws:
         ws.add_source("copy", copy, steps=2)
         ws.add_source("foreign", base, kind="lora", lora=str(foreign), steps=2)
