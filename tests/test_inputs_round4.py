@@ -220,10 +220,15 @@ def test_library_arguments_of_the_wrong_type_fail_at_the_call(tmp_path):
 
 DRIVER = """
 import os, signal, sys
+import engine.cli
 from engine.cli import main
-# a real SIGINT, 50 ms into main: the parser is still importing the source kinds (it was a traceback)
-signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
-signal.setitimer(signal.ITIMER_REAL, 0.05)
+# a real SIGINT while the parser is being built (it imports the source kinds: a traceback before), sent at that
+# point rather than after a delay, so a fast machine cannot finish first
+build = engine.cli.build_parser
+def interrupted_build():
+    os.kill(os.getpid(), signal.SIGINT)
+    return build()
+engine.cli.build_parser = interrupted_build
 sys.exit(main(sys.argv[1:]))
 """
 
