@@ -221,12 +221,15 @@ class _BaseCache:
             self._drop(self._idle)
 
     def _drop(self, key) -> None:
-        self._bases.pop(key, None)
+        from engine.generate import free_device_memory, pipeline_bytes
+
+        base = self._bases.pop(key, None)
         if self._idle == key:
             self._idle = None
-        from engine.generate import free_device_memory
-
-        free_device_memory()
+        if base is not None:
+            nbytes = pipeline_bytes(base.pipe)
+            del base
+            free_device_memory(nbytes)
 
     def clear(self) -> None:
         with self._lock:
