@@ -115,9 +115,12 @@ def test_protocol_source_attributes_pays_once_and_reports_moderation(protocol_st
     assert all(e["path"] == path and e["headers"][header] == value for e in api.submissions())
     assert first["cost"]["images_bought"] == bought and first["cost"]["spent_usd"] == pytest.approx(bought * PRICE)
 
-    again = attribute(store, queries, capsys)  # a repeated prompt costs nothing
-    assert len(api.submissions()) == bought and again["cost"]["images_bought"] == 0
-    assert [r["predicted"] for r in again["results"]] == [r["predicted"] for r in first["results"]]
+    # the cache is the engine's, not the protocol's: a repeat is shown once per answer shape (bfl: a URL to
+    # fetch; stability, gemini: the image in the answer), to keep the suite's time
+    if protocol in ("bfl", "stability", "gemini"):
+        again = attribute(store, queries, capsys)  # a repeated prompt costs nothing
+        assert len(api.submissions()) == bought and again["cost"]["images_bought"] == 0
+        assert [r["predicted"] for r in again["results"]] == [r["predicted"] for r in first["results"]]
 
     night = tmp_path / "night.jsonl"
     row = next(o for o in originals if o["source"] == hidden)

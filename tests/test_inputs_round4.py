@@ -222,6 +222,8 @@ DRIVER = """
 import os, signal, sys
 import engine.cli
 from engine.cli import main
+# as in a terminal: a process started in the background by a shell inherits SIGINT ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 # a real SIGINT while the parser is being built (it imports the source kinds: a traceback before), sent at that
 # point rather than after a delay, so a fast machine cannot finish first
 build = engine.cli.build_parser
