@@ -22,6 +22,7 @@ from PIL import Image
 from index import vectors as vx
 from index.store import Store
 from tests.helpers import run_cli
+from tests.procs import resynth
 
 fastapi = pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
@@ -420,8 +421,7 @@ def test_index_rebuilt_by_another_process_is_swapped_in_without_failures(served_
         worker.start()
         try:
             for _ in range(2):
-                assert subprocess.run([sys.executable, "-m", "engine.cli", "rebuild", "--store", str(served_store),
-                                       "--quiet"], cwd=REPO, capture_output=True).returncode == 0
+                assert resynth("rebuild", "--store", served_store, "--quiet").returncode == 0
                 time.sleep(0.2)
             _wait_for(lambda: service.counters["index_swaps"] >= 1, timeout=10)
         finally:

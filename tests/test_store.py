@@ -1,10 +1,7 @@
 """The store: round trips, rebuild, ingest idempotence, and agreement after crashes."""
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +13,7 @@ from index import faults
 from index import vectors as vx
 from index.errors import StoreDamaged
 from index.store import NewImage, Store
+from tests import procs
 from tests.helpers import db_args, run_cli
 
 DIM = 8
@@ -162,18 +160,16 @@ def test_kill_during_ingest_leaves_store_consistent(models, originals, tmp_path,
                    "--clip-checkpoint", models["clip_checkpoint"], *db_args(db)) == 0
     manifest = _write_big_manifest(originals, tmp_path, copies=40)
     total = 40 * len(originals)
-    cmd = [sys.executable, "-m", "engine.cli", "ingest", str(manifest), "--store", str(store), "--quiet",
-           "--allow-outside"]
-    proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], stderr=subprocess.PIPE)
+    proc = procs.start("ingest", manifest, "--store", store, "--quiet", "--allow-outside")
     deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:  # wait for some committed batches, then kill -9
+    while time.time() < deadline and proc.alive():  # wait for some committed batches, then kill -9
         with Store.open(store, writable=False) as peek:
             if peek.stats()["vectors"] >= 64:
                 break
         time.sleep(0.05)
-    assert proc.poll() is None, "ingest finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    assert proc.alive(), "ingest finished before it could be killed"
+    proc.kill()
+    assert proc.wait().returncode == -signal.SIGKILL
     with Store.open(store) as opened:
         assert _agree(opened)
         partial = opened.stats()["vectors"]

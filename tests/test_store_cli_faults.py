@@ -17,19 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import run_cli
+from tests.procs import resynth  # noqa: F401  (test_jobs imports it from here)
 
 REPO = Path(__file__).resolve().parents[1]
 NEW_PROMPT = "a lighthouse keeper with a lantern at dusk"
-
-
-def resynth(*argv, crash_at: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`resynth ...` in its own process, optionally killed (SIGKILL) at a named write step."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("RESYNTH_CRASH_AT", None)
-    if crash_at:
-        env["RESYNTH_CRASH_AT"] = crash_at
-    return subprocess.run([sys.executable, "-m", "engine.cli", *map(str, argv)], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=timeout)
 
 
 def in_process(*argv) -> subprocess.CompletedProcess:

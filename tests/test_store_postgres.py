@@ -4,9 +4,6 @@ read-only opens enforced by the server. Everything runs against a real server (t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,8 +16,8 @@ from index.errors import StoreDamaged, StoreError, StoreInputError
 from index.store import NewImage, Store
 from tests import pg
 from tests.helpers import run_cli
+from tests.procs import resynth
 
-REPO = Path(__file__).resolve().parents[1]
 DIM = 16
 EMBEDDER = {"identity": "test-embedder", "arch": "x", "checkpoint": "x"}
 SECRET = "s3cret-Pa55word"
@@ -65,9 +62,7 @@ def _one_line_error(err: str) -> str:
     return lines[0]
 
 
-def _cli(*argv) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine.cli", *map(str, argv)], cwd=REPO, capture_output=True,
-                          text=True, timeout=180, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+_cli = resynth
 
 
 def test_password_is_refused_in_the_url_and_never_written(tmp_path, url, monkeypatch):
@@ -196,9 +191,7 @@ def test_generation_happens_once_across_processes_and_survives_kill(tmp_path, mo
     argv = ["attribute", originals[1]["image"], "--prompt", "a lighthouse keeper raced on postgres",
             "--per-source", 2, "--no-adaptive", "--store", root, "--json", "--quiet"]
     count = "SELECT count(*) FROM vectors"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RESYNTH_CRASH_AT": "generate:before-commit"}
-    killed = subprocess.run([sys.executable, "-m", "engine.cli", *map(str, argv)], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=180)
+    killed = resynth(*argv, crash_at="generate:before-commit")
     assert killed.returncode == -9 and pg.sql(url, count) == [[(0,)]]
     with ThreadPoolExecutor(2) as pool:
         outs = list(pool.map(lambda _: _cli(*argv), range(2)))

@@ -26,6 +26,7 @@ from index.errors import StoreBusy, StoreFull, StoreInputError, StoreReadOnly
 from index.keys import normalise_description
 from index.schema import Source
 from index.store import NewImage, Store
+from tests.procs import resynth
 
 DIM = 16
 REPO = Path(__file__).resolve().parents[1]
@@ -197,17 +198,17 @@ def test_commands_on_a_read_only_mount(tmp_path, models, mounts):
     """The CLI on a read-only mount: stats, source list and verify answer (exit 0); a command that
     writes says so in one line (exit 5: the machine refused), never a traceback."""
     source = tmp_path / "src"
-    done = _run([sys.executable, "-m", "engine.cli", "init", "--store", str(source / "s"),
-                 "--clip-config", str(models["clip_config"]), "--clip-checkpoint", str(models["clip_checkpoint"])])
+    done = resynth("init", "--store", source / "s", "--clip-config", models["clip_config"],
+                   "--clip-checkpoint", models["clip_checkpoint"])
     assert done.returncode == 0, done.stderr
     before = _snapshot(source)
     view = mounts("ro", source)
     store = str(view / "s")
     for argv in (["stats", "--json"], ["source", "list"], ["verify", "--json", "--no-files"]):
-        done = _run([sys.executable, "-m", "engine.cli", *argv, "--store", store])
+        done = resynth(*argv, "--store", store)
         assert done.returncode == 0 and "Traceback" not in done.stderr, (argv, done.stderr)
     for argv in (["source", "remove", "nothing-here"], ["rebuild"], ["verify", "--repair"]):
-        done = _run([sys.executable, "-m", "engine.cli", *argv, "--store", store])
+        done = resynth(*argv, "--store", store)
         err = done.stderr.strip()
         assert done.returncode == 5 and "Traceback" not in err and len(err.splitlines()) == 1, (argv, err)
         assert "read-only" in err and "backup" not in err, err
@@ -222,7 +223,6 @@ def test_cached_attribution_on_a_read_only_mount(tmp_path, models, originals, mo
 
     source = tmp_path / "src"
     store = source / "s"
-    cli = [sys.executable, "-m", "engine.cli"]
     assert run_cli("init", "--store", store, "--clip-config", models["clip_config"],
                    "--clip-checkpoint", models["clip_checkpoint"], "--quiet") == 0
     name, folder = next(iter(models["pipelines"].items()))
@@ -234,13 +234,13 @@ def test_cached_attribution_on_a_read_only_mount(tmp_path, models, originals, mo
     first = subprocess.CompletedProcess([], 0, capsys.readouterr().out, "")
     before = _snapshot(source)
     view = mounts("ro", source)
-    again = subprocess.run([*cli, *query, "--store", str(view / "s")], capture_output=True, text=True, timeout=300)
+    again = resynth(*query, "--store", view / "s")
     assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr
     answers = [json.loads(out)["results"][0] for out in (first.stdout, again.stdout)]
     assert answers[1]["cached"] == 1 and answers[1]["generated"] == 0
     assert [answers[1][k] for k in ("predicted", "scores")] == [answers[0][k] for k in ("predicted", "scores")]
     new = [*query[:3], originals[0]["prompt"] + " never asked before", *query[4:]]
-    fresh = subprocess.run([*cli, *new, "--store", str(view / "s")], capture_output=True, text=True, timeout=300)
+    fresh = resynth(*new, "--store", view / "s")
     err = fresh.stderr.strip()
     assert fresh.returncode == 5 and len(err.splitlines()) == 1 and "read-only" in err, err
     assert _snapshot(source) == before
