@@ -20,9 +20,12 @@ DEFAULT_TEMPERATURE = 0.01  # cosine scores differ in the second decimal; 1.0 wo
 # Options a calibration is fitted with (its notes) that change the scores it thresholds: a query run with
 # another value is scored on another scale, so the fitted temperature and thresholds do not apply to it.
 # (notes key, the flag that sets it, how a sentence names a value, the value of a calibration that does not
-# record it: calibrate has always fitted on resyntheses alone, so original_refs 0)
-FITTED_WITH = (("mode", "--mode", "in {} mode", None), ("aggregation", "--aggregation", "with --aggregation {}", None),
-               ("original_refs", "--original-refs", "with --original-refs {}", 0))
+# record it: calibrate has always fitted on resyntheses alone, so original_refs 0; the modes whose scores it
+# changes: --neighbours is how many stored references a dataset or combined score is taken over)
+FITTED_WITH = (("mode", "--mode", "in {} mode", None, None),
+               ("aggregation", "--aggregation", "with --aggregation {}", None, None),
+               ("original_refs", "--original-refs", "with --original-refs {}", 0, None),
+               ("neighbours", "--neighbours", "with --neighbours {}", None, ("dataset", "combined")))
 
 
 @dataclass
@@ -58,13 +61,15 @@ class Calibration:
     def applying(self, stale: str | None, options: "Options | None" = None) -> "Calibration":
         """This calibration, for a query run with `options`, if it applies to it;
         else the uncalibrated rule (default temperature, no threshold, `fitted` False) saying why in
-        `why_not`: a stale calibration, or one fitted with another mode or aggregation, whose temperature
-        and thresholds were measured on another scale of scores."""
+        `why_not`: a stale calibration, or one fitted with another mode, aggregation or (dataset and combined
+        modes) number of neighbours, whose temperature and thresholds were measured on another scale of scores."""
         if not self.fitted:
             return self
         why = stale
-        for key, flag, text, unrecorded in FITTED_WITH if why is None and options is not None else ():
+        for key, flag, text, unrecorded, modes in FITTED_WITH if why is None and options is not None else ():
             fitted, asked = self.notes.get(key, unrecorded), getattr(options, key, None)
+            if modes is not None and getattr(options, "mode", None) not in modes:
+                continue
             if fitted is not None and asked is not None and fitted != asked:
                 why = (f"calibrated {text.format(fitted)}; this query ran {text.format(asked)}: "
                        + (f"run `resynth calibrate` with {flag} {asked}" if key != "original_refs" else

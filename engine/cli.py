@@ -9,6 +9,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from engine.console import INTERRUPTED, INTERRUPTED_TEXT, wants_json
+from engine.console import report as _report
 from engine.errors import UserError, kind_of, message_of
 from engine.flags import (Parser, add_clip_arguments, add_global_options, add_source_arguments, check_device,
                           clip_kwargs, common_parent, json_object, source_kind_and_params)
@@ -18,19 +20,16 @@ from engine.paths import check_output_file, expand_optional, expand_path, not_a_
 EPILOG = "Store: --store DIR, else $RESYNTH_STORE, else ./resynth-store. Models are read from local paths only."
 
 
-INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command ended by Ctrl-C
-
-
 def main(argv: list[str] | None = None) -> int:
     # Weights only ever come from local paths: an accidental hub download must fail at once, not hang.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     argv = sys.argv[1:] if argv is None else list(argv)
-    Parser.json_errors = "--json" in argv[: argv.index("--") if "--" in argv else len(argv)]
+    Parser.json_errors = wants_json(argv)
     try:  # Ctrl-C while the parser imports the source kinds (a third of a second) is one line too
         return _main(argv)
     except KeyboardInterrupt:
-        _report("interrupted (everything committed so far is kept)", "interrupted", INTERRUPTED, Parser.json_errors)
+        _report(INTERRUPTED_TEXT, "interrupted", INTERRUPTED, Parser.json_errors)
         return INTERRUPTED
     except BrokenPipeError:  # `resynth ... | head`: the reader left; end quietly
         _silence_stdout()
@@ -69,14 +68,6 @@ def _main(argv: list[str]) -> int:
             traceback.print_exception(exc)
         _report(message_of(exc), getattr(exc, "code", None) or kind.code, kind.exit_code, args.json)
         return kind.exit_code
-
-
-def _report(message: str, code: str, exit_code: int, as_json: bool) -> None:
-    """The one line of a failure on stderr: text, or with --json one object a script parses."""
-    if as_json:
-        print(json.dumps({"error": message, "kind": code, "exit_code": exit_code}), file=sys.stderr)
-    else:
-        print(f"resynth: error: {message}" if exit_code != INTERRUPTED else f"resynth: {message}", file=sys.stderr)
 
 
 def quiet_libraries() -> None:

@@ -10,6 +10,7 @@ import pytest
 
 import engine
 
+from engine.calibration import Calibration
 from engine.openset import CALIBRATE_FALLBACK_SCORE, DEFAULT_OPEN_SET_SCORE
 from engine.options import Options
 from tests.helpers import dataset_subset, run_cli
@@ -133,6 +134,15 @@ def test_calibrate_on_the_store_says_what_it_used(models, demo_manifest, store_d
     assert run_cli("calibrate", "--store", store_dir, "--mode", "dataset", "--json", "--quiet") == 0
     dataset = json.loads(capsys.readouterr().out)
     assert dataset["notes"]["open_set_score"] == CALIBRATE_FALLBACK_SCORE and not dataset["open_set"], dataset
+    # a dataset score is taken over --neighbours stored references: another number is another scale there,
+    # and no change at all in resynthesis mode, which searches no neighbours
+    fitted_with = dataset["notes"]["neighbours"]
+    with engine.open(store_dir, writable=False) as ws:
+        assert ws.calibration.applying(None, Options(mode="dataset", neighbours=fitted_with)).why_not is None
+        why = ws.calibration.applying(None, Options(mode="dataset", neighbours=fitted_with + 1)).why_not
+        assert why and f"--neighbours {fitted_with + 1}" in why and "resynth calibrate" in why, why
+    resynthesis = Calibration(fitted=True, notes={"mode": "resynthesis", "neighbours": fitted_with})
+    assert resynthesis.applying(None, Options(mode="resynthesis", neighbours=fitted_with + 1)).why_not is None
 
 
 def test_evaluate_skips_originals_without_resyntheses_and_names_one_default(models, demo_manifest, tmp_path,

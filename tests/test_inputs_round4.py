@@ -235,10 +235,28 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+# the console script (`resynth`, engine.console), SIGINT arriving while it imports the command line's modules
+DURING_IMPORT = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+class InterruptOnce:  # the first look-up of a module engine.cli imports is where the user's Ctrl-C lands
+    def find_spec(self, name, path=None, target=None):
+        if name == "engine.flags":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+from engine.console import main
+sys.meta_path.insert(0, InterruptOnce())
+sys.argv = ["resynth", *sys.argv[1:]]
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("driver", [DRIVER, DURING_IMPORT], ids=["in-main", "during-import"])
 @pytest.mark.parametrize("as_json", [False, True])
-def test_ctrl_c_anywhere_in_main_is_one_line_and_exit_130(tmp_path, as_json):
+def test_ctrl_c_anywhere_in_main_is_one_line_and_exit_130(tmp_path, as_json, driver):
     argv = ["init", "--store", str(tmp_path / "s"), "--clip-model", "ViT-B-32", "--clip-checkpoint", "none.bin"]
-    done = subprocess.run([sys.executable, "-c", DRIVER, *argv, *(["--json"] if as_json else [])], cwd=REPO,
+    done = subprocess.run([sys.executable, "-c", driver, *argv, *(["--json"] if as_json else [])], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 130 and done.stdout == "", done
     line = done.stderr.strip()
