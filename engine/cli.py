@@ -9,9 +9,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from engine.console import INTERRUPTED, INTERRUPTED_TEXT, wants_json
-from engine.console import report as _report
-from engine.errors import UserError, kind_of, message_of
+from engine.errors import INTERRUPTED, INTERRUPTED_TEXT, UserError, kind_of, message_of, wants_json
+from engine.errors import report as _report
 from engine.flags import (Parser, add_clip_arguments, add_global_options, add_source_arguments, check_device,
                           clip_kwargs, common_parent, json_object, source_kind_and_params)
 from engine.options import add_arguments

@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import errno
+import json
+import sys
 from dataclasses import dataclass
 
 from index.errors import (StoreBusy, StoreDamaged, StoreDenied, StoreError, StoreFull, StoreInputError, StoreReadOnly,
@@ -231,3 +233,20 @@ def first_line(exc: BaseException) -> str:
     """The first line of a library exception, for wrapping it in a UserError."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command ended by Ctrl-C
+INTERRUPTED_TEXT = "interrupted (everything committed so far is kept)"
+
+
+def report(message: str, code: str, exit_code: int, as_json: bool) -> None:
+    """The one line of a command's failure on stderr: text, or with --json one object a script parses."""
+    if as_json:
+        print(json.dumps({"error": message, "kind": code, "exit_code": exit_code}), file=sys.stderr)
+    else:
+        print(f"resynth: error: {message}" if exit_code != INTERRUPTED else f"resynth: {message}", file=sys.stderr)
+
+
+def wants_json(argv: list[str]) -> bool:
+    """--json before any `--`: a command's failures are then reported as one JSON object."""
+    return "--json" in argv[: argv.index("--") if "--" in argv else len(argv)]
