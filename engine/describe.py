@@ -29,7 +29,8 @@ def clean_prompt(text: str | None) -> str | None:
         return None
     normal = normalise_description(text)
     if not normal:
-        raise UserError("empty prompt: give a description with words in it, or leave --prompt out")
+        raise UserError("empty prompt: give a description with words in it, or leave the prompt out",
+                        code="empty_prompt")  # the same code and words from the CLI, Python and HTTP
     return normal
 
 

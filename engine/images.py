@@ -227,7 +227,8 @@ def _check_opened_header(handle: IO[bytes], label: str, max_pixels: int) -> None
     try:
         with Image.open(handle) as opened:
             if not accepted(opened):
-                raise UnsupportedError(f"{label}: {opened.format} images are not accepted", code="unsupported_image")
+                raise UnsupportedError(f"{label}: {opened.format} images are not accepted "
+                                       f"(accepted: {', '.join(FORMATS)})", code="unsupported_image")
             _check_pixels(opened.width, opened.height, max_pixels, label)
     except UserError:
         raise
@@ -239,7 +240,8 @@ def _check_opened_header(handle: IO[bytes], label: str, max_pixels: int) -> None
         if _text_bomb(exc):
             raise _too_much_text(label) from None
         lines = str(exc).splitlines() or [type(exc).__name__]
-        reason = "not an image" if isinstance(exc, UnidentifiedImageError) else lines[0]
+        # the reader's own words (decode): a file gets one message whether the CLI checks it first or not
+        reason = f"not a {', '.join(FORMATS)} image" if isinstance(exc, UnidentifiedImageError) else lines[0]
         raise UserError(f"cannot decode image {label}: {reason}", code="undecodable_image") from None
 
 

@@ -112,19 +112,7 @@ class Options:
             raw = given.get(f.name)
             if raw is None or not str(raw).strip():
                 continue
-            raw = str(raw).strip()
-            if f.metadata["kind"] is bool:
-                if raw.lower() not in TRUE + FALSE:
-                    raise OptionError(f"{f.name} must be true or false, not {raw[:40]!r}")
-                values[f.name] = raw.lower() in TRUE
-            elif f.metadata["kind"] in (int, float):
-                try:
-                    values[f.name] = f.metadata["kind"](raw)
-                except ValueError:
-                    kind = "an integer" if f.metadata["kind"] is int else "a number"
-                    raise OptionError(f"{f.name} must be {kind}, not {raw[:40]!r}") from None
-            else:
-                values[f.name] = raw
+            values[f.name] = parse_text(f.name, str(raw))
         return cls(**values)
 
     @classmethod
@@ -155,9 +143,29 @@ class Options:
         return asdict(self)
 
 
+def parse_text(name: str, raw: str) -> Any:
+    """One option's value from its text, as a CLI flag or an HTTP form field gives it: both layers read it
+    here, so a bad value is the same OptionError (and message) from either, and from Options itself."""
+    meta = _FIELDS[name].metadata
+    raw = raw.strip()
+    flag = f"{name} (--{name.replace('_', '-')})"
+    if meta["kind"] is bool:
+        if raw.lower() not in TRUE + FALSE:
+            raise OptionError(f"{flag} must be true or false, not {raw[:40]!r}")
+        return raw.lower() in TRUE
+    if meta["kind"] in (int, float):
+        try:
+            return meta["kind"](raw)
+        except ValueError:
+            kind = "an integer" if meta["kind"] is int else "a number"
+            raise OptionError(f"{flag} must be {kind}, not {raw[:40]!r}") from None
+    return raw
+
+
 def add_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
-    """One CLI flag per option (or per option named in `only`), with its default and help (values are
-    validated by Options itself)."""
+    """One CLI flag per option (or per option named in `only`), with its default and help. Values are
+    read as text and checked by `from_args` (parse_text, then Options), not by argparse: `--mode foo` is
+    the same one-line bad_option error as the HTTP field `mode=foo`, not a usage message."""
     for f in fields(Options):
         if only is not None and f.name not in only:
             continue
@@ -167,14 +175,15 @@ def add_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None 
             parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
                                 action=argparse.BooleanOptionalAction, help=meta["help"] + default)
             continue
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
-                            type=meta["kind"] if meta["kind"] in (int, float) else str, choices=meta["choices"],
-                            metavar=meta["metavar"], help=meta["help"] + default)
+        metavar = "{" + ",".join(meta["choices"]) + "}" if meta["choices"] else meta["metavar"]
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar=metavar,
+                            help=meta["help"] + default)
 
 
 def from_args(args: argparse.Namespace) -> Options:
     given = {f.name: getattr(args, f.name, None) for f in fields(Options)}
-    return Options(**{name: value for name, value in given.items() if value is not None})
+    return Options(**{name: parse_text(name, value) if isinstance(value, str) else value
+                      for name, value in given.items() if value is not None})
 
 
 def schema() -> dict:
@@ -197,3 +206,6 @@ def schema() -> dict:
                 prop["enum"] = list(meta["choices"])
         out[f.name] = prop
     return out
+
+
+_FIELDS = {f.name: f for f in fields(Options)}

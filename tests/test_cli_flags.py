@@ -66,7 +66,8 @@ def test_json_errors_are_one_object_on_stderr(tmp_path, capsys):
 def test_a_bad_flag_prints_the_usage_of_its_subcommand(capsys):
     for argv, usage in ((("stats", "--bogus"), "usage: resynth stats"),
                         (("source", "add", "x", "--stepz", "3"), "usage: resynth source add"),
-                        (("attribute", "--per-source", "many"), "usage: resynth attribute")):
+                        (("attribute", "--per-sourse", "3"), "usage: resynth attribute")):
+        # (a bad option value, `--per-source many`, is the bad_option error of every layer: tests/test_parity.py)
         with pytest.raises(SystemExit) as stop:
             run_cli(*argv)
         assert stop.value.code == 2

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from engine.attribute import Query
+from engine.describe import clean_prompt
 from engine.errors import SourceError, TooLargeError, UserError, kind_of, message_of
 from engine.images import FORMATS, check_aspect, check_structure
 from engine.options import Options, schema
@@ -31,7 +32,6 @@ from engine.service.uploads import Uploads
 from engine.service.sources import MAX_BODY, SourcePolicy
 from engine.service import sources as source_changes
 from index.errors import StoreError
-from index.keys import normalise_description
 
 log = logging.getLogger("resynth.service")
 STATIC = Path(__file__).parent / "static"
@@ -307,9 +307,10 @@ async def _read_request(request: Request, service: Service,
                                f"{len(prompts)} prompts for {len(uploads)} image{'s' * (len(uploads) != 1)}: "
                                "give one, or one per image")
         for number, prompt in enumerate(prompts, start=1):
-            if not normalise_description(prompt):
-                raise ServiceError(400, "empty_prompt", f"prompt {number} is empty: give a description with "
-                                                        "words in it, or leave the prompt field out")
+            try:
+                clean_prompt(prompt)  # the library's check: the CLI's and Python's code and message
+            except UserError as exc:
+                raise type(exc)(str(exc) if len(prompts) == 1 else f"prompt {number}: {exc}", code=exc.code) from None
         Options.check_fields(form.keys())  # a misspelt option is refused, not ignored (engine.options)
         twice = [name for name in OPTION_FIELDS if len(form.getlist(name)) > 1]
         if twice:  # only the last would count: a client's list of sources silently cut to one
