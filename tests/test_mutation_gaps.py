@@ -1,0 +1,121 @@
+"""Guarantees of docs/guarantees.md that a mutation audit found no test for: each test here fails when the
+product breaks that guarantee in one small, realistic way (named in its docstring), and passes as it is."""
+from __future__ import annotations
+
+import io
+import multiprocessing
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from index.store import Store
+from tests.helpers import run_cli
+
+EMBEDDER = {"identity": "test-embedder", "arch": "x", "checkpoint": "x"}
+DIM = 8
+
+
+def _png(i: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (i * 40 % 256, 80, 200 - i)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def tiny_store(tmp_path) -> Path:
+    root = tmp_path / "s"
+    with Store.create(root, EMBEDDER, DIM) as store:
+        store.add_source("a", "replay", "fp")
+    return root
+
+
+def _killed_at(point: str, work) -> int | None:
+    """Run `work` in a forked child that kills itself (SIGKILL) at crash point `point`; its exit code."""
+    def child() -> None:
+        import os
+
+        os.environ["RESYNTH_CRASH_AT"] = point
+        work()
+
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start()
+    process.join(60)
+    return process.exitcode
+
+
+def test_an_image_appears_under_its_own_name_only_whole(tiny_store):
+    """Write order, step 1: an image file is written under a temporary name, fsynced, then renamed, so a kill
+    mid-write never leaves half a PNG under the name its row will give. Mutation that survived every test:
+    index/objects.py LocalImages.write writing the target path directly (no temporary name, no rename)."""
+    target = tiny_store / "images" / "fp" / "new.png"
+
+    def write() -> None:
+        with Store.open(tiny_store) as store:
+            store.write_image("images/fp/new.png", _png(5))
+
+    assert _killed_at("image:before-replace", write) == -signal.SIGKILL
+    assert not target.exists()  # the kill came between the write and the rename
+    left = list(target.parent.iterdir())  # only the dead writer's temporary file, which the next repair removes
+    assert len(left) == 1 and left[0].match(".new.png.*.tmp"), left
+
+
+def test_an_error_of_several_lines_is_still_one_line(tmp_path, capsys):
+    """One-line errors: a message that carries a newline (here a --store path pasted with one) is printed on
+    one line. Mutation that survived every test: engine/errors.py _one_line returning its text unchanged."""
+    assert run_cli("stats", "--store", tmp_path / "no\nstore") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("resynth: error: no store at"), err
+
+
+@pytest.fixture
+def one_source_store(models, tmp_path) -> tuple[Path, str]:
+    """A store bound to the tiny CLIP with one tiny pipeline (2 steps): a generation costs one image."""
+    path, name = tmp_path / "store", next(iter(models["pipelines"]))
+    assert run_cli("init", "--store", path, "--clip-config", models["clip_config"],
+                   "--clip-checkpoint", models["clip_checkpoint"], "--quiet") == 0
+    assert run_cli("source", "add", name, models["pipelines"][name], "--store", path, "--steps", 2, "--quiet") == 0
+    return path, name
+
+
+def test_a_generated_image_is_on_disk_before_its_row_commits(one_source_store, tmp_path, monkeypatch):
+    """Write order: image file first (whole, under its final name), then the one transaction with its row and
+    vector, so a kill right after the commit leaves no row naming a file that was never written. Mutation that
+    survived every test (the kill tests crash before the commit or after the images anyway): engine/resynthesis.py
+    store_generated committing the rows (add_images) before writing their images. What the store holds at the
+    moment of each commit is read through the real commit, which then runs unchanged."""
+    import hashlib
+
+    import engine
+
+    store, _ = one_source_store
+    query = tmp_path / "query.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(query)
+    on_disk: list[bool] = []
+    with engine.open(store) as ws:
+        commit = ws.store.add_images
+
+        def observed(rows):
+            on_disk.extend((store / r.path).is_file() and hashlib.sha256((store / r.path).read_bytes()).hexdigest()
+                           == r.file_hash for r in rows)
+            return commit(rows)
+
+        monkeypatch.setattr(ws.store, "add_images", observed)
+        report = ws.attribute(query, prompt="a red kite over a beach", options=engine.Options(per_source=1))
+        assert report.generated == 1, report.to_dict()["cache"]
+        assert ws.store.verify()["ok"]
+    assert on_disk == [True]
+
+
+def test_a_source_removed_through_a_workspace_is_gone_from_its_next_plan(tiny_store):
+    """Changes made through a workspace apply at once (its source list is cached for others' changes only).
+    Mutation that survived every test: engine/workspace.py remove_source no longer forgetting the cached list,
+    so requests planned right after the removal still named the removed source."""
+    import engine
+
+    with engine.open(tiny_store) as ws:
+        assert [s.name for s in ws.sources()] == ["a"]
+        ws.remove_source("a")
+        assert ws.sources() == []
