@@ -443,13 +443,23 @@ def _add_error_handlers(app: FastAPI, service: Service) -> None:
     async def any_error(request: Request, exc: Exception):
         kind = kind_of(exc)  # by type, never by message text
         if kind is not None:  # what the machine refused is said without the server's paths
-            return reply(kind.status, kind.code, message_of(exc, paths=False))
+            return reply(kind.status, kind.code, _without_store_path(message_of(exc, paths=False), service))
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return reply(500, "internal_error", "internal error (details are in the server log)")
 
     for mapped in MAPPED_ERRORS:
         app.add_exception_handler(mapped, any_error)
     app.add_exception_handler(Exception, any_error)
+
+
+def _without_store_path(message: str, service: Service) -> str:
+    """The store's own messages name its folder ("the store at /srv/x is read-only"): over HTTP the folder
+    is named by its last part, as /v1/stats and the case report name it, never by the server's path."""
+    root = Path(service.store.root)
+    for shown in sorted({str(root), str(root.resolve())}, key=len, reverse=True):
+        if len(shown) > 1:
+            message = message.replace(shown, root.name or "the store")
+    return message
 
 
 async def _upkeep(service: Service) -> None:

@@ -14,8 +14,9 @@ class ServiceError(Exception):
         self.headers = headers or {}
 
 
-def one_line(text: str, limit: int = 300) -> str:
-    """First line only, bounded: library messages may quote long user input."""
+def one_line(text: str, limit: int = 500) -> str:
+    """First line only, bounded: library messages may quote long user input. The bound is the CLI's
+    (engine.errors.message_of): a message is not cut over HTTP where the command line shows it whole."""
     first = (text or "").strip().splitlines()[0] if (text or "").strip() else "error"
     return first if len(first) <= limit else first[: limit - 3] + "..."
 
