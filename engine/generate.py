@@ -10,12 +10,12 @@ from typing import Callable
 from PIL import Image
 
 from engine.errors import SourceError, UserError, first_line
+from engine.sources.model_files import WEIGHT_SUFFIXES, check_components, check_weight_entries, model_files
 from index.keys import canonical_json, sha256_text
 
 # Weight files are fingerprinted by name, size and their first and last MiB: reading whole
 # multi-GB checkpoints at every `source add` would be slow, and a changed file changes these.
 _PROBE = 1 << 20
-_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf"}
 
 
 @dataclass(frozen=True)
@@ -37,11 +37,12 @@ class GenerationParams:
 
 
 def fingerprint_folder(folder: Path) -> str:
-    """A content fingerprint of a pipeline folder: configs in full, weights by name, size and ends."""
+    """A content fingerprint of a pipeline folder: configs in full, weights by name, size and ends (a component
+    folder linked from elsewhere included: swapping the link's target changes the fingerprint)."""
     parts = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    for path in (p for p in model_files(folder) if p.is_file() and not p.name.startswith(".")):
         rel = path.relative_to(folder).as_posix()
-        if path.suffix in _WEIGHT_SUFFIXES:
+        if path.suffix in WEIGHT_SUFFIXES:
             size = path.stat().st_size
             with open(path, "rb") as handle:
                 head = handle.read(_PROBE)
@@ -268,37 +269,15 @@ def check_pipeline_folder(folder: Path) -> str:
     accepted = inspect.signature(pipeline_class.__call__).parameters
     if "prompt" not in accepted or "image" in accepted:
         raise UserError(f"{folder} holds a {class_name}, not a text-to-image pipeline")
+    if not isinstance(index, dict):
+        raise UserError(f"malformed model_index.json in {folder}")
+    check_components(folder, index)  # before anything is imported or loaded for them
     for component, value in index.items():
         named = not component.startswith("_") and isinstance(value, list) and value and value[0]
         if named and not (folder / component).is_dir():
             raise UserError(f"{folder}: component folder {component!r} is missing")
-    for weights in sorted(folder.rglob("*")):
-        if weights.is_file() and weights.suffix in _WEIGHT_SUFFIXES:
-            check_weight_file(weights)
+    check_weight_entries(folder)
     return class_name
-
-
-def check_weight_file(path: Path) -> None:
-    """Cheap structural check of a weight file, without loading it: a safetensors header must parse and
-    its tensors must end exactly at the end of the file; a PyTorch file must be a zip or a pickle."""
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-        if path.suffix == ".safetensors":
-            length = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if not 0 < length <= min(size - 8, 100 << 20):
-                raise UserError(f"corrupt weight file {path}: not a safetensors file (bad header length)")
-            try:
-                header = json.loads(handle.read(length))
-                end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-            except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-                raise UserError(f"corrupt weight file {path}: unreadable safetensors header") from None
-            if 8 + length + end != size:
-                raise UserError(f"corrupt weight file {path}: {size} bytes, the header describes {8 + length + end} "
-                                "(truncated or padded)")
-        elif (path.suffix in {".bin", ".pt", ".pth", ".ckpt"}
-              and not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80")):
-            raise UserError(f"corrupt weight file {path}: neither a PyTorch zip nor a pickle")
 
 
 def load_pipeline(folder: Path, params: GenerationParams, device: str):

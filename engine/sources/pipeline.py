@@ -61,10 +61,16 @@ class Pipeline(SourceKind):
         from engine.generate import check_pipeline_folder, fingerprint_folder
 
         folder = Path(path).resolve()
-        if folder.is_file() and folder.suffix in (".safetensors", ".ckpt", ".pt", ".bin"):
+        if folder.is_file() and folder.suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+            from engine.sources.model_files import check_weight_file
             from engine.sources.single_file import lora_hint
 
-            hint = lora_hint(folder) if folder.suffix == ".safetensors" else None
+            if folder.suffix != ".safetensors":  # single-file sources refuse it too: say so now, not one step on
+                raise UserError(f"{path} is a pickled checkpoint: loading one can run code shipped in it, so only "
+                                ".safetensors files are read (convert it, then add it as a single-file source with "
+                                "--config DIR)")
+            check_weight_file(folder)  # a corrupt or hostile header, refused in one line before it is parsed again
+            hint = lora_hint(folder)
             if hint:
                 raise UserError(hint)
             raise UserError(f"{path} is a single checkpoint file: add it as a single-file source with --config DIR "
@@ -108,7 +114,7 @@ def check_weights_present(folder: Path) -> None:
     index = json.loads((folder / "model_index.json").read_text())
     empty = [name for name, value in index.items()
              if name.startswith(WEIGHTED) and isinstance(value, list) and value and value[0]
-             and not any(next((folder / name).glob(pattern), None) for pattern in WEIGHT_PATTERNS)]
+             and not any(found.is_file() for pattern in WEIGHT_PATTERNS for found in (folder / name).glob(pattern))]
     if empty:
         raise UserError(f"{folder}: no weight files (*.safetensors, *.bin) in {', '.join(empty)}: the folder holds "
                         "configs only (download the weights, or add a checkpoint file as a single-file source with "

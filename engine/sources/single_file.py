@@ -55,7 +55,7 @@ def file_sha256(path: Path) -> str:
 
 def check_safetensors(path, what: str) -> Path:
     """An existing, structurally sound .safetensors file (pickled checkpoints are refused: loading one runs code)."""
-    from engine.generate import check_weight_file
+    from engine.sources.model_files import check_weight_file
 
     path = Path(path).expanduser().resolve()
     if not path.is_file():
@@ -68,10 +68,22 @@ def check_safetensors(path, what: str) -> Path:
 
 
 def safetensors_header(path: Path) -> dict:
-    """A safetensors file's header (tensor name -> dtype, shape, offsets), read without its tensors."""
+    """A safetensors file's header (tensor name -> dtype, shape, offsets), read without its tensors. Bounded
+    as the safetensors library bounds it: a length of petabytes would otherwise be allocated before reading."""
+    from engine.sources.model_files import MAX_SAFETENSORS_HEADER
+
     with open(path, "rb") as handle:
-        length = int.from_bytes(handle.read(8), "little")
-        return json.loads(handle.read(length))
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        try:
+            if not 0 < length <= MAX_SAFETENSORS_HEADER:
+                raise ValueError(length)
+            header = json.loads(handle.read(length))
+        except (ValueError, RecursionError):  # RecursionError: [[[[... nested a million deep
+            header = None
+    if not isinstance(header, dict):
+        raise UserError(f"corrupt weight file {path}: not a safetensors header")
+    return header
 
 
 def safetensors_keys(path: Path) -> list[str]:
@@ -92,7 +104,7 @@ def lora_hint(path) -> str | None:
     for a file whose header cannot be read: its own check says why)."""
     try:
         keys = safetensors_keys(Path(path))
-    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not a mapping
+    except (OSError, UserError):  # unreadable, or not a safetensors header
         return None
     if not is_lora(keys):
         return None

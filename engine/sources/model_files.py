@@ -1,0 +1,170 @@
+"""What a model folder or file may hold before anything of it is loaded: checks that read headers, names and
+configs only, so that a hostile or broken download is refused in one line at `source add` (and again before a
+load), never run, never allowed to exhaust memory, and never found only at the first generation.
+
+- weight files: a safetensors header as the safetensors library validates it (bounded like it); a PyTorch
+  zip scanned (never unpickled) for callables `torch.load(weights_only=True)` would refuse;
+- a folder's files, linked component folders included (a component linked from elsewhere is part of the
+  model: its weights count in the fingerprint), each real folder once;
+- model_index.json components: only classes diffusers loads without running code from the folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from engine.errors import UserError, first_line
+
+WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf"}
+# The safetensors library refuses a longer header (its MAX_HEADER_SIZE): a longer one passed here would fail
+# only at the first generation. A crafted header of this size costs seconds and about 2 GB to parse, as in the
+# library itself; a real model's is well under 1 MB.
+MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+def check_weight_file(path: Path) -> None:
+    """Cheap structural check of a weight file, without loading its tensors: a safetensors header must be
+    what the safetensors library itself accepts (bounded JSON, known dtypes, in-range contiguous offsets that
+    end exactly at the end of the file); a PyTorch file must be a zip or a pickle, and a zip must name no
+    Python callable outside what `torch.load(weights_only=True)` allows (a payload that would run code)."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if path.suffix == ".safetensors":
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < length <= min(size - 8, MAX_SAFETENSORS_HEADER):
+                raise UserError(f"corrupt weight file {path}: not a safetensors file (bad header length)")
+            try:
+                header = json.loads(handle.read(length))
+                end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
+                raise UserError(f"corrupt weight file {path}: unreadable safetensors header") from None
+            described = 8 + length + end
+            if described != size:
+                said = described if described < 1 << 64 else "far more"  # offsets are JSON: any integer parses
+                raise UserError(f"corrupt weight file {path}: {size} bytes, the header describes {said} "
+                                "(truncated or padded)")
+            _check_safetensors_layout(path)
+        elif path.suffix in {".bin", ".pt", ".pth", ".ckpt"}:
+            if head.startswith(b"PK\x03\x04"):
+                _check_pickle_globals(path)
+            elif head[:1] != b"\x80":
+                raise UserError(f"corrupt weight file {path}: neither a PyTorch zip nor a pickle")
+
+
+def _check_safetensors_layout(path: Path) -> None:
+    """The safetensors library's own header validation (dtypes, shapes, offsets), reading no tensor."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except SafetensorError as exc:
+        raise UserError(f"corrupt weight file {path}: {first_line(exc).removeprefix('Error while ')}") from None
+
+
+def _check_pickle_globals(path: Path) -> None:
+    """A PyTorch zip whose pickle names callables `torch.load(weights_only=True)` refuses holds code that would
+    run if it were unpickled unsafely: refused by name at `source add`, rather than at the first generation.
+    The pickle is only scanned (torch's own scanner), never executed; its declared size is bounded first, so a
+    zip bomb cannot make the scan inflate gigabytes."""
+    import zipfile
+
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [info for info in archive.infolist() if info.filename.endswith("/data.pkl")]
+        if len(pickles) != 1 or pickles[0].file_size > MAX_SAFETENSORS_HEADER:
+            raise UserError(f"corrupt weight file {path}: not a PyTorch checkpoint (no single bounded data.pkl)")
+        unsafe = get_unsafe_globals_in_checkpoint(str(path))
+    except UserError:
+        raise
+    except Exception as exc:  # a damaged zip or pickle: whatever torch says, in one line
+        raise UserError(f"corrupt weight file {path}: {first_line(exc)}") from None
+    if unsafe:
+        raise UserError(f"{path} is a pickle that would call {', '.join(sorted(unsafe)[:3])} when loaded (code "
+                        "shipped with the model): refused, nothing of it was run; use the model's .safetensors "
+                        "weights")
+
+
+
+def model_files(folder: Path) -> list[Path]:
+    """Every entry under `folder` that is not a folder (files, and links or pipes posing as files), sorted, linked
+    folders followed (each real folder once, so a link loop ends); an unreadable folder raises OSError."""
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+
+    def fail(exc: OSError) -> None:
+        raise exc
+
+    for root, dirs, files in os.walk(folder, followlinks=True, onerror=fail):
+        stat = os.stat(root)
+        if (stat.st_dev, stat.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        found += [Path(root) / name for name in files]
+    return sorted(found)
+
+
+def check_weight_entries(folder: Path) -> None:
+    """Each weight file of a folder checked; a weight name that is no regular file (a pipe, a device, a folder,
+    a dangling or looping link) refused: it would hang or fail the load, and no fingerprint could cover it."""
+    for entry in model_files(folder):
+        if entry.suffix not in WEIGHT_SUFFIXES:
+            continue
+        if not entry.is_file():
+            raise UserError(f"{entry} is not a regular file (a pipe, device, folder or broken link): weights must "
+                            "be files")
+        check_weight_file(entry)
+
+
+def check_components(folder: Path, index: dict) -> None:
+    """Refuse a model_index.json component that diffusers could load only by running code or could not load
+    at all: a library other than diffusers, transformers or a diffusers pipeline module (a name such as "os"
+    or "my_module"), custom code beside the component (unet/my_unet.py), a name leaving the folder, or a
+    class that is no loadable model, scheduler, tokenizer or processor (os.system, AutoModel)."""
+    import diffusers
+    from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
+
+    for component, value in index.items():
+        if component.startswith("_") or not isinstance(value, list) or not any(value):
+            continue
+        if Path(component).name != component or component in (".", ".."):
+            raise UserError(f"{folder}: component name {component!r} in model_index.json is not a folder name")
+        if len(value) != 2 or not all(isinstance(part, str) and part for part in value):
+            raise UserError(f"{folder}: component {component!r} in model_index.json is not [library, class]")
+        library, class_name = value
+        where = f"{folder}: component {component!r} ({library}.{class_name})"
+        if (folder / component / f"{library}.py").exists():
+            raise UserError(f"{where} is custom code shipped in the folder ({component}/{library}.py): resynth "
+                            "never runs code from a model folder")
+        if library in LOADABLE_CLASSES and library != "onnxruntime.training":
+            import importlib
+
+            module = importlib.import_module(library)
+            bases = [getattr(module, name, None) for name in LOADABLE_CLASSES[library]]
+        elif hasattr(diffusers.pipelines, library):  # a pipeline's own module (stable_diffusion's safety checker)
+            module, bases = getattr(diffusers.pipelines, library), []
+        else:
+            raise UserError(f"{where} names a library diffusers does not load components from (only diffusers, "
+                            "transformers and diffusers' pipeline modules): nothing was imported")
+        found = getattr(module, _current_name(library, class_name), None)
+        if not isinstance(found, type):
+            raise UserError(f"{where}: {library} has no class {class_name}")
+        if bases and not any(isinstance(base, type) and issubclass(found, base) for base in bases):
+            raise UserError(f"{where} is not a model, scheduler, tokenizer or processor class diffusers loads "
+                            "(an Auto class needs code that resynth does not run)")
+
+
+def _current_name(library: str, class_name: str) -> str:
+    """A transformers class renamed since the folder was saved, by its current name (diffusers' own remap)."""
+    if library != "transformers":
+        return class_name
+    try:
+        from diffusers.pipelines.pipeline_loading_utils import _maybe_remap_transformers_class
+    except ImportError:  # an older diffusers without the remap
+        return class_name
+    return _maybe_remap_transformers_class(class_name) or class_name
