@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from index.store import Store
+from index.store import NewImage, Store
 from tests.helpers import run_cli
 
 EMBEDDER = {"identity": "test-embedder", "arch": "x", "checkpoint": "x"}
@@ -22,6 +22,15 @@ def _png(i: int) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8), (i * 40 % 256, 80, 200 - i)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _row(store: Store, source_id: int, i: int) -> NewImage:
+    """One resynthesis row of a replay source, its image written first as a generation writes it."""
+    path = f"images/fp/k{i}.png"
+    vector = np.random.default_rng(i).normal(size=DIM).astype(np.float32)
+    return NewImage(key=f"k{i}", role="resynthesis", source_id=source_id,
+                    description_id=store.description_id("a prompt"), file_hash=store.write_image(path, _png(i)),
+                    path=path, vector=vector / np.linalg.norm(vector), seed=i)
 
 
 @pytest.fixture
@@ -119,3 +128,44 @@ def test_a_source_removed_through_a_workspace_is_gone_from_its_next_plan(tiny_st
         assert [s.name for s in ws.sources()] == ["a"]
         ws.remove_source("a")
         assert ws.sources() == []
+
+
+def test_a_source_added_again_under_its_name_with_other_files_makes_the_calibration_stale(tiny_store):
+    """A calibration is stale once the sources changed since `resynth calibrate` (docs/method.md): a source
+    removed and added again under the same name with another model is such a change, whose old thresholds
+    must not label answers "known". Mutation that survived every test (they add a source of a new name):
+    engine/compare.py calibration_stale comparing the sources' names only, not their fingerprints."""
+    import engine
+
+    with engine.open(tiny_store) as ws:
+        fitted = {s.name: s.fingerprint for s in ws.store.sources()}  # what fitting.py records
+        ws.store.update_config(calibration={"fitted": True, "thresholds": {"a": 0.5},
+                                            "notes": {"store_sources": fitted}})
+        assert ws.calibration_stale() is None
+        ws.remove_source("a")
+        ws.store.add_source("a", "replay", "other-files")
+        ws.sources_changed()
+        assert "stale" in (ws.calibration_stale() or "")
+
+
+def test_stats_and_source_list_write_nothing_even_where_a_writable_open_would_repair(tiny_store, capsys):
+    """A read-only command (`stats`, `source list`) writes nothing, also on a store whose index file a writable
+    open would write (here: never written, as after a killed first writer). Mutation that survived every test
+    (they run these commands on read-only mounts, where every open is read-only anyway): engine/cli.py cmd_stats
+    opening the store writable."""
+    with Store.open(tiny_store) as store:
+        source = store.sources()[0]
+        store.add_images([_row(store, source.id, 0)])
+    (tiny_store / "vectors.faiss").unlink()
+
+    def files() -> dict:  # SQLite's reader may leave an empty log and its shared-memory file: no data
+        return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in tiny_store.iterdir()
+                if not p.name.endswith(("-wal", "-shm"))}
+
+    before = files()
+    assert run_cli("stats", "--store", tiny_store) == 0
+    assert run_cli("source", "list", "--store", tiny_store) == 0
+    capsys.readouterr()
+    assert files() == before and not (tiny_store / "vectors.faiss").exists()
+    wal = tiny_store / "metadata.sqlite-wal"
+    assert not wal.exists() or wal.stat().st_size == 0
