@@ -186,7 +186,7 @@ class DiffusersGenerator:
         import torch
 
         kwargs = {"num_inference_steps": self.params.steps, "guidance_scale": self.params.guidance,
-                  "output_type": "pil"}
+                  "output_type": "np"}  # floats: a NaN is still visible (as PIL it is a black image)
         accepted = _call_parameters(pipe)
         if self.params.size:
             kwargs["height"] = kwargs["width"] = self.params.size
@@ -199,6 +199,7 @@ class DiffusersGenerator:
                 images = pipe(prompt=[prompt for prompt, _ in jobs], generator=generators, **kwargs).images
         except Exception as exc:
             raise SourceError(self.name, f"failed to generate: {first_line(exc)}") from exc
+        images = _finite_pil(self.name, images)
         self.calls += len(images)
         return [im.convert("RGB") for im in images]
 
@@ -227,6 +228,21 @@ GPU_BYTES_PER_IMAGE_512 = 3 << 30
 # 0.34 s/image at batch 3, 0.22 at 6, 0.20 at 12 on an H200; scripts/bench_gpu.py --size real).
 GPU_MAX_BATCH_512 = 12
 GPU_MAX_BATCH = 64  # small images: more per call only delays the first result
+
+
+def _finite_pil(name: str, images) -> list[Image.Image]:
+    """A pipeline's float images as PIL (diffusers' own conversion, so the pixels are those of output_type
+    "pil"), refused if any value is NaN or infinite: weights or a LoRA that overflow (NaN tensors, an alpha of
+    1e30) decode to NaN, which "pil" turns into black images stored and compared as if real."""
+    import numpy as np
+    from diffusers.image_processor import VaeImageProcessor
+
+    if not isinstance(images, np.ndarray):  # a pipeline that ignores output_type: already PIL
+        return list(images)
+    if not np.isfinite(images).all():
+        raise SourceError(name, "generated NaN or infinite pixels (its weights, or a LoRA's weights or alpha, "
+                                "overflow): nothing was stored; check the model files")
+    return VaeImageProcessor.numpy_to_pil(images)
 
 
 def _call_parameters(pipe):

@@ -77,6 +77,24 @@ def _scale_typo(tail: str) -> bool:
     return not any(sep in tail for sep in "/\\") and not tail.lower().endswith(".safetensors")
 
 
+def check_adapter_values(file: Path) -> None:
+    """Refuse, at `source add`, an adapter that can only make garbage: a NaN or infinite value (weights or
+    alpha), which diffusers loads and decodes into black images, or a rank of 0 (an empty low-rank factor),
+    which it refuses only at the first generation. Read one tensor at a time (adapters are small)."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as handle:
+        for key in handle.keys():
+            tensor = handle.get_tensor(key)
+            if tensor.numel() == 0:
+                raise UserError(f"{file.name}: tensor {key} is empty (an adapter of rank 0 changes nothing and "
+                                "does not load)")
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor.float()).all()):
+                raise UserError(f"{file.name}: tensor {key} holds NaN or infinite values (a broken or hostile "
+                                "adapter: every image it made would be black)")
+
+
 def adapter_name(sha256: str) -> str:
     """The name an adapter file is loaded under: its content, so one file is loaded once per base."""
     return "lora_" + sha256[:20]
@@ -113,6 +131,7 @@ class Lora(SourceKind):
             if not any("lora" in k.lower() for k in keys):
                 raise UserError(f"{file} holds no LoRA weights (no *lora* tensors): a full checkpoint is a "
                                 "single-file source, not an adapter")
+            check_adapter_values(file)
             adapters.append({"file": str(file), "scale": scale, "sha256": file_sha256(file)})
         adapters.sort(key=lambda a: (a["sha256"], a["scale"]))
         seen = [a["sha256"] for a in adapters]
