@@ -169,3 +169,16 @@ def test_stats_and_source_list_write_nothing_even_where_a_writable_open_would_re
     assert files() == before and not (tiny_store / "vectors.faiss").exists()
     wal = tiny_store / "metadata.sqlite-wal"
     assert not wal.exists() or wal.stat().st_size == 0
+
+
+def test_a_score_equal_to_its_threshold_is_accepted():
+    """Ties, deterministically (docs/evaluation.md): a threshold accepts every score equal to it, as `calibrate`
+    measured it (metrics.py counts score >= t as accepted). Mutation that survived every test: engine/attribute.py
+    verdict saying "known" only for a score above the threshold."""
+    from engine.attribute import SourceScore, verdict
+    from engine.calibration import Calibration
+
+    calibration = Calibration(fitted=True, thresholds={"a": 0.5})
+    assert verdict([SourceScore("a", 0.5, 3)], calibration, None)[0] == "known"
+    assert not calibration.is_unknown("a", 0.5)
+    assert verdict([SourceScore("a", np.nextafter(0.5, 0), 3)], calibration, None)[0] == "unknown"
