@@ -36,10 +36,11 @@ _HASH_LOCK = threading.Lock()
 
 
 def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's whole content, cached by (path, size, mtime, inode) for this process."""
+    """SHA-256 of a file's whole content, cached by (path, size, mtime, ctime, inode) for this process: ctime
+    too, since an edit in place that keeps the size and sets the old mtime back (os.utime) changes only it."""
     path = Path(path)
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
     with _HASH_LOCK:
         known = _HASHES.get(key)
     if known:

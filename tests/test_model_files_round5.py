@@ -1,0 +1,191 @@
+"""Hostile and odd model files at `source add` and before a load: each case here was a traceback, a source
+enrolled that could only fail (or make black images) at its first generation, or a change the fingerprint
+missed. Nothing here generates: every refusal comes before anything loads."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.errors import SourceError, UserError
+from engine.generate import _finite_pil, fingerprint_folder, load_pipeline, GenerationParams
+from engine.sources.lora import Lora
+from engine.sources.pipeline import Pipeline
+from engine.sources.single_file import SingleFile, file_sha256
+from tests.helpers import run_cli
+
+LORA_KEY = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"
+
+
+class Payload:
+    """Unpickled unsafely, it would create `marker`: the proof that no code of a model file ever runs."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def _safetensors(path: Path, header: bytes, data: bytes = b"", length: int | None = None) -> Path:
+    path.write_bytes(struct.pack("<Q", len(header) if length is None else length) + header + data)
+    return path
+
+
+def _entry(dtype: str, shape: list, begin: int, end: int) -> dict:
+    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+
+
+def _hostile_headers(root: Path) -> list[Path]:
+    b_key = LORA_KEY.replace("lora_A", "lora_B")
+    return [
+        _safetensors(root / "petabyte.safetensors", b"{}", length=1 << 50),  # was a MemoryError traceback
+        _safetensors(root / "u64max.safetensors", b"{}", length=(1 << 64) - 1),  # was an OverflowError
+        _safetensors(root / "nested.safetensors", b"[" * 100_000 + b"]" * 100_000),  # was a RecursionError
+        _safetensors(root / "array.safetensors", b"[1, 2]"),  # was a TypeError
+        _safetensors(root / "notjson.safetensors", b"\xff\xfe not json"),
+        _safetensors(root / "dtype.safetensors", json.dumps({LORA_KEY: _entry("F99", [4, 4], 0, 64), b_key: _entry(
+            "F32", [4, 4], 64, 128)}).encode(), b"\0" * 128),  # these three were enrolled as LoRAs
+        _safetensors(root / "overlap.safetensors", json.dumps({LORA_KEY: _entry("F32", [4, 4], 0, 64), b_key: _entry(
+            "F32", [4, 4], 0, 64)}).encode(), b"\0" * 64),
+        _safetensors(root / "shape.safetensors", json.dumps({LORA_KEY: _entry("F32", [1 << 40, 1 << 40], 0, 64),
+                                                             b_key: _entry("F32", [4, 4], 64, 128)}).encode(),
+                     b"\0" * 128),
+        _safetensors(root / "empty.safetensors", b"", length=0),
+    ]
+
+
+def test_hostile_safetensors_headers_are_one_line_in_every_kind(models, tmp_path, capsys):
+    base = models["pipelines"]["tiny-sd-ddim"]
+    for file in _hostile_headers(tmp_path):
+        for kind, args, params in ((Pipeline(), (file,), {}), (SingleFile(), (file,), {"config": base}),
+                                   (Lora(), (base,), {"lora": str(file)})):
+            with pytest.raises(UserError, match="corrupt weight file"):
+                kind.prepare("x", *args, **params)
+    store = tmp_path / "store"
+    assert run_cli("init", "--store", store, "--clip-config", models["clip_config"],
+                   "--clip-checkpoint", models["clip_checkpoint"]) == 0
+    capsys.readouterr()
+    assert run_cli("source", "add", "x", tmp_path / "petabyte.safetensors", "--store", store) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("resynth: error: corrupt weight file") and err.count("\n") == 1
+    assert run_cli("source", "list", "--store", store, "--json") == 0
+    assert json.loads(capsys.readouterr().out) == []  # nothing written for a refused source
+    # one adapter file under two names (a downloaded copy) is one source: the second is refused as its twin
+    adapter = tmp_path / "adapter.safetensors"
+    save_file({LORA_KEY: torch.ones(4, 32), LORA_KEY.replace("lora_A", "lora_B"): torch.ones(32, 4)}, str(adapter))
+    copy = shutil.copy(adapter, tmp_path / "renamed.safetensors")
+    recipe = ("--steps", 2, "--guidance", 7, "--store", store)
+    assert run_cli("source", "add", "one", base, "--lora", adapter, *recipe) == 0
+    assert run_cli("source", "add", "two", base, "--lora", copy, *recipe) == 2
+    assert "'one' already uses this base with the same adapters" in capsys.readouterr().err
+
+
+def test_pickled_payloads_are_refused_unrun(models, tmp_path):
+    marker = tmp_path / "payload-ran"
+    base = models["pipelines"]["tiny-sd-ddim"]
+    folder = tmp_path / "bin-weights"
+    shutil.copytree(base, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    weights.unlink()
+    torch.save({**state, "x": Payload(marker)}, folder / "unet" / "diffusion_pytorch_model.bin")
+    for attempt in (lambda: Pipeline().prepare("x", folder), lambda: load_pipeline(folder, GenerationParams(), "cpu")):
+        with pytest.raises(UserError, match="pickle that would call posix.mkdir"):
+            attempt()
+    checkpoint = tmp_path / "model.ckpt"
+    torch.save({"state_dict": Payload(marker)}, checkpoint)
+    with pytest.raises(UserError, match="pickled checkpoint: loading one can run code"):  # not "use --config"
+        Pipeline().prepare("x", checkpoint)
+    assert not marker.exists()
+
+
+def _edited(base: Path, root: Path, name: str, **components) -> Path:
+    folder = root / name
+    shutil.copytree(base, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, **components}))
+    return folder
+
+
+def test_components_that_need_code_or_leave_the_folder_are_refused_at_source_add(models, tmp_path):
+    """diffusers itself would refuse each at the first generation (nothing ran even then): now `source add` does."""
+    base = models["pipelines"]["tiny-sd-ddim"]
+    custom = _edited(base, tmp_path, "custom", unet=["my_unet", "MyUNet"])
+    (custom / "unet" / "my_unet.py").write_text(f"import os\nos.mkdir({str(tmp_path / 'ran')!r})\n")
+    cases = {
+        custom: "custom code shipped in the folder",
+        _edited(base, tmp_path, "os", unet=["os", "system"]): "names a library diffusers does not load",
+        _edited(base, tmp_path, "auto", text_encoder=["transformers", "AutoModel"]): "an Auto class",
+        _edited(base, tmp_path, "dotdot", **{"../unet": ["diffusers", "UNet2DConditionModel"]}): "not a folder name",
+    }
+    for folder, why in cases.items():
+        with pytest.raises(UserError, match=why):
+            Pipeline().prepare("x", folder)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_weight_names_that_are_no_files_and_linked_components(models, tmp_path):
+    base = models["pipelines"]["tiny-sd-ddim"]
+    piped = tmp_path / "fifo"
+    shutil.copytree(base, piped)
+    weights = piped / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.unlink()
+    os.mkfifo(weights)  # enrolled before: the fingerprint skipped it and "weights present" counted it
+    with pytest.raises(UserError, match="not a regular file"):
+        Pipeline().prepare("x", piped)
+    shutil.rmtree(piped / "unet")
+    (piped / "unet" / "diffusion_pytorch_model.safetensors").mkdir(parents=True)  # a folder posing as weights
+    shutil.copy(base / "unet" / "config.json", piped / "unet")
+    with pytest.raises(UserError, match="no weight files"):
+        Pipeline().prepare("x", piped)
+    # a component folder linked from elsewhere is part of the model: its target's weights count
+    linked = tmp_path / "linked"
+    shutil.copytree(base, linked, ignore=shutil.ignore_patterns("unet"))
+    (linked / "unet").symlink_to(base / "unet")
+    first = Pipeline().prepare("x", linked).fingerprint
+    assert first == Pipeline().prepare("x", base).fingerprint  # the same files, linked or not
+    (linked / "unet").unlink()
+    (linked / "unet").symlink_to(models["pipelines"]["tiny-sd-euler-a"] / "unet")  # another model's UNet
+    assert Pipeline().prepare("x", linked).fingerprint != first  # was equal: links were not followed
+    (linked / "loop").symlink_to(linked)  # a link loop ends
+    assert fingerprint_folder(linked) == fingerprint_folder(linked)
+
+
+def test_adapters_with_nan_or_rank_0_are_refused_and_nan_pixels_are_a_source_failure(models, tmp_path):
+    base = models["pipelines"]["tiny-sd-ddim"]
+    b_key = LORA_KEY.replace("lora_A", "lora_B")
+    nan = torch.ones(32, 4)
+    nan[0, 0] = float("nan")
+    save_file({LORA_KEY: torch.ones(4, 32), b_key: nan}, str(tmp_path / "nan.safetensors"))
+    save_file({LORA_KEY: torch.ones(0, 32), b_key: torch.ones(32, 0)}, str(tmp_path / "rank0.safetensors"))
+    with pytest.raises(UserError, match="NaN or infinite"):
+        Lora().prepare("x", base, lora=str(tmp_path / "nan.safetensors"))
+    with pytest.raises(UserError, match="rank 0"):
+        Lora().prepare("x", base, lora=str(tmp_path / "rank0.safetensors"))
+    # an absurd alpha (1e30) passes every file check and overflows only when generating: black images before
+    pixels = np.full((1, 8, 8, 3), 0.5, dtype=np.float32)
+    assert np.asarray(_finite_pil("x", pixels)[0]).max() == 128  # diffusers' own conversion, as output_type "pil"
+    pixels[0, 0, 0, 0] = np.nan
+    with pytest.raises(SourceError, match="NaN or infinite pixels"):
+        _finite_pil("x", pixels)
+
+
+def test_an_edit_in_place_with_the_old_mtime_set_back_is_seen(tmp_path):
+    """The whole-file hash cache (single files, LoRAs) was keyed by size, mtime and inode: in a long-running
+    process an edit that kept the size and restored the mtime went unseen by the changed-file check."""
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(os.urandom(1 << 16))
+    before, stat = file_sha256(file), file.stat()
+    with open(file, "r+b") as handle:
+        handle.seek(1 << 15)
+        handle.write(b"\0" * 16)
+    os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert file.stat().st_mtime_ns == stat.st_mtime_ns and file_sha256(file) != before
