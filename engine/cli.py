@@ -398,7 +398,11 @@ def _query_specs(args) -> list[tuple[Path, str | None]]:
             if not isinstance(image, str) or not image.strip() or "\0" in image or \
                     not (own is None or isinstance(own, str)):
                 raise UserError(f"{shown(path)}:{number}: \"image\" must be a path and \"prompt\" a text")
-            specs.append((path.parent / expand_path(image), clean_prompt(own) if own is not None else prompt))
+            try:  # an empty prompt names its line, as HTTP names "prompt 3" of several
+                own = clean_prompt(own) if own is not None else prompt
+            except UserError as exc:
+                raise UserError(f"{shown(path)}:{number}: {exc}", code=exc.code) from None
+            specs.append((path.parent / expand_path(image), own))
     if not specs:
         raise UserError("nothing to attribute: give IMAGE paths or --queries FILE.jsonl")
     for image, _ in specs:

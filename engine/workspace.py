@@ -293,8 +293,9 @@ class Workspace:
     def list_sources(self) -> list[dict]:
         import json
 
-        return [{"name": s.name, "kind": s.kind, "path": s.path, "params": json.loads(s.params_json)}
-                for s in self.store.sources()]
+        # GET /v1/sources answers these rows without `path`: one row for the CLI, Python and HTTP
+        return [{"name": s.name, "kind": s.kind, "path": s.path, "fingerprint": s.fingerprint,
+                 "params": json.loads(s.params_json)} for s in self.store.sources()]
 
     def remove_source(self, name: str) -> int:
         """Delete a source with its resyntheses; returns how many stored vectors were dropped."""

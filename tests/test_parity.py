@@ -214,3 +214,40 @@ def test_a_read_only_store_is_one_error_in_every_layer_without_the_servers_path(
     finally:
         if subprocess.run(["umount", str(view)], capture_output=True).returncode:
             subprocess.run(["umount", "-l", str(view)], capture_output=True)
+
+
+def test_an_empty_prompt_among_several_is_named_where_it_is(store, api, image, tmp_path, capsys):
+    """The library's words, prefixed by where: the line of a --queries file, the place of an HTTP prompt."""
+    with pytest.raises(engine.UserError) as caught:
+        with engine.open(store) as ws:
+            ws.attribute([image, image], prompt=[PROMPT, " "])
+    said = message_of(caught.value)
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text(json.dumps({"image": str(image), "prompt": PROMPT}) + "\n"
+                       + json.dumps({"image": str(image), "prompt": " "}) + "\n")
+    assert _cli(capsys, "attribute", "--queries", queries, "--store", store) == (
+        2, {"error": f"{queries}:2: {said}", "kind": "empty_prompt", "exit_code": 2})
+    response = api.post("/v1/attribute", files=[("image", ("a.png", image.read_bytes(), "image/png"))] * 2,
+                        data={"prompt": [PROMPT, " "]})
+    assert _http_error(response) == ("empty_prompt", 400, f"prompt 2: {said}")
+
+
+def test_sources_and_stats_are_one_answer_less_the_servers_paths(store, api, capsys):
+    with engine.open(store, writable=False) as ws:
+        rows, stats = ws.list_sources(), ws.stats()
+    assert _cli(capsys, "source", "list", "--store", store) == (0, rows)
+    assert [list(row) for row in rows] == [["name", "kind", "path", "fingerprint", "params"]] * len(SOURCES)
+    assert api.get("/v1/sources").json() == {"sources": [{k: v for k, v in r.items() if k != "path"} for r in rows]}
+    assert _cli(capsys, "stats", "--store", store) == (0, stats)
+    stats.pop("store")
+    stats["search"].pop("path", None)
+    assert api.get("/v1/stats").json()["store"] == stats
+    # removing a source the store lacks: one error from each
+    with pytest.raises(Exception) as caught:
+        with engine.open(store) as ws:
+            ws.remove_source("nope")
+    kind, message = kind_of(caught.value), message_of(caught.value)
+    assert kind is not None and kind.code == "unknown_source"
+    assert _cli(capsys, "source", "remove", "nope", "--store", store) == (
+        kind.exit_code, {"error": message, "kind": kind.code, "exit_code": kind.exit_code})
+    assert _http_error(api.delete("/v1/sources/nope")) == (kind.code, kind.status, message)

@@ -128,10 +128,9 @@ def create_app(service: Service, token: str | None = None, access: Access | None
 
     @app.get("/v1/sources", tags=["store"])
     async def sources() -> dict:
-        """Registered sources (model folders are not disclosed)."""
-        rows = await asyncio.to_thread(service.store.sources)
-        return {"sources": [{"name": s.name, "kind": s.kind, "fingerprint": s.fingerprint,
-                             "params": json.loads(s.params_json)} for s in rows]}
+        """Registered sources: the rows of `resynth source list --json` without their folders."""
+        rows = await asyncio.to_thread(service.ws.list_sources)
+        return {"sources": [{k: v for k, v in row.items() if k != "path"} for row in rows]}
 
     @app.post("/v1/sources", tags=["store"], status_code=201, openapi_extra={"requestBody": {
         "required": True, "content": {"application/json": {"schema": {
