@@ -126,6 +126,10 @@ def test_components_that_need_code_or_leave_the_folder_are_refused_at_source_add
         _edited(base, tmp_path, "auto", text_encoder=["transformers", "AutoModel"]): "an Auto class",
         _edited(base, tmp_path, "dotdot", **{"../unet": ["diffusers", "UNet2DConditionModel"]}): "not a folder name",
     }
+    # a tokenizer folder of settings alone: transformers builds a 2-token tokenizer that ignores every prompt
+    settings = _edited(base, tmp_path, "settings-only")
+    (settings / "tokenizer" / "tokenizer.json").unlink()
+    cases[settings] = "tokenizer holds no vocabulary file"
     for folder, why in cases.items():
         with pytest.raises(UserError, match=why):
             Pipeline().prepare("x", folder)

@@ -168,3 +168,20 @@ def _current_name(library: str, class_name: str) -> str:
     except ImportError:  # an older diffusers without the remap
         return class_name
     return _maybe_remap_transformers_class(class_name) or class_name
+
+
+# what a tokenizer folder may hold besides its vocabulary: with these alone, transformers builds an empty tokenizer
+_TOKENIZER_SETTINGS = {"tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "config.json",
+                       "chat_template.jinja", "chat_template.json"}
+
+
+def check_tokenizers(folder: Path, index: dict) -> None:
+    """Refuse a tokenizer component without a vocabulary file (tokenizer.json, vocab.json, spiece.model ...):
+    transformers loads it anyway as a tokenizer of two tokens, so every prompt would be ignored, silently."""
+    for component, value in index.items():
+        if component.startswith("tokenizer") and isinstance(value, list) and any(value):
+            vocabulary = [p for p in (folder / component).iterdir()
+                          if p.is_file() and p.name not in _TOKENIZER_SETTINGS and not p.name.startswith(".")]
+            if not vocabulary:
+                raise UserError(f"{folder}: {component} holds no vocabulary file (tokenizer.json, vocab.json with "
+                                "merges.txt, spiece.model ...): it would read every prompt as unknown tokens")
