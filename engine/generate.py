@@ -10,8 +10,8 @@ from typing import Callable
 from PIL import Image
 
 from engine.errors import SourceError, UserError, first_line
-from engine.sources.model_files import (WEIGHT_SUFFIXES, check_components, check_tokenizers, check_weight_entries,
-                                        model_files)
+from engine.sources.model_files import (WEIGHT_SUFFIXES, check_components, check_configs, check_tokenizers,
+                                        check_weight_entries, model_files)
 from index.keys import canonical_json, sha256_text
 
 # Weight files are fingerprinted by name, size and their first and last MiB: reading whole
@@ -293,6 +293,7 @@ def check_pipeline_folder(folder: Path) -> str:
         named = not component.startswith("_") and isinstance(value, list) and value and value[0]
         if named and not (folder / component).is_dir():
             raise UserError(f"{folder}: component folder {component!r} is missing")
+    check_configs(folder)
     check_tokenizers(folder, index)
     check_weight_entries(folder)
     return class_name

@@ -115,7 +115,7 @@ def _edited(base: Path, root: Path, name: str, **components) -> Path:
     return folder
 
 
-def test_components_that_need_code_or_leave_the_folder_are_refused_at_source_add(models, tmp_path):
+def test_components_that_need_code_or_leave_the_folder_or_cannot_work_are_refused_at_source_add(models, tmp_path):
     """diffusers itself would refuse each at the first generation (nothing ran even then): now `source add` does."""
     base = models["pipelines"]["tiny-sd-ddim"]
     custom = _edited(base, tmp_path, "custom", unet=["my_unet", "MyUNet"])
@@ -130,6 +130,9 @@ def test_components_that_need_code_or_leave_the_folder_are_refused_at_source_add
     settings = _edited(base, tmp_path, "settings-only")
     (settings / "tokenizer" / "tokenizer.json").unlink()
     cases[settings] = "tokenizer holds no vocabulary file"
+    listed = _edited(base, tmp_path, "listed")  # was a traceback as a single file's --config folder
+    (listed / "unet" / "config.json").write_text("[1, 2]")
+    cases[listed] = "malformed unet/config.json"
     for folder, why in cases.items():
         with pytest.raises(UserError, match=why):
             Pipeline().prepare("x", folder)

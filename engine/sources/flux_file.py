@@ -49,16 +49,19 @@ def check_flux_file(name: str, header: dict, folder: Path) -> None:
     except (OSError, ValueError):
         raise UserError(f"{folder}: no readable transformer/config.json (a Flux config folder needs the "
                         "transformer's config)") from None
-    inner = int(config.get("num_attention_heads", 24)) * int(config.get("attention_head_dim", 128))
+    try:  # numbers a downloaded config may hold as anything
+        inner = int(config.get("num_attention_heads", 24)) * int(config.get("attention_head_dim", 128))
+        wanted = {"double blocks": int(config.get("num_layers", 19)),
+                  "single blocks": int(config.get("num_single_layers", 38)), "width": inner,
+                  "guidance embedding": bool(config.get("guidance_embeds", False))}
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"{folder}: transformer/config.json holds a non-number where Flux's sizes go") from None
     found = {
         "double blocks": len({k.split(".")[1] for k in shapes if k.startswith("double_blocks.")}),
         "single blocks": len({k.split(".")[1] for k in shapes if k.startswith("single_blocks.")}),
         "width": (shapes.get("img_in.weight") or [0])[0],
         "guidance embedding": "guidance_in.in_layer.weight" in shapes,
     }
-    wanted = {"double blocks": int(config.get("num_layers", 19)),
-              "single blocks": int(config.get("num_single_layers", 38)), "width": inner,
-              "guidance embedding": bool(config.get("guidance_embeds", False))}
     wrong = [f"{what} {found[what]} (the config says {wanted[what]})" for what in wanted if found[what] != wanted[what]]
     if wrong:
         hint = "" if found["guidance embedding"] == wanted["guidance embedding"] else \

@@ -185,3 +185,16 @@ def check_tokenizers(folder: Path, index: dict) -> None:
             if not vocabulary:
                 raise UserError(f"{folder}: {component} holds no vocabulary file (tokenizer.json, vocab.json with "
                                 "merges.txt, spiece.model ...): it would read every prompt as unknown tokens")
+
+
+def check_configs(folder: Path) -> None:
+    """Every `*config.json` of a folder parses to a JSON object: a list or a nest a million deep was enrolled and
+    failed at the first generation (or, in a single-file source's --config folder, was a traceback)."""
+    for entry in model_files(folder):
+        if entry.name.endswith("config.json") and entry.is_file():
+            try:
+                parsed = json.loads(entry.read_bytes())
+            except (ValueError, RecursionError):
+                parsed = None
+            if not isinstance(parsed, dict):
+                raise UserError(f"malformed {entry.relative_to(folder)} in {folder}: not a JSON object")
