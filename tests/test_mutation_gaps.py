@@ -3,7 +3,6 @@ product breaks that guarantee in one small, realistic way (named in its docstrin
 from __future__ import annotations
 
 import io
-import multiprocessing
 import signal
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from PIL import Image
 
 from index.store import NewImage, Store
 from tests.helpers import run_cli
+from tests.procs import _forkserver
 
 EMBEDDER = {"identity": "test-embedder", "arch": "x", "checkpoint": "x"}
 DIM = 8
@@ -41,18 +41,13 @@ def tiny_store(tmp_path) -> Path:
     return root
 
 
-def _killed_at(point: str, work) -> int | None:
-    """Run `work` in a forked child that kills itself (SIGKILL) at crash point `point`; its exit code."""
-    def child() -> None:
-        import os
+def _write_image(root: str, point: str) -> None:
+    """In a process of its own: write one image, killed (SIGKILL) at crash point `point`."""
+    import os
 
-        os.environ["RESYNTH_CRASH_AT"] = point
-        work()
-
-    process = multiprocessing.get_context("fork").Process(target=child)
-    process.start()
-    process.join(60)
-    return process.exitcode
+    os.environ["RESYNTH_CRASH_AT"] = point
+    with Store.open(Path(root)) as store:
+        store.write_image("images/fp/new.png", _png(5))
 
 
 def test_an_image_appears_under_its_own_name_only_whole(tiny_store):
@@ -60,12 +55,11 @@ def test_an_image_appears_under_its_own_name_only_whole(tiny_store):
     mid-write never leaves half a PNG under the name its row will give. Mutation that survived every test:
     index/objects.py LocalImages.write writing the target path directly (no temporary name, no rename)."""
     target = tiny_store / "images" / "fp" / "new.png"
-
-    def write() -> None:
-        with Store.open(tiny_store) as store:
-            store.write_image("images/fp/new.png", _png(5))
-
-    assert _killed_at("image:before-replace", write) == -signal.SIGKILL
+    # a process of the suite's clean server (tests/procs.py), not a fork of this one and its threads
+    process = _forkserver().Process(target=_write_image, args=(str(tiny_store), "image:before-replace"))
+    process.start()
+    process.join(60)
+    assert process.exitcode == -signal.SIGKILL
     assert not target.exists()  # the kill came between the write and the rename
     left = list(target.parent.iterdir())  # only the dead writer's temporary file, which the next repair removes
     assert len(left) == 1 and left[0].match(".new.png.*.tmp"), left
