@@ -162,6 +162,38 @@ def parse_text(name: str, raw: str) -> Any:
     return raw
 
 
+def given_twice(name: str, count: int) -> OptionError:
+    """An option given more than once: only the last would count, so a list of sources was silently cut to
+    one. The CLI (`--sources a --sources b`) and an HTTP form (two `sources` fields) refuse it alike."""
+    return OptionError(f"option {name!r} given {count} times: give each option once (sources as one "
+                       "comma-separated list)")
+
+
+REPEATED = "_options_given_twice"  # the namespace's record of the flags given more than once (from_args refuses)
+
+
+def _count(namespace: argparse.Namespace, dest: str) -> None:
+    seen = getattr(namespace, REPEATED, None) or {}
+    seen[dest] = seen.get(dest, 0) + 1
+    setattr(namespace, REPEATED, seen)
+
+
+class _Store(argparse.Action):
+    """argparse's store, counting how often the flag was given."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        _count(namespace, self.dest)
+        setattr(namespace, self.dest, values)
+
+
+class _Switch(argparse.BooleanOptionalAction):
+    """--flag / --no-flag, counting how often either was given."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        _count(namespace, self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
 def add_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
     """One CLI flag per option (or per option named in `only`), with its default and help. Values are
     read as text and checked by `from_args` (parse_text, then Options), not by argparse: `--mode foo` is
@@ -173,14 +205,17 @@ def add_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None 
         default = f" (default {f.default})" if f.default is not None else ""
         if meta["kind"] is bool:
             parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
-                                action=argparse.BooleanOptionalAction, help=meta["help"] + default)
+                                action=_Switch, help=meta["help"] + default)
             continue
         metavar = "{" + ",".join(meta["choices"]) + "}" if meta["choices"] else meta["metavar"]
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar=metavar,
-                            help=meta["help"] + default)
+                            action=_Store, help=meta["help"] + default)
 
 
 def from_args(args: argparse.Namespace) -> Options:
+    twice = {name: count for name, count in (getattr(args, REPEATED, None) or {}).items() if count > 1}
+    if twice:
+        raise given_twice(*next(iter(twice.items())))
     given = {f.name: getattr(args, f.name, None) for f in fields(Options)}
     return Options(**{name: parse_text(name, value) if isinstance(value, str) else value
                       for name, value in given.items() if value is not None})

@@ -251,3 +251,13 @@ def test_sources_and_stats_are_one_answer_less_the_servers_paths(store, api, cap
     assert _cli(capsys, "source", "remove", "nope", "--store", store) == (
         kind.exit_code, {"error": message, "kind": kind.code, "exit_code": kind.exit_code})
     assert _http_error(api.delete("/v1/sources/nope")) == (kind.code, kind.status, message)
+
+
+def test_an_option_given_twice_is_refused_by_the_cli_as_by_http(store, api, image, capsys):
+    """Only the last would count (a list of sources silently cut to one): both refuse, in the same words."""
+    code, error = _cli(capsys, "attribute", image, "--prompt", PROMPT, "--store", store,
+                       "--sources", SOURCES[0], "--sources", SOURCES[1])
+    assert (code, error["kind"]) == (2, "bad_option")
+    response = api.post("/v1/attribute", files={"image": ("a.png", image.read_bytes(), "image/png")},
+                        data={"prompt": PROMPT, "sources": list(SOURCES)})
+    assert _http_error(response) == ("bad_option", 400, error["error"])

@@ -21,7 +21,7 @@ from engine.attribute import Query
 from engine.describe import clean_prompt
 from engine.errors import SourceError, TooLargeError, UserError, kind_of, message_of
 from engine.images import FORMATS, check_aspect, check_structure
-from engine.options import Options, schema
+from engine.options import Options, given_twice, schema
 from engine.service.config import Access, Limits
 from engine.service.core import Service
 from engine.service.errors import ServiceError, body
@@ -312,9 +312,8 @@ async def _read_request(request: Request, service: Service,
                 raise type(exc)(str(exc) if len(prompts) == 1 else f"prompt {number}: {exc}", code=exc.code) from None
         Options.check_fields(form.keys())  # a misspelt option is refused, not ignored (engine.options)
         twice = [name for name in OPTION_FIELDS if len(form.getlist(name)) > 1]
-        if twice:  # only the last would count: a client's list of sources silently cut to one
-            raise ServiceError(400, "bad_option", f"option {twice[0]!r} given {len(form.getlist(twice[0]))} times: "
-                                                  "give each option once (sources as one comma-separated list)")
+        if twice:  # only the last would count: a client's list of sources silently cut to one (the CLI's words)
+            raise given_twice(twice[0], len(form.getlist(twice[0])))
         given = {name: form.get(name) for name in OPTION_FIELDS}
         options = Options.from_strings({name: v for name, v in given.items() if isinstance(v, str)})
         labels = [_label(u.filename, i) for i, u in enumerate(uploads)]
