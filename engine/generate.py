@@ -51,8 +51,19 @@ def fingerprint_folder(folder: Path) -> str:
                 tail = handle.read(_PROBE)
             parts.append([rel, size, sha256_text(head.hex() + tail.hex())])
         elif path.suffix in {".json", ".txt", ".model"}:
-            parts.append([rel, sha256_text(path.read_bytes().hex())])
+            parts.append([rel, _hex_sha256(path)])
     return sha256_text(canonical_json(parts))
+
+
+def _hex_sha256(path: Path) -> str:
+    """sha256_text(path.read_bytes().hex()), streamed: a multi-GB "vocab.json" must not be read into memory twice."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block.hex().encode("ascii"))
+    return digest.hexdigest()
 
 
 # A dropped pipeline at least this large (its weights, in bytes) is collected at once on the CPU too; smaller ones

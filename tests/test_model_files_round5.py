@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from engine.errors import SourceError, UserError
 from engine.generate import _finite_pil, fingerprint_folder, load_pipeline, GenerationParams
 from engine.sources.lora import Lora
+from engine.sources.model_files import check_components
 from engine.sources.pipeline import Pipeline
 from engine.sources.single_file import SingleFile, file_sha256
 from tests.helpers import run_cli
@@ -137,6 +138,10 @@ def test_components_that_need_code_or_leave_the_folder_or_cannot_work_are_refuse
         with pytest.raises(UserError, match=why):
             Pipeline().prepare("x", folder)
     assert not (tmp_path / "ran").exists()
+    # what real folders name passes: diffusers' pipeline modules (imported lazily, as kolors) and renamed classes
+    check_components(tmp_path, {"safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+                                "text_encoder": ["kolors", "ChatGLMModel"],
+                                "feature_extractor": ["transformers", "CLIPFeatureExtractor"]})
 
 
 def test_weight_names_that_are_no_files_and_linked_components(models, tmp_path):
@@ -163,7 +168,11 @@ def test_weight_names_that_are_no_files_and_linked_components(models, tmp_path):
     (linked / "unet").symlink_to(models["pipelines"]["tiny-sd-euler-a"] / "unet")  # another model's UNet
     assert Pipeline().prepare("x", linked).fingerprint != first  # was equal: links were not followed
     (linked / "loop").symlink_to(linked)  # a link loop ends
+    (linked / "everything").symlink_to("/")  # lists /'s own entries: never walks the disk
     assert fingerprint_folder(linked) == fingerprint_folder(linked)
+    (linked / "tokenizer" / "vocab.json").symlink_to("/dev/zero")  # transformers would read it forever
+    with pytest.raises(UserError, match="vocab.json is not a regular file"):
+        Pipeline().prepare("x", linked)
 
 
 def test_adapters_with_nan_or_rank_0_are_refused_and_nan_pixels_are_a_source_failure(models, tmp_path):

@@ -5,7 +5,7 @@ load), never run, never allowed to exhaust memory, and never found only at the f
 - weight files: a safetensors header as the safetensors library validates it (bounded like it); a PyTorch
   zip scanned (never unpickled) for callables `torch.load(weights_only=True)` would refuse;
 - a folder's files, linked component folders included (a component linked from elsewhere is part of the
-  model: its weights count in the fingerprint), each real folder once;
+  model: its weights count in the fingerprint), without walking on through links;
 - model_index.json components: only classes diffusers loads without running code from the folder.
 """
 from __future__ import annotations
@@ -91,34 +91,42 @@ def _check_pickle_globals(path: Path) -> None:
 
 
 def model_files(folder: Path) -> list[Path]:
-    """Every entry under `folder` that is not a folder (files, and links or pipes posing as files), sorted, linked
-    folders followed (each real folder once, so a link loop ends); an unreadable folder raises OSError."""
+    """Every entry under `folder` that is not a folder (files, and links or pipes posing as files), sorted. A
+    folder linked from the top level (a component shared with another model) adds its own entries but not its
+    subfolders: diffusers reads a component's top level only, and a link to / must not walk the whole disk.
+    An unreadable folder raises OSError."""
     found: list[Path] = []
-    seen: set[tuple[int, int]] = set()
 
     def fail(exc: OSError) -> None:
         raise exc
 
-    for root, dirs, files in os.walk(folder, followlinks=True, onerror=fail):
-        stat = os.stat(root)
-        if (stat.st_dev, stat.st_ino) in seen:
-            dirs[:] = []
-            continue
-        seen.add((stat.st_dev, stat.st_ino))
+    for root, dirs, files in os.walk(folder, onerror=fail):  # links to folders are listed, never descended
         found += [Path(root) / name for name in files]
+        if Path(root) == Path(folder):
+            for name in dirs:
+                linked = Path(root) / name
+                if linked.is_symlink():
+                    with os.scandir(linked) as entries:
+                        found += [linked / entry.name for entry in entries if not entry.is_dir()]
     return sorted(found)
 
 
+# what diffusers and transformers read from a folder besides weights: configs, vocabularies, merges, spiece models
+READ_SUFFIXES = {".json", ".txt", ".model"}
+
+
 def check_weight_entries(folder: Path) -> None:
-    """Each weight file of a folder checked; a weight name that is no regular file (a pipe, a device, a folder,
-    a dangling or looping link) refused: it would hang or fail the load, and no fingerprint could cover it."""
+    """Each weight file of a folder checked; a weight, config or vocabulary name that is no regular file (a
+    pipe, a device such as /dev/zero, a dangling or looping link) refused: reading it would hang or never end,
+    and no fingerprint could cover it."""
     for entry in model_files(folder):
-        if entry.suffix not in WEIGHT_SUFFIXES:
+        if entry.suffix not in WEIGHT_SUFFIXES | READ_SUFFIXES:
             continue
         if not entry.is_file():
-            raise UserError(f"{entry} is not a regular file (a pipe, device, folder or broken link): weights must "
-                            "be files")
-        check_weight_file(entry)
+            raise UserError(f"{entry} is not a regular file (a pipe, device, folder or broken link): model files "
+                            "must be files")
+        if entry.suffix in WEIGHT_SUFFIXES:
+            check_weight_file(entry)
 
 
 def check_components(folder: Path, index: dict) -> None:
@@ -126,7 +134,6 @@ def check_components(folder: Path, index: dict) -> None:
     at all: a library other than diffusers, transformers or a diffusers pipeline module (a name such as "os"
     or "my_module"), custom code beside the component (unet/my_unet.py), a name leaving the folder, or a
     class that is no loadable model, scheduler, tokenizer or processor (os.system, AutoModel)."""
-    import diffusers
     from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
 
     for component, value in index.items():
@@ -146,8 +153,8 @@ def check_components(folder: Path, index: dict) -> None:
 
             module = importlib.import_module(library)
             bases = [getattr(module, name, None) for name in LOADABLE_CLASSES[library]]
-        elif hasattr(diffusers.pipelines, library):  # a pipeline's own module (stable_diffusion's safety checker)
-            module, bases = getattr(diffusers.pipelines, library), []
+        elif _pipeline_module(library) is not None:  # a pipeline's own module (stable_diffusion's safety checker)
+            module, bases = _pipeline_module(library), []
         else:
             raise UserError(f"{where} names a library diffusers does not load components from (only diffusers, "
                             "transformers and diffusers' pipeline modules): nothing was imported")
@@ -157,6 +164,23 @@ def check_components(folder: Path, index: dict) -> None:
         if bases and not any(isinstance(base, type) and issubclass(found, base) for base in bases):
             raise UserError(f"{where} is not a model, scheduler, tokenizer or processor class diffusers loads "
                             "(an Auto class needs code that resynth does not run)")
+
+
+def _pipeline_module(library: str):
+    """diffusers.pipelines.<library>, one of diffusers' own modules (imported lazily: kolors is not an attribute
+    until imported), or None; nothing outside diffusers is ever imported for a name a folder gives."""
+    import importlib
+    import importlib.util
+
+    import diffusers
+
+    if not library.isidentifier():  # no dots: nothing but a direct submodule of diffusers.pipelines
+        return None
+    if not hasattr(diffusers.pipelines, library):
+        if importlib.util.find_spec(f"diffusers.pipelines.{library}") is None:
+            return None
+        importlib.import_module(f"diffusers.pipelines.{library}")
+    return getattr(diffusers.pipelines, library, None)
 
 
 def _current_name(library: str, class_name: str) -> str:
@@ -187,11 +211,17 @@ def check_tokenizers(folder: Path, index: dict) -> None:
                                 "merges.txt, spiece.model ...): it would read every prompt as unknown tokens")
 
 
+MAX_CONFIG_BYTES = 16 << 20
+
+
 def check_configs(folder: Path) -> None:
     """Every `*config.json` of a folder parses to a JSON object: a list or a nest a million deep was enrolled and
     failed at the first generation (or, in a single-file source's --config folder, was a traceback)."""
     for entry in model_files(folder):
         if entry.name.endswith("config.json") and entry.is_file():
+            if entry.stat().st_size > MAX_CONFIG_BYTES:
+                raise UserError(f"{entry.relative_to(folder)} in {folder} is {entry.stat().st_size >> 20} MiB: not a "
+                                "config (real ones are a few KB)")
             try:
                 parsed = json.loads(entry.read_bytes())
             except (ValueError, RecursionError):
