@@ -216,7 +216,8 @@ class _BaseCache:
             unused = sorted(base.adapters - still)
             if unused:
                 try:
-                    base.pipe.delete_adapters(unused)
+                    with _quiet():  # peft warns "Adapter ... was active which is now deleted": it is meant to be
+                        base.pipe.delete_adapters(unused)
                 except Exception:  # a half-loaded adapter: forget the whole base rather than keep a bad one
                     self._drop(base.key)
                     return
