@@ -134,6 +134,10 @@ def test_components_that_need_code_or_leave_the_folder_or_cannot_work_are_refuse
     listed = _edited(base, tmp_path, "listed")  # was a traceback as a single file's --config folder
     (listed / "unet" / "config.json").write_text("[1, 2]")
     cases[listed] = "malformed unet/config.json"
+    eager = _edited(base, tmp_path, "eager")  # a scheduler that would allocate arrays of 10**12 at each load
+    config = json.loads((eager / "scheduler" / "scheduler_config.json").read_text())
+    (eager / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "num_train_timesteps": 10**12}))
+    cases[eager] = "num_train_timesteps 1000000000000 is not a count"
     for folder, why in cases.items():
         with pytest.raises(UserError, match=why):
             Pipeline().prepare("x", folder)
