@@ -170,7 +170,8 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(POSITIONAL_DEST, nargs="?", default=None,
                             metavar="|".join(_unique(_metavar(p) for _, p in positional)),
                             help=_joined_help(positional))
-    parser.add_argument("--kind", choices=[k.name for k in kinds],
+    # no argparse choices (here and below): a value outside them is the one-line error Python and HTTP give
+    parser.add_argument("--kind", metavar="{" + ",".join(k.name for k in kinds) + "}",
                         help=f"the source's kind (default: the kind its arguments name; a folder alone: "
                              f"{sources.DEFAULT_KIND})")
     groups: dict[str, argparse._ArgumentGroup] = {}
@@ -193,9 +194,8 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
                 keywords["action"] = "append"
             keywords["metavar"] = "|".join(_unique(_metavar(p) for _, p in declarations))
             choices = _unique(tuple(p.allowed() or ()) for _, p in declarations)
-            if len(choices) == 1 and choices[0]:
-                keywords["choices"] = list(choices[0])
-                keywords.pop("metavar")
+            if len(choices) == 1 and choices[0]:  # shown as argparse shows choices; checked by _convert
+                keywords["metavar"] = "{" + ",".join(choices[0]) + "}"
         group.add_argument(flag, **keywords)
 
 

@@ -261,3 +261,15 @@ def test_an_option_given_twice_is_refused_by_the_cli_as_by_http(store, api, imag
     response = api.post("/v1/attribute", files={"image": ("a.png", image.read_bytes(), "image/png")},
                         data={"prompt": PROMPT, "sources": list(SOURCES)})
     assert _http_error(response) == ("bad_option", 400, error["error"])
+
+
+@pytest.mark.parametrize("argv,body", [
+    (["--kind", "nokind"], {"kind": "nokind", "path": "x"}),
+    (["--api", "https://images.example.org", "--model", "m", "--protocol", "nope"],
+     {"url": "https://images.example.org", "model": "m", "protocol": "nope"})], ids=["kind", "protocol"])
+def test_a_source_declaration_outside_its_choices_is_one_message(store, api, capsys, argv, body):
+    """`source add` and POST /v1/sources read a declaration with one code (engine.flags): the same line (422 is
+    the route's documented status for every declaration mistake)."""
+    code, error = _cli(capsys, "source", "add", "x", *argv, "--store", store)
+    assert code == 2 and error["kind"] == "bad_request"
+    assert _http_error(api.post("/v1/sources", json={"name": "x", **body})) == ("invalid_source", 422, error["error"])
