@@ -273,3 +273,9 @@ def test_a_source_declaration_outside_its_choices_is_one_message(store, api, cap
     code, error = _cli(capsys, "source", "add", "x", *argv, "--store", store)
     assert code == 2 and error["kind"] == "bad_request"
     assert _http_error(api.post("/v1/sources", json={"name": "x", **body})) == ("invalid_source", 422, error["error"])
+
+
+def test_the_servers_own_bound_is_said_as_options_say_theirs(api, image):
+    """per_source 17 is an option's value (1-64) beyond this server's --max-per-source (16): refused as such."""
+    assert _http_error(_http(api, image, PROMPT, {"per_source": 17})) == (
+        "bad_option", 400, "per_source (--per-source) must be at most 16 on this server (its --max-per-source)")

@@ -95,7 +95,8 @@ class Service:
         if options.per_source > self.limits.max_per_source:
             from engine.errors import OptionError
 
-            raise OptionError(f"per_source must be at most {self.limits.max_per_source} on this server")
+            raise OptionError(f"per_source (--per-source) must be at most {self.limits.max_per_source} on this "
+                              "server (its --max-per-source)")  # named as Options names its bounds
         from engine.api_source import Budget
 
         limits = [x for x in (options.max_cost, self.limits.max_cost) if x is not None]
