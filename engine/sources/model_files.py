@@ -232,7 +232,8 @@ def check_configs(folder: Path) -> None:
             if not isinstance(parsed, dict):
                 raise UserError(f"malformed {entry.relative_to(folder)} in {folder}: not a JSON object")
             steps = parsed.get("num_train_timesteps") if entry.name == "scheduler_config.json" else None
-            whole = type(steps) in (int, float) and float(steps).is_integer()  # 1000 or 1000.0, not inf or true
+            whole = isinstance(steps, (int, float)) and not isinstance(steps, bool) and float(steps).is_integer()
+            # 1000 or 1000.0, not inf or true
             if steps is not None and not (whole and 0 < steps <= MAX_TRAIN_TIMESTEPS):
                 raise UserError(f"{entry.relative_to(folder)} in {folder}: num_train_timesteps {steps!r} is not a "
                                 f"count from 1 to {MAX_TRAIN_TIMESTEPS} (the scheduler allocates arrays that long)")
