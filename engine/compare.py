@@ -14,7 +14,7 @@ import numpy as np
 
 from engine.attribute import Attribution, Candidates, Plan, Query, rank, verdict
 from engine.calibration import Calibration, content_name, mahalanobis_open_set
-from engine.errors import SourceError
+from engine.errors import BudgetExceeded, OverBudget, SourceError
 from index.errors import StoreInputError
 from index.keys import normalise_description, sha256_text
 
@@ -115,6 +115,9 @@ def score(ws: "Workspace", query: Query, text: str, origin: str, vector: np.ndar
     cached, generated, failed = counts
     if not scores and failed:  # nothing could be scored because sources failed: not an answer
         why = {message.removeprefix(f"source {name!r}: ") for name, message in failed.items()}  # said once
+        if all(isinstance(message, OverBudget) for message in failed.values()):  # the user's limit, not theirs
+            raise BudgetExceeded(f"no source could be scored within --max-cost: {'; '.join(sorted(why))} "
+                                 f"({', '.join(sorted(failed))})")
         raise SourceError(", ".join(sorted(failed)), "; ".join(sorted(why)))
     predicted = scores[0].source if scores else None
     claim = provenance_claim(ws, query.provenance, predicted, {s.source for s in scores}) if evidence_checks else None

@@ -74,6 +74,12 @@ class BudgetExceeded(UserError):
     code = "budget_exceeded"
 
 
+class OverBudget(str):
+    """Why a source could not be scored, when --max-cost stopped it (a BudgetExceeded): text, as every
+    failure an answer carries, marked so that a query whose every failed source was stopped by the limit
+    is the user's budget_exceeded (exit 2, HTTP 400), not a failure of the sources (exit 3, HTTP 502)."""
+
+
 class SourceError(Exception):
     """A source's pipeline cannot load or generate (exit 3, HTTP 502)."""
 

@@ -57,7 +57,7 @@ def resynthesize(ws: "Workspace", texts: Iterable[str], plan: Plan,
     """Generate and store every missing (description, source, seed); see Workspace.resynthesize."""
     from tqdm import tqdm
 
-    from engine.errors import BudgetExceeded
+    from engine.errors import BudgetExceeded, OverBudget
 
     out: dict[str, list] = {}
     by_source: dict[str, list[tuple[str, str, int]]] = defaultdict(list)  # source -> (text, key, seed)
@@ -85,9 +85,10 @@ def resynthesize(ws: "Workspace", texts: Iterable[str], plan: Plan,
                     out[text][1] += count
                 per_job = getattr(exc, "per_job", False)  # only some prompts refused: the source goes on
                 wanted = Counter(text for text, _, _ in (chunk if per_job else jobs[start:]))
+                reason = OverBudget(exc) if isinstance(exc, BudgetExceeded) else str(exc)
                 for text, count in wanted.items():
                     if made.get(text, 0) < count:  # a text whose images were all made has not failed
-                        out[text][2][source] = str(exc)
+                        out[text][2][source] = reason
                 bar.update(len(chunk))
                 if per_job:
                     continue

@@ -118,6 +118,14 @@ def test_failing_api_or_budget_leaves_the_other_sources_answer(api_store, origin
     assert len(api.generation_log()) == calls  # stopped before sending anything
     assert all("--max-cost" in r["failed"]["remote"] for r in capped["results"])
     assert capped["cost"]["spent_usd"] == 0
+    # the API source alone, and the limit pays for none of its images: the user's own limit stopped the query
+    # (budget_exceeded, exit 2; HTTP 400), not a failing source (exit 3; HTTP 502)
+    capsys.readouterr()
+    assert run_cli("attribute", "--queries", queries, "--store", store, "--json", "--quiet", *OPTIONS,
+                   "--sources", "remote", "--max-cost", "0.01") == 2
+    refusal = json.loads(capsys.readouterr().err)
+    assert refusal["kind"] == "budget_exceeded" and "within --max-cost" in refusal["error"], refusal
+    assert len(api.generation_log()) == calls
 
     api.queue("429", "500")  # transient: retried (Retry-After honoured) and answered
     fine = attribute()
