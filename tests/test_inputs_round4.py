@@ -267,3 +267,17 @@ def test_ctrl_c_anywhere_in_main_is_one_line_and_exit_130(tmp_path, as_json, dri
     else:
         assert line == "resynth: interrupted (everything committed so far is kept)"
     assert not (tmp_path / "s").exists()
+
+
+def test_the_installed_console_script_is_the_guarded_entry():
+    """`resynth` as pip installs it runs engine.console:main (Ctrl-C during its imports is one line), and
+    answers `--help` as `python -m engine.cli` does."""
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "resynth"]
+    assert script.value == "engine.console:main"
+    installed = Path(sys.executable).parent / "resynth"
+    if not installed.is_file():
+        pytest.skip(f"no console script beside {sys.executable} (not installed with pip)")
+    done = subprocess.run([str(installed), "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("usage: resynth"), done.stderr
