@@ -306,7 +306,7 @@ def check_pipeline_folder(folder: Path) -> str:
             raise UserError(f"{folder}: component folder {component!r} is missing")
     check_configs(folder)
     check_tokenizers(folder, index)
-    check_weight_entries(folder)
+    check_weight_entries(folder, {name for name, value in index.items() if isinstance(value, list) and any(value)})
     return class_name
 
 

@@ -89,6 +89,10 @@ def test_hostile_safetensors_headers_are_one_line_in_every_kind(models, tmp_path
     assert "'one' already uses this base with the same adapters" in capsys.readouterr().err
 
 
+class Callback:
+    """A class torch.load(weights_only=True) refuses, as a Lightning checkpoint's callbacks."""
+
+
 def test_pickled_payloads_are_refused_unrun(models, tmp_path):
     marker = tmp_path / "payload-ran"
     base = models["pipelines"]["tiny-sd-ddim"]
@@ -101,6 +105,14 @@ def test_pickled_payloads_are_refused_unrun(models, tmp_path):
     for attempt in (lambda: Pipeline().prepare("x", folder), lambda: load_pipeline(folder, GenerationParams(), "cpu")):
         with pytest.raises(UserError, match="pickle that would call posix.mkdir"):
             attempt()
+    # real pickles pass: a state dict of fp16/bf16 tensors; a pickle diffusers never loads (a whole repository's
+    # own .ckpt beside its folders, a training run's checkpoint-500/) is not scanned, whatever it names
+    torch.save({k: v.to(torch.bfloat16 if i % 2 else torch.float16) for i, (k, v) in enumerate(state.items())},
+               folder / "unet" / "diffusion_pytorch_model.bin")
+    torch.save({"state_dict": state, "callbacks": {"ModelCheckpoint": Callback()}}, folder / "v1-5-pruned.ckpt")
+    (folder / "checkpoint-500").mkdir()
+    torch.save({"scheduler": Callback()}, folder / "checkpoint-500" / "scheduler.bin")
+    Pipeline().prepare("x", folder)
     checkpoint = tmp_path / "model.ckpt"
     torch.save({"state_dict": Payload(marker)}, checkpoint)
     with pytest.raises(UserError, match="pickled checkpoint: loading one can run code"):  # not "use --config"

@@ -23,7 +23,7 @@ WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf"}
 MAX_SAFETENSORS_HEADER = 100_000_000
 
 
-def check_weight_file(path: Path) -> None:
+def check_weight_file(path: Path, scan_pickle: bool = True) -> None:
     """Cheap structural check of a weight file, without loading its tensors: a safetensors header must be
     what the safetensors library itself accepts (bounded JSON, known dtypes, in-range contiguous offsets that
     end exactly at the end of the file); a PyTorch file must be a zip or a pickle, and a zip must name no
@@ -48,7 +48,8 @@ def check_weight_file(path: Path) -> None:
             _check_safetensors_layout(path)
         elif path.suffix in {".bin", ".pt", ".pth", ".ckpt"}:
             if head.startswith(b"PK\x03\x04"):
-                _check_pickle_globals(path)
+                if scan_pickle:
+                    _check_pickle_globals(path)
             elif head[:1] != b"\x80":
                 raise UserError(f"corrupt weight file {path}: neither a PyTorch zip nor a pickle")
 
@@ -115,10 +116,13 @@ def model_files(folder: Path) -> list[Path]:
 READ_SUFFIXES = {".json", ".txt", ".model"}
 
 
-def check_weight_entries(folder: Path) -> None:
+def check_weight_entries(folder: Path, components: set[str]) -> None:
     """Each weight file of a folder checked; a weight, config or vocabulary name that is no regular file (a
     pipe, a device such as /dev/zero, a dangling or looping link) refused: reading it would hang or never end,
-    and no fingerprint could cover it."""
+    and no fingerprint could cover it. Pickles are scanned only at the top level of a model_index.json component
+    (`components`), the files diffusers loads: a whole repository's own .ckpt beside its folders (sd-v1-5's
+    v1-5-pruned.ckpt) or a training run's checkpoint-500/optimizer.bin is never unpickled, and a Lightning
+    callback in it must not refuse the model."""
     for entry in model_files(folder):
         if entry.suffix not in WEIGHT_SUFFIXES | READ_SUFFIXES:
             continue
@@ -126,7 +130,7 @@ def check_weight_entries(folder: Path) -> None:
             raise UserError(f"{entry} is not a regular file (a pipe, device, folder or broken link): model files "
                             "must be files")
         if entry.suffix in WEIGHT_SUFFIXES:
-            check_weight_file(entry)
+            check_weight_file(entry, scan_pickle=entry.parent.name in components and entry.parent.parent == folder)
 
 
 def check_components(folder: Path, index: dict) -> None:
