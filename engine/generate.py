@@ -37,12 +37,16 @@ class GenerationParams:
         return cls(**json.loads(text))
 
 
-def fingerprint_folder(folder: Path) -> str:
+def fingerprint_folder(folder: Path, linked: bool = True) -> str:
     """A content fingerprint of a pipeline folder: configs in full, weights by name, size and ends (a component
-    folder linked from elsewhere included: swapping the link's target changes the fingerprint)."""
+    folder linked from elsewhere included: swapping the link's target changes the fingerprint). `linked=False`
+    leaves linked folders out, as fingerprints taken before they counted did: a source added then is not
+    "changed" now (DiffusersGenerator.check_unchanged)."""
     parts = []
     for path in (p for p in model_files(folder) if p.is_file() and not p.name.startswith(".")):
         rel = path.relative_to(folder).as_posix()
+        if not linked and "/" in rel and (folder / rel.split("/")[0]).is_symlink():
+            continue
         if path.suffix in WEIGHT_SUFFIXES:
             size = path.stat().st_size
             with open(path, "rb") as handle:
@@ -122,7 +126,7 @@ class DiffusersGenerator:
     """Any diffusers text-to-image pipeline folder (SD 1.x, SDXL, PixArt, Flux ...), loaded lazily."""
 
     def __init__(self, name: str, folder: Path, params: GenerationParams, device: str | None = None,
-                 fingerprint: str | None = None, recheck: Callable[[], str] | None = None):
+                 fingerprint: str | None = None, recheck: Callable[..., str] | None = None):
         import torch
 
         self.name = name
@@ -141,6 +145,8 @@ class DiffusersGenerator:
             return
         try:
             now = self.recheck()
+            if now != self.fingerprint:  # a source added before linked component folders counted
+                now = self.recheck(False)
         except OSError as exc:
             raise SourceError(self.name, f"its model files are unreadable: {first_line(exc)}") from exc
         if now != self.fingerprint:

@@ -8,6 +8,7 @@ import os
 import shutil
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -180,6 +181,17 @@ def test_weight_names_that_are_no_files_and_linked_components(models, tmp_path):
     (linked / "unet").symlink_to(base / "unet")
     first = Pipeline().prepare("x", linked).fingerprint
     assert first == Pipeline().prepare("x", base).fingerprint  # the same files, linked or not
+    # a source added before linked folders counted (its fingerprint without them) is not "changed" now
+    legacy = fingerprint_folder(linked, linked=False)
+    assert legacy != fingerprint_folder(linked)
+    added = SimpleNamespace(name="x", path=str(linked), params_json=json.dumps(GenerationParams().__dict__))
+    for stored, ok in ((Pipeline().current_fingerprint(added, linked=False), True), ("0" * 64, False)):
+        generator = Pipeline().load(SimpleNamespace(**vars(added), fingerprint=stored), "cpu")
+        if ok:
+            generator.check_unchanged()
+        else:
+            with pytest.raises(SourceError, match="changed since the source was added"):
+                generator.check_unchanged()
     (linked / "unet").unlink()
     (linked / "unet").symlink_to(models["pipelines"]["tiny-sd-euler-a"] / "unet")  # another model's UNet
     assert Pipeline().prepare("x", linked).fingerprint != first  # was equal: links were not followed

@@ -159,15 +159,16 @@ class Lora(SourceKind):
     def load(self, source, device: str | None):
         stored = json.loads(source.params_json)
         return LoraGenerator(source.name, Path(source.path), stored_recipe(source.params_json), stored["loras"],
-                             device, fingerprint=source.fingerprint, recheck=lambda: self.current_fingerprint(source))
+                             device, fingerprint=source.fingerprint,
+                             recheck=lambda linked=True: self.current_fingerprint(source, linked))
 
-    def current_fingerprint(self, source) -> str:
+    def current_fingerprint(self, source, linked: bool = True) -> str:
         """The base folder as it is now, with the adapters as recorded (their files are re-hashed at attach)."""
         from engine.generate import fingerprint_folder
 
         params = json.loads(source.params_json)
         recipe = {k: v for k, v in params.items() if k != "loras"}
-        return fingerprint(self.name, fingerprint_folder(Path(source.path)),
+        return fingerprint(self.name, fingerprint_folder(Path(source.path), linked),
                            [[a["sha256"], a["scale"]] for a in params["loras"]], recipe)
 
 

@@ -92,12 +92,12 @@ class Pipeline(SourceKind):
 
         return DiffusersGenerator(source.name, Path(source.path), GenerationParams.from_json(source.params_json),
                                   device, fingerprint=source.fingerprint,
-                                  recheck=lambda: self.current_fingerprint(source))
+                                  recheck=lambda linked=True: self.current_fingerprint(source, linked))
 
-    def current_fingerprint(self, source) -> str:
+    def current_fingerprint(self, source, linked: bool = True) -> str:
         from engine.generate import fingerprint_folder
 
-        return fingerprint(self.name, fingerprint_folder(Path(source.path)), json.loads(source.params_json))
+        return fingerprint(self.name, fingerprint_folder(Path(source.path), linked), json.loads(source.params_json))
 
 
 # components that hold weights, so a folder of their configs alone cannot generate

@@ -240,15 +240,15 @@ class SingleFile(SourceKind):
         config = json.loads(source.params_json)["config"]
         return SingleFileGenerator(source.name, Path(source.path), Path(config), stored_recipe(source.params_json),
                                    device, fingerprint=source.fingerprint,
-                                   recheck=lambda: self.current_fingerprint(source))
+                                   recheck=lambda linked=True: self.current_fingerprint(source, linked))
 
-    def current_fingerprint(self, source) -> str:
+    def current_fingerprint(self, source, linked: bool = True) -> str:
         from engine.generate import fingerprint_folder
 
         params = json.loads(source.params_json)
         recipe = {k: v for k, v in params.items() if k != "config"}
-        return fingerprint(self.name, file_sha256(Path(source.path)), fingerprint_folder(Path(params["config"])),
-                           recipe)
+        return fingerprint(self.name, file_sha256(Path(source.path)),
+                           fingerprint_folder(Path(params["config"]), linked), recipe)
 
 
 class SingleFileGenerator(DiffusersGenerator):
