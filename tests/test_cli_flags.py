@@ -331,3 +331,26 @@ def test_the_triage_line_counts_in_words():
     assert one.usage_text() == "used 1 original of 1 source (of 2 candidate sources; none of b); none skipped"
     assert _sources_text({"sources": ["a", "b"], "originals_per_source": {"a": 1, "b": 0}}) == \
         "1 source (of 2 candidate sources)"
+
+
+def test_option_flags_in_every_spelling_and_command_are_read_and_counted_once(tmp_path):
+    """argparse no longer types the option flags (engine.options reads their text): `--per 3` (an abbreviation),
+    `--per-source=3` and `--seed=-1` still reach Options typed, and a flag given twice in any two spellings, or
+    as --x and --no-x, is refused in every command that takes options (only the last would have counted)."""
+    from engine.cli import build_parser
+    from engine.options import OptionError, from_args
+
+    parser = build_parser()
+    commands = {"attribute": ["x.png"], "triage": [str(tmp_path), "--out", str(tmp_path / "o")],
+                "calibrate": [], "resynthesize": ["d.txt"]}
+    for command, rest in commands.items():
+        read = from_args(parser.parse_args([command, *rest, "--per", "3", "--seed=7"]))
+        assert (read.per_source, read.seed) == (3, 7)
+        for twice in (["--per-source=3", "--per", "4"], ["--seed", "1", "--seed=1"]):
+            with pytest.raises(OptionError, match="given 2 times"):
+                from_args(parser.parse_args([command, *rest, *twice]))
+        with pytest.raises(OptionError, match="seed .* must be between 0"):
+            from_args(parser.parse_args([command, *rest, "--seed", "-1"]))
+    with pytest.raises(OptionError, match="'adaptive' given 2 times"):
+        from_args(parser.parse_args(["attribute", "x.png", "--adaptive", "--no-adaptive"]))
+    assert from_args(parser.parse_args(["attribute", "x.png", "--no-adaptive"])).adaptive is False
