@@ -99,21 +99,22 @@ def command_line(words: Iterable[Any]) -> str:
 
 
 def option_words(args) -> list[str]:
-    """The attribution options given on a command line (engine.options flags), as flags again."""
+    """The attribution options given on a command line (engine.options flags), as flags again, each in
+    its read form (`--seed ' 5'` is written `--seed 5`, `--sources b,a` as the sources Options keeps)."""
     from dataclasses import fields
 
-    from engine.options import Options
+    from engine.options import Options, from_args
 
+    options = from_args(args)  # the command has read them already: no error here
     words: list[str] = []
     for f in fields(Options):
-        value = getattr(args, f.name, None)
-        if value is None:
+        if getattr(args, f.name, None) is None:
             continue
-        flag = f.name.replace("_", "-")
+        value, flag = getattr(options, f.name), f.name.replace("_", "-")
         if isinstance(value, bool):
             words.append(f"--{flag}" if value else f"--no-{flag}")
         else:
-            words += [f"--{flag}", str(value)]
+            words += [f"--{flag}", ",".join(value) if isinstance(value, tuple) else str(value)]
     return words
 
 

@@ -281,3 +281,14 @@ def test_the_installed_console_script_is_the_guarded_entry():
         pytest.skip(f"no console script beside {sys.executable} (not installed with pip)")
     done = subprocess.run([str(installed), "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.startswith("usage: resynth"), done.stderr
+
+
+def test_the_reproducing_command_of_a_report_writes_options_as_read():
+    """Options are read from their text by the layer below argparse: the command a report prints to
+    reproduce the run gives each as read (typed, trimmed, sources in their kept order), not as typed."""
+    from engine.casereport import option_words
+    from engine.cli import build_parser
+
+    args, _ = build_parser().parse_known_args(["attribute", "x.png", "--seed", " 5", "--sources", "b, a",
+                                               "--no-adaptive", "--per-source=3"])
+    assert option_words(args) == ["--per-source", "3", "--no-adaptive", "--seed", "5", "--sources", "a,b"]
