@@ -230,6 +230,11 @@ def _bounded(text: str, limit: int = 500) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def with_article(noun: str) -> str:
+    """`a diffusers`, `an api`: the article a sentence needs before a kind's name."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
 def plural(count: int, noun: str) -> str:
     """"1 source", "2 sources": every count a message shows, in one place for every layer."""
     return f"{count} {noun}" + ("" if count == 1 else "s")

@@ -258,14 +258,14 @@ def source_kind_and_params(args: argparse.Namespace, parsers: dict[str, Any] | N
 
 
 def _convert(kind, param, value: Any, parsers: dict[str, Any]) -> Any:
-    from engine.errors import UserError
+    from engine.errors import UserError, with_article
 
     flag = param.cli_flag
     if param.type is bool or not isinstance(value, str):
         return value
-    allowed = param.allowed()
+    allowed, of_kind = param.allowed(), f"{flag} of {with_article(kind.name)} source"
     if allowed and value not in allowed:
-        raise UserError(f"{flag} of a {kind.name} source must be one of {', '.join(allowed)}, not {value!r}")
+        raise UserError(f"{of_kind} must be one of {', '.join(allowed)}, not {value!r}")
     if param.name in parsers:
         return parsers[param.name](value)
     if param.type is dict:
@@ -275,7 +275,7 @@ def _convert(kind, param, value: Any, parsers: dict[str, Any]) -> Any:
             return param.type(value)
         except ValueError:
             what = "an integer" if param.type is int else "a number"
-            raise UserError(f"{flag} of a {kind.name} source must be {what} ({param.help}), not {value!r}") from None
+            raise UserError(f"{of_kind} must be {what} ({param.help}), not {value!r}") from None
     return value
 
 

@@ -91,7 +91,7 @@ def test_the_kind_is_the_one_the_arguments_fit(capsys):
         assert message in capsys.readouterr().err, argv
     # a value outside a flag's choices: the one line HTTP gives too (POST /v1/sources), not argparse's usage
     assert run_cli("source", "add", "x", "--api", "http://h", "--model", "m", "--protocol", "nope") == 2
-    assert "--protocol of a api source must be one of bfl, " in capsys.readouterr().err
+    assert "--protocol of an api source must be one of bfl, " in capsys.readouterr().err
 
 
 def test_api_flags_protocol_and_size_pass_through(store, capsys, monkeypatch):

@@ -97,7 +97,7 @@ def test_mistakes_get_the_clis_one_line_message(served, capsys):
         message = error(api.post("/v1/sources", json={"name": "x", **fields}), 422, "invalid_source")
         assert message == cli_error(capsys, served["store"], *args), fields
     api_fields = {"url": PUBLIC, "model": "m", "protocol": "midjourney"}
-    assert "--protocol of a api source must be one of bfl, fal, firefly" in error(
+    assert "--protocol of an api source must be one of bfl, fal, firefly" in error(
         api.post("/v1/sources", json={"name": "x", **api_fields}), 422, "invalid_source")
     assert "unknown field 'colour'" in error(api.post("/v1/sources", json={"name": "x", "colour": 1}), 422,
                                              "invalid_source")

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from engine.errors import UserError
+from engine.errors import UserError, with_article
 from engine.service.errors import ServiceError
 from index.errors import StoreInputError, StoreReadOnly, UnknownName
 
@@ -188,7 +188,7 @@ def _check_number(kind: str, field: str, value: int | float) -> None:
         return
     shown = str(value)[:24] if isinstance(value, int) else f"{value:g}"
     within = f"between {bounds[0]:g} and {bounds[1]:g}" if bounds else "a finite number"
-    raise UserError(f"{field} of a {kind} source must be {within} over HTTP, not {shown}")
+    raise UserError(f"{field} of {with_article(kind)} source must be {within} over HTTP, not {shown}")
 
 
 def police(kind: str, params: dict[str, Any], policy: SourcePolicy, store_root: Path) -> dict[str, Any]:
