@@ -174,7 +174,7 @@ def kind_and_params(kind: str | None, fields: dict[str, Any]) -> tuple[str, dict
             ok = True
         if not ok:
             what = "a string or a list of strings" if param.repeatable else _TYPES.get(param.type, param.type.__name__)
-            raise UserError(f"{param.name} of a {name} source must be {what}, not {type(value).__name__}")
+            raise UserError(f"{param.name} of {with_article(name)} source must be {what}, not {type(value).__name__}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             _check_number(name, param.name, value)
     return name, params
