@@ -19,13 +19,16 @@ if TYPE_CHECKING:
 DEFAULT_TEMPERATURE = 0.01  # cosine scores differ in the second decimal; 1.0 would be near-uniform
 # Options a calibration is fitted with (its notes) that change the scores it thresholds: a query run with
 # another value is scored on another scale, so the fitted temperature and thresholds do not apply to it.
-# (notes key, the flag that sets it, how a sentence names a value, the value of a calibration that does not
-# record it: calibrate has always fitted on resyntheses alone, so original_refs 0; the modes whose scores it
-# changes: --neighbours is how many stored references a dataset or combined score is taken over)
-FITTED_WITH = (("mode", "--mode", "in {} mode", None, None),
-               ("aggregation", "--aggregation", "with --aggregation {}", None, None),
-               ("original_refs", "--original-refs", "with --original-refs {}", 0, None),
-               ("neighbours", "--neighbours", "with --neighbours {}", None, ("dataset", "combined")))
+# (notes key, the Options field, the flag that sets it, how a sentence names a value, the value of a
+# calibration that does not record it: calibrate has always fitted on resyntheses alone, so original_refs 0;
+# the modes whose scores it changes: --neighbours is how many stored references a dataset or combined score
+# is taken over, --references how many of the description's resyntheses a resynthesis or combined one is)
+FITTED_WITH = (("mode", "mode", "--mode", "in {} mode", None, None),
+               ("aggregation", "aggregation", "--aggregation", "with --aggregation {}", None, None),
+               ("original_refs", "original_refs", "--original-refs", "with --original-refs {}", 0, None),
+               ("neighbours", "neighbours", "--neighbours", "with --neighbours {}", None, ("dataset", "combined")),
+               ("per_source", "references", "--references", "with --references {}", None,
+                ("resynthesis", "combined")))
 
 
 @dataclass
@@ -61,13 +64,14 @@ class Calibration:
     def applying(self, stale: str | None, options: "Options | None" = None) -> "Calibration":
         """This calibration, for a query run with `options`, if it applies to it;
         else the uncalibrated rule (default temperature, no threshold, `fitted` False) saying why in
-        `why_not`: a stale calibration, or one fitted with another mode, aggregation or (dataset and combined
-        modes) number of neighbours, whose temperature and thresholds were measured on another scale of scores."""
+        `why_not`: a stale calibration, or one fitted with another option of FITTED_WITH (mode, aggregation,
+        number of neighbours or of references), whose temperature and thresholds were measured on another
+        scale of scores."""
         if not self.fitted:
             return self
         why = stale
-        for key, flag, text, unrecorded, modes in FITTED_WITH if why is None and options is not None else ():
-            fitted, asked = self.notes.get(key, unrecorded), getattr(options, key, None)
+        for key, attr, flag, text, unrecorded, modes in FITTED_WITH if why is None and options is not None else ():
+            fitted, asked = self.notes.get(key, unrecorded), getattr(options, attr, None)
             if modes is not None and getattr(options, "mode", None) not in modes:
                 continue
             if fitted is not None and asked is not None and fitted != asked:

@@ -143,6 +143,16 @@ def test_calibrate_on_the_store_says_what_it_used(models, demo_manifest, store_d
         assert why and f"--neighbours {fitted_with + 1}" in why and "resynth calibrate" in why, why
     resynthesis = Calibration(fitted=True, notes={"mode": "resynthesis", "neighbours": fitted_with})
     assert resynthesis.applying(None, Options(mode="resynthesis", neighbours=fitted_with + 1)).why_not is None
+    # --references caps the description's resyntheses a resynthesis or combined score is taken over (a max
+    # over more of them is larger): another cap is another scale; dataset mode compares none of them
+    references = pooled["notes"]["per_source"]
+    assert references == Options().references
+    with engine.open(store_dir, writable=False) as ws:
+        assert ws.calibration.applying(None, Options(mode="dataset", references=references + 1)).why_not is None
+    combined = Calibration(fitted=True, notes=pooled["notes"])
+    assert combined.applying(None, Options(references=references)).why_not is None
+    why = combined.applying(None, Options(references=references + 1)).why_not
+    assert why and f"run `resynth calibrate` with --references {references + 1}" in why, why
 
 
 def test_evaluate_skips_originals_without_resyntheses_and_names_one_default(models, demo_manifest, tmp_path,
