@@ -14,8 +14,10 @@ from engine.sources.model_files import (WEIGHT_SUFFIXES, check_components, check
                                         check_weight_entries, model_files)
 from index.keys import canonical_json, sha256_text
 
-# Weight files are fingerprinted by name, size and their first and last MiB: reading whole
-# multi-GB checkpoints at every `source add` would be slow, and a changed file changes these.
+# Weight files are fingerprinted by name, size and either their whole content (`whole`, what `source add` records
+# since 2026-12: an edit confined to the middle of a file, a LoRA fused into it and saved over it at the same
+# size, changes only this) or their first and last MiB (the cheap form: what sources added before recorded, and
+# a process-local identity for shared LoRA bases).
 _PROBE = 1 << 20
 
 
@@ -37,18 +39,23 @@ class GenerationParams:
         return cls(**json.loads(text))
 
 
-def fingerprint_folder(folder: Path, linked: bool = True) -> str:
-    """A content fingerprint of a pipeline folder: configs in full, weights by name, size and ends (a component
-    folder linked from elsewhere included: swapping the link's target changes the fingerprint). `linked=False`
-    leaves linked folders out, as fingerprints taken before they counted did: a source added then is not
-    "changed" now (DiffusersGenerator.check_unchanged)."""
-    parts = []
+def fingerprint_folder(folder: Path, linked: bool = True, whole: bool = False) -> str:
+    """A content fingerprint of a pipeline folder: configs in full, weights by name, size and content (`whole`) or
+    ends (a component folder linked from elsewhere included: swapping the link's target changes the fingerprint).
+    `linked=False` leaves linked folders out, as fingerprints taken before they counted did: a source added then
+    is not "changed" now (DiffusersGenerator.check_unchanged)."""
+    from engine.sources.single_file import file_sha256
+
+    parts: list[list] = [["weights", "sha256"]] if whole else []
     for path in (p for p in model_files(folder) if p.is_file() and not p.name.startswith(".")):
         rel = path.relative_to(folder).as_posix()
         if not linked and "/" in rel and (folder / rel.split("/")[0]).is_symlink():
             continue
         if path.suffix in WEIGHT_SUFFIXES:
             size = path.stat().st_size
+            if whole:
+                parts.append([rel, size, file_sha256(path)])
+                continue
             with open(path, "rb") as handle:
                 head = handle.read(_PROBE)
                 handle.seek(max(0, size - _PROBE))
@@ -140,19 +147,20 @@ class DiffusersGenerator:
 
     def check_unchanged(self) -> None:
         """Refuse to load files that changed since `source add`: a fine-tune saved over a folder would
-        otherwise generate new images under the old fingerprint, mixed with the old weights' images."""
+        otherwise generate new images under the old fingerprint, mixed with the old weights' images.
+        Tried cheapest first, as each generation of `source add` recorded it: weights' ends (before 2026-12),
+        whole weights (since), weights' ends without linked component folders (before those counted)."""
         if self.recheck is None or self.fingerprint is None:
             return
         try:
-            now = self.recheck()
-            if now != self.fingerprint:  # a source added before linked component folders counted
-                now = self.recheck(False)
+            if any(self.recheck(linked, whole) == self.fingerprint
+                   for linked, whole in ((True, False), (True, True), (False, False))):
+                return
         except OSError as exc:
             raise SourceError(self.name, f"its model files are unreadable: {first_line(exc)}") from exc
-        if now != self.fingerprint:
-            raise SourceError(self.name, "its model files changed since the source was added (weights or configs "
-                                         "saved over them): add it again under a new name; its stored images "
-                                         "stay those of the old files")
+        raise SourceError(self.name, "its model files changed since the source was added (weights or configs "
+                                     "saved over them): add it again under a new name; its stored images "
+                                     "stay those of the old files")
 
     def load(self):
         if self._pipe is None:

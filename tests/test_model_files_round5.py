@@ -185,7 +185,7 @@ def test_weight_names_that_are_no_files_and_linked_components(models, tmp_path):
     legacy = fingerprint_folder(linked, linked=False)
     assert legacy != fingerprint_folder(linked)
     added = SimpleNamespace(name="x", path=str(linked), params_json=json.dumps(GenerationParams().__dict__))
-    for stored, ok in ((Pipeline().current_fingerprint(added, linked=False), True), ("0" * 64, False)):
+    for stored, ok in ((Pipeline().current_fingerprint(added, linked=False, whole=False), True), ("0" * 64, False)):
         generator = Pipeline().load(SimpleNamespace(**vars(added), fingerprint=stored), "cpu")
         if ok:
             generator.check_unchanged()
@@ -233,3 +233,30 @@ def test_an_edit_in_place_with_the_old_mtime_set_back_is_seen(tmp_path):
         handle.write(b"\0" * 16)
     os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert file.stat().st_mtime_ns == stat.st_mtime_ns and file_sha256(file) != before
+
+
+def test_an_edit_in_the_middle_of_a_weight_file_is_seen_and_older_sources_still_load(models, tmp_path):
+    """`source add` recorded a weight file's first and last MiB: a LoRA fused into a multi-MiB UNet and saved over
+    it at the same size (same header, same ends) was not "changed", so the old fingerprint's cached images would be
+    served as the new weights'. Whole weights are recorded now; a source recorded the old way still loads."""
+    folder = tmp_path / "model"
+    shutil.copytree(models["pipelines"]["tiny-sd-ddim"], folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors["zz.pad"] = torch.zeros(1 << 20)  # 4 MiB at the end: the UNet's own tensors lie past the first MiB
+    save_file(tensors, weights)
+    added = SimpleNamespace(name="x", path=str(folder), params_json=json.dumps(GenerationParams().__dict__))
+    stored = Pipeline().prepare("x", folder).fingerprint
+    old_form = Pipeline().current_fingerprint(added, whole=False)
+    assert stored == Pipeline().current_fingerprint(added) != old_form
+    with open(weights, "r+b") as handle:  # a weight in the middle, changed in place
+        handle.seek(weights.stat().st_size // 2)
+        handle.write(b"\x7f" * 8)
+    assert Pipeline().current_fingerprint(added, whole=False) == old_form  # the old record cannot see it
+    for fingerprint, ok in ((stored, False), (old_form, True)):
+        generator = Pipeline().load(SimpleNamespace(**vars(added), fingerprint=fingerprint), "cpu")
+        if ok:
+            generator.check_unchanged()
+        else:
+            with pytest.raises(SourceError, match="changed since the source was added"):
+                generator.check_unchanged()

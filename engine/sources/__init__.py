@@ -108,9 +108,10 @@ class SourceKind:
     def load(self, source, device: str | None):
         raise UserError(f"source {source.name!r} has no pipeline to generate with")
 
-    def current_fingerprint(self, source) -> str:
+    def current_fingerprint(self, source, linked: bool = True, whole: bool = True) -> str:
         """The fingerprint `prepare` would give the source's files now, from its stored params; a generator
-        compares it with the stored one before it loads (kinds with files to re-check define it)."""
+        compares it with the stored one before it loads (kinds with files to re-check define it). `linked` and
+        `whole` as engine.generate.fingerprint_folder takes them: older sources recorded other forms."""
         raise NotImplementedError
 
     def price(self, source) -> float:

@@ -139,7 +139,7 @@ class Lora(SourceKind):
             raise UserError("the same LoRA file is given twice: give it once with the summed scale")
         recipe = generation_params(steps, guidance, size, scheduler, negative_prompt)
         return Recipe(path=str(folder), params={**asdict(recipe), "loras": adapters},
-                      fingerprint=fingerprint(self.name, fingerprint_folder(folder),
+                      fingerprint=fingerprint(self.name, fingerprint_folder(folder, whole=True),
                                               [[a["sha256"], a["scale"]] for a in adapters], asdict(recipe)),
                       twin="already uses this base with the same adapters, scales and parameters")
 
@@ -160,15 +160,15 @@ class Lora(SourceKind):
         stored = json.loads(source.params_json)
         return LoraGenerator(source.name, Path(source.path), stored_recipe(source.params_json), stored["loras"],
                              device, fingerprint=source.fingerprint,
-                             recheck=lambda linked=True: self.current_fingerprint(source, linked))
+                             recheck=lambda *how: self.current_fingerprint(source, *how))
 
-    def current_fingerprint(self, source, linked: bool = True) -> str:
+    def current_fingerprint(self, source, linked: bool = True, whole: bool = True) -> str:
         """The base folder as it is now, with the adapters as recorded (their files are re-hashed at attach)."""
         from engine.generate import fingerprint_folder
 
         params = json.loads(source.params_json)
         recipe = {k: v for k, v in params.items() if k != "loras"}
-        return fingerprint(self.name, fingerprint_folder(Path(source.path), linked),
+        return fingerprint(self.name, fingerprint_folder(Path(source.path), linked, whole),
                            [[a["sha256"], a["scale"]] for a in params["loras"]], recipe)
 
 

@@ -79,7 +79,7 @@ class Pipeline(SourceKind):
         check_weights_present(folder)
         params = generation_params(steps, guidance, size, scheduler, negative_prompt)
         return Recipe(path=str(folder), params=asdict(params),
-                      fingerprint=recipe_fingerprint(self.name, fingerprint_folder(folder), params),
+                      fingerprint=recipe_fingerprint(self.name, fingerprint_folder(folder, whole=True), params),
                       twin="already uses this pipeline folder with the same parameters")
 
     def params_hash(self, source) -> str:
@@ -92,12 +92,13 @@ class Pipeline(SourceKind):
 
         return DiffusersGenerator(source.name, Path(source.path), GenerationParams.from_json(source.params_json),
                                   device, fingerprint=source.fingerprint,
-                                  recheck=lambda linked=True: self.current_fingerprint(source, linked))
+                                  recheck=lambda *how: self.current_fingerprint(source, *how))
 
-    def current_fingerprint(self, source, linked: bool = True) -> str:
+    def current_fingerprint(self, source, linked: bool = True, whole: bool = True) -> str:
         from engine.generate import fingerprint_folder
 
-        return fingerprint(self.name, fingerprint_folder(Path(source.path), linked), json.loads(source.params_json))
+        return fingerprint(self.name, fingerprint_folder(Path(source.path), linked, whole),
+                           json.loads(source.params_json))
 
 
 # components that hold weights, so a folder of their configs alone cannot generate

@@ -224,7 +224,8 @@ class SingleFile(SourceKind):
         check_layout(file, folder, class_name)
         recipe = generation_params(steps, guidance, size, scheduler, negative_prompt)
         return Recipe(path=str(file), params={"config": str(folder), **asdict(recipe)},
-                      fingerprint=fingerprint(self.name, file_sha256(file), fingerprint_folder(folder), asdict(recipe)),
+                      fingerprint=fingerprint(self.name, file_sha256(file), fingerprint_folder(folder, whole=True),
+                                              asdict(recipe)),
                       twin="already uses this checkpoint file with the same config and parameters")
 
     def params_hash(self, source) -> str:
@@ -240,15 +241,15 @@ class SingleFile(SourceKind):
         config = json.loads(source.params_json)["config"]
         return SingleFileGenerator(source.name, Path(source.path), Path(config), stored_recipe(source.params_json),
                                    device, fingerprint=source.fingerprint,
-                                   recheck=lambda linked=True: self.current_fingerprint(source, linked))
+                                   recheck=lambda *how: self.current_fingerprint(source, *how))
 
-    def current_fingerprint(self, source, linked: bool = True) -> str:
+    def current_fingerprint(self, source, linked: bool = True, whole: bool = True) -> str:
         from engine.generate import fingerprint_folder
 
         params = json.loads(source.params_json)
         recipe = {k: v for k, v in params.items() if k != "config"}
         return fingerprint(self.name, file_sha256(Path(source.path)),
-                           fingerprint_folder(Path(params["config"]), linked), recipe)
+                           fingerprint_folder(Path(params["config"]), linked, whole), recipe)
 
 
 class SingleFileGenerator(DiffusersGenerator):
