@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "made with, if known); default: a prompt embedded in the file, then the "
                                     "description stored for an identical image, then the store's captioner")
     p.add_argument("--queries", metavar="FILE.jsonl", type=path_argument,
-                   help="rows of {\"image\": PATH, \"prompt\": TEXT}")
+                   help="rows of {\"image\": PATH, \"prompt\": TEXT}, one per line (a relative PATH is read from "
+                        "the file's folder)")
     add_arguments(p)
     p.add_argument("--captioner", metavar="DIR", type=path_argument,
                    help="captioner folder for this run (overrides the store's)")
@@ -235,8 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build tiny random diffusers pipelines and a tiny CLIP, register them, make a "
                                    "dataset, ingest it and attribute held-out images, then print the recipes it "
                                    "used, where its models are, the commands that reuse them and what to run "
-                                   "next. Offline, on CPU: about 25 seconds on 2 quiet cores (22 to 26 s measured; "
-                                   "42 s on cores busy with other work); it ends with the time of each step. Its "
+                                   "next. Offline, on CPU: about 25 seconds on 2 quiet cores, longer on busy ones "
+                                   "(docs/measurements.md); it ends with the time of each step. Its "
                                    "random-weight models show that the machinery works, not how accurate resynth "
                                    "is on real generators. Its store is DIR/store (--store and $RESYNTH_STORE "
                                    "are not used).")
@@ -376,6 +377,7 @@ def _query_specs(args) -> list[tuple[Path, str | None]]:
 
     prompt = clean_prompt(text(args.prompt, "--prompt"))  # bytes a Latin-1 terminal typed: one line, not later
     specs = [(Path(p), prompt) for p in args.images]
+    lines: dict[int, tuple[Path, int, str]] = {}  # spec index -> (queries file, line, image as written)
     if args.queries:
         path = Path(args.queries)
         why = not_a_file(path)
@@ -402,11 +404,20 @@ def _query_specs(args) -> list[tuple[Path, str | None]]:
                 own = clean_prompt(own) if own is not None else prompt
             except UserError as exc:
                 raise UserError(f"{shown(path)}:{number}: {exc}", code=exc.code) from None
+            lines[len(specs)] = (path, number, image)
             specs.append((path.parent / expand_path(image), own))
     if not specs:
         raise UserError("nothing to attribute: give IMAGE paths or --queries FILE.jsonl")
-    for image, _ in specs:
-        check_header(image)
+    for index, (image, _) in enumerate(specs):
+        try:
+            check_header(image)
+        except UserError as exc:
+            if index not in lines:
+                raise
+            path, number, written = lines[index]
+            relative = "" if expand_path(written).is_absolute() else \
+                " (a relative \"image\" path is read from the queries file's folder)"
+            raise UserError(f"{shown(path)}:{number}: {exc}{relative}", code=exc.code) from None
     return specs
 
 

@@ -107,12 +107,32 @@ class Parser(argparse.ArgumentParser):
         return namespace, extras
 
     def error(self, message: str) -> NoReturn:
+        message += self._did_you_mean(message)
         if Parser.json_errors:
             print(json.dumps({"error": f"{message} (see `{self.prog} --help`)", "kind": "usage", "exit_code": 2}),
                   file=sys.stderr)
             sys.exit(2)
         self.print_usage(sys.stderr)
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def _did_you_mean(self, message: str) -> str:
+        """`; did you mean 'attribute'?` for a mistyped command or flag (`atribute`, `--stepz`), the nearest
+        of this parser's own words, or nothing when none is near."""
+        import difflib
+
+        typed = re.search(r"invalid choice: '([^']*)'", message)
+        if typed:
+            words = [c for a in self._actions if a.choices for c in a.choices if isinstance(c, str)]
+            close = difflib.get_close_matches(typed.group(1), words, n=1)
+            return f"; did you mean '{close[0]}'?" if close else ""
+        if message.startswith("unrecognized arguments:"):
+            flags = [flag[2:] for flag in self._option_string_actions if flag.startswith("--")]
+            for word in message.split()[2:]:
+                if word.startswith("--"):  # compared without the dashes every flag shares
+                    close = difflib.get_close_matches(word[2:].split("=", 1)[0], flags, n=1)
+                    if close:
+                        return f"; did you mean --{close[0]}?"
+        return ""
 
 
 # ----- `source add`: flags built from the source-kind registry (engine.sources) ----------------------

@@ -186,3 +186,25 @@ def test_files_and_scripts_the_docs_name_exist():
                 if not (REPO / name).exists() and not (REPO / (name + ".py")).exists():
                     wrong.append(f"{_where(page, number)}: {name} does not exist")
     assert not wrong, "\n".join(wrong)
+
+
+def test_a_typo_names_the_nearest_command_or_flag(tmp_path, capsys):
+    """A newcomer's typo is answered with what they meant, in the one usage line; a stray word is not."""
+    from tests.helpers import run_cli
+
+    for argv, hint in ((("atribute", "x.png"), "did you mean 'attribute'?"),
+                       (("source", "ad", "x"), "did you mean 'add'?"),
+                       (("source", "add", "x", "y", "--stepz", "3"), "did you mean --steps?"),
+                       (("attribute", "x.png", "--no-adaptve"), "did you mean --no-adaptive?"),
+                       (("attribute", "x.png", "--bogus"), None)):
+        with pytest.raises(SystemExit) as stop:
+            run_cli(*argv)
+        assert stop.value.code == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert (hint in last) if hint else "did you mean" not in last, (argv, last)
+    # a --queries row names its line, and where a relative image path is read from
+    queries = tmp_path / "q.jsonl"
+    queries.write_text('{"image": "gone.png", "prompt": "a cat"}\n')
+    assert run_cli("attribute", "--queries", queries, "--store", tmp_path / "none") == 2
+    err = capsys.readouterr().err
+    assert f"{queries}:1: image not found: {tmp_path / 'gone.png'}" in err and "queries file's folder" in err, err
