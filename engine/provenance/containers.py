@@ -119,7 +119,7 @@ def _read_png(data: bytes, box: Container) -> None:
         length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
         body_start, body_end = pos + 8, pos + 8 + length
         name = ctype.decode("latin-1")
-        pos = body_end + 4  # skip CRC (not checked: a bad CRC does not change what the text says)
+        crc_at, pos = body_end, body_end + 4
         if ctype == b"IEND":
             return
         if ctype not in (b"tEXt", b"zTXt", b"iTXt", b"eXIf"):
@@ -135,6 +135,10 @@ def _read_png(data: bytes, box: Container) -> None:
             box.notes.append(f"png: {name} chunk of {length} bytes is too large; not read")
             continue
         body = data[body_start:body_end]
+        if data[crc_at:crc_at + 4] != struct.pack(">I", zlib.crc32(body, zlib.crc32(ctype))):
+            # a damaged chunk: its text (a prompt that becomes the query's description) may be damaged too
+            box.notes.append(f"png: {name} chunk fails its CRC (damaged); not read")
+            continue
         if ctype == b"eXIf":
             if box.exif is None:
                 box.exif = body
