@@ -177,14 +177,20 @@ def test_every_relative_link_resolves(page):
     assert not wrong, "\n".join(wrong)
 
 
+MODULES = {path.name for top in ("engine", "index", "scripts", "tests") for path in (REPO / top).rglob("*.py")}
+
+
 def test_files_and_scripts_the_docs_name_exist():
-    """`tests/...py`, `scripts/...py`, `engine/...`, `index/...` named in code spans are in the tree."""
+    """`tests/...py`, `scripts/...py`, `engine/...`, `index/...` named in code, and a `name.py` named alone,
+    are in the tree."""
     wrong = []
     for page in PAGES:
         for number, code in _code(page.read_text()):
             for name in re.findall(r"(?<![\w/.])((?:tests|scripts|engine|index|docs)/[\w/.-]*\w)", code):
                 if not (REPO / name).exists() and not (REPO / (name + ".py")).exists():
                     wrong.append(f"{_where(page, number)}: {name} does not exist")
+            if re.fullmatch(r"\w+\.py", code) and code not in MODULES:  # `bench_serve.py`, named alone
+                wrong.append(f"{_where(page, number)}: no {code} in the tree")
     assert not wrong, "\n".join(wrong)
 
 
@@ -208,3 +214,13 @@ def test_a_typo_names_the_nearest_command_or_flag(tmp_path, capsys):
     assert run_cli("attribute", "--queries", queries, "--store", tmp_path / "none") == 2
     err = capsys.readouterr().err
     assert f"{queries}:1: image not found: {tmp_path / 'gone.png'}" in err and "queries file's folder" in err, err
+
+
+def test_the_readme_shows_the_options_and_their_defaults_as_they_are():
+    import engine
+
+    text = " ".join((REPO / "README.md").read_text().split())
+    shown = re.search(r"`engine\.Options\(([^`]*)\)`", text)
+    assert shown, "README: the engine.Options(...) line is gone"
+    assert shown.group(1).replace('"', "'").replace(" ", "") == repr(engine.Options())[len("Options("):-1].replace(
+        " ", ""), "README's engine.Options(...) differs from repr(engine.Options())"
