@@ -21,9 +21,10 @@ from sqlalchemy.engine import URL, Connection, CursorResult, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool
 
-from index.errors import (StoreBusy, StoreDamaged, StoreError, StoreInputError, StoreReadOnly, StoreUnavailable,
-                          unreachable)
+from index.errors import (StoreBusy, StoreDamaged, StoreDenied, StoreError, StoreInputError, StoreReadOnly,
+                          StoreUnavailable, unreachable)
 from index.failures import DISK_FULL, busy_timeout_s, pg_failure, refuse_write, sqlite_failure, sqlite_file_damage
+from index.sharing import share, why_denied
 
 RESTORE = "restore metadata.sqlite from a backup"
 _CORRUPT = ("not a database", "malformed", "corrupt", "disk image")
@@ -126,8 +127,11 @@ def check_database_file(path: Path) -> None:
         raise damaged_file(path, "is missing")
     if path.stat().st_size == 0:
         raise damaged_file(path, "is empty")
-    with open(path, "rb") as handle:
-        header = handle.read(100)
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(100)
+    except PermissionError:
+        raise StoreDenied(f"permission denied reading {path}: {why_denied(path, path.parent, os.R_OK)}") from None
     if len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
         raise damaged_file(path, "is not a SQLite database (damaged header)")
 
@@ -153,11 +157,14 @@ def _no_log(wal: Path, read_only_why: str) -> bool:
     return read_only_why == DISK_FULL and size == 0
 
 
-def _sqlite_pragmas(writable: bool):
+def _sqlite_pragmas(writable: bool, path: Path | None = None):
     def apply(dbapi_connection, _record) -> None:
         cursor = dbapi_connection.cursor()
         if writable:
             cursor.execute("PRAGMA journal_mode=WAL")  # readers run during a write
+            if path is not None:  # SQLite gives -wal/-shm the database's mode, but this user's group
+                for suffix in ("-wal", "-shm"):
+                    share(path.with_name(path.name + suffix))
             # every commit copied into the database file at once (a passive checkpoint, by the committing
             # connection): a -wal file deleted or cut under open processes ("cleaning up" temporary-looking
             # files, a backup tool) lost every row committed since the last checkpoint (1000 pages: all the
@@ -182,7 +189,7 @@ def _sqlite_engine(path: Path, mode: str, immutable: bool = False, read_only_why
         return sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None, timeout=busy_timeout_s())
 
     engine = create_engine("sqlite://", creator=connect, poolclass=QueuePool)
-    event.listen(engine, "connect", _sqlite_pragmas(mode != "ro"))
+    event.listen(engine, "connect", _sqlite_pragmas(mode != "ro", path))
 
     @event.listens_for(engine, "begin")
     def _begin(conn) -> None:  # explicit transactions; writers take the write lock up front (no BUSY upgrade)

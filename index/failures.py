@@ -14,6 +14,7 @@ from pathlib import Path
 
 from index.errors import (StoreBusy, StoreDenied, StoreError, StoreFull, StoreInputError, StoreReadOnly,
                           StoreUnavailable)
+from index.sharing import why_denied
 
 BUSY_ENV = "RESYNTH_BUSY_TIMEOUT_S"
 BUSY_TIMEOUT_S = 30.0
@@ -49,15 +50,25 @@ def read_only_reason(root: Path) -> str | None:
             return "read-only filesystem"
     except OSError:
         return None
-    db = root / "metadata.sqlite"
-    if not os.access(root, os.W_OK | os.X_OK) or (db.exists() and not os.access(db, os.W_OK)):
-        return "permission denied"
+    if not os.access(root, os.W_OK | os.X_OK):
+        return f"{PERMISSION}: {why_denied(root, root)}"
+    for name in IN_PLACE:  # the files a write changes in place (the rest is replaced by a rename)
+        path = root / name
+        if os.path.lexists(path) and not os.access(path, os.W_OK):
+            return f"{PERMISSION}: {why_denied(path, root)}"
     return None
 
 
+PERMISSION = "permission denied"
+IN_PLACE = ("metadata.sqlite", "metadata.sqlite-wal", "metadata.sqlite-shm")
+
+
 def read_only(root: Path, reason: str, doing: str = "this command writes to it") -> StoreReadOnly:
-    return StoreReadOnly(f"the store at {root} is read-only ({reason}): {doing}; run it where the store "
-                         "can be written (read-only commands such as stats, source list and verify work here)")
+    if reason.startswith(PERMISSION + ":"):  # names the file and the fix: keep the line short
+        return StoreReadOnly(f"the store at {root} is read-only ({reason}); {doing}, and commands that only read "
+                             "(stats, source list, verify, a cached attribute) work here")
+    return StoreReadOnly(f"the store at {root} is read-only ({reason}): {doing}; run it where the store can be written "
+                         "(read-only commands such as stats, source list and verify work here)")
 
 
 def refuse_write(root: Path, read_only_why: str | None) -> StoreReadOnly | StoreFull:
@@ -93,8 +104,7 @@ def os_failure(exc: BaseException, path: Path, doing: str) -> StoreError | None:
     if code == errno.EROFS:
         return read_only(path.parent, "read-only filesystem", doing)
     if code in (errno.EACCES, errno.EPERM):
-        return StoreDenied(f"permission denied on {path} ({doing}): give this user write access to the store "
-                           "folder, or open the store read-only")
+        return StoreDenied(f"permission denied on {path} ({doing}): {why_denied(path)}; {NOTHING_LOST}")
     if code == errno.EIO:
         return StoreUnavailable(f"input/output error on {path} ({doing}): check the disk; {NOTHING_LOST}")
     return None

@@ -23,6 +23,7 @@ from index.errors import StoreBusy, StoreDamaged, StoreError, StoreInputError, S
 from index.failures import NOTHING_LOST, os_failure, refuse_write
 from index.faults import crash_point
 from index.objects import ImageFiles, image_files
+from index.sharing import share
 
 CONFIG_NAME = "store.json"
 DB_NAME = "metadata.sqlite"
@@ -95,6 +96,7 @@ def publish(prepared: Path, path: Path, point: str | None = None) -> None:
     fsync it, rename it over `path`, fsync the folder."""
     with open(prepared, "rb") as handle:
         os.fsync(handle.fileno())
+    share(prepared)  # in a team's folder: the group's to write, whatever this user's umask
     if point:
         crash_point(point)
     os.replace(prepared, path)
@@ -149,6 +151,17 @@ def _lock_refused(exc: OSError, path: Path) -> StoreError:
                                 f"store needs to publish its index: keep the store on a local file system (or "
                                 f"enable locking there); {NOTHING_LOST}")
     return os_failure(exc, path, "taking the store's publish lock") or _unclassified(exc, path)
+
+
+def _open_lock(path: Path) -> int:
+    """store.lock for flock: made group-writable in a team's folder; another user's lock file this user may
+    only read still serves (flock needs no write access), so a teammate's umask cannot block saves."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        return os.open(path, os.O_RDONLY)
+    share(path)
+    return fd
 
 
 def write_json_atomic(path: Path, value: dict, point: str = "config:before-replace") -> None:
@@ -313,10 +326,10 @@ class Layout:
     def file_lock(self) -> Iterator[None]:
         """Cross-process lock for publishing vectors.faiss (flock on store.lock in the store folder)."""
         self.require_writable()
+        lock = self.root / LOCK_NAME
         try:
-            fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open_lock(lock)
         except OSError as exc:
-            lock = self.root / LOCK_NAME
             raise (os_failure(exc, lock, "taking the store's publish lock") or _unclassified(exc, lock)) from exc
         try:
             _wait_for_lock(fd, self.root / LOCK_NAME)

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 
 from index.errors import StoreInputError, StoreUnavailable
 from index.failures import NOTHING_LOST, os_failure
+from index.sharing import make_folders
 
 PROTOCOLS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
              "abfss": "adlfs"}  # object stores whose PUT is atomic, and the package fsspec needs for each
@@ -103,7 +104,7 @@ class LocalImages:
 
         path = self.layout.root / check_relative(relative)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_folders(path.parent, self.layout.root)  # each shared as made, in a team's store
         except OSError as exc:
             problem = os_failure(exc, path, "creating an image folder")
             if problem is None:

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy.orm import Session
 
-from index import ivf, migrations, objects, reembed
+from index import ivf, migrations, objects, reembed, sharing
 from index import vectors as vx
 from index.catalog import AddedImages, Catalog, LabelledVector, NewImage
 from index.claims import Claims
@@ -107,6 +107,8 @@ class Store:
         try:
             if create:
                 migrations.create_schema(self.db, self.embedder_identity, self.dim, config.get("images"))
+                if not config.get("db"):  # SQLite makes it 644 whatever the umask: a team's folder shares it
+                    sharing.share(root / DB_NAME)
             migrations.probe(self.db, self.embedder_identity, self.dim)
             reembed.adopt_switched_embedder(self.db, self.layout)
             migrations.check_store_json(self.db, self.layout.config_path, self.embedder_identity, self.dim)
@@ -160,6 +162,8 @@ class Store:
             if problem is None:  # a name too long (255 bytes a name, 4096 a path), a file where a folder goes
                 raise StoreInputError(f"cannot create a store folder at {root}: {exc.strerror or exc}") from None
             raise problem from exc
+        if new_folder:
+            sharing.share(root)  # made in a team's folder: the team's store (its mode decides for all below)
         config = {"format": FORMAT, "embedder": embedder, "dim": dim, "captioner": captioner}
         if url is not None:
             config["db"] = url.render_as_string(hide_password=False)  # parse_db_url refused any password

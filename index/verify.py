@@ -1,6 +1,7 @@
 """`verify`: check everything the store holds against everything else; `repair` what the database can fix."""
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -13,6 +14,7 @@ from index.live import impossible_ids
 from index.migrations import backfill_checksums, recount_vector_sets
 from index.objects import sha256_bytes
 from index.schema import Image, Vector
+from index.sharing import why_denied
 
 if TYPE_CHECKING:
     from index.store import Store
@@ -160,7 +162,9 @@ def _check_index_file(store: "Store", s, db_ids: np.ndarray, floor: int, problem
     entry: dict = {"path": str(store.index_path), "readable": index is not None,
                    "problem": why if why else (None if index is not None else "missing")}
     parts = segments.summary(store.index_path)
-    parts["leftover_files"] = [p.name for p in segments.leftovers(store.index_path)]
+    unreadable = os.path.isfile(store.index_path) and not os.access(store.index_path, os.R_OK)
+    # an index file this user may not read names no segment it can see: they are not leftovers
+    parts["leftover_files"] = [] if unreadable else [p.name for p in segments.leftovers(store.index_path)]
     entry["segments"] = parts
     if index is not None and index.problem:
         parts["manifest"] = index.problem
@@ -201,6 +205,9 @@ def _check_index_file(store: "Store", s, db_ids: np.ndarray, floor: int, problem
                          "since the last save; the next open or save adds them")
     elif why:
         problems.append(f"index file {entry['problem']}")
+    elif unreadable:
+        entry["problem"] = "unreadable by this user"  # not damaged: answers come from the database meanwhile
+        problems.append(f"the index file was not checked: {why_denied(store.index_path, store.root, os.R_OK)}")
     elif store.index_path.exists() or store.index_path.is_symlink():  # a folder, a device, a dangling link
         entry["problem"] = "not a file"
         problems.append(f"{store.index_path} is not a file (a folder or a broken link?): every save fails until "
@@ -215,10 +222,14 @@ def _check_index_file(store: "Store", s, db_ids: np.ndarray, floor: int, problem
 
 
 def _verify_files(store: "Store", image_rows, problems: list[str]) -> dict:
-    missing, mismatched = [], []
+    missing, mismatched, unreadable = [], [], []
     files = store.layout.images  # the store folder, or its object store (objects.py)
     for _, stored, file_hash in image_rows:
-        data = files.read(stored)
+        try:
+            data = files.read(stored)
+        except PermissionError:  # another user's file this one may not read: unchecked, not damaged
+            unreadable.append(stored)
+            continue
         if data is None:
             missing.append(stored)
         elif sha256_bytes(data) != file_hash:
@@ -227,5 +238,11 @@ def _verify_files(store: "Store", image_rows, problems: list[str]) -> dict:
         problems.append(f"{len(missing)} image files are missing")
     if mismatched:
         problems.append(f"{len(mismatched)} image files differ from their recorded sha256")
-    return {"checked": len(image_rows), "missing": len(missing), "missing_examples": missing[:10],
-            "mismatched": len(mismatched), "mismatched_examples": mismatched[:10]}
+    found = {"checked": len(image_rows) - len(unreadable), "missing": len(missing), "missing_examples": missing[:10],
+             "mismatched": len(mismatched), "mismatched_examples": mismatched[:10]}
+    if unreadable:
+        first = why_denied(store.layout.file_path(unreadable[0]), store.root, os.R_OK)
+        problems.append(f"{len(unreadable)} image files cannot be read by this user, so were not checked (the "
+                        f"first: {first})")
+        found.update({"unreadable": len(unreadable), "unreadable_examples": unreadable[:10]})
+    return found
