@@ -224,3 +224,10 @@ def test_the_readme_shows_the_options_and_their_defaults_as_they_are():
     assert shown, "README: the engine.Options(...) line is gone"
     assert shown.group(1).replace('"', "'").replace(" ", "") == repr(engine.Options())[len("Options("):-1].replace(
         " ", ""), "README's engine.Options(...) differs from repr(engine.Options())"
+
+
+def test_every_environment_variable_the_docs_name_is_read_somewhere():
+    named = {name for page in PAGES for name in re.findall(r"\bRESYNTH_[A-Z0-9_]*[A-Z0-9]", page.read_text())}
+    code = "".join(path.read_text() for top in ("engine", "index", "tests") for path in (REPO / top).rglob("*.py"))
+    unread = sorted(name for name in named if name not in code)
+    assert not unread, f"the docs name variables no code reads: {unread}"
