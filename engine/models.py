@@ -5,6 +5,9 @@ At most `max_loaded` generators that hold device memory stay resident (least rec
 from __future__ import annotations
 
 import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +20,12 @@ if TYPE_CHECKING:
     from engine.workspace import Workspace
 
 
+# Loading a model is not thread-safe across libraries: diffusers and transformers build modules on torch's
+# "meta" device under a process-wide patch (accelerate's init_empty_weights), so a model another thread
+# builds meanwhile gets meta tensors ("Unsupported device type 'meta'"). Every load here takes this lock.
+LOADING = threading.RLock()
+
+
 class Models:
     def __init__(self, ws: "Workspace", captioner: str | None, embedder: "Embedder | None"):
         self.ws = ws  # its store, device, sources and max_loaded (the service sets that)
@@ -26,6 +35,7 @@ class Models:
         self.generators: dict = {}
         self._resident: list = []
         self._lock = threading.RLock()
+        self._in_use: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # generator -> its Lock
 
     def embedder(self) -> "Embedder":
         """The store's embedder; refuses weights that changed since the store was bound to them."""
@@ -35,8 +45,9 @@ class Models:
 
                 store = self.ws.store
                 config = store.config["embedder"]
-                embedder = Embedder(EmbedderSpec.from_dict(config), device=self.ws.device,
-                                    known_hash=config.get("checkpoint_hash"))
+                with LOADING:
+                    embedder = Embedder(EmbedderSpec.from_dict(config), device=self.ws.device,
+                                        known_hash=config.get("checkpoint_hash"))
                 if embedder.identity != store.embedder_identity:
                     raise UserError(f"store {store.root} is bound to embedder {store.embedder_identity}, but "
                                     f"{config['checkpoint']} is now {embedder.identity}")
@@ -53,8 +64,9 @@ class Models:
             if folder and (self._captioner is None or not _same_folder(self._captioner.folder, folder)):
                 from engine.describe import make_captioner
 
-                self._captioner = make_captioner(Path(folder), device=self.ws.device,
-                                                 instruction=self.ws.store.config.get("caption_instruction"))
+                with LOADING:
+                    self._captioner = make_captioner(Path(folder), device=self.ws.device,
+                                                     instruction=self.ws.store.config.get("caption_instruction"))
             return self._captioner if folder else None
 
     def generator(self, name: str):
@@ -72,6 +84,19 @@ class Models:
                 kept = self.generators[name] = kind.load(source, self.ws.device)
             return kept
 
+    @contextmanager
+    def generating(self, generator) -> Iterator[None]:
+        """Hold a local pipeline's generator for one run of jobs: threads of one process (the library's
+        callers) take turns, since a pipeline's scheduler keeps the state of the run in progress, and its
+        first load happens under LOADING."""
+        with self._lock:
+            lock = self._in_use.setdefault(generator, threading.Lock())
+        with lock:
+            if not getattr(generator, "loaded", True):
+                with LOADING:
+                    generator.load()
+            yield
+
     def forget(self, name: str) -> None:
         with self._lock:
             self.generators.pop(name, None)
@@ -83,9 +108,11 @@ class Models:
         with self._lock:
             keep = max(1, self.ws.max_loaded)
             self._resident = [g for g in self._resident if g is not generator] + [generator]
+            busy = [g for g in self._resident[:-keep] if g in self._in_use and self._in_use[g].locked()]
             for stale in self._resident[:-keep]:
-                stale.unload()
-            self._resident = self._resident[-keep:]
+                if stale not in busy:  # one another thread is generating with unloads after its run
+                    stale.unload()
+            self._resident = busy + self._resident[-keep:]
             if len(self._resident) >= keep:  # no room for a LoRA base kept idle beside them
                 BASES.drop_idle(keep_for=generator)
 

@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 from collections import Counter, defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
@@ -160,17 +160,18 @@ def generate_once(ws: "Workspace", plan: Plan, name: str, jobs: list[tuple[str, 
     process holds, and wait for what another process is making, then reuse it. A dead claimant's
     lease expires and its keys are taken over. Returns how many images this process made per text."""
     store = ws.store
+    owner = f"{ws.owner}:{threading.get_ident()}"  # threads of one process single-flight as processes do
     by_key = {key: (text, seed) for text, key, seed in jobs}
     pending = list(by_key)
     made: dict[str, int] = defaultdict(int)
     while pending:
-        mine = store.claim(pending, ws.owner, CLAIM_LEASE_SECONDS)
+        mine = store.claim(pending, owner, CLAIM_LEASE_SECONDS)
         try:
             stored = store.existing_keys(mine)  # made by someone else just before our claim
             todo = [(by_key[key][0], key, by_key[key][1]) for key in mine if key not in stored]
             if todo:
                 try:
-                    with renewing(store, mine, ws.owner, CLAIM_LEASE_SECONDS):
+                    with renewing(store, mine, owner, CLAIM_LEASE_SECONDS):
                         generate_and_store(ws, plan, name, todo, budget)
                 except PartialResult as partial:  # the images made before the failure count
                     for text, _, _ in partial.stored:
@@ -180,7 +181,7 @@ def generate_once(ws: "Workspace", plan: Plan, name: str, jobs: list[tuple[str, 
                 for text, _, _ in todo:
                     made[text] += 1
         finally:
-            store.release(mine, ws.owner)
+            store.release(mine, owner)
         theirs = [key for key in pending if key not in set(mine)]
         if theirs:
             theirs = wait_for_others(store, theirs)
@@ -261,7 +262,8 @@ def generate_and_store(ws: "Workspace", plan: Plan, name: str, jobs: list[tuple[
         ws.embedder  # noqa: B018 - loaded on first use
     started = time.perf_counter()
     try:
-        images = generator.generate_many([(text, seed) for text, _, seed in jobs], budget=budget)
+        with ws.models.generating(generator) if kind.needs_gpu else nullcontext():
+            images = generator.generate_many([(text, seed) for text, _, seed in jobs], budget=budget)
     except PartialResult as partial:
         kept = [(job, image) for job, image in zip(jobs, partial.images) if image is not None]
         store_generated(ws, plan, name, [j for j, _ in kept], [i for _, i in kept])

@@ -181,3 +181,34 @@ def test_a_source_removed_by_another_process_mid_request_drops_out(store_dir, or
                               options=Options(adaptive=False, mode="resynthesis", per_source=1))
         assert sorted(s.source for s in report.results[0].scores) == sorted(n for n in names if n != gone)
         assert report.results[0].generated == 0
+
+
+def test_threads_of_one_process_share_a_workspace(store_dir, originals, tmp_path):
+    """The library from a thread pool: every pipeline loaded at once on several threads failed ("Unsupported
+    device type 'meta'": diffusers builds modules under a process-wide patch), and two threads claimed the
+    same keys as one owner, so both generated them. Now loads take turns, threads single-flight as processes
+    do, and the stored images are byte for byte those one thread makes."""
+    import sqlite3
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    import engine
+    from engine import Options
+
+    names = sorted({row["source"] for row in originals})[:2]
+    options = Options(adaptive=False, mode="resynthesis", per_source=1, sources=tuple(names))
+    queries = [(row["image"], row["prompt"]) for row in originals[:2]] * 2  # two descriptions, each asked twice
+    alone = tmp_path / "alone"
+    shutil.copytree(store_dir, alone)
+    with engine.open(store_dir) as ws, ThreadPoolExecutor(4) as pool:
+        reports = list(pool.map(lambda q: ws.attribute(q[0], prompt=q[1], options=options), queries))
+    with engine.open(alone) as ws:
+        expected = ws.attribute(queries[0][0], prompt=queries[0][1], options=options)  # one thread, one description
+    assert sum(r.generated for r in reports) == 2 * expected.generated == 2 * len(names)
+    assert reports[0].results[0].scores == expected.results[0].scores
+
+    def stored(store):
+        with sqlite3.connect(store / "metadata.sqlite") as db:
+            return dict(db.execute("select key, file_hash from images where role = 'resynthesis'"))
+    threaded, alone_made = stored(store_dir), stored(alone)
+    assert len(threaded) == 2 * len(alone_made) and all(threaded[key] == made for key, made in alone_made.items())
