@@ -94,26 +94,34 @@ PARSERS = _parsers()
 EVERY_FLAG = {flag for parser in PARSERS.values() for flag in parser._option_string_actions}
 
 
-def _where(page: Path, number: int) -> str:
-    return f"{page.relative_to(REPO)}:{number}"
+def _where(page: Path | str, number: int) -> str:
+    return page if isinstance(page, str) else f"{page.relative_to(REPO)}:{number}"
 
 
-def test_every_resynth_command_the_docs_show_parses():
+def _help_examples() -> list[tuple[Path | str, int, str]]:
+    """The `resynth ...` lines of every parser's own help (`source add --help` ends with examples)."""
+    return [(f"resynth {' '.join(path)} --help", 0, line.strip())
+            for path, parser in PARSERS.items() for line in f"{parser.description}\n{parser.epilog}".splitlines()
+            if line.strip().startswith("resynth ")]
+
+
+def test_every_resynth_command_the_docs_and_the_help_show_parses():
     wrong = []
-    for page in PAGES:
-        for number, code in _code(page.read_text()):
-            for words in _commands(code):
-                path: tuple[str, ...] = ()
-                rest = list(words)
-                while rest and (*path, rest[0]) in PARSERS:
-                    path = (*path, rest.pop(0))
-                if not path and rest and not rest[0].startswith("-") and re.fullmatch(r"[a-z][a-z-]*", rest[0]):
-                    wrong.append(f"{_where(page, number)}: `resynth {rest[0]}` is no command")
-                    continue
-                known = PARSERS[path]._option_string_actions
-                for flag in _flags(rest):
-                    if flag not in known:
-                        wrong.append(f"{_where(page, number)}: `resynth {' '.join(path)}` has no {flag}")
+    shown: list[tuple[Path | str, int, str]] = [
+        (page, n, code) for page in PAGES for n, code in _code(page.read_text())]
+    for page, number, code in shown + _help_examples():
+        for words in _commands(code):
+            path: tuple[str, ...] = ()
+            rest = list(words)
+            while rest and (*path, rest[0]) in PARSERS:
+                path = (*path, rest.pop(0))
+            if not path and rest and not rest[0].startswith("-") and re.fullmatch(r"[a-z][a-z-]*", rest[0]):
+                wrong.append(f"{_where(page, number)}: `resynth {rest[0]}` is no command")
+                continue
+            known = PARSERS[path]._option_string_actions
+            for flag in _flags(rest):
+                if flag not in known:
+                    wrong.append(f"{_where(page, number)}: `resynth {' '.join(path)}` has no {flag}")
     assert not wrong, "\n".join(wrong)
 
 
