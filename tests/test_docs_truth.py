@@ -239,3 +239,15 @@ def test_every_environment_variable_the_docs_name_is_read_somewhere():
     code = "".join(path.read_text() for top in ("engine", "index", "tests") for path in (REPO / top).rglob("*.py"))
     unread = sorted(name for name in named if name not in code)
     assert not unread, f"the docs name variables no code reads: {unread}"
+
+
+def test_every_flag_a_help_text_names_exists():
+    """A flag renamed or removed leaves no stale mention in another command's --help."""
+    stale = set()
+    for path, parser in PARSERS.items():
+        texts = [parser.description or "", parser.epilog or ""]
+        texts += [action.help for action in parser._actions if isinstance(action.help, str)]
+        for text in texts:
+            stale |= {(" ".join(path), flag) for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text)
+                      if flag not in EVERY_FLAG}
+    assert not stale, f"--help texts name flags no command has: {sorted(stale)}"
