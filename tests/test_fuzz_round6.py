@@ -121,3 +121,26 @@ def test_the_watermark_check_skips_a_jpeg_of_too_many_scans(scans):
     if state["state"] == "unavailable":
         pytest.skip(state["reason"])
     assert found is None and state["state"] == "skipped" and "scans" in state["reason"]
+
+
+def test_a_source_type_from_a_manifest_that_failed_validation_says_so(tmp_path):
+    """A signed PNG with one pixel byte changed: C2PA says invalid (its data hash), yet its action's term was
+    the file's digital_source_type with source "c2pa", beside no word that the manifest had failed."""
+    c2pa = pytest.importorskip("c2pa")
+    pytest.importorskip("cryptography")
+    from tests.test_provenance import _test_ca
+
+    chain, key, _ = _test_ca(tmp_path)
+    manifest = {"claim_generator_info": [{"name": "fuzz", "version": "1"}], "assertions": [
+        {"label": "c2pa.actions", "data": {"actions": [{"action": "c2pa.created", "digitalSourceType":
+                                                        "http://cv.iptc.org/newscodes/digitalsourcetype/digitalCapture"}]}}]}
+    signed = io.BytesIO()
+    with c2pa.Builder(manifest) as builder:
+        builder.sign(c2pa.Signer.from_info(c2pa.C2paSignerInfo(b"es256", chain, key, None)), "image/png",
+                     io.BytesIO(_png((16, 16))), signed)
+    data = bytearray(signed.getvalue())
+    data[data.find(b"IDAT") + 10] ^= 1
+    p = read_provenance(bytes(data), watermark=False)
+    assert p.c2pa["state"] == "invalid" and p.digital_source_type["source"] == "c2pa"
+    assert "digital_source_type: read from a C2PA manifest that failed validation" in " ".join(p.notes)
+    assert not [n for n in read_provenance(signed.getvalue(), watermark=False).notes if "digital_source" in n]

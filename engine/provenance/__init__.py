@@ -126,6 +126,9 @@ def read_provenance(source: str | os.PathLike | bytes | bytearray | memoryview, 
         mark, mark_state = _safe(lambda: wm.check(data), "watermark", notes) or (None, {"state": "skipped"})
 
     dst = _safe(lambda: _digital_source_type(box, c2pa_state), "digital_source_type", notes)
+    if dst and dst["source"] == "c2pa" and c2pa_state.get("state") == "invalid":  # tampered or forged: its
+        # term is as much a claim as XMP's, though `source` names C2PA
+        notes.append("digital_source_type: read from a C2PA manifest that failed validation: a claim, not evidence")
     if len(notes) > MAX_NOTES:
         notes = notes[:MAX_NOTES] + [f"... and {len(notes) - MAX_NOTES} more notes"]
     return Provenance(format=box.format, metadata=metadata, digital_source_type=dst, exif=camera,
