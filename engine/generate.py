@@ -11,7 +11,7 @@ from PIL import Image
 
 from engine.errors import SourceError, UserError, first_line
 from engine.sources.model_files import (WEIGHT_SUFFIXES, check_components, check_configs, check_tokenizers,
-                                        check_weight_entries, model_files)
+                                        check_weight_entries, missing_packages, model_files)
 from index.keys import canonical_json, sha256_text
 
 # Weight files are fingerprinted by name, size and either their whole content (`whole`, what `source add` records
@@ -211,15 +211,8 @@ class DiffusersGenerator:
     def _run_batch(self, pipe, jobs: list[tuple[str, int]]) -> list[Image.Image]:
         import torch
 
-        kwargs = {"num_inference_steps": self.params.steps, "guidance_scale": self.params.guidance,
-                  "output_type": "np"}  # floats: a NaN is still visible (as PIL it is a black image)
-        accepted = _call_parameters(pipe)
-        if self.params.size:
-            kwargs["height"] = kwargs["width"] = self.params.size
-        if self.params.negative_prompt and "negative_prompt" in accepted:
-            kwargs["negative_prompt"] = [self.params.negative_prompt] * len(jobs)
+        kwargs = call_arguments(_call_parameters(pipe), self.params, len(jobs))
         generators = [torch.Generator(device="cpu").manual_seed(seed) for _, seed in jobs]
-        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
         try:
             with torch.inference_mode():
                 images = pipe(prompt=[prompt for prompt, _ in jobs], generator=generators, **kwargs).images
@@ -275,6 +268,32 @@ def _call_parameters(pipe):
     return inspect.signature(pipe.__call__).parameters
 
 
+# The negative prompt a "true CFG" pipeline is run with when the recipe has none: Qwen-Image's model card uses " ",
+# and such pipelines apply no guidance at all without one.
+TRUE_CFG_NEGATIVE = " "
+
+
+def call_arguments(accepted, params: GenerationParams, count: int) -> dict:
+    """The keyword arguments a pipeline's __call__ (its signature's `accepted` parameters) gets for `count` prompts
+    of a recipe; only those it takes. Guidance goes where the pipeline applies classifier-free guidance: most take
+    `guidance_scale`; a pipeline whose `guidance_scale` defaults to None (only guidance-distilled weights read it)
+    and which takes `true_cfg_scale` (Qwen-Image) guides by `true_cfg_scale`, and only when given a negative prompt,
+    so the recipe's guidance would otherwise be ignored."""
+    kwargs: dict = {"num_inference_steps": params.steps, "guidance_scale": params.guidance,
+                    "output_type": "np"}  # floats: a NaN is still visible (as PIL it is a black image)
+    negative = params.negative_prompt
+    guidance = accepted.get("guidance_scale")
+    if "true_cfg_scale" in accepted and guidance is not None and guidance.default is None:
+        kwargs["true_cfg_scale"] = kwargs.pop("guidance_scale")
+        if negative is None and params.guidance > 1:
+            negative = TRUE_CFG_NEGATIVE
+    if params.size:
+        kwargs["height"] = kwargs["width"] = params.size
+    if negative:
+        kwargs["negative_prompt"] = [negative] * count
+    return {k: v for k, v in kwargs.items() if k in accepted}
+
+
 def _default_side(pipe) -> int | None:
     """The pipeline's own default image side in pixels, if it says (denoiser sample size x VAE factor)."""
     denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
@@ -306,11 +325,15 @@ def check_pipeline_folder(folder: Path) -> str:
     except (ValueError, KeyError, TypeError):
         raise UserError(f"malformed model_index.json in {folder}") from None
     pipeline_class = getattr(diffusers, str(class_name), None)
+    missing = missing_packages(pipeline_class) if isinstance(pipeline_class, type) else []
+    if missing:  # diffusers exports a placeholder (Kolors without sentencepiece): say what to install
+        raise UserError(f"{folder}: {class_name} needs the Python package{'s' if len(missing) > 1 else ''} "
+                        f"{', '.join(missing)}, not installed here: pip install {' '.join(missing)}")
     if pipeline_class is None or not issubclass(pipeline_class, diffusers.DiffusionPipeline):
         raise UserError(f"{folder}: {class_name!r} is not a diffusers pipeline class")
-    accepted = inspect.signature(pipeline_class.__call__).parameters
-    if "prompt" not in accepted or "image" in accepted:
-        raise UserError(f"{folder} holds a {class_name}, not a text-to-image pipeline")
+    refusal = not_text_to_image(pipeline_class)
+    if refusal:
+        raise UserError(f"{folder} holds a {class_name}, not a text-to-image pipeline: {refusal}")
     if not isinstance(index, dict):
         raise UserError(f"malformed model_index.json in {folder}")
     check_components(folder, index)  # before anything is imported or loaded for them
@@ -322,6 +345,69 @@ def check_pipeline_folder(folder: Path) -> str:
     check_tokenizers(folder, index)
     check_weight_entries(folder, {name for name, value in index.items() if isinstance(value, list) and any(value)})
     return class_name
+
+
+def not_text_to_image(pipeline_class) -> str | None:
+    """Why a diffusers pipeline class cannot be a source by itself (None if it can): it must take a prompt and no
+    input image, need nothing else (a decoder needs the image embeddings its prior makes), and return images, as
+    its __call__'s return annotation says (video, audio and 3D pipelines, and priors, return something else)."""
+    accepted = inspect.signature(pipeline_class.__call__).parameters
+    name = pipeline_class.__name__
+    listed = name in _diffusers_text_to_image() and not any(word in name for word in ("Control", "Inpaint"))
+    if "prompt" not in accepted:
+        return "it takes no prompt"
+    if "image" in accepted and not listed:  # Flux.2 and Qwen-Image 2.1 take optional reference images
+        return "it edits an input image"
+    if not listed:
+        for word, what in _NOT_IMAGE_WORDS.items():
+            if word in name:
+                return what
+    needed = [name for name, p in accepted.items() if name not in ("self", "prompt") and p.default is p.empty
+              and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if needed:
+        return f"it also needs {', '.join(needed)} (a decoder or a stage of another pipeline)"
+    if pipeline_class.__name__.endswith("PriorPipeline"):
+        return "a prior makes image embeddings for a decoder (add the combined pipeline)"
+    outputs = _output_fields(pipeline_class)
+    if outputs and "images" not in outputs:
+        return f"it returns {', '.join(sorted(outputs))}, not images"
+    return None
+
+
+# Pipelines outside diffusers' own text-to-image list whose name says what else they need or make (older ones have
+# no return annotation to read).
+_NOT_IMAGE_WORDS = {"Video": "it makes video", "Audio": "it makes audio", "Music": "it makes audio",
+                    "ShapE": "it makes 3D objects", "Inpaint": "it edits an input image",
+                    "Edit": "it edits an input image", "Control": "it needs a control image"}
+
+
+def _diffusers_text_to_image() -> set[str]:
+    """The pipeline classes diffusers itself maps as text-to-image (AutoPipelineForText2Image's table)."""
+    from diffusers.pipelines.auto_pipeline import AUTO_TEXT2IMAGE_PIPELINES_MAPPING
+
+    return {cls.__name__ for cls in AUTO_TEXT2IMAGE_PIPELINES_MAPPING.values()}
+
+
+def _output_fields(pipeline_class) -> set[str]:
+    """The fields of the output dataclasses a pipeline's __call__ is annotated to return (empty if it says none)."""
+    import dataclasses
+    import sys
+    import typing
+
+    from diffusers.utils import BaseOutput
+
+    annotation = inspect.signature(pipeline_class.__call__).return_annotation
+    if isinstance(annotation, str):  # postponed annotations: named in the pipeline's own module
+        names = {part.strip() for part in annotation.split("|")}
+        scope = vars(sys.modules[pipeline_class.__module__])
+        found = [scope.get(name) for name in names]
+    else:
+        found = list(typing.get_args(annotation)) or [annotation]
+    fields: set[str] = set()
+    for cls in found:
+        if isinstance(cls, type) and issubclass(cls, BaseOutput) and dataclasses.is_dataclass(cls):
+            fields |= {field.name for field in dataclasses.fields(cls)}
+    return fields
 
 
 def load_pipeline(folder: Path, params: GenerationParams, device: str):

@@ -168,6 +168,27 @@ def check_components(folder: Path, index: dict) -> None:
         if bases and not any(isinstance(base, type) and issubclass(found, base) for base in bases):
             raise UserError(f"{where} is not a model, scheduler, tokenizer or processor class diffusers loads "
                             "(an Auto class needs code that resynth does not run)")
+        missing = missing_packages(found)
+        if missing:
+            raise UserError(f"{where} needs the Python package{'s' if len(missing) > 1 else ''} "
+                            f"{', '.join(missing)}, not installed here: pip install {' '.join(missing)}")
+
+
+# Component classes that import a package only when built (so the class itself imports fine): Kolors' ChatGLM
+# tokenizer reads its tokenizer.model with sentencepiece, which neither diffusers nor resynth requires.
+NEEDS_PACKAGES = {"ChatGLMTokenizer": ("sentencepiece",)}
+
+
+def missing_packages(cls: type) -> list[str]:
+    """The packages a component class needs that are not installed: a library's placeholder class (a DummyObject,
+    what diffusers and transformers export when a backend is missing) names its backends; NEEDS_PACKAGES the rest.
+    Without this a folder is enrolled and fails at its first generation."""
+    import importlib.util
+
+    if type(cls).__name__ == "DummyObject":
+        backends = type.__getattribute__(cls, "_backends") if "_backends" in vars(cls) else ["its backend"]
+        return [str(name) for name in backends if importlib.util.find_spec(str(name)) is None] or [str(backends)]
+    return [name for name in NEEDS_PACKAGES.get(cls.__name__, ()) if importlib.util.find_spec(name) is None]
 
 
 def _pipeline_module(library: str):
