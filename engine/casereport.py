@@ -372,17 +372,20 @@ def render(head: dict, entries: Iterable[dict], store=None, title: str = "resynt
 def write(path: str | os.PathLike, head: dict, entries: Iterable[dict], store=None,
           title: str = "resynth case report") -> Path:
     """Write the report atomically (a temporary file beside it, then renamed)."""
+    from engine.errors import writing
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            _write_all(handle, render(head, entries, store, title))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "w", encoding="utf-8") as handle:
+                _write_all(handle, render(head, entries, store, title))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return path
 
 

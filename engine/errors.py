@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from index.errors import (StoreBusy, StoreDamaged, StoreDenied, StoreError, StoreFull, StoreInputError, StoreReadOnly,
@@ -238,6 +241,18 @@ def with_article(noun: str) -> str:
 def plural(count: int, noun: str) -> str:
     """"1 source", "2 sources": every count a message shows, in one place for every layer."""
     return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+@contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """An OS error while writing the user's output file `path` names it: a write() or fsync() that fails
+    names no file, so "the disk is full" left the user to guess which disk (the store's or the output's)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), os.fspath(path)) from exc
 
 
 def first_line(exc: BaseException) -> str:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from engine.errors import UserError, kind_of, message_of
+from engine.errors import UserError, kind_of, message_of, writing
 from engine.options import Options
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
@@ -97,9 +97,10 @@ class Results:
                 if row.get("run") == key and "result" in row:
                     self.done[row["path"]] = row["sha256"]
                     self.by_hash.setdefault(row["sha256"], offset)
-        self.handle = open(path, "ab")
-        if self.handle.tell() and not self._ends_with_newline():  # a line torn by a crash: start afresh
-            self.handle.write(b"\n")
+        with writing(path):
+            self.handle = open(path, "ab")
+            if self.handle.tell() and not self._ends_with_newline():  # a line torn by a crash: start afresh
+                self.handle.write(b"\n")
 
     def _ends_with_newline(self) -> bool:
         with open(self.path, "rb") as reader:
@@ -128,6 +129,10 @@ class Results:
             return json.loads(reader.readline()).get("result")
 
     def append(self, rows: list[dict]) -> None:
+        with writing(self.path):
+            self._append(rows)
+
+    def _append(self, rows: list[dict]) -> None:
         offset = self.handle.tell()
         for row in rows:
             line = (json.dumps({"run": self.key, **row}, default=str) + "\n").encode()
@@ -153,7 +158,8 @@ class Results:
         return out
 
     def close(self) -> None:
-        self.handle.close()
+        with writing(self.path):
+            self.handle.close()
 
 
 def _read(path: Path) -> tuple[bytes | None, str | None, str | None]:
@@ -312,15 +318,17 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
     for row in rows:
         writer.writerow({k: _cell(v) for k, v in csv_row(row).items()})
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        # a file name that is not UTF-8 (kept by Python as surrogates) is written as \udcNN, as the report shows it
-        with open(tmp, "w", encoding="utf-8", errors="backslashreplace", newline="") as handle:
-            handle.write(buffer.getvalue())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with writing(path):
+        try:
+            # a file name that is not UTF-8 (kept by Python as surrogates) is written as \udcNN, as the report
+            # shows it
+            with open(tmp, "w", encoding="utf-8", errors="backslashreplace", newline="") as handle:
+                handle.write(buffer.getvalue())
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return path
 
 

@@ -199,3 +199,27 @@ def test_attribute_report_flag(store_dir, originals, tmp_path, capsys):
     page = target.read_text()
     assert page.count("alt='query ") == 1 and "resynthesis'>" in page
     assert "resynth attribute " + str(Path(image).resolve()) in page and "--per-source 1" in page
+
+
+from tests.test_store_refusals import mounts  # noqa: E402,F401,F811 - real tmpfs mounts
+
+
+def test_a_full_disk_under_the_outputs_names_the_output(tmp_path, mounts):  # noqa: F811
+    """A write() or fsync() that fails names no file: "the disk is full" left an analyst to guess whether
+    the store's disk or the report's was. Each output now names itself, and nothing half-written stays."""
+    from engine.errors import kind_of, message_of
+
+    disk = mounts("tmpfs", tmp_path, "64k")
+    (disk / "filler").write_bytes(b"\0" * 60_000)
+    rows = [{"path": f"img{i}.png", "sha256": "0" * 64, "result": {"query": f"img{i}.png" * 50}} for i in range(99)]
+    writes = [(disk / "case.html", lambda p: casereport.write(p, {"sources": []}, [{"label": "x" * 9000}])),
+              (disk / "results.csv", lambda p: triage.write_csv(p, rows)),
+              (disk / "results.jsonl", lambda p: triage.Results(p, "key").append(rows))]
+    for path, write in writes:
+        with pytest.raises(OSError) as caught:
+            write(path)
+        assert caught.value.filename == str(path) and kind_of(caught.value).exit_code == 5
+        message = message_of(caught.value)
+        assert message.startswith(f"No space left on device: {path}: the disk is full"), message
+        left = {"filler"} | ({path.name} if path.suffix == ".jsonl" else set())  # appended to: torn lines skipped
+        assert {p.name for p in disk.iterdir()} == left

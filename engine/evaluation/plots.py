@@ -149,12 +149,17 @@ def open_set(report: dict, path: Path) -> Path:
 
 
 def _save(fig, path: Path) -> Path:
-    path = Path(path)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
     import matplotlib.pyplot as plt
 
-    plt.close(fig)
+    from engine.errors import writing
+
+    path = Path(path)
+    fig.tight_layout()
+    try:
+        with writing(path):
+            fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 

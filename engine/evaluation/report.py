@@ -328,6 +328,10 @@ def write(report: dict, folder: Path) -> tuple[Path, Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     json_path, md_path = folder / "report.json", folder / "report.md"
-    json_path.write_text(json.dumps(json_safe(report), indent=2))
-    md_path.write_text(markdown(report))
+    from engine.errors import writing
+
+    with writing(json_path):
+        json_path.write_text(json.dumps(json_safe(report), indent=2))
+    with writing(md_path):
+        md_path.write_text(markdown(report))
     return json_path, md_path
