@@ -121,6 +121,8 @@ class Parser(argparse.ArgumentParser):
         import difflib
 
         typed = re.search(r"invalid choice: '([^']*)'", message)
+        if "you meant" in message:  # argparse's own suggestion (Python 3.14's suggest_on_error)
+            return ""
         if typed:
             words = [c for a in self._actions if a.choices for c in a.choices if isinstance(c, str)]
             close = difflib.get_close_matches(typed.group(1), words, n=1)
