@@ -60,6 +60,22 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str) -> None:
+    """Refuse a --device this machine does not have, in those words (open_clip's own error read as a
+    checkpoint that does not match its architecture)."""
+    import torch
+
+    kind, _, number = device.partition(":")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (number.isdigit() and int(number) >= count):
+            have = f"{count} CUDA device{'s' * (count != 1)}" if count else "no CUDA device (or no driver)"
+            raise UserError(f"--device {device}: this machine has {have}; use --device cpu", code="bad_device")
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {device}: this machine has no Apple GPU (MPS); use --device cpu",
+                        code="bad_device")
+
+
 def checkpoint_hash(path: Path, known: dict | None = None) -> str:
     """sha256 of the checkpoint, reusing `known` (hash, size, mtime) when the file is unchanged."""
     stat = path.stat()
@@ -105,6 +121,7 @@ class Embedder:
         if arch not in open_clip.list_models():
             raise UserError(f"unknown CLIP architecture {arch!r} (pass --clip-config for a custom one)")
         device = device or default_device()
+        check_device(device)
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 arch, pretrained=str(checkpoint), device=device, require_pretrained=True)

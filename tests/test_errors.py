@@ -44,6 +44,11 @@ def test_bad_query_inputs(store_dir, image_and_prompt, capsys, tmp_path):
     bad_queries.write_text('{"img": "a.png"}\n')
     _fails(capsys, "attribute", "--queries", bad_queries, *s, match="q.jsonl:1")
     _fails(capsys, "attribute", image, "--prompt", "x", "--per-source", "0", *s, match="--per-source")
+    import torch
+
+    if not torch.cuda.is_available():  # was "CLIP checkpoint ... does not match the architecture" (exit 2 still)
+        _fails(capsys, "attribute", image, "--prompt", "x", "--device", "cuda", *s,
+               match="--device cuda: this machine has no CUDA device (or no driver); use --device cpu")
     _fails(capsys, "source", "remove", "midjourney", *s, match="unknown source")
     _fails(capsys, "stats", "--store", tmp_path / "no-store", match="no store at")
 
