@@ -135,6 +135,9 @@ def save_array_atomic(folder, matrix: np.ndarray) -> str:
         np.save(handle, data, allow_pickle=False)
         handle.flush()
         os.fsync(handle.fileno())
+    from index.sharing import share
+
+    share(tmp)  # in a team's store folder: the group's to read, whatever this user's umask
     os.replace(tmp, target)
     return name
 

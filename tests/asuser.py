@@ -48,10 +48,10 @@ def _expose(paths: list[Path]) -> None:
             _mount(libc, f"{staging}/{k}", str(target), None, MS_MOVE)
 
 
-def as_user(user: str, umask: int, argv: list[str] | None, env: dict[str, str], expose: list[Path], out: str,
+def as_user(user: str, umask: int, argv: list[str], env: dict[str, str], expose: list[Path], out: str,
              err: str) -> None:
-    """The child: output files (opened as root), the namespace, then the user; `resynth argv` (None: only
-    check that the user can run Python here)."""
+    """The child: output files (opened as root), the namespace, then the user; `resynth argv` (or, for
+    ["-c", CODE], the Python code)."""
     for fd, path in ((1, out), (2, err)):
         target = os.open(path, os.O_WRONLY | os.O_TRUNC)
         os.dup2(target, fd)
@@ -65,8 +65,9 @@ def as_user(user: str, umask: int, argv: list[str] | None, env: dict[str, str], 
     os.chdir("/")
     os.environ.clear()
     os.environ.update(env)
-    if argv is None:
-        import xml.dom.minidom  # noqa: F401 - a module nobody preloaded: the Python install is reachable
+    if argv[:1] == ["-c"]:  # Python code instead of a command (as `python -c`)
+        exec(compile(argv[1], "<as_user>", "exec"), {"__name__": "__main__"})
+        sys.stdout.flush(), sys.stderr.flush()
         sys.exit(0)
     from engine.cli import main
 

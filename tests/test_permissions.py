@@ -42,7 +42,7 @@ class Users:
             out.touch(), err.touch()
             env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HOME": str(self.home / user),
                    "PATH": "/usr/bin:/bin"}
-            args = None if argv == ("--probe",) else ["--quiet", *(str(a) for a in argv)]
+            args = [str(a) for a in argv] if argv[:1] == ("-c",) else ["--quiet", *(str(a) for a in argv)]
             process = procs._forkserver().Process(target=as_user, args=(user, umask, args, env, self.expose,
                                                                          str(out), str(err)))
             process.start()
@@ -90,7 +90,8 @@ def users(models, tmp_path_factory):
         shutil.copytree(Path(models["clip_config"]).parent, zoo / "clip")
         subprocess.run(["chmod", "-R", "a+rX", str(zoo)], check=True)
         runner = Users(sorted({Path(sys.base_prefix).resolve(), area.resolve()}), home)
-        probe = runner.run("rsyn-eve", "--probe")
+        # a module nobody preloaded: the Python install is reachable
+        probe = runner.run("rsyn-eve", "-c", "import xml.dom.minidom")
         if probe.returncode != 0:
             pytest.skip(f"cannot run Python as another user here: {(probe.stderr.strip().splitlines() or ['?'])[-1]}")
         # the source: an images API on loopback (a generation without loading diffusers in each process)
@@ -121,9 +122,10 @@ def _one_line(result: subprocess.CompletedProcess) -> str:
 
 @pytest.fixture(scope="module")
 def team(users):
-    """A team's store: alice makes it (umask 022) in the group's setgid folder and adds an API source; bob
-    (umask 022) attributes a new prompt (a generation, saved); alice then attributes another, writing into
-    the folders and over the files bob made. Each step's result is kept for the test to judge."""
+    """A team's store: alice makes it (umask 022) in the group's setgid folder and adds an API source; bob,
+    with umask 077, attributes a new prompt (a generation, saved) and saves a calibration array as
+    `resynth calibrate` does; alice then attributes another prompt, writing into the folders and over the
+    files bob made. Each step's result is kept for the test to judge."""
     run, area, zoo = users
     folder = area / "team"
     folder.mkdir()
@@ -133,7 +135,9 @@ def team(users):
     steps = [run.run("rsyn-alice", "init", "--store", store, *zoo["clip"]),
              run.run("rsyn-alice", "source", "add", "remote", *zoo["source"], "--store", store)]
     ask = ["attribute", area / "q.png", "--per-source", 1, "--no-adaptive", "--store", store]
-    steps += [run.run("rsyn-bob", *ask, "--prompt", "a man with a hat"),
+    steps += [run.run("rsyn-bob", *ask, "--prompt", "a man with a hat", umask=0o077),
+              run.run("rsyn-bob", "-c", "import numpy; from engine.calibration import save_array_atomic; "
+                      f"save_array_atomic({str(store)!r}, numpy.eye(4))", umask=0o077),
               run.run("rsyn-alice", *ask, "--prompt", "a woman in a park")]
     return run, store, ask, steps
 
@@ -141,8 +145,9 @@ def team(users):
 def test_team_store_stays_writable_by_the_group_whatever_the_umask(team):
     """Every step succeeds and leaves every file and folder the group's to write; an outsider's write is
     one line naming whose the store is and the way out, with nothing changed. Before: SQLite made
-    metadata.sqlite 644, so bob found the store read-only ("permission denied"), and folders bob made
-    were 755, where alice's next image failed after its generation."""
+    metadata.sqlite 644, so bob found the store read-only ("permission denied"); folders bob made were
+    his alone, where alice's next image failed after its generation; and his calibration file was 600, so
+    alice's verdicts silently fell back from the calibrated open-set score to the plain one."""
     run, store, ask, steps = team
     for step in steps:
         assert step.returncode == 0, (step.args, step.stderr)
