@@ -202,7 +202,8 @@ def add_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None 
         if only is not None and f.name not in only:
             continue
         meta = f.metadata
-        default = f" (default {f.default})" if f.default is not None else ""
+        shown = ("on" if f.default else "off") if meta["kind"] is bool else f.default
+        default = f" (default {shown})" if f.default is not None else ""
         if meta["kind"] is bool:
             parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
                                 action=_Switch, help=meta["help"] + default)

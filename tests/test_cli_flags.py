@@ -37,6 +37,9 @@ def test_global_options_before_or_after_the_command(tmp_path, capsys):
     _help_of("stats")
     sub = capsys.readouterr().out
     assert all(flag in build_parser().format_help() and flag in sub for flag, _ in GLOBAL_OPTIONS)
+    _help_of("attribute")
+    said = " ".join(capsys.readouterr().out.split())
+    assert "up to K (default on)" in said and "(default True)" not in said  # a switch's default in words
 
 
 def _help_of(*command: str) -> str:
