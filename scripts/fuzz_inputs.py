@@ -150,6 +150,8 @@ def seeds() -> dict[str, bytes]:
     out["tiff16"] = save(Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)), "TIFF")
     out["bmp"] = save(picture(), "BMP")
     out["bmp_pal"] = save(pal, "BMP")
+    out["png_256"] = save(picture((288, 256)), "PNG", pnginfo=info)  # big enough for the watermark check
+    out["jpeg_256"] = save(picture((256, 320)), "JPEG", quality=85, progressive=True, exif=exif_block(6))
     for fmt in ("PPM", "TGA", "ICO", "PCX"):
         out[fmt.lower()] = save(picture((32, 32)), fmt)
     signed = signed_png()
@@ -768,6 +770,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=10.0)
     ap.add_argument("--out", default="/tmp/fuzz")
+    ap.add_argument("--watermark-every", type=int, default=8, help="the provenance read checks watermarks 1 in N")
     ap.add_argument("--http", type=int, default=0, help="cases through the real app instead (in process)")
     args = ap.parse_args()
     if args.worker:
@@ -787,7 +790,7 @@ def main() -> None:
     log = open(out / "log.jsonl", "w")
     t0 = time.time()
     for i, (case, kind, data) in enumerate(make_cases(args.cases, args.seed, pool)):
-        flags = 1 if i % 8 == 0 else 0
+        flags = 1 if i % args.watermark_every == 0 else 0
         r = w.run(data, flags, args.timeout)
         if "hang" in r or "dead" in r:  # retried alone, fresh worker, before it counts
             r = w.run(data, flags, args.timeout)

@@ -144,3 +144,18 @@ def test_a_source_type_from_a_manifest_that_failed_validation_says_so(tmp_path):
     assert p.c2pa["state"] == "invalid" and p.digital_source_type["source"] == "c2pa"
     assert "digital_source_type: read from a C2PA manifest that failed validation" in " ".join(p.notes)
     assert not [n for n in read_provenance(signed.getvalue(), watermark=False).notes if "digital_source" in n]
+
+
+def test_read_provenance_of_a_path_reads_only_a_regular_file(tmp_path):
+    """A FIFO nobody writes to made read_provenance(path) wait forever in open(); /dev/zero cost 256 MB of
+    zeros. Both are an OSError now, the documented exception for a path that cannot be read."""
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (fifo, tmp_path, "/dev/zero"):
+        with pytest.raises(OSError):
+            read_provenance(path, c2pa=False, watermark=False)
+    from engine.attribute import provenance_of
+
+    assert provenance_of(str(fifo)).notes == ("file not readable for provenance: OSError",)

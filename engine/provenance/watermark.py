@@ -23,7 +23,8 @@ MAX_PIXELS = 40_000_000
 # these plugins are tried: ICO's decodes its whole image inside Image.open, before MAX_PIXELS is looked at.
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 # A JPEG's scans are each a pass over every pixel (engine.images.MAX_SCANS: a 110 KB JPEG of 16 MP with 500
-# scans took 6 s to decode there). In entropy-coded data FF DA is always a scan, so counting it is exact.
+# scans took 6 s to decode there). In entropy-coded data FF DA is always a scan; counted over the whole file,
+# an EXIF thumbnail's or an MPO's further pictures add a few.
 MAX_SCANS = 100
 NOTE = ("resizing, cropping, rotation and recompression erase these watermarks: "
         "not found is not evidence of a real image")
