@@ -158,8 +158,10 @@ def sqlite_failure(exc: BaseException | None, path: Path, read_only_why: str | N
         return StoreUnavailable(f"{path}: {text} (the disk refused a read or write): check the disk and try "
                                 f"again; {NOTHING_LOST}")
     if name.startswith("SQLITE_CANTOPEN") or "unable to open database file" in text:
+        if not os.path.lexists(path) and not os.access(path.parent, os.W_OK | os.X_OK):  # `init` in a folder
+            return StoreDenied(f"permission denied creating {path.name}: {why_denied(path)}")  # someone else's
         if not os.access(path, os.R_OK):
-            return StoreDenied(f"permission denied reading {path}: give this user access to the store folder")
+            return StoreDenied(f"permission denied reading {path}: {why_denied(path, path.parent, os.R_OK)}")
         if read_only_why == DISK_FULL:
             return full(path.parent, f"opening {path.name}'s write-ahead log")
         if read_only_why:

@@ -194,3 +194,15 @@ def test_parts_another_user_owns_or_hides(team):
     stats = run.run("rsyn-alice", "stats", "--store", store)
     line = _one_line(stats)
     assert stats.returncode == 5 and "metadata.sqlite is rsyn-alice:rsyn-lab, mode 000" in line, line
+
+
+def test_init_in_a_folder_of_someone_else(users):
+    """`init` in an existing folder this user may not write: one line saying so (it was "permission denied
+    reading metadata.sqlite", a file that does not exist), and the folder stays empty."""
+    run, area, zoo = users
+    folder = area / "roots"
+    folder.mkdir(mode=0o755)
+    made = run.run("rsyn-eve", "init", "--store", folder, *zoo["clip"])
+    line = _one_line(made)
+    assert made.returncode == 5 and "creating metadata.sqlite" in line and "not writable by rsyn-eve" in line, line
+    assert not any(folder.iterdir())
