@@ -291,6 +291,10 @@ def call_arguments(accepted, params: GenerationParams, count: int) -> dict:
         kwargs["height"] = kwargs["width"] = params.size
     if negative:
         kwargs["negative_prompt"] = [negative] * count
+    # PixArt and DeepFloyd IF "clean" a caption by default (lower-case it, strip markup) only where beautifulsoup4 and
+    # ftfy happen to be installed, and say so on stderr at every call where they are not: off everywhere, so one
+    # recipe makes one image on every machine sharing a store (neither package is a dependency of resynth)
+    kwargs["clean_caption"] = False
     return {k: v for k, v in kwargs.items() if k in accepted}
 
 
@@ -353,15 +357,11 @@ def not_text_to_image(pipeline_class) -> str | None:
     its __call__'s return annotation says (video, audio and 3D pipelines, and priors, return something else)."""
     accepted = inspect.signature(pipeline_class.__call__).parameters
     name = pipeline_class.__name__
-    listed = name in _diffusers_text_to_image() and not any(word in name for word in ("Control", "Inpaint"))
     if "prompt" not in accepted:
         return "it takes no prompt"
-    if "image" in accepted and not listed:  # Flux.2 and Qwen-Image 2.1 take optional reference images
-        return "it edits an input image"
-    if not listed:
-        for word, what in _NOT_IMAGE_WORDS.items():
-            if word in name:
-                return what
+    words = [what for word, what in _NOT_IMAGE_WORDS.items() if word in name]
+    if ("image" in accepted or words) and not _listed_text_to_image(name):
+        return "it edits an input image" if "image" in accepted else words[0]
     needed = [name for name, p in accepted.items() if name not in ("self", "prompt") and p.default is p.empty
               and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     if needed:
@@ -381,11 +381,14 @@ _NOT_IMAGE_WORDS = {"Video": "it makes video", "Audio": "it makes audio", "Music
                     "Edit": "it edits an input image", "Control": "it needs a control image"}
 
 
-def _diffusers_text_to_image() -> set[str]:
-    """The pipeline classes diffusers itself maps as text-to-image (AutoPipelineForText2Image's table)."""
+def _listed_text_to_image(name: str) -> bool:
+    """Whether diffusers itself maps the class as text-to-image (AutoPipelineForText2Image's table; Flux.2 and
+    Qwen-Image 2.1 take optional reference images), control and inpainting pipelines aside. Asked only when a class
+    takes an `image` or has a telling name: the table imports every pipeline it names (seconds)."""
     from diffusers.pipelines.auto_pipeline import AUTO_TEXT2IMAGE_PIPELINES_MAPPING
 
-    return {cls.__name__ for cls in AUTO_TEXT2IMAGE_PIPELINES_MAPPING.values()}
+    listed = {cls.__name__ for cls in AUTO_TEXT2IMAGE_PIPELINES_MAPPING.values()}
+    return name in listed and "Control" not in name and "Inpaint" not in name
 
 
 def _output_fields(pipeline_class) -> set[str]:

@@ -411,11 +411,38 @@ def kandinsky22(folder: Path):
         prior_image_processor=CLIPImageProcessor(crop_size=32, size=32))
 
 
+# a chat template as Qwen's tokenizers carry one (Flux.2 Klein formats its prompt with it)
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def flux2_klein(folder: Path):
+    """Flux.2 [klein]: text-to-image with optional reference images, a Qwen3 text encoder read at layers 9, 18, 27."""
+    import diffusers as d
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = qwen2_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    text = Qwen3ForCausalLM(Qwen3Config(intermediate_size=16, hidden_size=16, num_hidden_layers=28,
+                                        num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                                        vocab_size=len(tok), max_position_embeddings=512))
+    vae = d.AutoencoderKLFlux2(sample_size=32, in_channels=3, out_channels=3,
+                               down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                               block_out_channels=(4, 4), layers_per_block=1, latent_channels=1, norm_num_groups=1,
+                               use_quant_conv=False, use_post_quant_conv=False)
+    return d.Flux2KleinPipeline(
+        transformer=d.Flux2Transformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                              timestep_guidance_channels=256, axes_dims_rope=[4, 4, 4, 4],
+                                              guidance_embeds=False),
+        text_encoder=text, tokenizer=tok, vae=vae, scheduler=flow_scheduler())
+
+
 FAMILIES: dict[str, Callable[[Path], object]] = {
     "sd3": sd3, "flux": flux, "pixart-alpha": pixart_alpha, "pixart-sigma": pixart_sigma, "sana": sana, "lcm": lcm,
     "aura-flow": aura_flow, "lumina2": lumina2, "hunyuandit": hunyuandit, "cogview3": cogview3, "cogview4": cogview4,
     "deepfloyd-if": deepfloyd_if, "qwenimage": qwenimage, "hidream": hidream,
-    "kandinsky22": kandinsky22,
+    "kandinsky22": kandinsky22, "flux2-klein": flux2_klein,
 }
 
 

@@ -99,6 +99,8 @@ def test_true_cfg_pipelines_get_the_recipe_guidance():
     flux = inspect.signature(diffusers.FluxPipeline.__call__).parameters  # distilled guidance stays guidance_scale
     args = call_arguments(flux, GenerationParams(guidance=3.5), 2)
     assert args["guidance_scale"] == 3.5 and "true_cfg_scale" not in args and "negative_prompt" not in args
+    pixart = inspect.signature(diffusers.PixArtSigmaPipeline.__call__).parameters  # the same on every machine
+    assert call_arguments(pixart, GenerationParams(), 1)["clean_caption"] is False
 
 
 def test_a_pipeline_needing_a_missing_package_is_refused_at_source_add(models, bare_store, tmp_path, capsys):
