@@ -306,7 +306,8 @@ def from_store(store: "Store", strict: bool = False) -> EvalSet:
     resyntheses = [r for r in rows if r.role == "resynthesis" and not (r.seed is None and r.source in unseeded)]
     where = f"store {store.root}"
     if not originals:
-        raise UserError(f"{where} holds no originals: ingest a manifest with labelled originals, or pass one")
+        raise UserError(f"{where} holds no originals: ingest a manifest with labelled originals, or give one "
+                        "(`resynth calibrate MANIFEST`)")
     if not resyntheses:
         raise UserError(f"{where} holds no resyntheses")
     sources = sorted({r.source for r in resyntheses})
@@ -327,7 +328,7 @@ def from_store(store: "Store", strict: bool = False) -> EvalSet:
     if skipped and strict:
         reason, names = next(iter(skipped.items()))
         total = sum(map(len, skipped.values()))
-        raise UserError(f"{where}: {total} stored original(s) cannot be scored, e.g. {names[0]}: {reason}; "
+        raise UserError(f"{where}: {plural(total, 'stored original')} cannot be scored, e.g. {names[0]}: {reason}; "
                         f"without --strict they are skipped")
     originals = [r for r in originals if r.description_id in described]
     orig_index = {r.id: i for i, r in enumerate(originals)}

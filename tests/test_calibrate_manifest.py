@@ -163,7 +163,7 @@ def test_evaluate_skips_originals_without_resyntheses_and_names_one_default(mode
     printed = capsys.readouterr().out
     sources = len(models["pipelines"])
     skipped = (DESCRIPTIONS - DESCRIBED) * sources
-    assert f"skipped {skipped} original(s)" in printed and "description has no resyntheses" in printed
+    assert f"skipped {skipped} originals" in printed and "description has no resyntheses" in printed
     report = json.loads((out / "report.json").read_text())
     assert (report["dataset"]["originals"], report["dataset"]["skipped"]) == (DESCRIBED * sources, skipped)
 

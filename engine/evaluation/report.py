@@ -186,7 +186,7 @@ def skipped_text(d: dict) -> str:
         return ""
     reasons = "; ".join(f"{n} because {reason} (e.g. {', '.join(d.get('skipped_examples', {}).get(reason, []))})"
                         for reason, n in d.get("skipped_by_reason", {}).items())
-    return f"skipped {d['skipped']} original(s) that cannot be scored: {reasons}"
+    return f"skipped {plural(d['skipped'], 'original')} that cannot be scored: {reasons}"
 
 
 def default_text(e: dict | None) -> str:
