@@ -94,8 +94,9 @@ def _space_left(folder: Path) -> int | None:
     return stat.f_bavail * stat.f_frsize
 
 
-def os_failure(exc: BaseException, path: Path, doing: str) -> StoreError | None:
-    """An OSError of a store file write as a typed error (None: not one a machine causes)."""
+def os_failure(exc: BaseException, path: Path, doing: str, root: Path | None = None) -> StoreError | None:
+    """An OSError of a store file write as a typed error (None: not one a machine causes); `root`, the store
+    folder, makes a permission fix one for the whole store."""
     if not isinstance(exc, OSError):
         return None
     code = exc.errno
@@ -104,7 +105,7 @@ def os_failure(exc: BaseException, path: Path, doing: str) -> StoreError | None:
     if code == errno.EROFS:
         return read_only(path.parent, "read-only filesystem", doing)
     if code in (errno.EACCES, errno.EPERM):
-        return StoreDenied(f"permission denied on {path} ({doing}): {why_denied(path)}; {NOTHING_LOST}")
+        return StoreDenied(f"permission denied on {path} ({doing}): {why_denied(path, root)}; {NOTHING_LOST}")
     if code == errno.EIO:
         return StoreUnavailable(f"input/output error on {path} ({doing}): check the disk; {NOTHING_LOST}")
     return None

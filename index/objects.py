@@ -106,7 +106,7 @@ class LocalImages:
         try:
             make_folders(path.parent, self.layout.root)  # each shared as made, in a team's store
         except OSError as exc:
-            problem = os_failure(exc, path, "creating an image folder")
+            problem = os_failure(exc, path, "creating an image folder", self.layout.root)
             if problem is None:
                 raise
             raise problem from exc
