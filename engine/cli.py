@@ -492,6 +492,9 @@ def cmd_attribute(args) -> None:
 
 
 def cmd_rebuild(args) -> None:
+    from engine.jobs import require_ray
+
+    require_ray(args.ray)
     with _open(args) as ws:
         count = ws.rebuild(ray=args.ray)
         search = ws.store.search_report()

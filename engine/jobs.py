@@ -72,6 +72,14 @@ def read_descriptions(path: str | os.PathLike) -> list[str]:
 
 
 # ----- Ray ---------------------------------------------------------------------------------------
+def require_ray(address: str | None) -> None:
+    """Refuse `--ray` without Ray installed before any work starts (not after a first progress bar)."""
+    import importlib.util
+
+    if address and importlib.util.find_spec("ray") is None:
+        raise UserError("--ray needs Ray: pip install 'resynth[ray]'")
+
+
 @contextmanager
 def ray_cluster(address: str | None) -> Iterator[Any]:
     """The `ray` module connected to `address` ("local": a cluster in this process), or None without
@@ -326,7 +334,8 @@ def register(sub, common) -> None:
                                    "one per line, or a CSV/JSONL manifest with a description column), the "
                                    "resyntheses of every pipeline source: the dataset queries then reuse. Stored "
                                    "keys are skipped, so an interrupted run is resumed by running it again.")
-    p.add_argument("descriptions", metavar="DESCRIPTIONS")
+    p.add_argument("descriptions", metavar="DESCRIPTIONS",
+                   help="text file with one description per line, or a CSV/JSONL manifest with a description column")
     add_arguments(p, only=("sources", "per_source", "seed", "max_cost"))
     p.add_argument("--ray", metavar="ADDRESS", help=ray_help)
     p.set_defaults(run=cmd_resynthesize)
@@ -347,6 +356,7 @@ def cmd_resynthesize(args) -> None:
     from engine.options import from_args
 
     options = from_args(args)
+    require_ray(args.ray)
     descriptions = read_descriptions(args.descriptions)  # checked before any model loads
     with engine.open(args.store, progress=not args.quiet, device=args.device) as ws:
         report = ws.resynthesize_dataset(descriptions, options, ray=args.ray)
@@ -363,6 +373,7 @@ def cmd_reembed(args) -> None:
     import engine
 
     from engine.flags import clip_kwargs
+    require_ray(args.ray)
     with engine.open(args.store, progress=not args.quiet, device=args.device) as ws:
         report = ws.reembed(**clip_kwargs(args), ray=args.ray)
     text = (f"store now uses {report['embedder']} ({report['dim']}-d, was {report['previous']}): "

@@ -357,3 +357,19 @@ def test_option_flags_in_every_spelling_and_command_are_read_and_counted_once(tm
     with pytest.raises(OptionError, match="'adaptive' given 2 times"):
         from_args(parser.parse_args(["attribute", "x.png", "--adaptive", "--no-adaptive"]))
     assert from_args(parser.parse_args(["attribute", "x.png", "--no-adaptive"])).adaptive is False
+
+
+def test_ray_flags_without_ray_installed_fail_before_any_work(tmp_path, capsys, monkeypatch):
+    """`--ray` without Ray installed was found out after the job had started (a progress bar, then the error)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    listed = tmp_path / "descriptions.txt"
+    listed.write_text("a red car\n")
+    for argv in (("resynthesize", listed), ("reembed", "--clip-model", "ViT-B-32", "--clip-checkpoint", listed),
+                 ("rebuild",)):
+        capsys.readouterr()
+        assert run_cli(*argv, "--ray", "local", "--store", tmp_path / "no-store") == 2, argv
+        captured = capsys.readouterr()
+        assert captured.err.strip() == "resynth: error: --ray needs Ray: pip install 'resynth[ray]'", captured
