@@ -121,7 +121,7 @@ def why_denied(path: Path, root: Path | None = None, want: int = os.W_OK) -> str
         fix = f"`chmod {recursive}u+{bit} {fixed}` (it is this user's)"
     elif info.st_gid in os.getgroups() or info.st_gid == os.getegid():
         fix = f"its owner can `chmod {recursive}g+{bit} {fixed}` (a team store: keep its folders `g+ws`)"
-    elif not os.path.lexists(path):  # a file or folder to create: the folder it goes in is someone else's
+    elif want == os.W_OK and not os.path.lexists(path):  # to create: the folder it goes in is someone else's
         fix = f"use a folder {user} may write (or run it as {_name(pwd.getpwuid, info.st_uid)})"
     else:
         fix = (f"run it as {_name(pwd.getpwuid, info.st_uid)}, or share the store with a group of {user}'s "
