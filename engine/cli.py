@@ -479,16 +479,23 @@ def cmd_attribute(args) -> None:
     with _open(args, captioner=args.captioner) as ws:
         ws.plan(options)  # an unknown source fails before any model loads
         report = ws.attribute([path for path, _ in specs], [prompt for _, prompt in specs], options)
+        unwritten = None
         if args.report:
             from engine import casereport
 
             images = [path for path, _ in specs]
-            casereport.write_attribution(args.report, ws, report, images, options,
-                                         command=casereport.attribute_command(args, images))
+            try:
+                casereport.write_attribution(args.report, ws, report, images, options,
+                                             command=casereport.attribute_command(args, images))
+            except OSError as exc:  # a full or read-only disk under the report: the answer is still shown
+                unwritten = exc
     from engine.textanswer import text_answer
 
-    text = text_answer(report) + (f"\ncase report: {args.report}" if args.report else "")  # as triage names its own
+    written = args.report and unwritten is None
+    text = text_answer(report) + (f"\ncase report: {args.report}" if written else "")  # as triage names its own
     _emit(args, report.to_dict(), text)
+    if unwritten is not None:
+        raise unwritten
 
 
 def cmd_rebuild(args) -> None:

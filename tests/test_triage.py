@@ -16,6 +16,7 @@ import engine
 from engine import casereport, triage
 from engine.options import Options
 from tests.helpers import run_cli
+from tests.test_store_refusals import mounts  # noqa: F401 - real tmpfs mounts
 
 PROMPT = "portrait of an old man with a beard"
 FAST = Options(per_source=1, adaptive=False)
@@ -186,8 +187,8 @@ def test_the_command_runs_as_a_user_types_it(store_dir, folder, tmp_path):
     assert "triaged 5 images" in done.stdout and (out / "report.html").is_file()
 
 
-def test_attribute_report_flag(store_dir, originals, tmp_path, capsys):
-    """`resynth attribute --report FILE`, once engine.cli has the flag."""
+def test_attribute_report_flag(store_dir, originals, tmp_path, capsys, mounts):  # noqa: F811
+    """`resynth attribute --report FILE`; on a full disk the answer is still shown, then the report's failure."""
     from engine.cli import build_parser
 
     if "--report" not in build_parser()._subparsers._group_actions[0].choices["attribute"].format_help():
@@ -199,9 +200,15 @@ def test_attribute_report_flag(store_dir, originals, tmp_path, capsys):
     page = target.read_text()
     assert page.count("alt='query ") == 1 and "resynthesis'>" in page
     assert "resynth attribute " + str(Path(image).resolve()) in page and "--per-source 1" in page
-
-
-from tests.test_store_refusals import mounts  # noqa: E402,F401,F811 - real tmpfs mounts
+    disk = mounts("tmpfs", tmp_path, "64k")
+    (disk / "filler").write_bytes(b"\0" * 60_000)
+    capsys.readouterr()
+    assert run_cli("attribute", image, "--store", store_dir, "--prompt", PROMPT, "--per-source", 1,
+                   "--report", disk / "case.html", "--quiet") == 5
+    shown = capsys.readouterr()
+    assert "resyntheses: " in shown.out and "case report" not in shown.out  # the answer, not lost
+    assert f"No space left on device: {disk / 'case.html'}: the disk is full" in shown.err
+    assert [p.name for p in disk.iterdir()] == ["filler"]
 
 
 def test_a_full_disk_under_the_outputs_names_the_output(tmp_path, mounts):  # noqa: F811
