@@ -275,18 +275,23 @@ TRUE_CFG_NEGATIVE = " "
 
 def call_arguments(accepted, params: GenerationParams, count: int) -> dict:
     """The keyword arguments a pipeline's __call__ (its signature's `accepted` parameters) gets for `count` prompts
-    of a recipe; only those it takes. Guidance goes where the pipeline applies classifier-free guidance: most take
-    `guidance_scale`; a pipeline whose `guidance_scale` defaults to None (only guidance-distilled weights read it)
-    and which takes `true_cfg_scale` (Qwen-Image) guides by `true_cfg_scale`, and only when given a negative prompt,
-    so the recipe's guidance would otherwise be ignored."""
-    kwargs: dict = {"num_inference_steps": params.steps, "guidance_scale": params.guidance,
-                    "output_type": "np"}  # floats: a NaN is still visible (as PIL it is a black image)
+    of a recipe; only those it takes. The recipe's guidance goes where the pipeline applies classifier-free
+    guidance, else it would be silently ignored: `guidance_scale` for most; `true_cfg_scale` where `guidance_scale`
+    is absent or defaults to None (read only by guidance-distilled weights: Qwen-Image), which guides only when
+    given a negative prompt; `prior_guidance_scale` for Stable Cascade and Würstchen (their decoder runs unguided
+    by default; `steps` are the decoder's, the prior keeps its default steps)."""
+    kwargs: dict = {"num_inference_steps": params.steps, "output_type": "np"}  # floats: NaN stays visible
     negative = params.negative_prompt
-    guidance = accepted.get("guidance_scale")
-    if "true_cfg_scale" in accepted and guidance is not None and guidance.default is None:
-        kwargs["true_cfg_scale"] = kwargs.pop("guidance_scale")
+    plain = accepted.get("guidance_scale")
+    elsewhere = {"true_cfg_scale", "prior_guidance_scale"} & set(accepted)
+    if (plain is not None and plain.default is not None) or not elsewhere:
+        kwargs["guidance_scale"] = params.guidance
+    elif "true_cfg_scale" in accepted:
+        kwargs["true_cfg_scale"] = params.guidance
         if negative is None and params.guidance > 1:
             negative = TRUE_CFG_NEGATIVE
+    else:
+        kwargs["prior_guidance_scale"] = params.guidance
     if params.size:
         kwargs["height"] = kwargs["width"] = params.size
     if negative:

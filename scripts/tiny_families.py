@@ -438,11 +438,38 @@ def flux2_klein(folder: Path):
         text_encoder=text, tokenizer=tok, vae=vae, scheduler=flow_scheduler())
 
 
+def stable_cascade(folder: Path):
+    """Stable Cascade as its combined pipeline (prior, decoder, Paella VQ-GAN); the stages alone are refused."""
+    import diffusers as d
+    from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel
+    from transformers import CLIPTextModelWithProjection
+
+    tok = clip_tokenizer(folder / "_clip_vocab")
+    prior = d.StableCascadeUNet(conditioning_dim=128, block_out_channels=(128, 128), num_attention_heads=(2, 2),
+                                down_num_layers_per_block=(1, 1), up_num_layers_per_block=(1, 1),
+                                clip_image_in_channels=768, switch_level=(False,), clip_text_in_channels=32,
+                                clip_text_pooled_in_channels=32)
+    decoder = d.StableCascadeUNet(
+        in_channels=4, out_channels=4, conditioning_dim=128, block_out_channels=(16, 32, 64, 128),
+        num_attention_heads=(-1, -1, 1, 2), down_num_layers_per_block=(1, 1, 1, 1),
+        up_num_layers_per_block=(1, 1, 1, 1), down_blocks_repeat_mappers=(1, 1, 1, 1),
+        up_blocks_repeat_mappers=(3, 3, 2, 2),
+        block_types_per_layer=(("SDCascadeResBlock", "SDCascadeTimestepBlock"),) * 2
+        + (("SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"),) * 2,
+        switch_level=None, clip_text_pooled_in_channels=32, dropout=(0.0,) * 4)
+    return d.StableCascadeCombinedPipeline(
+        tokenizer=tok, text_encoder=CLIPTextModelWithProjection(clip_config(len(tok))), decoder=decoder.eval(),
+        scheduler=d.DDPMWuerstchenScheduler(), vqgan=PaellaVQModel(bottleneck_blocks=1, num_vq_embeddings=2).eval(),
+        prior_text_encoder=CLIPTextModelWithProjection(clip_config(len(tok))), prior_tokenizer=tok,
+        prior_prior=prior.eval(), prior_scheduler=d.DDPMWuerstchenScheduler(), prior_feature_extractor=None,
+        prior_image_encoder=None)
+
+
 FAMILIES: dict[str, Callable[[Path], object]] = {
     "sd3": sd3, "flux": flux, "pixart-alpha": pixart_alpha, "pixart-sigma": pixart_sigma, "sana": sana, "lcm": lcm,
     "aura-flow": aura_flow, "lumina2": lumina2, "hunyuandit": hunyuandit, "cogview3": cogview3, "cogview4": cogview4,
     "deepfloyd-if": deepfloyd_if, "qwenimage": qwenimage, "hidream": hidream,
-    "kandinsky22": kandinsky22, "flux2-klein": flux2_klein,
+    "kandinsky22": kandinsky22, "flux2-klein": flux2_klein, "stable-cascade": stable_cascade,
 }
 
 

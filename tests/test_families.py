@@ -99,6 +99,12 @@ def test_true_cfg_pipelines_get_the_recipe_guidance():
     flux = inspect.signature(diffusers.FluxPipeline.__call__).parameters  # distilled guidance stays guidance_scale
     args = call_arguments(flux, GenerationParams(guidance=3.5), 2)
     assert args["guidance_scale"] == 3.5 and "true_cfg_scale" not in args and "negative_prompt" not in args
+    for name, key in (("QwenImage21Pipeline", "true_cfg_scale"), ("StableCascadeCombinedPipeline",
+                                                                 "prior_guidance_scale")):
+        if hasattr(diffusers, name):  # no guidance_scale at all: the recipe's guidance was dropped
+            args = call_arguments(inspect.signature(getattr(diffusers, name).__call__).parameters,
+                                  GenerationParams(guidance=4.0), 1)
+            assert args[key] == 4.0 and "guidance_scale" not in args, name
     pixart = inspect.signature(diffusers.PixArtSigmaPipeline.__call__).parameters  # the same on every machine
     assert call_arguments(pixart, GenerationParams(), 1)["clean_caption"] is False
 
