@@ -441,8 +441,16 @@ def load_pipeline(folder: Path, params: GenerationParams, device: str):
     return pipe.to(device)
 
 
-# Pipelines whose activations overflow float16 (black or NaN images): run in bfloat16 on a GPU that has it.
-BF16_PIPELINES = ("Flux", "StableDiffusion3", "Sana", "HunyuanDiT", "Lumina", "CogView")
+# Pipelines whose activations overflow float16 (black or NaN images): run in bfloat16 on a GPU that has it. Qwen-Image,
+# Z-Image and Stable Cascade are reported to give NaN latents in float16 (ComfyUI #10751, Tongyi-MAI/Z-Image #14);
+# HiDream and Chroma are released and run in bfloat16.
+BF16_PIPELINES = ("Flux", "StableDiffusion3", "Sana", "HunyuanDiT", "Lumina", "CogView", "QwenImage", "ZImage",
+                  "HiDream", "Chroma", "StableCascade", "Wuerstchen")
+
+
+def wants_bfloat16(class_name: str) -> bool:
+    """Whether a pipeline class runs in bfloat16 rather than float16 on a GPU (BF16_PIPELINES)."""
+    return class_name.startswith(BF16_PIPELINES)
 
 
 def pipeline_dtype(class_name: str, device: str | None):
@@ -452,7 +460,7 @@ def pipeline_dtype(class_name: str, device: str | None):
 
     if not str(device or "").startswith("cuda"):
         return None
-    if class_name.startswith(BF16_PIPELINES) and torch.cuda.is_bf16_supported():
+    if wants_bfloat16(class_name) and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float16
 

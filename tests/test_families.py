@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.generate import DiffusersGenerator, GenerationParams, call_arguments, not_text_to_image
+from engine.generate import DiffusersGenerator, GenerationParams, call_arguments, not_text_to_image, wants_bfloat16
 from engine.images import save_png_atomic
 from tests.helpers import run_cli
 
@@ -120,3 +120,11 @@ def test_a_pipeline_needing_a_missing_package_is_refused_at_source_add(models, b
                          tokenizer=["kolors", "ChatGLMTokenizer"], text_encoder=["kolors", "ChatGLMModel"])
     assert run_cli("source", "add", "kolors", folder, "--store", bare_store) == 2
     assert "needs the Python package sentencepiece, not installed here" in capsys.readouterr().err
+
+
+def test_families_that_overflow_float16_run_in_bfloat16_on_a_gpu():
+    # Qwen-Image and Z-Image give NaN latents (black images) in float16; they ran in it on CUDA
+    for name in ("QwenImagePipeline", "ZImagePipeline", "HiDreamImagePipeline", "FluxPipeline", "Flux2KleinPipeline",
+                 "StableDiffusion3Pipeline"):
+        assert wants_bfloat16(name), name
+    assert not wants_bfloat16("StableDiffusionXLPipeline") and not wants_bfloat16("PixArtSigmaPipeline")
