@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -71,6 +72,12 @@ def verify(store: "Store", repair: bool = False, files: bool = True) -> dict:
         search_entry["leftover_lists_files"] = leftover
         problems.append(f"{len(leftover)} search lists files no search index names (a rebuild removes them)")
     del on_disk
+    hidden = _unreadable_store_files(store)
+    if hidden:
+        report["unreadable_files"] = [p.name for p in hidden]
+        problems.append(f"{len(hidden)} files of the store folder cannot be read by this user, so what needs them "
+                        "(a calibration's arrays, the search index) goes without them (the first: "
+                        f"{why_denied(hidden[0], layout.root, os.R_OK)})")
 
     if files:
         report["files"] = _verify_files(store, image_rows, problems)
@@ -246,3 +253,15 @@ def _verify_files(store: "Store", image_rows, problems: list[str]) -> dict:
                         f"first: {first})")
         found.update({"unreadable": len(unreadable), "unreadable_examples": unreadable[:10]})
     return found
+
+
+def _unreadable_store_files(store: "Store") -> list[Path]:
+    """Files in the store folder (the index file and the database are reported on their own) that this
+    user may not read: a teammate's calibration array or search file made before files were shared."""
+    skip = {store.index_path.name, store.layout.db_path.name}
+    try:
+        entries = sorted(os.scandir(store.layout.root), key=lambda entry: entry.name)
+    except OSError:
+        return []
+    return [Path(entry.path) for entry in entries if entry.name not in skip and not entry.name.startswith(".")
+            and entry.is_file(follow_symlinks=False) and not os.access(entry.path, os.R_OK)]

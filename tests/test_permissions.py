@@ -170,9 +170,9 @@ def test_team_store_stays_writable_by_the_group_whatever_the_umask(team):
 
 def test_parts_another_user_owns_or_hides(team):
     """Single files denied to alice: store.lock left by root, read-only to her, still locks a save (it was
-    exit 5); an image file and the index file she may not read are reported by verify, naming their
-    owner, mode and the chmod (it was exit 5 on the image, and the index was called "not a file"); an
-    unreadable database is one line saying the same."""
+    exit 5); an image file, the index file and a calibration array she may not read are reported by
+    verify, naming their owner, mode and the chmod (it was exit 5 on the image, the index was called "not
+    a file", and the array went unsaid); an unreadable database is one line saying the same."""
     run, store, _, _ = team
     lock = store / "store.lock"
     os.chown(lock, 0, 0)
@@ -185,11 +185,15 @@ def test_parts_another_user_owns_or_hides(team):
     index = store / "vectors.faiss"
     os.chown(index, 0, 0)
     index.chmod(0o600)
+    array = next(store.glob("open-set-*.npy"))  # bob's calibration array
+    array.chmod(0o200)
     checked = run.run("rsyn-alice", "verify", "--store", store)
     problems = [line for line in checked.stdout.splitlines() if "problem:" in line]
-    assert checked.returncode == 4 and len(problems) == 2, (checked.stdout, checked.stderr)
+    assert checked.returncode == 4 and len(problems) == 3, (checked.stdout, checked.stderr)
     assert "the index file was not checked: vectors.faiss is root:root, mode 600, not readable" in problems[0]
-    assert f"{image.name} is rsyn-alice:rsyn-lab, mode 000" in problems[1] and "chmod -R u+r" in problems[1]
+    assert f"{array.name} is rsyn-bob:rsyn-lab, mode 200, not readable by rsyn-alice: its owner can `chmod -R g+r" \
+        in problems[1], problems[1]
+    assert f"{image.name} is rsyn-alice:rsyn-lab, mode 000" in problems[2] and "chmod -R u+r" in problems[2]
     (store / "metadata.sqlite").chmod(0o000)
     stats = run.run("rsyn-alice", "stats", "--store", store)
     line = _one_line(stats)
