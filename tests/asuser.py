@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-CLONE_NEWNS, MS_REC, MS_PRIVATE, MS_BIND, MS_MOVE = 0x20000, 0x4000, 0x40000, 0x1000, 0x2000
+CLONE_NEWNS, MS_REC, MS_PRIVATE, MS_BIND, MS_MOVE, MNT_DETACH = 0x20000, 0x4000, 0x40000, 0x1000, 0x2000, 2
 
 
 def _mount(libc, source: str | None, target: str, kind: str | None, flags: int, data: str | None = None) -> None:
@@ -46,6 +46,8 @@ def _expose(paths: list[Path]) -> None:
             target = folder / path.relative_to(folder)
             target.mkdir(parents=True, exist_ok=True, mode=0o755)
             _mount(libc, f"{staging}/{k}", str(target), None, MS_MOVE)
+        libc.umount2(staging.encode(), MNT_DETACH)
+        os.rmdir(staging)  # an empty folder of the real /tmp: leave none behind
 
 
 def as_user(user: str, umask: int, argv: list[str], env: dict[str, str], expose: list[Path], out: str,
