@@ -51,7 +51,7 @@ def test_families_enrol_generate_and_attribute(models, family_folders, tmp_path,
 
 @pytest.fixture(scope="module")
 def bare_store(models, tmp_path_factory) -> Path:
-    """A store with no sources: refusals at `source add` write nothing, so one serves every test here."""
+    """A store for the `source add` checks below (each adds under its own name, if at all)."""
     store = tmp_path_factory.mktemp("bare") / "store"
     assert run_cli("init", "--store", store, "--clip-config", models["clip_config"],
                    "--clip-checkpoint", models["clip_checkpoint"]) == 0
@@ -107,6 +107,14 @@ def test_true_cfg_pipelines_get_the_recipe_guidance():
             assert args[key] == 4.0 and "guidance_scale" not in args, name
     pixart = inspect.signature(diffusers.PixArtSigmaPipeline.__call__).parameters  # the same on every machine
     assert call_arguments(pixart, GenerationParams(), 1)["clean_caption"] is False
+
+
+def test_a_size_the_pipeline_refuses_is_refused_at_source_add(models, bare_store, tmp_path, capsys):
+    # CogView4 refuses sides that are not multiples of 16 at each generation: the source was enrolled, never scored
+    folder = _relabelled(models, tmp_path / "cogview4", _class_name="CogView4Pipeline")
+    assert run_cli("source", "add", "c", folder, "--store", bare_store, "--size", 40) == 2
+    assert "--size 40 is not a multiple of 16: a CogView4Pipeline refuses" in capsys.readouterr().err
+    assert run_cli("source", "add", "c", folder, "--store", bare_store, "--size", 48) == 0
 
 
 def test_a_pipeline_needing_a_missing_package_is_refused_at_source_add(models, bare_store, tmp_path, capsys):

@@ -75,9 +75,13 @@ class Pipeline(SourceKind):
                 raise UserError(hint)
             raise UserError(f"{path} is a single checkpoint file: add it as a single-file source with --config DIR "
                             "(a diffusers folder of the same architecture, for its configs; nothing is downloaded)")
-        check_pipeline_folder(folder)
+        class_name = check_pipeline_folder(folder)
         check_weights_present(folder)
         params = generation_params(steps, guidance, size, scheduler, negative_prompt)
+        multiple = size_multiple(folder, class_name)
+        if params.size and params.size % multiple:
+            raise UserError(f"--size {params.size} is not a multiple of {multiple}: a {class_name} refuses any other "
+                            f"side at every generation (try {max(multiple, params.size // multiple * multiple)})")
         return Recipe(path=str(folder), params=asdict(params),
                       fingerprint=recipe_fingerprint(self.name, fingerprint_folder(folder, whole=True), params),
                       twin="already uses this pipeline folder with the same parameters")
@@ -99,6 +103,28 @@ class Pipeline(SourceKind):
 
         return fingerprint(self.name, fingerprint_folder(Path(source.path), linked, whole),
                            json.loads(source.params_json))
+
+
+def size_multiple(folder: Path, class_name: str) -> int:
+    """The multiple of pixels a side must be for the pipelines that refuse others rather than snap them (8 for the
+    rest, which `generation_params` checks): SD3 and AuraFlow need their VAE's factor times their patch size (16 for
+    every released one), CogView4 and Lumina 2 need 16 whatever their configs say. Read from configs, loads nothing."""
+    if class_name.startswith(("CogView4", "Lumina2")):
+        return 16
+    if not class_name.startswith(("StableDiffusion3", "AuraFlow")):
+        return 8
+
+    def config(component: str) -> dict:
+        try:
+            found = json.loads((folder / component / "config.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return found if isinstance(found, dict) else {}
+
+    levels = config("vae").get("block_out_channels")
+    factor = 2 ** (len(levels) - 1) if isinstance(levels, list) and levels else 8
+    patch = config("transformer").get("patch_size", 2) if class_name.startswith("StableDiffusion3") else 2
+    return factor * patch if isinstance(patch, int) and patch > 0 else 8 * 2
 
 
 # components that hold weights, so a folder of their configs alone cannot generate
