@@ -117,6 +117,16 @@ def test_a_size_the_pipeline_refuses_is_refused_at_source_add(models, bare_store
     assert run_cli("source", "add", "c", folder, "--store", bare_store, "--size", 48) == 0
 
 
+def test_a_combined_pipeline_without_weights_is_refused_at_source_add(models, bare_store, tmp_path, capsys):
+    # Kandinsky's movq and prior components were not looked at: a configs-only folder was enrolled
+    folder = _relabelled(models, tmp_path / "kandinsky", _class_name="KandinskyV22CombinedPipeline",
+                         movq=["diffusers", "VQModel"])
+    (folder / "movq").mkdir()
+    (folder / "movq" / "config.json").write_text(json.dumps({"_class_name": "VQModel"}))
+    assert run_cli("source", "add", "k", folder, "--store", bare_store) == 2
+    assert "no weight files (*.safetensors, *.bin) in movq" in capsys.readouterr().err
+
+
 def test_a_pipeline_needing_a_missing_package_is_refused_at_source_add(models, bare_store, tmp_path, capsys):
     import importlib.util
 

@@ -128,7 +128,9 @@ def size_multiple(folder: Path, class_name: str) -> int:
 
 
 # components that hold weights, so a folder of their configs alone cannot generate
-WEIGHTED = ("unet", "transformer", "vae", "text_encoder")
+# (and those of combined pipelines: Kandinsky's prior_prior, prior_text_encoder and movq, Stable Cascade's decoder and
+# vqgan; a prior_tokenizer holds none)
+WEIGHTED = ("unet", "transformer", "vae", "text_encoder", "prior", "decoder", "movq", "vqgan")
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 
 
@@ -140,7 +142,7 @@ def check_weights_present(folder: Path) -> None:
 
     index = json.loads((folder / "model_index.json").read_text())
     empty = [name for name, value in index.items()
-             if name.startswith(WEIGHTED) and isinstance(value, list) and value and value[0]
+             if name.removeprefix("prior_").startswith(WEIGHTED) and isinstance(value, list) and value and value[0]
              and not any(found.is_file() for pattern in WEIGHT_PATTERNS for found in (folder / name).glob(pattern))]
     if empty:
         raise UserError(f"{folder}: no weight files (*.safetensors, *.bin) in {', '.join(empty)}: the folder holds "
