@@ -579,7 +579,7 @@ MUTATORS = [m_flip, m_bytes, m_truncate, m_png_length, m_png_crc, m_png_shuffle,
 WEIGHTS = [3, 2, 3, 2, 2, 2, 3, 2, 3, 2, 1, 2]
 
 
-def make_cases(n: int, seed: int, pool: dict[str, bytes]):
+def make_cases(n: int, seed: int, pool: dict[str, bytes], stack: int = 3):
     rng = random.Random(seed)
     names = sorted(pool)
     values = [pool[k] for k in names]
@@ -589,7 +589,7 @@ def make_cases(n: int, seed: int, pool: dict[str, bytes]):
         name = rng.choice(names)
         data = pool[name]
         ops = []
-        for _ in range(rng.choice([1, 1, 1, 2, 3])):
+        for _ in range(rng.choice([1, 1, 1, 2, 3]) if stack <= 3 else rng.randint(1, stack)):
             m = rng.choices(MUTATORS, WEIGHTS)[0]
             try:
                 data = m_splice(rng, data, name, values) if m is m_splice else m(rng, data, name)
@@ -770,6 +770,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=10.0)
     ap.add_argument("--out", default="/tmp/fuzz")
+    ap.add_argument("--stack", type=int, default=3, help="at most this many mutations per case")
     ap.add_argument("--watermark-every", type=int, default=8, help="the provenance read checks watermarks 1 in N")
     ap.add_argument("--http", type=int, default=0, help="cases through the real app instead (in process)")
     args = ap.parse_args()
@@ -789,7 +790,7 @@ def main() -> None:
     found: dict[str, int] = {}
     log = open(out / "log.jsonl", "w")
     t0 = time.time()
-    for i, (case, kind, data) in enumerate(make_cases(args.cases, args.seed, pool)):
+    for i, (case, kind, data) in enumerate(make_cases(args.cases, args.seed, pool, args.stack)):
         flags = 1 if i % args.watermark_every == 0 else 0
         r = w.run(data, flags, args.timeout)
         if "hang" in r or "dead" in r:  # retried alone, fresh worker, before it counts
