@@ -250,8 +250,8 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        if exc.errno is None:
-            raise
+        if exc.errno is None or (exc.filename is not None and not str(exc.filename).endswith(".tmp")):
+            raise  # already names its file (a folder in the way, say): that one, not the output
         raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), os.fspath(path)) from exc
 
 

@@ -269,7 +269,10 @@ def reembed(ws, spec, ray_address: str | None = None, progress: bool = True, bat
     from engine.embed import Embedder
 
     started = time.perf_counter()
-    embedder = Embedder(spec, device=ws.device)  # validates the weights before any work
+    from engine.models import LOADING
+
+    with LOADING:  # another thread of this process may be loading a model (engine.models.LOADING says why)
+        embedder = Embedder(spec, device=ws.device)  # validates the weights before any work
     store = ws.store
     if embedder.identity == store.embedder_identity:
         raise UserError(f"store {store.root} already uses {embedder.identity}: nothing to re-embed")

@@ -87,15 +87,34 @@ class Models:
     @contextmanager
     def generating(self, generator) -> Iterator[None]:
         """Hold a local pipeline's generator for one run of jobs: threads of one process (the library's
-        callers) take turns, since a pipeline's scheduler keeps the state of the run in progress, and its
-        first load happens under LOADING."""
+        callers) take turns, since a pipeline's scheduler keeps the state of the run in progress. Room is
+        made for it under its hold (so no other thread drops it as idle meanwhile); its files are checked
+        before, and it loads under, LOADING; pipelines kept past `max_loaded` while busy go after the run."""
         with self._lock:
             lock = self._in_use.setdefault(generator, threading.Lock())
         with lock:
-            if not getattr(generator, "loaded", True):
-                with LOADING:
-                    generator.load()
-            yield
+            try:
+                self.make_room_for(generator)
+                if not getattr(generator, "loaded", True):
+                    check = getattr(generator, "check_unchanged", None)
+                    if check is not None:  # hashing weights takes seconds: other threads load meanwhile
+                        check()
+                    with LOADING:
+                        generator.load()
+                yield
+            finally:
+                self._trim()
+
+    def _busy(self, generator) -> bool:
+        return generator in self._in_use and self._in_use[generator].locked()
+
+    def _trim(self) -> None:
+        """Unload the least recently used idle pipelines beyond `max_loaded` (kept while they were busy)."""
+        with self._lock:
+            over = len(self._resident) - max(1, self.ws.max_loaded)
+            for stale in [g for g in self._resident if not self._busy(g)][:max(0, over)]:
+                stale.unload()
+                self._resident.remove(stale)
 
     def forget(self, name: str) -> None:
         with self._lock:
@@ -108,9 +127,9 @@ class Models:
         with self._lock:
             keep = max(1, self.ws.max_loaded)
             self._resident = [g for g in self._resident if g is not generator] + [generator]
-            busy = [g for g in self._resident[:-keep] if g in self._in_use and self._in_use[g].locked()]
+            busy = [g for g in self._resident[:-keep] if self._busy(g)]
             for stale in self._resident[:-keep]:
-                if stale not in busy:  # one another thread is generating with unloads after its run
+                if stale not in busy:  # one another thread is generating with unloads after its run (_trim)
                     stale.unload()
             self._resident = busy + self._resident[-keep:]
             if len(self._resident) >= keep:  # no room for a LoRA base kept idle beside them

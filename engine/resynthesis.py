@@ -254,14 +254,13 @@ def generate_and_store(ws: "Workspace", plan: Plan, name: str, jobs: list[tuple[
     generator = ws.generator(name)
     source = next(s for s in plan.sources if s.name == name)
     kind = sources.kind_of(source)
-    if kind.needs_gpu:  # a source holding no device memory unloads no pipeline
-        ws.make_room_for(generator)
     if kind.costs_money:
         # the embedder loads before anything is bought: its load takes seconds (a kill -9 then threw a
         # bought batch away: tests/test_faults_round3.py) and can fail (changed weights)
         ws.embedder  # noqa: B018 - loaded on first use
     started = time.perf_counter()
     try:
+        # a source holding no device memory unloads no pipeline, and an API client takes concurrent calls
         with ws.models.generating(generator) if kind.needs_gpu else nullcontext():
             images = generator.generate_many([(text, seed) for text, _, seed in jobs], budget=budget)
     except PartialResult as partial:

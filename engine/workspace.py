@@ -446,9 +446,12 @@ def init_workspace(store_dir: str | os.PathLike | None = None, *, clip_checkpoin
         raise UserError("--caption-instruction must not be empty")
     if caption_instruction is not None and not captioner:
         raise UserError("--caption-instruction needs --captioner DIR (a vision-language model folder)")
-    if captioner:
-        make_captioner(captioner, instruction=caption_instruction)  # checked now, not at the first query
-    embedder = Embedder(spec, device=device)
+    from engine.models import LOADING
+
+    with LOADING:  # another thread of this process may be loading a model (engine.models.LOADING says why)
+        if captioner:
+            make_captioner(captioner, instruction=caption_instruction)  # checked now, not at the first query
+        embedder = Embedder(spec, device=device)
     store = Store.create(root, embedder.describe(), embedder.dim,
                          captioner=str(Path(captioner).resolve()) if captioner else None, db_url=db,
                          images=images)

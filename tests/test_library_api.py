@@ -201,7 +201,9 @@ def test_threads_of_one_process_share_a_workspace(store_dir, originals, tmp_path
     alone = tmp_path / "alone"
     shutil.copytree(store_dir, alone)
     with engine.open(store_dir) as ws, ThreadPoolExecutor(4) as pool:
+        ws.max_loaded = 1  # two pipelines at once while both are busy; after the runs, the quota again
         reports = list(pool.map(lambda q: ws.attribute(q[0], prompt=q[1], options=options), queries))
+        assert len(ws.loaded_pipelines()) == 1, ws.loaded_pipelines()
     with engine.open(alone) as ws:
         expected = ws.attribute(queries[0][0], prompt=queries[0][1], options=options)  # one thread, one description
     assert sum(r.generated for r in reports) == 2 * expected.generated == 2 * len(names)

@@ -13,6 +13,7 @@ import io
 import math
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -302,9 +303,9 @@ def _cached_or_drawn(ws: "Workspace", source, recipe: Recipe, embedder: str,
         raise _NotDrawable(f"a {source.kind} source is not redrawn from a recipe yet")
     from engine.sources import kind_of
 
-    if kind_of(source).needs_gpu:
-        ws.make_room_for(generator)
-    with _DRAW_LOCK:  # one redraw at a time per process (in the service it runs in a request's scoring step)
+    # one redraw at a time per process (in the service it runs in a request's scoring step), and the pipeline
+    # held as a generation holds it (engine.models.Models.generating: its load, its scheduler, its room)
+    with ws.models.generating(generator) if kind_of(source).needs_gpu else nullcontext(), _DRAW_LOCK:
         image = draw(generator, recipe)
     vector = ws.embed([image])[0]
     relative = image_path(source.fingerprint, key)
