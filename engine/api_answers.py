@@ -18,6 +18,7 @@ import httpx
 from PIL import Image
 
 from engine.errors import SourceError, first_line
+from engine.images import FORMATS
 from engine.providers import Reply
 
 # Read at call time, so tests may lower them.
@@ -30,7 +31,7 @@ RETRY_AFTER_CAP = 60.0             # a server's Retry-After is honoured up to th
 def _decode(data: bytes, name: str) -> Image.Image:
     """An answer's image file as RGB, refused over `MAX_PIXELS` or when it cannot be decoded."""
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=FORMATS)  # no ICO: its plugin decodes while opening
         width, height = image.size
     except Exception as exc:
         raise SourceError(name, f"answer image cannot be decoded: {first_line(exc)}") from None

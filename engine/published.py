@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from engine.errors import UserError
+from engine.images import FORMATS
 from engine.paths import check_output_file
 from index.keys import UNPRINTABLE, normalise_description
 
@@ -106,7 +107,7 @@ def images_folder(root: Path) -> Path:
 def _readable(path: Path) -> bool:
     """Header check only (cheap): catches non-images named like images; ingest decodes the pixels later."""
     try:
-        with Image.open(path):
+        with Image.open(path, formats=FORMATS):  # no ICO: its plugin decodes the whole image while opening
             return True
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         return False
