@@ -147,6 +147,9 @@ class Attribution:
         for name, why in self.degraded.items():
             notes.append(f"{name} was scored without its resyntheses of this description, or only some of them "
                          f"(generating them failed: {why}): its score rests on fewer or other references")
+        for unread in self.evidence.get("unread", ()):
+            notes.append(f"a calibration file is missing, damaged or unreadable: {unread}; `resynth verify` "
+                         "names it, `resynth calibrate` writes it again")
         if self.description_from == "caption":
             notes.append("the description is the captioner's (no prompt was given, embedded or stored): the "
                          "answer is only as good as the caption; give the prompt when it is known")

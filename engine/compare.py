@@ -106,6 +106,9 @@ def score(ws: "Workspace", query: Query, text: str, origin: str, vector: np.ndar
                 and not plan.options.original_refs else None)  # fitted on resyntheses alone
     answer, evidence = verdict(scores, calibration, stale, open_set)
     evidence["mode"] = mode_of(plan)
+    unread = unreadable_rules(ws, calibration) if calibration.fitted and not stale and scores else []
+    if unread:  # the rule falls back (or is left out) as for no file: said, not silent
+        evidence["unread"] = unread
     real = (real_evidence(ws, vector, query.file_hash, plan, calibration)
             if evidence_checks and scores and calibration.fitted and calibration.real and not stale else None)
     if real is not None:  # the known/unknown decision stays stated beside it
@@ -287,6 +290,20 @@ def calibration_stale(ws: "Workspace") -> str | None:
     if not same:
         return "calibration is stale (sources changed since `resynth calibrate`): run it again"
     return None
+
+
+def unreadable_rules(ws: "Workspace", calibration: Calibration) -> list[str]:
+    """The fitted rules whose file beside store.json is missing, damaged or unreadable to this user, each
+    with what answers instead (read once per process and name: cheap per query)."""
+    out = []
+    rule = calibration.open_set
+    precision = rule.get("precision_file") if rule.get("score") == "mahalanobis" else None
+    if precision and ws.precision.get(str(precision)) is None:
+        out.append(f"{precision} (the open-set rule: the score thresholds decided instead)")
+    references = calibration.real.get("references_file") if calibration.real else None
+    if references and real_references(ws.store, str(references)) is None:
+        out.append(f"{references} (the real-image rule: no real verdict)")
+    return out
 
 
 class PrecisionFile:

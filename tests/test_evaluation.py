@@ -146,6 +146,8 @@ def test_calibrate_then_attribute_reports_probabilities_and_unknown(models, data
     precision.write_bytes(precision.read_bytes()[:-8] + b"\0" * 8)  # altered: not trusted, the fallback decides
     fallback = attribute("tiny-sd-ddim")
     assert all("open_set_score" not in r["evidence"] and r["verdict"] in {"known", "unknown"} for r in fallback)
+    said = f"a calibration file is missing, damaged or unreadable: {precision.name} (the open-set rule"
+    assert all(any(n.startswith(said) for n in r["notes"]) for r in fallback)  # said, not silent
 
     def uncalibrated_p(result: dict) -> bool:  # the default temperature's softmax, never the fitted one's
         scores = np.array([s["score"] for s in result["scores"]]) / DEFAULT_TEMPERATURE
