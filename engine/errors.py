@@ -119,7 +119,7 @@ _ADVICE = {
     _FULL: "the disk is full: free some space and run the command again (everything committed before is kept)",
     _READ_ONLY: "the filesystem or database is read-only: commands that only read (stats, source list, verify, "
                 "cached attribute) still work; for this one, make it writable or copy the store elsewhere",
-    _PERMISSION: "permission denied: check the owner and mode of the path (or run as the user who owns the store)",
+    _PERMISSION: "permission denied: check the owner and mode of the path (or run as a user allowed to use it)",
     _LOCKED: "another program holds the database's lock: retry when it has finished",
     _IO: "the device reported an I/O error: check the disk before retrying",
     _FILES: "too many open files: raise the limit (ulimit -n) or run fewer processes at once",
