@@ -109,12 +109,21 @@ def test_true_cfg_pipelines_get_the_recipe_guidance():
     assert call_arguments(pixart, GenerationParams(), 1)["clean_caption"] is False
 
 
-def test_a_size_the_pipeline_refuses_is_refused_at_source_add(models, bare_store, tmp_path, capsys):
+def test_recipes_a_pipeline_cannot_follow_are_refused_or_warned_at_source_add(models, bare_store, tmp_path, capsys):
     # CogView4 refuses sides that are not multiples of 16 at each generation: the source was enrolled, never scored
     folder = _relabelled(models, tmp_path / "cogview4", _class_name="CogView4Pipeline")
     assert run_cli("source", "add", "c", folder, "--store", bare_store, "--size", 40) == 2
     assert "--size 40 is not a multiple of 16: a CogView4Pipeline refuses" in capsys.readouterr().err
     assert run_cli("source", "add", "c", folder, "--store", bare_store, "--size", 48) == 0
+    # LCM takes no negative prompt: the recipe would name one that no image was made with
+    folder = _relabelled(models, tmp_path / "lcm", _class_name="LatentConsistencyModelPipeline")
+    assert run_cli("source", "add", "l", folder, "--store", bare_store, "--negative-prompt", "blurry") == 2
+    assert "a LatentConsistencyModelPipeline takes no negative prompt" in capsys.readouterr().err
+    # HunyuanDiT makes --size 32 at 1024: enrolled, with a warning saying so
+    folder = _relabelled(models, tmp_path / "hunyuan", _class_name="HunyuanDiTPipeline")
+    assert run_cli("source", "add", "h", folder, "--store", bare_store, "--size", 32, "--steps", 2,
+                   "--guidance", 5) == 0
+    assert "generates only its own shapes (squares of 1024 or 1280): --size 32 is made" in capsys.readouterr().err
 
 
 def test_a_combined_pipeline_without_weights_is_refused_at_source_add(models, bare_store, tmp_path, capsys):

@@ -82,9 +82,13 @@ class Pipeline(SourceKind):
         if params.size and params.size % multiple:
             raise UserError(f"--size {params.size} is not a multiple of {multiple}: a {class_name} refuses any other "
                             f"side at every generation (try {max(multiple, params.size // multiple * multiple)})")
+        if params.negative_prompt and not takes_negative_prompt(class_name):
+            raise UserError(f"a {class_name} takes no negative prompt: --negative-prompt would be ignored at every "
+                            "generation (leave it out)")
         return Recipe(path=str(folder), params=asdict(params),
                       fingerprint=recipe_fingerprint(self.name, fingerprint_folder(folder, whole=True), params),
-                      twin="already uses this pipeline folder with the same parameters")
+                      twin="already uses this pipeline folder with the same parameters",
+                      warning=snapped_size(class_name, params.size))
 
     def params_hash(self, source) -> str:
         from engine.generate import GenerationParams
@@ -125,6 +129,29 @@ def size_multiple(folder: Path, class_name: str) -> int:
     factor = 2 ** (len(levels) - 1) if isinstance(levels, list) and levels else 8
     patch = config("transformer").get("patch_size", 2) if class_name.startswith("StableDiffusion3") else 2
     return factor * patch if isinstance(patch, int) and patch > 0 else 8 * 2
+
+
+def takes_negative_prompt(class_name: str) -> bool:
+    """Whether a diffusers pipeline class's __call__ takes a negative prompt (LCM's does not)."""
+    import inspect
+
+    import diffusers
+
+    return "negative_prompt" in inspect.signature(getattr(diffusers, class_name).__call__).parameters
+
+
+def snapped_size(class_name: str, size: int | None) -> str | None:
+    """A warning when a pipeline will generate another size than --size: HunyuanDiT replaces a shape it was not
+    trained on by the nearest of its own (and does not resize back, as PixArt and Sana do)."""
+    if not size or not class_name.startswith("HunyuanDiT"):
+        return None
+    from diffusers.pipelines.hunyuandit.pipeline_hunyuandit import SUPPORTED_SHAPE
+
+    if (size, size) in SUPPORTED_SHAPE:
+        return None
+    squares = sorted({side for side, other in SUPPORTED_SHAPE if side == other})
+    return (f"a {class_name} generates only its own shapes (squares of {' or '.join(map(str, squares))}): --size "
+            f"{size} is made at the nearest of them, and the stored images have that size")
 
 
 # components that hold weights, so a folder of their configs alone cannot generate
