@@ -19,6 +19,9 @@ from index.keys import canonical_json, sha256_text
 # size, changes only this) or their first and last MiB (the cheap form: what sources added before recorded, and
 # a process-local identity for shared LoRA bases).
 _PROBE = 1 << 20
+# The forms of fingerprint_folder a stored source may have recorded, as (linked, whole), cheapest first; the
+# last is what `source add` records now (the others: before 2026-12, and before linked folders counted).
+FINGERPRINT_FORMS = ((True, False), (False, False), (True, True))
 
 
 @dataclass(frozen=True)
@@ -149,12 +152,12 @@ class DiffusersGenerator:
         """Refuse to load files that changed since `source add`: a fine-tune saved over a folder would
         otherwise generate new images under the old fingerprint, mixed with the old weights' images.
         Tried cheapest first, as each generation of `source add` recorded it: weights' ends (before 2026-12),
-        whole weights (since), weights' ends without linked component folders (before those counted)."""
+        weights' ends without linked component folders (before those counted), whole weights (since)."""
         if self.recheck is None or self.fingerprint is None:
             return
         try:
             if any(self.recheck(linked, whole) == self.fingerprint
-                   for linked, whole in ((True, False), (True, True), (False, False))):
+                   for linked, whole in FINGERPRINT_FORMS):
                 return
         except OSError as exc:
             raise SourceError(self.name, f"its model files are unreadable: {first_line(exc)}") from exc

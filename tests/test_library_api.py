@@ -214,3 +214,18 @@ def test_threads_of_one_process_share_a_workspace(store_dir, originals, tmp_path
             return dict(db.execute("select key, file_hash from images where role = 'resynthesis'"))
     threaded, alone_made = stored(store_dir), stored(alone)
     assert len(threaded) == 2 * len(alone_made) and all(threaded[key] == made for key, made in alone_made.items())
+
+
+def test_threads_asking_for_a_source_kind_first_all_get_it():
+    """The kinds register on first use: `_loaded` was set before they were, so in a fresh process every
+    thread but the first read an empty registry ("unknown source kind 'diffusers' (known: )")."""
+    code = ("import threading; from engine import sources; errors = []\n"
+            "def ask():\n"
+            "    try: sources.get('diffusers')\n"
+            "    except Exception as exc: errors.append(repr(exc))\n"
+            "threads = [threading.Thread(target=ask) for _ in range(8)]\n"
+            "[t.start() for t in threads]; [t.join() for t in threads]; print(errors)")
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                              cwd=Path(__file__).resolve().parents[1])
+        assert done.returncode == 0 and done.stdout.strip() == "[]", (done.stdout, done.stderr)

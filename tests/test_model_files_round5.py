@@ -246,9 +246,10 @@ def test_an_edit_in_the_middle_of_a_weight_file_is_seen_and_older_sources_still_
     tensors["zz.pad"] = torch.zeros(1 << 20)  # 4 MiB at the end: the UNet's own tensors lie past the first MiB
     save_file(tensors, weights)
     added = SimpleNamespace(name="x", path=str(folder), params_json=json.dumps(GenerationParams().__dict__))
-    stored = Pipeline().prepare("x", folder).fingerprint
-    old_form = Pipeline().current_fingerprint(added, whole=False)
+    recipe = Pipeline().prepare("x", folder)
+    stored, old_form = recipe.fingerprint, Pipeline().current_fingerprint(added, whole=False)
     assert stored == Pipeline().current_fingerprint(added) != old_form
+    assert old_form in recipe.older  # the same folder added again beside a source recorded the old way: a twin
     with open(weights, "r+b") as handle:  # a weight in the middle, changed in place
         handle.seek(weights.stat().st_size // 2)
         handle.write(b"\x7f" * 8)

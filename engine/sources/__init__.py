@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -84,6 +85,7 @@ class Recipe:
     fingerprint: str
     twin: str = ""  # why a second name for the same fingerprint is refused
     warning: str | None = None
+    older: tuple[str, ...] = ()  # its fingerprint as sources added before recorded it: a twin of those too
 
 
 class SourceKind:
@@ -186,7 +188,8 @@ def enrol(store, name: str, kind: str = DEFAULT_KIND, **params) -> dict:
     if found.reenrol:
         source = store.ensure_source(name, kind, recipe.fingerprint, path=recipe.path, params=recipe.params)
     else:
-        twin = next((s for s in store.sources() if s.fingerprint == recipe.fingerprint), None)  # fresh, not cached
+        same = {recipe.fingerprint, *recipe.older}
+        twin = next((s for s in store.sources() if s.fingerprint in same), None)  # fresh, not cached
         if twin is not None:
             raise UserError(f"source {twin.name!r} {recipe.twin} (a second name would share its resyntheses)")
         source = store.add_source(name, kind, recipe.fingerprint, path=recipe.path, params=recipe.params)
@@ -211,19 +214,30 @@ GUESSED_SETTINGS = ("steps", "guidance")
 
 
 _loaded = False
+_registering = False  # set while this module's lock holder imports the kinds (a get() from those imports returns)
+_REGISTRY_LOCK = threading.RLock()
 
 
 def _builtin() -> None:
-    """The kinds shipped with resynth, registered on first use (their modules import no torch)."""
-    global _loaded
+    """The kinds shipped with resynth, registered on first use (their modules import no torch). Threads
+    that ask at once wait for the first: `_loaded` was set before the kinds were, and every other thread
+    read an empty registry ("unknown source kind 'diffusers' (known: )")."""
+    global _loaded, _registering
     if _loaded:
         return
-    _loaded = True
-    from engine.sources.api import Api
-    from engine.sources.lora import Lora
-    from engine.sources.pipeline import Pipeline
-    from engine.sources.replay import Replay
-    from engine.sources.single_file import SingleFile
+    with _REGISTRY_LOCK:
+        if _loaded or _registering:
+            return
+        _registering = True
+        try:
+            from engine.sources.api import Api
+            from engine.sources.lora import Lora
+            from engine.sources.pipeline import Pipeline
+            from engine.sources.replay import Replay
+            from engine.sources.single_file import SingleFile
 
-    for kind in (Pipeline(), Api(), Replay(), SingleFile(), Lora()):
-        _KINDS.setdefault(kind.name, kind)
+            for kind in (Pipeline(), Api(), Replay(), SingleFile(), Lora()):
+                _KINDS.setdefault(kind.name, kind)
+            _loaded = True
+        finally:
+            _registering = False

@@ -114,7 +114,7 @@ class Lora(SourceKind):
 
     def prepare(self, name: str, path, lora=None, steps: int = 30, guidance: float = 7.0, size: int | None = None,
                 scheduler: str | None = None, negative_prompt: str | None = None) -> Recipe:
-        from engine.generate import check_pipeline_folder, fingerprint_folder
+        from engine.generate import FINGERPRINT_FORMS, check_pipeline_folder, fingerprint_folder
 
         from engine.sources.pipeline import check_weights_present
 
@@ -138,9 +138,11 @@ class Lora(SourceKind):
         if len(set(seen)) != len(seen):
             raise UserError("the same LoRA file is given twice: give it once with the summed scale")
         recipe = generation_params(steps, guidance, size, scheduler, negative_prompt)
-        return Recipe(path=str(folder), params={**asdict(recipe), "loras": adapters},
-                      fingerprint=fingerprint(self.name, fingerprint_folder(folder, whole=True),
-                                              [[a["sha256"], a["scale"]] for a in adapters], asdict(recipe)),
+        *older, now = [fingerprint(self.name, fingerprint_folder(folder, linked, whole),
+                                   [[a["sha256"], a["scale"]] for a in adapters], asdict(recipe))
+                       for linked, whole in FINGERPRINT_FORMS]
+        return Recipe(path=str(folder), params={**asdict(recipe), "loras": adapters}, fingerprint=now,
+                      older=tuple(older),
                       twin="already uses this base with the same adapters, scales and parameters")
 
     def params_hash(self, source) -> str:
@@ -196,7 +198,7 @@ class _BaseCache:
         from engine.generate import fingerprint_folder, load_pipeline
         from engine.sources.single_file import generation_params
 
-        key = (fingerprint_folder(generator.folder), str(generator.device))
+        key = (fingerprint_folder(generator.folder, whole=True), str(generator.device))  # its content, all of it
         with self._lock:
             base = self._bases.get(key)
             if base is None:
@@ -237,7 +239,7 @@ class _BaseCache:
             if isinstance(keep_for, LoraGenerator):
                 from engine.generate import fingerprint_folder
 
-                if (fingerprint_folder(keep_for.folder), str(keep_for.device)) == self._idle:
+                if (fingerprint_folder(keep_for.folder, whole=True), str(keep_for.device)) == self._idle:
                     return
             self._drop(self._idle)
 
@@ -266,7 +268,7 @@ def base_loads(folder) -> int:
     """How many times this process loaded the base pipeline of `folder` (0: never)."""
     from engine.generate import fingerprint_folder
 
-    return BASES.loads.get(fingerprint_folder(Path(folder)), 0)
+    return BASES.loads.get(fingerprint_folder(Path(folder), whole=True), 0)
 
 
 @contextlib.contextmanager

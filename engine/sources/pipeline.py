@@ -58,7 +58,7 @@ class Pipeline(SourceKind):
     def prepare(self, name: str, path, steps: int = 30, guidance: float = 7.0, size: int | None = None,
                 scheduler: str | None = None, negative_prompt: str | None = None) -> Recipe:
         """Checked without loading its weights (real ones can exceed RAM in float32)."""
-        from engine.generate import check_pipeline_folder, fingerprint_folder
+        from engine.generate import FINGERPRINT_FORMS, check_pipeline_folder, fingerprint_folder
 
         folder = Path(path).resolve()
         if folder.is_file() and folder.suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
@@ -85,8 +85,9 @@ class Pipeline(SourceKind):
         if params.negative_prompt and not takes_negative_prompt(class_name):
             raise UserError(f"a {class_name} takes no negative prompt: --negative-prompt would be ignored at every "
                             "generation (leave it out)")
-        return Recipe(path=str(folder), params=asdict(params),
-                      fingerprint=recipe_fingerprint(self.name, fingerprint_folder(folder, whole=True), params),
+        *older, now = [recipe_fingerprint(self.name, fingerprint_folder(folder, linked, whole), params)
+                       for linked, whole in FINGERPRINT_FORMS]
+        return Recipe(path=str(folder), params=asdict(params), fingerprint=now, older=tuple(older),
                       twin="already uses this pipeline folder with the same parameters",
                       warning=snapped_size(class_name, params.size))
 

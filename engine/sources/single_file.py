@@ -214,7 +214,7 @@ class SingleFile(SourceKind):
 
     def prepare(self, name: str, path, config=None, steps: int = 30, guidance: float = 7.0,
                 size: int | None = None, scheduler: str | None = None, negative_prompt: str | None = None) -> Recipe:
-        from engine.generate import fingerprint_folder
+        from engine.generate import FINGERPRINT_FORMS, fingerprint_folder
 
         if not config:
             raise UserError("a single-file checkpoint needs --config DIR: a diffusers folder of the same layout "
@@ -223,9 +223,10 @@ class SingleFile(SourceKind):
         folder, class_name = check_config_folder(config)
         check_layout(file, folder, class_name)
         recipe = generation_params(steps, guidance, size, scheduler, negative_prompt)
-        return Recipe(path=str(file), params={"config": str(folder), **asdict(recipe)},
-                      fingerprint=fingerprint(self.name, file_sha256(file), fingerprint_folder(folder, whole=True),
-                                              asdict(recipe)),
+        *older, now = [fingerprint(self.name, file_sha256(file), fingerprint_folder(folder, linked, whole),
+                                   asdict(recipe)) for linked, whole in FINGERPRINT_FORMS]
+        return Recipe(path=str(file), params={"config": str(folder), **asdict(recipe)}, fingerprint=now,
+                      older=tuple(older),
                       twin="already uses this checkpoint file with the same config and parameters")
 
     def params_hash(self, source) -> str:
