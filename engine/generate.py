@@ -326,6 +326,9 @@ def check_pipeline_folder(folder: Path) -> str:
     import diffusers
 
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file, not a diffusers pipeline folder (a single .safetensors checkpoint is "
+                        "added with --kind single-file --config DIR)", code="not_a_directory")
     if not folder.is_dir():
         raise UserError(f"pipeline folder not found: {folder}")
     index_file = folder / "model_index.json"

@@ -56,6 +56,8 @@ def test_bad_query_inputs(store_dir, image_and_prompt, capsys, tmp_path):
 def test_bad_model_folders(store_dir, models, capsys, tmp_path, copy_of):
     s = ("--store", store_dir)
     _fails(capsys, "source", "add", "x", tmp_path / "missing", *s, match="pipeline folder not found")
+    (tmp_path / "red.png").write_bytes(b"not a model")  # a file where a folder belongs: said so, not "not found"
+    _fails(capsys, "source", "add", "x", tmp_path / "red.png", *s, match="red.png is a file, not a diffusers pipeline")
     empty = tmp_path / "empty"
     empty.mkdir()
     _fails(capsys, "source", "add", "x", empty, *s, match="no model_index.json")
