@@ -69,6 +69,16 @@ def fingerprint_folder(folder: Path, linked: bool = True, whole: bool = False) -
     return sha256_text(canonical_json(parts))
 
 
+def files_signature(folder: Path, *others: Path) -> tuple:
+    """(path, size, mtime, ctime, inode) of every file under `folder` and of `others`: no write leaves it as it
+    was (a write sets ctime, which no call of a user's sets back), so while it holds a verified fingerprint holds."""
+    out = []
+    for path in [*model_files(folder), *others]:
+        info = path.stat()
+        out.append((str(path), info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino))
+    return tuple(out)
+
+
 def _hex_sha256(path: Path) -> str:
     """sha256_text(path.read_bytes().hex()), streamed: a multi-GB "vocab.json" must not be read into memory twice."""
     import hashlib
@@ -144,6 +154,8 @@ class DiffusersGenerator:
         self.params = params
         self.fingerprint = fingerprint
         self.recheck = recheck  # the fingerprint its files give now (SourceKind.current_fingerprint)
+        self.watched: tuple[Path, ...] = ()  # files outside `folder` the fingerprint covers (a single checkpoint)
+        self._verified: tuple | None = None  # files_signature when check_unchanged last passed
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self._pipe = None
         self.calls = 0  # images generated, counted so tests can prove cache hits
@@ -156,8 +168,12 @@ class DiffusersGenerator:
         if self.recheck is None or self.fingerprint is None:
             return
         try:
+            signature = files_signature(self.folder, *self.watched)
+            if signature == self._verified:  # nothing written since it last passed (each reload asks again)
+                return
             if any(self.recheck(linked, whole) == self.fingerprint
                    for linked, whole in FINGERPRINT_FORMS):
+                self._verified = signature
                 return
         except OSError as exc:
             raise SourceError(self.name, f"its model files are unreadable: {first_line(exc)}") from exc

@@ -250,9 +250,13 @@ def test_an_edit_in_the_middle_of_a_weight_file_is_seen_and_older_sources_still_
     stored, old_form = recipe.fingerprint, Pipeline().current_fingerprint(added, whole=False)
     assert stored == Pipeline().current_fingerprint(added) != old_form
     assert old_form in recipe.older  # the same folder added again beside a source recorded the old way: a twin
+    kept = Pipeline().load(SimpleNamespace(**vars(added), fingerprint=stored), "cpu")
+    kept.check_unchanged()  # passes, and is remembered by the files' stat: a reload costs no hashing
     with open(weights, "r+b") as handle:  # a weight in the middle, changed in place
         handle.seek(weights.stat().st_size // 2)
         handle.write(b"\x7f" * 8)
+    with pytest.raises(SourceError, match="changed since the source was added"):
+        kept.check_unchanged()  # the write changed its ctime: checked again, in full
     assert Pipeline().current_fingerprint(added, whole=False) == old_form  # the old record cannot see it
     for fingerprint, ok in ((stored, False), (old_form, True)):
         generator = Pipeline().load(SimpleNamespace(**vars(added), fingerprint=fingerprint), "cpu")

@@ -260,6 +260,7 @@ class SingleFileGenerator(DiffusersGenerator):
                  fingerprint: str | None = None, recheck=None):
         super().__init__(name, config, params, device, fingerprint=fingerprint, recheck=recheck)
         self.file = Path(file)
+        self.watched = (self.file,)
 
     def load(self):
         if self._pipe is None:
