@@ -254,6 +254,9 @@ def generate_and_store(ws: "Workspace", plan: Plan, name: str, jobs: list[tuple[
     generator = ws.generator(name)
     source = next(s for s in plan.sources if s.name == name)
     kind = sources.kind_of(source)
+    # where the images will go, checked before they are made: a folder another user made was found only
+    # after the generation (or the purchase) was spent
+    ws.store.check_images_writable([image_path(source.fingerprint, key).as_posix() for _, key, _ in jobs])
     if kind.costs_money:
         # the embedder loads before anything is bought: its load takes seconds (a kill -9 then threw a
         # bought batch away: tests/test_faults_round3.py) and can fail (changed weights)

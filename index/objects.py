@@ -23,6 +23,7 @@ fsspec and s3fs are the optional `objects` extra: a store in a folder never impo
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import os
 import time
@@ -51,6 +52,8 @@ class ImageFiles(Protocol):
     label: str
 
     def write(self, relative: str, data: bytes) -> str: ...
+
+    def check_writable(self, relatives: list[str]) -> None: ...
 
     def read(self, stored: str) -> bytes | None: ...
 
@@ -114,6 +117,18 @@ class LocalImages:
             handle.write(data)
         atomic_write(path, write, "image:before-replace")
         return sha256_bytes(data)
+
+    def check_writable(self, relatives: list[str]) -> None:
+        """Refuse now, in the words write() would use, when this user may not write files at `relatives` (a
+        folder another user made, say): before work is spent on them (a generation, an image bought)."""
+        root = self.layout.root
+        for folder in sorted({(root / check_relative(r)).parent for r in relatives}):
+            existing = folder
+            while not existing.is_dir() and existing != root and root in existing.parents:
+                existing = existing.parent
+            if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+                denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(existing))
+                raise os_failure(denied, existing, "writing an image", root) or denied
 
     def read(self, stored: str) -> bytes | None:
         return read_local(self.layout.file_path(stored))
@@ -221,6 +236,9 @@ class ObjectImages:
             self.fs.rm_file(probe)
         except Exception as exc:  # noqa: BLE001 - every backend failure (network, refusal, no bucket) is one line
             raise self.unavailable(exc, "a test write") from None
+
+    def check_writable(self, relatives: list[str]) -> None:
+        """Nothing to check per file: the bucket's test write at open stands for every key."""
 
     def write(self, relative: str, data: bytes) -> str:
         key = self.key(relative)

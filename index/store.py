@@ -439,6 +439,12 @@ class Store:
         row = self.catalog.image_file_row(image_id)
         return objects.read_checked(self.layout.images, *row) if row is not None else None
 
+    def check_images_writable(self, relatives: list[str]) -> None:
+        """Refuse, as write_image would, files this process may not write at `relatives`, before anything is
+        spent on making them (StoreReadOnly, StoreDenied)."""
+        self.layout.require_writable()
+        self.layout.images.check_writable(relatives)
+
     def write_image(self, relative: str, data: bytes) -> str:
         """Write a generated image's file atomically at `relative` (inside the store, or under its object
         store's prefix) before its row is recorded; returns its sha256, the row's file_hash."""

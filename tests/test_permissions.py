@@ -98,7 +98,7 @@ def users(models, tmp_path_factory):
         with FakeImagesApi() as api:
             yield runner, area, {"clip": ["--clip-config", zoo / "clip" / Path(models["clip_config"]).name,
                                           "--clip-checkpoint", zoo / "clip" / Path(models["clip_checkpoint"]).name],
-                                 "source": ["--api", api.url, "--model", "tiny", "--timeout", 20]}
+                                 "source": ["--api", api.url, "--model", "tiny", "--timeout", 20], "api": api}
     finally:
         for command, name in made:
             subprocess.run([command, name], capture_output=True)
@@ -166,6 +166,26 @@ def test_team_store_stays_writable_by_the_group_whatever_the_umask(team):
     assert eve.returncode == 5 and "read-only" in line and "rsyn-alice:rsyn-lab, mode 2775, not writable by rsyn-eve" \
         in line, line
     assert _tree(store) == before
+
+
+def test_an_image_folder_this_user_may_not_write_is_refused_before_the_image_is_bought(team, users):
+    """A store made before team stores were shared left image folders only their maker could write: the
+    image was generated (here: bought) first, then its file refused. Now the folders are checked first."""
+    run, store, ask, _ = team
+    api = users[2]["api"]
+    folder = next(p for p in (store / "images").iterdir() if p.is_dir())  # the source's folder of images
+    mode, owner = folder.stat().st_mode, (folder.stat().st_uid, folder.stat().st_gid)
+    os.chown(folder, 0, 0)
+    folder.chmod(0o755)
+    try:
+        bought = len(api.log)
+        refused = run.run("rsyn-alice", *ask, "--prompt", "a prompt nobody bought")
+        line = _one_line(refused)
+        assert refused.returncode == 5 and "(writing an image)" in line and "not writable by rsyn-alice" in line, line
+        assert len(api.log) == bought  # nothing bought
+    finally:
+        os.chown(folder, *owner)
+        folder.chmod(stat.S_IMODE(mode))
 
 
 def test_parts_another_user_owns_or_hides(team):
