@@ -221,7 +221,7 @@ def match_source(sources, model_name: str | None, model_hash: str | None) -> tup
         for s in sources:
             if s.fingerprint.lower().startswith(digest):
                 return s.name, "hash"
-        from engine.sources.single_file import file_sha256
+        from index.filehash import file_sha256
 
         for s in sources:
             if s.kind == "single-file" and s.path:

@@ -10,6 +10,7 @@ from typing import Callable
 from PIL import Image
 
 from engine.errors import SourceError, UserError, first_line
+from index.filehash import file_sha256
 from engine.sources.model_files import (WEIGHT_SUFFIXES, check_components, check_configs, check_tokenizers,
                                         check_weight_entries, missing_packages, model_files)
 from index.keys import canonical_json, sha256_text
@@ -47,8 +48,6 @@ def fingerprint_folder(folder: Path, linked: bool = True, whole: bool = False) -
     ends (a component folder linked from elsewhere included: swapping the link's target changes the fingerprint).
     `linked=False` leaves linked folders out, as fingerprints taken before they counted did: a source added then
     is not "changed" now (DiffusersGenerator.check_unchanged)."""
-    from engine.sources.single_file import file_sha256
-
     parts: list[list] = [["weights", "sha256"]] if whole else []
     for path in (p for p in model_files(folder) if p.is_file() and not p.name.startswith(".")):
         rel = path.relative_to(folder).as_posix()

@@ -7,7 +7,7 @@ is read from its tensor names and must match DIR's pipeline class (refused in on
   `from_single_file`; DIR gives the configs and tokenizers (its weights are not needed).
 - Flux: the transformer alone in Black Forest Labs' layout (as `flux1-dev.safetensors`; engine/sources/flux_file.py);
   DIR is a diffusers Flux folder giving the text encoders, tokenizers, VAE, scheduler and the transformer's config.
-The fingerprint is the file's full SHA-256 (hashed once per process for an unchanged file), the config
+The fingerprint is the file's full SHA-256 (hashed once per unchanged file: index/filehash.py), the config
 folder's fingerprint and the generation recipe.
 
 `export_single_file` (engine/sources/ldm_export.py) writes a diffusers SD 1.x / SDXL folder as such a file
@@ -18,40 +18,16 @@ folder whose encoders are equally wide (unlike any real SDXL) cannot round-trip:
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import threading
 from dataclasses import asdict
 from pathlib import Path
 
 from engine.errors import SourceError, UserError, first_line
+from index.filehash import file_sha256  # noqa: F401  (lora imports it from here)
 from engine.generate import DiffusersGenerator, pipeline_dtype
 from engine.sources import Param, Recipe, SourceKind, fingerprint
 from engine.sources.pipeline import RECIPE_PARAMS, generation_params, stored_recipe  # noqa: F401  (lora imports them here)
 from engine.sources.ldm_export import export_single_file  # noqa: F401  (imported from here by callers)
-
-# ----- whole-file content hashes, once per process per unchanged file ----------------------------------
-_HASHES: dict[tuple, str] = {}
-_HASH_LOCK = threading.Lock()
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's whole content, cached by (path, size, mtime, ctime, inode) for this process: ctime
-    too, since an edit in place that keeps the size and sets the old mtime back (os.utime) changes only it."""
-    path = Path(path)
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
-    with _HASH_LOCK:
-        known = _HASHES.get(key)
-    if known:
-        return known
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(8 << 20), b""):
-            digest.update(block)
-    with _HASH_LOCK:
-        _HASHES[key] = digest.hexdigest()
-    return _HASHES[key]
 
 
 def check_safetensors(path, what: str) -> Path:
