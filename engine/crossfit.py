@@ -19,8 +19,8 @@ import numpy as np
 from engine.calibration import DEFAULT_TEMPERATURE
 from engine.metrics import (accuracy, binary_auroc, expected_calibration_error, negative_log_likelihood,
                             open_set_figures, reliability_table, softmax)
-from engine.openset import (DEFAULT_OPEN_SET_SCORE, FALSE_REJECT, OPEN_SET_SCORES, FeatureContext, fit_temperature,
-                            mahalanobis_scores, score_definitions)
+from engine.openset import (DEFAULT_OPEN_SET_SCORE, FALSE_REJECT, OPEN_SET_SCORES, FeatureContext,
+                            false_reject_threshold, fit_temperature, mahalanobis_scores, score_definitions)
 
 # Reported beside AUROC per open-set score, per left-out source and as their mean (engine.metrics):
 # OSCR, true-negative rate on unknowns at 95% of knowns accepted, correct classification at 5% FPR.
@@ -103,20 +103,20 @@ def _base_values(name: str, sub: np.ndarray, keep: list[int], context: FeatureCo
 
 def _floors(values: np.ndarray, predicted: np.ndarray, correct: np.ndarray, classes: int, frr: float,
             per_source: bool) -> tuple[np.ndarray | None, list[int]]:
-    """Per query class c in 0..classes-1, the threshold: the `frr` quantile of `values` over correctly
+    """Per query class c in 0..classes-1, the threshold rejecting at most `frr` of `values` over correctly
     attributed queries (of c when `per_source`); a class without any falls back to the pooled one
     (returned in the list). None when no query at all was correctly attributed."""
     ok = correct & np.isfinite(values)
     if not ok.any():
         return None, []
-    pooled = float(np.quantile(values[ok], frr))
+    pooled = false_reject_threshold(values[ok], frr)
     if not per_source:
         return np.full(classes, pooled), []
     floors, missing = np.full(classes, pooled), []
     for c in range(classes):
         hits = ok & (predicted == c)
         if hits.any():
-            floors[c] = float(np.quantile(values[hits], frr))
+            floors[c] = false_reject_threshold(values[hits], frr)
         else:
             missing.append(c)
     return floors, missing
@@ -156,7 +156,7 @@ def _round(name: str, scores: np.ndarray, labels: np.ndarray, folds: np.ndarray,
         "unknown_rejected": float((decision[unknown] < 0).mean()),
         "known_false_reject": float((decision[known] < 0).mean()),
         "known_accuracy_accepted": accuracy(mapped[ok], predicted[ok]) if ok.any() else None,
-        "unknown_rejected_at_frr": float((decision[unknown] < np.quantile(decision[known], frr)).mean()),
+        "unknown_rejected_at_frr": float((decision[unknown] < false_reject_threshold(decision[known], frr)).mean()),
         # the open-set literature's figures over the same cross-fitted decision values (engine.metrics)
         **open_set_figures(correct[known], decision[known], decision[unknown]),
     }
@@ -184,8 +184,9 @@ def _score_figures(name: str, scores: np.ndarray, labels: np.ndarray, folds: np.
                 "per_source": per_source, "target_false_reject": frr}
     decision, unknown, correct = map(np.concatenate, zip(*pooled))
     known = ~unknown
-    # Exactly `frr` of the known queries rejected: one shared offset on the pooled cross-fitted values.
-    offset = float(np.quantile(decision[known], frr))
+    # As near `frr` of the known queries rejected as a finite set allows (never more): one shared offset on the
+    # pooled cross-fitted values; `known_rejected` says the share it has.
+    offset = false_reject_threshold(decision[known], frr)
     kept = known & (decision >= offset)
     accepted = known & (decision >= 0)
     rounds = list(measured.values())
@@ -197,6 +198,7 @@ def _score_figures(name: str, scores: np.ndarray, labels: np.ndarray, folds: np.
         "unknown_rejected_at_frr": float((decision[unknown] < offset).mean()),
         "at_exact_false_reject": {
             "offset": offset,
+            "known_rejected": float((decision[known] < offset).mean()),
             "known_accuracy_accepted": float(correct[kept].mean()) if kept.any() else None,
             "unknown_rejected": float((decision[unknown] < offset).mean())},
         "known_false_reject": float((decision[known] < 0).mean()),

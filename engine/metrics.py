@@ -15,6 +15,17 @@ def accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
     return float((labels == predicted).mean()) if labels.size else float("nan")
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> list[float] | None:
+    """95% Wilson score interval of a proportion (None for n = 0): what a rate measured on n queries can
+    support. Unlike the normal approximation it does not collapse at 0% or 100%: 3 of 3 is 43.9-100%."""
+    if n <= 0:
+        return None
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return [0.0 if successes == 0 else max(0.0, centre - half), 1.0 if successes == n else min(1.0, centre + half)]
+
+
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, classes: int) -> np.ndarray:
     """Rows are true classes, columns predicted classes."""
     matrix = np.zeros((classes, classes), dtype=np.int64)
@@ -66,9 +77,8 @@ def binary_auroc(positive: np.ndarray, score: np.ndarray) -> float:
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    finite = np.where(np.isfinite(score), score, np.where(score > 0, np.finfo(np.float64).max,
-                                                           np.finfo(np.float64).min))
-    ranks = _average_ranks(finite)
+    # nan ranks as -inf; +-inf stay themselves (mapping them to the largest finite values tied them with those)
+    ranks = _average_ranks(np.where(np.isnan(score), -np.inf, score))
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
@@ -199,18 +209,24 @@ def negative_log_likelihood(labels: np.ndarray, probabilities: np.ndarray) -> fl
 
 
 def classification_report(labels: np.ndarray, scores: np.ndarray, names: list[str]) -> dict:
-    """Every closed-set figure of one score matrix: accuracy, macro, per source, top-3, confusion, AUROC."""
+    """Every closed-set figure of one score matrix: accuracy, macro, per source, top-3, confusion, AUROC, with
+    the counts and 95% Wilson intervals a reader needs to judge a rate (100% of 3 is not 100% of 300)."""
     labels = np.asarray(labels, int)
     predicted = np.argmax(scores, axis=1)
     matrix = confusion_matrix(labels, predicted, len(names))
     per_source = per_class_accuracy(matrix)
     aurocs = one_vs_rest_auroc(labels, scores)
+    totals, hits = matrix.sum(axis=1), np.diag(matrix)
     return {
         "queries": int(len(labels)),
         "accuracy": accuracy(labels, predicted),
+        "correct": int(hits.sum()),
+        "accuracy_ci95": wilson_interval(int(hits.sum()), int(len(labels))),
         "macro_accuracy": macro_accuracy(matrix),
         "top3_accuracy": top_k_accuracy(labels, scores, 3),
         "per_source": {n: _clean(v) for n, v in zip(names, per_source)},
+        "per_source_queries": {n: int(t) for n, t in zip(names, totals)},
+        "per_source_ci95": {n: wilson_interval(int(h), int(t)) for n, h, t in zip(names, hits, totals)},
         "auroc": {n: _clean(v) for n, v in zip(names, aurocs)},
         "macro_auroc": _clean(np.nanmean(aurocs)) if np.isfinite(aurocs).any() else None,
         "confusion": {"labels": list(names), "matrix": matrix.tolist()},

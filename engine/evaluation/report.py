@@ -2,18 +2,50 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from engine.metrics import json_safe  # noqa: F401  (the report's figures as JSON)
 from engine.errors import plural
 
 
+def _cell(text) -> str:
+    """A source name as one Markdown table cell: a '|' in it (names may hold one) would shift every column
+    after it, so a reader would take one source's figures for another's."""
+    return str(text).replace("|", "\\|")
+
+
+def _defined(value) -> bool:
+    """A figure to print: not None and finite (an undefined metric is never printed as nan)."""
+    return value is not None and math.isfinite(value)
+
+
 def _pct(value) -> str:
-    return "–" if value is None else f"{100 * value:.1f}%"
+    return f"{100 * value:.1f}%" if _defined(value) else "–"
 
 
 def _num(value, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
+    return f"{value:.{digits}f}" if _defined(value) else "–"
+
+
+def _interval(ci) -> str:
+    """A 95% interval as "a–b%", "" when none was recorded (an older report.json)."""
+    return f"{100 * ci[0]:.1f}–{100 * ci[1]:.1f}%" if ci else ""
+
+
+def _with_ci(section: dict) -> str:
+    """"95.0% (95% CI 86.3–98.3%)", the interval left out when none was recorded."""
+    ci = _interval(section.get("accuracy_ci95"))
+    return _pct(section.get("accuracy")) + (f" (95% CI {ci})" if ci else "")
+
+
+def accuracy_text(section: dict) -> str:
+    """Accuracy in bold with what it rests on: "**95.0%** (57 of 60, 95% CI 86.3–98.3%)"."""
+    text = f"**{_pct(section.get('accuracy'))}**"
+    if section.get("accuracy_ci95") and section.get("queries"):
+        text += (f" ({section.get('correct', round(section['accuracy'] * section['queries']))} of "
+                 f"{section['queries']}, 95% CI {_interval(section['accuracy_ci95'])})")
+    return text
 
 
 def variant_table(report: dict) -> str:
@@ -57,16 +89,19 @@ def fewshot_table(fewshot: dict) -> str:
 
 
 def per_source_table(section: dict) -> str:
-    lines = ["| source | accuracy | AUROC (one vs rest) |", "|---|---|---|"]
+    """Per source: its originals, accuracy with its 95% Wilson interval, one-vs-rest AUROC ("–": undefined)."""
+    counts, cis = section.get("per_source_queries") or {}, section.get("per_source_ci95") or {}
+    lines = ["| source | originals | accuracy | 95% CI | AUROC (one vs rest) |", "|---|---|---|---|---|"]
     for name, acc in section["per_source"].items():
-        lines.append(f"| {name} | {_pct(acc)} | {_num(section['auroc'][name])} |")
+        lines.append(f"| {_cell(name)} | {counts.get(name, '–')} | {_pct(acc)} | {_interval(cis.get(name)) or '–'} | "
+                     f"{_num(section['auroc'][name])} |")
     return "\n".join(lines)
 
 
 def confusion_table(section: dict) -> str:
     names, matrix = section["confusion"]["labels"], section["confusion"]["matrix"]
-    lines = ["| true \\ predicted | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    lines += [f"| {n} | " + " | ".join(str(v) for v in row) + " |" for n, row in zip(names, matrix)]
+    lines = ["| true \\ predicted | " + " | ".join(map(_cell, names)) + " |", "|---|" + "---|" * len(names)]
+    lines += [f"| {_cell(n)} | " + " | ".join(str(v) for v in row) + " |" for n, row in zip(names, matrix)]
     return "\n".join(lines)
 
 
@@ -104,9 +139,9 @@ def open_set_table(open_set: dict) -> str:
              f"known accuracy (accepted) | {LITERATURE_HEAD} |", "|---|---|---|---|---|---|---|---|"]
     for name, v in open_set["per_source"].items():
         if v.get("auroc") is None:
-            lines.append(f"| {name} | {_not_measured(v)} | – | – | – | – | – | – |")
+            lines.append(f"| {_cell(name)} | {_not_measured(v)} | – | – | – | – | – | – |")
             continue
-        lines.append(f"| {name} | {_num(v['auroc'])} | {_pct(v['unknown_rejected'])} | "
+        lines.append(f"| {_cell(name)} | {_num(v['auroc'])} | {_pct(v['unknown_rejected'])} | "
                      f"{_pct(v['known_false_reject'])} | {_pct(v['known_accuracy_accepted'])} | "
                      f"{literature_cells(v)} |")
     if open_set.get("auroc") is None:
@@ -156,8 +191,9 @@ def open_set_markdown(o: dict) -> list[str]:
     parts += [f"Per left-out source, score **{headline}**:", open_set_table(o)]
     x = o.get("at_exact_false_reject")
     if x:
-        parts.append(f"With one shared offset so that exactly {_pct(o['target_false_reject'])} of known queries are "
-                     f"rejected: known accuracy {_pct(x['known_accuracy_accepted'])}, unknowns rejected "
+        here = f" (here {_pct(x['known_rejected'])})" if x.get("known_rejected") is not None else ""
+        parts.append(f"With one shared offset so that at most {_pct(o['target_false_reject'])}{here} of known queries "
+                     f"are rejected: known accuracy {_pct(x['known_accuracy_accepted'])}, unknowns rejected "
                      f"{_pct(x['unknown_rejected'])}.")
     if o.get("scores"):
         parts += ["Open-set scores compared (same folds, same left-out sources):", open_set_scores_table(o)]
@@ -217,6 +253,14 @@ def _sources_text(d: dict) -> str:
                                        if having != len(d["sources"]) else "")
 
 
+def selection_caveat(report: dict) -> str:
+    """The best variant was picked on the very originals it is measured on: say so, and what to quote."""
+    n = len(report.get("variants") or [])
+    return (f"Picked as the best of {plural(n, 'variant')} on these same originals, so its figures are "
+            "optimistic (a maximum over the grid, not a held-out measurement): quote the default's, or confirm "
+            "the variant on other data.")
+
+
 def markdown(report: dict) -> str:
     d, r, b, c = report["dataset"], report["resynthesis_default"], report["best_variant"], report["calibration"]
     e = report.get("engine_default")
@@ -230,18 +274,18 @@ def markdown(report: dict) -> str:
     ]
     if e and "mode" in e:
         parts += [f"## {default_text(e)[0].upper()}{default_text(e)[1:]}",
-                  f"accuracy **{_pct(e['accuracy'])}**, macro accuracy {_pct(e['macro_accuracy'])}, top-3 "
+                  f"accuracy {accuracy_text(e)}, macro accuracy {_pct(e['macro_accuracy'])}, top-3 "
                   f"{_pct(e['top3_accuracy'])}, macro one-vs-rest AUROC {_num(e['macro_auroc'])}"]
     parts += [
         f"## Resynthesis mode at the default aggregation and K ({r['variant']})",
         "The variant grid's reference row; the few-shot, unknown-source, calibration and robustness figures "
         "below score with it.",
-        f"accuracy **{_pct(r['accuracy'])}**, macro accuracy {_pct(r['macro_accuracy'])}, top-3 "
+        f"accuracy {accuracy_text(r)}, macro accuracy {_pct(r['macro_accuracy'])}, top-3 "
         f"{_pct(r['top3_accuracy'])}, macro one-vs-rest AUROC {_num(r['macro_auroc'])}",
         per_source_table(r), "", confusion_table(r),
         f"## Best measured variant: {b['variant']}",
-        f"accuracy **{_pct(b['accuracy'])}**, macro accuracy {_pct(b['macro_accuracy'])}, macro AUROC "
-        f"{_num(b['macro_auroc'])}",
+        f"accuracy {accuracy_text(b)}, macro accuracy {_pct(b['macro_accuracy'])}, macro AUROC "
+        f"{_num(b['macro_auroc'])}. {selection_caveat(report)}",
         "## Modes (engine defaults)", modes_table(report.get("modes") or {}),
         "## Variants", variant_table(report),
         f"Best without original references (resynthesis only, as `resynth attribute` runs by default; "
@@ -278,12 +322,13 @@ def summary(report: dict) -> str:
     if d.get("skipped"):
         lines.append(skipped_text(d))
     if e and "mode" in e:
-        lines.append(f"{default_text(e)}: accuracy {_pct(e['accuracy'])}, macro {_pct(e['macro_accuracy'])}, "
+        lines.append(f"{default_text(e)}: accuracy {_with_ci(e)}, macro {_pct(e['macro_accuracy'])}, "
                      f"top-3 {_pct(e['top3_accuracy'])}, macro AUROC {_num(e['macro_auroc'])}")
     lines += [f"resynthesis mode, same aggregation and K ({r['variant']}; the figures below use it): accuracy "
-              f"{_pct(r['accuracy'])}, macro {_pct(r['macro_accuracy'])}, top-3 {_pct(r['top3_accuracy'])}, "
+              f"{_with_ci(r)}, macro {_pct(r['macro_accuracy'])}, top-3 {_pct(r['top3_accuracy'])}, "
               f"macro AUROC {_num(r['macro_auroc'])}",
-              f"best variant {b['variant']}: accuracy {_pct(b['accuracy'])}, macro AUROC {_num(b['macro_auroc'])}"]
+              f"best variant {b['variant']} (picked on these originals: optimistic): accuracy {_pct(b['accuracy'])}, "
+              f"macro AUROC {_num(b['macro_auroc'])}"]
     if report.get("modes"):
         lines.append("other modes: " + "; ".join(
             f"{mode} {_pct(m['accuracy'])}, {plural(m['generations_per_new_description'], 'generation')} per new "
@@ -304,7 +349,7 @@ def summary(report: dict) -> str:
         if o.get("auroc") is None:
             lines.append(f"unknown source: AUROC {_not_measured(o)}")
         else:
-            line = (f"unknown source ({o.get('headline_score') or '–'}): AUROC {_num(o['auroc'])}; at exactly "
+            line = (f"unknown source ({o.get('headline_score') or '–'}): AUROC {_num(o['auroc'])}; at most "
                     f"{_pct(o['target_false_reject'])} known false reject: known accuracy "
                     f"{_pct(x['known_accuracy_accepted'])}, unknowns rejected {_pct(x['unknown_rejected'])}")
             line += (f"; OSCR {_num(o.get('oscr'))}, TNR@TPR95 {_pct(o.get('tnr_at_tpr95'))}, "
