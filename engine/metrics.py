@@ -222,6 +222,8 @@ def classification_report(labels: np.ndarray, scores: np.ndarray, names: list[st
         "accuracy": accuracy(labels, predicted),
         "correct": int(hits.sum()),
         "accuracy_ci95": wilson_interval(int(hits.sum()), int(len(labels))),
+        # queries whose best score two or more sources share: argmax gives them to the first listed
+        "tied_best": int(((scores == scores.max(axis=1, keepdims=True)).sum(axis=1) > 1).sum()) if len(labels) else 0,
         "macro_accuracy": macro_accuracy(matrix),
         "top3_accuracy": top_k_accuracy(labels, scores, 3),
         "per_source": {n: _clean(v) for n, v in zip(names, per_source)},

@@ -123,3 +123,40 @@ def test_the_operating_point_reports_the_false_reject_it_actually_has():
     assert 0 < exact["known_rejected"] <= 2 / 54 and exact["known_rejected"] * 54 == pytest.approx(1)
     assert "at most 5.0% (here 1.9%) of known" in markdown({**_report(labels, scores, ["a", "b", "c"]),
                                                              "open_set": result})
+
+
+def test_few_shot_baselines_survive_a_candidate_source_without_originals():
+    """A generator enrolled but absent from the labelled set (no originals) must not silently empty the
+    baseline comparison; a source with too few originals for any k says so in the report."""
+    from engine.evaluation.baselines import available_shots, draw_split, run_fewshot
+    from engine.evaluation.report import fewshot_table
+    from engine.scoring import Variant
+
+    labels = np.repeat([0, 1, 2], 6)  # source 3 has no originals
+    assert available_shots(labels, 4) == [1, 2, 5]
+    train, test = draw_split(labels, 4, 2, np.random.default_rng(0))
+    assert len(train) == 6 and len(test) == 12
+    rng = np.random.default_rng(0)
+    originals, resyntheses = rng.normal(size=(18, 8)), rng.normal(size=(8, 8))
+    references = [[np.array([c * 2, c * 2 + 1]) for c in range(4)] for _ in labels]
+    result = run_fewshot(originals, resyntheses, references, labels, 4, Variant(per_source=2), draws=1, shots=[1],
+                         progress=False)["clean"]
+    assert result["methods"]["nearest-centroid"]["1"]["runs"] == 1
+    assert available_shots(np.array([0, 0, 0, 1]), 2) == []
+    text = fewshot_table({"shots": [], "methods": {}, "draws": 1, "not_measured": "x"})
+    assert "not measured" in text
+
+
+def test_tied_best_scores_are_counted_and_said():
+    """All scores equal (a broken embedder, a constant output): argmax gives every query to the first source,
+    whose accuracy then reads 100%. The report counts the ties and says how they were broken."""
+    labels = np.array([0, 0, 1, 1, 2])
+    scores = np.full((5, 3), 0.5)
+    scores[4] = [0.1, 0.2, 0.9]
+    report = _report(labels, scores, ["a", "b", "c"])
+    section = report["resynthesis_default"]
+    assert section["tied_best"] == 4 and section["per_source"]["a"] == 1.0
+    assert "4 of 5 originals had two or more sources tied for the best score" in markdown(report)
+    assert m.classification_report(labels[4:], scores[4:], ["a", "b", "c"])["tied_best"] == 0
+    # unscored sources (-inf) tied at the bottom are no tie for the best
+    assert m.classification_report(np.array([0]), np.array([[0.4, -np.inf, -np.inf]]), ["a", "b", "c"])["tied_best"] == 0

@@ -35,15 +35,30 @@ def make_classifier(name: str, shots: int):
     raise ValueError(f"unknown baseline {name!r} (choose from {', '.join(BASELINES)})")
 
 
+def _labelled(labels: np.ndarray, classes: int) -> list[int]:
+    """The sources with originals: an enrolled source absent from the labelled set has none to train on or
+    test, and must not empty the comparison for all the others."""
+    return [c for c in range(classes) if (labels == c).any()]
+
+
 def available_shots(labels: np.ndarray, classes: int, wanted=SHOTS) -> list[int]:
-    """The k of `wanted` that leave at least one test original in every source."""
-    smallest = min(int((labels == c).sum()) for c in range(classes))
+    """The k of `wanted` that leave at least one test original in every source that has originals."""
+    smallest = min((int((labels == c).sum()) for c in _labelled(labels, classes)), default=0)
     return [k for k in wanted if k < smallest]
 
 
+def shots_not_measured(labels: np.ndarray, classes: int) -> str:
+    """Why no k can be drawn: the smallest labelled source's originals."""
+    counts = {c: int((labels == c).sum()) for c in _labelled(labels, classes)}
+    smallest = min(counts.values(), default=0)
+    return (f"a source has only {smallest} original(s): k labelled originals per source plus one to test "
+            "need at least 2 in every source")
+
+
 def draw_split(labels: np.ndarray, classes: int, shots: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """k training originals per source, the rest for testing."""
-    train = np.concatenate([rng.choice(np.flatnonzero(labels == c), shots, replace=False) for c in range(classes)])
+    """k training originals per source (of those with originals), the rest for testing."""
+    train = np.concatenate([rng.choice(np.flatnonzero(labels == c), shots, replace=False)
+                            for c in _labelled(labels, classes)])
     test = np.setdiff1d(np.arange(len(labels)), train)
     return np.sort(train), test
 
@@ -84,7 +99,8 @@ def run_fewshot(originals: np.ndarray, resyntheses: np.ndarray, references, labe
             for name in BASELINES:
                 predicted = fit_predict(name, k, originals[train], labels[train], feats[test])
                 table[name][k].append(accuracy(labels[test], predicted))
-    return {q: {"shots": shots, "draws": draws,
+    why = {} if shots else {"not_measured": shots_not_measured(labels, classes)}
+    return {q: {"shots": shots, "draws": draws, **why,
                 "methods": {m: {str(k): {"mean": float(np.mean(v)), "std": float(np.std(v)), "runs": len(v)}
                                 for k, v in per_k.items() if v}
                             for m, per_k in table.items()}}

@@ -40,11 +40,16 @@ def _with_ci(section: dict) -> str:
 
 
 def accuracy_text(section: dict) -> str:
-    """Accuracy in bold with what it rests on: "**95.0%** (57 of 60, 95% CI 86.3–98.3%)"."""
+    """Accuracy in bold with what it rests on: "**95.0%** (57 of 60, 95% CI 86.3–98.3%)", and how many
+    answers were ties broken by source order."""
     text = f"**{_pct(section.get('accuracy'))}**"
     if section.get("accuracy_ci95") and section.get("queries"):
         text += (f" ({section.get('correct', round(section['accuracy'] * section['queries']))} of "
                  f"{section['queries']}, 95% CI {_interval(section['accuracy_ci95'])})")
+    if section.get("tied_best"):
+        text += (f"; {section['tied_best']} of {section['queries']} originals had two or more sources tied for "
+                 "the best score, each given to the first listed of them, so per-source figures favour the "
+                 "earlier sources")
     return text
 
 
@@ -80,6 +85,8 @@ def factor_table(means: dict) -> str:
 
 def fewshot_table(fewshot: dict) -> str:
     ks = fewshot["shots"]
+    if not ks:
+        return f"Few-shot baselines: not measured ({fewshot.get('not_measured') or 'no k could be drawn'})."
     lines = ["| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
     for method, per_k in fewshot["methods"].items():
         cells = [f"{100 * per_k[str(k)]['mean']:.1f} ± {100 * per_k[str(k)]['std']:.1f}" if str(k) in per_k else "–"
