@@ -159,4 +159,5 @@ def test_tied_best_scores_are_counted_and_said():
     assert "4 of 5 originals had two or more sources tied for the best score" in markdown(report)
     assert m.classification_report(labels[4:], scores[4:], ["a", "b", "c"])["tied_best"] == 0
     # unscored sources (-inf) tied at the bottom are no tie for the best
-    assert m.classification_report(np.array([0]), np.array([[0.4, -np.inf, -np.inf]]), ["a", "b", "c"])["tied_best"] == 0
+    unscored = np.array([[0.4, -np.inf, -np.inf]])
+    assert m.classification_report(np.array([0]), unscored, ["a", "b", "c"])["tied_best"] == 0
