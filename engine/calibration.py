@@ -91,11 +91,12 @@ class Calibration:
         return dict(zip(names, (weights / weights.sum()).tolist()))
 
     def is_unknown(self, source: str | None, score: float | None) -> bool:
-        """True when the best source's score falls below that source's acceptance threshold."""
+        """True when the best source's score falls below that source's acceptance threshold, or is nan (a
+        non-number, e.g. from an overflowing embedding, reaches no threshold: `nan < t` is False)."""
         if source is None or score is None:
             return True
         threshold = self.thresholds.get(source)
-        return threshold is not None and score < threshold
+        return threshold is not None and not score >= threshold
 
     def is_unknown_value(self, value: float | None) -> bool | None:
         """With a feature-based open-set score fitted (`open_set`), True when the query's value of it (e.g.

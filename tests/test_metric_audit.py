@@ -161,3 +161,25 @@ def test_tied_best_scores_are_counted_and_said():
     # unscored sources (-inf) tied at the bottom are no tie for the best
     unscored = np.array([[0.4, -np.inf, -np.inf]])
     assert m.classification_report(np.array([0]), unscored, ["a", "b", "c"])["tied_best"] == 0
+
+
+def test_a_nan_score_is_never_accepted_as_known():
+    from engine.calibration import Calibration
+
+    calibration = Calibration(thresholds={"a": 0.5}, fitted=True)
+    assert calibration.is_unknown("a", float("nan")) and calibration.is_unknown("a", 0.4)
+    assert not calibration.is_unknown("a", 0.5) and not calibration.is_unknown("b", float("nan"))
+
+
+def test_constant_features_give_a_report_not_a_traceback():
+    """A broken embedder (every vector the same): every figure is at chance and says so, nothing raises
+    (scikit-learn's nearest centroid refuses zero-variance features: that baseline is "not measured")."""
+    from engine.evaluation.protocol import run_protocol
+    from tests.test_openset import one_description_set
+
+    evalset, (originals, _) = one_description_set(per_source=3, refs=2)
+    same = np.tile(originals[:1], (len(originals), 1))
+    report = run_protocol(evalset, {"final": (same, same[:len(evalset.res_hash)])}, "final", draws=1, progress=False)
+    assert report["resynthesis_default"]["tied_best"] == len(originals)
+    assert report["resynthesis_default"]["accuracy"] == pytest.approx(0.25)
+    assert "tied for the best score" in markdown(report) and "nan" not in markdown(report).lower()

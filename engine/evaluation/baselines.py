@@ -97,7 +97,10 @@ def run_fewshot(originals: np.ndarray, resyntheses: np.ndarray, references, labe
                                      orig_source=source, train=train, rows=rows)
             table["resynthesis+refs"][k].append(accuracy(labels[test], with_refs.argmax(1)))
             for name in BASELINES:
-                predicted = fit_predict(name, k, originals[train], labels[train], feats[test])
+                try:
+                    predicted = fit_predict(name, k, originals[train], labels[train], feats[test])
+                except ValueError:  # degenerate features (all identical): this draw is not measured, shown "–"
+                    continue
                 table[name][k].append(accuracy(labels[test], predicted))
     why = {} if shots else {"not_measured": shots_not_measured(labels, classes)}
     return {q: {"shots": shots, "draws": draws, **why,

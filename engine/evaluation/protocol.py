@@ -42,7 +42,7 @@ def default_variant(layer: str, max_k: int) -> Variant:
 
 def _summary(report: dict) -> dict:
     return {k: report[k] for k in ("accuracy", "macro_accuracy", "top3_accuracy", "macro_auroc", "queries", "correct",
-                                   "accuracy_ci95")}
+                                   "accuracy_ci95", "tied_best")}
 
 
 def evaluate_variants(evalset: EvalSet, features: dict[str, tuple[np.ndarray, np.ndarray]], references,

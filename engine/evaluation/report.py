@@ -46,11 +46,15 @@ def accuracy_text(section: dict) -> str:
     if section.get("accuracy_ci95") and section.get("queries"):
         text += (f" ({section.get('correct', round(section['accuracy'] * section['queries']))} of "
                  f"{section['queries']}, 95% CI {_interval(section['accuracy_ci95'])})")
-    if section.get("tied_best"):
-        text += (f"; {section['tied_best']} of {section['queries']} originals had two or more sources tied for "
-                 "the best score, each given to the first listed of them, so per-source figures favour the "
-                 "earlier sources")
     return text
+
+
+def ties_text(section: dict) -> str:
+    """A sentence when some answers were ties broken by source order ("" when none was)."""
+    if not section.get("tied_best"):
+        return ""
+    return (f". {section['tied_best']} of {section['queries']} originals had two or more sources tied for the best "
+            "score, each given to the first listed of them, so per-source figures favour the earlier sources")
 
 
 def variant_table(report: dict) -> str:
@@ -282,13 +286,13 @@ def markdown(report: dict) -> str:
     if e and "mode" in e:
         parts += [f"## {default_text(e)[0].upper()}{default_text(e)[1:]}",
                   f"accuracy {accuracy_text(e)}, macro accuracy {_pct(e['macro_accuracy'])}, top-3 "
-                  f"{_pct(e['top3_accuracy'])}, macro one-vs-rest AUROC {_num(e['macro_auroc'])}"]
+                  f"{_pct(e['top3_accuracy'])}, macro one-vs-rest AUROC {_num(e['macro_auroc'])}{ties_text(e)}"]
     parts += [
         f"## Resynthesis mode at the default aggregation and K ({r['variant']})",
         "The variant grid's reference row; the few-shot, unknown-source, calibration and robustness figures "
         "below score with it.",
         f"accuracy {accuracy_text(r)}, macro accuracy {_pct(r['macro_accuracy'])}, top-3 "
-        f"{_pct(r['top3_accuracy'])}, macro one-vs-rest AUROC {_num(r['macro_auroc'])}",
+        f"{_pct(r['top3_accuracy'])}, macro one-vs-rest AUROC {_num(r['macro_auroc'])}{ties_text(r)}",
         per_source_table(r), "", confusion_table(r),
         f"## Best measured variant: {b['variant']}",
         f"accuracy {accuracy_text(b)}, macro accuracy {_pct(b['macro_accuracy'])}, macro AUROC "
@@ -342,6 +346,8 @@ def summary(report: dict) -> str:
             "description"
             for mode, m in report["modes"].items() if not m["default"]))
     fewshot = report["fewshot"]
+    if not fewshot["shots"] and fewshot.get("not_measured"):
+        lines.append(f"few-shot baselines: not measured ({fewshot['not_measured']})")
     if fewshot["shots"]:
         k = max(fewshot["shots"])
         best_baseline = max(((m, v[str(k)]["mean"]) for m, v in fewshot["methods"].items()
