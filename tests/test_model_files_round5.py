@@ -23,7 +23,7 @@ from engine.sources.pipeline import Pipeline
 from engine.sources.single_file import SingleFile, file_sha256
 from tests.helpers import run_cli
 
-LORA_KEY = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"
+LORA_KEY = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"  # a layer of tiny-sd-ddim
 
 
 class Payload:
@@ -82,7 +82,7 @@ def test_hostile_safetensors_headers_are_one_line_in_every_kind(models, tmp_path
     assert json.loads(capsys.readouterr().out) == []  # nothing written for a refused source
     # one adapter file under two names (a downloaded copy) is one source: the second is refused as its twin
     adapter = tmp_path / "adapter.safetensors"
-    save_file({LORA_KEY: torch.ones(4, 32), LORA_KEY.replace("lora_A", "lora_B"): torch.ones(32, 4)}, str(adapter))
+    save_file({LORA_KEY: torch.ones(4, 64), LORA_KEY.replace("lora_A", "lora_B"): torch.ones(64, 4)}, str(adapter))
     copy = shutil.copy(adapter, tmp_path / "renamed.safetensors")
     recipe = ("--steps", 2, "--guidance", 7, "--store", store)
     assert run_cli("source", "add", "one", base, "--lora", adapter, *recipe) == 0
@@ -265,3 +265,85 @@ def test_an_edit_in_the_middle_of_a_weight_file_is_seen_and_older_sources_still_
         else:
             with pytest.raises(SourceError, match="changed since the source was added"):
                 generator.check_unchanged()
+
+
+def _attention_lora(base: Path, rank: int = 4) -> dict:
+    """A diffusers-format LoRA on every attention projection of a base's UNet, shaped from its header alone."""
+    from engine.sources.single_file import safetensors_header
+
+    header = safetensors_header(next((base / "unet").glob("*.safetensors")))
+    lora = {}
+    for key, entry in header.items():
+        if key.endswith((".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight")):
+            out, inp = entry["shape"]
+            lora[f"unet.{key[:-len('.weight')]}.lora_A.weight"] = torch.randn(rank, inp)
+            lora[f"unet.{key[:-len('.weight')]}.lora_B.weight"] = torch.randn(out, rank)
+    return lora
+
+
+def _kohya(lora: dict) -> dict:
+    """The same adapter under kohya's names, with its `.alpha` tensors and a text-encoder part."""
+    kohya = {}
+    for key, tensor in lora.items():
+        module, factor = key.removeprefix("unet.").split(".lora_")
+        name = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{name}.lora_{'down' if factor.startswith('A') else 'up'}.weight"] = tensor
+        kohya[f"{name}.alpha"] = torch.tensor(4.0)
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        name = f"lora_te_text_model_encoder_layers_0_self_attn_{proj}"
+        kohya |= {f"{name}.lora_down.weight": torch.randn(4, 32), f"{name}.lora_up.weight": torch.randn(32, 4),
+                  f"{name}.alpha": torch.tensor(4.0)}
+    return kohya
+
+
+def test_lora_files_in_the_wild_are_enrolled_whole_or_refused(models, tmp_path):
+    """diffusers loads a LoRA whose tensors match its base only in part and drops the rest without a word (an
+    SDXL LoRA's second text encoder on SD 1.x, layers the base lacks, a DoRA's magnitudes), and loads a file of
+    foreign or unprefixed names as nothing: each was enrolled as a generator that was only part of itself, or
+    none of it. Now every tensor must land on a layer of the base, at its shape, or `source add` says which."""
+    base, xl = models["pipelines"]["tiny-sd-ddim"], models["pipelines"]["tiny-sdxl-euler"]
+    lora = _attention_lora(base)
+    kohya = _kohya(lora)
+    te2 = "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_"
+    missing = "unet.down_blocks.7.attentions.0.transformer_blocks.0.attn1.to_q.lora_"
+    first = next(k for k in lora if k.endswith("lora_A.weight"))
+    cases = {
+        "diffusers": (lora, None),
+        "kohya": (kohya, None),  # A1111/kohya names and alphas, UNet and text encoder: loaded whole
+        "other-base": (_attention_lora(xl), r"64 of 64 LoRA tensors do not fit the layers of tiny-sd-ddim"),
+        "second-encoder": (lora | {te2 + "A.weight": torch.ones(4, 32), te2 + "B.weight": torch.ones(32, 4)},
+                           r"2 of 66 LoRA tensors match no layer of tiny-sd-ddim \(e.g. text_encoder_2\."),
+        "missing-layer": (lora | {missing + "A.weight": torch.ones(4, 64), missing + "B.weight": torch.ones(64, 4)},
+                          r"2 of 66 .*unet\.down_blocks\.7\..*it would load only in part"),
+        "kohya-missing": (kohya | {"lora_unet_down_blocks_5_attentions_0_proj_in.lora_down.weight": torch.ones(4, 64),
+                                   "lora_unet_down_blocks_5_attentions_0_proj_in.lora_up.weight": torch.ones(64, 4)},
+                          r"2 of 74 .*unet\.down_blocks\.5\.attentions\.0\.proj_in"),
+        "vae": (lora | {"vae.decoder.conv_in.lora_A.weight": torch.ones(4, 4, 3, 3),
+                        "vae.decoder.conv_in.lora_B.weight": torch.ones(32, 4, 1, 1)}, r"e\.g\. vae\.decoder"),
+        "unprefixed": ({k.removeprefix("unet."): v for k, v in lora.items()}, r"64 of 64 .* match no layer"),
+        "dora": (kohya | {"lora_unet_down_blocks_1_attentions_0_proj_in.dora_scale": torch.ones(1, 64)},
+                 r"is a DoRA .* diffusers drops"),
+        "uneven-rank": (lora | {first: torch.randn(8, lora[first].shape[1])}, r"different ranks .* a broken adapter"),
+        "loha": ({"lora_unet_down_blocks_1_attentions_0_proj_in.hada_w1_a": torch.ones(4, 4)}, r"LyCORIS"),
+        "oft": ({"lora_unet_down_blocks_1_attentions_0_proj_in.oft_blocks": torch.ones(4, 4, 4)}, r"LyCORIS"),
+        "empty": ({}, r"holds no tensors"),
+    }
+    for name, (tensors, refusal) in cases.items():
+        file = tmp_path / f"{name}.safetensors"
+        save_file(tensors, str(file))
+        if refusal is None:
+            assert Lora().prepare(name, base, lora=str(file)).params["loras"][0]["file"] == str(file)
+            continue
+        with pytest.raises(UserError, match=refusal) as caught:
+            Lora().prepare(name, base, lora=str(file))
+        assert "\n" not in str(caught.value), name
+    (tmp_path / "zero.safetensors").write_bytes(b"")
+    diffusers_file = (tmp_path / "diffusers.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(diffusers_file[:len(diffusers_file) // 2])
+    for name, refusal in (("zero", "bad header length"), ("cut", "truncated")):
+        with pytest.raises(UserError, match=refusal):
+            Lora().prepare(name, base, lora=str(tmp_path / f"{name}.safetensors"))
+    with pytest.raises(UserError, match="scale of .* is 0, at which it changes nothing"):
+        Lora().prepare("zero-scale", base, lora=f"{tmp_path / 'diffusers.safetensors'}:0")
+    negative = Lora().prepare("negative", base, lora=f"{tmp_path / 'kohya.safetensors'}:-1")  # a slider, reversed
+    assert negative.params["loras"][0]["scale"] == -1

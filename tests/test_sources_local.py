@@ -294,8 +294,12 @@ def test_changed_or_foreign_model_files_fail_their_source_only(models, local, tm
     BASES.clear()  # bases earlier tests' generators still hold would not go idle here
     with workspace(models, tmp_path / "store") as ws:
         ws.add_source("copy", copy, steps=2)
-        ws.add_source("foreign", base, kind="lora", lora=str(foreign), steps=2)
-        ws.add_source("nowhere", base, kind="lora", lora=str(nowhere), steps=2)
+        for name, file in (("foreign", foreign), ("nowhere", nowhere)):
+            with pytest.raises(UserError, match="another base model"):  # refused at source add now ...
+                ws.add_source(name, base, kind="lora", lora=str(file), steps=2)
+            with pytest.MonkeyPatch.context() as older:  # ... as added by a version that did not check layers
+                older.setattr("engine.sources.lora.check_adapter_fits", lambda *args: None)
+                ws.add_source(name, base, kind="lora", lora=str(file), steps=2)
         with pytest.raises(UserError, match="LoHa/LoKr"):
             ws.add_source("loha", base, kind="lora", lora=str(loha), steps=2)
         first = ws.attribute([query], prompt=PROMPT, options=Options(per_source=1, adaptive=False)).results[0]

@@ -32,6 +32,7 @@ from engine.generate import DiffusersGenerator
 from engine.sources import Param, Recipe, SourceKind, fingerprint
 from engine.sources.single_file import (RECIPE_PARAMS, check_safetensors, file_sha256, generation_params,
                                         safetensors_keys, stored_recipe)
+from engine.sources.lora_keys import check_adapter_fits, lycoris_kind
 
 
 def parse_loras(value) -> list[tuple[str, float]]:
@@ -65,6 +66,9 @@ def parse_loras(value) -> list[tuple[str, float]]:
             raise UserError(f"LoRA scale of {path} must be a number, not {given!r}") from None
         if not math.isfinite(scale):
             raise UserError(f"LoRA scale of {path} must be finite, not {scale}")
+        if scale == 0:  # the base under another name: a twin of the base's own source that no check would catch
+            raise UserError(f"LoRA scale of {path} is 0, at which it changes nothing: leave it out (the base folder "
+                            "alone is its own source)")
         pairs.append((path, scale))
     if not pairs:
         raise UserError("a LoRA source needs --lora FILE[:SCALE]")
@@ -77,22 +81,24 @@ def _scale_typo(tail: str) -> bool:
     return not any(sep in tail for sep in "/\\") and not tail.lower().endswith(".safetensors")
 
 
-def check_adapter_values(file: Path) -> None:
+def check_adapter_values(file: Path) -> dict:
     """Refuse, at `source add`, an adapter that can only make garbage: a NaN or infinite value (weights or
     alpha), which diffusers loads and decodes into black images, or a rank of 0 (an empty low-rank factor),
-    which it refuses only at the first generation. Read one tensor at a time (adapters are small)."""
+    which it refuses only at the first generation. Returns its tensors (adapters are small) for the layer check."""
     import torch
     from safetensors import safe_open
 
+    tensors = {}
     with safe_open(str(file), framework="pt") as handle:
         for key in handle.keys():
-            tensor = handle.get_tensor(key)
+            tensor = tensors[key] = handle.get_tensor(key)
             if tensor.numel() == 0:
                 raise UserError(f"{file.name}: tensor {key} is empty (an adapter of rank 0 changes nothing and "
                                 "does not load)")
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor.float()).all()):
                 raise UserError(f"{file.name}: tensor {key} holds NaN or infinite values (a broken or hostile "
                                 "adapter: every image it made would be black)")
+    return tensors
 
 
 def adapter_name(sha256: str) -> str:
@@ -125,13 +131,16 @@ class Lora(SourceKind):
         for given, scale in parse_loras(lora):
             file = check_safetensors(given, "LoRA file")
             keys = safetensors_keys(file)
-            if any("hada_" in k or "lokr_" in k for k in keys):
-                raise UserError(f"{file} is a LyCORIS LoHa/LoKr adapter, which diffusers cannot load: only LoRA "
-                                "adapters are supported")
+            lycoris = lycoris_kind(keys)
+            if lycoris is not None:
+                raise UserError(f"{file} is a LyCORIS adapter (LoHa/LoKr/OFT/GLoRA/IA3 tensors such as {lycoris}), "
+                                "which diffusers cannot load: only LoRA adapters are supported")
+            if not keys:
+                raise UserError(f"{file} holds no tensors: an empty adapter")
             if not any("lora" in k.lower() for k in keys):
                 raise UserError(f"{file} holds no LoRA weights (no *lora* tensors): a full checkpoint is a "
                                 "single-file source, not an adapter")
-            check_adapter_values(file)
+            check_adapter_fits(file, check_adapter_values(file), folder)
             adapters.append({"file": str(file), "scale": scale, "sha256": file_sha256(file)})
         adapters.sort(key=lambda a: (a["sha256"], a["scale"]))
         seen = [a["sha256"] for a in adapters]
