@@ -154,26 +154,22 @@ def thumbnail(image: Any, size: int = THUMB) -> str | None:
 
 
 class Evidence:
-    """Thumbnails of stored images by id (engine.compare.reference_file), kept for reuse."""
+    """Thumbnails of stored images by id, kept for reuse: the bytes are the catalog's, checked against its
+    sha256 wherever they live, so a stored file altered since is shown as missing, never as evidence."""
 
     def __init__(self, store):
         self.store = store
         self.kept: OrderedDict[int, str | None] = OrderedDict()
-        from engine import compare
-
-        self.find = getattr(compare, "reference_file", None)  # absent: no evidence thumbnails
 
     def uri(self, image_id: Any) -> str | None:
-        if self.find is None or not isinstance(image_id, int) or isinstance(image_id, bool):
+        if not isinstance(image_id, int) or isinstance(image_id, bool):
             return None
         if image_id in self.kept:
             self.kept.move_to_end(image_id)
             return self.kept[image_id]
         try:
-            path = self.find(self.store, image_id)
-            if path is None:  # no local file: an image in object storage, read and checked by its hash
-                path = self.store.image_bytes(image_id)
-        except Exception:  # noqa: BLE001 - a row removed meanwhile: no thumbnail
+            path = self.store.image_bytes(image_id)
+        except Exception:  # noqa: BLE001 - a row removed meanwhile, a file this user may not read: no thumbnail
             path = None
         found = thumbnail(path) if path is not None else None
         self.kept[image_id] = found

@@ -436,8 +436,27 @@ class Store:
     def image_bytes(self, image_id: int) -> bytes | None:
         """An image's bytes by its id, wherever they live, checked against the sha256 the catalog keeps:
         None when there is no such image, its file is gone or its bytes differ (verify says which)."""
+        try:
+            return self.checked_image(image_id)
+        except StoreDamaged:
+            return None
+
+    def checked_image(self, image_id: int) -> bytes | None:
+        """As image_bytes, but None only when there is no such image: a file that is gone or differs from its
+        sha256 is StoreDamaged, one this process may not read StoreDenied (a server shows these apart)."""
         row = self.catalog.image_file_row(image_id)
-        return objects.read_checked(self.layout.images, *row) if row is not None else None
+        if row is None:
+            return None
+        stored, file_hash = row
+        try:
+            data = self.layout.images.read(stored)
+        except OSError as exc:
+            raise os_failure(exc, Path(self.layout.images.locator(stored)), "reading a stored image") or exc from None
+        if data is None or objects.sha256_bytes(data) != file_hash:
+            why = "is gone" if data is None else "differs from its recorded sha256 (altered or cut)"
+            raise StoreDamaged(f"the file of stored image {image_id} ({stored}) {why}: `resynth verify` lists "
+                               "every stored file that is lost or altered")
+        return data
 
     def check_images_writable(self, relatives: list[str]) -> None:
         """Refuse, as write_image would, files this process may not write at `relatives`, before anything is

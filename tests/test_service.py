@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import sqlite3
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from engine import zoo  # noqa: E402
 from engine.aggregate import DEFAULT_PER_SOURCE  # noqa: E402
+from engine.casereport import Evidence  # noqa: E402
 from engine.service.app import _label, create_app  # noqa: E402
 from engine.service.batching import MicroBatcher  # noqa: E402
 from engine.service.config import Limits  # noqa: E402
@@ -352,6 +354,26 @@ def test_evidence_thumbnails_by_id_only_cached_and_behind_the_token(served_store
             assert response.headers["content-type"].startswith("application/json")
         for missing in (0, 10 ** 9, 2 ** 70):
             _assert_error(client.get(f"/v1/images/{missing}/thumb", headers=good), 404, "not_found")
+        # the stored file altered (even one byte, same size), then gone: the store's damage, said as such (a 503
+        # naming the image), never the altered picture shown as evidence nor "no such image"
+        with sqlite3.connect(served_store / "metadata.sqlite") as db:
+            stored = served_store / db.execute("SELECT path FROM images WHERE id = ?", (image_id,)).fetchone()[0]
+        original = stored.read_bytes()
+        with Store.open(served_store) as store:
+            assert (Evidence(store).uri(image_id) or "").startswith("data:image/")
+        try:
+            stored.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+            for gone in (False, True):
+                if gone:
+                    stored.unlink()
+                response = client.get(url, headers={**good, "If-None-Match": etag})
+                _assert_error(response, 503, "store_damaged")
+                assert f"stored image {image_id}" in response.json()["error"]["message"]
+                with Store.open(served_store) as store:  # a case report shows it as missing, not as evidence
+                    assert Evidence(store).uri(image_id) is None
+        finally:
+            stored.write_bytes(original)
+        assert client.get(url, headers=good).content == first.content
 
 
 def test_case_report_download_is_self_contained(served_store, query_png):

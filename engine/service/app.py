@@ -31,7 +31,7 @@ from engine.service.guard import PUBLIC_PATHS, Guard, PixelBudget
 from engine.service.uploads import Uploads
 from engine.service.sources import MAX_BODY, SourcePolicy
 from engine.service import sources as source_changes
-from index.errors import StoreError
+from index.errors import StoreDamaged, StoreError
 
 log = logging.getLogger("resynth.service")
 STATIC = Path(__file__).parent / "static"
@@ -220,43 +220,33 @@ class Thumbnails:
         self.lock = threading.Lock()
 
     def get(self, image_id: int) -> tuple[bytes, str] | None:
-        """(JPEG bytes, ETag), or None: no such image, its file is gone, or it cannot be read. The catalog
-        is asked every time (an id whose image was removed is not answered from memory); the rendering
-        is kept per (id, file, size, mtime)."""
+        """(JPEG bytes, ETag), or None when there is no such image. The catalog is asked every time (an id whose
+        image was removed is not answered from memory) and the bytes checked against its sha256, so an altered
+        file is never shown as evidence; the rendering is kept per (id, content). A file that is gone, altered or
+        undecodable is StoreDamaged, one the server may not read StoreDenied: a 503 naming it, not a 404."""
         import hashlib
         import io
 
-        from engine import compare
         from engine.images import read_image
 
-        find = getattr(compare, "reference_file", None)
-        path = find(self.service.store, image_id) if find is not None else None
-        source: Path | bytes
-        key: tuple
-        if path is None:  # no local file: an image in object storage, read and checked by its hash
-            stored = self.service.store.image_bytes(image_id) if find is not None else None
-            if stored is None:
-                return None
-            source, key = stored, (image_id, hashlib.sha256(stored).hexdigest())
-        else:
-            source = path
-            try:
-                stat = path.stat()
-            except OSError:
-                return None
-            key = (image_id, str(path), stat.st_size, stat.st_mtime_ns)
+        if isinstance(image_id, bool) or not 0 < image_id < 2 ** 63:
+            return None
+        data = self.service.store.checked_image(image_id)
+        if data is None:
+            return None
+        key = (image_id, hashlib.sha256(data).hexdigest())
         with self.lock:
             if key in self.kept:
                 self.kept.move_to_end(key)
                 return self.kept[key]
         try:
-            image, _ = read_image(source)
+            image, _ = read_image(data)
             image.thumbnail((THUMB_SIDE, THUMB_SIDE))
             buffer = io.BytesIO()
             image.save(buffer, format="JPEG", quality=85)
-        except Exception:  # noqa: BLE001 - a damaged stored file: no thumbnail, not a 500
-            log.warning("stored image %s could not be read for a thumbnail", image_id)
-            return None
+        except (UserError, OSError) as exc:  # the recorded bytes themselves do not decode
+            raise StoreDamaged(f"stored image {image_id} cannot be decoded ({exc}): `resynth verify` lists every "
+                               "stored file that is lost or altered") from None
         data = buffer.getvalue()
         found = (data, '"' + hashlib.sha256(data).hexdigest()[:32] + '"')
         with self.lock:
