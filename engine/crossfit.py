@@ -153,6 +153,7 @@ def _round(name: str, scores: np.ndarray, labels: np.ndarray, folds: np.ndarray,
     ok = known & (decision >= 0)
     out: dict[str, Any] = {
         "auroc": None if not np.isfinite(auroc) else auroc,
+        "unknowns": int(unknown.sum()), "knowns": int(known.sum()),  # what the round's figures rest on
         "unknown_rejected": float((decision[unknown] < 0).mean()),
         "known_false_reject": float((decision[known] < 0).mean()),
         "known_accuracy_accepted": accuracy(mapped[ok], predicted[ok]) if ok.any() else None,

@@ -121,8 +121,9 @@ def test_the_operating_point_reports_the_false_reject_it_actually_has():
     exact = result["at_exact_false_reject"]
     # 54 pooled knowns, 5% is 2.7: at most 2 may go (1 here: a query is tied with itself across two rounds)
     assert 0 < exact["known_rejected"] <= 2 / 54 and exact["known_rejected"] * 54 == pytest.approx(1)
-    assert "at most 5.0% (here 1.9%) of known" in markdown({**_report(labels, scores, ["a", "b", "c"]),
-                                                             "open_set": result})
+    text = markdown({**_report(labels, scores, ["a", "b", "c"]), "open_set": result})
+    assert "at most 5.0% (here 1.9%) of known" in text
+    assert "| a (9 / 18) |" in text and result["per_source"]["a"]["unknowns"] == 9  # what each round rests on
 
 
 def test_few_shot_baselines_survive_a_candidate_source_without_originals():

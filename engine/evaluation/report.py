@@ -146,13 +146,15 @@ def literature_cells(figures: dict) -> str:
 
 
 def open_set_table(open_set: dict) -> str:
-    lines = ["| left-out source | AUROC unknown vs known | unknowns rejected | known false-reject | "
-             f"known accuracy (accepted) | {LITERATURE_HEAD} |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| left-out source (unknowns / knowns) | AUROC unknown vs known | unknowns rejected | "
+             f"known false-reject | known accuracy (accepted) | {LITERATURE_HEAD} |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, v in open_set["per_source"].items():
         if v.get("auroc") is None:
             lines.append(f"| {_cell(name)} | {_not_measured(v)} | – | – | – | – | – | – |")
             continue
-        lines.append(f"| {_cell(name)} | {_num(v['auroc'])} | {_pct(v['unknown_rejected'])} | "
+        counts = f" ({v['unknowns']} / {v['knowns']})" if "unknowns" in v else ""
+        lines.append(f"| {_cell(name)}{counts} | {_num(v['auroc'])} | {_pct(v['unknown_rejected'])} | "
                      f"{_pct(v['known_false_reject'])} | {_pct(v['known_accuracy_accepted'])} | "
                      f"{literature_cells(v)} |")
     if open_set.get("auroc") is None:
