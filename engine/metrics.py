@@ -57,18 +57,11 @@ def top_k_accuracy(labels: np.ndarray, scores: np.ndarray, k: int) -> float:
 
 
 def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties sharing their mean rank (what the Mann-Whitney statistic needs)."""
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values), dtype=np.float64)
-    sorted_values = values[order]
-    start = 0
-    while start < len(values):
-        end = start
-        while end + 1 < len(values) and sorted_values[end + 1] == sorted_values[start]:
-            end += 1
-        ranks[order[start:end + 1]] = (start + end) / 2 + 1
-        start = end + 1
-    return ranks
+    """1-based ranks, ties sharing their mean rank (what the Mann-Whitney statistic needs); vectorised, as
+    the one-vs-rest AUROC calls it once per source (a Python loop took 30 s for 2000 sources x 4000 queries)."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)  # 1-based rank of the last member of each group of equal values
+    return (last - (counts - 1) / 2)[inverse.reshape(-1)]
 
 
 def binary_auroc(positive: np.ndarray, score: np.ndarray) -> float:
