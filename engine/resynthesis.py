@@ -67,6 +67,10 @@ def resynthesize(ws: "Workspace", texts: Iterable[str], plan: Plan,
         for source, items in todo.items():
             by_source[source] += [(text, key, seed) for key, seed in items]
         note_cached(plan, todo, budget)
+    if by_source:  # a store that cannot take the images refuses before a progress bar promises them
+        where = {s.name: s.fingerprint for s in plan.sources}
+        ws.store.check_images_writable([image_path(where[name], key).as_posix()
+                                        for name, jobs in by_source.items() for _, key, _ in jobs])
     # Source by source (each pipeline loads once), in batches across descriptions (GPU throughput).
     bar = tqdm(total=sum(len(jobs) for jobs in by_source.values()), desc="generating", unit="image",
                disable=not ws.progress or not by_source, leave=False)
