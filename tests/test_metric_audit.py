@@ -97,6 +97,8 @@ def test_the_report_says_what_a_rate_rests_on_and_never_prints_nan():
     assert "(4 of 5, 95% CI 37.6–96.4%)" in text and "optimistic" in text
     assert "nan" not in text.lower() and "nan" not in summary(report).lower()
     assert "95% CI 37.6–96.4%" in summary(report)
+    report["dataset"]["originals_per_source"] = {"a": 3, "b": 2, "c ünï": 0}
+    assert summary(report).startswith("5 originals, 2 sources (of 3 candidate sources),")  # as report.md counts
     import json
     json.loads(json.dumps(report, allow_nan=False))  # valid JSON: no NaN token anywhere
 

@@ -330,7 +330,7 @@ def summary(report: dict) -> str:
     """The few lines printed on the terminal: the engine's default is named once, on the first figures line."""
     r, b, d = report["resynthesis_default"], report["best_variant"], report["dataset"]
     e = report.get("engine_default")
-    lines = [f"{d['originals']} originals, {len(d['sources'])} sources, {d['resyntheses']} resyntheses "
+    lines = [f"{d['originals']} originals, {_sources_text(d)}, {d['resyntheses']} resyntheses "
              f"(chance {_pct(d['chance'])})"]
     if d.get("skipped"):
         lines.append(skipped_text(d))
