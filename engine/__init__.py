@@ -11,12 +11,14 @@ Importing this package loads no model, no torch, and changes no environment vari
 """
 from __future__ import annotations
 
+from engine.arguments import keywords
 from engine.errors import SourceError, UserError
 from engine.options import Options
 
 __all__ = ["open", "init", "Options", "UserError", "SourceError"]
 
 
+@keywords
 def open(store_dir=None, *, device=None, captioner=None, progress=False, writable=True, repair=False):  # noqa: A001
     """The store at `store_dir` (else $RESYNTH_STORE, else ./resynth-store) as a Workspace. Every path
     argument, here and in the Workspace's methods, may start with `~` or hold `$VAR`s.
@@ -29,6 +31,7 @@ def open(store_dir=None, *, device=None, captioner=None, progress=False, writabl
                           writable=writable, repair=repair)
 
 
+@keywords
 def init(store_dir=None, *, clip_checkpoint, clip_model=None, clip_config=None, clip_layer="middle",
          captioner=None, device=None, progress=False, db=None, images=None, caption_instruction=None):
     """Create a store bound to one open_clip image encoder and return it as a Workspace.

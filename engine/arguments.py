@@ -8,14 +8,17 @@ wrong type, a UserError for a value out of its bounds.
 """
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import math
 import numbers
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar, cast
 
-from engine.errors import ArgumentTypeError, UserError
+from engine.errors import ArgumentTypeError, UnsupportedError, UserError
 from engine.flags import DEVICE
 from engine.options import Options
 from engine.paths import expand_path, not_a_file, shown
@@ -26,6 +29,39 @@ from engine.paths import expand_path, not_a_file, shown
 # was stored, and failed (or hung) only when the source first generated.
 RECIPE_BOUNDS = {"steps": (1, 10_000), "size": (8, 16_384), "guidance": (0.0, 100.0)}
 INT_LIMIT = 2**31 - 1
+MAX_READ = 64 << 20  # bytes read from a file object given as an image: engine.images.MAX_BYTES, and one more
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def keywords(func: F) -> F:
+    """`func`, refusing an unknown keyword argument in one line that names the nearest accepted one. Python's
+    own TypeError names none: `engine.open(store, writeable=False)`; `ws.attribute(image, per_source=1)` (an
+    option: it belongs in `options=engine.Options(...)`, which the message says)."""
+    accepted = inspect.signature(func).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        return func  # takes any keyword: its own checks name what it refuses
+    names = [name for name, p in accepted.items() if name != "self" and p.kind is not inspect.Parameter.POSITIONAL_ONLY]
+    called = func.__qualname__ if "." in func.__qualname__ else f"{func.__module__}.{func.__qualname__}"
+
+    @functools.wraps(func)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        for name in kwargs:
+            if name not in accepted:
+                raise unknown_keyword(called, name, names)
+        return func(*args, **kwargs)
+
+    return cast(F, checked)
+
+
+def unknown_keyword(called: str, name: str, names: list[str]) -> ArgumentTypeError:
+    from dataclasses import fields
+
+    if "options" in names and name in {f.name for f in fields(Options)}:
+        hint = f": it is an option; pass options=engine.Options({name}=...)"
+    else:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+    return ArgumentTypeError(f"{called}() takes no argument {name[:40]!r}{hint} (its arguments: {', '.join(names)})")
 
 
 def _type(value: Any) -> str:
@@ -109,30 +145,102 @@ def options(value: Any) -> Options | None:
 
 
 def image_items(images: Any) -> list:
-    """What `attribute` reads: one image (a path, bytes, a PIL image, a Query) or a list of them; an
-    iterator is read into a list. A path is `~`/`$VAR`-expanded, as every path of the library is."""
+    """What `attribute` reads: one image (a path, bytes, a binary file object, a PIL image, a Query) or a
+    list of them; an iterator is read into a list. A path is `~`/`$VAR`-expanded, as every path of the
+    library is. A memoryview or a file object is read as bytes: both were iterated as a list (of ints, of
+    a PNG's "lines") and failed as many nonsense images."""
     from PIL import Image
 
     from engine.attribute import Query
 
-    single = (str, bytes, bytearray, os.PathLike, Image.Image, Query)
-    if isinstance(images, single):
+    single = (str, bytes, bytearray, memoryview, os.PathLike, Image.Image, Query)
+    if isinstance(images, single) or _is_file(images):
         items = [images]
     elif isinstance(images, Iterable) and not isinstance(images, Mapping) and not hasattr(images, "__array__"):
         items = list(images)
     else:
-        hint = " (an array: pass PIL.Image.fromarray(it))" if hasattr(images, "__array__") else ""
-        raise ArgumentTypeError(f"images must be a path, bytes, a PIL image or a list of them{hint}, not "
-                                f"{_type(images)}")
+        raise ArgumentTypeError(f"images must be a path, bytes, a PIL image or a list of them{_array_hint(images)}, "
+                                f"not {_type(images)}")
     for i, item in enumerate(items):
+        what = f"images[{i}]"
+        if isinstance(item, str) and not item.strip():  # expanded, "" named the current folder
+            raise UserError(f"{what} is an empty path: give an image file", code="bad_path")
         if isinstance(item, (str, os.PathLike)):
-            items[i] = expand_path(item, f"images[{i}]")
+            items[i] = expand_path(item, what)
         elif isinstance(item, bytes) and len(item) < 4096 and b"\0" not in item and os.path.isfile(item):
-            raise ArgumentTypeError(f"images[{i}] is bytes naming a file ({shown(item)}): bytes are read as an "
+            raise ArgumentTypeError(f"{what} is bytes naming a file ({shown(item)}): bytes are read as an "
                                     "image's contents; give the path as a str or a Path")
+        elif isinstance(item, memoryview):
+            items[i] = item.tobytes()
+        elif _is_file(item):
+            items[i] = _read_file_object(item, what)
+        elif isinstance(item, Image.Image):
+            _convertible(item, what)
         elif not isinstance(item, single):
-            raise ArgumentTypeError(f"images[{i}] must be a path, bytes or a PIL image, not {_type(item)}")
+            raise ArgumentTypeError(f"{what} must be a path, bytes or a PIL image{_array_hint(item)}, not "
+                                    f"{_type(item)}")
     return items
+
+
+def _array_hint(value: Any) -> str:
+    if not hasattr(value, "__array__"):
+        return ""
+    return " (an array or tensor: pass PIL.Image.fromarray(it) of its uint8 HxWx3 pixels, which says how to read them)"
+
+
+def _is_file(value: Any) -> bool:
+    """A file object (open(..., "rb"), io.BytesIO, a zip member): has `read`; a PIL image has none."""
+    return callable(getattr(value, "read", None)) and not isinstance(value, (str, bytes, os.PathLike))
+
+
+def _read_file_object(handle: Any, what: str) -> bytes:
+    """A file object's bytes from its current position, one byte past the limit at most (the image reader
+    then refuses it as too large). Text mode is refused: decoding a PNG as text fails, or worse, succeeds."""
+    try:
+        data = handle.read(MAX_READ + 1)
+    except (OSError, ValueError) as exc:  # a closed file: ValueError
+        raise UserError(f"{what}: cannot read the file object: {exc}", code="unreadable_image") from None
+    if isinstance(data, (bytearray, memoryview)):
+        data = bytes(data)
+    if not isinstance(data, bytes):
+        raise ArgumentTypeError(f"{what} is a file object that reads {_type(data)}, not bytes: open it in binary "
+                                "mode (open(path, \"rb\"))")
+    return data
+
+
+@functools.lru_cache(maxsize=64)
+def _mode_converts(mode: str) -> bool:
+    from PIL import Image
+
+    try:
+        Image.new(mode, (1, 1)).convert("RGB")
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def _convertible(image: Any, what: str) -> None:
+    """A PIL image whose mode Pillow cannot turn into RGB ("La": premultiplied grey and alpha) is refused here
+    in one line; it was a ValueError from inside Pillow, after the other images of the call were read."""
+    if not _mode_converts(image.mode):
+        raise UnsupportedError(f"{what}: a PIL image in mode {image.mode}, which Pillow cannot convert to RGB: "
+                               "convert it first (e.g. image.convert(\"RGBA\"))", code="unsupported_image_mode")
+
+
+def pil_images(images: Any, what: str = "images") -> list:
+    """The decoded images `Workspace.embed` takes: a list of PIL images, each convertible to RGB."""
+    from PIL import Image
+
+    if isinstance(images, (str, bytes, os.PathLike, Image.Image, Mapping)) or not isinstance(images, Iterable):
+        raise ArgumentTypeError(f"{what} must be a list of PIL images, not {_type(images)}")
+    out = list(images)
+    for i, image in enumerate(out):
+        if not isinstance(image, Image.Image):
+            hint = " (a file: read it with engine.images.read_image(path)[0])" if isinstance(
+                image, (str, bytes, os.PathLike)) else _array_hint(image)
+            raise ArgumentTypeError(f"{what}[{i}] must be a PIL image{hint}, not {_type(image)}")
+        _convertible(image, f"{what}[{i}]")
+    return out
 
 
 def prompts(prompt: Any, count: int) -> Any:

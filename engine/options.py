@@ -6,6 +6,8 @@ all derive from this one dataclass, so a new option reaches every entry point to
 from __future__ import annotations
 
 import argparse
+import difflib
+import functools
 import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
 from collections.abc import Iterable, Mapping
@@ -71,6 +73,9 @@ class Options:
             meta, value = f.metadata, getattr(self, f.name)
             name = f"{f.name} (--{f.name.replace('_', '-')})"
             if meta["kind"] is bool:
+                if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
+                    value = bool(value)  # a numpy yes/no (a pandas cell, a mask's element) is a yes/no
+                    object.__setattr__(self, f.name, value)
                 if not isinstance(value, bool):
                     raise OptionError(f"{name} must be true or false, not {value!r:.40}")
             elif meta["kind"] is int:
@@ -83,10 +88,11 @@ class Options:
             elif meta["kind"] is float and value is not None:
                 if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
                     raise OptionError(f"{name} must be a number, not {value!r:.40}")
-                value = float(value) if not isinstance(value, int) else value
-                object.__setattr__(self, f.name, value)
                 if not meta["low"] <= value <= meta["high"]:
                     raise OptionError(f"{name} must be between {meta['low']} and {meta['high']:g}, not {value}")
+                # a float whatever it was given as (bounded first: float(10**400) overflows): `max_cost=1` from
+                # Python said 1 in the answer's budget where `--max-cost 1` and the HTTP field said 1.0
+                object.__setattr__(self, f.name, float(value) + 0.0)  # + 0.0: -0.0 is 0.0
             elif meta["choices"] and value not in meta["choices"]:
                 raise OptionError(f"{name} must be one of {', '.join(meta['choices'])}, not {value!r:.40}")
         if self.sources is not None:
@@ -129,18 +135,48 @@ class Options:
                 hint = f" (the field is {spelt})"
             elif spelt.startswith("no_") and spelt[3:] in options:
                 hint = f" (send {spelt[3:]}=false)"
+            elif close := difflib.get_close_matches(spelt, [*options, *others], n=1):
+                hint = f" (did you mean {close[0]}?)"
             raise OptionError(f"unknown field {str(name)[:40]!r}{hint}; the fields are {', '.join(others)} and "
                               f"the options {', '.join(options)}")
 
     def with_changes(self, **changes: Any) -> "Options":
-        unknown = sorted(set(changes) - {f.name for f in fields(self)})
-        if unknown:
-            raise OptionError(f"unknown option(s) {', '.join(unknown)}; the options are "
-                              f"{', '.join(f.name for f in fields(self))}")
+        for name in changes:
+            if name not in _FIELDS:
+                raise unknown_option(name)
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class UnknownOptionError(OptionError, TypeError):
+    """An option name Options does not have (`Options(per_sourc=3)`): a bad_option like the HTTP form's unknown
+    field, and a TypeError as Python raises for an unknown keyword, with the nearest name as the CLI gives it."""
+
+
+def unknown_option(name: Any) -> UnknownOptionError:
+    spelt = str(name).strip().lstrip("-").replace("-", "_")
+    close = [spelt] if spelt in _FIELDS else difflib.get_close_matches(spelt, list(_FIELDS), n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return UnknownOptionError(f"unknown option {str(name)[:40]!r}{hint} (the options: {', '.join(_FIELDS)})")
+
+
+def _refusing_unknown_names(init: Any) -> Any:
+    """The dataclass's own __init__, after a check of its keyword names: Python's TypeError for
+    `Options(per_sourc=3)` named no option, where the CLI suggests the nearest flag (engine.flags)."""
+
+    @functools.wraps(init)
+    def __init__(self: Options, *args: Any, **kwargs: Any) -> None:
+        for name in kwargs:
+            if name not in _FIELDS:
+                raise unknown_option(name)
+        if len(args) > len(_FIELDS):
+            raise UnknownOptionError(f"Options takes at most {len(_FIELDS)} values; give them by name, e.g. "
+                                     "Options(per_source=3)")
+        init(self, *args, **kwargs)
+
+    return __init__
 
 
 def parse_text(name: str, raw: str) -> Any:
@@ -245,3 +281,4 @@ def schema() -> dict:
 
 
 _FIELDS = {f.name: f for f in fields(Options)}
+Options.__init__ = _refusing_unknown_names(Options.__init__)  # type: ignore[method-assign]

@@ -11,6 +11,7 @@ sources are engine.sources kinds, calibration is engine.fitting. The steps stay 
 """
 from __future__ import annotations
 
+import functools
 import numbers
 import os
 import socket
@@ -34,6 +35,7 @@ from engine.models import Models
 from engine.options import Options
 from engine.paths import expand_path
 from engine.sources import DEFAULT_KIND, check_name  # noqa: F401  (check_name: imported from here before)
+from index.errors import StoreInputError, UnknownName
 from index.layout import CONFIG_NAME, DB_NAME, INDEX_NAME, LOCK_NAME
 from index.store import Store
 
@@ -55,6 +57,41 @@ def store_path(explicit: str | os.PathLike | None) -> Path:
         raise UserError("the store path is empty: give a store folder, or None for $RESYNTH_STORE or "
                         f"./{DEFAULT_STORE}", code="bad_path")
     return Path(os.path.abspath(expand_path(explicit or os.environ.get("RESYNTH_STORE") or DEFAULT_STORE, "store")))
+
+
+class NoStoreError(UserError, StoreInputError):
+    """No store at the path given to `engine.open`: an input mistake that `except engine.UserError` catches
+    like every other (the store's own StoreInputError escaped it), still a StoreInputError for older code."""
+
+    code = "bad_request"  # what the CLI and HTTP said of it before: the same exit code and kind
+
+
+class WorkspaceClosed(UserError, ValueError):
+    """A Workspace used after `close` (or after its `with` block): a ValueError, as Python's closed files raise.
+    Every call still worked, reopening database connections nobody closed again, and what it added to the
+    index was published only if the caller happened to close once more."""
+
+    code = "workspace_closed"
+
+
+def _while_open(method):
+    """The public call `method`, refused in one line once the workspace is closed."""
+
+    @functools.wraps(method)
+    def checked(self: "Workspace", *args, **kwargs):
+        if self.closed:
+            root = self.store.root
+            raise WorkspaceClosed(f"the workspace of {root} is closed (by close() or the end of its `with` block): "
+                                  f"open the store again, e.g. `with engine.open({str(root)!r}) as ws:`")
+        return method(self, *args, **kwargs)
+
+    return checked
+
+
+class UnknownSourceError(NotFoundError, UnknownName):
+    """`remove_source` of a name the store lacks: a NotFoundError (a UserError), still the store's UnknownName."""
+
+    code = "unknown_source"
 
 
 @dataclass
@@ -83,11 +120,19 @@ class Workspace:
         self._local = threading.local()  # per-call stage seconds of `attribute`
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # generation claims
         self.precision = compare.PrecisionFile(store)
+        self.closed = False
 
     # ----- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
-        self.store.close()
+        """Publish what this workspace added to the index and let the store go; a second close does nothing."""
+        if self.closed:
+            return
+        try:
+            self.store.close()
+        finally:
+            self.closed = True
 
+    @_while_open
     def __enter__(self) -> "Workspace":
         return self
 
@@ -169,8 +214,16 @@ class Workspace:
         return made
 
     # ----- the steps (engine.request runs them in order) ----------------------------------------
+    @arguments.keywords
     def describe(self, queries: Sequence[Query]) -> list[tuple[str, str]]:
         """(description, where it came from) per query: its prompt, a stored description, or a caption."""
+        if isinstance(queries, (str, bytes)) or not isinstance(queries, Iterable):
+            queries = [queries]
+        queries = list(queries)
+        for i, query in enumerate(queries):
+            if not isinstance(query, Query):
+                raise ArgumentTypeError(f"queries[{i}] must be an engine.attribute.Query (Query.read(image, prompt)), "
+                                        f"not {type(query).__name__}")
         return request.describe(self, queries)
 
     def needs_caption(self, queries: Sequence[Query]) -> bool:
@@ -202,9 +255,11 @@ class Workspace:
         """The stored references of `text` under `plan` (resyntheses, and labelled originals if asked)."""
         return compare.candidates(self, text, plan)
 
+    @arguments.keywords
     def embed(self, images: Sequence) -> np.ndarray:
+        images = arguments.pil_images(images)  # a path or an array failed inside torchvision
         started = time.perf_counter()
-        vectors = self.embedder.embed(list(images))
+        vectors = self.embedder.embed(images)
         self._time("embed", started)
         return vectors
 
@@ -226,6 +281,8 @@ class Workspace:
         """Read from the store's config each time, so a `resynth calibrate` picked up by refresh() applies."""
         return Calibration.from_dict(self.store.config.get("calibration"))
 
+    @arguments.keywords
+    @_while_open
     def attribute(self, images: ImageInput | Sequence[ImageInput] | Sequence[Query],
                   prompt: str | Sequence[str | None] | None = None, options: Options | None = None,
                   labels: Sequence[str] | None = None) -> Report:
@@ -262,6 +319,7 @@ class Workspace:
                 self.stats_counters.generated += generated
 
     # ----- sources -----------------------------------------------------------------------------
+    @_while_open
     def add_source(self, name: str, pipeline_dir: str | os.PathLike | None = None, *,
                    kind: str = DEFAULT_KIND, **params) -> dict:
         """Register a source of any kind (engine.sources) with that kind's parameters; for the default
@@ -290,6 +348,8 @@ class Workspace:
         """A source whose resyntheses come from a dataset (nothing to generate with)."""
         self.add_source(name, kind="replay")
 
+    @arguments.keywords
+    @_while_open
     def list_sources(self) -> list[dict]:
         import json
 
@@ -297,6 +357,8 @@ class Workspace:
         return [{"name": s.name, "kind": s.kind, "path": s.path, "fingerprint": s.fingerprint,
                  "params": json.loads(s.params_json)} for s in self.store.sources()]
 
+    @arguments.keywords
+    @_while_open
     def remove_source(self, name: str) -> int:
         """Delete a source with its resyntheses; returns how many stored vectors were dropped."""
         if not isinstance(name, str):
@@ -305,10 +367,14 @@ class Workspace:
         self.models.forget(name)
         try:
             return self.store.remove_source(name)
+        except UnknownName as exc:
+            raise UnknownSourceError(str(exc)) from None
         finally:
             self.sources_changed()
 
     # ----- datasets, index, numbers ------------------------------------------------------------
+    @arguments.keywords
+    @_while_open
     def ingest(self, manifest: str | os.PathLike, allow_outside: bool = False) -> "IngestReport":
         """Import a manifest, validated whole before anything is written; rows must resolve inside the
         manifest's folder unless `allow_outside`."""
@@ -317,10 +383,14 @@ class Workspace:
         return ingest(self, arguments.required_path(manifest, "manifest"), progress=self.progress,
                       allow_outside=arguments.flag(allow_outside, "allow_outside"))
 
+    @arguments.keywords
+    @_while_open
     def verify(self, repair: bool = False, files: bool = True) -> dict:
         """Database, index and image files checked against each other; with `repair`, fixed where possible."""
         return self.store.verify(repair=arguments.flag(repair, "repair"), files=arguments.flag(files, "files"))
 
+    @arguments.keywords
+    @_while_open
     def rebuild(self, ray: str | None = None) -> int:
         """Recreate the index files from stored vectors (offline); with `ray`, the search index's shards
         are filled on that Ray cluster ("local" starts one) and merged on disk here."""
@@ -331,6 +401,8 @@ class Workspace:
         with jobs.ray_cluster(ray) as cluster:
             return self.store.rebuild(shard_map=jobs.ray_shard_map(cluster))
 
+    @arguments.keywords
+    @_while_open
     def resynthesize_dataset(self, descriptions: Sequence[str] | str | os.PathLike, options: Options | None = None,
                              ray: str | None = None) -> dict:
         """Precompute every resynthesis of a description list (or a file of them): in this process, or on
@@ -345,6 +417,8 @@ class Workspace:
             descriptions = arguments.texts(descriptions, "descriptions")
         return jobs.resynthesize_dataset(self, descriptions, options, ray_address=ray, progress=self.progress)
 
+    @arguments.keywords
+    @_while_open
     def reembed(self, clip_checkpoint: str | os.PathLike, clip_model: str | None = None,
                 clip_config: str | os.PathLike | None = None, clip_layer: str | int | None = "middle",
                 ray: str | None = None) -> dict:
@@ -362,6 +436,8 @@ class Workspace:
             self._plans.clear()
         self.sources_changed()
 
+    @arguments.keywords
+    @_while_open
     def stats(self) -> dict:
         """The store's numbers; sources that cost money also say what their stored images cost (each bought once)."""
         data = self.store.stats()
@@ -374,6 +450,8 @@ class Workspace:
                                 "spent_usd": round(entry["resyntheses"] * price, 6)}
         return data
 
+    @arguments.keywords
+    @_while_open
     def calibrate(self, manifest: str | os.PathLike | None = None, options: Options | None = None,
                   false_reject: float = 0.05, strict: bool = False) -> Calibration:
         """Fit a temperature and per-source thresholds on labelled originals (the store's own, or a
@@ -391,6 +469,8 @@ class Workspace:
         """A stored image's file by its catalog id (evidence thumbnails, case reports); None if unknown."""
         return compare.reference_file(self.store, image_id)
 
+    @arguments.keywords
+    @_while_open
     def refresh(self) -> bool:
         """Pick up what another process changed (config, a rebuilt index, sources)."""
         self.sources_changed()
@@ -402,8 +482,17 @@ def open_workspace(store_dir: str | os.PathLike | None = None, *, device: str | 
                    writable: bool = True, repair: bool = False) -> Workspace:
     root = store_path(store_dir)
     writable, repair = arguments.flag(writable, "writable"), arguments.flag(repair, "repair")
+    progress = arguments.flag(progress, "progress")
     device, captioner = arguments.device(device), arguments.optional_path(captioner, "--captioner")
-    store = Store.open(root, writable=writable, repair=repair)
+    if os.path.lexists(root) and not os.path.isdir(root):
+        raise NoStoreError(f"no store at {root}: it is a file, not a store folder (create a store with `resynth init` "
+                           "in a new folder)")
+    try:
+        store = Store.open(root, writable=writable, repair=repair)
+    except StoreInputError as exc:
+        if type(exc) is not StoreInputError:  # read-only and the like keep their own kind (and exit code)
+            raise
+        raise NoStoreError(str(exc)) from None
     return Workspace(store, device=device, captioner=captioner, progress=progress)
 
 
@@ -434,6 +523,7 @@ def init_workspace(store_dir: str | os.PathLike | None = None, *, clip_checkpoin
 
     for value, what in ((db, "db"), (images, "images"), (caption_instruction, "caption_instruction")):
         arguments.text(value, what)
+    progress = arguments.flag(progress, "progress")
     device, root = arguments.device(device), store_path(store_dir)
     check_new_store(root)
     if images:

@@ -229,3 +229,34 @@ def test_threads_asking_for_a_source_kind_first_all_get_it():
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                               cwd=Path(__file__).resolve().parents[1])
         assert done.returncode == 0 and done.stdout.strip() == "[]", (done.stdout, done.stderr)
+
+
+def test_a_misspelt_option_or_argument_names_the_nearest_one(tmp_path):
+    """`Options(per_sourc=3)` was Python's bare TypeError, naming no option, where the CLI suggests the nearest
+    flag; `engine.open(store, writeable=False)` the same. Each is now one line naming the nearest name (a
+    UserError for `except engine.UserError`, still a TypeError), refused before anything is opened."""
+    import numpy as np
+
+    import engine
+    from engine import Options
+    from engine.errors import kind_of
+
+    for call, said in ((lambda: Options(per_sourc=3), "unknown option 'per_sourc'; did you mean per_source?"),
+                       (lambda: Options().with_changes(max_cots=1.0), "did you mean max_cost?"),
+                       (lambda: Options(*range(11)), "give them by name"),
+                       (lambda: engine.open(tmp_path / "none", writeable=False),
+                        "engine.open() takes no argument 'writeable'; did you mean writable?"),
+                       (lambda: engine.init(tmp_path / "none", clip_checkpoint="x", clip_layr="final"),
+                        "did you mean clip_layer?")):
+        with pytest.raises(engine.UserError, match=re.escape(said)) as caught:
+            call()
+        assert isinstance(caught.value, TypeError) and kind_of(caught.value).exit_code == 2
+    assert not (tmp_path / "none").exists()
+    with pytest.raises(engine.UserError, match="progress must be True or False"):
+        engine.open(tmp_path / "none", progress="no")  # truthy: it turned progress bars on
+    with pytest.raises(engine.UserError, match=re.escape("unknown field 'promt' (did you mean prompt?)")):
+        Options.check_fields(["promt"])  # the HTTP form's unknown field, as the CLI's unknown flag
+    # the same values as the CLI and HTTP read them: a float cost (1 was an int in the answer's budget, 1.0
+    # from --max-cost 1), and a numpy yes/no read as one
+    assert repr(Options(max_cost=1).max_cost) == repr(Options.from_strings({"max_cost": "1"}).max_cost) == "1.0"
+    assert repr(Options(max_cost=-0.0).max_cost) == "0.0" and Options(adaptive=np.bool_(False)).adaptive is False
