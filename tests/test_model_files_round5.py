@@ -337,6 +337,18 @@ def test_lora_files_in_the_wild_are_enrolled_whole_or_refused(models, tmp_path):
         with pytest.raises(UserError, match=refusal) as caught:
             Lora().prepare(name, base, lora=str(file))
         assert "\n" not in str(caught.value), name
+    # SDXL kohya files name UNet blocks as the original code did (input_blocks.N.1): mapped by the base UNet's
+    # layout, which diffusers reads by attribute (a plain dict refused every one of them)
+    sgm = "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_"
+    te = "lora_te2_text_model_encoder_layers_0_self_attn_"
+    sdxl = {f"{sgm}{p}.lora_down.weight": torch.randn(4, 16) for p in ("to_q", "to_k", "to_v", "to_out_0")}
+    sdxl |= {f"{sgm}{p}.lora_up.weight": torch.randn(16, 4) for p in ("to_q", "to_k", "to_v", "to_out_0")}
+    sdxl |= {f"{te}{p}.lora_{f}.weight": torch.randn(*((4, 32) if f == "down" else (32, 4)))
+             for p in ("q_proj", "k_proj", "v_proj", "out_proj") for f in ("down", "up")}
+    save_file(sdxl, str(tmp_path / "sdxl-kohya.safetensors"))
+    Lora().prepare("sdxl-kohya", xl, lora=str(tmp_path / "sdxl-kohya.safetensors"))
+    with pytest.raises(UserError, match="match no layer of tiny-sd-ddim"):
+        Lora().prepare("sdxl-kohya", base, lora=str(tmp_path / "sdxl-kohya.safetensors"))
     (tmp_path / "zero.safetensors").write_bytes(b"")
     diffusers_file = (tmp_path / "diffusers.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(diffusers_file[:len(diffusers_file) // 2])

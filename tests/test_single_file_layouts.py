@@ -180,6 +180,8 @@ def _flux_config_with(made, tmp_path, **changes) -> Path:
 
 
 def test_layout_mismatches_are_refused_in_one_line(models, made, tmp_path):
+    import torch
+
     kind = sources.get("single-file")
     sd_config = config_only(models["pipelines"]["tiny-sd-ddim"], tmp_path / "sd-config")
     cases = [
@@ -198,6 +200,17 @@ def test_layout_mismatches_are_refused_in_one_line(models, made, tmp_path):
     vae = load_file(str(next((made["flux"] / "vae").glob("*.safetensors"))))
     save_file({**load_file(str(made["flux-file"])), **{"vae." + k: v for k, v in vae.items()}}, str(whole))
     cases.append((whole, made["flux-config"], "holds more than a Flux transformer"))
+    # each passed the block counts at source add and failed at every generation
+    tensors = load_file(str(made["flux-file"]))
+    inner = next(k for k in tensors if k.startswith("double_blocks.1.") and k.endswith(".bias"))
+    for label, changed, message in (
+            ("missing", {k: v for k, v in tensors.items() if k != inner}, f"tensor '{inner}' missing"),
+            ("wider", {**tensors, inner: torch.ones(tensors[inner].shape[0] + 1)}, r"1 tensors differ .* where the "
+             r"config makes"),
+            ("scaled", {**tensors, "scaled_fp8": torch.ones(0), "double_blocks.0.img_attn.qkv.scale_weight":
+                        torch.ones(())}, "is a scaled-fp8 file")):
+        save_file(changed, str(tmp_path / f"{label}.safetensors"))
+        cases.append((tmp_path / f"{label}.safetensors", made["flux-config"], message))
     for file, config, message in cases:
         with pytest.raises(UserError, match=message) as caught:
             kind.prepare("x", file, config=config, **RECIPE)

@@ -39,6 +39,10 @@ def _strip(name: str) -> str:
 def check_flux_file(name: str, header: dict, folder: Path) -> None:
     """Refuse, in one line, a Flux file that is not the transformer of `folder`'s config (read from headers only)."""
     shapes = {_strip(k): v.get("shape") for k, v in header.items() if k != "__metadata__"}
+    scaled = next((k for k in shapes if k.endswith(("scale_weight", "scale_input")) or k == "scaled_fp8"), None)
+    if scaled is not None:
+        raise UserError(f"{name} is a scaled-fp8 file ({scaled}): its weights are only right multiplied by its "
+                        "scale factors, which diffusers does not apply: use the file's bf16 or fp8 (unscaled) form")
     other = sorted(k for k in shapes if not re.match(
         r"(double_blocks|single_blocks|img_in|txt_in|time_in|vector_in|guidance_in|final_layer)\.", k))
     if other:
@@ -67,6 +71,41 @@ def check_flux_file(name: str, header: dict, folder: Path) -> None:
         hint = "" if found["guidance embedding"] == wanted["guidance embedding"] else \
             " (a dev-like file with a schnell-like config, or the reverse)"
         raise UserError(f"{name} is not a transformer of {folder}'s layout: " + ", ".join(wrong) + hint)
+    _check_tensors(name, shapes, config)
+
+
+def _check_tensors(name: str, shapes: dict, config: dict) -> None:
+    """Every tensor the transformer of `config` needs, at its shape, and nothing else: the file's header goes
+    through the same conversion as its weights will, on the meta device (shapes only, nothing read). A tensor
+    missing inside a block, a scaled-fp8 file's `scale_weight` factors or a block of other widths otherwise
+    passed the counts above and failed at every generation."""
+    import diffusers
+    import torch
+
+    from engine.sources.lora import _quiet
+
+    try:
+        tensors = {k: torch.empty([int(n) for n in shape], device="meta") for k, shape in shapes.items()}
+    except (TypeError, ValueError, RuntimeError):
+        raise UserError(f"{name}: a tensor of its header has no valid shape") from None
+    try:
+        converted = bfl_to_diffusers(tensors)
+    except UserError as exc:
+        raise UserError(f"{name}: {exc}") from None
+    try:
+        with _quiet(), torch.device("meta"):
+            model = diffusers.FluxTransformer2DModel.from_config(config)
+    except Exception as exc:
+        raise UserError(f"{name}: its config folder's transformer/config.json does not build: {first_line(exc)}") \
+            from None
+    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = [f"{k} missing" for k in sorted(set(wanted) - set(converted))]
+    problems += [f"{k} not in the model" for k in sorted(set(converted) - set(wanted))]
+    problems += [f"{k} {tuple(converted[k].shape)} where the config makes {wanted[k]}"
+                 for k in sorted(set(wanted) & set(converted)) if tuple(converted[k].shape) != wanted[k]]
+    if problems:
+        raise UserError(f"{name} does not fit the Flux transformer of its --config folder: {len(problems)} tensors "
+                        f"differ (e.g. {'; '.join(problems[:3])})")
 
 
 def bfl_to_diffusers(tensors: dict) -> dict:
@@ -92,7 +131,8 @@ def bfl_to_diffusers(tensors: dict) -> dict:
                     for c, width in zip(chunks, (_DIFFUSERS_INNER,) * 3 + (_DIFFUSERS_MLP,))])
         out = convert_flux_transformer_checkpoint_to_diffusers(tensors)
     except (KeyError, IndexError, RuntimeError, ValueError) as exc:
-        raise UserError(f"not a complete Flux transformer in BFL's layout: {first_line(exc)}") from None
+        why = f"tensor {exc} missing" if isinstance(exc, KeyError) else first_line(exc)
+        raise UserError(f"not a complete Flux transformer in BFL's layout: {why}") from None
     if tensors:
         raise UserError(f"unexpected tensors in a Flux transformer file: {sorted(tensors)[:3]}")
     if padded:

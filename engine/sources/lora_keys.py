@@ -63,7 +63,9 @@ def _converted(tensors: dict, folder: Path, cls, components: set[str]) -> dict:
     kwargs = {}
     config = folder / "unet" / "config.json"
     if config.is_file():  # SDXL kohya files name blocks as the original code did: mapped by the UNet's layout
-        kwargs["unet_config"] = json.loads(config.read_text())
+        from diffusers.configuration_utils import FrozenDict
+
+        kwargs["unet_config"] = FrozenDict(json.loads(config.read_text()))  # read by attribute, as unet.config is
     parts: dict[str, dict] = {}
     try:
         with _quiet():
