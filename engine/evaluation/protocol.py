@@ -195,6 +195,6 @@ def robustness(evalset: EvalSet, originals: np.ndarray, resyntheses: np.ndarray,
         entry: dict[str, Any] = {"kind": kind, "strength": float(strength) if strength else None,
                  "resynthesis_all": accuracy(labels, scores.argmax(1))}
         if name in fewshot:
-            entry["fewshot"] = {m: v[str(k)]["mean"] for m, v in fewshot[name]["methods"].items()}
+            entry["fewshot"] = {m: v[str(k)]["mean"] for m, v in fewshot[name]["methods"].items() if str(k) in v}
         table[name] = entry
     return {"shots": k, "draws": draws, "variant": variant.name, "conditions": table}
