@@ -9,6 +9,7 @@ every option reachable from each layer with one default.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from dataclasses import fields
@@ -279,3 +280,67 @@ def test_the_servers_own_bound_is_said_as_options_say_theirs(api, image):
     """per_source 17 is an option's value (1-64) beyond this server's --max-per-source (16): refused as such."""
     assert _http_error(_http(api, image, PROMPT, {"per_source": 17})) == (
         "bad_option", 400, "per_source (--per-source) must be at most 16 on this server (its --max-per-source)")
+
+
+def test_every_form_of_an_image_python_takes_answers_as_its_file(store, image):
+    """A path (str or Path), its bytes (bytes, bytearray, memoryview), the file object (opened "rb", BytesIO),
+    a list or a generator of them: the one answer of the file. A memoryview and a file object were iterated
+    as lists (of ints, of the PNG's "lines") and failed as many nonsense images; a PIL image in any mode
+    Pillow turns into RGB answers, and mode La (which it cannot) is one line, not Pillow's ValueError."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    data = image.read_bytes()
+
+    def scores(report):
+        return [[(s.source, round(s.score, 6)) for s in result.scores] for result in report.results]
+
+    with engine.open(store) as ws, open(image, "rb") as handle:
+        ask = lambda images: ws.attribute(images, prompt=PROMPT, options=Options(**OPTIONS))  # noqa: E731
+        forms = [image, str(image), data, bytearray(data), memoryview(data), handle, io.BytesIO(data)]
+        picture = Image.open(image).convert("RGB")
+        pictures = [picture.convert(mode) for mode in ("1", "L", "LA", "P", "RGBA", "CMYK", "I", "F", "YCbCr")]
+        pictures[3].info["transparency"] = 0  # P with a transparent colour
+        pictures.append(Image.fromarray(np.asarray(picture.convert("L"), dtype=np.uint16) * 257))  # I;16
+        assert pictures[-1].mode == "I;16"
+        report = ask(iter(forms + pictures))  # a generator, read once; one batch, one CLIP forward
+        answers = scores(report)
+        assert answers[0] and answers[: len(forms)] == [answers[0]] * len(forms)
+        assert len(answers) == len(forms) + len(pictures)
+        with pytest.raises(engine.UserError, match="mode La, which Pillow cannot convert") as caught:
+            ask([picture, picture.convert("LA").convert("La")])
+        assert kind_of(caught.value).status == 415
+        with pytest.raises(engine.UserError, match="open it in binary mode"), open(image, encoding="latin-1") as text:
+            ask(text)
+        with pytest.raises(engine.UserError, match=r"images\[0\] is an empty path"):
+            ask("")  # read as ".", "a folder, not an image file"
+
+
+def test_python_mistakes_are_one_line_user_errors(store, image, tmp_path, capsys):
+    """What a caller gets wrong from Python is an engine.UserError in one line, as the CLI's: an option passed to
+    `attribute` as a keyword, a path to `embed`, a workspace used after its `with` block (it silently reopened
+    the database), a store path that is a file or missing, a source the store lacks (the store's own errors
+    escaped `except engine.UserError`)."""
+    with engine.open(store) as ws:
+        with pytest.raises(engine.UserError, match=re.escape("pass options=engine.Options(per_source=...)")):
+            ws.attribute(image, prompt=PROMPT, per_source=1)
+        with pytest.raises(engine.UserError, match="must be a PIL image"):
+            ws.embed([str(image)])  # was a TypeError from torchvision
+        with pytest.raises(engine.UserError, match="must be an engine.attribute.Query"):
+            ws.describe([str(image)])  # was an AttributeError
+        with pytest.raises(engine.UserError, match="unknown source 'nope'") as caught:
+            ws.remove_source("nope")
+        assert kind_of(caught.value).code == "unknown_source"
+    ws.close()  # a second close does nothing
+    for call in (lambda: ws.attribute(image, prompt=PROMPT), ws.list_sources, ws.stats, ws.__enter__):
+        with pytest.raises(engine.UserError, match="is closed") as caught:
+            call()
+        assert isinstance(caught.value, ValueError)
+    (tmp_path / "file").write_text("not a store")
+    for path in (tmp_path / "file", tmp_path / "missing"):
+        code, exit_code, status, message = _python_error(lambda path=path: engine.open(path))
+        assert message.startswith(f"no store at {path}") and ("it is a file" in message) == (path.name == "file")
+        assert _cli(capsys, "stats", "--store", path) == (exit_code, {"error": message, "kind": code,
+                                                                    "exit_code": exit_code})
