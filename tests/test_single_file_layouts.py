@@ -277,3 +277,40 @@ def test_gpu_dtype_is_bfloat16_for_the_families_that_overflow_float16(monkeypatc
     assert pipeline_dtype("StableDiffusionXLPipeline", "cuda") is torch.float16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert pipeline_dtype("FluxPipeline", "cuda") is torch.float16
+
+
+def test_flux_loras_are_checked_against_the_transformer(models, made, tmp_path):
+    """Flux LoRAs in diffusers' names and in kohya's (fused qkv, split by diffusers' converter) are enrolled on
+    a Flux folder; an SD LoRA, or one with blocks the transformer lacks, loaded as nothing or in part: refused."""
+    import torch
+    from safetensors.torch import save_file
+
+    from engine.sources.lora import Lora
+    from engine.sources.single_file import safetensors_header
+
+    header = safetensors_header(next((made["flux"] / "transformer").glob("*.safetensors")))
+    named = {}
+    for key, entry in header.items():
+        if key.endswith((".attn.to_q.weight", ".attn.to_k.weight", ".attn.to_v.weight")):
+            out, inp = entry["shape"]
+            named[f"transformer.{key[:-len('.weight')]}.lora_A.weight"] = torch.randn(4, inp)
+            named[f"transformer.{key[:-len('.weight')]}.lora_B.weight"] = torch.randn(out, 4)
+    kohya = {f"lora_unet_double_blocks_{b}_{stream}_attn_qkv.{part}": tensor for b in range(2)
+             for stream in ("img", "txt") for part, tensor in (("lora_down.weight", torch.randn(4, 32)),
+                                                               ("lora_up.weight", torch.randn(96, 4)),
+                                                               ("alpha", torch.tensor(4.0)))}
+    extra = {f"lora_unet_double_blocks_5_img_attn_qkv.{part}": tensor for part, tensor in (
+        ("lora_down.weight", torch.randn(4, 32)), ("lora_up.weight", torch.randn(96, 4)), ("alpha", torch.tensor(4.0)))}
+    sd = {"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.randn(4, 64),
+          "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.randn(64, 4)}
+    for name, tensors, refusal in (("named", named, None), ("kohya", kohya, None),
+                                   ("extra", kohya | extra, r"match no layer of flux \(e\.g\. transformer\."
+                                                            r"transformer_blocks\.5\."),
+                                   ("sd", sd, r"2 of 2 LoRA tensors match no layer of flux")):
+        file = tmp_path / f"{name}.safetensors"
+        save_file(tensors, str(file))
+        if refusal is None:
+            Lora().prepare(name, made["flux"], lora=str(file), steps=2)
+        else:
+            with pytest.raises(UserError, match=refusal):
+                Lora().prepare(name, made["flux"], lora=str(file), steps=2)

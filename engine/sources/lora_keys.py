@@ -67,9 +67,12 @@ def _converted(tensors: dict, folder: Path, cls, components: set[str]) -> dict:
 
         kwargs["unet_config"] = FrozenDict(json.loads(config.read_text()))  # read by attribute, as unet.config is
     parts: dict[str, dict] = {}
+    component = ""
     try:
         with _quiet():
-            state = cls.lora_state_dict(dict(tensors), **kwargs)[0]
+            state = cls.lora_state_dict(dict(tensors), **kwargs)
+            if isinstance(state, tuple):  # (state dict, alphas) for the UNet families; the dict alone for Flux
+                state = state[0]
             for key, tensor in state.items():
                 component, _, rest = key.partition(".")
                 parts.setdefault(component if rest else "", {})[rest or key] = tensor
