@@ -84,7 +84,8 @@ def test_classification_report_fields():
     report = m.classification_report(labels, scores, ["a", "b", "c"])
     assert report["accuracy"] == 0.75 and report["per_source"] == {"a": 1.0, "b": 0.5, "c": 1.0}
     assert report["confusion"]["matrix"] == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
-    assert report["top3_accuracy"] == 1.0
+    assert report["top3_accuracy"] is None  # 3 sources: top-3 is 100% by construction, not reported as a figure
+    assert m.classification_report(labels, np.c_[scores, np.zeros(4)], list("abcd"))["top3_accuracy"] == 1.0
 
 
 @pytest.mark.parametrize("method", AGGREGATIONS)
