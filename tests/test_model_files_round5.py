@@ -327,6 +327,8 @@ def test_lora_files_in_the_wild_are_enrolled_whole_or_refused(models, tmp_path):
         "loha": ({"lora_unet_down_blocks_1_attentions_0_proj_in.hada_w1_a": torch.ones(4, 4)}, r"LyCORIS"),
         "oft": ({"lora_unet_down_blocks_1_attentions_0_proj_in.oft_blocks": torch.ones(4, 4, 4)}, r"LyCORIS"),
         "empty": ({}, r"holds no tensors"),
+        "alpha-named": (lora | {first.replace("lora_A.weight", "alpha"): torch.tensor(4.0)},
+                        r"has no 'lora' in its name, and diffusers loads no such file"),
     }
     for name, (tensors, refusal) in cases.items():
         file = tmp_path / f"{name}.safetensors"

@@ -18,7 +18,7 @@ from engine.errors import UserError, first_line
 
 # the factor a tensor is, after the module it adapts: peft (lora_A/B), diffusers' older names, kohya's
 _FACTOR = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down|"
-                     r"lora_linear_layer\.up|lora_down|lora_up|lora_magnitude_vector|alpha)(?:\.(?:weight|bias))?$")
+                     r"lora_linear_layer\.up|lora_down|lora_up|lora_magnitude_vector)(?:\.(?:weight|bias))?$")
 _DOWN = ("lora_A", "lora.down", "lora_linear_layer.down", "lora_down")
 _UP = ("lora_B", "lora.up", "lora_linear_layer.up", "lora_up")
 # kinds of adapter diffusers cannot load (LyCORIS LoHa, LoKr, OFT/BOFT, GLoRA, IA3): refused, never half-loaded
@@ -73,6 +73,9 @@ def _converted(tensors: dict, folder: Path, cls, components: set[str]) -> dict:
             state = cls.lora_state_dict(dict(tensors), **kwargs)
             if isinstance(state, tuple):  # (state dict, alphas) for the UNet families; the dict alone for Flux
                 state = state[0]
+            plain = next((key for key in state if "lora" not in key), None)
+            if plain is not None:  # load_lora_weights' own format check, which it makes only at the first generation
+                raise ValueError(f"tensor {plain} has no 'lora' in its name, and diffusers loads no such file")
             for key, tensor in state.items():
                 component, _, rest = key.partition(".")
                 parts.setdefault(component if rest else "", {})[rest or key] = tensor
@@ -125,7 +128,7 @@ def check_adapter_fits(file: Path, tensors: dict, folder: Path) -> None:
             unmatched.append(key)
             continue
         shape = list(tensor.shape)
-        if key.endswith(".bias") or part in ("alpha",):
+        if key.endswith(".bias"):
             continue
         if part == "lora_magnitude_vector":
             fits = shape[:1] == weight[:1]
