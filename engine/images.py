@@ -23,8 +23,9 @@ from engine.paths import as_text, not_a_file, shown
 MAX_PIXELS = 64_000_000
 MAX_BYTES = 64 << 20
 # Formats Pillow reads that generators and browsers actually produce; anything else (PSD, EPS through
-# Ghostscript, ICO, ...) is refused, and only these plugins are tried on a file (open_accepted).
-FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+# Ghostscript, ICO, ...) is refused, and only these plugins are tried on a file (open_accepted). AVIF: what
+# image sites and browsers save more and more (libavif parses on opening and decodes on load, as the others).
+FORMATS = ("PNG", "JPEG", "WEBP", "AVIF", "GIF", "BMP", "TIFF")
 # What Pillow's JPEG reader names a camera JPEG with a Multi-Picture index (many phones write one): the
 # first picture is the JPEG itself, and it is what is read.
 ALIASES = {"MPO": "JPEG"}

@@ -28,7 +28,7 @@ from typing import Iterator
 from engine.errors import UserError, kind_of, message_of, writing
 from engine.options import Options
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".webp", ".avif", ".gif", ".bmp", ".tif", ".tiff"})
 BATCH = 16
 CSV_COLUMNS = ("path", "sha256", "verdict", "predicted", "score", "margin", "description", "description_from",
                "error")

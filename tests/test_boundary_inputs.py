@@ -73,6 +73,32 @@ def test_orientation_matches_what_a_viewer_shows(value):
     assert ours.size == theirs.size and ours.tobytes() == theirs.tobytes()
 
 
+def test_avif_is_read_as_the_same_picture_and_its_size_checked_before_decoding():
+    """AVIF (what image sites and browsers save more and more) is read, upright, as the picture it holds; its
+    declared size is refused from the header, and a damaged one is a one-line refusal like any other format."""
+    from engine.errors import TooLargeError, UserError
+    from engine.images import decode
+
+    source = Image.new("RGB", (48, 32))
+    source.putdata([(x * 5 % 256, y * 8 % 256, 128) for y in range(32) for x in range(48)])
+    exif = Image.Exif()
+    exif[ORIENTATION] = 6  # a camera's rotation: the picture is read standing up
+    buffer = io.BytesIO()
+    source.save(buffer, "AVIF", quality=95, exif=exif.tobytes())
+    ours, digest = read_image(buffer.getvalue(), label="q.avif")
+    upright = source.transpose(Image.Transpose.ROTATE_270)
+    assert ours.mode == "RGB" and ours.size == upright.size == (32, 48) and len(digest) == 64
+    error = sum(abs(a - b) for a, b in zip(ours.tobytes(), upright.tobytes())) / len(ours.tobytes())
+    assert error < 8, error  # lossy, but the same picture (an unrelated one differs by about 60)
+    big = io.BytesIO()
+    Image.new("RGB", (4000, 4000), (9, 9, 9)).save(big, "AVIF")  # 16 MP in under 1 KB
+    with pytest.raises(TooLargeError, match="4000x4000 pixels, the limit is 1000000"):
+        decode(big.getvalue(), "big.avif", max_pixels=1_000_000)
+    with pytest.raises(UserError) as damaged:
+        read_image(buffer.getvalue()[: len(buffer.getvalue()) // 2], label="cut.avif")
+    assert "\n" not in str(damaged.value) and "cut.avif" in str(damaged.value)
+
+
 def _thin_png(width: int, height: int) -> bytes:
     buffer = io.BytesIO()
     Image.new("1", (width, height)).save(buffer, "PNG")
