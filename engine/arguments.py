@@ -43,11 +43,17 @@ def keywords(func: F) -> F:
     names = [name for name, p in accepted.items() if name != "self" and p.kind is not inspect.Parameter.POSITIONAL_ONLY]
     called = func.__qualname__ if "." in func.__qualname__ else f"{func.__module__}.{func.__qualname__}"
 
+    signature = inspect.signature(func)
+
     @functools.wraps(func)
     def checked(*args: Any, **kwargs: Any) -> Any:
         for name in kwargs:
             if name not in accepted:
                 raise unknown_keyword(called, name, names)
+        try:
+            signature.bind(*args, **kwargs)  # a required argument left out, or one too many
+        except TypeError as exc:
+            raise ArgumentTypeError(f"{called}(): {exc}") from None
         return func(*args, **kwargs)
 
     return cast(F, checked)

@@ -502,6 +502,9 @@ def embedder_spec(clip_checkpoint: str | os.PathLike, clip_model: str | None = N
     from engine.embed import EmbedderSpec, parse_layer
 
     arguments.text(clip_model, "clip_model")
+    if isinstance(clip_layer, bool) or not isinstance(clip_layer, (str, numbers.Integral, type(None))):
+        raise ArgumentTypeError(f"clip_layer must be \"middle\", \"final\", a block number or None (final), not "
+                                f"{type(clip_layer).__name__}")  # True was block 1
     if bool(clip_model) == bool(clip_config):
         raise UserError("give exactly one of --clip-model ARCH or --clip-config JSON")
     checkpoint = arguments.required_path(clip_checkpoint, "clip_checkpoint (--clip-checkpoint)")

@@ -247,7 +247,10 @@ def test_a_misspelt_option_or_argument_names_the_nearest_one(tmp_path):
                        (lambda: engine.open(tmp_path / "none", writeable=False),
                         "engine.open() takes no argument 'writeable'; did you mean writable?"),
                        (lambda: engine.init(tmp_path / "none", clip_checkpoint="x", clip_layr="final"),
-                        "did you mean clip_layer?")):
+                        "did you mean clip_layer?"),
+                       (lambda: engine.init(tmp_path / "none"), "missing a required argument: 'clip_checkpoint'"),
+                       (lambda: engine.init(tmp_path / "none", clip_checkpoint="x", clip_config="y", clip_layer=True),
+                        "clip_layer must be")):  # True was block 1
         with pytest.raises(engine.UserError, match=re.escape(said)) as caught:
             call()
         assert isinstance(caught.value, TypeError) and kind_of(caught.value).exit_code == 2
