@@ -65,14 +65,26 @@ def score_definitions() -> dict[str, str]:
     return {n: v[2] + (f" ({role[n]})" if n in role else "") for n, v in OPEN_SET_SCORES.items()}
 
 
+def false_reject_threshold(values: np.ndarray, frr: float) -> float:
+    """The highest threshold (accept a value >= it) that rejects at most `frr` of `values`: the value at
+    position floor(frr * n) in ascending order, so a genuine query is refused no more often than
+    --false-reject promises on the originals it was fitted on (an interpolated quantile rejected 1 of 2,
+    1 of 3, 2 of 30 at 5%). Ties are kept or rejected together; nan for no values."""
+    ordered = np.sort(np.asarray(values, np.float64).ravel())
+    if not ordered.size:
+        return float("nan")
+    return float(ordered[min(int(np.floor(frr * ordered.size + 1e-9)), ordered.size - 1)])
+
+
 def fit_thresholds(scores: np.ndarray, labels: np.ndarray, frr: float = FALSE_REJECT) -> dict[int, float]:
-    """Per predicted class: the `frr` quantile of the best score over its correctly attributed queries."""
+    """Per predicted class: the `frr` threshold (false_reject_threshold) of the best score over its correctly
+    attributed queries."""
     predicted, best = scores.argmax(1), scores.max(1)
     out = {}
     for c in range(scores.shape[1]):
         hits = best[(predicted == c) & (labels == c) & np.isfinite(best)]
         if hits.size:
-            out[c] = float(np.quantile(hits, frr))
+            out[c] = false_reject_threshold(hits, frr)
     return out
 
 
@@ -81,7 +93,7 @@ def fit_open_set_thresholds(scores: np.ndarray, labels: np.ndarray, names: list[
     """Per source name, the threshold on its best score that applies `score` through
     engine.calibration.Calibration.thresholds (accept source s only if its score >= thresholds[s]).
 
-    "margin": each source's own `frr` quantile (fit_thresholds); "best-score": one `frr` quantile over
+    "margin": each source's own `frr` threshold (fit_thresholds); "best-score": one `frr` threshold over
     every correctly attributed original, the same for every source. Feature-based scores cannot be
     expressed as thresholds on the score matrix and raise ValueError."""
     if score == "margin":
@@ -89,21 +101,21 @@ def fit_open_set_thresholds(scores: np.ndarray, labels: np.ndarray, names: list[
     if score == "best-score":
         predicted, best = scores.argmax(1), scores.max(1)
         hits = best[(predicted == np.asarray(labels)) & np.isfinite(best)]
-        return {n: float(np.quantile(hits, frr)) for n in names} if hits.size else {}
+        return {n: false_reject_threshold(hits, frr) for n in names} if hits.size else {}
     raise ValueError(f"open-set score {score!r} is not a threshold on the best score (use margin or best-score)")
 
 
 def fit_mahalanobis(context: FeatureContext, scores: np.ndarray, labels: np.ndarray,
                     frr: float = FALSE_REJECT) -> tuple[np.ndarray, float | None]:
     """What a Calibration needs to apply "mahalanobis" (Calibration.open_set): the shared precision over
-    every enrolled source's references, and one threshold, the `frr` quantile of the value over the
+    every enrolled source's references, and one threshold, the `frr` threshold (false_reject_threshold) over the
     correctly attributed labelled originals (None when none is), as "best-score" fits its own."""
     keep = list(range(scores.shape[1]))
     _, _, groups = _mahalanobis_parts(context)
     precision = shared_precision([members for _, members in groups])
     values = mahalanobis_scores(context, keep)
     hits = values[(np.asarray(scores).argmax(1) == np.asarray(labels)) & np.isfinite(values)]
-    return precision, float(np.quantile(hits, frr)) if hits.size else None
+    return precision, false_reject_threshold(hits, frr) if hits.size else None
 
 
 def acceptance_margin(scores: np.ndarray, thresholds: dict[int, float]) -> np.ndarray:
