@@ -314,3 +314,32 @@ def test_flux_loras_are_checked_against_the_transformer(models, made, tmp_path):
         else:
             with pytest.raises(UserError, match=refusal):
                 Lora().prepare(name, made["flux"], lora=str(file), steps=2)
+
+
+def test_ldm_files_missing_a_part_are_told_from_their_header(models, made, tmp_path):
+    """A checkpoint saved without its VAE (or text encoder), or with a UNet tensor missing or of another shape,
+    passed `source add` and failed at every generation inside from_single_file. `check_ldm_parts` tells each
+    from the header (for single_file.check_layout to call beside check_widths); whole files pass."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from engine.sources.ldm_export import check_ldm_parts
+    from engine.sources.single_file import safetensors_header
+
+    sd = export_single_file(models["pipelines"]["tiny-sd-ddim"], tmp_path / "sd.safetensors")
+    check_ldm_parts("sd", safetensors_header(sd), models["pipelines"]["tiny-sd-ddim"])
+    check_ldm_parts("sdxl", safetensors_header(made["sdxl-file"]), made["sdxl-config"])
+    tensors = load_file(str(made["sdxl-file"]))
+    unet_bias = next(k for k in tensors if k.startswith("model.diffusion_model.output_blocks.") and k.endswith("bias"))
+    for label, changed, message in (
+            ("no-vae", {k: v for k, v in tensors.items() if not k.startswith("first_stage_model.")},
+             r"holds no VAE \(first_stage_model\.\* tensors\)"),
+            ("no-clip-g", {k: v for k, v in tensors.items() if not k.startswith("conditioner.embedders.1.")},
+             "holds no second text encoder"),
+            ("cut-unet", {k: v for k, v in tensors.items() if k != unet_bias}, "1 UNet tensors differ .* missing"),
+            ("inpaint", {**tensors, "model.diffusion_model.input_blocks.0.0.weight": torch.ones(8, 9, 3, 3)},
+             r"1 UNet tensors differ \(e\.g\. conv_in\.weight \(8, 9, 3, 3\) where the config makes \(8, 4, 3, 3\)")):
+        save_file(changed, str(tmp_path / f"{label}.safetensors"))
+        with pytest.raises(UserError, match=message) as caught:
+            check_ldm_parts(label, safetensors_header(tmp_path / f"{label}.safetensors"), made["sdxl-config"])
+        assert "\n" not in str(caught.value)

@@ -201,3 +201,54 @@ def export_single_file(folder, target) -> Path:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial))
     os.replace(partial, target)
     return target
+
+
+# ----- checking a file in the original layout against its --config folder, from its header -------------
+def check_ldm_parts(name: str, header: dict, folder: Path) -> None:
+    """Refuse, from the header alone, an SD 1.x / SDXL file that lacks a part of the pipeline or whose UNet or VAE
+    tensors do not all convert onto the --config folder's models (names and shapes, on the meta device).
+
+    diffusers' `from_single_file` fails on such a file only when it loads it ("weights for this component appear
+    to be missing" for a checkpoint saved without its VAE, "cannot copy out of meta tensor" for a UNet missing a
+    tensor): the source was enrolled and failed at every generation. Meant to be called by
+    `single_file.check_layout` beside `check_widths`."""
+    import json
+
+    import diffusers
+    import torch
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    from engine.sources.lora import _quiet
+
+    shapes = {k: list(v.get("shape") or []) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    parts = {"UNet": "model.diffusion_model.", "VAE": "first_stage_model."}
+    if not any(k.startswith("conditioner.") for k in shapes):
+        parts["text encoder"] = "cond_stage_model."
+    else:  # SGM: the encoders the folder has, in order (a refiner has the second alone)
+        index = json.loads((folder / "model_index.json").read_text())
+        encoders = [c for c in ("text_encoder", "text_encoder_2") if (index.get(c) or [None])[0] is not None]
+        parts |= {("second " if i else "") + "text encoder": f"conditioner.embedders.{i}."
+                  for i in range(len(encoders))}
+    absent = [part for part, prefix in parts.items() if not any(k.startswith(prefix) for k in shapes)]
+    if absent:
+        raise UserError(f"{name} holds no {' and no '.join(absent)} ({parts[absent[0]]}* tensors): a checkpoint saved "
+                        "without a part of the pipeline cannot be loaded as a whole single file")
+    try:
+        tensors = {k: torch.empty([int(n) for n in shape], device="meta") for k, shape in shapes.items()}
+    except (TypeError, ValueError, RuntimeError):
+        raise UserError(f"{name}: a tensor of its header has no valid shape") from None
+    for part, component, cls, convert in (("UNet", "unet", diffusers.UNet2DConditionModel, convert_ldm_unet_checkpoint),
+                                          ("VAE", "vae", diffusers.AutoencoderKL, convert_ldm_vae_checkpoint)):
+        try:
+            config = json.loads((folder / component / "config.json").read_text())
+            with _quiet(), torch.device("meta"):
+                wanted = {k: tuple(v.shape) for k, v in cls.from_config(config).state_dict().items()}
+                converted = convert(dict(tensors), config)
+        except (OSError, ValueError, KeyError, IndexError, RuntimeError, TypeError) as exc:
+            raise UserError(f"{name}: its {part} does not convert onto {folder.name}'s: {exc!r}"[:300]) from None
+        problems = [f"{k} missing" for k in sorted(set(wanted) - set(converted))]
+        problems += [f"{k} {tuple(converted[k].shape)} where the config makes {wanted[k]}"
+                     for k in sorted(set(wanted) & set(converted)) if tuple(converted[k].shape) != wanted[k]]
+        if problems:
+            raise UserError(f"{name} does not fit {folder.name}: {len(problems)} {part} tensors differ (e.g. "
+                            f"{'; '.join(problems[:3])})")
