@@ -58,7 +58,7 @@ class Claims:
         table = Claim.__table__
         try:
             with self.db.write_session() as s:
-                now = self.db.dialect.clock(s)  # the database's clock (PostgreSQL: the server's), not this process's
+                now = self.db.dialect.clock(s, write=True)  # the store's clock, not this process's wall clock
                 for key in keys:
                     upsert(s, Claim, {"key": key, "owner": owner, "expires_at": now + lease_seconds}, ["key"],
                            ["owner", "expires_at"], (table.c.expires_at < now) | (table.c.owner == owner))
@@ -190,5 +190,5 @@ class Claims:
 
     def drop_expired(self) -> None:
         with self.db.write_session() as s:
-            s.execute(delete(Claim).where(Claim.expires_at < self.db.dialect.clock(s)))
+            s.execute(delete(Claim).where(Claim.expires_at < self.db.dialect.clock(s, write=True)))
             s.commit()

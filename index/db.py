@@ -320,16 +320,62 @@ class Dialect:
         """The error for a database the open probe could not read (`reason`: the driver's first line)."""
         return unreachable(f"cannot reach {db.label}: {reason}")
 
-    def clock(self, session) -> float:
-        """Now, in seconds since the epoch, on the clock every user of this database shares: SQLite's users
-        are processes of one machine (its write-ahead log needs shared memory), so the local clock."""
+    def clock(self, session, write: bool = False) -> float:
+        """Now, in seconds since the epoch, on the clock every user of this database shares (claims' leases
+        are written and compared on it); `write`: `session` is a write session, which may record what it needs."""
         return time.time()
+
+
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def _missing_table(exc: Exception) -> bool:
+    return "no such table" in str(exc)
+
+
+def _boot_id() -> str | None:
+    try:
+        return BOOT_ID.read_text().strip() or None
+    except OSError:
+        return None
 
 
 class SqliteDialect(Dialect):
     backend = "sqlite"
     trigger_names = ("vector_sets_insert", "vector_sets_delete", "vector_sets_update")
     binds_database = False
+
+    def __init__(self) -> None:
+        self._epoch: tuple[str, float] | None = None  # (boot id, wall time at boot as this store recorded it)
+
+    def clock(self, session, write: bool = False) -> float:
+        """SQLite's users are processes of one machine (its write-ahead log needs shared memory), so their shared
+        clock is the time since boot (CLOCK_BOOTTIME: no step of the wall clock moves it) plus the wall time at
+        boot as the first writer of this boot read it, recorded in store_meta ("clock:<boot id>"). A process
+        whose wall clock is stepped (an NTP correction, a resumed VM, a clock set an hour off) took live claims
+        over, or kept its own past their lease; now neither, as on PostgreSQL's server clock. Where no boot id is
+        known (not Linux) or none is recorded yet (a read before this boot's first claim), the wall clock."""
+        boot = _boot_id()
+        if boot is None:
+            return time.time()
+        since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
+        if self._epoch is None or self._epoch[0] != boot:
+            key = f"clock:{boot}"
+            try:
+                recorded = session.execute(text("SELECT value FROM store_meta WHERE key = :key"), {"key": key}).scalar()
+                if recorded is None and write:
+                    session.execute(text("DELETE FROM store_meta WHERE key LIKE 'clock:%'"))  # earlier boots'
+                    recorded = repr(time.time() - since_boot)
+                    session.execute(text("INSERT INTO store_meta (key, value) VALUES (:key, :value)"),
+                                    {"key": key, "value": recorded})
+            except Exception as exc:  # noqa: BLE001 - a store from before store_meta: the wall clock, as before
+                if not _missing_table(exc):
+                    raise
+                recorded = None
+            if recorded is None:
+                return time.time()
+            self._epoch = (boot, float(recorded))
+        return self._epoch[1] + since_boot
 
     def tables(self, conn) -> set[str]:
         return set(conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='table'").scalars())
@@ -406,7 +452,7 @@ class PostgresDialect(Dialect):
         return int(conn.exec_driver_sql(
             "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM vectors_id_seq").scalar() or 0)
 
-    def clock(self, session) -> float:
+    def clock(self, session, write: bool = False) -> float:
         """The server's clock: claims' leases are written and compared on it, so one client whose clock is
         off (skewed, stepped by NTP) neither takes live claims over nor holds its own past their lease."""
         return float(session.execute(text("SELECT extract(epoch FROM clock_timestamp())")).scalar())

@@ -278,6 +278,28 @@ def test_a_file_system_without_locks_is_one_line(small_store, shim):
         assert len(store.vector_ids()) == 5 and store.verify(files=False)["ok"]  # their files are made up
 
 
+def test_a_process_whose_wall_clock_is_stepped_keeps_to_live_claims_on_sqlite(tmp_path, shim):
+    """On SQLite leases were on each process's wall clock: one whose clock was stepped an hour ahead (an NTP
+    correction, a resumed VM) took every live claim over and generated (bought) the images again, and one an
+    hour behind wrote leases that had expired for everyone else. They are now on the time since boot plus the
+    wall time at boot as the store recorded it, which no step of a process's wall clock moves."""
+    root = tmp_path / "s"
+    Store.create(root, EMBEDDER, DIM).close()
+    with Store.open(root) as store:
+        assert store.claim(["a", "b"], "here", 900) == ["a", "b"]
+        code = f"""
+            from index.store import Store
+            with Store.open({str(root)!r}) as store:
+                print(store.claim(["a", "b", "c"], "elsewhere", 900), sorted(store.live_claims(["a", "b"])))
+        """
+        for shift in ("3600", "-3600"):
+            store.release(["c"], "elsewhere")
+            done = _child(code, shim, SHIM_CLOCK_SHIFT_S=shift)
+            assert done.returncode == 0, done.stderr
+            assert done.stdout.split() == ["['c']", "['a',", "'b']"], (shift, done.stdout)
+            assert store.live_claims(["a", "b", "c"]) == {"a": "here", "b": "here", "c": "elsewhere"}, shift
+
+
 def test_a_client_whose_clock_is_off_does_not_take_live_claims(shim):
     """Leases were written and compared on each process's own clock: a client of a shared PostgreSQL store whose
     clock ran an hour ahead (another host, an NTP step) took over every live claim and generated (bought) the
