@@ -361,3 +361,27 @@ def test_lora_files_in_the_wild_are_enrolled_whole_or_refused(models, tmp_path):
         Lora().prepare("zero-scale", base, lora=f"{tmp_path / 'diffusers.safetensors'}:0")
     negative = Lora().prepare("negative", base, lora=f"{tmp_path / 'kohya.safetensors'}:-1")  # a slider, reversed
     assert negative.params["loras"][0]["scale"] == -1
+
+
+def test_a_lora_loads_with_the_alpha_its_file_records(models, tmp_path):
+    """diffusers saves a LoRA's own config (rank, lora_alpha) in the file's `lora_adapter_metadata`; loaded from
+    a dict of its tensors the alpha was dropped, so an adapter trained at alpha 1, rank 4 (scale 0.25) generated
+    at 4 times its strength, without a word. Its source must load it from the file, as the fused reference does."""
+    import peft
+
+    from engine.sources.lora import LoraGenerator, write_random_lora
+
+    base = models["pipelines"]["tiny-sd-ddim"]
+    file = write_random_lora(base, tmp_path / "alpha.safetensors", seed=5, rank=4, alpha=1)
+    recipe = Lora().prepare("alpha", base, lora=str(file), steps=2)
+    generator = LoraGenerator("alpha", Path(recipe.path), GenerationParams(steps=2), recipe.params["loras"], "cpu")
+    try:
+        layers = [m for m in generator.load().unet.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+        assert layers and {s for m in layers for s in m.scaling.values()} == {0.25}
+    finally:
+        generator.unload()
+    (tmp_path / "bad").mkdir()
+    broken = tmp_path / "bad" / "alpha.safetensors"  # the same tensors, a metadata that is no JSON
+    save_file(load_file(str(file)), str(broken), metadata={"lora_adapter_metadata": "{not json"})
+    with pytest.raises(UserError, match="lora_adapter_metadata is not"):
+        Lora().prepare("broken", base, lora=str(broken))

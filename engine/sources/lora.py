@@ -331,7 +331,6 @@ class LoraGenerator(DiffusersGenerator):
 
     def _attach(self, base: _Base) -> None:
         import diffusers
-        from safetensors.torch import load_file
 
         names = []
         with base.lock:
@@ -347,7 +346,9 @@ class LoraGenerator(DiffusersGenerator):
                 if name not in base.adapters:
                     try:
                         with _quiet():  # "no LoRA keys for the text encoder" and the like, once per adapter
-                            base.pipe.load_lora_weights(load_file(str(file)), adapter_name=name)
+                            # by path, not as a dict of its tensors: diffusers then reads the config the file
+                            # records (lora_adapter_metadata: lora_alpha, rank patterns), else taken as alpha = rank
+                            base.pipe.load_lora_weights(str(file), adapter_name=name, local_files_only=True)
                     except ImportError as exc:
                         raise SourceError(self.name, f"LoRA sources need peft installed ({first_line(exc)})") from exc
                     except Exception as exc:
@@ -416,11 +417,14 @@ def write_random_lora(base_folder, target, seed: int, rank: int = 4, alpha: int 
     target = Path(target)
     pipe = diffusers.DiffusionPipeline.from_pretrained(base_folder, local_files_only=True)
     torch.manual_seed(seed)
-    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
-                                     init_lora_weights=False, target_modules=list(LORA_TARGETS)))
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights=False,
+                        target_modules=list(LORA_TARGETS))
+    pipe.unet.add_adapter(config)
     target.parent.mkdir(parents=True, exist_ok=True)
+    # with its config in the file's metadata (lora_alpha), as diffusers' training scripts save it
     type(pipe).save_lora_weights(str(target.parent), unet_lora_layers=get_peft_model_state_dict(pipe.unet),
-                                 weight_name=target.name, safe_serialization=True)
+                                 weight_name=target.name, safe_serialization=True,
+                                 unet_lora_adapter_metadata=config.to_dict())
     return target
 
 
@@ -428,11 +432,10 @@ def write_fused_folder(base_folder, loras, target) -> Path:
     """The base folder with adapters fused into its weights (`fuse_lora`) and saved as a plain diffusers
     folder: what a LoRA source must generate like."""
     import diffusers
-    from safetensors.torch import load_file
 
     pipe = diffusers.DiffusionPipeline.from_pretrained(base_folder, local_files_only=True)
     for i, (file, scale) in enumerate(parse_loras(loras)):  # one at a time: each fused at its own scale
-        pipe.load_lora_weights(load_file(str(file)), adapter_name=f"fused{i}")
+        pipe.load_lora_weights(str(file), adapter_name=f"fused{i}", local_files_only=True)
         pipe.fuse_lora(adapter_names=[f"fused{i}"], lora_scale=scale)
         pipe.unload_lora_weights()  # keeps the fused weights, drops the adapter layers
     pipe.save_pretrained(target)

@@ -95,6 +95,17 @@ def _converted(tensors: dict, folder: Path, cls, components: set[str]) -> dict:
 
 def check_adapter_fits(file: Path, tensors: dict, folder: Path) -> None:
     """Refuse an adapter any of whose tensors would be ignored, or would not fit, when loaded on `folder`."""
+    from engine.sources.single_file import safetensors_header
+
+    metadata = safetensors_header(file).get("__metadata__")
+    recorded = metadata.get("lora_adapter_metadata") if isinstance(metadata, dict) else None
+    if recorded is not None:  # diffusers parses it at load: a broken one failed every generation
+        try:
+            if not isinstance(json.loads(recorded), dict):
+                raise ValueError
+        except (TypeError, ValueError, RecursionError):
+            raise UserError(f"{file.name}: its lora_adapter_metadata is not a JSON object (the adapter's config, "
+                            "which diffusers reads when it loads the file)") from None
     if any("dora_scale" in k for k in tensors):
         raise UserError(f"{file.name} is a DoRA (dora_scale tensors), whose magnitudes diffusers drops when it "
                         "loads it: it would generate as another adapter")
