@@ -1,6 +1,7 @@
 """Importing a dataset of originals and resyntheses into a store, resumably and idempotently."""
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from engine.errors import UserError
 from engine.generate import source_params_hash
 from engine.images import read_image
 from engine.manifest import ManifestRow, read_manifest
+from engine.paths import shown
 from engine.sources import check_name
 from index.keys import image_key, normalise_description, sha256_file, sha256_text
 from index.store import NewImage, Store
@@ -49,9 +51,7 @@ def ingest(workspace, manifest: Path, progress: bool = True, allow_outside: bool
     store = workspace.store
     rows = read_manifest(manifest, allow_outside=allow_outside)
     known = {s.name for s in store.sources()}
-    new_sources = sorted({r.source for r in rows} - known)
-    for name in new_sources:
-        check_name(name)
+    new_sources = _check_sources(manifest, rows, known)
     for row in tqdm(rows, desc="checking", unit="image", disable=not progress or len(rows) < 1000, leave=False):
         try:
             check_header(row.image)
@@ -59,11 +59,17 @@ def ingest(workspace, manifest: Path, progress: bool = True, allow_outside: bool
             raise UserError(f"{manifest}:{row.line}: {exc}") from None
     # A valid header does not make a whole image (a cut body decodes to an error): decoded here, before
     # any write, at the cost of a second decode when its batch is embedded (holding them all would not fit).
+    labelled: dict[str, ManifestRow] = {}  # an original's sha256 -> its first row
     for row in tqdm(rows, desc="decoding", unit="image", disable=not progress or len(rows) < 1000, leave=False):
         try:
-            read_image(row.image)
+            file_hash = read_image(row.image)[1]
         except UserError as exc:
             raise UserError(f"{manifest}:{row.line}: {exc}") from None
+        first = labelled.setdefault(file_hash, row) if row.role == "original" else row
+        if first.source != row.source:  # a copy under another generator's folder: one of the labels is wrong
+            raise UserError(f"{manifest}:{row.line}: original {shown(row.image)} has the same bytes as "
+                            f"{shown(first.image)} (line {first.line}), an original of {first.source!r}, but is "
+                            f"listed as {row.source!r}: an image has one true source; remove the wrong row")
     embedder = workspace.embedder  # models load only once the manifest is known to be good
     for name in new_sources:
         workspace.add_replay_source(name)
@@ -81,6 +87,33 @@ def ingest(workspace, manifest: Path, progress: bool = True, allow_outside: bool
             bar.update(len(batch))
     bar.close()
     return report
+
+
+def _check_sources(manifest: Path, rows: list[ManifestRow], known: set[str]) -> list[str]:
+    """The sources this manifest adds, each a valid name (the error names its first row). A name that only
+    Unicode form separates from a stored one is that source (rows are renamed to the stored spelling); one
+    that only case separates from another is refused: the two would read as one source in every answer."""
+    forms = {unicodedata.normalize("NFC", name): name for name in known}
+    for row in rows:
+        row.source = forms.get(row.source, row.source)  # the manifest's names are NFC already
+    first_row: dict[str, ManifestRow] = {}
+    for row in rows:
+        first_row.setdefault(row.source, row)
+    folded = {name.casefold(): name for name in known}
+    for name, row in first_row.items():
+        if name in known:
+            continue
+        try:
+            check_name(name)
+        except UserError as exc:
+            raise UserError(f"{manifest}:{row.line}: {exc}") from None
+        twin = folded.setdefault(name.casefold(), name)
+        if twin != name:
+            other = (f"the store's source {twin!r}" if twin in known
+                     else f"source {twin!r} (line {first_row[twin].line})")
+            raise UserError(f"{manifest}:{row.line}: source {name!r} differs from {other} only by case: they would "
+                            "read as one source; use one spelling")
+    return sorted(set(first_row) - known)
 
 
 def _ingest_batch(store, embedder, batch, sources, ids_by_key, original_keys, report) -> None:

@@ -165,6 +165,8 @@ def from_rows(rows: list[ManifestRow], where: str, strict: bool = False, keep_lo
     desc_index = {d: i for i, d in enumerate(descriptions)}
     source_index = {s: i for i, s in enumerate(sources)}
     orig_hash = [sha256_file(r.image) for r in originals]
+    originals, orig_hash, copies = _one_label_per_image(originals, orig_hash, where, folder)
+    repeated += copies
     orig_by_path = {r.image: i for i, r in enumerate(originals)}
     linked = np.array([orig_by_path.get(r.original, -1) if r.original is not None else -1 for r in resyntheses])
     return EvalSet(
@@ -179,6 +181,27 @@ def from_rows(rows: list[ManifestRow], where: str, strict: bool = False, keep_lo
         res_path=[str(r.image) for r in resyntheses], descriptions=descriptions,
         skipped={reason: [shown(r.image, folder) for r in left] for reason, left in
                  ((NO_RESYNTHESES, lonely), (LISTED_TWICE, repeated)) if left})
+
+
+def _one_label_per_image(originals: list[ManifestRow], hashes: list[str], where: str,
+                         folder: Path) -> tuple[list[ManifestRow], list[str], list[ManifestRow]]:
+    """(originals, their hashes, the copies left out). The same bytes under two paths are one image: under
+    two sources one label is wrong whichever is kept (refused, naming both rows); under one source the
+    copy would count that image twice in every measurement (used once, counted as listed twice)."""
+    first: dict[str, ManifestRow] = {}
+    kept, kept_hashes, copies = [], [], []
+    for row, digest in zip(originals, hashes):
+        earlier = first.setdefault(digest, row)
+        if earlier is row:
+            kept.append(row)
+            kept_hashes.append(digest)
+        elif earlier.source != row.source:
+            raise UserError(f"{where}:{row.line}: original {shown(row.image, folder)} has the same bytes as "
+                            f"{shown(earlier.image, folder)} (line {earlier.line}), an original of {earlier.source!r}, "
+                            f"but is listed as {row.source!r}: an image has one true source; remove the wrong row")
+        else:
+            copies.append(row)
+    return kept, kept_hashes, copies
 
 
 def _check_sizes(rows: list[ManifestRow], where: str) -> None:

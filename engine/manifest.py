@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,14 +128,26 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
+class _Object(dict):
+    """A JSON object that remembers every key as written: json.loads keeps only the last of a repeated one."""
+
+    given: list[str]
+
+
+def _object(pairs: list[tuple[str, object]]) -> _Object:
+    record = _Object(pairs)
+    record.given = [key for key, _ in pairs]
+    return record
+
+
 def _record(path: Path, number: int, text: str) -> dict:
     try:
-        record = json.loads(text)
+        record = json.loads(text, object_pairs_hook=_object)
     except (ValueError, RecursionError):  # RecursionError: a line of 100,000 nested brackets
         raise UserError(f"{path}:{number}: not valid JSON") from None
     if not isinstance(record, dict):
         raise UserError(f"{path}:{number}: each line must be a JSON object")
-    _check_columns(path, list(record), number)
+    _check_columns(path, record.given if isinstance(record, _Object) else list(record), number)
     return record
 
 
@@ -144,10 +157,20 @@ def _canonical(name: str) -> str:
 
 
 def _check_columns(path: Path, names: Sequence[str], line: int | None = None) -> None:
-    present = {_canonical(n) for n in names if n}
+    """Required columns present, and none given twice: a repeated column (`image` twice, or `image` beside
+    its alias `path`, or `Image` beside `image`) kept only its last value, so a row silently named another
+    file, source or description than the one a reader of the manifest sees first."""
+    where = f"{path}:{line}" if line else str(path)
+    first: dict[str, str] = {}
+    for name in (n for n in names if n):
+        column = _canonical(name)
+        if column in first:
+            also = f" (as {first[column]!r} and {name!r})" if first[column] != name else ""
+            raise UserError(f"{where}: column {column!r} is given twice{also}: keep one")
+        first[column] = name
+    present = set(first)
     missing = [c for c in REQUIRED if c not in present]
     if missing:
-        where = f"{path}:{line}" if line else str(path)
         raise UserError(f"{where}: manifest is missing column(s) {', '.join(missing)} "
                         f"(needs {', '.join(REQUIRED)}; optional seed, original)")
 
@@ -166,6 +189,8 @@ def _parse(path: Path, line: int, record: dict, base: Path) -> ManifestRow:
     _check_text(fields, "original", where)
     if UNPRINTABLE.search(str(fields["source"])):  # it names a store's source (terminals, pages): as `source add`
         raise UserError(f"{where}: source {str(fields['source'])[:60]!r} has control, bidi or invisible characters")
+    # one name, one spelling: `café` decomposed (as macOS writes folder names) is the `café` a user types
+    fields["source"] = unicodedata.normalize("NFC", str(fields["source"]))
     if role not in ROLES:
         raise UserError(f"{where}: role must be original, resynthesis or real, not {fields['role']!r}")
     description = normalise_description(str(fields["description"]))

@@ -20,16 +20,17 @@ import json
 import os
 import re
 import sys
+import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from engine.errors import UserError
-from engine.images import FORMATS
-from engine.paths import check_output_file
+from engine.errors import TooLargeError, UserError
+from engine.images import check_header, read_image
+from engine.paths import check_output_file, shown
+from engine.sources import check_name
 from index.keys import UNPRINTABLE, normalise_description
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -104,18 +105,31 @@ def images_folder(root: Path) -> Path:
     return root / "images" if (root / "images").is_dir() else root
 
 
-def _readable(path: Path) -> bool:
-    """Header check only (cheap): catches non-images named like images; ingest decodes the pixels later."""
+UNREADABLE = "unreadable images"
+OVER_LIMITS = "images over the size limits (bytes, pixels or side ratio)"
+
+
+def _unusable(path: Path, decode: bool) -> str | None:
+    """Why ingest would refuse this file (a reason of `skipped`), or None. The header check is ingest's own
+    (engine.images.check_header: format, bytes, pixels, side ratio, container blocks), so a bomb is skipped
+    here, not met as a traceback (Pillow's DecompressionBombError is no OSError) or as a refused ingest;
+    with `decode` (`--ingest`) the pixels are decoded too, so a truncated body is skipped as well."""
     try:
-        with Image.open(path, formats=FORMATS):  # no ICO: its plugin decodes the whole image while opening
-            return True
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        return False
+        if decode:
+            read_image(path)
+        else:
+            check_header(path)
+    except TooLargeError:
+        return OVER_LIMITS
+    except UserError:  # not an image, empty, damaged
+        return UNREADABLE
+    return None
 
 
 BROKEN_LINK = "links to no file or folder (dangling, a loop, or a device)"
 NOT_UTF8 = "names that are not UTF-8"
 UNPRINTABLE_NAME = "folder names with control, bidi or invisible characters"
+BAD_NAME = "folder names that cannot name a source (a backslash, over 200 characters)"
 
 
 def _entries(folder: Path, skipped: Counter, dirs: bool) -> list[Path]:
@@ -144,12 +158,40 @@ def _entries(folder: Path, skipped: Counter, dirs: bool) -> list[Path]:
         if dirs and UNPRINTABLE.search(entry.name):  # it would name a source (printed on terminals and pages)
             skipped[UNPRINTABLE_NAME] += 1
             continue
+        if dirs and _bad_source_name(entry.name):  # ingest would refuse the whole manifest for it
+            skipped[BAD_NAME] += 1
+            continue
         out.append(entry)
     return out
 
 
-def scan(root: Path, skipped: Counter, progress: bool = False) -> list[Found]:
-    """Every dataset image under ROOT; strays are counted in `skipped` by reason, never fatal."""
+def _bad_source_name(name: str) -> bool:
+    try:
+        check_name(name)
+    except UserError:
+        return True
+    return False
+
+
+def _check_twins(base: Path, candidates: list[tuple[Path, str, str | None]]) -> None:
+    """Refuse generator folders whose names differ only by case or Unicode form (`Alpha` and `alpha`, or
+    `café` composed and decomposed, as an archive made on macOS holds): they would become sources that read
+    as one name in every answer, each with part of the generator's images. Which one is right is the user's
+    call, so nothing is guessed."""
+    spellings: dict[str, set[str]] = {}
+    for _, generator, of in candidates:
+        for name in (generator, of):
+            if name is not None:
+                spellings.setdefault(unicodedata.normalize("NFC", name).casefold(), set()).add(name)
+    twins = next((sorted(names) for names in spellings.values() if len(names) > 1), None)
+    if twins:
+        raise UserError(f"{shown(base)}: generator folders {' and '.join(repr(n) for n in twins)} differ only by "
+                        "case or Unicode form: they would be sources that read as one; rename or remove one")
+
+
+def scan(root: Path, skipped: Counter, progress: bool = False, decode: bool = False) -> list[Found]:
+    """Every dataset image under ROOT; strays are counted in `skipped` by reason, never fatal. With `decode`
+    every image is decoded in full (what ingest will do), so one that would fail it is skipped instead."""
     base = images_folder(root)
     candidates: list[tuple[Path, str, str | None]] = []
     for gen_dir in _entries(base, skipped, dirs=True):
@@ -158,6 +200,7 @@ def scan(root: Path, skipped: Counter, progress: bool = False) -> list[Found]:
         if nested.is_dir():
             for res_dir in _entries(nested, skipped, dirs=True):
                 candidates += [(f, res_dir.name, gen_dir.name) for f in _entries(res_dir, skipped, dirs=False)]
+    _check_twins(base, candidates)
     found: list[Found] = []
     seen: set[tuple[str, str | None, int]] = set()
     for path, generator, of in tqdm(candidates, desc="scanning", unit="file", disable=not progress, leave=False):
@@ -166,8 +209,8 @@ def scan(root: Path, skipped: Counter, progress: bool = False) -> list[Found]:
             skipped["not dataset images"] += 1
         elif (generator, of, number) in seen:
             skipped["duplicate ids (first file kept)"] += 1
-        elif not _readable(path):
-            skipped["unreadable images"] += 1
+        elif why := _unusable(path, decode):
+            skipped[why] += 1
         else:
             seen.add((generator, of, number))
             found.append(Found(path, generator, number, of))
@@ -282,14 +325,16 @@ def write_manifest(rows: list[dict], out: Path) -> None:
 
 
 def import_published(root: Path, out: Path, descriptions: Path | None = None,
-                     alt_descriptions: Path | None = None, progress: bool = False) -> ImportReport:
-    """Scan the dataset tree and write its manifest; returns counts and warnings (nothing is ingested)."""
+                     alt_descriptions: Path | None = None, progress: bool = False,
+                     decode: bool = False) -> ImportReport:
+    """Scan the dataset tree and write its manifest; returns counts and warnings (nothing is ingested).
+    `decode` (for an ingest that follows) skips the images whose pixels would not decode, not only headers."""
     root, out = Path(root), Path(out)
     check_output_file(out, "--out")  # a folder or a device is refused before the scan, not renamed over after it
     texts = read_descriptions(descriptions) if descriptions else None
     alternatives = read_descriptions(alt_descriptions) if alt_descriptions else None
     skipped: Counter = Counter()
-    found = scan(root, skipped, progress)
+    found = scan(root, skipped, progress, decode)
     report = ImportReport(root=str(root), manifest=str(out), generators=sorted({f.generator for f in found}),
                           descriptions="file" if texts else "placeholder")
     rows = build_rows(found, out.parent, texts, alternatives, report)
@@ -326,7 +371,7 @@ def cmd_import_published(args) -> None:
         report = import_published(Path(args.root), Path(args.out),
                                   Path(args.descriptions) if args.descriptions else None,
                                   Path(args.alt_descriptions) if args.alt_descriptions else None,
-                                  progress=not args.quiet)
+                                  progress=not args.quiet, decode=args.ingest)
         for line in report.warnings():
             print(f"resynth: warning: {line}", file=sys.stderr)
         if ws is not None:
@@ -338,4 +383,4 @@ def cmd_import_published(args) -> None:
     if report.ingest:
         text += (f"\ningested {report.ingest['added']} images ({report.ingest['skipped']} already stored); "
                  f"new replay sources: {', '.join(report.ingest['new_sources']) or 'none'}")
-    print(json.dumps(asdict(report), indent=2) if args.json else text)
+    print(json.dumps({**asdict(report), "warnings": report.warnings()}, indent=2) if args.json else text)

@@ -185,3 +185,26 @@ def test_evaluate_skips_originals_without_resyntheses_and_names_one_default(mode
     assert "--original-refs" in markdown
 
     assert "has no resyntheses" in _error(capsys, *argv, "--strict")
+
+
+def test_one_image_under_two_paths_is_one_original(tmp_path):
+    """Two generators' folders holding the same bytes as originals (a sloppy copy) gave calibration one
+    image with two true sources, each threshold measured on a wrong label; a copy under the same source
+    counted the image twice. Refused, naming both rows; the copy used once, counted as listed twice."""
+    from PIL import Image
+
+    from engine.errors import UserError
+    from engine.labelled import LISTED_TWICE, from_rows
+    from engine.manifest import read_manifest
+
+    for name, colour in (("o.png", "red"), ("copy.png", "red"), ("r.png", "blue"), ("r2.png", "green")):
+        Image.new("RGB", (16, 16), colour).save(tmp_path / name)
+    head = "image,source,description,role\n"
+    (tmp_path / "m.csv").write_text(head + "o.png,a,d,original\ncopy.png,a,d,original\nr.png,a,d,resynthesis\n")
+    evalset = from_rows(read_manifest(tmp_path / "m.csv"), str(tmp_path / "m.csv"))
+    assert evalset.n_originals == 1 and evalset.skipped == {LISTED_TWICE: ["copy.png"]}
+    (tmp_path / "m.csv").write_text(head + "o.png,a,d,original\ncopy.png,b,d,original\nr.png,a,d,resynthesis\n"
+                                    "r2.png,b,d,resynthesis\n")
+    with pytest.raises(UserError, match=r"m.csv:3: original copy.png has the same bytes as o.png \(line 2\), an "
+                                        r"original of 'a', but is listed as 'b'"):
+        from_rows(read_manifest(tmp_path / "m.csv"), str(tmp_path / "m.csv"))

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import struct
+import unicodedata
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +17,8 @@ import engine
 from engine import Options
 from engine.attribute import Query
 from engine.manifest import read_manifest
-from engine.published import image_number, read_descriptions
+from engine.errors import UserError
+from engine.published import BAD_NAME, OVER_LIMITS, image_number, import_published, read_descriptions
 from index.schema import Image as ImageRow
 from index.store import Store
 from tests.helpers import run_cli
@@ -122,6 +127,20 @@ def test_round_trip_ingest_links_and_replay_attribution(dataset, empty_store, tm
     assert report["ingest"]["added"] == 36 and report["ingest"]["new_sources"] == ["alpha", "beta", "gamma"]
     assert "another view: a child in a blue hat" in out.read_text()
     assert _import(capsys, *argv)["ingest"]["skipped"] == 36  # re-running is a no-op
+    # A manifest from elsewhere cannot add a source that reads as a stored one, a name no source may have,
+    # or one image under two true sources; each refusal names its row, and nothing is written.
+    first, copy = dataset / "images" / "alpha" / "00001.png", tmp_path / "copy.png"
+    copy.write_bytes(first.read_bytes())
+    for rows, said in (([f"{first},ALPHA,d,original"], "m.csv:2: source 'ALPHA' differs from the store's source "
+                                                       "'alpha' only by case"),
+                       ([f"{first},new,d,original", f"{first},a\\b,d,resynthesis"], "m.csv:3: invalid source name"),
+                       ([f"{first},alpha,d,original", f"{copy},beta,d,original"], "m.csv:3: original "),
+                       ([f"{first},alpha,d,original", f"{copy},Beta,d,resynthesis"], "differs from the store's")):
+        (tmp_path / "m.csv").write_text("image,source,description,role\n" + "\n".join(rows) + "\n")
+        assert run_cli("ingest", tmp_path / "m.csv", "--store", empty_store, "--allow-outside", "--quiet") == 2
+        err = capsys.readouterr().err.strip()
+        assert said in err and "\n" not in err, err
+        assert "same bytes as" in err or "original " not in said
 
     with Store.open(empty_store) as store:
         stats = store.stats()
@@ -180,3 +199,63 @@ def test_user_mistakes_are_one_line(dataset, tmp_path, capsys):
     fails(dataset, "--descriptions", bad, match="not a readable descriptions file")
     fails(dataset, "--ingest", "--store", tmp_path / "no-store", match="no store at")
     assert not (tmp_path / "m.csv").exists()
+
+
+def _bomb() -> bytes:
+    """A 50000 x 50000 PNG of a few hundred bytes: Pillow raises DecompressionBombError (no OSError) at open."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 50_000, 50_000, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(
+        b"IEND", b"")
+
+
+def test_a_sloppy_or_hostile_tree_is_skipped_file_by_file(tmp_path):
+    """A bomb among the images was a traceback; a folder name no source may have (a backslash, 201
+    characters) was written to the manifest and then refused the whole ingest; a truncated image passed the
+    header check and refused the whole `--ingest` after the manifest was written. Each is now skipped and
+    counted; generator folders that read as one name are refused, naming both."""
+    root = tmp_path / "ds"
+    images = root / "images"
+    _save(_picture("alpha", 1, 1), images / "alpha" / "00001.png")
+    _save(_picture("beta", 1, 2), images / "alpha" / "images" / "beta" / "00001.png")
+    (images / "alpha" / "00002.png").write_bytes(_bomb())
+    cut = images / "alpha" / "images" / "beta" / "00003.png"
+    _save(_picture("beta", 3, 3), cut)
+    cut.write_bytes(cut.read_bytes()[:-2000])  # the header intact, the pixels cut
+    for odd in ("back\\slash", "x" * 201):
+        _save(_picture("beta", 1, 4), images / odd / "00001.png")
+    report = import_published(root, tmp_path / "m.csv")
+    assert (report.originals, report.resyntheses) == (1, 2)
+    assert report.skipped == {OVER_LIMITS: 1, BAD_NAME: 2}
+    report = import_published(root, tmp_path / "m.csv", decode=True)  # as `--ingest` scans
+    assert (report.originals, report.resyntheses) == (1, 1)
+    assert report.skipped == {OVER_LIMITS: 1, BAD_NAME: 2, "unreadable images": 1}
+
+    for twin in ("Alpha", unicodedata.normalize("NFD", "café")):
+        if twin != "Alpha":
+            os.rename(images / "Alpha", images / unicodedata.normalize("NFC", "café"))
+        _save(_picture("alpha", 1, 5), images / twin / "00001.png")
+        with pytest.raises(UserError, match="differ only by case or Unicode form") as error:
+            import_published(root, tmp_path / "m.csv")
+        assert "\n" not in str(error.value) and repr(twin) in str(error.value)
+
+
+def test_a_manifest_column_given_twice_is_refused_and_source_names_are_composed(tmp_path):
+    """json.loads keeps the last of a repeated key, a CSV reader the last of a repeated header, and `path`
+    is an alias of `image`: a row silently named another file than the one a reader sees first."""
+    _save(_picture("alpha", 1, 1), tmp_path / "a.png")
+    _save(_picture("alpha", 2, 2), tmp_path / "b.png")
+    row = '"source": "s", "description": "d", "role": "original"'
+    for name, text, said in (
+            ("keys.jsonl", f'{{"image": "a.png", {row}, "image": "b.png"}}\n', "column 'image' is given twice"),
+            ("alias.jsonl", f'{{"image": "a.png", {row}, "path": "b.png"}}\n', "as 'image' and 'path'"),
+            ("head.csv", "image,source,description,role,Image\na.png,s,d,original,b.png\n", "as 'image' and 'Image'"),
+            ("text.csv", "image,source,prompt,role,description\na.png,s,d,original,e\n", "'description' is given")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(UserError, match=said):
+            read_manifest(tmp_path / name)
+    (tmp_path / "nfd.csv").write_text(f"image,source,description,role\na.png,{unicodedata.normalize('NFD', 'café')},"
+                                      "d,original\n")
+    assert read_manifest(tmp_path / "nfd.csv")[0].source == unicodedata.normalize("NFC", "café")
