@@ -195,8 +195,11 @@ def _array_hint(value: Any) -> str:
 
 
 def _is_file(value: Any) -> bool:
-    """A file object (open(..., "rb"), io.BytesIO, a zip member): has `read`; a PIL image has none."""
-    return callable(getattr(value, "read", None)) and not isinstance(value, (str, bytes, os.PathLike))
+    """A file object (open(..., "rb"), io.BytesIO, a zip member): has `read`; a PIL image has none, and a Query's
+    `read` is its constructor (a list of Queries was read as file objects: Query.read(67108865))."""
+    from engine.attribute import Query
+
+    return callable(getattr(value, "read", None)) and not isinstance(value, (str, bytes, os.PathLike, Query))
 
 
 def _read_file_object(handle: Any, what: str) -> bytes:
