@@ -64,6 +64,7 @@ class ImportReport:
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> files
     descriptions: str = "placeholder"  # "file" or "placeholder"
     placeholder_ids: int = 0  # ids that fell back to `id:<NNNNN>` although a file was given
+    conflicting_ids: list[str] = field(default_factory=list)  # ids the descriptions file describes differently twice
     ingest: dict | None = None
 
     def warnings(self) -> list[str]:
@@ -83,6 +84,9 @@ class ImportReport:
                        "(attribute with --prompt id:<NNNNN>, or let the store find an ingested original's)")
         elif self.placeholder_ids:
             out.append(f"{self.placeholder_ids} ids are not in the descriptions file: placeholder id:<NNNNN> used")
+        if self.conflicting_ids:
+            out.append(f"{len(self.conflicting_ids)} ids have two different descriptions in the descriptions files "
+                       f"(the last is used), e.g. {', '.join(self.conflicting_ids[:3])}")
         return out
 
 
@@ -221,8 +225,10 @@ def scan(root: Path, skipped: Counter, progress: bool = False, decode: bool = Fa
     return found
 
 
-def read_descriptions(path: Path) -> dict[int, str]:
-    """id -> description from CSV/TSV (id and description/prompt columns, or the first two) or JSON/JSONL."""
+def read_descriptions(path: Path, conflicts: set[int] | None = None) -> dict[int, str]:
+    """id -> description from CSV/TSV (id and description/prompt columns, or the first two) or JSON/JSONL.
+    Ids given two different descriptions (`00001` and `1`, or a repeated row) keep the last and are added to
+    `conflicts`: the import reports them, since one image may carry a description it was not made from."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"descriptions file not found: {path}")
@@ -236,14 +242,17 @@ def read_descriptions(path: Path) -> dict[int, str]:
         match = ID_PATTERN.match(Path(str(key).strip()).stem)
         text = normalise_description(str(text or ""))
         if match and text:
-            out[int(match.group(1))] = text
+            number = int(match.group(1))
+            if conflicts is not None and out.get(number, text) != text:
+                conflicts.add(number)
+            out[number] = text
     if not out:
         raise UserError(f"{path}: no `id -> description` entries found (ids must start with digits)")
     return out
 
 
 def _json_pairs(path: Path) -> list[tuple]:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # a BOM (Excel, Notepad) was "not a readable descriptions file"
     records = json.loads(text) if path.suffix.lower() == ".json" else [
         json.loads(line) for line in text.splitlines() if line.strip()]
     if isinstance(records, dict):
@@ -259,7 +268,7 @@ def _pick(record: dict, names: tuple[str, ...]):
 
 
 def _csv_pairs(path: Path) -> list[tuple]:
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:  # a BOM made a headerless file's first id a header
         rows = [r for r in csv.reader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",") if r]
     if not rows:
         return []
@@ -331,12 +340,14 @@ def import_published(root: Path, out: Path, descriptions: Path | None = None,
     `decode` (for an ingest that follows) skips the images whose pixels would not decode, not only headers."""
     root, out = Path(root), Path(out)
     check_output_file(out, "--out")  # a folder or a device is refused before the scan, not renamed over after it
-    texts = read_descriptions(descriptions) if descriptions else None
-    alternatives = read_descriptions(alt_descriptions) if alt_descriptions else None
+    conflicts: set[int] = set()
+    texts = read_descriptions(descriptions, conflicts) if descriptions else None
+    alternatives = read_descriptions(alt_descriptions, conflicts) if alt_descriptions else None
     skipped: Counter = Counter()
     found = scan(root, skipped, progress, decode)
     report = ImportReport(root=str(root), manifest=str(out), generators=sorted({f.generator for f in found}),
-                          descriptions="file" if texts else "placeholder")
+                          descriptions="file" if texts else "placeholder",
+                          conflicting_ids=[f"{n:05d}" for n in sorted(conflicts)])
     rows = build_rows(found, out.parent, texts, alternatives, report)
     report.skipped = dict(skipped)
     write_manifest(rows, out)

@@ -179,8 +179,16 @@ def test_descriptions_file_formats(tmp_path):
     as_list.write_text('{"id": 1, "description": "a man"}\n{"id": "00002-0.png", "prompt": "a woman"}\n')
     headerless = tmp_path / "d.tsv"
     headerless.write_text("00001\ta man\n00002\ta woman\n")
-    for path in (as_object, as_list, headerless):
+    with_bom = tmp_path / "bom.csv"  # Excel's: the headerless file's first id was taken for a header, and lost
+    with_bom.write_bytes(b"\xef\xbb\xbf00001,a man\n00002,a woman\n")
+    json_bom = tmp_path / "bom.json"  # refused as "not a readable descriptions file"
+    json_bom.write_bytes(b"\xef\xbb\xbf" + as_object.read_bytes())
+    for path in (as_object, as_list, headerless, with_bom, json_bom):
         assert read_descriptions(path) == {1: "a man", 2: "a woman"}
+    twice = tmp_path / "twice.csv"  # one id, two descriptions: the last was used without a word
+    twice.write_text("id,prompt\n00001,a man\n1,a woman\n2,a woman\n00002,a woman\n")
+    conflicts: set[int] = set()
+    assert read_descriptions(twice, conflicts) == {1: "a woman", 2: "a woman"} and conflicts == {1}
 
 
 def test_user_mistakes_are_one_line(dataset, tmp_path, capsys):
