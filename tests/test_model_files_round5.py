@@ -380,6 +380,19 @@ def test_a_lora_loads_with_the_alpha_its_file_records(models, tmp_path):
         assert layers and {s for m in layers for s in m.scaling.values()} == {0.25}
     finally:
         generator.unload()
+    # a LoRA with a tensor for a layer the base lacks, in a source added before `source add` checked them: its
+    # first load says so, where diffusers drops the tensor and the source generated as part of its adapter
+    partial = tmp_path / "partial.safetensors"
+    missing = "unet.down_blocks.7.attentions.0.transformer_blocks.0.attn1.to_q.lora_"
+    save_file(load_file(str(file)) | {missing + "A.weight": torch.ones(4, 64), missing + "B.weight": torch.ones(64, 4)},
+              str(partial), metadata={"format": "pt"})
+    with pytest.MonkeyPatch.context() as older:
+        older.setattr("engine.sources.lora.check_adapter_fits", lambda *args: None)
+        recipe = Lora().prepare("partial", base, lora=str(partial), steps=2)
+    generator = LoraGenerator("partial", Path(recipe.path), GenerationParams(steps=2), recipe.params["loras"], "cpu")
+    with pytest.raises(SourceError, match=r"2 of 66 LoRA tensors match no layer .* it would load only in part"):
+        generator.load()
+    generator.unload()
     (tmp_path / "bad").mkdir()
     broken = tmp_path / "bad" / "alpha.safetensors"  # the same tensors, a metadata that is no JSON
     save_file(load_file(str(file)), str(broken), metadata={"lora_adapter_metadata": "{not json"})

@@ -360,6 +360,11 @@ class LoraGenerator(DiffusersGenerator):
                     if not any(name in found for found in base.pipe.get_list_adapters().values()):
                         raise SourceError(self.name, f"LoRA {file.name} matches no layer of {self.folder.name}: it "
                                                      "was made for another base model")
+                    try:  # a source added before `source add` checked every tensor: never used half loaded
+                        check_adapter_fits(file, check_adapter_values(file), self.folder)
+                    except UserError as exc:
+                        _forget_adapter(base.pipe, name)
+                        raise SourceError(self.name, str(exc)) from exc
                     base.adapters.add(name)
                 names.append(name)
             base.users[id(self)] = set(names)
