@@ -22,7 +22,7 @@ _FACTOR = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora\.down|lora\
 _DOWN = ("lora_A", "lora.down", "lora_linear_layer.down", "lora_down")
 _UP = ("lora_B", "lora.up", "lora_linear_layer.up", "lora_up")
 # kinds of adapter diffusers cannot load (LyCORIS LoHa, LoKr, OFT/BOFT, GLoRA, IA3): refused, never half-loaded
-_LYCORIS = re.compile(r"hada_|lokr_|oft_|\.on_input$|\.(?:a1|a2|b1|b2)\.weight$")
+_LYCORIS = re.compile(r"hada_|lokr_|\.oft_|\.on_input$|\.(?:a1|a2|b1|b2)\.weight$")
 EXAMPLES = 3
 
 
