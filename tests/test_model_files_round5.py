@@ -393,6 +393,13 @@ def test_a_lora_loads_with_the_alpha_its_file_records(models, tmp_path):
     with pytest.raises(SourceError, match=r"2 of 66 LoRA tensors match no layer .* it would load only in part"):
         generator.load()
     generator.unload()
+    saved = tmp_path / "saved"  # a LoRA folder as diffusers saves one: its one file
+    saved.mkdir()
+    shutil.copy(file, saved / "pytorch_lora_weights.safetensors")
+    assert Lora().prepare("saved", base, lora=f"{saved}:0.5").params["loras"][0]["file"].endswith("weights.safetensors")
+    shutil.copy(file, saved / "other.safetensors")
+    with pytest.raises(UserError, match="is a folder holding 2 .safetensors files"):
+        Lora().prepare("saved", base, lora=str(saved))
     (tmp_path / "bad").mkdir()
     broken = tmp_path / "bad" / "alpha.safetensors"  # the same tensors, a metadata that is no JSON
     save_file(load_file(str(file)), str(broken), metadata={"lora_adapter_metadata": "{not json"})

@@ -81,6 +81,20 @@ def _scale_typo(tail: str) -> bool:
     return not any(sep in tail for sep in "/\\") and not tail.lower().endswith(".safetensors")
 
 
+def adapter_file(given: str) -> str:
+    """A folder given as an adapter (as diffusers saves one, `pytorch_lora_weights.safetensors`, or a downloaded
+    LoRA repository) stands for the one .safetensors file in it; it was refused as "LoRA file not found"."""
+    folder = Path(given).expanduser()
+    if not folder.is_dir():
+        return given
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) != 1:
+        names = f" ({', '.join(f.name for f in files[:3])})" if files else ""
+        raise UserError(f"--lora {given} is a folder holding {len(files)} .safetensors files{names}: give the adapter "
+                        "file itself")
+    return str(files[0])
+
+
 def check_adapter_values(file: Path) -> dict:
     """Refuse, at `source add`, an adapter that can only make garbage: a NaN or infinite value (weights or
     alpha), which diffusers loads and decodes into black images, or a rank of 0 (an empty low-rank factor),
@@ -129,7 +143,7 @@ class Lora(SourceKind):
         check_weights_present(folder)  # the base's own weights (a configs-only folder fails at first generation)
         adapters = []
         for given, scale in parse_loras(lora):
-            file = check_safetensors(given, "LoRA file")
+            file = check_safetensors(adapter_file(given), "LoRA file")
             keys = safetensors_keys(file)
             lycoris = lycoris_kind(keys)
             if lycoris is not None:
