@@ -203,6 +203,8 @@ def _parse(path: Path, line: int, record: dict, base: Path) -> ManifestRow:
         try:
             if isinstance(seed, bool):
                 raise TypeError("a boolean")
+            if isinstance(seed, float) and not seed.is_integer():  # int() cut a JSON 1.5 to seed 1, silently
+                raise TypeError("a fraction")
             seed = int(seed)
         except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's Infinity
             raise UserError(f"{where}: seed must be an integer, not {str(seed)[:40]!r}") from None

@@ -31,7 +31,7 @@ from engine.errors import TooLargeError, UserError
 from engine.images import check_header, read_image
 from engine.paths import check_output_file, shown
 from engine.sources import check_name
-from index.keys import UNPRINTABLE, normalise_description
+from index.keys import UNPRINTABLE, normalise_description, sha256_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 ID_PATTERN = re.compile(r"^(\d+)")
@@ -193,6 +193,37 @@ def _check_twins(base: Path, candidates: list[tuple[Path, str, str | None]]) -> 
                         "case or Unicode form: they would be sources that read as one; rename or remove one")
 
 
+SHARED_ORIGINAL = "originals whose bytes another generator's original has (no true source)"
+
+
+def _without_shared_originals(found: list[Found], skipped: Counter) -> list[Found]:
+    """The originals whose exact bytes are also another generator's original are left out (all of them): the
+    black image a safety filter returns, or a copy or a deduplicating store's shared blob, has no true
+    source, and ingest refuses one image under two sources. Their resyntheses stay, unlinked."""
+    generators: dict[str, set[str]] = {}
+    digests: dict[int, str | None] = {}  # an original's index -> its sha256 (None: unreadable since its check)
+    for i, f in enumerate(found):
+        if f.of is None:
+            try:
+                digest: str | None = sha256_file(f.path)
+            except OSError:
+                digest = None
+            digests[i] = digest
+            if digest is not None:
+                generators.setdefault(digest, set()).add(f.generator)
+    out = []
+    for i, f in enumerate(found):
+        if i not in digests:  # a resynthesis
+            out.append(f)
+        elif (digest := digests[i]) is None:
+            skipped[UNREADABLE] += 1
+        elif len(generators[digest]) > 1:
+            skipped[SHARED_ORIGINAL] += 1
+        else:
+            out.append(f)
+    return out
+
+
 def scan(root: Path, skipped: Counter, progress: bool = False, decode: bool = False) -> list[Found]:
     """Every dataset image under ROOT; strays are counted in `skipped` by reason, never fatal. With `decode`
     every image is decoded in full (what ingest will do), so one that would fail it is skipped instead."""
@@ -218,6 +249,7 @@ def scan(root: Path, skipped: Counter, progress: bool = False, decode: bool = Fa
         else:
             seen.add((generator, of, number))
             found.append(Found(path, generator, number, of))
+    found = _without_shared_originals(found, skipped)
     if not found:
         strays = "; skipped " + ", ".join(f"{n} {why}" for why, n in sorted(skipped.items())) if skipped else ""
         raise UserError(f"no dataset images under {base} (expected images/<generator>/<NNNNN>.png and "

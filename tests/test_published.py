@@ -18,7 +18,7 @@ from engine import Options
 from engine.attribute import Query
 from engine.manifest import read_manifest
 from engine.errors import UserError
-from engine.published import BAD_NAME, OVER_LIMITS, image_number, import_published, read_descriptions
+from engine.published import BAD_NAME, OVER_LIMITS, SHARED_ORIGINAL, image_number, import_published, read_descriptions
 from index.schema import Image as ImageRow
 from index.store import Store
 from tests.helpers import run_cli
@@ -234,12 +234,14 @@ def test_a_sloppy_or_hostile_tree_is_skipped_file_by_file(tmp_path):
     cut.write_bytes(cut.read_bytes()[:-2000])  # the header intact, the pixels cut
     for odd in ("back\\slash", "x" * 201):
         _save(_picture("beta", 1, 4), images / odd / "00001.png")
+    for generator in ("alpha", "beta"):  # a safety filter's black image as two generators' original: no true source
+        _save(Image.new("RGB", (64, 64)), images / generator / "00004.png")
     report = import_published(root, tmp_path / "m.csv")
     assert (report.originals, report.resyntheses) == (1, 2)
-    assert report.skipped == {OVER_LIMITS: 1, BAD_NAME: 2}
+    assert report.skipped == {OVER_LIMITS: 1, BAD_NAME: 2, SHARED_ORIGINAL: 2}
     report = import_published(root, tmp_path / "m.csv", decode=True)  # as `--ingest` scans
     assert (report.originals, report.resyntheses) == (1, 1)
-    assert report.skipped == {OVER_LIMITS: 1, BAD_NAME: 2, "unreadable images": 1}
+    assert report.skipped == {OVER_LIMITS: 1, BAD_NAME: 2, SHARED_ORIGINAL: 2, "unreadable images": 1}
 
     for twin in ("Alpha", unicodedata.normalize("NFD", "café")):
         if twin != "Alpha":
@@ -264,6 +266,9 @@ def test_a_manifest_column_given_twice_is_refused_and_source_names_are_composed(
         (tmp_path / name).write_text(text)
         with pytest.raises(UserError, match=said):
             read_manifest(tmp_path / name)
+    (tmp_path / "half.jsonl").write_text(f'{{"image": "a.png", {row}, "seed": 1.5}}\n')  # it was read as seed 1
+    with pytest.raises(UserError, match="seed must be an integer, not '1.5'"):
+        read_manifest(tmp_path / "half.jsonl")
     (tmp_path / "nfd.csv").write_text(f"image,source,description,role\na.png,{unicodedata.normalize('NFD', 'café')},"
                                       "d,original\n")
     assert read_manifest(tmp_path / "nfd.csv")[0].source == unicodedata.normalize("NFC", "café")
