@@ -343,3 +343,14 @@ def test_ldm_files_missing_a_part_are_told_from_their_header(models, made, tmp_p
         with pytest.raises(UserError, match=message) as caught:
             check_ldm_parts(label, safetensors_header(tmp_path / f"{label}.safetensors"), made["sdxl-config"])
         assert "\n" not in str(caught.value)
+    # a v-prediction file (NoobAI-XL V-Pred's marks) made noise on an epsilon scheduler without a word
+    save_file({**tensors, "v_pred": torch.ones(0), "ztsnr": torch.ones(0)}, str(tmp_path / "vpred.safetensors"))
+    header = safetensors_header(tmp_path / "vpred.safetensors")
+    with pytest.raises(UserError, match=r"v-prediction checkpoint \(its v_pred and ztsnr mark\).*\"prediction_type\": "
+                                        r"\"v_prediction\" \(it has 'epsilon'\) and \"rescale_betas_zero_snr\": true"):
+        check_ldm_parts("vpred", header, made["sdxl-config"])
+    vconfig = config_only(made["sdxl-config"], tmp_path / "v-config")
+    scheduler = vconfig / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "prediction_type": "v_prediction",
+                                     "rescale_betas_zero_snr": True}))
+    check_ldm_parts("vpred", header, vconfig)

@@ -221,6 +221,7 @@ def check_ldm_parts(name: str, header: dict, folder: Path) -> None:
     from engine.sources.lora import _quiet
 
     shapes = {k: list(v.get("shape") or []) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    _check_prediction(name, shapes, folder)
     parts = {"UNet": "model.diffusion_model.", "VAE": "first_stage_model."}
     if not any(k.startswith("conditioner.") for k in shapes):
         parts["text encoder"] = "cond_stage_model."
@@ -252,3 +253,27 @@ def check_ldm_parts(name: str, header: dict, folder: Path) -> None:
         if problems:
             raise UserError(f"{name} does not fit {folder.name}: {len(problems)} {part} tensors differ (e.g. "
                             f"{'; '.join(problems[:3])})")
+
+
+def _check_prediction(name: str, shapes: dict, folder: Path) -> None:
+    """A v-prediction checkpoint (NoobAI-XL V-Pred and its merges mark it with an empty `v_pred` tensor, zero
+    terminal SNR with `ztsnr`) generates noise-like images, without any error, on a scheduler of the folder's that
+    predicts epsilon: diffusers takes the scheduler from --config and never reads these marks."""
+    import json
+
+    if "v_pred" not in shapes and "ztsnr" not in shapes:
+        return
+    try:
+        scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError):
+        scheduler = {}
+    wrong = []
+    if "v_pred" in shapes and scheduler.get("prediction_type") != "v_prediction":
+        wrong.append(f'"prediction_type": "v_prediction" (it has {scheduler.get("prediction_type")!r})')
+    if "ztsnr" in shapes and not scheduler.get("rescale_betas_zero_snr"):
+        wrong.append('"rescale_betas_zero_snr": true')
+    if wrong:
+        marks = " and ".join(m for m in ("v_pred", "ztsnr") if m in shapes)
+        raise UserError(f"{name} is a v-prediction checkpoint (its {marks} mark), which makes noise on {folder.name}'s "
+                        f"scheduler: use a --config folder whose scheduler/scheduler_config.json has "
+                        f"{' and '.join(wrong)}")
