@@ -243,8 +243,8 @@ def test_sources_and_stats_are_one_answer_less_the_servers_paths(store, api, cap
     stats.pop("store")
     stats["search"].pop("path", None)
     assert api.get("/v1/stats").json()["store"] == stats
-    # removing a source the store lacks: one error from each
-    with pytest.raises(Exception) as caught:
+    # removing a source the store lacks: one error from each (a UserError from Python: it was the store's own type)
+    with pytest.raises(engine.UserError) as caught:
         with engine.open(store) as ws:
             ws.remove_source("nope")
     kind, message = kind_of(caught.value), message_of(caught.value)
