@@ -236,6 +236,25 @@ def _convertible(image: Any, what: str) -> None:
                                "convert it first (e.g. image.convert(\"RGBA\"))", code="unsupported_image_mode")
 
 
+def loaded(image: Any, what: str) -> Any:
+    """A PIL image given to `attribute`, its pixels decoded here (its size checked first, from the header): an
+    image opened lazily whose file was since closed (`with Image.open(p) as im:`, then `im` used after the
+    block), or a truncated one, failed inside Pillow with a bare AssertionError, ValueError or OSError."""
+    from engine.errors import TooLargeError, first_line
+    from engine.images import MAX_PIXELS
+
+    if image.width * image.height > MAX_PIXELS:  # before decoding what the reader would refuse anyway
+        raise TooLargeError(f"{what}: {image.width}x{image.height} pixels, the limit is {MAX_PIXELS}",
+                            code="image_too_large")
+    try:
+        image.load()
+    except (OSError, ValueError, AssertionError, SyntaxError, EOFError) as exc:
+        raise UserError(f"{what}: cannot read the PIL image ({first_line(exc)}): decode it while its file is open "
+                        "(image.load() or image.copy() inside `with Image.open(...)`), or give the path",
+                        code="undecodable_image") from None
+    return image
+
+
 def pil_images(images: Any, what: str = "images") -> list:
     """The decoded images `Workspace.embed` takes: a list of PIL images, each convertible to RGB."""
     from PIL import Image

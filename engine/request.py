@@ -20,8 +20,9 @@ from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Hashable, Protocol, Sequence, cast
 
 import numpy as np
+from PIL import Image
 
-from engine import compare
+from engine import arguments, compare
 from engine.attribute import Attribution, Candidates, Plan, Query, Report
 from engine.errors import UserError
 from engine.images import ImageInput
@@ -251,6 +252,8 @@ def attribute(ws: "Workspace", images: ImageInput | Sequence[ImageInput] | Seque
             if stop.is_set():
                 raise CancelledError
             item = items[i]
+            if isinstance(item, Image.Image):
+                arguments.loaded(item, f"images[{i}]")
             queries.append(item if isinstance(item, Query)
                            else Query.read(item, prompts[i], labels[i] if labels else None))
         return queries

@@ -314,6 +314,11 @@ def test_every_form_of_an_image_python_takes_answers_as_its_file(store, image):
         assert kind_of(caught.value).status == 415
         with pytest.raises(engine.UserError, match="open it in binary mode"), open(image, encoding="latin-1") as text:
             ask(text)
+        with Image.open(image) as lazy:  # used after its block: a bare AssertionError from inside Pillow
+            pass
+        with pytest.raises(engine.UserError, match=r"images\[1\]: cannot read the PIL image") as caught:
+            ask([picture, lazy])
+        assert kind_of(caught.value).code == "undecodable_image"
         with pytest.raises(engine.UserError, match=r"images\[0\] is an empty path"):
             ask("")  # read as ".", "a folder, not an image file"
 
