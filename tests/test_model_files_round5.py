@@ -360,7 +360,9 @@ def test_lora_files_in_the_wild_are_enrolled_whole_or_refused(models, tmp_path):
     with pytest.raises(UserError, match="scale of .* is 0, at which it changes nothing"):
         Lora().prepare("zero-scale", base, lora=f"{tmp_path / 'diffusers.safetensors'}:0")
     negative = Lora().prepare("negative", base, lora=f"{tmp_path / 'kohya.safetensors'}:-1")  # a slider, reversed
-    assert negative.params["loras"][0]["scale"] == -1
+    assert negative.params["loras"][0]["scale"] == -1 and negative.warning is None
+    assert "LoRA scale 40 of kohya.safetensors is far beyond" in Lora().prepare(
+        "far", base, lora=f"{tmp_path / 'kohya.safetensors'}:40").warning
 
 
 def test_a_lora_loads_with_the_alpha_its_file_records(models, tmp_path):

@@ -81,6 +81,18 @@ def _scale_typo(tail: str) -> bool:
     return not any(sep in tail for sep in "/\\") and not tail.lower().endswith(".safetensors")
 
 
+FAR_SCALE = 8.0  # sliders are used to about +-8, other adapters to about +-2
+
+
+def _far_scale(adapters: list[dict]) -> str | None:
+    """A warning for a scale no adapter is used at (a typed 8 for 0.8): accepted, its images may be noise."""
+    far = [a for a in adapters if abs(a["scale"]) > FAR_SCALE]
+    if not far:
+        return None
+    return (f"LoRA scale {far[0]['scale']:g} of {Path(far[0]['file']).name} is far beyond what adapters are used at "
+            f"(about -2 to 2, sliders to +-{FAR_SCALE:g}): its images may be noise; check the scale is no typo")
+
+
 def adapter_file(given: str) -> str:
     """A folder given as an adapter (as diffusers saves one, `pytorch_lora_weights.safetensors`, or a downloaded
     LoRA repository) stands for the one .safetensors file in it; it was refused as "LoRA file not found"."""
@@ -166,7 +178,8 @@ class Lora(SourceKind):
                        for linked, whole in FINGERPRINT_FORMS]
         return Recipe(path=str(folder), params={**asdict(recipe), "loras": adapters}, fingerprint=now,
                       older=tuple(older),
-                      twin="already uses this base with the same adapters, scales and parameters")
+                      twin="already uses this base with the same adapters, scales and parameters",
+                      warning=_far_scale(adapters))
 
     def params_hash(self, source) -> str:
         from index.keys import canonical_json, sha256_text
