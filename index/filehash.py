@@ -24,6 +24,7 @@ import threading
 import time
 from contextlib import closing
 from pathlib import Path
+from typing import Callable
 
 SETTLED_S = 2.0
 PERSIST_FROM = 64 << 20  # smaller files hash faster than a cache file opens
@@ -35,6 +36,7 @@ _OFF = {"off", "0", "no", "none", "false"}
 def file_sha256(path: Path) -> str:
     """SHA-256 of a file's whole content, read once per unchanged file (per process, and per user for big ones)."""
     path = Path(path)
+    started = time.time_ns()  # before the first stat: an edit after it, in the same tick, must not be remembered
     key = _identity(path)
     with _LOCK:
         known = _HASHES.get(key)
@@ -49,7 +51,7 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(8 << 20), b""):
             digest.update(block)
     value = digest.hexdigest()
-    if _identity(path) == key and key[5] < time.time_ns() - SETTLED_S * 1e9:
+    if _identity(path) == key and key[5] < started - SETTLED_S * 1e9:
         with _LOCK:
             _HASHES[key] = value
         if key[3] >= PERSIST_FROM:
@@ -75,13 +77,21 @@ def cache_path() -> Path | None:
     return Path(base) / "resynth" / "file-hashes.sqlite"
 
 
-def _trusted(path: Path) -> bool:
-    """This user's own file, writable by nobody else (and no link a planted file could hide behind)."""
+def _trusted(path: Path, kind: Callable[[int], bool] = stat.S_ISREG) -> bool:
+    """This user's own file (or folder), writable by nobody else, and no link a planted file could hide behind."""
     try:
         info = os.lstat(path)
     except OSError:
         return False
-    return stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o022
+    return kind(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o022
+
+
+def _all_trusted(where: Path) -> bool:
+    """The cache file, its folder (where another user could plant a hot journal SQLite plays back on opening)
+    and any journal or log beside it: all this user's alone."""
+    sidecars = [where.with_name(where.name + suffix) for suffix in ("-journal", "-wal", "-shm")]
+    return (_trusted(where.parent, stat.S_ISDIR) and _trusted(where)
+            and all(_trusted(side) for side in sidecars if os.path.lexists(side)))
 
 
 def _connect(create: bool) -> sqlite3.Connection | None:
@@ -93,7 +103,7 @@ def _connect(create: bool) -> sqlite3.Connection | None:
             return None
         where.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.close(os.open(where, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # ours and private from the start
-    if not _trusted(where):
+    if not _all_trusted(where):
         return None
     connection = sqlite3.connect(where, timeout=0.2, isolation_level=None)
     try:
@@ -112,7 +122,7 @@ def _recall(key: tuple) -> str | None:
             return None
         with closing(connection):
             row = connection.execute("SELECT dev, ino, size, mtime, ctime, sha256 FROM digests WHERE path = ?",
-                                     (key[0],)).fetchone()
+                                     (os.fsencode(key[0]),)).fetchone()
     except (OSError, sqlite3.Error) as exc:
         _forget_damaged(exc)
         return None
@@ -127,20 +137,24 @@ def _remember(key: tuple, value: str) -> None:
         if connection is None:
             return
         with closing(connection):
-            connection.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?, ?)", (*key, value))
+            connection.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?, ?)",
+                               (os.fsencode(key[0]), *key[1:], value))  # bytes: a name need not be UTF-8
     except (OSError, sqlite3.Error) as exc:  # locked, full, read-only: the next process hashes again
         _forget_damaged(exc)
 
 
 def _forget_damaged(exc: Exception) -> None:
-    """A cache file SQLite cannot read as a database is ours and worthless: remove it so the next one is sound."""
+    """A damaged SQLite cache file is ours and worthless: remove it so the next one is sound. A file that is no
+    SQLite file at all stays (RESYNTH_HASH_CACHE naming a user's own file by mistake must not delete it)."""
     if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
         where = cache_path()
-        if where is not None and _trusted(where):
-            try:
-                where.unlink()
-            except OSError:
-                pass
+        try:
+            if where is not None and _all_trusted(where):
+                with open(where, "rb") as handle:
+                    if handle.read(16) == b"SQLite format 3\0":
+                        where.unlink()
+        except OSError:
+            pass
 
 
 def _is_digest(value: object) -> bool:

@@ -37,7 +37,9 @@ def weights(tmp_path: Path, data: bytes = b"\x01" * 4096) -> Path:
 def plant(where: Path, path: Path, digest: str) -> None:
     """Overwrite the remembered digest of `path` (what a stale or poisoned cache would hold)."""
     with sqlite3.connect(where) as connection:
-        connection.execute("UPDATE digests SET sha256 = ? WHERE path = ?", (digest, str(path.resolve())))
+        updated = connection.execute("UPDATE digests SET sha256 = ? WHERE path = ?",
+                                     (digest, os.fsencode(path.resolve()))).rowcount
+    assert updated == 1
 
 
 def test_remembered_by_another_process_and_forgotten_when_the_file_changes(cache, tmp_path, monkeypatch):
@@ -68,7 +70,8 @@ def test_a_file_written_just_now_is_not_remembered(cache, tmp_path, monkeypatch)
     assert not cache.exists() and filehash._HASHES == {}
 
 
-@pytest.mark.parametrize("spoil", ["group-writable", "other-user", "garbage", "locked", "unwritable", "off"])
+@pytest.mark.parametrize("spoil", ["group-writable", "other-user", "open-folder", "planted-journal", "damaged",
+                                   "not-sqlite", "locked", "unwritable", "off"])
 def test_a_cache_that_cannot_be_trusted_or_used_is_passed_over(cache, tmp_path, monkeypatch, spoil):
     path = weights(tmp_path)
     true = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -82,8 +85,18 @@ def test_a_cache_that_cannot_be_trusted_or_used_is_passed_over(cache, tmp_path, 
         if os.geteuid() != 0:
             pytest.skip("needs root to give the file to another user")
         os.chown(cache, 65534, -1)
-    elif spoil == "garbage":
-        cache.write_bytes(b"not a database at all" * 100)
+    elif spoil == "open-folder":  # where another user could plant a hot journal SQLite plays back
+        cache.parent.chmod(0o777)
+    elif spoil == "planted-journal":
+        if os.geteuid() != 0:
+            pytest.skip("needs root to give the file to another user")
+        journal = cache.with_name(cache.name + "-journal")
+        journal.write_bytes(b"")
+        os.chown(journal, 65534, -1)
+    elif spoil == "damaged":
+        cache.write_bytes(b"SQLite format 3\0" + b"\xff" * 4000)
+    elif spoil == "not-sqlite":  # RESYNTH_HASH_CACHE naming a user's own file by mistake
+        cache.write_bytes(b"my notes\n" * 100)
     elif spoil == "locked":  # another process mid-write: waited on for 0.2 s at most, then hashed
         holder = sqlite3.connect(cache, isolation_level=None)
         holder.execute("BEGIN EXCLUSIVE")
@@ -98,8 +111,20 @@ def test_a_cache_that_cannot_be_trusted_or_used_is_passed_over(cache, tmp_path, 
     assert time.monotonic() - start < 5
     if holder is not None:
         holder.close()
-    if spoil == "garbage":  # the damaged file was ours: removed, and the next digest is remembered again
+    if spoil == "not-sqlite":  # passed over, never deleted
+        assert cache.read_bytes() == b"my notes\n" * 100
+    if spoil == "damaged":  # the damaged file was ours: removed, and the next digest is remembered again
         filehash._HASHES.clear()
         assert filehash.file_sha256(path) == true and cache.exists()
         with sqlite3.connect(cache) as connection:
             assert connection.execute("SELECT sha256 FROM digests").fetchall() == [(true,)]
+
+
+def test_a_file_name_that_is_not_utf8_is_remembered(cache, tmp_path):
+    path = Path(os.fsdecode(bytes(tmp_path) + b"/unet-\xff.safetensors"))
+    path.write_bytes(b"\x03" * 100)
+    true = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert filehash.file_sha256(path) == true
+    filehash._HASHES.clear()
+    plant(cache, path, "c" * 64)
+    assert filehash.file_sha256(path) == "c" * 64  # found again by its name's bytes
