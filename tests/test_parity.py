@@ -292,6 +292,8 @@ def test_every_form_of_an_image_python_takes_answers_as_its_file(store, image):
     import numpy as np
     from PIL import Image
 
+    from engine.attribute import Query
+
     data = image.read_bytes()
 
     def scores(report):
@@ -299,7 +301,8 @@ def test_every_form_of_an_image_python_takes_answers_as_its_file(store, image):
 
     with engine.open(store) as ws, open(image, "rb") as handle:
         ask = lambda images: ws.attribute(images, prompt=PROMPT, options=Options(**OPTIONS))  # noqa: E731
-        forms = [image, str(image), data, bytearray(data), memoryview(data), handle, io.BytesIO(data)]
+        forms = [image, str(image), data, bytearray(data), memoryview(data), handle, io.BytesIO(data),
+                 Query.read(image, PROMPT)]  # a Query has a `read` too: it is not a file object
         picture = Image.open(image).convert("RGB")
         pictures = [picture.convert(mode) for mode in ("1", "L", "LA", "P", "RGBA", "CMYK", "I", "F", "YCbCr")]
         pictures[3].info["transparency"] = 0  # P with a transparent colour
