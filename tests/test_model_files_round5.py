@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -402,6 +403,12 @@ def test_a_lora_loads_with_the_alpha_its_file_records(models, tmp_path):
     shutil.copy(file, saved / "other.safetensors")
     with pytest.raises(UserError, match="is a folder holding 2 .safetensors files"):
         Lora().prepare("saved", base, lora=str(saved))
+    linked = tmp_path / "linked"  # a link out of the folder (a server's --sources-root check saw the folder only)
+    linked.mkdir()
+    (linked / "adapter.safetensors").symlink_to(file)
+    with pytest.raises(UserError, match="is a link to a file outside the folder: give that file itself "
+                                        + re.escape(f"({file})")):
+        Lora().prepare("linked", base, lora=str(linked))
     (tmp_path / "bad").mkdir()
     broken = tmp_path / "bad" / "alpha.safetensors"  # the same tensors, a metadata that is no JSON
     save_file(load_file(str(file)), str(broken), metadata={"lora_adapter_metadata": "{not json"})
