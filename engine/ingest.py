@@ -39,12 +39,14 @@ def _params_hash(row: ManifestRow, source) -> str | None:
     return None if row.role == "original" or row.seed is None else source_params_hash(source)
 
 
-def ingest(workspace, manifest: Path, progress: bool = True, allow_outside: bool = False) -> IngestReport:
+def ingest(workspace, manifest: Path, progress: bool = True, allow_outside: bool = False,
+           decoded: bool = False) -> IngestReport:
     """Import a manifest through a Workspace (its store and embedder).
 
     The whole manifest is validated first (rows, paths, source names, every image's header, then every
     image decoded in full), so a manifest that fails changes nothing, not even a new source; then rows
-    are embedded and committed in batches (resumable).
+    are embedded and committed in batches (resumable). `decoded`: the caller decoded every image just now
+    (import-published's scan), so the full decode is not done twice; an image changed since fails its batch.
     """
     from engine.images import check_header
 
@@ -61,8 +63,10 @@ def ingest(workspace, manifest: Path, progress: bool = True, allow_outside: bool
     # any write, at the cost of a second decode when its batch is embedded (holding them all would not fit).
     labelled: dict[str, ManifestRow] = {}  # an original's sha256 -> its first row
     for row in tqdm(rows, desc="decoding", unit="image", disable=not progress or len(rows) < 1000, leave=False):
+        if decoded and row.role != "original":
+            continue
         try:
-            file_hash = read_image(row.image)[1]
+            file_hash = _file_hash(row.image) if decoded else read_image(row.image)[1]
         except UserError as exc:
             raise UserError(f"{manifest}:{row.line}: {exc}") from None
         first = labelled.setdefault(file_hash, row) if row.role == "original" else row
@@ -87,6 +91,13 @@ def ingest(workspace, manifest: Path, progress: bool = True, allow_outside: bool
             bar.update(len(batch))
     bar.close()
     return report
+
+
+def _file_hash(path: Path) -> str:
+    try:
+        return sha256_file(path)
+    except OSError as exc:
+        raise UserError(f"cannot read image {shown(path)}: {exc.strerror or type(exc).__name__}") from None
 
 
 def _check_sources(manifest: Path, rows: list[ManifestRow], known: set[str]) -> list[str]:

@@ -372,6 +372,9 @@ def import_published(root: Path, out: Path, descriptions: Path | None = None,
     `decode` (for an ingest that follows) skips the images whose pixels would not decode, not only headers."""
     root, out = Path(root), Path(out)
     check_output_file(out, "--out")  # a folder or a device is refused before the scan, not renamed over after it
+    for given, flag in ((descriptions, "--descriptions"), (alt_descriptions, "--alt-descriptions")):
+        if given is not None and out.exists() and Path(given).exists() and os.path.samefile(out, given):
+            raise UserError(f"--out {shown(out)} is the {flag} file: the manifest would replace it; write it elsewhere")
     conflicts: set[int] = set()
     texts = read_descriptions(descriptions, conflicts) if descriptions else None
     alternatives = read_descriptions(alt_descriptions, conflicts) if alt_descriptions else None
@@ -407,6 +410,7 @@ def register(sub, common) -> None:
 
 def cmd_import_published(args) -> None:
     import engine
+    from engine.ingest import ingest
 
     # The store is opened first so that a missing one fails before a long scan, not after it.
     opened = engine.open(args.store, progress=not args.quiet, device=args.device) if args.ingest else None
@@ -417,8 +421,8 @@ def cmd_import_published(args) -> None:
                                   progress=not args.quiet, decode=args.ingest)
         for line in report.warnings():
             print(f"resynth: warning: {line}", file=sys.stderr)
-        if ws is not None:
-            report.ingest = asdict(ws.ingest(args.out, allow_outside=True))  # the dataset the user named
+        if ws is not None:  # the dataset the user named; its images were decoded by the scan
+            report.ingest = asdict(ingest(ws, Path(args.out), progress=ws.progress, allow_outside=True, decoded=True))
     from engine.errors import plural
 
     text = (f"wrote {report.manifest}: {plural(report.originals, 'original')} and {report.resyntheses} resyntheses "
