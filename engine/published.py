@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from engine.errors import TooLargeError, UserError
 from engine.images import check_header, read_image
-from engine.paths import check_output_file, shown
+from engine.paths import check_output_file, not_a_file, shown
 from engine.sources import check_name
 from index.keys import UNPRINTABLE, normalise_description, sha256_file
 
@@ -37,6 +37,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 ID_PATTERN = re.compile(r"^(\d+)")
 ID_COLUMNS = ("id", "image", "file", "filename", "name", "person")
 TEXT_COLUMNS = ("description", "prompt", "text", "caption")
+# A descriptions file is read whole; the paper's dataset describes about 1,000 people in well under 1 MB.
+MAX_DESCRIPTIONS = 256 << 20
 MANIFEST_COLUMNS = ("image", "source", "description", "role", "seed", "original", "id", "alt_description")
 
 
@@ -262,8 +264,14 @@ def read_descriptions(path: Path, conflicts: set[int] | None = None) -> dict[int
     Ids given two different descriptions (`00001` and `1`, or a repeated row) keep the last and are added to
     `conflicts`: the import reports them, since one image may carry a description it was not made from."""
     path = Path(path)
-    if not path.is_file():
+    why = not_a_file(path)
+    if why == "not found":
         raise UserError(f"descriptions file not found: {path}")
+    if why is not None:  # a FIFO, a device: read_text would wait or never end
+        raise UserError(f"{shown(path)} is {why}, not a descriptions file")
+    if path.stat().st_size > MAX_DESCRIPTIONS:  # read whole: a 2 GB dump would be held in memory, then refused
+        raise UserError(f"{shown(path)}: {path.stat().st_size} bytes, more than a descriptions file's "
+                        f"{MAX_DESCRIPTIONS >> 20} MB")
     try:
         pairs = _json_pairs(path) if path.suffix.lower() in {".json", ".jsonl", ".ndjson"} else _csv_pairs(path)
     except (UnicodeDecodeError, ValueError, csv.Error, RecursionError) as exc:

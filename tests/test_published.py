@@ -206,6 +206,9 @@ def test_user_mistakes_are_one_line(dataset, tmp_path, capsys):
     bad.write_text("[1, 2]")
     fails(dataset, "--descriptions", bad, match="not a readable descriptions file")
     fails(dataset, "--ingest", "--store", tmp_path / "no-store", match="no store at")
+    with open(tmp_path / "dump.json", "wb") as handle:  # sparse: read whole, it was held in memory, then refused
+        handle.truncate(257 << 20)
+    fails(dataset, "--descriptions", tmp_path / "dump.json", match="more than a descriptions file's 256 MB")
     prompts = tmp_path / "m.csv"  # --out naming the descriptions file: the user's file was replaced by the manifest
     prompts.write_text("00001,a man\n")
     fails(dataset, "--descriptions", prompts, match="is the --descriptions file")
