@@ -340,6 +340,20 @@ def _boot_id() -> str | None:
         return None
 
 
+def _since_boot() -> float:
+    """CLOCK_BOOTTIME as the machine counts it: a process in a time namespace (a container restored by CRIU,
+    `unshare --time`) sees it shifted by its namespace's offset, which the boot id, shared by all, does not say."""
+    since = time.clock_gettime(time.CLOCK_BOOTTIME)
+    try:
+        for line in Path("/proc/self/timens_offsets").read_text().splitlines():
+            name, seconds, nanoseconds = line.split()
+            if name in ("boottime", str(time.CLOCK_BOOTTIME)):
+                since -= int(seconds) + int(nanoseconds) / 1e9
+    except (OSError, ValueError):
+        pass
+    return since
+
+
 class SqliteDialect(Dialect):
     backend = "sqlite"
     trigger_names = ("vector_sets_insert", "vector_sets_delete", "vector_sets_update")
@@ -358,16 +372,17 @@ class SqliteDialect(Dialect):
         boot = _boot_id()
         if boot is None:
             return time.time()
-        since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
+        since_boot = _since_boot()
         if self._epoch is None or self._epoch[0] != boot:
             key = f"clock:{boot}"
             try:
                 recorded = session.execute(text("SELECT value FROM store_meta WHERE key = :key"), {"key": key}).scalar()
-                if recorded is None and write:
+                if recorded is None and write:  # used, not kept: this transaction may yet roll back
                     session.execute(text("DELETE FROM store_meta WHERE key LIKE 'clock:%'"))  # earlier boots'
-                    recorded = repr(time.time() - since_boot)
+                    epoch = time.time() - since_boot
                     session.execute(text("INSERT INTO store_meta (key, value) VALUES (:key, :value)"),
-                                    {"key": key, "value": recorded})
+                                    {"key": key, "value": repr(epoch)})
+                    return epoch + since_boot
             except Exception as exc:  # noqa: BLE001 - a store from before store_meta: the wall clock, as before
                 if not _missing_table(exc):
                     raise

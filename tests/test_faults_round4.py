@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -292,12 +293,42 @@ def test_a_process_whose_wall_clock_is_stepped_keeps_to_live_claims_on_sqlite(tm
             with Store.open({str(root)!r}) as store:
                 print(store.claim(["a", "b", "c"], "elsewhere", 900), sorted(store.live_claims(["a", "b"])))
         """
-        for shift in ("3600", "-3600"):
+        for shift in ("3600", "-3600", "timens"):
             store.release(["c"], "elsewhere")
-            done = _child(code, shim, SHIM_CLOCK_SHIFT_S=shift)
+            if shift == "timens":  # a container restored elsewhere (CRIU): its time since boot is offset
+                if os.geteuid() != 0 or subprocess.run(["unshare", "--time", "--boottime", "7200", "--fork", "true"],
+                                                       capture_output=True).returncode != 0:
+                    continue
+                done = subprocess.run(["unshare", "--time", "--boottime", "7200", "--fork", sys.executable, "-c",
+                                       textwrap.dedent(code)], capture_output=True, text=True, timeout=60,
+                                      cwd=Path(__file__).parent.parent)
+            else:
+                done = _child(code, shim, SHIM_CLOCK_SHIFT_S=shift)
             assert done.returncode == 0, done.stderr
             assert done.stdout.split() == ["['c']", "['a',", "'b']"], (shift, done.stdout)
             assert store.live_claims(["a", "b", "c"]) == {"a": "here", "b": "here", "c": "elsewhere"}, shift
+
+
+def test_the_boot_clock_is_kept_only_once_committed(tmp_path, monkeypatch):
+    """A process whose first claim of the boot failed (a full disk) kept the epoch it had computed though the
+    row rolled back, so the next process recorded another: a stepped clock then ran off by its step."""
+    import index.claims as claims_module
+
+    root = tmp_path / "s"
+    Store.create(root, EMBEDDER, DIM).close()
+    with Store.open(root) as store:
+        real = claims_module.upsert
+        monkeypatch.setattr(claims_module, "upsert", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "full")))
+        with pytest.raises((OSError, StoreError)):
+            store.claim(["a"], "first", 900)
+        monkeypatch.setattr(claims_module, "upsert", real)
+        with Store.open(root) as other:  # another process records this boot's epoch, 1000 s behind this one's
+            shifted = time.time() - 1000  # more than the lease: on its own clock this one takes the key
+            monkeypatch.setattr(time, "time", lambda: shifted)
+            assert other.claim(["a"], "other", 900) == ["a"]
+            monkeypatch.undo()
+        assert store.claim(["a"], "first", 900) == []  # on the recorded epoch: the other's lease is live
+        assert store.live_claims(["a"]) == {"a": "other"}
 
 
 def test_a_client_whose_clock_is_off_does_not_take_live_claims(shim):
