@@ -10,7 +10,7 @@ from tqdm import tqdm
 from engine.errors import UserError
 from engine.generate import source_params_hash
 from engine.images import read_image
-from engine.manifest import ManifestRow, read_manifest
+from engine.manifest import ManifestRow, check_digest, read_manifest
 from engine.paths import shown
 from engine.sources import check_name
 from index.keys import image_key, normalise_description, sha256_file, sha256_text
@@ -63,12 +63,13 @@ def ingest(workspace, manifest: Path, progress: bool = True, allow_outside: bool
     # any write, at the cost of a second decode when its batch is embedded (holding them all would not fit).
     labelled: dict[str, ManifestRow] = {}  # an original's sha256 -> its first row
     for row in tqdm(rows, desc="decoding", unit="image", disable=not progress or len(rows) < 1000, leave=False):
-        if decoded and row.role != "original":
+        if decoded and row.role != "original" and row.sha256 is None:
             continue
         try:
             file_hash = _file_hash(row.image) if decoded else read_image(row.image)[1]
         except UserError as exc:
             raise UserError(f"{manifest}:{row.line}: {exc}") from None
+        check_digest(manifest, row, file_hash)
         first = labelled.setdefault(file_hash, row) if row.role == "original" else row
         if first.source != row.source:  # a copy under another generator's folder: one of the labels is wrong
             raise UserError(f"{manifest}:{row.line}: original {shown(row.image)} has the same bytes as "

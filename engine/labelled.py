@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from engine.errors import UserError, plural
-from engine.manifest import ManifestRow, read_manifest
+from engine.manifest import ManifestRow, check_digest, read_manifest
 from index.keys import sha256_file
 
 if TYPE_CHECKING:
@@ -164,7 +164,7 @@ def from_rows(rows: list[ManifestRow], where: str, strict: bool = False, keep_lo
     descriptions = sorted({r.description for r in rows})
     desc_index = {d: i for i, d in enumerate(descriptions)}
     source_index = {s: i for i, s in enumerate(sources)}
-    orig_hash = [sha256_file(r.image) for r in originals]
+    orig_hash = [_digest(r, where) for r in originals]
     originals, orig_hash, copies = _one_label_per_image(originals, orig_hash, where, folder)
     repeated += copies
     orig_by_path = {r.image: i for i, r in enumerate(originals)}
@@ -177,10 +177,17 @@ def from_rows(rows: list[ManifestRow], where: str, strict: bool = False, keep_lo
         res_source=np.array([source_index[r.source] for r in resyntheses]),
         res_desc=np.array([desc_index[r.description] for r in resyntheses]),
         res_seed=np.array([r.seed if r.seed is not None else -1 for r in resyntheses]),
-        res_original=linked, res_hash=[sha256_file(r.image) for r in resyntheses],
+        res_original=linked, res_hash=[_digest(r, where) for r in resyntheses],
         res_path=[str(r.image) for r in resyntheses], descriptions=descriptions,
         skipped={reason: [shown(r.image, folder) for r in left] for reason, left in
                  ((NO_RESYNTHESES, lonely), (LISTED_TWICE, repeated)) if left})
+
+
+def _digest(row: ManifestRow, where: str) -> str:
+    """The file's sha256, checked against the one the manifest records (if it does)."""
+    digest = sha256_file(row.image)
+    check_digest(where, row, digest)
+    return digest
 
 
 def _one_label_per_image(originals: list[ManifestRow], hashes: list[str], where: str,

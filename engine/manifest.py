@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from engine.errors import UserError
 from engine.paths import not_a_file, shown
 from index.keys import UNPRINTABLE, normalise_description
 
+SHA256 = re.compile("[0-9a-f]{64}")
 ROLES = ("original", "resynthesis", "real")
 REAL = "real"  # a camera image, made by no generator: a reference for the "real" verdict (resynth calibrate)
 REQUIRED = ("image", "source", "description", "role")
@@ -35,6 +37,7 @@ class ManifestRow:
     role: str
     seed: int | None = None
     original: Path | None = None  # for a resynthesis: the original image it resynthesizes, if known
+    sha256: str | None = None  # the file's digest as the manifest records it (optional column): checked on use
 
 
 def read_manifest(path: Path, allow_outside: bool = True, real: bool = False) -> list[ManifestRow]:
@@ -172,7 +175,7 @@ def _check_columns(path: Path, names: Sequence[str], line: int | None = None) ->
     missing = [c for c in REQUIRED if c not in present]
     if missing:
         raise UserError(f"{where}: manifest is missing column(s) {', '.join(missing)} "
-                        f"(needs {', '.join(REQUIRED)}; optional seed, original)")
+                        f"(needs {', '.join(REQUIRED)}; optional seed, original, sha256)")
 
 
 def _parse(path: Path, line: int, record: dict, base: Path) -> ManifestRow:
@@ -217,8 +220,19 @@ def _parse(path: Path, line: int, record: dict, base: Path) -> ManifestRow:
     if why is not None:
         raise UserError(f"{where}: {shown(image)} is {why}, not an image file")
     original = fields.get("original")
+    digest = str(fields.get("sha256") or "").lower()
+    if digest and not SHA256.fullmatch(digest):
+        raise UserError(f"{where}: sha256 must be 64 hexadecimal digits, not {digest[:70]!r}")
     return ManifestRow(line=line, image=image, source=str(fields["source"]), description=description, role=role,
-                       seed=seed, original=_path(base, original, where) if original else None)
+                       seed=seed, original=_path(base, original, where) if original else None, sha256=digest or None)
+
+
+def check_digest(manifest: Path | str, row: ManifestRow, digest: str) -> None:
+    """A file whose bytes are not those the manifest records (a damaged download, a file replaced since the
+    dataset was published) is refused, naming the row: its vector would stand for an image nobody published."""
+    if row.sha256 is not None and row.sha256 != digest:
+        raise UserError(f"{manifest}:{row.line}: {shown(row.image)} does not match the manifest's sha256 "
+                        f"({row.sha256[:12]}... recorded, {digest[:12]}... on disk): a damaged or replaced file")
 
 
 def _check_text(fields: dict, column: str, where: str) -> None:

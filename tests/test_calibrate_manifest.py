@@ -208,3 +208,7 @@ def test_one_image_under_two_paths_is_one_original(tmp_path):
     with pytest.raises(UserError, match=r"m.csv:3: original copy.png has the same bytes as o.png \(line 2\), an "
                                         r"original of 'a', but is listed as 'b'"):
         from_rows(read_manifest(tmp_path / "m.csv"), str(tmp_path / "m.csv"))
+    (tmp_path / "m.csv").write_text(head.replace("role", "role,sha256") + f"o.png,a,d,original,{'A' * 64}\n"
+                                    "r.png,a,d,resynthesis,\n")  # a recorded digest, upper case: checked, not ignored
+    with pytest.raises(UserError, match=r"m.csv:2: .*o.png does not match the manifest's sha256 \(aaaaaaaaaaaa"):
+        from_rows(read_manifest(tmp_path / "m.csv"), str(tmp_path / "m.csv"))

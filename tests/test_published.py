@@ -135,12 +135,15 @@ def test_round_trip_ingest_links_and_replay_attribution(dataset, empty_store, tm
                                                        "'alpha' only by case"),
                        ([f"{first},new,d,original", f"{first},a\\b,d,resynthesis"], "m.csv:3: invalid source name"),
                        ([f"{first},alpha,d,original", f"{copy},beta,d,original"], "m.csv:3: original "),
-                       ([f"{first},alpha,d,original", f"{copy},Beta,d,resynthesis"], "differs from the store's")):
-        (tmp_path / "m.csv").write_text("image,source,description,role\n" + "\n".join(rows) + "\n")
+                       ([f"{first},alpha,d,original", f"{copy},Beta,d,resynthesis"], "differs from the store's"),
+                       ([f"{first},alpha,d,original,{'0' * 64}"], "m.csv:2: "),  # a damaged download
+                       ([f"{first},alpha,d,original,{'0' * 63}"], "m.csv:2: sha256 must be 64 hexadecimal")):
+        (tmp_path / "m.csv").write_text("image,source,description,role,sha256\n" + "\n".join(rows) + "\n")
         assert run_cli("ingest", tmp_path / "m.csv", "--store", empty_store, "--allow-outside", "--quiet") == 2
         err = capsys.readouterr().err.strip()
         assert said in err and "\n" not in err, err
         assert "same bytes as" in err or "original " not in said
+        assert "does not match the manifest's sha256 (000000000000... recorded" in err or "0" * 64 not in rows[0]
 
     with Store.open(empty_store) as store:
         stats = store.stats()
