@@ -11,6 +11,7 @@ import numbers
 import os
 import stat
 import struct
+from importlib.util import find_spec
 from pathlib import Path
 from typing import IO, Union
 
@@ -24,8 +25,9 @@ MAX_PIXELS = 64_000_000
 MAX_BYTES = 64 << 20
 # Formats Pillow reads that generators and browsers actually produce; anything else (PSD, EPS through
 # Ghostscript, ICO, ...) is refused, and only these plugins are tried on a file (open_accepted). AVIF: what
-# image sites and browsers save more and more (libavif parses on opening and decodes on load, as the others).
-FORMATS = ("PNG", "JPEG", "WEBP", "AVIF", "GIF", "BMP", "TIFF")
+# image sites and browsers save more and more (libavif parses on opening and decodes on load, as the others);
+# Pillow has it from 11.2, and naming a format Pillow lacks fails every open (a KeyError before GIF, BMP, TIFF).
+FORMATS = ("PNG", "JPEG", "WEBP", *(("AVIF",) if find_spec("PIL.AvifImagePlugin") else ()), "GIF", "BMP", "TIFF")
 # What Pillow's JPEG reader names a camera JPEG with a Multi-Picture index (many phones write one): the
 # first picture is the JPEG itself, and it is what is read.
 ALIASES = {"MPO": "JPEG"}
@@ -53,6 +55,7 @@ MAX_TIFF_VALUES = 65536
 # An EXIF block read for the orientation: a JPEG's holds at most 64 KB; a PNG eXIf or WebP EXIF chunk of
 # 11 MB whose orientation tag listed 3 million values cost 0.4 s and 72 MB to unpack (measured).
 MAX_EXIF = 1 << 20
+AVIF_SHARE = 3  # an AVIF may have max_pixels // AVIF_SHARE pixels (see _check_pixels)
 # Longest side over shortest side. CLIP preprocessing scales the *short* side to the model's input
 # side (224 to 336 px) and keeps the ratio, so a few-KB PNG of 60000 x 1 pixels, inside every pixel
 # limit, would become 60000*S x S pixels before the centre crop (measured: +1.1 GB of server memory
@@ -125,10 +128,14 @@ def open_regular(path: Path, what: str = "image") -> IO[bytes]:
     raise UserError(f"{shown(path)} is {why}, not an {what} file", code="not_a_file")
 
 
-def _check_pixels(width: int, height: int, max_pixels: int, label: str) -> None:
-    """Pixel count and geometry, from the header: what decoding and preprocessing will allocate."""
-    if width * height > max_pixels:
-        raise TooLargeError(f"{label}: {width}x{height} pixels, the limit is {max_pixels}", code="image_too_large")
+def _check_pixels(width: int, height: int, max_pixels: int, label: str, kind: str | None = None) -> None:
+    """Pixel count and geometry, from the header: what decoding and preprocessing will allocate. An AVIF may
+    have a third of the pixels: libavif's planes and buffers take up to 16.3 B a pixel while it decodes (with
+    alpha and a rotation; measured), where the service's memory bound counts 8 for every format."""
+    limit = max_pixels // AVIF_SHARE if kind == "AVIF" else max_pixels
+    if width * height > limit:
+        raise TooLargeError(f"{label}: {width}x{height} pixels, the limit is {limit}"
+                            + (" for an AVIF" if limit != max_pixels else ""), code="image_too_large")
     check_aspect(width, height, label)
 
 
@@ -230,7 +237,7 @@ def decode(data: bytes, label: str, max_pixels: int = MAX_PIXELS) -> Image.Image
     check_structure(data, label)
     try:
         with open_accepted(io.BytesIO(data), label) as opened:
-            _check_pixels(opened.width, opened.height, max_pixels, label)  # header only: nothing decoded yet
+            _check_pixels(opened.width, opened.height, max_pixels, label, opened.format)  # header only
             return upright(opened).convert("RGB")
     except UserError:
         raise
@@ -269,7 +276,7 @@ def check_header(path: Path, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_P
 def _check_opened_header(handle: IO[bytes], label: str, max_pixels: int) -> None:
     try:
         with open_accepted(handle, label) as opened:
-            _check_pixels(opened.width, opened.height, max_pixels, label)
+            _check_pixels(opened.width, opened.height, max_pixels, label, opened.format)
     except UserError:
         raise
     except Image.DecompressionBombError:

@@ -51,7 +51,7 @@ from index import vectors as vx
 from index.catalog import AddedImages, Catalog, LabelledVector, NewImage
 from index.claims import Claims
 from index.db import RESTORE, Database, db_label, insert_ignore, made, parse_db_url  # noqa: F401 - re-exported
-from index.errors import StoreDamaged, StoreFull, StoreInputError, moved_store, switched_embedder
+from index.errors import StoreDamaged, StoreDenied, StoreFull, StoreInputError, moved_store, switched_embedder
 from index.failures import DISK_FULL, os_failure, read_only_reason
 from index.faults import crash_point, skipped
 from index.layout import (CONFIG_NAME, DB_NAME, FORMAT, INDEX_NAME, LOCK_NAME, SEARCH_INFOS,  # noqa: F401
@@ -448,13 +448,19 @@ class Store:
         if row is None:
             return None
         stored, file_hash = row
+        # an ingested original's file lies where the user keeps it: its path is not for HTTP clients
+        outside = Path(stored).is_absolute()
+        where = "an original outside the store" if outside else stored
         try:
             data = self.layout.images.read(stored)
         except OSError as exc:
+            if outside and isinstance(exc, PermissionError):
+                raise StoreDenied(f"the file of stored image {image_id} ({where}) cannot be read by this process "
+                                  "(permission denied): `resynth verify` names it") from None
             raise os_failure(exc, Path(self.layout.images.locator(stored)), "reading a stored image") or exc from None
         if data is None or objects.sha256_bytes(data) != file_hash:
             why = "is gone" if data is None else "differs from its recorded sha256 (altered or cut)"
-            raise StoreDamaged(f"the file of stored image {image_id} ({stored}) {why}: `resynth verify` lists "
+            raise StoreDamaged(f"the file of stored image {image_id} ({where}) {why}: `resynth verify` lists "
                                "every stored file that is lost or altered")
         return data
 

@@ -326,3 +326,32 @@ def test_labelled_vectors_and_added_images(tmp_path, db):
         with pytest.raises(AttributeError):
             rows[0].role = "original"  # frozen
         assert store.add_images([]).inserted == 0
+
+
+def test_a_stored_image_is_read_only_as_the_bytes_its_row_recorded(tmp_path):
+    """checked_image: the bytes when they match the recorded sha256; the store's damage when the file is altered
+    or gone (an ingested original's own path, outside the store, is not put in the message: HTTP clients read it)."""
+    import hashlib
+
+    from index.errors import StoreDamaged
+
+    outside = tmp_path / "evidence" / "suspect-42.png"
+    outside.parent.mkdir()
+    outside.write_bytes(b"original bytes")
+    with _store(tmp_path) as store:
+        row = _rows(store, 1)[0]
+        row.path, row.file_hash, row.role = str(outside), hashlib.sha256(b"original bytes").hexdigest(), "original"
+        store.add_images([row])
+        image_id = 1
+        assert store.catalog.image_file_row(image_id)[0] == str(outside)
+        assert store.checked_image(image_id) == b"original bytes" and store.checked_image(10 ** 9) is None
+        for spoil in ("altered", "gone"):
+            if spoil == "altered":
+                outside.write_bytes(b"original bytez")
+            else:
+                outside.unlink()
+            with pytest.raises(StoreDamaged) as damaged:
+                store.checked_image(image_id)
+            message = str(damaged.value)
+            assert f"stored image {image_id}" in message and "evidence" not in message, message
+            assert store.image_bytes(image_id) is None

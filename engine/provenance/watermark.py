@@ -21,7 +21,8 @@ MIN_AGREEMENT = 0.9  # share of bits that must match (random pixels match about 
 MAX_PIXELS = 40_000_000
 # What engine.images reads (not imported from there: the two are independent parts of the method). Only
 # these plugins are tried: ICO's decodes its whole image inside Image.open, before MAX_PIXELS is looked at.
-FORMATS = ("PNG", "JPEG", "WEBP", "AVIF", "GIF", "BMP", "TIFF")
+FORMATS = ("PNG", "JPEG", "WEBP", *(("AVIF",) if importlib.util.find_spec("PIL.AvifImagePlugin") else ()), "GIF",
+           "BMP", "TIFF")
 # A JPEG's scans are each a pass over every pixel (engine.images.MAX_SCANS: a 110 KB JPEG of 16 MP with 500
 # scans took 6 s to decode there). In entropy-coded data FF DA is always a scan; counted over the whole file,
 # an EXIF thumbnail's or an MPO's further pictures add a few.
