@@ -3,8 +3,9 @@
 `source add` records every weight file's whole SHA-256, and each process that generates checks it again: at the
 0.3-0.45 GB/s this machine hashes, a 7 GB SDXL folder cost 16 s per process (a repository snapshot with its own
 .ckpt files beside the folders, 20 GB and more). A digest is remembered under the file's identity and stat (path,
-device, inode, size, mtime, ctime): no write leaves all of them as they were (the kernel sets ctime at every write
-and utime, and no call of a user's sets it back). Timestamps are coarse (a kernel tick), so a write in the same
+device, inode, size, mtime, ctime): no write() leaves all of them as they were (the kernel sets ctime at every write
+and utime, and no call of a user's sets it back; a program writing through a memory map updates them only when a
+clean page is first written, and NFS may answer a stat from attributes cached for up to a minute). Timestamps are coarse (a kernel tick), so a write in the same
 tick as the hash could keep them: a digest is remembered only when the file's stat did not change while it was
 read and its ctime is SETTLED_S old (git's "racily clean" rule).
 
