@@ -33,7 +33,7 @@ from engine.errors import ArgumentTypeError, NotFoundError, UserError
 from engine.images import ImageInput
 from engine.models import Models
 from engine.options import Options
-from engine.paths import expand_path
+from engine.paths import expand_path, not_a_file
 from engine.sources import DEFAULT_KIND, check_name  # noqa: F401  (check_name: imported from here before)
 from index.errors import StoreInputError, UnknownName
 from index.layout import CONFIG_NAME, DB_NAME, INDEX_NAME, LOCK_NAME
@@ -59,9 +59,10 @@ def store_path(explicit: str | os.PathLike | None) -> Path:
     return Path(os.path.abspath(expand_path(explicit or os.environ.get("RESYNTH_STORE") or DEFAULT_STORE, "store")))
 
 
-class NoStoreError(UserError, StoreInputError):
-    """No store at the path given to `engine.open`: an input mistake that `except engine.UserError` catches
-    like every other (the store's own StoreInputError escaped it), still a StoreInputError for older code."""
+class StoreOpenError(UserError, StoreInputError):
+    """A store `engine.open` cannot open as asked (no store at the path, a file there): an input mistake that
+    `except engine.UserError` catches like every other (the store's own StoreInputError escaped it), still a
+    StoreInputError for older code."""
 
     code = "bad_request"  # what the CLI and HTTP said of it before: the same exit code and kind
 
@@ -484,15 +485,16 @@ def open_workspace(store_dir: str | os.PathLike | None = None, *, device: str | 
     writable, repair = arguments.flag(writable, "writable"), arguments.flag(repair, "repair")
     progress = arguments.flag(progress, "progress")
     device, captioner = arguments.device(device), arguments.optional_path(captioner, "--captioner")
-    if os.path.lexists(root) and not os.path.isdir(root):
-        raise NoStoreError(f"no store at {root}: it is a file, not a store folder (create a store with `resynth init` "
-                           "in a new folder)")
+    why = not_a_file(root)  # a file, a FIFO, a dangling link: said as such ("no store at" read as a missing one)
+    if why is None or (why not in ("a folder", "not found") and not why.startswith("unreadable")):
+        raise StoreOpenError(f"no store at {root}: it is {why or 'a file'}, not a store folder (create a store with "
+                             "`resynth init` in a new folder)")
     try:
         store = Store.open(root, writable=writable, repair=repair)
     except StoreInputError as exc:
         if type(exc) is not StoreInputError:  # read-only and the like keep their own kind (and exit code)
             raise
-        raise NoStoreError(str(exc)) from None
+        raise StoreOpenError(str(exc)) from None
     return Workspace(store, device=device, captioner=captioner, progress=progress)
 
 
