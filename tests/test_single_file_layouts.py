@@ -316,7 +316,7 @@ def test_flux_loras_are_checked_against_the_transformer(models, made, tmp_path):
                 Lora().prepare(name, made["flux"], lora=str(file), steps=2)
 
 
-def test_ldm_files_missing_a_part_are_told_from_their_header(models, made, tmp_path):
+def test_ldm_files_missing_a_part_are_told_from_their_header(models, made, tmp_path, capsys):
     """A checkpoint saved without its VAE (or text encoder), or with a UNet tensor missing or of another shape,
     passed `source add` and failed at every generation inside from_single_file. `check_ldm_parts` tells each
     from the header (for single_file.check_layout to call beside check_widths); whole files pass."""
@@ -343,6 +343,15 @@ def test_ldm_files_missing_a_part_are_told_from_their_header(models, made, tmp_p
         with pytest.raises(UserError, match=message) as caught:
             check_ldm_parts(label, safetensors_header(tmp_path / f"{label}.safetensors"), made["sdxl-config"])
         assert "\n" not in str(caught.value)
+    store = tmp_path / "store"  # and `source add` refuses it before anything is enrolled
+    assert run_cli("init", "--store", store, "--clip-config", models["clip_config"],
+                   "--clip-checkpoint", models["clip_checkpoint"], "--quiet") == 0
+    capsys.readouterr()
+    assert run_cli("source", "add", "no-vae", tmp_path / "no-vae.safetensors", "--config", made["sdxl-config"],
+                   "--store", store) == 2
+    assert "holds no VAE" in capsys.readouterr().err
+    with engine.open(store) as ws:
+        assert ws.list_sources() == []
     # a v-prediction file (NoobAI-XL V-Pred's marks) made noise on an epsilon scheduler without a word
     save_file({**tensors, "v_pred": torch.ones(0), "ztsnr": torch.ones(0)}, str(tmp_path / "vpred.safetensors"))
     header = safetensors_header(tmp_path / "vpred.safetensors")

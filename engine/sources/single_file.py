@@ -126,7 +126,10 @@ def check_layout(file: Path, folder: Path, class_name: str) -> str:
 
         check_flux_file(file.name, header, folder)
     else:
+        from engine.sources.ldm_export import check_ldm_parts
+
         check_widths(file.name, header, folder)
+        check_ldm_parts(file.name, header, folder)  # a part missing or of another shape: refused before enrolling
     return layout
 
 
