@@ -107,7 +107,9 @@ def _read_csv(path: Path) -> list[tuple[int, dict]]:
             rows = []
             for i, row in enumerate(reader):
                 _count(path, i)
-                rows.append((i + 2, row))
+                # the physical line (where the row ends): a blank line, skipped by the reader, or a quoted
+                # field over two lines made every later row's error name the line above it as i + 2 did
+                rows.append((reader.line_num, row))
             return rows
     except (UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"{path}: not a readable CSV manifest ({exc})") from None

@@ -277,6 +277,9 @@ def test_a_manifest_column_given_twice_is_refused_and_source_names_are_composed(
         (tmp_path / name).write_text(text)
         with pytest.raises(UserError, match=said):
             read_manifest(tmp_path / name)
+    (tmp_path / "blank.csv").write_text("image,source,description,role\n\na.png,s,d,original\na.png,s,d,oops\n")
+    with pytest.raises(UserError, match="blank.csv:4: role must be"):  # it said line 3, the row above
+        read_manifest(tmp_path / "blank.csv")
     (tmp_path / "half.jsonl").write_text(f'{{"image": "a.png", {row}, "seed": 1.5}}\n')  # it was read as seed 1
     with pytest.raises(UserError, match="seed must be an integer, not '1.5'"):
         read_manifest(tmp_path / "half.jsonl")
