@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar, cast
 
 from engine.errors import ArgumentTypeError, UnsupportedError, UserError
-from engine.flags import DEVICE
 from engine.options import Options
 from engine.paths import expand_path, not_a_file, shown
 
@@ -107,6 +106,8 @@ def flag(value: Any, what: str) -> bool:
 def device(value: Any) -> str | None:
     if value is None:
         return None
+    from engine.flags import DEVICE  # here, not at import: `import engine` (and the console's start) stays lean
+
     if not isinstance(value, str) or not DEVICE.match(value.strip()):
         raise UserError(f"device must be cpu, cuda, cuda:N or mps, not {value!r:.40}", code="bad_device")
     return value.strip()
