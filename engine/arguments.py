@@ -163,7 +163,8 @@ def image_items(images: Any) -> list:
     single = (str, bytes, bytearray, memoryview, os.PathLike, Image.Image, Query)
     if isinstance(images, single) or _is_file(images):
         items = [images]
-    elif isinstance(images, Iterable) and not isinstance(images, Mapping) and not hasattr(images, "__array__"):
+    elif isinstance(images, Iterable) and not isinstance(images, Mapping) and (
+            not hasattr(images, "__array__") or _column_of_paths(images)):
         items = list(images)
     else:
         raise ArgumentTypeError(f"images must be a path, bytes, a PIL image or a list of them{_array_hint(images)}, "
@@ -187,6 +188,12 @@ def image_items(images: Any) -> list:
             raise ArgumentTypeError(f"{what} must be a path, bytes or a PIL image{_array_hint(item)}, not "
                                     f"{_type(item)}")
     return items
+
+
+def _column_of_paths(value: Any) -> bool:
+    """A 1-D array of text or objects (numpy, a pandas column of paths): a list, where an array of numbers is
+    pixels (refused: their layout is the caller's to say)."""
+    return getattr(value, "ndim", None) == 1 and getattr(getattr(value, "dtype", None), "kind", "") in ("O", "U", "S")
 
 
 def _array_hint(value: Any) -> str:

@@ -312,6 +312,11 @@ def test_every_form_of_an_image_python_takes_answers_as_its_file(store, image):
         answers = scores(report)
         assert answers[0] and answers[: len(forms)] == [answers[0]] * len(forms)
         assert len(answers) == len(forms) + len(pictures)
+        from engine.arguments import image_items
+
+        assert image_items(np.array([str(image)], dtype=object)) == [image]  # a column of paths is a list of them
+        with pytest.raises(engine.UserError, match="an array or tensor: pass PIL.Image.fromarray"):
+            ask(np.asarray(picture))  # pixels: their layout (HWC or CHW, 0-1 or 0-255) is the caller's to say
         with pytest.raises(engine.UserError, match="mode La, which Pillow cannot convert") as caught:
             ask([picture, picture.convert("LA").convert("La")])
         assert kind_of(caught.value).status == 415
