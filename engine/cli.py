@@ -361,6 +361,8 @@ def cmd_ingest(args) -> None:
         raise UserError(f"{folder} is a folder: give the manifest file in it (.csv or .jsonl){hint}")
     with _open(args) as ws:
         report = ws.ingest(args.manifest, allow_outside=args.allow_outside)
+    for warning in report.warnings:
+        print(f"resynth: warning: {warning}", file=sys.stderr)
     from engine.errors import plural
 
     _emit(args, asdict(report), f"ingested {plural(report.added, 'image')} ({report.skipped} skipped: stored before, "

@@ -431,6 +431,8 @@ def cmd_import_published(args) -> None:
             print(f"resynth: warning: {line}", file=sys.stderr)
         if ws is not None:  # the dataset the user named; its images were decoded by the scan
             report.ingest = asdict(ingest(ws, Path(args.out), progress=ws.progress, allow_outside=True, decoded=True))
+            for line in report.ingest["warnings"]:
+                print(f"resynth: warning: {line}", file=sys.stderr)
     from engine.errors import plural
 
     text = (f"wrote {report.manifest}: {plural(report.originals, 'original')} and {report.resyntheses} resyntheses "

@@ -78,6 +78,15 @@ def test_calibrate_refuses_a_manifest_of_sources_the_store_lacks(models, demo_ma
     own_names = [n for n in models["pipelines"] if n != FOREIGN]
     assert f"(e.g. originals/{own_names[0]}/00{DESCRIBED}.png" in text
     assert f"warning: fewer than 5 labelled originals of {min(own_names)} ({DESCRIBED})" in text
+
+    # a published dataset's resyntheses filed under a registered pipeline's name, with no seed: stored, never
+    # compared by attribute nor by calibration (the pipeline's recipe decides), which ingest said nowhere
+    unseeded = _write(demo_manifest.parent / "unseeded.jsonl", [
+        {k: v for k, v in r.items() if k != "seed"} for r in _rows(own) if r["role"] == "resynthesis"][:1])
+    capsys.readouterr()
+    assert run_cli("ingest", unseeded, "--store", three_source_store, "--quiet") == 0
+    err = capsys.readouterr().err
+    assert f"resynth: warning: 1 resyntheses of {json.loads(unseeded.read_text())['source']!r} have no seed" in err
     assert run_cli("calibrate", own, "--store", three_source_store, "--json", "--quiet") == 0
     notes = json.loads(capsys.readouterr().out)["notes"]
     used = notes["used"]
