@@ -468,6 +468,9 @@ class Workspace:
 
     def image_file(self, image_id: int) -> Path | None:
         """A stored image's file by its catalog id (evidence thumbnails, case reports); None if unknown."""
+        if isinstance(image_id, bool) or not isinstance(image_id, numbers.Integral):  # "3" (from JSON) read as unknown
+            raise ArgumentTypeError(f"image_id must be an int (an evidence entry's image_id), not "
+                                    f"{type(image_id).__name__}")
         return compare.reference_file(self.store, image_id)
 
     @arguments.keywords

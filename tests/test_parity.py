@@ -343,6 +343,8 @@ def test_python_mistakes_are_one_line_user_errors(store, image, tmp_path, capsys
             ws.embed([str(image)])  # was a TypeError from torchvision
         with pytest.raises(engine.UserError, match="must be an engine.attribute.Query"):
             ws.describe([str(image)])  # was an AttributeError
+        with pytest.raises(engine.UserError, match="image_id must be an int"):
+            ws.image_file("1")  # was None, as for an id the store lacks
         with pytest.raises(engine.UserError, match="unknown source 'nope'") as caught:
             ws.remove_source("nope")
         assert kind_of(caught.value).code == "unknown_source"
