@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from engine.errors import INTERRUPTED, INTERRUPTED_TEXT, UserError, kind_of, message_of, wants_json
@@ -23,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     # Weights only ever come from local paths: an accidental hub download must fail at once, not hang.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # Pillow's warnings of damaged metadata (an AVIF's corrupt EXIF is parsed while opening): the reader says in
+    # one line what is wrong with a file, and a warning block on stderr broke that line
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
     argv = sys.argv[1:] if argv is None else list(argv)
     Parser.json_errors = wants_json(argv)
     try:  # Ctrl-C while the parser imports the source kinds (a third of a second) is one line too

@@ -294,8 +294,8 @@ def _check_opened_header(handle: IO[bytes], label: str, max_pixels: int) -> None
 
 def check_structure(source: bytes | IO[bytes], label: str = "image") -> None:
     """400 for a file with more container blocks than MAX_BLOCKS, found by a walk of at most that many
-    steps (headers read, bodies skipped), or a JPEG of more than MAX_SCANS scans; a file object is left
-    where it was. Other formats pass."""
+    steps (headers read, bodies skipped), or a JPEG of more than MAX_SCANS scans; 413 for an AVIF whose Exif
+    is over MAX_EXIF; a file object is left where it was. Other formats pass."""
     handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
     start = handle.tell()
     try:
@@ -312,6 +312,14 @@ def check_structure(source: bytes | IO[bytes], label: str = "image") -> None:
             if kind is not None:
                 raise UserError(f"cannot decode image {label}: {kind} (no encoder writes that many)",
                                 code="undecodable_image")
+        elif head[4:8] == b"ftyp":  # AVIF: Pillow parses its Exif inside Image.open, where MAX_EXIF cannot act
+            from engine.avif import exif_size
+
+            handle.seek(start)
+            size = exif_size(handle)
+            if size is not None and size > MAX_EXIF:
+                raise TooLargeError(f"{label}: its EXIF block is {size} bytes, more than {MAX_EXIF}; save the image "
+                                    "without it", code="metadata_too_large")
     finally:
         handle.seek(start)
 
