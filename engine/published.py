@@ -33,7 +33,7 @@ from engine.paths import check_output_file, not_a_file, shown
 from engine.sources import check_name
 from index.keys import UNPRINTABLE, normalise_description, sha256_file
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".avif"}
 ID_PATTERN = re.compile(r"^(\d+)")
 ID_COLUMNS = ("id", "image", "file", "filename", "name", "person")
 TEXT_COLUMNS = ("description", "prompt", "text", "caption")
