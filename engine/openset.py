@@ -69,11 +69,22 @@ def false_reject_threshold(values: np.ndarray, frr: float) -> float:
     """The highest threshold (accept a value >= it) that rejects at most `frr` of `values`: the value at
     position floor(frr * n) in ascending order, so a genuine query is refused no more often than
     --false-reject promises on the originals it was fitted on (an interpolated quantile rejected 1 of 2,
-    1 of 3, 2 of 30 at 5%). Ties are kept or rejected together; nan for no values."""
+    1 of 3, 2 of 30 at 5%). Ties are kept or rejected together; nan for no values.
+
+    The threshold lies in the gap below that value (midway to the next lower one, or just under the lowest),
+    never on it: attribute recomputes a query's value (float32 features, the precision matrix as saved) and
+    an original exactly on the threshold came out 5e-8 lower and was refused (1 of 15 at 5%)."""
     ordered = np.sort(np.asarray(values, np.float64).ravel())
     if not ordered.size:
         return float("nan")
-    return float(ordered[min(int(np.floor(frr * ordered.size + 1e-9)), ordered.size - 1)])
+    at = min(int(np.floor(frr * ordered.size + 1e-9)), ordered.size - 1)
+    chosen = float(ordered[at])
+    if not np.isfinite(chosen):
+        return chosen
+    below = float(ordered[at - 1]) if at > 0 else -np.inf
+    if np.isfinite(below) and below < chosen:
+        return (below + chosen) / 2
+    return chosen - 1e-6 * max(1.0, abs(chosen))
 
 
 def fit_thresholds(scores: np.ndarray, labels: np.ndarray, frr: float = FALSE_REJECT) -> dict[int, float]:

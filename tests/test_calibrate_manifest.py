@@ -163,6 +163,20 @@ def test_calibrate_on_the_store_says_what_it_used(models, demo_manifest, store_d
     why = combined.applying(None, Options(references=references + 1)).why_not
     assert why and f"run `resynth calibrate` with --references {references + 1}" in why, why
 
+    # the originals it was fitted on, attributed as fitted (one seed: the manifest's, nothing generated): at most
+    # --false-reject of them (5% of 15: none) unknown. A threshold placed on a fitting value refused that
+    # original, its value recomputed 5e-8 lower (float32)
+    assert run_cli("calibrate", "--store", store_dir, "--per-source", 1, "--no-adaptive", "--quiet") == 0
+    rows = _rows(demo_manifest)
+    described = {r["description"] for r in rows if r["role"] == "resynthesis"}
+    fitted = [r for r in rows if r["role"] == "original" and r["description"] in described]
+    assert len(fitted) == DESCRIBED * sources
+    with engine.open(store_dir) as ws:
+        report = ws.attribute([demo_manifest.parent / r["image"] for r in fitted],
+                              prompt=[r["description"] for r in fitted], options=Options(per_source=1, adaptive=False))
+    assert sum(r.generated for r in report.results) == 0 and all(r.calibrated for r in report.results)
+    assert [r.unknown for r in report.results] == [False] * len(fitted)
+
 
 def test_evaluate_skips_originals_without_resyntheses_and_names_one_default(models, demo_manifest, tmp_path,
                                                                            capsys):
