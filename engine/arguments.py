@@ -212,17 +212,35 @@ def _is_file(value: Any) -> bool:
 
 def _read_file_object(handle: Any, what: str) -> bytes:
     """A file object's bytes from its current position, one byte past the limit at most (the image reader
-    then refuses it as too large). Text mode is refused: decoding a PNG as text fails, or worse, succeeds."""
-    try:
-        data = handle.read(MAX_READ + 1)
-    except (OSError, ValueError) as exc:  # a closed file: ValueError
-        raise UserError(f"{what}: cannot read the file object: {exc}", code="unreadable_image") from None
-    if isinstance(data, (bytearray, memoryview)):
-        data = bytes(data)
-    if not isinstance(data, bytes):
-        raise ArgumentTypeError(f"{what} is a file object that reads {_type(data)}, not bytes: open it in binary "
-                                "mode (open(path, \"rb\"))")
-    return data
+    then refuses it as too large), read until its end: an unbuffered pipe or socket answers a read with what
+    has arrived so far. Text mode is refused: decoding a PNG as text fails, or worse, succeeds."""
+    import inspect
+    import io
+
+    binary = ArgumentTypeError(f"{what} is a file object in text mode: open it in binary mode (open(path, \"rb\"))")
+    if isinstance(handle, io.TextIOBase):
+        raise binary
+    chunks: list[bytes] = []
+    size = 0
+    while size <= MAX_READ:
+        try:
+            data = handle.read(MAX_READ + 1 - size)
+        except (OSError, ValueError) as exc:  # a closed file: ValueError
+            raise UserError(f"{what}: cannot read the file object: {exc}", code="unreadable_image") from None
+        if inspect.iscoroutine(data):  # an async file (Starlette's UploadFile): its read must be awaited
+            data.close()
+            raise ArgumentTypeError(f"{what} is an async file object: pass `await file.read()` (or its .file)")
+        if isinstance(data, (bytearray, memoryview)):
+            data = bytes(data)
+        if data is None:  # a non-blocking stream with nothing yet: what has arrived is all there is
+            break
+        if not isinstance(data, bytes):
+            raise binary
+        if not data:
+            break
+        chunks.append(data)
+        size += len(data)
+    return b"".join(chunks)
 
 
 @functools.lru_cache(maxsize=64)

@@ -73,6 +73,7 @@ class WorkspaceClosed(UserError, ValueError):
     index was published only if the caller happened to close once more."""
 
     code = "workspace_closed"
+    status = 503  # over HTTP, a request still running when the service stops: try again (another worker)
 
 
 def _while_open(method):
@@ -216,6 +217,7 @@ class Workspace:
 
     # ----- the steps (engine.request runs them in order) ----------------------------------------
     @arguments.keywords
+    @_while_open
     def describe(self, queries: Sequence[Query]) -> list[tuple[str, str]]:
         """(description, where it came from) per query: its prompt, a stored description, or a caption."""
         if isinstance(queries, (str, bytes)) or not isinstance(queries, Iterable):
@@ -227,14 +229,17 @@ class Workspace:
                                         f"not {type(query).__name__}")
         return request.describe(self, queries)
 
+    @_while_open
     def needs_caption(self, queries: Sequence[Query]) -> bool:
         """Whether `describe` would run the captioner (a model call) for these queries."""
         return any(not q.prompt and self.store.description_for_file(q.file_hash) is None for q in queries)
 
+    @_while_open
     def missing(self, text: str, plan: Plan) -> tuple[int, dict[str, list[tuple[str, int]]]]:
         """(how many of the plan's resyntheses are stored, the missing (key, seed) pairs per source)."""
         return resynthesis.missing(self, text, plan)
 
+    @_while_open
     def resynthesize(self, texts: Iterable[str], plan: Plan,
                      budget: "Budget | None" = None) -> dict[str, tuple[int, int, dict[str, str]]]:
         """Generate and store every missing (description, source, seed).
@@ -246,17 +251,20 @@ class Workspace:
         """
         return resynthesis.resynthesize(self, texts, plan, budget)
 
+    @_while_open
     def resynthesize_adaptive(self, queries: Sequence[Query], described: Sequence[tuple[str, str]],
                               vectors: np.ndarray, plan: Plan,
                               budget: "Budget | None" = None) -> dict[str, tuple[int, int, dict[str, str]]]:
         """Adaptive generation (see engine.resynthesis.resynthesize_adaptive); same return as `resynthesize`."""
         return resynthesis.resynthesize_adaptive(self, queries, described, vectors, plan, budget)
 
+    @_while_open
     def candidates(self, text: str, plan: Plan) -> Candidates:
         """The stored references of `text` under `plan` (resyntheses, and labelled originals if asked)."""
         return compare.candidates(self, text, plan)
 
     @arguments.keywords
+    @_while_open
     def embed(self, images: Sequence) -> np.ndarray:
         images = arguments.pil_images(images)  # a path or an array failed inside torchvision
         started = time.perf_counter()
@@ -264,15 +272,18 @@ class Workspace:
         self._time("embed", started)
         return vectors
 
+    @_while_open
     def score(self, query: Query, text: str, origin: str, vector: np.ndarray, plan: Plan,
               candidates: Candidates, counts: tuple[int, int, dict[str, str]] = (0, 0, {})) -> Attribution:
         """Rank the sources for one embedded query against its candidates (the ranking alone: no real
         verdict, no redraw of the file's recipe; `attribute` gives the whole answer)."""
         return compare.score(self, query, text, origin, vector, plan, candidates, counts, evidence_checks=False)
 
+    @_while_open
     def neighbours(self, vector: np.ndarray, plan: Plan, file_hash: str) -> dict[str, list]:
         return compare.neighbours(self, vector, plan, file_hash)
 
+    @_while_open
     def calibration_stale(self) -> str | None:
         """Why the stored calibration no longer applies (sources added or removed since), or None."""
         return compare.calibration_stale(self)
@@ -280,6 +291,7 @@ class Workspace:
     @property
     def calibration(self) -> Calibration:
         """Read from the store's config each time, so a `resynth calibrate` picked up by refresh() applies."""
+        _while_open(lambda ws: None)(self)
         return Calibration.from_dict(self.store.config.get("calibration"))
 
     @arguments.keywords
@@ -466,6 +478,7 @@ class Workspace:
         return calibrate(self, manifest, arguments.options(options), float(false_reject),
                          strict=arguments.flag(strict, "strict"))
 
+    @_while_open
     def image_file(self, image_id: int) -> Path | None:
         """A stored image's file by its catalog id (evidence thumbnails, case reports); None if unknown."""
         if isinstance(image_id, bool) or not isinstance(image_id, numbers.Integral):  # "3" (from JSON) read as unknown

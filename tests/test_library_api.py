@@ -263,3 +263,21 @@ def test_a_misspelt_option_or_argument_names_the_nearest_one(tmp_path):
     # from --max-cost 1), and a numpy yes/no read as one
     assert repr(Options(max_cost=1).max_cost) == repr(Options.from_strings({"max_cost": "1"}).max_cost) == "1.0"
     assert repr(Options(max_cost=-0.0).max_cost) == "0.0" and Options(adaptive=np.bool_(False)).adaptive is False
+
+
+def test_an_async_file_object_is_named_as_such():
+    """Starlette's UploadFile reads by coroutine: it was said to "read coroutine, not bytes: open it in binary
+    mode" (and Python warned of a coroutine never awaited)."""
+    import warnings
+
+    from engine.arguments import _read_file_object
+    from engine.errors import ArgumentTypeError
+
+    class Upload:
+        async def read(self, size: int = -1) -> bytes:
+            return b""
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "coroutine ... was never awaited" would be an error here
+        with pytest.raises(ArgumentTypeError, match=r"images\[0\] is an async file object: pass `await file.read\(\)`"):
+            _read_file_object(Upload(), "images[0]")

@@ -288,6 +288,9 @@ def test_every_form_of_an_image_python_takes_answers_as_its_file(store, image):
     as lists (of ints, of the PNG's "lines") and failed as many nonsense images; a PIL image in any mode
     Pillow turns into RGB answers, and mode La (which it cannot) is one line, not Pillow's ValueError."""
     import io
+    import os
+    import threading
+    import time
 
     import numpy as np
     from PIL import Image
@@ -301,7 +304,17 @@ def test_every_form_of_an_image_python_takes_answers_as_its_file(store, image):
 
     with engine.open(store) as ws, open(image, "rb") as handle:
         ask = lambda images: ws.attribute(images, prompt=PROMPT, options=Options(**OPTIONS))  # noqa: E731
-        forms = [image, str(image), data, bytearray(data), memoryview(data), handle, io.BytesIO(data),
+        readable, writable = os.pipe()  # an unbuffered pipe answers a read with what has arrived so far
+
+        def feed() -> None:
+            os.write(writable, data[:100])
+            time.sleep(0.2)
+            os.write(writable, data[100:])
+            os.close(writable)
+
+        threading.Thread(target=feed, daemon=True).start()
+        pipe = os.fdopen(readable, "rb", buffering=0)
+        forms = [image, str(image), data, bytearray(data), memoryview(data), handle, io.BytesIO(data), pipe,
                  Query.read(image, PROMPT)]  # a Query has a `read` too: it is not a file object
         picture = Image.open(image).convert("RGB")
         pictures = [picture.convert(mode) for mode in ("1", "L", "LA", "P", "RGBA", "CMYK", "I", "F", "YCbCr")]
@@ -320,8 +333,9 @@ def test_every_form_of_an_image_python_takes_answers_as_its_file(store, image):
         with pytest.raises(engine.UserError, match="mode La, which Pillow cannot convert") as caught:
             ask([picture, picture.convert("LA").convert("La")])
         assert kind_of(caught.value).status == 415
-        with pytest.raises(engine.UserError, match="open it in binary mode"), open(image, encoding="latin-1") as text:
-            ask(text)
+        for encoding in ("utf-8", "latin-1"):  # a PNG fails to decode as UTF-8, and decodes as Latin-1
+            with pytest.raises(engine.UserError, match="binary mode"), open(image, encoding=encoding) as text:
+                ask(text)
         with Image.open(image) as lazy:  # used after its block: a bare AssertionError from inside Pillow
             pass
         with pytest.raises(engine.UserError, match=r"images\[1\]: cannot read the PIL image") as caught:
@@ -349,10 +363,11 @@ def test_python_mistakes_are_one_line_user_errors(store, image, tmp_path, capsys
             ws.remove_source("nope")
         assert kind_of(caught.value).code == "unknown_source"
     ws.close()  # a second close does nothing
-    for call in (lambda: ws.attribute(image, prompt=PROMPT), ws.list_sources, ws.stats, ws.__enter__):
+    for call in (lambda: ws.attribute(image, prompt=PROMPT), ws.list_sources, ws.stats, ws.__enter__,
+                 lambda: ws.image_file(1), lambda: ws.calibration, lambda: ws.describe([]), ws.calibration_stale):
         with pytest.raises(engine.UserError, match="is closed") as caught:
             call()
-        assert isinstance(caught.value, ValueError)
+        assert isinstance(caught.value, ValueError) and kind_of(caught.value).status == 503
     (tmp_path / "file").write_text("not a store")
     for path in (tmp_path / "file", tmp_path / "missing"):
         code, exit_code, status, message = _python_error(lambda path=path: engine.open(path))
