@@ -44,6 +44,7 @@ def calibrate(ws: "Workspace", manifest: str | os.PathLike | None = None, option
     if manifest is not None:
         # originals without resyntheses in the manifest are kept: the store may have theirs
         evalset, fitted_on = from_manifest(Path(manifest), strict=False, keep_lonely=True), str(manifest)
+        stored_spelling(evalset, store_names)
         check_sources(evalset, store_names, str(manifest), ws.root)  # before any embedding
         embedder = ws.embedder
         originals = embed_paths(embedder, evalset.orig_path, evalset.orig_hash, FeatureCache(None, embedder.identity),
@@ -56,6 +57,7 @@ def calibrate(ws: "Workspace", manifest: str | os.PathLike | None = None, option
             references = "store"
         else:  # the manifest's own pool: its originals without resyntheses there are skipped (or refused)
             evalset = from_manifest(Path(manifest), strict)
+            stored_spelling(evalset, store_names)
             features = embed_evalset(evalset, {"store": embedder}, None, progress=False)["store"]
             references = "manifest"
     else:
@@ -99,6 +101,15 @@ def fit_real(ws: "Workspace", manifest: Path, features: tuple[np.ndarray, np.nda
                                 false_reject)
     calibration.real = json_safe({**fitted, "k": REAL_K, "references": len(rows),
                                   "references_file": save_array_atomic(ws.root, real)})
+
+
+def stored_spelling(evalset: EvalSet, store_names: set[str]) -> None:
+    """A manifest's source names are read in NFC (engine.manifest); a store may hold one in another Unicode form
+    (a macOS folder name, ingested before): the set's name becomes the store's, as ingest maps it."""
+    import unicodedata
+
+    forms = {unicodedata.normalize("NFC", name): name for name in sorted(store_names)}
+    evalset.sources = [forms.get(name, name) for name in evalset.sources]
 
 
 def check_sources(evalset: EvalSet, store_names: set[str], where: str, store_root) -> None:

@@ -89,7 +89,7 @@ def ingest(workspace, manifest: Path, progress: bool = True, allow_outside: bool
         of_role = [r for r in rows if r.role == role]
         for start in range(0, len(of_role), BATCH):
             batch = of_role[start:start + BATCH]
-            _ingest_batch(store, embedder, batch, sources, ids_by_key, original_keys, report)
+            _ingest_batch(manifest, store, embedder, batch, sources, ids_by_key, original_keys, report)
             bar.update(len(batch))
     bar.close()
     return report
@@ -149,10 +149,11 @@ def _check_sources(manifest: Path, rows: list[ManifestRow], known: set[str]) -> 
     return sorted(set(first_row) - known)
 
 
-def _ingest_batch(store, embedder, batch, sources, ids_by_key, original_keys, report) -> None:
+def _ingest_batch(manifest, store, embedder, batch, sources, ids_by_key, original_keys, report) -> None:
     pending, images = [], []
     for row in batch:
         image, file_hash = read_image(row.image)
+        check_digest(manifest, row, file_hash)  # replaced since it was checked: what is stored is what was read
         source = sources[row.source]
         key = row_key(row, source, file_hash, embedder.identity)
         if row.role == "original":

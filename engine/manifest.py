@@ -8,7 +8,7 @@ import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from engine.errors import UserError
 from engine.paths import not_a_file, shown
@@ -19,6 +19,7 @@ ROLES = ("original", "resynthesis", "real")
 REAL = "real"  # a camera image, made by no generator: a reference for the "real" verdict (resynth calibrate)
 REQUIRED = ("image", "source", "description", "role")
 ALIASES = {"path": "image", "prompt": "description", "generator": "source"}
+READ = (*REQUIRED, "seed", "original", "sha256")  # the columns a row is read from (others are the user's own)
 # Every row is parsed and its file checked before anything is used (about 45 us and 0.9 KB a row): a manifest
 # from elsewhere naming 10^7 files would take minutes and gigabytes before its first error. Far above the
 # reference paper's dataset (about 11,000 images); a larger set is ingested as several manifests.
@@ -79,8 +80,15 @@ def read_manifest(path: Path, allow_outside: bool = True, real: bool = False) ->
 
 
 def real_rows(path: Path, allow_outside: bool = True) -> list[ManifestRow]:
-    """The manifest's rows of role "real" (camera images), checked like every row; [] when it has none."""
-    return [r for r in read_manifest(path, allow_outside, real=True) if r.role == REAL]
+    """The manifest's rows of role "real" (camera images), checked like every row, their recorded sha256 too
+    (calibrate and evaluate fit the "real" rule on them); [] when it has none."""
+    from index.keys import sha256_file
+
+    rows = [r for r in read_manifest(path, allow_outside, real=True) if r.role == REAL]
+    for row in rows:
+        if row.sha256 is not None:
+            check_digest(path, row, sha256_file(row.image))
+    return rows
 
 
 def _lines(path: Path, handle: TextIO) -> Iterator[str]:
@@ -162,17 +170,17 @@ def _canonical(name: str) -> str:
 
 
 def _check_columns(path: Path, names: Sequence[str], line: int | None = None) -> None:
-    """Required columns present, and none given twice: a repeated column (`image` twice, or `image` beside
-    its alias `path`, or `Image` beside `image`) kept only its last value, so a row silently named another
-    file, source or description than the one a reader of the manifest sees first."""
+    """Required columns present, and none that is read given twice under one name: the reader keeps only the last
+    of a repeated key or header, so a row silently named another file, source or description than the one a
+    reader of the manifest sees first. Columns resynth does not read may repeat (`notes,Notes`); one given in
+    two spellings (`image` and its alias `path`, `Image`) is compared row by row (_parse)."""
     where = f"{path}:{line}" if line else str(path)
     first: dict[str, str] = {}
-    for name in (n for n in names if n):
+    for name in (n for n in names if n and n.strip()):
         column = _canonical(name)
-        if column in first:
-            also = f" (as {first[column]!r} and {name!r})" if first[column] != name else ""
-            raise UserError(f"{where}: column {column!r} is given twice{also}: keep one")
-        first[column] = name
+        if first.get(column) == name and column in READ:
+            raise UserError(f"{where}: column {column!r} is given twice: keep one")
+        first.setdefault(column, name)
     present = set(first)
     missing = [c for c in REQUIRED if c not in present]
     if missing:
@@ -181,8 +189,17 @@ def _check_columns(path: Path, names: Sequence[str], line: int | None = None) ->
 
 
 def _parse(path: Path, line: int, record: dict, base: Path) -> ManifestRow:
-    fields = {_canonical(k): (v.strip() if isinstance(v, str) else v) for k, v in record.items() if k}
     where = f"{path}:{line}"
+    spelt: dict[str, tuple[str, Any]] = {}
+    for key, raw in record.items():
+        if not key or not key.strip():
+            continue
+        column, value = _canonical(key), raw.strip() if isinstance(raw, str) else raw
+        if column in spelt and column in READ and spelt[column][1] != value:
+            raise UserError(f"{where}: column {column!r} is given twice (as {spelt[column][0]!r} and {key!r}) with "
+                            f"different values: keep one")
+        spelt.setdefault(column, (key, value))
+    fields = {column: value for column, (_, value) in spelt.items()}
     role = str(fields.get("role") or "").lower()
     if role == REAL:  # no generator made it, and no description need be known
         fields["source"] = fields.get("source") or REAL
@@ -222,7 +239,7 @@ def _parse(path: Path, line: int, record: dict, base: Path) -> ManifestRow:
     if why is not None:
         raise UserError(f"{where}: {shown(image)} is {why}, not an image file")
     original = fields.get("original")
-    digest = str(fields.get("sha256") or "").lower()
+    digest = str(fields.get("sha256") or "").lower().removeprefix("sha256:")  # "sha256:<hex>", as OCI writes it
     if digest and not SHA256.fullmatch(digest):
         raise UserError(f"{where}: sha256 must be 64 hexadecimal digits, not {digest[:70]!r}")
     return ManifestRow(line=line, image=image, source=str(fields["source"]), description=description, role=role,

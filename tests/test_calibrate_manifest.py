@@ -3,6 +3,7 @@ store's, originals that cannot be scored are skipped with a count and a reason (
 and every text names the engine's one default, derived from the code."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -235,3 +236,35 @@ def test_one_image_under_two_paths_is_one_original(tmp_path):
                                     "r.png,a,d,resynthesis,\n")  # a recorded digest, upper case: checked, not ignored
     with pytest.raises(UserError, match=r"m.csv:2: .*o.png does not match the manifest's sha256 \(aaaaaaaaaaaa"):
         from_rows(read_manifest(tmp_path / "m.csv"), str(tmp_path / "m.csv"))
+    # a camera image's digest too (calibrate and evaluate fit the "real" rule on them), in its "sha256:" form
+    from engine.manifest import real_rows
+
+    digest = hashlib.sha256((tmp_path / "o.png").read_bytes()).hexdigest()
+    (tmp_path / "m.csv").write_text(head.replace("role", "role,sha256") + f"o.png,,,real,sha256:{digest}\n"
+                                    f"r.png,,,real,sha256:{digest}\n")
+    with pytest.raises(UserError, match=r"m.csv:3: .*r.png does not match the manifest's sha256"):
+        real_rows(tmp_path / "m.csv")
+
+
+def test_a_source_stored_in_another_unicode_form_is_the_manifests(tmp_path):
+    """Manifests are read in NFC; a source added (or ingested before) under its decomposed name (a macOS folder
+    name) is the same source for calibrate, as it is for ingest: it was "café is not in store (it has café)"."""
+    import unicodedata
+
+    from PIL import Image
+
+    from engine.fitting import check_sources, stored_spelling
+    from engine.labelled import from_manifest
+
+    decomposed = unicodedata.normalize("NFD", "café")
+    rows = []
+    for i in range(2):
+        for role in ("original", "resynthesis"):
+            Image.new("RGB", (16, 16), (i * 90, len(role) * 9, 7)).save(tmp_path / f"{role}{i}.png")
+            rows.append({"image": f"{role}{i}.png", "source": decomposed, "description": f"d{i}", "role": role,
+                         **({"seed": 1} if role == "resynthesis" else {})})
+    evalset = from_manifest(_write(tmp_path / "m.jsonl", rows), keep_lonely=True)
+    assert evalset.sources == ["café"]  # read in NFC
+    stored_spelling(evalset, {decomposed, "other"})
+    assert evalset.sources == [decomposed]
+    check_sources(evalset, {decomposed, "other"}, "m.jsonl", tmp_path)

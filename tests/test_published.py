@@ -277,6 +277,12 @@ def test_a_manifest_column_given_twice_is_refused_and_source_names_are_composed(
         (tmp_path / name).write_text(text)
         with pytest.raises(UserError, match=said):
             read_manifest(tmp_path / name)
+    for name, text in (  # what worked before and names no other file: columns resynth does not read, agreeing
+            ("notes.csv", "image,source,description,role,notes,Notes, , \na.png,s,d,original,x,y,,\n"),  # spellings
+            ("ids.jsonl", f'{{"ID": 1, "id": 2, "image": "a.png", {row}}}\n'),
+            ("agree.csv", "image,path,source,description,role\na.png,a.png,s,d,original\n")):
+        (tmp_path / name).write_text(text)
+        assert [r.image.name for r in read_manifest(tmp_path / name)] == ["a.png"], name
     (tmp_path / "blank.csv").write_text("image,source,description,role\n\na.png,s,d,original\na.png,s,d,oops\n")
     with pytest.raises(UserError, match="blank.csv:4: role must be"):  # it said line 3, the row above
         read_manifest(tmp_path / "blank.csv")
