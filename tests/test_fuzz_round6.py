@@ -66,12 +66,12 @@ def test_an_icon_is_refused_without_its_plugin_decoding_it(tmp_path):
     # nor an API source's answer, nor a published dataset's file (their readers had no format list)
     from engine.api_answers import _decode
     from engine.errors import SourceError
-    from engine.published import _readable
+    from engine.published import UNREADABLE, _unusable
 
     with pytest.raises(SourceError, match="answer image cannot be decoded"):
         _decode(_ico_holding(inner), "api")
     (tmp_path / "icon.png").write_bytes(_ico_holding(inner))
-    assert not _readable(tmp_path / "icon.png")
+    assert _unusable(tmp_path / "icon.png", decode=False) == _unusable(tmp_path / "icon.png", decode=True) == UNREADABLE
     tga = io.BytesIO()
     Image.new("RGB", (8, 8)).save(tga, "TGA")  # its first bytes are also a cursor's (CUR): named by Pillow's reading
     assert _same_refusal_everywhere(tga.getvalue(), tmp_path)[1].startswith("TGA images are not accepted")
