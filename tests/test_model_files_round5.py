@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import struct
 from pathlib import Path
@@ -403,12 +402,21 @@ def test_a_lora_loads_with_the_alpha_its_file_records(models, tmp_path):
     shutil.copy(file, saved / "other.safetensors")
     with pytest.raises(UserError, match="is a folder holding 2 .safetensors files"):
         Lora().prepare("saved", base, lora=str(saved))
-    linked = tmp_path / "linked"  # a link out of the folder (a server's --sources-root check saw the folder only)
-    linked.mkdir()
-    (linked / "adapter.safetensors").symlink_to(file)
-    with pytest.raises(UserError, match="is a link to a file outside the folder: give that file itself "
-                                        + re.escape(f"({file})")):
-        Lora().prepare("linked", base, lora=str(linked))
+    # a Hugging Face cache snapshot: its file is a link to a blob named by its hash, outside the folder
+    (tmp_path / "hub" / "blobs").mkdir(parents=True)
+    shutil.copy(file, tmp_path / "hub" / "blobs" / "5e3f0c9a")
+    linked = tmp_path / "hub" / "snapshots" / "abc"
+    linked.mkdir(parents=True)
+    (linked / "pytorch_lora_weights.safetensors").symlink_to("../../blobs/5e3f0c9a")
+    assert Lora().prepare("linked", base, lora=str(linked)).params["loras"][0]["sha256"] == file_sha256(file)
+    # over HTTP the folder, and where its file leads, must both lie inside the server's sources folder
+    from engine.service.errors import ServiceError
+    from engine.service.sources import SourcePolicy, police
+
+    checked = police("lora", {"lora": ["hub/snapshots/abc:1.0"]}, SourcePolicy(roots=(tmp_path,)), tmp_path)
+    assert checked["lora"] == [f"{(tmp_path / 'hub' / 'blobs' / '5e3f0c9a').resolve()}:1.0"]
+    with pytest.raises(ServiceError, match="over HTTP, paths must lie inside"):  # the folder is, its blob is not
+        police("lora", {"lora": ["abc:1.0"]}, SourcePolicy(roots=(linked.parent,)), tmp_path)
     (tmp_path / "bad").mkdir()
     broken = tmp_path / "bad" / "alpha.safetensors"  # the same tensors, a metadata that is no JSON
     save_file(load_file(str(file)), str(broken), metadata={"lora_adapter_metadata": "{not json"})

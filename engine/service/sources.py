@@ -206,9 +206,13 @@ def police(kind: str, params: dict[str, Any], policy: SourcePolicy, store_root: 
         if (param.metavar or "").startswith("FILE["):  # files with a suffix (a LoRA's FILE[:SCALE], listed)
             from engine.sources.lora import parse_loras
 
-            pairs = parse_loras(value)
-            checked[param.name] = [f"{_inside(_plain(path, param.name), roots, policy.anywhere, param.name)}:{scale!r}"
-                                   for path, scale in pairs]
+            from engine.sources.lora import adapter_file
+
+            inside = [_inside(_plain(path, param.name), roots, policy.anywhere, param.name) for path, _ in
+                      parse_loras(value)]
+            # a folder stands for its adapter file: where that file (or the link in it) leads is checked too
+            files = [_inside(adapter_file(path), roots, policy.anywhere, param.name) for path in inside]
+            checked[param.name] = [f"{file}:{scale!r}" for file, (_, scale) in zip(files, parse_loras(value))]
         elif param.is_path:
             resolved = [_inside(_plain(item, param.name), roots, policy.anywhere, param.name)
                         for item in (value if isinstance(value, list) else [value])]

@@ -104,11 +104,7 @@ def adapter_file(given: str) -> str:
         names = f" ({', '.join(f.name for f in files[:3])})" if files else ""
         raise UserError(f"--lora {given} is a folder holding {len(files)} .safetensors files{names}: give the adapter "
                         "file itself")
-    target = files[0].resolve()
-    if not target.is_relative_to(folder.resolve()):  # a server checked the folder, not where a link in it leads
-        raise UserError(f"--lora {given}: its {files[0].name} is a link to a file outside the folder: give that file "
-                        f"itself ({target})")
-    return str(files[0])
+    return str(files[0])  # a link to a blob elsewhere (a Hugging Face cache snapshot) included
 
 
 def check_adapter_values(file: Path) -> dict:

@@ -34,11 +34,12 @@ def check_safetensors(path, what: str) -> Path:
     """An existing, structurally sound .safetensors file (pickled checkpoints are refused: loading one runs code)."""
     from engine.sources.model_files import check_weight_file
 
-    path = Path(path).expanduser().resolve()
+    given = Path(path).expanduser()
+    path = given.resolve()
     if not path.is_file():
         raise UserError(f"{what} not found: {path}")
-    if path.suffix != ".safetensors":
-        raise UserError(f"{what} must be a .safetensors file, not {path.name} (pickled .ckpt/.pt files can run code "
+    if given.suffix != ".safetensors":  # the name as given: a Hugging Face cache links it to a blob named by hash
+        raise UserError(f"{what} must be a .safetensors file, not {given.name} (pickled .ckpt/.pt files can run code "
                         "when loaded: convert them to safetensors first)")
     check_weight_file(path)
     return path
