@@ -71,9 +71,10 @@ def false_reject_threshold(values: np.ndarray, frr: float) -> float:
     --false-reject promises on the originals it was fitted on (an interpolated quantile rejected 1 of 2,
     1 of 3, 2 of 30 at 5%). Ties are kept or rejected together; nan for no values.
 
-    The threshold lies in the gap below that value (midway to the next lower one, or just under the lowest),
-    never on it: attribute recomputes a query's value (float32 features, the precision matrix as saved) and
-    an original exactly on the threshold came out 5e-8 lower and was refused (1 of 15 at 5%)."""
+    The threshold lies a hair below that value (a millionth of it, at most half way to the next lower one), never
+    on it: attribute recomputes a query's value (float32 features, the precision matrix as saved) and an
+    original exactly on the threshold came out 5e-8 lower and was refused (1 of 15 at 5%). Half the gap moved
+    cross-fitted figures by up to 0.03 AUROC; a hair moves none."""
     ordered = np.sort(np.asarray(values, np.float64).ravel())
     if not ordered.size:
         return float("nan")
@@ -81,10 +82,11 @@ def false_reject_threshold(values: np.ndarray, frr: float) -> float:
     chosen = float(ordered[at])
     if not np.isfinite(chosen):
         return chosen
+    margin = 1e-6 * max(1.0, abs(chosen))
     below = float(ordered[at - 1]) if at > 0 else -np.inf
     if np.isfinite(below) and below < chosen:
-        return (below + chosen) / 2
-    return chosen - 1e-6 * max(1.0, abs(chosen))
+        margin = min(margin, (chosen - below) / 2)
+    return chosen - margin
 
 
 def fit_thresholds(scores: np.ndarray, labels: np.ndarray, frr: float = FALSE_REJECT) -> dict[int, float]:

@@ -53,7 +53,7 @@ def test_a_fitted_threshold_rejects_at_most_the_false_reject_rate(n):
 
 def test_false_reject_threshold_with_ties_and_infinities():
     assert 1.0 - 1e-5 < false_reject_threshold(np.array([1.0, 1.0, 1.0, 2.0]), 0.5) < 1.0  # a tie is kept whole
-    assert false_reject_threshold(np.r_[-np.inf, np.arange(39.0)], 0.05) == 0.5  # 2 of 40 may go: -inf and 0
+    assert 1.0 - 1e-5 < false_reject_threshold(np.r_[-np.inf, np.arange(39.0)], 0.05) < 1.0  # -inf and 0 may go
     assert false_reject_threshold(np.array([-np.inf, -np.inf, 0.0]), 0.5) == -np.inf  # no nan from -inf - -inf
     assert np.isnan(false_reject_threshold(np.array([]), 0.05))
 
