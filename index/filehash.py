@@ -5,9 +5,10 @@
 .ckpt files beside the folders, 20 GB and more). A digest is remembered under the file's identity and stat (path,
 device, inode, size, mtime, ctime): no write() leaves all of them as they were (the kernel sets ctime at every write
 and utime, and no call of a user's sets it back; a program writing through a memory map updates them only when a
-clean page is first written, and NFS may answer a stat from attributes cached for up to a minute). Timestamps are coarse (a kernel tick), so a write in the same
-tick as the hash could keep them: a digest is remembered only when the file's stat did not change while it was
-read and its ctime is SETTLED_S old (git's "racily clean" rule).
+clean page is first written, and NFS may answer a stat from attributes cached for up to a minute). Timestamps are
+coarse (a kernel tick), so a write in the same tick as the hash could keep them: a digest is remembered only when
+the file's stat did not change while it was read and its ctime is SETTLED_S older than the first stat (git's
+"racily clean" rule).
 
 The memory is this process's dict and, for files of PERSIST_FROM bytes or more, a per-user SQLite file
 ($RESYNTH_HASH_CACHE, else $XDG_CACHE_HOME/resynth/file-hashes.sqlite, else ~/.cache/resynth/...). It is only ever
