@@ -36,8 +36,7 @@ def test_generate_many_is_identical_to_one_image_at_a_time_on_cpu(models, name):
     params = GenerationParams(steps=2, negative_prompt="blurry")
     generator = DiffusersGenerator(name, models["pipelines"][name], params, device="cpu")
     assert generator.default_batch_size() == 1  # CPU: grouping never changes a pixel
-    jobs = [("a portrait of an old man", 7), ("a child in a blue hat", 8), ("a portrait of an old man", 9),
-            ("a woman with red hair, studio light, looking at the camera", 7)]
+    jobs = [("a portrait of an old man", 7), ("a child in a blue hat", 8), ("a portrait of an old man", 9)]
     many = generator.generate_many(jobs)
     assert generator.calls == len(jobs) and len(many) == len(jobs)
     for (prompt, seed), image in zip(jobs, many):
@@ -45,7 +44,7 @@ def test_generate_many_is_identical_to_one_image_at_a_time_on_cpu(models, name):
         assert image.mode == "RGB" and np.array_equal(np.asarray(image), np.asarray(alone))
     assert not np.array_equal(np.asarray(many[0]), np.asarray(many[2]))  # the seed matters
     # An explicit larger batch (what CUDA uses) draws the same noise: equal up to BLAS rounding.
-    batched = generator.generate_many(jobs, batch_size=3)
+    batched = generator.generate_many(jobs, batch_size=2)
     assert max(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() for a, b in zip(batched, many)) <= 1
     assert generator.generate_many([]) == []
 
