@@ -30,9 +30,39 @@ class IngestReport:
 
 def row_key(row: ManifestRow, source, file_hash: str, embedder: str) -> str:
     """Originals key on their bytes; resyntheses of pipeline sources on their recipe (the cache key)."""
-    description_hash = sha256_text(normalise_description(row.description))
-    return image_key(row.role, description_hash, source.fingerprint, source.name, row.seed,
+    return image_key(row.role, _description_hash(row), source.fingerprint, source.name, row.seed,
                      _params_hash(row, source), file_hash, embedder)
+
+
+def _description_hash(row: ManifestRow) -> str:
+    return sha256_text(normalise_description(row.description))
+
+
+def _repeated_originals(manifest: Path, store: Store, copies: dict[str, list[ManifestRow]]) -> list[ManifestRow]:
+    """An original is one image with one source and one description. Its bytes stored before as another
+    source's original are refused (one of the labels is wrong); given again with another description, in
+    this manifest or stored before, the first description is kept and the other rows are returned, to be
+    skipped: two copies would be two queries, and a perfect reference for each other wherever originals
+    serve as references."""
+    stored = store.originals_by_file(list(copies))
+    repeated = []
+    for file_hash, rows in copies.items():
+        source, description = stored.get(file_hash, (rows[0].source, _description_hash(rows[0])))
+        if source != rows[0].source:
+            raise UserError(f"{manifest}:{rows[0].line}: original {shown(rows[0].image)} is stored already as an "
+                            f"original of {source!r}, but is listed as {rows[0].source!r}: an image has one true "
+                            "source; remove the wrong row")
+        repeated += [row for row in rows if _description_hash(row) != description]
+    return sorted(repeated, key=lambda row: row.line)
+
+
+def _repeats_said(repeated: list[ManifestRow]) -> list[str]:
+    if not repeated:
+        return []
+    first = repeated[0]
+    return [f"{len(repeated)} original{'s' if len(repeated) > 1 else ''} repeat the bytes of an original given "
+            f"before with another description (first at line {first.line}, {shown(first.image)}): skipped, the "
+            "first description kept; an image has one description"]
 
 
 def _params_hash(row: ManifestRow, source) -> str | None:
@@ -62,7 +92,7 @@ def ingest(workspace, manifest: Path, progress: bool = True, allow_outside: bool
             raise UserError(f"{manifest}:{row.line}: {exc}") from None
     # A valid header does not make a whole image (a cut body decodes to an error): decoded here, before
     # any write, at the cost of a second decode when its batch is embedded (holding them all would not fit).
-    labelled: dict[str, ManifestRow] = {}  # an original's sha256 -> its first row
+    copies: dict[str, list[ManifestRow]] = {}  # an original's sha256 -> its rows, first row first
     for row in tqdm(rows, desc="decoding", unit="image", disable=not progress or len(rows) < 1000, leave=False):
         if decoded and row.role != "original" and row.sha256 is None:
             continue
@@ -71,16 +101,24 @@ def ingest(workspace, manifest: Path, progress: bool = True, allow_outside: bool
         except UserError as exc:
             raise UserError(f"{manifest}:{row.line}: {exc}") from None
         check_digest(manifest, row, file_hash)
-        first = labelled.setdefault(file_hash, row) if row.role == "original" else row
+        if row.role != "original":
+            continue
+        first = copies.setdefault(file_hash, [row])[0]
         if first.source != row.source:  # a copy under another generator's folder: one of the labels is wrong
             raise UserError(f"{manifest}:{row.line}: original {shown(row.image)} has the same bytes as "
                             f"{shown(first.image)} (line {first.line}), an original of {first.source!r}, but is "
                             f"listed as {row.source!r}: an image has one true source; remove the wrong row")
+        if first is not row:
+            copies[file_hash].append(row)
+    repeated = _repeated_originals(manifest, store, copies)
+    skip = {id(row) for row in repeated}
+    rows = [row for row in rows if id(row) not in skip]
     embedder = workspace.embedder  # models load only once the manifest is known to be good
     for name in new_sources:
         workspace.add_replay_source(name)
     sources = {s.name: s for s in store.sources()}
-    report = IngestReport(rows=len(rows), new_sources=new_sources, warnings=_unseeded(rows, sources))
+    report = IngestReport(rows=len(rows) + len(repeated), skipped=len(repeated), new_sources=new_sources,
+                          warnings=_repeats_said(repeated) + _unseeded(rows, sources))
     ids_by_key: dict[str, int | None] = {}  # this run's keys; None while a row is pending in the batch
     original_keys: dict[Path, str] = {}
     bar = tqdm(total=len(rows), desc="ingesting", unit="image", disable=not progress)

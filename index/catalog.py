@@ -272,6 +272,21 @@ class Catalog:
         with self.db.session() as s:
             return s.scalar(select(Image.id).where(Image.file_hash == file_hash, Image.role == "original").limit(1))
 
+    def originals_by_file(self, file_hashes: list[str]) -> dict[str, tuple[str, str]]:
+        """The stored originals with these bytes, as file hash -> (source name, description hash): a
+        manifest's original checked against the store in a few round trips, not one per row."""
+        found: dict[str, tuple[str, str]] = {}
+        with self.db.session() as s:
+            for start in range(0, len(file_hashes), 500):
+                chunk = file_hashes[start:start + 500]
+                query = (select(Image.file_hash, Source.name, Description.hash)
+                         .join(Source, Image.source_id == Source.id)
+                         .join(Description, Image.description_id == Description.id)
+                         .where(Image.role == "original", Image.file_hash.in_(chunk)).order_by(Image.id))
+                for file_hash, source, description in s.execute(query):
+                    found.setdefault(file_hash, (source, description))
+        return found
+
     def image_id_for_key(self, key: str) -> int | None:
         with self.db.session() as s:
             return s.scalar(select(Image.id).where(Image.key == key))

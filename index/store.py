@@ -421,6 +421,9 @@ class Store:
     def original_id_for_file(self, file_hash: str) -> int | None:
         return self.catalog.original_id_for_file(file_hash)
 
+    def originals_by_file(self, file_hashes: list[str]) -> dict[str, tuple[str, str]]:
+        return self.catalog.originals_by_file(file_hashes)
+
     def image_id_for_key(self, key: str) -> int | None:
         return self.catalog.image_id_for_key(key)
 

@@ -11,6 +11,7 @@ import pytest
 
 from index import faults
 from index import vectors as vx
+from engine.errors import UserError
 from index.errors import StoreDamaged
 from index.store import NewImage, Store
 from tests import procs
@@ -134,6 +135,16 @@ def test_ingest_is_idempotent_and_links_originals(models, originals, tmp_path, d
         with opened.session() as s:
             images = {i.role: i for i in s.query(Image)}
         assert images["resynthesis"].original_id == images["original"].id
+        assert opened.stats()["vectors"] == 2
+        # the same bytes given again as an original: with another description, skipped and said (two copies
+        # would be two queries, each a perfect reference for the other); under another source, refused
+        lines.append(f"{first['image']},genA,another prompt,original,")
+        manifest.write_text("\n".join(lines) + "\n")
+        repeat = ws.ingest(manifest, allow_outside=True)
+        assert (repeat.added, repeat.skipped) == (0, 4) and "1 original repeat the bytes" in repeat.warnings[0]
+        (tmp_path / "n.csv").write_text(f"image,source,description,role\n{first['image']},genB,x,original\n")
+        with pytest.raises(UserError, match=r"n.csv:2: original .* is stored already as an original of 'genA'"):
+            ws.ingest(tmp_path / "n.csv", allow_outside=True)
         assert opened.stats()["vectors"] == 2
 
 
