@@ -110,6 +110,8 @@ class EvalSet:
 NO_RESYNTHESES = "their description has no resyntheses"  # the reason an original is skipped
 NO_SOURCE_RESYNTHESES = "their source has no resyntheses"
 LISTED_TWICE = "the manifest lists them twice"
+STORED_TWICE = "the store holds their bytes twice"
+TWO_SOURCES = "the store holds their bytes as originals of two sources: one label is wrong"
 
 
 
@@ -348,6 +350,7 @@ def from_store(store: "Store", strict: bool = False) -> EvalSet:
     if stray:
         skipped[NO_SOURCE_RESYNTHESES] = [shown(r.path, folder) for r in stray]
     originals = [r for r in originals if r.source in sources]
+    originals = _one_copy_each(originals, skipped, folder)
     source_index = {s: i for i, s in enumerate(sources)}
     desc_ids = sorted({r.description_id for r in rows})
     desc_index = {d: i for i, d in enumerate(desc_ids)}
@@ -379,6 +382,22 @@ def from_store(store: "Store", strict: bool = False) -> EvalSet:
     evalset.vectors[store.embedder_identity] = (np.stack([r.vector for r in originals]),
                                                 np.stack([r.vector for r in resyntheses]))
     return evalset
+
+
+def _one_copy_each(originals: list, skipped: dict[str, list[str]], folder: Path | None) -> list:
+    """An image is one original: a store ingested before ingest refused repeats may hold its bytes twice (two
+    descriptions: counted twice) or under two sources (scored against a wrong label). The first copy is kept;
+    an image under two sources is left out altogether (which label is true is unknown)."""
+    by_bytes: dict[str, list] = {}
+    for r in originals:
+        by_bytes.setdefault(r.file_hash, []).append(r)
+    twice = [r for copies in by_bytes.values() if len({c.source for c in copies}) == 1 for r in copies[1:]]
+    conflicted = [r for copies in by_bytes.values() if len({c.source for c in copies}) > 1 for r in copies]
+    for reason, left in ((TWO_SOURCES, conflicted), (STORED_TWICE, twice)):
+        if left:
+            skipped[reason] = [shown(r.path, folder) for r in left]
+    dropped = {id(r) for r in twice + conflicted}
+    return [r for r in originals if id(r) not in dropped]
 
 
 class FeatureCache:

@@ -296,7 +296,7 @@ def test_the_report_counts_the_sources_that_had_originals():
 def test_from_store_leaves_out_what_attribute_never_compares(tmp_path):
     """A pipeline source's resynthesis stored without a seed is never a reference of `attribute` (its plan
     keeps the current recipe's seeds only): calibrate fitted on scores the engine never computes."""
-    from engine.labelled import from_store
+    from engine.labelled import STORED_TWICE, TWO_SOURCES, from_store
     from index.store import NewImage, Store
 
     def unit(i: int) -> np.ndarray:
@@ -310,7 +310,12 @@ def test_from_store_leaves_out_what_attribute_never_compares(tmp_path):
                 for i, src in enumerate((pipe, replay))]
         rows += [NewImage(f"r{i}", "resynthesis", src.id, desc, f"hr{i}", f"r{i}.png", unit(10 + i), seed=seed)
                  for i, (src, seed) in enumerate(((pipe, 0), (pipe, None), (replay, None)))]
+        # a store ingested before ingest refused repeats: o0's bytes again (another description), o1's under pipe
+        rows += [NewImage(f"o{i}", "original", pipe.id, store.description_id("another"), f"ho{i - 2}", f"o{i}.png",
+                          unit(i)) for i in (2, 3)]
         store.add_images(rows)
         evalset = from_store(store)
     kept = sorted((evalset.sources[c], int(s)) for c, s in zip(evalset.res_source, evalset.res_seed))
     assert kept == [("old", -1), ("pipe", 0)]  # the seedless replay image stays: replay has no seeds
+    assert evalset.orig_path == ["o0.png"] and evalset.skipped == {TWO_SOURCES: ["o1.png", "o3.png"],
+                                                                   STORED_TWICE: ["o2.png"]}
