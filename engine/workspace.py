@@ -36,6 +36,7 @@ from engine.options import Options
 from engine.paths import expand_path, not_a_file
 from engine.sources import DEFAULT_KIND, check_name  # noqa: F401  (check_name: imported from here before)
 from index.errors import StoreInputError, UnknownName
+from index.keys import same_name
 from index.layout import CONFIG_NAME, DB_NAME, INDEX_NAME, LOCK_NAME
 from index.store import Store
 
@@ -203,10 +204,14 @@ class Workspace:
             raise UserError("the store has no sources: add some with `resynth source add` or `resynth ingest`")
         known = {s.name: s for s in found_sources}
         for name in options.sources or ():
-            if name not in known:
-                raise NotFoundError(f"unknown source {name!r} (known: {', '.join(sorted(known))})",
-                                    code="unknown_source")
-        chosen = tuple(known[n] for n in (options.sources or sorted(known)))
+            if name not in known:  # typed in another Unicode form than stored is the same name
+                twins = [s for s in found_sources if same_name(s.name, name)]
+                if len(twins) != 1:
+                    raise NotFoundError(f"unknown source {name!r} (known: {', '.join(sorted(known))})",
+                                        code="unknown_source")
+                known[name] = twins[0]
+        names = options.sources or sorted(s.name for s in found_sources)
+        chosen = tuple(dict.fromkeys(known[n] for n in names))  # a name given in two forms is one source
         made = Plan(options, chosen, {s.id: sources.kind_of(s).params_hash(s) for s in chosen},
                     self.store.embedder_identity)
         with self._lock:

@@ -81,3 +81,8 @@ def image_key(role: str, description_hash: str, source_fingerprint: str, source_
         return cache_key(description_hash, source_fingerprint, seed if seed is not None else -1, "", embedder,
                          file_hash)
     return cache_key(description_hash, source_fingerprint, cast(int, seed), params_hash, embedder)
+
+
+def same_name(stored: str, given: str) -> bool:
+    """A name as typed and as stored, equal up to Unicode form (NFC "café" is NFD "café")."""
+    return unicodedata.normalize("NFC", stored) == unicodedata.normalize("NFC", given)

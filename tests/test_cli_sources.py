@@ -119,3 +119,21 @@ def test_a_diffusers_path_is_expanded_before_it_is_checked(store, tmp_path, caps
     assert run_cli("source", "add", "x", "~/no-such-pipeline", "--steps", "2", "--store", store) == 2
     err = capsys.readouterr().err
     assert "pipeline folder not found" in err and str(tmp_path / "no-such-pipeline") in err
+
+
+def test_a_name_typed_in_another_unicode_form_is_the_stored_one(store, capsys):
+    """A source ingested under its decomposed name (a macOS folder) was "unknown source 'café' (known: café)" to
+    every command where it was typed in NFC: `--sources` and `source remove` find it now."""
+    import unicodedata
+
+    import engine
+    from engine.options import Options
+
+    decomposed = unicodedata.normalize("NFD", "café")
+    with Store.open(store) as opened:
+        opened.ensure_source(decomposed, "replay", "fp-1")
+        opened.ensure_source("other", "replay", "fp-2")
+    with engine.open(store) as ws:
+        assert [s.name for s in ws.plan(Options(sources=("café", decomposed))).sources] == [decomposed]
+    assert run_cli("source", "remove", "café", "--store", store) == 0
+    assert list(_listed(capsys, store)) == ["other"]
