@@ -26,6 +26,7 @@ from engine.api_budget import limiter_for
 from engine.api_params import SEED_PLACEHOLDER, ApiParams
 from engine.errors import SourceError, first_line
 from engine.providers import Reply
+from index.faults import crash_point
 
 log = logging.getLogger("engine.api_source")  # one logger for API sources, as before the split
 
@@ -57,6 +58,15 @@ class Refused(SourceError):
 
 # Statuses that refuse one submission for what it asks (its prompt), not the source as a whole
 REFUSED_STATUSES = frozenset({400, 422})
+# A status or image URL answering these no longer has the task (expired, deleted, a short-lived URL past its
+# time): a task resumed from an earlier run is then bought again (engine.api_tasks)
+GONE_STATUSES = frozenset({404, 410})
+GONE_IMAGE_STATUSES = frozenset({403, 404, 410})  # an expired pre-signed URL answers 403
+
+
+class Gone(SourceError):
+    """The service no longer has this task or its image (HTTP 404/410 to a status poll, 403/404/410 to an
+    image URL): as any SourceError for a fresh task; a resumed one is submitted again."""
 
 
 class _Retryable(Exception):
@@ -127,6 +137,8 @@ class ApiExchanges:
                                 env = self.params.api_key_env
                                 hint = f" (check the key in ${env})" if env else " (no api_key_env is configured)"
                             refusal = Refused if submission and resp.status_code in REFUSED_STATUSES else SourceError
+                            if not submission and resp.status_code in GONE_STATUSES:
+                                refusal = Gone
                             raise refusal(self.name, f"{prefix}the API refused the request: {problem}{hint}")
                         delay = _retry_after(resp.headers)
                         charged = resp.status_code in MAYBE_CHARGED_STATUSES
@@ -232,7 +244,8 @@ class ApiExchanges:
                 if resp.status_code in RETRY_STATUSES:
                     raise _Retryable(f"image URL answered HTTP {resp.status_code}", _retry_after(resp.headers))
                 if resp.status_code != 200:
-                    raise SourceError(self.name, f"image URL answered HTTP {resp.status_code}")
+                    error = Gone if resp.status_code in GONE_IMAGE_STATUSES else SourceError
+                    raise error(self.name, f"image URL answered HTTP {resp.status_code}")
                 return _read_capped(resp, api_answers.MAX_IMAGE_BYTES, download.at, self.name)
         raise SourceError(self.name, f"image URL redirects more than {MAX_REDIRECTS} times")
 
@@ -294,8 +307,9 @@ class _Call:
     """What a protocol module may do for one image (`engine.providers.Call`)."""
 
     def __init__(self, generator: ApiExchanges, client: httpx.Client, key: str | None, abort: threading.Event,
-                 maybe_charged: Callable[[str], None] | None = None):
+                 maybe_charged: Callable[[str], None] | None = None, task: Any = None):
         self.name = generator.name
+        self.task = task  # this job's engine.api_tasks.Slot (its durable record), or None
         self._maybe_charged = maybe_charged
         self.params = generator.params
         self.endpoint = generator._endpoint
@@ -317,6 +331,11 @@ class _Call:
     def json(self, reply: Reply) -> Any:
         return _parse_json(reply, self.name)
 
+    def accepted(self, state: Mapping[str, Any]) -> None:
+        if self.task is not None:
+            self.task.save(self._generator.params.protocol, self.endpoint, dict(state))
+        crash_point("api:accepted")  # recorded, not yet polled: a kill here must not cost a second purchase
+
     def poll(self, url: str, check: Callable[[Any], Any], headers: Mapping[str, str] | None = None) -> Any:
         return self._generator._poll(self._client, url, check, self.key, self._abort, headers)
 
@@ -337,3 +356,6 @@ class _Call:
 
     def refused(self, reason: str) -> SourceError:
         return Refused(self.name, f"the API refused the request: {_redact(reason, self.key)}")
+
+    def gone(self, reason: str) -> SourceError:
+        return Gone(self.name, _redact(reason, self.key))

@@ -16,7 +16,8 @@ dripping bytes when the deadline came is not (the source fails at once, naming t
 
 Module map (each re-exported here): `engine.api_params` (ApiParams and its checks), `engine.api_budget`
 (Budget, the rate and concurrency limiter), `engine.api_exchange` (requests, retries, polling, downloads,
-host checks, the protocols' `Call`), `engine.api_answers` (size caps, parsing untrusted answers). This
+host checks, the protocols' `Call`), `engine.api_answers` (size caps, parsing untrusted answers),
+`engine.api_tasks` (durable records of accepted tasks, so a task is paid for once). This
 module owns `ApiGenerator` itself: the key, the budget's reservation and settlement, and the concurrent
 run of a batch of jobs with its partial results. Tunables are read at call time from the module that
 defines them (`api_exchange.POLL_FIRST`, `api_answers.MAX_IMAGE_BYTES`, ...).
@@ -39,8 +40,9 @@ from engine.api_answers import (  # noqa: F401  (re-exported)
 from engine.api_budget import Budget, _Limiter, limiter_for  # noqa: F401  (re-exported)
 from engine.api_exchange import (  # noqa: F401  (re-exported)
     BACKOFF_BASE, BACKOFF_CAP, MAX_REDIRECTS, POLL_CAP, POLL_FIRST, POLL_GROWTH, RETRIES, RETRY_STATUSES, ApiExchanges,
-    Refused, _Call, _Interrupted)
+    Gone, Refused, _Call, _Interrupted)
 from engine.api_params import SEED_PLACEHOLDER, ApiParams  # noqa: F401  (re-exported)
+from engine.api_tasks import Slot, TaskBook
 from engine.errors import BudgetExceeded, SourceError, first_line  # noqa: F401  (BudgetExceeded re-exported)
 from engine.providers.openai import endpoint_url  # noqa: F401  (re-exported: engine.workspace uses it)
 
@@ -91,15 +93,23 @@ class ApiGenerator(ApiExchanges):
     def generate(self, prompt: str, seeds: list[int]) -> list[Image.Image]:
         return self.generate_many([(prompt, seed) for seed in seeds])
 
+    @property
+    def resumes_tasks(self) -> bool:
+        """Whether its service bills a task before it is ready (submit, then poll): then `generate_many`
+        takes a `TaskBook` (engine.api_tasks) and resumes the tasks an earlier run recorded."""
+        return self._protocol.resumable
+
     def generate_many(self, jobs: list[tuple[str, int]], batch_size: int | None = None,
-                      budget: Budget | None = None) -> list[Image.Image]:
+                      budget: Budget | None = None, tasks: TaskBook | None = None) -> list[Image.Image]:
         """One image per job, in job order, up to `concurrency` jobs at once (`batch_size` is unused:
         an API has no batches). The cost is reserved before sending (from `budget`, else the generator's
         own): when the limit pays for none of the jobs, nothing is sent (BudgetExceeded); when it pays for
         some, those are bought and PartialResult stops the rest. When some jobs fail after others were
         answered, or the run is interrupted, PartialResult carries the answered images (paid for).
         Ctrl-C sends nothing more; exchanges already under way end by their deadline, and jobs waiting
-        (backoff, polling, their turn in the rate) stop at once."""
+        (backoff, polling, their turn in the rate) stop at once. With `tasks` (job i is its key i), a task
+        accepted by the service is recorded before it is polled, and one an earlier run recorded is resumed
+        rather than bought again (engine.api_tasks)."""
         jobs = [(str(prompt), int(seed)) for prompt, seed in jobs]
         if not jobs:
             return []
@@ -109,7 +119,7 @@ class ApiGenerator(ApiExchanges):
         affordable = budget.affordable(len(jobs), price) if budget is not None else len(jobs)
         if budget is not None and 0 < affordable < len(jobs):
             # buy what the limit pays for, then stop with the reason (the bought images are kept)
-            images = self.generate_many(jobs[:affordable], budget=budget)
+            images = self.generate_many(jobs[:affordable], budget=budget, tasks=tasks)
             reason = (f"spending {price * (len(jobs) - affordable):.4f} USD more would exceed --max-cost "
                       f"{budget.limit_usd:.4f} USD (spent {budget.spent:.4f} so far)")
             raise PartialResult(SourceError(self.name, reason), images + [None] * (len(jobs) - affordable))
@@ -130,11 +140,12 @@ class ApiGenerator(ApiExchanges):
         answered = [0]
         tally = threading.Lock()
 
-        def run(client: httpx.Client, prompt: str, seed: int) -> Image.Image | None:
+        def run(client: httpx.Client, index: int, prompt: str, seed: int) -> Image.Image | None:
             if stop.is_set():
                 return None
             try:
-                image = self._one(client, key, prompt, seed, abort, maybe_charged)
+                slot = tasks.slot(index) if tasks is not None else None
+                image = self._one(client, key, prompt, seed, abort, maybe_charged, slot)
                 with tally:
                     answered[0] += 1
                 return image
@@ -162,7 +173,7 @@ class ApiGenerator(ApiExchanges):
         try:
             with api_http.client(self.params.timeout, restricted=self._restricted) as client, \
                     ThreadPoolExecutor(self.params.concurrency, thread_name_prefix=f"api-{self.name}") as pool:
-                futures = [pool.submit(run, client, prompt, seed) for prompt, seed in jobs]
+                futures = [pool.submit(run, client, index, prompt, seed) for index, (prompt, seed) in enumerate(jobs)]
                 try:
                     wait(futures, return_when=FIRST_EXCEPTION)
                 except BaseException:  # Ctrl-C: send nothing more, keep (and pay for) what came back
@@ -196,6 +207,26 @@ class ApiGenerator(ApiExchanges):
             if budget is not None:
                 budget.settle(reserved, done, price)
 
+    def _resume(self, call: _Call, slot: Slot) -> bytes | None:
+        """The image of the task an earlier run recorded for this job, or None (nothing recorded; the
+        service no longer has it: then one warning, and the caller submits anew)."""
+        record = slot.record
+        if record is None:
+            return None
+        state = record.get("state")
+        if record.get("protocol") != self.params.protocol or record.get("endpoint") != self._endpoint \
+                or not isinstance(state, dict):
+            slot.forget()  # not this source's task (its cache key says it is): never polled
+            return None
+        try:
+            return self._protocol.resume(call, state)
+        except (Gone, Refused) as exc:
+            reason = str(exc).removeprefix(f"source {self.name!r}: ")
+            log.warning("source %r: a task an earlier run paid for is gone (%s): submitting it again", self.name,
+                        reason)
+            slot.forget()
+            return None
+
     def _api_key(self) -> str | None:
         if not self.params.api_key_env:
             return None
@@ -209,10 +240,17 @@ class ApiGenerator(ApiExchanges):
 
     def _one(self, client: httpx.Client, key: str | None, prompt: str, seed: int,
              abort: threading.Event | None = None,
-             maybe_charged: Callable[[str], None] | None = None) -> Image.Image:
-        call = _Call(self, client, key, abort or threading.Event(), maybe_charged)
+             maybe_charged: Callable[[str], None] | None = None, slot: Slot | None = None) -> Image.Image:
+        call = _Call(self, client, key, abort or threading.Event(), maybe_charged, slot)
         with self._limiter.job():
-            data = self._protocol.generate(call, prompt, seed)
+            data = self._resume(call, slot) if slot is not None else None
+            if data is None:
+                try:
+                    data = self._protocol.generate(call, prompt, seed)
+                except Refused:  # the service's last word on this task: nothing to resume
+                    if slot is not None:
+                        slot.forget()
+                    raise
         try:
             if not isinstance(data, (bytes, bytearray)):
                 raise SourceError(self.name, "malformed answer: no image")

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from engine import sources
+from engine import api_tasks, sources
 from engine.api_source import PartialResult
 from engine.attribute import Candidates, Plan, Query
 from engine.errors import SourceError
@@ -266,17 +266,25 @@ def generate_and_store(ws: "Workspace", plan: Plan, name: str, jobs: list[tuple[
         # bought batch away: tests/test_faults_round3.py) and can fail (changed weights)
         ws.embedder  # noqa: B018 - loaded on first use
     started = time.perf_counter()
+    # a task a paid service accepted is recorded until its image is stored, and resumed by a later run
+    tasks = api_tasks.book_for(generator, ws.store, name, [key for _, key, _ in jobs])
     try:
         # a source holding no device memory unloads no pipeline, and an API client takes concurrent calls
         with ws.models.generating(generator) if kind.needs_gpu else nullcontext():
-            images = generator.generate_many([(text, seed) for text, _, seed in jobs], budget=budget)
+            images = generator.generate_many([(text, seed) for text, _, seed in jobs], budget=budget,
+                                             **({"tasks": tasks} if tasks is not None else {}))
     except PartialResult as partial:
         kept = [(job, image) for job, image in zip(jobs, partial.images) if image is not None]
         store_generated(ws, plan, name, [j for j, _ in kept], [i for _, i in kept])
         partial.stored = [job for job, _ in kept]
+        if tasks is not None:
+            tasks.stored([key for _, key, _ in partial.stored])
         raise
     ws._time("generate", started)
-    return store_generated(ws, plan, name, jobs, images)
+    made = store_generated(ws, plan, name, jobs, images)
+    if tasks is not None:
+        tasks.stored([key for _, key, _ in jobs])
+    return made
 
 
 def image_path(fingerprint: str, key: str) -> Path:

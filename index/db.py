@@ -517,7 +517,7 @@ class Database:
         self._write_factory = sessionmaker(self.write_engine, expire_on_commit=False)
         # what an older database lacks (set by migrations.probe; all True once migrated)
         self.has_checksums = self.has_tombstones = self.has_claims = self.has_vector_sets = True
-        self.has_wide_seeds = True
+        self.has_wide_seeds = self.has_pending_tasks = True
 
     def session(self) -> Session:
         return self._read_factory()

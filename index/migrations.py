@@ -2,7 +2,8 @@
 
 Steps of an older database's upgrade, each idempotent: the `checksum` column (backfilled), tombstones
 (ids allocated before them count as deleted), claims, the trigger-kept id digest (`vector_sets`), and
-(PostgreSQL) a 64-bit `images.seed` (it was INTEGER: 32 bits, short of the seeds manifests carry).
+(PostgreSQL) a 64-bit `images.seed` (it was INTEGER: 32 bits, short of the seeds manifests carry), and
+`pending_tasks` (index.pending).
 """
 from __future__ import annotations
 
@@ -160,6 +161,7 @@ def probe(db: Database, embedder: str, dim: int) -> None:
         db.has_checksums = "checksum" in columns
         db.has_tombstones = "deleted_vectors" in tables
         db.has_claims = "claims" in tables
+        db.has_pending_tasks = "pending_tasks" in tables
         db.has_vector_sets = "vector_sets" in tables and triggers
         db.has_wide_seeds = not narrow
     except DBAPIError as exc:
@@ -171,7 +173,8 @@ def migrate(db: Database, embedder: str, dim: int) -> None:
     """Bring a database made by an older resynth up to date (writable opens only): checksum column
     (backfilled), tombstones, claims, vector_sets, 64-bit seeds. Ids allocated before tombstones existed
     count as deleted. A read-only open keeps the old shape: it reads the same."""
-    if db.has_checksums and db.has_tombstones and db.has_claims and db.has_vector_sets and db.has_wide_seeds:
+    if db.has_checksums and db.has_tombstones and db.has_claims and db.has_vector_sets and db.has_wide_seeds \
+            and db.has_pending_tasks:
         return
     wide = True
     with db.write_engine.begin() as conn:
@@ -191,7 +194,7 @@ def migrate(db: Database, embedder: str, dim: int) -> None:
             for statement in vector_set_ddl(db):
                 db.dialect.raw_sql(conn, statement)
             recount_vector_sets(db, conn)
-    db.has_checksums = db.has_tombstones = db.has_claims = db.has_vector_sets = True
+    db.has_checksums = db.has_tombstones = db.has_claims = db.has_vector_sets = db.has_pending_tasks = True
     db.has_wide_seeds = wide
     backfill_checksums(db)
 

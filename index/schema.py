@@ -91,6 +91,17 @@ class Claim(Base):
     expires_at: Mapped[float] = mapped_column(Float)
 
 
+class PendingTask(Base):
+    """Work a paid service accepted and this store has not stored yet (index.pending): an opaque JSON
+    record under the cache key it will be stored as, so a later process resumes it rather than pays twice."""
+
+    __tablename__ = "pending_tasks"
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    source: Mapped[str] = mapped_column(Text)
+    record: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
 class StoreMeta(Base):
     """Small facts about the database itself (e.g. `tombstones_from`: ids up to it predate tombstones)."""
 
@@ -113,4 +124,5 @@ class VectorSet(Base):
 
 
 CORE_TABLES = ("sources", "descriptions", "images", "vectors")
-ADDED_TABLES = (DeletedVector.__table__, Claim.__table__, StoreMeta.__table__, VectorSet.__table__)
+ADDED_TABLES = (DeletedVector.__table__, Claim.__table__, StoreMeta.__table__, VectorSet.__table__,
+                PendingTask.__table__)

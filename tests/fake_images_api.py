@@ -297,6 +297,13 @@ class FakeProviderApi(FakeImagesApi):
         with self._lock:
             self._queue.extend(behaviours)
 
+    def expire(self) -> None:
+        """The service forgets every task and result it holds (its retention passed): polls of them answer
+        as for an unknown task (BFL `Task not found`, Replicate/fal/Firefly 404)."""
+        with self._lock:
+            self.tasks.clear()
+            self._files.clear()
+
     def submissions(self) -> list[dict]:
         with self._lock:
             return [e for e in self.log if e["method"] == "POST" and e["path"] != "/ims/token/v3"]

@@ -12,7 +12,11 @@ image decoding and the one-line errors. A protocol only says:
 - `reserved_for(model)`: request fields `extra` may not set (the prompt, the image count);
 - `validate(params)`: protocol-specific checks of the parameters (model form, size), as `UserError`;
 - `generate(call, prompt, seed)`: the image file's bytes, using the `Call` it is given to submit,
-  poll and fetch, and raising `call.refused(...)`/`call.fail(...)` for the service's refusals.
+  poll and fetch, and raising `call.refused(...)`/`call.fail(...)` for the service's refusals;
+- for a service that bills a task before it is ready (submit, then poll): `resumable = True`,
+  `call.accepted(state)` right after the submission is accepted (a small JSON dict, never a secret:
+  where to poll), and `resume(call, state)`, which finishes such a task from its state in a later run
+  (`engine.api_tasks`: a task is paid for once) and raises `call.gone(...)` for a state it cannot use.
 
 Protocols (the `protocol` parameter of an API source; `openai` is the default):
 
@@ -85,6 +89,10 @@ class Call(_Typing):
         returns something other than None, backing off between polls; the whole loop under one total
         deadline."""
 
+    def accepted(self, state: Mapping[str, Any]) -> None:
+        """The submission was accepted (and billed): record `state` (JSON, no secret) durably, so a later run
+        resumes the task with `resume(call, state)` rather than buying it again."""
+
     def post_form(self, url: str, fields: Mapping[str, str], what: str) -> Reply:
         """POST a urlencoded form to a URL the source was configured with (an OAuth token endpoint),
         without the key's header: retried like a submission but not paced by the rate; `what`
@@ -102,6 +110,9 @@ class Call(_Typing):
     def refused(self, reason: str) -> SourceError:
         """'the API refused the request: {reason}' (moderation, a failed prediction)."""
 
+    def gone(self, reason: str) -> SourceError:
+        """The task is no longer to be had (an unusable recorded state): a resumed task is bought again."""
+
 
 class ImageProtocol:
     """Base of the protocols: defaults for what most of them share."""
@@ -109,6 +120,7 @@ class ImageProtocol:
     name = ""
     reserved: frozenset[str] = frozenset({"prompt"})
     settings: frozenset[str] = frozenset()  # optional ApiParams fields it reads (client_id_env, token_url)
+    resumable = False  # submit-then-poll: `generate` records its task (`call.accepted`), `resume` finishes it
 
     def auth(self, key: str | None) -> dict[str, str]:
         return {"Authorization": f"Bearer {key}"} if key else {}
@@ -124,6 +136,10 @@ class ImageProtocol:
 
     def generate(self, call: Call, prompt: str, seed: int) -> bytes:
         raise NotImplementedError
+
+    def resume(self, call: Call, state: dict) -> bytes:
+        """The image of a task an earlier run submitted, from the state it recorded (`resumable` only)."""
+        raise call.gone("this protocol keeps no task to resume")
 
 
 def names() -> list[str]:

@@ -8,7 +8,8 @@ subdomain of the endpoint's parent domain) is polled until `status` is `Ready`, 
 `result.sample`, a short-lived URL fetched without the key. `Content Moderated`, `Request Moderated`,
 `Error`, `Failed` and `Task not found` end in the source's one-line failure; other statuses
 (`Pending`, ...) are waited on under the polling deadline. An answer without a `polling_url` is polled
-at `{base}/v1/get_result?id=ID`.
+at `{base}/v1/get_result?id=ID`. The polling URL is recorded once the task is accepted, so a later run
+resumes it (`resume`) rather than pays again.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ FAILED = {"Error", "Failed", "Content Moderated", "Request Moderated", "Task not
 
 class BlackForestLabs(ImageProtocol):
     name = "bfl"
+    resumable = True
 
     def auth(self, key: str | None) -> dict[str, str]:
         return {"x-key": key} if key else {}
@@ -40,7 +42,15 @@ class BlackForestLabs(ImageProtocol):
             if not isinstance(task, str) or not task:
                 raise call.fail("malformed answer: neither polling_url nor id")
             polling_url = call.endpoint.rsplit("/", 1)[0] + f"/get_result?id={task}"
+        call.accepted({"poll": polling_url})
+        return self._finish(call, polling_url)
 
+    def resume(self, call, state: dict) -> bytes:
+        if not isinstance(state.get("poll"), str):
+            raise call.gone("the recorded task has no polling URL")
+        return self._finish(call, state["poll"])
+
+    def _finish(self, call, polling_url: str) -> bytes:
         def check(result):
             if not isinstance(result, dict):
                 raise call.fail("malformed poll answer: not a JSON object")

@@ -9,7 +9,8 @@ goes with it) is polled while `status` is `IN_QUEUE` or `IN_PROGRESS`; at `COMPL
 when the model was asked for `sync_mode`). A completed request with an `error`, or a result whose
 `has_nsfw_concepts[0]` is true (fal then sends a black image), is the source's one-line refusal. An
 answer without URLs is polled at `{base}/{owner}/{app}/requests/{id}/status` (fal drops a model's
-sub-path, such as `/dev`, from its queue URLs).
+sub-path, such as `/dev`, from its queue URLs). Both URLs are recorded once the request is accepted, so
+a later run resumes it (`resume`) rather than pays again.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ WAITING = {"IN_QUEUE", "IN_PROGRESS"}
 
 class Fal(ImageProtocol):
     name = "fal"
+    resumable = True
     reserved = frozenset({"prompt", "num_images"})  # one image per request: calls, budget and order rely on it
 
     def auth(self, key: str | None) -> dict[str, str]:
@@ -56,6 +58,16 @@ class Fal(ImageProtocol):
             response_url = f"{base}/{app}/requests/{request}"
             status_url = f"{response_url}/status"
 
+        call.accepted({"status": status_url, "response": response_url})
+        return self._finish(call, status_url, response_url)
+
+    def resume(self, call, state: dict) -> bytes:
+        status_url, response_url = state.get("status"), state.get("response")
+        if not isinstance(status_url, str) or not isinstance(response_url, str):
+            raise call.gone("the recorded request has no status or response URL")
+        return self._finish(call, status_url, response_url)
+
+    def _finish(self, call, status_url: str, response_url: str) -> bytes:
         def waited(status):
             if not isinstance(status, dict):
                 raise call.fail("malformed status answer: not a JSON object")

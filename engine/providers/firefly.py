@@ -13,7 +13,8 @@ Bearer TOKEN`, `x-model-version: MODEL` (e.g. `image4_standard`, `image3`) and J
 sent as Firefly's `"seeds": [seed]`. Answer: `{"jobId", "statusUrl"}`; the status URL is polled (with
 both headers, on the endpoint's own site only) until `status` is `succeeded`, then the image is
 `result.outputs[0].image.url`, a pre-signed URL fetched without credentials. `failed` and `cancelled`
-are the source's one-line refusal. A synchronous answer (`outputs` at once) is read too.
+are the source's one-line refusal. A synchronous answer (`outputs` at once) is read too. The status URL
+(no credential) is recorded once the job is accepted, so a later run resumes it with a token of its own.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import os
 import re
 import threading
 import time
+from typing import Callable
 
 from engine.errors import SourceError, UserError
 from engine.providers import ImageProtocol, first_text, join_versioned, size_of
@@ -36,6 +38,7 @@ class Firefly(ImageProtocol):
     name = "firefly"
     reserved = frozenset({"prompt", "numVariations", "seeds"})
     settings = frozenset({"client_id_env", "token_url"})
+    resumable = True
 
     def __init__(self) -> None:
         self._tokens: dict[str, tuple[str, float]] = {}  # credentials' hash -> (token, good until)
@@ -59,13 +62,24 @@ class Firefly(ImageProtocol):
         return join_versioned(url, "v3", "images/generate-async")
 
     def generate(self, call, prompt: str, seed: int) -> bytes:
+        return self._authorised(call, lambda credentials: self._generate(call, prompt, seed, credentials))
+
+    def resume(self, call, state: dict) -> bytes:
+        status_url = state.get("poll")
+        if not isinstance(status_url, str):
+            raise call.gone("the recorded job has no statusUrl")
+        return self._authorised(call, lambda credentials: call.fetch(
+            call.poll(status_url, lambda job: self._check(call, job), headers=credentials)))
+
+    def _authorised(self, call, run: Callable[[dict[str, str]], bytes]) -> bytes:
+        """`run(credentials)` with a token for this process (fresh credentials each run: none is recorded)."""
         client_id = (os.environ.get(call.params.client_id_env or "") or "").strip()
         if not client_id or any(ord(c) < 32 or ord(c) == 127 for c in client_id):
             raise call.fail(f"environment variable {call.params.client_id_env} is not set (or holds control "
                             "characters): it must hold the OAuth client id")
         token = self._token(call, client_id)
         try:
-            return self._generate(call, prompt, seed, {"x-api-key": client_id, "Authorization": f"Bearer {token}"})
+            return run({"x-api-key": client_id, "Authorization": f"Bearer {token}"})
         except SourceError as exc:  # a server that echoes the token must not put it in a message
             if "HTTP 401" in str(exc):  # revoked or expired early: the next run asks for a new one
                 self._drop(token)
@@ -83,32 +97,34 @@ class Firefly(ImageProtocol):
             body["seeds"] = [extra.pop("seed")]
         body.update(extra)
         answer = call.json(call.submit(json=body, headers={**credentials, "x-model-version": call.params.model}))
-
-        def check(job):
-            if not isinstance(job, dict):
-                raise call.fail("malformed answer: a job is a JSON object")
-            status = job.get("status")
-            outputs = (job.get("result") or {}).get("outputs") if isinstance(job.get("result"), dict) \
-                else job.get("outputs")
-            if status == "succeeded" or (status is None and outputs is not None):
-                first = outputs[0] if isinstance(outputs, list) and outputs else None
-                image = first.get("image") if isinstance(first, dict) else None
-                url = image.get("url") if isinstance(image, dict) else None
-                if not isinstance(url, str):
-                    raise call.fail("malformed answer: no outputs[0].image.url")
-                return url
-            if isinstance(status, str) and status.lower() in FAILED:
-                reason = first_text(job.get("message")) or _first_error(job.get("errors"))
-                raise call.refused(f"job {status}{': ' + reason if reason else ''}")
-            return None
-
-        url = check(answer)
+        status_url = answer.get("statusUrl") if isinstance(answer, dict) else None
+        if isinstance(status_url, str):
+            call.accepted({"poll": status_url})
+        url = self._check(call, answer)
         if url is None:
-            status_url = answer.get("statusUrl")
             if not isinstance(status_url, str):
                 raise call.fail("malformed answer: a job without statusUrl")
-            url = call.poll(status_url, check, headers=credentials)
+            url = call.poll(status_url, lambda job: self._check(call, job), headers=credentials)
         return call.fetch(url)
+
+    @staticmethod
+    def _check(call, job):
+        if not isinstance(job, dict):
+            raise call.fail("malformed answer: a job is a JSON object")
+        status = job.get("status")
+        outputs = (job.get("result") or {}).get("outputs") if isinstance(job.get("result"), dict) \
+            else job.get("outputs")
+        if status == "succeeded" or (status is None and outputs is not None):
+            first = outputs[0] if isinstance(outputs, list) and outputs else None
+            image = first.get("image") if isinstance(first, dict) else None
+            url = image.get("url") if isinstance(image, dict) else None
+            if not isinstance(url, str):
+                raise call.fail("malformed answer: no outputs[0].image.url")
+            return url
+        if isinstance(status, str) and status.lower() in FAILED:
+            reason = first_text(job.get("message")) or _first_error(job.get("errors"))
+            raise call.refused(f"job {status}{': ' + reason if reason else ''}")
+        return None
 
     def _token(self, call, client_id: str) -> str:
         """An access token for (token URL, client id, secret), from this process's memory or the endpoint."""

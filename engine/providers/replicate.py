@@ -7,7 +7,8 @@ N is half the source's timeout, 1 to 60 s) and JSON `{"input": {"prompt", "width
 **extra}}`. Answer: a prediction; unless it has already `succeeded`, its `urls.get` is polled (with
 the key, on the endpoint's own site only) until `status` is `succeeded`; `failed` and `canceled` end in
 the source's one-line failure with the prediction's `error`. `output` is a URL or a list of URLs (the
-first is taken), or a `data:` URI; URLs are fetched without the key.
+first is taken), or a `data:` URI; URLs are fetched without the key. `urls.get` is recorded once the
+prediction is accepted, so a later run resumes it (`resume`) rather than pays again.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ FAILED = {"failed", "canceled", "aborted"}
 
 class Replicate(ImageProtocol):
     name = "replicate"
+    resumable = True
 
     def validate(self, params) -> None:
         if not _MODEL.match(params.model):
@@ -43,31 +45,39 @@ class Replicate(ImageProtocol):
             body["version"] = call.params.model.split(":", 1)[1]
         wait = max(1, min(60, int(call.params.timeout // 2)))
         prediction = call.json(call.submit(json=body, headers={"Prefer": f"wait={wait}"}))
-
-        def check(answer):
-            if not isinstance(answer, dict):
-                raise call.fail("malformed answer: a prediction is a JSON object")
-            status = answer.get("status")
-            if status == "succeeded":
-                output = answer.get("output")
-                if isinstance(output, list):
-                    output = next((item for item in output if isinstance(item, str)), None)
-                if not isinstance(output, str):
-                    raise call.fail("malformed answer: a succeeded prediction without an output URL")
-                return output
-            if status in FAILED:
-                error = first_text(answer.get("error"))
-                raise call.refused(f"prediction {status}{': ' + error if error else ''}")
-            return None
-
-        output = check(prediction)
+        urls = prediction.get("urls") if isinstance(prediction, dict) else None
+        poll = urls.get("get") if isinstance(urls, dict) else None
+        if isinstance(poll, str):
+            call.accepted({"poll": poll})
+        output = self._check(call, prediction)
         if output is None:
-            urls = prediction.get("urls")
-            poll = urls.get("get") if isinstance(urls, dict) else None
             if not isinstance(poll, str):
                 raise call.fail("malformed answer: a pending prediction without urls.get")
-            output = call.poll(poll, check)
+            output = call.poll(poll, lambda answer: self._check(call, answer))
         return call.fetch(output)
+
+    def resume(self, call, state: dict) -> bytes:
+        poll = state.get("poll")
+        if not isinstance(poll, str):
+            raise call.gone("the recorded prediction has no urls.get")
+        return call.fetch(call.poll(poll, lambda answer: self._check(call, answer)))
+
+    @staticmethod
+    def _check(call, answer):
+        if not isinstance(answer, dict):
+            raise call.fail("malformed answer: a prediction is a JSON object")
+        status = answer.get("status")
+        if status == "succeeded":
+            output = answer.get("output")
+            if isinstance(output, list):
+                output = next((item for item in output if isinstance(item, str)), None)
+            if not isinstance(output, str):
+                raise call.fail("malformed answer: a succeeded prediction without an output URL")
+            return output
+        if status in FAILED:
+            error = first_text(answer.get("error"))
+            raise call.refused(f"prediction {status}{': ' + error if error else ''}")
+        return None
 
 
 PROTOCOLS = (Replicate(),)

@@ -1,0 +1,97 @@
+"""A paid task is paid for once: a submit-then-poll service's task that a run accepted but did not store
+(the polling loop past --timeout, a real process killed with SIGKILL while polling, a failed download)
+is resumed by the next run from its durable record in the store, not bought again; a task the service
+no longer has is bought again once, with one warning line (engine.api_tasks, index.pending)."""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from engine import api_exchange
+from index.pending import pending_tasks
+from index.store import Store
+from tests import procs
+from tests.fake_images_api import FakeProviderApi
+from tests.helpers import run_cli
+
+KEY = "bfl-resume-5e4d3c2b1a-NEVER-STORED"
+ENV = "RESYNTH_TEST_RESUME_KEY"
+
+
+@pytest.fixture(scope="module")
+def bfl_store(models, tmp_path_factory):
+    """One store with one Black Forest Labs source (timeout 1 s) behind the loopback stand-in."""
+    store = tmp_path_factory.mktemp("resume") / "store"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ENV, KEY)
+        patch.setattr(api_exchange, "POLL_FIRST", 0.05)
+        patch.setattr(api_exchange, "BACKOFF_BASE", 0.01)
+        assert run_cli("init", "--store", store, "--clip-config", models["clip_config"],
+                       "--clip-checkpoint", models["clip_checkpoint"], "--quiet") == 0
+        with FakeProviderApi(key=KEY, pending_polls=0) as api:
+            assert run_cli("source", "add", "flux", "--api", api.url, "--protocol", "bfl", "--model", "flux-dev",
+                           "--api-key-env", ENV, "--price", 0.04, "--timeout", 1, "--store", store, "--quiet") == 0
+            yield store, api
+
+
+def resynthesize(store, capsys, text: str) -> dict:
+    listing = store.parent / "descriptions.txt"
+    listing.write_text(text + "\n")
+    capsys.readouterr()
+    run_cli("resynthesize", listing, "--store", store, "--per-source", 1, "--sources", "flux", "--json", "--quiet")
+    return json.loads(capsys.readouterr().out)
+
+
+def submitted(api: FakeProviderApi, text: str) -> int:
+    return sum(1 for entry in api.submissions() if (entry["body"] or {}).get("prompt") == text)
+
+
+def recorded(store) -> int:
+    with Store.open(store, writable=False) as opened:
+        return pending_tasks(opened).count()
+
+
+def test_a_task_polled_past_the_timeout_is_resumed_not_bought_again(bfl_store, capsys):
+    store, api = bfl_store
+    text = "a lighthouse in slow fog"
+    api.pending_polls = 10 ** 6  # never ready within the source's 1 s
+    try:
+        first = resynthesize(store, capsys, text)
+    finally:
+        api.pending_polls = 0
+    assert first["generated"] == 0 and "not ready within the 1 s deadline" in first["failed"]["flux"]
+    again = resynthesize(store, capsys, text)
+    assert again["generated"] == 1 and not again["failed"]
+    assert submitted(api, text) == 1 and recorded(store) == 0
+    assert resynthesize(store, capsys, text)["cached"] == 1 and submitted(api, text) == 1
+
+
+def test_a_process_killed_while_polling_leaves_its_task_to_the_next_run(bfl_store, capsys):
+    store, api = bfl_store
+    text = "a kettle on a cold stove"
+    listing = store.parent / "killed.txt"
+    listing.write_text(text + "\n")
+    killed = procs.resynth("resynthesize", listing, "--store", store, "--per-source", 1, "--sources", "flux",
+                           "--quiet", crash_at="api:accepted", env={ENV: KEY})
+    assert killed.returncode == -9 and submitted(api, text) == 1  # killed once the service accepted the task
+    again = resynthesize(store, capsys, text)
+    assert again["generated"] == 1 and submitted(api, text) == 1 and recorded(store) == 0
+
+
+def test_a_task_the_service_no_longer_has_is_bought_again_once_with_a_warning(bfl_store, capsys, caplog):
+    store, api = bfl_store
+    text = "a tram stop at noon"
+    api.download_failures = 50  # finished, but its image cannot be fetched in this run
+    try:
+        first = resynthesize(store, capsys, text)
+    finally:
+        api.download_failures = 0
+    assert first["generated"] == 0 and "cannot fetch the image URL" in first["failed"]["flux"]
+    api.expire()  # past the service's retention: "Task not found"
+    caplog.set_level(logging.WARNING, logger="engine.api_source")
+    again = resynthesize(store, capsys, text)
+    assert again["generated"] == 1 and submitted(api, text) == 2 and recorded(store) == 0
+    warned = [r.getMessage() for r in caplog.records if "an earlier run paid for is gone" in r.getMessage()]
+    assert len(warned) == 1 and "Task not found" in warned[0] and "\n" not in warned[0], warned
