@@ -7,6 +7,15 @@ the adapter its images are attributed to. Here every tensor of the adapter, afte
 of kohya/A1111 names (`lora_state_dict`), must name a component of the base, a layer of that component's
 weights (read from their safetensors headers, nothing loaded) and fit its shape; otherwise `source add`
 refuses in one line with the count and a few of the tensors that would have been ignored.
+
+diffusers' converters drop tensors too, before any layer is matched: its Flux converter filters out kohya/ComfyUI
+`diff_b` and norm `diff` tensors, T5 (`text_encoders.t5xxl`, `lora_te2_`) and position-embedding parts, names
+outside `lora_unet_`/`lora_te_`, a kohya text encoder beside peft names; most with an INFO log line, some silently.
+So the conversion runs on traced tensors (each remembers which of the file's tensors it was computed from), and a
+tensor of the file that reaches no converted tensor, unless all zeros (nothing lost) or an alpha of a module that
+did, is refused the same way. Flux norm tensors (`norm_q`/`norm_k`, a Control LoRA's) are refused: diffusers
+writes them straight into the base's weights, where the adapter's scale does not reach them and unloading the
+adapter does not undo them, so the base shared by every LoRA source of that folder would change.
 """
 from __future__ import annotations
 
@@ -24,6 +33,8 @@ _UP = ("lora_B", "lora.up", "lora_linear_layer.up", "lora_up")
 # kinds of adapter diffusers cannot load (LyCORIS LoHa, LoKr, OFT/BOFT, GLoRA, IA3): refused, never half-loaded
 _LYCORIS = re.compile(r"hada_|lokr_|\.oft_|\.on_input$|\.(?:a1|a2|b1|b2)\.weight$")
 EXAMPLES = 3
+# components of other pipelines: a tensor named for one was made for another kind of base
+_PARTS = ("unet", "transformer", "prior", "decoder", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
 
 
 def lycoris_kind(keys) -> str | None:
@@ -52,9 +63,96 @@ def _plain(module: str) -> str:
     return module.removeprefix("text_model.")
 
 
-def _converted(tensors: dict, folder: Path, cls, components: set[str]) -> dict:
+class _Traced:
+    """Marks tensors with the names of the adapter tensors they were computed from, through torch's own
+    `__torch_function__` protocol: what diffusers' converters compute (scaled, split, chunked, concatenated,
+    copied into) carries the names of its inputs, so a tensor of the file that reaches no output was dropped."""
+
+    @staticmethod
+    def wrap(tensors: dict) -> dict:
+        wrapped = {}
+        for key, tensor in tensors.items():
+            traced = tensor.as_subclass(_tensor_class())
+            traced._sources = frozenset((key,))
+            wrapped[key] = traced
+        return wrapped
+
+    @staticmethod
+    def sources(values) -> set[str]:
+        found: set[str] = set()
+        for value in values:
+            found.update(getattr(value, "_sources", ()))
+        return found
+
+
+_CLASS: list = []
+
+
+def _tensor_class():
+    """The tensor subclass behind `_Traced`, made at first use (importing torch here would load it for every
+    `import engine`)."""
+    if _CLASS:
+        return _CLASS[0]
+    import torch
+
+    def gather(value, found: set) -> None:
+        if isinstance(value, torch.Tensor):
+            found.update(getattr(value, "_sources", ()))
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                gather(item, found)
+        elif isinstance(value, dict):
+            for item in value.values():
+                gather(item, found)
+
+    def mark(value, found: frozenset) -> None:
+        if isinstance(value, torch.Tensor):
+            value._sources = getattr(value, "_sources", frozenset()) | found  # type: ignore[attr-defined]
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                mark(item, found)
+
+    class Traced(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            result = super().__torch_function__(func, types, args, kwargs)
+            found: set[str] = set()
+            gather(args, found)
+            gather(kwargs, found)
+            if found:
+                mark(result, frozenset(found))
+                name = getattr(func, "__name__", "")
+                if args and (name.endswith("_") or name == "__setitem__"):  # in place: `out[:n] = x`, `x *= s`
+                    mark(args[0], frozenset(found))
+            return result
+
+    _CLASS.append(Traced)
+    return Traced
+
+
+def _dropped(tensors: dict, kept: set[str]) -> list[str]:
+    """The adapter's tensors a conversion left out that would have changed something: not all zeros, and not
+    the alpha of a module whose factors were kept (an alpha is read as a number, not carried as a tensor)."""
+    used_modules = {key.rpartition(".")[0] for key in kept}
+    dropped = []
+    for key, tensor in tensors.items():
+        if key in kept:
+            continue
+        if key.endswith("alpha") and tensor.numel() == 1:
+            module = key.removesuffix("alpha").rstrip("._")
+            if any(used == module or used.startswith(module + ".") for used in used_modules):
+                continue
+        if not bool(tensor.any()):
+            continue
+        dropped.append(key)
+    return dropped
+
+
+def _converted(name: str, tensors: dict, folder: Path, cls, components: set[str]) -> tuple[dict, list[str]]:
     """The adapter's tensors under the layer names diffusers loads them by: its own conversions, in the order
-    `load_lora_weights` runs them (kohya/A1111 names, then each component's older diffusers names to peft's)."""
+    `load_lora_weights` runs them (kohya/A1111 names, then each component's older diffusers names to peft's);
+    and the file's tensors those conversions drop."""
     from diffusers.utils.state_dict_utils import (convert_state_dict_to_diffusers, convert_state_dict_to_peft,
                                                   convert_unet_state_dict_to_peft)
 
@@ -70,10 +168,19 @@ def _converted(tensors: dict, folder: Path, cls, components: set[str]) -> dict:
     component = ""
     try:
         with _quiet():
-            state = cls.lora_state_dict(dict(tensors), **kwargs)
+            state = cls.lora_state_dict(_Traced.wrap(tensors), **kwargs)
             if isinstance(state, tuple):  # (state dict, alphas) for the UNet families; the dict alone for Flux
                 state = state[0]
+            dropped = _dropped(tensors, _Traced.sources(state.values()))
             plain = next((key for key in state if "lora" not in key), None)
+            norms = getattr(cls, "_control_lora_supported_norm_keys", ())
+            if plain is not None and any(norm in plain for norm in norms):
+                raise UserError(f"{name}: its tensor {plain} replaces a norm layer of {folder.name} outright (as a "
+                                "Flux Control LoRA's do): diffusers writes it into the base's weights, where the "
+                                "adapter's scale does not reach it and unloading the adapter does not undo it")
+            if plain is not None and norms:  # Flux's loader takes a file if any name holds 'lora', drops the rest
+                raise UserError(f"{name}: diffusers ignores its tensor {plain} (no 'lora' in its name) on "
+                                f"{folder.name}: it would load only in part")
             if plain is not None:  # load_lora_weights' own format check, which it makes only at the first generation
                 raise ValueError(f"tensor {plain} has no 'lora' in its name, and diffusers loads no such file")
             for key, tensor in state.items():
@@ -86,11 +193,13 @@ def _converted(tensors: dict, folder: Path, cls, components: set[str]) -> dict:
                     parts[component] = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
                 elif component and "lora_A" not in next(iter(part)):
                     parts[component] = convert_unet_state_dict_to_peft(part)
+    except UserError:
+        raise
     except Exception as exc:  # diffusers' converters refuse names they cannot place: so would its loader
         raise UserError(f"diffusers cannot read this LoRA's tensor names for {folder.name} "
                         f"({component or 'its converter'}): {first_line(exc)}") from exc
     return {f"{component}.{rest}" if component else rest: tensor
-            for component, part in parts.items() for rest, tensor in part.items()}
+            for component, part in parts.items() for rest, tensor in part.items()}, dropped
 
 
 def check_adapter_fits(file: Path, tensors: dict, folder: Path) -> None:
@@ -118,7 +227,11 @@ def check_adapter_fits(file: Path, tensors: dict, folder: Path) -> None:
     # the components diffusers loads adapters into (a "vae." tensor would be dropped), of those the base has
     components = {name for name in getattr(cls, "_lora_loadable_modules", ())
                   if isinstance(index.get(name), list) and index[name][0] is not None}
-    state = _converted(tensors, folder, cls, components)
+    state, dropped = _converted(file.name, tensors, folder, cls, components)
+    if dropped:
+        raise UserError(f"{file.name}: diffusers' {cls.__name__} drops {len(dropped)} of {len(tensors)} tensors of "
+                        f"this LoRA as it converts them (e.g. {', '.join(dropped[:EXAMPLES])}): parts it does not "
+                        "support (T5, diff_b/norm diff, position embedding, unknown names); it would load only in part")
     bases: dict[str, dict | None] = {}
     unmatched, misfit = [], []
     ranks: dict[tuple[str, str], list] = {}
@@ -152,8 +265,15 @@ def check_adapter_fits(file: Path, tensors: dict, folder: Path) -> None:
         if not fits:
             misfit.append(f"{key} {shape} on a {weight} layer")
     if unmatched:
+        # kohya Flux files' final_layer/img_in/time_in tensors come out of diffusers' converter with no
+        # `transformer.` prefix, and its loader skips them: no other base model is involved
+        named = {key.partition(".")[0] for key in unmatched}
+        unloaded = sorted(named & set(index) - components)
+        why = (f"diffusers loads no LoRA into its {unloaded[0]}" if unloaded
+               else "made for another base model" if named & (set(index) | set(_PARTS))
+               else "named for no part of the pipeline after diffusers' conversion, which its loader skips")
         raise UserError(f"{file.name}: {len(unmatched)} of {len(state)} LoRA tensors match no layer of {folder.name} "
-                        f"(e.g. {', '.join(unmatched[:EXAMPLES])}): made for another base model, it would load "
+                        f"(e.g. {', '.join(unmatched[:EXAMPLES])}): {why}, it would load "
                         "only in part")
     if misfit:
         raise UserError(f"{file.name}: {len(misfit)} of {len(state)} LoRA tensors do not fit the layers of "
