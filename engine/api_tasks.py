@@ -26,9 +26,9 @@ from index.pending import PendingTasks, pending_tasks
 
 log = logging.getLogger("engine.api_source")
 
-# How long a recorded task is worth resuming. Services keep a finished task's result for minutes to days
-# (BFL's result URLs last minutes, its tasks longer; Replicate keeps predictions for an hour over the API),
-# and a record older than this is dropped without a request: one definition, here.
+# How long a recorded task is worth resuming: services keep a task and its result for minutes to days
+# (Replicate deletes an API prediction's files after an hour; BFL's result URLs last minutes). A resume past
+# that costs one poll and a warning; a record older than this is dropped without a request. One definition.
 RESUME_FOR_S = 24 * 3600.0
 RECORD_VERSION = 1
 

@@ -24,6 +24,7 @@ import pytest
 from index import vectors as vx
 from index.errors import StoreDamaged, StoreInputError
 from index.keys import sha256_file
+from index.pending import pending_tasks
 from index.store import NewImage, Store
 from tests.test_store_refusals import _child, mounts  # noqa: F401, F811 - real tmpfs mounts, a child process
 
@@ -569,13 +570,17 @@ def test_verify_reports_and_repairs(tmp_path, db):
 def test_store_made_before_checksums_and_tombstones_is_upgraded(tmp_path, db):
     root = _make(tmp_path, db=db)
     _query(root, "ALTER TABLE vectors DROP COLUMN checksum", "DROP TABLE deleted_vectors",
-           "DROP TABLE claims", "DROP TABLE store_meta", *(["PRAGMA foreign_keys=ON"] if db is None else []),
+           "DROP TABLE claims", "DROP TABLE store_meta", "DROP TABLE pending_tasks",
+           *(["PRAGMA foreign_keys=ON"] if db is None else []),
            # deleted by an old resynth: no tombstones then
            "DELETE FROM images WHERE id IN (SELECT image_id FROM vectors WHERE id <= 2)")
     with Store.open(root, writable=False) as store:  # read-only: nothing changed, still served
         assert store.index.ntotal == 38 and _search_is_right(store, _keys(38, start=2))
+        assert pending_tasks(store).get(["k"]) == {} and pending_tasks(store).count() == 0
     with Store.open(root) as store:
         assert store.index.ntotal == 38
+        pending_tasks(store).put("k", "api", {"poll": "https://example.invalid/t"})  # the table was added
+        assert pending_tasks(store).get(["k"])["k"][0] == {"poll": "https://example.invalid/t"}
         assert store.verify(files=False)["database"]["vectors_without_checksum"] == 0
         store.add_images(_rows(store, _keys(2, start=100)))
     assert _query(root, "SELECT count(*) FROM vectors WHERE checksum IS NULL") == [[(0,)]]
