@@ -258,6 +258,8 @@ class ApiGenerator(ApiExchanges):
                 raise SourceError(self.name, f"answer image is over the {api_answers.MAX_IMAGE_BYTES}-byte cap")
             image = _decode(bytes(data), self.name)
         except SourceError as exc:  # an answer came back, so the image was billed: counted, though unusable
+            if slot is not None:
+                slot.forget()  # finished: resuming would fetch the same unusable image
             if maybe_charged is not None:
                 maybe_charged(str(exc).removeprefix(f"source {self.name!r}: "))
             raise

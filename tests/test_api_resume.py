@@ -9,7 +9,7 @@ import logging
 
 import pytest
 
-from engine import api_exchange
+from engine import api_exchange, api_tasks
 from index.pending import pending_tasks
 from index.store import Store
 from tests import procs
@@ -96,3 +96,14 @@ def test_a_task_the_service_no_longer_has_is_bought_again_once_with_a_warning(bf
     assert again["generated"] == 1 and submitted(api, text) == 2 and recorded(store) == 0
     warned = [r.getMessage() for r in caplog.records if "an earlier run paid for is gone" in r.getMessage()]
     assert len(warned) == 1 and "Task not found" in warned[0] and "\n" not in warned[0], warned
+
+
+def test_records_past_the_retention_are_dropped_unasked(bfl_store, monkeypatch):
+    store, api = bfl_store
+    with Store.open(store) as opened:
+        pending = pending_tasks(opened)
+        pending.put("k-old", "flux", {"v": 1, "protocol": "bfl", "endpoint": api.url, "state": {"poll": api.url}})
+        monkeypatch.setattr(api_tasks, "RESUME_FOR_S", 0.0)  # every record is past it
+        book = api_tasks.TaskBook(pending, "flux", ["k-old"])
+        book.load()
+        assert book.record("k-old") is None and pending.count() == 0
