@@ -86,9 +86,13 @@ def _rows() -> list[tuple[str, str, dict, str | None]]:
         ("kohya + block 5", "kohya", _factors("lora_unet_double_blocks_5_img_attn_proj", 32, 32, True),
          r"match no layer of flux \(e\.g\. transformer\.transformer_blocks\.5\..*another base model"),
         ("peft", "peft", {}, None),
-        ("peft + CLIP + alpha + lora_B bias", "peft",
-         _factors("text_encoder." + CLIP + "self_attn.q_proj", 32, 32, False, 2.0) | {ATTN + "to_q.lora_B.bias":
-                                                                                      torch.randn(32)}, None),
+        ("peft + CLIP + alpha", "peft", _factors("text_encoder." + CLIP + "self_attn.q_proj", 32, 32, False, 2.0),
+         None),
+        ("peft + lora_B biases", "peft", {ATTN + f"{layer}.lora_B.bias": torch.randn(32)
+                                          for layer in ("to_q", "to_k", "add_q_proj", "to_out.0")}, None),
+        # diffusers gives every layer a lora_B bias when one has it: the others stay on the meta device
+        ("peft + one lora_B bias", "peft", {ATTN + "to_q.lora_B.bias": torch.randn(32)},
+         r"3 adapted layers have no lora_B bias .*every generation fails"),
         # diffusers' text-encoder loader reads peft names only beside attention ones, and kohya's Flux converter
         # names CLIP attention so that it reads none: it raises on both, as resynth's check does
         ("peft + CLIP MLP alone", "peft", _factors("text_encoder." + CLIP + "mlp.fc1", 37, 32, False),
@@ -107,7 +111,8 @@ def _rows() -> list[tuple[str, str, dict, str | None]]:
 
 
 def _landed(pipe, file: Path) -> int:
-    """How many LoRA tensors diffusers' load_lora_weights put into the pipeline for `file` (-1: it raised)."""
+    """How many LoRA tensors diffusers' load_lora_weights put into the pipeline for `file` (-1: it raised, or
+    left a parameter uninitialised, on the meta device, where the first generation fails)."""
     from peft.utils import get_peft_model_state_dict
 
     try:
@@ -117,6 +122,8 @@ def _landed(pipe, file: Path) -> int:
             pipe.delete_adapters(["row"])
         return -1
     try:
+        if any(param.is_meta for param in pipe.transformer.parameters()):
+            return -1
         return sum(len(get_peft_model_state_dict(model, adapter_name="row")) for model in (pipe.transformer,
                    pipe.text_encoder) if "row" in getattr(model, "peft_config", {}))
     finally:

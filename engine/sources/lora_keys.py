@@ -235,6 +235,7 @@ def check_adapter_fits(file: Path, tensors: dict, folder: Path) -> None:
     bases: dict[str, dict | None] = {}
     unmatched, misfit = [], []
     ranks: dict[tuple[str, str], list] = {}
+    biased: set[tuple[str, str]] = set()  # layers with a lora_B bias (peft's lora_bias)
     for key, tensor in state.items():
         component, _, rest = key.partition(".")
         found = _FACTOR.match(rest) if component in components else None
@@ -253,6 +254,8 @@ def check_adapter_fits(file: Path, tensors: dict, folder: Path) -> None:
             continue
         shape = list(tensor.shape)
         if key.endswith(".bias"):
+            if part in _UP:
+                biased.add((component, module))
             continue
         if part == "lora_magnitude_vector":
             fits = shape[:1] == weight[:1]
@@ -282,3 +285,11 @@ def check_adapter_fits(file: Path, tensors: dict, folder: Path) -> None:
     if uneven:
         raise UserError(f"{file.name}: the two factors of {len(uneven)} layers have different ranks (e.g. "
                         f"{', '.join(uneven[:EXAMPLES])}): a broken adapter")
+    # diffusers turns lora_bias on for a whole component when any of its layers has a lora_B bias; the layers
+    # without one keep an uninitialised (meta) bias and every generation fails ("Tensor on device meta")
+    with_bias = {component for component, _ in biased}
+    unbiased = sorted(f"{c}.{m}" for c, m in ranks if c in with_bias and (c, m) not in biased)
+    if unbiased:
+        raise UserError(f"{file.name}: {len(unbiased)} adapted layers have no lora_B bias beside layers that have one "
+                        f"(e.g. {', '.join(unbiased[:EXAMPLES])}): diffusers leaves their bias uninitialised and "
+                        "every generation fails")
