@@ -15,7 +15,8 @@ So the conversion runs on traced tensors (each remembers which of the file's ten
 tensor of the file that reaches no converted tensor, unless all zeros (nothing lost) or an alpha of a module that
 did, is refused the same way. Flux norm tensors (`norm_q`/`norm_k`, a Control LoRA's) are refused: diffusers
 writes them straight into the base's weights, where the adapter's scale does not reach them and unloading the
-adapter does not undo them, so the base shared by every LoRA source of that folder would change.
+adapter does not undo them, so the base shared by every LoRA source of that folder would change. A `lora_B` bias
+on some layers of a component and not others is refused: diffusers then leaves the others' bias uninitialised.
 """
 from __future__ import annotations
 
@@ -63,34 +64,31 @@ def _plain(module: str) -> str:
     return module.removeprefix("text_model.")
 
 
-class _Traced:
-    """Marks tensors with the names of the adapter tensors they were computed from, through torch's own
-    `__torch_function__` protocol: what diffusers' converters compute (scaled, split, chunked, concatenated,
-    copied into) carries the names of its inputs, so a tensor of the file that reaches no output was dropped."""
+def _traced(tensors: dict) -> dict:
+    """The adapter's tensors, each marked with its own name; what torch computes from them (scaled, split,
+    chunked, concatenated, copied into) carries the names of its inputs (`_tensor_class`), so a tensor of the
+    file that reaches no output of diffusers' conversion was dropped by it."""
+    wrapped = {}
+    for key, tensor in tensors.items():
+        traced = tensor.as_subclass(_tensor_class())
+        traced._sources = frozenset((key,))
+        wrapped[key] = traced
+    return wrapped
 
-    @staticmethod
-    def wrap(tensors: dict) -> dict:
-        wrapped = {}
-        for key, tensor in tensors.items():
-            traced = tensor.as_subclass(_tensor_class())
-            traced._sources = frozenset((key,))
-            wrapped[key] = traced
-        return wrapped
 
-    @staticmethod
-    def sources(values) -> set[str]:
-        found: set[str] = set()
-        for value in values:
-            found.update(getattr(value, "_sources", ()))
-        return found
+def _sources(values) -> set[str]:
+    found: set[str] = set()
+    for value in values:
+        found.update(getattr(value, "_sources", ()))
+    return found
 
 
 _CLASS: list = []
 
 
 def _tensor_class():
-    """The tensor subclass behind `_Traced`, made at first use (importing torch here would load it for every
-    `import engine`)."""
+    """The tensor subclass of `_traced` (torch's `__torch_function__` protocol), made at first use: importing
+    torch at the top would load it for every `import engine`."""
     if _CLASS:
         return _CLASS[0]
     import torch
@@ -168,10 +166,10 @@ def _converted(name: str, tensors: dict, folder: Path, cls, components: set[str]
     component = ""
     try:
         with _quiet():
-            state = cls.lora_state_dict(_Traced.wrap(tensors), **kwargs)
+            state = cls.lora_state_dict(_traced(tensors), **kwargs)
             if isinstance(state, tuple):  # (state dict, alphas) for the UNet families; the dict alone for Flux
                 state = state[0]
-            dropped = _dropped(tensors, _Traced.sources(state.values()))
+            dropped = _dropped(tensors, _sources(state.values()))
             plain = next((key for key in state if "lora" not in key), None)
             norms = getattr(cls, "_control_lora_supported_norm_keys", ())
             if plain is not None and any(norm in plain for norm in norms):
