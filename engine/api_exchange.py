@@ -137,7 +137,7 @@ class ApiExchanges:
                                 env = self.params.api_key_env
                                 hint = f" (check the key in ${env})" if env else " (no api_key_env is configured)"
                             refusal = Refused if submission and resp.status_code in REFUSED_STATUSES else SourceError
-                            if not submission and resp.status_code in GONE_STATUSES:
+                            if method == "GET" and resp.status_code in GONE_STATUSES:  # a status poll
                                 refusal = Gone
                             raise refusal(self.name, f"{prefix}the API refused the request: {problem}{hint}")
                         delay = _retry_after(resp.headers)

@@ -14,6 +14,7 @@ The guarantees are the same (index/db.py says how).
   objects.py     image files in the store folder or in object storage (s3://, gs://), hash-checked reads
   search.py      the dataset-search index (IVF) lifecycle and `nearest`
   claims.py      leases on work that must happen once across processes
+  pending.py     records of paid outside work accepted but not stored yet (resumed later, not paid twice)
   verify.py      verify / repair
   reembed.py     vectors of another embedder and the atomic switch to them
   failures.py    what the machine's refusals (full disk, held locks, read-only, denied) mean, as typed errors

@@ -581,6 +581,7 @@ def test_store_made_before_checksums_and_tombstones_is_upgraded(tmp_path, db):
         assert store.index.ntotal == 38
         pending_tasks(store).put("k", "api", {"poll": "https://example.invalid/t"})  # the table was added
         assert pending_tasks(store).get(["k"])["k"][0] == {"poll": "https://example.invalid/t"}
+        assert pending_tasks(store).drop(["k"], older_than=3600) == 1 and pending_tasks(store).count() == 0
         assert store.verify(files=False)["database"]["vectors_without_checksum"] == 0
         store.add_images(_rows(store, _keys(2, start=100)))
     assert _query(root, "SELECT count(*) FROM vectors WHERE checksum IS NULL") == [[(0,)]]
