@@ -10,6 +10,7 @@ import logging
 import pytest
 
 from engine import api_exchange, api_tasks
+from engine.api_source import ApiGenerator, ApiParams
 from index.pending import pending_tasks
 from index.store import Store
 from tests import procs
@@ -18,6 +19,8 @@ from tests.helpers import run_cli
 
 KEY = "bfl-resume-5e4d3c2b1a-NEVER-STORED"
 ENV = "RESYNTH_TEST_RESUME_KEY"
+CLIENT_ENV = "RESYNTH_TEST_RESUME_CLIENT"
+POLLED = (("replicate", "owner/model"), ("fal", "fal-ai/flux/dev"), ("firefly", "image4_standard"))  # bfl aside
 TIMEOUT = 0.8  # seconds: the polling loop of the first test runs it out
 
 
@@ -27,7 +30,7 @@ def bfl_store(models, tmp_path_factory):
     store = tmp_path_factory.mktemp("resume") / "store"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(ENV, KEY)
-        patch.setattr(api_exchange, "POLL_FIRST", 0.05)
+        patch.setattr(api_exchange, "POLL_FIRST", 0.01)
         patch.setattr(api_exchange, "BACKOFF_BASE", 0.01)
         assert run_cli("init", "--store", store, "--clip-config", models["clip_config"],
                        "--clip-checkpoint", models["clip_checkpoint"], "--quiet") == 0
@@ -47,7 +50,8 @@ def resynthesize(store, capsys, text: str) -> dict:
 
 
 def submitted(api: FakeProviderApi, text: str) -> int:
-    return sum(1 for entry in api.submissions() if (entry["body"] or {}).get("prompt") == text)
+    bodies = [entry["body"] or {} for entry in api.submissions()]
+    return sum(1 for body in bodies if text in (body.get("prompt"), (body.get("input") or {}).get("prompt")))
 
 
 def recorded(store) -> int:
@@ -107,3 +111,27 @@ def test_records_past_the_retention_are_dropped_unasked(bfl_store, monkeypatch):
         book = api_tasks.TaskBook(pending, "flux", ["k-old"])
         book.load()
         assert book.record("k-old") is None and pending.count() == 0
+
+
+def test_every_polled_protocol_records_its_task_and_resumes_it(bfl_store, monkeypatch):
+    """The same for the other polled protocols, on the generator: a task recorded and not yet stored is
+    resumed by the next call, not bought again."""
+    store, api = bfl_store
+    monkeypatch.setenv(CLIENT_ENV, FakeProviderApi.FIREFLY_CLIENT_ID)
+    with Store.open(store) as opened:
+        pending = pending_tasks(opened)
+        for protocol, model in POLLED:
+            oauth = {"client_id_env": CLIENT_ENV, "token_url": f"{api.url}/ims/token/v3"} \
+                if protocol == "firefly" else {}
+            generator = ApiGenerator(protocol, ApiParams(api.url, model, protocol=protocol, api_key_env=ENV,
+                                                         timeout=5, **oauth), backoff_base=0.01)
+            prompt, key = f"a {protocol} task resumed", f"key-{protocol}"
+            images = []
+            for _ in range(2):  # the first call's image is never stored: the second resumes its task
+                book = api_tasks.TaskBook(pending, protocol, [key])
+                book.load()
+                images += generator.generate_many([(prompt, 0)], tasks=book)
+                assert pending.get([key])[key][0]["protocol"] == protocol
+            assert submitted(api, prompt) == 1 and images[0].tobytes() == images[1].tobytes(), protocol
+            book.stored([key])
+            assert pending.get([key]) == {}
