@@ -258,6 +258,13 @@ class ApiExchanges:
             return _b64(url[match.end():], "data URI", self.name)
         return self._fetch(client, url, abort)
 
+    def _check_state(self, state: Mapping[str, Any]) -> None:
+        """A task's recorded state (`Call.accepted`): its strings are the URLs to poll, each under the rules
+        of a status URL, whether it comes from the service's answer or from the store (a resumed task)."""
+        for value in state.values():
+            if isinstance(value, str):
+                self._check_url(value, "status URL")
+
     def _check_url(self, url: Any, what: str) -> None:
         if not isinstance(url, str):
             raise SourceError(self.name, f"malformed answer: the {what} is not a string")
@@ -332,6 +339,7 @@ class _Call:
         return _parse_json(reply, self.name)
 
     def accepted(self, state: Mapping[str, Any]) -> None:
+        self._generator._check_state(state)  # a URL the host rules refuse is never recorded (nor polled)
         if self.task is not None:
             self.task.save(self._generator.params.protocol, self.endpoint, dict(state))
         crash_point("api:accepted")  # recorded, not yet polled: a kill here must not cost a second purchase

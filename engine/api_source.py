@@ -219,6 +219,13 @@ class ApiGenerator(ApiExchanges):
             slot.forget()  # not this source's task (its cache key says it is): never polled
             return None
         try:
+            self._check_state(state)  # the host rules of a fresh answer's URLs, before anything is sent
+        except SourceError as exc:
+            log.warning("source %r: a task an earlier run recorded cannot be polled (%s): submitting it again",
+                        self.name, str(exc).removeprefix(f"source {self.name!r}: "))
+            slot.forget()
+            return None
+        try:
             return self._protocol.resume(call, state)
         except (Gone, Refused) as exc:
             reason = str(exc).removeprefix(f"source {self.name!r}: ")

@@ -102,10 +102,19 @@ def test_a_task_the_service_no_longer_has_is_bought_again_once_with_a_warning(bf
     assert len(warned) == 1 and "Task not found" in warned[0] and "\n" not in warned[0], warned
 
 
-def test_records_past_the_retention_are_dropped_unasked(bfl_store, monkeypatch):
+def test_records_past_the_retention_or_the_host_rules_are_dropped_unasked(bfl_store, monkeypatch, caplog):
     store, api = bfl_store
     with Store.open(store) as opened:
         pending = pending_tasks(opened)
+        generator = ApiGenerator("flux", ApiParams(api.url, "flux-dev", protocol="bfl", api_key_env=ENV, timeout=5))
+        pending.put("k-private", "flux", {"v": 1, "protocol": "bfl", "endpoint": generator.params.endpoint(),
+                                          "state": {"poll": "http://10.0.0.1/v1/get_result?id=t0"}})
+        book = api_tasks.TaskBook(pending, "flux", ["k-private"])
+        book.load()
+        assert generator.generate_many([("a private poll", 0)], tasks=book)  # bought anew, never polled there
+        assert submitted(api, "a private poll") == 1
+        assert "cannot be polled (refused status URL on a non-public address (10.0.0.1" in caplog.text
+        book.stored(["k-private"])
         pending.put("k-old", "flux", {"v": 1, "protocol": "bfl", "endpoint": api.url, "state": {"poll": api.url}})
         monkeypatch.setattr(api_tasks, "RESUME_FOR_S", 0.0)  # every record is past it
         book = api_tasks.TaskBook(pending, "flux", ["k-old"])

@@ -15,8 +15,9 @@ image decoding and the one-line errors. A protocol only says:
   poll and fetch, and raising `call.refused(...)`/`call.fail(...)` for the service's refusals;
 - for a service that bills a task before it is ready (submit, then poll): `resumable = True`,
   `call.accepted(state)` right after the submission is accepted (a small JSON dict, never a secret:
-  where to poll), and `resume(call, state)`, which finishes such a task from its state in a later run
-  (`engine.api_tasks`: a task is paid for once) and raises `call.gone(...)` for a state it cannot use.
+  its strings are the URLs to poll, checked as status URLs), and `resume(call, state)`, which finishes
+  such a task from its state in a later run (`engine.api_tasks`: a task is paid for once) and raises
+  `call.gone(...)` for a state it cannot use.
 
 Protocols (the `protocol` parameter of an API source; `openai` is the default):
 
