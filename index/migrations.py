@@ -18,9 +18,10 @@ from sqlalchemy.exc import DBAPIError
 from index import vectors as vx
 from index.db import Database, table
 from index.errors import StoreDamaged, StoreDenied, StoreInputError
-from index.schema import ADDED_TABLES, CORE_TABLES, Base, StoreMeta, Vector, VectorSet
+from index.schema import ADDED_TABLES, CORE_TABLES, Base, PendingTask, StoreMeta, Vector, VectorSet
 
 log = logging.getLogger("resynth.store")
+PENDING = PendingTask.__table__
 SCHEMA = 1  # store_meta "schema": a database a newer resynth changed in a way this one cannot read says more
 
 
@@ -183,7 +184,8 @@ def migrate(db: Database, embedder: str, dim: int) -> None:
         if db.dialect.narrow_seeds(conn):  # checked again under the write lock: another open may have done it
             wide = _widen_seeds(conn)
         tables = db.dialect.tables(conn)
-        Base.metadata.create_all(conn, tables=[cast(Table, t) for t in ADDED_TABLES])
+        Base.metadata.create_all(conn, tables=[cast(Table, t) for t in ADDED_TABLES if t is not PENDING])
+        pending = "pending_tasks" in tables or _add_pending_tasks(conn)
         if conn.scalar(select(StoreMeta.value).where(StoreMeta.key == "tombstones_from")) is None:
             floor = max(db.dialect.id_floor(conn, tables), int(conn.scalar(select(func.max(Vector.id))) or 0))
             conn.execute(table(StoreMeta).insert().values(key="tombstones_from", value=str(floor)))
@@ -194,9 +196,23 @@ def migrate(db: Database, embedder: str, dim: int) -> None:
             for statement in vector_set_ddl(db):
                 db.dialect.raw_sql(conn, statement)
             recount_vector_sets(db, conn)
-    db.has_checksums = db.has_tombstones = db.has_claims = db.has_vector_sets = db.has_pending_tasks = True
-    db.has_wide_seeds = wide
+    db.has_checksums = db.has_tombstones = db.has_claims = db.has_vector_sets = True
+    db.has_wide_seeds, db.has_pending_tasks = wide, pending
     backfill_checksums(db)
+
+
+def _add_pending_tasks(conn) -> bool:
+    """CREATE the pending_tasks table (index.pending); False (the store works without it: paid tasks are then
+    not resumable across runs) when this role may write the tables but not create one."""
+    try:
+        with conn.begin_nested():  # a refused CREATE must not abort the upgrade's other steps
+            Base.metadata.create_all(conn, tables=[cast(Table, PENDING)])
+    except StoreDenied:
+        log.warning("the store's database lacks the pending_tasks table and this role may not create it: a paid "
+                    "task stopped before its image is stored is bought again (the store's owner adds the table by "
+                    "opening the store writable once)")
+        return False
+    return True
 
 
 def _widen_seeds(conn) -> bool:

@@ -76,7 +76,7 @@ class PendingTasks:
         return dropped
 
     def count(self) -> int:
-        """How many tasks are recorded (`resynth stats`, tests)."""
+        """How many tasks are recorded."""
         if not self.db.has_pending_tasks:
             return 0
         with self.db.session() as s:

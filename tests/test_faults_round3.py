@@ -351,14 +351,15 @@ def test_a_role_that_does_not_own_an_older_store_still_opens_it_writable(tmp_pat
     root = tmp_path / "s"
     try:
         Store.create(root, EMBEDDER, DIM, db_url=url).close()
-        pg.sql(url, "ALTER TABLE images ALTER COLUMN seed TYPE INTEGER", f'CREATE ROLE "{role}" LOGIN',
+        pg.sql(url, "ALTER TABLE images ALTER COLUMN seed TYPE INTEGER", "DROP TABLE pending_tasks",
+               f'CREATE ROLE "{role}" LOGIN',
                f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "{role}"',
                f'GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO "{role}"')
         config = json.loads((root / "store.json").read_text())
         config["db"] = make_url(url).set(username=role).render_as_string(hide_password=False)
         (root / "store.json").write_text(json.dumps(config))
         with caplog.at_level("WARNING", "resynth.store"), Store.open(root) as store:
-            assert not store.db.has_wide_seeds
+            assert not store.db.has_wide_seeds and not store.db.has_pending_tasks  # nor may it add a table
             _add(store, 0, 1)  # a seed that fits 32 bits
             source, desc = store.sources()[0], store.description_id("a prompt")
             with pytest.raises(StoreInputError, match="32-bit seed column: the store's owner must open it") as caught:
@@ -367,10 +368,11 @@ def test_a_role_that_does_not_own_an_older_store_still_opens_it_writable(tmp_pat
                                            vector=np.eye(1, DIM, dtype=np.float32)[0])])
             assert "\n" not in str(caught.value)
         assert "upgrading images.seed to 64 bits (one time; the table is locked while it runs)" in caplog.text
+        assert "lacks the pending_tasks table and this role may not create it" in caplog.text
         config["db"] = url
         (root / "store.json").write_text(json.dumps(config))
         with Store.open(root) as store:  # the owner widens it
-            assert store.db.has_wide_seeds and len(store.labelled_vectors()) == 1
+            assert store.db.has_wide_seeds and store.db.has_pending_tasks and len(store.labelled_vectors()) == 1
     finally:
         pg.drop_database(url)
         pg.sql(admin, f'DROP ROLE IF EXISTS "{role}"')
