@@ -54,7 +54,9 @@ def _bind(conn, embedder: str, dim: int) -> None:
 
 def create_schema(db: Database, embedder: str, dim: int, images: str | None = None) -> None:
     with db.write_engine.begin() as conn:
-        Base.metadata.create_all(conn)
+        Base.metadata.create_all(conn, tables=[cast(Table, t) for t in Base.metadata.sorted_tables if t is not PENDING])
+        if "pending_tasks" not in db.dialect.tables(conn):  # a folder joining an older database: maybe not ours
+            _add_pending_tasks(conn)
         if conn.scalar(select(StoreMeta.value).where(StoreMeta.key == "tombstones_from")) is None:
             conn.execute(table(StoreMeta).insert().values(key="tombstones_from", value="0"))
         if conn.scalar(select(StoreMeta.value).where(StoreMeta.key == "schema")) is None:
