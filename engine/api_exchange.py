@@ -3,7 +3,8 @@
 polling, image-URL downloads that re-check every redirect hop, the rules for where the key may go and
 which hosts may be contacted (no private networks: `_restricted` tells `api_http`'s client which hosts
 it must check at each connection), and `_Call`, the `engine.providers.Call` a protocol
-is handed for one image. `ApiGenerator` (`engine.api_source`) builds on `ApiExchanges`.
+is handed for one image (its `accepted` records a billed task, engine.api_tasks; a status or image URL
+that no longer has the task raises `Gone`). `ApiGenerator` (`engine.api_source`) builds on `ApiExchanges`.
 
 The tunables below are read at call time from this module, so tests may lower them here.
 """
