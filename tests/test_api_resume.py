@@ -54,6 +54,10 @@ def submitted(api: FakeProviderApi, text: str) -> int:
     return sum(1 for body in bodies if text in (body.get("prompt"), (body.get("input") or {}).get("prompt")))
 
 
+def stored_bytes(store) -> bytes:
+    return b"".join(path.read_bytes() for path in store.rglob("*") if path.is_file())
+
+
 def recorded(store) -> int:
     with Store.open(store, writable=False) as opened:
         return pending_tasks(opened).count()
@@ -81,6 +85,7 @@ def test_a_process_killed_while_polling_leaves_its_task_to_the_next_run(bfl_stor
     killed = procs.resynth("resynthesize", listing, "--store", store, "--per-source", 1, "--sources", "flux",
                            "--quiet", crash_at="api:accepted", env={ENV: KEY})
     assert killed.returncode == -9 and submitted(api, text) == 1  # killed once the service accepted the task
+    assert KEY.encode() not in stored_bytes(store)  # the record says where to poll, never with what key
     again = resynthesize(store, capsys, text)
     assert again["generated"] == 1 and submitted(api, text) == 1 and recorded(store) == 0
 
@@ -142,5 +147,7 @@ def test_every_polled_protocol_records_its_task_and_resumes_it(bfl_store, monkey
                 images += generator.generate_many([(prompt, 0)], tasks=book)
                 assert pending.get([key])[key][0]["protocol"] == protocol
             assert submitted(api, prompt) == 1 and images[0].tobytes() == images[1].tobytes(), protocol
+            held = stored_bytes(store)  # records of accepted tasks: no key, no token, no client id
+            assert not any(secret.encode() in held for secret in (KEY, FakeProviderApi.FIREFLY_CLIENT_ID, *api.issued))
             book.stored([key])
             assert pending.get([key]) == {}
