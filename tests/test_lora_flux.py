@@ -77,6 +77,9 @@ def _rows() -> list[tuple[str, str, dict, str | None]]:
                                           torch.randn(16)}, r"drops 1 of 9 tensors .*query_norm\.scale\.diff"),
         ("kohya + T5", "kohya", {f"{t5}.lora_down.weight": torch.randn(4, 24), f"{t5}.lora_up.weight":
                                  torch.randn(24, 4)}, r"drops 2 of 10 tensors .*t5xxl"),
+        # an untrained module (lora_up all zeros, lora_down random, as kohya initialises it) changes nothing
+        ("kohya + zero-product T5", "kohya", {f"{t5}.lora_down.weight": torch.randn(4, 24), f"{t5}.alpha":
+                                              torch.tensor(4.0), f"{t5}.lora_up.weight": torch.zeros(24, 4)}, None),
         ("kohya + lora_te2_", "kohya", _factors("lora_te2_encoder_block_0_layer_0_SelfAttention_q", 24, 24, True, 1.0),
          r"drops 3 of 11 tensors"),
         ("kohya + position embedding", "kohya",

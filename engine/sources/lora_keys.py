@@ -130,21 +130,37 @@ def _tensor_class():
 
 
 def _dropped(tensors: dict, kept: set[str]) -> list[str]:
-    """The adapter's tensors a conversion left out that would have changed something: not all zeros, and not
-    the alpha of a module whose factors were kept (an alpha is read as a number, not carried as a tensor)."""
-    used_modules = {key.rpartition(".")[0] for key in kept}
+    """The adapter's tensors a conversion left out that would have changed something: not all zeros, not a
+    factor of a module whose other factor is all zeros (B·A is zero: an untrained T5 module's lora_up is), and
+    not the alpha of a module whose factors were kept (an alpha is read as a number, not carried as a tensor)."""
+    from bisect import bisect_left
+
+    modules = {key.rpartition(".")[0] for key in kept}
+    used = sorted(modules)  # the names under a module lie together from `module.` on: no scan of all per alpha
+    left = [key for key in tensors if key not in kept]
+    null = {_factor_of(key) for key in left if _factor_of(key) and not bool(tensors[key].any())}
     dropped = []
-    for key, tensor in tensors.items():
-        if key in kept:
+    for key in left:
+        tensor = tensors[key]
+        if _factor_of(key) in null:
             continue
         if key.endswith("alpha") and tensor.numel() == 1:
             module = key.removesuffix("alpha").rstrip("._")
-            if any(used == module or used.startswith(module + ".") for used in used_modules):
+            at = bisect_left(used, module + ".")
+            if module in null or module in modules or (at < len(used) and used[at].startswith(module + ".")):
                 continue
         if not bool(tensor.any()):
             continue
         dropped.append(key)
     return dropped
+
+
+def _factor_of(key: str) -> str | None:
+    """The module whose down or up weight `key` is (a bias or a DoRA magnitude is not: it acts without B·A)."""
+    found = _FACTOR.match(key)
+    if found is None or key.endswith(".bias") or found["part"] not in _DOWN + _UP:
+        return None
+    return found["module"]
 
 
 def _converted(name: str, tensors: dict, folder: Path, cls, components: set[str]) -> tuple[dict, list[str]]:
