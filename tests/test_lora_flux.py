@@ -86,6 +86,9 @@ def _rows() -> list[tuple[str, str, dict, str | None]]:
          _factors("lora_te1_text_model_embeddings_position_embedding", 32, 77, True), r"position_embedding"),
         ("kohya + final layer", "kohya", _factors("lora_unet_final_layer_linear", 4, 32, True),
          r"2 of 12 LoRA tensors match no layer .*proj_out\.lora_A.*named for no part"),
+        # diffusers' converter names the tensors it cannot place after its first line: the refusal names them too
+        ("kohya + unknown name", "kohya", _factors("lora_unet_foo_bar", 32, 32, True),
+         r"Incompatible keys detected: lora_unet_foo_bar\.lora_down\.weight"),
         ("kohya + block 5", "kohya", _factors("lora_unet_double_blocks_5_img_attn_proj", 32, 32, True),
          r"match no layer of flux \(e\.g\. transformer\.transformer_blocks\.5\..*another base model"),
         ("peft", "peft", {}, None),
@@ -138,8 +141,9 @@ def test_flux_lora_formats_are_enrolled_exactly_when_diffusers_applies_them_whol
     from safetensors.torch import save_file
 
     from engine.sources.lora import _quiet, check_adapter_values
-    from engine.sources.lora_keys import check_adapter_fits
+    from engine.sources.lora_keys import check_adapter_fits, lycoris_kind
 
+    assert lycoris_kind(["lora_unet_x.lora_down.weight", "lora_unet_x.lora_mid.weight"])  # Tucker LoCon: LyCORIS
     folder, pipe = tiny_flux
     torch.manual_seed(1)
     cores = _cores()

@@ -24,15 +24,16 @@ import json
 import re
 from pathlib import Path
 
-from engine.errors import UserError, first_line
+from engine.errors import UserError, plural
 
 # the factor a tensor is, after the module it adapts: peft (lora_A/B), diffusers' older names, kohya's
 _FACTOR = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down|"
                      r"lora_linear_layer\.up|lora_down|lora_up|lora_magnitude_vector)(?:\.(?:weight|bias))?$")
 _DOWN = ("lora_A", "lora.down", "lora_linear_layer.down", "lora_down")
 _UP = ("lora_B", "lora.up", "lora_linear_layer.up", "lora_up")
-# kinds of adapter diffusers cannot load (LyCORIS LoHa, LoKr, OFT/BOFT, GLoRA, IA3): refused, never half-loaded
-_LYCORIS = re.compile(r"hada_|lokr_|\.oft_|\.on_input$|\.(?:a1|a2|b1|b2)\.weight$")
+# kinds of adapter diffusers cannot load (LyCORIS LoHa, LoKr, OFT/BOFT, GLoRA, IA3, LoCon's Tucker `lora_mid`):
+# refused, never half-loaded
+_LYCORIS = re.compile(r"hada_|lokr_|\.oft_|\.on_input$|\.(?:a1|a2|b1|b2)\.weight$|\.lora_mid\.")
 EXAMPLES = 3
 # components of other pipelines: a tensor named for one was made for another kind of base
 _PARTS = ("unet", "transformer", "prior", "decoder", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
@@ -152,7 +153,7 @@ def _dropped(tensors: dict, kept: set[str]) -> list[str]:
         if not bool(tensor.any()):
             continue
         dropped.append(key)
-    return dropped
+    return sorted(dropped, key=lambda key: key.endswith("alpha"))  # the factors first: they name what is lost
 
 
 def _factor_of(key: str) -> str | None:
@@ -161,6 +162,13 @@ def _factor_of(key: str) -> str | None:
     if found is None or key.endswith(".bias") or found["part"] not in _DOWN + _UP:
         return None
     return found["module"]
+
+
+def _said(exc: BaseException) -> str:
+    """A converter's error on one line, with the tensor names it lists below its first line ("Incompatible keys
+    detected:" alone names none), bounded."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 240 else text[:237] + "..."
 
 
 def _converted(name: str, tensors: dict, folder: Path, cls, components: set[str]) -> tuple[dict, list[str]]:
@@ -211,7 +219,7 @@ def _converted(name: str, tensors: dict, folder: Path, cls, components: set[str]
         raise
     except Exception as exc:  # diffusers' converters refuse names they cannot place: so would its loader
         raise UserError(f"diffusers cannot read this LoRA's tensor names for {folder.name} "
-                        f"({component or 'its converter'}): {first_line(exc)}") from exc
+                        f"({component or 'its converter'}): {_said(exc)}") from exc
     return {f"{component}.{rest}" if component else rest: tensor
             for component, part in parts.items() for rest, tensor in part.items()}, dropped
 
@@ -304,6 +312,7 @@ def check_adapter_fits(file: Path, tensors: dict, folder: Path) -> None:
     with_bias = {component for component, _ in biased}
     unbiased = sorted(f"{c}.{m}" for c, m in ranks if c in with_bias and (c, m) not in biased)
     if unbiased:
-        raise UserError(f"{file.name}: {len(unbiased)} adapted layers have no lora_B bias beside layers that have one "
+        raise UserError(f"{file.name}: {plural(len(unbiased), 'adapted layer')} "
+                        f"{'has' if len(unbiased) == 1 else 'have'} no lora_B bias beside layers that have one "
                         f"(e.g. {', '.join(unbiased[:EXAMPLES])}): diffusers leaves their bias uninitialised and "
                         "every generation fails")
