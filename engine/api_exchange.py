@@ -70,6 +70,11 @@ class Gone(SourceError):
     image URL): as any SourceError for a fresh task; a resumed one is submitted again."""
 
 
+class Unresolved(SourceError):
+    """A URL's host could not be looked up now (the network, not a refusal of the URL): a task recorded with
+    that URL is kept for a later run, which checks it again, rather than bought again."""
+
+
 class _Retryable(Exception):
     """An image URL's answer worth another try (429/5xx), with the wait its Retry-After asks."""
 
@@ -304,7 +309,7 @@ class ApiExchanges:
         try:
             infos = api_http.resolve(host, parts.port or 443, wait_for)
         except (OSError, UnicodeError):
-            raise SourceError(self.name, f"cannot resolve the {what}'s host {host!r}") from None
+            raise Unresolved(self.name, f"cannot resolve the {what}'s host {host!r}") from None
         for info in infos:
             if not api_http.is_public(info[4][0]):
                 address = info[4][0]
@@ -340,10 +345,17 @@ class _Call:
         return _parse_json(reply, self.name)
 
     def accepted(self, state: Mapping[str, Any]) -> None:
-        self._generator._check_state(state)  # a URL the host rules refuse is never recorded (nor polled)
+        try:
+            self._generator._check_state(state)  # a URL the host rules refuse is never recorded (nor polled)
+        except Unresolved:  # not refused, only not looked up now: recorded, so a later run polls it, not pays again
+            self._record(state)
+            raise
+        self._record(state)
+        crash_point("api:accepted")  # recorded, not yet polled: a kill here must not cost a second purchase
+
+    def _record(self, state: Mapping[str, Any]) -> None:
         if self.task is not None:
             self.task.save(self._generator.params.protocol, self.endpoint, dict(state))
-        crash_point("api:accepted")  # recorded, not yet polled: a kill here must not cost a second purchase
 
     def poll(self, url: str, check: Callable[[Any], Any], headers: Mapping[str, str] | None = None) -> Any:
         return self._generator._poll(self._client, url, check, self.key, self._abort, headers)

@@ -40,7 +40,7 @@ from engine.api_answers import (  # noqa: F401  (re-exported)
 from engine.api_budget import Budget, _Limiter, limiter_for  # noqa: F401  (re-exported)
 from engine.api_exchange import (  # noqa: F401  (re-exported)
     BACKOFF_BASE, BACKOFF_CAP, MAX_REDIRECTS, POLL_CAP, POLL_FIRST, POLL_GROWTH, RETRIES, RETRY_STATUSES, ApiExchanges,
-    Gone, Refused, _Call, _Interrupted)
+    Gone, Refused, Unresolved, _Call, _Interrupted)
 from engine.api_params import SEED_PLACEHOLDER, ApiParams  # noqa: F401  (re-exported)
 from engine.api_tasks import Slot, TaskBook
 from engine.errors import BudgetExceeded, SourceError, first_line  # noqa: F401  (BudgetExceeded re-exported)
@@ -220,6 +220,8 @@ class ApiGenerator(ApiExchanges):
             return None
         try:
             self._check_state(state)  # the host rules of a fresh answer's URLs, before anything is sent
+        except Unresolved:  # the network, not the record: kept for the next run (this job fails, as on a lost poll)
+            raise
         except SourceError as exc:
             log.warning("source %r: a task an earlier run recorded cannot be polled (%s): submitting it again",
                         self.name, str(exc).removeprefix(f"source {self.name!r}: "))

@@ -9,7 +9,10 @@ import logging
 
 import pytest
 
-from engine import api_exchange, api_tasks
+import socket
+import threading
+
+from engine import api_exchange, api_http, api_tasks
 from engine.api_source import ApiGenerator, ApiParams
 from index.pending import pending_tasks
 from index.store import Store
@@ -125,6 +128,34 @@ def test_records_past_the_retention_or_the_host_rules_are_dropped_unasked(bfl_st
         book = api_tasks.TaskBook(pending, "flux", ["k-old"])
         book.load()
         assert book.record("k-old") is None and pending.count() == 0
+
+
+def test_a_record_whose_host_cannot_be_looked_up_now_is_kept_not_bought_again(bfl_store, monkeypatch):
+    """A failed name lookup is the network's, not the record's: the job fails as a lost poll does and the task
+    stays recorded (it was dropped and bought again: offline once, then charged twice). The same when the
+    lookup fails as the task is accepted: recorded, so the next run polls it."""
+    store, api = bfl_store
+    regional = "https://api.us1.region.invalid/v1/get_result?id=t9"
+
+    def no_resolver(host, port, timeout):
+        raise socket.gaierror(-3, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(api_http, "resolve", no_resolver)
+    with Store.open(store) as opened:
+        pending = pending_tasks(opened)
+        generator = ApiGenerator("flux", ApiParams(api.url, "flux-dev", protocol="bfl", api_key_env=ENV, timeout=5))
+        record = {"v": 1, "protocol": "bfl", "endpoint": generator.params.endpoint(), "state": {"poll": regional}}
+        pending.put("k-lookup", "flux", record)
+        book = api_tasks.TaskBook(pending, "flux", ["k-lookup", "k-accepted"])
+        book.load()
+        with pytest.raises(api_exchange.SourceError, match="cannot resolve the status URL's host"):
+            generator.generate_many([("an offline resume", 0)], tasks=book)
+        assert submitted(api, "an offline resume") == 0 and pending.get(["k-lookup"])["k-lookup"][0] == record
+        call = api_exchange._Call(generator, None, KEY, threading.Event(), None, book.slot(1))  # type: ignore[arg-type]
+        with pytest.raises(api_exchange.Unresolved):
+            call.accepted({"poll": regional})
+        assert pending.get(["k-accepted"])["k-accepted"][0]["state"] == {"poll": regional}
+        pending.drop(["k-lookup", "k-accepted"])
 
 
 def test_every_polled_protocol_records_its_task_and_resumes_it(bfl_store, monkeypatch):
