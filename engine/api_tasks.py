@@ -48,14 +48,17 @@ class TaskBook:
         """Read the records of this batch's keys, dropping those past `RESUME_FOR_S` unasked."""
         try:
             found = self._pending.get(self.keys)
-            stale = [key for key, (_, age) in found.items() if age > RESUME_FOR_S]
-            if stale:
-                log.info("source %r: %d recorded task(s) older than %g h dropped unasked", self.source, len(stale),
-                         RESUME_FOR_S / 3600)
-                self._pending.drop(stale, older_than=RESUME_FOR_S)
         except StoreError as exc:  # the database is away: nothing to resume now, the generation goes on
             log.warning("source %r: cannot read its recorded tasks: %s", self.source, exc)
             return
+        stale = [key for key, (_, age) in found.items() if age > RESUME_FOR_S]
+        if stale:
+            log.info("source %r: %d recorded task(s) older than %g h dropped unasked", self.source, len(stale),
+                     RESUME_FOR_S / 3600)
+            try:
+                self._pending.drop(stale, older_than=RESUME_FOR_S)
+            except StoreError as exc:  # a locked database: the fresh records read above are still resumed
+                log.info("source %r: cannot drop %d old task records now: %s", self.source, len(stale), exc)
         with self._lock:
             self._found = {key: record for key, (record, age) in found.items() if age <= RESUME_FOR_S}
             self._touched.update(found)

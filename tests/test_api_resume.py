@@ -10,6 +10,7 @@ import logging
 import pytest
 
 import socket
+import sqlite3
 import threading
 
 from engine import api_exchange, api_http, api_tasks
@@ -128,6 +129,28 @@ def test_records_past_the_retention_or_the_host_rules_are_dropped_unasked(bfl_st
         book = api_tasks.TaskBook(pending, "flux", ["k-old"])
         book.load()
         assert book.record("k-old") is None and pending.count() == 0
+
+
+def test_a_locked_database_while_old_records_go_still_resumes_the_fresh_ones(bfl_store, monkeypatch):
+    """Dropping a batch's records past the retention waits for the write lock; when another writer holds it
+    past the busy timeout, the batch's fresh records are still resumed (all were ignored: bought again)."""
+    store, _ = bfl_store
+    monkeypatch.setenv("RESYNTH_BUSY_TIMEOUT_S", "0.1")
+    with Store.open(store) as opened:
+        pending = pending_tasks(opened)
+        for key in ("k-old", "k-fresh"):
+            pending.put(key, "flux", {"v": 1, "protocol": "bfl", "endpoint": key, "state": {}})
+        other = sqlite3.connect(store / "metadata.sqlite", isolation_level=None)
+        try:
+            other.execute("UPDATE pending_tasks SET created_at = created_at - ? WHERE key = 'k-old'",
+                          (2 * api_tasks.RESUME_FOR_S,))
+            other.execute("BEGIN IMMEDIATE")  # another writer holds the store's write lock
+            book = api_tasks.TaskBook(pending, "flux", ["k-old", "k-fresh"])
+            book.load()
+        finally:
+            other.close()
+        assert book.record("k-old") is None and book.record("k-fresh") is not None
+        pending.drop(["k-old", "k-fresh"])
 
 
 def test_a_record_whose_host_cannot_be_looked_up_now_is_kept_not_bought_again(bfl_store, monkeypatch):
