@@ -96,6 +96,13 @@ def _rows() -> list[tuple[str, str, dict, str | None]]:
          None),
         ("peft + lora_B biases", "peft", {ATTN + f"{layer}.lora_B.bias": torch.randn(32)
                                           for layer in ("to_q", "to_k", "add_q_proj", "to_out.0")}, None),
+        # peft has no lora_A bias (diffusers leaves it out); a lora_B bias is one per output feature
+        ("peft + lora_A biases", "peft", {ATTN + f"{layer}.lora_A.bias": torch.randn(4)
+                                          for layer in ("to_q", "to_k", "add_q_proj", "to_out.0")},
+         r"4 of 12 LoRA tensors are biases of a factor other than lora_B"),
+        ("peft + misshaped lora_B biases", "peft", {ATTN + f"{layer}.lora_B.bias": torch.randn(7)
+                                                    for layer in ("to_q", "to_k", "add_q_proj", "to_out.0")},
+         r"4 of 12 LoRA tensors do not fit .*lora_B\.bias \[7\] on a \[32, 32\] layer"),
         # diffusers gives every layer a lora_B bias when one has it: the others stay on the meta device
         ("peft + one lora_B bias", "peft", {ATTN + "to_q.lora_B.bias": torch.randn(32)},
          r"3 adapted layers have no lora_B bias .*every generation fails"),
@@ -123,7 +130,7 @@ def _landed(pipe, file: Path) -> int:
 
     try:
         pipe.load_lora_weights(str(file), adapter_name="row")
-    except ValueError:
+    except (ValueError, RuntimeError):  # RuntimeError: a tensor of another shape than its layer
         if any("row" in found for found in pipe.get_list_adapters().values()):
             pipe.delete_adapters(["row"])
         return -1

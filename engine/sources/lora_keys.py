@@ -16,7 +16,8 @@ tensor of the file that reaches no converted tensor, unless all zeros (nothing l
 did, is refused the same way. Flux norm tensors (`norm_q`/`norm_k`, a Control LoRA's) are refused: diffusers
 writes them straight into the base's weights, where the adapter's scale does not reach them and unloading the
 adapter does not undo them, so the base shared by every LoRA source of that folder would change. A `lora_B` bias
-on some layers of a component and not others is refused: diffusers then leaves the others' bias uninitialised.
+on some layers of a component and not others is refused: diffusers then leaves the others' bias uninitialised;
+so is a bias on another factor (peft has none, diffusers leaves it out) or one of another length than the layer's.
 """
 from __future__ import annotations
 
@@ -255,7 +256,7 @@ def check_adapter_fits(file: Path, tensors: dict, folder: Path) -> None:
                         f"this LoRA as it converts them (e.g. {', '.join(dropped[:EXAMPLES])}): parts it does not "
                         "support (T5, diff_b/norm diff, position embedding, unknown names); it would load only in part")
     bases: dict[str, dict | None] = {}
-    unmatched, misfit = [], []
+    unmatched, misfit, downward = [], [], []
     ranks: dict[tuple[str, str], list] = {}
     biased: set[tuple[str, str]] = set()  # layers with a lora_B bias (peft's lora_bias)
     for key, tensor in state.items():
@@ -275,11 +276,14 @@ def check_adapter_fits(file: Path, tensors: dict, folder: Path) -> None:
             unmatched.append(key)
             continue
         shape = list(tensor.shape)
-        if key.endswith(".bias"):
-            if part in _UP:
-                biased.add((component, module))
+        if key.endswith(".bias") and part not in _UP:  # peft gives lora_B alone a bias: diffusers leaves this out
+            if bool(tensor.any()):
+                downward.append(key)
             continue
-        if part == "lora_magnitude_vector":
+        if key.endswith(".bias"):  # one per output feature of the layer
+            biased.add((component, module))
+            fits = shape == weight[:1]
+        elif part == "lora_magnitude_vector":
             fits = shape[:1] == weight[:1]
         elif part in _DOWN:
             fits = len(shape) >= 2 and shape[1:2] == weight[1:2]
@@ -303,6 +307,10 @@ def check_adapter_fits(file: Path, tensors: dict, folder: Path) -> None:
     if misfit:
         raise UserError(f"{file.name}: {len(misfit)} of {len(state)} LoRA tensors do not fit the layers of "
                         f"{folder.name} (e.g. {'; '.join(misfit[:EXAMPLES])}): made for another base model")
+    if downward:
+        raise UserError(f"{file.name}: {len(downward)} of {len(state)} LoRA tensors are biases of a factor other "
+                        f"than lora_B (e.g. {', '.join(downward[:EXAMPLES])}), which peft has none of and diffusers "
+                        "leaves out: it would load only in part")
     uneven = [f"{c}.{m}" for (c, m), (down, up) in ranks.items() if down is not None and up is not None and down != up]
     if uneven:
         raise UserError(f"{file.name}: the two factors of {len(uneven)} layers have different ranks (e.g. "
