@@ -17,7 +17,7 @@ import re
 import threading
 import time
 from typing import Any, Callable, Mapping
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import httpx
 
@@ -354,8 +354,14 @@ class _Call:
         crash_point("api:accepted")  # recorded, not yet polled: a kill here must not cost a second purchase
 
     def _record(self, state: Mapping[str, Any]) -> None:
-        if self.task is not None:
-            self.task.save(self._generator.params.protocol, self.endpoint, dict(state))
+        if self.task is None:
+            return
+        if self.key and any(isinstance(value, str) and (self.key in value or quote(self.key, safe="") in value)
+                            for value in state.values()):  # a status URL that carries the key: never stored
+            log.warning("source %r: the service's status URL carries the key: the task is not recorded (a stop "
+                        "before its image is stored buys it again)", self.name)
+            return
+        self.task.save(self._generator.params.protocol, self.endpoint, dict(state))
 
     def poll(self, url: str, check: Callable[[Any], Any], headers: Mapping[str, str] | None = None) -> Any:
         return self._generator._poll(self._client, url, check, self.key, self._abort, headers)

@@ -156,7 +156,8 @@ def test_a_locked_database_while_old_records_go_still_resumes_the_fresh_ones(bfl
 def test_a_record_whose_host_cannot_be_looked_up_now_is_kept_not_bought_again(bfl_store, monkeypatch):
     """A failed name lookup is the network's, not the record's: the job fails as a lost poll does and the task
     stays recorded (it was dropped and bought again: offline once, then charged twice). The same when the
-    lookup fails as the task is accepted: recorded, so the next run polls it."""
+    lookup fails as the task is accepted: recorded, so the next run polls it. A status URL carrying the key is
+    not recorded (the key was stored in the record)."""
     store, api = bfl_store
     regional = "https://api.us1.region.invalid/v1/get_result?id=t9"
 
@@ -179,6 +180,8 @@ def test_a_record_whose_host_cannot_be_looked_up_now_is_kept_not_bought_again(bf
             call.accepted({"poll": regional})
         assert pending.get(["k-accepted"])["k-accepted"][0]["state"] == {"poll": regional}
         pending.drop(["k-lookup", "k-accepted"])
+        call.accepted({"poll": f"{api.url}/v1/get_result?id=t9&key={KEY}"})  # a service that echoes the key
+        assert pending.get(["k-accepted"]) == {} and KEY.encode() not in stored_bytes(store)
 
 
 def test_every_polled_protocol_records_its_task_and_resumes_it(bfl_store, monkeypatch):
