@@ -346,10 +346,11 @@ class _Call:
 
     def accepted(self, state: Mapping[str, Any]) -> None:
         try:
-            self._generator._check_state(state)  # a URL the host rules refuse is never recorded (nor polled)
-        except Unresolved:  # not refused, only not looked up now: recorded, so a later run polls it, not pays again
-            self._record(state)
-            raise
+            self._generator._check_state(state)
+        except Unresolved:  # not refused, only not looked up now: recorded (a poll looks it up again, and fails)
+            pass
+        except SourceError:  # refused by the host rules: never recorded, and a poll of it is refused likewise
+            return  # (an answer that already holds the image, Replicate's or Firefly's, is still read)
         self._record(state)
         crash_point("api:accepted")  # recorded, not yet polled: a kill here must not cost a second purchase
 

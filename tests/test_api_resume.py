@@ -156,13 +156,17 @@ def test_a_locked_database_while_old_records_go_still_resumes_the_fresh_ones(bfl
 def test_a_record_whose_host_cannot_be_looked_up_now_is_kept_not_bought_again(bfl_store, monkeypatch):
     """A failed name lookup is the network's, not the record's: the job fails as a lost poll does and the task
     stays recorded (it was dropped and bought again: offline once, then charged twice). The same when the
-    lookup fails as the task is accepted: recorded, so the next run polls it. A status URL carrying the key is
+    lookup fails as the task is accepted: recorded, so a later poll tries it. A status URL carrying the key is
     not recorded (the key was stored in the record)."""
     store, api = bfl_store
     regional = "https://api.us1.region.invalid/v1/get_result?id=t9"
 
-    def no_resolver(host, port, timeout):
-        raise socket.gaierror(-3, "Temporary failure in name resolution")
+    resolve = api_http.resolve
+
+    def no_resolver(host, port, timeout):  # the resolver is away for names (addresses need none)
+        if host.endswith(".invalid"):
+            raise socket.gaierror(-3, "Temporary failure in name resolution")
+        return resolve(host, port, timeout)
 
     monkeypatch.setattr(api_http, "resolve", no_resolver)
     with Store.open(store) as opened:
@@ -176,12 +180,13 @@ def test_a_record_whose_host_cannot_be_looked_up_now_is_kept_not_bought_again(bf
             generator.generate_many([("an offline resume", 0)], tasks=book)
         assert submitted(api, "an offline resume") == 0 and pending.get(["k-lookup"])["k-lookup"][0] == record
         call = api_exchange._Call(generator, None, KEY, threading.Event(), None, book.slot(1))  # type: ignore[arg-type]
-        with pytest.raises(api_exchange.Unresolved):
-            call.accepted({"poll": regional})
+        call.accepted({"poll": regional})  # a poll would look it up again (and fail, the record kept)
         assert pending.get(["k-accepted"])["k-accepted"][0]["state"] == {"poll": regional}
         pending.drop(["k-lookup", "k-accepted"])
         call.accepted({"poll": f"{api.url}/v1/get_result?id=t9&key={KEY}"})  # a service that echoes the key
         assert pending.get(["k-accepted"]) == {} and KEY.encode() not in stored_bytes(store)
+        call.accepted({"poll": "http://10.0.0.1/v1/get_result?id=t9"})  # refused: not recorded, and its poll
+        assert pending.get(["k-accepted"]) == {}  # is refused; an answer holding the image is still read
 
 
 def test_every_polled_protocol_records_its_task_and_resumes_it(bfl_store, monkeypatch):
