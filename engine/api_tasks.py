@@ -43,6 +43,7 @@ class TaskBook:
         self._found: dict[str, dict[str, Any]] = {}
         self._touched: set[str] = set()  # keys with a record written or found: dropped once stored
         self._lock = threading.Lock()
+        self._warned = False  # a store that cannot record (a role without grants on the table) warns once a batch
 
     def load(self) -> None:
         """Read the records of this batch's keys, dropping those past `RESUME_FOR_S` unasked."""
@@ -75,8 +76,10 @@ class TaskBook:
         try:
             self._pending.put(key, self.source, record)
         except StoreError as exc:  # the task is under way: poll it now, it is only not resumable later
-            log.warning("source %r: cannot record an accepted task (a stop before it is stored would buy it "
-                        "again): %s", self.source, exc)
+            with self._lock:
+                first, self._warned = not self._warned, True
+            log.log(logging.WARNING if first else logging.INFO, "source %r: cannot record an accepted task (a stop "
+                    "before it is stored would buy it again): %s", self.source, exc)
             return
         with self._lock:
             self._found.pop(key, None)

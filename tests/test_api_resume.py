@@ -131,11 +131,11 @@ def test_records_past_the_retention_or_the_host_rules_are_dropped_unasked(bfl_st
         assert book.record("k-old") is None and pending.count() == 0
 
 
-def test_a_locked_database_while_old_records_go_still_resumes_the_fresh_ones(bfl_store, monkeypatch):
+def test_a_locked_database_while_old_records_go_still_resumes_the_fresh_ones(bfl_store, monkeypatch, caplog):
     """Dropping a batch's records past the retention waits for the write lock; when another writer holds it
     past the busy timeout, the batch's fresh records are still resumed (all were ignored: bought again)."""
     store, _ = bfl_store
-    monkeypatch.setenv("RESYNTH_BUSY_TIMEOUT_S", "0.1")
+    monkeypatch.setenv("RESYNTH_BUSY_TIMEOUT_S", "0.05")
     with Store.open(store) as opened:
         pending = pending_tasks(opened)
         for key in ("k-old", "k-fresh"):
@@ -147,9 +147,14 @@ def test_a_locked_database_while_old_records_go_still_resumes_the_fresh_ones(bfl
             other.execute("BEGIN IMMEDIATE")  # another writer holds the store's write lock
             book = api_tasks.TaskBook(pending, "flux", ["k-old", "k-fresh"])
             book.load()
+            with caplog.at_level(logging.WARNING, logger="engine.api_source"):
+                for key in ("k-a", "k-b"):  # a store that cannot record says so once a batch, not once a task
+                    book.save(key, "bfl", "e", {})
         finally:
             other.close()
         assert book.record("k-old") is None and book.record("k-fresh") is not None
+        assert len([r for r in caplog.records if r.levelno == logging.WARNING
+                    and "cannot record an accepted task" in r.getMessage()]) == 1
         pending.drop(["k-old", "k-fresh"])
 
 
