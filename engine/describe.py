@@ -93,6 +93,7 @@ class Captioner:
         if self._model is None:
             import transformers
 
+            transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar, even for progress=False
             try:
                 model_class = getattr(transformers, _CAPTIONERS[self.model_type])
                 self._model = model_class.from_pretrained(self.folder, local_files_only=True).to(self.device).eval()

@@ -210,28 +210,35 @@ def run(ws, folder: str | os.PathLike, out: str | os.PathLike, prompt: str | Non
     results = Results(out / "results.jsonl", key)
     pending: list[tuple[str, str, bytes]] = []
 
+    # the bar counts images answered, not read: a batch is read in a blink, then attributed for minutes
+    bar = tqdm(total=len(images), desc="triage", unit="image", disable=not progress, file=sys.stderr)
+
     def flush() -> None:
         if pending:
             rows = _attribute(ws, pending, prompt, options, summary)
             results.append(rows)
+            bar.update(len(pending))
             pending.clear()
 
     try:
-        for path in tqdm(images, desc="triage", unit="image", disable=not progress, file=sys.stderr):
+        for path in images:
             rel = path.relative_to(folder).as_posix()
             data, sha256, problem = _read(path)
             if problem is not None or data is None or sha256 is None:
                 summary.errors += 1
                 results.append([_error_row(rel, sha256, problem or "unreadable")])
+                bar.update()
                 continue
             if results.done.get(rel) == sha256:
                 summary.resumed += 1
+                bar.update()
                 continue
             known = results.answer_of(sha256) if sha256 in results.by_hash else None
             if known is not None:
                 summary.duplicates += 1
                 results.append([{"path": rel, "sha256": sha256,
                                  "result": {**known, "query": rel, "cached": 0, "generated": 0}}])
+                bar.update()
                 continue
             if any(s == sha256 for _, s, _ in pending):  # the same bytes twice in one batch: answered once
                 flush()
@@ -239,6 +246,7 @@ def run(ws, folder: str | os.PathLike, out: str | os.PathLike, prompt: str | Non
                 if known is not None:
                     summary.duplicates += 1
                     results.append([{"path": rel, "sha256": sha256, "result": {**known, "query": rel}}])
+                    bar.update()
                     continue
             pending.append((rel, sha256, data))
             if len(pending) >= batch:
@@ -246,6 +254,7 @@ def run(ws, folder: str | os.PathLike, out: str | os.PathLike, prompt: str | Non
         flush()
         final = results.latest()
     finally:
+        bar.close()
         results.close()
     summary.files["jsonl"] = str(out / "results.jsonl")
     summary.files["csv"] = str(write_csv(out / "results.csv", final))

@@ -112,7 +112,7 @@ def test_cli_attribute_json(store_dir, originals, models, capsys, tmp_path):
     assert {s["source"] for s in data["results"][0]["scores"]} == {"tiny-sd-ddim", "tiny-sdxl-dpm"}
 
 
-def test_description_from_store_metadata_then_captioner(store_dir, originals, models, tmp_path):
+def test_description_from_store_metadata_then_captioner(store_dir, originals, models, tmp_path, capsys):
     manifest = tmp_path / "m.csv"
     manifest.write_text("image,source,description,role\n" +
                         f"{originals[0]['image']},{originals[0]['source']},{originals[0]['prompt']},original\n")
@@ -123,10 +123,14 @@ def test_description_from_store_metadata_then_captioner(store_dir, originals, mo
         assert (stored.description_from, stored.description) == ("store", originals[0]["prompt"])
         with pytest.raises(UserError, match="no description"):
             ws.attribute(originals[1]["image"], options=one)
+    import transformers
+
+    transformers.utils.logging.enable_progress_bar()  # as in a fresh process (building the zoo turned it off)
     with engine.open(store_dir, captioner=models["captioner"]) as ws:
         captioned = ws.attribute(originals[1]["image"], options=one).results[0]
         assert captioned.description_from == "caption" and captioned.description
         assert ws.captioner.calls == 1 and captioned.generated == len(models["pipelines"])
+    assert "Loading weights" not in capsys.readouterr().err  # transformers' bar, though progress=False
 
 
 def test_replay_sources_need_no_generation(models, originals, tmp_path):
