@@ -5,15 +5,16 @@ bills a task when it accepts it. Before this module, a run that stopped before t
 polling loop past `--timeout`, a kill or Ctrl-C while polling, a failed download of the finished image)
 lost the task, and the next run of the same resynthesis bought it again.
 
-Now `call.accepted(state)` commits a record (the protocol, the endpoint, where to poll: never a key or a
-token) in the store's `pending_tasks` table (`index.pending`), under the cache key the image will be
-stored as, before the first poll; it is deleted once the image is committed. The next run that generates
-that key (the one holding its claim, `engine.resynthesis.generate_once`: so one process at a time) resumes
-the task first: it polls the recorded URL under the same rules as a fresh answer's (`_Call.poll`: public
-addresses only, the key only to the endpoint's own site). A service that no longer has the task (HTTP 404/410,
-"Task not found", a failed task, an expired image URL) costs one warning and a new submission. A record
-older than `RESUME_FOR_S`, or of another endpoint or protocol, is dropped without a request. Any other
-failure (the deadline again, the network) keeps the record for the next run.
+Now `call.accepted(state)` commits a record (the protocol, the endpoint, where to poll: never a key or a token)
+in the store's `pending_tasks` table (`index.pending`), under the image's cache key less the embedder
+(`Plan.task_key`: a `reembed` re-keys stored images, not tasks), before the first poll; it is deleted once the
+image is committed. The next run that generates that image (the one holding its claim,
+`engine.resynthesis.generate_once`: so one process at a time) resumes the task first: it polls the recorded URL
+under the same rules as a fresh answer's (`_Call.poll`: public addresses only, the key only to the endpoint's
+own site). A service that no longer has the task (HTTP 404/410, "Task not found", a failed task, an expired
+image URL) costs one warning and a new submission. A record older than `RESUME_FOR_S`, or of another endpoint
+or protocol, is dropped without a request. Any other failure (the deadline again, the network) keeps the record
+for the next run.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ RECORD_VERSION = 1
 
 
 class TaskBook:
-    """The records of one batch of jobs of a source: job i becomes cache key `keys[i]`."""
+    """The records of one batch of jobs of a source: job i is task key `keys[i]` (`Plan.task_key`)."""
 
     def __init__(self, pending: PendingTasks, source: str, keys: list[str]):
         self._pending = pending

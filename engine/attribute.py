@@ -205,6 +205,11 @@ class Plan:
         # a kind without a recipe hash gives None, which the key encodes as null, as it always has
         return cache_key(description_hash, source.fingerprint, seed, self.params_hash[source.id], self.embedder)
 
+    def task_key(self, source: Source, description_hash: str, seed: int) -> str:
+        """A paid task's record (engine.api_tasks): the cache key without the embedder. A task bought for one
+        description, recipe and seed is the same task after `reembed` re-keys the stored images."""
+        return cache_key(description_hash, source.fingerprint, seed, self.params_hash[source.id], "")
+
     def wanted(self, description_hash: str) -> dict[str, tuple[Source, int]]:
         """Cache key -> (source, seed) of every resynthesis this plan asks for."""
         return {self.key(s, description_hash, seed): (s, seed) for s in self.pipelines for seed in self.seeds}

@@ -267,7 +267,8 @@ def generate_and_store(ws: "Workspace", plan: Plan, name: str, jobs: list[tuple[
         ws.embedder  # noqa: B018 - loaded on first use
     started = time.perf_counter()
     # a task a paid service accepted is recorded until its image is stored, and resumed by a later run
-    tasks = api_tasks.book_for(generator, ws.store, name, [key for _, key, _ in jobs])
+    task_keys = {key: plan.task_key(source, sha256_text(normalise_description(text)), seed) for text, key, seed in jobs}
+    tasks = api_tasks.book_for(generator, ws.store, name, [task_keys[key] for _, key, _ in jobs])
     try:
         # a source holding no device memory unloads no pipeline, and an API client takes concurrent calls
         with ws.models.generating(generator) if kind.needs_gpu else nullcontext():
@@ -278,12 +279,12 @@ def generate_and_store(ws: "Workspace", plan: Plan, name: str, jobs: list[tuple[
         store_generated(ws, plan, name, [j for j, _ in kept], [i for _, i in kept])
         partial.stored = [job for job, _ in kept]
         if tasks is not None:
-            tasks.stored([key for _, key, _ in partial.stored])
+            tasks.stored([task_keys[key] for _, key, _ in partial.stored])
         raise
     ws._time("generate", started)
     made = store_generated(ws, plan, name, jobs, images)
     if tasks is not None:
-        tasks.stored([key for _, key, _ in jobs])
+        tasks.stored([task_keys[key] for _, key, _ in jobs])
     return made
 
 

@@ -212,7 +212,8 @@ def _add_pending_tasks(conn) -> bool:
     except StoreDenied:
         log.warning("the store's database lacks the pending_tasks table and this role may not create it: a paid "
                     "task stopped before its image is stored is bought again (the store's owner adds the table by "
-                    "opening the store writable once)")
+                    "opening the store writable once, then grants this role SELECT, INSERT, UPDATE, DELETE on "
+                    "pending_tasks)")
         return False
     return True
 

@@ -1,10 +1,10 @@
 """Records of paid work an outside service has accepted but the store does not hold yet.
 
-An images API that answers "accepted, poll here" has billed the image before it is ready. If the process
-then stops (the polling deadline, a kill, a failed download), the next run would pay again. A pending
-task is an opaque JSON record (the engine's: where to poll, never a secret) under the cache key the image
-will be stored as, written (committed) before polling starts and deleted once the image is stored, so a
-later process, on this machine or another, resumes the task instead. The store knows nothing of what a
+An images API that answers "accepted, poll here" has billed the image before it is ready. If the process then
+stops (the polling deadline, a kill, a failed download), the next run would pay again. A pending task is an
+opaque JSON record (the engine's: where to poll, never a secret) under a key the engine gives (the image's
+cache key less the embedder), written (committed) before polling starts and deleted once the image is stored,
+so a later process, on this machine or another, resumes the task instead. The store knows nothing of what a
 record means; ages are measured on the store's shared clock (`Dialect.clock`), as claims' leases are.
 
 Who may resume a key is settled by its claim (index.claims): only the claimant generates it.

@@ -93,7 +93,7 @@ class Claim(Base):
 
 class PendingTask(Base):
     """Work a paid service accepted and this store has not stored yet (index.pending): an opaque JSON
-    record under the cache key it will be stored as, so a later process resumes it rather than pays twice."""
+    record under a key the engine gives, so a later process resumes it rather than pays twice."""
 
     __tablename__ = "pending_tasks"
     key: Mapped[str] = mapped_column(Text, primary_key=True)

@@ -218,3 +218,20 @@ def test_every_polled_protocol_records_its_task_and_resumes_it(bfl_store, monkey
             assert not any(secret.encode() in held for secret in (KEY, FakeProviderApi.FIREFLY_CLIENT_ID, *api.issued))
             book.stored([key])
             assert pending.get([key]) == {}
+
+
+def test_a_reembed_between_the_runs_leaves_the_task_resumable(bfl_store, capsys, models):
+    """`reembed` re-keys every stored image (keys name the embedder); a record under such a key was orphaned
+    and the task bought again. Records are keyed without the embedder (`Plan.task_key`). Last here: it
+    changes the module's store's embedder."""
+    store, api = bfl_store
+    text = "a paid task across a reembed"
+    api.pending_polls = 10 ** 6
+    try:
+        assert resynthesize(store, capsys, text)["generated"] == 0 and recorded(store) == 1
+    finally:
+        api.pending_polls = 0
+    assert run_cli("reembed", "--store", store, "--clip-config", models["clip_config"],
+                   "--clip-checkpoint", models["clip_checkpoint"], "--clip-layer", "final", "--quiet") == 0
+    assert resynthesize(store, capsys, text)["generated"] == 1
+    assert submitted(api, text) == 1 and recorded(store) == 0
