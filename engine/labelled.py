@@ -346,15 +346,16 @@ def from_store(store: "Store", strict: bool = False) -> EvalSet:
     skipped: dict[str, list[str]] = {}
     folder = common_folder([r.path for r in originals])  # examples named from there: unambiguous, short
     # an enrolled-nowhere source cannot be scored closed-set; its originals are left out
+    described = {r.description_id for r in resyntheses}
+    # before the stray filter: a copy under a source without resyntheses is a conflicting label all the same
+    originals = _one_copy_each(originals, described, skipped, folder)
     stray = [r for r in originals if r.source not in sources]
     if stray:
         skipped[NO_SOURCE_RESYNTHESES] = [shown(r.path, folder) for r in stray]
     originals = [r for r in originals if r.source in sources]
-    originals = _one_copy_each(originals, skipped, folder)
     source_index = {s: i for i, s in enumerate(sources)}
     desc_ids = sorted({r.description_id for r in rows})
     desc_index = {d: i for i, d in enumerate(desc_ids)}
-    described = {r.description_id for r in resyntheses}
     lonely = [r for r in originals if r.description_id not in described]
     if lonely:
         skipped[NO_RESYNTHESES] = [shown(r.path, folder) for r in lonely]
@@ -384,12 +385,13 @@ def from_store(store: "Store", strict: bool = False) -> EvalSet:
     return evalset
 
 
-def _one_copy_each(originals: list, skipped: dict[str, list[str]], folder: Path | None) -> list:
+def _one_copy_each(originals: list, described: set[int], skipped: dict[str, list[str]], folder: Path | None) -> list:
     """An image is one original: a store ingested before ingest refused repeats may hold its bytes twice (two
-    descriptions: counted twice) or under two sources (scored against a wrong label). The first copy is kept;
-    an image under two sources is left out altogether (which label is true is unknown)."""
+    descriptions: counted twice) or under two sources (scored against a wrong label). The first copy whose
+    description has resyntheses is kept (else the image was lost: its scorable copy left out as a repeat, the
+    kept one as unscorable); an image under two sources is left out altogether (which label is true is unknown)."""
     by_bytes: dict[str, list] = {}
-    for r in originals:
+    for r in sorted(originals, key=lambda r: r.description_id not in described):  # stable: stored order kept
         by_bytes.setdefault(r.file_hash, []).append(r)
     twice = [r for copies in by_bytes.values() if len({c.source for c in copies}) == 1 for r in copies[1:]]
     conflicted = [r for copies in by_bytes.values() if len({c.source for c in copies}) > 1 for r in copies]

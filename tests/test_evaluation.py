@@ -313,9 +313,15 @@ def test_from_store_leaves_out_what_attribute_never_compares(tmp_path):
         # a store ingested before ingest refused repeats: o0's bytes again (another description), o1's under pipe
         rows += [NewImage(f"o{i}", "original", pipe.id, store.description_id("another"), f"ho{i - 2}", f"o{i}.png",
                           unit(i)) for i in (2, 3)]
+        # o4's bytes again as o5: the copy whose description has resyntheses is kept (the image was lost); o6's
+        # under a source with no resyntheses: still two labels, not a stray original and a scored copy
+        lone = store.ensure_source("lone", "replay", "fp-l")
+        rows += [NewImage(f"o{i}", "original", src.id, d, f"h{i // 2}", f"o{i}.png", unit(i)) for i, src, d in
+                 ((4, pipe, store.description_id("another")), (5, pipe, desc), (6, pipe, desc), (7, lone, desc))]
         store.add_images(rows)
         evalset = from_store(store)
     kept = sorted((evalset.sources[c], int(s)) for c, s in zip(evalset.res_source, evalset.res_seed))
     assert kept == [("old", -1), ("pipe", 0)]  # the seedless replay image stays: replay has no seeds
-    assert evalset.orig_path == ["o0.png"] and evalset.skipped == {TWO_SOURCES: ["o1.png", "o3.png"],
-                                                                   STORED_TWICE: ["o2.png"]}
+    assert evalset.orig_path == ["o0.png", "o5.png"]
+    assert evalset.skipped == {TWO_SOURCES: ["o1.png", "o3.png", "o6.png", "o7.png"],
+                               STORED_TWICE: ["o2.png", "o4.png"]}
