@@ -166,7 +166,8 @@ def _check_sources(manifest: Path, rows: list[ManifestRow], known: set[str]) -> 
     that only case separates from another is refused: the two would read as one source in every answer."""
     forms = {unicodedata.normalize("NFC", name): name for name in known}
     for row in rows:
-        row.source = forms.get(row.source, row.source)  # the manifest's names are NFC already
+        if row.source not in known:  # the manifest's names are NFC already; a stored NFC name is itself
+            row.source = forms.get(row.source, row.source)
     first_row: dict[str, ManifestRow] = {}
     for row in rows:
         first_row.setdefault(row.source, row)

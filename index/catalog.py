@@ -102,6 +102,15 @@ def _check_source(name: str, kind: str, fingerprint: str, path: str | None) -> N
         check_text(value, what)
 
 
+def _no_twin(s: Session, name: str) -> None:
+    """A new name that only Unicode form separates from a stored one (NFC "café", NFD "café" from a macOS
+    folder) is refused: lookups take either form for the stored source, and two would make that ambiguous."""
+    twin = next((n for n in s.scalars(select(Source.name)) if n != name and same_name(n, name)), None)
+    if twin is not None:
+        raise StoreInputError(f"source {name!r} already exists, spelled in another Unicode form ({ascii(twin)}; "
+                              "remove it first to change it)")
+
+
 class Catalog:
     def __init__(self, db: Database, layout: Layout):
         self.db, self.layout = db, layout
@@ -120,6 +129,7 @@ class Catalog:
             with self.db.write_session() as s:
                 if s.scalar(select(Source.id).where(Source.name == name)) is not None:
                     raise taken
+                _no_twin(s, name)
                 source = Source(name=name, kind=kind, path=path, params_json=json.dumps(params or {}, sort_keys=True),
                                 fingerprint=fingerprint)
                 s.add(source)
@@ -134,6 +144,8 @@ class Catalog:
         both succeed). StoreInputError if the name exists with another kind or fingerprint."""
         _check_source(name, kind, fingerprint, path)
         with self.db.write_session() as s:
+            if s.scalar(select(Source.id).where(Source.name == name)) is None:
+                _no_twin(s, name)
             insert_ignore(s, Source, {"name": name, "kind": kind, "path": path, "fingerprint": fingerprint,
                                       "params_json": json.dumps(params or {}, sort_keys=True),
                                       "created_at": _utcnow()}, ["name"])

@@ -135,5 +135,21 @@ def test_a_name_typed_in_another_unicode_form_is_the_stored_one(store, capsys):
         opened.ensure_source("other", "replay", "fp-2")
     with engine.open(store) as ws:
         assert [s.name for s in ws.plan(Options(sources=("café", decomposed))).sources] == [decomposed]
+    # nor is a second source stored under the other form: every lookup above would be ambiguous
+    assert run_cli("source", "add", "café", "--kind", "replay", "--store", store) == 2
+    assert "already exists, spelled in another Unicode form ('cafe\\u0301'" in capsys.readouterr().err
     assert run_cli("source", "remove", "café", "--store", store) == 0
     assert list(_listed(capsys, store)) == ["other"]
+    # an older store may hold both forms: a manifest's row keeps the exact one (it took either, by set order)
+    from engine.ingest import _check_sources
+    from engine.manifest import ManifestRow
+
+    class InOrder(set):  # a set that iterates as listed: each order tried, not the one hashing gives
+        def __iter__(self):
+            return iter(self.order)
+
+    for order in (["café", decomposed], [decomposed, "café"]):
+        known = InOrder(order)
+        known.order = order
+        row = ManifestRow(2, Path("x.png"), "café", "d", "original")
+        assert _check_sources(Path("m.csv"), [row], known) == [] and row.source == "café"
