@@ -98,7 +98,7 @@ def ws_sources(store_dir) -> list[dict]:
         return [{"name": s.name, "fingerprint": s.fingerprint} for s in ws.sources()]
 
 
-def test_a_rerun_generates_nothing_and_resumes_an_interrupted_run(store_dir, folder, tmp_path):
+def test_a_rerun_generates_nothing_and_resumes_an_interrupted_run(store_dir, folder, tmp_path, capsys):
     out = tmp_path / "out"
     later = folder / "a" / "b" / HOSTILE
     held = tmp_path / "held.png"
@@ -110,9 +110,12 @@ def test_a_rerun_generates_nothing_and_resumes_an_interrupted_run(store_dir, fol
         handle.write(b'{"run": "torn line of a crash')  # no newline: killed mid-write
     shutil.move(held, later)
     with engine.open(store_dir) as ws:
-        second = triage.run(ws, folder, out, PROMPT, FAST, progress=False)
+        capsys.readouterr()
+        second = triage.run(ws, folder, out, PROMPT, FAST, progress=True)
         generated = _generated(ws)
     assert (second.resumed, second.answered, second.duplicates) == (3, 1, 0)  # broken.png is tried again
+    bar = capsys.readouterr().err  # resumed, errors and answers each counted once: the bar ends at the total
+    assert "triage: 100%" in bar and "5/5" in bar and not re.search(r"\b([6-9]|\d\d+)/5\b", bar)
     assert generated == second.generated  # only the new image's description could need generating
     with engine.open(store_dir) as ws:
         third = triage.run(ws, folder, out, PROMPT, FAST, progress=False)
