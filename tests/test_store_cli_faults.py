@@ -201,11 +201,16 @@ def test_two_processes_attribute_one_new_prompt_generate_once(store, originals, 
 
 # ----- hostile input ---------------------------------------------------------------------------
 def test_manifest_rows_stay_inside_its_folder(store, originals, tmp_path):
+    from PIL import Image
+
     folder = tmp_path / "data"
     folder.mkdir()
-    shutil.copy(originals[0]["image"], folder / "inside.png")
+    outside = tmp_path / "elsewhere.png"
+    for source, target in ((originals[0]["image"], folder / "inside.png"), (originals[2]["image"], outside)):
+        image = Image.open(source).convert("RGB")
+        image.putpixel((0, 0), (1, 2, 3))  # new bytes: the store holds the originals as another source's
+        image.save(target)
     (folder / "link.png").symlink_to(originals[1]["image"])
-    outside = Path(originals[2]["image"])
     before = (vectors(store), in_process("source", "list", "--store", store, "--json").stdout)
     for row in (f"../{os.path.relpath(outside, tmp_path)}", str(outside), "link.png", "/etc/passwd"):
         manifest = folder / "m.csv"
