@@ -38,16 +38,19 @@ def _description_hash(row: ManifestRow) -> str:
     return sha256_text(normalise_description(row.description))
 
 
-def _repeated_originals(manifest: Path, store: Store, copies: dict[str, list[ManifestRow]]) -> list[ManifestRow]:
+def _repeated_originals(manifest: Path, store: Store, copies: dict[str, list[ManifestRow]],
+                        described: set[str]) -> list[ManifestRow]:
     """An original is one image with one source and one description. Its bytes stored before as another
     source's original are refused (one of the labels is wrong); given again with another description, in
-    this manifest or stored before, the first description is kept and the other rows are returned, to be
-    skipped: two copies would be two queries, and a perfect reference for each other wherever originals
-    serve as references."""
+    this manifest or stored before, one description is kept (the stored one, else the first that this
+    manifest's resyntheses have, else the first: the image stays scorable) and the other rows are returned,
+    to be skipped: two copies would be two queries, and a perfect reference for each other wherever
+    originals serve as references."""
     stored = store.originals_by_file(list(copies))
     repeated = []
     for file_hash, rows in copies.items():
-        source, description = stored.get(file_hash, (rows[0].source, _description_hash(rows[0])))
+        kept = next((row for row in rows if _description_hash(row) in described), rows[0])
+        source, description = stored.get(file_hash, (kept.source, _description_hash(kept)))
         if source != rows[0].source:
             raise UserError(f"{manifest}:{rows[0].line}: original {shown(rows[0].image)} is stored already as an "
                             f"original of {source!r}, but is listed as {rows[0].source!r}: an image has one true "
@@ -60,9 +63,9 @@ def _repeats_said(repeated: list[ManifestRow]) -> list[str]:
     if not repeated:
         return []
     first = repeated[0]
-    return [f"{len(repeated)} original{'s' if len(repeated) > 1 else ''} repeat the bytes of an original given "
-            f"before with another description (first at line {first.line}, {shown(first.image)}): skipped, the "
-            "first description kept; an image has one description"]
+    return [f"{len(repeated)} original{'s' if len(repeated) > 1 else ''} repeat the bytes of another original with "
+            f"another description (first at line {first.line}, {shown(first.image)}): skipped, one description "
+            "kept (the stored one, else the first that resyntheses have); an image has one description"]
 
 
 def _params_hash(row: ManifestRow, source) -> str | None:
@@ -110,7 +113,8 @@ def ingest(workspace, manifest: Path, progress: bool = True, allow_outside: bool
                             f"listed as {row.source!r}: an image has one true source; remove the wrong row")
         if first is not row:
             copies[file_hash].append(row)
-    repeated = _repeated_originals(manifest, store, copies)
+    described = {_description_hash(row) for row in rows if row.role == "resynthesis"}
+    repeated = _repeated_originals(manifest, store, copies, described)
     skip = {id(row) for row in repeated}
     rows = [row for row in rows if id(row) not in skip]
     embedder = workspace.embedder  # models load only once the manifest is known to be good

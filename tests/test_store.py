@@ -1,6 +1,7 @@
 """The store: round trips, rebuild, ingest idempotence, and agreement after crashes."""
 from __future__ import annotations
 
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from index import faults
 from index import vectors as vx
 from engine.errors import UserError
 from index.errors import StoreDamaged
+from index.keys import normalise_description, sha256_file, sha256_text
 from index.store import NewImage, Store
 from tests import procs
 from tests.helpers import db_args, run_cli
@@ -146,6 +148,14 @@ def test_ingest_is_idempotent_and_links_originals(models, originals, tmp_path, d
         with pytest.raises(UserError, match=r"n.csv:2: original .* is stored already as an original of 'genA'"):
             ws.ingest(tmp_path / "n.csv", allow_outside=True)
         assert opened.stats()["vectors"] == 2
+        # new bytes given twice: the description a resynthesis has is kept, not the first (unscorable: lost)
+        copy = tmp_path / "copy.png"
+        shutil.copy(originals[1]["image"], copy)
+        (tmp_path / "d.csv").write_text(f"image,source,description,role\n{originals[1]['image']},genA,lonely,original\n"
+                                        f"{copy},genA,{first['prompt']},original\n{lines[2]}\n")
+        assert ws.ingest(tmp_path / "d.csv", allow_outside=True).added == 1
+        assert opened.originals_by_file([sha256_file(copy)]) == {
+            sha256_file(copy): ("genA", sha256_text(normalise_description(first["prompt"])))}
 
 
 def _write_big_manifest(originals, tmp_path: Path, copies: int) -> Path:
