@@ -79,6 +79,8 @@ def walk(folder: Path, skip: Path | None = None) -> tuple[list[Path], int]:
 def run_key(ws, options: Options, prompt: str | None) -> str:
     """What an answer depends on, hashed: a rerun reuses answers only under the same key."""
     plan = ws.plan(options)
+    if options.sources:  # as stored: a name typed in another Unicode form (NFD from a macOS paste) is that source
+        options = options.with_changes(sources=tuple(sorted(s.name for s in plan.sources)))
     parts = {"options": options.to_dict(), "prompt": prompt, "embedder": plan.embedder,
              "sources": [[s.name, s.fingerprint, plan.params_hash.get(s.id)] for s in plan.sources],
              "calibration": ws.store.config.get("calibration")}

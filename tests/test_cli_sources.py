@@ -135,6 +135,9 @@ def test_a_name_typed_in_another_unicode_form_is_the_stored_one(store, capsys):
         opened.ensure_source("other", "replay", "fp-2")
     with engine.open(store) as ws:
         assert [s.name for s in ws.plan(Options(sources=("café", decomposed))).sources] == [decomposed]
+        from engine import triage  # a triage rerun typed in the other form resumes (it was another run's key)
+
+        assert len({triage.run_key(ws, Options(sources=names), None) for names in ("café", decomposed)}) == 1
     # nor is a second source stored under the other form: every lookup above would be ambiguous
     assert run_cli("source", "add", "café", "--kind", "replay", "--store", store) == 2
     assert "already exists, spelled in another Unicode form ('cafe\\u0301'" in capsys.readouterr().err
