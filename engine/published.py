@@ -438,6 +438,6 @@ def cmd_import_published(args) -> None:
     text = (f"wrote {report.manifest}: {plural(report.originals, 'original')} and {report.resyntheses} resyntheses "
             f"({report.linked} linked to their original) from {plural(len(report.generators), 'generator')}")
     if report.ingest:
-        text += (f"\ningested {report.ingest['added']} images ({report.ingest['skipped']} already stored); "
+        text += (f"\ningested {report.ingest['added']} images ({report.ingest['skipped']} already stored or repeated); "
                  f"new replay sources: {', '.join(report.ingest['new_sources']) or 'none'}")
     print(json.dumps({**asdict(report), "warnings": report.warnings()}, indent=2) if args.json else text)

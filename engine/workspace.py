@@ -382,8 +382,9 @@ class Workspace:
         if not isinstance(name, str):
             raise ArgumentTypeError(f"a source name must be a str, not {type(name).__name__}")
         arguments.text(name, "a source name")
-        self.models.forget(name)
         try:
+            name = self.store.source(name).name  # as stored: typed in another Unicode form, the loaded one goes too
+            self.models.forget(name)
             return self.store.remove_source(name)
         except UnknownName as exc:
             raise UnknownSourceError(str(exc)) from None
