@@ -382,9 +382,11 @@ class Workspace:
         if not isinstance(name, str):
             raise ArgumentTypeError(f"a source name must be a str, not {type(name).__name__}")
         arguments.text(name, "a source name")
+        try:  # the loaded generator goes under its stored spelling (typed in another Unicode form, too)
+            self.models.forget(self.store.source(name).name)
+        except UnknownName:  # said by remove_source, after a read-only store's refusal
+            pass
         try:
-            name = self.store.source(name).name  # as stored: typed in another Unicode form, the loaded one goes too
-            self.models.forget(name)
             return self.store.remove_source(name)
         except UnknownName as exc:
             raise UnknownSourceError(str(exc)) from None
