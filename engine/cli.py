@@ -539,9 +539,16 @@ def cmd_stats(args) -> None:
     lines = [f"store {data['store']}: {plural(data['vectors'], 'vector')} ({data['index_vectors']} in the index), "
              f"{plural(data['descriptions'], 'description')}, embedder {data['embedder']}"]
     lines += [f"  {name:24} {v['kind']:11} {v['originals']:6} originals {v['resyntheses']:6} resyntheses"
-              + (f"  ({v['api']['spent_usd']:.4f} USD bought)" if "api" in v else "")
-              for name, v in data["sources"].items()]
+              + (_bought(v["api"]) if "api" in v else "") for name, v in data["sources"].items()]
     _emit(args, data, "\n".join(lines))
+
+
+def _bought(api: dict) -> str:
+    from engine.errors import plural
+
+    waiting = api["tasks_pending"]
+    pending = f"; {plural(waiting, 'paid task')} without its image yet, resumed by the next run" if waiting else ""
+    return f"  ({api['spent_usd']:.4f} USD bought{pending})"
 
 
 def cmd_demo(args) -> None:

@@ -461,14 +461,18 @@ class Workspace:
     @_while_open
     def stats(self) -> dict:
         """The store's numbers; sources that cost money also say what their stored images cost (each bought once)."""
+        from index.pending import pending_tasks
+
         data = self.store.stats()
+        waiting = pending_tasks(self.store).by_source()  # bought, not stored yet: the next run resumes them
         for source in self.store.sources():
             kind = sources.kind_of(source)
             if kind.costs_money and source.name in data["sources"]:
                 entry = data["sources"][source.name]
                 price = kind.price(source)
                 entry["api"] = {"price_usd": price, "images_bought": entry["resyntheses"],
-                                "spent_usd": round(entry["resyntheses"] * price, 6)}
+                                "spent_usd": round(entry["resyntheses"] * price, 6),
+                                "tasks_pending": waiting.get(source.name, 0)}
         return data
 
     @arguments.keywords

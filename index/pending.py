@@ -75,6 +75,14 @@ class PendingTasks:
             s.commit()
         return dropped
 
+    def by_source(self) -> dict[str, int]:
+        """How many tasks are recorded, per source name (`resynth stats`: bought, image not stored yet)."""
+        if not self.db.has_pending_tasks:
+            return {}
+        with self.db.session() as s:
+            rows = s.execute(select(PendingTask.source, func.count()).group_by(PendingTask.source))
+            return {str(name): int(n) for name, n in rows}
+
     def count(self) -> int:
         """How many tasks are recorded."""
         if not self.db.has_pending_tasks:

@@ -76,6 +76,8 @@ def test_a_task_polled_past_the_timeout_is_resumed_not_bought_again(bfl_store, c
     finally:
         api.pending_polls = 0
     assert first["generated"] == 0 and f"not ready within the {TIMEOUT:g} s deadline" in first["failed"]["flux"]
+    assert run_cli("stats", "--store", store) == 0  # what was paid for and is not stored yet is said
+    assert "; 1 paid task without its image yet, resumed by the next run)" in capsys.readouterr().out
     again = resynthesize(store, capsys, text)
     assert again["generated"] == 1 and not again["failed"]
     assert submitted(api, text) == 1 and recorded(store) == 0

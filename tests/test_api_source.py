@@ -86,7 +86,7 @@ def test_api_source_attributes_beside_pipelines_and_pays_once(api_store, origina
     assert run_cli("stats", "--store", store, "--json") == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["sources"]["remote"]["api"] == {"price_usd": PRICE, "images_bought": bought,
-                                                 "spent_usd": pytest.approx(bought * PRICE)}
+                                                 "spent_usd": pytest.approx(bought * PRICE), "tasks_pending": 0}
     everything = b"".join(p.read_bytes() for p in store.rglob("*") if p.is_file())
     assert KEY.encode() not in everything and ENV.encode() in everything  # the variable's name only
     assert KEY not in caplog.text
