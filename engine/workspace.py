@@ -461,10 +461,15 @@ class Workspace:
     @_while_open
     def stats(self) -> dict:
         """The store's numbers; sources that cost money also say what their stored images cost (each bought once)."""
+        from engine.api_tasks import RESUME_FOR_S
+        from index.errors import StoreDenied
         from index.pending import pending_tasks
 
         data = self.store.stats()
-        waiting = pending_tasks(self.store).by_source()  # bought, not stored yet: the next run resumes them
+        try:  # bought, not stored yet, young enough that the next run resumes them (older ones are bought again)
+            waiting: dict[str, int] | None = pending_tasks(self.store).by_source(within=RESUME_FOR_S)
+        except StoreDenied:  # a role granted the tables before pending_tasks was added: the numbers still answer
+            waiting = None
         for source in self.store.sources():
             kind = sources.kind_of(source)
             if kind.costs_money and source.name in data["sources"]:
@@ -472,7 +477,7 @@ class Workspace:
                 price = kind.price(source)
                 entry["api"] = {"price_usd": price, "images_bought": entry["resyntheses"],
                                 "spent_usd": round(entry["resyntheses"] * price, 6),
-                                "tasks_pending": waiting.get(source.name, 0)}
+                                "tasks_pending": None if waiting is None else waiting.get(source.name, 0)}
         return data
 
     @arguments.keywords

@@ -75,13 +75,16 @@ class PendingTasks:
             s.commit()
         return dropped
 
-    def by_source(self) -> dict[str, int]:
-        """How many tasks are recorded, per source name (`resynth stats`: bought, image not stored yet)."""
+    def by_source(self, within: float | None = None) -> dict[str, int]:
+        """How many tasks are recorded, per source name (`resynth stats`: bought, image not stored yet); with
+        `within` (seconds) only those younger than that (an older one is dropped unasked, not resumed)."""
         if not self.db.has_pending_tasks:
             return {}
         with self.db.session() as s:
-            rows = s.execute(select(PendingTask.source, func.count()).group_by(PendingTask.source))
-            return {str(name): int(n) for name, n in rows}
+            query = select(PendingTask.source, func.count()).group_by(PendingTask.source)
+            if within is not None:
+                query = query.where(PendingTask.created_at >= self.db.dialect.clock(s) - within)
+            return {str(name): int(n) for name, n in s.execute(query)}
 
     def count(self) -> int:
         """How many tasks are recorded."""

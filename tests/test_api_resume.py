@@ -113,7 +113,7 @@ def test_a_task_the_service_no_longer_has_is_bought_again_once_with_a_warning(bf
     assert len(warned) == 1 and "Task not found" in warned[0] and "\n" not in warned[0], warned
 
 
-def test_records_past_the_retention_or_the_host_rules_are_dropped_unasked(bfl_store, monkeypatch, caplog):
+def test_records_past_the_retention_or_the_host_rules_are_dropped_unasked(bfl_store, monkeypatch, caplog, capsys):
     store, api = bfl_store
     with Store.open(store) as opened:
         pending = pending_tasks(opened)
@@ -128,6 +128,10 @@ def test_records_past_the_retention_or_the_host_rules_are_dropped_unasked(bfl_st
         book.stored(["k-private"])
         pending.put("k-old", "flux", {"v": 1, "protocol": "bfl", "endpoint": api.url, "state": {"poll": api.url}})
         monkeypatch.setattr(api_tasks, "RESUME_FOR_S", 0.0)  # every record is past it
+        assert pending.by_source() == {"flux": 1} and pending.by_source(within=0.0) == {}
+        capsys.readouterr()
+        assert run_cli("stats", "--store", store) == 0  # not said to be resumed: the next run drops it unasked
+        assert "paid task" not in capsys.readouterr().out
         book = api_tasks.TaskBook(pending, "flux", ["k-old"])
         book.load()
         assert book.record("k-old") is None and pending.count() == 0
@@ -237,3 +241,33 @@ def test_a_reembed_between_the_runs_leaves_the_task_resumable(bfl_store, capsys,
                    "--clip-checkpoint", models["clip_checkpoint"], "--clip-layer", "final", "--quiet") == 0
     assert resynthesize(store, capsys, text)["generated"] == 1
     assert submitted(api, text) == 1 and recorded(store) == 0
+
+
+def test_stats_answer_for_a_role_that_may_not_read_the_task_records(tmp_path):
+    """A PostgreSQL role granted the store's tables before pending_tasks was added (the owner's next open adds
+    it) still gets its stats, writable too (as a server opens it): the paid tasks' count is unknown (None)."""
+    import uuid
+
+    from sqlalchemy.engine import make_url
+
+    import engine
+    from tests import pg
+
+    admin = pg.admin_url()
+    if not admin or not pg.superuser():
+        pytest.skip(pg.why() or "the test server's role may not create roles")
+    role, url, root = f"rows_{uuid.uuid4().hex[:8]}", pg.create_database(), tmp_path / "s"
+    try:
+        with Store.create(root, {"identity": "test-embedder", "arch": "x", "checkpoint": "x"}, 8, db_url=url) as made:
+            made.ensure_source("flux", "api", "fp", params={"price": 0.04})
+        pg.sql(url, f'CREATE ROLE "{role}" LOGIN', f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA '
+               f'public TO "{role}"', f'GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO "{role}"',
+               f'REVOKE ALL ON pending_tasks FROM "{role}"')
+        config = json.loads((root / "store.json").read_text())
+        config["db"] = make_url(url).set(username=role).render_as_string(hide_password=False)
+        (root / "store.json").write_text(json.dumps(config))
+        with engine.open(root) as ws:
+            assert ws.stats()["sources"]["flux"]["api"]["tasks_pending"] is None
+    finally:
+        pg.drop_database(url)
+        pg.sql(admin, f'DROP ROLE IF EXISTS "{role}"')
