@@ -547,7 +547,8 @@ def _bought(api: dict) -> str:
     from engine.errors import plural
 
     waiting = api["tasks_pending"]  # None: this role may not read the paid tasks' records
-    pending = f"; {plural(waiting, 'paid task')} without its image yet, resumed by the next run" if waiting else ""
+    its = "its" if waiting == 1 else "their"
+    pending = f"; {plural(waiting, 'paid task')} without {its} image yet, resumed by the next run" if waiting else ""
     if waiting is None:
         pending = "; paid tasks without their image not readable by this database role"
     return f"  ({api['spent_usd']:.4f} USD bought{pending})"
