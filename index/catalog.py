@@ -258,7 +258,17 @@ class Catalog:
                 identity = json.loads(recorded)["embedder"]["identity"] if recorded else self.embedder
                 if identity != self.embedder:  # vectors of the old space would have no vector of the live one
                     raise switched_embedder(identity)
+            held = self._originals_held(s, rows)
             for i, (row, vec) in enumerate(zip(rows, matrix)):
+                if row.role == "original" and row.file_hash in held:
+                    source_id, description_id, image_id, name = held[row.file_hash]
+                    if source_id != row.source_id:
+                        held_by = repr(name) if name else "another source"
+                        raise StoreInputError(f"original {row.path} is stored already as an original of {held_by} "
+                                              "(stored meanwhile by another process): an image has one true source")
+                    if description_id != row.description_id:  # one image, one description: the stored one
+                        out.image_ids.append(image_id)
+                        continue
                 try:
                     result = insert_ignore(s, Image, {
                         "key": row.key, "role": row.role, "source_id": row.source_id,
@@ -275,6 +285,8 @@ class Catalog:
                     continue
                 image_id = _new_key(result)
                 out.image_ids.append(image_id)
+                if row.role == "original":
+                    held[row.file_hash] = (row.source_id, row.description_id, image_id, "")
                 data = vec.tobytes()
                 vector = execute(s, table(Vector).insert().values(
                     image_id=image_id, embedder=self.embedder, data=data, checksum=vx.checksum(data)))
@@ -282,6 +294,22 @@ class Catalog:
                 out.rows.append(i)
             s.commit()
         return out
+
+    @staticmethod
+    def _originals_held(s: Session, rows: list[NewImage]) -> dict[str, tuple[int, int, int, str]]:
+        """Stored originals with the bytes of the batch's originals (file hash -> source id, description id,
+        image id, source name), read inside the write transaction: ingest's earlier check of the manifest
+        cannot see what another process stores between that check and this commit."""
+        wanted = sorted({row.file_hash for row in rows if row.role == "original"})
+        held: dict[str, tuple[int, int, int, str]] = {}
+        for start in range(0, len(wanted), 500):
+            query = (select(Image.file_hash, Image.source_id, Image.description_id, Image.id, Source.name)
+                     .join(Source, Image.source_id == Source.id)
+                     .where(Image.role == "original", Image.file_hash.in_(wanted[start:start + 500]))
+                     .order_by(Image.id))
+            for file_hash, source_id, description_id, image_id, name in s.execute(query):
+                held.setdefault(file_hash, (source_id, description_id, image_id, name))
+        return held
 
     def original_id_for_file(self, file_hash: str) -> int | None:
         with self.db.session() as s:

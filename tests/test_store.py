@@ -13,7 +13,7 @@ import pytest
 from index import faults
 from index import vectors as vx
 from engine.errors import UserError
-from index.errors import StoreDamaged
+from index.errors import StoreDamaged, StoreInputError
 from index.keys import normalise_description, sha256_file, sha256_text
 from index.store import NewImage, Store
 from tests import procs
@@ -148,6 +148,17 @@ def test_ingest_is_idempotent_and_links_originals(models, originals, tmp_path, d
         with pytest.raises(UserError, match=r"n.csv:2: original .* is stored already as an original of 'genA'"):
             ws.ingest(tmp_path / "n.csv", allow_outside=True)
         assert opened.stats()["vectors"] == 2
+        # the same, stored by another process between ingest's check and its commit: the write refuses it too
+        held = opened.originals_by_file([sha256_file(first["image"])])
+        stored_id = images["original"].id
+        genb = opened.source("genB")
+        late = NewImage(key="late", role="original", source_id=genb.id, description_id=opened.description_id("x"),
+                        file_hash=sha256_file(first["image"]), path="late.png", vector=np.ones(opened.dim, np.float32))
+        with pytest.raises(StoreInputError, match="stored already as an original of 'genA'"):
+            opened.add_images([late])
+        late.source_id = opened.source("genA").id  # the same source, another description: the stored image kept
+        assert (list(opened.add_images([late])), opened.add_images([late]).inserted) == ([stored_id], 0)
+        assert opened.originals_by_file([sha256_file(first["image"])]) == held
         # new bytes given twice: the description a resynthesis has is kept, not the first (unscorable: lost)
         copy = tmp_path / "copy.png"
         shutil.copy(originals[1]["image"], copy)
