@@ -685,3 +685,28 @@ def _pipe_with(data: bytes) -> int:
     os.write(write_fd, data)
     os.close(write_fd)
     return read_fd
+
+
+# ----- 8. an audit's round: smuggling, options sent as files ------------------------------------------
+def test_a_request_with_both_content_length_and_chunked_is_refused_and_its_connection_closed(server):
+    """Content-Length and Transfer-Encoding together (RFC 9112 6.3: "ought to be handled as an error", and the
+    connection closed): h11 read the chunked body, answered, and kept the connection, so a request hidden
+    after the chunked end ("smuggled" past a proxy that went by Content-Length) was answered too."""
+    smuggled = f"GET /v1/stats HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode()
+    request = (f"POST /v1/sources HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n").encode() + smuggled
+    answer, took = _raw(server.port, request)
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"connection: close" in head.lower(), answer[:300]
+    assert json.loads(payload)["error"]["code"] == "bad_request" and answer.count(b"HTTP/1.1") == 1, answer
+    assert took < 4, took  # closed by the server, not left to the keep-alive deadline
+
+
+def test_options_sent_as_file_parts_are_refused_not_ignored(server, small_png):
+    """`curl -F sources=@list.txt` sends a file part: it was dropped as "not a string", so the answer covered
+    every source the client had meant to exclude."""
+    for name in ("sources", "mode"):
+        files = [*_files(small_png), (name, ("list.txt", b"tiny-sd-ddim", "text/plain"))]
+        answer = httpx.post(server.url + "/v1/attribute", files=files, data={"prompt": PROMPT}, timeout=60)
+        _assert_error(answer, 400, "bad_option")
+        assert name in answer.json()["error"]["message"]

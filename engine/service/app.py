@@ -301,6 +301,10 @@ async def _read_request(request: Request, service: Service,
             except UserError as exc:
                 raise type(exc)(str(exc) if len(prompts) == 1 else f"prompt {number}: {exc}", code=exc.code) from None
         Options.check_fields(form.keys())  # a misspelt option is refused, not ignored (engine.options)
+        files_for = [name for name in OPTION_FIELDS if any(not isinstance(v, str) for v in form.getlist(name))]
+        if files_for:  # `curl -F sources=@list.txt`: a file part was dropped, and the answer covered every source
+            raise ServiceError(400, "bad_option", f"`{files_for[0]}` must be a text field, not a file part "
+                                                  f"(curl: -F '{files_for[0]}=VALUE' or --form-string)")
         twice = [name for name in OPTION_FIELDS if len(form.getlist(name)) > 1]
         if twice:  # only the last would count: a client's list of sources silently cut to one (the CLI's words)
             raise given_twice(twice[0], len(form.getlist(twice[0])))

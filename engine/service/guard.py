@@ -117,6 +117,13 @@ class Guard:
                 await send_error(send, 400, "bad_request", f"conflicting {name.decode()} headers")
                 return
             headers[name] = value
+        if b"transfer-encoding" in headers and b"content-length" in headers:
+            # h11 goes by Transfer-Encoding and would keep the connection: what follows the chunked end, a
+            # request a proxy reading by Content-Length took for body ("smuggled"), would be answered next.
+            # RFC 9112 6.3: refuse, or answer, but close the connection either way.
+            await send_error(send, 400, "bad_request", "both Content-Length and Transfer-Encoding were sent: send "
+                                                       "one of them", {"Connection": "close"})
+            return
         path = scope["path"]
         origin = headers.get(b"origin", b"").decode("latin-1") or None
         if self.token is None and self.access.check and path not in HEALTH_PATHS:
