@@ -18,6 +18,7 @@ import base64
 import html
 import io
 import json
+import math
 import os
 import platform
 import shlex
@@ -189,12 +190,13 @@ table.meta th{overflow-wrap:normal}code{word-break:break-all}
 section.case{border:1px solid #d0d5dd;border-radius:8px;padding:.8rem;margin:1rem 0;break-inside:avoid}
 .top{display:flex;gap:1rem;flex-wrap:wrap}.top>div:not(.missing){min-width:0;flex:1}
 .top img,.thumbs img{border-radius:4px;background:#eef1f6}
-.badge{display:inline-block;padding:0 .5rem;border-radius:999px;font-size:.8rem;font-weight:600}
+.badge{display:inline-block;padding:0 .5rem;border-radius:999px;font-size:.8rem;font-weight:600;white-space:nowrap}
 .known{background:#dcfae6;color:#067647}.unknown{background:#fef0c7;color:#b54708}.real{background:#d1e9ff;color:#175cd3}
 .uncalibrated,.none{background:#eaecf0;color:#344054}.error{background:#fee4e2;color:#b42318}
-.bar{display:grid;grid-template-columns:minmax(0,11rem) 1fr 9rem;gap:.5rem;align-items:center;margin:.2rem 0}
+.bar{display:grid;grid-template-columns:minmax(0,11rem) minmax(3rem,1fr) auto;gap:.5rem;align-items:center;
+margin:.2rem 0}td.kind{overflow-wrap:normal}ul.notes{margin:.3rem 0;padding-left:1.2rem;color:#b54708;font-size:.85rem}
 .track{background:#eef1f6;border-radius:3px;height:.9rem;overflow:hidden}.fill{background:#2f6fed;height:100%}
-.num{font-variant-numeric:tabular-nums;font-size:.8rem;text-align:right}.muted{color:#667085;font-size:.85rem}
+.num{font-variant-numeric:tabular-nums;font-size:.8rem;text-align:right;white-space:nowrap}.muted{color:#667085;font-size:.85rem}
 .source{margin:.5rem 0}.thumbs{display:flex;gap:.4rem;flex-wrap:wrap}figure{margin:0;text-align:center}
 figcaption{font-size:.75rem;color:#667085}.missing{width:80px;height:80px;display:flex;align-items:center;
 justify-content:center;background:#eef1f6;color:#667085;font-size:.7rem}
@@ -230,7 +232,10 @@ def _fraction(value: Any) -> float:
 
 
 def _number(value: Any, digits: int = 4) -> str:
-    return f"{value:.{digits}f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
+    """A number to `digits` decimals; "n/a" for anything else, NaN and infinities included (never "nan")."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.{digits}f}"
 
 
 def render_header(head: dict, title: str = "resynth case report") -> str:
@@ -246,8 +251,9 @@ def render_header(head: dict, title: str = "resynth case report") -> str:
            f"<h1>{e(title)}</h1><table class='meta'>"]
     out += [f"<tr><th>{e(k)}</th><td><code>{e(v)}</code></td></tr>" for k, v in rows if v not in (None, "")]
     out.append("</table><table class='meta'><tr><th>source</th><th>kind</th><th>fingerprint</th><th>recipe</th></tr>")
-    out += [f"<tr><td>{e(s.get('name'))}</td><td>{e(s.get('kind'))}</td><td><code>{e(s.get('fingerprint'))}</code>"
-            f"</td><td>{e(s.get('recipe'))}</td></tr>" for s in head.get("sources") or ()]
+    out += [f"<tr><td>{e(s.get('name'))}</td><td class='kind'>{e(s.get('kind'))}</td><td><code>"
+            f"{e(s.get('fingerprint'))}</code></td><td>{e(s.get('recipe'))}</td></tr>"
+            for s in head.get("sources") or ()]
     out.append("</table>")
     return "".join(out)
 
@@ -255,7 +261,7 @@ def render_header(head: dict, title: str = "resynth case report") -> str:
 def _verdict(result: dict) -> str:
     verdict = result.get("verdict") or "none"
     predicted = result.get("predicted")
-    ev = result.get("evidence") or {}
+    ev = result.get("evidence") if isinstance(result.get("evidence"), dict) else {}
     if verdict == "none" or not predicted:
         words = "no source could be scored"
     elif verdict == "known":
@@ -266,16 +272,46 @@ def _verdict(result: dict) -> str:
         words = f"real: no sign of generation (closest source: {predicted})"
     else:
         words = f"{predicted} (uncalibrated: {ev.get('why', 'no acceptance threshold')})"
-    test = ""
-    if "threshold" in ev and "score" in ev:
-        test = f" · score {_number(ev['score'])} vs threshold {_number(ev['threshold'])}"
+    test = f" · {_decided_by(verdict, ev)}" if ev.get("threshold") is not None or ev.get("score") is not None else ""
+    if "references" in ev:
+        test += f" · {e(_plural(ev['references'], 'reference'))}"
     real = ev.get("real") if isinstance(ev.get("real"), dict) else None
     if real:  # the "real" rule's value, stated for every query of a store calibrated with photographs
         test += f" · real rule {_number(real.get('value'))} vs threshold {_number(real.get('threshold'))}"
     claim = ev.get("provenance") if isinstance(ev.get("provenance"), dict) else None
     if claim and claim.get("conclusion"):  # what the file's own recipe says, beside the ranking
-        test += f" · provenance: {claim['conclusion']}"
-    return f"<span class='badge {e(verdict)}'>{e(verdict)}</span> <strong>{e(words)}</strong>{e(test)}"
+        test += f" · provenance: {e(claim['conclusion'])}"
+    return f"<span class='badge {e(verdict)}'>{e(verdict)}</span> <strong>{e(words)}</strong>{test}"
+
+
+def _decided_by(verdict: str, ev: dict) -> str:
+    """The test that decided the verdict, as the CLI states it: with a calibrated open-set score, its value
+    against its own threshold (the best similarity beside a Mahalanobis threshold compared two scales)."""
+    rejected = (ev.get("open_set_verdict") if verdict == "real" else verdict) == "unknown"
+    sign = "&lt;" if rejected else "≥"
+    if ev.get("open_set_score") is not None:
+        return (f"{e(ev['open_set_score'])} {_number(ev.get('value'), 2)} {sign} threshold "
+                f"{_number(ev.get('threshold'), 2)} (best score {_number(ev.get('score'))})")
+    if ev.get("threshold") is not None:  # similarities crowd near 1: 4 decimals, as the ranking shows them
+        return f"score {_number(ev.get('score'))} {sign} threshold {_number(ev.get('threshold'))}"
+    return f"score {_number(ev.get('score'))}"
+
+
+def _plural(count: Any, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def notes(result: dict) -> list[str]:
+    """The answer's notes (what the ranking cannot show by itself, the CLI's `note:` lines), why a source was
+    not scored, and, before a calibration, that p is no probability: the report says what the CLI says."""
+    found = [str(n) for n in result.get("notes") or () if n] if isinstance(result.get("notes"), list) else []
+    failed = result.get("failed") if isinstance(result.get("failed"), dict) else {}
+    found += [f"{name} was not scored (it failed): {why}" for name, why in failed.items()]
+    if result.get("scores") and not result.get("calibrated"):
+        ev = result.get("evidence") if isinstance(result.get("evidence"), dict) else {}
+        found.append("p: a softmax of the scores, not a calibrated probability ("
+                     f"{ev.get('why') or 'no current calibration: `resynth calibrate`'})")
+    return found
 
 
 def render_case(number: int, entry: dict, evidence: Evidence | None) -> str:
@@ -290,15 +326,26 @@ def render_case(number: int, entry: dict, evidence: Evidence | None) -> str:
     if result is None:
         out.append(f"<p><span class='badge error'>error</span> {e(entry.get('error'))}</p></div></div></section>")
         return "".join(out)
-    out.append(f"<p>{_verdict(result)}</p><div class='muted'>margin {_number(result.get('margin'))} · description "
-               f"from {e(result.get('description_from'))}: “{e(_shown(result.get('description')))}” · "
-               f"{e(result.get('cached', 0))} cached, {e(result.get('generated', 0))} generated</div></div></div>")
+    if result.get("description_from") == "none" or not result.get("description"):
+        described = "no description: nearest stored references only"
+    else:
+        described = f"description from {e(result.get('description_from'))}: “{e(_shown(result.get('description')))}”"
+    copied = (f" · same bytes as {e(entry['duplicate_of'])}: its answer, nothing generated again"
+              if entry.get("duplicate_of") else "")
+    out.append(f"<p>{_verdict(result)}</p><div class='muted'>margin {_number(result.get('margin'))} · {described} · "
+               f"{e(result.get('cached', 0))} cached, {e(result.get('generated', 0))} generated{copied}</div>")
+    found_notes = notes(result)
+    if found_notes:
+        out.append("<ul class='notes'>" + "".join(f"<li>note: {e(n)}</li>" for n in found_notes) + "</ul>")
+    out.append("</div></div>")
     scores = [s for s in result.get("scores") or () if isinstance(s, dict)]
     for i, s in enumerate(scores):
         width = 100 * _fraction(s.get("probability"))
+        refs = s.get("resyntheses")
+        count = f" · {e(refs)} ref{'' if refs == 1 else 's'}" if refs is not None else ""
         out.append(f"<div class='bar'><span>{e(s.get('source'))}</span><div class='track'><div class='fill' "
                    f"style='width:{width:.1f}%{';background:#12b76a' if i == 0 else ''}'></div></div><span "
-                   f"class='num'>{_number(s.get('score'))} · p {_number(s.get('probability'), 2)}</span></div>")
+                   f"class='num'>{_number(s.get('score'))} · p {_number(s.get('probability'), 3)}{count}</span></div>")
     missing = result.get("missing") or []
     if missing:
         out.append(f"<div class='muted'>not scored: {e(', '.join(map(str, missing)))}</div>")

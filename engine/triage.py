@@ -6,12 +6,12 @@ of the full answers and a self-contained HTML case report.
 - OUT/results.jsonl gets one line per image as it is answered (flushed and fsynced per batch): an
   interrupted run keeps what it answered. Each line carries the run's key (options, prompt, embedder,
   sources with their recipes, calibration): a rerun with the same key skips every image whose path and
-  sha256 already have an answer, and answers another path with the same bytes from the stored answer;
-  neither costs a generation. Error rows are tried again.
+  sha256 already have an answer, and answers another path with the same bytes from the stored answer
+  (its row names that path: `duplicate_of`); neither costs a generation. Error rows are tried again.
 - Queries go to `Workspace.attribute` in batches (`--batch`, default 16): one description's
   resyntheses are shared by the images that have it. Only one batch of images is decoded at a time.
 - OUT/results.csv and OUT/report.html are rewritten atomically from results.jsonl at the end: the
-  last row of this run's key per path.
+  last row of this run's key per path, in the folder's order.
 """
 from __future__ import annotations
 
@@ -122,13 +122,18 @@ class Results:
                     yield offset, row
                 offset += len(raw)
 
-    def answer_of(self, sha256: str) -> dict | None:
+    def copy_of(self, sha256: str, rel: str) -> dict | None:
+        """A row for `rel` holding the stored answer to the same bytes, saying which path it was answered for;
+        None when these bytes have no answer yet. Nothing was described or generated for it: 0 cached, 0
+        generated (copied counts read as work done twice when a reader sums them)."""
         offset = self.by_hash.get(sha256)
         if offset is None:
             return None
         with open(self.path, "rb") as reader:
             reader.seek(offset)
-            return json.loads(reader.readline()).get("result")
+            row = json.loads(reader.readline())
+        return {"path": rel, "sha256": sha256, "duplicate_of": row.get("duplicate_of") or row["path"],
+                "result": {**row["result"], "query": rel, "cached": 0, "generated": 0}}
 
     def append(self, rows: list[dict]) -> None:
         with writing(self.path):
@@ -235,26 +240,21 @@ def run(ws, folder: str | os.PathLike, out: str | os.PathLike, prompt: str | Non
                 summary.resumed += 1
                 bar.update()
                 continue
-            known = results.answer_of(sha256) if sha256 in results.by_hash else None
-            if known is not None:
-                summary.duplicates += 1
-                results.append([{"path": rel, "sha256": sha256,
-                                 "result": {**known, "query": rel, "cached": 0, "generated": 0}}])
-                bar.update()
-                continue
             if any(s == sha256 for _, s, _ in pending):  # the same bytes twice in one batch: answered once
                 flush()
-                known = results.answer_of(sha256)
-                if known is not None:
-                    summary.duplicates += 1
-                    results.append([{"path": rel, "sha256": sha256, "result": {**known, "query": rel}}])
-                    bar.update()
-                    continue
+            copy = results.copy_of(sha256, rel)
+            if copy is not None:
+                summary.duplicates += 1
+                results.append([copy])
+                bar.update()
+                continue
             pending.append((rel, sha256, data))
             if len(pending) >= batch:
                 flush()
         flush()
-        final = results.latest()
+        order = {path.relative_to(folder).as_posix(): i for i, path in enumerate(images)}
+        # the folder's order (errors were written at once, answers a batch later); a path gone since last, at the end
+        final = sorted(results.latest(), key=lambda row: order.get(row["path"], len(order)))
     finally:
         bar.close()
         results.close()
@@ -364,7 +364,7 @@ def _entries(folder: Path, rows: list[dict]) -> Iterator[dict]:
 
     for row in rows:
         yield {"label": row["path"], "sha256": row.get("sha256"), "thumb": thumbnail(folder / row["path"]),
-               "result": row.get("result"), "error": row.get("error")}
+               "result": row.get("result"), "error": row.get("error"), "duplicate_of": row.get("duplicate_of")}
 
 
 # ----- the command ---------------------------------------------------------------------------------------

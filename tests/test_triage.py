@@ -60,8 +60,8 @@ def test_triage_writes_a_row_per_image_and_a_self_contained_report(store_dir, fo
     assert (summary.images, summary.non_images, summary.errors, summary.duplicates) == (5, 1, 1, 1)
     assert summary.answered == 3 and summary.generated > 0
     rows = list(csv.DictReader((out / "results.csv").open(encoding="utf-8")))
-    paths = sorted(r["path"] for r in rows)
-    assert paths == sorted(["top.png", "a/one.png", f"a/b/{HOSTILE}", "a/b/same-bytes.png", "a/broken.png"])
+    paths = [r["path"] for r in rows]  # the folder's order: the error row was written a batch before the others
+    assert paths == ["top.png", "a/broken.png", "a/one.png", f"a/b/{HOSTILE}", "a/b/same-bytes.png"]
     by_path = {r["path"]: r for r in rows}
     assert by_path["a/broken.png"]["verdict"] == "error" and "decode" in by_path["a/broken.png"]["error"]
     good = by_path["top.png"]
@@ -72,6 +72,8 @@ def test_triage_writes_a_row_per_image_and_a_self_contained_report(store_dir, fo
     assert len(lines) == 5 and all(x["run"] == lines[0]["run"] for x in lines)
     answer = next(x for x in lines if x["path"] == "top.png")["result"]
     assert answer["scores"] and answer["closest"]  # the full answer, evidence ids included
+    copy = next(x for x in lines if x["path"] == "a/b/same-bytes.png")  # says whose answer it is, and cost nothing
+    assert copy["duplicate_of"] == "top.png" and (copy["result"]["cached"], copy["result"]["generated"]) == (0, 0)
 
     page = (out / "report.html").read_text(encoding="utf-8")
     assert HOSTILE not in page and html_escaped(HOSTILE) in page  # hostile names are text
@@ -85,6 +87,8 @@ def test_triage_writes_a_row_per_image_and_a_self_contained_report(store_dir, fo
     for name in ws_sources(store_dir):
         assert name["fingerprint"] in page
     assert "resynth triage X" in page and "embedder" in page and "created (UTC)" in page
+    assert "same bytes as top.png" in page and page.count("note: p: a softmax of the scores, not a calibrated") == 4
+    assert re.search(r"· p [01]\.\d{3} · \d+ refs?<", page)  # the references each score rests on, as the CLI
 
 
 def html_escaped(text: str) -> str:
@@ -147,8 +151,33 @@ def test_the_command_prints_a_json_summary(store_dir, folder, tmp_path, cli_tria
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["images"] == 5 and summary["errors"] == 1 and Path(summary["files"]["report"]).is_file()
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    copy = next(x for x in lines if x["path"] == "a/b/same-bytes.png")  # in top.png's batch: counted once
+    assert copy["duplicate_of"] == "top.png" and (copy["result"]["cached"], copy["result"]["generated"]) == (0, 0)
     page = (out / "report.html").read_text()
     assert "resynth triage " in page and "--per-source 1" in page and "--no-adaptive" in page
+
+
+def test_the_case_states_the_test_that_decided_and_the_notes():
+    """A verdict decided by the calibrated open-set score reads as that score against its own threshold (it read
+    "score 0.9966 vs threshold -2329.3556": a similarity beside a Mahalanobis threshold), with the notes the CLI
+    prints (a close call) and never "nan"."""
+    result = {"query": "q.png", "verdict": "known", "predicted": "a", "margin": float("nan"), "calibrated": True,
+              "description": "", "description_from": "none",
+              "scores": [{"source": "a", "score": 0.99659, "probability": 0.542, "resyntheses": 22},
+                         {"source": "b", "score": 0.99610, "probability": 0.41, "resyntheses": 1}],
+              "evidence": {"score": 0.996589, "references": 22, "open_set_score": "mahalanobis",
+                           "value": -1689.518313, "threshold": -2329.355601},
+              "notes": ["close call: b is nearly as likely as a (p 0.410 against 0.542)"],
+              "failed": {"c": "out of memory"}, "missing": ["c"]}
+    page = casereport.to_string({"sources": []}, [{"label": "q.png", "result": result}])
+    assert "mahalanobis -1689.52 ≥ threshold -2329.36 (best score 0.9966) · 22 references" in page
+    assert "vs threshold -2329" not in page and "nan" not in page.lower() and "margin n/a" in page
+    assert "note: close call: b is nearly as likely as a" in page and "note: c was not scored (it failed)" in page
+    assert "0.9966 · p 0.542 · 22 refs<" in page and "0.9961 · p 0.410 · 1 ref<" in page
+    assert "no description: nearest stored references only" in page and "calibrated probability" not in page
+    rejected = {**result, "verdict": "unknown", "evidence": {**result["evidence"], "value": -3000.0}}
+    assert "mahalanobis -3000.00 &lt; threshold" in casereport.to_string({}, [{"label": "q", "result": rejected}])
 
 
 def test_csv_cells_cannot_run_in_a_spreadsheet(tmp_path):
