@@ -58,6 +58,7 @@ def _main(argv: list[str]) -> int:
     # $RESYNTH_STORE="~/stores/x" means what a shell would make of it, for every command; set but empty, it
     # is unset, as a shell's ${RESYNTH_STORE:-...} reads it
     args.store = args.store or expand_optional(os.environ.get("RESYNTH_STORE")) or None
+    guessed = args.store is None  # neither --store nor $RESYNTH_STORE: ./resynth-store, said if it is no store
     try:
         args.device = check_device(args.device)
         return args.run(args) or 0
@@ -69,8 +70,36 @@ def _main(argv: list[str]) -> int:
             raise  # a bug: the traceback is what a report needs
         if args.debug:
             traceback.print_exception(exc)
-        _report(message_of(exc), getattr(exc, "code", None) or kind.code, kind.exit_code, args.json)
+        _report(store_hint(exc, args.store, guessed) or message_of(exc), getattr(exc, "code", None) or kind.code,
+                kind.exit_code, args.json)
         return kind.exit_code
+
+
+def store_hint(exc: BaseException, store: str | None, guessed: bool) -> str | None:
+    """What to type instead, for `no store at DIR` (None: the message as it is): a forgotten --store (the
+    default folder was looked in) or the demo's folder given for its store (`--store resynth-demo`, whose store
+    is resynth-demo/store), both answered "create one with `resynth init`", which was the wrong way out."""
+    from index.errors import StoreInputError
+
+    if not isinstance(exc, StoreInputError) or not str(exc).startswith("no store at "):
+        return None
+    from engine.workspace import store_path
+
+    root, here = store_path(store), Path.cwd()
+
+    def near(path: Path) -> str:
+        relative = os.path.relpath(path, here)
+        return shown(path if relative.startswith("..") else relative)
+
+    inside = sorted(found.parent for found in root.glob("*/store.json")) if root.is_dir() else []
+    if inside:  # the folder holds a store one level down: the demo's folder, a case folder
+        return f"no store at {shown(root)}, but one in it: give --store {' or --store '.join(map(near, inside[:3]))}"
+    if not guessed:
+        return None
+    stores = sorted({found.parent for found in (*here.glob("*/store.json"), *here.glob("*/store/store.json"))})
+    seen = f" (stores here: {', '.join(map(near, stores[:3]))})" if stores else ""
+    return (f"no store at {shown(root)}, the default folder: no --store was given and $RESYNTH_STORE is unset; "
+            f"give --store DIR{seen}, or create a store with `resynth init`")
 
 
 def quiet_libraries() -> None:

@@ -42,6 +42,23 @@ def test_global_options_before_or_after_the_command(tmp_path, capsys):
     assert "up to K (default on)" in said and "(default True)" not in said  # a switch's default in words
 
 
+def test_no_store_says_where_the_store_a_newcomer_meant_is(tmp_path, monkeypatch, capsys):
+    """A forgotten --store, or the demo's folder given for its store, was answered "create one with `resynth
+    init`" (which then refuses the demo's folder): the line names the store that is there instead."""
+    (tmp_path / "resynth-demo" / "store").mkdir(parents=True)
+    (tmp_path / "resynth-demo" / "store" / "store.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RESYNTH_STORE", raising=False)
+    assert run_cli("stats") == 2
+    err = _err(capsys)
+    assert "no --store was given and $RESYNTH_STORE is unset" in err and "stores here: resynth-demo/store" in err
+    assert run_cli("--json", "source", "list", "--store", "resynth-demo") == 2
+    said = json.loads(_err(capsys))
+    assert said["error"].endswith("but one in it: give --store resynth-demo/store"), said
+    assert run_cli("stats", "--store", "elsewhere") == 2  # a store named on purpose: no guess about others
+    assert _err(capsys) == f"resynth: error: no store at {tmp_path / 'elsewhere'} (create one with `resynth init`)"
+
+
 def _help_of(*command: str) -> str:
     from engine.cli import main
 
