@@ -47,8 +47,9 @@ def hard_store(models, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(hard_store):
-    """One server with the default limits, but short header and body deadlines."""
-    with ServerProcess(hard_store, "--body-timeout", "1.5", "--header-timeout", "1.5") as process:
+    """One server with the default limits, but short header, body and send deadlines."""
+    deadlines = ("--body-timeout", "1.5", "--header-timeout", "1.5", "--send-timeout", "1.5")
+    with ServerProcess(hard_store, *deadlines) as process:
         yield process
 
 
@@ -710,3 +711,29 @@ def test_options_sent_as_file_parts_are_refused_not_ignored(server, small_png):
         answer = httpx.post(server.url + "/v1/attribute", files=files, data={"prompt": PROMPT}, timeout=60)
         _assert_error(answer, 400, "bad_option")
         assert name in answer.json()["error"]["message"]
+
+
+def test_a_client_that_reads_no_answer_is_dropped_and_frees_its_slot(server):
+    """A client that pipelines requests and reads none of the answers: once the socket's buffers were full, the
+    handler of its next request waited in `send` for ever, holding one of --max-requests slots (two such clients
+    against --max-requests 2 had every API request answered 503 until they left). A write blocked for
+    --send-timeout now drops the connection; the handler returns and its slot is free."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    sock.sendall(f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode() * 600)  # 13 MB of answers
+    time.sleep(3.5)  # the buffers fill in well under a second, then --send-timeout (1.5 s) passes
+    received, sock_closed = 0, False
+    sock.settimeout(2)
+    try:
+        while chunk := sock.recv(1 << 20):
+            received += len(chunk)
+        sock_closed = True
+    except ConnectionResetError:
+        sock_closed = True
+    except socket.timeout:
+        pass
+    finally:
+        sock.close()
+    assert sock_closed and received < 300 * 22_000, received  # dropped long before the 600th answer
+    assert httpx.get(server.url + "/v1/sources").status_code == 200

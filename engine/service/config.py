@@ -50,6 +50,7 @@ class Limits:
     body_timeout: float = 30.0  # seconds from the end of the headers to the end of the body (408 after)
     header_timeout: float = 10.0  # seconds from a connection's (or request's) first byte to its last header
     keep_alive: float = 5.0  # seconds an idle keep-alive connection stays open
+    send_timeout: float = 30.0  # seconds an answer may wait on a client that reads none of it (then dropped)
     max_header_bytes: int = 32 * 1024  # request line and headers together (400/431 above)
     # CLIP preprocessing scales an image's short side to the model's input side S and keeps its ratio:
     # an image thinner than S grows to (S x ratio) x S pixels before the centre crop. The bound assumes

@@ -356,15 +356,20 @@ class PixelBudget:
 
 
 def http_protocol(limits: Limits):
-    """uvicorn's h11 protocol, plus a deadline from a request's first byte to its last header.
+    """uvicorn's h11 protocol, plus a deadline from a request's first byte to its last header, and one on
+    an answer that the client does not read.
 
     uvicorn itself only times out idle keep-alive connections: a client that connects and sends
-    nothing, or trickles its headers, would hold a connection for ever.
+    nothing, or trickles its headers, would hold a connection for ever. And once a client's socket
+    buffers are full (it pipelined requests and reads no answer), uvicorn's `send` waits for them to
+    drain with no deadline: the request's handler, and its --max-requests slot, were held for as long
+    as the client kept the connection (two such clients took a server with --max-requests 2).
     """
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     timeout = limits.header_timeout
+    send_timeout = limits.send_timeout
     payload = json.dumps(body("header_timeout", f"the request headers did not arrive within {timeout:g} "
                                                 "seconds")).encode()
     late = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
@@ -372,6 +377,7 @@ def http_protocol(limits: Limits):
 
     class HeaderDeadlineProtocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
+        _send_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -387,7 +393,27 @@ def http_protocol(limits: Limits):
 
         def connection_lost(self, exc) -> None:
             self._disarm()
-            super().connection_lost(exc)
+            self._reading_again()
+            super().connection_lost(exc)  # wakes a `send` waiting on the buffers: it returns, the handler ends
+
+        def pause_writing(self) -> None:  # the transport's buffer is over its high-water mark
+            super().pause_writing()
+            if self._send_timer is None:
+                self._send_timer = self.loop.call_later(send_timeout, self._not_reading)
+
+        def resume_writing(self) -> None:  # the client read enough: a slow reader is not dropped
+            self._reading_again()
+            super().resume_writing()
+
+        def _reading_again(self) -> None:
+            if self._send_timer is not None:
+                self._send_timer.cancel()
+                self._send_timer = None
+
+        def _not_reading(self) -> None:
+            """The client read nothing for send_timeout: abort (close() would wait for the buffer to drain)."""
+            self._send_timer = None
+            self.transport.abort()
 
         def _arm(self) -> None:
             self._header_timer = self.loop.call_later(timeout, self._headers_late)
