@@ -13,6 +13,7 @@ refresh would deadlock).
 """
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -30,6 +31,8 @@ from index.layout import Layout
 from index.migrations import recount_vector_sets
 from index.schema import DeletedVector, Vector
 from index.stored import StoredVectors
+
+log = logging.getLogger(__name__)
 
 SAMPLE = 256  # index vectors checked against their checksums at open (all of them up to FULL_CHECK)
 FULL_CHECK = 4096
@@ -64,6 +67,7 @@ class LiveIndex:
         self.db, self.layout, self.repair = db, layout, repair
         self.stored = StoredVectors(db, layout)
         self.lock = threading.RLock()
+        self._reload_lock = threading.Lock()
         self.index: Any = None  # a FAISS IndexIDMap2, or the mapped file (vectors.MappedIndex)
         self.report = OpenReport()
         self.dirty = False  # holds vectors its file lacks
@@ -330,6 +334,23 @@ class LiveIndex:
             self.on_reset()
         return True
 
+    def reload_if_cut(self) -> bool:
+        """Before reading mapped pages: if a mapped file was cut short in place (vectors.MappedIndex.intact),
+        serve the verified reload (the cut file is rebuilt from the database) instead of dying of SIGBUS."""
+        if not getattr(self.index, "mapped", False) or self.index.intact():
+            return False
+        with self._reload_lock:  # one reload, not one per waiting request
+            if not getattr(self.index, "mapped", False) or self.index.intact():
+                return False
+            log.warning("%s was cut short under this process: reloaded from the database",
+                        self.layout.index_path.name)
+            index, report = self.load_verified()
+            with self.lock:
+                self.index, self.report = index, report
+                self.file_state = segments.state(self.layout.index_path)
+                self.on_reset()
+            return True
+
     # ----- changes made by this process -------------------------------------------------------
     def add(self, ids: np.ndarray, matrix: np.ndarray) -> None:
         with self.lock:
@@ -348,6 +369,7 @@ class LiveIndex:
         ids = np.asarray(ids, dtype=np.int64)
         if not len(ids):
             return np.zeros((0, self.dim), np.float32)
+        self.reload_if_cut()
         with self.lock:
             try:
                 return self.index.reconstruct_batch(ids)

@@ -11,6 +11,7 @@ in; ids deleted since are skipped by an IDSelector.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -24,6 +25,8 @@ from index.live import FULL_CHECK, SAMPLE, LiveIndex
 from index.failures import full, os_failure
 from index.faults import crash_point
 from index.schema import _now as _utcnow
+
+log = logging.getLogger(__name__)
 
 
 FIRST_READ = 8  # hits read beyond k on the first read of their rows: enough when few are filtered out
@@ -51,6 +54,7 @@ class BuiltSearch:
     infos: dict
     numbers: np.ndarray | None = None
     offsets: np.ndarray | None = None
+    lists: vx.MappedFile | None = None  # the inverted lists' file (memory-mapped) as it was when read
 
     @property
     def nprobe(self) -> int:
@@ -151,7 +155,7 @@ class SearchIndex:
         write_json_atomic(self.layout.search_infos_path, infos, "search:infos-before-replace")
         self.drop_data(keep=data.name)
         ids, numbers, offsets = ivf.ivf_layout(index)
-        found = BuiltSearch(index, ids, infos, numbers, offsets)
+        found = BuiltSearch(index, ids, infos, numbers, offsets, self._lists_file(infos))
         return found, _summary("ok", found, None)
 
     def drop_data(self, keep: str | None) -> None:
@@ -202,7 +206,7 @@ class SearchIndex:
                 return None, _summary("ignored", None, "search.faiss is missing", infos)
             return None, {"state": "absent"}
         assert layout is not None and infos is not None  # read_search_checked answers both with an index
-        found = BuiltSearch(index, layout[0], infos, layout[1], layout[2])
+        found = BuiltSearch(index, layout[0], infos, layout[1], layout[2], self._lists_file(infos))
         live = self.live
         with live.db.session() as s:  # the id digest first (built from what is stored, perhaps behind it)
             if not full and live.stored.behind_by(s, found.ids) is not None:
@@ -247,6 +251,22 @@ class SearchIndex:
         _, hits = ivf.search_ivf(found.index, reference, min(10, len(found.ids)), 1)
         bad = [int(v) for v, hit in zip(live, hits) if v not in hit]
         return (bad if len(bad) > len(live) // 4 else []), len(live)
+
+    def _lists_file(self, infos: dict) -> vx.MappedFile | None:
+        try:
+            return vx.mapped_file(self.layout.search_path.with_name(str(infos["ivfdata"])))
+        except (OSError, KeyError):
+            return None
+
+    def reload_if_cut(self) -> None:
+        """Before a search: the live index's files, and the inverted lists this index maps, cut short in place
+        (vectors.still_whole) are reloaded rather than read (SIGBUS); cut lists fail their check, exact search."""
+        self.live.reload_if_cut()
+        built = self.built
+        if built is not None and not vx.still_whole(built.lists):
+            log.warning("%s was cut short under this process: searching exactly until `resynth rebuild`",
+                        self.layout.search_path.name)
+            self.load()
 
     def load(self) -> None:
         self.files = self.file_states()
@@ -320,6 +340,7 @@ class SearchIndex:
             depth = min(total, wanted * 4 + 16)
             if depth == 0:
                 return []
+            self.reload_if_cut()
             with lock:
                 if search is not None and search is not self.built:
                     search = None  # swapped meanwhile (refresh, rebuild): answer exactly
@@ -357,6 +378,7 @@ class SearchIndex:
         depth = min(total, max(1, k) * 4 + 16)
         if depth == 0 or not len(queries):
             return [[] for _ in exclude_files]
+        self.reload_if_cut()
         with lock:
             if search is not None and search is not self.built:
                 search = None

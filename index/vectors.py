@@ -3,7 +3,9 @@ checked when read. The dataset-search index built from it is index.ivf."""
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,8 @@ from index.layout import atomic_write, fsync_dir  # noqa: F401 - fsync_dir: vx.f
 # PyCallbackIOWriter, Optional invlists): calls into faiss go untyped here rather than cast at each one
 faiss: Any = _faiss
 Index = Any  # a FAISS index (or a MappedIndex, which answers the same calls)
+# each mapped FAISS index's file as it was when mapped (faiss refuses new attributes on its objects)
+_MAPPED_FILES: "weakref.WeakKeyDictionary[Any, MappedFile]" = weakref.WeakKeyDictionary()
 
 
 def new_index(dim: int) -> Index:
@@ -77,6 +81,27 @@ def checksums(matrix: np.ndarray) -> list[str]:
     return [checksum(row.tobytes()) for row in matrix]
 
 
+MappedFile = tuple[str, int, int, int]  # path, device, inode and size of a file when it was mapped
+
+
+def mapped_file(path: Path) -> MappedFile:
+    now = os.stat(path)
+    return str(path), now.st_dev, now.st_ino, now.st_size
+
+
+def still_whole(held: MappedFile | None) -> bool:
+    """Whether a mapped file was not cut short in place since `mapped_file` (reading a page past its new end
+    is SIGBUS). Replaced or removed is whole: the mapping keeps the inode it had."""
+    if held is None:
+        return True
+    path, device, inode, size = held
+    try:
+        now = os.stat(path)
+    except OSError:
+        return True
+    return (now.st_dev, now.st_ino) != (device, inode) or now.st_size >= size
+
+
 def flat_view(index: Index) -> tuple[np.ndarray, np.ndarray]:
     """(ids, matrix) of the store's IDMap2(FlatIP) without copying the vectors (a read-only view)."""
     inner = faiss.downcast_index(index.index)
@@ -122,6 +147,12 @@ class MappedIndex:
     @property
     def ntotal(self) -> int:
         return self.mapped_rows - len(self.removed) + int(self.delta.ntotal)
+
+    def intact(self) -> bool:
+        """Whether every mapped file still holds the bytes it held when mapped. resynth only replaces these
+        files, but one cut short in place (by hand, by a tool) would kill the process with SIGBUS at the
+        next read of a page past its new end; the store checks this before reading and reloads instead."""
+        return all(still_whole(_MAPPED_FILES.get(part)) for part in [self.base, *self.segments])
 
     def _parts(self) -> list[tuple[Index, np.ndarray]]:
         return [(self.base, self.base_ids)] + list(zip(self.segments, self.segment_ids))
@@ -321,8 +352,10 @@ def read_part(path: Path, dim: int | None, mapped: bool) -> tuple[Index | None, 
     ids = index_ids(index)
     if len(ids) != index.ntotal or not _distinct(ids):
         return None, "inconsistent id map"
-    if mapped and index.ntotal * index.d * 4 + 8 * index.ntotal > path.stat().st_size:
-        return None, "shorter than its vectors"  # never map past the end of the file
+    if mapped:
+        _MAPPED_FILES[index] = held = mapped_file(path)  # for MappedIndex.intact
+        if index.ntotal * index.d * 4 + 8 * index.ntotal > held[3]:
+            return None, "shorter than its vectors"  # never map past the end of the file
     return index, None
 
 

@@ -63,6 +63,44 @@ def test_round_trip_and_rebuild(tmp_path, db):
         assert np.allclose(vx.search_among(store.index, rows[0].vector[None], ids[:10])[0], sims)
 
 
+_CUT_UNDER_A_PROCESS = """
+import sys
+from pathlib import Path
+import numpy as np
+from index.store import Store
+root = Path(sys.argv[1])
+with Store.open(root, writable=sys.argv[2] == "w") as store:
+    ids = np.sort(store.vector_ids())
+    before = store.vectors(ids)
+    for part in root.glob("vectors.faiss*"):  # the base and its segment, each cut in place
+        if not part.name.endswith(".json"):
+            with open(part, "r+b") as handle:
+                handle.truncate(part.stat().st_size // 3)
+    near = store.nearest(before[0], 3, exact=True)
+    print(np.array_equal(store.vectors(ids), before), near[0][0].vector_id == ids[0])
+"""
+
+
+def test_a_mapped_file_cut_short_under_a_process_is_reloaded_not_a_crash(tmp_path):
+    """The index files are memory-mapped: one cut short in place under a live process killed it with SIGBUS
+    at its next search. It is noticed before the pages are read, and the index reloaded from the database."""
+    import subprocess
+    import sys
+
+    with _store(tmp_path) as store:
+        store.add_images(_rows(store, 40))
+        store.save_index()
+        store.add_images(_rows(store, 10, start=40, seed=1))
+        store.save_index()  # a segment beside the base
+    for mode in ("w", "r"):
+        done = subprocess.run([sys.executable, "-c", _CUT_UNDER_A_PROCESS, str(tmp_path / "s"), mode],
+                              capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
+        assert (done.returncode, done.stdout.split()) == (0, ["True", "True"]), done.stderr[-2000:]
+        assert "cut short under this process" in done.stderr
+    with Store.open(tmp_path / "s") as store:  # the writable process saved the index again
+        assert store.index.ntotal == 50 and _agree(store)
+
+
 def test_index_behind_database_is_repaired(tmp_path, db):
     """Crash after the database commit, before the index file was saved."""
     with _store(tmp_path, db) as store:
