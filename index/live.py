@@ -227,6 +227,8 @@ class LiveIndex:
         past a save). What changed since the files on disk is published as a segment (index.segments);
         a new base is written when there are no files yet, when the segments have grown past a share
         of the base, or when the files on disk cannot be read."""
+        if index is None:  # a rewrite streams the mapped rows: never from a file cut short meanwhile
+            self.reload_if_cut()
         with self.layout.file_lock():
             with self.lock:
                 live = index is None
