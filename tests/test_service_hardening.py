@@ -737,3 +737,18 @@ def test_a_client_that_reads_no_answer_is_dropped_and_frees_its_slot(server):
         sock.close()
     assert sock_closed and received < 300 * 22_000, received  # dropped long before the 600th answer
     assert httpx.get(server.url + "/v1/sources").status_code == 200
+
+
+def test_clients_cannot_write_log_lines_at_will(server):
+    """uvicorn logged a warning for each request it could not parse, and two for each `Upgrade: websocket` (one
+    advising the operator to install a WebSocket library the server does not use): a line per hostile request.
+    The client gets its JSON answer; the log stays the operator's."""
+    before = server.log
+    for _ in range(3):
+        _raw(server.port, b"GARBAGE\r\n\r\n")
+        answer, _ = _raw(server.port, f"GET /v1/sources HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nConnection: "
+                                      "Upgrade, close\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                                      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode())
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    time.sleep(0.3)
+    assert server.log == before, server.log[len(before):]

@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import logging
 import sys
 import time
 from http import HTTPStatus
@@ -355,6 +356,24 @@ class PixelBudget:
             event.set()
 
 
+# uvicorn's warnings about what a client sent: a request h11 cannot parse (answered by send_400_response
+# below), an Upgrade header (one line, and one more advising a WebSocket library this server does not use).
+# The client gets its answer; a line each would let any client write the operator's log at will.
+CLIENT_NOISE = ("Invalid HTTP request received.", "Unsupported upgrade request.",
+                "No supported WebSocket library detected")
+
+
+class _DropClientNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(CLIENT_NOISE))
+
+
+def _quiet_client_noise() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _DropClientNoise) for f in logger.filters):
+        logger.addFilter(_DropClientNoise())
+
+
 def http_protocol(limits: Limits):
     """uvicorn's h11 protocol, plus a deadline from a request's first byte to its last header, and one on
     an answer that the client does not read.
@@ -368,6 +387,7 @@ def http_protocol(limits: Limits):
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
+    _quiet_client_noise()
     timeout = limits.header_timeout
     send_timeout = limits.send_timeout
     payload = json.dumps(body("header_timeout", f"the request headers did not arrive within {timeout:g} "
