@@ -393,7 +393,9 @@ def cmd_ingest(args) -> None:
         hint = f" ({', '.join(found[:3])} there)" if found else ""
         raise UserError(f"{folder} is a folder: give the manifest file in it (.csv or .jsonl){hint}")
     with _open(args) as ws:
+        known = [source["name"] for source in ws.list_sources()]
         report = ws.ingest(args.manifest, allow_outside=args.allow_outside)
+        report.warnings.extend(originals_only(ws.stats(), report.new_sources or [], known))
     for warning in report.warnings:
         print(f"resynth: warning: {warning}", file=sys.stderr)
     from engine.errors import plural
@@ -401,6 +403,24 @@ def cmd_ingest(args) -> None:
     _emit(args, asdict(report), f"ingested {plural(report.added, 'image')} ({report.skipped} skipped: stored before, "
                                 f"or a duplicate row of this manifest) from {plural(report.rows, 'row')}; new replay "
                                 f"sources: {', '.join(report.new_sources) or 'none'}")
+
+
+def originals_only(stats: dict, new: list[str], known: list[str]) -> list[str]:
+    """A warning per new replay source that got no resynthesis: no answer scores it by default, and one row's
+    mistyped source name (`tiny-sd-dim` for `tiny-sd-ddim`) made it, which nothing else said."""
+    import difflib
+
+    said = []
+    for name in new:
+        if (stats.get("sources", {}).get(name) or {}).get("resyntheses", 1):
+            continue
+        close = difflib.get_close_matches(name, [other for other in (*known, *new) if other != name], n=1, cutoff=0.8)
+        typo = (f"; if it is a typo of {close[0]!r}: `resynth source remove {name}`, correct the manifest and "
+                "ingest it again") if close else ""
+        said.append(f"new replay source {name!r} holds originals but no resyntheses: answers leave it unscored (a "
+                    f"replay source is compared through its resyntheses; its originals only with --original-refs)"
+                    f"{typo}")
+    return said
 
 
 def _query_specs(args) -> list[tuple[Path, str | None]]:

@@ -59,6 +59,28 @@ def test_no_store_says_where_the_store_a_newcomer_meant_is(tmp_path, monkeypatch
     assert _err(capsys) == f"resynth: error: no store at {tmp_path / 'elsewhere'} (create one with `resynth init`)"
 
 
+def test_ingest_warns_of_a_replay_source_left_with_originals_only(models, tmp_path, capsys):
+    """A mistyped source on one manifest row made a replay source that no answer scores, and nothing said so."""
+    import numpy as np
+    from PIL import Image
+
+    rows = ["image,source,description,role"]
+    for i, (source, role) in enumerate((("alpha", "original"), ("alpha", "resynthesis"), ("alpah", "original"))):
+        pixels = np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{source},a red fox,{role}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    store = tmp_path / "store"
+    assert run_cli("init", "--store", store, "--clip-config", models["clip_config"],
+                   "--clip-checkpoint", models["clip_checkpoint"], "--quiet") == 0
+    capsys.readouterr()
+    assert run_cli("--json", "ingest", tmp_path / "m.csv", "--store", store, "--quiet") == 0
+    said = capsys.readouterr()
+    warnings = json.loads(said.out)["warnings"]
+    assert len(warnings) == 1 and warnings[0] in said.err, warnings
+    assert "'alpah' holds originals but no resyntheses" in warnings[0] and "typo of 'alpha'" in warnings[0]
+
+
 def _help_of(*command: str) -> str:
     from engine.cli import main
 
