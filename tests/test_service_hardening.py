@@ -752,3 +752,40 @@ def test_clients_cannot_write_log_lines_at_will(server):
         assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
     time.sleep(0.3)
     assert server.log == before, server.log[len(before):]
+
+
+def test_requests_cut_by_the_end_of_a_graceful_stop_get_a_json_503():
+    """uvicorn cancels the requests still running when its graceful stop (30 s) runs out: each got a plain-text
+    "Internal Server Error" and a traceback in the log (seen with --workers 2 and 16 new prompts at SIGTERM)."""
+    async def forever(scope, receive, send):
+        await asyncio.Event().wait()
+
+    async def scenario() -> list[dict]:
+        sent: list[dict] = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+        scope = {"type": "http", "path": "/v1/attribute", "method": "POST", "server": ("127.0.0.1", 1), "headers": []}
+        task = asyncio.create_task(Guard(forever, Access(check=False), Limits())(scope, receive, send))
+        await asyncio.sleep(0.05)
+        task.cancel(msg="Task cancelled, timeout graceful shutdown exceeded")  # as uvicorn's Server.shutdown
+        await task  # answered, not raised to uvicorn (which logs it with a traceback)
+        return sent
+    sent = asyncio.run(scenario())
+    assert sent[0]["status"] == 503 and (b"connection", b"close") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"])["error"]["code"] == "shutting_down"
+
+
+def test_a_supervisor_that_stops_closes_the_port_first():
+    """`serve --workers N` on SIGTERM: the workers stopped accepting, but the supervisor kept the listening socket,
+    so for the whole graceful stop (up to 40 s) new connections waited unanswered instead of being refused."""
+    from engine.service.workers import Supervisor
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    Supervisor(sock, 2, ["serve"], "banner")._stop_all()
+    assert sock.fileno() == -1

@@ -256,6 +256,12 @@ class Guard:
         except (BodyTooLarge, BodyTimeout, BodyTooSlow, Busy) as exc:  # if no handler inside answered it already
             if not started:
                 await send_error(send, exc.status, exc.code, exc.message, {**exc.headers, **extra})
+        except asyncio.CancelledError:
+            # Only uvicorn cancels a request's task: when its graceful stop (30 s) runs out with the request still
+            # running. Raised on, it became a plain-text 500 and a traceback in the log, once per request.
+            if not started:
+                await send_error(send, 503, "shutting_down", "the server stopped before this request was answered: "
+                                 "retry", {"Connection": "close", "Retry-After": "2", **extra})
         finally:
             self.uploads.leave(upload)
             self.active -= handling

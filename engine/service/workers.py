@@ -243,7 +243,10 @@ class Supervisor:
 
     def _stop_all(self) -> None:
         """One SIGTERM each (a graceful stop), then kill what is still running after STOP_SECONDS, or at
-        once on a second SIGTERM or Ctrl-C."""
+        once on a second SIGTERM or Ctrl-C. The port is closed first: once the workers stop accepting, new
+        connections are refused (a balancer tries another server) instead of waiting in the backlog of a
+        socket this process kept open, unanswered for up to STOP_SECONDS."""
+        self.sock.close()
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
