@@ -1,7 +1,9 @@
 """`resynth demo`: the whole method, offline, on a tiny zoo of genuinely different random generators."""
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shlex
 import shutil
 import time
@@ -12,6 +14,7 @@ from engine import zoo
 from engine.zoo import DESCRIPTIONS
 from engine.aggregate import DEFAULT_PER_SOURCE
 from engine.errors import UserError
+from engine.paths import not_a_file, shown
 
 KNOWN = 8  # descriptions whose resyntheses are in the dataset; the rest are generated on demand
 PER_SOURCE = DEFAULT_PER_SOURCE
@@ -19,12 +22,32 @@ STEPS = 2
 MARKER = ".resynth-demo"
 
 
-def _prepare(workdir: Path) -> None:
-    if workdir.exists() and any(workdir.iterdir()) and not (workdir / MARKER).exists():
-        raise UserError(f"{workdir} exists and is not a demo folder; pass --workdir to an empty or new one")
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
-    (workdir / MARKER).write_text("made by resynth demo; deleted and rebuilt on each run\n")
+def _prepare(workdir: Path) -> int:
+    """The demo folder locked for this run (its own descriptor, held until the run ends), then emptied: a second
+    `resynth demo` on it, started from another terminal, deleted the store and models the first was using,
+    which then failed with a message about a source added twice."""
+    what = not_a_file(workdir)
+    if what not in ("a folder", "not found"):
+        raise UserError(f"--workdir {shown(workdir)} is {what or 'a file'}: give a new or empty folder")
+    workdir.mkdir(parents=True, exist_ok=True)
+    held = os.open(workdir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another `resynth demo` is running in {workdir}: let it finish, or give another "
+                            "--workdir", code="demo_running") from None
+        except OSError:  # a file system without locks: the demo runs unguarded, as it did before
+            pass
+        if any(workdir.iterdir()) and not (workdir / MARKER).exists():
+            raise UserError(f"{workdir} exists and is not a demo folder; pass --workdir to an empty or new one")
+        for entry in workdir.iterdir():
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        (workdir / MARKER).write_text("made by resynth demo; deleted and rebuilt on each run\n")
+    except BaseException:
+        os.close(held)
+        raise
+    return held
 
 
 def _make_dataset(models: dict, root: Path) -> tuple[Path, list[dict]]:
@@ -97,11 +120,18 @@ def run_demo(workdir: Path, progress: bool = True) -> dict:
 
 
 def _run_demo(workdir: Path, progress: bool) -> dict:
-    import engine
-
     timings: dict[str, float] = {}
     clock = time.perf_counter()
-    _prepare(workdir)
+    held = _prepare(workdir)
+    try:
+        return _run_in(workdir, progress, timings, clock)
+    finally:
+        os.close(held)
+
+
+def _run_in(workdir: Path, progress: bool, timings: dict[str, float], clock: float) -> dict:
+    import engine
+
     models = zoo.write_zoo(workdir / "models")
     timings["build tiny models"] = time.perf_counter() - clock
     store_dir = workdir / "store"

@@ -81,6 +81,28 @@ def test_ingest_warns_of_a_replay_source_left_with_originals_only(models, tmp_pa
     assert "'alpah' holds originals but no resyntheses" in warnings[0] and "typo of 'alpha'" in warnings[0]
 
 
+def test_a_second_demo_on_a_running_demos_folder_is_refused_untouched(tmp_path, capsys):
+    """Started from another terminal, it deleted the store and models the first run was using."""
+    import fcntl
+    import os
+
+    running = tmp_path / "resynth-demo"
+    (running / "store").mkdir(parents=True)
+    (running / ".resynth-demo").write_text("made by resynth demo\n")
+    held = os.open(running, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the running demo holds it
+        assert run_cli("demo", "--workdir", running, "--quiet") == 2
+    finally:
+        os.close(held)
+    assert _err(capsys) == (f"resynth: error: another `resynth demo` is running in {running}: let it finish, or "
+                            "give another --workdir")
+    assert (running / "store").is_dir()
+    (tmp_path / "a-file").write_text("")
+    assert run_cli("demo", "--workdir", tmp_path / "a-file") == 2
+    assert _err(capsys).endswith("a-file is a file: give a new or empty folder")
+
+
 def _help_of(*command: str) -> str:
     from engine.cli import main
 
