@@ -16,6 +16,7 @@ from engine.service.process import ServerProcess  # noqa: E402
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)")
 SHOTS = Path(os.environ["RESYNTH_SHOTS"]) if os.environ.get("RESYNTH_SHOTS") else None  # screenshots to look at
+CONSOLE_ERRORS: list[str] = []  # the page's console errors (a favicon 404 on every load before)
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -40,6 +41,8 @@ def page(server):
         try:
             tab = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
             tab.set_default_timeout(60_000)
+            tab.on("console", lambda m: CONSOLE_ERRORS.append(f"{m.text} {m.location.get('url')}")
+                   if m.type == "error" else None)
             tab.goto(server.url + "/")
             yield tab
         finally:
@@ -57,6 +60,7 @@ def test_drop_an_image_and_see_ranked_sources(page, originals):
     assert bars.count() == count
     names = [bars.nth(i).get_attribute("data-source") for i in range(count)]
     assert sorted(names) == sorted({o["source"] for o in originals})
+    assert bars.nth(0).locator(".name").get_attribute("title") == names[0]  # cut with an ellipsis on a phone
     widths = [float(bars.nth(i).locator(".fill").evaluate("e => parseFloat(e.style.width)")) for i in range(count)]
     assert widths == sorted(widths, reverse=True) and sum(widths) == pytest.approx(100.0, abs=0.5)  # probabilities
     verdict = page.text_content("#verdict")
@@ -115,6 +119,8 @@ def test_a_real_verdict_and_a_provenance_conflict_read_as_such(page, originals):
 
 
 def test_an_undecodable_upload_shows_the_error(page):
+    page.set_input_files("#file", files=[{"name": "photo\u202egnp.exe", "mimeType": "image/png", "buffer": b"x"}])
+    assert "photo\\u202egnp.exe" in page.text_content("#droptext")  # it read "photoexe.png" (bidi override)
     page.set_input_files("#file", files=[{"name": "broken.png", "mimeType": "image/png",
                                           "buffer": b"these bytes are not a picture"}])
     page.fill("#prompt", "anything at all")
@@ -153,6 +159,8 @@ def test_the_evidence_images_load(page, originals):
         assert _loaded(page, f"#closest .source-row:nth-child({i + 1}) img") >= 1
     assert _loaded(page, "#query-img") == 1
     ids = page.eval_on_selector_all("#closest img", "els => els.map(e => e.dataset.imageId)")
+    heads = page.eval_on_selector_all("#closest .head", "els => els.map(e => e.textContent)")
+    assert all(re.search(r"· score -?\d\.\d{4} · \d+ references?$", h) for h in heads), heads  # what each rests on
     assert all(i.isdigit() for i in ids)
     assert page.is_hidden("#table")  # one image: no table
     _shot(page, "page-desktop.png")
@@ -200,6 +208,10 @@ def test_the_case_report_downloads_and_opens(page, tmp_path):
         report.wait_for_load_state("load")
         assert report.eval_on_selector_all("img", "els => els.length") >= 2
         assert _loaded(report, "img") == report.eval_on_selector_all("img", "els => els.length")
+        report.set_viewport_size({"width": 390, "height": 844})  # a phone: every bar keeps its track
+        tracks = report.eval_on_selector_all(".bar .track", "els => els.map(e => e.clientWidth)")
+        assert tracks and min(tracks) >= 40, tracks  # 0 px before: the name and number columns took the width
+        assert report.evaluate("() => document.documentElement.scrollWidth - window.innerWidth") <= 1
         if SHOTS is not None:
             report.screenshot(path=str(SHOTS / "report.png"), full_page=True)
     finally:
@@ -212,6 +224,10 @@ def test_the_layout_fits_a_phone(page):
         overflow = page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 1
         assert page.is_visible("#closest img") and page.is_visible("#answers")
+        heights = page.eval_on_selector_all("#answers .badge", "els => els.map(e => e.getClientRects().length === 1"
+                                            " && e.offsetHeight < 1.8 * parseFloat(getComputedStyle(e).fontSize))")
+        assert heights and all(heights)  # a verdict is one word on one line ("unkno / wn" before)
+        assert not [m for m in CONSOLE_ERRORS if "/v1/" not in m], CONSOLE_ERRORS  # the refused upload's 4xx only
         _shot(page, "page-phone.png")
     finally:
         page.set_viewport_size({"width": 1280, "height": 900})
