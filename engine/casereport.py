@@ -196,7 +196,8 @@ section.case{border:1px solid #d0d5dd;border-radius:8px;padding:.8rem;margin:1re
 .bar{display:grid;grid-template-columns:minmax(0,11rem) minmax(3rem,1fr) auto;gap:.5rem;align-items:center;
 margin:.2rem 0}td.kind{overflow-wrap:normal}ul.notes{margin:.3rem 0;padding-left:1.2rem;color:#b54708;font-size:.85rem}
 .track{background:#eef1f6;border-radius:3px;height:.9rem;overflow:hidden}.fill{background:#2f6fed;height:100%}
-.num{font-variant-numeric:tabular-nums;font-size:.8rem;text-align:right;white-space:nowrap}.muted{color:#667085;font-size:.85rem}
+.num{font-variant-numeric:tabular-nums;font-size:.8rem;text-align:right;white-space:nowrap}
+@media (min-width:600px){.bar .num{min-width:11rem}}.muted{color:#667085;font-size:.85rem}
 .source{margin:.5rem 0}.thumbs{display:flex;gap:.4rem;flex-wrap:wrap}figure{margin:0;text-align:center}
 figcaption{font-size:.75rem;color:#667085}.missing{width:80px;height:80px;display:flex;align-items:center;
 justify-content:center;background:#eef1f6;color:#667085;font-size:.7rem}
