@@ -48,7 +48,7 @@ def hard_store(models, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(hard_store):
     """One server with the default limits, but short header, body and send deadlines."""
-    deadlines = ("--body-timeout", "1.5", "--header-timeout", "1.5", "--send-timeout", "1.5")
+    deadlines = ("--body-timeout", "1.5", "--header-timeout", "1.5", "--send-timeout", "0.5")
     with ServerProcess(hard_store, *deadlines) as process:
         yield process
 
@@ -722,9 +722,9 @@ def test_a_client_that_reads_no_answer_is_dropped_and_frees_its_slot(server):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", server.port))
     sock.sendall(f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode() * 600)  # 13 MB of answers
-    time.sleep(3.5)  # the buffers fill in well under a second, then --send-timeout (1.5 s) passes
+    time.sleep(1.5)  # the buffers fill in well under a second, then --send-timeout (0.5 s) passes
     received, sock_closed = 0, False
-    sock.settimeout(2)
+    sock.settimeout(1)
     try:
         while chunk := sock.recv(1 << 20):
             received += len(chunk)
