@@ -262,7 +262,7 @@ def render_header(head: dict, title: str = "resynth case report") -> str:
 def _verdict(result: dict) -> str:
     verdict = result.get("verdict") or "none"
     predicted = result.get("predicted")
-    ev = result.get("evidence") if isinstance(result.get("evidence"), dict) else {}
+    ev = _dict(result.get("evidence"))
     if verdict == "none" or not predicted:
         words = "no source could be scored"
     elif verdict == "known":
@@ -298,6 +298,11 @@ def _decided_by(verdict: str, ev: dict) -> str:
     return f"score {_number(ev.get('score'))}"
 
 
+def _dict(value: Any) -> dict:
+    """`value` when it is a dict, else an empty one (an answer's JSON read back may hold anything)."""
+    return value if isinstance(value, dict) else {}
+
+
 def _plural(count: Any, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 
@@ -306,10 +311,10 @@ def notes(result: dict) -> list[str]:
     """The answer's notes (what the ranking cannot show by itself, the CLI's `note:` lines), why a source was
     not scored, and, before a calibration, that p is no probability: the report says what the CLI says."""
     found = [str(n) for n in result.get("notes") or () if n] if isinstance(result.get("notes"), list) else []
-    failed = result.get("failed") if isinstance(result.get("failed"), dict) else {}
+    failed = _dict(result.get("failed"))
     found += [f"{name} was not scored (it failed): {why}" for name, why in failed.items()]
     if result.get("scores") and not result.get("calibrated"):
-        ev = result.get("evidence") if isinstance(result.get("evidence"), dict) else {}
+        ev = _dict(result.get("evidence"))
         found.append("p: a softmax of the scores, not a calibrated probability ("
                      f"{ev.get('why') or 'no current calibration: `resynth calibrate`'})")
     return found
