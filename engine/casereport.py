@@ -80,10 +80,30 @@ def header(ws, command: str | None = None, options=None, store_label: str | None
                      "recipe": recipe(s.kind, params, None)})
     return {"store": store_label if store_label is not None else str(Path(store.root).resolve()),
             "embedder": store.embedder_identity, "sources": rows,
-            "calibration": "fitted" if calibration else "none (verdicts are uncalibrated)",
+            "calibration": calibration_text(calibration),
             "options": options.to_dict() if options is not None and hasattr(options, "to_dict") else options,
             "command": command, "versions": versions(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def calibration_text(calibration: Any) -> str:
+    """What the verdicts' thresholds rest on: a reader weighs "known" fitted on 60 originals otherwise than on
+    6000 ("fitted" alone said neither how many nor for which options)."""
+    if not calibration:
+        return "none (verdicts are uncalibrated)"
+    notes = calibration.get("notes") if isinstance(calibration, dict) else None
+    if not isinstance(notes, dict):
+        return "fitted"
+    used = _dict(notes.get("used"))
+    parts = [f"{label} {notes[k]}" for k, label in (("mode", "mode"), ("aggregation", "aggregation"),
+                                                    ("open_set_score", "open-set score")) if notes.get(k) is not None]
+    for key, label in (("open_set_auroc", "unknown-source AUROC"), ("ece_calibrated", "ECE")):
+        if isinstance(notes.get(key), (int, float)):
+            parts.append(f"{label} {notes[key]:.3f} as fitted")
+    text = "fitted" + (f" from {notes['fitted_on']}" if notes.get("fitted_on") else "")
+    text += f": {used['text']}" if used.get("text") else ""
+    text += f" ({', '.join(parts)})" if parts else ""
+    return text + "; a verdict made with other options says it is uncalibrated"
 
 
 def _json(text: str | None) -> dict:

@@ -178,6 +178,13 @@ def test_the_case_states_the_test_that_decided_and_the_notes():
     assert "no description: nearest stored references only" in page and "calibrated probability" not in page
     rejected = {**result, "verdict": "unknown", "evidence": {**result["evidence"], "value": -3000.0}}
     assert "mahalanobis -3000.00 &lt; threshold" in casereport.to_string({}, [{"label": "q", "result": rejected}])
+    fitted = {"fitted": True, "notes": {"mode": "combined", "aggregation": "knn", "open_set_score": "mahalanobis",
+                                        "open_set_auroc": 0.990625, "fitted_on": "m.jsonl",
+                                        "used": {"text": "used 60 originals of 5 sources; none skipped"}}}
+    assert casereport.calibration_text(fitted).startswith(  # what the thresholds rest on, not "fitted" alone
+        "fitted from m.jsonl: used 60 originals of 5 sources; none skipped (mode combined, aggregation knn, "
+        "open-set score mahalanobis, unknown-source AUROC 0.991 as fitted)")
+    assert casereport.calibration_text(None) == "none (verdicts are uncalibrated)"
 
 
 def test_csv_cells_cannot_run_in_a_spreadsheet(tmp_path):
