@@ -572,7 +572,8 @@ def cmd_verify(args) -> int:
     problems, repaired = report.get("problems", []), report.get("repaired", [])
     left = report["after_repair"]["problems"] if args.repair else problems
     lines = [f"store {report['store']}: " + ("ok" if not problems else f"{len(problems)} problem(s)")]
-    lines += [f"  problem: {p}" for p in problems] + [f"  repaired: {r}" for r in repaired]
+    done = "repaired" if problems else "done"  # --repair rebuilds a sound store too: "repaired" read as damage found
+    lines += [f"  problem: {p}" for p in problems] + [f"  {done}: {r}" for r in repaired]
     lines += [f"  note: {n}" for n in report.get("notes", [])]  # not problems: an index a server has yet to save
     if args.repair:
         lines.append("after repair: " + ("ok" if not left else "; ".join(left)))
