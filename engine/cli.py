@@ -70,8 +70,9 @@ def _main(argv: list[str]) -> int:
             raise  # a bug: the traceback is what a report needs
         if args.debug:
             traceback.print_exception(exc)
-        _report(store_hint(exc, args.store, guessed) or message_of(exc), getattr(exc, "code", None) or kind.code,
-                kind.exit_code, args.json)
+        code = getattr(exc, "code", None) or kind.code
+        said = store_hint(exc, args.store, guessed) or message_of(exc) + source_hint(exc, code, args.store)
+        _report(said, code, kind.exit_code, args.json)
         return kind.exit_code
 
 
@@ -403,6 +404,28 @@ def cmd_ingest(args) -> None:
     _emit(args, asdict(report), f"ingested {plural(report.added, 'image')} ({report.skipped} skipped: stored before, "
                                 f"or a duplicate row of this manifest) from {plural(report.rows, 'row')}; new replay "
                                 f"sources: {', '.join(report.new_sources) or 'none'}")
+
+
+def source_hint(exc: BaseException, code: str, store: str | None) -> str:
+    """`; did you mean 'café'?` after `unknown source 'cafe' (known: ...)`: a mistyped or unaccented name in
+    --sources or `source remove`, the nearest stored name, as a mistyped command or flag gets."""
+    import ast
+    import difflib
+    import re
+
+    found = re.match(r"unknown source ('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")", str(exc))
+    if code != "unknown_source" or not found:
+        return ""
+    try:
+        import engine
+
+        name = ast.literal_eval(found.group(1))
+        with engine.open(store, writable=False) as ws:
+            names = [source["name"] for source in ws.list_sources()]
+    except Exception:  # noqa: BLE001 - a hint, never a second error
+        return ""
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def originals_only(stats: dict, new: list[str], known: list[str]) -> list[str]:

@@ -79,6 +79,10 @@ def test_ingest_warns_of_a_replay_source_left_with_originals_only(models, tmp_pa
     warnings = json.loads(said.out)["warnings"]
     assert len(warnings) == 1 and warnings[0] in said.err, warnings
     assert "'alpah' holds originals but no resyntheses" in warnings[0] and "typo of 'alpha'" in warnings[0]
+    for argv in (("source", "remove", "alphq"),
+                 ("attribute", tmp_path / "0.png", "--prompt", "a", "--sources", "alhpa")):
+        assert run_cli(*argv, "--store", store) == 2  # a mistyped source is answered with the one meant
+        assert _err(capsys).endswith("(known: alpah, alpha); did you mean 'alpha'?"), argv
     assert run_cli("verify", "--repair", "--store", store) == 0  # a sound store: its rebuild is no repair
     said = capsys.readouterr().out
     assert ": ok\n  done: index rebuilt" in said and "repaired" not in said, said
