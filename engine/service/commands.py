@@ -75,6 +75,9 @@ def register(sub, common) -> None:
                    help="time for a request's whole body to arrive, 408 after (default %(default)s)")
     p.add_argument("--header-timeout", type=float, default=Limits.header_timeout, metavar="SECONDS",
                    help="time for a request's headers to arrive, 408 after (default %(default)s)")
+    p.add_argument("--max-connections", type=int, default=Limits.max_connections,
+                   help="open connections (each may hold its headers, up to 32 KB, until they arrive); past it a "
+                        "new one is answered 503 and closed (default %(default)s)")
     p.add_argument("--send-timeout", type=float, default=Limits.send_timeout, metavar="SECONDS",
                    help="time an answer may wait on a client that reads none of it (its buffers full); the "
                         "connection is dropped after (default %(default)s)")
@@ -123,6 +126,7 @@ def limits_from_args(args):
                "--max-requests": args.max_requests, "--max-uploads": args.max_uploads,
                "--body-timeout": args.body_timeout,
                "--header-timeout": args.header_timeout, "--send-timeout": args.send_timeout,
+               "--max-connections": args.max_connections,
                "--max-per-source": args.max_per_source, "--queue-size": args.queue_size,
                "--max-batch": args.max_batch, "--refresh-seconds": args.refresh_seconds,
                "--max-loaded-pipelines": args.max_loaded_pipelines}
@@ -141,6 +145,7 @@ def limits_from_args(args):
                   max_decodes=args.max_decodes, max_requests=args.max_requests, max_uploads=args.max_uploads,
                   body_timeout=args.body_timeout,
                   header_timeout=args.header_timeout, send_timeout=args.send_timeout, queue_size=args.queue_size,
+                  max_connections=args.max_connections,
                   max_loaded=args.max_loaded_pipelines, batch_window=args.batch_ms / 1000,
                   max_batch=args.max_batch, refresh_seconds=args.refresh_seconds, max_cost=args.max_cost)
 

@@ -400,16 +400,30 @@ def http_protocol(limits: Limits):
                                                 "seconds")).encode()
     late = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
             b"content-length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+    full = Busy(f"holding {limits.max_connections} connections")
+    payload = json.dumps(body(full.code, full.message)).encode()
+    crowded = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+               b"retry-after: 2\r\ncontent-length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
 
     class HeaderDeadlineProtocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
         _send_timer: asyncio.TimerHandle | None = None
+        _refused = False
 
         def connection_made(self, transport) -> None:
+            # every connection holds its headers while they arrive (up to max_header_bytes) until the header
+            # deadline: with the file limit raised to 65536, connections alone could hold 2 GB (memory_bound)
+            if len(self.server_state.connections) >= limits.max_connections:
+                self._refused = True  # never handed to uvicorn: it neither reads nor tracks it
+                transport.write(crowded)
+                transport.close()
+                return
             super().connection_made(transport)
             self._arm()
 
         def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return
             super().data_received(data)
             if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
                 if self._header_timer is None:
@@ -418,16 +432,22 @@ def http_protocol(limits: Limits):
                 self._disarm()
 
         def connection_lost(self, exc) -> None:
+            if self._refused:
+                return
             self._disarm()
             self._reading_again()
             super().connection_lost(exc)  # wakes a `send` waiting on the buffers: it returns, the handler ends
 
         def pause_writing(self) -> None:  # the transport's buffer is over its high-water mark
+            if self._refused:
+                return
             super().pause_writing()
             if self._send_timer is None:
                 self._send_timer = self.loop.call_later(send_timeout, self._not_reading)
 
         def resume_writing(self) -> None:  # the client read enough: a slow reader is not dropped
+            if self._refused:
+                return
             self._reading_again()
             super().resume_writing()
 
