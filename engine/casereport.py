@@ -349,6 +349,9 @@ def render_case(number: int, entry: dict, evidence: Evidence | None) -> str:
            else "<div class='missing'>no image</div>", f"<div><h2>{number}. {e(label)}</h2>"]
     if entry.get("sha256"):
         out.append(f"<div class='muted'>sha256 <code>{e(entry['sha256'])}</code></div>")
+    if entry.get("gone"):
+        out.append("<div><span class='badge unknown'>gone</span> not under the folder at this run: the answer of an "
+                   "earlier run, kept</div>")
     if result is None:
         out.append(f"<p><span class='badge error'>error</span> {e(entry.get('error'))}</p></div></div></section>")
         return "".join(out)

@@ -261,7 +261,8 @@ def run(ws, folder: str | os.PathLike, out: str | os.PathLike, prompt: str | Non
     summary.files["jsonl"] = str(out / "results.jsonl")
     summary.files["csv"] = str(write_csv(out / "results.csv", final))
     head = casereport.header(ws, command, options)
-    summary.files["report"] = str(casereport.write(out / "report.html", head, _entries(folder, final), ws.store,
+    entries = _entries(folder, final, set(order))
+    summary.files["report"] = str(casereport.write(out / "report.html", head, entries, ws.store,
                                                    title=f"resynth triage of {folder}"))
     return summary
 
@@ -359,12 +360,16 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _entries(folder: Path, rows: list[dict]) -> Iterator[dict]:
+def _entries(folder: Path, rows: list[dict], present: set[str]) -> Iterator[dict]:
+    """Report entries; a path answered by an earlier run and no longer under the folder says so (its answer
+    stays: results.jsonl keeps it, and a report that dropped it would lose what was found)."""
     from engine.casereport import thumbnail
 
     for row in rows:
-        yield {"label": row["path"], "sha256": row.get("sha256"), "thumb": thumbnail(folder / row["path"]),
-               "result": row.get("result"), "error": row.get("error"), "duplicate_of": row.get("duplicate_of")}
+        gone = row["path"] not in present
+        yield {"label": row["path"], "sha256": row.get("sha256"),
+               "thumb": None if gone else thumbnail(folder / row["path"]), "result": row.get("result"),
+               "error": row.get("error"), "duplicate_of": row.get("duplicate_of"), "gone": gone}
 
 
 # ----- the command ---------------------------------------------------------------------------------------

@@ -121,15 +121,18 @@ def test_a_rerun_generates_nothing_and_resumes_an_interrupted_run(store_dir, fol
     bar = capsys.readouterr().err  # resumed, errors and answers each counted once: the bar ends at the total
     assert "triage: 100%" in bar and "5/5" in bar and not re.search(r"\b([6-9]|\d\d+)/5\b", bar)
     assert generated == second.generated  # only the new image's description could need generating
+    (folder / "a" / "one.png").unlink()  # gone since: its answer stays, said to be an earlier run's
     with engine.open(store_dir) as ws:
         third = triage.run(ws, folder, out, PROMPT, FAST, progress=False)
         assert _generated(ws) == 0 and third.generated == 0
-    assert (third.resumed, third.answered) == (4, 0)
+    assert (third.resumed, third.answered) == (3, 0)
     rows = list(csv.DictReader((out / "results.csv").open(encoding="utf-8")))
-    assert len(rows) == 5  # one row per image, whatever the number of runs
+    assert len(rows) == 5 and rows[-1]["path"] == "a/one.png"  # one row per image, whatever the number of runs
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert page.count("not under the folder at this run") == 1 and page.count("alt='query ") == 3
     with engine.open(store_dir) as ws:  # other options: another key, answered again (from the cache)
         other = triage.run(ws, folder, out, PROMPT, FAST.with_changes(aggregation="mean"), progress=False)
-    assert other.answered == 3 and other.resumed == 0
+    assert other.answered == 2 and other.resumed == 0
 
 
 def test_bad_input_is_one_line(store_dir, folder, tmp_path, cli_triage, capsys):
