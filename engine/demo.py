@@ -74,6 +74,11 @@ def _accuracy_table(rows: list[tuple[str, str | None]]) -> tuple[str, dict]:
     return "\n".join(lines), {"overall": overall, "per_source": per_source, "chance": 1 / len(totals)}
 
 
+def _share(rows: list[tuple[str, str | None]]) -> str:
+    right = sum(truth == predicted for truth, predicted in rows)
+    return f"{right}/{len(rows)} ({right / len(rows):.0%})"
+
+
 def reuse_lines(models: dict, sources: list[dict], store_dir: Path, queries: list[dict],
                 manifest: Path | None = None) -> list[str]:
     """Where the demo left its models, the recipe of each source, the commands that reuse them with the
@@ -171,13 +176,14 @@ def _run_in(workdir: Path, progress: bool, timings: dict[str, float], clock: flo
     labels = [(q["source"], r.predicted) for q, r in zip(queries, results)]
     assert [r.predicted for r in repeat] == [r.predicted for r in results], "cached answers must not change"
     table, accuracy = _accuracy_table(labels)
-    known_acc = _accuracy_table([lab for q, lab in zip(queries, labels) if q["known"]])[1]["overall"]
-    new_acc = _accuracy_table([lab for q, lab in zip(queries, labels) if not q["known"]])[1]["overall"]
-    caption_acc = _accuracy_table([(q["source"], r.predicted) for q, r in zip(uncaptioned, captioned)])[1]["overall"]
-    lines = [table, "",
-             f"queries with resyntheses already in the store: {known_acc:.0%} correct; "
-             f"with new descriptions (generated on demand): {new_acc:.0%}; "
-             f"without prompt (captioned): {caption_acc:.0%}",
+    known = [lab for q, lab in zip(queries, labels) if q["known"]]
+    new = [lab for q, lab in zip(queries, labels) if not q["known"]]
+    by_caption = [(q["source"], r.predicted) for q, r in zip(uncaptioned, captioned)]
+    known_acc, new_acc, caption_acc = (_accuracy_table(part)[1]["overall"] for part in (known, new, by_caption))
+    lines = [table, "",  # counts beside each share: the captioned share is of a handful of queries, not of 60
+             f"queries with resyntheses already in the store: {_share(known)} correct; "
+             f"with new descriptions (generated on demand): {_share(new)}; "
+             f"without prompt (captioned): {_share(by_caption)}",
              f"first pass: {first['cached']} resyntheses cached, {first['generated']} generated; "
              f"repeat: {second['cached']} cached, {second['generated']} generated",
              "stage seconds (first pass): " + ", ".join(f"{k} {v:.2f}" for k, v in first["stage_seconds"].items()),
