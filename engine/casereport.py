@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 from collections import OrderedDict
 from datetime import datetime, timezone
@@ -115,8 +116,26 @@ def _json(text: str | None) -> dict:
 
 
 def command_line(words: Iterable[Any]) -> str:
-    """A shell-quoted command line (what a reader pastes to reproduce the report)."""
-    return shlex.join(str(w) for w in words)
+    """A shell-quoted command line (what a reader pastes to reproduce the report). A word holding a character
+    the report shows as an escape (a bidi override, a control character, a byte of a file name that is not
+    UTF-8) is quoted as bash's $'...' with that escape: shown as it was, '\\u202e' pasted in plain quotes named
+    another file."""
+    return " ".join(_ansi_c(w) if _UNSHOWN.search(w) else shlex.quote(w) for w in map(str, words))
+
+
+_UNSHOWN = re.compile(f"{UNPRINTABLE.pattern}|[\udc80-\udcff]")
+
+
+def _ansi_c(word: str) -> str:
+    def one(c: str) -> str:
+        if c in "\\'":
+            return "\\" + c
+        if "\udc80" <= c <= "\udcff":  # a byte of a name that is not UTF-8, as os.fsdecode keeps it
+            return f"\\x{ord(c) - 0xdc00:02x}"
+        if _UNSHOWN.match(c):
+            return f"\\x{ord(c):02x}" if ord(c) < 0x80 else f"\\U{ord(c):08x}"
+        return c
+    return "$'" + "".join(map(one, word)) + "'"
 
 
 def option_words(args) -> list[str]:

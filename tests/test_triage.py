@@ -190,6 +190,20 @@ def test_the_case_states_the_test_that_decided_and_the_notes():
     assert casereport.calibration_text(None) == "none (verdicts are uncalibrated)"
 
 
+def test_the_reported_command_reproduces_a_hostile_file_name():
+    """A name with a bidi override, a quote and a byte that is not UTF-8: the report showed '...\\u202e...' in plain
+    quotes, which names another file when pasted; bash's $'...' names this one, and shows no raw override."""
+    import os
+
+    name = os.fsdecode(b"caf\xe9 it's \\ \"q\" \xe2\x80\xaegnp.exe.png")
+    import html
+
+    shown = html.unescape(casereport.e(casereport.command_line(["printf", "%s", name])))  # as a reader copies it
+    assert "\u202e" not in shown and "\\U0000202e" in shown
+    assert subprocess.run(["bash", "-c", shown], capture_output=True).stdout == os.fsencode(name)
+    assert casereport.command_line(["resynth", "a b.png"]) == "resynth 'a b.png'"  # plain names as before
+
+
 def test_csv_cells_cannot_run_in_a_spreadsheet(tmp_path):
     rows = [{"path": "=cmd|' /C calc'!A0.png", "sha256": "0" * 64,
              "result": {"verdict": "known", "predicted": "@sum", "scores": [{"score": 0.5}], "margin": -0.1,
