@@ -813,3 +813,13 @@ def test_open_connections_are_capped_with_a_json_503(server):
     assert httpx.get(server.url + "/v1/sources").status_code == 200
     assert Limits(max_connections=1000).memory_bound() - Limits(max_connections=0).memory_bound() == 1000 * (
         Limits().max_header_bytes + CONNECTION_BYTES)
+
+
+def test_a_refused_request_whose_body_is_still_coming_is_closed(server):
+    """A refusal answered before its body ended (413 by Content-Length, or a 403/415 after its 2 s drain) left the
+    connection open, reading and dropping the rest with no deadline: uvicorn restarts its keep-alive timer at every
+    byte, so a byte every few seconds held a connection for ever (and --max-connections of them, every one)."""
+    head = (f"POST /v1/attribute HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: multipart/form-data; "
+            f"boundary=b\r\nContent-Length: {10 ** 9}\r\n\r\n").encode()
+    answer, took = _raw(server.port, head + b"--b\r\n")
+    assert answer.startswith(b"HTTP/1.1 413") and b'"body_too_large"' in answer and took < 2, (took, answer[:200])

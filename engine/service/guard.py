@@ -438,6 +438,13 @@ def http_protocol(limits: Limits):
             self._reading_again()
             super().connection_lost(exc)  # wakes a `send` waiting on the buffers: it returns, the handler ends
 
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+                # answered before its body ended (a refusal, drained for DRAIN_SECONDS at most): uvicorn would read
+                # and drop the rest with no deadline, its keep-alive timer restarted at every byte
+                self.transport.close()
+
         def pause_writing(self) -> None:  # the transport's buffer is over its high-water mark
             if self._refused:
                 return
