@@ -83,6 +83,10 @@ def test_ingest_warns_of_a_replay_source_left_with_originals_only(models, tmp_pa
                  ("attribute", tmp_path / "0.png", "--prompt", "a", "--sources", "alhpa")):
         assert run_cli(*argv, "--store", store) == 2  # a mistyped source is answered with the one meant
         assert _err(capsys).endswith("(known: alpah, alpha); did you mean 'alpha'?"), argv
+    pipeline = next(iter(models["pipelines"].values()))
+    for _ in range(2):  # the same line twice (a script rerun): was "a second name would share its resyntheses"
+        run_cli("source", "add", "p", pipeline, "--steps", 2, "--guidance", 7, "--store", store, "--quiet")
+    assert _err(capsys).endswith("resynth: error: source 'p' already exists (remove it first to change it)")
     assert run_cli("verify", "--repair", "--store", store) == 0  # a sound store: its rebuild is no repair
     said = capsys.readouterr().out
     assert ": ok\n  done: index rebuilt" in said and "repaired" not in said, said

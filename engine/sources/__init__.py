@@ -191,7 +191,8 @@ def enrol(store, name: str, kind: str = DEFAULT_KIND, **params) -> dict:
         same = {recipe.fingerprint, *recipe.older}
         twin = next((s for s in store.sources() if s.fingerprint in same), None)  # fresh, not cached
         if twin is not None:
-            raise UserError(f"source {twin.name!r} {recipe.twin} (a second name would share its resyntheses)")
+            raise UserError(f"source {name!r} already exists (remove it first to change it)" if twin.name == name else
+                            f"source {twin.name!r} {recipe.twin} (a second name would share its resyntheses)")
         source = store.add_source(name, kind, recipe.fingerprint, path=recipe.path, params=recipe.params)
     from engine.recipes import recipe as in_words
 
