@@ -119,8 +119,8 @@ def test_a_real_verdict_and_a_provenance_conflict_read_as_such(page, originals):
 
 
 def test_an_undecodable_upload_shows_the_error(page):
-    page.set_input_files("#file", files=[{"name": "photo\u202egnp.exe", "mimeType": "image/png", "buffer": b"x"}])
-    assert "photo\\u202egnp.exe" in page.text_content("#droptext")  # it read "photoexe.png" (bidi override)
+    page.set_input_files("#file", files=[{"name": "photo\u202egnp\u200b.exe", "mimeType": "image/png", "buffer": b"x"}])
+    assert "photo\\u202egnp\\u200b.exe" in page.text_content("#droptext")  # it read "photoexe.png" (bidi override)
     page.set_input_files("#file", files=[{"name": "broken.png", "mimeType": "image/png",
                                           "buffer": b"these bytes are not a picture"}])
     page.fill("#prompt", "anything at all")
