@@ -87,6 +87,8 @@ def store_hint(exc: BaseException, store: str | None, guessed: bool) -> str | No
     from engine.workspace import store_path
 
     root, here = store_path(store), Path.cwd()
+    if not_a_file(root) not in ("a folder", "not found"):  # a file named as the store: the message says so
+        return None
 
     def near(path: Path) -> str:
         relative = os.path.relpath(path, here)
