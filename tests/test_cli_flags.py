@@ -87,6 +87,10 @@ def test_ingest_warns_of_a_replay_source_left_with_originals_only(models, tmp_pa
     for _ in range(2):  # the same line twice (a script rerun): was "a second name would share its resyntheses"
         run_cli("source", "add", "p", pipeline, "--steps", 2, "--guidance", 7, "--store", store, "--quiet")
     assert _err(capsys).endswith("resynth: error: source 'p' already exists (remove it first to change it)")
+    api = ("--api", "http://127.0.0.1:9", "--store", store, "--json")
+    for name, price, warned in (("free", (), True), ("paid", ("--price", "0.04"), False)):
+        assert run_cli("source", "add", name, "--model", name, *api, *price) == 0  # no --price: no --max-cost
+        assert ("has no --price: --max-cost counts its images as free" in capsys.readouterr().err) == warned, name
     assert run_cli("verify", "--repair", "--store", store) == 0  # a sound store: its rebuild is no repair
     said = capsys.readouterr().out
     assert ": ok\n  done: index rebuilt" in said and "repaired" not in said, said
