@@ -39,7 +39,7 @@ def calibrate(ws: "Workspace", manifest: str | os.PathLike | None = None, option
     was used and what was skipped, and why."""
     options = options or Options()
     if not 0 < false_reject < 1:
-        raise UserError("--false-reject must be between 0 and 1")
+        raise UserError(f"--false-reject is a fraction between 0 and 1, not {false_reject:g} (5% is 0.05)")
     store_names = {s.name for s in ws.store.sources()}
     if manifest is not None:
         # originals without resyntheses in the manifest are kept: the store may have theirs
