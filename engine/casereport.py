@@ -381,7 +381,8 @@ def render_case(number: int, entry: dict, evidence: Evidence | None) -> str:
     copied = (f" · same bytes as {e(entry['duplicate_of'])}: its answer, nothing generated again"
               if entry.get("duplicate_of") else "")
     out.append(f"<p>{_verdict(result)}</p><div class='muted'>margin {_number(result.get('margin'))} · {described} · "
-               f"{e(result.get('cached', 0))} cached, {e(result.get('generated', 0))} generated{copied}</div>")
+               f"resyntheses of this description: {e(result.get('cached', 0))} cached, {e(result.get('generated', 0))} "
+               f"generated{copied}</div>")
     found_notes = notes(result)
     if found_notes:
         out.append("<ul class='notes'>" + "".join(f"<li>note: {e(n)}</li>" for n in found_notes) + "</ul>")

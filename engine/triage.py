@@ -284,9 +284,13 @@ def _attribute(ws, pending: list[tuple[str, str, bytes]], prompt: str | None, op
             rows.append(_error_row(rel, sha256, exc))
     if not queries:
         return rows
+    # counted per request, not per answer: an answer's counts are its description's, shared by every image of the
+    # batch with that description (a folder under one --prompt summed to the batch size times what was generated)
     try:
         report = ws.attribute([q for _, _, q in queries], options=options)
         answers = list(zip(queries, report.results))
+        summary.cached += report.cached
+        summary.generated += report.generated
     except Exception as exc:  # noqa: BLE001
         if kind_of(exc) is None:
             raise
@@ -298,6 +302,8 @@ def _attribute(ws, pending: list[tuple[str, str, bytes]], prompt: str | None, op
             try:
                 single = ws.attribute([query], options=options)
                 answers.append(((rel, sha256, query), single.results[0]))
+                summary.cached += single.cached
+                summary.generated += single.generated
             except Exception as inner:  # noqa: BLE001
                 if kind_of(inner) is None:
                     raise
@@ -305,8 +311,6 @@ def _attribute(ws, pending: list[tuple[str, str, bytes]], prompt: str | None, op
                 rows.append(_error_row(rel, sha256, inner))
     for (rel, sha256, _), result in answers:
         summary.answered += 1
-        summary.cached += result.cached
-        summary.generated += result.generated
         rows.append({"path": rel, "sha256": sha256, "result": result.to_dict()})
     return rows
 

@@ -56,7 +56,10 @@ def test_triage_writes_a_row_per_image_and_a_self_contained_report(store_dir, fo
     out = tmp_path / "out"
     with engine.open(store_dir) as ws:
         summary = triage.run(ws, folder, out, PROMPT, FAST, batch=2, progress=False, command="resynth triage X")
-        assert _generated(ws) > 0
+        assert summary.generated == _generated(ws) > 0
+    # counted per request: top.png and one.png (one batch, one description) made it once, the hostile name's batch
+    # reused it once (cached, summed per answer, read twice as many: one.png's copy of its batch's count)
+    assert summary.cached == summary.generated
     assert (summary.images, summary.non_images, summary.errors, summary.duplicates) == (5, 1, 1, 1)
     assert summary.answered == 3 and summary.generated > 0
     rows = list(csv.DictReader((out / "results.csv").open(encoding="utf-8")))
