@@ -81,15 +81,16 @@ def header(ws, command: str | None = None, options=None, store_label: str | None
                      "recipe": recipe(s.kind, params, None)})
     return {"store": store_label if store_label is not None else str(Path(store.root).resolve()),
             "embedder": store.embedder_identity, "sources": rows,
-            "calibration": calibration_text(calibration),
+            "calibration": calibration_text(calibration, paths=store_label is None),
             "options": options.to_dict() if options is not None and hasattr(options, "to_dict") else options,
             "command": command, "versions": versions(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def calibration_text(calibration: Any) -> str:
+def calibration_text(calibration: Any, paths: bool = True) -> str:
     """What the verdicts' thresholds rest on: a reader weighs "known" fitted on 60 originals otherwise than on
-    6000 ("fitted" alone said neither how many nor for which options)."""
+    6000 ("fitted" alone said neither how many nor for which options). `paths`: name the manifest it was
+    fitted on (not for the service, which does not disclose its filesystem)."""
     if not calibration:
         return "none (verdicts are uncalibrated)"
     notes = calibration.get("notes") if isinstance(calibration, dict) else None
@@ -101,7 +102,7 @@ def calibration_text(calibration: Any) -> str:
     for key, label in (("open_set_auroc", "unknown-source AUROC"), ("ece_calibrated", "ECE")):
         if isinstance(notes.get(key), (int, float)):
             parts.append(f"{label} {notes[key]:.3f} as fitted")
-    text = "fitted" + (f" from {notes['fitted_on']}" if notes.get("fitted_on") else "")
+    text = "fitted" + (f" from {notes['fitted_on']}" if notes.get("fitted_on") and paths else "")
     text += f": {used['text']}" if used.get("text") else ""
     text += f" ({', '.join(parts)})" if parts else ""
     return text + "; a verdict made with other options says it is uncalibrated"

@@ -191,6 +191,7 @@ def test_the_case_states_the_test_that_decided_and_the_notes():
         "fitted from m.jsonl: used 60 originals of 5 sources; none skipped (mode combined, aggregation knn, "
         "open-set score mahalanobis, unknown-source AUROC 0.991 as fitted)")
     assert casereport.calibration_text(None) == "none (verdicts are uncalibrated)"
+    assert casereport.calibration_text(fitted, paths=False).startswith("fitted: used 60")  # the server's paths stay
 
 
 def test_the_reported_command_reproduces_a_hostile_file_name():
