@@ -93,7 +93,8 @@ def score(ws: "Workspace", query: Query, text: str, origin: str, vector: np.ndar
             seen = {r.vector_id for r in per_source.get(name, ())}
             per_source[name] = per_source.get(name, []) + [r for r in rows if r.vector_id not in seen]
     ids = np.array([r.vector_id for rows in per_source.values() for r in rows], np.int64)
-    sims, hits = store.search(np.asarray(vector, np.float32)[None, :], ids)
+    sums = {r.vector_id: r.checksum for rows in per_source.values() for r in rows}  # each vector checked
+    sims, hits = store.search(np.asarray(vector, np.float32)[None, :], ids, sums)
     similarity = dict(zip(hits[0].tolist(), sims[0].tolist()))
     per_source = {name: [r for r in rows if r.vector_id in similarity]  # removed meanwhile: not evidence
                   for name, rows in per_source.items()}

@@ -374,7 +374,7 @@ class Catalog:
 
     # ----- references -------------------------------------------------------------------------
     def _references(self):
-        return (select(Vector.id, Source.name, Image.seed, Image.file_hash, Image.key, Image.id)
+        return (select(Vector.id, Source.name, Image.seed, Image.file_hash, Image.key, Image.id, Vector.checksum)
                 .join(Image, Vector.image_id == Image.id).join(Source, Image.source_id == Source.id))
 
     def resyntheses(self, description_id: int, source_ids: list[int] | None = None) -> list[StoredReference]:

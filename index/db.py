@@ -178,6 +178,33 @@ def _sqlite_pragmas(writable: bool, path: Path | None = None):
     return apply
 
 
+class _ShmGuard:
+    """SQLite maps metadata.sqlite-shm (its log's index, rebuilt from the log whenever it reads as zeros). Cut
+    short in place under a process (a clean-up of files that look temporary), the next read of a mapped page
+    past the new end killed the process with SIGBUS. Before each transaction the file is given back the size
+    this process saw: the pages read as zeros and SQLite rebuilds them (a cut in the microseconds between
+    this check and SQLite's read still kills)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.seen: tuple[int, int] | None = None  # (inode, size) at the last check
+
+    def check(self) -> None:
+        try:
+            now = os.stat(self.path)
+        except OSError:  # absent: a connection that maps it keeps its inode; a new one makes the file
+            return
+        seen = self.seen
+        if seen is not None and seen[0] == now.st_ino and now.st_size < seen[1]:
+            try:
+                os.truncate(self.path, seen[1])
+            except OSError:  # not this user's to write: as before
+                pass
+            return
+        if seen is None or seen[0] != now.st_ino or now.st_size > seen[1]:
+            self.seen = (now.st_ino, now.st_size)
+
+
 def _sqlite_engine(path: Path, mode: str, immutable: bool = False, read_only_why: str | None = None) -> Engine:
     """An engine on exactly this file: mode rwc (create), rw (must exist) or ro (never writes the file).
 
@@ -190,9 +217,11 @@ def _sqlite_engine(path: Path, mode: str, immutable: bool = False, read_only_why
 
     engine = create_engine("sqlite://", creator=connect, poolclass=QueuePool)
     event.listen(engine, "connect", _sqlite_pragmas(mode != "ro", path))
+    shm = _ShmGuard(path.with_name(path.name + "-shm"))
 
     @event.listens_for(engine, "begin")
     def _begin(conn) -> None:  # explicit transactions; writers take the write lock up front (no BUSY upgrade)
+        shm.check()
         conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("immediate") else "BEGIN")
 
     @event.listens_for(engine, "handle_error")

@@ -71,6 +71,9 @@ class LiveIndex:
         self.index: Any = None  # a FAISS IndexIDMap2, or the mapped file (vectors.MappedIndex)
         self.report = OpenReport()
         self.dirty = False  # holds vectors its file lacks
+        self.rewrite = False  # replaced vectors the files hold damaged (_as_stored): the next save writes a new base
+        self._verified = np.zeros(0, bool)  # by vector id: checked against the database's checksum (_as_stored)
+        self._verified_for: tuple = ()  # the index (and its mapped files' state) those checks were of
         self.tomb_seq = 0  # the highest tombstone this index has applied
         self.file_state: tuple | None = None  # segments.state: of the base file and of its manifest
         # what the dataset-search index wants to hear (set by the store): ids added, and "recompute"
@@ -236,7 +239,7 @@ class LiveIndex:
                 if self.merge_from_db(index) and live:
                     self.on_reset()
                 path = self.layout.index_path
-                saved = self._append(index, path)
+                saved = None if live and self.rewrite else self._append(index, path)
                 if saved is None:
                     known = vx.index_digest(index)  # of the base about to be written: the next save reuses it
                     vx.write_atomic(index, path)
@@ -251,7 +254,7 @@ class LiveIndex:
                 if saved is not None:
                     index = saved
                 if live:
-                    self.index, self.dirty = index, False
+                    self.index, self.dirty, self.rewrite = index, False, False
                 return index
 
     def _append(self, index, path) -> Any:
@@ -355,7 +358,15 @@ class LiveIndex:
 
     # ----- changes made by this process -------------------------------------------------------
     def add(self, ids: np.ndarray, matrix: np.ndarray) -> None:
+        """Vectors this process committed. A save or refresh between the commit and this call has read them
+        from the database already: those are not added twice (a repeated id made the next file unreadable)."""
+        ids = np.asarray(ids, np.int64)
         with self.lock:
+            new = ~np.isin(ids, vx.index_ids(self.index))
+            if not new.all():
+                ids, matrix = ids[new], np.asarray(matrix)[new]
+            if not len(ids):
+                return
             self.index.add_with_ids(matrix, ids)
             self.on_added(ids, matrix)
             self.dirty = True
@@ -402,11 +413,13 @@ class LiveIndex:
             stored = set(s.scalars(select(Vector.id).where(Vector.id.in_(ids[~here].tolist()))))
         return ids[here | np.isin(ids, list(stored))]
 
-    def search(self, queries: np.ndarray, candidate_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, candidate_ids: np.ndarray, checksums: dict[int, str] | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
         """Inner products of each query with exactly the candidates, best first: (similarities, ids).
 
         The candidates are few (sources x K), so they are scored directly: exact, and independent of
         the store's size, where an ID-filtered FAISS scan grows with it (scripts/bench_lookup.py).
+        `checksums` (vector id -> the database's checksum): each vector is checked first (`_as_stored`).
         """
         candidate_ids = np.asarray(candidate_ids, dtype=np.int64)
         try:
@@ -414,6 +427,67 @@ class LiveIndex:
         except StoreInputError:  # some were removed meanwhile (a source removed by another process)
             candidate_ids = self.present(candidate_ids)
             matrix = self.vectors(candidate_ids)
+        if checksums:
+            matrix = self._as_stored(candidate_ids, matrix, checksums)
         sims = np.asarray(queries, np.float32) @ matrix.T
         order = np.argsort(-sims, axis=1, kind="stable")
         return np.take_along_axis(sims, order, axis=1), candidate_ids[order]
+
+    def _as_stored(self, ids: np.ndarray, matrix: np.ndarray, checksums: dict[int, str]) -> np.ndarray:
+        """The vectors a score uses, each as the database stores it. An open checks the files on a sample,
+        so a vector damaged on disk (or in place under this process) could be served until `verify`: one
+        whose bytes miss the database's checksum is read from the database instead, and replaced in the
+        live index (a writable process's next save writes a new base: index.live._append)."""
+        todo = self._unverified(ids)
+        got = vx.checksums(matrix[todo])
+        bad = [int(i) for i, mine in zip(todo, got) if checksums.get(int(ids[i]), mine) != mine]
+        if not bad:
+            self._mark_verified(ids)
+            return matrix
+        matrix = matrix.copy()
+        fixed: dict[int, np.ndarray] = {}
+        for batch_ids, rows in self.stored.stored_vectors(ids[bad]):
+            for vid, row in zip(batch_ids.tolist(), rows):
+                if vx.checksum(row.tobytes()) != checksums[vid]:
+                    raise self.db.damaged(f"holds vector {vid} whose bytes differ from its checksum")
+                fixed[vid] = row
+        for i in bad:
+            if int(ids[i]) in fixed:  # else removed meanwhile: scored as read, as any removal racing a score
+                matrix[i] = fixed[int(ids[i])]
+        with self.lock:  # another thread may have replaced some already
+            held = np.array(sorted(fixed), np.int64)
+            still = [vid for vid, mine in zip(held.tolist(), vx.checksums(self.index.reconstruct_batch(held)))
+                     if mine != checksums[vid]] if len(held) else []
+            if still:
+                self.index.remove_ids(np.array(still, np.int64))
+                self.index.add_with_ids(np.stack([fixed[v] for v in still]), np.array(still, np.int64))
+                self.dirty = self.rewrite = True
+                self.on_reset()
+                log.warning("%s held %d vectors that differ from the database: scored from the database and "
+                            "replaced in this process's index (a writable process saves a new file; "
+                            "`resynth verify --repair` rewrites it)", self.layout.index_path.name, len(still))
+        self._mark_verified(ids)
+        return matrix
+
+    def _unverified(self, ids: np.ndarray) -> np.ndarray:
+        """Positions in `ids` of vectors this process has not checked against their checksums since the index
+        it serves, or one of its mapped files in place, changed (hashing every scored vector of every request
+        cost about a tenth of a cached request's CPU at ViT-L size)."""
+        signature = (id(self.index), self.index.signature() if getattr(self.index, "mapped", False) else ())
+        with self.lock:
+            if signature != self._verified_for:
+                self._verified, self._verified_for = np.zeros(0, bool), signature
+            known = self._verified
+            inside = ids < len(known)
+            done = np.zeros(len(ids), bool)
+            done[inside] = known[ids[inside]]
+        return np.flatnonzero(~done)
+
+    def _mark_verified(self, ids: np.ndarray) -> None:
+        with self.lock:
+            top = int(ids.max()) + 1 if len(ids) else 0
+            if top > len(self._verified):
+                grown = np.zeros(max(top, 2 * len(self._verified)), bool)
+                grown[:len(self._verified)] = self._verified
+                self._verified = grown
+            self._verified[ids] = True

@@ -42,6 +42,7 @@ class StoredReference:
     file_hash: str
     key: str
     image_id: int = 0  # the catalog's image row (its file, its thumbnail); 0 when not read
+    checksum: str = ""  # of the vector's bytes, as the database keeps it ("": not read)
 
 
 @dataclass

@@ -345,9 +345,10 @@ class Store:
     def present(self, ids: np.ndarray) -> np.ndarray:
         return self.live.present(ids)
 
-    def search(self, queries: np.ndarray, candidate_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, candidate_ids: np.ndarray, checksums: dict[int, str] | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
         self._current()
-        return self.live.search(queries, candidate_ids)
+        return self.live.search(queries, candidate_ids, checksums)
 
     def nearest(self, query: np.ndarray, k: int, source_ids: list[int] | None = None,
                 roles: tuple[str, ...] = ("resynthesis",), exclude_file: str | None = None, *, exact: bool = False

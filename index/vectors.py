@@ -154,6 +154,18 @@ class MappedIndex:
         next read of a page past its new end; the store checks this before reading and reloads instead."""
         return all(still_whole(_MAPPED_FILES.get(part)) for part in [self.base, *self.segments])
 
+    def signature(self) -> tuple:
+        """The mapped files as they are now (inode, size, mtime): changes when one is written in place."""
+        out = []
+        for part in [self.base, *self.segments]:
+            held = _MAPPED_FILES.get(part)
+            try:
+                now = os.stat(held[0]) if held else None
+            except OSError:
+                now = None
+            out.append(None if now is None else (now.st_ino, now.st_size, now.st_mtime_ns))
+        return tuple(out)
+
     def _parts(self) -> list[tuple[Index, np.ndarray]]:
         return [(self.base, self.base_ids)] + list(zip(self.segments, self.segment_ids))
 

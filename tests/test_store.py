@@ -104,6 +104,59 @@ def test_a_mapped_file_cut_short_under_a_process_is_reloaded_not_a_crash(tmp_pat
         assert store.index.ntotal == 50 and _agree(store)
 
 
+_SHM_CUT = """
+import os, sys
+from pathlib import Path
+from index.store import Store
+from tests.test_store import _rows
+root = Path(sys.argv[1])
+with Store.open(root) as store, Store.open(root, writable=False) as reader:
+    before = reader.stats()["vectors"]
+    os.truncate(root / "metadata.sqlite-shm", 0)  # under both processes' mappings
+    store.add_images(_rows(store, 2, start=100, seed=3))
+    print(before, reader.stats()["vectors"], store.stats()["vectors"])
+"""
+
+
+def test_the_sqlite_shm_file_cut_short_under_a_process_is_not_a_crash(tmp_path):
+    """metadata.sqlite-shm cut to zero under open connections: their next read was SIGBUS (SQLite maps it)."""
+    import subprocess
+    import sys
+
+    with _store(tmp_path) as store:
+        store.add_images(_rows(store, 3))
+    done = subprocess.run([sys.executable, "-c", _SHM_CUT, str(tmp_path / "s")], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).parent.parent)
+    assert (done.returncode, done.stdout.split()) == (0, ["3", "5", "5"]), done.stderr[-2000:]
+
+
+def test_a_vector_damaged_in_the_file_under_a_process_is_scored_as_stored(tmp_path):
+    """An open checks the index file's vectors on a sample; a vector changed on disk afterwards (in place,
+    under the process, the mapping sees it) was scored as it read. Every scored vector is checked against
+    the database's checksum: the stored one is used, the live index repaired, and the next save rewrites."""
+    with _store(tmp_path) as store:
+        rows = _rows(store, 20)
+        store.add_images(rows)
+        store.save_index()
+    with Store.open(tmp_path / "s") as store:
+        refs = store.resyntheses(store.description_id("a prompt"))
+        ids = np.array([r.vector_id for r in refs], np.int64)
+        sums = {r.vector_id: r.checksum for r in refs}
+        right = store.search(rows[3].vector[None], ids, sums)
+        path = tmp_path / "s" / "vectors.faiss"
+        data = bytearray(path.read_bytes())
+        at = data.find(np.asarray(rows[3].vector, np.float32).tobytes())
+        data[at:at + 4 * DIM] = np.asarray(-rows[3].vector, np.float32).tobytes()  # its opposite, same size
+        with open(path, "r+b") as handle:
+            handle.write(data)
+        assert store.search(rows[3].vector[None], ids)[0][0, -1] < -0.99  # unchecked: the damage shows
+        again = store.search(rows[3].vector[None], ids, sums)
+        assert np.array_equal(again[1], right[1]) and np.allclose(again[0], right[0])
+        assert np.allclose(store.vectors(ids[3:4]), rows[3].vector)  # replaced in the live index
+    with Store.open(tmp_path / "s") as store:  # and the file written again at close
+        assert store.open_report.rebuilt is False and store.verify(files=False)["ok"]
+
+
 def test_index_behind_database_is_repaired(tmp_path, db):
     """Crash after the database commit, before the index file was saved."""
     with _store(tmp_path, db) as store:
@@ -250,6 +303,22 @@ def test_kill_during_ingest_leaves_store_consistent(models, originals, tmp_path,
     assert run_cli("ingest", manifest, "--store", store, "--quiet", "--allow-outside") == 0  # resumes
     with Store.open(store) as opened:
         assert opened.stats()["vectors"] == total and _agree(opened)
+
+
+def test_a_save_between_a_commit_and_its_add_adds_nothing_twice(tmp_path):
+    """add_images commits, then adds to the live index: a server's periodic save in between read the new
+    vectors from the database, and the add repeated their ids (the file written next was unreadable)."""
+    with _store(tmp_path) as store:
+        store.add_images(_rows(store, 5))
+        rows = _rows(store, 3, start=5, seed=2)
+        matrix = np.stack([r.vector for r in rows])
+        recorded = store.catalog.record_images(rows, matrix)
+        store.live.publish()  # the save, between the two steps
+        store.live.add(np.array(recorded.vector_ids, np.int64), matrix[recorded.rows])
+        assert store.index.ntotal == 8 and _agree(store)
+        store.save_index()
+    with Store.open(tmp_path / "s") as store:
+        assert not store.open_report.rebuilt and store.index.ntotal == 8 and _agree(store)
 
 
 def test_two_processes_share_a_store(tmp_path, db):
