@@ -6,6 +6,7 @@
 - what the machine refuses (full disk, read-only mount, permission, a lock held elsewhere, I/O error):
   exit 5, HTTP 503 (507 for a full disk), naming the path and the way out
 - a folder given for a file, a file that is not UTF-8: input mistakes (exit 2, HTTP 400)
+- memory the machine would not give (MemoryError, a framework's OutOfMemoryError): exit 5, HTTP 503
 """
 from __future__ import annotations
 
@@ -124,6 +125,9 @@ _ADVICE = {
     _IO: "the device reported an I/O error: check the disk before retrying",
     _FILES: "too many open files: raise the limit (ulimit -n) or run fewer processes at once",
 }
+_MEMORY = "out_of_memory"
+_MEMORY_ADVICE = ("out of memory: close other programs, raise the memory limit (ulimit -v, the container's) or "
+                  "give fewer or smaller images at once; everything committed before is kept")
 
 
 def environment_code(exc: BaseException | None) -> str | None:
@@ -158,6 +162,8 @@ def kind_of(exc: BaseException) -> Kind | None:
         return Kind(2, 400, "bad_request")
     if isinstance(exc, SourceError):
         return Kind(3, 502, "source_failed")
+    if out_of_memory(exc):
+        return Kind(ENVIRONMENT_EXIT, 503, _MEMORY)
     environment = environment_code(exc)
     if environment is not None and (isinstance(exc, StoreError) or _is_os_level(exc)):
         return Kind(ENVIRONMENT_EXIT, _STATUS.get(environment, 503), getattr(exc, "code", None) or environment)
@@ -172,6 +178,18 @@ def kind_of(exc: BaseException) -> Kind | None:
     if isinstance(exc, UnicodeDecodeError):
         return Kind(2, 400, "not_utf8")
     return None
+
+
+def out_of_memory(exc: BaseException | None) -> bool:
+    """Whether `exc`, or the error that caused it, is memory the machine would not give: a MemoryError (numpy's
+    and Pillow's too: a large image decoded under a memory limit) or torch's OutOfMemoryError, known by its
+    name so that this module loads no torch. It was a traceback, exit 1: not a bug, and nothing is lost."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, MemoryError) or any(t.__name__ == "OutOfMemoryError" for t in type(exc).__mro__):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def _refusal_code(exc: BaseException) -> str | None:
@@ -195,6 +213,9 @@ def message_of(exc: BaseException, paths: bool = True) -> str:
         if advice and head not in text and remedy.split(" (")[0].split(";")[0] not in text:  # not said twice
             text = f"{text} ({advice})"
         return _bounded(text)
+    if out_of_memory(exc):
+        said = _one_line(str(exc))  # numpy's and torch's name the size they asked for; MemoryError() is empty
+        return _bounded(f"{_MEMORY_ADVICE} ({said})" if said else _MEMORY_ADVICE)
     environment = environment_code(exc)
     if environment is not None:
         where = _where(exc) if paths else ""

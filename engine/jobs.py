@@ -275,7 +275,17 @@ def reembed(ws, spec, ray_address: str | None = None, progress: bool = True, bat
         embedder = Embedder(spec, device=ws.device)  # validates the weights before any work
     store = ws.store
     if embedder.identity == store.embedder_identity:
-        raise UserError(f"store {store.root} already uses {embedder.identity}: nothing to re-embed")
+        from index.reembed import finish_superseded
+
+        # a switch stopped after its commit (Ctrl-C, SIGKILL): its rerun finishes the clean-up, or the old
+        # vectors and index file stayed for good
+        finished = finish_superseded(store)
+        if finished is None:
+            raise UserError(f"store {store.root} already uses {embedder.identity}: nothing to re-embed")
+        ws.rebuild()
+        return {"embedder": embedder.identity, "previous": finished["embedder"], "dim": embedder.dim,
+                "embedded": 0, "vectors": len(store.vector_ids()), "backend": "in-process",
+                "seconds": round(time.perf_counter() - started, 3)}
     todo = store.images_without_vector(embedder.identity)
     unreadable: list[tuple[str, str]] = []
     embedded = 0

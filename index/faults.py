@@ -3,6 +3,8 @@
 * Crash points: `RESYNTH_CRASH_AT=<name>` makes the process kill itself (SIGKILL: no cleanup, no flush,
   as a power cut or the OOM killer would) when it reaches that point, so tests can stop a real process
   at each write step deterministically. Unset, a crash point costs one dictionary lookup.
+  `RESYNTH_INTERRUPT_AT=<name>` sends the process a SIGINT there instead, once (a user's Ctrl-C at that
+  step: Python raises KeyboardInterrupt at its next bytecode, and every cleanup on the way runs).
 * Skip points: `with skipping(name):` (or `arm(name)` for the rest of the process) makes the store
   leave out one step, e.g. "close:publish" (a process that dies after its commit, before publishing
   the index) or "ids:digest" (compare every id, as before the id digest existed).
@@ -19,6 +21,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 ENV = "RESYNTH_CRASH_AT"
+INTERRUPT_ENV = "RESYNTH_INTERRUPT_AT"
 SKIP_POINTS = ("close:publish", "ids:digest")
 OBSERVE_POINTS = ("ids:full-read",)
 
@@ -29,6 +32,9 @@ _observers: dict[str, list[list[str]]] = {}
 def crash_point(name: str) -> None:
     if os.environ.get(ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get(INTERRUPT_ENV) == name:
+        del os.environ[INTERRUPT_ENV]  # one Ctrl-C, not one per pass
+        signal.raise_signal(signal.SIGINT)
 
 
 def _known(name: str, names: tuple[str, ...]) -> None:

@@ -7,12 +7,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from sqlalchemy import delete, func, select, update
 
+from index import segments
 from index import vectors as vx
 from index.db import Database, insert_ignore, made, table
 from index.errors import StoreInputError
 from index.faults import crash_point
 from index.keys import image_key, sha256_text
-from index.layout import Layout
+from index.layout import Layout, unlink_quietly
 from index.schema import Description, Image, Source, StoreMeta, Vector
 
 if TYPE_CHECKING:
@@ -85,6 +86,7 @@ def switch_embedder(store: "Store", embedder: dict, dim: int) -> int:
     identity = embedder["identity"]
     layout.require_writable()
     with layout.file_lock():
+        _drop_superseded(db, layout)  # an earlier switch's leftovers first: the record below replaces its record
         left = images_without_vector(db, layout, identity)
         if left:
             raise StoreInputError(f"{len(left)} stored images have no {identity} vector yet: "
@@ -106,7 +108,10 @@ def switch_embedder(store: "Store", embedder: dict, dim: int) -> int:
                              .join(Description, Image.description_id == Description.id)
                              .join(Source, Image.source_id == Source.id)).all()
             s.execute(update(Image), [{"id": row[0], "key": image_key(*row[1:], identity)} for row in rows])
-            recorded = {"config": json.dumps(config)}
+            # what the switch supersedes, dropped below; recorded in the switch's commit so that a switch
+            # stopped after it (Ctrl-C in the DELETE of every old vector, SIGKILL) is finished later, not leaked
+            superseded = {"embedder": layout.embedder_identity, "index_file": old_index.name}
+            recorded = {"config": json.dumps(config), SUPERSEDED: json.dumps(superseded)}
             if db.dialect.binds_database:  # the database's own binding (one store per database) moves too
                 recorded.update(embedder=identity, dim=str(int(dim)))
             s.execute(delete(StoreMeta).where(StoreMeta.key.in_(list(recorded))))
@@ -118,10 +123,54 @@ def switch_embedder(store: "Store", embedder: dict, dim: int) -> int:
         with live.lock:
             live.swap(fresh, tomb_seq)
             store.search_index.drop()
-        with db.write_session() as s:
-            s.execute(delete(Vector).where(Vector.embedder != identity))
-            s.commit()
-        if old_index != layout.index_path:
-            old_index.unlink(missing_ok=True)
+        _drop_superseded(db, layout)
         store.search_index.remove_files()
     return int(fresh.ntotal)
+
+
+SUPERSEDED = "superseded"  # store_meta: the embedder and index file a committed switch replaced, until dropped
+
+
+def pending_superseded(db: Database) -> dict | None:
+    """What a committed switch replaced and has not dropped yet ({"embedder", "index_file", "vectors"}):
+    a `reembed` stopped between its commit and its clean-up. None when nothing is left."""
+    if not db.has_claims:
+        return None
+    with db.session() as s:
+        value = s.scalar(select(StoreMeta.value).where(StoreMeta.key == SUPERSEDED))
+        if not value:
+            return None
+        pending = json.loads(value)
+        pending["vectors"] = int(s.scalar(select(func.count()).select_from(Vector)
+                                          .where(Vector.embedder == pending["embedder"])) or 0)
+    return pending
+
+
+def finish_superseded(store: "Store") -> dict | None:
+    """Drop what a switch stopped after its commit left behind (`pending_superseded`): run by a rerun of
+    `reembed` and by `verify --repair`. Returns what was pending, None if nothing was."""
+    layout = store.layout
+    if pending_superseded(store.db) is None:
+        return None
+    layout.require_writable()
+    with layout.file_lock():
+        return _drop_superseded(store.db, layout)
+
+
+def _drop_superseded(db: Database, layout: Layout) -> dict | None:
+    """(Under the publish lock.) The superseded embedder's vectors, then its index file and that file's
+    segments and manifest, then the record: each step is safe to repeat, so a stop anywhere is resumed."""
+    pending = pending_superseded(db)
+    if pending is None or pending["embedder"] == layout.embedder_identity:  # never the live set
+        return None
+    with db.write_session() as s:
+        s.execute(delete(Vector).where(Vector.embedder == pending["embedder"]))
+        s.commit()
+    old = layout.root / str(pending["index_file"])
+    if old.name != layout.index_path.name and old.parent == layout.root and old.name.endswith(".faiss"):
+        unlink_quietly(old)
+    segments.remove_orphans(layout.index_path)  # the old file's segments and manifest: no manifest names them
+    with db.write_session() as s:
+        s.execute(delete(StoreMeta).where(StoreMeta.key == SUPERSEDED))
+        s.commit()
+    return pending

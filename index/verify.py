@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from sqlalchemy import func, select
 
-from index import segments
+from index import reembed, segments
 from index import vectors as vx
 from index.db import RESTORE
 from index.live import impossible_ids
@@ -53,6 +53,13 @@ def verify(store: "Store", repair: bool = False, files: bool = True) -> dict:
     with db.session() as s:
         db_ids, floor, image_rows, expired = _check_rows(store, s, report, problems)
         report["index"] = _check_index_file(store, s, db_ids, floor, problems, report["notes"])
+
+    superseded = reembed.pending_superseded(db)
+    if superseded is not None:  # left for good before; no damage (a note, as a lagging index is), only space
+        report["superseded"] = superseded
+        report["notes"].append(f"a `reembed` stopped after its switch left {superseded['vectors']} vectors of "
+                               f"{superseded['embedder']} and its index file {superseded['index_file']} behind "
+                               "(a repair or the rerun of reembed drops them)")
 
     # the search index on disk (read and checked again), and what this process serves
     on_disk, state = store.search_index.read(full=True)
@@ -106,6 +113,8 @@ def verify(store: "Store", repair: bool = False, files: bool = True) -> dict:
         if report["database"]["id_digest"] != "ok":
             recount_vector_sets(db)  # a writable open installed vector_sets: it is only stale
             done.append("the database's id digest recomputed")
+        if superseded is not None and reembed.finish_superseded(store) is not None:
+            done.append(f"dropped {superseded['vectors']} vectors of {superseded['embedder']} and its index file")
         done.append(f"index rebuilt from the database ({store.rebuild()} vectors)")  # one base, no segments
         before = set(report["index"]["segments"]["leftover_files"])
         gone = before - {p.name for p in segments.leftovers(store.index_path)}  # the rebuild removed them
