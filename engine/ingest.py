@@ -1,6 +1,7 @@
 """Importing a dataset of originals and resyntheses into a store, resumably and idempotently."""
 from __future__ import annotations
 
+import shlex
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,9 @@ def _repeated_originals(manifest: Path, store: Store, copies: dict[str, list[Man
         if source != rows[0].source:
             raise UserError(f"{manifest}:{rows[0].line}: original {shown(rows[0].image)} is stored already as an "
                             f"original of {source!r}, but is listed as {rows[0].source!r}: an image has one true "
-                            "source; remove the wrong row")
+                            f"source; remove this row, or, if the stored label is the wrong one, remove {source!r} "
+                            f"(`resynth source remove {shlex.quote(source)}`) and ingest its manifest again without "
+                            "the image")
         repeated += [row for row in rows if _description_hash(row) != description]
     return sorted(repeated, key=lambda row: row.line)
 
