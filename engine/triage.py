@@ -94,15 +94,35 @@ class Results:
         self.path, self.key = path, key
         self.done: dict[str, str] = {}  # path -> sha256 answered under this key
         self.by_hash: dict[str, int] = {}  # sha256 -> offset of a line holding its answer
-        if path.exists():
+        with writing(path):
+            self.handle = open(path, "ab")
+        self._lock()
+        try:
             for offset, row in self.rows():
                 if row.get("run") == key and "result" in row:
                     self.done[row["path"]] = row["sha256"]
                     self.by_hash.setdefault(row["sha256"], offset)
-        with writing(path):
-            self.handle = open(path, "ab")
-            if self.handle.tell() and not self._ends_with_newline():  # a line torn by a crash: start afresh
-                self.handle.write(b"\n")
+            with writing(path):
+                if self.handle.tell() and not self._ends_with_newline():  # a line torn by a crash: start afresh
+                    self.handle.write(b"\n")
+        except BaseException:
+            self.handle.close()
+            raise
+
+    def _lock(self) -> None:
+        """One triage per OUT at a time (held until close): two at once both answered every image and wrote
+        each answer twice into results.jsonl."""
+        import fcntl
+
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.close()
+            raise UserError(f"another `resynth triage` is writing {self.path.parent} now: let it finish (this one "
+                            "would then resume from its answers), or give another --out",
+                            code="triage_running") from None
+        except OSError:  # a file system without locks: unguarded, as before
+            pass
 
     def _ends_with_newline(self) -> bool:
         with open(self.path, "rb") as reader:

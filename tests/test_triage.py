@@ -148,6 +148,15 @@ def test_bad_input_is_one_line(store_dir, folder, tmp_path, cli_triage, capsys):
     assert "is a file" in capsys.readouterr().err
     code = run_cli("triage", folder, "--out", tmp_path / "o", "--store", store_dir, "--sources", "nope", "--json")
     assert code != 0 and json.loads(capsys.readouterr().err)["kind"] == "unknown_source"
+    import fcntl
+
+    (tmp_path / "busy").mkdir()
+    with open(tmp_path / "busy" / "results.jsonl", "ab") as held:  # another triage writing that folder now
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert run_cli("triage", folder, "--out", tmp_path / "busy", "--store", store_dir, "--quiet") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "another `resynth triage` is writing" in err
+    assert (tmp_path / "busy" / "results.jsonl").read_bytes() == b""  # nothing answered, nothing written
 
 
 def test_the_command_prints_a_json_summary(store_dir, folder, tmp_path, cli_triage, capsys):
