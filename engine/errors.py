@@ -251,7 +251,12 @@ def _one_line(text: str) -> str:
 
 
 def _bounded(text: str, limit: int = 500) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """At most `limit` characters, cut in the middle: a long path early in a message (a deep store folder)
+    cut the end off, and with it the cause and the way out the message exists for."""
+    if len(text) <= limit:
+        return text
+    head = (limit - 3) // 2
+    return text[:head] + "..." + text[len(text) - (limit - 3 - head):]
 
 
 def with_article(noun: str) -> str:

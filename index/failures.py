@@ -159,6 +159,11 @@ def sqlite_failure(exc: BaseException | None, path: Path, read_only_why: str | N
         return StoreUnavailable(f"{path}: {text} (the disk refused a read or write): check the disk and try "
                                 f"again; {NOTHING_LOST}")
     if name.startswith("SQLITE_CANTOPEN") or "unable to open database file" in text:
+        length = len(os.fsencode(os.path.realpath(path)))  # SQLite follows links: a shorter one does not help
+        if length + len("-journal") > SQLITE_MAX_PATH:
+            return StoreInputError(f"SQLite opens no database whose path passes {SQLITE_MAX_PATH - len('-journal')} "
+                                   f"bytes, and the store's is {length} ({path}, links followed): move the store "
+                                   "to a shorter path")
         if not os.path.lexists(path) and not os.access(path.parent, os.W_OK | os.X_OK):  # `init` in a folder
             return StoreDenied(f"permission denied creating {path.name}: {why_denied(path)}")  # someone else's
         if not os.access(path, os.R_OK):
@@ -171,6 +176,11 @@ def sqlite_failure(exc: BaseException | None, path: Path, read_only_why: str | N
                                  "where it can be written (that completes the log), then read it here")
         return StoreUnavailable(f"cannot open {path} ({text}): check the store folder's permissions and disk")
     return None
+
+
+# SQLite's unix VFS takes paths of at most 512 bytes, its "-journal" name included (MAX_PATHNAME): a store
+# folder deeper than about 490 bytes was "unable to open database file: check the permissions", misleading
+SQLITE_MAX_PATH = 512
 
 
 # what a server out of connection slots answers a login (the role's or database's CONNECTION LIMIT,

@@ -111,3 +111,20 @@ def test_a_reembed_stopped_after_its_switch_leaves_nothing_behind(tmp_path, monk
     with sqlite3.connect(root / "metadata.sqlite") as db:
         left = db.execute("SELECT embedder, count(*) FROM vectors GROUP BY embedder").fetchall()
     assert left == [("new-embedder", 3)]
+
+
+def test_a_store_deeper_than_sqlite_opens_is_one_line_that_says_so(tmp_path, capsys):
+    """SQLite opens no database whose path passes about 500 bytes (file systems allow 4096): a store moved
+    into a deep folder, or reached through a short link (SQLite follows it), was "unable to open database
+    file: check the store folder's permissions and disk", exit 5, cut at 500 characters before the advice."""
+    with Store.create(tmp_path / "s", {"identity": "e", "arch": "x", "checkpoint": "x"}, 8):
+        pass
+    deep = tmp_path.joinpath(*["d" * 200] * 3)
+    deep.mkdir(parents=True)
+    os.rename(tmp_path / "s", deep / "s")
+    (tmp_path / "link").symlink_to(deep / "s")
+    for store in (deep / "s", tmp_path / "link"):
+        assert run_cli("stats", "--store", store) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and len(error) <= 520, error
+        assert "SQLite opens no database whose path passes 504 bytes" in error and error.endswith("shorter path")
