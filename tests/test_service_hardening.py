@@ -823,3 +823,18 @@ def test_a_refused_request_whose_body_is_still_coming_is_closed(server):
             f"boundary=b\r\nContent-Length: {10 ** 9}\r\n\r\n").encode()
     answer, took = _raw(server.port, head + b"--b\r\n")
     assert answer.startswith(b"HTTP/1.1 413") and b'"body_too_large"' in answer and took < 2, (took, answer[:200])
+
+
+def test_a_client_still_sending_its_body_reads_the_refusal_not_a_reset(server):
+    """Closing at once after a refusal answered before its body ended (the fix for tricklers above) reset the
+    connection under a client still sending: urllib posting 65 MB (413 by Content-Length) got "connection reset"
+    or "broken pipe", not the answer. The rest is now read and dropped, the answer's end marked, until the body
+    deadline."""
+    import urllib.error
+    import urllib.request
+
+    sent = urllib.request.Request(server.url + "/v1/attribute", data=bytes(Limits().max_body_bytes + 1),
+                                  headers={"Content-Type": "multipart/form-data; boundary=b"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(sent, timeout=30)
+    assert refused.value.code == 413 and json.loads(refused.value.read())["error"]["code"] == "body_too_large"

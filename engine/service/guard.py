@@ -17,6 +17,7 @@ import logging
 import sys
 import time
 from http import HTTPStatus
+from typing import cast
 from urllib.parse import urlsplit
 
 from engine.service.config import Access, Limits
@@ -380,6 +381,36 @@ def _quiet_client_noise() -> None:
         logger.addFilter(_DropClientNoise())
 
 
+class _Lingering:
+    """A connection's transport whose close(), while the client is still sending a refused request's body,
+    lingers: the answer's end is marked (FIN), what still arrives is dropped unread, and the socket is closed
+    when the client closes or at the body deadline. Closed at once, the unread bytes made the kernel send a
+    reset, and a client still sending (requests, urllib: a big upload refused) saw "connection reset by peer"
+    or "broken pipe" instead of the answer."""
+
+    def __init__(self, transport, protocol):
+        self._transport, self._protocol = transport, protocol
+        self.lingering = False
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        import h11
+
+        conn = getattr(self._protocol, "conn", None)
+        if self.lingering or self._transport.is_closing() or conn is None or conn.their_state is not h11.SEND_BODY:
+            self._transport.close()
+            return
+        self.lingering = True
+        self._transport.resume_reading()
+        self._transport.write_eof()
+        self._protocol.loop.call_later(self._protocol.linger_seconds, self._transport.close)
+
+
 def http_protocol(limits: Limits):
     """uvicorn's h11 protocol, plus a deadline from a request's first byte to its last header, and one on
     an answer that the client does not read.
@@ -408,6 +439,7 @@ def http_protocol(limits: Limits):
     class HeaderDeadlineProtocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
         _send_timer: asyncio.TimerHandle | None = None
+        linger_seconds = limits.body_timeout  # a refused body still arriving is read and dropped this long at most
         _refused = False
 
         def connection_made(self, transport) -> None:
@@ -418,11 +450,11 @@ def http_protocol(limits: Limits):
                 transport.write(crowded)
                 transport.close()
                 return
-            super().connection_made(transport)
+            super().connection_made(cast(asyncio.Transport, _Lingering(transport, self)))
             self._arm()
 
         def data_received(self, data: bytes) -> None:
-            if self._refused:
+            if self._refused or getattr(self.transport, "lingering", False):  # a refused body: dropped unparsed
                 return
             super().data_received(data)
             if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
@@ -443,7 +475,7 @@ def http_protocol(limits: Limits):
             if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
                 # answered before its body ended (a refusal, drained for DRAIN_SECONDS at most): uvicorn would read
                 # and drop the rest with no deadline, its keep-alive timer restarted at every byte
-                self.transport.close()
+                self.transport.close()  # a _Lingering transport: it marks the end and drops the rest first
 
         def pause_writing(self) -> None:  # the transport's buffer is over its high-water mark
             if self._refused:
