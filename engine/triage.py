@@ -30,6 +30,7 @@ from engine.options import Options
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".webp", ".avif", ".gif", ".bmp", ".tif", ".tiff"})
 BATCH = 16
+BATCH_PIXELS = 128_000_000  # a batch is also cut at this many pixels: 16 images near the 64 MP limit took ~5 GB
 CSV_COLUMNS = ("path", "sha256", "verdict", "predicted", "score", "margin", "description", "description_from",
                "error")
 
@@ -189,6 +190,17 @@ class Results:
             self.handle.close()
 
 
+def _pixels(data: bytes) -> int:
+    """Width x height from the header (nothing decoded); 0 for a file the decode will refuse anyway."""
+    from engine.images import open_accepted
+
+    try:
+        with open_accepted(io.BytesIO(data), "image") as opened:
+            return int(opened.width) * int(opened.height)
+    except Exception:  # noqa: BLE001 - any failure is the decode's to report, with its own words
+        return 0
+
+
 def _read(path: Path) -> tuple[bytes | None, str | None, str | None]:
     """(bytes, sha256, None) or (None, sha256 or None, error)."""
     from engine.images import MAX_BYTES
@@ -236,6 +248,7 @@ def run(ws, folder: str | os.PathLike, out: str | os.PathLike, prompt: str | Non
     summary = Summary(str(folder), str(out), images=len(images), non_images=others)
     results = Results(out / "results.jsonl", key)
     pending: list[tuple[str, str, bytes]] = []
+    pixels = [0]  # of the pending images, by their headers
 
     # the bar counts images answered, not read: a batch is read in a blink, then attributed for minutes
     bar = tqdm(total=len(images), desc="triage", unit="image", disable=not progress, file=sys.stderr)
@@ -246,6 +259,7 @@ def run(ws, folder: str | os.PathLike, out: str | os.PathLike, prompt: str | Non
             results.append(rows)
             bar.update(len(pending))
             pending.clear()
+            pixels[0] = 0
 
     try:
         for path in images:
@@ -269,7 +283,8 @@ def run(ws, folder: str | os.PathLike, out: str | os.PathLike, prompt: str | Non
                 bar.update()
                 continue
             pending.append((rel, sha256, data))
-            if len(pending) >= batch:
+            pixels[0] += _pixels(data)
+            if len(pending) >= batch or pixels[0] >= BATCH_PIXELS:
                 flush()
         flush()
         order = {path.relative_to(folder).as_posix(): i for i, path in enumerate(images)}
@@ -415,7 +430,7 @@ def register(sub, common) -> None:
                                     "the file, then the description stored for an identical image, then the store's "
                                     "captioner)")
     p.add_argument("--batch", type=int, default=BATCH, metavar="N",
-                   help=f"images attributed together (default {BATCH})")
+                   help=f"images attributed together (default {BATCH}; a batch also ends at {BATCH_PIXELS:,} pixels)")
     p.add_argument("--captioner", metavar="DIR", type=path_argument,
                    help="captioner folder for this run (overrides the store's)")
     add_arguments(p)

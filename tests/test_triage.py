@@ -105,14 +105,20 @@ def ws_sources(store_dir) -> list[dict]:
         return [{"name": s.name, "fingerprint": s.fingerprint} for s in ws.sources()]
 
 
-def test_a_rerun_generates_nothing_and_resumes_an_interrupted_run(store_dir, folder, tmp_path, capsys):
+def test_a_rerun_generates_nothing_and_resumes_an_interrupted_run(store_dir, folder, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     later = folder / "a" / "b" / HOSTILE
     held = tmp_path / "held.png"
     shutil.move(later, held)  # the first run sees part of the folder, as an interrupted one would
+    batches: list[int] = []
+    attribute = triage._attribute
+    monkeypatch.setattr(triage, "_attribute", lambda ws, pending, *rest: batches.append(len(pending)) or attribute(
+        ws, pending, *rest))
+    monkeypatch.setattr(triage, "BATCH_PIXELS", 1)  # a batch is cut by pixels too (16 images of 49 MP: 3.9 GB)
     with engine.open(store_dir) as ws:
         first = triage.run(ws, folder, out, PROMPT, FAST, progress=False)
-    assert first.answered == 2
+    assert first.answered == 2 and batches == [1, 2]  # broken.png has no pixels by its header: it waits for one
+    monkeypatch.undo()
     with open(out / "results.jsonl", "ab") as handle:
         handle.write(b'{"run": "torn line of a crash')  # no newline: killed mid-write
     shutil.move(held, later)
