@@ -88,7 +88,9 @@ def test_ingest_warns_of_a_replay_source_left_with_originals_only(models, tmp_pa
         run_cli("source", "add", "p", pipeline, "--steps", 2, "--guidance", 7, "--store", store, "--quiet")
     assert _err(capsys).endswith("resynth: error: source 'p' already exists (remove it first to change it)")
     api = ("--api", "http://127.0.0.1:9", "--store", store, "--json")
-    for name, price, warned in (("free", (), True), ("paid", ("--price", "0.04"), False)):
+    # a --price 0 given (a self-hosted API) is no missing price: it was warned of as one
+    for name, price, warned in (("free", (), True), ("paid", ("--price", "0.04"), False),
+                                ("local", ("--price", "0"), False)):
         assert run_cli("source", "add", name, "--model", name, *api, *price) == 0  # no --price: no --max-cost
         assert ("has no --price: --max-cost counts its images as free" in capsys.readouterr().err) == warned, name
     assert run_cli("calibrate", "--false-reject", 5, "--store", store) == 2  # meant 5%

@@ -205,7 +205,7 @@ def enrol(store, name: str, kind: str = DEFAULT_KIND, **params) -> dict:
     if defaulted:  # the same words from the CLI, Python and HTTP
         warnings.append(f"{source.name} uses the default {' and '.join(defaulted)}: a recipe must match how the "
                         "images you attribute were made (to change it, remove the source and add it again)")
-    if found.name == "api" and not stored.get("price"):  # the budget counts its images as free: no limit at all
+    if found.name == "api" and params.get("price") is None:  # counted as free by the budget: no limit at all
         warnings.append(f"{source.name} has no --price: --max-cost counts its images as free and cannot limit what it "
                         "buys; if they cost money, remove it and add it again with --price USD per image")
     if warnings:
