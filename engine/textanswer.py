@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from engine.attribute import Attribution, Report
 from engine.errors import plural
+from engine.paths import shown
 
 
 def verdict_line(r: Attribution) -> str:
@@ -42,7 +43,7 @@ def text_answer(report: Report) -> str:
     lines = []
     for r in report.results:
         margin = f", margin {r.margin:.4f}" if r.margin is not None else ""
-        lines.append(f"{r.query}: {verdict_line(r)}{margin}  "
+        lines.append(f"{shown(r.query)}: {verdict_line(r)}{margin}  "  # a right-to-left mark in a name: escaped
                      + (f"[description from {r.description_from}: {r.description!r}]" if r.description_from != "none"
                         else "[no description: nearest stored references only]"))
         lines += [f"  {s.source:24} {s.score:.4f}  p={s.probability:.3f}  ({plural(s.resyntheses, 'reference')})"

@@ -93,6 +93,10 @@ def test_ingest_warns_of_a_replay_source_left_with_originals_only(models, tmp_pa
                                 ("local", ("--price", "0"), False)):
         assert run_cli("source", "add", name, "--model", name, *api, *price) == 0  # no --price: no --max-cost
         assert ("has no --price: --max-cost counts its images as free" in capsys.readouterr().err) == warned, name
+    assert run_cli("source", "add", "caf\u00e9", "--model", "m", *api, "--price", "0") == 0
+    capsys.readouterr()
+    assert run_cli("source", "remove", "cafe\u0301", "--store", store) == 2
+    print("XX", repr(_err(capsys)))
     assert run_cli("calibrate", "--false-reject", 5, "--store", store) == 2  # meant 5%
     assert _err(capsys).endswith("--false-reject is a fraction between 0 and 1, not 5 (5% is 0.05)")
     assert run_cli("verify", "--repair", "--store", store) == 0  # a sound store: its rebuild is no repair
@@ -334,6 +338,9 @@ def test_the_verdict_line_shows_its_evidence():
     other = "calibrated in combined mode; this query ran in dataset mode: run `resynth calibrate` with --mode dataset"
     answer = text_answer(Report([result("uncalibrated", {"score": 0.61, "references": 2, "why": other})]))
     assert f"p: a softmax of the scores, not a calibrated probability ({other})" in answer.splitlines()
+    hostile = result("known", {"score": 0.61, "threshold": 0.55, "references": 1})
+    hostile.query = "cat\u202egnp.exe"  # a right-to-left override: a terminal would show "catexe.png"
+    assert text_answer(Report([hostile])).startswith("cat\\u202egnp.exe: ")
 
 
 def test_source_list_shows_each_recipe_and_the_demo_the_commands_to_reuse_it(tmp_path):
