@@ -78,7 +78,7 @@ def header(ws, command: str | None = None, options=None, store_label: str | None
     for s in ws.sources():
         params = _json(s.params_json)
         rows.append({"name": s.name, "kind": s.kind, "fingerprint": s.fingerprint,
-                     "recipe": recipe(s.kind, params, None)})
+                     "recipe": recipe(s.kind, params, s.path)})  # the path reads its scheduler, is not shown
     return {"store": store_label if store_label is not None else str(Path(store.root).resolve()),
             "embedder": store.embedder_identity, "sources": rows,
             "calibration": calibration_text(calibration, paths=store_label is None),

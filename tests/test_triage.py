@@ -90,6 +90,7 @@ def test_triage_writes_a_row_per_image_and_a_self_contained_report(store_dir, fo
     for name in ws_sources(store_dir):
         assert name["fingerprint"] in page
     assert "resynth triage X" in page and "embedder" in page and "created (UTC)" in page
+    assert "scheduler pipeline&#x27;s" not in page and "Scheduler (the pipeline&#x27;s own)" in page  # as source list
     assert "same bytes as top.png" in page and page.count("note: p: a softmax of the scores, not a calibrated") == 4
     assert re.search(r"· p [01]\.\d{3} · \d+ refs?<", page)  # the references each score rests on, as the CLI
 
