@@ -398,7 +398,7 @@ def cmd_ingest(args) -> None:
     with _open(args) as ws:
         known = [source["name"] for source in ws.list_sources()]
         report = ws.ingest(args.manifest, allow_outside=args.allow_outside)
-        report.warnings.extend(originals_only(ws.stats(), report.new_sources or [], known))
+        report.warnings.extend(originals_only(ws.stats(), report.new_sources or [], known, args.store))
     for warning in report.warnings:
         print(f"resynth: warning: {warning}", file=sys.stderr)
     from engine.errors import plural
@@ -430,18 +430,21 @@ def source_hint(exc: BaseException, code: str, store: str | None) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def originals_only(stats: dict, new: list[str], known: list[str]) -> list[str]:
+def originals_only(stats: dict, new: list[str], known: list[str], store: str | None = None) -> list[str]:
     """A warning per new replay source that got no resynthesis: no answer scores it by default, and one row's
-    mistyped source name (`tiny-sd-dim` for `tiny-sd-ddim`) made it, which nothing else said."""
+    mistyped source name (`tiny-sd-dim` for `tiny-sd-ddim`) made it, which nothing else said. The command it
+    gives names the store ingested into (without it, it removed from the default store) and quotes the name."""
     import difflib
+    import shlex
 
     said = []
     for name in new:
         if (stats.get("sources", {}).get(name) or {}).get("resyntheses", 1):
             continue
         close = difflib.get_close_matches(name, [other for other in (*known, *new) if other != name], n=1, cutoff=0.8)
-        typo = (f"; if it is a typo of {close[0]!r}: `resynth source remove {name}`, correct the manifest and "
-                "ingest it again") if close else ""
+        command = shlex.join(["resynth", "source", "remove", name, *(["--store", str(store)] if store else [])])
+        typo = (f"; if it is a typo of {close[0]!r}: `{command}`, correct the manifest and ingest it again"
+                if close else "")
         said.append(f"new replay source {name!r} holds originals but no resyntheses: answers leave it unscored (a "
                     f"replay source is compared through its resyntheses; its originals only with --original-refs)"
                     f"{typo}")
