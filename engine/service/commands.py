@@ -111,7 +111,8 @@ def register(sub, common) -> None:
                    help="server processes on the one port (default %(default)s). One process answers on one core "
                         "at a time; where the GPU outruns a core, N workers answer cached lookups up to N times "
                         "faster. Each holds its own models (a CLIP copy, and any generator it loads, on the GPU "
-                        "each) and counters; they share the store")
+                        "each), counters and limits (--max-requests, --max-connections ... apply per worker); "
+                        "they share the store")
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.set_defaults(run=cmd_serve)
 
