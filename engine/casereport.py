@@ -119,8 +119,8 @@ def _json(text: str | None) -> dict:
 def command_line(words: Iterable[Any]) -> str:
     """A shell-quoted command line (what a reader pastes to reproduce the report). A word holding a character
     the report shows as an escape (a bidi override, a control character, a byte of a file name that is not
-    UTF-8) is quoted as bash's $'...' with that escape: shown as it was, '\\u202e' pasted in plain quotes named
-    another file."""
+    UTF-8) is quoted as bash's $'...' with its bytes as \\xNN, which bash reads alike in every locale: shown as it
+    was, '\\u202e' pasted in plain quotes named another file."""
     return " ".join(_ansi_c(w) if _UNSHOWN.search(w) else shlex.quote(w) for w in map(str, words))
 
 
@@ -133,8 +133,9 @@ def _ansi_c(word: str) -> str:
             return "\\" + c
         if "\udc80" <= c <= "\udcff":  # a byte of a name that is not UTF-8, as os.fsdecode keeps it
             return f"\\x{ord(c) - 0xdc00:02x}"
-        if _UNSHOWN.match(c):
-            return f"\\x{ord(c):02x}" if ord(c) < 0x80 else f"\\U{ord(c):08x}"
+        if _UNSHOWN.match(c):  # its UTF-8 bytes: bash reads \\u/\\U by the locale, and under LC_ALL=C kept
+            # '\\u202E' as those six characters (another file) and dropped a tag character
+            return "".join(f"\\x{b:02x}" for b in c.encode("utf-8", "surrogatepass"))
         return c
     return "$'" + "".join(map(one, word)) + "'"
 

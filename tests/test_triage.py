@@ -219,8 +219,14 @@ def test_the_reported_command_reproduces_a_hostile_file_name():
     import html
 
     shown = html.unescape(casereport.e(casereport.command_line(["printf", "%s", name])))  # as a reader copies it
-    assert "\u202e" not in shown and "\\U0000202e" in shown
-    assert subprocess.run(["bash", "-c", shown], capture_output=True).stdout == os.fsencode(name)
+    assert "\u202e" not in shown and "\\xe2\\x80\\xae" in shown
+    for locale in ("C.UTF-8", "C"):  # bash reads \\u202e by the locale: under C it kept the six characters
+        ran = subprocess.run(["bash", "-c", shown], capture_output=True, env={**os.environ, "LC_ALL": locale})
+        assert ran.stdout == os.fsencode(name), locale
+    tagged = "tag\U000e0041 new\nline\u200b.png"  # a tag character was dropped under C; a newline stays one
+    ran = subprocess.run(["bash", "-c", casereport.command_line(["printf", "%s", tagged])], capture_output=True,
+                         env={**os.environ, "LC_ALL": "C"})
+    assert ran.stdout == tagged.encode()
     assert casereport.command_line(["resynth", "a b.png"]) == "resynth 'a b.png'"  # plain names as before
 
 
