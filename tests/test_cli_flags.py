@@ -99,6 +99,9 @@ def test_ingest_warns_of_a_replay_source_left_with_originals_only(models, tmp_pa
                                 ("local", ("--price", "0"), False)):
         assert run_cli("source", "add", name, "--model", name, *api, *price) == 0  # no --price: no --max-cost
         assert ("has no --price: --max-cost counts its images as free" in capsys.readouterr().err) == warned, name
+    for name in ("caf\u00e9", "cafe\u0301"):  # typed again in another Unicode form (macOS): the same name
+        run_cli("source", "add", name, "--model", "m", *api, "--price", "0")
+    assert "already exists (remove it first to change it)" in _err(capsys)  # was: "a second name would share"
     assert run_cli("calibrate", "--false-reject", 5, "--store", store) == 2  # meant 5%
     assert _err(capsys).endswith("--false-reject is a fraction between 0 and 1, not 5 (5% is 0.05)")
     assert run_cli("verify", "--repair", "--store", store) == 0  # a sound store: its rebuild is no repair

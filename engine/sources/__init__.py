@@ -43,7 +43,7 @@ from typing import Any, Callable, Sequence
 
 from engine.errors import UserError
 from engine.paths import expand_optional, expand_path
-from index.keys import canonical_json, sha256_text
+from index.keys import canonical_json, same_name, sha256_text
 
 DEFAULT_KIND = "diffusers"  # `source add NAME FOLDER` without a kind
 
@@ -191,7 +191,8 @@ def enrol(store, name: str, kind: str = DEFAULT_KIND, **params) -> dict:
         same = {recipe.fingerprint, *recipe.older}
         twin = next((s for s in store.sources() if s.fingerprint in same), None)  # fresh, not cached
         if twin is not None:
-            raise UserError(f"source {name!r} already exists (remove it first to change it)" if twin.name == name else
+            again = same_name(twin.name, name)  # in another Unicode form too (NFD "café", as macOS types it)
+            raise UserError(f"source {name!r} already exists (remove it first to change it)" if again else
                             f"source {twin.name!r} {recipe.twin} (a second name would share its resyntheses)")
         source = store.add_source(name, kind, recipe.fingerprint, path=recipe.path, params=recipe.params)
     from engine.recipes import recipe as in_words
