@@ -5,7 +5,8 @@
 - store damage: exit 4, HTTP 503, naming the recovery command
 - what the machine refuses (full disk, read-only mount, permission, a lock held elsewhere, I/O error):
   exit 5, HTTP 503 (507 for a full disk), naming the path and the way out
-- a folder given for a file, a file that is not UTF-8: input mistakes (exit 2, HTTP 400)
+- a folder given for a file, a file that is not UTF-8, a name past the file system's limit: input mistakes
+  (exit 2, HTTP 400)
 - memory the machine would not give (MemoryError, a framework's OutOfMemoryError): exit 5, HTTP 503
 """
 from __future__ import annotations
@@ -173,6 +174,8 @@ def kind_of(exc: BaseException) -> Kind | None:
         return Kind(2, 400, "is_a_directory")
     if isinstance(exc, NotADirectoryError):
         return Kind(2, 400, "not_a_directory")
+    if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:  # a name the user gave: a traceback before
+        return Kind(2, 400, "name_too_long")
     if isinstance(exc, FileNotFoundError) and exc.filename is not None:
         return Kind(2, 404, "not_found")
     if isinstance(exc, UnicodeDecodeError):
@@ -227,6 +230,9 @@ def message_of(exc: BaseException, paths: bool = True) -> str:
         return _bounded(f"expected a folder, got a file: {name}")
     if isinstance(exc, FileNotFoundError) and exc.filename is not None:
         return _bounded(f"not found: {name}")
+    if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
+        return _bounded(f"name too long: {name} (a file or folder name holds at most 255 bytes, a whole path 4096): "
+                        "give a shorter one")
     if isinstance(exc, UnicodeDecodeError):
         return _bounded(f"text is not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): "
                         "save the file as UTF-8")

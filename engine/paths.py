@@ -119,6 +119,7 @@ def check_output_file(path: PathLike, what: str) -> None:
     the path) would fail on after the work or, worse, replace: `--report /dev/null` run as root renamed an
     HTML file over the device node. A missing file (or a dangling link) is fine; so is a regular one."""
     target = Path(as_text(path, what))
+    _check_name_length(target, what)
     why = not_a_file(target) if os.path.lexists(target) else None
     if why is not None and why != "not found" and not why.startswith("a symbolic link to a missing"):
         raise UserError(f"{what} {shown(target)} is {why}: give the path of a file to write", code="not_a_file")
@@ -128,3 +129,25 @@ def check_output_file(path: PathLike, what: str) -> None:
     if not os.path.isdir(folder):
         raise UserError(f"{what} {shown(target)} cannot be written: {shown(folder)} is not a folder",
                         code="not_a_directory")
+
+
+# what an atomic write adds to a name for its temporary file (".{name}.{pid}.tmp"), with room to spare
+TEMPORARY_SUFFIX_BYTES = 24
+
+
+def _check_name_length(target: Path, what: str) -> None:
+    """An output name the file system takes only without its temporary file's suffix, or not at all, failed
+    with a traceback (ENAMETOOLONG) after the work it was to hold: `--report` after the attribution."""
+    folder = target.parent
+    while not os.path.isdir(folder) and folder != folder.parent:
+        folder = folder.parent
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for part in target.parts:
+        size = len(os.fsencode(part))
+        if size + (TEMPORARY_SUFFIX_BYTES if part == target.name else 0) > limit:
+            raise UserError(f"{what}: the name {shown(part)[:60]}... is {size} bytes, and a file or folder name "
+                            f"holds at most {limit} here ({limit - TEMPORARY_SUFFIX_BYTES} for a file written "
+                            "through a temporary one): give a shorter name", code="name_too_long")

@@ -128,3 +128,19 @@ def test_a_store_deeper_than_sqlite_opens_is_one_line_that_says_so(tmp_path, cap
         error = capsys.readouterr().err.strip()
         assert len(error.splitlines()) == 1 and len(error) <= 520, error
         assert "SQLite opens no database whose path passes 504 bytes" in error and error.endswith("shorter path")
+
+
+def test_names_past_the_file_system_limit_are_one_line_before_any_work(tmp_path, capsys):
+    """A folder name past 255 bytes given to `triage`, or a `--report` name that leaves no room for its
+    temporary file, was a traceback (OSError ENAMETOOLONG); the report's came after the attribution it was to
+    hold. Both are one line, exit 2, before the store is opened."""
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    missing = tmp_path / "no-store"
+    for argv, words in ((["triage", tmp_path / ("w" * 300), "--out", tmp_path / "out"], "name too long"),
+                        (["attribute", image, "--prompt", "x", "--report", tmp_path / ("r" * 240 + ".html")],
+                         "--report: the name")):
+        assert run_cli(*argv, "--store", missing) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and words in error and "give a shorter" in error, error
+    assert not missing.exists()
