@@ -254,8 +254,13 @@ def e(value: Any) -> str:
         text.encode("utf-8")
     except UnicodeEncodeError:
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    shown = UNPRINTABLE.sub(lambda m: m.group() if m.group() in _WHITESPACE else f"\\u{ord(m.group()):04x}", text)
+    shown = UNPRINTABLE.sub(lambda m: m.group() if m.group() in _WHITESPACE else _escape(m.group()), text)
     return html.escape(shown, quote=True)
+
+
+def _escape(c: str) -> str:
+    """\\uNNNN, or \\UNNNNNNNN past U+FFFF: a tag character written \\ue0041 read as U+E004 and a '1'."""
+    return f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}"
 
 
 def _shown(text: Any, limit: int = SHOWN_TEXT) -> str:

@@ -227,6 +227,7 @@ def test_the_reported_command_reproduces_a_hostile_file_name():
     ran = subprocess.run(["bash", "-c", casereport.command_line(["printf", "%s", tagged])], capture_output=True,
                          env={**os.environ, "LC_ALL": "C"})
     assert ran.stdout == tagged.encode()
+    assert casereport.e(tagged).startswith("tag\\U000e0041 new\n")  # it showed \ue0041: U+E004 and a '1'
     assert casereport.command_line(["resynth", "a b.png"]) == "resynth 'a b.png'"  # plain names as before
 
 

@@ -119,8 +119,10 @@ def test_a_real_verdict_and_a_provenance_conflict_read_as_such(page, originals):
 
 
 def test_an_undecodable_upload_shows_the_error(page):
-    page.set_input_files("#file", files=[{"name": "photo\u202egnp\u200b.exe", "mimeType": "image/png", "buffer": b"x"}])
-    assert "photo\\u202egnp\\u200b.exe" in page.text_content("#droptext")  # it read "photoexe.png" (bidi override)
+    page.set_input_files("#file", files=[{"name": "photo\u202egnp\u200b\U000e0041.exe", "mimeType": "image/png",
+                                          "buffer": b"x"}])
+    # it read "photoexe.png" (bidi override); a tag character showed as \ue0041 (U+E004 and a "1")
+    assert "photo\\u202egnp\\u200b\\U000e0041.exe" in page.text_content("#droptext")
     page.set_input_files("#file", files=[{"name": "broken.png", "mimeType": "image/png",
                                           "buffer": b"these bytes are not a picture"}])
     page.fill("#prompt", "anything at all")
