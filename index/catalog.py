@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from sqlalchemy import bindparam, delete, func, select, update
+from sqlalchemy import bindparam, delete, func, literal, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -374,7 +374,8 @@ class Catalog:
 
     # ----- references -------------------------------------------------------------------------
     def _references(self):
-        return (select(Vector.id, Source.name, Image.seed, Image.file_hash, Image.key, Image.id, Vector.checksum)
+        checksum = Vector.checksum if self.db.has_checksums else literal(None)  # an older store opened read-only
+        return (select(Vector.id, Source.name, Image.seed, Image.file_hash, Image.key, Image.id, checksum)
                 .join(Image, Vector.image_id == Image.id).join(Source, Image.source_id == Source.id))
 
     def resyntheses(self, description_id: int, source_ids: list[int] | None = None) -> list[StoredReference]:

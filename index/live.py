@@ -34,6 +34,7 @@ from index.stored import StoredVectors
 
 log = logging.getLogger(__name__)
 
+VERIFIED_MAX = 1 << 18  # ids remembered as checked (_as_stored); past this many, checked again
 SAMPLE = 256  # index vectors checked against their checksums at open (all of them up to FULL_CHECK)
 FULL_CHECK = 4096
 
@@ -56,6 +57,11 @@ def impossible_ids(ids: np.ndarray) -> int:
     return int(((ids < 1) | (ids >= vx.DIGEST_MOD)).sum()) if len(ids) else 0
 
 
+def _whole(index: Any) -> bool:
+    """Not a mapped index, or one whose files were not cut short in place (vectors.MappedIndex.intact)."""
+    return not getattr(index, "mapped", False) or index.intact()
+
+
 def _sample(ids: np.ndarray, size: int) -> np.ndarray:
     return np.sort(np.random.default_rng().choice(ids, size, replace=False))
 
@@ -68,17 +74,28 @@ class LiveIndex:
         self.stored = StoredVectors(db, layout)
         self.lock = threading.RLock()
         self._reload_lock = threading.Lock()
-        self.index: Any = None  # a FAISS IndexIDMap2, or the mapped file (vectors.MappedIndex)
+        self._index: Any = None  # a FAISS IndexIDMap2, or the mapped file (vectors.MappedIndex): see `index`
+        self._generation = 0  # counts the indexes served (`index`'s setter)
         self.report = OpenReport()
         self.dirty = False  # holds vectors its file lacks
         self.rewrite = False  # replaced vectors the files hold damaged (_as_stored): the next save writes a new base
-        self._verified = np.zeros(0, bool)  # by vector id: checked against the database's checksum (_as_stored)
-        self._verified_for: tuple = ()  # the index (and its mapped files' state) those checks were of
+        self._verified: set[int] = set()  # vector ids checked against the database's checksums (_as_stored)
+        self._verified_for: tuple = ()  # the index served (and its mapped files' state) those checks were of
         self.tomb_seq = 0  # the highest tombstone this index has applied
         self.file_state: tuple | None = None  # segments.state: of the base file and of its manifest
         # what the dataset-search index wants to hear (set by the store): ids added, and "recompute"
         self.on_added: Callable[[np.ndarray, np.ndarray], None] = lambda ids, matrix: None
         self.on_reset: Callable[[], None] = lambda: None
+
+    @property
+    def index(self) -> Any:
+        return self._index
+
+    @index.setter
+    def index(self, index: Any) -> None:
+        """Whatever replaces the served index (a save, a reload, a rebuild) ends what was checked of the last
+        one, and a rewrite owed for its repaired vectors."""
+        self._index, self._generation, self.rewrite = index, self._generation + 1, False
 
     @property
     def dim(self) -> int:
@@ -235,6 +252,12 @@ class LiveIndex:
         with self.layout.file_lock():
             with self.lock:
                 live = index is None
+                if live and not _whole(self.index):  # cut while this save waited for the file lock
+                    log.warning("%s was cut short under this process: written again from the database",
+                                self.layout.index_path.name)
+                    self.index, self.tomb_seq = self.rebuild_from_db()
+                    self.rewrite = True
+                    self.on_reset()
                 index = self.index if live else index
                 if self.merge_from_db(index) and live:
                     self.on_reset()
@@ -342,10 +365,10 @@ class LiveIndex:
     def reload_if_cut(self) -> bool:
         """Before reading mapped pages: if a mapped file was cut short in place (vectors.MappedIndex.intact),
         serve the verified reload (the cut file is rebuilt from the database) instead of dying of SIGBUS."""
-        if not getattr(self.index, "mapped", False) or self.index.intact():
+        if _whole(self.index):
             return False
         with self._reload_lock:  # one reload, not one per waiting request
-            if not getattr(self.index, "mapped", False) or self.index.intact():
+            if _whole(self.index):
                 return False
             log.warning("%s was cut short under this process: reloaded from the database",
                         self.layout.index_path.name)
@@ -422,28 +445,53 @@ class LiveIndex:
         `checksums` (vector id -> the database's checksum): each vector is checked first (`_as_stored`).
         """
         candidate_ids = np.asarray(candidate_ids, dtype=np.int64)
+        served = self._served()  # before the read: checks are credited only to the index they were made on
         try:
             matrix = self.vectors(candidate_ids)
         except StoreInputError:  # some were removed meanwhile (a source removed by another process)
             candidate_ids = self.present(candidate_ids)
             matrix = self.vectors(candidate_ids)
         if checksums:
-            matrix = self._as_stored(candidate_ids, matrix, checksums)
+            matrix = self._as_stored(candidate_ids, matrix, checksums, served)
         sims = np.asarray(queries, np.float32) @ matrix.T
         order = np.argsort(-sims, axis=1, kind="stable")
         return np.take_along_axis(sims, order, axis=1), candidate_ids[order]
 
-    def _as_stored(self, ids: np.ndarray, matrix: np.ndarray, checksums: dict[int, str]) -> np.ndarray:
+    def _served(self) -> tuple:
+        """Which index is served, with its mapped files' state (inode, size, mtime: a write in place shows)."""
+        with self.lock:
+            index, generation = self.index, self._generation
+        return generation, index.signature() if getattr(index, "mapped", False) else ()
+
+    def _as_stored(self, ids: np.ndarray, matrix: np.ndarray, checksums: dict[int, str], served: tuple
+                   ) -> np.ndarray:
         """The vectors a score uses, each as the database stores it. An open checks the files on a sample,
         so a vector damaged on disk (or in place under this process) could be served until `verify`: one
         whose bytes miss the database's checksum is read from the database instead, and replaced in the
-        live index (a writable process's next save writes a new base: index.live._append)."""
-        todo = self._unverified(ids)
-        got = vx.checksums(matrix[todo])
-        bad = [int(i) for i, mine in zip(todo, got) if checksums.get(int(ids[i]), mine) != mine]
-        if not bad:
-            self._mark_verified(ids)
-            return matrix
+        live index (a writable process's next save writes a new base). A vector is checked once per index
+        served (hashing every scored vector of every request cost about a tenth of a cached request's CPU at
+        ViT-L size); a row without a checksum (an older store's, until `verify --repair`) is not checked."""
+        with self.lock:
+            trusted = self._verified if served == self._verified_for == self._served_now() else set()
+        todo = [i for i, vid in enumerate(ids.tolist()) if vid not in trusted and checksums.get(vid)]
+        bad = [i for i, mine in zip(todo, vx.checksums(matrix[todo])) if checksums[int(ids[i])] != mine]
+        if bad:
+            matrix = self._repaired(ids, matrix, bad, checksums)
+        with self.lock:
+            if served != self._served_now():
+                return matrix  # another index is served since the read: nothing is credited
+            if served != self._verified_for or len(self._verified) > VERIFIED_MAX:
+                self._verified, self._verified_for = set(), served
+            self._verified.update(ids.tolist())
+        return matrix
+
+    def _served_now(self) -> tuple:
+        """(Under `lock`.) `_served` without taking the lock again."""
+        index = self.index
+        return self._generation, index.signature() if getattr(index, "mapped", False) else ()
+
+    def _repaired(self, ids: np.ndarray, matrix: np.ndarray, bad: list[int], checksums: dict[int, str]) -> np.ndarray:
+        """`matrix` with the rows at `bad` read from the database, and those vectors replaced in the index."""
         matrix = matrix.copy()
         fixed: dict[int, np.ndarray] = {}
         for batch_ids, rows in self.stored.stored_vectors(ids[bad]):
@@ -454,40 +502,18 @@ class LiveIndex:
         for i in bad:
             if int(ids[i]) in fixed:  # else removed meanwhile: scored as read, as any removal racing a score
                 matrix[i] = fixed[int(ids[i])]
-        with self.lock:  # another thread may have replaced some already
+        with self.lock:  # another thread may have replaced some already, a save dropped some removed meanwhile
+            index = self.index
             held = np.array(sorted(fixed), np.int64)
-            still = [vid for vid, mine in zip(held.tolist(), vx.checksums(self.index.reconstruct_batch(held)))
+            held = held[np.isin(held, vx.index_ids(index))] if len(held) else held
+            still = [vid for vid, mine in zip(held.tolist(), vx.checksums(index.reconstruct_batch(held)))
                      if mine != checksums[vid]] if len(held) else []
             if still:
-                self.index.remove_ids(np.array(still, np.int64))
-                self.index.add_with_ids(np.stack([fixed[v] for v in still]), np.array(still, np.int64))
+                index.remove_ids(np.array(still, np.int64))
+                index.add_with_ids(np.stack([fixed[v] for v in still]), np.array(still, np.int64))
                 self.dirty = self.rewrite = True
                 self.on_reset()
                 log.warning("%s held %d vectors that differ from the database: scored from the database and "
                             "replaced in this process's index (a writable process saves a new file; "
                             "`resynth verify --repair` rewrites it)", self.layout.index_path.name, len(still))
-        self._mark_verified(ids)
         return matrix
-
-    def _unverified(self, ids: np.ndarray) -> np.ndarray:
-        """Positions in `ids` of vectors this process has not checked against their checksums since the index
-        it serves, or one of its mapped files in place, changed (hashing every scored vector of every request
-        cost about a tenth of a cached request's CPU at ViT-L size)."""
-        signature = (id(self.index), self.index.signature() if getattr(self.index, "mapped", False) else ())
-        with self.lock:
-            if signature != self._verified_for:
-                self._verified, self._verified_for = np.zeros(0, bool), signature
-            known = self._verified
-            inside = ids < len(known)
-            done = np.zeros(len(ids), bool)
-            done[inside] = known[ids[inside]]
-        return np.flatnonzero(~done)
-
-    def _mark_verified(self, ids: np.ndarray) -> None:
-        with self.lock:
-            top = int(ids.max()) + 1 if len(ids) else 0
-            if top > len(self._verified):
-                grown = np.zeros(max(top, 2 * len(self._verified)), bool)
-                grown[:len(self._verified)] = self._verified
-                self._verified = grown
-            self._verified[ids] = True

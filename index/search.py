@@ -313,6 +313,7 @@ class SearchIndex:
 
     def report(self) -> dict:
         """The search index's state for `verify`/`stats`: what is on disk and what this process serves."""
+        self.reload_if_cut()  # its delta reads the live index's mapped rows
         entry = dict(self.state)
         entry["path"] = str(self.layout.search_path)
         with self.live.lock:

@@ -153,6 +153,9 @@ def test_a_vector_damaged_in_the_file_under_a_process_is_scored_as_stored(tmp_pa
         again = store.search(rows[3].vector[None], ids, sums)
         assert np.array_equal(again[1], right[1]) and np.allclose(again[0], right[0])
         assert np.allclose(store.vectors(ids[3:4]), rows[3].vector)  # replaced in the live index
+        _sql(store, f"UPDATE vectors SET checksum = NULL WHERE id = {int(ids[5])}")  # an older row: none to check
+        unchecked = store.resyntheses(store.description_id("a prompt"))
+        assert store.search(rows[5].vector[None], ids, {r.vector_id: r.checksum for r in unchecked})[1][0, 0] == ids[5]
     with Store.open(tmp_path / "s") as store:  # and the file written again at close
         assert store.open_report.rebuilt is False and store.verify(files=False)["ok"]
 
