@@ -402,7 +402,8 @@ class _Lingering:
         import h11
 
         conn = getattr(self._protocol, "conn", None)
-        if self.lingering or self._transport.is_closing() or conn is None or conn.their_state is not h11.SEND_BODY:
+        if (self.lingering or self._transport.is_closing() or conn is None or conn.their_state is not h11.SEND_BODY
+                or not self._transport.can_write_eof()):
             self._transport.close()
             return
         self.lingering = True
