@@ -321,6 +321,7 @@ def _attribute(ws, pending: list[tuple[str, str, bytes]], prompt: str | None, op
         return rows
     # counted per request, not per answer: an answer's counts are its description's, shared by every image of the
     # batch with that description (a folder under one --prompt summed to the batch size times what was generated)
+    made = _tallied(ws)
     try:
         report = ws.attribute([q for _, _, q in queries], options=options)
         answers = list(zip(queries, report.results))
@@ -329,11 +330,15 @@ def _attribute(ws, pending: list[tuple[str, str, bytes]], prompt: str | None, op
     except Exception as exc:  # noqa: BLE001
         if kind_of(exc) is None:
             raise
+        # what the failed batch generated before it failed (another description's, say): made and paid for in this
+        # run, and found cached by the retries below, which counted 0 generated for it
+        summary.generated += _tallied(ws) - made
         if len(queries) == 1:
             summary.errors += 1
             return rows + [_error_row(queries[0][0], queries[0][1], exc)]
         answers = []
         for rel, sha256, query in queries:  # one at a time: which image fails, and why
+            made = _tallied(ws)
             try:
                 single = ws.attribute([query], options=options)
                 answers.append(((rel, sha256, query), single.results[0]))
@@ -342,12 +347,19 @@ def _attribute(ws, pending: list[tuple[str, str, bytes]], prompt: str | None, op
             except Exception as inner:  # noqa: BLE001
                 if kind_of(inner) is None:
                     raise
+                summary.generated += _tallied(ws) - made
                 summary.errors += 1
                 rows.append(_error_row(rel, sha256, inner))
     for (rel, sha256, _), result in answers:
         summary.answered += 1
         rows.append({"path": rel, "sha256": sha256, "result": result.to_dict()})
     return rows
+
+
+def _tallied(ws) -> int:
+    """Resyntheses the workspace has generated so far (a request that fails returns no counts of its own)."""
+    stats = getattr(ws, "stats_counters", None)
+    return int(getattr(stats, "generated", 0))
 
 
 def csv_row(row: dict) -> dict:

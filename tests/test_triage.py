@@ -145,6 +145,28 @@ def test_a_rerun_generates_nothing_and_resumes_an_interrupted_run(store_dir, fol
     assert other.answered == 2 and other.resumed == 0
 
 
+def test_a_batch_that_fails_after_generating_counts_what_it_generated(store_dir, folder, tmp_path, monkeypatch):
+    """A batch whose one description failed after another's resyntheses were made (an API refusing one prompt) is
+    retried image by image, which found those resyntheses cached: the summary said 0 generated for what was
+    generated (and paid for) in this run."""
+    from engine.errors import SourceError
+
+    for gone in ("a/b", "a/broken.png"):
+        shutil.rmtree(folder / gone) if (folder / gone).is_dir() else (folder / gone).unlink()
+    with engine.open(store_dir) as ws:
+        attribute = ws.attribute
+
+        def fails_after_generating(queries, **kwargs):
+            report = attribute(queries, **kwargs)
+            if len(queries) > 1:  # the batch: generated, then one of its descriptions failed
+                raise SourceError("api", "the prompt was refused")
+            return report
+
+        monkeypatch.setattr(ws, "attribute", fails_after_generating)
+        summary = triage.run(ws, folder, tmp_path / "out", PROMPT, FAST, progress=False)
+        assert summary.answered == 2 and summary.generated == _generated(ws) > 0
+
+
 def test_bad_input_is_one_line(store_dir, folder, tmp_path, cli_triage, capsys):
     assert run_cli("triage", tmp_path / "nowhere", "--out", tmp_path / "o", "--store", store_dir) == 2
     err = capsys.readouterr().err
