@@ -86,7 +86,9 @@ def switch_embedder(store: "Store", embedder: dict, dim: int) -> int:
     identity = embedder["identity"]
     layout.require_writable()
     with layout.file_lock():
-        _drop_superseded(db, layout)  # an earlier switch's leftovers first: the record below replaces its record
+        # an earlier switch's leftovers first (the record below replaces its record); not the vectors of the
+        # embedder this switch goes back to: this run just made them
+        _drop_superseded(db, layout, keep=identity)
         left = images_without_vector(db, layout, identity)
         if left:
             raise StoreInputError(f"{len(left)} stored images have no {identity} vector yet: "
@@ -157,15 +159,17 @@ def finish_superseded(store: "Store") -> dict | None:
         return _drop_superseded(store.db, layout)
 
 
-def _drop_superseded(db: Database, layout: Layout) -> dict | None:
-    """(Under the publish lock.) The superseded embedder's vectors, then its index file and that file's
-    segments and manifest, then the record: each step is safe to repeat, so a stop anywhere is resumed."""
+def _drop_superseded(db: Database, layout: Layout, keep: str | None = None) -> dict | None:
+    """(Under the publish lock.) The superseded embedder's vectors (unless it is `keep`), then its index file
+    and that file's segments and manifest, then the record: each step is safe to repeat, so a stop anywhere
+    is resumed."""
     pending = pending_superseded(db)
     if pending is None or pending["embedder"] == layout.embedder_identity:  # never the live set
         return None
-    with db.write_session() as s:
-        s.execute(delete(Vector).where(Vector.embedder == pending["embedder"]))
-        s.commit()
+    if pending["embedder"] != keep:
+        with db.write_session() as s:
+            s.execute(delete(Vector).where(Vector.embedder == pending["embedder"]))
+            s.commit()
     old = layout.root / str(pending["index_file"])
     if old.name != layout.index_path.name and old.parent == layout.root and old.name.endswith(".faiss"):
         unlink_quietly(old)
