@@ -290,15 +290,17 @@ def run(ws, folder: str | os.PathLike, out: str | os.PathLike, prompt: str | Non
         order = {path.relative_to(folder).as_posix(): i for i, path in enumerate(images)}
         # the folder's order (errors were written at once, answers a batch later); a path gone since last, at the end
         final = sorted(results.latest(), key=lambda row: order.get(row["path"], len(order)))
+        bar.close()
+        # under the lock still: a run started meanwhile wrote its newer CSV and report, then this one's replaced them
+        summary.files["jsonl"] = str(out / "results.jsonl")
+        summary.files["csv"] = str(write_csv(out / "results.csv", final))
+        head = casereport.header(ws, command, options)
+        entries = _entries(folder, final, set(order))
+        summary.files["report"] = str(casereport.write(out / "report.html", head, entries, ws.store,
+                                                       title=f"resynth triage of {folder}"))
     finally:
         bar.close()
         results.close()
-    summary.files["jsonl"] = str(out / "results.jsonl")
-    summary.files["csv"] = str(write_csv(out / "results.csv", final))
-    head = casereport.header(ws, command, options)
-    entries = _entries(folder, final, set(order))
-    summary.files["report"] = str(casereport.write(out / "report.html", head, entries, ws.store,
-                                                   title=f"resynth triage of {folder}"))
     return summary
 
 

@@ -148,7 +148,8 @@ def test_a_rerun_generates_nothing_and_resumes_an_interrupted_run(store_dir, fol
 def test_a_batch_that_fails_after_generating_counts_what_it_generated(store_dir, folder, tmp_path, monkeypatch):
     """A batch whose one description failed after another's resyntheses were made (an API refusing one prompt) is
     retried image by image, which found those resyntheses cached: the summary said 0 generated for what was
-    generated (and paid for) in this run."""
+    generated (and paid for) in this run. The CSV and report are written under the run's lock (a run started
+    meanwhile wrote its newer ones, then this one's replaced them)."""
     from engine.errors import SourceError
 
     for gone in ("a/b", "a/broken.png"):
@@ -163,8 +164,18 @@ def test_a_batch_that_fails_after_generating_counts_what_it_generated(store_dir,
             return report
 
         monkeypatch.setattr(ws, "attribute", fails_after_generating)
+        refused = []
+        write = casereport.write
+
+        def another_run_meanwhile(path, *args, **kwargs):  # the lock was let go before the CSV and report
+            with pytest.raises(engine.UserError, match="another `resynth triage`") as caught:
+                triage.Results(path.parent / "results.jsonl", "k").close()
+            refused.append(caught.value)
+            return write(path, *args, **kwargs)
+
+        monkeypatch.setattr(casereport, "write", another_run_meanwhile)
         summary = triage.run(ws, folder, tmp_path / "out", PROMPT, FAST, progress=False)
-        assert summary.answered == 2 and summary.generated == _generated(ws) > 0
+        assert summary.answered == 2 and summary.generated == _generated(ws) > 0 and len(refused) == 1
 
 
 def test_bad_input_is_one_line(store_dir, folder, tmp_path, cli_triage, capsys):
