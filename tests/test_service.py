@@ -288,6 +288,7 @@ def test_every_bad_input_gets_its_status(served_store, query_png):
             "content-type": form.headers["content-type"].replace("multipart/form-data", "Multipart/Form-Data")})
         assert shouted.status_code == 200, shouted.text
         assert _label("..\\..\\win\\x\x00y\x1b.png", 0) == "xy.png" and _label(None, 2) == "image-3"
+        assert _label("say %22hi%22%0A.png", 0) == 'say "hi".png'  # as a browser sends `say "hi"\n.png`
         assert client.get("/readyz").status_code == 200
 
 

@@ -374,8 +374,10 @@ def _charge(sizes: list[tuple[int, int] | None], labels: list[str], limits: Limi
 
 
 def _label(filename: str | None, index: int) -> str:
-    """A display name for results; only ever a string, never used as a path."""
-    name = PurePath((filename or "").replace("\\", "/")).name
+    """A display name for results; only ever a string, never used as a path. A browser sends `"` in a file
+    name as %22 (and a line break as %0A, %0D: dropped below with the other control characters)."""
+    name = PurePath((filename or "").replace("%22", '"').replace("%0A", "\n").replace("%0D", "\r")
+                    .replace("\\", "/")).name
     name = "".join(c for c in name if unicodedata.category(c)[0] != "C")[:120].strip()
     return name or f"image-{index + 1}"
 
