@@ -38,12 +38,21 @@ def verdict_line(r: Attribution) -> str:
     return f"{r.predicted} (uncalibrated: {why}; {evidence})"
 
 
+def _name(query: object) -> str:
+    """The query's name escaped as `shown` escapes a path, but whole: `shown` cuts a path past 160 characters in the
+    middle ("/data/...x.png"), and an answer that does not name its file cannot be told from the others."""
+    text = str(query)
+    if text.isprintable():
+        return text
+    return "".join(shown(c) if not c.isprintable() else c for c in text)
+
+
 def text_answer(report: Report) -> str:
     """What `resynth attribute` prints without --json."""
     lines = []
     for r in report.results:
         margin = f", margin {r.margin:.4f}" if r.margin is not None else ""
-        lines.append(f"{shown(r.query)}: {verdict_line(r)}{margin}  "  # a right-to-left mark in a name: escaped
+        lines.append(f"{_name(r.query)}: {verdict_line(r)}{margin}  "  # a right-to-left mark in a name: escaped
                      + (f"[description from {r.description_from}: {r.description!r}]" if r.description_from != "none"
                         else "[no description: nearest stored references only]"))
         lines += [f"  {s.source:24} {s.score:.4f}  p={s.probability:.3f}  ({plural(s.resyntheses, 'reference')})"

@@ -264,6 +264,19 @@ def test_the_reported_command_reproduces_a_hostile_file_name():
     assert casereport.command_line(["resynth", "a b.png"]) == "resynth 'a b.png'"  # plain names as before
 
 
+def test_the_text_answer_names_a_long_path_whole():
+    """`resynth attribute`'s text answer escapes a query's name (28422fb) but cut one past 160 characters in the
+    middle, as an error message does: the answer then named no file."""
+    from engine.attribute import Attribution, Report, SourceScore
+    from engine.textanswer import text_answer
+
+    long = "/data/" + "deep-folder/" * 20 + "x\u202e.png"
+    answer = Attribution(query=long, description="d", description_from="prompt", predicted="sdxl", margin=0.1,
+                         scores=[SourceScore("sdxl", 0.41, 3, 0.99)], missing=[], verdict="uncalibrated",
+                         evidence={"score": 0.41, "references": 3})
+    assert text_answer(Report([answer])).startswith(long.replace("\u202e", "\\u202e") + ": ")
+
+
 def test_csv_cells_cannot_run_in_a_spreadsheet(tmp_path):
     rows = [{"path": "=cmd|' /C calc'!A0.png", "sha256": "0" * 64,
              "result": {"verdict": "known", "predicted": "@sum", "scores": [{"score": 0.5}], "margin": -0.1,
