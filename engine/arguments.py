@@ -127,8 +127,11 @@ def unicode(value: str, what: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise UserError(f"{what} is not valid UTF-8 text ({shown(value)[:80]}): set the terminal or file "
-                        "encoding to UTF-8", code="not_utf8") from None
+        try:  # an ASCII locale without UTF-8 mode (PYTHONUTF8=0, LC_ALL=C) kept UTF-8 bytes as surrogates
+            return os.fsencode(value).decode("utf-8")
+        except UnicodeError:
+            raise UserError(f"{what} is not valid UTF-8 text ({shown(value)[:80]}): set the terminal or file "
+                            "encoding to UTF-8", code="not_utf8") from None
     return value
 
 
@@ -140,7 +143,7 @@ def texts(values: Any, what: str) -> list[str]:
     for i, value in enumerate(out):
         if not isinstance(value, str):
             raise ArgumentTypeError(f"{what}[{i}] must be a str, not {_type(value)}")
-        unicode(value, f"{what}[{i}]")
+        out[i] = unicode(value, f"{what}[{i}]")
     return out
 
 

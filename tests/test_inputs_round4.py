@@ -209,6 +209,10 @@ def test_library_arguments_of_the_wrong_type_fail_at_the_call(tmp_path):
     import numpy as np
 
     assert engine.Options(per_source=np.int64(3)).per_source == 3  # numpy integers are integers
+    from engine.arguments import texts, unicode
+
+    # an ASCII locale without UTF-8 mode (PYTHONUTF8=0 LC_ALL=C) keeps argv's UTF-8 bytes as surrogates: read
+    assert unicode("caf\udcc3\udca9", "prompt") == texts(["caf\udcc3\udca9"], "prompts")[0] == "café"
     for bad in ({"sources": 5}, {"sources": [1, None]}, {"sources": b"a,b"}, {"sources": " , "}):
         with pytest.raises(OptionError, match="sources"):
             engine.Options(**bad)

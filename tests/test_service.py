@@ -247,6 +247,18 @@ def _encoded(fmt: str, size: int = 32) -> bytes:
     return buffer.getvalue()
 
 
+def test_memory_the_machine_refuses_is_answered_not_raised_to_the_server(served_store, query_png):
+    """MemoryError was answered 503 by the catch-all, then re-raised to uvicorn: a traceback in the log."""
+    service = Service.open(served_store, Limits())
+
+    async def out_of_memory(*_args, **_kwargs):
+        raise MemoryError()
+
+    service.attribute = out_of_memory  # type: ignore[method-assign]
+    with TestClient(create_app(service), raise_server_exceptions=True) as client:
+        _assert_error(_post(client, query_png), 503, "out_of_memory")
+
+
 def test_every_bad_input_gets_its_status(served_store, query_png):
     with _client(served_store, max_body_bytes=400_000, max_image_bytes=200_000) as client:
         _assert_error(_post(client, b"this is not an image"), 400, "undecodable_image")

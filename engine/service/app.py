@@ -40,7 +40,7 @@ READY_DB_SECONDS = 2.0  # /readyz waits this long for the store's database befor
 # The bases of every error engine.errors.kind_of maps. They get their own handlers, which answer
 # inside the app like ServiceError's; the catch-all Exception handler answers too but starlette then
 # re-raises to the server, which logs a traceback: right for a bug, noise for a user's mistake.
-MAPPED_ERRORS = (UserError, SourceError, StoreError, OSError, UnicodeError)
+MAPPED_ERRORS = (UserError, SourceError, StoreError, OSError, UnicodeError, MemoryError)  # answered, not re-raised
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
               413: "body_too_large", 415: "unsupported_media_type"}
 
