@@ -435,9 +435,12 @@ def cmd_import_published(args) -> None:
                 print(f"resynth: warning: {line}", file=sys.stderr)
     from engine.errors import plural
 
-    text = (f"wrote {report.manifest}: {plural(report.originals, 'original')} and {report.resyntheses} resyntheses "
-            f"({report.linked} linked to their original) from {plural(len(report.generators), 'generator')}")
+    resyntheses = "resynthesis" if report.resyntheses == 1 else "resyntheses"
+    text = (f"wrote {report.manifest}: {plural(report.originals, 'original')} and {report.resyntheses} {resyntheses} "
+            f"({report.linked} linked to {'its' if report.linked == 1 else 'their'} original) from "
+            f"{plural(len(report.generators), 'generator')}")
     if report.ingest:
-        text += (f"\ningested {report.ingest['added']} images ({report.ingest['skipped']} already stored or repeated); "
+        text += (f"\ningested {plural(report.ingest['added'], 'image')} ({report.ingest['skipped']} already stored or "
+                 "repeated); "
                  f"new replay sources: {', '.join(report.ingest['new_sources']) or 'none'}")
     print(json.dumps({**asdict(report), "warnings": report.warnings()}, indent=2) if args.json else text)
