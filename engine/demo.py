@@ -1,6 +1,7 @@
 """`resynth demo`: the whole method, offline, on a tiny zoo of genuinely different random generators."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -22,6 +23,22 @@ STEPS = 2
 MARKER = ".resynth-demo"
 
 
+def _open_elsewhere(shm: Path) -> bool:
+    """Whether another process has this SQLite database open: every connection holds a shared lock on one
+    byte of its -shm file (SQLite's "DMS" byte, offset 128) for as long as it is open."""
+    try:
+        fd = os.open(shm, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 128)
+        return False
+    except OSError as exc:  # EAGAIN/EACCES: held; a file system without locks cannot say: not held
+        return exc.errno in (errno.EAGAIN, errno.EACCES)
+    finally:
+        os.close(fd)  # also drops the probe's lock
+
+
 def _prepare(workdir: Path) -> int:
     """The demo folder locked for this run (its own descriptor, held until the run ends), then emptied: a second
     `resynth demo` on it, started from another terminal, deleted the store and models the first was using,
@@ -41,6 +58,11 @@ def _prepare(workdir: Path) -> int:
             pass
         if any(workdir.iterdir()) and not (workdir / MARKER).exists():
             raise UserError(f"{workdir} exists and is not a demo folder; pass --workdir to an empty or new one")
+        for shm in sorted(workdir.glob("*/metadata.sqlite-shm")):
+            if _open_elsewhere(shm):
+                raise UserError(f"{shm.parent} is open in another process (a `resynth serve` of the demo's store?), "
+                                f"and the demo deletes and rebuilds {workdir}: stop that process first, or give "
+                                "another --workdir", code="demo_store_in_use")
         for entry in workdir.iterdir():
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         (workdir / MARKER).write_text("made by resynth demo; deleted and rebuilt on each run\n")

@@ -126,6 +126,22 @@ def test_a_second_demo_on_a_running_demos_folder_is_refused_untouched(tmp_path, 
     assert _err(capsys) == (f"resynth: error: another `resynth demo` is running in {running}: let it finish, or "
                             "give another --workdir")
     assert (running / "store").is_dir()
+    import sqlite3
+    import subprocess
+    import sys
+
+    sqlite3.connect(running / "store" / "metadata.sqlite").execute("PRAGMA journal_mode=WAL").close()
+    served = subprocess.Popen([sys.executable, "-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+                               "c.execute('SELECT 1 FROM sqlite_master').fetchall(); print(1, flush=True); input()",
+                               str(running / "store" / "metadata.sqlite")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:  # a server of the demo's store: the rerun deleted it under the server
+        served.stdout.readline()
+        assert run_cli("demo", "--workdir", running, "--quiet") == 2
+    finally:
+        served.communicate(b"\n", timeout=30)
+    assert "is open in another process (a `resynth serve` of the demo's store?)" in _err(capsys)
+    assert (running / "store" / "metadata.sqlite").is_file()
     (tmp_path / "a-file").write_text("")
     assert run_cli("demo", "--workdir", tmp_path / "a-file") == 2
     assert _err(capsys).endswith("a-file is a file: give a new or empty folder")
