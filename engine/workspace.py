@@ -36,7 +36,7 @@ from engine.options import Options
 from engine.paths import expand_path, not_a_file
 from engine.sources import DEFAULT_KIND, check_name  # noqa: F401  (check_name: imported from here before)
 from index.errors import StoreInputError, UnknownName
-from index.keys import same_name
+from index.keys import known_names, same_name
 from index.layout import CONFIG_NAME, DB_NAME, INDEX_NAME, LOCK_NAME
 from index.store import Store
 
@@ -207,8 +207,7 @@ class Workspace:
             if name not in known:  # typed in another Unicode form than stored is the same name
                 twins = [s for s in found_sources if same_name(s.name, name)]
                 if len(twins) != 1:
-                    raise NotFoundError(f"unknown source {name!r} (known: {', '.join(sorted(known))})",
-                                        code="unknown_source")
+                    raise NotFoundError(f"unknown source {name!r} (known: {known_names(known)})", code="unknown_source")
                 known[name] = twins[0]
         names = options.sources or sorted(s.name for s in found_sources)
         chosen = tuple(dict.fromkeys(known[n] for n in names))  # a name given in two forms is one source

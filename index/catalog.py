@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from index import vectors as vx
 from index.db import Database, execute, insert_ignore, made, table
 from index.errors import StoreInputError, UnknownName, switched_embedder
-from index.keys import check_text, normalise_description, same_name, sha256_text
+from index.keys import check_text, known_names, normalise_description, same_name, sha256_text
 from index.layout import Layout
 from index.schema import DeletedVector, Description, Image, Source, StoreMeta, Vector
 from index.schema import _now as _utcnow
@@ -171,8 +171,7 @@ class Catalog:
             twins = [x for x in self.sources() if same_name(x.name, name)]
             if len(twins) == 1:
                 return twins[0]
-            known = ", ".join(x.name for x in self.sources()) or "none registered"
-            raise UnknownName(f"unknown source {name!r} (known: {known})")
+            raise UnknownName(f"unknown source {name!r} (known: {known_names(x.name for x in self.sources())})")
         return found
 
     def delete_source(self, source: Source) -> tuple[np.ndarray, list[str]]:

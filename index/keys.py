@@ -83,6 +83,16 @@ def image_key(role: str, description_hash: str, source_fingerprint: str, source_
     return cache_key(description_hash, source_fingerprint, cast(int, seed), params_hash, embedder)
 
 
+def known_names(names, shown: int = 12) -> str:
+    """The names an "unknown source" message lists: sorted, at most `shown` of them (a store of hundreds
+    pushed the rest of the line, and the CLI's "did you mean", off the screen)."""
+    names = sorted(names)
+    if not names:
+        return "none registered"
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f", and {more} more (`resynth source list`)" if more > 0 else "")
+
+
 def same_name(stored: str, given: str) -> bool:
     """A name as typed and as stored, equal up to Unicode form (NFC "café" is NFD "café")."""
     return unicodedata.normalize("NFC", stored) == unicodedata.normalize("NFC", given)

@@ -89,6 +89,9 @@ def test_ingest_warns_of_a_replay_source_left_with_originals_only(models, tmp_pa
                  ("attribute", tmp_path / "0.png", "--prompt", "a", "--sources", "alhpa")):
         assert run_cli(*argv, "--store", store) == 2  # a mistyped source is answered with the one meant
         assert _err(capsys).endswith("(known: alpah, alpha); did you mean 'alpha'?"), argv
+    from index.keys import known_names  # hundreds of sources: a dozen named, the hint still on screen
+
+    assert known_names(f"s{i:03}" for i in range(300)).endswith("s011, and 288 more (`resynth source list`)")
     pipeline = next(iter(models["pipelines"].values()))
     for _ in range(2):  # the same line twice (a script rerun): was "a second name would share its resyntheses"
         run_cli("source", "add", "p", pipeline, "--steps", 2, "--guidance", 7, "--store", store, "--quiet")
