@@ -286,6 +286,9 @@ def reembed(ws, spec, ray_address: str | None = None, progress: bool = True, bat
         return {"embedder": embedder.identity, "previous": finished["embedder"], "dim": embedder.dim,
                 "embedded": 0, "vectors": len(store.vector_ids()), "backend": "in-process",
                 "seconds": round(time.perf_counter() - started, 3)}
+    from index.reembed import reuse_superseded
+
+    reuse_superseded(store.db, embedder.identity)  # a reembed back: the clean-up elsewhere leaves its vectors now
     todo = store.images_without_vector(embedder.identity)
     unreadable: list[tuple[str, str]] = []
     embedded = 0

@@ -10,13 +10,15 @@ from sqlalchemy import delete, func, select, update
 from index import segments
 from index import vectors as vx
 from index.db import Database, insert_ignore, made, table
-from index.errors import StoreInputError
+from index.errors import StoreError, StoreInputError
 from index.faults import crash_point
 from index.keys import image_key, sha256_text
 from index.layout import Layout, unlink_quietly
 from index.schema import Description, Image, Source, StoreMeta, Vector
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from index.store import Store
 
 
@@ -63,6 +65,7 @@ def add_vectors(db: Database, layout: Layout, embedder: str, image_ids: list[int
         raise StoreInputError(f"the store already uses embedder {embedder}")
     added = 0
     with db.write_session() as s:  # holds the write lock: no image is removed meanwhile
+        _reuse_superseded(s, embedder)
         alive = set(s.scalars(select(Image.id).where(Image.id.in_([int(i) for i in image_ids]))))
         for image_id, row in zip(image_ids, matrix):
             if int(image_id) not in alive:  # removed since it was listed: nothing to embed for
@@ -86,6 +89,16 @@ def switch_embedder(store: "Store", embedder: dict, dim: int) -> int:
     identity = embedder["identity"]
     layout.require_writable()
     with layout.file_lock():
+        recorded = recorded_config(db)
+        if recorded is not None and recorded["embedder"]["identity"] != layout.embedder_identity:
+            # another process switched since this one opened: the record below would name this process's old
+            # embedder as superseded, and the one actually replaced stayed for good (its vectors, its index file)
+            now = recorded["embedder"]["identity"]
+            error = StoreError(f"another `resynth reembed` switched the store to {now} since this one opened it: "
+                               f"run `resynth reembed` again (the {identity} vectors made so far are kept and "
+                               "reused); nothing was switched")
+            error.code = "store_switched"
+            raise error
         # an earlier switch's leftovers first (the record below replaces its record); not the vectors of the
         # embedder this switch goes back to: this run just made them
         _drop_superseded(db, layout, keep=identity)
@@ -143,9 +156,27 @@ def pending_superseded(db: Database) -> dict | None:
         if not value:
             return None
         pending = json.loads(value)
-        pending["vectors"] = int(s.scalar(select(func.count()).select_from(Vector)
-                                          .where(Vector.embedder == pending["embedder"])) or 0)
+        pending["vectors"] = 0 if pending.get("reused") else int(  # a reembed back to it keeps them
+            s.scalar(select(func.count()).select_from(Vector).where(Vector.embedder == pending["embedder"])) or 0)
     return pending
+
+
+def reuse_superseded(db: Database, embedder: str) -> None:
+    """A `reembed` back to the embedder a committed switch superseded reuses its vectors: from now on the
+    clean-up (verify --repair, a rerun of reembed in another process) leaves them, or it deleted the vectors
+    that run was resuming from and adding, and its switch then refused."""
+    if db.has_claims and db.writable:
+        with db.write_session() as s:
+            _reuse_superseded(s, embedder)
+            s.commit()
+
+
+def _reuse_superseded(s: "Session", embedder: str) -> None:
+    value = s.scalar(select(StoreMeta.value).where(StoreMeta.key == SUPERSEDED))
+    pending = json.loads(value) if value else None
+    if pending is not None and pending["embedder"] == embedder and not pending.get("reused"):
+        s.execute(update(StoreMeta).where(StoreMeta.key == SUPERSEDED)
+                  .values(value=json.dumps({**pending, "reused": True})))
 
 
 def finish_superseded(store: "Store") -> dict | None:
@@ -166,10 +197,17 @@ def _drop_superseded(db: Database, layout: Layout, keep: str | None = None) -> d
     pending = pending_superseded(db)
     if pending is None or pending["embedder"] == layout.embedder_identity:  # never the live set
         return None
+    live = recorded_config(db)
+    if live is not None and live["embedder"]["identity"] != layout.embedder_identity:
+        # another process switched since this one opened (the switches hold this lock too): its layout would name
+        # the live set superseded, and its index path keeps the segments and manifest of no live index
+        return None
     if pending["embedder"] != keep:
-        with db.write_session() as s:
-            s.execute(delete(Vector).where(Vector.embedder == pending["embedder"]))
-            s.commit()
+        with db.write_session() as s:  # read again under the write lock: a reembed back may have claimed them
+            value = s.scalar(select(StoreMeta.value).where(StoreMeta.key == SUPERSEDED))
+            if value and not json.loads(value).get("reused"):
+                s.execute(delete(Vector).where(Vector.embedder == pending["embedder"]))
+                s.commit()
     old = layout.root / str(pending["index_file"])
     if old.name != layout.index_path.name and old.parent == layout.root and old.name.endswith(".faiss"):
         unlink_quietly(old)

@@ -57,8 +57,11 @@ def verify(store: "Store", repair: bool = False, files: bool = True) -> dict:
     superseded = reembed.pending_superseded(db)
     if superseded is not None:  # left for good before; no damage (a note, as a lagging index is), only space
         report["superseded"] = superseded
-        report["notes"].append(f"a `reembed` stopped after its switch left {superseded['vectors']} vectors of "
-                               f"{superseded['embedder']} and its index file {superseded['index_file']} behind "
+        left = (f"the index file {superseded['index_file']} of {superseded['embedder']} (whose vectors a reembed "
+                "back to it reuses)" if superseded.get("reused") else
+                f"{superseded['vectors']} vectors of {superseded['embedder']} and its index file "
+                f"{superseded['index_file']}")
+        report["notes"].append(f"a `reembed` stopped after its switch left {left} behind "
                                "(a repair or the rerun of reembed drops them)")
 
     # the search index on disk (read and checked again), and what this process serves
@@ -114,7 +117,9 @@ def verify(store: "Store", repair: bool = False, files: bool = True) -> dict:
             recount_vector_sets(db)  # a writable open installed vector_sets: it is only stale
             done.append("the database's id digest recomputed")
         if superseded is not None and reembed.finish_superseded(store) is not None:
-            done.append(f"dropped {superseded['vectors']} vectors of {superseded['embedder']} and its index file")
+            done.append(f"dropped the index file of {superseded['embedder']} (its vectors are reused)"
+                        if superseded.get("reused") else
+                        f"dropped {superseded['vectors']} vectors of {superseded['embedder']} and its index file")
         done.append(f"index rebuilt from the database ({store.rebuild()} vectors)")  # one base, no segments
         before = set(report["index"]["segments"]["leftover_files"])
         gone = before - {p.name for p in segments.leftovers(store.index_path)}  # the rebuild removed them

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from index.errors import StoreError
 from index.faults import INTERRUPT_ENV
 from index.store import NewImage, Store
 from tests import procs
@@ -111,6 +112,55 @@ def test_a_reembed_stopped_after_its_switch_leaves_nothing_behind(tmp_path, monk
     with sqlite3.connect(root / "metadata.sqlite") as db:
         left = db.execute("SELECT embedder, count(*) FROM vectors GROUP BY embedder").fetchall()
     assert left == [("new-embedder", 3)]
+
+
+def test_the_clean_up_of_a_switch_leaves_a_reembed_back_and_a_stale_switch_refuses(tmp_path, monkeypatch, capsys):
+    """Two processes, found in review of the record of what a switch supersedes. (1) A `reembed` back to the
+    superseded embedder resumes from its vectors and adds those of images stored since: `verify --repair`
+    run meanwhile deleted them all (the ones just made too), and the switch back then refused. (2) A `reembed`
+    that opened the store before another one switched it named its own old embedder as superseded: the
+    embedder it replaced, live until then, stayed for good, vectors and index file, and verify said ok."""
+    old, new, third = ({"identity": n, "arch": "x", "checkpoint": "x"} for n in ("old-embedder", "new", "third"))
+    root, rng = tmp_path / "s", np.random.default_rng(0)
+
+    def add(store, i: int) -> None:
+        source, desc = store.source("a"), store.description_id("a prompt")
+        store.add_images([NewImage(key=f"k{i}", role="resynthesis", source_id=source.id, description_id=desc,
+                                   file_hash=store.write_image(f"images/fp/k{i}.png", _png(i)),
+                                   path=f"images/fp/k{i}.png", vector=rng.normal(size=8).astype(np.float32), seed=i)])
+
+    def embed(store, name: str) -> None:
+        ids = [image_id for image_id, _, _ in store.images_without_vector(name)]
+        store.add_vectors(name, ids, rng.normal(size=(len(ids), 8)).astype(np.float32))
+
+    with Store.create(root, old, 8) as store:
+        store.add_source("a", "replay", "fp")
+        add(store, 0), add(store, 1)
+    with Store.open(root) as store:
+        embed(store, "new")
+        monkeypatch.setenv(INTERRUPT_ENV, "reembed:after-commit")
+        with pytest.raises(KeyboardInterrupt):
+            store.switch_embedder(new, 8)
+    with Store.open(root) as store:
+        add(store, 2)  # stored since: a "new" vector only
+    with Store.open(root) as back:  # `reembed old-embedder`: embeds image 2, while a repair runs elsewhere
+        embed(back, "old-embedder")
+        assert run_cli("verify", "--repair", "--store", root) == 0
+        assert back.switch_embedder(old, 8) == 3
+    capsys.readouterr()
+    with Store.open(root) as stale:  # (2): opened before another reembed switched
+        embed(stale, "new")
+        with Store.open(root) as other:
+            embed(other, "third")
+            other.switch_embedder(third, 8)
+        with pytest.raises(StoreError, match="switched the store to third since this one opened it"):
+            stale.switch_embedder(new, 8)
+    with Store.open(root) as store:
+        assert store.embedder_identity == "third" and store.verify()["ok"]
+    with sqlite3.connect(root / "metadata.sqlite") as db:
+        left = db.execute("SELECT embedder, count(*) FROM vectors GROUP BY embedder ORDER BY 1").fetchall()
+    assert left == [("new", 3), ("third", 3)]  # the stale run's vectors, kept for its rerun
+    assert sorted(p.name for p in root.glob("vectors*")) == [store.index_path.name]
 
 
 def test_a_store_deeper_than_sqlite_opens_is_one_line_that_says_so(tmp_path, capsys):
