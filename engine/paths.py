@@ -131,8 +131,10 @@ def check_output_file(path: PathLike, what: str) -> None:
                         code="not_a_directory")
 
 
-# what an atomic write adds to a name for its temporary file (".{name}.{pid}.tmp"), with room to spare
-TEMPORARY_SUFFIX_BYTES = 24
+def temporary_suffix_bytes() -> int:
+    """What this process's atomic write adds to a name for its temporary file (".{name}.{pid}.tmp"): a fixed 24
+    refused names of 232 to 242 bytes that the file system took with their temporary file."""
+    return len(f"..{os.getpid()}.tmp")
 
 
 def _check_name_length(target: Path, what: str) -> None:
@@ -145,9 +147,10 @@ def _check_name_length(target: Path, what: str) -> None:
         limit = os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError):
         limit = 255
+    suffix = temporary_suffix_bytes()
     for part in target.parts:
         size = len(os.fsencode(part))
-        if size + (TEMPORARY_SUFFIX_BYTES if part == target.name else 0) > limit:
+        if size + (suffix if part == target.name else 0) > limit:
             raise UserError(f"{what}: the name {shown(part)[:60]}... is {size} bytes, and a file or folder name "
-                            f"holds at most {limit} here ({limit - TEMPORARY_SUFFIX_BYTES} for a file written "
+                            f"holds at most {limit} here ({limit - suffix} for a file written "
                             "through a temporary one): give a shorter name", code="name_too_long")

@@ -188,9 +188,14 @@ def test_names_past_the_file_system_limit_are_one_line_before_any_work(tmp_path,
     Image.new("RGB", (8, 8)).save(image)
     missing = tmp_path / "no-store"
     for argv, words in ((["triage", tmp_path / ("w" * 300), "--out", tmp_path / "out"], "name too long"),
-                        (["attribute", image, "--prompt", "x", "--report", tmp_path / ("r" * 240 + ".html")],
+                        (["attribute", image, "--prompt", "x", "--report", tmp_path / ("r" * 250 + ".html")],
                          "--report: the name")):
         assert run_cli(*argv, "--store", missing) == 2
         error = capsys.readouterr().err.strip()
         assert len(error.splitlines()) == 1 and words in error and "give a shorter" in error, error
+    # a name its temporary file fits beside (.NAME.PID.tmp at most 255 bytes) is taken: a fixed margin refused it
+    name = "r" * (255 - len(f"..{os.getpid()}.tmp") - 5) + ".html"
+    (tmp_path / f".{name}.{os.getpid()}.tmp").touch()  # the file system takes the temporary name
+    assert run_cli("attribute", image, "--prompt", "x", "--report", tmp_path / name, "--store", missing) == 2
+    assert "no store at" in capsys.readouterr().err
     assert not missing.exists()
