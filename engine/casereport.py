@@ -227,7 +227,7 @@ overflow-wrap:anywhere}
 h1{font-size:1.3rem;margin:.2rem 0}h2{font-size:1.05rem;margin:0 0 .3rem;word-break:break-all}
 table.meta{border-collapse:collapse;margin:.5rem 0 1rem}table.meta td,table.meta th{border:1px solid #d0d5dd;
 padding:.2rem .5rem;text-align:left;vertical-align:top;font-size:.85rem}
-table.meta th{overflow-wrap:normal}code{word-break:break-all}
+table.meta th{overflow-wrap:normal}code{overflow-wrap:anywhere}
 section.case{border:1px solid #d0d5dd;border-radius:8px;padding:.8rem;margin:1rem 0;break-inside:avoid}
 .top{display:flex;gap:1rem;flex-wrap:wrap}.top>div:not(.missing){min-width:0;flex:1}
 .top img,.thumbs img{border-radius:4px;background:#eef1f6}

@@ -197,6 +197,22 @@ def test_several_images_give_a_sortable_table_that_opens_each_answer(page, origi
     _shot(page, "page-table.png")
 
 
+# the words of a report header's cell that wrap inside themselves (a fingerprint may: it is one long word)
+BROKEN_WORDS = """(name) => {
+  const row = [...document.querySelectorAll("table.meta tr")].find((r) => r.querySelector("th")?.textContent === name);
+  const node = row.querySelector("code").firstChild, broken = [];
+  let at = 0;
+  for (const word of node.textContent.split(" ")) {
+    const range = document.createRange();
+    range.setStart(node, at);
+    range.setEnd(node, at + word.length);
+    if (range.getClientRects().length > 1) broken.push(word);
+    at += word.length + 1;
+  }
+  return broken;
+}"""
+
+
 def test_the_case_report_downloads_and_opens(page, tmp_path):
     with page.expect_download() as info:
         page.click("#download")
@@ -214,6 +230,7 @@ def test_the_case_report_downloads_and_opens(page, tmp_path):
         tracks = report.eval_on_selector_all(".bar .track", "els => els.map(e => e.clientWidth)")
         assert tracks and min(tracks) >= 40, tracks  # 0 px before: the name and number columns took the width
         assert report.evaluate("() => document.documentElement.scrollWidth - window.innerWidth") <= 1
+        assert report.evaluate(BROKEN_WORDS, "calibration") == []  # "uncalibra / ted": code cells broke every word
         if SHOTS is not None:
             report.screenshot(path=str(SHOTS / "report.png"), full_page=True)
     finally:
