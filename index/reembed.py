@@ -161,6 +161,18 @@ def pending_superseded(db: Database) -> dict | None:
     return pending
 
 
+def unswitched_vectors(db: Database, live: str) -> dict[str, int]:
+    """Vectors of embedders neither live nor superseded: a `reembed` not switched yet (running, stopped, given
+    up). A switch once deleted them; it keeps them now (they may be another process's work in progress), so
+    verify shows them, or a given-up reembed's stayed unseen."""
+    pending = pending_superseded(db)
+    skip = {live} | ({pending["embedder"]} if pending and not pending.get("reused") else set())
+    with db.session() as s:
+        rows = s.execute(select(Vector.embedder, func.count()).where(Vector.embedder.not_in(skip))
+                         .group_by(Vector.embedder).order_by(Vector.embedder)).all()
+    return {str(name): int(count) for name, count in rows}
+
+
 def reuse_superseded(db: Database, embedder: str) -> None:
     """A `reembed` back to the embedder a committed switch superseded reuses its vectors: from now on the
     clean-up (verify --repair, a rerun of reembed in another process) leaves them, or it deleted the vectors

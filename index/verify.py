@@ -64,6 +64,12 @@ def verify(store: "Store", repair: bool = False, files: bool = True) -> dict:
         report["notes"].append(f"a `reembed` stopped after its switch left {left} behind "
                                "(a repair or the rerun of reembed drops them)")
 
+    unswitched = reembed.unswitched_vectors(db, store.embedder_identity)
+    if unswitched:  # no damage: kept for the rerun of that reembed, which resumes from them
+        report["unswitched"] = unswitched
+        report["notes"].append("vectors of a `reembed` not switched to (running, stopped or given up), kept for its "
+                               "rerun: " + ", ".join(f"{count} of {name}" for name, count in unswitched.items()))
+
     # the search index on disk (read and checked again), and what this process serves
     on_disk, state = store.search_index.read(full=True)
     search_entry = store.search_report()

@@ -157,6 +157,7 @@ def test_the_clean_up_of_a_switch_leaves_a_reembed_back_and_a_stale_switch_refus
             stale.switch_embedder(new, 8)
     with Store.open(root) as store:
         assert store.embedder_identity == "third" and store.verify()["ok"]
+        assert store.verify()["unswitched"] == {"new": 3}  # no switch drops them now: verify shows them
     with sqlite3.connect(root / "metadata.sqlite") as db:
         left = db.execute("SELECT embedder, count(*) FROM vectors GROUP BY embedder ORDER BY 1").fetchall()
     assert left == [("new", 3), ("third", 3)]  # the stale run's vectors, kept for its rerun
