@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import io
 import json
+import re
 import socket
 import struct
 import subprocess
@@ -838,3 +839,60 @@ def test_a_client_still_sending_its_body_reads_the_refusal_not_a_reset(server):
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(sent, timeout=30)
     assert refused.value.code == 413 and json.loads(refused.value.read())["error"]["code"] == "body_too_large"
+
+
+def test_a_pipelined_upload_after_an_answered_request_is_answered_too(server):
+    """The close of a refusal answered before its body ended was decided after uvicorn had started the next
+    pipelined request: an upload sent behind a GET, its body still arriving, was taken for the refusal's, its
+    connection ended unanswered and its handler failed writing ("write() after write_eof()")."""
+    get = f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode()
+    post = (f"POST /v1/attribute HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: multipart/form-data; "
+            f"boundary=b\r\nContent-Length: 20000\r\n\r\n").encode()
+    before = server.log
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(get + post + bytes(100))
+        time.sleep(0.2)
+        sock.sendall(bytes(19900))
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+            if answer.count(b"HTTP/1.1 ") == 2 and answer.endswith(b"}"):
+                break
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)
+    assert statuses == [b"200", b"400"] and b'"bad_multipart"' in answer, answer[-300:]
+    assert "write_eof" not in server.log[len(before):]
+
+
+def test_a_refusal_answered_during_a_graceful_stop_does_not_hold_it():
+    """A refusal answered before its body ended lingers up to --body-timeout; answered once uvicorn's graceful stop
+    had begun, it held the stop that long (one client refused at SIGTERM: 21.6 s, not 0.3 s, at --body-timeout 20):
+    uvicorn waits for every connection."""
+    import uvicorn
+
+    from engine.service.guard import http_protocol, send_error
+
+    async def refuse_later(scope, receive, send):
+        await asyncio.sleep(0.3)
+        await send_error(send, 413, "body_too_large", "too large")
+
+    async def scenario() -> tuple[bytes, float]:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        config = uvicorn.Config(refuse_later, http=http_protocol(Limits(body_timeout=10)), ws="none", lifespan="off",
+                                log_level="error")
+        server = uvicorn.Server(config)
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection(*sock.getsockname())
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n--")
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        server.should_exit = True
+        answer = await reader.read()
+        await serving
+        writer.close()
+        return answer, time.monotonic() - started
+    answer, took = asyncio.run(scenario())
+    assert answer.startswith(b"HTTP/1.1 413") and took < 3, (took, answer[:100])

@@ -391,6 +391,7 @@ class _Lingering:
     def __init__(self, transport, protocol):
         self._transport, self._protocol = transport, protocol
         self.lingering = False
+        self._timer: asyncio.TimerHandle | None = None
 
     def __getattr__(self, name: str):
         return getattr(self._transport, name)
@@ -402,14 +403,21 @@ class _Lingering:
         import h11
 
         conn = getattr(self._protocol, "conn", None)
+        # not in a graceful stop (uvicorn waits for every connection: one refusal held the stop for body_timeout)
         if (self.lingering or self._transport.is_closing() or conn is None or conn.their_state is not h11.SEND_BODY
-                or not self._transport.can_write_eof()):
+                or not self._transport.can_write_eof() or getattr(self._protocol, "stopping", False)):
             self._transport.close()
             return
         self.lingering = True
         self._transport.resume_reading()
         self._transport.write_eof()
-        self._protocol.loop.call_later(self._protocol.linger_seconds, self._transport.close)
+        self._timer = self._protocol.loop.call_later(self._protocol.linger_seconds, self._transport.close)
+
+    def forget(self) -> None:
+        """The connection is gone: its deadline would keep the closed transport alive for body_timeout."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def http_protocol(limits: Limits):
@@ -442,6 +450,7 @@ def http_protocol(limits: Limits):
         _send_timer: asyncio.TimerHandle | None = None
         linger_seconds = limits.body_timeout  # a refused body still arriving is read and dropped this long at most
         _refused = False
+        stopping = False  # uvicorn's graceful stop has begun: no lingering from now on
 
         def connection_made(self, transport) -> None:
             # every connection holds its headers while they arrive (up to max_header_bytes) until the header
@@ -469,14 +478,23 @@ def http_protocol(limits: Limits):
                 return
             self._disarm()
             self._reading_again()
+            if isinstance(self.transport, _Lingering):
+                self.transport.forget()
             super().connection_lost(exc)  # wakes a `send` waiting on the buffers: it returns, the handler ends
 
         def on_response_complete(self) -> None:
+            # read before uvicorn starts the next pipelined request, whose body may still be arriving: that one
+            # was taken for this one's and its connection closed unanswered
+            unfinished = self.conn.their_state is h11.SEND_BODY
             super().on_response_complete()
-            if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+            if unfinished and not self.transport.is_closing():
                 # answered before its body ended (a refusal, drained for DRAIN_SECONDS at most): uvicorn would read
                 # and drop the rest with no deadline, its keep-alive timer restarted at every byte
                 self.transport.close()  # a _Lingering transport: it marks the end and drops the rest first
+
+        def shutdown(self) -> None:
+            self.stopping = True
+            super().shutdown()
 
         def pause_writing(self) -> None:  # the transport's buffer is over its high-water mark
             if self._refused:
