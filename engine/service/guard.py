@@ -409,6 +409,9 @@ class _Lingering:
             self._transport.close()
             return
         self.lingering = True
+        cycle = getattr(self._protocol, "cycle", None)
+        if cycle is not None:  # the body uvicorn read ahead (up to 320 KB), never to be read now: held to the close
+            cycle.body = bytearray()
         self._transport.resume_reading()
         self._transport.write_eof()
         self._timer = self._protocol.loop.call_later(self._protocol.linger_seconds, self._transport.close)
