@@ -906,3 +906,41 @@ def test_a_refusal_answered_during_a_graceful_stop_does_not_hold_it():
     # a lingering connection held what uvicorn had read ahead of the refused body (64 KB to 320 KB) till its close:
     # 400 of them took 51 MB, outside Limits.memory_bound
     assert held == [0], held
+
+
+def test_a_closed_connection_whose_client_reads_nothing_is_dropped_too():
+    """--send-timeout began only once an answer filled the transport's buffer past its high-water mark (64 KB):
+    an answer that filled the kernel's buffers and left less than that waiting was never dropped. Closed (here
+    Connection: close; or idle keep-alive), the transport waited for the client to read it, for ever: a client
+    that reads nothing held its connection and its --max-connections slot for good."""
+    import uvicorn
+
+    from engine.service.guard import http_protocol
+
+    async def page(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"40000")]})
+        await send({"type": "http.response.body", "body": bytes(40000)})
+
+    async def scenario() -> list[int]:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # inherited by the accepted connections
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        config = uvicorn.Config(page, http=http_protocol(Limits(send_timeout=0.2)), ws="none", lifespan="off",
+                                log_level="error")
+        server = uvicorn.Server(config)
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            await asyncio.sleep(0.01)
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(client, sock.getsockname())
+        client.send(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")  # and never reads
+        await asyncio.sleep(0.7)
+        held = [c.transport.get_write_buffer_size() for c in server.server_state.connections]
+        server.force_exit = server.should_exit = True
+        await serving
+        client.close()
+        return held
+    assert asyncio.run(scenario()) == []

@@ -406,7 +406,7 @@ class _Lingering:
         # not in a graceful stop (uvicorn waits for every connection: one refusal held the stop for body_timeout)
         if (self.lingering or self._transport.is_closing() or conn is None or conn.their_state is not h11.SEND_BODY
                 or not self._transport.can_write_eof() or getattr(self._protocol, "stopping", False)):
-            self._transport.close()
+            self._close_now()
             return
         self.lingering = True
         cycle = getattr(self._protocol, "cycle", None)
@@ -414,10 +414,28 @@ class _Lingering:
             cycle.body = bytearray()
         self._transport.resume_reading()
         self._transport.write_eof()
-        self._timer = self._protocol.loop.call_later(self._protocol.linger_seconds, self._transport.close)
+        self._timer = self._protocol.loop.call_later(self._protocol.linger_seconds, self._close_now)
+
+    def _close_now(self) -> None:
+        """Close; the transport then waits for the client to read what is still buffered, with no deadline:
+        --send-timeout only began past the buffer's high-water mark, so a client reading nothing held a connection
+        for good when less than that was left over the kernel's buffers. Aborted once it reads none of it for
+        send_timeout instead."""
+        self._transport.close()
+        self.forget()  # a linger's deadline, or a watch begun by an earlier close
+        self._watch(None)
+
+    def _watch(self, before: int | None) -> None:
+        left = self._transport.get_write_buffer_size()
+        if not left:
+            return
+        if left == before:
+            self._transport.abort()
+            return
+        self._timer = self._protocol.loop.call_later(self._protocol.send_seconds, self._watch, left)
 
     def forget(self) -> None:
-        """The connection is gone: its deadline would keep the closed transport alive for body_timeout."""
+        """The connection is gone: its deadlines would keep the closed transport alive."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -454,6 +472,7 @@ def http_protocol(limits: Limits):
         linger_seconds = limits.body_timeout  # a refused body still arriving is read and dropped this long at most
         _refused = False
         stopping = False  # uvicorn's graceful stop has begun: no lingering from now on
+        send_seconds = send_timeout  # a closed connection waits this long at most for the client to read the rest
 
         def connection_made(self, transport) -> None:
             # every connection holds its headers while they arrive (up to max_header_bytes) until the header
