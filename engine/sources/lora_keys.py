@@ -311,6 +311,12 @@ def check_adapter_fits(file: Path, tensors: dict, folder: Path) -> None:
         raise UserError(f"{file.name}: {len(downward)} of {len(state)} LoRA tensors are biases of a factor other "
                         f"than lora_B (e.g. {', '.join(downward[:EXAMPLES])}), which peft has none of and diffusers "
                         "leaves out: it would load only in part")
+    # a layer with one factor only: peft leaves the other on the meta device and the layer adds nothing
+    halves = [f"{c}.{m}" for (c, m), (down, up) in ranks.items() if (down is None) != (up is None)]
+    if halves:
+        raise UserError(f"{file.name}: {plural(len(halves), 'layer')} {'has' if len(halves) == 1 else 'have'} only "
+                        f"one of its two factors (e.g. {', '.join(halves[:EXAMPLES])}): a broken adapter, which "
+                        "diffusers would load without those layers")
     uneven = [f"{c}.{m}" for (c, m), (down, up) in ranks.items() if down is not None and up is not None and down != up]
     if uneven:
         raise UserError(f"{file.name}: the two factors of {len(uneven)} layers have different ranks (e.g. "
