@@ -102,6 +102,7 @@ def clean(p) -> None:
     """The JSON shape holds and no internal error was swallowed."""
     d = p.to_dict()
     assert json.loads(json.dumps(d)) == d
+    json.dumps(d, ensure_ascii=False).encode("utf-8")  # no lone surrogate: every string is text UTF-8 can write
     assert set(d) == {"schema", "format", "metadata", "digital_source_type", "exif", "c2pa", "watermark",
                       "watermark_check", "notes"}
     assert not [n for n in d["notes"] if "internal error" in n], d["notes"]
@@ -353,6 +354,26 @@ def test_hostile_png_chunks():
     # a chunk whose length runs past the end of the file, and one claiming 4 GiB
     clean(read_provenance(base[:33] + png_chunk(b"tEXt", b"parameters\x00abc", length=1 << 20), watermark=False))
     clean(read_provenance(base[:33] + struct.pack(">I", 0xFFFFFFFF) + b"tEXt" + b"k\x00v", watermark=False))
+
+
+def test_json_escaped_lone_surrogates_become_replacement_characters():
+    """JSON's `\\ud800` escape decodes to a lone surrogate, which UTF-8 cannot encode: a ComfyUI prompt
+    holding one failed `resynth attribute` with a traceback (UnicodeEncodeError hashing the description)."""
+    comfy = json.dumps(COMFY_PROMPT).replace("red fox", "red \\ud800fox")
+    fields = [("prompt", comfy),
+              ("invokeai_metadata", '{"positive_prompt": "a dog \\uDFFF", "model": {"name": "m\\udc80"}, "seed": 1}'),
+              ("parameters", '{"prompt": "a cat \\ud83d", "base_model": "x\\ud800", "Seed": 1}'),  # Fooocus
+              ("parameters", A1111.replace("Model: v1-5-pruned-emaonly", 'Model: "pruned\\ud800"'))]
+    got = []
+    for key, text in fields:
+        p = read_provenance(png([(key, text)]), c2pa=False, watermark=False)
+        clean(p)
+        got.append(p.metadata)
+    assert "red \ufffdfox" in got[0].prompt and got[1].prompt == "a dog \ufffd"
+    assert got[1].model_name == "m\ufffd" and got[2].prompt == "a cat \ufffd" and got[2].model_name == "x\ufffd"
+    assert got[3].model_name == "pruned\ufffd"
+    surrogate_pair = read_provenance(png([("prompt", comfy.replace("\\ud800", "\\ud83d\\ude00"))]), watermark=False)
+    assert "red \U0001f600fox" in surrogate_pair.metadata.prompt  # a valid pair is one character, kept
 
 
 def test_hostile_comfy_graphs():

@@ -129,6 +129,21 @@ def test_comfyui_png_is_described_by_its_prompt_graph(store_dir, originals, tmp_
     assert claim["agrees"] == (result.predicted == "tiny-sd-euler")
 
 
+def test_an_embedded_prompt_with_a_lone_surrogate_is_read_with_a_replacement_character(store_dir, originals, tmp_path,
+                                                                                   capsys):
+    """JSON's `\\ud800` escape in a ComfyUI graph: `resynth attribute` failed with a traceback
+    (UnicodeEncodeError) where the description was hashed; the character is now U+FFFD."""
+    query = originals[0]
+    path = with_texts(query["image"], comfyui("a man \ud800 in a hat", "x.safetensors"), tmp_path / "lone.png")
+    assert "\\ud800" in Image.open(path).text["prompt"]  # the file holds the escape, as a JSON writer puts it
+    with engine.open(store_dir) as ws:
+        result = ws.attribute(path, options=ONE).results[0]
+    assert (result.description_from, result.description) == ("metadata", "a man \ufffd in a hat")
+    capsys.readouterr()
+    assert run_cli("attribute", path, "--store", store_dir, "--json", "--quiet", "--per-source", 1) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["description"] == "a man \ufffd in a hat"
+
+
 def test_closest_lists_each_sources_nearest_resyntheses_of_the_description(store_dir, originals, models):
     query = originals[3]
     options = Options(per_source=3, adaptive=False, mode="resynthesis")

@@ -12,7 +12,8 @@ from dataclasses import replace
 
 from engine.provenance.comfyui import comfyui
 from engine.provenance.values import (Checked, GenerationMetadata, MAX_PARAMS_LINE, SEED_RANGE, SIDE_RANGE,
-                                     STEPS_RANGE, as_prompt, as_str, parse_json, settings_of)
+                                     STEPS_RANGE, as_prompt, as_str, no_surrogates, parse_json,
+                                     settings_of)
 
 
 # --- dispatch --------------------------------------------------------------------------------
@@ -96,7 +97,7 @@ def a1111(text: str, where: str, notes: list[str]) -> GenerationMetadata | None:
             v = v.strip()
             if v.startswith('"') and v.endswith('"') and len(v) >= 2:
                 try:
-                    v = json.loads(v)
+                    v = no_surrogates(json.loads(v))
                 except ValueError:
                     v = v[1:-1]
             settings.setdefault(k.strip(), str(v))

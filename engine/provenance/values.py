@@ -140,9 +140,24 @@ def settings_of(d: dict) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def no_surrogates(text: str) -> str:
+    """`text` with each lone UTF-16 surrogate (which JSON's `\\ud800` escape yields) as U+FFFD: such a
+    string cannot be encoded as UTF-8, and an embedded prompt holding one failed the request with a
+    traceback when it was hashed as the query's description."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
 def parse_json(text: str, where: str, notes: list[str]):
+    """The file's JSON, its strings (keys too) free of lone surrogates."""
     try:
-        return json.loads(text)
+        value = json.loads(text)
+        if _SURROGATE_ESCAPE.search(text):  # only then can a string hold one: re-read it cleaned
+            value = json.loads(no_surrogates(json.dumps(value, ensure_ascii=False)))
+        return value
     except (ValueError, RecursionError) as e:
         notes.append(f"{where}: not valid JSON ({type(e).__name__}); ignored")
         return None
