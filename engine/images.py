@@ -73,7 +73,7 @@ def read_image(source: ImageInput, label: str | None = None, max_bytes: int = MA
                max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, str]:
     """RGB image and a sha256 identifying it: of the file's bytes, or of the pixels of a PIL image."""
     if isinstance(source, Image.Image):
-        image = source.convert("RGB")
+        image = as_rgb(source)
         _check_pixels(image.width, image.height, max_pixels, label or "image")
         digest = hashlib.sha256(f"{image.width}x{image.height}:".encode() + image.tobytes()).hexdigest()
         return image, digest
@@ -175,6 +175,19 @@ def upright(opened: Image.Image) -> Image.Image:
     return opened.transpose(method) if method is not None else opened
 
 
+def as_rgb(image: Image.Image) -> Image.Image:
+    """RGB as a viewer shows it. Pillow converts 16-bit greyscale (PNG, TIFF) by clipping each value to 255
+    rather than scaling it: a 16-bit PNG of a 0-65535 ramp became an almost white image, attributed as one."""
+    if image.mode.startswith("I;16"):  # the high byte, as Pillow reads a 16-bit colour PNG; 3 bytes a pixel at most
+        import numpy
+
+        values = numpy.array(image)  # in the file's byte order
+        values >>= 8
+        image = Image.fromarray(values.astype(numpy.uint8))
+        del values
+    return image.convert("RGB")
+
+
 def accepted(opened: Image.Image) -> bool:
     """Whether Pillow's reading of a file is one of the accepted formats."""
     return ALIASES.get(opened.format or "", opened.format) in FORMATS
@@ -238,7 +251,7 @@ def decode(data: bytes, label: str, max_pixels: int = MAX_PIXELS) -> Image.Image
     try:
         with open_accepted(io.BytesIO(data), label) as opened:
             _check_pixels(opened.width, opened.height, max_pixels, label, opened.format)  # header only
-            return upright(opened).convert("RGB")
+            return as_rgb(upright(opened))
     except UserError:
         raise
     except MemoryError:

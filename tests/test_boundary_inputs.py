@@ -143,6 +143,28 @@ def test_long_thin_images_are_refused_from_the_header(tmp_path):
         assert read_image(_thin_png(width, height))[0].size == (width, height)
 
 
+def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped():
+    """Pillow converts 16-bit greyscale to RGB by clipping each value to 255: a 16-bit PNG of a dark-to-light
+    ramp was read, and attributed, as an almost white image. Read as its high byte (as 16-bit colour is)."""
+    import numpy as np
+
+    ramp = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)  # 0 .. 65520
+    expected = (ramp >> 8).astype(np.uint8)
+    files = {}
+    for fmt, mode in (("PNG", "I;16"), ("TIFF", "I;16"), ("TIFF", "I;16B")):
+        buffer = io.BytesIO()
+        Image.frombytes(mode, (64, 64), ramp.astype(">u2" if mode.endswith("B") else "<u2").tobytes()).save(buffer, fmt)
+        files[fmt, mode] = buffer.getvalue()
+    for (fmt, mode), data in files.items():
+        with Image.open(io.BytesIO(data)) as opened:
+            assert opened.mode == mode  # what this test is about
+        image, _ = read_image(data)
+        pixels = np.asarray(image)
+        assert image.mode == "RGB" and (pixels == expected[:, :, None]).all(), (fmt, mode, pixels.mean())
+        from_pil, _ = read_image(Image.open(io.BytesIO(data)))  # the Python entry point's decoded image
+        assert (np.asarray(from_pil) == pixels).all()
+
+
 def test_preprocessing_memory_stays_within_the_bound_at_the_ratio_limit():
     """What CLIP preprocessing allocates for the thinnest accepted image, at the largest input side the
     bound assumes, measured in a fresh process, against Limits.upscale_bytes()."""
