@@ -76,7 +76,7 @@ class ApiParams:
 
     def validate(self) -> "ApiParams":
         protocol = providers.get(self.protocol)  # an unknown name is a one-line UserError
-        parts = urlsplit(self.url.strip()) if isinstance(self.url, str) else None
+        parts = _split(self.url)
         if parts is None or parts.scheme.lower() not in ("http", "https") or not parts.hostname:
             raise UserError(f"API URL must be http:// or https:// with a host, not {self.url!r}")
         if not isinstance(self.model, str) or not self.model.strip():
@@ -108,7 +108,7 @@ class ApiParams:
                                                    and _ENV_NAME.match(self.client_id_env)):
             raise UserError("--client-id-env takes the NAME of an environment variable (letters, digits, _)")
         if self.token_url is not None:
-            token = urlsplit(self.token_url.strip()) if isinstance(self.token_url, str) else None
+            token = _split(self.token_url)
             if token is None or token.scheme.lower() not in ("http", "https") or not token.hostname:
                 raise UserError(f"--token-url must be http:// or https:// with a host, not {self.token_url!r}")
         if not isinstance(self.public_only, bool):
@@ -118,6 +118,48 @@ class ApiParams:
             raise UserError(f"API extra parameters may not set {sorted(reserved)}")
         protocol.validate(self)
         return self
+
+    def check_new(self) -> "ApiParams":
+        """`validate`, and what only a source being added is refused for (a stored one keeps loading and fails,
+        if it must, at its requests): URLs that could never be reached or that hold a password, a timeout past
+        what the clock takes."""
+        self.validate()
+        for flag, url in (("--api", self.url), ("--token-url", self.token_url)):
+            if url is not None:
+                _check_reachable(flag, url)
+        if self.timeout > MAX_TIMEOUT:
+            raise UserError(f"API timeout must be at most {MAX_TIMEOUT} seconds (a day), not {self.timeout!r}")
+        return self
+
+
+MAX_TIMEOUT = 86_400  # a request or polling loop longer than a day is a typo (1e300 failed every request)
+
+
+def _split(url: Any):
+    """urlsplit of a URL string, or None (`http://[::1` made urlsplit raise, a traceback at `source add`)."""
+    try:
+        return urlsplit(url.strip()) if isinstance(url, str) else None
+    except ValueError:
+        return None
+
+
+def _check_reachable(flag: str, url: str) -> None:
+    """Refuse what was stored and then failed at every request (a port out of range, a space or control
+    character, retried as an unknown host), and a user name or password in the URL, which would be stored
+    and shown by `source list`, where keys never are."""
+    given = url.strip()
+    parts = urlsplit(given)
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise UserError(f"{flag} {given!r}: its port is not a number from 1 to 65535")
+    if any(c.isspace() or not c.isprintable() for c in given):
+        raise UserError(f"{flag} {given!r} holds a space or control character: give the URL alone")
+    if parts.username is not None or parts.password is not None:
+        raise UserError(f"{flag} must not hold a user name or password (user:pass@), which would be stored with "
+                        "the source and shown by `source list`: give the key with --api-key-env VAR")
 
 
 def _number(value: Any) -> bool:

@@ -156,3 +156,29 @@ def test_a_name_typed_in_another_unicode_form_is_the_stored_one(store, capsys):
         known.order = order
         row = ManifestRow(2, Path("x.png"), "café", "d", "original")
         assert _check_sources(Path("m.csv"), [row], known) == [] and row.source == "café"
+
+
+def test_an_api_url_that_can_never_be_reached_or_holds_a_password_is_refused_at_add(store, capsys):
+    """`http://[::1` was a traceback at `source add`; a port out of range, a space or newline in the URL and a
+    timeout of 1e300 were stored and then failed every request (retried 5 times as an unknown host, or 'timestamp
+    out of range'); `https://user:pass@host` stored the password, shown by `source list`."""
+    for url, extra, said in (
+            ("http://[::1", (), "API URL must be http:// or https:// with a host, not 'http://[::1'"),
+            ("https://api.example.org:99999", (), "its port is not a number from 1 to 65535"),
+            ("https://api.example.org:0", (), "its port is not a number from 1 to 65535"),
+            ("https://api .example.org", (), "holds a space or control character"),
+            ("https://api.example.org/\nX-Injected: 1", (), "holds a space or control character"),
+            ("https://user:hunter2@api.example.org", (), "must not hold a user name or password"),
+            ("https://api.example.org", ("--timeout", "1e300"), "API timeout must be at most 86400 seconds")):
+        capsys.readouterr()
+        assert run_cli("source", "add", "x", "--api", url, "--model", "m", *extra, "--store", store) == 2, url
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert "hunter2" not in err
+    assert _listed(capsys, store) == {}
+    assert run_cli("source", "add", "x", "--api", "https://api.example.org:8443/v1?api-version=2", "--model", "m",
+                   "--timeout", "86400", "--store", store) == 0
+    # a source stored before these checks still lists and loads (its requests fail, one line each)
+    from engine.api_params import ApiParams
+
+    assert ApiParams.from_json(ApiParams("https://u:p@api.example.org:99999", "m").to_json()).model == "m"

@@ -57,7 +57,7 @@ class Api(SourceKind):
         params = ApiParams(url=url, model=model, size=size, api_key_env=api_key_env, price=price, rate=rate,
                            concurrency=concurrency, extra=dict(extra or {}), timeout=timeout,
                            protocol=protocol, client_id_env=client_id_env, token_url=token_url,
-                           public_only=public_only).validate()
+                           public_only=public_only).check_new()
         warning = None
         unset = [env for env in (api_key_env, client_id_env) if env and not os.environ.get(env)]
         if unset:
