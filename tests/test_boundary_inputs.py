@@ -240,6 +240,14 @@ def test_bad_exif_and_thin_images_over_http(store_dir, originals):
         refused = post(_thin_png(60000, 1), "thin.png")
         assert refused.status_code == 413 and refused.json()["error"]["code"] == "extreme_aspect_ratio"
 
+        # a prompt of bytes that are not UTF-8: starlette read it as Latin-1 and the mojibake was attributed;
+        # refused with the CLI's code (engine.arguments.unicode)
+        latin1 = client.post("/v1/attribute", files={"image": ("a.jpg", _jpeg(b""), "image/jpeg")},
+                             data={"prompt": "caf\u00e9".encode("latin-1"), "per_source": "1"})
+        assert latin1.status_code == 400 and latin1.json()["error"]["code"] == "not_utf8", latin1.text
+        assert "'prompt' is not valid UTF-8 (byte 0xe9 at offset 3)" in latin1.json()["error"]["message"]
+        assert post(_jpeg(b""), "caf\u00e9.jpg").json()["results"][0]["query"] == "caf\u00e9.jpg"  # UTF-8: read
+
 
 def test_a_checkpoint_of_another_architecture_says_so_in_one_line(models, tmp_path, capsys):
     assert run_cli("init", "--store", tmp_path / "s", "--clip-model", "ViT-B-32",

@@ -41,6 +41,20 @@ async def read_form(request: Request, limits: Limits) -> AsyncIterator[FormData]
         def on_end(self) -> None:  # the closing boundary was read
             self.ended = True
 
+        def on_part_end(self) -> None:
+            """starlette reads a text field that is not UTF-8 as Latin-1 (a prompt of Latin-1 bytes became
+            mojibake, attributed): refused, as the CLI and Python refuse such a prompt. A request declaring
+            another charset keeps it."""
+            part = self._current_part
+            if part.file is None and self._charset == "utf-8":
+                try:
+                    part.data.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise ServiceError(400, "not_utf8", f"the text field {part.field_name[:40]!r} is not valid UTF-8 "
+                                                        f"(byte 0x{part.data[exc.start]:02x} at offset {exc.start}): "
+                                                        "send text fields as UTF-8") from None
+            super().on_part_end()
+
     parser = Parser(request.headers, request.stream(), max_files=limits.max_images, max_fields=limits.max_fields,
                     max_part_size=limits.max_field_bytes)
     try:
