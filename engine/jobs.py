@@ -241,6 +241,7 @@ def resynthesize_dataset(ws, descriptions: Sequence[str], options: Options | Non
 
 
 # ----- reembed -----------------------------------------------------------------------------------
+RUNNING_LEASE_S = 900.0  # a running reembed's lease, renewed every batch; one killed is abandonable after it
 def _embed_files(embedder, jobs: list[tuple[int, str, str]]) -> tuple[list[int], np.ndarray, list[tuple[str, str]]]:
     from engine.images import read_image
     from index.objects import read_location, sha256_bytes
@@ -264,8 +265,6 @@ def reembed(ws, spec, ray_address: str | None = None, progress: bool = True, bat
     """Embed every stored image with the encoder `spec`, beside the live vectors, then switch the store
     to it atomically (index and search index rebuilt, calibration dropped: it was fitted in the old
     space). Resumable: images that already have a new vector are skipped. No image is regenerated."""
-    from tqdm import tqdm
-
     from engine.embed import Embedder
 
     started = time.perf_counter()
@@ -286,9 +285,29 @@ def reembed(ws, spec, ray_address: str | None = None, progress: bool = True, bat
         return {"embedder": embedder.identity, "previous": finished["embedder"], "dim": embedder.dim,
                 "embedded": 0, "vectors": len(store.vector_ids()), "backend": "in-process",
                 "seconds": round(time.perf_counter() - started, 3)}
-    from index.reembed import reuse_superseded
+    from index.errors import StoreError
+    from index.reembed import RUNNING, reuse_superseded
 
     reuse_superseded(store.db, embedder.identity)  # a reembed back: the clean-up elsewhere leaves its vectors now
+    running = [RUNNING + embedder.identity]
+    try:
+        return _reembed(ws, store, embedder, spec, running, ray_address, progress, batch, started)
+    finally:
+        try:
+            store.release(running, ws.owner)
+        except StoreError:  # the lease expires; meanwhile `reembed --abandon` keeps these vectors
+            pass
+
+
+def _reembed(ws, store, embedder, spec, running: list[str], ray_address: str | None, progress: bool, batch: int,
+             started: float) -> dict:
+    from tqdm import tqdm
+
+    def add(ids: list[int], matrix: np.ndarray) -> int:
+        store.claim(running, ws.owner, RUNNING_LEASE_S)  # renewed: `reembed --abandon` leaves a running one's
+        return store.add_vectors(embedder.identity, ids, matrix)
+
+    store.claim(running, ws.owner, RUNNING_LEASE_S)
     todo = store.images_without_vector(embedder.identity)
     unreadable: list[tuple[str, str]] = []
     embedded = 0
@@ -297,7 +316,7 @@ def reembed(ws, spec, ray_address: str | None = None, progress: bool = True, bat
         if ray is None:
             for k in range(0, len(todo), batch):
                 ids, matrix, bad = _embed_files(embedder, todo[k:k + batch])
-                embedded += store.add_vectors(embedder.identity, ids, matrix)
+                embedded += add(ids, matrix)
                 unreadable += bad
                 bar.update(len(todo[k:k + batch]))
         elif todo:
@@ -311,7 +330,7 @@ def reembed(ws, spec, ray_address: str | None = None, progress: bool = True, bat
                 done, _ = ray.wait(list(pending), num_returns=1)
                 size = pending.pop(done[0])
                 ids, matrix, bad = ray.get(done[0])
-                embedded += store.add_vectors(embedder.identity, ids, matrix)
+                embedded += add(ids, matrix)
                 unreadable += bad
                 bar.update(size)
             for actor in actors:
@@ -361,9 +380,12 @@ def register(sub, common) -> None:
                                    "live vectors, then switch the store to it in one step (index and search index "
                                    "rebuilt, calibration dropped: refit it). No image is regenerated; until the "
                                    "switch the store answers with its old vectors, and an interrupted run resumes. "
-                                   "Restart running servers afterwards.")
-    add_clip_arguments(p)
+                                   "Restart running servers afterwards. --abandon gives up a reembed instead.")
+    add_clip_arguments(p, required=False)
     p.add_argument("--ray", metavar="ADDRESS", help=ray_help)
+    p.add_argument("--abandon", action="store_true",
+                   help="give up every reembed not switched to (stopped, or no longer wanted): delete the vectors "
+                        "kept for its rerun (`resynth verify` counts them); a reembed running now keeps its own")
     p.set_defaults(run=cmd_reembed)
 
 
@@ -389,10 +411,29 @@ def cmd_reembed(args) -> None:
     import engine
 
     from engine.flags import clip_kwargs
+    if args.abandon:
+        if args.clip_checkpoint or args.clip_model or args.clip_config or args.ray:
+            args._parser.error("--abandon takes no --clip-* or --ray option")
+        cmd_abandon(args)
+        return
+    if not args.clip_checkpoint:
+        args._parser.error("the following arguments are required: --clip-checkpoint (or --abandon)")
     require_ray(args.ray)
     with engine.open(args.store, progress=not args.quiet, device=args.device) as ws:
         report = ws.reembed(**clip_kwargs(args), ray=args.ray)
     text = (f"store now uses {report['embedder']} ({report['dim']}-d, was {report['previous']}): "
             f"{plural(report['embedded'], 'image')} embedded, {plural(report['vectors'], 'vector')} live "
             f"({report['backend']}, {report['seconds']:.1f} s)")
+    print(json.dumps(report, indent=2) if args.json else text)
+
+
+def cmd_abandon(args) -> None:
+    import engine
+
+    with engine.open(args.store, progress=not args.quiet, device=args.device) as ws:
+        report = ws.abandon_reembeds()
+    dropped = ", ".join(f"{plural(n, 'vector')} of {name}" for name, n in report["dropped"].items())
+    text = f"deleted {dropped}" if dropped else "no reembed to give up"
+    if report["running"]:
+        text += "; kept those of the reembed running now: " + ", ".join(report["running"])
     print(json.dumps(report, indent=2) if args.json else text)

@@ -449,6 +449,14 @@ class Workspace:
         spec = embedder_spec(clip_checkpoint, clip_model, clip_config, clip_layer)
         return jobs.reembed(self, spec, ray_address=ray, progress=self.progress)
 
+    def abandon_reembeds(self) -> dict:
+        """Give up every `reembed` not switched to: its vectors, kept for a rerun to resume from, are deleted
+        (those of a reembed running now stay). {"dropped": {embedder: vectors}, "running": [embedder]}."""
+        from engine.resynthesis import dead_here
+
+        dropped, running = self.store.discard_unswitched(dead_here)  # a killed reembed's lease lasts 15 minutes
+        return {"dropped": dropped, "running": running}
+
     def use_embedder(self, embedder: "Embedder") -> None:
         """Adopt the embedder the store was just switched to (plans made in the old space are dropped)."""
         self.models.use_embedder(embedder)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from sqlalchemy import delete, func, select, update
@@ -14,7 +14,7 @@ from index.errors import StoreError, StoreInputError
 from index.faults import crash_point
 from index.keys import image_key, sha256_text
 from index.layout import Layout, unlink_quietly
-from index.schema import Description, Image, Source, StoreMeta, Vector
+from index.schema import Claim, Description, Image, Source, StoreMeta, Vector
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -171,6 +171,32 @@ def unswitched_vectors(db: Database, live: str) -> dict[str, int]:
         rows = s.execute(select(Vector.embedder, func.count()).where(Vector.embedder.not_in(skip))
                          .group_by(Vector.embedder).order_by(Vector.embedder)).all()
     return {str(name): int(count) for name, count in rows}
+
+
+RUNNING = "reembed:"  # claims key prefix: a running `reembed`'s lease on its embedder, renewed every batch
+
+
+def discard_unswitched(db: Database, live: str, dead: Callable[[str], bool] = lambda owner: False,
+                       ) -> tuple[dict[str, int], list[str]]:
+    """Delete the vectors of every `reembed` neither switched to nor running: a given-up one's stayed for good
+    (`unswitched_vectors`). A running one (a live RUNNING lease whose owner is not `dead`: one killed holds its
+    lease 15 minutes) keeps its own: the leases are read under the write lock, so a reembed that starts later
+    adds after the delete. Returns (embedder -> vectors deleted, the embedders of running reembeds left alone)."""
+    if not db.has_claims:
+        return {}, []
+    pending = pending_superseded(db)
+    skip = {live} | ({pending["embedder"]} if pending and not pending.get("reused") else set())
+    with db.write_session() as s:
+        now = db.dialect.clock(s, write=True)
+        running = sorted(key[len(RUNNING):] for key, owner in s.execute(
+            select(Claim.key, Claim.owner).where(Claim.key.startswith(RUNNING, autoescape=True),
+                                                 Claim.expires_at >= now)) if not dead(owner))
+        rows = s.execute(select(Vector.embedder, func.count()).where(Vector.embedder.not_in(skip | set(running)))
+                         .group_by(Vector.embedder).order_by(Vector.embedder)).all()
+        for name, _ in rows:
+            s.execute(delete(Vector).where(Vector.embedder == name))
+        s.commit()
+    return {str(name): int(count) for name, count in rows}, running
 
 
 def reuse_superseded(db: Database, embedder: str) -> None:

@@ -44,6 +44,7 @@ import json
 import logging
 from pathlib import Path
 
+from typing import Callable
 import numpy as np
 from sqlalchemy.orm import Session
 
@@ -562,4 +563,9 @@ class Store:
     def stats(self) -> dict:
         counts = self.catalog.counts(self.live.stored.db_digest)
         return {"store": str(self.root), "embedder": self.embedder_identity, "dim": self.dim, **counts,
+    def discard_unswitched(self, dead: Callable[[str], bool] = lambda owner: False,
+                           ) -> tuple[dict[str, int], list[str]]:
+        self.layout.require_writable()
+        return reembed.discard_unswitched(self.db, self.embedder_identity, dead)
+
                 "index_vectors": int(self.index.ntotal), "search": self.search_report()}

@@ -200,3 +200,59 @@ def test_placement_gives_each_source_a_whole_gpu():
     assert _placement(Cluster({"GPU": 1.0, "CPU": 16.0}), 5) == ({"num_gpus": 1.0, "num_cpus": 1.0}, "cuda")
     assert _placement(Cluster({"GPU": 8.0, "CPU": 4.0}), 5) == ({"num_gpus": 1.0, "num_cpus": 0.8}, "cuda")
     assert _placement(Cluster({"CPU": 2.0}), 4) == ({"num_cpus": 0.5}, "cpu")
+
+
+def test_abandon_drops_a_given_up_reembeds_vectors_and_keeps_a_running_ones(tmp_path):
+    """A reembed given up left its vectors for good (verify only noted them); `reembed --abandon` deletes them.
+    One running now (its lease, renewed every batch) keeps its own; one killed (its owner's pid is gone from
+    this host) does not, though its lease has 15 minutes to run."""
+    import socket
+    import subprocess
+
+    from engine.resynthesis import dead_here
+    from index.keys import sha256_text
+    from index.reembed import RUNNING
+    from index.store import NewImage, Store
+
+    old = {"identity": "old/block1", "arch": "none", "checkpoint": "none"}
+    store = Store.create(tmp_path / "s", old, 4)
+    source = store.add_source("A", "replay", sha256_text("A"))
+    description = store.description_id("a portrait")
+    ids = store.add_images([NewImage(key=sha256_text(str(n)), role="resynthesis", source_id=source.id,
+                                     description_id=description, file_hash=sha256_text(str(n)),
+                                     path=f"{n}.png", vector=np.eye(4, dtype=np.float32)[n]) for n in range(3)])
+    for name in ("given-up/final", "running/final", "killed/final"):
+        store.add_vectors(name, ids, np.eye(4, dtype=np.float32)[:3])
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    assert store.claim([RUNNING + "running/final"], "another-host:1:a", 900) == [RUNNING + "running/final"]
+    killed = f"{socket.gethostname()}:{gone.pid}:b"
+    assert store.claim([RUNNING + "killed/final"], killed, 900) == [RUNNING + "killed/final"]
+    assert store.verify()["unswitched"] == {"given-up/final": 3, "killed/final": 3, "running/final": 3}
+
+    assert store.discard_unswitched(dead_here) == ({"given-up/final": 3, "killed/final": 3}, ["running/final"])
+    assert store.verify()["unswitched"] == {"running/final": 3}
+    assert store.stats()["vectors"] == 3  # the live set is untouched
+    store.close()
+
+
+def test_reembed_abandon_on_the_command_line(models, store_dir, two_sources):
+    with engine.open(store_dir) as ws:
+        ws.resynthesize_dataset(TEXTS[:2], Options(sources=two_sources, per_source=1))
+        before = ws.store.embedder_identity
+    assert resynth(*_reembed_args(models, store_dir), "--quiet", crash_at="reembed:before-commit").returncode == -9
+    with engine.open(store_dir, writable=False) as ws:
+        assert list(ws.verify()["unswitched"].values()) == [4]
+    out = resynth("reembed", "--store", store_dir, "--abandon", "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert list(report["dropped"].values()) == [4] and report["running"] == []  # the killed run's lease is let go
+    assert "no reembed to give up" in resynth("reembed", "--store", store_dir, "--abandon").stdout
+    with engine.open(store_dir, writable=False) as ws:
+        assert "unswitched" not in ws.verify() and ws.store.embedder_identity == before
+    for argv, says in ((("reembed", "--store", store_dir), "required: --clip-checkpoint (or --abandon)"),
+                       ((*_reembed_args(models, store_dir), "--abandon"), "--abandon takes no --clip-* or --ray")):
+        usage = resynth(*argv)  # a usage error, as argparse's own
+        assert usage.returncode == 2 and usage.stderr.splitlines()[-1].endswith(says), usage.stderr
+        assert "Traceback" not in usage.stderr
+    assert resynth(*_reembed_args(models, store_dir), "--quiet").returncode == 0  # the reembed made afresh
