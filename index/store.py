@@ -43,8 +43,8 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-
 from typing import Callable
+
 import numpy as np
 from sqlalchemy.orm import Session
 
@@ -549,6 +549,11 @@ class Store:
     def switch_embedder(self, embedder: dict, dim: int) -> int:
         return reembed.switch_embedder(self, embedder, dim)
 
+    def discard_unswitched(self, dead: Callable[[str], bool] = lambda owner: False,
+                           ) -> tuple[dict[str, int], list[str]]:
+        self.layout.require_writable()
+        return reembed.discard_unswitched(self.db, self.embedder_identity, dead)
+
     def reachable(self) -> bool:
         """Whether the database answers a trivial query now (a readiness probe: PostgreSQL may be down)."""
         from sqlalchemy.exc import SQLAlchemyError
@@ -563,9 +568,4 @@ class Store:
     def stats(self) -> dict:
         counts = self.catalog.counts(self.live.stored.db_digest)
         return {"store": str(self.root), "embedder": self.embedder_identity, "dim": self.dim, **counts,
-    def discard_unswitched(self, dead: Callable[[str], bool] = lambda owner: False,
-                           ) -> tuple[dict[str, int], list[str]]:
-        self.layout.require_writable()
-        return reembed.discard_unswitched(self.db, self.embedder_identity, dead)
-
                 "index_vectors": int(self.index.ntotal), "search": self.search_report()}
