@@ -12,7 +12,7 @@ from PIL import Image
 from engine.errors import SourceError, UserError, first_line
 from index.filehash import file_sha256
 from engine.sources.model_files import (WEIGHT_SUFFIXES, check_components, check_configs, check_tokenizers,
-                                        check_weight_entries, missing_packages, model_files)
+                                        check_weight_entries, missing_packages, model_files, unloaded_tensors)
 from index.keys import canonical_json, sha256_text
 
 # Weight files are fingerprinted by name, size and either their whole content (`whole`, what `source add` records
@@ -352,7 +352,7 @@ def check_pipeline_folder(folder: Path) -> str:
     try:
         index = json.loads(index_file.read_text())
         class_name = index["_class_name"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: [[[... nested 100000 deep
         raise UserError(f"malformed model_index.json in {folder}") from None
     pipeline_class = getattr(diffusers, str(class_name), None)
     missing = missing_packages(pipeline_class) if isinstance(pipeline_class, type) else []
@@ -455,6 +455,9 @@ def load_pipeline(folder: Path, params: GenerationParams, device: str):
         pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, dtype=dtype)
     except Exception as exc:
         raise UserError(f"cannot load pipeline {folder}: {first_line(exc)}") from exc
+    lacking = unloaded_tensors(pipe)
+    if lacking:
+        raise UserError(f"cannot load pipeline {folder}: {lacking}")
     check_scheduler(params.scheduler)
     if params.scheduler:
         pipe.scheduler = getattr(diffusers, params.scheduler).from_config(pipe.scheduler.config)

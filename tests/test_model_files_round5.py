@@ -424,3 +424,25 @@ def test_a_lora_loads_with_the_alpha_its_file_records(models, tmp_path):
     save_file(load_file(str(file)), str(broken), metadata={"lora_adapter_metadata": "{not json"})
     with pytest.raises(UserError, match="lora_adapter_metadata is not"):
         Lora().prepare("broken", base, lora=str(broken))
+
+
+def test_a_folder_whose_weights_lack_a_tensor_fails_its_load_in_one_line(models, tmp_path):
+    """diffusers loads a component whose weight file lacks a tensor (a partial conversion or merge) with that
+    tensor left on the meta device: moving the pipeline to its device was a NotImplementedError traceback at
+    the first generation. A model_index.json nested 100000 deep was a RecursionError traceback at `source add`."""
+    from engine.generate import DiffusersGenerator
+
+    folder = tmp_path / "partial"
+    shutil.copytree(models["pipelines"]["tiny-sd-ddim"], folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(weights))
+    del tensors["conv_norm_out.weight"]
+    save_file(tensors, str(weights))
+    generator = DiffusersGenerator("partial", folder, GenerationParams(steps=2), "cpu")
+    with pytest.raises(SourceError, match=r"its unet weight files lack 1 of its tensors \(e\.g\. conv_norm_out\."
+                                          r"weight\): incomplete, or made for another config") as failure:
+        generator.load()
+    assert "\n" not in str(failure.value)
+    (folder / "model_index.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(UserError, match="malformed model_index.json"):
+        Pipeline().prepare("deep", folder, steps=2)

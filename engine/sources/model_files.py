@@ -174,6 +174,23 @@ def check_components(folder: Path, index: dict) -> None:
                             f"{', '.join(missing)}, not installed here: pip install {' '.join(missing)}")
 
 
+def unloaded_tensors(pipe) -> str | None:
+    """Why a loaded pipeline cannot run, if a component's weight files lacked some of its tensors: diffusers
+    leaves those on the meta device with a warning, and moving the pipeline to its device was a traceback."""
+    import itertools
+
+    import torch
+
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            lacking = [key for key, tensor in itertools.chain(component.named_parameters(), component.named_buffers())
+                       if tensor.is_meta]
+            if lacking:
+                return (f"its {name} weight files lack {len(lacking)} of its tensors (e.g. {', '.join(lacking[:3])}): "
+                        "incomplete, or made for another config")
+    return None
+
+
 # Component classes that import a package only when built (so the class itself imports fine): Kolors' ChatGLM
 # tokenizer reads its tokenizer.model with sentencepiece, which neither diffusers nor resynth requires.
 NEEDS_PACKAGES = {"ChatGLMTokenizer": ("sentencepiece",)}
