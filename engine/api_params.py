@@ -124,7 +124,7 @@ class ApiParams:
         if it must, at its requests): URLs that could never be reached or that hold a password, a timeout past
         what the clock takes."""
         self.validate()
-        for flag, url in (("--api", self.url), ("--token-url", self.token_url)):
+        for flag, url in (("API URL", self.url), ("--token-url", self.token_url)):
             if url is not None:
                 _check_reachable(flag, url)
         if self.timeout > MAX_TIMEOUT:

@@ -164,7 +164,7 @@ def test_an_api_url_that_can_never_be_reached_or_holds_a_password_is_refused_at_
     out of range'); `https://user:pass@host` stored the password, shown by `source list`."""
     for url, extra, said in (
             ("http://[::1", (), "API URL must be http:// or https:// with a host, not 'http://[::1'"),
-            ("https://api.example.org:99999", (), "its port is not a number from 1 to 65535"),
+            ("https://api.example.org:99999", (), "API URL 'https://api.example.org:99999': its port is not a number"),
             ("https://api.example.org:0", (), "its port is not a number from 1 to 65535"),
             ("https://api .example.org", (), "holds a space or control character"),
             ("https://api.example.org/\nX-Injected: 1", (), "holds a space or control character"),

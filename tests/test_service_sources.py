@@ -143,6 +143,12 @@ def test_api_sources_name_only_listed_variables_and_public_addresses(served, mon
     for url in ("http://127.0.0.1:9", "http://169.254.169.254", "http://10.1.2.3", "http://[::1]:8080",
                 "http://localhost:8750"):
         error(api.post("/v1/sources", json={"name": "ssrf", **flux, "url": url}), 403, "address_not_allowed")
+    # a URL no parser reads was a 500; a password in it would have been stored and listed
+    assert "with a host, not 'http://[::1'" in error(api.post("/v1/sources", json={"name": "v6", **flux,
+                                                                                 "url": "http://[::1"}),
+                                                      422, "invalid_source")
+    assert "must not hold a user name or password" in error(api.post("/v1/sources", json={
+        "name": "pw", **flux, "url": "https://user:hunter2@93.184.216.34"}), 422, "invalid_source")
     firefly = {"url": PUBLIC, "model": "image4_standard", "protocol": "firefly", "api_key_env": "RESYNTH_OK_KEY"}
     error(api.post("/v1/sources", json={"name": "ff", **firefly, "client_id_env": "RESYNTH_TEST_SECRET"}), 403,
           "env_not_allowed")

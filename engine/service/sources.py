@@ -221,7 +221,10 @@ def police(kind: str, params: dict[str, Any], policy: SourcePolicy, store_root: 
             raise _refused("env_not_allowed", f"{param.name} {value[:80]!r} is not one this server lets HTTP clients "
                                               "name (the operator lists them with --sources-key-env)")
         elif param.metavar == "URL" and not policy.anywhere:
-            host = (urlsplit(value).hostname or "") if isinstance(value, str) else ""
+            try:
+                host = (urlsplit(value).hostname or "") if isinstance(value, str) else ""
+            except ValueError:  # http://[::1 (was a 500): refused in one line by the kind's own check
+                host = ""
             try:
                 addresses = [info[4][0] for info in resolve(host, 443, 5.0)] if host else []
             except OSError:
