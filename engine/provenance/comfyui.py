@@ -78,11 +78,16 @@ def _follow(nodes: dict, link) -> str | None:
 
 
 def _value(nodes: dict, v):
-    """A literal input, or the literal behind a link to a primitive-like node (seed, int, float...)."""
+    """A literal input, or the literal behind a link to a primitive-like node (seed, int, float...). Each node
+    once: a node linking to itself, with 150,000 other inputs scanned at each of MAX_DEPTH hops, took 9 s."""
+    seen: set[str] = set()
     for _ in range(MAX_DEPTH):
         node_id = _follow(nodes, v)
         if node_id is None:
             return v if not isinstance(v, list) else None
+        if node_id in seen:  # a cycle holds no literal
+            return None
+        seen.add(node_id)
         inputs = nodes[node_id]["inputs"]
         literals = [x for k, x in inputs.items() if k in ("seed", "noise_seed", "value", "int", "float", "number",
                                                           "string", "steps", "cfg", "sampler_name", "scheduler")]
