@@ -234,15 +234,18 @@ section.case{border:1px solid #d0d5dd;border-radius:8px;padding:.8rem;margin:1re
 .badge{display:inline-block;padding:0 .5rem;border-radius:999px;font-size:.8rem;font-weight:600;white-space:nowrap}
 .known{background:#dcfae6;color:#067647}.unknown{background:#fef0c7;color:#b54708}.real{background:#d1e9ff;color:#175cd3}
 .uncalibrated,.none{background:#eaecf0;color:#344054}.error{background:#fee4e2;color:#b42318}
-.bar{display:grid;grid-template-columns:minmax(0,11rem) minmax(3rem,1fr) auto;gap:.5rem;align-items:center;
-margin:.2rem 0}td.kind{overflow-wrap:normal}ul.notes{margin:.3rem 0;padding-left:1.2rem;color:#b54708;font-size:.85rem}
+.bars{display:grid;grid-template-columns:minmax(0,11rem) minmax(3rem,1fr) auto;gap:.2rem .5rem;align-items:center;
+margin:.3rem 0}.bar{display:contents}td.kind{overflow-wrap:normal}
+ul.notes{margin:.3rem 0;padding-left:1.2rem;color:#b54708;font-size:.85rem}
 .track{background:#eef1f6;border-radius:3px;height:.9rem;overflow:hidden}.fill{background:#2f6fed;height:100%}
-.num{font-variant-numeric:tabular-nums;font-size:.8rem;text-align:right;white-space:nowrap}
-@media (min-width:600px){.bar .num{min-width:11rem}}.muted{color:#667085;font-size:.85rem}
-.source{margin:.5rem 0}.thumbs{display:flex;gap:.4rem;flex-wrap:wrap}figure{margin:0;text-align:center}
+.fill.top{background:#12b76a}.num{font-variant-numeric:tabular-nums;font-size:.8rem;text-align:right;white-space:nowrap}
+.muted{color:#667085;font-size:.85rem}.sources{display:flex;flex-wrap:wrap;gap:0 1.5rem}
+.source{margin:.4rem 0;max-width:100%}.source>div:first-child{font-size:.85rem;font-weight:600}
+.thumbs{display:flex;gap:.4rem;flex-wrap:wrap}figure{margin:0;text-align:center}
 figcaption{font-size:.75rem;color:#667085}.missing{width:80px;height:80px;display:flex;align-items:center;
 justify-content:center;background:#eef1f6;color:#667085;font-size:.7rem}
 pre{white-space:pre-wrap;word-break:break-all;font-size:.8rem;background:#f7f8fa;padding:.4rem}
+.track,.fill,.badge{-webkit-print-color-adjust:exact;print-color-adjust:exact}  /* printed: bars are backgrounds */
 """
 
 
@@ -395,22 +398,30 @@ def render_case(number: int, entry: dict, evidence: Evidence | None) -> str:
         out.append("<ul class='notes'>" + "".join(f"<li>note: {e(n)}</li>" for n in found_notes) + "</ul>")
     out.append("</div></div>")
     scores = [s for s in result.get("scores") or () if isinstance(s, dict)]
+    out.append("<div class='bars'>" if scores else "")
     for i, s in enumerate(scores):
         width = 100 * _fraction(s.get("probability"))
         refs = s.get("resyntheses")
         count = f" · {e(refs)} ref{'' if refs == 1 else 's'}" if refs is not None else ""
-        out.append(f"<div class='bar'><span>{e(s.get('source'))}</span><div class='track'><div class='fill' "
-                   f"style='width:{width:.1f}%{';background:#12b76a' if i == 0 else ''}'></div></div><span "
+        # green marks the attributed source: only a "known" verdict names one (an unknown one's closest is not it)
+        top = " top" if i == 0 and result.get("verdict") == "known" else ""
+        out.append(f"<div class='bar'><span>{e(s.get('source'))}</span><div class='track'><div class='fill{top}' "
+                   f"style='width:{width:.1f}%'></div></div><span "
                    f"class='num'>{_number(s.get('score'))} · p {_number(s.get('probability'), 3)}{count}</span></div>")
+    out.append("</div>" if scores else "")
     missing = result.get("missing") or []
     if missing:
         out.append(f"<div class='muted'>not scored: {e(', '.join(map(str, missing)))}</div>")
     closest = result.get("closest") if isinstance(result.get("closest"), dict) else {}
+    if any(closest.get(s.get("source")) for s in scores):  # side by side: twenty sources' evidence is not twenty rows
+        out.append("<div class='muted'>closest stored resyntheses of each source (similarity to the query, image "
+                   "id)</div>")
+    out.append("<div class='sources'>")
     for s in scores:
         rows = closest.get(s.get("source")) or []
         if not rows:
             continue
-        out.append(f"<div class='source'><div class='muted'>closest resyntheses of {e(s.get('source'))}</div>"
+        out.append(f"<div class='source'><div>{e(s.get('source'))}</div>"
                    "<div class='thumbs'>")
         for row in rows:
             uri = evidence.uri(row.get("image_id")) if evidence is not None and isinstance(row, dict) else None
@@ -418,8 +429,9 @@ def render_case(number: int, entry: dict, evidence: Evidence | None) -> str:
             picture = (f"<img src='{e(uri)}' alt='{e(s.get('source'))} resynthesis'>" if uri
                        else "<div class='missing'>not shown</div>")
             ident = row.get("image_id") if isinstance(row, dict) else ""
-            out.append(f"<figure>{picture}<figcaption>sim {sim} · #{e(ident)}</figcaption></figure>")
+            out.append(f"<figure>{picture}<figcaption>sim {sim}<br>#{e(ident)}</figcaption></figure>")
         out.append("</div></div>")
+    out.append("</div>")
     found = provenance(result)
     if found:  # as written (not \\u-escaped: a prompt in another script stays readable)
         whole = len(json.dumps(found, indent=1, sort_keys=True, default=str, ensure_ascii=False))
@@ -458,10 +470,49 @@ def provenance(result: dict) -> dict:
     return out
 
 
-def render(head: dict, entries: Iterable[dict], store=None, title: str = "resynth case report") -> Iterator[str]:
-    """The report in pieces (header, one per query, end): write them as they come."""
+def answer_words(result: dict) -> str:
+    """A verdict in a few words for the index: an unknown or real verdict's best source is only its closest."""
+    verdict, predicted = result.get("verdict") or "none", result.get("predicted")
+    if not predicted or verdict == "none":
+        return "no source could be scored"
+    if verdict in ("unknown", "real"):
+        return f"none of the enrolled sources (closest: {predicted})"
+    return str(predicted) + ("" if verdict == "known" else " (uncalibrated)")
+
+
+def render_index(rows: list[dict]) -> str:
+    """A table of every query (a link to its case), its verdict and margin, with the count of each verdict:
+    what a reader of a 500-image triage looks at first. `rows`: entries without their images."""
+    counts: dict[str, int] = {}
+    out = []
+    for number, row in enumerate(rows, start=1):
+        result = row.get("result") if isinstance(row.get("result"), dict) else None
+        verdict = (result.get("verdict") or "none") if result is not None else "error"
+        counts[verdict] = counts.get(verdict, 0) + 1
+        words = answer_words(result) if result is not None else _shown(row.get("error"), 200)
+        margin = _number(result.get("margin")) if result is not None else ""
+        out.append(f"<tr><td class='num'><a href='#q{number}'>{number}</a></td><td>{e(row.get('label'))}</td>"
+                   f"<td><span class='badge {e(verdict)}'>{e(verdict)}</span></td><td>{e(words)}</td>"
+                   f"<td class='num'>{margin}</td></tr>")
+    tally = ", ".join(f"{count} {verdict}" for verdict, count in sorted(counts.items(), key=lambda c: -c[1]))
+    return (f"<p><strong>{len(rows)} quer{'y' if len(rows) == 1 else 'ies'}: {e(tally)}</strong></p>"
+            "<table class='meta index'><tr><th>#</th><th>query</th><th>verdict</th><th>answer</th><th>margin</th></tr>"
+            + "".join(out) + "</table>")
+
+
+def index_of(report: dict) -> list[dict]:
+    """`render_index` rows of an attribution's JSON (`Report.to_dict()`)."""
+    return [{"label": r.get("query"), "result": r} for r in report.get("results") or [] if isinstance(r, dict)]
+
+
+def render(head: dict, entries: Iterable[dict], store=None, title: str = "resynth case report",
+           index: list[dict] | None = None) -> Iterator[str]:
+    """The report in pieces (header, the index of queries when there are several, one per query, end): write
+    them as they come."""
     evidence = Evidence(store) if store is not None else None
     yield render_header(head, title)
+    if index is not None and len(index) > 1:
+        yield render_index(index)
     count = 0
     for count, entry in enumerate(entries, start=1):
         yield render_case(count, entry, evidence)
@@ -469,7 +520,7 @@ def render(head: dict, entries: Iterable[dict], store=None, title: str = "resynt
 
 
 def write(path: str | os.PathLike, head: dict, entries: Iterable[dict], store=None,
-          title: str = "resynth case report") -> Path:
+          title: str = "resynth case report", index: list[dict] | None = None) -> Path:
     """Write the report atomically (a temporary file beside it, then renamed)."""
     from engine.errors import writing
 
@@ -479,7 +530,7 @@ def write(path: str | os.PathLike, head: dict, entries: Iterable[dict], store=No
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with open(tmp, "w", encoding="utf-8") as handle:
-                _write_all(handle, render(head, entries, store, title))
+                _write_all(handle, render(head, entries, store, title, index))
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
@@ -493,8 +544,9 @@ def _write_all(handle: IO[str], pieces: Iterable[str]) -> None:
         handle.write(piece)
 
 
-def to_string(head: dict, entries: Iterable[dict], store=None, title: str = "resynth case report") -> str:
-    return "".join(render(head, entries, store, title))
+def to_string(head: dict, entries: Iterable[dict], store=None, title: str = "resynth case report",
+              index: list[dict] | None = None) -> str:
+    return "".join(render(head, entries, store, title, index))
 
 
 def entries_of(report: dict, images: Iterable[Any]) -> Iterator[dict]:
@@ -507,4 +559,4 @@ def write_attribution(path: str | os.PathLike, ws, report, images: list, options
                       command: str | None = None) -> Path:
     """`resynth attribute --report FILE`: the report of one attribution (a Report or its JSON)."""
     data = report.to_dict() if hasattr(report, "to_dict") else report
-    return write(path, header(ws, command, options), entries_of(data, images), ws.store)
+    return write(path, header(ws, command, options), entries_of(data, images), ws.store, index=index_of(data))

@@ -296,8 +296,9 @@ def run(ws, folder: str | os.PathLike, out: str | os.PathLike, prompt: str | Non
         summary.files["csv"] = str(write_csv(out / "results.csv", final))
         head = casereport.header(ws, command, options)
         entries = _entries(folder, final, set(order))
+        index = [{"label": row["path"], "result": row.get("result"), "error": row.get("error")} for row in final]
         summary.files["report"] = str(casereport.write(out / "report.html", head, entries, ws.store,
-                                                       title=f"resynth triage of {folder}"))
+                                                       title=f"resynth triage of {folder}", index=index))
     finally:
         bar.close()
         results.close()

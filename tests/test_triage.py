@@ -93,6 +93,11 @@ def test_triage_writes_a_row_per_image_and_a_self_contained_report(store_dir, fo
     assert "scheduler pipeline&#x27;s" not in page and "Scheduler (the pipeline&#x27;s own)" in page  # as source list
     assert "same bytes as top.png" in page and page.count("note: p: a softmax of the scores, not a calibrated") == 4
     assert re.search(r"· p [01]\.\d{3} · \d+ refs?<", page)  # the references each score rests on, as the CLI
+    # an index first, one row per image linking to its case (a 500-image run was 500 cases to scroll through)
+    index = re.search(r"<table class='meta index'>.*?</table>", page).group()
+    assert "5 queries: 4 uncalibrated, 1 error" in page and index.count("<a href='#q") == 5
+    assert [f"id='q{n}'" in page for n in range(1, 6)] == [True] * 5 and html_escaped(HOSTILE) in index
+    assert "<span class='badge error'>error</span>" in index and "decode" in index
 
 
 def html_escaped(text: str) -> str:

@@ -262,7 +262,8 @@ def _case_report(service: Service, data: dict, queries: list[Query], options: Op
     command = "POST /v1/report " + json.dumps({k: v for k, v in options.to_dict().items() if v is not None},
                                               sort_keys=True)
     head = casereport.header(service.ws, command, options, store_label=service.store.root.name)
-    return casereport.to_string(head, casereport.entries_of(data, [q.image for q in queries]), service.store)
+    return casereport.to_string(head, casereport.entries_of(data, [q.image for q in queries]), service.store,
+                                index=casereport.index_of(data))
 
 
 async def _read_request(request: Request, service: Service,
