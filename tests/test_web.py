@@ -118,6 +118,38 @@ def test_a_real_verdict_and_a_provenance_conflict_read_as_such(page, originals):
     _shot(page, "page-notes.png")
 
 
+def test_an_unknown_verdict_names_no_source_and_the_query_shows_whole(page, originals):
+    """An unknown verdict's best source is its closest, not the answer: its bar was green (the attributed source's
+    colour), the table said "predicted" it and the headline led with it. The query was cut to the thumbnails'
+    square crop (a 64 x 64 image drawn 174 x 106 with object-fit cover: 40% of it hidden)."""
+    picks = [originals[3], originals[9]]
+    page.set_input_files("#file", [str(o["image"]) for o in picks])
+    page.fill("#prompt", picks[0]["prompt"])
+    page.click("#submit")
+    page.wait_for_selector("#submit:not([disabled])")
+    page.wait_for_selector("#table:not([hidden]) #answers tbody tr")
+    page.wait_for_function("() => document.getElementById('query-img').naturalWidth > 0")
+    shape = page.eval_on_selector("#query-img", "i => [i.naturalWidth / i.naturalHeight, "
+                                  "i.clientWidth / i.clientHeight, getComputedStyle(i).objectFit]")
+    assert shape[1] == pytest.approx(shape[0], rel=0.03) and shape[2] != "cover", shape
+    fits = page.eval_on_selector_all("#closest img", "els => els.map(e => getComputedStyle(e).objectFit)")
+    assert fits and "cover" not in fits  # a resynthesis of another shape is shown whole too
+    predicted = page.evaluate("""() => {
+        answers[0].r.verdict = "unknown";
+        answers[1].r.verdict = "known";
+        renderTable();
+        show(0);
+        return answers[0].r.predicted;
+    }""")
+    assert page.locator("#bars .bar.top").count() == 0
+    assert page.text_content("#verdict").startswith(f"None of the enrolled sources · closest: {predicted}")
+    cells = page.eval_on_selector_all("#answers tbody tr td:nth-child(4)", "els => els.map(e => e.textContent)")
+    assert cells[0] == f"none (closest: {predicted})" and "closest" not in cells[1]
+    page.evaluate("() => show(1)")
+    assert page.locator("#bars .bar.top").count() == 1
+    _shot(page, "page-unknown.png")
+
+
 def test_an_undecodable_upload_shows_the_error(page):
     page.set_input_files("#file", files=[{"name": "photo\u202egnp\u200b\U000e0041.exe", "mimeType": "image/png",
                                           "buffer": b"x"}])
