@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 from engine.metrics import json_safe  # noqa: F401  (the report's figures as JSON)
@@ -10,9 +11,10 @@ from engine.errors import plural
 
 
 def _cell(text) -> str:
-    """A source name as one Markdown table cell: a '|' in it (names may hold one) would shift every column
-    after it, so a reader would take one source's figures for another's."""
-    return str(text).replace("|", "\\|")
+    """A source name or file path as Markdown text: a '|' in it (names may hold one) would shift every column
+    after it, so a reader would take one source's figures for another's; '<' started raw HTML in a viewer
+    (a source '<img src=x onerror=...>' ran there) and '*', '`' or '[' changed how the rest reads."""
+    return re.sub(r"([\\`*<>\[\]|])", r"\\\1", str(text))
 
 
 def _defined(value) -> bool:
@@ -229,11 +231,13 @@ def robustness_table(robust: dict) -> str:
     return "\n".join(lines)
 
 
-def skipped_text(d: dict) -> str:
-    """How many originals were left out, and why ("" when none was)."""
+def skipped_text(d: dict, quote=str) -> str:
+    """How many originals were left out, and why ("" when none was); `quote`: how an example path is written
+    (`_cell` in the Markdown)."""
     if not d.get("skipped"):
         return ""
-    reasons = "; ".join(f"{n} because {reason} (e.g. {', '.join(d.get('skipped_examples', {}).get(reason, []))})"
+    examples = d.get("skipped_examples", {})
+    reasons = "; ".join(f"{n} because {reason} (e.g. {', '.join(map(quote, examples.get(reason, [])))})"
                         for reason, n in d.get("skipped_by_reason", {}).items())
     return f"skipped {plural(d['skipped'], 'original')} that cannot be scored: {reasons}"
 
@@ -277,7 +281,7 @@ def selection_caveat(report: dict) -> str:
 def markdown(report: dict) -> str:
     d, r, b, c = report["dataset"], report["resynthesis_default"], report["best_variant"], report["calibration"]
     e = report.get("engine_default")
-    skipped = skipped_text(d)
+    skipped = skipped_text(d, _cell)
     parts = [
         "# resynth evaluation",
         f"{d['originals']} originals of {_sources_text(d)} ({plural(d['descriptions'], 'description')}), "
