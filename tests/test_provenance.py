@@ -376,6 +376,18 @@ def test_json_escaped_lone_surrogates_become_replacement_characters():
     assert "red \U0001f600fox" in surrogate_pair.metadata.prompt  # a valid pair is one character, kept
 
 
+def test_a_prompt_of_control_characters_is_no_prompt_to_redraw():
+    """An A1111 prompt of NUL and other control characters (a tEXt chunk holds any byte): the query's description
+    fell back to the captioner, but the redraw from the recipe drew it, stored an empty description and stated
+    a conflict with the claimed model."""
+    from engine.provenance.reproduce import recipe_of
+
+    text = "\x00\x01\x1b\nNegative prompt: x\nSteps: 2, Sampler: DDIM, CFG scale: 7, Seed: 5, Size: 64x64, Model: m"
+    p = read_provenance(png([("parameters", text)]), c2pa=False, watermark=False)
+    assert p.metadata.prompt == "\x00\x01\x1b" and p.metadata.seed == 5
+    assert recipe_of(p.metadata, None, (64, 64)) == "no prompt in the metadata"
+
+
 def test_hostile_comfy_graphs():
     cyclic = {"1": {"class_type": "KSampler", "inputs": {"positive": ["2", 0], "negative": ["1", 0], "seed": ["1", 0],
                                                          "model": ["3", 0], "steps": "many", "cfg": float("nan")}},

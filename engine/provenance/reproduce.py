@@ -139,7 +139,8 @@ def recipe_of(meta: "GenerationMetadata", source, image_size: tuple[int, int]) -
         return "no seed in the metadata"
     if not 0 <= meta.seed < SEEDS:
         return f"seed {meta.seed} is not one a generator draws with (0 to 2^64-1)"
-    if not meta.prompt:
+    if not meta.prompt or not normalise_description(meta.prompt):  # control characters alone: no words, and a
+        # redraw from them stored an empty description and reported a conflict
         return "no prompt in the metadata"
     settings = dict(meta.settings)
     extra = [k for k in NOT_ONE_PASS if k in settings]
