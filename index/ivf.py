@@ -5,6 +5,7 @@ The live exact index it is built from is index.vectors."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import os
 import sys
@@ -36,6 +37,7 @@ RECALL_MARGIN = 0.02  # nprobe is chosen for target + margin on the sample: new 
 RERANK = 4  # PQ search: this many times the wanted depth from the codes, re-scored exactly
 BUILD_THREADS = 2  # fixed: the same store gives the same search index on any machine
 BUILD_SEED = 1234
+LISTS_MARGIN = 1 << 20  # room kept free past the on-disk lists' own bytes (file system blocks, metadata)
 
 
 def ivf_bytes(n_vectors: int, dim: int, nlist: int, code_bytes: int) -> int:
@@ -248,11 +250,22 @@ def _fill_here(trained: bytes, shards: list[tuple[np.ndarray, np.ndarray]], thre
         yield fill_shard(trained, ids, matrix, threads)
 
 
+def _check_room(data_path: Path, needed: int) -> None:
+    """FAISS sizes its on-disk lists with truncate (a hole) and fills them through a memory mapping: on a disk
+    without room for them that is a SIGBUS, the process killed, not an error. The lists' bytes (an id and a
+    code a vector) are known once the shards are written, so the room is checked just before; a margin for
+    the file system's blocks. A disk filled by another program during the merge still kills it."""
+    stat = os.statvfs(data_path.parent)
+    if stat.f_bavail * stat.f_frsize < needed + LISTS_MARGIN:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(data_path))
+
+
 def merge_on_disk(trained: Index, shard_files: list[Path], data_path: Path) -> Index:
     """`trained` with the shards' inverted lists merged into one on-disk file (FAISS's OnDiskInvertedLists,
     memory-mapped, so no shard and no merged list set is ever held in memory)."""
     ivf = faiss.extract_index_ivf(trained)
     shards = [faiss.read_index(str(path), faiss.IO_FLAG_MMAP) for path in shard_files]
+    _check_room(data_path, sum(int(shard.ntotal) for shard in shards) * (8 + ivf.code_size))
     lists = faiss.InvertedListsPtrVector()
     for shard in shards:
         lists.push_back(faiss.extract_index_ivf(shard).invlists)

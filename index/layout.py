@@ -10,6 +10,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import numbers
 import os
 import re
@@ -32,10 +33,13 @@ SEARCH_NAME = "search.faiss"  # the search index (IVF) built by rebuild(); absen
 SEARCH_INFOS = "search.json"  # what rebuild() chose and measured for it (type, count, nprobe, recall, timings)
 LOCK_NAME = "store.lock"
 LOCK_ENV, LOCK_TIMEOUT_S = "RESYNTH_LOCK_TIMEOUT_S", 600.0  # the publish lock's wait (a rebuild at 1M holds it)
+LOCK_NOTICE_S = 1.0  # a wait for the publish lock longer than this is said (once)
 FORMAT = 1
 ORPHAN_GRACE_S = 600.0  # an unreferenced image file younger than this may be a commit in flight
 TEMP_RE = re.compile(r"^\..+\.(\d+)\.tmp$")
 INDEX_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*\.faiss$")  # a bare name in the folder: vectors[-<hash>].faiss
+
+log = logging.getLogger(__name__)
 
 
 def temp_path(path: Path) -> Path:
@@ -123,12 +127,17 @@ def lock_timeout_s() -> float:
 
 
 def _wait_for_lock(fd: int, path: Path) -> None:
-    deadline = time.monotonic() + lock_timeout_s()
+    started = time.monotonic()
+    deadline, said = started + lock_timeout_s(), False
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return
         except BlockingIOError:
+            if not said and time.monotonic() - started >= LOCK_NOTICE_S:  # minutes of silence read as a hang
+                log.warning("%s is held by another process (a save or a rebuild): waiting for it, %g s at most (%s)",
+                            path, lock_timeout_s(), LOCK_ENV)
+                said = True
             if time.monotonic() >= deadline:
                 raise StoreBusy(f"{path} is held by another process (waited {lock_timeout_s():g} s for the store's "
                                 f"publish lock; {LOCK_ENV} sets how long): let it finish or stop it, then run the "
@@ -162,6 +171,32 @@ def _open_lock(path: Path) -> int:
         return os.open(path, os.O_RDONLY)
     share(path)
     return fd
+
+
+@contextmanager
+def creating(folder: Path) -> Iterator[None]:
+    """Held by a store's creation from its first file to store.json: flock on the store folder itself (no file of
+    its own), so two `init`s at once cannot both find no store.json and bind the folder each to its embedder."""
+    fd = _open_quietly(folder)  # None for a folder this user may write but not read: creation says what is wrong
+    try:
+        if fd is not None:
+            try:
+                _wait_for_lock(fd, folder)
+            except StoreUnavailable as exc:
+                if not isinstance(exc.__cause__, OSError) or exc.__cause__.errno not in NO_LOCKS:
+                    raise  # held past the wait; a file system without locks makes nothing to race for here
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def _open_quietly(path: Path) -> int | None:
+    """A read-only descriptor of `path` to flock, or None where there is none to open."""
+    try:
+        return os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
 
 
 def write_json_atomic(path: Path, value: dict, point: str = "config:before-replace") -> None:
@@ -337,6 +372,26 @@ class Layout:
         finally:
             os.close(fd)  # releases the lock
 
+    @contextmanager
+    def between_saves(self) -> Iterator[bool]:
+        """For a reader that must see the index files as no save is between its steps (verify's leftovers): the
+        publish lock taken shared while it reads, if free now; yields False when another process holds it (a
+        save in progress: the files it wrote are not published yet). Never waits, never makes store.lock."""
+        fd = _open_quietly(self.root / LOCK_NAME)  # None: absent (no save ever ran) or unreadable
+        free = True
+        try:
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    free = False
+                except OSError:  # a file system without locks: saves refuse there, so none is in progress
+                    pass
+            yield free
+        finally:
+            if fd is not None:
+                os.close(fd)  # releases the lock
+
     # ----- image files and leftovers (in this folder; objects.py for the object-store side) ------
     def file_path(self, stored: str) -> Path:
         path = Path(stored)
@@ -390,6 +445,15 @@ class Layout:
         if folder is not None:
             found += [p for p in _files_below(folder) if TEMP_RE.match(p.name)]
         return found
+
+    def live_temp_files(self, deep: bool = False) -> tuple[list[Path], list[Path]]:
+        """`temp_files` as (left by dead writers, being written by a live process of this machine)."""
+        dead: list[Path] = []
+        live: list[Path] = []
+        for path in self.temp_files(deep):
+            match = TEMP_RE.match(path.name)
+            (live if match and pid_alive(int(match.group(1))) else dead).append(path)
+        return dead, live
 
     def remove_stale_temp_files(self, deep: bool = False) -> list[str]:
         """Remove `.NAME.<pid>.tmp` leftovers whose writer is dead (at the root; under images/ if deep).

@@ -40,6 +40,7 @@ Trust rules:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -57,7 +58,7 @@ from index.errors import StoreDamaged, StoreDenied, StoreFull, StoreInputError, 
 from index.failures import DISK_FULL, os_failure, read_only_reason
 from index.faults import crash_point, skipped
 from index.layout import (CONFIG_NAME, DB_NAME, FORMAT, INDEX_NAME, LOCK_NAME, SEARCH_INFOS,  # noqa: F401
-                          SEARCH_NAME, Layout, read_config, write_json_atomic)
+                          SEARCH_NAME, Layout, creating, read_config, write_json_atomic)
 from index.live import LiveIndex, OpenReport  # noqa: F401 - re-exported
 from index.schema import Source  # noqa: F401 - re-exported: the row type sources() returns
 from index.search import SearchIndex, StoredReference
@@ -139,21 +140,7 @@ class Store:
         url = parse_db_url(db_url) if db_url else None
         images = objects.parse_images_url(images) if images else None
         if _has_config(root):
-            existing = read_config(root)
-            if existing["embedder"]["identity"] != embedder["identity"]:
-                raise StoreInputError(f"store {root} is already bound to embedder {existing['embedder']['identity']}; "
-                                      f"use another --store for {embedder['identity']}, or move this store to it "
-                                      "with `resynth reembed`")
-            if url is not None and existing.get("db") != url.render_as_string(hide_password=False):
-                where = db_label(parse_db_url(existing["db"])) if existing.get("db") else "metadata.sqlite"
-                raise StoreInputError(f"store {root} already keeps its metadata in {where}; use another --store")
-            if images is not None and existing.get("images") != images:
-                raise StoreInputError(f"store {root} already keeps its images in "
-                                      f"{existing.get('images') or 'its folder'}; use another --store")
-            store = cls.open(root)
-            if captioner and captioner != store.config.get("captioner"):
-                store.update_config(captioner=captioner)
-            return store
+            return cls._join(root, embedder, captioner, url, images)
         if images is not None:
             objects.ObjectImages(images).check()  # before anything is made: a wrong bucket or key is one line
         new_folder = not root.exists()
@@ -171,13 +158,40 @@ class Store:
             config["db"] = url.render_as_string(hide_password=False)  # parse_db_url refused any password
         if images is not None:
             config["images"] = images  # the URL only: credentials come from the environment
-        try:
-            store = cls(root, config, writable=True, create=True)
-        except BaseException:
-            if new_folder and root.is_dir() and not any(root.iterdir()):
-                root.rmdir()  # e.g. the server refused: leave no empty store folder behind
-            raise
-        write_json_atomic(config_path, config)  # last: store.json marks a complete store
+        with creating(root):  # two inits at once: the second waits, then joins or is refused as a later one is
+            if _has_config(root):
+                return cls._join(root, embedder, captioner, url, images)
+            try:
+                store = cls(root, config, writable=True, create=True)
+            except BaseException:
+                if new_folder and root.is_dir() and not any(root.iterdir()):
+                    root.rmdir()  # e.g. the server refused: leave no empty store folder behind
+                raise
+            try:
+                write_json_atomic(config_path, config)  # last: store.json marks a complete store
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    store.close()  # its connections: the error to report is the write's
+                raise
+        return store
+
+    @classmethod
+    def _join(cls, root: Path, embedder: dict, captioner: str | None, url, images: str | None) -> "Store":
+        """`create` where store.json is there: the store, unless it is bound otherwise (one line)."""
+        existing = read_config(root)
+        if existing["embedder"]["identity"] != embedder["identity"]:
+            raise StoreInputError(f"store {root} is already bound to embedder {existing['embedder']['identity']}; "
+                                  f"use another --store for {embedder['identity']}, or move this store to it "
+                                  "with `resynth reembed`")
+        if url is not None and existing.get("db") != url.render_as_string(hide_password=False):
+            where = db_label(parse_db_url(existing["db"])) if existing.get("db") else "metadata.sqlite"
+            raise StoreInputError(f"store {root} already keeps its metadata in {where}; use another --store")
+        if images is not None and existing.get("images") != images:
+            raise StoreInputError(f"store {root} already keeps its images in "
+                                  f"{existing.get('images') or 'its folder'}; use another --store")
+        store = cls.open(root)
+        if captioner and captioner != store.config.get("captioner"):
+            store.update_config(captioner=captioner)
         return store
 
     @classmethod

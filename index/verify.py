@@ -50,9 +50,14 @@ def verify(store: "Store", repair: bool = False, files: bool = True) -> dict:
     if integrity != ["ok"]:
         problems.append(f"{db.label} fails its integrity check: {RESTORE}")
 
+    # the index files before the database: a vector in them was committed before they were saved, so it is in
+    # any snapshot taken after (read the other way round, a writer's save in between read as data the database lost)
+    with layout.between_saves() as between:  # files of a save in progress are not leftovers
+        index_files = _read_index_files(store, between)
     with db.session() as s:
         db_ids, floor, image_rows, expired = _check_rows(store, s, report, problems)
-        report["index"] = _check_index_file(store, s, db_ids, floor, problems, report["notes"])
+        report["index"] = _check_index_file(store, s, index_files, db_ids, floor, problems, report["notes"])
+    del index_files
 
     superseded = reembed.pending_superseded(db)
     if superseded is not None:  # left for good before; no damage (a note, as a lagging index is), only space
@@ -100,7 +105,7 @@ def verify(store: "Store", repair: bool = False, files: bool = True) -> dict:
     images = layout.images  # the store folder, or its object store (objects.py)
     referenced = {p for p in (images.own(x) for _, x, _ in image_rows) if p is not None}
     orphans, recent = images.orphans(referenced)
-    temps = layout.temp_files(deep=True)
+    temps, writing = layout.live_temp_files(deep=True)  # a live process's are its writes in progress
     report["orphans"] = {"count": len(orphans), "recent": len(recent),
                          "examples": [images.name(p) for p in orphans[:10]]}
     report["temp_files"] = {"count": len(temps), "examples": [str(p.relative_to(layout.root)) for p in temps[:10]]}
@@ -112,6 +117,10 @@ def verify(store: "Store", repair: bool = False, files: bool = True) -> dict:
                                "are neither reported nor removed")
     if temps:
         problems.append(f"{len(temps)} leftover temporary files")
+    if writing:
+        report["temp_files"]["in_progress"] = len(writing)
+        report["notes"].append(f"{len(writing)} temporary files are being written by live processes (a write in "
+                               "progress, not a leftover)")
 
     if repair:
         done = report["repaired"]
@@ -181,17 +190,26 @@ def _check_rows(store: "Store", s, report: dict, problems: list[str]):
     return db_ids, floor, image_rows, expired
 
 
-def _check_index_file(store: "Store", s, db_ids: np.ndarray, floor: int, problems: list[str],
-                      notes: list[str]) -> dict:
-    """The index file on disk against the database: ids (missing, deleted, lost) and content."""
-    live = store.live
+def _read_index_files(store: "Store", between_saves: bool) -> tuple:
+    """The index on disk as verify checks it: (index or None, why not, its manifest's summary, unreadable).
+    Unnamed segment files are leftovers only `between_saves` (else in "in_progress": a save is writing them)."""
     index, why = vx.read_checked(store.index_path, store.dim, mapped=True)
-    entry: dict = {"path": str(store.index_path), "readable": index is not None,
-                   "problem": why if why else (None if index is not None else "missing")}
     parts = segments.summary(store.index_path)
     unreadable = os.path.isfile(store.index_path) and not os.access(store.index_path, os.R_OK)
     # an index file this user may not read names no segment it can see: they are not leftovers
-    parts["leftover_files"] = [] if unreadable else [p.name for p in segments.leftovers(store.index_path)]
+    unnamed = [] if unreadable else [p.name for p in segments.leftovers(store.index_path)]
+    parts["leftover_files"], parts["in_progress"] = (unnamed, []) if between_saves else ([], unnamed)
+    return index, why, parts, unreadable
+
+
+def _check_index_file(store: "Store", s, on_disk: tuple, db_ids: np.ndarray, floor: int, problems: list[str],
+                      notes: list[str]) -> dict:
+    """The index files read before the database (`_read_index_files`) against it: ids (missing, deleted,
+    lost) and content."""
+    live = store.live
+    index, why, parts, unreadable = on_disk
+    entry: dict = {"path": str(store.index_path), "readable": index is not None,
+                   "problem": why if why else (None if index is not None else "missing")}
     entry["segments"] = parts
     if index is not None and index.problem:
         parts["manifest"] = index.problem
@@ -199,6 +217,9 @@ def _check_index_file(store: "Store", s, db_ids: np.ndarray, floor: int, problem
     if parts["leftover_files"]:
         problems.append(f"{len(parts['leftover_files'])} index segment files no manifest names "
                         "(the next save or a repair removes them)")
+    if parts["in_progress"]:
+        notes.append(f"a save by another process is in progress: {len(parts['in_progress'])} index files it has "
+                     "not published yet")
     impossible = impossible_ids(vx.index_ids(index)) if index is not None else 0
     if impossible:
         problems.append(f"{impossible} index ids are ones no database gives (the index file's id map is damaged): "
@@ -261,6 +282,12 @@ def _verify_files(store: "Store", image_rows, problems: list[str]) -> dict:
             missing.append(stored)
         elif sha256_bytes(data) != file_hash:
             mismatched.append(stored)
+    if missing:  # rows deleted since the snapshot (`source remove` meanwhile) had their files deleted after
+        still: set[str] = set()
+        with store.db.session() as s:
+            for start in range(0, len(missing), 1000):
+                still.update(s.scalars(select(Image.path).where(Image.path.in_(missing[start:start + 1000]))))
+        missing = [stored for stored in missing if stored in still]
     if missing:
         problems.append(f"{len(missing)} image files are missing")
     if mismatched:
