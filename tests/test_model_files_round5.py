@@ -324,6 +324,10 @@ def test_lora_files_in_the_wild_are_enrolled_whole_or_refused(models, tmp_path):
         "dora": (kohya | {"lora_unet_down_blocks_1_attentions_0_proj_in.dora_scale": torch.ones(1, 64)},
                  r"is a DoRA .* diffusers drops"),
         "uneven-rank": (lora | {first: torch.randn(8, lora[first].shape[1])}, r"different ranks .* a broken adapter"),
+        "untrained": ({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in lora.items()},  # the base, renamed
+                      r"untrained.safetensors changes nothing: its lora_B/up factors are all zeros"),
+        "alpha-0": ({k: torch.tensor(0.0) if k.endswith(".alpha") else v for k, v in kohya.items()},
+                    r"changes nothing: its alphas are all zeros"),
         "one-factor": ({k: v for k, v in lora.items() if k != first},  # was enrolled without that layer
                        r"1 layer has only one of its two factors \(e\.g\. unet\..*a broken adapter"),
         "loha": ({"lora_unet_down_blocks_1_attentions_0_proj_in.hada_w1_a": torch.ones(4, 4)}, r"LyCORIS"),

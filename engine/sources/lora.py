@@ -127,6 +127,21 @@ def check_adapter_values(file: Path) -> dict:
     return tensors
 
 
+def _inert(tensors: dict) -> str | None:
+    """Why an adapter changes nothing (every up factor, every down factor or every alpha all zeros), else
+    None: enrolled, it generated the base's images under another name, as scale 0 would."""
+    if any("magnitude" in key for key in tensors):  # a DoRA's magnitudes change the weights on their own
+        return None
+    for what, marks in (("lora_B/up factors are all zeros (saved before training? peft starts lora_B at zero)",
+                         ("lora_B.", "lora_up.", "lora.up.")),
+                        ("lora_A/down factors are all zeros", ("lora_A.", "lora_down.", "lora.down.")),
+                        ("alphas are all zeros", (".alpha.",))):
+        found = [tensor for key, tensor in tensors.items() if any(mark in key + "." for mark in marks)]
+        if found and not any(bool(tensor.any()) for tensor in found):
+            return what
+    return None
+
+
 def adapter_name(sha256: str) -> str:
     """The name an adapter file is loaded under: its content, so one file is loaded once per base."""
     return "lora_" + sha256[:20]
@@ -166,7 +181,12 @@ class Lora(SourceKind):
             if not any("lora" in k.lower() for k in keys):
                 raise UserError(f"{file} holds no LoRA weights (no *lora* tensors): a full checkpoint is a "
                                 "single-file source, not an adapter")
-            check_adapter_fits(file, check_adapter_values(file), folder)
+            tensors = check_adapter_values(file)
+            inert = _inert(tensors)
+            if inert:
+                raise UserError(f"{file.name} changes nothing: its {inert}; its source would be the base under "
+                                "another name")
+            check_adapter_fits(file, tensors, folder)
             adapters.append({"file": str(file), "scale": scale, "sha256": file_sha256(file)})
         adapters.sort(key=lambda a: (a["sha256"], a["scale"]))
         seen = [a["sha256"] for a in adapters]
