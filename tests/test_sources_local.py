@@ -97,6 +97,9 @@ def test_single_file_fingerprint_and_refusals(models, local, tmp_path):
         kind.prepare("x", next(local["base"].glob("unet/*.safetensors")), config=local["config"])
     with pytest.raises(UserError, match="model_index.json"):
         kind.prepare("x", local["file"], config=tmp_path)
+    with pytest.raises(UserError, match=r"is a folder, not a \.safetensors file \(a diffusers folder is its own "
+                                         r"source: resynth source add NAME DIR, without --config\)"):
+        kind.prepare("x", local["base"], config=local["config"])  # it said "checkpoint file not found"
     with pytest.raises(UserError, match="does not fit tiny-sd-euler-a: its unet is 32 wide"):  # another family
         kind.prepare("x", local["file"], config=models["pipelines"]["tiny-sd-euler-a"])
     sd3 = tmp_path / "sd3.safetensors"

@@ -36,6 +36,9 @@ def check_safetensors(path, what: str) -> Path:
 
     given = Path(path).expanduser()
     path = given.resolve()
+    if path.is_dir():  # it said "not found" of a folder that is there
+        raise UserError(f"{what} {path} is a folder, not a .safetensors file (a diffusers folder is its own source: "
+                        "resynth source add NAME DIR, without --config)")
     if not path.is_file():
         raise UserError(f"{what} not found: {path}")
     if given.suffix != ".safetensors":  # the name as given: a Hugging Face cache links it to a blob named by hash
