@@ -705,6 +705,29 @@ def test_a_file_without_manifest_markers_skips_the_native_reader(signed, monkeyp
     assert read_provenance(tiff.getvalue(), watermark=False).c2pa["state"] == "remote" and calls == [1, 1, 1]
 
 
+def test_a_manifest_of_many_action_assertions_is_summarised_in_a_few(tmp_path):
+    """Each c2pa.actions assertion lists up to 20 actions, and a manifest may hold many: 50 of them in a
+    250 KB file put 1020 actions in the answer (a 20 MB upload: megabytes per image). The first 20 are kept."""
+    c2pa = pytest.importorskip("c2pa")
+    pytest.importorskip("cryptography")
+    chain, key, _ = _test_ca(tmp_path)
+    edited = {"action": "c2pa.edited", "softwareAgent": {"name": "x" * 100}}
+    created = {"action": "c2pa.created",
+               "digitalSourceType": "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"}
+    assertions = [{"label": "c2pa.actions", "data": {"actions": [created] + [edited] * 19}}]
+    assertions += [{"label": "c2pa.actions", "data": {"actions": [edited] * 20}}] * 50
+    manifest = {"claim_generator_info": [{"name": "t", "version": "1"}], "title": "g.png", "assertions": assertions}
+    out = io.BytesIO()
+    with c2pa.Builder(manifest) as builder:
+        builder.sign(c2pa.Signer.from_info(c2pa.C2paSignerInfo(b"es256", chain, key, None)), "image/png",
+                     io.BytesIO(png(size=(96, 96))), out)
+    p = read_provenance(out.getvalue(), watermark=False)
+    clean(p)
+    assert p.c2pa["state"] == "untrusted" and len(p.c2pa["actions"]) == 20, len(p.c2pa["actions"])
+    assert p.c2pa["actions"][0]["action"] == "c2pa.created"
+    assert p.c2pa["digital_source_type"] == "trainedAlgorithmicMedia"
+
+
 def test_mutated_signed_files_never_raise(signed):
     data, anchors = signed
     rng = random.Random(99)

@@ -20,6 +20,7 @@ from engine.provenance.containers import source_type_term
 TRUST_ENV = "RESYNTH_C2PA_TRUST_ANCHORS"
 _TRUST_ONLY = {"signingCredential.untrusted"}  # failures that only say "signer not anchored"
 MAX_ANCHORS = 4 << 20
+MAX_ACTIONS = 20  # actions of the active manifest summarised (the first; its digital source type is looked for in all)
 
 
 def may_carry_manifest(data: bytes, xmp: str | None) -> bool:
@@ -113,6 +114,8 @@ def _manifest_summary(m: dict) -> dict:
             term = act.get("digitalSourceType")
             term = source_type_term(term) if isinstance(term, str) else None
             dst = dst or term
+            if len(actions) >= MAX_ACTIONS:  # each c2pa.actions assertion holds up to 20: 50 of them in a 250 KB
+                continue  # file made 1020 in the answer
             actions.append({"action": str(act.get("action", ""))[:100],
                             "software_agent": str(agent)[:200] if agent else None,
                             "digital_source_type": term})
