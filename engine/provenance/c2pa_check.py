@@ -102,7 +102,8 @@ def _manifest_summary(m: dict) -> dict:
     info = m.get("claim_generator_info")
     if not gen and isinstance(info, list) and info and isinstance(info[0], dict):
         gen = " ".join(str(info[0].get(k)) for k in ("name", "version") if info[0].get(k))
-    actions, dst = [], None
+    actions: list[dict] = []
+    dst = None
     for a in _list(m.get("assertions")):
         if not isinstance(a, dict) or not str(a.get("label", "")).startswith("c2pa.actions"):
             continue
