@@ -5,12 +5,15 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 import warnings
 from pathlib import Path
 
-from engine.errors import INTERRUPTED, INTERRUPTED_TEXT, UserError, kind_of, message_of, wants_json
+from engine.errors import (INTERRUPTED, INTERRUPTED_TEXT, UserError, ctrl_c_pressed, forget_ctrl_c, kind_of,
+                           message_of, on_ctrl_c, wants_json)
 from engine.errors import report as _report
 from engine.flags import (Parser, add_clip_arguments, add_global_options, add_source_arguments, check_device,
                           clip_kwargs, common_parent, json_object, source_kind_and_params)
@@ -29,6 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
     argv = sys.argv[1:] if argv is None else list(argv)
     Parser.json_errors = wants_json(argv)
+    forget_ctrl_c()
+    # Python's own Ctrl-C handling, remembered (errors.on_ctrl_c); left alone where SIGINT is ignored (nohup) or
+    # handled by the caller, and where main() runs outside the main thread (signal handlers cannot be set there)
+    ours = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if ours:
+        signal.signal(signal.SIGINT, on_ctrl_c)
     try:  # Ctrl-C while the parser imports the source kinds (a third of a second) is one line too
         return _main(argv)
     except KeyboardInterrupt:
@@ -37,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `resynth ... | head`: the reader left; end quietly
         _silence_stdout()
         return 0
+    finally:
+        if ours:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _main(argv: list[str]) -> int:
@@ -65,6 +78,8 @@ def _main(argv: list[str]) -> int:
     except (KeyboardInterrupt, BrokenPipeError):
         raise
     except Exception as exc:
+        if ctrl_c_pressed():  # a Ctrl-C a library turned into an error of its own (a model being loaded)
+            raise KeyboardInterrupt from exc
         kind = kind_of(exc)
         if kind is None:
             raise  # a bug: the traceback is what a report needs

@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -295,6 +296,24 @@ def first_line(exc: BaseException) -> str:
 
 INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command ended by Ctrl-C
 INTERRUPTED_TEXT = "interrupted (everything committed so far is kept)"
+_CTRL_C = threading.Event()
+
+
+def on_ctrl_c(signum: int, frame: object) -> None:
+    """The command line's SIGINT handler: Python's own (KeyboardInterrupt), remembered. A library that a Ctrl-C
+    lands in may turn it into an error of its own (diffusers: "Unable to load weights" for a pipeline being
+    loaded), which read as a failed source: the run went on for every other source and answered, exit 0."""
+    _CTRL_C.set()
+    raise KeyboardInterrupt
+
+
+def ctrl_c_pressed() -> bool:
+    """Whether on_ctrl_c has run since the command began (engine.cli clears it)."""
+    return _CTRL_C.is_set()
+
+
+def forget_ctrl_c() -> None:
+    _CTRL_C.clear()
 
 
 def report(message: str, code: str, exit_code: int, as_json: bool) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 from engine import api_tasks, sources
 from engine.api_source import PartialResult
 from engine.attribute import Candidates, Plan, Query
-from engine.errors import SourceError
+from engine.errors import SourceError, ctrl_c_pressed
 from index.errors import StoreError, StoreInputError
 from index.faults import crash_point
 from index.keys import normalise_description, sha256_text
@@ -83,6 +83,8 @@ def resynthesize(ws: "Workspace", texts: Iterable[str], plan: Plan,
             try:
                 made = generate_once(ws, plan, source, chunk, budget)
             except (SourceError, BudgetExceeded) as exc:
+                if ctrl_c_pressed():  # a Ctrl-C the loading library reported as its own error: not the source's
+                    raise KeyboardInterrupt from exc
                 log.info("%s", exc)
                 made = getattr(exc, "made", {})
                 for text, count in made.items():
