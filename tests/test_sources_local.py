@@ -100,6 +100,10 @@ def test_single_file_fingerprint_and_refusals(models, local, tmp_path):
     with pytest.raises(UserError, match=r"is a folder, not a \.safetensors file \(a diffusers folder is its own "
                                          r"source: resynth source add NAME DIR, without --config\)"):
         kind.prepare("x", local["base"], config=local["config"])  # it said "checkpoint file not found"
+    shouting = tmp_path / "MODEL.SAFETENSORS"
+    shutil.copy(local["file"], shouting)
+    with pytest.raises(UserError, match=r"MODEL.SAFETENSORS: rename it to end in .safetensors, in lower case"):
+        kind.prepare("x", shouting, config=local["config"])  # it said "convert them to safetensors first"
     with pytest.raises(UserError, match="does not fit tiny-sd-euler-a: its unet is 32 wide"):  # another family
         kind.prepare("x", local["file"], config=models["pipelines"]["tiny-sd-euler-a"])
     sd3 = tmp_path / "sd3.safetensors"

@@ -41,6 +41,9 @@ def check_safetensors(path, what: str) -> Path:
                         "resynth source add NAME DIR, without --config)")
     if not path.is_file():
         raise UserError(f"{what} not found: {path}")
+    if given.suffix != ".safetensors" and given.suffix.lower() == ".safetensors":  # it was told to convert it
+        raise UserError(f"{what} {given.name}: rename it to end in .safetensors, in lower case (the loaders read "
+                        "any other name as a pickle)")
     if given.suffix != ".safetensors":  # the name as given: a Hugging Face cache links it to a blob named by hash
         raise UserError(f"{what} must be a .safetensors file, not {given.name} (pickled .ckpt/.pt files can run code "
                         "when loaded: convert them to safetensors first)")
