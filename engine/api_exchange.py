@@ -139,6 +139,10 @@ class ApiExchanges:
                         problem = f"HTTP {resp.status_code}{_error_message(raw, key)}"
                         if resp.status_code not in RETRY_STATUSES:
                             hint = ""
+                            location = resp.headers.get("location") if resp.is_redirect else None
+                            if submission and location:  # http:// for https://, a moved endpoint
+                                hint = (f" (redirected to {_redact(location[:200], key)}: submissions do not follow "
+                                        "redirects; if the API moved, add the source again with its new URL)")
                             if resp.status_code in (401, 403):
                                 env = self.params.api_key_env
                                 hint = f" (check the key in ${env})" if env else " (no api_key_env is configured)"

@@ -8,7 +8,8 @@ Behaviours (queued for the next requests, else the persistent `mode`, else a nor
 JSON), "empty" (no data), "undecodable" (base64 of garbage), "bad-b64" (not base64), "oversized"
 (5000x5000 PNG), "url" (an image URL on this server), "url-private" (an image URL on 10.0.0.1),
 "redirect-private" (a URL here that redirects to 169.254.169.254), "redirect-loop", "401"
-(echoing the key it was given, as real servers do), "content-policy" (400).
+(echoing the key it was given, as real servers do), "content-policy" (400), "error-200" (an error under
+status 200, echoing the key), "moved" (a 301 to https://api.example.com).
 
 `FakeProviderApi` adds stand-ins of the other provider protocols on the same server (Black Forest
 Labs, Replicate, Stability, Google Imagen and Gemini, fal.ai, Ideogram, Adobe Firefly with its IMS
@@ -36,7 +37,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse,
 from PIL import Image
 
 BEHAVIOURS = {"ok", "429", "500", "hang", "malformed", "empty", "undecodable", "bad-b64", "oversized", "url",
-              "url-private", "url-bad-port", "redirect-private", "redirect-loop", "401", "content-policy"}
+              "url-private", "url-bad-port", "redirect-private", "redirect-loop", "401", "content-policy", "error-200",
+              "moved"}
 
 
 def default_make(prompt: str, index: int, size: tuple[int, int] = (32, 32)) -> Image.Image:
@@ -170,6 +172,10 @@ class FakeImagesApi:
                     await asyncio.sleep(0.02)
             if behaviour == "malformed":
                 return PlainTextResponse("<html>502 Bad Gateway</html>")
+            if behaviour == "error-200":  # a proxy's error under status 200
+                return JSONResponse({"error": {"message": f"Billing hard limit reached for {given}"}})
+            if behaviour == "moved":
+                return RedirectResponse("https://api.example.com/v1/images/generations", 301)
             if behaviour == "empty":
                 return JSONResponse({"data": []})
             if behaviour == "undecodable":

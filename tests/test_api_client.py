@@ -114,6 +114,19 @@ def test_content_policy_refusal_is_not_retried(api):
     assert statuses(api) == [400]
 
 
+def test_an_error_under_200_and_a_moved_endpoint_say_what_the_server_said(api):
+    """Both were 'malformed answer: no data[0]' and 'HTTP 301', with nothing of what the server said."""
+    api.queue("error-200")
+    with pytest.raises(SourceError, match=r"the API answered an error: Billing hard limit reached for Bearer \*\*\*$"):
+        generator(api).generate("p", [0])
+    api.queue("moved")
+    with pytest.raises(SourceError, match=r"HTTP 301 \(redirected to https://api\.example\.com/v1/images/generations: "
+                                          r"submissions do not follow redirects; if the API moved, add the source "
+                                          r"again with its new URL\)"):
+        generator(api).generate("p", [0])
+    assert statuses(api) == [200, 301]  # neither retried nor followed
+
+
 def test_missing_key_variable_sends_nothing(api, monkeypatch):
     monkeypatch.delenv(ENV)
     with pytest.raises(SourceError, match=f"environment variable {ENV} is not set"):

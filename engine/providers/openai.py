@@ -7,7 +7,7 @@ used as given) with `Authorization: Bearer KEY` and JSON `{"model", "prompt", "n
 """
 from __future__ import annotations
 
-from engine.providers import ImageProtocol, base_url
+from engine.providers import ImageProtocol, base_url, first_text
 
 
 def endpoint_url(url: str) -> str:
@@ -35,7 +35,9 @@ class OpenAIImages(ImageProtocol):
             item = answer["data"][0]
             b64, url = item.get("b64_json"), item.get("url")
         except (KeyError, IndexError, TypeError, AttributeError):
-            raise call.fail("malformed answer: no data[0]") from None
+            error = answer.get("error") if isinstance(answer, dict) else None  # a 200 carrying an error (proxies)
+            said = first_text(error.get("message") if isinstance(error, dict) else error)
+            raise call.fail(f"the API answered an error: {said}" if said else "malformed answer: no data[0]") from None
         if isinstance(b64, str):
             return call.b64(b64, "b64_json")
         if isinstance(url, str):
