@@ -19,6 +19,7 @@ MAX_CHUNKS = 65536  # PNG chunks of any kind walked (encoders write one IDAT per
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 XMP_JPEG = b"http://ns.adobe.com/xap/1.0/\x00"
+_FILL = re.compile(rb"\xff+")
 
 
 @dataclass
@@ -206,8 +207,9 @@ def _read_jpeg(data: bytes, box: Container) -> None:
             box.notes.append("jpeg: segment structure broken before the image data; the rest is not read")
             return
         marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
+        if marker == 0xFF:  # fill bytes: a run skipped in one step (one by one, 20 MB of them took 11 s)
+            run = _FILL.match(data, pos)
+            pos = (run.end() if run else pos + 2) - 1
             continue
         if marker in (0x01, *range(0xD0, 0xD8)):
             pos += 2
