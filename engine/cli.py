@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
@@ -70,7 +71,8 @@ def _main(argv: list[str]) -> int:
         getattr(args, "_parser", parser).error("--store is empty (an unset variable?): give a store folder")
     # $RESYNTH_STORE="~/stores/x" means what a shell would make of it, for every command; set but empty, it
     # is unset, as a shell's ${RESYNTH_STORE:-...} reads it
-    args.store = args.store or expand_optional(os.environ.get("RESYNTH_STORE")) or None
+    from_env = None if args.store else os.environ.get("RESYNTH_STORE") or None  # as typed, for a hint
+    args.store = args.store or expand_optional(from_env) or None
     guessed = args.store is None  # neither --store nor $RESYNTH_STORE: ./resynth-store, said if it is no store
     try:
         args.device = check_device(args.device)
@@ -86,15 +88,17 @@ def _main(argv: list[str]) -> int:
         if args.debug:
             traceback.print_exception(exc)
         code = getattr(exc, "code", None) or kind.code
-        said = store_hint(exc, args.store, guessed) or message_of(exc) + source_hint(exc, code, args.store)
+        said = store_hint(exc, args.store, guessed, from_env) or message_of(exc) + source_hint(exc, code, args.store)
         _report(said, code, kind.exit_code, args.json)
         return kind.exit_code
 
 
-def store_hint(exc: BaseException, store: str | None, guessed: bool) -> str | None:
+def store_hint(exc: BaseException, store: str | None, guessed: bool, from_env: str | None = None) -> str | None:
     """What to type instead, for `no store at DIR` (None: the message as it is): a forgotten --store (the
-    default folder was looked in) or the demo's folder given for its store (`--store resynth-demo`, whose store
-    is resynth-demo/store), both answered "create one with `resynth init`", which was the wrong way out."""
+    default folder was looked in), the demo's folder given for its store (`--store resynth-demo`, whose store
+    is resynth-demo/store), a misspelt store folder beside a store (`resynth-demo/stor`), or a relative
+    $RESYNTH_STORE read from another folder (the README's `export RESYNTH_STORE=resynth-demo/store`, then a `cd`):
+    all answered "create one with `resynth init`", which was the wrong way out."""
     from index.errors import StoreInputError
 
     if not isinstance(exc, StoreInputError) or not str(exc).startswith("no store at "):
@@ -113,6 +117,14 @@ def store_hint(exc: BaseException, store: str | None, guessed: bool) -> str | No
     if inside:  # the folder holds a store one level down: the demo's folder, a case folder
         return f"no store at {shown(root)}, but one in it: give --store {' or --store '.join(map(near, inside[:3]))}"
     if not guessed:
+        beside = [found.parent.name for found in root.parent.glob("*/store.json")] if root.parent.is_dir() else []
+        meant = difflib.get_close_matches(root.name, beside, n=1, cutoff=0.75)
+        if meant:
+            return f"no store at {shown(root)}; did you mean --store {near(root.parent / meant[0])}?"
+        if from_env and not Path(from_env).expanduser().is_absolute():
+            return (f"no store at {shown(root)}: $RESYNTH_STORE is the relative path {from_env}, read from the "
+                    f"current folder {shown(here)}; give it as a full path (export RESYNTH_STORE=\"$PWD/{from_env}\" "
+                    "in the folder it was meant from), or create a store with `resynth init`")
         return None
     stores = sorted({found.parent for found in (*here.glob("*/store.json"), *here.glob("*/store/store.json"))})
     seen = f" (stores here: {', '.join(map(near, stores[:3]))})" if stores else ""

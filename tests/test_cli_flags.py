@@ -61,6 +61,25 @@ def test_no_store_says_where_the_store_a_newcomer_meant_is(tmp_path, monkeypatch
     assert _err(capsys) == f"resynth: error: no store at {tmp_path / 'elsewhere'} (create one with `resynth init`)"
 
 
+def test_a_misspelt_store_or_a_relative_store_variable_read_elsewhere_says_so(tmp_path, monkeypatch, capsys):
+    """`--store resynth-demo/stor`, and the README's `export RESYNTH_STORE=resynth-demo/store` followed by a `cd`,
+    were answered "create one with `resynth init`": a new empty store was not what was meant."""
+    (tmp_path / "resynth-demo" / "store").mkdir(parents=True)
+    (tmp_path / "resynth-demo" / "store" / "store.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RESYNTH_STORE", raising=False)
+    assert run_cli("stats", "--store", "resynth-demo/stor") == 2
+    assert _err(capsys).endswith("did you mean --store resynth-demo/store?")
+    monkeypatch.setenv("RESYNTH_STORE", "resynth-demo/store")
+    monkeypatch.chdir(tmp_path / "resynth-demo")
+    assert run_cli("--json", "source", "list") == 2
+    said = json.loads(_err(capsys))["error"]
+    assert "$RESYNTH_STORE is the relative path resynth-demo/store" in said and "full path" in said, said
+    monkeypatch.setenv("RESYNTH_STORE", str(tmp_path / "nowhere"))  # a full path: nothing to add
+    assert run_cli("stats") == 2
+    assert _err(capsys) == f"resynth: error: no store at {tmp_path / 'nowhere'} (create one with `resynth init`)"
+
+
 def test_ingest_warns_of_a_replay_source_left_with_originals_only(models, tmp_path, capsys):
     """A mistyped source on one manifest row made a replay source that no answer scores, and nothing said so."""
     import numpy as np
@@ -338,6 +357,12 @@ def test_the_verdict_line_shows_its_evidence():
     alone.description_from = "prompt"
     # calibrated "unknown" beside p 0.99: p ranks the enrolled sources only
     assert [n.split(":")[0] for n in alone.notes] == ["p is shared among the enrolled sources only"]
+    # a real photograph is "unknown" too in a store calibrated without real references: said, not left to guess
+    # (the note read "a generator nobody enrolled, which the verdict suggests made this image" for a camera photo)
+    assert "or of a real photograph: calibrated without real references" in alone.notes[0]
+    alone.evidence = {"real": {"real": False, "value": -0.2, "threshold": 0.1}}  # the real rule ran: not a photo
+    assert alone.notes[0].endswith("which the verdict suggests made this image")
+    alone.evidence = {}
     # calibrated "known" with a runner-up nearly as likely: a close call, not an attribution to trust
     alone.verdict, alone.scores[0].probability, alone.scores[1].probability = "known", 0.52, 0.41
     assert alone.notes and alone.notes[0].startswith("close call: flux is nearly as likely as sdxl")
