@@ -350,7 +350,7 @@ def _png_blocks(handle: IO[bytes]) -> str | None:
         if header[4:] == b"iCCP":
             profiles += 1
             if profiles > MAX_PNG_PROFILES:
-                return f"more than {MAX_PNG_PROFILES} PNG colour profiles (iCCP chunks; the format allows one)"
+                return f"more than {MAX_PNG_PROFILES} PNG colour profiles (iCCP chunks)"
         handle.seek(struct.unpack(">I", header[:4])[0] + 4, io.SEEK_CUR)
     header = handle.read(8)
     return f"more than {MAX_BLOCKS} PNG chunks" if len(header) == 8 and header[4:] != b"IEND" else None
