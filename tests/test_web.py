@@ -282,3 +282,22 @@ def test_the_layout_fits_a_phone(page):
         _shot(page, "page-phone.png")
     finally:
         page.set_viewport_size({"width": 1280, "height": 900})
+
+
+def test_long_file_names_in_the_table_fit_a_phone(page):
+    """A file name of 21 characters beside an "uncalibrated" badge took the page to 471 px at 390."""
+    page.set_viewport_size({"width": 390, "height": 844})
+    try:
+        names = page.evaluate("""() => {
+            answers.forEach((a, i) => { a.r.query = i ? "x".repeat(180) + ".png" : "<script>alert(1)<.png"; });
+            renderTable();
+            return answers.map((a) => a.r.query);
+        }""")
+        assert len(names) >= 2 and page.is_visible("#answers")
+        assert page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth") <= 1
+        assert page.evaluate("() => document.querySelector('#answers').scrollWidth"
+                             " - document.querySelector('#table').clientWidth") <= 1  # every column shows
+        titles = page.eval_on_selector_all("#answers td.file", "els => els.map(e => e.title)")
+        assert sorted(titles) == sorted(names)  # the whole name, where the cell cuts it
+    finally:
+        page.set_viewport_size({"width": 1280, "height": 900})
