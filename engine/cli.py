@@ -256,8 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("attribute", parents=[common], help="attribute images to sources",
                        description="Rank every source for each image. Resyntheses already in the store are "
                                    "reused; missing ones are generated and cached. The answer names the closest "
-                                   "enrolled source; it says `known` or `unknown source` only once `resynth "
-                                   "calibrate` has fitted thresholds (before, the verdict is `uncalibrated`).")
+                                   "enrolled source, whatever made the image (a camera photograph, a generator "
+                                   "nobody enrolled); it says `known` or `unknown source` only once `resynth "
+                                   "calibrate` has fitted thresholds (before, the verdict is `uncalibrated`), and "
+                                   "`real` only once it was fitted with real photographs (docs/model-card.md).")
     p.add_argument("images", nargs="*", metavar="IMAGE", type=path_argument,
                    help="image files (PNG, JPEG, WebP ...); a folder: use `resynth triage`")
     p.add_argument("--prompt", help="the description of the image(s), the more exact the better (the prompt it was "

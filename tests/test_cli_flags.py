@@ -557,3 +557,12 @@ def test_ctrl_c_while_a_pipeline_loads_stops_the_command(store_dir, tmp_path, as
         assert json.loads(line)["kind"] == "interrupted"
     else:
         assert line == "resynth: interrupted (everything committed so far is kept)"
+
+
+def test_attribute_help_says_a_photograph_is_named_too(capsys):
+    """`attribute --help` said "names the closest enrolled source" and nothing of what a camera photograph gets."""
+    with pytest.raises(SystemExit):
+        run_cli("attribute", "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "whatever made the image (a camera photograph, a generator nobody enrolled)" in text
+    assert "`real` only once it was fitted with real photographs" in text
