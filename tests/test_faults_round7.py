@@ -165,13 +165,19 @@ def test_two_inits_at_once_with_different_embedders_one_is_refused(tmp_path):
                 break
             time.sleep(0.05)
         assert _stopped(first.pid), first.communicate()
-        second = subprocess.Popen([sys.executable, "-c", INIT, str(root), "emb-b", "32", str(REPO), "go"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(3)  # the second runs meanwhile (it finished in well under this before)
+        err_file = tmp_path / "second.err"
+        with open(err_file, "w") as err:
+            second = subprocess.Popen([sys.executable, "-c", INIT, str(root), "emb-b", "32", str(REPO), "go"],
+                                      stdout=subprocess.PIPE, stderr=err, text=True)
+        deadline = time.monotonic() + 120  # until it finished (before) or says it waits for the first (now)
+        while second.poll() is None and "held by another process" not in err_file.read_text() and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         os.kill(first.pid, signal.SIGCONT)
     out_a, err_a = first.communicate(timeout=120)
-    out_b, err_b = second.communicate(timeout=120)
+    out_b, _ = second.communicate(timeout=120)
+    err_b = err_file.read_text()
     assert "Traceback" not in err_a + err_b, err_a + err_b
     a, b = json.loads(out_a), json.loads(out_b)
     assert a == {"ok": "emb-a", "dim": 16}, a
