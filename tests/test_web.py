@@ -197,6 +197,8 @@ def test_the_evidence_images_load(page, originals):
     assert all(re.search(r"· score -?\d\.\d{4} · \d+ references?$", h) for h in heads), heads  # what each rests on
     assert all(i.isdigit() for i in ids)
     assert page.is_hidden("#table")  # one image: no table
+    tops = page.eval_on_selector_all("#closest .source-row", "els => els.map(e => e.getBoundingClientRect().top)")
+    assert len(set(tops)) < len(tops), tops  # sources side by side (each had its own row: 20 sources, 20 rows)
     _shot(page, "page-desktop.png")
 
 
