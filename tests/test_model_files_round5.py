@@ -450,3 +450,33 @@ def test_a_folder_whose_weights_lack_a_tensor_fails_its_load_in_one_line(models,
     (folder / "model_index.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(UserError, match="malformed model_index.json"):
         Pipeline().prepare("deep", folder, steps=2)
+
+
+def test_a_sharded_component_missing_a_shard_is_refused_at_source_add(models, tmp_path):
+    """An unfinished download of a sharded model (unet/diffusion_pytorch_model-0000N-of-0000M.safetensors) was
+    enrolled and failed at its first generation; an index naming ../../x read elsewhere. A configs-only folder
+    (a single file's --config) keeps its index with no shard at all: that is not refused."""
+    import diffusers
+
+    from engine.generate import check_pipeline_folder
+
+    folder = tmp_path / "sharded"
+    shutil.copytree(models["pipelines"]["tiny-sd-ddim"], folder)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet")
+    shutil.rmtree(folder / "unet")
+    unet.save_pretrained(folder / "unet", max_shard_size="200KB")
+    shards = sorted((folder / "unet").glob("*-of-*.safetensors"))
+    assert len(shards) > 2
+    Pipeline().prepare("whole", folder, steps=2)
+    shards[1].unlink()
+    with pytest.raises(UserError, match=r"unet/diffusion_pytorch_model.safetensors.index.json in .* names 1 shard "
+                                        r"file that is not there \(e.g. diffusion_pytorch_model-00002-of-") as failure:
+        Pipeline().prepare("cut", folder, steps=2)
+    assert "\n" not in str(failure.value)
+    for shard in shards:
+        shard.unlink(missing_ok=True)
+    check_pipeline_folder(folder)  # configs only: what a --config folder is
+    index = folder / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"conv_in.weight": "../../../etc/passwd"}}))
+    with pytest.raises(UserError, match=r"names shard files outside its folder \(e.g. ../../../etc/passwd\)"):
+        check_pipeline_folder(folder)

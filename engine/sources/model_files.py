@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from engine.errors import UserError, first_line
@@ -131,6 +132,37 @@ def check_weight_entries(folder: Path, components: set[str]) -> None:
                             "must be files")
         if entry.suffix in WEIGHT_SUFFIXES:
             check_weight_file(entry, scan_pickle=entry.parent.name in components and entry.parent.parent == folder)
+        if entry.parent.name in components and entry.parent.parent == folder and SHARD_INDEX.fullmatch(entry.name):
+            _check_shard_index(folder, entry)
+
+
+SHARD_INDEX = re.compile(r"[^.]+\.(safetensors|bin)\.index\.json")  # what diffusers reads (no variant: .fp16.)
+
+
+def _check_shard_index(folder: Path, index: Path) -> None:
+    """A sharded component's index must name only files beside it, all there or none (configs only): a download
+    cut short (a missing shard) was enrolled and failed at the first generation; a name such as ../../x reads
+    elsewhere.
+    Another kind's index (a .bin one beside a .safetensors one) is not the one diffusers reads: not checked."""
+    if index.name.endswith(".bin.index.json") and any(index.parent.glob("*.safetensors.index.json")):
+        return
+    where = f"{index.relative_to(folder)} in {folder}"
+    if index.stat().st_size > MAX_CONFIG_BYTES:
+        raise UserError(f"{where} is {index.stat().st_size >> 20} MiB: not a shard index (real ones are a few KB)")
+    try:
+        weight_map = json.loads(index.read_bytes()).get("weight_map")
+    except (ValueError, RecursionError, AttributeError):
+        weight_map = None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise UserError(f"malformed {where}: no weight_map of tensor names to shard files")
+    wrong = sorted({name for name in weight_map.values() if Path(name).name != name or name in (".", "..")})
+    if wrong:
+        raise UserError(f"{where} names shard files outside its folder (e.g. {', '.join(wrong[:3])})")
+    missing = sorted({name for name in weight_map.values() if not (index.parent / name).is_file()})
+    if missing and len(missing) < len(set(weight_map.values())):  # none there: configs only (a --config folder)
+        raise UserError(f"{where} names {len(missing)} shard file{'s' * (len(missing) != 1)} that "
+                        f"{'are' if len(missing) != 1 else 'is'} not there (e.g. {', '.join(missing[:3])}): an "
+                        "unfinished download? The folder must hold every shard")
 
 
 def check_components(folder: Path, index: dict) -> None:
