@@ -342,6 +342,7 @@ def _reembed(ws, store, embedder, spec, running: list[str], ray_address: str | N
                         f"still uses {store.embedder_identity} and keeps the {embedded} new vectors for the next "
                         "run: restore the files or repair with `resynth verify`, then run reembed again")
     old = store.embedder_identity
+    store.claim(running, ws.owner, RUNNING_LEASE_S)  # the switch may take long: its vectors are kept meanwhile
     vectors = store.switch_embedder(embedder.describe(), embedder.dim)
     ws.use_embedder(embedder)
     ws.rebuild()  # the dataset-search index, in the new space

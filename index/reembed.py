@@ -10,7 +10,7 @@ from sqlalchemy import delete, func, select, update
 from index import segments
 from index import vectors as vx
 from index.db import Database, insert_ignore, made, table
-from index.errors import StoreError, StoreInputError
+from index.errors import StoreError, StoreInputError, switched_embedder
 from index.faults import crash_point
 from index.keys import image_key, sha256_text
 from index.layout import Layout, unlink_quietly
@@ -184,9 +184,15 @@ def discard_unswitched(db: Database, live: str, dead: Callable[[str], bool] = la
     adds after the delete. Returns (embedder -> vectors deleted, the embedders of running reembeds left alone)."""
     if not db.has_claims:
         return {}, []
-    pending = pending_superseded(db)
-    skip = {live} | ({pending["embedder"]} if pending and not pending.get("reused") else set())
     with db.write_session() as s:
+        # read in the transaction: another process's switch since this one opened made `live` a given-up one
+        recorded = s.scalar(select(StoreMeta.value).where(StoreMeta.key == "config"))
+        now_live = json.loads(recorded)["embedder"]["identity"] if recorded else live
+        if now_live != live:
+            raise switched_embedder(now_live)
+        value = s.scalar(select(StoreMeta.value).where(StoreMeta.key == SUPERSEDED))
+        pending = json.loads(value) if value else None
+        skip = {live} | ({pending["embedder"]} if pending and not pending.get("reused") else set())
         now = db.dialect.clock(s, write=True)
         running = sorted(key[len(RUNNING):] for key, owner in s.execute(
             select(Claim.key, Claim.owner).where(Claim.key.startswith(RUNNING, autoescape=True),

@@ -565,6 +565,7 @@ class Store:
 
     def discard_unswitched(self, dead: Callable[[str], bool] = lambda owner: False,
                            ) -> tuple[dict[str, int], list[str]]:
+        self._current()
         self.layout.require_writable()
         return reembed.discard_unswitched(self.db, self.embedder_identity, dead)
 

@@ -233,7 +233,18 @@ def test_abandon_drops_a_given_up_reembeds_vectors_and_keeps_a_running_ones(tmp_
     assert store.discard_unswitched(dead_here) == ({"given-up/final": 3, "killed/final": 3}, ["running/final"])
     assert store.verify()["unswitched"] == {"running/final": 3}
     assert store.stats()["vectors"] == 3  # the live set is untouched
+
+    # a handle opened before another process switched: its live embedder is the given-up one now
+    other = Store.open(tmp_path / "s")
+    other.switch_embedder({"identity": "running/final", "arch": "none", "checkpoint": "none"}, 4)
+    other.close()
+    with pytest.raises(Exception, match="switched to embedder running/final"):
+        store.discard_unswitched(dead_here)
     store.close()
+    again = Store.open(tmp_path / "s")
+    assert again.embedder_identity == "running/final" and again.stats()["vectors"] == 3
+    assert again.verify()["problems"] == ["3 image files are missing"]  # nothing else: no vector was lost
+    again.close()
 
 
 def test_reembed_abandon_on_the_command_line(models, store_dir, two_sources):
