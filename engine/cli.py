@@ -21,7 +21,8 @@ from engine.flags import (Parser, add_clip_arguments, add_global_options, add_so
 from engine.options import add_arguments
 from engine.paths import check_output_file, expand_optional, expand_path, not_a_file, path_argument, shown
 
-EPILOG = "Store: --store DIR, else $RESYNTH_STORE, else ./resynth-store. Models are read from local paths only."
+EPILOG = ("Store: --store DIR, else $RESYNTH_STORE, else ./resynth-store. Models are read from local paths only. "
+          "New here? `resynth demo` runs the whole method offline on tiny models and prints what to try next.")
 
 
 def main(argv: list[str] | None = None) -> int:

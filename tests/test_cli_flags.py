@@ -566,3 +566,9 @@ def test_attribute_help_says_a_photograph_is_named_too(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "whatever made the image (a camera photograph, a generator nobody enrolled)" in text
     assert "`real` only once it was fitted with real photographs" in text
+
+
+def test_the_top_level_help_points_a_newcomer_to_the_demo(capsys):
+    """`resynth` alone listed fifteen commands and the store rule, and nothing said where to begin."""
+    assert run_cli() == 2
+    assert "New here? `resynth demo` runs the whole method offline" in " ".join(capsys.readouterr().out.split())
