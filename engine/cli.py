@@ -130,7 +130,8 @@ def store_hint(exc: BaseException, store: str | None, guessed: bool, from_env: s
     stores = sorted({found.parent for found in (*here.glob("*/store.json"), *here.glob("*/store/store.json"))})
     seen = f" (stores here: {', '.join(map(near, stores[:3]))})" if stores else ""
     return (f"no store at {shown(root)}, the default folder: no --store was given and $RESYNTH_STORE is unset; "
-            f"give --store DIR{seen}, or create a store with `resynth init`")
+            f"give --store DIR{seen}, or create a store with `resynth init`"
+            + ("" if stores else " (or `resynth demo` for one to try)"))
 
 
 def quiet_libraries() -> None:

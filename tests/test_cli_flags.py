@@ -572,3 +572,12 @@ def test_the_top_level_help_points_a_newcomer_to_the_demo(capsys):
     """`resynth` alone listed fifteen commands and the store rule, and nothing said where to begin."""
     assert run_cli() == 2
     assert "New here? `resynth demo` runs the whole method offline" in " ".join(capsys.readouterr().out.split())
+
+
+
+def test_no_store_anywhere_near_points_to_the_demo(tmp_path, monkeypatch, capsys):
+    """A first command before any store exists was told only `resynth init`, which needs a CLIP checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RESYNTH_STORE", raising=False)
+    assert run_cli("source", "list") == 2
+    assert _err(capsys).endswith("or create a store with `resynth init` (or `resynth demo` for one to try)")
