@@ -127,6 +127,13 @@ class ApiParams:
         for flag, url in (("API URL", self.url), ("--token-url", self.token_url)):
             if url is not None:
                 _check_reachable(flag, url)
+        if not self.model.isprintable():
+            raise UserError(f"API model {self.model!r} holds a control character (a newline?)")
+        endpoint = self.endpoint()
+        if self.model in endpoint and (any(c.isspace() or c in "?#%\\" for c in self.model)
+                                       or ".." in self.model.split("/")):  # bfl, stability, google: a path part
+            raise UserError(f"API model {self.model!r} goes into the request's URL ({endpoint}), where it would "
+                            "not name the model: no spaces, ?, #, %, \\ or .. parts")
         if self.timeout > MAX_TIMEOUT:
             raise UserError(f"API timeout must be at most {MAX_TIMEOUT} seconds (a day), not {self.timeout!r}")
         return self

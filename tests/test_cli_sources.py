@@ -175,9 +175,23 @@ def test_an_api_url_that_can_never_be_reached_or_holds_a_password_is_refused_at_
         err = capsys.readouterr().err
         assert said in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
         assert "hunter2" not in err
+    # a model name that goes into the URL's path (bfl, stability, google) went there as typed: HTTP 404 at each request
+    for protocol, model, said in (("bfl", "flux-pro 1.1", "goes into the request's URL"),
+                                  ("google", "../../admin", "no spaces, ?, #, %, \\ or .. parts"),
+                                  ("openai", "dall-e-3\n", "holds a control character")):
+        capsys.readouterr()
+        assert run_cli("source", "add", "x", "--api", "https://api.example.org", "--protocol", protocol, "--model",
+                       model, "--store", store) == 2, model
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1, err
     assert _listed(capsys, store) == {}
     assert run_cli("source", "add", "x", "--api", "https://api.example.org:8443/v1?api-version=2", "--model", "m",
                    "--timeout", "86400", "--store", store) == 0
+    for n, (protocol, model) in enumerate((("openai", "dall e 3"), ("replicate", "owner/name:5c7d5dc6dd8bf75c1"),
+                                           ("google", "models/gemini-2.5-flash-image"), ("fal", "fal-ai/flux/dev"),
+                                           ("stability", "sd3.5-large"), ("bfl", "flux-pro-1.1"))):
+        assert run_cli("source", "add", f"ok{n}", "--api", "https://api.example.org", "--protocol", protocol,
+                       "--model", model, "--store", store) == 0, model
     # a source stored before these checks still lists and loads (its requests fail, one line each)
     from engine.api_params import ApiParams
 
