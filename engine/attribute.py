@@ -139,8 +139,8 @@ class Attribution:
             notes.append("p is shared among the enrolled sources only: it ranks them, and says nothing of a "
                          "generator nobody enrolled, which the verdict suggests made this image"
                          + ("" if "real" in self.evidence else  # the real rule ran, and did not say real
-                            ", or of a real photograph: calibrated without real references (rows of role `real`), "
-                            "the store cannot tell a photograph from an outside generator's image"))
+                            " (or no generator: calibrated without real photographs, rows of role `real`, the "
+                            "store cannot tell a camera image from an outside generator's)"))
         elif (self.calibrated and self.verdict == "known" and scores[0].probability < CLOSE_CALL
               and scores[1].probability >= scores[0].probability / 2):
             best, second = scores[0], scores[1]

@@ -359,7 +359,7 @@ def test_the_verdict_line_shows_its_evidence():
     assert [n.split(":")[0] for n in alone.notes] == ["p is shared among the enrolled sources only"]
     # a real photograph is "unknown" too in a store calibrated without real references: said, not left to guess
     # (the note read "a generator nobody enrolled, which the verdict suggests made this image" for a camera photo)
-    assert "or of a real photograph: calibrated without real references" in alone.notes[0]
+    assert "(or no generator: calibrated without real photographs" in alone.notes[0]
     alone.evidence = {"real": {"real": False, "value": -0.2, "threshold": 0.1}}  # the real rule ran: not a photo
     assert alone.notes[0].endswith("which the verdict suggests made this image")
     alone.evidence = {}
