@@ -75,21 +75,27 @@ def verify(store: "Store", repair: bool = False, files: bool = True) -> dict:
         report["notes"].append("vectors of a `reembed` not switched to (running, stopped or given up), kept for its "
                                "rerun: " + ", ".join(f"{count} of {name}" for name, count in unswitched.items()))
 
-    # the search index on disk (read and checked again), and what this process serves
-    on_disk, state = store.search_index.read(full=True)
+    # the search index on disk (read and checked again), and what this process serves; a rebuild writes its files
+    # under the publish lock, so they are read under it too, or, while a rebuild holds it, are not judged
+    with layout.between_saves() as between:
+        on_disk, state = store.search_index.read(full=True)
+        named = on_disk.infos.get("ivfdata") if on_disk is not None else None
+        leftover = sorted(p.name for p in layout.root.glob("search-*.ivfdata") if p.name != named)
     search_entry = store.search_report()
     search_entry.update({"on_disk": state["state"], "problem": state.get("problem")})
     search_entry = {k: v for k, v in search_entry.items() if v is not None}
     report["search"] = search_entry
-    if state["state"] == "ignored":
+    if not between and (leftover or state["state"] == "ignored"):
+        search_entry["in_progress"] = True
+        report["notes"].append("a rebuild by another process is in progress: its search index files are checked "
+                               "once it is done")
+    elif state["state"] == "ignored":
         problems.append(f"search index {state.get('problem')}: ignored, exact search serves "
                         "(run `resynth rebuild`)")
     elif on_disk is not None and not on_disk.infos.get("meets_target", True):
         problems.append(f"search index recall@{on_disk.infos.get('k')} {on_disk.infos.get('recall'):.3f} is "
                         f"below its target {on_disk.infos.get('recall_target')}")
-    named = on_disk.infos.get("ivfdata") if on_disk is not None else None
-    leftover = sorted(p.name for p in layout.root.glob("search-*.ivfdata") if p.name != named)
-    if leftover:
+    if leftover and between:
         search_entry["leftover_lists_files"] = leftover
         problems.append(f"{len(leftover)} search lists files no search index names (a rebuild removes them)")
     del on_disk

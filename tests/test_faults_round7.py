@@ -296,3 +296,43 @@ def test_a_save_waiting_for_the_publish_lock_says_so(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if "store.lock" in line]
     assert len(lines) == 1 and "waiting" in lines[0] and "300 s" in lines[0], (done.stderr, done.stdout)
+
+
+REBUILD_STOPPED_MIDWAY = r'''
+import os, signal, sys
+sys.path.insert(0, sys.argv[2])
+from index.store import Store
+signal.signal(signal.SIGINT, lambda *_: os.kill(os.getpid(), signal.SIGSTOP))  # stopped there, lock held
+with Store.open(sys.argv[1]) as store:
+    os.environ["RESYNTH_INTERRUPT_AT"] = "search:lists-published"  # its lists out, search.faiss not yet
+    store.rebuild(flat_max=100)
+print("rebuilt", flush=True)
+'''
+
+
+def test_verify_beside_a_rebuild_in_progress_reports_no_problem(tmp_path):
+    """A `rebuild` building the search index in another process publishes the lists file first, then search.faiss
+    and search.json: `verify` meanwhile said "1 search lists files no search index names", exit 4. The search files
+    are now read under the publish lock when it is free; while a rebuild holds it, what it has not finished is a
+    note."""
+    root = _make(tmp_path / "store", 400, None)
+    child = subprocess.Popen([sys.executable, "-c", REBUILD_STOPPED_MIDWAY, str(root), str(REPO)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(2400):
+            if child.poll() is not None or _stopped(child.pid):
+                break
+            time.sleep(0.05)
+        assert _stopped(child.pid), child.communicate()
+        assert list(root.glob("search-*.ivfdata")) and not (root / "search.json").exists()
+        with Store.open(root, writable=False) as store:
+            report = store.verify(files=False)
+        assert report["ok"], report["problems"]
+        assert any("in progress" in note for note in report["notes"]), report["notes"]
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+        out, err = child.communicate(timeout=300)
+    assert child.returncode == 0 and "rebuilt" in out, err[-2000:]
+    with Store.open(root, writable=False) as store:
+        report = store.verify(files=False)
+        assert report["ok"] and report["search"]["on_disk"] == "ok", report
