@@ -363,6 +363,10 @@ def test_lora_files_in_the_wild_are_enrolled_whole_or_refused(models, tmp_path):
     for name, refusal in (("zero", "bad header length"), ("cut", "truncated")):
         with pytest.raises(UserError, match=refusal):
             Lora().prepare(name, base, lora=str(tmp_path / f"{name}.safetensors"))
+    comma = tmp_path / "style, v2.safetensors"  # it said only "LoRA file not found: .../style"
+    shutil.copy(tmp_path / "diffusers.safetensors", comma)
+    with pytest.raises(UserError, match=r"LoRA file not found: .*/style \(--lora splits at commas: rename a file"):
+        Lora().prepare("comma", base, lora=str(comma))
     with pytest.raises(UserError, match="scale of .* is 0, at which it changes nothing"):
         Lora().prepare("zero-scale", base, lora=f"{tmp_path / 'diffusers.safetensors'}:0")
     negative = Lora().prepare("negative", base, lora=f"{tmp_path / 'kohya.safetensors'}:-1")  # a slider, reversed

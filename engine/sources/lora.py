@@ -170,7 +170,12 @@ class Lora(SourceKind):
         check_weights_present(folder)  # the base's own weights (a configs-only folder fails at first generation)
         adapters = []
         for given, scale in parse_loras(lora):
-            file = check_safetensors(adapter_file(given), "LoRA file")
+            try:
+                file = check_safetensors(adapter_file(given), "LoRA file")
+            except UserError as exc:  # "not found: .../style" of a file "style, v2.safetensors"
+                if "," not in str(lora) or Path(given).expanduser().exists():
+                    raise
+                raise UserError(f"{exc} (--lora splits at commas: rename a file whose name holds one)") from None
             keys = safetensors_keys(file)
             lycoris = lycoris_kind(keys)
             if lycoris is not None:
