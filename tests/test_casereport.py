@@ -95,8 +95,13 @@ def test_several_queries_open_with_an_index_of_their_verdicts(tmp_path, picture,
         assert page.evaluate("location.hash") == "#q3"
     finally:
         page.close()
+    # each case pictures its 6 best sources' evidence, the other 16 as numbers (500 queries over 22 sources
+    # embedded 33,000 thumbnails: about 260 MB of HTML for photographs)
+    assert text.count("resynthesis'>") == 3 * casereport.EVIDENCE_SOURCES * 3  # queries x sources x closest
+    assert text.count("closest resynthesis of the other 16 sources") == 3 and "g16 0.9900" in text
     one = report(tmp_path, picture, answers[:1]).read_text(encoding="utf-8")
     assert "table class='meta index'" not in one  # one query: its case is the index
+    assert one.count("resynthesis'>") == 3 * len(NAMES) and "of the other" not in one  # every source pictured
 
 
 def test_bars_share_one_scale_on_a_phone_and_evidence_tiles_on_a_desktop(tmp_path, picture, browser):
