@@ -13,8 +13,9 @@ from engine.errors import plural
 def _cell(text) -> str:
     """A source name or file path as Markdown text: a '|' in it (names may hold one) would shift every column
     after it, so a reader would take one source's figures for another's; '<' started raw HTML in a viewer
-    (a source '<img src=x onerror=...>' ran there) and '*', '`' or '[' changed how the rest reads."""
-    return re.sub(r"([\\`*<>\[\]|])", r"\\\1", str(text))
+    (a source '<img src=x onerror=...>' ran there), and '*', '_', '~', '&' or '[' changed how the rest reads: every
+    ASCII punctuation character is escaped (CommonMark takes a backslash before any), a line break is a space."""
+    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", " ".join(str(text).splitlines()))
 
 
 def _defined(value) -> bool:
