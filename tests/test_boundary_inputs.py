@@ -297,6 +297,15 @@ def test_bad_exif_and_thin_images_over_http(store_dir, originals):
         assert "'prompt' is not valid UTF-8 (byte 0xe9 at offset 3)" in latin1.json()["error"]["message"]
         assert post(_jpeg(b""), "caf\u00e9.jpg").json()["results"][0]["query"] == "caf\u00e9.jpg"  # UTF-8: read
 
+        # an image sent as a text field (curl -F 'image=<q.png': no filename): its bytes are not UTF-8, nor
+        # under the text fields' size limit, yet the user's mistake is the part's kind
+        big = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 400  # a 100 KB file's worth
+        assert len(big) > Limits().max_field_bytes
+        for body in (_jpeg(b""), big, b"hello"):
+            as_text = client.post("/v1/attribute", files={"image": (None, body)}, data={"prompt": prompt})
+            assert as_text.status_code == 400 and as_text.json()["error"]["code"] == "bad_request", as_text.text
+            assert as_text.json()["error"]["message"] == "`image` must be a file part, not a text field"
+
 
 def test_a_checkpoint_of_another_architecture_says_so_in_one_line(models, tmp_path, capsys):
     assert run_cli("init", "--store", tmp_path / "s", "--clip-model", "ViT-B-32",

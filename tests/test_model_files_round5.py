@@ -484,3 +484,22 @@ def test_a_sharded_component_missing_a_shard_is_refused_at_source_add(models, tm
     index.write_text(json.dumps({"weight_map": {"conv_in.weight": "../../../etc/passwd"}}))
     with pytest.raises(UserError, match=r"names shard files outside its folder \(e.g. ../../../etc/passwd\)"):
         check_pipeline_folder(folder)
+
+
+def test_an_adapter_trained_only_in_factors_of_other_names_is_not_called_inert(models, tmp_path):
+    """An adapter whose recognised up factors are all zeros was refused as 'changes nothing' even when its
+    trained factors used names _inert did not list (old diffusers text-encoder lora_linear_layer, PEFT
+    lora_embedding_A/B): any tensor it cannot classify now means the adapter may change the base."""
+    base = models["pipelines"]["tiny-sd-ddim"]
+    untrained = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in _attention_lora(base).items()}
+    te = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj."
+    old = untrained | {f"{te}lora_linear_layer.down.weight": torch.randn(4, 32),
+                       f"{te}lora_linear_layer.up.weight": torch.randn(32, 4)}
+    save_file(old, str(tmp_path / "old.safetensors"))
+    assert Lora().prepare("old", base, lora=str(tmp_path / "old.safetensors")).params["loras"]  # loaded whole
+    emb = "text_encoder.text_model.embeddings.token_embedding."
+    peft = untrained | {f"{emb}lora_embedding_A": torch.randn(4, 1000), f"{emb}lora_embedding_B": torch.randn(32, 4)}
+    save_file(peft, str(tmp_path / "embedding.safetensors"))
+    with pytest.raises(UserError) as caught:  # diffusers cannot read it for this base: said so, not 'inert'
+        Lora().prepare("embedding", base, lora=str(tmp_path / "embedding.safetensors"))
+    assert "changes nothing" not in str(caught.value)

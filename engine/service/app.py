@@ -281,7 +281,7 @@ async def _read_request(request: Request, service: Service,
                                                     f"parameters: move {request.url.query[:80]!r} into the form")
     if media_type(request) != "multipart/form-data":
         raise ServiceError(415, "unsupported_media_type", "send multipart/form-data with one or more `image` parts")
-    async with read_form(request, limits) as form:
+    async with read_form(request, limits, file_fields=("image",)) as form:
         image_parts = form.getlist("image")
         if not image_parts:
             raise ServiceError(400, "no_image", "send at least one `image` file part")

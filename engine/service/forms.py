@@ -31,8 +31,10 @@ def media_type(request: Request) -> str:
 
 
 @asynccontextmanager
-async def read_form(request: Request, limits: Limits) -> AsyncIterator[FormData]:
-    """The form of a multipart request; its files are closed (and removed from disk) on exit."""
+async def read_form(request: Request, limits: Limits, file_fields: tuple[str, ...] = ()) -> AsyncIterator[FormData]:
+    """The form of a multipart request; its files are closed (and removed from disk) on exit. A part of
+    `file_fields` sent without a filename is refused when its headers are read, before the text fields'
+    size and UTF-8 checks would blame its bytes (`curl -F 'image=<q.png'`)."""
 
     class Parser(MultiPartParser):
         spool_max_size = limits.spool_bytes
@@ -40,6 +42,12 @@ async def read_form(request: Request, limits: Limits) -> AsyncIterator[FormData]
 
         def on_end(self) -> None:  # the closing boundary was read
             self.ended = True
+
+        def on_headers_finished(self) -> None:
+            super().on_headers_finished()
+            name = self._current_part.field_name
+            if self._current_part.file is None and name in file_fields:
+                raise ServiceError(400, "bad_request", f"`{name}` must be a file part, not a text field")
 
         def on_part_end(self) -> None:
             """starlette reads a text field that is not UTF-8 as Latin-1 (a prompt of Latin-1 bytes became

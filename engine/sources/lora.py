@@ -129,15 +129,20 @@ def check_adapter_values(file: Path) -> dict:
 
 def _inert(tensors: dict) -> str | None:
     """Why an adapter changes nothing (every up factor, every down factor or every alpha all zeros), else
-    None: enrolled, it generated the base's images under another name, as scale 0 would."""
-    if any("magnitude" in key for key in tensors):  # a DoRA's magnitudes change the weights on their own
-        return None
-    for what, marks in (("lora_B/up factors are all zeros (saved before training? peft starts lora_B at zero)",
-                         ("lora_B.", "lora_up.", "lora.up.")),
-                        ("lora_A/down factors are all zeros", ("lora_A.", "lora_down.", "lora.down.")),
-                        ("alphas are all zeros", (".alpha.",))):
-        found = [tensor for key, tensor in tensors.items() if any(mark in key + "." for mark in marks)]
-        if found and not any(bool(tensor.any()) for tensor in found):
+    None: enrolled, it generated the base's images under another name, as scale 0 would. A tensor of any
+    other name (a DoRA magnitude, a .diff, a form not listed here) may change the base on its own: not inert."""
+    kinds = {"up": ("lora_B.", "lora_up.", "lora.up.", "lora_linear_layer.up.", "lora_embedding_B."),
+             "down": ("lora_A.", "lora_down.", "lora.down.", "lora_linear_layer.down.", "lora_embedding_A."),
+             "alpha": (".alpha.",)}
+    found: dict[str, list] = {kind: [] for kind in kinds}
+    for key, tensor in tensors.items():
+        kind = next((kind for kind, marks in kinds.items() if any(mark in key + "." for mark in marks)), None)
+        if kind is None:
+            return None
+        found[kind].append(tensor)
+    for kind, what in (("up", "lora_B/up factors are all zeros (saved before training? peft starts lora_B at zero)"),
+                       ("down", "lora_A/down factors are all zeros"), ("alpha", "alphas are all zeros")):
+        if found[kind] and not any(bool(tensor.any()) for tensor in found[kind]):
             return what
     return None
 
