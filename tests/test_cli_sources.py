@@ -168,10 +168,14 @@ def test_an_api_url_that_can_never_be_reached_or_holds_a_password_is_refused_at_
             ("https://api.example.org:0", (), "its port is not a number from 1 to 65535"),
             ("https://api .example.org", (), "holds a space or control character"),
             ("https://api.example.org/\nX-Injected: 1", (), "holds a space or control character"),
-            ("https://user:hunter2@api.example.org", (), "must not hold a user name or password"),
+            ("https://user:hunter2@api.example.org", (), "shown by `source list`: give the key with --api-key-env VAR"),
+            ("https://api.example.org", ("--protocol", "firefly", "--model", "image4_standard", "--api-key-env", "S",
+                                         "--client-id-env", "C", "--token-url", "https://ims.example.org:0/x"),
+             "--token-url 'https://ims.example.org:0/x': its port is not a number"),
             ("https://api.example.org", ("--timeout", "1e300"), "API timeout must be at most 86400 seconds")):
         capsys.readouterr()
-        assert run_cli("source", "add", "x", "--api", url, "--model", "m", *extra, "--store", store) == 2, url
+        model = () if "--model" in extra else ("--model", "m")
+        assert run_cli("source", "add", "x", "--api", url, *model, *extra, "--store", store) == 2, url
         err = capsys.readouterr().err
         assert said in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
         assert "hunter2" not in err

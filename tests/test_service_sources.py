@@ -147,13 +147,21 @@ def test_api_sources_name_only_listed_variables_and_public_addresses(served, mon
     assert "with a host, not 'http://[::1'" in error(api.post("/v1/sources", json={"name": "v6", **flux,
                                                                                  "url": "http://[::1"}),
                                                       422, "invalid_source")
-    assert "must not hold a user name or password" in error(api.post("/v1/sources", json={
-        "name": "pw", **flux, "url": "https://user:hunter2@93.184.216.34"}), 422, "invalid_source")
+    password = error(api.post("/v1/sources", json={"name": "pw", **flux, "url": "https://user:hunter2@93.184.216.34"}),
+                     422, "invalid_source")  # it said: shown by `source list`: give the key with --api-key-env VAR
+    assert "shown by GET /v1/sources: give the key with api_key_env" in password and "--" not in password
     firefly = {"url": PUBLIC, "model": "image4_standard", "protocol": "firefly", "api_key_env": "RESYNTH_OK_KEY"}
     error(api.post("/v1/sources", json={"name": "ff", **firefly, "client_id_env": "RESYNTH_TEST_SECRET"}), 403,
           "env_not_allowed")
     error(api.post("/v1/sources", json={"name": "ff", **firefly, "client_id_env": "RESYNTH_OK_KEY",
                                         "token_url": "http://127.0.0.1:1/ims"}), 403, "address_not_allowed")
+    for fields, said in (({"client_id_env": "RESYNTH_OK_KEY", "token_url": "https://93.184.216.34:0/ims"},
+                          "token_url 'https://93.184.216.34:0/ims': its port is not a number"),
+                         ({"client_id_env": "RESYNTH_OK_KEY", "token_url": "ftp://93.184.216.34"},
+                          "token_url must be http:// or https://"),
+                         ({"api_key_env": None}, "the firefly protocol needs client_id_env (the variable holding")):
+        message = error(api.post("/v1/sources", json={"name": "ff", **firefly, **fields}), 422, "invalid_source")
+        assert said in message and "--" not in message, message  # the CLI's flags were named
     added = api.post("/v1/sources", json={"name": "flux", **flux, "api_key_env": "RESYNTH_OK_KEY", "price": 0.04})
     assert added.status_code == 201, added.text
     assert "RESYNTH_OK_KEY is not set" in added.json()["warnings"][0]

@@ -3,8 +3,9 @@
 `POST /v1/sources` takes JSON `{"name", "kind"?, "params"?: {...}}` (a kind's parameters may also sit at
 the top level): the fields are the `Param` names of the source kinds (`path`, `steps`, `url`, `model`,
 `api_key_env`, ...), read by the CLI's own `engine.flags.source_kind_and_params` (the same kind
-inference, conversions and one-line errors, which name the CLI flags) and enrolled by the same
-`Workspace.add_source`. `DELETE /v1/sources/{name}` is `resynth source remove`.
+inference, conversions and one-line errors, which name the CLI flags, but for an API source's key, client
+id and token URL, named by their fields) and enrolled by the same `Workspace.add_source`.
+`DELETE /v1/sources/{name}` is `resynth source remove`.
 
 An HTTP client is not the server's operator, so what it may make the server touch is bounded
 (`SourcePolicy`, from `resynth serve` flags):
@@ -63,6 +64,11 @@ BOUNDS: dict[str, tuple[float, float]] = {"steps": (1, 1000), "size": (8, 4096),
                                           "price": (0.0, 1000.0), "rate": (0.0, 100_000.0), "concurrency": (1, 64),
                                           "timeout": (0.0, 3600.0)}
 _TYPES = {str: "a string", int: "an integer", float: "a number", dict: "a JSON object", bool: "true or false"}
+# An API source's key, client id and token endpoint, named in its messages by the CLI's flags, and the
+# listing that would show a password: over HTTP the request's fields and route
+_HTTP_WORDS = (("--api-key-env VAR", "api_key_env"), ("--client-id-env VAR", "client_id_env"),
+               ("--api-key-env", "api_key_env"), ("--client-id-env", "client_id_env"), ("--token-url", "token_url"),
+               ("`source list`", "GET /v1/sources"))
 
 
 @dataclass(frozen=True)
@@ -283,13 +289,20 @@ async def add(service, policy: SourcePolicy, raw: bytes) -> dict:
         info = await asyncio.wrap_future(service.generation.submit(("source-change", next(_CHANGES)), enrol))
     except UserError as exc:
         code = exc.code if exc.code != "bad_request" else "invalid_source"
-        raise ServiceError(422, code, private(str(exc), hidden)) from None
+        raise ServiceError(422, code, private(http_words(str(exc)), hidden)) from None
     except OSError as exc:  # a client's path the OS refuses to look at (too long, a loop): said without paths
         if exc.errno not in _PATH_ERRNOS:
             raise  # the machine's trouble (disk, permissions): the app maps it by type
         raise ServiceError(422, "invalid_source", f"the source's files cannot be read: "
                                                   f"{exc.strerror or type(exc).__name__}") from None
     return {k: v for k, v in info.items() if k not in ("path", "params")}  # nor the server's folders in params
+
+
+def http_words(text: str) -> str:
+    """A message of the CLI's with the API source's flags written as the JSON fields a client sends."""
+    for cli, field in _HTTP_WORDS:
+        text = text.replace(cli, field)
+    return text
 
 
 def private(text: str, roots: tuple[Path, ...]) -> str:
