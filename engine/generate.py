@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -439,6 +441,37 @@ def _output_fields(pipeline_class) -> set[str]:
     return fields
 
 
+class _CutPromptOnce(logging.Filter):
+    """diffusers warns at every generation of a description longer than its text encoder's window, quoting the
+    whole cut-off text: a long description printed kilobytes per image, past --quiet. Said once, in one line
+    (and transformers' "Token indices sequence length ... will result in indexing errors", wrong here, not)."""
+
+    said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Token indices sequence length is longer than the specified maximum"):
+            return False
+        if not message.startswith("The following part of your input was truncated"):
+            return True
+        if self.said:
+            return False
+        self.said = True
+        window = re.search(r"up to (\d+) tokens", message)
+        record.msg, record.args = (f"a description is longer than a generator's text encoder reads "
+                                   f"({window.group(1) if window else 'its'} tokens): its end is left out "
+                                   "(said once)"), ()
+        return True
+
+
+def _say_cut_prompts_once() -> None:
+    said = _CutPromptOnce()
+    for library in ("diffusers", "transformers"):
+        for handler in logging.getLogger(library).handlers:  # each library's own, to stderr (neither propagates)
+            if not any(isinstance(f, _CutPromptOnce) for f in handler.filters):
+                handler.addFilter(said)
+
+
 def load_pipeline(folder: Path, params: GenerationParams, device: str):
     """Load a pipeline folder the way a user's real checkpoint is loaded; one-line errors if not."""
     import diffusers
@@ -448,6 +481,7 @@ def load_pipeline(folder: Path, params: GenerationParams, device: str):
     import transformers
 
     class_name = check_pipeline_folder(folder)
+    _say_cut_prompts_once()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     dtype = pipeline_dtype(class_name, device) or torch.float32
