@@ -76,7 +76,7 @@ def read_image(source: ImageInput, label: str | None = None, max_bytes: int = MA
                max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, str]:
     """RGB image and a sha256 identifying it: of the file's bytes, or of the pixels of a PIL image."""
     if isinstance(source, Image.Image):
-        image = as_rgb(source)
+        image = as_rgb(source, label or "image")
         _check_pixels(image.width, image.height, max_pixels, label or "image")
         digest = hashlib.sha256(f"{image.width}x{image.height}:".encode() + image.tobytes()).hexdigest()
         return image, digest
@@ -178,7 +178,7 @@ def upright(opened: Image.Image) -> Image.Image:
     return opened.transpose(method) if method is not None else opened
 
 
-def as_rgb(image: Image.Image) -> Image.Image:
+def as_rgb(image: Image.Image, label: str = "image") -> Image.Image:
     """RGB as a viewer shows it. Pillow converts 16-bit greyscale (PNG, TIFF) by clipping each value to 255
     rather than scaling it: a 16-bit PNG of a 0-65535 ramp became an almost white image, attributed as one."""
     if image.mode.startswith("I;16"):  # the high byte, as Pillow reads a 16-bit colour PNG; 3 bytes a pixel at most
@@ -188,7 +188,27 @@ def as_rgb(image: Image.Image) -> Image.Image:
         values >>= 8
         image = Image.fromarray(values.astype(numpy.uint8))
         del values
+    elif image.mode in ("I", "F") and image.width and image.height:
+        image = _eight_bits(image, label)
     return image.convert("RGB")
+
+
+def _eight_bits(image: Image.Image, label: str) -> Image.Image:
+    """32-bit integer or float greyscale (numpy's arrays, older Pillow's 16-bit PNG, 32-bit TIFF) by the
+    range its values take, since the mode does not say it: 0-1 floats are fractions of 255, values up to
+    255 are 8-bit ones, up to 65535 16-bit ones (their high byte). Clipping read them as white."""
+    import numpy
+
+    values = numpy.asarray(image)
+    low, high = values.min(), values.max()
+    if not 0 <= low <= high <= 65535:  # a NaN fails too
+        raise UserError(f"cannot decode image {label}: its pixel values run from {low:g} to {high:g}, not "
+                        "within 8 or 16 bits: save it as an 8- or 16-bit image", code="undecodable_image")
+    if image.mode == "F" and high <= 1:
+        values = numpy.rint(values * 255)
+    elif high > 255:
+        values = values // 256
+    return Image.fromarray(values.astype(numpy.uint8))
 
 
 def accepted(opened: Image.Image) -> bool:
@@ -254,7 +274,7 @@ def decode(data: bytes, label: str, max_pixels: int = MAX_PIXELS) -> Image.Image
     try:
         with open_accepted(io.BytesIO(data), label) as opened:
             _check_pixels(opened.width, opened.height, max_pixels, label, opened.format)  # header only
-            return as_rgb(upright(opened))
+            return as_rgb(upright(opened), label)
     except UserError:
         raise
     except MemoryError:

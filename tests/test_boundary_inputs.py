@@ -214,6 +214,31 @@ def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped():
         assert (np.asarray(from_pil) == pixels).all()
 
 
+def test_32_bit_and_float_greyscale_are_read_by_their_range_not_clipped():
+    """A PIL image of mode I (numpy's int32, older Pillow's 16-bit PNG) or F was clipped to 255 by
+    convert('RGB'): a 0-65535 ramp read as almost white. 16-bit values are read by their high byte, 0-1
+    floats as fractions of 255, 0-255 values as they are; any other range is refused in one line."""
+    import numpy as np
+
+    ramp = np.arange(64 * 64).reshape(64, 64)
+    high = ((ramp * 16) >> 8).astype(np.uint8)
+    cases = [(Image.fromarray((ramp * 16).astype(np.int32)), high),  # 16-bit values in mode I
+             (Image.fromarray((ramp % 256).astype(np.int32)), (ramp % 256).astype(np.uint8)),  # 8-bit in I
+             (Image.fromarray((ramp / 4095).astype(np.float32)), np.round(ramp / 4095 * 255).astype(np.uint8)),
+             (Image.fromarray((ramp * 16).astype(np.float32)), high)]
+    for image, expected in cases:
+        pixels = np.asarray(read_image(image)[0])
+        assert (pixels == expected[:, :, None]).all(), (image.mode, pixels.mean(), expected.mean())
+    buffer = io.BytesIO()
+    cases[0][0].save(buffer, "TIFF")  # a 32-bit integer TIFF, read the same way from its file
+    assert (np.asarray(read_image(buffer.getvalue())[0]) == high[:, :, None]).all()
+    for wild in (ramp * 65536, ramp - 1):
+        with pytest.raises(Exception) as refused:
+            read_image(Image.fromarray(wild.astype(np.int32)), label="q")
+        assert getattr(refused.value, "code", None) == "undecodable_image", refused.value
+        assert "q: its pixel values run from" in str(refused.value) and "\n" not in str(refused.value)
+
+
 def test_preprocessing_memory_stays_within_the_bound_at_the_ratio_limit():
     """What CLIP preprocessing allocates for the thinnest accepted image, at the largest input side the
     bound assumes, measured in a fresh process, against Limits.upscale_bytes()."""
