@@ -4,7 +4,8 @@ Pillow's AVIF reader parses the Exif item inside `Image.open` (to combine its or
 rotation box), before engine.images can leave an oversized block unparsed as it does for JPEG and PNG: a 6 MB
 AVIF whose Exif holds one tag of 3 million values cost 0.39 s and 48 MB there. So the item's size is read first,
 from the `meta` box: `iinf` says which items are Exif, `iloc` where their bytes are and how many. Boxes are
-walked, never loaded, and a malformed table answers None (the decoder then reports the file).
+walked, never loaded, and a malformed table answers None (the decoder then reports the file); tables past
+this module's limits raise Refused, since libavif reads them and skipping them skipped the Exif check.
 """
 from __future__ import annotations
 
@@ -16,9 +17,14 @@ MAX_META = 4 << 20  # a meta box larger than this is not read (its tables are a 
 MAX_BOXES = 10_000
 
 
+class Refused(Exception):
+    """Item tables larger than any encoder writes; the message says which, for a one-line refusal."""
+
+
 def exif_size(handle: IO[bytes]) -> int | None:
     """Total bytes of the Exif items of the ISOBMFF file at `handle` (from where it is); None when it has none
-    or its tables cannot be read. An extent of length 0 (to the end of the file) counts what is left."""
+    or its tables cannot be read; Refused past the limits. An extent of length 0 (to the end of the file)
+    counts what is left."""
     start = handle.tell()
     end = handle.seek(0, io.SEEK_END)
     handle.seek(start)
@@ -44,13 +50,13 @@ def _find_meta(handle: IO[bytes], start: int, end: int) -> bytes | None:
             return None
         if kind == b"meta":
             if size > MAX_META:
-                return None
+                raise Refused(f"a meta box of {size} bytes (the limit is {MAX_META}; its tables take a few hundred)")
             handle.seek(position + header + 4)  # a full box: version and flags first
             return handle.read(size - header - 4)
         position += size
         if position >= end:
             return None
-    return None
+    raise Refused(f"more than {MAX_BOXES} boxes before its meta box (no encoder writes that many)")
 
 
 def _header(data: bytes, position: int, end: int) -> tuple[int, bytes, int]:
@@ -64,9 +70,11 @@ def _header(data: bytes, position: int, end: int) -> tuple[int, bytes, int]:
 
 def _children(body: bytes, start: int = 0):
     position = start
-    for _ in range(MAX_BOXES):
+    for count in range(MAX_BOXES + 1):
         if position + 8 > len(body):
             return
+        if count == MAX_BOXES:
+            raise Refused(f"more than {MAX_BOXES} boxes in one box (no encoder writes that many)")
         size, kind, header = _header(body[position:position + 16], position, len(body))
         if size < header:
             return
@@ -110,7 +118,9 @@ def _locations(meta: bytes) -> list[tuple[int, int, int]]:
         more = reader.take(1)
         base_size, index_size = more >> 4, (more & 15 if version in (1, 2) else 0)
         count = reader.take(2 if version < 2 else 4)
-        for _ in range(min(count, MAX_BOXES)):
+        if count > MAX_BOXES:
+            raise Refused(f"more than {MAX_BOXES} items (no encoder writes that many)")
+        for _ in range(count):
             item = reader.take(2 if version < 2 else 4)
             if version in (1, 2):
                 reader.take(2)  # construction method
@@ -120,7 +130,7 @@ def _locations(meta: bytes) -> list[tuple[int, int, int]]:
             extent_count = reader.take(2)
             extents -= extent_count
             if extents < 0:
-                raise ValueError("more extents than any image has")
+                raise Refused(f"more than {MAX_BOXES} item extents (no encoder writes that many)")
             for _ in range(extent_count):
                 reader.take(index_size)
                 offset, length = reader.take(offset_size), reader.take(length_size)

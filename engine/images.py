@@ -349,10 +349,13 @@ def check_structure(source: bytes | IO[bytes], label: str = "image") -> None:
                 raise UserError(f"cannot decode image {label}: {kind} (no encoder writes that many)",
                                 code="undecodable_image")
         elif head[4:8] == b"ftyp":  # AVIF: Pillow parses its Exif inside Image.open, where MAX_EXIF cannot act
-            from engine.avif import exif_size
+            from engine.avif import Refused, exif_size
 
             handle.seek(start)
-            size = exif_size(handle)
+            try:
+                size = exif_size(handle)
+            except Refused as exc:  # not skipped: libavif reads such tables, and its Exif with them
+                raise UserError(f"cannot decode image {label}: {exc}", code="undecodable_image") from None
             if size is not None and size > MAX_EXIF:
                 raise TooLargeError(f"{label}: its EXIF block is {size} bytes, more than {MAX_EXIF}; save the image "
                                     "without it", code="metadata_too_large")

@@ -147,6 +147,65 @@ def test_an_avif_item_table_of_empty_extents_is_refused_at_once(tmp_path):
             assert getattr(refused.value, "code", None) == "undecodable_image" and "\n" not in str(refused.value)
 
 
+def _split_extents(avif: bytes, item: int, pieces: int) -> bytes:
+    """`avif` (as Pillow writes it: iloc version 0 or 1, 4-byte offsets and lengths) with `item`'s one extent
+    cut into `pieces` extents: the same bytes, as an encoder writing in chunks stores them."""
+    meta = avif.index(b"meta") - 4
+    meta_end = meta + struct.unpack(">I", avif[meta:meta + 4])[0]
+    iloc = avif.index(b"iloc", meta) - 4
+    body = avif[iloc + 8:iloc + struct.unpack(">I", avif[iloc:iloc + 4])[0]]
+    version, base_size = body[0], body[5] >> 4
+    assert version in (0, 1) and body[4] == 0x44 and (version == 0 or body[5] & 15 == 0), body[:6]
+    position, count = 8, struct.unpack(">H", body[6:8])[0]
+    entries = []
+    for _ in range(count):
+        head = 4 + 2 * version + base_size  # id, construction method (v1), data reference, base offset
+        extents = struct.unpack(">H", body[position + head:position + head + 2])[0]
+        end = position + head + 2 + 8 * extents
+        entries.append((body[position:position + head], list(struct.iter_unpack(">II", body[position + head + 2:end]))))
+        position = end
+    grown = 8 * (pieces - 1)
+    out = body[:8]
+    for head, extents in entries:
+        if struct.unpack(">H", head[:2])[0] == item:
+            (offset, length), = extents
+            step = -(-length // pieces)
+            extents = [(offset + at, min(step, length - at)) for at in range(0, length, step)]
+            assert len(extents) == pieces
+        out += head + struct.pack(">H", len(extents)) + b"".join(
+            struct.pack(">II", offset + grown * (offset >= meta_end), length) for offset, length in extents)
+    new_iloc = struct.pack(">I", 8 + len(out)) + b"iloc" + out
+    old_iloc_end = iloc + 8 + len(body)
+    new_meta = avif[meta + 4:iloc] + new_iloc + avif[old_iloc_end:meta_end]
+    return avif[:meta] + struct.pack(">I", 4 + len(new_meta)) + new_meta + avif[meta_end:]
+
+
+@pytest.mark.filterwarnings("ignore:.*entries.*:UserWarning")  # Pillow's, about the long tag
+def test_an_avif_exif_item_in_many_extents_is_refused_not_left_unchecked():
+    """An Exif item stored in more extents than the table walk's budget (10,000) answered 'tables unreadable',
+    and the EXIF size limit was skipped: libavif reads such a file, and Pillow parsed its 1.2 MB Exif block."""
+    from engine.avif import MAX_BOXES
+
+    values = 600_000
+    tag = struct.pack(">HHI", 0x0113, 3, values)  # renamed to the orientation after saving, as above
+    tiff = b"MM\x00\x2a" + struct.pack(">IH", 8, 1) + tag + struct.pack(">II", 26, 0) + b"\x00\x01" * values
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), (5, 6, 7)).save(out, "AVIF", exif=b"Exif\x00\x00" + tiff)
+    bomb = out.getvalue().replace(tag, struct.pack(">HHI", ORIENTATION, 3, values))
+    for pieces in (2, MAX_BOXES + 1):
+        split = _split_extents(bomb, 2, pieces)  # item 2: libavif's Exif item, after the colour one
+        with Image.open(io.BytesIO(split)) as opened:  # a valid file: its Exif is read whole
+            assert len(opened.info["exif"]) > 1_200_000
+        with pytest.raises(Exception) as refused:
+            read_image(split, label="q.avif")
+        assert "\n" not in str(refused.value) and "q.avif" in str(refused.value)
+        if pieces == 2:
+            assert getattr(refused.value, "code", None) == "metadata_too_large", refused.value
+        else:
+            assert getattr(refused.value, "code", None) == "undecodable_image", refused.value
+            assert f"more than {MAX_BOXES} item extents" in str(refused.value)
+
+
 def test_a_png_of_many_colour_profiles_is_refused_from_its_structure(tmp_path):
     """Pillow inflates every iCCP chunk (up to 1 MB each, outside its text limits) and keeps the last: 2000 of
     1 KB each, a 2 MB file, cost 3.9 s of CPU per read, 19000 in an upload of 20 MB more than 30 s."""
