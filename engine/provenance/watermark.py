@@ -19,14 +19,6 @@ SD1_BYTES = b"StableDiffusionV1"
 SD1_BITS = [(byte >> (7 - i)) & 1 for byte in SD1_BYTES for i in range(8)]
 MIN_AGREEMENT = 0.9  # share of bits that must match (random pixels match about half)
 MAX_PIXELS = 40_000_000
-# What engine.images reads (not imported from there: the two are independent parts of the method). Only
-# these plugins are tried: ICO's decodes its whole image inside Image.open, before MAX_PIXELS is looked at.
-FORMATS = ("PNG", "JPEG", "WEBP", *(("AVIF",) if importlib.util.find_spec("PIL.AvifImagePlugin") else ()), "GIF",
-           "BMP", "TIFF")
-# A JPEG's scans are each a pass over every pixel (engine.images.MAX_SCANS: a 110 KB JPEG of 16 MP with 500
-# scans took 6 s to decode there). In entropy-coded data FF DA is always a scan; counted over the whole file,
-# an EXIF thumbnail's or an MPO's further pictures add a few.
-MAX_SCANS = 100
 NOTE = ("resizing, cropping, rotation and recompression erase these watermarks: "
         "not found is not evidence of a real image")
 KNOWN = (("sdxl", SDXL_BITS), ("sd1", SD1_BITS))
@@ -66,9 +58,14 @@ def check(data: bytes) -> tuple[dict | None, dict]:
     try:
         from PIL import Image
 
-        if data.startswith(b"\xff\xd8") and data.count(b"\xff\xda") > MAX_SCANS:
-            return None, {"state": "skipped", "reason": f"a JPEG of more than {MAX_SCANS} scans", "note": NOTE}
-        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
+        from engine.errors import UserError
+        from engine.images import FORMATS, check_structure
+
+        try:  # what attribution refuses before Pillow sees it (a PNG's 19,000 colour profiles cost 38 s there)
+            check_structure(data)
+        except UserError as refused:  # "cannot decode image image: more than 4 PNG colour profiles ..."
+            return None, {"state": "skipped", "reason": str(refused).partition(": ")[2], "note": NOTE}
+        with Image.open(io.BytesIO(data), formats=FORMATS) as im:  # only these: ICO's decodes inside open
             w, h = im.size
             if w * h > MAX_PIXELS:
                 return None, {"state": "skipped", "reason": f"image of {w}x{h} is too large to check", "note": NOTE}
