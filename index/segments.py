@@ -68,6 +68,13 @@ def base_identity(index_path: Path) -> dict | None:
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "tail": tail}
 
 
+def same_base(named: Any, identity: dict) -> bool:
+    """Whether a manifest's base is this file: by size and id map. Not by mtime: `cp -r` (or a restore that keeps
+    no times) gave the copy's base a new one, its segments then read as named by no manifest (verify failed,
+    --repair deleted them, the vectors were read from the database). A base written since holds other ids."""
+    return isinstance(named, dict) and named.get("size") == identity["size"] and named.get("tail") == identity["tail"]
+
+
 def read_manifest(index_path: Path, identity: dict | None) -> tuple[dict | None, str | None]:
     """(manifest, None) when one is written over the base of `identity`; (None, why) when one is
     there but broken; (None, None) when there is none or it names an older base (stale)."""
@@ -82,7 +89,7 @@ def read_manifest(index_path: Path, identity: dict | None) -> tuple[dict | None,
         return None, "manifest unreadable"
     if not isinstance(manifest, dict) or manifest.get("format") != 1:
         return None, "manifest of an unknown format"
-    if identity is None or manifest.get("base") != identity:
+    if identity is None or not same_base(manifest.get("base"), identity):
         return None, None
     why = malformed(index_path, manifest)
     if why:

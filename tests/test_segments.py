@@ -643,3 +643,19 @@ def test_a_publish_lock_held_by_a_hung_process_is_one_line_not_a_hang(tmp_path, 
     store.close()
     with Store.open(root, writable=False) as again:
         assert not again.open_report.notes and again.index.ntotal == 215 and _agrees(again)
+
+
+def test_a_copy_that_keeps_no_file_times_keeps_its_segments(tmp_path):
+    """`cp -r` (no -p) gives every file of the copy a new mtime: the manifest, which named its base by size, mtime
+    and id map, read as written over another base, so verify said 'index segment files no manifest names' (exit
+    4) and --repair deleted them. The base is the same file: its segments are served and verify passes."""
+    import shutil
+
+    source = _segmented(tmp_path)
+    root = tmp_path / "copy"
+    shutil.copytree(source, root, copy_function=shutil.copyfile)  # contents only, as cp -r
+    assert (root / "vectors.faiss").stat().st_mtime_ns != (source / "vectors.faiss").stat().st_mtime_ns
+    with Store.open(root, writable=False) as reader:
+        report = reader.verify(files=False)
+        assert report["ok"], report["problems"]
+        assert _agrees(reader) and reader.index.segment_ids, "its segments are served"
