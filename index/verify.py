@@ -73,7 +73,8 @@ def verify(store: "Store", repair: bool = False, files: bool = True) -> dict:
     if unswitched:  # no damage: kept for the rerun of that reembed, which resumes from them
         report["unswitched"] = unswitched
         report["notes"].append("vectors of a `reembed` not switched to (running, stopped or given up), kept for its "
-                               "rerun: " + ", ".join(f"{count} of {name}" for name, count in unswitched.items()))
+                               "rerun (`resynth reembed --abandon` deletes them): "
+                               + ", ".join(f"{count} of {name}" for name, count in unswitched.items()))
 
     # the search index on disk (read and checked again), and what this process serves; a rebuild writes its files
     # under the publish lock, so they are read under it too, or, while a rebuild holds it, are not judged
