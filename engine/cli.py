@@ -121,7 +121,8 @@ def store_hint(exc: BaseException, store: str | None, guessed: bool, from_env: s
         beside = [found.parent.name for found in root.parent.glob("*/store.json")] if root.parent.is_dir() else []
         meant = difflib.get_close_matches(root.name, beside, n=1, cutoff=0.75)
         if meant:
-            return f"no store at {shown(root)}; did you mean --store {near(root.parent / meant[0])}?"
+            return (f"no store at {shown(root)}; did you mean --store {near(root.parent / meant[0])}? (or create "
+                    "one with `resynth init`)")
         if from_env and not Path(from_env).expanduser().is_absolute():
             return (f"no store at {shown(root)}: $RESYNTH_STORE is the relative path {from_env}, read from the "
                     f"current folder {shown(here)}; give it as a full path (export RESYNTH_STORE=\"$PWD/{from_env}\" "

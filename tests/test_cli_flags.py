@@ -69,7 +69,7 @@ def test_a_misspelt_store_or_a_relative_store_variable_read_elsewhere_says_so(tm
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RESYNTH_STORE", raising=False)
     assert run_cli("stats", "--store", "resynth-demo/stor") == 2
-    assert _err(capsys).endswith("did you mean --store resynth-demo/store?")
+    assert _err(capsys).endswith("did you mean --store resynth-demo/store? (or create one with `resynth init`)")
     monkeypatch.setenv("RESYNTH_STORE", "resynth-demo/store")
     monkeypatch.chdir(tmp_path / "resynth-demo")
     assert run_cli("--json", "source", "list") == 2
