@@ -119,7 +119,11 @@ class Embedder:
                 raise UserError(f"malformed CLIP model config {config}: {first_line(exc)}") from None
             arch = config.stem
         if arch not in open_clip.list_models():
-            raise UserError(f"unknown CLIP architecture {arch!r} (pass --clip-config for a custom one)")
+            import difflib
+
+            close = difflib.get_close_matches(arch, open_clip.list_models(), n=1, cutoff=0.8)
+            meant = f"did you mean {close[0]}? " if close else ""
+            raise UserError(f"unknown CLIP architecture {arch!r} ({meant}pass --clip-config for a custom one)")
         device = device or default_device()
         check_device(device)
         try:

@@ -131,6 +131,8 @@ def test_bad_clip_and_store_binding(models, capsys, tmp_path, copy_of):
     assert "weights_only" not in capsys.readouterr().err
     _fails(capsys, "init", "--store", store, "--clip-model", "NoSuchArch", "--clip-checkpoint", ckpt,
            match="unknown CLIP architecture")
+    _fails(capsys, "init", "--store", store, "--clip-model", "ViT-L-14-33", "--clip-checkpoint", ckpt,
+           match="did you mean ViT-L-14-336?")  # a typo of a listed one is named
     _fails(capsys, "init", "--store", store, "--clip-config", cfg, "--clip-checkpoint", ckpt, "--clip-layer", "99",
            match="out of range")
     _fails(capsys, "init", "--store", store, "--clip-checkpoint", ckpt, match="exactly one of")
