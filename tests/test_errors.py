@@ -193,6 +193,9 @@ def test_bad_manifests(store_dir, originals, capsys, tmp_path):
                             ("foo", "--layers: expected base (or store), final, mid or a block number from 1 to")):
         _fails(capsys, "evaluate", tmp_path / "one.csv", "--out", tmp_path / "eval", "--layers", layers, *s,
                match=message)
+    (tmp_path / "a-file").write_text("")  # said "expected a folder, got a file: .../a-file/features"
+    _fails(capsys, "evaluate", tmp_path / "one.csv", "--out", tmp_path / "a-file", *s,
+           match=f"--out {tmp_path / 'a-file'} is a file: give a folder")
 
 
 def test_console_script_help_and_error_exit():

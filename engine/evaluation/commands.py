@@ -76,6 +76,8 @@ def cmd_evaluate(args) -> None:
     from engine.evaluation.report import summary
     from engine.evaluation.runner import evaluate
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():  # it said "expected a folder, got a file: OUT/features"
+        raise UserError(f"--out {args.out} is a file: give a folder (it is created if missing)", code="not_a_directory")
     evalset = from_manifest(Path(args.manifest), args.strict)  # a bad manifest fails before any model loads
     labelled = [name for name, n in evalset.originals_per_source().items() if n]
     if len(labelled) < 2:  # nothing to tell apart: the few-shot baselines and leave-one-source-out cannot run
