@@ -182,9 +182,11 @@ def creating(folder: Path) -> Iterator[None]:
         if fd is not None:
             try:
                 _wait_for_lock(fd, folder)
-            except StoreUnavailable as exc:
-                if not isinstance(exc.__cause__, OSError) or exc.__cause__.errno not in NO_LOCKS:
-                    raise  # held past the wait; a file system without locks makes nothing to race for here
+            except StoreError as exc:
+                # held past the wait; a file system without locks makes nothing to race for here, nor NFS, whose
+                # flock is a byte-range lock that wants a descriptor open for writing (EBADF for a folder's)
+                if not isinstance(exc.__cause__, OSError) or exc.__cause__.errno not in (*NO_LOCKS, errno.EBADF):
+                    raise
         yield
     finally:
         if fd is not None:

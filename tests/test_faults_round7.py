@@ -336,3 +336,24 @@ def test_verify_beside_a_rebuild_in_progress_reports_no_problem(tmp_path):
     with Store.open(root, writable=False) as store:
         report = store.verify(files=False)
         assert report["ok"] and report["search"]["on_disk"] == "ok", report
+
+
+def test_a_store_is_created_where_a_folder_cannot_be_locked_exclusively(tmp_path, monkeypatch):
+    """NFS emulates flock with a byte-range lock, which wants a descriptor open for writing: the creation lock on the
+    store folder (read-only, a folder) fails EBADF there, and `init` on an NFS folder with locking failed."""
+    import fcntl
+
+    from index import layout
+
+    real = fcntl.flock
+
+    def nfs(fd: int, operation: int) -> None:
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        real(fd, operation)
+
+    monkeypatch.setattr(layout.fcntl, "flock", nfs)
+    with Store.create(tmp_path / "s", EMBEDDER, DIM) as store:
+        store.add_images(_rows(store, ["a", "b"]))
+    with Store.open(tmp_path / "s", writable=False) as reader:
+        assert reader.stats()["vectors"] == 2
