@@ -138,7 +138,8 @@ class Attribution:
         elif self.calibrated and self.verdict == "unknown":
             notes.append("p is shared among the enrolled sources only: it ranks them, and says nothing of a "
                          "generator nobody enrolled, which the verdict suggests made this image"
-                         + ("" if "real" in self.evidence else  # the real rule ran, and did not say real
+                         # the real rule ran and did not say real, or its file is unread (a note of its own says so)
+                         + ("" if "real" in self.evidence or self.evidence.get("unread") else
                             " (or no generator: calibrated without real photographs, rows of role `real`, the "
                             "store cannot tell a camera image from an outside generator's)"))
         elif (self.calibrated and self.verdict == "known" and scores[0].probability < CLOSE_CALL

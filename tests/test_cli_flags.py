@@ -362,6 +362,9 @@ def test_the_verdict_line_shows_its_evidence():
     assert "(or no generator: calibrated without real photographs" in alone.notes[0]
     alone.evidence = {"real": {"real": False, "value": -0.2, "threshold": 0.1}}  # the real rule ran: not a photo
     assert alone.notes[0].endswith("which the verdict suggests made this image")
+    alone.evidence = {"unread": ["real.npy (missing)"]}  # a store calibrated with photographs whose file is gone:
+    assert alone.notes[0].endswith("which the verdict suggests made this image")  # not "calibrated without" them
+    assert alone.notes[1].startswith("a calibration file is missing")
     alone.evidence = {}
     # calibrated "known" with a runner-up nearly as likely: a close call, not an attribution to trust
     alone.verdict, alone.scores[0].probability, alone.scores[1].probability = "known", 0.52, 0.41
