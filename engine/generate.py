@@ -464,12 +464,14 @@ class _CutPromptOnce(logging.Filter):
         return True
 
 
+_CUT_PROMPT = _CutPromptOnce()  # one for every handler: once a process, whichever handler shows it
+
+
 def _say_cut_prompts_once() -> None:
-    said = _CutPromptOnce()
     for library in ("diffusers", "transformers"):
         for handler in logging.getLogger(library).handlers:  # each library's own, to stderr (neither propagates)
-            if not any(isinstance(f, _CutPromptOnce) for f in handler.filters):
-                handler.addFilter(said)
+            if _CUT_PROMPT not in handler.filters:
+                handler.addFilter(_CUT_PROMPT)
 
 
 def load_pipeline(folder: Path, params: GenerationParams, device: str):

@@ -36,8 +36,16 @@ def two_sources(store_dir) -> tuple[str, ...]:
         return tuple(s.name for s in ws.sources()[:2])
 
 
-def test_ray_and_in_process_store_the_same_keys_and_vectors(store_dir, two_sources, tmp_path):
+@pytest.fixture(scope="module")
+def ray():
+    """One local Ray cluster for this module's tests (each started its own: seconds each)."""
     ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_and_in_process_store_the_same_keys_and_vectors(store_dir, two_sources, tmp_path, ray):
     other = tmp_path / "other"
     shutil.copytree(store_dir, other)
     listing = tmp_path / "descriptions.txt"
@@ -47,12 +55,8 @@ def test_ray_and_in_process_store_the_same_keys_and_vectors(store_dir, two_sourc
                    "--quiet") == 0
     here = _stored(store_dir)
     assert len(here) == len(TEXTS) * 2 * 2
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        with engine.open(other) as ws:
-            report = ws.resynthesize_dataset(listing, Options(sources=two_sources, per_source=2), ray="local")
-    finally:
-        ray.shutdown()
+    with engine.open(other) as ws:
+        report = ws.resynthesize_dataset(listing, Options(sources=two_sources, per_source=2), ray="local")
     assert report["backend"] == "ray" and report["generated"] == len(here) and not report["failed"]
     there = _stored(other)
     assert set(there) == set(here)
@@ -64,8 +68,7 @@ def test_ray_and_in_process_store_the_same_keys_and_vectors(store_dir, two_sourc
     assert (again["generated"], again["cached"]) == (0, len(here))
 
 
-def test_reembed_on_ray_stores_the_same_vectors(models, store_dir, two_sources, tmp_path):
-    ray = pytest.importorskip("ray")
+def test_reembed_on_ray_stores_the_same_vectors(models, store_dir, two_sources, tmp_path, ray):
     with engine.open(store_dir) as ws:
         ws.resynthesize_dataset(TEXTS[:2], Options(sources=two_sources, per_source=1))
     other = tmp_path / "other"
@@ -73,12 +76,8 @@ def test_reembed_on_ray_stores_the_same_vectors(models, store_dir, two_sources, 
     clip = {"clip_config": models["clip_config"], "clip_layer": "final"}
     with engine.open(store_dir) as ws:
         here = ws.reembed(models["clip_checkpoint"], **clip)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        with engine.open(other) as ws:
-            there = ws.reembed(models["clip_checkpoint"], ray="local", **clip)
-    finally:
-        ray.shutdown()
+    with engine.open(other) as ws:
+        there = ws.reembed(models["clip_checkpoint"], ray="local", **clip)
     assert there["backend"] == "ray" and there["embedded"] == here["embedded"] == len(TEXTS[:2]) * 2
     a, b = _stored(store_dir), _stored(other)
     assert set(a) == set(b)
@@ -262,7 +261,8 @@ def test_reembed_abandon_on_the_command_line(models, store_dir, two_sources):
     with engine.open(store_dir, writable=False) as ws:
         assert "unswitched" not in ws.verify() and ws.store.embedder_identity == before
     for argv, says in ((("reembed", "--store", store_dir), "required: --clip-checkpoint (or --abandon)"),
-                       ((*_reembed_args(models, store_dir), "--abandon"), "--abandon takes no --clip-* or --ray")):
+                       ((*_reembed_args(models, store_dir), "--abandon"),
+                        "--abandon takes no --clip-* or --ray option")):
         usage = resynth(*argv)  # a usage error, as argparse's own
         assert usage.returncode == 2 and usage.stderr.splitlines()[-1].endswith(says), usage.stderr
         assert "Traceback" not in usage.stderr
