@@ -144,7 +144,7 @@ def sqlite_failure(exc: BaseException | None, path: Path, read_only_why: str | N
     if name == "SQLITE_FULL" or "database or disk is full" in text:
         return full(path.parent, f"writing {path.name}")
     if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "database is locked" in text:
-        return StoreBusy(f"{path} is locked by another program (waited {busy_timeout_s():g} s for its write lock): "
+        return StoreBusy(f"{path} is locked by another program (waited {busy_timeout_s():g} s for its lock): "
                          f"close that program or try again later; {NOTHING_LOST}")
     if read_only_why == DISK_FULL and (name.startswith("SQLITE_READONLY") or "readonly database" in text):
         return full(path.parent, f"writing {path.name}")

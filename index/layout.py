@@ -135,8 +135,8 @@ def _wait_for_lock(fd: int, path: Path) -> None:
             return
         except BlockingIOError:
             if not said and time.monotonic() - started >= LOCK_NOTICE_S:  # minutes of silence read as a hang
-                log.warning("%s is held by another process (a save or a rebuild): waiting for it, %g s at most (%s)",
-                            path, lock_timeout_s(), LOCK_ENV)
+                log.warning("%s is held by another process (a save, a rebuild, a verify): waiting for it, %g s at "
+                            "most (%s)", path, lock_timeout_s(), LOCK_ENV)
                 said = True
             if time.monotonic() >= deadline:
                 raise StoreBusy(f"{path} is held by another process (waited {lock_timeout_s():g} s for the store's "
