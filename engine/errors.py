@@ -312,6 +312,23 @@ def ctrl_c_pressed() -> bool:
     return _CTRL_C.is_set()
 
 
+def came_from_ctrl_c(exc: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is among `exc`'s causes and contexts: a library that turned a Ctrl-C into its own
+    error inside its handler (diffusers' "Unable to load weights") leaves it there, where no CLI handler ran (the
+    Python API: the call went on with every other source and answered)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen or len(seen) > 64:
+            continue
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        todo += [current.__cause__, current.__context__]
+    return False
+
+
 def forget_ctrl_c() -> None:
     _CTRL_C.clear()
 

@@ -20,7 +20,7 @@ import numpy as np
 from engine import api_tasks, sources
 from engine.api_source import PartialResult
 from engine.attribute import Candidates, Plan, Query
-from engine.errors import SourceError, ctrl_c_pressed
+from engine.errors import SourceError, came_from_ctrl_c, ctrl_c_pressed
 from index.errors import StoreError, StoreInputError
 from index.faults import crash_point
 from index.keys import normalise_description, sha256_text
@@ -83,7 +83,7 @@ def resynthesize(ws: "Workspace", texts: Iterable[str], plan: Plan,
             try:
                 made = generate_once(ws, plan, source, chunk, budget)
             except (SourceError, BudgetExceeded) as exc:
-                if ctrl_c_pressed():  # a Ctrl-C the loading library reported as its own error: not the source's
+                if ctrl_c_pressed() or came_from_ctrl_c(exc):  # a Ctrl-C a library reported as its own error
                     raise KeyboardInterrupt from exc
                 log.info("%s", exc)
                 made = getattr(exc, "made", {})

@@ -581,3 +581,27 @@ def test_no_store_anywhere_near_points_to_the_demo(tmp_path, monkeypatch, capsys
     monkeypatch.delenv("RESYNTH_STORE", raising=False)
     assert run_cli("source", "list") == 2
     assert _err(capsys).endswith("or create a store with `resynth init` (or `resynth demo` for one to try)")
+
+
+def test_ctrl_c_a_library_turned_into_its_error_stops_a_python_call_too(store_dir, tmp_path, monkeypatch):
+    """The CLI knew of the Ctrl-C from its own handler; a Python caller has none, and the call went on with every
+    other source and answered. The KeyboardInterrupt the library's error was raised over stops it."""
+    import diffusers.models.modeling_utils as loading
+    from PIL import Image
+
+    import engine
+
+    read = loading.load_state_dict
+
+    def pressed_while_reading(path, *args, **kwargs):
+        monkeypatch.setattr(loading, "load_state_dict", read)
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:  # what diffusers does with one that lands in its read
+            raise OSError(f"Unable to load weights from checkpoint file for '{path}' at '{path}'. ") from None
+
+    monkeypatch.setattr(loading, "load_state_dict", pressed_while_reading)
+    query = tmp_path / "query.png"
+    Image.new("RGB", (32, 32), (200, 120, 40)).save(query)
+    with engine.open(store_dir) as ws, pytest.raises(KeyboardInterrupt):
+        ws.attribute(query, prompt="a lighthouse on a cliff at dusk, seen from a boat")
