@@ -140,10 +140,10 @@ def test_an_avif_item_table_of_empty_extents_is_refused_at_once(tmp_path):
         path = tmp_path / name
         path.write_bytes(box(b"ftyp", b"avif\x00\x00\x00\x00avifmif1") + box(b"meta", exif_item + tables, 0))
         for read in (read_image, check_header):
-            started = time.perf_counter()
+            started = time.process_time()
             with pytest.raises(Exception) as refused:
                 read(path)
-            assert time.perf_counter() - started < 3, (name, time.perf_counter() - started)
+            assert time.process_time() - started < 3, (name, time.process_time() - started)
             assert getattr(refused.value, "code", None) == "undecodable_image" and "\n" not in str(refused.value)
 
 
@@ -222,10 +222,10 @@ def test_a_png_of_many_colour_profiles_is_refused_from_its_structure(tmp_path):
     path = tmp_path / "profiles.png"
     path.write_bytes(plain[:at] + chunk * 2000 + plain[at:])
     for read in (read_image, check_header):
-        started = time.perf_counter()
+        started = time.process_time()
         with pytest.raises(Exception, match="more than 4 PNG colour profiles") as refused:
             read(path)
-        assert time.perf_counter() - started < 1.5, time.perf_counter() - started
+        assert time.process_time() - started < 1.5, time.process_time() - started
         assert getattr(refused.value, "code", None) == "undecodable_image" and "\n" not in str(refused.value)
     assert read_image(plain[:at] + chunk + plain[at:])[0].getpixel((0, 0)) == (1, 2, 3)  # one is read
 

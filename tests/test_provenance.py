@@ -605,9 +605,9 @@ def test_hostile_text_stays_cheap():
              png([("prompt", json.dumps({str(i): {"class_type": "KSampler", "inputs": {"positive": [str(i + 1), 0]}}
                                          for i in range(4000)}))])]
     for data in cases:
-        started = time.perf_counter()
+        started = time.process_time()
         clean(read_provenance(data, c2pa=False, watermark=False))
-        assert time.perf_counter() - started < 3.0
+        assert time.process_time() - started < 3.0
 
 
 def test_a_comfy_node_linking_to_itself_is_walked_once():
@@ -620,9 +620,9 @@ def test_a_comfy_node_linking_to_itself_is_walked_once():
     inputs.update({f"{i:x}": 0 for i in range(200_000)})
     graph = json.dumps({"1": {"class_type": "KSampler", "inputs": inputs}}, separators=(",", ":"))
     assert len(graph) < 2 << 20  # read whole (MAX_TEXT)
-    started = time.perf_counter()
+    started = time.process_time()
     p = read_provenance(png([("prompt", graph)]), c2pa=False, watermark=False)
-    assert time.perf_counter() - started < 2.0, time.perf_counter() - started
+    assert time.process_time() - started < 2.0, time.process_time() - started
     clean(p)
     assert p.metadata.tool == "comfyui" and (p.metadata.seed, p.metadata.steps, p.metadata.sampler) == (None,) * 3
 
@@ -638,9 +638,9 @@ def test_a_comfy_prompt_of_many_texts_is_gathered_in_linear_time():
     graph.update({str(i + 3): {"inputs": {k: f"{k}{i}" for k in keys}} for i in range(4000)})
     text = json.dumps(graph, separators=(",", ":"))
     assert len(text) < 1 << 20  # within Pillow's text chunk limit: what a query file may carry
-    started = time.perf_counter()
+    started = time.process_time()
     p = read_provenance(png([("prompt", text)]), c2pa=False, watermark=False)
-    assert time.perf_counter() - started < 2.0, time.perf_counter() - started
+    assert time.process_time() - started < 2.0, time.process_time() - started
     clean(p)
     assert p.metadata.prompt.startswith("text0\ntext_g0\n")
 
@@ -655,9 +655,9 @@ def test_jpeg_fill_bytes_are_skipped_as_a_run():
     segment = b"\xff\xfe" + struct.pack(">H", len(comment) + 2) + comment
     filled = base[:2] + b"\xff" * 5 + segment + base[2:]  # a few fill bytes before a marker: still read
     assert read_provenance(filled, c2pa=False, watermark=False).metadata.seed == 3141592653
-    started = time.perf_counter()
+    started = time.process_time()
     clean(read_provenance(b"\xff\xd8" + b"\xff" * (20 << 20) + b"\xd9", c2pa=False, watermark=False))
-    assert time.perf_counter() - started < 2.0, time.perf_counter() - started
+    assert time.process_time() - started < 2.0, time.process_time() - started
 
 
 def test_c2pa_remote_manifest_is_never_fetched(tmp_path):
