@@ -18,7 +18,7 @@ def test_bench_serve_quick_runs_on_the_cpu(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert set(rows) == {"model", "library c=1", "library batch 32", "library list 130", "server c=1",
                          "server c=8"}
-    assert all(row["errors"] == 0 and row["qps"] > 0 for row in rows.values())
+    assert all(row["errors"] == 0 and row["qps"] > 0 for row in rows.values()), (rows, done.stdout[-2000:])
     assert rows["model"]["vs_model"] == 1.0 and "vs model" in done.stdout
 
 
