@@ -143,7 +143,8 @@ def open_set(report: dict, path: Path) -> Path:
     ax.set_xticks(x, [n + (" *" if n == section.get("default_score") else "") for n in names],
                   rotation=20, ha="right", fontsize=8)
     ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=7, loc="lower right")
+    # below the axes: inside, it covered the last scores' bars (the default score's among them)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.24), ncol=2, frameon=False)
     ax.set_title("open-set scores, each source left out (* default)", fontsize=9)
     return _save(fig, path)
 
